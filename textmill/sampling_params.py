@@ -1,0 +1,81 @@
+"""SamplingParams: what one engine request asks of the sampler and the output processor.
+
+Validation happens here as well as at the HTTP edge, so the engine can be used directly
+(tests, the `generate` command) and still never sees an impossible value.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # max_tokens or the context window
+    ABORT = "abort"  # the client went away; never shown to a client
+    ERROR = "error"  # the engine failed this request
+
+
+class InvalidParam(ValueError):
+    """A value that cannot be honoured; `param` names the OpenAI field."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+MAX_LOGPROBS = 5
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # (token id, bias) pairs, sorted by id; a tuple keeps the dataclass hashable and frozen.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    stop: tuple[str, ...] = ()
+    # EOS ids end generation unless ignore_eos; they are never part of the text.
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    # Top alternatives per generated token (0..5); None means no logprobs at all.
+    logprobs: int | None = None
+    # Top alternatives per prompt token (echo with logprobs); None means none are computed.
+    prompt_logprobs: int | None = None
+    # Resolved seed for this request's own torch.Generator (the API draws one when absent).
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 0:
+            raise InvalidParam("max_tokens", "max_tokens must be at least 0")
+        _check_range("temperature", self.temperature, 0.0, 2.0)
+        _check_range("top_p", self.top_p, 0.0, 1.0)
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        for token_id, bias in self.logit_bias:
+            if token_id < 0:
+                raise InvalidParam("logit_bias", f"logit_bias key {token_id} is not a token id")
+            _check_range("logit_bias", bias, -100.0, 100.0)
+        if any(s == "" for s in self.stop):
+            raise InvalidParam("stop", "stop strings must not be empty")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise InvalidParam("logprobs", f"logprobs must be between 0 and {MAX_LOGPROBS}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _check_range(param: str, value: float, low: float, high: float) -> None:
+    if not math.isfinite(value) or not low <= value <= high:
+        raise InvalidParam(param, f"{param} must be between {low:g} and {high:g}, got {value!r}")
