@@ -1,0 +1,205 @@
+"""GGUF block bytes -> float32 values, vectorized over blocks with numpy.
+
+Each quantized type stores fixed-size blocks; one block holds `block_size` values and takes
+`type_size` bytes. The layouts follow ggml's `block_q*` structs (ggml-common.h): scales are
+little-endian f16, nibbles are packed low half first. Every function here takes a (nb,
+type_size) uint8 array and returns (nb, block_size) float32.
+
+Inside a k-quant super-block of 256 values the 16-value groups always run in output order,
+so "scale index = flat index // 16" (Q2_K, Q3_K, Q6_K) holds; that is why those functions
+build the values in (nb, 256) order first and apply one scale per 16 afterwards.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+QK_K = 256
+
+
+def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The f16 at byte `start` of every block, as (nb, 1) float32."""
+    return blocks[:, start : start + 2].copy().view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return qs & 0x0F, qs >> 4
+
+
+def _bits(packed: np.ndarray, n: int, width: int = 1) -> np.ndarray:
+    """(..., L) uint8 -> (..., n, L): field i is bits [i*width, (i+1)*width) of each byte."""
+    shifts = (np.arange(n, dtype=np.uint8) * width).reshape(n, 1)
+    return (packed[..., None, :] >> shifts) & ((1 << width) - 1)
+
+
+# --- plain floats -------------------------------------------------------------------------
+
+
+def _f32(blocks: np.ndarray) -> np.ndarray:
+    return blocks.copy().view(np.float32)
+
+
+def _f16_values(blocks: np.ndarray) -> np.ndarray:
+    return blocks.copy().view(np.float16).astype(np.float32)
+
+
+def _bf16(blocks: np.ndarray) -> np.ndarray:
+    # bf16 is the top half of an f32: shift the 16 bits up and reinterpret.
+    return (blocks.copy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+# --- 32-value blocks ----------------------------------------------------------------------
+
+
+def _q8_0(blocks: np.ndarray) -> np.ndarray:
+    # d: f16, qs: int8[32]
+    return _f16(blocks, 0) * blocks[:, 2:].view(np.int8).astype(np.float32)
+
+
+def _q4_0(blocks: np.ndarray) -> np.ndarray:
+    # d: f16, qs: uint8[16]; value j is the low nibble of qs[j], value j+16 the high one.
+    lo, hi = _nibbles(blocks[:, 2:])
+    q = np.concatenate([lo, hi], axis=1).astype(np.float32) - 8.0  # (nb, 32)
+    return _f16(blocks, 0) * q
+
+
+def _q4_1(blocks: np.ndarray) -> np.ndarray:
+    # d: f16, m: f16, qs: uint8[16]; value = q * d + m
+    lo, hi = _nibbles(blocks[:, 4:])
+    q = np.concatenate([lo, hi], axis=1).astype(np.float32)  # (nb, 32)
+    return _f16(blocks, 0) * q + _f16(blocks, 2)
+
+
+def _q5_values(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """Bit j of the 32-bit qh is the fifth bit of value j."""
+    high = _bits(qh, 8).transpose(0, 2, 1).reshape(-1, 32)  # byte b, bit i -> value 8b + i
+    lo, hi = _nibbles(qs)
+    return (np.concatenate([lo, hi], axis=1) | (high << 4)).astype(np.float32)
+
+
+def _q5_0(blocks: np.ndarray) -> np.ndarray:
+    # d: f16, qh: uint8[4] (one uint32), qs: uint8[16]
+    return _f16(blocks, 0) * (_q5_values(blocks[:, 2:6], blocks[:, 6:]) - 16.0)
+
+
+def _q5_1(blocks: np.ndarray) -> np.ndarray:
+    # d: f16, m: f16, qh: uint8[4], qs: uint8[16]
+    return _f16(blocks, 0) * _q5_values(blocks[:, 4:8], blocks[:, 8:]) + _f16(blocks, 2)
+
+
+# --- 256-value k-quant super-blocks -------------------------------------------------------
+
+
+def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit mins, each (nb, 8).
+
+    Sub-blocks 0-3 use the low 6 bits of bytes 0-3 (scales) and 4-7 (mins); sub-blocks 4-7
+    take their low 4 bits from bytes 8-11 and their top 2 bits from the spare top bits of
+    bytes 0-3 (scales) and 4-7 (mins).
+    """
+    d, m, md = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
+    sc = np.concatenate([d & 63, (md & 0x0F) | ((d >> 6) << 4)], axis=1)
+    mn = np.concatenate([m & 63, (md >> 4) | ((m >> 6) << 4)], axis=1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _k_nibbles(qs: np.ndarray) -> np.ndarray:
+    """(nb, 128) -> (nb, 8, 32): each 32 bytes feed two sub-blocks, low nibbles first."""
+    q = qs.reshape(-1, 4, 1, 32)
+    return np.concatenate([q & 0x0F, q >> 4], axis=2).reshape(-1, 8, 32)
+
+
+def _q4_k(blocks: np.ndarray) -> np.ndarray:
+    # d: f16, dmin: f16, scales: uint8[12], qs: uint8[128]
+    sc, mn = _k_scale_min(blocks[:, 4:16])
+    q = _k_nibbles(blocks[:, 16:]).astype(np.float32)  # (nb, 8, 32)
+    d, dmin = _f16(blocks, 0)[:, :, None], _f16(blocks, 2)[:, :, None]
+    return (d * sc[:, :, None] * q - dmin * mn[:, :, None]).reshape(-1, QK_K)
+
+
+def _q5_k(blocks: np.ndarray) -> np.ndarray:
+    # d: f16, dmin: f16, scales: uint8[12], qh: uint8[32], qs: uint8[128]
+    sc, mn = _k_scale_min(blocks[:, 4:16])
+    high = _bits(blocks[:, 16:48], 8)  # (nb, 8, 32): bit i of qh[l] belongs to sub-block i
+    q = (_k_nibbles(blocks[:, 48:]) | (high << 4)).astype(np.float32)
+    d, dmin = _f16(blocks, 0)[:, :, None], _f16(blocks, 2)[:, :, None]
+    return (d * sc[:, :, None] * q - dmin * mn[:, :, None]).reshape(-1, QK_K)
+
+
+def _per_16(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """(nb, 256) values times one of 16 (nb, 16) scales per 16 consecutive values."""
+    return (values.reshape(-1, 16, 16) * scales[:, :, None]).reshape(-1, QK_K)
+
+
+def _q6_k(blocks: np.ndarray) -> np.ndarray:
+    # ql: uint8[128], qh: uint8[64], scales: int8[16], d: f16
+    # Per half of 128 values: group g of 32 takes the low (g<2) or high (g>=2) nibbles of
+    # ql[l] (g even) or ql[l+32] (g odd), and bits 2g..2g+1 of qh[l] as its top two bits.
+    ql = blocks[:, 0:128].reshape(-1, 2, 1, 2, 32)
+    low4 = np.concatenate([ql & 0x0F, ql >> 4], axis=2).reshape(-1, 2, 4, 32)
+    top2 = _bits(blocks[:, 128:192].reshape(-1, 2, 32), 4, width=2)  # (nb, 2, 4, 32)
+    q = (low4 | (top2 << 4)).astype(np.float32).reshape(-1, QK_K) - 32.0
+    scales = blocks[:, 192:208].view(np.int8).astype(np.float32)
+    return _f16(blocks, 208) * _per_16(q, scales)
+
+
+def _q2_k(blocks: np.ndarray) -> np.ndarray:
+    # scales: uint8[16] (low nibble scale, high nibble min), qs: uint8[64], d, dmin: f16
+    # Value 128h + 32j + l (l < 32) is bits 2j..2j+1 of qs[32h + l].
+    q = _bits(blocks[:, 16:80].reshape(-1, 2, 32), 4, width=2).astype(np.float32)
+    scales = blocks[:, 0:16]
+    sc = _f16(blocks, 80) * (scales & 0x0F).astype(np.float32)
+    mn = _f16(blocks, 82) * (scales >> 4).astype(np.float32)
+    return _per_16(q.reshape(-1, QK_K), sc) - np.repeat(mn, 16, axis=1)
+
+
+def _q3_k_scales(packed: np.ndarray) -> np.ndarray:
+    """12 bytes -> sixteen signed 6-bit scales (nb, 16).
+
+    Scale i: low 4 bits from byte i % 8 (low nibble for i < 8, high for i >= 8), top 2 bits
+    from byte 8 + i % 4, bit pair i // 4.
+    """
+    low = np.concatenate([packed[:, 0:8] & 0x0F, packed[:, 0:8] >> 4], axis=1)  # (nb, 16)
+    top = _bits(packed[:, 8:12], 4, width=2).reshape(-1, 16)  # pair p of byte b -> 4p + b
+    return (low | (top << 4)).astype(np.float32) - 32.0
+
+
+def _q3_k(blocks: np.ndarray) -> np.ndarray:
+    # hmask: uint8[32], qs: uint8[64], scales: uint8[12], d: f16
+    # Value 128h + 32j + l: low bits 2j..2j+1 of qs[32h + l], high bit 4h + j of hmask[l];
+    # a clear high bit means "subtract 4".
+    low = _bits(blocks[:, 32:96].reshape(-1, 2, 32), 4, width=2).reshape(-1, QK_K)
+    high = _bits(blocks[:, 0:32], 8).reshape(-1, QK_K)
+    q = low.astype(np.float32) - 4.0 * (1 - high).astype(np.float32)
+    return _f16(blocks, 108) * _per_16(q, _q3_k_scales(blocks[:, 96:108]))
+
+
+_Kernel = Callable[[np.ndarray], np.ndarray]
+
+
+def _kernels() -> dict[GGMLQuantizationType, _Kernel]:
+    T = GGMLQuantizationType
+    return {
+        T.F32: _f32, T.F16: _f16_values, T.BF16: _bf16,
+        T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1,
+        T.Q2_K: _q2_k, T.Q3_K: _q3_k, T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k,
+    }  # fmt: skip
+
+
+SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(_kernels())
+
+
+def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Raw tensor bytes (any shape, any dtype viewable as bytes) -> flat float32 values."""
+    kernel = _kernels().get(GGMLQuantizationType(qtype))
+    if kernel is None:
+        names = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+        raise ValueError(f"GGUF tensor type {GGMLQuantizationType(qtype).name} is not supported "
+                         f"(supported: {names})")
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    if data.size % type_size:
+        raise ValueError(f"{data.size} bytes is not a whole number of {qtype.name} blocks")
+    return kernel(data.reshape(-1, type_size)).reshape(-1)
