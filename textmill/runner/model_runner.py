@@ -1,0 +1,122 @@
+"""ModelRunner: the device side of one engine step (implements engine.runner_protocol.Runner).
+
+execute() = build batch -> model.forward over the flat batch with a paged AttentionContext
+-> logits only for the rows that need them -> sample / score -> one host sync.
+"""
+from __future__ import annotations
+
+import torch
+
+from textmill.config import CacheConfig, ModelConfig
+from textmill.messages import RunnerOutput, SchedulerOutput, TokenLogprob
+from textmill.runner.batch import Batch, build_batch
+from textmill.runner.kv_cache import KVCache, PagedAttention
+from textmill.runner.sampler import PromptLogprobOutput, SampleOutput, Sampler
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        model_config: ModelConfig,
+        cache_config: CacheConfig,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.model = model
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.device = torch.device(device)
+        self.kv_cache = KVCache(model_config, cache_config, self.device, dtype)
+        # The sampler holds all per-request state: params, seeded generator, bias, and the
+        # counts of tokens this runner sampled (for penalties). Preemption keeps it.
+        self.sampler = Sampler(model_config.vocab_size, self.device)
+
+    @staticmethod
+    def kv_bytes_per_block(model_config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype) -> int:
+        """Bytes of K and V, all layers, for one block: the CLI sizes the pool with it."""
+        return KVCache.bytes_per_block(model_config, cache_config, dtype)
+
+    def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
+        self._update_requests(scheduled)
+        if scheduled.is_empty:
+            return RunnerOutput()
+        with torch.inference_mode():
+            batch = build_batch(scheduled, self.cache_config.block_size, self.device)
+            ctx = PagedAttention(self.kv_cache, batch.attn)
+            hidden = self.model.forward(batch.input_ids, batch.positions, ctx)  # (N, C)
+            if batch.logits_rows.numel() == 0:
+                return RunnerOutput()  # only mid-prompt chunks: nothing to sample or score
+            logits = self.model.logits(hidden[batch.logits_rows])  # (S + P, V)
+            assert logits.shape[-1] == self.model_config.vocab_size, "logits width != vocab_size"
+            return self._sample_and_score(batch, logits)
+
+    def _update_requests(self, scheduled: SchedulerOutput) -> None:
+        for request_id in scheduled.finished_request_ids:
+            self.sampler.remove_request(request_id)
+        for new in scheduled.new_requests:
+            # A request sent again (e.g. resumed after preemption) keeps its generator and
+            # penalty counts: its tokens must not depend on having been preempted.
+            if new.request_id not in self.sampler:
+                self.sampler.add_request(new.request_id, new.params)
+
+    def _sample_and_score(self, batch: Batch, logits: torch.Tensor) -> RunnerOutput:
+        num_sampled = batch.num_sampled
+        sample = self.sampler.sample(logits[:num_sampled], batch.sample_request_ids) if num_sampled else None
+        prompt = None
+        if batch.prompt_segments:
+            k = max(self._prompt_k(seg.request_id) for seg in batch.prompt_segments)
+            prompt = self.sampler.prompt_logprobs(logits[num_sampled:], batch.prompt_targets, k)
+        # The one host sync of the step: every result in one float64 tensor (token ids are
+        # exact in float64), read back with a single .tolist().
+        pieces = []
+        if sample is not None:
+            pieces += [sample.token_ids, sample.logprobs, sample.top_ids, sample.top_logprobs]
+        if prompt is not None:
+            pieces += [prompt.logprobs, prompt.top_ids, prompt.top_logprobs]
+        values = torch.cat([p.reshape(-1).to(torch.float64) for p in pieces]).tolist()
+        reader = _Reader(values)
+        sampled = self._read_sampled(batch, sample, reader) if sample is not None else {}
+        prompt_lps = self._read_prompt(batch, prompt, reader) if prompt is not None else {}
+        return RunnerOutput(sampled=sampled, prompt_logprobs=prompt_lps)
+
+    def _prompt_k(self, request_id: str) -> int:
+        return self.sampler.params(request_id).prompt_logprobs or 0
+
+    def _read_sampled(self, batch: Batch, sample: SampleOutput, reader: "_Reader") -> dict[str, TokenLogprob]:
+        num, k = batch.num_sampled, sample.top_ids.shape[1]
+        tokens, lps = reader.take(num), reader.take(num)
+        top_ids, top_lps = reader.take(num * k), reader.take(num * k)
+        out = {}
+        for i, request_id in enumerate(batch.sample_request_ids):
+            want = min(self.sampler.params(request_id).logprobs or 0, k)
+            top = tuple((int(top_ids[i * k + j]), top_lps[i * k + j]) for j in range(want))
+            out[request_id] = TokenLogprob(int(tokens[i]), lps[i], top)
+        return out
+
+    def _read_prompt(self, batch: Batch, prompt: PromptLogprobOutput, reader: "_Reader") -> dict[str, tuple[TokenLogprob, ...]]:
+        num, k = prompt.logprobs.shape[0], prompt.top_ids.shape[1]
+        lps = reader.take(num)
+        top_ids, top_lps = reader.take(num * k), reader.take(num * k)
+        out = {}
+        for seg in batch.prompt_segments:
+            want = min(self._prompt_k(seg.request_id), k)
+            entries = []
+            for row in range(seg.offset, seg.offset + seg.count):
+                top = tuple((int(top_ids[row * k + j]), top_lps[row * k + j]) for j in range(want))
+                entries.append(TokenLogprob(seg.targets[row - seg.offset], lps[row], top))
+            out[seg.request_id] = tuple(entries)
+        return out
+
+
+class _Reader:
+    """Walks the flat list of one step's results, piece by piece."""
+
+    def __init__(self, values: list[float]):
+        self.values = values
+        self.pos = 0
+
+    def take(self, n: int) -> list[float]:
+        chunk = self.values[self.pos : self.pos + n]
+        self.pos += n
+        return chunk

@@ -1,0 +1,227 @@
+"""The sampler: one vectorized pass that chooses the next token of every sampled row.
+
+The order is fixed and documented (OpenAI semantics):
+
+    logit bias -> presence/frequency penalties -> temperature -> top-p -> sample
+
+* logit bias: logits[j] += bias[j] for the request's (token, bias) pairs.
+* penalties: logits[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty, where
+  c counts the tokens this request has *generated* (never its prompt).
+* temperature 0 is greedy: argmax after bias and penalties. Greedy and sampled rows mix
+  freely in one batch.
+* top-p keeps the smallest set of most likely tokens whose mass reaches top_p (at least one).
+* sampling inverts the CDF (in vocabulary order) at one uniform drawn from the request's own
+  CPU torch.Generator, seeded from params.seed: a request's tokens depend on its own seed and
+  logits only, never on which other requests share the batch.
+
+Logprobs are the model's raw log_softmax in float32, before any of the above, so scoring a
+text with echo gives the same numbers as generating it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from textmill.sampling_params import SamplingParams
+
+_SEED_MASK = (1 << 64) - 1  # torch.Generator takes seeds in [0, 2**64)
+
+
+@dataclass(frozen=True)
+class SampleOutput:
+    token_ids: torch.Tensor  # (S,) int64
+    logprobs: torch.Tensor  # (S,) float32: raw logprob of each chosen token
+    top_ids: torch.Tensor  # (S, K) int64, K = the largest params.logprobs in the batch (may be 0)
+    top_logprobs: torch.Tensor  # (S, K) float32
+
+
+@dataclass(frozen=True)
+class PromptLogprobOutput:
+    logprobs: torch.Tensor  # (P,) float32: raw logprob of each target token
+    top_ids: torch.Tensor  # (P, K) int64
+    top_logprobs: torch.Tensor  # (P, K) float32
+
+
+@dataclass
+class RequestSampling:
+    """One request's sampler state; lives from its first step until it leaves."""
+
+    params: SamplingParams
+    generator: torch.Generator  # CPU, so the draws are the same on every device
+    bias_ids: torch.Tensor | None  # (K,) int64 on the device
+    bias_values: torch.Tensor | None  # (K,) float32
+    count_row: int | None  # row in PenaltyCounts, only when the request uses penalties
+
+
+class PenaltyCounts:
+    """Generated-token counts (rows, V) on the device, one row per penalized request.
+
+    Dense so that applying and updating penalties is a gather and an index_put, with no
+    host round trip; rows are recycled, and the buffer doubles when it runs out.
+    """
+
+    def __init__(self, vocab_size: int, device: str | torch.device):
+        self.counts = torch.zeros((0, vocab_size), dtype=torch.float32, device=device)
+        self._free: list[int] = []
+
+    def acquire(self) -> int:
+        if not self._free:
+            old = self.counts.shape[0]
+            new = max(4, 2 * old)
+            grown = self.counts.new_zeros((new, self.counts.shape[1]))
+            grown[:old] = self.counts
+            self.counts = grown
+            self._free.extend(range(new - 1, old - 1, -1))
+        row = self._free.pop()
+        self.counts[row].zero_()
+        return row
+
+    def release(self, row: int) -> None:
+        self._free.append(row)
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: str | torch.device = "cpu"):
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.penalty_counts = PenaltyCounts(vocab_size, device)
+        self._requests: dict[str, RequestSampling] = {}
+
+    # ------------------------------------------------------------ per-request state
+    def add_request(self, request_id: str, params: SamplingParams) -> None:
+        assert request_id not in self._requests, f"request {request_id} added twice"
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(params.seed & _SEED_MASK)
+        # Ids beyond the vocabulary cannot be sampled anyway; the API rejects them first.
+        bias = [(t, b) for t, b in params.logit_bias if t < self.vocab_size and b != 0.0]
+        bias_ids = torch.tensor([t for t, _ in bias], dtype=torch.int64, device=self.device) if bias else None
+        bias_values = torch.tensor([b for _, b in bias], dtype=torch.float32, device=self.device) if bias else None
+        row = self.penalty_counts.acquire() if params.has_penalties else None
+        self._requests[request_id] = RequestSampling(params, generator, bias_ids, bias_values, row)
+
+    def remove_request(self, request_id: str) -> None:
+        state = self._requests.pop(request_id, None)
+        if state is not None and state.count_row is not None:
+            self.penalty_counts.release(state.count_row)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    def params(self, request_id: str) -> SamplingParams:
+        return self._requests[request_id].params
+
+    # ------------------------------------------------------------ sampling
+    def sample(self, logits: torch.Tensor, request_ids: Sequence[str]) -> SampleOutput:
+        """logits (S, V) float32, one row per request id -> the chosen token of each row.
+
+        Also counts each chosen token for the penalties of the request's next steps.
+        """
+        states = [self._requests[r] for r in request_ids]
+        logits = logits.float()
+        raw = torch.log_softmax(logits, dim=-1)  # (S, V)
+        x = logits.clone()
+        self._apply_bias(x, states)
+        penalized = self._apply_penalties(x, states)
+        tokens = torch.argmax(x, dim=-1)  # (S,) greedy rows keep this
+        sampled_rows = [i for i, s in enumerate(states) if not s.params.greedy]
+        if sampled_rows:
+            tokens = self._sample_rows(x, tokens, states, sampled_rows)
+        if penalized is not None:
+            rows, count_rows = penalized
+            ones = torch.ones(rows.shape[0], dtype=torch.float32, device=x.device)
+            self.penalty_counts.counts.index_put_((count_rows, tokens[rows]), ones, accumulate=True)
+        chosen = raw.gather(1, tokens[:, None])[:, 0]  # (S,)
+        k = max((s.params.logprobs or 0) for s in states)
+        top_lps, top_ids = _topk(raw, k)
+        return SampleOutput(tokens, chosen, top_ids, top_lps)
+
+    def prompt_logprobs(self, logits: torch.Tensor, targets: torch.Tensor, k: int) -> PromptLogprobOutput:
+        """logits (P, V), targets (P,) -> raw logprob of each target and the top k per row."""
+        raw = torch.log_softmax(logits.float(), dim=-1)  # (P, V)
+        chosen = raw.gather(1, targets[:, None])[:, 0]
+        top_lps, top_ids = _topk(raw, k)
+        return PromptLogprobOutput(chosen, top_ids, top_lps)
+
+    def _apply_bias(self, x: torch.Tensor, states: list[RequestSampling]) -> None:
+        biased = [(i, s) for i, s in enumerate(states) if s.bias_ids is not None]
+        if not biased:
+            return
+        rows = torch.cat([torch.full_like(s.bias_ids, i) for i, s in biased])
+        cols = torch.cat([s.bias_ids for _, s in biased])
+        values = torch.cat([s.bias_values for _, s in biased])
+        x.index_put_((rows, cols), values, accumulate=True)
+
+    def _apply_penalties(self, x: torch.Tensor, states: list[RequestSampling]):
+        idx = [i for i, s in enumerate(states) if s.count_row is not None]
+        if not idx:
+            return None
+        as_tensor = lambda v, dt: torch.tensor(v, dtype=dt, device=x.device)  # noqa: E731
+        rows = as_tensor(idx, torch.int64)
+        count_rows = as_tensor([states[i].count_row for i in idx], torch.int64)
+        presence = as_tensor([states[i].params.presence_penalty for i in idx], torch.float32)
+        frequency = as_tensor([states[i].params.frequency_penalty for i in idx], torch.float32)
+        x[rows] = apply_penalties(x[rows], self.penalty_counts.counts[count_rows], presence, frequency)
+        return rows, count_rows
+
+    def _sample_rows(self, x, greedy_tokens, states, sampled_rows) -> torch.Tensor:
+        """Replace greedy_tokens at sampled_rows by a draw from each row's distribution."""
+        rows = torch.tensor(sampled_rows, dtype=torch.int64, device=x.device)
+        params = [states[i].params for i in sampled_rows]
+        temperature = torch.tensor([p.temperature for p in params], device=x.device)
+        probs = torch.softmax(x[rows] / temperature[:, None], dim=-1)  # (R, V)
+        top_p = [p.top_p for p in params]
+        if any(p < 1.0 for p in top_p):
+            probs = probs * top_p_mask(probs, torch.tensor(top_p, device=x.device))
+        # The one per-row loop: each row's uniform comes from its own generator.
+        draws = [torch.rand((), generator=states[i].generator, dtype=torch.float64).item() for i in sampled_rows]
+        uniform = torch.tensor(draws, dtype=torch.float32, device=x.device)
+        tokens = greedy_tokens.clone()
+        tokens[rows] = sample_inverse_cdf(probs, uniform)
+        return tokens
+
+
+# ---------------------------------------------------------------- pure pieces (tested alone)
+def apply_penalties(
+    logits: torch.Tensor,  # (R, V)
+    counts: torch.Tensor,  # (R, V) generated-token counts
+    presence: torch.Tensor,  # (R,)
+    frequency: torch.Tensor,  # (R,)
+) -> torch.Tensor:  # (R, V)
+    return logits - counts * frequency[:, None] - (counts > 0).float() * presence[:, None]
+
+
+def top_p_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """probs (R, V), top_p (R,) -> (R, V) bool: the nucleus of each row, in vocab order.
+
+    A token is kept when the mass of the tokens ranked above it is below top_p, so the most
+    likely token is always kept. Rows with top_p >= 1 keep everything (no rounding losses).
+    """
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    mass_above = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    keep_sorted = mass_above < top_p[:, None]
+    keep_sorted[:, 0] = True
+    keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
+    return keep | (top_p[:, None] >= 1.0)
+
+
+def sample_inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """probs (R, V) unnormalized, >= 0; uniform (R,) in [0, 1) -> (R,) int64 token ids.
+
+    Picks the first token whose cumulative mass exceeds uniform * total; a token with zero
+    probability can never be picked, since its cumulative mass equals its predecessor's.
+    """
+    cdf = torch.cumsum(probs, dim=-1)  # (R, V)
+    total = cdf[:, -1:]
+    threshold = torch.minimum(uniform[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    index = torch.searchsorted(cdf, threshold, right=True)[:, 0]
+    return index.clamp_(max=probs.shape[-1] - 1)
+
+
+def _topk(raw: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    k = min(k, raw.shape[-1])
+    if k <= 0:
+        empty = torch.empty((raw.shape[0], 0), device=raw.device)
+        return empty.float(), empty.long()
+    return torch.topk(raw, k, dim=-1)
