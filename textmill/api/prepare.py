@@ -1,0 +1,200 @@
+"""CompletionRequest -> what the engine runs: tokenized prompts and one EngineRequest per
+candidate (prompt x best_of). All semantic validation that needs the model lives here;
+type and range checks are pydantic's, in protocol.py.
+"""
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+
+from textmill.api.errors import APIError, bad_request
+from textmill.api.protocol import CompletionRequest
+from textmill.messages import EngineRequest
+from textmill.sampling_params import InvalidParam, SamplingParams
+from textmill.tokenizer import Tokenizer
+
+MAX_STOP_STRINGS = 4
+# Seeds of the n candidates of one prompt are spread by the 64-bit golden ratio, so that
+# candidate i's seed does not depend on how many prompts or candidates the request has.
+_SEED_STRIDE = 0x9E3779B97F4A7C15
+_SEED_MOD = 2**63
+_TOKEN_KEY = re.compile(r"[0-9]{1,12}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_model_len: int
+    vocab_size: int
+    max_prompts: int = 256
+    max_logit_bias: int = 1024
+    max_prompt_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    token_ids: tuple[int, ...]
+    text: str  # the prompt as text: the string given, or the token prompt decoded
+    from_text: bool  # a string prompt (tokenized here) rather than token ids
+
+
+@dataclass(frozen=True)
+class PreparedCompletion:
+    prompts: tuple[PromptInput, ...]
+    params: tuple[SamplingParams, ...]  # per candidate index (seeds differ)
+    n: int
+    best_of: int
+    echo: bool
+    logprobs: int | None
+    stream: bool
+    include_usage: bool
+
+    def engine_requests(self, request_id: str, now: float) -> list[tuple[int, int, EngineRequest]]:
+        """(prompt index, candidate index, request) for every candidate of every prompt."""
+        return [
+            (p, c, EngineRequest(f"{request_id}-{p}-{c}", prompt.token_ids, self.params[c], now))
+            for p, prompt in enumerate(self.prompts)
+            for c in range(self.best_of)
+        ]
+
+
+def prepare(req: CompletionRequest, tokenizer: Tokenizer, limits: Limits) -> PreparedCompletion:
+    n = req.n if req.n is not None else 1
+    best_of = req.best_of if req.best_of is not None else n
+    stream = bool(req.stream)
+    _check_counts(n, best_of, stream, req)
+    echo = bool(req.echo)
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    prompts = _tokenize_prompts(req, tokenizer, limits)
+    for prompt in prompts:
+        _check_context(len(prompt.token_ids), max_tokens, limits)
+    base_seed = req.seed if req.seed is not None else secrets.randbits(63)
+    try:
+        params = tuple(
+            _sampling_params(req, tokenizer, limits, max_tokens, echo, (base_seed + i * _SEED_STRIDE) % _SEED_MOD)
+            for i in range(best_of)
+        )
+    except InvalidParam as exc:
+        raise bad_request(exc.message, exc.param) from exc
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return PreparedCompletion(prompts, params, n, best_of, echo, req.logprobs, stream, include_usage)
+
+
+def _check_counts(n: int, best_of: int, stream: bool, req: CompletionRequest) -> None:
+    if best_of < n:
+        raise bad_request(f"best_of ({best_of}) must be greater than or equal to n ({n}).", "best_of")
+    if stream and best_of > n:
+        raise bad_request("best_of cannot be used with stream: the best candidates are only known at the end.", "best_of")
+    if req.stream_options is not None and not stream:
+        raise bad_request("stream_options can only be set when stream is true.", "stream_options")
+
+
+def _tokenize_prompts(req: CompletionRequest, tok: Tokenizer, limits: Limits) -> tuple[PromptInput, ...]:
+    raw = req.prompt
+    if raw is None:
+        raw = ""
+    if isinstance(raw, list) and not raw:
+        raise bad_request("prompt must not be an empty list.", "prompt")
+    if isinstance(raw, str):
+        items: list = [raw]
+    elif isinstance(raw[0], int):
+        items = [raw]
+    else:
+        items = list(raw)
+    if len(items) > limits.max_prompts:
+        raise bad_request(f"At most {limits.max_prompts} prompts per request, got {len(items)}.", "prompt")
+    if req.suffix is not None and tok.fim is None:
+        raise bad_request("This model does not support suffix (fill-in-the-middle): its vocabulary has no FIM tokens.", "suffix")
+    return tuple(_one_prompt(item, req.suffix, tok, limits) for item in items)
+
+
+def _one_prompt(item: str | list[int], suffix: str | None, tok: Tokenizer, limits: Limits) -> PromptInput:
+    if isinstance(item, str):
+        if suffix is not None:
+            ids = _fim_ids(tok, tok.encode(item, add_special_tokens=False), suffix)
+        else:
+            ids = tok.encode(item)
+        return PromptInput(_non_empty(ids, tok), item, True)
+    if not item:
+        raise bad_request("A token prompt must hold at least one token id.", "prompt")
+    bad = [t for t in item if not 0 <= t < limits.vocab_size]
+    if bad:
+        raise bad_request(
+            f"Token id {bad[0]} in prompt is outside the vocabulary (0..{limits.vocab_size - 1}).", "prompt")
+    ids = _fim_ids(tok, item, suffix) if suffix is not None else tuple(item)
+    return PromptInput(tuple(ids), tok.decode(item), False)
+
+
+def _fim_ids(tok: Tokenizer, prefix_ids, suffix: str) -> tuple[int, ...]:
+    # Prefix-suffix-middle order, as the FIM-trained code models expect; the model then
+    # writes the middle, which is what the choice's text is.
+    fim = tok.fim
+    bos = [tok.bos_token_id] if tok.add_bos and tok.bos_token_id is not None else []
+    return (*bos, fim.prefix, *prefix_ids, fim.suffix, *tok.encode(suffix, add_special_tokens=False), fim.middle)
+
+
+def _non_empty(ids: list[int], tok: Tokenizer) -> tuple[int, ...]:
+    """An empty prompt starts a new document: the model sees its document separator."""
+    if ids:
+        return tuple(ids)
+    start = tok.bos_token_id if tok.bos_token_id is not None else min(tok.eos_token_ids)
+    return (start,)
+
+
+def _check_context(num_prompt: int, max_tokens: int, limits: Limits) -> None:
+    if limits.max_prompt_tokens is not None and num_prompt > limits.max_prompt_tokens:
+        raise bad_request(
+            f"The prompt has {num_prompt} tokens; this server accepts at most {limits.max_prompt_tokens}.", "prompt")
+    if num_prompt + max_tokens > limits.max_model_len:
+        raise bad_request(
+            f"This model's maximum context length is {limits.max_model_len} tokens. However, you requested "
+            f"{num_prompt + max_tokens} tokens ({num_prompt} in your prompt; {max_tokens} for the completion). "
+            "Please reduce your prompt or completion length.", "max_tokens")
+
+
+def _sampling_params(req: CompletionRequest, tok: Tokenizer, limits: Limits, max_tokens: int,
+                     echo: bool, seed: int) -> SamplingParams:
+    stops = _stops(req.stop)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=_logit_bias(req.logit_bias, limits),
+        stop=stops,
+        stop_token_ids=tuple(sorted(tok.eos_token_ids)),
+        logprobs=req.logprobs,
+        prompt_logprobs=req.logprobs if echo and req.logprobs is not None else None,
+        seed=seed,
+    )
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad_request(f"stop may hold at most {MAX_STOP_STRINGS} sequences, got {len(stops)}.", "stop")
+    if any(s == "" for s in stops):
+        raise bad_request("stop sequences must not be empty strings.", "stop")
+    return tuple(dict.fromkeys(stops))
+
+
+def _logit_bias(bias: dict[str, float] | None, limits: Limits) -> tuple[tuple[int, float], ...]:
+    if not bias:
+        return ()
+    if len(bias) > limits.max_logit_bias:
+        raise bad_request(f"logit_bias may hold at most {limits.max_logit_bias} entries.", "logit_bias")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        # Only plain decimal digits: int() would also take " 5", "+5" and "1_0".
+        if not _TOKEN_KEY.fullmatch(key):
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}.", "logit_bias")
+        token_id = int(key)
+        if not 0 <= token_id < limits.vocab_size:
+            raise bad_request(f"logit_bias key {token_id} is outside the vocabulary (0..{limits.vocab_size - 1}).", "logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise bad_request(f"logit_bias values must be between -100 and 100, got {value!r} for {key}.", "logit_bias")
+        out[token_id] = float(value)
+    return tuple(sorted(out.items()))

@@ -1,0 +1,76 @@
+"""Running one completion against the engine: fan out the candidates, merge their outputs.
+
+A completion with P prompts and best_of B is P*B engine requests. Each is consumed by
+its own task that feeds one queue, so the route sees a single ordered stream of
+(prompt, candidate, output). Closing the stream cancels the tasks, and cancelling a
+task aborts its engine request (AsyncEngine.generate's contract).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from textmill.messages import EngineRequest, RequestOutput
+from textmill.tokenizer import Tokenizer
+
+
+class EngineClient(Protocol):
+    def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]: ...
+
+    @property
+    def num_unfinished(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ServingContext:
+    """What the HTTP layer needs from the loaded model; built by cli.py."""
+
+    engine: Any  # AsyncEngine: start(), shutdown(), generate(), num_unfinished
+    tokenizer: Tokenizer
+    model_name: str
+    max_model_len: int
+    fingerprint: str
+    created: int = 0
+
+
+_DONE = object()
+
+
+async def merged_outputs(
+    engine: EngineClient, requests: list[tuple[int, int, EngineRequest]]
+) -> AsyncIterator[tuple[int, int, RequestOutput]]:
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(p: int, c: int, req: EngineRequest) -> None:
+        try:
+            async for out in engine.generate(req):
+                queue.put_nowait((p, c, out))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the engine refused or failed this request
+            queue.put_nowait((p, c, exc))
+        finally:
+            queue.put_nowait(_DONE)
+
+    tasks = [asyncio.create_task(pump(p, c, r)) for p, c, r in requests]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is _DONE:
+                remaining -= 1
+                continue
+            if isinstance(item[2], Exception):
+                raise item[2]
+            yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,53 @@
+"""Server-sent events for stream=true: one chunk per candidate delta, then usage, then [DONE].
+
+Every chunk carries the completion's id and created time. Errors after the first byte
+cannot change the HTTP status any more, so they travel as a data event of their own.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from textmill.api.assemble import ChoiceState, usage_dict
+from textmill.api.errors import APIError, server_error
+from textmill.api.prepare import PreparedCompletion
+from textmill.api.serving import ServingContext, merged_outputs
+
+log = logging.getLogger("textmill.api")
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def stream_completion(ctx: ServingContext, prepared: PreparedCompletion, requests,
+                            request_id: str, created: int) -> AsyncIterator[str]:
+    head = {"id": request_id, "object": "text_completion", "created": created, "model": ctx.model_name,
+            "system_fingerprint": ctx.fingerprint}
+    states = {(p, c): ChoiceState(prepared.prompts[p], prepared.echo, prepared.logprobs, ctx.tokenizer)
+              for p, c, _ in requests}
+    try:
+        async for p, c, out in merged_outputs(ctx.engine, requests):
+            state = states[(p, c)]
+            text, lp = state.apply(out)
+            if state.error is not None:
+                raise server_error(f"The engine failed while generating: {state.error}")
+            if not text and not out.finished and not (lp and lp.tokens):
+                continue
+            choice = {"text": text, "index": p * prepared.n + c,
+                      "logprobs": lp.as_dict() if lp is not None else None,
+                      "finish_reason": state.finish_reason}
+            chunk = {**head, "choices": [choice]}
+            if prepared.include_usage:
+                chunk["usage"] = None
+            yield _event(chunk)
+        if prepared.include_usage:
+            yield _event({**head, "choices": [], "usage": usage_dict(prepared, states)})
+    except APIError as exc:
+        log.error("stream %s failed: %s", request_id, exc.message)
+        yield _event(exc.body())
+    except Exception:
+        log.exception("stream %s failed", request_id)
+        yield _event(server_error().body())
+    yield "data: [DONE]\n\n"

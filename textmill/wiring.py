@@ -1,0 +1,180 @@
+"""The composition root: configs in, a running engine (and the HTTP app) out.
+
+cli.py turns arguments into these calls; tests call build_serving() directly so that they
+exercise exactly what `textmill serve` runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from textmill import __version__
+from textmill.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, ServerConfig
+from textmill.loader.bundled import BUNDLED_NAME, bundled_model_path
+
+log = logging.getLogger("textmill")
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why, in one line."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    model: str | None = None  # None: the bundled SmolLM2
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    kv_cache_gib: float = 1.0
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    prefix_caching: bool = True
+    threads: int | None = None
+    max_queued_requests: int = 256
+
+
+@dataclass(frozen=True)
+class BuiltEngine:
+    engine: object  # textmill.engine.engine.Engine
+    tokenizer: object  # textmill.tokenizer.Tokenizer
+    model_config: ModelConfig
+    scheduler_config: SchedulerConfig
+    device_config: DeviceConfig
+    model_name: str
+    fingerprint: str
+
+
+def resolve_device(device: str, dtype: str, threads: int | None) -> DeviceConfig:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise StartupError("--device cuda was asked for, but torch sees no CUDA device")
+    if dtype == "auto":
+        dtype = "bfloat16" if _native_bf16(device) else "float32"
+    return DeviceConfig(device=device, dtype=dtype, num_threads=threads)
+
+
+def _native_bf16(device: str) -> bool:
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # On CPUs without AVX512-BF16/AMX, bf16 matmuls are emulated and slower than float32.
+    return bool(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")() in ("AVX512", "AMX")
+                and torch.cpu._is_avx512_bf16_supported())
+
+
+def model_path(model: str | None) -> Path:
+    path = bundled_model_path() if model is None else Path(model).expanduser()
+    if not path.exists():
+        raise StartupError(f"model not found: {path}")
+    return path
+
+
+def build_engine(opts: EngineOptions) -> BuiltEngine:
+    from textmill.engine.engine import Engine
+    from textmill.engine.scheduler import Scheduler
+    from textmill.loader import load_model
+    from textmill.runner.model_runner import ModelRunner
+    from textmill.tokenizer import Tokenizer
+
+    dev = resolve_device(opts.device, opts.dtype, opts.threads)
+    torch.set_num_threads(dev.num_threads or os.cpu_count() or 1)
+    path = model_path(opts.model)
+    started = time.perf_counter()
+    try:
+        loaded = load_model(path, dtype=getattr(torch, dev.dtype), device=dev.device)
+        tokenizer = Tokenizer.from_gguf(path) if path.is_file() else Tokenizer.from_hf_dir(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise StartupError(f"cannot load model {path}: {exc}") from exc
+    cfg = loaded.config
+    max_len = min(opts.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    cache = _cache_config(cfg, opts, dev, max_len)
+    sched = SchedulerConfig(max_num_seqs=opts.max_num_seqs, max_num_batched_tokens=opts.max_num_batched_tokens,
+                            max_model_len=max_len, max_waiting=opts.max_queued_requests)
+    runner = ModelRunner(loaded.model, cfg, cache, device=dev.device, dtype=getattr(torch, dev.dtype))
+    engine = Engine(Scheduler(sched, cache), runner, tokenizer)
+    name = BUNDLED_NAME if opts.model is None else path.stem
+    log.info("loaded %s (%s, %s on %s) in %.1fs; KV cache %d blocks of %d tokens",
+             name, cfg.architecture, dev.dtype, dev.device, time.perf_counter() - started,
+             cache.num_blocks, cache.block_size)
+    return BuiltEngine(engine, tokenizer, cfg, sched, dev, name, _fingerprint(path, dev))
+
+
+def _cache_config(cfg: ModelConfig, opts: EngineOptions, dev: DeviceConfig, max_len: int) -> CacheConfig:
+    from textmill.runner.model_runner import ModelRunner
+
+    probe = CacheConfig(block_size=opts.block_size, num_blocks=1, enable_prefix_caching=opts.prefix_caching)
+    per_block = ModelRunner.kv_bytes_per_block(cfg, probe, getattr(torch, dev.dtype))
+    num_blocks = int(opts.kv_cache_gib * 2**30 // per_block)
+    if num_blocks * opts.block_size < max_len:
+        raise StartupError(
+            f"--kv-cache-memory {opts.kv_cache_gib} GiB holds {num_blocks * opts.block_size} tokens, "
+            f"less than one full context of {max_len}: raise it or lower --max-model-len")
+    return CacheConfig(block_size=opts.block_size, num_blocks=num_blocks, enable_prefix_caching=opts.prefix_caching)
+
+
+def _fingerprint(path: Path, dev: DeviceConfig) -> str:
+    stat = path.stat()
+    ident = f"{path.name}:{stat.st_size}:{dev.dtype}:{dev.device}:{__version__}"
+    return "fp_" + hashlib.sha256(ident.encode()).hexdigest()[:10]
+
+
+def build_serving(opts: EngineOptions, served_model_name: str | None = None):
+    from textmill.api.serving import ServingContext
+    from textmill.engine.async_engine import AsyncEngine
+
+    built = build_engine(opts)
+    return ServingContext(
+        engine=AsyncEngine(built.engine), tokenizer=built.tokenizer,
+        model_name=served_model_name or built.model_name,
+        max_model_len=built.scheduler_config.max_model_len, fingerprint=built.fingerprint,
+        created=int(time.time()))
+
+
+def options_from_args(args) -> EngineOptions:
+    return EngineOptions(
+        model=getattr(args, "model", None), dtype=args.dtype, device=args.device,
+        max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_memory, block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        prefix_caching=not args.no_prefix_caching, threads=args.threads,
+        max_queued_requests=getattr(args, "max_queued_requests", 256))
+
+
+def run_serve(args) -> int:
+    import uvicorn
+
+    from textmill.api.app import create_app
+
+    opts = options_from_args(args)
+    keys = tuple(args.api_key or ()) or tuple(k for k in [os.environ.get("TEXTMILL_API_KEY")] if k)
+    server = ServerConfig(host=args.host, port=args.port, api_keys=keys,
+                          served_model_name=args.served_model_name or BUNDLED_NAME)
+    model_path(opts.model)  # fail fast, before uvicorn starts, on a missing file
+    app = create_app(server, lambda: build_serving(opts, args.served_model_name))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    return 0
+
+
+def run_generate(args) -> int:
+    from textmill.messages import EngineRequest
+    from textmill.sampling_params import SamplingParams
+
+    built = build_engine(options_from_args(args))
+    tok = built.tokenizer
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, stop_token_ids=tuple(sorted(tok.eos_token_ids)))
+    ids = tuple(tok.encode(args.prompt)) or (tok.bos_token_id,)
+    built.engine.add_request(EngineRequest("generate-0", ids, params, time.monotonic()))
+    print(args.prompt, end="", flush=True)
+    while True:
+        for out in built.engine.step():
+            print(out.text, end="", flush=True)
+            if out.finished:
+                print()
+                return 0
