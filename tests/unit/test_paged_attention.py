@@ -1,0 +1,179 @@
+"""Paged attention over a mixed batch equals dense causal attention, sequence by sequence."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from textmill.config import CacheConfig, ModelConfig
+from textmill.messages import ScheduledChunk, SchedulerOutput
+from textmill.runner.batch import build_batch
+from textmill.runner.kv_cache import KVCache, PagedAttention
+
+HQ, HKV, D, BLOCK = 4, 2, 8, 4
+
+
+def _configs(num_layers: int = 2, num_blocks: int = 40):
+    mc = ModelConfig(
+        architecture="toy", vocab_size=16, hidden_size=HQ * D, intermediate_size=8,
+        num_layers=num_layers, num_heads=HQ, num_kv_heads=HKV, head_dim=D,
+        max_position_embeddings=256,
+    )
+    return mc, CacheConfig(block_size=BLOCK, num_blocks=num_blocks)
+
+
+def _dense_attention(q, k, v, q_positions, scale, window=None, softcap=None):
+    """Reference, one sequence: q (T, Hq, D) at q_positions over k/v (L, Hkv, D)."""
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    for t, pos in enumerate(q_positions):
+        for h in range(q.shape[1]):
+            keys = k[: pos + 1, h // group]  # (pos+1, D)
+            scores = keys @ q[t, h] * scale
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
+            if window is not None:
+                too_far = pos - torch.arange(pos + 1) >= window
+                scores = scores.masked_fill(too_far, float("-inf"))
+            out[t, h] = torch.softmax(scores, dim=0) @ v[: pos + 1, h // group]
+    return out
+
+
+# (already computed tokens, tokens in this step's chunk)
+MIXED = [
+    (5, 6),  # mid-prefill chunk after a chunk in cache
+    (13, 1),  # decode
+    (0, 7),  # first chunk of a fresh prompt
+    (2, 1),  # short decode
+    (8, 4),  # last chunk of a prompt, block aligned start
+]
+
+
+def _setup(seqs, num_layers=2, seed=0):
+    """Fill the cache with each sequence's earlier tokens; return the step's inputs."""
+    torch.manual_seed(seed)
+    mc, cc = _configs(num_layers)
+    cache = KVCache(mc, cc)
+    free = list(range(cc.num_blocks))
+    random.Random(seed).shuffle(free)  # non-contiguous, out-of-order block ids
+    chunks, full = [], []
+    for i, (done, n) in enumerate(seqs):
+        total = done + n
+        blocks = tuple(free.pop() for _ in range(math.ceil(total / BLOCK)))
+        kv = [(torch.randn(total, HKV, D), torch.randn(total, HKV, D)) for _ in range(num_layers)]
+        slots = torch.tensor([blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(done)], dtype=torch.long)
+        for layer, (k, v) in enumerate(kv):
+            cache.k[layer][slots] = k[:done]
+            cache.v[layer][slots] = v[:done]
+        q = torch.randn(n, HQ, D)
+        chunks.append(ScheduledChunk(f"r{i}", tuple(range(n)), done, blocks, sample=True))
+        full.append((done, q, kv, blocks))
+    batch = build_batch(SchedulerOutput((), tuple(chunks)), BLOCK, "cpu")
+    return cache, batch, full
+
+
+def _flat(full, layer):
+    q = torch.cat([f[1] for f in full])
+    k = torch.cat([f[2][layer][0][f[0]:] for f in full])
+    v = torch.cat([f[2][layer][1][f[0]:] for f in full])
+    return q, k, v
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_mixed_batch_matches_dense(window):
+    cache, batch, full = _setup(MIXED)
+    ctx = PagedAttention(cache, batch.attn)
+    scale = D**-0.5
+    for layer in range(2):
+        q, k, v = _flat(full, layer)
+        out = ctx.attend(layer, q, k, v, scale=scale, sliding_window=window)
+        assert out.shape == q.shape
+        expected = torch.cat([
+            _dense_attention(fq, kv[layer][0], kv[layer][1], range(done, done + len(fq)), scale, window)
+            for done, fq, kv, _ in full
+        ])
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_layers_with_different_windows_in_one_step():
+    """Gemma-style: sliding and global layers share one context and its index tensors."""
+    cache, batch, full = _setup(MIXED, num_layers=2, seed=3)
+    ctx = PagedAttention(cache, batch.attn)
+    for layer, window in [(0, 2), (1, None)]:
+        q, k, v = _flat(full, layer)
+        out = ctx.attend(layer, q, k, v, scale=0.3, sliding_window=window)
+        expected = torch.cat([
+            _dense_attention(fq, kv[layer][0], kv[layer][1], range(done, done + len(fq)), 0.3, window)
+            for done, fq, kv, _ in full
+        ])
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_softcap_matches_dense():
+    cache, batch, full = _setup(MIXED, num_layers=1, seed=1)
+    ctx = PagedAttention(cache, batch.attn)
+    q, k, v = _flat(full, 0)
+    q = q * 4  # large scores, so the cap matters
+    out = ctx.attend(0, q, k, v, scale=0.5, sliding_window=4, logit_softcap=5.0)
+    expected = torch.cat([
+        _dense_attention(q[off : off + len(fq)], kv[0][0], kv[0][1], range(done, done + len(fq)), 0.5, 4, 5.0)
+        for off, (done, fq, kv, _) in zip(_offsets(full), full)
+    ])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    uncapped = ctx.attend(0, q, k, v, scale=0.5, sliding_window=4)
+    assert not torch.allclose(out, uncapped, atol=1e-3)
+
+
+def _offsets(full):
+    offsets, total = [], 0
+    for _, fq, _, _ in full:
+        offsets.append(total)
+        total += len(fq)
+    return offsets
+
+
+def test_new_tokens_are_written_to_their_slots():
+    cache, batch, full = _setup(MIXED, num_layers=1, seed=2)
+    q, k, v = _flat(full, 0)
+    PagedAttention(cache, batch.attn).attend(0, q, k, v, scale=1.0)
+    for done, fq, kv, blocks in full:
+        for i in range(len(fq)):
+            p = done + i
+            slot = blocks[p // BLOCK] * BLOCK + p % BLOCK
+            torch.testing.assert_close(cache.k[0][slot], kv[0][0][p])
+            torch.testing.assert_close(cache.v[0][slot], kv[0][1][p])
+
+
+def test_bfloat16_cache_close_to_float32():
+    cache, batch, full = _setup(MIXED, num_layers=1, seed=4)
+    mc, cc = _configs(1)
+    cache16 = KVCache(mc, cc, dtype=torch.bfloat16)
+    cache16.k[0].copy_(cache.k[0])
+    cache16.v[0].copy_(cache.v[0])
+    q, k, v = _flat(full, 0)
+    out32 = PagedAttention(cache, batch.attn).attend(0, q, k, v, scale=D**-0.5)
+    out16 = PagedAttention(cache16, batch.attn).attend(0, q.bfloat16(), k.bfloat16(), v.bfloat16(), scale=D**-0.5)
+    assert out16.dtype == torch.bfloat16
+    torch.testing.assert_close(out16.float(), out32, atol=5e-2, rtol=5e-2)
+
+
+def test_batch_metadata():
+    _, batch, _ = _setup(MIXED, num_layers=1)
+    m = batch.attn
+    assert m.num_seqs == len(MIXED)
+    assert m.max_query_len == max(n for _, n in MIXED)
+    assert m.max_context_len == max(d + n for d, n in MIXED)
+    assert batch.positions.tolist() == [p for d, n in MIXED for p in range(d, d + n)]
+    # every new token has its own slot
+    assert len(set(m.slot_mapping.tolist())) == sum(n for _, n in MIXED)
+    # only chunks with sample=True get a logits row: the last token of each
+    ends = torch.tensor([n for _, n in MIXED]).cumsum(0) - 1
+    assert batch.logits_rows.tolist() == ends.tolist()
+
+
+def test_kv_bytes_per_block():
+    mc, cc = _configs(num_layers=3)
+    assert KVCache.bytes_per_block(mc, cc, torch.bfloat16) == 2 * 3 * BLOCK * HKV * D * 2
+    assert KVCache.bytes_per_block(mc, cc, torch.float32) == 2 * 3 * BLOCK * HKV * D * 4
