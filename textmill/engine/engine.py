@@ -1,0 +1,144 @@
+"""Engine: one step is schedule -> execute -> update -> outputs.
+
+The engine is synchronous and single-threaded; AsyncEngine runs it in its own thread.
+It keeps the live requests by id so that an abort or a failed step can always produce a
+final output, and so that a request's failure never reaches the requests of other steps.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from textmill.engine.output_processor import DecodingTokenizer, OutputProcessor
+from textmill.engine.request import Request, RequestStatus
+from textmill.engine.runner_protocol import Runner
+from textmill.messages import EngineRequest, RequestOutput
+from textmill.sampling_params import FinishReason
+
+log = logging.getLogger("textmill.engine")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics; the totals count since the engine started."""
+
+    num_waiting: int
+    num_running: int
+    kv_cache_usage: float  # fraction of KV blocks in use, 0..1
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens found
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_preemptions_total: int
+    num_requests_finished: int
+    num_step_failures: int
+
+
+class Engine:
+    def __init__(self, scheduler, runner: Runner, tokenizer: DecodingTokenizer):
+        self._scheduler = scheduler
+        self._runner = runner
+        self._outputs = OutputProcessor(tokenizer)
+        self._requests: dict[str, Request] = {}  # live requests: no final output yet
+        self._pending: list[RequestOutput] = []  # final outputs made between steps (aborts)
+        self._num_finished = 0
+        self._num_step_failures = 0
+        self._preemptions_of_finished = 0
+        self.last_step_idle = False  # the last step scheduled nothing
+
+    # ------------------------------------------------------------ requests
+    def add_request(self, engine_request: EngineRequest) -> None:
+        """Queue a request. Raises ValueError for a request id that is still live."""
+        if engine_request.request_id in self._requests:
+            raise ValueError(f"request id {engine_request.request_id!r} is already running")
+        request = Request.from_engine_request(engine_request)
+        self._scheduler.add_request(request)
+        self._requests[request.request_id] = request
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request (the client went away). Its blocks are freed at the next step, and
+        its final output (finish_reason ABORT) comes with the next step's outputs. False when
+        the request is unknown or already finished."""
+        if request_id not in self._requests:
+            return False
+        self._pending.append(self._end(request_id, FinishReason.ABORT, None))
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        """Whether step() has anything to do (including freeing finished requests)."""
+        return bool(self._requests or self._pending) or bool(self._scheduler.has_unfinished)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._requests)
+
+    # ------------------------------------------------------------ the loop
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        scheduled = self._scheduler.schedule()
+        self.last_step_idle = scheduled.is_empty
+        if not scheduled.is_empty:
+            try:
+                result = self._runner.execute(scheduled)
+            except Exception as exc:  # the runner failed: fail this step's requests only
+                log.exception("runner failed a step of %d requests", len(scheduled.chunks))
+                ids = [chunk.request_id for chunk in scheduled.chunks]
+                outputs += self.fail_requests(ids, f"engine error: {type(exc).__name__}: {exc}")
+                self._num_step_failures += 1
+                return outputs
+            updated = self._scheduler.update_from_output(scheduled, result)
+            outputs += self._outputs.process(updated, self._scheduler.finish_request)
+        self._forget_finished(outputs)
+        return outputs
+
+    def fail_requests(self, request_ids, message: str) -> list[RequestOutput]:
+        """End live requests with finish_reason ERROR and `message`, freeing their blocks."""
+        return [
+            self._end(request_id, FinishReason.ERROR, message)
+            for request_id in request_ids
+            if request_id in self._requests
+        ]
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        return self.fail_requests(list(self._requests), message)
+
+    def stats(self) -> EngineStats:
+        sched = self._scheduler
+        kv = sched.kv_manager
+        return EngineStats(
+            num_waiting=sched.num_waiting,
+            num_running=sched.num_running,
+            kv_cache_usage=float(kv.usage),
+            prefix_cache_queries=int(kv.prefix_cache_queries),
+            prefix_cache_hits=int(kv.prefix_cache_hits),
+            prompt_tokens_total=self._outputs.total_prompt_tokens,
+            generation_tokens_total=self._outputs.total_generated_tokens,
+            num_preemptions_total=self._preemptions_of_finished
+            + sum(r.num_preemptions for r in self._requests.values()),
+            num_requests_finished=self._num_finished,
+            num_step_failures=self._num_step_failures,
+        )
+
+    # ------------------------------------------------------------ helpers
+    def _end(self, request_id: str, reason: FinishReason, error: str | None) -> RequestOutput:
+        """Take a live request out of the scheduler and make its final output."""
+        request = self._requests[request_id]
+        try:
+            self._scheduler.abort_request(request_id)
+        except Exception:  # a broken scheduler must not keep the request from ending
+            log.exception("scheduler failed to abort request %s", request_id)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.error = error
+        output = self._outputs.finish(request)
+        self._forget_finished([output])
+        return output
+
+    def _forget_finished(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            if output.finished:
+                request = self._requests.pop(output.request_id, None)
+                if request is not None:
+                    self._num_finished += 1
+                    self._preemptions_of_finished += request.num_preemptions
