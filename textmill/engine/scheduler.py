@@ -198,9 +198,10 @@ class Scheduler:
         end = start + num_new
         targets = None
         if request.params.prompt_logprobs is not None:
-            # Position p scores prompt token p + 1; the last prompt position has none.
-            last = max(min(end, request.num_prompt_tokens - 1), start)
-            targets = tuple(request.prompt_token_ids[start + 1 : last + 1])
+            # Position p scores prompt token p + 1; the last prompt position and the
+            # generated tokens have none (None, not (), when the chunk has no target).
+            last = min(end, request.num_prompt_tokens - 1)
+            targets = tuple(request.prompt_token_ids[start + 1 : last + 1]) or None
         plan.chunks.append(
             ScheduledChunk(
                 request_id=request.request_id,
