@@ -5,11 +5,11 @@ one torch.tensor call; everything per-position (slots, masks) is derived on the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from textmill.messages import SchedulerOutput
+from textmill.messages import ScheduledChunk, SchedulerOutput
 from textmill.runner.kv_cache import AttentionMetadata
 
 
@@ -40,61 +40,71 @@ class Batch:
         return len(self.sample_request_ids)
 
 
+@dataclass
+class _HostLists:
+    """The step's arrays as Python lists: one pass over the chunks, no tensors yet."""
+
+    max_query_len: int
+    max_blocks: int
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    seq_index: list[int] = field(default_factory=list)
+    query_dest: list[int] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    context_lens: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)
+    sample_ids: list[str] = field(default_factory=list)
+    prompt_rows: list[int] = field(default_factory=list)
+    prompt_targets: list[int] = field(default_factory=list)
+    segments: list[PromptSegment] = field(default_factory=list)
+
+    def add(self, b: int, c: ScheduledChunk, block_size: int) -> None:
+        n, offset, end = len(c.token_ids), len(self.input_ids), c.start + len(c.token_ids)
+        assert n > 0 and len(c.block_ids) * block_size >= end, f"bad chunk for {c.request_id}"
+        self.input_ids.extend(c.token_ids)
+        self.positions.extend(range(c.start, end))
+        self.seq_index.extend([b] * n)
+        self.query_dest.extend(range(b * self.max_query_len, b * self.max_query_len + n))
+        self.starts.append(c.start)
+        self.context_lens.append(end)
+        self.block_table.extend(c.block_ids)
+        self.block_table.extend([0] * (self.max_blocks - len(c.block_ids)))
+        if c.sample:
+            self.sample_rows.append(offset + n - 1)
+            self.sample_ids.append(c.request_id)
+        targets = c.prompt_logprob_targets
+        if targets:
+            assert len(targets) <= n
+            self.segments.append(PromptSegment(c.request_id, len(self.prompt_rows), len(targets), tuple(targets)))
+            self.prompt_rows.extend(range(offset, offset + len(targets)))
+            self.prompt_targets.extend(targets)
+
+
 def build_batch(scheduled: SchedulerOutput, block_size: int, device: str | torch.device) -> Batch:
     chunks = scheduled.chunks
     assert chunks, "an empty step has no batch"
-    max_query_len = max(len(c.token_ids) for c in chunks)
-    max_blocks = max(len(c.block_ids) for c in chunks)
-    input_ids: list[int] = []
-    positions: list[int] = []
-    seq_index: list[int] = []
-    query_dest: list[int] = []
-    starts: list[int] = []
-    context_lens: list[int] = []
-    block_table: list[int] = []
-    sample_rows: list[int] = []
-    sample_ids: list[str] = []
-    prompt_rows: list[int] = []
-    prompt_targets: list[int] = []
-    segments: list[PromptSegment] = []
+    host = _HostLists(max(len(c.token_ids) for c in chunks), max(len(c.block_ids) for c in chunks))
     for b, c in enumerate(chunks):
-        n, offset, end = len(c.token_ids), len(input_ids), c.start + len(c.token_ids)
-        assert n > 0 and len(c.block_ids) * block_size >= end, f"bad chunk for {c.request_id}"
-        input_ids.extend(c.token_ids)
-        positions.extend(range(c.start, end))
-        seq_index.extend([b] * n)
-        query_dest.extend(range(b * max_query_len, b * max_query_len + n))
-        starts.append(c.start)
-        context_lens.append(end)
-        block_table.extend(c.block_ids)
-        block_table.extend([0] * (max_blocks - len(c.block_ids)))
-        if c.sample:
-            sample_rows.append(offset + n - 1)
-            sample_ids.append(c.request_id)
-        if c.prompt_logprob_targets:
-            targets = c.prompt_logprob_targets
-            assert len(targets) <= n
-            segments.append(PromptSegment(c.request_id, len(prompt_rows), len(targets), tuple(targets)))
-            prompt_rows.extend(range(offset, offset + len(targets)))
-            prompt_targets.extend(targets)
+        host.add(b, c, block_size)
 
     def t(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=device)
 
-    positions_t, context_lens_t = t(positions), t(context_lens)
-    table = t(block_table).view(len(chunks), max_blocks)  # (B, max_blocks)
+    positions = t(host.positions)
+    table = t(host.block_table).view(len(chunks), host.max_blocks)  # (B, max_blocks)
     attn = _attention_metadata(
-        table, t(seq_index), positions_t, t(query_dest), t(starts), context_lens_t,
-        block_size, max_query_len, max(context_lens),
+        table, t(host.seq_index), positions, t(host.query_dest), t(host.starts), t(host.context_lens),
+        block_size, host.max_query_len, max(host.context_lens),
     )
     return Batch(
-        input_ids=t(input_ids),
-        positions=positions_t,
+        input_ids=t(host.input_ids),
+        positions=positions,
         attn=attn,
-        logits_rows=t(sample_rows + prompt_rows),
-        sample_request_ids=tuple(sample_ids),
-        prompt_segments=tuple(segments),
-        prompt_targets=t(prompt_targets),
+        logits_rows=t(host.sample_rows + host.prompt_rows),
+        sample_request_ids=tuple(host.sample_ids),
+        prompt_segments=tuple(host.segments),
+        prompt_targets=t(host.prompt_targets),
     )
 
 

@@ -87,11 +87,12 @@ class PagedAttention:
         v_cache.index_copy_(0, m.slot_mapping, v.to(v_cache.dtype))
         # The context includes this step's own tokens, just written: one path for
         # prefill, chunked prefill, prefix-cache hits and decode.
-        keys = k_cache[m.context_slots].to(q.dtype).transpose(1, 2)  # (B, Hkv, Lmax, D)
-        values = v_cache[m.context_slots].to(q.dtype).transpose(1, 2)  # (B, Hkv, Lmax, D)
+        keys = _gather(k_cache, m.context_slots).to(q.dtype).transpose(1, 2)  # (B, Hkv, Lmax, D)
+        values = _gather(v_cache, m.context_slots).to(q.dtype).transpose(1, 2)  # (B, Hkv, Lmax, D)
         n, hq, d = q.shape
-        q_pad = q.new_zeros(m.num_seqs * m.max_query_len, hq, d)
-        q_pad[m.query_dest] = q
+        # index_copy_/index_select, not tensor[idx] = ...: advanced-index assignment is
+        # orders of magnitude slower on CPU.
+        q_pad = q.new_zeros(m.num_seqs * m.max_query_len, hq, d).index_copy_(0, m.query_dest, q)
         queries = q_pad.view(m.num_seqs, m.max_query_len, hq, d).transpose(1, 2)  # (B, Hq, Tmax, D)
         mask = self._mask(sliding_window)  # (B, 1, Tmax, Lmax)
         if logit_softcap is None:
@@ -99,7 +100,7 @@ class PagedAttention:
         else:
             out = _softcapped_attention(queries, keys, values, mask, scale, logit_softcap)
         out = out.transpose(1, 2).reshape(m.num_seqs * m.max_query_len, hq, d)
-        return out[m.query_dest]  # (N, Hq, D)
+        return out.index_select(0, m.query_dest)  # (N, Hq, D)
 
     def _mask(self, sliding_window: int | None) -> torch.Tensor:
         mask = self._masks.get(sliding_window)
@@ -122,6 +123,11 @@ def build_mask(meta: AttentionMetadata, sliding_window: int | None) -> torch.Ten
     if sliding_window is not None:
         mask &= q_pos - key_pos < sliding_window
     return mask[:, None]
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache (S, Hkv, D), slots (B, L) -> (B, L, Hkv, D)."""
+    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
 
 
 def _expand_kv(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:

@@ -47,7 +47,7 @@ class ModelRunner:
             hidden = self.model.forward(batch.input_ids, batch.positions, ctx)  # (N, C)
             if batch.logits_rows.numel() == 0:
                 return RunnerOutput()  # only mid-prompt chunks: nothing to sample or score
-            logits = self.model.logits(hidden[batch.logits_rows])  # (S + P, V)
+            logits = self.model.logits(hidden.index_select(0, batch.logits_rows))  # (S + P, V)
             assert logits.shape[-1] == self.model_config.vocab_size, "logits width != vocab_size"
             return self._sample_and_score(batch, logits)
 

@@ -131,7 +131,7 @@ class Sampler:
         if penalized is not None:
             rows, count_rows = penalized
             ones = torch.ones(rows.shape[0], dtype=torch.float32, device=x.device)
-            self.penalty_counts.counts.index_put_((count_rows, tokens[rows]), ones, accumulate=True)
+            self.penalty_counts.counts.index_put_((count_rows, tokens.index_select(0, rows)), ones, accumulate=True)
         chosen = raw.gather(1, tokens[:, None])[:, 0]  # (S,)
         k = max((s.params.logprobs or 0) for s in states)
         top_lps, top_ids = _topk(raw, k)
@@ -162,7 +162,8 @@ class Sampler:
         count_rows = as_tensor([states[i].count_row for i in idx], torch.int64)
         presence = as_tensor([states[i].params.presence_penalty for i in idx], torch.float32)
         frequency = as_tensor([states[i].params.frequency_penalty for i in idx], torch.float32)
-        x[rows] = apply_penalties(x[rows], self.penalty_counts.counts[count_rows], presence, frequency)
+        counts = self.penalty_counts.counts.index_select(0, count_rows)  # (R, V)
+        x.index_copy_(0, rows, apply_penalties(x.index_select(0, rows), counts, presence, frequency))
         return rows, count_rows
 
     def _sample_rows(self, x, greedy_tokens, states, sampled_rows) -> torch.Tensor:
@@ -170,16 +171,14 @@ class Sampler:
         rows = torch.tensor(sampled_rows, dtype=torch.int64, device=x.device)
         params = [states[i].params for i in sampled_rows]
         temperature = torch.tensor([p.temperature for p in params], device=x.device)
-        probs = torch.softmax(x[rows] / temperature[:, None], dim=-1)  # (R, V)
+        probs = torch.softmax(x.index_select(0, rows) / temperature[:, None], dim=-1)  # (R, V)
         top_p = [p.top_p for p in params]
         if any(p < 1.0 for p in top_p):
             probs = probs * top_p_mask(probs, torch.tensor(top_p, device=x.device))
         # The one per-row loop: each row's uniform comes from its own generator.
         draws = [torch.rand((), generator=states[i].generator, dtype=torch.float64).item() for i in sampled_rows]
         uniform = torch.tensor(draws, dtype=torch.float32, device=x.device)
-        tokens = greedy_tokens.clone()
-        tokens[rows] = sample_inverse_cdf(probs, uniform)
-        return tokens
+        return greedy_tokens.index_copy(0, rows, sample_inverse_cdf(probs, uniform))
 
 
 # ---------------------------------------------------------------- pure pieces (tested alone)
