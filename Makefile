@@ -35,5 +35,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py $(ARGS)
 
+# llama-cpp-python, a comparison for `make bench`, lives in its own venv so that it never
+# touches .venv; pip compiles llama.cpp for it (slow on 2 cores, cached by pip afterwards).
+bench-env:
+	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
+	CMAKE_BUILD_PARALLEL_LEVEL=2 .venv-bench/bin/python -m pip install -r bench/requirements.txt
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -18,7 +18,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 LLAMA_SERVER_SCRIPT = REPO.parent / "shared" / "tools" / "llama-server.sh"
 BENCH_PYTHON = REPO / ".venv-bench" / "bin" / "python"
-LOG_DIR = REPO / "bench" / "logs"
+LOG_DIR = REPO / "bench" / "results" / "logs"  # bench/results/ is git-ignored
 
 
 class ServerError(RuntimeError):
