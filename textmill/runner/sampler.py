@@ -153,7 +153,9 @@ class Sampler:
         values = torch.cat([s.bias_values for _, s in biased])
         x.index_put_((rows, cols), values, accumulate=True)
 
-    def _apply_penalties(self, x: torch.Tensor, states: list[RequestSampling]):
+    def _apply_penalties(
+        self, x: torch.Tensor, states: list[RequestSampling]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:  # (penalized rows, their count rows)
         idx = [i for i, s in enumerate(states) if s.count_row is not None]
         if not idx:
             return None
