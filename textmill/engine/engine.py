@@ -43,7 +43,6 @@ class Engine:
         self._pending: list[RequestOutput] = []  # final outputs made between steps (aborts)
         self._num_finished = 0
         self._num_step_failures = 0
-        self._preemptions_of_finished = 0
         self.last_step_idle = False  # the last step scheduled nothing
 
     # ------------------------------------------------------------ requests
@@ -67,7 +66,9 @@ class Engine:
     @property
     def has_unfinished(self) -> bool:
         """Whether step() has anything to do (including freeing finished requests)."""
-        return bool(self._requests or self._pending) or bool(self._scheduler.has_unfinished)
+        sched = self._scheduler
+        return bool(self._requests or self._pending or sched.has_unfinished
+                    or sched.has_finished_to_report)
 
     @property
     def num_unfinished(self) -> int:
@@ -78,17 +79,18 @@ class Engine:
         outputs, self._pending = self._pending, []
         scheduled = self._scheduler.schedule()
         self.last_step_idle = scheduled.is_empty
-        if not scheduled.is_empty:
-            try:
-                result = self._runner.execute(scheduled)
-            except Exception as exc:  # the runner failed: fail this step's requests only
-                log.exception("runner failed a step of %d requests", len(scheduled.chunks))
-                ids = [chunk.request_id for chunk in scheduled.chunks]
-                outputs += self.fail_requests(ids, f"engine error: {type(exc).__name__}: {exc}")
-                self._num_step_failures += 1
-                return outputs
-            updated = self._scheduler.update_from_output(scheduled, result)
-            outputs += self._outputs.process(updated, self._scheduler.finish_request)
+        if scheduled.is_empty and not scheduled.finished_request_ids:
+            return outputs
+        try:
+            # Also with no chunks: the runner drops the state of finished requests.
+            result = self._runner.execute(scheduled)
+        except Exception as exc:  # the runner failed: fail this step's requests only
+            log.exception("runner failed a step of %d requests", len(scheduled.chunks))
+            self._num_step_failures += 1
+            ids = [chunk.request_id for chunk in scheduled.chunks]
+            return outputs + self.fail_requests(ids, f"engine error: {type(exc).__name__}: {exc}")
+        updated = self._scheduler.update_from_output(scheduled, result)
+        outputs += self._outputs.process(updated, self._scheduler.finish_request)
         self._forget_finished(outputs)
         return outputs
 
@@ -105,17 +107,16 @@ class Engine:
 
     def stats(self) -> EngineStats:
         sched = self._scheduler
-        kv = sched.kv_manager
+        kv = sched.kv_manager.stats()
         return EngineStats(
             num_waiting=sched.num_waiting,
             num_running=sched.num_running,
-            kv_cache_usage=float(kv.usage),
-            prefix_cache_queries=int(kv.prefix_cache_queries),
-            prefix_cache_hits=int(kv.prefix_cache_hits),
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_queries,
+            prefix_cache_hits=kv.prefix_hits,
             prompt_tokens_total=self._outputs.total_prompt_tokens,
             generation_tokens_total=self._outputs.total_generated_tokens,
-            num_preemptions_total=self._preemptions_of_finished
-            + sum(r.num_preemptions for r in self._requests.values()),
+            num_preemptions_total=sched.num_preemptions,
             num_requests_finished=self._num_finished,
             num_step_failures=self._num_step_failures,
         )
@@ -138,7 +139,5 @@ class Engine:
     def _forget_finished(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
             if output.finished:
-                request = self._requests.pop(output.request_id, None)
-                if request is not None:
+                if self._requests.pop(output.request_id, None) is not None:
                     self._num_finished += 1
-                    self._preemptions_of_finished += request.num_preemptions
