@@ -134,9 +134,13 @@ def _fim_ids(tok: Tokenizer, prefix_ids, suffix: str) -> tuple[int, ...]:
 
 
 def _non_empty(ids: list[int], tok: Tokenizer) -> tuple[int, ...]:
-    """An empty prompt starts a new document: the model sees its document separator."""
+    """An empty prompt starts a new document, as the spec's default "<|endoftext|>" says:
+    the model sees that separator when its vocabulary has it, else its BOS (or EOS)."""
     if ids:
         return tuple(ids)
+    separator = tok.encode("<|endoftext|>", add_special_tokens=False)
+    if len(separator) == 1:
+        return tuple(separator)
     start = tok.bos_token_id if tok.bos_token_id is not None else min(tok.eos_token_ids)
     return (start,)
 
