@@ -1,0 +1,300 @@
+"""Tokenizer semantics: incremental decoding, offsets, token texts, special ids.
+
+Runs on the bundled SmolLM2 GGUF (its vocabulary only) and on small GGUF files written here,
+without transformers; parity with transformers lives in test_tokenizer_parity.py.
+"""
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import pytest
+
+from textmill.loader.bundled import bundled_model_path
+from textmill.tokenizer import FimTokens, Tokenizer, bytes_to_unicode
+
+TEXTS = [
+    "Hello, world!",
+    "def f(x):\n\treturn x  # done\n",
+    "😀👍🏽 👨‍👩‍👧‍👦 family",
+    "日本語 中文 한국어",
+    "Crème brûlée — naïve",
+    "مرحبا بالعالم",
+    "<|im_start|>user\nhi 🙂<|im_end|>",
+    "12345678901234567890",
+]
+
+
+@pytest.fixture(scope="module")
+def smol() -> Tokenizer:
+    return Tokenizer.from_gguf(bundled_model_path())
+
+
+def byte_token_ids(tok: Tokenizer) -> dict[int, int]:
+    """byte value -> id of the token that stands for that single byte."""
+    out: dict[int, int] = {}
+    for i in range(tok.vocab_size):
+        raw = tok.token_bytes(i)
+        if len(raw) == 1:
+            out.setdefault(raw[0], i)
+    return out
+
+
+def stream(tok: Tokenizer, ids: list[int]) -> tuple[list[str], str]:
+    decoder = tok.decoder()
+    return [decoder.push(i) for i in ids], decoder.flush()
+
+
+# --- SmolLM2 vocabulary facts ---------------------------------------------------------
+
+
+def test_smollm2_special_ids(smol: Tokenizer) -> None:
+    assert smol.vocab_size == 49152
+    assert smol.bos_token_id == 1
+    assert smol.add_bos is False
+    # eos (<|im_end|>) plus <|endoftext|>, which the file marks as a control token that
+    # ends a document (llama.cpp ends generation on it too).
+    assert smol.eos_token_ids == frozenset({0, 2})
+    assert smol.fim is None
+    assert smol.encode("<|im_start|>user") == [1, 4093]
+    assert smol.encode("", add_special_tokens=True) == []
+    assert smol.token_to_id("<|im_end|>") == 2
+
+
+def test_special_tokens_are_parsed_and_rendered(smol: Tokenizer) -> None:
+    ids = smol.encode("<|im_start|>assistant\nok<|im_end|>")
+    assert ids[0] == 1 and ids[-1] == 2
+    assert smol.decode(ids) == "<|im_start|>assistant\nok<|im_end|>"
+    assert smol.token_text(2) == "<|im_end|>"
+
+
+def test_out_of_range_ids_are_refused(smol: Tokenizer) -> None:
+    for bad in (-1, smol.vocab_size):
+        with pytest.raises(ValueError):
+            smol.decode([5, bad])
+        with pytest.raises(ValueError):
+            smol.decoder().push(bad)
+        with pytest.raises(ValueError):
+            smol.token_bytes(bad)
+
+
+def test_tokenizer_module_does_not_import_torch() -> None:
+    code = "import sys, textmill.tokenizer, textmill.tokenizers_gguf; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- incremental decoding -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_stream_of_encoded_text_is_the_text(smol: Tokenizer, text: str) -> None:
+    ids = smol.encode(text)
+    pieces, tail = stream(smol, ids)
+    assert "".join(pieces) + tail == text == smol.decode(ids)
+    assert tail == ""
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_multibyte_characters_split_over_byte_tokens_are_held(smol: Tokenizer) -> None:
+    by_byte = byte_token_ids(smol)
+    for char in ["é", "€", "漢", "😀", "👨\u200d👩\u200d👧"]:
+        decoder = smol.decoder()
+        out = []
+        for ch in char:
+            raw = ch.encode("utf-8")
+            pieces = [decoder.push(by_byte[b]) for b in raw]
+            # Nothing comes out until the last byte of the character arrives.
+            assert pieces[:-1] == [""] * (len(raw) - 1)
+            assert pieces[-1] == ch
+            out.extend(pieces)
+        assert "".join(out) + decoder.flush() == char
+
+
+def test_flush_turns_held_bytes_into_one_replacement(smol: Tokenizer) -> None:
+    by_byte = byte_token_ids(smol)
+    decoder = smol.decoder()
+    assert [decoder.push(by_byte[b]) for b in "😀".encode()[:3]] == ["", "", ""]
+    assert decoder.flush() == "\ufffd"
+    ids = [by_byte[b] for b in "😀".encode()[:3]]
+    assert smol.decode(ids) == "\ufffd"
+
+
+def test_held_bytes_cut_short_by_a_special_token(smol: Tokenizer) -> None:
+    by_byte = byte_token_ids(smol)
+    ids = [by_byte[0xE2], by_byte[0x82], 2, by_byte[0xAC]]
+    pieces, tail = stream(smol, ids)
+    assert pieces == ["", "", "\ufffd<|im_end|>", "\ufffd"]
+    assert "".join(pieces) + tail == smol.decode(ids)
+
+
+def test_random_ids_stream_equals_decode(smol: Tokenizer) -> None:
+    rng = random.Random(1234)
+    by_byte = byte_token_ids(smol)
+    multibyte = "é€漢😀🙂👍🏽ß\u200dÑ"
+    for _ in range(300):
+        ids: list[int] = []
+        for _ in range(rng.randint(0, 25)):
+            pick = rng.random()
+            if pick < 0.3:
+                ids.append(rng.randrange(smol.vocab_size))
+            elif pick < 0.4:
+                ids.append(rng.randrange(17))  # control tokens
+            elif pick < 0.7:
+                ids.extend(by_byte[b] for b in rng.choice(multibyte).encode())
+            elif pick < 0.85:
+                # a character cut short: its first bytes only
+                raw = rng.choice(multibyte).encode()
+                ids.extend(by_byte[b] for b in raw[: rng.randint(1, len(raw))])
+            else:
+                ids.append(rng.choice(list(by_byte.values())))
+        pieces, tail = stream(smol, ids)
+        assert "".join(pieces) + tail == smol.decode(ids), ids
+        text, offsets = smol.decode_with_offsets(ids)
+        assert text == smol.decode(ids)
+        assert len(offsets) == len(ids)
+        assert offsets == sorted(offsets) and all(0 <= o <= len(text) for o in offsets)
+
+
+# --- offsets and token texts ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_offsets_count_the_complete_characters_before_each_token(smol: Tokenizer, text: str) -> None:
+    ids = smol.encode(text)
+    decoded, offsets = smol.decode_with_offsets(ids)
+    assert decoded == text
+    for i, offset in enumerate(offsets):
+        before = b"".join(smol.token_bytes(t) for t in ids[:i])
+        # The bytes of a character still unfinished before token i do not count yet.
+        assert offset == len(before.decode("utf-8", "ignore"))
+
+
+def test_offsets_of_whole_tokens_slice_their_text(smol: Tokenizer) -> None:
+    ids = smol.encode("The quick brown fox, 42 times.")
+    text, offsets = smol.decode_with_offsets(ids)
+    ends = offsets[1:] + [len(text)]
+    assert [text[a:b] for a, b in zip(offsets, ends)] == [smol.token_text(i) for i in ids]
+
+
+def test_token_text_of_partial_characters(smol: Tokenizer) -> None:
+    ids = smol.encode("😀")
+    assert [smol.token_text(i) for i in ids] == ["bytes:\\xf0\\x9f", "bytes:\\x98", "bytes:\\x80"]
+    assert b"".join(smol.token_bytes(i) for i in ids) == "😀".encode()
+    (hello,) = smol.encode(" hello")
+    assert smol.token_text(hello) == " hello"
+    assert smol.token_bytes(hello) == b" hello"
+
+
+# --- small GGUF files written here --------------------------------------------------------
+
+BYTE_CHARS = [bytes_to_unicode()[b] for b in range(256)]
+
+
+def write_byte_level(path: Path, *, pre: str = "gpt-2", extra: dict | None = None) -> Path:
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ in"]
+    tokens = BYTE_CHARS + ["Ġt", "he", "Ġthe", "in", "Ġin",
+                           "<|endoftext|>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<think>", "<|eot_id|>"]
+    types = [1] * (256 + 5) + [3, 3, 3, 3, 4, 3]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(261)
+    writer.add_eos_token_id(261)
+    for key, value in (extra or {}).items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        else:
+            writer.add_uint32(key, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_small_byte_level_vocabulary(tmp_path: Path) -> None:
+    tok = Tokenizer.from_gguf(write_byte_level(tmp_path / "t.gguf"))
+    assert tok.vocab_size == 267
+    assert tok.encode(" the in") == [258, 260]
+    # user-defined tokens are matched whole; control tokens too
+    assert tok.encode("<think>the") == [265, ord("t"), 257]
+    assert tok.encode("a<|endoftext|>") == [ord("a"), 261]
+    assert tok.fim == FimTokens(262, 263, 264)
+    # <|eot_id|> is a control token whose text ends a turn
+    assert tok.eos_token_ids == frozenset({261, 266})
+    assert tok.add_bos is False and tok.encode("x") == [ord("x")]
+
+
+def test_bos_and_fim_ids_from_metadata(tmp_path: Path) -> None:
+    path = write_byte_level(tmp_path / "t.gguf", extra={
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.fim_pre_token_id": 263, "tokenizer.ggml.fim_suf_token_id": 262,
+        "tokenizer.ggml.fim_mid_token_id": 264, "tokenizer.ggml.eot_token_id": 265,
+    })
+    tok = Tokenizer.from_gguf(path)
+    assert tok.add_bos and tok.encode(" the") == [261, 258]
+    assert tok.encode(" the", add_special_tokens=False) == [258]
+    assert tok.fim == FimTokens(263, 262, 264)
+    assert 265 in tok.eos_token_ids
+
+
+def test_unknown_pre_tokenizer_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="pre-tokenizer"):
+        Tokenizer.from_gguf(write_byte_level(tmp_path / "t.gguf", pre="no-such-pre"))
+
+
+SPM_PIECES = ["▁", "H", "e", "l", "o", "w", "r", "d", "ll", "He", "llo", "Hello", "▁Hello",
+              "▁w", "or", "▁wor", "▁world", "ld", "orld"]
+SPM_ID = {piece: 259 + i for i, piece in enumerate(SPM_PIECES)}
+
+
+def write_sentencepiece(path: Path, *, add_space_prefix: bool) -> Path:
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
+    types = [2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES)
+    # earlier pieces merge first
+    scores = [0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_space_prefix(add_space_prefix)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_sentencepiece_with_space_prefix(tmp_path: Path) -> None:
+    tok = Tokenizer.from_gguf(write_sentencepiece(tmp_path / "spm.gguf", add_space_prefix=True))
+    hello, world = SPM_ID["▁Hello"], SPM_ID["▁world"]
+    assert tok.add_bos and tok.bos_token_id == 1  # llama.cpp's default for SentencePiece
+    assert tok.encode("Hello world") == [1, hello, world]
+    # the space added in front when encoding is dropped again when decoding
+    assert tok.decode([hello, world]) == "Hello world"
+    pieces, tail = stream(tok, [hello, world])
+    assert pieces == ["Hello", " world"] and tail == ""
+    # bytes missing from the vocabulary fall back to <0xNN> tokens
+    ids = tok.encode("Hello ☃", add_special_tokens=False)
+    assert ids == [hello, SPM_ID["▁"], 3 + 0xE2, 3 + 0x98, 3 + 0x83]
+    assert tok.decode(ids) == "Hello ☃"
+    assert [tok.token_text(i) for i in ids[-3:]] == ["bytes:\\xe2", "bytes:\\x98", "bytes:\\x83"]
+    assert stream(tok, ids)[0] == ["Hello", " ", "", "", "☃"]
+    # an unfinished character: one U+FFFD, as Python and HF's byte-level decoder do it
+    assert tok.decode([hello, 3 + 0xE2, 3 + 0x98]) == "Hello\ufffd"
+
+
+def test_sentencepiece_without_space_prefix(tmp_path: Path) -> None:
+    tok = Tokenizer.from_gguf(write_sentencepiece(tmp_path / "spm.gguf", add_space_prefix=False))
+    assert tok.encode("Hello world", add_special_tokens=False) == [SPM_ID["Hello"], SPM_ID["▁world"]]
+    assert tok.decode([SPM_ID["▁Hello"]]) == " Hello"
