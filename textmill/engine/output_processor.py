@@ -161,10 +161,11 @@ class OutputProcessor:
             return False
         if index != len(request.output_token_ids) - 1:
             return False
+        # As the scheduler does, ignore_eos ignores every stop token id.
         token_id = request.output_token_ids[index]
-        if token_id in request.params.stop_token_ids:
-            return True
-        return not request.params.ignore_eos and token_id in self._tokenizer.eos_token_ids
+        if request.params.ignore_eos:
+            return False
+        return token_id in request.params.stop_token_ids or token_id in self._tokenizer.eos_token_ids
 
     def _release_point(self, request: Request, st: _TextState, stop_at: int | None) -> _Release:
         if stop_at is not None:
@@ -186,7 +187,7 @@ class OutputProcessor:
         self, request: Request, st: _TextState
     ) -> tuple[TokenLogprob | None, ...] | None:
         prompt_len = request.num_prompt_tokens
-        computed = request.num_computed_tokens >= prompt_len or request.output_token_ids
+        computed = request.num_computed_tokens >= prompt_len or bool(request.output_token_ids)
         if not st.prompt_counted and computed:
             st.prompt_counted = True
             self.total_prompt_tokens += prompt_len
