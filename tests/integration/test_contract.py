@@ -128,10 +128,18 @@ def test_logit_bias_forces_and_bans(client):
 
 
 def test_penalties_change_repetition(client):
-    kwargs = dict(model=MODEL, prompt="the the the the the", max_tokens=24, temperature=0)
-    plain = client.completions.create(**kwargs).choices[0].text
-    penalised = client.completions.create(frequency_penalty=2.0, presence_penalty=2.0, **kwargs).choices[0].text
-    assert plain.count(" the") > penalised.count(" the")
+    kwargs = dict(model=MODEL, prompt="1 1 1 1 1 1 1 1", max_tokens=24, temperature=0, logprobs=0,
+                  logit_bias=NO_EOS)
+
+    def repeats(**extra):
+        tokens = client.completions.create(**kwargs, **extra).choices[0].logprobs.tokens
+        return len(tokens) - len(set(tokens))
+
+    plain = repeats()
+    assert plain > 12  # the model continues the run of ones
+    assert repeats(frequency_penalty=2.0) < plain
+    assert repeats(presence_penalty=2.0) < plain
+    assert repeats(frequency_penalty=-2.0) >= plain
 
 
 def test_seed_reproducible_with_n(client):
