@@ -189,7 +189,7 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ids; special tokens are rendered as their text, invalid UTF-8 as U+FFFD."""
         table = self._token_bytes
-        if ids and not (0 <= min(ids) and max(ids) < len(table)):
+        if len(ids) and not (0 <= min(ids) and max(ids) < len(table)):
             bad = next(i for i in ids if not 0 <= i < len(table))
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{len(table) - 1})")
         text = b"".join([table[i] for i in ids]).decode("utf-8", "replace")

@@ -192,10 +192,16 @@ def spm_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[st
     transformers' converters recover, so ranks (and so ids) match the reference tokenizer."""
     merges: list[tuple[float, int, int, str, str]] = []
     for token, score in scores.items():
-        pairs = [(token[:i], token[i:]) for i in range(1, len(token))
-                 if token[:i] in vocab and token[i:] in vocab]
-        pairs.sort(key=lambda p: (vocab[p[0]], vocab[p[1]]))
-        merges.extend((score, len(left), len(right), left, right) for left, right in pairs)
+        pairs = []
+        for i in range(1, len(token)):
+            left = token[:i]
+            if left in vocab:
+                right = token[i:]
+                if right in vocab:
+                    pairs.append((vocab[left], vocab[right], left, right))
+        if len(pairs) > 1:
+            pairs.sort()
+        merges.extend((score, len(left), len(right), left, right) for _, _, left, right in pairs)
     # Stable, and reverse keeps equal keys in their original order.
     merges.sort(key=lambda m: (m[0], m[1], m[2]), reverse=True)
     return [(m[3], m[4]) for m in merges]

@@ -265,3 +265,17 @@ def test_gemma3_decode_of_random_ids(gemma_pair) -> None:
     # ... while an unfinished one is one U+FFFD here (the maximal invalid subsequence,
     # as for byte-level vocabularies), where HF's ByteFallback writes one per byte.
     assert ours.decode([9259, *euro[:2], 1902]) == "Hello\ufffd world"
+
+
+@pytest.mark.slow
+def test_gemma3_hf_folder_matches_gguf(gemma_pair, tmp_path: Path) -> None:
+    """A SentencePiece tokenizer.json (Replace/ByteFallback/Fuse decoder) reads as the GGUF does."""
+    ours, ref = gemma_pair
+    ref.save_pretrained(tmp_path)
+    folder = Tokenizer.from_hf_dir(tmp_path)
+    assert (folder.vocab_size, folder.bos_token_id, folder.add_bos) == (ours.vocab_size, 2, True)
+    for text in CORPUS + fuzz_texts(6, 100):
+        ids = ours.encode(text)
+        assert folder.encode(text) == ids
+        assert folder.decode(ids) == ours.decode(ids)
+    assert all(folder.token_bytes(i) == ours.token_bytes(i) for i in range(0, ours.vocab_size, 7))
