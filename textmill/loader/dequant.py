@@ -55,21 +55,27 @@ def _bf16(blocks: np.ndarray) -> np.ndarray:
 
 def _q8_0(blocks: np.ndarray) -> np.ndarray:
     # d: f16, qs: int8[32]
-    return _f16(blocks, 0) * blocks[:, 2:].view(np.int8).astype(np.float32)
+    q = blocks[:, 2:].view(np.int8).astype(np.float32)  # (nb, 32)
+    q *= _f16(blocks, 0)
+    return q
 
 
 def _q4_0(blocks: np.ndarray) -> np.ndarray:
     # d: f16, qs: uint8[16]; value j is the low nibble of qs[j], value j+16 the high one.
     lo, hi = _nibbles(blocks[:, 2:])
-    q = np.concatenate([lo, hi], axis=1).astype(np.float32) - 8.0  # (nb, 32)
-    return _f16(blocks, 0) * q
+    q = np.concatenate([lo, hi], axis=1).astype(np.float32)  # (nb, 32)
+    q -= 8.0
+    q *= _f16(blocks, 0)
+    return q
 
 
 def _q4_1(blocks: np.ndarray) -> np.ndarray:
     # d: f16, m: f16, qs: uint8[16]; value = q * d + m
     lo, hi = _nibbles(blocks[:, 4:])
     q = np.concatenate([lo, hi], axis=1).astype(np.float32)  # (nb, 32)
-    return _f16(blocks, 0) * q + _f16(blocks, 2)
+    q *= _f16(blocks, 0)  # in place: these arrays are the size of the whole tensor
+    q += _f16(blocks, 2)
+    return q
 
 
 def _q5_values(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:

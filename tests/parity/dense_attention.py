@@ -1,0 +1,47 @@
+"""A dense AttentionContext for tests: one sequence, no cache, all N tokens at once.
+
+Token i of the N given tokens attends to tokens 0..i (and only the last `sliding_window`
+of them when a window is set), so calling the model on a whole sequence gives the same
+hidden states a cached runner would give token by token.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class DenseAttention:
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,  # (N, Hq, D)
+        k: torch.Tensor,  # (N, Hkv, D)
+        v: torch.Tensor,  # (N, Hkv, D)
+        *,
+        scale: float,
+        sliding_window: int | None = None,
+        logit_softcap: float | None = None,
+    ) -> torch.Tensor:  # (N, Hq, D)
+        n, hq, _ = q.shape
+        group = hq // k.shape[1]
+        k = k.repeat_interleave(group, dim=1)  # (N, Hq, D): query head h reads kv head h // group
+        v = v.repeat_interleave(group, dim=1)
+        mask = causal_mask(n, sliding_window, q.device)  # (N, N) True = may attend
+        q_, k_, v_ = (t.transpose(0, 1) for t in (q, k, v))  # (Hq, N, D)
+        if logit_softcap is None:
+            out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale)
+        else:
+            scores = (q_ @ k_.transpose(1, 2)).float() * scale  # (Hq, N, N)
+            scores = logit_softcap * torch.tanh(scores / logit_softcap)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            out = (scores.softmax(-1).to(v_.dtype)) @ v_
+        return out.transpose(0, 1)  # (N, Hq, D)
+
+
+def causal_mask(n: int, sliding_window: int | None, device: torch.device) -> torch.Tensor:
+    i = torch.arange(n, device=device)
+    distance = i[:, None] - i[None, :]  # query minus key position
+    mask = distance >= 0
+    if sliding_window is not None:
+        mask &= distance < sliding_window
+    return mask

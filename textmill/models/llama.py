@@ -1,0 +1,139 @@
+"""Llama (Llama 2/3, SmolLM, Mistral): RMSNorm, rotate-half RoPE, GQA attention, SwiGLU.
+
+Parameter names follow the Hugging Face checkpoints without the leading "model."; the
+loader maps other formats onto them. Weights may be float32 or bfloat16: matmuls run in
+the weight dtype, RMSNorm and the rotary rotation in float32, logits come back float32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from textmill.config import ModelConfig
+from textmill.models.base import AttentionContext
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The mean of squares overflows or loses precision in bf16, so normalize in float32.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for every position up to the context window, computed once in float64."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float,
+                 scaling_factor: float | None = None) -> None:
+        super().__init__()
+        # An explicit device keeps the cache real when the model is built under "meta".
+        idx = torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu")
+        inv_freq = 1.0 / theta ** (idx / head_dim)  # (D/2,)
+        t = torch.arange(max_positions, dtype=torch.float64, device="cpu")
+        if scaling_factor:
+            t = t / scaling_factor  # linear position interpolation
+        freqs = torch.outer(t, inv_freq)  # (P, D/2)
+        self.register_buffer("cos", freqs.cos().float(), persistent=False)
+        self.register_buffer("sin", freqs.sin().float(), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (N, 1, D/2) each: one row per token, broadcast over heads.
+        return self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: dimension i pairs with i + D/2.  x: (N, H, D)."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (N, H, D/2) each
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return rotated.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.sliding_window = config.sliding_window
+        C, D, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(C, self.num_heads * D, bias=bias)
+        self.k_proj = nn.Linear(C, self.num_kv_heads * D, bias=bias)
+        self.v_proj = nn.Linear(C, self.num_kv_heads * D, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * D, C, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                ctx: AttentionContext) -> torch.Tensor:
+        N, D = x.shape[0], self.head_dim
+        q = self.q_proj(x).view(N, self.num_heads, D)  # (N, Hq, D)
+        k = self.k_proj(x).view(N, self.num_kv_heads, D)  # (N, Hkv, D)
+        v = self.v_proj(x).view(N, self.num_kv_heads, D)  # (N, Hkv, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = ctx.attend(self.layer_idx, q, k, v, scale=D**-0.5,
+                       sliding_window=self.sliding_window)  # (N, Hq, D)
+        return self.o_proj(y.reshape(N, self.num_heads * D))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        C, F_ = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(C, F_, bias=False)
+        self.up_proj = nn.Linear(C, F_, bias=False)
+        self.down_proj = nn.Linear(F_, C, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """The CausalLM protocol of models/base.py over a flat batch of N tokens."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"llama uses SwiGLU (silu), not {config.hidden_act!r}")
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
+                                      config.rope_theta, config.rope_scaling_factor)
+        # Tied models have no lm_head: logits() reads the embedding matrix instead.
+        self.lm_head = (None if config.tie_word_embeddings
+                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                ctx: AttentionContext) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # (N, C)
+        cos, sin = self.rotary(positions)  # (N, 1, D/2) each
+        for layer in self.layers:
+            x = layer(x, cos, sin, ctx)
+        return self.norm(x)  # (N, C)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(hidden, head.weight).float()  # (M, V)

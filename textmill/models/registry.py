@@ -1,0 +1,48 @@
+"""Architecture names -> model classes.
+
+Checkpoints name their family in two ways: GGUF's `general.architecture` ("llama") and a
+Hugging Face config's `architectures` ("LlamaForCausalLM"). Both resolve to one registry key,
+which is what ModelConfig.architecture holds.
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Mapping
+
+from torch import nn
+
+from textmill.config import ModelConfig
+from textmill.models.llama import LlamaForCausalLM
+
+# registry key -> model class
+MODEL_CLASSES: Mapping[str, type[nn.Module]] = MappingProxyType({
+    "llama": LlamaForCausalLM,
+})
+
+# every accepted spelling (GGUF and HF) -> registry key
+ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
+    "llama": "llama",
+    "LlamaForCausalLM": "llama",
+    # Mistral is Llama with an optional sliding window; GGUF files call it "llama" too.
+    "mistral": "llama",
+    "MistralForCausalLM": "llama",
+})
+
+
+def resolve_architecture(name: str) -> str:
+    """The registry key for a GGUF or HF architecture name; ValueError for unknown ones."""
+    key = ARCHITECTURE_ALIASES.get(name)
+    if key is None:
+        supported = ", ".join(sorted(ARCHITECTURE_ALIASES))
+        raise ValueError(f"unsupported model architecture {name!r} (supported: {supported})")
+    return key
+
+
+def model_class(name: str) -> type[nn.Module]:
+    return MODEL_CLASSES[resolve_architecture(name)]
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """An uninitialized model of the config's family (build under torch.device('meta')
+    and load weights with assign=True to skip random initialization)."""
+    return model_class(config.architecture)(config)
