@@ -6,6 +6,7 @@ SentencePiece vocabulary of 262k tokens) and the synthetic pre-tokenizer files a
 """
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -171,6 +172,18 @@ def test_hf_folder_matches_gguf(smol_pair, tmp_path: Path) -> None:
         assert folder.encode(text) == ids
         assert folder.decode(ids) == ours.decode(ids)
     assert all(folder.token_bytes(i) == ours.token_bytes(i) for i in range(ours.vocab_size))
+
+
+def test_hf_folder_reads_model_and_generation_config(smol_pair, tmp_path: Path) -> None:
+    """Embedding rows beyond the vocabulary (config.json) and extra EOS ids (generation_config.json)."""
+    _, ref = smol_pair
+    ref.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 49280, "bos_token_id": 1, "eos_token_id": 2}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    folder = Tokenizer.from_hf_dir(tmp_path)
+    assert folder.vocab_size == 49280
+    assert folder.eos_token_ids == frozenset({0, 2})
+    assert folder.token_bytes(49279) == b"" and folder.decode([28, 49279, 28]) == ",,"
 
 
 # --- other byte-level pre-tokenizers: SmolLM2's vocabulary under another pre name -------------
