@@ -6,7 +6,12 @@ every token id maps to the raw bytes it stands for (`token_bytes`), and text is 
 decoding of the concatenated bytes, each maximal invalid subsequence replaced by U+FFFD
 (what HF's byte-level decoder and Python's "replace" handler both do). One byte table makes
 `decode`, the incremental decoder, `decode_with_offsets` and `token_text` agree by
-construction.
+construction. (HF's ByteFallback decoder for SentencePiece vocabularies instead writes one
+U+FFFD per byte of an invalid run of <0xNN> tokens; the two agree on every valid text.)
+
+EOS ids: a GGUF gives its eos/eot/eom ids plus the control tokens whose text ends a turn in
+llama.cpp's list (SmolLM2: <|im_end|> and <|endoftext|>); a folder gives the eos_token of
+tokenizer_config.json plus the eos ids of generation_config.json and config.json.
 
 This module must not import torch: the API layer uses it.
 """
