@@ -6,6 +6,7 @@ SentencePiece vocabulary of 262k tokens) and the synthetic pre-tokenizer files a
 """
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
@@ -103,7 +104,8 @@ def smol_refs():
     for every text; the plain conversion for texts without digits.
     """
     path = bundled_model_path()
-    plain, fixed = reference(path), reference(path)
+    plain = reference(path)
+    fixed = copy.deepcopy(plain)
     fixed.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
