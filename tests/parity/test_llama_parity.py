@@ -73,7 +73,9 @@ def test_config_matches_transformers(ours: LoadedModel, hf_model) -> None:
         hf.vocab_size, hf.hidden_size, hf.intermediate_size)
     assert (c.num_layers, c.num_heads, c.num_kv_heads) == (
         hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads)
-    assert c.rope_theta == pytest.approx(hf.rope_parameters["rope_theta"])
+    # transformers 5 moved rope_theta into rope_parameters
+    theta = getattr(hf, "rope_theta", None) or hf.rope_parameters["rope_theta"]
+    assert c.rope_theta == pytest.approx(theta)
     assert c.norm_eps == pytest.approx(hf.rms_norm_eps)
 
 
