@@ -172,3 +172,18 @@ def test_user_and_unknown_fields_accepted(base_url):
 def test_empty_prompt_starts_a_document(client):
     r = client.completions.create(model=MODEL, prompt="", max_tokens=4, temperature=0, logit_bias=NO_EOS)
     assert r.usage.prompt_tokens == 1 and r.usage.completion_tokens == 4
+
+
+def test_prefix_cache_reports_cached_tokens(client):
+    prompt = "A shared system preamble that many requests begin with. " * 8  # several full blocks
+    first = client.completions.create(model=MODEL, prompt=prompt + "First question?", max_tokens=4,
+                                      temperature=0)
+    second = client.completions.create(model=MODEL, prompt=prompt + "Second question?", max_tokens=4,
+                                       temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens % 16 == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 16 * ((len(prompt.split()) + 8) // 16) - 16 and cached > 0
+    assert cached < second.usage.prompt_tokens
+    again = client.completions.create(model=MODEL, prompt=prompt + "First question?", max_tokens=4,
+                                      temperature=0)
+    assert again.choices[0].text == first.choices[0].text  # cache hits change nothing
