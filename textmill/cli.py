@@ -26,6 +26,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
+def _add_limit_args(p: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+                   help=f"larger request bodies get a 400 (default {d.max_request_bytes})")
+    p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
+                   help="longest prompt, in tokens (default: the context window)")
+    p.add_argument("--max-prompts-per-request", type=int, default=d.max_prompts_per_request)
+    p.add_argument("--max-n", type=int, default=d.max_n, help=f"cap on n (default {d.max_n})")
+    p.add_argument("--max-best-of", type=int, default=d.max_best_of, help=f"cap on best_of (default {d.max_best_of})")
+    p.add_argument("--max-logit-bias-entries", type=int, default=d.max_logit_bias_entries)
+    p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
+                   help="sequences that may wait for the engine; past it a 429 with Retry-After")
+    p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout, metavar="SECONDS",
+                   help="on SIGTERM, time in-flight requests get to finish (default 30)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textmill", description="OpenAI Completions API server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,10 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", action="append", default=None,
-                       help="required bearer key (repeatable; also TEXTMILL_API_KEY)")
+                       help="required bearer key (repeatable; else TEXTMILL_API_KEY, comma-separated)")
     serve.add_argument("--served-model-name", default=None)
-    serve.add_argument("--max-queued-requests", type=int, default=256)
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-format", choices=("text", "json"), default="text",
+                       help="json: one JSON object per log line (access lines carry their fields)")
+    _add_limit_args(serve)
     _add_model_args(serve)
     gen = sub.add_parser("generate", help="complete one prompt and print it, without a server")
     gen.add_argument("prompt")
@@ -52,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from textmill.api.access_log import configure_logging
+
+    configure_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     from textmill import wiring  # heavy imports (torch) only once the arguments are valid
 
     try:

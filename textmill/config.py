@@ -70,11 +70,17 @@ class ServerConfig:
     port: int = 8000
     served_model_name: str = "SmolLM2-135M-Instruct"
     api_keys: tuple[str, ...] = ()
-    max_request_bytes: int = 4 * 1024 * 1024
+    max_request_bytes: int = 4 * 1024 * 1024  # larger bodies get a 400 before they are parsed
     max_prompts_per_request: int = 256
+    max_prompt_tokens: int | None = None  # None: the model's context window is the only bound
     max_logit_bias_entries: int = 1024
     max_n: int = 128
     max_best_of: int = 20
-    shutdown_timeout: float = 30.0
+    # Bounded waiting: candidate sequences admitted but not yet running; past it a 429.
+    max_queued_requests: int = 256
+    shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
     log_format: str = "text"  # "text" or "json"
+    # Open the port before the model is loaded (/health answers 503 meanwhile); the CLI
+    # does, tests that want a ready server when the port opens don't.
+    load_in_background: bool = False
     extra: dict = field(default_factory=dict, hash=False, compare=False)

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class BuiltEngine:
     tokenizer: object  # textmill.tokenizer.Tokenizer
     model_config: ModelConfig
     scheduler_config: SchedulerConfig
+    cache_config: CacheConfig
     device_config: DeviceConfig
     model_name: str
     fingerprint: str
@@ -76,7 +78,8 @@ def model_path(model: str | None) -> Path:
     return path
 
 
-def build_engine(opts: EngineOptions) -> BuiltEngine:
+def build_engine(opts: EngineOptions, wrap_runner: Callable | None = None) -> BuiltEngine:
+    """`wrap_runner` (tests) may wrap the ModelRunner, e.g. to make a step fail."""
     from textmill.engine.engine import Engine
     from textmill.engine.scheduler import Scheduler
     from textmill.loader import load_model
@@ -90,20 +93,22 @@ def build_engine(opts: EngineOptions) -> BuiltEngine:
     try:
         loaded = load_model(path, dtype=getattr(torch, dev.dtype), device=dev.device)
         tokenizer = Tokenizer.from_gguf(path) if path.is_file() else Tokenizer.from_hf_dir(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise StartupError(f"cannot load model {path}: {exc}") from exc
+    except Exception as exc:  # a corrupt or foreign file fails in many ways; say which, in one line
+        raise StartupError(f"cannot load model {path}: {type(exc).__name__}: {exc}") from exc
     cfg = loaded.config
     max_len = min(opts.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     cache = _cache_config(cfg, opts, dev, max_len)
     sched = SchedulerConfig(max_num_seqs=opts.max_num_seqs, max_num_batched_tokens=opts.max_num_batched_tokens,
                             max_model_len=max_len, max_waiting=opts.max_queued_requests)
     runner = ModelRunner(loaded.model, cfg, cache, device=dev.device, dtype=getattr(torch, dev.dtype))
+    if wrap_runner is not None:
+        runner = wrap_runner(runner)
     engine = Engine(Scheduler(sched, cache), runner, tokenizer)
     name = BUNDLED_NAME if opts.model is None else path.stem
     log.info("loaded %s (%s, %s on %s) in %.1fs; KV cache %d blocks of %d tokens",
              name, cfg.architecture, dev.dtype, dev.device, time.perf_counter() - started,
              cache.num_blocks, cache.block_size)
-    return BuiltEngine(engine, tokenizer, cfg, sched, dev, name, _fingerprint(path, dev))
+    return BuiltEngine(engine, tokenizer, cfg, sched, cache, dev, name, _fingerprint(path, dev))
 
 
 def _cache_config(cfg: ModelConfig, opts: EngineOptions, dev: DeviceConfig, max_len: int) -> CacheConfig:
@@ -125,16 +130,16 @@ def _fingerprint(path: Path, dev: DeviceConfig) -> str:
     return "fp_" + hashlib.sha256(ident.encode()).hexdigest()[:10]
 
 
-def build_serving(opts: EngineOptions, served_model_name: str | None = None):
+def build_serving(opts: EngineOptions, served_model_name: str | None = None, wrap_runner: Callable | None = None):
     from textmill.api.serving import ServingContext
     from textmill.engine.async_engine import AsyncEngine
 
-    built = build_engine(opts)
+    built = build_engine(opts, wrap_runner)
     return ServingContext(
         engine=AsyncEngine(built.engine), tokenizer=built.tokenizer,
         model_name=served_model_name or built.model_name,
         max_model_len=built.scheduler_config.max_model_len, fingerprint=built.fingerprint,
-        created=int(time.time()))
+        created=int(time.time()), kv_cache_blocks=built.cache_config.num_blocks)
 
 
 def options_from_args(args) -> EngineOptions:
@@ -146,18 +151,31 @@ def options_from_args(args) -> EngineOptions:
         max_queued_requests=getattr(args, "max_queued_requests", 256))
 
 
-def run_serve(args) -> int:
-    import uvicorn
+def server_config_from_args(args, environ=os.environ) -> ServerConfig:
+    keys = tuple(args.api_key or ()) or tuple(k for k in environ.get("TEXTMILL_API_KEY", "").split(",") if k)
+    return ServerConfig(
+        host=args.host, port=args.port, api_keys=keys, served_model_name=args.served_model_name or BUNDLED_NAME,
+        max_request_bytes=args.max_request_bytes, max_prompts_per_request=args.max_prompts_per_request,
+        max_prompt_tokens=args.max_prompt_tokens, max_logit_bias_entries=args.max_logit_bias_entries,
+        max_n=args.max_n, max_best_of=args.max_best_of, max_queued_requests=args.max_queued_requests,
+        shutdown_timeout=args.shutdown_timeout, log_format=args.log_format, load_in_background=True)
 
+
+def run_serve(args) -> int:
     from textmill.api.app import create_app
+    from textmill.api.server import make_server
 
     opts = options_from_args(args)
-    keys = tuple(args.api_key or ()) or tuple(k for k in [os.environ.get("TEXTMILL_API_KEY")] if k)
-    server = ServerConfig(host=args.host, port=args.port, api_keys=keys,
-                          served_model_name=args.served_model_name or BUNDLED_NAME)
-    model_path(opts.model)  # fail fast, before uvicorn starts, on a missing file
-    app = create_app(server, lambda: build_serving(opts, args.served_model_name))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    server_config = server_config_from_args(args)
+    model_path(opts.model)  # fail fast, before the port opens, on a missing file
+    app = create_app(server_config, lambda: build_serving(opts, args.served_model_name))
+    server = make_server(app, args.host, args.port, args.log_level)
+    server.run()
+    lifecycle = app.state.lifecycle
+    if lifecycle.load_error is not None:
+        raise StartupError(lifecycle.load_error)
+    if not server.started:
+        raise StartupError(f"cannot serve on {args.host}:{args.port} (see the log above)")
     return 0
 
 

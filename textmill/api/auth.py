@@ -1,34 +1,48 @@
-"""Bearer-key auth for /v1/* (and /metrics): /health stays open for probes."""
+"""Bearer-key auth for /v1/* and /metrics; /health (and the API docs) stay open for probes.
+
+A plain ASGI middleware rather than Starlette's BaseHTTPMiddleware, which would buffer
+streams and hide client disconnects from the routes.
+"""
 from __future__ import annotations
 
 import hmac
 
-from fastapi import FastAPI, Request
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from textmill.api.errors import APIError
 
-OPEN_PATHS = frozenset({"/health", "/docs", "/openapi.json", "/redoc"})
+OPEN_PATHS = frozenset({"/health", "/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect"})
 
 
 def key_matches(header: str | None, keys: tuple[bytes, ...]) -> bool:
-    if not header or not header.startswith("Bearer "):
+    if not header:
         return False
-    given = header[len("Bearer "):].strip().encode()
-    # Compare against every key, always, in constant time per key.
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    given = token.strip().encode()
+    # Compare against every key, always, in constant time per key: neither the position
+    # of the matching key nor a matching prefix shows in the timing.
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(given, key)
     return matched
 
 
-def install_auth(app: FastAPI, api_keys: tuple[str, ...]) -> None:
-    if not api_keys:
-        return
-    keys = tuple(k.encode() for k in api_keys)
+def invalid_key() -> APIError:
+    return APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
+                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if request.url.path in OPEN_PATHS or key_matches(request.headers.get("authorization"), keys):
-            return await call_next(request)
-        return APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
-                        code="invalid_api_key").response()
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...]):
+        self.app = app
+        self._keys = tuple(k.encode() for k in api_keys)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or not self._keys or scope["path"] in OPEN_PATHS
+                or key_matches(Headers(scope=scope).get("authorization"), self._keys)):
+            await self.app(scope, receive, send)
+            return
+        await invalid_key().response()(scope, receive, send)

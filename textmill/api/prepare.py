@@ -29,6 +29,8 @@ class Limits:
     max_prompts: int = 256
     max_logit_bias: int = 1024
     max_prompt_tokens: int | None = None
+    max_n: int = 128
+    max_best_of: int = 20
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ def prepare(req: CompletionRequest, tokenizer: Tokenizer, limits: Limits) -> Pre
     best_of = req.best_of if req.best_of is not None else n
     stream = bool(req.stream)
     _check_counts(n, best_of, stream, req)
+    _check_caps(n, req.best_of, limits)
     echo = bool(req.echo)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     prompts = _tokenize_prompts(req, tokenizer, limits)
@@ -87,6 +90,14 @@ def _check_counts(n: int, best_of: int, stream: bool, req: CompletionRequest) ->
         raise bad_request("best_of cannot be used with stream: the best candidates are only known at the end.", "best_of")
     if req.stream_options is not None and not stream:
         raise bad_request("stream_options can only be set when stream is true.", "stream_options")
+
+
+def _check_caps(n: int, best_of: int | None, limits: Limits) -> None:
+    """The server's own caps (flags), below the spec's 128 and 20."""
+    if n > limits.max_n:
+        raise bad_request(f"n may be at most {limits.max_n} on this server, got {n}.", "n")
+    if best_of is not None and best_of > limits.max_best_of:
+        raise bad_request(f"best_of may be at most {limits.max_best_of} on this server, got {best_of}.", "best_of")
 
 
 def _tokenize_prompts(req: CompletionRequest, tok: Tokenizer, limits: Limits) -> tuple[PromptInput, ...]:

@@ -1,27 +1,34 @@
-"""The HTTP routes: /v1/completions, /v1/models, /health."""
+"""The routes: /v1/completions, /v1/models, /health, /metrics."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import secrets
 import time
-import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from textmill.api.access_log import RequestTrace
 from textmill.api.assemble import ChoiceState, choice_dict, rank, usage_dict
 from textmill.api.errors import APIError, server_error
+from textmill.api.lifecycle import Phase
+from textmill.api.metrics import TokenTimer
 from textmill.api.prepare import Limits, PreparedCompletion, prepare
 from textmill.api.protocol import CompletionRequest, CompletionResponse, ErrorResponse, ModelList
 from textmill.api.serving import ServingContext, merged_outputs
 from textmill.api.streaming import stream_completion
+from textmill.config import ServerConfig
+from textmill.engine.async_engine import EngineNotRunning
 
 log = logging.getLogger("textmill.api")
 router = APIRouter()
 
-_ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
-           429: {"model": ErrorResponse}, 500: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500, 503)}
+# stream=true answers with server-sent events; say so, so that schema checkers accept it.
+_COMPLETION_RESPONSES = {**_ERRORS, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+# Prompts in bodies larger than this are tokenized in a worker thread, off the event loop.
+_TOKENIZE_INLINE_BYTES = 64 * 1024
 
 
 def _serving(request: Request) -> ServingContext:
@@ -33,11 +40,14 @@ def _serving(request: Request) -> ServingContext:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    if getattr(request.app.state, "serving", None) is None:
-        return JSONResponse({"status": "loading"}, status_code=503)
-    if getattr(request.app.state, "draining", False):
-        return JSONResponse({"status": "draining"}, status_code=503)
-    return JSONResponse({"status": "ok"})
+    phase = request.app.state.lifecycle.phase
+    return JSONResponse({"status": phase.value}, status_code=200 if phase is Phase.READY else 503)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    body, content_type = request.app.state.metrics.render()
+    return Response(body, media_type=content_type)
 
 
 @router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
@@ -48,36 +58,70 @@ async def list_models(request: Request) -> dict:
     return {"object": "list", "data": [card]}
 
 
-@router.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
+@router.post("/v1/completions", response_model=CompletionResponse, responses=_COMPLETION_RESPONSES)
 async def create_completion(body: CompletionRequest, request: Request):
     ctx = _serving(request)
     if body.model != ctx.model_name:
         raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{ctx.model_name}'.",
                        param="model", code="model_not_found")
-    _log_request(body, request)
-    cfg = request.app.state.server_config
-    limits = Limits(ctx.max_model_len, ctx.tokenizer.vocab_size, cfg.max_prompts_per_request,
-                    cfg.max_logit_bias_entries)
-    prepared = prepare(body, ctx.tokenizer, limits)
-    request_id = f"cmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    requests = prepared.engine_requests(request_id, time.monotonic())
+    state = request.app.state
+    trace: RequestTrace = request.state.trace
+    trace.user = body.user
+    _log_unknown_fields(body)
+    prepared = await _prepare(body, ctx, state.server_config, trace.body_bytes)
+    stats = ctx.engine.stats()
+    trace.admitted = state.admission.admit(len(prepared.prompts) * prepared.best_of,
+                                           stats.num_running if stats is not None else 0, _count_param(body, prepared))
+    completion_id = f"cmpl-{trace.request_id}"
+    # Engine ids stay unique even when clients reuse an X-Request-Id.
+    requests = prepared.engine_requests(f"{completion_id}-{secrets.token_hex(4)}", time.monotonic())
+    timer = TokenTimer(state.metrics, trace, ctx.model_name)
+    head = {"id": completion_id, "object": "text_completion", "created": int(time.time()),
+            "model": ctx.model_name, "system_fingerprint": ctx.fingerprint}
     if prepared.stream:
         return StreamingResponse(
-            stream_completion(ctx, prepared, requests, request_id, created),
+            stream_completion(ctx, prepared, requests, head, trace, timer),
             media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    task = asyncio.ensure_future(_complete(ctx, prepared, requests))
-    return await _until_done_or_gone(task, request, request_id, created, ctx, prepared)
+    task = asyncio.ensure_future(_complete(ctx, prepared, requests, trace, timer))
+    result = await _until_done_or_gone(task, request, completion_id)
+    if result is None:
+        return JSONResponse({"error": {"message": "client disconnected", "type": "aborted",
+                                       "param": None, "code": None}}, status_code=499)
+    return JSONResponse({**head, **result})
 
 
-async def _complete(ctx: ServingContext, prepared: PreparedCompletion, requests) -> dict:
+async def _prepare(body: CompletionRequest, ctx: ServingContext, cfg: ServerConfig,
+                   body_bytes: int) -> PreparedCompletion:
+    limits = Limits(ctx.max_model_len, ctx.tokenizer.vocab_size, cfg.max_prompts_per_request,
+                    cfg.max_logit_bias_entries, cfg.max_prompt_tokens, cfg.max_n, cfg.max_best_of)
+    if body_bytes > _TOKENIZE_INLINE_BYTES:
+        return await asyncio.to_thread(prepare, body, ctx.tokenizer, limits)
+    return prepare(body, ctx.tokenizer, limits)
+
+
+def _count_param(body: CompletionRequest, prepared: PreparedCompletion) -> str:
+    """The field to blame when a request holds more sequences than the server queues."""
+    if len(prepared.prompts) > 1:
+        return "prompt"
+    return "best_of" if body.best_of is not None else "n"
+
+
+async def _complete(ctx: ServingContext, prepared: PreparedCompletion, requests, trace: RequestTrace,
+                    timer: TokenTimer) -> dict:
     states = {(p, c): ChoiceState(prepared.prompts[p], prepared.echo, prepared.logprobs, ctx.tokenizer)
               for p, c, _ in requests}
-    async for p, c, out in merged_outputs(ctx.engine, requests):
-        states[(p, c)].apply(out)
+    try:
+        async for p, c, out in merged_outputs(ctx.engine, requests):
+            states[(p, c)].apply(out)
+            timer.observe((p, c), out.num_output_tokens)
+    except EngineNotRunning as exc:
+        raise APIError(503, "The engine is not running (the server is shutting down).", type="server_error",
+                       code="engine_unavailable") from exc
+    finally:
+        trace.set_usage(usage_dict(prepared, states))
     failed = [s.error for s in states.values() if s.error is not None]
     if failed:
-        log.error("completion failed in the engine: %s", failed[0])
+        log.error("completion %s failed in the engine: %s", trace.request_id, failed[0])
         raise server_error()
     choices = []
     for p in range(len(prepared.prompts)):
@@ -86,27 +130,23 @@ async def _complete(ctx: ServingContext, prepared: PreparedCompletion, requests)
     return {"choices": choices, "usage": usage_dict(prepared, states)}
 
 
-async def _until_done_or_gone(task, request: Request, request_id, created, ctx, prepared) -> JSONResponse:
-    """Wait for the completion, but abort it if the client hangs up first."""
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.25)
-        if done:
-            break
-        if await request.is_disconnected():
+async def _until_done_or_gone(task: asyncio.Future, request: Request, completion_id: str) -> dict | None:
+    """Wait for the completion, but abort it (None) if the client hangs up first."""
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                log.info("client went away; aborting %s", completion_id)
+                return None
+    finally:  # also when this handler itself is cancelled (server shutdown)
+        if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            log.info("client went away; aborted %s", request_id)
-            return JSONResponse({"error": {"message": "client disconnected", "type": "aborted",
-                                           "param": None, "code": None}}, status_code=499)
-    result = task.result()
-    body = {"id": request_id, "object": "text_completion", "created": created, "model": ctx.model_name,
-            "system_fingerprint": ctx.fingerprint, "choices": result["choices"], "usage": result["usage"]}
-    return JSONResponse(body)
 
 
-def _log_request(body: CompletionRequest, request: Request) -> None:
+def _log_unknown_fields(body: CompletionRequest) -> None:
     extra = sorted((body.model_extra or {}).keys())
     if extra:
         log.debug("ignoring unknown fields: %s", ", ".join(extra))
-    if body.user is not None:
-        log.info("completion request from user %s", json.dumps(body.user))

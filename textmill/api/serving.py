@@ -34,6 +34,7 @@ class ServingContext:
     max_model_len: int
     fingerprint: str
     created: int = 0
+    kv_cache_blocks: int = 0  # blocks in the KV pool (for the blocks-in-use gauge)
 
 
 _DONE = object()

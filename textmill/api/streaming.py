@@ -2,6 +2,7 @@
 
 Every chunk carries the completion's id and created time. Errors after the first byte
 cannot change the HTTP status any more, so they travel as a data event of their own.
+A client that leaves closes this generator, which cancels the engine requests (serving.py).
 """
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import json
 import logging
 from collections.abc import AsyncIterator
 
+from textmill.api.access_log import RequestTrace
 from textmill.api.assemble import ChoiceState, usage_dict
 from textmill.api.errors import APIError, server_error
+from textmill.api.metrics import TokenTimer
 from textmill.api.prepare import PreparedCompletion
 from textmill.api.serving import ServingContext, merged_outputs
 
@@ -21,16 +24,15 @@ def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def stream_completion(ctx: ServingContext, prepared: PreparedCompletion, requests,
-                            request_id: str, created: int) -> AsyncIterator[str]:
-    head = {"id": request_id, "object": "text_completion", "created": created, "model": ctx.model_name,
-            "system_fingerprint": ctx.fingerprint}
+async def stream_completion(ctx: ServingContext, prepared: PreparedCompletion, requests, head: dict,
+                            trace: RequestTrace, timer: TokenTimer) -> AsyncIterator[str]:
     states = {(p, c): ChoiceState(prepared.prompts[p], prepared.echo, prepared.logprobs, ctx.tokenizer)
               for p, c, _ in requests}
     try:
         async for p, c, out in merged_outputs(ctx.engine, requests):
             state = states[(p, c)]
             text, lp = state.apply(out)
+            timer.observe((p, c), out.num_output_tokens)
             if state.error is not None:
                 raise server_error(f"The engine failed while generating: {state.error}")
             if not text and not out.finished and not (lp and lp.tokens):
@@ -45,9 +47,11 @@ async def stream_completion(ctx: ServingContext, prepared: PreparedCompletion, r
         if prepared.include_usage:
             yield _event({**head, "choices": [], "usage": usage_dict(prepared, states)})
     except APIError as exc:
-        log.error("stream %s failed: %s", request_id, exc.message)
+        log.error("stream %s failed: %s", head["id"], exc.message)
         yield _event(exc.body())
     except Exception:
-        log.exception("stream %s failed", request_id)
+        log.exception("stream %s failed", head["id"])
         yield _event(server_error().body())
+    finally:
+        trace.set_usage(usage_dict(prepared, states))
     yield "data: [DONE]\n\n"

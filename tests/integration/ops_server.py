@@ -1,0 +1,72 @@
+"""Helpers for the operations tests: the real app under textmill's own GracefulServer in a
+thread (so a test can drain it), an optional runner wrapper, and metric scraping."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import httpx
+from fastapi import FastAPI
+
+from textmill.api.app import create_app
+from textmill.api.server import GracefulServer, make_server
+from textmill.config import ServerConfig
+from textmill.loader.bundled import BUNDLED_NAME
+from textmill.wiring import EngineOptions, build_serving
+
+from .server import TEST_OPTIONS, free_port
+
+MODEL = BUNDLED_NAME
+
+
+@dataclass
+class Running:
+    url: str
+    app: FastAPI
+    server: GracefulServer
+    thread: threading.Thread
+
+
+@contextlib.contextmanager
+def ops_server(server: ServerConfig | None = None, options: EngineOptions = TEST_OPTIONS,
+               wrap_runner: Callable | None = None) -> Iterator[Running]:
+    port = free_port()
+    server = dataclasses.replace(server or ServerConfig(), port=port, served_model_name=MODEL)
+    app = create_app(server, lambda: build_serving(options, MODEL, wrap_runner))
+    uv = make_server(app, "127.0.0.1", port, "warning")
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not uv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    try:
+        yield Running(f"http://127.0.0.1:{port}", app, uv, thread)
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=30)
+
+
+def scrape(base_url: str, headers: dict | None = None) -> dict[str, float]:
+    """Prometheus samples by name (labels dropped: each of ours has one series per name)."""
+    text = httpx.get(f"{base_url}/metrics", headers=headers, timeout=10).text
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name_labels, value = line.rsplit(" ", 1)
+            samples[name_labels.split("{", 1)[0]] = samples.get(name_labels.split("{", 1)[0], 0.0) + float(value)
+    return samples
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
