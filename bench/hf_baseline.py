@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -20,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workload import Workload, make_prompt  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+# Everything is local: never let transformers wait on a hub it cannot reach.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @dataclass(frozen=True)
@@ -45,12 +48,23 @@ def load(gguf: Path, dtype_name: str):
 
     dtype = getattr(torch, dtype_name)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    # Unpack every weight to `dtype` at load: the plain dense model that generate() users run.
+    # (Recent transformers otherwise keeps GGUF blocks packed and looks for a hub kernel.)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype,
+                                                 **_dequantize_kwargs(gguf))
     model.eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # decoder-only: pad on the left so generation continues the text
     return tok, model
+
+
+def _dequantize_kwargs(gguf: Path) -> dict:
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always dequantize GGUF weights
+        return {}
+    return {"quantization_config": GgufConfig(gguf_file=str(gguf), dequantize=True)}
 
 
 def time_generate(tok, model, workload: Workload, batch_size: int, repeats: int) -> HFResult:

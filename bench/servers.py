@@ -86,21 +86,38 @@ def start_textmill(port: int, extra_args: list[str] = (), timeout_s: float = 300
     return _spawn("textmill", cmd, port, timeout_s)
 
 
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def start_llama_server(port: int, gguf: Path, slots: int = 16, timeout_s: float = 900.0,
-                       script: Path = LLAMA_SERVER_SCRIPT) -> Server:
+                       repack: bool | None = None, script: Path = LLAMA_SERVER_SCRIPT) -> Server:
     """llama.cpp's llama-server through the shared script (builds it on first use).
 
     The script starts the server under setsid, waits for it and prints its PID, which is
-    also its process group id.
+    also its process group id. repack=None turns ggml's extra buffer types off where the
+    CPU advertises AMX: a -march=native build then uses AMX tiles, which fault in VMs that
+    advertise AMX without enabling its state (this machine: SIGILL at the first matmul).
+    On x86 the only other extra buffer type is repacking, which covers Q4_0/Q4_K/IQ4_NL
+    but not the bundled model's Q4_1 and Q8_0 tensors, so for it nothing else changes.
     """
     if not script.is_file():
         raise ServerError(f"missing {script}")
+    if repack is None:
+        repack = "amx_tile" not in cpu_flags()
+    env = {**os.environ, "LLAMA_ARG_REPACK": "1" if repack else "0"}  # llama.cpp's --[no-]repack
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     build_log = LOG_DIR / f"llama-server-build-{port}.log"
     with open(build_log, "wb") as err:
         done = subprocess.run(["bash", str(script), str(port), str(gguf), str(slots)],
                               stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                              timeout=timeout_s, cwd=REPO)
+                              timeout=timeout_s, cwd=REPO, env=env)
     if done.returncode != 0 or not done.stdout.strip():
         raise ServerError(f"llama-server.sh failed; log {build_log}:\n{_log_tail(build_log)}")
     pgid = int(done.stdout.split()[-1])
