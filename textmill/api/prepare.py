@@ -66,6 +66,7 @@ def prepare(req: CompletionRequest, tokenizer: Tokenizer, limits: Limits) -> Pre
     stream = bool(req.stream)
     _check_counts(n, best_of, stream, req)
     _check_caps(n, req.best_of, limits)
+    _check_unicode(req)
     echo = bool(req.echo)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     prompts = _tokenize_prompts(req, tokenizer, limits)
@@ -98,6 +99,19 @@ def _check_caps(n: int, best_of: int | None, limits: Limits) -> None:
         raise bad_request(f"n may be at most {limits.max_n} on this server, got {n}.", "n")
     if best_of is not None and best_of > limits.max_best_of:
         raise bad_request(f"best_of may be at most {limits.max_best_of} on this server, got {best_of}.", "best_of")
+
+
+def _check_unicode(req: CompletionRequest) -> None:
+    """JSON may escape lone surrogates ("\\ud800"), which no tokenizer or UTF-8 reply can hold."""
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt or []
+    stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    fields = [("prompt", p) for p in prompts if isinstance(p, str)]
+    fields += [("stop", s) for s in stops] + [("suffix", req.suffix or "")]
+    for param, text in fields:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request(f"{param} is not valid Unicode text: it holds a lone surrogate.", param) from None
 
 
 def _tokenize_prompts(req: CompletionRequest, tok: Tokenizer, limits: Limits) -> tuple[PromptInput, ...]:

@@ -66,7 +66,7 @@ async def create_completion(body: CompletionRequest, request: Request):
                        param="model", code="model_not_found")
     state = request.app.state
     trace: RequestTrace = request.state.trace
-    trace.user = body.user
+    trace.user = None if body.user is None else body.user.encode("utf-8", "backslashreplace").decode("utf-8")
     _log_unknown_fields(body)
     prepared = await _prepare(body, ctx, state.server_config, trace.body_bytes)
     stats = ctx.engine.stats()
