@@ -62,10 +62,10 @@ def start(system: str, args: argparse.Namespace, port: int) -> servers.Server:
     if system == "textmill":
         extra = ["--max-num-seqs", str(max(max_c, 16)), *shlex.split(args.textmill_args)]
         return servers.start_textmill(port, extra)
+    repack = {"auto": None, "on": True, "off": False}[args.llama_repack]
     if system == "llama-server":
-        repack = {"auto": None, "on": True, "off": False}[args.llama_repack]
         return servers.start_llama_server(port, args.gguf, slots=args.slots, repack=repack)
-    return servers.start_llama_cpp_python(port, args.gguf)
+    return servers.start_llama_cpp_python(port, args.gguf, repack=repack)
 
 
 def bench_server(system: str, args: argparse.Namespace, workload: Workload) -> list[Row]:
@@ -156,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gguf", type=Path, default=None, help="default: the bundled SmolLM2-135M Q4_1")
     p.add_argument("--slots", type=int, default=16, help="llama-server parallel slots (the issue's figures: 16)")
     p.add_argument("--llama-repack", choices=("auto", "on", "off"), default="auto",
-                   help="llama-server weight repacking/AMX; auto: off where the CPU advertises AMX")
+                   help="llama.cpp weight repacking/AMX (both llama.cpp servers); auto: off where the CPU advertises AMX")
     p.add_argument("--textmill-args", default="", help="extra `textmill serve` flags, one string")
     p.add_argument("--port", type=int, default=8300, help="first port to try")
     p.add_argument("--hf-timeout", type=float, default=900.0)

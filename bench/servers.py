@@ -135,11 +135,20 @@ def llama_cpp_python_available(python: Path = BENCH_PYTHON) -> bool:
 
 
 def start_llama_cpp_python(port: int, gguf: Path, n_ctx: int = 4096, threads: int = 2,
-                           timeout_s: float = 300.0, python: Path = BENCH_PYTHON) -> Server:
-    """llama-cpp-python's OpenAI server from the bench venv (never from .venv)."""
-    cmd = [str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-           "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
-           "--n_threads_batch", str(threads)]
+                           repack: bool | None = None, timeout_s: float = 300.0,
+                           python: Path = BENCH_PYTHON) -> Server:
+    """llama-cpp-python's OpenAI server from the bench venv (never from .venv).
+
+    It runs one request at a time behind a lock. Its default, interrupt_requests=True,
+    ends a running stream early whenever another request waits, which would make every
+    concurrent run look short and fast; off, later requests queue instead.
+    """
+    if repack is None:
+        repack = "amx_tile" not in cpu_flags()
+    shim = REPO / "bench" / "llama_cpp_server.py"  # adds --no-extra-bufts, like llama-server's --no-repack
+    cmd = [str(python), str(shim), *([] if repack else ["--no-extra-bufts"]), "--model", str(gguf),
+           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
+           "--n_threads_batch", str(threads), "--interrupt_requests", "false"]
     return _spawn("llama-cpp-python", cmd, port, timeout_s)
 
 
