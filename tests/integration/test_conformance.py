@@ -255,16 +255,18 @@ def test_text_offset_without_echo_starts_at_len_prompt(client):
 
 
 def test_text_offset_with_echo_starts_at_zero(client):
-    prompts = ["Roses are red,", PARIS]
+    prompts = ["Roses are red,", "Café au lait, s'il vous plaît.", PARIS]
     r = greedy(client, prompts, 4, echo=True, logprobs=2, logit_bias=NO_EOS)
-    for choice, prompt in zip(r.choices, prompts):
+    t = greedy(client, PARIS_IDS, 4, echo=True, logprobs=2, logit_bias=NO_EOS)
+    assert t.choices[0].logprobs.text_offset == r.choices[2].logprobs.text_offset
+    for choice, prompt in zip([*r.choices, *t.choices], [*prompts, PARIS]):
         lp = choice.logprobs
         assert "".join(lp.tokens) == choice.text and choice.text.startswith(prompt)
         assert lp.text_offset == offsets_from(lp.tokens, 0)
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
         assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
         assert all(t is not None and 1 <= len(t) <= 3 for t in lp.top_logprobs[1:])
-    assert len(r.choices[1].logprobs.tokens) == 5 + 4
+    assert len(r.choices[2].logprobs.tokens) == 5 + 4
 
 
 def _close(a: list[float], b: list[float], tol: float = 1e-3) -> bool:
@@ -327,6 +329,56 @@ def test_lm_eval_loglikelihood_request(base_url, client, vocab):
     assert results[0][1] is True and results[1][1] is False
     assert _close(results[0][2], gen.token_logprobs)
     assert abs(results[1][0] - gen.top_logprobs[0][" London"]) < 1e-3
+
+
+LONG_TEXT = (
+    "The history of the city begins with a small fishing village on the northern bank of the river. "
+    "Over the centuries it grew into a busy port, trading grain, wool and timber with merchants from "
+    "across the sea. In the twelfth century a stone bridge was built, and the town walls followed soon "
+    "after. The cathedral, begun in 1180, took more than two hundred years to finish; its tower is still "
+    "the tallest building in the old town. During the industrial revolution, mills and warehouses lined "
+    "the docks, and the population tripled within fifty years. Railways arrived in 1845, linking the port "
+    "to the capital and to the coal fields in the west. Today the old warehouses hold museums, studios and "
+    "restaurants, while the modern harbour lies further downstream. Visitors come for the markets, the "
+    "festivals in late summer, and the long walk along the river to the ruined abbey, where the monks once "
+    "kept bees and brewed a dark, bitter ale that the town still sells under the same name. "
+    "The abbey itself was founded by a group of twelve monks who walked north from a larger house in "
+    "1134. They drained the marshes, planted orchards and built a mill on a side stream; their records, "
+    "kept in a careful hand for four centuries, are now among the most valuable documents in the county "
+    "archive. When the abbey was dissolved, its lands were sold to a wool merchant whose family held them "
+    "until the last heir died without children, leaving the estate to the town as a public park."
+)
+
+
+def test_prompt_logprobs_across_chunks_and_cache(client, vocab):
+    """Echo scoring of a prompt longer than one prefill chunk: every position's logprob is the one
+    that generating that token gave, cold or from the prefix cache."""
+    cold = client.completions.create(model=MODEL, prompt=LONG_TEXT, max_tokens=0, echo=True, logprobs=0)
+    lp = cold.choices[0].logprobs
+    assert cold.choices[0].text == LONG_TEXT and len(lp.tokens) == cold.usage.prompt_tokens > 256
+    assert lp.token_logprobs[0] is None and all(v is not None for v in lp.token_logprobs[1:])
+    warm = client.completions.create(model=MODEL, prompt=LONG_TEXT, max_tokens=1, echo=True, logprobs=0)
+    assert _close(warm.choices[0].logprobs.token_logprobs[1:len(lp.tokens)], lp.token_logprobs[1:])
+    ids = [vocab.id(t) for t in lp.tokens]
+    for j in (1, 17, 255, 256, 257, len(ids) - 1):
+        forced = client.completions.create(model=MODEL, prompt=ids[:j], max_tokens=1, temperature=0, logprobs=0,
+                                           logit_bias={str(ids[j]): 100}).choices[0].logprobs
+        assert forced.tokens == [lp.tokens[j]]
+        assert abs(forced.token_logprobs[0] - lp.token_logprobs[j]) < 1e-3, j
+
+
+def test_lm_eval_batch_with_a_shared_context(base_url, vocab):
+    """Multiple choice: one context, several continuations in one request (shared prefix)."""
+    ctx_text = LONG_TEXT[:400]
+    ctx = [vocab.id(t) for t in ok(base_url, {"prompt": ctx_text, "max_tokens": 0, "echo": True,
+                                                 "logprobs": 0})["choices"][0]["logprobs"]["tokens"]]
+    conts = [[vocab.id(w)] for w in (" the", " a", " river")] + [[vocab.id(" old"), vocab.id(" town")]]
+    body = {"max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0, "seed": 1234}
+    together = ok(base_url, {**body, "prompt": [ctx + c for c in conts]})["choices"]
+    for choice, cont in zip(sorted(together, key=lambda c: c["index"]), conts):
+        alone = ok(base_url, {**body, "prompt": [ctx + cont]})["choices"][0]["logprobs"]
+        got = choice["logprobs"]["token_logprobs"][len(ctx):-1]
+        assert len(got) == len(cont) and _close(got, alone["token_logprobs"][len(ctx):-1])
 
 
 # ------------------------------------------------------------------ n and best_of
@@ -457,6 +509,31 @@ def test_top_p_zero_and_temperature_zero_are_greedy(client):
     hot = client.completions.create(model=MODEL, prompt=COLOURS, max_tokens=10, logit_bias=NO_EOS,
                                     temperature=2.0, seed=8)
     assert hot.choices[0].text != want
+
+
+def test_batched_requests_keep_their_own_params(client):
+    """One vectorized sampling pass for the batch: bias, penalties and logprobs stay per request."""
+    cases = [
+        dict(prompt=PARIS, logit_bias=NO_EOS),
+        dict(prompt=PARIS, logit_bias={**NO_EOS, "7042": -100}),
+        dict(prompt="1 1 1 1 1 1 1 1", frequency_penalty=1.5, presence_penalty=0.5),
+        dict(prompt="1 1 1 1 1 1 1 1", logit_bias=NO_EOS),
+        dict(prompt=COLOURS, logprobs=3, echo=True, logit_bias=NO_EOS),
+        dict(prompt=COLOURS, temperature=0.8, seed=77, top_p=0.9),
+    ]
+
+    def run(kw):
+        kw = {"temperature": 0, **kw}
+        r = client.completions.create(model=MODEL, max_tokens=8, **kw).choices[0]
+        return r.text, r.logprobs.token_logprobs if r.logprobs else None
+
+    alone = [run(kw) for kw in cases]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        together = list(pool.map(run, cases))
+    for (text, lps), (text2, lps2), kw in zip(alone, together, cases):
+        assert text2 == text, kw
+        assert lps is None or _close(lps[1:], lps2[1:]), kw
+    assert len({t for t, _ in alone[:2]}) == 2 and len({t for t, _ in alone[2:4]}) == 2
 
 
 # ------------------------------------------------------------------ seed
@@ -606,6 +683,29 @@ def test_stream_via_client_matches_non_stream(client):
     assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
 
 
+def test_stream_echo_logprobs_match_non_stream(base_url):
+    body = {"prompt": ["Roses are red,", PARIS], "max_tokens": 4, "temperature": 0, "echo": True,
+            "logprobs": 2, "logit_bias": NO_EOS, "stop": " zebra"}
+    whole = sorted(ok(base_url, body)["choices"], key=lambda c: c["index"])
+    parts = by_index(sse(base_url, body))
+    for choice in whole:
+        chunks = parts[choice["index"]]
+        merged = {k: [v for c in chunks for v in c["logprobs"][k]] for k in choice["logprobs"]}
+        assert joined(chunks) == choice["text"] and merged["tokens"] == choice["logprobs"]["tokens"]
+        assert merged["text_offset"] == choice["logprobs"]["text_offset"]
+        assert merged["token_logprobs"][0] is None and merged["top_logprobs"][0] is None
+        assert _close(merged["token_logprobs"][1:], choice["logprobs"]["token_logprobs"][1:])
+
+
+def test_stream_echo_with_a_stop_string(base_url):
+    body = {"prompt": "1, 2, 3,", "max_tokens": 8, "temperature": 0, "echo": True, "stop": ",",
+            "logit_bias": NO_EOS}
+    whole = ok(base_url, body)["choices"][0]
+    parts = by_index(sse(base_url, body))[0]
+    assert whole["text"].startswith("1, 2, 3,") and whole["finish_reason"] == "stop"
+    assert joined(parts) == whole["text"] and parts[-1]["finish_reason"] == "stop"
+
+
 def test_stream_never_splits_a_character(base_url):
     body = {"prompt": "東京は日本の首都です。大阪は", "max_tokens": 12, "temperature": 0, "logit_bias": NO_EOS}
     whole = ok(base_url, body)["choices"][0]["text"]
@@ -664,6 +764,33 @@ def test_context_window_400_names_both_numbers(base_url):
     for prompt in ([17] * 2000, [[17] * 10, [17] * 2000]):
         error = bad(base_url, {"prompt": prompt, "max_tokens": 49}, "max_tokens")
         assert str(CONTEXT) in error["message"] and "2049" in error["message"]
+
+
+def test_every_nullable_field_accepts_null(base_url):
+    nullable = ["best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n",
+                "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature", "top_p"]
+    r = ok(base_url, {"prompt": "Hi", **{k: None for k in nullable}, "logit_bias": None})
+    [choice] = r["choices"]
+    assert choice["logprobs"] is None and r["usage"]["completion_tokens"] <= 16
+    r = ok(base_url, {"prompt": None, "max_tokens": 2})  # null: from the start of a new document
+    assert r["usage"]["prompt_tokens"] >= 1
+
+
+def test_empty_string_prompts_are_accepted(base_url):
+    r = ok(base_url, {"prompt": ["", "Hi"], "max_tokens": 2, "logit_bias": NO_EOS})
+    assert [c["index"] for c in r["choices"]] == [0, 1] and r["usage"]["completion_tokens"] == 4
+
+
+@pytest.mark.slow
+def test_system_fingerprint_changes_with_dtype(base_url):
+    from dataclasses import replace
+
+    from .server import TEST_OPTIONS, running_server
+
+    here = ok(base_url, {"prompt": "Hi", "max_tokens": 1})["system_fingerprint"]
+    with running_server(replace(TEST_OPTIONS, dtype="bfloat16")) as other:
+        there = ok(other, {"prompt": "Hi", "max_tokens": 1})["system_fingerprint"]
+    assert there and there != here
 
 
 def test_user_and_unknown_fields_are_accepted(client):
