@@ -46,8 +46,9 @@ def srv():
 
 
 def _body(**kw) -> dict:
-    return {"model": MODEL, "prompt": "Tell me a long story about a lighthouse.", "max_tokens": 120,
-            "temperature": 0.7, "seed": 1, **kw}
+    # No end-of-text (SmolLM2's ids 0 and 2): every request runs for exactly max_tokens.
+    return {"model": MODEL, "prompt": "Tell me a long story about a lighthouse.", "max_tokens": 48,
+            "temperature": 0.7, "seed": 1, "logit_bias": {"0": -100, "2": -100}, **kw}
 
 
 class Stream:
