@@ -9,6 +9,7 @@ that token prompts and logit_bias need.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -410,6 +411,14 @@ def test_best_of_20_counts_every_candidate(client):
     assert len(r.choices) == 1 and r.choices[0].index == 0 and r.usage.completion_tokens == 40
 
 
+def test_best_of_with_echo_and_logprobs(client):
+    r = client.completions.create(model=MODEL, prompt=PARIS, best_of=3, max_tokens=3, temperature=1.0, seed=5,
+                                  echo=True, logprobs=0, logit_bias=NO_EOS)
+    [choice] = r.choices
+    assert choice.text.startswith(PARIS) and choice.logprobs.token_logprobs[0] is None
+    assert len(choice.logprobs.tokens) == 5 + 3 and r.usage.completion_tokens == 9
+
+
 def test_n_and_best_of_limits(base_url, client):
     bad(base_url, {"prompt": "Hi", "n": 2, "best_of": 1}, "best_of")
     bad(base_url, {"prompt": "Hi", "best_of": 21}, "best_of")
@@ -429,6 +438,13 @@ def test_logit_bias_bans_and_forces(client, vocab):
     forced = client.completions.create(model=MODEL, prompt=PARIS, max_tokens=3, temperature=1.0, seed=2,
                                        logit_bias={str(vocab.id(" London")): 100})
     assert forced.choices[0].text == " London" * 3
+
+
+def test_logprobs_of_a_banned_token_stay_the_models(client, vocab):
+    want = greedy(client, PARIS, 1, logprobs=5).choices[0].logprobs
+    got = greedy(client, PARIS, 1, logprobs=5, logit_bias={str(vocab.id(" Paris")): -100}).choices[0].logprobs
+    assert got.tokens[0] != " Paris" and abs(got.top_logprobs[0][" Paris"] - want.token_logprobs[0]) < 1e-3
+    assert abs(got.token_logprobs[0] - want.top_logprobs[0][got.tokens[0]]) < 1e-3
 
 
 def test_logit_bias_is_added_to_the_logits(client, vocab):
@@ -487,6 +503,7 @@ def test_penalties_follow_openai_formula(client):
 @pytest.mark.parametrize("field,value", [
     ("presence_penalty", -2), ("presence_penalty", 2), ("frequency_penalty", -2), ("frequency_penalty", 2),
     ("temperature", 0), ("temperature", 2), ("top_p", 0), ("top_p", 1), ("top_p", 0.5), ("temperature", None),
+    ("seed", -(2**63)), ("seed", 2**63 - 1), ("seed", 0),
 ])
 def test_range_bounds_accepted(base_url, field, value):
     ok(base_url, {"prompt": "Hi", "max_tokens": 2, "seed": 1, field: value})
@@ -495,7 +512,7 @@ def test_range_bounds_accepted(base_url, field, value):
 @pytest.mark.parametrize("field,value", [
     ("presence_penalty", -2.01), ("presence_penalty", 2.01), ("frequency_penalty", -2.01),
     ("frequency_penalty", 2.01), ("temperature", -0.01), ("temperature", 2.01), ("top_p", -0.01),
-    ("top_p", 1.01), ("temperature", "1"), ("top_p", True),
+    ("top_p", 1.01), ("temperature", "1"), ("top_p", True), ("seed", 2**63), ("seed", -(2**63) - 1),
 ])
 def test_range_violations_are_400(base_url, field, value):
     bad(base_url, {"prompt": "Hi", "max_tokens": 2, field: value}, field)
@@ -503,7 +520,8 @@ def test_range_violations_are_400(base_url, field, value):
 
 def test_top_p_zero_and_temperature_zero_are_greedy(client):
     want = greedy(client, COLOURS, 10, logit_bias=NO_EOS).choices[0].text
-    for kw in (dict(temperature=1.0, top_p=0.0, seed=9), dict(temperature=2.0, top_p=0.0, seed=8)):
+    for kw in (dict(temperature=1.0, top_p=0.0, seed=9), dict(temperature=2.0, top_p=0.0, seed=8),
+               dict(temperature=1e-6, seed=7), dict(temperature=1.0, top_p=1e-9, seed=6)):
         got = client.completions.create(model=MODEL, prompt=COLOURS, max_tokens=10, logit_bias=NO_EOS, **kw)
         assert got.choices[0].text == want, kw
     hot = client.completions.create(model=MODEL, prompt=COLOURS, max_tokens=10, logit_bias=NO_EOS,
@@ -604,6 +622,26 @@ def test_stream_releases_a_stop_prefix_that_never_completes(client, base_url, co
     assert joined(parts) == text and parts[-1]["finish_reason"] == "length"
 
 
+def test_stop_completed_by_the_last_allowed_token_is_stop(client, base_url, colours):
+    text, tokens = colours
+    stop = tokens[3]  # completed by the 4th token, the last that max_tokens allows
+    r, parts = _stop_run(client, base_url, stop, max_tokens=4)
+    assert r.text == "".join(tokens[:3]) and r.finish_reason == "stop"
+    assert joined(parts) == r.text and parts[-1]["finish_reason"] == "stop"
+
+
+def test_held_back_text_is_released_at_the_end(client, base_url, colours):
+    text, tokens = colours
+    r, parts = _stop_run(client, base_url, tokens[3] + " zebra", max_tokens=4)  # length ends it mid-match
+    assert r.text == "".join(tokens[:4]) and r.finish_reason == "length"
+    assert joined(parts) == r.text and parts[-1]["finish_reason"] == "length"
+    plain = greedy(client, EARLY_EOS, 16).choices[0]  # EOS ends it mid-match
+    body = {"prompt": EARLY_EOS, "max_tokens": 16, "temperature": 0, "stop": plain.text[-1] + "zq"}
+    r = ok(base_url, body)["choices"][0]
+    parts = by_index(sse(base_url, body))[0]
+    assert r["text"] == joined(parts) == plain.text and r["finish_reason"] == parts[-1]["finish_reason"] == "stop"
+
+
 def test_stop_applies_to_the_completion_not_the_prompt(client):
     plain = greedy(client, "1, 2, 3,", 8, logit_bias=NO_EOS).choices[0].text
     assert "," in plain
@@ -651,6 +689,7 @@ def test_sse_framing_usage_ids_and_logprobs(base_url):
     assert last["choices"] == []
     non_stream = ok(base_url, {k: v for k, v in body.items() if k != "stream_options"})
     usage = last["usage"]
+    assert head["system_fingerprint"] == non_stream["system_fingerprint"]
     assert {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")} == \
         {k: non_stream["usage"][k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
     assert usage["completion_tokens"] == 12 and usage["total_tokens"] == usage["prompt_tokens"] + 12
@@ -793,10 +832,22 @@ def test_system_fingerprint_changes_with_dtype(base_url):
     assert there and there != here
 
 
-def test_user_and_unknown_fields_are_accepted(client):
+def test_user_is_logged_and_unknown_fields_ignored_with_a_debug_line(client, caplog):
+    # The test server runs in this process, so its log records reach caplog.
+    caplog.set_level(logging.DEBUG)
     r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, user="user-1234",
-                                  extra_body={"frobnicate": True, "nested": {"a": [1, 2]}, "x-vendor": None})
+                                  extra_body={"frobnicate": True, "nested": {"a": [1, 2]}, "x_vendor": None})
     assert r.choices[0].finish_reason in ("stop", "length")
+
+    def logged_user() -> bool:  # in the message, or in the structured fields of the access record
+        return any("user-1234" in rec.getMessage() or (getattr(rec, "access", None) or {}).get("user") == "user-1234"
+                   for rec in caplog.records)
+
+    deadline = time.monotonic() + 5  # the access line is written once the response has ended
+    while not logged_user() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert logged_user()
+    assert any("frobnicate" in rec.getMessage() and rec.levelno == logging.DEBUG for rec in caplog.records)
 
 
 def test_models_endpoint_shape(base_url, client):
@@ -825,6 +876,8 @@ def test_models_retrieve(client):
     ({"seed": "1"}, "seed"), ({"suffix": 5}, "suffix"), ({"user": 5}, "user"), ({"best_of": 1.5}, "best_of"),
     ({"max_tokens": 1.5}, "max_tokens"), ({"max_tokens": -1}, "max_tokens"), ({"presence_penalty": "a"}, "presence_penalty"),
     ({"frequency_penalty": [1]}, "frequency_penalty"), ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"stream": True, "temperature": 5}, "temperature"), ({"stream": True, "prompt": [49152]}, "prompt"),
+    ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),
 ])
 def test_bad_values_are_400_never_422(base_url, patch, param):
     bad(base_url, {"prompt": "Hi", "max_tokens": 2, **patch}, param)
