@@ -56,7 +56,8 @@ class LoadResult:
     stream_tok_s_p50: float | None  # per-stream decode rate after the first token
     mean_completion_tokens: float
     mean_prompt_tokens: float | None
-    cached_tokens: int | None
+    cached_tokens: int | None  # summed usage.prompt_tokens_details.cached_tokens
+    cached_fraction: float | None  # of all prompt tokens: the prefix cache's hit rate
     usage_counted: bool  # all token counts came from the server's usage, not chunk counts
     first_error: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -189,6 +190,7 @@ def summarize(records: list[RequestRecord], wall: float, concurrency: int,
         stream_tok_s_p50=percentile(rates, 50), mean_completion_tokens=mean_tokens,
         mean_prompt_tokens=sum(prompts) / len(prompts) if prompts else None,
         cached_tokens=sum(cached) if cached else None,
+        cached_fraction=sum(cached) / sum(prompts) if cached and sum(prompts) else None,
         usage_counted=bool(ok) and all(r.tokens_from_usage for r in ok),
         first_error=errors[0].error if errors else None, notes=tuple(notes),
     )
@@ -199,14 +201,14 @@ def _fmt(x: float | None, digits: int = 2) -> str:
 
 
 COLUMNS = ("system", "conc", "reqs", "err", "tok/s", "TTFT p50", "TTFT p99",
-           "lat p50", "lat p99", "stream tok/s", "gen/req", "prompt", "cached")
+           "lat p50", "lat p99", "stream tok/s", "gen/req", "prompt", "cached %")
 
 
 def table_rows(results: list[LoadResult]) -> list[list[str]]:
     return [[r.label, str(r.concurrency), str(r.requests), str(r.errors), _fmt(r.total_tok_s, 1),
              _fmt(r.ttft_p50_s), _fmt(r.ttft_p99_s), _fmt(r.latency_p50_s), _fmt(r.latency_p99_s),
              _fmt(r.stream_tok_s_p50, 1), _fmt(r.mean_completion_tokens, 1),
-             _fmt(r.mean_prompt_tokens, 1), "-" if r.cached_tokens is None else str(r.cached_tokens)]
+             _fmt(r.mean_prompt_tokens, 1), _fmt(r.cached_fraction and 100 * r.cached_fraction, 0)]
             for r in results]
 
 

@@ -111,7 +111,7 @@ def final_table(rows: list[Row]) -> str:
     """All systems, with textmill's tok/s divided by each row's at the same concurrency."""
     tm = {r.concurrency: r.tok_s for r in rows if r.system == "textmill" and r.error is None}
     header = ("system", "conc", "tok/s", "textmill/x", "TTFT p50", "TTFT p99", "lat p50",
-              "lat p99", "stream tok/s", "gen/req", "err")
+              "lat p99", "stream tok/s", "gen/req", "cached %", "err")
     body = []
     for r in sorted(rows, key=lambda r: (r.concurrency, SYSTEMS.index(_base(r.system)))):
         lr = r.result
@@ -120,6 +120,7 @@ def final_table(rows: list[Row]) -> str:
                      _f(lr and lr.ttft_p50_s), _f(lr and lr.ttft_p99_s),
                      _f(lr and lr.latency_p50_s), _f(lr and lr.latency_p99_s),
                      _f(lr and lr.stream_tok_s_p50, 1), _f(lr and lr.mean_completion_tokens, 1),
+                     _f(lr and lr.cached_fraction and 100 * lr.cached_fraction, 0),
                      str(lr.errors) if lr else "-"])
     return format_table(header, body)
 
