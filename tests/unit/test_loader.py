@@ -64,7 +64,11 @@ def test_bfloat16_load_computes_in_bf16_and_returns_float32(bundled: LoadedModel
 
 
 def test_unsupported_paths(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="Hugging Face folders are not supported yet"):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no \*.safetensors.*pytorch_model.bin"):
         load_model(tmp_path)
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "missing.gguf")

@@ -1,6 +1,6 @@
 """GGUF files -> (ModelConfig, state dict of torch tensors in the model's names and layout).
 
-The file is memory-mapped by gguf.GGUFReader; each tensor is dequantized once into the
+The file is memory-mapped by our lean reader (gguf_file.py); each tensor is dequantized once into the
 requested dtype, so the float32 copy of one tensor at a time is the peak extra memory.
 """
 from __future__ import annotations
@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from gguf import GGUFReader
 from tqdm import tqdm
 
 from textmill.config import ModelConfig
 from textmill.loader.dequant import dequantize
+from textmill.loader.gguf_file import GGUFFile
+from textmill.loader.hf_config import pattern_of_layers
 from textmill.loader.names import gguf_param_name, to_model_layout
 from textmill.models.registry import resolve_architecture
 
@@ -23,26 +23,25 @@ _MISSING = object()
 
 
 class GGUFMetadata:
-    """Typed access to a reader's key/value fields, with the `{arch}.` prefix handled."""
+    """Access to a file's key/value metadata, with the `{arch}.` prefix handled."""
 
-    def __init__(self, reader: GGUFReader) -> None:
-        self._fields = reader.fields
+    def __init__(self, gguf: GGUFFile) -> None:
+        self._fields = gguf.metadata
         self.arch = str(self.get("general.architecture"))
 
     def get(self, key: str, default: Any = _MISSING) -> Any:
-        field = self._fields.get(key)
-        if field is None:
+        if key not in self._fields:
             if default is _MISSING:
                 raise ValueError(f"GGUF metadata lacks {key!r}")
             return default
-        return field.contents()
+        return self._fields[key]
 
     def arch_get(self, key: str, default: Any = _MISSING) -> Any:
         return self.get(f"{self.arch}.{key}", default)
 
     def array_len(self, key: str) -> int | None:
         field = self._fields.get(key)
-        return None if field is None else len(field.data)
+        return None if field is None else len(field)
 
 
 def _rope_scaling_factor(meta: GGUFMetadata) -> float | None:
@@ -54,16 +53,16 @@ def _rope_scaling_factor(meta: GGUFMetadata) -> float | None:
     raise ValueError(f"RoPE scaling {kind!r} is not supported (only linear)")
 
 
-def _vocab_size(meta: GGUFMetadata, reader: GGUFReader) -> int:
+def _vocab_size(meta: GGUFMetadata, gguf: GGUFFile) -> int:
     size = meta.arch_get("vocab_size", None) or meta.array_len("tokenizer.ggml.tokens")
     if size:
         return int(size)
-    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    return int(embd.shape[1])  # ne = (hidden, vocab)
+    embd = next(t for t in gguf.tensors if t.name == "token_embd.weight")
+    return embd.shape[0]  # (vocab, hidden)
 
 
-def read_config(reader: GGUFReader) -> ModelConfig:
-    meta = GGUFMetadata(reader)
+def read_config(gguf: GGUFFile) -> ModelConfig:
+    meta = GGUFMetadata(gguf)
     hidden = int(meta.arch_get("embedding_length"))
     heads = int(meta.arch_get("attention.head_count"))
     head_dim = int(meta.arch_get("attention.key_length", hidden // heads))
@@ -71,12 +70,12 @@ def read_config(reader: GGUFReader) -> ModelConfig:
     if rope_dims != head_dim:
         raise ValueError(f"partial rotary embeddings ({rope_dims} of {head_dim}) are not supported")
     window = meta.arch_get("attention.sliding_window", None)
-    tensor_names = {t.name for t in reader.tensors}
-    return ModelConfig(
+    tensor_names = {t.name for t in gguf.tensors}
+    fields = dict(
         architecture=resolve_architecture(meta.arch),
-        vocab_size=_vocab_size(meta, reader),
+        vocab_size=_vocab_size(meta, gguf),
         hidden_size=hidden,
-        intermediate_size=int(meta.arch_get("feed_forward_length")),
+        intermediate_size=int(meta.arch_get("feed_forward_length", 4 * hidden)),
         num_layers=int(meta.arch_get("block_count")),
         num_heads=heads,
         num_kv_heads=int(meta.arch_get("attention.head_count_kv", heads)),
@@ -86,23 +85,53 @@ def read_config(reader: GGUFReader) -> ModelConfig:
         rope_theta=float(meta.arch_get("rope.freq_base", 10000.0)),
         rope_scaling_factor=_rope_scaling_factor(meta),
         tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
         sliding_window=int(window) if window else None,
         name=str(meta.get("general.name", "")),
     )
+    family = fields["architecture"]
+    if family == "gemma3":
+        fields |= _gemma3_fields(meta, fields)
+    elif family == "gpt2":
+        fields |= dict(norm_eps=float(meta.arch_get("attention.layer_norm_epsilon", 1e-5)),
+                       hidden_act="gelu_tanh")  # ggml's GELU is the tanh approximation
+    return ModelConfig(**fields)
+
+
+def _gemma3_fields(meta: GGUFMetadata, fields: dict[str, Any]) -> dict[str, Any]:
+    """What llama.cpp knows about Gemma 3 without reading it from the file."""
+    layers, hidden, heads = fields["num_layers"], fields["hidden_size"], fields["num_heads"]
+    # llama.cpp: Gemma 3 27B (62 layers) scales queries by hidden / heads, the others by
+    # head_dim (the query_pre_attn_scalar of their HF configs).
+    scalar = hidden // heads if layers == 62 else fields["head_dim"]
+    pattern = meta.arch_get("attention.sliding_window_pattern", 6)
+    if isinstance(pattern, list):  # one flag per layer, True = sliding
+        pattern = pattern_of_layers([bool(p) for p in pattern])
+    return dict(
+        rope_local_theta=10000.0,  # llama.cpp's fixed base for the sliding-window layers
+        sliding_window_pattern=int(pattern),
+        query_pre_attn_scalar=float(scalar),
+        final_logit_softcap=_optional_float(meta.arch_get("final_logit_softcapping", None)),
+        attn_logit_softcap=_optional_float(meta.arch_get("attn_logit_softcapping", None)),
+        hidden_act="gelu_tanh",
+    )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _show_progress() -> bool:
     return sys.stderr.isatty()
 
 
-def read_state_dict(reader: GGUFReader, config: ModelConfig, *, dtype: torch.dtype,
+def read_state_dict(gguf: GGUFFile, config: ModelConfig, *, dtype: torch.dtype,
                     device: str) -> dict[str, torch.Tensor]:
-    arch = GGUFMetadata(reader).arch
+    arch = GGUFMetadata(gguf).arch
     state: dict[str, torch.Tensor] = {}
-    for t in tqdm(reader.tensors, desc="loading", unit="tensor", disable=not _show_progress()):
+    for t in tqdm(gguf.tensors, desc="loading", unit="tensor", disable=not _show_progress()):
         name = gguf_param_name(arch, t.name)
-        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists ne0 (innermost) first
-        values = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+        values = dequantize(t.data, t.qtype).reshape(t.shape)
         tensor = to_model_layout(arch, name, torch.from_numpy(values), config)
         state[name] = tensor.to(device=device, dtype=dtype)
     return state
@@ -110,6 +139,6 @@ def read_state_dict(reader: GGUFReader, config: ModelConfig, *, dtype: torch.dty
 
 def load_gguf(path: Path, *, dtype: torch.dtype, device: str
               ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    reader = GGUFReader(path, "r")
-    config = read_config(reader)
-    return config, read_state_dict(reader, config, dtype=dtype, device=device)
+    gguf = GGUFFile(path)
+    config = read_config(gguf)
+    return config, read_state_dict(gguf, config, dtype=dtype, device=device)

@@ -17,20 +17,23 @@ class LoadedModel:
     config: ModelConfig
     model: torch.nn.Module  # eval mode, no gradients; implements models.base.CausalLM
     path: Path
-    format: str  # "gguf"
+    format: str  # "gguf" or "hf" (a Hugging Face folder)
 
 
 def _read_checkpoint(path: Path, dtype: torch.dtype, device: str
                      ) -> tuple[str, ModelConfig, dict[str, torch.Tensor]]:
     if path.is_dir():
-        raise ValueError(f"{path}: Hugging Face folders are not supported yet")
+        from textmill.loader.hf import load_hf_folder
+
+        return ("hf", *load_hf_folder(path, dtype=dtype, device=device))
     if path.suffix.lower() == ".gguf":
         from textmill.loader.gguf import load_gguf
 
         return ("gguf", *load_gguf(path, dtype=dtype, device=device))
     if not path.exists():
         raise FileNotFoundError(f"model file not found: {path}")
-    raise ValueError(f"{path}: unknown model format (expected a .gguf file)")
+    raise ValueError(f"{path}: unknown model format (expected a .gguf file or a "
+                     "Hugging Face folder with config.json and *.safetensors)")
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,

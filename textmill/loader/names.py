@@ -1,12 +1,19 @@
-"""GGUF tensor names -> model parameter names, and the q/k row order llama.cpp changes.
+"""Checkpoint tensor names -> model parameter names, and the layout changes formats make.
 
 Models in textmill/models/ use Hugging Face parameter names without the leading "model."
-(`layers.3.self_attn.q_proj.weight`). Everything format-specific about names and layouts
-lives here so that no model's forward() knows where its weights came from.
+(or "transformer." for GPT-2): `layers.3.self_attn.q_proj.weight`, `h.3.attn.c_attn.weight`.
+Everything format-specific about names and layouts lives here, so that no model's forward()
+knows where its weights came from:
+
+- GGUF (llama.cpp's converter): its own tensor names; q/k rows permuted for Llama; Gemma's
+  norm weights stored with the 1 of (1 + weight) already added.
+- Hugging Face safetensors: a prefix to strip, buffers to skip, and GPT-2's Conv1D weights
+  stored (in, out) rather than nn.Linear's (out, in).
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
@@ -14,34 +21,80 @@ import torch
 
 from textmill.config import ModelConfig
 
-GGUF_GLOBAL_NAMES: Mapping[str, str] = MappingProxyType({
+
+@dataclass(frozen=True)
+class GGUFNames:
+    """One architecture's table: GGUF name -> model module path."""
+
+    block_prefix: str  # the model's name for block i: f"{block_prefix}.{i}."
+    globals: Mapping[str, str]  # "token_embd" -> "embed_tokens"
+    blocks: Mapping[str, str]  # inside `blk.{i}.`: "attn_q" -> "self_attn.q_proj"
+
+
+_DECODER_GLOBALS = MappingProxyType({
     "token_embd": "embed_tokens",
     "output_norm": "norm",
     "output": "lm_head",
 })
-
-# Per GGUF architecture: the name inside `blk.{i}.` -> the module path inside `layers.{i}.`.
-# Families differ (gemma3's ffn_norm is a pre-feedforward norm, not llama's post-attention
-# one), so each architecture spells out its own table.
-_LLAMA_BLOCK_NAMES = MappingProxyType({
-    "attn_norm": "input_layernorm",
+_ATTENTION = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
+}
+_GATED_MLP = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
-})
-GGUF_BLOCK_NAMES: Mapping[str, Mapping[str, str]] = MappingProxyType({
-    "llama": _LLAMA_BLOCK_NAMES,
+}
+# Llama and Qwen2 (whose q/k/v biases follow the same names with `.bias`).
+_LLAMA = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
+    "attn_norm": "input_layernorm",
+    **_ATTENTION,
+    "ffn_norm": "post_attention_layernorm",
+    **_GATED_MLP,
+}))
+# Gemma 3 has four norms per block: llama.cpp's ffn_norm is its pre-feedforward norm, and
+# post_attention_norm is applied to the attention output, not before the MLP as in Llama.
+_GEMMA3 = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
+    "attn_norm": "input_layernorm",
+    **_ATTENTION,
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    **_GATED_MLP,
+    "post_ffw_norm": "post_feedforward_layernorm",
+}))
+_GPT2 = GGUFNames("h", MappingProxyType({
+    "token_embd": "wte",
+    "position_embd": "wpe",
+    "output_norm": "ln_f",
+    "output": "lm_head",
+}), MappingProxyType({
+    "attn_norm": "ln_1",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
+}))
+
+# Keyed by GGUF `general.architecture`.
+GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
+    "llama": _LLAMA,
+    "qwen2": _LLAMA,
+    "gemma3": _GEMMA3,
+    "gpt2": _GPT2,
 })
 
 # llama.cpp's converter reorders the rows of q and k for these architectures so that ggml's
-# interleaved ("GPT-J style") RoPE sees pairs (2i, 2i+1); the model here uses rotate-half
-# pairs (i, i + D/2), so the loader puts the rows back.
+# interleaved ("GPT-J style") RoPE sees pairs (2i, 2i+1); the models here use rotate-half
+# pairs (i, i + D/2), so the loader puts the rows back. Qwen2 and Gemma 3 use ggml's NEOX
+# (rotate-half) RoPE and are stored unpermuted.
 QK_PERMUTED_ARCHS = frozenset({"llama"})
+# llama.cpp's converter stores Gemma norm weights as 1 + weight (ggml multiplies plainly).
+NORM_PLUS_ONE_ARCHS = frozenset({"gemma3"})
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
@@ -49,17 +102,17 @@ _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
 
 def gguf_param_name(arch: str, gguf_name: str) -> str:
     """`blk.3.attn_q.weight` -> `layers.3.self_attn.q_proj.weight`; ValueError if unknown."""
-    block_names = GGUF_BLOCK_NAMES.get(arch)
-    if block_names is None:
+    names = GGUF_NAMES.get(arch)
+    if names is None:
         raise ValueError(f"no GGUF tensor names known for architecture {arch!r}")
     if m := _BLOCK_RE.fullmatch(gguf_name):
         layer, part, kind = m.groups()
-        if part in block_names:
-            return f"layers.{layer}.{block_names[part]}.{kind}"
+        if part in names.blocks:
+            return f"{names.block_prefix}.{layer}.{names.blocks[part]}.{kind}"
     elif m := _GLOBAL_RE.fullmatch(gguf_name):
         part, kind = m.groups()
-        if part in GGUF_GLOBAL_NAMES:
-            return f"{GGUF_GLOBAL_NAMES[part]}.{kind}"
+        if part in names.globals:
+            return f"{names.globals[part]}.{kind}"
     raise ValueError(f"unexpected tensor {gguf_name!r} in a GGUF file of architecture {arch!r}")
 
 
@@ -79,6 +132,8 @@ def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 def to_model_layout(arch: str, param_name: str, tensor: torch.Tensor,
                     config: ModelConfig) -> torch.Tensor:
     """A GGUF tensor (already in torch (out, in) order) in the layout the model expects."""
+    if arch in NORM_PLUS_ONE_ARCHS and param_name.endswith("norm.weight"):
+        return tensor - 1.0
     if arch not in QK_PERMUTED_ARCHS:
         return tensor
     module = param_name.rsplit(".", 1)[0]  # weight and bias rows are permuted alike
@@ -86,4 +141,34 @@ def to_model_layout(arch: str, param_name: str, tensor: torch.Tensor,
         return unpermute_rope_rows(tensor, config.num_heads)
     if module.endswith("self_attn.k_proj"):
         return unpermute_rope_rows(tensor, config.num_kv_heads)
+    return tensor
+
+
+# --- Hugging Face safetensors -----------------------------------------------------------
+
+# Per registry key: the prefix HF puts before our names. Checkpoints saved by older code
+# sometimes lack it (the original gpt2 files), so it is stripped only where present.
+HF_PREFIXES: Mapping[str, str] = MappingProxyType({
+    "llama": "model.",
+    "qwen2": "model.",
+    "gemma3": "model.",
+    "gpt2": "transformer.",
+})
+# Buffers some checkpoints carry that the models compute themselves.
+_HF_SKIPPED = re.compile(r".*(\.rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)")
+# GPT-2's Conv1D modules store weight as (in, out).
+_HF_CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
+
+
+def hf_param_name(arch: str, hf_name: str) -> str | None:
+    """`model.layers.3.self_attn.q_proj.weight` -> `layers.3.self_attn.q_proj.weight`;
+    None for tensors the model does not hold (cached buffers)."""
+    if _HF_SKIPPED.fullmatch(hf_name):
+        return None
+    return hf_name.removeprefix(HF_PREFIXES[arch])
+
+
+def hf_to_model_layout(arch: str, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
+    if arch == "gpt2" and _HF_CONV1D.fullmatch(param_name):
+        return tensor.t().contiguous()
     return tensor

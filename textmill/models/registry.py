@@ -12,11 +12,17 @@ from typing import Mapping
 from torch import nn
 
 from textmill.config import ModelConfig
+from textmill.models.gemma3 import Gemma3ForCausalLM
+from textmill.models.gpt2 import GPT2LMHeadModel
 from textmill.models.llama import LlamaForCausalLM
+from textmill.models.qwen2 import Qwen2ForCausalLM
 
 # registry key -> model class
 MODEL_CLASSES: Mapping[str, type[nn.Module]] = MappingProxyType({
     "llama": LlamaForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+    "gemma3": Gemma3ForCausalLM,
+    "gpt2": GPT2LMHeadModel,
 })
 
 # every accepted spelling (GGUF and HF) -> registry key
@@ -26,6 +32,13 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     # Mistral is Llama with an optional sliding window; GGUF files call it "llama" too.
     "mistral": "llama",
     "MistralForCausalLM": "llama",
+    "qwen2": "qwen2",
+    "Qwen2ForCausalLM": "qwen2",
+    "gemma3": "gemma3",
+    "gemma3_text": "gemma3",
+    "Gemma3ForCausalLM": "gemma3",
+    "gpt2": "gpt2",
+    "GPT2LMHeadModel": "gpt2",
 })
 
 

@@ -1,0 +1,177 @@
+"""A Hugging Face config.json -> ModelConfig.
+
+Configs on the Hub come from several transformers versions: RoPE settings appear as
+`rope_theta` + `rope_scaling` (4.x) or as `rope_parameters` (5.x, per layer type for
+Gemma 3), and sliding-window layouts as `sliding_window_pattern` or `layer_types`. Each
+family's reader accepts both and fails loudly on settings the models do not implement.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+from textmill.config import ModelConfig
+from textmill.models.registry import resolve_architecture
+
+# transformers' activation names -> ModelConfig.hidden_act
+_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu": "gelu",
+}
+
+
+def read_hf_config(folder: Path, tensor_names: Collection[str] = ()) -> ModelConfig:
+    """`tensor_names` (the checkpoint's) settles whether the LM head is tied when the
+    config does not say: a checkpoint without `lm_head.weight` is tied."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json")
+    with path.open(encoding="utf-8") as f:
+        raw = json.load(f)
+    return config_from_dict(raw, tensor_names, name=folder.name)
+
+
+def config_from_dict(raw: dict[str, Any], tensor_names: Collection[str] = (), *,
+                     name: str = "") -> ModelConfig:
+    if raw.get("quantization_config"):
+        method = raw["quantization_config"].get("quant_method", "?")
+        raise ValueError(f"quantized Hugging Face checkpoints ({method}) are not supported; "
+                         "use the float weights or a GGUF file")
+    archs = raw.get("architectures") or [raw.get("model_type", "")]
+    family = resolve_architecture(archs[0])
+    fields = _gpt2(raw) if family == "gpt2" else _decoder_fields(raw, family)
+    untied_head = any(n.endswith("lm_head.weight") for n in tensor_names) or not tensor_names
+    tied = raw.get("tie_word_embeddings", family in ("gemma3", "gpt2")) or not untied_head
+    return ModelConfig(architecture=family, vocab_size=int(raw["vocab_size"]),
+                       tie_word_embeddings=bool(tied), name=name, **fields)
+
+
+def _decoder_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
+    """Llama, Mistral, Qwen2 and Gemma 3: the fields they share, then each one's own."""
+    hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+    fields = dict(
+        hidden_size=hidden,
+        intermediate_size=int(raw["intermediate_size"]),
+        num_layers=int(raw["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+        head_dim=int(raw.get("head_dim") or hidden // heads),
+        max_position_embeddings=int(raw["max_position_embeddings"]),
+        norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        hidden_act=_activation(raw.get("hidden_activation") or raw.get("hidden_act") or "silu"),
+    )
+    if family == "gemma3":
+        return fields | _gemma3(raw, fields["num_layers"])
+    theta, factor = _rope(raw, None, default_theta=10000.0)
+    fields |= dict(rope_theta=theta, rope_scaling_factor=factor)
+    if family == "qwen2":
+        return fields | dict(attention_bias=True, sliding_window=_qwen2_window(raw, fields["num_layers"]))
+    if raw.get("attention_bias") or raw.get("mlp_bias"):
+        raise ValueError("Llama checkpoints with attention_bias or mlp_bias are not supported")
+    return fields | dict(sliding_window=raw.get("sliding_window"))
+
+
+def _gemma3(raw: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    theta, factor = _rope(raw, "full_attention", default_theta=1_000_000.0)
+    local_theta, local_factor = _rope(raw, "sliding_attention", default_theta=10000.0,
+                                      legacy_theta_key="rope_local_base_freq", legacy_scaling=False)
+    if local_factor is not None:
+        raise ValueError("RoPE scaling of Gemma 3's sliding-window layers is not supported")
+    layer_types = raw.get("layer_types")
+    if layer_types:
+        pattern = pattern_of_layers([t == "sliding_attention" for t in layer_types[:num_layers]])
+    else:
+        pattern = int(raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or 6)
+    if raw.get("use_bidirectional_attention"):
+        raise ValueError("Gemma 3 with bidirectional attention (an encoder) is not supported")
+    return dict(
+        rope_theta=theta,
+        rope_scaling_factor=factor,
+        rope_local_theta=local_theta,
+        sliding_window=raw.get("sliding_window"),
+        sliding_window_pattern=pattern,
+        query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar") or 256),
+        final_logit_softcap=raw.get("final_logit_softcapping"),
+        attn_logit_softcap=raw.get("attn_logit_softcapping"),
+        attention_bias=bool(raw.get("attention_bias", False)),
+    )
+
+
+def _gpt2(raw: dict[str, Any]) -> dict[str, Any]:
+    if raw.get("scale_attn_by_inverse_layer_idx") or not raw.get("scale_attn_weights", True):
+        raise ValueError("GPT-2 variants with other attention scaling are not supported")
+    hidden, heads = int(raw["n_embd"]), int(raw["n_head"])
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=int(raw.get("n_inner") or 4 * hidden),
+        num_layers=int(raw["n_layer"]),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=int(raw["n_positions"]),
+        norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
+        hidden_act=_activation(raw.get("activation_function", "gelu_new")),
+    )
+
+
+def _activation(name: str) -> str:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
+    return _ACTIVATIONS[name]
+
+
+def _rope(raw: dict[str, Any], layer_type: str | None, *, default_theta: float,
+          legacy_theta_key: str = "rope_theta", legacy_scaling: bool = True
+          ) -> tuple[float, float | None]:
+    """(theta, linear scaling factor or None) from rope_parameters or the 4.x keys."""
+    params = raw.get("rope_parameters") or {}
+    if layer_type is not None:
+        params = params.get(layer_type) or {}
+    theta = params.get("rope_theta") or raw.get(legacy_theta_key) or default_theta
+    scaling = params if params.get("rope_type", "default") != "default" else None
+    if scaling is None and legacy_scaling:
+        scaling = raw.get("rope_scaling")
+    return float(theta), _linear_factor(scaling)
+
+
+def _linear_factor(scaling: dict[str, Any] | None) -> float | None:
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default":
+        return None
+    if kind == "linear":
+        return float(scaling["factor"])
+    raise ValueError(f"RoPE scaling {kind!r} is not supported (only linear)")
+
+
+def _qwen2_window(raw: dict[str, Any], num_layers: int) -> int | None:
+    """Qwen2 slides its window only in layers >= max_window_layers, and only if enabled."""
+    layer_types = raw.get("layer_types")
+    if layer_types:
+        sliding = [t == "sliding_attention" for t in layer_types[:num_layers]]
+    elif raw.get("use_sliding_window"):
+        first = int(raw.get("max_window_layers", num_layers))
+        sliding = [i >= first for i in range(num_layers)]
+    else:
+        return None
+    if not any(sliding) or not raw.get("sliding_window"):
+        return None
+    if not all(sliding):
+        raise ValueError("Qwen2 with sliding-window attention in some layers only is not supported")
+    return int(raw["sliding_window"])
+
+
+def pattern_of_layers(sliding: Sequence[bool]) -> int:
+    """The period p with layer i global exactly when (i + 1) % p == 0 (ModelConfig's
+    sliding_window_pattern): 1 when all are global, len + 1 when all slide."""
+    for p in range(1, len(sliding) + 2):
+        if all(s == ((i + 1) % p != 0) for i, s in enumerate(sliding)):
+            return p
+    raise ValueError(f"this layout of sliding and global layers is not supported: {list(sliding)}")
