@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -70,3 +71,33 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, interval: flo
             return True
         time.sleep(interval)
     return predicate()
+
+
+class Stream:
+    """A streaming completion read in a thread; `started` is set at its first chunk."""
+
+    def __init__(self, url: str, body: dict, request_id: str | None = None):
+        self.started = threading.Event()
+        self.events: list[str] = []
+        self.status: int | None = None
+        headers = {"X-Request-Id": request_id} if request_id else {}
+        self.thread = threading.Thread(target=self._run, args=(url, body, headers), daemon=True)
+        self.thread.start()
+
+    def _run(self, url: str, body: dict, headers: dict) -> None:
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, headers=headers,
+                          timeout=300) as r:
+            self.status = r.status_code
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    self.events.append(line[6:])
+                    self.started.set()
+        self.started.set()
+
+    def result(self) -> tuple[str, list[dict]]:
+        self.thread.join(timeout=300)
+        chunks = [json.loads(e) for e in self.events if e != "[DONE]"]
+        return "".join(c["choices"][0]["text"] for c in chunks if c.get("choices")), chunks
+
+
+NO_EOS = {"0": -100, "2": -100}  # SmolLM2's end tokens: generation runs to max_tokens

@@ -8,8 +8,6 @@ FAIL_AT-th step.
 from __future__ import annotations
 
 import collections
-import json
-import threading
 
 import httpx
 import openai
@@ -17,7 +15,7 @@ import pytest
 
 from textmill.config import ServerConfig
 
-from .ops_server import MODEL, ops_server, scrape, wait_for
+from .ops_server import MODEL, Stream, ops_server, scrape, wait_for
 from .server import TEST_OPTIONS
 
 FAIL_AT = 8  # the prefill step and six decode steps succeed; the eighth step fails
@@ -49,33 +47,6 @@ def _body(**kw) -> dict:
     # No end-of-text (SmolLM2's ids 0 and 2): every request runs for exactly max_tokens.
     return {"model": MODEL, "prompt": "Tell me a long story about a lighthouse.", "max_tokens": 48,
             "temperature": 0.7, "seed": 1, "logit_bias": {"0": -100, "2": -100}, **kw}
-
-
-class Stream:
-    """A streaming completion read in a thread; `started` is set at its first chunk."""
-
-    def __init__(self, url: str, body: dict, request_id: str | None = None):
-        self.started = threading.Event()
-        self.events: list[str] = []
-        self.status: int | None = None
-        headers = {"X-Request-Id": request_id} if request_id else {}
-        self.thread = threading.Thread(target=self._run, args=(url, body, headers), daemon=True)
-        self.thread.start()
-
-    def _run(self, url: str, body: dict, headers: dict) -> None:
-        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, headers=headers,
-                          timeout=300) as r:
-            self.status = r.status_code
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    self.events.append(line[6:])
-                    self.started.set()
-        self.started.set()
-
-    def result(self) -> tuple[str, list[dict]]:
-        self.thread.join(timeout=300)
-        chunks = [json.loads(e) for e in self.events if e != "[DONE]"]
-        return "".join(c["choices"][0]["text"] for c in chunks if c.get("choices")), chunks
 
 
 def test_full_queue_is_429_then_recovers(srv):
