@@ -45,3 +45,41 @@ def causal_mask(n: int, sliding_window: int | None, device: torch.device) -> tor
     if sliding_window is not None:
         mask &= distance < sliding_window
     return mask
+
+
+class CachedAttention:
+    """A dense KV cache for one sequence: call the model on the prompt, then one token at a
+    time, as an incremental decoder would. Keys and values grow per layer by concatenation."""
+
+    def __init__(self) -> None:
+        self.k: dict[int, torch.Tensor] = {}  # layer -> (L, Hkv, D)
+        self.v: dict[int, torch.Tensor] = {}
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,  # (N, Hq, D), the N tokens after the cached ones
+        k: torch.Tensor,  # (N, Hkv, D)
+        v: torch.Tensor,  # (N, Hkv, D)
+        *,
+        scale: float,
+        sliding_window: int | None = None,
+        logit_softcap: float | None = None,
+    ) -> torch.Tensor:  # (N, Hq, D)
+        if layer in self.k:
+            k, v = torch.cat([self.k[layer], k]), torch.cat([self.v[layer], v])
+        self.k[layer], self.v[layer] = k, v
+        n, hq, _ = q.shape
+        length = k.shape[0]
+        group = hq // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (L, Hq, D)
+        q_pos = torch.arange(length - n, length, device=q.device)[:, None]  # (N, 1)
+        distance = q_pos - torch.arange(length, device=q.device)[None, :]  # (N, L)
+        mask = distance >= 0
+        if sliding_window is not None:
+            mask &= distance < sliding_window
+        scores = torch.einsum("nhd,lhd->hnl", q.float(), k.float()) * scale  # (Hq, N, L)
+        if logit_softcap is not None:
+            scores = logit_softcap * torch.tanh(scores / logit_softcap)
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        return torch.einsum("hnl,lhd->nhd", probs, v.float()).to(q.dtype)  # (N, Hq, D)

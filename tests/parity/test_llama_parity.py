@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.parity.dense_attention import DenseAttention
+from tests.parity.compare import (
+    GREEDY_TOKENS, LOGPROB_TOLERANCE, hf_greedy, our_greedy, our_logits, prompt_logprobs,
+)
 from textmill.loader import LoadedModel
 
 PROMPTS = {
@@ -23,41 +25,6 @@ PROMPTS = {
 }
 # Loading both models and 7 x 32 recomputed greedy steps take well over a minute.
 pytestmark = pytest.mark.slow
-
-LOGPROB_TOLERANCE = 1e-3
-GREEDY_TOKENS = 32
-
-
-def our_logits(loaded: LoadedModel, ids: torch.Tensor, *, last_only: bool = False) -> torch.Tensor:
-    model = loaded.model
-    hidden = model(ids, torch.arange(len(ids)), DenseAttention())  # (N, C)
-    return model.logits(hidden[-1:] if last_only else hidden)  # (N or 1, V) float32
-
-
-def prompt_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log p(token i+1 | tokens <= i) for each prompt token after the first."""
-    logprobs = torch.log_softmax(logits[:-1].double(), dim=-1)  # (N-1, V)
-    return logprobs.gather(1, ids[1:, None])[:, 0]  # (N-1,)
-
-
-def hf_greedy(hf_model, ids: torch.Tensor, steps: int) -> list[int]:
-    """transformers' incremental decode with its own KV cache (no EOS stop)."""
-    out = hf_model(ids[None], use_cache=True)
-    tokens = []
-    for _ in range(steps):
-        token = int(out.logits[0, -1].argmax())
-        tokens.append(token)
-        out = hf_model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
-    return tokens
-
-
-def our_greedy(loaded: LoadedModel, ids: torch.Tensor, steps: int) -> list[int]:
-    """Full recompute of the growing sequence each step: slow, but needs no cache."""
-    seq = ids.tolist()
-    for _ in range(steps):
-        logits = our_logits(loaded, torch.tensor(seq), last_only=True)
-        seq.append(int(logits[0].argmax()))
-    return seq[len(ids):]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +51,7 @@ def test_prompt_logprobs_match(name: str, ours: LoadedModel, hf_model, prompt_id
     ids = prompt_ids[name]
     with torch.no_grad():
         expected = prompt_logprobs(hf_model(ids[None]).logits[0], ids)
-        got = prompt_logprobs(our_logits(ours, ids), ids)
+        got = prompt_logprobs(our_logits(ours.model, ids), ids)
     diff = (got - expected).abs().max().item()
     assert diff < LOGPROB_TOLERANCE, f"{name}: max |logprob diff| = {diff:.2e}"
 
@@ -94,5 +61,5 @@ def test_greedy_continuation_matches(name: str, ours: LoadedModel, hf_model, pro
     ids = prompt_ids[name]
     with torch.no_grad():
         expected = hf_greedy(hf_model, ids, GREEDY_TOKENS)
-        got = our_greedy(ours, ids, GREEDY_TOKENS)
+        got = our_greedy(ours.model, ids, GREEDY_TOKENS)
     assert got == expected

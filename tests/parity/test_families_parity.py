@@ -1,0 +1,140 @@
+"""Every family against transformers on tiny random-weight checkpoints made by transformers.
+
+From a Hugging Face folder (config.json + safetensors, one family sharded) and, for the
+families llama.cpp converts, from a GGUF file written the way its converter writes one
+(transformers reads that file with its own name tables). Float32 on both sides: prompt
+log-probabilities within 1e-3 and the same 32 greedy tokens.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.parity.compare import GREEDY_TOKENS, LOGPROB_TOLERANCE, hf_greedy, max_logprob_diff, our_greedy
+from tests.parity.tiny_gguf import write_gguf
+from tests.parity.tiny_models import FAMILIES, SLIDING_WINDOW, prompt_ids, save_folder, tiny_hf_model, train_tokenizer
+from textmill.loader import LoadedModel, load_model
+
+transformers = pytest.importorskip("transformers")
+
+# Config fields that transformers' GGUF reader does not take from the file (it falls back to
+# the family's defaults, which llama.cpp does not use); given to from_pretrained instead.
+HF_GGUF_OVERRIDES = {
+    "llama": lambda c: {"head_dim": c.head_dim},
+    "qwen2": lambda c: {},
+    "gemma3": lambda c: {"query_pre_attn_scalar": c.head_dim},  # llama.cpp's rule below 27B
+    "gpt2": lambda c: {"n_positions": c.n_positions},
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> dict[str, torch.Tensor]:
+    return prompt_ids(tokenizer)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def from_folder(request, tokenizer, tmp_path_factory) -> tuple[str, torch.nn.Module, LoadedModel]:
+    family = request.param
+    hf = tiny_hf_model(family)
+    # Qwen2 in several shards: exercises model.safetensors.index.json.
+    shard = "40KB" if family == "qwen2" else None
+    folder = save_folder(hf, tokenizer, tmp_path_factory.mktemp(family), max_shard_size=shard)
+    return family, hf, load_model(folder)
+
+
+@pytest.fixture(scope="module", params=tuple(HF_GGUF_OVERRIDES))
+def from_gguf(request, tokenizer, tmp_path_factory) -> tuple[str, torch.nn.Module, LoadedModel]:
+    family = request.param
+    source = tiny_hf_model(family, seed=1)
+    folder = tmp_path_factory.mktemp(f"{family}-gguf")
+    path = write_gguf(folder / "tiny.gguf", family, source, tokenizer, quantize_mlp=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager",
+        **HF_GGUF_OVERRIDES[family](source.config))
+    return family, hf.eval().requires_grad_(False), load_model(path)
+
+
+def test_folder_config(from_folder) -> None:
+    family, hf, ours = from_folder
+    c, h = ours.config, hf.config
+    assert ours.format == "hf"
+    assert c.architecture == {"mistral": "llama"}.get(family, family)
+    assert (c.vocab_size, c.hidden_size, c.num_layers) == (h.vocab_size, h.hidden_size, h.num_hidden_layers)
+    assert (c.num_heads, c.num_kv_heads) == (h.num_attention_heads, getattr(h, "num_key_value_heads", h.num_attention_heads))
+    assert c.tie_word_embeddings == h.tie_word_embeddings
+    assert (ours.model.lm_head is None) == c.tie_word_embeddings
+    if family in ("mistral", "gemma3"):
+        assert c.sliding_window == SLIDING_WINDOW
+    if family == "gemma3":
+        assert (c.sliding_window_pattern, c.query_pre_attn_scalar, c.final_logit_softcap) == (2, 24.0, 30.0)
+        assert (c.rope_theta, c.rope_local_theta, c.rope_scaling_factor) == (100000.0, 10000.0, 2.0)
+
+
+def test_folder_weights_are_transformers_weights(from_folder) -> None:
+    """Every parameter was loaded (none left at meta/init) and equals transformers' own."""
+    family, hf, ours = from_folder
+    theirs = {k.removeprefix("model.").removeprefix("transformer."): v for k, v in hf.state_dict().items()}
+    for name, value in ours.model.state_dict().items():
+        expected = theirs[name]
+        if family == "gpt2" and value.dim() == 2 and not name.startswith(("wte", "wpe", "lm_head")):
+            expected = expected.t()  # Conv1D
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
+
+
+def test_folder_prompt_logprobs_match(from_folder, prompts) -> None:
+    family, hf, ours = from_folder
+    for name, ids in prompts.items():
+        diff = max_logprob_diff(ours.model, hf, ids)
+        assert diff < LOGPROB_TOLERANCE, f"{family}/{name}: max |logprob diff| = {diff:.2e}"
+
+
+def test_folder_greedy_matches(from_folder, prompts) -> None:
+    family, hf, ours = from_folder
+    for name, ids in prompts.items():
+        expected = hf_greedy(hf, ids)
+        assert len(set(expected)) > 1, "a degenerate continuation would prove little"
+        assert our_greedy(ours.model, ids) == expected, f"{family}/{name}"
+        assert len(expected) == GREEDY_TOKENS
+
+
+def test_gguf_prompt_logprobs_match(from_gguf, prompts) -> None:
+    family, hf, ours = from_gguf
+    assert ours.format == "gguf" and ours.config.architecture == family
+    for name, ids in prompts.items():
+        diff = max_logprob_diff(ours.model, hf, ids)
+        assert diff < LOGPROB_TOLERANCE, f"{family}/{name}: max |logprob diff| = {diff:.2e}"
+
+
+def test_gguf_greedy_matches(from_gguf, prompts) -> None:
+    family, hf, ours = from_gguf
+    for name, ids in prompts.items():
+        assert our_greedy(ours.model, ids) == hf_greedy(hf, ids), f"{family}/{name}"
+
+
+def test_bfloat16_folder_stays_close(from_folder, prompts, tmp_path: Path) -> None:
+    """bf16 weights compute in bf16 and return float32 logits near the float32 ones."""
+    family, hf, ours = from_folder
+    folder = save_folder(hf, train_tokenizer(), tmp_path / family)
+    low = load_model(folder, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in low.model.parameters())
+    ids = prompts["prose"]
+    with torch.no_grad():
+        hi = ours.model.logits(ours.model(ids, torch.arange(len(ids)), _dense()))
+        lo = low.model.logits(low.model(ids, torch.arange(len(ids)), _dense()))
+    assert lo.dtype == torch.float32
+    p_hi, p_lo = hi.log_softmax(-1), lo.log_softmax(-1)
+    kl = (p_hi.exp() * (p_hi - p_lo)).sum(-1)
+    assert kl.max() < 0.05, f"{family}: KL(f32 || bf16) up to {kl.max():.3f}"
+
+
+def _dense():
+    from tests.parity.dense_attention import DenseAttention
+
+    return DenseAttention()

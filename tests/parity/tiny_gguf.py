@@ -1,0 +1,127 @@
+"""Write a tiny transformers model as a GGUF file, the way llama.cpp's converter does.
+
+This restates convert_hf_to_gguf.py for the families we test (names from gguf-py's tensor
+map, q/k row permutation for Llama, +1 on Gemma norms, GPT-2's Conv1D weights transposed to
+(out, in)), independently of textmill.loader.names, so that a wrong entry in either shows
+up as a parity failure: transformers reads the same file with its own name tables.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFWriter, quants
+from gguf.constants import GGMLQuantizationType as T
+from tokenizers import Tokenizer
+
+# HF module path (after "model." / "transformer.") -> GGUF name, per family.
+_DECODER = {
+    "embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+}
+NAMES = {
+    "llama": _DECODER | {"post_attention_layernorm": "ffn_norm"},
+    "qwen2": _DECODER | {"post_attention_layernorm": "ffn_norm"},
+    "gemma3": _DECODER | {
+        "post_attention_layernorm": "post_attention_norm",
+        "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+        "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"},
+    "gpt2": {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm",
+             "lm_head": "output", "ln_1": "attn_norm", "attn.c_attn": "attn_qkv",
+             "attn.c_proj": "attn_output", "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up",
+             "mlp.c_proj": "ffn_down"},
+}
+_NAME_RE = re.compile(r"(?:model\.|transformer\.)?(?:(?:layers|h)\.(\d+)\.)?(.+)\.(weight|bias)")
+
+
+def gguf_name(family: str, hf_name: str) -> str:
+    layer, module, kind = _NAME_RE.fullmatch(hf_name).groups()
+    name = NAMES[family][module]
+    return f"blk.{layer}.{name}.{kind}" if layer is not None else f"{name}.{kind}"
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def converted(family: str, hf_name: str, w: np.ndarray, config) -> np.ndarray:
+    if family == "llama" and hf_name.endswith("q_proj.weight"):
+        return llama_cpp_permute(w, config.num_attention_heads)
+    if family == "llama" and hf_name.endswith("k_proj.weight"):
+        return llama_cpp_permute(w, config.num_key_value_heads)
+    if family == "gemma3" and hf_name.endswith("norm.weight"):
+        return w + 1.0
+    if family == "gpt2" and re.search(r"(c_attn|c_proj|c_fc)\.weight$", hf_name):
+        return np.ascontiguousarray(w.T)  # Conv1D (in, out) -> (out, in)
+    return w
+
+
+def _write_metadata(w: GGUFWriter, family: str, config) -> None:
+    if family == "gpt2":
+        w.add_block_count(config.n_layer)
+        w.add_context_length(config.n_positions)
+        w.add_embedding_length(config.n_embd)
+        w.add_feed_forward_length(4 * config.n_embd)
+        w.add_head_count(config.n_head)
+        w.add_layer_norm_eps(config.layer_norm_epsilon)
+        return
+    w.add_block_count(config.num_hidden_layers)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    params = config.rope_parameters
+    w.add_rope_freq_base(params.get("full_attention", params)["rope_theta"])
+    if family in ("llama", "gemma3"):
+        w.add_key_length(config.head_dim)
+        w.add_value_length(config.head_dim)
+    if getattr(config, "sliding_window", None):
+        w.add_sliding_window(config.sliding_window)
+
+
+def _write_vocab(w: GGUFWriter, tokenizer: Tokenizer) -> None:
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    tokens = sorted(vocab, key=vocab.get)
+    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    model = tokenizer.to_str()
+    import json
+
+    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(model)["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in specials else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_eos_token_id(vocab["<|endoftext|>"])
+    w.add_add_bos_token(False)
+
+
+def write_gguf(path: Path, family: str, hf_model, tokenizer: Tokenizer, *, name: str = "tiny",
+               quantize_mlp: bool = False) -> Path:
+    """The model's float32 weights (MLP weights Q8_0 if asked) in a GGUF of its family."""
+    config = hf_model.config
+    arch = "llama" if family == "mistral" else family
+    w = GGUFWriter(path, arch)
+    w.add_name(name)
+    _write_metadata(w, family, config)
+    _write_vocab(w, tokenizer)
+    tied = config.tie_word_embeddings
+    for hf_name, tensor in hf_model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue
+        values = converted(arch, hf_name, tensor.float().numpy(), config)
+        target = gguf_name(arch, hf_name)
+        if quantize_mlp and values.ndim == 2 and "ffn_" in target:
+            w.add_tensor(target, quants.quantize(values, T.Q8_0), raw_dtype=T.Q8_0)
+        else:
+            w.add_tensor(target, values)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -1,0 +1,116 @@
+"""Tiny random-weight checkpoints of every family, made with transformers at test time.
+
+Each is a Hugging Face folder (config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json) that transformers itself wrote from `AutoModelForCausalLM
+.from_config`, so the folder layout, names and config keys are the real ones. Weights get
+seeded noise on top of transformers' init (norm weights included, so a norm loaded with the
+wrong offset shows), and a wide enough spread that greedy decoding has clear winners.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+EOS = "<|endoftext|>"
+FIM = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
+VOCAB_SIZE = 320
+HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 64, 2, 4, 2, 128
+MAX_POSITIONS = 256
+SLIDING_WINDOW = 8  # shorter than every test prompt
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. The dog sleeps in the sun.",
+    "def add(a, b):\n    return a + b\n\ndef mul(a, b):\n    return a * b\n",
+    "Once upon a time there was a small model that learned to write text.",
+    "for i in range(10):\n    print(i, i * i)\n",
+    "Paris is the capital of France, and Berlin is the capital of Germany.",
+]
+PROMPTS = {
+    "prose": "The quick brown fox jumps over the lazy dog, and then the model",
+    "code": "def add(a, b):\n    return a + b\n\nfor i in range(3):\n    print(",
+    "mixed": "Paris 1234 + 5678 = ? ünïcödé and tabs\t\tand\n\nnewlines",
+}
+
+
+def train_tokenizer(specials: tuple[str, ...] = (EOS,)) -> Tokenizer:
+    """A byte-level BPE (GPT-2 style) with VOCAB_SIZE entries, trained on CORPUS."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return tok
+
+
+def hf_config(family: str):
+    """A tiny transformers config of the family, with the features worth checking switched on."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=FFN,
+                  num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                  max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-6, eos_token_id=0,
+                  bos_token_id=None, pad_token_id=None)
+    if family == "llama":
+        return tf.LlamaConfig(**common, head_dim=24, tie_word_embeddings=False,
+                              rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+    if family == "mistral":
+        return tf.MistralConfig(**common, sliding_window=SLIDING_WINDOW, tie_word_embeddings=False)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common, tie_word_embeddings=True)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(
+            **common, head_dim=16, query_pre_attn_scalar=24, sliding_window=SLIDING_WINDOW,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                             "full_attention": {"rope_type": "linear", "rope_theta": 100000.0,
+                                                "factor": 2.0}},
+            # transformers' Gemma 3 ignores attn_logit_softcapping (real configs leave it
+            # null), so only the final soft-cap is compared.
+            final_logit_softcapping=30.0, attn_logit_softcapping=None, tie_word_embeddings=False)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=VOCAB_SIZE, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+                             n_positions=MAX_POSITIONS, activation_function="gelu_new",
+                             eos_token_id=0, bos_token_id=0)
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "gemma3", "gpt2")
+
+
+def tiny_hf_model(family: str, seed: int = 0):
+    """A random transformers model of the family, float32, eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = hf_config(family)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                attn_implementation="eager")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.15)
+    return model.eval().requires_grad_(False)
+
+
+def save_folder(model, tokenizer: Tokenizer, folder: Path, *, max_shard_size: str | None = None
+                ) -> Path:
+    """save_pretrained plus the tokenizer files a server needs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(folder, **kwargs)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": EOS, "bos_token": None, "add_bos_token": False,
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": MAX_POSITIONS,
+    }))
+    return folder
+
+
+def prompt_ids(tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
+    ids = {name: torch.tensor(tokenizer.encode(text).ids) for name, text in PROMPTS.items()}
+    assert all(len(t) > SLIDING_WINDOW + 4 for t in ids.values())
+    return ids
