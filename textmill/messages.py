@@ -39,6 +39,8 @@ class NewRequestData:
 
     request_id: str
     params: SamplingParams
+    # Only what the sampler needs from the prompt (repetition_penalty counts prompt tokens).
+    prompt_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

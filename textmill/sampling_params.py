@@ -48,6 +48,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # Resolved seed for this request's own torch.Generator (the API draws one when absent).
     seed: int = 0
+    # vLLM's extras, off by default.
+    top_k: int | None = None  # keep the k most likely tokens; None keeps all
+    min_p: float = 0.0  # drop tokens whose probability is below min_p * the top probability
+    repetition_penalty: float = 1.0  # HF/vLLM: over prompt and generated tokens; 1 is off
+    min_tokens: int = 0  # stop_token_ids (EOS included) are banned until this many are generated
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -60,6 +65,13 @@ class SamplingParams:
             if token_id < 0:
                 raise InvalidParam("logit_bias", f"logit_bias key {token_id} is not a token id")
             _check_range("logit_bias", bias, -100.0, 100.0)
+        if self.top_k is not None and self.top_k < 1:
+            raise InvalidParam("top_k", "top_k must be at least 1 (or -1/0/null to disable)")
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        if not math.isfinite(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 2.0:
+            raise InvalidParam("repetition_penalty", "repetition_penalty must be in (0, 2]")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidParam("min_tokens", "min_tokens must be between 0 and max_tokens")
         if any(s == "" for s in self.stop):
             raise InvalidParam("stop", "stop strings must not be empty")
         for name in ("logprobs", "prompt_logprobs"):

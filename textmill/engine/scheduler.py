@@ -191,7 +191,7 @@ class Scheduler:
         if request.request_id not in self._announced:
             self._announced.add(request.request_id)
             request.num_cached_tokens = num_hit_tokens
-            plan.new_requests.append(NewRequestData(request.request_id, request.params))
+            plan.new_requests.append(NewRequestData(request.request_id, request.params, request.prompt_token_ids))
 
     def _add_chunk(self, request: Request, num_new: int, plan: _StepPlan) -> None:
         start = request.num_computed_tokens
