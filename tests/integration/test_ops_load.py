@@ -8,6 +8,7 @@ FAIL_AT-th step.
 from __future__ import annotations
 
 import collections
+import json
 
 import httpx
 import openai

@@ -25,8 +25,12 @@ log = logging.getLogger("textmill.api")
 router = APIRouter()
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500, 503)}
-# stream=true answers with server-sent events; say so, so that schema checkers accept it.
-_COMPLETION_RESPONSES = {**_ERRORS, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+# stream=true answers with server-sent events. Before OpenAPI 3.2 a stream's `schema`
+# describes one event: `data` is a JSON chunk (CompletionResponse-shaped), an error
+# object, or the final "[DONE]".
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}
+_COMPLETION_RESPONSES = {**_ERRORS, 200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}}}}
 # Prompts in bodies larger than this are tokenized in a worker thread, off the event loop.
 _TOKENIZE_INLINE_BYTES = 64 * 1024
 
