@@ -5,8 +5,7 @@ import argparse
 import logging
 import sys
 
-from textmill.config import CacheConfig, DeviceConfig, SchedulerConfig, ServerConfig
-from textmill.loader.bundled import BUNDLED_NAME
+from textmill.config import ServerConfig
 
 log = logging.getLogger("textmill")
 

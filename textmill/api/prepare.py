@@ -8,7 +8,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from textmill.api.errors import APIError, bad_request
+from textmill.api.errors import bad_request
 from textmill.api.protocol import CompletionRequest
 from textmill.messages import EngineRequest
 from textmill.sampling_params import InvalidParam, SamplingParams
