@@ -1,0 +1,174 @@
+"""HF config.json reading (4.x and 5.x spellings), GGUF name tables, the lean GGUF reader
+against gguf-py's, and the registry's error for unknown architectures."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+
+from textmill.loader import load_model
+from textmill.loader.bundled import bundled_model_path
+from textmill.loader.gguf_file import GGUFFile, StringArray
+from textmill.loader.hf_config import config_from_dict, pattern_of_layers, read_hf_config
+from textmill.loader.names import gguf_param_name, hf_param_name, hf_to_model_layout
+from textmill.models.registry import MODEL_CLASSES, build_model, resolve_architecture
+
+LLAMA = {"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64,
+         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 512, "rms_norm_eps": 1e-5}
+# Gemma 3 1B's config.json as the Hub serves it (transformers 4.x spelling).
+GEMMA3_HUB = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 262144,
+              "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
+              "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000,
+              "rope_local_base_freq": 10000, "rope_scaling": None, "sliding_window": 512,
+              "sliding_window_pattern": 6, "query_pre_attn_scalar": 256,
+              "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": None,
+              "attn_logit_softcapping": None}
+
+
+def test_llama_legacy_keys_and_linear_scaling() -> None:
+    c = config_from_dict(LLAMA | {"rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 4.0},
+                                  "tie_word_embeddings": True}, name="x")
+    assert (c.architecture, c.head_dim, c.rope_theta, c.rope_scaling_factor) == ("llama", 16, 500000.0, 4.0)
+    assert c.tie_word_embeddings and c.name == "x" and c.sliding_window is None and c.hidden_act == "silu"
+
+
+def test_rope_parameters_of_transformers_5() -> None:
+    c = config_from_dict(LLAMA | {"rope_parameters": {"rope_type": "default", "rope_theta": 1234.0}})
+    assert (c.rope_theta, c.rope_scaling_factor) == (1234.0, None)
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "llama3", "factor": 8.0}, {"type": "yarn", "factor": 4.0}])
+def test_unsupported_rope_scaling_is_refused(scaling) -> None:
+    with pytest.raises(ValueError, match="RoPE scaling .* is not supported"):
+        config_from_dict(LLAMA | {"rope_scaling": scaling})
+
+
+def test_tied_head_follows_the_checkpoint_when_config_is_silent() -> None:
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    assert config_from_dict(LLAMA, names).tie_word_embeddings
+    assert not config_from_dict(LLAMA, names + ["lm_head.weight"]).tie_word_embeddings
+
+
+def test_mistral_window_and_qwen2_bias() -> None:
+    m = config_from_dict(LLAMA | {"architectures": ["MistralForCausalLM"], "sliding_window": 4096})
+    assert (m.architecture, m.sliding_window) == ("llama", 4096)
+    q = config_from_dict(LLAMA | {"architectures": ["Qwen2ForCausalLM"], "sliding_window": 4096,
+                                  "use_sliding_window": False, "max_window_layers": 21})
+    assert (q.architecture, q.attention_bias, q.sliding_window) == ("qwen2", True, None)
+    with pytest.raises(ValueError, match="some layers only"):
+        config_from_dict(LLAMA | {"architectures": ["Qwen2ForCausalLM"], "sliding_window": 64,
+                                  "use_sliding_window": True, "max_window_layers": 1})
+
+
+def test_gemma3_hub_config() -> None:
+    c = config_from_dict(GEMMA3_HUB)
+    assert c.architecture == "gemma3" and c.hidden_act == "gelu_tanh"
+    assert (c.rope_theta, c.rope_local_theta, c.sliding_window, c.sliding_window_pattern) == (1e6, 1e4, 512, 6)
+    assert (c.query_pre_attn_scalar, c.final_logit_softcap, c.tie_word_embeddings) == (256.0, None, True)
+
+
+def test_gemma3_layer_types_give_the_pattern() -> None:
+    types = ["sliding_attention"] * 5 + ["full_attention"]
+    c = config_from_dict(GEMMA3_HUB | {"num_hidden_layers": 12, "layer_types": types * 2})
+    assert c.sliding_window_pattern == 6
+    assert pattern_of_layers([False, False]) == 1  # all global
+    assert pattern_of_layers([True, True, True]) == 4  # all sliding
+    with pytest.raises(ValueError, match="layout"):
+        pattern_of_layers([True, False, False])
+
+
+def test_gpt2_config() -> None:
+    c = config_from_dict({"architectures": ["GPT2LMHeadModel"], "vocab_size": 50257, "n_embd": 768,
+                          "n_layer": 12, "n_head": 12, "n_positions": 1024, "n_inner": None,
+                          "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5})
+    assert (c.architecture, c.intermediate_size, c.head_dim, c.num_kv_heads, c.hidden_act) == (
+        "gpt2", 3072, 64, 12, "gelu_tanh")
+    assert c.tie_word_embeddings and c.max_position_embeddings == 1024
+
+
+def test_refusals() -> None:
+    with pytest.raises(ValueError, match="quantized .*gptq"):
+        config_from_dict(LLAMA | {"quantization_config": {"quant_method": "gptq"}})
+    with pytest.raises(ValueError, match="unsupported model architecture 'Gemma3ForConditionalGeneration'"):
+        config_from_dict(LLAMA | {"architectures": ["Gemma3ForConditionalGeneration"]})
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        config_from_dict(LLAMA | {"hidden_act": "relu"})
+
+
+def test_unknown_architecture_lists_every_supported_name() -> None:
+    with pytest.raises(ValueError) as err:
+        resolve_architecture("phi3")
+    for name in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma3ForCausalLM", "GPT2LMHeadModel",
+                 "MistralForCausalLM", "gemma3", "gpt2", "qwen2", "llama"):
+        assert name in str(err.value)
+    assert set(MODEL_CLASSES) == {"llama", "qwen2", "gemma3", "gpt2"}
+
+
+def test_gguf_names_per_family() -> None:
+    assert gguf_param_name("qwen2", "blk.1.attn_k.bias") == "layers.1.self_attn.k_proj.bias"
+    assert gguf_param_name("gemma3", "blk.0.ffn_norm.weight") == "layers.0.pre_feedforward_layernorm.weight"
+    assert gguf_param_name("gemma3", "blk.0.post_attention_norm.weight") == "layers.0.post_attention_layernorm.weight"
+    assert gguf_param_name("gemma3", "blk.0.post_ffw_norm.weight") == "layers.0.post_feedforward_layernorm.weight"
+    assert gguf_param_name("gemma3", "blk.2.attn_q_norm.weight") == "layers.2.self_attn.q_norm.weight"
+    assert gguf_param_name("gpt2", "blk.3.attn_qkv.bias") == "h.3.attn.c_attn.bias"
+    assert gguf_param_name("gpt2", "position_embd.weight") == "wpe.weight"
+    with pytest.raises(ValueError, match="unexpected tensor 'blk.0.ffn_gate.weight'"):
+        gguf_param_name("gpt2", "blk.0.ffn_gate.weight")
+
+
+def test_hf_names_and_conv1d() -> None:
+    assert hf_param_name("llama", "model.layers.0.mlp.up_proj.weight") == "layers.0.mlp.up_proj.weight"
+    assert hf_param_name("llama", "lm_head.weight") == "lm_head.weight"
+    assert hf_param_name("llama", "model.layers.0.self_attn.rotary_emb.inv_freq") is None
+    assert hf_param_name("gpt2", "h.0.attn.bias") is None  # the causal-mask buffer of old files
+    assert hf_param_name("gpt2", "transformer.h.0.mlp.c_fc.weight") == "h.0.mlp.c_fc.weight"
+    w = torch.arange(6.0).view(2, 3)  # Conv1D (in=2, out=3)
+    assert hf_to_model_layout("gpt2", "h.0.mlp.c_fc.weight", w).shape == (3, 2)
+    assert hf_to_model_layout("gpt2", "wte.weight", w).shape == (2, 3)
+
+
+def test_every_family_builds_on_meta() -> None:
+    for raw in (LLAMA, GEMMA3_HUB | {"num_hidden_layers": 2}):
+        with torch.device("meta"):
+            model = build_model(config_from_dict(raw))
+        assert all(p.is_meta for p in model.parameters())
+
+
+# --- the lean GGUF reader against gguf-py's -------------------------------------------------
+
+
+def test_gguf_file_agrees_with_gguf_reader() -> None:
+    path = bundled_model_path()
+    ours, theirs = GGUFFile(path), GGUFReader(path, "r")
+    for key, field in theirs.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = ours.metadata[key]
+        if isinstance(value, StringArray):
+            assert len(value) == len(field.data), key
+        else:
+            expected = field.contents()
+            assert value == pytest.approx(expected) if isinstance(expected, float) else value == expected, key
+    assert len(ours.tensors) == len(theirs.tensors)
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.name, a.qtype, a.shape) == (b.name, b.tensor_type, tuple(int(n) for n in reversed(b.shape)))
+        np.testing.assert_array_equal(a.data, np.asarray(b.data).reshape(-1).view(np.uint8))
+
+
+def test_truncated_gguf_is_a_clear_error(tmp_path: Path) -> None:
+    data = bundled_model_path().read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="past the end of the file"):
+        load_model(cut)
+
+
+def test_read_hf_config_names_the_folder(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    assert read_hf_config(tmp_path).name == tmp_path.name
