@@ -20,7 +20,7 @@ from torch import nn
 
 from textmill.config import ModelConfig
 from textmill.models.base import AttentionContext
-from textmill.models.llama import RotaryEmbedding, apply_rotary
+from textmill.models.llama import RotaryEmbedding, apply_rotary, head_logits
 
 
 class GemmaRMSNorm(nn.Module):
@@ -126,9 +126,8 @@ class Gemma3ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:
-        weight = self.embed_tokens.weight
         # The reference multiplies by the scale already rounded to the weight dtype.
-        scale = torch.tensor(self.embed_scale, dtype=weight.dtype, device=weight.device)
+        scale = torch.tensor(self.embed_scale, dtype=self.embed_tokens.weight.dtype).item()
         x = self.embed_tokens(input_ids) * scale  # (N, C)
         rope_global = self.rotary_global(positions)  # (cos, sin), (N, 1, D/2) each
         rope_local = self.rotary_local(positions)
@@ -138,7 +137,6 @@ class Gemma3ForCausalLM(nn.Module):
         return self.norm(x)  # (N, C)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
-        logits = F.linear(hidden, head.weight).float()  # (M, V)
+        logits = head_logits(hidden, self.embed_tokens, self.lm_head)  # (M, V)
         cap = self.config.final_logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap

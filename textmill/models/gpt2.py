@@ -12,6 +12,7 @@ from torch import nn
 
 from textmill.config import ModelConfig
 from textmill.models.base import AttentionContext
+from textmill.models.llama import head_logits
 
 _GELU_APPROXIMATION = {"gelu_tanh": "tanh", "gelu": "none"}
 
@@ -84,5 +85,4 @@ class GPT2LMHeadModel(nn.Module):
         return self.ln_f(x)  # (N, C)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.wte if self.lm_head is None else self.lm_head
-        return F.linear(hidden, head.weight).float()  # (M, V)
+        return head_logits(hidden, self.wte, self.lm_head)  # (M, V)

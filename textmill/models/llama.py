@@ -135,5 +135,11 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)  # (N, C)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden, head.weight).float()  # (M, V)
+        return head_logits(hidden, self.embed_tokens, self.lm_head)  # (M, V)
+
+
+def head_logits(hidden: torch.Tensor, embed: nn.Embedding, lm_head: nn.Module | None) -> torch.Tensor:
+    """float32 logits; an untied head is called as a module, so a runner that swaps its
+    Linear layers for quantized ones after loading swaps this one too."""
+    out = F.linear(hidden, embed.weight) if lm_head is None else lm_head(hidden)
+    return out.float()
