@@ -1,4 +1,4 @@
-"""The routes: /v1/completions, /v1/models, /health, /metrics."""
+"""The routes: /v1/completions, /v1/models (and /v1/models/{id}), /health, /metrics."""
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +15,7 @@ from textmill.api.errors import APIError, server_error
 from textmill.api.lifecycle import Phase
 from textmill.api.metrics import TokenTimer
 from textmill.api.prepare import Limits, PreparedCompletion, prepare
-from textmill.api.protocol import CompletionRequest, CompletionResponse, ErrorResponse, ModelList
+from textmill.api.protocol import CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList
 from textmill.api.serving import ServingContext, merged_outputs
 from textmill.api.streaming import stream_completion
 from textmill.config import ServerConfig
@@ -54,12 +54,23 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
+def _model_card(ctx: ServingContext) -> dict:
+    return {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "textmill",
+            "max_model_len": ctx.max_model_len}
+
+
 @router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
 async def list_models(request: Request) -> dict:
+    return {"object": "list", "data": [_model_card(_serving(request))]}
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS)
+async def retrieve_model(model_id: str, request: Request) -> dict:
     ctx = _serving(request)
-    card = {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "textmill",
-            "max_model_len": ctx.max_model_len}
-    return {"object": "list", "data": [card]}
+    if model_id != ctx.model_name:
+        raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{ctx.model_name}'.",
+                       param="model", code="model_not_found")
+    return _model_card(ctx)
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_COMPLETION_RESPONSES)
