@@ -28,6 +28,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_local_theta: float | None = None  # gemma3: sliding layers use their own base
     rope_scaling_factor: float | None = None  # linear position scaling where the config sets it
+    # Per-frequency divisors of the RoPE inverse frequencies, (head_dim / 2,): Llama 3.1+
+    # "llama3" scaling (HF rope_scaling, or GGUF's rope_freqs tensor).
+    rope_freq_factors: tuple[float, ...] | None = None
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # qwen2: bias on q/k/v
     sliding_window: int | None = None

@@ -65,13 +65,16 @@ def test_folder_config(from_folder) -> None:
     family, hf, ours = from_folder
     c, h = ours.config, hf.config
     assert ours.format == "hf"
-    assert c.architecture == {"mistral": "llama"}.get(family, family)
+    assert c.architecture == {"mistral": "llama", "llama3": "llama"}.get(family, family)
     assert (c.vocab_size, c.hidden_size, c.num_layers) == (h.vocab_size, h.hidden_size, h.num_hidden_layers)
     assert (c.num_heads, c.num_kv_heads) == (h.num_attention_heads, getattr(h, "num_key_value_heads", h.num_attention_heads))
     assert c.tie_word_embeddings == h.tie_word_embeddings
     assert (ours.model.lm_head is None) == c.tie_word_embeddings
     if family in ("mistral", "gemma3"):
         assert c.sliding_window == SLIDING_WINDOW
+    if family == "llama3":
+        assert c.rope_freq_factors[0] == 1.0 and c.rope_freq_factors[-1] == 8.0
+        assert any(1.0 < f < 8.0 for f in c.rope_freq_factors)  # the smooth band
     if family == "gemma3":
         assert (c.sliding_window_pattern, c.query_pre_attn_scalar, c.final_logit_softcap) == (2, 24.0, 30.0)
         assert (c.rope_theta, c.rope_local_theta, c.rope_scaling_factor) == (100000.0, 10000.0, 2.0)
@@ -138,3 +141,17 @@ def _dense():
     from tests.parity.dense_attention import DenseAttention
 
     return DenseAttention()
+
+
+def test_llama3_gguf_rope_freqs_match_the_folder(tokenizer, prompts, tmp_path: Path) -> None:
+    """llama.cpp keeps Llama 3.1+ RoPE scaling in a rope_freqs tensor, which transformers'
+    GGUF reader ignores; so this GGUF is compared with transformers on the source model."""
+    hf = tiny_hf_model("llama3")
+    path = write_gguf(tmp_path / "llama3.gguf", "llama3", hf, tokenizer)
+    ours = load_model(path)
+    assert ours.config.rope_freq_factors == pytest.approx(
+        load_model(save_folder(hf, tokenizer, tmp_path / "folder")).config.rope_freq_factors, rel=1e-6)
+    for name, ids in prompts.items():
+        diff = max_logprob_diff(ours.model, hf, ids)
+        assert diff < LOGPROB_TOLERANCE, f"{name}: max |logprob diff| = {diff:.2e}"
+        assert our_greedy(ours.model, ids) == hf_greedy(hf, ids), name

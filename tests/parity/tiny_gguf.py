@@ -7,6 +7,7 @@ up as a parity failure: transformers reads the same file with its own name table
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -59,6 +60,26 @@ def converted(family: str, hf_name: str, w: np.ndarray, config) -> np.ndarray:
     return w
 
 
+def llama3_rope_factors(config) -> np.ndarray:
+    """convert_hf_to_gguf.py's rope_freqs for rope_type "llama3", restated."""
+    p = config.rope_parameters
+    base, dim = p["rope_theta"], config.head_dim
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old = p["original_max_position_embeddings"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
 def _write_metadata(w: GGUFWriter, family: str, config) -> None:
     if family == "gpt2":
         w.add_block_count(config.n_layer)
@@ -77,7 +98,7 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     params = config.rope_parameters
     w.add_rope_freq_base(params.get("full_attention", params)["rope_theta"])
-    if family in ("llama", "gemma3"):
+    if family in ("llama", "llama3", "gemma3"):
         w.add_key_length(config.head_dim)
         w.add_value_length(config.head_dim)
     if getattr(config, "sliding_window", None):
@@ -105,12 +126,14 @@ def write_gguf(path: Path, family: str, hf_model, tokenizer: Tokenizer, *, name:
                quantize_mlp: bool = False) -> Path:
     """The model's float32 weights (MLP weights Q8_0 if asked) in a GGUF of its family."""
     config = hf_model.config
-    arch = "llama" if family == "mistral" else family
+    arch = "llama" if family in ("mistral", "llama3") else family
     w = GGUFWriter(path, arch)
     w.add_name(name)
     _write_metadata(w, family, config)
     _write_vocab(w, tokenizer)
     tied = config.tie_word_embeddings
+    if family == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
     for hf_name, tensor in hf_model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue

@@ -47,6 +47,10 @@ def train_tokenizer(specials: tuple[str, ...] = (EOS,)) -> Tokenizer:
     return tok
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
 def hf_config(family: str):
     """A tiny transformers config of the family, with the features worth checking switched on."""
     import transformers as tf
@@ -58,6 +62,8 @@ def hf_config(family: str):
     if family == "llama":
         return tf.LlamaConfig(**common, head_dim=24, tie_word_embeddings=False,
                               rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+    if family == "llama3":  # Llama 3.1+ RoPE scaling; a short original context so all 3 bands occur
+        return tf.LlamaConfig(**common, tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE)
     if family == "mistral":
         return tf.MistralConfig(**common, sliding_window=SLIDING_WINDOW, tie_word_embeddings=False)
     if family == "qwen2":
@@ -79,7 +85,7 @@ def hf_config(family: str):
     raise ValueError(family)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "gemma3", "gpt2")
+FAMILIES = ("llama", "llama3", "mistral", "qwen2", "gemma3", "gpt2")
 
 
 def tiny_hf_model(family: str, seed: int = 0):

@@ -43,10 +43,28 @@ def test_rope_parameters_of_transformers_5() -> None:
     assert (c.rope_theta, c.rope_scaling_factor) == (1234.0, None)
 
 
-@pytest.mark.parametrize("scaling", [{"rope_type": "llama3", "factor": 8.0}, {"type": "yarn", "factor": 4.0}])
+@pytest.mark.parametrize("scaling", [{"rope_type": "dynamic", "factor": 2.0}, {"type": "yarn", "factor": 4.0}])
 def test_unsupported_rope_scaling_is_refused(scaling) -> None:
     with pytest.raises(ValueError, match="RoPE scaling .* is not supported"):
         config_from_dict(LLAMA | {"rope_scaling": scaling})
+
+
+def test_llama3_rope_factors_match_transformers() -> None:
+    """Llama 3.2 1B's rope_scaling: our divisors give transformers' own inverse frequencies."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    raw = LLAMA | {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 8,
+                   "rope_theta": 500000.0, "rope_scaling": scaling, "max_position_embeddings": 131072}
+    c = config_from_dict(raw)
+    reference = transformers.LlamaConfig(**{k: v for k, v in raw.items() if k != "architectures"})
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](reference, "cpu")
+    base = 1.0 / c.rope_theta ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    got = base / torch.tensor(c.rope_freq_factors, dtype=torch.float64)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-5, atol=0)
+    assert c.rope_scaling_factor is None and len(c.rope_freq_factors) == 32
 
 
 def test_tied_head_follows_the_checkpoint_when_config_is_silent() -> None:

@@ -85,6 +85,7 @@ def read_config(gguf: GGUFFile) -> ModelConfig:
         rope_theta=float(meta.arch_get("rope.freq_base", 10000.0)),
         rope_scaling_factor=_rope_scaling_factor(meta),
         tie_word_embeddings="output.weight" not in tensor_names,
+        rope_freq_factors=_rope_freq_factors(gguf),
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         sliding_window=int(window) if window else None,
         name=str(meta.get("general.name", "")),
@@ -121,6 +122,18 @@ def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+# llama.cpp stores Llama 3.1+ RoPE scaling as this tensor of per-frequency divisors; it
+# becomes ModelConfig.rope_freq_factors rather than a weight.
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def _rope_freq_factors(gguf: GGUFFile) -> tuple[float, ...] | None:
+    tensor = next((t for t in gguf.tensors if t.name == ROPE_FREQS), None)
+    if tensor is None:
+        return None
+    return tuple(float(f) for f in dequantize(tensor.data, tensor.qtype))
+
+
 def _show_progress() -> bool:
     return sys.stderr.isatty()
 
@@ -130,6 +143,8 @@ def read_state_dict(gguf: GGUFFile, config: ModelConfig, *, dtype: torch.dtype,
     arch = GGUFMetadata(gguf).arch
     state: dict[str, torch.Tensor] = {}
     for t in tqdm(gguf.tensors, desc="loading", unit="tensor", disable=not _show_progress()):
+        if t.name == ROPE_FREQS:
+            continue  # read into the config
         name = gguf_param_name(arch, t.name)
         values = dequantize(t.data, t.qtype).reshape(t.shape)
         tensor = to_model_layout(arch, name, torch.from_numpy(values), config)

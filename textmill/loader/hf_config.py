@@ -8,6 +8,7 @@ family's reader accepts both and fails loudly on settings the models do not impl
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,8 @@ def _decoder_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
         hidden_act=_activation(raw.get("hidden_activation") or raw.get("hidden_act") or "silu"),
     )
     if family == "gemma3":
-        return fields | _gemma3(raw, fields["num_layers"])
-    theta, factor = _rope(raw, None, default_theta=10000.0)
-    fields |= dict(rope_theta=theta, rope_scaling_factor=factor)
+        return fields | _gemma3(raw, fields["num_layers"], fields["head_dim"])
+    fields |= _rope(raw, None, head_dim=fields["head_dim"], default_theta=10000.0)
     if family == "qwen2":
         return fields | dict(attention_bias=True, sliding_window=_qwen2_window(raw, fields["num_layers"]))
     if raw.get("attention_bias") or raw.get("mlp_bias"):
@@ -77,12 +77,12 @@ def _decoder_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
     return fields | dict(sliding_window=raw.get("sliding_window"))
 
 
-def _gemma3(raw: dict[str, Any], num_layers: int) -> dict[str, Any]:
-    theta, factor = _rope(raw, "full_attention", default_theta=1_000_000.0)
-    local_theta, local_factor = _rope(raw, "sliding_attention", default_theta=10000.0,
-                                      legacy_theta_key="rope_local_base_freq", legacy_scaling=False)
-    if local_factor is not None:
-        raise ValueError("RoPE scaling of Gemma 3's sliding-window layers is not supported")
+def _gemma3(raw: dict[str, Any], num_layers: int, head_dim: int) -> dict[str, Any]:
+    rope = _rope(raw, "full_attention", head_dim=head_dim, default_theta=1_000_000.0)
+    local = _rope(raw, "sliding_attention", head_dim=head_dim, default_theta=10000.0,
+                  legacy_theta_key="rope_local_base_freq", legacy_scaling=False)
+    if len(local) > 1 or "rope_freq_factors" in rope:
+        raise ValueError("Gemma 3 supports linear RoPE scaling of its global layers only")
     layer_types = raw.get("layer_types")
     if layer_types:
         pattern = pattern_of_layers([t == "sliding_attention" for t in layer_types[:num_layers]])
@@ -90,10 +90,8 @@ def _gemma3(raw: dict[str, Any], num_layers: int) -> dict[str, Any]:
         pattern = int(raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or 6)
     if raw.get("use_bidirectional_attention"):
         raise ValueError("Gemma 3 with bidirectional attention (an encoder) is not supported")
-    return dict(
-        rope_theta=theta,
-        rope_scaling_factor=factor,
-        rope_local_theta=local_theta,
+    return rope | dict(
+        rope_local_theta=local["rope_theta"],
         sliding_window=raw.get("sliding_window"),
         sliding_window_pattern=pattern,
         query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar") or 256),
@@ -126,29 +124,44 @@ def _activation(name: str) -> str:
     return _ACTIVATIONS[name]
 
 
-def _rope(raw: dict[str, Any], layer_type: str | None, *, default_theta: float,
-          legacy_theta_key: str = "rope_theta", legacy_scaling: bool = True
-          ) -> tuple[float, float | None]:
-    """(theta, linear scaling factor or None) from rope_parameters or the 4.x keys."""
+def _rope(raw: dict[str, Any], layer_type: str | None, *, head_dim: int, default_theta: float,
+          legacy_theta_key: str = "rope_theta", legacy_scaling: bool = True) -> dict[str, Any]:
+    """rope_theta and the scaling fields, from rope_parameters (5.x) or the 4.x keys."""
     params = raw.get("rope_parameters") or {}
     if layer_type is not None:
         params = params.get(layer_type) or {}
-    theta = params.get("rope_theta") or raw.get(legacy_theta_key) or default_theta
+    theta = float(params.get("rope_theta") or raw.get(legacy_theta_key) or default_theta)
     scaling = params if params.get("rope_type", "default") != "default" else None
     if scaling is None and legacy_scaling:
         scaling = raw.get("rope_scaling")
-    return float(theta), _linear_factor(scaling)
-
-
-def _linear_factor(scaling: dict[str, Any] | None) -> float | None:
-    if not scaling:
-        return None
-    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
     if kind == "default":
-        return None
+        return dict(rope_theta=theta)
     if kind == "linear":
-        return float(scaling["factor"])
-    raise ValueError(f"RoPE scaling {kind!r} is not supported (only linear)")
+        return dict(rope_theta=theta, rope_scaling_factor=float(scaling["factor"]))
+    if kind == "llama3":
+        return dict(rope_theta=theta, rope_freq_factors=llama3_freq_factors(theta, head_dim, scaling))
+    raise ValueError(f"RoPE scaling {kind!r} is not supported (only linear and llama3)")
+
+
+def llama3_freq_factors(theta: float, head_dim: int, scaling: dict[str, Any]) -> tuple[float, ...]:
+    """Divisors of each inverse frequency: 1 for wavelengths shorter than the original
+    context / high_freq_factor, `factor` for those longer than context / low_freq_factor,
+    and a smooth blend between (what transformers computes and llama.cpp stores)."""
+    factor = float(scaling["factor"])
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    context = float(scaling.get("original_max_position_embeddings", 8192))
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < context / high:
+            factors.append(1.0)
+        elif wavelen > context / low:
+            factors.append(factor)
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return tuple(factors)
 
 
 def _qwen2_window(raw: dict[str, Any], num_layers: int) -> int | None:

@@ -31,11 +31,14 @@ class RotaryEmbedding(nn.Module):
     """cos/sin for every position up to the context window, computed once in float64."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float,
-                 scaling_factor: float | None = None) -> None:
+                 scaling_factor: float | None = None,
+                 freq_factors: tuple[float, ...] | None = None) -> None:
         super().__init__()
         # An explicit device keeps the cache real when the model is built under "meta".
         idx = torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu")
         inv_freq = 1.0 / theta ** (idx / head_dim)  # (D/2,)
+        if freq_factors is not None:  # Llama 3.1+: low frequencies stretched, high ones kept
+            inv_freq = inv_freq / torch.tensor(freq_factors, dtype=torch.float64, device="cpu")
         t = torch.arange(max_positions, dtype=torch.float64, device="cpu")
         if scaling_factor:
             t = t / scaling_factor  # linear position interpolation
@@ -121,7 +124,8 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
-                                      config.rope_theta, config.rope_scaling_factor)
+                                      config.rope_theta, config.rope_scaling_factor,
+                                      config.rope_freq_factors)
         # Tied models have no lm_head: logits() reads the embedding matrix instead.
         self.lm_head = (None if config.tie_word_embeddings
                         else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
