@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,7 +70,9 @@ def _dequantize_kwargs(gguf: Path) -> dict:
 def time_generate(tok, model, workload: Workload, batch_size: int, repeats: int) -> HFResult:
     import torch
 
-    prompts = [make_prompt(workload, i) for i in range(batch_size)]
+    # The same prompts as the servers' run at concurrency == batch_size (bench/run.py's seeds).
+    prompts = [make_prompt(replace(workload, seed=workload.seed + 1000 * batch_size), i)
+               for i in range(batch_size)]
     enc = tok(prompts, return_tensors="pt", padding=True)
     n = workload.max_tokens
     kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)

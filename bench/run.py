@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -79,7 +79,9 @@ def bench_server(system: str, args: argparse.Namespace, workload: Workload) -> l
         asyncio.run(warm_up(server.url, server.model, workload, args.warmup))
         for c in args.concurrency:
             n = max(args.min_requests, args.rounds * c)
-            r = asyncio.run(run_load(server.url, server.model, workload, c, requests=n, label=system))
+            # A seed per concurrency: prompts the server saw in an earlier run would be prefix-cache hits.
+            w = replace(workload, seed=workload.seed + 1000 * c)
+            r = asyncio.run(run_load(server.url, server.model, w, c, requests=n, label=system))
             print(f"[{system}] C={c}: {r.total_tok_s:.1f} tok/s, TTFT p50 {r.ttft_p50_s or 0:.2f} s, "
                   f"{r.errors} errors" + "".join(f"; {x}" for x in r.notes), flush=True)
             if r.first_error:
