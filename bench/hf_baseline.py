@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cpuwatch  # noqa: E402
 from workload import Workload, make_prompt  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,6 +35,7 @@ class HFResult:
     prompt_tokens: int  # padded prompt length
     dtype: str
     threads: int
+    others_cpu: float  # share of the CPUs other processes used during the timed runs
 
 
 def default_gguf() -> Path:
@@ -79,15 +81,17 @@ def time_generate(tok, model, workload: Workload, batch_size: int, repeats: int)
     best = float("inf")
     with torch.inference_mode():
         model.generate(**enc, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        before = cpuwatch.snapshot()
         for _ in range(repeats):
             t = time.perf_counter()
             out = model.generate(**enc, **kwargs)
             best = min(best, time.perf_counter() - t)
+        others = cpuwatch.others_share(before, cpuwatch.snapshot())
     generated = out.shape[1] - enc["input_ids"].shape[1]
     assert generated == n, f"generated {generated} tokens, expected {n}"
     return HFResult(batch_size=batch_size, new_tokens=n, seconds=best, tok_s=batch_size * n / best,
                     prompt_tokens=enc["input_ids"].shape[1], dtype=str(model.dtype).removeprefix("torch."),
-                    threads=torch.get_num_threads())
+                    threads=torch.get_num_threads(), others_cpu=others)
 
 
 def run(gguf: Path, batch_sizes: list[int], workload: Workload, repeats: int = 1,
@@ -114,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     workload = Workload(prompt_words=args.prompt_words, max_tokens=args.max_tokens)
     results = run(args.gguf or default_gguf(), args.batch_sizes, workload, args.repeats,
                   args.dtype, args.threads)
-    print("| batch | new tokens | seconds | tok/s | prompt tokens (padded) | dtype | threads |")
-    print("|---:|---:|---:|---:|---:|---|---:|")
+    print("| batch | new tokens | seconds | tok/s | prompt tokens (padded) | dtype | threads | others % |")
+    print("|---:|---:|---:|---:|---:|---|---:|---:|")
     for r in results:
         print(f"| {r.batch_size} | {r.new_tokens} | {r.seconds:.2f} | {r.tok_s:.1f} | {r.prompt_tokens} "
-              f"| {r.dtype} | {r.threads} |")
+              f"| {r.dtype} | {r.threads} | {100 * r.others_cpu:.0f} |")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     return 0

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cpuwatch  # noqa: E402
 import servers  # noqa: E402
 from loadgen import LoadResult, format_table, run_load, warm_up  # noqa: E402
 from workload import Workload  # noqa: E402
@@ -43,7 +44,7 @@ class Row:
     concurrency: int
     tok_s: float
     result: LoadResult | None = None  # None for the offline HF rows
-    error: str | None = None
+    others: float | None = None  # share of the CPUs used by other processes meanwhile
 
 
 def free_port(start: int) -> int:
@@ -81,15 +82,28 @@ def bench_server(system: str, args: argparse.Namespace, workload: Workload) -> l
             n = max(args.min_requests, args.rounds * c)
             # A seed per concurrency: prompts the server saw in an earlier run would be prefix-cache hits.
             w = replace(workload, seed=workload.seed + 1000 * c)
+            quiet(args, system)
+            before = cpuwatch.snapshot(server.pgid)
             r = asyncio.run(run_load(server.url, server.model, w, c, requests=n, label=system))
+            others = cpuwatch.others_share(before, cpuwatch.snapshot(server.pgid))
             print(f"[{system}] C={c}: {r.total_tok_s:.1f} tok/s, TTFT p50 {r.ttft_p50_s or 0:.2f} s, "
-                  f"{r.errors} errors" + "".join(f"; {x}" for x in r.notes), flush=True)
+                  f"{r.errors} errors, others used {others:.0%} of the CPUs"
+                  + "".join(f"; {x}" for x in r.notes), flush=True)
             if r.first_error:
                 print(f"[{system}]   first error: {r.first_error}", flush=True)
-            rows.append(Row(system, c, r.total_tok_s, result=r))
+            rows.append(Row(system, c, r.total_tok_s, result=r, others=others))
     finally:
         servers.stop(server)
     return rows
+
+
+def quiet(args: argparse.Namespace, system: str) -> None:
+    """Let other people's work finish first, up to --wait-quiet seconds."""
+    if args.wait_quiet <= 0:
+        return
+    share = cpuwatch.wait_for_quiet(args.quiet_threshold, args.wait_quiet)
+    if share >= args.quiet_threshold:
+        print(f"[{system}] the machine is busy (others {share:.0%} of the CPUs); measuring anyway", flush=True)
 
 
 def bench_hf(args: argparse.Namespace, workload: Workload) -> list[Row]:
@@ -98,11 +112,13 @@ def bench_hf(args: argparse.Namespace, workload: Workload) -> list[Row]:
     cmd = [sys.executable, str(REPO / "bench" / "hf_baseline.py"), "--gguf", str(args.gguf),
            "--max-tokens", str(workload.max_tokens), "--prompt-words", str(workload.prompt_words),
            "--json", str(out), "--batch-sizes", *map(str, args.concurrency)]
+    quiet(args, "hf")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.hf_timeout)
     if done.returncode != 0:
         raise RuntimeError(f"hf_baseline failed:\n{done.stderr[-2000:]}")
     print(done.stdout, flush=True)
-    return [Row("hf-generate", r["batch_size"], r["tok_s"]) for r in json.loads(out.read_text())]
+    return [Row("hf-generate", r["batch_size"], r["tok_s"], others=r["others_cpu"])
+            for r in json.loads(out.read_text())]
 
 
 def _f(x: float | None, digits: int = 2) -> str:
@@ -111,9 +127,9 @@ def _f(x: float | None, digits: int = 2) -> str:
 
 def final_table(rows: list[Row]) -> str:
     """All systems, with textmill's tok/s divided by each row's at the same concurrency."""
-    tm = {r.concurrency: r.tok_s for r in rows if r.system == "textmill" and r.error is None}
+    tm = {r.concurrency: r.tok_s for r in rows if r.system == "textmill"}
     header = ("system", "conc", "tok/s", "textmill/x", "TTFT p50", "TTFT p99", "lat p50",
-              "lat p99", "stream tok/s", "gen/req", "cached %", "err")
+              "lat p99", "stream tok/s", "gen/req", "cached %", "err", "others %")
     body = []
     for r in sorted(rows, key=lambda r: (r.concurrency, SYSTEMS.index(_base(r.system)))):
         lr = r.result
@@ -123,7 +139,7 @@ def final_table(rows: list[Row]) -> str:
                      _f(lr and lr.latency_p50_s), _f(lr and lr.latency_p99_s),
                      _f(lr and lr.stream_tok_s_p50, 1), _f(lr and lr.mean_completion_tokens, 1),
                      _f(lr and lr.cached_fraction and 100 * lr.cached_fraction, 0),
-                     str(lr.errors) if lr else "-"])
+                     str(lr.errors) if lr else "-", _f(r.others and 100 * r.others, 0)])
     return format_table(header, body)
 
 
@@ -163,6 +179,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--textmill-args", default="", help="extra `textmill serve` flags, one string")
     p.add_argument("--port", type=int, default=8300, help="first port to try")
     p.add_argument("--hf-timeout", type=float, default=900.0)
+    p.add_argument("--wait-quiet", type=float, default=120.0,
+                   help="before each run, wait up to this many seconds for other processes to go idle")
+    p.add_argument("--quiet-threshold", type=float, default=0.15,
+                   help="idle enough: others use less than this share of the CPUs")
     p.add_argument("--json", type=Path, default=RESULTS / "latest.json")
     args = p.parse_args(argv)
     if args.with_64 and 64 not in args.concurrency:
