@@ -39,10 +39,6 @@ class GGUFMetadata:
     def arch_get(self, key: str, default: Any = _MISSING) -> Any:
         return self.get(f"{self.arch}.{key}", default)
 
-    def array_len(self, key: str) -> int | None:
-        field = self._fields.get(key)
-        return None if field is None else len(field)
-
 
 def _rope_scaling_factor(meta: GGUFMetadata) -> float | None:
     kind = meta.arch_get("rope.scaling.type", "none")
@@ -53,11 +49,12 @@ def _rope_scaling_factor(meta: GGUFMetadata) -> float | None:
     raise ValueError(f"RoPE scaling {kind!r} is not supported (only linear)")
 
 
-def _vocab_size(meta: GGUFMetadata, gguf: GGUFFile) -> int:
-    size = meta.arch_get("vocab_size", None) or meta.array_len("tokenizer.ggml.tokens")
-    if size:
-        return int(size)
-    embd = next(t for t in gguf.tensors if t.name == "token_embd.weight")
+def _vocab_size(gguf: GGUFFile) -> int:
+    """The embedding's rows: what the model computes logits over (a GGUF's token list or
+    vocab_size key may differ from it by padding)."""
+    embd = next((t for t in gguf.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise ValueError("the GGUF file has no token_embd.weight tensor")
     return embd.shape[0]  # (vocab, hidden)
 
 
@@ -73,7 +70,7 @@ def read_config(gguf: GGUFFile) -> ModelConfig:
     tensor_names = {t.name for t in gguf.tensors}
     fields = dict(
         architecture=resolve_architecture(meta.arch),
-        vocab_size=_vocab_size(meta, gguf),
+        vocab_size=_vocab_size(gguf),
         hidden_size=hidden,
         intermediate_size=int(meta.arch_get("feed_forward_length", 4 * hidden)),
         num_layers=int(meta.arch_get("block_count")),
