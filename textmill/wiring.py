@@ -104,7 +104,8 @@ def build_engine(opts: EngineOptions, wrap_runner: Callable | None = None) -> Bu
     if wrap_runner is not None:
         runner = wrap_runner(runner)
     engine = Engine(Scheduler(sched, cache), runner, tokenizer)
-    name = BUNDLED_NAME if opts.model is None else path.stem
+    # A folder's name is kept whole: "Qwen2.5-0.5B-Instruct" has no file suffix to strip.
+    name = BUNDLED_NAME if opts.model is None else path.name if path.is_dir() else path.stem
     log.info("loaded %s (%s, %s on %s) in %.1fs; KV cache %d blocks of %d tokens",
              name, cfg.architecture, dev.dtype, dev.device, time.perf_counter() - started,
              cache.num_blocks, cache.block_size)

@@ -112,3 +112,12 @@ def test_suffix_fills_in_the_middle(tmp_path: Path) -> None:
         streamed = client.completions.create(model="tiny-fim", prompt=PREFIX, suffix="  # the sum\n",
                                              max_tokens=12, temperature=0, stream=True)
         assert "".join(c.choices[0].text for c in streamed if c.choices) == "a + b"
+
+
+def test_folder_name_with_dots_names_the_model(tmp_path: Path) -> None:
+    from textmill.wiring import build_engine
+
+    folder = save_folder(tiny_hf_model("qwen2"), train_tokenizer(), tmp_path / "Tiny-0.5B-Instruct")
+    built = build_engine(EngineOptions(model=str(folder), **TINY_OPTIONS))
+    assert built.model_name == "Tiny-0.5B-Instruct"
+    assert built.model_config.architecture == "qwen2"
