@@ -57,7 +57,7 @@ def load_hf_folder(folder: Path, *, dtype: torch.dtype, device: str
         for handle, key in tqdm(entries, desc="loading", unit="tensor", disable=not sys.stderr.isatty()):
             name = hf_param_name(arch, key)
             if name is None or (name == "lm_head.weight" and config.tie_word_embeddings):
-                continue  # a cached buffer, or a tied head saved twice: the model reads wte
+                continue  # a cached buffer, or a tied head saved anyway: logits read the embedding
             tensor = hf_to_model_layout(arch, name, handle.get_tensor(key))
             state[name] = tensor.to(device=device, dtype=dtype)
     return config, state
