@@ -39,9 +39,9 @@ class SamplingParams:
     # (token id, bias) pairs, sorted by id; a tuple keeps the dataclass hashable and frozen.
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop: tuple[str, ...] = ()
-    # EOS ids end generation unless ignore_eos; they are never part of the text.
+    # Token ids that end generation (the model's EOS unless the client asked ignore_eos, plus
+    # the client's own stop_token_ids); the token that ends a request is never text.
     stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
     # Top alternatives per generated token (0..5); None means no logprobs at all.
     logprobs: int | None = None
     # Top alternatives per prompt token (echo with logprobs); None means none are computed.
@@ -68,8 +68,8 @@ class SamplingParams:
         if self.top_k is not None and self.top_k < 1:
             raise InvalidParam("top_k", "top_k must be at least 1 (or -1/0/null to disable)")
         _check_range("min_p", self.min_p, 0.0, 1.0)
-        if not math.isfinite(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 2.0:
-            raise InvalidParam("repetition_penalty", "repetition_penalty must be in (0, 2]")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0.0:
+            raise InvalidParam("repetition_penalty", "repetition_penalty must be greater than 0")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidParam("min_tokens", "min_tokens must be between 0 and max_tokens")
         if any(s == "" for s in self.stop):

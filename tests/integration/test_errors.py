@@ -36,6 +36,13 @@ BAD = [
     ({"echo": "yes"}, "echo"),
     ({"seed": 2**64}, "seed"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"top_k": -2}, "top_k"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"min_tokens": 3}, "min_tokens"),  # more than max_tokens (2)
+    ({"stop_token_ids": [99999999]}, "stop_token_ids"),
+    ({"ignore_eos": "yes"}, "ignore_eos"),
 ]
 
 
@@ -82,3 +89,12 @@ def test_unknown_path_is_openai_shaped(base_url):
 def test_server_still_serves_after_bad_input(client):
     r = client.completions.create(model=MODEL, prompt="Still alive?", max_tokens=3)
     assert r.choices[0].text is not None and r.usage.completion_tokens >= 1
+
+
+def test_tokenize_and_detokenize_errors(base_url):
+    r = httpx.post(f"{base_url}/detokenize", json={"tokens": [1, 10**9]}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+    r = httpx.post(f"{base_url}/tokenize", json={"prompt": 5}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = httpx.post(f"{base_url}/tokenize", json={"model": "nope", "prompt": "x"}, timeout=10)
+    assert r.status_code == 404

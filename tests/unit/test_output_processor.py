@@ -56,7 +56,7 @@ class Harness:
         self.tok = ByteTokenizer()
         self.proc = OutputProcessor(self.tok)
         self.finished_by_processor: list[str] = []
-        self.request = Request("r", (5, 6, 7), SamplingParams(**params))
+        self.request = Request("r", (5, 6, 7), SamplingParams(**{"stop_token_ids": (EOS,), **params}))
 
     def step(self, piece: bytes | str | int, logprob: float = -0.5) -> list[RequestOutput]:
         req = self.request
@@ -65,7 +65,7 @@ class Harness:
         req.output_token_ids.append(token_id)
         req.output_logprobs.append(TokenLogprob(token_id, logprob, ((token_id, logprob),)))
         req.cumulative_logprob += logprob
-        if token_id == EOS and not req.params.ignore_eos:
+        if token_id in req.params.stop_token_ids:
             self._finish(FinishReason.STOP)
         elif req.num_output_tokens >= req.params.max_tokens:
             self._finish(FinishReason.LENGTH)
@@ -184,8 +184,9 @@ def test_eos_is_counted_but_never_text_token_or_logprob():
     assert last.token_ids == () and last.logprobs == () and last.num_output_tokens == 2
 
 
-def test_ignore_eos_decodes_eos_like_any_token():
-    h = Harness(max_tokens=2, ignore_eos=True)
+def test_eos_outside_stop_token_ids_is_text():
+    # What the API sends for ignore_eos: EOS is left out of stop_token_ids.
+    h = Harness(max_tokens=2, stop_token_ids=())
     outs = h.run([EOS, "x"])
     assert joined(outs) == "</s>x" and outs[-1].finish_reason is FinishReason.LENGTH
 

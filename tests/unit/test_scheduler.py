@@ -289,7 +289,7 @@ def test_eos_finishes_with_stop_unless_ignored():
     first = tokens.index(eos)
     sched, runner = make_scheduler()
     r = req("r", prompt(5), max_tokens=6, stop_token_ids=(eos,))
-    ignoring = req("i", prompt(5), max_tokens=6, stop_token_ids=(eos,), ignore_eos=True)
+    ignoring = req("i", prompt(5), max_tokens=6, stop_token_ids=())
     sched.add_request(r)
     sched.add_request(ignoring)
     run_all(sched, runner)

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from textmill.api.admission import Admission
 from textmill.api.auth import AuthMiddleware
 from textmill.api.errors import install_error_handlers
+from textmill.api.tokens import router as tokens_router
 from textmill.api.lifecycle import Lifecycle
 from textmill.api.metrics import Metrics
 from textmill.api.middleware import BodyLimitMiddleware, OpsMiddleware
@@ -55,6 +56,7 @@ def create_app(server_config: ServerConfig, load: Callable[[], ServingContext]) 
                                 lambda: app.state.admission.admitted)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(tokens_router)
     # Added innermost first: a request meets OpsMiddleware, then auth, then the body limit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=server_config.max_request_bytes)
     app.add_middleware(AuthMiddleware, api_keys=server_config.api_keys)

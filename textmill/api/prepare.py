@@ -192,11 +192,26 @@ def _sampling_params(req: CompletionRequest, tok: Tokenizer, limits: Limits, max
         frequency_penalty=req.frequency_penalty or 0.0,
         logit_bias=_logit_bias(req.logit_bias, limits),
         stop=stops,
-        stop_token_ids=tuple(sorted(tok.eos_token_ids)),
+        stop_token_ids=_stop_token_ids(req, tok, limits),
         logprobs=req.logprobs,
         prompt_logprobs=req.logprobs if echo and req.logprobs is not None else None,
         seed=seed,
+        top_k=req.top_k if req.top_k is not None and req.top_k > 0 else None,
+        min_p=req.min_p or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        min_tokens=req.min_tokens or 0,
     )
+
+
+def _stop_token_ids(req: CompletionRequest, tok: Tokenizer, limits: Limits) -> tuple[int, ...]:
+    """The ids that end a choice: EOS (unless ignore_eos) and the client's stop_token_ids."""
+    extra = req.stop_token_ids or []
+    bad = [t for t in extra if not 0 <= t < limits.vocab_size]
+    if bad:
+        raise bad_request(f"stop_token_ids holds {bad[0]}, outside the vocabulary "
+                          f"(0..{limits.vocab_size - 1}).", "stop_token_ids")
+    eos = () if req.ignore_eos else tok.eos_token_ids
+    return tuple(sorted({*eos, *extra}))
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:

@@ -161,11 +161,8 @@ class OutputProcessor:
             return False
         if index != len(request.output_token_ids) - 1:
             return False
-        # As the scheduler does, ignore_eos ignores every stop token id.
-        token_id = request.output_token_ids[index]
-        if request.params.ignore_eos:
-            return False
-        return token_id in request.params.stop_token_ids or token_id in self._tokenizer.eos_token_ids
+        # stop_token_ids is the one list of ending ids (the API leaves EOS out for ignore_eos).
+        return request.output_token_ids[index] in request.params.stop_token_ids
 
     def _release_point(self, request: Request, st: _TextState, stop_at: int | None) -> _Release:
         if stop_at is not None:

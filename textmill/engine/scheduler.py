@@ -271,7 +271,7 @@ class Scheduler:
             return FinishReason.LENGTH if done else None
         if not sampled:
             return None
-        if not params.ignore_eos and request.output_token_ids[-1] in params.stop_token_ids:
+        if request.output_token_ids[-1] in params.stop_token_ids:
             return FinishReason.STOP
         if request.num_output_tokens >= params.max_tokens:
             return FinishReason.LENGTH

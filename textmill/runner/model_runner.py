@@ -58,7 +58,7 @@ class ModelRunner:
             # A request sent again (e.g. resumed after preemption) keeps its generator and
             # penalty counts: its tokens must not depend on having been preempted.
             if new.request_id not in self.sampler:
-                self.sampler.add_request(new.request_id, new.params)
+                self.sampler.add_request(new.request_id, new.params, new.prompt_token_ids)
 
     def _sample_and_score(self, batch: Batch, logits: torch.Tensor) -> RunnerOutput:
         num_sampled = batch.num_sampled

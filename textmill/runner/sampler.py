@@ -2,13 +2,18 @@
 
 The order is fixed and documented (OpenAI semantics):
 
-    logit bias -> presence/frequency penalties -> temperature -> top-p -> sample
+    logit bias -> repetition/presence/frequency penalties -> min_tokens ban -> temperature
+    -> top-k -> top-p -> min-p -> sample
 
 * logit bias: logits[j] += bias[j] for the request's (token, bias) pairs.
 * penalties: logits[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty, where
   c counts the tokens this request has *generated* (never its prompt).
+* repetition_penalty (vLLM/HF): over tokens seen in the prompt *or* generated, positive
+  logits are divided by it and negative ones multiplied.
+* min_tokens: the request's stop_token_ids are banned until it has generated that many.
 * temperature 0 is greedy: argmax after bias and penalties. Greedy and sampled rows mix
   freely in one batch.
+* top-k keeps the k most likely tokens; min-p drops tokens below min_p * the top probability.
 * top-p keeps the smallest set of most likely tokens whose mass reaches top_p (at least one).
 * sampling inverts the CDF (in vocabulary order) at one uniform drawn from the request's own
   CPU torch.Generator, seeded from params.seed: a request's tokens depend on its own seed and
@@ -53,6 +58,9 @@ class RequestSampling:
     bias_ids: torch.Tensor | None  # (K,) int64 on the device
     bias_values: torch.Tensor | None  # (K,) float32
     count_row: int | None  # row in PenaltyCounts, only when the request uses penalties
+    seen_row: int | None = None  # row in the seen-token buffer, only with repetition_penalty
+    num_generated: int = 0  # tokens sampled so far (min_tokens)
+    stop_ids: torch.Tensor | None = None  # (K,) banned while num_generated < min_tokens
 
 
 class PenaltyCounts:
@@ -87,10 +95,11 @@ class Sampler:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self.penalty_counts = PenaltyCounts(vocab_size, device)
+        self.seen = PenaltyCounts(vocab_size, device)  # prompt + generated, for repetition_penalty
         self._requests: dict[str, RequestSampling] = {}
 
     # ------------------------------------------------------------ per-request state
-    def add_request(self, request_id: str, params: SamplingParams) -> None:
+    def add_request(self, request_id: str, params: SamplingParams, prompt_token_ids=()) -> None:
         assert request_id not in self._requests, f"request {request_id} added twice"
         generator = torch.Generator(device="cpu")
         generator.manual_seed(params.seed & _SEED_MASK)
@@ -99,12 +108,21 @@ class Sampler:
         bias_ids = torch.tensor([t for t, _ in bias], dtype=torch.int64, device=self.device) if bias else None
         bias_values = torch.tensor([b for _, b in bias], dtype=torch.float32, device=self.device) if bias else None
         row = self.penalty_counts.acquire() if params.has_penalties else None
-        self._requests[request_id] = RequestSampling(params, generator, bias_ids, bias_values, row)
+        state = RequestSampling(params, generator, bias_ids, bias_values, row)
+        if params.repetition_penalty != 1.0:
+            state.seen_row = self.seen.acquire()
+            ids = torch.tensor(sorted(set(prompt_token_ids)), dtype=torch.int64, device=self.device)
+            self.seen.counts[state.seen_row].index_fill_(0, ids[ids < self.vocab_size], 1.0)
+        if params.min_tokens > 0 and params.stop_token_ids:
+            state.stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.int64, device=self.device)
+        self._requests[request_id] = state
 
     def remove_request(self, request_id: str) -> None:
         state = self._requests.pop(request_id, None)
         if state is not None and state.count_row is not None:
             self.penalty_counts.release(state.count_row)
+        if state is not None and state.seen_row is not None:
+            self.seen.release(state.seen_row)
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._requests
@@ -123,7 +141,9 @@ class Sampler:
         raw = torch.log_softmax(logits, dim=-1)  # (S, V)
         x = logits.clone()
         self._apply_bias(x, states)
+        self._apply_repetition(x, states)
         penalized = self._apply_penalties(x, states)
+        self._ban_early_stops(x, states)
         tokens = torch.argmax(x, dim=-1)  # (S,) greedy rows keep this
         sampled_rows = [i for i, s in enumerate(states) if not s.params.greedy]
         if sampled_rows:
@@ -132,6 +152,7 @@ class Sampler:
             rows, count_rows = penalized
             ones = torch.ones(rows.shape[0], dtype=torch.float32, device=x.device)
             self.penalty_counts.counts.index_put_((count_rows, tokens.index_select(0, rows)), ones, accumulate=True)
+        self._after_sampling(states, tokens)
         chosen = raw.gather(1, tokens[:, None])[:, 0]  # (S,)
         k = max((s.params.logprobs or 0) for s in states)
         top_lps, top_ids = _topk(raw, k)
@@ -168,15 +189,45 @@ class Sampler:
         x.index_copy_(0, rows, apply_penalties(x.index_select(0, rows), counts, presence, frequency))
         return rows, count_rows
 
+    def _apply_repetition(self, x: torch.Tensor, states: list[RequestSampling]) -> None:
+        idx = [i for i, s in enumerate(states) if s.seen_row is not None]
+        if not idx:
+            return
+        rows = torch.tensor(idx, dtype=torch.int64, device=x.device)
+        seen = self.seen.counts.index_select(0, torch.tensor([states[i].seen_row for i in idx], device=x.device))
+        penalty = torch.tensor([states[i].params.repetition_penalty for i in idx], device=x.device)[:, None]
+        sub = x.index_select(0, rows)
+        penalized = torch.where(sub > 0, sub / penalty, sub * penalty)
+        x.index_copy_(0, rows, torch.where(seen > 0, penalized, sub))
+
+    def _ban_early_stops(self, x: torch.Tensor, states: list[RequestSampling]) -> None:
+        for i, s in enumerate(states):  # rare: only requests still short of min_tokens
+            if s.stop_ids is not None and s.num_generated < s.params.min_tokens:
+                x[i].index_fill_(0, s.stop_ids, float("-inf"))
+
+    def _after_sampling(self, states: list[RequestSampling], tokens: torch.Tensor) -> None:
+        idx = [i for i, s in enumerate(states) if s.seen_row is not None]
+        if idx:
+            seen_rows = torch.tensor([states[i].seen_row for i in idx], device=tokens.device)
+            chosen = tokens.index_select(0, torch.tensor(idx, device=tokens.device))
+            self.seen.counts.index_put_((seen_rows, chosen), torch.ones_like(chosen, dtype=torch.float32))
+        for s in states:
+            s.num_generated += 1
+
     def _sample_rows(self, x, greedy_tokens, states, sampled_rows) -> torch.Tensor:
         """Replace greedy_tokens at sampled_rows by a draw from each row's distribution."""
         rows = torch.tensor(sampled_rows, dtype=torch.int64, device=x.device)
         params = [states[i].params for i in sampled_rows]
         temperature = torch.tensor([p.temperature for p in params], device=x.device)
         probs = torch.softmax(x.index_select(0, rows) / temperature[:, None], dim=-1)  # (R, V)
+        if any(p.top_k is not None for p in params):
+            probs = probs * top_k_mask(probs, [p.top_k or probs.shape[-1] for p in params])
         top_p = [p.top_p for p in params]
         if any(p < 1.0 for p in top_p):
             probs = probs * top_p_mask(probs, torch.tensor(top_p, device=x.device))
+        if any(p.min_p > 0.0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=x.device)[:, None]
+            probs = probs * (probs >= min_p * probs.max(dim=-1, keepdim=True).values)
         # The one per-row loop: each row's uniform comes from its own generator.
         draws = [torch.rand((), generator=states[i].generator, dtype=torch.float64).item() for i in sampled_rows]
         uniform = torch.tensor(draws, dtype=torch.float32, device=x.device)
@@ -191,6 +242,14 @@ def apply_penalties(
     frequency: torch.Tensor,  # (R,)
 ) -> torch.Tensor:  # (R, V)
     return logits - counts * frequency[:, None] - (counts > 0).float() * presence[:, None]
+
+
+def top_k_mask(probs: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    """probs (R, V), top_k per row -> (R, V) bool: each row's k most likely tokens (ties kept)."""
+    k = torch.tensor(top_k, device=probs.device).clamp_(1, probs.shape[-1])
+    values = torch.topk(probs, int(k.max()), dim=-1).values  # (R, Kmax), descending
+    kth = values.gather(1, (k - 1)[:, None])  # (R, 1)
+    return probs >= kth
 
 
 def top_p_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
