@@ -10,21 +10,19 @@ the vocabulary was trained with. We rebuild the tokenizer those describe:
   (Gemma: from the file order, which its scores do not follow), space -> U+2581.
 
 Control and user-defined tokens become added tokens so that they are matched whole in text,
-as transformers and llama.cpp do. Only the metadata is read (not the tensors), with a small
-reader of our own: gguf.GGUFReader parses every field eagerly and takes seconds on a
-262k-token vocabulary.
+as transformers and llama.cpp do. Only the metadata is read (not the tensors), with the
+loader's lean reader (loader/gguf_file.py): gguf.GGUFReader parses every field eagerly and
+takes seconds on a 262k-token vocabulary.
 """
 from __future__ import annotations
 
-import mmap
-import struct
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
+from textmill.loader.gguf_file import read_metadata as read_gguf_metadata
 from textmill.tokenizer import (
     EOG_TEXTS, FimTokens, TokenizerParts, byte_level_bytes, bytes_to_unicode, find_fim,
     sentencepiece_bytes,
@@ -32,71 +30,6 @@ from textmill.tokenizer import (
 
 # llama.cpp token types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-# ---------------------------------------------------------------------------------------
-# Metadata reader (GGUF v2/v3, little-endian)
-
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_ARRAY_DTYPE = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
-                10: "<u8", 11: "<i8", 12: "<f8"}
-_STRING, _ARRAY = 8, 9
-
-
-class _Cursor:
-    def __init__(self, buf: mmap.mmap) -> None:
-        self.buf = buf
-        self.pos = 0
-
-    def scalar(self, fmt: str) -> Any:
-        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += struct.calcsize(fmt)
-        return value
-
-    def string(self) -> str:
-        n = self.scalar("<Q")
-        raw = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return raw.decode("utf-8", errors="replace")
-
-    def value(self, vtype: int) -> Any:
-        if vtype == _STRING:
-            return self.string()
-        if vtype == _ARRAY:
-            return self.array()
-        if vtype not in _SCALAR:
-            raise ValueError(f"unknown GGUF value type {vtype}")
-        return self.scalar(_SCALAR[vtype])
-
-    def array(self) -> list:
-        item_type = self.scalar("<I")
-        count = self.scalar("<Q")
-        if item_type in _ARRAY_DTYPE:
-            dtype = np.dtype(_ARRAY_DTYPE[item_type])
-            size = dtype.itemsize * count
-            values = np.frombuffer(self.buf[self.pos:self.pos + size], dtype=dtype).tolist()
-            self.pos += size
-            return [bool(v) for v in values] if item_type == 7 else values
-        return [self.value(item_type) for _ in range(count)]
-
-
-def read_gguf_metadata(path: Path) -> dict[str, Any]:
-    """All key/value metadata of a GGUF file (tensor infos and data are not read)."""
-    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        cursor = _Cursor(buf)
-        if buf[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        cursor.pos = 4
-        version = cursor.scalar("<I")
-        if version not in (2, 3):
-            raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3, little-endian)")
-        cursor.scalar("<Q")  # tensor count
-        kv_count = cursor.scalar("<Q")
-        metadata = {}
-        for _ in range(kv_count):
-            key = cursor.string()
-            metadata[key] = cursor.value(cursor.scalar("<I"))
-        return metadata
-
 
 # ---------------------------------------------------------------------------------------
 # Pre-tokenizer regexes, by llama.cpp's `tokenizer.ggml.pre` names. Several regexes split

@@ -42,10 +42,11 @@ class TensorInfo:
 
 
 class _Cursor:
-    def __init__(self, buf: np.ndarray) -> None:
+    def __init__(self, buf: np.ndarray, keep_strings: bool = False) -> None:
         self.buf = buf
         self.raw = memoryview(buf)
         self.pos = 0
+        self.keep_strings = keep_strings  # string arrays: read (the vocabulary) or skipped
 
     def scalar(self, fmt: str) -> Any:
         (value,) = struct.unpack_from(fmt, self.raw, self.pos)
@@ -74,30 +75,40 @@ class _Cursor:
             values = np.frombuffer(self.raw, dtype, count, self.pos).tolist()
             self.pos += dtype.itemsize * count
             return [bool(v) for v in values] if item_type == 7 else values
-        if item_type == _STRING:
+        if item_type == _STRING and not self.keep_strings:
             for _ in range(count):  # skip: (u64 length, bytes) each
                 self.pos += 8 + struct.unpack_from("<Q", self.raw, self.pos)[0]
             return StringArray(count)
         return [self.value(item_type) for _ in range(count)]
 
 
+def _open(path: Path, keep_strings: bool) -> tuple[np.ndarray, _Cursor, int, dict[str, Any]]:
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    if buf.size < 24 or bytes(buf[:4]) != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file")
+    cursor = _Cursor(buf, keep_strings)
+    cursor.pos = 4
+    version = cursor.scalar("<I")
+    if version not in (2, 3):
+        raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3, little-endian)")
+    n_tensors, n_kv = cursor.scalar("<Q"), cursor.scalar("<Q")
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cursor.string()
+        metadata[key] = cursor.value(cursor.scalar("<I"))
+    return buf, cursor, n_tensors, metadata
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """Every key/value of a GGUF file, string arrays included (the tokenizer's view)."""
+    return _open(Path(path), keep_strings=True)[3]
+
+
 class GGUFFile:
     """metadata: every key -> value (string arrays as StringArray); tensors in file order."""
 
     def __init__(self, path: Path) -> None:
-        buf = np.memmap(path, dtype=np.uint8, mode="r")
-        if bytes(buf[:4]) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        cursor = _Cursor(buf)
-        cursor.pos = 4
-        version = cursor.scalar("<I")
-        if version not in (2, 3):
-            raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3, little-endian)")
-        n_tensors, n_kv = cursor.scalar("<Q"), cursor.scalar("<Q")
-        self.metadata: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = cursor.string()
-            self.metadata[key] = cursor.value(cursor.scalar("<I"))
+        buf, cursor, n_tensors, self.metadata = _open(Path(path), keep_strings=False)
         infos = [self._tensor_info(cursor) for _ in range(n_tensors)]
         align = int(self.metadata.get("general.alignment", 32))
         start = -(-cursor.pos // align) * align
