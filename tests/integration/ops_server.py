@@ -2,55 +2,22 @@
 thread (so a test can drain it), an optional runner wrapper, and metric scraping."""
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
+from collections.abc import Callable
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import httpx
-from fastapi import FastAPI
 
-from textmill.api.app import create_app
-from textmill.api.server import GracefulServer, make_server
-from textmill.config import ServerConfig
 from textmill.loader.bundled import BUNDLED_NAME
-from textmill.wiring import EngineOptions, build_serving
 
-from .server import TEST_OPTIONS, free_port
+from .server import Running, serving  # noqa: F401 (Running is used by the tests' annotations)
 
 MODEL = BUNDLED_NAME
 
 
-@dataclass
-class Running:
-    url: str
-    app: FastAPI
-    server: GracefulServer
-    thread: threading.Thread
-
-
-@contextlib.contextmanager
-def ops_server(server: ServerConfig | None = None, options: EngineOptions = TEST_OPTIONS,
-               wrap_runner: Callable | None = None) -> Iterator[Running]:
-    port = free_port()
-    server = dataclasses.replace(server or ServerConfig(), port=port, served_model_name=MODEL)
-    app = create_app(server, lambda: build_serving(options, MODEL, wrap_runner))
-    uv = make_server(app, "127.0.0.1", port, "warning")
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not uv.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    try:
-        yield Running(f"http://127.0.0.1:{port}", app, uv, thread)
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=30)
+# The operations tests drive the same server as every other integration test.
+ops_server = serving
 
 
 def scrape(base_url: str, headers: dict | None = None) -> dict[str, float]:
