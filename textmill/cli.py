@@ -23,6 +23,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="token budget of one step; longer prompts are prefilled in chunks")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--quantization", choices=("none", "int8", "int4"), default="none",
+                   help="weight-only int8/int4 linear layers (bfloat16 only); int4 keeps the LM head int8")
 
 
 def _add_limit_args(p: argparse.ArgumentParser) -> None:

@@ -38,6 +38,7 @@ class EngineOptions:
     max_num_batched_tokens: int = 512
     prefix_caching: bool = True
     threads: int | None = None
+    quantization: str = "none"  # "int8" / "int4": weight-only, bf16 activations (runner/quant.py)
     max_queued_requests: int = 256
 
 
@@ -100,7 +101,12 @@ def build_engine(opts: EngineOptions, wrap_runner: Callable | None = None) -> Bu
     cache = _cache_config(cfg, opts, dev, max_len)
     sched = SchedulerConfig(max_num_seqs=opts.max_num_seqs, max_num_batched_tokens=opts.max_num_batched_tokens,
                             max_model_len=max_len, max_waiting=opts.max_queued_requests)
-    runner = ModelRunner(loaded.model, cfg, cache, device=dev.device, dtype=getattr(torch, dev.dtype))
+    try:
+        runner = ModelRunner(loaded.model, cfg, cache, device=dev.device, dtype=getattr(torch, dev.dtype),
+                             quantization=opts.quantization)
+    except ValueError as exc:  # e.g. --quantization int4 with float32
+        raise StartupError(str(exc)) from exc
+    log.info("linear layers: %s", runner.linears)
     if wrap_runner is not None:
         runner = wrap_runner(runner)
     engine = Engine(Scheduler(sched, cache), runner, tokenizer)
@@ -109,7 +115,7 @@ def build_engine(opts: EngineOptions, wrap_runner: Callable | None = None) -> Bu
     log.info("loaded %s (%s, %s on %s) in %.1fs; KV cache %d blocks of %d tokens",
              name, cfg.architecture, dev.dtype, dev.device, time.perf_counter() - started,
              cache.num_blocks, cache.block_size)
-    return BuiltEngine(engine, tokenizer, cfg, sched, cache, dev, name, _fingerprint(path, dev))
+    return BuiltEngine(engine, tokenizer, cfg, sched, cache, dev, name, _fingerprint(path, dev, opts.quantization))
 
 
 def _cache_config(cfg: ModelConfig, opts: EngineOptions, dev: DeviceConfig, max_len: int) -> CacheConfig:
@@ -125,9 +131,11 @@ def _cache_config(cfg: ModelConfig, opts: EngineOptions, dev: DeviceConfig, max_
     return CacheConfig(block_size=opts.block_size, num_blocks=num_blocks, enable_prefix_caching=opts.prefix_caching)
 
 
-def _fingerprint(path: Path, dev: DeviceConfig) -> str:
+def _fingerprint(path: Path, dev: DeviceConfig, quantization: str = "none") -> str:
     stat = path.stat()
     ident = f"{path.name}:{stat.st_size}:{dev.dtype}:{dev.device}:{__version__}"
+    if quantization != "none":  # a different model as far as outputs go
+        ident += f":{quantization}"
     return "fp_" + hashlib.sha256(ident.encode()).hexdigest()[:10]
 
 
@@ -149,6 +157,7 @@ def options_from_args(args) -> EngineOptions:
         max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_memory, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         prefix_caching=not args.no_prefix_caching, threads=args.threads,
+        quantization=getattr(args, "quantization", "none"),
         max_queued_requests=getattr(args, "max_queued_requests", 256))
 
 

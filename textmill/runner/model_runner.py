@@ -11,6 +11,7 @@ from textmill.config import CacheConfig, ModelConfig
 from textmill.messages import RunnerOutput, SchedulerOutput, TokenLogprob
 from textmill.runner.batch import Batch, build_batch
 from textmill.runner.kv_cache import KVCache, PagedAttention
+from textmill.runner.quant import install_linears
 from textmill.runner.sampler import PromptLogprobOutput, SampleOutput, Sampler
 
 
@@ -22,11 +23,16 @@ class ModelRunner:
         cache_config: CacheConfig,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
+        quantization: str = "none",
+        fast_linears: bool = True,
     ):
         self.model = model
         self.model_config = model_config
         self.cache_config = cache_config
         self.device = torch.device(device)
+        # Packed bf16 / int8 / int4 kernels replace the model's nn.Linear layers (quant.py).
+        self.linears = (install_linears(model, model_config.vocab_size, self.device, dtype, quantization)
+                        if fast_linears else "nn.Linear")
         self.kv_cache = KVCache(model_config, cache_config, self.device, dtype)
         # The sampler holds all per-request state: params, seeded generator, bias, and the
         # counts of tokens this runner sampled (for penalties). Preemption keeps it.
