@@ -70,15 +70,17 @@ def others_share(before: Snapshot, after: Snapshot) -> float:
     return min(1.0, max(0.0, others / capacity))
 
 
-def wait_for_quiet(threshold: float, timeout_s: float, window_s: float = 3.0) -> float:
+def wait_for_quiet(threshold: float, timeout_s: float, window_s: float = 3.0,
+                   pgid: int | None = None) -> float:
     """Wait until others use under `threshold` of the CPUs for `window_s`; return the last share.
 
-    Gives up after timeout_s (the run then goes on, and its others % says how noisy it was).
+    pgid: the idle server under test, not counted as "others". Gives up after timeout_s
+    (the run then goes on, and its others % says how noisy it was).
     """
     deadline = time.monotonic() + timeout_s
     while True:
-        before = snapshot()
+        before = snapshot(pgid)
         time.sleep(window_s)
-        share = others_share(before, snapshot())
+        share = others_share(before, snapshot(pgid))
         if share < threshold or time.monotonic() >= deadline:
             return share
