@@ -1,10 +1,12 @@
 """SchedulerOutput -> the tensors of one step.
 
-Python builds flat lists (one pass over the chunks), then each array becomes a tensor in
-one torch.tensor call; everything per-position (slots, masks) is derived on the device.
+Python builds flat lists (one pass over the chunks, cache slots included), then all of them
+become one tensor in one torch.tensor call, split into views; masks are derived on the
+device, and only in the steps that need one (kv_cache.py).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +50,7 @@ class _HostLists:
     max_blocks: int
     input_ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
-    seq_index: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
     query_dest: list[int] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
     context_lens: list[int] = field(default_factory=list)
@@ -64,12 +66,15 @@ class _HostLists:
         assert n > 0 and len(c.block_ids) * block_size >= end, f"bad chunk for {c.request_id}"
         self.input_ids.extend(c.token_ids)
         self.positions.extend(range(c.start, end))
-        self.seq_index.extend([b] * n)
+        ids = c.block_ids
+        self.slots.extend(ids[p // block_size] * block_size + p % block_size for p in range(c.start, end))
         self.query_dest.extend(range(b * self.max_query_len, b * self.max_query_len + n))
         self.starts.append(c.start)
         self.context_lens.append(end)
-        self.block_table.extend(c.block_ids)
-        self.block_table.extend([0] * (self.max_blocks - len(c.block_ids)))
+        # Only the blocks that hold context: a table may run ahead of the tokens.
+        used = ids[: self.max_blocks]
+        self.block_table.extend(used)
+        self.block_table.extend([0] * (self.max_blocks - len(used)))
         if c.sample:
             self.sample_rows.append(offset + n - 1)
             self.sample_ids.append(c.request_id)
@@ -84,58 +89,35 @@ class _HostLists:
 def build_batch(scheduled: SchedulerOutput, block_size: int, device: str | torch.device) -> Batch:
     chunks = scheduled.chunks
     assert chunks, "an empty step has no batch"
-    host = _HostLists(max(len(c.token_ids) for c in chunks), max(len(c.block_ids) for c in chunks))
+    max_context = max(c.start + len(c.token_ids) for c in chunks)
+    host = _HostLists(max(len(c.token_ids) for c in chunks), -(-max_context // block_size))
     for b, c in enumerate(chunks):
         host.add(b, c, block_size)
 
-    def t(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=device)
-
-    positions = t(host.positions)
-    table = t(host.block_table).view(len(chunks), host.max_blocks)  # (B, max_blocks)
-    attn = _attention_metadata(
-        table, t(host.seq_index), positions, t(host.query_dest), t(host.starts), t(host.context_lens),
-        block_size, host.max_query_len, max(host.context_lens),
+    # One host-to-device copy for all index arrays, then views of it.
+    arrays = (host.input_ids, host.positions, host.slots, host.query_dest, host.starts, host.context_lens,
+              host.block_table, host.sample_rows + host.prompt_rows, host.prompt_targets)
+    flat = torch.tensor(list(itertools.chain.from_iterable(arrays)), dtype=torch.int64, device=device)
+    input_ids, positions, slots, query_dest, starts, context_lens, table, logits_rows, prompt_targets = (
+        flat.split([len(a) for a in arrays]))
+    attn = AttentionMetadata(
+        slot_mapping=slots,
+        query_dest=query_dest,
+        block_table=table.view(len(chunks), host.max_blocks),
+        starts=starts,
+        context_lens=context_lens,
+        num_seqs=len(chunks),
+        max_query_len=host.max_query_len,
+        max_context_len=max(host.context_lens),
+        min_context_len=min(host.context_lens),
+        first_start=host.starts[0],
     )
     return Batch(
-        input_ids=t(host.input_ids),
+        input_ids=input_ids,
         positions=positions,
         attn=attn,
-        logits_rows=t(host.sample_rows + host.prompt_rows),
+        logits_rows=logits_rows,
         sample_request_ids=tuple(host.sample_ids),
         prompt_segments=tuple(host.segments),
-        prompt_targets=t(host.prompt_targets),
-    )
-
-
-def _attention_metadata(
-    table: torch.Tensor,  # (B, max_blocks)
-    seq_index: torch.Tensor,  # (N,)
-    positions: torch.Tensor,  # (N,)
-    query_dest: torch.Tensor,  # (N,)
-    starts: torch.Tensor,  # (B,)
-    context_lens: torch.Tensor,  # (B,)
-    block_size: int,
-    max_query_len: int,
-    max_context_len: int,
-) -> AttentionMetadata:
-    device = table.device
-    slot_mapping = table[seq_index, positions // block_size] * block_size + positions % block_size
-    key_pos = torch.arange(max_context_len, device=device)  # (Lmax,)
-    # A block table covers start + len tokens, so key_pos // block_size < max_blocks; rows of
-    # shorter sequences read padding slots there, which the mask hides.
-    block_of_key = (key_pos // block_size).expand(table.shape[0], -1)  # (B, Lmax)
-    context_slots = table.gather(1, block_of_key) * block_size + key_pos % block_size
-    # Padded query rows take the last context position, so their mask row is never empty.
-    query_positions = starts[:, None] + torch.arange(max_query_len, device=device)  # (B, Tmax)
-    query_positions = torch.minimum(query_positions, context_lens[:, None] - 1)
-    return AttentionMetadata(
-        slot_mapping=slot_mapping,
-        query_dest=query_dest,
-        context_slots=context_slots,
-        query_positions=query_positions,
-        context_lens=context_lens,
-        num_seqs=table.shape[0],
-        max_query_len=max_query_len,
-        max_context_len=max_context_len,
+        prompt_targets=prompt_targets,
     )

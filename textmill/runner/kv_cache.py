@@ -53,12 +53,19 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # (N,) int64: cache slot of each new token
     query_dest: torch.Tensor  # (N,) int64: row of each new token in the (B * Tmax) padded queries
-    context_slots: torch.Tensor  # (B, Lmax) int64: cache slot of each context position (padding -> any slot)
-    query_positions: torch.Tensor  # (B, Tmax) int64: absolute position of each padded query
+    block_table: torch.Tensor  # (B, max_blocks) int64: each sequence's blocks, padded with block 0
+    starts: torch.Tensor  # (B,) int64: position of each chunk's first token
     context_lens: torch.Tensor  # (B,) int64: start + chunk length
     num_seqs: int
     max_query_len: int  # Tmax
     max_context_len: int  # Lmax
+    min_context_len: int = 0
+    first_start: int = 0  # start of the first chunk (a lone prefill from 0 is plain causal)
+
+    @property
+    def decode_only(self) -> bool:
+        """One new token per sequence (N == B): queries need no padding."""
+        return self.max_query_len == 1
 
 
 @dataclass
@@ -68,7 +75,7 @@ class PagedAttention:
     cache: KVCache
     meta: AttentionMetadata
     # Masks depend only on the step and the window size; layers share them.
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    _masks: dict[tuple, torch.Tensor | str | None] = field(default_factory=dict)
 
     def attend(
         self,
@@ -87,27 +94,50 @@ class PagedAttention:
         v_cache.index_copy_(0, m.slot_mapping, v.to(v_cache.dtype))
         # The context includes this step's own tokens, just written: one path for
         # prefill, chunked prefill, prefix-cache hits and decode.
-        keys = _gather(k_cache, m.context_slots).to(q.dtype).transpose(1, 2)  # (B, Hkv, Lmax, D)
-        values = _gather(v_cache, m.context_slots).to(q.dtype).transpose(1, 2)  # (B, Hkv, Lmax, D)
+        keys = self._gather(k_cache).to(q.dtype).transpose(1, 2)  # (B, Hkv, Lmax, D)
+        values = self._gather(v_cache).to(q.dtype).transpose(1, 2)  # (B, Hkv, Lmax, D)
         n, hq, d = q.shape
-        # index_copy_/index_select, not tensor[idx] = ...: advanced-index assignment is
-        # orders of magnitude slower on CPU.
-        q_pad = q.new_zeros(m.num_seqs * m.max_query_len, hq, d).index_copy_(0, m.query_dest, q)
-        queries = q_pad.view(m.num_seqs, m.max_query_len, hq, d).transpose(1, 2)  # (B, Hq, Tmax, D)
-        mask = self._mask(sliding_window)  # (B, 1, Tmax, Lmax)
-        if logit_softcap is None:
-            out = _sdpa(queries, keys, values, mask, scale)
+        if m.decode_only:  # N == B: one query per sequence, nothing to pad
+            queries = q.view(n, 1, hq, d).transpose(1, 2)  # (B, Hq, 1, D)
         else:
+            # index_copy_/index_select, not tensor[idx] = ...: advanced-index assignment is
+            # orders of magnitude slower on CPU.
+            q_pad = q.new_zeros(m.num_seqs * m.max_query_len, hq, d).index_copy_(0, m.query_dest, q)
+            queries = q_pad.view(m.num_seqs, m.max_query_len, hq, d).transpose(1, 2)  # (B, Hq, Tmax, D)
+        if logit_softcap is None:
+            out = _sdpa(queries, keys, values, self._mask(sliding_window), scale)
+        else:
+            mask = self._mask(sliding_window, need_tensor=True)
             out = _softcapped_attention(queries, keys, values, mask, scale, logit_softcap)
-        out = out.transpose(1, 2).reshape(m.num_seqs * m.max_query_len, hq, d)
-        return out.index_select(0, m.query_dest)  # (N, Hq, D)
+        out = out.transpose(1, 2)  # (B, Tmax, Hq, D)
+        if m.decode_only:
+            return out.reshape(n, hq, d)
+        return out.reshape(m.num_seqs * m.max_query_len, hq, d).index_select(0, m.query_dest)  # (N, Hq, D)
 
-    def _mask(self, sliding_window: int | None) -> torch.Tensor:
-        mask = self._masks.get(sliding_window)
-        if mask is None:
-            mask = build_mask(self.meta, sliding_window)
-            self._masks[sliding_window] = mask
-        return mask
+    def _gather(self, cache: torch.Tensor) -> torch.Tensor:  # (B, Lmax, Hkv, D)
+        """Each sequence's context, copied block by block (a block is one contiguous run of
+        block_size slots), then cut to Lmax; padding blocks read block 0, which the mask hides."""
+        m, bs = self.meta, self.cache.block_size
+        per_block = cache.view(-1, bs * cache.shape[1] * cache.shape[2])  # (num_blocks, bs * Hkv * D)
+        blocks = per_block.index_select(0, m.block_table.view(-1))  # (B * max_blocks, bs * Hkv * D)
+        return blocks.view(m.num_seqs, -1, *cache.shape[1:])[:, : m.max_context_len]
+
+    def _mask(self, sliding_window: int | None, need_tensor: bool = False) -> torch.Tensor | str | None:
+        """The step's mask for this window: a (B, 1, Tmax, Lmax) bool tensor, or, where one
+        is not needed, None (every query sees every key) or "causal" (a lone prefill from 0)."""
+        key = (sliding_window, need_tensor)
+        if key not in self._masks:
+            m = self.meta
+            window_cuts = sliding_window is not None and sliding_window < m.max_context_len
+            if need_tensor or window_cuts:
+                self._masks[key] = build_mask(m, sliding_window)
+            elif m.decode_only and m.min_context_len == m.max_context_len:
+                self._masks[key] = None
+            elif m.num_seqs == 1 and m.first_start == 0:
+                self._masks[key] = "causal"
+            else:
+                self._masks[key] = build_mask(m, None)
+        return self._masks[key]
 
 
 def build_mask(meta: AttentionMetadata, sliding_window: int | None) -> torch.Tensor:
@@ -116,18 +146,15 @@ def build_mask(meta: AttentionMetadata, sliding_window: int | None) -> torch.Ten
     Padded query rows get their position clamped to the last context token (see batch.py),
     so no row is empty: an all-False row would make softmax produce NaN.
     """
-    device = meta.context_slots.device
+    device = meta.block_table.device
     key_pos = torch.arange(meta.max_context_len, device=device)  # (Lmax,)
-    q_pos = meta.query_positions[:, :, None]  # (B, Tmax, 1)
+    q_pos = meta.starts[:, None] + torch.arange(meta.max_query_len, device=device)  # (B, Tmax)
+    # Padded query rows take the last context position, so their mask row is never empty.
+    q_pos = torch.minimum(q_pos, meta.context_lens[:, None] - 1)[:, :, None]  # (B, Tmax, 1)
     mask = (key_pos <= q_pos) & (key_pos < meta.context_lens[:, None, None])  # (B, Tmax, Lmax)
     if sliding_window is not None:
         mask &= q_pos - key_pos < sliding_window
     return mask[:, None]
-
-
-def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """cache (S, Hkv, D), slots (B, L) -> (B, L, Hkv, D)."""
-    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
 
 
 def _expand_kv(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
@@ -136,10 +163,13 @@ def _expand_kv(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
 
 
 def _sdpa(q, k, v, mask, scale) -> torch.Tensor:
+    causal = isinstance(mask, str)
+    mask = None if causal else mask
     if q.shape[1] != k.shape[1] and _SDPA_HAS_GQA:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                              enable_gqa=True)
     k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
 def _softcapped_attention(q, k, v, mask, scale, cap) -> torch.Tensor:

@@ -97,6 +97,8 @@ class Sampler:
         self.penalty_counts = PenaltyCounts(vocab_size, device)
         self.seen = PenaltyCounts(vocab_size, device)  # prompt + generated, for repetition_penalty
         self._requests: dict[str, RequestSampling] = {}
+        # (request ids of the last batch, its bias as (rows, cols, values) or None)
+        self._bias_batch: tuple[tuple[str, ...], tuple | None] | None = None
 
     # ------------------------------------------------------------ per-request state
     def add_request(self, request_id: str, params: SamplingParams, prompt_token_ids=()) -> None:
@@ -118,6 +120,7 @@ class Sampler:
         self._requests[request_id] = state
 
     def remove_request(self, request_id: str) -> None:
+        self._bias_batch = None  # an id may come back with other params
         state = self._requests.pop(request_id, None)
         if state is not None and state.count_row is not None:
             self.penalty_counts.release(state.count_row)
@@ -139,12 +142,14 @@ class Sampler:
         states = [self._requests[r] for r in request_ids]
         logits = logits.float()
         raw = torch.log_softmax(logits, dim=-1)  # (S, V)
-        x = logits.clone()
-        self._apply_bias(x, states)
+        # Copy only when something edits the logits (the caller's tensor stays as it was).
+        x = logits.clone() if any(_edits_logits(s) for s in states) else logits
+        self._apply_bias(x, states, tuple(request_ids))
         self._apply_repetition(x, states)
         penalized = self._apply_penalties(x, states)
         self._ban_early_stops(x, states)
-        tokens = torch.argmax(x, dim=-1)  # (S,) greedy rows keep this
+        # max(dim).indices, not argmax: the same first-maximum index, several times faster on CPU.
+        tokens = torch.max(x, dim=-1).indices  # (S,) greedy rows keep this
         sampled_rows = [i for i, s in enumerate(states) if not s.params.greedy]
         if sampled_rows:
             tokens = self._sample_rows(x, tokens, states, sampled_rows)
@@ -165,14 +170,21 @@ class Sampler:
         top_lps, top_ids = _topk(raw, k)
         return PromptLogprobOutput(chosen, top_ids, top_lps)
 
-    def _apply_bias(self, x: torch.Tensor, states: list[RequestSampling]) -> None:
-        biased = [(i, s) for i, s in enumerate(states) if s.bias_ids is not None]
-        if not biased:
-            return
-        rows = torch.cat([torch.full_like(s.bias_ids, i) for i, s in biased])
-        cols = torch.cat([s.bias_ids for _, s in biased])
-        values = torch.cat([s.bias_values for _, s in biased])
-        x.index_put_((rows, cols), values, accumulate=True)
+    def _apply_bias(self, x: torch.Tensor, states: list[RequestSampling], request_ids: tuple[str, ...]) -> None:
+        # A request's bias never changes, so the batched index tensors are reused for as long
+        # as the batch holds the same requests in the same order (most decode steps).
+        cached = self._bias_batch
+        if cached is None or cached[0] != request_ids:
+            biased = [(i, s) for i, s in enumerate(states) if s.bias_ids is not None]
+            if not biased:
+                self._bias_batch = (request_ids, None)
+                return
+            rows = torch.cat([torch.full_like(s.bias_ids, i) for i, s in biased])
+            cols = torch.cat([s.bias_ids for _, s in biased])
+            values = torch.cat([s.bias_values for _, s in biased])
+            cached = self._bias_batch = (request_ids, (rows, cols, values))
+        if cached[1] is not None:
+            x.index_put_(cached[1][:2], cached[1][2], accumulate=True)
 
     def _apply_penalties(
         self, x: torch.Tensor, states: list[RequestSampling]
@@ -232,6 +244,11 @@ class Sampler:
         draws = [torch.rand((), generator=states[i].generator, dtype=torch.float64).item() for i in sampled_rows]
         uniform = torch.tensor(draws, dtype=torch.float32, device=x.device)
         return greedy_tokens.index_copy(0, rows, sample_inverse_cdf(probs, uniform))
+
+
+def _edits_logits(s: RequestSampling) -> bool:
+    return (s.bias_ids is not None or s.count_row is not None or s.seen_row is not None
+            or (s.stop_ids is not None and s.num_generated < s.params.min_tokens))
 
 
 # ---------------------------------------------------------------- pure pieces (tested alone)

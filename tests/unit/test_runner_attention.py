@@ -1,0 +1,90 @@
+"""The cheap attention paths: decode-only steps (no query padding), steps that need no mask
+and a lone prefill from position 0 (plain causal) give the same results as dense attention."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.unit.test_paged_attention import BLOCK, D, _dense_attention, _flat, _setup
+from textmill.messages import ScheduledChunk, SchedulerOutput
+from textmill.runner.batch import build_batch
+from textmill.runner.kv_cache import PagedAttention, build_mask
+
+CASES = {
+    "decode, equal contexts": [(9, 1), (9, 1), (9, 1)],  # no mask at all
+    "decode, ragged contexts": [(13, 1), (2, 1), (7, 1)],  # key-length mask only
+    "lone prefill from 0": [(0, 9)],  # is_causal
+    "lone prefill after a cached prefix": [(6, 5)],  # needs the offset mask
+    "lone decode": [(11, 1)],
+}
+EXPECTED_MASK = {
+    "decode, equal contexts": None,
+    "decode, ragged contexts": torch.Tensor,
+    "lone prefill from 0": "causal",
+    "lone prefill after a cached prefix": torch.Tensor,
+    "lone decode": None,
+}
+
+
+def _run(seqs, window=None, softcap=None, seed=0):
+    cache, batch, full = _setup(seqs, num_layers=1, seed=seed)
+    ctx = PagedAttention(cache, batch.attn)
+    q, k, v = _flat(full, 0)
+    out = ctx.attend(0, q, k, v, scale=D**-0.5, sliding_window=window, logit_softcap=softcap)
+    expected = torch.cat([
+        _dense_attention(fq, kv[0][0], kv[0][1], range(done, done + len(fq)), D**-0.5, window, softcap)
+        for done, fq, kv, _ in full
+    ])
+    return ctx, out, expected
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fast_paths_match_dense(name):
+    ctx, out, expected = _run(CASES[name])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    mask = ctx._masks[(None, False)]
+    want = EXPECTED_MASK[name]
+    if want is torch.Tensor:
+        assert isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
+    else:
+        assert mask == want  # None or "causal"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_window_shorter_than_the_context_always_gets_a_mask(name):
+    ctx, out, expected = _run(CASES[name], window=3, seed=1)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert isinstance(ctx._masks[(3, False)], torch.Tensor)
+
+
+def test_softcap_on_a_decode_step():
+    _, out, expected = _run(CASES["decode, ragged contexts"], softcap=2.0, seed=2)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_build_mask_hides_padding_and_future_keys():
+    _, batch, _ = _setup([(3, 2), (0, 1)], num_layers=1)
+    mask = build_mask(batch.attn, None)[:, 0]  # (B, Tmax, Lmax)
+    assert mask.shape == (2, 2, 5)
+    assert mask[0].tolist() == [[True] * 4 + [False], [True] * 5]
+    # The padded second query row of sequence 1 repeats its last real row: never empty.
+    assert mask[1].tolist() == [[True] + [False] * 4] * 2
+
+
+def test_block_tables_that_run_ahead_of_the_tokens():
+    """Blocks past the context (allocated ahead) are never attended to (and the table is
+    cut to the blocks the longest context needs)."""
+    cache, batch, full = _setup([(9, 1), (3, 4)], num_layers=1, seed=5)
+    spare = sorted(set(range(40)) - {b for f in full for b in f[3]})[:3]
+    chunks = [ScheduledChunk(f"r{i}", tuple(range(len(fq))), done, blocks + tuple(spare), sample=True)
+              for i, (done, fq, _, blocks) in enumerate(full)]
+    ahead = build_batch(SchedulerOutput((), tuple(chunks)), BLOCK, "cpu")
+    assert ahead.attn.block_table.shape == batch.attn.block_table.shape == (2, 3)
+    q, k, v = _flat(full, 0)
+    for b in spare:  # keys that would win every softmax, values that would show
+        cache.k[0][b * BLOCK:(b + 1) * BLOCK] = 50.0
+        cache.v[0][b * BLOCK:(b + 1) * BLOCK] = 1e6
+    out = PagedAttention(cache, ahead.attn).attend(0, q, k, v, scale=0.5)
+    expected = torch.cat([_dense_attention(fq, kv[0][0], kv[0][1], range(d, d + len(fq)), 0.5)
+                          for d, fq, kv, _ in full])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
