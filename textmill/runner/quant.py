@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from textmill.runner.fused import fuse_llama_layers
 from textmill.runner.linear import PackedLinear, packing_supported, swap_linears, tie_head_as_linear
 
 QUANTIZATIONS = ("none", "int8", "int4")
@@ -130,7 +131,8 @@ def install_linears(model: nn.Module, vocab_size: int, device: torch.device, dty
             return QuantLinear.from_linear(linear, mode, max_small_rows.get(mode, 0))
         return PackedLinear.from_linear(linear)
 
+    fused = fuse_llama_layers(model, make)  # q/k/v and gate/up as single matmuls
     count = swap_linears(model, make)
-    if quantization == "none":
-        return f"{count} linears: packed bf16"
-    return f"{count} linears: {quantization} (LM head {head_mode}), packed bf16 for steps of many tokens"
+    what = "packed bf16" if quantization == "none" else (
+        f"{quantization} (LM head {head_mode}), packed bf16 for steps of many tokens")
+    return f"{what}; {fused} attention/MLP modules fused, {count} more linears swapped"

@@ -1,0 +1,103 @@
+"""Fewer, bigger ops for Llama-style layers, swapped in by the runner after loading.
+
+A decode step on a small model is dominated by per-op overhead: the eager Llama layer
+issues about 70 torch ops, each a few microseconds of dispatch. These modules replace
+models/llama.py's Attention and MLP (also used by Qwen2) with the same math in fewer ops:
+
+* q, k and v come from one matmul over the concatenated weights, gate and up from another;
+* RoPE runs once over q and k together, as x * cos2 + roll(x, D/2) * sin2 with
+  cos2 = [cos, cos] and sin2 = [-sin, sin] built once per step: the same products and
+  sums as rotate-half (a - b == a + (-b) exactly), so the rotation is bitwise unchanged.
+  (A concatenated matmul may block its sums differently for big steps: the last bit of a
+  bf16 output can differ from three separate matmuls; float32 keeps the unfused model.)
+
+Only exact instances of the llama classes are replaced; tests/unit/test_runner_fused.py
+checks the swapped model against the original.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from textmill.models import llama
+
+
+class RopeTables:
+    """cos2/sin2 of the step, built from the first layer's (cos, sin) and reused by the rest
+    (the model computes cos/sin once per forward and hands the same tensors to every layer)."""
+
+    def __init__(self) -> None:
+        self._key: torch.Tensor | None = None
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if cos is not self._key:  # (N, 1, D/2) each -> (N, 1, D) each
+            self._tables = (torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1))
+            self._key = cos
+        return self._tables
+
+
+class FusedAttention(nn.Module):
+    def __init__(self, attn: llama.Attention, make_linear: Callable[[nn.Linear], nn.Module], rope: RopeTables):
+        super().__init__()
+        self.layer_idx, self.sliding_window = attn.layer_idx, attn.sliding_window
+        self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.qkv_proj = make_linear(_concat([attn.q_proj, attn.k_proj, attn.v_proj]))
+        self.o_proj = make_linear(attn.o_proj)
+        self.rope = rope
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
+        n, d, hq, hkv = x.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x)  # (N, (Hq + 2 Hkv) D)
+        qk = qkv[:, : (hq + hkv) * d].view(n, hq + hkv, d)  # (N, Hq + Hkv, D)
+        v = qkv[:, (hq + hkv) * d :].view(n, hkv, d)  # (N, Hkv, D)
+        cos2, sin2 = self.rope.get(cos, sin)
+        x32 = qk.float()
+        qk = (x32 * cos2 + x32.roll(d // 2, dims=-1) * sin2).to(qk.dtype)
+        y = ctx.attend(self.layer_idx, qk[:, :hq], qk[:, hq:], v, scale=d**-0.5,
+                       sliding_window=self.sliding_window)  # (N, Hq, D)
+        return self.o_proj(y.reshape(n, hq * d))
+
+
+class FusedMLP(nn.Module):
+    """SwiGLU with gate and up in one matmul: down(silu(g) * u), [g, u] = x @ [Wg; Wu].T"""
+
+    def __init__(self, mlp: llama.MLP, make_linear: Callable[[nn.Linear], nn.Module]):
+        super().__init__()
+        self.hidden = mlp.gate_proj.out_features
+        self.gate_up_proj = make_linear(_concat([mlp.gate_proj, mlp.up_proj]))
+        self.down_proj = make_linear(mlp.down_proj)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)  # (N, 2F)
+        return self.down_proj(F.silu(gate_up[:, : self.hidden]) * gate_up[:, self.hidden :])
+
+
+def fuse_llama_layers(model: nn.Module, make_linear: Callable[[nn.Linear], nn.Module]) -> int:
+    """Replace exact llama.Attention / llama.MLP children; returns how many were replaced."""
+    rope, count = RopeTables(), 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is llama.Attention:
+                setattr(parent, name, FusedAttention(child, make_linear, rope))
+            elif type(child) is llama.MLP:
+                setattr(parent, name, FusedMLP(child, make_linear))
+            else:
+                continue
+            count += 1
+    return count
+
+
+def _concat(linears: list[nn.Linear]) -> nn.Linear:
+    """One nn.Linear whose output rows are the given layers' rows, in order."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    has_bias = [lin.bias is not None for lin in linears]
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=any(has_bias), device="meta")
+    out.weight = nn.Parameter(weight, requires_grad=False)
+    if any(has_bias):
+        bias = [lin.bias.detach() if lin.bias is not None else weight.new_zeros(lin.out_features) for lin in linears]
+        out.bias = nn.Parameter(torch.cat(bias), requires_grad=False)
+    return out
