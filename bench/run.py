@@ -89,11 +89,11 @@ def measure(server: servers.Server, system: str, args: argparse.Namespace, workl
             c: int) -> Row:
     """One concurrency; re-run (up to --retries times) while other processes disturbed it."""
     n = max(args.min_requests, args.rounds * c)
-    # A seed per concurrency: prompts the server saw in an earlier run would be prefix-cache hits;
-    # a retry repeats them, which only a server with a prefix cache notices (cached % says so).
-    w = replace(workload, seed=workload.seed + 1000 * c)
     best: Row | None = None
-    for _ in range(1 + args.retries):
+    for attempt in range(1 + args.retries):
+        # Fresh prompts per concurrency and attempt: prompts the server saw before would be
+        # prefix-cache hits. Attempt k uses the same prompts for every system.
+        w = replace(workload, seed=workload.seed + 1000 * c + 100 * attempt)
         quiet(args, system, server.pgid)
         before = cpuwatch.snapshot(server.pgid)
         r = asyncio.run(run_load(server.url, server.model, w, c, requests=n, label=system))
