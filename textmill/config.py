@@ -4,7 +4,7 @@ Nothing here reads the environment or a file; cli.py (or a test) decides every v
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,6 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # running requests per step
     max_num_batched_tokens: int = 512  # token budget per step; long prefills are chunked to it
     max_model_len: int = 8192  # context window: prompt + generated tokens
-    max_waiting: int = 256  # bounded waiting queue; past it the API answers 429
 
 
 @dataclass(frozen=True)
@@ -86,4 +85,3 @@ class ServerConfig:
     # Open the port before the model is loaded (/health answers 503 meanwhile); the CLI
     # does, tests that want a ready server when the port opens don't.
     load_in_background: bool = False
-    extra: dict = field(default_factory=dict, hash=False, compare=False)

@@ -27,6 +27,7 @@ class InvalidParam(ValueError):
 
 
 MAX_LOGPROBS = 5
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, logits / temperature overflows float32 and softmax turns to NaN;
+        # such temperatures mean greedy anyway (vLLM draws the line at the same place).
+        return self.temperature < GREEDY_BELOW
 
     @property
     def has_penalties(self) -> bool:

@@ -5,6 +5,7 @@ exercise exactly what `textmill serve` runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -93,14 +94,14 @@ def build_engine(opts: EngineOptions, wrap_runner: Callable | None = None) -> Bu
     started = time.perf_counter()
     try:
         loaded = load_model(path, dtype=getattr(torch, dev.dtype), device=dev.device)
-        tokenizer = Tokenizer.from_gguf(path) if path.is_file() else Tokenizer.from_hf_dir(path)
+        tokenizer = Tokenizer.from_path(path)
     except Exception as exc:  # a corrupt or foreign file fails in many ways; say which, in one line
         raise StartupError(f"cannot load model {path}: {type(exc).__name__}: {exc}") from exc
     cfg = loaded.config
     max_len = min(opts.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     cache = _cache_config(cfg, opts, dev, max_len)
     sched = SchedulerConfig(max_num_seqs=opts.max_num_seqs, max_num_batched_tokens=opts.max_num_batched_tokens,
-                            max_model_len=max_len, max_waiting=opts.max_queued_requests)
+                            max_model_len=max_len)
     try:
         runner = ModelRunner(loaded.model, cfg, cache, device=dev.device, dtype=getattr(torch, dev.dtype),
                              quantization=opts.quantization)
@@ -148,7 +149,8 @@ def build_serving(opts: EngineOptions, served_model_name: str | None = None, wra
         engine=AsyncEngine(built.engine), tokenizer=built.tokenizer,
         model_name=served_model_name or built.model_name,
         max_model_len=built.scheduler_config.max_model_len, fingerprint=built.fingerprint,
-        created=int(time.time()), kv_cache_blocks=built.cache_config.num_blocks)
+        created=int(time.time()), kv_cache_blocks=built.cache_config.num_blocks,
+        vocab_size=min(built.tokenizer.vocab_size, built.model_config.vocab_size))
 
 
 def options_from_args(args) -> EngineOptions:
@@ -191,13 +193,22 @@ def run_serve(args) -> int:
 
 def run_generate(args) -> int:
     from textmill.messages import EngineRequest
-    from textmill.sampling_params import SamplingParams
+    from textmill.sampling_params import InvalidParam, SamplingParams
 
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                seed=args.seed)
+    except InvalidParam as exc:
+        raise StartupError(f"--{exc.param.replace('_', '-')}: {exc.message}") from None
     built = build_engine(options_from_args(args))
     tok = built.tokenizer
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed, stop_token_ids=tuple(sorted(tok.eos_token_ids)))
-    ids = tuple(tok.encode(args.prompt)) or (tok.bos_token_id,)
+    params = dataclasses.replace(params, stop_token_ids=tuple(sorted(tok.eos_token_ids)))
+    start = tok.bos_token_id if tok.bos_token_id is not None else min(tok.eos_token_ids)
+    ids = tuple(tok.encode(args.prompt)) or (start,)
+    window = built.scheduler_config.max_model_len
+    if len(ids) + params.max_tokens > window:
+        raise StartupError(f"the prompt ({len(ids)} tokens) plus --max-tokens {params.max_tokens} "
+                           f"exceeds the context window of {window} tokens")
     built.engine.add_request(EngineRequest("generate-0", ids, params, time.monotonic()))
     print(args.prompt, end="", flush=True)
     while True:

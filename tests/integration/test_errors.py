@@ -98,3 +98,15 @@ def test_tokenize_and_detokenize_errors(base_url):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     r = httpx.post(f"{base_url}/tokenize", json={"model": "nope", "prompt": "x"}, timeout=10)
     assert r.status_code == 404
+
+
+def test_extreme_but_valid_values_fail_nobody(base_url, client):
+    # A huge top_k and a vanishing temperature are legal; they must neither fail the step
+    # (and with it other clients' requests) nor produce a wrong token.
+    greedy = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
+                                       temperature=0).choices[0].text
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4}
+    for extra in ({"top_k": 2**62, "temperature": 1e-30}, {"temperature": 1e-40}):
+        r = httpx.post(f"{base_url}/v1/completions", json={**body, **extra}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == greedy

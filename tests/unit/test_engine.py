@@ -291,3 +291,18 @@ def test_stats_snapshot():
     assert stats.num_requests_finished == 2
     assert stats.prefix_cache_hits > 0 and stats.prefix_cache_queries >= stats.prefix_cache_hits
     assert 0.0 <= stats.kv_cache_usage <= 1.0
+
+
+def test_a_token_the_tokenizer_cannot_spell_fails_only_that_request(caplog):
+    # A model whose embedding has more rows than the tokenizer's table could sample such an
+    # id: that request must end with an error, never hang, and the others must go on.
+    engine, scheduler, runner = make_engine()
+    bad_id = 10_000
+    original = runner._sample
+    runner._sample = lambda rid, last: (TokenLogprob(bad_id, -1.0) if rid == "bad" else original(rid, last))
+    engine.add_request(request("bad", "ab", max_tokens=3))
+    engine.add_request(request("good", "ab", max_tokens=3))
+    outputs = run_to_end(engine)
+    assert outputs["bad"][-1].finish_reason is FinishReason.ERROR
+    assert text_of(outputs["good"]) == "cde" and not engine.has_unfinished
+    assert scheduler.kv_manager.num_free_blocks == 64

@@ -196,7 +196,7 @@ def _sampling_params(req: CompletionRequest, tok: Tokenizer, limits: Limits, max
         logprobs=req.logprobs,
         prompt_logprobs=req.logprobs if echo and req.logprobs is not None else None,
         seed=seed,
-        top_k=req.top_k if req.top_k is not None and req.top_k > 0 else None,
+        top_k=min(req.top_k, limits.vocab_size) if req.top_k is not None and req.top_k > 0 else None,
         min_p=req.min_p or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         min_tokens=req.min_tokens or 0,

@@ -107,7 +107,7 @@ async def create_completion(body: CompletionRequest, request: Request):
 
 async def _prepare(body: CompletionRequest, ctx: ServingContext, cfg: ServerConfig,
                    body_bytes: int) -> PreparedCompletion:
-    limits = Limits(ctx.max_model_len, ctx.tokenizer.vocab_size, cfg.max_prompts_per_request,
+    limits = Limits(ctx.max_model_len, ctx.vocab_size or ctx.tokenizer.vocab_size, cfg.max_prompts_per_request,
                     cfg.max_logit_bias_entries, cfg.max_prompt_tokens, cfg.max_n, cfg.max_best_of)
     if body_bytes > _TOKENIZE_INLINE_BYTES:
         return await asyncio.to_thread(prepare, body, ctx.tokenizer, limits)

@@ -8,7 +8,6 @@ task aborts its engine request (AsyncEngine.generate's contract).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,6 +34,9 @@ class ServingContext:
     fingerprint: str
     created: int = 0
     kv_cache_blocks: int = 0  # blocks in the KV pool (for the blocks-in-use gauge)
+    # Token ids a client may send: those both the model's embedding and the tokenizer know
+    # (an HF tokenizer may list added tokens past the embedding rows, a GGUF the reverse).
+    vocab_size: int = 0
 
 
 _DONE = object()
@@ -71,7 +73,3 @@ async def merged_outputs(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def now() -> float:
-    return time.time()

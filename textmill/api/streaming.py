@@ -6,6 +6,7 @@ A client that leaves closes this generator, which cancels the engine requests (s
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -29,21 +30,25 @@ async def stream_completion(ctx: ServingContext, prepared: PreparedCompletion, r
     states = {(p, c): ChoiceState(prepared.prompts[p], prepared.echo, prepared.logprobs, ctx.tokenizer)
               for p, c, _ in requests}
     try:
-        async for p, c, out in merged_outputs(ctx.engine, requests):
-            state = states[(p, c)]
-            text, lp = state.apply(out)
-            timer.observe((p, c), out.num_output_tokens)
-            if state.error is not None:
-                raise server_error(f"The engine failed while generating: {state.error}")
-            if not text and not out.finished and not (lp and lp.tokens):
-                continue
-            choice = {"text": text, "index": p * prepared.n + c,
-                      "logprobs": lp.as_dict() if lp is not None else None,
-                      "finish_reason": state.finish_reason}
-            chunk = {**head, "choices": [choice]}
-            if prepared.include_usage:
-                chunk["usage"] = None
-            yield _event(chunk)
+        # aclosing: leaving early (an error) cancels the sibling candidates at once.
+        async with contextlib.aclosing(merged_outputs(ctx.engine, requests)) as outputs:
+            async for p, c, out in outputs:
+                state = states[(p, c)]
+                text, lp = state.apply(out)
+                timer.observe((p, c), out.num_output_tokens)
+                if state.error is not None:
+                    # The engine's message is for the log; the client gets OpenAI's generic one.
+                    log.error("stream %s: engine error: %s", head["id"], state.error)
+                    raise server_error()
+                if not text and not out.finished and not (lp and lp.tokens):
+                    continue
+                choice = {"text": text, "index": p * prepared.n + c,
+                          "logprobs": lp.as_dict() if lp is not None else None,
+                          "finish_reason": state.finish_reason}
+                chunk = {**head, "choices": [choice]}
+                if prepared.include_usage:
+                    chunk["usage"] = None
+                yield _event(chunk)
         if prepared.include_usage:
             yield _event({**head, "choices": [], "usage": usage_dict(prepared, states)})
     except APIError as exc:

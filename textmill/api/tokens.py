@@ -35,7 +35,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     ctx = _serving(request)
     _check_model(body.model, ctx)
-    vocab = ctx.tokenizer.vocab_size
+    vocab = ctx.vocab_size or ctx.tokenizer.vocab_size
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:
         raise bad_request(f"Token id {bad[0]} is outside the vocabulary (0..{vocab - 1}).", "tokens")

@@ -158,7 +158,10 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if kind == "abort":
-                self._engine.abort(payload)
+                try:
+                    self._engine.abort(payload)
+                except Exception:  # never let one abort keep the refusals below undelivered
+                    log.exception("aborting request %s failed", payload)
                 continue
             try:
                 self._engine.add_request(payload)

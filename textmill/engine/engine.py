@@ -90,7 +90,12 @@ class Engine:
             ids = [chunk.request_id for chunk in scheduled.chunks]
             return outputs + self.fail_requests(ids, f"engine error: {type(exc).__name__}: {exc}")
         updated = self._scheduler.update_from_output(scheduled, result)
-        outputs += self._outputs.process(updated, self._scheduler.finish_request)
+        for request in updated:  # one request's text failing never touches the others
+            try:
+                outputs += self._outputs.process([request], self._scheduler.finish_request)
+            except Exception as exc:
+                log.exception("output processing failed for request %s", request.request_id)
+                outputs += self.fail_requests([request.request_id], f"output error: {type(exc).__name__}")
         self._forget_finished(outputs)
         return outputs
 
@@ -132,7 +137,13 @@ class Engine:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.error = error
-        output = self._outputs.finish(request)
+        try:
+            output = self._outputs.finish(request)
+        except Exception:  # e.g. an id the tokenizer cannot spell: still end the request
+            log.exception("output processing failed while ending request %s", request_id)
+            output = RequestOutput(request_id, "", (), (), None, finished=True,
+                                   finish_reason=FinishReason.ERROR,
+                                   error=error or "the server could not turn the output into text")
         self._forget_finished([output])
         return output
 

@@ -233,7 +233,8 @@ class Sampler:
         temperature = torch.tensor([p.temperature for p in params], device=x.device)
         probs = torch.softmax(x.index_select(0, rows) / temperature[:, None], dim=-1)  # (R, V)
         if any(p.top_k is not None for p in params):
-            probs = probs * top_k_mask(probs, [p.top_k or probs.shape[-1] for p in params])
+            vocab = probs.shape[-1]
+            probs = probs * top_k_mask(probs, [min(p.top_k or vocab, vocab) for p in params])
         top_p = [p.top_p for p in params]
         if any(p < 1.0 for p in top_p):
             probs = probs * top_p_mask(probs, torch.tensor(top_p, device=x.device))
