@@ -88,3 +88,32 @@ def test_block_tables_that_run_ahead_of_the_tokens():
     expected = torch.cat([_dense_attention(fq, kv[0][0], kv[0][1], range(d, d + len(fq)), 0.5)
                           for d, fq, kv, _ in full])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("done,n", [(10, 1), (0, 7), (5, 6)])
+def test_a_lone_sequence_on_consecutive_blocks_reads_the_cache_in_place(done, n):
+    from tests.unit.test_paged_attention import HKV, HQ, _configs
+    from textmill.runner.kv_cache import KVCache
+
+    torch.manual_seed(7)
+    mc, cc = _configs(num_layers=1)
+    cache = KVCache(mc, cc)
+    total = done + n
+    blocks = tuple(range(3, 3 + -(-total // BLOCK))) + (30,)  # consecutive, then one spare
+    k, v = torch.randn(total, HKV, D), torch.randn(total, HKV, D)
+    cache.k[0][3 * BLOCK : 3 * BLOCK + done] = k[:done]
+    cache.v[0][3 * BLOCK : 3 * BLOCK + done] = v[:done]
+    chunk = ScheduledChunk("r", tuple(range(n)), done, blocks, sample=True)
+    batch = build_batch(SchedulerOutput((), (chunk,)), BLOCK, "cpu")
+    assert batch.attn.contiguous_from == 3 * BLOCK
+    q = torch.randn(n, HQ, D)
+    out = PagedAttention(cache, batch.attn).attend(0, q, k[done:], v[done:], scale=0.4)
+    torch.testing.assert_close(out, _dense_attention(q, k, v, range(done, total), 0.4), atol=1e-5, rtol=1e-5)
+
+
+def test_scattered_or_batched_blocks_are_gathered():
+    a = ScheduledChunk("a", (1,), 4, (5, 9), sample=True)
+    b = ScheduledChunk("b", (1,), 4, (6, 7), sample=True)
+    assert build_batch(SchedulerOutput((), (a,)), BLOCK, "cpu").attn.contiguous_from is None
+    assert build_batch(SchedulerOutput((), (b,)), BLOCK, "cpu").attn.contiguous_from == 6 * BLOCK
+    assert build_batch(SchedulerOutput((), (b, b)), BLOCK, "cpu").attn.contiguous_from is None

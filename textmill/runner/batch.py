@@ -111,6 +111,7 @@ def build_batch(scheduled: SchedulerOutput, block_size: int, device: str | torch
         max_context_len=max(host.context_lens),
         min_context_len=min(host.context_lens),
         first_start=host.starts[0],
+        contiguous_from=_contiguous_from(chunks, host.max_blocks, block_size),
     )
     return Batch(
         input_ids=input_ids,
@@ -121,3 +122,17 @@ def build_batch(scheduled: SchedulerOutput, block_size: int, device: str | torch
         prompt_segments=tuple(host.segments),
         prompt_targets=prompt_targets,
     )
+
+
+def _contiguous_from(chunks: tuple[ScheduledChunk, ...], num_blocks: int, block_size: int) -> int | None:
+    """First slot of a lone chunk whose context blocks are consecutive ids, else None.
+
+    One stream gets its blocks one at a time from the head of the pool's free queue, so
+    this is the usual case for it, and its attention then reads the cache in place."""
+    if len(chunks) != 1:
+        return None
+    ids = chunks[0].block_ids[:num_blocks]
+    first = ids[0]
+    if any(b != first + i for i, b in enumerate(ids)):
+        return None
+    return first * block_size

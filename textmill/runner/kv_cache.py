@@ -20,7 +20,12 @@ _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5
 
 
 class KVCache:
-    """Per-layer K and V pools, each (num_blocks * block_size, Hkv, D) in the model dtype."""
+    """Per-layer pools of (num_blocks * block_size) slots, K and V of a slot side by side.
+
+    kv[layer] is (num_slots, 2, Hkv, D) in the model dtype, so a step writes K and V with one
+    index_copy_ and gathers a context with one index_select; k[layer] and v[layer] are the
+    (num_slots, Hkv, D) views of either half.
+    """
 
     def __init__(
         self,
@@ -32,9 +37,10 @@ class KVCache:
         self.block_size = cache_config.block_size
         self.num_blocks = cache_config.num_blocks
         num_slots = self.num_blocks * self.block_size
-        shape = (num_slots, model_config.num_kv_heads, model_config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_config.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_config.num_layers)]
+        shape = (num_slots, 2, model_config.num_kv_heads, model_config.head_dim)
+        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_config.num_layers)]
+        self.k = [kv[:, 0] for kv in self.kv]
+        self.v = [kv[:, 1] for kv in self.kv]
 
     @staticmethod
     def bytes_per_block(model_config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype) -> int:
@@ -61,6 +67,8 @@ class AttentionMetadata:
     max_context_len: int  # Lmax
     min_context_len: int = 0
     first_start: int = 0  # start of the first chunk (a lone prefill from 0 is plain causal)
+    # A lone sequence whose context blocks are consecutive in the pool: its first slot.
+    contiguous_from: int | None = None
 
     @property
     def decode_only(self) -> bool:
@@ -89,13 +97,16 @@ class PagedAttention:
         logit_softcap: float | None = None,
     ) -> torch.Tensor:  # (N, Hq, D)
         m = self.meta
-        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        k_cache.index_copy_(0, m.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, m.slot_mapping, v.to(v_cache.dtype))
+        cache = self.cache.kv[layer]  # (S, 2, Hkv, D)
+        new_kv = torch.stack([k, v], dim=1)  # (N, 2, Hkv, D)
+        cache.index_copy_(0, m.slot_mapping, new_kv if new_kv.dtype == cache.dtype else new_kv.to(cache.dtype))
         # The context includes this step's own tokens, just written: one path for
         # prefill, chunked prefill, prefix-cache hits and decode.
-        keys = self._gather(k_cache).to(q.dtype).transpose(1, 2)  # (B, Hkv, Lmax, D)
-        values = self._gather(v_cache).to(q.dtype).transpose(1, 2)  # (B, Hkv, Lmax, D)
+        context = self._gather(cache)  # (B, Lmax, 2, Hkv, D)
+        if context.dtype != q.dtype:
+            context = context.to(q.dtype)
+        keys = context[:, :, 0].transpose(1, 2)  # (B, Hkv, Lmax, D)
+        values = context[:, :, 1].transpose(1, 2)  # (B, Hkv, Lmax, D)
         n, hq, d = q.shape
         if m.decode_only:  # N == B: one query per sequence, nothing to pad
             queries = q.view(n, 1, hq, d).transpose(1, 2)  # (B, Hq, 1, D)
@@ -114,12 +125,16 @@ class PagedAttention:
             return out.reshape(n, hq, d)
         return out.reshape(m.num_seqs * m.max_query_len, hq, d).index_select(0, m.query_dest)  # (N, Hq, D)
 
-    def _gather(self, cache: torch.Tensor) -> torch.Tensor:  # (B, Lmax, Hkv, D)
-        """Each sequence's context, copied block by block (a block is one contiguous run of
-        block_size slots), then cut to Lmax; padding blocks read block 0, which the mask hides."""
-        m, bs = self.meta, self.cache.block_size
-        per_block = cache.view(-1, bs * cache.shape[1] * cache.shape[2])  # (num_blocks, bs * Hkv * D)
-        blocks = per_block.index_select(0, m.block_table.view(-1))  # (B * max_blocks, bs * Hkv * D)
+    def _gather(self, cache: torch.Tensor) -> torch.Tensor:  # (B, Lmax, 2, Hkv, D)
+        """Each sequence's context. A lone sequence whose blocks are consecutive in the pool
+        is a view of it; otherwise the context is copied block by block (a block is one
+        contiguous run of slots) and cut to Lmax; padding blocks read block 0, which the mask
+        hides."""
+        m = self.meta
+        if m.contiguous_from is not None:
+            return cache[m.contiguous_from : m.contiguous_from + m.max_context_len][None]
+        per_block = cache.view(self.cache.num_blocks, -1)  # (num_blocks, bs * 2 * Hkv * D)
+        blocks = per_block.index_select(0, m.block_table.view(-1))  # (B * max_blocks, bs * 2 * Hkv * D)
         return blocks.view(m.num_seqs, -1, *cache.shape[1:])[:, : m.max_context_len]
 
     def _mask(self, sliding_window: int | None, need_tensor: bool = False) -> torch.Tensor | str | None:
