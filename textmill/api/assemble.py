@@ -125,6 +125,12 @@ def _finish_reason(out: RequestOutput) -> str | None:
     return reason if reason in ("stop", "length") else None
 
 
+def choice_states(prepared: PreparedCompletion, requests, tokenizer: Tokenizer) -> dict[tuple[int, int], ChoiceState]:
+    """One state per (prompt, candidate) of the fanned-out requests."""
+    return {(p, c): ChoiceState(prepared.prompts[p], prepared.echo, prepared.logprobs, tokenizer)
+            for p, c, _ in requests}
+
+
 def choice_dict(index: int, state: ChoiceState) -> dict:
     return {
         "text": state.text,

@@ -10,13 +10,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from textmill.api.access_log import RequestTrace
-from textmill.api.assemble import ChoiceState, choice_dict, rank, usage_dict
+from textmill.api.assemble import choice_states, choice_dict, rank, usage_dict
 from textmill.api.errors import APIError, server_error
 from textmill.api.lifecycle import Phase
 from textmill.api.metrics import TokenTimer
 from textmill.api.prepare import Limits, PreparedCompletion, prepare
 from textmill.api.protocol import CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList
-from textmill.api.serving import ServingContext, merged_outputs
+from textmill.api.serving import ServingContext, check_model, merged_outputs
 from textmill.api.streaming import stream_completion
 from textmill.config import ServerConfig
 from textmill.engine.async_engine import EngineNotRunning
@@ -67,18 +67,14 @@ async def list_models(request: Request) -> dict:
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS)
 async def retrieve_model(model_id: str, request: Request) -> dict:
     ctx = _serving(request)
-    if model_id != ctx.model_name:
-        raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{ctx.model_name}'.",
-                       param="model", code="model_not_found")
+    check_model(model_id, ctx)
     return _model_card(ctx)
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_COMPLETION_RESPONSES)
 async def create_completion(body: CompletionRequest, request: Request):
     ctx = _serving(request)
-    if body.model != ctx.model_name:
-        raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{ctx.model_name}'.",
-                       param="model", code="model_not_found")
+    check_model(body.model, ctx)
     state = request.app.state
     trace: RequestTrace = request.state.trace
     trace.user = None if body.user is None else body.user.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -123,8 +119,7 @@ def _count_param(body: CompletionRequest, prepared: PreparedCompletion) -> str:
 
 async def _complete(ctx: ServingContext, prepared: PreparedCompletion, requests, trace: RequestTrace,
                     timer: TokenTimer) -> dict:
-    states = {(p, c): ChoiceState(prepared.prompts[p], prepared.echo, prepared.logprobs, ctx.tokenizer)
-              for p, c, _ in requests}
+    states = choice_states(prepared, requests, ctx.tokenizer)
     try:
         async for p, c, out in merged_outputs(ctx.engine, requests):
             states[(p, c)].apply(out)

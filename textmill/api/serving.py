@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from textmill.api.errors import APIError
 from textmill.messages import EngineRequest, RequestOutput
 from textmill.tokenizer import Tokenizer
 
@@ -37,6 +38,13 @@ class ServingContext:
     # Token ids a client may send: those both the model's embedding and the tokenizer know
     # (an HF tokenizer may list added tokens past the embedding rows, a GGUF the reverse).
     vocab_size: int = 0
+
+
+def check_model(model: str | None, ctx: ServingContext) -> None:
+    """404 model_not_found for a name this server does not serve (None: not asked)."""
+    if model is not None and model != ctx.model_name:
+        raise APIError(404, f"The model '{model}' does not exist; this server serves '{ctx.model_name}'.",
+                       param="model", code="model_not_found")
 
 
 _DONE = object()

@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from textmill.api.access_log import RequestTrace
-from textmill.api.assemble import ChoiceState, usage_dict
+from textmill.api.assemble import choice_states, usage_dict
 from textmill.api.errors import APIError, server_error
 from textmill.api.metrics import TokenTimer
 from textmill.api.prepare import PreparedCompletion
@@ -27,8 +27,7 @@ def _event(payload: dict) -> str:
 
 async def stream_completion(ctx: ServingContext, prepared: PreparedCompletion, requests, head: dict,
                             trace: RequestTrace, timer: TokenTimer) -> AsyncIterator[str]:
-    states = {(p, c): ChoiceState(prepared.prompts[p], prepared.echo, prepared.logprobs, ctx.tokenizer)
-              for p, c, _ in requests}
+    states = choice_states(prepared, requests, ctx.tokenizer)
     try:
         # aclosing: leaving early (an error) cancels the sibling candidates at once.
         async with contextlib.aclosing(merged_outputs(ctx.engine, requests)) as outputs:

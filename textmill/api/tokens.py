@@ -6,24 +6,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from textmill.api.errors import APIError, bad_request
+from textmill.api.errors import bad_request
 from textmill.api.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from textmill.api.routes import _ERRORS, _serving
-from textmill.api.serving import ServingContext
+from textmill.api.serving import check_model
 
 router = APIRouter()
-
-
-def _check_model(model: str | None, ctx: ServingContext) -> None:
-    if model is not None and model != ctx.model_name:
-        raise APIError(404, f"The model '{model}' does not exist; this server serves '{ctx.model_name}'.",
-                       param="model", code="model_not_found")
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     ctx = _serving(request)
-    _check_model(body.model, ctx)
+    check_model(body.model, ctx)
     try:
         ids = ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     except UnicodeError:
@@ -34,7 +28,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     ctx = _serving(request)
-    _check_model(body.model, ctx)
+    check_model(body.model, ctx)
     vocab = ctx.vocab_size or ctx.tokenizer.vocab_size
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:
