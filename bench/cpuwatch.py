@@ -84,3 +84,15 @@ def wait_for_quiet(threshold: float, timeout_s: float, window_s: float = 3.0,
         share = others_share(before, snapshot(pgid))
         if share < threshold or time.monotonic() >= deadline:
             return share
+
+
+def group_cores(before: Snapshot, after: Snapshot) -> float:
+    """Cores the watched group kept busy on average: 2.0 is all of this machine."""
+    wall = after.wall - before.wall
+    return (after.group - before.group) / TICKS / wall if wall > 0 else 0.0
+
+
+def own_cores(before: Snapshot, after: Snapshot) -> float:
+    """Cores this process kept busy on average (the HF baseline measures itself with it)."""
+    wall = after.wall - before.wall
+    return (after.own - before.own) / TICKS / wall if wall > 0 else 0.0

@@ -36,6 +36,7 @@ class HFResult:
     dtype: str
     threads: int
     others_cpu: float  # share of the CPUs other processes used during the timed runs
+    cores: float  # cores generate() kept busy on average
 
 
 def default_gguf() -> Path:
@@ -86,12 +87,13 @@ def time_generate(tok, model, workload: Workload, batch_size: int, repeats: int)
             t = time.perf_counter()
             out = model.generate(**enc, **kwargs)
             best = min(best, time.perf_counter() - t)
-        others = cpuwatch.others_share(before, cpuwatch.snapshot())
+        after = cpuwatch.snapshot()
+        others, cores = cpuwatch.others_share(before, after), cpuwatch.own_cores(before, after)
     generated = out.shape[1] - enc["input_ids"].shape[1]
     assert generated == n, f"generated {generated} tokens, expected {n}"
     return HFResult(batch_size=batch_size, new_tokens=n, seconds=best, tok_s=batch_size * n / best,
                     prompt_tokens=enc["input_ids"].shape[1], dtype=str(model.dtype).removeprefix("torch."),
-                    threads=torch.get_num_threads(), others_cpu=others)
+                    threads=torch.get_num_threads(), others_cpu=others, cores=cores)
 
 
 def run(gguf: Path, batch_sizes: list[int], workload: Workload, repeats: int = 1,

@@ -45,6 +45,7 @@ class Row:
     tok_s: float
     result: LoadResult | None = None  # None for the offline HF rows
     others: float | None = None  # share of the CPUs used by other processes meanwhile
+    cores: float | None = None  # CPU cores the system under test kept busy on average
 
 
 def free_port(start: int) -> int:
@@ -97,14 +98,15 @@ def measure(server: servers.Server, system: str, args: argparse.Namespace, workl
         quiet(args, system, server.pgid)
         before = cpuwatch.snapshot(server.pgid)
         r = asyncio.run(run_load(server.url, server.model, w, c, requests=n, label=system))
-        others = cpuwatch.others_share(before, cpuwatch.snapshot(server.pgid))
+        after = cpuwatch.snapshot(server.pgid)
+        others, cores = cpuwatch.others_share(before, after), cpuwatch.group_cores(before, after)
         print(f"[{system}] C={c}: {r.total_tok_s:.1f} tok/s, TTFT p50 {r.ttft_p50_s or 0:.2f} s, "
-              f"{r.errors} errors, others used {others:.0%} of the CPUs"
+              f"{r.errors} errors, server used {cores:.2f} cores, others {others:.0%} of the CPUs"
               + "".join(f"; {x}" for x in r.notes), flush=True)
         if r.first_error:
             print(f"[{system}]   first error: {r.first_error}", flush=True)
         if best is None or others < best.others:
-            best = Row(system, c, r.total_tok_s, result=r, others=others)
+            best = Row(system, c, r.total_tok_s, result=r, others=others, cores=cores)
         if others < args.quiet_threshold:
             break
     return best
@@ -130,7 +132,7 @@ def bench_hf(args: argparse.Namespace, workload: Workload) -> list[Row]:
     if done.returncode != 0:
         raise RuntimeError(f"hf_baseline failed:\n{done.stderr[-2000:]}")
     print(done.stdout, flush=True)
-    return [Row("hf-generate", r["batch_size"], r["tok_s"], others=r["others_cpu"])
+    return [Row("hf-generate", r["batch_size"], r["tok_s"], others=r["others_cpu"], cores=r["cores"])
             for r in json.loads(out.read_text())]
 
 
@@ -142,7 +144,7 @@ def final_table(rows: list[Row]) -> str:
     """All systems, with textmill's tok/s divided by each row's at the same concurrency."""
     tm = {r.concurrency: r.tok_s for r in rows if r.system == "textmill"}
     header = ("system", "conc", "tok/s", "textmill/x", "TTFT p50", "TTFT p99", "lat p50",
-              "lat p99", "stream tok/s", "gen/req", "cached %", "err", "others %")
+              "lat p99", "stream tok/s", "gen/req", "cached %", "err", "cores", "others %")
     body = []
     for r in sorted(rows, key=lambda r: (r.concurrency, SYSTEMS.index(_base(r.system)))):
         lr = r.result
@@ -152,7 +154,7 @@ def final_table(rows: list[Row]) -> str:
                      _f(lr and lr.latency_p50_s), _f(lr and lr.latency_p99_s),
                      _f(lr and lr.stream_tok_s_p50, 1), _f(lr and lr.mean_completion_tokens, 1),
                      _f(lr and lr.cached_fraction and 100 * lr.cached_fraction, 0),
-                     str(lr.errors) if lr else "-", _f(r.others and 100 * r.others, 0)])
+                     str(lr.errors) if lr else "-", _f(r.cores), _f(r.others and 100 * r.others, 0)])
     return format_table(header, body)
 
 
