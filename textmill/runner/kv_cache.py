@@ -116,7 +116,7 @@ class PagedAttention:
             q_pad = q.new_zeros(m.num_seqs * m.max_query_len, hq, d).index_copy_(0, m.query_dest, q)
             queries = q_pad.view(m.num_seqs, m.max_query_len, hq, d).transpose(1, 2)  # (B, Hq, Tmax, D)
         if logit_softcap is None:
-            out = _sdpa(queries, keys, values, self._mask(sliding_window), scale)
+            out = _sdpa(queries, keys, values, self._additive_mask(sliding_window, q.dtype), scale)
         else:
             mask = self._mask(sliding_window, need_tensor=True)
             out = _softcapped_attention(queries, keys, values, mask, scale, logit_softcap)
@@ -136,6 +136,17 @@ class PagedAttention:
         per_block = cache.view(self.cache.num_blocks, -1)  # (num_blocks, bs * 2 * Hkv * D)
         blocks = per_block.index_select(0, m.block_table.view(-1))  # (B * max_blocks, bs * 2 * Hkv * D)
         return blocks.view(m.num_seqs, -1, *cache.shape[1:])[:, : m.max_context_len]
+
+    def _additive_mask(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor | str | None:
+        """_mask() as 0 / -inf in the query dtype, made once per step: SDPA would convert
+        a bool mask in every layer."""
+        key = (sliding_window, dtype)
+        if key not in self._masks:
+            mask = self._mask(sliding_window)
+            if isinstance(mask, torch.Tensor):
+                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            self._masks[key] = mask
+        return self._masks[key]
 
     def _mask(self, sliding_window: int | None, need_tensor: bool = False) -> torch.Tensor | str | None:
         """The step's mask for this window: a (B, 1, Tmax, Lmax) bool tensor, or, where one

@@ -5,6 +5,8 @@ execute() = build batch -> model.forward over the flat batch with a paged Attent
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from textmill.config import CacheConfig, ModelConfig
@@ -34,6 +36,11 @@ class ModelRunner:
         self.linears = (install_linears(model, model_config.vocab_size, self.device, dtype, quantization)
                         if fast_linears else "nn.Linear")
         self.kv_cache = KVCache(model_config, cache_config, self.device, dtype)
+        # OpenMP thread counts are per thread: oneDNN in a thread that never set one uses
+        # every core, whatever torch.set_num_threads said elsewhere. execute() re-applies
+        # the count (set before this runner was built) in whichever thread runs the steps.
+        self._num_threads = torch.get_num_threads()
+        self._threads_set_in: int | None = None
         # The sampler holds all per-request state: params, seeded generator, bias, and the
         # counts of tokens this runner sampled (for penalties). Preemption keeps it.
         self.sampler = Sampler(model_config.vocab_size, self.device)
@@ -44,6 +51,9 @@ class ModelRunner:
         return KVCache.bytes_per_block(model_config, cache_config, dtype)
 
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
+        if self._threads_set_in != threading.get_ident():
+            torch.set_num_threads(self._num_threads)
+            self._threads_set_in = threading.get_ident()
         self._update_requests(scheduled)
         if scheduled.is_empty:
             return RunnerOutput()
