@@ -71,7 +71,8 @@ def _setup(seqs, num_layers=2, seed=0):
         chunks.append(ScheduledChunk(f"r{i}", tuple(range(n)), done, blocks, sample=True))
         full.append((done, q, kv, blocks))
     batch = build_batch(SchedulerOutput((), tuple(chunks)), BLOCK, "cpu")
-    return cache, batch, full
+    # The flat batch holds the chunks in batch.order (decode chunks first).
+    return cache, batch, [full[i] for i in batch.order]
 
 
 def _flat(full, layer):
@@ -165,11 +166,15 @@ def test_batch_metadata():
     assert m.num_seqs == len(MIXED)
     assert m.max_query_len == max(n for _, n in MIXED)
     assert m.max_context_len == max(d + n for d, n in MIXED)
-    assert batch.positions.tolist() == [p for d, n in MIXED for p in range(d, d + n)]
+    # decode chunks first, then the others, each in the scheduler's order
+    assert batch.order == (1, 3, 0, 2, 4)
+    ordered = [MIXED[i] for i in batch.order]
+    assert batch.positions.tolist() == [p for d, n in ordered for p in range(d, d + n)]
+    assert [(g.num_seqs, g.max_query_len) for g in m.groups] == [(2, 1), (3, 7)]
     # every new token has its own slot
     assert len(set(m.slot_mapping.tolist())) == sum(n for _, n in MIXED)
     # only chunks with sample=True get a logits row: the last token of each
-    ends = torch.tensor([n for _, n in MIXED]).cumsum(0) - 1
+    ends = torch.tensor([n for _, n in ordered]).cumsum(0) - 1
     assert batch.logits_rows.tolist() == ends.tolist()
 
 

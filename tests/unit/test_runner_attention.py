@@ -42,7 +42,7 @@ def _run(seqs, window=None, softcap=None, seed=0):
 def test_fast_paths_match_dense(name):
     ctx, out, expected = _run(CASES[name])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    mask = ctx._masks[(None, False)]
+    mask = ctx._masks[(0, None, False)]
     want = EXPECTED_MASK[name]
     if want is torch.Tensor:
         assert isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
@@ -54,7 +54,7 @@ def test_fast_paths_match_dense(name):
 def test_a_window_shorter_than_the_context_always_gets_a_mask(name):
     ctx, out, expected = _run(CASES[name], window=3, seed=1)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    assert isinstance(ctx._masks[(3, False)], torch.Tensor)
+    assert isinstance(ctx._masks[(0, 3, False)], torch.Tensor)
 
 
 def test_softcap_on_a_decode_step():
@@ -63,12 +63,25 @@ def test_softcap_on_a_decode_step():
 
 
 def test_build_mask_hides_padding_and_future_keys():
-    _, batch, _ = _setup([(3, 2), (0, 1)], num_layers=1)
-    mask = build_mask(batch.attn, None)[:, 0]  # (B, Tmax, Lmax)
-    assert mask.shape == (2, 2, 5)
-    assert mask[0].tolist() == [[True] * 4 + [False], [True] * 5]
-    # The padded second query row of sequence 1 repeats its last real row: never empty.
-    assert mask[1].tolist() == [[True] + [False] * 4] * 2
+    _, batch, _ = _setup([(3, 2), (0, 3)], num_layers=1)
+    (group,) = batch.attn.groups
+    mask = build_mask(group, None)[:, 0]  # (B, Tmax, Lmax)
+    assert mask.shape == (2, 3, 5)
+    # The padded third query row of sequence 0 repeats its last real row: never empty.
+    assert mask[0].tolist() == [[True] * 4 + [False], [True] * 5, [True] * 5]
+    assert mask[1].tolist() == [[True] + [False] * 4, [True] * 2 + [False] * 3, [True] * 3 + [False] * 2]
+
+
+def test_a_mixed_step_pads_prefill_queries_only_within_their_group():
+    cache, batch, full = _setup([(20, 1), (0, 9), (7, 1), (3, 4)], num_layers=1, seed=9)
+    decode, prefill = batch.attn.groups
+    assert (decode.num_seqs, decode.max_query_len, decode.token_start) == (2, 1, 0)
+    assert (prefill.num_seqs, prefill.max_query_len, prefill.token_start, prefill.num_tokens) == (2, 9, 2, 13)
+    q, k, v = _flat(full, 0)
+    out = PagedAttention(cache, batch.attn).attend(0, q, k, v, scale=0.3)
+    expected = torch.cat([_dense_attention(fq, kv[0][0], kv[0][1], range(d, d + len(fq)), 0.3)
+                          for d, fq, kv, _ in full])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_block_tables_that_run_ahead_of_the_tokens():
@@ -79,7 +92,9 @@ def test_block_tables_that_run_ahead_of_the_tokens():
     chunks = [ScheduledChunk(f"r{i}", tuple(range(len(fq))), done, blocks + tuple(spare), sample=True)
               for i, (done, fq, _, blocks) in enumerate(full)]
     ahead = build_batch(SchedulerOutput((), tuple(chunks)), BLOCK, "cpu")
-    assert ahead.attn.block_table.shape == batch.attn.block_table.shape == (2, 3)
+    # per group (decode, then prefill): only the blocks the group's longest context needs
+    assert [g.block_table.shape for g in ahead.attn.groups] == [(1, 3), (1, 2)]
+    assert [g.block_table.shape for g in batch.attn.groups] == [(1, 3), (1, 2)]
     q, k, v = _flat(full, 0)
     for b in spare:  # keys that would win every softmax, values that would show
         cache.k[0][b * BLOCK:(b + 1) * BLOCK] = 50.0
@@ -105,7 +120,7 @@ def test_a_lone_sequence_on_consecutive_blocks_reads_the_cache_in_place(done, n)
     cache.v[0][3 * BLOCK : 3 * BLOCK + done] = v[:done]
     chunk = ScheduledChunk("r", tuple(range(n)), done, blocks, sample=True)
     batch = build_batch(SchedulerOutput((), (chunk,)), BLOCK, "cpu")
-    assert batch.attn.contiguous_from == 3 * BLOCK
+    assert batch.attn.groups[0].contiguous_from == 3 * BLOCK
     q = torch.randn(n, HQ, D)
     out = PagedAttention(cache, batch.attn).attend(0, q, k[done:], v[done:], scale=0.4)
     torch.testing.assert_close(out, _dense_attention(q, k, v, range(done, total), 0.4), atol=1e-5, rtol=1e-5)
@@ -114,6 +129,9 @@ def test_a_lone_sequence_on_consecutive_blocks_reads_the_cache_in_place(done, n)
 def test_scattered_or_batched_blocks_are_gathered():
     a = ScheduledChunk("a", (1,), 4, (5, 9), sample=True)
     b = ScheduledChunk("b", (1,), 4, (6, 7), sample=True)
-    assert build_batch(SchedulerOutput((), (a,)), BLOCK, "cpu").attn.contiguous_from is None
-    assert build_batch(SchedulerOutput((), (b,)), BLOCK, "cpu").attn.contiguous_from == 6 * BLOCK
-    assert build_batch(SchedulerOutput((), (b, b)), BLOCK, "cpu").attn.contiguous_from is None
+    def first(*chunks):
+        return build_batch(SchedulerOutput((), chunks), BLOCK, "cpu").attn.groups[0].contiguous_from
+
+    assert first(a) is None
+    assert first(b) == 6 * BLOCK
+    assert first(b, b) is None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from textmill.messages import ScheduledChunk, SchedulerOutput
-from textmill.runner.kv_cache import AttentionMetadata
+from textmill.runner.kv_cache import AttentionGroup, AttentionMetadata
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class Batch:
     sample_request_ids: tuple[str, ...]  # (S,) the request of each sampled row
     prompt_segments: tuple[PromptSegment, ...]
     prompt_targets: torch.Tensor  # (P,) int64: the token whose logprob each prompt row scores
+    # The flat batch holds the scheduler's chunks in this order (indices into its tuple).
+    order: tuple[int, ...] = ()
 
     @property
     def num_sampled(self) -> int:
@@ -43,38 +45,51 @@ class Batch:
 
 
 @dataclass
-class _HostLists:
-    """The step's arrays as Python lists: one pass over the chunks, no tensors yet."""
+class _GroupLists:
+    """One attention group's per-sequence arrays (see kv_cache.AttentionGroup)."""
 
     max_query_len: int
     max_blocks: int
-    input_ids: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    slots: list[int] = field(default_factory=list)
+    token_start: int
     query_dest: list[int] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
     context_lens: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
+
+    def add(self, c: ScheduledChunk) -> None:
+        b, n = len(self.starts), len(c.token_ids)
+        self.query_dest.extend(range(b * self.max_query_len, b * self.max_query_len + n))
+        self.starts.append(c.start)
+        self.context_lens.append(c.start + n)
+        # Only the blocks that hold context: a table may run ahead of the tokens.
+        used = c.block_ids[: self.max_blocks]
+        self.block_table.extend(used)
+        self.block_table.extend([0] * (self.max_blocks - len(used)))
+
+    def arrays(self) -> tuple[list[int], ...]:
+        return self.query_dest, self.starts, self.context_lens, self.block_table
+
+
+@dataclass
+class _HostLists:
+    """The step's flat arrays as Python lists: one pass over the chunks, no tensors yet."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)
     sample_ids: list[str] = field(default_factory=list)
     prompt_rows: list[int] = field(default_factory=list)
     prompt_targets: list[int] = field(default_factory=list)
     segments: list[PromptSegment] = field(default_factory=list)
 
-    def add(self, b: int, c: ScheduledChunk, block_size: int) -> None:
+    def add(self, c: ScheduledChunk, block_size: int) -> None:
         n, offset, end = len(c.token_ids), len(self.input_ids), c.start + len(c.token_ids)
         assert n > 0 and len(c.block_ids) * block_size >= end, f"bad chunk for {c.request_id}"
         self.input_ids.extend(c.token_ids)
         self.positions.extend(range(c.start, end))
         ids = c.block_ids
         self.slots.extend(ids[p // block_size] * block_size + p % block_size for p in range(c.start, end))
-        self.query_dest.extend(range(b * self.max_query_len, b * self.max_query_len + n))
-        self.starts.append(c.start)
-        self.context_lens.append(end)
-        # Only the blocks that hold context: a table may run ahead of the tokens.
-        used = ids[: self.max_blocks]
-        self.block_table.extend(used)
-        self.block_table.extend([0] * (self.max_blocks - len(used)))
         if c.sample:
             self.sample_rows.append(offset + n - 1)
             self.sample_ids.append(c.request_id)
@@ -86,45 +101,80 @@ class _HostLists:
             self.prompt_targets.extend(targets)
 
 
+def step_order(chunks: tuple[ScheduledChunk, ...]) -> tuple[int, ...]:
+    """The order of the chunks in the flat batch: single-token chunks (decode) first, then
+    longer ones, each in the scheduler's order. Attention runs per group, so a prefill
+    chunk never pads every decoding sequence to its length."""
+    return tuple(sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids) > 1))
+
+
 def build_batch(scheduled: SchedulerOutput, block_size: int, device: str | torch.device) -> Batch:
-    chunks = scheduled.chunks
-    assert chunks, "an empty step has no batch"
-    max_context = max(c.start + len(c.token_ids) for c in chunks)
-    host = _HostLists(max(len(c.token_ids) for c in chunks), -(-max_context // block_size))
-    for b, c in enumerate(chunks):
-        host.add(b, c, block_size)
+    assert scheduled.chunks, "an empty step has no batch"
+    order = step_order(scheduled.chunks)
+    chunks = tuple(scheduled.chunks[i] for i in order)
+    host = _HostLists()
+    groups = _groups(chunks, block_size)
+    for c in chunks:
+        host.add(c, block_size)
+    for g, members in groups:
+        for c in members:
+            g.add(c)
 
     # One host-to-device copy for all index arrays, then views of it.
-    arrays = (host.input_ids, host.positions, host.slots, host.query_dest, host.starts, host.context_lens,
-              host.block_table, host.sample_rows + host.prompt_rows, host.prompt_targets)
+    arrays = [host.input_ids, host.positions, host.slots, host.sample_rows + host.prompt_rows, host.prompt_targets]
+    for g, _ in groups:
+        arrays.extend(g.arrays())
     flat = torch.tensor(list(itertools.chain.from_iterable(arrays)), dtype=torch.int64, device=device)
-    input_ids, positions, slots, query_dest, starts, context_lens, table, logits_rows, prompt_targets = (
-        flat.split([len(a) for a in arrays]))
-    attn = AttentionMetadata(
-        slot_mapping=slots,
-        query_dest=query_dest,
-        block_table=table.view(len(chunks), host.max_blocks),
-        starts=starts,
-        context_lens=context_lens,
-        num_seqs=len(chunks),
-        max_query_len=host.max_query_len,
-        max_context_len=max(host.context_lens),
-        min_context_len=min(host.context_lens),
-        first_start=host.starts[0],
-        contiguous_from=_contiguous_from(chunks, host.max_blocks, block_size),
-    )
+    views = flat.split([len(a) for a in arrays])
+    input_ids, positions, slots, logits_rows, prompt_targets = views[:5]
+    attn_groups = tuple(
+        _attention_group(g, members, views[5 + 4 * i : 9 + 4 * i], block_size)
+        for i, (g, members) in enumerate(groups))
     return Batch(
         input_ids=input_ids,
         positions=positions,
-        attn=attn,
+        attn=AttentionMetadata(slot_mapping=slots, groups=attn_groups),
         logits_rows=logits_rows,
         sample_request_ids=tuple(host.sample_ids),
         prompt_segments=tuple(host.segments),
         prompt_targets=prompt_targets,
+        order=order,
     )
 
 
-def _contiguous_from(chunks: tuple[ScheduledChunk, ...], num_blocks: int, block_size: int) -> int | None:
+def _groups(chunks: tuple[ScheduledChunk, ...], block_size: int) -> list[tuple[_GroupLists, list[ScheduledChunk]]]:
+    """Split the ordered chunks into the decode group and the rest (either may be absent)."""
+    num_decode = sum(1 for c in chunks if len(c.token_ids) == 1)
+    out, token_start = [], 0
+    for members in (list(chunks[:num_decode]), list(chunks[num_decode:])):
+        if not members:
+            continue
+        max_context = max(c.start + len(c.token_ids) for c in members)
+        lists = _GroupLists(max(len(c.token_ids) for c in members), -(-max_context // block_size), token_start)
+        out.append((lists, members))
+        token_start += sum(len(c.token_ids) for c in members)
+    return out
+
+
+def _attention_group(g: _GroupLists, members: list[ScheduledChunk], views, block_size: int) -> AttentionGroup:
+    query_dest, starts, context_lens, table = views
+    return AttentionGroup(
+        token_start=g.token_start,
+        num_tokens=len(g.query_dest),
+        query_dest=query_dest,
+        block_table=table.view(len(members), g.max_blocks),
+        starts=starts,
+        context_lens=context_lens,
+        num_seqs=len(members),
+        max_query_len=g.max_query_len,
+        max_context_len=max(g.context_lens),
+        min_context_len=min(g.context_lens),
+        first_start=g.starts[0],
+        contiguous_from=_contiguous_from(members, g.max_blocks, block_size),
+    )
+
+
+def _contiguous_from(chunks: list[ScheduledChunk], num_blocks: int, block_size: int) -> int | None:
     """First slot of a lone chunk whose context blocks are consecutive ids, else None.
 
     One stream gets its blocks one at a time from the head of the pool's free queue, so

@@ -50,15 +50,18 @@ class KVCache:
 
 
 @dataclass(frozen=True)
-class AttentionMetadata:
-    """Index tensors for one step, built once (batch.py) and shared by every layer.
+class AttentionGroup:
+    """The sequences of a step that attend together, and their index tensors.
 
-    B sequences, N new tokens in total; the tokens of one sequence are contiguous in the
-    flat batch. Tmax is the longest chunk, Lmax the longest context (start + chunk length).
+    A step has up to two groups: the sequences with one new token (decode), then those with
+    more (prefill chunks), each contiguous in the flat batch. Queries are padded only to
+    the longest chunk of their own group. Tmax is that longest chunk, Lmax the longest
+    context (start + chunk length).
     """
 
-    slot_mapping: torch.Tensor  # (N,) int64: cache slot of each new token
-    query_dest: torch.Tensor  # (N,) int64: row of each new token in the (B * Tmax) padded queries
+    token_start: int  # the group's tokens are rows [token_start, token_start + num_tokens)
+    num_tokens: int
+    query_dest: torch.Tensor  # (n,) int64: row of each token in the group's (B * Tmax) padded queries
     block_table: torch.Tensor  # (B, max_blocks) int64: each sequence's blocks, padded with block 0
     starts: torch.Tensor  # (B,) int64: position of each chunk's first token
     context_lens: torch.Tensor  # (B,) int64: start + chunk length
@@ -72,8 +75,28 @@ class AttentionMetadata:
 
     @property
     def decode_only(self) -> bool:
-        """One new token per sequence (N == B): queries need no padding."""
+        """One new token per sequence: queries need no padding."""
         return self.max_query_len == 1
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Index tensors for one step, built once (batch.py) and shared by every layer."""
+
+    slot_mapping: torch.Tensor  # (N,) int64: cache slot of each new token
+    groups: tuple[AttentionGroup, ...]
+
+    @property
+    def num_seqs(self) -> int:
+        return sum(g.num_seqs for g in self.groups)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(g.max_query_len for g in self.groups)
+
+    @property
+    def max_context_len(self) -> int:
+        return max(g.max_context_len for g in self.groups)
 
 
 @dataclass
@@ -82,7 +105,7 @@ class PagedAttention:
 
     cache: KVCache
     meta: AttentionMetadata
-    # Masks depend only on the step and the window size; layers share them.
+    # Masks depend only on the step, the group and the window size; layers share them.
     _masks: dict[tuple, torch.Tensor | str | None] = field(default_factory=dict)
 
     def attend(
@@ -96,88 +119,93 @@ class PagedAttention:
         sliding_window: int | None = None,
         logit_softcap: float | None = None,
     ) -> torch.Tensor:  # (N, Hq, D)
-        m = self.meta
         cache = self.cache.kv[layer]  # (S, 2, Hkv, D)
         new_kv = torch.stack([k, v], dim=1)  # (N, 2, Hkv, D)
-        cache.index_copy_(0, m.slot_mapping, new_kv if new_kv.dtype == cache.dtype else new_kv.to(cache.dtype))
+        cache.index_copy_(0, self.meta.slot_mapping, new_kv if new_kv.dtype == cache.dtype else new_kv.to(cache.dtype))
         # The context includes this step's own tokens, just written: one path for
         # prefill, chunked prefill, prefix-cache hits and decode.
-        context = self._gather(cache)  # (B, Lmax, 2, Hkv, D)
+        outs = [self._attend_group(i, g, cache, q[g.token_start : g.token_start + g.num_tokens], scale,
+                                   sliding_window, logit_softcap)
+                for i, g in enumerate(self.meta.groups)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _attend_group(self, index: int, g: AttentionGroup, cache: torch.Tensor, q: torch.Tensor, scale: float,
+                      sliding_window: int | None, logit_softcap: float | None) -> torch.Tensor:
+        context = self._gather(g, cache)  # (B, Lmax, 2, Hkv, D)
         if context.dtype != q.dtype:
             context = context.to(q.dtype)
         keys = context[:, :, 0].transpose(1, 2)  # (B, Hkv, Lmax, D)
         values = context[:, :, 1].transpose(1, 2)  # (B, Hkv, Lmax, D)
         n, hq, d = q.shape
-        if m.decode_only:  # N == B: one query per sequence, nothing to pad
+        if g.decode_only:  # one query per sequence, nothing to pad
             queries = q.view(n, 1, hq, d).transpose(1, 2)  # (B, Hq, 1, D)
         else:
             # index_copy_/index_select, not tensor[idx] = ...: advanced-index assignment is
             # orders of magnitude slower on CPU.
-            q_pad = q.new_zeros(m.num_seqs * m.max_query_len, hq, d).index_copy_(0, m.query_dest, q)
-            queries = q_pad.view(m.num_seqs, m.max_query_len, hq, d).transpose(1, 2)  # (B, Hq, Tmax, D)
+            q_pad = q.new_zeros(g.num_seqs * g.max_query_len, hq, d).index_copy_(0, g.query_dest, q)
+            queries = q_pad.view(g.num_seqs, g.max_query_len, hq, d).transpose(1, 2)  # (B, Hq, Tmax, D)
         if logit_softcap is None:
-            out = _sdpa(queries, keys, values, self._additive_mask(sliding_window, q.dtype), scale)
+            out = _sdpa(queries, keys, values, self._additive_mask(index, sliding_window, q.dtype), scale)
         else:
-            mask = self._mask(sliding_window, need_tensor=True)
+            mask = self._mask(index, sliding_window, need_tensor=True)
             out = _softcapped_attention(queries, keys, values, mask, scale, logit_softcap)
         out = out.transpose(1, 2)  # (B, Tmax, Hq, D)
-        if m.decode_only:
+        if g.decode_only:
             return out.reshape(n, hq, d)
-        return out.reshape(m.num_seqs * m.max_query_len, hq, d).index_select(0, m.query_dest)  # (N, Hq, D)
+        return out.reshape(g.num_seqs * g.max_query_len, hq, d).index_select(0, g.query_dest)  # (n, Hq, D)
 
-    def _gather(self, cache: torch.Tensor) -> torch.Tensor:  # (B, Lmax, 2, Hkv, D)
+    def _gather(self, g: AttentionGroup, cache: torch.Tensor) -> torch.Tensor:  # (B, Lmax, 2, Hkv, D)
         """Each sequence's context. A lone sequence whose blocks are consecutive in the pool
         is a view of it; otherwise the context is copied block by block (a block is one
         contiguous run of slots) and cut to Lmax; padding blocks read block 0, which the mask
         hides."""
-        m = self.meta
-        if m.contiguous_from is not None:
-            return cache[m.contiguous_from : m.contiguous_from + m.max_context_len][None]
+        if g.contiguous_from is not None:
+            return cache[g.contiguous_from : g.contiguous_from + g.max_context_len][None]
         per_block = cache.view(self.cache.num_blocks, -1)  # (num_blocks, bs * 2 * Hkv * D)
-        blocks = per_block.index_select(0, m.block_table.view(-1))  # (B * max_blocks, bs * 2 * Hkv * D)
-        return blocks.view(m.num_seqs, -1, *cache.shape[1:])[:, : m.max_context_len]
+        blocks = per_block.index_select(0, g.block_table.view(-1))  # (B * max_blocks, bs * 2 * Hkv * D)
+        return blocks.view(g.num_seqs, -1, *cache.shape[1:])[:, : g.max_context_len]
 
-    def _additive_mask(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor | str | None:
+    def _additive_mask(self, index: int, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor | str | None:
         """_mask() as 0 / -inf in the query dtype, made once per step: SDPA would convert
         a bool mask in every layer."""
-        key = (sliding_window, dtype)
+        key = (index, sliding_window, dtype)
         if key not in self._masks:
-            mask = self._mask(sliding_window)
+            mask = self._mask(index, sliding_window)
             if isinstance(mask, torch.Tensor):
                 mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
             self._masks[key] = mask
         return self._masks[key]
 
-    def _mask(self, sliding_window: int | None, need_tensor: bool = False) -> torch.Tensor | str | None:
-        """The step's mask for this window: a (B, 1, Tmax, Lmax) bool tensor, or, where one
-        is not needed, None (every query sees every key) or "causal" (a lone prefill from 0)."""
-        key = (sliding_window, need_tensor)
+    def _mask(self, index: int, sliding_window: int | None, need_tensor: bool = False) -> torch.Tensor | str | None:
+        """Group `index`'s mask for this window: a (B, 1, Tmax, Lmax) bool tensor, or, where
+        one is not needed, None (every query sees every key) or "causal" (a lone prefill
+        from 0)."""
+        key = (index, sliding_window, need_tensor)
         if key not in self._masks:
-            m = self.meta
-            window_cuts = sliding_window is not None and sliding_window < m.max_context_len
+            g = self.meta.groups[index]
+            window_cuts = sliding_window is not None and sliding_window < g.max_context_len
             if need_tensor or window_cuts:
-                self._masks[key] = build_mask(m, sliding_window)
-            elif m.decode_only and m.min_context_len == m.max_context_len:
+                self._masks[key] = build_mask(g, sliding_window)
+            elif g.decode_only and g.min_context_len == g.max_context_len:
                 self._masks[key] = None
-            elif m.num_seqs == 1 and m.first_start == 0:
+            elif g.num_seqs == 1 and g.first_start == 0:
                 self._masks[key] = "causal"
             else:
-                self._masks[key] = build_mask(m, None)
+                self._masks[key] = build_mask(g, None)
         return self._masks[key]
 
 
-def build_mask(meta: AttentionMetadata, sliding_window: int | None) -> torch.Tensor:
+def build_mask(group: AttentionGroup, sliding_window: int | None) -> torch.Tensor:
     """(B, 1, Tmax, Lmax) bool, True where a query may attend to a key.
 
-    Padded query rows get their position clamped to the last context token (see batch.py),
-    so no row is empty: an all-False row would make softmax produce NaN.
+    Padded query rows get their position clamped to the last context token, so no row is
+    empty: an all-False row would make softmax produce NaN.
     """
-    device = meta.block_table.device
-    key_pos = torch.arange(meta.max_context_len, device=device)  # (Lmax,)
-    q_pos = meta.starts[:, None] + torch.arange(meta.max_query_len, device=device)  # (B, Tmax)
-    # Padded query rows take the last context position, so their mask row is never empty.
-    q_pos = torch.minimum(q_pos, meta.context_lens[:, None] - 1)[:, :, None]  # (B, Tmax, 1)
-    mask = (key_pos <= q_pos) & (key_pos < meta.context_lens[:, None, None])  # (B, Tmax, Lmax)
+    device = group.block_table.device
+    key_pos = torch.arange(group.max_context_len, device=device)  # (Lmax,)
+    q_pos = group.starts[:, None] + torch.arange(group.max_query_len, device=device)  # (B, Tmax)
+    q_pos = torch.minimum(q_pos, group.context_lens[:, None] - 1)[:, :, None]  # (B, Tmax, 1)
+    mask = (key_pos <= q_pos) & (key_pos < group.context_lens[:, None, None])  # (B, Tmax, Lmax)
     if sliding_window is not None:
         mask &= q_pos - key_pos < sliding_window
     return mask[:, None]
