@@ -26,9 +26,9 @@ EXPECTED_MASK = {
 }
 
 
-def _run(seqs, window=None, softcap=None, seed=0):
+def _run(seqs, window=None, softcap=None, seed=0, grouped=False):
     cache, batch, full = _setup(seqs, num_layers=1, seed=seed)
-    ctx = PagedAttention(cache, batch.attn)
+    ctx = PagedAttention(cache, batch.attn, grouped_decode=grouped)
     q, k, v = _flat(full, 0)
     out = ctx.attend(0, q, k, v, scale=D**-0.5, sliding_window=window, logit_softcap=softcap)
     expected = torch.cat([
@@ -38,9 +38,10 @@ def _run(seqs, window=None, softcap=None, seed=0):
     return ctx, out, expected
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("name", list(CASES))
-def test_fast_paths_match_dense(name):
-    ctx, out, expected = _run(CASES[name])
+def test_fast_paths_match_dense(name, grouped):
+    ctx, out, expected = _run(CASES[name], grouped=grouped)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     mask = ctx._masks[(0, None, False)]
     want = EXPECTED_MASK[name]
@@ -52,7 +53,7 @@ def test_fast_paths_match_dense(name):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_a_window_shorter_than_the_context_always_gets_a_mask(name):
-    ctx, out, expected = _run(CASES[name], window=3, seed=1)
+    ctx, out, expected = _run(CASES[name], window=3, seed=1, grouped=True)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert isinstance(ctx._masks[(0, 3, False)], torch.Tensor)
 

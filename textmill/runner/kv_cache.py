@@ -105,6 +105,9 @@ class PagedAttention:
 
     cache: KVCache
     meta: AttentionMetadata
+    # Decode steps as (B, Hkv, G, D) queries: faster than SDPA's own GQA with 2+ threads,
+    # slower with one (docs/performance.md); the runner decides.
+    grouped_decode: bool = False
     # Masks depend only on the step, the group and the window size; layers share them.
     _masks: dict[tuple, torch.Tensor | str | None] = field(default_factory=dict)
 
@@ -137,6 +140,13 @@ class PagedAttention:
         keys = context[:, :, 0].transpose(1, 2)  # (B, Hkv, Lmax, D)
         values = context[:, :, 1].transpose(1, 2)  # (B, Hkv, Lmax, D)
         n, hq, d = q.shape
+        hkv = keys.shape[1]
+        if g.decode_only and self.grouped_decode and logit_softcap is None and hq != hkv:
+            # The G query heads of a KV head as G query rows of one head (GQA's repeat order):
+            # a third as many SDPA tasks, each reading its keys once.
+            out = _sdpa(q.view(n, hkv, hq // hkv, d), keys, values,
+                        self._additive_mask(index, sliding_window, q.dtype), scale)  # (B, Hkv, G, D)
+            return out.reshape(n, hq, d)
         if g.decode_only:  # one query per sequence, nothing to pad
             queries = q.view(n, 1, hq, d).transpose(1, 2)  # (B, Hq, 1, D)
         else:

@@ -59,7 +59,7 @@ class ModelRunner:
             return RunnerOutput()
         with torch.inference_mode():
             batch = build_batch(scheduled, self.cache_config.block_size, self.device)
-            ctx = PagedAttention(self.kv_cache, batch.attn)
+            ctx = PagedAttention(self.kv_cache, batch.attn, grouped_decode=self._num_threads > 1)
             hidden = self.model.forward(batch.input_ids, batch.positions, ctx)  # (N, C)
             if batch.logits_rows.numel() == 0:
                 return RunnerOutput()  # only mid-prompt chunks: nothing to sample or score
