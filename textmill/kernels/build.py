@@ -1,0 +1,75 @@
+"""Compile-and-load for the C++ extensions in csrc/ (see the package docstring)."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger("textmill.kernels")
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+# name -> the C++ file of that extension; each defines its own PYBIND11_MODULE.
+KERNEL_NAMES = tuple(sorted(p.stem for p in CSRC.glob("*.cpp")))
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17")
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("TEXTMILL_KERNEL_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "textmill" / "kernels"
+
+
+def _cpu_key() -> str:
+    """-march=native code is only valid on this CPU model: the build directory names it."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def _build_id(name: str) -> str:
+    import torch
+
+    h = hashlib.sha256()
+    for part in ((CSRC / f"{name}.cpp").read_bytes(), " ".join(CFLAGS).encode(),
+                 torch.__version__.encode(), _cpu_key().encode()):
+        h.update(part)
+    return h.hexdigest()[:12]
+
+
+@functools.cache  # one build/import per extension per process, like an import
+def load(name: str, verbose: bool = False) -> ModuleType | None:
+    """The compiled extension `name`, building it first if this machine has no build yet.
+    None, with a warning in the log, when it cannot be built or loaded."""
+    if name not in KERNEL_NAMES:
+        raise ValueError(f"unknown kernel extension {name!r}; have {KERNEL_NAMES}")
+    try:
+        from torch.utils import cpp_extension
+
+        build_id = _build_id(name)
+        build_dir = _cache_root() / f"{name}-{build_id}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        return cpp_extension.load(
+            name=f"textmill_{name}_{build_id}",
+            sources=[str(CSRC / f"{name}.cpp")],
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            verbose=verbose,
+        )
+    except Exception as exc:  # a missing compiler or ninja must not stop the server
+        log.warning("C++ kernels %r unavailable, using the torch path: %s", name, str(exc).strip()[-500:])
+        return None
+
+
+def build_all(verbose: bool = False) -> dict[str, bool]:
+    return {name: load(name, verbose) is not None for name in KERNEL_NAMES}
