@@ -1,0 +1,334 @@
+"""kernels/csrc/layer.cpp against plain torch references written from the math.
+
+References run in float64, so the tolerance measures the kernels' float32 error alone.
+Where the machine can build the extension (x86-64 Linux with a compiler, like CI), a failed
+build fails these tests instead of skipping them.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import shutil
+import sys
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from textmill.kernels import load
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def ops():
+    m = load("layer")
+    if m is None:
+        can_build = (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+                     and (shutil.which("c++") or shutil.which("g++")))
+        if can_build:
+            pytest.fail("textmill.kernels.load('layer') returned None on x86-64 Linux with a compiler: "
+                        "the build failed (see the 'textmill.kernels' warning in the log)")
+        pytest.skip("no C++ toolchain for the layer kernels on this machine")
+    return m
+
+
+@contextmanager
+def threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _rms_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    x64 = x.double()
+    return (w.double() * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps))).float()
+
+
+# ---------------------------------------------------------------------------------------
+# RMSNorm, residual add
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m", [1, 3, 16, 64])
+@pytest.mark.parametrize("c", [1, 7, 33, 576, 1001])
+def test_rms_norm(ops, m, c):
+    g = torch.Generator().manual_seed(m * 1000 + c)
+    x = torch.randn(m, c, generator=g) * 3
+    w = torch.randn(c, generator=g)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), _rms_ref(x, w, 1e-5), **TOL)
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 64])
+@pytest.mark.parametrize("c", [1, 7, 33, 576, 1001])
+def test_add_rms_norm(ops, m, c):
+    g = torch.Generator().manual_seed(m * 1000 + c + 1)
+    x, residual = torch.randn(m, c, generator=g), torch.randn(m, c, generator=g) * 10
+    w = torch.randn(c, generator=g)
+    expected_residual = residual + x
+    y = ops.add_rms_norm(x, residual, w, 1e-6)
+    assert torch.equal(residual, expected_residual)  # a float add, updated in place
+    torch.testing.assert_close(y, _rms_ref(expected_residual, w, 1e-6), **TOL)
+
+
+def test_rms_norm_zero_row_uses_eps(ops):
+    x = torch.zeros(2, 9)
+    assert torch.equal(ops.rms_norm(x, torch.ones(9), 1e-5), torch.zeros(2, 9))
+
+
+def test_norm_rejects_bad_arguments(ops):
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.rms_norm(torch.ones(2, 4, dtype=torch.float64), torch.ones(4), 1e-5)
+    with pytest.raises(RuntimeError, match="w: expected"):
+        ops.rms_norm(torch.ones(2, 4), torch.ones(5), 1e-5)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.rms_norm(torch.ones(4, 2).t(), torch.ones(4), 1e-5)
+    with pytest.raises(RuntimeError, match="residual"):
+        ops.add_rms_norm(torch.ones(2, 4), torch.ones(3, 4), torch.ones(4), 1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# SwiGLU
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 3, 16, 64])
+@pytest.mark.parametrize("f", [1, 7, 33, 1536])
+def test_silu_mul(ops, n, f):
+    g = torch.Generator().manual_seed(n * 100 + f)
+    gate_up = torch.randn(n, 2 * f, generator=g) * 4
+    gate_up[0, : min(f, 4)] = torch.tensor([-100.0, 100.0, -87.0, 0.0])[: min(f, 4)]  # exp's clamps
+    ref = gate_up.double()
+    ref = (torch.nn.functional.silu(ref[:, :f]) * ref[:, f:]).float()
+    torch.testing.assert_close(ops.silu_mul(gate_up), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_silu_mul_rejects_odd_width(ops):
+    with pytest.raises(RuntimeError, match="even"):
+        ops.silu_mul(torch.ones(2, 5))
+
+
+# ---------------------------------------------------------------------------------------
+# RoPE + KV write
+# ---------------------------------------------------------------------------------------
+def _rope_tables(num_positions: int, d: int, theta: float = 10000.0):
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    freqs = torch.outer(torch.arange(num_positions, dtype=torch.float64), inv_freq)
+    return freqs.cos().float(), freqs.sin().float()
+
+
+def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (N, H, D); cos/sin (N, D/2): out1 = x1 cos - x2 sin, out2 = x2 cos + x1 sin."""
+    x1, x2 = x.double().chunk(2, dim=-1)
+    c, s = cos.double()[:, None], sin.double()[:, None]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).float()
+
+
+@pytest.mark.parametrize("n", [1, 3, 16, 64])
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 4, 32), (6, 2, 128), (2, 1, 6)])
+def test_rope_kv_write(ops, n, hq, hkv, d):
+    g = torch.Generator().manual_seed(n * 7 + d)
+    num_slots, num_positions = 200, 4096
+    cos, sin = _rope_tables(num_positions, d)
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g)
+    positions = torch.randint(0, num_positions, (n,), generator=g)
+    slots = torch.randperm(num_slots, generator=g)[:n]
+    cache = torch.randn(num_slots, 2, hkv, d, generator=g)
+    before = cache.clone()
+    q = ops.rope_kv_write(qkv, positions, cos, sin, cache, slots, hq, hkv)
+
+    heads = qkv.view(n, hq + 2 * hkv, d)
+    c, s = cos[positions], sin[positions]
+    assert q.shape == (n, hq, d) and q.is_contiguous()
+    torch.testing.assert_close(q, _rotate_ref(heads[:, :hq], c, s), **TOL)
+    torch.testing.assert_close(cache[slots, 0], _rotate_ref(heads[:, hq : hq + hkv], c, s), **TOL)
+    assert torch.equal(cache[slots, 1], heads[:, hq + hkv :])  # v is copied, not rotated
+    untouched = torch.ones(num_slots, dtype=torch.bool)
+    untouched[slots] = False
+    assert torch.equal(cache[untouched], before[untouched])
+
+
+def test_rope_kv_write_rejects_bad_arguments(ops):
+    cos, sin = _rope_tables(8, 4)
+    cache = torch.zeros(4, 2, 1, 4)
+    qkv = torch.zeros(1, 3 * 4)
+    ok = dict(positions=torch.tensor([7]), slot_mapping=torch.tensor([3]))
+
+    def call(**kw):
+        args = {**ok, **kw}
+        return ops.rope_kv_write(qkv, args["positions"], cos, sin, cache, args["slot_mapping"], 1, 1)
+
+    call()
+    with pytest.raises(RuntimeError, match="rope table"):
+        call(positions=torch.tensor([8]))
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        call(slot_mapping=torch.tensor([4]))
+    with pytest.raises(RuntimeError, match="int64"):
+        call(slot_mapping=torch.tensor([3], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="qkv: expected"):
+        ops.rope_kv_write(torch.zeros(1, 16), ok["positions"], cos, sin, cache, ok["slot_mapping"], 1, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# Paged attention
+# ---------------------------------------------------------------------------------------
+class PagedCase:
+    """A random paged cache and a batch of sequences (start, query rows) over it, with each
+    sequence's blocks scattered over the pool in scrambled order."""
+
+    def __init__(self, seqs, hq, hkv, d, block_size, seed=0, extra_blocks=3):
+        g = torch.Generator().manual_seed(seed)
+        self.seqs, self.hq, self.hkv, self.d, self.block_size = seqs, hq, hkv, d, block_size
+        need = [math.ceil((s + r) / block_size) for s, r in seqs]
+        num_blocks = sum(need) + extra_blocks
+        self.cache = torch.randn(num_blocks * block_size, 2, hkv, d, generator=g)
+        perm = torch.randperm(num_blocks, generator=g)
+        max_blocks = max(need) + 1  # one column of padding, as the runner's tables have
+        self.block_table = torch.zeros(len(seqs), max_blocks, dtype=torch.int64)
+        used = 0
+        for b, k in enumerate(need):
+            self.block_table[b, :k] = perm[used : used + k]
+            used += k
+        rows = [r for _, r in seqs]
+        self.query_start = torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], dtype=torch.int64)
+        self.seq_start = torch.tensor([s for s, _ in seqs], dtype=torch.int64)
+        self.context_lens = torch.tensor([s + r for s, r in seqs], dtype=torch.int64)
+        self.q = torch.randn(sum(rows), hq, d, generator=g)
+
+    def run(self, ops, q=None, scale=None, window=0, softcap=0.0):
+        scale = self.d**-0.5 if scale is None else scale
+        return ops.paged_attention(self.q if q is None else q, self.cache, self.block_table, self.query_start,
+                                   self.seq_start, self.context_lens, self.block_size, scale, window, softcap)
+
+    def reference(self, scale=None, window=0, softcap=0.0):
+        """Gather each sequence's context through its block table, then masked softmax
+        attention in float64 with the kv heads repeated for GQA."""
+        scale = self.d**-0.5 if scale is None else scale
+        group = self.hq // self.hkv
+        out = torch.empty_like(self.q)
+        for b, (start, rows) in enumerate(self.seqs):
+            if rows == 0:
+                continue
+            ctx = start + rows
+            keys = torch.arange(ctx)
+            slots = self.block_table[b, keys // self.block_size] * self.block_size + keys % self.block_size
+            kv = self.cache[slots].double()  # (L, 2, Hkv, D)
+            k = kv[:, 0].repeat_interleave(group, dim=1)  # (L, Hq, D)
+            v = kv[:, 1].repeat_interleave(group, dim=1)
+            q = self.q[self.query_start[b] : self.query_start[b + 1]].double()  # (T, Hq, D)
+            scores = torch.einsum("thd,lhd->htl", q, k) * scale
+            if softcap > 0:
+                scores = softcap * torch.tanh(scores / softcap)
+            pos = torch.arange(start, ctx)[:, None]  # (T, 1)
+            visible = keys[None] <= pos
+            if window > 0:
+                visible &= pos - keys[None] < window
+            scores = scores.masked_fill(~visible[None], float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            out[self.query_start[b] : self.query_start[b + 1]] = torch.einsum("htl,lhd->thd", probs, v).float()
+        return out
+
+
+HEADS = [(9, 3), (4, 4), (6, 2)]  # GQA 3, plain multi-head, GQA 3 with few heads
+
+
+@pytest.mark.parametrize("num_seqs", [1, 3, 16, 64])
+@pytest.mark.parametrize("hq,hkv", HEADS)
+def test_paged_attention_decode(ops, num_seqs, hq, hkv):
+    g = torch.Generator().manual_seed(num_seqs)
+    contexts = torch.randint(1, 300, (num_seqs,), generator=g).tolist()
+    case = PagedCase([(c - 1, 1) for c in contexts], hq, hkv, 64, 16, seed=num_seqs + hq)
+    torch.testing.assert_close(case.run(ops), case.reference(), **TOL)
+
+
+@pytest.mark.parametrize("d", [32, 64, 128])
+@pytest.mark.parametrize("block_size", [16, 1])
+def test_paged_attention_mixed_batch(ops, d, block_size):
+    # decode rows, first chunks, chunks after cached tokens, and chunks that cross the
+    # kernel's 256-key chunk boundary; one sequence has no rows in this step.
+    seqs = [(5, 6), (13, 1), (0, 7), (2, 1), (100, 64), (250, 20), (0, 1), (40, 0), (1023, 1), (300, 33)]
+    case = PagedCase(seqs, 9, 3, d, block_size, seed=d + block_size)
+    torch.testing.assert_close(case.run(ops), case.reference(), **TOL)
+
+
+@pytest.mark.parametrize("hq,hkv", HEADS)
+def test_paged_attention_prefill_from_zero(ops, hq, hkv):
+    case = PagedCase([(0, 64)], hq, hkv, 64, 16, seed=hq)
+    torch.testing.assert_close(case.run(ops), case.reference(), **TOL)
+
+
+@pytest.mark.parametrize("context", [1, 2, 255, 256, 257, 1100, 2048])
+def test_paged_attention_long_and_short_contexts(ops, context):
+    case = PagedCase([(context - 1, 1), (max(0, context - 3), min(3, context))], 9, 3, 64, 16, seed=context)
+    torch.testing.assert_close(case.run(ops), case.reference(), **TOL)
+
+
+@pytest.mark.parametrize("window", [1, 5, 64, 300, 5000])
+def test_paged_attention_sliding_window(ops, window):
+    seqs = [(5, 6), (13, 1), (0, 7), (100, 64), (700, 1), (240, 40)]
+    case = PagedCase(seqs, 6, 2, 64, 16, seed=window)
+    torch.testing.assert_close(case.run(ops, window=window), case.reference(window=window), **TOL)
+
+
+@pytest.mark.parametrize("softcap,window", [(30.0, 0), (5.0, 0), (50.0, 17)])
+def test_paged_attention_softcap(ops, softcap, window):
+    seqs = [(5, 6), (13, 1), (0, 7), (300, 20)]
+    case = PagedCase(seqs, 8, 4, 128, 16, seed=int(softcap))
+    case.q *= 4  # scores large enough for the cap to matter
+    kw = dict(softcap=softcap, window=window, scale=0.0625)
+    torch.testing.assert_close(case.run(ops, **kw), case.reference(**kw), **TOL)
+
+
+def test_paged_attention_threads_and_batch_do_not_change_a_row(ops):
+    """Every row is computed the same way whatever the rest of the batch and the thread
+    count (the kernel splits long decodes over threads only when it has few tasks): the
+    outputs are bitwise equal, which keeps seeded sampling reproducible under load."""
+    seqs = [(1099, 1), (2000, 1), (37, 1), (200, 90)]
+    case = PagedCase(seqs, 9, 3, 64, 16, seed=5)
+    with threads(1):
+        one = case.run(ops)
+    with threads(2):
+        two = case.run(ops)
+    assert torch.equal(one, two)
+    torch.testing.assert_close(one, case.reference(), **TOL)
+    # Each sequence alone (few tasks: long contexts are split over threads) gives the same rows.
+    for b, (start, rows) in enumerate(seqs):
+        alone = PagedCase([(start, rows)], 9, 3, 64, 16)
+        alone.cache, alone.block_table = case.cache, case.block_table[b : b + 1]
+        alone.q = case.q[case.query_start[b] : case.query_start[b + 1]].clone()
+        for n in (1, 2):
+            with threads(n):
+                assert torch.equal(alone.run(ops), one[case.query_start[b] : case.query_start[b + 1]])
+
+
+def test_paged_attention_empty_batch(ops):
+    case = PagedCase([(3, 0)], 4, 2, 32, 16)
+    assert case.run(ops).shape == (0, 4, 32)
+
+
+def test_paged_attention_rejects_bad_metadata(ops):
+    case = PagedCase([(5, 2), (0, 3)], 4, 2, 32, 4)
+
+    def call(**kw):
+        args = dict(q=case.q, cache=case.cache, block_table=case.block_table, query_start=case.query_start,
+                    seq_start=case.seq_start, context_lens=case.context_lens, block_size=4)
+        args.update(kw)
+        return ops.paged_attention(args["q"], args["cache"], args["block_table"], args["query_start"],
+                                   args["seq_start"], args["context_lens"], args["block_size"], 0.1, 0, 0.0)
+
+    call()
+    bad_table = case.block_table.clone()
+    bad_table[0, 1] = case.cache.shape[0]  # a block id past the pool
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        call(block_table=bad_table)
+    with pytest.raises(RuntimeError, match="context_lens"):
+        call(context_lens=case.context_lens + 1)
+    with pytest.raises(RuntimeError, match="query_start"):
+        call(query_start=torch.tensor([0, 2, 4]))
+    with pytest.raises(RuntimeError, match="need"):
+        call(block_table=case.block_table[:, :1].contiguous())
+    with pytest.raises(RuntimeError, match="multiple of kv heads"):
+        call(q=torch.randn(5, 3, 32))
+    with pytest.raises(RuntimeError, match="float32"):
+        call(q=case.q.double())
+    with pytest.raises(RuntimeError, match="block_size"):
+        call(block_size=0)
