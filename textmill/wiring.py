@@ -39,7 +39,8 @@ class EngineOptions:
     max_num_batched_tokens: int = 512
     prefix_caching: bool = True
     threads: int | None = None
-    quantization: str = "none"  # "int8" / "int4": weight-only, bf16 activations (runner/quant.py)
+    quantization: str = "none"  # "int8" / "int4": weight-only (runner/quant.py, runner/qlinear.py)
+    kernels: bool = True  # textmill's C++ CPU kernels for float32 (textmill/kernels); False: eager torch
     max_queued_requests: int = 256
 
 
@@ -104,10 +105,11 @@ def build_engine(opts: EngineOptions, wrap_runner: Callable | None = None) -> Bu
                             max_model_len=max_len)
     try:
         runner = ModelRunner(loaded.model, cfg, cache, device=dev.device, dtype=getattr(torch, dev.dtype),
-                             quantization=opts.quantization)
+                             quantization=opts.quantization, kernels=opts.kernels)
     except ValueError as exc:  # e.g. --quantization int4 with float32
         raise StartupError(str(exc)) from exc
-    log.info("linear layers: %s", runner.linears)
+    log.info("linear layers: %s; forward: %s", runner.linears,
+             "C++ kernels" if runner.ops is not None else "eager torch")
     if wrap_runner is not None:
         runner = wrap_runner(runner)
     engine = Engine(Scheduler(sched, cache), runner, tokenizer)
@@ -159,7 +161,7 @@ def options_from_args(args) -> EngineOptions:
         max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_memory, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         prefix_caching=not args.no_prefix_caching, threads=args.threads,
-        quantization=getattr(args, "quantization", "none"),
+        quantization=getattr(args, "quantization", "none"), kernels=not getattr(args, "no_kernels", False),
         max_queued_requests=getattr(args, "max_queued_requests", 256))
 
 

@@ -55,10 +55,12 @@ class _GroupLists:
     starts: list[int] = field(default_factory=list)
     context_lens: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
+    query_start: list[int] = field(default_factory=lambda: [0])
 
     def add(self, c: ScheduledChunk) -> None:
         b, n = len(self.starts), len(c.token_ids)
         self.query_dest.extend(range(b * self.max_query_len, b * self.max_query_len + n))
+        self.query_start.append(self.query_start[-1] + n)
         self.starts.append(c.start)
         self.context_lens.append(c.start + n)
         # Only the blocks that hold context: a table may run ahead of the tokens.
@@ -67,7 +69,7 @@ class _GroupLists:
         self.block_table.extend([0] * (self.max_blocks - len(used)))
 
     def arrays(self) -> tuple[list[int], ...]:
-        return self.query_dest, self.starts, self.context_lens, self.block_table
+        return self.query_dest, self.starts, self.context_lens, self.block_table, self.query_start
 
 
 @dataclass
@@ -128,7 +130,7 @@ def build_batch(scheduled: SchedulerOutput, block_size: int, device: str | torch
     views = flat.split([len(a) for a in arrays])
     input_ids, positions, slots, logits_rows, prompt_targets = views[:5]
     attn_groups = tuple(
-        _attention_group(g, members, views[5 + 4 * i : 9 + 4 * i], block_size)
+        _attention_group(g, members, views[5 + 5 * i : 10 + 5 * i], block_size)
         for i, (g, members) in enumerate(groups))
     return Batch(
         input_ids=input_ids,
@@ -157,7 +159,7 @@ def _groups(chunks: tuple[ScheduledChunk, ...], block_size: int) -> list[tuple[_
 
 
 def _attention_group(g: _GroupLists, members: list[ScheduledChunk], views, block_size: int) -> AttentionGroup:
-    query_dest, starts, context_lens, table = views
+    query_dest, starts, context_lens, table, query_start = views
     return AttentionGroup(
         token_start=g.token_start,
         num_tokens=len(g.query_dest),
@@ -165,6 +167,7 @@ def _attention_group(g: _GroupLists, members: list[ScheduledChunk], views, block
         block_table=table.view(len(members), g.max_blocks),
         starts=starts,
         context_lens=context_lens,
+        query_start=query_start,
         num_seqs=len(members),
         max_query_len=g.max_query_len,
         max_context_len=max(g.context_lens),

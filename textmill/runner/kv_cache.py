@@ -65,6 +65,8 @@ class AttentionGroup:
     block_table: torch.Tensor  # (B, max_blocks) int64: each sequence's blocks, padded with block 0
     starts: torch.Tensor  # (B,) int64: position of each chunk's first token
     context_lens: torch.Tensor  # (B,) int64: start + chunk length
+    # (B + 1,) int64: sequence b's tokens are the group's rows [query_start[b], query_start[b + 1])
+    query_start: torch.Tensor
     num_seqs: int
     max_query_len: int  # Tmax
     max_context_len: int  # Lmax

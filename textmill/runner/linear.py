@@ -23,8 +23,10 @@ _PACK_BATCH_HINT = 16
 
 
 def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """bf16 on a CPU with oneDNN. float32 keeps nn.Linear (MKL), the reference path."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+    """bf16 on a CPU whose oneDNN has bf16 kernels (AVX-512 BW/VL/DQ or AVX-NE-CONVERT: the
+    weight reorder refuses plain AVX2 CPUs). float32 keeps nn.Linear (MKL)."""
+    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
 class PackedLinear(nn.Module):

@@ -11,7 +11,10 @@ import torch
 
 from textmill.config import CacheConfig, ModelConfig
 from textmill.messages import RunnerOutput, SchedulerOutput, TokenLogprob
+from textmill import kernels as cpp_kernels
 from textmill.runner.batch import Batch, build_batch
+from textmill.runner.kernel_attention import KernelPagedAttention
+from textmill.runner.kernel_forward import KernelForward
 from textmill.runner.kv_cache import KVCache, PagedAttention
 from textmill.runner.quant import install_linears
 from textmill.runner.sampler import PromptLogprobOutput, SampleOutput, Sampler
@@ -27,14 +30,23 @@ class ModelRunner:
         dtype: torch.dtype = torch.float32,
         quantization: str = "none",
         fast_linears: bool = True,
+        kernels: bool = True,
     ):
         self.model = model
         self.model_config = model_config
         self.cache_config = cache_config
         self.device = torch.device(device)
+        # textmill's C++ kernels (textmill/kernels) serve float32 on the CPU: paged attention
+        # for every model, and for the Llama family a whole forward pass of fused calls.
+        # Without them (another dtype or device, no compiler, kernels=False) the eager path.
+        self.ops = (cpp_kernels.load("layer")
+                    if kernels and fast_linears and self.device.type == "cpu" and dtype == torch.float32 else None)
         # Packed bf16 / int8 / int4 kernels replace the model's nn.Linear layers (quant.py).
-        self.linears = (install_linears(model, model_config.vocab_size, self.device, dtype, quantization)
+        self.linears = (install_linears(model, model_config.vocab_size, self.device, dtype, quantization,
+                                        kernels=self.ops is not None)
                         if fast_linears else "nn.Linear")
+        self.forward = (KernelForward(model, self.ops)
+                        if self.ops is not None and KernelForward.supports(model) else model.forward)
         self.kv_cache = KVCache(model_config, cache_config, self.device, dtype)
         # OpenMP thread counts are per thread: oneDNN in a thread that never set one uses
         # every core, whatever torch.set_num_threads said elsewhere. execute() re-applies
@@ -59,8 +71,11 @@ class ModelRunner:
             return RunnerOutput()
         with torch.inference_mode():
             batch = build_batch(scheduled, self.cache_config.block_size, self.device)
-            ctx = PagedAttention(self.kv_cache, batch.attn, grouped_decode=self._num_threads > 1)
-            hidden = self.model.forward(batch.input_ids, batch.positions, ctx)  # (N, C)
+            if self.ops is not None:
+                ctx = KernelPagedAttention(self.kv_cache, batch.attn, self.ops)
+            else:
+                ctx = PagedAttention(self.kv_cache, batch.attn, grouped_decode=self._num_threads > 1)
+            hidden = self.forward(batch.input_ids, batch.positions, ctx)  # (N, C)
             if batch.logits_rows.numel() == 0:
                 return RunnerOutput()  # only mid-prompt chunks: nothing to sample or score
             logits = self.model.logits(hidden.index_select(0, batch.logits_rows))  # (S + P, V)

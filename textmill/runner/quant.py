@@ -105,15 +105,20 @@ def quantizable(linear: nn.Linear, mode: str) -> bool:
 
 
 def install_linears(model: nn.Module, vocab_size: int, device: torch.device, dtype: torch.dtype,
-                    quantization: str = "none", max_small_rows: dict[str, int] | None = None) -> str:
+                    quantization: str = "none", max_small_rows: dict[str, int] | None = None,
+                    kernels: bool = False) -> str:
     """Swap the model's nn.Linear layers for the fastest kernels the device has.
 
-    Returns a one-line summary for the log. float32 keeps nn.Linear (the reference path);
-    int8/int4 need bfloat16 activations on the CPU, and say so otherwise.
+    Returns a one-line summary for the log. float32 on the CPU with textmill's C++ kernels
+    (kernels=True): fused nn.Linear layers, or runner/qlinear.py's 4/8-bit kernels under
+    int4/int8. float32 without them keeps nn.Linear (the reference path). bfloat16: oneDNN
+    packed layers, or torch's int kernels under int4/int8.
     """
     max_small_rows = MAX_SMALL_ROWS if max_small_rows is None else max_small_rows
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
+    if kernels and device.type == "cpu" and dtype == torch.float32:
+        return _install_kernel_linears(model, vocab_size, quantization)
     if not packing_supported(device, dtype):
         if quantization != "none":
             raise ValueError(f"--quantization {quantization} needs bfloat16 on a CPU with oneDNN "
@@ -135,4 +140,33 @@ def install_linears(model: nn.Module, vocab_size: int, device: torch.device, dty
     count = swap_linears(model, make)
     what = "packed bf16" if quantization == "none" else (
         f"{quantization} (LM head {head_mode}), packed bf16 for steps of many tokens")
+    return f"{what}; {fused} attention/MLP modules fused, {count} more linears swapped"
+
+
+# --quantization -> the qlinear mode of the layers; the LM head is always q8 when quantized
+# (4 bits move prompt logprobs about 3x more than all the other layers together, above).
+_KERNEL_MODES = {"int4": "q4", "int8": "q8"}
+
+
+def _install_kernel_linears(model: nn.Module, vocab_size: int, quantization: str) -> str:
+    mode = _KERNEL_MODES.get(quantization)
+    if mode is None:
+        def make(linear: nn.Linear) -> nn.Module:
+            return linear
+    else:
+        from textmill.runner import qlinear
+
+        if not qlinear.available():
+            raise ValueError(f"--quantization {quantization} in float32 needs textmill's C++ kernels, "
+                             "which could not be built here (see the log)")
+        tie_head_as_linear(model, vocab_size)  # so that the swap reaches a tied head too
+        head = getattr(model, "lm_head", None)
+
+        def make(linear: nn.Linear) -> nn.Module:
+            want = "q8" if linear is head else mode
+            return qlinear.QLinear.from_linear(linear, want) if qlinear.supports(linear, want) else linear
+
+    fused = fuse_llama_layers(model, make)  # the kernel forward needs qkv_proj / gate_up_proj
+    count = swap_linears(model, make) if mode else 0
+    what = "float32 nn.Linear" if mode is None else f"{mode} kernels (LM head q8)"
     return f"{what}; {fused} attention/MLP modules fused, {count} more linears swapped"

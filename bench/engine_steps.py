@@ -1,0 +1,81 @@
+"""Offline engine throughput: several textmill configurations side by side, no HTTP.
+
+Each variant is a full engine (wiring.build_engine, as `textmill serve` builds it) on the
+bundled model. For each concurrency C, C workload requests (bench/workload.py prompts, 64
+greedy tokens, EOS ignored) are added at once and Engine.step() runs until all finish. The
+variants take turns for `--repeats` rounds in one process, so a noisy neighbour hits them
+alike; the table keeps each variant's best round, with its ratio to the first variant.
+
+    python bench/engine_steps.py                                   # default vs --no-kernels
+    python bench/engine_steps.py --variants "" " --quantization int4" --concurrency 1 16 64
+
+(A variant that starts with "--" needs a leading space, or argparse takes it for an option.)
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workload import Workload, make_prompt  # noqa: E402
+
+from textmill.cli import build_parser  # noqa: E402
+from textmill.messages import EngineRequest  # noqa: E402
+from textmill.sampling_params import SamplingParams  # noqa: E402
+from textmill.wiring import build_engine, options_from_args  # noqa: E402
+
+
+def run_once(built, workload: Workload, concurrency: int, tag: str) -> tuple[float, float]:
+    """(generated tok/s, mean decode step ms) for `concurrency` requests added at once."""
+    engine, tok = built.engine, built.tokenizer
+    params = SamplingParams(max_tokens=workload.max_tokens, temperature=0.0)
+    for i in range(concurrency):
+        ids = tuple(tok.encode(make_prompt(workload, i)))
+        engine.add_request(EngineRequest(f"{tag}-{i}", ids, params))
+    generated, steps, start = 0, 0, time.perf_counter()
+    while engine.has_unfinished:
+        for out in engine.step():
+            if out.finished:
+                generated += out.num_output_tokens
+        steps += 1
+    elapsed = time.perf_counter() - start
+    return generated / elapsed, 1e3 * elapsed / max(steps, 1)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=["", " --no-kernels"],
+                   help="`textmill serve` flags of each variant, one string each ('' = defaults)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=64)
+    args = p.parse_args()
+    workload = Workload(max_tokens=args.max_tokens)
+    parser = build_parser()
+    engines = {}
+    for v in args.variants:
+        ns = parser.parse_args(["serve", "--max-num-seqs", str(max(args.concurrency)), *shlex.split(v)])
+        engines[v] = build_engine(options_from_args(ns))
+    best: dict[tuple[str, int], tuple[float, float]] = {}
+    for r in range(args.repeats):
+        for c in args.concurrency:
+            for v, built in engines.items():
+                rate, step_ms = run_once(built, workload, c, f"r{r}")
+                key = (v, c)
+                if key not in best or rate > best[key][0]:
+                    best[key] = (rate, step_ms)
+    print("| variant | conc | tok/s | x first | ms/step |")
+    print("|---|---:|---:|---:|---:|")
+    for c in args.concurrency:
+        base = best[(args.variants[0], c)][0]
+        for v in args.variants:
+            rate, step_ms = best[(v, c)]
+            print(f"| {v.strip() or 'defaults'} | {c} | {rate:.1f} | {rate / base:.2f}x | {step_ms:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""The runner on textmill's C++ kernels (float32 CPU) against the eager reference path.
+
+Same model, same scheduled steps (a small scheduler from test_model_runner: chunked prefill,
+mixed decode + prefill batches, blocks from a shuffled pool), run once with kernels=False
+(eager torch: models/llama.py with runner/kv_cache.py's gather + SDPA) and once with the
+kernels: the Llama family through runner/kernel_forward.py, any other model through
+runner/kernel_attention.py. float32 either way, so the two agree to rounding.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from textmill import kernels
+from textmill.config import CacheConfig
+from textmill.models import llama
+from textmill.models.qwen2 import Qwen2ForCausalLM
+from textmill.runner import ModelRunner
+from textmill.runner.kernel_attention import KernelPagedAttention
+from textmill.runner.kernel_forward import KernelForward
+from textmill.sampling_params import SamplingParams
+from tests.unit.test_model_runner import BLOCK, Seq, ToyLM, _prompt, drive, toy_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernels_build():
+    # CI builds the kernels (make install); a machine that cannot is a failure here, not a skip.
+    assert kernels.load("layer") is not None, "the C++ kernels did not build (see the log)"
+
+
+def _random_llama(cls=llama.LlamaForCausalLM, seed: int = 0, **kw):
+    cfg = toy_config(architecture="llama", tie_word_embeddings=kw.pop("tied", False), **kw)
+    torch.manual_seed(seed)
+    model = cls(cfg).eval().requires_grad_(False)
+    for p in model.parameters():
+        if p.dim() > 1:
+            p.normal_(0, 0.3)
+        elif p.dim() == 1 and p.shape[0] != cfg.hidden_size:
+            p.normal_(0, 0.1)  # biases (qwen2)
+    return model, cfg
+
+
+def _runner(model, cfg, kernels_on: bool, quantization: str = "none") -> ModelRunner:
+    return ModelRunner(model, cfg, CacheConfig(block_size=BLOCK, num_blocks=64), dtype=torch.float32,
+                       quantization=quantization, kernels=kernels_on)
+
+
+def _workload():
+    greedy = dict(temperature=0.0, max_tokens=6, logprobs=2)
+    return [
+        Seq("long", _prompt(17, 1), SamplingParams(**greedy, prompt_logprobs=1)),
+        Seq("short", _prompt(2, 2), SamplingParams(**greedy)),
+        Seq("late", _prompt(9, 3), SamplingParams(**greedy, prompt_logprobs=0), arrive=2),
+        Seq("seeded", _prompt(5, 4), SamplingParams(temperature=0.9, seed=11, max_tokens=6, logprobs=0)),
+    ]
+
+
+def _compare(eager: dict[str, Seq], fast: dict[str, Seq], tol: float) -> None:
+    for rid, e in eager.items():
+        f = fast[rid]
+        assert f.tokens == e.tokens, rid
+        got = torch.tensor([lp.logprob for lp in f.logprobs])
+        want = torch.tensor([lp.logprob for lp in e.logprobs])
+        torch.testing.assert_close(got, want, atol=tol, rtol=0)
+        if e.prompt_logprobs:
+            got = torch.tensor([p.logprob for p in f.prompt_logprobs])
+            want = torch.tensor([p.logprob for p in e.prompt_logprobs])
+            torch.testing.assert_close(got, want, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["llama", "tied", "qwen2", "window", "mha"])
+def test_llama_family_kernel_forward_matches_eager(variant):
+    kw = {"tied": dict(tied=True), "window": dict(sliding_window=5), "mha": dict(num_kv_heads=4)}.get(variant, {})
+    cls = Qwen2ForCausalLM if variant == "qwen2" else llama.LlamaForCausalLM
+    if variant == "qwen2":
+        kw["attention_bias"] = True
+    eager_model, cfg = _random_llama(cls, **kw)
+    eager = drive(_runner(eager_model, cfg, False), _workload(), budget=7)
+    model, _ = _random_llama(cls, **kw)
+    runner = _runner(model, cfg, True)
+    assert isinstance(runner.forward, KernelForward), "the Llama family takes the kernel forward"
+    _compare(eager, drive(runner, _workload(), budget=7), tol=1e-4)
+
+
+def test_other_models_use_kernel_attention_and_match_eager():
+    cfg = toy_config()
+    eager = drive(_runner(ToyLM(cfg, seed=5).eval(), cfg, False), _workload(), budget=5)
+    runner = _runner(ToyLM(cfg, seed=5).eval(), cfg, True)
+    assert runner.ops is not None and not isinstance(runner.forward, KernelForward)
+    seen = []
+    original = KernelPagedAttention.attend
+
+    def spy(self, *a, **k):
+        seen.append(1)
+        return original(self, *a, **k)
+
+    KernelPagedAttention.attend = spy
+    try:
+        fast = drive(runner, _workload(), budget=5)
+    finally:
+        KernelPagedAttention.attend = original
+    assert seen, "ToyLM attended through the kernel context"
+    _compare(eager, fast, tol=1e-4)
+
+
+def test_batch_composition_does_not_change_results():
+    """Each sequence alone gives the same tokens and logprobs as in the mixed batch."""
+    model, cfg = _random_llama(seed=3)
+    runner = _runner(model, cfg, True)
+    together = drive(runner, _workload(), budget=9)
+    for s in _workload():
+        alone = drive(_runner(_random_llama(seed=3)[0], cfg, True), [Seq(s.rid, s.prompt, s.params)], budget=9)
+        assert alone[s.rid].tokens == together[s.rid].tokens
+        assert [lp.logprob for lp in alone[s.rid].logprobs] == pytest.approx(
+            [lp.logprob for lp in together[s.rid].logprobs], abs=1e-5)
+
+
+def test_no_kernels_keeps_the_eager_path():
+    model, cfg = _random_llama()
+    runner = _runner(model, cfg, False)
+    assert runner.ops is None and runner.forward == model.forward
+    assert runner.linears == "nn.Linear"
