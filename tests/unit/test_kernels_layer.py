@@ -240,7 +240,7 @@ def test_paged_attention_decode(ops, num_seqs, hq, hkv):
     torch.testing.assert_close(case.run(ops), case.reference(), **TOL)
 
 
-@pytest.mark.parametrize("d", [32, 64, 128])
+@pytest.mark.parametrize("d", [4, 20, 32, 64, 128])
 @pytest.mark.parametrize("block_size", [16, 1])
 def test_paged_attention_mixed_batch(ops, d, block_size):
     # decode rows, first chunks, chunks after cached tokens, and chunks that cross the

@@ -53,6 +53,9 @@ struct Vec {
   static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c
   static T max(T a, T b) { return _mm512_max_ps(a, b); }
   static float sum(T v) { return _mm512_reduce_add_ps(v); }
+  static void sum4(T a, T b, T c, T d, float* out) {
+    out[0] = sum(a), out[1] = sum(b), out[2] = sum(c), out[3] = sum(d);
+  }
   static float hmax(T v) { return _mm512_reduce_max_ps(v); }
   static T exp(T x) {
     // max/min return their second operand when either is NaN: x second keeps NaN.
@@ -87,11 +90,16 @@ struct Vec {
   static T div(T a, T b) { return _mm256_div_ps(a, b); }
   static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static T max(T a, T b) { return _mm256_max_ps(a, b); }
+  // ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)): the order sum4 uses for each lane.
   static float sum(T v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    T h = _mm256_hadd_ps(v, v);
+    h = _mm256_hadd_ps(h, h);
+    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  }
+  // The four sums of a, b, c, d at once, each in sum()'s order.
+  static void sum4(T a, T b, T c, T d, float* out) {
+    T h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
   }
   static float hmax(T v) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -131,6 +139,7 @@ struct Vec {
   static T fma(T a, T b, T c) { return a * b + c; }
   static T max(T a, T b) { return std::isnan(b) ? b : std::max(a, b); }
   static float sum(T v) { return v; }
+  static void sum4(T a, T b, T c, T d, float* out) { out[0] = a, out[1] = b, out[2] = c, out[3] = d; }
   static float hmax(T v) { return v; }
   static T exp(T x) { return std::exp(x); }
 };
@@ -384,19 +393,50 @@ inline void fold_state(float* acc_a, float& m_a, float& l_a, const float* acc_b,
   for (; i < d; ++i) acc_a[i] = acc_b[i] * sb + acc_a[i] * sa;
 }
 
-// Dot product; every key goes through the same sequence of operations (no grouping-
-// dependent reduction), which the batch invariance above relies on.
-inline float dot(const float* a, const float* b, int64_t d) {
-  Vec::T s0 = Vec::zero(), s1 = Vec::zero();
-  int64_t i = 0;
-  for (; i + 2 * W <= d; i += 2 * W) {
-    s0 = Vec::fma(Vec::load(a + i), Vec::load(b + i), s0);
-    s1 = Vec::fma(Vec::load(a + i + W), Vec::load(b + i + W), s1);
+// q . k for keys [0, n) into out. Four keys at a time for instruction-level parallelism,
+// yet every key goes through the same operations in the same order (one accumulator over
+// D, then sum()'s tree, then the scalar tail) wherever it falls in the group of four: the
+// batch invariance above relies on it.
+inline void dots(const float* q, const float* const* k, int64_t n, int64_t d, float* out) {
+  const int64_t dv = d - d % W;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float *k0 = k[j], *k1 = k[j + 1], *k2 = k[j + 2], *k3 = k[j + 3];
+    Vec::T a0 = Vec::zero(), a1 = Vec::zero(), a2 = Vec::zero(), a3 = Vec::zero();
+    for (int64_t i = 0; i < dv; i += W) {
+      const Vec::T qv = Vec::load(q + i);
+      a0 = Vec::fma(qv, Vec::load(k0 + i), a0);
+      a1 = Vec::fma(qv, Vec::load(k1 + i), a1);
+      a2 = Vec::fma(qv, Vec::load(k2 + i), a2);
+      a3 = Vec::fma(qv, Vec::load(k3 + i), a3);
+    }
+    Vec::sum4(a0, a1, a2, a3, out + j);
+    for (int64_t i = dv; i < d; ++i) {  // std::fma: no room for the compiler to differ by path
+      out[j] = std::fma(q[i], k0[i], out[j]);
+      out[j + 1] = std::fma(q[i], k1[i], out[j + 1]);
+      out[j + 2] = std::fma(q[i], k2[i], out[j + 2]);
+      out[j + 3] = std::fma(q[i], k3[i], out[j + 3]);
+    }
   }
-  for (; i + W <= d; i += W) s0 = Vec::fma(Vec::load(a + i), Vec::load(b + i), s0);
-  float s = Vec::sum(Vec::add(s0, s1));
-  for (; i < d; ++i) s += a[i] * b[i];
-  return s;
+  for (; j < n; ++j) {
+    Vec::T a0 = Vec::zero();
+    for (int64_t i = 0; i < dv; i += W) a0 = Vec::fma(Vec::load(q + i), Vec::load(k[j] + i), a0);
+    float s = Vec::sum(a0);
+    for (int64_t i = dv; i < d; ++i) s = std::fma(q[i], k[j][i], s);
+    out[j] = s;
+  }
+}
+
+// Asks for the cache lines of K and V rows ahead of their use: a tile's rows are scattered
+// over the pool (one run per block), beyond what the hardware prefetcher predicts.
+inline void prefetch_rows(const float* const* k, const float* const* v, int64_t n, int64_t d) {
+#if defined(__GNUC__)
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < d; i += 64 / sizeof(float)) {
+      __builtin_prefetch(k[j] + i);
+      __builtin_prefetch(v[j] + i);
+    }
+#endif
 }
 
 // acc += sum_j p[j] * v_j over n keys, accumulators held in registers across the keys.
@@ -471,7 +511,7 @@ struct Scratch {
   std::vector<const float*> krows, vrows;
   Scratch(int64_t nq, int64_t d)
       : q(nq * d), acc(nq * d), m(nq), l(nq), acc_chunk(nq * d), m_chunk(nq), l_chunk(nq), scores(kKeyTile),
-        krows(kKeyTile), vrows(kKeyTile) {}
+        krows(2 * kKeyTile), vrows(2 * kKeyTile) {}
 };
 
 // The task's queries, pre-multiplied by the softmax scale, as nq = nrows * G rows of D.
@@ -499,13 +539,26 @@ void attend_chunk(const AttnArgs& a, const Task& t, int64_t c, Scratch& s) {
   const float* head = a.cache + t.kvh * d;
   const int64_t* table = a.block_table + t.seq * a.max_blocks;
   float* sc = s.scores.data();
-  for (int64_t ts = (clo / kKeyTile) * kKeyTile; ts < chi; ts += kKeyTile) {
+  // Row pointers of the current tile (kr, vr) and of the next one (kn, vn), which is
+  // prefetched while the current one is computed.
+  const float** kr = s.krows.data();
+  const float** vr = s.vrows.data();
+  const float** kn = kr + kKeyTile;
+  const float** vn = vr + kKeyTile;
+  auto locate = [&](int64_t ts, const float** k, const float** v) {
     const int64_t klo = std::max(ts, clo), khi = std::min(ts + kKeyTile, chi);
     for (int64_t j = klo; j < khi; ++j) {
       const int64_t slot = table[j / a.block_size] * a.block_size + j % a.block_size;
-      s.krows[j - ts] = head + slot * slot_stride;
-      s.vrows[j - ts] = head + slot * slot_stride + a.hkv * d;
+      k[j - ts] = head + slot * slot_stride;
+      v[j - ts] = head + slot * slot_stride + a.hkv * d;
     }
+    prefetch_rows(k + (klo - ts), v + (klo - ts), khi - klo, d);
+  };
+  const int64_t first_tile = (clo / kKeyTile) * kKeyTile;
+  locate(first_tile, kr, vr);
+  for (int64_t ts = first_tile; ts < chi; ts += kKeyTile) {
+    const int64_t klo = std::max(ts, clo), khi = std::min(ts + kKeyTile, chi);
+    if (ts + kKeyTile < chi) locate(ts + kKeyTile, kn, vn);
     for (int64_t r = 0; r < t.nrows; ++r) {
       const int64_t pos = t.pos0 + r;
       // This row's keys in the tile: causal, and within the window.
@@ -518,13 +571,11 @@ void attend_chunk(const AttnArgs& a, const Task& t, int64_t c, Scratch& s) {
         // Scores over the whole tile, -inf outside the row's keys: the exp and the sum
         // below then run over whole registers and treat every row alike.
         std::fill(sc, sc + kKeyTile, kNegInf);
+        dots(qv, kr + (jlo - ts), jhi - jlo, d, sc + (jlo - ts));
+        if (a.softcap > 0.f)
+          for (int64_t j = jlo; j < jhi; ++j) sc[j - ts] = a.softcap * std::tanh(sc[j - ts] / a.softcap);
         float mt = kNegInf;
-        for (int64_t j = jlo; j < jhi; ++j) {
-          float x = dot(qv, s.krows[j - ts], d);
-          if (a.softcap > 0.f) x = a.softcap * std::tanh(x / a.softcap);
-          sc[j - ts] = x;
-          mt = std::max(mt, x);
-        }
+        for (int64_t j = jlo; j < jhi; ++j) mt = std::max(mt, sc[j - ts]);
         const float m_old = s.m_chunk[qi], m_new = std::max(m_old, mt);
         const Vec::T vm = Vec::set1(m_new);
         Vec::T vsum = Vec::zero();
@@ -543,9 +594,11 @@ void attend_chunk(const AttnArgs& a, const Task& t, int64_t c, Scratch& s) {
           if (alpha != 1.f) scale_in_place(acc, alpha, d);
         }
         s.m_chunk[qi] = m_new;
-        accumulate_pv(acc, sc + (jlo - ts), s.vrows.data() + (jlo - ts), jhi - jlo, d);
+        accumulate_pv(acc, sc + (jlo - ts), vr + (jlo - ts), jhi - jlo, d);
       }
     }
+    std::swap(kr, kn);
+    std::swap(vr, vn);
   }
 }
 
