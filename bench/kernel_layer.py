@@ -148,6 +148,11 @@ def main() -> None:
     if ops is None:
         raise SystemExit("the layer kernels did not build (see the warning above)")
     print(f"torch {torch.__version__}; min us per call over {args.rounds} interleaved rounds\n")
+    with torch.inference_mode():  # as the runner runs the model
+        table(ops, args)
+
+
+def table(ops, args) -> None:
     print("| step | op | threads | eager us | kernel us | speedup |")
     print("|---|---|---:|---:|---:|---:|")
     for scenario, seqs in SCENARIOS.items():

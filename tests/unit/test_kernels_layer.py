@@ -147,6 +147,23 @@ def test_rope_kv_write(ops, n, hq, hkv, d):
     assert torch.equal(cache[untouched], before[untouched])
 
 
+def test_rope_kv_write_matches_the_model(ops):
+    """The same rotation as models/llama.py's RotaryEmbedding + apply_rotary."""
+    from textmill.models.llama import RotaryEmbedding, apply_rotary
+
+    hq, hkv, d, n = 9, 3, 64, 5
+    rotary = RotaryEmbedding(d, 512, 100000.0)
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g)
+    positions = torch.tensor([0, 1, 17, 300, 511])
+    cache = torch.zeros(8, 2, hkv, d)
+    q = ops.rope_kv_write(qkv, positions, rotary.cos, rotary.sin, cache, torch.arange(n), hq, hkv)
+    cos, sin = rotary(positions)
+    heads = qkv.view(n, hq + 2 * hkv, d)
+    torch.testing.assert_close(q, apply_rotary(heads[:, :hq], cos, sin), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cache[:n, 0], apply_rotary(heads[:, hq : hq + hkv], cos, sin), rtol=1e-6, atol=1e-6)
+
+
 def test_rope_kv_write_rejects_bad_arguments(ops):
     cos, sin = _rope_tables(8, 4)
     cache = torch.zeros(4, 2, 1, 4)
@@ -260,6 +277,15 @@ def test_paged_attention_prefill_from_zero(ops, hq, hkv):
 def test_paged_attention_long_and_short_contexts(ops, context):
     case = PagedCase([(context - 1, 1), (max(0, context - 3), min(3, context))], 9, 3, 64, 16, seed=context)
     torch.testing.assert_close(case.run(ops), case.reference(), **TOL)
+
+
+def test_paged_attention_long_prefill_chunk_with_decodes(ops):
+    case = PagedCase([(1000, 512), (7, 1), (0, 300), (1500, 1)], 9, 3, 64, 16, seed=11)
+    with threads(2):
+        out = case.run(ops)
+    torch.testing.assert_close(out, case.reference(), **TOL)
+    with threads(1):
+        assert torch.equal(case.run(ops), out)
 
 
 @pytest.mark.parametrize("window", [1, 5, 64, 300, 5000])
