@@ -185,6 +185,25 @@ def test_rope_kv_write_rejects_bad_arguments(ops):
         ops.rope_kv_write(torch.zeros(1, 16), ok["positions"], cos, sin, cache, ok["slot_mapping"], 1, 1)
 
 
+def test_row_kernels_agree_across_thread_counts(ops):
+    """Rows are independent: 1 and 2 threads give bitwise equal results (sizes large
+    enough for the kernels to go parallel)."""
+    g = torch.Generator().manual_seed(9)
+    x, res, w = torch.randn(300, 576, generator=g), torch.randn(300, 576, generator=g), torch.randn(576, generator=g)
+    gate_up = torch.randn(300, 2 * 1536, generator=g)
+    cos, sin = _rope_tables(512, 64)
+    qkv = torch.randn(300, 15 * 64, generator=g)
+    positions, slots = torch.randint(0, 512, (300,), generator=g), torch.randperm(400, generator=g)[:300]
+    results = []
+    for n in (1, 2):
+        with threads(n):
+            cache, r = torch.zeros(400, 2, 3, 64), res.clone()
+            results.append((ops.rms_norm(x, w, 1e-5), ops.add_rms_norm(x, r, w, 1e-5), r, ops.silu_mul(gate_up),
+                            ops.rope_kv_write(qkv, positions, cos, sin, cache, slots, 9, 3), cache))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------------------------
 # Paged attention
 # ---------------------------------------------------------------------------------------
