@@ -14,7 +14,8 @@ log = logging.getLogger("textmill.kernels")
 CSRC = Path(__file__).resolve().parent / "csrc"
 # name -> the C++ file of that extension; each defines its own PYBIND11_MODULE.
 KERNEL_NAMES = tuple(sorted(p.stem for p in CSRC.glob("*.cpp")))
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17")
+# torch.utils.cpp_extension already asks for the C++ standard its headers need.
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
 
 
 def _cache_root() -> Path:
