@@ -1,0 +1,617 @@
+// Weight-only 4-bit / 8-bit linear layers for float32 activations, llama.cpp style:
+// activations are quantized to int8 per block of 32 (once per call, all rows), and each
+// block's dot product with the weights is an integer dot product (AVX2 maddubs + madd, or
+// AVX-512 VNNI dpbusd), scaled in float32 afterwards. On a CPU without AMX the float32
+// product of small batches is bound by reading the weights; these read 5 (Q4) or 8.5 (Q8)
+// bits per weight instead of 32 and do 32 multiply-adds per integer instruction.
+//
+// Formats (per group of 32 weights along K):
+//   Q4: codes q in 0..15, w = d*q + m         (GGUF Q4_1)
+//   Q8: codes q in -127..127, w = d*q         (GGUF Q8_0)
+// d and m are stored as IEEE half, as GGUF stores them: GGUF weights requantize exactly,
+// and at one decode token (bound by memory reads) 4 bytes of scales per group instead of 8
+// are ~17% less traffic for Q4.
+//
+// Packed layout: output rows in tiles of 8 (N padded with zero rows), tiles one after the
+// other, each tile contiguous so that one thread streams through it. Inside a tile, a block
+// of 32 weights of the 8 rows is stored "k-group major": 32 bytes hold 4 consecutive k of
+// each of the 8 rows (byte 4r + i = row r, k = 4g + i). A u8 x s8 multiply-add of such a
+// vector with 4 activation bytes broadcast to all 8 dwords (maddubs + madd, or one dpbusd)
+// leaves row r's partial sum in dword r: the 8 rows come out in 8 lanes with no
+// horizontal reduction, and one weight vector serves every activation row in a register tile.
+//   Q4 tile: codes [KB][4][32 bytes], then scales [KB][d of 8 rows, m of 8 rows] (fp16).
+//            Vector p's low nibbles are k-group p (k = 4p..4p+3), its high nibbles k-group
+//            p + 4 (k = 16 + 4p..): the two nibble planes cost one AND and one shift.
+//   Q8 tile: codes [KB][8][32 bytes] (k-group g = k 4g..4g+3), then scales [KB][8] (fp16).
+// Activations, per row and block of 32: int8 codes a, scale e = max|x|/127, and (for Q4's
+// min term) s = e * sum(a):  sum_i (d q_i + m)(e a_i) = (d e) sum(q_i a_i) + m s.
+//
+// Every path computes, per output (row, column), the same float32 operations in the same
+// order: acc = fma(float(isum_b), d_b * e_b, acc) [Q4: acc = fma(m_b, s_b, acc)] over the
+// blocks b, then acc + bias. Integer block sums are exact, so the scalar and SIMD paths
+// agree bit for bit (the tests check it); only MKL's float32 reference differs.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define TM_AVX2 1
+#endif
+// VNNI on 256-bit vectors: AVX512-VNNI with VL (Ice Lake, Zen 4 and later) or AVX-VNNI
+// (Alder Lake and later). Same instruction, two encodings.
+#if defined(TM_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define TM_VNNI 1
+#define TM_DPBUSD _mm256_dpbusd_epi32
+#elif defined(TM_AVX2) && defined(__AVXVNNI__)
+#define TM_VNNI 1
+#define TM_DPBUSD _mm256_dpbusd_avx_epi32
+#elif defined(TM_AVX2) && defined(TM_EMULATE_VNNI)
+// Test hook (-DTM_EMULATE_VNNI): run the VNNI code path on an AVX2-only CPU. Exact for the
+// operands used here, whose maddubs pair sums cannot saturate.
+#define TM_VNNI 1
+#define TM_DPBUSD(acc, u, s) \
+  _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
+#endif
+
+namespace {
+
+constexpr int64_t QK = 32;  // weights per group (one scale, or one scale and one min)
+constexpr int64_t NR = 8;   // output rows per tile
+constexpr int64_t Q4_CODE_BYTES = NR * QK / 2;  // 128 per tile-block
+constexpr int64_t Q4_SCALE_HALVES = 2 * NR;     // d[8], m[8]
+constexpr int64_t Q8_CODE_BYTES = NR * QK;      // 256 per tile-block
+constexpr int64_t Q8_SCALE_HALVES = NR;         // d[8]
+constexpr int MAX_MR = 4;                       // activation rows per register tile
+constexpr int64_t CHUNK_BYTES = 96 << 10;       // expanded activations per thread
+
+enum class Mode { Q4, Q8 };
+
+int64_t tile_bytes(Mode mode, int64_t kb) {
+  return mode == Mode::Q4 ? kb * (Q4_CODE_BYTES + 2 * Q4_SCALE_HALVES)
+                          : kb * (Q8_CODE_BYTES + 2 * Q8_SCALE_HALVES);
+}
+
+int64_t packed_bytes(Mode mode, int64_t n, int64_t k) {
+  return (n + NR - 1) / NR * tile_bytes(mode, k / QK);
+}
+
+// Byte offset, inside a tile-block's codes, of row r's weight j (0..31) of the block.
+// Q4: the nibble is the high one for j >= 16.
+inline int64_t q4_byte(int64_t r, int64_t j) { return ((j & 15) >> 2) * 32 + 4 * r + (j & 3); }
+inline int64_t q8_byte(int64_t r, int64_t j) { return (j >> 2) * 32 + 4 * r + (j & 3); }
+
+inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+inline uint16_t float_to_half(float f) { return c10::Half(f).x; }
+
+void check_weight(const torch::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2, "weight must be (N, K)");
+  TORCH_CHECK(w.size(1) % QK == 0, "K = ", w.size(1), " is not a multiple of ", QK);
+  TORCH_CHECK(w.size(0) >= 1 && w.size(1) >= QK, "empty weight");
+}
+
+void check_packed(Mode mode, const torch::Tensor& packed, int64_t n, int64_t k) {
+  TORCH_CHECK(k % QK == 0 && k > 0 && n > 0, "bad shape N=", n, " K=", k);
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 1 && packed.is_contiguous(),
+              "packed weights: contiguous 1-D uint8");
+  TORCH_CHECK(packed.numel() == packed_bytes(mode, n, k), "packed weights have ", packed.numel(),
+              " bytes, (N=", n, ", K=", k, ") needs ", packed_bytes(mode, n, k));
+}
+
+// ---------------------------------------------------------------------------------------
+// Packing (once per weight; plain loops, parallel over tiles)
+
+// Q4_1's rule: the group's min and max map to codes 0 and 15, d = (max - min) / 15, stored
+// as halves; codes are rounded against the stored (half) d and m, so weights that already
+// are GGUF Q4_1 values d*q + m come back exactly.
+torch::Tensor q4_pack(const torch::Tensor& weight) {
+  check_weight(weight);
+  auto w = weight.to(torch::kFloat).contiguous();
+  const int64_t n = w.size(0), k = w.size(1), kb = k / QK, ntiles = (n + NR - 1) / NR;
+  auto out = torch::zeros({packed_bytes(Mode::Q4, n, k)}, torch::kUInt8);
+  const float* wp = w.data_ptr<float>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      uint8_t* tile = op + t * tile_bytes(Mode::Q4, kb);
+      uint16_t* scales = reinterpret_cast<uint16_t*>(tile + kb * Q4_CODE_BYTES);
+      for (int64_t r = 0; r < NR && t * NR + r < n; ++r) {
+        const float* row = wp + (t * NR + r) * k;
+        for (int64_t b = 0; b < kb; ++b) {
+          const float* g = row + b * QK;
+          float lo = g[0], hi = g[0];
+          for (int64_t i = 1; i < QK; ++i) lo = std::min(lo, g[i]), hi = std::max(hi, g[i]);
+          const uint16_t d16 = float_to_half((hi - lo) / 15.f), m16 = float_to_half(lo);
+          const float d = half_to_float(d16), m = half_to_float(m16);
+          const float id = d > 0.f ? 1.f / d : 0.f;
+          uint8_t* dst = tile + b * Q4_CODE_BYTES;
+          for (int64_t j = 0; j < QK; ++j) {
+            const int c = static_cast<int>(std::min(15.f, std::max(0.f, std::nearbyint((g[j] - m) * id))));
+            dst[q4_byte(r, j)] |= static_cast<uint8_t>(j < 16 ? c : c << 4);
+          }
+          scales[b * Q4_SCALE_HALVES + r] = d16;
+          scales[b * Q4_SCALE_HALVES + NR + r] = m16;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// -> codes (N, K) uint8 in 0..15, d (N, K/32) float32, m (N, K/32) float32
+std::vector<torch::Tensor> q4_unpack(const torch::Tensor& packed, int64_t n, int64_t k) {
+  check_packed(Mode::Q4, packed, n, k);
+  const int64_t kb = k / QK;
+  auto codes = torch::empty({n, k}, torch::kUInt8);
+  auto d = torch::empty({n, kb}, torch::kFloat), m = torch::empty({n, kb}, torch::kFloat);
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  for (int64_t row = 0; row < n; ++row) {
+    const int64_t t = row / NR, r = row % NR;
+    const uint8_t* tile = pp + t * tile_bytes(Mode::Q4, kb);
+    const uint16_t* scales = reinterpret_cast<const uint16_t*>(tile + kb * Q4_CODE_BYTES);
+    for (int64_t b = 0; b < kb; ++b) {
+      const uint8_t* src = tile + b * Q4_CODE_BYTES;
+      uint8_t* c = codes.data_ptr<uint8_t>() + row * k + b * QK;
+      for (int64_t j = 0; j < QK; ++j) c[j] = j < 16 ? src[q4_byte(r, j)] & 15 : src[q4_byte(r, j)] >> 4;
+      d.data_ptr<float>()[row * kb + b] = half_to_float(scales[b * Q4_SCALE_HALVES + r]);
+      m.data_ptr<float>()[row * kb + b] = half_to_float(scales[b * Q4_SCALE_HALVES + NR + r]);
+    }
+  }
+  return {codes, d, m};
+}
+
+// Q8_0's rule: d = max|w| / 127 (half), codes rounded against the stored d.
+torch::Tensor q8_pack(const torch::Tensor& weight) {
+  check_weight(weight);
+  auto w = weight.to(torch::kFloat).contiguous();
+  const int64_t n = w.size(0), k = w.size(1), kb = k / QK, ntiles = (n + NR - 1) / NR;
+  auto out = torch::zeros({packed_bytes(Mode::Q8, n, k)}, torch::kUInt8);
+  const float* wp = w.data_ptr<float>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      uint8_t* tile = op + t * tile_bytes(Mode::Q8, kb);
+      uint16_t* scales = reinterpret_cast<uint16_t*>(tile + kb * Q8_CODE_BYTES);
+      for (int64_t r = 0; r < NR && t * NR + r < n; ++r) {
+        const float* row = wp + (t * NR + r) * k;
+        for (int64_t b = 0; b < kb; ++b) {
+          const float* g = row + b * QK;
+          float amax = 0.f;
+          for (int64_t i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(g[i]));
+          const uint16_t d16 = float_to_half(amax / 127.f);
+          const float d = half_to_float(d16);
+          const float id = d > 0.f ? 1.f / d : 0.f;
+          int8_t* dst = reinterpret_cast<int8_t*>(tile + b * Q8_CODE_BYTES);
+          for (int64_t j = 0; j < QK; ++j)
+            dst[q8_byte(r, j)] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(g[j] * id))));
+          scales[b * Q8_SCALE_HALVES + r] = d16;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// -> codes (N, K) int8, d (N, K/32) float32
+std::vector<torch::Tensor> q8_unpack(const torch::Tensor& packed, int64_t n, int64_t k) {
+  check_packed(Mode::Q8, packed, n, k);
+  const int64_t kb = k / QK;
+  auto codes = torch::empty({n, k}, torch::kInt8);
+  auto d = torch::empty({n, kb}, torch::kFloat);
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  for (int64_t row = 0; row < n; ++row) {
+    const int64_t t = row / NR, r = row % NR;
+    const uint8_t* tile = pp + t * tile_bytes(Mode::Q8, kb);
+    const uint16_t* scales = reinterpret_cast<const uint16_t*>(tile + kb * Q8_CODE_BYTES);
+    for (int64_t b = 0; b < kb; ++b) {
+      const int8_t* src = reinterpret_cast<const int8_t*>(tile + b * Q8_CODE_BYTES);
+      int8_t* c = codes.data_ptr<int8_t>() + row * k + b * QK;
+      for (int64_t j = 0; j < QK; ++j) c[j] = src[q8_byte(r, j)];
+      d.data_ptr<float>()[row * kb + b] = half_to_float(scales[b * Q8_SCALE_HALVES + r]);
+    }
+  }
+  return {codes, d};
+}
+
+// ---------------------------------------------------------------------------------------
+// Activation quantization: per row and block, e = max|x| / 127, a = round-half-even(x / e)
+// computed as x * (1 / e), s = e * sum(a). Same float operations in both paths.
+
+struct QAct {
+  int8_t* a;   // (M, K)
+  float* e;    // (M, KB)
+  float* s;    // (M, KB)
+};
+
+void quantize_block_scalar(const float* x, int8_t* a, float* e, float* s) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float d = amax / 127.f;
+  const float id = d > 0.f ? 1.f / d : 0.f;
+  int sum = 0;
+  for (int64_t i = 0; i < QK; ++i) {
+    const int q = static_cast<int>(std::min(127.f, std::max(-127.f, std::nearbyint(x[i] * id))));
+    a[i] = static_cast<int8_t>(q);
+    sum += q;
+  }
+  *e = d;
+  *s = d * static_cast<float>(sum);
+}
+
+#ifdef TM_AVX2
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+inline int hsum8_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+void quantize_block_avx2(const float* x, int8_t* a, float* e, float* s) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+  }
+  const float d = hmax8(amax) / 127.f;
+  const float id = d > 0.f ? 1.f / d : 0.f;
+  const __m256 vid = _mm256_set1_ps(id), lim = _mm256_set1_ps(127.f), nlim = _mm256_set1_ps(-127.f);
+  __m256i q[4];
+  for (int i = 0; i < 4; ++i) {
+    __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q[i] = _mm256_cvtps_epi32(_mm256_min_ps(lim, _mm256_max_ps(nlim, r)));
+  }
+  const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+  // packs works within 128-bit lanes: 0..3 8..11 4..7 12..15 | ..., permute back to order.
+  __m256i p01 = _mm256_packs_epi32(q[0], q[1]), p23 = _mm256_packs_epi32(q[2], q[3]);
+  __m256i b = _mm256_packs_epi16(p01, p23);
+  b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), b);
+  *e = d;
+  *s = d * static_cast<float>(hsum8_epi32(sum));
+}
+#endif
+
+void quantize_rows(const float* x, int64_t m, int64_t k, const QAct& q, bool simd) {
+  const int64_t kb = k / QK;
+  auto body = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t b = 0; b < kb; ++b) {
+        const float* src = x + r * k + b * QK;
+        int8_t* a = q.a + r * k + b * QK;
+#ifdef TM_AVX2
+        if (simd) {
+          quantize_block_avx2(src, a, q.e + r * kb + b, q.s + r * kb + b);
+          continue;
+        }
+#endif
+        quantize_block_scalar(src, a, q.e + r * kb + b, q.s + r * kb + b);
+      }
+  };
+  // ~30 ns per block: only big prefills are worth waking the other threads for.
+  at::parallel_for(0, m, std::max<int64_t>(1, 4096 / kb), body);
+}
+
+// ---------------------------------------------------------------------------------------
+// Matmul kernels: one tile of 8 output rows against MR activation rows, all K.
+// out[r][j] = result for activation row r and tile row j (before bias).
+
+void q4_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, int64_t m0, int64_t mr,
+                    float (*out)[NR]) {
+  const uint16_t* scales = reinterpret_cast<const uint16_t*>(tile + kb * Q4_CODE_BYTES);
+  for (int64_t r = 0; r < mr; ++r) {
+    const int8_t* arow = q.a + (m0 + r) * k;
+    const float* e = q.e + (m0 + r) * kb;
+    const float* s = q.s + (m0 + r) * kb;
+    for (int64_t j = 0; j < NR; ++j) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < kb; ++b) {
+        const uint8_t* c = tile + b * Q4_CODE_BYTES;
+        const int8_t* a = arow + b * QK;
+        int32_t isum = 0;
+        for (int64_t i = 0; i < QK / 2; ++i)
+          isum += (c[q4_byte(j, i)] & 15) * a[i] + (c[q4_byte(j, i + 16)] >> 4) * a[i + 16];
+        const float d = half_to_float(scales[b * Q4_SCALE_HALVES + j]);
+        const float mn = half_to_float(scales[b * Q4_SCALE_HALVES + NR + j]);
+        acc = std::fma(static_cast<float>(isum), d * e[b], acc);
+        acc = std::fma(mn, s[b], acc);
+      }
+      out[r][j] = acc;
+    }
+  }
+}
+
+void q8_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, int64_t m0, int64_t mr,
+                    float (*out)[NR]) {
+  const uint16_t* scales = reinterpret_cast<const uint16_t*>(tile + kb * Q8_CODE_BYTES);
+  for (int64_t r = 0; r < mr; ++r) {
+    const int8_t* arow = q.a + (m0 + r) * k;
+    const float* e = q.e + (m0 + r) * kb;
+    for (int64_t j = 0; j < NR; ++j) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < kb; ++b) {
+        const int8_t* c = reinterpret_cast<const int8_t*>(tile + b * Q8_CODE_BYTES);
+        const int8_t* a = arow + b * QK;
+        int32_t isum = 0;
+        for (int64_t i = 0; i < QK; ++i) isum += c[q8_byte(j, i)] * a[i];
+        acc = std::fma(static_cast<float>(isum), half_to_float(scales[b * Q8_SCALE_HALVES + j]) * e[b], acc);
+      }
+      out[r][j] = acc;
+    }
+  }
+}
+
+#ifdef TM_AVX2
+// The SIMD kernels read activations "expanded": each k-group of 4 bytes broadcast to all 8
+// dwords of a 32-byte vector (x8 the bytes, a few rows at a time, per thread). Then every
+// multiply-add takes its activation operand straight from L1/L2, without a broadcast
+// instruction per k-group; on a core with one 256-bit integer multiply port that is ~15%.
+void expand_rows(const int8_t* a, int64_t groups, __m256i* dst) {
+  for (int64_t i = 0; i < groups; ++i) {
+    int32_t v;
+    std::memcpy(&v, a + 4 * i, 4);
+    _mm256_store_si256(dst + i, _mm256_set1_epi32(v));
+  }
+}
+
+#if defined(TM_VNNI)
+// Q4: row r's dot product of one block in dword r. dpbusd sums u8 x s8 in fours, exactly.
+inline __m256i q4_block_dots(const __m256i* lo, const __m256i* hi, const __m256i* ax) {
+  __m256i s = _mm256_setzero_si256();
+  for (int p = 0; p < 4; ++p) {
+    s = TM_DPBUSD(s, lo[p], _mm256_load_si256(ax + p));
+    s = TM_DPBUSD(s, hi[p], _mm256_load_si256(ax + 4 + p));
+  }
+  return s;
+}
+
+// Q8: u8 x s8 only, so |w| against a carrying w's sign (codes are never -128).
+inline __m256i q8_block_dots(const __m256i* w, const __m256i* wabs, const __m256i* ax) {
+  __m256i s = _mm256_setzero_si256();
+  for (int g = 0; g < 8; ++g) s = TM_DPBUSD(s, wabs[g], _mm256_sign_epi8(_mm256_load_si256(ax + g), w[g]));
+  return s;
+}
+#else
+// Q4: row r's dot product of one block in dword r. The int16 lanes of maddubs can be summed
+// over the whole block before one widening madd: each is at most 2 * 15 * 127 = 3810, eight
+// of them 30480 < 32768. That is 9 multiplies per 8 rows x 32 weights, and multiplies are
+// what limits AVX2 cores with one 256-bit multiply port.
+inline __m256i q4_block_dots(const __m256i* lo, const __m256i* hi, const __m256i* ax) {
+  __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(lo[0], _mm256_load_si256(ax)),
+                               _mm256_maddubs_epi16(hi[0], _mm256_load_si256(ax + 4)));
+  for (int p = 1; p < 4; ++p) {
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[p], _mm256_load_si256(ax + p)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[p], _mm256_load_si256(ax + 4 + p)));
+  }
+  return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
+}
+
+// Q8: u8 x s8 only, so |w| against a carrying w's sign (codes are never -128). A maddubs
+// lane reaches 2 * 127 * 127, so each is widened at once.
+inline __m256i q8_block_dots(const __m256i* w, const __m256i* wabs, const __m256i* ax) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i s[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+  for (int g = 0; g < 8; ++g) {
+    const __m256i p = _mm256_maddubs_epi16(wabs[g], _mm256_sign_epi8(_mm256_load_si256(ax + g), w[g]));
+    s[g & 1] = _mm256_add_epi32(s[g & 1], _mm256_madd_epi16(p, ones));
+  }
+  return _mm256_add_epi32(s[0], s[1]);
+}
+#endif
+
+// One tile of 8 output rows against MR activation rows: ax = expanded rows (row r at
+// ax + r * k / 4), e and s = their block scales (row r at e + r * kb).
+template <int MR>
+void q4_tile_avx2(const uint8_t* tile, int64_t kb, const __m256i* ax, const float* e, const float* s,
+                  float (*out)[NR]) {
+  const uint16_t* scales = reinterpret_cast<const uint16_t*>(tile + kb * Q4_CODE_BYTES);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m256 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < kb; ++b) {
+    const uint8_t* c = tile + b * Q4_CODE_BYTES;
+    __m256i lo[4], hi[4];  // unpacked once for all MR activation rows
+    for (int p = 0; p < 4; ++p) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * p));
+      lo[p] = _mm256_and_si256(x, low4);
+      hi[p] = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
+    }
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * Q4_SCALE_HALVES)));
+    const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * Q4_SCALE_HALVES + NR)));
+    for (int r = 0; r < MR; ++r) {
+      const __m256 isum = _mm256_cvtepi32_ps(q4_block_dots(lo, hi, ax + r * kb * 8 + b * 8));
+      acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(e[r * kb + b])), acc[r]);
+      acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(s[r * kb + b]), acc[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r], acc[r]);
+}
+
+template <int MR>
+void q8_tile_avx2(const uint8_t* tile, int64_t kb, const __m256i* ax, const float* e, const float*,
+                  float (*out)[NR]) {
+  const uint16_t* scales = reinterpret_cast<const uint16_t*>(tile + kb * Q8_CODE_BYTES);
+  __m256 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < kb; ++b) {
+    const __m256i* c = reinterpret_cast<const __m256i*>(tile + b * Q8_CODE_BYTES);
+    __m256i w[8], wabs[8];
+    for (int g = 0; g < 8; ++g) w[g] = _mm256_loadu_si256(c + g), wabs[g] = _mm256_abs_epi8(w[g]);
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * Q8_SCALE_HALVES)));
+    for (int r = 0; r < MR; ++r) {
+      const __m256 isum = _mm256_cvtepi32_ps(q8_block_dots(w, wabs, ax + r * kb * 8 + b * 8));
+      acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(e[r * kb + b])), acc[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r], acc[r]);
+}
+
+template <int MR>
+void tile_avx2(Mode mode, const uint8_t* tile, int64_t kb, const __m256i* ax, const float* e, const float* s,
+               float (*out)[NR]) {
+  if (mode == Mode::Q4) q4_tile_avx2<MR>(tile, kb, ax, e, s, out);
+  else q8_tile_avx2<MR>(tile, kb, ax, e, s, out);
+}
+#endif
+
+std::string isa() {
+#if defined(TM_VNNI) && defined(TM_EMULATE_VNNI)
+  return "avx2+vnni(emulated)";
+#elif defined(TM_VNNI)
+  return "avx2+vnni";
+#elif defined(TM_AVX2)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
+// The linear: y (M, N) = x (M, K) @ W^T (+ bias)
+
+torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor& packed, int64_t n,
+                      const c10::optional<torch::Tensor>& bias_in, int64_t impl, int64_t mr_max) {
+  TORCH_CHECK(x_in.dim() == 2, "x must be (M, K)");
+  const int64_t m = x_in.size(0), k = x_in.size(1);
+  check_packed(mode, packed, n, k);
+  TORCH_CHECK(impl == 0 || impl == 1, "impl: 0 = best available, 1 = scalar");
+  TORCH_CHECK(mr_max >= 0 && mr_max <= MAX_MR, "mr_max in 0..", MAX_MR);
+  const auto out_dtype = x_in.scalar_type();
+  TORCH_CHECK(out_dtype == torch::kFloat || out_dtype == torch::kBFloat16 || out_dtype == torch::kHalf,
+              "x must be float32, bfloat16 or float16");
+  auto x = x_in.to(torch::kFloat).contiguous();
+  torch::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    bias = bias_in->to(torch::kFloat).contiguous();
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == n, "bias must be (N,)");
+  }
+  auto y = torch::empty({m, n}, torch::kFloat);
+  if (m == 0) return y.to(out_dtype);
+
+  const int64_t kb = k / QK, ntiles = (n + NR - 1) / NR, tbytes = tile_bytes(mode, kb);
+  // One buffer for a, e, s: allocated per call (M*K bytes; tiny next to the weights).
+  auto qbuf = torch::empty({m * k + 2 * m * kb * 4}, torch::kUInt8);
+  QAct q;
+  q.a = reinterpret_cast<int8_t*>(qbuf.data_ptr<uint8_t>());
+  q.e = reinterpret_cast<float*>(qbuf.data_ptr<uint8_t>() + m * k + (4 - (m * k) % 4) % 4);
+  q.s = q.e + m * kb;
+  TORCH_CHECK(reinterpret_cast<uint8_t*>(q.s + m * kb) <= qbuf.data_ptr<uint8_t>() + qbuf.numel());
+  bool simd = false;
+#ifdef TM_AVX2
+  simd = impl == 0;
+#endif
+  quantize_rows(x.data_ptr<float>(), m, k, q, simd);
+
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t mr_cap = mr_max == 0 ? MAX_MR : mr_max;
+  // Activation rows go in chunks whose expanded form (k * 8 bytes a row) stays in L2 while
+  // this thread's weight tiles pass by, and stays below malloc's mmap threshold.
+  const int64_t chunk = std::min(m, std::max<int64_t>(1, CHUNK_BYTES / (k * 8) / mr_cap * mr_cap));
+  // A tile-block is ~10 ns of work per activation row: chunks of at least ~20 us, so that
+  // a call too small to gain from waking a second thread runs on this one.
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, kb * m));
+  at::parallel_for(0, ntiles, grain, [&](int64_t t0, int64_t t1) {
+    alignas(32) float out[MAX_MR][NR];
+#ifdef TM_AVX2
+    std::unique_ptr<__m256i[]> xbuf(simd ? new __m256i[chunk * k / 4] : nullptr);
+#endif
+    for (int64_t c0 = 0; c0 < m; c0 += chunk) {
+      const int64_t c1 = std::min(m, c0 + chunk);
+#ifdef TM_AVX2
+      if (simd) expand_rows(q.a + c0 * k, (c1 - c0) * k / 4, xbuf.get());
+#endif
+      for (int64_t t = t0; t < t1; ++t) {
+        const uint8_t* tile = pp + t * tbytes;
+        const int64_t ncols = std::min<int64_t>(NR, n - t * NR);
+        for (int64_t m0 = c0; m0 < c1; m0 += mr_cap) {
+          const int64_t mr = std::min<int64_t>(mr_cap, c1 - m0);
+#ifdef TM_AVX2
+          if (simd) {
+            const __m256i* ax = xbuf.get() + (m0 - c0) * k / 4;
+            const float *e = q.e + m0 * kb, *s = q.s + m0 * kb;
+            switch (mr) {
+              case 1: tile_avx2<1>(mode, tile, kb, ax, e, s, out); break;
+              case 2: tile_avx2<2>(mode, tile, kb, ax, e, s, out); break;
+              case 3: tile_avx2<3>(mode, tile, kb, ax, e, s, out); break;
+              default: tile_avx2<4>(mode, tile, kb, ax, e, s, out); break;
+            }
+          }
+#endif
+          if (!simd) {
+            if (mode == Mode::Q4) q4_tile_scalar(tile, kb, q, k, m0, mr, out);
+            else q8_tile_scalar(tile, kb, q, k, m0, mr, out);
+          }
+          for (int64_t r = 0; r < mr; ++r) {
+            float* dst = yp + (m0 + r) * n + t * NR;
+            if (bp) for (int64_t j = 0; j < ncols; ++j) dst[j] = out[r][j] + bp[t * NR + j];
+            else for (int64_t j = 0; j < ncols; ++j) dst[j] = out[r][j];
+          }
+        }
+      }
+    }
+  });
+  return out_dtype == torch::kFloat ? y : y.to(out_dtype);
+}
+
+torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
+                        const c10::optional<torch::Tensor>& bias, int64_t impl, int64_t mr_max) {
+  return qlinear(Mode::Q4, x, packed, n, bias, impl, mr_max);
+}
+
+torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
+                        const c10::optional<torch::Tensor>& bias, int64_t impl, int64_t mr_max) {
+  return qlinear(Mode::Q8, x, packed, n, bias, impl, mr_max);
+}
+
+// The activation quantization alone, for tests: -> a (M, K) int8, e (M, K/32), s (M, K/32).
+std::vector<torch::Tensor> quantize_act(const torch::Tensor& x_in, int64_t impl) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) % QK == 0, "x must be (M, K), K a multiple of 32");
+  auto x = x_in.to(torch::kFloat).contiguous();
+  const int64_t m = x.size(0), k = x.size(1), kb = k / QK;
+  auto a = torch::empty({m, k}, torch::kInt8);
+  auto e = torch::empty({m, kb}, torch::kFloat), s = torch::empty({m, kb}, torch::kFloat);
+  QAct q{a.data_ptr<int8_t>(), e.data_ptr<float>(), s.data_ptr<float>()};
+  bool simd = false;
+#ifdef TM_AVX2
+  simd = impl == 0;
+#endif
+  if (m > 0) quantize_rows(x.data_ptr<float>(), m, k, q, simd);
+  return {a, e, s};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("isa", &isa, "the SIMD path this build uses: avx2+vnni, avx2 or scalar");
+  m.def("packed_bytes", [](const std::string& mode, int64_t n, int64_t k) {
+    TORCH_CHECK(mode == "q4" || mode == "q8", "mode: q4 or q8");
+    return packed_bytes(mode == "q4" ? Mode::Q4 : Mode::Q8, n, k);
+  });
+  m.def("q4_pack", &q4_pack, "float (N, K) -> packed Q4 (uint8)");
+  m.def("q4_unpack", &q4_unpack, "packed Q4 -> codes (N, K) uint8, d (N, K/32), m (N, K/32)");
+  m.def("q8_pack", &q8_pack, "float (N, K) -> packed Q8 (uint8)");
+  m.def("q8_unpack", &q8_unpack, "packed Q8 -> codes (N, K) int8, d (N, K/32)");
+  m.def("quantize_act", &quantize_act, "x (M, K) -> int8 codes, scales, scale*sum per block of 32",
+        py::arg("x"), py::arg("impl") = 0);
+  m.def("q4_linear", &q4_linear, "x (M, K) @ Q4 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
+        py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+  m.def("q8_linear", &q8_linear, "x (M, K) @ Q8 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
+        py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+}
