@@ -1,0 +1,341 @@
+"""QLinear and its C++ kernels (kernels/csrc/quant.cpp) against plain torch references.
+
+Three references, from strict to loose:
+1. The kernel's own arithmetic restated in torch: activations quantized per group of 32
+   the same way (must match exactly), integer block dot products in float64 (exact),
+   the same scale products. The kernel sums the blocks in float32, so it agrees to float32
+   rounding: |y - ref| <= 1e-5 * the sum of the magnitudes of the terms it adds up.
+   The scalar and SIMD paths do the same float32 operations in the same order: they must
+   agree bit for bit, as must 1 and 2 threads.
+2. F.linear(x, dequantized W): differs only by the activation rounding, |x - e*a| <= e/2
+   per element, so |y - y_deq| <= sum_b (e_b / 2) * sum_{k in b} |W[n, k]|, plus float32
+   rounding of both sums.
+3. GGUF: weights that are Q4_1 / Q8_0 values (gguf's own quantizer, or d*q + m built here)
+   pack and unpack to exactly themselves.
+"""
+from __future__ import annotations
+
+import itertools
+import platform
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from textmill.kernels import load
+from textmill.runner.qlinear import QLinear, available, supports
+
+G = 32
+MS = (1, 2, 3, 5, 16, 17, 64, 300)
+KS = (32, 64, 576, 1536)
+NS = (1, 7, 64, 960, 3072)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    m = load("quant")
+    if m is None:
+        # CI (x86-64 Linux with a compiler) must build it: a silent skip would hide a broken build.
+        if platform.system() == "Linux" and platform.machine() == "x86_64" and (shutil.which("c++") or shutil.which("g++")):
+            pytest.fail("the quant C++ extension did not build; see the textmill.kernels warning in the log")
+        pytest.skip("no C++ toolchain for the kernels here")
+    return m
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def weights(n: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * 0.05
+
+
+def acts(m: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 1000)
+    # A heavy-ish tail, like transformer activations.
+    return torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, k, generator=g))
+
+
+def pack(ext, mode: str, w: torch.Tensor) -> torch.Tensor:
+    return ext.q4_pack(w) if mode == "q4" else ext.q8_pack(w)
+
+
+def linear(ext, mode, x, packed, n, bias=None, impl=0):
+    return (ext.q4_linear if mode == "q4" else ext.q8_linear)(x, packed, n, bias, impl)
+
+
+def unpack(ext, mode, packed, n, k):
+    """-> codes (N, K) float, d (N, KB), m (N, KB) (zeros for q8)."""
+    if mode == "q4":
+        codes, d, m = ext.q4_unpack(packed, n, k)
+    else:
+        codes, d = ext.q8_unpack(packed, n, k)
+        m = torch.zeros_like(d)
+    return codes.float(), d, m
+
+
+def dequant(codes, d, m):
+    n, k = codes.shape
+    return (codes.view(n, -1, G) * d[..., None] + m[..., None]).view(n, k)
+
+
+def quantize_acts_ref(x: torch.Tensor):
+    """The kernel's activation quantization, restated: per row and group of 32,
+    e = max|x| / 127, a = round-half-even(x * (1 / e)), s = e * sum(a)."""
+    mm, k = x.shape
+    xb = x.float().view(mm, k // G, G)
+    e = xb.abs().amax(-1) / 127
+    inv = torch.where(e > 0, 1 / e, torch.zeros_like(e))
+    a = torch.round(xb * inv[..., None]).clamp(-127, 127)
+    s = e * a.sum(-1)
+    return a.view(mm, k), e, s
+
+
+def kernel_math_ref(x, codes, d, m, bias):
+    """float64 result of the kernel's math, and the magnitude sum_b |term_b| it is summed from."""
+    a, e, s = quantize_acts_ref(x)
+    mm, k = x.shape
+    n = codes.shape[0]
+    isum = torch.einsum("mbg,nbg->mnb", a.double().view(mm, -1, G), codes.double().view(n, -1, G))
+    de = (d[None, :, :] * e[:, None, :]).double()  # the kernel's float32 product, widened
+    t1, t2 = isum * de, m.double()[None] * s.double()[:, None, :]
+    ref, scale = (t1 + t2).sum(-1), (t1.abs() + t2.abs()).sum(-1)
+    if bias is not None:
+        ref, scale = ref + bias.double(), scale + bias.double().abs()
+    return ref, scale
+
+
+def shapes(max_work: float):
+    """(M, K, N) from the product of the lists, bounded by M*N*K/32 (the reference's size)."""
+    return [(mm, k, n) for mm, k, n in itertools.product(MS, KS, NS) if mm * n * k / G <= max_work]
+
+
+# --- activations ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", [0, 1], ids=["simd", "scalar"])
+def test_activation_quantization_matches_reference(ext, impl):
+    x = acts(37, 1536, 0)
+    x[3] = 0  # a zero row: scale 0, codes 0
+    x[5, 64:96] = 0  # one zero group
+    x[7] *= 1e-20  # tiny, still normal floats
+    x[9] *= 1e20
+    a, e, s = ext.quantize_act(x, impl)
+    ra, re, rs = quantize_acts_ref(x)
+    assert torch.equal(e, re)
+    assert torch.equal(a.float(), ra)
+    assert torch.equal(s, rs)
+    assert a.abs().max() <= 127
+
+
+# --- the kernel's own math --------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["q4", "q8"])
+@pytest.mark.parametrize("mm,k,n", shapes(3e6))
+def test_matches_integer_reference(ext, mode, mm, k, n):
+    w, x = weights(n, k, mm + k + n), acts(mm, k, mm * k + n)
+    bias = torch.randn(n) if (mm + n) % 2 else None
+    packed = pack(ext, mode, w)
+    y = linear(ext, mode, x, packed, n, bias)
+    assert y.shape == (mm, n) and y.dtype == torch.float32
+    ref, scale = kernel_math_ref(x, *unpack(ext, mode, packed, n, k), bias)
+    err = (y.double() - ref).abs()
+    assert (err <= 1e-5 * scale + 1e-30).all(), f"max err/scale {(err / scale.clamp(min=1e-30)).max():.3g}"
+
+
+@pytest.mark.parametrize("mode", ["q4", "q8"])
+@pytest.mark.parametrize("mm,k,n", shapes(4e6) + [(300, 1536, 960), (64, 576, 3072)])
+def test_simd_equals_scalar_bitwise(ext, mode, mm, k, n):
+    w, x = weights(n, k, 7 * mm + k + n), acts(mm, k, mm + 3 * n)
+    bias = torch.randn(n) if (mm + k) % 3 else None
+    packed = pack(ext, mode, w)
+    y = linear(ext, mode, x, packed, n, bias, impl=0)
+    assert torch.equal(y, linear(ext, mode, x, packed, n, bias, impl=1))
+
+
+@pytest.mark.parametrize("mode", ["q4", "q8"])
+def test_register_tiles_and_threads_agree(ext, mode, threads):
+    """Every split of the rows into register tiles (1..4 rows), and 1 or 2 threads, gives
+    the same bits: each output is one float32 sum in a fixed order."""
+    mm, k, n = 67, 576, 200
+    w, x, bias = weights(n, k, 1), acts(mm, k, 2), torch.randn(n)
+    packed = pack(ext, mode, w)
+    fn = ext.q4_linear if mode == "q4" else ext.q8_linear
+    torch.set_num_threads(1)
+    base = fn(x, packed, n, bias, 0, 0)
+    for mr in (1, 2, 3, 4):
+        assert torch.equal(fn(x, packed, n, bias, 0, mr), base)
+    torch.set_num_threads(2)
+    assert torch.equal(fn(x, packed, n, bias, 0, 0), base)
+    big = acts(300, 1536, 5)
+    pb = pack(ext, mode, weights(960, 1536, 5))
+    two = fn(big, pb, 960, None, 0, 0)
+    torch.set_num_threads(1)
+    assert torch.equal(fn(big, pb, 960, None, 0, 0), two)
+
+
+# --- against F.linear on the dequantized weights -----------------------------------------
+
+def assert_within_activation_rounding(x, w_deq, y, bias=None):
+    mm, k = x.shape
+    ref = F.linear(x.double(), w_deq.double(), None if bias is None else bias.double())
+    _, e, _ = quantize_acts_ref(x)
+    wabs = w_deq.double().abs().view(w_deq.shape[0], -1, G).sum(-1)  # (N, KB)
+    bound = (e.double() / 2) @ wabs.T  # half a step per element, times |w|
+    # float32 rounding of the kernel's sum, relative to the magnitudes summed
+    slack = 1e-5 * (x.double().abs() @ w_deq.double().abs().T + (0 if bias is None else bias.double().abs()))
+    err = (y.double() - ref).abs()
+    assert (err <= bound + slack).all(), f"worst excess {(err - bound - slack).max():.3g}"
+    return err, bound
+
+
+@pytest.mark.parametrize("mode", ["q4", "q8"])
+@pytest.mark.parametrize("mm,k,n", [(1, 576, 960), (5, 1536, 576), (17, 32, 3072), (300, 1536, 960), (64, 64, 7)])
+def test_close_to_float_linear_on_dequantized_weights(ext, mode, mm, k, n):
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(weights(n, k, k + n))
+    q = QLinear.from_linear(lin, mode)
+    x = acts(mm, k, n)
+    y = q(x)
+    err, bound = assert_within_activation_rounding(x, q.dequantized_weight(), y, lin.bias.detach())
+    # And the bound is not vacuous: the error uses a fair part of it somewhere.
+    assert err.max() > 0.01 * bound.max()
+    # The weight rounding itself: half a step per weight.
+    w_err = (q.dequantized_weight() - lin.weight.detach()).abs().view(n, -1, G)
+    step = unpack(ext, mode, q.packed, n, k)[1]
+    assert (w_err <= step[..., None] * 0.5 * (1 + 1e-3) + 1e-7).all()
+
+
+@pytest.mark.parametrize("mode", ["q4", "q8"])
+def test_zero_rows_give_the_bias_and_magnitudes_scale(ext, mode):
+    k, n = 576, 64
+    w, bias = weights(n, k, 3), torch.randn(n)
+    packed = pack(ext, mode, w)
+    x = acts(6, k, 3)
+    x[1] = 0
+    y = linear(ext, mode, x, packed, n, bias)
+    assert torch.equal(y[1], bias)
+    assert torch.equal(linear(ext, mode, torch.zeros(3, k), packed, n), torch.zeros(3, n))
+    # Per-group scales: a row at 1e-30 or 1e30 gives the same codes, so the same result
+    # scaled by exactly that power of two.
+    base = linear(ext, mode, x, packed, n)
+    for f in (2.0**-100, 2.0**100):
+        assert torch.equal(linear(ext, mode, x * f, packed, n), base * f)
+    # Groups of very different magnitude in one row: each keeps its own precision.
+    x2 = acts(4, k, 4)
+    x2[:, :G] *= 1e6
+    x2[:, G:2 * G] *= 1e-6
+    codes, d, m = unpack(ext, mode, packed, n, k)
+    assert_within_activation_rounding(x2, dequant(codes, d, m), linear(ext, mode, x2, packed, n))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_input_computes_in_float32(ext, dtype):
+    k, n = 576, 96
+    packed = pack(ext, "q4", weights(n, k, 9))
+    x = acts(3, k, 9).to(dtype)
+    y = ext.q4_linear(x, packed, n)
+    assert y.dtype == dtype
+    assert torch.equal(y, ext.q4_linear(x.float(), packed, n).to(dtype))
+
+
+# --- GGUF weights requantize exactly ----------------------------------------------------
+
+def test_q4_of_q4_1_grid_is_exact(ext):
+    n, k = 24, 256
+    g = torch.Generator().manual_seed(11)
+    codes = torch.randint(0, 16, (n, k), generator=g).float()
+    codes[:, 0::G], codes[:, 1::G] = 0, 15  # every group spans 0..15, as Q4_1's quantizer makes it
+    d = (torch.rand(n, k // G, generator=g) * 0.05 + 1e-3).half().float()  # halves, as in GGUF
+    m = (torch.randn(n, k // G, generator=g) * 0.1).half().float()
+    w = dequant(codes, d, m)
+    c2, d2, m2 = unpack(ext, "q4", ext.q4_pack(w), n, k)
+    assert torch.equal(c2, codes) and torch.equal(d2, d) and torch.equal(m2, m)
+    assert torch.equal(dequant(c2, d2, m2), w)
+
+
+@pytest.mark.parametrize("qtype_name,mode", [("Q4_1", "q4"), ("Q8_0", "q8")])
+def test_gguf_quantized_weights_requantize_exactly(ext, qtype_name, mode):
+    from gguf import quants
+    from gguf.constants import GGMLQuantizationType as T
+
+    from textmill.loader.dequant import dequantize
+
+    qtype = getattr(T, qtype_name)
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((40, 576)) * 0.05).astype(np.float32)
+    w[3, :G] = 0.25  # a constant group: d = 0
+    stored = torch.from_numpy(dequantize(quants.quantize(w, qtype), qtype).reshape(w.shape))
+    n, k = stored.shape
+    packed = ext.q4_pack(stored) if mode == "q4" else ext.q8_pack(stored)
+    assert torch.equal(dequant(*unpack(ext, mode, packed, n, k)), stored)
+
+
+# --- the module ---------------------------------------------------------------------------
+
+def test_module_api(ext):
+    assert available()
+    lin = nn.Linear(64, 10)
+    for mode in ("q4", "q8"):
+        assert supports(lin, mode)
+        q = QLinear.from_linear(lin, mode)
+        assert (q.in_features, q.out_features) == (64, 10)
+        assert f"mode={mode}" in repr(q) and "in_features=64" in repr(q)
+        x = torch.randn(2, 3, 64)
+        y = q(x)
+        assert y.shape == (2, 3, 10)
+        assert torch.equal(y.view(6, 10), q(x.view(6, 64)))
+        assert torch.equal(y.view(6, 10), linear(ext, mode, x.view(6, 64), q.packed, 10, q.bias))
+    nobias = QLinear.from_linear(nn.Linear(32, 5, bias=False), "q4")
+    assert nobias.bias is None and nobias(torch.zeros(1, 32)).abs().max() == 0
+    assert not supports(nn.Linear(48, 10), "q4")
+    big = nn.Linear(32, 2)
+    with torch.no_grad():
+        big.weight[0, 0] = 1e6
+    assert not supports(big, "q4")
+    with pytest.raises(ValueError):
+        QLinear.from_linear(nn.Linear(48, 10), "q8")
+    with pytest.raises(ValueError):
+        supports(lin, "int3")
+
+
+def test_bad_shapes_are_refused(ext):
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ext.q4_pack(torch.randn(4, 48))
+    packed = ext.q8_pack(torch.randn(8, 64))
+    with pytest.raises(RuntimeError):
+        ext.q8_linear(torch.randn(2, 32), packed, 8)  # K does not match the packing
+    with pytest.raises(RuntimeError):
+        ext.q8_linear(torch.randn(2, 64), packed, 9)
+    assert ext.q8_linear(torch.randn(0, 64), packed, 8).shape == (0, 8)
+
+
+@pytest.mark.slow
+def test_vnni_code_path_matches(ext):
+    """The VNNI path (dpbusd) runs on no machine here: build it with an exact emulation of
+    dpbusd (-DTM_EMULATE_VNNI) and require the same bits as this machine's build."""
+    from torch.utils import cpp_extension
+
+    from textmill.kernels.build import CFLAGS, CSRC, _cache_root
+
+    if "vnni" in ext.isa():
+        pytest.skip("this machine runs the VNNI path natively")
+    build_dir = _cache_root() / "quant-emulated-vnni"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    emu = cpp_extension.load(name="textmill_quant_emulated_vnni", sources=[str(CSRC / "quant.cpp")],
+                             extra_cflags=[*CFLAGS, "-DTM_EMULATE_VNNI"], extra_ldflags=["-fopenmp"],
+                             build_directory=str(build_dir))
+    if ext.isa() == "scalar":
+        pytest.skip("no AVX2 here")
+    assert emu.isa() == "avx2+vnni(emulated)"
+    for mode, (mm, k, n) in itertools.product(("q4", "q8"), [(1, 576, 960), (7, 1536, 70), (65, 64, 33)]):
+        w, x, b = weights(n, k, mm), acts(mm, k, n), torch.randn(n)
+        packed = pack(ext, mode, w)
+        assert torch.equal(linear(emu, mode, x, packed, n, b), linear(ext, mode, x, packed, n, b))

@@ -1,0 +1,103 @@
+"""Weight-only 4-bit / 8-bit linear layers on our own C++ kernels (kernels/csrc/quant.cpp).
+
+QLinear holds only packed weights, in groups of 32 along the input dimension:
+* "q4": codes 0..15 with a scale and a min per group, w = d*q + m: GGUF's Q4_1, so the
+  Q4_1 layers of a GGUF checkpoint requantize to exactly the weights it stores.
+* "q8": codes -127..127 with one scale per group, w = d*q: GGUF's Q8_0.
+Scales are stored as halves, as GGUF stores them.
+
+Each call quantizes the activations to int8 per group of 32 (one scale per group) and
+computes integer dot products (AVX2 maddubs, VNNI dpbusd), llama.cpp's method. So a result
+differs from F.linear(x, dequantized weight) by the activation rounding alone: at most
+sum over groups of (group scale / 2) * sum|w| of that group, per output; in practice
+~0.3% of the output's magnitude. It serves any number of rows M: weights are unpacked once
+per 8 output rows and reused for up to 4 activation rows in registers.
+
+On this project's AVX2 machine (2 cores, no VNNI) the kernels beat float32 MKL at every M
+measured (bench/kernel_quant.py), so there is no dense fallback and no dense copy.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from textmill.kernels import load
+
+MODES = ("q4", "q8")
+GROUP = 32
+# Scales and the Q4 min are halves: weights beyond this magnitude would overflow them.
+_HALF_MAX = 65504.0
+
+
+def _ext():
+    return load("quant")
+
+
+def available() -> bool:
+    """The C++ extension builds and loads on this machine."""
+    return _ext() is not None
+
+
+def supports(linear: nn.Module, mode: str) -> bool:
+    """QLinear.from_linear(linear, mode) will work: a plain CPU nn.Linear whose in_features is
+    a multiple of 32, with finite weights that halves can scale, and the extension loads."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if not isinstance(linear, nn.Linear):
+        return False
+    w = linear.weight
+    if w.device.type != "cpu" or w.dim() != 2 or not w.dtype.is_floating_point:
+        return False
+    if w.shape[1] % GROUP or w.shape[1] == 0 or w.shape[0] == 0:
+        return False
+    amax = w.detach().abs().max().item()
+    return amax < _HALF_MAX and amax == amax and available()  # amax == amax: no NaN
+
+
+class QLinear(nn.Module):
+    """y = x @ W.T + b with W packed as Q4 or Q8; x (..., K) float32 (or bf16/f16, computed in
+    float32) -> (..., N) in x's dtype."""
+
+    def __init__(self, packed: torch.Tensor, in_features: int, out_features: int,
+                 bias: torch.Tensor | None, mode: str):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        self.mode = mode
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("packed", packed)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mode: str) -> "QLinear":
+        if not supports(linear, mode):
+            raise ValueError(f"cannot quantize {linear} to {mode}: needs a CPU nn.Linear with in_features "
+                             f"a multiple of {GROUP}, finite weights below {_HALF_MAX}, and the C++ kernels")
+        ext = _ext()
+        weight = linear.weight.detach().float().contiguous()
+        packed = ext.q4_pack(weight) if mode == "q4" else ext.q8_pack(weight)
+        bias = None if linear.bias is None else linear.bias.detach().float().contiguous().clone()
+        return cls(packed, weight.shape[1], weight.shape[0], bias, mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ext = _ext()
+        op = ext.q4_linear if self.mode == "q4" else ext.q8_linear
+        if x.dim() == 2:
+            return op(x, self.packed, self.out_features, self.bias)
+        y = op(x.reshape(-1, self.in_features), self.packed, self.out_features, self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The (N, K) float32 weights this layer computes with."""
+        n, k = self.out_features, self.in_features
+        if self.mode == "q4":
+            codes, d, m = _ext().q4_unpack(self.packed, n, k)
+            w = codes.float().view(n, -1, GROUP) * d[..., None] + m[..., None]
+        else:
+            codes, d = _ext().q8_unpack(self.packed, n, k)
+            w = codes.float().view(n, -1, GROUP) * d[..., None]
+        return w.view(n, k)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, mode={self.mode} ({self.packed.numel() / 2**20:.1f} MiB packed)")
