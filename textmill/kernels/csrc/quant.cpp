@@ -414,6 +414,14 @@ inline __m256i q8_block_dots(const __m256i* w, const __m256i* wabs, const __m256
 }
 #endif
 
+// Software prefetch a few blocks ahead: with one activation row the kernel spends about as
+// long computing as reading, and the hardware prefetcher alone left the two largely
+// serial on this machine (Zen 1). Past the end of a tile it fetches the next tile.
+constexpr int64_t PREFETCH_BLOCKS = 4;
+inline void prefetch_ahead(const void* p, int lines) {
+  for (int i = 0; i < lines; ++i) _mm_prefetch(static_cast<const char*>(p) + 64 * i, _MM_HINT_T0);
+}
+
 // One tile of 8 output rows against MR activation rows: ax = expanded rows (row r at
 // ax + r * k / 4), e and s = their block scales (row r at e + r * kb).
 template <int MR>
@@ -425,6 +433,8 @@ void q4_tile_avx2(const uint8_t* tile, int64_t kb, const __m256i* ax, const floa
   for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* c = tile + b * Q4_CODE_BYTES;
+    prefetch_ahead(c + PREFETCH_BLOCKS * Q4_CODE_BYTES, Q4_CODE_BYTES / 64);
+    if ((b & 1) == 0) prefetch_ahead(scales + (b + PREFETCH_BLOCKS) * Q4_SCALE_HALVES, 1);
     __m256i lo[4], hi[4];  // unpacked once for all MR activation rows
     for (int p = 0; p < 4; ++p) {
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * p));
@@ -450,6 +460,8 @@ void q8_tile_avx2(const uint8_t* tile, int64_t kb, const __m256i* ax, const floa
   for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
     const __m256i* c = reinterpret_cast<const __m256i*>(tile + b * Q8_CODE_BYTES);
+    prefetch_ahead(tile + (b + PREFETCH_BLOCKS) * Q8_CODE_BYTES, Q8_CODE_BYTES / 64);
+    if ((b & 3) == 0) prefetch_ahead(scales + (b + PREFETCH_BLOCKS) * Q8_SCALE_HALVES, 1);
     __m256i w[8], wabs[8];
     for (int g = 0; g < 8; ++g) w[g] = _mm256_loadu_si256(c + g), wabs[g] = _mm256_abs_epi8(w[g]);
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * Q8_SCALE_HALVES)));
