@@ -23,8 +23,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="token budget of one step; longer prompts are prefilled in chunks")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--quantization", choices=("none", "int8", "int4"), default="none",
-                   help="weight-only int8/int4 linear layers; int4 keeps the LM head int8")
+    p.add_argument("--quantization", choices=("auto", "none", "int8", "int4"), default="auto",
+                   help="weight-only int8/int4 linear layers (int4 keeps the LM head int8); auto = the "
+                        "GGUF file's own width on the float32 CPU kernels, none elsewhere; none = float weights")
     p.add_argument("--no-kernels", action="store_true",
                    help="run float32 on eager torch ops instead of textmill's C++ kernels (the reference path)")
 

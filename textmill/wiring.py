@@ -39,7 +39,9 @@ class EngineOptions:
     max_num_batched_tokens: int = 512
     prefix_caching: bool = True
     threads: int | None = None
-    quantization: str = "none"  # "int8" / "int4": weight-only (runner/quant.py, runner/qlinear.py)
+    # "int8" / "int4": weight-only (runner/quant.py, runner/qlinear.py); "auto": the file's own
+    # width on the float32 kernel path (resolve_quantization), else "none".
+    quantization: str = "auto"
     kernels: bool = True  # textmill's C++ CPU kernels for float32 (textmill/kernels); False: eager torch
     max_queued_requests: int = 256
 
@@ -64,6 +66,24 @@ def resolve_device(device: str, dtype: str, threads: int | None) -> DeviceConfig
     if dtype == "auto":
         dtype = "bfloat16" if _native_bf16(device) else "float32"
     return DeviceConfig(device=device, dtype=dtype, num_threads=threads)
+
+
+def resolve_quantization(opts: EngineOptions, dev: DeviceConfig, path: Path) -> str:
+    """`auto`: a GGUF file's 4-bit layers run as int4 and 8-bit (or 5/6-bit) ones as int8,
+    with the LM head in 8 bits: the precision the file was published in, as llama.cpp runs
+    it, and 3-6x fewer bytes per token than float32. Only on the float32 kernel path, where
+    runner/qlinear.py serves it; float files, bf16, CUDA or --no-kernels get "none"."""
+    if opts.quantization != "auto":
+        return opts.quantization
+    if not (opts.kernels and dev.device == "cpu" and dev.dtype == "float32" and path.suffix.lower() == ".gguf"):
+        return "none"
+    from textmill.loader.gguf import layer_weight_bits
+    from textmill.runner import qlinear
+
+    bits = layer_weight_bits(path)
+    if bits is None or not qlinear.available():
+        return "none"
+    return "int4" if bits == 4 else "int8"
 
 
 def _native_bf16(device: str) -> bool:
@@ -103,9 +123,10 @@ def build_engine(opts: EngineOptions, wrap_runner: Callable | None = None) -> Bu
     cache = _cache_config(cfg, opts, dev, max_len)
     sched = SchedulerConfig(max_num_seqs=opts.max_num_seqs, max_num_batched_tokens=opts.max_num_batched_tokens,
                             max_model_len=max_len)
+    quantization = resolve_quantization(opts, dev, path)
     try:
         runner = ModelRunner(loaded.model, cfg, cache, device=dev.device, dtype=getattr(torch, dev.dtype),
-                             quantization=opts.quantization, kernels=opts.kernels)
+                             quantization=quantization, kernels=opts.kernels)
     except ValueError as exc:  # e.g. --quantization int4 with float32
         raise StartupError(str(exc)) from exc
     log.info("linear layers: %s; forward: %s", runner.linears,
@@ -118,7 +139,7 @@ def build_engine(opts: EngineOptions, wrap_runner: Callable | None = None) -> Bu
     log.info("loaded %s (%s, %s on %s) in %.1fs; KV cache %d blocks of %d tokens",
              name, cfg.architecture, dev.dtype, dev.device, time.perf_counter() - started,
              cache.num_blocks, cache.block_size)
-    return BuiltEngine(engine, tokenizer, cfg, sched, cache, dev, name, _fingerprint(path, dev, opts.quantization))
+    return BuiltEngine(engine, tokenizer, cfg, sched, cache, dev, name, _fingerprint(path, dev, quantization))
 
 
 def _cache_config(cfg: ModelConfig, opts: EngineOptions, dev: DeviceConfig, max_len: int) -> CacheConfig:
@@ -161,7 +182,7 @@ def options_from_args(args) -> EngineOptions:
         max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_memory, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         prefix_caching=not args.no_prefix_caching, threads=args.threads,
-        quantization=getattr(args, "quantization", "none"), kernels=not getattr(args, "no_kernels", False),
+        quantization=getattr(args, "quantization", "auto"), kernels=not getattr(args, "no_kernels", False),
         max_queued_requests=getattr(args, "max_queued_requests", 256))
 
 

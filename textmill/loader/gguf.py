@@ -154,3 +154,20 @@ def load_gguf(path: Path, *, dtype: torch.dtype, device: str
     gguf = GGUFFile(path)
     config = read_config(gguf)
     return config, read_state_dict(gguf, config, dtype=dtype, device=device)
+
+
+# Bits per weight of GGML's block types, as far as `--quantization auto` cares: the width of
+# the integer kernel that holds the file's weights best (5- and 6-bit types need int8).
+_TYPE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q3_K": 4, "Q2_K": 4, "IQ4_NL": 4, "IQ4_XS": 4,
+              "Q5_0": 8, "Q5_1": 8, "Q5_K": 8, "Q6_K": 8, "Q8_0": 8, "Q8_1": 8, "Q8_K": 8}
+
+
+def layer_weight_bits(path: Path) -> int | None:
+    """4 or 8 when most of the file's layer matrices (blk.*) are stored in a 4-bit or an
+    8-bit (or 5/6-bit) block type; None for float files (F32/F16/BF16)."""
+    counts: dict[int | None, int] = {}
+    for t in GGUFFile(path).tensors:
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            bits = _TYPE_BITS.get(t.qtype.name)
+            counts[bits] = counts.get(bits, 0) + int(t.shape[0]) * int(t.shape[1])
+    return max(counts, key=counts.get) if counts else None

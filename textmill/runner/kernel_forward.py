@@ -23,10 +23,12 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from textmill import kernels as cpp_kernels
 from textmill.models import llama
 from textmill.models.qwen2 import Qwen2ForCausalLM
 from textmill.runner.fused import FusedAttention, FusedMLP
 from textmill.runner.kernel_attention import KernelPagedAttention
+from textmill.runner.qlinear import QLinear
 
 
 class KernelForward:
@@ -41,6 +43,11 @@ class KernelForward:
         self.post_norms = [layer.post_attention_layernorm.weight.detach().float().contiguous()
                            for layer in self.layers]
         self.next_norms = self.input_norms[1:] + [model.norm.weight.detach().float().contiguous()]
+        # Each layer's four matmuls as plain callables: nn.Module.__call__ costs more than
+        # a small kernel call, 120 times a step.
+        self.matmuls = [tuple(_direct(m) for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                   layer.mlp.gate_up_proj, layer.mlp.down_proj))
+                        for layer in self.layers]
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
@@ -57,10 +64,24 @@ class KernelForward:
         y = ops.rms_norm(h, self.input_norms[0], eps)
         slots, kv = ctx.meta.slot_mapping, ctx.cache.kv
         for i, layer in enumerate(self.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            q = ops.rope_kv_write(attn.qkv_proj(y), positions, self.cos, self.sin, kv[i], slots,
+            attn = layer.self_attn
+            qkv_proj, o_proj, gate_up_proj, down_proj = self.matmuls[i]
+            q = ops.rope_kv_write(qkv_proj(y), positions, self.cos, self.sin, kv[i], slots,
                                   attn.num_heads, attn.num_kv_heads)  # (N, Hq, D)
             o = ctx.attend_cached(i, q, scale=attn.head_dim ** -0.5, sliding_window=attn.sliding_window)
-            y = ops.add_rms_norm(attn.o_proj(o.view(n, -1)), h, self.post_norms[i], eps)
-            y = ops.add_rms_norm(mlp.down_proj(ops.silu_mul(mlp.gate_up_proj(y))), h, self.next_norms[i], eps)
+            y = ops.add_rms_norm(o_proj(o.view(n, -1)), h, self.post_norms[i], eps)
+            y = ops.add_rms_norm(down_proj(ops.silu_mul(gate_up_proj(y))), h, self.next_norms[i], eps)
         return y  # (N, C): after the final norm, as CausalLM.forward promises
+
+
+def _direct(linear: torch.nn.Module):
+    """x -> linear(x) without the module machinery, for the layer types the runner installs."""
+    if type(linear) is torch.nn.Linear:
+        weight, bias = linear.weight, linear.bias
+        return lambda x: F.linear(x, weight, bias)
+    if type(linear) is QLinear:  # its forward() minus the reshape for >2-D inputs
+        ext = cpp_kernels.load("quant")
+        op = ext.q4_linear if linear.mode == "q4" else ext.q8_linear
+        packed, n, bias = linear.packed, linear.out_features, linear.bias
+        return lambda x: op(x, packed, n, bias)
+    return linear
