@@ -1,9 +1,15 @@
 // Weight-only 4-bit / 8-bit linear layers for float32 activations, llama.cpp style:
 // activations are quantized to int8 per block of 32 (once per call, all rows), and each
 // block's dot product with the weights is an integer dot product (AVX2 maddubs + madd, or
-// AVX-512 VNNI dpbusd), scaled in float32 afterwards. On a CPU without AMX the float32
-// product of small batches is bound by reading the weights; these read 5 (Q4) or 8.5 (Q8)
-// bits per weight instead of 32 and do 32 multiply-adds per integer instruction.
+// VNNI dpbusd), scaled in float32 afterwards. On a CPU without AMX the float32 product of
+// small batches is bound by reading the weights; these read 5 (Q4) or 8.5 (Q8) bits per
+// weight instead of 32 and do 32 multiply-adds per integer instruction.
+//
+// Paths: AVX2 (+FMA, F16C), the same code with 256-bit dpbusd where AVX512-VNNI+VL or
+// AVX-VNNI compile, and a scalar fallback. There is no 512-bit path: no machine here can
+// run one, and decode (one row) is bound by memory reads, not by vector width. On the
+// project's Zen 1 machine (one 256-bit integer multiply port) Q4 takes ~25-30 cycles per
+// 8 rows x 32 weights x 1 activation row, near the 18 of its 9 multiplies; Q8 needs 16.
 //
 // Formats (per group of 32 weights along K):
 //   Q4: codes q in 0..15, w = d*q + m         (GGUF Q4_1)
