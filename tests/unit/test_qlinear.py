@@ -318,24 +318,30 @@ def test_bad_shapes_are_refused(ext):
 
 
 @pytest.mark.slow
-def test_vnni_code_path_matches(ext):
-    """The VNNI path (dpbusd) runs on no machine here: build it with an exact emulation of
-    dpbusd (-DTM_EMULATE_VNNI) and require the same bits as this machine's build."""
+@pytest.mark.parametrize("variant,flags,isa", [
+    ("emulated-vnni", ["-DTM_EMULATE_VNNI"], "avx2+vnni(emulated)"),
+    ("baseline-x86-64", ["-march=x86-64", "-mtune=generic"], "scalar"),
+])
+def test_other_builds_give_the_same_bits(ext, variant, flags, isa):
+    """Paths this machine does not run: the VNNI path (dpbusd), built with an exact AVX2
+    emulation of dpbusd (-DTM_EMULATE_VNNI), and the scalar fallback of a CPU without AVX2
+    (-march=x86-64, after -march=native). Both must give this machine's bits."""
     from torch.utils import cpp_extension
 
     from textmill.kernels.build import CFLAGS, CSRC, _cache_root
 
-    if "vnni" in ext.isa():
+    if platform.machine() != "x86_64" or ext.isa() not in ("avx2", "avx2+vnni"):
+        pytest.skip("these variants are x86-64 builds compared with a SIMD build")
+    if variant == "emulated-vnni" and "vnni" in ext.isa():
         pytest.skip("this machine runs the VNNI path natively")
-    build_dir = _cache_root() / "quant-emulated-vnni"
+    build_dir = _cache_root() / f"quant-{variant}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    emu = cpp_extension.load(name="textmill_quant_emulated_vnni", sources=[str(CSRC / "quant.cpp")],
-                             extra_cflags=[*CFLAGS, "-DTM_EMULATE_VNNI"], extra_ldflags=["-fopenmp"],
-                             build_directory=str(build_dir))
-    if ext.isa() == "scalar":
-        pytest.skip("no AVX2 here")
-    assert emu.isa() == "avx2+vnni(emulated)"
+    other = cpp_extension.load(name=f"textmill_quant_{variant.replace('-', '_')}", sources=[str(CSRC / "quant.cpp")],
+                               extra_cflags=[*CFLAGS, *flags], extra_ldflags=["-fopenmp"],
+                               build_directory=str(build_dir))
+    assert other.isa() == isa
     for mode, (mm, k, n) in itertools.product(("q4", "q8"), [(1, 576, 960), (7, 1536, 70), (65, 64, 33)]):
         w, x, b = weights(n, k, mm), acts(mm, k, n), torch.randn(n)
         packed = pack(ext, mode, w)
-        assert torch.equal(linear(emu, mode, x, packed, n, b), linear(ext, mode, x, packed, n, b))
+        assert torch.equal(pack(other, mode, w), packed)
+        assert torch.equal(linear(other, mode, x, packed, n, b), linear(ext, mode, x, packed, n, b))
