@@ -58,14 +58,34 @@ class BuiltEngine:
     fingerprint: str
 
 
-def resolve_device(device: str, dtype: str, threads: int | None) -> DeviceConfig:
+def resolve_device(device: str, dtype: str, threads: int | None, quantized_kernels: bool = False) -> DeviceConfig:
+    """`quantized_kernels`: the model can run on the int4/int8 CPU kernels (see
+    quantized_kernels_apply). Those take float32 activations, so `--dtype auto` picks
+    float32 for them even where bf16 is native: weight-only int4 reads 4x fewer bytes than
+    bf16 and beat oneDNN's bf16 at every batch measured (bench/engine_steps.py, docs/performance.md:
+    Sapphire Rapids 4.1x at one stream and 1.2x at 16; Zen 5 3.1x and 1.3x)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise StartupError("--device cuda was asked for, but torch sees no CUDA device")
     if dtype == "auto":
-        dtype = "bfloat16" if _native_bf16(device) else "float32"
+        if device == "cpu" and quantized_kernels:
+            dtype = "float32"
+        else:
+            dtype = "bfloat16" if _native_bf16(device) else "float32"
     return DeviceConfig(device=device, dtype=dtype, num_threads=threads)
+
+
+def quantized_kernels_apply(opts: EngineOptions, path: Path) -> bool:
+    """A GGUF with 4- or 8-bit layers, kernels on, quantization not switched off, and the
+    kernels built for this CPU: the case where float32 + int weights is the fast path."""
+    if not (opts.kernels and opts.quantization != "none" and opts.device in ("auto", "cpu")
+            and path.suffix.lower() == ".gguf"):
+        return False
+    from textmill.loader.gguf import layer_weight_bits
+    from textmill.runner import qlinear
+
+    return layer_weight_bits(path) is not None and qlinear.available()
 
 
 def resolve_quantization(opts: EngineOptions, dev: DeviceConfig, path: Path) -> str:
@@ -109,9 +129,10 @@ def build_engine(opts: EngineOptions, wrap_runner: Callable | None = None) -> Bu
     from textmill.runner.model_runner import ModelRunner
     from textmill.tokenizer import Tokenizer
 
-    dev = resolve_device(opts.device, opts.dtype, opts.threads)
-    torch.set_num_threads(dev.num_threads or os.cpu_count() or 1)
     path = model_path(opts.model)
+    dev = resolve_device(opts.device, opts.dtype, opts.threads,
+                         quantized_kernels=opts.dtype == "auto" and quantized_kernels_apply(opts, path))
+    torch.set_num_threads(dev.num_threads or os.cpu_count() or 1)
     started = time.perf_counter()
     try:
         loaded = load_model(path, dtype=getattr(torch, dev.dtype), device=dev.device)

@@ -41,6 +41,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -556,7 +557,16 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
   // call too small to gain from waking a second thread runs on this one (measured on 2
   // cores: 576x576 at M = 1 takes 29 us on one thread, 20 us on two).
   const int64_t grain = std::max<int64_t>(1, 512 / std::max<int64_t>(1, kb * m));
-  at::parallel_for(0, ntiles, grain, [&](int64_t t0, int64_t t1) {
+  // Tiles are handed out in pieces from a shared counter rather than split statically:
+  // on 2 cores shared with the server's event loop (and anything else), a static half
+  // leaves one thread waiting whenever the other is preempted, while pieces let the
+  // running thread take the preempted one's share. About 8 pieces a thread keep the claim
+  // cost (one atomic add) negligible and the weight stream sequential within a piece.
+  // Which thread computes a tile does not change its result: outputs stay bitwise equal.
+  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), (ntiles + grain - 1) / grain);
+  const int64_t piece = std::max<int64_t>(grain, (ntiles + 8 * nthreads - 1) / (8 * nthreads));
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int64_t, int64_t) {
     alignas(32) float out[MAX_MR][NR];
 #ifdef TM_AVX2
     // chunk * k / 4 vectors of 32 bytes (k is a multiple of 32)
@@ -564,41 +574,48 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
     TORCH_CHECK(!simd || xmem, "out of memory");
     __m256i* const xbuf = static_cast<__m256i*>(xmem.get());
 #endif
-    for (int64_t c0 = 0; c0 < m; c0 += chunk) {
-      const int64_t c1 = std::min(m, c0 + chunk);
+    int64_t expanded = -1;  // the activation chunk now in xbuf: one chunk (M <= chunk) is expanded once
+    for (int64_t t0 = next.fetch_add(piece, std::memory_order_relaxed); t0 < ntiles;
+         t0 = next.fetch_add(piece, std::memory_order_relaxed)) {
+      const int64_t t1 = std::min(ntiles, t0 + piece);
+      for (int64_t c0 = 0; c0 < m; c0 += chunk) {
+        const int64_t c1 = std::min(m, c0 + chunk);
 #ifdef TM_AVX2
-      if (simd) expand_rows(q.a + c0 * k, (c1 - c0) * k / 4, xbuf);
+        if (simd && expanded != c0) expand_rows(q.a + c0 * k, (c1 - c0) * k / 4, xbuf), expanded = c0;
 #endif
-      for (int64_t t = t0; t < t1; ++t) {
-        const uint8_t* tile = pp + t * tbytes;
-        const int64_t ncols = std::min<int64_t>(NR, n - t * NR);
-        for (int64_t m0 = c0; m0 < c1; m0 += mr_cap) {
-          const int64_t mr = std::min<int64_t>(mr_cap, c1 - m0);
+        for (int64_t t = t0; t < t1; ++t) {
+          const uint8_t* tile = pp + t * tbytes;
+          const int64_t ncols = std::min<int64_t>(NR, n - t * NR);
+          for (int64_t m0 = c0; m0 < c1; m0 += mr_cap) {
+            const int64_t mr = std::min<int64_t>(mr_cap, c1 - m0);
 #ifdef TM_AVX2
-          if (simd) {
-            const __m256i* ax = xbuf + (m0 - c0) * k / 4;
-            const float *e = q.e + m0 * kb, *s = q.s + m0 * kb;
-            switch (mr) {
-              case 1: tile_avx2<1>(mode, tile, kb, ax, e, s, out); break;
-              case 2: tile_avx2<2>(mode, tile, kb, ax, e, s, out); break;
-              case 3: tile_avx2<3>(mode, tile, kb, ax, e, s, out); break;
-              default: tile_avx2<4>(mode, tile, kb, ax, e, s, out); break;
+            if (simd) {
+              const __m256i* ax = xbuf + (m0 - c0) * k / 4;
+              const float *e = q.e + m0 * kb, *s = q.s + m0 * kb;
+              switch (mr) {
+                case 1: tile_avx2<1>(mode, tile, kb, ax, e, s, out); break;
+                case 2: tile_avx2<2>(mode, tile, kb, ax, e, s, out); break;
+                case 3: tile_avx2<3>(mode, tile, kb, ax, e, s, out); break;
+                default: tile_avx2<4>(mode, tile, kb, ax, e, s, out); break;
+              }
             }
-          }
 #endif
-          if (!simd) {
-            if (mode == Mode::Q4) q4_tile_scalar(tile, kb, q, k, m0, mr, out);
-            else q8_tile_scalar(tile, kb, q, k, m0, mr, out);
-          }
-          for (int64_t r = 0; r < mr; ++r) {
-            float* dst = yp + (m0 + r) * n + t * NR;
-            if (bp) for (int64_t j = 0; j < ncols; ++j) dst[j] = out[r][j] + bp[t * NR + j];
-            else for (int64_t j = 0; j < ncols; ++j) dst[j] = out[r][j];
+            if (!simd) {
+              if (mode == Mode::Q4) q4_tile_scalar(tile, kb, q, k, m0, mr, out);
+              else q8_tile_scalar(tile, kb, q, k, m0, mr, out);
+            }
+            for (int64_t r = 0; r < mr; ++r) {
+              float* dst = yp + (m0 + r) * n + t * NR;
+              if (bp) for (int64_t j = 0; j < ncols; ++j) dst[j] = out[r][j] + bp[t * NR + j];
+              else for (int64_t j = 0; j < ncols; ++j) dst[j] = out[r][j];
+            }
           }
         }
       }
     }
-  });
+  };
+  if (nthreads <= 1) worker(0, 1);
+  else at::parallel_for(0, nthreads, 1, worker);
   return out_dtype == torch::kFloat ? y : y.to(out_dtype);
 }
 
