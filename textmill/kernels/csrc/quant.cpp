@@ -365,10 +365,39 @@ void q8_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, i
 }
 
 #ifdef TM_AVX2
-// The SIMD kernels read activations "expanded": each k-group of 4 bytes broadcast to all 8
-// dwords of a 32-byte vector (x8 the bytes, a few rows at a time, per thread). Then every
-// multiply-add takes its activation operand straight from L1/L2, without a broadcast
-// instruction per k-group; on a core with one 256-bit integer multiply port that is ~15%.
+// Every multiply-add needs one k-group of an activation row (4 bytes) in all 8 dwords.
+#if defined(TM_VNNI)
+// VNNI cores (Ice Lake, Zen 4 and later) broadcast a dword straight from memory in the
+// load unit, at no ALU cost, so the tiles read the compact int8 rows, which stay in L1.
+// (Expanding them x8 first, as the AVX2 path does, measured 1.3-1.5x slower at 16 rows on
+// Zen 5: the expanded rows spill to L2 and their loads, not the multiplies, bound it.)
+struct ActRows {
+  const int8_t* a;  // register-tile row r at a + r * k
+  int64_t k;
+  __m256i get(int r, int64_t b, int g) const {
+    int32_t v;
+    std::memcpy(&v, a + r * k + b * QK + 4 * g, 4);
+    return _mm256_set1_epi32(v);
+  }
+};
+#else
+// Without VNNI the activations are read "expanded": each k-group of 4 bytes broadcast to
+// all 8 dwords of a 32-byte vector (x8 the bytes, a few rows at a time, per thread), so
+// every multiply-add takes its operand straight from L1/L2 without a broadcast instruction;
+// on a core with one 256-bit integer multiply port (Zen 1) that is ~15%.
+struct ActRows {
+  const __m256i* ax;  // register-tile row r at ax + r * kb * 8
+  int64_t kb;
+  __m256i get(int r, int64_t b, int g) const { return _mm256_load_si256(ax + (r * kb + b) * 8 + g); }
+};
+#endif
+constexpr bool kExpandActs =
+#if defined(TM_VNNI)
+    false;
+#else
+    true;
+#endif
+
 void expand_rows(const int8_t* a, int64_t groups, __m256i* dst) {
   for (int64_t i = 0; i < groups; ++i) {
     int32_t v;
@@ -378,44 +407,45 @@ void expand_rows(const int8_t* a, int64_t groups, __m256i* dst) {
 }
 
 #if defined(TM_VNNI)
-// Q4: row r's dot product of one block in dword r. dpbusd sums u8 x s8 in fours, exactly.
-inline __m256i q4_block_dots(const __m256i* lo, const __m256i* hi, const __m256i* ax) {
-  __m256i s = _mm256_setzero_si256();
+// Q4: row r's dot product of one block in dword r. dpbusd sums u8 x s8 in fours, exactly,
+// so the order of the sums does not matter: two chains halve the dependent latency.
+inline __m256i q4_block_dots(const __m256i* lo, const __m256i* hi, const ActRows& act, int r, int64_t b) {
+  __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
   for (int p = 0; p < 4; ++p) {
-    s = TM_DPBUSD(s, lo[p], _mm256_load_si256(ax + p));
-    s = TM_DPBUSD(s, hi[p], _mm256_load_si256(ax + 4 + p));
+    s0 = TM_DPBUSD(s0, lo[p], act.get(r, b, p));
+    s1 = TM_DPBUSD(s1, hi[p], act.get(r, b, 4 + p));
   }
-  return s;
+  return _mm256_add_epi32(s0, s1);
 }
 
 // Q8: u8 x s8 only, so |w| against a carrying w's sign (codes are never -128).
-inline __m256i q8_block_dots(const __m256i* w, const __m256i* wabs, const __m256i* ax) {
-  __m256i s = _mm256_setzero_si256();
-  for (int g = 0; g < 8; ++g) s = TM_DPBUSD(s, wabs[g], _mm256_sign_epi8(_mm256_load_si256(ax + g), w[g]));
-  return s;
+inline __m256i q8_block_dots(const __m256i* w, const __m256i* wabs, const ActRows& act, int r, int64_t b) {
+  __m256i s[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+  for (int g = 0; g < 8; ++g) s[g & 1] = TM_DPBUSD(s[g & 1], wabs[g], _mm256_sign_epi8(act.get(r, b, g), w[g]));
+  return _mm256_add_epi32(s[0], s[1]);
 }
 #else
 // Q4: row r's dot product of one block in dword r. The int16 lanes of maddubs can be summed
 // over the whole block before one widening madd: each is at most 2 * 15 * 127 = 3810, eight
 // of them 30480 < 32768. That is 9 multiplies per 8 rows x 32 weights, and multiplies are
 // what limits AVX2 cores with one 256-bit multiply port.
-inline __m256i q4_block_dots(const __m256i* lo, const __m256i* hi, const __m256i* ax) {
-  __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(lo[0], _mm256_load_si256(ax)),
-                               _mm256_maddubs_epi16(hi[0], _mm256_load_si256(ax + 4)));
+inline __m256i q4_block_dots(const __m256i* lo, const __m256i* hi, const ActRows& act, int r, int64_t b) {
+  __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(lo[0], act.get(r, b, 0)),
+                               _mm256_maddubs_epi16(hi[0], act.get(r, b, 4)));
   for (int p = 1; p < 4; ++p) {
-    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[p], _mm256_load_si256(ax + p)));
-    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[p], _mm256_load_si256(ax + 4 + p)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[p], act.get(r, b, p)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[p], act.get(r, b, 4 + p)));
   }
   return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
 }
 
 // Q8: u8 x s8 only, so |w| against a carrying w's sign (codes are never -128). A maddubs
 // lane reaches 2 * 127 * 127, so each is widened at once.
-inline __m256i q8_block_dots(const __m256i* w, const __m256i* wabs, const __m256i* ax) {
+inline __m256i q8_block_dots(const __m256i* w, const __m256i* wabs, const ActRows& act, int r, int64_t b) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i s[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
   for (int g = 0; g < 8; ++g) {
-    const __m256i p = _mm256_maddubs_epi16(wabs[g], _mm256_sign_epi8(_mm256_load_si256(ax + g), w[g]));
+    const __m256i p = _mm256_maddubs_epi16(wabs[g], _mm256_sign_epi8(act.get(r, b, g), w[g]));
     s[g & 1] = _mm256_add_epi32(s[g & 1], _mm256_madd_epi16(p, ones));
   }
   return _mm256_add_epi32(s[0], s[1]);
@@ -437,10 +467,10 @@ inline void prefetch_l2(const void* p, int lines) {
   for (int i = 0; i < lines; ++i) _mm_prefetch(static_cast<const char*>(p) + 64 * i, _MM_HINT_T1);
 }
 
-// One tile of 8 output rows against MR activation rows: ax = expanded rows (row r at
-// ax + r * k / 4), e and s = their block scales (row r at e + r * kb).
+// One tile of 8 output rows against MR activation rows: act = the rows' int8 codes, e and
+// s = their block scales (row r at e + r * kb).
 template <int MR>
-void q4_tile_avx2(const uint8_t* tile, int64_t kb, const __m256i* ax, const float* e, const float* s,
+void q4_tile_avx2(const uint8_t* tile, int64_t kb, const ActRows& act, const float* e, const float* s,
                   float (*out)[NR]) {
   const uint16_t* scales = reinterpret_cast<const uint16_t*>(tile + kb * Q4_CODE_BYTES);
   const __m256i low4 = _mm256_set1_epi8(0x0F);
@@ -460,7 +490,7 @@ void q4_tile_avx2(const uint8_t* tile, int64_t kb, const __m256i* ax, const floa
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * Q4_SCALE_HALVES)));
     const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * Q4_SCALE_HALVES + NR)));
     for (int r = 0; r < MR; ++r) {
-      const __m256 isum = _mm256_cvtepi32_ps(q4_block_dots(lo, hi, ax + r * kb * 8 + b * 8));
+      const __m256 isum = _mm256_cvtepi32_ps(q4_block_dots(lo, hi, act, r, b));
       acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(e[r * kb + b])), acc[r]);
       acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(s[r * kb + b]), acc[r]);
     }
@@ -469,7 +499,7 @@ void q4_tile_avx2(const uint8_t* tile, int64_t kb, const __m256i* ax, const floa
 }
 
 template <int MR>
-void q8_tile_avx2(const uint8_t* tile, int64_t kb, const __m256i* ax, const float* e, const float*,
+void q8_tile_avx2(const uint8_t* tile, int64_t kb, const ActRows& act, const float* e, const float*,
                   float (*out)[NR]) {
   const uint16_t* scales = reinterpret_cast<const uint16_t*>(tile + kb * Q8_CODE_BYTES);
   __m256 acc[MR];
@@ -483,7 +513,7 @@ void q8_tile_avx2(const uint8_t* tile, int64_t kb, const __m256i* ax, const floa
     for (int g = 0; g < 8; ++g) w[g] = _mm256_loadu_si256(c + g), wabs[g] = _mm256_abs_epi8(w[g]);
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * Q8_SCALE_HALVES)));
     for (int r = 0; r < MR; ++r) {
-      const __m256 isum = _mm256_cvtepi32_ps(q8_block_dots(w, wabs, ax + r * kb * 8 + b * 8));
+      const __m256 isum = _mm256_cvtepi32_ps(q8_block_dots(w, wabs, act, r, b));
       acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(e[r * kb + b])), acc[r]);
     }
   }
@@ -491,10 +521,10 @@ void q8_tile_avx2(const uint8_t* tile, int64_t kb, const __m256i* ax, const floa
 }
 
 template <int MR>
-void tile_avx2(Mode mode, const uint8_t* tile, int64_t kb, const __m256i* ax, const float* e, const float* s,
+void tile_avx2(Mode mode, const uint8_t* tile, int64_t kb, const ActRows& act, const float* e, const float* s,
                float (*out)[NR]) {
-  if (mode == Mode::Q4) q4_tile_avx2<MR>(tile, kb, ax, e, s, out);
-  else q8_tile_avx2<MR>(tile, kb, ax, e, s, out);
+  if (mode == Mode::Q4) q4_tile_avx2<MR>(tile, kb, act, e, s, out);
+  else q8_tile_avx2<MR>(tile, kb, act, e, s, out);
 }
 #endif
 
@@ -550,9 +580,13 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t mr_cap = mr_max == 0 ? MAX_MR : mr_max;
-  // Activation rows go in chunks whose expanded form (k * 8 bytes a row) stays in L2 while
-  // this thread's weight tiles pass by, and stays below malloc's mmap threshold.
-  const int64_t chunk = std::min(m, std::max<int64_t>(1, CHUNK_BYTES / (k * 8) / mr_cap * mr_cap));
+  // Expanded activations go in chunks whose expanded form (k * 8 bytes a row) stays in L2
+  // while this thread's weight tiles pass by, and stays below malloc's mmap threshold.
+  bool expand = false;
+#ifdef TM_AVX2
+  expand = simd && kExpandActs;
+#endif
+  const int64_t chunk = expand ? std::min(m, std::max<int64_t>(1, CHUNK_BYTES / (k * 8) / mr_cap * mr_cap)) : m;
   // A tile-block is ~10 ns of work per activation row: chunks of at least ~5 us, so that a
   // call too small to gain from waking a second thread runs on this one (measured on 2
   // cores: 576x576 at M = 1 takes 29 us on one thread, 20 us on two).
@@ -570,8 +604,8 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
     alignas(32) float out[MAX_MR][NR];
 #ifdef TM_AVX2
     // chunk * k / 4 vectors of 32 bytes (k is a multiple of 32)
-    std::unique_ptr<void, decltype(&std::free)> xmem(simd ? std::aligned_alloc(32, chunk * k * 8) : nullptr, &std::free);
-    TORCH_CHECK(!simd || xmem, "out of memory");
+    std::unique_ptr<void, decltype(&std::free)> xmem(expand ? std::aligned_alloc(32, chunk * k * 8) : nullptr, &std::free);
+    TORCH_CHECK(!expand || xmem, "out of memory");
     __m256i* const xbuf = static_cast<__m256i*>(xmem.get());
 #endif
     int64_t expanded = -1;  // the activation chunk now in xbuf: one chunk (M <= chunk) is expanded once
@@ -581,7 +615,7 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
       for (int64_t c0 = 0; c0 < m; c0 += chunk) {
         const int64_t c1 = std::min(m, c0 + chunk);
 #ifdef TM_AVX2
-        if (simd && expanded != c0) expand_rows(q.a + c0 * k, (c1 - c0) * k / 4, xbuf), expanded = c0;
+        if (expand && expanded != c0) expand_rows(q.a + c0 * k, (c1 - c0) * k / 4, xbuf), expanded = c0;
 #endif
         for (int64_t t = t0; t < t1; ++t) {
           const uint8_t* tile = pp + t * tbytes;
@@ -590,13 +624,17 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
             const int64_t mr = std::min<int64_t>(mr_cap, c1 - m0);
 #ifdef TM_AVX2
             if (simd) {
-              const __m256i* ax = xbuf + (m0 - c0) * k / 4;
+#if defined(TM_VNNI)
+              const ActRows act{q.a + m0 * k, k};
+#else
+              const ActRows act{xbuf + (m0 - c0) * k / 4, kb};
+#endif
               const float *e = q.e + m0 * kb, *s = q.s + m0 * kb;
               switch (mr) {
-                case 1: tile_avx2<1>(mode, tile, kb, ax, e, s, out); break;
-                case 2: tile_avx2<2>(mode, tile, kb, ax, e, s, out); break;
-                case 3: tile_avx2<3>(mode, tile, kb, ax, e, s, out); break;
-                default: tile_avx2<4>(mode, tile, kb, ax, e, s, out); break;
+                case 1: tile_avx2<1>(mode, tile, kb, act, e, s, out); break;
+                case 2: tile_avx2<2>(mode, tile, kb, act, e, s, out); break;
+                case 3: tile_avx2<3>(mode, tile, kb, act, e, s, out); break;
+                default: tile_avx2<4>(mode, tile, kb, act, e, s, out); break;
               }
             }
 #endif
