@@ -14,6 +14,7 @@ alike; the table keeps each variant's best round, with its ratio to the first va
 from __future__ import annotations
 
 import argparse
+import gc
 import shlex
 import sys
 import time
@@ -59,6 +60,7 @@ def main() -> int:
     for v in args.variants:
         ns = parser.parse_args(["serve", "--max-num-seqs", str(max(args.concurrency)), *shlex.split(v)])
         engines[v] = build_engine(options_from_args(ns))
+    gc.freeze()  # as `textmill serve` does once its model is loaded (wiring._frozen_after)
     best: dict[tuple[str, int], tuple[float, float]] = {}
     for r in range(args.repeats):
         for c in args.concurrency:

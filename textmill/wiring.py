@@ -6,6 +6,7 @@ exercise exactly what `textmill serve` runs.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import logging
 import os
@@ -217,6 +218,16 @@ def server_config_from_args(args, environ=os.environ) -> ServerConfig:
         shutdown_timeout=args.shutdown_timeout, log_format=args.log_format, load_in_background=True)
 
 
+def _frozen_after(built):
+    """gc.freeze() once the model is loaded: the ~300,000 objects loading made (modules,
+    parameters, tokenizer tables) live as long as the process, and without this every full
+    collection walks them all, in the engine thread, in the middle of a step (measured: decode
+    steps 5% faster at one stream, ~15% at 16). Only the server and `generate` do it: a
+    process that builds engine after engine (the tests) would keep dead ones for good."""
+    gc.freeze()
+    return built
+
+
 def run_serve(args) -> int:
     from textmill.api.app import create_app
     from textmill.api.server import make_server
@@ -224,7 +235,7 @@ def run_serve(args) -> int:
     opts = options_from_args(args)
     server_config = server_config_from_args(args)
     model_path(opts.model)  # fail fast, before the port opens, on a missing file
-    app = create_app(server_config, lambda: build_serving(opts, args.served_model_name))
+    app = create_app(server_config, lambda: _frozen_after(build_serving(opts, args.served_model_name)))
     server = make_server(app, args.host, args.port, args.log_level)
     server.run()
     lifecycle = app.state.lifecycle
@@ -244,7 +255,7 @@ def run_generate(args) -> int:
                                 seed=args.seed)
     except InvalidParam as exc:
         raise StartupError(f"--{exc.param.replace('_', '-')}: {exc.message}") from None
-    built = build_engine(options_from_args(args))
+    built = _frozen_after(build_engine(options_from_args(args)))
     tok = built.tokenizer
     params = dataclasses.replace(params, stop_token_ids=tuple(sorted(tok.eos_token_ids)))
     start = tok.bos_token_id if tok.bos_token_id is not None else min(tok.eos_token_ids)
