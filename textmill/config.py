@@ -55,7 +55,7 @@ class CacheConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64  # running requests per step
-    max_num_batched_tokens: int = 512  # token budget per step; long prefills are chunked to it
+    max_num_batched_tokens: int = 256  # token budget per step; long prefills are chunked to it
     max_model_len: int = 8192  # context window: prompt + generated tokens
 
 

@@ -37,7 +37,7 @@ class EngineOptions:
     kv_cache_gib: float = 1.0
     block_size: int = 16
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 256
     prefix_caching: bool = True
     threads: int | None = None
     # "int8" / "int4": weight-only (runner/quant.py, runner/qlinear.py); "auto": the file's own
