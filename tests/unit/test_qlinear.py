@@ -313,27 +313,30 @@ def test_bad_shapes_are_refused(ext):
     with pytest.raises(RuntimeError):
         ext.q8_linear(torch.randn(2, 32), packed, 8)  # K does not match the packing
     with pytest.raises(RuntimeError):
-        ext.q8_linear(torch.randn(2, 64), packed, 9)
+        ext.q8_linear(torch.randn(2, 64), packed, 17)  # N needs a second tile of 16 rows
     assert ext.q8_linear(torch.randn(0, 64), packed, 8).shape == (0, 8)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant,flags,isa", [
-    ("emulated-vnni", ["-DTM_EMULATE_VNNI"], "avx2+vnni(emulated)"),
+    # the 256-bit VNNI path (half tiles, compact activations) with an exact AVX2 emulation of dpbusd
+    ("emulated-vnni", ["-mno-avx512vnni", "-mno-avxvnni", "-DTM_EMULATE_VNNI"], "avx2+vnni(emulated)"),
+    # the AVX2 path without VNNI (maddubs, expanded activations)
+    ("avx2", ["-mno-avx512vnni", "-mno-avxvnni"], "avx2"),
+    # the scalar fallback of a CPU without AVX2
     ("baseline-x86-64", ["-march=x86-64", "-mtune=generic"], "scalar"),
 ])
 def test_other_builds_give_the_same_bits(ext, variant, flags, isa):
-    """Paths this machine does not run: the VNNI path (dpbusd), built with an exact AVX2
-    emulation of dpbusd (-DTM_EMULATE_VNNI), and the scalar fallback of a CPU without AVX2
-    (-march=x86-64, after -march=native). Both must give this machine's bits."""
+    """The paths this machine does not run, built here with the ISA extensions switched off
+    (after -march=native): each must give this machine's bits, packing included."""
     from torch.utils import cpp_extension
 
     from textmill.kernels.build import CFLAGS, CSRC, _cache_root
 
-    if platform.machine() != "x86_64" or ext.isa() not in ("avx2", "avx2+vnni"):
+    if platform.machine() != "x86_64" or ext.isa() not in ("avx2", "avx2+vnni", "avx512+vnni"):
         pytest.skip("these variants are x86-64 builds compared with a SIMD build")
-    if variant == "emulated-vnni" and "vnni" in ext.isa():
-        pytest.skip("this machine runs the VNNI path natively")
+    if variant == ext.isa().replace("+", "-"):
+        pytest.skip("this machine runs that path natively")
     build_dir = _cache_root() / f"quant-{variant}"
     build_dir.mkdir(parents=True, exist_ok=True)
     other = cpp_extension.load(name=f"textmill_quant_{variant.replace('-', '_')}", sources=[str(CSRC / "quant.cpp")],

@@ -68,15 +68,20 @@
 #define TM_DPBUSD(acc, u, s) \
   _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
 #endif
+// 512-bit VNNI (Ice Lake, Zen 4 and later): whole 16-row tiles per vector.
+#if defined(TM_VNNI) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(TM_EMULATE_VNNI)
+#define TM_VNNI512 1
+#endif
 
 namespace {
 
 constexpr int64_t QK = 32;  // weights per group (one scale, or one scale and one min)
-constexpr int64_t NR = 8;   // output rows per tile
-constexpr int64_t Q4_CODE_BYTES = NR * QK / 2;  // 128 per tile-block
-constexpr int64_t Q4_SCALE_HALVES = 2 * NR;     // d[8], m[8]
-constexpr int64_t Q8_CODE_BYTES = NR * QK;      // 256 per tile-block
-constexpr int64_t Q8_SCALE_HALVES = NR;         // d[8]
+constexpr int64_t NR = 16;  // output rows per tile: one 512-bit vector of dwords
+constexpr int64_t NH = 8;   // rows per half tile: one 256-bit vector of dwords
+constexpr int64_t Q4_CODE_BYTES = NR * QK / 2;  // 256 per tile-block
+constexpr int64_t Q4_SCALE_HALVES = 2 * NR;     // d[16], m[16]
+constexpr int64_t Q8_CODE_BYTES = NR * QK;      // 512 per tile-block
+constexpr int64_t Q8_SCALE_HALVES = NR;         // d[16]
 constexpr int MAX_MR = 4;                       // activation rows per register tile
 constexpr int64_t CHUNK_BYTES = 96 << 10;       // expanded activations per thread
 
@@ -93,8 +98,8 @@ int64_t packed_bytes(Mode mode, int64_t n, int64_t k) {
 
 // Byte offset, inside a tile-block's codes, of row r's weight j (0..31) of the block.
 // Q4: the nibble is the high one for j >= 16.
-inline int64_t q4_byte(int64_t r, int64_t j) { return ((j & 15) >> 2) * 32 + 4 * r + (j & 3); }
-inline int64_t q8_byte(int64_t r, int64_t j) { return (j >> 2) * 32 + 4 * r + (j & 3); }
+inline int64_t q4_byte(int64_t r, int64_t j) { return ((j & 15) >> 2) * (4 * NR) + 4 * r + (j & 3); }
+inline int64_t q8_byte(int64_t r, int64_t j) { return (j >> 2) * (4 * NR) + 4 * r + (j & 3); }
 
 inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 inline uint16_t float_to_half(float f) { return c10::Half(f).x; }
@@ -467,10 +472,11 @@ inline void prefetch_l2(const void* p, int lines) {
   for (int i = 0; i < lines; ++i) _mm_prefetch(static_cast<const char*>(p) + 64 * i, _MM_HINT_T1);
 }
 
-// One tile of 8 output rows against MR activation rows: act = the rows' int8 codes, e and
-// s = their block scales (row r at e + r * kb).
+// Half h of a tile (its output rows 8h..8h+7) against MR activation rows: act = the rows'
+// int8 codes, e and s = their block scales (row r at e + r * kb). A 64-byte k-group vector
+// of the tile holds rows 0..7 in its low 32 bytes and rows 8..15 in its high 32.
 template <int MR>
-void q4_tile_avx2(const uint8_t* tile, int64_t kb, const ActRows& act, const float* e, const float* s,
+void q4_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, const float* e, const float* s,
                   float (*out)[NR]) {
   const uint16_t* scales = reinterpret_cast<const uint16_t*>(tile + kb * Q4_CODE_BYTES);
   const __m256i low4 = _mm256_set1_epi8(0x0F);
@@ -483,53 +489,154 @@ void q4_tile_avx2(const uint8_t* tile, int64_t kb, const ActRows& act, const flo
     if ((b & 1) == 0) prefetch_l1(scales + (b + PREFETCH_BLOCKS) * Q4_SCALE_HALVES, 1);
     __m256i lo[4], hi[4];  // unpacked once for all MR activation rows
     for (int p = 0; p < 4; ++p) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * p));
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p + 32 * h));
       lo[p] = _mm256_and_si256(x, low4);
       hi[p] = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
     }
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * Q4_SCALE_HALVES)));
-    const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * Q4_SCALE_HALVES + NR)));
+    const uint16_t* sc = scales + b * Q4_SCALE_HALVES + NH * h;
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
+    const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
     for (int r = 0; r < MR; ++r) {
       const __m256 isum = _mm256_cvtepi32_ps(q4_block_dots(lo, hi, act, r, b));
       acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(e[r * kb + b])), acc[r]);
       acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(s[r * kb + b]), acc[r]);
     }
   }
-  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r], acc[r]);
+  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * h, acc[r]);
 }
 
 template <int MR>
-void q8_tile_avx2(const uint8_t* tile, int64_t kb, const ActRows& act, const float* e, const float*,
+void q8_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, const float* e, const float*,
                   float (*out)[NR]) {
   const uint16_t* scales = reinterpret_cast<const uint16_t*>(tile + kb * Q8_CODE_BYTES);
   __m256 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
-    const __m256i* c = reinterpret_cast<const __m256i*>(tile + b * Q8_CODE_BYTES);
+    const uint8_t* c = tile + b * Q8_CODE_BYTES + 32 * h;
     prefetch_l2(tile + b * Q8_CODE_BYTES + PREFETCH_FAR_BYTES, Q8_CODE_BYTES / 64);
     prefetch_l1(tile + (b + PREFETCH_BLOCKS) * Q8_CODE_BYTES, Q8_CODE_BYTES / 64);
     if ((b & 3) == 0) prefetch_l1(scales + (b + PREFETCH_BLOCKS) * Q8_SCALE_HALVES, 1);
     __m256i w[8], wabs[8];
-    for (int g = 0; g < 8; ++g) w[g] = _mm256_loadu_si256(c + g), wabs[g] = _mm256_abs_epi8(w[g]);
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * Q8_SCALE_HALVES)));
+    for (int g = 0; g < 8; ++g) {
+      w[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * g));
+      wabs[g] = _mm256_abs_epi8(w[g]);
+    }
+    const __m256 d =
+        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * Q8_SCALE_HALVES + NH * h)));
     for (int r = 0; r < MR; ++r) {
       const __m256 isum = _mm256_cvtepi32_ps(q8_block_dots(w, wabs, act, r, b));
       acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(e[r * kb + b])), acc[r]);
     }
   }
-  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r], acc[r]);
+  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * h, acc[r]);
+}
+
+#ifdef TM_VNNI512
+// A whole tile in 512-bit vectors: every k-group vector is one load, and each activation
+// k-group one dword broadcast to all 16 lanes (a load-unit broadcast, no ALU work). Per
+// output lane the float32 steps are those of the 256-bit and scalar paths, so the bits are.
+inline __m512i bcast512(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
 }
 
 template <int MR>
-void tile_avx2(Mode mode, const uint8_t* tile, int64_t kb, const ActRows& act, const float* e, const float* s,
-               float (*out)[NR]) {
-  if (mode == Mode::Q4) q4_tile_avx2<MR>(tile, kb, act, e, s, out);
-  else q8_tile_avx2<MR>(tile, kb, act, e, s, out);
+void q4_tile_avx512(const uint8_t* tile, int64_t kb, const int8_t* a, int64_t k, const float* e, const float* s,
+                    float (*out)[NR]) {
+  const uint16_t* scales = reinterpret_cast<const uint16_t*>(tile + kb * Q4_CODE_BYTES);
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < kb; ++b) {
+    const uint8_t* c = tile + b * Q4_CODE_BYTES;
+    prefetch_l2(c + PREFETCH_FAR_BYTES, Q4_CODE_BYTES / 64);
+    prefetch_l1(c + PREFETCH_BLOCKS * Q4_CODE_BYTES, Q4_CODE_BYTES / 64);
+    prefetch_l1(scales + (b + PREFETCH_BLOCKS) * Q4_SCALE_HALVES, 1);
+    __m512i lo[4], hi[4];  // unpacked once for all MR activation rows
+    for (int p = 0; p < 4; ++p) {
+      const __m512i x = _mm512_loadu_si512(c + 64 * p);
+      lo[p] = _mm512_and_si512(x, low4);
+      hi[p] = _mm512_and_si512(_mm512_srli_epi16(x, 4), low4);
+    }
+    const uint16_t* sc = scales + b * Q4_SCALE_HALVES;
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
+    const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + NR)));
+    for (int r = 0; r < MR; ++r) {
+      const int8_t* ar = a + r * k + b * QK;
+      __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+      for (int p = 0; p < 4; ++p) {
+        s0 = _mm512_dpbusd_epi32(s0, lo[p], bcast512(ar + 4 * p));
+        s1 = _mm512_dpbusd_epi32(s1, hi[p], bcast512(ar + 16 + 4 * p));
+      }
+      const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+      acc[r] = _mm512_fmadd_ps(isum, _mm512_mul_ps(d, _mm512_set1_ps(e[r * kb + b])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(s[r * kb + b]), acc[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) _mm512_storeu_ps(out[r], acc[r]);
+}
+
+// Q8: 512-bit has no sign_epi8; the activations are negated under the mask of the weights'
+// sign bits instead (codes are never -128 on either side, so negation is exact).
+template <int MR>
+void q8_tile_avx512(const uint8_t* tile, int64_t kb, const int8_t* a, int64_t k, const float* e, const float*,
+                    float (*out)[NR]) {
+  const uint16_t* scales = reinterpret_cast<const uint16_t*>(tile + kb * Q8_CODE_BYTES);
+  const __m512i zero = _mm512_setzero_si512();
+  __m512 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < kb; ++b) {
+    const uint8_t* c = tile + b * Q8_CODE_BYTES;
+    prefetch_l2(c + PREFETCH_FAR_BYTES, Q8_CODE_BYTES / 64);
+    prefetch_l1(c + PREFETCH_BLOCKS * Q8_CODE_BYTES, Q8_CODE_BYTES / 64);
+    if ((b & 1) == 0) prefetch_l1(scales + (b + PREFETCH_BLOCKS) * Q8_SCALE_HALVES, 1);
+    __m512i wabs[8];
+    __mmask64 neg[8];
+    for (int g = 0; g < 8; ++g) {
+      const __m512i w = _mm512_loadu_si512(c + 64 * g);
+      wabs[g] = _mm512_abs_epi8(w);
+      neg[g] = _mm512_movepi8_mask(w);
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + b * Q8_SCALE_HALVES)));
+    for (int r = 0; r < MR; ++r) {
+      const int8_t* ar = a + r * k + b * QK;
+      __m512i sm[2] = {zero, zero};
+      for (int g = 0; g < 8; ++g) {
+        const __m512i av = bcast512(ar + 4 * g);
+        sm[g & 1] = _mm512_dpbusd_epi32(sm[g & 1], wabs[g], _mm512_mask_sub_epi8(av, neg[g], zero, av));
+      }
+      const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(sm[0], sm[1]));
+      acc[r] = _mm512_fmadd_ps(isum, _mm512_mul_ps(d, _mm512_set1_ps(e[r * kb + b])), acc[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) _mm512_storeu_ps(out[r], acc[r]);
+}
+#endif
+
+// One tile against MR activation rows (act for the 256-bit kernels, the compact rows a for
+// the 512-bit ones); ncols = the tile's real rows, so a half of padding is skipped.
+template <int MR>
+void tile_simd(Mode mode, const uint8_t* tile, int64_t kb, int64_t ncols, const ActRows& act, const int8_t* a,
+               int64_t k, const float* e, const float* s, float (*out)[NR]) {
+#ifdef TM_VNNI512
+  (void)ncols, (void)act;
+  if (mode == Mode::Q4) q4_tile_avx512<MR>(tile, kb, a, k, e, s, out);
+  else q8_tile_avx512<MR>(tile, kb, a, k, e, s, out);
+#else
+  (void)a, (void)k;
+  for (int h = 0; h * NH < ncols; ++h) {
+    if (mode == Mode::Q4) q4_tile_avx2<MR>(tile, kb, h, act, e, s, out);
+    else q8_tile_avx2<MR>(tile, kb, h, act, e, s, out);
+  }
+#endif
 }
 #endif
 
 std::string isa() {
-#if defined(TM_VNNI) && defined(TM_EMULATE_VNNI)
+#if defined(TM_VNNI512)
+  return "avx512+vnni";
+#elif defined(TM_VNNI) && defined(TM_EMULATE_VNNI)
   return "avx2+vnni(emulated)";
 #elif defined(TM_VNNI)
   return "avx2+vnni";
@@ -590,7 +697,7 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
   // A tile-block is ~10 ns of work per activation row: chunks of at least ~5 us, so that a
   // call too small to gain from waking a second thread runs on this one (measured on 2
   // cores: 576x576 at M = 1 takes 29 us on one thread, 20 us on two).
-  const int64_t grain = std::max<int64_t>(1, 512 / std::max<int64_t>(1, kb * m));
+  const int64_t grain = std::max<int64_t>(1, 256 / std::max<int64_t>(1, kb * m));
   // Tiles are handed out in pieces from a shared counter rather than split statically:
   // on 2 cores shared with the server's event loop (and anything else), a static half
   // leaves one thread waiting whenever the other is preempted, while pieces let the
@@ -601,7 +708,7 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
   const int64_t piece = std::max<int64_t>(grain, (ntiles + 8 * nthreads - 1) / (8 * nthreads));
   std::atomic<int64_t> next{0};
   auto worker = [&](int64_t, int64_t) {
-    alignas(32) float out[MAX_MR][NR];
+    alignas(64) float out[MAX_MR][NR];
 #ifdef TM_AVX2
     // chunk * k / 4 vectors of 32 bytes (k is a multiple of 32)
     std::unique_ptr<void, decltype(&std::free)> xmem(expand ? std::aligned_alloc(32, chunk * k * 8) : nullptr, &std::free);
@@ -630,11 +737,12 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
               const ActRows act{xbuf + (m0 - c0) * k / 4, kb};
 #endif
               const float *e = q.e + m0 * kb, *s = q.s + m0 * kb;
+              const int8_t* a = q.a + m0 * k;
               switch (mr) {
-                case 1: tile_avx2<1>(mode, tile, kb, act, e, s, out); break;
-                case 2: tile_avx2<2>(mode, tile, kb, act, e, s, out); break;
-                case 3: tile_avx2<3>(mode, tile, kb, act, e, s, out); break;
-                default: tile_avx2<4>(mode, tile, kb, act, e, s, out); break;
+                case 1: tile_simd<1>(mode, tile, kb, ncols, act, a, k, e, s, out); break;
+                case 2: tile_simd<2>(mode, tile, kb, ncols, act, a, k, e, s, out); break;
+                case 3: tile_simd<3>(mode, tile, kb, ncols, act, a, k, e, s, out); break;
+                default: tile_simd<4>(mode, tile, kb, ncols, act, a, k, e, s, out); break;
               }
             }
 #endif
