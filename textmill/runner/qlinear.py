@@ -11,14 +11,15 @@ computes integer dot products (AVX2 maddubs, VNNI dpbusd), llama.cpp's method. S
 differs from F.linear(x, dequantized weight) by the activation rounding alone: at most
 sum over groups of (group scale / 2) * sum|w| of that group, per output; in practice
 ~0.3% of the output's magnitude. It serves any number of rows M: weights are unpacked once
-per 8 output rows and reused for up to 4 activation rows in registers.
+per tile of 16 output rows and reused for up to 4 activation rows in registers.
 
-Measured against float32 F.linear (MKL) on this project's AVX2 machine (Zen 1, 2 cores, no
-VNNI; bench/kernel_quant.py, weights cold as in a decode step): q4 takes 0.1-0.25 of the
-float32 time at M = 1..4, ~0.5 at 16, ~0.7 at 64, ~0.75 at 256; q8 0.15-0.4 at M = 1..4,
-~0.7 at 16 and 1.0-1.15 from M = 64 on (16 integer multiplies per 256 weights on a core
-with one multiply port). So there is no dense fallback: q4 never needs one, and for q8 a
-dense float32 copy would cost 4x its memory to gain ~10% on prefills of 64+ rows.
+Measured against float32 F.linear (MKL), bench/kernel_quant.py, weights cold as in a decode
+step. Zen 1 (2 cores, AVX2, no VNNI): q4 takes 0.1-0.25 of the float32 time at M = 1..4,
+~0.5 at 16, ~0.7 at 64, ~0.75 at 256; q8 0.15-0.4 at M = 1..4, ~0.7 at 16 and 1.0-1.15 from
+M = 64 on (16 integer multiplies per 256 weights on a core with one multiply port). Zen 5
+(2 cores, 512-bit VNNI): q4 0.05-0.13 at M = 1..16, ~0.2 at 64 and 256; q8 0.1-0.2 and
+0.25-0.3. So there is no dense fallback: q4 never needs one, and for q8 a dense float32
+copy would cost 4x its memory to gain at most ~10% on big prefills of an AVX2-only CPU.
 """
 from __future__ import annotations
 

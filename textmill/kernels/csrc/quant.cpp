@@ -5,11 +5,12 @@
 // small batches is bound by reading the weights; these read 5 (Q4) or 8.5 (Q8) bits per
 // weight instead of 32 and do 32 multiply-adds per integer instruction.
 //
-// Paths: AVX2 (+FMA, F16C), the same code with 256-bit dpbusd where AVX512-VNNI+VL or
-// AVX-VNNI compile, and a scalar fallback. There is no 512-bit path: no machine here can
-// run one, and decode (one row) is bound by memory reads, not by vector width. On the
-// project's Zen 1 machine (one 256-bit integer multiply port) Q4 takes ~25-30 cycles per
-// 8 rows x 32 weights x 1 activation row, near the 18 of its 9 multiplies; Q8 needs 16.
+// Paths: AVX2 (+FMA, F16C); the same code with 256-bit dpbusd where AVX512-VNNI+VL or
+// AVX-VNNI compile; 512-bit dpbusd over whole tiles where AVX512-VNNI+BW compile; and a
+// scalar fallback. On the project's Zen 1 machine (one 256-bit integer multiply port) Q4
+// takes ~25-30 cycles per 8 rows x 32 weights x 1 activation row, near the 18 of its 9
+// multiplies; Q8 needs 16. On Zen 5 the 512-bit path is 1.4-1.7x the 256-bit one from 16
+// activation rows up (batched decode, prefill); one row is bound by memory reads either way.
 //
 // Formats (per group of 32 weights along K):
 //   Q4: codes q in 0..15, w = d*q + m         (GGUF Q4_1)
@@ -18,17 +19,18 @@
 // and at one decode token (bound by memory reads) 4 bytes of scales per group instead of 8
 // are ~17% less traffic for Q4.
 //
-// Packed layout: output rows in tiles of 8 (N padded with zero rows), tiles one after the
+// Packed layout: output rows in tiles of 16 (N padded with zero rows), tiles one after the
 // other, each tile contiguous so that one thread streams through it. Inside a tile, a block
-// of 32 weights of the 8 rows is stored "k-group major": 32 bytes hold 4 consecutive k of
-// each of the 8 rows (byte 4r + i = row r, k = 4g + i). A u8 x s8 multiply-add of such a
-// vector with 4 activation bytes broadcast to all 8 dwords (maddubs + madd, or one dpbusd)
-// leaves row r's partial sum in dword r: the 8 rows come out in 8 lanes with no
-// horizontal reduction, and one weight vector serves every activation row in a register tile.
-//   Q4 tile: codes [KB][4][32 bytes], then scales [KB][d of 8 rows, m of 8 rows] (fp16).
+// of 32 weights of the 16 rows is stored "k-group major": 64 bytes hold 4 consecutive k of
+// each of the 16 rows (byte 4r + i = row r, k = 4g + i). A u8 x s8 multiply-add of such a
+// vector with 4 activation bytes broadcast to all 16 dwords (one 512-bit dpbusd) leaves row
+// r's partial sum in dword r: the rows come out in lanes with no horizontal reduction, and
+// one weight vector serves every activation row in a register tile. The 256-bit paths take
+// a tile as two halves: the low 32 bytes of every 64 are rows 0..7, the high 32 rows 8..15.
+//   Q4 tile: codes [KB][4][64 bytes], then scales [KB][d of 16 rows, m of 16 rows] (fp16).
 //            Vector p's low nibbles are k-group p (k = 4p..4p+3), its high nibbles k-group
 //            p + 4 (k = 16 + 4p..): the two nibble planes cost one AND and one shift.
-//   Q8 tile: codes [KB][8][32 bytes] (k-group g = k 4g..4g+3), then scales [KB][8] (fp16).
+//   Q8 tile: codes [KB][8][64 bytes] (k-group g = k 4g..4g+3), then scales [KB][16] (fp16).
 // Activations, per row and block of 32: int8 codes a, scale e = max|x|/127, and (for Q4's
 // min term) s = e * sum(a):  sum_i (d q_i + m)(e a_i) = (d e) sum(q_i a_i) + m s.
 //
@@ -321,7 +323,7 @@ void quantize_rows(const float* x, int64_t m, int64_t k, const QAct& q, bool sim
 }
 
 // ---------------------------------------------------------------------------------------
-// Matmul kernels: one tile of 8 output rows against MR activation rows, all K.
+// Matmul kernels: one tile of 16 output rows against MR activation rows, all K.
 // out[r][j] = result for activation row r and tile row j (before bias).
 
 void q4_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, int64_t m0, int64_t mr,
@@ -694,7 +696,7 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
   expand = simd && kExpandActs;
 #endif
   const int64_t chunk = expand ? std::min(m, std::max<int64_t>(1, CHUNK_BYTES / (k * 8) / mr_cap * mr_cap)) : m;
-  // A tile-block is ~10 ns of work per activation row: chunks of at least ~5 us, so that a
+  // A tile-block (16 rows) is ~20 ns of work per activation row: chunks of at least ~5 us, so that a
   // call too small to gain from waking a second thread runs on this one (measured on 2
   // cores: 576x576 at M = 1 takes 29 us on one thread, 20 us on two).
   const int64_t grain = std::max<int64_t>(1, 256 / std::max<int64_t>(1, kb * m));
