@@ -5,6 +5,7 @@ exercise exactly what `textmill serve` runs.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import hashlib
@@ -156,6 +157,7 @@ def build_engine(opts: EngineOptions, wrap_runner: Callable | None = None) -> Bu
     if wrap_runner is not None:
         runner = wrap_runner(runner)
     engine = Engine(Scheduler(sched, cache), runner, tokenizer)
+    _return_freed_memory()
     # A folder's name is kept whole: "Qwen2.5-0.5B-Instruct" has no file suffix to strip.
     name = BUNDLED_NAME if opts.model is None else path.name if path.is_dir() else path.stem
     log.info("loaded %s (%s, %s on %s) in %.1fs; KV cache %d blocks of %d tokens",
@@ -216,6 +218,17 @@ def server_config_from_args(args, environ=os.environ) -> ServerConfig:
         max_prompt_tokens=args.max_prompt_tokens, max_logit_bias_entries=args.max_logit_bias_entries,
         max_n=args.max_n, max_best_of=args.max_best_of, max_queued_requests=args.max_queued_requests,
         shutdown_timeout=args.shutdown_timeout, log_format=args.log_format, load_in_background=True)
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS once loading is done. Loading dequantizes
+    every weight to float32 and packs it again; glibc keeps the freed float32 copies in its
+    heap (its mmap threshold has grown past their size by then), ~600 MB for the bundled
+    model that the process never uses again: resident memory 2.26 -> 1.66 GB."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _frozen_after(built):
