@@ -65,7 +65,7 @@ def resolve_device(device: str, dtype: str, threads: int | None, quantized_kerne
     quantized_kernels_apply). Those take float32 activations, so `--dtype auto` picks
     float32 for them even where bf16 is native: weight-only int4 reads 4x fewer bytes than
     bf16 and beat oneDNN's bf16 at every batch measured (bench/engine_steps.py, docs/performance.md:
-    Sapphire Rapids 4.1x at one stream and 1.2x at 16; Zen 5 3.1x and 1.3x)."""
+    the Intel Xeon VM 4.1x at one stream and 1.2x at 16; Zen 5 3.1x and 1.3x)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
