@@ -548,10 +548,14 @@ void attend_chunk(const AttnArgs& a, const Task& t, int64_t c, Scratch& s) {
   const float** vn = vr + kKeyTile;
   auto locate = [&](int64_t ts, const float** k, const float** v) {
     const int64_t klo = std::max(ts, clo), khi = std::min(ts + kKeyTile, chi);
+    // Walk the block table along the tile's consecutive positions: one division per tile,
+    // not one per key (a 64-bit divide costs as much as a key's whole dot product here).
+    int64_t blk = klo / a.block_size, off = klo % a.block_size;
     for (int64_t j = klo; j < khi; ++j) {
-      const int64_t slot = table[j / a.block_size] * a.block_size + j % a.block_size;
+      const int64_t slot = table[blk] * a.block_size + off;
       k[j - ts] = head + slot * slot_stride;
       v[j - ts] = head + slot * slot_stride + a.hkv * d;
+      if (++off == a.block_size) off = 0, ++blk;
     }
     prefetch_rows(k + (klo - ts), v + (klo - ts), khi - klo, d);
   };
