@@ -379,11 +379,17 @@ void q8_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, i
 // (Expanding them x8 first, as the AVX2 path does, measured 1.3-1.5x slower at 16 rows on
 // Zen 5: the expanded rows spill to L2 and their loads, not the multiplies, bound it.)
 struct ActRows {
+  static constexpr bool kExpanded = false;
   const int8_t* a;  // register-tile row r at a + r * k
   int64_t k;
+  // the rows from activation row m0 on (xbuf and c0 serve the expanded variant only)
+  static ActRows at(const QAct& q, const __m256i*, int64_t m0, int64_t, int64_t k, int64_t) {
+    return {q.a + m0 * k, k};
+  }
+  const int8_t* block(int r, int64_t b) const { return a + r * k + b * QK; }
   __m256i get(int r, int64_t b, int g) const {
     int32_t v;
-    std::memcpy(&v, a + r * k + b * QK + 4 * g, 4);
+    std::memcpy(&v, block(r, b) + 4 * g, 4);
     return _mm256_set1_epi32(v);
   }
 };
@@ -393,16 +399,15 @@ struct ActRows {
 // every multiply-add takes its operand straight from L1/L2 without a broadcast instruction;
 // on a core with one 256-bit integer multiply port (Zen 1) that is ~15%.
 struct ActRows {
+  static constexpr bool kExpanded = true;
   const __m256i* ax;  // register-tile row r at ax + r * kb * 8
   int64_t kb;
+  // the rows from activation row m0 on, in xbuf, which holds the chunk from row c0 on
+  static ActRows at(const QAct&, const __m256i* xbuf, int64_t m0, int64_t c0, int64_t k, int64_t kb) {
+    return {xbuf + (m0 - c0) * k / 4, kb};
+  }
   __m256i get(int r, int64_t b, int g) const { return _mm256_load_si256(ax + (r * kb + b) * 8 + g); }
 };
-#endif
-constexpr bool kExpandActs =
-#if defined(TM_VNNI)
-    false;
-#else
-    true;
 #endif
 
 void expand_rows(const int8_t* a, int64_t groups, __m256i* dst) {
@@ -473,6 +478,17 @@ inline void prefetch_l1(const void* p, int lines) {
 inline void prefetch_l2(const void* p, int lines) {
   for (int i = 0; i < lines; ++i) _mm_prefetch(static_cast<const char*>(p) + 64 * i, _MM_HINT_T1);
 }
+// For tile-block b (its codes at `codes`): the codes far ahead into L2, the codes and the
+// scales PREFETCH_BLOCKS ahead into L1, the scales once per cache line of them.
+template <Mode M>
+inline void prefetch_ahead(const uint8_t* codes, const uint16_t* scales, int64_t b) {
+  constexpr int64_t code_bytes = M == Mode::Q4 ? Q4_CODE_BYTES : Q8_CODE_BYTES;
+  constexpr int64_t halves = M == Mode::Q4 ? Q4_SCALE_HALVES : Q8_SCALE_HALVES;
+  constexpr int64_t blocks_per_line = 64 / (2 * halves) > 1 ? 64 / (2 * halves) : 1;
+  prefetch_l2(codes + PREFETCH_FAR_BYTES, code_bytes / 64);
+  prefetch_l1(codes + PREFETCH_BLOCKS * code_bytes, code_bytes / 64);
+  if (b % blocks_per_line == 0) prefetch_l1(scales + (b + PREFETCH_BLOCKS) * halves, 1);
+}
 
 // Half h of a tile (its output rows 8h..8h+7) against MR activation rows: act = the rows'
 // int8 codes, e and s = their block scales (row r at e + r * kb). A 64-byte k-group vector
@@ -486,9 +502,7 @@ void q4_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, co
   for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* c = tile + b * Q4_CODE_BYTES;
-    prefetch_l2(c + PREFETCH_FAR_BYTES, Q4_CODE_BYTES / 64);
-    prefetch_l1(c + PREFETCH_BLOCKS * Q4_CODE_BYTES, Q4_CODE_BYTES / 64);
-    if ((b & 1) == 0) prefetch_l1(scales + (b + PREFETCH_BLOCKS) * Q4_SCALE_HALVES, 1);
+    prefetch_ahead<Mode::Q4>(c, scales, b);
     __m256i lo[4], hi[4];  // unpacked once for all MR activation rows
     for (int p = 0; p < 4; ++p) {
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p + 32 * h));
@@ -515,9 +529,7 @@ void q8_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, co
   for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* c = tile + b * Q8_CODE_BYTES + 32 * h;
-    prefetch_l2(tile + b * Q8_CODE_BYTES + PREFETCH_FAR_BYTES, Q8_CODE_BYTES / 64);
-    prefetch_l1(tile + (b + PREFETCH_BLOCKS) * Q8_CODE_BYTES, Q8_CODE_BYTES / 64);
-    if ((b & 3) == 0) prefetch_l1(scales + (b + PREFETCH_BLOCKS) * Q8_SCALE_HALVES, 1);
+    prefetch_ahead<Mode::Q8>(tile + b * Q8_CODE_BYTES, scales, b);
     __m256i w[8], wabs[8];
     for (int g = 0; g < 8; ++g) {
       w[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * g));
@@ -544,7 +556,7 @@ inline __m512i bcast512(const int8_t* p) {
 }
 
 template <int MR>
-void q4_tile_avx512(const uint8_t* tile, int64_t kb, const int8_t* a, int64_t k, const float* e, const float* s,
+void q4_tile_avx512(const uint8_t* tile, int64_t kb, const ActRows& act, const float* e, const float* s,
                     float (*out)[NR]) {
   const uint16_t* scales = reinterpret_cast<const uint16_t*>(tile + kb * Q4_CODE_BYTES);
   const __m512i low4 = _mm512_set1_epi8(0x0F);
@@ -552,9 +564,7 @@ void q4_tile_avx512(const uint8_t* tile, int64_t kb, const int8_t* a, int64_t k,
   for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* c = tile + b * Q4_CODE_BYTES;
-    prefetch_l2(c + PREFETCH_FAR_BYTES, Q4_CODE_BYTES / 64);
-    prefetch_l1(c + PREFETCH_BLOCKS * Q4_CODE_BYTES, Q4_CODE_BYTES / 64);
-    prefetch_l1(scales + (b + PREFETCH_BLOCKS) * Q4_SCALE_HALVES, 1);
+    prefetch_ahead<Mode::Q4>(c, scales, b);
     __m512i lo[4], hi[4];  // unpacked once for all MR activation rows
     for (int p = 0; p < 4; ++p) {
       const __m512i x = _mm512_loadu_si512(c + 64 * p);
@@ -565,7 +575,7 @@ void q4_tile_avx512(const uint8_t* tile, int64_t kb, const int8_t* a, int64_t k,
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
     const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + NR)));
     for (int r = 0; r < MR; ++r) {
-      const int8_t* ar = a + r * k + b * QK;
+      const int8_t* ar = act.block(r, b);
       __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
       for (int p = 0; p < 4; ++p) {
         s0 = _mm512_dpbusd_epi32(s0, lo[p], bcast512(ar + 4 * p));
@@ -582,7 +592,7 @@ void q4_tile_avx512(const uint8_t* tile, int64_t kb, const int8_t* a, int64_t k,
 // Q8: 512-bit has no sign_epi8; the activations are negated under the mask of the weights'
 // sign bits instead (codes are never -128 on either side, so negation is exact).
 template <int MR>
-void q8_tile_avx512(const uint8_t* tile, int64_t kb, const int8_t* a, int64_t k, const float* e, const float*,
+void q8_tile_avx512(const uint8_t* tile, int64_t kb, const ActRows& act, const float* e, const float*,
                     float (*out)[NR]) {
   const uint16_t* scales = reinterpret_cast<const uint16_t*>(tile + kb * Q8_CODE_BYTES);
   const __m512i zero = _mm512_setzero_si512();
@@ -590,9 +600,7 @@ void q8_tile_avx512(const uint8_t* tile, int64_t kb, const int8_t* a, int64_t k,
   for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* c = tile + b * Q8_CODE_BYTES;
-    prefetch_l2(c + PREFETCH_FAR_BYTES, Q8_CODE_BYTES / 64);
-    prefetch_l1(c + PREFETCH_BLOCKS * Q8_CODE_BYTES, Q8_CODE_BYTES / 64);
-    if ((b & 1) == 0) prefetch_l1(scales + (b + PREFETCH_BLOCKS) * Q8_SCALE_HALVES, 1);
+    prefetch_ahead<Mode::Q8>(c, scales, b);
     __m512i wabs[8];
     __mmask64 neg[8];
     for (int g = 0; g < 8; ++g) {
@@ -602,7 +610,7 @@ void q8_tile_avx512(const uint8_t* tile, int64_t kb, const int8_t* a, int64_t k,
     }
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + b * Q8_SCALE_HALVES)));
     for (int r = 0; r < MR; ++r) {
-      const int8_t* ar = a + r * k + b * QK;
+      const int8_t* ar = act.block(r, b);
       __m512i sm[2] = {zero, zero};
       for (int g = 0; g < 8; ++g) {
         const __m512i av = bcast512(ar + 4 * g);
@@ -616,17 +624,16 @@ void q8_tile_avx512(const uint8_t* tile, int64_t kb, const int8_t* a, int64_t k,
 }
 #endif
 
-// One tile against MR activation rows (act for the 256-bit kernels, the compact rows a for
-// the 512-bit ones); ncols = the tile's real rows, so a half of padding is skipped.
+// One tile against MR activation rows; ncols = the tile's real rows, so that the 256-bit
+// kernels skip a half of padding.
 template <int MR>
-void tile_simd(Mode mode, const uint8_t* tile, int64_t kb, int64_t ncols, const ActRows& act, const int8_t* a,
-               int64_t k, const float* e, const float* s, float (*out)[NR]) {
+void tile_simd(Mode mode, const uint8_t* tile, int64_t kb, int64_t ncols, const ActRows& act, const float* e,
+               const float* s, float (*out)[NR]) {
 #ifdef TM_VNNI512
-  (void)ncols, (void)act;
-  if (mode == Mode::Q4) q4_tile_avx512<MR>(tile, kb, a, k, e, s, out);
-  else q8_tile_avx512<MR>(tile, kb, a, k, e, s, out);
+  (void)ncols;
+  if (mode == Mode::Q4) q4_tile_avx512<MR>(tile, kb, act, e, s, out);
+  else q8_tile_avx512<MR>(tile, kb, act, e, s, out);
 #else
-  (void)a, (void)k;
   for (int h = 0; h * NH < ncols; ++h) {
     if (mode == Mode::Q4) q4_tile_avx2<MR>(tile, kb, h, act, e, s, out);
     else q8_tile_avx2<MR>(tile, kb, h, act, e, s, out);
@@ -693,12 +700,12 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
   // while this thread's weight tiles pass by, and stays below malloc's mmap threshold.
   bool expand = false;
 #ifdef TM_AVX2
-  expand = simd && kExpandActs;
+  expand = simd && ActRows::kExpanded;
 #endif
   const int64_t chunk = expand ? std::min(m, std::max<int64_t>(1, CHUNK_BYTES / (k * 8) / mr_cap * mr_cap)) : m;
-  // A tile-block (16 rows) is ~20 ns of work per activation row: chunks of at least ~5 us, so that a
-  // call too small to gain from waking a second thread runs on this one (measured on 2
-  // cores: 576x576 at M = 1 takes 29 us on one thread, 20 us on two).
+  // A tile-block (16 rows) is ~20 ns of work per activation row: chunks of at least ~5 us,
+  // so that a call too small to gain from waking a second thread runs on this one
+  // (measured on 2 cores: 576x576 at M = 1 takes 29 us on one thread, 20 us on two).
   const int64_t grain = std::max<int64_t>(1, 256 / std::max<int64_t>(1, kb * m));
   // Tiles are handed out in pieces from a shared counter rather than split statically:
   // on 2 cores shared with the server's event loop (and anything else), a static half
@@ -733,18 +740,13 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
             const int64_t mr = std::min<int64_t>(mr_cap, c1 - m0);
 #ifdef TM_AVX2
             if (simd) {
-#if defined(TM_VNNI)
-              const ActRows act{q.a + m0 * k, k};
-#else
-              const ActRows act{xbuf + (m0 - c0) * k / 4, kb};
-#endif
+              const ActRows act = ActRows::at(q, xbuf, m0, c0, k, kb);
               const float *e = q.e + m0 * kb, *s = q.s + m0 * kb;
-              const int8_t* a = q.a + m0 * k;
               switch (mr) {
-                case 1: tile_simd<1>(mode, tile, kb, ncols, act, a, k, e, s, out); break;
-                case 2: tile_simd<2>(mode, tile, kb, ncols, act, a, k, e, s, out); break;
-                case 3: tile_simd<3>(mode, tile, kb, ncols, act, a, k, e, s, out); break;
-                default: tile_simd<4>(mode, tile, kb, ncols, act, a, k, e, s, out); break;
+                case 1: tile_simd<1>(mode, tile, kb, ncols, act, e, s, out); break;
+                case 2: tile_simd<2>(mode, tile, kb, ncols, act, e, s, out); break;
+                case 3: tile_simd<3>(mode, tile, kb, ncols, act, e, s, out); break;
+                default: tile_simd<4>(mode, tile, kb, ncols, act, e, s, out); break;
               }
             }
 #endif
