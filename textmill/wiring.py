@@ -78,16 +78,26 @@ def resolve_device(device: str, dtype: str, threads: int | None, quantized_kerne
     return DeviceConfig(device=device, dtype=dtype, num_threads=threads)
 
 
-def quantized_kernels_apply(opts: EngineOptions, path: Path) -> bool:
-    """A GGUF with 4- or 8-bit layers, kernels on, quantization not switched off, and the
-    kernels built for this CPU: the case where float32 + int weights is the fast path."""
-    if not (opts.kernels and opts.quantization != "none" and opts.device in ("auto", "cpu")
-            and path.suffix.lower() == ".gguf"):
-        return False
+def _file_quantization(opts: EngineOptions, path: Path) -> str | None:
+    """The int kernels' width for a GGUF file's own precision: "int4" for 4-bit layers,
+    "int8" for 8-bit (or 5/6-bit) ones; None when the file is not such a GGUF, or the
+    kernels are off or not built for this CPU."""
+    if not (opts.kernels and path.suffix.lower() == ".gguf"):
+        return None
     from textmill.loader.gguf import layer_weight_bits
     from textmill.runner import qlinear
 
-    return layer_weight_bits(path) is not None and qlinear.available()
+    bits = layer_weight_bits(path)
+    if bits is None or not qlinear.available():
+        return None
+    return "int4" if bits == 4 else "int8"
+
+
+def quantized_kernels_apply(opts: EngineOptions, path: Path) -> bool:
+    """A GGUF with 4- or 8-bit layers, kernels on, quantization not switched off, and the
+    kernels built for this CPU: the case where float32 + int weights is the fast path."""
+    return (opts.quantization != "none" and opts.device in ("auto", "cpu")
+            and _file_quantization(opts, path) is not None)
 
 
 def resolve_quantization(opts: EngineOptions, dev: DeviceConfig, path: Path) -> str:
@@ -97,15 +107,9 @@ def resolve_quantization(opts: EngineOptions, dev: DeviceConfig, path: Path) -> 
     runner/qlinear.py serves it; float files, bf16, CUDA or --no-kernels get "none"."""
     if opts.quantization != "auto":
         return opts.quantization
-    if not (opts.kernels and dev.device == "cpu" and dev.dtype == "float32" and path.suffix.lower() == ".gguf"):
+    if not (dev.device == "cpu" and dev.dtype == "float32"):
         return "none"
-    from textmill.loader.gguf import layer_weight_bits
-    from textmill.runner import qlinear
-
-    bits = layer_weight_bits(path)
-    if bits is None or not qlinear.available():
-        return "none"
-    return "int4" if bits == 4 else "int8"
+    return _file_quantization(opts, path) or "none"
 
 
 def _native_bf16(device: str) -> bool:

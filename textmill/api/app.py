@@ -1,9 +1,10 @@
 """The FastAPI application factory.
 
 The model is loaded by a `load` callable that cli.py builds (the app never decides what to
-load), in a thread of its own that ends with the load. With `load_in_background` the port opens first and /health
-answers 503 until the engine runs; a load that fails then marks the Lifecycle failed, and
-the server exits with that one message (api/server.py, wiring.run_serve).
+load), in a thread of its own that ends with the load (run_in_passing_thread). With
+`load_in_background` the port opens first and /health answers 503 until the engine runs; a
+load that fails then marks the Lifecycle failed, and the server exits with that one
+message (api/server.py, wiring.run_serve).
 """
 from __future__ import annotations
 

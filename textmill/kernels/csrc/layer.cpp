@@ -786,16 +786,17 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_ca
 // event loop thread (HTTP, SSE) then runs while a step's kernels do, instead of waiting for
 // the engine thread to come back to Python (the interpreter's 5 ms switch interval).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, py::call_guard<py::gil_scoped_release>(), "y = w * x * rsqrt(mean(x^2) + eps), row by row; x (M, C) float32", py::arg("x"),
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("rms_norm", &rms_norm, nogil, "y = w * x * rsqrt(mean(x^2) + eps), row by row; x (M, C) float32", py::arg("x"),
         py::arg("w"), py::arg("eps"));
-  m.def("add_rms_norm", &add_rms_norm, py::call_guard<py::gil_scoped_release>(), "residual += x in place, then rms_norm(residual, w, eps)", py::arg("x"),
+  m.def("add_rms_norm", &add_rms_norm, nogil, "residual += x in place, then rms_norm(residual, w, eps)", py::arg("x"),
         py::arg("residual"), py::arg("w"), py::arg("eps"));
-  m.def("silu_mul", &silu_mul, py::call_guard<py::gil_scoped_release>(), "silu(gate_up[:, :F]) * gate_up[:, F:]", py::arg("gate_up"));
-  m.def("rope_kv_write", &rope_kv_write, py::call_guard<py::gil_scoped_release>(),
+  m.def("silu_mul", &silu_mul, nogil, "silu(gate_up[:, :F]) * gate_up[:, F:]", py::arg("gate_up"));
+  m.def("rope_kv_write", &rope_kv_write, nogil,
         "rotate-half RoPE on q and k of qkv, k and v written to kv_cache[slot_mapping]; returns q (N, Hq, D)",
         py::arg("qkv"), py::arg("positions"), py::arg("cos"), py::arg("sin"), py::arg("kv_cache"),
         py::arg("slot_mapping"), py::arg("num_heads"), py::arg("num_kv_heads"));
-  m.def("paged_attention", &paged_attention, py::call_guard<py::gil_scoped_release>(),
+  m.def("paged_attention", &paged_attention, nogil,
         "causal attention of q (N, Hq, D) over the paged kv_cache (S, 2, Hkv, D) through block_table",
         py::arg("q"), py::arg("kv_cache"), py::arg("block_table"), py::arg("query_start"), py::arg("seq_start"),
         py::arg("context_lens"), py::arg("block_size"), py::arg("scale"), py::arg("sliding_window"),

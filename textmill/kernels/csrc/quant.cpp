@@ -801,19 +801,20 @@ std::vector<torch::Tensor> quantize_act(const torch::Tensor& x_in, int64_t impl)
 // event loop thread (HTTP, SSE) then runs while a step's kernels do, instead of waiting for
 // the engine thread to come back to Python (the interpreter's 5 ms switch interval).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("isa", &isa, "the SIMD path this build uses: avx2+vnni, avx2 or scalar");
   m.def("packed_bytes", [](const std::string& mode, int64_t n, int64_t k) {
     TORCH_CHECK(mode == "q4" || mode == "q8", "mode: q4 or q8");
     return packed_bytes(mode == "q4" ? Mode::Q4 : Mode::Q8, n, k);
   });
-  m.def("q4_pack", &q4_pack, py::call_guard<py::gil_scoped_release>(), "float (N, K) -> packed Q4 (uint8)");
-  m.def("q4_unpack", &q4_unpack, py::call_guard<py::gil_scoped_release>(), "packed Q4 -> codes (N, K) uint8, d (N, K/32), m (N, K/32)");
-  m.def("q8_pack", &q8_pack, py::call_guard<py::gil_scoped_release>(), "float (N, K) -> packed Q8 (uint8)");
-  m.def("q8_unpack", &q8_unpack, py::call_guard<py::gil_scoped_release>(), "packed Q8 -> codes (N, K) int8, d (N, K/32)");
-  m.def("quantize_act", &quantize_act, py::call_guard<py::gil_scoped_release>(), "x (M, K) -> int8 codes, scales, scale*sum per block of 32",
+  m.def("q4_pack", &q4_pack, nogil, "float (N, K) -> packed Q4 (uint8)");
+  m.def("q4_unpack", &q4_unpack, nogil, "packed Q4 -> codes (N, K) uint8, d (N, K/32), m (N, K/32)");
+  m.def("q8_pack", &q8_pack, nogil, "float (N, K) -> packed Q8 (uint8)");
+  m.def("q8_unpack", &q8_unpack, nogil, "packed Q8 -> codes (N, K) int8, d (N, K/32)");
+  m.def("quantize_act", &quantize_act, nogil, "x (M, K) -> int8 codes, scales, scale*sum per block of 32",
         py::arg("x"), py::arg("impl") = 0);
-  m.def("q4_linear", &q4_linear, py::call_guard<py::gil_scoped_release>(), "x (M, K) @ Q4 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
+  m.def("q4_linear", &q4_linear, nogil, "x (M, K) @ Q4 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
-  m.def("q8_linear", &q8_linear, py::call_guard<py::gil_scoped_release>(), "x (M, K) @ Q8 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
+  m.def("q8_linear", &q8_linear, nogil, "x (M, K) @ Q8 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
 }
