@@ -235,6 +235,76 @@ std::vector<torch::Tensor> q8_unpack(const torch::Tensor& packed, int64_t n, int
   return {codes, d};
 }
 
+// Packing from codes a loader already holds (GGUF blocks converted without a float copy,
+// loader/group_codes.py): the same layout as q4_pack / q8_pack, byte for byte, so a weight
+// packed either way computes the same. d and m are halves (torch.float16), one per group.
+void check_codes(const torch::Tensor& codes, const torch::Tensor& d, torch::ScalarType code_type) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == code_type && codes.is_contiguous(),
+              "codes must be a contiguous (N, K) tensor of ", c10::toString(code_type));
+  check_weight(codes);
+  TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous() && d.dim() == 2 &&
+              d.size(0) == codes.size(0) && d.size(1) == codes.size(1) / QK,
+              "scales must be contiguous float16 (N, K/32)");
+}
+
+torch::Tensor q4_pack_codes(const torch::Tensor& codes, const torch::Tensor& d, const torch::Tensor& m) {
+  check_codes(codes, d, torch::kUInt8);
+  TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == torch::kHalf && m.is_contiguous(),
+              "mins must be contiguous float16 like the scales");
+  const int64_t n = codes.size(0), k = codes.size(1), kb = k / QK, ntiles = (n + NR - 1) / NR;
+  auto out = torch::zeros({packed_bytes(Mode::Q4, n, k)}, torch::kUInt8);
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
+  const uint16_t* mp = reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>());
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      uint8_t* tile = op + t * tile_bytes(Mode::Q4, kb);
+      uint16_t* scales = reinterpret_cast<uint16_t*>(tile + kb * Q4_CODE_BYTES);
+      for (int64_t r = 0; r < NR && t * NR + r < n; ++r) {
+        const int64_t row = t * NR + r;
+        for (int64_t b = 0; b < kb; ++b) {
+          const uint8_t* g = cp + row * k + b * QK;
+          uint8_t* dst = tile + b * Q4_CODE_BYTES;
+          for (int64_t j = 0; j < QK; ++j) {
+            const uint8_t c = g[j] & 15;
+            dst[q4_byte(r, j)] |= static_cast<uint8_t>(j < 16 ? c : c << 4);
+          }
+          scales[b * Q4_SCALE_HALVES + r] = dp[row * kb + b];
+          scales[b * Q4_SCALE_HALVES + NR + r] = mp[row * kb + b];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+torch::Tensor q8_pack_codes(const torch::Tensor& codes, const torch::Tensor& d) {
+  check_codes(codes, d, torch::kChar);
+  const int64_t n = codes.size(0), k = codes.size(1), kb = k / QK, ntiles = (n + NR - 1) / NR;
+  auto out = torch::zeros({packed_bytes(Mode::Q8, n, k)}, torch::kUInt8);
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      uint8_t* tile = op + t * tile_bytes(Mode::Q8, kb);
+      uint16_t* scales = reinterpret_cast<uint16_t*>(tile + kb * Q8_CODE_BYTES);
+      for (int64_t r = 0; r < NR && t * NR + r < n; ++r) {
+        const int64_t row = t * NR + r;
+        for (int64_t b = 0; b < kb; ++b) {
+          const int8_t* g = cp + row * k + b * QK;
+          int8_t* dst = reinterpret_cast<int8_t*>(tile + b * Q8_CODE_BYTES);
+          // -128 has no place in the kernels' sign trick (|-128| overflows a byte).
+          for (int64_t j = 0; j < QK; ++j) dst[q8_byte(r, j)] = std::max<int8_t>(g[j], -127);
+          scales[b * Q8_SCALE_HALVES + r] = dp[row * kb + b];
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------
 // Activation quantization: per row and block, e = max|x| / 127, a = round-half-even(x / e)
 // computed as x * (1 / e), s = e * sum(a). Same float operations in both paths.
@@ -811,6 +881,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_unpack", &q4_unpack, nogil, "packed Q4 -> codes (N, K) uint8, d (N, K/32), m (N, K/32)");
   m.def("q8_pack", &q8_pack, nogil, "float (N, K) -> packed Q8 (uint8)");
   m.def("q8_unpack", &q8_unpack, nogil, "packed Q8 -> codes (N, K) int8, d (N, K/32)");
+  m.def("q4_pack_codes", &q4_pack_codes, nogil, "codes (N, K) uint8 0..15, d, m (N, K/32) float16 -> packed Q4");
+  m.def("q8_pack_codes", &q8_pack_codes, nogil, "codes (N, K) int8, d (N, K/32) float16 -> packed Q8");
   m.def("quantize_act", &quantize_act, nogil, "x (M, K) -> int8 codes, scales, scale*sum per block of 32",
         py::arg("x"), py::arg("impl") = 0);
   m.def("q4_linear", &q4_linear, nogil, "x (M, K) @ Q4 weights^T (+ bias)", py::arg("x"), py::arg("packed"),

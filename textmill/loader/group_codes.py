@@ -1,0 +1,170 @@
+"""GGUF blocks -> integer codes in groups of 32, without a float copy of the weights.
+
+The CPU kernels (runner/qlinear.py) take weights as codes in groups of 32 along the input
+dimension, in one of two forms:
+
+* 4 bits: codes 0..15, a scale d and a min m per group: w = d * q + m;
+* 8 bits: codes -127..127, a scale d per group: w = d * q.
+
+Most GGUF types map onto these directly, so a file's weights reach the kernels as the file
+stores them and loading is a reshuffle of bytes, not a dequantize-and-requantize:
+
+| GGUF  | form | how                                                    | exact?            |
+|-------|------|--------------------------------------------------------|-------------------|
+| Q4_0  | 4    | d, m = -8 d                                            | yes               |
+| Q4_1  | 4    | d, m                                                   | yes               |
+| Q4_K  | 4    | per 32-value sub-block: d * scale, -dmin * min         | scales to half    |
+| Q8_0  | 8    | d, q                                                   | yes               |
+| Q5_0  | 8    | d, q - 16                                              | yes               |
+| others| 8    | dequantize one tensor, round to 8 bits per group of 32 | a second rounding |
+
+Q4_K's sub-block scale d * sc (a half times a 6-bit integer) is rounded to a half: a
+relative error below 2^-11 on the scale, against the 2^-4 of the 4-bit codes themselves.
+The "others" (Q5_1, Q5_K, Q6_K, Q2_K, Q3_K, and float tensors) keep at least their own
+precision: 8-bit codes on a scale of max|w|/127 round to a quarter or less of a 6-bit
+type's own step. docs/architecture.md says why these are repacked rather than run on
+their own blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from textmill.loader.dequant import _k_nibbles, _k_scale_min, _nibbles, _q5_values, dequantize
+
+GROUP = 32
+T = GGMLQuantizationType
+# The types that map onto the 4-bit form exactly (or, for Q4_K, up to the scales' rounding).
+FOUR_BIT_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})
+# The types whose 8-bit codes are the file's own.
+EXACT_EIGHT_BIT_TYPES = frozenset({T.Q8_0, T.Q5_0})
+_HALF_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class GroupCodes:
+    """An (N, K) weight as codes in groups of 32 along K: w = scale * code (+ min)."""
+
+    bits: int  # 4: codes uint8 0..15 with a min; 8: codes int8 -127..127, min None
+    codes: torch.Tensor  # (N, K) uint8 or int8
+    scale: torch.Tensor  # (N, K / 32) float16
+    min: torch.Tensor | None  # (N, K / 32) float16, bits == 4 only
+    source: str  # the GGUF type it came from, for the log
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def rows(self, index: torch.Tensor) -> "GroupCodes":
+        """The same weight with its output rows reordered (llama.cpp's q/k permutation)."""
+        pick = lambda t: None if t is None else t.index_select(0, index).contiguous()  # noqa: E731
+        return GroupCodes(self.bits, pick(self.codes), pick(self.scale), pick(self.min), self.source)
+
+    def dequantize(self) -> torch.Tensor:
+        """(N, K) float32: the weights these codes stand for."""
+        n, k = self.shape
+        w = self.codes.float().view(n, k // GROUP, GROUP) * self.scale.float()[..., None]
+        if self.min is not None:
+            w = w + self.min.float()[..., None]
+        return w.view(n, k)
+
+
+def concat(parts: list[GroupCodes]) -> GroupCodes:
+    """Stack weights along N (q, k, v into one qkv matmul); all of one form."""
+    assert len({p.bits for p in parts}) == 1, "concatenating 4- and 8-bit codes"
+    mins = None if parts[0].min is None else torch.cat([p.min for p in parts])
+    return GroupCodes(parts[0].bits, torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+                      mins, "+".join(sorted({p.source for p in parts})))
+
+
+def convertible(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> bool:
+    """A 2-D tensor whose rows split into groups of 32 (every GGUF block type's do)."""
+    return len(shape) == 2 and shape[1] % GROUP == 0 and shape[0] > 0
+
+
+def from_gguf(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> GroupCodes:
+    """One GGUF tensor's bytes (rows of K values, (N, K) in torch order) -> GroupCodes."""
+    qtype = GGMLQuantizationType(qtype)
+    n, k = shape
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    blocks = np.ascontiguousarray(raw).reshape(-1).view(np.uint8).reshape(-1, type_size)
+    convert = _CONVERTERS.get(qtype)
+    if convert is None:
+        return requantize_8bit(torch.from_numpy(dequantize(raw, qtype).reshape(n, k)), qtype.name)
+    bits, codes, scale, mins = convert(blocks)
+    as_half = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32).reshape(n, k // GROUP)).half()  # noqa: E731
+    scale_h, min_h = as_half(scale), None if mins is None else as_half(mins)
+    if not (torch.isfinite(scale_h).all() and (min_h is None or torch.isfinite(min_h).all())):
+        # a k-quant scale product past a half's range: keep the values, round them again
+        return requantize_8bit(torch.from_numpy(dequantize(raw, qtype).reshape(n, k)), qtype.name)
+    codes_t = torch.from_numpy(np.ascontiguousarray(codes).reshape(n, k))
+    return GroupCodes(bits, codes_t, scale_h, min_h, qtype.name)
+
+
+class GGUFRows:
+    """An embedding table left in the file's own blocks (memory-mapped): a lookup
+    dequantizes just the rows a step asks for, so a 262k x 640 table costs no resident
+    float copy (Gemma 3's would be 671 MB in float32)."""
+
+    def __init__(self, raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]):
+        block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+        self.qtype, self.shape = GGMLQuantizationType(qtype), shape
+        self._rows = raw.reshape(-1).view(np.uint8).reshape(shape[0], shape[1] // block_size * type_size)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (N,) int64 -> (N, C) float32."""
+        raw = self._rows[ids.numpy()]  # fancy indexing copies only these rows out of the map
+        return torch.from_numpy(dequantize(raw, self.qtype).reshape(len(raw), self.shape[1]))
+
+
+def requantize_8bit(weight: torch.Tensor, source: str) -> GroupCodes:
+    """float (N, K) -> 8-bit codes: per group d = max|w| / 127 as a half, q = round(w / d)."""
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // GROUP, GROUP)
+    amax = w.abs().amax(dim=-1)
+    if not torch.isfinite(amax).all() or amax.max() / 127.0 >= _HALF_MAX:
+        raise ValueError(f"a {source} weight has values that half-precision scales cannot hold")
+    d = (amax / 127.0).half()
+    inv = torch.where(d > 0, 1.0 / d.float(), torch.zeros_like(amax))
+    codes = torch.round(w * inv[..., None]).clamp_(-127, 127).to(torch.int8)
+    return GroupCodes(8, codes.view(n, k), d, None, source)
+
+
+# --- one function per block type: (nb, type_size) uint8 -> (bits, codes, scale, min) ---------
+
+
+def _f16_col(blocks: np.ndarray, start: int) -> np.ndarray:
+    return blocks[:, start:start + 2].copy().view(np.float16).astype(np.float32)  # (nb, 1)
+
+
+def _q4_0(blocks: np.ndarray):
+    lo, hi = _nibbles(blocks[:, 2:])
+    d = _f16_col(blocks, 0)
+    return 4, np.concatenate([lo, hi], axis=1), d, -8.0 * d  # -8 d: exact in half
+
+
+def _q4_1(blocks: np.ndarray):
+    lo, hi = _nibbles(blocks[:, 4:])
+    return 4, np.concatenate([lo, hi], axis=1), _f16_col(blocks, 0), _f16_col(blocks, 2)
+
+
+def _q4_k(blocks: np.ndarray):
+    # Eight sub-blocks of 32 per super-block of 256, each w = (d sc) q - (dmin mn).
+    sc, mn = _k_scale_min(blocks[:, 4:16])  # (nb, 8) each
+    d, dmin = _f16_col(blocks, 0), _f16_col(blocks, 2)
+    return 4, _k_nibbles(blocks[:, 16:]), d * sc, -(dmin * mn)
+
+
+def _q8_0(blocks: np.ndarray):
+    return 8, blocks[:, 2:].view(np.int8), _f16_col(blocks, 0), None
+
+
+def _q5_0(blocks: np.ndarray):
+    codes = (_q5_values(blocks[:, 2:6], blocks[:, 6:]) - 16.0).astype(np.int8)
+    return 8, codes, _f16_col(blocks, 0), None
+
+
+_CONVERTERS = {T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q4_K: _q4_k, T.Q8_0: _q8_0, T.Q5_0: _q5_0}
