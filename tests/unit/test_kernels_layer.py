@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from textmill.kernels import load
 
@@ -108,6 +109,46 @@ def test_silu_mul_rejects_odd_width(ops):
 
 
 # ---------------------------------------------------------------------------------------
+# GeGLU
+# ---------------------------------------------------------------------------------------
+def _gelu_tanh_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    f = gate_up.shape[1] // 2
+    ref = gate_up.double()
+    return F.gelu(ref[:, :f], approximate="tanh") * ref[:, f:]
+
+
+@pytest.mark.parametrize("n", [1, 3, 16, 64])
+@pytest.mark.parametrize("f", [1, 7, 33, 1536])
+def test_gelu_tanh_mul(ops, n, f):
+    g = torch.Generator().manual_seed(n * 100 + f + 5)
+    gate_up = torch.randn(n, 2 * f, generator=g) * 4
+    gate_up[0, : min(f, 5)] = torch.tensor([-100.0, 100.0, -9.0, 0.0, 1e-4])[: min(f, 5)]  # tails, exp's clamps
+    out = ops.gelu_tanh_mul(gate_up)
+    assert out.shape == (n, f) and out.dtype == torch.float32
+    # Against the math (float64): a few float32 roundings. The exp of a large negative gate
+    # is where the relative error grows (|2u| times the argument's rounding).
+    torch.testing.assert_close(out, _gelu_tanh_ref(gate_up).float(), rtol=1e-5, atol=1e-7)
+    # Against torch's float32 op, which computes 0.5 x (1 + tanh(u)): within a few ulp of
+    # the larger of the output and of x * up (torch's own rounding of 1 + tanh(u) is an
+    # ulp of 1, times 0.5 x; in the deep negative tail it is all torch has).
+    torch_out = F.gelu(gate_up[:, :f], approximate="tanh") * gate_up[:, f:]
+    eps = torch.finfo(torch.float32).eps
+    bound = 4 * eps * torch.maximum(torch_out.abs(), (gate_up[:, :f] * gate_up[:, f:]).abs())
+    assert ((out - torch_out).abs() <= bound).all()
+
+
+def test_gelu_tanh_mul_rejects_odd_width(ops):
+    with pytest.raises(RuntimeError, match="even"):
+        ops.gelu_tanh_mul(torch.ones(2, 5))
+
+
+def test_gelu_tanh_mul_keeps_nan_and_infinity(ops):
+    gate_up = torch.tensor([[float("nan"), float("inf"), 1.0, 1.0]])
+    out = ops.gelu_tanh_mul(gate_up)
+    assert out[0, 0].isnan() and out[0, 1] == float("inf")
+
+
+# ---------------------------------------------------------------------------------------
 # RoPE + KV write
 # ---------------------------------------------------------------------------------------
 def _rope_tables(num_positions: int, d: int, theta: float = 10000.0):
@@ -164,6 +205,88 @@ def test_rope_kv_write_matches_the_model(ops):
     torch.testing.assert_close(cache[:n, 0], apply_rotary(heads[:, hq : hq + hkv], cos, sin), rtol=1e-6, atol=1e-6)
 
 
+def _qk_norm_weights(g: torch.Generator, d: int):
+    """(1 + w) as Gemma 3's checkpoints make it: w small around 0, in float32."""
+    return 1.0 + torch.randn(d, generator=g) * 0.3, 1.0 + torch.randn(d, generator=g) * 0.3
+
+
+@pytest.mark.parametrize("n", [1, 3, 16])
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 4, 32), (8, 4, 256), (2, 1, 6), (3, 1, 20)])
+def test_rope_kv_write_with_qk_norm(ops, n, hq, hkv, d):
+    """q and k of each head RMS-normalized over D, times the given weight, then rotated;
+    v is still copied as is."""
+    g = torch.Generator().manual_seed(n * 11 + d)
+    num_slots, num_positions, eps = 50, 1024, 1e-6
+    cos, sin = _rope_tables(num_positions, d)
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g) * 5
+    positions = torch.randint(0, num_positions, (n,), generator=g)
+    slots = torch.randperm(num_slots, generator=g)[:n]
+    qw, kw = _qk_norm_weights(g, d)
+    cache = torch.zeros(num_slots, 2, hkv, d)
+    q = ops.rope_kv_write(qkv, positions, cos, sin, cache, slots, hq, hkv, q_norm=qw, k_norm=kw, norm_eps=eps)
+
+    heads = qkv.view(n, hq + 2 * hkv, d)
+    c, s = cos[positions], sin[positions]
+    q_ref = _rms_ref(heads[:, :hq].reshape(-1, d), qw, eps).view(n, hq, d)
+    k_ref = _rms_ref(heads[:, hq : hq + hkv].reshape(-1, d), kw, eps).view(n, hkv, d)
+    torch.testing.assert_close(q, _rotate_ref(q_ref, c, s), **TOL)
+    torch.testing.assert_close(cache[slots, 0], _rotate_ref(k_ref, c, s), **TOL)
+    assert torch.equal(cache[slots, 1], heads[:, hq + hkv :])
+
+
+def test_rope_kv_write_with_one_norm(ops):
+    """Either norm may be given alone; the other side is rotated as without norms."""
+    g = torch.Generator().manual_seed(4)
+    hq, hkv, d, n = 4, 2, 32, 3
+    cos, sin = _rope_tables(64, d)
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g)
+    positions, slots = torch.tensor([0, 5, 63]), torch.tensor([2, 0, 1])
+    qw, kw = _qk_norm_weights(g, d)
+    plain_cache, q_only_cache, k_only_cache = (torch.zeros(4, 2, hkv, d) for _ in range(3))
+    plain = ops.rope_kv_write(qkv, positions, cos, sin, plain_cache, slots, hq, hkv)
+    q_only = ops.rope_kv_write(qkv, positions, cos, sin, q_only_cache, slots, hq, hkv, q_norm=qw)
+    k_only = ops.rope_kv_write(qkv, positions, cos, sin, k_only_cache, slots, hq, hkv, k_norm=kw)
+    assert torch.equal(q_only_cache, plain_cache) and not torch.equal(q_only, plain)
+    assert torch.equal(k_only, plain) and not torch.equal(k_only_cache, plain_cache)
+    heads = qkv.view(n, hq + 2 * hkv, d)
+    c, s = cos[positions], sin[positions]
+    q_ref = _rms_ref(heads[:, :hq].reshape(-1, d), qw, 1e-6).view(n, hq, d)  # norm_eps defaults to 1e-6
+    torch.testing.assert_close(q_only, _rotate_ref(q_ref, c, s), **TOL)
+
+
+def test_rope_kv_write_qk_norm_matches_gemma3(ops):
+    """The same float32 math as models/gemma3.py: GemmaRMSNorm (x * rsqrt(mean(x^2) + eps)
+    * (1 + w)) on each head, then apply_rotary; equal to float32 rounding."""
+    from textmill.models.gemma3 import GemmaRMSNorm
+    from textmill.models.llama import RotaryEmbedding, apply_rotary
+
+    hq, hkv, d, n, eps = 8, 4, 256, 6, 1e-6
+    rotary = RotaryEmbedding(d, 4096, 1e6)
+    g = torch.Generator().manual_seed(8)
+    q_norm, k_norm = GemmaRMSNorm(d, eps).requires_grad_(False), GemmaRMSNorm(d, eps).requires_grad_(False)
+    q_norm.weight.copy_(torch.randn(d, generator=g) * 0.5)
+    k_norm.weight.copy_(torch.randn(d, generator=g) * 0.5)
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g) * 20
+    positions = torch.tensor([0, 1, 17, 300, 2047, 4095])
+    cache = torch.zeros(8, 2, hkv, d)
+    q = ops.rope_kv_write(qkv, positions, rotary.cos, rotary.sin, cache, torch.arange(n), hq, hkv,
+                          q_norm=1.0 + q_norm.weight, k_norm=1.0 + k_norm.weight, norm_eps=eps)
+    cos, sin = rotary(positions)
+    heads = qkv.view(n, hq + 2 * hkv, d)
+    torch.testing.assert_close(q, apply_rotary(q_norm(heads[:, :hq]), cos, sin), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cache[:n, 0], apply_rotary(k_norm(heads[:, hq : hq + hkv]), cos, sin),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_rope_kv_write_rejects_bad_norm_weights(ops):
+    cos, sin = _rope_tables(8, 4)
+    args = (torch.zeros(1, 3 * 4), torch.tensor([1]), cos, sin, torch.zeros(2, 2, 1, 4), torch.tensor([0]), 1, 1)
+    with pytest.raises(RuntimeError, match="q_norm: expected"):
+        ops.rope_kv_write(*args, q_norm=torch.ones(5))
+    with pytest.raises(RuntimeError, match="k_norm: must be float32"):
+        ops.rope_kv_write(*args, k_norm=torch.ones(4, dtype=torch.float64))
+
+
 def test_rope_kv_write_rejects_bad_arguments(ops):
     cos, sin = _rope_tables(8, 4)
     cache = torch.zeros(4, 2, 1, 4)
@@ -198,8 +321,11 @@ def test_row_kernels_agree_across_thread_counts(ops):
     for n in (1, 2):
         with threads(n):
             cache, r = torch.zeros(400, 2, 3, 64), res.clone()
+            normed_cache = torch.zeros(400, 2, 3, 64)
             results.append((ops.rms_norm(x, w, 1e-5), ops.add_rms_norm(x, r, w, 1e-5), r, ops.silu_mul(gate_up),
-                            ops.rope_kv_write(qkv, positions, cos, sin, cache, slots, 9, 3), cache))
+                            ops.gelu_tanh_mul(gate_up), ops.rope_kv_write(qkv, positions, cos, sin, cache, slots, 9, 3),
+                            cache, ops.rope_kv_write(qkv, positions, cos, sin, normed_cache, slots, 9, 3,
+                                                     q_norm=w[:64], k_norm=w[64:128]), normed_cache))
     for a, b in zip(*results):
         assert torch.equal(a, b)
 

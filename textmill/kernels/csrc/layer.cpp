@@ -5,8 +5,9 @@
 // replaces a run of those ops with one call:
 //   rms_norm         RMSNorm                                        (8 eager ops)
 //   add_rms_norm     residual add + RMSNorm, residual updated in place
-//   rope_kv_write    RoPE on q and k + the paged KV cache write     (~12 eager ops)
+//   rope_kv_write    [QK norm +] RoPE on q and k + the paged KV cache write (~12-30 eager ops)
 //   silu_mul         SwiGLU's silu(gate) * up                       (3 eager ops)
+//   gelu_tanh_mul    GeGLU's gelu_tanh(gate) * up                   (3 eager ops)
 //   paged_attention  attention straight from the paged cache through the block table:
 //                    no context gather, no mask tensors            (~20 eager ops)
 //
@@ -287,8 +288,46 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   return out;
 }
 
+// out = gelu_tanh(gate) * up, gelu_tanh(g) = 0.5 g (1 + tanh(u)), u = sqrt(2/pi) (g + 0.044715 g^3)
+// (torch's F.gelu(approximate="tanh"), Gemma's GeGLU). Computed as g / (1 + exp(-2u)), the
+// same value (0.5 (1 + tanh(u)) = sigmoid(2u)) with one exp and no cancellation: torch's
+// 1 + tanh(u) loses all digits of a large negative g's output (to an ulp of 1), this form
+// keeps them. Where both are accurate they agree to a few ulp.
+torch::Tensor gelu_tanh_mul(const torch::Tensor& gate_up) {
+  check_f32(gate_up, "gate_up", 2);
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up: the last dim must be even (gate | up), got ", gate_up.size(1));
+  const int64_t n = gate_up.size(0), f = gate_up.size(1) / 2;
+  auto out = torch::empty({n, f}, gate_up.options());
+  const float* gp = gate_up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // -2 sqrt(2/pi) and 0.044715, in float as torch's float kernel has them.
+  constexpr float kMinusTwoBeta = static_cast<float>(-2.0 * 0.7978845608028654);
+  constexpr float kKappa = 0.044715f;
+  at::parallel_for(0, n, row_grain(f, 4096), [&](int64_t begin, int64_t end) {
+    const Vec::T one = Vec::set1(1.f), m2b = Vec::set1(kMinusTwoBeta), kappa = Vec::set1(kKappa);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* g = gp + r * 2 * f;
+      const float* u = g + f;
+      float* o = op + r * f;
+      int64_t i = 0;
+      for (; i + W <= f; i += W) {
+        const Vec::T gv = Vec::load(g + i);
+        // -2u = -2 beta * (g + kappa * g^3)
+        const Vec::T arg = Vec::mul(m2b, Vec::add(gv, Vec::mul(kappa, Vec::mul(Vec::mul(gv, gv), gv))));
+        const Vec::T s = Vec::div(gv, Vec::add(one, Vec::exp(arg)));
+        Vec::store(o + i, Vec::mul(s, Vec::load(u + i)));
+      }
+      for (; i < f; ++i) {
+        const float gi = g[i];
+        o[i] = gi / (1.f + exp_tail(kMinusTwoBeta * (gi + kKappa * (gi * gi * gi)))) * u[i];
+      }
+    }
+  });
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------
-// RoPE + KV cache write
+// [QK norm +] RoPE + KV cache write
 // ---------------------------------------------------------------------------------------
 // Rotate-half: dimension i pairs with i + D/2. out may not alias x.
 inline void rotate_half(const float* x, const float* c, const float* s, float* out, int64_t half) {
@@ -306,11 +345,26 @@ inline void rotate_half(const float* x, const float* c, const float* s, float* o
   }
 }
 
+// An optional per-head norm weight: float32 (D,), or an empty pointer for none.
+const float* norm_weight(const c10::optional<torch::Tensor>& w, const char* name, int64_t d) {
+  if (!w.has_value()) return nullptr;
+  check_f32(*w, name, 1);
+  TORCH_CHECK(w->size(0) == d, name, ": expected (", d, ",) (head_dim), got ", w->sizes());
+  return w->data_ptr<float>();
+}
+
 // qkv rows are [q heads | k heads | v heads]. Rotated k goes to kv_cache[slot, 0], v as is
 // to kv_cache[slot, 1]; the rotated q comes back as a new (N, Hq, D) tensor.
+//
+// q_norm / k_norm (Gemma 3's QK norm): each q (k) head is first RMS-normalized over its D
+// values and multiplied by the weight, the whole (1 + w) of GemmaRMSNorm as one float32
+// vector: y = (x * inv) * w', inv = 1 / sqrt(sum(x^2) / D + eps), the float operations of
+// models/gemma3.py's x32 * rsqrt(x32.pow(2).mean(-1) + eps) * (1 + w) in its order, the sum
+// of squares alone in another summation order (so equal to float32 rounding).
 torch::Tensor rope_kv_write(const torch::Tensor& qkv, const torch::Tensor& positions, const torch::Tensor& cos,
                             const torch::Tensor& sin, torch::Tensor kv_cache, const torch::Tensor& slot_mapping,
-                            int64_t num_heads, int64_t num_kv_heads) {
+                            int64_t num_heads, int64_t num_kv_heads, const c10::optional<torch::Tensor>& q_norm,
+                            const c10::optional<torch::Tensor>& k_norm, double norm_eps) {
   check_f32(qkv, "qkv", 2);
   check_i64(positions, "positions", 1);
   check_f32(cos, "cos", 2);
@@ -329,6 +383,9 @@ torch::Tensor rope_kv_write(const torch::Tensor& qkv, const torch::Tensor& posit
               " entries, got ", positions.size(0), " and ", slot_mapping.size(0));
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.size(1) == half, "cos/sin: expected (P, ", half, ") each, got ",
               cos.sizes(), " and ", sin.sizes());
+  TORCH_CHECK(norm_eps >= 0, "norm_eps must be >= 0, got ", norm_eps);
+  const float* qw = norm_weight(q_norm, "q_norm", d);
+  const float* kw = norm_weight(k_norm, "k_norm", d);
   const int64_t num_pos = cos.size(0), num_slots = kv_cache.size(0);
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
@@ -346,13 +403,20 @@ torch::Tensor rope_kv_write(const torch::Tensor& qkv, const torch::Tensor& posit
   float* qp = q.data_ptr<float>();
   const int64_t row = (hq + 2 * hkv) * d, slot_stride = 2 * hkv * d;
   at::parallel_for(0, n, row_grain(row), [&](int64_t begin, int64_t end) {
+    std::vector<float> normed((qw || kw) ? d : 0);
+    // The head at x, normalized into `normed` when its side has a weight.
+    auto head = [&](const float* x, const float* w) -> const float* {
+      if (!w) return x;
+      scale_by_weight(x, inv_rms(sum_squares(x, d), d, norm_eps), w, normed.data(), d);
+      return normed.data();
+    };
     for (int64_t t = begin; t < end; ++t) {
       const float* x = xp + t * row;
       const float* c = cp + pos[t] * half;
       const float* s = sp + pos[t] * half;
       float* dst = cache + slots[t] * slot_stride;
-      for (int64_t h = 0; h < hq; ++h) rotate_half(x + h * d, c, s, qp + (t * hq + h) * d, half);
-      for (int64_t h = 0; h < hkv; ++h) rotate_half(x + (hq + h) * d, c, s, dst + h * d, half);
+      for (int64_t h = 0; h < hq; ++h) rotate_half(head(x + h * d, qw), c, s, qp + (t * hq + h) * d, half);
+      for (int64_t h = 0; h < hkv; ++h) rotate_half(head(x + (hq + h) * d, kw), c, s, dst + h * d, half);
       std::memcpy(dst + hkv * d, x + (hq + hkv) * d, sizeof(float) * hkv * d);  // v heads, contiguous in both
     }
   });
@@ -792,10 +856,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, nogil, "residual += x in place, then rms_norm(residual, w, eps)", py::arg("x"),
         py::arg("residual"), py::arg("w"), py::arg("eps"));
   m.def("silu_mul", &silu_mul, nogil, "silu(gate_up[:, :F]) * gate_up[:, F:]", py::arg("gate_up"));
+  m.def("gelu_tanh_mul", &gelu_tanh_mul, nogil, "gelu_tanh(gate_up[:, :F]) * gate_up[:, F:]", py::arg("gate_up"));
   m.def("rope_kv_write", &rope_kv_write, nogil,
-        "rotate-half RoPE on q and k of qkv, k and v written to kv_cache[slot_mapping]; returns q (N, Hq, D)",
+        "[per-head RMSNorm of q / k times q_norm / k_norm (D,) float32, then] rotate-half RoPE on q and k of "
+        "qkv, k and v written to kv_cache[slot_mapping]; returns q (N, Hq, D)",
         py::arg("qkv"), py::arg("positions"), py::arg("cos"), py::arg("sin"), py::arg("kv_cache"),
-        py::arg("slot_mapping"), py::arg("num_heads"), py::arg("num_kv_heads"));
+        py::arg("slot_mapping"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("q_norm") = py::none(),
+        py::arg("k_norm") = py::none(), py::arg("norm_eps") = 1e-6);
   m.def("paged_attention", &paged_attention, nogil,
         "causal attention of q (N, Hq, D) over the paged kv_cache (S, 2, Hkv, D) through block_table",
         py::arg("q"), py::arg("kv_cache"), py::arg("block_table"), py::arg("query_start"), py::arg("seq_start"),
