@@ -141,7 +141,8 @@ def build_engine(opts: EngineOptions, wrap_runner: Callable | None = None) -> Bu
     torch.set_num_threads(dev.num_threads or os.cpu_count() or 1)
     started = time.perf_counter()
     try:
-        loaded = load_model(path, dtype=getattr(torch, dev.dtype), device=dev.device)
+        codes = quantized_kernels_apply(opts, path) and opts.quantization == "auto" and dev.dtype == "float32"
+        loaded = load_model(path, dtype=getattr(torch, dev.dtype), device=dev.device, codes=codes)
         tokenizer = Tokenizer.from_path(path)
     except Exception as exc:  # a corrupt or foreign file fails in many ways; say which, in one line
         raise StartupError(f"cannot load model {path}: {type(exc).__name__}: {exc}") from exc
@@ -153,7 +154,7 @@ def build_engine(opts: EngineOptions, wrap_runner: Callable | None = None) -> Bu
     quantization = resolve_quantization(opts, dev, path)
     try:
         runner = ModelRunner(loaded.model, cfg, cache, device=dev.device, dtype=getattr(torch, dev.dtype),
-                             quantization=quantization, kernels=opts.kernels)
+                             quantization=quantization, kernels=opts.kernels, file_weights=loaded)
     except ValueError as exc:  # e.g. --quantization int4 with float32
         raise StartupError(str(exc)) from exc
     log.info("linear layers: %s; forward: %s", runner.linears,

@@ -82,6 +82,30 @@ def test_llama_family_kernel_forward_matches_eager(variant):
     _compare(eager, drive(runner, _workload(), budget=7), tol=1e-4)
 
 
+def _random_gemma(seed: int = 0, **kw):
+    from textmill.models.gemma3 import Gemma3ForCausalLM
+
+    cfg = toy_config(architecture="gemma3", hidden_act="gelu_tanh", sliding_window=4, sliding_window_pattern=2,
+                     rope_local_theta=10000.0, rope_theta=1e6, query_pre_attn_scalar=6.0, norm_eps=1e-6,
+                     tie_word_embeddings=True, **kw)
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(cfg).eval().requires_grad_(False)
+    for p in model.parameters():
+        p.normal_(0, 0.3 if p.dim() > 1 else 0.2)  # norms too: Gemma's are 1 + w
+    return model, cfg
+
+
+def test_gemma3_kernel_forward_matches_eager():
+    """QK norm, (1 + w) norms, GeGLU, local and global RoPE, a sliding window."""
+    from textmill.runner.kernel_forward import GemmaKernelForward
+
+    eager_model, cfg = _random_gemma()
+    eager = drive(_runner(eager_model, cfg, False), _workload(), budget=7)
+    runner = _runner(_random_gemma()[0], cfg, True)
+    assert isinstance(runner.forward, GemmaKernelForward)
+    _compare(eager, drive(runner, _workload(), budget=7), tol=1e-4)
+
+
 def test_other_models_use_kernel_attention_and_match_eager():
     cfg = toy_config()
     eager = drive(_runner(ToyLM(cfg, seed=5).eval(), cfg, False), _workload(), budget=5)

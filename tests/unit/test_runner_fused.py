@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from textmill.config import ModelConfig
-from textmill.runner.fused import FusedAttention, FusedMLP, fuse_llama_layers
+from textmill.runner.fused import FusedAttention, FusedMLP, concatenating, fuse_llama_layers
 
 llama = pytest.importorskip("textmill.models.llama")
 
@@ -40,7 +40,7 @@ def _model(bias: bool) -> nn.Module:
 def test_fused_layers_match_the_model(bias):
     model = _model(bias)
     fused = copy.deepcopy(model)
-    assert fuse_llama_layers(fused, lambda lin: lin) == 4
+    assert fuse_llama_layers(fused, concatenating(lambda lin: lin)) == 4
     assert isinstance(fused.layers[0].self_attn, FusedAttention) and isinstance(fused.layers[1].mlp, FusedMLP)
     ids, pos = torch.randint(0, 64, (9,)), torch.arange(9)
     with torch.inference_mode():
@@ -52,7 +52,7 @@ def test_fused_layers_match_the_model(bias):
 def test_rotation_is_bitwise_the_models():
     model = _model(False).to(torch.bfloat16)
     fused = copy.deepcopy(model)
-    fuse_llama_layers(fused, lambda lin: lin)
+    fuse_llama_layers(fused, concatenating(lambda lin: lin))
     seen = {}
 
     class Capture(_Dense):
@@ -80,5 +80,5 @@ def test_other_modules_are_left_alone():
             self.proj = nn.Linear(4, 4)
 
     m = nn.Sequential(Other())
-    assert fuse_llama_layers(m, lambda lin: lin) == 0
+    assert fuse_llama_layers(m, concatenating(lambda lin: lin)) == 0
     assert type(m[0].proj) is nn.Linear

@@ -6,6 +6,7 @@ requested dtype, so the float32 copy of one tensor at a time is the peak extra m
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from tqdm import tqdm
 from textmill.config import ModelConfig
 from textmill.loader.dequant import dequantize
 from textmill.loader.gguf_file import GGUFFile
+from textmill.loader.group_codes import GGUFRows, GroupCodes, convertible, from_gguf
 from textmill.loader.hf_config import pattern_of_layers
 from textmill.loader.names import gguf_param_name, to_model_layout
 from textmill.models.registry import resolve_architecture
@@ -147,6 +149,49 @@ def read_state_dict(gguf: GGUFFile, config: ModelConfig, *, dtype: torch.dtype,
         tensor = to_model_layout(arch, name, torch.from_numpy(values), config)
         state[name] = tensor.to(device=device, dtype=dtype)
     return state
+
+
+@dataclass(frozen=True)
+class QuantizedState:
+    """A GGUF read for the CPU kernels: the model's linear weights as group codes (no float
+    copy), the embedding table left in the mapped file, everything else as float32."""
+
+    floats: dict[str, torch.Tensor]
+    codes: dict[str, GroupCodes]  # "layers.0.self_attn.q_proj.weight" -> codes; a tied head
+    # is "lm_head.weight", made from the embedding's blocks
+    embedding: GGUFRows
+
+
+def read_quantized_state(gguf: GGUFFile, config: ModelConfig, linear_names: frozenset[str]) -> QuantizedState:
+    """`linear_names`: the parameter names of the model's nn.Linear weights."""
+    arch = GGUFMetadata(gguf).arch
+    floats, codes, embedding = {}, {}, None
+    for t in tqdm(gguf.tensors, desc="loading", unit="tensor", disable=not _show_progress()):
+        if t.name == ROPE_FREQS:
+            continue
+        name = gguf_param_name(arch, t.name)
+        if name == EMBED and convertible(t.qtype, t.shape):
+            embedding = GGUFRows(t.data, t.qtype, t.shape)
+            if config.tie_word_embeddings:
+                codes[HEAD] = from_gguf(t.data, t.qtype, t.shape)
+        elif name in linear_names and convertible(t.qtype, t.shape):
+            codes[name] = _unpermuted(arch, name, from_gguf(t.data, t.qtype, t.shape), config)
+        else:
+            values = torch.from_numpy(dequantize(t.data, t.qtype).reshape(t.shape))
+            floats[name] = to_model_layout(arch, name, values, config).float()
+    if embedding is None:
+        raise ValueError("the GGUF file's token embedding cannot be read in groups of 32")
+    return QuantizedState(floats, codes, embedding)
+
+
+EMBED, HEAD = "embed_tokens.weight", "lm_head.weight"
+
+
+def _unpermuted(arch: str, name: str, codes: GroupCodes, config: ModelConfig) -> GroupCodes:
+    """llama.cpp's q/k row order undone on the codes, as to_model_layout does on floats."""
+    order = torch.arange(codes.shape[0])
+    moved = to_model_layout(arch, name, order[:, None], config)[:, 0]
+    return codes if torch.equal(moved, order) else codes.rows(moved)
 
 
 def load_gguf(path: Path, *, dtype: torch.dtype, device: str

@@ -1,12 +1,14 @@
 """Model files on disk -> a ready, frozen torch model: `load_model(path)`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from textmill.config import ModelConfig
+from textmill.loader.group_codes import GGUFRows, GroupCodes
 from textmill.models.registry import build_model
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -18,6 +20,11 @@ class LoadedModel:
     model: torch.nn.Module  # eval mode, no gradients; implements models.base.CausalLM
     path: Path
     format: str  # "gguf" or "hf" (a Hugging Face folder)
+    # load_model(..., codes=True): the linear weights as group codes (their parameters stay
+    # on the "meta" device until the runner installs kernels for them), and the embedding
+    # table read row by row from the mapped file.
+    codes: Mapping[str, GroupCodes] = field(default_factory=dict)
+    embedding: GGUFRows | None = None
 
 
 def _read_checkpoint(path: Path, dtype: torch.dtype, device: str
@@ -37,7 +44,13 @@ def _read_checkpoint(path: Path, dtype: torch.dtype, device: str
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
-               device: str = "cpu") -> LoadedModel:
+               device: str = "cpu", codes: bool = False) -> LoadedModel:
+    """`codes`: keep a GGUF file's linear weights as group codes for the CPU kernels (see
+    LoadedModel); float32 on the CPU only. Other files load as floats either way."""
+    if codes and Path(path).suffix.lower() == ".gguf":
+        if dtype != torch.float32 or device != "cpu":
+            raise ValueError("group codes are for the float32 CPU kernels")
+        return _load_gguf_codes(Path(path).expanduser())
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported (use one of {SUPPORTED_DTYPES})")
     path = Path(path).expanduser()
@@ -51,3 +64,26 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
     model.to(device)  # buffers built outside "meta" (the RoPE cache) follow the weights
     model.eval().requires_grad_(False)
     return LoadedModel(config=config, model=model, path=path, format=fmt)
+
+
+def _load_gguf_codes(path: Path) -> LoadedModel:
+    from textmill.loader.gguf import EMBED, read_config, read_quantized_state
+    from textmill.loader.gguf_file import GGUFFile
+
+    gguf = GGUFFile(path)
+    config = read_config(gguf)
+    with torch.device("meta"):
+        model = build_model(config)
+    linears = frozenset(f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    state = read_quantized_state(gguf, config, linears)
+    missing, unexpected = model.load_state_dict(state.floats, strict=False, assign=True)
+    expected_missing = (set(state.codes) | {EMBED}) & set(model.state_dict())
+    if set(missing) != expected_missing or unexpected:
+        raise ValueError(f"GGUF tensors do not match the model: missing {sorted(set(missing) - expected_missing)}, "
+                         f"unexpected {sorted(unexpected)}")
+    for name, buf in model.named_buffers():  # the RoPE tables, built on "meta" above
+        if buf.is_meta:
+            raise ValueError(f"buffer {name} was not materialized")
+    model.eval().requires_grad_(False)
+    return LoadedModel(config=config, model=model, path=path, format="gguf", codes=state.codes,
+                       embedding=state.embedding)

@@ -41,12 +41,12 @@ class RopeTables:
 
 
 class FusedAttention(nn.Module):
-    def __init__(self, attn: llama.Attention, make_linear: Callable[[nn.Linear], nn.Module], rope: RopeTables):
+    def __init__(self, attn: llama.Attention, make_linear: "MakeFused", rope: RopeTables):
         super().__init__()
         self.layer_idx, self.sliding_window = attn.layer_idx, attn.sliding_window
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        self.qkv_proj = make_linear(_concat([attn.q_proj, attn.k_proj, attn.v_proj]))
-        self.o_proj = make_linear(attn.o_proj)
+        self.qkv_proj = make_linear([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o_proj = make_linear([attn.o_proj])
         self.rope = rope
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
@@ -65,18 +65,27 @@ class FusedAttention(nn.Module):
 class FusedMLP(nn.Module):
     """SwiGLU with gate and up in one matmul: down(silu(g) * u), [g, u] = x @ [Wg; Wu].T"""
 
-    def __init__(self, mlp: llama.MLP, make_linear: Callable[[nn.Linear], nn.Module]):
+    def __init__(self, mlp: llama.MLP, make_linear: "MakeFused"):
         super().__init__()
         self.hidden = mlp.gate_proj.out_features
-        self.gate_up_proj = make_linear(_concat([mlp.gate_proj, mlp.up_proj]))
-        self.down_proj = make_linear(mlp.down_proj)
+        self.gate_up_proj = make_linear([mlp.gate_proj, mlp.up_proj])
+        self.down_proj = make_linear([mlp.down_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # (N, 2F)
         return self.down_proj(F.silu(gate_up[:, : self.hidden]) * gate_up[:, self.hidden :])
 
 
-def fuse_llama_layers(model: nn.Module, make_linear: Callable[[nn.Linear], nn.Module]) -> int:
+# Builds one module computing the given linears' outputs side by side (q, k, v -> qkv).
+MakeFused = Callable[[list[nn.Linear]], nn.Module]
+
+
+def concatenating(make_linear: Callable[[nn.Linear], nn.Module]) -> MakeFused:
+    """A MakeFused for float weights: one nn.Linear over the stacked rows, then make_linear."""
+    return lambda parts: make_linear(parts[0] if len(parts) == 1 else _concat(parts))
+
+
+def fuse_llama_layers(model: nn.Module, make_linear: MakeFused) -> int:
     """Replace exact llama.Attention / llama.MLP children; returns how many were replaced."""
     rope, count = RopeTables(), 0
     for parent in list(model.modules()):
@@ -101,3 +110,25 @@ def _concat(linears: list[nn.Linear]) -> nn.Linear:
         bias = [lin.bias.detach() if lin.bias is not None else weight.new_zeros(lin.out_features) for lin in linears]
         out.bias = nn.Parameter(torch.cat(bias), requires_grad=False)
     return out
+
+
+def fuse_gemma_layers(model: nn.Module, make_linear: MakeFused) -> int:
+    """Give Gemma 3's attention and MLP modules one qkv_proj and one gate_up_proj, for the
+    kernel forward (runner/kernel_forward.py GemmaKernelForward); the separate q/k/v and
+    gate/up layers are dropped, so only that forward can run the model afterwards."""
+    from textmill.models import gemma3
+
+    count = 0
+    for module in list(model.modules()):
+        if type(module) is gemma3.Attention:
+            module.qkv_proj = make_linear([module.q_proj, module.k_proj, module.v_proj])
+            module.o_proj = make_linear([module.o_proj])
+            module.q_proj = module.k_proj = module.v_proj = None
+        elif type(module) is gemma3.MLP:
+            module.gate_up_proj = make_linear([module.gate_proj, module.up_proj])
+            module.down_proj = make_linear([module.down_proj])
+            module.gate_proj = module.up_proj = None
+        else:
+            continue
+        count += 1
+    return count

@@ -34,7 +34,7 @@ from textmill.runner.qlinear import QLinear
 class KernelForward:
     def __init__(self, model: llama.LlamaForCausalLM, ops: ModuleType):
         self.ops = ops
-        self.embed = model.embed_tokens.weight
+        self.embed = model.embed_tokens  # nn.Embedding, or file_weights.RowEmbedding
         self.cos, self.sin = model.rotary.cos.contiguous(), model.rotary.sin.contiguous()  # (P, D/2)
         self.layers = list(model.layers)
         self.eps = model.config.norm_eps
@@ -59,7 +59,7 @@ class KernelForward:
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  ctx: KernelPagedAttention) -> torch.Tensor:
         ops, eps = self.ops, self.eps
-        h = F.embedding(input_ids, self.embed).float()  # (N, C): the residual stream
+        h = self.embed(input_ids).float()  # (N, C): the residual stream
         n = h.shape[0]
         y = ops.rms_norm(h, self.input_norms[0], eps)
         slots, kv = ctx.meta.slot_mapping, ctx.cache.kv
@@ -85,3 +85,88 @@ def _direct(linear: torch.nn.Module):
         packed, n, bias = linear.packed, linear.out_features, linear.bias
         return lambda x: op(x, packed, n, bias)
     return linear
+
+
+class GemmaKernelForward:
+    """Gemma 3's forward (models/gemma3.py) on the same kernels. Per layer:
+
+        x = rms_norm(h, w_in)                               h: the residual stream
+        q = rope_kv_write(qkv_proj(x), ..., q_norm, k_norm)  QK norm, RoPE, k and v cached
+        a = rms_norm(o_proj(paged_attention(q)), w_post_attn)
+        x = add_rms_norm(a, h, w_pre_ffw)                   h += a
+        m = rms_norm(down(gelu_tanh_mul(gate_up(x))), w_post_ffw)
+        x = add_rms_norm(m, h, w_next)                      h += m; the next layer's input norm
+
+    Gemma's norms multiply by (1 + w) in float32; the weights are stored that way once here.
+    Built for exact gemma3 models whose layers runner/fused.py's fuse_gemma_layers fused."""
+
+    def __init__(self, model: torch.nn.Module, ops: ModuleType):
+        self.ops = ops
+        self.embed = model.embed_tokens
+        self.embed_scale = torch.tensor(model.embed_scale, dtype=torch.float32).item()
+        self.eps = model.config.norm_eps
+        one_plus = lambda norm: (1.0 + norm.weight.detach().float()).contiguous()  # noqa: E731
+        self.layers = list(model.layers)
+        self.input_norms = [one_plus(b.input_layernorm) for b in self.layers]
+        self.next_norms = self.input_norms[1:] + [one_plus(model.norm)]
+        self.norms = [tuple(one_plus(n) for n in (b.post_attention_layernorm, b.pre_feedforward_layernorm,
+                                                  b.post_feedforward_layernorm, b.self_attn.q_norm,
+                                                  b.self_attn.k_norm)) for b in self.layers]
+        tables = {False: model.rotary_global, True: model.rotary_local}
+        self.rope = [(tables[b.self_attn.is_sliding].cos.contiguous(), tables[b.self_attn.is_sliding].sin.contiguous())
+                     for b in self.layers]
+        self.matmuls = [tuple(_direct(m) for m in (b.self_attn.qkv_proj, b.self_attn.o_proj,
+                                                   b.mlp.gate_up_proj, b.mlp.down_proj)) for b in self.layers]
+        self._gelu_mul = getattr(ops, "gelu_tanh_mul", None) or _gelu_tanh_mul
+        # A kernel build from before rope_kv_write took the QK norm: norm q and k in torch.
+        self._fused_qk_norm = "q_norm" in (ops.rope_kv_write.__doc__ or "")
+
+    @staticmethod
+    def supports(model: torch.nn.Module) -> bool:
+        from textmill.models import gemma3
+
+        if type(model) is not gemma3.Gemma3ForCausalLM or model.config.attn_logit_softcap:
+            return False
+        return all(getattr(b.self_attn, "qkv_proj", None) is not None and getattr(b.mlp, "gate_up_proj", None)
+                   is not None for b in model.layers)
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 ctx: KernelPagedAttention) -> torch.Tensor:
+        ops, eps = self.ops, self.eps
+        h = self.embed(input_ids).float() * self.embed_scale  # (N, C): the residual stream
+        n = h.shape[0]
+        y = ops.rms_norm(h, self.input_norms[0], eps)
+        slots, kv = ctx.meta.slot_mapping, ctx.cache.kv
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            qkv_proj, o_proj, gate_up_proj, down_proj = self.matmuls[i]
+            post_attn, pre_ffw, post_ffw, q_norm, k_norm = self.norms[i]
+            cos, sin = self.rope[i]
+            qkv = qkv_proj(y)
+            if self._fused_qk_norm:
+                q = ops.rope_kv_write(qkv, positions, cos, sin, kv[i], slots, attn.num_heads,
+                                      attn.num_kv_heads, q_norm=q_norm, k_norm=k_norm, norm_eps=eps)  # (N, Hq, D)
+            else:
+                _qk_norm_(qkv, attn.num_heads, attn.num_kv_heads, attn.head_dim, q_norm, k_norm, eps)
+                q = ops.rope_kv_write(qkv, positions, cos, sin, kv[i], slots, attn.num_heads, attn.num_kv_heads)
+            o = ctx.attend_cached(i, q, scale=attn.scale, sliding_window=attn.sliding_window)
+            a = ops.rms_norm(o_proj(o.view(n, -1)), post_attn, eps)
+            y = ops.add_rms_norm(a, h, pre_ffw, eps)
+            m = ops.rms_norm(down_proj(self._gelu_mul(gate_up_proj(y))), post_ffw, eps)
+            y = ops.add_rms_norm(m, h, self.next_norms[i], eps)
+        return y  # (N, C): after the final norm
+
+
+def _qk_norm_(qkv: torch.Tensor, hq: int, hkv: int, d: int, q_w: torch.Tensor, k_w: torch.Tensor,
+              eps: float) -> None:
+    """Gemma's per-head RMSNorm of q and k, in place in the (N, (Hq + 2 Hkv) D) rows."""
+    n = qkv.shape[0]
+    for start, heads, w in ((0, hq, q_w), (hq * d, hkv, k_w)):
+        x = qkv[:, start:start + heads * d].view(n, heads, d)
+        x.copy_(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w)
+
+
+def _gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up over [gate | up] rows, for kernels built before gelu_tanh_mul."""
+    half = gate_up.shape[-1] // 2
+    return F.gelu(gate_up[:, :half], approximate="tanh") * gate_up[:, half:]

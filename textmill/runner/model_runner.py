@@ -14,7 +14,9 @@ from textmill.messages import RunnerOutput, SchedulerOutput, TokenLogprob
 from textmill import kernels as cpp_kernels
 from textmill.runner.batch import Batch, build_batch
 from textmill.runner.kernel_attention import KernelPagedAttention
-from textmill.runner.kernel_forward import KernelForward
+from textmill.loader.load import LoadedModel
+from textmill.runner.file_weights import install_file_weights
+from textmill.runner.kernel_forward import GemmaKernelForward, KernelForward
 from textmill.runner.kv_cache import KVCache, PagedAttention
 from textmill.runner.quant import install_linears
 from textmill.runner.sampler import PromptLogprobOutput, SampleOutput, Sampler
@@ -31,7 +33,10 @@ class ModelRunner:
         quantization: str = "none",
         fast_linears: bool = True,
         kernels: bool = True,
+        file_weights: LoadedModel | None = None,
     ):
+        """`file_weights`: a model loaded with load_model(codes=True); its linears and
+        embedding become kernel layers over the file's own blocks (runner/file_weights.py)."""
         self.model = model
         self.model_config = model_config
         self.cache_config = cache_config
@@ -41,12 +46,19 @@ class ModelRunner:
         # Without them (another dtype or device, no compiler, kernels=False) the eager path.
         self.ops = (cpp_kernels.load("layer")
                     if kernels and fast_linears and self.device.type == "cpu" and dtype == torch.float32 else None)
-        # Packed bf16 / int8 / int4 kernels replace the model's nn.Linear layers (quant.py).
-        self.linears = (install_linears(model, model_config.vocab_size, self.device, dtype, quantization,
-                                        kernels=self.ops is not None)
-                        if fast_linears else "nn.Linear")
-        self.forward = (KernelForward(model, self.ops)
-                        if self.ops is not None and KernelForward.supports(model) else model.forward)
+        if file_weights is not None and file_weights.codes:
+            if self.ops is None:
+                raise ValueError("a model loaded as group codes runs only on the C++ kernels")
+            self.linears = install_file_weights(model, file_weights.codes, file_weights.embedding)
+        else:  # packed bf16 / int8 / int4 kernels replace the model's nn.Linear layers (quant.py)
+            self.linears = (install_linears(model, model_config.vocab_size, self.device, dtype, quantization,
+                                            kernels=self.ops is not None)
+                            if fast_linears else "nn.Linear")
+        self.forward = model.forward
+        if self.ops is not None:
+            for kind in (KernelForward, GemmaKernelForward):
+                if kind.supports(model):
+                    self.forward = kind(model, self.ops)
         self.kv_cache = KVCache(model_config, cache_config, self.device, dtype)
         # OpenMP thread counts are per thread: oneDNN in a thread that never set one uses
         # every core, whatever torch.set_num_threads said elsewhere. execute() re-applies

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from textmill.kernels import load
+from textmill.loader.group_codes import GroupCodes
 
 MODES = ("q4", "q8")
 GROUP = 32
@@ -84,6 +85,20 @@ class QLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().float().contiguous().clone()
         return cls(packed, weight.shape[1], weight.shape[0], bias, mode)
 
+    @classmethod
+    def from_codes(cls, codes: GroupCodes, bias: torch.Tensor | None = None) -> "QLinear":
+        """Pack a loader's group codes as they are: no float copy, no second rounding."""
+        ext = _ext()
+        if ext is None:
+            raise ValueError("group codes need textmill's C++ kernels, which could not be built here")
+        n, k = codes.shape
+        if codes.bits == 4:
+            packed, mode = ext.q4_pack_codes(codes.codes, codes.scale, codes.min), "q4"
+        else:
+            packed, mode = ext.q8_pack_codes(codes.codes, codes.scale), "q8"
+        bias = None if bias is None else bias.detach().float().contiguous().clone()
+        return cls(packed, k, n, bias, mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ext = _ext()
         op = ext.q4_linear if self.mode == "q4" else ext.q8_linear
@@ -106,3 +121,17 @@ class QLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, mode={self.mode} ({self.packed.numel() / 2**20:.1f} MiB packed)")
+
+
+class SideBySide(nn.Module):
+    """Linears over one input whose outputs are concatenated: q, k and v when the file
+    stores them in different widths (a Q4_K_M file's Q4_K q/k beside a Q6_K v), kept apart
+    rather than rounded to one width."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.out_features = sum(p.out_features for p in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from textmill.runner.fused import fuse_llama_layers
+from textmill.runner.fused import concatenating, fuse_gemma_layers, fuse_llama_layers
 from textmill.runner.linear import PackedLinear, packing_supported, swap_linears, tie_head_as_linear
 
 QUANTIZATIONS = ("none", "int8", "int4")
@@ -136,7 +136,7 @@ def install_linears(model: nn.Module, vocab_size: int, device: torch.device, dty
             return QuantLinear.from_linear(linear, mode, max_small_rows.get(mode, 0))
         return PackedLinear.from_linear(linear)
 
-    fused = fuse_llama_layers(model, make)  # q/k/v and gate/up as single matmuls
+    fused = fuse_llama_layers(model, concatenating(make))  # q/k/v and gate/up as single matmuls
     count = swap_linears(model, make)
     what = "packed bf16" if quantization == "none" else (
         f"{quantization} (LM head {head_mode}), packed bf16 for steps of many tokens")
@@ -166,7 +166,8 @@ def _install_kernel_linears(model: nn.Module, vocab_size: int, quantization: str
             want = "q8" if linear is head else mode
             return qlinear.QLinear.from_linear(linear, want) if qlinear.supports(linear, want) else linear
 
-    fused = fuse_llama_layers(model, make)  # the kernel forward needs qkv_proj / gate_up_proj
+    # the kernel forwards need qkv_proj / gate_up_proj
+    fused = fuse_llama_layers(model, concatenating(make)) + fuse_gemma_layers(model, concatenating(make))
     count = swap_linears(model, make) if mode else 0
     what = "float32 nn.Linear" if mode is None else f"{mode} kernels (LM head q8)"
     return f"{what}; {fused} attention/MLP modules fused, {count} more linears swapped"
