@@ -148,7 +148,7 @@ def build_engine(opts: EngineOptions, wrap_runner: Callable | None = None) -> Bu
         raise StartupError(f"cannot load model {path}: {type(exc).__name__}: {exc}") from exc
     cfg = loaded.config
     max_len = min(opts.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    cache = _cache_config(cfg, opts, dev, max_len)
+    cache, max_len = _cache_config(cfg, opts, dev, max_len)
     sched = SchedulerConfig(max_num_seqs=opts.max_num_seqs, max_num_batched_tokens=opts.max_num_batched_tokens,
                             max_model_len=max_len)
     quantization = resolve_quantization(opts, dev, path)
@@ -171,17 +171,28 @@ def build_engine(opts: EngineOptions, wrap_runner: Callable | None = None) -> Bu
     return BuiltEngine(engine, tokenizer, cfg, sched, cache, dev, name, _fingerprint(path, dev, quantization))
 
 
-def _cache_config(cfg: ModelConfig, opts: EngineOptions, dev: DeviceConfig, max_len: int) -> CacheConfig:
+def _cache_config(cfg: ModelConfig, opts: EngineOptions, dev: DeviceConfig, max_len: int
+                  ) -> tuple[CacheConfig, int]:
+    """The KV pool that --kv-cache-memory buys, and the context window it can serve: the
+    model's own, or, when the pool cannot hold one full context and --max-model-len was not
+    given, the longest that fits (one log line says so; /v1/models and every 400 for a
+    too-long prompt report it). An explicit --max-model-len that does not fit is an error."""
     from textmill.runner.model_runner import ModelRunner
 
     probe = CacheConfig(block_size=opts.block_size, num_blocks=1, enable_prefix_caching=opts.prefix_caching)
     per_block = ModelRunner.kv_bytes_per_block(cfg, probe, getattr(torch, dev.dtype))
     num_blocks = int(opts.kv_cache_gib * 2**30 // per_block)
-    if num_blocks * opts.block_size < max_len:
-        raise StartupError(
-            f"--kv-cache-memory {opts.kv_cache_gib} GiB holds {num_blocks * opts.block_size} tokens, "
-            f"less than one full context of {max_len}: raise it or lower --max-model-len")
-    return CacheConfig(block_size=opts.block_size, num_blocks=num_blocks, enable_prefix_caching=opts.prefix_caching)
+    capacity = num_blocks * opts.block_size
+    if capacity < max_len:
+        if opts.max_model_len is not None or capacity < opts.block_size:
+            raise StartupError(
+                f"--kv-cache-memory {opts.kv_cache_gib} GiB holds {capacity} tokens, "
+                f"less than one full context of {max_len}: raise it or lower --max-model-len")
+        log.info("context window %d tokens, not the model's %d: --kv-cache-memory %s GiB holds %d tokens "
+                 "(raise it for the full window)", capacity, max_len, opts.kv_cache_gib, capacity)
+        max_len = capacity
+    cache = CacheConfig(block_size=opts.block_size, num_blocks=num_blocks, enable_prefix_caching=opts.prefix_caching)
+    return cache, max_len
 
 
 def _fingerprint(path: Path, dev: DeviceConfig, quantization: str = "none") -> str:

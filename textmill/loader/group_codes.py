@@ -60,7 +60,8 @@ class GroupCodes:
 
     def rows(self, index: torch.Tensor) -> "GroupCodes":
         """The same weight with its output rows reordered (llama.cpp's q/k permutation)."""
-        pick = lambda t: None if t is None else t.index_select(0, index).contiguous()  # noqa: E731
+        # numpy's row gather: torch's index_select on uint8/int8 is ~300x slower (measured)
+        pick = lambda t: None if t is None else torch.from_numpy(np.ascontiguousarray(t.numpy()[index.numpy()]))  # noqa: E731
         return GroupCodes(self.bits, pick(self.codes), pick(self.scale), pick(self.min), self.source)
 
     def dequantize(self) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+from torch import nn
 
 
 class AttentionContext(Protocol):
@@ -45,3 +46,13 @@ class CausalLM(Protocol):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (M, C) -> (M, V) float32
         ...
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding that skips its random init on the "meta" device, where the loader
+    builds models before adopting a checkpoint's tensors: torch's normal_ on meta tensors
+    imports torch._dynamo, 2-4 s of a server's start for a table that is thrown away."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from textmill.config import ModelConfig
-from textmill.models.base import AttentionContext
+from textmill.models.base import AttentionContext, Embedding
 from textmill.models.llama import RotaryEmbedding, apply_rotary, head_logits
 
 
@@ -115,7 +115,7 @@ class Gemma3ForCausalLM(nn.Module):
             raise ValueError(f"gemma3 uses GeGLU with tanh GELU, not {config.hidden_act!r}")
         self.config = config
         self.embed_scale = math.sqrt(config.hidden_size)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = GemmaRMSNorm(config.hidden_size, config.norm_eps)
         P, D = config.max_position_embeddings, config.head_dim

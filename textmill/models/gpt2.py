@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from textmill.config import ModelConfig
-from textmill.models.base import AttentionContext
+from textmill.models.base import AttentionContext, Embedding
 from textmill.models.llama import head_logits
 
 _GELU_APPROXIMATION = {"gelu_tanh": "tanh", "gelu": "none"}
@@ -70,8 +70,8 @@ class GPT2LMHeadModel(nn.Module):
         if config.num_kv_heads != config.num_heads:
             raise ValueError("gpt2 has as many key/value heads as query heads")
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.wte = Embedding(config.vocab_size, config.hidden_size)
+        self.wpe = Embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.lm_head = (None if config.tie_word_embeddings

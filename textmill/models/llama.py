@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from textmill.config import ModelConfig
-from textmill.models.base import AttentionContext
+from textmill.models.base import AttentionContext, Embedding
 
 
 class RMSNorm(nn.Module):
@@ -120,7 +120,7 @@ class LlamaForCausalLM(nn.Module):
         if config.hidden_act != "silu":
             raise ValueError(f"llama uses SwiGLU (silu), not {config.hidden_act!r}")
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings,

@@ -1,0 +1,43 @@
+"""Every model starts with no flags: a KV budget smaller than the model's context window
+serves the longest window it holds, says so in /v1/models, and a prompt past it gets a 400
+with the exact limit. An explicit --max-model-len that does not fit stays an error."""
+from __future__ import annotations
+
+import dataclasses
+
+import openai
+import pytest
+
+from tests.integration.server import TEST_OPTIONS, running_server
+from textmill.wiring import StartupError, build_engine
+
+# SmolLM2: 30 layers x K and V x 3 heads x 64 x 4 bytes = 46,080 bytes a token (float32
+# pool); 0.01 GiB buys 233 tokens, 14 blocks of 16: a window of 224 instead of 8192.
+SMALL = dataclasses.replace(TEST_OPTIONS, max_model_len=None, kv_cache_gib=0.01)
+
+
+def test_window_shrinks_to_what_the_pool_holds():
+    built = build_engine(SMALL)
+    window = built.cache_config.num_blocks * built.cache_config.block_size
+    assert window < built.model_config.max_position_embeddings
+    assert built.scheduler_config.max_model_len == window
+
+
+def test_explicit_window_that_does_not_fit_is_refused():
+    with pytest.raises(StartupError, match="less than one full context"):
+        build_engine(dataclasses.replace(SMALL, max_model_len=4096))
+
+
+def test_clients_see_the_served_window_and_a_400_past_it():
+    with running_server(SMALL) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x")
+        model = client.models.list().data[0]
+        window = model.model_extra["max_model_len"]
+        assert 0 < window < 8192
+        ok = client.completions.create(model=model.id, prompt="Hello", max_tokens=4, temperature=0)
+        assert ok.usage.completion_tokens == 4
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=model.id, prompt="word " * window, max_tokens=4)
+        assert err.value.status_code == 400
+        assert f"maximum context length is {window} tokens" in err.value.message
+        assert err.value.body["param"] == "max_tokens"  # the contract of every context-length 400
