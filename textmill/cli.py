@@ -29,6 +29,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", choices=("auto", "none", "int8", "int4"), default="auto",
                    help="weight-only int8/int4 linear layers (int4 keeps the LM head int8); auto = the "
                         "GGUF file's own width on the float32 CPU kernels, none elsewhere; none = float weights")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                   help="the KV cache's element type; auto = float16 on the CPU kernels (half the memory "
+                        "of float32), the activation dtype elsewhere")
     p.add_argument("--no-kernels", action="store_true",
                    help="run float32 on eager torch ops instead of textmill's C++ kernels (the reference path)")
 

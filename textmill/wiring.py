@@ -15,12 +15,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from textmill import __version__
 from textmill.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, ServerConfig
 from textmill.loader.bundled import BUNDLED_NAME, bundled_model_path
+
+if TYPE_CHECKING:
+    from textmill.runner.plan import ExecutionPlan
 
 log = logging.getLogger("textmill")
 
@@ -41,10 +45,11 @@ class EngineOptions:
     max_num_batched_tokens: int = 256
     prefix_caching: bool = True
     threads: int | None = None
-    # "int8" / "int4": weight-only (runner/quant.py, runner/qlinear.py); "auto": the file's own
-    # width on the float32 kernel path (resolve_quantization), else "none".
+    # "int8" / "int4": float weights requantized (runner/quant.py, runner/qlinear.py); "auto":
+    # a quantized GGUF's own blocks on the float32 kernel path, else float (runner/plan.py).
     quantization: str = "auto"
     kernels: bool = True  # textmill's C++ CPU kernels for float32 (textmill/kernels); False: eager torch
+    kv_cache_dtype: str = "auto"  # runner/plan.py: float16 on the CPU kernels, else the dtype
     max_queued_requests: int = 256
 
 
@@ -58,66 +63,7 @@ class BuiltEngine:
     device_config: DeviceConfig
     model_name: str
     fingerprint: str
-
-
-def resolve_device(device: str, dtype: str, threads: int | None, quantized_kernels: bool = False) -> DeviceConfig:
-    """`quantized_kernels`: the model can run on the int4/int8 CPU kernels (see
-    quantized_kernels_apply). Those take float32 activations, so `--dtype auto` picks
-    float32 for them even where bf16 is native: weight-only int4 reads 4x fewer bytes than
-    bf16 and beat oneDNN's bf16 at every batch measured (bench/engine_steps.py, docs/performance.md:
-    the Intel Xeon VM 4.1x at one stream and 1.2x at 16; Zen 5 3.1x and 1.3x)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise StartupError("--device cuda was asked for, but torch sees no CUDA device")
-    if dtype == "auto":
-        if device == "cpu" and quantized_kernels:
-            dtype = "float32"
-        else:
-            dtype = "bfloat16" if _native_bf16(device) else "float32"
-    return DeviceConfig(device=device, dtype=dtype, num_threads=threads)
-
-
-def _file_quantization(opts: EngineOptions, path: Path) -> str | None:
-    """The int kernels' width for a GGUF file's own precision: "int4" for 4-bit layers,
-    "int8" for 8-bit (or 5/6-bit) ones; None when the file is not such a GGUF, or the
-    kernels are off or not built for this CPU."""
-    if not (opts.kernels and path.suffix.lower() == ".gguf"):
-        return None
-    from textmill.loader.gguf import layer_weight_bits
-    from textmill.runner import qlinear
-
-    bits = layer_weight_bits(path)
-    if bits is None or not qlinear.available():
-        return None
-    return "int4" if bits == 4 else "int8"
-
-
-def quantized_kernels_apply(opts: EngineOptions, path: Path) -> bool:
-    """A GGUF with 4- or 8-bit layers, kernels on, quantization not switched off, and the
-    kernels built for this CPU: the case where float32 + int weights is the fast path."""
-    return (opts.quantization != "none" and opts.device in ("auto", "cpu")
-            and _file_quantization(opts, path) is not None)
-
-
-def resolve_quantization(opts: EngineOptions, dev: DeviceConfig, path: Path) -> str:
-    """`auto`: a GGUF file's 4-bit layers run as int4 and 8-bit (or 5/6-bit) ones as int8,
-    with the LM head in 8 bits: the precision the file was published in, as llama.cpp runs
-    it, and 3-6x fewer bytes per token than float32. Only on the float32 kernel path, where
-    runner/qlinear.py serves it; float files, bf16, CUDA or --no-kernels get "none"."""
-    if opts.quantization != "auto":
-        return opts.quantization
-    if not (dev.device == "cpu" and dev.dtype == "float32"):
-        return "none"
-    return _file_quantization(opts, path) or "none"
-
-
-def _native_bf16(device: str) -> bool:
-    if device == "cuda":
-        return torch.cuda.is_bf16_supported()
-    # On CPUs without AVX512-BF16/AMX, bf16 matmuls are emulated and slower than float32.
-    return bool(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")() in ("AVX512", "AMX")
-                and torch.cpu._is_avx512_bf16_supported())
+    plan: "ExecutionPlan"
 
 
 def model_path(model: str | None) -> Path:
@@ -133,45 +79,46 @@ def build_engine(opts: EngineOptions, wrap_runner: Callable | None = None) -> Bu
     from textmill.engine.scheduler import Scheduler
     from textmill.loader import load_model
     from textmill.runner.model_runner import ModelRunner
+    from textmill.runner.plan import PlanError, decide
     from textmill.tokenizer import Tokenizer
 
     path = model_path(opts.model)
-    dev = resolve_device(opts.device, opts.dtype, opts.threads,
-                         quantized_kernels=opts.dtype == "auto" and quantized_kernels_apply(opts, path))
-    torch.set_num_threads(dev.num_threads or os.cpu_count() or 1)
+    try:
+        plan = decide(path, device=opts.device, dtype=opts.dtype, quantization=opts.quantization,
+                      kernels=opts.kernels, kv_dtype=opts.kv_cache_dtype, threads=opts.threads)
+    except PlanError as exc:
+        raise StartupError(str(exc)) from None
+    log.info("plan: %s", plan.describe())
+    torch.set_num_threads(plan.threads or os.cpu_count() or 1)
     started = time.perf_counter()
     try:
-        codes = quantized_kernels_apply(opts, path) and opts.quantization == "auto" and dev.dtype == "float32"
-        loaded = load_model(path, dtype=getattr(torch, dev.dtype), device=dev.device, codes=codes)
+        loaded = load_model(path, dtype=plan.torch_dtype, device=plan.device, codes=plan.weights == "file-codes")
         tokenizer = Tokenizer.from_path(path)
     except Exception as exc:  # a corrupt or foreign file fails in many ways; say which, in one line
         raise StartupError(f"cannot load model {path}: {type(exc).__name__}: {exc}") from exc
     cfg = loaded.config
     max_len = min(opts.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    cache, max_len = _cache_config(cfg, opts, dev, max_len)
+    cache, max_len = _cache_config(cfg, opts, plan, max_len)
     sched = SchedulerConfig(max_num_seqs=opts.max_num_seqs, max_num_batched_tokens=opts.max_num_batched_tokens,
                             max_model_len=max_len)
-    quantization = resolve_quantization(opts, dev, path)
     try:
-        runner = ModelRunner(loaded.model, cfg, cache, device=dev.device, dtype=getattr(torch, dev.dtype),
-                             quantization=quantization, kernels=opts.kernels, file_weights=loaded)
-    except ValueError as exc:  # e.g. --quantization int4 with float32
+        runner = ModelRunner.from_plan(loaded, cache, plan)
+    except ValueError as exc:  # e.g. --quantization int4 with float32 and no kernels
         raise StartupError(str(exc)) from exc
-    log.info("linear layers: %s; forward: %s", runner.linears,
-             "C++ kernels" if runner.ops is not None else "eager torch")
+    log.info("linear layers: %s", runner.linears)
     if wrap_runner is not None:
         runner = wrap_runner(runner)
     engine = Engine(Scheduler(sched, cache), runner, tokenizer)
     _return_freed_memory()
     # A folder's name is kept whole: "Qwen2.5-0.5B-Instruct" has no file suffix to strip.
     name = BUNDLED_NAME if opts.model is None else path.name if path.is_dir() else path.stem
-    log.info("loaded %s (%s, %s on %s) in %.1fs; KV cache %d blocks of %d tokens",
-             name, cfg.architecture, dev.dtype, dev.device, time.perf_counter() - started,
-             cache.num_blocks, cache.block_size)
-    return BuiltEngine(engine, tokenizer, cfg, sched, cache, dev, name, _fingerprint(path, dev, quantization))
+    log.info("loaded %s (%s) in %.1fs; KV cache %d blocks of %d tokens, context window %d",
+             name, cfg.architecture, time.perf_counter() - started, cache.num_blocks, cache.block_size, max_len)
+    dev = DeviceConfig(device=plan.device, dtype=plan.dtype, num_threads=plan.threads)
+    return BuiltEngine(engine, tokenizer, cfg, sched, cache, dev, name, _fingerprint(path, plan), plan)
 
 
-def _cache_config(cfg: ModelConfig, opts: EngineOptions, dev: DeviceConfig, max_len: int
+def _cache_config(cfg: ModelConfig, opts: EngineOptions, plan: "ExecutionPlan", max_len: int
                   ) -> tuple[CacheConfig, int]:
     """The KV pool that --kv-cache-memory buys, and the context window it can serve: the
     model's own, or, when the pool cannot hold one full context and --max-model-len was not
@@ -180,7 +127,7 @@ def _cache_config(cfg: ModelConfig, opts: EngineOptions, dev: DeviceConfig, max_
     from textmill.runner.model_runner import ModelRunner
 
     probe = CacheConfig(block_size=opts.block_size, num_blocks=1, enable_prefix_caching=opts.prefix_caching)
-    per_block = ModelRunner.kv_bytes_per_block(cfg, probe, getattr(torch, dev.dtype))
+    per_block = ModelRunner.kv_bytes_per_block(cfg, probe, plan.torch_dtype, plan.torch_kv_dtype)
     num_blocks = int(opts.kv_cache_gib * 2**30 // per_block)
     capacity = num_blocks * opts.block_size
     if capacity < max_len:
@@ -195,11 +142,14 @@ def _cache_config(cfg: ModelConfig, opts: EngineOptions, dev: DeviceConfig, max_
     return cache, max_len
 
 
-def _fingerprint(path: Path, dev: DeviceConfig, quantization: str = "none") -> str:
+def _fingerprint(path: Path, plan: "ExecutionPlan") -> str:
+    """Changes when anything that changes outputs does: the file, the version, the plan."""
     stat = path.stat()
-    ident = f"{path.name}:{stat.st_size}:{dev.dtype}:{dev.device}:{__version__}"
-    if quantization != "none":  # a different model as far as outputs go
-        ident += f":{quantization}"
+    ident = f"{path.name}:{stat.st_size}:{plan.dtype}:{plan.device}:{__version__}"
+    if plan.weights != "float":
+        ident += f":{plan.weights}"
+    if plan.kv_dtype != plan.dtype:
+        ident += f":kv-{plan.kv_dtype}"
     return "fp_" + hashlib.sha256(ident.encode()).hexdigest()[:10]
 
 
@@ -223,6 +173,7 @@ def options_from_args(args) -> EngineOptions:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         prefix_caching=not args.no_prefix_caching, threads=args.threads,
         quantization=getattr(args, "quantization", "auto"), kernels=not getattr(args, "no_kernels", False),
+        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         max_queued_requests=getattr(args, "max_queued_requests", 256))
 
 

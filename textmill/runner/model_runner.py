@@ -18,6 +18,7 @@ from textmill.loader.load import LoadedModel
 from textmill.runner.file_weights import install_file_weights
 from textmill.runner.kernel_forward import GemmaKernelForward, KernelForward
 from textmill.runner.kv_cache import KVCache, PagedAttention
+from textmill.runner.plan import ExecutionPlan
 from textmill.runner.quant import install_linears
 from textmill.runner.sampler import PromptLogprobOutput, SampleOutput, Sampler
 
@@ -34,6 +35,7 @@ class ModelRunner:
         fast_linears: bool = True,
         kernels: bool = True,
         file_weights: LoadedModel | None = None,
+        kv_dtype: torch.dtype | None = None,
     ):
         """`file_weights`: a model loaded with load_model(codes=True); its linears and
         embedding become kernel layers over the file's own blocks (runner/file_weights.py)."""
@@ -59,7 +61,7 @@ class ModelRunner:
             for kind in (KernelForward, GemmaKernelForward):
                 if kind.supports(model):
                     self.forward = kind(model, self.ops)
-        self.kv_cache = KVCache(model_config, cache_config, self.device, dtype)
+        self.kv_cache = KVCache(model_config, cache_config, self.device, dtype, kv_dtype=kv_dtype)
         # OpenMP thread counts are per thread: oneDNN in a thread that never set one uses
         # every core, whatever torch.set_num_threads said elsewhere. execute() re-applies
         # the count (set before this runner was built) in whichever thread runs the steps.
@@ -69,10 +71,18 @@ class ModelRunner:
         # counts of tokens this runner sampled (for penalties). Preemption keeps it.
         self.sampler = Sampler(model_config.vocab_size, self.device)
 
+    @classmethod
+    def from_plan(cls, loaded: LoadedModel, cache_config: CacheConfig, plan: ExecutionPlan) -> "ModelRunner":
+        """The runner runner/plan.py decided on, for a model loaded in the plan's format."""
+        return cls(loaded.model, loaded.config, cache_config, device=plan.device, dtype=plan.torch_dtype,
+                   quantization=plan.quantization, kernels=plan.kernels, kv_dtype=plan.torch_kv_dtype,
+                   file_weights=loaded if plan.weights == "file-codes" else None)
+
     @staticmethod
-    def kv_bytes_per_block(model_config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype) -> int:
+    def kv_bytes_per_block(model_config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype,
+                           kv_dtype: torch.dtype | None = None) -> int:
         """Bytes of K and V, all layers, for one block: the CLI sizes the pool with it."""
-        return KVCache.bytes_per_block(model_config, cache_config, dtype)
+        return KVCache.bytes_per_block(model_config, cache_config, dtype, kv_dtype=kv_dtype)
 
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
         if self._threads_set_in != threading.get_ident():
