@@ -102,7 +102,7 @@ def build_engine(opts: EngineOptions, wrap_runner: Callable | None = None) -> Bu
     sched = SchedulerConfig(max_num_seqs=opts.max_num_seqs, max_num_batched_tokens=opts.max_num_batched_tokens,
                             max_model_len=max_len)
     try:
-        runner = ModelRunner.from_plan(loaded, cache, plan)
+        runner = ModelRunner.from_plan(loaded, cache, plan, vocab_limit=tokenizer.vocab_size)
     except ValueError as exc:  # e.g. --quantization int4 with float32 and no kernels
         raise StartupError(str(exc)) from exc
     log.info("linear layers: %s", runner.linears)

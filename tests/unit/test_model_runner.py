@@ -283,3 +283,18 @@ def test_llama_model_through_the_runner():
     dense = dense_logprobs(model, a.prompt)
     got = torch.tensor([p.logprob for p in a.prompt_logprobs])
     torch.testing.assert_close(got, dense[torch.arange(10), torch.tensor(a.prompt[1:])], atol=1e-4, rtol=1e-4)
+
+
+def test_ids_past_the_tokenizers_table_are_never_sampled():
+    """An embedding padded past the tokenizer's vocabulary (64 rows, 60 tokens): the padded
+    rows get no probability, so no sampled id can fall outside the tokenizer's table."""
+    cfg = toy_config()
+    model = ToyLM(cfg).eval()
+    with torch.no_grad():
+        model.head.bias[60:] = 1e4  # the padded rows would win every draw
+    runner = ModelRunner(model, cfg, CacheConfig(block_size=BLOCK, num_blocks=64), vocab_limit=60)
+    seqs = [Seq("greedy", _prompt(5, 1), SamplingParams(temperature=0.0, max_tokens=5, logprobs=5)),
+            Seq("sampled", _prompt(6, 2), SamplingParams(temperature=1.0, seed=3, max_tokens=5, logprobs=5))]
+    for s in drive(runner, seqs, budget=8).values():
+        assert all(t < 60 for t in s.tokens[len(s.prompt):]), s.rid
+        assert all(tid < 60 for lp in s.logprobs for tid, _ in lp.top), s.rid

@@ -36,11 +36,15 @@ class ModelRunner:
         kernels: bool = True,
         file_weights: LoadedModel | None = None,
         kv_dtype: torch.dtype | None = None,
+        vocab_limit: int | None = None,
     ):
         """`file_weights`: a model loaded with load_model(codes=True); its linears and
-        embedding become kernel layers over the file's own blocks (runner/file_weights.py)."""
+        embedding become kernel layers over the file's own blocks (runner/file_weights.py).
+        `vocab_limit`: the tokenizer's vocabulary when the model's embedding is padded past
+        it; ids from there on get no probability (they have no text to detokenize)."""
         self.model = model
         self.model_config = model_config
+        self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < model_config.vocab_size else None
         self.cache_config = cache_config
         self.device = torch.device(device)
         # textmill's C++ kernels (textmill/kernels) serve float32 on the CPU: paged attention
@@ -72,9 +76,11 @@ class ModelRunner:
         self.sampler = Sampler(model_config.vocab_size, self.device)
 
     @classmethod
-    def from_plan(cls, loaded: LoadedModel, cache_config: CacheConfig, plan: ExecutionPlan) -> "ModelRunner":
+    def from_plan(cls, loaded: LoadedModel, cache_config: CacheConfig, plan: ExecutionPlan,
+                  vocab_limit: int | None = None) -> "ModelRunner":
         """The runner runner/plan.py decided on, for a model loaded in the plan's format."""
         return cls(loaded.model, loaded.config, cache_config, device=plan.device, dtype=plan.torch_dtype,
+                   vocab_limit=vocab_limit,
                    quantization=plan.quantization, kernels=plan.kernels, kv_dtype=plan.torch_kv_dtype,
                    file_weights=loaded if plan.weights == "file-codes" else None)
 
@@ -102,6 +108,8 @@ class ModelRunner:
                 return RunnerOutput()  # only mid-prompt chunks: nothing to sample or score
             logits = self.model.logits(hidden.index_select(0, batch.logits_rows))  # (S + P, V)
             assert logits.shape[-1] == self.model_config.vocab_size, "logits width != vocab_size"
+            if self.vocab_limit is not None:
+                logits[:, self.vocab_limit:] = float("-inf")
             return self._sample_and_score(batch, logits)
 
     def _update_requests(self, scheduled: SchedulerOutput) -> None:
