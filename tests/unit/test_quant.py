@@ -83,6 +83,18 @@ def test_quant_linear_small_and_big_steps_match_dequantized_math(mode):
     assert (small.float() - big.float()).abs().max() < 0.02 * scale
 
 
+@needs_packing
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quant_linear_keeps_no_dense_copy(mode):
+    """Only integer weights (and their scales) stay: no bf16 matrix beside them."""
+    lin = nn.Linear(64, 48)
+    ql = QuantLinear.from_linear(lin, mode, max_small_rows=2)
+    held = [t for t in vars(ql).values() if torch.is_tensor(t)]
+    held += [t for m in ql.children() for t in m.state_dict().values()]
+    assert sum(t.numel() * t.element_size() for t in held) < 64 * 48 * 1.5  # bytes: <= 1.5 a weight
+    assert not any(t.is_floating_point() and t.numel() >= 64 * 48 for t in held)
+
+
 def test_float32_keeps_nn_linear_and_quantization_needs_bf16():
     model = nn.Sequential(nn.Linear(8, 8))
     assert install_linears(model, 32, CPU, torch.float32, "none") == "nn.Linear"

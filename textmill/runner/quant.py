@@ -8,13 +8,16 @@
 
 torch's CPU kernels for these are matrix-vector products: fast for a step of one or two
 tokens, where reading the weights is the whole cost, but their time grows with every row,
-and they use no AMX. Steps with more rows (prefill, batched decode) therefore run the
-packed bf16 product of the *dequantized* weights, so both paths compute with the same
-quantized model; only the kernel depends on the step size.
+and they use no AMX. Steps with more rows (prefill, batched decode) therefore multiply by
+the *dequantized* weights in bf16, so both paths compute with the same quantized model; only
+the kernel depends on the step size. The dequantized matrix is made for the step and
+dropped (its cost, N x K, is 1/M of the M-row product): keeping a bf16 copy beside the
+integer weights would have cost 2-4x their memory.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from textmill.runner.fused import concatenating, fuse_gemma_layers, fuse_llama_layers
@@ -73,15 +76,24 @@ class QuantLinear(nn.Module):
             q, scale = quantize_int8(weight)
             self.scale = scale.to(torch.bfloat16)
             self.q = q
-            dequantized = dequantize_int8(q, self.scale.float())
         else:
             q, scale, zero = quantize_int4(weight)
             scale, zero = scale.to(torch.bfloat16), zero.to(torch.bfloat16)
             self.q = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # (N, K/2) uint8
             self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (K/g, N, 2)
-            dequantized = dequantize_int4(q, scale.float(), zero.float())
-        # The same quantized weights in bf16 for big steps (see the module docstring).
-        self.dense = PackedLinear(dequantized.to(torch.bfloat16), self.bias)
+            # torch's packed layout has no unpacking op, so big steps read their own nibbles:
+            # half a byte per weight more, where a bf16 copy cost two bytes.
+            self.nibbles = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)  # (N, K/2)
+            self.scale, self.zero = scale, zero
+
+    def dequantized(self) -> torch.Tensor:
+        """(N, K) bf16: the weights the integer kernels compute with."""
+        if self.mode == "int8":
+            return (self.q.float() * self.scale.float()[:, None]).to(torch.bfloat16)
+        n, k = self.out_features, self.in_features
+        q = torch.stack([self.nibbles & 15, self.nibbles >> 4], dim=-1).view(n, k // INT4_GROUP, INT4_GROUP)
+        w = (q.float() - 8.0) * self.scale.float()[..., None] + self.zero.float()[..., None]
+        return w.view(n, k).to(torch.bfloat16)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str, max_small_rows: int) -> "QuantLinear":
@@ -89,7 +101,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > self.max_small_rows:
-            return self.dense(x)
+            return F.linear(x, self.dequantized(), self.bias)
         if self.mode == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
         else:
