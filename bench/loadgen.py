@@ -20,7 +20,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workload import Workload, request_body  # noqa: E402
+from tables import format_table  # noqa: E402
+from workload import SMOLLM2_EOS_TOKEN_IDS, Workload, request_body  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -212,17 +213,6 @@ def table_rows(results: list[LoadResult]) -> list[list[str]]:
             for r in results]
 
 
-def format_table(header: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:
-    """A plain fixed-width table (also valid Markdown), times in seconds."""
-    widths = [max(len(str(h)), *(len(row[i]) for row in rows)) if rows else len(str(h))
-              for i, h in enumerate(header)]
-
-    def line(cells) -> str:
-        return "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(header), sep, *(line(r) for r in rows)])
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
@@ -236,7 +226,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fraction of prompt words common to all requests (0.9 for the prefix-cache workload)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eos-token-id", type=int, default=2, help="token banned by logit_bias; -1 bans none")
+    p.add_argument("--eos-token-ids", type=int, nargs="*", default=list(SMOLLM2_EOS_TOKEN_IDS),
+                   help="tokens banned by logit_bias (default SmolLM2's 0 2); none given bans none")
     p.add_argument("--no-ignore-eos", action="store_true", help="do not send the ignore_eos extension")
     p.add_argument("--warmup", type=int, default=1, help="requests sent (and not counted) before the run")
     p.add_argument("--label", default="server")
@@ -247,7 +238,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def workload_from_args(args: argparse.Namespace) -> Workload:
     return Workload(prompt_words=args.prompt_words, max_tokens=args.max_tokens,
                     shared_prefix=args.shared_prefix, seed=args.seed, temperature=args.temperature,
-                    eos_token_id=None if args.eos_token_id < 0 else args.eos_token_id,
+                    eos_token_ids=tuple(args.eos_token_ids),
                     ignore_eos=not args.no_ignore_eos)
 
 

@@ -1,12 +1,15 @@
 """Start and stop the servers under test: textmill, llama.cpp's llama-server, llama-cpp-python.
 
-Each starter returns a Server once /v1/models answers (the model is loaded by then), with
-the model id the server reports. Every server runs in its own process group, so stop()
-ends it together with any children (uvicorn workers, the shell of the shared script).
+Each starter returns a Server once /health answers 200 and /v1/models names the model,
+with the time from the server process's start to that first 200 (`ready_s`, from the
+process's start time in /proc, so a build or a shell in front does not count) and its
+resident memory then. Every server runs in its own process group, so stop() ends it
+together with any children (uvicorn workers, the shell of the shared script).
 """
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -32,6 +35,76 @@ class Server:
     model: str  # the id from /v1/models, to put in request bodies
     pgid: int  # process group to signal on stop
     log: Path
+    pid: int | None = None  # the server process itself (its RSS is the server's memory)
+    ready_s: float | None = None  # process start -> first /health 200
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def boot_seconds() -> float:
+    """Now, on the clock /proc/PID/stat's start times count on (seconds since boot)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def process_start(pid: int) -> float | None:
+    """When process pid started, in boot_seconds() (field 22 of /proc/PID/stat, 10 ms ticks)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19]) / TICKS
+
+
+def memory_mib(pid: int | None) -> dict[str, float | None]:
+    """Resident memory of one process now (VmRSS) and at its peak so far (VmHWM), in MiB."""
+    out: dict[str, float | None] = {"rss": None, "peak": None}
+    if pid is None:
+        return out
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out["rss" if key == "VmRSS" else "peak"] = int(value.split()[0]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def kv_capacity(system: str, log: Path) -> tuple[int | None, str | None]:
+    """The KV cache's size in tokens and its element type, as the server's own log says.
+
+    textmill logs "KV cache N blocks of B tokens" and, in its plan line, "KV cache float16";
+    llama-server "n_slots = N, n_ctx_slot = M" (M tokens of context per slot; at its
+    default log level it prints neither the cache's bytes nor its type, f16 by default).
+    """
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None, None
+    if system == "textmill":
+        m = re.search(r"KV cache (\d+) blocks of (\d+) tokens", text)
+        dtype = re.search(r"KV cache (float32|float16|bfloat16)", text)
+        return (int(m[1]) * int(m[2]) if m else None), (dtype[1] if dtype else None)
+    m = re.search(r"n_slots = (\d+), n_ctx_slot = (\d+)", text)
+    return (int(m[1]) * int(m[2]) if m else None), os.environ.get("LLAMA_ARG_CACHE_TYPE_K", "f16")
+
+
+def textmill_kv_dtype(model: Path, extra_args: list[str] = (),
+                      python: Path = REPO / ".venv" / "bin" / "python") -> str | None:
+    """The KV element type textmill will choose for `model` (its runner/plan.py decides:
+    float16 on the CPU kernels at the time of writing), asked in a throw-away process;
+    None where this textmill has no such plan (then it keeps the activation dtype)."""
+    want = next((extra_args[i + 1] for i, a in enumerate(extra_args[:-1]) if a == "--kv-cache-dtype"), "auto")
+    code = ("import sys; from textmill.runner.plan import decide; "
+            "print(decide(__import__('pathlib').Path(sys.argv[1]), kv_dtype=sys.argv[2]).kv_dtype)")
+    try:
+        done = subprocess.run([str(python), "-c", code, str(model), want], capture_output=True, text=True,
+                              timeout=300, cwd=REPO)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    words = done.stdout.split()
+    return words[-1] if done.returncode == 0 and words else None
 
 
 def _log_tail(path: Path, lines: int = 20) -> str:
@@ -49,23 +122,36 @@ def _alive(pgid: int) -> bool:
         return False
 
 
-def wait_ready(url: str, pgid: int, log: Path, timeout_s: float) -> str:
-    """Poll GET /v1/models until it answers; return the first model id."""
+def _model_id(url: str) -> str | None:
+    try:
+        r = httpx.get(url + "/v1/models", timeout=5.0)
+        data = r.json().get("data") or [] if r.status_code == 200 else []
+        return data[0]["id"] if data else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def wait_ready(url: str, pgid: int, log: Path, timeout_s: float, alive=None) -> tuple[float, str]:
+    """Poll GET /health every 0.1 s until it answers 200; return (boot_seconds() then, model id).
+
+    alive(): whether it is still worth waiting (default: the process group exists).
+    """
+    alive = alive or (lambda: _alive(pgid))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not _alive(pgid):
+        if not alive():
             raise ServerError(f"server exited during start-up; log {log}:\n{_log_tail(log)}")
         try:
-            r = httpx.get(url + "/v1/models", timeout=2.0)
-            if r.status_code == 200:
-                data = r.json().get("data") or []
-                if data:
-                    return data[0]["id"]
+            if httpx.get(url + "/health", timeout=2.0).status_code == 200:
+                ready = boot_seconds()
+                model = _model_id(url)
+                if model is not None:
+                    return ready, model
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.1)
     _kill_group(pgid)
-    raise ServerError(f"no answer from {url}/v1/models in {timeout_s:.0f} s; log {log}:\n{_log_tail(log)}")
+    raise ServerError(f"no /health 200 from {url} in {timeout_s:.0f} s; log {log}:\n{_log_tail(log)}")
 
 
 def _spawn(name: str, cmd: list[str], port: int, timeout_s: float, env: dict | None = None) -> Server:
@@ -74,15 +160,18 @@ def _spawn(name: str, cmd: list[str], port: int, timeout_s: float, env: dict | N
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=REPO, env=env)
+    started = process_start(proc.pid) or boot_seconds()
     url = f"http://127.0.0.1:{port}"
-    model = wait_ready(url, proc.pid, log, timeout_s)
-    return Server(name=name, url=url, model=model, pgid=proc.pid, log=log)
+    ready, model = wait_ready(url, proc.pid, log, timeout_s)
+    return Server(name=name, url=url, model=model, pgid=proc.pid, log=log, pid=proc.pid,
+                  ready_s=ready - started)
 
 
-def start_textmill(port: int, extra_args: list[str] = (), timeout_s: float = 300.0,
-                   exe: Path = REPO / ".venv" / "bin" / "textmill") -> Server:
-    """`textmill serve` on the bundled model (or the model given in extra_args)."""
-    cmd = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), *extra_args]
+def start_textmill(port: int, extra_args: list[str] = (), timeout_s: float = 900.0,
+                   exe: Path = REPO / ".venv" / "bin" / "textmill", model: Path | None = None) -> Server:
+    """`textmill serve` on `model` (default: the bundled one)."""
+    cmd = [str(exe), "serve", *([str(model)] if model else []), "--host", "127.0.0.1", "--port", str(port),
+           *extra_args]
     return _spawn("textmill", cmd, port, timeout_s)
 
 
@@ -114,16 +203,48 @@ def start_llama_server(port: int, gguf: Path, slots: int = 16, timeout_s: float 
     env = {**os.environ, "LLAMA_ARG_REPACK": "1" if repack else "0"}  # llama.cpp's --[no-]repack
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     build_log = LOG_DIR / f"llama-server-build-{port}.log"
-    with open(build_log, "wb") as err:
-        done = subprocess.run(["bash", str(script), str(port), str(gguf), str(slots)],
-                              stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                              timeout=timeout_s, cwd=REPO, env=env)
-    if done.returncode != 0 or not done.stdout.strip():
-        raise ServerError(f"llama-server.sh failed; log {build_log}:\n{_log_tail(build_log)}")
-    pgid = int(done.stdout.split()[-1])
     log = Path.home() / ".cache" / "llama-server-build" / f"llama-server-{port}.log"
     url = f"http://127.0.0.1:{port}"
-    return Server(name="llama-server", url=url, model=wait_ready(url, pgid, log, 60.0), pgid=pgid, log=log)
+    # The script waits for the server in 1 s steps before it prints the PID; /health is polled
+    # here meanwhile, in 0.1 s steps, so that the ready time is not rounded up to a second.
+    with open(build_log, "wb") as err:
+        script_proc = subprocess.Popen(["bash", str(script), str(port), str(gguf), str(slots)],
+                                       stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                                       cwd=REPO, env=env, start_new_session=True)
+    watch = _ScriptWatch(script_proc)
+    try:
+        ready, model = wait_ready(url, script_proc.pid, log, timeout_s, alive=watch.alive)
+        script_proc.wait(timeout=180)
+        if not watch.alive():
+            raise ServerError("llama-server.sh did not print a live server PID")
+    except (ServerError, subprocess.TimeoutExpired) as exc:
+        _kill_group(script_proc.pid)
+        if watch.pid is not None:
+            _kill_group(watch.pid)
+        raise ServerError(f"llama-server failed ({exc}); logs {build_log}, {log}:\n{_log_tail(build_log)}") from exc
+    started = process_start(watch.pid)
+    return Server(name="llama-server", url=url, model=model, pgid=watch.pid, log=log, pid=watch.pid,
+                  ready_s=None if started is None else ready - started)
+
+
+class _ScriptWatch:
+    """The shared script while it builds and starts llama-server, then the server it printed
+    the PID of (setsid: the server leads its own process group)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.pid: int | None = None
+
+    def alive(self) -> bool:
+        code = self.proc.poll()
+        if code is None:
+            return True
+        if code != 0:
+            return False
+        if self.pid is None:
+            words = self.proc.stdout.read().split()
+            self.pid = int(words[-1]) if words and words[-1].isdigit() else None
+        return self.pid is not None and _alive(self.pid)
 
 
 def llama_cpp_python_available(python: Path = BENCH_PYTHON) -> bool:

@@ -31,7 +31,10 @@ support technology step baby computer type attention film tree source organizati
 window evidence population truth song river garden bread stone cloud winter summer
 """.split())
 
-EOS_TOKEN_ID = 2  # SmolLM2's <|endoftext|>; --eos-token-id overrides it for other models
+# SmolLM2's ending ids: 0 <|endoftext|> and 2 <|im_end|> (its tokenizer.ggml.eos_token_id is 2,
+# <|im_end|>; textmill and llama.cpp both end on either). Other models have their own: the
+# bench reads them per model from the file (bench/models.py).
+SMOLLM2_EOS_TOKEN_IDS = (0, 2)
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,8 @@ class Workload:
     shared_prefix: float = 0.0  # fraction of the prompt's words common to all requests
     seed: int = 0
     temperature: float = 0.0
-    eos_token_id: int | None = EOS_TOKEN_ID  # banned by logit_bias; None bans nothing
-    ignore_eos: bool = True  # llama.cpp/vLLM extension; servers that don't know it ignore it
+    eos_token_ids: tuple[int, ...] = SMOLLM2_EOS_TOKEN_IDS  # banned by logit_bias; () bans nothing
+    ignore_eos: bool = True  # vLLM/llama.cpp extension, honoured by textmill and llama-server
     include_usage: bool = True  # stream_options.include_usage, for exact token counts
 
 
@@ -69,8 +72,8 @@ def request_body(workload: Workload, model: str, index: int, stream: bool = True
         "temperature": workload.temperature,
         "stream": stream,
     }
-    if workload.eos_token_id is not None:
-        body["logit_bias"] = {str(workload.eos_token_id): -100}
+    if workload.eos_token_ids:
+        body["logit_bias"] = {str(i): -100 for i in workload.eos_token_ids}
     if workload.ignore_eos:
         body["ignore_eos"] = True
     if stream and workload.include_usage:

