@@ -34,6 +34,9 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The model matrix (SmolLM2, Gemma 3 270M, a synthetic 1B Q4_K_M, any --model FILE), each against
+# llama-server on the same file; ARGS="--quick" for a smoke run. Tables for the docs from the
+# result files: $(PY) bench/report.py bench/results/latest.json
 bench: $(STAMP)
 	$(PY) bench/run.py $(ARGS)
 
