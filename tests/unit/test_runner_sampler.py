@@ -1,5 +1,6 @@
-"""Sampler fast paths: no copy of the logits unless something edits them, and the batched
-logit-bias tensors reused across steps without going stale."""
+"""Sampler fast paths: no copy of the logits unless something edits them, the batched
+logit-bias tensors reused across steps without going stale, and whole-row work in blocks
+through one reused scratch buffer."""
 from __future__ import annotations
 
 import torch
@@ -44,3 +45,30 @@ def test_greedy_ties_pick_the_first_maximum():
     logits = torch.zeros(1, 16)
     logits[0, [5, 9, 12]] = 2.0
     assert s.sample(logits, ["t"]).token_ids.tolist() == [5]
+
+
+def test_batches_beyond_one_scratch_block_match_rows_alone():
+    """150 rows go through the scratch buffer in blocks of 64: every row's token and logprobs
+    are what it gets alone, and the logprobs are log_softmax's, bit for bit."""
+    vocab, n = 40, 150
+    logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(3)) * 3
+    kinds = [SamplingParams(**GREEDY, logprobs=2), SamplingParams(temperature=0.7, seed=1, logprobs=1),
+             SamplingParams(temperature=1.0, top_p=0.8, seed=2, logprobs=3),
+             SamplingParams(temperature=1.3, top_k=4, seed=3)]
+    params = {f"r{i}": kinds[i % len(kinds)] for i in range(n)}
+    batch = Sampler(vocab)
+    for rid, p in params.items():
+        batch.add_request(rid, p)
+    out = batch.sample(logits, list(params))
+    raw = torch.log_softmax(logits, -1)
+    assert torch.equal(out.logprobs, raw.gather(1, out.token_ids[:, None])[:, 0])
+    assert torch.equal(out.top_logprobs, raw.topk(3).values) and out.top_ids.tolist() == raw.topk(3).indices.tolist()
+    for i, (rid, p) in enumerate(params.items()):
+        alone = Sampler(vocab)
+        alone.add_request(rid, p)
+        assert alone.sample(logits[i : i + 1], [rid]).token_ids.tolist() == out.token_ids[i : i + 1].tolist()
+    prompt = batch.prompt_logprobs(logits, torch.arange(n) % vocab, 2)
+    assert torch.equal(prompt.logprobs, raw[torch.arange(n), torch.arange(n) % vocab])
+    assert torch.equal(prompt.top_logprobs, raw.topk(2).values)
+    empty = batch.prompt_logprobs(logits[:0], torch.zeros(0, dtype=torch.int64), 2)
+    assert empty.logprobs.shape == (0,) and empty.top_ids.shape == (0, 2)

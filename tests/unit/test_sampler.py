@@ -189,3 +189,68 @@ def test_prompt_logprobs():
     torch.testing.assert_close(out.logprobs, raw[torch.arange(4), targets])
     assert out.top_ids.tolist() == raw.topk(2).indices.tolist()
     assert Sampler(V).prompt_logprobs(logits, targets, 0).top_ids.shape == (4, 0)
+
+
+# ---------------------------------------------------------------- top-p without a full sort
+def _sort_top_p_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The sort-based nucleus the sampler used before candidates (the reference)."""
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    mass_above = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    keep_sorted = mass_above < top_p[:, None]
+    keep_sorted[:, 0] = True
+    return torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted) | (top_p[:, None] >= 1.0)
+
+
+def _ranked_rows(vocab: int = 262_144) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Logits with a known descending order, so that a vocabulary of 262,144 needs no sort in
+    the reference: -> ({kind: logits (V,)}, order (V,) the token ids from most to least likely).
+    Consecutive ranks are far enough apart that no two probabilities tie after softmax."""
+    order = torch.arange(vocab) * 40_503 % vocab  # odd multiplier: a permutation of 0..2^18-1
+    rank = torch.arange(vocab, dtype=torch.float32)
+    decreasing = {
+        "peaky": -2.0 * torch.log1p(rank),  # the 0.95 nucleus lies in the first 64 candidates
+        "medium": -4e-3 * rank,  # needs the second size (1024)
+        "flat": -1e-4 * rank,  # ~30,000 tokens: the whole-vocabulary fallback
+    }
+    return {kind: torch.empty(vocab).index_put_((order,), d) for kind, d in decreasing.items()}, order
+
+
+def _known_order_mask(probs: torch.Tensor, order: torch.Tensor, top_p: float) -> torch.Tensor:
+    ranked = probs[order]
+    keep_ranked = torch.cumsum(ranked, 0) - ranked < top_p
+    keep_ranked[0] = True
+    return torch.zeros_like(keep_ranked).index_put_((order,), keep_ranked)
+
+
+def test_candidate_top_p_is_the_sorted_nucleus_on_a_large_vocabulary():
+    rows, order = _ranked_rows()
+    probs = torch.softmax(torch.stack(list(rows.values())), -1)
+    keep = top_p_mask(probs, torch.full((3,), 0.95))
+    for i, kind in enumerate(rows):
+        assert torch.equal(keep[i], _known_order_mask(probs[i], order, 0.95)), kind
+    assert keep.sum(-1).tolist()[0] < 64 < keep.sum(-1).tolist()[1] < 1024 < 16_384 < keep.sum(-1).tolist()[2]
+
+
+def test_candidate_top_p_matches_the_sort_on_random_and_peaky_rows():
+    logits = torch.randn(6, 4096, generator=torch.Generator().manual_seed(11))
+    logits[3:] *= 8.0  # peaky rows
+    probs = torch.softmax(logits, -1)
+    for top_p in ([0.9] * 6, [0.0, 0.3, 0.99, 1.0, 0.5, 0.999]):
+        top_p = torch.tensor(top_p)
+        assert torch.equal(top_p_mask(probs, top_p), _sort_top_p_mask(probs, top_p))
+
+
+def test_seeded_draws_are_the_full_vocabulary_draws():
+    """The same uniform picks the same token as masking the whole row and inverting its
+    CDF in vocabulary order (what the sampler did before), on every truncation path."""
+    rows, order = _ranked_rows()
+    kinds = ["peaky", "medium", "flat"]
+    params = {f"r{i}": SamplingParams(temperature=0.8, top_p=0.95, seed=1000 + i) for i in range(len(kinds))}
+    expected = []
+    for kind, p in zip(kinds, params.values()):
+        probs = torch.softmax(rows[kind] / 0.8, -1)
+        uniform = torch.rand((), generator=torch.Generator().manual_seed(p.seed), dtype=torch.float64)
+        whole_row = (probs * _known_order_mask(probs, order, 0.95))[None]
+        expected += sample_inverse_cdf(whole_row, uniform.float()[None]).tolist()
+    s = _sampler(params, 262_144)
+    assert s.sample(torch.stack([rows[k] for k in kinds]), list(params)).token_ids.tolist() == expected

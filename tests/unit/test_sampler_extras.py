@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from textmill.runner.sampler import Sampler, top_k_mask
+from textmill.runner.sampler import Sampler, top_k_mask, truncate
 from textmill.sampling_params import InvalidParam, SamplingParams
 
 V = 32
@@ -78,3 +78,30 @@ def test_invalid_extras():
             assert exc.param == param
         else:
             raise AssertionError(kwargs)
+
+
+def _full_vocab_masks(probs: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> torch.Tensor:
+    """The whole-row order the sampler documents: top-k (ties kept) -> top-p -> min-p."""
+    probs = probs * top_k_mask(probs, top_k)
+    ranked, order = torch.sort(probs, dim=-1, descending=True)
+    keep = torch.cumsum(ranked, -1) - ranked < torch.tensor(top_p)[:, None]
+    keep[:, 0] = True
+    probs = probs * torch.zeros_like(keep).scatter_(1, order, keep)
+    return probs * (probs >= torch.tensor(min_p)[:, None] * probs.max(-1, keepdim=True).values)
+
+
+def test_candidates_make_the_full_vocabulary_decisions():
+    logits = torch.randn(5, 3000, generator=torch.Generator().manual_seed(4)) * 2
+    logits[4, :300] = 20.0  # 300 tied tokens on top: top-k keeps all of them
+    probs = torch.softmax(logits, -1)
+    top_k, top_p, min_p = [None, 5, 100, None, 2], [0.9, 1.0, 0.8, 1.0, 1.0], [0.0, 0.0, 0.05, 0.01, 0.0]
+    kept = torch.zeros_like(probs)
+    groups = truncate(probs, top_k, top_p, min_p)
+    for group in groups:
+        assert group.keep.shape[1] == 3000 or not group.keep[:, -1].any()  # decided rows only
+        rows = torch.zeros_like(kept[group.rows]).scatter_(1, group.ids, group.values * group.keep)
+        kept.index_copy_(0, group.rows, rows)
+    assert sorted(torch.cat([g.rows for g in groups]).tolist()) == list(range(5))
+    assert len(groups) > 1  # the tied row and the min-p row needed more than 100 candidates
+    assert torch.equal(kept, _full_vocab_masks(probs, [k or 3000 for k in top_k], top_p, min_p))
+    assert int((kept[4] > 0).sum()) == 300
