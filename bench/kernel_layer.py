@@ -1,10 +1,16 @@
 """Micro-benchmark: kernels/csrc/layer.cpp against the eager torch ops each one replaces.
 
 Shapes are SmolLM2-135M's (hidden 576, 9 q heads, 3 kv heads, head_dim 64, MLP 1536), float32,
-for three steps: decode of 1 and of 16 sequences at context 128, and a 64-token prefill
-chunk continuing a prompt (positions 64..127). The eager code is copied from
+for five steps: decode of 1 and of 16 sequences at context 128 and 1024, and a 64-token
+prefill chunk continuing a prompt (positions 64..127). The eager code is copied from
 models/llama.py (RMSNorm, residual add), runner/fused.py (RoPE, SwiGLU) and
 runner/kv_cache.py (KV write, then PagedAttention's gather + masks + SDPA, used as is).
+
+A second table times the two kernels that touch the KV pool (rope_kv_write, which writes
+it, and paged_attention, which reads it) with the pool in each of --kv-dtypes (float32,
+float16, bfloat16: KVCache's kv_dtype; activations stay float32). There, as in a step,
+successive calls go through the pools of 30 layers, so a context larger than the caches
+is read from memory (the first table's single pool stays in L2/L3 from call to call).
 
 Method: every variant of a row runs interleaved with the others in one process, a batch of
 calls per round, several rounds; the table shows the minimum per-call time over rounds
@@ -12,11 +18,13 @@ calls per round, several rounds; the table shows the minimum per-call time over 
 consecutive in the pool, as on a fresh server (the eager path then reads a lone sequence's
 context as a view, its fastest case).
 
-    .venv/bin/python bench/kernel_layer.py [--threads 1 2] [--rounds 7]
+    .venv/bin/python bench/kernel_layer.py [--threads 1 2] [--rounds 7] [--kv-dtypes float32 float16]
+        [--scenarios NAME ...] [--clock wall|thread]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from collections.abc import Callable
 
@@ -35,8 +43,17 @@ BLOCK = 16
 SCENARIOS = {  # name -> [(start, rows)] per sequence
     "decode 1 seq, ctx 128": [(127, 1)],
     "decode 16 seqs, ctx 128": [(127, 1)] * 16,
+    "decode 1 seq, ctx 1024": [(1023, 1)],
+    "decode 16 seqs, ctx 1024": [(1023, 1)] * 16,
     "prefill chunk 64 (pos 64-127)": [(64, 64)],
 }
+
+
+# --clock: "wall" (time.perf_counter), or "thread" (time.thread_time, this thread's CPU
+# time: on a machine shared with other work, time the process spends preempted does not
+# count; only meaningful with one thread, as the kernels then run on the calling thread).
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+clock = time.perf_counter
 
 
 def timeit(fns: dict[str, Callable[[], object]], rounds: int, target_s: float = 0.02) -> dict[str, float]:
@@ -44,30 +61,33 @@ def timeit(fns: dict[str, Callable[[], object]], rounds: int, target_s: float = 
     calls = {}
     for name, fn in fns.items():
         fn()  # warm-up (allocator, lazy init)
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        calls[name] = max(5, int(target_s / max(time.perf_counter() - t0, 1e-7)))
+        calls[name] = max(5, int(target_s / max(clock() - t0, 1e-6)))
     best = {name: float("inf") for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             n = calls[name]
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(n):
                 fn()
-            best[name] = min(best[name], (time.perf_counter() - t0) / n * 1e6)
+            best[name] = min(best[name], (clock() - t0) / n * 1e6)
     return best
 
 
 class Step:
     """One step's tensors for one layer: activations, the paged cache and its metadata."""
 
-    def __init__(self, seqs: list[tuple[int, int]], threads: int):
+    def __init__(self, seqs: list[tuple[int, int]], threads: int, kv_dtype: torch.dtype = torch.float32,
+                 num_layers: int = 1):
         g = torch.Generator().manual_seed(0)
-        mc = ModelConfig(architecture="llama", vocab_size=16, hidden_size=C, intermediate_size=FF, num_layers=1,
-                         num_heads=HQ, num_kv_heads=HKV, head_dim=D, max_position_embeddings=2048)
+        mc = ModelConfig(architecture="llama", vocab_size=16, hidden_size=C, intermediate_size=FF,
+                         num_layers=num_layers, num_heads=HQ, num_kv_heads=HKV, head_dim=D,
+                         max_position_embeddings=2048)
         blocks_per_seq = [-(-(s + r) // BLOCK) for s, r in seqs]
-        self.kv = KVCache(mc, CacheConfig(block_size=BLOCK, num_blocks=sum(blocks_per_seq) + 1))
-        self.kv.kv[0].copy_(torch.randn(self.kv.kv[0].shape, generator=g))
+        self.kv = KVCache(mc, CacheConfig(block_size=BLOCK, num_blocks=sum(blocks_per_seq) + 1), kv_dtype=kv_dtype)
+        for pool in self.kv.kv:
+            pool.copy_(torch.randn(pool.shape, generator=g))
         chunks, next_block = [], 1
         for i, ((start, rows), nb) in enumerate(zip(seqs, blocks_per_seq)):
             blocks = tuple(range(next_block, next_block + nb))
@@ -111,9 +131,9 @@ def eager_attention(s: Step):
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def kernel_attention(ops, s: Step):
+def kernel_attention(ops, s: Step, layer: int = 0):
     # As runner/kernel_attention.py calls it: one call per group.
-    cache = s.kv.kv[0]
+    cache = s.kv.kv[layer]
     outs = [ops.paged_attention(s.q[g.token_start : g.token_start + g.num_tokens], cache, g.block_table,
                                 g.query_start, g.starts, g.context_lens, BLOCK, D**-0.5, 0, 0.0)
             for g in s.batch.attn.groups]
@@ -143,19 +163,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--kv-dtypes", nargs="+", default=["float32", "float16", "bfloat16"],
+                    choices=["float32", "float16", "bfloat16"],
+                    help="KV pool dtypes for the second table (one: no second table)")
+    ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS), metavar="NAME")
+    ap.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                    help="thread: CPU time of the calling thread (with --threads 1 only; see CLOCKS)")
     args = ap.parse_args()
+    if args.clock == "thread" and args.threads != [1]:
+        ap.error("--clock thread measures one thread: use it with --threads 1")
+    global clock
+    clock = CLOCKS[args.clock]
     ops = load("layer")
     if ops is None:
         raise SystemExit("the layer kernels did not build (see the warning above)")
-    print(f"torch {torch.__version__}; min us per call over {args.rounds} interleaved rounds\n")
+    print(f"torch {torch.__version__}; min us per call over {args.rounds} interleaved rounds ({args.clock} clock)\n")
     with torch.inference_mode():  # as the runner runs the model
         table(ops, args)
+        if len(args.kv_dtypes) > 1:
+            print()
+            kv_table(ops, args)
 
 
 def table(ops, args) -> None:
     print("| step | op | threads | eager us | kernel us | speedup |")
     print("|---|---|---:|---:|---:|---:|")
-    for scenario, seqs in SCENARIOS.items():
+    for scenario in args.scenarios:
+        seqs = SCENARIOS[scenario]
         for threads in args.threads:
             torch.set_num_threads(threads)
             s = Step(seqs, threads)
@@ -168,6 +202,33 @@ def table(ops, args) -> None:
                     totals[i] += PER_LAYER.get(op, 0) * t[name]
             print(f"| {scenario} | **x{LAYERS} layers** (ms/step) | {threads} | {totals[0] * LAYERS / 1e3:.2f} | "
                   f"{totals[1] * LAYERS / 1e3:.2f} | {totals[0] / totals[1]:.1f}x |")
+
+
+def kv_table(ops, args) -> None:
+    """The kernels that write and read the pool, per pool dtype, interleaved in one run,
+    each call on the next layer's pool."""
+    names = args.kv_dtypes
+    print("| step | op | threads | " + " | ".join(f"{n} pool us" for n in names) + " |")
+    print("|---|---|---:|" + "---:|" * len(names))
+    for scenario in args.scenarios:
+        seqs = SCENARIOS[scenario]
+        steps = {n: Step(seqs, 1, getattr(torch, n), num_layers=LAYERS) for n in names}
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+
+            def cycling(call):  # call(layer), each call on the next layer
+                layers = itertools.cycle(range(LAYERS))
+                return lambda: call(next(layers))
+
+            ops_for = {
+                "rope_kv_write": lambda s: cycling(lambda i: ops.rope_kv_write(
+                    s.qkv, s.batch.positions, s.rotary.cos, s.rotary.sin, s.kv.kv[i], s.batch.attn.slot_mapping,
+                    HQ, HKV)),
+                "paged_attention": lambda s: cycling(lambda i: kernel_attention(ops, s, i)),
+            }
+            for op, make in ops_for.items():
+                t = timeit({n: make(steps[n]) for n in names}, args.rounds)
+                print(f"| {scenario} | {op} | {threads} | " + " | ".join(f"{t[n]:.1f}" for n in names) + " |")
 
 
 if __name__ == "__main__":

@@ -503,3 +503,108 @@ def test_paged_attention_rejects_bad_metadata(ops):
         call(q=case.q.double())
     with pytest.raises(RuntimeError, match="block_size"):
         call(block_size=0)
+
+
+# ---------------------------------------------------------------------------------------
+# 16-bit KV cache: k and v rounded once when written, widened exactly when read
+# ---------------------------------------------------------------------------------------
+KV16 = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("kv_dtype", KV16)
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (2, 1, 6), (3, 1, 20), (8, 4, 256)])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_kv_write_to_a_16bit_cache(ops, kv_dtype, hq, hkv, d, qk_norm):
+    """The cache gets exactly torch's rounding (.to(kv_dtype)) of what a float32 cache gets,
+    vector lanes and scalar tails alike (d = 6, 20: a tail in every row); q is unchanged."""
+    g = torch.Generator().manual_seed(d + hq)
+    n, num_slots = 16, 40
+    cos, sin = _rope_tables(128, d)
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g) * 3
+    positions = torch.randint(0, 128, (n,), generator=g)
+    slots = torch.randperm(num_slots, generator=g)[:n]
+    norms = dict(zip(("q_norm", "k_norm"), _qk_norm_weights(g, d))) if qk_norm else {}
+    cache32 = torch.zeros(num_slots, 2, hkv, d)
+    cache16 = torch.full((num_slots, 2, hkv, d), 7.0, dtype=kv_dtype)
+    q32 = ops.rope_kv_write(qkv, positions, cos, sin, cache32, slots, hq, hkv, **norms)
+    q16 = ops.rope_kv_write(qkv, positions, cos, sin, cache16, slots, hq, hkv, **norms)
+    assert q16.dtype == torch.float32 and torch.equal(q16, q32)
+    assert torch.equal(cache16[slots], cache32[slots].to(kv_dtype))
+    untouched = torch.ones(num_slots, dtype=torch.bool)
+    untouched[slots] = False
+    assert (cache16[untouched] == 7.0).all()
+
+
+@pytest.mark.parametrize("kv_dtype", KV16)
+def test_16bit_cache_write_rounds_special_values_like_torch(ops, kv_dtype):
+    """Ties to even, float16's subnormals and overflow to infinity, bfloat16's full range:
+    v is stored as given, so its values reach the cache unrotated. Bitwise torch's .to(),
+    NaN aside (any NaN must stay a NaN)."""
+    d, hkv = 40, 1  # 40: two whole 16-lane registers and a tail
+    info = torch.finfo(kv_dtype)
+    ulp1 = info.eps  # spacing at 1
+    special = torch.tensor([
+        1 + ulp1 / 2, 1 + 3 * ulp1 / 2, -(1 + ulp1 / 2), 1 + ulp1 / 2 + ulp1 / 8,  # ties and near-ties
+        info.max, -info.max, info.max * 1.001, 1e30, -1e30, 65519.0, 65520.0, 3.0e38,  # the top of the range
+        info.tiny, info.tiny / 3, 6e-8, 2.9e-8, 3e-8, 1e-10, 1e-39, -1e-39, 0.0, -0.0,  # the bottom
+        float("inf"), float("-inf"), 0.1, -0.1, 1 / 3, 1e4, 12345.678, -5.5e-5,
+    ])
+    v = torch.cat([special, torch.linspace(-3, 3, 2 * d - len(special))])
+    qkv = torch.cat([torch.zeros(2, 2 * d), v.view(2, d)], dim=1)  # q and k zero: one head each
+    cos, sin = _rope_tables(4, d)
+    cache = torch.zeros(3, 2, hkv, d, dtype=kv_dtype)
+    ops.rope_kv_write(qkv, torch.tensor([0, 1]), cos, sin, cache, torch.tensor([2, 0]), 1, 1)
+    stored = cache[torch.tensor([2, 0]), 1].reshape(-1)
+    assert torch.equal(stored.view(torch.int16), v.to(kv_dtype).view(torch.int16))
+    nan = torch.tensor([float("nan"), -float("nan")] + [1.0] * (d - 2)).repeat(2)
+    ops.rope_kv_write(torch.cat([torch.zeros(2, 2 * d), nan.view(2, d)], dim=1), torch.tensor([0, 1]), cos, sin,
+                      cache, torch.tensor([2, 0]), 1, 1)
+    stored = cache[torch.tensor([2, 0]), 1].reshape(-1)
+    assert stored[[0, 1, d, d + 1]].isnan().all() and (stored[2:d] == 1).all()
+
+
+def _cases_16bit():
+    return [
+        ("decode", [(c - 1, 1) for c in (1, 17, 130, 300, 1025)], 9, 3, 64, 16),
+        ("mixed", [(5, 6), (13, 1), (0, 7), (100, 64), (250, 20), (40, 0), (1023, 1), (300, 33)], 9, 3, 64, 16),
+        ("mha, d=128", [(0, 20), (200, 1), (31, 9)], 4, 4, 128, 16),
+        ("d=20, block 1", [(5, 6), (13, 1), (270, 3)], 6, 2, 20, 1),
+        ("d=4", [(3, 2), (0, 5)], 2, 1, 4, 4),
+    ]
+
+
+@pytest.mark.parametrize("kv_dtype", KV16)
+@pytest.mark.parametrize("name,seqs,hq,hkv,d,block_size", _cases_16bit())
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (64, 0.0), (0, 20.0)])
+def test_paged_attention_on_a_16bit_cache_equals_the_float32_one(ops, kv_dtype, name, seqs, hq, hkv, d, block_size,
+                                                                  window, softcap):
+    """Keys and values widen exactly (vector loads and scalar tails), then the float32 math
+    runs unchanged: bitwise the output of a float32 cache holding the same values."""
+    case = PagedCase(seqs, hq, hkv, d, block_size, seed=d + len(seqs))
+    cache16 = case.cache.to(kv_dtype)
+    case.cache = cache16.float()
+    want = case.run(ops, window=window, softcap=softcap)
+    case.cache = cache16
+    assert torch.equal(case.run(ops, window=window, softcap=softcap), want)
+
+
+@pytest.mark.parametrize("kv_dtype", KV16)
+def test_paged_attention_16bit_threads_and_splits(ops, kv_dtype):
+    """Long decodes split over threads read the 16-bit pool alike: 1 and 2 threads equal."""
+    case = PagedCase([(1099, 1), (2000, 1), (200, 90)], 9, 3, 64, 16, seed=6)
+    case.cache = case.cache.to(kv_dtype)
+    with threads(1):
+        one = case.run(ops)
+    with threads(2):
+        assert torch.equal(case.run(ops), one)
+
+
+def test_kv_kernels_reject_other_cache_dtypes(ops):
+    case = PagedCase([(3, 2)], 4, 2, 32, 4)
+    with pytest.raises(RuntimeError, match="kv_cache: must be float32, float16 or bfloat16"):
+        ops.paged_attention(case.q, case.cache.double(), case.block_table, case.query_start, case.seq_start,
+                            case.context_lens, 4, 0.1, 0, 0.0)
+    cos, sin = _rope_tables(8, 4)
+    with pytest.raises(RuntimeError, match="kv_cache: must be float32, float16 or bfloat16"):
+        ops.rope_kv_write(torch.zeros(1, 12), torch.tensor([1]), cos, sin, torch.zeros(2, 2, 1, 4, dtype=torch.int16),
+                          torch.tensor([0]), 1, 1)

@@ -182,3 +182,52 @@ def test_kv_bytes_per_block():
     mc, cc = _configs(num_layers=3)
     assert KVCache.bytes_per_block(mc, cc, torch.bfloat16) == 2 * 3 * BLOCK * HKV * D * 2
     assert KVCache.bytes_per_block(mc, cc, torch.float32) == 2 * 3 * BLOCK * HKV * D * 4
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
+def test_16bit_pool_with_float32_activations(kv_dtype):
+    """The pool's dtype is its own (kv_dtype): a float32 model stores k and v rounded to 16
+    bits and attends over the widened values, returning float32."""
+    cache, batch, full = _setup(MIXED, num_layers=2, seed=6)
+    mc, cc = _configs(2)
+    cache16 = KVCache(mc, cc, dtype=torch.float32, kv_dtype=kv_dtype)
+    assert cache16.dtype == kv_dtype and all(kv.dtype == kv_dtype for kv in cache16.kv)
+    assert cache16.k[0].dtype == kv_dtype and cache16.k[0].data_ptr() == cache16.kv[0].data_ptr()
+    for layer in range(2):
+        cache16.kv[layer].copy_(cache.kv[layer])  # the earlier tokens, rounded
+    ctx = PagedAttention(cache16, batch.attn)
+    for layer in range(2):
+        q, k, v = _flat(full, layer)
+        out = ctx.attend(layer, q, k, v, scale=D**-0.5)
+        assert out.dtype == torch.float32
+        # Dense attention over the same rounded keys and values: float32 rounding apart.
+        expected = torch.cat([
+            _dense_attention(fq, kv[layer][0].to(kv_dtype).float(), kv[layer][1].to(kv_dtype).float(),
+                             range(done, done + len(fq)), D**-0.5)
+            for done, fq, kv, _ in full
+        ])
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # The step's own tokens were written rounded, like the rest.
+    for done, fq, kv, blocks in full:
+        for i in range(len(fq)):
+            p = done + i
+            slot = blocks[p // BLOCK] * BLOCK + p % BLOCK
+            assert torch.equal(cache16.k[1][slot], kv[1][0][p].to(kv_dtype))
+            assert torch.equal(cache16.v[1][slot], kv[1][1][p].to(kv_dtype))
+
+
+def test_kv_dtype_defaults_to_the_activation_dtype():
+    mc, cc = _configs(1)
+    assert KVCache(mc, cc).dtype == torch.float32
+    assert KVCache(mc, cc, dtype=torch.bfloat16).kv[0].dtype == torch.bfloat16
+    assert KVCache(mc, cc, dtype=torch.bfloat16, kv_dtype=torch.float16).kv[0].dtype == torch.float16
+
+
+def test_kv_bytes_per_block_counts_the_kv_dtype():
+    mc, cc = _configs(num_layers=3)
+    per_elem = 2 * 3 * BLOCK * HKV * D
+    assert KVCache.bytes_per_block(mc, cc, torch.float32, kv_dtype=torch.float16) == per_elem * 2
+    assert KVCache.bytes_per_block(mc, cc, torch.float32, kv_dtype=torch.bfloat16) == per_elem * 2
+    assert KVCache.bytes_per_block(mc, cc, torch.float32, kv_dtype=None) == per_elem * 4
+    cache = KVCache(mc, cc, kv_dtype=torch.float16)
+    assert sum(kv.numel() * kv.element_size() for kv in cache.kv) == per_elem * 2 * cc.num_blocks

@@ -136,3 +136,29 @@ def test_scattered_or_batched_blocks_are_gathered():
     assert first(a) is None
     assert first(b) == 6 * BLOCK
     assert first(b, b) is None
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("window,softcap", [(None, None), (3, None), (None, 2.0)])
+def test_kernel_and_eager_paths_agree_on_a_16bit_pool(kv_dtype, window, softcap):
+    """--no-kernels and the C++ kernels on one 16-bit pool: the same bits written, the same
+    attention to float32 rounding."""
+    from tests.unit.test_paged_attention import MIXED, _configs
+    from textmill import kernels
+    from textmill.runner.kernel_attention import KernelPagedAttention
+    from textmill.runner.kv_cache import KVCache
+
+    ops = kernels.load("layer")
+    assert ops is not None, "the C++ kernels did not build (see the log)"
+    cache, batch, full = _setup(MIXED, num_layers=1, seed=8)
+    mc, cc = _configs(1)
+    pools = [KVCache(mc, cc, kv_dtype=kv_dtype) for _ in range(2)]
+    for pool in pools:
+        pool.kv[0].copy_(cache.kv[0])
+    q, k, v = _flat(full, 0)
+    kw = dict(scale=D**-0.5, sliding_window=window, logit_softcap=softcap)
+    eager = PagedAttention(pools[0], batch.attn).attend(0, q, k, v, **kw)
+    kernel = KernelPagedAttention(pools[1], batch.attn, ops).attend(0, q, k, v, **kw)
+    assert torch.equal(pools[0].kv[0], pools[1].kv[0])
+    assert kernel.dtype == eager.dtype == torch.float32
+    torch.testing.assert_close(kernel, eager, atol=1e-5, rtol=1e-5)

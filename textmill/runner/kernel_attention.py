@@ -6,6 +6,10 @@ block table, with causality, sliding windows and softcapping computed per query 
 materialized as masks, and decode and prefill rows of a group in one call. Every query row
 is computed from its own sequence alone, whatever else is in the batch, so outputs do not
 depend on batch composition.
+
+Activations are float32; the pool may be float32, float16 or bfloat16 (KVCache's kv_dtype):
+the kernels round k and v to it when they write them and widen them when they read them,
+so a 16-bit pool costs no conversion pass of its own.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ class KernelPagedAttention:
         logit_softcap: float | None = None,
     ) -> torch.Tensor:  # (N, Hq, D)
         cache = self.cache.kv[layer]
+        # .to(): the same rounding to a 16-bit pool as rope_kv_write's
         cache.index_copy_(0, self.meta.slot_mapping, torch.stack([k, v], dim=1).to(cache.dtype))
         return self.attend_cached(layer, q.contiguous(), scale=scale, sliding_window=sliding_window,
                                   logit_softcap=logit_softcap)

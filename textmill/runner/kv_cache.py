@@ -22,9 +22,16 @@ _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5
 class KVCache:
     """Per-layer pools of (num_blocks * block_size) slots, K and V of a slot side by side.
 
-    kv[layer] is (num_slots, 2, Hkv, D) in the model dtype, so a step writes K and V with one
-    index_copy_ and gathers a context with one index_select; k[layer] and v[layer] are the
-    (num_slots, Hkv, D) views of either half.
+    kv[layer] is (num_slots, 2, Hkv, D) in the pool's dtype, so a step writes K and V with
+    one index_copy_ and gathers a context with one index_select; k[layer] and v[layer] are
+    the (num_slots, Hkv, D) views of either half.
+
+    The pool's dtype is kv_dtype, by default the model's activation dtype. A 16-bit pool
+    under float32 activations (the CPU kernels' case) halves the cache's memory and the
+    bytes attention reads: k and v are rounded once when written (to nearest even) and
+    widened exactly when read, by the kernels (kernels/csrc/layer.cpp) and by
+    PagedAttention alike. float16 keeps 3 more mantissa bits than bfloat16 and loses
+    range above 65504, which keys and values of the models measured stay far below.
     """
 
     def __init__(
@@ -33,18 +40,22 @@ class KVCache:
         cache_config: CacheConfig,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        kv_dtype: torch.dtype | None = None,
     ):
         self.block_size = cache_config.block_size
         self.num_blocks = cache_config.num_blocks
+        self.dtype = kv_dtype or dtype
         num_slots = self.num_blocks * self.block_size
         shape = (num_slots, 2, model_config.num_kv_heads, model_config.head_dim)
-        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_config.num_layers)]
+        self.kv = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(model_config.num_layers)]
         self.k = [kv[:, 0] for kv in self.kv]
         self.v = [kv[:, 1] for kv in self.kv]
 
     @staticmethod
-    def bytes_per_block(model_config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
+    def bytes_per_block(model_config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype,
+                        kv_dtype: torch.dtype | None = None) -> int:
+        """Bytes of K and V, all layers, for one block of a pool built with these arguments."""
+        elem = torch.empty((), dtype=kv_dtype or dtype).element_size()
         per_token = model_config.num_kv_heads * model_config.head_dim * elem
         return 2 * model_config.num_layers * cache_config.block_size * per_token
 
@@ -126,6 +137,7 @@ class PagedAttention:
     ) -> torch.Tensor:  # (N, Hq, D)
         cache = self.cache.kv[layer]  # (S, 2, Hkv, D)
         new_kv = torch.stack([k, v], dim=1)  # (N, 2, Hkv, D)
+        # A pool narrower than the activations (kv_dtype) stores them rounded, as the kernels do.
         cache.index_copy_(0, self.meta.slot_mapping, new_kv if new_kv.dtype == cache.dtype else new_kv.to(cache.dtype))
         # The context includes this step's own tokens, just written: one path for
         # prefill, chunked prefill, prefix-cache hits and decode.
@@ -137,7 +149,7 @@ class PagedAttention:
     def _attend_group(self, index: int, g: AttentionGroup, cache: torch.Tensor, q: torch.Tensor, scale: float,
                       sliding_window: int | None, logit_softcap: float | None) -> torch.Tensor:
         context = self._gather(g, cache)  # (B, Lmax, 2, Hkv, D)
-        if context.dtype != q.dtype:
+        if context.dtype != q.dtype:  # a 16-bit pool widens after the gather: half the bytes copied
             context = context.to(q.dtype)
         keys = context[:, :, 0].transpose(1, 2)  # (B, Hkv, Lmax, D)
         values = context[:, :, 1].transpose(1, 2)  # (B, Hkv, Lmax, D)

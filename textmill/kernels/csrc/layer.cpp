@@ -10,10 +10,17 @@
 //   gelu_tanh_mul    GeGLU's gelu_tanh(gate) * up                   (3 eager ops)
 //   paged_attention  attention straight from the paged cache through the block table:
 //                    no context gather, no mask tensors            (~20 eager ops)
+// rope_kv_write and paged_attention take a float32, float16 or bfloat16 cache (below).
 //
 // Vector code is written once against the small `Vec` wrapper below, which maps to AVX-512,
 // AVX2+FMA or plain scalar floats depending on what -march=native enables on the machine
 // that builds it, so the same source is correct everywhere and fast on x86-64.
+//
+// The paged KV cache may hold float32, float16 or bfloat16 (`KV` below): activations and
+// all arithmetic stay float32; rope_kv_write rounds k and v once when it stores them
+// (round to nearest even, as torch's .to() does) and paged_attention widens each key and
+// value as it loads it (exact). So a 16-bit pool gives bitwise the results of a float32
+// pool holding the same, rounded, values.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -24,6 +31,7 @@
 #include <limits>
 #include <memory>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -149,6 +157,147 @@ constexpr int W = Vec::W;
 
 // The scalar exp for the tail elements that do not fill a register.
 inline float exp_tail(float x) { return std::exp(x); }
+
+// ---------------------------------------------------------------------------------------
+// KV cache elements: KVIO<KV>::load/store move one register of floats from/to W cache
+// elements, to_float/from_float one element (the tails, and the scalar build). Widening is
+// exact; narrowing rounds to nearest even. Vector and scalar narrowing give the same bits
+// for every value but NaN payloads (a NaN stays a NaN): the F16C/AVX-512 conversion
+// instructions for float16, the same integer rounding as c10's for bfloat16.
+// ---------------------------------------------------------------------------------------
+inline uint32_t float_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+
+// bfloat16 is float32's upper half: keep it after adding half an ulp of it, ties to even.
+// A NaN becomes the canonical quiet NaN (c10::BFloat16's choice; the add could carry a NaN
+// with a low payload into infinity).
+inline uint16_t bf16_round(float x) {
+  if (std::isnan(x)) return 0x7FC0;
+  const uint32_t u = float_bits(x);
+  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+template <typename KV>
+struct KVIO;
+
+template <>
+struct KVIO<float> {
+  static Vec::T load(const float* p) { return Vec::load(p); }
+  static void store(float* p, Vec::T v) { Vec::store(p, v); }
+  static float to_float(float x) { return x; }
+  static float from_float(float x) { return x; }
+};
+
+template <>
+struct KVIO<at::Half> {
+  // c10::Half's conversions: exact widening, round-to-nearest-even narrowing.
+  static float to_float(at::Half x) { return static_cast<float>(x); }
+  static at::Half from_float(float x) { return at::Half(x); }
+#if defined(__AVX512F__)
+  static Vec::T load(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static void store(at::Half* p, Vec::T v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  static Vec::T load(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static void store(at::Half* p, Vec::T v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#elif defined(__AVX2__) && defined(__FMA__)  // AVX2 without F16C: element by element
+  static Vec::T load(const at::Half* p) {
+    alignas(32) float f[W];
+    for (int i = 0; i < W; ++i) f[i] = to_float(p[i]);
+    return Vec::load(f);
+  }
+  static void store(at::Half* p, Vec::T v) {
+    alignas(32) float f[W];
+    Vec::store(f, v);
+    for (int i = 0; i < W; ++i) p[i] = from_float(f[i]);
+  }
+#else
+  static Vec::T load(const at::Half* p) { return to_float(*p); }
+  static void store(at::Half* p, Vec::T v) { *p = from_float(v); }
+#endif
+};
+
+template <>
+struct KVIO<at::BFloat16> {
+  static float to_float(at::BFloat16 x) { return bits_float(static_cast<uint32_t>(x.x) << 16); }
+  static at::BFloat16 from_float(float x) { return at::BFloat16(bf16_round(x), at::BFloat16::from_bits()); }
+#if defined(__AVX512F__)
+  static Vec::T load(const at::BFloat16* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+  static void store(at::BFloat16* p, Vec::T v) {  // bf16_round, 16 lanes at once
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  static Vec::T load(const at::BFloat16* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static void store(at::BFloat16* p, Vec::T v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    // 8 x 32 -> 8 x 16 bits: packus works within 128-bit lanes, the permute joins them.
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+#else
+  static Vec::T load(const at::BFloat16* p) { return to_float(*p); }
+  static void store(at::BFloat16* p, Vec::T v) { *p = from_float(v); }
+#endif
+};
+
+// n floats from src into the cache elements at dst.
+template <typename KV>
+inline void store_row(const float* src, KV* dst, int64_t n) {
+  if constexpr (std::is_same_v<KV, float>) {
+    std::memcpy(dst, src, sizeof(float) * n);
+  } else {
+    int64_t i = 0;
+    for (; i + W <= n; i += W) KVIO<KV>::store(dst + i, Vec::load(src + i));
+    for (; i < n; ++i) dst[i] = KVIO<KV>::from_float(src[i]);
+  }
+}
+
+void check_kv(const torch::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": must be a CPU tensor");
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == torch::kFloat || st == torch::kHalf || st == torch::kBFloat16, name,
+              ": must be float32, float16 or bfloat16, got ", st);
+  TORCH_CHECK(t.dim() == dim, name, ": must have ", dim, " dims, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, ": must be contiguous");
+}
+
+// f(KV{}) with KV the C++ type of the cache's dtype (checked by check_kv).
+template <typename F>
+auto dispatch_kv(const torch::Tensor& cache, F&& f) {
+  switch (cache.scalar_type()) {
+    case torch::kHalf:
+      return f(at::Half{});
+    case torch::kBFloat16:
+      return f(at::BFloat16{});
+    default:
+      return f(float{});
+  }
+}
 
 // ---------------------------------------------------------------------------------------
 // Argument checks: a wrong shape from the runner must be a Python error, never a bad read.
@@ -329,19 +478,22 @@ torch::Tensor gelu_tanh_mul(const torch::Tensor& gate_up) {
 // ---------------------------------------------------------------------------------------
 // [QK norm +] RoPE + KV cache write
 // ---------------------------------------------------------------------------------------
-// Rotate-half: dimension i pairs with i + D/2. out may not alias x.
-inline void rotate_half(const float* x, const float* c, const float* s, float* out, int64_t half) {
+// Rotate-half: dimension i pairs with i + D/2. out (float, or a 16-bit cache row, rounded
+// once) may not alias x.
+template <typename Out>
+inline void rotate_half(const float* x, const float* c, const float* s, Out* out, int64_t half) {
+  using IO = KVIO<Out>;
   int64_t i = 0;
   for (; i + W <= half; i += W) {
     Vec::T x1 = Vec::load(x + i), x2 = Vec::load(x + half + i);
     Vec::T cv = Vec::load(c + i), sv = Vec::load(s + i);
-    Vec::store(out + i, Vec::sub(Vec::mul(x1, cv), Vec::mul(x2, sv)));
-    Vec::store(out + half + i, Vec::add(Vec::mul(x2, cv), Vec::mul(x1, sv)));
+    IO::store(out + i, Vec::sub(Vec::mul(x1, cv), Vec::mul(x2, sv)));
+    IO::store(out + half + i, Vec::add(Vec::mul(x2, cv), Vec::mul(x1, sv)));
   }
   for (; i < half; ++i) {
     const float x1 = x[i], x2 = x[half + i];
-    out[i] = x1 * c[i] - x2 * s[i];
-    out[half + i] = x2 * c[i] + x1 * s[i];
+    out[i] = IO::from_float(x1 * c[i] - x2 * s[i]);
+    out[half + i] = IO::from_float(x2 * c[i] + x1 * s[i]);
   }
 }
 
@@ -354,7 +506,8 @@ const float* norm_weight(const c10::optional<torch::Tensor>& w, const char* name
 }
 
 // qkv rows are [q heads | k heads | v heads]. Rotated k goes to kv_cache[slot, 0], v as is
-// to kv_cache[slot, 1]; the rotated q comes back as a new (N, Hq, D) tensor.
+// to kv_cache[slot, 1] (both rounded once when the cache is 16-bit); the rotated q comes
+// back as a new float32 (N, Hq, D) tensor.
 //
 // q_norm / k_norm (Gemma 3's QK norm): each q (k) head is first RMS-normalized over its D
 // values and multiplied by the weight, the whole (1 + w) of GemmaRMSNorm as one float32
@@ -369,7 +522,7 @@ torch::Tensor rope_kv_write(const torch::Tensor& qkv, const torch::Tensor& posit
   check_i64(positions, "positions", 1);
   check_f32(cos, "cos", 2);
   check_f32(sin, "sin", 2);
-  check_f32(kv_cache, "kv_cache", 4);
+  check_kv(kv_cache, "kv_cache", 4);
   check_i64(slot_mapping, "slot_mapping", 1);
   TORCH_CHECK(num_heads > 0 && num_kv_heads > 0, "num_heads and num_kv_heads must be positive");
   const int64_t n = qkv.size(0), hq = num_heads, hkv = num_kv_heads;
@@ -399,26 +552,29 @@ torch::Tensor rope_kv_write(const torch::Tensor& qkv, const torch::Tensor& posit
   const float* xp = qkv.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
-  float* cache = kv_cache.data_ptr<float>();
   float* qp = q.data_ptr<float>();
   const int64_t row = (hq + 2 * hkv) * d, slot_stride = 2 * hkv * d;
-  at::parallel_for(0, n, row_grain(row), [&](int64_t begin, int64_t end) {
-    std::vector<float> normed((qw || kw) ? d : 0);
-    // The head at x, normalized into `normed` when its side has a weight.
-    auto head = [&](const float* x, const float* w) -> const float* {
-      if (!w) return x;
-      scale_by_weight(x, inv_rms(sum_squares(x, d), d, norm_eps), w, normed.data(), d);
-      return normed.data();
-    };
-    for (int64_t t = begin; t < end; ++t) {
-      const float* x = xp + t * row;
-      const float* c = cp + pos[t] * half;
-      const float* s = sp + pos[t] * half;
-      float* dst = cache + slots[t] * slot_stride;
-      for (int64_t h = 0; h < hq; ++h) rotate_half(head(x + h * d, qw), c, s, qp + (t * hq + h) * d, half);
-      for (int64_t h = 0; h < hkv; ++h) rotate_half(head(x + (hq + h) * d, kw), c, s, dst + h * d, half);
-      std::memcpy(dst + hkv * d, x + (hq + hkv) * d, sizeof(float) * hkv * d);  // v heads, contiguous in both
-    }
+  dispatch_kv(kv_cache, [&](auto kv_type) {
+    using KV = decltype(kv_type);
+    KV* cache = kv_cache.data_ptr<KV>();
+    at::parallel_for(0, n, row_grain(row), [&](int64_t begin, int64_t end) {
+      std::vector<float> normed((qw || kw) ? d : 0);
+      // The head at x, normalized into `normed` when its side has a weight.
+      auto head = [&](const float* x, const float* w) -> const float* {
+        if (!w) return x;
+        scale_by_weight(x, inv_rms(sum_squares(x, d), d, norm_eps), w, normed.data(), d);
+        return normed.data();
+      };
+      for (int64_t t = begin; t < end; ++t) {
+        const float* x = xp + t * row;
+        const float* c = cp + pos[t] * half;
+        const float* s = sp + pos[t] * half;
+        KV* dst = cache + slots[t] * slot_stride;
+        for (int64_t h = 0; h < hq; ++h) rotate_half(head(x + h * d, qw), c, s, qp + (t * hq + h) * d, half);
+        for (int64_t h = 0; h < hkv; ++h) rotate_half(head(x + (hq + h) * d, kw), c, s, dst + h * d, half);
+        store_row(x + (hq + hkv) * d, dst + hkv * d, hkv * d);  // v heads, contiguous in both
+      }
+    });
   });
   return q;
 }
@@ -462,42 +618,45 @@ inline void fold_state(float* acc_a, float& m_a, float& l_a, const float* acc_b,
 // yet every key goes through the same operations in the same order (one accumulator over
 // D, then sum()'s tree, then the scalar tail) wherever it falls in the group of four: the
 // batch invariance above relies on it.
-inline void dots(const float* q, const float* const* k, int64_t n, int64_t d, float* out) {
+template <typename KV>
+inline void dots(const float* q, const KV* const* k, int64_t n, int64_t d, float* out) {
+  using IO = KVIO<KV>;
   const int64_t dv = d - d % W;
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
-    const float *k0 = k[j], *k1 = k[j + 1], *k2 = k[j + 2], *k3 = k[j + 3];
+    const KV *k0 = k[j], *k1 = k[j + 1], *k2 = k[j + 2], *k3 = k[j + 3];
     Vec::T a0 = Vec::zero(), a1 = Vec::zero(), a2 = Vec::zero(), a3 = Vec::zero();
     for (int64_t i = 0; i < dv; i += W) {
       const Vec::T qv = Vec::load(q + i);
-      a0 = Vec::fma(qv, Vec::load(k0 + i), a0);
-      a1 = Vec::fma(qv, Vec::load(k1 + i), a1);
-      a2 = Vec::fma(qv, Vec::load(k2 + i), a2);
-      a3 = Vec::fma(qv, Vec::load(k3 + i), a3);
+      a0 = Vec::fma(qv, IO::load(k0 + i), a0);
+      a1 = Vec::fma(qv, IO::load(k1 + i), a1);
+      a2 = Vec::fma(qv, IO::load(k2 + i), a2);
+      a3 = Vec::fma(qv, IO::load(k3 + i), a3);
     }
     Vec::sum4(a0, a1, a2, a3, out + j);
     for (int64_t i = dv; i < d; ++i) {  // std::fma: no room for the compiler to differ by path
-      out[j] = std::fma(q[i], k0[i], out[j]);
-      out[j + 1] = std::fma(q[i], k1[i], out[j + 1]);
-      out[j + 2] = std::fma(q[i], k2[i], out[j + 2]);
-      out[j + 3] = std::fma(q[i], k3[i], out[j + 3]);
+      out[j] = std::fma(q[i], IO::to_float(k0[i]), out[j]);
+      out[j + 1] = std::fma(q[i], IO::to_float(k1[i]), out[j + 1]);
+      out[j + 2] = std::fma(q[i], IO::to_float(k2[i]), out[j + 2]);
+      out[j + 3] = std::fma(q[i], IO::to_float(k3[i]), out[j + 3]);
     }
   }
   for (; j < n; ++j) {
     Vec::T a0 = Vec::zero();
-    for (int64_t i = 0; i < dv; i += W) a0 = Vec::fma(Vec::load(q + i), Vec::load(k[j] + i), a0);
+    for (int64_t i = 0; i < dv; i += W) a0 = Vec::fma(Vec::load(q + i), IO::load(k[j] + i), a0);
     float s = Vec::sum(a0);
-    for (int64_t i = dv; i < d; ++i) s = std::fma(q[i], k[j][i], s);
+    for (int64_t i = dv; i < d; ++i) s = std::fma(q[i], IO::to_float(k[j][i]), s);
     out[j] = s;
   }
 }
 
 // Asks for the cache lines of K and V rows ahead of their use: a tile's rows are scattered
 // over the pool (one run per block), beyond what the hardware prefetcher predicts.
-inline void prefetch_rows(const float* const* k, const float* const* v, int64_t n, int64_t d) {
+template <typename KV>
+inline void prefetch_rows(const KV* const* k, const KV* const* v, int64_t n, int64_t d) {
 #if defined(__GNUC__)
   for (int64_t j = 0; j < n; ++j)
-    for (int64_t i = 0; i < d; i += 64 / sizeof(float)) {
+    for (int64_t i = 0; i < d; i += 64 / sizeof(KV)) {
       __builtin_prefetch(k[j] + i);
       __builtin_prefetch(v[j] + i);
     }
@@ -505,18 +664,20 @@ inline void prefetch_rows(const float* const* k, const float* const* v, int64_t 
 }
 
 // acc += sum_j p[j] * v_j over n keys, accumulators held in registers across the keys.
-inline void accumulate_pv(float* acc, const float* p, const float* const* vrows, int64_t n, int64_t d) {
+template <typename KV>
+inline void accumulate_pv(float* acc, const float* p, const KV* const* vrows, int64_t n, int64_t d) {
+  using IO = KVIO<KV>;
   int64_t i = 0;
   for (; i + 4 * W <= d; i += 4 * W) {
     Vec::T a0 = Vec::load(acc + i), a1 = Vec::load(acc + i + W);
     Vec::T a2 = Vec::load(acc + i + 2 * W), a3 = Vec::load(acc + i + 3 * W);
     for (int64_t j = 0; j < n; ++j) {
       const Vec::T pj = Vec::set1(p[j]);
-      const float* v = vrows[j] + i;
-      a0 = Vec::fma(pj, Vec::load(v), a0);
-      a1 = Vec::fma(pj, Vec::load(v + W), a1);
-      a2 = Vec::fma(pj, Vec::load(v + 2 * W), a2);
-      a3 = Vec::fma(pj, Vec::load(v + 3 * W), a3);
+      const KV* v = vrows[j] + i;
+      a0 = Vec::fma(pj, IO::load(v), a0);
+      a1 = Vec::fma(pj, IO::load(v + W), a1);
+      a2 = Vec::fma(pj, IO::load(v + 2 * W), a2);
+      a3 = Vec::fma(pj, IO::load(v + 3 * W), a3);
     }
     Vec::store(acc + i, a0);
     Vec::store(acc + i + W, a1);
@@ -525,12 +686,14 @@ inline void accumulate_pv(float* acc, const float* p, const float* const* vrows,
   }
   for (; i + W <= d; i += W) {
     Vec::T a0 = Vec::load(acc + i);
-    for (int64_t j = 0; j < n; ++j) a0 = Vec::fma(Vec::set1(p[j]), Vec::load(vrows[j] + i), a0);
+    for (int64_t j = 0; j < n; ++j) a0 = Vec::fma(Vec::set1(p[j]), IO::load(vrows[j] + i), a0);
     Vec::store(acc + i, a0);
   }
   for (; i < d; ++i) {
     float a = acc[i];
-    for (int64_t j = 0; j < n; ++j) a += p[j] * vrows[j][i];
+    // std::fma, as in dots(): a plain a += p * v is contracted, or not, as the compiler
+    // sees fit for each element type, and the types must agree bitwise.
+    for (int64_t j = 0; j < n; ++j) a = std::fma(p[j], IO::to_float(vrows[j][i]), a);
     acc[i] = a;
   }
 }
@@ -542,9 +705,10 @@ inline void scale_in_place(float* x, float s, int64_t d) {
   for (; i < d; ++i) x[i] *= s;
 }
 
+template <typename KV>
 struct AttnArgs {
-  const float* q;      // (N, Hq, D)
-  const float* cache;  // (S, 2, Hkv, D)
+  const float* q;   // (N, Hq, D)
+  const KV* cache;  // (S, 2, Hkv, D)
   const int64_t* block_table;
   int64_t max_blocks, block_size, hq, hkv, group, d;
   float scale, softcap;  // softcap 0: none
@@ -571,16 +735,49 @@ struct SplitTile {
 };
 
 // Per-thread buffers, sized for the largest tile.
+template <typename KV>
 struct Scratch {
   std::vector<float> q, acc, m, l, acc_chunk, m_chunk, l_chunk, scores;
-  std::vector<const float*> krows, vrows;
+  std::vector<const KV*> krows, vrows;
+  // A 16-bit tile's keys and values widened to float32, and pointers to their rows: key j
+  // and value j side by side, as in the pool, each row starting a cache line (a register
+  // load that straddles two lines costs two).
+  std::vector<float> wide;
+  std::vector<float*> kwide_rows, vwide_rows;
   Scratch(int64_t nq, int64_t d)
       : q(nq * d), acc(nq * d), m(nq), l(nq), acc_chunk(nq * d), m_chunk(nq), l_chunk(nq), scores(kKeyTile),
-        krows(2 * kKeyTile), vrows(2 * kKeyTile) {}
+        krows(2 * kKeyTile), vrows(2 * kKeyTile), kwide_rows(kKeyTile), vwide_rows(kKeyTile) {
+    if (std::is_same_v<KV, float>) return;
+    constexpr int64_t line = 64 / sizeof(float);
+    const int64_t stride = (d + line - 1) / line * line;
+    wide.resize(2 * kKeyTile * stride + line);
+    const auto base = reinterpret_cast<uintptr_t>(wide.data());
+    float* p = wide.data() + ((64 - base % 64) % 64) / sizeof(float);
+    for (int64_t j = 0; j < kKeyTile; ++j) kwide_rows[j] = p + 2 * j * stride, vwide_rows[j] = p + (2 * j + 1) * stride;
+  }
 };
 
+// A 16-bit cache is read in one of two ways, with bitwise the same results (widening is
+// exact): a task with few query vectors (decode: the G heads of one row) converts each
+// key and value inside dots() / accumulate_pv(), as it loads them; one with at least
+// kWidenMin (prefill tiles: up to 16 rows x G) widens each tile once into float scratch
+// and reads that G x rows times. Measured on SmolLM2's shapes (G = 3, D = 64, 1 thread,
+// Zen 4, CPU time): a 64-row prefill chunk at positions 64-127 takes 400 us converting
+// inline, 320-335 widening tiles (a float32 pool: 300-310); decode at context 128 is the
+// same either way (within noise, 12-16 us for one sequence, 150-165 for 16).
+constexpr int64_t kWidenMin = 4;
+
+// n cache elements from src as floats at dst (exact).
+template <typename KV>
+inline void widen_row(const KV* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) Vec::store(dst + i, KVIO<KV>::load(src + i));
+  for (; i < n; ++i) dst[i] = KVIO<KV>::to_float(src[i]);
+}
+
 // The task's queries, pre-multiplied by the softmax scale, as nq = nrows * G rows of D.
-void load_queries(const AttnArgs& a, const Task& t, Scratch& s) {
+template <typename KV>
+void load_queries(const AttnArgs<KV>& a, const Task& t, Scratch<KV>& s) {
   const int64_t d = a.d;
   const Vec::T vs = Vec::set1(a.scale);
   for (int64_t r = 0; r < t.nrows; ++r) {
@@ -594,23 +791,24 @@ void load_queries(const AttnArgs& a, const Task& t, Scratch& s) {
 }
 
 // Key chunk c of task t, from an empty state into (acc_chunk, m_chunk, l_chunk).
-void attend_chunk(const AttnArgs& a, const Task& t, int64_t c, Scratch& s) {
+template <typename KV>
+void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& s) {
   const int64_t d = a.d, nq = t.nrows * a.group;
   const int64_t clo = std::max(t.lo, c * kKeyChunk), chi = std::min(t.hi, (c + 1) * kKeyChunk);
   std::fill(s.acc_chunk.begin(), s.acc_chunk.begin() + nq * d, 0.f);
   std::fill(s.m_chunk.begin(), s.m_chunk.begin() + nq, kNegInf);
   std::fill(s.l_chunk.begin(), s.l_chunk.begin() + nq, 0.f);
   const int64_t slot_stride = 2 * a.hkv * d;
-  const float* head = a.cache + t.kvh * d;
+  const KV* head = a.cache + t.kvh * d;
   const int64_t* table = a.block_table + t.seq * a.max_blocks;
   float* sc = s.scores.data();
   // Row pointers of the current tile (kr, vr) and of the next one (kn, vn), which is
   // prefetched while the current one is computed.
-  const float** kr = s.krows.data();
-  const float** vr = s.vrows.data();
-  const float** kn = kr + kKeyTile;
-  const float** vn = vr + kKeyTile;
-  auto locate = [&](int64_t ts, const float** k, const float** v) {
+  const KV** kr = s.krows.data();
+  const KV** vr = s.vrows.data();
+  const KV** kn = kr + kKeyTile;
+  const KV** vn = vr + kKeyTile;
+  auto locate = [&](int64_t ts, const KV** k, const KV** v) {
     const int64_t klo = std::max(ts, clo), khi = std::min(ts + kKeyTile, chi);
     // Walk the block table along the tile's consecutive positions: one division per tile,
     // not one per key (a 64-bit divide costs as much as a key's whole dot product here).
@@ -625,9 +823,16 @@ void attend_chunk(const AttnArgs& a, const Task& t, int64_t c, Scratch& s) {
   };
   const int64_t first_tile = (clo / kKeyTile) * kKeyTile;
   locate(first_tile, kr, vr);
+  const bool widen = !std::is_same_v<KV, float> && nq >= kWidenMin;
   for (int64_t ts = first_tile; ts < chi; ts += kKeyTile) {
     const int64_t klo = std::max(ts, clo), khi = std::min(ts + kKeyTile, chi);
     if (ts + kKeyTile < chi) locate(ts + kKeyTile, kn, vn);
+    if (widen) {
+      for (int64_t j = klo; j < khi; ++j) {
+        widen_row(kr[j - ts], s.kwide_rows[j - ts], d);
+        widen_row(vr[j - ts], s.vwide_rows[j - ts], d);
+      }
+    }
     for (int64_t r = 0; r < t.nrows; ++r) {
       const int64_t pos = t.pos0 + r;
       // This row's keys in the tile: causal, and within the window.
@@ -640,7 +845,10 @@ void attend_chunk(const AttnArgs& a, const Task& t, int64_t c, Scratch& s) {
         // Scores over the whole tile, -inf outside the row's keys: the exp and the sum
         // below then run over whole registers and treat every row alike.
         std::fill(sc, sc + kKeyTile, kNegInf);
-        dots(qv, kr + (jlo - ts), jhi - jlo, d, sc + (jlo - ts));
+        if (widen)
+          dots(qv, s.kwide_rows.data() + (jlo - ts), jhi - jlo, d, sc + (jlo - ts));
+        else
+          dots(qv, kr + (jlo - ts), jhi - jlo, d, sc + (jlo - ts));
         if (a.softcap > 0.f)
           for (int64_t j = jlo; j < jhi; ++j) sc[j - ts] = a.softcap * std::tanh(sc[j - ts] / a.softcap);
         float mt = kNegInf;
@@ -663,7 +871,10 @@ void attend_chunk(const AttnArgs& a, const Task& t, int64_t c, Scratch& s) {
           if (alpha != 1.f) scale_in_place(acc, alpha, d);
         }
         s.m_chunk[qi] = m_new;
-        accumulate_pv(acc, sc + (jlo - ts), vr + (jlo - ts), jhi - jlo, d);
+        if (widen)
+          accumulate_pv(acc, sc + (jlo - ts), s.vwide_rows.data() + (jlo - ts), jhi - jlo, d);
+        else
+          accumulate_pv(acc, sc + (jlo - ts), vr + (jlo - ts), jhi - jlo, d);
       }
     }
     std::swap(kr, kn);
@@ -672,7 +883,8 @@ void attend_chunk(const AttnArgs& a, const Task& t, int64_t c, Scratch& s) {
 }
 
 // out rows of the tile = acc / l.
-void write_out(const AttnArgs& a, const Task& t, const float* acc, const float* l) {
+template <typename KV>
+void write_out(const AttnArgs<KV>& a, const Task& t, const float* acc, const float* l) {
   const int64_t d = a.d;
   for (int64_t r = 0; r < t.nrows; ++r) {
     for (int64_t g = 0; g < a.group; ++g) {
@@ -684,7 +896,8 @@ void write_out(const AttnArgs& a, const Task& t, const float* acc, const float* 
   }
 }
 
-void run_task(const AttnArgs& a, const Task& t, Scratch& s, const std::vector<SplitTile>& splits,
+template <typename KV>
+void run_task(const AttnArgs<KV>& a, const Task& t, Scratch<KV>& s, const std::vector<SplitTile>& splits,
               std::vector<float>& partials, std::atomic<int64_t>* remaining) {
   const int64_t d = a.d, nq = t.nrows * a.group;
   load_queries(a, t, s);
@@ -728,7 +941,7 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_ca
                               const torch::Tensor& context_lens, int64_t block_size, double scale,
                               int64_t sliding_window, double softcap) {
   check_f32(q, "q", 3);
-  check_f32(kv_cache, "kv_cache", 4);
+  check_kv(kv_cache, "kv_cache", 4);
   check_i64(block_table, "block_table", 2);
   check_i64(query_start, "query_start", 1);
   check_i64(seq_start, "seq_start", 1);
@@ -772,8 +985,6 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_ca
   const int64_t group = hq / hkv;
   const int64_t tile_rows = std::max<int64_t>(1, kTileQueries / group);
   const int64_t window = sliding_window;
-  AttnArgs args{q.data_ptr<float>(), kv_cache.data_ptr<float>(), bt, max_blocks, block_size, hq, hkv, group, d,
-                static_cast<float>(scale), static_cast<float>(softcap), window, out.data_ptr<float>()};
 
   std::vector<Task> tasks;
   bool multi_chunk = false;
@@ -828,19 +1039,25 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_ca
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return tasks[x].cost > tasks[y].cost; });
   const int64_t max_nq = tile_rows * group;
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
-  std::atomic<int64_t> next{0};
-  auto worker = [&](int64_t, int64_t) {
-    Scratch s(max_nq, d);
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < num_tasks;
-         i = next.fetch_add(1, std::memory_order_relaxed))
-      run_task(args, tasks[order[i]], s, splits, partials, remaining.get());
-  };
   const int64_t workers = std::min(threads, num_tasks);
-  if (workers <= 1) {
-    worker(0, 1);
-  } else {
-    at::parallel_for(0, workers, 1, worker);
-  }
+  dispatch_kv(kv_cache, [&](auto kv_type) {
+    using KV = decltype(kv_type);
+    const AttnArgs<KV> args{q.data_ptr<float>(), kv_cache.data_ptr<KV>(), bt, max_blocks, block_size, hq, hkv,
+                            group, d, static_cast<float>(scale), static_cast<float>(softcap), window,
+                            out.data_ptr<float>()};
+    std::atomic<int64_t> next{0};
+    auto worker = [&](int64_t, int64_t) {
+      Scratch<KV> s(max_nq, d);
+      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < num_tasks;
+           i = next.fetch_add(1, std::memory_order_relaxed))
+        run_task(args, tasks[order[i]], s, splits, partials, remaining.get());
+    };
+    if (workers <= 1) {
+      worker(0, 1);
+    } else {
+      at::parallel_for(0, workers, 1, worker);
+    }
+  });
   return out;
 }
 
@@ -859,12 +1076,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gelu_tanh_mul", &gelu_tanh_mul, nogil, "gelu_tanh(gate_up[:, :F]) * gate_up[:, F:]", py::arg("gate_up"));
   m.def("rope_kv_write", &rope_kv_write, nogil,
         "[per-head RMSNorm of q / k times q_norm / k_norm (D,) float32, then] rotate-half RoPE on q and k of "
-        "qkv, k and v written to kv_cache[slot_mapping]; returns q (N, Hq, D)",
+        "qkv, k and v written to kv_cache[slot_mapping] (float32, float16 or bfloat16, rounded to nearest "
+        "even); returns q (N, Hq, D) float32",
         py::arg("qkv"), py::arg("positions"), py::arg("cos"), py::arg("sin"), py::arg("kv_cache"),
         py::arg("slot_mapping"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("q_norm") = py::none(),
         py::arg("k_norm") = py::none(), py::arg("norm_eps") = 1e-6);
   m.def("paged_attention", &paged_attention, nogil,
-        "causal attention of q (N, Hq, D) over the paged kv_cache (S, 2, Hkv, D) through block_table",
+        "causal attention of q (N, Hq, D) float32 over the paged kv_cache (S, 2, Hkv, D) (float32, float16 or "
+        "bfloat16) through block_table",
         py::arg("q"), py::arg("kv_cache"), py::arg("block_table"), py::arg("query_start"), py::arg("seq_start"),
         py::arg("context_lens"), py::arg("block_size"), py::arg("scale"), py::arg("sliding_window"),
         py::arg("softcap"));
