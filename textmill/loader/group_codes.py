@@ -96,11 +96,12 @@ def from_gguf(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, in
     if convert is None:
         return requantize_8bit(torch.from_numpy(dequantize(raw, qtype).reshape(n, k)), qtype.name)
     bits, codes, scale, mins = convert(blocks)
+    # Checked in float32 before the cast (torch's isfinite on halves is ~50x slower): a
+    # k-quant scale product past a half's range keeps its values and is rounded again.
+    if not all(np.all(np.abs(a) < _HALF_MAX) for a in (scale, mins) if a is not None):
+        return requantize_8bit(torch.from_numpy(dequantize(raw, qtype).reshape(n, k)), qtype.name)
     as_half = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32).reshape(n, k // GROUP)).half()  # noqa: E731
     scale_h, min_h = as_half(scale), None if mins is None else as_half(mins)
-    if not (torch.isfinite(scale_h).all() and (min_h is None or torch.isfinite(min_h).all())):
-        # a k-quant scale product past a half's range: keep the values, round them again
-        return requantize_8bit(torch.from_numpy(dequantize(raw, qtype).reshape(n, k)), qtype.name)
     codes_t = torch.from_numpy(np.ascontiguousarray(codes).reshape(n, k))
     return GroupCodes(bits, codes_t, scale_h, min_h, qtype.name)
 
