@@ -16,7 +16,7 @@ from tqdm import tqdm
 from textmill.config import ModelConfig
 from textmill.loader.dequant import dequantize
 from textmill.loader.gguf_file import GGUFFile
-from textmill.loader.group_codes import GGUFRows, GroupCodes, convertible, from_gguf
+from textmill.loader.group_codes import CodesRef, GGUFRows, convertible
 from textmill.loader.hf_config import pattern_of_layers
 from textmill.loader.names import gguf_param_name, to_model_layout
 from textmill.models.registry import resolve_architecture
@@ -157,7 +157,7 @@ class QuantizedState:
     copy), the embedding table left in the mapped file, everything else as float32."""
 
     floats: dict[str, torch.Tensor]
-    codes: dict[str, GroupCodes]  # "layers.0.self_attn.q_proj.weight" -> codes; a tied head
+    codes: dict[str, CodesRef]  # "layers.0.self_attn.q_proj.weight" -> codes; a tied head
     # is "lm_head.weight", made from the embedding's blocks
     embedding: GGUFRows
 
@@ -173,9 +173,9 @@ def read_quantized_state(gguf: GGUFFile, config: ModelConfig, linear_names: froz
         if name == EMBED and convertible(t.qtype, t.shape):
             embedding = GGUFRows(t.data, t.qtype, t.shape)
             if config.tie_word_embeddings:
-                codes[HEAD] = from_gguf(t.data, t.qtype, t.shape)
+                codes[HEAD] = CodesRef(t.data, t.qtype, t.shape)
         elif name in linear_names and convertible(t.qtype, t.shape):
-            codes[name] = _unpermuted(arch, name, from_gguf(t.data, t.qtype, t.shape), config)
+            codes[name] = CodesRef(t.data, t.qtype, t.shape, _row_order(arch, name, t.shape[0], config))
         else:
             values = torch.from_numpy(dequantize(t.data, t.qtype).reshape(t.shape))
             floats[name] = to_model_layout(arch, name, values, config).float()
@@ -187,11 +187,11 @@ def read_quantized_state(gguf: GGUFFile, config: ModelConfig, linear_names: froz
 EMBED, HEAD = "embed_tokens.weight", "lm_head.weight"
 
 
-def _unpermuted(arch: str, name: str, codes: GroupCodes, config: ModelConfig) -> GroupCodes:
-    """llama.cpp's q/k row order undone on the codes, as to_model_layout does on floats."""
-    order = torch.arange(codes.shape[0])
+def _row_order(arch: str, name: str, rows: int, config: ModelConfig) -> torch.Tensor | None:
+    """llama.cpp's q/k row order to undo on the codes, as to_model_layout does on floats."""
+    order = torch.arange(rows)
     moved = to_model_layout(arch, name, order[:, None], config)[:, 0]
-    return codes if torch.equal(moved, order) else codes.rows(moved)
+    return None if torch.equal(moved, order) else moved
 
 
 def load_gguf(path: Path, *, dtype: torch.dtype, device: str

@@ -73,6 +73,26 @@ class GroupCodes:
         return w.view(n, k)
 
 
+@dataclass(frozen=True)
+class CodesRef:
+    """One GGUF tensor, converted to GroupCodes only when read: the runner packs each weight
+    as it converts it, so a load never holds more than one layer's codes beside the packed
+    weights (holding them all doubled a 1B model's peak memory)."""
+
+    raw: np.ndarray  # the tensor's bytes in the mapped file
+    qtype: GGMLQuantizationType
+    shape: tuple[int, int]
+    row_order: torch.Tensor | None = None  # output rows reordered (llama.cpp's q/k permutation)
+
+    @property
+    def source(self) -> str:
+        return GGMLQuantizationType(self.qtype).name
+
+    def load(self) -> GroupCodes:
+        codes = from_gguf(self.raw, self.qtype, self.shape)
+        return codes if self.row_order is None else codes.rows(self.row_order)
+
+
 def concat(parts: list[GroupCodes]) -> GroupCodes:
     """Stack weights along N (q, k, v into one qkv matmul); all of one form."""
     assert len({p.bits for p in parts}) == 1, "concatenating 4- and 8-bit codes"

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from textmill.config import ModelConfig
-from textmill.loader.group_codes import GGUFRows, GroupCodes
+from textmill.loader.group_codes import CodesRef, GGUFRows
 from textmill.models.registry import build_model
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -23,7 +23,7 @@ class LoadedModel:
     # load_model(..., codes=True): the linear weights as group codes (their parameters stay
     # on the "meta" device until the runner installs kernels for them), and the embedding
     # table read row by row from the mapped file.
-    codes: Mapping[str, GroupCodes] = field(default_factory=dict)
+    codes: Mapping[str, CodesRef] = field(default_factory=dict)
     embedding: GGUFRows | None = None
 
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from textmill.loader.group_codes import GGUFRows, GroupCodes, concat
+from textmill.loader.group_codes import CodesRef, GGUFRows, GroupCodes, concat
 from textmill.runner.fused import fuse_gemma_layers, fuse_llama_layers
 from textmill.runner.linear import swap_linears
 from textmill.runner.qlinear import QLinear, SideBySide
@@ -38,16 +38,17 @@ class RowEmbedding(nn.Module):
 class _Maker:
     """Kernel layers for the model's linears, found by parameter name in the codes."""
 
-    def __init__(self, model: nn.Module, codes: Mapping[str, GroupCodes]):
+    def __init__(self, model: nn.Module, codes: Mapping[str, CodesRef]):
         self.codes = codes
         self.names = {id(m): name for name, m in model.named_modules()}
         self.widths: dict[str, int] = {}
 
     def _codes(self, linear: nn.Linear) -> GroupCodes | None:
-        return self.codes.get(f"{self.names.get(id(linear), '?')}.weight")
+        ref = self.codes.get(f"{self.names.get(id(linear), '?')}.weight")
+        return None if ref is None else ref.load()
 
-    def one(self, linear: nn.Linear) -> nn.Module:
-        codes = self._codes(linear)
+    def one(self, linear: nn.Linear, codes: GroupCodes | None = None) -> nn.Module:
+        codes = codes or self._codes(linear)
         if codes is None:
             return linear  # a float tensor in the file: it loaded as a float weight
         self.widths[codes.source] = self.widths.get(codes.source, 0) + 1
@@ -56,7 +57,7 @@ class _Maker:
     def fused(self, parts: list[nn.Linear]) -> nn.Module:
         found = [self._codes(p) for p in parts]
         if len(parts) == 1 or any(c is None for c in found) or len({c.bits for c in found}) > 1:
-            made = [self.one(p) for p in parts]
+            made = [self.one(p, c) for p, c in zip(parts, found)]
             return made[0] if len(made) == 1 else SideBySide(made)
         biases = [p.bias for p in parts]
         bias = None if all(b is None for b in biases) else torch.cat(
@@ -66,12 +67,12 @@ class _Maker:
         return QLinear.from_codes(concat(found), bias)
 
 
-def install_file_weights(model: nn.Module, codes: Mapping[str, GroupCodes], rows: GGUFRows) -> str:
+def install_file_weights(model: nn.Module, codes: Mapping[str, CodesRef], rows: GGUFRows) -> str:
     """Swap the model's linears and embedding for kernel layers; returns a line for the log."""
     maker = _Maker(model, codes)
     model.embed_tokens = RowEmbedding(rows)
     if HEAD in codes and getattr(model, "lm_head", 0) is None:  # tied: packed from the embedding's blocks
-        model.lm_head = QLinear.from_codes(codes[HEAD])
+        model.lm_head = QLinear.from_codes(codes[HEAD].load())
         maker.widths[codes[HEAD].source] = maker.widths.get(codes[HEAD].source, 0) + 1
     fused = fuse_llama_layers(model, maker.fused) + fuse_gemma_layers(model, maker.fused)
     count = swap_linears(model, maker.one)
