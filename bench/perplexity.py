@@ -4,7 +4,8 @@ llama-perplexity's method: the text is cut into chunks of 512 tokens, each score
 scratch, and only the second half of each chunk counts (every scored token has at least
 256 tokens of context). The reference is the eager float32 model (`--no-kernels`) on the
 file's dequantized weights; each other path runs the same chunks. The table gives each
-path's perplexity and its drift from the reference, in percent.
+path's perplexity and its drift from the reference, in percent. Each path is built through
+runner/plan.py as `textmill serve` builds it with the flags in its label.
 
     python bench/perplexity.py                          # bundled SmolLM2 and Gemma 3 270M
     python bench/perplexity.py --model x.gguf --tokens 3584
@@ -29,14 +30,16 @@ from textmill.config import CacheConfig  # noqa: E402
 from textmill.loader import load_model  # noqa: E402
 from textmill.messages import NewRequestData, ScheduledChunk, SchedulerOutput  # noqa: E402
 from textmill.runner.model_runner import ModelRunner  # noqa: E402
+from textmill.runner.plan import decide  # noqa: E402
 from textmill.sampling_params import SamplingParams  # noqa: E402
 from textmill.tokenizer import Tokenizer  # noqa: E402
 
 CHUNK = 512
-# (label, load as group codes, quantization, kernels)
-PATHS = (("float32 reference (--no-kernels)", False, "none", False),
-         ("default (file's blocks as codes)", True, "auto", True),
-         ("--quantization int8 (requantized)", False, "int8", True))
+# (label, runner/plan.py arguments): each path exactly as `textmill serve` with those flags
+PATHS = (("float32 reference (--no-kernels)", dict(kernels=False, dtype="float32", kv_dtype="float32")),
+         ("default (file's blocks, float16 KV)", {}),
+         ("default, --kv-cache-dtype float32", dict(kv_dtype="float32")),
+         ("--quantization int8 (requantized)", dict(quantization="int8")))
 
 
 def text_tokens(tok: Tokenizer, n: int) -> list[int]:
@@ -56,11 +59,10 @@ def chunk_nll(runner: ModelRunner, ids: list[int], rid: str) -> list[float]:
     return [-lp for lp in lps[CHUNK // 2 - 1:]]
 
 
-def perplexity(path: Path, codes: bool, quantization: str, kernels: bool, ids: list[int]) -> float:
-    loaded = load_model(path, dtype=torch.float32, codes=codes)
-    runner = ModelRunner(loaded.model, loaded.config, CacheConfig(block_size=16, num_blocks=CHUNK // 16 + 2),
-                         dtype=torch.float32, quantization="none" if codes else quantization, kernels=kernels,
-                         file_weights=loaded if codes else None)
+def perplexity(path: Path, plan_args: dict, ids: list[int]) -> float:
+    plan = decide(path, device="cpu", **plan_args)
+    loaded = load_model(path, dtype=plan.torch_dtype, codes=plan.weights == "file-codes")
+    runner = ModelRunner.from_plan(loaded, CacheConfig(block_size=16, num_blocks=CHUNK // 16 + 2), plan)
     nll = []
     for i in range(0, len(ids), CHUNK):
         nll += chunk_nll(runner, ids[i:i + CHUNK], f"c{i}")
@@ -92,9 +94,9 @@ def main() -> None:
     for path in args.model or default_models():
         ids = text_tokens(Tokenizer.from_path(path), args.tokens)
         ref = None
-        for label, codes, quant, kern in PATHS:
+        for label, plan_args in PATHS:
             started = time.perf_counter()
-            ppl = perplexity(path, codes, quant, kern, ids)
+            ppl = perplexity(path, plan_args, ids)
             ref = ppl if ref is None else ref
             rows.append(dict(model=path.name, path=label, tokens=len(ids), ppl=ppl,
                              drift_pct=100 * (ppl / ref - 1), seconds=time.perf_counter() - started))
