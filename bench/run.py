@@ -84,7 +84,8 @@ def start(system: str, model: models.BenchModel, args: argparse.Namespace, port:
     max_c = max(args.concurrency)
     if system == "textmill":
         own = shlex.split(args.textmill_args)
-        kv = kv_args(model, args, servers.textmill_kv_dtype(model.path, own)) if args.kv_tokens > 0 else []
+        kv_dtype = servers.prepare_textmill(model.path, own)  # builds the kernels first, untimed
+        kv = kv_args(model, args, kv_dtype)
         return servers.start_textmill(port, ["--max-num-seqs", str(max(max_c, 16)), *kv, *own], model=model.path)
     repack = {"auto": None, "on": True, "off": False}[args.llama_repack]
     if system == "llama-server":

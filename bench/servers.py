@@ -90,17 +90,22 @@ def kv_capacity(system: str, log: Path) -> tuple[int | None, str | None]:
     return (int(m[1]) * int(m[2]) if m else None), os.environ.get("LLAMA_ARG_CACHE_TYPE_K", "f16")
 
 
-def textmill_kv_dtype(model: Path, extra_args: list[str] = (),
-                      python: Path = REPO / ".venv" / "bin" / "python") -> str | None:
-    """The KV element type textmill will choose for `model` (its runner/plan.py decides:
-    float16 on the CPU kernels at the time of writing), asked in a throw-away process;
-    None where this textmill has no such plan (then it keeps the activation dtype)."""
+def prepare_textmill(model: Path, extra_args: list[str] = (),
+                     python: Path = REPO / ".venv" / "bin" / "python") -> str | None:
+    """Before textmill's timed start: build its C++ kernels if their sources changed (a
+    build is not start-up time, as llama.cpp's is not), and return the KV element type
+    textmill will choose for `model` (its runner/plan.py decides: float16 on the CPU
+    kernels at the time of writing); None where this textmill has no such plan (it then
+    keeps the activation dtype). One throw-away process."""
     want = next((extra_args[i + 1] for i, a in enumerate(extra_args[:-1]) if a == "--kv-cache-dtype"), "auto")
-    code = ("import sys; from textmill.runner.plan import decide; "
-            "print(decide(__import__('pathlib').Path(sys.argv[1]), kv_dtype=sys.argv[2]).kv_dtype)")
+    code = ("import sys, pathlib\n"
+            "from textmill.kernels.build import build_all\n"
+            "build_all()\n"
+            "from textmill.runner.plan import decide\n"
+            "print(decide(pathlib.Path(sys.argv[1]), kv_dtype=sys.argv[2]).kv_dtype)\n")
     try:
         done = subprocess.run([str(python), "-c", code, str(model), want], capture_output=True, text=True,
-                              timeout=300, cwd=REPO)
+                              timeout=1800, cwd=REPO)
     except (OSError, subprocess.TimeoutExpired):
         return None
     words = done.stdout.split()
