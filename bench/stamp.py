@@ -25,9 +25,15 @@ def _git(*args: str) -> str:
     return done.stdout.strip() if done.returncode == 0 else ""
 
 
+def changed_files(porcelain: str) -> list[str]:
+    """Paths of `git status --porcelain` lines ("XY path"; the first line's leading blank
+    may have been stripped, so split rather than slice)."""
+    return [parts[1] for parts in (line.split(None, 1) for line in porcelain.splitlines()) if len(parts) == 2]
+
+
 def code_stamp() -> dict:
     """The commit, and whether tracked files differed from it (other work in the tree)."""
-    changed = [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    changed = changed_files(_git("status", "--porcelain", "--untracked-files=no"))
     return {"commit": _git("rev-parse", "HEAD")[:12] or "unknown", "dirty": bool(changed),
             "dirty_files": changed[:50]}
 

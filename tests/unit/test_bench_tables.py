@@ -82,6 +82,11 @@ def test_machine_label_and_cpuinfo():
     assert stamp.machine_label(m).endswith("avx512 vnni bf16")
 
 
+def test_changed_files_from_porcelain():
+    assert stamp.changed_files("M bench/run.py\n M docs/x.md\nR  a.py -> b.py\n") == \
+        ["bench/run.py", "docs/x.md", "a.py -> b.py"]
+
+
 def test_kv_capacity_from_logs(tmp_path):
     log = tmp_path / "tm.log"
     log.write_text("INFO textmill: loaded x (llama, float32 on cpu) in 2.0s; KV cache 1024 blocks of 16 tokens\n")
