@@ -263,3 +263,58 @@ def test_any_tokenization_gives_the_same_text(seed: int):
         released_text += o.text
         released_bytes += b"".join(h.tok.vocab[t] for t in o.token_ids)
         assert released_text == released_bytes.decode(errors="ignore")
+
+
+# ---------------------------------------------------------------- cost per token
+class _TextLengths:
+    """Stands in for the stop matcher's functions and records how much text each call is
+    handed: what the processor appends to, searches and slices each token."""
+
+    def __init__(self, monkeypatch):
+        import textmill.engine.output_processor as op
+
+        self.lengths: list[int] = []
+        real_find, real_safe = op.find_stop, op.safe_end
+
+        def find_stop(text, stops, new_start=0):
+            self.lengths.append(len(text))
+            return real_find(text, stops, new_start)
+
+        def safe_end(text, stops, released=0):
+            self.lengths.append(len(text))
+            return real_safe(text, stops, released)
+
+        monkeypatch.setattr(op, "find_stop", find_stop)
+        monkeypatch.setattr(op, "safe_end", safe_end)
+
+
+def _generate(num_tokens: int, **params) -> tuple[Harness, str]:
+    h = Harness(max_tokens=num_tokens, **params)
+    outs = h.run(["ab", "c", "d ", "éf"] * (num_tokens // 4))
+    return h, joined(outs)
+
+
+@pytest.mark.parametrize("stop", [(), ("zz",), ("\n\nUser:", "q")])
+def test_work_per_token_does_not_grow_with_the_output(monkeypatch, stop):
+    # Appending each piece to the whole text (text += piece) and handing the whole text to
+    # the stop matcher made every token cost as much as the text so far.
+    seen = _TextLengths(monkeypatch)
+    short, short_text = _generate(40, stop=stop)
+    short_max = max(seen.lengths)
+    seen.lengths.clear()
+    long, long_text = _generate(4000, stop=stop)
+    assert long_text == "abcd éf" * 1000 and len(long_text) == 7000
+    assert max(seen.lengths) == short_max  # the same text per token at 40 and at 4000 tokens
+    assert short_max <= max(map(len, stop), default=0) + len("éf")
+    # What a request keeps of its text is its unreleased tail, not the whole output.
+    assert len(long.request.output_state.tail) <= max(map(len, stop), default=0)
+
+
+def test_held_back_text_stays_in_the_tail_until_released():
+    h = Harness(max_tokens=100, stop=("STOP",))
+    outs = h.run(["x" * 10, "y" * 10, "S", "T", "O"])
+    assert joined(outs) == "x" * 10 + "y" * 10
+    state = h.request.output_state
+    assert state.tail.endswith("STO") and len(state.tail) <= 6  # 3 held back, 3 searched again
+    outs = h.run(["P", "never"])
+    assert joined(outs) == "" and outs[-1].finish_reason is FinishReason.STOP

@@ -38,7 +38,9 @@ class ChoiceState:
     echo: bool
     logprobs: int | None
     tokenizer: Tokenizer
-    text: str = ""
+    # The choice's text as the deltas came: joined once, when read (`text`), because adding
+    # each delta to one string copies the whole text so far, per token.
+    pieces: list[str] = field(default_factory=list)
     lp: LogprobsDelta | None = None
     finish_reason: str | None = None
     num_output_tokens: int = 0
@@ -61,7 +63,8 @@ class ChoiceState:
         if lp is not None and out.logprobs is not None:
             for token_id, offset, entry in zip(out.token_ids, out.text_offsets, out.logprobs):
                 self._add_entry(lp, token_id, base + offset, entry)
-        self.text += text
+        if text:
+            self.pieces.append(text)
         if lp is not None:
             self.lp = lp if self.lp is None else (self.lp.extend(lp) or self.lp)
         self.num_output_tokens = out.num_output_tokens
@@ -71,6 +74,12 @@ class ChoiceState:
             self.finish_reason = _finish_reason(out)
             self.error = out.error
         return text, lp
+
+    @property
+    def text(self) -> str:
+        if len(self.pieces) > 1:
+            self.pieces[:] = ["".join(self.pieces)]
+        return self.pieces[0] if self.pieces else ""
 
     @property
     def mean_logprob(self) -> float:

@@ -1,7 +1,11 @@
 """OutputProcessor: new token ids -> text deltas, stop strings, released RequestOutputs.
 
 Per request it keeps a `_TextState` in `request.output_state`: the incremental decoder,
-the whole generated text, and for each text-bearing token where its text starts and ends.
+the tail of the generated text that is still needed, and for each text-bearing token where
+its text starts and ends (offsets into the whole text). Only the tail is kept because
+appending to, searching or slicing the whole text would make each token cost as much as
+the text so far (quadratic in the output length); what stop matching and release need is
+the unreleased text plus the last `max(len(stop)) - 1` characters before it.
 Release follows the RequestOutput docstring:
 
 - A token is released together with its text, never before it. A token whose bytes do
@@ -43,7 +47,12 @@ class DecodingTokenizer(Protocol):
 @dataclass(eq=False)
 class _TextState:
     decoder: IncrementalDecoder
-    text: str = ""
+    # Characters of already searched text that a stop string may still straddle.
+    overlap: int
+    # The generated text from offset `dropped` on; text[:dropped] is released and can no
+    # longer be part of a stop (see trim). Offsets everywhere else are into the whole text.
+    tail: str = ""
+    dropped: int = 0
     # Text-bearing tokens (the ending EOS excluded), in order.
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -56,23 +65,40 @@ class _TextState:
     prompt_counted: bool = False
     done: bool = False  # the final output was produced
 
+    @property
+    def length(self) -> int:
+        """Characters of generated text so far."""
+        return self.dropped + len(self.tail)
+
+    def text(self, start: int, end: int) -> str:
+        assert start >= self.dropped, "text before the tail was dropped"
+        return self.tail[start - self.dropped : end - self.dropped]
+
     def push(self, token_id: int, logprob: TokenLogprob | None) -> None:
         self.token_ids.append(token_id)
         if logprob is not None:
             self.logprobs.append(logprob)
-        self.starts.append(len(self.text))
+        self.starts.append(self.length)
         self._append(self.decoder.push(token_id))
 
     def flush(self) -> None:
         self._append(self.decoder.flush())
         # Whatever still has no end (tokens decoding to nothing) ends where the text does.
-        self.ends.extend([len(self.text)] * (len(self.token_ids) - len(self.ends)))
+        self.ends.extend([self.length] * (len(self.token_ids) - len(self.ends)))
+
+    def trim(self) -> None:
+        """Drop the text that neither release (it is released) nor the next stop search
+        (it lies more than `overlap` characters before the end) can need again."""
+        keep_from = min(self.released_chars, self.length - self.overlap)
+        if keep_from > self.dropped:
+            self.tail = self.tail[keep_from - self.dropped :]
+            self.dropped = keep_from
 
     def _append(self, piece: str) -> None:
         if piece:
-            self.text += piece
+            self.tail += piece  # the tail is short: released text was trimmed off
             # This piece completes every token still waiting for its end.
-            self.ends.extend([len(self.text)] * (len(self.token_ids) - len(self.ends)))
+            self.ends.extend([self.length] * (len(self.token_ids) - len(self.ends)))
 
 
 @dataclass(frozen=True)
@@ -117,33 +143,43 @@ class OutputProcessor:
         st = self._state(request)
         if st.done:
             return None
-        new_start = len(st.text)
+        new_start = st.length
         self._push_new_tokens(request, st)
         if request.is_finished:
             st.flush()
-        match = find_stop(st.text, request.params.stop, new_start) if request.params.stop else None
-        if match is not None:
-            assert match.start >= st.released_chars, "released text past a stop"
+        stop_at = self._find_stop(request, st, new_start)
+        if stop_at is not None:
+            assert stop_at >= st.released_chars, "released text past a stop"
             if not request.is_finished:
                 finish_request(request.request_id)
                 request.status = RequestStatus.FINISHED
             # A stop string explains the end of the text, whatever else ended the request.
             request.finish_reason = FinishReason.STOP
-        release = self._release_point(request, st, None if match is None else match.start)
+        release = self._release_point(request, st, stop_at)
         prompt_logprobs = self._take_prompt_logprobs(request, st)
-        text = st.text[st.released_chars : release.text_end]
+        text = st.text(st.released_chars, release.text_end)
         if not (text or release.token_end > st.released_tokens or prompt_logprobs or request.is_finished):
             return None
         output = self._make_output(request, st, text, release.token_end, prompt_logprobs)
         st.released_chars = release.text_end
         st.released_tokens = release.token_end
         st.done = request.is_finished
+        st.trim()
         return output
 
     def _state(self, request: Request) -> _TextState:
         if request.output_state is None:
-            request.output_state = _TextState(self._tokenizer.decoder())
+            overlap = max((len(s) for s in request.params.stop), default=1) - 1
+            request.output_state = _TextState(self._tokenizer.decoder(), overlap)
         return request.output_state
+
+    @staticmethod
+    def _find_stop(request: Request, st: _TextState, new_start: int) -> int | None:
+        """Where the first stop string in the new text begins (an offset into the whole text)."""
+        if not request.params.stop:
+            return None
+        match = find_stop(st.tail, request.params.stop, new_start - st.dropped)
+        return None if match is None else match.start + st.dropped
 
     def _push_new_tokens(self, request: Request, st: _TextState) -> None:
         want_logprobs = request.params.logprobs is not None
@@ -172,8 +208,8 @@ class OutputProcessor:
                 kept += 1
             return _Release(stop_at, kept)
         if request.is_finished:
-            return _Release(len(st.text), len(st.token_ids))
-        limit = safe_end(st.text, request.params.stop, st.released_chars)
+            return _Release(st.length, len(st.token_ids))
+        limit = st.dropped + safe_end(st.tail, request.params.stop, st.released_chars - st.dropped)
         end_tok = st.released_tokens
         while end_tok < len(st.ends) and st.ends[end_tok] <= limit:
             end_tok += 1
