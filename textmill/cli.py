@@ -50,6 +50,21 @@ def _add_limit_args(p: argparse.ArgumentParser) -> None:
                    help="sequences that may wait for the engine; past it a 429 with Retry-After")
     p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout, metavar="SECONDS",
                    help="on SIGTERM, time in-flight requests get to finish (default 30)")
+    p.add_argument("--request-timeout", type=_positive_seconds, default=d.request_timeout, metavar="SECONDS",
+                   help="longest time one completion may take, from its arrival (queueing included) to "
+                        "its last token; past it the request is stopped, its KV cache freed, and the client "
+                        "gets a 504 timeout_error (a stream: an error event before [DONE]) "
+                        "(default: no limit)")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +105,20 @@ def main(argv: list[str] | None = None) -> int:
             return wiring.run_generate(args)
         return wiring.run_serve(args)
     except wiring.StartupError as exc:
-        print(f"textmill: {exc}", file=sys.stderr)
+        print(f"textmill: {_one_line(str(exc))}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        if args.command != "generate":
+            raise
+        # A failed generation is the command's answer, not a crash: one line and a non-zero
+        # status for the shell; the traceback only at debug level.
+        log.debug("generate failed", exc_info=True)
+        print(f"textmill: generate failed: {_one_line(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
+        return 1
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

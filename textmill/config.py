@@ -81,6 +81,10 @@ class ServerConfig:
     # Bounded waiting: candidate sequences admitted but not yet running; past it a 429.
     max_queued_requests: int = 256
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
+    # Seconds one completion may take from its arrival, queueing included; past it the
+    # request is aborted (its KV blocks freed) and answered with a 504. None: no limit, as
+    # in vLLM, since a long generation is legitimate and a client can set its own timeout.
+    request_timeout: float | None = None
     log_format: str = "text"  # "text" or "json"
     # Open the port before the model is loaded (/health answers 503 meanwhile); the CLI
     # does, tests that want a ready server when the port opens don't.

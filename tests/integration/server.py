@@ -38,12 +38,15 @@ class Running:
 
 @contextlib.contextmanager
 def serving(server: ServerConfig | None = None, options: EngineOptions = TEST_OPTIONS,
-            wrap_runner: Callable | None = None) -> Iterator[Running]:
-    """The app as `textmill serve` builds it, on a free port; the server's own port is ignored."""
+            wrap_runner: Callable | None = None, wrap_app: Callable | None = None) -> Iterator[Running]:
+    """The app as `textmill serve` builds it, on a free port; the server's own port is ignored.
+    `wrap_app` may put an ASGI layer between the server and the app (e.g. asgi_spec_version)."""
     port = free_port()
     server = dataclasses.replace(server or ServerConfig(), port=port)
     app = create_app(server, lambda: build_serving(options, server.served_model_name, wrap_runner))
     uv = make_server(app, "127.0.0.1", port, "warning")
+    if wrap_app is not None:
+        uv.config.app = wrap_app(app)  # uvicorn loads config.app when it starts
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120
@@ -62,3 +65,18 @@ def serving(server: ServerConfig | None = None, options: EngineOptions = TEST_OP
 def running_server(options: EngineOptions = TEST_OPTIONS, server: ServerConfig | None = None) -> Iterator[str]:
     with serving(server, options) as running:
         yield running.url
+
+
+def asgi_spec_version(version: str) -> Callable:
+    """An app wrapper that makes the server claim ASGI spec `version` for HTTP requests.
+
+    From 2.4 on, a server may report a closed connection only by raising from send(), and
+    Starlette's StreamingResponse stops listening for http.disconnect; the app must still
+    notice a client that left while nothing was being written."""
+    def wrap(app):
+        async def claiming(scope, receive, send):
+            if scope["type"] == "http":
+                scope = {**scope, "asgi": {**scope.get("asgi", {}), "spec_version": version}}
+            await app(scope, receive, send)
+        return claiming
+    return wrap

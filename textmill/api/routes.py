@@ -2,21 +2,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from textmill.api.access_log import RequestTrace
 from textmill.api.assemble import choice_states, choice_dict, rank, usage_dict
+from textmill.api.disconnect import EventStreamResponse, client_gone
 from textmill.api.errors import APIError, server_error
 from textmill.api.lifecycle import Phase
 from textmill.api.metrics import TokenTimer
 from textmill.api.prepare import Limits, PreparedCompletion, prepare
 from textmill.api.protocol import CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList
-from textmill.api.serving import ServingContext, check_model, merged_outputs
+from textmill.api.serving import Deadline, ServingContext, check_model, merged_outputs
 from textmill.api.streaming import stream_completion
 from textmill.config import ServerConfig
 from textmill.engine.async_engine import EngineNotRunning
@@ -24,7 +26,7 @@ from textmill.engine.async_engine import EngineNotRunning
 log = logging.getLogger("textmill.api")
 router = APIRouter()
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500, 503)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500, 503, 504)}
 # stream=true answers with server-sent events. Before OpenAPI 3.2 a stream's `schema`
 # describes one event: `data` is a JSON chunk (CompletionResponse-shaped), an error
 # object, or the final "[DONE]".
@@ -76,6 +78,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     ctx = _serving(request)
     check_model(body.model, ctx)
     state = request.app.state
+    # The clock starts before tokenizing: --request-timeout bounds the whole request.
+    deadline = Deadline.after(state.server_config.request_timeout)
     trace: RequestTrace = request.state.trace
     trace.user = None if body.user is None else body.user.encode("utf-8", "backslashreplace").decode("utf-8")
     _log_unknown_fields(body)
@@ -90,10 +94,10 @@ async def create_completion(body: CompletionRequest, request: Request):
     head = {"id": completion_id, "object": "text_completion", "created": int(time.time()),
             "model": ctx.model_name, "system_fingerprint": ctx.fingerprint}
     if prepared.stream:
-        return StreamingResponse(
-            stream_completion(ctx, prepared, requests, head, trace, timer),
+        return EventStreamResponse(
+            stream_completion(ctx, prepared, requests, head, trace, timer, deadline),
             media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    task = asyncio.ensure_future(_complete(ctx, prepared, requests, trace, timer))
+    task = asyncio.ensure_future(_complete(ctx, prepared, requests, trace, timer, deadline))
     result = await _until_done_or_gone(task, request, completion_id)
     if result is None:
         return JSONResponse({"error": {"message": "client disconnected", "type": "aborted",
@@ -118,12 +122,15 @@ def _count_param(body: CompletionRequest, prepared: PreparedCompletion) -> str:
 
 
 async def _complete(ctx: ServingContext, prepared: PreparedCompletion, requests, trace: RequestTrace,
-                    timer: TokenTimer) -> dict:
+                    timer: TokenTimer, deadline: Deadline | None = None) -> dict:
     states = choice_states(prepared, requests, ctx.tokenizer)
     try:
-        async for p, c, out in merged_outputs(ctx.engine, requests):
-            states[(p, c)].apply(out)
-            timer.observe((p, c), out.num_output_tokens)
+        # aclosing: whatever ends this loop early (an error here, a failed candidate, a
+        # timeout, cancellation) aborts every candidate's engine request before it returns.
+        async with contextlib.aclosing(merged_outputs(ctx.engine, requests, deadline)) as outputs:
+            async for p, c, out in outputs:
+                states[(p, c)].apply(out)
+                timer.observe((p, c), out.num_output_tokens)
     except EngineNotRunning as exc:
         raise APIError(503, "The engine is not running (the server is shutting down).", type="server_error",
                        code="engine_unavailable") from exc
@@ -142,18 +149,17 @@ async def _complete(ctx: ServingContext, prepared: PreparedCompletion, requests,
 
 async def _until_done_or_gone(task: asyncio.Future, request: Request, completion_id: str) -> dict | None:
     """Wait for the completion, but abort it (None) if the client hangs up first."""
+    watching = asyncio.ensure_future(client_gone(request.receive))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.25)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                log.info("client went away; aborting %s", completion_id)
-                return None
+        await asyncio.wait({task, watching}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        log.info("client went away; aborting %s", completion_id)
+        return None
     finally:  # also when this handler itself is cancelled (server shutdown)
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        for pending in (task, watching):
+            pending.cancel()
+        await asyncio.gather(task, watching, return_exceptions=True)
 
 
 def _log_unknown_fields(body: CompletionRequest) -> None:

@@ -4,6 +4,11 @@ A completion with P prompts and best_of B is P*B engine requests. Each is consum
 its own task that feeds one queue, so the route sees a single ordered stream of
 (prompt, candidate, output). Closing the stream cancels the tasks, and cancelling a
 task aborts its engine request (AsyncEngine.generate's contract).
+
+A completion fails as a whole: the first candidate that fails (an exception, or an output
+that finished with an error) ends the stream, and so does the server's deadline
+(--request-timeout); either way every candidate's engine request is aborted at once,
+not when the last sibling finishes or when the generator is garbage-collected.
 """
 from __future__ import annotations
 
@@ -47,12 +52,39 @@ def check_model(model: str | None, ctx: ServingContext) -> None:
                        param="model", code="model_not_found")
 
 
+def request_timeout_error(timeout_s: float) -> APIError:
+    """The completion ran past --request-timeout. 504: the server gave up waiting on its
+    own engine (408 would blame the client for being slow to send its request)."""
+    return APIError(504, f"The request took longer than this server allows ({timeout_s:g} s, its "
+                         "--request-timeout) and was stopped. Ask for fewer tokens, or retry.",
+                    type="timeout_error", code="request_timeout")
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a completion must be over, on the event loop's clock (loop.time())."""
+
+    at: float
+    timeout_s: float
+
+    @classmethod
+    def after(cls, timeout_s: float | None) -> "Deadline | None":
+        if timeout_s is None:
+            return None
+        return cls(asyncio.get_running_loop().time() + timeout_s, timeout_s)
+
+
 _DONE = object()
 
 
 async def merged_outputs(
-    engine: EngineClient, requests: list[tuple[int, int, EngineRequest]]
+    engine: EngineClient, requests: list[tuple[int, int, EngineRequest]], deadline: Deadline | None = None
 ) -> AsyncIterator[tuple[int, int, RequestOutput]]:
+    """Every candidate's outputs, in arrival order, until all have finished.
+
+    An output that finished with an error is yielded, then the stream ends (the siblings are
+    aborted). Past `deadline`, raises the 504 APIError of request_timeout_error.
+    """
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(p: int, c: int, req: EngineRequest) -> None:
@@ -70,14 +102,26 @@ async def merged_outputs(
     try:
         remaining = len(tasks)
         while remaining:
-            item = await queue.get()
+            item = await _next(queue, deadline)
             if item is _DONE:
                 remaining -= 1
                 continue
             if isinstance(item[2], Exception):
                 raise item[2]
             yield item
+            if item[2].finished and item[2].error is not None:
+                return  # the completion has failed: its siblings' work is wasted
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _next(queue: asyncio.Queue, deadline: Deadline | None):
+    if deadline is None:
+        return await queue.get()
+    try:
+        async with asyncio.timeout_at(deadline.at):
+            return await queue.get()
+    except TimeoutError:
+        raise request_timeout_error(deadline.timeout_s) from None

@@ -2,7 +2,8 @@
 
 Every chunk carries the completion's id and created time. Errors after the first byte
 cannot change the HTTP status any more, so they travel as a data event of their own.
-A client that leaves closes this generator, which cancels the engine requests (serving.py).
+A client that leaves closes this generator (disconnect.EventStreamResponse), which cancels
+the engine requests (serving.py).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from textmill.api.assemble import choice_states, usage_dict
 from textmill.api.errors import APIError, server_error
 from textmill.api.metrics import TokenTimer
 from textmill.api.prepare import PreparedCompletion
-from textmill.api.serving import ServingContext, merged_outputs
+from textmill.api.serving import Deadline, ServingContext, merged_outputs
 
 log = logging.getLogger("textmill.api")
 
@@ -26,11 +27,12 @@ def _event(payload: dict) -> str:
 
 
 async def stream_completion(ctx: ServingContext, prepared: PreparedCompletion, requests, head: dict,
-                            trace: RequestTrace, timer: TokenTimer) -> AsyncIterator[str]:
+                            trace: RequestTrace, timer: TokenTimer,
+                            deadline: Deadline | None = None) -> AsyncIterator[str]:
     states = choice_states(prepared, requests, ctx.tokenizer)
     try:
-        # aclosing: leaving early (an error) cancels the sibling candidates at once.
-        async with contextlib.aclosing(merged_outputs(ctx.engine, requests)) as outputs:
+        # aclosing: leaving early (an error, the deadline) cancels the sibling candidates at once.
+        async with contextlib.aclosing(merged_outputs(ctx.engine, requests, deadline)) as outputs:
             async for p, c, out in outputs:
                 state = states[(p, c)]
                 text, lp = state.apply(out)
