@@ -66,6 +66,8 @@ class SamplingParams:
             if token_id < 0:
                 raise InvalidParam("logit_bias", f"logit_bias key {token_id} is not a token id")
             _check_range("logit_bias", bias, -100.0, 100.0)
+        if any(t < 0 for t in self.stop_token_ids):
+            raise InvalidParam("stop_token_ids", "stop_token_ids must be token ids (0 or more)")
         if self.top_k is not None and self.top_k < 1:
             raise InvalidParam("top_k", "top_k must be at least 1 (or -1/0/null to disable)")
         _check_range("min_p", self.min_p, 0.0, 1.0)

@@ -55,6 +55,25 @@ def test_bad_field_is_400_naming_it(base_url, patch, param):
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
 
 
+@pytest.mark.parametrize("kwargs,param", [
+    ({"prompt": [1, 99999999]}, "prompt"),
+    ({"prompt": [[1], [2, 49152]]}, "prompt"),  # one past SmolLM2's last id
+    ({"logit_bias": {"999999": 1}}, "logit_bias"),
+    ({"extra_body": {"stop_token_ids": [99999999]}}, "stop_token_ids"),
+    ({"extra_body": {"min_tokens": 1, "stop_token_ids": [2, 49152]}}, "stop_token_ids"),
+])
+def test_out_of_range_token_ids_are_out_of_vocabulary(client, kwargs, param):
+    # vLLM's words: clients match on "out of vocabulary".
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(**{"model": MODEL, "prompt": "Hi", "max_tokens": 2, **kwargs})
+    assert exc.value.body["param"] == param and "out of vocabulary" in exc.value.body["message"]
+
+
+def test_detokenize_out_of_range_is_out_of_vocabulary(base_url):
+    r = httpx.post(f"{base_url}/detokenize", json={"tokens": [1, 10**9]}, timeout=10)
+    assert r.status_code == 400 and "out of vocabulary" in r.json()["error"]["message"]
+
+
 def test_missing_fields(base_url):
     for body, param in (({"prompt": "x"}, "model"), ({"model": MODEL}, "prompt")):
         r = httpx.post(f"{base_url}/v1/completions", json=body, timeout=60)

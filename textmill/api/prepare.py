@@ -139,15 +139,28 @@ def _one_prompt(item: str | list[int], suffix: str | None, tok: Tokenizer, limit
             ids = _fim_ids(tok, tok.encode(item, add_special_tokens=False), suffix)
         else:
             ids = tok.encode(item)
-        return PromptInput(_non_empty(ids, tok), item, True)
+        # Text prompts too: a tokenizer may know (added) tokens that the model's embedding
+        # lacks, and one such id would fail the whole step it is computed in.
+        return PromptInput(_in_vocab(_non_empty(ids, tok), limits, "prompt"), item, True)
     if not item:
         raise bad_request("A token prompt must hold at least one token id.", "prompt")
-    bad = [t for t in item if not 0 <= t < limits.vocab_size]
-    if bad:
-        raise bad_request(
-            f"Token id {bad[0]} in prompt is outside the vocabulary (0..{limits.vocab_size - 1}).", "prompt")
-    ids = _fim_ids(tok, item, suffix) if suffix is not None else tuple(item)
-    return PromptInput(tuple(ids), tok.decode(item), False)
+    ids = _in_vocab(item, limits, "prompt")
+    if suffix is not None:
+        ids = _in_vocab(_fim_ids(tok, item, suffix), limits, "prompt")
+    return PromptInput(ids, tok.decode(item), False)
+
+
+def _in_vocab(ids, limits: Limits, param: str) -> tuple[int, ...]:
+    """`ids` as a tuple, or a 400 for the first id the model has no row for."""
+    bad = next((t for t in ids if not 0 <= t < limits.vocab_size), None)
+    if bad is not None:
+        raise bad_request(out_of_vocabulary(bad, limits.vocab_size, f"in {param}"), param)
+    return tuple(ids)
+
+
+def out_of_vocabulary(token_id: int, vocab_size: int, where: str) -> str:
+    # "out of vocabulary" is vLLM's wording, and clients match on it.
+    return f"Token id {token_id} {where} is out of vocabulary (this model's token ids are 0..{vocab_size - 1})."
 
 
 def _fim_ids(tok: Tokenizer, prefix_ids, suffix: str) -> tuple[int, ...]:
@@ -205,12 +218,12 @@ def _sampling_params(req: CompletionRequest, tok: Tokenizer, limits: Limits, max
 
 def _stop_token_ids(req: CompletionRequest, tok: Tokenizer, limits: Limits) -> tuple[int, ...]:
     """The ids that end a choice: EOS (unless ignore_eos) and the client's stop_token_ids."""
-    extra = req.stop_token_ids or []
-    bad = [t for t in extra if not 0 <= t < limits.vocab_size]
-    if bad:
-        raise bad_request(f"stop_token_ids holds {bad[0]}, outside the vocabulary "
-                          f"(0..{limits.vocab_size - 1}).", "stop_token_ids")
-    eos = () if req.ignore_eos else tok.eos_token_ids
+    extra = _in_vocab(req.stop_token_ids or (), limits, "stop_token_ids")
+    # The tokenizer's own end ids may lie past the model's rows (a GGUF vocabulary longer
+    # than its embedding, an HF generation_config listing extra ids). The model can never
+    # sample those, and min_tokens bans every stop id by index: an id past the logits
+    # would fail every request of the step.
+    eos = () if req.ignore_eos else (t for t in tok.eos_token_ids if 0 <= t < limits.vocab_size)
     return tuple(sorted({*eos, *extra}))
 
 
@@ -237,7 +250,7 @@ def _logit_bias(bias: dict[str, float] | None, limits: Limits) -> tuple[tuple[in
             raise bad_request(f"logit_bias keys must be token ids, got {key!r}.", "logit_bias")
         token_id = int(key)
         if not 0 <= token_id < limits.vocab_size:
-            raise bad_request(f"logit_bias key {token_id} is outside the vocabulary (0..{limits.vocab_size - 1}).", "logit_bias")
+            raise bad_request(out_of_vocabulary(token_id, limits.vocab_size, "in logit_bias"), "logit_bias")
         if not -100.0 <= value <= 100.0:
             raise bad_request(f"logit_bias values must be between -100 and 100, got {value!r} for {key}.", "logit_bias")
         out[token_id] = float(value)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from textmill.api.errors import bad_request
+from textmill.api.prepare import out_of_vocabulary
 from textmill.api.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from textmill.api.routes import _ERRORS, _serving
 from textmill.api.serving import check_model
@@ -32,5 +33,5 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     vocab = ctx.vocab_size or ctx.tokenizer.vocab_size
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:
-        raise bad_request(f"Token id {bad[0]} is outside the vocabulary (0..{vocab - 1}).", "tokens")
+        raise bad_request(out_of_vocabulary(bad[0], vocab, "in tokens"), "tokens")
     return {"prompt": ctx.tokenizer.decode(body.tokens)}
