@@ -857,6 +857,7 @@ def test_system_fingerprint_changes_with_dtype(base_url):
     assert there and there != here
 
 
+@pytest.mark.timeout(120)  # the wait below has no clock of its own
 def test_user_is_logged_and_unknown_fields_ignored_with_a_debug_line(client, caplog):
     # The test server runs in this process, so its log records reach caplog.
     caplog.set_level(logging.DEBUG)
@@ -868,10 +869,8 @@ def test_user_is_logged_and_unknown_fields_ignored_with_a_debug_line(client, cap
         return any("user-1234" in rec.getMessage() or (getattr(rec, "access", None) or {}).get("user") == "user-1234"
                    for rec in caplog.records)
 
-    deadline = time.monotonic() + 5  # the access line is written once the response has ended
-    while not logged_user() and time.monotonic() < deadline:
+    while not logged_user():  # the access line is written once the response has ended
         time.sleep(0.05)
-    assert logged_user()
     assert any("frobnicate" in rec.getMessage() and rec.levelno == logging.DEBUG for rec in caplog.records)
 
 

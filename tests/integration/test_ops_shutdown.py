@@ -64,12 +64,13 @@ def test_drain_deadline_ends_what_is_left_with_an_error():
     with ops_server(ServerConfig(shutdown_timeout=1.0)) as srv:
         stream = Stream(srv.url, _body(1500))
         assert stream.started.wait(60)
-        started = time.monotonic()
         srv.server.handle_exit(signal.SIGTERM, None)
         _, chunks = stream.result()
+        # Ended by the deadline, not run to its 1500 tokens.
         assert stream.events[-1] == "[DONE]" and chunks[-1]["error"]["type"] == "server_error"
+        assert len(chunks) < 1500
         srv.thread.join(timeout=30)
-        assert not srv.thread.is_alive() and time.monotonic() - started < 15
+        assert not srv.thread.is_alive()
 
 
 # ---------------------------------------------------------------- the real process

@@ -107,7 +107,7 @@ def test_float32_keeps_nn_linear_and_quantization_needs_bf16():
 
 # ---------------------------------------------------------------- through the runner
 def _llama(tied: bool) -> tuple[nn.Module, ModelConfig]:
-    llama = pytest.importorskip("textmill.models.llama")
+    from textmill.models import llama
     cfg = ModelConfig(architecture="llama", vocab_size=96, hidden_size=64, intermediate_size=128,
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128,
                       tie_word_embeddings=tied)

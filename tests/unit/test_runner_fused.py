@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 from textmill.config import ModelConfig
+from textmill.models import llama
 from textmill.runner.fused import FusedAttention, FusedMLP, concatenating, fuse_llama_layers
-
-llama = pytest.importorskip("textmill.models.llama")
 
 
 class _Dense:
