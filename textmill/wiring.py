@@ -88,6 +88,8 @@ def build_engine(opts: EngineOptions, wrap_runner: Callable | None = None) -> Bu
                       kernels=opts.kernels, kv_dtype=opts.kv_cache_dtype, threads=opts.threads)
     except PlanError as exc:
         raise StartupError(str(exc)) from None
+    except Exception as exc:  # the plan reads the file's tensor types: a corrupt file fails here
+        raise StartupError(f"cannot load model {path}: {type(exc).__name__}: {exc}") from exc
     log.info("plan: %s", plan.describe())
     torch.set_num_threads(plan.threads or os.cpu_count() or 1)
     started = time.perf_counter()
@@ -184,7 +186,8 @@ def server_config_from_args(args, environ=os.environ) -> ServerConfig:
         max_request_bytes=args.max_request_bytes, max_prompts_per_request=args.max_prompts_per_request,
         max_prompt_tokens=args.max_prompt_tokens, max_logit_bias_entries=args.max_logit_bias_entries,
         max_n=args.max_n, max_best_of=args.max_best_of, max_queued_requests=args.max_queued_requests,
-        shutdown_timeout=args.shutdown_timeout, log_format=args.log_format, load_in_background=True)
+        shutdown_timeout=args.shutdown_timeout, request_timeout=args.request_timeout,
+        log_format=args.log_format, load_in_background=True)
 
 
 def _return_freed_memory() -> None:
@@ -228,7 +231,7 @@ def run_serve(args) -> int:
 
 def run_generate(args) -> int:
     from textmill.messages import EngineRequest
-    from textmill.sampling_params import InvalidParam, SamplingParams
+    from textmill.sampling_params import FinishReason, InvalidParam, SamplingParams
 
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -251,4 +254,6 @@ def run_generate(args) -> int:
             print(out.text, end="", flush=True)
             if out.finished:
                 print()
+                if out.finish_reason is FinishReason.ERROR:  # the engine failed this request
+                    raise StartupError(f"generation failed: {out.error}")
                 return 0

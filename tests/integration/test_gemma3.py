@@ -33,10 +33,10 @@ def path() -> str:
 
 @pytest.fixture(scope="module")
 def client(path):
-    # Float weights (not the file's 4 bits, --quantization auto): the long-prompt test below
-    # compares the paged, chunked engine with the dense model to 1e-3.
+    # Float weights (not the file's 4 bits, --quantization auto) and a float32 KV cache: the
+    # long-prompt test below compares the paged, chunked engine with the dense model to 1e-3.
     options = EngineOptions(model=path, dtype="float32", max_model_len=1024, kv_cache_gib=0.1,
-                            max_num_batched_tokens=128, quantization="none")
+                            max_num_batched_tokens=128, quantization="none", kv_cache_dtype="float32")
     server = ServerConfig(port=free_port(), served_model_name=NAME)
     with running_server(options, server) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)

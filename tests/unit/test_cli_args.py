@@ -28,8 +28,6 @@ def test_request_timeout_must_be_a_positive_number(bad, capsys):
     assert "--request-timeout: must be a positive number of seconds" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="needs wiring.server_config_from_args to pass request_timeout "
-                                       "(the patch for textmill/wiring.py); remove this mark with it")
 def test_request_timeout_reaches_the_server_config():
     from textmill.wiring import server_config_from_args
 
