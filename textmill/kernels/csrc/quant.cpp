@@ -247,62 +247,54 @@ void check_codes(const torch::Tensor& codes, const torch::Tensor& d, torch::Scal
               "scales must be contiguous float16 (N, K/32)");
 }
 
-torch::Tensor q4_pack_codes(const torch::Tensor& codes, const torch::Tensor& d, const torch::Tensor& m) {
-  check_codes(codes, d, torch::kUInt8);
-  TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == torch::kHalf && m.is_contiguous(),
-              "mins must be contiguous float16 like the scales");
-  const int64_t n = codes.size(0), k = codes.size(1), kb = k / QK, ntiles = (n + NR - 1) / NR;
-  auto out = torch::zeros({packed_bytes(Mode::Q4, n, k)}, torch::kUInt8);
-  const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
-  const uint16_t* mp = reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>());
+// Walks every (row, block) of an (N, K) weight in its tile: fn(tile, r, row, b), where tile
+// is the row's tile in `out` and r its row inside it. Parallel over tiles.
+template <typename Fn>
+torch::Tensor pack_by_block(Mode mode, int64_t n, int64_t k, Fn fn) {
+  const int64_t kb = k / QK, ntiles = (n + NR - 1) / NR;
+  auto out = torch::zeros({packed_bytes(mode, n, k)}, torch::kUInt8);
   uint8_t* op = out.data_ptr<uint8_t>();
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      uint8_t* tile = op + t * tile_bytes(Mode::Q4, kb);
-      uint16_t* scales = reinterpret_cast<uint16_t*>(tile + kb * Q4_CODE_BYTES);
-      for (int64_t r = 0; r < NR && t * NR + r < n; ++r) {
-        const int64_t row = t * NR + r;
-        for (int64_t b = 0; b < kb; ++b) {
-          const uint8_t* g = cp + row * k + b * QK;
-          uint8_t* dst = tile + b * Q4_CODE_BYTES;
-          for (int64_t j = 0; j < QK; ++j) {
-            const uint8_t c = g[j] & 15;
-            dst[q4_byte(r, j)] |= static_cast<uint8_t>(j < 16 ? c : c << 4);
-          }
-          scales[b * Q4_SCALE_HALVES + r] = dp[row * kb + b];
-          scales[b * Q4_SCALE_HALVES + NR + r] = mp[row * kb + b];
-        }
-      }
-    }
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t r = 0; r < NR && t * NR + r < n; ++r)
+        for (int64_t b = 0; b < kb; ++b) fn(op + t * tile_bytes(mode, kb), r, t * NR + r, b);
   });
   return out;
 }
 
+torch::Tensor q4_pack_codes(const torch::Tensor& codes, const torch::Tensor& d, const torch::Tensor& m) {
+  check_codes(codes, d, torch::kUInt8);
+  TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == torch::kHalf && m.is_contiguous(),
+              "mins must be contiguous float16 like the scales");
+  const int64_t n = codes.size(0), k = codes.size(1), kb = k / QK;
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
+  const uint16_t* mp = reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>());
+  return pack_by_block(Mode::Q4, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
+    const uint8_t* g = cp + row * k + b * QK;
+    uint8_t* dst = tile + b * Q4_CODE_BYTES;
+    for (int64_t j = 0; j < QK; ++j) {
+      const uint8_t c = g[j] & 15;
+      dst[q4_byte(r, j)] |= static_cast<uint8_t>(j < 16 ? c : c << 4);
+    }
+    uint16_t* scales = reinterpret_cast<uint16_t*>(tile + kb * Q4_CODE_BYTES);
+    scales[b * Q4_SCALE_HALVES + r] = dp[row * kb + b];
+    scales[b * Q4_SCALE_HALVES + NR + r] = mp[row * kb + b];
+  });
+}
+
 torch::Tensor q8_pack_codes(const torch::Tensor& codes, const torch::Tensor& d) {
   check_codes(codes, d, torch::kChar);
-  const int64_t n = codes.size(0), k = codes.size(1), kb = k / QK, ntiles = (n + NR - 1) / NR;
-  auto out = torch::zeros({packed_bytes(Mode::Q8, n, k)}, torch::kUInt8);
+  const int64_t n = codes.size(0), k = codes.size(1), kb = k / QK;
   const int8_t* cp = codes.data_ptr<int8_t>();
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
-  uint8_t* op = out.data_ptr<uint8_t>();
-  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      uint8_t* tile = op + t * tile_bytes(Mode::Q8, kb);
-      uint16_t* scales = reinterpret_cast<uint16_t*>(tile + kb * Q8_CODE_BYTES);
-      for (int64_t r = 0; r < NR && t * NR + r < n; ++r) {
-        const int64_t row = t * NR + r;
-        for (int64_t b = 0; b < kb; ++b) {
-          const int8_t* g = cp + row * k + b * QK;
-          int8_t* dst = reinterpret_cast<int8_t*>(tile + b * Q8_CODE_BYTES);
-          // -128 has no place in the kernels' sign trick (|-128| overflows a byte).
-          for (int64_t j = 0; j < QK; ++j) dst[q8_byte(r, j)] = std::max<int8_t>(g[j], -127);
-          scales[b * Q8_SCALE_HALVES + r] = dp[row * kb + b];
-        }
-      }
-    }
+  return pack_by_block(Mode::Q8, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
+    const int8_t* g = cp + row * k + b * QK;
+    int8_t* dst = reinterpret_cast<int8_t*>(tile + b * Q8_CODE_BYTES);
+    // -128 has no place in the kernels' sign trick (|-128| overflows a byte).
+    for (int64_t j = 0; j < QK; ++j) dst[q8_byte(r, j)] = std::max<int8_t>(g[j], -127);
+    reinterpret_cast<uint16_t*>(tile + kb * Q8_CODE_BYTES)[b * Q8_SCALE_HALVES + r] = dp[row * kb + b];
   });
-  return out;
 }
 
 // ---------------------------------------------------------------------------------------
