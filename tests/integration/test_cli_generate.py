@@ -3,6 +3,7 @@ generation worked, and a failure is one line on stderr, never a traceback."""
 from __future__ import annotations
 
 import gc
+import logging
 
 import pytest
 
@@ -15,11 +16,15 @@ ARGS = ["generate", "The capital of France is", "--max-tokens", "4", "--dtype", 
 
 
 @pytest.fixture(autouse=True)
-def _unfreeze():
+def _restore_process_state():
     # run_generate gc.freeze()s the loaded model, as a one-shot process should; in this
-    # process the next tests would keep every engine loaded here for good.
+    # process the next tests would keep every engine loaded here for good. cli.main also
+    # points the root logger at this test's captured stderr, which pytest closes after it.
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     yield
     gc.unfreeze()
+    root.handlers[:], root.level = handlers, level
 
 
 def _stderr_lines(capsys) -> list[str]:
