@@ -59,7 +59,7 @@ def model_rows(rows: list[dict], stamp: dict | None = None) -> list[list[str]]:
                  str(res["errors"]) if res else "-", fmt(r.get("ready_s"), 1), fmt(r.get("rss_load_mib"), 0),
                  fmt(r.get("rss_end_mib"), 0), fmt(r.get("cores")),
                  fmt(None if r.get("others") is None else 100 * r["others"], 0)]
-        if cached:  # prefix-cache hits: the shared-prefix workload
+        if cached and cached >= 0.005:  # prefix-cache hits: the shared-prefix workload
             cells[8] += f" ({100 * cached:.0f}% cached)"
         if stamp is not None:
             cells += [stamp_cell(stamp), machine_cell(stamp)]
