@@ -95,3 +95,74 @@ def test_rows_reads_only_the_asked_rows():
     full = dequantize(raw, T.Q8_0).reshape(N, K)
     ids = torch.tensor([3, 0, 3, 15])
     assert torch.equal(table(ids), torch.from_numpy(full[ids.numpy()]))
+
+
+# --- the C++ converter (kernels/csrc/gguf_blocks.h): packs from the file's bytes in one pass,
+# and must give the bytes the Python reference above gives.
+
+C_TYPES = [T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.F16, T.F32, T.BF16]
+
+
+def _float_blocks(qtype: T, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed + 100 + int(qtype))
+    w = rng.normal(0, 0.05, (N, K)).astype(np.float32)
+    if qtype == T.F32:
+        return w.view(np.uint8).reshape(N, -1)
+    if qtype == T.F16:
+        return w.astype(np.float16).view(np.uint8).reshape(N, -1)
+    return (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(N, -1)  # bf16
+
+
+def _raw(qtype: T, seed: int = 0) -> np.ndarray:
+    return _float_blocks(qtype, seed) if qtype in (T.F16, T.F32, T.BF16) else blocks_for(qtype, seed)
+
+
+def _python_packed(parts: list[tuple[np.ndarray, T]], order=None) -> torch.Tensor:
+    ext = load("quant")
+    codes = [from_gguf(raw, qt, (N, K)) for raw, qt in parts]
+    if order is not None:
+        codes[0] = codes[0].rows(order)
+    c = concat(codes) if len(codes) > 1 else codes[0]
+    return ext.q4_pack_codes(c.codes, c.scale, c.min) if c.bits == 4 else ext.q8_pack_codes(c.codes, c.scale)
+
+
+def _c_packed(bits: int, parts: list[tuple[np.ndarray, T]], order=None) -> torch.Tensor:
+    ext = load("quant")
+    raws = [torch.from_numpy(np.ascontiguousarray(raw).reshape(-1).view(np.uint8)) for raw, _ in parts]
+    orders = [order if (i == 0 and order is not None) else torch.empty(0, dtype=torch.long) for i in range(len(parts))]
+    return ext.pack_gguf(bits, raws, [int(qt) for _, qt in parts], orders, K)
+
+
+@pytest.mark.parametrize("qtype", C_TYPES, ids=lambda t: t.name)
+def test_c_packing_gives_the_python_references_bytes(qtype):
+    raw = _raw(qtype)
+    bits = 4 if qtype in (T.Q4_0, T.Q4_1, T.Q4_K) else 8
+    assert torch.equal(_c_packed(bits, [(raw, qtype)]), _python_packed([(raw, qtype)]))
+
+
+def test_c_packing_stacks_parts_and_undoes_a_row_order():
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(3))
+    four = [(_raw(T.Q4_K, 1), T.Q4_K), (_raw(T.Q4_0, 2), T.Q4_0), (_raw(T.Q4_1, 3), T.Q4_1)]
+    assert torch.equal(_c_packed(4, four, order), _python_packed(four, order))
+    eight = [(_raw(T.Q6_K, 1), T.Q6_K), (_raw(T.Q8_0, 2), T.Q8_0), (_raw(T.F16, 3), T.F16)]
+    assert torch.equal(_c_packed(8, eight, order), _python_packed(eight, order))
+
+
+def test_c_packing_refuses_what_halves_cannot_hold_and_types_it_does_not_decode():
+    raw = blocks_for(T.Q4_0)
+    raw[:, 0:2] = np.array([60000.0], dtype=np.float16).view(np.uint8)  # -8 d overflows a half
+    with pytest.raises(RuntimeError, match="half range"):
+        _c_packed(4, [(raw, T.Q4_0)])
+    with pytest.raises(RuntimeError, match="not decoded here"):
+        _c_packed(8, [(blocks_for(T.Q3_K), T.Q3_K)])
+    with pytest.raises(RuntimeError, match="no 4-bit form"):
+        _c_packed(4, [(blocks_for(T.Q6_K), T.Q6_K)])
+
+
+@pytest.mark.parametrize("qtype", C_TYPES, ids=lambda t: t.name)
+def test_c_rows_give_the_dequantized_values(qtype):
+    raw = _raw(qtype)
+    ids = torch.tensor([5, 0, 5, N - 1])
+    got = load("quant").gguf_rows(torch.from_numpy(np.ascontiguousarray(raw).reshape(-1).view(np.uint8)), int(qtype), ids, K)
+    expected = dequantize(raw, qtype).reshape(N, K)[ids.numpy()]
+    assert torch.equal(got, torch.from_numpy(expected))

@@ -41,7 +41,9 @@ def _build_id(name: str) -> str:
     import torch
 
     h = hashlib.sha256()
-    for part in ((CSRC / f"{name}.cpp").read_bytes(), " ".join(CFLAGS).encode(),
+    # Headers count too: a change to one must rebuild every extension that includes it.
+    headers = b"".join(p.read_bytes() for p in sorted(CSRC.glob("*.h")))
+    for part in ((CSRC / f"{name}.cpp").read_bytes(), headers, " ".join(CFLAGS).encode(),
                  torch.__version__.encode(), _cpu_key().encode()):
         h.update(part)
     return h.hexdigest()[:12]

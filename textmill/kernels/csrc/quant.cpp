@@ -50,6 +50,9 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <vector>
+
+#include "gguf_blocks.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -295,6 +298,96 @@ torch::Tensor q8_pack_codes(const torch::Tensor& codes, const torch::Tensor& d) 
     for (int64_t j = 0; j < QK; ++j) dst[q8_byte(r, j)] = std::max<int8_t>(g[j], -127);
     reinterpret_cast<uint16_t*>(tile + kb * Q8_CODE_BYTES)[b * Q8_SCALE_HALVES + r] = dp[row * kb + b];
   });
+}
+
+// Packing straight from a GGUF file's mapped bytes (gguf_blocks.h decodes each group):
+// the parts are stacked along N in order (q, k, v -> qkv), each part's output row i taken
+// from its source row order[i] (llama.cpp's q/k permutation undone) or row i when order is
+// empty. One pass, parallel over tiles, no intermediate codes tensor. bits 4 takes only
+// Q4_0/Q4_1/Q4_K parts; bits 8 takes every type gguf_blocks.h decodes.
+// Raises with "half range" in the message when a scale or min does not fit a half, so
+// that the caller can fall back to its own (8-bit) handling of such a tensor.
+torch::Tensor pack_gguf(int64_t bits, const std::vector<torch::Tensor>& raws, const std::vector<int64_t>& types,
+                        const std::vector<torch::Tensor>& orders, int64_t k) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(!raws.empty() && raws.size() == types.size() && raws.size() == orders.size(),
+              "one type and one row order per part");
+  TORCH_CHECK(k > 0 && k % QK == 0, "K = ", k, " is not a positive multiple of ", QK);
+  std::vector<const uint8_t*> row_ptr;
+  std::vector<int64_t> row_type;
+  for (size_t p = 0; p < raws.size(); ++p) {
+    const auto& raw = raws[p];
+    const gguf::Layout lay = gguf::layout(types[p]);
+    TORCH_CHECK(lay.block_values > 0, "GGUF type ", types[p], " is not decoded here");
+    TORCH_CHECK(bits == 8 || gguf::four_bit(types[p]), "GGUF type ", types[p], " has no 4-bit form");
+    TORCH_CHECK(k % lay.block_values == 0, "K = ", k, " is not a whole number of blocks of ", lay.block_values);
+    TORCH_CHECK(raw.scalar_type() == torch::kUInt8 && raw.dim() == 1 && raw.is_contiguous(),
+                "raw tensor bytes: contiguous 1-D uint8");
+    const int64_t row_bytes = k / lay.block_values * lay.block_bytes;
+    TORCH_CHECK(raw.numel() % row_bytes == 0, "part ", p, " is not a whole number of rows");
+    const int64_t rows = raw.numel() / row_bytes;
+    const uint8_t* base = raw.data_ptr<uint8_t>();
+    const auto& order = orders[p];
+    const bool permuted = order.numel() > 0;
+    if (permuted)
+      TORCH_CHECK(order.scalar_type() == torch::kLong && order.is_contiguous() && order.numel() == rows,
+                  "row order: contiguous int64, one index per row");
+    const int64_t* op = permuted ? order.data_ptr<int64_t>() : nullptr;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t src = permuted ? op[i] : i;
+      TORCH_CHECK(src >= 0 && src < rows, "row order index out of range");
+      row_ptr.push_back(base + src * row_bytes);
+      row_type.push_back(types[p]);
+    }
+  }
+  const int64_t n = static_cast<int64_t>(row_ptr.size()), kb = k / QK;
+  std::atomic<bool> in_range{true};
+  torch::Tensor out;
+  if (bits == 4) {
+    out = pack_by_block(Mode::Q4, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
+      uint8_t c[QK];
+      uint16_t d, m;
+      if (!gguf::decode4(row_type[row], row_ptr[row], b, c, &d, &m)) in_range = false;
+      uint8_t* dst = tile + b * Q4_CODE_BYTES;
+      for (int64_t j = 0; j < QK; ++j) dst[q4_byte(r, j)] |= static_cast<uint8_t>(j < 16 ? c[j] : c[j] << 4);
+      uint16_t* scales = reinterpret_cast<uint16_t*>(tile + kb * Q4_CODE_BYTES);
+      scales[b * Q4_SCALE_HALVES + r] = d;
+      scales[b * Q4_SCALE_HALVES + NR + r] = m;
+    });
+  } else {
+    out = pack_by_block(Mode::Q8, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
+      int8_t c[QK];
+      uint16_t d;
+      if (!gguf::decode8(row_type[row], row_ptr[row], b, c, &d)) in_range = false;
+      int8_t* dst = reinterpret_cast<int8_t*>(tile + b * Q8_CODE_BYTES);
+      for (int64_t j = 0; j < QK; ++j) dst[q8_byte(r, j)] = c[j];
+      reinterpret_cast<uint16_t*>(tile + kb * Q8_CODE_BYTES)[b * Q8_SCALE_HALVES + r] = d;
+    });
+  }
+  TORCH_CHECK(in_range.load(), "a scale or min is outside the half range (or a weight is not finite)");
+  return out;
+}
+
+// Rows of a GGUF tensor -> float32 (N, K): the embedding lookup over the mapped file.
+torch::Tensor gguf_rows(const torch::Tensor& raw, int64_t type, const torch::Tensor& ids, int64_t k) {
+  const gguf::Layout lay = gguf::layout(type);
+  TORCH_CHECK(lay.block_values > 0, "GGUF type ", type, " is not decoded here");
+  TORCH_CHECK(k > 0 && k % QK == 0 && k % lay.block_values == 0, "bad row width ", k);
+  TORCH_CHECK(raw.scalar_type() == torch::kUInt8 && raw.dim() == 1 && raw.is_contiguous(), "raw: 1-D uint8");
+  TORCH_CHECK(ids.scalar_type() == torch::kLong && ids.dim() == 1, "ids: 1-D int64");
+  const int64_t row_bytes = k / lay.block_values * lay.block_bytes, rows = raw.numel() / row_bytes;
+  auto idc = ids.contiguous();
+  const int64_t* ip = idc.data_ptr<int64_t>();
+  const int64_t m = idc.numel();
+  for (int64_t i = 0; i < m; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < rows, "row id ", ip[i], " out of range");
+  auto out = torch::empty({m, k}, torch::kFloat);
+  float* o = out.data_ptr<float>();
+  const uint8_t* base = raw.data_ptr<uint8_t>();
+  at::parallel_for(0, m, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t b = 0; b < k / QK; ++b) gguf::decode_floats(type, base + ip[i] * row_bytes, b, o + i * k + b * QK);
+  });
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -875,6 +968,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_unpack", &q8_unpack, nogil, "packed Q8 -> codes (N, K) int8, d (N, K/32)");
   m.def("q4_pack_codes", &q4_pack_codes, nogil, "codes (N, K) uint8 0..15, d, m (N, K/32) float16 -> packed Q4");
   m.def("q8_pack_codes", &q8_pack_codes, nogil, "codes (N, K) int8, d (N, K/32) float16 -> packed Q8");
+  m.def("pack_gguf", &pack_gguf, nogil, "GGUF tensors' bytes, stacked along N -> packed Q4 (bits 4) or Q8 (bits 8)",
+        py::arg("bits"), py::arg("raws"), py::arg("types"), py::arg("orders"), py::arg("k"));
+  m.def("gguf_rows", &gguf_rows, nogil, "rows `ids` of a GGUF tensor's bytes -> float32 (len(ids), K)",
+        py::arg("raw"), py::arg("type"), py::arg("ids"), py::arg("k"));
   m.def("quantize_act", &quantize_act, nogil, "x (M, K) -> int8 codes, scales, scale*sum per block of 32",
         py::arg("x"), py::arg("impl") = 0);
   m.def("q4_linear", &q4_linear, nogil, "x (M, K) @ Q4 weights^T (+ bias)", py::arg("x"), py::arg("packed"),

@@ -1,0 +1,267 @@
+// GGUF block decoding, one group of 32 weights at a time, for packing a file's tensors
+// straight into the kernels' layout (quant.cpp pack_gguf). It is the C++ twin of
+// loader/group_codes.py + loader/dequant.py and must give the same bytes: the Python
+// converters stay as the reference (tests compare the two) and as the path for the rare
+// types not decoded here (Q2_K, Q3_K). Layouts follow ggml's block_q* structs: scales are
+// little-endian f16, nibbles low half first.
+//
+// Why here and not numpy: numpy converts a tensor in several whole-tensor passes with
+// temporaries (a 1B Q4_K_M file took ~12 s to load on 2 cores, two thirds of it in
+// Q6_K's dequantize and the 8-bit requantize); one pass over the mapped bytes, parallel
+// over tiles, writes the packed weights directly.
+#pragma once
+
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace gguf {
+
+// ggml's type ids (gguf.constants.GGMLQuantizationType).
+enum Type : int64_t {
+  F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
+  Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30,
+};
+
+struct Layout {
+  int64_t block_values;  // weights per block
+  int64_t block_bytes;
+};
+
+// The block layout of a type decoded here; block_values 0 for any other type.
+inline Layout layout(int64_t type) {
+  switch (type) {
+    case F32: return {1, 4};
+    case F16: return {1, 2};
+    case BF16: return {1, 2};
+    case Q4_0: return {32, 18};
+    case Q4_1: return {32, 20};
+    case Q5_0: return {32, 22};
+    case Q5_1: return {32, 24};
+    case Q8_0: return {32, 34};
+    case Q4_K: return {256, 144};
+    case Q5_K: return {256, 176};
+    case Q6_K: return {256, 210};
+    default: return {0, 0};
+  }
+}
+
+// Types whose groups are 4-bit codes with a scale and a min (the kernels' Q4 form).
+inline bool four_bit(int64_t type) { return type == Q4_0 || type == Q4_1 || type == Q4_K; }
+
+inline float f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+inline uint16_t f16_bits(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return h;
+}
+inline uint16_t to_half(float f) { return c10::Half(f).x; }
+
+// Q4_K/Q5_K: sub-block j's 6-bit scale and min from the 12 packed bytes (ggml's
+// get_scale_min_k4).
+inline void scale_min_k4(int j, const uint8_t* q, float* sc, float* mn) {
+  if (j < 4) {
+    *sc = static_cast<float>(q[j] & 63);
+    *mn = static_cast<float>(q[j + 4] & 63);
+  } else {
+    *sc = static_cast<float>((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4));
+    *mn = static_cast<float>((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+  }
+}
+
+// The scales and mins must fit a half; a value at or past 65504 (or not finite) makes
+// the caller fall back to the Python path, which rounds such a tensor to 8 bits instead.
+inline bool half_ok(float x) { return std::fabs(x) < 65504.0f; }
+
+// Group b (32 weights) of a 4-bit type's row -> codes 0..15, d and m as half bits.
+// False when a scale or min does not fit a half.
+inline bool decode4(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d, uint16_t* m) {
+  if (type == Q4_K) {
+    const uint8_t* blk = row + (b / 8) * 144;
+    const int s = static_cast<int>(b % 8);
+    float sc, mn;
+    scale_min_k4(s, blk + 4, &sc, &mn);
+    const float dd = f16(blk) * sc, mm = -(f16(blk + 2) * mn);
+    if (!half_ok(dd) || !half_ok(mm)) return false;
+    *d = to_half(dd);
+    *m = to_half(mm);
+    const uint8_t* qs = blk + 16 + (s / 2) * 32;
+    for (int l = 0; l < 32; ++l) codes[l] = (s & 1) ? (qs[l] >> 4) : (qs[l] & 0x0F);
+    return true;
+  }
+  const int64_t bytes = type == Q4_0 ? 18 : 20;
+  const uint8_t* blk = row + b * bytes;
+  const uint8_t* qs = blk + (type == Q4_0 ? 2 : 4);
+  for (int l = 0; l < 16; ++l) {
+    codes[l] = qs[l] & 0x0F;
+    codes[l + 16] = qs[l] >> 4;
+  }
+  const float dd = f16(blk);
+  if (type == Q4_0) {
+    const float mm = -8.0f * dd;  // exact in a half whenever it fits one
+    if (!half_ok(dd) || !half_ok(mm)) return false;
+    *d = f16_bits(blk);
+    *m = to_half(mm);
+  } else {
+    if (!half_ok(dd) || !half_ok(f16(blk + 2))) return false;
+    *d = f16_bits(blk);
+    *m = f16_bits(blk + 2);
+  }
+  return true;
+}
+
+// These reproduce loader/dequant.py's float32 operations in its order; contracting them
+// into FMAs would round differently from numpy.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
+// Group b of a row of any type decoded here -> 32 float32 weights (dequant.py's values).
+inline void decode_floats(int64_t type, const uint8_t* row, int64_t b, float* w) {
+  switch (type) {
+    case F32: std::memcpy(w, row + b * 128, 128); return;
+    case F16:
+      for (int l = 0; l < 32; ++l) w[l] = f16(row + b * 64 + 2 * l);
+      return;
+    case BF16:
+      for (int l = 0; l < 32; ++l) {
+        uint32_t u = static_cast<uint32_t>(row[b * 64 + 2 * l]) | (static_cast<uint32_t>(row[b * 64 + 2 * l + 1]) << 8);
+        u <<= 16;
+        std::memcpy(&w[l], &u, 4);
+      }
+      return;
+    case Q8_0: {
+      const uint8_t* blk = row + b * 34;
+      const float d = f16(blk);
+      for (int l = 0; l < 32; ++l) w[l] = static_cast<float>(static_cast<int8_t>(blk[2 + l])) * d;
+      return;
+    }
+    case Q4_0: case Q4_1: case Q4_K: {
+      uint8_t c[32];
+      uint16_t dh, mh;
+      // Values through the same float ops as dequant.py, not through the half-rounded
+      // Q4_K scales: this path serves 8-bit packing of a 4-bit type, which the loader
+      // never asks for; kept so every decoded type has one float reference.
+      if (type == Q4_K) {
+        const uint8_t* blk = row + (b / 8) * 144;
+        const int s = static_cast<int>(b % 8);
+        float sc, mn;
+        scale_min_k4(s, blk + 4, &sc, &mn);
+        const uint8_t* qs = blk + 16 + (s / 2) * 32;
+        const float d = f16(blk), dmin = f16(blk + 2);
+        for (int l = 0; l < 32; ++l) {
+          const float q = static_cast<float>((s & 1) ? (qs[l] >> 4) : (qs[l] & 0x0F));
+          w[l] = d * sc * q - dmin * mn;
+        }
+        return;
+      }
+      decode4(type, row, b, c, &dh, &mh);
+      const uint8_t* blk = row + b * (type == Q4_0 ? 18 : 20);
+      const float d = f16(blk);
+      for (int l = 0; l < 32; ++l) {
+        w[l] = type == Q4_0 ? (static_cast<float>(c[l]) - 8.0f) * d : static_cast<float>(c[l]) * d + f16(blk + 2);
+      }
+      return;
+    }
+    case Q5_0: case Q5_1: {
+      const int64_t bytes = type == Q5_0 ? 22 : 24;
+      const uint8_t* blk = row + b * bytes;
+      const uint8_t* qh = blk + (type == Q5_0 ? 2 : 4);
+      const uint8_t* qs = qh + 4;
+      uint32_t high;
+      std::memcpy(&high, qh, 4);
+      const float d = f16(blk);
+      for (int l = 0; l < 32; ++l) {
+        const int low = l < 16 ? (qs[l] & 0x0F) : (qs[l - 16] >> 4);
+        const float q = static_cast<float>(low | (((high >> l) & 1) << 4));
+        w[l] = type == Q5_0 ? d * (q - 16.0f) : d * q + f16(blk + 2);
+      }
+      return;
+    }
+    case Q5_K: {
+      const uint8_t* blk = row + (b / 8) * 176;
+      const int s = static_cast<int>(b % 8);
+      float sc, mn;
+      scale_min_k4(s, blk + 4, &sc, &mn);
+      const uint8_t* qh = blk + 16;
+      const uint8_t* qs = blk + 48 + (s / 2) * 32;
+      const float d = f16(blk), dmin = f16(blk + 2);
+      for (int l = 0; l < 32; ++l) {
+        const int low = (s & 1) ? (qs[l] >> 4) : (qs[l] & 0x0F);
+        const float q = static_cast<float>(low | (((qh[l] >> s) & 1) << 4));
+        w[l] = d * sc * q - dmin * mn;
+      }
+      return;
+    }
+    case Q6_K: {
+      // Group b%8 of 32 in the super-block: half h of 128, quarter j inside it. Value
+      // 128h + 32j + l takes the low (j < 2) or high nibble of ql[64h + l + 32 (j & 1)],
+      // bits 2j..2j+1 of qh[32h + l] as its top bits, and scale 8h + 2j + l / 16.
+      const uint8_t* blk = row + (b / 8) * 210;
+      const int g = static_cast<int>(b % 8), h = g / 4, j = g % 4;
+      const uint8_t* ql = blk + 64 * h + 32 * (j & 1);
+      const uint8_t* qh = blk + 128 + 32 * h;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192) + 8 * h + 2 * j;
+      const float d = f16(blk + 208);
+      for (int l = 0; l < 32; ++l) {
+        const int low = j < 2 ? (ql[l] & 0x0F) : (ql[l] >> 4);
+        const float q = static_cast<float>(low | (((qh[l] >> (2 * j)) & 3) << 4)) - 32.0f;
+        w[l] = d * (q * static_cast<float>(sc[l / 16]));
+      }
+      return;
+    }
+    default: return;
+  }
+}
+
+// Group b -> 8-bit codes and a half scale. Q8_0 and Q5_0 keep the file's codes (Q8_0's
+// -128 becomes -127: the kernels' sign trick has no place for it); every other type is
+// rounded as group_codes.requantize_8bit does: d = half(max|w| / 127), q = round(w / d),
+// ties to even. False when d does not fit a half (or a weight is not finite).
+inline bool decode8(int64_t type, const uint8_t* row, int64_t b, int8_t* codes, uint16_t* d) {
+  if (type == Q8_0 || type == Q5_0) {
+    const uint8_t* blk = row + b * (type == Q8_0 ? 34 : 22);
+    if (!half_ok(f16(blk))) return false;
+    *d = f16_bits(blk);
+    if (type == Q8_0) {
+      for (int l = 0; l < 32; ++l) codes[l] = static_cast<int8_t>(std::max<int>(static_cast<int8_t>(blk[2 + l]), -127));
+    } else {
+      uint32_t high;
+      std::memcpy(&high, blk + 2, 4);
+      const uint8_t* qs = blk + 6;
+      for (int l = 0; l < 32; ++l) {
+        const int low = l < 16 ? (qs[l] & 0x0F) : (qs[l - 16] >> 4);
+        codes[l] = static_cast<int8_t>((low | (((high >> l) & 1) << 4)) - 16);
+      }
+    }
+    return true;
+  }
+  float w[32];
+  decode_floats(type, row, b, w);
+  float amax = 0.0f;
+  bool finite = true;
+  for (int l = 0; l < 32; ++l) {
+    finite = finite && std::isfinite(w[l]);
+    amax = std::max(amax, std::fabs(w[l]));
+  }
+  const float scale = amax / 127.0f;
+  if (!finite || !(scale < 65504.0f)) return false;
+  *d = to_half(scale);
+  const float dh = static_cast<float>(c10::Half(*d, c10::Half::from_bits()));
+  const float inv = dh > 0.0f ? 1.0f / dh : 0.0f;
+  for (int l = 0; l < 32; ++l) {
+    const float q = std::nearbyint(w[l] * inv);  // the default rounding mode: ties to even
+    codes[l] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, q)));
+  }
+  return true;
+}
+
+#pragma GCC pop_options
+
+}  // namespace gguf
