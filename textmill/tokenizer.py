@@ -236,6 +236,11 @@ class Tokenizer:
         """A fresh incremental decoder (one per request)."""
         return IncrementalDecoder(self._token_bytes, self._strip_leading_space)
 
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids of the special (control) tokens: never text, so a grammar never allows them."""
+        return frozenset(i for i, t in self._backend.get_added_tokens_decoder().items()
+                         if t.special and i < self.vocab_size)
+
     def token_to_id(self, text: str) -> int | None:
         """The id of the token spelled exactly `text` (a special token's text), if any."""
         return self._backend.token_to_id(text)
