@@ -9,6 +9,8 @@ import enum
 import math
 from dataclasses import dataclass
 
+from textmill.structured import StructuredOutput
+
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS or a stop string
@@ -54,6 +56,9 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens whose probability is below min_p * the top probability
     repetition_penalty: float = 1.0  # HF/vLLM: over prompt and generated tokens; 1 is off
     min_tokens: int = 0  # stop_token_ids (EOS included) are banned until this many are generated
+    # A grammar the generated text must follow (JSON schema, regex, choice, GBNF/Lark); the
+    # runner masks every token it does not allow, and allows EOS exactly when it can end.
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -75,6 +80,10 @@ class SamplingParams:
             raise InvalidParam("repetition_penalty", "repetition_penalty must be greater than 0")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidParam("min_tokens", "min_tokens must be between 0 and max_tokens")
+        if self.structured is not None and self.min_tokens > 0:
+            # Once the grammar is complete only EOS is allowed, and min_tokens would ban it:
+            # no token would be left to sample.
+            raise InvalidParam("min_tokens", "min_tokens cannot be combined with a structured output constraint")
         if any(s == "" for s in self.stop):
             raise InvalidParam("stop", "stop strings must not be empty")
         for name in ("logprobs", "prompt_logprobs"):

@@ -64,6 +64,7 @@ class BuiltEngine:
     model_name: str
     fingerprint: str
     plan: "ExecutionPlan"
+    grammars: object = None  # textmill.grammar.compiler.LLGuidanceCompiler (structured outputs)
 
 
 def model_path(model: str | None) -> Path:
@@ -103,8 +104,10 @@ def build_engine(opts: EngineOptions, wrap_runner: Callable | None = None) -> Bu
     cache, max_len = _cache_config(cfg, opts, plan, max_len)
     sched = SchedulerConfig(max_num_seqs=opts.max_num_seqs, max_num_batched_tokens=opts.max_num_batched_tokens,
                             max_model_len=max_len)
+    from textmill.grammar.compiler import LLGuidanceCompiler
+    grammars = LLGuidanceCompiler(tokenizer, cfg.vocab_size)  # shared by the API (compile) and the runner
     try:
-        runner = ModelRunner.from_plan(loaded, cache, plan, vocab_limit=tokenizer.vocab_size)
+        runner = ModelRunner.from_plan(loaded, cache, plan, vocab_limit=tokenizer.vocab_size, grammars=grammars)
     except ValueError as exc:  # e.g. --quantization int4 with float32 and no kernels
         raise StartupError(str(exc)) from exc
     log.info("linear layers: %s", runner.linears)
@@ -117,7 +120,7 @@ def build_engine(opts: EngineOptions, wrap_runner: Callable | None = None) -> Bu
     log.info("loaded %s (%s) in %.1fs; KV cache %d blocks of %d tokens, context window %d",
              name, cfg.architecture, time.perf_counter() - started, cache.num_blocks, cache.block_size, max_len)
     dev = DeviceConfig(device=plan.device, dtype=plan.dtype, num_threads=plan.threads)
-    return BuiltEngine(engine, tokenizer, cfg, sched, cache, dev, name, _fingerprint(path, plan), plan)
+    return BuiltEngine(engine, tokenizer, cfg, sched, cache, dev, name, _fingerprint(path, plan), plan, grammars=grammars)
 
 
 def _cache_config(cfg: ModelConfig, opts: EngineOptions, plan: "ExecutionPlan", max_len: int
@@ -165,7 +168,7 @@ def build_serving(opts: EngineOptions, served_model_name: str | None = None, wra
         model_name=served_model_name or built.model_name,
         max_model_len=built.scheduler_config.max_model_len, fingerprint=built.fingerprint,
         created=int(time.time()), kv_cache_blocks=built.cache_config.num_blocks,
-        vocab_size=min(built.tokenizer.vocab_size, built.model_config.vocab_size))
+        vocab_size=min(built.tokenizer.vocab_size, built.model_config.vocab_size), grammars=built.grammars)
 
 
 def options_from_args(args) -> EngineOptions:

@@ -95,6 +95,8 @@ class _EngineCollector:
         if stats is None:
             return
         yield from _engine_families(stats, ctx.model_name, ctx.kv_cache_blocks)
+        if getattr(ctx, "grammars", None) is not None:
+            yield from _grammar_families(ctx.grammars.stats(), ctx.model_name)
 
 
 def _engine_families(stats, model: str, num_blocks: int):
@@ -127,3 +129,22 @@ def _engine_families(stats, model: str, num_blocks: int):
                   stats.num_requests_finished)
     yield counter("textmill:step_failures", "Engine steps that failed (their requests got errors).",
                   stats.num_step_failures)
+
+
+def _grammar_families(stats, model: str):
+    """Structured outputs (textmill.structured.GrammarStats): each constrained request compiles
+    its grammar once in the API (a cache hit when the text was seen before); refused
+    constraints (400s) are failures."""
+    def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+        family = CounterMetricFamily(name, doc, labels=["model_name"])
+        family.add_metric([model], value)
+        return family
+
+    yield counter("textmill:structured_output_requests", "Completion requests with an output constraint.",
+                  stats.requests)
+    yield counter("textmill:grammar_compiles", "Grammars compiled (constraint texts not in the cache).",
+                  stats.compiles)
+    yield counter("textmill:grammar_compile_seconds", "Time spent compiling grammars.", stats.compile_seconds)
+    yield counter("textmill:grammar_cache_hits", "Constraints found compiled in the cache.", stats.cache_hits)
+    yield counter("textmill:grammar_compile_failures", "Constraints the grammar backend refused (400s).",
+                  stats.failures)

@@ -8,10 +8,13 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from textmill.api.constraints import requested_constraint, unsupported
 from textmill.api.errors import bad_request
 from textmill.api.protocol import CompletionRequest
+from textmill.api.unsupported import reject_unsupported
 from textmill.messages import EngineRequest
 from textmill.sampling_params import InvalidParam, SamplingParams
+from textmill.structured import GrammarCompiler, GrammarError, StructuredOutput
 from textmill.tokenizer import Tokenizer
 
 MAX_STOP_STRINGS = 4
@@ -60,7 +63,11 @@ class PreparedCompletion:
         ]
 
 
-def prepare(req: CompletionRequest, tokenizer: Tokenizer, limits: Limits) -> PreparedCompletion:
+def prepare(req: CompletionRequest, tokenizer: Tokenizer, limits: Limits,
+            grammars: GrammarCompiler | None = None) -> PreparedCompletion:
+    """`grammars` compiles a structured-output constraint (None: the server has none). A
+    compile may take a while: call prepare off the event loop when the request has one."""
+    reject_unsupported(req)
     n = req.n if req.n is not None else 1
     best_of = req.best_of if req.best_of is not None else n
     stream = bool(req.stream)
@@ -72,10 +79,12 @@ def prepare(req: CompletionRequest, tokenizer: Tokenizer, limits: Limits) -> Pre
     prompts = _tokenize_prompts(req, tokenizer, limits)
     for prompt in prompts:
         _check_context(len(prompt.token_ids), max_tokens, limits)
+    structured = _compiled_constraint(req, grammars)
     base_seed = req.seed if req.seed is not None else secrets.randbits(63)
     try:
         params = tuple(
-            _sampling_params(req, tokenizer, limits, max_tokens, echo, (base_seed + i * _SEED_STRIDE) % _SEED_MOD)
+            _sampling_params(req, tokenizer, limits, max_tokens, echo, (base_seed + i * _SEED_STRIDE) % _SEED_MOD,
+                             structured)
             for i in range(best_of)
         )
     except InvalidParam as exc:
@@ -194,8 +203,29 @@ def _check_context(num_prompt: int, max_tokens: int, limits: Limits) -> None:
             "Please reduce your prompt or completion length.", "max_tokens")
 
 
+def _compiled_constraint(req: CompletionRequest, grammars: GrammarCompiler | None) -> StructuredOutput | None:
+    """The request's constraint, compiled (the cache keeps it for the runner), or None."""
+    found = requested_constraint(req)
+    if found is None:
+        return None
+    structured, param = found
+    if grammars is None:
+        raise unsupported(param, "Structured outputs are not available on this server.")
+    if req.ignore_eos:
+        # The grammar ends on EOS: ignoring it would generate past the end of the grammar.
+        raise bad_request("ignore_eos cannot be combined with an output constraint.", "ignore_eos")
+    if req.min_tokens:
+        raise bad_request("min_tokens cannot be combined with an output constraint: once the grammar is "
+                          "complete only EOS may follow.", "min_tokens")
+    try:
+        grammars.compile(structured)
+    except GrammarError as exc:
+        raise bad_request(f"Invalid {param}: {exc.message}", param) from None
+    return structured
+
+
 def _sampling_params(req: CompletionRequest, tok: Tokenizer, limits: Limits, max_tokens: int,
-                     echo: bool, seed: int) -> SamplingParams:
+                     echo: bool, seed: int, structured: StructuredOutput | None = None) -> SamplingParams:
     stops = _stops(req.stop)
     return SamplingParams(
         max_tokens=max_tokens,
@@ -213,6 +243,7 @@ def _sampling_params(req: CompletionRequest, tok: Tokenizer, limits: Limits, max
         min_p=req.min_p or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         min_tokens=req.min_tokens or 0,
+        structured=structured,
     )
 
 
@@ -255,3 +286,10 @@ def _logit_bias(bias: dict[str, float] | None, limits: Limits) -> tuple[tuple[in
             raise bad_request(f"logit_bias values must be between -100 and 100, got {value!r} for {key}.", "logit_bias")
         out[token_id] = float(value)
     return tuple(sorted(out.items()))
+
+
+def has_constraint(req: CompletionRequest) -> bool:
+    """Whether the request sets any constraint field (its prepare may compile a grammar)."""
+    return any(getattr(req, f) is not None for f in (
+        "structured_outputs", "response_format", "json_schema", "grammar",
+        "guided_json", "guided_regex", "guided_choice", "guided_grammar"))

@@ -6,7 +6,7 @@ by the route) so that clients sending newer or vendor fields keep working.
 """
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,6 +19,36 @@ Prompt = Union[str, list[str], list[int], list[list[int]]]
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM: usage in every chunk
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one of json, regex, choice, grammar, json_object.
+    Other keys vLLM knows (structural_tag, whitespace_pattern, ...) are 400s (prepare)."""
+
+    model_config = ConfigDict(strict=True, extra="allow", populate_by_name=True)
+    # "json" would shadow BaseModel.json: the field has another name and the wire name as alias.
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format, as vLLM accepts it on completions: text, json_object, json_schema."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+    json_schema: JsonSchemaFormat | None = None
 
 
 class CompletionRequest(BaseModel):
@@ -51,6 +81,23 @@ class CompletionRequest(BaseModel):
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
+    # Structured outputs (api/constraints.py): vLLM's, OpenAI's response_format, llama.cpp's.
+    structured_outputs: StructuredOutputs | None = None
+    response_format: ResponseFormat | None = None
+    json_schema: dict[str, Any] | None = None  # llama.cpp
+    grammar: str | None = None  # llama.cpp: GBNF
+    # vLLM's older names for structured_outputs' keys.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # accepted and ignored: the backend is llguidance
+    # More of vLLM's extras.
+    prompt_logprobs: int | None = Field(None, ge=0, le=5)
+    return_token_ids: bool | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
 
 
 class TokenizeRequest(BaseModel):

@@ -16,7 +16,7 @@ from textmill.api.disconnect import EventStreamResponse, client_gone
 from textmill.api.errors import APIError, server_error
 from textmill.api.lifecycle import Phase
 from textmill.api.metrics import TokenTimer
-from textmill.api.prepare import Limits, PreparedCompletion, prepare
+from textmill.api.prepare import Limits, PreparedCompletion, has_constraint, prepare
 from textmill.api.protocol import CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList
 from textmill.api.serving import Deadline, ServingContext, check_model, merged_outputs
 from textmill.api.streaming import stream_completion
@@ -109,9 +109,10 @@ async def _prepare(body: CompletionRequest, ctx: ServingContext, cfg: ServerConf
                    body_bytes: int) -> PreparedCompletion:
     limits = Limits(ctx.max_model_len, ctx.vocab_size or ctx.tokenizer.vocab_size, cfg.max_prompts_per_request,
                     cfg.max_logit_bias_entries, cfg.max_prompt_tokens, cfg.max_n, cfg.max_best_of)
-    if body_bytes > _TOKENIZE_INLINE_BYTES:
-        return await asyncio.to_thread(prepare, body, ctx.tokenizer, limits)
-    return prepare(body, ctx.tokenizer, limits)
+    # A constraint compiles in prepare (ms, up to llguidance's limits): off the event loop too.
+    if body_bytes > _TOKENIZE_INLINE_BYTES or has_constraint(body):
+        return await asyncio.to_thread(prepare, body, ctx.tokenizer, limits, ctx.grammars)
+    return prepare(body, ctx.tokenizer, limits, ctx.grammars)
 
 
 def _count_param(body: CompletionRequest, prepared: PreparedCompletion) -> str:

@@ -43,6 +43,9 @@ class ServingContext:
     # Token ids a client may send: those both the model's embedding and the tokenizer know
     # (an HF tokenizer may list added tokens past the embedding rows, a GGUF the reverse).
     vocab_size: int = 0
+    # textmill.structured.GrammarCompiler: compiles structured-output constraints (None: no
+    # structured outputs on this server; a constrained request is then a 400).
+    grammars: Any = None
 
 
 def check_model(model: str | None, ctx: ServingContext) -> None:

@@ -37,11 +37,13 @@ class ModelRunner:
         file_weights: LoadedModel | None = None,
         kv_dtype: torch.dtype | None = None,
         vocab_limit: int | None = None,
+        grammars=None,
     ):
         """`file_weights`: a model loaded with load_model(codes=True); its linears and
         embedding become kernel layers over the file's own blocks (runner/file_weights.py).
         `vocab_limit`: the tokenizer's vocabulary when the model's embedding is padded past
-        it; ids from there on get no probability (they have no text to detokenize)."""
+        it; ids from there on get no probability (they have no text to detokenize).
+        `grammars`: the server's grammar compiler (textmill/grammar), for structured outputs."""
         self.model = model
         self.model_config = model_config
         self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < model_config.vocab_size else None
@@ -73,14 +75,14 @@ class ModelRunner:
         self._threads_set_in: int | None = None
         # The sampler holds all per-request state: params, seeded generator, bias, and the
         # counts of tokens this runner sampled (for penalties). Preemption keeps it.
-        self.sampler = Sampler(model_config.vocab_size, self.device)
+        self.sampler = Sampler(model_config.vocab_size, self.device, grammars=grammars)
 
     @classmethod
     def from_plan(cls, loaded: LoadedModel, cache_config: CacheConfig, plan: ExecutionPlan,
-                  vocab_limit: int | None = None) -> "ModelRunner":
+                  vocab_limit: int | None = None, grammars=None) -> "ModelRunner":
         """The runner runner/plan.py decided on, for a model loaded in the plan's format."""
         return cls(loaded.model, loaded.config, cache_config, device=plan.device, dtype=plan.torch_dtype,
-                   vocab_limit=vocab_limit,
+                   vocab_limit=vocab_limit, grammars=grammars,
                    quantization=plan.quantization, kernels=plan.kernels, kv_dtype=plan.torch_kv_dtype,
                    file_weights=loaded if plan.weights == "file-codes" else None)
 

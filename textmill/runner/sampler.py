@@ -2,8 +2,8 @@
 
 The order is fixed and documented (OpenAI semantics):
 
-    logit bias -> repetition/presence/frequency penalties -> min_tokens ban -> temperature
-    -> top-k -> top-p -> min-p -> sample
+    logit bias -> repetition/presence/frequency penalties -> min_tokens ban -> grammar mask
+    -> temperature -> top-k -> top-p -> min-p -> sample
 
 * logit bias: logits[j] += bias[j] for the request's (token, bias) pairs.
 * penalties: logits[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty, where
@@ -11,6 +11,12 @@ The order is fixed and documented (OpenAI semantics):
 * repetition_penalty (vLLM/HF): over tokens seen in the prompt *or* generated, positive
   logits are divided by it and negative ones multiplied.
 * min_tokens: the request's stop_token_ids are banned until it has generated that many.
+* grammar mask (structured outputs): every token the request's grammar does not allow next
+  is -inf, all constrained rows of the step in one batched bitmask and one masked_fill
+  (textmill/grammar/masks.py); the chosen token then advances the row's matcher. Masking
+  comes after the edits above and before temperature and truncation, so top-k/top-p/min-p
+  choose among allowed tokens only, greedy is the best allowed token, and a seeded row draws
+  its one uniform as ever.
 * temperature 0 is greedy: argmax after bias and penalties. Greedy and sampled rows mix
   freely in one batch.
 * top-k keeps the k most likely tokens; min-p drops tokens below min_p * the top probability.
@@ -19,8 +25,8 @@ The order is fixed and documented (OpenAI semantics):
   CPU torch.Generator, seeded from params.seed: a request's tokens depend on its own seed and
   logits only, never on which other requests share the batch.
 
-Logprobs are the model's raw log_softmax in float32, before any of the above, so scoring a
-text with echo gives the same numbers as generating it.
+Logprobs are the model's raw log_softmax in float32, before any of the above (the grammar
+mask too), so scoring a text with echo gives the same numbers as generating it.
 
 Cost with a large vocabulary (Gemma 3: 262,144 tokens). Nothing here sorts a whole row in
 the common case: top-k, top-p and min-p each keep a prefix of the row's descending order, so
@@ -46,6 +52,10 @@ from textmill.runner.sampling_ops import (  # noqa: F401  (the tests import the 
     BLOCK_ROWS, apply_penalties, raw_logprobs, sample_inverse_cdf, top_k_mask, top_p_mask, truncate, vocab_order,
 )
 from textmill.sampling_params import SamplingParams
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from textmill.grammar.compiler import LLGuidanceCompiler
 
 _SEED_MASK = (1 << 64) - 1  # torch.Generator takes seeds in [0, 2**64)
 
@@ -119,9 +129,14 @@ class Scratch:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, device: str | torch.device = "cpu"):
+    def __init__(self, vocab_size: int, device: str | torch.device = "cpu", grammars: "LLGuidanceCompiler | None" = None):
+        """`grammars`: the server's compiler (textmill/grammar), needed for structured outputs."""
         self.vocab_size = vocab_size
         self.device = torch.device(device)
+        self.grammar_masks = None
+        if grammars is not None:
+            from textmill.grammar.masks import GrammarMasks
+            self.grammar_masks = GrammarMasks(grammars, vocab_size, self.device, threads=torch.get_num_threads())
         self.penalty_counts = PenaltyCounts(vocab_size, device)
         self.seen = PenaltyCounts(vocab_size, device)  # prompt + generated, for repetition_penalty
         self._scratch = Scratch(vocab_size, device)  # whole-row work, one block at a time
@@ -146,6 +161,10 @@ class Sampler:
             self.seen.counts[state.seen_row].index_fill_(0, ids[ids < self.vocab_size], 1.0)
         if params.min_tokens > 0 and params.stop_token_ids:
             state.stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.int64, device=self.device)
+        if params.structured is not None:
+            if self.grammar_masks is None:
+                raise ValueError("this sampler has no grammar compiler: structured outputs are not available")
+            self.grammar_masks.add(request_id, params.structured)
         self._requests[request_id] = state
 
     def remove_request(self, request_id: str) -> None:
@@ -155,6 +174,8 @@ class Sampler:
             self.penalty_counts.release(state.count_row)
         if state is not None and state.seen_row is not None:
             self.seen.release(state.seen_row)
+        if self.grammar_masks is not None:
+            self.grammar_masks.remove(request_id)
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._requests
@@ -176,6 +197,9 @@ class Sampler:
         self._apply_repetition(x, states)
         penalized = self._apply_penalties(x, states)
         self._ban_early_stops(x, states)
+        constrained = [i for i, s in enumerate(states) if s.params.structured is not None]
+        if constrained:
+            self.grammar_masks.apply(x, request_ids)
         sampled_rows = [i for i, s in enumerate(states) if not s.params.greedy]
         if len(sampled_rows) == len(states):  # no greedy row: every token is drawn below
             tokens = torch.zeros(len(states), dtype=torch.int64, device=x.device)
@@ -189,6 +213,9 @@ class Sampler:
             ones = torch.ones(rows.shape[0], dtype=torch.float32, device=x.device)
             self.penalty_counts.counts.index_put_((count_rows, tokens.index_select(0, rows)), ones, accumulate=True)
         self._after_sampling(states, tokens)
+        if constrained:  # one host read of the constrained rows' tokens, for their matchers
+            chosen_ids = tokens.index_select(0, torch.tensor(constrained, device=tokens.device)).tolist()
+            self.grammar_masks.accept([request_ids[i] for i in constrained], chosen_ids)
         k = max((s.params.logprobs or 0) for s in states)
         chosen, top_lps, top_ids = raw_logprobs(logits, tokens, k, self._scratch)
         return SampleOutput(tokens, chosen, top_ids, top_lps)
@@ -315,4 +342,5 @@ def _draw_truncated(probs: torch.Tensor, params: list[SamplingParams], uniform: 
 
 def _edits_logits(s: RequestSampling) -> bool:
     return (s.bias_ids is not None or s.count_row is not None or s.seen_row is not None
+            or s.params.structured is not None
             or (s.stop_ids is not None and s.num_generated < s.params.min_tokens))

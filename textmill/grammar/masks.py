@@ -1,0 +1,90 @@
+"""The runner's side of structured outputs: one llguidance matcher per constrained sequence,
+and the step's allowed-token masks as one batched bitmask applied to the logits at once.
+
+Lifetime of a matcher (the sampler drives it):
+  * made when the runner first hears of the request (a copy of the compiled template);
+  * advanced by every token the sampler chooses for the request: the runner samples exactly
+    the tokens the scheduler appends, so the matcher's state is the request's output;
+  * kept across a preemption: recompute rebuilds the KV cache from the prompt and the tokens
+    already generated, which stay, so the matcher is still at the right place (nothing to
+    roll back or rebuild);
+  * released when the request leaves (finished, aborted, failed).
+
+The bitmask is llguidance's (R, ceil(V / 32)) int32 layout, filled for all constrained rows of
+a step by one LLExecutor call (in parallel, GIL released), then unpacked to (R, V) bools with
+a 256-entry byte table and applied with one masked_fill.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import llguidance
+import torch
+
+from textmill.grammar.compiler import LLGuidanceCompiler
+from textmill.structured import StructuredOutput
+
+
+class GrammarViolation(RuntimeError):
+    """A sampled token the matcher refused: a bug (the mask allowed only what it accepts)."""
+
+
+class GrammarMasks:
+    def __init__(self, compiler: LLGuidanceCompiler, vocab_size: int, device: torch.device, threads: int = 1):
+        self._compiler = compiler
+        self.vocab_size = vocab_size
+        self.device = device
+        self._matchers: dict[str, llguidance.LLMatcher] = {}
+        self._executor = llguidance.LLExecutor(num_threads=max(1, threads))
+        self._words = (compiler.mask_width + 31) // 32
+        self._bitmask = torch.empty((0, self._words), dtype=torch.int32)  # CPU: llguidance writes it
+        # byte value -> its 8 bits, least significant first (token 8k + j is bit j of byte k).
+        bits = torch.arange(8, dtype=torch.int32)
+        self._byte_bits = ((torch.arange(256, dtype=torch.int32)[:, None] >> bits) & 1).bool().to(device)
+
+    def __len__(self) -> int:
+        return len(self._matchers)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._matchers
+
+    def add(self, request_id: str, structured: StructuredOutput) -> None:
+        self._matchers[request_id] = self._compiler.new_matcher(structured)
+
+    def remove(self, request_id: str) -> None:
+        self._matchers.pop(request_id, None)
+
+    def apply(self, logits: torch.Tensor, request_ids: Sequence[str]) -> None:
+        """Set to -inf, in place, every logit a constrained row's grammar does not allow next."""
+        rows = [(i, m) for i, r in enumerate(request_ids) if (m := self._matchers.get(r)) is not None]
+        if not rows:
+            return
+        bitmask = self._rows(len(rows))
+        for i, m in rows:
+            if m.is_error():  # a matcher never errs on masked tokens; fail loudly if one did
+                raise GrammarViolation(f"grammar matcher failed: {m.get_error()}")
+        self._executor.unsafe_compute_mask_ptr([(m, j) for j, (_, m) in enumerate(rows)], bitmask.data_ptr(),
+                                               self._words * 4, len(rows))
+        allowed = self.unpack(bitmask.to(self.device, non_blocking=True))
+        if len(rows) == logits.shape[0]:  # every row constrained (usual when any is): in place
+            logits.masked_fill_(~allowed, float("-inf"))
+        else:
+            index = torch.tensor([i for i, _ in rows], dtype=torch.int64, device=logits.device)
+            logits.index_copy_(0, index, logits.index_select(0, index).masked_fill_(~allowed, float("-inf")))
+
+    def unpack(self, bitmask: torch.Tensor) -> torch.Tensor:
+        """(R, W) int32 bitmask -> (R, vocab_size) bool, True where the token is allowed."""
+        as_bytes = bitmask.view(torch.uint8)  # little-endian: token t is bit t % 8 of byte t // 8
+        return self._byte_bits[as_bytes.long()].reshape(bitmask.shape[0], -1)[:, : self.vocab_size]
+
+    def accept(self, request_ids: Sequence[str], tokens: Sequence[int]) -> None:
+        """Advance each constrained row's matcher by the token chosen for it."""
+        for request_id, token in zip(request_ids, tokens):
+            m = self._matchers.get(request_id)
+            if m is not None and not m.consume_token(token):
+                raise GrammarViolation(f"token {token} was sampled against the grammar: {m.get_error()}")
+
+    def _rows(self, n: int) -> torch.Tensor:
+        if self._bitmask.shape[0] < n:
+            self._bitmask = torch.empty((max(n, 2 * self._bitmask.shape[0]), self._words), dtype=torch.int32)
+        return self._bitmask[:n]
