@@ -4,7 +4,7 @@ The model is loaded by a `load` callable that cli.py builds (the app never decid
 load), in a thread of its own that ends with the load (run_in_passing_thread). With
 `load_in_background` the port opens first and /health answers 503 until the engine runs; a
 load that fails then marks the Lifecycle failed, and the server exits with that one
-message (api/server.py, wiring.run_serve).
+message (api/server.py, commands.serve).
 """
 from __future__ import annotations
 
@@ -90,9 +90,8 @@ async def run_in_passing_thread(fn: Callable):
     threads for every thread that has run one, for as long as that thread lives. A pool left
     behind in an executor thread, next to the engine thread's own, makes libgomp count more
     threads than cores; it then stops spinning between parallel regions in every pool, and
-    each of the engine's ~300 parallel regions a step pays a futex sleep and wake-up (measured:
-    decode steps 1.7x slower, 10.3 ms instead of 6.0 at one stream on 2 cores). A thread
-    that exits takes its pool with it.
+    each of the engine's parallel regions in a step pays a futex sleep and wake-up
+    (docs/performance.md has the measurement). A thread that exits takes its pool with it.
     """
     loop = asyncio.get_running_loop()
     done: asyncio.Future = loop.create_future()
