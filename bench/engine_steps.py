@@ -27,10 +27,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workload import Workload, make_prompt  # noqa: E402
 
-from textmill.cli import build_parser  # noqa: E402
+from textmill.cli import build_parser, engine_config_from_args  # noqa: E402
 from textmill.messages import EngineRequest  # noqa: E402
 from textmill.sampling_params import SamplingParams  # noqa: E402
-from textmill.wiring import build_engine, options_from_args  # noqa: E402
+from textmill.wiring import build_engine  # noqa: E402
 
 
 def run_once(built, workload: Workload, concurrency: int, tag: str, first: int) -> tuple[float, float]:
@@ -64,8 +64,8 @@ def main() -> int:
     engines = {}
     for v in args.variants:
         ns = parser.parse_args(["serve", "--max-num-seqs", str(max(args.concurrency)), *shlex.split(v)])
-        engines[v] = build_engine(options_from_args(ns))
-    gc.freeze()  # as `textmill serve` does once its model is loaded (wiring._frozen_after)
+        engines[v] = build_engine(engine_config_from_args(ns))
+    gc.freeze()  # as `textmill serve` does once its model is loaded (commands._frozen_after)
     best: dict[tuple[str, int], tuple[float, float]] = {}
     first = 0  # every run gets prompts no run has seen: a repeat would be a prefix-cache hit
     for r in range(args.repeats):

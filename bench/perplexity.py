@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from textmill.config import CacheConfig  # noqa: E402
+from textmill.config import CacheConfig, DeviceConfig  # noqa: E402
 from textmill.loader import load_model  # noqa: E402
 from textmill.messages import NewRequestData, ScheduledChunk, SchedulerOutput  # noqa: E402
 from textmill.runner.model_runner import ModelRunner  # noqa: E402
@@ -38,7 +38,7 @@ CHUNK = 512
 # (label, runner/plan.py arguments): each path exactly as `textmill serve` with those flags
 PATHS = (("float32 reference (--no-kernels)", dict(kernels=False, dtype="float32", kv_dtype="float32")),
          ("default (file's blocks, float16 KV)", {}),
-         ("default, --kv-cache-dtype float32", dict(kv_dtype="float32")),
+         ("default, --kv-cache-dtype float32", dict(kv_cache_dtype="float32")),
          ("--quantization int8 (requantized)", dict(quantization="int8")))
 
 
@@ -60,7 +60,7 @@ def chunk_nll(runner: ModelRunner, ids: list[int], rid: str) -> list[float]:
 
 
 def perplexity(path: Path, plan_args: dict, ids: list[int]) -> float:
-    plan = decide(path, device="cpu", **plan_args)
+    plan = decide(path, DeviceConfig(device="cpu", **plan_args))
     loaded = load_model(path, dtype=plan.torch_dtype, codes=plan.weights == "file-codes")
     runner = ModelRunner.from_plan(loaded, CacheConfig(block_size=16, num_blocks=CHUNK // 16 + 2), plan)
     nll = []

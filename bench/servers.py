@@ -101,8 +101,9 @@ def prepare_textmill(model: Path, extra_args: list[str] = (),
     code = ("import sys, pathlib\n"
             "from textmill.kernels.build import build_all\n"
             "build_all()\n"
+            "from textmill.config import DeviceConfig\n"
             "from textmill.runner.plan import decide\n"
-            "print(decide(pathlib.Path(sys.argv[1]), kv_dtype=sys.argv[2]).kv_dtype)\n")
+            "print(decide(pathlib.Path(sys.argv[1]), DeviceConfig(kv_cache_dtype=sys.argv[2])).kv_dtype)\n")
     try:
         done = subprocess.run([str(python), "-c", code, str(model), want], capture_output=True, text=True,
                               timeout=1800, cwd=REPO)

@@ -1,95 +1,106 @@
-"""`textmill serve` and `textmill generate`: the one place that builds configs and wires parts."""
+"""`textmill serve` and `textmill generate`: arguments in, configs out.
+
+Every flag is a field of a config.py dataclass (its `option()` metadata): the parser is
+built from those fields, and a parsed namespace is turned back into the same dataclasses,
+so a default and its help text live in config.py alone.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import sys
+import typing
+from collections.abc import Mapping
+from typing import Any
 
-from textmill.config import ServerConfig
+from textmill.config import (CacheConfig, DeviceConfig, EngineConfig, GenerateConfig, Option, SchedulerConfig,
+                             ServerConfig)
 
 log = logging.getLogger("textmill")
 
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
-                   help="weights and activations; auto = bfloat16 where the CPU/GPU has native support")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
-    p.add_argument("--kv-cache-memory", type=float, default=1.0, metavar="GIB",
-                   help="memory for the paged KV cache, in GiB (default 1)")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one running batch")
-    # 256: on 2 CPU cores a 256-token chunk takes ~0.2 s, so arriving prompts get their first
-    # token sooner (16 streams: TTFT p50 0.57 s at 512, 0.40 at 256, same tok/s) and running
-    # streams stall for less; docs/performance.md.
-    p.add_argument("--max-num-batched-tokens", type=int, default=256,
-                   help="token budget of one step; longer prompts are prefilled in chunks (default 256)")
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--quantization", choices=("auto", "none", "int8", "int4"), default="auto",
-                   help="weight-only int8/int4 linear layers (int4 keeps the LM head int8); auto = the "
-                        "GGUF file's own width on the float32 CPU kernels, none elsewhere; none = float weights")
-    p.add_argument("--kv-cache-dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
-                   help="the KV cache's element type; auto = float16 on the CPU kernels (half the memory "
-                        "of float32), the activation dtype elsewhere")
-    p.add_argument("--no-kernels", action="store_true",
-                   help="run float32 on eager torch ops instead of textmill's C++ kernels (the reference path)")
+ENGINE_GROUPS = (DeviceConfig, CacheConfig, SchedulerConfig)
 
 
-def _add_limit_args(p: argparse.ArgumentParser) -> None:
-    d = ServerConfig()
-    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
-                   help=f"larger request bodies get a 400 (default {d.max_request_bytes})")
-    p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
-                   help="longest prompt, in tokens (default: the context window)")
-    p.add_argument("--max-prompts-per-request", type=int, default=d.max_prompts_per_request)
-    p.add_argument("--max-n", type=int, default=d.max_n, help=f"cap on n (default {d.max_n})")
-    p.add_argument("--max-best-of", type=int, default=d.max_best_of, help=f"cap on best_of (default {d.max_best_of})")
-    p.add_argument("--max-logit-bias-entries", type=int, default=d.max_logit_bias_entries)
-    p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
-                   help="sequences that may wait for the engine; past it a 429 with Retry-After")
-    p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout, metavar="SECONDS",
-                   help="on SIGTERM, time in-flight requests get to finish (default 30)")
-    p.add_argument("--request-timeout", type=_positive_seconds, default=d.request_timeout, metavar="SECONDS",
-                   help="longest time one completion may take, from its arrival (queueing included) to "
-                        "its last token; past it the request is stopped, its KV cache freed, and the client "
-                        "gets a 504 timeout_error (a stream: an error event before [DONE]) "
-                        "(default: no limit)")
+def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One argument per field of `cls` that has an option(); dest is the field's name."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        opt: Option | None = f.metadata.get("option")
+        if opt is None:
+            continue
+        flag = opt.flag or "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name, "help": _help(opt, f.default)}
+        if isinstance(f.default, bool):
+            kw["action"] = "store_false" if f.default else "store_true"
+        elif opt.repeatable:
+            kw.update(action="append", default=None, metavar=opt.metavar)  # a tuple once parsed
+        else:
+            kw.update(default=f.default, type=_parser(opt, hints[f.name]), choices=opt.choices,
+                      metavar=opt.metavar)
+        parser.add_argument(flag, **kw)
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
+def _help(opt: Option, default: Any) -> str:
+    if isinstance(default, bool) or default in (None, ()) or "default" in opt.help:
+        return opt.help
+    return f"{opt.help} (default {default})"
+
+
+def _parser(opt: Option, hint: Any):
+    if opt.parse is not None:
+        def parse(text: str):
+            try:
+                return opt.parse(text)
+            except ValueError as exc:  # argparse shows an ArgumentTypeError's own words
+                raise argparse.ArgumentTypeError(str(exc)) from None
+        return parse
+    # `int | None` parses as int; argparse keeps the None default when the flag is absent.
+    kinds = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    return kinds[0]
+
+
+def from_args(cls: type, args: argparse.Namespace, **extra: Any):
+    """`cls` with each optioned field taken from `args` (fields without one from `extra`)."""
+    values = dict(extra)
+    for f in dataclasses.fields(cls):
+        opt = f.metadata.get("option")
+        if opt is not None and hasattr(args, f.name):
+            value = getattr(args, f.name)
+            values[f.name] = tuple(value or ()) if opt.repeatable else value
+    return cls(**values)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(model=args.model, device=from_args(DeviceConfig, args), cache=from_args(CacheConfig, args),
+                        scheduler=from_args(SchedulerConfig, args))
+
+
+def server_config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> ServerConfig:
+    """The flags' keys, else TEXTMILL_API_KEY's (comma-separated); the CLI opens the port
+    before the model is loaded."""
+    config = from_args(ServerConfig, args, load_in_background=True)
+    if not config.api_keys:
+        keys = tuple(k for k in environ.get("TEXTMILL_API_KEY", "").split(",") if k)
+        config = dataclasses.replace(config, api_keys=keys)
+    return config
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textmill", description="OpenAI Completions API server")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a model over HTTP")
-    serve.add_argument("model", nargs="?", default=None, help="a .gguf file (default: bundled SmolLM2-135M)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", action="append", default=None,
-                       help="required bearer key (repeatable; else TEXTMILL_API_KEY, comma-separated)")
-    serve.add_argument("--served-model-name", default=None)
-    serve.add_argument("--log-level", default="info")
-    serve.add_argument("--log-format", choices=("text", "json"), default="text",
-                       help="json: one JSON object per log line (access lines carry their fields)")
-    _add_limit_args(serve)
-    _add_model_args(serve)
+    model = next(f for f in dataclasses.fields(EngineConfig) if f.name == "model")
+    serve.add_argument("model", nargs="?", default=model.default, help=model.metadata["option"].help)
+    add_options(serve, ServerConfig)
     gen = sub.add_parser("generate", help="complete one prompt and print it, without a server")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default=None)
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
-    _add_model_args(gen)
+    gen.add_argument("--model", default=model.default, help=model.metadata["option"].help)
+    add_options(gen, GenerateConfig)
+    for p in (serve, gen):
+        for cls in ENGINE_GROUPS:
+            add_options(p, cls)
     return parser
 
 
@@ -97,18 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from textmill.api.access_log import configure_logging
 
-    configure_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
-    from textmill import wiring  # heavy imports (torch) only once the arguments are valid
+    server = server_config_from_args(args) if args.command == "serve" else None
+    configure_logging(*((server.log_level, server.log_format) if server else ("info", "text")))
+    from textmill import commands, wiring  # heavy imports (torch) only once the arguments are valid
 
+    engine = engine_config_from_args(args)
     try:
-        if args.command == "generate":
-            return wiring.run_generate(args)
-        return wiring.run_serve(args)
+        if server is None:
+            return commands.generate(engine, from_args(GenerateConfig, args, prompt=args.prompt))
+        return commands.serve(engine, server)
     except wiring.StartupError as exc:
         print(f"textmill: {_one_line(str(exc))}", file=sys.stderr)
         return 1
     except Exception as exc:
-        if args.command != "generate":
+        if server is not None:
             raise
         # A failed generation is the command's answer, not a crash: one line and a non-zero
         # status for the shell; the traceback only at debug level.

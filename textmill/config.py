@@ -1,10 +1,50 @@
-"""Configuration: frozen dataclasses, built once in cli.py and passed down.
+"""Configuration: frozen dataclasses, built once in cli.py and passed down; the only home of defaults.
 
-Nothing here reads the environment or a file; cli.py (or a test) decides every value.
+Nothing here reads the environment or a file; cli.py (or a test) decides every value. A
+field that `textmill serve` or `generate` exposes carries its flag in its metadata
+(`option()`): cli.py builds argparse from these fields, so a default and its help text
+are written once, here. Fields without an option are filled by wiring.py (what the
+machine and the model file resolve) or by tests.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+# The choices of the flags whose "auto" runner/plan.py resolves.
+DTYPES = ("auto", "bfloat16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
+KV_DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a config field appears on the command line. `flag` defaults to --field-name; a
+    boolean whose default is True is switched off by its flag (--no-kernels)."""
+
+    help: str
+    flag: str | None = None
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    parse: Callable[[str], Any] | None = None  # raises ValueError with the message to show
+    repeatable: bool = False  # the flag may be given several times; the field is a tuple
+
+
+def option(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"option": Option(help, **kw)})
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"must be a positive number of seconds, got {text!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -44,48 +84,118 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class DeviceConfig:
+    """What the user asks of the device; runner/plan.py resolves every "auto" against the
+    machine and the model file into an ExecutionPlan."""
+
+    device: str = option("auto", "where the model runs; auto = CUDA when torch sees one, else the CPU",
+                         choices=DEVICES)
+    dtype: str = option("auto", "weights and activations; auto = bfloat16 where the CPU/GPU has native "
+                        "support (float32 on textmill's kernels for a quantized GGUF)", choices=DTYPES)
+    quantization: str = option(
+        "auto", "weight-only int8/int4 linear layers (int4 keeps the LM head int8); auto = the GGUF file's "
+        "own width on the float32 CPU kernels, none elsewhere; none = float weights", choices=QUANTIZATIONS)
+    kv_cache_dtype: str = option(
+        "auto", "the KV cache's element type; auto = float16 on the CPU kernels (half the memory of "
+        "float32), the activation dtype elsewhere", choices=KV_DTYPES)
+    kernels: bool = option(True, "run float32 on eager torch ops instead of textmill's C++ kernels "
+                           "(the reference path)", flag="--no-kernels")
+    threads: int | None = option(None, "torch threads (default: all cores)")
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     """The paged KV cache: fixed-size blocks drawn from one pool."""
 
-    block_size: int = 16
-    num_blocks: int = 2048
-    enable_prefix_caching: bool = True
+    block_size: int = option(16, "tokens per KV cache block")
+    # None until wiring.py works out how many blocks `memory_gib` buys for the model.
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = option(True, "do not reuse the KV blocks of a shared prompt prefix",
+                                         flag="--no-prefix-caching")
+    memory_gib: float = option(1.0, "memory for the paged KV cache, in GiB", flag="--kv-cache-memory",
+                               metavar="GIB")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 64  # running requests per step
-    max_num_batched_tokens: int = 256  # token budget per step; long prefills are chunked to it
-    max_model_len: int = 8192  # context window: prompt + generated tokens
+    max_num_seqs: int = option(64, "most requests in one running batch")
+    # 256 rather than larger: arriving prompts get their first token sooner and running
+    # streams stall for less, at the same throughput (docs/performance.md).
+    max_num_batched_tokens: int = option(
+        256, "token budget of one step; longer prompts are prefilled in chunks")
+    # Prompt + generated tokens. None until wiring.py resolves it: the model's own window,
+    # or the longest the KV cache holds.
+    max_model_len: int | None = option(None, "context window (default: the model's, or what the KV cache "
+                                       "memory holds)")
 
 
 @dataclass(frozen=True)
-class DeviceConfig:
-    device: str = "cpu"  # "cpu" or "cuda"
-    dtype: str = "float32"  # "float32" or "bfloat16" (resolved, never "auto")
-    num_threads: int | None = None  # torch intra-op threads; None means the number of cores
+class EngineConfig:
+    """Everything that builds an engine: the model and how it runs. wiring.build_engine
+    resolves it (the plan, the number of KV blocks, the context window)."""
+
+    # cli.py: positional in `serve`, --model in `generate`.
+    model: str | None = option(None, "a .gguf file or a Hugging Face folder (default: the bundled "
+                               "SmolLM2-135M-Instruct)")
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def updated(self, **changes: Any) -> EngineConfig:
+        """A copy with fields changed by their own names, whichever group holds them:
+        `config.updated(dtype="float32", max_model_len=2048)` (field names are unique)."""
+        groups = {name: getattr(self, name) for name in ("device", "cache", "scheduler")}
+        own = {k: changes.pop(k) for k in list(changes) if k in {f.name for f in fields(self)}}
+        for name, group in groups.items():
+            mine = {k: changes.pop(k) for k in list(changes) if k in {f.name for f in fields(group)}}
+            groups[name] = replace(group, **mine)
+        if changes:
+            raise TypeError(f"EngineConfig has no fields {sorted(changes)}")
+        return replace(self, **{**groups, **own})
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    served_model_name: str = "SmolLM2-135M-Instruct"
-    api_keys: tuple[str, ...] = ()
-    max_request_bytes: int = 4 * 1024 * 1024  # larger bodies get a 400 before they are parsed
-    max_prompts_per_request: int = 256
-    max_prompt_tokens: int | None = None  # None: the model's context window is the only bound
-    max_logit_bias_entries: int = 1024
-    max_n: int = 128
-    max_best_of: int = 20
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(8000, "port to listen on")
+    # None: the model's own name (a file's stem, a folder's name, the bundled model's name).
+    served_model_name: str | None = option(None, "the model id clients send and /v1/models lists "
+                                           "(default: the model file's or folder's name)")
+    api_keys: tuple[str, ...] = option((), "required bearer key (repeatable; else TEXTMILL_API_KEY, "
+                                       "comma-separated)", flag="--api-key", metavar="KEY",
+                                       repeatable=True)
+    log_level: str = option("info", "logging level")
+    log_format: str = option("text", "json: one JSON object per log line (access lines carry their fields)",
+                             choices=LOG_FORMATS)
+    max_request_bytes: int = option(4 * 1024 * 1024, "larger request bodies get a 400")
+    max_prompt_tokens: int | None = option(None, "longest prompt, in tokens (default: the context window)")
+    max_prompts_per_request: int = option(256, "most prompts in one request")
+    max_logit_bias_entries: int = option(1024, "most logit_bias entries in one request")
+    max_n: int = option(128, "cap on n")
+    max_best_of: int = option(20, "cap on best_of")
     # Bounded waiting: candidate sequences admitted but not yet running; past it a 429.
-    max_queued_requests: int = 256
-    shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
-    # Seconds one completion may take from its arrival, queueing included; past it the
-    # request is aborted (its KV blocks freed) and answered with a 504. None: no limit, as
-    # in vLLM, since a long generation is legitimate and a client can set its own timeout.
-    request_timeout: float | None = None
-    log_format: str = "text"  # "text" or "json"
+    max_queued_requests: int = option(256, "sequences that may wait for the engine; past it a 429 with "
+                                      "Retry-After")
+    shutdown_timeout: float = option(30.0, "on SIGTERM, time in-flight requests get to finish",
+                                     metavar="SECONDS")
+    # None: no limit, as in vLLM, since a long generation is legitimate and a client can set
+    # its own timeout.
+    request_timeout: float | None = option(
+        None, "longest time one completion may take, from its arrival (queueing included) to its last "
+        "token; past it the request is stopped, its KV cache freed, and the client gets a 504 "
+        "timeout_error (a stream: an error event before [DONE]) (default: no limit)",
+        metavar="SECONDS", parse=positive_seconds)
     # Open the port before the model is loaded (/health answers 503 meanwhile); the CLI
     # does, tests that want a ready server when the port opens don't.
     load_in_background: bool = False
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """`textmill generate`: one prompt completed and printed, without a server."""
+
+    prompt: str
+    max_tokens: int = option(64, "tokens to generate")
+    temperature: float = option(0.0, "sampling temperature; 0 is greedy")
+    top_p: float = option(1.0, "nucleus sampling mass")
+    seed: int = option(0, "sampling seed")

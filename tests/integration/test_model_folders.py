@@ -14,20 +14,19 @@ import torch
 
 from tests.parity.compare import hf_greedy
 from tests.parity.tiny_models import EOS, FIM, PROMPTS, save_folder, tiny_hf_model, train_tokenizer
-from textmill.config import ServerConfig
+from textmill.config import EngineConfig, ServerConfig
 from textmill.tokenizer import Tokenizer
-from textmill.wiring import EngineOptions
 
 from .server import free_port, running_server
 
 transformers = pytest.importorskip("transformers")
 
 # Chunks of 6 tokens (< the window of 8) and 16-token blocks: windows span chunks and blocks.
-TINY_OPTIONS = dict(dtype="float32", max_model_len=256, kv_cache_gib=0.01, max_num_batched_tokens=6)
+TINY_OPTIONS = dict(dtype="float32", max_model_len=256, memory_gib=0.01, max_num_batched_tokens=6)
 
 
 def serve(folder: Path, name: str):
-    options = EngineOptions(model=str(folder), **TINY_OPTIONS)
+    options = EngineConfig(model=str(folder)).updated(**TINY_OPTIONS)
     return running_server(options, ServerConfig(port=free_port(), served_model_name=name))
 
 
@@ -118,6 +117,6 @@ def test_folder_name_with_dots_names_the_model(tmp_path: Path) -> None:
     from textmill.wiring import build_engine
 
     folder = save_folder(tiny_hf_model("qwen2"), train_tokenizer(), tmp_path / "Tiny-0.5B-Instruct")
-    built = build_engine(EngineOptions(model=str(folder), **TINY_OPTIONS))
+    built = build_engine(EngineConfig(model=str(folder)).updated(**TINY_OPTIONS))
     assert built.model_name == "Tiny-0.5B-Instruct"
     assert built.model_config.architecture == "qwen2"

@@ -12,9 +12,8 @@ import httpx
 import openai
 import pytest
 
-from textmill.cli import build_parser
+from textmill.cli import build_parser, server_config_from_args
 from textmill.config import ServerConfig
-from textmill.wiring import server_config_from_args
 
 from .ops_server import MODEL, ops_server, scrape
 

@@ -39,7 +39,7 @@ class FailingRunner:
 
 @pytest.fixture(scope="module")
 def srv():
-    options = TEST_OPTIONS.__class__(**{**TEST_OPTIONS.__dict__, "max_num_seqs": 2})
+    options = TEST_OPTIONS.updated(max_num_seqs=2)
     with ops_server(ServerConfig(max_queued_requests=2), options, wrap_runner=FailingRunner) as running:
         yield running
 

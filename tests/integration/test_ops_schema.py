@@ -9,7 +9,6 @@ each generated request cheap, and the number of examples is fixed.
 from __future__ import annotations
 
 import collections
-import dataclasses
 
 import pytest
 import schemathesis
@@ -28,7 +27,7 @@ from textmill.config import ServerConfig
 from .ops_server import MODEL, ops_server
 from .server import TEST_OPTIONS
 
-OPTIONS = dataclasses.replace(TEST_OPTIONS, max_model_len=48, kv_cache_gib=0.05)
+OPTIONS = TEST_OPTIONS.updated(max_model_len=48, memory_gib=0.05)
 CONFIG = ServerConfig(max_n=2, max_best_of=2, max_prompts_per_request=2, max_logit_bias_entries=8)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           negative_data_rejection]

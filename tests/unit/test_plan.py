@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from textmill.config import DeviceConfig
 from textmill.loader.bundled import bundled_model_path
 from textmill.loader.gguf import layer_weight_bits
 from textmill.runner import qlinear
@@ -26,7 +27,7 @@ def test_bundled_q4_1_file_is_4_bit():
 
 
 def test_a_quantized_gguf_runs_its_own_blocks_in_float32_on_the_kernels():
-    plan = decide(bundled_model_path(), device="cpu")
+    plan = decide(bundled_model_path(), DeviceConfig(device="cpu"))
     assert (plan.weights, plan.dtype, plan.kernels) == ("file-codes", "float32", True)
     # On an AVX-512 BF16/AMX CPU, bf16 dense ran the bundled model 3-4x slower at one stream
     # than float32 activations on the int kernels, so `auto` must not pick bf16 there.
@@ -41,24 +42,24 @@ def test_a_quantized_gguf_runs_its_own_blocks_in_float32_on_the_kernels():
     ({}, FOLDER),  # float checkpoints stay float
 ])
 def test_float_weights_off_the_quantized_kernel_path(kw, path):
-    plan = decide(path or bundled_model_path(), device="cpu", **kw)
+    plan = decide(path or bundled_model_path(), DeviceConfig(device="cpu", **kw))
     assert plan.weights == "float" and plan.quantization == "none"
     assert plan.kv_dtype == plan.dtype or plan.kernels  # float16 KV only where the kernels convert it
 
 
 def test_no_kernels_or_bf16_is_the_eager_path():
-    assert not decide(bundled_model_path(), device="cpu", kernels=False).kernels
-    assert not decide(bundled_model_path(), device="cpu", dtype="bfloat16").kernels
+    assert not decide(bundled_model_path(), DeviceConfig(device="cpu", kernels=False)).kernels
+    assert not decide(bundled_model_path(), DeviceConfig(device="cpu", dtype="bfloat16")).kernels
 
 
 @pytest.mark.parametrize("explicit", ["int8", "int4"])
 def test_an_explicit_quantization_is_kept(explicit):
-    plan = decide(bundled_model_path(), device="cpu", quantization=explicit)
+    plan = decide(bundled_model_path(), DeviceConfig(device="cpu", quantization=explicit))
     assert plan.weights == explicit and plan.quantization == explicit and plan.dtype == "float32"
 
 
 def test_explicit_dtype_and_kv_dtype_are_kept():
-    plan = decide(bundled_model_path(), device="cpu", dtype="bfloat16", kv_dtype="float32")
+    plan = decide(bundled_model_path(), DeviceConfig(device="cpu", dtype="bfloat16", kv_cache_dtype="float32"))
     assert (plan.dtype, plan.kv_dtype) == ("bfloat16", "float32")
     assert plan.torch_kv_dtype is torch.float32
 
@@ -66,8 +67,8 @@ def test_explicit_dtype_and_kv_dtype_are_kept():
 def test_impossible_requests_say_why():
     if not torch.cuda.is_available():
         with pytest.raises(PlanError, match="CUDA"):
-            decide(bundled_model_path(), device="cuda")
+            decide(bundled_model_path(), DeviceConfig(device="cuda"))
     with pytest.raises(PlanError, match="quantization"):
-        decide(bundled_model_path(), quantization="int3")
+        decide(bundled_model_path(), DeviceConfig(quantization="int3"))
     with pytest.raises(PlanError, match="kv-cache-dtype"):
-        decide(bundled_model_path(), kv_dtype="int8")
+        decide(bundled_model_path(), DeviceConfig(kv_cache_dtype="int8"))

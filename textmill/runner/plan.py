@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-QUANTIZATIONS = ("auto", "none", "int8", "int4")
-KV_DTYPES = ("auto", "float32", "float16", "bfloat16")
+from textmill.config import KV_DTYPES, QUANTIZATIONS, DeviceConfig
+
 
 
 class PlanError(ValueError):
@@ -63,14 +63,15 @@ class ExecutionPlan:
                 f"{self.threads or 'all'} threads")
 
 
-def decide(model: Path, *, device: str = "auto", dtype: str = "auto", quantization: str = "auto",
-           kernels: bool = True, kv_dtype: str = "auto", threads: int | None = None) -> ExecutionPlan:
+def decide(model: Path, asked: DeviceConfig) -> ExecutionPlan:
+    """The plan for `model` on this machine: every "auto" of `asked` resolved."""
+    device, dtype, quantization, kv_dtype = asked.device, asked.dtype, asked.quantization, asked.kv_cache_dtype
     if quantization not in QUANTIZATIONS:
         raise PlanError(f"--quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
     if kv_dtype not in KV_DTYPES:
         raise PlanError(f"--kv-cache-dtype must be one of {KV_DTYPES}, not {kv_dtype!r}")
     device = _device(device)
-    cpu_kernels = kernels and device == "cpu" and _kernels_built()
+    cpu_kernels = asked.kernels and device == "cpu" and _kernels_built()
     file_bits = _file_bits(model) if cpu_kernels else None
     int_weights = file_bits is not None and quantization != "none"
     if dtype == "auto":
@@ -84,7 +85,7 @@ def decide(model: Path, *, device: str = "auto", dtype: str = "auto", quantizati
     if kv_dtype == "auto":
         kv_dtype = "float16" if on_kernels else dtype
     return ExecutionPlan(device=device, dtype=dtype, weights=weights, kernels=on_kernels, kv_dtype=kv_dtype,
-                         threads=threads)
+                         threads=asked.threads)
 
 
 def _device(device: str) -> str:
