@@ -12,7 +12,11 @@ PYTEST_ARGS ?=
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install bench clean
+# tests/browser drive Debian's chromium through the playwright package; playwright's own
+# browser download needs a host that a closed network cannot reach.
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: serve test install browser bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +35,16 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/textmill serve --host $(HOST) --port $(PORT) $(ARGS)
 
-test: $(STAMP)
+# Made only when the file is absent: apt-get as root, else through sudo.
+$(CHROMIUM):
+	SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
+	test -x $(CHROMIUM)
+
+browser: $(CHROMIUM)
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The model matrix (SmolLM2, Gemma 3 270M, a synthetic 1B Q4_K_M, any --model FILE), each against

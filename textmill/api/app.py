@@ -24,6 +24,7 @@ from textmill.api.tokens import router as tokens_router
 from textmill.api.lifecycle import Lifecycle
 from textmill.api.metrics import Metrics
 from textmill.api.middleware import BodyLimitMiddleware, OpsMiddleware
+from textmill.api.playground import router as playground_router
 from textmill.api.routes import router
 from textmill.api.serving import ServingContext
 from textmill.config import ServerConfig
@@ -59,6 +60,7 @@ def create_app(server_config: ServerConfig, load: Callable[[], ServingContext]) 
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(tokens_router)
+    app.include_router(playground_router)
     # Added innermost first: a request meets OpsMiddleware, then auth, then the body limit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=server_config.max_request_bytes)
     app.add_middleware(AuthMiddleware, api_keys=server_config.api_keys)

@@ -1,4 +1,4 @@
-"""Bearer-key auth for /v1/* and /metrics; /health (and the API docs) stay open for probes.
+"""Bearer-key auth for /v1/* and /metrics; /health (and the API docs, the playground page) stay open.
 
 A plain ASGI middleware rather than Starlette's BaseHTTPMiddleware, which would buffer
 streams and hide client disconnects from the routes.
@@ -11,8 +11,10 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from textmill.api.errors import APIError
+from textmill.api.playground import PAGE_PATHS
 
-OPEN_PATHS = frozenset({"/health", "/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect"})
+# The playground page (not its API calls) is open too: it is where a user types the key.
+OPEN_PATHS = frozenset({"/health", "/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect"}) | PAGE_PATHS
 
 
 def key_matches(header: str | None, keys: tuple[bytes, ...]) -> bool:

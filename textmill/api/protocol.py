@@ -165,6 +165,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "textmill"
     max_model_len: int | None = None
+    # Whether `suffix` (fill-in-the-middle) works: the vocabulary has FIM tokens. The playground
+    # shows its suffix box by it; without it a suffix is a 400.
+    supports_suffix: bool | None = None
 
 
 class ModelList(BaseModel):

@@ -58,7 +58,7 @@ async def metrics(request: Request) -> Response:
 
 def _model_card(ctx: ServingContext) -> dict:
     return {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "textmill",
-            "max_model_len": ctx.max_model_len}
+            "max_model_len": ctx.max_model_len, "supports_suffix": ctx.tokenizer.fim is not None}
 
 
 @router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
