@@ -24,7 +24,7 @@ def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
     return blocks[:, start : start + 2].copy().view(np.float16).astype(np.float32)
 
 
-def _nibbles(qs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def nibbles(qs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return qs & 0x0F, qs >> 4
 
 
@@ -62,7 +62,7 @@ def _q8_0(blocks: np.ndarray) -> np.ndarray:
 
 def _q4_0(blocks: np.ndarray) -> np.ndarray:
     # d: f16, qs: uint8[16]; value j is the low nibble of qs[j], value j+16 the high one.
-    lo, hi = _nibbles(blocks[:, 2:])
+    lo, hi = nibbles(blocks[:, 2:])
     q = np.concatenate([lo, hi], axis=1).astype(np.float32)  # (nb, 32)
     q -= 8.0
     q *= _f16(blocks, 0)
@@ -71,34 +71,34 @@ def _q4_0(blocks: np.ndarray) -> np.ndarray:
 
 def _q4_1(blocks: np.ndarray) -> np.ndarray:
     # d: f16, m: f16, qs: uint8[16]; value = q * d + m
-    lo, hi = _nibbles(blocks[:, 4:])
+    lo, hi = nibbles(blocks[:, 4:])
     q = np.concatenate([lo, hi], axis=1).astype(np.float32)  # (nb, 32)
     q *= _f16(blocks, 0)  # in place: these arrays are the size of the whole tensor
     q += _f16(blocks, 2)
     return q
 
 
-def _q5_values(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
+def q5_values(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
     """Bit j of the 32-bit qh is the fifth bit of value j."""
     high = _bits(qh, 8).transpose(0, 2, 1).reshape(-1, 32)  # byte b, bit i -> value 8b + i
-    lo, hi = _nibbles(qs)
+    lo, hi = nibbles(qs)
     return (np.concatenate([lo, hi], axis=1) | (high << 4)).astype(np.float32)
 
 
 def _q5_0(blocks: np.ndarray) -> np.ndarray:
     # d: f16, qh: uint8[4] (one uint32), qs: uint8[16]
-    return _f16(blocks, 0) * (_q5_values(blocks[:, 2:6], blocks[:, 6:]) - 16.0)
+    return _f16(blocks, 0) * (q5_values(blocks[:, 2:6], blocks[:, 6:]) - 16.0)
 
 
 def _q5_1(blocks: np.ndarray) -> np.ndarray:
     # d: f16, m: f16, qh: uint8[4], qs: uint8[16]
-    return _f16(blocks, 0) * _q5_values(blocks[:, 4:8], blocks[:, 8:]) + _f16(blocks, 2)
+    return _f16(blocks, 0) * q5_values(blocks[:, 4:8], blocks[:, 8:]) + _f16(blocks, 2)
 
 
 # --- 256-value k-quant super-blocks -------------------------------------------------------
 
 
-def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Q4_K/Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit mins, each (nb, 8).
 
     Sub-blocks 0-3 use the low 6 bits of bytes 0-3 (scales) and 4-7 (mins); sub-blocks 4-7
@@ -111,7 +111,7 @@ def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc.astype(np.float32), mn.astype(np.float32)
 
 
-def _k_nibbles(qs: np.ndarray) -> np.ndarray:
+def k_nibbles(qs: np.ndarray) -> np.ndarray:
     """(nb, 128) -> (nb, 8, 32): each 32 bytes feed two sub-blocks, low nibbles first."""
     q = qs.reshape(-1, 4, 1, 32)
     return np.concatenate([q & 0x0F, q >> 4], axis=2).reshape(-1, 8, 32)
@@ -119,17 +119,17 @@ def _k_nibbles(qs: np.ndarray) -> np.ndarray:
 
 def _q4_k(blocks: np.ndarray) -> np.ndarray:
     # d: f16, dmin: f16, scales: uint8[12], qs: uint8[128]
-    sc, mn = _k_scale_min(blocks[:, 4:16])
-    q = _k_nibbles(blocks[:, 16:]).astype(np.float32)  # (nb, 8, 32)
+    sc, mn = k_scale_min(blocks[:, 4:16])
+    q = k_nibbles(blocks[:, 16:]).astype(np.float32)  # (nb, 8, 32)
     d, dmin = _f16(blocks, 0)[:, :, None], _f16(blocks, 2)[:, :, None]
     return (d * sc[:, :, None] * q - dmin * mn[:, :, None]).reshape(-1, QK_K)
 
 
 def _q5_k(blocks: np.ndarray) -> np.ndarray:
     # d: f16, dmin: f16, scales: uint8[12], qh: uint8[32], qs: uint8[128]
-    sc, mn = _k_scale_min(blocks[:, 4:16])
+    sc, mn = k_scale_min(blocks[:, 4:16])
     high = _bits(blocks[:, 16:48], 8)  # (nb, 8, 32): bit i of qh[l] belongs to sub-block i
-    q = (_k_nibbles(blocks[:, 48:]) | (high << 4)).astype(np.float32)
+    q = (k_nibbles(blocks[:, 48:]) | (high << 4)).astype(np.float32)
     d, dmin = _f16(blocks, 0)[:, :, None], _f16(blocks, 2)[:, :, None]
     return (d * sc[:, :, None] * q - dmin * mn[:, :, None]).reshape(-1, QK_K)
 

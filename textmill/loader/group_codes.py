@@ -27,13 +27,14 @@ their own blocks.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from textmill.loader.dequant import _k_nibbles, _k_scale_min, _nibbles, _q5_values, dequantize
+from textmill.loader.dequant import k_nibbles, k_scale_min, nibbles, q5_values, dequantize
 
 GROUP = 32
 T = GGMLQuantizationType
@@ -41,6 +42,10 @@ T = GGMLQuantizationType
 FOUR_BIT_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})
 # The types whose 8-bit codes are the file's own.
 EXACT_EIGHT_BIT_TYPES = frozenset({T.Q8_0, T.Q5_0})
+# The types the C++ converter (kernels/csrc/gguf_blocks.h) packs straight from the file;
+# the others (Q2_K, Q3_K) go through from_gguf below.
+PACKED_FROM_FILE_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
+                                    T.Q4_K, T.Q5_K, T.Q6_K})
 _HALF_MAX = 65504.0
 
 
@@ -88,6 +93,15 @@ class CodesRef:
     def source(self) -> str:
         return GGMLQuantizationType(self.qtype).name
 
+    @property
+    def bits(self) -> int:
+        """The kernel form this tensor packs into: 4 or 8 (see the module's table)."""
+        return 4 if self.qtype in FOUR_BIT_TYPES else 8
+
+    def flat_bytes(self) -> torch.Tensor:
+        """The tensor's bytes as a 1-D uint8 tensor over the mapped file (no copy)."""
+        return _flat_bytes(self.raw)
+
     def load(self) -> GroupCodes:
         codes = from_gguf(self.raw, self.qtype, self.shape)
         return codes if self.row_order is None else codes.rows(self.row_order)
@@ -126,6 +140,13 @@ def from_gguf(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, in
     return GroupCodes(bits, codes_t, scale_h, min_h, qtype.name)
 
 
+def _flat_bytes(raw: np.ndarray) -> torch.Tensor:
+    flat = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    with warnings.catch_warnings():  # the map is read-only; nothing writes through this view
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(flat)
+
+
 class GGUFRows:
     """An embedding table left in the file's own blocks (memory-mapped): a lookup
     dequantizes just the rows a step asks for, so a 262k x 640 table costs no resident
@@ -134,7 +155,12 @@ class GGUFRows:
     def __init__(self, raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]):
         block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
         self.qtype, self.shape = GGMLQuantizationType(qtype), shape
+        self.raw = raw
         self._rows = raw.reshape(-1).view(np.uint8).reshape(shape[0], shape[1] // block_size * type_size)
+
+    def flat_bytes(self) -> torch.Tensor:
+        """The table's bytes as a 1-D uint8 tensor over the mapped file (no copy)."""
+        return _flat_bytes(self.raw)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (N,) int64 -> (N, C) float32."""
@@ -163,21 +189,21 @@ def _f16_col(blocks: np.ndarray, start: int) -> np.ndarray:
 
 
 def _q4_0(blocks: np.ndarray):
-    lo, hi = _nibbles(blocks[:, 2:])
+    lo, hi = nibbles(blocks[:, 2:])
     d = _f16_col(blocks, 0)
     return 4, np.concatenate([lo, hi], axis=1), d, -8.0 * d  # -8 d: exact in half
 
 
 def _q4_1(blocks: np.ndarray):
-    lo, hi = _nibbles(blocks[:, 4:])
+    lo, hi = nibbles(blocks[:, 4:])
     return 4, np.concatenate([lo, hi], axis=1), _f16_col(blocks, 0), _f16_col(blocks, 2)
 
 
 def _q4_k(blocks: np.ndarray):
     # Eight sub-blocks of 32 per super-block of 256, each w = (d sc) q - (dmin mn).
-    sc, mn = _k_scale_min(blocks[:, 4:16])  # (nb, 8) each
+    sc, mn = k_scale_min(blocks[:, 4:16])  # (nb, 8) each
     d, dmin = _f16_col(blocks, 0), _f16_col(blocks, 2)
-    return 4, _k_nibbles(blocks[:, 16:]), d * sc, -(dmin * mn)
+    return 4, k_nibbles(blocks[:, 16:]), d * sc, -(dmin * mn)
 
 
 def _q8_0(blocks: np.ndarray):
@@ -185,7 +211,7 @@ def _q8_0(blocks: np.ndarray):
 
 
 def _q5_0(blocks: np.ndarray):
-    codes = (_q5_values(blocks[:, 2:6], blocks[:, 6:]) - 16.0).astype(np.int8)
+    codes = (q5_values(blocks[:, 2:6], blocks[:, 6:]) - 16.0).astype(np.int8)
     return 8, codes, _f16_col(blocks, 0), None
 
 

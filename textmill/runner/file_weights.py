@@ -13,10 +13,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from textmill.loader.group_codes import CodesRef, GGUFRows, GroupCodes, concat
+from textmill.kernels import load
+from textmill.loader.group_codes import PACKED_FROM_FILE_TYPES, CodesRef, GGUFRows, GroupCodes, concat
 from textmill.runner.fused import fuse_gemma_layers, fuse_llama_layers
 from textmill.runner.linear import swap_linears
-from textmill.runner.qlinear import QLinear, SideBySide
+from textmill.runner.qlinear import OutOfHalfRange, QLinear, SideBySide
 
 HEAD = "lm_head.weight"
 
@@ -30,9 +31,15 @@ class RowEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = rows.shape
         # models/gemma3.py rounds its embedding scale to the table's dtype: float32 here.
         self.weight = torch.empty(0, dtype=torch.float32)
+        # The C++ lookup gives numpy's values bit for bit without its per-call temporaries.
+        self._ext = load("quant") if rows.qtype in PACKED_FROM_FILE_TYPES else None
+        self._bytes = rows.flat_bytes() if self._ext is not None else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.rows(ids.cpu())
+        ids = ids.cpu()
+        if self._ext is None:
+            return self.rows(ids)
+        return self._ext.gguf_rows(self._bytes, int(self.rows.qtype), ids.long(), self.embedding_dim)
 
 
 class _Maker:
@@ -43,28 +50,72 @@ class _Maker:
         self.names = {id(m): name for name, m in model.named_modules()}
         self.widths: dict[str, int] = {}
 
+    def _ref(self, linear: nn.Linear) -> CodesRef | None:
+        return self.codes.get(f"{self.names.get(id(linear), '?')}.weight")
+
     def _codes(self, linear: nn.Linear) -> GroupCodes | None:
-        ref = self.codes.get(f"{self.names.get(id(linear), '?')}.weight")
+        ref = self._ref(linear)
         return None if ref is None else ref.load()
 
+    def _count(self, source: str) -> None:
+        self.widths[source] = self.widths.get(source, 0) + 1
+
+    def _from_file(self, refs: list[CodesRef], bias: torch.Tensor | None) -> QLinear | None:
+        """Packed straight from the file, or None where the Python converter must decide
+        (a type it alone reads, or scales past a half's range)."""
+        if not all(r.qtype in PACKED_FROM_FILE_TYPES for r in refs):
+            return None
+        try:
+            made = QLinear.from_file(refs, bias)
+        except OutOfHalfRange:
+            return None
+        for r in refs:
+            self._count(r.source)
+        return made
+
     def one(self, linear: nn.Linear, codes: GroupCodes | None = None) -> nn.Module:
-        codes = codes or self._codes(linear)
         if codes is None:
-            return linear  # a float tensor in the file: it loaded as a float weight
-        self.widths[codes.source] = self.widths.get(codes.source, 0) + 1
+            ref = self._ref(linear)
+            if ref is None:
+                return linear  # a float tensor in the file: it loaded as a float weight
+            made = self._from_file([ref], linear.bias)
+            if made is not None:
+                return made
+            codes = ref.load()
+        self._count(codes.source)
         return QLinear.from_codes(codes, linear.bias)
 
     def fused(self, parts: list[nn.Linear]) -> nn.Module:
+        if len(parts) == 1:
+            return self.one(parts[0])
+        refs = [self._ref(p) for p in parts]
+        if all(r is not None for r in refs):
+            if len({r.bits for r in refs}) > 1:  # a Q4_K_M file's Q4_K q/k beside a Q6_K v
+                return SideBySide([self.one(p) for p in parts])
+            made = self._from_file(refs, self._stacked_bias(parts))
+            if made is not None:
+                return made
         found = [self._codes(p) for p in parts]
-        if len(parts) == 1 or any(c is None for c in found) or len({c.bits for c in found}) > 1:
-            made = [self.one(p, c) for p, c in zip(parts, found)]
-            return made[0] if len(made) == 1 else SideBySide(made)
-        biases = [p.bias for p in parts]
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [b if b is not None else torch.zeros(p.out_features) for b, p in zip(biases, parts)])
+        if any(c is None for c in found) or len({c.bits for c in found}) > 1:
+            return SideBySide([self.one(p, c) for p, c in zip(parts, found)])
         for c in found:
-            self.widths[c.source] = self.widths.get(c.source, 0) + 1
-        return QLinear.from_codes(concat(found), bias)
+            self._count(c.source)
+        return QLinear.from_codes(concat(found), self._stacked_bias(parts))
+
+    def head(self, ref: CodesRef) -> QLinear:
+        """A tied head packed from the embedding's own blocks."""
+        made = self._from_file([ref], None)
+        if made is not None:
+            return made
+        self._count(ref.source)
+        return QLinear.from_codes(ref.load())
+
+    @staticmethod
+    def _stacked_bias(parts: list[nn.Linear]) -> torch.Tensor | None:
+        biases = [p.bias for p in parts]
+        if all(b is None for b in biases):
+            return None
+        return torch.cat([b if b is not None else torch.zeros(p.out_features) for b, p in zip(biases, parts)])
 
 
 def install_file_weights(model: nn.Module, codes: Mapping[str, CodesRef], rows: GGUFRows) -> str:
@@ -72,8 +123,7 @@ def install_file_weights(model: nn.Module, codes: Mapping[str, CodesRef], rows: 
     maker = _Maker(model, codes)
     model.embed_tokens = RowEmbedding(rows)
     if HEAD in codes and getattr(model, "lm_head", 0) is None:  # tied: packed from the embedding's blocks
-        model.lm_head = QLinear.from_codes(codes[HEAD].load())
-        maker.widths[codes[HEAD].source] = maker.widths.get(codes[HEAD].source, 0) + 1
+        model.lm_head = maker.head(codes[HEAD])
     fused = fuse_llama_layers(model, maker.fused) + fuse_gemma_layers(model, maker.fused)
     count = swap_linears(model, maker.one)
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(maker.widths.items()))

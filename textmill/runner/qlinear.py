@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from textmill.kernels import load
-from textmill.loader.group_codes import GroupCodes
+from textmill.loader.group_codes import CodesRef, GroupCodes
 
 MODES = ("q4", "q8")
 GROUP = 32
@@ -99,6 +99,29 @@ class QLinear(nn.Module):
         bias = None if bias is None else bias.detach().float().contiguous().clone()
         return cls(packed, k, n, bias, mode)
 
+    @classmethod
+    def from_file(cls, refs: list[CodesRef], bias: torch.Tensor | None = None) -> "QLinear":
+        """GGUF tensors of one form (CodesRef.bits), stacked along N, packed straight from the
+        mapped file by the C++ converter: the bytes from_codes would pack, in one pass with no
+        intermediate codes. Raises OutOfHalfRange when a scale does not fit a half; the
+        caller then takes from_codes' path, which rounds such a tensor to 8 bits."""
+        ext = _ext()
+        if ext is None:
+            raise ValueError("GGUF weights need textmill's C++ kernels, which could not be built here")
+        bits, k = refs[0].bits, refs[0].shape[1]
+        assert all(r.bits == bits and r.shape[1] == k for r in refs), "parts of one form and width"
+        no_order = torch.empty(0, dtype=torch.long)
+        orders = [no_order if r.row_order is None else r.row_order.long().contiguous() for r in refs]
+        try:
+            packed = ext.pack_gguf(bits, [r.flat_bytes() for r in refs], [int(r.qtype) for r in refs], orders, k)
+        except RuntimeError as exc:
+            if "half range" in str(exc):
+                raise OutOfHalfRange(str(exc)) from None
+            raise
+        n = sum(r.shape[0] for r in refs)
+        bias = None if bias is None else bias.detach().float().contiguous().clone()
+        return cls(packed, k, n, bias, "q4" if bits == 4 else "q8")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ext = _ext()
         op = ext.q4_linear if self.mode == "q4" else ext.q8_linear
@@ -121,6 +144,10 @@ class QLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, mode={self.mode} ({self.packed.numel() / 2**20:.1f} MiB packed)")
+
+
+class OutOfHalfRange(ValueError):
+    """A GGUF tensor's scales or mins do not fit the kernels' half-precision scales."""
 
 
 class SideBySide(nn.Module):

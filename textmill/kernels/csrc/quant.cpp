@@ -348,8 +348,12 @@ torch::Tensor pack_gguf(int64_t bits, const std::vector<torch::Tensor>& raws, co
       uint8_t c[QK];
       uint16_t d, m;
       if (!gguf::decode4(row_type[row], row_ptr[row], b, c, &d, &m)) in_range = false;
-      uint8_t* dst = tile + b * Q4_CODE_BYTES;
-      for (int64_t j = 0; j < QK; ++j) dst[q4_byte(r, j)] |= static_cast<uint8_t>(j < 16 ? c[j] : c[j] << 4);
+      // Row r's bytes of the block: 4 at q4_byte(r, 4p) for p = 0..3, weight 4p+i in the
+      // low nibble and 16+4p+i in the high one; each is written once, so plain stores.
+      uint8_t* dst = tile + b * Q4_CODE_BYTES + q4_byte(r, 0);
+      for (int64_t p = 0; p < 4; ++p)
+        for (int64_t i = 0; i < 4; ++i)
+          dst[p * 4 * NR + i] = static_cast<uint8_t>(c[4 * p + i] | (c[16 + 4 * p + i] << 4));
       uint16_t* scales = reinterpret_cast<uint16_t*>(tile + kb * Q4_CODE_BYTES);
       scales[b * Q4_SCALE_HALVES + r] = d;
       scales[b * Q4_SCALE_HALVES + NR + r] = m;
@@ -359,8 +363,8 @@ torch::Tensor pack_gguf(int64_t bits, const std::vector<torch::Tensor>& raws, co
       int8_t c[QK];
       uint16_t d;
       if (!gguf::decode8(row_type[row], row_ptr[row], b, c, &d)) in_range = false;
-      int8_t* dst = reinterpret_cast<int8_t*>(tile + b * Q8_CODE_BYTES);
-      for (int64_t j = 0; j < QK; ++j) dst[q8_byte(r, j)] = c[j];
+      uint8_t* dst = tile + b * Q8_CODE_BYTES + q8_byte(r, 0);
+      for (int64_t g = 0; g < QK / 4; ++g) std::memcpy(dst + g * 4 * NR, c + 4 * g, 4);  // 4 weights per k-group
       reinterpret_cast<uint16_t*>(tile + kb * Q8_CODE_BYTES)[b * Q8_SCALE_HALVES + r] = d;
     });
   }
