@@ -11,6 +11,10 @@ PYTEST_ARGS ?=
 # resolving a multi-GB CUDA build when another package asks for plain "torch".
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# The `ray` extra (Ray Serve): `make test` always installs it (the Ray tests must run, not
+# skip); `make serve` when ARGS ask for replicas or a cluster.
+RAY_STAMP := $(VENV)/.installed-ray
+SERVE_RAY := $(if $(filter --replicas% --ray-address% --min-replicas% --max-replicas%,$(ARGS)),$(RAY_STAMP))
 
 # tests/browser drive Debian's chromium through the playwright package; playwright's own
 # browser download needs a host that a closed network cannot reach.
@@ -30,9 +34,13 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m textmill.kernels
 	touch $(STAMP)
 
+$(RAY_STAMP): $(STAMP) pyproject.toml
+	$(PIP) install -q -e ".[test,ray]" "$(TORCH_PIN)"
+	touch $(RAY_STAMP)
+
 install: $(STAMP)
 
-serve: $(STAMP)
+serve: $(STAMP) $(SERVE_RAY)
 	$(VENV)/bin/textmill serve --host $(HOST) --port $(PORT) $(ARGS)
 
 # Made only when the file is absent: apt-get as root, else through sudo.
@@ -44,7 +52,7 @@ $(CHROMIUM):
 
 browser: $(CHROMIUM)
 
-test: $(STAMP) $(CHROMIUM)
+test: $(STAMP) $(RAY_STAMP) $(CHROMIUM)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The model matrix (SmolLM2, Gemma 3 270M, a synthetic 1B Q4_K_M, any --model FILE), each against

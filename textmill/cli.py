@@ -15,8 +15,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from textmill.config import (CacheConfig, DeviceConfig, EngineConfig, GenerateConfig, Option, SchedulerConfig,
-                             ServerConfig)
+from textmill.config import (CacheConfig, DeviceConfig, EngineConfig, GenerateConfig, Option, ScaleConfig,
+                             SchedulerConfig, ServerConfig)
 
 log = logging.getLogger("textmill")
 
@@ -87,6 +87,11 @@ def server_config_from_args(args: argparse.Namespace, environ: Mapping[str, str]
     return config
 
 
+def scale_config_from_args(args: argparse.Namespace) -> ScaleConfig:
+    """Raises ValueError for bounds that contradict each other."""
+    return from_args(ScaleConfig, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textmill", description="OpenAI Completions API server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = next(f for f in dataclasses.fields(EngineConfig) if f.name == "model")
     serve.add_argument("model", nargs="?", default=model.default, help=model.metadata["option"].help)
     add_options(serve, ServerConfig)
+    add_options(serve, ScaleConfig)
     gen = sub.add_parser("generate", help="complete one prompt and print it, without a server")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=model.default, help=model.metadata["option"].help)
@@ -116,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if server is None:
             return commands.generate(engine, from_args(GenerateConfig, args, prompt=args.prompt))
+        try:
+            scale = scale_config_from_args(args)
+        except ValueError as exc:
+            raise wiring.StartupError(str(exc)) from None
+        if scale.on_ray:
+            return _serve_on_ray(engine, server, scale)
         return commands.serve(engine, server)
     except wiring.StartupError as exc:
         print(f"textmill: {_one_line(str(exc))}", file=sys.stderr)
@@ -128,6 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("generate failed", exc_info=True)
         print(f"textmill: generate failed: {_one_line(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
         return 1
+
+
+def _serve_on_ray(engine: EngineConfig, server: ServerConfig, scale: ScaleConfig) -> int:
+    from textmill.wiring import StartupError
+
+    try:
+        from textmill.scale.launch import serve_on_ray
+    except ImportError as exc:  # the optional extra is not installed
+        raise StartupError(f"--replicas/--ray-address run on Ray Serve: pip install 'textmill[ray]' ({exc})") from None
+    return serve_on_ray(engine, server, scale)
 
 
 def _one_line(text: str) -> str:

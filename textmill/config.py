@@ -191,6 +191,37 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class ScaleConfig:
+    """`textmill serve --replicas N`: more than one engine replica (or --ray-address, or
+    autoscaling bounds) runs the server as a Ray Serve application (textmill/scale/)."""
+
+    replicas: int = option(1, "engine replicas behind one endpoint; more than 1 runs on Ray Serve, on a "
+                           "local Ray head unless --ray-address (needs the `ray` extra)")
+    ray_address: str | None = option(None, "run on this Ray cluster (e.g. auto, or ray://head:10001) "
+                                     "instead of a local head", metavar="ADDR")
+    min_replicas: int | None = option(None, "autoscale between --min-replicas and --max-replicas on "
+                                      "queued requests (default: fixed at --replicas)")
+    max_replicas: int | None = option(None, "upper autoscaling bound (default: --replicas)")
+    # Ray's request-based autoscaler: requests queued at the router plus those on a replica.
+    target_queued_requests: float = option(8.0, "autoscaling target: requests queued or running per replica")
+
+    def __post_init__(self):
+        low = self.min_replicas if self.min_replicas is not None else 0
+        high = self.max_replicas if self.max_replicas is not None else max(self.replicas, low, 1)
+        if self.replicas < 1 or low < 0 or high < 1 or low > high:
+            raise ValueError(f"replicas must be >= 1 and --min-replicas <= --max-replicas "
+                             f"(got {self.replicas}, {self.min_replicas}, {self.max_replicas})")
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_replicas is not None or self.max_replicas is not None
+
+    @property
+    def on_ray(self) -> bool:
+        return self.replicas > 1 or self.ray_address is not None or self.autoscaling
+
+
+@dataclass(frozen=True)
 class GenerateConfig:
     """`textmill generate`: one prompt completed and printed, without a server."""
 

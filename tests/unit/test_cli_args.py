@@ -53,9 +53,10 @@ def test_no_flags_give_the_config_defaults():
 def test_every_flag_is_a_config_field_with_its_help():
     """The parser holds no option of its own: each one is a config field, and its help is
     the field's (so a default or a help text is written in config.py only)."""
-    from textmill.config import CacheConfig, DeviceConfig, GenerateConfig, SchedulerConfig
+    from textmill.config import CacheConfig, DeviceConfig, GenerateConfig, ScaleConfig, SchedulerConfig
 
-    fields = {f.name: f for cls in (ServerConfig, DeviceConfig, CacheConfig, SchedulerConfig, GenerateConfig)
+    fields = {f.name: f for cls in (ServerConfig, ScaleConfig, DeviceConfig, CacheConfig, SchedulerConfig,
+                                    GenerateConfig)
               for f in dataclasses.fields(cls) if "option" in f.metadata}
     for command in ("serve", "generate"):
         sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]

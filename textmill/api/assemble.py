@@ -48,6 +48,9 @@ class ChoiceState:
     cumulative_logprob: float = 0.0
     started: bool = False
     error: str | None = None
+    # vLLM's return_token_ids: the released token ids, for the choice's token_ids.
+    return_token_ids: bool = False
+    token_ids: list[int] = field(default_factory=list)
 
     def apply(self, out: RequestOutput) -> tuple[str, LogprobsDelta | None]:
         """Fold one output in; return the text and logprobs it adds to the choice."""
@@ -67,6 +70,8 @@ class ChoiceState:
             self.pieces.append(text)
         if lp is not None:
             self.lp = lp if self.lp is None else (self.lp.extend(lp) or self.lp)
+        if self.return_token_ids:
+            self.token_ids += out.token_ids
         self.num_output_tokens = out.num_output_tokens
         self.num_cached_tokens = out.num_cached_tokens
         self.cumulative_logprob = out.cumulative_logprob
@@ -136,17 +141,22 @@ def _finish_reason(out: RequestOutput) -> str | None:
 
 def choice_states(prepared: PreparedCompletion, requests, tokenizer: Tokenizer) -> dict[tuple[int, int], ChoiceState]:
     """One state per (prompt, candidate) of the fanned-out requests."""
-    return {(p, c): ChoiceState(prepared.prompts[p], prepared.echo, prepared.logprobs, tokenizer)
+    return {(p, c): ChoiceState(prepared.prompts[p], prepared.echo, prepared.logprobs, tokenizer,
+                                return_token_ids=prepared.return_token_ids)
             for p, c, _ in requests}
 
 
 def choice_dict(index: int, state: ChoiceState) -> dict:
-    return {
+    out = {
         "text": state.text,
         "index": index,
         "logprobs": state.lp.as_dict() if state.lp is not None else None,
         "finish_reason": state.finish_reason,
     }
+    if state.return_token_ids:  # vLLM's names and places
+        out["prompt_token_ids"] = list(state.prompt.token_ids)
+        out["token_ids"] = list(state.token_ids)
+    return out
 
 
 def rank(states: list[ChoiceState], n: int) -> list[ChoiceState]:

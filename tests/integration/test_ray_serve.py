@@ -1,0 +1,196 @@
+"""textmill on Ray Serve: one local Ray head, 2 engine replicas of the bundled model (one
+CPU and one torch thread each), shared by the whole module.
+
+The project's conformance suite runs against this endpoint: every test of
+test_conformance.py is imported here, and this module's `base_url` and `client` point
+them at the Ray application instead of the single in-process server. Left out: the three
+that are not about the endpoint (they start servers of their own, or read the server's
+log records, which here live in the replica processes).
+
+Then what only replicas have: prefix-aware routing, one scrape for all, a replica killed
+mid-run, and the SIGTERM drain. Nothing here is timed; pytest-timeout bounds the waits.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from . import test_conformance
+from .ray_app import ray_app, shared_prefix_requests, shared_prefixes
+from .server import TEST_OPTIONS
+from .test_conformance import *  # noqa: F401,F403 (the conformance tests, run here against Ray)
+from .test_conformance import MODEL, NO_EOS
+
+for _name in ("test_user_is_logged_and_unknown_fields_ignored_with_a_debug_line",
+              "test_seed_and_greedy_survive_preemption", "test_system_fingerprint_changes_with_dtype"):
+    del globals()[_name]
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def base_url():
+    with ray_app(TEST_OPTIONS, replicas=2) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def _engine_handle():
+    from ray import serve
+
+    from textmill.scale.app import APP_NAME, ENGINE_DEPLOYMENT
+
+    return serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=APP_NAME)
+
+
+def _replicas() -> dict[str, int]:
+    """Replica label -> process id, for every replica that answers."""
+    return dict(_engine_handle().broadcast("identity").results(timeout_s=30))
+
+
+def _running_replicas() -> int:
+    from ray import serve
+
+    from textmill.scale.app import APP_NAME, ENGINE_DEPLOYMENT
+
+    deployment = serve.status().applications[APP_NAME].deployments[ENGINE_DEPLOYMENT]
+    return deployment.replica_states.get("RUNNING", 0)
+
+
+# ------------------------------------------------------------------ the endpoint itself
+def test_the_conformance_suite_is_imported():
+    """The suite really runs here: every test of test_conformance.py but the three named."""
+    theirs = {n for n in dir(test_conformance) if n.startswith("test_")}
+    ours = {n for n in globals() if n.startswith("test_")}
+    assert len(theirs) > 60 and len(theirs - ours) == 3
+
+
+def test_headers_are_the_single_servers(base_url):
+    """One X-Request-Id (Ray's proxy adds its own; the replica's is dropped), echoed as sent."""
+    r = httpx.post(f"{base_url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1},
+                   headers={"X-Request-Id": "ray-test-1"}, timeout=60)
+    assert r.status_code == 200 and r.headers.get_list("x-request-id") == ["ray-test-1"]
+    assert r.json()["id"] == "cmpl-ray-test-1"
+    assert r.headers["content-type"] == "application/json"
+    assert httpx.get(f"{base_url}/health", timeout=30).json() == {"status": "ok"}
+
+
+def test_one_scrape_sees_every_replica(base_url, client):
+    for i in range(4):
+        client.completions.create(model=MODEL, prompt=f"Count to {i}", max_tokens=2)
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    waiting = [line for line in text.splitlines() if line.startswith("vllm:num_requests_waiting{")]
+    labels = {line.split('replica="', 1)[1].split('"', 1)[0] for line in waiting}
+    assert labels == set(_replicas()), waiting
+    assert text.count("# TYPE vllm:num_requests_waiting gauge") == 1  # one family, all replicas
+    served = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith('textmill:http_requests_total{endpoint="/v1/completions"')]
+    assert sum(served) >= 4
+
+
+# ------------------------------------------------------------------ prefix routing
+def test_shared_prefixes_go_where_they_are_cached(base_url):
+    """32 requests on 4 distinct 300-word prefixes: one miss per prefix is the floor; a
+    router blind to prefixes (round robin, random) misses about 8 with 2 replicas."""
+    prefixes = shared_prefixes(4, 300)
+    requests = shared_prefix_requests(prefixes, 8)
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+    def cached(item: tuple[int, str]) -> int:
+        r = client.completions.create(model=MODEL, prompt=item[1], max_tokens=2, temperature=0)
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    with ThreadPoolExecutor(4) as pool:
+        first = list(pool.map(cached, requests[:4]))  # one per prefix, all at once
+        rest = list(pool.map(cached, requests[4:]))
+    misses = sum(1 for c in first + rest if c == 0)
+    assert misses <= 5, (first, rest)
+
+
+# ------------------------------------------------------------------ a replica dies
+def _stream(base_url: str, seed: int, out: dict) -> None:
+    body = {"model": MODEL, "prompt": f"Tell me a long story, number {seed}.", "max_tokens": 120,
+            "temperature": 1.0, "seed": seed, "logit_bias": NO_EOS, "stream": True}
+    events = []
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=300) as r:
+        out["status"] = r.status_code
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    out["events"] = events
+
+
+def test_a_killed_replica_loses_no_new_request_and_is_replaced(base_url, client):
+    before = _replicas()
+    assert len(before) == 2
+    streams = [{} for _ in range(4)]
+    threads = [threading.Thread(target=_stream, args=(base_url, i, s)) for i, s in enumerate(streams)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # not a measurement: the streams are under way somewhere by now
+    victim_label, victim_pid = sorted(before.items())[0]
+    os.kill(victim_pid, signal.SIGKILL)
+
+    # Every request that starts after the kill is answered.
+    after = [client.completions.create(model=MODEL, prompt=f"After the kill {i}:", max_tokens=4)
+             for i in range(6)]
+    assert all(r.choices[0].finish_reason in ("stop", "length") for r in after)
+
+    # The streams in flight end: complete, or with an error event, and always [DONE].
+    for t in threads:
+        t.join()
+    for s in streams:
+        assert s["status"] == 200 and s["events"][-1] == "[DONE]", s
+        chunks = [json.loads(e) for e in s["events"][:-1]]
+        finished = any(c.get("choices") and c["choices"][-1]["finish_reason"] == "length" for c in chunks)
+        failed = "error" in chunks[-1]
+        assert finished != failed, chunks[-3:]
+        if failed:
+            assert chunks[-1]["error"]["type"] == "server_error"
+
+    # Ray replaces it: two healthy replicas again, one of them new.
+    started = time.monotonic()
+    while not (_running_replicas() == 2 and len(now := _replicas()) == 2 and victim_label not in now):
+        time.sleep(0.5)
+    print(f"back to 2 replicas {time.monotonic() - started:.1f}s after the streams ended")
+    assert client.completions.create(model=MODEL, prompt="Back to two", max_tokens=2).choices
+
+
+# ------------------------------------------------------------------ SIGTERM (last: it ends the app)
+def test_drain_refuses_new_requests_and_finishes_those_in_flight(base_url):
+    from textmill.scale.launch import drain
+
+    stream: dict = {}
+    thread = threading.Thread(target=_stream, args=(base_url, 99, stream))
+    thread.start()
+    while not _in_flight(base_url):
+        time.sleep(0.05)
+    draining = threading.Thread(target=drain, args=(30.0,))
+    draining.start()
+    while (r := httpx.post(f"{base_url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1},
+                           timeout=60)).status_code != 503:
+        time.sleep(0.05)
+    assert r.json()["error"]["code"] == "server_shutting_down"
+    assert httpx.get(f"{base_url}/health", timeout=30).json() == {"status": "draining"}
+    thread.join()
+    draining.join()
+    chunks = [json.loads(e) for e in stream["events"][:-1]]
+    assert stream["events"][-1] == "[DONE]" and chunks[-1]["choices"][-1]["finish_reason"] == "length"
+
+
+def _in_flight(base_url: str) -> bool:
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    return any(line.startswith("textmill:http_requests_in_flight{") and float(line.rsplit(" ", 1)[1]) > 0
+               for line in text.splitlines())
