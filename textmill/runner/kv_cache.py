@@ -8,6 +8,8 @@ padding and sliding windows, and one scaled_dot_product_attention call does the 
 """
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass, field
 
 import torch
@@ -47,7 +49,7 @@ class KVCache:
         self.dtype = kv_dtype or dtype
         num_slots = self.num_blocks * self.block_size
         shape = (num_slots, 2, model_config.num_kv_heads, model_config.head_dim)
-        self.kv = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(model_config.num_layers)]
+        self.kv = [_zeros(shape, self.dtype, device) for _ in range(model_config.num_layers)]
         self.k = [kv[:, 0] for kv in self.kv]
         self.v = [kv[:, 1] for kv in self.kv]
 
@@ -58,6 +60,21 @@ class KVCache:
         elem = torch.empty((), dtype=kv_dtype or dtype).element_size()
         per_token = model_config.num_kv_heads * model_config.head_dim * elem
         return 2 * model_config.num_layers * cache_config.block_size * per_token
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """torch.zeros, but on the CPU resident only where written: an anonymous mapping is
+    zero pages until touched, so a pool sized for the longest contexts costs memory as
+    sequences fill it, not at start (torch.zeros writes every page: the whole pool counted
+    in the server's memory before its first request). Contents are the same as zeros'."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    buf = mmap.mmap(-1, nbytes)  # MAP_PRIVATE | MAP_ANONYMOUS; the tensor keeps it alive
+    return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)
 
 
 @dataclass(frozen=True)
