@@ -30,6 +30,8 @@ class TokenLogprob:
     logprob: float
     # The k most likely tokens at this position, best first, as (token id, logprob).
     top: tuple[tuple[int, float], ...] = ()
+    # 1 + how many tokens the model found more likely (vLLM's rank); set for prompt tokens.
+    rank: int | None = None
 
 
 # ---------------------------------------------------------------- engine -> runner

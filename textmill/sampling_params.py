@@ -59,6 +59,11 @@ class SamplingParams:
     # A grammar the generated text must follow (JSON schema, regex, choice, GBNF/Lark); the
     # runner masks every token it does not allow, and allows EOS exactly when it can end.
     structured: StructuredOutput | None = None
+    # vLLM's allowed_token_ids: every other token is -inf (EOS too, unless listed). None: off.
+    allowed_token_ids: tuple[int, ...] | None = None
+    # vLLM's bad_words as token sequences: a one-token word is always banned; a longer one's
+    # last token is banned right after the request has generated the others.
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -84,6 +89,14 @@ class SamplingParams:
             # Once the grammar is complete only EOS is allowed, and min_tokens would ban it:
             # no token would be left to sample.
             raise InvalidParam("min_tokens", "min_tokens cannot be combined with a structured output constraint")
+        if self.allowed_token_ids is not None and (not self.allowed_token_ids or min(self.allowed_token_ids) < 0):
+            raise InvalidParam("allowed_token_ids", "allowed_token_ids must list token ids (at least one)")
+        if any(not word or min(word) < 0 for word in self.bad_words_token_ids):
+            raise InvalidParam("bad_words", "bad_words must be non-empty token sequences")
+        if self.structured is not None and (self.allowed_token_ids is not None or self.bad_words_token_ids):
+            # Both remove tokens the grammar may need next: a step could be left with none.
+            param = "allowed_token_ids" if self.allowed_token_ids is not None else "bad_words"
+            raise InvalidParam(param, f"{param} cannot be combined with a structured output constraint")
         if any(s == "" for s in self.stop):
             raise InvalidParam("stop", "stop strings must not be empty")
         for name in ("logprobs", "prompt_logprobs"):

@@ -51,12 +51,17 @@ class ChoiceState:
     # vLLM's return_token_ids: the released token ids, for the choice's token_ids.
     return_token_ids: bool = False
     token_ids: list[int] = field(default_factory=list)
+    # vLLM's prompt_logprobs (k alternatives): the entries, made from the first output.
+    prompt_logprobs_k: int | None = None
+    prompt_lp: list[dict | None] | None = None
 
     def apply(self, out: RequestOutput) -> tuple[str, LogprobsDelta | None]:
         """Fold one output in; return the text and logprobs it adds to the choice."""
         text, lp = "", (LogprobsDelta() if self.logprobs is not None else None)
         if not self.started:
             self.started = True
+            if self.prompt_logprobs_k is not None:
+                self.prompt_lp = vllm_prompt_logprobs(out.prompt_logprobs, self.prompt_logprobs_k, self.tokenizer)
             if self.echo:
                 text = self.prompt.text
                 if lp is not None:
@@ -142,7 +147,8 @@ def _finish_reason(out: RequestOutput) -> str | None:
 def choice_states(prepared: PreparedCompletion, requests, tokenizer: Tokenizer) -> dict[tuple[int, int], ChoiceState]:
     """One state per (prompt, candidate) of the fanned-out requests."""
     return {(p, c): ChoiceState(prepared.prompts[p], prepared.echo, prepared.logprobs, tokenizer,
-                                return_token_ids=prepared.return_token_ids)
+                                return_token_ids=prepared.return_token_ids,
+                                prompt_logprobs_k=prepared.prompt_logprobs)
             for p, c, _ in requests}
 
 
@@ -156,6 +162,26 @@ def choice_dict(index: int, state: ChoiceState) -> dict:
     if state.return_token_ids:  # vLLM's names and places
         out["prompt_token_ids"] = list(state.prompt.token_ids)
         out["token_ids"] = list(state.token_ids)
+    if state.prompt_logprobs_k is not None:
+        out["prompt_logprobs"] = state.prompt_lp
+    return out
+
+
+def vllm_prompt_logprobs(entries, k: int, tok: Tokenizer) -> list[dict | None] | None:
+    """vLLM's shape: per prompt position None (the first) or {token id: {logprob, rank,
+    decoded_token}} for the prompt's token and the k most likely ones."""
+    if entries is None:
+        return None
+    out: list[dict | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        position = {str(t): {"logprob": lp, "rank": j + 1, "decoded_token": tok.token_text(t)}
+                    for j, (t, lp) in enumerate(entry.top[:k])}
+        position.setdefault(str(entry.token_id), {"logprob": entry.logprob, "rank": entry.rank,
+                                                  "decoded_token": tok.token_text(entry.token_id)})
+        out.append(position)
     return out
 
 

@@ -48,6 +48,11 @@ def requested_constraint(req: CompletionRequest) -> tuple[StructuredOutput, str]
     if len(found) > 1:
         names = " and ".join(param for _, param in found)
         raise bad_request(f"A request may carry one output constraint; this one has {names}.", found[1][1])
+    for structured, param in found:
+        try:  # JSON may escape lone surrogates ("\ud800"), which no grammar engine can take
+            structured.spec.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request(f"{param} is not valid Unicode text: it holds a lone surrogate.", param) from None
     return found[0] if found else None
 
 

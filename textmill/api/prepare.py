@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from textmill.api.constraints import requested_constraint, unsupported
 from textmill.api.errors import bad_request
 from textmill.api.protocol import CompletionRequest
+from textmill.api.serving import TextTokenizer
 from textmill.api.unsupported import reject_unsupported
 from textmill.messages import EngineRequest
 from textmill.sampling_params import InvalidParam, SamplingParams
 from textmill.structured import GrammarCompiler, GrammarError, StructuredOutput
-from textmill.tokenizer import Tokenizer
 
 MAX_STOP_STRINGS = 4
 # Seeds of the n candidates of one prompt are spread by the 64-bit golden ratio, so that
@@ -53,6 +53,9 @@ class PreparedCompletion:
     logprobs: int | None
     stream: bool
     include_usage: bool
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats
+    return_token_ids: bool = False  # vLLM: prompt_token_ids and token_ids in each choice
+    prompt_logprobs: int | None = None  # vLLM: top-k per prompt position, with ranks
 
     def engine_requests(self, request_id: str, now: float) -> list[tuple[int, int, EngineRequest]]:
         """(prompt index, candidate index, request) for every candidate of every prompt."""
@@ -63,7 +66,7 @@ class PreparedCompletion:
         ]
 
 
-def prepare(req: CompletionRequest, tokenizer: Tokenizer, limits: Limits,
+def prepare(req: CompletionRequest, tokenizer: TextTokenizer, limits: Limits,
             grammars: GrammarCompiler | None = None) -> PreparedCompletion:
     """`grammars` compiles a structured-output constraint (None: the server has none). A
     compile may take a while: call prepare off the event loop when the request has one."""
@@ -90,7 +93,9 @@ def prepare(req: CompletionRequest, tokenizer: Tokenizer, limits: Limits,
     except InvalidParam as exc:
         raise bad_request(exc.message, exc.param) from exc
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return PreparedCompletion(prompts, params, n, best_of, echo, req.logprobs, stream, include_usage)
+    continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+    return PreparedCompletion(prompts, params, n, best_of, echo, req.logprobs, stream, include_usage,
+                              continuous, bool(req.return_token_ids), req.prompt_logprobs)
 
 
 def _check_counts(n: int, best_of: int, stream: bool, req: CompletionRequest) -> None:
@@ -98,6 +103,8 @@ def _check_counts(n: int, best_of: int, stream: bool, req: CompletionRequest) ->
         raise bad_request(f"best_of ({best_of}) must be greater than or equal to n ({n}).", "best_of")
     if stream and best_of > n:
         raise bad_request("best_of cannot be used with stream: the best candidates are only known at the end.", "best_of")
+    if req.prompt_logprobs is not None and stream:
+        raise bad_request("prompt_logprobs is not available with stream: ask without streaming.", "prompt_logprobs")
     if req.stream_options is not None and not stream:
         raise bad_request("stream_options can only be set when stream is true.", "stream_options")
 
@@ -116,6 +123,7 @@ def _check_unicode(req: CompletionRequest) -> None:
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
     fields = [("prompt", p) for p in prompts if isinstance(p, str)]
     fields += [("stop", s) for s in stops] + [("suffix", req.suffix or "")]
+    fields += [("bad_words", w) for w in req.bad_words or ()]
     for param, text in fields:
         try:
             text.encode("utf-8")
@@ -123,7 +131,7 @@ def _check_unicode(req: CompletionRequest) -> None:
             raise bad_request(f"{param} is not valid Unicode text: it holds a lone surrogate.", param) from None
 
 
-def _tokenize_prompts(req: CompletionRequest, tok: Tokenizer, limits: Limits) -> tuple[PromptInput, ...]:
+def _tokenize_prompts(req: CompletionRequest, tok: TextTokenizer, limits: Limits) -> tuple[PromptInput, ...]:
     raw = req.prompt
     if raw is None:
         raw = ""
@@ -139,10 +147,29 @@ def _tokenize_prompts(req: CompletionRequest, tok: Tokenizer, limits: Limits) ->
         raise bad_request(f"At most {limits.max_prompts} prompts per request, got {len(items)}.", "prompt")
     if req.suffix is not None and tok.fim is None:
         raise bad_request("This model does not support suffix (fill-in-the-middle): its vocabulary has no FIM tokens.", "suffix")
-    return tuple(_one_prompt(item, req.suffix, tok, limits) for item in items)
+    prompts = tuple(_one_prompt(item, req.suffix, tok, limits) for item in items)
+    if req.truncate_prompt_tokens is None:
+        return prompts
+    return tuple(_truncated(p, req, tok, limits) for p in prompts)
 
 
-def _one_prompt(item: str | list[int], suffix: str | None, tok: Tokenizer, limits: Limits) -> PromptInput:
+def _truncated(prompt: PromptInput, req: CompletionRequest, tok: Tokenizer, limits: Limits) -> PromptInput:
+    """vLLM's truncate_prompt_tokens: keep the last k tokens of each prompt (-1: the context
+    window). A cut prompt's text is its kept tokens decoded (what echo shows)."""
+    k = limits.max_model_len if req.truncate_prompt_tokens == -1 else req.truncate_prompt_tokens
+    if k == 0 or k > limits.max_model_len:
+        raise bad_request(f"truncate_prompt_tokens must be -1 or between 1 and the context window "
+                          f"({limits.max_model_len}), got {req.truncate_prompt_tokens}.", "truncate_prompt_tokens")
+    if req.suffix is not None:
+        raise bad_request("truncate_prompt_tokens cannot be combined with suffix: cutting would lose the "
+                          "fill-in-the-middle tokens.", "truncate_prompt_tokens")
+    if len(prompt.token_ids) <= k:
+        return prompt
+    ids = prompt.token_ids[-k:]
+    return PromptInput(ids, tok.decode(ids), False)
+
+
+def _one_prompt(item: str | list[int], suffix: str | None, tok: TextTokenizer, limits: Limits) -> PromptInput:
     if isinstance(item, str):
         if suffix is not None:
             ids = _fim_ids(tok, tok.encode(item, add_special_tokens=False), suffix)
@@ -172,7 +199,7 @@ def out_of_vocabulary(token_id: int, vocab_size: int, where: str) -> str:
     return f"Token id {token_id} {where} is out of vocabulary (this model's token ids are 0..{vocab_size - 1})."
 
 
-def _fim_ids(tok: Tokenizer, prefix_ids, suffix: str) -> tuple[int, ...]:
+def _fim_ids(tok: TextTokenizer, prefix_ids, suffix: str) -> tuple[int, ...]:
     # Prefix-suffix-middle order, as the FIM-trained code models expect; the model then
     # writes the middle, which is what the choice's text is.
     fim = tok.fim
@@ -180,7 +207,7 @@ def _fim_ids(tok: Tokenizer, prefix_ids, suffix: str) -> tuple[int, ...]:
     return (*bos, fim.prefix, *prefix_ids, fim.suffix, *tok.encode(suffix, add_special_tokens=False), fim.middle)
 
 
-def _non_empty(ids: list[int], tok: Tokenizer) -> tuple[int, ...]:
+def _non_empty(ids: list[int], tok: TextTokenizer) -> tuple[int, ...]:
     """An empty prompt starts a new document, as the spec's default "<|endoftext|>" says:
     the model sees that separator when its vocabulary has it, else its BOS (or EOS)."""
     if ids:
@@ -224,7 +251,7 @@ def _compiled_constraint(req: CompletionRequest, grammars: GrammarCompiler | Non
     return structured
 
 
-def _sampling_params(req: CompletionRequest, tok: Tokenizer, limits: Limits, max_tokens: int,
+def _sampling_params(req: CompletionRequest, tok: TextTokenizer, limits: Limits, max_tokens: int,
                      echo: bool, seed: int, structured: StructuredOutput | None = None) -> SamplingParams:
     stops = _stops(req.stop)
     return SamplingParams(
@@ -237,17 +264,55 @@ def _sampling_params(req: CompletionRequest, tok: Tokenizer, limits: Limits, max
         stop=stops,
         stop_token_ids=_stop_token_ids(req, tok, limits),
         logprobs=req.logprobs,
-        prompt_logprobs=req.logprobs if echo and req.logprobs is not None else None,
+        prompt_logprobs=_prompt_k(req, echo),
         seed=seed,
         top_k=min(req.top_k, limits.vocab_size) if req.top_k is not None and req.top_k > 0 else None,
         min_p=req.min_p or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         min_tokens=req.min_tokens or 0,
         structured=structured,
+        allowed_token_ids=_allowed_token_ids(req, limits),
+        bad_words_token_ids=_bad_words(req.bad_words, tok),
     )
 
 
-def _stop_token_ids(req: CompletionRequest, tok: Tokenizer, limits: Limits) -> tuple[int, ...]:
+def _allowed_token_ids(req: CompletionRequest, limits: Limits) -> tuple[int, ...] | None:
+    if req.allowed_token_ids is None:
+        return None
+    if not req.allowed_token_ids:
+        raise bad_request("allowed_token_ids must list at least one token id.", "allowed_token_ids")
+    return tuple(sorted(set(_in_vocab(req.allowed_token_ids, limits, "allowed_token_ids"))))
+
+
+MAX_BAD_WORDS = 256
+
+
+def _bad_words(words: list[str] | None, tok: Tokenizer) -> tuple[tuple[int, ...], ...]:
+    """vLLM's rule: each word as written and with a leading space (its mid-text spelling)
+    when that is a different first token and as many tokens."""
+    if not words:
+        return ()
+    if len(words) > MAX_BAD_WORDS:
+        raise bad_request(f"bad_words may hold at most {MAX_BAD_WORDS} words, got {len(words)}.", "bad_words")
+    out: list[tuple[int, ...]] = []
+    for word in words:
+        if not word.strip():
+            raise bad_request("bad_words must not hold empty words.", "bad_words")
+        plain = tuple(tok.encode(word.lstrip(), add_special_tokens=False))
+        spaced = tuple(tok.encode(" " + word.lstrip(), add_special_tokens=False))
+        out.append(plain)
+        if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+            out.append(spaced)
+    return tuple(dict.fromkeys(out))
+
+
+def _prompt_k(req: CompletionRequest, echo: bool) -> int | None:
+    """Prompt positions are scored for echo with logprobs and for vLLM's prompt_logprobs."""
+    wanted = [k for k in (req.logprobs if echo else None, req.prompt_logprobs) if k is not None]
+    return max(wanted) if wanted else None
+
+
+def _stop_token_ids(req: CompletionRequest, tok: TextTokenizer, limits: Limits) -> tuple[int, ...]:
     """The ids that end a choice: EOS (unless ignore_eos) and the client's stop_token_ids."""
     extra = _in_vocab(req.stop_token_ids or (), limits, "stop_token_ids")
     # The tokenizer's own end ids may lie past the model's rows (a GGUF vocabulary longer

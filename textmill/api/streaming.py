@@ -30,6 +30,7 @@ async def stream_completion(ctx: ServingContext, prepared: PreparedCompletion, r
                             trace: RequestTrace, timer: TokenTimer,
                             deadline: Deadline | None = None) -> AsyncIterator[str]:
     states = choice_states(prepared, requests, ctx.tokenizer)
+    sent_prompt_ids: set[tuple[int, int]] = set()
     try:
         # aclosing: leaving early (an error, the deadline) cancels the sibling candidates at once.
         async with contextlib.aclosing(merged_outputs(ctx.engine, requests, deadline)) as outputs:
@@ -46,9 +47,15 @@ async def stream_completion(ctx: ServingContext, prepared: PreparedCompletion, r
                 choice = {"text": text, "index": p * prepared.n + c,
                           "logprobs": lp.as_dict() if lp is not None else None,
                           "finish_reason": state.finish_reason}
+                if prepared.return_token_ids:  # vLLM: the prompt's ids once, then each delta's
+                    if (p, c) not in sent_prompt_ids:
+                        sent_prompt_ids.add((p, c))
+                        choice["prompt_token_ids"] = list(state.prompt.token_ids)
+                    choice["token_ids"] = list(out.token_ids)
                 chunk = {**head, "choices": [choice]}
                 if prepared.include_usage:
-                    chunk["usage"] = None
+                    # vLLM's continuous_usage_stats: this choice's usage so far, in every chunk.
+                    chunk["usage"] = _choice_usage(state) if prepared.continuous_usage else None
                 yield _event(chunk)
         if prepared.include_usage:
             yield _event({**head, "choices": [], "usage": usage_dict(prepared, states)})
@@ -61,3 +68,9 @@ async def stream_completion(ctx: ServingContext, prepared: PreparedCompletion, r
     finally:
         trace.set_usage(usage_dict(prepared, states))
     yield "data: [DONE]\n\n"
+
+
+def _choice_usage(state) -> dict:
+    prompt = len(state.prompt.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": state.num_output_tokens,
+            "total_tokens": prompt + state.num_output_tokens}

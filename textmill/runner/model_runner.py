@@ -136,7 +136,7 @@ class ModelRunner:
         if sample is not None:
             pieces += [sample.token_ids, sample.logprobs, sample.top_ids, sample.top_logprobs]
         if prompt is not None:
-            pieces += [prompt.logprobs, prompt.top_ids, prompt.top_logprobs]
+            pieces += [prompt.logprobs, prompt.top_ids, prompt.top_logprobs, prompt.ranks]
         values = torch.cat([p.reshape(-1).to(torch.float64) for p in pieces]).tolist()
         reader = _Reader(values)
         sampled = self._read_sampled(batch, sample, reader) if sample is not None else {}
@@ -161,13 +161,14 @@ class ModelRunner:
         num, k = prompt.logprobs.shape[0], prompt.top_ids.shape[1]
         lps = reader.take(num)
         top_ids, top_lps = reader.take(num * k), reader.take(num * k)
+        ranks = reader.take(num)
         out = {}
         for seg in batch.prompt_segments:
             want = min(self._prompt_k(seg.request_id), k)
             entries = []
             for row in range(seg.offset, seg.offset + seg.count):
                 top = tuple((int(top_ids[row * k + j]), top_lps[row * k + j]) for j in range(want))
-                entries.append(TokenLogprob(seg.targets[row - seg.offset], lps[row], top))
+                entries.append(TokenLogprob(seg.targets[row - seg.offset], lps[row], top, int(ranks[row])))
             out[seg.request_id] = tuple(entries)
         return out
 

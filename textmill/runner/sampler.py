@@ -2,8 +2,9 @@
 
 The order is fixed and documented (OpenAI semantics):
 
-    logit bias -> repetition/presence/frequency penalties -> min_tokens ban -> grammar mask
-    -> temperature -> top-k -> top-p -> min-p -> sample
+    logit bias -> repetition/presence/frequency penalties -> min_tokens ban
+    -> allowed_token_ids / bad_words -> grammar mask -> temperature -> top-k -> top-p -> min-p
+    -> sample
 
 * logit bias: logits[j] += bias[j] for the request's (token, bias) pairs.
 * penalties: logits[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty, where
@@ -11,6 +12,8 @@ The order is fixed and documented (OpenAI semantics):
 * repetition_penalty (vLLM/HF): over tokens seen in the prompt *or* generated, positive
   logits are divided by it and negative ones multiplied.
 * min_tokens: the request's stop_token_ids are banned until it has generated that many.
+* allowed_token_ids (vLLM): every other token is -inf. bad_words (vLLM): a one-token word is
+  -inf, a longer word's last token is -inf right after the request generated the rest.
 * grammar mask (structured outputs): every token the request's grammar does not allow next
   is -inf, all constrained rows of the step in one batched bitmask and one masked_fill
   (textmill/grammar/masks.py); the chosen token then advances the row's matcher. Masking
@@ -73,6 +76,7 @@ class PromptLogprobOutput:
     logprobs: torch.Tensor  # (P,) float32: raw logprob of each target token
     top_ids: torch.Tensor  # (P, K) int64
     top_logprobs: torch.Tensor  # (P, K) float32
+    ranks: torch.Tensor  # (P,) int64: 1 + tokens more likely than the target
 
 
 @dataclass
@@ -87,6 +91,8 @@ class RequestSampling:
     seen_row: int | None = None  # row in the seen-token buffer, only with repetition_penalty
     num_generated: int = 0  # tokens sampled so far (min_tokens)
     stop_ids: torch.Tensor | None = None  # (K,) banned while num_generated < min_tokens
+    allowed_ids: torch.Tensor | None = None  # (K,) allowed_token_ids: the only tokens left
+    generated: list[int] | None = None  # the tokens sampled so far, kept only for bad_words
 
 
 class PenaltyCounts:
@@ -161,6 +167,11 @@ class Sampler:
             self.seen.counts[state.seen_row].index_fill_(0, ids[ids < self.vocab_size], 1.0)
         if params.min_tokens > 0 and params.stop_token_ids:
             state.stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.int64, device=self.device)
+        if params.allowed_token_ids is not None:
+            ids = torch.tensor(params.allowed_token_ids, dtype=torch.int64, device=self.device)
+            state.allowed_ids = ids[ids < self.vocab_size]
+        if params.bad_words_token_ids:
+            state.generated = []
         if params.structured is not None:
             if self.grammar_masks is None:
                 raise ValueError("this sampler has no grammar compiler: structured outputs are not available")
@@ -197,6 +208,7 @@ class Sampler:
         self._apply_repetition(x, states)
         penalized = self._apply_penalties(x, states)
         self._ban_early_stops(x, states)
+        self._restrict_tokens(x, states)
         constrained = [i for i, s in enumerate(states) if s.params.structured is not None]
         if constrained:
             self.grammar_masks.apply(x, request_ids)
@@ -222,8 +234,9 @@ class Sampler:
 
     def prompt_logprobs(self, logits: torch.Tensor, targets: torch.Tensor, k: int) -> PromptLogprobOutput:
         """logits (P, V), targets (P,) -> raw logprob of each target and the top k per row."""
-        chosen, top_lps, top_ids = raw_logprobs(logits.float(), targets, k, self._scratch)
-        return PromptLogprobOutput(chosen, top_ids, top_lps)
+        ranks: list[torch.Tensor] = []
+        chosen, top_lps, top_ids = raw_logprobs(logits.float(), targets, k, self._scratch, ranks)
+        return PromptLogprobOutput(chosen, top_ids, top_lps, torch.cat(ranks))
 
     def _apply_bias(self, x: torch.Tensor, states: list[RequestSampling], request_ids: tuple[str, ...]) -> None:
         # A request's bias never changes, so the batched index tensors are reused for as long
@@ -272,12 +285,31 @@ class Sampler:
             if s.stop_ids is not None and s.num_generated < s.params.min_tokens:
                 x[i].index_fill_(0, s.stop_ids, float("-inf"))
 
+    def _restrict_tokens(self, x: torch.Tensor, states: list[RequestSampling]) -> None:
+        """allowed_token_ids and bad_words (vLLM's): rare, so a loop over the rows that use them."""
+        for i, s in enumerate(states):
+            if s.allowed_ids is not None:
+                kept = x[i].index_select(0, s.allowed_ids)
+                x[i].fill_(float("-inf")).index_copy_(0, s.allowed_ids, kept)
+            if s.generated is not None:
+                banned = [word[-1] for word in s.params.bad_words_token_ids
+                          if word[-1] < self.vocab_size
+                          and (len(word) == 1 or (len(s.generated) >= len(word) - 1
+                                                  and tuple(s.generated[1 - len(word):]) == word[:-1]))]
+                if banned:
+                    x[i].index_fill_(0, torch.tensor(banned, dtype=torch.int64, device=x.device), float("-inf"))
+
     def _after_sampling(self, states: list[RequestSampling], tokens: torch.Tensor) -> None:
         idx = [i for i, s in enumerate(states) if s.seen_row is not None]
         if idx:
             seen_rows = torch.tensor([states[i].seen_row for i in idx], device=tokens.device)
             chosen = tokens.index_select(0, torch.tensor(idx, device=tokens.device))
             self.seen.counts.index_put_((seen_rows, chosen), torch.ones_like(chosen, dtype=torch.float32))
+        tracked = [i for i, s in enumerate(states) if s.generated is not None]
+        if tracked:
+            chosen = tokens.index_select(0, torch.tensor(tracked, device=tokens.device)).tolist()
+            for i, t in zip(tracked, chosen):
+                states[i].generated.append(t)
         for s in states:
             s.num_generated += 1
 
@@ -342,5 +374,5 @@ def _draw_truncated(probs: torch.Tensor, params: list[SamplingParams], uniform: 
 
 def _edits_logits(s: RequestSampling) -> bool:
     return (s.bias_ids is not None or s.count_row is not None or s.seen_row is not None
-            or s.params.structured is not None
+            or s.params.structured is not None or s.allowed_ids is not None or s.generated is not None
             or (s.stop_ids is not None and s.num_generated < s.params.min_tokens))
