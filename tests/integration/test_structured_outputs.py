@@ -84,14 +84,14 @@ def _matcher_accepts_prefix(server, structured: StructuredOutput, text: str) -> 
 # ------------------------------------------------------------------ validity
 def test_json_schema_outputs_parse_and_validate_at_temperature_1(client) -> None:
     finished = 0
-    for seed, prompt in enumerate(["A pet record as JSON:\n", "Customer data:\n", "{"]):
+    for seed, prompt in enumerate(["A pet record as JSON:\n", "Customer data:\n"]):
         r = _complete(client, {"structured_outputs": {"json": SCHEMA}}, prompt=prompt, n=16, seed=seed,
-                      temperature=1.0, max_tokens=120)
+                      temperature=1.0, max_tokens=100)
         for choice in r.choices:
             if choice.finish_reason == "stop":
                 jsonschema.validate(json.loads(choice.text), SCHEMA)
                 finished += 1
-    assert finished >= 24, finished  # most samples finish well inside max_tokens
+    assert finished >= 16, finished  # most samples finish well inside max_tokens
 
 
 def test_regex_choice_and_gbnf_outputs_match(client) -> None:
@@ -113,7 +113,7 @@ def test_regex_choice_and_gbnf_outputs_match(client) -> None:
     {"guided_json": SCHEMA},
 ], ids=["response_format-json_object", "json_object", "response_format-json_schema", "llama.cpp", "guided_json"])
 def test_every_json_field_gives_a_json_object(client, constraint) -> None:
-    r = _complete(client, constraint, prompt="Data:", n=3, seed=4, temperature=0.7, max_tokens=120)
+    r = _complete(client, constraint, prompt="Data:", n=2, seed=4, temperature=0.7, max_tokens=100)
     stopped = [c.text for c in r.choices if c.finish_reason == "stop"]
     assert stopped, r.choices
     for text in stopped:
@@ -133,7 +133,7 @@ def test_the_legacy_guided_fields_are_honoured(client) -> None:
 
 # ------------------------------------------------------------------ with the other fields
 def test_constrained_n_and_seed_reproduce(client) -> None:
-    kw = dict(prompt="A pet:", n=4, seed=77, temperature=1.0, max_tokens=120)
+    kw = dict(prompt="A pet:", n=3, seed=77, temperature=1.0, max_tokens=80)
     first = _complete(client, {"structured_outputs": {"json": SCHEMA}}, **kw)
     second = _complete(client, {"structured_outputs": {"json": SCHEMA}}, **kw)
     assert [c.text for c in first.choices] == [c.text for c in second.choices]
@@ -141,7 +141,7 @@ def test_constrained_n_and_seed_reproduce(client) -> None:
 
 
 def test_constrained_stream_equals_the_non_streamed_completion(client) -> None:
-    kw = dict(prompt="A pet:", seed=8, temperature=1.0, max_tokens=120)
+    kw = dict(prompt="A pet:", seed=8, temperature=1.0, max_tokens=80)
     whole = _complete(client, {"structured_outputs": {"json": SCHEMA}}, **kw).choices[0]
     chunks = list(_complete(client, {"structured_outputs": {"json": SCHEMA}}, stream=True, **kw))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
@@ -223,7 +223,7 @@ def test_bad_constraints_are_400s_naming_the_field(client, body, param) -> None:
 
 # ------------------------------------------------------------------ preemption
 def test_preempted_constrained_requests_stay_valid() -> None:
-    """A KV pool of ~20 blocks for eight 120-token JSON streams: requests are preempted and
+    """A KV pool of ~17 blocks for six 100-token JSON streams: requests are preempted and
     recomputed mid-output; their matchers stay where their tokens are."""
     capture = Capture()
     tiny = TEST_OPTIONS.updated(max_model_len=256, memory_gib=0.0125)
@@ -234,11 +234,11 @@ def test_preempted_constrained_requests_stay_valid() -> None:
         def one(seed: int) -> None:
             try:
                 results.append(_complete(client, {"structured_outputs": {"json": SCHEMA}}, prompt="A pet record:",
-                                         seed=seed, temperature=1.0, max_tokens=120).choices[0])
+                                         seed=seed, temperature=1.0, max_tokens=100).choices[0])
             except Exception as exc:  # reported below
                 errors.append(exc)
 
-        threads = [threading.Thread(target=one, args=(s,)) for s in range(8)]
+        threads = [threading.Thread(target=one, args=(s,)) for s in range(6)]
         for t in threads:
             t.start()
         for t in threads:
