@@ -47,10 +47,10 @@ def test_page_loads_without_console_errors_and_shows_api_errors(tab, base_url, s
     assert api["error"]["message"] in shown and "param: top_p" in shown
 
 
-def test_seeded_run_shows_the_api_text_and_shares_the_same_request(tab, browser, base_url, client):
+def test_seeded_run_shows_the_api_text_and_shares_the_same_request(tab, browser, base_url, client, screenshots):
     page = tab.page
     load(page, base_url)
-    fields = dict(max_tokens=24, temperature=0.9, seed=1234, n=2, logprobs=2)
+    fields = dict(max_tokens=16, temperature=0.9, seed=1234, n=2, logprobs=2)
     compose(page, "Once upon a time", **fields)
     assert run(page) == "done"
     api = client.completions.create(model=MODEL, prompt="Once upon a time", **fields)
@@ -60,9 +60,12 @@ def test_seeded_run_shows_the_api_text_and_shares_the_same_request(tab, browser,
     first, second = (page.locator(f".result[data-index='{i}']").bounding_box() for i in range(2))
     assert first["y"] == second["y"] and second["x"] >= first["x"] + first["width"]
     stats = page.text_content(".result[data-index='0'] .stats")
-    assert "TTFT" in stats and "tok/s" in stats and "24 tokens" in stats
+    assert "TTFT" in stats and "tok/s" in stats and "16 tokens" in stats
     usage = page.text_content(".result[data-index='0'] .usage")
     assert f"completion {api.usage.completion_tokens}" in usage and "cached" in usage
+    page.locator(".result[data-index='1'] .tok").nth(3).hover()
+    page.wait_for_selector("#inspector:not([hidden]) .alt")
+    page.screenshot(path=screenshots / "compose.png")
 
     # Copy as Python: the snippet, run as it is, prints the same texts.
     page.click("#copy-python")
@@ -73,7 +76,7 @@ def test_seeded_run_shows_the_api_text_and_shares_the_same_request(tab, browser,
     page.click("#copy-curl")
     curl = page.text_content("#snippet")
     body = json.loads(curl.split("-d '", 1)[1].rsplit("'", 1)[0].replace("'\\''", "'"))
-    assert body == {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0.9, "top_p": 1,
+    assert body == {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0.9, "top_p": 1,
                     "n": 2, "seed": 1234, "presence_penalty": 0, "frequency_penalty": 0, "echo": False,
                     "logprobs": 2, "stream": True, "stream_options": {"include_usage": True}}
 

@@ -40,7 +40,7 @@ def test_a_wrong_key_shows_the_401_and_the_right_one_loads_the_models(tab, base_
     page.press("#api-key", "Enter")
     page.wait_for_function("document.querySelector('#error .code')?.textContent === 'code: invalid_api_key'")
     shown = error_text(page)
-    assert shown.startswith("401 invalid_request_error") and api["message"] in shown
+    assert shown.startswith("401 invalid_request_error") and api["message"] in shown and "param: null" in shown
     assert page.evaluate("sessionStorage.getItem('textmill.apiKey')") == "wrong"
     page.screenshot(path=screenshots / "wrong-key.png")
 

@@ -49,7 +49,8 @@ function showError(err) {
   msg.textContent = err.message;
   box.append(head, " ", msg);
   for (const [label, value] of [["param", err.param], ["code", err.code]]) {
-    if (value === null || value === undefined) continue;
+    // An API error names its param even when it is null (no one field is to blame).
+    if (value === undefined || (value === null && (label === "code" || !err.type))) continue;
     const part = document.createElement("span");
     part.className = label;
     part.textContent = `${label}: ${value}`;
@@ -81,7 +82,13 @@ async function loadModels() {
     showError({ status: null, message: `The server cannot be reached: ${e.message}` });
     return;
   }
-  if (!resp.ok) { showError(await readError(resp)); return; }
+  if (!resp.ok) {
+    const err = await readError(resp);
+    showError(err);
+    // The port opens before the model is loaded (/health says "loading"): ask again shortly.
+    if (err.code === "model_loading") setTimeout(loadModels, 1000);
+    return;
+  }
   clearError();
   $("auth").hidden = true;
   $("key-button").hidden = !apiKey();
@@ -166,7 +173,7 @@ function resultCard(index, body) {
   usage.className = "usage";
   card.append(h, text, stats, usage);
   const base = body.echo ? 0 : codePoints(body.prompt).length;
-  const choice = new ChoiceText(text, base, "compose");
+  const choice = new ChoiceText(text, base);
   const result = { card, text, stats, usage, finish, choice, body, promptLength: codePoints(body.prompt).length,
     first: null, last: null, generated: 0, chunks: 0, finishReason: null };
   wireTokens(text, () => ({ choice, kind: "compose", body }));
@@ -212,7 +219,8 @@ async function runCompose() {
     if (!resp.ok) { showError(await readError(resp)); finalState = "error"; return; }
     if (body.stream) {
       await readStream(resp, (event) => {
-        if (event.error) { showError(describeError(resp.status, event)); finalState = "error"; return; }
+        // An error after the stream began arrives as an event; the HTTP status was already 200.
+        if (event.error) { showError(describeError("in stream:", event)); finalState = "error"; return; }
         if (event.usage) runState.usage = event.usage;
         for (const c of event.choices || []) addChunk(ensure(c.index), c, runState);
       });
@@ -335,7 +343,7 @@ async function runScore() {
   }
   if (!resp.ok) { showError(await readError(resp)); out.dataset.state = "error"; return; }
   const completion = await resp.json();
-  const choice = new ChoiceText(out, 0, "score");
+  const choice = new ChoiceText(out, 0);
   choice.append(completion.choices[0].text, completion.choices[0].logprobs);
   const first = out.querySelector(".tok");
   if (first) first.tabIndex = 0;

@@ -5,22 +5,21 @@
 // strings index UTF-16 units. Everything positional below works on code point arrays.
 export const codePoints = (s) => Array.from(s);
 
-// How hot a token is drawn, 0..1. Compose: 1 - p (an unlikely pick stands out).
-// Score: surprise in nats, saturating at 8 (about p = 0.0003).
-export function heat(logprob, mode) {
+// How hot a token is drawn, 0..1: its surprise (-logprob, in nats) up to 6 (p = 0.25%).
+// On a log scale, because a sampled token's p is mostly 0.05-0.9: drawn as 1 - p nearly
+// every token of a small model looked equally hot. One scale for compose and score.
+export function heat(logprob) {
   if (logprob === null || logprob === undefined) return null;
-  if (mode === "score") return Math.min(1, -logprob / 8);
-  return 1 - Math.exp(logprob);
+  return Math.min(1, -logprob / 6);
 }
 
 // One choice's text, built chunk by chunk. `base` is where the choice's own text starts in
 // the API's offset space: 0 with echo (the prompt is part of the text), else the prompt's
 // length, since text_offset counts the prompt either way.
 export class ChoiceText {
-  constructor(container, base, mode) {
+  constructor(container, base) {
     this.container = container;
     this.base = base;
-    this.mode = mode;
     this.length = 0;  // code points so far
     this.text = "";
     this.tokens = [];  // {token, logprob, top, offset, text}
@@ -46,7 +45,7 @@ export class ChoiceText {
         };
         this.tokens.push(token);
         added.push(token);
-        this.container.append(tokenSpan(token, this.mode));
+        this.container.append(tokenSpan(token));
       }
     }
     this.length = end;
@@ -62,14 +61,14 @@ function plainSpan(text) {
   return span;
 }
 
-function tokenSpan(token, mode) {
+function tokenSpan(token) {
   const span = document.createElement("span");
   span.className = token.text ? "tok" : "tok empty";  // empty: its bytes end a later character
   if (token.text.includes("\n")) span.classList.add("newline");  // else a line break alone has no width to point at
   span.textContent = token.text;
   span.dataset.index = token.index;
   span.tabIndex = -1;  // one tab stop per result (the first token); arrows move between tokens
-  const h = heat(token.logprob, mode);
+  const h = heat(token.logprob);
   if (h === null) span.classList.add("nolp");
   else span.style.setProperty("--heat", h.toFixed(3));
   return span;
