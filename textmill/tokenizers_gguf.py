@@ -37,7 +37,7 @@ from tokenizers import __version__ as tokenizers_version
 
 import textmill.loader.gguf_file as _gguf_file_module
 import textmill.tokenizer as _tokenizer_module
-from textmill.loader.gguf_file import _open as open_gguf  # its metadata region, strings skipped
+from textmill.loader.gguf_file import metadata_region
 from textmill.loader.gguf_file import read_metadata as read_gguf_metadata
 from textmill.tokenizer import (
     EOG_TEXTS, FIM_TEXTS, FimTokens, TokenizerParts, byte_level_bytes, bytes_to_unicode,
@@ -450,8 +450,7 @@ def cache_key(path: Path) -> str | None:
     except OSError:
         return None
     digest.update(f"{_CACHE_FORMAT} tokenizers {tokenizers_version}".encode())
-    buf, cursor, _, _ = open_gguf(Path(path), keep_strings=False)
-    digest.update(buf[:cursor.pos])
+    digest.update(metadata_region(Path(path)))
     return digest.hexdigest()
 
 

@@ -25,7 +25,9 @@ from textmill.loader.bundled import BUNDLED_NAME, bundled_model_path
 if TYPE_CHECKING:
     from textmill.api.serving import ServingContext
     from textmill.engine.engine import Engine
+    from textmill.engine.runner_protocol import Runner
     from textmill.runner.plan import ExecutionPlan
+    from textmill.structured import GrammarCompiler
     from textmill.tokenizer import Tokenizer
 
 log = logging.getLogger("textmill")
@@ -45,7 +47,7 @@ class BuiltEngine:
     model_name: str
     fingerprint: str
     plan: "ExecutionPlan"
-    grammars: object = None  # textmill.grammar.compiler.LLGuidanceCompiler (structured outputs)
+    grammars: "GrammarCompiler | None" = None  # structured outputs (grammar/compiler.py)
 
 
 def model_path(model: str | None) -> Path:
@@ -55,7 +57,7 @@ def model_path(model: str | None) -> Path:
     return path
 
 
-def build_engine(config: EngineConfig, wrap_runner: Callable | None = None) -> BuiltEngine:
+def build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner] | None" = None) -> BuiltEngine:
     """`wrap_runner` (tests) may wrap the ModelRunner, e.g. to make a step fail."""
     from textmill.engine.engine import Engine
     from textmill.engine.scheduler import Scheduler
@@ -137,7 +139,7 @@ def _fingerprint(path: Path, plan: "ExecutionPlan") -> str:
 
 
 def build_serving(config: EngineConfig, served_model_name: str | None = None,
-                  wrap_runner: Callable | None = None) -> "ServingContext":
+                  wrap_runner: "Callable[[Runner], Runner] | None" = None) -> "ServingContext":
     """`served_model_name` None: the model's own name (BuiltEngine.model_name)."""
     from textmill.api.serving import ServingContext
     from textmill.engine.async_engine import AsyncEngine

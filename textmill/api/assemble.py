@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from textmill.api.prepare import PreparedCompletion, PromptInput
+from textmill.api.serving import TextTokenizer
 from textmill.messages import RequestOutput, TokenLogprob
-from textmill.tokenizer import Tokenizer
 
 
 @dataclass
@@ -37,7 +37,7 @@ class ChoiceState:
     prompt: PromptInput
     echo: bool
     logprobs: int | None
-    tokenizer: Tokenizer
+    tokenizer: TextTokenizer
     # The choice's text as the deltas came: joined once, when read (`text`), because adding
     # each delta to one string copies the whole text so far, per token.
     pieces: list[str] = field(default_factory=list)
@@ -117,7 +117,7 @@ class ChoiceState:
         lp.text_offset.append(offset)
 
 
-def top_dict(entry: TokenLogprob, k: int, tok: Tokenizer) -> dict[str, float]:
+def top_dict(entry: TokenLogprob, k: int, tok: TextTokenizer) -> dict[str, float]:
     """Up to k alternatives plus the chosen token, keyed by text; equal texts keep the higher."""
     out: dict[str, float] = {}
     for token_id, logprob in (*entry.top[:k], (entry.token_id, entry.logprob)):
@@ -127,7 +127,7 @@ def top_dict(entry: TokenLogprob, k: int, tok: Tokenizer) -> dict[str, float]:
     return out
 
 
-def prompt_offsets(prompt: PromptInput, tok: Tokenizer) -> list[int]:
+def prompt_offsets(prompt: PromptInput, tok: TextTokenizer) -> list[int]:
     """Character offset of each prompt token within prompt.text."""
     ids = list(prompt.token_ids)
     lead = 0
@@ -144,7 +144,7 @@ def _finish_reason(out: RequestOutput) -> str | None:
     return reason if reason in ("stop", "length") else None
 
 
-def choice_states(prepared: PreparedCompletion, requests, tokenizer: Tokenizer) -> dict[tuple[int, int], ChoiceState]:
+def choice_states(prepared: PreparedCompletion, requests, tokenizer: TextTokenizer) -> dict[tuple[int, int], ChoiceState]:
     """One state per (prompt, candidate) of the fanned-out requests."""
     return {(p, c): ChoiceState(prepared.prompts[p], prepared.echo, prepared.logprobs, tokenizer,
                                 return_token_ids=prepared.return_token_ids,
@@ -167,7 +167,7 @@ def choice_dict(index: int, state: ChoiceState) -> dict:
     return out
 
 
-def vllm_prompt_logprobs(entries, k: int, tok: Tokenizer) -> list[dict | None] | None:
+def vllm_prompt_logprobs(entries, k: int, tok: TextTokenizer) -> list[dict | None] | None:
     """vLLM's shape: per prompt position None (the first) or {token id: {logprob, rank,
     decoded_token}} for the prompt's token and the k most likely ones."""
     if entries is None:

@@ -13,7 +13,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from textmill.api.protocol import ErrorResponse
+
 log = logging.getLogger("textmill.api")
+
+# The error statuses a route may answer with, for its OpenAPI `responses`.
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500, 503, 504)}
 
 
 class APIError(Exception):

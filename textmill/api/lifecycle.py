@@ -9,7 +9,10 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from textmill.api.serving import EngineClient
 
 log = logging.getLogger("textmill.api")
 
@@ -33,11 +36,11 @@ class Lifecycle:
         self._shutdown_timeout = shutdown_timeout
         self._clock = clock
         self._deadline: float | None = None
-        self._engine: Any = None  # AsyncEngine, once loaded
+        self._engine: EngineClient | None = None  # once loaded
         self._engine_stopped_at: float | None = None
 
     # ------------------------------------------------------------ transitions
-    def ready(self, engine: Any) -> None:
+    def ready(self, engine: EngineClient) -> None:
         self._engine = engine
         if self.phase is Phase.LOADING:
             self.phase = Phase.READY

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from textmill.api.access_log import RequestTrace
+
+if TYPE_CHECKING:
+    from textmill.api.serving import ServingContext
 
 # vLLM's buckets, so that dashboards built for it read ours the same way.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -26,7 +29,7 @@ _ENDPOINTS = frozenset({"/v1/completions", "/v1/models", "/health", "/metrics"})
 
 
 class Metrics:
-    def __init__(self, serving: Callable[[], Any], in_flight: Callable[[], int], admitted: Callable[[], int]):
+    def __init__(self, serving: Callable[[], ServingContext | None], in_flight: Callable[[], int], admitted: Callable[[], int]):
         """`serving` returns the ServingContext (None while loading)."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -76,7 +79,7 @@ class TokenTimer:
 
 
 class _EngineCollector:
-    def __init__(self, serving: Callable[[], Any], in_flight: Callable[[], int], admitted: Callable[[], int]):
+    def __init__(self, serving: Callable[[], ServingContext | None], in_flight: Callable[[], int], admitted: Callable[[], int]):
         self._serving = serving
         self._in_flight = in_flight
         self._admitted = admitted

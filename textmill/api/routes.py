@@ -13,12 +13,12 @@ from fastapi.responses import JSONResponse, Response
 from textmill.api.access_log import RequestTrace
 from textmill.api.assemble import choice_states, choice_dict, rank, usage_dict
 from textmill.api.disconnect import EventStreamResponse, client_gone
-from textmill.api.errors import APIError, server_error
+from textmill.api.errors import ERROR_RESPONSES, APIError, server_error
 from textmill.api.lifecycle import Phase
 from textmill.api.metrics import TokenTimer
 from textmill.api.prepare import Limits, PreparedCompletion, has_constraint, prepare
-from textmill.api.protocol import CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList
-from textmill.api.serving import Deadline, ServingContext, check_model, merged_outputs
+from textmill.api.protocol import CompletionRequest, CompletionResponse, ModelCard, ModelList
+from textmill.api.serving import Deadline, ServingContext, check_model, merged_outputs, serving_context
 from textmill.api.streaming import stream_completion
 from textmill.config import ServerConfig
 from textmill.engine.async_engine import EngineNotRunning
@@ -26,22 +26,14 @@ from textmill.engine.async_engine import EngineNotRunning
 log = logging.getLogger("textmill.api")
 router = APIRouter()
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500, 503, 504)}
 # stream=true answers with server-sent events. Before OpenAPI 3.2 a stream's `schema`
 # describes one event: `data` is a JSON chunk (CompletionResponse-shaped), an error
 # object, or the final "[DONE]".
 _SSE_EVENT = {"type": "object", "required": ["data"],
               "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}
-_COMPLETION_RESPONSES = {**_ERRORS, 200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}}}}
+_COMPLETION_RESPONSES = {**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}}}}
 # Prompts in bodies larger than this are tokenized in a worker thread, off the event loop.
 _TOKENIZE_INLINE_BYTES = 64 * 1024
-
-
-def _serving(request: Request) -> ServingContext:
-    ctx = getattr(request.app.state, "serving", None)
-    if ctx is None:
-        raise APIError(503, "The model is still loading.", type="server_error", code="model_loading")
-    return ctx
 
 
 @router.get("/health")
@@ -61,21 +53,21 @@ def _model_card(ctx: ServingContext) -> dict:
             "max_model_len": ctx.max_model_len, "supports_suffix": ctx.tokenizer.fim is not None}
 
 
-@router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+@router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
 async def list_models(request: Request) -> dict:
-    return {"object": "list", "data": [_model_card(_serving(request))]}
+    return {"object": "list", "data": [_model_card(serving_context(request))]}
 
 
-@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS)
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
 async def retrieve_model(model_id: str, request: Request) -> dict:
-    ctx = _serving(request)
+    ctx = serving_context(request)
     check_model(model_id, ctx)
     return _model_card(ctx)
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_COMPLETION_RESPONSES)
 async def create_completion(body: CompletionRequest, request: Request):
-    ctx = _serving(request)
+    ctx = serving_context(request)
     check_model(body.model, ctx)
     state = request.app.state
     # The clock starts before tokenizing: --request-timeout bounds the whole request.

@@ -13,28 +13,64 @@ not when the last sibling finishes or when the generator is garbage-collected.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
+
+from fastapi import Request
 
 from textmill.api.errors import APIError
+from textmill.engine.engine import EngineStats
 from textmill.messages import EngineRequest, RequestOutput
-from textmill.tokenizer import Tokenizer
+from textmill.structured import GrammarCompiler
 
 
 class EngineClient(Protocol):
+    """What the HTTP layer asks of the engine (engine/async_engine.AsyncEngine)."""
+
     def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]: ...
 
     @property
     def num_unfinished(self) -> int: ...
+
+    def stats(self) -> EngineStats | None: ...
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self, drain_timeout: float = 0.0) -> None: ...
+
+
+class FimIds(Protocol):
+    prefix: int
+    suffix: int
+    middle: int
+
+
+class TextTokenizer(Protocol):
+    """What the HTTP layer asks of the tokenizer (textmill/tokenizer): text <-> ids, and
+    the special ids a prompt is built with. api/ never imports the tokenizer itself."""
+
+    vocab_size: int
+    bos_token_id: int | None
+    eos_token_ids: frozenset[int]
+    add_bos: bool
+    fim: FimIds | None
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def decode_with_offsets(self, ids: Sequence[int]) -> tuple[str, list[int]]: ...
+
+    def token_text(self, token_id: int) -> str: ...
 
 
 @dataclass(frozen=True)
 class ServingContext:
     """What the HTTP layer needs from the loaded model; built by cli.py."""
 
-    engine: Any  # AsyncEngine: start(), shutdown(), generate(), num_unfinished
-    tokenizer: Tokenizer
+    engine: EngineClient
+    tokenizer: TextTokenizer
     model_name: str
     max_model_len: int
     fingerprint: str
@@ -43,9 +79,17 @@ class ServingContext:
     # Token ids a client may send: those both the model's embedding and the tokenizer know
     # (an HF tokenizer may list added tokens past the embedding rows, a GGUF the reverse).
     vocab_size: int = 0
-    # textmill.structured.GrammarCompiler: compiles structured-output constraints (None: no
-    # structured outputs on this server; a constrained request is then a 400).
-    grammars: Any = None
+    # Compiles structured-output constraints (None: no structured outputs on this server;
+    # a constrained request is then a 400).
+    grammars: GrammarCompiler | None = None
+
+
+def serving_context(request: Request) -> ServingContext:
+    """The loaded model's context; 503 model_loading while the model is still loading."""
+    ctx = getattr(request.app.state, "serving", None)
+    if ctx is None:
+        raise APIError(503, "The model is still loading.", type="server_error", code="model_loading")
+    return ctx
 
 
 def check_model(model: str | None, ctx: ServingContext) -> None:

@@ -6,18 +6,17 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from textmill.api.errors import bad_request
+from textmill.api.errors import ERROR_RESPONSES, bad_request
 from textmill.api.prepare import out_of_vocabulary
 from textmill.api.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from textmill.api.routes import _ERRORS, _serving
-from textmill.api.serving import check_model
+from textmill.api.serving import check_model, serving_context
 
 router = APIRouter()
 
 
-@router.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+@router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
-    ctx = _serving(request)
+    ctx = serving_context(request)
     check_model(body.model, ctx)
     try:
         ids = ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
@@ -26,9 +25,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     return {"tokens": ids, "count": len(ids), "max_model_len": ctx.max_model_len}
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
-    ctx = _serving(request)
+    ctx = serving_context(request)
     check_model(body.model, ctx)
     vocab = ctx.vocab_size or ctx.tokenizer.vocab_size
     bad = [t for t in body.tokens if not 0 <= t < vocab]

@@ -1,6 +1,6 @@
 """OutputProcessor: new token ids -> text deltas, stop strings, released RequestOutputs.
 
-Per request it keeps a `_TextState` in `request.output_state`: the incremental decoder,
+Per request it keeps a `TextState` in `request.output_state`: the incremental decoder,
 the tail of the generated text that is still needed, and for each text-bearing token where
 its text starts and ends (offsets into the whole text). Only the tail is kept because
 appending to, searching or slicing the whole text would make each token cost as much as
@@ -45,7 +45,7 @@ class DecodingTokenizer(Protocol):
 
 
 @dataclass(eq=False)
-class _TextState:
+class TextState:
     decoder: IncrementalDecoder
     # Characters of already searched text that a stop string may still straddle.
     overlap: int
@@ -167,21 +167,21 @@ class OutputProcessor:
         st.trim()
         return output
 
-    def _state(self, request: Request) -> _TextState:
+    def _state(self, request: Request) -> TextState:
         if request.output_state is None:
             overlap = max((len(s) for s in request.params.stop), default=1) - 1
-            request.output_state = _TextState(self._tokenizer.decoder(), overlap)
+            request.output_state = TextState(self._tokenizer.decoder(), overlap)
         return request.output_state
 
     @staticmethod
-    def _find_stop(request: Request, st: _TextState, new_start: int) -> int | None:
+    def _find_stop(request: Request, st: TextState, new_start: int) -> int | None:
         """Where the first stop string in the new text begins (an offset into the whole text)."""
         if not request.params.stop:
             return None
         match = find_stop(st.tail, request.params.stop, new_start - st.dropped)
         return None if match is None else match.start + st.dropped
 
-    def _push_new_tokens(self, request: Request, st: _TextState) -> None:
+    def _push_new_tokens(self, request: Request, st: TextState) -> None:
         want_logprobs = request.params.logprobs is not None
         new_ids = request.output_token_ids[st.num_seen :]
         for i, token_id in enumerate(new_ids, start=st.num_seen):
@@ -200,7 +200,7 @@ class OutputProcessor:
         # stop_token_ids is the one list of ending ids (the API leaves EOS out for ignore_eos).
         return request.output_token_ids[index] in request.params.stop_token_ids
 
-    def _release_point(self, request: Request, st: _TextState, stop_at: int | None) -> _Release:
+    def _release_point(self, request: Request, st: TextState, stop_at: int | None) -> _Release:
         if stop_at is not None:
             # Keep the tokens whose text starts before the stop; cut the text at it.
             kept = st.released_tokens
@@ -217,7 +217,7 @@ class OutputProcessor:
         return _Release(text_end, end_tok)
 
     def _take_prompt_logprobs(
-        self, request: Request, st: _TextState
+        self, request: Request, st: TextState
     ) -> tuple[TokenLogprob | None, ...] | None:
         prompt_len = request.num_prompt_tokens
         computed = request.num_computed_tokens >= prompt_len or bool(request.output_token_ids)
@@ -235,7 +235,7 @@ class OutputProcessor:
     def _make_output(
         self,
         request: Request,
-        st: _TextState,
+        st: TextState,
         text: str,
         token_end: int,
         prompt_logprobs: tuple[TokenLogprob | None, ...] | None,

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from textmill.messages import EngineRequest, TokenLogprob
 from textmill.sampling_params import FinishReason, SamplingParams
+
+if TYPE_CHECKING:
+    from textmill.engine.output_processor import TextState
 
 
 class RequestStatus(enum.Enum):
@@ -39,7 +42,7 @@ class Request:
     # Prompt scoring, filled chunk by chunk; entry i is the logprob of prompt token i + 1.
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     # Per-request state of the output processor (incremental detokenizer, stop matcher).
-    output_state: Any = None
+    output_state: "TextState | None" = None
 
     @classmethod
     def from_engine_request(cls, req: EngineRequest) -> "Request":

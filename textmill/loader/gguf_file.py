@@ -104,6 +104,13 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return _open(Path(path), keep_strings=True)[3]
 
 
+def metadata_region(path: Path) -> np.ndarray:
+    """The raw bytes of a GGUF file's header and metadata, nothing decoded (uint8, mapped):
+    a cache key for whatever is derived from the metadata alone (the tokenizer)."""
+    buf, cursor, _, _ = _open(Path(path), keep_strings=False)
+    return buf[:cursor.pos]
+
+
 class GGUFFile:
     """metadata: every key -> value (string arrays as StringArray); tensors in file order."""
 
