@@ -46,11 +46,19 @@ def test_page_loads_without_console_errors_and_shows_api_errors(tab, base_url, s
     assert shown.startswith("400 invalid_request_error")
     assert api["error"]["message"] in shown and "param: top_p" in shown
 
+    # best_of > n cannot stream (the API refuses it): the page sends that request whole.
+    compose(page, "Hello", max_tokens=4, seed=3, best_of=2)
+    assert run(page) == "done" and page.is_hidden("#error")
+    whole = httpx.post(f"{base_url}/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 4, "seed": 3,
+                                                           "best_of": 2, "logprobs": 5}).json()
+    assert choice_texts(page) == [whole["choices"][0]["text"]]
+    assert "not streamed" in page.text_content(".result .stats")
+
 
 def test_seeded_run_shows_the_api_text_and_shares_the_same_request(tab, browser, base_url, client, screenshots):
     page = tab.page
     load(page, base_url)
-    fields = dict(max_tokens=16, temperature=0.9, seed=1234, n=2, logprobs=2)
+    fields = dict(max_tokens=16, temperature=0.9, seed=1234, n=2, logprobs=2, echo=True)
     compose(page, "Once upon a time", **fields)
     assert run(page) == "done"
     api = client.completions.create(model=MODEL, prompt="Once upon a time", **fields)
@@ -77,7 +85,7 @@ def test_seeded_run_shows_the_api_text_and_shares_the_same_request(tab, browser,
     curl = page.text_content("#snippet")
     body = json.loads(curl.split("-d '", 1)[1].rsplit("'", 1)[0].replace("'\\''", "'"))
     assert body == {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0.9, "top_p": 1,
-                    "n": 2, "seed": 1234, "presence_penalty": 0, "frequency_penalty": 0, "echo": False,
+                    "n": 2, "seed": 1234, "presence_penalty": 0, "frequency_penalty": 0, "echo": True,
                     "logprobs": 2, "stream": True, "stream_options": {"include_usage": True}}
 
     # The URL fragment holds the page: a fresh tab opened on the link runs the same request.
@@ -122,7 +130,7 @@ def test_hovering_a_token_shows_the_api_alternatives_and_clicking_one_continues(
     # Click the most likely alternative that was not picked: a new request from just before
     # token k, with that alternative as the end of its prompt.
     alt = next(text for text, _ in top if text != lp.tokens[k])
-    page.locator("#inspector .alt", has_text=json.dumps(alt)).first.click()
+    page.locator("#inspector .alt", has_text=json.dumps(alt, ensure_ascii=False)).first.click()
     page.wait_for_selector("#results[data-state='done']")
     before = (prompt + api.choices[0].text)[:lp.text_offset[k]]
     assert page.input_value("#prompt") == before + alt
@@ -146,12 +154,14 @@ def test_escape_stops_the_stream_and_the_server_aborts_the_request(tab, base_url
     shown = page.locator(".result .tok").count()
     assert 5 <= shown < 1500
     assert page.is_disabled("#stop-button")
+    assert tab.console.errors == []  # a stop is not an error
 
 
 def test_score_mode_shows_the_echo_requests_total_logprob(tab, base_url, client):
     page = tab.page
     load(page, base_url)
     text = "The quick brown fox jumps over the lazy dog. Colorless green ideas sleep furiously."
+    compose(page, "", max_tokens=4, temperature=0)  # for the continuation below
     page.click("#tab-score")
     page.fill("#score-text", text)
     page.keyboard.press("Control+Enter")
@@ -163,6 +173,18 @@ def test_score_mode_shows_the_echo_requests_total_logprob(tab, base_url, client)
     assert page.text_content("#score-ppl") == f"{math.exp(-total / len(scored)):.3f}"
     assert page.text_content("#score-count") == str(len(scored))
     assert page.text_content("#score-result") == text
+
+    # An alternative clicked in a scored text continues from there, in compose mode.
+    lp = api.choices[0].logprobs
+    k = next(i for i in range(1, len(lp.tokens)) if lp.tokens[i].strip() and len(lp.top_logprobs[i]) > 1)
+    page.locator("#score-result .tok").nth(k).hover()
+    alt = next(t for t, _ in sorted(lp.top_logprobs[k].items(), key=lambda kv: -kv[1]) if t != lp.tokens[k])
+    page.locator("#inspector .alt", has_text=json.dumps(alt, ensure_ascii=False)).first.click()
+    page.wait_for_selector("#results[data-state='done']")
+    assert page.is_visible("#compose") and page.input_value("#prompt") == text[:lp.text_offset[k]] + alt
+    again = client.completions.create(model=MODEL, prompt=text[:lp.text_offset[k]] + alt, max_tokens=4,
+                                      temperature=0)
+    assert choice_texts(page) == [again.choices[0].text]
 
 
 def test_phone_width_dark_mode_and_keyboard(browser, base_url, screenshots):
