@@ -19,8 +19,6 @@ CHROMIUM = os.environ.get("TEXTMILL_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-pytestmark = pytest.mark.timeout(300)
-
 
 @pytest.fixture(scope="session")
 def browser() -> Browser:

@@ -156,6 +156,15 @@ def test_escape_stops_the_stream_and_the_server_aborts_the_request(tab, base_url
     assert page.is_disabled("#stop-button")
     assert tab.console.errors == []  # a stop is not an error
 
+    # A run started while another streams replaces it: the old request is aborted, and its
+    # ending does not mark the new run stopped.
+    page.keyboard.press("Control+Enter")
+    page.wait_for_function("document.querySelectorAll('.result .tok').length >= 3")
+    page.fill("#max_tokens", "3")
+    assert run(page) == "done"
+    assert page.text_content("#status").startswith("Done") and page.locator(".result .tok").count() == 3
+    assert wait_for(lambda: scrape(base_url)["vllm:num_requests_running"] == 0, timeout=60)
+
 
 def test_score_mode_shows_the_echo_requests_total_logprob(tab, base_url, client):
     page = tab.page

@@ -233,13 +233,16 @@ async function runCompose() {
     if (e.name === "AbortError") finalState = "stopped";
     else { showError({ status: null, message: `The request failed: ${e.message}` }); finalState = "error"; }
   } finally {
-    if (page.run === runState) page.run = null;
     for (const r of results.values()) finishResult(r, runState, finalState);
-    $("results").dataset.state = finalState;
-    setRunning(page.run !== null);
-    const seconds = ((performance.now() - runState.started) / 1000).toFixed(2);
-    status({ done: `Done in ${seconds} s.`, error: "The request failed.",
-      stopped: `Stopped after ${seconds} s: the connection was closed, so the server aborted the request.` }[finalState]);
+    // A run stopped because a newer one started leaves the page to the newer one.
+    if (page.run === runState) {
+      page.run = null;
+      $("results").dataset.state = finalState;
+      setRunning(false);
+      const seconds = ((performance.now() - runState.started) / 1000).toFixed(2);
+      status({ done: `Done in ${seconds} s.`, error: "The request failed.",
+        stopped: `Stopped after ${seconds} s: the connection was closed, so the server aborted the request.` }[finalState]);
+    }
   }
 }
 
