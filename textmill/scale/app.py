@@ -68,8 +68,7 @@ def application(spec: AppSpec) -> Application:
         max_ongoing_requests=server.max_queued_requests,
         health_check_period_s=spec.health_check_period_s, health_check_timeout_s=spec.health_check_timeout_s,
         graceful_shutdown_timeout_s=server.shutdown_timeout + _SHUTDOWN_SLACK_S,
-        request_router_config=_router_config(spec),
-        **_replica_count(spec),
+        **_router_config(spec), **_replica_count(spec),
     )
     ingress = serve.deployment(
         IngressDeployment, name=INGRESS_DEPLOYMENT, num_replicas=spec.ingress_replicas,
@@ -93,8 +92,9 @@ def _replica_count(spec: AppSpec) -> dict[str, Any]:
         target_ongoing_requests=scale.target_queued_requests, upscale_delay_s=10.0, downscale_delay_s=60.0)}
 
 
-def _router_config(spec: AppSpec) -> RequestRouterConfig | None:
+def _router_config(spec: AppSpec) -> dict[str, Any]:
     if spec.router == "pow2":
-        return None  # Ray's default: PowerOfTwoChoicesRequestRouter
-    return RequestRouterConfig(request_router_class="textmill.scale.routing:PrefixAffinityRouter",
-                               request_router_kwargs={"imbalanced_threshold": spec.imbalanced_threshold})
+        return {}  # Ray's default: PowerOfTwoChoicesRequestRouter
+    return {"request_router_config": RequestRouterConfig(
+        request_router_class="textmill.scale.routing:PrefixAffinityRouter",
+        request_router_kwargs={"imbalanced_threshold": spec.imbalanced_threshold})}
