@@ -36,10 +36,12 @@ def build_ll_tokenizer(tokenizer: Tokenizer, vocab_size: int) -> llguidance.LLTo
     is decoded from), special tokens marked so that no grammar allows them as text, and the
     model's EOS ids as the tokens allowed exactly when the grammar can end.
 
-    `vocab_size` is the logits' width; ids without a token (a padded embedding) are special.
+    `vocab_size` is the logits' width; ids past the tokenizer's or the model's rows are special.
     """
     n = max(vocab_size, tokenizer.vocab_size)
-    specials = set(tokenizer.special_token_ids()) | set(range(tokenizer.vocab_size, n))
+    # Ids the model has no logit for (a vocabulary longer than the embedding) are special
+    # too: a grammar state must never count on a token that cannot be sampled.
+    specials = set(tokenizer.special_token_ids()) | set(range(min(vocab_size, tokenizer.vocab_size), n))
     eos = sorted(t for t in tokenizer.eos_token_ids if t < vocab_size)
     if not eos:
         raise ValueError("structured outputs need an end-of-sequence token, and this vocabulary has none")
