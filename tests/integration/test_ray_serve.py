@@ -56,8 +56,10 @@ def _engine_handle():
 
 
 def _replicas() -> dict[str, int]:
-    """Replica label -> process id, for every replica that answers."""
-    return dict(_engine_handle().broadcast("identity").results(timeout_s=30))
+    """Replica label -> process id, for every replica that answers (this process's router
+    may still list a replica that has just died: it answers with an exception)."""
+    results = _engine_handle().broadcast("identity").results(timeout_s=30, return_exceptions=True)
+    return dict(r for r in results if not isinstance(r, BaseException))
 
 
 def _running_replicas() -> int:

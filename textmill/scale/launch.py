@@ -45,8 +45,11 @@ def drain(timeout_s: float) -> None:
     """Every engine replica drains (replica.drain); returns when they are done, or at
     `timeout_s` plus a little for the errors that end what was left."""
     handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=APP_NAME)
-    left = handle.broadcast("drain").results(timeout_s=timeout_s + _DRAIN_SLACK_S)
-    log.info("drained: %d requests were still in flight at the end", sum(left))
+    results = handle.broadcast("drain").results(timeout_s=timeout_s + _DRAIN_SLACK_S, return_exceptions=True)
+    for failed in (r for r in results if isinstance(r, BaseException)):  # e.g. a replica that died meanwhile
+        log.warning("a replica did not drain: %s", failed)
+    log.info("drained: %d requests were still in flight at the end",
+             sum(r for r in results if isinstance(r, int)))
 
 
 def serve_on_ray(engine: EngineConfig, server: ServerConfig, scale: ScaleConfig) -> int:
