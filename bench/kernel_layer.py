@@ -105,6 +105,9 @@ class Step:
         self.gate_up = torch.randn(n, 2 * FF, generator=g)
         self.rotary = RotaryEmbedding(D, 2048, 10000.0)
         cos, sin = self.rotary(self.batch.positions)  # (N, 1, D/2), once per step in the model
+        # runner/kernel_forward.py: the step's own rows of cos/sin, indexed 0..N-1
+        self.cos_rows, self.sin_rows = self.rotary.table(self.batch.positions)
+        self.rows = torch.arange(n)
         # runner/fused.py's RopeTables: built once per step, shared by the layers.
         self.cos2, self.sin2 = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
         self.q = torch.randn(n, HQ, D, generator=g)
@@ -147,7 +150,7 @@ def rows_for(ops, s: Step) -> dict[str, tuple[Callable, Callable]]:
         # the kernel adds in place: eager's out-of-place add of the same tensors is the same work
         "add_rms_norm": (lambda: s.norm(s.x + s.residual), lambda: ops.add_rms_norm(s.x, s.residual, w, eps)),
         "rope_kv_write": (lambda: eager_rope_write(s),
-                          lambda: ops.rope_kv_write(s.qkv, s.batch.positions, s.rotary.cos, s.rotary.sin, s.kv.kv[0],
+                          lambda: ops.rope_kv_write(s.qkv, s.rows, s.cos_rows, s.sin_rows, s.kv.kv[0],
                                                     s.batch.attn.slot_mapping, HQ, HKV)),
         "silu_mul": (lambda: F.silu(s.gate_up[:, :FF]) * s.gate_up[:, FF:], lambda: ops.silu_mul(s.gate_up)),
         "paged_attention": (lambda: eager_attention(s), lambda: kernel_attention(ops, s)),
@@ -222,7 +225,7 @@ def kv_table(ops, args) -> None:
 
             ops_for = {
                 "rope_kv_write": lambda s: cycling(lambda i: ops.rope_kv_write(
-                    s.qkv, s.batch.positions, s.rotary.cos, s.rotary.sin, s.kv.kv[i], s.batch.attn.slot_mapping,
+                    s.qkv, s.rows, s.cos_rows, s.sin_rows, s.kv.kv[i], s.batch.attn.slot_mapping,
                     HQ, HKV)),
                 "paged_attention": lambda s: cycling(lambda i: kernel_attention(ops, s, i)),
             }

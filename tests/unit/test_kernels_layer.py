@@ -198,7 +198,8 @@ def test_rope_kv_write_matches_the_model(ops):
     qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g)
     positions = torch.tensor([0, 1, 17, 300, 511])
     cache = torch.zeros(8, 2, hkv, d)
-    q = ops.rope_kv_write(qkv, positions, rotary.cos, rotary.sin, cache, torch.arange(n), hq, hkv)
+    cos, sin = rotary.table(positions)
+    q = ops.rope_kv_write(qkv, torch.arange(n), cos, sin, cache, torch.arange(n), hq, hkv)
     cos, sin = rotary(positions)
     heads = qkv.view(n, hq + 2 * hkv, d)
     torch.testing.assert_close(q, apply_rotary(heads[:, :hq], cos, sin), rtol=1e-6, atol=1e-6)
@@ -269,7 +270,8 @@ def test_rope_kv_write_qk_norm_matches_gemma3(ops):
     qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g) * 20
     positions = torch.tensor([0, 1, 17, 300, 2047, 4095])
     cache = torch.zeros(8, 2, hkv, d)
-    q = ops.rope_kv_write(qkv, positions, rotary.cos, rotary.sin, cache, torch.arange(n), hq, hkv,
+    cos, sin = rotary.table(positions)
+    q = ops.rope_kv_write(qkv, torch.arange(n), cos, sin, cache, torch.arange(n), hq, hkv,
                           q_norm=1.0 + q_norm.weight, k_norm=1.0 + k_norm.weight, norm_eps=eps)
     cos, sin = rotary(positions)
     heads = qkv.view(n, hq + 2 * hkv, d)

@@ -28,27 +28,36 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin for every position up to the context window, computed once in float64."""
+    """cos/sin of each position's rotation angles, computed per call in float64 and rounded
+    to float32. (A table for every position up to the context window cost 64 MiB and ~0.2 s
+    at start for Gemma 3's 32k positions and two bases; a step's own positions are a few
+    thousand angles at most.)"""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling_factor: float | None = None,
                  freq_factors: tuple[float, ...] | None = None) -> None:
         super().__init__()
-        # An explicit device keeps the cache real when the model is built under "meta".
+        # An explicit device keeps the frequencies real when the model is built under "meta".
         idx = torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu")
         inv_freq = 1.0 / theta ** (idx / head_dim)  # (D/2,)
         if freq_factors is not None:  # Llama 3.1+: low frequencies stretched, high ones kept
             inv_freq = inv_freq / torch.tensor(freq_factors, dtype=torch.float64, device="cpu")
-        t = torch.arange(max_positions, dtype=torch.float64, device="cpu")
-        if scaling_factor:
-            t = t / scaling_factor  # linear position interpolation
-        freqs = torch.outer(t, inv_freq)  # (P, D/2)
-        self.register_buffer("cos", freqs.cos().float(), persistent=False)
-        self.register_buffer("sin", freqs.sin().float(), persistent=False)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.scaling_factor = scaling_factor  # linear position interpolation
+        self.max_positions = max_positions
+
+    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (N,) -> cos, sin (N, D/2) float32, contiguous."""
+        t = positions.to(device=self.inv_freq.device, dtype=torch.float64)
+        if self.scaling_factor:
+            t = t / self.scaling_factor
+        freqs = torch.outer(t, self.inv_freq)  # (N, D/2)
+        return freqs.cos().float(), freqs.sin().float()
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # (N, 1, D/2) each: one row per token, broadcast over heads.
-        return self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        cos, sin = self.table(positions)
+        return cos[:, None, :], sin[:, None, :]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

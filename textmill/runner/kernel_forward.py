@@ -35,7 +35,7 @@ class KernelForward:
     def __init__(self, model: llama.LlamaForCausalLM, ops: ModuleType):
         self.ops = ops
         self.embed = model.embed_tokens  # nn.Embedding, or file_weights.RowEmbedding
-        self.cos, self.sin = model.rotary.cos.contiguous(), model.rotary.sin.contiguous()  # (P, D/2)
+        self.rotary = model.rotary
         self.layers = list(model.layers)
         self.eps = model.config.norm_eps
         # The norm that follows each layer: the next layer's input norm, the final norm last.
@@ -63,10 +63,12 @@ class KernelForward:
         n = h.shape[0]
         y = ops.rms_norm(h, self.input_norms[0], eps)
         slots, kv = ctx.meta.slot_mapping, ctx.cache.kv
+        cos, sin = self.rotary.table(positions)  # (N, D/2): this step's rows, indexed 0..N-1 below
+        rows = torch.arange(n)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             qkv_proj, o_proj, gate_up_proj, down_proj = self.matmuls[i]
-            q = ops.rope_kv_write(qkv_proj(y), positions, self.cos, self.sin, kv[i], slots,
+            q = ops.rope_kv_write(qkv_proj(y), rows, cos, sin, kv[i], slots,
                                   attn.num_heads, attn.num_kv_heads)  # (N, Hq, D)
             o = ctx.attend_cached(i, q, scale=attn.head_dim ** -0.5, sliding_window=attn.sliding_window)
             y = ops.add_rms_norm(o_proj(o.view(n, -1)), h, self.post_norms[i], eps)
@@ -112,9 +114,8 @@ class GemmaKernelForward:
         self.norms = [tuple(one_plus(n) for n in (b.post_attention_layernorm, b.pre_feedforward_layernorm,
                                                   b.post_feedforward_layernorm, b.self_attn.q_norm,
                                                   b.self_attn.k_norm)) for b in self.layers]
-        tables = {False: model.rotary_global, True: model.rotary_local}
-        self.rope = [(tables[b.self_attn.is_sliding].cos.contiguous(), tables[b.self_attn.is_sliding].sin.contiguous())
-                     for b in self.layers]
+        self.rotary = (model.rotary_global, model.rotary_local)
+        self.sliding = [b.self_attn.is_sliding for b in self.layers]
         self.matmuls = [tuple(_direct(m) for m in (b.self_attn.qkv_proj, b.self_attn.o_proj,
                                                    b.mlp.gate_up_proj, b.mlp.down_proj)) for b in self.layers]
         self._gelu_mul = getattr(ops, "gelu_tanh_mul", None) or _gelu_tanh_mul
@@ -137,11 +138,13 @@ class GemmaKernelForward:
         n = h.shape[0]
         y = ops.rms_norm(h, self.input_norms[0], eps)
         slots, kv = ctx.meta.slot_mapping, ctx.cache.kv
+        tables = [r.table(positions) for r in self.rotary]  # global, local: (N, D/2) each
+        positions = torch.arange(n)  # rows of this step's tables
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             qkv_proj, o_proj, gate_up_proj, down_proj = self.matmuls[i]
             post_attn, pre_ffw, post_ffw, q_norm, k_norm = self.norms[i]
-            cos, sin = self.rope[i]
+            cos, sin = tables[self.sliding[i]]
             qkv = qkv_proj(y)
             if self._fused_qk_norm:
                 q = ops.rope_kv_write(qkv, positions, cos, sin, kv[i], slots, attn.num_heads,
