@@ -166,3 +166,22 @@ def test_c_rows_give_the_dequantized_values(qtype):
     got = load("quant").gguf_rows(torch.from_numpy(np.ascontiguousarray(raw).reshape(-1).view(np.uint8)), int(qtype), ids, K)
     expected = dequantize(raw, qtype).reshape(N, K)[ids.numpy()]
     assert torch.equal(got, torch.from_numpy(expected))
+
+
+def test_release_file_pages_drops_read_pages_and_keeps_the_map_readable(tmp_path):
+    from textmill.loader.group_codes import release_file_pages
+
+    path = tmp_path / "blob"
+    data = np.random.default_rng(0).integers(0, 256, 8 << 20, dtype=np.uint8)
+    data.tofile(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    view = mapped[4096:1 << 20]
+    resident = lambda: int(open("/proc/self/statm").read().split()[1])  # noqa: E731 - pages
+    before = resident()
+    assert int(mapped.sum()) == int(data.sum())  # every page read: resident
+    assert resident() - before > 1500
+    assert release_file_pages([view]) == data.size
+    assert resident() - before < 500  # given back ...
+    assert np.array_equal(view[:100], data[4096:4196])  # ... and read again from the file
+    writable = np.zeros(10, dtype=np.uint8)
+    assert release_file_pages([writable]) == 0

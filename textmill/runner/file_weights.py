@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from textmill.kernels import load
-from textmill.loader.group_codes import PACKED_FROM_FILE_TYPES, CodesRef, GGUFRows, GroupCodes, concat
+from textmill.loader.group_codes import PACKED_FROM_FILE_TYPES, CodesRef, GGUFRows, GroupCodes, concat, release_file_pages
 from textmill.runner.fused import fuse_gemma_layers, fuse_llama_layers
 from textmill.runner.linear import swap_linears
 from textmill.runner.qlinear import OutOfHalfRange, QLinear, SideBySide
@@ -126,5 +126,6 @@ def install_file_weights(model: nn.Module, codes: Mapping[str, CodesRef], rows: 
         model.lm_head = maker.head(codes[HEAD])
     fused = fuse_llama_layers(model, maker.fused) + fuse_gemma_layers(model, maker.fused)
     count = swap_linears(model, maker.one)
+    release_file_pages([r.raw for r in codes.values()] + [rows.raw])
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(maker.widths.items()))
     return f"the file's own blocks as 4/8-bit codes ({kinds}); {fused} attention/MLP modules fused, {count} more linears"
