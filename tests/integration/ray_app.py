@@ -1,5 +1,6 @@
-"""textmill on a local Ray head as `textmill serve --replicas N` runs it (scale/launch.py),
-for the Ray tests and bench/ray_prefix.py."""
+"""textmill on a local Ray head, deployed in-process as `textmill serve --replicas N` deploys
+it (scale/launch.py) but with a choice of router, for bench/ray_prefix.py; and the
+shared-prefix workload that bench and tests/integration/test_ray_serve.py share."""
 from __future__ import annotations
 
 import contextlib

@@ -1,5 +1,6 @@
-"""textmill on Ray Serve: one local Ray head, 2 engine replicas of the bundled model (one
-CPU and one torch thread each), shared by the whole module.
+"""textmill on Ray Serve as a user runs it: `textmill serve --replicas 2` (a local Ray head,
+2 engine replicas of the bundled model, one CPU and one torch thread each), one process
+shared by the whole module.
 
 The project's conformance suite runs against this endpoint: every test of
 test_conformance.py is imported here, and this module's `base_url` and `client` point
@@ -8,24 +9,29 @@ that are not about the endpoint (they start servers of their own, or read the se
 log records, which here live in the replica processes).
 
 Then what only replicas have: prefix-aware routing, one scrape for all, a replica killed
-mid-run, and the SIGTERM drain. Nothing here is timed; pytest-timeout bounds the waits.
+mid-run, and SIGTERM (last: it ends the process). Nothing here is timed; pytest-timeout
+bounds the waits.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from . import test_conformance
-from .ray_app import ray_app, shared_prefix_requests, shared_prefixes
-from .server import TEST_OPTIONS
+from .ray_app import shared_prefix_requests, shared_prefixes
+from .server import free_port
 from .test_conformance import *  # noqa: F401,F403 (the conformance tests, run here against Ray)
 from .test_conformance import MODEL, NO_EOS
 
@@ -35,11 +41,81 @@ for _name in ("test_user_is_logged_and_unknown_fields_ignored_with_a_debug_line"
 
 pytestmark = pytest.mark.timeout(900)
 
+# The engine of tests/integration/server.py's TEST_OPTIONS, as flags; one thread per replica.
+ENGINE_FLAGS = ("--dtype", "float32", "--max-model-len", "2048", "--kv-cache-memory", "0.25",
+                "--max-num-batched-tokens", "256", "--kv-cache-dtype", "float32", "--threads", "1")
+
+
+class App:
+    def __init__(self, tmp: Path):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log = tmp / "textmill-serve.log"
+        cmd = [sys.executable, "-m", "textmill.cli", "serve", "--replicas", "2", "--port", self.url.rsplit(":", 1)[1],
+               "--shutdown-timeout", "60", *ENGINE_FLAGS]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("TEXTMILL_API_KEY", None)
+        with self.log.open("w") as out:  # a session of its own: Ray's processes are all ours to end
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def wait_ready(self) -> None:
+        """Until /health is 200 (Ray's proxy answers 404 until the application is deployed)."""
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{self.url}/health", timeout=10).status_code == 200:
+                    return
+            time.sleep(0.5)
+
+    def engine_pids(self) -> list[int]:
+        """The engine replicas' processes (Ray titles them ray::ServeReplica:<app>:<deployment>)."""
+        return [pid for pid in _descendants(self.proc.pid)
+                if b"ServeReplica:textmill:TextmillEngine" in _cmdline(pid)]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=120)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of this session is left
+        self.proc.wait()
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
 
 @pytest.fixture(scope="module")
-def base_url():
-    with ray_app(TEST_OPTIONS, replicas=2) as url:
-        yield url
+def ray_serve(tmp_path_factory):
+    app = App(tmp_path_factory.mktemp("ray"))
+    try:
+        app.wait_ready()
+        yield app
+    finally:
+        app.stop()
+
+
+@pytest.fixture(scope="module")
+def base_url(ray_serve):
+    return ray_serve.url
 
 
 @pytest.fixture(scope="module")
@@ -47,28 +123,11 @@ def client(base_url):
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
-def _engine_handle():
-    from ray import serve
-
-    from textmill.scale.app import APP_NAME, ENGINE_DEPLOYMENT
-
-    return serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=APP_NAME)
-
-
-def _replicas() -> dict[str, int]:
-    """Replica label -> process id, for every replica that answers (this process's router
-    may still list a replica that has just died: it answers with an exception)."""
-    results = _engine_handle().broadcast("identity").results(timeout_s=30, return_exceptions=True)
-    return dict(r for r in results if not isinstance(r, BaseException))
-
-
-def _running_replicas() -> int:
-    from ray import serve
-
-    from textmill.scale.app import APP_NAME, ENGINE_DEPLOYMENT
-
-    deployment = serve.status().applications[APP_NAME].deployments[ENGINE_DEPLOYMENT]
-    return deployment.replica_states.get("RUNNING", 0)
+def _replica_labels(base_url: str) -> set[str]:
+    """The replicas one scrape of /metrics saw."""
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    return {line.split('replica="', 1)[1].split('"', 1)[0] for line in text.splitlines()
+            if line.startswith("vllm:num_requests_waiting{")}
 
 
 # ------------------------------------------------------------------ the endpoint itself
@@ -89,14 +148,12 @@ def test_headers_are_the_single_servers(base_url):
     assert httpx.get(f"{base_url}/health", timeout=30).json() == {"status": "ok"}
 
 
-def test_one_scrape_sees_every_replica(base_url, client):
+def test_one_scrape_sees_every_replica(base_url, client, ray_serve):
     for i in range(4):
         client.completions.create(model=MODEL, prompt=f"Count to {i}", max_tokens=2)
     text = httpx.get(f"{base_url}/metrics", timeout=30).text
-    waiting = [line for line in text.splitlines() if line.startswith("vllm:num_requests_waiting{")]
-    labels = {line.split('replica="', 1)[1].split('"', 1)[0] for line in waiting}
-    assert labels == set(_replicas()), waiting
-    assert text.count("# TYPE vllm:num_requests_waiting gauge") == 1  # one family, all replicas
+    assert len(_replica_labels(base_url)) == len(ray_serve.engine_pids()) == 2
+    assert text.count("# TYPE vllm:num_requests_waiting gauge") == 1  # one family, every replica
     served = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
               if line.startswith('textmill:http_requests_total{endpoint="/v1/completions"')]
     assert sum(served) >= 4
@@ -134,16 +191,15 @@ def _stream(base_url: str, seed: int, out: dict) -> None:
     out["events"] = events
 
 
-def test_a_killed_replica_loses_no_new_request_and_is_replaced(base_url, client):
-    before = _replicas()
+def test_a_killed_replica_loses_no_new_request_and_is_replaced(base_url, client, ray_serve):
+    before = _replica_labels(base_url)
     assert len(before) == 2
     streams = [{} for _ in range(4)]
     threads = [threading.Thread(target=_stream, args=(base_url, i, s)) for i, s in enumerate(streams)]
     for t in threads:
         t.start()
     time.sleep(1.0)  # not a measurement: the streams are under way somewhere by now
-    victim_label, victim_pid = sorted(before.items())[0]
-    os.kill(victim_pid, signal.SIGKILL)
+    os.kill(ray_serve.engine_pids()[0], signal.SIGKILL)
 
     # Every request that starts after the kill is answered.
     after = [client.completions.create(model=MODEL, prompt=f"After the kill {i}:", max_tokens=4)
@@ -164,32 +220,30 @@ def test_a_killed_replica_loses_no_new_request_and_is_replaced(base_url, client)
 
     # Ray replaces it: two healthy replicas again, one of them new.
     started = time.monotonic()
-    while not (_running_replicas() == 2 and len(now := _replicas()) == 2 and victim_label not in now):
+    while not (len(now := _replica_labels(base_url)) == 2 and now != before and len(ray_serve.engine_pids()) == 2):
         time.sleep(0.5)
     print(f"back to 2 replicas {time.monotonic() - started:.1f}s after the streams ended")
     assert client.completions.create(model=MODEL, prompt="Back to two", max_tokens=2).choices
 
 
-# ------------------------------------------------------------------ SIGTERM (last: it ends the app)
-def test_drain_refuses_new_requests_and_finishes_those_in_flight(base_url):
-    from textmill.scale.launch import drain
-
+# ------------------------------------------------------------------ SIGTERM (last: it ends the process)
+def test_sigterm_drains_every_replica_and_exits_0(base_url, ray_serve):
     stream: dict = {}
     thread = threading.Thread(target=_stream, args=(base_url, 99, stream))
     thread.start()
     while not _in_flight(base_url):
         time.sleep(0.05)
-    draining = threading.Thread(target=drain, args=(30.0,))
-    draining.start()
+    ray_serve.proc.send_signal(signal.SIGTERM)
     while (r := httpx.post(f"{base_url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1},
                            timeout=60)).status_code != 503:
         time.sleep(0.05)
     assert r.json()["error"]["code"] == "server_shutting_down"
-    assert httpx.get(f"{base_url}/health", timeout=30).json() == {"status": "draining"}
+    health = httpx.get(f"{base_url}/health", timeout=30)
+    assert (health.status_code, health.json()) == (503, {"status": "draining"})
     thread.join()
-    draining.join()
     chunks = [json.loads(e) for e in stream["events"][:-1]]
     assert stream["events"][-1] == "[DONE]" and chunks[-1]["choices"][-1]["finish_reason"] == "length"
+    assert ray_serve.proc.wait(timeout=120) == 0, ray_serve.log.read_text()[-3000:]
 
 
 def _in_flight(base_url: str) -> bool:
