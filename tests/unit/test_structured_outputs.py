@@ -17,7 +17,7 @@ from textmill.loader.bundled import bundled_model_path
 from textmill.runner.sampler import Sampler
 from textmill.sampling_params import InvalidParam, SamplingParams
 from textmill.structured import GrammarError, StructuredOutput
-from textmill.tokenizer import Tokenizer
+from textmill.tokenizer import Tokenizer, load_tokenizer
 
 EOS = 2  # SmolLM2's <|im_end|>
 END_IDS = (0, 2)  # its end ids: <|endoftext|>, <|im_end|>
@@ -25,7 +25,7 @@ END_IDS = (0, 2)  # its end ids: <|endoftext|>, <|im_end|>
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    return Tokenizer.from_path(bundled_model_path())
+    return load_tokenizer(bundled_model_path())
 
 
 @pytest.fixture(scope="module")

