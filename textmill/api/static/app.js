@@ -195,7 +195,7 @@ async function runCompose() {
   saveState();
   const controller = new AbortController();
   const results = new Map();
-  const runState = { controller, body, results, started: performance.now(), usage: null, stopped: false };
+  const runState = { controller, body, results, started: performance.now(), usage: null };
   page.run = runState;
   $("results").replaceChildren();
   $("results").dataset.state = "running";
@@ -309,16 +309,11 @@ function finishResult(result, runState, state) {
 }
 
 function stop() {
-  if (page.run) {
-    page.run.stopped = true;
-    page.run.controller.abort();
-  }
+  // Closing the connection is the API's way to cancel: the server aborts the request.
+  if (page.run) page.run.controller.abort();
 }
 
-function setRunning(running) {
-  $("stop-button").disabled = !running;
-  $("run").disabled = false;
-}
+function setRunning(running) { $("stop-button").disabled = !running; }
 
 function status(text) { $("status").textContent = text; }
 
