@@ -70,7 +70,7 @@ TENSOR_LIBRARIES = frozenset({"torch", "numpy"})
 class Violation:
     module: str
     line: int
-    rule: str  # "layer" | "tensors" | "private"
+    rule: str  # "layer" | "tensors" | "private" | "cycle"
     detail: str
 
 
@@ -137,6 +137,76 @@ def check(sources: Mapping[str, str], packages: frozenset[str] = frozenset()) ->
                     and node.value.id in module_names):
                 found.append(Violation(module, node.lineno, "private",
                                        f"uses {module_names[node.value.id]}.{node.attr}"))
+    return found + _cycles(sources, packages)
+
+
+def _cycles(sources: Mapping[str, str], packages: frozenset[str]) -> list[Violation]:
+    """Modules below the entry points that import one another in a ring, lazily or not
+    (imports under TYPE_CHECKING never run and do not count): one violation per ring."""
+    graph: dict[str, set[str]] = {}
+    for module, text in sources.items():
+        if layer_of(module) == "entry":
+            continue
+        tree = ast.parse(text)
+        typing_only = {id(n) for block in ast.walk(tree) if _is_type_checking(block)
+                       for stmt in block.body for n in ast.walk(stmt)}
+        graph[module] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in typing_only:
+                for _, source, name, _ in _imports(module, module in packages, node):
+                    target = f"{source}.{name}" if f"{source}.{name}" in sources else source
+                    while target not in sources and "." in target:
+                        target = target.rsplit(".", 1)[0]
+                    if target in sources and target != module:
+                        graph[module].add(target)
+    rings = [ring for ring in _strongly_connected(graph) if len(ring) > 1]
+    return [Violation(min(ring), 0, "cycle", " <-> ".join(sorted(ring))) for ring in rings]
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING"
+                                         or isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _strongly_connected(graph: Mapping[str, set[str]]) -> list[set[str]]:
+    """Tarjan's algorithm, iterative."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[set[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root] & graph.keys())))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, edges = work[-1]
+            nxt = next(edges, None)
+            if nxt is not None:
+                if nxt not in index:
+                    index[nxt] = low[nxt] = len(index)
+                    stack.append(nxt)
+                    on_stack.add(nxt)
+                    work.append((nxt, iter(sorted(graph[nxt] & graph.keys()))))
+                elif nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                ring = set()
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    ring.add(member)
+                    if member == node:
+                        break
+                found.append(ring)
     return found
 
 
@@ -240,6 +310,24 @@ def test_a_module_outside_the_layer_table_fails():
 ])
 def test_taking_another_modules_private_names_fails(source, detail):
     assert _rules({"textmill.api.fake": source, "textmill.api.routes": ""}) == [("private", detail)]
+
+
+def test_an_import_cycle_fails_even_through_a_lazy_import():
+    """tokenizer.py <-> tokenizers_gguf.py was such a ring: one imported the other at the
+    top, the other imported it back inside a function."""
+    ring = {"textmill.tokenizer.core": "def load():\n    from textmill.tokenizer.gguf import read\n",
+            "textmill.tokenizer.gguf": "from textmill.tokenizer.core import Tokenizer\n"}
+    assert _rules(ring) == [("cycle", "textmill.tokenizer.core <-> textmill.tokenizer.gguf")]
+    three = {"textmill.runner.a": "from textmill.runner import b\n", "textmill.runner.b": "import textmill.runner.c\n",
+             "textmill.runner.c": "from .a import x\n"}
+    assert _rules(three) == [("cycle", "textmill.runner.a <-> textmill.runner.b <-> textmill.runner.c")]
+
+
+def test_type_checking_imports_make_no_cycle():
+    typed = {"textmill.engine.request": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                        "    from textmill.engine.output import State\n",
+             "textmill.engine.output": "from textmill.engine.request import Request\n"}
+    assert _rules(typed) == []
 
 
 def test_dunder_names_and_own_names_are_not_private():
