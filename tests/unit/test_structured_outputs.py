@@ -121,6 +121,18 @@ def test_sampled_text_follows_the_grammar_and_ends_on_eos(tokenizer, compiler, p
         assert re.fullmatch(r"(ab|cd){2,3}!", tokenizer.decode(out[r][:-1])), tokenizer.decode(out[r])
 
 
+def test_a_failed_matcher_can_only_end_its_sequence(tokenizer, compiler) -> None:
+    """A matcher in error (a llguidance limit hit mid-output) gets EOS alone: its sequence
+    ends, and the step, with every other stream in it, goes on."""
+    sampler = Sampler(tokenizer.vocab_size, grammars=compiler)
+    sampler.add_request("broken", SamplingParams(temperature=0.0, structured=regex("[0-9]+")))
+    sampler.add_request("fine", SamplingParams(temperature=0.0, structured=regex("[0-9]+")))
+    sampler.grammar_masks._matchers["broken"].consume_token(tokenizer.encode("x", add_special_tokens=False)[0])
+    tokens = sampler.sample(torch.zeros((2, tokenizer.vocab_size)), ["broken", "fine"]).token_ids.tolist()
+    assert tokens[0] in END_IDS
+    assert tokenizer.decode([tokens[1]]).isdigit()
+
+
 def test_unconstrained_rows_are_untouched_beside_constrained_ones(tokenizer, compiler) -> None:
     sampler = Sampler(tokenizer.vocab_size, grammars=compiler)
     sampler.add_request("free", SamplingParams(temperature=0.0))

@@ -25,6 +25,10 @@ from textmill.tokenizer import Tokenizer
 # size, Earley items per step), so a huge or catastrophic grammar is a 400, never a stall.
 MAX_SPEC_CHARS = 256 * 1024
 MAX_MESSAGE_CHARS = 600
+# A grammar whose first token mask takes longer than this is refused: every step of every
+# stream it runs beside would wait that long (typical masks take 0.03-0.2 ms; a 5,000-key
+# object schema took 540 ms). llguidance's per-step limits bound the later masks.
+FIRST_MASK_BUDGET_S = 0.1
 
 # JSON is generated compactly, with one space after "," and ":" and nowhere else: flexible
 # whitespace lets a small model pad its output with blank lines until max_tokens.
@@ -159,6 +163,17 @@ class LLGuidanceCompiler:
         matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0, limits=self._limits)
         if matcher.is_error():
             raise GrammarError(_short(matcher.get_error()))
+        # The first mask, here rather than in the engine's first step: it finds the grammars
+        # llguidance only refuses when asked for a mask (a 20,000-way alternative) and the ones
+        # too slow to run beside other streams, and it warms the lexer the copies share.
+        start = time.perf_counter()
+        matcher.compute_bitmask()
+        seconds = time.perf_counter() - start
+        if matcher.is_error():
+            raise GrammarError(_short(matcher.get_error()))
+        if seconds > FIRST_MASK_BUDGET_S:
+            raise GrammarError(f"the grammar is too complex for this server: its first token mask took "
+                               f"{seconds * 1e3:.0f} ms (at most {FIRST_MASK_BUDGET_S * 1e3:.0f} ms)")
         return matcher
 
 

@@ -16,6 +16,7 @@ a 256-entry byte table and applied with one masked_fill.
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import llguidance
@@ -25,8 +26,7 @@ from textmill.grammar.compiler import LLGuidanceCompiler
 from textmill.structured import StructuredOutput
 
 
-class GrammarViolation(RuntimeError):
-    """A sampled token the matcher refused: a bug (the mask allowed only what it accepts)."""
+log = logging.getLogger("textmill.grammar")
 
 
 class GrammarMasks:
@@ -60,11 +60,15 @@ class GrammarMasks:
         if not rows:
             return
         bitmask = self._rows(len(rows))
-        for i, m in rows:
-            if m.is_error():  # a matcher never errs on masked tokens; fail loudly if one did
-                raise GrammarViolation(f"grammar matcher failed: {m.get_error()}")
-        self._executor.unsafe_compute_mask_ptr([(m, j) for j, (_, m) in enumerate(rows)], bitmask.data_ptr(),
-                                               self._words * 4, len(rows))
+        # A matcher that failed (a llguidance limit hit at some state: rare, as compiling
+        # tried the first mask) may only end its sequence: EOS alone, never a failed step
+        # for the other streams.
+        failed = [j for j, (_, m) in enumerate(rows) if m.is_error()]
+        working = [(m, j) for j, (_, m) in enumerate(rows) if not m.is_error()]
+        if working:
+            self._executor.unsafe_compute_mask_ptr(working, bitmask.data_ptr(), self._words * 4, len(rows))
+        for j in failed:
+            bitmask[j] = self._eos_only()
         allowed = self.unpack(bitmask.to(self.device, non_blocking=True))
         if len(rows) == logits.shape[0]:  # every row constrained (usual when any is): in place
             logits.masked_fill_(~allowed, float("-inf"))
@@ -81,8 +85,16 @@ class GrammarMasks:
         """Advance each constrained row's matcher by the token chosen for it."""
         for request_id, token in zip(request_ids, tokens):
             m = self._matchers.get(request_id)
-            if m is not None and not m.consume_token(token):
-                raise GrammarViolation(f"token {token} was sampled against the grammar: {m.get_error()}")
+            if m is not None and not m.consume_token(token) and m.is_error():
+                log.warning("request %s: the grammar matcher failed after token %d; the sequence ends: %s",
+                            request_id, token, m.get_error()[:300])
+
+    def _eos_only(self) -> torch.Tensor:
+        row = torch.zeros(self._words, dtype=torch.int32)
+        bits = row.view(torch.uint8)
+        for t in self._compiler.ll_tokenizer.eos_tokens:
+            bits[t // 8] |= 1 << (t % 8)
+        return row
 
     def _rows(self, n: int) -> torch.Tensor:
         if self._bitmask.shape[0] < n:
