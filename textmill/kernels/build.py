@@ -56,13 +56,20 @@ def load(name: str, verbose: bool = False) -> ModuleType | None:
     if name not in KERNEL_NAMES:
         raise ValueError(f"unknown kernel extension {name!r}; have {KERNEL_NAMES}")
     try:
+        build_id = _build_id(name)
+        module = f"textmill_{name}_{build_id}"
+        build_dir = _cache_root() / f"{name}-{build_id}"
+        built = build_dir / f"{module}.so"
+        if built.exists():
+            # The build id covers every input of the build (sources, headers, flags, torch,
+            # CPU), so a finished build is this build: import it without cpp_extension,
+            # whose import (setuptools) and ninja check cost ~0.5-1 s of every start.
+            return _import_built(module, built)
         from torch.utils import cpp_extension
 
-        build_id = _build_id(name)
-        build_dir = _cache_root() / f"{name}-{build_id}"
         build_dir.mkdir(parents=True, exist_ok=True)
         return cpp_extension.load(
-            name=f"textmill_{name}_{build_id}",
+            name=module,
             sources=[str(CSRC / f"{name}.cpp")],
             extra_cflags=list(CFLAGS),
             extra_ldflags=["-fopenmp"],
@@ -72,6 +79,17 @@ def load(name: str, verbose: bool = False) -> ModuleType | None:
     except Exception as exc:  # a missing compiler or ninja must not stop the server
         log.warning("C++ kernels %r unavailable, using the torch path: %s", name, str(exc).strip()[-500:])
         return None
+
+
+def _import_built(module: str, path: Path) -> ModuleType:
+    import importlib.util
+
+    import torch  # noqa: F401 - loads libtorch, which the extension links against
+
+    spec = importlib.util.spec_from_file_location(module, path)
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    return ext
 
 
 def build_all(verbose: bool = False) -> dict[str, bool]:
