@@ -64,6 +64,10 @@ class SamplingParams:
     # vLLM's bad_words as token sequences: a one-token word is always banned; a longer one's
     # last token is banned right after the request has generated the others.
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    # best_of > n: the API ranks the candidates by their mean token logprob, so each chosen
+    # token's logprob is computed even without `logprobs`. Otherwise a step computes the
+    # vocabulary-wide log_softmax only for the rows that asked for logprobs.
+    rank_by_logprob: bool = False
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:

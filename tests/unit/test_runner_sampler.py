@@ -61,8 +61,11 @@ def test_batches_beyond_one_scratch_block_match_rows_alone():
         batch.add_request(rid, p)
     out = batch.sample(logits, list(params))
     raw = torch.log_softmax(logits, -1)
-    assert torch.equal(out.logprobs, raw.gather(1, out.token_ids[:, None])[:, 0])
-    assert torch.equal(out.top_logprobs, raw.topk(3).values) and out.top_ids.tolist() == raw.topk(3).indices.tolist()
+    asked = torch.tensor([p.logprobs is not None for p in params.values()])  # the others get NaN
+    assert torch.equal(out.logprobs[asked], raw.gather(1, out.token_ids[:, None])[:, 0][asked])
+    assert torch.isnan(out.logprobs[~asked]).all()
+    assert torch.equal(out.top_logprobs[asked], raw.topk(3).values[asked])
+    assert out.top_ids[asked].tolist() == raw.topk(3).indices[asked].tolist()
     for i, (rid, p) in enumerate(params.items()):
         alone = Sampler(vocab)
         alone.add_request(rid, p)
@@ -72,3 +75,26 @@ def test_batches_beyond_one_scratch_block_match_rows_alone():
     assert torch.equal(prompt.top_logprobs, raw.topk(2).values)
     empty = batch.prompt_logprobs(logits[:0], torch.zeros(0, dtype=torch.int64), 2)
     assert empty.logprobs.shape == (0,) and empty.top_ids.shape == (0, 2)
+
+
+def test_log_softmax_only_for_rows_that_read_it():
+    """Plain rows get NaN and no alternatives; rows with logprobs or best_of ranking get the
+    numbers they would get alone, so a batch's mix changes nothing for them."""
+    s = Sampler(50)
+    s.add_request("plain", SamplingParams(**GREEDY))
+    s.add_request("lp", SamplingParams(**GREEDY, logprobs=3))
+    s.add_request("ranked", SamplingParams(temperature=0.7, seed=5, rank_by_logprob=True))
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    out = s.sample(logits, ["plain", "lp", "ranked"])
+    assert torch.isnan(out.logprobs[0]) and not torch.isnan(out.logprobs[1:]).any()
+    full = torch.log_softmax(logits, dim=-1)
+    assert torch.equal(out.logprobs[1:], full[[1, 2], out.token_ids[1:]])
+    assert out.top_ids.shape == (3, 3) and torch.equal(out.top_ids[1], torch.topk(full[1], 3).indices)
+    alone = Sampler(50)
+    alone.add_request("lp", SamplingParams(**GREEDY, logprobs=3))
+    solo = alone.sample(logits[1:2], ["lp"])
+    assert torch.equal(solo.logprobs, out.logprobs[1:2]) and torch.equal(solo.top_logprobs, out.top_logprobs[1:2])
+    none = Sampler(50)
+    none.add_request("plain", SamplingParams(**GREEDY))
+    only = none.sample(logits[:1], ["plain"])
+    assert torch.isnan(only.logprobs).all() and only.top_ids.shape == (1, 0)

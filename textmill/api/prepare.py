@@ -87,7 +87,7 @@ def prepare(req: CompletionRequest, tokenizer: TextTokenizer, limits: Limits,
     try:
         params = tuple(
             _sampling_params(req, tokenizer, limits, max_tokens, echo, (base_seed + i * _SEED_STRIDE) % _SEED_MOD,
-                             structured)
+                             structured, rank_by_logprob=best_of > n)
             for i in range(best_of)
         )
     except InvalidParam as exc:
@@ -252,7 +252,8 @@ def _compiled_constraint(req: CompletionRequest, grammars: GrammarCompiler | Non
 
 
 def _sampling_params(req: CompletionRequest, tok: TextTokenizer, limits: Limits, max_tokens: int,
-                     echo: bool, seed: int, structured: StructuredOutput | None = None) -> SamplingParams:
+                     echo: bool, seed: int, structured: StructuredOutput | None = None,
+                     rank_by_logprob: bool = False) -> SamplingParams:
     stops = _stops(req.stop)
     return SamplingParams(
         max_tokens=max_tokens,
@@ -273,6 +274,7 @@ def _sampling_params(req: CompletionRequest, tok: TextTokenizer, limits: Limits,
         structured=structured,
         allowed_token_ids=_allowed_token_ids(req, limits),
         bad_words_token_ids=_bad_words(req.bad_words, tok),
+        rank_by_logprob=rank_by_logprob,
     )
 
 
