@@ -43,6 +43,7 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "vllm_xargs": (lambda v: bool(v), None),
     "cache_salt": (_set, None),
     "lora_request": (_set, "this server serves one model without adapters"),
+    "guided_whitespace_pattern": (_set, "constrained JSON is written compactly"),
     # llama.cpp
     "lora": (lambda v: bool(v), "this server serves one model without adapters"),
     "n_probs": (_not(0), "use logprobs"),
