@@ -148,6 +148,16 @@ def test_headers_are_the_single_servers(base_url):
     assert httpx.get(f"{base_url}/health", timeout=30).json() == {"status": "ok"}
 
 
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_a_body_past_the_limit_is_the_replicas_400(base_url, declared):
+    """The ingress reads at most --max-request-bytes + 1 and lets the replica's own limit answer."""
+    body = b'{"prompt": "' + b"x" * (4 * 1024 * 1024) + b'"}'
+    content = body if declared else (body[i:i + 65536] for i in range(0, len(body), 65536))
+    r = httpx.post(f"{base_url}/v1/completions", content=content, timeout=60,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "request_too_large", r.text[:300]
+
+
 def test_one_scrape_sees_every_replica(base_url, client, ray_serve):
     for i in range(4):
         client.completions.create(model=MODEL, prompt=f"Count to {i}", max_tokens=2)
