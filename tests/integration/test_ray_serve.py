@@ -188,6 +188,26 @@ def test_shared_prefixes_go_where_they_are_cached(base_url):
     assert misses <= 5, (first, rest)
 
 
+# ------------------------------------------------------------------ a client leaves
+def _summed(base_url: str, name: str) -> float:
+    """One sample family's value summed over the replicas."""
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def test_a_client_that_leaves_frees_its_engine_work(base_url):
+    """Closing a stream travels the whole way: Ray cancels the ingress call, the ingress the
+    replica's, the replica's app hears http.disconnect and aborts the engine request."""
+    generated = _summed(base_url, "textmill:generation_tokens_total")
+    body = {"model": MODEL, "prompt": "Write a very long essay.", "max_tokens": 2000, "logit_bias": NO_EOS,
+            "stream": True}
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=300) as r:
+        next(line for line in r.iter_lines() if line.startswith("data: "))
+    while _summed(base_url, "vllm:num_requests_running") > 0:
+        time.sleep(0.1)
+    assert _summed(base_url, "textmill:generation_tokens_total") - generated < 2000
+
+
 # ------------------------------------------------------------------ a replica dies
 def _stream(base_url: str, seed: int, out: dict) -> None:
     body = {"model": MODEL, "prompt": f"Tell me a long story, number {seed}.", "max_tokens": 120,

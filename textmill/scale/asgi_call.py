@@ -46,8 +46,8 @@ async def run_call(app: ASGIApp, call: HttpCall) -> AsyncIterator[Message]:
             yield message
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 break
-        if task.done() and task.exception() is not None:
-            raise task.exception()
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # the app failed before it answered: Ray hands this to the ingress
     finally:
         gone.set()
         if not task.done():

@@ -21,6 +21,7 @@ import json
 import logging
 import re
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
@@ -37,7 +38,6 @@ log = logging.getLogger("textmill.scale")
 RESEND_ON_LOST_REPLICA = 1
 _SCRAPE_TIMEOUT_S = 10.0
 _RAY_UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
-_PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
 
 
 class Ingress:
@@ -108,7 +108,10 @@ class Ingress:
             await _respond(send, status, list(response_headers), body)
             return
         merged = merge_scrapes((label, body.decode()) for label, _, _, body in scrapes)
-        await _respond(send, 200, [(b"content-type", _PROMETHEUS)], merged)
+        # The replicas' own content type (the exposition format version is prometheus_client's).
+        content_type = next((bytes(v) for _, _, headers, _ in scrapes for k, v in headers
+                             if bytes(k).lower() == b"content-type"), CONTENT_TYPE_LATEST.encode())
+        await _respond(send, 200, [(b"content-type", content_type)], merged)
 
 
 class _AsgiApp:
