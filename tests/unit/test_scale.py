@@ -15,7 +15,7 @@ from textmill.cli import build_parser, scale_config_from_args
 from textmill.config import ScaleConfig
 from textmill.scale.calls import ROUTING_CHARS, routing_text
 from textmill.scale.metrics_merge import merge_scrapes
-from textmill.scale.routing import PrefixTable, chunk_hashes
+from textmill.scale.routing import PrefixTable, chunk_hashes, rank
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -69,6 +69,13 @@ def test_the_table_forgets_the_least_recently_used():
     table.record(chunk_hashes("b" * 128, 64), "r2")
     assert table.longest_match(chunk_hashes("a" * 64, 64), {"r1", "r2"}) is None
     assert table.longest_match(chunk_hashes("b" * 128, 64), {"r1", "r2"}) == "r2"
+
+
+def test_the_holder_goes_first_unless_it_is_far_busier():
+    lens = {"a": 5, "b": 1, "c": 3}
+    assert rank("a", ["b", "a", "c"], lens.get, imbalanced_threshold=4) == [["a"], ["b", "c"]]
+    assert rank("a", ["b", "a", "c"], lens.get, imbalanced_threshold=3) == [["b", "a", "c"]]  # 5 - 1 > 3
+    assert rank(None, ["b", "a", "c"], lens.get, imbalanced_threshold=4) == [["b", "a", "c"]]
 
 
 # ------------------------------------------------------------------ one scrape for all

@@ -62,6 +62,16 @@ class PrefixTable:
             self._owners.popitem(last=False)
 
 
+def rank(owner: Any | None, replicas: list, queue_len, imbalanced_threshold: int) -> list[list]:
+    """The replicas in ranks, most preferred first; Ray's base router sends the request to the
+    least loaded replica of the first rank that has room. The prefix's holder alone first,
+    unless it has more than `imbalanced_threshold` requests beyond the least loaded replica;
+    then, and without a holder, all replicas in one rank (least loaded wins)."""
+    if owner is None or queue_len(owner) - min(map(queue_len, replicas)) > imbalanced_threshold:
+        return [replicas]
+    return [[owner], [r for r in replicas if r != owner]]
+
+
 class PrefixAffinityRouter(RequestRouter):
     def initialize_state(self, imbalanced_threshold: int = 4, chunk_chars: int = CHUNK_CHARS,
                          max_entries: int = 200_000, **_: Any) -> None:
@@ -71,17 +81,11 @@ class PrefixAffinityRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        shuffled = random.sample(candidate_replicas, len(candidate_replicas))
-        hashes = self._hashes(pending_request)
-        if not hashes:
-            return [shuffled]  # the base router takes the least loaded of a rank
         by_id = {r.replica_id: r for r in candidate_replicas}
-        owner = self._table.longest_match(hashes, set(by_id))
-        if owner is None:
-            return [shuffled]
-        if self._queue_len(owner) - min(map(self._queue_len, by_id)) > self._imbalanced_threshold:
-            return [shuffled]
-        return [[by_id[owner]], [r for r in shuffled if r.replica_id != owner]]
+        hashes = self._hashes(pending_request)
+        owner = self._table.longest_match(hashes, set(by_id)) if hashes else None
+        ranks = rank(owner, random.sample(list(by_id), len(by_id)), self._queue_len, self._imbalanced_threshold)
+        return [[by_id[i] for i in ids] for ids in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         hashes = self._hashes(pending_request)
