@@ -142,7 +142,7 @@ class Sampler:
         self.grammar_masks = None
         if grammars is not None:
             from textmill.grammar.masks import GrammarMasks
-            self.grammar_masks = GrammarMasks(grammars, vocab_size, self.device, threads=torch.get_num_threads())
+            self.grammar_masks = GrammarMasks(grammars, vocab_size, self.device)
         self.penalty_counts = PenaltyCounts(vocab_size, device)
         self.seen = PenaltyCounts(vocab_size, device)  # prompt + generated, for repetition_penalty
         self._scratch = Scratch(vocab_size, device)  # whole-row work, one block at a time
