@@ -1,0 +1,101 @@
+"""The quantized linear kernels of this tree against those of another git revision, side by side.
+
+Builds kernels/csrc/quant.cpp (and its headers) as it was at --rev into a scratch folder,
+then times q4_linear / q8_linear of both builds on the same packed weights and inputs,
+alternating old and new in every round, and checks the outputs are bitwise equal. Times
+are CPU time of one thread (time.process_time), best of --rounds: on a machine shared with
+other work that is steadier than wall time, though memory bandwidth is still shared.
+
+    python bench/kernel_ab.py --rev HEAD~1
+    python bench/kernel_ab.py --rev 4493961 --shapes 262144x640 8192x2048 --rows 1 16 64
+
+Results: bench/results/kernel_ab-<time>.json, stamped with commit and machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from stamp import code_stamp, machine_label, machine_stamp  # noqa: E402
+
+from textmill.kernels import load  # noqa: E402
+from textmill.kernels.build import CFLAGS  # noqa: E402
+
+CSRC = "textmill/kernels/csrc"
+
+
+def build_at(rev: str, scratch: Path):
+    """quant.cpp and the headers at `rev`, compiled as a module of its own."""
+    from torch.utils import cpp_extension
+
+    files = subprocess.run(["git", "ls-tree", "--name-only", rev, f"{CSRC}/"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for f in files:
+        if f.endswith((".cpp", ".h")):
+            src = subprocess.run(["git", "show", f"{rev}:{f}"], cwd=ROOT, check=True, capture_output=True).stdout
+            (scratch / Path(f).name).write_bytes(src)
+    return cpp_extension.load(name=f"textmill_quant_ab_{rev.replace('~', '_').replace('^', '_')}",
+                              sources=[str(scratch / "quant.cpp")], extra_cflags=list(CFLAGS),
+                              extra_ldflags=["-fopenmp"], build_directory=str(scratch))
+
+
+def measure(old, new, mode: str, n: int, k: int, m: int, rounds: int) -> dict:
+    g = torch.Generator().manual_seed(n * 31 + k * 7 + m)
+    packed = getattr(new, f"{mode}_pack")(torch.randn(n, k, generator=g) * 0.02)
+    x = torch.randn(m, k, generator=g)
+    run = {name: (lambda ext=ext: getattr(ext, f"{mode}_linear")(x, packed, n)) for name, ext in (("old", old), ("new", new))}
+    same = torch.equal(run["old"](), run["new"]())
+    best = {name: float("inf") for name in run}
+    reps = max(1, int(2e8 // (n * k * max(m, 4))))  # ~the same work per timing at every shape
+    for _ in range(rounds):
+        for name, f in run.items():
+            t = time.process_time()
+            for _ in range(reps):
+                f()
+            best[name] = min(best[name], (time.process_time() - t) / reps)
+    return {"mode": mode, "n": n, "k": k, "m": m, "old_ms": 1e3 * best["old"], "new_ms": 1e3 * best["new"],
+            "new_over_old": best["new"] / best["old"], "bitwise_equal": same}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rev", required=True, help="the git revision to compare against (e.g. HEAD~1)")
+    ap.add_argument("--modes", nargs="+", default=["q8", "q4"], choices=["q8", "q4"])
+    ap.add_argument("--shapes", nargs="+", default=["262144x640", "8192x2048", "2048x8192"],
+                    help="N x K of the weights (262144x640: Gemma 3's head)")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    new = load("quant")
+    with tempfile.TemporaryDirectory() as scratch:
+        old = build_at(args.rev, Path(scratch))
+        results = [measure(old, new, mode, *map(int, shape.split("x")), m, args.rounds)
+                   for mode in args.modes for shape in args.shapes for m in args.rows]
+    print(f"| mode | N x K | M | {args.rev} ms | this tree ms | new / old | bitwise equal |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for r in results:
+        print(f"| {r['mode']} | {r['n']}x{r['k']} | {r['m']} | {r['old_ms']:.2f} | {r['new_ms']:.2f} | "
+              f"{r['new_over_old']:.2f} | {'yes' if r['bitwise_equal'] else 'NO'} |")
+    machine = machine_stamp()
+    out = ROOT / "bench" / "results" / time.strftime("kernel_ab-%Y%m%d-%H%M%S.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"code": code_stamp(), "machine": machine, "rev": args.rev,
+                               "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+                               "threads": 1, "results": results}, indent=1))
+    print(f"{machine_label(machine)}; wrote {out}")
+    return 0 if all(r["bitwise_equal"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
