@@ -98,3 +98,16 @@ def test_log_softmax_only_for_rows_that_read_it():
     none.add_request("plain", SamplingParams(**GREEDY))
     only = none.sample(logits[:1], ["plain"])
     assert torch.isnan(only.logprobs).all() and only.top_ids.shape == (1, 0)
+
+
+def test_greedy_tokens_pick_the_first_maximum_and_nan_as_torch_max_does():
+    from textmill.runner.sampler import greedy_tokens
+
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[1.0, 3.0, 3.0, 2.0], [nan, 5.0, nan, 1.0], [1.0, nan, 7.0, 7.0], [-inf] * 4,
+                      [2.0, inf, inf, 1.0]])
+    assert greedy_tokens(x).tolist() == torch.max(x, dim=-1).indices.tolist() == [1, 0, 1, 0, 1]
+    wide = torch.randn(5, 70_001, generator=torch.Generator().manual_seed(1)).round(decimals=1)  # many ties
+    assert torch.equal(greedy_tokens(wide), torch.max(wide, dim=-1).indices)
+    assert greedy_tokens(wide[:, ::2]).dtype == torch.int64  # a strided view works too
+    assert torch.equal(greedy_tokens(wide[:, ::2]), torch.max(wide[:, ::2], dim=-1).indices)

@@ -49,6 +49,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from textmill.runner.sampling_ops import (  # noqa: F401  (the tests import the pure pieces from here)
@@ -216,8 +217,7 @@ class Sampler:
         if len(sampled_rows) == len(states):  # no greedy row: every token is drawn below
             tokens = torch.zeros(len(states), dtype=torch.int64, device=x.device)
         else:
-            # max(dim).indices, not argmax: the same first-maximum index, several times faster on CPU.
-            tokens = torch.max(x, dim=-1).indices  # (S,) greedy rows keep this
+            tokens = greedy_tokens(x)  # (S,) greedy rows keep this
         if sampled_rows:
             tokens = self._sample_rows(x, tokens, states, sampled_rows)
         if penalized is not None:
@@ -357,6 +357,17 @@ class Sampler:
                 sub = probs if len(group) == len(params) else probs.index_select(0, idx)
                 picked.index_copy_(0, idx, draw(sub, [params[i] for i in group], uniform.index_select(0, idx)))
         return picked
+
+
+def greedy_tokens(x: torch.Tensor) -> torch.Tensor:
+    """The first index of each row's maximum (a NaN counts as the maximum), as torch.max.
+
+    On the CPU through numpy's argmax: 0.47 ms against torch.max's 4.3 ms (argmax's 5.0) for
+    16 rows of 262,144 on one Zen 4 thread; torch's reductions with an index are not
+    vectorized. Same first-maximum rule and NaN rule (tests/unit/test_runner_sampler.py)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return torch.max(x, dim=-1).indices
+    return torch.from_numpy(x.contiguous().numpy().argmax(axis=-1).astype(np.int64, copy=False))
 
 
 def _tempered_probs(x: torch.Tensor, rows: list[int], temperatures: list[float], out: torch.Tensor) -> torch.Tensor:
