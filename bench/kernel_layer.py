@@ -36,6 +36,7 @@ from textmill.kernels import load
 from textmill.messages import ScheduledChunk, SchedulerOutput
 from textmill.models.llama import RMSNorm, RotaryEmbedding
 from textmill.runner.batch import build_batch
+from textmill.runner.block_tables import BlockTables
 from textmill.runner.kv_cache import KVCache, PagedAttention
 
 C, HQ, HKV, D, FF, EPS, LAYERS = 576, 9, 3, 64, 1536, 1e-5, 30
@@ -93,7 +94,10 @@ class Step:
             blocks = tuple(range(next_block, next_block + nb))
             next_block += nb
             chunks.append(ScheduledChunk(f"r{i}", tuple(range(rows)), start, blocks, sample=True))
-        self.batch = build_batch(SchedulerOutput((), tuple(chunks)), BLOCK, "cpu")
+        scheduled = SchedulerOutput((), tuple(chunks))
+        tables = BlockTables(BLOCK)
+        tables.update(scheduled)
+        self.batch = build_batch(scheduled, tables, "cpu")
         self.eager_ctx = PagedAttention(self.kv, self.batch.attn, grouped_decode=threads > 1)
         n = self.batch.positions.shape[0]
         self.n = n

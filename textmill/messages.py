@@ -52,13 +52,20 @@ class ScheduledChunk:
     request_id: str
     token_ids: tuple[int, ...]
     start: int  # position of token_ids[0] == the request's num_computed_tokens
-    block_ids: tuple[int, ...]  # the request's whole block table, covering start + len tokens
+    # The blocks added to the request's table since it was last scheduled (all of them the
+    # first time, and the first time after a preemption): the runner keeps each table
+    # (runner/block_tables.py), so a step sends what changed, not the context's length.
+    # With them the table covers start + len(token_ids) tokens.
+    new_block_ids: tuple[int, ...]
     # True when this chunk reaches the end of the request's tokens: sample the next one.
     sample: bool
     # For prompt scoring (echo + logprobs): the token that follows each position of this
     # chunk, as far as it is known. len == len(token_ids), or one less when the chunk ends
     # the prompt (that last position is sampled instead). None when not scoring.
     prompt_logprob_targets: tuple[int, ...] | None = None
+    # Where new_block_ids start in the request's table: how many of its blocks the runner
+    # was sent before (0 the first time and after a preemption, when the table starts over).
+    block_offset: int = 0
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,7 @@ class Seq:
     tokens: list[int] = field(default_factory=list)
     computed: int = 0
     blocks: list[int] = field(default_factory=list)
+    blocks_sent: int = 0  # blocks[:blocks_sent] are in the runner's table
     logprobs: list = field(default_factory=list)
     prompt_logprobs: list = field(default_factory=list)
     sent: bool = False
@@ -132,7 +133,7 @@ def drive(runner: ModelRunner, seqs: list[Seq], budget: int, preempt_at: dict[in
             victim = next(s for s in seqs if s.rid == preempt_at[step])
             assert not victim.done and len(victim.tokens) > len(victim.prompt) + 1, "preempt mid-generation"
             free.extend(victim.blocks)
-            victim.blocks, victim.computed = [], 0
+            victim.blocks, victim.computed, victim.blocks_sent = [], 0, 0
             preempted.append(victim.rid)
         new, chunks, left = [], [], budget
         for s in seqs:
@@ -167,8 +168,9 @@ def _chunk(s: Seq, n: int, free: list[int]) -> ScheduledChunk:
     targets = None
     if s.wants_prompt_logprobs and s.computed < len(s.prompt) - 1:
         targets = tuple(s.prompt[s.computed + 1 : min(end + 1, len(s.prompt))])
-    return ScheduledChunk(s.rid, tuple(s.tokens[s.computed:end]), s.computed, tuple(s.blocks),
-                          sample=end == len(s.tokens), prompt_logprob_targets=targets)
+    offset, s.blocks_sent = s.blocks_sent, len(s.blocks)  # new blocks only, as the scheduler sends them
+    return ScheduledChunk(s.rid, tuple(s.tokens[s.computed:end]), s.computed, tuple(s.blocks[offset:]),
+                          sample=end == len(s.tokens), prompt_logprob_targets=targets, block_offset=offset)
 
 
 def make_runner(model, cfg, num_blocks=64, dtype=torch.float32) -> ModelRunner:

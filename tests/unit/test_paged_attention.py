@@ -10,10 +10,18 @@ import torch
 from textmill.config import CacheConfig, ModelConfig
 from textmill.messages import ScheduledChunk, SchedulerOutput
 from textmill.runner.batch import build_batch
+from textmill.runner.block_tables import BlockTables
 from textmill.runner.kv_cache import KVCache, PagedAttention
 
 HQ, HKV, D, BLOCK = 4, 2, 8, 4
 
+
+
+def one_step_batch(scheduled: SchedulerOutput):
+    """The batch of a step whose requests are all new (each chunk sends its whole table)."""
+    tables = BlockTables(BLOCK)
+    tables.update(scheduled)
+    return build_batch(scheduled, tables, "cpu")
 
 def _configs(num_layers: int = 2, num_blocks: int = 40):
     mc = ModelConfig(
@@ -70,7 +78,7 @@ def _setup(seqs, num_layers=2, seed=0):
         q = torch.randn(n, HQ, D)
         chunks.append(ScheduledChunk(f"r{i}", tuple(range(n)), done, blocks, sample=True))
         full.append((done, q, kv, blocks))
-    batch = build_batch(SchedulerOutput((), tuple(chunks)), BLOCK, "cpu")
+    batch = one_step_batch(SchedulerOutput((), tuple(chunks)))
     # The flat batch holds the chunks in batch.order (decode chunks first).
     return cache, batch, [full[i] for i in batch.order]
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.unit.test_paged_attention import BLOCK, D, _dense_attention, _flat, _setup
+from tests.unit.test_paged_attention import BLOCK, D, _dense_attention, _flat, _setup, one_step_batch
 from textmill.messages import ScheduledChunk, SchedulerOutput
-from textmill.runner.batch import build_batch
 from textmill.runner.kv_cache import PagedAttention, build_mask
 
 CASES = {
@@ -92,7 +91,7 @@ def test_block_tables_that_run_ahead_of_the_tokens():
     spare = sorted(set(range(40)) - {b for f in full for b in f[3]})[:3]
     chunks = [ScheduledChunk(f"r{i}", tuple(range(len(fq))), done, blocks + tuple(spare), sample=True)
               for i, (done, fq, _, blocks) in enumerate(full)]
-    ahead = build_batch(SchedulerOutput((), tuple(chunks)), BLOCK, "cpu")
+    ahead = one_step_batch(SchedulerOutput((), tuple(chunks)))
     # per group (decode, then prefill): only the blocks the group's longest context needs
     assert [g.block_table.shape for g in ahead.attn.groups] == [(1, 3), (1, 2)]
     assert [g.block_table.shape for g in batch.attn.groups] == [(1, 3), (1, 2)]
@@ -120,7 +119,7 @@ def test_a_lone_sequence_on_consecutive_blocks_reads_the_cache_in_place(done, n)
     cache.k[0][3 * BLOCK : 3 * BLOCK + done] = k[:done]
     cache.v[0][3 * BLOCK : 3 * BLOCK + done] = v[:done]
     chunk = ScheduledChunk("r", tuple(range(n)), done, blocks, sample=True)
-    batch = build_batch(SchedulerOutput((), (chunk,)), BLOCK, "cpu")
+    batch = one_step_batch(SchedulerOutput((), (chunk,)))
     assert batch.attn.groups[0].contiguous_from == 3 * BLOCK
     q = torch.randn(n, HQ, D)
     out = PagedAttention(cache, batch.attn).attend(0, q, k[done:], v[done:], scale=0.4)
@@ -130,12 +129,14 @@ def test_a_lone_sequence_on_consecutive_blocks_reads_the_cache_in_place(done, n)
 def test_scattered_or_batched_blocks_are_gathered():
     a = ScheduledChunk("a", (1,), 4, (5, 9), sample=True)
     b = ScheduledChunk("b", (1,), 4, (6, 7), sample=True)
+    c = ScheduledChunk("c", (1,), 4, (8, 9), sample=True)
+
     def first(*chunks):
-        return build_batch(SchedulerOutput((), chunks), BLOCK, "cpu").attn.groups[0].contiguous_from
+        return one_step_batch(SchedulerOutput((), chunks)).attn.groups[0].contiguous_from
 
     assert first(a) is None
     assert first(b) == 6 * BLOCK
-    assert first(b, b) is None
+    assert first(b, c) is None
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])

@@ -28,10 +28,21 @@ class FakeRunner:
         self.kv = {}  # block id -> list of the tokens written in its slots
         self.known = set()  # request ids announced in new_requests and not finished
         self.tokens_computed = 0
+        # Block tables as a runner keeps them: built from each chunk's new blocks alone,
+        # dropped when a request leaves or is preempted (its blocks come again, from the first).
+        self.tables = {}
+        self.new_blocks_per_step = []  # block ids the scheduler sent, step by step
 
     def execute(self, scheduled):
         for rid in scheduled.finished_request_ids:
             self.known.discard(rid)
+        for rid in (*scheduled.finished_request_ids, *scheduled.preempted_request_ids):
+            self.tables.pop(rid, None)
+        self.new_blocks_per_step.append(sum(len(c.new_block_ids) for c in scheduled.chunks))
+        for chunk in scheduled.chunks:
+            table = self.tables.setdefault(chunk.request_id, [])
+            assert len(table) == chunk.block_offset, "the new blocks do not follow on"
+            table.extend(chunk.new_block_ids)
         for new in scheduled.new_requests:
             assert new.request_id not in self.known, "announced twice"
             self.known.add(new.request_id)
@@ -54,11 +65,12 @@ class FakeRunner:
         """Write the chunk's KV, then read positions [0, end) back through the block table."""
         bs = self.block_size
         end = chunk.start + len(chunk.token_ids)
-        assert len(chunk.block_ids) == -(-end // bs)
+        table = self.tables[chunk.request_id]
+        assert len(table) == -(-end // bs)
         for pos, token in enumerate(chunk.token_ids, chunk.start):
-            slots = self.kv.setdefault(chunk.block_ids[pos // bs], [None] * bs)
+            slots = self.kv.setdefault(table[pos // bs], [None] * bs)
             slots[pos % bs] = token
-        context = [self.kv[chunk.block_ids[p // bs]][p % bs] for p in range(end)]
+        context = [self.kv[table[p // bs]][p % bs] for p in range(end)]
         assert None not in context, "read a slot nobody wrote"
         return context
 
@@ -116,7 +128,7 @@ def test_admission_is_fifo_and_capped_by_max_num_seqs():
     first, _ = step(sched, runner)
     assert [n.request_id for n in first.new_requests] == ["r0", "r1", "r2"]
     assert [c.request_id for c in first.chunks] == ["r0", "r1", "r2"]
-    assert [c.block_ids for c in first.chunks] == [(0, 1), (2, 3), (4, 5)]
+    assert [c.new_block_ids for c in first.chunks] == [(0, 1), (2, 3), (4, 5)]
     assert all(c.sample and c.start == 0 for c in first.chunks)
     assert (sched.num_running, sched.num_waiting) == (3, 2)
     second, _ = step(sched, runner)  # r0 reaches max_tokens=2 here
@@ -169,6 +181,30 @@ def test_prefill_behind_decodes_leaves_a_token_for_each():
     assert chunk_sizes(fourth) == {"long": 1, "d1": 1, "d2": 1}
 
 
+def _decode_steps(context: int, steps: int = 64) -> tuple[list[int], list[int]]:
+    """Block ids sent per step, and the lengths of the requests' tables, while one request
+    decodes after a `context`-token prompt (block size 4)."""
+    sched, runner = make_scheduler(block_size=4, num_blocks=1024, budget=4096, max_len=4096)
+    sched.add_request(req("r", prompt(context), max_tokens=steps + 2))
+    step(sched, runner)  # the prompt, and its whole table, in one step
+    sent = []
+    for _ in range(steps):
+        scheduled, _ = step(sched, runner)
+        sent.append(sum(len(c.new_block_ids) for c in scheduled.chunks))
+        assert runner.tables["r"] == list(sched.kv_manager.block_ids("r"))
+    return sent, runner.new_blocks_per_step[:1]
+
+
+def test_block_ids_sent_per_step_do_not_grow_with_the_context():
+    """A decode step sends the request's new block when it starts one, else nothing: the
+    same at a 16-token context and a 2,000-token one (the table lives in the runner)."""
+    short, short_prompt = _decode_steps(16)
+    long, long_prompt = _decode_steps(2000)
+    assert short == long  # the same pattern, block for block
+    assert max(long) == 1 and sum(long) == 64 // 4
+    assert (short_prompt, long_prompt) == ([4], [500])  # the prompt's blocks, sent once
+
+
 # ---------------------------------------------------------------- preemption
 def test_preemption_recomputes_and_gives_the_same_tokens():
     # 6 blocks of 4 tokens; each request grows to 5 blocks, so they cannot both fit.
@@ -187,7 +223,9 @@ def test_preemption_recomputes_and_gives_the_same_tokens():
     assert announced == ["a", "b"]
     first = preempting[0]
     assert chunk_sizes(first) == {"a": 1}
-    assert first.chunks[0].block_ids == (0, 1, 4, 5)
+    sent_to_a = [b for s in steps[:steps.index(first) + 1] for c in s.chunks if c.request_id == "a"
+                 for b in c.new_block_ids]
+    assert sent_to_a == [0, 1, 4, 5]  # each block once, in table order
     assert a.output_token_ids == reference_tokens(prompt(8, 1), max_tokens=12)
     assert b.output_token_ids == reference_tokens(prompt(8, 40), max_tokens=10)
     assert a.finish_reason is b.finish_reason is FinishReason.LENGTH
@@ -214,7 +252,7 @@ def test_a_request_that_cannot_grow_preempts_itself_when_newest():
     sched.add_request(old)
     sched.add_request(new)
     first, _ = step(sched, runner)
-    assert [c.block_ids for c in first.chunks] == [(0,), (1,)]
+    assert [c.new_block_ids for c in first.chunks] == [(0,), (1,)]
     second, _ = step(sched, runner)  # both need a second block; only one is free
     assert second.preempted_request_ids == ("new",)
     assert chunk_sizes(second) == {"old": 1}
@@ -399,7 +437,7 @@ def test_second_request_reuses_a_three_block_prefix():
     scheduled, _ = step(sched, runner)
     assert scheduled.finished_request_ids == ("a",)
     (chunk,) = scheduled.chunks
-    assert (chunk.start, chunk.token_ids, chunk.block_ids) == (48, (3,), (0, 1, 2, 4))
+    assert (chunk.start, chunk.token_ids, chunk.new_block_ids) == (48, (3,), (0, 1, 2, 4))
     assert second.num_cached_tokens == 48
     run_all(sched, runner)
     assert second.output_token_ids == reference_tokens(shared + [3], max_tokens=3)
@@ -430,7 +468,9 @@ def test_n_siblings_compute_the_shared_prompt_once():
     assert sched.num_waiting == 3
     second, _ = step(sched, runner)
     assert chunk_sizes(second) == {"s0": 1, "s1": 2, "s2": 2, "s3": 2}
-    assert [c.block_ids for c in second.chunks] == [(0, 1, 2), (0, 1, 3), (0, 1, 4), (0, 1, 5)]
+    # s0 got its blocks in the first step; the others get theirs, hits included, now.
+    assert [c.new_block_ids for c in second.chunks] == [(), (0, 1, 3), (0, 1, 4), (0, 1, 5)]
+    assert [runner.tables[c.request_id] for c in second.chunks] == [[0, 1, 2], [0, 1, 3], [0, 1, 4], [0, 1, 5]]
     assert [s.num_cached_tokens for s in siblings] == [0, 8, 8, 8]
     assert sched.kv_manager.pool.ref_count(0) == 4
     run_all(sched, runner)

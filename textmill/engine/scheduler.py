@@ -19,7 +19,9 @@ lack of blocks; add_request asserts that each request fits the pool on its own.
 
 The runner hears of a request once: `new_requests` carries it the first time it is
 scheduled, never again (after a preemption the runner keeps its per-request state, and
-`preempted_request_ids` tells it the old KV is gone).
+`preempted_request_ids` tells it the old KV is gone). Block tables are sent the same way:
+a chunk carries only the blocks added since the request was last scheduled (all of them
+again after a preemption), so a step's messages do not grow with the context.
 
 n siblings: when the next full block of a waiting request's prompt is being computed by a
 scheduled chunk (registered "in flight" by the KV manager), the request stays waiting
@@ -202,12 +204,14 @@ class Scheduler:
             # generated tokens have none (None, not (), when the chunk has no target).
             last = min(end, request.num_prompt_tokens - 1)
             targets = tuple(request.prompt_token_ids[start + 1 : last + 1]) or None
+        block_offset, new_block_ids = self.kv_manager.take_new_block_ids(request.request_id)
         plan.chunks.append(
             ScheduledChunk(
                 request_id=request.request_id,
                 token_ids=tuple(request.token_ids_between(start, end)),
                 start=start,
-                block_ids=self.kv_manager.block_ids(request.request_id),
+                new_block_ids=new_block_ids,
+                block_offset=block_offset,
                 sample=end == request.num_tokens and request.params.max_tokens > 0,
                 prompt_logprob_targets=targets,
             )

@@ -2,7 +2,9 @@
 
 Python builds flat lists (one pass over the chunks, cache slots included), then all of them
 become one tensor in one torch.tensor call, split into views; masks are derived on the
-device, and only in the steps that need one (kv_cache.py).
+device, and only in the steps that need one (kv_cache.py). Block tables come from the
+runner's BlockTables (block_tables.py), one index_select per attention group: nothing here
+walks a request's blocks, so a step's Python work follows its tokens, not their context.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from textmill.messages import ScheduledChunk, SchedulerOutput
+from textmill.runner.block_tables import BlockTables
 from textmill.runner.kv_cache import AttentionGroup, AttentionMetadata
 
 
@@ -54,7 +57,6 @@ class _GroupLists:
     query_dest: list[int] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
     context_lens: list[int] = field(default_factory=list)
-    block_table: list[int] = field(default_factory=list)
     query_start: list[int] = field(default_factory=lambda: [0])
 
     def add(self, c: ScheduledChunk) -> None:
@@ -63,13 +65,9 @@ class _GroupLists:
         self.query_start.append(self.query_start[-1] + n)
         self.starts.append(c.start)
         self.context_lens.append(c.start + n)
-        # Only the blocks that hold context: a table may run ahead of the tokens.
-        used = c.block_ids[: self.max_blocks]
-        self.block_table.extend(used)
-        self.block_table.extend([0] * (self.max_blocks - len(used)))
 
     def arrays(self) -> tuple[list[int], ...]:
-        return self.query_dest, self.starts, self.context_lens, self.block_table, self.query_start
+        return self.query_dest, self.starts, self.context_lens, self.query_start
 
 
 @dataclass
@@ -85,12 +83,12 @@ class _HostLists:
     prompt_targets: list[int] = field(default_factory=list)
     segments: list[PromptSegment] = field(default_factory=list)
 
-    def add(self, c: ScheduledChunk, block_size: int) -> None:
+    def add(self, c: ScheduledChunk, ids: list[int], block_size: int) -> None:
+        """`ids`: the request's block table."""
         n, offset, end = len(c.token_ids), len(self.input_ids), c.start + len(c.token_ids)
-        assert n > 0 and len(c.block_ids) * block_size >= end, f"bad chunk for {c.request_id}"
+        assert n > 0 and len(ids) * block_size >= end, f"bad chunk for {c.request_id}"
         self.input_ids.extend(c.token_ids)
         self.positions.extend(range(c.start, end))
-        ids = c.block_ids
         self.slots.extend(ids[p // block_size] * block_size + p % block_size for p in range(c.start, end))
         if c.sample:
             self.sample_rows.append(offset + n - 1)
@@ -110,14 +108,16 @@ def step_order(chunks: tuple[ScheduledChunk, ...]) -> tuple[int, ...]:
     return tuple(sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids) > 1))
 
 
-def build_batch(scheduled: SchedulerOutput, block_size: int, device: str | torch.device) -> Batch:
+def build_batch(scheduled: SchedulerOutput, tables: BlockTables, device: str | torch.device) -> Batch:
+    """`tables` already holds this step's blocks (BlockTables.update(scheduled))."""
     assert scheduled.chunks, "an empty step has no batch"
     order = step_order(scheduled.chunks)
     chunks = tuple(scheduled.chunks[i] for i in order)
+    block_size = tables.block_size
     host = _HostLists()
     groups = _groups(chunks, block_size)
     for c in chunks:
-        host.add(c, block_size)
+        host.add(c, tables.block_ids(c.request_id), block_size)
     for g, members in groups:
         for c in members:
             g.add(c)
@@ -130,7 +130,7 @@ def build_batch(scheduled: SchedulerOutput, block_size: int, device: str | torch
     views = flat.split([len(a) for a in arrays])
     input_ids, positions, slots, logits_rows, prompt_targets = views[:5]
     attn_groups = tuple(
-        _attention_group(g, members, views[5 + 5 * i : 10 + 5 * i], block_size)
+        _attention_group(g, members, views[5 + 4 * i : 9 + 4 * i], tables, device)
         for i, (g, members) in enumerate(groups))
     return Batch(
         input_ids=input_ids,
@@ -158,13 +158,16 @@ def _groups(chunks: tuple[ScheduledChunk, ...], block_size: int) -> list[tuple[_
     return out
 
 
-def _attention_group(g: _GroupLists, members: list[ScheduledChunk], views, block_size: int) -> AttentionGroup:
-    query_dest, starts, context_lens, table, query_start = views
+def _attention_group(g: _GroupLists, members: list[ScheduledChunk], views, tables: BlockTables,
+                     device: str | torch.device) -> AttentionGroup:
+    query_dest, starts, context_lens, query_start = views
+    # Only the blocks that hold context: a table may run ahead of the tokens.
+    table = tables.gather([c.request_id for c in members], g.max_blocks).to(device)
     return AttentionGroup(
         token_start=g.token_start,
         num_tokens=len(g.query_dest),
         query_dest=query_dest,
-        block_table=table.view(len(members), g.max_blocks),
+        block_table=table,  # (B, max_blocks)
         starts=starts,
         context_lens=context_lens,
         query_start=query_start,
@@ -173,19 +176,16 @@ def _attention_group(g: _GroupLists, members: list[ScheduledChunk], views, block
         max_context_len=max(g.context_lens),
         min_context_len=min(g.context_lens),
         first_start=g.starts[0],
-        contiguous_from=_contiguous_from(members, g.max_blocks, block_size),
+        contiguous_from=_contiguous_from(members, g.max_blocks, tables),
     )
 
 
-def _contiguous_from(chunks: list[ScheduledChunk], num_blocks: int, block_size: int) -> int | None:
+def _contiguous_from(chunks: list[ScheduledChunk], num_blocks: int, tables: BlockTables) -> int | None:
     """First slot of a lone chunk whose context blocks are consecutive ids, else None.
 
     One stream gets its blocks one at a time from the head of the pool's free queue, so
     this is the usual case for it, and its attention then reads the cache in place."""
     if len(chunks) != 1:
         return None
-    ids = chunks[0].block_ids[:num_blocks]
-    first = ids[0]
-    if any(b != first + i for i, b in enumerate(ids)):
-        return None
-    return first * block_size
+    first = tables.consecutive_from(chunks[0].request_id, num_blocks)
+    return None if first is None else first * tables.block_size

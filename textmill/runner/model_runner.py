@@ -13,6 +13,7 @@ from textmill.config import CacheConfig, ModelConfig
 from textmill.messages import RunnerOutput, SchedulerOutput, TokenLogprob
 from textmill import kernels as cpp_kernels
 from textmill.runner.batch import Batch, build_batch
+from textmill.runner.block_tables import BlockTables
 from textmill.runner.kernel_attention import KernelPagedAttention
 from textmill.loader.load import LoadedModel
 from textmill.runner.file_weights import install_file_weights
@@ -68,6 +69,8 @@ class ModelRunner:
                 if kind.supports(model):
                     self.forward = kind(model, self.ops)
         self.kv_cache = KVCache(model_config, cache_config, self.device, dtype, kv_dtype=kv_dtype)
+        # Each request's block table, kept from step to step (the scheduler sends new blocks only).
+        self.block_tables = BlockTables(cache_config.block_size)
         # OpenMP thread counts are per thread: oneDNN in a thread that never set one uses
         # every core, whatever torch.set_num_threads said elsewhere. execute() re-applies
         # the count (set before this runner was built) in whichever thread runs the steps.
@@ -100,7 +103,7 @@ class ModelRunner:
         if scheduled.is_empty:
             return RunnerOutput()
         with torch.inference_mode():
-            batch = build_batch(scheduled, self.cache_config.block_size, self.device)
+            batch = build_batch(scheduled, self.block_tables, self.device)
             if self.ops is not None:
                 ctx = KernelPagedAttention(self.kv_cache, batch.attn, self.ops)
             else:
@@ -115,6 +118,7 @@ class ModelRunner:
             return self._sample_and_score(batch, logits)
 
     def _update_requests(self, scheduled: SchedulerOutput) -> None:
+        self.block_tables.update(scheduled)
         for request_id in scheduled.finished_request_ids:
             self.sampler.remove_request(request_id)
         for new in scheduled.new_requests:

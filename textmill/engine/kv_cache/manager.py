@@ -47,6 +47,7 @@ class _RequestBlocks:
     # Publication id to chain on, per published position (len == blocks published so far).
     anchors: list[int] = field(default_factory=list)
     in_flight: set[BlockHash] = field(default_factory=set)
+    num_sent: int = 0  # blocks[:num_sent] were handed out by take_new_block_ids
 
 
 class KVCacheManager:
@@ -82,6 +83,17 @@ class KVCacheManager:
     def block_ids(self, request_id: str) -> tuple[int, ...]:
         record = self._records.get(request_id)
         return tuple(b.block_id for b in record.blocks) if record else ()
+
+    def take_new_block_ids(self, request_id: str) -> tuple[int, tuple[int, ...]]:
+        """(offset, ids): the blocks added to the request's table since the last call (all
+        of them after a free), and where they start in the table. What the runner has not
+        been sent; costs the new blocks, not the table."""
+        record = self._records.get(request_id)
+        if record is None:
+            return 0, ()
+        offset = record.num_sent
+        record.num_sent = len(record.blocks)
+        return offset, tuple(b.block_id for b in record.blocks[offset:])
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
