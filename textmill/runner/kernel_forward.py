@@ -18,6 +18,7 @@ has fused; anything else keeps the model's own forward.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -31,23 +32,66 @@ from textmill.runner.kernel_attention import KernelPagedAttention
 from textmill.runner.qlinear import QLinear
 
 
-class KernelForward:
-    def __init__(self, model: llama.LlamaForCausalLM, ops: ModuleType):
+@dataclass(frozen=True)
+class _Step:
+    """What every layer of one forward call reads."""
+
+    ctx: KernelPagedAttention
+    rows: torch.Tensor  # (N,) 0..N-1: this step's rows of the RoPE tables
+    rope: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (cos, sin) per RoPE base, (N, D/2) each
+
+
+class KernelForwardBase:
+    """The shape both kernel forwards share: the embedding into the residual stream h (one
+    float32 buffer every layer adds to in place), the first input norm, this step's RoPE
+    rows, then the layers, each ending with the next layer's input norm (the last with the
+    model's final norm). A family states its norm weights, its RoPE tables and one layer."""
+
+    embed_scale: float | None = None  # multiplies the embedding (Gemma), if set
+
+    def __init__(self, model: torch.nn.Module, ops: ModuleType):
         self.ops = ops
         self.embed = model.embed_tokens  # nn.Embedding, or file_weights.RowEmbedding
-        self.rotary = model.rotary
-        self.layers = list(model.layers)
         self.eps = model.config.norm_eps
-        # The norm that follows each layer: the next layer's input norm, the final norm last.
-        self.input_norms = [layer.input_layernorm.weight.detach().float().contiguous() for layer in self.layers]
-        self.post_norms = [layer.post_attention_layernorm.weight.detach().float().contiguous()
-                           for layer in self.layers]
-        self.next_norms = self.input_norms[1:] + [model.norm.weight.detach().float().contiguous()]
+        self.layers = list(model.layers)
+        self.input_norms = [self.norm_weight(layer.input_layernorm) for layer in self.layers]
+        self.next_norms = self.input_norms[1:] + [self.norm_weight(model.norm)]
         # Each layer's four matmuls as plain callables: nn.Module.__call__ costs more than
         # a small kernel call, 120 times a step.
         self.matmuls = [tuple(_direct(m) for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                    layer.mlp.gate_up_proj, layer.mlp.down_proj))
                         for layer in self.layers]
+
+    @staticmethod
+    def norm_weight(norm: torch.nn.Module) -> torch.Tensor:
+        return norm.weight.detach().float().contiguous()
+
+    def rope_tables(self, positions: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        raise NotImplementedError
+
+    def layer(self, i: int, y: torch.Tensor, h: torch.Tensor, step: _Step) -> torch.Tensor:
+        """Layer i on y (its input, normed) and h; returns the next layer's normed input."""
+        raise NotImplementedError
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 ctx: KernelPagedAttention) -> torch.Tensor:
+        h = self.embed(input_ids).float()  # (N, C): the residual stream
+        if self.embed_scale is not None:
+            h = h * self.embed_scale
+        y = self.ops.rms_norm(h, self.input_norms[0], self.eps)
+        step = _Step(ctx, torch.arange(h.shape[0]), self.rope_tables(positions))
+        for i in range(len(self.layers)):
+            y = self.layer(i, y, h, step)
+        return y  # (N, C): after the final norm, as CausalLM.forward promises
+
+
+class KernelForward(KernelForwardBase):
+    """The Llama family (Llama, Qwen2) on the kernels; see the module docstring."""
+
+    def __init__(self, model: llama.LlamaForCausalLM, ops: ModuleType):
+        super().__init__(model, ops)
+        self.rotary = model.rotary
+        self.post_norms = [self.norm_weight(layer.post_attention_layernorm) for layer in self.layers]
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
@@ -56,24 +100,18 @@ class KernelForward:
         return all(type(layer) is llama.Block and isinstance(layer.self_attn, FusedAttention)
                    and isinstance(layer.mlp, FusedMLP) for layer in model.layers)
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                 ctx: KernelPagedAttention) -> torch.Tensor:
-        ops, eps = self.ops, self.eps
-        h = self.embed(input_ids).float()  # (N, C): the residual stream
-        n = h.shape[0]
-        y = ops.rms_norm(h, self.input_norms[0], eps)
-        slots, kv = ctx.meta.slot_mapping, ctx.cache.kv
-        cos, sin = self.rotary.table(positions)  # (N, D/2): this step's rows, indexed 0..N-1 below
-        rows = torch.arange(n)
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            qkv_proj, o_proj, gate_up_proj, down_proj = self.matmuls[i]
-            q = ops.rope_kv_write(qkv_proj(y), rows, cos, sin, kv[i], slots,
-                                  attn.num_heads, attn.num_kv_heads)  # (N, Hq, D)
-            o = ctx.attend_cached(i, q, scale=attn.head_dim ** -0.5, sliding_window=attn.sliding_window)
-            y = ops.add_rms_norm(o_proj(o.view(n, -1)), h, self.post_norms[i], eps)
-            y = ops.add_rms_norm(down_proj(ops.silu_mul(gate_up_proj(y))), h, self.next_norms[i], eps)
-        return y  # (N, C): after the final norm, as CausalLM.forward promises
+    def rope_tables(self, positions: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        return (self.rotary.table(positions),)
+
+    def layer(self, i: int, y: torch.Tensor, h: torch.Tensor, step: _Step) -> torch.Tensor:
+        ops, eps, attn = self.ops, self.eps, self.layers[i].self_attn
+        qkv_proj, o_proj, gate_up_proj, down_proj = self.matmuls[i]
+        cos, sin = step.rope[0]
+        q = ops.rope_kv_write(qkv_proj(y), step.rows, cos, sin, step.ctx.cache.kv[i], step.ctx.meta.slot_mapping,
+                              attn.num_heads, attn.num_kv_heads)  # (N, Hq, D)
+        o = step.ctx.attend_cached(i, q, scale=attn.head_dim ** -0.5, sliding_window=attn.sliding_window)
+        y = ops.add_rms_norm(o_proj(o.view(y.shape[0], -1)), h, self.post_norms[i], eps)
+        return ops.add_rms_norm(down_proj(ops.silu_mul(gate_up_proj(y))), h, self.next_norms[i], eps)
 
 
 def _direct(linear: torch.nn.Module):
@@ -89,7 +127,7 @@ def _direct(linear: torch.nn.Module):
     return linear
 
 
-class GemmaKernelForward:
+class GemmaKernelForward(KernelForwardBase):
     """Gemma 3's forward (models/gemma3.py) on the same kernels. Per layer:
 
         x = rms_norm(h, w_in)                               h: the residual stream
@@ -103,24 +141,20 @@ class GemmaKernelForward:
     Built for exact gemma3 models whose layers runner/fused.py's fuse_gemma_layers fused."""
 
     def __init__(self, model: torch.nn.Module, ops: ModuleType):
-        self.ops = ops
-        self.embed = model.embed_tokens
+        super().__init__(model, ops)
         self.embed_scale = torch.tensor(model.embed_scale, dtype=torch.float32).item()
-        self.eps = model.config.norm_eps
-        one_plus = lambda norm: (1.0 + norm.weight.detach().float()).contiguous()  # noqa: E731
-        self.layers = list(model.layers)
-        self.input_norms = [one_plus(b.input_layernorm) for b in self.layers]
-        self.next_norms = self.input_norms[1:] + [one_plus(model.norm)]
-        self.norms = [tuple(one_plus(n) for n in (b.post_attention_layernorm, b.pre_feedforward_layernorm,
-                                                  b.post_feedforward_layernorm, b.self_attn.q_norm,
-                                                  b.self_attn.k_norm)) for b in self.layers]
+        self.norms = [tuple(self.norm_weight(n) for n in (b.post_attention_layernorm, b.pre_feedforward_layernorm,
+                                                          b.post_feedforward_layernorm, b.self_attn.q_norm,
+                                                          b.self_attn.k_norm)) for b in self.layers]
         self.rotary = (model.rotary_global, model.rotary_local)
         self.sliding = [b.self_attn.is_sliding for b in self.layers]
-        self.matmuls = [tuple(_direct(m) for m in (b.self_attn.qkv_proj, b.self_attn.o_proj,
-                                                   b.mlp.gate_up_proj, b.mlp.down_proj)) for b in self.layers]
         self._gelu_mul = getattr(ops, "gelu_tanh_mul", None) or _gelu_tanh_mul
         # A kernel build from before rope_kv_write took the QK norm: norm q and k in torch.
         self._fused_qk_norm = "q_norm" in (ops.rope_kv_write.__doc__ or "")
+
+    @staticmethod
+    def norm_weight(norm: torch.nn.Module) -> torch.Tensor:
+        return (1.0 + norm.weight.detach().float()).contiguous()
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
@@ -131,33 +165,27 @@ class GemmaKernelForward:
         return all(getattr(b.self_attn, "qkv_proj", None) is not None and getattr(b.mlp, "gate_up_proj", None)
                    is not None for b in model.layers)
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                 ctx: KernelPagedAttention) -> torch.Tensor:
-        ops, eps = self.ops, self.eps
-        h = self.embed(input_ids).float() * self.embed_scale  # (N, C): the residual stream
-        n = h.shape[0]
-        y = ops.rms_norm(h, self.input_norms[0], eps)
-        slots, kv = ctx.meta.slot_mapping, ctx.cache.kv
-        tables = [r.table(positions) for r in self.rotary]  # global, local: (N, D/2) each
-        positions = torch.arange(n)  # rows of this step's tables
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            qkv_proj, o_proj, gate_up_proj, down_proj = self.matmuls[i]
-            post_attn, pre_ffw, post_ffw, q_norm, k_norm = self.norms[i]
-            cos, sin = tables[self.sliding[i]]
-            qkv = qkv_proj(y)
-            if self._fused_qk_norm:
-                q = ops.rope_kv_write(qkv, positions, cos, sin, kv[i], slots, attn.num_heads,
-                                      attn.num_kv_heads, q_norm=q_norm, k_norm=k_norm, norm_eps=eps)  # (N, Hq, D)
-            else:
-                _qk_norm_(qkv, attn.num_heads, attn.num_kv_heads, attn.head_dim, q_norm, k_norm, eps)
-                q = ops.rope_kv_write(qkv, positions, cos, sin, kv[i], slots, attn.num_heads, attn.num_kv_heads)
-            o = ctx.attend_cached(i, q, scale=attn.scale, sliding_window=attn.sliding_window)
-            a = ops.rms_norm(o_proj(o.view(n, -1)), post_attn, eps)
-            y = ops.add_rms_norm(a, h, pre_ffw, eps)
-            m = ops.rms_norm(down_proj(self._gelu_mul(gate_up_proj(y))), post_ffw, eps)
-            y = ops.add_rms_norm(m, h, self.next_norms[i], eps)
-        return y  # (N, C): after the final norm
+    def rope_tables(self, positions: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        return tuple(r.table(positions) for r in self.rotary)  # global, local
+
+    def layer(self, i: int, y: torch.Tensor, h: torch.Tensor, step: _Step) -> torch.Tensor:
+        ops, eps, attn = self.ops, self.eps, self.layers[i].self_attn
+        qkv_proj, o_proj, gate_up_proj, down_proj = self.matmuls[i]
+        post_attn, pre_ffw, post_ffw, q_norm, k_norm = self.norms[i]
+        cos, sin = step.rope[self.sliding[i]]
+        kv, slots = step.ctx.cache.kv[i], step.ctx.meta.slot_mapping
+        qkv = qkv_proj(y)
+        if self._fused_qk_norm:
+            q = ops.rope_kv_write(qkv, step.rows, cos, sin, kv, slots, attn.num_heads,
+                                  attn.num_kv_heads, q_norm=q_norm, k_norm=k_norm, norm_eps=eps)  # (N, Hq, D)
+        else:
+            _qk_norm_(qkv, attn.num_heads, attn.num_kv_heads, attn.head_dim, q_norm, k_norm, eps)
+            q = ops.rope_kv_write(qkv, step.rows, cos, sin, kv, slots, attn.num_heads, attn.num_kv_heads)
+        o = step.ctx.attend_cached(i, q, scale=attn.scale, sliding_window=attn.sliding_window)
+        a = ops.rms_norm(o_proj(o.view(y.shape[0], -1)), post_attn, eps)
+        y = ops.add_rms_norm(a, h, pre_ffw, eps)
+        m = ops.rms_norm(down_proj(self._gelu_mul(gate_up_proj(y))), post_ffw, eps)
+        return ops.add_rms_norm(m, h, self.next_norms[i], eps)
 
 
 def _qk_norm_(qkv: torch.Tensor, hq: int, hkv: int, d: int, q_w: torch.Tensor, k_w: torch.Tensor,
