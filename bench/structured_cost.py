@@ -13,7 +13,12 @@ compiler has cached, with a new schema (a fresh "description" each time). Engine
 runner compiles the new schema itself (the server compiles it in prepare(), in a worker
 thread, before queuing: the same cost, moved off the engine thread). Medians over --repeats.
 
-    .venv/bin/python bench/structured_cost.py [--concurrency 16] [--repeats 3] [--model PATH]
+Sampler alone (--sampler-only, or first in a full run): Sampler.sample on random logits,
+greedy, 1 and 16 rows, every row under a JSON schema against none, for the bundled model's
+vocabulary and --model's; the minimum over interleaved calls (robust on a shared machine):
+the mask's own cost per step, with no forward pass to hide it.
+
+    .venv/bin/python bench/structured_cost.py [--concurrency 16] [--repeats 3] [--model PATH] [--sampler-only]
 """
 from __future__ import annotations
 
@@ -69,17 +74,51 @@ def first_token_ms(built, workload: Workload, structured: StructuredOutput | Non
     return (time.perf_counter() - start) * 1e3
 
 
+def sampler_overhead(tokenizer, vocab_size: int, grammars, calls: int = 60) -> list[dict]:
+    import torch
+
+    from textmill.runner.sampler import Sampler
+    schema = StructuredOutput("json", json.dumps(RECORD))
+    rows_out = []
+    for rows in (1, 16):
+        samplers = {}
+        for constrained in (False, True):
+            s = Sampler(vocab_size, grammars=grammars)
+            for i in range(rows):
+                s.add_request(f"r{i}", SamplingParams(temperature=0.0, structured=schema if constrained else None))
+            samplers[constrained] = s
+        ids = [f"r{i}" for i in range(rows)]
+        logits = torch.randn(rows, vocab_size, generator=torch.Generator().manual_seed(0))
+        best = {False: float("inf"), True: float("inf")}
+        for _ in range(calls):
+            for constrained, s in samplers.items():
+                start = time.perf_counter()
+                s.sample(logits, ids)
+                best[constrained] = min(best[constrained], time.perf_counter() - start)
+        rows_out.append({"vocab": vocab_size, "rows": rows, "threads": torch.get_num_threads(),
+                         "greedy_ms": best[False] * 1e3, "constrained_ms": best[True] * 1e3})
+    return rows_out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--model", default=None)
+    p.add_argument("--sampler-only", action="store_true")
     args = p.parse_args()
     workload = Workload(max_tokens=args.max_tokens)
     ns = build_parser().parse_args(["serve", "--max-num-seqs", str(args.concurrency),
                                     *([args.model] if args.model else [])])
     built = build_engine(engine_config_from_args(ns))
+    sampler_rows = sampler_overhead(built.tokenizer, built.model_config.vocab_size, built.grammars)
+    print("| vocab | rows | threads | greedy ms | constrained ms | added ms |\n|---:|---:|---:|---:|---:|---:|")
+    for r in sampler_rows:
+        print(f"| {r['vocab']} | {r['rows']} | {r['threads']} | {r['greedy_ms']:.2f} | {r['constrained_ms']:.2f} | "
+              f"{r['constrained_ms'] - r['greedy_ms']:+.2f} |")
+    if args.sampler_only:
+        return 0
     built.grammars.compile(StructuredOutput("json", json.dumps(SCHEMA)))  # as prepare() would, first
     first, rates = 10_000, {False: [], True: []}
     for _ in range(args.repeats):
@@ -109,7 +148,7 @@ def main() -> int:
     out.write_text(json.dumps({"code": code_stamp(), "machine": machine, "model": built.model_name,
                                "concurrency": args.concurrency, "max_tokens": args.max_tokens,
                                "tok_s": {"unconstrained": rates[False], "constrained": rates[True]},
-                               "first_token_ms": ttft}, indent=1))
+                               "first_token_ms": ttft, "sampler": sampler_rows}, indent=1))
     print(f"\n{machine_label(machine)}; wrote {out}")
     return 0
 

@@ -43,13 +43,13 @@ class GrammarMasks:
         self._matchers: dict[str, llguidance.LLMatcher] = {}
         self._words = (compiler.mask_width + 31) // 32
         self._bitmask = torch.empty((0, self._words), dtype=torch.int32)  # CPU: llguidance writes it
-        # byte value -> its 8 bits as 0/1 bytes, least significant first (token 8k + j is bit
-        # j of byte k).
+        # byte value -> 8 bytes, 1 where its bit is clear (token 8k + j is bit j of byte k, least
+        # significant first): the banned tokens, with no separate negation pass.
         bits = torch.arange(8, dtype=torch.int32)
-        self._byte_bits = ((torch.arange(256, dtype=torch.int32)[:, None] >> bits) & 1).to(torch.uint8).to(device)
+        self._byte_bans = (1 - ((torch.arange(256, dtype=torch.int32)[:, None] >> bits) & 1)).to(torch.uint8).to(device)
         # Reused from step to step: on a CPU, fresh (R, V) tensors each step cost more in page
-        # faults than the work done in them.
-        self._byte_index = torch.empty(0, dtype=torch.int64, device=device)
+        # faults than the work done in them. int32 indices: half the bytes of int64.
+        self._byte_index = torch.empty(0, dtype=torch.int32, device=device)
         self._bits = torch.empty((0, 8), dtype=torch.uint8, device=device)
 
     def __len__(self) -> int:
@@ -78,7 +78,7 @@ class GrammarMasks:
                 bitmask[j] = self._eos_only()
             else:
                 m.unsafe_compute_mask_ptr(bitmask[j].data_ptr(), self._words * 4)
-        banned = self.unpack(bitmask.to(self.device, non_blocking=True)).logical_not_()  # in the reused buffer
+        banned = self.banned(bitmask.to(self.device, non_blocking=True))
         if len(rows) == logits.shape[0]:  # every row constrained (usual when any is): in place
             logits.masked_fill_(banned, float("-inf"))
         else:
@@ -87,13 +87,18 @@ class GrammarMasks:
 
     def unpack(self, bitmask: torch.Tensor) -> torch.Tensor:
         """(R, W) int32 bitmask -> (R, vocab_size) bool, True where the token is allowed."""
+        return self.banned(bitmask).logical_not()
+
+    def banned(self, bitmask: torch.Tensor) -> torch.Tensor:
+        """(R, W) int32 bitmask -> (R, vocab_size) bool, True where the token is not allowed
+        (a view of a reused buffer: valid until the next call)."""
         as_bytes = bitmask.view(torch.uint8).reshape(-1)  # little-endian: bit t % 8 of byte t // 8
         n = as_bytes.shape[0]
         if self._byte_index.shape[0] < n:
-            self._byte_index = torch.empty(n, dtype=torch.int64, device=self.device)
+            self._byte_index = torch.empty(n, dtype=torch.int32, device=self.device)
             self._bits = torch.empty((n, 8), dtype=torch.uint8, device=self.device)
         index = self._byte_index[:n].copy_(as_bytes)
-        bits = torch.index_select(self._byte_bits, 0, index, out=self._bits[:n])
+        bits = torch.index_select(self._byte_bans, 0, index, out=self._bits[:n])
         return bits.view(bitmask.shape[0], -1)[:, : self.vocab_size].view(torch.bool)  # 0/1 bytes are bools
 
     def accept(self, request_ids: Sequence[str], tokens: Sequence[int]) -> None:
