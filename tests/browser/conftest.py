@@ -20,7 +20,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: while sync_playwright is open it keeps an asyncio loop
+# running in the main thread, and every later test that calls asyncio.run (tests/unit,
+# tests/integration) would fail with "cannot be called from a running event loop".
+@pytest.fixture(scope="package")
 def browser() -> Browser:
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f"{CHROMIUM} is missing: the browser tests need Debian's chromium package "
