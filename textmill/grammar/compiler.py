@@ -88,12 +88,14 @@ class LLGuidanceCompiler:
         self.vocab_size = vocab_size
         self.mask_width = max(vocab_size, tokenizer.vocab_size)  # bits per row of a bitmask
         # llguidance's tokenizer takes 0.15 s (49k tokens) to 1.4 s (262k) to build: a thread
-        # builds it while the server starts, and the first constrained request waits for it.
+        # builds it once start() is called (wiring: after the weights are packed, which it
+        # would otherwise slow down on a 2-core machine: Gemma 3's head packed in 1.2 s
+        # beside it, 0.15 s alone), and the first constrained request waits for it.
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self._build_error: BaseException | None = None
         self._builder = threading.Thread(target=self._build_tokenizer, args=(tokenizer,),
                                          name="textmill-grammar-vocab", daemon=True)
-        self._builder.start()
+        self._start_lock = threading.Lock()
         self._limits = llguidance.LLParserLimits(verbose_errors=False)
         self._cache: OrderedDict[StructuredOutput, llguidance.LLMatcher] = OrderedDict()
         self._cache_size = cache_size
@@ -101,8 +103,15 @@ class LLGuidanceCompiler:
         self._requests = self._compiles = self._hits = self._failures = 0
         self._seconds = 0.0
 
+    def start(self) -> None:
+        """Begin building llguidance's tokenizer in the background (idempotent)."""
+        with self._start_lock:
+            if self._builder.ident is None:
+                self._builder.start()
+
     @property
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
+        self.start()
         self._builder.join()
         if self._ll_tokenizer is None:
             raise RuntimeError(f"structured outputs are unavailable: {self._build_error}")
