@@ -96,7 +96,6 @@ def build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner] 
     if wrap_runner is not None:
         runner = wrap_runner(runner)
     engine = Engine(Scheduler(sched, cache), runner, tokenizer)
-    grammars.start()  # only now: its build would compete with the weights' packing for the cores
     _return_freed_memory()
     # A folder's name is kept whole: "Qwen2.5-0.5B-Instruct" has no file suffix to strip.
     name = BUNDLED_NAME if config.model is None else path.name if path.is_dir() else path.stem

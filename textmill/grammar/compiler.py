@@ -88,9 +88,9 @@ class LLGuidanceCompiler:
         self.vocab_size = vocab_size
         self.mask_width = max(vocab_size, tokenizer.vocab_size)  # bits per row of a bitmask
         # llguidance's tokenizer takes 0.15 s (49k tokens) to 1.4 s (262k) to build: a thread
-        # builds it once start() is called (wiring: after the weights are packed, which it
-        # would otherwise slow down on a 2-core machine: Gemma 3's head packed in 1.2 s
-        # beside it, 0.15 s alone), and the first constrained request waits for it.
+        # builds it once start() is called (the server: once it is ready; beside the weights'
+        # packing on 2 cores it slowed Gemma 3's head from 0.12 to 1.2 s), or on first use;
+        # the first constrained request waits for it.
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self._build_error: BaseException | None = None
         self._builder = threading.Thread(target=self._build_tokenizer, args=(tokenizer,),
