@@ -101,7 +101,7 @@ def test_log_softmax_only_for_rows_that_read_it():
 
 
 def test_greedy_tokens_pick_the_first_maximum_and_nan_as_torch_max_does():
-    from textmill.runner.sampler import greedy_tokens
+    from textmill.runner.sampling_ops import greedy_tokens
 
     nan, inf = float("nan"), float("inf")
     x = torch.tensor([[1.0, 3.0, 3.0, 2.0], [nan, 5.0, nan, 1.0], [1.0, nan, 7.0, 7.0], [-inf] * 4,

@@ -33,18 +33,11 @@ def requested_constraint(req: CompletionRequest) -> tuple[StructuredOutput, str]
         found += _structured_outputs(req.structured_outputs)
     if req.response_format is not None:
         found += _response_format(req.response_format)
-    if req.json_schema is not None:
-        found.append((_json_spec(req.json_schema, "json_schema"), "json_schema"))
-    if req.grammar is not None:
-        found.append((_text_spec("grammar", req.grammar, "grammar"), "grammar"))
-    if req.guided_json is not None:
-        found.append((_json_spec(req.guided_json, "guided_json"), "guided_json"))
-    if req.guided_regex is not None:
-        found.append((_text_spec("regex", req.guided_regex, "guided_regex"), "guided_regex"))
-    if req.guided_choice is not None:
-        found.append((_choice_spec(req.guided_choice, "guided_choice"), "guided_choice"))
-    if req.guided_grammar is not None:
-        found.append((_text_spec("grammar", req.guided_grammar, "guided_grammar"), "guided_grammar"))
+    # The older fields one after another, in this order: the second found names the 400.
+    found += _present([("json", req.json_schema, "json_schema"), ("grammar", req.grammar, "grammar"),
+                       ("json", req.guided_json, "guided_json"), ("regex", req.guided_regex, "guided_regex"),
+                       ("choice", req.guided_choice, "guided_choice"),
+                       ("grammar", req.guided_grammar, "guided_grammar")])
     if len(found) > 1:
         names = " and ".join(param for _, param in found)
         raise bad_request(f"A request may carry one output constraint; this one has {names}.", found[1][1])
@@ -61,15 +54,9 @@ def _structured_outputs(so) -> list[tuple[StructuredOutput, str]]:
         if value is not None and value is not False:
             raise unsupported(f"structured_outputs.{key}", f"structured_outputs.{key} is not supported by "
                               f"this server; use one of {', '.join(_STRUCTURED_KEYS)}.")
-    out = []
-    if so.json_schema is not None:
-        out.append((_json_spec(so.json_schema, "structured_outputs.json"), "structured_outputs.json"))
-    if so.regex is not None:
-        out.append((_text_spec("regex", so.regex, "structured_outputs.regex"), "structured_outputs.regex"))
-    if so.choice is not None:
-        out.append((_choice_spec(so.choice, "structured_outputs.choice"), "structured_outputs.choice"))
-    if so.grammar is not None:
-        out.append((_text_spec("grammar", so.grammar, "structured_outputs.grammar"), "structured_outputs.grammar"))
+    out = _present([(kind, value, f"structured_outputs.{key}") for kind, value, key in (
+        ("json", so.json_schema, "json"), ("regex", so.regex, "regex"), ("choice", so.choice, "choice"),
+        ("grammar", so.grammar, "grammar"))])
     if so.json_object:
         out.append((StructuredOutput("json", ANY_JSON_OBJECT), "structured_outputs.json_object"))
     if not out:
@@ -88,6 +75,13 @@ def _response_format(rf) -> list[tuple[StructuredOutput, str]]:
         return [(_json_spec(rf.json_schema.schema_, "response_format"), "response_format")]
     raise unsupported("response_format", f"response_format type {rf.type!r} is not supported; use one of "
                                          f"{', '.join(_RESPONSE_FORMATS)}.")
+
+
+def _present(fields: list[tuple[str, Any, str]]) -> list[tuple[StructuredOutput, str]]:
+    """(kind, value, param) of constraint fields -> the constraint of each one that is set."""
+    make = {"json": _json_spec, "choice": _choice_spec}
+    return [(make[kind](value, param) if kind in make else _text_spec(kind, value, param), param)
+            for kind, value, param in fields if value is not None]
 
 
 def _json_spec(schema: dict[str, Any] | str, param: str) -> StructuredOutput:

@@ -82,7 +82,7 @@ class QLinear(nn.Module):
         ext = _ext()
         weight = linear.weight.detach().float().contiguous()
         packed = ext.q4_pack(weight) if mode == "q4" else ext.q8_pack(weight)
-        bias = None if linear.bias is None else linear.bias.detach().float().contiguous().clone()
+        bias = _own_bias(linear.bias)
         return cls(packed, weight.shape[1], weight.shape[0], bias, mode)
 
     @classmethod
@@ -96,8 +96,7 @@ class QLinear(nn.Module):
             packed, mode = ext.q4_pack_codes(codes.codes, codes.scale, codes.min), "q4"
         else:
             packed, mode = ext.q8_pack_codes(codes.codes, codes.scale), "q8"
-        bias = None if bias is None else bias.detach().float().contiguous().clone()
-        return cls(packed, k, n, bias, mode)
+        return cls(packed, k, n, _own_bias(bias), mode)
 
     @classmethod
     def from_file(cls, refs: list[CodesRef], bias: torch.Tensor | None = None) -> "QLinear":
@@ -118,9 +117,7 @@ class QLinear(nn.Module):
             if "half range" in str(exc):
                 raise OutOfHalfRange(str(exc)) from None
             raise
-        n = sum(r.shape[0] for r in refs)
-        bias = None if bias is None else bias.detach().float().contiguous().clone()
-        return cls(packed, k, n, bias, "q4" if bits == 4 else "q8")
+        return cls(packed, k, sum(r.shape[0] for r in refs), _own_bias(bias), "q4" if bits == 4 else "q8")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ext = _ext()
@@ -144,6 +141,11 @@ class QLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, mode={self.mode} ({self.packed.numel() / 2**20:.1f} MiB packed)")
+
+
+def _own_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """A float32 copy the layer owns (the model's parameter may be freed or changed)."""
+    return None if bias is None else bias.detach().float().contiguous().clone()
 
 
 class OutOfHalfRange(ValueError):

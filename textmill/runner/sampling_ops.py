@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 # A model's top-p 0.9-0.95 nucleus is a few dozen tokens at most steps: one topk of this many
@@ -199,3 +200,32 @@ def raw_logprobs(
     if k <= 0:
         return torch.cat(chosen), logits.new_empty((logits.shape[0], 0)), tokens.new_empty((logits.shape[0], 0))
     return torch.cat(chosen), torch.cat(top_lps), torch.cat(top_ids)
+
+
+def raw_logprobs_of_rows(
+    logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], k: int, scratch: Scratch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """raw_logprobs for `rows` only (row indices into logits); every other row gets NaN for
+    its token and no alternatives (ids 0, logprobs -inf), in tensors of all rows."""
+    n = logits.shape[0]
+    if len(rows) == n:
+        return raw_logprobs(logits, tokens, k, scratch)
+    chosen = torch.full((n,), float("nan"), dtype=torch.float32, device=logits.device)
+    top_lps = torch.full((n, k), float("-inf"), dtype=torch.float32, device=logits.device)
+    top_ids = torch.zeros((n, k), dtype=torch.int64, device=logits.device)
+    if rows:
+        index = torch.tensor(rows, device=logits.device)
+        c, lps, ids = raw_logprobs(logits.index_select(0, index), tokens.index_select(0, index), k, scratch)
+        chosen[index], top_lps[index], top_ids[index] = c, lps, ids
+    return chosen, top_lps, top_ids
+
+
+def greedy_tokens(x: torch.Tensor) -> torch.Tensor:
+    """The first index of each row's maximum (a NaN counts as the maximum), as torch.max.
+
+    On the CPU through numpy's argmax: 0.47 ms against torch.max's 4.3 ms (argmax's 5.0) for
+    16 rows of 262,144 on one Zen 4 thread; torch's reductions with an index are not
+    vectorized. Same first-maximum rule and NaN rule (tests/unit/test_runner_sampler.py)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return torch.max(x, dim=-1).indices
+    return torch.from_numpy(x.contiguous().numpy().argmax(axis=-1).astype(np.int64, copy=False))

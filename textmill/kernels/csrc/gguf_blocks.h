@@ -145,9 +145,8 @@ inline void decode_floats(int64_t type, const uint8_t* row, int64_t b, float* w)
     case Q4_0: case Q4_1: case Q4_K: {
       uint8_t c[32];
       uint16_t dh, mh;
-      // Values through the same float ops as dequant.py, not through the half-rounded
-      // Q4_K scales: this path serves 8-bit packing of a 4-bit type, which the loader
-      // never asks for; kept so every decoded type has one float reference.
+      // Values through the same float ops as dequant.py (not through the half-rounded
+      // Q4_K scales of decode4): what an embedding lookup (gguf_rows) of these types gives.
       if (type == Q4_K) {
         const uint8_t* blk = row + (b / 8) * 144;
         const int s = static_cast<int>(b % 8);
