@@ -180,6 +180,23 @@ def test_register_tiles_and_threads_agree(ext, mode, threads):
     assert torch.equal(fn(big, pb, 960, None, 0, 0), two)
 
 
+@pytest.mark.parametrize("mode", ["q4", "q8"])
+@pytest.mark.parametrize("mm", [2, 5, 16, 32, 33])
+def test_batch_orders_agree(ext, mode, mm, threads):
+    """Batches of 2..32 rows run block-major on the 512-bit path (one pass over each tile,
+    every row per block), larger ones and register-tile requests (mr_max) by row groups:
+    both orders give the bits of the scalar path."""
+    k, n = 640, 70
+    w, x, bias = weights(n, k, 3), acts(mm, k, 4), torch.randn(n)
+    packed = pack(ext, mode, w)
+    fn = ext.q4_linear if mode == "q4" else ext.q8_linear
+    scalar = fn(x, packed, n, bias, 1, 0)
+    for t in (1, 2):
+        torch.set_num_threads(t)
+        assert torch.equal(fn(x, packed, n, bias, 0, 0), scalar)
+        assert torch.equal(fn(x, packed, n, bias, 0, 4), scalar)
+
+
 # --- against F.linear on the dequantized weights -----------------------------------------
 
 def assert_within_activation_rounding(x, w_deq, y, bias=None):
