@@ -30,7 +30,7 @@ from textmill.runner.qlinear import QLinear, available, supports
 
 G = 32
 MS = (1, 2, 3, 5, 16, 17, 64, 300)
-KS = (32, 64, 576, 1536)
+KS = (32, 96, 576, 1536)  # kb = 1 and 3: a lone last block after pairs (codes_at)
 NS = (1, 7, 64, 960, 3072)
 
 
