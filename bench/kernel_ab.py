@@ -51,9 +51,12 @@ def build_at(rev: str, scratch: Path):
 
 def measure(old, new, mode: str, n: int, k: int, m: int, rounds: int) -> dict:
     g = torch.Generator().manual_seed(n * 31 + k * 7 + m)
-    packed = getattr(new, f"{mode}_pack")(torch.randn(n, k, generator=g) * 0.02)
+    w = torch.randn(n, k, generator=g) * 0.02
     x = torch.randn(m, k, generator=g)
-    run = {name: (lambda ext=ext: getattr(ext, f"{mode}_linear")(x, packed, n)) for name, ext in (("old", old), ("new", new))}
+    # Each build packs the weights itself: the packed layout may differ between revisions.
+    packed = {name: getattr(ext, f"{mode}_pack")(w) for name, ext in (("old", old), ("new", new))}
+    run = {name: (lambda ext=ext, name=name: getattr(ext, f"{mode}_linear")(x, packed[name], n))
+           for name, ext in (("old", old), ("new", new))}
     same = torch.equal(run["old"](), run["new"]())
     best = {name: float("inf") for name in run}
     reps = max(1, int(2e8 // (n * k * max(m, 4))))  # ~the same work per timing at every shape
