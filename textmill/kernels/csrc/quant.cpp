@@ -93,10 +93,7 @@ constexpr int64_t Q8_SCALE_HALVES = NR;         // d[16]
 // them, measured no faster: 0.91-1.0x of 4 on Zen 4 at M = 16 and 64.)
 constexpr int MAX_MR = 4;
 // Up to this many activation rows the 512-bit path runs block-major (tile_rows_avx512).
-#ifndef TM_BLOCK_MAJOR_ROWS
-#define TM_BLOCK_MAJOR_ROWS 32
-#endif
-constexpr int64_t BLOCK_MAJOR_ROWS = TM_BLOCK_MAJOR_ROWS;
+constexpr int64_t BLOCK_MAJOR_ROWS = 32;
 constexpr int64_t CHUNK_BYTES = 96 << 10;       // expanded activations per thread
 
 enum class Mode { Q4, Q8 };
@@ -511,6 +508,12 @@ void quantize_rows(const float* x, int64_t m, int64_t k, const QAct& q, bool sim
 }
 
 // ---------------------------------------------------------------------------------------
+// One output row's share of a tile: its ncols (of NR) results, plus the bias if any.
+inline void store_row(float* dst, const float* tile_out, const float* bias, int64_t ncols) {
+  if (bias) for (int64_t j = 0; j < ncols; ++j) dst[j] = tile_out[j] + bias[j];
+  else for (int64_t j = 0; j < ncols; ++j) dst[j] = tile_out[j];
+}
+
 // Matmul kernels: one tile of 16 output rows against MR activation rows, all K.
 // out[r][j] = result for activation row r and tile row j (before bias).
 
@@ -752,6 +755,7 @@ inline __m512i bcast512(const int8_t* p) {
 struct Q4Block {
   __m512i lo[4], hi[4];  // the low and high nibble planes, unpacked once for all rows
   __m512 d, mn;
+  // Pin: as Q8Block's; nothing to do here (the AND/shift results live in registers anyway).
   template <bool Pin>
   Q4Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
     const uint16_t* sc = scales_of(tile, Mode::Q4, kb, b);
@@ -980,9 +984,7 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
           else tile_rows_avx512<Mode::Q8>(pp + t * tbytes, kb, q.a, k, m, q.e, q.s, acc);
           for (int64_t r = 0; r < m; ++r) {
             _mm512_store_ps(out[0], acc[r]);
-            float* dst = yp + r * n + t * NR;
-            if (bp) for (int64_t j = 0; j < ncols; ++j) dst[j] = out[0][j] + bp[t * NR + j];
-            else for (int64_t j = 0; j < ncols; ++j) dst[j] = out[0][j];
+            store_row(yp + r * n + t * NR, out[0], bp ? bp + t * NR : nullptr, ncols);
           }
         }
         continue;
@@ -1014,11 +1016,8 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
               if (mode == Mode::Q4) q4_tile_scalar(tile, kb, q, k, m0, mr, out);
               else q8_tile_scalar(tile, kb, q, k, m0, mr, out);
             }
-            for (int64_t r = 0; r < mr; ++r) {
-              float* dst = yp + (m0 + r) * n + t * NR;
-              if (bp) for (int64_t j = 0; j < ncols; ++j) dst[j] = out[r][j] + bp[t * NR + j];
-              else for (int64_t j = 0; j < ncols; ++j) dst[j] = out[r][j];
-            }
+            for (int64_t r = 0; r < mr; ++r)
+              store_row(yp + (m0 + r) * n + t * NR, out[r], bp ? bp + t * NR : nullptr, ncols);
           }
         }
       }
