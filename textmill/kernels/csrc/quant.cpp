@@ -93,7 +93,9 @@ constexpr int64_t Q8_SCALE_HALVES = NR;         // d[16]
 // them, measured no faster: 0.91-1.0x of 4 on Zen 4 at M = 16 and 64.)
 constexpr int MAX_MR = 4;
 // Up to this many activation rows the 512-bit path runs block-major (tile_rows_avx512).
-constexpr int64_t BLOCK_MAJOR_ROWS = 32;
+// kernel_ab on Zen 4, one thread, against a cap of 32: 0.79-0.95x the time at 33-128 rows
+// (64-stream decode, short prefills) over every model's shapes, mixed at 256 (0.77-1.2x).
+constexpr int64_t BLOCK_MAJOR_ROWS = 128;
 constexpr int64_t CHUNK_BYTES = 96 << 10;       // expanded activations per thread
 
 enum class Mode { Q4, Q8 };
@@ -838,7 +840,7 @@ void tile_avx512(const uint8_t* tile, int64_t kb, const ActRows& act, const floa
 }
 
 // Block-major order for a batch of up to BLOCK_MAJOR_ROWS activation rows (batched
-// decode): one pass over the tile, each block's weights unpacked once and used by every
+// decode, short prefill chunks): one pass over the tile, each block's weights unpacked once and used by every
 // row before the next block, the rows' accumulators in `acc` (L1). The row-group order
 // above passes over a tile once per 4 rows; with the weights coming from DRAM, the first
 // pass waited on misses the hardware prefetcher did not see coming (the stream restarts at
