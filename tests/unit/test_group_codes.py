@@ -159,6 +159,53 @@ def test_c_packing_refuses_what_halves_cannot_hold_and_types_it_does_not_decode(
         _c_packed(4, [(blocks_for(T.Q6_K), T.Q6_K)])
 
 
+def _six_bit_weights(raw: np.ndarray, qtype: T) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights the 6-bit form packed from the file stands for, and its scales (N, K/16)."""
+    codes, d = load("quant").q6_unpack(_c_packed(6, [(raw, qtype)]), N, K)
+    return ((codes.float() - 32).view(N, -1, 16) * d[..., None]).view(N, K), d
+
+
+def test_c_six_bit_form_keeps_q5_0_weights_exactly():
+    raw = _raw(T.Q5_0)
+    w, _ = _six_bit_weights(raw, T.Q5_0)
+    assert torch.equal(w, torch.from_numpy(dequantize(raw, T.Q5_0).reshape(N, K)))
+
+
+def test_c_six_bit_form_keeps_q6_k_codes_and_rounds_only_its_scales_to_half():
+    raw = _raw(T.Q6_K)
+    w, d = _six_bit_weights(raw, T.Q6_K)
+    expected = torch.from_numpy(dequantize(raw, T.Q6_K).reshape(N, K))
+    # the 16-weight scale d * sc rounded to a half: 2^-11 of each weight (2^-10 leaves room
+    # for the reference's own float32 rounding)
+    assert ((w - expected).abs() <= expected.abs() * 2.0**-10).all()
+    assert not torch.equal(w, expected)  # the rounding is real: the check above is not vacuous
+    assert d.shape == (N, K // 16)
+
+
+def test_c_six_bit_form_refuses_other_types_and_scales_past_a_half():
+    with pytest.raises(RuntimeError, match="no 6-bit form"):
+        _c_packed(6, [(blocks_for(T.Q8_0), T.Q8_0)])
+    raw = blocks_for(T.Q6_K)
+    raw[:, 208:210] = np.array([1000.0], dtype=np.float16).view(np.uint8)  # d * sc past 65504
+    with pytest.raises(RuntimeError, match="half range"):
+        _c_packed(6, [(raw, T.Q6_K)])
+
+
+@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q6_K], ids=lambda t: t.name)
+def test_c_six_bit_form_runs_as_its_weights(qtype):
+    """q6_linear on the file's blocks against F.linear on the weights they stand for, within
+    the activations' rounding (the kernels' only approximation)."""
+    ext = load("quant")
+    packed = _c_packed(6, [(_raw(qtype), qtype)])
+    w, _ = _six_bit_weights(_raw(qtype), qtype)
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(4))
+    y = ext.q6_linear(x, packed, N)
+    assert torch.equal(y, ext.q6_linear(x, packed, N, None, 1))  # SIMD = scalar, bit for bit
+    e = x.view(5, -1, 32).abs().amax(-1) / 127
+    bound = (e.double() / 2) @ w.double().abs().view(N, -1, 32).sum(-1).T + 1e-4
+    assert ((y.double() - x.double() @ w.double().T).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("qtype", C_TYPES, ids=lambda t: t.name)
 def test_c_rows_give_the_dequantized_values(qtype):
     raw = _raw(qtype)

@@ -11,7 +11,9 @@ Three references, from strict to loose:
    per element, so |y - y_deq| <= sum_b (e_b / 2) * sum_{k in b} |W[n, k]|, plus float32
    rounding of both sums.
 3. GGUF: weights that are Q4_1 / Q8_0 values (gguf's own quantizer, or d*q + m built here)
-   pack and unpack to exactly themselves.
+   pack and unpack to exactly themselves (Q5_0 / Q6_K in q6: tests/unit/test_group_codes.py).
+q6 has a scale per 16 weights (d of shape (N, K/16)) and codes standing for code - 32; the
+references below take it as groups of 16 with codes - 32 and no min.
 """
 from __future__ import annotations
 
@@ -63,18 +65,25 @@ def acts(m: int, k: int, seed: int) -> torch.Tensor:
     return torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, k, generator=g))
 
 
+MODES = ("q4", "q8", "q6")
+
+
 def pack(ext, mode: str, w: torch.Tensor) -> torch.Tensor:
-    return ext.q4_pack(w) if mode == "q4" else ext.q8_pack(w)
+    return getattr(ext, f"{mode}_pack")(w)
 
 
 def linear(ext, mode, x, packed, n, bias=None, impl=0):
-    return (ext.q4_linear if mode == "q4" else ext.q8_linear)(x, packed, n, bias, impl)
+    return getattr(ext, f"{mode}_linear")(x, packed, n, bias, impl)
 
 
 def unpack(ext, mode, packed, n, k):
-    """-> codes (N, K) float, d (N, KB), m (N, KB) (zeros for q8)."""
+    """-> codes (N, K) float, d (N, KB), m (N, KB) (zeros for q8); q6: codes - 32 and
+    d, m (N, 2 KB), one per 16 weights."""
     if mode == "q4":
         codes, d, m = ext.q4_unpack(packed, n, k)
+    elif mode == "q6":
+        codes, d = ext.q6_unpack(packed, n, k)
+        return codes.float() - 32, d, torch.zeros_like(d)
     else:
         codes, d = ext.q8_unpack(packed, n, k)
         m = torch.zeros_like(d)
@@ -83,7 +92,7 @@ def unpack(ext, mode, packed, n, k):
 
 def dequant(codes, d, m):
     n, k = codes.shape
-    return (codes.view(n, -1, G) * d[..., None] + m[..., None]).view(n, k)
+    return (codes.view(n, d.shape[1], -1) * d[..., None] + m[..., None]).view(n, k)
 
 
 def quantize_acts_ref(x: torch.Tensor):
@@ -103,9 +112,11 @@ def kernel_math_ref(x, codes, d, m, bias):
     a, e, s = quantize_acts_ref(x)
     mm, k = x.shape
     n = codes.shape[0]
-    isum = torch.einsum("mbg,nbg->mnb", a.double().view(mm, -1, G), codes.double().view(n, -1, G))
-    de = (d[None, :, :] * e[:, None, :]).double()  # the kernel's float32 product, widened
-    t1, t2 = isum * de, m.double()[None] * s.double()[:, None, :]
+    g = k // d.shape[1]  # weights per scale: 32, or q6's 16
+    isum = torch.einsum("mbg,nbg->mnb", a.double().view(mm, -1, g), codes.double().view(n, -1, g))
+    de = (d[None, :, :] * e.repeat_interleave(G // g, dim=1)[:, None, :]).double()  # the kernel's float32 product
+    t1 = isum * de
+    t2 = m.double()[None] * s.double()[:, None, :] if g == G else torch.zeros_like(t1)
     ref, scale = (t1 + t2).sum(-1), (t1.abs() + t2.abs()).sum(-1)
     if bias is not None:
         ref, scale = ref + bias.double(), scale + bias.double().abs()
@@ -136,7 +147,7 @@ def test_activation_quantization_matches_reference(ext, impl):
 
 # --- the kernel's own math --------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["q4", "q8"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("mm,k,n", shapes(3e6))
 def test_matches_integer_reference(ext, mode, mm, k, n):
     w, x = weights(n, k, mm + k + n), acts(mm, k, mm * k + n)
@@ -149,7 +160,7 @@ def test_matches_integer_reference(ext, mode, mm, k, n):
     assert (err <= 1e-5 * scale + 1e-30).all(), f"max err/scale {(err / scale.clamp(min=1e-30)).max():.3g}"
 
 
-@pytest.mark.parametrize("mode", ["q4", "q8"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("mm,k,n", shapes(4e6) + [(300, 1536, 960), (64, 576, 3072)])
 def test_simd_equals_scalar_bitwise(ext, mode, mm, k, n):
     w, x = weights(n, k, 7 * mm + k + n), acts(mm, k, mm + 3 * n)
@@ -159,14 +170,14 @@ def test_simd_equals_scalar_bitwise(ext, mode, mm, k, n):
     assert torch.equal(y, linear(ext, mode, x, packed, n, bias, impl=1))
 
 
-@pytest.mark.parametrize("mode", ["q4", "q8"])
+@pytest.mark.parametrize("mode", MODES)
 def test_register_tiles_and_threads_agree(ext, mode, threads):
     """Every split of the rows into register tiles (1..4 rows), and 1 or 2 threads, gives
     the same bits: each output is one float32 sum in a fixed order."""
     mm, k, n = 67, 576, 200
     w, x, bias = weights(n, k, 1), acts(mm, k, 2), torch.randn(n)
     packed = pack(ext, mode, w)
-    fn = ext.q4_linear if mode == "q4" else ext.q8_linear
+    fn = getattr(ext, f"{mode}_linear")
     torch.set_num_threads(1)
     base = fn(x, packed, n, bias, 0, 0)
     for mr in (1, 2, 3, 4):
@@ -180,16 +191,16 @@ def test_register_tiles_and_threads_agree(ext, mode, threads):
     assert torch.equal(fn(big, pb, 960, None, 0, 0), two)
 
 
-@pytest.mark.parametrize("mode", ["q4", "q8"])
-@pytest.mark.parametrize("mm", [2, 5, 16, 32, 33])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mm", [2, 5, 16, 33, 128, 129])
 def test_batch_orders_agree(ext, mode, mm, threads):
-    """Batches of 2..32 rows run block-major on the 512-bit path (one pass over each tile,
+    """Batches of 2..128 rows run block-major on the 512-bit path (one pass over each tile,
     every row per block), larger ones and register-tile requests (mr_max) by row groups:
     both orders give the bits of the scalar path."""
     k, n = 640, 70
     w, x, bias = weights(n, k, 3), acts(mm, k, 4), torch.randn(n)
     packed = pack(ext, mode, w)
-    fn = ext.q4_linear if mode == "q4" else ext.q8_linear
+    fn = getattr(ext, f"{mode}_linear")
     scalar = fn(x, packed, n, bias, 1, 0)
     for t in (1, 2):
         torch.set_num_threads(t)
@@ -212,7 +223,7 @@ def assert_within_activation_rounding(x, w_deq, y, bias=None):
     return err, bound
 
 
-@pytest.mark.parametrize("mode", ["q4", "q8"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("mm,k,n", [(1, 576, 960), (5, 1536, 576), (17, 32, 3072), (300, 1536, 960), (64, 64, 7)])
 def test_close_to_float_linear_on_dequantized_weights(ext, mode, mm, k, n):
     lin = nn.Linear(k, n)
@@ -225,12 +236,12 @@ def test_close_to_float_linear_on_dequantized_weights(ext, mode, mm, k, n):
     # And the bound is not vacuous: the error uses a fair part of it somewhere.
     assert err.max() > 0.01 * bound.max()
     # The weight rounding itself: half a step per weight.
-    w_err = (q.dequantized_weight() - lin.weight.detach()).abs().view(n, -1, G)
     step = unpack(ext, mode, q.packed, n, k)[1]
+    w_err = (q.dequantized_weight() - lin.weight.detach()).abs().view(n, step.shape[1], -1)
     assert (w_err <= step[..., None] * 0.5 * (1 + 1e-3) + 1e-7).all()
 
 
-@pytest.mark.parametrize("mode", ["q4", "q8"])
+@pytest.mark.parametrize("mode", MODES)
 def test_zero_rows_give_the_bias_and_magnitudes_scale(ext, mode):
     k, n = 576, 64
     w, bias = weights(n, k, 3), torch.randn(n)
@@ -300,7 +311,7 @@ def test_gguf_quantized_weights_requantize_exactly(ext, qtype_name, mode):
 def test_module_api(ext):
     assert available()
     lin = nn.Linear(64, 10)
-    for mode in ("q4", "q8"):
+    for mode in MODES:
         assert supports(lin, mode)
         q = QLinear.from_linear(lin, mode)
         assert (q.in_features, q.out_features) == (64, 10)
@@ -360,7 +371,7 @@ def test_other_builds_give_the_same_bits(ext, variant, flags, isa):
                                extra_cflags=[*CFLAGS, *flags], extra_ldflags=["-fopenmp"],
                                build_directory=str(build_dir))
     assert other.isa() == isa
-    for mode, (mm, k, n) in itertools.product(("q4", "q8"), [(1, 576, 960), (7, 1536, 70), (65, 64, 33)]):
+    for mode, (mm, k, n) in itertools.product(MODES, [(1, 576, 960), (7, 1536, 70), (65, 64, 33)]):
         w, x, b = weights(n, k, mm), acts(mm, k, n), torch.randn(n)
         packed = pack(ext, mode, w)
         assert torch.equal(pack(other, mode, w), packed)

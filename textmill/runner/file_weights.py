@@ -60,13 +60,13 @@ class _Maker:
     def _count(self, source: str) -> None:
         self.widths[source] = self.widths.get(source, 0) + 1
 
-    def _from_file(self, refs: list[CodesRef], bias: torch.Tensor | None) -> QLinear | None:
+    def _from_file(self, refs: list[CodesRef], bias: torch.Tensor | None, bits: int | None = None) -> QLinear | None:
         """Packed straight from the file, or None where the Python converter must decide
         (a type it alone reads, or scales past a half's range)."""
         if not all(r.qtype in PACKED_FROM_FILE_TYPES for r in refs):
             return None
         try:
-            made = QLinear.from_file(refs, bias)
+            made = QLinear.from_file(refs, bias, bits)
         except OutOfHalfRange:
             return None
         for r in refs:
@@ -90,9 +90,12 @@ class _Maker:
             return self.one(parts[0])
         refs = [self._ref(p) for p in parts]
         if all(r is not None for r in refs):
-            if len({r.bits for r in refs}) > 1:  # a Q4_K_M file's Q4_K q/k beside a Q6_K v
+            widths = {r.bits for r in refs}
+            if 4 in widths and len(widths) > 1:  # a Q4_K_M file's Q4_K q/k beside a Q6_K v
                 return SideBySide([self.one(p) for p in parts])
-            made = self._from_file(refs, self._stacked_bias(parts))
+            # 6-bit parts beside an 8-bit one (Gemma 3's Q5_0 q/k and Q8_0 v) go in 8 bits,
+            # one matmul: a second call and activation pass cost more than the bytes saved.
+            made = self._from_file(refs, self._stacked_bias(parts), max(widths))
             if made is not None:
                 return made
         found = [self._codes(p) for p in parts]

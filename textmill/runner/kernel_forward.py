@@ -24,7 +24,6 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from textmill import kernels as cpp_kernels
 from textmill.models import llama
 from textmill.models.qwen2 import Qwen2ForCausalLM
 from textmill.runner.fused import FusedAttention, FusedMLP
@@ -120,8 +119,7 @@ def _direct(linear: torch.nn.Module):
         weight, bias = linear.weight, linear.bias
         return lambda x: F.linear(x, weight, bias)
     if type(linear) is QLinear:  # its forward() minus the reshape for >2-D inputs
-        ext = cpp_kernels.load("quant")
-        op = ext.q4_linear if linear.mode == "q4" else ext.q8_linear
+        op = linear.op()
         packed, n, bias = linear.packed, linear.out_features, linear.bias
         return lambda x: op(x, packed, n, bias)
     return linear

@@ -4,6 +4,8 @@ QLinear holds only packed weights, in groups of 32 along the input dimension:
 * "q4": codes 0..15 with a scale and a min per group, w = d*q + m: GGUF's Q4_1, so the
   Q4_1 layers of a GGUF checkpoint requantize to exactly the weights it stores.
 * "q8": codes -127..127 with one scale per group, w = d*q: GGUF's Q8_0.
+* "q6": codes 0..63 with one scale per 16 weights, w = d_h*(q - 32): GGUF's Q6_K (and
+  Q5_0, whose codes plus 16 fit it exactly); 7 bits a weight where q8 takes 8.5.
 Scales are stored as halves, as GGUF stores them.
 
 Each call quantizes the activations to int8 per group of 32 (one scale per group) and
@@ -29,7 +31,8 @@ from torch import nn
 from textmill.kernels import load
 from textmill.loader.group_codes import CodesRef, GroupCodes
 
-MODES = ("q4", "q8")
+MODES = ("q4", "q8", "q6")
+_FORM_BITS = {"q4": 4, "q6": 6, "q8": 8}
 GROUP = 32
 # Scales and the Q4 min are halves: weights beyond this magnitude would overflow them.
 _HALF_MAX = 65504.0
@@ -81,7 +84,7 @@ class QLinear(nn.Module):
                              f"a multiple of {GROUP}, finite weights below {_HALF_MAX}, and the C++ kernels")
         ext = _ext()
         weight = linear.weight.detach().float().contiguous()
-        packed = ext.q4_pack(weight) if mode == "q4" else ext.q8_pack(weight)
+        packed = getattr(ext, f"{mode}_pack")(weight)
         bias = _own_bias(linear.bias)
         return cls(packed, weight.shape[1], weight.shape[0], bias, mode)
 
@@ -99,16 +102,18 @@ class QLinear(nn.Module):
         return cls(packed, k, n, _own_bias(bias), mode)
 
     @classmethod
-    def from_file(cls, refs: list[CodesRef], bias: torch.Tensor | None = None) -> "QLinear":
+    def from_file(cls, refs: list[CodesRef], bias: torch.Tensor | None = None, bits: int | None = None) -> "QLinear":
         """GGUF tensors of one form (CodesRef.bits), stacked along N, packed straight from the
-        mapped file by the C++ converter: the bytes from_codes would pack, in one pass with no
-        intermediate codes. Raises OutOfHalfRange when a scale does not fit a half; the
-        caller then takes from_codes' path, which rounds such a tensor to 8 bits."""
+        mapped file by the C++ converter: in the 4- and 8-bit forms the bytes from_codes would
+        pack, in one pass with no intermediate codes. bits=8 also takes 6-bit types (their
+        8-bit codes, as from_codes). Raises OutOfHalfRange when a scale does not fit a half;
+        the caller then takes from_codes' path, which rounds such a tensor to 8 bits."""
         ext = _ext()
         if ext is None:
             raise ValueError("GGUF weights need textmill's C++ kernels, which could not be built here")
-        bits, k = refs[0].bits, refs[0].shape[1]
-        assert all(r.bits == bits and r.shape[1] == k for r in refs), "parts of one form and width"
+        bits, k = bits or refs[0].bits, refs[0].shape[1]
+        assert all(r.bits in (bits, 6 if bits == 8 else bits) and r.shape[1] == k for r in refs), \
+            "parts of one form and width"
         no_order = torch.empty(0, dtype=torch.long)
         orders = [no_order if r.row_order is None else r.row_order.long().contiguous() for r in refs]
         try:
@@ -117,11 +122,15 @@ class QLinear(nn.Module):
             if "half range" in str(exc):
                 raise OutOfHalfRange(str(exc)) from None
             raise
-        return cls(packed, k, sum(r.shape[0] for r in refs), _own_bias(bias), "q4" if bits == 4 else "q8")
+        mode = next(m for m, b in _FORM_BITS.items() if b == bits)
+        return cls(packed, k, sum(r.shape[0] for r in refs), _own_bias(bias), mode)
+
+    def op(self):
+        """The kernel for this layer's form: op(x, packed, out_features, bias)."""
+        return getattr(_ext(), f"{self.mode}_linear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ext = _ext()
-        op = ext.q4_linear if self.mode == "q4" else ext.q8_linear
+        op = self.op()
         if x.dim() == 2:
             return op(x, self.packed, self.out_features, self.bias)
         y = op(x.reshape(-1, self.in_features), self.packed, self.out_features, self.bias)
@@ -133,6 +142,9 @@ class QLinear(nn.Module):
         if self.mode == "q4":
             codes, d, m = _ext().q4_unpack(self.packed, n, k)
             w = codes.float().view(n, -1, GROUP) * d[..., None] + m[..., None]
+        elif self.mode == "q6":
+            codes, d = _ext().q6_unpack(self.packed, n, k)
+            w = (codes.float() - 32.0).view(n, -1, GROUP // 2) * d[..., None]
         else:
             codes, d = _ext().q8_unpack(self.packed, n, k)
             w = codes.float().view(n, -1, GROUP) * d[..., None]

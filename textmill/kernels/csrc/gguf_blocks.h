@@ -117,6 +117,48 @@ inline bool decode4(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes,
   return true;
 }
 
+// Types whose groups take the kernels' 6-bit form: codes 0..63 standing for code - 32,
+// one scale per 16 weights.
+inline bool six_bit(int64_t type) { return type == Q5_0 || type == Q6_K; }
+
+// Group b (32 weights) of a Q5_0 or Q6_K row -> codes 0..63 (the weight is d_h * (code -
+// 32)) and the scale of each half (16 weights) as half bits. Q5_0: its own 5-bit codes
+// plus 16 and its d for both halves, exactly the file's weights. Q6_K: its own codes; a
+// half's scale d * sc (a half times an int8, exact in float32) is rounded to a half, as
+// Q4_K's sub-block scales are (a relative error below 2^-11 against the codes' 2^-6).
+// False when a scale does not fit a half.
+inline bool decode6(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d0, uint16_t* d1) {
+  if (type == Q5_0) {
+    const uint8_t* blk = row + b * 22;
+    if (!half_ok(f16(blk))) return false;
+    uint32_t high;
+    std::memcpy(&high, blk + 2, 4);
+    const uint8_t* qs = blk + 6;
+    for (int l = 0; l < 32; ++l) {
+      const int low = l < 16 ? (qs[l] & 0x0F) : (qs[l - 16] >> 4);
+      codes[l] = static_cast<uint8_t>((low | (((high >> l) & 1) << 4)) + 16);
+    }
+    *d0 = *d1 = f16_bits(blk);
+    return true;
+  }
+  // Q6_K, laid out as in decode_floats below.
+  const uint8_t* blk = row + (b / 8) * 210;
+  const int g = static_cast<int>(b % 8), h = g / 4, j = g % 4;
+  const uint8_t* ql = blk + 64 * h + 32 * (j & 1);
+  const uint8_t* qh = blk + 128 + 32 * h;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192) + 8 * h + 2 * j;
+  const float d = f16(blk + 208);
+  const float s0 = d * static_cast<float>(sc[0]), s1 = d * static_cast<float>(sc[1]);
+  if (!half_ok(s0) || !half_ok(s1)) return false;
+  *d0 = to_half(s0);
+  *d1 = to_half(s1);
+  for (int l = 0; l < 32; ++l) {
+    const int low = j < 2 ? (ql[l] & 0x0F) : (ql[l] >> 4);
+    codes[l] = static_cast<uint8_t>(low | (((qh[l] >> (2 * j)) & 3) << 4));
+  }
+  return true;
+}
+
 // These reproduce loader/dequant.py's float32 operations in its order; contracting them
 // into FMAs would round differently from numpy.
 #pragma GCC push_options

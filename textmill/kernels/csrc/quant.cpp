@@ -15,6 +15,7 @@
 // Formats (per group of 32 weights along K):
 //   Q4: codes q in 0..15, w = d*q + m         (GGUF Q4_1)
 //   Q8: codes q in -127..127, w = d*q         (GGUF Q8_0)
+//   Q6: codes q in 0..63, w = d_h*(q - 32)    (GGUF Q6_K, Q5_0), one d per half (16 weights)
 // d and m are stored as IEEE half, as GGUF stores them: GGUF weights requantize exactly,
 // and at one decode token (bound by memory reads) 4 bytes of scales per group instead of 8
 // are ~17% less traffic for Q4.
@@ -31,13 +32,19 @@
 //            Vector p's low nibbles are k-group p (k = 4p..4p+3), its high nibbles k-group
 //            p + 4 (k = 16 + 4p..): the two nibble planes cost one AND and one shift.
 //   Q8 block: codes [8][64 bytes] (k-group g = k 4g..4g+3); scales [16] (fp16).
+//   Q6 block: the low 4 bits of the codes as a Q4 block's [4][64 bytes], then the top 2
+//            bits [2][64 bytes]: byte 4r + i of vector h holds, in bits 2t..2t+1, those of
+//            k-group 4h + t (k = 16h + 4t + i); scales [d of the first 16 k of 16 rows,
+//            d of the last 16] (fp16). 7 bits a weight, where Q8 takes 8.5.
 //   A tile's blocks go in pairs: both blocks' codes, then both blocks' scales (codes_at).
 // Activations, per row and block of 32: int8 codes a, scale e = max|x|/127, and (for Q4's
 // min term) s = e * sum(a):  sum_i (d q_i + m)(e a_i) = (d e) sum(q_i a_i) + m s.
+// Q6's offset is integer: per half h, sum_i (q_i - 32) a_i = sum_i q_i a_i + off_h with
+// off_h = -32 sum_h(a), computed once per activation block.
 //
 // Every path computes, per output (row, column), the same float32 operations in the same
 // order: acc = fma(float(isum_b), d_b * e_b, acc) [Q4: acc = fma(m_b, s_b, acc)] over the
-// blocks b, then acc + bias. Integer block sums are exact, so the scalar and SIMD paths
+// blocks b (Q6: the same per half, first then second), then acc + bias. Integer block sums are exact, so the scalar and SIMD paths
 // agree bit for bit (the tests check it); only MKL's float32 reference differs.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -89,6 +96,9 @@ constexpr int64_t Q4_CODE_BYTES = NR * QK / 2;  // 256 per tile-block
 constexpr int64_t Q4_SCALE_HALVES = 2 * NR;     // d[16], m[16]
 constexpr int64_t Q8_CODE_BYTES = NR * QK;      // 512 per tile-block
 constexpr int64_t Q8_SCALE_HALVES = NR;         // d[16]
+constexpr int64_t Q6_LOW_BYTES = NR * QK / 2;   // 256: the codes' low nibbles, as Q4's
+constexpr int64_t Q6_CODE_BYTES = Q6_LOW_BYTES + NR * QK / 4;  // + 128: their top 2 bits
+constexpr int64_t Q6_SCALE_HALVES = 2 * NR;     // d of each half: d0[16], d1[16]
 // Activation rows per register tile. (8 on the 512-bit path, whose 32 registers hold
 // them, measured no faster: 0.91-1.0x of 4 on Zen 4 at M = 16 and 64.)
 constexpr int MAX_MR = 4;
@@ -98,12 +108,16 @@ constexpr int MAX_MR = 4;
 constexpr int64_t BLOCK_MAJOR_ROWS = 128;
 constexpr int64_t CHUNK_BYTES = 96 << 10;       // expanded activations per thread
 
-enum class Mode { Q4, Q8 };
+enum class Mode { Q4, Q8, Q6 };
 
-int64_t tile_bytes(Mode mode, int64_t kb) {
-  return mode == Mode::Q4 ? kb * (Q4_CODE_BYTES + 2 * Q4_SCALE_HALVES)
-                          : kb * (Q8_CODE_BYTES + 2 * Q8_SCALE_HALVES);
+constexpr int64_t code_bytes(Mode m) {
+  return m == Mode::Q4 ? Q4_CODE_BYTES : m == Mode::Q8 ? Q8_CODE_BYTES : Q6_CODE_BYTES;
 }
+constexpr int64_t scale_bytes(Mode m) {
+  return 2 * (m == Mode::Q4 ? Q4_SCALE_HALVES : m == Mode::Q8 ? Q8_SCALE_HALVES : Q6_SCALE_HALVES);
+}
+
+int64_t tile_bytes(Mode mode, int64_t kb) { return kb * (code_bytes(mode) + scale_bytes(mode)); }
 
 int64_t packed_bytes(Mode mode, int64_t n, int64_t k) {
   return (n + NR - 1) / NR * tile_bytes(mode, k / QK);
@@ -113,16 +127,27 @@ int64_t packed_bytes(Mode mode, int64_t n, int64_t k) {
 // Q4: the nibble is the high one for j >= 16.
 inline int64_t q4_byte(int64_t r, int64_t j) { return ((j & 15) >> 2) * (4 * NR) + 4 * r + (j & 3); }
 inline int64_t q8_byte(int64_t r, int64_t j) { return (j >> 2) * (4 * NR) + 4 * r + (j & 3); }
+// Q6: the low 4 bits at q4_byte(r, j); the top 2 at q6_top_byte(r, j), bits q6_top_shift(j).
+inline int64_t q6_top_byte(int64_t r, int64_t j) { return Q6_LOW_BYTES + (j >> 4) * (4 * NR) + 4 * r + (j & 3); }
+inline int q6_top_shift(int64_t j) { return static_cast<int>(2 * ((j >> 2) & 3)); }
+inline void put_q6(uint8_t* block_codes, int64_t r, const uint8_t* c) {  // row r's 32 codes
+  for (int64_t j = 0; j < QK; ++j) {
+    block_codes[q4_byte(r, j)] |= static_cast<uint8_t>(j < 16 ? (c[j] & 15) : (c[j] & 15) << 4);
+    block_codes[q6_top_byte(r, j)] |= static_cast<uint8_t>((c[j] >> 4) << q6_top_shift(j));
+  }
+}
+inline int q6_code(const uint8_t* block_codes, int64_t r, int64_t j) {
+  const int low = (block_codes[q4_byte(r, j)] >> (j < 16 ? 0 : 4)) & 15;
+  return low | (((block_codes[q6_top_byte(r, j)] >> q6_top_shift(j)) & 3) << 4);
+}
 
 // Where a tile-block lives inside its tile. The blocks go in pairs, each pair's codes (2 x
-// 256 or 512 bytes) followed by the pair's scales (2 x 64 or 32 bytes): a pass over a tile
-// is then one sequential stream of whole cache lines (a pair is 640 or 1088 bytes). The
+// 256, 384 or 512 bytes for Q4, Q6, Q8) followed by the pair's scales (2 x 64, 64 or 32): a pass over a tile
+// is then one sequential stream of whole cache lines (a pair is 640, 896 or 1088 bytes). The
 // layout before put every block's scales after all the codes, two streams, which Zen 4's
 // hardware prefetcher served at half the rate of one (one thread, weights from memory:
 // 9.4-11.8 against 18-20 GB/s for Gemma 3's K = 640), and software prefetch did not help.
 // An odd kb's last block stands alone: its codes, then its scales.
-constexpr int64_t code_bytes(Mode m) { return m == Mode::Q4 ? Q4_CODE_BYTES : Q8_CODE_BYTES; }
-constexpr int64_t scale_bytes(Mode m) { return 2 * (m == Mode::Q4 ? Q4_SCALE_HALVES : Q8_SCALE_HALVES); }
 constexpr int64_t pair_bytes(Mode m) { return 2 * (code_bytes(m) + scale_bytes(m)); }
 inline int64_t codes_at(Mode m, int64_t b) { return (b >> 1) * pair_bytes(m) + (b & 1) * code_bytes(m); }
 inline int64_t scales_at(Mode m, int64_t kb, int64_t b) {
@@ -266,6 +291,61 @@ std::vector<torch::Tensor> q8_unpack(const torch::Tensor& packed, int64_t n, int
   return {codes, d};
 }
 
+// Q6 from float weights (tests; GGUF weights come through pack_gguf): per half of a group,
+// d = max|w| / 31 (half), codes round(w / d) + 32, so 1..63.
+torch::Tensor q6_pack(const torch::Tensor& weight) {
+  check_weight(weight);
+  auto w = weight.to(torch::kFloat).contiguous();
+  const int64_t n = w.size(0), k = w.size(1), kb = k / QK, ntiles = (n + NR - 1) / NR;
+  auto out = torch::zeros({packed_bytes(Mode::Q6, n, k)}, torch::kUInt8);
+  const float* wp = w.data_ptr<float>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      uint8_t* tile = op + t * tile_bytes(Mode::Q6, kb);
+      for (int64_t r = 0; r < NR && t * NR + r < n; ++r)
+        for (int64_t b = 0; b < kb; ++b) {
+          const float* g = wp + (t * NR + r) * k + b * QK;
+          uint8_t c[QK];
+          uint16_t* sc = scales_of(tile, Mode::Q6, kb, b);
+          for (int64_t h = 0; h < 2; ++h) {
+            float amax = 0.f;
+            for (int64_t i = 16 * h; i < 16 * h + 16; ++i) amax = std::max(amax, std::fabs(g[i]));
+            const uint16_t d16 = float_to_half(amax / 31.f);
+            const float d = half_to_float(d16);
+            const float id = d > 0.f ? 1.f / d : 0.f;
+            for (int64_t i = 16 * h; i < 16 * h + 16; ++i)
+              c[i] = static_cast<uint8_t>(32.f + std::min(31.f, std::max(-32.f, std::nearbyint(g[i] * id))));
+            sc[h * NR + r] = d16;
+          }
+          put_q6(tile + codes_at(Mode::Q6, b), r, c);
+        }
+    }
+  });
+  return out;
+}
+
+// -> codes (N, K) uint8 in 0..63 (standing for code - 32), d (N, 2 K/32) float32: one per 16
+std::vector<torch::Tensor> q6_unpack(const torch::Tensor& packed, int64_t n, int64_t k) {
+  check_packed(Mode::Q6, packed, n, k);
+  const int64_t kb = k / QK;
+  auto codes = torch::empty({n, k}, torch::kUInt8);
+  auto d = torch::empty({n, 2 * kb}, torch::kFloat);
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  for (int64_t row = 0; row < n; ++row) {
+    const int64_t t = row / NR, r = row % NR;
+    const uint8_t* tile = pp + t * tile_bytes(Mode::Q6, kb);
+    for (int64_t b = 0; b < kb; ++b) {
+      const uint8_t* src = tile + codes_at(Mode::Q6, b);
+      uint8_t* c = codes.data_ptr<uint8_t>() + row * k + b * QK;
+      for (int64_t j = 0; j < QK; ++j) c[j] = static_cast<uint8_t>(q6_code(src, r, j));
+      for (int64_t h = 0; h < 2; ++h)
+        d.data_ptr<float>()[row * 2 * kb + 2 * b + h] = half_to_float(scales_of(tile, Mode::Q6, kb, b)[h * NR + r]);
+    }
+  }
+  return {codes, d};
+}
+
 // Packing from codes a loader already holds (GGUF blocks converted without a float copy,
 // loader/group_codes.py): the same layout as q4_pack / q8_pack, byte for byte, so a weight
 // packed either way computes the same. d and m are halves (torch.float16), one per group.
@@ -332,12 +412,12 @@ torch::Tensor q8_pack_codes(const torch::Tensor& codes, const torch::Tensor& d) 
 // the parts are stacked along N in order (q, k, v -> qkv), each part's output row i taken
 // from its source row order[i] (llama.cpp's q/k permutation undone) or row i when order is
 // empty. One pass, parallel over tiles, no intermediate codes tensor. bits 4 takes only
-// Q4_0/Q4_1/Q4_K parts; bits 8 takes every type gguf_blocks.h decodes.
+// Q4_0/Q4_1/Q4_K parts, bits 6 only Q5_0/Q6_K; bits 8 takes every type gguf_blocks.h decodes.
 // Raises with "half range" in the message when a scale or min does not fit a half, so
 // that the caller can fall back to its own (8-bit) handling of such a tensor.
 torch::Tensor pack_gguf(int64_t bits, const std::vector<torch::Tensor>& raws, const std::vector<int64_t>& types,
                         const std::vector<torch::Tensor>& orders, int64_t k) {
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(bits == 4 || bits == 6 || bits == 8, "bits must be 4, 6 or 8");
   TORCH_CHECK(!raws.empty() && raws.size() == types.size() && raws.size() == orders.size(),
               "one type and one row order per part");
   TORCH_CHECK(k > 0 && k % QK == 0, "K = ", k, " is not a positive multiple of ", QK);
@@ -347,7 +427,8 @@ torch::Tensor pack_gguf(int64_t bits, const std::vector<torch::Tensor>& raws, co
     const auto& raw = raws[p];
     const gguf::Layout lay = gguf::layout(types[p]);
     TORCH_CHECK(lay.block_values > 0, "GGUF type ", types[p], " is not decoded here");
-    TORCH_CHECK(bits == 8 || gguf::four_bit(types[p]), "GGUF type ", types[p], " has no 4-bit form");
+    TORCH_CHECK(bits != 4 || gguf::four_bit(types[p]), "GGUF type ", types[p], " has no 4-bit form");
+    TORCH_CHECK(bits != 6 || gguf::six_bit(types[p]), "GGUF type ", types[p], " has no 6-bit form");
     TORCH_CHECK(k % lay.block_values == 0, "K = ", k, " is not a whole number of blocks of ", lay.block_values);
     TORCH_CHECK(raw.scalar_type() == torch::kUInt8 && raw.dim() == 1 && raw.is_contiguous(),
                 "raw tensor bytes: contiguous 1-D uint8");
@@ -385,6 +466,16 @@ torch::Tensor pack_gguf(int64_t bits, const std::vector<torch::Tensor>& raws, co
       uint16_t* sc = scales_of(tile, Mode::Q4, kb, b);
       sc[r] = d;
       sc[NR + r] = m;
+    });
+  } else if (bits == 6) {
+    out = pack_by_block(Mode::Q6, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
+      uint8_t c[QK];
+      uint16_t d0, d1;
+      if (!gguf::decode6(row_type[row], row_ptr[row], b, c, &d0, &d1)) in_range = false;
+      put_q6(tile + codes_at(Mode::Q6, b), r, c);
+      uint16_t* sc = scales_of(tile, Mode::Q6, kb, b);
+      sc[r] = d0;
+      sc[NR + r] = d1;
     });
   } else {
     out = pack_by_block(Mode::Q8, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
@@ -424,27 +515,31 @@ torch::Tensor gguf_rows(const torch::Tensor& raw, int64_t type, const torch::Ten
 
 // ---------------------------------------------------------------------------------------
 // Activation quantization: per row and block, e = max|x| / 127, a = round-half-even(x / e)
-// computed as x * (1 / e), s = e * sum(a). Same float operations in both paths.
+// computed as x * (1 / e), s = e * sum(a), off = -32 * (sum of a's first 16, of its last
+// 16). Same float operations in both paths.
 
 struct QAct {
-  int8_t* a;   // (M, K)
-  float* e;    // (M, KB)
-  float* s;    // (M, KB)
+  int8_t* a;     // (M, K)
+  float* e;      // (M, KB)
+  float* s;      // (M, KB)
+  int32_t* off;  // (M, KB, 2): Q6's offset per half (see the top of this file)
 };
 
-void quantize_block_scalar(const float* x, int8_t* a, float* e, float* s) {
+void quantize_block_scalar(const float* x, int8_t* a, float* e, float* s, int32_t* off) {
   float amax = 0.f;
   for (int64_t i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(x[i]));
   const float d = amax / 127.f;
   const float id = d > 0.f ? 1.f / d : 0.f;
-  int sum = 0;
+  int half[2] = {0, 0};
   for (int64_t i = 0; i < QK; ++i) {
     const int q = static_cast<int>(std::min(127.f, std::max(-127.f, std::nearbyint(x[i] * id))));
     a[i] = static_cast<int8_t>(q);
-    sum += q;
+    half[i >> 4] += q;
   }
   *e = d;
-  *s = d * static_cast<float>(sum);
+  *s = d * static_cast<float>(half[0] + half[1]);
+  off[0] = -32 * half[0];
+  off[1] = -32 * half[1];
 }
 
 #ifdef TM_AVX2
@@ -462,7 +557,7 @@ inline int hsum8_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-void quantize_block_avx2(const float* x, int8_t* a, float* e, float* s) {
+void quantize_block_avx2(const float* x, int8_t* a, float* e, float* s, int32_t* off) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 v[4];
   __m256 amax = _mm256_setzero_ps();
@@ -478,14 +573,16 @@ void quantize_block_avx2(const float* x, int8_t* a, float* e, float* s) {
     __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     q[i] = _mm256_cvtps_epi32(_mm256_min_ps(lim, _mm256_max_ps(nlim, r)));
   }
-  const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+  const int h0 = hsum8_epi32(_mm256_add_epi32(q[0], q[1])), h1 = hsum8_epi32(_mm256_add_epi32(q[2], q[3]));
   // packs works within 128-bit lanes: 0..3 8..11 4..7 12..15 | ..., permute back to order.
   __m256i p01 = _mm256_packs_epi32(q[0], q[1]), p23 = _mm256_packs_epi32(q[2], q[3]);
   __m256i b = _mm256_packs_epi16(p01, p23);
   b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), b);
   *e = d;
-  *s = d * static_cast<float>(hsum8_epi32(sum));
+  *s = d * static_cast<float>(h0 + h1);
+  off[0] = -32 * h0;
+  off[1] = -32 * h1;
 }
 #endif
 
@@ -498,11 +595,11 @@ void quantize_rows(const float* x, int64_t m, int64_t k, const QAct& q, bool sim
         int8_t* a = q.a + r * k + b * QK;
 #ifdef TM_AVX2
         if (simd) {
-          quantize_block_avx2(src, a, q.e + r * kb + b, q.s + r * kb + b);
+          quantize_block_avx2(src, a, q.e + r * kb + b, q.s + r * kb + b, q.off + 2 * (r * kb + b));
           continue;
         }
 #endif
-        quantize_block_scalar(src, a, q.e + r * kb + b, q.s + r * kb + b);
+        quantize_block_scalar(src, a, q.e + r * kb + b, q.s + r * kb + b, q.off + 2 * (r * kb + b));
       }
   };
   // ~30 ns per block: only big prefills are worth waking the other threads for.
@@ -557,6 +654,29 @@ void q8_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, i
         int32_t isum = 0;
         for (int64_t i = 0; i < QK; ++i) isum += c[q8_byte(j, i)] * a[i];
         acc = std::fma(static_cast<float>(isum), half_to_float(scales_of(tile, Mode::Q8, kb, b)[j]) * e[b], acc);
+      }
+      out[r][j] = acc;
+    }
+  }
+}
+
+// Q6: per half, the integer dot product plus the activations' offset, then as Q8 per half.
+void q6_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, int64_t m0, int64_t mr,
+                    float (*out)[NR]) {
+  for (int64_t r = 0; r < mr; ++r) {
+    const int8_t* arow = q.a + (m0 + r) * k;
+    const float* e = q.e + (m0 + r) * kb;
+    const int32_t* off = q.off + (m0 + r) * kb * 2;
+    for (int64_t j = 0; j < NR; ++j) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < kb; ++b) {
+        const uint8_t* c = tile + codes_at(Mode::Q6, b);
+        const uint16_t* sc = scales_of(tile, Mode::Q6, kb, b);
+        const int8_t* a = arow + b * QK;
+        int32_t isum[2] = {off[2 * b], off[2 * b + 1]};
+        for (int64_t i = 0; i < QK; ++i) isum[i >> 4] += q6_code(c, j, i) * a[i];
+        acc = std::fma(static_cast<float>(isum[0]), half_to_float(sc[j]) * e[b], acc);
+        acc = std::fma(static_cast<float>(isum[1]), half_to_float(sc[NR + j]) * e[b], acc);
       }
       out[r][j] = acc;
     }
@@ -628,6 +748,16 @@ inline __m256i q8_block_dots(const __m256i* w, const __m256i* wabs, const ActRow
   for (int g = 0; g < 8; ++g) s[g & 1] = TM_DPBUSD(s[g & 1], wabs[g], _mm256_sign_epi8(act.get(r, b, g), w[g]));
   return _mm256_add_epi32(s[0], s[1]);
 }
+
+// Q6: row r's dot products of the block's two halves (codes u, 0..63), each started from
+// the activations' offset for that half.
+inline void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_t b, const int32_t* off, __m256i* dots) {
+  for (int h = 0; h < 2; ++h) {
+    __m256i s = _mm256_set1_epi32(off[h]);
+    for (int g = 4 * h; g < 4 * h + 4; ++g) s = TM_DPBUSD(s, u[g], act.get(r, b, g));
+    dots[h] = s;
+  }
+}
 #else
 // Q4: row r's dot product of one block in dword r. The int16 lanes of maddubs can be summed
 // over the whole block before one widening madd: each is at most 2 * 15 * 127 = 3810, eight
@@ -654,7 +784,27 @@ inline __m256i q8_block_dots(const __m256i* w, const __m256i* wabs, const ActRow
   }
   return _mm256_add_epi32(s[0], s[1]);
 }
+
+// Q6: as above; a maddubs lane is at most 2 * 63 * 127 = 16002, so two sum in int16.
+inline void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_t b, const int32_t* off, __m256i* dots) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {
+    __m256i s = _mm256_set1_epi32(off[h]);
+    for (int g = 4 * h; g < 4 * h + 4; g += 2) {
+      const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(u[g], act.get(r, b, g)),
+                                         _mm256_maddubs_epi16(u[g + 1], act.get(r, b, g + 1)));
+      s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+    }
+    dots[h] = s;
+  }
+}
 #endif
+
+// Q6's top 2 bits of k-group t (0..3) of a top-bits vector, moved to bits 4..5 of each byte
+// (16-bit shifts: what crosses a byte lands outside 4..5 and is masked off by the caller).
+inline __m256i q6_top256(__m256i v, int t) {
+  return t == 0 ? _mm256_slli_epi16(v, 4) : t == 1 ? _mm256_slli_epi16(v, 2) : t == 2 ? v : _mm256_srli_epi16(v, 2);
+}
 
 // Software prefetch. Each block asks for one block's share of the stream (half a pair,
 // see codes_at) ~6 KB ahead into L2 and PREFETCH_BLOCKS blocks ahead into L1: the tile
@@ -673,7 +823,7 @@ inline void prefetch_l2(const void* p, int lines) {
 }
 template <Mode M>
 inline void prefetch_ahead(const uint8_t* tile, int64_t b) {
-  constexpr int64_t share = pair_bytes(M) / 2;  // 320 (Q4) or 544 (Q8) bytes
+  constexpr int64_t share = pair_bytes(M) / 2;  // 320 (Q4), 448 (Q6) or 544 (Q8) bytes
   constexpr int lines = static_cast<int>((share + 63) / 64);
   const uint8_t* at = tile + b * share;
   prefetch_l2(at + PREFETCH_FAR_BYTES, lines);
@@ -733,6 +883,39 @@ void q8_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, co
   for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * h, acc[r]);
 }
 
+// off: the rows' Q6 offsets (row r, block b at off + 2 * (r * kb + b)).
+template <int MR>
+void q6_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, const float* e, const int32_t* off,
+                  float (*out)[NR]) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x30);
+  __m256 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < kb; ++b) {
+    const uint8_t* c = tile + codes_at(Mode::Q6, b) + 32 * h;
+    prefetch_ahead<Mode::Q6>(tile, b);
+    const __m256i top[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q6_LOW_BYTES)),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q6_LOW_BYTES + 64))};
+    __m256i u[8];  // the codes of k-groups 0..7, unpacked once for all MR activation rows
+    for (int p = 0; p < 4; ++p) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
+      u[p] = _mm256_or_si256(_mm256_and_si256(x, low4), _mm256_and_si256(q6_top256(top[0], p), top2));
+      u[p + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(x, 4), low4),
+                                 _mm256_and_si256(q6_top256(top[1], p), top2));
+    }
+    const uint16_t* sc = scales_of(tile, Mode::Q6, kb, b) + NH * h;
+    const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
+    const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
+    for (int r = 0; r < MR; ++r) {
+      __m256i dots[2];
+      q6_block_dots(u, act, r, b, off + 2 * (r * kb + b), dots);
+      const __m256 ev = _mm256_set1_ps(e[r * kb + b]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[0]), _mm256_mul_ps(d0, ev), acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[1]), _mm256_mul_ps(d1, ev), acc[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * h, acc[r]);
+}
+
 #ifdef TM_VNNI512
 // The 512-bit path takes a whole tile per vector: every k-group vector is one load, and each
 // activation k-group one dword broadcast to all 16 lanes (a load-unit broadcast, no ALU
@@ -772,7 +955,7 @@ struct Q4Block {
     }
   }
   // ar: the row's 32 int8 codes of this block; e, s: its block scale and scale * sum.
-  __m512 row(const int8_t* ar, float e, float s, __m512 acc) const {
+  __m512 row(const int8_t* ar, float e, float s, const int32_t*, __m512 acc) const {
     __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
     for (int p = 0; p < 4; ++p) {
       s0 = _mm512_dpbusd_epi32(s0, lo[p], bcast512(ar + 4 * p));
@@ -813,7 +996,7 @@ struct Q8Block {
     shift_sum = _mm512_add_epi32(shift[0], shift[1]);
   }
   // ar: the row's 32 codes of this block as u8 (a + 128); e: its block scale.
-  __m512 row(const int8_t* ar, float e, float, __m512 acc) const {
+  __m512 row(const int8_t* ar, float e, float, const int32_t*, __m512 acc) const {
     __m512i sm[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
     for (int g = 0; g < 8; ++g) sm[g & 1] = _mm512_dpbusd_epi32(sm[g & 1], bcast512(ar + 4 * g), w[g]);
     const __m512 isum = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(sm[0], sm[1]), shift_sum));
@@ -821,20 +1004,61 @@ struct Q8Block {
   }
 };
 
+// Q6: codes 0..63 (u8, as Q4's) against the signed activations, two sums per row (one per
+// half, each with its own scale), each started from the activations' offset for its half.
+struct Q6Block {
+  __m512i u[8];  // the codes of k-groups 0..7
+  __m512 d0, d1;
+  // Pin: as Q8Block's.
+  template <bool Pin>
+  Q6Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
+    const uint16_t* sc = scales_of(tile, Mode::Q6, kb, b);
+    d0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
+    d1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + NR)));
+    const uint8_t* c = tile + codes_at(Mode::Q6, b);
+    const __m512i low4 = _mm512_set1_epi8(0x0F), top2 = _mm512_set1_epi8(0x30);
+    const __m512i top[2] = {_mm512_loadu_si512(c + Q6_LOW_BYTES), _mm512_loadu_si512(c + Q6_LOW_BYTES + 64)};
+    for (int p = 0; p < 4; ++p) {
+      const __m512i x = _mm512_loadu_si512(c + 64 * p);
+      // 0xF8: a | (b & c), one instruction for the OR of the low nibble and the masked top bits
+      u[p] = _mm512_ternarylogic_epi32(_mm512_and_si512(x, low4), top_bits(top[0], p), top2, 0xF8);
+      u[p + 4] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(x, 4), low4), top_bits(top[1], p),
+                                           top2, 0xF8);
+      if constexpr (Pin) pin(u[p]), pin(u[p + 4]);
+    }
+  }
+  static __m512i top_bits(__m512i v, int t) {  // q6_top256's 512-bit twin
+    return t == 0 ? _mm512_slli_epi16(v, 4) : t == 1 ? _mm512_slli_epi16(v, 2) : t == 2 ? v : _mm512_srli_epi16(v, 2);
+  }
+  // ar: the row's 32 int8 codes of this block; e: its block scale; off: its two offsets.
+  __m512 row(const int8_t* ar, float e, float, const int32_t* off, __m512 acc) const {
+    __m512i s0 = _mm512_set1_epi32(off[0]), s1 = _mm512_set1_epi32(off[1]);
+    for (int g = 0; g < 4; ++g) {
+      s0 = _mm512_dpbusd_epi32(s0, u[g], bcast512(ar + 4 * g));
+      s1 = _mm512_dpbusd_epi32(s1, u[4 + g], bcast512(ar + 16 + 4 * g));
+    }
+    const __m512 ev = _mm512_set1_ps(e);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d0, ev), acc);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(d1, ev), acc);
+  }
+};
+
 template <Mode M>
-using BlockOf = std::conditional_t<M == Mode::Q4, Q4Block, Q8Block>;
+using BlockOf = std::conditional_t<M == Mode::Q4, Q4Block, std::conditional_t<M == Mode::Q8, Q8Block, Q6Block>>;
 
 // A whole tile against MR activation rows (the row-group order: one pass over the tile
-// per group of rows). s is unused by Q8.
+// per group of rows). s is used by Q4 only, off by Q6 only.
 template <Mode M, int MR>
 void tile_avx512(const uint8_t* tile, int64_t kb, const ActRows& act, const float* e, const float* s,
-                 float (*out)[NR]) {
+                 const int32_t* off, float (*out)[NR]) {
   __m512 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
     prefetch_ahead<M>(tile, b);
     const BlockOf<M> blk(tile, kb, b, std::false_type{});
-    for (int r = 0; r < MR; ++r) acc[r] = blk.row(act.block(r, b), e[r * kb + b], M == Mode::Q4 ? s[r * kb + b] : 0.f, acc[r]);
+    for (int r = 0; r < MR; ++r)
+      acc[r] = blk.row(act.block(r, b), e[r * kb + b], M == Mode::Q4 ? s[r * kb + b] : 0.f, off + 2 * (r * kb + b),
+                       acc[r]);
   }
   for (int r = 0; r < MR; ++r) _mm512_storeu_ps(out[r], acc[r]);
 }
@@ -849,13 +1073,14 @@ void tile_avx512(const uint8_t* tile, int64_t kb, const ActRows& act, const floa
 // of the other paths (the same Block::row), so are the bits.
 template <Mode M>
 void tile_rows_avx512(const uint8_t* tile, int64_t kb, const int8_t* a, int64_t k, int64_t rows, const float* e,
-                      const float* s, __m512* acc) {
+                      const float* s, const int32_t* off, __m512* acc) {
   for (int64_t r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
     prefetch_ahead<M>(tile, b);
     const BlockOf<M> blk(tile, kb, b, std::true_type{});
     for (int64_t r = 0; r < rows; ++r)
-      acc[r] = blk.row(a + r * k + b * QK, e[r * kb + b], M == Mode::Q4 ? s[r * kb + b] : 0.f, acc[r]);
+      acc[r] = blk.row(a + r * k + b * QK, e[r * kb + b], M == Mode::Q4 ? s[r * kb + b] : 0.f,
+                       off + 2 * (r * kb + b), acc[r]);
   }
 }
 #endif
@@ -864,15 +1089,17 @@ void tile_rows_avx512(const uint8_t* tile, int64_t kb, const int8_t* a, int64_t 
 // kernels skip a half of padding.
 template <int MR>
 void tile_simd(Mode mode, const uint8_t* tile, int64_t kb, int64_t ncols, const ActRows& act, const float* e,
-               const float* s, float (*out)[NR]) {
+               const float* s, const int32_t* off, float (*out)[NR]) {
 #ifdef TM_VNNI512
   (void)ncols;
-  if (mode == Mode::Q4) tile_avx512<Mode::Q4, MR>(tile, kb, act, e, s, out);
-  else tile_avx512<Mode::Q8, MR>(tile, kb, act, e, s, out);
+  if (mode == Mode::Q4) tile_avx512<Mode::Q4, MR>(tile, kb, act, e, s, off, out);
+  else if (mode == Mode::Q8) tile_avx512<Mode::Q8, MR>(tile, kb, act, e, s, off, out);
+  else tile_avx512<Mode::Q6, MR>(tile, kb, act, e, s, off, out);
 #else
   for (int h = 0; h * NH < ncols; ++h) {
     if (mode == Mode::Q4) q4_tile_avx2<MR>(tile, kb, h, act, e, s, out);
-    else q8_tile_avx2<MR>(tile, kb, h, act, e, s, out);
+    else if (mode == Mode::Q8) q8_tile_avx2<MR>(tile, kb, h, act, e, s, out);
+    else q6_tile_avx2<MR>(tile, kb, h, act, e, off, out);
   }
 #endif
 }
@@ -916,12 +1143,13 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
 
   const int64_t kb = k / QK, ntiles = (n + NR - 1) / NR, tbytes = tile_bytes(mode, kb);
   // One buffer for a, e, s: allocated per call (M*K bytes; tiny next to the weights).
-  auto qbuf = torch::empty({m * k + 2 * m * kb * 4}, torch::kUInt8);
+  auto qbuf = torch::empty({m * k + 4 * m * kb * 4}, torch::kUInt8);
   QAct q;
   q.a = reinterpret_cast<int8_t*>(qbuf.data_ptr<uint8_t>());
   q.e = reinterpret_cast<float*>(qbuf.data_ptr<uint8_t>() + m * k + (4 - (m * k) % 4) % 4);
   q.s = q.e + m * kb;
-  TORCH_CHECK(reinterpret_cast<uint8_t*>(q.s + m * kb) <= qbuf.data_ptr<uint8_t>() + qbuf.numel());
+  q.off = reinterpret_cast<int32_t*>(q.s + m * kb);
+  TORCH_CHECK(reinterpret_cast<uint8_t*>(q.off + 2 * m * kb) <= qbuf.data_ptr<uint8_t>() + qbuf.numel());
   bool simd = false;
 #ifdef TM_AVX2
   simd = impl == 0;
@@ -982,8 +1210,9 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
         alignas(64) __m512 acc[BLOCK_MAJOR_ROWS];
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t ncols = std::min<int64_t>(NR, n - t * NR);
-          if (mode == Mode::Q4) tile_rows_avx512<Mode::Q4>(pp + t * tbytes, kb, q.a, k, m, q.e, q.s, acc);
-          else tile_rows_avx512<Mode::Q8>(pp + t * tbytes, kb, q.a, k, m, q.e, q.s, acc);
+          if (mode == Mode::Q4) tile_rows_avx512<Mode::Q4>(pp + t * tbytes, kb, q.a, k, m, q.e, q.s, q.off, acc);
+          else if (mode == Mode::Q8) tile_rows_avx512<Mode::Q8>(pp + t * tbytes, kb, q.a, k, m, q.e, q.s, q.off, acc);
+          else tile_rows_avx512<Mode::Q6>(pp + t * tbytes, kb, q.a, k, m, q.e, q.s, q.off, acc);
           for (int64_t r = 0; r < m; ++r) {
             _mm512_store_ps(out[0], acc[r]);
             store_row(yp + r * n + t * NR, out[0], bp ? bp + t * NR : nullptr, ncols);
@@ -1006,17 +1235,19 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
             if (simd) {
               const ActRows act = ActRows::at(q, xbuf, m0, c0, k, kb);
               const float *e = q.e + m0 * kb, *s = q.s + m0 * kb;
+              const int32_t* off = q.off + 2 * m0 * kb;
               switch (mr) {
-                case 1: tile_simd<1>(mode, tile, kb, ncols, act, e, s, out); break;
-                case 2: tile_simd<2>(mode, tile, kb, ncols, act, e, s, out); break;
-                case 3: tile_simd<3>(mode, tile, kb, ncols, act, e, s, out); break;
-                default: tile_simd<4>(mode, tile, kb, ncols, act, e, s, out); break;
+                case 1: tile_simd<1>(mode, tile, kb, ncols, act, e, s, off, out); break;
+                case 2: tile_simd<2>(mode, tile, kb, ncols, act, e, s, off, out); break;
+                case 3: tile_simd<3>(mode, tile, kb, ncols, act, e, s, off, out); break;
+                default: tile_simd<4>(mode, tile, kb, ncols, act, e, s, off, out); break;
               }
             }
 #endif
             if (!simd) {
               if (mode == Mode::Q4) q4_tile_scalar(tile, kb, q, k, m0, mr, out);
-              else q8_tile_scalar(tile, kb, q, k, m0, mr, out);
+              else if (mode == Mode::Q8) q8_tile_scalar(tile, kb, q, k, m0, mr, out);
+              else q6_tile_scalar(tile, kb, q, k, m0, mr, out);
             }
             for (int64_t r = 0; r < mr; ++r)
               store_row(yp + (m0 + r) * n + t * NR, out[r], bp ? bp + t * NR : nullptr, ncols);
@@ -1040,6 +1271,11 @@ torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, int
   return qlinear(Mode::Q8, x, packed, n, bias, impl, mr_max);
 }
 
+torch::Tensor q6_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
+                        const c10::optional<torch::Tensor>& bias, int64_t impl, int64_t mr_max) {
+  return qlinear(Mode::Q6, x, packed, n, bias, impl, mr_max);
+}
+
 // The activation quantization alone, for tests: -> a (M, K) int8, e (M, K/32), s (M, K/32).
 std::vector<torch::Tensor> quantize_act(const torch::Tensor& x_in, int64_t impl) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) % QK == 0, "x must be (M, K), K a multiple of 32");
@@ -1047,7 +1283,8 @@ std::vector<torch::Tensor> quantize_act(const torch::Tensor& x_in, int64_t impl)
   const int64_t m = x.size(0), k = x.size(1), kb = k / QK;
   auto a = torch::empty({m, k}, torch::kInt8);
   auto e = torch::empty({m, kb}, torch::kFloat), s = torch::empty({m, kb}, torch::kFloat);
-  QAct q{a.data_ptr<int8_t>(), e.data_ptr<float>(), s.data_ptr<float>()};
+  auto off = torch::empty({m, kb, 2}, torch::kInt);
+  QAct q{a.data_ptr<int8_t>(), e.data_ptr<float>(), s.data_ptr<float>(), off.data_ptr<int32_t>()};
   bool simd = false;
 #ifdef TM_AVX2
   simd = impl == 0;
@@ -1065,16 +1302,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("isa", &isa, "the SIMD path this build uses: avx2+vnni, avx2 or scalar");
   m.def("packed_bytes", [](const std::string& mode, int64_t n, int64_t k) {
-    TORCH_CHECK(mode == "q4" || mode == "q8", "mode: q4 or q8");
-    return packed_bytes(mode == "q4" ? Mode::Q4 : Mode::Q8, n, k);
+    TORCH_CHECK(mode == "q4" || mode == "q8" || mode == "q6", "mode: q4, q8 or q6");
+    return packed_bytes(mode == "q4" ? Mode::Q4 : mode == "q8" ? Mode::Q8 : Mode::Q6, n, k);
   });
   m.def("q4_pack", &q4_pack, nogil, "float (N, K) -> packed Q4 (uint8)");
   m.def("q4_unpack", &q4_unpack, nogil, "packed Q4 -> codes (N, K) uint8, d (N, K/32), m (N, K/32)");
   m.def("q8_pack", &q8_pack, nogil, "float (N, K) -> packed Q8 (uint8)");
   m.def("q8_unpack", &q8_unpack, nogil, "packed Q8 -> codes (N, K) int8, d (N, K/32)");
+  m.def("q6_pack", &q6_pack, nogil, "float (N, K) -> packed Q6 (uint8)");
+  m.def("q6_unpack", &q6_unpack, nogil, "packed Q6 -> codes (N, K) uint8 0..63 (standing for code - 32), d (N, K/16)");
   m.def("q4_pack_codes", &q4_pack_codes, nogil, "codes (N, K) uint8 0..15, d, m (N, K/32) float16 -> packed Q4");
   m.def("q8_pack_codes", &q8_pack_codes, nogil, "codes (N, K) int8, d (N, K/32) float16 -> packed Q8");
-  m.def("pack_gguf", &pack_gguf, nogil, "GGUF tensors' bytes, stacked along N -> packed Q4 (bits 4) or Q8 (bits 8)",
+  m.def("pack_gguf", &pack_gguf, nogil,
+        "GGUF tensors' bytes, stacked along N -> packed Q4 (bits 4), Q6 (bits 6) or Q8 (bits 8)",
         py::arg("bits"), py::arg("raws"), py::arg("types"), py::arg("orders"), py::arg("k"));
   m.def("gguf_rows", &gguf_rows, nogil, "rows `ids` of a GGUF tensor's bytes -> float32 (len(ids), K)",
         py::arg("raw"), py::arg("type"), py::arg("ids"), py::arg("k"));
@@ -1083,5 +1323,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, nogil, "x (M, K) @ Q4 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
   m.def("q8_linear", &q8_linear, nogil, "x (M, K) @ Q8 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
+        py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+  m.def("q6_linear", &q6_linear, nogil, "x (M, K) @ Q6 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
 }
