@@ -675,8 +675,9 @@ void q6_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, i
         const int8_t* a = arow + b * QK;
         int32_t isum[2] = {off[2 * b], off[2 * b + 1]};
         for (int64_t i = 0; i < QK; ++i) isum[i >> 4] += q6_code(c, j, i) * a[i];
-        acc = std::fma(static_cast<float>(isum[0]), half_to_float(sc[j]) * e[b], acc);
-        acc = std::fma(static_cast<float>(isum[1]), half_to_float(sc[NR + j]) * e[b], acc);
+        const float t = std::fma(static_cast<float>(isum[0]), half_to_float(sc[j]),
+                                 static_cast<float>(isum[1]) * half_to_float(sc[NR + j]));
+        acc = std::fma(t, e[b], acc);
       }
       out[r][j] = acc;
     }
@@ -908,9 +909,8 @@ void q6_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, co
     for (int r = 0; r < MR; ++r) {
       __m256i dots[2];
       q6_block_dots(u, act, r, b, off + 2 * (r * kb + b), dots);
-      const __m256 ev = _mm256_set1_ps(e[r * kb + b]);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[0]), _mm256_mul_ps(d0, ev), acc[r]);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[1]), _mm256_mul_ps(d1, ev), acc[r]);
+      const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[0]), d0, _mm256_mul_ps(_mm256_cvtepi32_ps(dots[1]), d1));
+      acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(e[r * kb + b]), acc[r]);
     }
   }
   for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * h, acc[r]);
@@ -1037,9 +1037,8 @@ struct Q6Block {
       s0 = _mm512_dpbusd_epi32(s0, u[g], bcast512(ar + 4 * g));
       s1 = _mm512_dpbusd_epi32(s1, u[4 + g], bcast512(ar + 16 + 4 * g));
     }
-    const __m512 ev = _mm512_set1_ps(e);
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d0, ev), acc);
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(d1, ev), acc);
+    const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), d0, _mm512_mul_ps(_mm512_cvtepi32_ps(s1), d1));
+    return _mm512_fmadd_ps(t, _mm512_set1_ps(e), acc);
   }
 };
 
