@@ -100,10 +100,11 @@ def test_every_block_type_runs_from_its_own_blocks_and_tracks_the_float_referenc
     layer0, layer1 = loaded.model.layers
     assert isinstance(layer0.self_attn.qkv_proj, SideBySide)  # Q4_K q/k beside a Q6_K (6-bit) v
     assert [p.mode for p in layer0.self_attn.qkv_proj.parts] == ["q4", "q4", "q6"]
-    assert isinstance(layer0.mlp.gate_up_proj, QLinear)  # Q5_K gate and up: one 8-bit matmul
-    assert layer0.mlp.gate_up_proj.mode == "q8"
+    assert isinstance(layer0.mlp.gate_up_proj, QLinear)  # Q5_K gate and up: one 5-bit matmul
+    assert layer0.mlp.gate_up_proj.mode == "q5"
     assert layer0.mlp.down_proj.mode == "q6" and loaded.model.lm_head.mode == "q6"  # Q6_K
-    assert [p.mode for p in layer1.self_attn.qkv_proj.parts] == ["q4", "q6", "q8"]  # Q4_1, Q5_0, Q8_0
+    assert [p.mode for p in layer1.self_attn.qkv_proj.parts] == ["q4", "q5", "q8"]  # Q4_1, Q5_0, Q8_0
+    assert layer1.self_attn.o_proj.mode == "q5"  # Q5_1
     got = _prompt_logprobs(runner, tokens)
     assert torch.isfinite(got).all()
     # Random weights: logprobs spread over several nats; the kernels move them by far less.

@@ -165,10 +165,27 @@ def _six_bit_weights(raw: np.ndarray, qtype: T) -> tuple[torch.Tensor, torch.Ten
     return ((codes.float() - 32).view(N, -1, 16) * d[..., None]).view(N, K), d
 
 
-def test_c_six_bit_form_keeps_q5_0_weights_exactly():
-    raw = _raw(T.Q5_0)
-    w, _ = _six_bit_weights(raw, T.Q5_0)
-    assert torch.equal(w, torch.from_numpy(dequantize(raw, T.Q5_0).reshape(N, K)))
+def _five_bit_weights(raw: np.ndarray, qtype: T) -> torch.Tensor:
+    codes, d, m = load("quant").q5_unpack(_c_packed(5, [(raw, qtype)]), N, K)
+    assert int(codes.max()) <= 31
+    return (codes.float().view(N, -1, 32) * d[..., None] + m[..., None]).view(N, K)
+
+
+@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q5_1], ids=lambda t: t.name)
+def test_c_five_bit_form_keeps_q5_0_and_q5_1_weights_exactly(qtype):
+    raw = _raw(qtype)
+    assert torch.equal(_five_bit_weights(raw, qtype), torch.from_numpy(dequantize(raw, qtype).reshape(N, K)))
+
+
+def test_c_five_bit_form_rounds_only_q5_ks_sub_block_scales_to_half():
+    raw = _raw(T.Q5_K)
+    w = _five_bit_weights(raw, T.Q5_K)
+    expected = torch.from_numpy(dequantize(raw, T.Q5_K).reshape(N, K))
+    # d * sc and dmin * mn each rounded to a half (2^-11 relative), as Q4_K's in the 4-bit form
+    codes, d, m = load("quant").q5_unpack(_c_packed(5, [(raw, T.Q5_K)]), N, K)
+    step = (d.abs() * 31 + m.abs()).repeat_interleave(32, dim=1)
+    assert ((w - expected).abs() <= step * 2.0**-10).all()
+    assert not torch.equal(w, expected)
 
 
 def test_c_six_bit_form_keeps_q6_k_codes_and_rounds_only_its_scales_to_half():
@@ -185,22 +202,29 @@ def test_c_six_bit_form_keeps_q6_k_codes_and_rounds_only_its_scales_to_half():
 def test_c_six_bit_form_refuses_other_types_and_scales_past_a_half():
     with pytest.raises(RuntimeError, match="no 6-bit form"):
         _c_packed(6, [(blocks_for(T.Q8_0), T.Q8_0)])
+    with pytest.raises(RuntimeError, match="no 5-bit form"):
+        _c_packed(5, [(blocks_for(T.Q6_K), T.Q6_K)])
+    q5 = blocks_for(T.Q5_0)
+    q5[:, 0:2] = np.array([5000.0], dtype=np.float16).view(np.uint8)  # -16 d overflows a half
+    with pytest.raises(RuntimeError, match="half range"):
+        _c_packed(5, [(q5, T.Q5_0)])
     raw = blocks_for(T.Q6_K)
     raw[:, 208:210] = np.array([1000.0], dtype=np.float16).view(np.uint8)  # d * sc past 65504
     with pytest.raises(RuntimeError, match="half range"):
         _c_packed(6, [(raw, T.Q6_K)])
 
 
-@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q6_K], ids=lambda t: t.name)
-def test_c_six_bit_form_runs_as_its_weights(qtype):
-    """q6_linear on the file's blocks against F.linear on the weights they stand for, within
-    the activations' rounding (the kernels' only approximation)."""
+@pytest.mark.parametrize("qtype,bits", [(T.Q5_0, 5), (T.Q5_K, 5), (T.Q6_K, 6)], ids=str)
+def test_c_five_and_six_bit_forms_run_as_their_weights(qtype, bits):
+    """q5/q6_linear on the file's blocks against F.linear on the weights they stand for,
+    within the activations' rounding (the kernels' only approximation)."""
     ext = load("quant")
-    packed = _c_packed(6, [(_raw(qtype), qtype)])
-    w, _ = _six_bit_weights(_raw(qtype), qtype)
+    packed = _c_packed(bits, [(_raw(qtype), qtype)])
+    w = _five_bit_weights(_raw(qtype), qtype) if bits == 5 else _six_bit_weights(_raw(qtype), qtype)[0]
+    op = getattr(ext, f"q{bits}_linear")
     x = torch.randn(5, K, generator=torch.Generator().manual_seed(4))
-    y = ext.q6_linear(x, packed, N)
-    assert torch.equal(y, ext.q6_linear(x, packed, N, None, 1))  # SIMD = scalar, bit for bit
+    y = op(x, packed, N)
+    assert torch.equal(y, op(x, packed, N, None, 1))  # SIMD = scalar, bit for bit
     e = x.view(5, -1, 32).abs().amax(-1) / 127
     bound = (e.double() / 2) @ w.double().abs().view(N, -1, 32).sum(-1).T + 1e-4
     assert ((y.double() - x.double() @ w.double().T).abs() <= bound).all()

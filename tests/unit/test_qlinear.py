@@ -11,7 +11,7 @@ Three references, from strict to loose:
    per element, so |y - y_deq| <= sum_b (e_b / 2) * sum_{k in b} |W[n, k]|, plus float32
    rounding of both sums.
 3. GGUF: weights that are Q4_1 / Q8_0 values (gguf's own quantizer, or d*q + m built here)
-   pack and unpack to exactly themselves (Q5_0 / Q6_K in q6: tests/unit/test_group_codes.py).
+   pack and unpack to exactly themselves (Q5_x in q5, Q6_K in q6: tests/unit/test_group_codes.py).
 q6 has a scale per 16 weights (d of shape (N, K/16)) and codes standing for code - 32; the
 references below take it as groups of 16 with codes - 32 and no min.
 """
@@ -65,7 +65,7 @@ def acts(m: int, k: int, seed: int) -> torch.Tensor:
     return torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, k, generator=g))
 
 
-MODES = ("q4", "q8", "q6")
+MODES = ("q4", "q8", "q6", "q5")
 
 
 def pack(ext, mode: str, w: torch.Tensor) -> torch.Tensor:
@@ -79,8 +79,8 @@ def linear(ext, mode, x, packed, n, bias=None, impl=0):
 def unpack(ext, mode, packed, n, k):
     """-> codes (N, K) float, d (N, KB), m (N, KB) (zeros for q8); q6: codes - 32 and
     d, m (N, 2 KB), one per 16 weights."""
-    if mode == "q4":
-        codes, d, m = ext.q4_unpack(packed, n, k)
+    if mode in ("q4", "q5"):
+        codes, d, m = getattr(ext, f"{mode}_unpack")(packed, n, k)
     elif mode == "q6":
         codes, d = ext.q6_unpack(packed, n, k)
         return codes.float() - 32, d, torch.zeros_like(d)

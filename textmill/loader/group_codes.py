@@ -1,9 +1,10 @@
 """GGUF blocks -> integer codes in groups of 32, without a float copy of the weights.
 
 The CPU kernels (runner/qlinear.py) take weights as codes in groups of 32 along the input
-dimension, in one of three forms:
+dimension, in one of four forms:
 
 * 4 bits: codes 0..15, a scale d and a min m per group: w = d * q + m;
+* 5 bits: codes 0..31, the same scale and min per group;
 * 6 bits: codes 0..63, a scale per half group (16 weights): w = d_h * (q - 32);
 * 8 bits: codes -127..127, a scale d per group: w = d * q.
 
@@ -16,17 +17,19 @@ stores them and loading is a reshuffle of bytes, not a dequantize-and-requantize
 | Q4_1  | 4    | d, m                                                   | yes               |
 | Q4_K  | 4    | per 32-value sub-block: d * scale, -dmin * min         | scales to half    |
 | Q8_0  | 8    | d, q                                                   | yes               |
-| Q5_0  | 6    | d for both halves, q + 16                              | yes               |
+| Q5_0  | 5    | d, m = -16 d                                           | yes               |
+| Q5_1  | 5    | d, m                                                   | yes               |
+| Q5_K  | 5    | per 32 weights: d * scale, -dmin * min                 | scales to half    |
 | Q6_K  | 6    | per 16 weights: d * scale; q                           | scales to half    |
 | others| 8    | dequantize one tensor, round to 8 bits per group of 32 | a second rounding |
 
-Only the C++ converter (kernels/csrc/gguf_blocks.h, QLinear.from_file) writes the 6-bit
-form; the converters here give Q5_0 and Q6_K 8-bit codes, the path of a tensor whose
-scales do not fit a half (and of a Q5_0/Q6_K part fused with an 8-bit one).
+Only the C++ converter (kernels/csrc/gguf_blocks.h, QLinear.from_file) writes the 5- and
+6-bit forms; the converters here give those types 8-bit codes, the path of a tensor whose
+scales do not fit a half (and of such a part fused with an 8-bit one).
 
 Q4_K's sub-block scale d * sc (a half times a 6-bit integer) is rounded to a half: a
 relative error below 2^-11 on the scale, against the 2^-4 of the 4-bit codes themselves.
-The "others" (Q5_1, Q5_K, Q2_K, Q3_K, and float tensors) keep at least their own
+The "others" (Q2_K, Q3_K, and float tensors) keep at least their own
 precision: 8-bit codes on a scale of max|w|/127 round to a quarter or less of a 6-bit
 type's own step. docs/architecture.md says why these are repacked rather than run on
 their own blocks.
@@ -49,9 +52,10 @@ T = GGMLQuantizationType
 FOUR_BIT_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})
 # The types whose 8-bit codes are the file's own.
 EXACT_EIGHT_BIT_TYPES = frozenset({T.Q8_0, T.Q5_0})
-# The types the C++ converter packs in the 6-bit form (7 bits a weight where 8-bit codes
-# take 8.5; Q6_K without a second rounding).
-SIX_BIT_TYPES = frozenset({T.Q5_0, T.Q6_K})
+# The types the C++ converter packs in the 5- and 6-bit forms (6 and 7 bits a weight where
+# 8-bit codes take 8.5, and without a second rounding).
+FIVE_BIT_TYPES = frozenset({T.Q5_0, T.Q5_1, T.Q5_K})
+SIX_BIT_TYPES = frozenset({T.Q6_K})
 # The types the C++ converter (kernels/csrc/gguf_blocks.h) packs straight from the file;
 # the others (Q2_K, Q3_K) go through from_gguf below.
 PACKED_FROM_FILE_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
@@ -105,8 +109,10 @@ class CodesRef:
 
     @property
     def bits(self) -> int:
-        """The kernel form this tensor packs into: 4, 6 or 8 (see the module's table)."""
-        return 4 if self.qtype in FOUR_BIT_TYPES else 6 if self.qtype in SIX_BIT_TYPES else 8
+        """The kernel form this tensor packs into: 4, 5, 6 or 8 (see the module's table)."""
+        if self.qtype in FOUR_BIT_TYPES:
+            return 4
+        return 5 if self.qtype in FIVE_BIT_TYPES else 6 if self.qtype in SIX_BIT_TYPES else 8
 
     def flat_bytes(self) -> torch.Tensor:
         """The tensor's bytes as a 1-D uint8 tensor over the mapped file (no copy)."""

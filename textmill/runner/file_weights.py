@@ -91,9 +91,10 @@ class _Maker:
         refs = [self._ref(p) for p in parts]
         if all(r is not None for r in refs):
             widths = {r.bits for r in refs}
-            if 4 in widths and len(widths) > 1:  # a Q4_K_M file's Q4_K q/k beside a Q6_K v
+            # A Q4_K_M file's Q4_K q/k beside a Q6_K v, a Q5_K_M file's Q5_K q/k beside a Q6_K v:
+            if len(widths) > 1 and (4 in widths or 8 not in widths):
                 return SideBySide([self.one(p) for p in parts])
-            # 6-bit parts beside an 8-bit one (Gemma 3's Q5_0 q/k and Q8_0 v) go in 8 bits,
+            # 5/6-bit parts beside an 8-bit one (Gemma 3's Q5_0 q/k and Q8_0 v) go in 8 bits,
             # one matmul: a second call and activation pass cost more than the bytes saved.
             made = self._from_file(refs, self._stacked_bias(parts), max(widths))
             if made is not None:

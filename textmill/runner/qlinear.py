@@ -4,8 +4,9 @@ QLinear holds only packed weights, in groups of 32 along the input dimension:
 * "q4": codes 0..15 with a scale and a min per group, w = d*q + m: GGUF's Q4_1, so the
   Q4_1 layers of a GGUF checkpoint requantize to exactly the weights it stores.
 * "q8": codes -127..127 with one scale per group, w = d*q: GGUF's Q8_0.
-* "q6": codes 0..63 with one scale per 16 weights, w = d_h*(q - 32): GGUF's Q6_K (and
-  Q5_0, whose codes plus 16 fit it exactly); 7 bits a weight where q8 takes 8.5.
+* "q5": codes 0..31 with a scale and a min per group, w = d*q + m: GGUF's Q5_1 (Q5_0
+  and Q5_K map onto it); 6 bits a weight where q8 takes 8.5.
+* "q6": codes 0..63 with one scale per 16 weights, w = d_h*(q - 32): GGUF's Q6_K; 7 bits.
 Scales are stored as halves, as GGUF stores them.
 
 Each call quantizes the activations to int8 per group of 32 (one scale per group) and
@@ -31,8 +32,8 @@ from torch import nn
 from textmill.kernels import load
 from textmill.loader.group_codes import CodesRef, GroupCodes
 
-MODES = ("q4", "q8", "q6")
-_FORM_BITS = {"q4": 4, "q6": 6, "q8": 8}
+MODES = ("q4", "q8", "q6", "q5")
+_FORM_BITS = {"q4": 4, "q5": 5, "q6": 6, "q8": 8}
 GROUP = 32
 # Scales and the Q4 min are halves: weights beyond this magnitude would overflow them.
 _HALF_MAX = 65504.0
@@ -105,14 +106,14 @@ class QLinear(nn.Module):
     def from_file(cls, refs: list[CodesRef], bias: torch.Tensor | None = None, bits: int | None = None) -> "QLinear":
         """GGUF tensors of one form (CodesRef.bits), stacked along N, packed straight from the
         mapped file by the C++ converter: in the 4- and 8-bit forms the bytes from_codes would
-        pack, in one pass with no intermediate codes. bits=8 also takes 6-bit types (their
-        8-bit codes, as from_codes). Raises OutOfHalfRange when a scale does not fit a half;
+        pack, in one pass with no intermediate codes. bits=8 also takes 5- and 6-bit types
+        (their 8-bit codes, as from_codes). Raises OutOfHalfRange when a scale does not fit a half;
         the caller then takes from_codes' path, which rounds such a tensor to 8 bits."""
         ext = _ext()
         if ext is None:
             raise ValueError("GGUF weights need textmill's C++ kernels, which could not be built here")
         bits, k = bits or refs[0].bits, refs[0].shape[1]
-        assert all(r.bits in (bits, 6 if bits == 8 else bits) and r.shape[1] == k for r in refs), \
+        assert all((r.bits == bits or (bits == 8 and r.bits in (5, 6))) and r.shape[1] == k for r in refs), \
             "parts of one form and width"
         no_order = torch.empty(0, dtype=torch.long)
         orders = [no_order if r.row_order is None else r.row_order.long().contiguous() for r in refs]
@@ -139,8 +140,8 @@ class QLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The (N, K) float32 weights this layer computes with."""
         n, k = self.out_features, self.in_features
-        if self.mode == "q4":
-            codes, d, m = _ext().q4_unpack(self.packed, n, k)
+        if self.mode in ("q4", "q5"):
+            codes, d, m = getattr(_ext(), f"{self.mode}_unpack")(self.packed, n, k)
             w = codes.float().view(n, -1, GROUP) * d[..., None] + m[..., None]
         elif self.mode == "q6":
             codes, d = _ext().q6_unpack(self.packed, n, k)

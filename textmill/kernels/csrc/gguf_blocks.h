@@ -117,31 +117,60 @@ inline bool decode4(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes,
   return true;
 }
 
-// Types whose groups take the kernels' 6-bit form: codes 0..63 standing for code - 32,
-// one scale per 16 weights.
-inline bool six_bit(int64_t type) { return type == Q5_0 || type == Q6_K; }
+// Types whose groups take the kernels' 5-bit form (codes 0..31, a scale and a min per 32,
+// as the 4-bit form) and its 6-bit form (codes 0..63 standing for code - 32, a scale per 16).
+inline bool five_bit(int64_t type) { return type == Q5_0 || type == Q5_1 || type == Q5_K; }
+inline bool six_bit(int64_t type) { return type == Q6_K; }
 
-// Group b (32 weights) of a Q5_0 or Q6_K row -> codes 0..63 (the weight is d_h * (code -
-// 32)) and the scale of each half (16 weights) as half bits. Q5_0: its own 5-bit codes
-// plus 16 and its d for both halves, exactly the file's weights. Q6_K: its own codes; a
-// half's scale d * sc (a half times an int8, exact in float32) is rounded to a half, as
-// Q4_K's sub-block scales are (a relative error below 2^-11 against the codes' 2^-6).
-// False when a scale does not fit a half.
-inline bool decode6(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d0, uint16_t* d1) {
-  if (type == Q5_0) {
-    const uint8_t* blk = row + b * 22;
-    if (!half_ok(f16(blk))) return false;
-    uint32_t high;
-    std::memcpy(&high, blk + 2, 4);
-    const uint8_t* qs = blk + 6;
-    for (int l = 0; l < 32; ++l) {
-      const int low = l < 16 ? (qs[l] & 0x0F) : (qs[l - 16] >> 4);
-      codes[l] = static_cast<uint8_t>((low | (((high >> l) & 1) << 4)) + 16);
-    }
-    *d0 = *d1 = f16_bits(blk);
+// Group b (32 weights) of a Q5_0, Q5_1 or Q5_K row -> codes 0..31, d and m as half bits
+// (w = d * q + m). Q5_0 (m = -16 d, exact) and Q5_1 keep the file's values; Q5_K's
+// sub-block scale and min are rounded to halves, as Q4_K's. False when one does not fit.
+inline bool decode5(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d, uint16_t* m) {
+  if (type == Q5_K) {
+    const uint8_t* blk = row + (b / 8) * 176;
+    const int s = static_cast<int>(b % 8);
+    float sc, mn;
+    scale_min_k4(s, blk + 4, &sc, &mn);
+    const float dd = f16(blk) * sc, mm = -(f16(blk + 2) * mn);
+    if (!half_ok(dd) || !half_ok(mm)) return false;
+    *d = to_half(dd);
+    *m = to_half(mm);
+    const uint8_t* qh = blk + 16;
+    const uint8_t* qs = blk + 48 + (s / 2) * 32;
+    for (int l = 0; l < 32; ++l)
+      codes[l] = static_cast<uint8_t>(((s & 1) ? (qs[l] >> 4) : (qs[l] & 0x0F)) | (((qh[l] >> s) & 1) << 4));
     return true;
   }
-  // Q6_K, laid out as in decode_floats below.
+  const uint8_t* blk = row + b * (type == Q5_0 ? 22 : 24);
+  const uint8_t* qh = blk + (type == Q5_0 ? 2 : 4);
+  const uint8_t* qs = qh + 4;
+  uint32_t high;
+  std::memcpy(&high, qh, 4);
+  for (int l = 0; l < 32; ++l) {
+    const int low = l < 16 ? (qs[l] & 0x0F) : (qs[l - 16] >> 4);
+    codes[l] = static_cast<uint8_t>(low | (((high >> l) & 1) << 4));
+  }
+  const float dd = f16(blk);
+  if (type == Q5_0) {
+    const float mm = -16.0f * dd;  // exact in a half whenever it fits one
+    if (!half_ok(dd) || !half_ok(mm)) return false;
+    *d = f16_bits(blk);
+    *m = to_half(mm);
+  } else {
+    if (!half_ok(dd) || !half_ok(f16(blk + 2))) return false;
+    *d = f16_bits(blk);
+    *m = f16_bits(blk + 2);
+  }
+  return true;
+}
+
+// Group b (32 weights) of a Q6_K row -> codes 0..63 (the weight is d_h * (code - 32)) and
+// the scale of each half (16 weights) as half bits: its own codes; a half's scale d * sc (a
+// half times an int8, exact in float32) is rounded to a half, as Q4_K's sub-block scales
+// are (a relative error below 2^-11 against the codes' 2^-6). False when a scale does not
+// fit a half.
+inline bool decode6(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d0, uint16_t* d1) {
+  (void)type;  // Q6_K, laid out as in decode_floats below
   const uint8_t* blk = row + (b / 8) * 210;
   const int g = static_cast<int>(b % 8), h = g / 4, j = g % 4;
   const uint8_t* ql = blk + 64 * h + 32 * (j & 1);

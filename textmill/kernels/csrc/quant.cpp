@@ -15,7 +15,8 @@
 // Formats (per group of 32 weights along K):
 //   Q4: codes q in 0..15, w = d*q + m         (GGUF Q4_1)
 //   Q8: codes q in -127..127, w = d*q         (GGUF Q8_0)
-//   Q6: codes q in 0..63, w = d_h*(q - 32)    (GGUF Q6_K, Q5_0), one d per half (16 weights)
+//   Q5: codes q in 0..31, w = d*q + m         (GGUF Q5_1; Q5_0 and Q5_K map onto it)
+//   Q6: codes q in 0..63, w = d_h*(q - 32)    (GGUF Q6_K), one d per half (16 weights)
 // d and m are stored as IEEE half, as GGUF stores them: GGUF weights requantize exactly,
 // and at one decode token (bound by memory reads) 4 bytes of scales per group instead of 8
 // are ~17% less traffic for Q4.
@@ -32,6 +33,9 @@
 //            Vector p's low nibbles are k-group p (k = 4p..4p+3), its high nibbles k-group
 //            p + 4 (k = 16 + 4p..): the two nibble planes cost one AND and one shift.
 //   Q8 block: codes [8][64 bytes] (k-group g = k 4g..4g+3); scales [16] (fp16).
+//   Q5 block: the low 4 bits of the codes as a Q4 block's [4][64 bytes], then their top
+//            bits [64 bytes]: byte 4r + i holds in bit g that of k-group g (k = 4g + i);
+//            scales as Q4's. 6 bits a weight.
 //   Q6 block: the low 4 bits of the codes as a Q4 block's [4][64 bytes], then the top 2
 //            bits [2][64 bytes]: byte 4r + i of vector h holds, in bits 2t..2t+1, those of
 //            k-group 4h + t (k = 16h + 4t + i); scales [d of the first 16 k of 16 rows,
@@ -96,6 +100,7 @@ constexpr int64_t Q4_CODE_BYTES = NR * QK / 2;  // 256 per tile-block
 constexpr int64_t Q4_SCALE_HALVES = 2 * NR;     // d[16], m[16]
 constexpr int64_t Q8_CODE_BYTES = NR * QK;      // 512 per tile-block
 constexpr int64_t Q8_SCALE_HALVES = NR;         // d[16]
+constexpr int64_t Q5_CODE_BYTES = Q4_CODE_BYTES + NR * QK / 8;  // + 64: the codes' top bits
 constexpr int64_t Q6_LOW_BYTES = NR * QK / 2;   // 256: the codes' low nibbles, as Q4's
 constexpr int64_t Q6_CODE_BYTES = Q6_LOW_BYTES + NR * QK / 4;  // + 128: their top 2 bits
 constexpr int64_t Q6_SCALE_HALVES = 2 * NR;     // d of each half: d0[16], d1[16]
@@ -108,13 +113,13 @@ constexpr int MAX_MR = 4;
 constexpr int64_t BLOCK_MAJOR_ROWS = 128;
 constexpr int64_t CHUNK_BYTES = 96 << 10;       // expanded activations per thread
 
-enum class Mode { Q4, Q8, Q6 };
+enum class Mode { Q4, Q8, Q6, Q5 };
 
 constexpr int64_t code_bytes(Mode m) {
-  return m == Mode::Q4 ? Q4_CODE_BYTES : m == Mode::Q8 ? Q8_CODE_BYTES : Q6_CODE_BYTES;
+  return m == Mode::Q4 ? Q4_CODE_BYTES : m == Mode::Q8 ? Q8_CODE_BYTES : m == Mode::Q6 ? Q6_CODE_BYTES : Q5_CODE_BYTES;
 }
-constexpr int64_t scale_bytes(Mode m) {
-  return 2 * (m == Mode::Q4 ? Q4_SCALE_HALVES : m == Mode::Q8 ? Q8_SCALE_HALVES : Q6_SCALE_HALVES);
+constexpr int64_t scale_bytes(Mode m) {  // Q5 has Q4's d and m
+  return 2 * (m == Mode::Q8 ? Q8_SCALE_HALVES : m == Mode::Q6 ? Q6_SCALE_HALVES : Q4_SCALE_HALVES);
 }
 
 int64_t tile_bytes(Mode mode, int64_t kb) { return kb * (code_bytes(mode) + scale_bytes(mode)); }
@@ -127,6 +132,18 @@ int64_t packed_bytes(Mode mode, int64_t n, int64_t k) {
 // Q4: the nibble is the high one for j >= 16.
 inline int64_t q4_byte(int64_t r, int64_t j) { return ((j & 15) >> 2) * (4 * NR) + 4 * r + (j & 3); }
 inline int64_t q8_byte(int64_t r, int64_t j) { return (j >> 2) * (4 * NR) + 4 * r + (j & 3); }
+// Q5: the low 4 bits at q4_byte(r, j), the top one at q5_top_byte(r, j), bit j / 4.
+inline int64_t q5_top_byte(int64_t r, int64_t j) { return Q4_CODE_BYTES + 4 * r + (j & 3); }
+inline void put_q5(uint8_t* block_codes, int64_t r, const uint8_t* c) {  // row r's 32 codes
+  for (int64_t j = 0; j < QK; ++j) {
+    block_codes[q4_byte(r, j)] |= static_cast<uint8_t>(j < 16 ? (c[j] & 15) : (c[j] & 15) << 4);
+    block_codes[q5_top_byte(r, j)] |= static_cast<uint8_t>(((c[j] >> 4) & 1) << (j >> 2));
+  }
+}
+inline int q5_code(const uint8_t* block_codes, int64_t r, int64_t j) {
+  const int low = (block_codes[q4_byte(r, j)] >> (j < 16 ? 0 : 4)) & 15;
+  return low | (((block_codes[q5_top_byte(r, j)] >> (j >> 2)) & 1) << 4);
+}
 // Q6: the low 4 bits at q4_byte(r, j); the top 2 at q6_top_byte(r, j), bits q6_top_shift(j).
 inline int64_t q6_top_byte(int64_t r, int64_t j) { return Q6_LOW_BYTES + (j >> 4) * (4 * NR) + 4 * r + (j & 3); }
 inline int q6_top_shift(int64_t j) { return static_cast<int>(2 * ((j >> 2) & 3)); }
@@ -142,8 +159,9 @@ inline int q6_code(const uint8_t* block_codes, int64_t r, int64_t j) {
 }
 
 // Where a tile-block lives inside its tile. The blocks go in pairs, each pair's codes (2 x
-// 256, 384 or 512 bytes for Q4, Q6, Q8) followed by the pair's scales (2 x 64, 64 or 32): a pass over a tile
-// is then one sequential stream of whole cache lines (a pair is 640, 896 or 1088 bytes). The
+// 256, 320, 384 or 512 bytes for Q4, Q5, Q6, Q8) followed by the pair's scales (2 x 64, or
+// 32 for Q8): a pass over a tile
+// is then one sequential stream of whole cache lines (a pair is 640, 768, 896 or 1088 bytes). The
 // layout before put every block's scales after all the codes, two streams, which Zen 4's
 // hardware prefetcher served at half the rate of one (one thread, weights from memory:
 // 9.4-11.8 against 18-20 GB/s for Gemma 3's K = 640), and software prefetch did not help.
@@ -291,6 +309,61 @@ std::vector<torch::Tensor> q8_unpack(const torch::Tensor& packed, int64_t n, int
   return {codes, d};
 }
 
+// Q5 from float weights (tests; GGUF weights come through pack_gguf): Q5_1's rule, the
+// group's min and max map to codes 0 and 31, d = (max - min) / 31 and m = min as halves.
+torch::Tensor q5_pack(const torch::Tensor& weight) {
+  check_weight(weight);
+  auto w = weight.to(torch::kFloat).contiguous();
+  const int64_t n = w.size(0), k = w.size(1), kb = k / QK, ntiles = (n + NR - 1) / NR;
+  auto out = torch::zeros({packed_bytes(Mode::Q5, n, k)}, torch::kUInt8);
+  const float* wp = w.data_ptr<float>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      uint8_t* tile = op + t * tile_bytes(Mode::Q5, kb);
+      for (int64_t r = 0; r < NR && t * NR + r < n; ++r)
+        for (int64_t b = 0; b < kb; ++b) {
+          const float* g = wp + (t * NR + r) * k + b * QK;
+          float lo = g[0], hi = g[0];
+          for (int64_t i = 1; i < QK; ++i) lo = std::min(lo, g[i]), hi = std::max(hi, g[i]);
+          const uint16_t d16 = float_to_half((hi - lo) / 31.f), m16 = float_to_half(lo);
+          const float d = half_to_float(d16), m = half_to_float(m16);
+          const float id = d > 0.f ? 1.f / d : 0.f;
+          uint8_t c[QK];
+          for (int64_t j = 0; j < QK; ++j)
+            c[j] = static_cast<uint8_t>(std::min(31.f, std::max(0.f, std::nearbyint((g[j] - m) * id))));
+          put_q5(tile + codes_at(Mode::Q5, b), r, c);
+          uint16_t* sc = scales_of(tile, Mode::Q5, kb, b);
+          sc[r] = d16;
+          sc[NR + r] = m16;
+        }
+    }
+  });
+  return out;
+}
+
+// -> codes (N, K) uint8 in 0..31, d (N, K/32) float32, m (N, K/32) float32
+std::vector<torch::Tensor> q5_unpack(const torch::Tensor& packed, int64_t n, int64_t k) {
+  check_packed(Mode::Q5, packed, n, k);
+  const int64_t kb = k / QK;
+  auto codes = torch::empty({n, k}, torch::kUInt8);
+  auto d = torch::empty({n, kb}, torch::kFloat), m = torch::empty({n, kb}, torch::kFloat);
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  for (int64_t row = 0; row < n; ++row) {
+    const int64_t t = row / NR, r = row % NR;
+    const uint8_t* tile = pp + t * tile_bytes(Mode::Q5, kb);
+    for (int64_t b = 0; b < kb; ++b) {
+      const uint8_t* src = tile + codes_at(Mode::Q5, b);
+      const uint16_t* sc = scales_of(tile, Mode::Q5, kb, b);
+      uint8_t* c = codes.data_ptr<uint8_t>() + row * k + b * QK;
+      for (int64_t j = 0; j < QK; ++j) c[j] = static_cast<uint8_t>(q5_code(src, r, j));
+      d.data_ptr<float>()[row * kb + b] = half_to_float(sc[r]);
+      m.data_ptr<float>()[row * kb + b] = half_to_float(sc[NR + r]);
+    }
+  }
+  return {codes, d, m};
+}
+
 // Q6 from float weights (tests; GGUF weights come through pack_gguf): per half of a group,
 // d = max|w| / 31 (half), codes round(w / d) + 32, so 1..63.
 torch::Tensor q6_pack(const torch::Tensor& weight) {
@@ -412,12 +485,13 @@ torch::Tensor q8_pack_codes(const torch::Tensor& codes, const torch::Tensor& d) 
 // the parts are stacked along N in order (q, k, v -> qkv), each part's output row i taken
 // from its source row order[i] (llama.cpp's q/k permutation undone) or row i when order is
 // empty. One pass, parallel over tiles, no intermediate codes tensor. bits 4 takes only
-// Q4_0/Q4_1/Q4_K parts, bits 6 only Q5_0/Q6_K; bits 8 takes every type gguf_blocks.h decodes.
+// Q4_0/Q4_1/Q4_K parts, bits 5 only Q5_0/Q5_1/Q5_K, bits 6 only Q6_K; bits 8 takes every
+// type gguf_blocks.h decodes.
 // Raises with "half range" in the message when a scale or min does not fit a half, so
 // that the caller can fall back to its own (8-bit) handling of such a tensor.
 torch::Tensor pack_gguf(int64_t bits, const std::vector<torch::Tensor>& raws, const std::vector<int64_t>& types,
                         const std::vector<torch::Tensor>& orders, int64_t k) {
-  TORCH_CHECK(bits == 4 || bits == 6 || bits == 8, "bits must be 4, 6 or 8");
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "bits must be 4, 5, 6 or 8");
   TORCH_CHECK(!raws.empty() && raws.size() == types.size() && raws.size() == orders.size(),
               "one type and one row order per part");
   TORCH_CHECK(k > 0 && k % QK == 0, "K = ", k, " is not a positive multiple of ", QK);
@@ -428,6 +502,7 @@ torch::Tensor pack_gguf(int64_t bits, const std::vector<torch::Tensor>& raws, co
     const gguf::Layout lay = gguf::layout(types[p]);
     TORCH_CHECK(lay.block_values > 0, "GGUF type ", types[p], " is not decoded here");
     TORCH_CHECK(bits != 4 || gguf::four_bit(types[p]), "GGUF type ", types[p], " has no 4-bit form");
+    TORCH_CHECK(bits != 5 || gguf::five_bit(types[p]), "GGUF type ", types[p], " has no 5-bit form");
     TORCH_CHECK(bits != 6 || gguf::six_bit(types[p]), "GGUF type ", types[p], " has no 6-bit form");
     TORCH_CHECK(k % lay.block_values == 0, "K = ", k, " is not a whole number of blocks of ", lay.block_values);
     TORCH_CHECK(raw.scalar_type() == torch::kUInt8 && raw.dim() == 1 && raw.is_contiguous(),
@@ -464,6 +539,16 @@ torch::Tensor pack_gguf(int64_t bits, const std::vector<torch::Tensor>& raws, co
         for (int64_t i = 0; i < 4; ++i)
           dst[p * 4 * NR + i] = static_cast<uint8_t>(c[4 * p + i] | (c[16 + 4 * p + i] << 4));
       uint16_t* sc = scales_of(tile, Mode::Q4, kb, b);
+      sc[r] = d;
+      sc[NR + r] = m;
+    });
+  } else if (bits == 5) {
+    out = pack_by_block(Mode::Q5, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
+      uint8_t c[QK];
+      uint16_t d, m;
+      if (!gguf::decode5(row_type[row], row_ptr[row], b, c, &d, &m)) in_range = false;
+      put_q5(tile + codes_at(Mode::Q5, b), r, c);
+      uint16_t* sc = scales_of(tile, Mode::Q5, kb, b);
       sc[r] = d;
       sc[NR + r] = m;
     });
@@ -616,6 +701,9 @@ inline void store_row(float* dst, const float* tile_out, const float* bias, int6
 // Matmul kernels: one tile of 16 output rows against MR activation rows, all K.
 // out[r][j] = result for activation row r and tile row j (before bias).
 
+constexpr bool has_min(Mode m) { return m == Mode::Q4 || m == Mode::Q5; }
+
+template <Mode M>  // Q4 or Q5: the same math on 4- or 5-bit codes
 void q4_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, int64_t m0, int64_t mr,
                     float (*out)[NR]) {
   for (int64_t r = 0; r < mr; ++r) {
@@ -625,12 +713,16 @@ void q4_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, i
     for (int64_t j = 0; j < NR; ++j) {
       float acc = 0.f;
       for (int64_t b = 0; b < kb; ++b) {
-        const uint8_t* c = tile + codes_at(Mode::Q4, b);
-        const uint16_t* sc = scales_of(tile, Mode::Q4, kb, b);
+        const uint8_t* c = tile + codes_at(M, b);
+        const uint16_t* sc = scales_of(tile, M, kb, b);
         const int8_t* a = arow + b * QK;
         int32_t isum = 0;
-        for (int64_t i = 0; i < QK / 2; ++i)
-          isum += (c[q4_byte(j, i)] & 15) * a[i] + (c[q4_byte(j, i + 16)] >> 4) * a[i + 16];
+        if constexpr (M == Mode::Q5) {
+          for (int64_t i = 0; i < QK; ++i) isum += q5_code(c, j, i) * a[i];
+        } else {
+          for (int64_t i = 0; i < QK / 2; ++i)
+            isum += (c[q4_byte(j, i)] & 15) * a[i] + (c[q4_byte(j, i + 16)] >> 4) * a[i + 16];
+        }
         const float d = half_to_float(sc[j]);
         const float mn = half_to_float(sc[NR + j]);
         acc = std::fma(static_cast<float>(isum), d * e[b], acc);
@@ -750,6 +842,11 @@ inline __m256i q8_block_dots(const __m256i* w, const __m256i* wabs, const ActRow
   return _mm256_add_epi32(s[0], s[1]);
 }
 
+// Q5: as Q4 (dpbusd's sums are exact whatever the codes' width).
+inline __m256i q5_block_dots(const __m256i* lo, const __m256i* hi, const ActRows& act, int r, int64_t b) {
+  return q4_block_dots(lo, hi, act, r, b);
+}
+
 // Q6: row r's dot products of the block's two halves (codes u, 0..63), each started from
 // the activations' offset for that half.
 inline void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_t b, const int32_t* off, __m256i* dots) {
@@ -786,6 +883,21 @@ inline __m256i q8_block_dots(const __m256i* w, const __m256i* wabs, const ActRow
   return _mm256_add_epi32(s[0], s[1]);
 }
 
+// Q5: as Q4, but a maddubs lane reaches 2 * 31 * 127 = 7874, so four (not eight) sum in
+// int16 before each widening madd.
+inline __m256i q5_block_dots(const __m256i* lo, const __m256i* hi, const ActRows& act, int r, int64_t b) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i s32 = _mm256_setzero_si256();
+  for (int p = 0; p < 4; p += 2) {
+    const __m256i s = _mm256_add_epi16(
+        _mm256_add_epi16(_mm256_maddubs_epi16(lo[p], act.get(r, b, p)), _mm256_maddubs_epi16(hi[p], act.get(r, b, 4 + p))),
+        _mm256_add_epi16(_mm256_maddubs_epi16(lo[p + 1], act.get(r, b, p + 1)),
+                         _mm256_maddubs_epi16(hi[p + 1], act.get(r, b, 5 + p))));
+    s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(s, ones));
+  }
+  return s32;
+}
+
 // Q6: as above; a maddubs lane is at most 2 * 63 * 127 = 16002, so two sum in int16.
 inline void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_t b, const int32_t* off, __m256i* dots) {
   const __m256i ones = _mm256_set1_epi16(1);
@@ -800,6 +912,20 @@ inline void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_t b
   }
 }
 #endif
+
+// Q5's top bit of k-group g (0..7), moved to bit 4 of each byte (masked by the caller).
+inline __m256i q5_top256(__m256i v, int g) {
+  switch (g) {
+    case 0: return _mm256_slli_epi16(v, 4);
+    case 1: return _mm256_slli_epi16(v, 3);
+    case 2: return _mm256_slli_epi16(v, 2);
+    case 3: return _mm256_slli_epi16(v, 1);
+    case 4: return v;
+    case 5: return _mm256_srli_epi16(v, 1);
+    case 6: return _mm256_srli_epi16(v, 2);
+    default: return _mm256_srli_epi16(v, 3);
+  }
+}
 
 // Q6's top 2 bits of k-group t (0..3) of a top-bits vector, moved to bits 4..5 of each byte
 // (16-bit shifts: what crosses a byte lands outside 4..5 and is masked off by the caller).
@@ -824,7 +950,7 @@ inline void prefetch_l2(const void* p, int lines) {
 }
 template <Mode M>
 inline void prefetch_ahead(const uint8_t* tile, int64_t b) {
-  constexpr int64_t share = pair_bytes(M) / 2;  // 320 (Q4), 448 (Q6) or 544 (Q8) bytes
+  constexpr int64_t share = pair_bytes(M) / 2;  // 320 (Q4), 384 (Q5), 448 (Q6) or 544 (Q8) bytes
   constexpr int lines = static_cast<int>((share + 63) / 64);
   const uint8_t* at = tile + b * share;
   prefetch_l2(at + PREFETCH_FAR_BYTES, lines);
@@ -834,26 +960,35 @@ inline void prefetch_ahead(const uint8_t* tile, int64_t b) {
 // Half h of a tile (its output rows 8h..8h+7) against MR activation rows: act = the rows'
 // int8 codes, e and s = their block scales (row r at e + r * kb). A 64-byte k-group vector
 // of the tile holds rows 0..7 in its low 32 bytes and rows 8..15 in its high 32.
-template <int MR>
+// Q5 (M): the same with each code's top bit from the block's top-bit vector.
+template <Mode M, int MR>
 void q4_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, const float* e, const float* s,
                   float (*out)[NR]) {
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
   __m256 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
-    const uint8_t* c = tile + codes_at(Mode::Q4, b);
-    prefetch_ahead<Mode::Q4>(tile, b);
+    const uint8_t* c = tile + codes_at(M, b);
+    prefetch_ahead<M>(tile, b);
     __m256i lo[4], hi[4];  // unpacked once for all MR activation rows
     for (int p = 0; p < 4; ++p) {
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p + 32 * h));
       lo[p] = _mm256_and_si256(x, low4);
       hi[p] = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
     }
-    const uint16_t* sc = scales_of(tile, Mode::Q4, kb, b) + NH * h;
+    if constexpr (M == Mode::Q5) {
+      const __m256i top = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q4_CODE_BYTES + 32 * h));
+      for (int p = 0; p < 4; ++p) {
+        lo[p] = _mm256_or_si256(lo[p], _mm256_and_si256(q5_top256(top, p), bit4));
+        hi[p] = _mm256_or_si256(hi[p], _mm256_and_si256(q5_top256(top, p + 4), bit4));
+      }
+    }
+    const uint16_t* sc = scales_of(tile, M, kb, b) + NH * h;
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
     const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
     for (int r = 0; r < MR; ++r) {
-      const __m256 isum = _mm256_cvtepi32_ps(q4_block_dots(lo, hi, act, r, b));
+      const __m256i dots = M == Mode::Q5 ? q5_block_dots(lo, hi, act, r, b) : q4_block_dots(lo, hi, act, r, b);
+      const __m256 isum = _mm256_cvtepi32_ps(dots);
       acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(e[r * kb + b])), acc[r]);
       acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(s[r * kb + b]), acc[r]);
     }
@@ -940,6 +1075,7 @@ inline __m512i bcast512(const int8_t* p) {
 struct Q4Block {
   __m512i lo[4], hi[4];  // the low and high nibble planes, unpacked once for all rows
   __m512 d, mn;
+  Q4Block() = default;  // for Q5Block, which fills these itself
   // Pin: as Q8Block's; nothing to do here (the AND/shift results live in registers anyway).
   template <bool Pin>
   Q4Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
@@ -964,6 +1100,38 @@ struct Q4Block {
     const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
     acc = _mm512_fmadd_ps(isum, _mm512_mul_ps(d, _mm512_set1_ps(e)), acc);
     return _mm512_fmadd_ps(mn, _mm512_set1_ps(s), acc);
+  }
+};
+
+// Q5: Q4's row on 5-bit codes: the nibble planes with each code's top bit ORed in.
+struct Q5Block : Q4Block {
+  template <bool Pin>
+  Q5Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
+    const uint16_t* sc = scales_of(tile, Mode::Q5, kb, b);
+    d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
+    mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + NR)));
+    const uint8_t* c = tile + codes_at(Mode::Q5, b);
+    const __m512i low4 = _mm512_set1_epi8(0x0F), bit4 = _mm512_set1_epi8(0x10);
+    const __m512i top = _mm512_loadu_si512(c + Q4_CODE_BYTES);
+    for (int p = 0; p < 4; ++p) {
+      const __m512i x = _mm512_loadu_si512(c + 64 * p);
+      // 0xF8: a | (b & c)
+      lo[p] = _mm512_ternarylogic_epi32(_mm512_and_si512(x, low4), top_bit(top, p), bit4, 0xF8);
+      hi[p] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(x, 4), low4), top_bit(top, p + 4), bit4, 0xF8);
+      if constexpr (Pin) pin(lo[p]), pin(hi[p]);
+    }
+  }
+  static __m512i top_bit(__m512i v, int g) {  // q5_top256's 512-bit twin
+    switch (g) {
+      case 0: return _mm512_slli_epi16(v, 4);
+      case 1: return _mm512_slli_epi16(v, 3);
+      case 2: return _mm512_slli_epi16(v, 2);
+      case 3: return _mm512_slli_epi16(v, 1);
+      case 4: return v;
+      case 5: return _mm512_srli_epi16(v, 1);
+      case 6: return _mm512_srli_epi16(v, 2);
+      default: return _mm512_srli_epi16(v, 3);
+    }
   }
 };
 
@@ -1043,10 +1211,11 @@ struct Q6Block {
 };
 
 template <Mode M>
-using BlockOf = std::conditional_t<M == Mode::Q4, Q4Block, std::conditional_t<M == Mode::Q8, Q8Block, Q6Block>>;
+using BlockOf = std::conditional_t<
+    M == Mode::Q4, Q4Block, std::conditional_t<M == Mode::Q8, Q8Block, std::conditional_t<M == Mode::Q6, Q6Block, Q5Block>>>;
 
 // A whole tile against MR activation rows (the row-group order: one pass over the tile
-// per group of rows). s is used by Q4 only, off by Q6 only.
+// per group of rows). s is used by Q4 and Q5 only, off by Q6 only.
 template <Mode M, int MR>
 void tile_avx512(const uint8_t* tile, int64_t kb, const ActRows& act, const float* e, const float* s,
                  const int32_t* off, float (*out)[NR]) {
@@ -1056,7 +1225,7 @@ void tile_avx512(const uint8_t* tile, int64_t kb, const ActRows& act, const floa
     prefetch_ahead<M>(tile, b);
     const BlockOf<M> blk(tile, kb, b, std::false_type{});
     for (int r = 0; r < MR; ++r)
-      acc[r] = blk.row(act.block(r, b), e[r * kb + b], M == Mode::Q4 ? s[r * kb + b] : 0.f, off + 2 * (r * kb + b),
+      acc[r] = blk.row(act.block(r, b), e[r * kb + b], has_min(M) ? s[r * kb + b] : 0.f, off + 2 * (r * kb + b),
                        acc[r]);
   }
   for (int r = 0; r < MR; ++r) _mm512_storeu_ps(out[r], acc[r]);
@@ -1078,7 +1247,7 @@ void tile_rows_avx512(const uint8_t* tile, int64_t kb, const int8_t* a, int64_t 
     prefetch_ahead<M>(tile, b);
     const BlockOf<M> blk(tile, kb, b, std::true_type{});
     for (int64_t r = 0; r < rows; ++r)
-      acc[r] = blk.row(a + r * k + b * QK, e[r * kb + b], M == Mode::Q4 ? s[r * kb + b] : 0.f,
+      acc[r] = blk.row(a + r * k + b * QK, e[r * kb + b], has_min(M) ? s[r * kb + b] : 0.f,
                        off + 2 * (r * kb + b), acc[r]);
   }
 }
@@ -1093,12 +1262,14 @@ void tile_simd(Mode mode, const uint8_t* tile, int64_t kb, int64_t ncols, const 
   (void)ncols;
   if (mode == Mode::Q4) tile_avx512<Mode::Q4, MR>(tile, kb, act, e, s, off, out);
   else if (mode == Mode::Q8) tile_avx512<Mode::Q8, MR>(tile, kb, act, e, s, off, out);
-  else tile_avx512<Mode::Q6, MR>(tile, kb, act, e, s, off, out);
+  else if (mode == Mode::Q6) tile_avx512<Mode::Q6, MR>(tile, kb, act, e, s, off, out);
+  else tile_avx512<Mode::Q5, MR>(tile, kb, act, e, s, off, out);
 #else
   for (int h = 0; h * NH < ncols; ++h) {
-    if (mode == Mode::Q4) q4_tile_avx2<MR>(tile, kb, h, act, e, s, out);
+    if (mode == Mode::Q4) q4_tile_avx2<Mode::Q4, MR>(tile, kb, h, act, e, s, out);
     else if (mode == Mode::Q8) q8_tile_avx2<MR>(tile, kb, h, act, e, s, out);
-    else q6_tile_avx2<MR>(tile, kb, h, act, e, off, out);
+    else if (mode == Mode::Q6) q6_tile_avx2<MR>(tile, kb, h, act, e, off, out);
+    else q4_tile_avx2<Mode::Q5, MR>(tile, kb, h, act, e, s, out);
   }
 #endif
 }
@@ -1211,7 +1382,8 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
           const int64_t ncols = std::min<int64_t>(NR, n - t * NR);
           if (mode == Mode::Q4) tile_rows_avx512<Mode::Q4>(pp + t * tbytes, kb, q.a, k, m, q.e, q.s, q.off, acc);
           else if (mode == Mode::Q8) tile_rows_avx512<Mode::Q8>(pp + t * tbytes, kb, q.a, k, m, q.e, q.s, q.off, acc);
-          else tile_rows_avx512<Mode::Q6>(pp + t * tbytes, kb, q.a, k, m, q.e, q.s, q.off, acc);
+          else if (mode == Mode::Q6) tile_rows_avx512<Mode::Q6>(pp + t * tbytes, kb, q.a, k, m, q.e, q.s, q.off, acc);
+          else tile_rows_avx512<Mode::Q5>(pp + t * tbytes, kb, q.a, k, m, q.e, q.s, q.off, acc);
           for (int64_t r = 0; r < m; ++r) {
             _mm512_store_ps(out[0], acc[r]);
             store_row(yp + r * n + t * NR, out[0], bp ? bp + t * NR : nullptr, ncols);
@@ -1244,9 +1416,10 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
             }
 #endif
             if (!simd) {
-              if (mode == Mode::Q4) q4_tile_scalar(tile, kb, q, k, m0, mr, out);
+              if (mode == Mode::Q4) q4_tile_scalar<Mode::Q4>(tile, kb, q, k, m0, mr, out);
               else if (mode == Mode::Q8) q8_tile_scalar(tile, kb, q, k, m0, mr, out);
-              else q6_tile_scalar(tile, kb, q, k, m0, mr, out);
+              else if (mode == Mode::Q6) q6_tile_scalar(tile, kb, q, k, m0, mr, out);
+              else q4_tile_scalar<Mode::Q5>(tile, kb, q, k, m0, mr, out);
             }
             for (int64_t r = 0; r < mr; ++r)
               store_row(yp + (m0 + r) * n + t * NR, out[r], bp ? bp + t * NR : nullptr, ncols);
@@ -1275,6 +1448,11 @@ torch::Tensor q6_linear(const torch::Tensor& x, const torch::Tensor& packed, int
   return qlinear(Mode::Q6, x, packed, n, bias, impl, mr_max);
 }
 
+torch::Tensor q5_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
+                        const c10::optional<torch::Tensor>& bias, int64_t impl, int64_t mr_max) {
+  return qlinear(Mode::Q5, x, packed, n, bias, impl, mr_max);
+}
+
 // The activation quantization alone, for tests: -> a (M, K) int8, e (M, K/32), s (M, K/32).
 std::vector<torch::Tensor> quantize_act(const torch::Tensor& x_in, int64_t impl) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) % QK == 0, "x must be (M, K), K a multiple of 32");
@@ -1301,19 +1479,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("isa", &isa, "the SIMD path this build uses: avx2+vnni, avx2 or scalar");
   m.def("packed_bytes", [](const std::string& mode, int64_t n, int64_t k) {
-    TORCH_CHECK(mode == "q4" || mode == "q8" || mode == "q6", "mode: q4, q8 or q6");
-    return packed_bytes(mode == "q4" ? Mode::Q4 : mode == "q8" ? Mode::Q8 : Mode::Q6, n, k);
+    TORCH_CHECK(mode == "q4" || mode == "q5" || mode == "q6" || mode == "q8", "mode: q4, q5, q6 or q8");
+    return packed_bytes(mode == "q4" ? Mode::Q4 : mode == "q5" ? Mode::Q5 : mode == "q6" ? Mode::Q6 : Mode::Q8, n, k);
   });
   m.def("q4_pack", &q4_pack, nogil, "float (N, K) -> packed Q4 (uint8)");
   m.def("q4_unpack", &q4_unpack, nogil, "packed Q4 -> codes (N, K) uint8, d (N, K/32), m (N, K/32)");
   m.def("q8_pack", &q8_pack, nogil, "float (N, K) -> packed Q8 (uint8)");
   m.def("q8_unpack", &q8_unpack, nogil, "packed Q8 -> codes (N, K) int8, d (N, K/32)");
+  m.def("q5_pack", &q5_pack, nogil, "float (N, K) -> packed Q5 (uint8)");
+  m.def("q5_unpack", &q5_unpack, nogil, "packed Q5 -> codes (N, K) uint8 0..31, d (N, K/32), m (N, K/32)");
   m.def("q6_pack", &q6_pack, nogil, "float (N, K) -> packed Q6 (uint8)");
   m.def("q6_unpack", &q6_unpack, nogil, "packed Q6 -> codes (N, K) uint8 0..63 (standing for code - 32), d (N, K/16)");
   m.def("q4_pack_codes", &q4_pack_codes, nogil, "codes (N, K) uint8 0..15, d, m (N, K/32) float16 -> packed Q4");
   m.def("q8_pack_codes", &q8_pack_codes, nogil, "codes (N, K) int8, d (N, K/32) float16 -> packed Q8");
   m.def("pack_gguf", &pack_gguf, nogil,
-        "GGUF tensors' bytes, stacked along N -> packed Q4 (bits 4), Q6 (bits 6) or Q8 (bits 8)",
+        "GGUF tensors' bytes, stacked along N -> packed Q4, Q5, Q6 or Q8 (bits 4, 5, 6, 8)",
         py::arg("bits"), py::arg("raws"), py::arg("types"), py::arg("orders"), py::arg("k"));
   m.def("gguf_rows", &gguf_rows, nogil, "rows `ids` of a GGUF tensor's bytes -> float32 (len(ids), K)",
         py::arg("raw"), py::arg("type"), py::arg("ids"), py::arg("k"));
@@ -1322,6 +1502,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, nogil, "x (M, K) @ Q4 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
   m.def("q8_linear", &q8_linear, nogil, "x (M, K) @ Q8 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
+        py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+  m.def("q5_linear", &q5_linear, nogil, "x (M, K) @ Q5 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
   m.def("q6_linear", &q6_linear, nogil, "x (M, K) @ Q6 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
