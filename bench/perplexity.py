@@ -36,7 +36,7 @@ from textmill.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 
 CHUNK = 512
 # (label, runner/plan.py arguments): each path exactly as `textmill serve` with those flags
-PATHS = (("float32 reference (--no-kernels)", dict(kernels=False, dtype="float32", kv_dtype="float32")),
+PATHS = (("float32 reference (--no-kernels)", dict(kernels=False, dtype="float32", kv_cache_dtype="float32")),
          ("default (file's blocks, float16 KV)", {}),
          ("default, --kv-cache-dtype float32", dict(kv_cache_dtype="float32")),
          ("--quantization int8 (requantized)", dict(quantization="int8")))
