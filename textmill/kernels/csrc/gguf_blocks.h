@@ -80,18 +80,35 @@ inline void scale_min_k4(int j, const uint8_t* q, float* sc, float* mn) {
 // the caller fall back to the Python path, which rounds such a tensor to 8 bits instead.
 inline bool half_ok(float x) { return std::fabs(x) < 65504.0f; }
 
+// Sub-block s of a Q4_K/Q5_K super-block: d * sc and -dmin * mn, each rounded to a half.
+inline bool k_scale_min(const uint8_t* blk, int s, uint16_t* d, uint16_t* m) {
+  float sc, mn;
+  scale_min_k4(s, blk + 4, &sc, &mn);
+  const float dd = f16(blk) * sc, mm = -(f16(blk + 2) * mn);
+  if (!half_ok(dd) || !half_ok(mm)) return false;
+  *d = to_half(dd);
+  *m = to_half(mm);
+  return true;
+}
+
+// A Q4_0/Q5_0 block's d and m = -offset * d (exact in a half whenever it fits one), or a
+// Q4_1/Q5_1 block's own d and m (symmetric false).
+inline bool block_scale_min(const uint8_t* blk, bool symmetric, float offset, uint16_t* d, uint16_t* m) {
+  const float dd = f16(blk);
+  const float mm = symmetric ? -offset * dd : f16(blk + 2);
+  if (!half_ok(dd) || !half_ok(mm)) return false;
+  *d = f16_bits(blk);
+  *m = symmetric ? to_half(mm) : f16_bits(blk + 2);
+  return true;
+}
+
 // Group b (32 weights) of a 4-bit type's row -> codes 0..15, d and m as half bits.
 // False when a scale or min does not fit a half.
 inline bool decode4(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d, uint16_t* m) {
   if (type == Q4_K) {
     const uint8_t* blk = row + (b / 8) * 144;
     const int s = static_cast<int>(b % 8);
-    float sc, mn;
-    scale_min_k4(s, blk + 4, &sc, &mn);
-    const float dd = f16(blk) * sc, mm = -(f16(blk + 2) * mn);
-    if (!half_ok(dd) || !half_ok(mm)) return false;
-    *d = to_half(dd);
-    *m = to_half(mm);
+    if (!k_scale_min(blk, s, d, m)) return false;
     const uint8_t* qs = blk + 16 + (s / 2) * 32;
     for (int l = 0; l < 32; ++l) codes[l] = (s & 1) ? (qs[l] >> 4) : (qs[l] & 0x0F);
     return true;
@@ -103,18 +120,7 @@ inline bool decode4(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes,
     codes[l] = qs[l] & 0x0F;
     codes[l + 16] = qs[l] >> 4;
   }
-  const float dd = f16(blk);
-  if (type == Q4_0) {
-    const float mm = -8.0f * dd;  // exact in a half whenever it fits one
-    if (!half_ok(dd) || !half_ok(mm)) return false;
-    *d = f16_bits(blk);
-    *m = to_half(mm);
-  } else {
-    if (!half_ok(dd) || !half_ok(f16(blk + 2))) return false;
-    *d = f16_bits(blk);
-    *m = f16_bits(blk + 2);
-  }
-  return true;
+  return block_scale_min(blk, type == Q4_0, 8.0f, d, m);
 }
 
 // Types whose groups take the kernels' 5-bit form (codes 0..31, a scale and a min per 32,
@@ -129,12 +135,7 @@ inline bool decode5(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes,
   if (type == Q5_K) {
     const uint8_t* blk = row + (b / 8) * 176;
     const int s = static_cast<int>(b % 8);
-    float sc, mn;
-    scale_min_k4(s, blk + 4, &sc, &mn);
-    const float dd = f16(blk) * sc, mm = -(f16(blk + 2) * mn);
-    if (!half_ok(dd) || !half_ok(mm)) return false;
-    *d = to_half(dd);
-    *m = to_half(mm);
+    if (!k_scale_min(blk, s, d, m)) return false;
     const uint8_t* qh = blk + 16;
     const uint8_t* qs = blk + 48 + (s / 2) * 32;
     for (int l = 0; l < 32; ++l)
@@ -150,41 +151,40 @@ inline bool decode5(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes,
     const int low = l < 16 ? (qs[l] & 0x0F) : (qs[l - 16] >> 4);
     codes[l] = static_cast<uint8_t>(low | (((high >> l) & 1) << 4));
   }
-  const float dd = f16(blk);
-  if (type == Q5_0) {
-    const float mm = -16.0f * dd;  // exact in a half whenever it fits one
-    if (!half_ok(dd) || !half_ok(mm)) return false;
-    *d = f16_bits(blk);
-    *m = to_half(mm);
-  } else {
-    if (!half_ok(dd) || !half_ok(f16(blk + 2))) return false;
-    *d = f16_bits(blk);
-    *m = f16_bits(blk + 2);
-  }
-  return true;
+  return block_scale_min(blk, type == Q5_0, 16.0f, d, m);
 }
 
-// Group b (32 weights) of a Q6_K row -> codes 0..63 (the weight is d_h * (code - 32)) and
-// the scale of each half (16 weights) as half bits: its own codes; a half's scale d * sc (a
-// half times an int8, exact in float32) is rounded to a half, as Q4_K's sub-block scales
-// are (a relative error below 2^-11 against the codes' 2^-6). False when a scale does not
-// fit a half.
-inline bool decode6(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d0, uint16_t* d1) {
-  (void)type;  // Q6_K, laid out as in decode_floats below
+// Group b (32 weights) of a Q6_K row: its codes 0..63 (the weight is d * sc[l / 16] *
+// (code - 32)), its two 16-weight scales sc and the super-block's d. Group b%8 of the
+// super-block: half h of 128, quarter j inside it; value 128h + 32j + l takes the low (j < 2)
+// or high nibble of ql[64h + l + 32 (j & 1)], bits 2j..2j+1 of qh[32h + l] as its top bits,
+// and scale 8h + 2j + l / 16.
+inline void q6_k_group(const uint8_t* row, int64_t b, uint8_t* codes, const int8_t** sc, float* d) {
   const uint8_t* blk = row + (b / 8) * 210;
   const int g = static_cast<int>(b % 8), h = g / 4, j = g % 4;
   const uint8_t* ql = blk + 64 * h + 32 * (j & 1);
   const uint8_t* qh = blk + 128 + 32 * h;
-  const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192) + 8 * h + 2 * j;
-  const float d = f16(blk + 208);
-  const float s0 = d * static_cast<float>(sc[0]), s1 = d * static_cast<float>(sc[1]);
-  if (!half_ok(s0) || !half_ok(s1)) return false;
-  *d0 = to_half(s0);
-  *d1 = to_half(s1);
+  *sc = reinterpret_cast<const int8_t*>(blk + 192) + 8 * h + 2 * j;
+  *d = f16(blk + 208);
   for (int l = 0; l < 32; ++l) {
     const int low = j < 2 ? (ql[l] & 0x0F) : (ql[l] >> 4);
     codes[l] = static_cast<uint8_t>(low | (((qh[l] >> (2 * j)) & 3) << 4));
   }
+}
+
+// Group b of a Q6_K row -> its codes and the scale of each half (16 weights) as half bits:
+// a half's scale d * sc (a half times an int8, exact in float32) is rounded to a half, as
+// Q4_K's sub-block scales are (a relative error below 2^-11 against the codes' 2^-6).
+// False when a scale does not fit a half.
+inline bool decode6(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d0, uint16_t* d1) {
+  (void)type;  // Q6_K
+  const int8_t* sc;
+  float d;
+  q6_k_group(row, b, codes, &sc, &d);
+  const float s0 = d * static_cast<float>(sc[0]), s1 = d * static_cast<float>(sc[1]);
+  if (!half_ok(s0) || !half_ok(s1)) return false;
+  *d0 = to_half(s0);
+  *d1 = to_half(s1);
   return true;
 }
 
@@ -270,20 +270,11 @@ inline void decode_floats(int64_t type, const uint8_t* row, int64_t b, float* w)
       return;
     }
     case Q6_K: {
-      // Group b%8 of 32 in the super-block: half h of 128, quarter j inside it. Value
-      // 128h + 32j + l takes the low (j < 2) or high nibble of ql[64h + l + 32 (j & 1)],
-      // bits 2j..2j+1 of qh[32h + l] as its top bits, and scale 8h + 2j + l / 16.
-      const uint8_t* blk = row + (b / 8) * 210;
-      const int g = static_cast<int>(b % 8), h = g / 4, j = g % 4;
-      const uint8_t* ql = blk + 64 * h + 32 * (j & 1);
-      const uint8_t* qh = blk + 128 + 32 * h;
-      const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192) + 8 * h + 2 * j;
-      const float d = f16(blk + 208);
-      for (int l = 0; l < 32; ++l) {
-        const int low = j < 2 ? (ql[l] & 0x0F) : (ql[l] >> 4);
-        const float q = static_cast<float>(low | (((qh[l] >> (2 * j)) & 3) << 4)) - 32.0f;
-        w[l] = d * (q * static_cast<float>(sc[l / 16]));
-      }
+      uint8_t c[32];
+      const int8_t* sc;
+      float d;
+      q6_k_group(row, b, c, &sc, &d);
+      for (int l = 0; l < 32; ++l) w[l] = d * ((static_cast<float>(c[l]) - 32.0f) * static_cast<float>(sc[l / 16]));
       return;
     }
     default: return;

@@ -123,6 +123,7 @@ constexpr int64_t scale_bytes(Mode m) {  // Q5 has Q4's d and m
 }
 
 int64_t tile_bytes(Mode mode, int64_t kb) { return kb * (code_bytes(mode) + scale_bytes(mode)); }
+constexpr bool has_min(Mode m) { return m == Mode::Q4 || m == Mode::Q5; }  // w = d*q + m
 
 int64_t packed_bytes(Mode mode, int64_t n, int64_t k) {
   return (n + NR - 1) / NR * tile_bytes(mode, k / QK);
@@ -132,30 +133,42 @@ int64_t packed_bytes(Mode mode, int64_t n, int64_t k) {
 // Q4: the nibble is the high one for j >= 16.
 inline int64_t q4_byte(int64_t r, int64_t j) { return ((j & 15) >> 2) * (4 * NR) + 4 * r + (j & 3); }
 inline int64_t q8_byte(int64_t r, int64_t j) { return (j >> 2) * (4 * NR) + 4 * r + (j & 3); }
-// Q5: the low 4 bits at q4_byte(r, j), the top one at q5_top_byte(r, j), bit j / 4.
+// Row r's 32 codes of a Q4 tile-block (the low 4 bits of the codes of Q5 and Q6) into their
+// nibbles (the block's bytes start zero), and one of them back.
+inline void put_q4(uint8_t* block_codes, int64_t r, const uint8_t* c) {
+  // row r's bytes: 4 at q4_byte(r, 4p), p = 0..3, weight 4p+i low and 16+4p+i high
+  uint8_t* dst = block_codes + q4_byte(r, 0);
+  for (int64_t p = 0; p < 4; ++p)
+    for (int64_t i = 0; i < 4; ++i)
+      dst[p * 4 * NR + i] |= static_cast<uint8_t>((c[4 * p + i] & 15) | ((c[16 + 4 * p + i] & 15) << 4));
+}
+inline int q4_code(const uint8_t* block_codes, int64_t r, int64_t j) {
+  return (block_codes[q4_byte(r, j)] >> (j < 16 ? 0 : 4)) & 15;
+}
+// Q5: the low 4 bits as Q4's, the top one at q5_top_byte(r, j), bit j / 4.
 inline int64_t q5_top_byte(int64_t r, int64_t j) { return Q4_CODE_BYTES + 4 * r + (j & 3); }
-inline void put_q5(uint8_t* block_codes, int64_t r, const uint8_t* c) {  // row r's 32 codes
-  for (int64_t j = 0; j < QK; ++j) {
-    block_codes[q4_byte(r, j)] |= static_cast<uint8_t>(j < 16 ? (c[j] & 15) : (c[j] & 15) << 4);
-    block_codes[q5_top_byte(r, j)] |= static_cast<uint8_t>(((c[j] >> 4) & 1) << (j >> 2));
-  }
+inline void put_q5(uint8_t* block_codes, int64_t r, const uint8_t* c) {
+  put_q4(block_codes, r, c);
+  for (int64_t j = 0; j < QK; ++j) block_codes[q5_top_byte(r, j)] |= static_cast<uint8_t>(((c[j] >> 4) & 1) << (j >> 2));
 }
 inline int q5_code(const uint8_t* block_codes, int64_t r, int64_t j) {
-  const int low = (block_codes[q4_byte(r, j)] >> (j < 16 ? 0 : 4)) & 15;
-  return low | (((block_codes[q5_top_byte(r, j)] >> (j >> 2)) & 1) << 4);
+  return q4_code(block_codes, r, j) | (((block_codes[q5_top_byte(r, j)] >> (j >> 2)) & 1) << 4);
 }
 // Q6: the low 4 bits at q4_byte(r, j); the top 2 at q6_top_byte(r, j), bits q6_top_shift(j).
 inline int64_t q6_top_byte(int64_t r, int64_t j) { return Q6_LOW_BYTES + (j >> 4) * (4 * NR) + 4 * r + (j & 3); }
 inline int q6_top_shift(int64_t j) { return static_cast<int>(2 * ((j >> 2) & 3)); }
-inline void put_q6(uint8_t* block_codes, int64_t r, const uint8_t* c) {  // row r's 32 codes
-  for (int64_t j = 0; j < QK; ++j) {
-    block_codes[q4_byte(r, j)] |= static_cast<uint8_t>(j < 16 ? (c[j] & 15) : (c[j] & 15) << 4);
-    block_codes[q6_top_byte(r, j)] |= static_cast<uint8_t>((c[j] >> 4) << q6_top_shift(j));
-  }
+inline void put_q6(uint8_t* block_codes, int64_t r, const uint8_t* c) {
+  put_q4(block_codes, r, c);
+  for (int64_t j = 0; j < QK; ++j) block_codes[q6_top_byte(r, j)] |= static_cast<uint8_t>((c[j] >> 4) << q6_top_shift(j));
+}
+template <Mode M>  // Q4, Q5 or Q6
+inline void put_codes(uint8_t* block_codes, int64_t r, const uint8_t* c) {
+  if constexpr (M == Mode::Q4) put_q4(block_codes, r, c);
+  else if constexpr (M == Mode::Q5) put_q5(block_codes, r, c);
+  else put_q6(block_codes, r, c);
 }
 inline int q6_code(const uint8_t* block_codes, int64_t r, int64_t j) {
-  const int low = (block_codes[q4_byte(r, j)] >> (j < 16 ? 0 : 4)) & 15;
-  return low | (((block_codes[q6_top_byte(r, j)] >> q6_top_shift(j)) & 3) << 4);
+  return q4_code(block_codes, r, j) | (((block_codes[q6_top_byte(r, j)] >> q6_top_shift(j)) & 3) << 4);
 }
 
 // Where a tile-block lives inside its tile. The blocks go in pairs, each pair's codes (2 x
@@ -199,58 +212,67 @@ void check_packed(Mode mode, const torch::Tensor& packed, int64_t n, int64_t k) 
 // ---------------------------------------------------------------------------------------
 // Packing (once per weight; plain loops, parallel over tiles)
 
-// Q4_1's rule: the group's min and max map to codes 0 and 15, d = (max - min) / 15, stored
-// as halves; codes are rounded against the stored (half) d and m, so weights that already
-// are GGUF Q4_1 values d*q + m come back exactly.
-torch::Tensor q4_pack(const torch::Tensor& weight) {
-  check_weight(weight);
-  auto w = weight.to(torch::kFloat).contiguous();
-  const int64_t n = w.size(0), k = w.size(1), kb = k / QK, ntiles = (n + NR - 1) / NR;
-  auto out = torch::zeros({packed_bytes(Mode::Q4, n, k)}, torch::kUInt8);
-  const float* wp = w.data_ptr<float>();
+// Walks every (row, block) of an (N, K) weight in its tile: fn(tile, r, row, b), where tile
+// is the row's tile in `out` and r its row inside it. Parallel over tiles.
+template <typename Fn>
+torch::Tensor pack_by_block(Mode mode, int64_t n, int64_t k, Fn fn) {
+  const int64_t kb = k / QK, ntiles = (n + NR - 1) / NR;
+  auto out = torch::zeros({packed_bytes(mode, n, k)}, torch::kUInt8);
   uint8_t* op = out.data_ptr<uint8_t>();
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      uint8_t* tile = op + t * tile_bytes(Mode::Q4, kb);
-      for (int64_t r = 0; r < NR && t * NR + r < n; ++r) {
-        const float* row = wp + (t * NR + r) * k;
-        for (int64_t b = 0; b < kb; ++b) {
-          const float* g = row + b * QK;
-          float lo = g[0], hi = g[0];
-          for (int64_t i = 1; i < QK; ++i) lo = std::min(lo, g[i]), hi = std::max(hi, g[i]);
-          const uint16_t d16 = float_to_half((hi - lo) / 15.f), m16 = float_to_half(lo);
-          const float d = half_to_float(d16), m = half_to_float(m16);
-          const float id = d > 0.f ? 1.f / d : 0.f;
-          uint8_t* dst = tile + codes_at(Mode::Q4, b);
-          for (int64_t j = 0; j < QK; ++j) {
-            const int c = static_cast<int>(std::min(15.f, std::max(0.f, std::nearbyint((g[j] - m) * id))));
-            dst[q4_byte(r, j)] |= static_cast<uint8_t>(j < 16 ? c : c << 4);
-          }
-          uint16_t* sc = scales_of(tile, Mode::Q4, kb, b);
-          sc[r] = d16;
-          sc[NR + r] = m16;
-        }
-      }
-    }
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t r = 0; r < NR && t * NR + r < n; ++r)
+        for (int64_t b = 0; b < kb; ++b) fn(op + t * tile_bytes(mode, kb), r, t * NR + r, b);
   });
   return out;
 }
 
-// -> codes (N, K) uint8 in 0..15, d (N, K/32) float32, m (N, K/32) float32
-std::vector<torch::Tensor> q4_unpack(const torch::Tensor& packed, int64_t n, int64_t k) {
-  check_packed(Mode::Q4, packed, n, k);
+// Q4 and Q5 from float weights: Q4_1's (Q5_1's) rule, the group's min and max map to codes
+// 0 and 15 (31), d = (max - min) / 15 (31) and m = min stored as halves; codes are rounded
+// against the stored d and m, so weights that already are GGUF Q4_1 values d*q + m come
+// back exactly. (GGUF weights come through pack_gguf; this is for float checkpoints and tests.)
+template <Mode M>
+torch::Tensor pack_min_max(const torch::Tensor& weight) {
+  static_assert(has_min(M), "Q4 or Q5");
+  constexpr float levels = M == Mode::Q4 ? 15.f : 31.f;
+  check_weight(weight);
+  auto w = weight.to(torch::kFloat).contiguous();
+  const int64_t k = w.size(1), kb = k / QK;
+  const float* wp = w.data_ptr<float>();
+  return pack_by_block(M, w.size(0), k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
+    const float* g = wp + row * k + b * QK;
+    float lo = g[0], hi = g[0];
+    for (int64_t i = 1; i < QK; ++i) lo = std::min(lo, g[i]), hi = std::max(hi, g[i]);
+    const uint16_t d16 = float_to_half((hi - lo) / levels), m16 = float_to_half(lo);
+    const float d = half_to_float(d16), m = half_to_float(m16);
+    const float id = d > 0.f ? 1.f / d : 0.f;
+    uint8_t c[QK];
+    for (int64_t j = 0; j < QK; ++j)
+      c[j] = static_cast<uint8_t>(std::min(levels, std::max(0.f, std::nearbyint((g[j] - m) * id))));
+    put_codes<M>(tile + codes_at(M, b), r, c);
+    uint16_t* sc = scales_of(tile, M, kb, b);
+    sc[r] = d16;
+    sc[NR + r] = m16;
+  });
+}
+
+// -> codes (N, K) uint8 in 0..15 (Q4) or 0..31 (Q5), d (N, K/32) float32, m (N, K/32) float32
+template <Mode M>
+std::vector<torch::Tensor> unpack_min_max(const torch::Tensor& packed, int64_t n, int64_t k) {
+  static_assert(has_min(M), "Q4 or Q5");
+  check_packed(M, packed, n, k);
   const int64_t kb = k / QK;
   auto codes = torch::empty({n, k}, torch::kUInt8);
   auto d = torch::empty({n, kb}, torch::kFloat), m = torch::empty({n, kb}, torch::kFloat);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   for (int64_t row = 0; row < n; ++row) {
     const int64_t t = row / NR, r = row % NR;
-    const uint8_t* tile = pp + t * tile_bytes(Mode::Q4, kb);
+    const uint8_t* tile = pp + t * tile_bytes(M, kb);
     for (int64_t b = 0; b < kb; ++b) {
-      const uint8_t* src = tile + codes_at(Mode::Q4, b);
-      const uint16_t* sc = scales_of(tile, Mode::Q4, kb, b);
+      const uint8_t* src = tile + codes_at(M, b);
+      const uint16_t* sc = scales_of(tile, M, kb, b);
       uint8_t* c = codes.data_ptr<uint8_t>() + row * k + b * QK;
-      for (int64_t j = 0; j < QK; ++j) c[j] = j < 16 ? src[q4_byte(r, j)] & 15 : src[q4_byte(r, j)] >> 4;
+      for (int64_t j = 0; j < QK; ++j) c[j] = static_cast<uint8_t>(M == Mode::Q4 ? q4_code(src, r, j) : q5_code(src, r, j));
       d.data_ptr<float>()[row * kb + b] = half_to_float(sc[r]);
       m.data_ptr<float>()[row * kb + b] = half_to_float(sc[NR + r]);
     }
@@ -262,31 +284,20 @@ std::vector<torch::Tensor> q4_unpack(const torch::Tensor& packed, int64_t n, int
 torch::Tensor q8_pack(const torch::Tensor& weight) {
   check_weight(weight);
   auto w = weight.to(torch::kFloat).contiguous();
-  const int64_t n = w.size(0), k = w.size(1), kb = k / QK, ntiles = (n + NR - 1) / NR;
-  auto out = torch::zeros({packed_bytes(Mode::Q8, n, k)}, torch::kUInt8);
+  const int64_t k = w.size(1), kb = k / QK;
   const float* wp = w.data_ptr<float>();
-  uint8_t* op = out.data_ptr<uint8_t>();
-  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      uint8_t* tile = op + t * tile_bytes(Mode::Q8, kb);
-      for (int64_t r = 0; r < NR && t * NR + r < n; ++r) {
-        const float* row = wp + (t * NR + r) * k;
-        for (int64_t b = 0; b < kb; ++b) {
-          const float* g = row + b * QK;
-          float amax = 0.f;
-          for (int64_t i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(g[i]));
-          const uint16_t d16 = float_to_half(amax / 127.f);
-          const float d = half_to_float(d16);
-          const float id = d > 0.f ? 1.f / d : 0.f;
-          int8_t* dst = reinterpret_cast<int8_t*>(tile + codes_at(Mode::Q8, b));
-          for (int64_t j = 0; j < QK; ++j)
-            dst[q8_byte(r, j)] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(g[j] * id))));
-          scales_of(tile, Mode::Q8, kb, b)[r] = d16;
-        }
-      }
-    }
+  return pack_by_block(Mode::Q8, w.size(0), k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
+    const float* g = wp + row * k + b * QK;
+    float amax = 0.f;
+    for (int64_t i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(g[i]));
+    const uint16_t d16 = float_to_half(amax / 127.f);
+    const float d = half_to_float(d16);
+    const float id = d > 0.f ? 1.f / d : 0.f;
+    int8_t* dst = reinterpret_cast<int8_t*>(tile + codes_at(Mode::Q8, b));
+    for (int64_t j = 0; j < QK; ++j)
+      dst[q8_byte(r, j)] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(g[j] * id))));
+    scales_of(tile, Mode::Q8, kb, b)[r] = d16;
   });
-  return out;
 }
 
 // -> codes (N, K) int8, d (N, K/32) float32
@@ -309,93 +320,29 @@ std::vector<torch::Tensor> q8_unpack(const torch::Tensor& packed, int64_t n, int
   return {codes, d};
 }
 
-// Q5 from float weights (tests; GGUF weights come through pack_gguf): Q5_1's rule, the
-// group's min and max map to codes 0 and 31, d = (max - min) / 31 and m = min as halves.
-torch::Tensor q5_pack(const torch::Tensor& weight) {
-  check_weight(weight);
-  auto w = weight.to(torch::kFloat).contiguous();
-  const int64_t n = w.size(0), k = w.size(1), kb = k / QK, ntiles = (n + NR - 1) / NR;
-  auto out = torch::zeros({packed_bytes(Mode::Q5, n, k)}, torch::kUInt8);
-  const float* wp = w.data_ptr<float>();
-  uint8_t* op = out.data_ptr<uint8_t>();
-  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      uint8_t* tile = op + t * tile_bytes(Mode::Q5, kb);
-      for (int64_t r = 0; r < NR && t * NR + r < n; ++r)
-        for (int64_t b = 0; b < kb; ++b) {
-          const float* g = wp + (t * NR + r) * k + b * QK;
-          float lo = g[0], hi = g[0];
-          for (int64_t i = 1; i < QK; ++i) lo = std::min(lo, g[i]), hi = std::max(hi, g[i]);
-          const uint16_t d16 = float_to_half((hi - lo) / 31.f), m16 = float_to_half(lo);
-          const float d = half_to_float(d16), m = half_to_float(m16);
-          const float id = d > 0.f ? 1.f / d : 0.f;
-          uint8_t c[QK];
-          for (int64_t j = 0; j < QK; ++j)
-            c[j] = static_cast<uint8_t>(std::min(31.f, std::max(0.f, std::nearbyint((g[j] - m) * id))));
-          put_q5(tile + codes_at(Mode::Q5, b), r, c);
-          uint16_t* sc = scales_of(tile, Mode::Q5, kb, b);
-          sc[r] = d16;
-          sc[NR + r] = m16;
-        }
-    }
-  });
-  return out;
-}
-
-// -> codes (N, K) uint8 in 0..31, d (N, K/32) float32, m (N, K/32) float32
-std::vector<torch::Tensor> q5_unpack(const torch::Tensor& packed, int64_t n, int64_t k) {
-  check_packed(Mode::Q5, packed, n, k);
-  const int64_t kb = k / QK;
-  auto codes = torch::empty({n, k}, torch::kUInt8);
-  auto d = torch::empty({n, kb}, torch::kFloat), m = torch::empty({n, kb}, torch::kFloat);
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
-  for (int64_t row = 0; row < n; ++row) {
-    const int64_t t = row / NR, r = row % NR;
-    const uint8_t* tile = pp + t * tile_bytes(Mode::Q5, kb);
-    for (int64_t b = 0; b < kb; ++b) {
-      const uint8_t* src = tile + codes_at(Mode::Q5, b);
-      const uint16_t* sc = scales_of(tile, Mode::Q5, kb, b);
-      uint8_t* c = codes.data_ptr<uint8_t>() + row * k + b * QK;
-      for (int64_t j = 0; j < QK; ++j) c[j] = static_cast<uint8_t>(q5_code(src, r, j));
-      d.data_ptr<float>()[row * kb + b] = half_to_float(sc[r]);
-      m.data_ptr<float>()[row * kb + b] = half_to_float(sc[NR + r]);
-    }
-  }
-  return {codes, d, m};
-}
-
 // Q6 from float weights (tests; GGUF weights come through pack_gguf): per half of a group,
 // d = max|w| / 31 (half), codes round(w / d) + 32, so 1..63.
 torch::Tensor q6_pack(const torch::Tensor& weight) {
   check_weight(weight);
   auto w = weight.to(torch::kFloat).contiguous();
-  const int64_t n = w.size(0), k = w.size(1), kb = k / QK, ntiles = (n + NR - 1) / NR;
-  auto out = torch::zeros({packed_bytes(Mode::Q6, n, k)}, torch::kUInt8);
+  const int64_t k = w.size(1), kb = k / QK;
   const float* wp = w.data_ptr<float>();
-  uint8_t* op = out.data_ptr<uint8_t>();
-  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      uint8_t* tile = op + t * tile_bytes(Mode::Q6, kb);
-      for (int64_t r = 0; r < NR && t * NR + r < n; ++r)
-        for (int64_t b = 0; b < kb; ++b) {
-          const float* g = wp + (t * NR + r) * k + b * QK;
-          uint8_t c[QK];
-          uint16_t* sc = scales_of(tile, Mode::Q6, kb, b);
-          for (int64_t h = 0; h < 2; ++h) {
-            float amax = 0.f;
-            for (int64_t i = 16 * h; i < 16 * h + 16; ++i) amax = std::max(amax, std::fabs(g[i]));
-            const uint16_t d16 = float_to_half(amax / 31.f);
-            const float d = half_to_float(d16);
-            const float id = d > 0.f ? 1.f / d : 0.f;
-            for (int64_t i = 16 * h; i < 16 * h + 16; ++i)
-              c[i] = static_cast<uint8_t>(32.f + std::min(31.f, std::max(-32.f, std::nearbyint(g[i] * id))));
-            sc[h * NR + r] = d16;
-          }
-          put_q6(tile + codes_at(Mode::Q6, b), r, c);
-        }
+  return pack_by_block(Mode::Q6, w.size(0), k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
+    const float* g = wp + row * k + b * QK;
+    uint8_t c[QK];
+    uint16_t* sc = scales_of(tile, Mode::Q6, kb, b);
+    for (int64_t h = 0; h < 2; ++h) {
+      float amax = 0.f;
+      for (int64_t i = 16 * h; i < 16 * h + 16; ++i) amax = std::max(amax, std::fabs(g[i]));
+      const uint16_t d16 = float_to_half(amax / 31.f);
+      const float d = half_to_float(d16);
+      const float id = d > 0.f ? 1.f / d : 0.f;
+      for (int64_t i = 16 * h; i < 16 * h + 16; ++i)
+        c[i] = static_cast<uint8_t>(32.f + std::min(31.f, std::max(-32.f, std::nearbyint(g[i] * id))));
+      sc[h * NR + r] = d16;
     }
+    put_q6(tile + codes_at(Mode::Q6, b), r, c);
   });
-  return out;
 }
 
 // -> codes (N, K) uint8 in 0..63 (standing for code - 32), d (N, 2 K/32) float32: one per 16
@@ -431,21 +378,6 @@ void check_codes(const torch::Tensor& codes, const torch::Tensor& d, torch::Scal
               "scales must be contiguous float16 (N, K/32)");
 }
 
-// Walks every (row, block) of an (N, K) weight in its tile: fn(tile, r, row, b), where tile
-// is the row's tile in `out` and r its row inside it. Parallel over tiles.
-template <typename Fn>
-torch::Tensor pack_by_block(Mode mode, int64_t n, int64_t k, Fn fn) {
-  const int64_t kb = k / QK, ntiles = (n + NR - 1) / NR;
-  auto out = torch::zeros({packed_bytes(mode, n, k)}, torch::kUInt8);
-  uint8_t* op = out.data_ptr<uint8_t>();
-  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t r = 0; r < NR && t * NR + r < n; ++r)
-        for (int64_t b = 0; b < kb; ++b) fn(op + t * tile_bytes(mode, kb), r, t * NR + r, b);
-  });
-  return out;
-}
-
 torch::Tensor q4_pack_codes(const torch::Tensor& codes, const torch::Tensor& d, const torch::Tensor& m) {
   check_codes(codes, d, torch::kUInt8);
   TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == torch::kHalf && m.is_contiguous(),
@@ -455,12 +387,7 @@ torch::Tensor q4_pack_codes(const torch::Tensor& codes, const torch::Tensor& d, 
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>());
   return pack_by_block(Mode::Q4, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
-    const uint8_t* g = cp + row * k + b * QK;
-    uint8_t* dst = tile + codes_at(Mode::Q4, b);
-    for (int64_t j = 0; j < QK; ++j) {
-      const uint8_t c = g[j] & 15;
-      dst[q4_byte(r, j)] |= static_cast<uint8_t>(j < 16 ? c : c << 4);
-    }
+    put_q4(tile + codes_at(Mode::Q4, b), r, cp + row * k + b * QK);
     uint16_t* sc = scales_of(tile, Mode::Q4, kb, b);
     sc[r] = dp[row * kb + b];
     sc[NR + r] = mp[row * kb + b];
@@ -527,41 +454,25 @@ torch::Tensor pack_gguf(int64_t bits, const std::vector<torch::Tensor>& raws, co
   const int64_t n = static_cast<int64_t>(row_ptr.size()), kb = k / QK;
   std::atomic<bool> in_range{true};
   torch::Tensor out;
+  // The 4-, 5- and 6-bit forms: codes and two halves a row (d and m, or d0 and d1).
+  auto two_scales = [&](auto form, auto decode) {
+    constexpr Mode M = decltype(form)::value;
+    return pack_by_block(M, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
+      uint8_t c[QK];
+      uint16_t s0, s1;
+      if (!decode(row_type[row], row_ptr[row], b, c, &s0, &s1)) in_range = false;
+      put_codes<M>(tile + codes_at(M, b), r, c);
+      uint16_t* sc = scales_of(tile, M, kb, b);
+      sc[r] = s0;
+      sc[NR + r] = s1;
+    });
+  };
   if (bits == 4) {
-    out = pack_by_block(Mode::Q4, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
-      uint8_t c[QK];
-      uint16_t d, m;
-      if (!gguf::decode4(row_type[row], row_ptr[row], b, c, &d, &m)) in_range = false;
-      // Row r's bytes of the block: 4 at q4_byte(r, 4p) for p = 0..3, weight 4p+i in the
-      // low nibble and 16+4p+i in the high one; each is written once, so plain stores.
-      uint8_t* dst = tile + codes_at(Mode::Q4, b) + q4_byte(r, 0);
-      for (int64_t p = 0; p < 4; ++p)
-        for (int64_t i = 0; i < 4; ++i)
-          dst[p * 4 * NR + i] = static_cast<uint8_t>(c[4 * p + i] | (c[16 + 4 * p + i] << 4));
-      uint16_t* sc = scales_of(tile, Mode::Q4, kb, b);
-      sc[r] = d;
-      sc[NR + r] = m;
-    });
+    out = two_scales(std::integral_constant<Mode, Mode::Q4>{}, gguf::decode4);
   } else if (bits == 5) {
-    out = pack_by_block(Mode::Q5, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
-      uint8_t c[QK];
-      uint16_t d, m;
-      if (!gguf::decode5(row_type[row], row_ptr[row], b, c, &d, &m)) in_range = false;
-      put_q5(tile + codes_at(Mode::Q5, b), r, c);
-      uint16_t* sc = scales_of(tile, Mode::Q5, kb, b);
-      sc[r] = d;
-      sc[NR + r] = m;
-    });
+    out = two_scales(std::integral_constant<Mode, Mode::Q5>{}, gguf::decode5);
   } else if (bits == 6) {
-    out = pack_by_block(Mode::Q6, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
-      uint8_t c[QK];
-      uint16_t d0, d1;
-      if (!gguf::decode6(row_type[row], row_ptr[row], b, c, &d0, &d1)) in_range = false;
-      put_q6(tile + codes_at(Mode::Q6, b), r, c);
-      uint16_t* sc = scales_of(tile, Mode::Q6, kb, b);
-      sc[r] = d0;
-      sc[NR + r] = d1;
-    });
+    out = two_scales(std::integral_constant<Mode, Mode::Q6>{}, gguf::decode6);
   } else {
     out = pack_by_block(Mode::Q8, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
       int8_t c[QK];
@@ -700,8 +611,6 @@ inline void store_row(float* dst, const float* tile_out, const float* bias, int6
 
 // Matmul kernels: one tile of 16 output rows against MR activation rows, all K.
 // out[r][j] = result for activation row r and tile row j (before bias).
-
-constexpr bool has_min(Mode m) { return m == Mode::Q4 || m == Mode::Q5; }
 
 template <Mode M>  // Q4 or Q5: the same math on 4- or 5-bit codes
 void q4_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, int64_t m0, int64_t mr,
@@ -1433,24 +1342,11 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
   return out_dtype == torch::kFloat ? y : y.to(out_dtype);
 }
 
-torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
+// qlinear for one form, as the module exposes it (q4_linear, q5_linear, ...).
+template <Mode M>
+torch::Tensor linear_of(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
                         const c10::optional<torch::Tensor>& bias, int64_t impl, int64_t mr_max) {
-  return qlinear(Mode::Q4, x, packed, n, bias, impl, mr_max);
-}
-
-torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
-                        const c10::optional<torch::Tensor>& bias, int64_t impl, int64_t mr_max) {
-  return qlinear(Mode::Q8, x, packed, n, bias, impl, mr_max);
-}
-
-torch::Tensor q6_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
-                        const c10::optional<torch::Tensor>& bias, int64_t impl, int64_t mr_max) {
-  return qlinear(Mode::Q6, x, packed, n, bias, impl, mr_max);
-}
-
-torch::Tensor q5_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
-                        const c10::optional<torch::Tensor>& bias, int64_t impl, int64_t mr_max) {
-  return qlinear(Mode::Q5, x, packed, n, bias, impl, mr_max);
+  return qlinear(M, x, packed, n, bias, impl, mr_max);
 }
 
 // The activation quantization alone, for tests: -> a (M, K) int8, e (M, K/32), s (M, K/32).
@@ -1482,12 +1378,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     TORCH_CHECK(mode == "q4" || mode == "q5" || mode == "q6" || mode == "q8", "mode: q4, q5, q6 or q8");
     return packed_bytes(mode == "q4" ? Mode::Q4 : mode == "q5" ? Mode::Q5 : mode == "q6" ? Mode::Q6 : Mode::Q8, n, k);
   });
-  m.def("q4_pack", &q4_pack, nogil, "float (N, K) -> packed Q4 (uint8)");
-  m.def("q4_unpack", &q4_unpack, nogil, "packed Q4 -> codes (N, K) uint8, d (N, K/32), m (N, K/32)");
+  m.def("q4_pack", &pack_min_max<Mode::Q4>, nogil, "float (N, K) -> packed Q4 (uint8)");
+  m.def("q4_unpack", &unpack_min_max<Mode::Q4>, nogil, "packed Q4 -> codes (N, K) uint8, d (N, K/32), m (N, K/32)");
   m.def("q8_pack", &q8_pack, nogil, "float (N, K) -> packed Q8 (uint8)");
   m.def("q8_unpack", &q8_unpack, nogil, "packed Q8 -> codes (N, K) int8, d (N, K/32)");
-  m.def("q5_pack", &q5_pack, nogil, "float (N, K) -> packed Q5 (uint8)");
-  m.def("q5_unpack", &q5_unpack, nogil, "packed Q5 -> codes (N, K) uint8 0..31, d (N, K/32), m (N, K/32)");
+  m.def("q5_pack", &pack_min_max<Mode::Q5>, nogil, "float (N, K) -> packed Q5 (uint8)");
+  m.def("q5_unpack", &unpack_min_max<Mode::Q5>, nogil, "packed Q5 -> codes (N, K) uint8 0..31, d (N, K/32), m (N, K/32)");
   m.def("q6_pack", &q6_pack, nogil, "float (N, K) -> packed Q6 (uint8)");
   m.def("q6_unpack", &q6_unpack, nogil, "packed Q6 -> codes (N, K) uint8 0..63 (standing for code - 32), d (N, K/16)");
   m.def("q4_pack_codes", &q4_pack_codes, nogil, "codes (N, K) uint8 0..15, d, m (N, K/32) float16 -> packed Q4");
@@ -1499,12 +1395,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("raw"), py::arg("type"), py::arg("ids"), py::arg("k"));
   m.def("quantize_act", &quantize_act, nogil, "x (M, K) -> int8 codes, scales, scale*sum per block of 32",
         py::arg("x"), py::arg("impl") = 0);
-  m.def("q4_linear", &q4_linear, nogil, "x (M, K) @ Q4 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
+  m.def("q4_linear", &linear_of<Mode::Q4>, nogil, "x (M, K) @ Q4 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
-  m.def("q8_linear", &q8_linear, nogil, "x (M, K) @ Q8 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
+  m.def("q8_linear", &linear_of<Mode::Q8>, nogil, "x (M, K) @ Q8 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
-  m.def("q5_linear", &q5_linear, nogil, "x (M, K) @ Q5 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
+  m.def("q5_linear", &linear_of<Mode::Q5>, nogil, "x (M, K) @ Q5 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
-  m.def("q6_linear", &q6_linear, nogil, "x (M, K) @ Q6 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
+  m.def("q6_linear", &linear_of<Mode::Q6>, nogil, "x (M, K) @ Q6 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
 }
