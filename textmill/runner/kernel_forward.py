@@ -12,7 +12,7 @@ is most of a decode step. Per layer:
 
 The residual stream h stays one float32 buffer updated in place, and each RMSNorm is fused
 with the residual add before it. The linears are whatever the runner installed (nn.Linear,
-or runner/qlinear.py's 4/8-bit kernels), so this module owns only the order of the calls.
+or runner/qlinear.py's 4- to 8-bit kernels), so this module owns only the order of the calls.
 Built only for exact llama.LlamaForCausalLM / qwen2 instances whose layers runner/fused.py
 has fused; anything else keeps the model's own forward.
 """
