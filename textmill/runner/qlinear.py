@@ -32,8 +32,7 @@ from torch import nn
 from textmill.kernels import load
 from textmill.loader.group_codes import CodesRef, GroupCodes
 
-MODES = ("q4", "q8", "q6", "q5")
-_FORM_BITS = {"q4": 4, "q5": 5, "q6": 6, "q8": 8}
+MODES = ("q4", "q5", "q6", "q8")  # "q<bits>": CodesRef.bits names the form
 GROUP = 32
 # Scales and the Q4 min are halves: weights beyond this magnitude would overflow them.
 _HALF_MAX = 65504.0
@@ -123,8 +122,7 @@ class QLinear(nn.Module):
             if "half range" in str(exc):
                 raise OutOfHalfRange(str(exc)) from None
             raise
-        mode = next(m for m, b in _FORM_BITS.items() if b == bits)
-        return cls(packed, k, sum(r.shape[0] for r in refs), _own_bias(bias), mode)
+        return cls(packed, k, sum(r.shape[0] for r in refs), _own_bias(bias), f"q{bits}")
 
     def op(self):
         """The kernel for this layer's form: op(x, packed, out_features, bias)."""

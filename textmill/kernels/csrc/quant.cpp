@@ -125,6 +125,17 @@ constexpr int64_t scale_bytes(Mode m) {  // Q5 has Q4's d and m
 int64_t tile_bytes(Mode mode, int64_t kb) { return kb * (code_bytes(mode) + scale_bytes(mode)); }
 constexpr bool has_min(Mode m) { return m == Mode::Q4 || m == Mode::Q5; }  // w = d*q + m
 
+// fn(std::integral_constant<Mode, M>{}) for the runtime mode: the kernels are templates on it.
+template <typename Fn>
+inline void with_mode(Mode mode, Fn fn) {
+  switch (mode) {
+    case Mode::Q4: return fn(std::integral_constant<Mode, Mode::Q4>{});
+    case Mode::Q5: return fn(std::integral_constant<Mode, Mode::Q5>{});
+    case Mode::Q6: return fn(std::integral_constant<Mode, Mode::Q6>{});
+    case Mode::Q8: return fn(std::integral_constant<Mode, Mode::Q8>{});
+  }
+}
+
 int64_t packed_bytes(Mode mode, int64_t n, int64_t k) {
   return (n + NR - 1) / NR * tile_bytes(mode, k / QK);
 }
@@ -455,7 +466,7 @@ torch::Tensor pack_gguf(int64_t bits, const std::vector<torch::Tensor>& raws, co
   std::atomic<bool> in_range{true};
   torch::Tensor out;
   // The 4-, 5- and 6-bit forms: codes and two halves a row (d and m, or d0 and d1).
-  auto two_scales = [&](auto form, auto decode) {
+  auto two_scales = [&](auto form, auto decode) {  // form: std::integral_constant<Mode, M>
     constexpr Mode M = decltype(form)::value;
     return pack_by_block(M, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
       uint8_t c[QK];
@@ -1169,10 +1180,7 @@ void tile_simd(Mode mode, const uint8_t* tile, int64_t kb, int64_t ncols, const 
                const float* s, const int32_t* off, float (*out)[NR]) {
 #ifdef TM_VNNI512
   (void)ncols;
-  if (mode == Mode::Q4) tile_avx512<Mode::Q4, MR>(tile, kb, act, e, s, off, out);
-  else if (mode == Mode::Q8) tile_avx512<Mode::Q8, MR>(tile, kb, act, e, s, off, out);
-  else if (mode == Mode::Q6) tile_avx512<Mode::Q6, MR>(tile, kb, act, e, s, off, out);
-  else tile_avx512<Mode::Q5, MR>(tile, kb, act, e, s, off, out);
+  with_mode(mode, [&](auto m) { tile_avx512<decltype(m)::value, MR>(tile, kb, act, e, s, off, out); });
 #else
   for (int h = 0; h * NH < ncols; ++h) {
     if (mode == Mode::Q4) q4_tile_avx2<Mode::Q4, MR>(tile, kb, h, act, e, s, out);
@@ -1289,10 +1297,9 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
         alignas(64) __m512 acc[BLOCK_MAJOR_ROWS];
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t ncols = std::min<int64_t>(NR, n - t * NR);
-          if (mode == Mode::Q4) tile_rows_avx512<Mode::Q4>(pp + t * tbytes, kb, q.a, k, m, q.e, q.s, q.off, acc);
-          else if (mode == Mode::Q8) tile_rows_avx512<Mode::Q8>(pp + t * tbytes, kb, q.a, k, m, q.e, q.s, q.off, acc);
-          else if (mode == Mode::Q6) tile_rows_avx512<Mode::Q6>(pp + t * tbytes, kb, q.a, k, m, q.e, q.s, q.off, acc);
-          else tile_rows_avx512<Mode::Q5>(pp + t * tbytes, kb, q.a, k, m, q.e, q.s, q.off, acc);
+          with_mode(mode, [&](auto form) {
+            tile_rows_avx512<decltype(form)::value>(pp + t * tbytes, kb, q.a, k, m, q.e, q.s, q.off, acc);
+          });
           for (int64_t r = 0; r < m; ++r) {
             _mm512_store_ps(out[0], acc[r]);
             store_row(yp + r * n + t * NR, out[0], bp ? bp + t * NR : nullptr, ncols);
