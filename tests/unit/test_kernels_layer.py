@@ -392,7 +392,9 @@ class PagedCase:
         return out
 
 
-HEADS = [(9, 3), (4, 4), (6, 2)]  # GQA 3, plain multi-head, GQA 3 with few heads
+# GQA 3, plain multi-head, GQA 3 with few heads, GQA 4 (one full block of queries that
+# share each key row in the kernel), GQA 7 (a full block and a remainder of 3)
+HEADS = [(9, 3), (4, 4), (6, 2), (8, 2), (14, 2)]
 
 
 @pytest.mark.parametrize("num_seqs", [1, 3, 16, 64])
@@ -451,12 +453,13 @@ def test_paged_attention_softcap(ops, softcap, window):
     torch.testing.assert_close(case.run(ops, **kw), case.reference(**kw), **TOL)
 
 
-def test_paged_attention_threads_and_batch_do_not_change_a_row(ops):
+@pytest.mark.parametrize("hq,hkv", [(9, 3), (8, 2), (14, 2)])
+def test_paged_attention_threads_and_batch_do_not_change_a_row(ops, hq, hkv):
     """Every row is computed the same way whatever the rest of the batch and the thread
     count (the kernel splits long decodes over threads only when it has few tasks): the
     outputs are bitwise equal, which keeps seeded sampling reproducible under load."""
     seqs = [(1099, 1), (2000, 1), (37, 1), (200, 90)]
-    case = PagedCase(seqs, 9, 3, 64, 16, seed=5)
+    case = PagedCase(seqs, hq, hkv, 64, 16, seed=5)
     with threads(1):
         one = case.run(ops)
     with threads(2):
@@ -465,7 +468,7 @@ def test_paged_attention_threads_and_batch_do_not_change_a_row(ops):
     torch.testing.assert_close(one, case.reference(), **TOL)
     # Each sequence alone (few tasks: long contexts are split over threads) gives the same rows.
     for b, (start, rows) in enumerate(seqs):
-        alone = PagedCase([(start, rows)], 9, 3, 64, 16)
+        alone = PagedCase([(start, rows)], hq, hkv, 64, 16)
         alone.cache, alone.block_table = case.cache, case.block_table[b : b + 1]
         alone.q = case.q[case.query_start[b] : case.query_start[b + 1]].clone()
         for n in (1, 2):
@@ -570,6 +573,8 @@ def _cases_16bit():
         ("decode", [(c - 1, 1) for c in (1, 17, 130, 300, 1025)], 9, 3, 64, 16),
         ("mixed", [(5, 6), (13, 1), (0, 7), (100, 64), (250, 20), (40, 0), (1023, 1), (300, 33)], 9, 3, 64, 16),
         ("mha, d=128", [(0, 20), (200, 1), (31, 9)], 4, 4, 128, 16),
+        ("gqa 4, d=256", [(0, 20), (300, 1), (31, 9)], 4, 1, 256, 16),
+        ("gqa 7", [(0, 20), (200, 1), (31, 9)], 14, 2, 64, 16),
         ("d=20, block 1", [(5, 6), (13, 1), (270, 3)], 6, 2, 20, 1),
         ("d=4", [(3, 2), (0, 5)], 2, 1, 4, 4),
     ]
@@ -610,3 +615,40 @@ def test_kv_kernels_reject_other_cache_dtypes(ops):
     with pytest.raises(RuntimeError, match="kv_cache: must be float32, float16 or bfloat16"):
         ops.rope_kv_write(torch.zeros(1, 12), torch.tensor([1]), cos, sin, torch.zeros(2, 2, 1, 4, dtype=torch.int16),
                           torch.tensor([0]), 1, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,flags", [
+    ("avx2", ["-mno-avx512f"]),  # 8-wide registers: two queries share a key row, not four
+    ("baseline-x86-64", ["-march=x86-64", "-mtune=generic"]),  # the scalar fallback
+])
+def test_other_builds_of_paged_attention(variant, flags):
+    """The paths this machine does not run, built here with the ISA extensions switched off
+    (after -march=native): each against the float64 reference, with rows that do not
+    depend on the batch or the thread count, on float32 and 16-bit pools."""
+    from torch.utils import cpp_extension
+
+    from textmill.kernels.build import CFLAGS, CSRC, _cache_root
+
+    if platform.machine() != "x86_64" or not shutil.which("c++"):
+        pytest.skip("these variants are x86-64 builds")
+    build_dir = _cache_root() / f"layer-{variant}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    other = cpp_extension.load(name=f"textmill_layer_{variant.replace('-', '_')}", sources=[str(CSRC / "layer.cpp")],
+                               extra_cflags=[*CFLAGS, *flags], extra_ldflags=["-fopenmp"],
+                               build_directory=str(build_dir))
+    seqs = [(1099, 1), (37, 1), (0, 7), (200, 40), (300, 1)]
+    for hq, hkv, d in [(9, 3, 64), (8, 2, 64), (14, 2, 20), (4, 1, 256)]:
+        case = PagedCase(seqs, hq, hkv, d, 16, seed=hq + d)
+        for kv_dtype in (torch.float32, *KV16):
+            case.cache = case.cache.to(kv_dtype)
+            with threads(2):
+                out = case.run(other)
+            torch.testing.assert_close(out, case.reference(), **TOL)
+            with threads(1):
+                assert torch.equal(case.run(other), out)
+            start, rows = seqs[3]
+            alone = PagedCase([(start, rows)], hq, hkv, d, 16)
+            alone.cache, alone.block_table = case.cache, case.block_table[3:4]
+            alone.q = case.q[case.query_start[3] : case.query_start[4]].clone()
+            assert torch.equal(alone.run(other), out[case.query_start[3] : case.query_start[4]])

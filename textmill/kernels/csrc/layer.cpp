@@ -614,88 +614,163 @@ inline void fold_state(float* acc_a, float& m_a, float& l_a, const float* acc_b,
   for (; i < d; ++i) acc_a[i] = acc_b[i] * sb + acc_a[i] * sa;
 }
 
-// q . k for keys [0, n) into out. Four keys at a time for instruction-level parallelism,
-// yet every key goes through the same operations in the same order (one accumulator over
-// D, then sum()'s tree, then the scalar tail) wherever it falls in the group of four: the
-// batch invariance above relies on it.
-template <typename KV>
-inline void dots(const float* q, const KV* const* k, int64_t n, int64_t d, float* out) {
+// Query vectors that share each key and value row a load brings in: the G heads of a kv
+// head read the same keys. Four queries x four keys of accumulators fit in AVX-512's 32
+// registers beside the key rows; AVX2 has 16, which hold two.
+constexpr int kQueryBlock = W == 16 ? 4 : 2;
+
+// q_b . k_j for QB query rows q_b = q + b * q_stride and keys [0, n), into
+// out[b * out_stride + j]. Four keys at a time for instruction-level parallelism, yet each
+// (query, key) goes through the same operations in the same order (one accumulator over
+// D, then sum()'s tree, then the scalar tail) wherever it falls in the group of four and
+// however many queries share the pass: the batch invariance above relies on it.
+template <int QB, typename KV>
+inline void dots_block(const float* q, int64_t q_stride, const KV* const* k, int64_t n, int64_t d, float* out,
+                       int64_t out_stride) {
   using IO = KVIO<KV>;
   const int64_t dv = d - d % W;
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
     const KV *k0 = k[j], *k1 = k[j + 1], *k2 = k[j + 2], *k3 = k[j + 3];
-    Vec::T a0 = Vec::zero(), a1 = Vec::zero(), a2 = Vec::zero(), a3 = Vec::zero();
+    Vec::T a[QB][4];
+#pragma GCC unroll 4
+    for (int b = 0; b < QB; ++b) a[b][0] = a[b][1] = a[b][2] = a[b][3] = Vec::zero();
     for (int64_t i = 0; i < dv; i += W) {
-      const Vec::T qv = Vec::load(q + i);
-      a0 = Vec::fma(qv, IO::load(k0 + i), a0);
-      a1 = Vec::fma(qv, IO::load(k1 + i), a1);
-      a2 = Vec::fma(qv, IO::load(k2 + i), a2);
-      a3 = Vec::fma(qv, IO::load(k3 + i), a3);
+      const Vec::T x0 = IO::load(k0 + i), x1 = IO::load(k1 + i), x2 = IO::load(k2 + i), x3 = IO::load(k3 + i);
+  #pragma GCC unroll 4
+    for (int b = 0; b < QB; ++b) {
+        const Vec::T qv = Vec::load(q + b * q_stride + i);
+        a[b][0] = Vec::fma(qv, x0, a[b][0]);
+        a[b][1] = Vec::fma(qv, x1, a[b][1]);
+        a[b][2] = Vec::fma(qv, x2, a[b][2]);
+        a[b][3] = Vec::fma(qv, x3, a[b][3]);
+      }
     }
-    Vec::sum4(a0, a1, a2, a3, out + j);
-    for (int64_t i = dv; i < d; ++i) {  // std::fma: no room for the compiler to differ by path
-      out[j] = std::fma(q[i], IO::to_float(k0[i]), out[j]);
-      out[j + 1] = std::fma(q[i], IO::to_float(k1[i]), out[j + 1]);
-      out[j + 2] = std::fma(q[i], IO::to_float(k2[i]), out[j + 2]);
-      out[j + 3] = std::fma(q[i], IO::to_float(k3[i]), out[j + 3]);
+#pragma GCC unroll 4
+    for (int b = 0; b < QB; ++b) {
+      const float* qb = q + b * q_stride;
+      float* o = out + b * out_stride + j;
+      Vec::sum4(a[b][0], a[b][1], a[b][2], a[b][3], o);
+      for (int64_t i = dv; i < d; ++i) {  // std::fma: no room for the compiler to differ by path
+        o[0] = std::fma(qb[i], IO::to_float(k0[i]), o[0]);
+        o[1] = std::fma(qb[i], IO::to_float(k1[i]), o[1]);
+        o[2] = std::fma(qb[i], IO::to_float(k2[i]), o[2]);
+        o[3] = std::fma(qb[i], IO::to_float(k3[i]), o[3]);
+      }
     }
   }
   for (; j < n; ++j) {
-    Vec::T a0 = Vec::zero();
-    for (int64_t i = 0; i < dv; i += W) a0 = Vec::fma(Vec::load(q + i), IO::load(k[j] + i), a0);
-    float s = Vec::sum(a0);
-    for (int64_t i = dv; i < d; ++i) s = std::fma(q[i], IO::to_float(k[j][i]), s);
-    out[j] = s;
+#pragma GCC unroll 4
+    for (int b = 0; b < QB; ++b) {
+      const float* qb = q + b * q_stride;
+      Vec::T a0 = Vec::zero();
+      for (int64_t i = 0; i < dv; i += W) a0 = Vec::fma(Vec::load(qb + i), IO::load(k[j] + i), a0);
+      float s = Vec::sum(a0);
+      for (int64_t i = dv; i < d; ++i) s = std::fma(qb[i], IO::to_float(k[j][i]), s);
+      out[b * out_stride + j] = s;
+    }
   }
 }
 
+// f(std::integral_constant<int, QB>, first query) over nq queries in blocks of
+// kQueryBlock, the remainder in one smaller block.
+template <typename F>
+inline void by_query_blocks(int64_t nq, F&& f) {
+  int64_t b = 0;
+  for (; b + kQueryBlock <= nq; b += kQueryBlock) f(std::integral_constant<int, kQueryBlock>{}, b);
+  switch (nq - b) {
+    case 1: f(std::integral_constant<int, 1>{}, b); break;
+    case 2: f(std::integral_constant<int, 2>{}, b); break;
+    case 3: f(std::integral_constant<int, 3>{}, b); break;
+    default: break;
+  }
+}
+
+// dots_block over nq query rows of D floats each (q), their scores out_stride apart.
+template <typename KV>
+inline void dots(const float* q, int64_t nq, const KV* const* k, int64_t n, int64_t d, float* out, int64_t out_stride) {
+  by_query_blocks(nq, [&](auto qb, int64_t b) {
+    dots_block<decltype(qb)::value>(q + b * d, d, k, n, d, out + b * out_stride, out_stride);
+  });
+}
+
 // Asks for the cache lines of K and V rows ahead of their use: a tile's rows are scattered
-// over the pool (one run per block), beyond what the hardware prefetcher predicts.
+// over the pool (one run per block), beyond what the hardware prefetcher predicts. Into L2
+// (prefetcht1), not L1: a tile is ~128 lines, several times the misses L1 can track, and
+// asked into L1 most of them never came ahead of use (a pool read from DRAM: 0.54-0.76x
+// the time with L2, Zen 4, docs/performance.md).
 template <typename KV>
 inline void prefetch_rows(const KV* const* k, const KV* const* v, int64_t n, int64_t d) {
 #if defined(__GNUC__)
   for (int64_t j = 0; j < n; ++j)
     for (int64_t i = 0; i < d; i += 64 / sizeof(KV)) {
-      __builtin_prefetch(k[j] + i);
-      __builtin_prefetch(v[j] + i);
+      __builtin_prefetch(k[j] + i, 0, 2);
+      __builtin_prefetch(v[j] + i, 0, 2);
     }
 #endif
 }
 
-// acc += sum_j p[j] * v_j over n keys, accumulators held in registers across the keys.
-template <typename KV>
-inline void accumulate_pv(float* acc, const float* p, const KV* const* vrows, int64_t n, int64_t d) {
+// acc_b += sum_j p_b[j] * v_j over n keys for QB query rows (acc_b = acc + b * d, p_b = p +
+// b * p_stride), accumulators held in registers across the keys and each value row loaded
+// once for all QB. Per query the same operations in the same order whatever QB is.
+template <int QB, typename KV>
+inline void accumulate_pv_block(float* acc, const float* p, int64_t p_stride, const KV* const* vrows, int64_t n,
+                                int64_t d) {
   using IO = KVIO<KV>;
   int64_t i = 0;
   for (; i + 4 * W <= d; i += 4 * W) {
-    Vec::T a0 = Vec::load(acc + i), a1 = Vec::load(acc + i + W);
-    Vec::T a2 = Vec::load(acc + i + 2 * W), a3 = Vec::load(acc + i + 3 * W);
+    Vec::T a[QB][4];
+#pragma GCC unroll 4
+    for (int b = 0; b < QB; ++b)
+#pragma GCC unroll 4
+      for (int x = 0; x < 4; ++x) a[b][x] = Vec::load(acc + b * d + i + x * W);
     for (int64_t j = 0; j < n; ++j) {
-      const Vec::T pj = Vec::set1(p[j]);
       const KV* v = vrows[j] + i;
-      a0 = Vec::fma(pj, IO::load(v), a0);
-      a1 = Vec::fma(pj, IO::load(v + W), a1);
-      a2 = Vec::fma(pj, IO::load(v + 2 * W), a2);
-      a3 = Vec::fma(pj, IO::load(v + 3 * W), a3);
+      const Vec::T v0 = IO::load(v), v1 = IO::load(v + W), v2 = IO::load(v + 2 * W), v3 = IO::load(v + 3 * W);
+#pragma GCC unroll 4
+      for (int b = 0; b < QB; ++b) {
+        const Vec::T pj = Vec::set1(p[b * p_stride + j]);
+        a[b][0] = Vec::fma(pj, v0, a[b][0]);
+        a[b][1] = Vec::fma(pj, v1, a[b][1]);
+        a[b][2] = Vec::fma(pj, v2, a[b][2]);
+        a[b][3] = Vec::fma(pj, v3, a[b][3]);
+      }
     }
-    Vec::store(acc + i, a0);
-    Vec::store(acc + i + W, a1);
-    Vec::store(acc + i + 2 * W, a2);
-    Vec::store(acc + i + 3 * W, a3);
+#pragma GCC unroll 4
+    for (int b = 0; b < QB; ++b)
+#pragma GCC unroll 4
+      for (int x = 0; x < 4; ++x) Vec::store(acc + b * d + i + x * W, a[b][x]);
   }
   for (; i + W <= d; i += W) {
-    Vec::T a0 = Vec::load(acc + i);
-    for (int64_t j = 0; j < n; ++j) a0 = Vec::fma(Vec::set1(p[j]), IO::load(vrows[j] + i), a0);
-    Vec::store(acc + i, a0);
+    Vec::T a[QB];
+#pragma GCC unroll 4
+    for (int b = 0; b < QB; ++b) a[b] = Vec::load(acc + b * d + i);
+    for (int64_t j = 0; j < n; ++j) {
+      const Vec::T v = IO::load(vrows[j] + i);
+#pragma GCC unroll 4
+      for (int b = 0; b < QB; ++b) a[b] = Vec::fma(Vec::set1(p[b * p_stride + j]), v, a[b]);
+    }
+#pragma GCC unroll 4
+    for (int b = 0; b < QB; ++b) Vec::store(acc + b * d + i, a[b]);
   }
   for (; i < d; ++i) {
-    float a = acc[i];
-    // std::fma, as in dots(): a plain a += p * v is contracted, or not, as the compiler
-    // sees fit for each element type, and the types must agree bitwise.
-    for (int64_t j = 0; j < n; ++j) a = std::fma(p[j], IO::to_float(vrows[j][i]), a);
-    acc[i] = a;
+#pragma GCC unroll 4
+    for (int b = 0; b < QB; ++b) {
+      float a = acc[b * d + i];
+      // std::fma, as in dots(): a plain a += p * v is contracted, or not, as the compiler
+      // sees fit for each element type, and the types must agree bitwise.
+      for (int64_t j = 0; j < n; ++j) a = std::fma(p[b * p_stride + j], IO::to_float(vrows[j][i]), a);
+      acc[b * d + i] = a;
+    }
   }
+}
+
+template <typename KV>
+inline void accumulate_pv(float* acc, int64_t nq, const float* p, int64_t p_stride, const KV* const* vrows, int64_t n,
+                          int64_t d) {
+  by_query_blocks(nq, [&](auto qb, int64_t b) {
+    accumulate_pv_block<decltype(qb)::value>(acc + b * d, p + b * p_stride, p_stride, vrows, n, d);
+  });
 }
 
 inline void scale_in_place(float* x, float s, int64_t d) {
@@ -745,7 +820,7 @@ struct Scratch {
   std::vector<float> wide;
   std::vector<float*> kwide_rows, vwide_rows;
   Scratch(int64_t nq, int64_t d)
-      : q(nq * d), acc(nq * d), m(nq), l(nq), acc_chunk(nq * d), m_chunk(nq), l_chunk(nq), scores(kKeyTile),
+      : q(nq * d), acc(nq * d), m(nq), l(nq), acc_chunk(nq * d), m_chunk(nq), l_chunk(nq), scores(nq * kKeyTile),
         krows(2 * kKeyTile), vrows(2 * kKeyTile), kwide_rows(kKeyTile), vwide_rows(kKeyTile) {
     if (std::is_same_v<KV, float>) return;
     constexpr int64_t line = 64 / sizeof(float);
@@ -839,26 +914,30 @@ void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& 
       const int64_t jlo = std::max(klo, a.window > 0 ? pos - a.window + 1 : int64_t(0));
       const int64_t jhi = std::min(khi, pos + 1);
       if (jlo >= jhi) continue;
+      // The row's G heads together: their scores, then each one's softmax update, then
+      // their values, each key and value row loaded once for all G (dots, accumulate_pv).
+      // Scores cover the whole tile, -inf outside the row's keys: the max, the exp and the
+      // sum below then run over whole registers and treat every row alike.
+      const int64_t q0 = r * a.group;
+      std::fill(sc, sc + a.group * kKeyTile, kNegInf);
+      if (widen)
+        dots(s.q.data() + q0 * d, a.group, s.kwide_rows.data() + (jlo - ts), jhi - jlo, d, sc + (jlo - ts), kKeyTile);
+      else
+        dots(s.q.data() + q0 * d, a.group, kr + (jlo - ts), jhi - jlo, d, sc + (jlo - ts), kKeyTile);
       for (int64_t g = 0; g < a.group; ++g) {
-        const int64_t qi = r * a.group + g;
-        const float* qv = s.q.data() + qi * d;
-        // Scores over the whole tile, -inf outside the row's keys: the exp and the sum
-        // below then run over whole registers and treat every row alike.
-        std::fill(sc, sc + kKeyTile, kNegInf);
-        if (widen)
-          dots(qv, s.kwide_rows.data() + (jlo - ts), jhi - jlo, d, sc + (jlo - ts));
-        else
-          dots(qv, kr + (jlo - ts), jhi - jlo, d, sc + (jlo - ts));
+        const int64_t qi = q0 + g;
+        float* scg = sc + g * kKeyTile;
         if (a.softcap > 0.f)
-          for (int64_t j = jlo; j < jhi; ++j) sc[j - ts] = a.softcap * std::tanh(sc[j - ts] / a.softcap);
-        float mt = kNegInf;
-        for (int64_t j = jlo; j < jhi; ++j) mt = std::max(mt, sc[j - ts]);
+          for (int64_t j = jlo; j < jhi; ++j) scg[j - ts] = a.softcap * std::tanh(scg[j - ts] / a.softcap);
+        Vec::T vmax = Vec::load(scg);
+        for (int64_t i = W; i < kKeyTile; i += W) vmax = Vec::max(vmax, Vec::load(scg + i));
+        const float mt = Vec::hmax(vmax);
         const float m_old = s.m_chunk[qi], m_new = std::max(m_old, mt);
         const Vec::T vm = Vec::set1(m_new);
         Vec::T vsum = Vec::zero();
         for (int64_t i = 0; i < kKeyTile; i += W) {
-          const Vec::T p = Vec::exp(Vec::sub(Vec::load(sc + i), vm));
-          Vec::store(sc + i, p);
+          const Vec::T p = Vec::exp(Vec::sub(Vec::load(scg + i), vm));
+          Vec::store(scg + i, p);
           vsum = Vec::add(vsum, p);
         }
         const float tile_sum = Vec::sum(vsum);
@@ -871,11 +950,12 @@ void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& 
           if (alpha != 1.f) scale_in_place(acc, alpha, d);
         }
         s.m_chunk[qi] = m_new;
-        if (widen)
-          accumulate_pv(acc, sc + (jlo - ts), s.vwide_rows.data() + (jlo - ts), jhi - jlo, d);
-        else
-          accumulate_pv(acc, sc + (jlo - ts), vr + (jlo - ts), jhi - jlo, d);
       }
+      float* acc = s.acc_chunk.data() + q0 * d;
+      if (widen)
+        accumulate_pv(acc, a.group, sc + (jlo - ts), kKeyTile, s.vwide_rows.data() + (jlo - ts), jhi - jlo, d);
+      else
+        accumulate_pv(acc, a.group, sc + (jlo - ts), kKeyTile, vr + (jlo - ts), jhi - jlo, d);
     }
     std::swap(kr, kn);
     std::swap(vr, vn);
