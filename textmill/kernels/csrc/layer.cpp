@@ -809,29 +809,6 @@ struct SplitTile {
   int64_t nchunks;
 };
 
-// Per-thread buffers, sized for the largest tile.
-template <typename KV>
-struct Scratch {
-  std::vector<float> q, acc, m, l, acc_chunk, m_chunk, l_chunk, scores;
-  std::vector<const KV*> krows, vrows;
-  // A 16-bit tile's keys and values widened to float32, and pointers to their rows: key j
-  // and value j side by side, as in the pool, each row starting a cache line (a register
-  // load that straddles two lines costs two).
-  std::vector<float> wide;
-  std::vector<float*> kwide_rows, vwide_rows;
-  Scratch(int64_t nq, int64_t d)
-      : q(nq * d), acc(nq * d), m(nq), l(nq), acc_chunk(nq * d), m_chunk(nq), l_chunk(nq), scores(nq * kKeyTile),
-        krows(2 * kKeyTile), vrows(2 * kKeyTile), kwide_rows(kKeyTile), vwide_rows(kKeyTile) {
-    if (std::is_same_v<KV, float>) return;
-    constexpr int64_t line = 64 / sizeof(float);
-    const int64_t stride = (d + line - 1) / line * line;
-    wide.resize(2 * kKeyTile * stride + line);
-    const auto base = reinterpret_cast<uintptr_t>(wide.data());
-    float* p = wide.data() + ((64 - base % 64) % 64) / sizeof(float);
-    for (int64_t j = 0; j < kKeyTile; ++j) kwide_rows[j] = p + 2 * j * stride, vwide_rows[j] = p + (2 * j + 1) * stride;
-  }
-};
-
 // A 16-bit cache is read in one of two ways, with bitwise the same results (widening is
 // exact): a task with few query vectors (decode: the G heads of one row) converts each
 // key and value inside dots() / accumulate_pv(), as it loads them; one with at least
@@ -840,7 +817,33 @@ struct Scratch {
 // Zen 4, CPU time): a 64-row prefill chunk at positions 64-127 takes 400 us converting
 // inline, 320-335 widening tiles (a float32 pool: 300-310); decode at context 128 is the
 // same either way (within noise, 12-16 us for one sequence, 150-165 for 16).
-constexpr int64_t kWidenMin = 4;
+constexpr int64_t kWidenMin = kQueryBlock + 1;
+
+// Per-thread buffers, sized for the largest tile.
+template <typename KV>
+struct Scratch {
+  std::vector<float> q, acc, m, l, acc_chunk, m_chunk, l_chunk, scores;
+  std::vector<const KV*> krows, vrows;
+  // A 16-bit tile's keys and values widened to float32, and pointers to their rows: key j
+  // and value j side by side, as in the pool, each row starting a cache line (a register
+  // load that straddles two lines costs two).
+  // Only where some task widens (see kWidenMin), and left uninitialized: each tile
+  // writes the rows it reads.
+  std::unique_ptr<float[]> wide;
+  std::vector<float*> kwide_rows, vwide_rows;
+  Scratch(int64_t nq, int64_t d)
+      : q(nq * d), acc(nq * d), m(nq), l(nq), acc_chunk(nq * d), m_chunk(nq), l_chunk(nq), scores(nq * kKeyTile),
+        krows(2 * kKeyTile), vrows(2 * kKeyTile), kwide_rows(kKeyTile), vwide_rows(kKeyTile) {
+    if (std::is_same_v<KV, float> || nq < kWidenMin) return;
+    constexpr int64_t line = 64 / sizeof(float);
+    const int64_t stride = (d + line - 1) / line * line;
+    wide.reset(new float[2 * kKeyTile * stride + line]);
+    const auto base = reinterpret_cast<uintptr_t>(wide.get());
+    float* p = wide.get() + ((64 - base % 64) % 64) / sizeof(float);
+    for (int64_t j = 0; j < kKeyTile; ++j) kwide_rows[j] = p + 2 * j * stride, vwide_rows[j] = p + (2 * j + 1) * stride;
+  }
+};
+
 
 // n cache elements from src as floats at dst (exact).
 template <typename KV>
@@ -1117,7 +1120,9 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_ca
   std::vector<int64_t> order(tasks.size());
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return tasks[x].cost > tasks[y].cost; });
-  const int64_t max_nq = tile_rows * group;
+  int64_t max_rows = 0;  // of any task: decode-only batches need scratch for G queries, not a tile's
+  for (const Task& t : tasks) max_rows = std::max(max_rows, t.nrows);
+  const int64_t max_nq = max_rows * group;
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
   const int64_t workers = std::min(threads, num_tasks);
   dispatch_kv(kv_cache, [&](auto kv_type) {
