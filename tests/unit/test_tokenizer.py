@@ -366,6 +366,23 @@ def test_cached_tokenizer_is_the_built_one(tmp_path: Path, monkeypatch: pytest.M
     assert_same_tokenizer(built, cached)
 
 
+def test_cache_writes_merges_as_strings_only_where_that_is_the_same_bpe() -> None:
+    """The cached JSON's merges are "a b" strings (read faster), except where a piece holds
+    a space: the string form would split it in the wrong place."""
+    import json
+
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models
+
+    plain = Backend(models.BPE(vocab={"a": 0, "b": 1, "c": 2, "ab": 3, "abc": 4}, merges=[("a", "b"), ("ab", "c")]))
+    spaced = Backend(models.BPE(vocab={"a": 0, " ": 1, "b": 2, "a ": 3, "a b": 4}, merges=[("a", " "), ("a ", "b")]))
+    compact = cached_tokenizers.compact_merges(plain.to_str())
+    assert json.loads(compact)["model"]["merges"] == ["a b", "ab c"]
+    assert Backend.from_str(compact).encode("abcab").ids == plain.encode("abcab").ids == [4, 3]
+    assert cached_tokenizers.compact_merges(spaced.to_str()) == spaced.to_str()
+    assert Backend.from_str(spaced.to_str()).encode("a b").ids == [4]
+
+
 def test_cache_dir_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TEXTMILL_CACHE_DIR", str(tmp_path / "mine"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

@@ -7,7 +7,9 @@ fields, the backend's JSON (Tokenizer.to_str) and the byte table as lengths plus
 Loading it skips reading the metadata strings, the merges and the byte table; what is left
 is mostly Tokenizer.from_str, about 1 s for Gemma 3's BPE. Rebuilding that BPE from lists
 kept in a format of our own measured no faster (making 515k Python tuples costs what serde
-does), so the backend's own JSON it is. The zip's CRC-32 catches a damaged entry, which is
+does), so the backend's own JSON it is, with its merges written as "a b" strings where no
+merged piece holds a space (compact_merges): `tokenizers` reads that older form ~0.35 s
+faster on Gemma 3's 515k merges (1.05 s against 1.39) than the pairs to_str() writes. The zip's CRC-32 catches a damaged entry, which is
 then rebuilt; a directory that cannot be written is simply not used.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ from textmill.tokenizer.core import FimTokens, TokenizerParts
 log = logging.getLogger("textmill.tokenizer")
 
 CACHE_DIR_ENV = "TEXTMILL_CACHE_DIR"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def default_cache_dir() -> Path | None:
@@ -86,6 +88,21 @@ def load_entry(entry: Path, key: str) -> TokenizerParts | None:
         return None
 
 
+def compact_merges(backend_json: str) -> str:
+    """The backend's JSON with a BPE model's merges as "a b" strings instead of [a, b] pairs:
+    the same tokenizer, read faster. Unchanged when a piece holds a space (the string
+    form splits at the first one) or the model is not BPE."""
+    doc = json.loads(backend_json)
+    model = doc.get("model") or {}
+    merges = model.get("merges")
+    if model.get("type") != "BPE" or not merges or not all(isinstance(m, list) and len(m) == 2 for m in merges):
+        return backend_json
+    if any(" " in a or " " in b for a, b in merges):
+        return backend_json
+    model["merges"] = [f"{a} {b}" for a, b in merges]
+    return json.dumps(doc, ensure_ascii=False)
+
+
 def _entry_arrays(key: str, parts: TokenizerParts) -> dict[str, np.ndarray]:
     fim = parts.fim
     header = {
@@ -97,7 +114,7 @@ def _entry_arrays(key: str, parts: TokenizerParts) -> dict[str, np.ndarray]:
     }
     return {
         "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
-        "backend": np.frombuffer(parts.backend.to_str().encode("utf-8"), dtype=np.uint8),
+        "backend": np.frombuffer(compact_merges(parts.backend.to_str()).encode("utf-8"), dtype=np.uint8),
         "token_lengths": np.fromiter(map(len, parts.token_bytes), dtype=np.uint32, count=len(parts.token_bytes)),
         "token_bytes": np.frombuffer(b"".join(parts.token_bytes), dtype=np.uint8),
     }
