@@ -107,9 +107,13 @@ constexpr int64_t Q6_SCALE_HALVES = 2 * NR;     // d of each half: d0[16], d1[16
 // Activation rows per register tile. (8 on the 512-bit path, whose 32 registers hold
 // them, measured no faster: 0.91-1.0x of 4 on Zen 4 at M = 16 and 64.)
 constexpr int MAX_MR = 4;
-// Up to this many activation rows the 512-bit path runs block-major (tile_rows_avx512).
-// kernel_ab on Zen 4, one thread, against a cap of 32: 0.79-0.95x the time at 33-128 rows
-// (64-stream decode, short prefills) over every model's shapes, mixed at 256 (0.77-1.2x).
+// The 512-bit path runs block-major (tile_rows_avx512) over up to this many activation rows
+// at a time. kernel_ab on Zen 4, one thread, against a cap of 32: 0.79-0.95x the time at
+// 33-128 rows (64-stream decode, short prefills) over every model's shapes, mixed at 256
+// (0.77-1.2x). Past 128 rows (prefill chunks) the q5/q6/q8 forms go on block-major, 128
+// rows a pass over each tile: 0.34-0.52x the time of the row groups for q8 (whose Q8Block
+// recomputes the weights' offset sum for every group of 4 rows), 0.71-0.83x for q5 and q6;
+// q4 keeps the row groups there (block-major: 0.97-1.07x, one shape 1.3x).
 constexpr int64_t BLOCK_MAJOR_ROWS = 128;
 constexpr int64_t CHUNK_BYTES = 96 << 10;       // expanded activations per thread
 
@@ -1257,7 +1261,7 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
   // mr_max (tests) asks for the row-group order with register tiles of at most that many rows.
   bool block_major = false;
 #ifdef TM_VNNI512
-  block_major = simd && mr_max == 0 && m > 1 && m <= BLOCK_MAJOR_ROWS;
+  block_major = simd && mr_max == 0 && m > 1 && (m <= BLOCK_MAJOR_ROWS || mode != Mode::Q4);
 #endif
   (void)block_major;
   // Expanded activations go in chunks whose expanded form (k * 8 bytes a row) stays in L2
@@ -1297,12 +1301,16 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
         alignas(64) __m512 acc[BLOCK_MAJOR_ROWS];
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t ncols = std::min<int64_t>(NR, n - t * NR);
-          with_mode(mode, [&](auto form) {
-            tile_rows_avx512<decltype(form)::value>(pp + t * tbytes, kb, q.a, k, m, q.e, q.s, q.off, acc);
-          });
-          for (int64_t r = 0; r < m; ++r) {
-            _mm512_store_ps(out[0], acc[r]);
-            store_row(yp + r * n + t * NR, out[0], bp ? bp + t * NR : nullptr, ncols);
+          for (int64_t r0 = 0; r0 < m; r0 += BLOCK_MAJOR_ROWS) {
+            const int64_t rows = std::min(BLOCK_MAJOR_ROWS, m - r0);
+            with_mode(mode, [&](auto form) {
+              tile_rows_avx512<decltype(form)::value>(pp + t * tbytes, kb, q.a + r0 * k, k, rows, q.e + r0 * kb,
+                                                      q.s + r0 * kb, q.off + 2 * r0 * kb, acc);
+            });
+            for (int64_t r = 0; r < rows; ++r) {
+              _mm512_store_ps(out[0], acc[r]);
+              store_row(yp + (r0 + r) * n + t * NR, out[0], bp ? bp + t * NR : nullptr, ncols);
+            }
           }
         }
         continue;

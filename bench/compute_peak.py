@@ -1,0 +1,193 @@
+"""The machine's multiply-add peak, and how much of it the quantized matmul kernels reach.
+
+Batched decode and prefill are bound by multiply-adds, not by reading weights: this puts a
+number on the ceiling. It times two tight loops of independent 512-bit instructions (or
+256-bit where the CPU has no AVX-512), compiled here with -march=native:
+
+- vpdpbusd: the int8 multiply-add every 4- to 8-bit kernel is built on (4 per 32-bit lane);
+- vfmadd: float32 FMA, what paged attention and the float paths run on;
+
+on 1 and on all threads (one loop per thread, no shared data), then q4_linear and
+q8_linear (weights packed from float, as QLinear does) at the given shapes and rows, as
+GMAC/s and as a share of the vpdpbusd peak on the same number of threads. Weights of the
+default shapes (a 1B's gate/up and down) fit in L3 only partly: this measures the
+kernels' arithmetic, as in batched decode, where each weight tile serves every row.
+
+    python bench/compute_peak.py
+    python bench/compute_peak.py --shapes 11264x2048 --rows 16 64 256 --threads 1
+
+Results: bench/results/compute_peak-<time>.json, stamped with commit and machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from stamp import code_stamp, machine_label, machine_stamp  # noqa: E402
+
+from textmill.kernels import load  # noqa: E402
+
+# Ten independent accumulators per thread: more than the instructions' latency (4-5
+# cycles) times their throughput, so the loop measures throughput. The empty asm keeps the
+# compiler from collapsing the chains.
+SOURCE = r"""
+#include <torch/extension.h>
+#include <immintrin.h>
+#include <omp.h>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+using IV = __m512i; using FV = __m512;
+static inline IV dp(IV a, IV x, IV y) { return _mm512_dpbusd_epi32(a, x, y); }
+static inline IV iset(int v) { return _mm512_set1_epi32(v); }
+static inline FV fm(FV a, FV x, FV y) { return _mm512_fmadd_ps(a, x, y); }
+static inline FV fset(float v) { return _mm512_set1_ps(v); }
+static const int LANES = 16; static const char* ISA = "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+using IV = __m256i; using FV = __m256;
+#if defined(__AVXVNNI__)
+static inline IV dp(IV a, IV x, IV y) { return _mm256_dpbusd_avx_epi32(a, x, y); }
+static const char* ISA = "avx2+avx-vnni";
+#else  // no VNNI: maddubs + madd + add, the AVX2 kernels' own sequence
+static inline IV dp(IV a, IV x, IV y) {
+  return _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1)));
+}
+static const char* ISA = "avx2 (maddubs)";
+#endif
+static inline IV iset(int v) { return _mm256_set1_epi32(v); }
+static inline FV fm(FV a, FV x, FV y) { return _mm256_fmadd_ps(a, x, y); }
+static inline FV fset(float v) { return _mm256_set1_ps(v); }
+static const int LANES = 8;
+#endif
+
+#define TEN(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9)
+
+// Instructions per second over `threads` threads, each running `iters` x 10 of them.
+template <bool Int>
+static double rate(int64_t iters, int threads) {
+  auto t0 = std::chrono::steady_clock::now();
+  double sink = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+  {
+    if constexpr (Int) {
+      const IV x = iset(0x03030303), y = iset(0x05050505);
+#define DECL(i) IV a##i = iset(i);
+      TEN(DECL)
+#undef DECL
+      for (int64_t n = 0; n < iters; ++n) {
+#define STEP(i) a##i = dp(a##i, x, y); asm volatile("" : "+v"(a##i));
+        TEN(STEP)
+#undef STEP
+      }
+#define ADD(i) { int32_t v; std::memcpy(&v, &a##i, 4); sink += v; }
+      TEN(ADD)
+#undef ADD
+    } else {
+      const FV x = fset(0.999f), y = fset(0.001f);
+#define DECL(i) FV a##i = fset(float(i));
+      TEN(DECL)
+#undef DECL
+      for (int64_t n = 0; n < iters; ++n) {
+#define STEP(i) a##i = fm(a##i, x, y); asm volatile("" : "+v"(a##i));
+        TEN(STEP)
+#undef STEP
+      }
+#define ADD(i) { float v; std::memcpy(&v, &a##i, 4); sink += v; }
+      TEN(ADD)
+#undef ADD
+    }
+  }
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (sink == 12345.678) std::printf(" ");  // keep the results alive
+  return 10.0 * iters * threads / s;
+}
+
+std::vector<double> peak(int64_t iters, int64_t threads) {
+  return {rate<true>(iters, threads), rate<false>(iters, threads), double(LANES)};
+}
+std::string isa() { return ISA; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("peak", &peak, "[int8 dot instr/s, fma instr/s, 32-bit lanes]");
+  m.def("isa", &isa);
+}
+"""
+
+
+def build():
+    from torch.utils import cpp_extension
+
+    scratch = Path(tempfile.mkdtemp(prefix="textmill-peak-"))
+    return cpp_extension.load_inline(name="textmill_compute_peak", cpp_sources=[SOURCE], functions=None,
+                                     extra_cflags=["-O2", "-march=native", "-fopenmp"],
+                                     extra_ldflags=["-fopenmp"], build_directory=str(scratch))
+
+
+def kernel_rate(ext, mode: str, n: int, k: int, m: int, rounds: int) -> float:
+    g = torch.Generator().manual_seed(n + k + m)
+    packed = getattr(ext, f"{mode}_pack")(torch.randn(n, k, generator=g) * 0.02)
+    x = torch.randn(m, k, generator=g)
+    linear = getattr(ext, f"{mode}_linear")
+    linear(x, packed, n)
+    reps = max(1, int(2e9 // (n * k * m)))
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(reps):
+            linear(x, packed, n)
+        best = min(best, (time.perf_counter() - t) / reps)
+    return n * k * m / best / 1e9
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--shapes", nargs="+", default=["11264x2048", "2048x5632"], help="N x K of the weights")
+    ap.add_argument("--rows", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--modes", nargs="+", default=["q4", "q8"], choices=["q4", "q5", "q6", "q8"])
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    peak_ext, quant = build(), load("quant")
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        peak_ext.peak(2_000_000, threads)  # warm the clocks up
+        dot, fma, lanes = max((peak_ext.peak(20_000_000, threads) for _ in range(3)), key=lambda r: r[0])
+        dot_gmac, fma_gflop = dot * lanes * 4 / 1e9, fma * lanes / 1e9
+        rows.append({"threads": threads, "what": f"int8 dot peak ({peak_ext.isa()})", "gmac_s": dot_gmac, "share": 1.0})
+        rows.append({"threads": threads, "what": "float32 FMA peak", "gmac_s": fma_gflop, "share": None})
+        for mode in args.modes:
+            for shape in args.shapes:
+                n, k = map(int, shape.split("x"))
+                for m in args.rows:
+                    rate = kernel_rate(quant, mode, n, k, m, args.rounds)
+                    rows.append({"threads": threads, "what": f"{mode}_linear {n}x{k}, {m} rows", "gmac_s": rate,
+                                 "share": rate / dot_gmac})
+    print("| threads | what | G multiply-adds/s | share of the int8 peak |")
+    print("|---:|---|---:|---:|")
+    for r in rows:
+        share = "" if r["share"] is None else f"{100 * r['share']:.0f}%"
+        print(f"| {r['threads']} | {r['what']} | {r['gmac_s']:.0f} | {share} |")
+    machine = machine_stamp()
+    out = ROOT / "bench" / "results" / time.strftime("compute_peak-%Y%m%d-%H%M%S.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"code": code_stamp(), "machine": machine,
+                               "command": shlex.join([Path(sys.executable).name, *sys.argv]), "results": rows},
+                              indent=1))
+    print(f"{machine_label(machine)}; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
