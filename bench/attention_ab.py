@@ -21,9 +21,6 @@ Results: bench/results/attention_ab-<time>.json, stamped with commit and machine
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,12 +30,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from stamp import code_stamp, machine_label, machine_stamp  # noqa: E402
+from revision import build_at  # noqa: E402
+from stamp import write_result  # noqa: E402
 
 from textmill.kernels import load  # noqa: E402
-from textmill.kernels.build import CFLAGS  # noqa: E402
 
-CSRC = "textmill/kernels/csrc"
 BLOCK = 16
 # name -> (sequences, context, q heads, kv heads, head dim)
 SCENARIOS = {
@@ -48,21 +44,6 @@ SCENARIOS = {
     "gemma3 16 seqs ctx 300": (16, 300, 4, 1, 256),
     "1b 16 seqs ctx 300": (16, 300, 32, 8, 64),
 }
-
-
-def build_at(rev: str, scratch: Path):
-    """layer.cpp and the headers at `rev`, compiled as a module of its own."""
-    from torch.utils import cpp_extension
-
-    files = subprocess.run(["git", "ls-tree", "--name-only", rev, f"{CSRC}/"], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout.split()
-    for f in files:
-        if f.endswith((".cpp", ".h")):
-            src = subprocess.run(["git", "show", f"{rev}:{f}"], cwd=ROOT, check=True, capture_output=True).stdout
-            (scratch / Path(f).name).write_bytes(src)
-    name = f"textmill_layer_ab_{rev.replace('~', '_').replace('^', '_')}"
-    return cpp_extension.load(name=name, sources=[str(scratch / "layer.cpp")], extra_cflags=list(CFLAGS),
-                              extra_ldflags=["-fopenmp"], build_directory=str(scratch))
 
 
 def measure(old, new, name: str, dram: bool, threads: int, rounds: int, flush: torch.Tensor) -> dict:
@@ -103,7 +84,7 @@ def main() -> int:
     new = load("layer")
     flush = torch.ones(16 << 20)  # 64 MB, twice the L3
     with tempfile.TemporaryDirectory() as scratch:
-        old = build_at(args.rev, Path(scratch))
+        old = build_at(args.rev, Path(scratch), "layer")
         results = [measure(old, new, name, dram, threads, args.rounds, flush)
                    for threads in args.threads for name in args.scenarios for dram in (True, False)]
     print(f"| scenario | pool | threads | {args.rev} us | this tree us | new / old | bitwise equal |")
@@ -111,13 +92,7 @@ def main() -> int:
     for r in results:
         print(f"| {r['scenario']} | {r['pool']} | {r['threads']} | {r['old_us']:.0f} | {r['new_us']:.0f} | "
               f"{r['new_over_old']:.2f} | {'yes' if r['bitwise_equal'] else 'NO'} |")
-    machine = machine_stamp()
-    out = ROOT / "bench" / "results" / time.strftime("attention_ab-%Y%m%d-%H%M%S.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"code": code_stamp(), "machine": machine, "rev": args.rev,
-                               "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-                               "results": results}, indent=1))
-    print(f"{machine_label(machine)}; wrote {out}")
+    write_result("attention_ab", {"rev": args.rev, "results": results})
     return 0 if all(r["bitwise_equal"] for r in results) else 1
 
 

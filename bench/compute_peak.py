@@ -21,8 +21,6 @@ Results: bench/results/compute_peak-<time>.json, stamped with commit and machine
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 import tempfile
 import time
@@ -32,7 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from stamp import code_stamp, machine_label, machine_stamp  # noqa: E402
+from stamp import write_result  # noqa: E402
 
 from textmill.kernels import load  # noqa: E402
 
@@ -179,13 +177,7 @@ def main() -> int:
     for r in rows:
         share = "" if r["share"] is None else f"{100 * r['share']:.0f}%"
         print(f"| {r['threads']} | {r['what']} | {r['gmac_s']:.0f} | {share} |")
-    machine = machine_stamp()
-    out = ROOT / "bench" / "results" / time.strftime("compute_peak-%Y%m%d-%H%M%S.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"code": code_stamp(), "machine": machine,
-                               "command": shlex.join([Path(sys.executable).name, *sys.argv]), "results": rows},
-                              indent=1))
-    print(f"{machine_label(machine)}; wrote {out}")
+    write_result("compute_peak", {"results": rows})
     return 0
 
 

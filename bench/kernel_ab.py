@@ -14,9 +14,6 @@ Results: bench/results/kernel_ab-<time>.json, stamped with commit and machine.
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,27 +23,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from stamp import code_stamp, machine_label, machine_stamp  # noqa: E402
+from revision import build_at  # noqa: E402
+from stamp import write_result  # noqa: E402
 
 from textmill.kernels import load  # noqa: E402
-from textmill.kernels.build import CFLAGS  # noqa: E402
 
-CSRC = "textmill/kernels/csrc"
-
-
-def build_at(rev: str, scratch: Path):
-    """quant.cpp and the headers at `rev`, compiled as a module of its own."""
-    from torch.utils import cpp_extension
-
-    files = subprocess.run(["git", "ls-tree", "--name-only", rev, f"{CSRC}/"], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout.split()
-    for f in files:
-        if f.endswith((".cpp", ".h")):
-            src = subprocess.run(["git", "show", f"{rev}:{f}"], cwd=ROOT, check=True, capture_output=True).stdout
-            (scratch / Path(f).name).write_bytes(src)
-    return cpp_extension.load(name=f"textmill_quant_ab_{rev.replace('~', '_').replace('^', '_')}",
-                              sources=[str(scratch / "quant.cpp")], extra_cflags=list(CFLAGS),
-                              extra_ldflags=["-fopenmp"], build_directory=str(scratch))
 
 
 def measure(old, new, mode: str, n: int, k: int, m: int, rounds: int) -> dict:
@@ -82,7 +63,7 @@ def main() -> int:
     torch.set_num_threads(1)
     new = load("quant")
     with tempfile.TemporaryDirectory() as scratch:
-        old = build_at(args.rev, Path(scratch))
+        old = build_at(args.rev, Path(scratch), "quant")
         results = [measure(old, new, mode, *map(int, shape.split("x")), m, args.rounds)
                    for mode in args.modes for shape in args.shapes for m in args.rows]
     print(f"| mode | N x K | M | {args.rev} ms | this tree ms | new / old | bitwise equal |")
@@ -90,13 +71,7 @@ def main() -> int:
     for r in results:
         print(f"| {r['mode']} | {r['n']}x{r['k']} | {r['m']} | {r['old_ms']:.2f} | {r['new_ms']:.2f} | "
               f"{r['new_over_old']:.2f} | {'yes' if r['bitwise_equal'] else 'NO'} |")
-    machine = machine_stamp()
-    out = ROOT / "bench" / "results" / time.strftime("kernel_ab-%Y%m%d-%H%M%S.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"code": code_stamp(), "machine": machine, "rev": args.rev,
-                               "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-                               "threads": 1, "results": results}, indent=1))
-    print(f"{machine_label(machine)}; wrote {out}")
+    write_result("kernel_ab", {"rev": args.rev, "threads": 1, "results": results})
     return 0 if all(r["bitwise_equal"] for r in results) else 1
 
 

@@ -74,3 +74,20 @@ def machine_label(m: dict) -> str:
                              ("amx", "amx_tile")) if f in simd]
     fam = f" (fam {m['family']} model {m['model']})" if m.get("family") else ""
     return f"{m.get('cpu', '?')}{fam}, {m.get('cores', '?')} cores, {' '.join([isa, *extras])}"
+
+
+def write_result(kind: str, payload: dict) -> Path:
+    """bench/results/<kind>-<time>.json: payload stamped with the code, the machine and the
+    command line; prints the machine and the file's path, and returns the path."""
+    import json
+    import shlex
+    import sys
+    import time
+
+    machine = machine_stamp()
+    out = REPO / "bench" / "results" / time.strftime(f"{kind}-%Y%m%d-%H%M%S.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"code": code_stamp(), "machine": machine,
+                               "command": shlex.join([Path(sys.executable).name, *sys.argv]), **payload}, indent=1))
+    print(f"{machine_label(machine)}; wrote {out}")
+    return out

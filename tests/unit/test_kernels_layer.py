@@ -626,17 +626,11 @@ def test_other_builds_of_paged_attention(variant, flags):
     """The paths this machine does not run, built here with the ISA extensions switched off
     (after -march=native): each against the float64 reference, with rows that do not
     depend on the batch or the thread count, on float32 and 16-bit pools."""
-    from torch.utils import cpp_extension
-
-    from textmill.kernels.build import CFLAGS, CSRC, _cache_root
+    from textmill.kernels.build import build_variant
 
     if platform.machine() != "x86_64" or not shutil.which("c++"):
         pytest.skip("these variants are x86-64 builds")
-    build_dir = _cache_root() / f"layer-{variant}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    other = cpp_extension.load(name=f"textmill_layer_{variant.replace('-', '_')}", sources=[str(CSRC / "layer.cpp")],
-                               extra_cflags=[*CFLAGS, *flags], extra_ldflags=["-fopenmp"],
-                               build_directory=str(build_dir))
+    other = build_variant("layer", variant, flags)
     seqs = [(1099, 1), (37, 1), (0, 7), (200, 40), (300, 1)]
     for hq, hkv, d in [(9, 3, 64), (8, 2, 64), (14, 2, 20), (4, 1, 256)]:
         case = PagedCase(seqs, hq, hkv, d, 16, seed=hq + d)

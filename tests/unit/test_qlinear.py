@@ -358,19 +358,13 @@ def test_bad_shapes_are_refused(ext):
 def test_other_builds_give_the_same_bits(ext, variant, flags, isa):
     """The paths this machine does not run, built here with the ISA extensions switched off
     (after -march=native): each must give this machine's bits, packing included."""
-    from torch.utils import cpp_extension
-
-    from textmill.kernels.build import CFLAGS, CSRC, _cache_root
+    from textmill.kernels.build import build_variant
 
     if platform.machine() != "x86_64" or ext.isa() not in ("avx2", "avx2+vnni", "avx512+vnni"):
         pytest.skip("these variants are x86-64 builds compared with a SIMD build")
     if variant == ext.isa().replace("+", "-"):
         pytest.skip("this machine runs that path natively")
-    build_dir = _cache_root() / f"quant-{variant}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    other = cpp_extension.load(name=f"textmill_quant_{variant.replace('-', '_')}", sources=[str(CSRC / "quant.cpp")],
-                               extra_cflags=[*CFLAGS, *flags], extra_ldflags=["-fopenmp"],
-                               build_directory=str(build_dir))
+    other = build_variant("quant", variant, flags)
     assert other.isa() == isa
     for mode, (mm, k, n) in itertools.product(MODES, [(1, 576, 960), (7, 1536, 70), (65, 64, 33)]):
         w, x, b = weights(n, k, mm), acts(mm, k, n), torch.randn(n)

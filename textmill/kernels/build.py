@@ -92,5 +92,18 @@ def _import_built(module: str, path: Path) -> ModuleType:
     return ext
 
 
+def build_variant(name: str, variant: str, extra_flags: list[str]) -> ModuleType:
+    """Extension `name` compiled with `extra_flags` after the usual ones (e.g. ISA extensions
+    switched off) into a cached folder of its own: the tests build the paths this machine
+    does not run this way. Raises where the build fails."""
+    from torch.utils import cpp_extension
+
+    build_dir = _cache_root() / f"{name}-{variant}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(name=f"textmill_{name}_{variant.replace('-', '_')}", sources=[str(CSRC / f"{name}.cpp")],
+                              extra_cflags=[*CFLAGS, *extra_flags], extra_ldflags=["-fopenmp"],
+                              build_directory=str(build_dir))
+
+
 def build_all(verbose: bool = False) -> dict[str, bool]:
     return {name: load(name, verbose) is not None for name in KERNEL_NAMES}
