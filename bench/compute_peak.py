@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -124,12 +123,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
 
 def build():
+    """The loops above, built once into textmill's kernel cache (rebuilt when SOURCE changes)."""
     from torch.utils import cpp_extension
 
-    scratch = Path(tempfile.mkdtemp(prefix="textmill-peak-"))
+    from textmill.kernels.build import _cache_root
+
+    build_dir = _cache_root() / "compute-peak"
+    build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load_inline(name="textmill_compute_peak", cpp_sources=[SOURCE], functions=None,
                                      extra_cflags=["-O2", "-march=native", "-fopenmp"],
-                                     extra_ldflags=["-fopenmp"], build_directory=str(scratch))
+                                     extra_ldflags=["-fopenmp"], build_directory=str(build_dir))
 
 
 def kernel_rate(ext, mode: str, n: int, k: int, m: int, rounds: int) -> float:

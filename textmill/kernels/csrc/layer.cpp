@@ -637,8 +637,8 @@ inline void dots_block(const float* q, int64_t q_stride, const KV* const* k, int
     for (int b = 0; b < QB; ++b) a[b][0] = a[b][1] = a[b][2] = a[b][3] = Vec::zero();
     for (int64_t i = 0; i < dv; i += W) {
       const Vec::T x0 = IO::load(k0 + i), x1 = IO::load(k1 + i), x2 = IO::load(k2 + i), x3 = IO::load(k3 + i);
-  #pragma GCC unroll 4
-    for (int b = 0; b < QB; ++b) {
+#pragma GCC unroll 4
+      for (int b = 0; b < QB; ++b) {
         const Vec::T qv = Vec::load(q + b * q_stride + i);
         a[b][0] = Vec::fma(qv, x0, a[b][0]);
         a[b][1] = Vec::fma(qv, x1, a[b][1]);
@@ -810,13 +810,14 @@ struct SplitTile {
 };
 
 // A 16-bit cache is read in one of two ways, with bitwise the same results (widening is
-// exact): a task with few query vectors (decode: the G heads of one row) converts each
-// key and value inside dots() / accumulate_pv(), as it loads them; one with at least
-// kWidenMin (prefill tiles: up to 16 rows x G) widens each tile once into float scratch
-// and reads that G x rows times. Measured on SmolLM2's shapes (G = 3, D = 64, 1 thread,
-// Zen 4, CPU time): a 64-row prefill chunk at positions 64-127 takes 400 us converting
-// inline, 320-335 widening tiles (a float32 pool: 300-310); decode at context 128 is the
-// same either way (within noise, 12-16 us for one sequence, 150-165 for 16).
+// exact): a task whose queries fit one query block (decode: the G <= 4 heads of one row)
+// converts each key and value inside dots() / accumulate_pv(), once for the block, as it
+// loads them; a task with more (prefill tiles: up to 16 rows x G) widens each tile once
+// into float scratch and reads that rows x G times. Measured on SmolLM2's shapes (G = 3,
+// D = 64, 1 thread, Zen 4, CPU time): a 64-row prefill chunk at positions 64-127 takes
+// 400 us converting inline, 320-335 widening tiles (a float32 pool: 300-310). Decode of
+// four heads converting inline: 0.63-0.83x the time of widening on Gemma 3's shapes
+// (bench/attention_ab.py, docs/performance.md).
 constexpr int64_t kWidenMin = kQueryBlock + 1;
 
 // Per-thread buffers, sized for the largest tile.
@@ -843,7 +844,6 @@ struct Scratch {
     for (int64_t j = 0; j < kKeyTile; ++j) kwide_rows[j] = p + 2 * j * stride, vwide_rows[j] = p + (2 * j + 1) * stride;
   }
 };
-
 
 // n cache elements from src as floats at dst (exact).
 template <typename KV>
