@@ -168,7 +168,10 @@ def _spawn(name: str, cmd: list[str], port: int, timeout_s: float, env: dict | N
                                 start_new_session=True, cwd=REPO, env=env)
     started = process_start(proc.pid) or boot_seconds()
     url = f"http://127.0.0.1:{port}"
-    ready, model = wait_ready(url, proc.pid, log, timeout_s)
+    # proc.poll(), not the process group: an exited child stays a zombie until it is reaped,
+    # and signalling a zombie succeeds, so a server that died at start would be waited on
+    # for the whole timeout.
+    ready, model = wait_ready(url, proc.pid, log, timeout_s, alive=lambda: proc.poll() is None)
     return Server(name=name, url=url, model=model, pgid=proc.pid, log=log, pid=proc.pid,
                   ready_s=ready - started)
 
