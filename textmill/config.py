@@ -143,9 +143,12 @@ class EngineConfig:
 
     def updated(self, **changes: Any) -> EngineConfig:
         """A copy with fields changed by their own names, whichever group holds them:
-        `config.updated(dtype="float32", max_model_len=2048)` (field names are unique)."""
+        `config.updated(dtype="float32", max_model_len=2048)`."""
         groups = {name: getattr(self, name) for name in ("device", "cache", "scheduler")}
-        own = {k: changes.pop(k) for k in list(changes) if k in {f.name for f in fields(self)}}
+        # "device" is also DeviceConfig's own field (--device): a group is replaced only by a
+        # group, and a string goes to the field.
+        own = {k: changes.pop(k) for k in list(changes)
+               if k in {f.name for f in fields(self)} and not (k in groups and isinstance(changes[k], str))}
         for name, group in groups.items():
             mine = {k: changes.pop(k) for k in list(changes) if k in {f.name for f in fields(group)}}
             groups[name] = replace(group, **mine)

@@ -104,9 +104,11 @@ def test_served_model_name_is_not_the_bundled_name_by_default():
 
 
 def test_engine_config_updated_routes_fields_to_their_group():
-    from textmill.config import EngineConfig
+    from textmill.config import DeviceConfig, EngineConfig
 
     cfg = EngineConfig().updated(model="m", dtype="float32", memory_gib=0.5, max_model_len=64)
     assert (cfg.model, cfg.device.dtype, cfg.cache.memory_gib, cfg.scheduler.max_model_len) == ("m", "float32", 0.5, 64)
     with pytest.raises(TypeError, match="kv_cache_gib"):
         EngineConfig().updated(kv_cache_gib=1.0)
+    # "device" names both a group and the device within it: a string is the --device choice.
+    assert EngineConfig().updated(device="cpu", threads=1).device == DeviceConfig(device="cpu", threads=1)
