@@ -193,12 +193,13 @@ def test_register_tiles_and_threads_agree(ext, mode, threads):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("mm", [2, 5, 16, 33, 128, 129, 300])
-def test_batch_orders_agree(ext, mode, mm, threads):
-    """Batches of 2..128 rows run block-major on the 512-bit path (one pass over each tile,
-    every row per block); larger ones too, 128 rows a pass, except q4's, which run by row
-    groups, as register-tile requests (mr_max) do: every order gives the bits of the
-    scalar path."""
-    k, n = 640, 70
+@pytest.mark.parametrize("k", [640, 5632])
+def test_batch_orders_agree(ext, mode, mm, k, threads):
+    """Batches of 2+ rows run block-major on the 512-bit path (one pass over each tile,
+    every row per block), in passes of up to 128 rows (fewer where K is long: 46 at
+    K = 5632), as register-tile requests (mr_max) run by row groups: every order gives the
+    bits of the scalar path."""
+    n = 70
     w, x, bias = weights(n, k, 3), acts(mm, k, 4), torch.randn(n)
     packed = pack(ext, mode, w)
     fn = getattr(ext, f"{mode}_linear")

@@ -110,12 +110,19 @@ constexpr int MAX_MR = 4;
 // The 512-bit path runs block-major (tile_rows_avx512) over up to this many activation rows
 // at a time. kernel_ab on Zen 4, one thread, against a cap of 32: 0.79-0.95x the time at
 // 33-128 rows (64-stream decode, short prefills) over every model's shapes, mixed at 256
-// (0.77-1.2x). Past 128 rows (prefill chunks) the q5/q6/q8 forms go on block-major, 128
-// rows a pass over each tile: 0.34-0.52x the time of the row groups for q8 (whose Q8Block
-// recomputes the weights' offset sum for every group of 4 rows), 0.71-0.83x for q5 and q6;
-// q4 keeps the row groups there (block-major: 0.97-1.07x, one shape 1.3x).
+// (0.77-1.2x). Past 128 rows (prefill chunks) every form goes on block-major too, in passes
+// of PASS_BYTES of activations: against the row groups, 0.34-0.52x the time for q8 (whose
+// Q8Block recomputes the weights' offset sum for every group of 4 rows), 0.71-0.83x for q5
+// and q6 (Zen 4); for q4 0.51-0.98x on an Intel Xeon (family 6 model 207), where the row
+// groups ran prefill at a quarter of the int8 peak (Zen 4, 128-row passes: 0.97-1.07x, one
+// shape 1.3x; the K-sized passes below came after).
 constexpr int64_t BLOCK_MAJOR_ROWS = 128;
 constexpr int64_t CHUNK_BYTES = 96 << 10;       // expanded activations per thread
+// One block-major pass covers the rows whose int8 activations fit in this, so that they
+// stay in L2 while a piece of tiles passes them (each tile is re-read per pass, from L1/L2).
+// 128-row passes read all of a long-K matrix's rows for every tile: at K = 5632 (46-row
+// passes instead) 0.71-0.79x the time for q4, 0.74-0.87x for q8 at 192-512 rows (Xeon).
+constexpr int64_t PASS_BYTES = 256 << 10;
 
 enum class Mode { Q4, Q8, Q6, Q5 };
 
@@ -1261,9 +1268,12 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
   // mr_max (tests) asks for the row-group order with register tiles of at most that many rows.
   bool block_major = false;
 #ifdef TM_VNNI512
-  block_major = simd && mr_max == 0 && m > 1 && (m <= BLOCK_MAJOR_ROWS || mode != Mode::Q4);
+  block_major = simd && mr_max == 0 && m > 1;
 #endif
   (void)block_major;
+  // Block-major passes of at most BLOCK_MAJOR_ROWS rows (their accumulators stay in L1).
+  const int64_t pass_rows = std::clamp<int64_t>(PASS_BYTES / k, 16, BLOCK_MAJOR_ROWS);
+  (void)pass_rows;
   // Expanded activations go in chunks whose expanded form (k * 8 bytes a row) stays in L2
   // while this thread's weight tiles pass by, and stays below malloc's mmap threshold.
   bool expand = false;
@@ -1299,10 +1309,10 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
 #ifdef TM_VNNI512
       if (block_major) {
         alignas(64) __m512 acc[BLOCK_MAJOR_ROWS];
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t ncols = std::min<int64_t>(NR, n - t * NR);
-          for (int64_t r0 = 0; r0 < m; r0 += BLOCK_MAJOR_ROWS) {
-            const int64_t rows = std::min(BLOCK_MAJOR_ROWS, m - r0);
+        for (int64_t r0 = 0; r0 < m; r0 += pass_rows) {
+          const int64_t rows = std::min(pass_rows, m - r0);
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t ncols = std::min<int64_t>(NR, n - t * NR);
             with_mode(mode, [&](auto form) {
               tile_rows_avx512<decltype(form)::value>(pp + t * tbytes, kb, q.a + r0 * k, k, rows, q.e + r0 * kb,
                                                       q.s + r0 * kb, q.off + 2 * r0 * kb, acc);
