@@ -146,9 +146,9 @@ class EngineConfig:
         `config.updated(dtype="float32", max_model_len=2048)`."""
         groups = {name: getattr(self, name) for name in ("device", "cache", "scheduler")}
         # "device" is also DeviceConfig's own field (--device): a group is replaced only by a
-        # group, and a string goes to the field.
+        # group of its type; anything else goes to the group's field of that name.
         own = {k: changes.pop(k) for k in list(changes)
-               if k in {f.name for f in fields(self)} and not (k in groups and isinstance(changes[k], str))}
+               if k in {f.name for f in fields(self)} and (k not in groups or isinstance(changes[k], type(groups[k])))}
         for name, group in groups.items():
             mine = {k: changes.pop(k) for k in list(changes) if k in {f.name for f in fields(group)}}
             groups[name] = replace(group, **mine)

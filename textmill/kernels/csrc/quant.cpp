@@ -1179,12 +1179,12 @@ void tile_rows_avx512(const uint8_t* tile, int64_t kb, const int8_t* a, int64_t 
     const BlockOf<M> blk(tile, kb, b, std::true_type{});
     // Row pointers stepped, not indexed: fewer live values in the row loop, which GCC kept
     // reloading from the stack (kernel_ab on the Xeon: q4 0.93-1.0x the time at 16-256
-    // rows, q6/q8 level). sr stands in for e where the form has no min (never read).
+    // rows, q6/q8 level). e, s and off are allocated for every form; each reads its own.
     const int8_t* ar = a + b * QK;
-    const float *er = e + b, *sr = has_min(M) ? s + b : e + b;
+    const float *er = e + b, *sr = s + b;
     const int32_t* offr = off + 2 * b;
     for (__m512 *acc_r = acc, *acc_end = acc + rows; acc_r != acc_end;
-         ++acc_r, ar += k, er += kb, sr += kb, offr += M == Mode::Q6 ? 2 * kb : 0)
+         ++acc_r, ar += k, er += kb, sr += kb, offr += 2 * kb)
       *acc_r = blk.row(ar, *er, has_min(M) ? *sr : 0.f, offr, *acc_r);
   }
 }
