@@ -9,6 +9,7 @@ alike; the table keeps each variant's best round, with its ratio to the first va
 
     python bench/engine_steps.py                                   # default vs --no-kernels
     python bench/engine_steps.py --variants "" " --quantization int4" --concurrency 1 16 64
+    python bench/engine_steps.py --variants " --device cuda" " --device cuda --enforce-eager"
 
 (A variant that starts with "--" needs a leading space, or argparse takes it for an option.)
 Compare thread counts (`--threads`) in separate runs: each engine re-applies its own count
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stamp import write_result  # noqa: E402
 from workload import Workload, make_prompt  # noqa: E402
 
 from textmill.cli import build_parser, engine_config_from_args  # noqa: E402
@@ -58,6 +60,7 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--json", help="also copy the result file here")
     args = p.parse_args()
     workload = Workload(max_tokens=args.max_tokens)
     parser = build_parser()
@@ -78,11 +81,17 @@ def main() -> int:
                     best[key] = (rate, step_ms)
     print("| variant | conc | tok/s | x first | ms/step |")
     print("|---|---:|---:|---:|---:|")
+    rows = []
     for c in args.concurrency:
         base = best[(args.variants[0], c)][0]
         for v in args.variants:
             rate, step_ms = best[(v, c)]
+            rows.append({"variant": v.strip() or "defaults", "concurrency": c, "tok_s": round(rate, 2),
+                         "ratio_to_first": round(rate / base, 3), "step_ms": round(step_ms, 2)})
             print(f"| {v.strip() or 'defaults'} | {c} | {rate:.1f} | {rate / base:.2f}x | {step_ms:.1f} |")
+    path = write_result("engine_steps", {"repeats": args.repeats, "max_tokens": args.max_tokens, "rows": rows})
+    if args.json:
+        Path(args.json).write_text(path.read_text())
     return 0
 
 

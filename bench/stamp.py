@@ -60,10 +60,25 @@ def machine_stamp(info: dict[str, str] | None = None) -> dict:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         mem = 0.0
-    return {"cpu": info.get("model name", platform.processor() or "unknown"),
-            "family": info.get("cpu family"), "model": info.get("model"),
-            "cores": os.cpu_count(), "mem_gib": round(mem, 1),
-            "simd": [f for f in SIMD_FLAGS if f in flags], "kernel": platform.release()}
+    stamp = {"cpu": info.get("model name", platform.processor() or "unknown"),
+             "family": info.get("cpu family"), "model": info.get("model"),
+             "cores": os.cpu_count(), "mem_gib": round(mem, 1),
+             "simd": [f for f in SIMD_FLAGS if f in flags], "kernel": platform.release()}
+    gpus = _gpus()
+    if gpus:
+        stamp["gpu"] = gpus
+    return stamp
+
+
+def _gpus() -> str:
+    """The NVIDIA GPUs' names ("NVIDIA H200"), "" without nvidia-smi: --device cuda runs
+    are stamped with the device they ran on."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return ", ".join(done.stdout.split("\n")).strip(", ") if done.returncode == 0 else ""
 
 
 def machine_label(m: dict) -> str:
@@ -73,7 +88,8 @@ def machine_label(m: dict) -> str:
     extras = [x for x, f in (("vnni", "avx512_vnni"), ("avx-vnni", "avx_vnni"), ("bf16", "avx512_bf16"),
                              ("amx", "amx_tile")) if f in simd]
     fam = f" (fam {m['family']} model {m['model']})" if m.get("family") else ""
-    return f"{m.get('cpu', '?')}{fam}, {m.get('cores', '?')} cores, {' '.join([isa, *extras])}"
+    gpu = f", {m['gpu']}" if m.get("gpu") else ""
+    return f"{m.get('cpu', '?')}{fam}, {m.get('cores', '?')} cores, {' '.join([isa, *extras])}{gpu}"
 
 
 def write_result(kind: str, payload: dict) -> Path:

@@ -101,6 +101,8 @@ class DeviceConfig:
     kernels: bool = option(True, "run float32 on eager torch ops instead of textmill's C++ kernels "
                            "(the reference path)", flag="--no-kernels")
     threads: int | None = option(None, "torch threads (default: all cores)")
+    enforce_eager: bool = option(False, "on CUDA, run decode steps op by op instead of replaying captured "
+                                 "CUDA graphs")
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,10 @@ class KVCache:
     widened exactly when read, by the kernels (kernels/csrc/layer.cpp) and by
     PagedAttention alike. float16 keeps 3 more mantissa bits than bfloat16 and loses
     range above 65504, which keys and values of the models measured stay far below.
+
+    `scratch_block`: one block more than the pool's, at index num_blocks, that no request
+    owns. Replayed decode graphs (decode_graphs.py) pad a step to a fixed batch; the padding
+    rows write their K/V there, where they can harm no one.
     """
 
     def __init__(
@@ -43,11 +47,13 @@ class KVCache:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         kv_dtype: torch.dtype | None = None,
+        scratch_block: bool = False,
     ):
         self.block_size = cache_config.block_size
         self.num_blocks = cache_config.num_blocks
+        self.scratch_block = self.num_blocks if scratch_block else None
         self.dtype = kv_dtype or dtype
-        num_slots = self.num_blocks * self.block_size
+        num_slots = (self.num_blocks + scratch_block) * self.block_size
         shape = (num_slots, 2, model_config.num_kv_heads, model_config.head_dim)
         self.kv = [_zeros(shape, self.dtype, device) for _ in range(model_config.num_layers)]
         self.k = [kv[:, 0] for kv in self.kv]
@@ -189,7 +195,7 @@ class PagedAttention:
             out = _sdpa(queries, keys, values, self._additive_mask(index, sliding_window, q.dtype), scale)
         else:
             mask = self._mask(index, sliding_window, need_tensor=True)
-            out = _softcapped_attention(queries, keys, values, mask, scale, logit_softcap)
+            out = softcapped_attention(queries, keys, values, mask, scale, logit_softcap)
         out = out.transpose(1, 2)  # (B, Tmax, Hq, D)
         if g.decode_only:
             return out.reshape(n, hq, d)
@@ -202,7 +208,7 @@ class PagedAttention:
         hides."""
         if g.contiguous_from is not None:
             return cache[g.contiguous_from : g.contiguous_from + g.max_context_len][None]
-        per_block = cache.view(self.cache.num_blocks, -1)  # (num_blocks, bs * 2 * Hkv * D)
+        per_block = cache.view(-1, self.cache.block_size * cache[0].numel())  # (blocks, bs * 2 * Hkv * D)
         blocks = per_block.index_select(0, g.block_table.view(-1))  # (B * max_blocks, bs * 2 * Hkv * D)
         return blocks.view(g.num_seqs, -1, *cache.shape[1:])[:, : g.max_context_len]
 
@@ -267,7 +273,7 @@ def _sdpa(q, k, v, mask, scale) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
-def _softcapped_attention(q, k, v, mask, scale, cap) -> torch.Tensor:
+def softcapped_attention(q, k, v, mask, scale, cap) -> torch.Tensor:
     """Gemma-2 style: scores = cap * tanh(scores / cap), which SDPA cannot express."""
     k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (B, Hq, Tmax, Lmax)

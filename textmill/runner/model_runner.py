@@ -5,6 +5,7 @@ execute() = build batch -> model.forward over the flat batch with a paged Attent
 """
 from __future__ import annotations
 
+import logging
 import threading
 
 import torch
@@ -12,7 +13,9 @@ import torch
 from textmill.config import CacheConfig, ModelConfig
 from textmill.messages import RunnerOutput, SchedulerOutput, TokenLogprob
 from textmill import kernels as cpp_kernels
-from textmill.runner.batch import Batch, build_batch
+from textmill.runner import decode_graphs
+from textmill.runner.batch import PromptSegment, build_batch
+from textmill.runner.decode_graphs import DecodeGraphs
 from textmill.runner.block_tables import BlockTables
 from textmill.runner.kernel_attention import KernelPagedAttention
 from textmill.loader.load import LoadedModel
@@ -22,6 +25,8 @@ from textmill.runner.kv_cache import KVCache, PagedAttention
 from textmill.runner.plan import ExecutionPlan
 from textmill.runner.quant import install_linears
 from textmill.runner.sampler import PromptLogprobOutput, SampleOutput, Sampler
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -39,12 +44,16 @@ class ModelRunner:
         kv_dtype: torch.dtype | None = None,
         vocab_limit: int | None = None,
         grammars=None,
+        decode_graphs: bool | None = None,
     ):
         """`file_weights`: a model loaded with load_model(codes=True); its linears and
         embedding become kernel layers over the file's own blocks (runner/file_weights.py).
         `vocab_limit`: the tokenizer's vocabulary when the model's embedding is padded past
         it; ids from there on get no probability (they have no text to detokenize).
-        `grammars`: the server's grammar compiler (textmill/grammar), for structured outputs."""
+        `grammars`: the server's grammar compiler (textmill/grammar), for structured outputs.
+        `decode_graphs`: run pure decode steps padded to fixed shapes (decode_graphs.py),
+        captured as CUDA graphs on CUDA; None: on CUDA only. True on the CPU runs the padded
+        steps op by op (tests)."""
         self.model = model
         self.model_config = model_config
         self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < model_config.vocab_size else None
@@ -68,7 +77,14 @@ class ModelRunner:
             for kind in (KernelForward, GemmaKernelForward):
                 if kind.supports(model):
                     self.forward = kind(model, self.ops)
-        self.kv_cache = KVCache(model_config, cache_config, self.device, dtype, kv_dtype=kv_dtype)
+        if decode_graphs is None:
+            decode_graphs = self.device.type == "cuda"
+        if decode_graphs and self.ops is not None:  # the padded steps run the model's own forward
+            raise ValueError("padded decode steps run the eager forward, not the CPU kernels")
+        self.kv_cache = KVCache(model_config, cache_config, self.device, dtype, kv_dtype=kv_dtype,
+                                scratch_block=decode_graphs)
+        self.graphs = (DecodeGraphs(model, self.kv_cache, self.device, capture=self.device.type == "cuda")
+                       if decode_graphs else None)
         # Each request's block table, kept from step to step (the scheduler sends new blocks only).
         self.block_tables = BlockTables(cache_config.block_size)
         # OpenMP thread counts are per thread: oneDNN in a thread that never set one uses
@@ -85,7 +101,7 @@ class ModelRunner:
                   vocab_limit: int | None = None, grammars=None) -> "ModelRunner":
         """The runner runner/plan.py decided on, for a model loaded in the plan's format."""
         return cls(loaded.model, loaded.config, cache_config, device=plan.device, dtype=plan.torch_dtype,
-                   vocab_limit=vocab_limit, grammars=grammars,
+                   vocab_limit=vocab_limit, grammars=grammars, decode_graphs=plan.cuda_graphs,
                    quantization=plan.quantization, kernels=plan.kernels, kv_dtype=plan.torch_kv_dtype,
                    file_weights=loaded if plan.weights == "file-codes" else None)
 
@@ -103,6 +119,11 @@ class ModelRunner:
         if scheduled.is_empty:
             return RunnerOutput()
         with torch.inference_mode():
+            if self.graphs is not None and self.graphs.failed is None and decode_graphs.accepts(scheduled):
+                logits = self._graph_logits(scheduled)
+                if logits is not None:
+                    return self._sample_and_score(tuple(c.request_id for c in scheduled.chunks), (), None,
+                                                  self._limit_vocab(logits))
             batch = build_batch(scheduled, self.block_tables, self.device)
             if self.ops is not None:
                 ctx = KernelPagedAttention(self.kv_cache, batch.attn, self.ops)
@@ -112,10 +133,26 @@ class ModelRunner:
             if batch.logits_rows.numel() == 0:
                 return RunnerOutput()  # only mid-prompt chunks: nothing to sample or score
             logits = self.model.logits(hidden.index_select(0, batch.logits_rows))  # (S + P, V)
-            assert logits.shape[-1] == self.model_config.vocab_size, "logits width != vocab_size"
-            if self.vocab_limit is not None:
-                logits[:, self.vocab_limit:] = float("-inf")
-            return self._sample_and_score(batch, logits)
+            return self._sample_and_score(batch.sample_request_ids, batch.prompt_segments, batch.prompt_targets,
+                                          self._limit_vocab(logits))
+
+    def _limit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        assert logits.shape[-1] == self.model_config.vocab_size, "logits width != vocab_size"
+        if self.vocab_limit is not None:
+            logits[:, self.vocab_limit:] = float("-inf")
+        return logits
+
+    def _graph_logits(self, scheduled: SchedulerOutput) -> torch.Tensor | None:
+        """The step's logits from a decode graph; None (and graphs off from then on) when a
+        capture fails: the step, and every later one, runs eagerly instead."""
+        try:
+            return self.graphs.run(scheduled, self.block_tables)
+        except Exception as exc:
+            if not self.graphs.capture:
+                raise
+            self.graphs.failed = f"{type(exc).__name__}: {exc}"
+            log.warning("CUDA graph capture failed, decode steps run eagerly from now on: %s", self.graphs.failed)
+            return None
 
     def _update_requests(self, scheduled: SchedulerOutput) -> None:
         self.block_tables.update(scheduled)
@@ -127,13 +164,15 @@ class ModelRunner:
             if new.request_id not in self.sampler:
                 self.sampler.add_request(new.request_id, new.params, new.prompt_token_ids)
 
-    def _sample_and_score(self, batch: Batch, logits: torch.Tensor) -> RunnerOutput:
-        num_sampled = batch.num_sampled
-        sample = self.sampler.sample(logits[:num_sampled], batch.sample_request_ids) if num_sampled else None
+    def _sample_and_score(self, sample_ids: tuple[str, ...], segments: tuple[PromptSegment, ...],
+                          prompt_targets: torch.Tensor | None, logits: torch.Tensor) -> RunnerOutput:
+        """logits: (S + P, V), the S sampled rows (of sample_ids) then the P prompt rows."""
+        num_sampled = len(sample_ids)
+        sample = self.sampler.sample(logits[:num_sampled], sample_ids) if num_sampled else None
         prompt = None
-        if batch.prompt_segments:
-            k = max(self._prompt_k(seg.request_id) for seg in batch.prompt_segments)
-            prompt = self.sampler.prompt_logprobs(logits[num_sampled:], batch.prompt_targets, k)
+        if segments:
+            k = max(self._prompt_k(seg.request_id) for seg in segments)
+            prompt = self.sampler.prompt_logprobs(logits[num_sampled:], prompt_targets, k)
         # The one host sync of the step: every result in one float64 tensor (token ids are
         # exact in float64), read back with a single .tolist().
         pieces = []
@@ -143,31 +182,33 @@ class ModelRunner:
             pieces += [prompt.logprobs, prompt.top_ids, prompt.top_logprobs, prompt.ranks]
         values = torch.cat([p.reshape(-1).to(torch.float64) for p in pieces]).tolist()
         reader = _Reader(values)
-        sampled = self._read_sampled(batch, sample, reader) if sample is not None else {}
-        prompt_lps = self._read_prompt(batch, prompt, reader) if prompt is not None else {}
+        sampled = self._read_sampled(sample_ids, sample, reader) if sample is not None else {}
+        prompt_lps = self._read_prompt(segments, prompt, reader) if prompt is not None else {}
         return RunnerOutput(sampled=sampled, prompt_logprobs=prompt_lps)
 
     def _prompt_k(self, request_id: str) -> int:
         return self.sampler.params(request_id).prompt_logprobs or 0
 
-    def _read_sampled(self, batch: Batch, sample: SampleOutput, reader: "_Reader") -> dict[str, TokenLogprob]:
-        num, k = batch.num_sampled, sample.top_ids.shape[1]
+    def _read_sampled(self, sample_ids: tuple[str, ...], sample: SampleOutput, reader: "_Reader"
+                      ) -> dict[str, TokenLogprob]:
+        num, k = len(sample_ids), sample.top_ids.shape[1]
         tokens, lps = reader.take(num), reader.take(num)
         top_ids, top_lps = reader.take(num * k), reader.take(num * k)
         out = {}
-        for i, request_id in enumerate(batch.sample_request_ids):
+        for i, request_id in enumerate(sample_ids):
             want = min(self.sampler.params(request_id).logprobs or 0, k)
             top = tuple((int(top_ids[i * k + j]), top_lps[i * k + j]) for j in range(want))
             out[request_id] = TokenLogprob(int(tokens[i]), lps[i], top)
         return out
 
-    def _read_prompt(self, batch: Batch, prompt: PromptLogprobOutput, reader: "_Reader") -> dict[str, tuple[TokenLogprob, ...]]:
+    def _read_prompt(self, segments: tuple[PromptSegment, ...], prompt: PromptLogprobOutput, reader: "_Reader"
+                     ) -> dict[str, tuple[TokenLogprob, ...]]:
         num, k = prompt.logprobs.shape[0], prompt.top_ids.shape[1]
         lps = reader.take(num)
         top_ids, top_lps = reader.take(num * k), reader.take(num * k)
         ranks = reader.take(num)
         out = {}
-        for seg in batch.prompt_segments:
+        for seg in segments:
             want = min(self._prompt_k(seg.request_id), k)
             entries = []
             for row in range(seg.offset, seg.offset + seg.count):

@@ -17,6 +17,8 @@ decides. The rules, in order:
    The kernels run only float32: another dtype gives the eager path.
 5. kv dtype: `auto` is the activation dtype, except float16 on the CPU kernels, which
    convert on write and read (half the memory; docs/architecture.md has the measurements).
+6. CUDA graphs: on CUDA, decode steps replay captured graphs (runner/decode_graphs.py)
+   unless `--enforce-eager`.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class ExecutionPlan:
     kernels: bool  # textmill's C++ CPU kernels run attention, norms and the fused forwards
     kv_dtype: str  # the paged KV pool: "float32" | "float16" | "bfloat16"
     threads: int | None = None  # torch intra-op threads; None: every core
+    cuda_graphs: bool = False  # decode steps replay captured CUDA graphs (runner/decode_graphs.py)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -59,7 +62,8 @@ class ExecutionPlan:
         what = {"file-codes": "the file's own blocks as 4- to 8-bit codes", "float": f"{self.dtype} weights",
                 "int4": "int4 (requantized)", "int8": "int8 (requantized)"}[self.weights]
         engine = "textmill's C++ kernels" if self.kernels else "eager torch"
-        return (f"{self.device}, {self.dtype} activations, {what}, {engine}, KV cache {self.kv_dtype}, "
+        graphs = ", decode as CUDA graphs" if self.cuda_graphs else ""
+        return (f"{self.device}, {self.dtype} activations, {what}, {engine}{graphs}, KV cache {self.kv_dtype}, "
                 f"{self.threads or 'all'} threads")
 
 
@@ -85,7 +89,7 @@ def decide(model: Path, asked: DeviceConfig) -> ExecutionPlan:
     if kv_dtype == "auto":
         kv_dtype = "float16" if on_kernels else dtype
     return ExecutionPlan(device=device, dtype=dtype, weights=weights, kernels=on_kernels, kv_dtype=kv_dtype,
-                         threads=asked.threads)
+                         threads=asked.threads, cuda_graphs=device == "cuda" and not asked.enforce_eager)
 
 
 def _device(device: str) -> str:
