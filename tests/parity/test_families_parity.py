@@ -24,6 +24,7 @@ transformers = pytest.importorskip("transformers")
 HF_GGUF_OVERRIDES = {
     "llama": lambda c: {"head_dim": c.head_dim},
     "qwen2": lambda c: {},
+    "qwen3": lambda c: {"head_dim": c.head_dim},  # its reader skips attention.key_length
     "gemma3": lambda c: {"query_pre_attn_scalar": c.head_dim},  # llama.cpp's rule below 27B
     "gpt2": lambda c: {"n_positions": c.n_positions},
 }

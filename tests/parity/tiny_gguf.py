@@ -26,6 +26,8 @@ _DECODER = {
 NAMES = {
     "llama": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "qwen2": _DECODER | {"post_attention_layernorm": "ffn_norm"},
+    "qwen3": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
+                         "self_attn.k_norm": "attn_k_norm"},
     "gemma3": _DECODER | {
         "post_attention_layernorm": "post_attention_norm",
         "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
@@ -98,7 +100,7 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     params = config.rope_parameters
     w.add_rope_freq_base(params.get("full_attention", params)["rope_theta"])
-    if family in ("llama", "llama3", "gemma3"):
+    if family in ("llama", "llama3", "qwen3", "gemma3"):
         w.add_key_length(config.head_dim)
         w.add_value_length(config.head_dim)
     if getattr(config, "sliding_window", None):

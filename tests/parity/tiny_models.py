@@ -68,6 +68,9 @@ def hf_config(family: str):
         return tf.MistralConfig(**common, sliding_window=SLIDING_WINDOW, tie_word_embeddings=False)
     if family == "qwen2":
         return tf.Qwen2Config(**common, tie_word_embeddings=True)
+    if family == "qwen3":  # head_dim is not hidden / heads, as in every real Qwen3
+        return tf.Qwen3Config(**common, head_dim=24, tie_word_embeddings=True,
+                              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
     if family == "gemma3":
         return tf.Gemma3TextConfig(
             **common, head_dim=16, query_pre_attn_scalar=24, sliding_window=SLIDING_WINDOW,
@@ -85,7 +88,7 @@ def hf_config(family: str):
     raise ValueError(family)
 
 
-FAMILIES = ("llama", "llama3", "mistral", "qwen2", "gemma3", "gpt2")
+FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "gpt2")
 
 
 def tiny_hf_model(family: str, seed: int = 0):

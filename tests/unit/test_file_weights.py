@@ -48,15 +48,16 @@ def _blocks(qtype: T, shape: tuple[int, int], rng: np.random.Generator) -> np.nd
     return raw.reshape(shape[0], -1)
 
 
-def _write(path) -> None:
+def _write(path, arch: str) -> None:
+    """`arch` "qwen3" adds each layer's q and k norms (the kernels apply them in rope_kv_write)."""
     rng = np.random.default_rng(0)
-    w = GGUFWriter(str(path), "llama")
+    w = GGUFWriter(str(path), arch)
     for key, value in (("embedding_length", C), ("block_count", LAYERS), ("feed_forward_length", FFN),
                        ("attention.head_count", HEADS), ("attention.head_count_kv", KV_HEADS),
-                       ("context_length", 256)):
-        w.add_uint32(f"llama.{key}", value)
-    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-    w.add_float32("llama.rope.freq_base", 10000.0)
+                       ("context_length", 256), ("attention.key_length", D)):
+        w.add_uint32(f"{arch}.{key}", value)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_float32(f"{arch}.rope.freq_base", 10000.0)
     w.add_tensor("token_embd.weight", _blocks(T.Q8_0, (VOCAB, C), rng), raw_dtype=T.Q8_0)
     w.add_tensor("output_norm.weight", np.ones(C, dtype=np.float32))
     w.add_tensor("output.weight", _blocks(T.Q6_K, (VOCAB, C), rng), raw_dtype=T.Q6_K)
@@ -64,6 +65,9 @@ def _write(path) -> None:
     for i in range(LAYERS):
         for norm in ("attn_norm", "ffn_norm"):
             w.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * rng.standard_normal(C)).astype(np.float32))
+        if arch == "qwen3":
+            for norm in ("attn_q_norm", "attn_k_norm"):
+                w.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.3 * rng.standard_normal(D)).astype(np.float32))
         for name in LINEARS:
             qtype = next(types)
             data = _blocks(qtype, _shape(name), rng)
@@ -81,11 +85,11 @@ def _prompt_logprobs(runner: ModelRunner, tokens: list[int]) -> torch.Tensor:
     return torch.tensor([p.logprob for p in out.prompt_logprobs["x"]])
 
 
-@pytest.fixture(scope="module")
-def gguf_path(tmp_path_factory):
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def gguf_path(request, tmp_path_factory):
     assert kernels.load("quant") is not None, "the C++ kernels did not build"
-    path = tmp_path_factory.mktemp("gguf") / "every-type.gguf"
-    _write(path)
+    path = tmp_path_factory.mktemp("gguf") / f"every-type-{request.param}.gguf"
+    _write(path, request.param)
     return path
 
 
@@ -94,6 +98,7 @@ def test_every_block_type_runs_from_its_own_blocks_and_tracks_the_float_referenc
     ref_model = load_model(gguf_path, dtype=torch.float32)
     ref = _prompt_logprobs(ModelRunner(ref_model.model, ref_model.config, CacheConfig(16, 8), kernels=False), tokens)
     loaded = load_model(gguf_path, codes=True)
+    assert loaded.config.qk_norm == ("qwen3" in gguf_path.name)
     assert {c.source for c in loaded.codes.values()} >= {t.name for t in TYPES} - {"F16"}
     runner = ModelRunner(loaded.model, loaded.config, CacheConfig(16, 8), file_weights=loaded)
     assert isinstance(runner.forward, KernelForward)

@@ -15,6 +15,7 @@ from textmill import kernels
 from textmill.config import CacheConfig
 from textmill.models import llama
 from textmill.models.qwen2 import Qwen2ForCausalLM
+from textmill.models.qwen3 import Qwen3ForCausalLM
 from textmill.runner import ModelRunner
 from textmill.runner.kernel_attention import KernelPagedAttention
 from textmill.runner.kernel_forward import KernelForward
@@ -68,15 +69,23 @@ def _compare(eager: dict[str, Seq], fast: dict[str, Seq], tol: float) -> None:
             torch.testing.assert_close(got, want, atol=tol, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["llama", "tied", "qwen2", "window", "mha"])
+@pytest.mark.parametrize("variant", ["llama", "tied", "qwen2", "qwen3", "window", "mha"])
 def test_llama_family_kernel_forward_matches_eager(variant):
-    kw = {"tied": dict(tied=True), "window": dict(sliding_window=5), "mha": dict(num_kv_heads=4)}.get(variant, {})
-    cls = Qwen2ForCausalLM if variant == "qwen2" else llama.LlamaForCausalLM
-    if variant == "qwen2":
-        kw["attention_bias"] = True
-    eager_model, cfg = _random_llama(cls, **kw)
+    kw = {"tied": dict(tied=True), "window": dict(sliding_window=5), "mha": dict(num_kv_heads=4),
+          "qwen2": dict(attention_bias=True), "qwen3": dict(qk_norm=True, tied=True)}.get(variant, {})
+    cls = {"qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}.get(variant, llama.LlamaForCausalLM)
+
+    def build():
+        model, cfg = _random_llama(cls, **dict(kw))
+        if variant == "qwen3":  # QK norm weights near 1, each dimension its own
+            for b in model.layers:
+                for norm in (b.self_attn.q_norm, b.self_attn.k_norm):
+                    norm.weight.copy_(1 + 0.3 * torch.randn_like(norm.weight))
+        return model, cfg
+
+    eager_model, cfg = build()
     eager = drive(_runner(eager_model, cfg, False), _workload(), budget=7)
-    model, _ = _random_llama(cls, **kw)
+    model, _ = build()
     runner = _runner(model, cfg, True)
     assert isinstance(runner.forward, KernelForward), "the Llama family takes the kernel forward"
     _compare(eager, drive(runner, _workload(), budget=7), tol=1e-4)

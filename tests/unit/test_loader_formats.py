@@ -122,14 +122,15 @@ def test_refusals() -> None:
 def test_unknown_architecture_lists_every_supported_name() -> None:
     with pytest.raises(ValueError) as err:
         resolve_architecture("phi3")
-    for name in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma3ForCausalLM", "GPT2LMHeadModel",
-                 "MistralForCausalLM", "gemma3", "gpt2", "qwen2", "llama"):
+    for name in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM",
+                 "GPT2LMHeadModel", "MistralForCausalLM", "gemma3", "gpt2", "qwen2", "qwen3", "llama"):
         assert name in str(err.value)
-    assert set(MODEL_CLASSES) == {"llama", "qwen2", "gemma3", "gpt2"}
+    assert set(MODEL_CLASSES) == {"llama", "qwen2", "qwen3", "gemma3", "gpt2"}
 
 
 def test_gguf_names_per_family() -> None:
     assert gguf_param_name("qwen2", "blk.1.attn_k.bias") == "layers.1.self_attn.k_proj.bias"
+    assert gguf_param_name("qwen3", "blk.2.attn_q_norm.weight") == "layers.2.self_attn.q_norm.weight"
     assert gguf_param_name("gemma3", "blk.0.ffn_norm.weight") == "layers.0.pre_feedforward_layernorm.weight"
     assert gguf_param_name("gemma3", "blk.0.post_attention_norm.weight") == "layers.0.post_attention_layernorm.weight"
     assert gguf_param_name("gemma3", "blk.0.post_ffw_norm.weight") == "layers.0.post_feedforward_layernorm.weight"

@@ -24,10 +24,10 @@ class _Dense:
         return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.float()).to(q.dtype)
 
 
-def _model(bias: bool) -> nn.Module:
+def _model(bias: bool, qk_norm: bool = False) -> nn.Module:
     cfg = ModelConfig(architecture="llama", vocab_size=64, hidden_size=48, intermediate_size=80,
                       num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8, max_position_embeddings=64,
-                      attention_bias=bias)
+                      attention_bias=bias, qk_norm=qk_norm)
     torch.manual_seed(0)
     model = llama.LlamaForCausalLM(cfg).eval().requires_grad_(False)
     for p in model.parameters():
@@ -35,9 +35,9 @@ def _model(bias: bool) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("bias", [False, True])  # True: Qwen2's q/k/v biases
-def test_fused_layers_match_the_model(bias):
-    model = _model(bias)
+@pytest.mark.parametrize("bias, qk_norm", [(False, False), (True, False), (False, True)])  # Qwen2, Qwen3
+def test_fused_layers_match_the_model(bias, qk_norm):
+    model = _model(bias, qk_norm)
     fused = copy.deepcopy(model)
     assert fuse_llama_layers(fused, concatenating(lambda lin: lin)) == 4
     assert isinstance(fused.layers[0].self_attn, FusedAttention) and isinstance(fused.layers[1].mlp, FusedMLP)

@@ -92,6 +92,8 @@ def read_config(gguf: GGUFFile) -> ModelConfig:
     family = fields["architecture"]
     if family == "gemma3":
         fields |= _gemma3_fields(meta, fields)
+    elif family == "qwen3":
+        fields |= dict(qk_norm=True)
     elif family == "gpt2":
         fields |= dict(norm_eps=float(meta.arch_get("attention.layer_norm_epsilon", 1e-5)),
                        hidden_act="gelu_tanh")  # ggml's GELU is the tanh approximation

@@ -54,7 +54,7 @@ def config_from_dict(raw: dict[str, Any], tensor_names: Collection[str] = (), *,
 
 
 def _decoder_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
-    """Llama, Mistral, Qwen2 and Gemma 3: the fields they share, then each one's own."""
+    """Llama, Mistral, Qwen2, Qwen3 and Gemma 3: the fields they share, then each one's own."""
     hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
     fields = dict(
         hidden_size=hidden,
@@ -72,6 +72,10 @@ def _decoder_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
     fields |= _rope(raw, None, head_dim=fields["head_dim"], default_theta=10000.0)
     if family == "qwen2":
         return fields | dict(attention_bias=True, sliding_window=_qwen2_window(raw, fields["num_layers"]))
+    if family == "qwen3":
+        if raw.get("attention_bias"):
+            raise ValueError("Qwen3 checkpoints with attention_bias are not supported")
+        return fields | dict(qk_norm=True, sliding_window=_qwen2_window(raw, fields["num_layers"]))
     if raw.get("attention_bias") or raw.get("mlp_bias"):
         raise ValueError("Llama checkpoints with attention_bias or mlp_bias are not supported")
     return fields | dict(sliding_window=raw.get("sliding_window"))

@@ -54,6 +54,12 @@ _LLAMA = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
     "ffn_norm": "post_attention_layernorm",
     **_GATED_MLP,
 }))
+# Qwen3: Llama's, plus each head's q and k norm.
+_QWEN3 = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
+    **_LLAMA.blocks,
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}))
 # Gemma 3 has four norms per block: llama.cpp's ffn_norm is its pre-feedforward norm, and
 # post_attention_norm is applied to the attention output, not before the MLP as in Llama.
 _GEMMA3 = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
@@ -84,6 +90,7 @@ _GPT2 = GGUFNames("h", MappingProxyType({
 GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "llama": _LLAMA,
     "qwen2": _LLAMA,
+    "qwen3": _QWEN3,
     "gemma3": _GEMMA3,
     "gpt2": _GPT2,
 })
@@ -91,7 +98,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
 # llama.cpp's converter reorders the rows of q and k for these architectures so that ggml's
 # interleaved ("GPT-J style") RoPE sees pairs (2i, 2i+1); the models here use rotate-half
 # pairs (i, i + D/2), so the loader puts the rows back. Qwen2 and Gemma 3 use ggml's NEOX
-# (rotate-half) RoPE and are stored unpermuted.
+# (rotate-half) RoPE and are stored unpermuted, as is Qwen3.
 QK_PERMUTED_ARCHS = frozenset({"llama"})
 # llama.cpp's converter stores Gemma norm weights as 1 + weight (ggml multiplies plainly).
 NORM_PLUS_ONE_ARCHS = frozenset({"gemma3"})
@@ -151,6 +158,7 @@ def to_model_layout(arch: str, param_name: str, tensor: torch.Tensor,
 HF_PREFIXES: Mapping[str, str] = MappingProxyType({
     "llama": "model.",
     "qwen2": "model.",
+    "qwen3": "model.",
     "gemma3": "model.",
     "gpt2": "transformer.",
 })

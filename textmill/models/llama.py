@@ -1,4 +1,5 @@
 """Llama (Llama 2/3, SmolLM, Mistral): RMSNorm, rotate-half RoPE, GQA attention, SwiGLU.
+Qwen2 (q/k/v biases) and Qwen3 (QK norm) are this model with a switch each (qwen2.py, qwen3.py).
 
 Parameter names follow the Hugging Face checkpoints without the leading "model."; the
 loader maps other formats onto them. Weights may be float32 or bfloat16: matmuls run in
@@ -80,6 +81,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, self.num_kv_heads * D, bias=bias)
         self.v_proj = nn.Linear(C, self.num_kv_heads * D, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * D, C, bias=False)
+        # Qwen3: each head's q and k RMS-normed (one weight per dimension) before RoPE.
+        self.q_norm = RMSNorm(D, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(D, config.norm_eps) if config.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:
@@ -87,6 +91,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(N, self.num_heads, D)  # (N, Hq, D)
         k = self.k_proj(x).view(N, self.num_kv_heads, D)  # (N, Hkv, D)
         v = self.v_proj(x).view(N, self.num_kv_heads, D)  # (N, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = ctx.attend(self.layer_idx, q, k, v, scale=D**-0.5,
                        sliding_window=self.sliding_window)  # (N, Hq, D)

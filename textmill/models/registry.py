@@ -16,11 +16,13 @@ from textmill.models.gemma3 import Gemma3ForCausalLM
 from textmill.models.gpt2 import GPT2LMHeadModel
 from textmill.models.llama import LlamaForCausalLM
 from textmill.models.qwen2 import Qwen2ForCausalLM
+from textmill.models.qwen3 import Qwen3ForCausalLM
 
 # registry key -> model class
 MODEL_CLASSES: Mapping[str, type[nn.Module]] = MappingProxyType({
     "llama": LlamaForCausalLM,
     "qwen2": Qwen2ForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
     "gemma3": Gemma3ForCausalLM,
     "gpt2": GPT2LMHeadModel,
 })
@@ -34,6 +36,8 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     "MistralForCausalLM": "llama",
     "qwen2": "qwen2",
     "Qwen2ForCausalLM": "qwen2",
+    "qwen3": "qwen3",
+    "Qwen3ForCausalLM": "qwen3",
     "gemma3": "gemma3",
     "gemma3_text": "gemma3",
     "Gemma3ForCausalLM": "gemma3",

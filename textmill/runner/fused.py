@@ -2,7 +2,7 @@
 
 A decode step on a small model is dominated by per-op overhead: the eager Llama layer
 issues about 70 torch ops, each a few microseconds of dispatch. These modules replace
-models/llama.py's Attention and MLP (also used by Qwen2) with the same math in fewer ops:
+models/llama.py's Attention and MLP (also used by Qwen2 and Qwen3) with the same math in fewer ops:
 
 * q, k and v come from one matmul over the concatenated weights, gate and up from another;
 * RoPE runs once over q and k together, as x * cos2 + roll(x, D/2) * sin2 with
@@ -47,6 +47,7 @@ class FusedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.qkv_proj = make_linear([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o_proj = make_linear([attn.o_proj])
+        self.q_norm, self.k_norm = attn.q_norm, attn.k_norm  # Qwen3's QK norm, else None
         self.rope = rope
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
@@ -54,6 +55,8 @@ class FusedAttention(nn.Module):
         qkv = self.qkv_proj(x)  # (N, (Hq + 2 Hkv) D)
         qk = qkv[:, : (hq + hkv) * d].view(n, hq + hkv, d)  # (N, Hq + Hkv, D)
         v = qkv[:, (hq + hkv) * d :].view(n, hkv, d)  # (N, Hkv, D)
+        if self.q_norm is not None:
+            qk = torch.cat([self.q_norm(qk[:, :hq]), self.k_norm(qk[:, hq:])], dim=1)
         cos2, sin2 = self.rope.get(cos, sin)
         x32 = qk.float()
         qk = (x32 * cos2 + x32.roll(d // 2, dims=-1) * sin2).to(qk.dtype)

@@ -13,8 +13,9 @@ is most of a decode step. Per layer:
 The residual stream h stays one float32 buffer updated in place, and each RMSNorm is fused
 with the residual add before it. The linears are whatever the runner installed (nn.Linear,
 or runner/qlinear.py's 4- to 8-bit kernels), so this module owns only the order of the calls.
-Built only for exact llama.LlamaForCausalLM / qwen2 instances whose layers runner/fused.py
-has fused; anything else keeps the model's own forward.
+Built only for exact llama.LlamaForCausalLM / qwen2 / qwen3 instances whose layers
+runner/fused.py has fused; anything else keeps the model's own forward. Qwen3's QK norm
+runs inside rope_kv_write, as Gemma 3's does.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from textmill.models import llama
 from textmill.models.qwen2 import Qwen2ForCausalLM
+from textmill.models.qwen3 import Qwen3ForCausalLM
 from textmill.runner.fused import FusedAttention, FusedMLP
 from textmill.runner.kernel_attention import KernelPagedAttention
 from textmill.runner.qlinear import QLinear
@@ -85,16 +87,20 @@ class KernelForwardBase:
 
 
 class KernelForward(KernelForwardBase):
-    """The Llama family (Llama, Qwen2) on the kernels; see the module docstring."""
+    """The Llama family (Llama, Qwen2, Qwen3) on the kernels; see the module docstring."""
 
     def __init__(self, model: llama.LlamaForCausalLM, ops: ModuleType):
         super().__init__(model, ops)
         self.rotary = model.rotary
         self.post_norms = [self.norm_weight(layer.post_attention_layernorm) for layer in self.layers]
+        # Qwen3: (q_norm, k_norm) weights per layer, for rope_kv_write; None elsewhere.
+        self.qk_norms = [None if b.self_attn.q_norm is None else
+                         (self.norm_weight(b.self_attn.q_norm), self.norm_weight(b.self_attn.k_norm))
+                         for b in self.layers]
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
-        if type(model) not in (llama.LlamaForCausalLM, Qwen2ForCausalLM):
+        if type(model) not in (llama.LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM):
             return False
         return all(type(layer) is llama.Block and isinstance(layer.self_attn, FusedAttention)
                    and isinstance(layer.mlp, FusedMLP) for layer in model.layers)
@@ -106,8 +112,14 @@ class KernelForward(KernelForwardBase):
         ops, eps, attn = self.ops, self.eps, self.layers[i].self_attn
         qkv_proj, o_proj, gate_up_proj, down_proj = self.matmuls[i]
         cos, sin = step.rope[0]
-        q = ops.rope_kv_write(qkv_proj(y), step.rows, cos, sin, step.ctx.cache.kv[i], step.ctx.meta.slot_mapping,
-                              attn.num_heads, attn.num_kv_heads)  # (N, Hq, D)
+        qk_norm = self.qk_norms[i]
+        if qk_norm is None:
+            q = ops.rope_kv_write(qkv_proj(y), step.rows, cos, sin, step.ctx.cache.kv[i], step.ctx.meta.slot_mapping,
+                                  attn.num_heads, attn.num_kv_heads)  # (N, Hq, D)
+        else:
+            q = ops.rope_kv_write(qkv_proj(y), step.rows, cos, sin, step.ctx.cache.kv[i], step.ctx.meta.slot_mapping,
+                                  attn.num_heads, attn.num_kv_heads, q_norm=qk_norm[0], k_norm=qk_norm[1],
+                                  norm_eps=self.eps)
         o = step.ctx.attend_cached(i, q, scale=attn.head_dim ** -0.5, sliding_window=attn.sliding_window)
         y = ops.add_rms_norm(o_proj(o.view(y.shape[0], -1)), h, self.post_norms[i], eps)
         return ops.add_rms_norm(down_proj(ops.silu_mul(gate_up_proj(y))), h, self.next_norms[i], eps)
