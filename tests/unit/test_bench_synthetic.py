@@ -85,3 +85,44 @@ def test_cached_file_is_not_rewritten(tiny):
     assert sg.synthetic_path(TINY, directory=tiny.parent) == tiny
     assert tiny.stat().st_mtime_ns == before
     assert tiny.name.startswith("tiny-") and tiny.suffix == ".gguf"
+
+
+TINY_QWEN3 = sg.SyntheticSpec(name="tiny-qwen3", hidden=256, layers=2, heads=4, kv_heads=2, ffn=512, context=2048,
+                              arch="qwen3", key_length=128, vocab=50000, tied=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    return sg.synthetic_path(TINY_QWEN3, directory=tmp_path_factory.mktemp("synthetic-qwen3"))
+
+
+def test_a_qwen3_file_with_a_padded_vocabulary(tiny_qwen3):
+    cfg = read_config(GGUFFile(tiny_qwen3))
+    assert (cfg.architecture, cfg.qk_norm, cfg.head_dim, cfg.num_heads) == ("qwen3", True, 128, 4)
+    assert cfg.vocab_size == 50000 and cfg.tie_word_embeddings
+    types = {t.name: t.qtype.name for t in GGUFFile(tiny_qwen3).tensors}
+    assert "output.weight" not in types and types["token_embd.weight"] == "Q6_K"
+    assert types["blk.1.attn_q_norm.weight"] == "F32" and types["blk.0.attn_q.weight"] == "Q4_K"
+    tok = load_gguf_tokenizer(tiny_qwen3)
+    assert tok.vocab_size == 50000 and tok.eos_token_ids == {0, 2}
+    assert tok.decode(tok.encode("Hello world")) == "Hello world"  # the padding is never produced
+
+
+def test_the_qwen3_file_runs_on_the_kernels(tiny_qwen3):
+    import torch
+
+    from textmill.config import CacheConfig
+    from textmill.loader import load_model
+    from textmill.messages import NewRequestData, ScheduledChunk, SchedulerOutput
+    from textmill.runner import ModelRunner
+    from textmill.runner.kernel_forward import KernelForward
+    from textmill.sampling_params import SamplingParams
+
+    loaded = load_model(tiny_qwen3, codes=True)
+    runner = ModelRunner(loaded.model, loaded.config, CacheConfig(16, 8), file_weights=loaded)
+    assert isinstance(runner.forward, KernelForward)
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
+    chunk = ScheduledChunk("x", tuple(range(100, 120)), 0, (0, 1), True)
+    out = runner.execute(SchedulerOutput((NewRequestData("x", params),), (chunk,)))
+    got = out.sampled["x"]
+    assert 0 <= got.token_id < 50000 and torch.isfinite(torch.tensor(got.logprob))
