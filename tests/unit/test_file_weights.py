@@ -103,8 +103,9 @@ def test_every_block_type_runs_from_its_own_blocks_and_tracks_the_float_referenc
     runner = ModelRunner(loaded.model, loaded.config, CacheConfig(16, 8), file_weights=loaded)
     assert isinstance(runner.forward, KernelForward)
     layer0, layer1 = loaded.model.layers
-    assert isinstance(layer0.self_attn.qkv_proj, SideBySide)  # Q4_K q/k beside a Q6_K (6-bit) v
-    assert [p.mode for p in layer0.self_attn.qkv_proj.parts] == ["q4", "q4", "q6"]
+    assert isinstance(layer0.self_attn.qkv_proj, SideBySide)  # Q4_K q/k (one matmul) beside a Q6_K v
+    assert [p.mode for p in layer0.self_attn.qkv_proj.parts] == ["q4", "q6"]
+    assert layer0.self_attn.qkv_proj.parts[0].out_features == C + KV_HEADS * D
     assert isinstance(layer0.mlp.gate_up_proj, QLinear)  # Q5_K gate and up: one 5-bit matmul
     assert layer0.mlp.gate_up_proj.mode == "q5"
     assert layer0.mlp.down_proj.mode == "q6" and loaded.model.lm_head.mode == "q6"  # Q6_K

@@ -13,7 +13,9 @@ A graph has fixed shapes and fixed addresses, so a decode step runs padded:
   with a mask computed inside the graph from the lengths.
 Each (batch, blocks) pair is captured the first time a step needs it, into one memory pool
 that all graphs share (their replays never overlap). A step's inputs are one int64 tensor
-copied into the graph's own buffer.
+copied into the graph's own buffer. A graph ends at the final hidden states (B, C): the LM
+head runs after the replay on the real rows only, so no graph keeps a (B, vocabulary)
+buffer of its own (Gemma 3's 262k columns would cost 67 MB a graph at B = 64).
 
 Only decode steps replay: one token per sequence, each sampled, no prompt logprobs.
 Prefill chunks vary in length and come once per prompt; they run eagerly.
@@ -126,7 +128,7 @@ class _Graph:
         self.ids, self.positions = ids, positions
         self.ctx = StaticDecodeAttention(cache, slots, table.view(batch, blocks), lens)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None  # (batch, V) float32, the graph's output
+        self.hidden: torch.Tensor | None = None  # (batch, C), the graph's output
 
 
 class DecodeGraphs:
@@ -147,8 +149,7 @@ class DecodeGraphs:
         return sum(g.graph is not None for g in self._graphs.values())
 
     def run(self, scheduled: SchedulerOutput, tables: BlockTables) -> torch.Tensor:
-        """The (n, V) float32 logits of a step accepts() took, rows in the scheduler's order.
-        They are a view of the graph's output: read them before the next step."""
+        """The (n, V) float32 logits of a step accepts() took, rows in the scheduler's order."""
         chunks = scheduled.chunks
         n, bs = len(chunks), self.cache.block_size
         batch = batch_bucket(n)
@@ -162,9 +163,9 @@ class DecodeGraphs:
         elif self.capture:
             self._capture(g)
         else:
-            g.logits = self._step(g)
+            g.hidden = self._step(g)
         self.steps += 1
-        return g.logits[:n]
+        return self.model.logits(g.hidden[:n])
 
     def _host_inputs(self, scheduled: SchedulerOutput, tables: BlockTables, batch: int, blocks: int) -> torch.Tensor:
         """ids, positions, slots, context lengths and block tables of the padded step, in one
@@ -191,14 +192,13 @@ class DecodeGraphs:
 
     def _step(self, g: _Graph) -> torch.Tensor:
         g.ctx.reset()
-        hidden = self.model.forward(g.ids, g.positions, g.ctx)
-        return self.model.logits(hidden)
+        return self.model.forward(g.ids, g.positions, g.ctx)
 
     def _capture(self, g: _Graph) -> None:
         """Warm up on a side stream (the first call of a shape allocates and picks kernels,
         which a capture must not do), then capture. The warm-up already computed this
-        step's logits and K/V from the same inputs; the capture records, it does not run,
-        so the replay that follows writes the same K/V again."""
+        step's K/V from the same inputs; the capture records, it does not run, so the
+        replay that follows writes the same K/V again."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -207,7 +207,7 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         # thread_local: a CUDA call from another thread (none is expected) does not void the capture.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            g.logits = self._step(g)
+            g.hidden = self._step(g)
         g.graph = graph
         graph.replay()
         log.debug("captured a decode graph: batch %d, context %d blocks (%d graphs)",

@@ -93,7 +93,8 @@ class _Maker:
             widths = {r.bits for r in refs}
             # A Q4_K_M file's Q4_K q/k beside a Q6_K v, a Q5_K_M file's Q5_K q/k beside a Q6_K v:
             if len(widths) > 1 and (4 in widths or 8 not in widths):
-                return SideBySide([self.one(p) for p in parts])
+                return SideBySide([self.fused(run) if len(run) > 1 else self.one(run[0])
+                                   for run in _runs_of_equal_width(parts, refs)])
             # 5/6-bit parts beside an 8-bit one (Gemma 3's Q5_0 q/k and Q8_0 v) go in 8 bits,
             # one matmul: a second call and activation pass cost more than the bytes saved.
             made = self._from_file(refs, self._stacked_bias(parts), max(widths))
@@ -120,6 +121,19 @@ class _Maker:
         if all(b is None for b in biases):
             return None
         return torch.cat([b if b is not None else torch.zeros(p.out_features) for b, p in zip(biases, parts)])
+
+
+def _runs_of_equal_width(parts: list[nn.Linear], refs: list[CodesRef]) -> list[list[nn.Linear]]:
+    """Consecutive parts of one width, together: a Q4_K_M layer's q and k become one 4-bit
+    matmul beside its 6-bit v, two calls (and two passes over the activations) instead of
+    three."""
+    runs: list[list[nn.Linear]] = []
+    for i, (part, ref) in enumerate(zip(parts, refs)):
+        if i and ref.bits == refs[i - 1].bits and ref.qtype == refs[i - 1].qtype:
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    return runs
 
 
 def install_file_weights(model: nn.Module, codes: Mapping[str, CodesRef], rows: GGUFRows) -> str:
