@@ -18,6 +18,7 @@ from textmill.models.qwen2 import Qwen2ForCausalLM
 from textmill.models.qwen3 import Qwen3ForCausalLM
 from textmill.runner import ModelRunner
 from textmill.runner.kernel_attention import KernelPagedAttention
+from textmill.messages import ScheduledChunk, SchedulerOutput
 from textmill.runner.kernel_forward import KernelForward
 from textmill.sampling_params import SamplingParams
 from tests.unit.test_model_runner import BLOCK, Seq, ToyLM, _prompt, drive, toy_config
@@ -187,3 +188,31 @@ def test_bundled_model_on_the_kernels_tracks_the_eager_float32_reference():
     for quantization, bound in (("codes", 0.08), ("int4", 0.08), ("int8", 0.1)):
         drift = (run(quantization, True) - ref).abs().mean()
         assert drift < bound, f"{quantization}: mean |dlogprob| {drift:.4f}"
+
+
+@pytest.mark.parametrize("family, quantization", [("llama", "int4"), ("gemma3", "int8"), ("llama", "none")])
+def test_the_last_layer_finishes_only_the_kept_rows(family, quantization):
+    """keep: the rows whose logits a step reads, in their order; the others stop at the last
+    layer's attention (their k and v are in the cache all the same). On the quantized
+    kernels (every GGUF file's path) rows are independent: bitwise. Float32 weights go
+    through MKL, whose sums depend on the row count: within rounding."""
+    from textmill.runner.batch import build_batch
+
+    model, cfg = _random_gemma() if family == "gemma3" else _random_llama()
+    runner = _runner(model, cfg, True, quantization=quantization)
+    chunks = (ScheduledChunk("a", tuple(_prompt(9, 1)), 0, (0, 1, 2), sample=True),
+              ScheduledChunk("b", tuple(_prompt(6, 2)), 0, (3, 4), sample=False))
+    scheduled = SchedulerOutput((), chunks)
+    runner.block_tables.update(scheduled)
+    batch = build_batch(scheduled, runner.block_tables, "cpu")
+    ctx = KernelPagedAttention(runner.kv_cache, batch.attn, runner.ops)
+    with torch.inference_mode():
+        full = runner.forward(batch.input_ids, batch.positions, ctx)
+        cache = [kv.clone() for kv in runner.kv_cache.kv]
+        for keep in ([8], [3, 8, 0], list(range(15)), []):
+            got = runner.forward(batch.input_ids, batch.positions, ctx, keep=torch.tensor(keep, dtype=torch.long))
+            if quantization == "none":
+                torch.testing.assert_close(got, full[keep], rtol=1e-5, atol=1e-5)
+            else:
+                assert torch.equal(got, full[keep]), keep
+            assert all(torch.equal(a, b) for a, b in zip(cache, runner.kv_cache.kv))  # the same k and v

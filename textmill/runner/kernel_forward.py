@@ -11,7 +11,11 @@ is most of a decode step. Per layer:
     y = add_rms_norm(down(silu_mul(gate_up(y))), h, w_next)   the next layer's input norm
 
 The residual stream h stays one float32 buffer updated in place, and each RMSNorm is fused
-with the residual add before it. The linears are whatever the runner installed (nn.Linear,
+with the residual add before it. The last layer runs past its attention only for the rows
+whose logits the step reads (`keep`): the rest of a prompt chunk needs that layer's k and v
+in the cache, not its output, so o_proj and the MLP skip them (about 0.85 of a layer's
+multiply-adds, 3-5% of a prefill step at 16-30 layers). Rows are independent in every
+kernel, so the kept rows' values are bitwise those of the full pass. The linears are whatever the runner installed (nn.Linear,
 or runner/qlinear.py's 4- to 8-bit kernels), so this module owns only the order of the calls.
 Built only for exact llama.LlamaForCausalLM / qwen2 / qwen3 instances whose layers
 runner/fused.py has fused; anything else keeps the model's own forward. Qwen3's QK norm
@@ -70,20 +74,29 @@ class KernelForwardBase:
     def rope_tables(self, positions: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         raise NotImplementedError
 
-    def layer(self, i: int, y: torch.Tensor, h: torch.Tensor, step: _Step) -> torch.Tensor:
-        """Layer i on y (its input, normed) and h; returns the next layer's normed input."""
+    def layer(self, i: int, y: torch.Tensor, h: torch.Tensor, step: _Step,
+              keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i on y (its input, normed) and h; returns the next layer's normed input and
+        the residual stream (h itself, updated in place, or with `keep`, only those rows)."""
         raise NotImplementedError
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                 ctx: KernelPagedAttention) -> torch.Tensor:
+                 ctx: KernelPagedAttention, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C) final hidden states; with `keep` (row indices), only those rows, in its order."""
         h = self.embed(input_ids).float()  # (N, C): the residual stream
         if self.embed_scale is not None:
             h = h * self.embed_scale
         y = self.ops.rms_norm(h, self.input_norms[0], self.eps)
         step = _Step(ctx, torch.arange(h.shape[0]), self.rope_tables(positions))
+        last = len(self.layers) - 1
         for i in range(len(self.layers)):
-            y = self.layer(i, y, h, step)
-        return y  # (N, C): after the final norm, as CausalLM.forward promises
+            y, h = self.layer(i, y, h, step, keep if i == last else None)
+        return y  # (N, C) or (len(keep), C): after the final norm, as CausalLM.forward promises
+
+
+def _kept(o: torch.Tensor, h: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention output and residual rows the rest of the last layer computes."""
+    return (o, h) if keep is None else (o.index_select(0, keep), h.index_select(0, keep))
 
 
 class KernelForward(KernelForwardBase):
@@ -108,7 +121,8 @@ class KernelForward(KernelForwardBase):
     def rope_tables(self, positions: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         return (self.rotary.table(positions),)
 
-    def layer(self, i: int, y: torch.Tensor, h: torch.Tensor, step: _Step) -> torch.Tensor:
+    def layer(self, i: int, y: torch.Tensor, h: torch.Tensor, step: _Step,
+              keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         ops, eps, attn = self.ops, self.eps, self.layers[i].self_attn
         qkv_proj, o_proj, gate_up_proj, down_proj = self.matmuls[i]
         cos, sin = step.rope[0]
@@ -121,8 +135,9 @@ class KernelForward(KernelForwardBase):
                                   attn.num_heads, attn.num_kv_heads, q_norm=qk_norm[0], k_norm=qk_norm[1],
                                   norm_eps=self.eps)
         o = step.ctx.attend_cached(i, q, scale=attn.head_dim ** -0.5, sliding_window=attn.sliding_window)
-        y = ops.add_rms_norm(o_proj(o.view(y.shape[0], -1)), h, self.post_norms[i], eps)
-        return ops.add_rms_norm(down_proj(ops.silu_mul(gate_up_proj(y))), h, self.next_norms[i], eps)
+        o, h = _kept(o, h, keep)
+        y = ops.add_rms_norm(o_proj(o.flatten(1)), h, self.post_norms[i], eps)
+        return ops.add_rms_norm(down_proj(ops.silu_mul(gate_up_proj(y))), h, self.next_norms[i], eps), h
 
 
 def _direct(linear: torch.nn.Module):
@@ -178,7 +193,8 @@ class GemmaKernelForward(KernelForwardBase):
     def rope_tables(self, positions: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         return tuple(r.table(positions) for r in self.rotary)  # global, local
 
-    def layer(self, i: int, y: torch.Tensor, h: torch.Tensor, step: _Step) -> torch.Tensor:
+    def layer(self, i: int, y: torch.Tensor, h: torch.Tensor, step: _Step,
+              keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         ops, eps, attn = self.ops, self.eps, self.layers[i].self_attn
         qkv_proj, o_proj, gate_up_proj, down_proj = self.matmuls[i]
         post_attn, pre_ffw, post_ffw, q_norm, k_norm = self.norms[i]
@@ -192,10 +208,11 @@ class GemmaKernelForward(KernelForwardBase):
             _qk_norm_(qkv, attn.num_heads, attn.num_kv_heads, attn.head_dim, q_norm, k_norm, eps)
             q = ops.rope_kv_write(qkv, step.rows, cos, sin, kv, slots, attn.num_heads, attn.num_kv_heads)
         o = step.ctx.attend_cached(i, q, scale=attn.scale, sliding_window=attn.sliding_window)
-        a = ops.rms_norm(o_proj(o.view(y.shape[0], -1)), post_attn, eps)
+        o, h = _kept(o, h, keep)
+        a = ops.rms_norm(o_proj(o.flatten(1)), post_attn, eps)
         y = ops.add_rms_norm(a, h, pre_ffw, eps)
         m = ops.rms_norm(down_proj(self._gelu_mul(gate_up_proj(y))), post_ffw, eps)
-        return ops.add_rms_norm(m, h, self.next_norms[i], eps)
+        return ops.add_rms_norm(m, h, self.next_norms[i], eps), h
 
 
 def _qk_norm_(qkv: torch.Tensor, hq: int, hkv: int, d: int, q_w: torch.Tensor, k_w: torch.Tensor,

@@ -20,7 +20,7 @@ from textmill.runner.block_tables import BlockTables
 from textmill.runner.kernel_attention import KernelPagedAttention
 from textmill.loader.load import LoadedModel
 from textmill.runner.file_weights import install_file_weights
-from textmill.runner.kernel_forward import GemmaKernelForward, KernelForward
+from textmill.runner.kernel_forward import GemmaKernelForward, KernelForward, KernelForwardBase
 from textmill.runner.kv_cache import KVCache, PagedAttention
 from textmill.runner.plan import ExecutionPlan
 from textmill.runner.quant import install_linears
@@ -129,10 +129,15 @@ class ModelRunner:
                 ctx = KernelPagedAttention(self.kv_cache, batch.attn, self.ops)
             else:
                 ctx = PagedAttention(self.kv_cache, batch.attn, grouped_decode=self._num_threads > 1)
-            hidden = self.forward(batch.input_ids, batch.positions, ctx)  # (N, C)
-            if batch.logits_rows.numel() == 0:
+            rows = batch.logits_rows
+            if isinstance(self.forward, KernelForwardBase):
+                # The kernel forwards finish the last layer for these rows only.
+                hidden = self.forward(batch.input_ids, batch.positions, ctx, keep=rows)  # (S + P, C)
+            else:
+                hidden = self.forward(batch.input_ids, batch.positions, ctx).index_select(0, rows)
+            if rows.numel() == 0:
                 return RunnerOutput()  # only mid-prompt chunks: nothing to sample or score
-            logits = self.model.logits(hidden.index_select(0, batch.logits_rows))  # (S + P, V)
+            logits = self.model.logits(hidden)  # (S + P, V)
             return self._sample_and_score(batch.sample_request_ids, batch.prompt_segments, batch.prompt_targets,
                                           self._limit_vocab(logits))
 
