@@ -149,15 +149,39 @@ def test_graphs_are_planned_on_cuda_only_and_enforce_eager_turns_them_off():
         assert not decide(FOLDER, DeviceConfig(device="cuda", enforce_eager=True)).cuda_graphs
 
 
+def _cuda_model(kind: str):
+    """A small model of each attention form the graphs capture: plain GQA with a window
+    (ToyLM), Llama's RoPE and QK norm (Qwen3), Gemma 3's softcap and local layers."""
+    if kind == "toy":
+        cfg = toy_config()
+        return ToyLM(cfg, seed=6).eval(), cfg
+    if kind == "qwen3":
+        from textmill.models.qwen3 import Qwen3ForCausalLM
+        cfg = toy_config(architecture="qwen3", qk_norm=True, sliding_window=6)
+        model = Qwen3ForCausalLM(cfg).eval()
+    else:
+        from textmill.models import gemma3
+        cfg = toy_config(architecture="gemma3", hidden_act="gelu_tanh", sliding_window=5, sliding_window_pattern=2,
+                         attn_logit_softcap=20.0, final_logit_softcap=30.0, query_pre_attn_scalar=8.0,
+                         rope_local_theta=10000.0, norm_eps=1e-6)
+        model = gemma3.Gemma3ForCausalLM(cfg).eval()
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model, cfg
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_replays_match_eager_cuda():
-    cfg = toy_config()
-    model = ToyLM(cfg, seed=6).eval().to("cuda")
+@pytest.mark.parametrize("kind", ["toy", "qwen3", "gemma3"])
+def test_cuda_graph_replays_match_eager_cuda(kind):
+    model, cfg = _cuda_model(kind)
+    model = model.to("cuda")
 
     def run(graphs: bool):
         seqs = [Seq(f"c{i}", _prompt(2 + 3 * i, 50 + i), SamplingParams(temperature=0.0, max_tokens=12, logprobs=3),
                     arrive=i) for i in range(6)]
-        runner = graph_runner(model, cfg, device="cuda", graphs=graphs)
+        runner = graph_runner(model, cfg, device="cuda", graphs=graphs, vocab_limit=60)
         out = drive(runner, seqs, budget=12)
         return runner, {rid: (s.tokens, [lp.logprob for lp in s.logprobs]) for rid, s in out.items()}
 
