@@ -12,7 +12,7 @@ import torch
 from textmill.config import CacheConfig, DeviceConfig
 from textmill.messages import NewRequestData, ScheduledChunk, SchedulerOutput
 from textmill.runner import ModelRunner
-from textmill.runner.decode_graphs import accepts, batch_bucket, blocks_bucket
+from textmill.runner.decode_graphs import MAX_CONTEXT, accepts, batch_bucket, blocks_bucket
 from textmill.runner.plan import decide
 from textmill.sampling_params import SamplingParams
 from tests.unit.test_plan import FOLDER
@@ -38,6 +38,9 @@ def test_only_pure_decode_steps_are_accepted():
     assert not accepts(SchedulerOutput((), (ScheduledChunk("c", (5,), 0, (3,), sample=False),)))
     assert not accepts(SchedulerOutput((), (ScheduledChunk("d", (5,), 0, (3,), sample=True,
                                                            prompt_logprob_targets=(7,)),)))
+    # Past MAX_CONTEXT a padded gather would read up to twice the keys: eager.
+    assert accepts(SchedulerOutput((), (ScheduledChunk("e", (5,), MAX_CONTEXT - 1, (), sample=True),)))
+    assert not accepts(SchedulerOutput((), (one, ScheduledChunk("f", (5,), MAX_CONTEXT, (), sample=True))))
 
 
 def _check_against_dense(model, results, logprobs=3):

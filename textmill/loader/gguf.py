@@ -93,6 +93,8 @@ def read_config(gguf: GGUFFile) -> ModelConfig:
     if family == "gemma3":
         fields |= _gemma3_fields(meta, fields)
     elif family == "qwen3":
+        if fields["attention_bias"]:  # transformers' Qwen3 puts a bias on o_proj too: not modelled
+            raise ValueError("Qwen3 files with attention biases are not supported")
         fields |= dict(qk_norm=True)
     elif family == "gpt2":
         fields |= dict(norm_eps=float(meta.arch_get("attention.layer_norm_epsilon", 1e-5)),

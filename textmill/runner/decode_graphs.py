@@ -12,7 +12,10 @@ A graph has fixed shapes and fixed addresses, so a decode step runs padded:
   per sequence and hides keys past the sequence's length (and outside a sliding window)
   with a mask computed inside the graph from the lengths.
 Each (batch, blocks) pair is captured the first time a step needs it, into one memory pool
-that all graphs share (their replays never overlap). A step's inputs are one int64 tensor
+that all graphs share. That is safe because a step reads its graph's output (the LM head
+below) before any other graph replays: graph B's output may lie in memory graph A freed
+while it was captured. Contexts past MAX_CONTEXT tokens run eagerly: a padded gather would
+read up to twice their keys, and each would be one more graph. A step's inputs are one int64 tensor
 copied into the graph's own buffer. A graph ends at the final hidden states (B, C): the LM
 head runs after the replay on the real rows only, so no graph keeps a (B, vocabulary)
 buffer of its own (Gemma 3's 262k columns would cost 67 MB a graph at B = 64).
@@ -38,6 +41,10 @@ from textmill.runner.kv_cache import KVCache, softcapped_attention
 log = logging.getLogger(__name__)
 
 
+# The longest context a captured graph serves; longer steps run eagerly (see above).
+MAX_CONTEXT = 4096
+
+
 def batch_bucket(n: int) -> int:
     """The padded batch of a step of n sequences: 1, 2, 4, 8, then multiples of 8 (at most
     7 padding rows: a row costs little next to the weights every step reads anyway)."""
@@ -53,9 +60,11 @@ def blocks_bucket(blocks: int) -> int:
 
 
 def accepts(scheduled: SchedulerOutput) -> bool:
-    """A pure decode step: every chunk one token, sampled, and no prompt logprobs."""
+    """A pure decode step (every chunk one token, sampled, no prompt logprobs) whose
+    contexts a graph serves (at most MAX_CONTEXT tokens)."""
     return bool(scheduled.chunks) and all(
-        len(c.token_ids) == 1 and c.sample and not c.prompt_logprob_targets for c in scheduled.chunks)
+        len(c.token_ids) == 1 and c.sample and not c.prompt_logprob_targets and c.start < MAX_CONTEXT
+        for c in scheduled.chunks)
 
 
 @dataclass
@@ -69,7 +78,7 @@ class StaticDecodeAttention:
     context_lens: torch.Tensor  # (B,) int64: keys each row sees, its new token included
     # Masks per (window, dtype): built by the first layer that asks, within the same step
     # (inside the graph while capturing). reset() before every step that is not a replay.
-    _masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    _masks: dict[tuple, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def reset(self) -> None:
         self._masks.clear()
@@ -142,14 +151,15 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.steps = 0  # decode steps this object ran (the tests check the path was taken)
-        self.failed: str | None = None  # why capturing failed: the runner stops asking then
+        self.failed: str | None = None  # why a capture failed: every step runs eagerly from then on
 
     @property
     def captured(self) -> int:
         return sum(g.graph is not None for g in self._graphs.values())
 
-    def run(self, scheduled: SchedulerOutput, tables: BlockTables) -> torch.Tensor:
-        """The (n, V) float32 logits of a step accepts() took, rows in the scheduler's order."""
+    def run(self, scheduled: SchedulerOutput, tables: BlockTables) -> torch.Tensor | None:
+        """The (n, V) float32 logits of a step accepts() took, rows in the scheduler's order;
+        None when capturing its graph failed (then `failed` says why: run it eagerly)."""
         chunks = scheduled.chunks
         n, bs = len(chunks), self.cache.block_size
         batch = batch_bucket(n)
@@ -161,7 +171,8 @@ class DecodeGraphs:
         if g.graph is not None:
             g.graph.replay()
         elif self.capture:
-            self._capture(g)
+            if not self._capture(g):
+                return None
         else:
             g.hidden = self._step(g)
         self.steps += 1
@@ -194,21 +205,33 @@ class DecodeGraphs:
         g.ctx.reset()
         return self.model.forward(g.ids, g.positions, g.ctx)
 
-    def _capture(self, g: _Graph) -> None:
+    def _capture(self, g: _Graph) -> bool:
         """Warm up on a side stream (the first call of a shape allocates and picks kernels,
         which a capture must not do), then capture. The warm-up already computed this
         step's K/V from the same inputs; the capture records, it does not run, so the
-        replay that follows writes the same K/V again."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._step(g)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: a CUDA call from another thread (none is expected) does not void the capture.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            g.hidden = self._step(g)
+        replay that follows writes the same K/V again. False when capturing failed (out
+        of memory, an op that cannot be captured): the graphs are dropped, their pool
+        freed, and `failed` says why."""
+        # The outer stream context restores this thread's stream even when capture_end
+        # raises inside torch.cuda.graph's exit, which then skips restoring it itself.
+        with torch.cuda.stream(torch.cuda.current_stream()):
+            try:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._step(g)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: a CUDA call from another thread (none is expected) does not void the capture.
+                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                    g.hidden = self._step(g)
+            except Exception as exc:  # noqa: BLE001 - any failure here means: run eagerly
+                self.failed = f"{type(exc).__name__}: {exc}"
+                self._graphs.clear()
+                torch.cuda.empty_cache()
+                return False
         g.graph = graph
         graph.replay()
         log.debug("captured a decode graph: batch %d, context %d blocks (%d graphs)",
                   g.batch, g.blocks, self.captured)
+        return True

@@ -14,8 +14,9 @@ The residual stream h stays one float32 buffer updated in place, and each RMSNor
 with the residual add before it. The last layer runs past its attention only for the rows
 whose logits the step reads (`keep`): the rest of a prompt chunk needs that layer's k and v
 in the cache, not its output, so o_proj and the MLP skip them (about 0.85 of a layer's
-multiply-adds, 3-5% of a prefill step at 16-30 layers). Rows are independent in every
-kernel, so the kept rows' values are bitwise those of the full pass. The linears are whatever the runner installed (nn.Linear,
+multiply-adds, 3-5% of a prefill step at 16-30 layers). Rows are independent in the
+quantized kernels, so there the kept rows are bitwise the full pass's; float32 weights go
+through MKL, whose sums depend on the row count (within rounding). The linears are whatever the runner installed (nn.Linear,
 or runner/qlinear.py's 4- to 8-bit kernels), so this module owns only the order of the calls.
 Built only for exact llama.LlamaForCausalLM / qwen2 / qwen3 instances whose layers
 runner/fused.py has fused; anything else keeps the model's own forward. Qwen3's QK norm
@@ -126,14 +127,10 @@ class KernelForward(KernelForwardBase):
         ops, eps, attn = self.ops, self.eps, self.layers[i].self_attn
         qkv_proj, o_proj, gate_up_proj, down_proj = self.matmuls[i]
         cos, sin = step.rope[0]
-        qk_norm = self.qk_norms[i]
-        if qk_norm is None:
-            q = ops.rope_kv_write(qkv_proj(y), step.rows, cos, sin, step.ctx.cache.kv[i], step.ctx.meta.slot_mapping,
-                                  attn.num_heads, attn.num_kv_heads)  # (N, Hq, D)
-        else:
-            q = ops.rope_kv_write(qkv_proj(y), step.rows, cos, sin, step.ctx.cache.kv[i], step.ctx.meta.slot_mapping,
-                                  attn.num_heads, attn.num_kv_heads, q_norm=qk_norm[0], k_norm=qk_norm[1],
-                                  norm_eps=self.eps)
+        q_norm, k_norm = self.qk_norms[i] or (None, None)
+        q = ops.rope_kv_write(qkv_proj(y), step.rows, cos, sin, step.ctx.cache.kv[i], step.ctx.meta.slot_mapping,
+                              attn.num_heads, attn.num_kv_heads, q_norm=q_norm, k_norm=k_norm,
+                              norm_eps=self.eps)  # (N, Hq, D)
         o = step.ctx.attend_cached(i, q, scale=attn.head_dim ** -0.5, sliding_window=attn.sliding_window)
         o, h = _kept(o, h, keep)
         y = ops.add_rms_norm(o_proj(o.flatten(1)), h, self.post_norms[i], eps)

@@ -53,7 +53,7 @@ class KVCache:
         self.num_blocks = cache_config.num_blocks
         self.scratch_block = self.num_blocks if scratch_block else None
         self.dtype = kv_dtype or dtype
-        num_slots = (self.num_blocks + scratch_block) * self.block_size
+        num_slots = (self.num_blocks + int(scratch_block)) * self.block_size
         shape = (num_slots, 2, model_config.num_kv_heads, model_config.head_dim)
         self.kv = [_zeros(shape, self.dtype, device) for _ in range(model_config.num_layers)]
         self.k = [kv[:, 0] for kv in self.kv]

@@ -13,9 +13,8 @@ import torch
 from textmill.config import CacheConfig, ModelConfig
 from textmill.messages import RunnerOutput, SchedulerOutput, TokenLogprob
 from textmill import kernels as cpp_kernels
-from textmill.runner import decode_graphs
 from textmill.runner.batch import PromptSegment, build_batch
-from textmill.runner.decode_graphs import DecodeGraphs
+from textmill.runner.decode_graphs import DecodeGraphs, accepts as pure_decode
 from textmill.runner.block_tables import BlockTables
 from textmill.runner.kernel_attention import KernelPagedAttention
 from textmill.loader.load import LoadedModel
@@ -119,9 +118,12 @@ class ModelRunner:
         if scheduled.is_empty:
             return RunnerOutput()
         with torch.inference_mode():
-            if self.graphs is not None and self.graphs.failed is None and decode_graphs.accepts(scheduled):
-                logits = self._graph_logits(scheduled)
-                if logits is not None:
+            if self.graphs is not None and self.graphs.failed is None and pure_decode(scheduled):
+                logits = self.graphs.run(scheduled, self.block_tables)
+                if logits is None:  # its capture failed: this step and every later one run eagerly
+                    log.warning("CUDA graph capture failed, decode steps run eagerly from now on: %s",
+                                self.graphs.failed)
+                else:
                     return self._sample_and_score(tuple(c.request_id for c in scheduled.chunks), (), None,
                                                   self._limit_vocab(logits))
             batch = build_batch(scheduled, self.block_tables, self.device)
@@ -146,18 +148,6 @@ class ModelRunner:
         if self.vocab_limit is not None:
             logits[:, self.vocab_limit:] = float("-inf")
         return logits
-
-    def _graph_logits(self, scheduled: SchedulerOutput) -> torch.Tensor | None:
-        """The step's logits from a decode graph; None (and graphs off from then on) when a
-        capture fails: the step, and every later one, runs eagerly instead."""
-        try:
-            return self.graphs.run(scheduled, self.block_tables)
-        except Exception as exc:
-            if not self.graphs.capture:
-                raise
-            self.graphs.failed = f"{type(exc).__name__}: {exc}"
-            log.warning("CUDA graph capture failed, decode steps run eagerly from now on: %s", self.graphs.failed)
-            return None
 
     def _update_requests(self, scheduled: SchedulerOutput) -> None:
         self.block_tables.update(scheduled)
