@@ -22,6 +22,22 @@ def test_unedited_logits_are_not_copied_and_edited_ones_are_left_intact():
     assert torch.equal(logits, before)
 
 
+def test_in_place_edits_the_callers_logits_unless_a_row_reads_them_raw():
+    s = Sampler(8)
+    s.add_request("quiet", SamplingParams(**GREEDY))
+    s.add_request("biased", SamplingParams(**GREEDY, logit_bias=((3, 100.0),)))
+    s.add_request("reader", SamplingParams(**GREEDY, logprobs=1))
+    logits = torch.randn(2, 8)
+    before = logits.clone()
+    assert s.sample(logits, ["quiet", "biased"], in_place=True).token_ids.tolist() == [int(before[0].argmax()), 3]
+    assert logits[1, 3] == before[1, 3] + 100.0 and torch.equal(logits[0], before[0])  # no copy made
+    logits = before.clone()
+    out = s.sample(logits, ["reader", "biased"], in_place=True)
+    assert out.token_ids.tolist() == [int(before[0].argmax()), 3]
+    assert torch.equal(logits, before)  # "reader"'s logprobs are raw: the bias went to a copy
+    assert out.logprobs[0] == torch.log_softmax(before[0], -1).max()
+
+
 def test_bias_follows_the_batch_order_and_request_id_reuse():
     s = Sampler(8)
     s.add_request("a", SamplingParams(**GREEDY, logit_bias=((1, 100.0),)))

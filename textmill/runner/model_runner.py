@@ -163,7 +163,7 @@ class ModelRunner:
                           prompt_targets: torch.Tensor | None, logits: torch.Tensor) -> RunnerOutput:
         """logits: (S + P, V), the S sampled rows (of sample_ids) then the P prompt rows."""
         num_sampled = len(sample_ids)
-        sample = self.sampler.sample(logits[:num_sampled], sample_ids) if num_sampled else None
+        sample = self.sampler.sample(logits[:num_sampled], sample_ids, in_place=True) if num_sampled else None
         prompt = None
         if segments:
             k = max(self._prompt_k(seg.request_id) for seg in segments)
