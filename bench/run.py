@@ -1,7 +1,8 @@
 """`make bench`: textmill against llama.cpp's llama-server on a matrix of models, in one run.
 
 For each model (the bundled SmolLM2-135M Q4_1, Gemma 3 270M Q4_K_M, a random-weight
-1B-class Llama in Q4_K_M's tensor types, and any --model FILE), each system is started
+1B-class Llama and a random-weight file of Qwen3-0.6B's shapes, both in Q4_K_M's tensor
+types, and any --model FILE), each system is started
 alone on the same GGUF file (the machine has 2 cores; two servers at once would measure
 each other), timed from process start to its first /health 200, warmed up, loaded at each
 concurrency with the same workload (the model's own ending ids banned), and stopped. Each
@@ -10,7 +11,7 @@ concurrency, the servers' ready times and resident memory; a summary line per mo
 the run. Results: bench/results/<time>-<commit>.json and latest.json (git-ignored);
 `python bench/report.py` turns them into the Markdown of docs/performance.md.
 
-    python bench/run.py                               # smollm2 gemma3 synthetic-1b; textmill, llama-server; C=1,16
+    python bench/run.py                               # smollm2 gemma3 synthetic-1b synthetic-qwen3; C=1,16
     python bench/run.py --quick                       # fewer requests
     python bench/run.py --models smollm2 --model ~/my.gguf --with-64
     python bench/run.py --models smollm2 --systems textmill llama-server llama-cpp-python hf
@@ -196,7 +197,7 @@ def goal_lines(rows: list[dict]) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(models.MATRIX), metavar="NAME",
-                   help=f"models of the matrix ({', '.join(models.MATRIX)}) or GGUF paths (default: all three)")
+                   help=f"models of the matrix ({', '.join(models.MATRIX)}) or GGUF paths (default: all of them)")
     p.add_argument("--model", action="append", default=[], type=Path, metavar="FILE",
                    help="add a GGUF file to the matrix (repeatable)")
     p.add_argument("--gguf", type=Path, default=None, help="bench this one file only (the old single-model run)")

@@ -121,7 +121,7 @@ def test_textmill_kv_matches_llama_servers_tokens():
 
 def test_matrix_and_model_flags():
     args = run.parse_args(["--quick", "--model", "/tmp/a.gguf"])
-    assert args.model_keys == ["smollm2", "gemma3", "synthetic-1b", "/tmp/a.gguf"]
+    assert args.model_keys == ["smollm2", "gemma3", "synthetic-1b", "synthetic-qwen3", "/tmp/a.gguf"]
     assert (args.rounds, args.min_requests, args.kv_tokens) == (1, 2, 16 * 1024)
     assert args.systems == ["textmill", "llama-server"]
     assert run.parse_args(["--models", "gemma3", "--with-64"]).model_keys == ["gemma3"]
