@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from textmill.messages import SchedulerOutput
 from textmill.runner.block_tables import BlockTables
-from textmill.runner.kv_cache import KVCache, softcapped_attention
+from textmill.runner.kv_cache import KVCache, gather_blocks, softcapped_attention, write_kv
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,8 @@ class StaticDecodeAttention:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                sliding_window: int | None = None, logit_softcap: float | None = None) -> torch.Tensor:
         pool = self.cache.kv[layer]  # (S, 2, Hkv, D)
-        new_kv = torch.stack([k, v], dim=1)
-        pool.index_copy_(0, self.slots, new_kv if new_kv.dtype == pool.dtype else new_kv.to(pool.dtype))
-        b, m = self.table.shape
-        per_block = pool.view(-1, self.cache.block_size * pool[0].numel())
-        context = per_block.index_select(0, self.table.view(-1)).view(b, -1, *pool.shape[1:])  # (B, L, 2, Hkv, D)
+        write_kv(pool, self.slots, k, v)
+        context = gather_blocks(pool, self.cache.block_size, self.table)  # (B, L, 2, Hkv, D)
         if context.dtype != q.dtype:
             context = context.to(q.dtype)
         keys = context[:, :, 0].transpose(1, 2)  # (B, Hkv, L, D)
@@ -180,26 +177,22 @@ class DecodeGraphs:
 
     def _host_inputs(self, scheduled: SchedulerOutput, tables: BlockTables, batch: int, blocks: int) -> torch.Tensor:
         """ids, positions, slots, context lengths and block tables of the padded step, in one
-        tensor laid out as _Graph.inputs."""
+        tensor laid out as _Graph.inputs. A real row's table past its blocks reads block 0
+        (BlockTables.gather's padding), which its mask hides; padding rows read and write
+        the scratch block alone."""
         chunks, bs = scheduled.chunks, self.cache.block_size
         pad = batch - len(chunks)
         scratch = self.cache.scratch_block
-        ids, positions, slots, lens, table = [], [], [], [], []
+        ids, positions, slots = [], [], []
         for c in chunks:
-            owned = tables.block_ids(c.request_id)
             ids.append(c.token_ids[0])
             positions.append(c.start)
-            slots.append(owned[c.start // bs] * bs + c.start % bs)
-            lens.append(c.start + 1)
-            row = owned[:blocks]
-            table.extend(row)
-            table.extend([row[0]] * (blocks - len(row)))  # masked: any block of its own
-        ids += [0] * pad
-        positions += [0] * pad
-        slots += [scratch * bs] * pad
-        lens += [1] * pad
-        table += [scratch] * (pad * blocks)
-        return torch.tensor(ids + positions + slots + lens + table, dtype=torch.int64)
+            slots.append(tables.block_ids(c.request_id)[c.start // bs] * bs + c.start % bs)
+        lens = [p + 1 for p in positions] + [1] * pad
+        head = torch.tensor(ids + [0] * pad + positions + [0] * pad + slots + [scratch * bs] * pad + lens,
+                            dtype=torch.int64)
+        table = tables.gather([c.request_id for c in chunks], blocks)  # (n, blocks)
+        return torch.cat([head, table.view(-1), torch.full((pad * blocks,), scratch, dtype=torch.int64)])
 
     def _step(self, g: _Graph) -> torch.Tensor:
         g.ctx.reset()

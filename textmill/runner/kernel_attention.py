@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-from textmill.runner.kv_cache import AttentionMetadata, KVCache
+from textmill.runner.kv_cache import AttentionMetadata, KVCache, write_kv
 
 
 @dataclass
@@ -38,9 +38,8 @@ class KernelPagedAttention:
         sliding_window: int | None = None,
         logit_softcap: float | None = None,
     ) -> torch.Tensor:  # (N, Hq, D)
-        cache = self.cache.kv[layer]
-        # .to(): the same rounding to a 16-bit pool as rope_kv_write's
-        cache.index_copy_(0, self.meta.slot_mapping, torch.stack([k, v], dim=1).to(cache.dtype))
+        # rounded to a 16-bit pool as rope_kv_write rounds
+        write_kv(self.cache.kv[layer], self.meta.slot_mapping, k, v)
         return self.attend_cached(layer, q.contiguous(), scale=scale, sliding_window=sliding_window,
                                   logit_softcap=logit_softcap)
 

@@ -68,6 +68,20 @@ class KVCache:
         return 2 * model_config.num_layers * cache_config.block_size * per_token
 
 
+def write_kv(pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """k and v (N, Hkv, D) of N new tokens into one layer's pool (S, 2, Hkv, D) at `slots`.
+    A pool narrower than the activations (kv_dtype) stores them rounded, as the kernels do."""
+    new_kv = torch.stack([k, v], dim=1)  # (N, 2, Hkv, D)
+    pool.index_copy_(0, slots, new_kv if new_kv.dtype == pool.dtype else new_kv.to(pool.dtype))
+
+
+def gather_blocks(pool: torch.Tensor, block_size: int, table: torch.Tensor) -> torch.Tensor:
+    """(B, M * block_size, 2, Hkv, D): the blocks of each row of `table` (B, M), copied in
+    order from one layer's pool (a block is one contiguous run of slots)."""
+    per_block = pool.view(-1, block_size * pool[0].numel())  # (blocks, bs * 2 * Hkv * D)
+    return per_block.index_select(0, table.view(-1)).view(table.shape[0], -1, *pool.shape[1:])
+
+
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
     """torch.zeros, but on the CPU resident only where written: an anonymous mapping is
     zero pages until touched, so a pool sized for the longest contexts costs memory as
@@ -159,9 +173,7 @@ class PagedAttention:
         logit_softcap: float | None = None,
     ) -> torch.Tensor:  # (N, Hq, D)
         cache = self.cache.kv[layer]  # (S, 2, Hkv, D)
-        new_kv = torch.stack([k, v], dim=1)  # (N, 2, Hkv, D)
-        # A pool narrower than the activations (kv_dtype) stores them rounded, as the kernels do.
-        cache.index_copy_(0, self.meta.slot_mapping, new_kv if new_kv.dtype == cache.dtype else new_kv.to(cache.dtype))
+        write_kv(cache, self.meta.slot_mapping, k, v)
         # The context includes this step's own tokens, just written: one path for
         # prefill, chunked prefill, prefix-cache hits and decode.
         outs = [self._attend_group(i, g, cache, q[g.token_start : g.token_start + g.num_tokens], scale,
@@ -208,9 +220,7 @@ class PagedAttention:
         hides."""
         if g.contiguous_from is not None:
             return cache[g.contiguous_from : g.contiguous_from + g.max_context_len][None]
-        per_block = cache.view(-1, self.cache.block_size * cache[0].numel())  # (blocks, bs * 2 * Hkv * D)
-        blocks = per_block.index_select(0, g.block_table.view(-1))  # (B * max_blocks, bs * 2 * Hkv * D)
-        return blocks.view(g.num_seqs, -1, *cache.shape[1:])[:, : g.max_context_len]
+        return gather_blocks(cache, self.cache.block_size, g.block_table)[:, : g.max_context_len]
 
     def _additive_mask(self, index: int, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor | str | None:
         """_mask() as 0 / -inf in the query dtype, made once per step: SDPA would convert
