@@ -39,6 +39,7 @@ CHUNK = 512
 PATHS = (("float32 reference (--no-kernels)", dict(kernels=False, dtype="float32", kv_cache_dtype="float32")),
          ("default (file's blocks, float16 KV)", {}),
          ("default, --kv-cache-dtype float32", dict(kv_cache_dtype="float32")),
+         ("default, --kv-cache-dtype int8", dict(kv_cache_dtype="int8")),
          ("--quantization int8 (requantized)", dict(quantization="int8")))
 
 

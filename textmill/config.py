@@ -16,7 +16,7 @@ from typing import Any
 DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
-KV_DTYPES = ("auto", "float32", "float16", "bfloat16")
+KV_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
 LOG_FORMATS = ("text", "json")
 
 
@@ -98,7 +98,8 @@ class DeviceConfig:
         "own width on the float32 CPU kernels, none elsewhere; none = float weights", choices=QUANTIZATIONS)
     kv_cache_dtype: str = option(
         "auto", "the KV cache's element type; auto = float16 on the CPU kernels (half the memory of "
-        "float32), the activation dtype elsewhere", choices=KV_DTYPES)
+        "float32), the activation dtype elsewhere; int8 (CPU kernels only) = one code a value and a "
+        "scale per head and token, about half of float16", choices=KV_DTYPES)
     kernels: bool = option(True, "run float32 on eager torch ops instead of textmill's C++ kernels "
                            "(the reference path)", flag="--no-kernels")
     threads: int | None = option(None, "torch threads (default: all cores)")

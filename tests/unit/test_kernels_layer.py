@@ -606,13 +606,103 @@ def test_paged_attention_16bit_threads_and_splits(ops, kv_dtype):
         assert torch.equal(case.run(ops), one)
 
 
+# ---------------------------------------------------------------------------------------
+# int8 pools: rows of D codes and a float32 scale (the row's last 4 bytes)
+# ---------------------------------------------------------------------------------------
+def quantize_int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) float32 -> (..., D + 4) int8, the rule the kernels and kv_cache.write_kv
+    follow: s = max|x| / 127, codes round(x * (1 / s)) (ties to even), s's bytes last."""
+    from textmill.runner.kv_cache import quantize_int8_rows as runner_rule
+
+    return runner_rule(x)
+
+
+def dequantize_int8_rows(rows: torch.Tensor) -> torch.Tensor:
+    codes, scale = rows[..., :-4], rows[..., -4:].contiguous().view(torch.float32)
+    return codes.float() * scale
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (2, 1, 6), (3, 1, 20), (8, 4, 256)])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_kv_write_to_an_int8_cache(ops, hq, hkv, d, qk_norm):
+    """Each k row (rotated, normed) and v row is stored as the Python rule quantizes what a
+    float32 cache gets, codes and scale bitwise; q is unchanged; other slots untouched."""
+    g = torch.Generator().manual_seed(d + hq + 1)
+    n, num_slots = 16, 40
+    cos, sin = _rope_tables(128, d)
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g) * 3
+    qkv[3] = 0.0  # an all-zero row: scale 0, codes 0
+    positions = torch.randint(0, 128, (n,), generator=g)
+    slots = torch.randperm(num_slots, generator=g)[:n]
+    norms = dict(zip(("q_norm", "k_norm"), _qk_norm_weights(g, d))) if qk_norm else {}
+    cache32 = torch.zeros(num_slots, 2, hkv, d)
+    cache8 = torch.full((num_slots, 2, hkv, d + 4), 7, dtype=torch.int8)
+    q32 = ops.rope_kv_write(qkv, positions, cos, sin, cache32, slots, hq, hkv, **norms)
+    q8 = ops.rope_kv_write(qkv, positions, cos, sin, cache8, slots, hq, hkv, **norms)
+    assert torch.equal(q8, q32)
+    assert torch.equal(cache8[slots], quantize_int8_rows(cache32[slots]))
+    assert (cache8[slots[3]] == 0).all()
+    untouched = torch.ones(num_slots, dtype=torch.bool)
+    untouched[slots] = False
+    assert (cache8[untouched] == 7).all()
+    # the stored rows are within half a step of what a float32 cache holds
+    err = (dequantize_int8_rows(cache8[slots]) - cache32[slots]).abs()
+    step = cache32[slots].abs().amax(-1, keepdim=True) / 127
+    assert (err <= step / 2 * (1 + 1e-5) + 1e-7).all()
+
+
+@pytest.mark.parametrize("name,seqs,hq,hkv,d,block_size", _cases_16bit())
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (64, 0.0), (0, 20.0)])
+def test_paged_attention_on_an_int8_cache_equals_the_float32_one(ops, name, seqs, hq, hkv, d, block_size, window,
+                                                                 softcap):
+    """The codes widen exactly and the scales multiply scores and probabilities: the output
+    is a float32 pool's holding the dequantized values, to float32 rounding."""
+    case = PagedCase(seqs, hq, hkv, d, block_size, seed=d + len(seqs) + 5)
+    cache8 = quantize_int8_rows(case.cache)
+    case.cache = dequantize_int8_rows(cache8)
+    want = case.run(ops, window=window, softcap=softcap)
+    case.cache = cache8
+    torch.testing.assert_close(case.run(ops, window=window, softcap=softcap), want, rtol=2e-5, atol=2e-6)
+
+
+def test_paged_attention_int8_rows_do_not_depend_on_batch_or_threads(ops):
+    """A decode row read inline and the same row inside a prefill tile (widened keys) give
+    the same bits; so do 1 and 2 threads and long decodes split into key chunks."""
+    d, hq, hkv = 64, 9, 3
+    case = PagedCase([(1099, 1), (2000, 1), (200, 90)], hq, hkv, d, 16, seed=8)
+    case.cache = quantize_int8_rows(case.cache)
+    with threads(1):
+        one = case.run(ops)
+    with threads(2):
+        assert torch.equal(case.run(ops), one)
+    # the prefill's last row (position 289), alone as a decode row over the same cache
+    alone = PagedCase([(289, 1)], hq, hkv, d, 16, seed=8)
+    alone.cache, alone.block_table = case.cache, case.block_table[2:3]
+    alone.q = case.q[-1:].clone()
+    assert torch.equal(alone.run(ops)[0], one[-1])
+
+
+def test_int8_attention_error_is_small_against_float32(ops):
+    """What the int8 pool costs in accuracy on Gaussian keys and values: about half a code
+    step (max|row| / 254, ~1% of a unit Gaussian's row) per value read, averaged down by the
+    softmax; relative RMS error under 2% (docs/performance.md has the perplexity)."""
+    case = PagedCase([(c - 1, 1) for c in (17, 130, 300, 1025)], 9, 3, 64, 16, seed=3)
+    exact = case.run(ops)
+    case.cache = quantize_int8_rows(case.cache)
+    rel = ((case.run(ops) - exact).norm() / exact.norm()).item()
+    assert 0 < rel < 0.02, rel
+
+
 def test_kv_kernels_reject_other_cache_dtypes(ops):
     case = PagedCase([(3, 2)], 4, 2, 32, 4)
-    with pytest.raises(RuntimeError, match="kv_cache: must be float32, float16 or bfloat16"):
+    with pytest.raises(RuntimeError, match="kv_cache: must be float32, float16, bfloat16 or int8"):
         ops.paged_attention(case.q, case.cache.double(), case.block_table, case.query_start, case.seq_start,
                             case.context_lens, 4, 0.1, 0, 0.0)
+    with pytest.raises(RuntimeError, match=r"kv_cache: expected \(S, 2, Hkv, 36\)"):  # int8 rows need the scale
+        ops.paged_attention(case.q, case.cache.to(torch.int8), case.block_table, case.query_start, case.seq_start,
+                            case.context_lens, 4, 0.1, 0, 0.0)
     cos, sin = _rope_tables(8, 4)
-    with pytest.raises(RuntimeError, match="kv_cache: must be float32, float16 or bfloat16"):
+    with pytest.raises(RuntimeError, match="kv_cache: must be float32, float16, bfloat16 or int8"):
         ops.rope_kv_write(torch.zeros(1, 12), torch.tensor([1]), cos, sin, torch.zeros(2, 2, 1, 4, dtype=torch.int16),
                           torch.tensor([0]), 1, 1)
 
@@ -622,10 +712,10 @@ def test_kv_kernels_reject_other_cache_dtypes(ops):
     ("avx2", ["-mno-avx512f"]),  # 8-wide registers: two queries share a key row, not four
     ("baseline-x86-64", ["-march=x86-64", "-mtune=generic"]),  # the scalar fallback
 ])
-def test_other_builds_of_paged_attention(variant, flags):
+def test_other_builds_of_paged_attention(ops, variant, flags):
     """The paths this machine does not run, built here with the ISA extensions switched off
     (after -march=native): each against the float64 reference, with rows that do not
-    depend on the batch or the thread count, on float32 and 16-bit pools."""
+    depend on the batch or the thread count, on float32, 16-bit and int8 pools."""
     from textmill.kernels.build import build_variant
 
     if platform.machine() != "x86_64" or not shutil.which("c++"):
@@ -646,3 +736,11 @@ def test_other_builds_of_paged_attention(variant, flags):
             alone.cache, alone.block_table = case.cache, case.block_table[3:4]
             alone.q = case.q[case.query_start[3] : case.query_start[4]].clone()
             assert torch.equal(alone.run(other), out[case.query_start[3] : case.query_start[4]])
+        case.cache = quantize_int8_rows(case.cache.float())  # an int8 pool: as this machine's build
+        with threads(2):
+            out = case.run(other)
+        torch.testing.assert_close(out, case.run(ops), rtol=2e-5, atol=2e-6)
+        alone = PagedCase([seqs[3]], hq, hkv, d, 16)
+        alone.cache, alone.block_table = case.cache, case.block_table[3:4]
+        alone.q = case.q[case.query_start[3] : case.query_start[4]].clone()
+        assert torch.equal(alone.run(other), out[case.query_start[3] : case.query_start[4]])

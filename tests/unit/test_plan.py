@@ -71,4 +71,13 @@ def test_impossible_requests_say_why():
     with pytest.raises(PlanError, match="quantization"):
         decide(bundled_model_path(), DeviceConfig(quantization="int3"))
     with pytest.raises(PlanError, match="kv-cache-dtype"):
-        decide(bundled_model_path(), DeviceConfig(kv_cache_dtype="int8"))
+        decide(bundled_model_path(), DeviceConfig(kv_cache_dtype="fp4"))
+
+
+def test_an_int8_kv_cache_runs_on_the_kernels_only():
+    plan = decide(bundled_model_path(), DeviceConfig(device="cpu", kv_cache_dtype="int8"))
+    assert plan.kernels and plan.kv_dtype == "int8" and plan.torch_kv_dtype is torch.int8
+    assert "KV cache int8" in plan.describe()
+    for off in (dict(kernels=False), dict(dtype="bfloat16")):
+        with pytest.raises(PlanError, match="int8 KV cache needs textmill's CPU kernels"):
+            decide(bundled_model_path(), DeviceConfig(device="cpu", kv_cache_dtype="int8", **off))

@@ -35,6 +35,10 @@ class KVCache:
     PagedAttention alike. float16 keeps 3 more mantissa bits than bfloat16 and loses
     range above 65504, which keys and values of the models measured stay far below.
 
+    An int8 pool (the CPU kernels only: the plan refuses it elsewhere) is (S, 2, Hkv, D + 4):
+    each head row's D codes, then its float32 scale's 4 bytes (quantize_int8_rows). Half
+    the bytes of a 16-bit pool; the kernels apply the scales as they read.
+
     `scratch_block`: one block more than the pool's, at index num_blocks, that no request
     owns. Replayed decode graphs (decode_graphs.py) pad a step to a fixed batch; the padding
     rows write their K/V there, where they can harm no one.
@@ -54,7 +58,7 @@ class KVCache:
         self.scratch_block = self.num_blocks if scratch_block else None
         self.dtype = kv_dtype or dtype
         num_slots = (self.num_blocks + int(scratch_block)) * self.block_size
-        shape = (num_slots, 2, model_config.num_kv_heads, model_config.head_dim)
+        shape = (num_slots, 2, model_config.num_kv_heads, _row(model_config.head_dim, self.dtype))
         self.kv = [_zeros(shape, self.dtype, device) for _ in range(model_config.num_layers)]
         self.k = [kv[:, 0] for kv in self.kv]
         self.v = [kv[:, 1] for kv in self.kv]
@@ -63,16 +67,36 @@ class KVCache:
     def bytes_per_block(model_config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype,
                         kv_dtype: torch.dtype | None = None) -> int:
         """Bytes of K and V, all layers, for one block of a pool built with these arguments."""
-        elem = torch.empty((), dtype=kv_dtype or dtype).element_size()
-        per_token = model_config.num_kv_heads * model_config.head_dim * elem
+        kv_dtype = kv_dtype or dtype
+        elem = torch.empty((), dtype=kv_dtype).element_size()
+        per_token = model_config.num_kv_heads * _row(model_config.head_dim, kv_dtype) * elem
         return 2 * model_config.num_layers * cache_config.block_size * per_token
 
 
 def write_kv(pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """k and v (N, Hkv, D) of N new tokens into one layer's pool (S, 2, Hkv, D) at `slots`.
-    A pool narrower than the activations (kv_dtype) stores them rounded, as the kernels do."""
+    A pool narrower than the activations (kv_dtype) stores them rounded, as the kernels do;
+    an int8 pool (S, 2, Hkv, D + 4) stores quantize_int8_rows of them."""
     new_kv = torch.stack([k, v], dim=1)  # (N, 2, Hkv, D)
+    if pool.dtype == torch.int8:
+        new_kv = quantize_int8_rows(new_kv.float())
     pool.index_copy_(0, slots, new_kv if new_kv.dtype == pool.dtype else new_kv.to(pool.dtype))
+
+
+def quantize_int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) float32 -> (..., D + 4) int8: per row s = max|x| / 127 and codes round(x * (1 / s))
+    (ties to even; all zero when s is 0), then s's 4 bytes. The rule of the kernels'
+    rope_kv_write (kernels/csrc/layer.cpp quantize_kv_row), float operation for operation,
+    so both writers store the same bytes."""
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    codes = torch.round(x * inv).clamp_(-127, 127).to(torch.int8)
+    return torch.cat([codes, scale.contiguous().view(torch.int8)], dim=-1)
+
+
+def _row(head_dim: int, dtype: torch.dtype) -> int:
+    """Pool elements per head row: an int8 pool's rows end with their float32 scale."""
+    return head_dim + 4 if dtype == torch.int8 else head_dim
 
 
 def gather_blocks(pool: torch.Tensor, block_size: int, table: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ decides. The rules, in order:
    The kernels run only float32: another dtype gives the eager path.
 5. kv dtype: `auto` is the activation dtype, except float16 on the CPU kernels, which
    convert on write and read (half the memory; docs/architecture.md has the measurements).
+   `int8` (rows of codes and a scale, kv_cache.quantize_int8_rows) only on the kernels.
 6. CUDA graphs: on CUDA, decode steps replay captured graphs (runner/decode_graphs.py)
    unless `--enforce-eager`.
 """
@@ -41,7 +42,7 @@ class ExecutionPlan:
     dtype: str  # activations (and float weights): "float32" | "bfloat16"
     weights: str  # "file-codes" | "int4" | "int8" | "float"
     kernels: bool  # textmill's C++ CPU kernels run attention, norms and the fused forwards
-    kv_dtype: str  # the paged KV pool: "float32" | "float16" | "bfloat16"
+    kv_dtype: str  # the paged KV pool: "float32" | "float16" | "bfloat16" | "int8" (kernels only)
     threads: int | None = None  # torch intra-op threads; None: every core
     cuda_graphs: bool = False  # decode steps replay captured CUDA graphs (runner/decode_graphs.py)
 
@@ -88,6 +89,9 @@ def decide(model: Path, asked: DeviceConfig) -> ExecutionPlan:
         weights = "float" if quantization == "none" else quantization
     if kv_dtype == "auto":
         kv_dtype = "float16" if on_kernels else dtype
+    if kv_dtype == "int8" and not on_kernels:
+        raise PlanError("an int8 KV cache needs textmill's CPU kernels (float32 on the CPU, without "
+                        "--no-kernels): only they read and write its scaled rows")
     return ExecutionPlan(device=device, dtype=dtype, weights=weights, kernels=on_kernels, kv_dtype=kv_dtype,
                          threads=asked.threads, cuda_graphs=device == "cuda" and not asked.enforce_eager)
 

@@ -10,7 +10,7 @@
 //   gelu_tanh_mul    GeGLU's gelu_tanh(gate) * up                   (3 eager ops)
 //   paged_attention  attention straight from the paged cache through the block table:
 //                    no context gather, no mask tensors            (~20 eager ops)
-// rope_kv_write and paged_attention take a float32, float16 or bfloat16 cache (below).
+// rope_kv_write and paged_attention take a float32, float16, bfloat16 or int8 cache (below).
 //
 // Vector code is written once against the small `Vec` wrapper below, which maps to AVX-512,
 // AVX2+FMA or plain scalar floats depending on what -march=native enables on the machine
@@ -21,6 +21,13 @@
 // (round to nearest even, as torch's .to() does) and paged_attention widens each key and
 // value as it loads it (exact). So a 16-bit pool gives bitwise the results of a float32
 // pool holding the same, rounded, values.
+//
+// An int8 pool stores each head's row of D values as D codes and then its scale, a float32
+// in the row's last 4 bytes (rows of D + 4 bytes): s = max|x| / 127, code = round(x / s)
+// (computed as x * (1 / s), ties to even). Attention widens the codes exactly and applies
+// the scales outside the inner loops: a key's score is s_k * (q . codes), and each value
+// row's probability is multiplied by its s_v before the values are summed. Half the bytes
+// of a 16-bit pool (68 against 128 for D = 64), for the reads that bound batched decode.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -265,6 +272,47 @@ struct KVIO<at::BFloat16> {
 #endif
 };
 
+// int8 codes (the scale is applied by the callers; see the top of this file). Widening is
+// exact; there is no per-element narrowing: rows are quantized whole (quantize_kv_row).
+template <>
+struct KVIO<int8_t> {
+  static float to_float(int8_t x) { return static_cast<float>(x); }
+#if defined(__AVX512F__)
+  static Vec::T load(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  static Vec::T load(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+#else
+  static Vec::T load(const int8_t* p) { return to_float(*p); }
+#endif
+};
+
+template <typename KV>
+constexpr bool kQuantizedKV = std::is_same_v<KV, int8_t>;
+// Cache elements per head row: D, or D codes and a 4-byte scale for int8.
+template <typename KV>
+constexpr int64_t kv_row(int64_t d) { return kQuantizedKV<KV> ? d + 4 : d; }
+// The scale of an int8 row of D codes (1 for the float pools, never called for them).
+template <typename KV>
+inline float kv_scale(const KV* row, int64_t d) {
+  float s = 1.f;
+  if constexpr (kQuantizedKV<KV>) std::memcpy(&s, row + d, sizeof s);
+  return s;
+}
+// x (D floats) into an int8 row: codes, then the scale.
+inline void quantize_kv_row(const float* x, int8_t* dst, int64_t d) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < d; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float s = amax / 127.f;
+  const float inv = s > 0.f ? 1.f / s : 0.f;
+  for (int64_t i = 0; i < d; ++i)
+    dst[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(x[i] * inv))));
+  std::memcpy(dst + d, &s, sizeof s);
+}
+
 // n floats from src into the cache elements at dst.
 template <typename KV>
 inline void store_row(const float* src, KV* dst, int64_t n) {
@@ -280,8 +328,8 @@ inline void store_row(const float* src, KV* dst, int64_t n) {
 void check_kv(const torch::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu(), name, ": must be a CPU tensor");
   const auto st = t.scalar_type();
-  TORCH_CHECK(st == torch::kFloat || st == torch::kHalf || st == torch::kBFloat16, name,
-              ": must be float32, float16 or bfloat16, got ", st);
+  TORCH_CHECK(st == torch::kFloat || st == torch::kHalf || st == torch::kBFloat16 || st == torch::kChar, name,
+              ": must be float32, float16, bfloat16 or int8, got ", st);
   TORCH_CHECK(t.dim() == dim, name, ": must have ", dim, " dims, got shape ", t.sizes());
   TORCH_CHECK(t.is_contiguous(), name, ": must be contiguous");
 }
@@ -294,6 +342,8 @@ auto dispatch_kv(const torch::Tensor& cache, F&& f) {
       return f(at::Half{});
     case torch::kBFloat16:
       return f(at::BFloat16{});
+    case torch::kChar:
+      return f(int8_t{});
     default:
       return f(float{});
   }
@@ -526,7 +576,10 @@ torch::Tensor rope_kv_write(const torch::Tensor& qkv, const torch::Tensor& posit
   check_i64(slot_mapping, "slot_mapping", 1);
   TORCH_CHECK(num_heads > 0 && num_kv_heads > 0, "num_heads and num_kv_heads must be positive");
   const int64_t n = qkv.size(0), hq = num_heads, hkv = num_kv_heads;
-  const int64_t d = kv_cache.size(3), half = d / 2;
+  // An int8 pool's rows are D codes and a 4-byte scale.
+  const bool int8_pool = kv_cache.scalar_type() == torch::kChar;
+  const int64_t d = kv_cache.size(3) - (int8_pool ? 4 : 0), half = d / 2;
+  TORCH_CHECK(d > 0, "kv_cache: rows too short, got shape ", kv_cache.sizes());
   TORCH_CHECK(kv_cache.size(1) == 2 && kv_cache.size(2) == hkv,
               "kv_cache: expected (S, 2, ", hkv, ", D), got ", kv_cache.sizes());
   TORCH_CHECK(d % 2 == 0, "head_dim must be even for rotate-half RoPE, got ", d);
@@ -553,12 +606,14 @@ torch::Tensor rope_kv_write(const torch::Tensor& qkv, const torch::Tensor& posit
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
   float* qp = q.data_ptr<float>();
-  const int64_t row = (hq + 2 * hkv) * d, slot_stride = 2 * hkv * d;
+  const int64_t row = (hq + 2 * hkv) * d;
   dispatch_kv(kv_cache, [&](auto kv_type) {
     using KV = decltype(kv_type);
     KV* cache = kv_cache.data_ptr<KV>();
+    const int64_t cr = kv_row<KV>(d), slot_stride = 2 * hkv * cr;
     at::parallel_for(0, n, row_grain(row), [&](int64_t begin, int64_t end) {
       std::vector<float> normed((qw || kw) ? d : 0);
+      std::vector<float> rotated(kQuantizedKV<KV> ? d : 0);
       // The head at x, normalized into `normed` when its side has a weight.
       auto head = [&](const float* x, const float* w) -> const float* {
         if (!w) return x;
@@ -571,8 +626,16 @@ torch::Tensor rope_kv_write(const torch::Tensor& qkv, const torch::Tensor& posit
         const float* s = sp + pos[t] * half;
         KV* dst = cache + slots[t] * slot_stride;
         for (int64_t h = 0; h < hq; ++h) rotate_half(head(x + h * d, qw), c, s, qp + (t * hq + h) * d, half);
-        for (int64_t h = 0; h < hkv; ++h) rotate_half(head(x + (hq + h) * d, kw), c, s, dst + h * d, half);
-        store_row(x + (hq + hkv) * d, dst + hkv * d, hkv * d);  // v heads, contiguous in both
+        if constexpr (kQuantizedKV<KV>) {
+          for (int64_t h = 0; h < hkv; ++h) {
+            rotate_half(head(x + (hq + h) * d, kw), c, s, rotated.data(), half);
+            quantize_kv_row(rotated.data(), dst + h * cr, d);
+          }
+          for (int64_t h = 0; h < hkv; ++h) quantize_kv_row(x + (hq + hkv + h) * d, dst + (hkv + h) * cr, d);
+        } else {
+          for (int64_t h = 0; h < hkv; ++h) rotate_half(head(x + (hq + h) * d, kw), c, s, dst + h * d, half);
+          store_row(x + (hq + hkv) * d, dst + hkv * d, hkv * d);  // v heads, contiguous in both
+        }
       }
     });
   });
@@ -786,6 +849,7 @@ struct AttnArgs {
   const KV* cache;  // (S, 2, Hkv, D)
   const int64_t* block_table;
   int64_t max_blocks, block_size, hq, hkv, group, d;
+  int64_t row;           // cache elements per head row: kv_row<KV>(d)
   float scale, softcap;  // softcap 0: none
   int64_t window;        // 0: none
   float* out;            // (N, Hq, D)
@@ -876,8 +940,8 @@ void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& 
   std::fill(s.acc_chunk.begin(), s.acc_chunk.begin() + nq * d, 0.f);
   std::fill(s.m_chunk.begin(), s.m_chunk.begin() + nq, kNegInf);
   std::fill(s.l_chunk.begin(), s.l_chunk.begin() + nq, 0.f);
-  const int64_t slot_stride = 2 * a.hkv * d;
-  const KV* head = a.cache + t.kvh * d;
+  const int64_t slot_stride = 2 * a.hkv * a.row;
+  const KV* head = a.cache + t.kvh * a.row;
   const int64_t* table = a.block_table + t.seq * a.max_blocks;
   float* sc = s.scores.data();
   // Row pointers of the current tile (kr, vr) and of the next one (kn, vn), which is
@@ -894,7 +958,7 @@ void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& 
     for (int64_t j = klo; j < khi; ++j) {
       const int64_t slot = table[blk] * a.block_size + off;
       k[j - ts] = head + slot * slot_stride;
-      v[j - ts] = head + slot * slot_stride + a.hkv * d;
+      v[j - ts] = head + slot * slot_stride + a.hkv * a.row;
       if (++off == a.block_size) off = 0, ++blk;
     }
     prefetch_rows(k + (klo - ts), v + (klo - ts), khi - klo, d);
@@ -927,6 +991,12 @@ void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& 
         dots(s.q.data() + q0 * d, a.group, s.kwide_rows.data() + (jlo - ts), jhi - jlo, d, sc + (jlo - ts), kKeyTile);
       else
         dots(s.q.data() + q0 * d, a.group, kr + (jlo - ts), jhi - jlo, d, sc + (jlo - ts), kKeyTile);
+      if constexpr (kQuantizedKV<KV>) {  // score = s_k * (q . codes), the same in both paths
+        for (int64_t j = jlo; j < jhi; ++j) {
+          const float sk = kv_scale(kr[j - ts], d);
+          for (int64_t g = 0; g < a.group; ++g) sc[g * kKeyTile + j - ts] *= sk;
+        }
+      }
       for (int64_t g = 0; g < a.group; ++g) {
         const int64_t qi = q0 + g;
         float* scg = sc + g * kKeyTile;
@@ -953,6 +1023,12 @@ void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& 
           if (alpha != 1.f) scale_in_place(acc, alpha, d);
         }
         s.m_chunk[qi] = m_new;
+      }
+      if constexpr (kQuantizedKV<KV>) {  // after the sums above: p_j * s_v weighs value j's codes
+        for (int64_t j = jlo; j < jhi; ++j) {
+          const float sv = kv_scale(vr[j - ts], d);
+          for (int64_t g = 0; g < a.group; ++g) sc[g * kKeyTile + j - ts] *= sv;
+        }
       }
       float* acc = s.acc_chunk.data() + q0 * d;
       if (widen)
@@ -1031,7 +1107,8 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_ca
   check_i64(context_lens, "context_lens", 1);
   const int64_t n = q.size(0), hq = q.size(1), d = q.size(2);
   const int64_t num_slots = kv_cache.size(0), hkv = kv_cache.size(2);
-  TORCH_CHECK(kv_cache.size(1) == 2 && kv_cache.size(3) == d, "kv_cache: expected (S, 2, Hkv, ", d, "), got ",
+  const int64_t row = kv_cache.scalar_type() == torch::kChar ? d + 4 : d;  // int8 rows: D codes, a scale
+  TORCH_CHECK(kv_cache.size(1) == 2 && kv_cache.size(3) == row, "kv_cache: expected (S, 2, Hkv, ", row, "), got ",
               kv_cache.sizes());
   TORCH_CHECK(hkv > 0 && hq % hkv == 0, "q heads (", hq, ") must be a multiple of kv heads (", hkv, ")");
   const int64_t nseq = block_table.size(0), max_blocks = block_table.size(1);
@@ -1128,7 +1205,7 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_ca
   dispatch_kv(kv_cache, [&](auto kv_type) {
     using KV = decltype(kv_type);
     const AttnArgs<KV> args{q.data_ptr<float>(), kv_cache.data_ptr<KV>(), bt, max_blocks, block_size, hq, hkv,
-                            group, d, static_cast<float>(scale), static_cast<float>(softcap), window,
+                            group, d, row, static_cast<float>(scale), static_cast<float>(softcap), window,
                             out.data_ptr<float>()};
     std::atomic<int64_t> next{0};
     auto worker = [&](int64_t, int64_t) {
@@ -1162,13 +1239,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_kv_write", &rope_kv_write, nogil,
         "[per-head RMSNorm of q / k times q_norm / k_norm (D,) float32, then] rotate-half RoPE on q and k of "
         "qkv, k and v written to kv_cache[slot_mapping] (float32, float16 or bfloat16, rounded to nearest "
-        "even); returns q (N, Hq, D) float32",
+        "even; or int8 rows of D codes and a float32 scale); returns q (N, Hq, D) float32",
         py::arg("qkv"), py::arg("positions"), py::arg("cos"), py::arg("sin"), py::arg("kv_cache"),
         py::arg("slot_mapping"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("q_norm") = py::none(),
         py::arg("k_norm") = py::none(), py::arg("norm_eps") = 1e-6);
   m.def("paged_attention", &paged_attention, nogil,
         "causal attention of q (N, Hq, D) float32 over the paged kv_cache (S, 2, Hkv, D) (float32, float16 or "
-        "bfloat16) through block_table",
+        "bfloat16; or int8, (S, 2, Hkv, D + 4)) through block_table",
         py::arg("q"), py::arg("kv_cache"), py::arg("block_table"), py::arg("query_start"), py::arg("seq_start"),
         py::arg("context_lens"), py::arg("block_size"), py::arg("scale"), py::arg("sliding_window"),
         py::arg("softcap"));
