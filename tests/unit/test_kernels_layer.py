@@ -651,6 +651,26 @@ def test_rope_kv_write_to_an_int8_cache(ops, hq, hkv, d, qk_norm):
     assert (err <= step / 2 * (1 + 1e-5) + 1e-7).all()
 
 
+def test_write_kv_stores_int8_rows_as_rope_kv_write_does(ops):
+    """The two writers of an int8 pool (kv_cache.write_kv, for the models whose forward is not
+    fused, and the kernels' rope_kv_write) store the same bytes for the same values: v goes
+    through rope_kv_write unrotated, so the v halves must match bitwise."""
+    from textmill.runner.kv_cache import write_kv
+
+    g = torch.Generator().manual_seed(11)
+    n, hq, hkv, d, num_slots = 12, 4, 2, 20, 30  # d = 20: a vector tail in every row
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g) * 5
+    qkv[4, (hq + hkv) * d:] = 0.0  # one token's v rows all zero
+    slots = torch.randperm(num_slots, generator=g)[:n]
+    cos, sin = _rope_tables(16, d)
+    by_kernel = torch.zeros(num_slots, 2, hkv, d + 4, dtype=torch.int8)
+    ops.rope_kv_write(qkv, torch.arange(n), cos, sin, by_kernel, slots, hq, hkv)
+    by_torch = torch.zeros_like(by_kernel)
+    v = qkv[:, (hq + hkv) * d:].view(n, hkv, d)
+    write_kv(by_torch, slots, torch.randn(n, hkv, d, generator=g), v)
+    assert torch.equal(by_torch[:, 1], by_kernel[:, 1])
+
+
 @pytest.mark.parametrize("name,seqs,hq,hkv,d,block_size", _cases_16bit())
 @pytest.mark.parametrize("window,softcap", [(0, 0.0), (64, 0.0), (0, 20.0)])
 def test_paged_attention_on_an_int8_cache_equals_the_float32_one(ops, name, seqs, hq, hkv, d, block_size, window,
