@@ -1258,8 +1258,14 @@ void tile_pair_rows_avx512(const uint8_t* tile0, const uint8_t* tile1, int64_t k
     const int8_t* ar = a + b * QK;
     const float *er = e + b, *sr = s + b;
     const int32_t* offr = off + 2 * b;
-    for (int64_t r = 0; r < rows; ++r, ar += k, er += kb, sr += kb, offr += 2 * kb)
+    // Two rows an iteration: their chains interleave in the scheduler's window (kernel_ab,
+    // Xeon: 0.85-1.04x the time of one row an iteration, most shapes 0.92-0.97x).
+    int64_t r = 0;
+    for (; r + 2 <= rows; r += 2, ar += 2 * k, er += 2 * kb, sr += 2 * kb, offr += 4 * kb) {
       BlockOf<M>::row2(x, y, ar, *er, has_min(M) ? *sr : 0.f, offr, acc0[r], acc1[r]);
+      BlockOf<M>::row2(x, y, ar + k, er[kb], has_min(M) ? sr[kb] : 0.f, offr + 2 * kb, acc0[r + 1], acc1[r + 1]);
+    }
+    if (r < rows) BlockOf<M>::row2(x, y, ar, *er, has_min(M) ? *sr : 0.f, offr, acc0[r], acc1[r]);
   }
 }
 #endif
