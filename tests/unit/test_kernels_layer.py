@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from textmill.kernels import load
+from textmill.runner.kv_cache import quantize_int8_rows, write_kv  # the rule int8 pools follow
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -609,14 +610,6 @@ def test_paged_attention_16bit_threads_and_splits(ops, kv_dtype):
 # ---------------------------------------------------------------------------------------
 # int8 pools: rows of D codes and a float32 scale (the row's last 4 bytes)
 # ---------------------------------------------------------------------------------------
-def quantize_int8_rows(x: torch.Tensor) -> torch.Tensor:
-    """(..., D) float32 -> (..., D + 4) int8, the rule the kernels and kv_cache.write_kv
-    follow: s = max|x| / 127, codes round(x * (1 / s)) (ties to even), s's bytes last."""
-    from textmill.runner.kv_cache import quantize_int8_rows as runner_rule
-
-    return runner_rule(x)
-
-
 def dequantize_int8_rows(rows: torch.Tensor) -> torch.Tensor:
     codes, scale = rows[..., :-4], rows[..., -4:].contiguous().view(torch.float32)
     return codes.float() * scale
@@ -655,8 +648,6 @@ def test_write_kv_stores_int8_rows_as_rope_kv_write_does(ops):
     """The two writers of an int8 pool (kv_cache.write_kv, for the models whose forward is not
     fused, and the kernels' rope_kv_write) store the same bytes for the same values: v goes
     through rope_kv_write unrotated, so the v halves must match bitwise."""
-    from textmill.runner.kv_cache import write_kv
-
     g = torch.Generator().manual_seed(11)
     n, hq, hkv, d, num_slots = 12, 4, 2, 20, 30  # d = 20: a vector tail in every row
     qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g) * 5

@@ -94,9 +94,12 @@ def quantize_int8_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([codes, scale.contiguous().view(torch.int8)], dim=-1)
 
 
+_INT8_SCALE_BYTES = 4  # an int8 row's float32 scale, after its codes (layer.cpp's kKVScaleBytes)
+
+
 def _row(head_dim: int, dtype: torch.dtype) -> int:
     """Pool elements per head row: an int8 pool's rows end with their float32 scale."""
-    return head_dim + 4 if dtype == torch.int8 else head_dim
+    return head_dim + _INT8_SCALE_BYTES if dtype == torch.int8 else head_dim
 
 
 def gather_blocks(pool: torch.Tensor, block_size: int, table: torch.Tensor) -> torch.Tensor:

@@ -312,9 +312,11 @@ struct KVIO<int8_t> {
 
 template <typename KV>
 constexpr bool kQuantizedKV = std::is_same_v<KV, int8_t>;
-// Cache elements per head row: D, or D codes and a 4-byte scale for int8.
+constexpr int64_t kKVScaleBytes = 4;  // an int8 row's float32 scale, after its D codes
+// Cache elements per head row: D, or D codes and the scale for an int8 pool.
+inline int64_t kv_row(bool int8_pool, int64_t d) { return int8_pool ? d + kKVScaleBytes : d; }
 template <typename KV>
-constexpr int64_t kv_row(int64_t d) { return kQuantizedKV<KV> ? d + 4 : d; }
+constexpr int64_t kv_row(int64_t d) { return kQuantizedKV<KV> ? d + kKVScaleBytes : d; }
 // The scale of an int8 row of D codes (1 for the float pools, never called for them).
 template <typename KV>
 inline float kv_scale(const KV* row, int64_t d) {
@@ -596,9 +598,8 @@ torch::Tensor rope_kv_write(const torch::Tensor& qkv, const torch::Tensor& posit
   check_i64(slot_mapping, "slot_mapping", 1);
   TORCH_CHECK(num_heads > 0 && num_kv_heads > 0, "num_heads and num_kv_heads must be positive");
   const int64_t n = qkv.size(0), hq = num_heads, hkv = num_kv_heads;
-  // An int8 pool's rows are D codes and a 4-byte scale.
   const bool int8_pool = kv_cache.scalar_type() == torch::kChar;
-  const int64_t d = kv_cache.size(3) - (int8_pool ? 4 : 0), half = d / 2;
+  const int64_t d = kv_cache.size(3) - (int8_pool ? kKVScaleBytes : 0), half = d / 2;
   TORCH_CHECK(d > 0, "kv_cache: rows too short, got shape ", kv_cache.sizes());
   TORCH_CHECK(kv_cache.size(1) == 2 && kv_cache.size(2) == hkv,
               "kv_cache: expected (S, 2, ", hkv, ", D), got ", kv_cache.sizes());
@@ -908,6 +909,7 @@ constexpr int64_t kWidenMin = kQueryBlock + 1;
 template <typename KV>
 struct Scratch {
   std::vector<float> q, acc, m, l, acc_chunk, m_chunk, l_chunk, scores;
+  std::vector<float> kscale, vscale;  // an int8 tile's row scales (kv_scale), read once a tile
   std::vector<const KV*> krows, vrows;
   // A 16-bit tile's keys and values widened to float32, and pointers to their rows: key j
   // and value j side by side, as in the pool, each row starting a cache line (a register
@@ -918,7 +920,7 @@ struct Scratch {
   std::vector<float*> kwide_rows, vwide_rows;
   Scratch(int64_t nq, int64_t d)
       : q(nq * d), acc(nq * d), m(nq), l(nq), acc_chunk(nq * d), m_chunk(nq), l_chunk(nq), scores(nq * kKeyTile),
-        krows(2 * kKeyTile), vrows(2 * kKeyTile), kwide_rows(kKeyTile), vwide_rows(kKeyTile) {
+        kscale(kQuantizedKV<KV> ? kKeyTile : 0), vscale(kQuantizedKV<KV> ? kKeyTile : 0), krows(2 * kKeyTile), vrows(2 * kKeyTile), kwide_rows(kKeyTile), vwide_rows(kKeyTile) {
     if (std::is_same_v<KV, float> || nq < kWidenMin) return;
     constexpr int64_t line = 64 / sizeof(float);
     const int64_t stride = (d + line - 1) / line * line;
@@ -995,6 +997,17 @@ void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& 
         widen_row(vr[j - ts], s.vwide_rows[j - ts], d);
       }
     }
+    if constexpr (kQuantizedKV<KV>) {
+      for (int64_t j = klo; j < khi; ++j) {
+        s.kscale[j - ts] = kv_scale(kr[j - ts], d);
+        s.vscale[j - ts] = kv_scale(vr[j - ts], d);
+      }
+    }
+    // An int8 tile's scores (or probabilities) of keys [jlo, jhi) times their rows' scales.
+    auto scale_columns = [&](const std::vector<float>& by, int64_t jlo, int64_t jhi) {
+      for (int64_t g = 0; g < a.group; ++g)
+        for (int64_t j = jlo; j < jhi; ++j) sc[g * kKeyTile + j - ts] *= by[j - ts];
+    };
     for (int64_t r = 0; r < t.nrows; ++r) {
       const int64_t pos = t.pos0 + r;
       // This row's keys in the tile: causal, and within the window.
@@ -1011,12 +1024,7 @@ void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& 
         dots(s.q.data() + q0 * d, a.group, s.kwide_rows.data() + (jlo - ts), jhi - jlo, d, sc + (jlo - ts), kKeyTile);
       else
         dots(s.q.data() + q0 * d, a.group, kr + (jlo - ts), jhi - jlo, d, sc + (jlo - ts), kKeyTile);
-      if constexpr (kQuantizedKV<KV>) {  // score = s_k * (q . codes), the same in both paths
-        for (int64_t j = jlo; j < jhi; ++j) {
-          const float sk = kv_scale(kr[j - ts], d);
-          for (int64_t g = 0; g < a.group; ++g) sc[g * kKeyTile + j - ts] *= sk;
-        }
-      }
+      if constexpr (kQuantizedKV<KV>) scale_columns(s.kscale, jlo, jhi);  // s_k * (q . codes), both paths
       for (int64_t g = 0; g < a.group; ++g) {
         const int64_t qi = q0 + g;
         float* scg = sc + g * kKeyTile;
@@ -1044,12 +1052,7 @@ void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& 
         }
         s.m_chunk[qi] = m_new;
       }
-      if constexpr (kQuantizedKV<KV>) {  // after the sums above: p_j * s_v weighs value j's codes
-        for (int64_t j = jlo; j < jhi; ++j) {
-          const float sv = kv_scale(vr[j - ts], d);
-          for (int64_t g = 0; g < a.group; ++g) sc[g * kKeyTile + j - ts] *= sv;
-        }
-      }
+      if constexpr (kQuantizedKV<KV>) scale_columns(s.vscale, jlo, jhi);  // after the sums: p_j * s_v
       float* acc = s.acc_chunk.data() + q0 * d;
       if (widen)
         accumulate_pv(acc, a.group, sc + (jlo - ts), kKeyTile, s.vwide_rows.data() + (jlo - ts), jhi - jlo, d);
@@ -1127,7 +1130,7 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_ca
   check_i64(context_lens, "context_lens", 1);
   const int64_t n = q.size(0), hq = q.size(1), d = q.size(2);
   const int64_t num_slots = kv_cache.size(0), hkv = kv_cache.size(2);
-  const int64_t row = kv_cache.scalar_type() == torch::kChar ? d + 4 : d;  // int8 rows: D codes, a scale
+  const int64_t row = kv_row(kv_cache.scalar_type() == torch::kChar, d);
   TORCH_CHECK(kv_cache.size(1) == 2 && kv_cache.size(3) == row, "kv_cache: expected (S, 2, Hkv, ", row, "), got ",
               kv_cache.sizes());
   TORCH_CHECK(hkv > 0 && hq % hkv == 0, "q heads (", hq, ") must be a multiple of kv heads (", hkv, ")");
