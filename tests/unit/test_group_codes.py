@@ -27,7 +27,8 @@ def blocks_for(qtype: T, seed: int = 0) -> np.ndarray:
     return blocks
 
 
-@pytest.mark.parametrize("qtype,bits", [(T.Q4_0, 4), (T.Q4_1, 4), (T.Q8_0, 8), (T.Q5_0, 8)], ids=lambda v: str(v))
+@pytest.mark.parametrize("qtype,bits", [(T.Q4_0, 4), (T.Q4_1, 4), (T.Q8_0, 8), (T.Q5_0, 8), (T.IQ4_NL, 8)],
+                         ids=lambda v: str(v))
 def test_exact_types_keep_the_files_weights(qtype, bits):
     raw = blocks_for(qtype)
     codes = from_gguf(raw, qtype, (N, K))
@@ -44,6 +45,22 @@ def test_q4_k_differs_only_by_half_scales():
     # each sub-block's scale and min are rounded to a half: relative error <= 2^-11 of each
     step = (codes.scale.float().abs() * 15 + codes.min.float().abs()).repeat_interleave(32, dim=1)
     assert ((codes.dequantize() - expected).abs() <= step * 2.0**-10).all()
+
+
+def test_iq4_xs_keeps_its_codes_and_rounds_only_its_sub_block_scales_to_half():
+    # IQ4_XS: 8-bit codes are the file's table values (-127..113); each 32-value sub-block's
+    # scale d * (ls - 32) (a half times a 6-bit integer) is rounded to a half, as Q4_K's.
+    raw = blocks_for(T.IQ4_XS)
+    codes = from_gguf(raw, T.IQ4_XS, (N, K))
+    assert codes.bits == 8 and codes.min is None
+    assert set(torch.unique(codes.codes).tolist()) <= set(IQ4_VALUES)
+    expected = torch.from_numpy(dequantize(raw, T.IQ4_XS).reshape(N, K))
+    step = (codes.scale.float().abs() * 127).repeat_interleave(32, dim=1)
+    assert ((codes.dequantize() - expected).abs() <= step * 2.0**-11).all()
+    assert (codes.dequantize() != expected).any()  # the rounding is real, not vacuous
+
+
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 @pytest.mark.parametrize("qtype", [T.Q6_K, T.Q5_K, T.Q5_1, T.Q3_K, T.Q2_K], ids=lambda t: t.name)
@@ -100,7 +117,7 @@ def test_rows_reads_only_the_asked_rows():
 # --- the C++ converter (kernels/csrc/gguf_blocks.h): packs from the file's bytes in one pass,
 # and must give the bytes the Python reference above gives.
 
-C_TYPES = [T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.F16, T.F32, T.BF16]
+C_TYPES = [T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS, T.F16, T.F32, T.BF16]
 
 
 def _float_blocks(qtype: T, seed: int = 0) -> np.ndarray:

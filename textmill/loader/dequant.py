@@ -182,6 +182,42 @@ def _q3_k(blocks: np.ndarray) -> np.ndarray:
     return _f16(blocks, 108) * _per_16(q, _q3_k_scales(blocks[:, 96:108]))
 
 
+# --- non-linear 4-bit types (IQ4_NL, IQ4_XS) -----------------------------------------------
+
+# The 16 values a 4-bit IQ4 code stands for (ggml's kvalues_iq4nl): spaced for the
+# bell-shaped spread of weights, denser near zero. Every one is an int8.
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
+
+
+def iq4_codes(qs: np.ndarray) -> np.ndarray:
+    """(nb, 16 g) nibbles of g 32-value groups (each: 16 bytes, values j and j + 16 in the
+    low and high nibble of byte j) -> (nb, 32 g) int8 table values."""
+    nb = qs.shape[0]
+    lo, hi = nibbles(qs.reshape(nb, -1, 16))
+    return IQ4_VALUES[np.concatenate([lo, hi], axis=2).reshape(nb, -1)]
+
+
+def iq4_xs_scales(blocks: np.ndarray) -> np.ndarray:
+    """(nb, 8) float32: each 32-value sub-block's scale d * (ls - 32), ls a 6-bit integer
+    whose low 4 bits are a nibble of scales_l (bytes 4..7) and top 2 bits a pair of
+    scales_h (the uint16 at byte 2)."""
+    low = _bits(blocks[:, 4:8], 2, width=4).transpose(0, 2, 1).reshape(-1, 8)  # sub-block 2i + j: nibble j of byte i
+    high = (blocks[:, 2:4].copy().view(np.uint16) >> (2 * np.arange(8, dtype=np.uint16))) & 3  # (nb, 8)
+    ls = low.astype(np.int32) | (high.astype(np.int32) << 4)
+    return _f16(blocks, 0) * (ls - 32).astype(np.float32)
+
+
+def _iq4_nl(blocks: np.ndarray) -> np.ndarray:
+    # d: f16, qs: uint8[16]; value = d * IQ4_VALUES[q]
+    return _f16(blocks, 0) * iq4_codes(blocks[:, 2:]).astype(np.float32)
+
+
+def _iq4_xs(blocks: np.ndarray) -> np.ndarray:
+    # d: f16, scales_h: uint16, scales_l: uint8[4], qs: uint8[128]; eight sub-blocks of 32
+    q = iq4_codes(blocks[:, 8:]).astype(np.float32).reshape(-1, 8, 32)
+    return (iq4_xs_scales(blocks)[:, :, None] * q).reshape(-1, QK_K)
+
+
 _Kernel = Callable[[np.ndarray], np.ndarray]
 
 
@@ -191,6 +227,7 @@ def _kernels() -> dict[GGMLQuantizationType, _Kernel]:
         T.F32: _f32, T.F16: _f16_values, T.BF16: _bf16,
         T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1,
         T.Q2_K: _q2_k, T.Q3_K: _q3_k, T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k,
+        T.IQ4_NL: _iq4_nl, T.IQ4_XS: _iq4_xs,
     }  # fmt: skip
 
 

@@ -21,6 +21,8 @@ stores them and loading is a reshuffle of bytes, not a dequantize-and-requantize
 | Q5_1  | 5    | d, m                                                   | yes               |
 | Q5_K  | 5    | per 32 weights: d * scale, -dmin * min                 | scales to half    |
 | Q6_K  | 6    | per 16 weights: d * scale; q                           | scales to half    |
+| IQ4_NL| 8    | d; q = the code's table value (an int8)                | yes               |
+| IQ4_XS| 8    | per 32 weights: d * (scale - 32); q as IQ4_NL's        | scales to half    |
 | others| 8    | dequantize one tensor, round to 8 bits per group of 32 | a second rounding |
 
 Only the C++ converter (kernels/csrc/gguf_blocks.h, QLinear.from_file) writes the 5- and
@@ -29,7 +31,10 @@ scales do not fit a half (and of such a part fused with an 8-bit one).
 
 Q4_K's sub-block scale d * sc (a half times a 6-bit integer) is rounded to a half: a
 relative error below 2^-11 on the scale, against the 2^-4 of the 4-bit codes themselves.
-The "others" (Q2_K, Q3_K, and float tensors) keep at least their own
+IQ4_NL and IQ4_XS index a table of 16 int8 values (non-linear steps): they take the 8-bit
+form with the table's values as codes, twice the file's bytes a weight but no rounding of
+the weights themselves (a 4-bit form with a table lookup in the kernel would keep the
+file's size; not built). The "others" (Q2_K, Q3_K, and float tensors) keep at least their own
 precision: 8-bit codes on a scale of max|w|/127 round to a quarter or less of a 6-bit
 type's own step. docs/architecture.md says why these are repacked rather than run on
 their own blocks.
@@ -44,14 +49,14 @@ import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from textmill.loader.dequant import k_nibbles, k_scale_min, nibbles, q5_values, dequantize
+from textmill.loader.dequant import dequantize, iq4_codes, iq4_xs_scales, k_nibbles, k_scale_min, nibbles, q5_values
 
 GROUP = 32
 T = GGMLQuantizationType
 # The types that map onto the 4-bit form exactly (or, for Q4_K, up to the scales' rounding).
 FOUR_BIT_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})
 # The types whose 8-bit codes are the file's own.
-EXACT_EIGHT_BIT_TYPES = frozenset({T.Q8_0, T.Q5_0})
+EXACT_EIGHT_BIT_TYPES = frozenset({T.Q8_0, T.Q5_0, T.IQ4_NL})
 # The types the C++ converter packs in the 5- and 6-bit forms (6 and 7 bits a weight where
 # 8-bit codes take 8.5, and without a second rounding).
 FIVE_BIT_TYPES = frozenset({T.Q5_0, T.Q5_1, T.Q5_K})
@@ -59,7 +64,7 @@ SIX_BIT_TYPES = frozenset({T.Q6_K})
 # The types the C++ converter (kernels/csrc/gguf_blocks.h) packs straight from the file;
 # the others (Q2_K, Q3_K) go through from_gguf below.
 PACKED_FROM_FILE_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
-                                    T.Q4_K, T.Q5_K, T.Q6_K})
+                                    T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS})
 _HALF_MAX = 65504.0
 
 
@@ -252,4 +257,14 @@ def _q5_0(blocks: np.ndarray):
     return 8, codes, _f16_col(blocks, 0), None
 
 
-_CONVERTERS = {T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q4_K: _q4_k, T.Q8_0: _q8_0, T.Q5_0: _q5_0}
+def _iq4_nl(blocks: np.ndarray):
+    return 8, iq4_codes(blocks[:, 2:]), _f16_col(blocks, 0), None
+
+
+def _iq4_xs(blocks: np.ndarray):
+    # Eight sub-blocks of 32 per super-block of 256, each w = (d (ls - 32)) table[q].
+    return 8, iq4_codes(blocks[:, 8:]), iq4_xs_scales(blocks), None
+
+
+_CONVERTERS = {T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q4_K: _q4_k, T.Q8_0: _q8_0, T.Q5_0: _q5_0,
+               T.IQ4_NL: _iq4_nl, T.IQ4_XS: _iq4_xs}

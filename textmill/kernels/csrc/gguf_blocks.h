@@ -23,7 +23,7 @@ namespace gguf {
 // ggml's type ids (gguf.constants.GGMLQuantizationType).
 enum Type : int64_t {
   F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
-  Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30,
+  Q4_K = 12, Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23, BF16 = 30,
 };
 
 struct Layout {
@@ -45,6 +45,8 @@ inline Layout layout(int64_t type) {
     case Q4_K: return {256, 144};
     case Q5_K: return {256, 176};
     case Q6_K: return {256, 210};
+    case IQ4_NL: return {32, 18};
+    case IQ4_XS: return {256, 136};
     default: return {0, 0};
   }
 }
@@ -188,6 +190,34 @@ inline bool decode6(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes,
   return true;
 }
 
+// IQ4_NL/IQ4_XS: a 4-bit code indexes these 16 int8 values (ggml's kvalues_iq4nl).
+constexpr int8_t kIQ4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+// Group b of an IQ4_NL or IQ4_XS row -> its 32 table values and its scale as a float:
+// IQ4_NL's d, or IQ4_XS's d * (ls - 32) for sub-block b % 8 (ls: 6 bits, the low 4 a nibble
+// of scales_l, the top 2 a pair of bits of scales_h). Within a group, value l < 16 is the
+// low nibble of qs[l], value l + 16 its high nibble.
+inline float iq4_group(int64_t type, const uint8_t* row, int64_t b, int8_t* codes) {
+  const uint8_t* qs;
+  float scale;
+  if (type == IQ4_NL) {
+    const uint8_t* blk = row + b * 18;
+    qs = blk + 2;
+    scale = f16(blk);
+  } else {
+    const uint8_t* blk = row + (b / 8) * 136;
+    const int s = static_cast<int>(b % 8);
+    const int high = (f16_bits(blk + 2) >> (2 * s)) & 3, low = (blk[4 + s / 2] >> (4 * (s & 1))) & 0x0F;
+    qs = blk + 8 + 16 * s;
+    scale = f16(blk) * static_cast<float>((low | (high << 4)) - 32);
+  }
+  for (int l = 0; l < 16; ++l) {
+    codes[l] = kIQ4Values[qs[l] & 0x0F];
+    codes[l + 16] = kIQ4Values[qs[l] >> 4];
+  }
+  return scale;
+}
+
 // These reproduce loader/dequant.py's float32 operations in its order; contracting them
 // into FMAs would round differently from numpy.
 #pragma GCC push_options
@@ -277,12 +307,19 @@ inline void decode_floats(int64_t type, const uint8_t* row, int64_t b, float* w)
       for (int l = 0; l < 32; ++l) w[l] = d * ((static_cast<float>(c[l]) - 32.0f) * static_cast<float>(sc[l / 16]));
       return;
     }
+    case IQ4_NL: case IQ4_XS: {
+      int8_t c[32];
+      const float scale = iq4_group(type, row, b, c);
+      for (int l = 0; l < 32; ++l) w[l] = scale * static_cast<float>(c[l]);
+      return;
+    }
     default: return;
   }
 }
 
 // Group b -> 8-bit codes and a half scale. Q8_0 and Q5_0 keep the file's codes (Q8_0's
-// -128 becomes -127: the kernels' sign trick has no place for it); every other type is
+// -128 becomes -127: the kernels' sign trick has no place for it), IQ4_NL and IQ4_XS their
+// table values (IQ4_XS's sub-block scale rounded to a half, as Q4_K's); every other type is
 // rounded as group_codes.requantize_8bit does: d = half(max|w| / 127), q = round(w / d),
 // ties to even. False when d does not fit a half (or a weight is not finite).
 inline bool decode8(int64_t type, const uint8_t* row, int64_t b, int8_t* codes, uint16_t* d) {
@@ -301,6 +338,12 @@ inline bool decode8(int64_t type, const uint8_t* row, int64_t b, int8_t* codes, 
         codes[l] = static_cast<int8_t>((low | (((high >> l) & 1) << 4)) - 16);
       }
     }
+    return true;
+  }
+  if (type == IQ4_NL || type == IQ4_XS) {
+    const float scale = iq4_group(type, row, b, codes);
+    if (!half_ok(scale)) return false;
+    *d = type == IQ4_NL ? f16_bits(row + b * 18) : to_half(scale);
     return true;
   }
   float w[32];
