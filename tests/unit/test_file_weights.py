@@ -112,8 +112,8 @@ def test_every_block_type_runs_from_its_own_blocks_and_tracks_the_float_referenc
     assert layer0.mlp.down_proj.mode == "q6" and loaded.model.lm_head.mode == "q6"  # Q6_K
     assert [p.mode for p in layer1.self_attn.qkv_proj.parts] == ["q4", "q5", "q8"]  # Q4_1, Q5_0, Q8_0
     assert layer1.self_attn.o_proj.mode == "q5"  # Q5_1
-    # IQ4_XS beside IQ4_NL: one 8-bit matmul of the table values, as the file holds them
-    assert layer2.self_attn.qkv_proj.mode == "q8" and layer2.mlp.down_proj.mode == "q8"
+    # IQ4_XS beside IQ4_NL: one matmul on the file's 4-bit indices
+    assert layer2.self_attn.qkv_proj.mode == "iq4" and layer2.mlp.down_proj.mode == "iq4"
     got = _prompt_logprobs(runner, tokens)
     assert torch.isfinite(got).all()
     # Random weights: logprobs spread over several nats; the kernels move them by far less.

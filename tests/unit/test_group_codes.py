@@ -143,11 +143,13 @@ def _python_packed(parts: list[tuple[np.ndarray, T]], order=None) -> torch.Tenso
     return ext.q4_pack_codes(c.codes, c.scale, c.min) if c.bits == 4 else ext.q8_pack_codes(c.codes, c.scale)
 
 
-def _c_packed(bits: int, parts: list[tuple[np.ndarray, T]], order=None) -> torch.Tensor:
+def _c_packed(bits: int | str, parts: list[tuple[np.ndarray, T]], order=None) -> torch.Tensor:
+    """bits: 4, 5, 6 or 8 for the q<bits> form, or a form's name ("iq4")."""
     ext = load("quant")
     raws = [torch.from_numpy(np.ascontiguousarray(raw).reshape(-1).view(np.uint8)) for raw, _ in parts]
     orders = [order if (i == 0 and order is not None) else torch.empty(0, dtype=torch.long) for i in range(len(parts))]
-    return ext.pack_gguf(bits, raws, [int(qt) for _, qt in parts], orders, K)
+    form = bits if isinstance(bits, str) else f"q{bits}"
+    return ext.pack_gguf(form, raws, [int(qt) for _, qt in parts], orders, K)
 
 
 @pytest.mark.parametrize("qtype", C_TYPES, ids=lambda t: t.name)
@@ -273,3 +275,39 @@ def test_release_file_pages_drops_read_pages_and_keeps_the_map_readable(tmp_path
     assert np.array_equal(view[:100], data[4096:4196])  # ... and read again from the file
     writable = np.zeros(10, dtype=np.uint8)
     assert release_file_pages([writable]) == 0
+
+
+# --- the IQ4 form: the file's 4-bit indices and one half scale per 32, looked up in the kernel
+
+
+@pytest.mark.parametrize("qtype", [T.IQ4_NL, T.IQ4_XS], ids=lambda t: t.name)
+def test_c_iq4_form_holds_the_eight_bit_forms_weights_in_half_the_bytes(qtype):
+    ext = load("quant")
+    raw = _raw(qtype)
+    iq4, q8 = _c_packed("iq4", [(raw, qtype)]), _c_packed(8, [(raw, qtype)])
+    assert iq4.numel() == ext.packed_bytes("iq4", N, K) < 0.55 * q8.numel()
+    codes, d = ext.iq4_unpack(iq4, N, K)
+    codes8, d8 = ext.q8_unpack(q8, N, K)
+    assert torch.equal(codes, codes8) and torch.equal(d, d8)
+    # the same values through the same float steps: iq4_linear gives q8_linear's bits, at
+    # one row (row groups) and at many (block-major), and on the scalar path
+    for m in (1, 3, 40):
+        x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)) * 3
+        y = ext.iq4_linear(x, iq4, N)
+        assert torch.equal(y, ext.q8_linear(x, q8, N))
+        assert torch.equal(y, ext.iq4_linear(x, iq4, N, None, 1))
+
+
+def test_c_iq4_form_stacks_nl_and_xs_parts_and_refuses_other_types():
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(5))
+    parts = [(_raw(T.IQ4_XS, 1), T.IQ4_XS), (_raw(T.IQ4_NL, 2), T.IQ4_NL)]
+    ext = load("quant")
+    codes, d = ext.iq4_unpack(_c_packed("iq4", parts, order), 2 * N, K)
+    codes8, d8 = ext.q8_unpack(_c_packed(8, parts, order), 2 * N, K)
+    assert torch.equal(codes, codes8) and torch.equal(d, d8)
+    with pytest.raises(RuntimeError, match="no IQ4 form"):
+        _c_packed("iq4", [(blocks_for(T.Q4_0), T.Q4_0)])
+    raw = blocks_for(T.IQ4_XS)
+    raw[:, 0:2] = np.array([3000.0], dtype=np.float16).view(np.uint8)  # d * (ls - 32) past 65504
+    with pytest.raises(RuntimeError, match="half range"):
+        _c_packed("iq4", [(raw, T.IQ4_XS)])

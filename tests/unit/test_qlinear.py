@@ -65,7 +65,7 @@ def acts(m: int, k: int, seed: int) -> torch.Tensor:
     return torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, k, generator=g))
 
 
-MODES = ("q4", "q8", "q6", "q5")
+MODES = ("q4", "q8", "q6", "q5", "iq4")
 
 
 def pack(ext, mode: str, w: torch.Tensor) -> torch.Tensor:
@@ -84,8 +84,8 @@ def unpack(ext, mode, packed, n, k):
     elif mode == "q6":
         codes, d = ext.q6_unpack(packed, n, k)
         return codes.float() - 32, d, torch.zeros_like(d)
-    else:
-        codes, d = ext.q8_unpack(packed, n, k)
+    else:  # q8, or iq4's table values
+        codes, d = getattr(ext, f"{mode}_unpack")(packed, n, k)
         m = torch.zeros_like(d)
     return codes.float(), d, m
 
@@ -237,8 +237,10 @@ def test_close_to_float_linear_on_dequantized_weights(ext, mode, mm, k, n):
     err, bound = assert_within_activation_rounding(x, q.dequantized_weight(), y, lin.bias.detach())
     # And the bound is not vacuous: the error uses a fair part of it somewhere.
     assert err.max() > 0.01 * bound.max()
-    # The weight rounding itself: half a step per weight.
-    step = unpack(ext, mode, q.packed, n, k)[1]
+    # The weight rounding itself: half a step per weight (iq4, in units of d: at most 14.1, a
+    # value of up to 127 (and d's rounding to a half, 127 * 2^-11) on a group whose largest
+    # magnitude is negative against the table's top, 113; its widest gap, 24, rounds by 12).
+    step = unpack(ext, mode, q.packed, n, k)[1] * (28.2 if mode == "iq4" else 1)
     w_err = (q.dequantized_weight() - lin.weight.detach()).abs().view(n, step.shape[1], -1)
     assert (w_err <= step[..., None] * 0.5 * (1 + 1e-3) + 1e-7).all()
 

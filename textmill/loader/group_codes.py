@@ -61,6 +61,8 @@ EXACT_EIGHT_BIT_TYPES = frozenset({T.Q8_0, T.Q5_0, T.IQ4_NL})
 # 8-bit codes take 8.5, and without a second rounding).
 FIVE_BIT_TYPES = frozenset({T.Q5_0, T.Q5_1, T.Q5_K})
 SIX_BIT_TYPES = frozenset({T.Q6_K})
+# The types it packs in the IQ4 form: 4-bit indices into the IQ4 table, one scale per 32.
+IQ4_TYPES = frozenset({T.IQ4_NL, T.IQ4_XS})
 # The types the C++ converter (kernels/csrc/gguf_blocks.h) packs straight from the file;
 # the others (Q2_K, Q3_K) go through from_gguf below.
 PACKED_FROM_FILE_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
@@ -114,10 +116,18 @@ class CodesRef:
 
     @property
     def bits(self) -> int:
-        """The kernel form this tensor packs into: 4, 5, 6 or 8 (see the module's table)."""
+        """The width of the codes from_gguf gives this tensor: 4 or 8 (see the module's table)."""
+        return 4 if self.qtype in FOUR_BIT_TYPES else 8
+
+    @property
+    def form(self) -> str:
+        """The kernel form the C++ converter packs this tensor into: q4, q5, q6, q8 or iq4
+        (runner/qlinear.py's modes)."""
         if self.qtype in FOUR_BIT_TYPES:
-            return 4
-        return 5 if self.qtype in FIVE_BIT_TYPES else 6 if self.qtype in SIX_BIT_TYPES else 8
+            return "q4"
+        if self.qtype in IQ4_TYPES:
+            return "iq4"
+        return "q5" if self.qtype in FIVE_BIT_TYPES else "q6" if self.qtype in SIX_BIT_TYPES else "q8"
 
     def flat_bytes(self) -> torch.Tensor:
         """The tensor's bytes as a 1-D uint8 tensor over the mapped file (no copy)."""

@@ -60,13 +60,13 @@ class _Maker:
     def _count(self, source: str) -> None:
         self.widths[source] = self.widths.get(source, 0) + 1
 
-    def _from_file(self, refs: list[CodesRef], bias: torch.Tensor | None, bits: int | None = None) -> QLinear | None:
+    def _from_file(self, refs: list[CodesRef], bias: torch.Tensor | None, form: str | None = None) -> QLinear | None:
         """Packed straight from the file, or None where the Python converter must decide
         (a type it alone reads, or scales past a half's range)."""
         if not all(r.qtype in PACKED_FROM_FILE_TYPES for r in refs):
             return None
         try:
-            made = QLinear.from_file(refs, bias, bits)
+            made = QLinear.from_file(refs, bias, form)
         except OutOfHalfRange:
             return None
         for r in refs:
@@ -90,14 +90,14 @@ class _Maker:
             return self.one(parts[0])
         refs = [self._ref(p) for p in parts]
         if all(r is not None for r in refs):
-            widths = {r.bits for r in refs}
+            forms = {r.form for r in refs}
             # A Q4_K_M file's Q4_K q/k beside a Q6_K v, a Q5_K_M file's Q5_K q/k beside a Q6_K v:
-            if len(widths) > 1 and (4 in widths or 8 not in widths):
+            if len(forms) > 1 and (forms & {"q4", "iq4"} or "q8" not in forms):
                 return SideBySide([self.fused(run) if len(run) > 1 else self.one(run[0])
                                    for run in _runs_of_equal_width(parts, refs)])
             # 5/6-bit parts beside an 8-bit one (Gemma 3's Q5_0 q/k and Q8_0 v) go in 8 bits,
             # one matmul: a second call and activation pass cost more than the bytes saved.
-            made = self._from_file(refs, self._stacked_bias(parts), max(widths))
+            made = self._from_file(refs, self._stacked_bias(parts), "q8" if len(forms) > 1 else forms.pop())
             if made is not None:
                 return made
         found = [self._codes(p) for p in parts]
@@ -129,7 +129,7 @@ def _runs_of_equal_width(parts: list[nn.Linear], refs: list[CodesRef]) -> list[l
     three."""
     runs: list[list[nn.Linear]] = []
     for i, (part, ref) in enumerate(zip(parts, refs)):
-        if i and ref.bits == refs[i - 1].bits and ref.qtype == refs[i - 1].qtype:
+        if i and ref.form == refs[i - 1].form and ref.qtype == refs[i - 1].qtype:
             runs[-1].append(part)
         else:
             runs.append([part])

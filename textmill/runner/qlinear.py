@@ -7,6 +7,8 @@ QLinear holds only packed weights, in groups of 32 along the input dimension:
 * "q5": codes 0..31 with a scale and a min per group, w = d*q + m: GGUF's Q5_1 (Q5_0
   and Q5_K map onto it); 6 bits a weight where q8 takes 8.5.
 * "q6": codes 0..63 with one scale per 16 weights, w = d_h*(q - 32): GGUF's Q6_K; 7 bits.
+* "iq4": 4-bit indices into GGUF's IQ4 table of 16 int8 values, one scale per group:
+  w = d*T[q] (IQ4_NL, IQ4_XS); computed as q8 on the looked-up values; 4.5 bits.
 Scales are stored as halves, as GGUF stores them.
 
 Each call quantizes the activations to int8 per group of 32 (one scale per group) and
@@ -32,7 +34,7 @@ from torch import nn
 from textmill.kernels import load
 from textmill.loader.group_codes import CodesRef, GroupCodes
 
-MODES = ("q4", "q5", "q6", "q8")  # "q<bits>": CodesRef.bits names the form
+MODES = ("q4", "q5", "q6", "q8", "iq4")  # CodesRef.form names a file tensor's
 GROUP = 32
 # Scales and the Q4 min are halves: weights beyond this magnitude would overflow them.
 _HALF_MAX = 65504.0
@@ -102,27 +104,27 @@ class QLinear(nn.Module):
         return cls(packed, k, n, _own_bias(bias), mode)
 
     @classmethod
-    def from_file(cls, refs: list[CodesRef], bias: torch.Tensor | None = None, bits: int | None = None) -> "QLinear":
-        """GGUF tensors of one form (CodesRef.bits), stacked along N, packed straight from the
-        mapped file by the C++ converter: in the 4- and 8-bit forms the bytes from_codes would
-        pack, in one pass with no intermediate codes. bits=8 also takes 5- and 6-bit types
-        (their 8-bit codes, as from_codes). Raises OutOfHalfRange when a scale does not fit a half;
-        the caller then takes from_codes' path, which rounds such a tensor to 8 bits."""
+    def from_file(cls, refs: list[CodesRef], bias: torch.Tensor | None = None, form: str | None = None) -> "QLinear":
+        """GGUF tensors of one form (CodesRef.form), stacked along N, packed straight from the
+        mapped file by the C++ converter: in the q4 and q8 forms the bytes from_codes would
+        pack, in one pass with no intermediate codes. Form q8 also takes the q5, q6 and iq4
+        types (their 8-bit codes, as from_codes). Raises OutOfHalfRange when a scale does not
+        fit a half; the caller then takes from_codes' path, which rounds such a tensor to 8 bits."""
         ext = _ext()
         if ext is None:
             raise ValueError("GGUF weights need textmill's C++ kernels, which could not be built here")
-        bits, k = bits or refs[0].bits, refs[0].shape[1]
-        assert all((r.bits == bits or (bits == 8 and r.bits in (5, 6))) and r.shape[1] == k for r in refs), \
-            "parts of one form and width"
+        form, k = form or refs[0].form, refs[0].shape[1]
+        assert all((r.form == form or (form == "q8" and r.form in ("q5", "q6", "iq4"))) and r.shape[1] == k
+                   for r in refs), "parts of one form and width"
         no_order = torch.empty(0, dtype=torch.long)
         orders = [no_order if r.row_order is None else r.row_order.long().contiguous() for r in refs]
         try:
-            packed = ext.pack_gguf(bits, [r.flat_bytes() for r in refs], [int(r.qtype) for r in refs], orders, k)
+            packed = ext.pack_gguf(form, [r.flat_bytes() for r in refs], [int(r.qtype) for r in refs], orders, k)
         except RuntimeError as exc:
             if "half range" in str(exc):
                 raise OutOfHalfRange(str(exc)) from None
             raise
-        return cls(packed, k, sum(r.shape[0] for r in refs), _own_bias(bias), f"q{bits}")
+        return cls(packed, k, sum(r.shape[0] for r in refs), _own_bias(bias), form)
 
     def op(self):
         """The kernel for this layer's form: op(x, packed, out_features, bias)."""
@@ -144,8 +146,8 @@ class QLinear(nn.Module):
         elif self.mode == "q6":
             codes, d = _ext().q6_unpack(self.packed, n, k)
             w = (codes.float() - 32.0).view(n, -1, GROUP // 2) * d[..., None]
-        else:
-            codes, d = _ext().q8_unpack(self.packed, n, k)
+        else:  # q8, or iq4's table values
+            codes, d = getattr(_ext(), f"{self.mode}_unpack")(self.packed, n, k)
             w = codes.float().view(n, -1, GROUP) * d[..., None]
         return w.view(n, k)
 

@@ -193,11 +193,15 @@ inline bool decode6(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes,
 // IQ4_NL/IQ4_XS: a 4-bit code indexes these 16 int8 values (ggml's kvalues_iq4nl).
 constexpr int8_t kIQ4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
-// Group b of an IQ4_NL or IQ4_XS row -> its 32 table values and its scale as a float:
-// IQ4_NL's d, or IQ4_XS's d * (ls - 32) for sub-block b % 8 (ls: 6 bits, the low 4 a nibble
-// of scales_l, the top 2 a pair of bits of scales_h). Within a group, value l < 16 is the
-// low nibble of qs[l], value l + 16 its high nibble.
-inline float iq4_group(int64_t type, const uint8_t* row, int64_t b, int8_t* codes) {
+// IQ4_NL and IQ4_XS: the types whose groups take the kernels' IQ4 form (4-bit indices into
+// kIQ4Values, one scale per 32).
+inline bool iq4(int64_t type) { return type == IQ4_NL || type == IQ4_XS; }
+
+// Group b of an IQ4_NL or IQ4_XS row -> its 32 table indices (0..15) and its scale as a
+// float: IQ4_NL's d, or IQ4_XS's d * (ls - 32) for sub-block b % 8 (ls: 6 bits, the low 4 a
+// nibble of scales_l, the top 2 a pair of bits of scales_h). Within a group, value l < 16 is
+// the low nibble of qs[l], value l + 16 its high nibble.
+inline float iq4_indices(int64_t type, const uint8_t* row, int64_t b, uint8_t* idx) {
   const uint8_t* qs;
   float scale;
   if (type == IQ4_NL) {
@@ -212,10 +216,27 @@ inline float iq4_group(int64_t type, const uint8_t* row, int64_t b, int8_t* code
     scale = f16(blk) * static_cast<float>((low | (high << 4)) - 32);
   }
   for (int l = 0; l < 16; ++l) {
-    codes[l] = kIQ4Values[qs[l] & 0x0F];
-    codes[l + 16] = kIQ4Values[qs[l] >> 4];
+    idx[l] = qs[l] & 0x0F;
+    idx[l + 16] = qs[l] >> 4;
   }
   return scale;
+}
+
+// The same group's table values (int8) and scale.
+inline float iq4_group(int64_t type, const uint8_t* row, int64_t b, int8_t* codes) {
+  uint8_t idx[32];
+  const float scale = iq4_indices(type, row, b, idx);
+  for (int l = 0; l < 32; ++l) codes[l] = kIQ4Values[idx[l]];
+  return scale;
+}
+
+// Group b of an IQ4 row -> its indices and its scale as half bits: IQ4_NL's own d, IQ4_XS's
+// sub-block scale rounded to a half (as Q4_K's). False when the scale does not fit a half.
+inline bool decode_iq4(int64_t type, const uint8_t* row, int64_t b, uint8_t* idx, uint16_t* d) {
+  const float scale = iq4_indices(type, row, b, idx);
+  if (!half_ok(scale)) return false;
+  *d = type == IQ4_NL ? f16_bits(row + b * 18) : to_half(scale);
+  return true;
 }
 
 // These reproduce loader/dequant.py's float32 operations in its order; contracting them

@@ -17,6 +17,7 @@
 //   Q8: codes q in -127..127, w = d*q         (GGUF Q8_0)
 //   Q5: codes q in 0..31, w = d*q + m         (GGUF Q5_1; Q5_0 and Q5_K map onto it)
 //   Q6: codes q in 0..63, w = d_h*(q - 32)    (GGUF Q6_K), one d per half (16 weights)
+//   IQ4: indices q in 0..15, w = d*T[q]       (GGUF IQ4_NL, IQ4_XS), T = gguf::kIQ4Values
 // d and m are stored as IEEE half, as GGUF stores them: GGUF weights requantize exactly,
 // and at one decode token (bound by memory reads) 4 bytes of scales per group instead of 8
 // are ~17% less traffic for Q4.
@@ -40,6 +41,10 @@
 //            bits [2][64 bytes]: byte 4r + i of vector h holds, in bits 2t..2t+1, those of
 //            k-group 4h + t (k = 16h + 4t + i); scales [d of the first 16 k of 16 rows,
 //            d of the last 16] (fp16). 7 bits a weight, where Q8 takes 8.5.
+//   IQ4 block: the indices as a Q4 block's [4][64 bytes]; scales [16] (fp16), as Q8's.
+//            The kernels turn the nibbles into the table's int8 values with one byte
+//            shuffle (vpshufb, a 16-entry lookup) and go on as Q8, so an IQ4 layer gives
+//            the bits of a Q8 layer of the same values, from 4.5 bits a weight, not 8.5.
 //   A tile's blocks go in pairs: both blocks' codes, then both blocks' scales (codes_at).
 // Activations, per row and block of 32: int8 codes a, scale e = max|x|/127, and (for Q4's
 // min term) s = e * sum(a):  sum_i (d q_i + m)(e a_i) = (d e) sum(q_i a_i) + m s.
@@ -124,14 +129,19 @@ constexpr int64_t CHUNK_BYTES = 96 << 10;       // expanded activations per thre
 // passes instead) 0.71-0.79x the time for q4, 0.74-0.87x for q8 at 192-512 rows (Xeon).
 constexpr int64_t PASS_BYTES = 256 << 10;
 
-enum class Mode { Q4, Q8, Q6, Q5 };
+enum class Mode { Q4, Q8, Q6, Q5, IQ4 };
 
 constexpr int64_t code_bytes(Mode m) {
-  return m == Mode::Q4 ? Q4_CODE_BYTES : m == Mode::Q8 ? Q8_CODE_BYTES : m == Mode::Q6 ? Q6_CODE_BYTES : Q5_CODE_BYTES;
+  return m == Mode::Q4 || m == Mode::IQ4 ? Q4_CODE_BYTES
+         : m == Mode::Q8                 ? Q8_CODE_BYTES
+         : m == Mode::Q6                 ? Q6_CODE_BYTES
+                                         : Q5_CODE_BYTES;
 }
-constexpr int64_t scale_bytes(Mode m) {  // Q5 has Q4's d and m
-  return 2 * (m == Mode::Q8 ? Q8_SCALE_HALVES : m == Mode::Q6 ? Q6_SCALE_HALVES : Q4_SCALE_HALVES);
+constexpr int64_t scale_bytes(Mode m) {  // Q5 has Q4's d and m, IQ4 Q8's d
+  return 2 * (m == Mode::Q8 || m == Mode::IQ4 ? Q8_SCALE_HALVES : m == Mode::Q6 ? Q6_SCALE_HALVES : Q4_SCALE_HALVES);
 }
+// Q8 and IQ4 multiply signed weights by signed activations (the others' codes are u8).
+constexpr bool signed_weights(Mode m) { return m == Mode::Q8 || m == Mode::IQ4; }
 
 int64_t tile_bytes(Mode mode, int64_t kb) { return kb * (code_bytes(mode) + scale_bytes(mode)); }
 constexpr bool has_min(Mode m) { return m == Mode::Q4 || m == Mode::Q5; }  // w = d*q + m
@@ -144,6 +154,7 @@ inline void with_mode(Mode mode, Fn fn) {
     case Mode::Q5: return fn(std::integral_constant<Mode, Mode::Q5>{});
     case Mode::Q6: return fn(std::integral_constant<Mode, Mode::Q6>{});
     case Mode::Q8: return fn(std::integral_constant<Mode, Mode::Q8>{});
+    case Mode::IQ4: return fn(std::integral_constant<Mode, Mode::IQ4>{});
   }
 }
 
@@ -322,6 +333,34 @@ torch::Tensor q8_pack(const torch::Tensor& weight) {
   });
 }
 
+// IQ4 from float weights (tests; GGUF weights come through pack_gguf): per group, d maps the
+// weight of largest magnitude onto the table's end of its sign (-127 or 113), as a half;
+// each weight takes the index of the table value nearest to w / d (the lower on a tie).
+torch::Tensor iq4_pack(const torch::Tensor& weight) {
+  check_weight(weight);
+  auto w = weight.to(torch::kFloat).contiguous();
+  const int64_t k = w.size(1), kb = k / QK;
+  const float* wp = w.data_ptr<float>();
+  return pack_by_block(Mode::IQ4, w.size(0), k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
+    const float* g = wp + row * k + b * QK;
+    float peak = 0.f;
+    for (int64_t i = 0; i < QK; ++i) peak = std::fabs(g[i]) > std::fabs(peak) ? g[i] : peak;
+    const uint16_t d16 = float_to_half(peak / (peak < 0.f ? -127.f : 113.f));
+    const float d = half_to_float(d16);
+    const float id = d != 0.f ? 1.f / d : 0.f;
+    uint8_t idx[QK];
+    for (int64_t j = 0; j < QK; ++j) {
+      const float v = g[j] * id;
+      int best = 0;
+      for (int t = 1; t < 16; ++t)
+        if (std::fabs(v - gguf::kIQ4Values[t]) < std::fabs(v - gguf::kIQ4Values[best])) best = t;
+      idx[j] = static_cast<uint8_t>(best);
+    }
+    put_q4(tile + codes_at(Mode::IQ4, b), r, idx);
+    scales_of(tile, Mode::IQ4, kb, b)[r] = d16;
+  });
+}
+
 // -> codes (N, K) int8, d (N, K/32) float32
 std::vector<torch::Tensor> q8_unpack(const torch::Tensor& packed, int64_t n, int64_t k) {
   check_packed(Mode::Q8, packed, n, k);
@@ -337,6 +376,25 @@ std::vector<torch::Tensor> q8_unpack(const torch::Tensor& packed, int64_t n, int
       int8_t* c = codes.data_ptr<int8_t>() + row * k + b * QK;
       for (int64_t j = 0; j < QK; ++j) c[j] = src[q8_byte(r, j)];
       d.data_ptr<float>()[row * kb + b] = half_to_float(scales_of(tile, Mode::Q8, kb, b)[r]);
+    }
+  }
+  return {codes, d};
+}
+
+// IQ4 -> its table values (N, K) int8 and d (N, K/32): what a Q8 layer of the same weights holds.
+std::vector<torch::Tensor> iq4_unpack(const torch::Tensor& packed, int64_t n, int64_t k) {
+  check_packed(Mode::IQ4, packed, n, k);
+  const int64_t kb = k / QK;
+  auto codes = torch::empty({n, k}, torch::kInt8);
+  auto d = torch::empty({n, kb}, torch::kFloat);
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  for (int64_t row = 0; row < n; ++row) {
+    const int64_t t = row / NR, r = row % NR;
+    const uint8_t* tile = pp + t * tile_bytes(Mode::IQ4, kb);
+    for (int64_t b = 0; b < kb; ++b) {
+      int8_t* c = codes.data_ptr<int8_t>() + row * k + b * QK;
+      for (int64_t j = 0; j < QK; ++j) c[j] = gguf::kIQ4Values[q4_code(tile + codes_at(Mode::IQ4, b), r, j)];
+      d.data_ptr<float>()[row * kb + b] = half_to_float(scales_of(tile, Mode::IQ4, kb, b)[r]);
     }
   }
   return {codes, d};
@@ -433,14 +491,16 @@ torch::Tensor q8_pack_codes(const torch::Tensor& codes, const torch::Tensor& d) 
 // Packing straight from a GGUF file's mapped bytes (gguf_blocks.h decodes each group):
 // the parts are stacked along N in order (q, k, v -> qkv), each part's output row i taken
 // from its source row order[i] (llama.cpp's q/k permutation undone) or row i when order is
-// empty. One pass, parallel over tiles, no intermediate codes tensor. bits 4 takes only
-// Q4_0/Q4_1/Q4_K parts, bits 5 only Q5_0/Q5_1/Q5_K, bits 6 only Q6_K; bits 8 takes every
-// type gguf_blocks.h decodes.
+// empty. One pass, parallel over tiles, no intermediate codes tensor. Form "q4" takes only
+// Q4_0/Q4_1/Q4_K parts, "q5" only Q5_0/Q5_1/Q5_K, "q6" only Q6_K, "iq4" only IQ4_NL/IQ4_XS;
+// "q8" takes every type gguf_blocks.h decodes.
 // Raises with "half range" in the message when a scale or min does not fit a half, so
 // that the caller can fall back to its own (8-bit) handling of such a tensor.
-torch::Tensor pack_gguf(int64_t bits, const std::vector<torch::Tensor>& raws, const std::vector<int64_t>& types,
-                        const std::vector<torch::Tensor>& orders, int64_t k) {
-  TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "bits must be 4, 5, 6 or 8");
+torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor>& raws,
+                        const std::vector<int64_t>& types, const std::vector<torch::Tensor>& orders, int64_t k) {
+  TORCH_CHECK(form == "q4" || form == "q5" || form == "q6" || form == "q8" || form == "iq4",
+              "form must be q4, q5, q6, q8 or iq4, not ", form);
+  const int64_t bits = form == "iq4" ? 0 : form[1] - '0';
   TORCH_CHECK(!raws.empty() && raws.size() == types.size() && raws.size() == orders.size(),
               "one type and one row order per part");
   TORCH_CHECK(k > 0 && k % QK == 0, "K = ", k, " is not a positive multiple of ", QK);
@@ -453,6 +513,7 @@ torch::Tensor pack_gguf(int64_t bits, const std::vector<torch::Tensor>& raws, co
     TORCH_CHECK(bits != 4 || gguf::four_bit(types[p]), "GGUF type ", types[p], " has no 4-bit form");
     TORCH_CHECK(bits != 5 || gguf::five_bit(types[p]), "GGUF type ", types[p], " has no 5-bit form");
     TORCH_CHECK(bits != 6 || gguf::six_bit(types[p]), "GGUF type ", types[p], " has no 6-bit form");
+    TORCH_CHECK(bits != 0 || gguf::iq4(types[p]), "GGUF type ", types[p], " has no IQ4 form");
     TORCH_CHECK(k % lay.block_values == 0, "K = ", k, " is not a whole number of blocks of ", lay.block_values);
     TORCH_CHECK(raw.scalar_type() == torch::kUInt8 && raw.dim() == 1 && raw.is_contiguous(),
                 "raw tensor bytes: contiguous 1-D uint8");
@@ -495,6 +556,14 @@ torch::Tensor pack_gguf(int64_t bits, const std::vector<torch::Tensor>& raws, co
     out = two_scales(std::integral_constant<Mode, Mode::Q5>{}, gguf::decode5);
   } else if (bits == 6) {
     out = two_scales(std::integral_constant<Mode, Mode::Q6>{}, gguf::decode6);
+  } else if (bits == 0) {
+    out = pack_by_block(Mode::IQ4, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
+      uint8_t c[QK];
+      uint16_t d;
+      if (!gguf::decode_iq4(row_type[row], row_ptr[row], b, c, &d)) in_range = false;
+      put_q4(tile + codes_at(Mode::IQ4, b), r, c);
+      scales_of(tile, Mode::IQ4, kb, b)[r] = d;
+    });
   } else {
     out = pack_by_block(Mode::Q8, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
       int8_t c[QK];
@@ -664,6 +733,7 @@ void q4_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, i
   }
 }
 
+template <Mode M>  // Q8, or IQ4: the same math on the table values of 4-bit indices
 void q8_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, int64_t m0, int64_t mr,
                     float (*out)[NR]) {
   for (int64_t r = 0; r < mr; ++r) {
@@ -672,11 +742,14 @@ void q8_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, i
     for (int64_t j = 0; j < NR; ++j) {
       float acc = 0.f;
       for (int64_t b = 0; b < kb; ++b) {
-        const int8_t* c = reinterpret_cast<const int8_t*>(tile + codes_at(Mode::Q8, b));
+        const uint8_t* c = tile + codes_at(M, b);
         const int8_t* a = arow + b * QK;
         int32_t isum = 0;
-        for (int64_t i = 0; i < QK; ++i) isum += c[q8_byte(j, i)] * a[i];
-        acc = std::fma(static_cast<float>(isum), half_to_float(scales_of(tile, Mode::Q8, kb, b)[j]) * e[b], acc);
+        for (int64_t i = 0; i < QK; ++i) {
+          const int w = M == Mode::IQ4 ? gguf::kIQ4Values[q4_code(c, j, i)] : static_cast<int8_t>(c[q8_byte(j, i)]);
+          isum += w * a[i];
+        }
+        acc = std::fma(static_cast<float>(isum), half_to_float(scales_of(tile, M, kb, b)[j]) * e[b], acc);
       }
       out[r][j] = acc;
     }
@@ -927,21 +1000,31 @@ void q4_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, co
   for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * h, acc[r]);
 }
 
-template <int MR>
+// Q8 (M), or IQ4: its k-group vectors made from the nibbles (k-groups p and p + 4 of vector
+// p, as Q4's) by a 16-entry byte lookup of the table's values, then the same math.
+template <Mode M, int MR>
 void q8_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, const float* e, const float*,
                   float (*out)[NR]) {
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gguf::kIQ4Values)));
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
   __m256 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
-    const uint8_t* c = tile + codes_at(Mode::Q8, b) + 32 * h;
-    prefetch_ahead<Mode::Q8>(tile, b);
+    const uint8_t* c = tile + codes_at(M, b) + 32 * h;
+    prefetch_ahead<M>(tile, b);
     __m256i w[8], wabs[8];
-    for (int g = 0; g < 8; ++g) {
-      w[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * g));
-      wabs[g] = _mm256_abs_epi8(w[g]);
+    if constexpr (M == Mode::IQ4) {
+      for (int p = 0; p < 4; ++p) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
+        w[p] = _mm256_shuffle_epi8(table, _mm256_and_si256(x, low4));
+        w[p + 4] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(x, 4), low4));
+      }
+    } else {
+      for (int g = 0; g < 8; ++g) w[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * g));
     }
+    for (int g = 0; g < 8; ++g) wabs[g] = _mm256_abs_epi8(w[g]);
     const __m256 d =
-        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales_of(tile, Mode::Q8, kb, b) + NH * h)));
+        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales_of(tile, M, kb, b) + NH * h)));
     for (int r = 0; r < MR; ++r) {
       const __m256 isum = _mm256_cvtepi32_ps(q8_block_dots(w, wabs, act, r, b));
       acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(e[r * kb + b])), acc[r]);
@@ -1096,6 +1179,7 @@ struct Q8Block {
   __m512i w[8];
   __m512i shift_sum;  // 128 * sum(w) per output row
   __m512 d;
+  Q8Block() = default;  // for IQ4Block, which fills these itself
   // Pin: keep w in registers (block-major: 2-32 rows use each); with the row groups' 1-4
   // rows, letting GCC fold the loads measured 7-15% faster at 64 rows.
   template <bool Pin>
@@ -1133,6 +1217,27 @@ struct Q8Block {
   __m512 finish(__m512i s0, __m512i s1, float e, __m512 acc) const {
     const __m512 isum = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(s0, s1), shift_sum));
     return _mm512_fmadd_ps(isum, _mm512_mul_ps(d, _mm512_set1_ps(e)), acc);
+  }
+};
+
+// IQ4: Q8's math on the table values of the block's 4-bit indices, looked up 64 at a time
+// by one byte shuffle of the table (replicated in each 128-bit lane).
+struct IQ4Block : Q8Block {
+  template <bool Pin>
+  IQ4Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
+    d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales_of(tile, Mode::IQ4, kb, b))));
+    const uint8_t* c = tile + codes_at(Mode::IQ4, b);
+    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gguf::kIQ4Values)));
+    const __m512i low4 = _mm512_set1_epi8(0x0F), offset = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int p = 0; p < 4; ++p) {
+      const __m512i x = _mm512_loadu_si512(c + 64 * p);
+      w[p] = _mm512_shuffle_epi8(table, _mm512_and_si512(x, low4));
+      w[p + 4] = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(x, 4), low4));
+      if constexpr (Pin) pin(w[p]), pin(w[p + 4]);
+    }
+    __m512i shift[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int g = 0; g < 8; ++g) shift[g & 1] = _mm512_dpbusd_epi32(shift[g & 1], offset, w[g]);
+    shift_sum = _mm512_add_epi32(shift[0], shift[1]);
   }
 };
 
@@ -1193,7 +1298,9 @@ struct Q6Block {
 
 template <Mode M>
 using BlockOf = std::conditional_t<
-    M == Mode::Q4, Q4Block, std::conditional_t<M == Mode::Q8, Q8Block, std::conditional_t<M == Mode::Q6, Q6Block, Q5Block>>>;
+    M == Mode::Q4, Q4Block,
+    std::conditional_t<M == Mode::Q8, Q8Block,
+                       std::conditional_t<M == Mode::Q6, Q6Block, std::conditional_t<M == Mode::Q5, Q5Block, IQ4Block>>>>;
 
 // A whole tile against MR activation rows (the row-group order: one pass over the tile
 // per group of rows). s is used by Q4 and Q5 only, off by Q6 only.
@@ -1281,7 +1388,8 @@ void tile_simd(Mode mode, const uint8_t* tile, int64_t kb, int64_t ncols, const 
 #else
   for (int h = 0; h * NH < ncols; ++h) {
     if (mode == Mode::Q4) q4_tile_avx2<Mode::Q4, MR>(tile, kb, h, act, e, s, out);
-    else if (mode == Mode::Q8) q8_tile_avx2<MR>(tile, kb, h, act, e, s, out);
+    else if (mode == Mode::Q8) q8_tile_avx2<Mode::Q8, MR>(tile, kb, h, act, e, s, out);
+    else if (mode == Mode::IQ4) q8_tile_avx2<Mode::IQ4, MR>(tile, kb, h, act, e, s, out);
     else if (mode == Mode::Q6) q6_tile_avx2<MR>(tile, kb, h, act, e, off, out);
     else q4_tile_avx2<Mode::Q5, MR>(tile, kb, h, act, e, s, out);
   }
@@ -1340,8 +1448,8 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
 #endif
   quantize_rows(x.data_ptr<float>(), m, k, q, simd);
 #ifdef TM_VNNI512
-  // Q8Block takes the activations as u8, a + 128 (see there): flip each sign bit.
-  if (simd && mode == Mode::Q8) {
+  // Q8Block (and IQ4Block) take the activations as u8, a + 128 (see there): flip each sign bit.
+  if (simd && signed_weights(mode)) {
     uint8_t* a = reinterpret_cast<uint8_t*>(q.a);
     for (int64_t i = 0; i < m * k; ++i) a[i] ^= 0x80;
   }
@@ -1446,7 +1554,8 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
 #endif
             if (!simd) {
               if (mode == Mode::Q4) q4_tile_scalar<Mode::Q4>(tile, kb, q, k, m0, mr, out);
-              else if (mode == Mode::Q8) q8_tile_scalar(tile, kb, q, k, m0, mr, out);
+              else if (mode == Mode::Q8) q8_tile_scalar<Mode::Q8>(tile, kb, q, k, m0, mr, out);
+              else if (mode == Mode::IQ4) q8_tile_scalar<Mode::IQ4>(tile, kb, q, k, m0, mr, out);
               else if (mode == Mode::Q6) q6_tile_scalar(tile, kb, q, k, m0, mr, out);
               else q4_tile_scalar<Mode::Q5>(tile, kb, q, k, m0, mr, out);
             }
@@ -1495,13 +1604,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("isa", &isa, "the SIMD path this build uses: avx2+vnni, avx2 or scalar");
   m.def("packed_bytes", [](const std::string& mode, int64_t n, int64_t k) {
-    TORCH_CHECK(mode == "q4" || mode == "q5" || mode == "q6" || mode == "q8", "mode: q4, q5, q6 or q8");
-    return packed_bytes(mode == "q4" ? Mode::Q4 : mode == "q5" ? Mode::Q5 : mode == "q6" ? Mode::Q6 : Mode::Q8, n, k);
+    TORCH_CHECK(mode == "q4" || mode == "q5" || mode == "q6" || mode == "q8" || mode == "iq4",
+                "mode: q4, q5, q6, q8 or iq4");
+    return packed_bytes(mode == "q4"   ? Mode::Q4
+                        : mode == "q5" ? Mode::Q5
+                        : mode == "q6" ? Mode::Q6
+                        : mode == "q8" ? Mode::Q8
+                                       : Mode::IQ4,
+                        n, k);
   });
   m.def("q4_pack", &pack_min_max<Mode::Q4>, nogil, "float (N, K) -> packed Q4 (uint8)");
   m.def("q4_unpack", &unpack_min_max<Mode::Q4>, nogil, "packed Q4 -> codes (N, K) uint8, d (N, K/32), m (N, K/32)");
   m.def("q8_pack", &q8_pack, nogil, "float (N, K) -> packed Q8 (uint8)");
   m.def("q8_unpack", &q8_unpack, nogil, "packed Q8 -> codes (N, K) int8, d (N, K/32)");
+  m.def("iq4_pack", &iq4_pack, nogil, "float (N, K) -> packed IQ4 (uint8)");
+  m.def("iq4_unpack", &iq4_unpack, nogil, "packed IQ4 -> table values (N, K) int8, d (N, K/32)");
   m.def("q5_pack", &pack_min_max<Mode::Q5>, nogil, "float (N, K) -> packed Q5 (uint8)");
   m.def("q5_unpack", &unpack_min_max<Mode::Q5>, nogil, "packed Q5 -> codes (N, K) uint8 0..31, d (N, K/32), m (N, K/32)");
   m.def("q6_pack", &q6_pack, nogil, "float (N, K) -> packed Q6 (uint8)");
@@ -1509,8 +1626,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_pack_codes", &q4_pack_codes, nogil, "codes (N, K) uint8 0..15, d, m (N, K/32) float16 -> packed Q4");
   m.def("q8_pack_codes", &q8_pack_codes, nogil, "codes (N, K) int8, d (N, K/32) float16 -> packed Q8");
   m.def("pack_gguf", &pack_gguf, nogil,
-        "GGUF tensors' bytes, stacked along N -> packed Q4, Q5, Q6 or Q8 (bits 4, 5, 6, 8)",
-        py::arg("bits"), py::arg("raws"), py::arg("types"), py::arg("orders"), py::arg("k"));
+        "GGUF tensors' bytes, stacked along N -> packed in form q4, q5, q6, q8 or iq4",
+        py::arg("form"), py::arg("raws"), py::arg("types"), py::arg("orders"), py::arg("k"));
   m.def("gguf_rows", &gguf_rows, nogil, "rows `ids` of a GGUF tensor's bytes -> float32 (len(ids), K)",
         py::arg("raw"), py::arg("type"), py::arg("ids"), py::arg("k"));
   m.def("quantize_act", &quantize_act, nogil, "x (M, K) -> int8 codes, scales, scale*sum per block of 32",
@@ -1523,4 +1640,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
   m.def("q6_linear", &linear_of<Mode::Q6>, nogil, "x (M, K) @ Q6 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+  m.def("iq4_linear", &linear_of<Mode::IQ4>, nogil, "x (M, K) @ IQ4 weights^T (+ bias)", py::arg("x"),
+        py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
 }

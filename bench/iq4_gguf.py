@@ -1,0 +1,147 @@
+"""Rewrite a GGUF file with its layer weights in IQ4_XS (or IQ4_NL): real weights in the
+non-linear 4-bit types, for `make bench --model FILE` and the tests, since nothing can be
+downloaded here.
+
+    python bench/iq4_gguf.py SRC.gguf DST.gguf            # IQ4_XS, as llama.cpp's IQ4_XS recipe
+    python bench/iq4_gguf.py SRC.gguf DST.gguf --type IQ4_NL
+
+Every 2-D `blk.*` weight is dequantized (textmill's loader) and quantized again; the token
+embedding, the head and every other tensor keep their bytes, and all metadata is copied.
+IQ4_XS needs rows of a whole number of 256-value super-blocks: a tensor whose rows are not
+(SmolLM2's K = 576) takes IQ4_NL instead, as llama.cpp's quantizer does.
+
+The quantizer is simple, not llama.cpp's search: per group of 32, the scale maps the value
+of largest magnitude onto the table's end of the same sign, and each value takes its
+nearest table entry; IQ4_XS then rounds the eight group scales of a super-block to 6-bit
+multiples of one half. What the tests and the bench need is a valid file of real weights in
+these types, not the best such file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as T, GGUFReader, GGUFValueType, GGUFWriter
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from textmill.loader.dequant import IQ4_VALUES, dequantize  # noqa: E402
+
+_VALUES = IQ4_VALUES.astype(np.float32)
+_MIDPOINTS = (_VALUES[1:] + _VALUES[:-1]) / 2
+
+
+def _nearest(x: np.ndarray) -> np.ndarray:
+    """Table index nearest to each value (x already divided by its scale)."""
+    return np.searchsorted(_MIDPOINTS, x).astype(np.uint8)
+
+
+def _nibbles(idx: np.ndarray) -> np.ndarray:
+    """(..., 32) indices -> (..., 16) bytes: value j low nibble, value j + 16 high nibble."""
+    return (idx[..., :16] | (idx[..., 16:] << 4)).astype(np.uint8)
+
+
+def _group_scales(w: np.ndarray) -> np.ndarray:
+    """(..., 32) -> (...,) scales mapping each group's largest magnitude onto -127 or 113."""
+    i = np.abs(w).argmax(-1)
+    peak = np.take_along_axis(w, i[..., None], -1)[..., 0]
+    return np.where(peak < 0, peak / -127.0, peak / 113.0).astype(np.float32)
+
+
+def quantize_iq4_nl(w: np.ndarray) -> np.ndarray:
+    """(N, K) float32, K % 32 == 0 -> (N, K / 32 * 18) uint8 blocks."""
+    g = w.reshape(-1, 32)
+    d = _group_scales(g).astype(np.float16)
+    inv = np.where(d != 0, 1.0 / d.astype(np.float32), 0.0)
+    idx = _nearest(g * inv[:, None])
+    blocks = np.concatenate([d[:, None].view(np.uint8), _nibbles(idx)], axis=1)
+    return blocks.reshape(w.shape[0], -1)
+
+
+def quantize_iq4_xs(w: np.ndarray) -> np.ndarray:
+    """(N, K) float32, K % 256 == 0 -> (N, K / 256 * 136) uint8 blocks."""
+    g = w.reshape(-1, 8, 32)
+    s = _group_scales(g)  # (nb, 8)
+    big = np.abs(s).max(-1)
+    d = (big / 31.0).astype(np.float16)  # ls - 32 in -32..31
+    df = d.astype(np.float32)
+    inv_d = np.where(df > 0, 1.0 / df, 0.0)
+    ls = np.clip(np.rint(s * inv_d[:, None]), -32, 31).astype(np.int32) + 32  # (nb, 8), 6 bits
+    dl = df[:, None] * (ls - 32).astype(np.float32)
+    inv = np.where(dl != 0, 1.0 / dl, 0.0)
+    idx = _nearest(g * inv[..., None])  # (nb, 8, 32)
+    scales_h = np.zeros(len(g), dtype=np.uint16)
+    for j in range(8):
+        scales_h |= ((ls[:, j] >> 4) & 3).astype(np.uint16) << (2 * j)
+    low = (ls & 0x0F).astype(np.uint8)
+    scales_l = low[:, 0::2] | (low[:, 1::2] << 4)  # byte i: sub-blocks 2i (low) and 2i + 1 (high)
+    blocks = np.concatenate([d[:, None].view(np.uint8), scales_h[:, None].view(np.uint8), scales_l,
+                             _nibbles(idx).reshape(len(g), -1)], axis=1)
+    return blocks.reshape(w.shape[0], -1)
+
+
+def write_iq4(src: Path, dst: Path, qtype: T = T.IQ4_XS) -> dict[str, int]:
+    """Write dst; returns how many tensors took each type."""
+    if qtype not in (T.IQ4_XS, T.IQ4_NL):
+        raise ValueError(f"--type must be IQ4_XS or IQ4_NL, not {qtype.name}")
+    reader = GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + f".{os.getpid()}.tmp")
+    w = GGUFWriter(tmp, arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue  # the writer writes these itself
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        value = field.contents()
+        if name == "general.file_type":
+            value = 30 if qtype == T.IQ4_XS else 25  # LLAMA_FTYPE_MOSTLY_IQ4_XS / IQ4_NL
+        w.add_key_value(name, value, vtype, sub_type=sub)
+    counts: dict[str, int] = {}
+    planned = []
+    for t in reader.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape))  # torch order: (rows, K)
+        out_type = t.tensor_type
+        if t.name.startswith("blk.") and len(shape) == 2 and t.name.endswith(".weight"):
+            out_type = qtype if shape[1] % (256 if qtype == T.IQ4_XS else 32) == 0 else T.IQ4_NL
+        planned.append((t, shape, out_type))
+        counts[out_type.name] = counts.get(out_type.name, 0) + 1
+        if out_type == t.tensor_type:
+            w.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
+        else:
+            row_bytes = shape[1] // (256 if out_type == T.IQ4_XS else 32) * (136 if out_type == T.IQ4_XS else 18)
+            w.add_tensor_info(t.name, (shape[0], row_bytes), np.dtype(np.uint8), shape[0] * row_bytes,
+                              raw_dtype=out_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for t, shape, out_type in planned:  # one tensor in memory at a time
+        if out_type == t.tensor_type:
+            w.write_tensor_data(t.data)
+            continue
+        values = dequantize(t.data, t.tensor_type).reshape(shape)
+        quantize = quantize_iq4_xs if out_type == T.IQ4_XS else quantize_iq4_nl
+        w.write_tensor_data(quantize(values))
+    w.close()
+    tmp.replace(dst)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument("--type", default="IQ4_XS", choices=("IQ4_XS", "IQ4_NL"))
+    args = p.parse_args(argv)
+    counts = write_iq4(args.src, args.dst, T[args.type])
+    print(f"wrote {args.dst}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
