@@ -43,8 +43,9 @@
 //            d of the last 16] (fp16). 7 bits a weight, where Q8 takes 8.5.
 //   IQ4 block: the indices as a Q4 block's [4][64 bytes]; scales [16] (fp16), as Q8's.
 //            The kernels turn the nibbles into the table's int8 values with one byte
-//            shuffle (vpshufb, a 16-entry lookup) and go on as Q8, so an IQ4 layer gives
-//            the bits of a Q8 layer of the same values, from 4.5 bits a weight, not 8.5.
+//            shuffle (vpshufb, a 16-entry lookup), and an IQ4 layer gives the bits of a Q8
+//            layer of the same values (the same integer sums, the same float steps), from
+//            4.5 bits a weight, not 8.5.
 //   A tile's blocks go in pairs: both blocks' codes, then both blocks' scales (codes_at).
 // Activations, per row and block of 32: int8 codes a, scale e = max|x|/127, and (for Q4's
 // min term) s = e * sum(a):  sum_i (d q_i + m)(e a_i) = (d e) sum(q_i a_i) + m s.
@@ -140,8 +141,7 @@ constexpr int64_t code_bytes(Mode m) {
 constexpr int64_t scale_bytes(Mode m) {  // Q5 has Q4's d and m, IQ4 Q8's d
   return 2 * (m == Mode::Q8 || m == Mode::IQ4 ? Q8_SCALE_HALVES : m == Mode::Q6 ? Q6_SCALE_HALVES : Q4_SCALE_HALVES);
 }
-// Q8 and IQ4 multiply signed weights by signed activations (the others' codes are u8).
-constexpr bool signed_weights(Mode m) { return m == Mode::Q8 || m == Mode::IQ4; }
+
 
 int64_t tile_bytes(Mode mode, int64_t kb) { return kb * (code_bytes(mode) + scale_bytes(mode)); }
 constexpr bool has_min(Mode m) { return m == Mode::Q4 || m == Mode::Q5; }  // w = d*q + m
@@ -1179,7 +1179,6 @@ struct Q8Block {
   __m512i w[8];
   __m512i shift_sum;  // 128 * sum(w) per output row
   __m512 d;
-  Q8Block() = default;  // for IQ4Block, which fills these itself
   // Pin: keep w in registers (block-major: 2-32 rows use each); with the row groups' 1-4
   // rows, letting GCC fold the loads measured 7-15% faster at 64 rows.
   template <bool Pin>
@@ -1220,24 +1219,55 @@ struct Q8Block {
   }
 };
 
-// IQ4: Q8's math on the table values of the block's 4-bit indices, looked up 64 at a time
-// by one byte shuffle of the table (replicated in each 128-bit lane).
-struct IQ4Block : Q8Block {
+// IQ4: the table values of the block's 4-bit indices, looked up 64 at a time by one byte
+// shuffle of the table (replicated in each 128-bit lane). Looked up shifted by 128, as u8
+// (1..241), so that they multiply the signed activations as Q4's codes do, each sum started
+// from its half's -128 * sum(a) (4 * Q6's offset) instead of Q8's per-block dpbusds for
+// 128 * sum(w) and its flipped activations: the same integer sums, so Q8's bits.
+struct IQ4Block {
+  __m512i u[8];  // the table values + 128 of k-groups 0..7
+  __m512 d;
   template <bool Pin>
   IQ4Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
     d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales_of(tile, Mode::IQ4, kb, b))));
     const uint8_t* c = tile + codes_at(Mode::IQ4, b);
-    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gguf::kIQ4Values)));
-    const __m512i low4 = _mm512_set1_epi8(0x0F), offset = _mm512_set1_epi8(static_cast<char>(0x80));
+    alignas(16) uint8_t shifted[16];
+    for (int i = 0; i < 16; ++i) shifted[i] = static_cast<uint8_t>(gguf::kIQ4Values[i] + 128);
+    const __m512i table = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(shifted)));
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
     for (int p = 0; p < 4; ++p) {
       const __m512i x = _mm512_loadu_si512(c + 64 * p);
-      w[p] = _mm512_shuffle_epi8(table, _mm512_and_si512(x, low4));
-      w[p + 4] = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(x, 4), low4));
-      if constexpr (Pin) pin(w[p]), pin(w[p + 4]);
+      u[p] = _mm512_shuffle_epi8(table, _mm512_and_si512(x, low4));
+      u[p + 4] = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(x, 4), low4));
+      if constexpr (Pin) pin(u[p]), pin(u[p + 4]);
     }
-    __m512i shift[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
-    for (int g = 0; g < 8; ++g) shift[g & 1] = _mm512_dpbusd_epi32(shift[g & 1], offset, w[g]);
-    shift_sum = _mm512_add_epi32(shift[0], shift[1]);
+  }
+  // ar: the row's 32 int8 codes of this block; e: its block scale; off: Q6's two offsets.
+  __m512 row(const int8_t* ar, float e, float, const int32_t* off, __m512 acc) const {
+    __m512i s0 = _mm512_set1_epi32(4 * off[0]), s1 = _mm512_set1_epi32(4 * off[1]);
+    for (int g = 0; g < 4; ++g) {
+      s0 = _mm512_dpbusd_epi32(s0, u[g], bcast512(ar + 4 * g));
+      s1 = _mm512_dpbusd_epi32(s1, u[4 + g], bcast512(ar + 16 + 4 * g));
+    }
+    return finish(s0, s1, e, acc);
+  }
+  static void row2(const IQ4Block& x, const IQ4Block& y, const int8_t* ar, float e, float, const int32_t* off,
+                   __m512& acc_x, __m512& acc_y) {
+    const __m512i o0 = _mm512_set1_epi32(4 * off[0]), o1 = _mm512_set1_epi32(4 * off[1]);
+    __m512i x0 = o0, x1 = o1, y0 = o0, y1 = o1;
+    for (int g = 0; g < 4; ++g) {
+      const __m512i lo = bcast512(ar + 4 * g), hi = bcast512(ar + 16 + 4 * g);
+      x0 = _mm512_dpbusd_epi32(x0, x.u[g], lo);
+      x1 = _mm512_dpbusd_epi32(x1, x.u[4 + g], hi);
+      y0 = _mm512_dpbusd_epi32(y0, y.u[g], lo);
+      y1 = _mm512_dpbusd_epi32(y1, y.u[4 + g], hi);
+    }
+    acc_x = x.finish(x0, x1, e, acc_x);
+    acc_y = y.finish(y0, y1, e, acc_y);
+  }
+  __m512 finish(__m512i s0, __m512i s1, float e, __m512 acc) const {  // Q8Block::finish's steps
+    const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+    return _mm512_fmadd_ps(isum, _mm512_mul_ps(d, _mm512_set1_ps(e)), acc);
   }
 };
 
@@ -1448,8 +1478,8 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
 #endif
   quantize_rows(x.data_ptr<float>(), m, k, q, simd);
 #ifdef TM_VNNI512
-  // Q8Block (and IQ4Block) take the activations as u8, a + 128 (see there): flip each sign bit.
-  if (simd && signed_weights(mode)) {
+  // Q8Block takes the activations as u8, a + 128 (see there): flip each sign bit.
+  if (simd && mode == Mode::Q8) {
     uint8_t* a = reinterpret_cast<uint8_t*>(q.a);
     for (int64_t i = 0; i < m * k; ++i) a[i] ^= 0x80;
   }
