@@ -31,10 +31,10 @@ scales do not fit a half (and of such a part fused with an 8-bit one).
 
 Q4_K's sub-block scale d * sc (a half times a 6-bit integer) is rounded to a half: a
 relative error below 2^-11 on the scale, against the 2^-4 of the 4-bit codes themselves.
-IQ4_NL and IQ4_XS index a table of 16 int8 values (non-linear steps): they take the 8-bit
-form with the table's values as codes, twice the file's bytes a weight but no rounding of
-the weights themselves (a 4-bit form with a table lookup in the kernel would keep the
-file's size; not built). The "others" (Q2_K, Q3_K, and float tensors) keep at least their own
+IQ4_NL and IQ4_XS index a table of 16 int8 values (non-linear steps). Here they take the
+8-bit form with the table's values as codes; the C++ converter packs them in the kernels'
+IQ4 form instead (the file's 4-bit indices, looked up in the kernel: 4.5 bits a weight, not
+8.5), which computes the same sums. The "others" (Q2_K, Q3_K, and float tensors) keep at least their own
 precision: 8-bit codes on a scale of max|w|/127 round to a quarter or less of a 6-bit
 type's own step. docs/architecture.md says why these are repacked rather than run on
 their own blocks.
