@@ -18,6 +18,7 @@ F16_FIELDS = {
     T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2),
     T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
     T.IQ4_NL: (0,), T.IQ4_XS: (0,),
+    T.IQ2_XXS: (0,), T.IQ2_XS: (0,), T.IQ2_S: (0,), T.IQ3_XXS: (0,), T.IQ3_S: (0,), T.IQ1_S: (0,),
 }  # fmt: skip
 NUM_BLOCKS = 64
 
@@ -76,8 +77,8 @@ def test_every_supported_type_is_tested() -> None:
 
 
 def test_unsupported_type_names_the_supported_ones() -> None:
-    with pytest.raises(ValueError, match="IQ2_XXS is not supported.*Q4_K"):
-        dequantize(np.zeros(66, dtype=np.uint8), T.IQ2_XXS)
+    with pytest.raises(ValueError, match="IQ1_M is not supported.*Q4_K"):
+        dequantize(np.zeros(56, dtype=np.uint8), T.IQ1_M)
 
 
 def test_partial_block_is_rejected() -> None:

@@ -21,13 +21,14 @@ from textmill.runner.qlinear import QLinear, SideBySide
 from textmill.sampling_params import SamplingParams
 from tests.unit.test_dequant import F16_FIELDS
 
-C, FFN, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 512, 3, 4, 2, 320
+C, FFN, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 512, 4, 4, 2, 320
 D = C // HEADS
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # One type per linear, across the layers: every type of DESIGN.md's list appears.
 TYPES = [T.Q4_K, T.Q4_K, T.Q6_K, T.Q4_0, T.Q5_K, T.Q5_K, T.Q6_K,  # layer 0: a Q4_K_M-like layer
          T.Q4_1, T.Q5_0, T.Q8_0, T.Q5_1, T.Q2_K, T.Q3_K, T.F16,  # layer 1: the rest
-         T.IQ4_XS, T.IQ4_XS, T.IQ4_NL, T.IQ4_XS, T.IQ4_XS, T.IQ4_XS, T.IQ4_NL]  # layer 2: an IQ4_XS file's
+         T.IQ4_XS, T.IQ4_XS, T.IQ4_NL, T.IQ4_XS, T.IQ4_XS, T.IQ4_XS, T.IQ4_NL,  # layer 2: an IQ4_XS file's
+         T.IQ3_S, T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS, T.IQ1_S, T.IQ3_S]  # layer 3: gguf-py's dequantizers
 
 
 def _shape(name: str) -> tuple[int, int]:  # (out, in), torch order
@@ -103,7 +104,7 @@ def test_every_block_type_runs_from_its_own_blocks_and_tracks_the_float_referenc
     assert {c.source for c in loaded.codes.values()} >= {t.name for t in TYPES} - {"F16"}
     runner = ModelRunner(loaded.model, loaded.config, CacheConfig(16, 8), file_weights=loaded)
     assert isinstance(runner.forward, KernelForward)
-    layer0, layer1, layer2 = loaded.model.layers
+    layer0, layer1, layer2, layer3 = loaded.model.layers
     assert isinstance(layer0.self_attn.qkv_proj, SideBySide)  # Q4_K q/k (one matmul) beside a Q6_K v
     assert [p.mode for p in layer0.self_attn.qkv_proj.parts] == ["q4", "q6"]
     assert layer0.self_attn.qkv_proj.parts[0].out_features == C + KV_HEADS * D
@@ -114,6 +115,7 @@ def test_every_block_type_runs_from_its_own_blocks_and_tracks_the_float_referenc
     assert layer1.self_attn.o_proj.mode == "q5"  # Q5_1
     # IQ4_XS beside IQ4_NL: one matmul on the file's 4-bit indices
     assert layer2.self_attn.qkv_proj.mode == "iq4" and layer2.mlp.down_proj.mode == "iq4"
+    assert layer3.self_attn.qkv_proj.mode == "q8" and layer3.mlp.gate_up_proj.mode == "q8"  # 8-bit codes
     got = _prompt_logprobs(runner, tokens)
     assert torch.isfinite(got).all()
     # Random weights: logprobs spread over several nats; the kernels move them by far less.

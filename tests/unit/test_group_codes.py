@@ -63,7 +63,8 @@ def test_iq4_xs_keeps_its_codes_and_rounds_only_its_sub_block_scales_to_half():
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
-@pytest.mark.parametrize("qtype", [T.Q6_K, T.Q5_K, T.Q5_1, T.Q3_K, T.Q2_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q6_K, T.Q5_K, T.Q5_1, T.Q3_K, T.Q2_K, T.IQ3_S, T.IQ3_XXS, T.IQ2_S, T.IQ2_XS,
+                                   T.IQ2_XXS, T.IQ1_S], ids=lambda t: t.name)
 def test_other_types_round_to_eight_bits_within_a_fraction_of_their_step(qtype):
     raw = blocks_for(qtype)
     codes = from_gguf(raw, qtype, (N, K))

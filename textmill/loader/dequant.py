@@ -221,6 +221,21 @@ def _iq4_xs(blocks: np.ndarray) -> np.ndarray:
 _Kernel = Callable[[np.ndarray], np.ndarray]
 
 
+def _gguf_reference(qtype: GGMLQuantizationType) -> _Kernel:
+    """gguf-py's own numpy dequantizer, for the 1- to 3-bit IQ types: their blocks index
+    lattice grids (hundreds of codebook entries each) that would be copied here for no gain.
+    A file of them loads more slowly (numpy, then an 8-bit requantize) and runs as 8-bit
+    codes; the kernels' own forms cover the types most files are made of."""
+    from gguf import quants
+
+    return lambda blocks: quants.dequantize(blocks, qtype).astype(np.float32, copy=False).reshape(len(blocks), -1)
+
+
+# The types read through gguf-py's reference (see _gguf_reference).
+REFERENCE_TYPES = tuple(GGMLQuantizationType[name] for name in (
+    "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S"))
+
+
 def _kernels() -> dict[GGMLQuantizationType, _Kernel]:
     T = GGMLQuantizationType
     return {
@@ -228,6 +243,7 @@ def _kernels() -> dict[GGMLQuantizationType, _Kernel]:
         T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1,
         T.Q2_K: _q2_k, T.Q3_K: _q3_k, T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k,
         T.IQ4_NL: _iq4_nl, T.IQ4_XS: _iq4_xs,
+        **{t: _gguf_reference(t) for t in REFERENCE_TYPES},
     }  # fmt: skip
 
 
