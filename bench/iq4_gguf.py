@@ -35,6 +35,11 @@ _VALUES = IQ4_VALUES.astype(np.float32)
 _MIDPOINTS = (_VALUES[1:] + _VALUES[:-1]) / 2
 
 
+def _inverse(x: np.ndarray) -> np.ndarray:
+    """1 / x, and 0 where x is 0 (an all-zero group), without dividing by zero."""
+    return np.divide(1.0, x, out=np.zeros_like(x, dtype=np.float32), where=x != 0)
+
+
 def _nearest(x: np.ndarray) -> np.ndarray:
     """Table index nearest to each value (x already divided by its scale)."""
     return np.searchsorted(_MIDPOINTS, x).astype(np.uint8)
@@ -56,7 +61,7 @@ def quantize_iq4_nl(w: np.ndarray) -> np.ndarray:
     """(N, K) float32, K % 32 == 0 -> (N, K / 32 * 18) uint8 blocks."""
     g = w.reshape(-1, 32)
     d = _group_scales(g).astype(np.float16)
-    inv = np.where(d != 0, 1.0 / d.astype(np.float32), 0.0)
+    inv = _inverse(d.astype(np.float32))
     idx = _nearest(g * inv[:, None])
     blocks = np.concatenate([d[:, None].view(np.uint8), _nibbles(idx)], axis=1)
     return blocks.reshape(w.shape[0], -1)
@@ -69,10 +74,10 @@ def quantize_iq4_xs(w: np.ndarray) -> np.ndarray:
     big = np.abs(s).max(-1)
     d = (big / 31.0).astype(np.float16)  # ls - 32 in -32..31
     df = d.astype(np.float32)
-    inv_d = np.where(df > 0, 1.0 / df, 0.0)
+    inv_d = _inverse(df)
     ls = np.clip(np.rint(s * inv_d[:, None]), -32, 31).astype(np.int32) + 32  # (nb, 8), 6 bits
     dl = df[:, None] * (ls - 32).astype(np.float32)
-    inv = np.where(dl != 0, 1.0 / dl, 0.0)
+    inv = _inverse(dl)
     idx = _nearest(g * inv[..., None])  # (nb, 8, 32)
     scales_h = np.zeros(len(g), dtype=np.uint16)
     for j in range(8):

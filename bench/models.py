@@ -74,7 +74,7 @@ def resolve(key: str) -> Path:
         return synthetic_path(SYNTHETIC_QWEN3 if key == "synthetic-qwen3" else SYNTHETIC_1B)
     path = Path(key).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"no such model file: {path} (or name one of {', '.join(MATRIX)})")
+        raise FileNotFoundError(f"no such model file: {path} (or name one of {', '.join(MATRIX)}, smollm2-iq4xs)")
     return path
 
 
@@ -87,7 +87,9 @@ def _iq4_of_bundled() -> Path:
     from textmill.loader.bundled import bundled_model_path
 
     src = bundled_model_path()
-    key = hashlib.sha256(Path(__file__).with_name("iq4_gguf.py").read_bytes() + str(src.stat().st_size).encode())
+    here = Path(__file__).resolve().parent
+    key = hashlib.sha256((here / "iq4_gguf.py").read_bytes() + (here.parent / "textmill/loader/dequant.py").read_bytes()
+                         + str(src.stat().st_size).encode())
     path = cache_dir() / f"smollm2-iq4xs-{key.hexdigest()[:10]}.gguf"
     if not path.exists():
         write_iq4(src, path)
@@ -139,4 +141,4 @@ def _prod(shape: tuple[int, ...]) -> int:
 
 def load(key: str) -> BenchModel:
     path = resolve(key)
-    return BenchModel(key=key if key in MATRIX else path.stem, path=path, info=read_info(path))
+    return BenchModel(key=key if key in (*MATRIX, "smollm2-iq4xs") else path.stem, path=path, info=read_info(path))

@@ -34,6 +34,8 @@ def random_blocks(qtype: T, rng: np.random.Generator) -> np.ndarray:
 
 @pytest.mark.parametrize("qtype", sorted(F16_FIELDS, key=lambda t: t.name), ids=lambda t: t.name)
 def test_random_blocks_match_reference(qtype: T) -> None:
+    # (For REFERENCE_TYPES, which are gguf-py's own dequantizers, this checks only the
+    # wiring: the values' shape, dtype and order per block.)
     rng = np.random.default_rng(int(qtype))
     block_size, _ = GGML_QUANT_SIZES[qtype]
     blocks = random_blocks(qtype, rng)

@@ -28,7 +28,7 @@ LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "f
 TYPES = [T.Q4_K, T.Q4_K, T.Q6_K, T.Q4_0, T.Q5_K, T.Q5_K, T.Q6_K,  # layer 0: a Q4_K_M-like layer
          T.Q4_1, T.Q5_0, T.Q8_0, T.Q5_1, T.Q2_K, T.Q3_K, T.F16,  # layer 1: the rest
          T.IQ4_XS, T.IQ4_XS, T.IQ4_NL, T.IQ4_XS, T.IQ4_XS, T.IQ4_XS, T.IQ4_NL,  # layer 2: an IQ4_XS file's
-         T.IQ3_S, T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS, T.IQ1_S, T.IQ3_S]  # layer 3: gguf-py's dequantizers
+         T.IQ4_XS, T.IQ4_NL, T.IQ3_S, T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS]  # layer 3: gguf-py's dequantizers
 
 
 def _shape(name: str) -> tuple[int, int]:  # (out, in), torch order
@@ -115,7 +115,9 @@ def test_every_block_type_runs_from_its_own_blocks_and_tracks_the_float_referenc
     assert layer1.self_attn.o_proj.mode == "q5"  # Q5_1
     # IQ4_XS beside IQ4_NL: one matmul on the file's 4-bit indices
     assert layer2.self_attn.qkv_proj.mode == "iq4" and layer2.mlp.down_proj.mode == "iq4"
-    assert layer3.self_attn.qkv_proj.mode == "q8" and layer3.mlp.gate_up_proj.mode == "q8"  # 8-bit codes
+    # IQ4_XS q and IQ4_NL k as one iq4 matmul beside the IQ3_S v's 8-bit codes
+    assert [p.mode for p in layer3.self_attn.qkv_proj.parts] == ["iq4", "q8"]
+    assert layer3.mlp.gate_up_proj.mode == "q8" and layer3.mlp.down_proj.mode == "q8"
     got = _prompt_logprobs(runner, tokens)
     assert torch.isfinite(got).all()
     # Random weights: logprobs spread over several nats; the kernels move them by far less.

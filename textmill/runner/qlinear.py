@@ -34,7 +34,7 @@ from torch import nn
 from textmill.kernels import load
 from textmill.loader.group_codes import CodesRef, GroupCodes
 
-MODES = ("q4", "q5", "q6", "q8", "iq4")  # CodesRef.form names a file tensor's
+MODES = ("q4", "q5", "q6", "q8", "iq4")  # CodesRef.form names a file tensor's form among these
 GROUP = 32
 # Scales and the Q4 min are halves: weights beyond this magnitude would overflow them.
 _HALF_MAX = 65504.0
@@ -66,7 +66,7 @@ def supports(linear: nn.Module, mode: str) -> bool:
 
 
 class QLinear(nn.Module):
-    """y = x @ W.T + b with W packed as Q4 or Q8; x (..., K) float32 (or bf16/f16, computed in
+    """y = x @ W.T + b with W packed in one of MODES; x (..., K) float32 (or bf16/f16, computed in
     float32) -> (..., N) in x's dtype."""
 
     def __init__(self, packed: torch.Tensor, in_features: int, out_features: int,

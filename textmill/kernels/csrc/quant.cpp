@@ -142,7 +142,6 @@ constexpr int64_t scale_bytes(Mode m) {  // Q5 has Q4's d and m, IQ4 Q8's d
   return 2 * (m == Mode::Q8 || m == Mode::IQ4 ? Q8_SCALE_HALVES : m == Mode::Q6 ? Q6_SCALE_HALVES : Q4_SCALE_HALVES);
 }
 
-
 int64_t tile_bytes(Mode mode, int64_t kb) { return kb * (code_bytes(mode) + scale_bytes(mode)); }
 constexpr bool has_min(Mode m) { return m == Mode::Q4 || m == Mode::Q5; }  // w = d*q + m
 
@@ -205,9 +204,9 @@ inline int q6_code(const uint8_t* block_codes, int64_t r, int64_t j) {
 }
 
 // Where a tile-block lives inside its tile. The blocks go in pairs, each pair's codes (2 x
-// 256, 320, 384 or 512 bytes for Q4, Q5, Q6, Q8) followed by the pair's scales (2 x 64, or
-// 32 for Q8): a pass over a tile
-// is then one sequential stream of whole cache lines (a pair is 640, 768, 896 or 1088 bytes). The
+// 256, 320, 384, 512 or 256 bytes for Q4, Q5, Q6, Q8, IQ4) followed by the pair's scales
+// (2 x 64, or 32 for Q8 and IQ4): a pass over a tile is then one sequential stream of
+// whole cache lines (a pair is 640, 768, 896, 1088 or 576 bytes). The
 // layout before put every block's scales after all the codes, two streams, which Zen 4's
 // hardware prefetcher served at half the rate of one (one thread, weights from memory:
 // 9.4-11.8 against 18-20 GB/s for Gemma 3's K = 640), and software prefetch did not help.
@@ -609,7 +608,7 @@ struct QAct {
   int8_t* a;     // (M, K)
   float* e;      // (M, KB)
   float* s;      // (M, KB)
-  int32_t* off;  // (M, KB, 2): Q6's offset per half (see the top of this file)
+  int32_t* off;  // (M, KB, 2): -32 x the sum of each half (Q6's offset; IQ4 takes 4x it)
 };
 
 void quantize_block_scalar(const float* x, int8_t* a, float* e, float* s, int32_t* off) {
@@ -954,7 +953,7 @@ inline void prefetch_l2(const void* p, int lines) {
 }
 template <Mode M>
 inline void prefetch_ahead(const uint8_t* tile, int64_t b) {
-  constexpr int64_t share = pair_bytes(M) / 2;  // 320 (Q4), 384 (Q5), 448 (Q6) or 544 (Q8) bytes
+  constexpr int64_t share = pair_bytes(M) / 2;  // 320 (Q4), 384 (Q5), 448 (Q6), 544 (Q8) or 288 (IQ4) bytes
   constexpr int lines = static_cast<int>((share + 63) / 64);
   const uint8_t* at = tile + b * share;
   prefetch_l2(at + PREFETCH_FAR_BYTES, lines);
@@ -1333,7 +1332,7 @@ using BlockOf = std::conditional_t<
                        std::conditional_t<M == Mode::Q6, Q6Block, std::conditional_t<M == Mode::Q5, Q5Block, IQ4Block>>>>;
 
 // A whole tile against MR activation rows (the row-group order: one pass over the tile
-// per group of rows). s is used by Q4 and Q5 only, off by Q6 only.
+// per group of rows). s is used by Q4 and Q5 only, off by Q6 and IQ4 only.
 template <Mode M, int MR>
 void tile_avx512(const uint8_t* tile, int64_t kb, const ActRows& act, const float* e, const float* s,
                  const int32_t* off, float (*out)[NR]) {
