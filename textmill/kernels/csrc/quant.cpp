@@ -360,40 +360,24 @@ torch::Tensor iq4_pack(const torch::Tensor& weight) {
   });
 }
 
-// -> codes (N, K) int8, d (N, K/32) float32
-std::vector<torch::Tensor> q8_unpack(const torch::Tensor& packed, int64_t n, int64_t k) {
-  check_packed(Mode::Q8, packed, n, k);
+// Q8 -> codes (N, K) int8, d (N, K/32) float32; IQ4 (M) -> its table values and d: what a
+// Q8 layer of the same weights holds.
+template <Mode M>
+std::vector<torch::Tensor> unpack_signed(const torch::Tensor& packed, int64_t n, int64_t k) {
+  check_packed(M, packed, n, k);
   const int64_t kb = k / QK;
   auto codes = torch::empty({n, k}, torch::kInt8);
   auto d = torch::empty({n, kb}, torch::kFloat);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   for (int64_t row = 0; row < n; ++row) {
     const int64_t t = row / NR, r = row % NR;
-    const uint8_t* tile = pp + t * tile_bytes(Mode::Q8, kb);
+    const uint8_t* tile = pp + t * tile_bytes(M, kb);
     for (int64_t b = 0; b < kb; ++b) {
-      const int8_t* src = reinterpret_cast<const int8_t*>(tile + codes_at(Mode::Q8, b));
+      const uint8_t* src = tile + codes_at(M, b);
       int8_t* c = codes.data_ptr<int8_t>() + row * k + b * QK;
-      for (int64_t j = 0; j < QK; ++j) c[j] = src[q8_byte(r, j)];
-      d.data_ptr<float>()[row * kb + b] = half_to_float(scales_of(tile, Mode::Q8, kb, b)[r]);
-    }
-  }
-  return {codes, d};
-}
-
-// IQ4 -> its table values (N, K) int8 and d (N, K/32): what a Q8 layer of the same weights holds.
-std::vector<torch::Tensor> iq4_unpack(const torch::Tensor& packed, int64_t n, int64_t k) {
-  check_packed(Mode::IQ4, packed, n, k);
-  const int64_t kb = k / QK;
-  auto codes = torch::empty({n, k}, torch::kInt8);
-  auto d = torch::empty({n, kb}, torch::kFloat);
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
-  for (int64_t row = 0; row < n; ++row) {
-    const int64_t t = row / NR, r = row % NR;
-    const uint8_t* tile = pp + t * tile_bytes(Mode::IQ4, kb);
-    for (int64_t b = 0; b < kb; ++b) {
-      int8_t* c = codes.data_ptr<int8_t>() + row * k + b * QK;
-      for (int64_t j = 0; j < QK; ++j) c[j] = gguf::kIQ4Values[q4_code(tile + codes_at(Mode::IQ4, b), r, j)];
-      d.data_ptr<float>()[row * kb + b] = half_to_float(scales_of(tile, Mode::IQ4, kb, b)[r]);
+      for (int64_t j = 0; j < QK; ++j)
+        c[j] = M == Mode::IQ4 ? gguf::kIQ4Values[q4_code(src, r, j)] : static_cast<int8_t>(src[q8_byte(r, j)]);
+      d.data_ptr<float>()[row * kb + b] = half_to_float(scales_of(tile, M, kb, b)[r]);
     }
   }
   return {codes, d};
@@ -1645,9 +1629,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_pack", &pack_min_max<Mode::Q4>, nogil, "float (N, K) -> packed Q4 (uint8)");
   m.def("q4_unpack", &unpack_min_max<Mode::Q4>, nogil, "packed Q4 -> codes (N, K) uint8, d (N, K/32), m (N, K/32)");
   m.def("q8_pack", &q8_pack, nogil, "float (N, K) -> packed Q8 (uint8)");
-  m.def("q8_unpack", &q8_unpack, nogil, "packed Q8 -> codes (N, K) int8, d (N, K/32)");
+  m.def("q8_unpack", &unpack_signed<Mode::Q8>, nogil, "packed Q8 -> codes (N, K) int8, d (N, K/32)");
   m.def("iq4_pack", &iq4_pack, nogil, "float (N, K) -> packed IQ4 (uint8)");
-  m.def("iq4_unpack", &iq4_unpack, nogil, "packed IQ4 -> table values (N, K) int8, d (N, K/32)");
+  m.def("iq4_unpack", &unpack_signed<Mode::IQ4>, nogil, "packed IQ4 -> table values (N, K) int8, d (N, K/32)");
   m.def("q5_pack", &pack_min_max<Mode::Q5>, nogil, "float (N, K) -> packed Q5 (uint8)");
   m.def("q5_unpack", &unpack_min_max<Mode::Q5>, nogil, "packed Q5 -> codes (N, K) uint8 0..31, d (N, K/32), m (N, K/32)");
   m.def("q6_pack", &q6_pack, nogil, "float (N, K) -> packed Q6 (uint8)");
