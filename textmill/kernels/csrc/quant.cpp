@@ -1202,13 +1202,44 @@ struct Q8Block {
   }
 };
 
+// The rows of a block held as u8 codes of k-groups 0..7 whose two sums per row (one per half
+// of the block, k-groups 0..3 and 4..7) start from the activations' offset for that half
+// (-32 x its sum) times Scale: Q6Block (codes standing for code - 32: Scale 1) and IQ4Block
+// (table values + 128: Scale 4). Block supplies finish(s0, s1, e, acc).
+template <typename Block, int Scale>
+struct OffsetRows {
+  __m512i u[8];
+  // ar: the row's 32 int8 codes of this block; e: its block scale; off: its two offsets.
+  __m512 row(const int8_t* ar, float e, float, const int32_t* off, __m512 acc) const {
+    __m512i s0 = _mm512_set1_epi32(Scale * off[0]), s1 = _mm512_set1_epi32(Scale * off[1]);
+    for (int g = 0; g < 4; ++g) {
+      s0 = _mm512_dpbusd_epi32(s0, u[g], bcast512(ar + 4 * g));
+      s1 = _mm512_dpbusd_epi32(s1, u[4 + g], bcast512(ar + 16 + 4 * g));
+    }
+    return static_cast<const Block*>(this)->finish(s0, s1, e, acc);
+  }
+  static void row2(const Block& x, const Block& y, const int8_t* ar, float e, float, const int32_t* off,
+                   __m512& acc_x, __m512& acc_y) {
+    const __m512i o0 = _mm512_set1_epi32(Scale * off[0]), o1 = _mm512_set1_epi32(Scale * off[1]);
+    __m512i x0 = o0, x1 = o1, y0 = o0, y1 = o1;
+    for (int g = 0; g < 4; ++g) {
+      const __m512i lo = bcast512(ar + 4 * g), hi = bcast512(ar + 16 + 4 * g);
+      x0 = _mm512_dpbusd_epi32(x0, x.u[g], lo);
+      x1 = _mm512_dpbusd_epi32(x1, x.u[4 + g], hi);
+      y0 = _mm512_dpbusd_epi32(y0, y.u[g], lo);
+      y1 = _mm512_dpbusd_epi32(y1, y.u[4 + g], hi);
+    }
+    acc_x = x.finish(x0, x1, e, acc_x);
+    acc_y = y.finish(y0, y1, e, acc_y);
+  }
+};
+
 // IQ4: the table values of the block's 4-bit indices, looked up 64 at a time by one byte
 // shuffle of the table (replicated in each 128-bit lane). Looked up shifted by 128, as u8
 // (1..241), so that they multiply the signed activations as Q4's codes do, each sum started
 // from its half's -128 * sum(a) (4 * Q6's offset) instead of Q8's per-block dpbusds for
 // 128 * sum(w) and its flipped activations: the same integer sums, so Q8's bits.
-struct IQ4Block {
-  __m512i u[8];  // the table values + 128 of k-groups 0..7
+struct IQ4Block : OffsetRows<IQ4Block, 4> {  // u: the table values + 128 of k-groups 0..7
   __m512 d;
   template <bool Pin>
   IQ4Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
@@ -1225,29 +1256,6 @@ struct IQ4Block {
       if constexpr (Pin) pin(u[p]), pin(u[p + 4]);
     }
   }
-  // ar: the row's 32 int8 codes of this block; e: its block scale; off: Q6's two offsets.
-  __m512 row(const int8_t* ar, float e, float, const int32_t* off, __m512 acc) const {
-    __m512i s0 = _mm512_set1_epi32(4 * off[0]), s1 = _mm512_set1_epi32(4 * off[1]);
-    for (int g = 0; g < 4; ++g) {
-      s0 = _mm512_dpbusd_epi32(s0, u[g], bcast512(ar + 4 * g));
-      s1 = _mm512_dpbusd_epi32(s1, u[4 + g], bcast512(ar + 16 + 4 * g));
-    }
-    return finish(s0, s1, e, acc);
-  }
-  static void row2(const IQ4Block& x, const IQ4Block& y, const int8_t* ar, float e, float, const int32_t* off,
-                   __m512& acc_x, __m512& acc_y) {
-    const __m512i o0 = _mm512_set1_epi32(4 * off[0]), o1 = _mm512_set1_epi32(4 * off[1]);
-    __m512i x0 = o0, x1 = o1, y0 = o0, y1 = o1;
-    for (int g = 0; g < 4; ++g) {
-      const __m512i lo = bcast512(ar + 4 * g), hi = bcast512(ar + 16 + 4 * g);
-      x0 = _mm512_dpbusd_epi32(x0, x.u[g], lo);
-      x1 = _mm512_dpbusd_epi32(x1, x.u[4 + g], hi);
-      y0 = _mm512_dpbusd_epi32(y0, y.u[g], lo);
-      y1 = _mm512_dpbusd_epi32(y1, y.u[4 + g], hi);
-    }
-    acc_x = x.finish(x0, x1, e, acc_x);
-    acc_y = y.finish(y0, y1, e, acc_y);
-  }
   __m512 finish(__m512i s0, __m512i s1, float e, __m512 acc) const {  // Q8Block::finish's steps
     const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
     return _mm512_fmadd_ps(isum, _mm512_mul_ps(d, _mm512_set1_ps(e)), acc);
@@ -1256,8 +1264,7 @@ struct IQ4Block {
 
 // Q6: codes 0..63 (u8, as Q4's) against the signed activations, two sums per row (one per
 // half, each with its own scale), each started from the activations' offset for its half.
-struct Q6Block {
-  __m512i u[8];  // the codes of k-groups 0..7
+struct Q6Block : OffsetRows<Q6Block, 1> {  // u: the codes of k-groups 0..7
   __m512 d0, d1;
   // Pin: as Q8Block's.
   template <bool Pin>
@@ -1279,29 +1286,6 @@ struct Q6Block {
   }
   static __m512i top_bits(__m512i v, int t) {  // q6_top256's 512-bit twin
     return t == 0 ? _mm512_slli_epi16(v, 4) : t == 1 ? _mm512_slli_epi16(v, 2) : t == 2 ? v : _mm512_srli_epi16(v, 2);
-  }
-  // ar: the row's 32 int8 codes of this block; e: its block scale; off: its two offsets.
-  __m512 row(const int8_t* ar, float e, float, const int32_t* off, __m512 acc) const {
-    __m512i s0 = _mm512_set1_epi32(off[0]), s1 = _mm512_set1_epi32(off[1]);
-    for (int g = 0; g < 4; ++g) {
-      s0 = _mm512_dpbusd_epi32(s0, u[g], bcast512(ar + 4 * g));
-      s1 = _mm512_dpbusd_epi32(s1, u[4 + g], bcast512(ar + 16 + 4 * g));
-    }
-    return finish(s0, s1, e, acc);
-  }
-  static void row2(const Q6Block& x, const Q6Block& y, const int8_t* ar, float e, float, const int32_t* off,
-                   __m512& acc_x, __m512& acc_y) {
-    const __m512i o0 = _mm512_set1_epi32(off[0]), o1 = _mm512_set1_epi32(off[1]);
-    __m512i x0 = o0, x1 = o1, y0 = o0, y1 = o1;
-    for (int g = 0; g < 4; ++g) {
-      const __m512i lo = bcast512(ar + 4 * g), hi = bcast512(ar + 16 + 4 * g);
-      x0 = _mm512_dpbusd_epi32(x0, x.u[g], lo);
-      x1 = _mm512_dpbusd_epi32(x1, x.u[4 + g], hi);
-      y0 = _mm512_dpbusd_epi32(y0, y.u[g], lo);
-      y1 = _mm512_dpbusd_epi32(y1, y.u[4 + g], hi);
-    }
-    acc_x = x.finish(x0, x1, e, acc_x);
-    acc_y = y.finish(y0, y1, e, acc_y);
   }
   __m512 finish(__m512i s0, __m512i s1, float e, __m512 acc) const {
     const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), d0, _mm512_mul_ps(_mm512_cvtepi32_ps(s1), d1));
