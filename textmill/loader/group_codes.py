@@ -55,8 +55,6 @@ GROUP = 32
 T = GGMLQuantizationType
 # The types that map onto the 4-bit form exactly (or, for Q4_K, up to the scales' rounding).
 FOUR_BIT_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})
-# The types whose 8-bit codes are the file's own.
-EXACT_EIGHT_BIT_TYPES = frozenset({T.Q8_0, T.Q5_0, T.IQ4_NL})
 # The types the C++ converter packs in the 5- and 6-bit forms (6 and 7 bits a weight where
 # 8-bit codes take 8.5, and without a second rounding).
 FIVE_BIT_TYPES = frozenset({T.Q5_0, T.Q5_1, T.Q5_K})

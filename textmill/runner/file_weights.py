@@ -129,8 +129,7 @@ def _runs_of_equal_width(parts: list[nn.Linear], refs: list[CodesRef]) -> list[l
     three."""
     runs: list[list[nn.Linear]] = []
     for i, (part, ref) in enumerate(zip(parts, refs)):
-        # (an IQ4_XS part beside an IQ4_NL one: one iq4 matmul takes both)
-        if i and ref.form == refs[i - 1].form and (ref.qtype == refs[i - 1].qtype or ref.form == "iq4"):
+        if i and ref.form == refs[i - 1].form:  # pack_gguf stacks parts of one form, whatever their types
             runs[-1].append(part)
         else:
             runs.append([part])

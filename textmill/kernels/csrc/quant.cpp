@@ -1234,6 +1234,14 @@ struct OffsetRows {
   }
 };
 
+// gguf::kIQ4Values + 128, as u8: once, not per block.
+alignas(16) constexpr uint8_t kIQ4Shifted[16] = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
+static_assert([] {
+  for (int i = 0; i < 16; ++i)
+    if (kIQ4Shifted[i] != gguf::kIQ4Values[i] + 128) return false;
+  return true;
+}(), "kIQ4Shifted is the IQ4 table + 128");
+
 // IQ4: the table values of the block's 4-bit indices, looked up 64 at a time by one byte
 // shuffle of the table (replicated in each 128-bit lane). Looked up shifted by 128, as u8
 // (1..241), so that they multiply the signed activations as Q4's codes do, each sum started
@@ -1245,9 +1253,7 @@ struct IQ4Block : OffsetRows<IQ4Block, 4> {  // u: the table values + 128 of k-g
   IQ4Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
     d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales_of(tile, Mode::IQ4, kb, b))));
     const uint8_t* c = tile + codes_at(Mode::IQ4, b);
-    alignas(16) uint8_t shifted[16];
-    for (int i = 0; i < 16; ++i) shifted[i] = static_cast<uint8_t>(gguf::kIQ4Values[i] + 128);
-    const __m512i table = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(shifted)));
+    const __m512i table = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kIQ4Shifted)));
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     for (int p = 0; p < 4; ++p) {
       const __m512i x = _mm512_loadu_si512(c + 64 * p);
