@@ -25,8 +25,8 @@ C, FFN, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 512, 4, 4, 2, 320
 D = C // HEADS
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # One type per linear, across the layers: every type of DESIGN.md's list appears.
-TYPES = [T.Q4_K, T.Q4_K, T.Q6_K, T.Q4_0, T.Q5_K, T.Q5_K, T.Q6_K,  # layer 0: a Q4_K_M-like layer
-         T.Q4_1, T.Q5_0, T.Q8_0, T.Q5_1, T.Q2_K, T.Q3_K, T.F16,  # layer 1: the rest
+TYPES = [T.Q4_K, T.Q4_K, T.Q6_K, T.Q4_0, T.Q5_K, T.Q5_K, T.Q3_K,  # layer 0: a Q4_K_M-like layer (a Q3_K down)
+         T.Q4_1, T.Q5_0, T.Q8_0, T.Q5_1, T.Q2_K, T.Q6_K, T.F16,  # layer 1: the rest
          T.IQ4_XS, T.IQ4_XS, T.IQ4_NL, T.IQ4_XS, T.IQ4_XS, T.IQ4_XS, T.IQ4_NL,  # layer 2: an IQ4_XS file's
          T.IQ4_XS, T.IQ4_NL, T.IQ3_S, T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS]  # layer 3: gguf-py's dequantizers
 
@@ -110,9 +110,10 @@ def test_every_block_type_runs_from_its_own_blocks_and_tracks_the_float_referenc
     assert layer0.self_attn.qkv_proj.parts[0].out_features == C + KV_HEADS * D
     assert isinstance(layer0.mlp.gate_up_proj, QLinear)  # Q5_K gate and up: one 5-bit matmul
     assert layer0.mlp.gate_up_proj.mode == "q5"
-    assert layer0.mlp.down_proj.mode == "q6" and loaded.model.lm_head.mode == "q6"  # Q6_K
+    assert layer0.mlp.down_proj.mode == "q6" and loaded.model.lm_head.mode == "q6"  # Q3_K's codes, Q6_K
     assert [p.mode for p in layer1.self_attn.qkv_proj.parts] == ["q4", "q5", "q8"]  # Q4_1, Q5_0, Q8_0
     assert layer1.self_attn.o_proj.mode == "q5"  # Q5_1
+    assert layer1.mlp.gate_up_proj.mode == "q8"  # a Q2_K gate (8-bit codes) and a Q6_K up: one matmul
     # IQ4_XS beside IQ4_NL: one matmul on the file's 4-bit indices
     assert layer2.self_attn.qkv_proj.mode == "iq4" and layer2.mlp.down_proj.mode == "iq4"
     # IQ4_XS q and IQ4_NL k as one iq4 matmul beside the IQ3_S v's 8-bit codes

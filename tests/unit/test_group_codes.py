@@ -118,7 +118,8 @@ def test_rows_reads_only_the_asked_rows():
 # --- the C++ converter (kernels/csrc/gguf_blocks.h): packs from the file's bytes in one pass,
 # and must give the bytes the Python reference above gives.
 
-C_TYPES = [T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS, T.F16, T.F32, T.BF16]
+C_TYPES = [T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K, T.IQ4_NL, T.IQ4_XS, T.F16,
+           T.F32, T.BF16]
 
 
 def _float_blocks(qtype: T, seed: int = 0) -> np.ndarray:
@@ -174,7 +175,7 @@ def test_c_packing_refuses_what_halves_cannot_hold_and_types_it_does_not_decode(
     with pytest.raises(RuntimeError, match="half range"):
         _c_packed(4, [(raw, T.Q4_0)])
     with pytest.raises(RuntimeError, match="not decoded here"):
-        _c_packed(8, [(blocks_for(T.Q3_K), T.Q3_K)])
+        _c_packed(8, [(blocks_for(T.IQ3_S), T.IQ3_S)])
     with pytest.raises(RuntimeError, match="no 4-bit form"):
         _c_packed(4, [(blocks_for(T.Q6_K), T.Q6_K)])
 
@@ -208,10 +209,11 @@ def test_c_five_bit_form_rounds_only_q5_ks_sub_block_scales_to_half():
     assert not torch.equal(w, expected)
 
 
-def test_c_six_bit_form_keeps_q6_k_codes_and_rounds_only_its_scales_to_half():
-    raw = _raw(T.Q6_K)
-    w, d = _six_bit_weights(raw, T.Q6_K)
-    expected = torch.from_numpy(dequantize(raw, T.Q6_K).reshape(N, K))
+@pytest.mark.parametrize("qtype", [T.Q6_K, T.Q3_K], ids=lambda t: t.name)
+def test_c_six_bit_form_keeps_the_codes_and_rounds_only_the_scales_to_half(qtype):
+    raw = _raw(qtype)
+    w, d = _six_bit_weights(raw, qtype)
+    expected = torch.from_numpy(dequantize(raw, qtype).reshape(N, K))
     # the 16-weight scale d * sc rounded to a half: 2^-11 of each weight (2^-10 leaves room
     # for the reference's own float32 rounding)
     assert ((w - expected).abs() <= expected.abs() * 2.0**-10).all()
@@ -220,8 +222,9 @@ def test_c_six_bit_form_keeps_q6_k_codes_and_rounds_only_its_scales_to_half():
 
 
 def test_c_six_bit_form_refuses_other_types_and_scales_past_a_half():
-    with pytest.raises(RuntimeError, match="no 6-bit form"):
-        _c_packed(6, [(blocks_for(T.Q8_0), T.Q8_0)])
+    for other in (T.Q8_0, T.Q2_K):
+        with pytest.raises(RuntimeError, match="no 6-bit form"):
+            _c_packed(6, [(blocks_for(other), other)])
     with pytest.raises(RuntimeError, match="no 5-bit form"):
         _c_packed(5, [(blocks_for(T.Q6_K), T.Q6_K)])
     q5 = blocks_for(T.Q5_0)
@@ -234,7 +237,7 @@ def test_c_six_bit_form_refuses_other_types_and_scales_past_a_half():
         _c_packed(6, [(raw, T.Q6_K)])
 
 
-@pytest.mark.parametrize("qtype,bits", [(T.Q5_0, 5), (T.Q5_K, 5), (T.Q6_K, 6)], ids=str)
+@pytest.mark.parametrize("qtype,bits", [(T.Q5_0, 5), (T.Q5_K, 5), (T.Q6_K, 6), (T.Q3_K, 6)], ids=str)
 def test_c_five_and_six_bit_forms_run_as_their_weights(qtype, bits):
     """q5/q6_linear on the file's blocks against F.linear on the weights they stand for,
     within the activations' rounding (the kernels' only approximation)."""

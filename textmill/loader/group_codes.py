@@ -21,9 +21,16 @@ stores them and loading is a reshuffle of bytes, not a dequantize-and-requantize
 | Q5_1  | 5    | d, m                                                   | yes               |
 | Q5_K  | 5    | per 32 weights: d * scale, -dmin * min                 | scales to half    |
 | Q6_K  | 6    | per 16 weights: d * scale; q                           | scales to half    |
+| Q3_K  | 6    | per 16 weights: d * scale; q + 32 (q in -4..3)         | scales to half    |
+| Q2_K  | 8    | dequantize, round to 8 bits per group of 32 (in C++)   | a second rounding |
 | IQ4_NL| 8    | d; q = the code's table value (an int8)                | yes               |
 | IQ4_XS| 8    | per 32 weights: d * (scale - 32); q as IQ4_NL's        | scales to half    |
 | others| 8    | dequantize one tensor, round to 8 bits per group of 32 | a second rounding |
+
+(Q3_K's 3-bit codes take the 6-bit form's 7 bits a weight, not 8-bit codes' 8.5, and its
+16-weight scales as they are; Q2_K's scale and min per 16 weights fit none of the forms,
+so its groups are rounded to 8 bits, as the "others" are, but by the C++ converter in one
+pass instead of numpy's whole-tensor ones.)
 
 Only the C++ converter (kernels/csrc/gguf_blocks.h, QLinear.from_file) writes the 5- and
 6-bit forms; the converters here give those types 8-bit codes, the path of a tensor whose
@@ -34,7 +41,7 @@ relative error below 2^-11 on the scale, against the 2^-4 of the 4-bit codes the
 IQ4_NL and IQ4_XS index a table of 16 int8 values (non-linear steps). Here they take the
 8-bit form with the table's values as codes; the C++ converter packs them in the kernels'
 IQ4 form instead (the file's 4-bit indices, looked up in the kernel: 4.5 bits a weight, not
-8.5), which computes the same sums. The "others" (Q2_K, Q3_K, and float tensors) keep at least their own
+8.5), which computes the same sums. The "others" (the 1- to 3-bit IQ types; Q2_K in C++) keep at least their own
 precision: 8-bit codes on a scale of max|w|/127 round to a quarter or less of a 6-bit
 type's own step. docs/architecture.md says why these are repacked rather than run on
 their own blocks.
@@ -58,13 +65,13 @@ FOUR_BIT_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})
 # The types the C++ converter packs in the 5- and 6-bit forms (6 and 7 bits a weight where
 # 8-bit codes take 8.5, and without a second rounding).
 FIVE_BIT_TYPES = frozenset({T.Q5_0, T.Q5_1, T.Q5_K})
-SIX_BIT_TYPES = frozenset({T.Q6_K})
+SIX_BIT_TYPES = frozenset({T.Q6_K, T.Q3_K})
 # The types it packs in the IQ4 form: 4-bit indices into the IQ4 table, one scale per 32.
 IQ4_TYPES = frozenset({T.IQ4_NL, T.IQ4_XS})
 # The types the C++ converter (kernels/csrc/gguf_blocks.h) packs straight from the file;
-# the others (Q2_K, Q3_K) go through from_gguf below.
+# the others (the 1- to 3-bit IQ types) go through from_gguf below.
 PACKED_FROM_FILE_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
-                                    T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS})
+                                    T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS})
 _HALF_MAX = 65504.0
 
 

@@ -2,7 +2,7 @@
 // straight into the kernels' layout (quant.cpp pack_gguf). It is the C++ twin of
 // loader/group_codes.py + loader/dequant.py and must give the same bytes: the Python
 // converters stay as the reference (tests compare the two) and as the path for the rare
-// types not decoded here (Q2_K, Q3_K). Layouts follow ggml's block_q* structs: scales are
+// types not decoded here (the 1- to 3-bit IQ types). Layouts follow ggml's block_q* structs: scales are
 // little-endian f16, nibbles low half first.
 //
 // Why here and not numpy: numpy converts a tensor in several whole-tensor passes with
@@ -23,7 +23,7 @@ namespace gguf {
 // ggml's type ids (gguf.constants.GGMLQuantizationType).
 enum Type : int64_t {
   F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
-  Q4_K = 12, Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23, BF16 = 30,
+  Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23, BF16 = 30,
 };
 
 struct Layout {
@@ -42,6 +42,8 @@ inline Layout layout(int64_t type) {
     case Q5_0: return {32, 22};
     case Q5_1: return {32, 24};
     case Q8_0: return {32, 34};
+    case Q2_K: return {256, 84};
+    case Q3_K: return {256, 110};
     case Q4_K: return {256, 144};
     case Q5_K: return {256, 176};
     case Q6_K: return {256, 210};
@@ -126,9 +128,10 @@ inline bool decode4(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes,
 }
 
 // Types whose groups take the kernels' 5-bit form (codes 0..31, a scale and a min per 32,
-// as the 4-bit form) and its 6-bit form (codes 0..63 standing for code - 32, a scale per 16).
+// as the 4-bit form) and its 6-bit form (codes 0..63 standing for code - 32, a scale per 16:
+// Q6_K's own layout, and Q3_K's, whose codes -4..3 and 16-weight scales it holds as they are).
 inline bool five_bit(int64_t type) { return type == Q5_0 || type == Q5_1 || type == Q5_K; }
-inline bool six_bit(int64_t type) { return type == Q6_K; }
+inline bool six_bit(int64_t type) { return type == Q6_K || type == Q3_K; }
 
 // Group b (32 weights) of a Q5_0, Q5_1 or Q5_K row -> codes 0..31, d and m as half bits
 // (w = d * q + m). Q5_0 (m = -16 d, exact) and Q5_1 keep the file's values; Q5_K's
@@ -174,15 +177,43 @@ inline void q6_k_group(const uint8_t* row, int64_t b, uint8_t* codes, const int8
   }
 }
 
-// Group b of a Q6_K row -> its codes and the scale of each half (16 weights) as half bits:
+// Group b (32 weights) of a Q3_K row (super-blocks of 256 in 110 bytes: hmask[32], qs[64],
+// scales[12], d): its signed codes -4..3 (the weight is d * sc[l / 16] * q) and the 6-bit
+// signed scales (-32..31) of its two halves. Value 128h + 32j + l takes bits 2j..2j+1 of
+// qs[32h + l] as its low bits and bit 4h + j of hmask[l] as its high one (clear: 4 less);
+// scale i's low 4 bits are a nibble of byte i % 8 (the low one for i < 8), its top 2 bits
+// pair i / 4 of byte 8 + i % 4 (ggml's block_q3_K; dequant.py's _q3_k).
+inline void q3_k_group(const uint8_t* row, int64_t b, int* q, int* sc, float* d) {
+  const uint8_t* blk = row + (b / 8) * 110;
+  const int g = static_cast<int>(b % 8), h = g / 4, j = g % 4;
+  const uint8_t* qs = blk + 32 + 32 * h;
+  for (int l = 0; l < 32; ++l) q[l] = ((qs[l] >> (2 * j)) & 3) - (((blk[l] >> (4 * h + j)) & 1) ? 0 : 4);
+  const uint8_t* s = blk + 96;
+  for (int t = 0; t < 2; ++t) {
+    const int i = 2 * g + t;
+    const int low = i < 8 ? (s[i] & 0x0F) : (s[i - 8] >> 4);
+    sc[t] = (low | (((s[8 + i % 4] >> (2 * (i / 4))) & 3) << 4)) - 32;
+  }
+  *d = f16(blk + 108);
+}
+
+// Group b of a Q6_K or Q3_K row -> its codes and the scale of each half (16 weights) as half bits:
 // a half's scale d * sc (a half times an int8, exact in float32) is rounded to a half, as
 // Q4_K's sub-block scales are (a relative error below 2^-11 against the codes' 2^-6).
 // False when a scale does not fit a half.
+// Q3_K's codes q become q + 32 (28..35), so that code - 32 is the file's q.
 inline bool decode6(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d0, uint16_t* d1) {
-  (void)type;  // Q6_K
-  const int8_t* sc;
   float d;
-  q6_k_group(row, b, codes, &sc, &d);
+  int sc[2];
+  if (type == Q3_K) {
+    int q[32];
+    q3_k_group(row, b, q, sc, &d);
+    for (int l = 0; l < 32; ++l) codes[l] = static_cast<uint8_t>(q[l] + 32);
+  } else {  // Q6_K
+    const int8_t* sc8;
+    q6_k_group(row, b, codes, &sc8, &d);
+    sc[0] = sc8[0], sc[1] = sc8[1];
+  }
   const float s0 = d * static_cast<float>(sc[0]), s1 = d * static_cast<float>(sc[1]);
   if (!half_ok(s0) || !half_ok(s1)) return false;
   *d0 = to_half(s0);
@@ -318,6 +349,27 @@ inline void decode_floats(int64_t type, const uint8_t* row, int64_t b, float* w)
         const float q = static_cast<float>(low | (((qh[l] >> s) & 1) << 4));
         w[l] = d * sc * q - dmin * mn;
       }
+      return;
+    }
+    case Q2_K: {  // 84 bytes: scales[16] (low nibble scale, high nibble min), qs[64], d, dmin
+      // Value 128h + 32j + l is bits 2j..2j+1 of qs[32h + l]; its 16-weight group i has the
+      // scale d * (scales[i] & 15) and the min dmin * (scales[i] >> 4): w = q * scale - min.
+      const uint8_t* blk = row + (b / 8) * 84;
+      const int g = static_cast<int>(b % 8), h = g / 4, j = g % 4;
+      const uint8_t* qs = blk + 16 + 32 * h;
+      const float d = f16(blk + 80), dmin = f16(blk + 82);
+      for (int l = 0; l < 32; ++l) {
+        const int i = 2 * g + l / 16;
+        const float sc = d * static_cast<float>(blk[i] & 0x0F), mn = dmin * static_cast<float>(blk[i] >> 4);
+        w[l] = static_cast<float>((qs[l] >> (2 * j)) & 3) * sc - mn;
+      }
+      return;
+    }
+    case Q3_K: {
+      int q[32], sc[2];
+      float d;
+      q3_k_group(row, b, q, sc, &d);
+      for (int l = 0; l < 32; ++l) w[l] = d * (static_cast<float>(q[l]) * static_cast<float>(sc[l / 16]));
       return;
     }
     case Q6_K: {

@@ -475,7 +475,7 @@ torch::Tensor q8_pack_codes(const torch::Tensor& codes, const torch::Tensor& d) 
 // the parts are stacked along N in order (q, k, v -> qkv), each part's output row i taken
 // from its source row order[i] (llama.cpp's q/k permutation undone) or row i when order is
 // empty. One pass, parallel over tiles, no intermediate codes tensor. Form "q4" takes only
-// Q4_0/Q4_1/Q4_K parts, "q5" only Q5_0/Q5_1/Q5_K, "q6" only Q6_K, "iq4" only IQ4_NL/IQ4_XS;
+// Q4_0/Q4_1/Q4_K parts, "q5" only Q5_0/Q5_1/Q5_K, "q6" only Q6_K/Q3_K, "iq4" only IQ4_NL/IQ4_XS;
 // "q8" takes every type gguf_blocks.h decodes.
 // Raises with "half range" in the message when a scale or min does not fit a half, so
 // that the caller can fall back to its own (8-bit) handling of such a tensor.
