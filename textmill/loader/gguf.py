@@ -213,8 +213,9 @@ _TYPE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "IQ4_NL": 4, "IQ4_XS": 4, "Q3_K":
 
 
 def layer_weight_bits(path: Path) -> int | None:
-    """4 or 8 when most of the file's layer matrices (blk.*) are stored in a 4-bit or an
-    8-bit (or 5/6-bit) block type; None for float files (F32/F16/BF16)."""
+    """4 or 8 when most of the file's layer matrices (blk.*) are stored in a 4-bit type or
+    in one the kernels hold in 5 to 8 bits (Q2_K, Q3_K and the 5- to 8-bit types); None for
+    float files (F32/F16/BF16)."""
     counts: dict[int | None, int] = {}
     for t in GGUFFile(path).tensors:
         if t.name.startswith("blk.") and len(t.shape) == 2:

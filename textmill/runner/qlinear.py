@@ -6,7 +6,8 @@ QLinear holds only packed weights, in groups of 32 along the input dimension:
 * "q8": codes -127..127 with one scale per group, w = d*q: GGUF's Q8_0.
 * "q5": codes 0..31 with a scale and a min per group, w = d*q + m: GGUF's Q5_1 (Q5_0
   and Q5_K map onto it); 6 bits a weight where q8 takes 8.5.
-* "q6": codes 0..63 with one scale per 16 weights, w = d_h*(q - 32): GGUF's Q6_K; 7 bits.
+* "q6": codes 0..63 with one scale per 16 weights, w = d_h*(q - 32): GGUF's Q6_K (and
+  Q3_K, its codes -4..3 held as 28..35); 7 bits.
 * "iq4": 4-bit indices into GGUF's IQ4 table of 16 int8 values, one scale per group:
   w = d*T[q] (IQ4_NL, IQ4_XS); computed as q8 on the looked-up values; 4.5 bits.
 Scales are stored as halves, as GGUF stores them.

@@ -16,7 +16,7 @@
 //   Q4: codes q in 0..15, w = d*q + m         (GGUF Q4_1)
 //   Q8: codes q in -127..127, w = d*q         (GGUF Q8_0)
 //   Q5: codes q in 0..31, w = d*q + m         (GGUF Q5_1; Q5_0 and Q5_K map onto it)
-//   Q6: codes q in 0..63, w = d_h*(q - 32)    (GGUF Q6_K), one d per half (16 weights)
+//   Q6: codes q in 0..63, w = d_h*(q - 32)    (GGUF Q6_K; Q3_K's -4..3 as 28..35), one d per half (16 weights)
 //   IQ4: indices q in 0..15, w = d*T[q]       (GGUF IQ4_NL, IQ4_XS), T = gguf::kIQ4Values
 // d and m are stored as IEEE half, as GGUF stores them: GGUF weights requantize exactly,
 // and at one decode token (bound by memory reads) 4 bytes of scales per group instead of 8
