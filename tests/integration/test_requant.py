@@ -2,7 +2,7 @@
 rewritten by bench/requant_gguf.py in IQ4_XS, and in Q3_K (each with IQ4_NL where a row is
 not a whole number of 256-value super-blocks, as llama.cpp does), served with the default
 plan through the real app and the official openai client: IQ4 on the kernels' IQ4 form (the
-file's 4-bit indices), Q3_K on the 6-bit form (the file's 3-bit codes and 16-value scales).
+file's 4-bit indices), Q3_K on the 3-bit form (the file's codes and 16-value scales).
 
 The prompt's logprobs through the server are compared with the same file run densely in
 float32 in this process: they differ by the kernels' int8 activations, the float16 KV cache
@@ -31,7 +31,7 @@ TEXT = ("The lighthouse keeper logged every ship that passed the rocks. In the w
         "the storms came early, and the keeper wrote that the sea had never been so loud.")
 # type -> the kernel form of the 30 ffn_down matmuls (K = 1536, whole super-blocks): the
 # other three matmuls of each layer (K = 576) are IQ4_NL on the iq4 form in both files
-DOWN_FORM = {T.IQ4_XS: "iq4", T.Q3_K: "q6"}
+DOWN_FORM = {T.IQ4_XS: "iq4", T.Q3_K: "q3"}
 
 
 @pytest.fixture(scope="module", params=[T.IQ4_XS, T.Q3_K], ids=lambda t: t.name)

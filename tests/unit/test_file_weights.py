@@ -110,7 +110,7 @@ def test_every_block_type_runs_from_its_own_blocks_and_tracks_the_float_referenc
     assert layer0.self_attn.qkv_proj.parts[0].out_features == C + KV_HEADS * D
     assert isinstance(layer0.mlp.gate_up_proj, QLinear)  # Q5_K gate and up: one 5-bit matmul
     assert layer0.mlp.gate_up_proj.mode == "q5"
-    assert layer0.mlp.down_proj.mode == "q6" and loaded.model.lm_head.mode == "q6"  # Q3_K's codes, Q6_K
+    assert layer0.mlp.down_proj.mode == "q3" and loaded.model.lm_head.mode == "q6"  # Q3_K, Q6_K
     assert [p.mode for p in layer1.self_attn.qkv_proj.parts] == ["q4", "q5", "q8"]  # Q4_1, Q5_0, Q8_0
     assert layer1.self_attn.o_proj.mode == "q5"  # Q5_1
     assert layer1.mlp.gate_up_proj.mode == "q8"  # a Q2_K gate (8-bit codes) and a Q6_K up: one matmul

@@ -146,7 +146,7 @@ def _python_packed(parts: list[tuple[np.ndarray, T]], order=None) -> torch.Tenso
 
 
 def _c_packed(bits: int | str, parts: list[tuple[np.ndarray, T]], order=None) -> torch.Tensor:
-    """bits: 4, 5, 6 or 8 for the q<bits> form, or a form's name ("iq4")."""
+    """bits: 3, 4, 5, 6 or 8 for the q<bits> form, or a form's name ("iq4")."""
     ext = load("quant")
     raws = [torch.from_numpy(np.ascontiguousarray(raw).reshape(-1).view(np.uint8)) for raw, _ in parts]
     orders = [order if (i == 0 and order is not None) else torch.empty(0, dtype=torch.long) for i in range(len(parts))]
@@ -221,10 +221,28 @@ def test_c_six_bit_form_keeps_the_codes_and_rounds_only_the_scales_to_half(qtype
     assert d.shape == (N, K // 16)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 17, 40])
+def test_c_three_bit_form_holds_q3_k_as_it_is_and_computes_as_the_six_bit_form(rows):
+    ext = load("quant")
+    parts = [(_raw(T.Q3_K, seed), T.Q3_K) for seed in range(3)]  # 48 rows: a tile pair and a lone tile
+    n = 16 * len(parts)
+    q3, q6 = _c_packed(3, parts), _c_packed(6, parts)
+    assert q3.numel() * 7 == q6.numel() * 4  # 4 bits a weight against 7
+    codes3, d3 = ext.q3_unpack(q3, n, K)
+    codes6, d6 = ext.q6_unpack(q6, n, K)
+    assert int(codes3.max()) <= 7 and torch.equal(codes3.int() + 28, codes6.int()) and torch.equal(d3, d6)
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
+    y = ext.q3_linear(x, q3, n)
+    assert torch.equal(y, ext.q6_linear(x, q6, n))  # the same integer sums and float steps
+    assert torch.equal(y, ext.q3_linear(x, q3, n, None, 1))  # SIMD = scalar, bit for bit
+
+
 def test_c_six_bit_form_refuses_other_types_and_scales_past_a_half():
     for other in (T.Q8_0, T.Q2_K):
         with pytest.raises(RuntimeError, match="no 6-bit form"):
             _c_packed(6, [(blocks_for(other), other)])
+    with pytest.raises(RuntimeError, match="no 3-bit form"):
+        _c_packed(3, [(blocks_for(T.Q6_K), T.Q6_K)])
     with pytest.raises(RuntimeError, match="no 5-bit form"):
         _c_packed(5, [(blocks_for(T.Q6_K), T.Q6_K)])
     q5 = blocks_for(T.Q5_0)

@@ -1,8 +1,9 @@
 """GGUF blocks -> integer codes in groups of 32, without a float copy of the weights.
 
 The CPU kernels (runner/qlinear.py) take weights as codes in groups of 32 along the input
-dimension, in one of four forms:
+dimension, in one of these forms (and IQ4's, below):
 
+* 3 bits: codes 0..7, a scale per half group (16 weights): w = d_h * (q - 4);
 * 4 bits: codes 0..15, a scale d and a min m per group: w = d * q + m;
 * 5 bits: codes 0..31, the same scale and min per group;
 * 6 bits: codes 0..63, a scale per half group (16 weights): w = d_h * (q - 32);
@@ -21,14 +22,15 @@ stores them and loading is a reshuffle of bytes, not a dequantize-and-requantize
 | Q5_1  | 5    | d, m                                                   | yes               |
 | Q5_K  | 5    | per 32 weights: d * scale, -dmin * min                 | scales to half    |
 | Q6_K  | 6    | per 16 weights: d * scale; q                           | scales to half    |
-| Q3_K  | 6    | per 16 weights: d * scale; q + 32 (q in -4..3)         | scales to half    |
+| Q3_K  | 3    | per 16 weights: d * scale; q + 4 (q in -4..3)          | scales to half    |
 | Q2_K  | 8    | dequantize, round to 8 bits per group of 32 (in C++)   | a second rounding |
 | IQ4_NL| 8    | d; q = the code's table value (an int8)                | yes               |
 | IQ4_XS| 8    | per 32 weights: d * (scale - 32); q as IQ4_NL's        | scales to half    |
 | others| 8    | dequantize one tensor, round to 8 bits per group of 32 | a second rounding |
 
-(Q3_K's 3-bit codes take the 6-bit form's 7 bits a weight, not 8-bit codes' 8.5, and its
-16-weight scales as they are; Q2_K's scale and min per 16 weights fit none of the forms,
+(Q3_K takes a 3-bit form of its own: its codes and 16-weight scales as they are, 4 bits a
+weight where 8-bit codes took 8.5; the kernels compute it as the 6-bit form on its codes
++ 28, so it can also stand in that form. Q2_K's scale and min per 16 weights fit none of the forms,
 so its groups are rounded to 8 bits, as the "others" are, but by the C++ converter in one
 pass instead of numpy's whole-tensor ones.)
 
@@ -65,7 +67,9 @@ FOUR_BIT_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})
 # The types the C++ converter packs in the 5- and 6-bit forms (6 and 7 bits a weight where
 # 8-bit codes take 8.5, and without a second rounding).
 FIVE_BIT_TYPES = frozenset({T.Q5_0, T.Q5_1, T.Q5_K})
-SIX_BIT_TYPES = frozenset({T.Q6_K, T.Q3_K})
+SIX_BIT_TYPES = frozenset({T.Q6_K})
+# Q3_K takes the kernels' 3-bit form (its codes and 16-weight scales as they are).
+THREE_BIT_TYPES = frozenset({T.Q3_K})
 # The types it packs in the IQ4 form: 4-bit indices into the IQ4 table, one scale per 32.
 IQ4_TYPES = frozenset({T.IQ4_NL, T.IQ4_XS})
 # The types the C++ converter (kernels/csrc/gguf_blocks.h) packs straight from the file;
@@ -126,10 +130,12 @@ class CodesRef:
 
     @property
     def form(self) -> str:
-        """The kernel form the C++ converter packs this tensor into: q4, q5, q6, q8 or iq4
-        (runner/qlinear.py's modes)."""
+        """The kernel form the C++ converter packs this tensor into: q3, q4, q5, q6, q8 or
+        iq4 (runner/qlinear.py's modes)."""
         if self.qtype in FOUR_BIT_TYPES:
             return "q4"
+        if self.qtype in THREE_BIT_TYPES:
+            return "q3"
         if self.qtype in IQ4_TYPES:
             return "iq4"
         return "q5" if self.qtype in FIVE_BIT_TYPES else "q6" if self.qtype in SIX_BIT_TYPES else "q8"

@@ -8,6 +8,8 @@ QLinear holds only packed weights, in groups of 32 along the input dimension:
   and Q5_K map onto it); 6 bits a weight where q8 takes 8.5.
 * "q6": codes 0..63 with one scale per 16 weights, w = d_h*(q - 32): GGUF's Q6_K (and
   Q3_K, its codes -4..3 held as 28..35); 7 bits.
+* "q3": codes 0..7 with one scale per 16 weights, w = d_h*(q - 4): GGUF's Q3_K; 4 bits,
+  computed as q6 on q + 28.
 * "iq4": 4-bit indices into GGUF's IQ4 table of 16 int8 values, one scale per group:
   w = d*T[q] (IQ4_NL, IQ4_XS); computed as q8 on the looked-up values; 4.5 bits.
 Scales are stored as halves, as GGUF stores them.
@@ -35,7 +37,7 @@ from torch import nn
 from textmill.kernels import load
 from textmill.loader.group_codes import CodesRef, GroupCodes
 
-MODES = ("q4", "q5", "q6", "q8", "iq4")  # CodesRef.form names a file tensor's form among these
+MODES = ("q3", "q4", "q5", "q6", "q8", "iq4")  # CodesRef.form names a file tensor's form among these
 GROUP = 32
 # Scales and the Q4 min are halves: weights beyond this magnitude would overflow them.
 _HALF_MAX = 65504.0
@@ -108,15 +110,15 @@ class QLinear(nn.Module):
     def from_file(cls, refs: list[CodesRef], bias: torch.Tensor | None = None, form: str | None = None) -> "QLinear":
         """GGUF tensors of one form (CodesRef.form), stacked along N, packed straight from the
         mapped file by the C++ converter: in the q4 and q8 forms the bytes from_codes would
-        pack, in one pass with no intermediate codes. Form q8 also takes the q5, q6 and iq4
-        types (their 8-bit codes, as from_codes). Raises OutOfHalfRange when a scale does not
+        pack, in one pass with no intermediate codes. Form q8 also takes the q3, q5, q6 and
+        iq4 types (their 8-bit codes, as from_codes), form q6 the q3 ones (its codes + 28). Raises OutOfHalfRange when a scale does not
         fit a half; the caller then takes from_codes' path, which rounds such a tensor to 8 bits."""
         ext = _ext()
         if ext is None:
             raise ValueError("GGUF weights need textmill's C++ kernels, which could not be built here")
         form, k = form or refs[0].form, refs[0].shape[1]
-        assert all((r.form == form or (form == "q8" and r.form in ("q5", "q6", "iq4"))) and r.shape[1] == k
-                   for r in refs), "parts of one form and width"
+        wider = {"q8": ("q3", "q5", "q6", "iq4"), "q6": ("q3",)}.get(form, ())
+        assert all((r.form == form or r.form in wider) and r.shape[1] == k for r in refs), "parts of one form and width"
         no_order = torch.empty(0, dtype=torch.long)
         orders = [no_order if r.row_order is None else r.row_order.long().contiguous() for r in refs]
         try:
@@ -144,9 +146,9 @@ class QLinear(nn.Module):
         if self.mode in ("q4", "q5"):
             codes, d, m = getattr(_ext(), f"{self.mode}_unpack")(self.packed, n, k)
             w = codes.float().view(n, -1, GROUP) * d[..., None] + m[..., None]
-        elif self.mode == "q6":
-            codes, d = _ext().q6_unpack(self.packed, n, k)
-            w = (codes.float() - 32.0).view(n, -1, GROUP // 2) * d[..., None]
+        elif self.mode in ("q6", "q3"):
+            codes, d = getattr(_ext(), f"{self.mode}_unpack")(self.packed, n, k)
+            w = (codes.float() - (32.0 if self.mode == "q6" else 4.0)).view(n, -1, GROUP // 2) * d[..., None]
         else:  # q8, or iq4's table values
             codes, d = getattr(_ext(), f"{self.mode}_unpack")(self.packed, n, k)
             w = codes.float().view(n, -1, GROUP) * d[..., None]

@@ -132,6 +132,8 @@ inline bool decode4(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes,
 // Q6_K's own layout, and Q3_K's, whose codes -4..3 and 16-weight scales it holds as they are).
 inline bool five_bit(int64_t type) { return type == Q5_0 || type == Q5_1 || type == Q5_K; }
 inline bool six_bit(int64_t type) { return type == Q6_K || type == Q3_K; }
+// Q3_K's own width: the kernels' 3-bit form (codes 0..7 standing for code - 4, a scale per 16).
+inline bool three_bit(int64_t type) { return type == Q3_K; }
 
 // Group b (32 weights) of a Q5_0, Q5_1 or Q5_K row -> codes 0..31, d and m as half bits
 // (w = d * q + m). Q5_0 (m = -16 d, exact) and Q5_1 keep the file's values; Q5_K's
@@ -218,6 +220,13 @@ inline bool decode6(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes,
   if (!half_ok(s0) || !half_ok(s1)) return false;
   *d0 = to_half(s0);
   *d1 = to_half(s1);
+  return true;
+}
+
+// Group b of a Q3_K row -> its codes + 4 (0..7) and its halves' scales as decode6 gives them.
+inline bool decode3(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d0, uint16_t* d1) {
+  if (!decode6(type, row, b, codes, d0, d1)) return false;  // Q3_K: codes q + 32
+  for (int l = 0; l < 32; ++l) codes[l] = static_cast<uint8_t>(codes[l] - 28);
   return true;
 }
 

@@ -18,6 +18,7 @@
 //   Q5: codes q in 0..31, w = d*q + m         (GGUF Q5_1; Q5_0 and Q5_K map onto it)
 //   Q6: codes q in 0..63, w = d_h*(q - 32)    (GGUF Q6_K; Q3_K's -4..3 as 28..35), one d per half (16 weights)
 //   IQ4: indices q in 0..15, w = d*T[q]       (GGUF IQ4_NL, IQ4_XS), T = gguf::kIQ4Values
+//   Q3: codes q in 0..7, w = d_h*(q - 4)      (GGUF Q3_K), one d per half (16 weights)
 // d and m are stored as IEEE half, as GGUF stores them: GGUF weights requantize exactly,
 // and at one decode token (bound by memory reads) 4 bytes of scales per group instead of 8
 // are ~17% less traffic for Q4.
@@ -46,6 +47,12 @@
 //            shuffle (vpshufb, a 16-entry lookup), and an IQ4 layer gives the bits of a Q8
 //            layer of the same values (the same integer sums, the same float steps), from
 //            4.5 bits a weight, not 8.5.
+//   Q3 block: the codes' low 2 bits [2][64 bytes] laid out as Q6's top bits (byte 4r + i of
+//            vector h holds, in bits 2t..2t+1, those of k-group 4h + t), then their top bit
+//            [64 bytes] as Q5's (bit g of byte 4r + i: k-group g); scales as Q6's. 4 bits a
+//            weight (Q3_K's 3.4), where the 6-bit form takes 7. The kernels unpack a block to
+//            Q6's codes (q + 28 = the file's code + 32) and run Q6's arithmetic on them, so a
+//            Q3 layer gives the bits of a Q6 layer of the same values.
 //   A tile's blocks go in pairs: both blocks' codes, then both blocks' scales (codes_at).
 // Activations, per row and block of 32: int8 codes a, scale e = max|x|/127, and (for Q4's
 // min term) s = e * sum(a):  sum_i (d q_i + m)(e a_i) = (d e) sum(q_i a_i) + m s.
@@ -110,6 +117,8 @@ constexpr int64_t Q5_CODE_BYTES = Q4_CODE_BYTES + NR * QK / 8;  // + 64: the cod
 constexpr int64_t Q6_LOW_BYTES = NR * QK / 2;   // 256: the codes' low nibbles, as Q4's
 constexpr int64_t Q6_CODE_BYTES = Q6_LOW_BYTES + NR * QK / 4;  // + 128: their top 2 bits
 constexpr int64_t Q6_SCALE_HALVES = 2 * NR;     // d of each half: d0[16], d1[16]
+constexpr int64_t Q3_LOW_BYTES = NR * QK / 4;   // 128: the codes' low 2 bits
+constexpr int64_t Q3_CODE_BYTES = Q3_LOW_BYTES + NR * QK / 8;  // + 64: their top bit
 // Activation rows per register tile. (8 on the 512-bit path, whose 32 registers hold
 // them, measured no faster: 0.91-1.0x of 4 on Zen 4 at M = 16 and 64.)
 constexpr int MAX_MR = 4;
@@ -130,16 +139,19 @@ constexpr int64_t CHUNK_BYTES = 96 << 10;       // expanded activations per thre
 // passes instead) 0.71-0.79x the time for q4, 0.74-0.87x for q8 at 192-512 rows (Xeon).
 constexpr int64_t PASS_BYTES = 256 << 10;
 
-enum class Mode { Q4, Q8, Q6, Q5, IQ4 };
+enum class Mode { Q4, Q8, Q6, Q5, IQ4, Q3 };
 
 constexpr int64_t code_bytes(Mode m) {
   return m == Mode::Q4 || m == Mode::IQ4 ? Q4_CODE_BYTES
          : m == Mode::Q8                 ? Q8_CODE_BYTES
          : m == Mode::Q6                 ? Q6_CODE_BYTES
+         : m == Mode::Q3                 ? Q3_CODE_BYTES
                                          : Q5_CODE_BYTES;
 }
-constexpr int64_t scale_bytes(Mode m) {  // Q5 has Q4's d and m, IQ4 Q8's d
-  return 2 * (m == Mode::Q8 || m == Mode::IQ4 ? Q8_SCALE_HALVES : m == Mode::Q6 ? Q6_SCALE_HALVES : Q4_SCALE_HALVES);
+constexpr int64_t scale_bytes(Mode m) {  // Q5 has Q4's d and m, IQ4 Q8's d, Q3 Q6's d0 and d1
+  return 2 * (m == Mode::Q8 || m == Mode::IQ4                ? Q8_SCALE_HALVES
+              : m == Mode::Q6 || m == Mode::Q3 ? Q6_SCALE_HALVES
+                                               : Q4_SCALE_HALVES);
 }
 
 int64_t tile_bytes(Mode mode, int64_t kb) { return kb * (code_bytes(mode) + scale_bytes(mode)); }
@@ -154,6 +166,7 @@ inline void with_mode(Mode mode, Fn fn) {
     case Mode::Q6: return fn(std::integral_constant<Mode, Mode::Q6>{});
     case Mode::Q8: return fn(std::integral_constant<Mode, Mode::Q8>{});
     case Mode::IQ4: return fn(std::integral_constant<Mode, Mode::IQ4>{});
+    case Mode::Q3: return fn(std::integral_constant<Mode, Mode::Q3>{});
   }
 }
 
@@ -193,14 +206,36 @@ inline void put_q6(uint8_t* block_codes, int64_t r, const uint8_t* c) {
   put_q4(block_codes, r, c);
   for (int64_t j = 0; j < QK; ++j) block_codes[q6_top_byte(r, j)] |= static_cast<uint8_t>((c[j] >> 4) << q6_top_shift(j));
 }
-template <Mode M>  // Q4, Q5 or Q6
+// Q3: the low 2 bits at q3_low_byte(r, j), bits q6_top_shift(j); the top one at
+// q3_top_byte(r, j), bit j / 4.
+inline int64_t q3_low_byte(int64_t r, int64_t j) { return (j >> 4) * (4 * NR) + 4 * r + (j & 3); }
+inline int64_t q3_top_byte(int64_t r, int64_t j) { return Q3_LOW_BYTES + 4 * r + (j & 3); }
+inline void put_q3(uint8_t* block_codes, int64_t r, const uint8_t* c) {
+  for (int64_t j = 0; j < QK; ++j) {
+    block_codes[q3_low_byte(r, j)] |= static_cast<uint8_t>((c[j] & 3) << q6_top_shift(j));
+    block_codes[q3_top_byte(r, j)] |= static_cast<uint8_t>(((c[j] >> 2) & 1) << (j >> 2));
+  }
+}
+template <Mode M>  // Q4, Q5, Q6 or Q3
 inline void put_codes(uint8_t* block_codes, int64_t r, const uint8_t* c) {
   if constexpr (M == Mode::Q4) put_q4(block_codes, r, c);
   else if constexpr (M == Mode::Q5) put_q5(block_codes, r, c);
+  else if constexpr (M == Mode::Q3) put_q3(block_codes, r, c);
   else put_q6(block_codes, r, c);
 }
 inline int q6_code(const uint8_t* block_codes, int64_t r, int64_t j) {
   return q4_code(block_codes, r, j) | (((block_codes[q6_top_byte(r, j)] >> q6_top_shift(j)) & 3) << 4);
+}
+inline int q3_code(const uint8_t* block_codes, int64_t r, int64_t j) {
+  return ((block_codes[q3_low_byte(r, j)] >> q6_top_shift(j)) & 3) |
+         (((block_codes[q3_top_byte(r, j)] >> (j >> 2)) & 1) << 2);
+}
+// The Q6 code a Q6 or Q3 block's weight computes as: Q3's code q stands for q - 4, Q6's for
+// code - 32, so Q3 runs as Q6 on q + 28.
+template <Mode M>
+inline int six_bit_code(const uint8_t* block_codes, int64_t r, int64_t j) {
+  if constexpr (M == Mode::Q3) return q3_code(block_codes, r, j) + 28;
+  else return q6_code(block_codes, r, j);
 }
 
 // Where a tile-block lives inside its tile. The blocks go in pairs, each pair's codes (2 x
@@ -408,22 +443,51 @@ torch::Tensor q6_pack(const torch::Tensor& weight) {
   });
 }
 
-// -> codes (N, K) uint8 in 0..63 (standing for code - 32), d (N, 2 K/32) float32: one per 16
-std::vector<torch::Tensor> q6_unpack(const torch::Tensor& packed, int64_t n, int64_t k) {
-  check_packed(Mode::Q6, packed, n, k);
+// Q3 from float weights (tests; GGUF weights come through pack_gguf): per half of a group,
+// d = -peak / 4 (half; the peak the value of largest magnitude), so that the peak's code is
+// 0 (-4), codes round(w / d) + 4 in 0..7.
+torch::Tensor q3_pack(const torch::Tensor& weight) {
+  check_weight(weight);
+  auto w = weight.to(torch::kFloat).contiguous();
+  const int64_t k = w.size(1), kb = k / QK;
+  const float* wp = w.data_ptr<float>();
+  return pack_by_block(Mode::Q3, w.size(0), k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
+    const float* g = wp + row * k + b * QK;
+    uint8_t c[QK];
+    uint16_t* sc = scales_of(tile, Mode::Q3, kb, b);
+    for (int64_t h = 0; h < 2; ++h) {
+      float peak = 0.f;
+      for (int64_t i = 16 * h; i < 16 * h + 16; ++i)
+        if (std::fabs(g[i]) > std::fabs(peak)) peak = g[i];
+      const uint16_t d16 = float_to_half(peak / -4.f);
+      const float d = half_to_float(d16);
+      const float id = d != 0.f ? 1.f / d : 0.f;
+      for (int64_t i = 16 * h; i < 16 * h + 16; ++i)
+        c[i] = static_cast<uint8_t>(4.f + std::min(3.f, std::max(-4.f, std::nearbyint(g[i] * id))));
+      sc[h * NR + r] = d16;
+    }
+    put_q3(tile + codes_at(Mode::Q3, b), r, c);
+  });
+}
+
+// -> codes (N, K) uint8 (Q6: 0..63 standing for code - 32; Q3: 0..7 standing for code - 4),
+// d (N, 2 K/32) float32: one per 16
+template <Mode M>
+std::vector<torch::Tensor> half_scale_unpack(const torch::Tensor& packed, int64_t n, int64_t k) {
+  check_packed(M, packed, n, k);
   const int64_t kb = k / QK;
   auto codes = torch::empty({n, k}, torch::kUInt8);
   auto d = torch::empty({n, 2 * kb}, torch::kFloat);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   for (int64_t row = 0; row < n; ++row) {
     const int64_t t = row / NR, r = row % NR;
-    const uint8_t* tile = pp + t * tile_bytes(Mode::Q6, kb);
+    const uint8_t* tile = pp + t * tile_bytes(M, kb);
     for (int64_t b = 0; b < kb; ++b) {
-      const uint8_t* src = tile + codes_at(Mode::Q6, b);
+      const uint8_t* src = tile + codes_at(M, b);
       uint8_t* c = codes.data_ptr<uint8_t>() + row * k + b * QK;
-      for (int64_t j = 0; j < QK; ++j) c[j] = static_cast<uint8_t>(q6_code(src, r, j));
+      for (int64_t j = 0; j < QK; ++j) c[j] = static_cast<uint8_t>(M == Mode::Q3 ? q3_code(src, r, j) : q6_code(src, r, j));
       for (int64_t h = 0; h < 2; ++h)
-        d.data_ptr<float>()[row * 2 * kb + 2 * b + h] = half_to_float(scales_of(tile, Mode::Q6, kb, b)[h * NR + r]);
+        d.data_ptr<float>()[row * 2 * kb + 2 * b + h] = half_to_float(scales_of(tile, M, kb, b)[h * NR + r]);
     }
   }
   return {codes, d};
@@ -475,14 +539,14 @@ torch::Tensor q8_pack_codes(const torch::Tensor& codes, const torch::Tensor& d) 
 // the parts are stacked along N in order (q, k, v -> qkv), each part's output row i taken
 // from its source row order[i] (llama.cpp's q/k permutation undone) or row i when order is
 // empty. One pass, parallel over tiles, no intermediate codes tensor. Form "q4" takes only
-// Q4_0/Q4_1/Q4_K parts, "q5" only Q5_0/Q5_1/Q5_K, "q6" only Q6_K/Q3_K, "iq4" only IQ4_NL/IQ4_XS;
+// Q4_0/Q4_1/Q4_K parts, "q5" only Q5_0/Q5_1/Q5_K, "q6" only Q6_K/Q3_K, "q3" only Q3_K, "iq4" only IQ4_NL/IQ4_XS;
 // "q8" takes every type gguf_blocks.h decodes.
 // Raises with "half range" in the message when a scale or min does not fit a half, so
 // that the caller can fall back to its own (8-bit) handling of such a tensor.
 torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor>& raws,
                         const std::vector<int64_t>& types, const std::vector<torch::Tensor>& orders, int64_t k) {
-  TORCH_CHECK(form == "q4" || form == "q5" || form == "q6" || form == "q8" || form == "iq4",
-              "form must be q4, q5, q6, q8 or iq4, not ", form);
+  TORCH_CHECK(form == "q3" || form == "q4" || form == "q5" || form == "q6" || form == "q8" || form == "iq4",
+              "form must be q3, q4, q5, q6, q8 or iq4, not ", form);
   const int64_t bits = form == "iq4" ? 0 : form[1] - '0';
   TORCH_CHECK(!raws.empty() && raws.size() == types.size() && raws.size() == orders.size(),
               "one type and one row order per part");
@@ -496,6 +560,7 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
     TORCH_CHECK(bits != 4 || gguf::four_bit(types[p]), "GGUF type ", types[p], " has no 4-bit form");
     TORCH_CHECK(bits != 5 || gguf::five_bit(types[p]), "GGUF type ", types[p], " has no 5-bit form");
     TORCH_CHECK(bits != 6 || gguf::six_bit(types[p]), "GGUF type ", types[p], " has no 6-bit form");
+    TORCH_CHECK(bits != 3 || gguf::three_bit(types[p]), "GGUF type ", types[p], " has no 3-bit form");
     TORCH_CHECK(bits != 0 || gguf::iq4(types[p]), "GGUF type ", types[p], " has no IQ4 form");
     TORCH_CHECK(k % lay.block_values == 0, "K = ", k, " is not a whole number of blocks of ", lay.block_values);
     TORCH_CHECK(raw.scalar_type() == torch::kUInt8 && raw.dim() == 1 && raw.is_contiguous(),
@@ -520,7 +585,7 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
   const int64_t n = static_cast<int64_t>(row_ptr.size()), kb = k / QK;
   std::atomic<bool> in_range{true};
   torch::Tensor out;
-  // The 4-, 5- and 6-bit forms: codes and two halves a row (d and m, or d0 and d1).
+  // The 3-, 4-, 5- and 6-bit forms: codes and two halves a row (d and m, or d0 and d1).
   auto two_scales = [&](auto form, auto decode) {  // form: std::integral_constant<Mode, M>
     constexpr Mode M = decltype(form)::value;
     return pack_by_block(M, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
@@ -539,6 +604,8 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
     out = two_scales(std::integral_constant<Mode, Mode::Q5>{}, gguf::decode5);
   } else if (bits == 6) {
     out = two_scales(std::integral_constant<Mode, Mode::Q6>{}, gguf::decode6);
+  } else if (bits == 3) {
+    out = two_scales(std::integral_constant<Mode, Mode::Q3>{}, gguf::decode3);
   } else if (bits == 0) {
     out = pack_by_block(Mode::IQ4, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
       uint8_t c[QK];
@@ -739,7 +806,9 @@ void q8_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, i
   }
 }
 
-// Q6: per half, the integer dot product plus the activations' offset, then as Q8 per half.
+// Q6 (and Q3, as Q6 on its codes + 28): per half, the integer dot product plus the
+// activations' offset, then as Q8 per half.
+template <Mode M>
 void q6_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, int64_t m0, int64_t mr,
                     float (*out)[NR]) {
   for (int64_t r = 0; r < mr; ++r) {
@@ -749,11 +818,11 @@ void q6_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, i
     for (int64_t j = 0; j < NR; ++j) {
       float acc = 0.f;
       for (int64_t b = 0; b < kb; ++b) {
-        const uint8_t* c = tile + codes_at(Mode::Q6, b);
-        const uint16_t* sc = scales_of(tile, Mode::Q6, kb, b);
+        const uint8_t* c = tile + codes_at(M, b);
+        const uint16_t* sc = scales_of(tile, M, kb, b);
         const int8_t* a = arow + b * QK;
         int32_t isum[2] = {off[2 * b], off[2 * b + 1]};
-        for (int64_t i = 0; i < QK; ++i) isum[i >> 4] += q6_code(c, j, i) * a[i];
+        for (int64_t i = 0; i < QK; ++i) isum[i >> 4] += six_bit_code<M>(c, j, i) * a[i];
         const float t = std::fma(static_cast<float>(isum[0]), half_to_float(sc[j]),
                                  static_cast<float>(isum[1]) * half_to_float(sc[NR + j]));
         acc = std::fma(t, e[b], acc);
@@ -1016,26 +1085,43 @@ void q8_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, co
   for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * h, acc[r]);
 }
 
-// off: the rows' Q6 offsets (row r, block b at off + 2 * (r * kb + b)).
-template <int MR>
+// Q3's top bit of k-group g (0..7), moved to bit 2 of each byte (masked by the caller;
+// 16-bit shifts, what crosses a byte lands outside bit 2).
+inline __m256i q3_top256(__m256i v, int g) {
+  return g < 2 ? _mm256_slli_epi16(v, 2 - g) : g == 2 ? v : _mm256_srli_epi16(v, g - 2);
+}
+
+// off: the rows' Q6 offsets (row r, block b at off + 2 * (r * kb + b)). M: Q6, or Q3 run as
+// Q6 on its codes + 28.
+template <Mode M, int MR>
 void q6_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, const float* e, const int32_t* off,
                   float (*out)[NR]) {
   const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x30);
+  const __m256i low2 = _mm256_set1_epi8(0x03), bit2 = _mm256_set1_epi8(0x04), q3_offset = _mm256_set1_epi8(28);
   __m256 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
-    const uint8_t* c = tile + codes_at(Mode::Q6, b) + 32 * h;
-    prefetch_ahead<Mode::Q6>(tile, b);
-    const __m256i top[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q6_LOW_BYTES)),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q6_LOW_BYTES + 64))};
-    __m256i u[8];  // the codes of k-groups 0..7, unpacked once for all MR activation rows
-    for (int p = 0; p < 4; ++p) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
-      u[p] = _mm256_or_si256(_mm256_and_si256(x, low4), _mm256_and_si256(q6_top256(top[0], p), top2));
-      u[p + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(x, 4), low4),
-                                 _mm256_and_si256(q6_top256(top[1], p), top2));
+    const uint8_t* c = tile + codes_at(M, b) + 32 * h;
+    prefetch_ahead<M>(tile, b);
+    __m256i u[8];  // the (Q6) codes of k-groups 0..7, unpacked once for all MR activation rows
+    if constexpr (M == Mode::Q3) {
+      const __m256i top = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q3_LOW_BYTES));
+      for (int g = 0; g < 8; ++g) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * (g >> 2)));
+        const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(x, 2 * (g & 3)), low2);
+        u[g] = _mm256_add_epi8(_mm256_or_si256(lo, _mm256_and_si256(q3_top256(top, g), bit2)), q3_offset);
+      }
+    } else {
+      const __m256i top[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q6_LOW_BYTES)),
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q6_LOW_BYTES + 64))};
+      for (int p = 0; p < 4; ++p) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
+        u[p] = _mm256_or_si256(_mm256_and_si256(x, low4), _mm256_and_si256(q6_top256(top[0], p), top2));
+        u[p + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(x, 4), low4),
+                                   _mm256_and_si256(q6_top256(top[1], p), top2));
+      }
     }
-    const uint16_t* sc = scales_of(tile, Mode::Q6, kb, b) + NH * h;
+    const uint16_t* sc = scales_of(tile, M, kb, b) + NH * h;
     const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
     const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
     for (int r = 0; r < MR; ++r) {
@@ -1302,6 +1388,7 @@ struct IQ4Block : OffsetRows<IQ4Block, 4> {  // u: the table values + 128 of k-g
 // half, each with its own scale), each started from the activations' offset for its half.
 struct Q6Block : OffsetRows<Q6Block, 1> {  // u: the codes of k-groups 0..7
   __m512 d0, d1;
+  Q6Block() = default;  // for Q3Block, which fills these itself
   // Pin: as Q8Block's.
   template <bool Pin>
   Q6Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
@@ -1329,11 +1416,36 @@ struct Q6Block : OffsetRows<Q6Block, 1> {  // u: the codes of k-groups 0..7
   }
 };
 
+// Q3: Q6's rows on the codes + 28 (the file's code + 32), unpacked from the 2-bit plane
+// (as Q6's top bits: k-group 4h + t in bits 2t..2t+1 of vector h) and the top-bit plane
+// (as Q5's: bit g for k-group g). 16-bit shifts: what crosses a byte is masked off.
+struct Q3Block : Q6Block {
+  template <bool Pin>
+  Q3Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
+    const uint16_t* sc = scales_of(tile, Mode::Q3, kb, b);
+    d0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
+    d1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + NR)));
+    const uint8_t* c = tile + codes_at(Mode::Q3, b);
+    const __m512i low2 = _mm512_set1_epi8(0x03), bit2 = _mm512_set1_epi8(0x04), offset = _mm512_set1_epi8(28);
+    const __m512i x[2] = {_mm512_loadu_si512(c), _mm512_loadu_si512(c + 64)};
+    const __m512i top = _mm512_loadu_si512(c + Q3_LOW_BYTES);
+    for (int g = 0; g < 8; ++g) {
+      const __m512i lo = _mm512_and_si512(_mm512_srli_epi16(x[g >> 2], 2 * (g & 3)), low2);
+      const __m512i hi = g < 2 ? _mm512_slli_epi16(top, 2 - g) : g == 2 ? top : _mm512_srli_epi16(top, g - 2);
+      // 0xF8: a | (b & c)
+      u[g] = _mm512_add_epi8(_mm512_ternarylogic_epi32(lo, hi, bit2, 0xF8), offset);
+      if constexpr (Pin) pin(u[g]);
+    }
+  }
+};
+
 template <Mode M>
 using BlockOf = std::conditional_t<
     M == Mode::Q4, Q4Block,
-    std::conditional_t<M == Mode::Q8, Q8Block,
-                       std::conditional_t<M == Mode::Q6, Q6Block, std::conditional_t<M == Mode::Q5, Q5Block, IQ4Block>>>>;
+    std::conditional_t<
+        M == Mode::Q8, Q8Block,
+        std::conditional_t<M == Mode::Q6, Q6Block,
+                           std::conditional_t<M == Mode::Q5, Q5Block, std::conditional_t<M == Mode::Q3, Q3Block, IQ4Block>>>>>;
 
 // A whole tile against MR activation rows (the row-group order: one pass over the tile
 // per group of rows). s is used by Q4 and Q5 only, off by Q6 and IQ4 only.
@@ -1416,7 +1528,8 @@ void tile_simd(Mode mode, const uint8_t* tile, int64_t kb, int64_t ncols, const 
     if (mode == Mode::Q4) q4_tile_avx2<Mode::Q4, MR>(tile, kb, h, act, e, s, out);
     else if (mode == Mode::Q8) q8_tile_avx2<Mode::Q8, MR>(tile, kb, h, act, e, s, out);
     else if (mode == Mode::IQ4) q8_tile_avx2<Mode::IQ4, MR>(tile, kb, h, act, e, s, out);
-    else if (mode == Mode::Q6) q6_tile_avx2<MR>(tile, kb, h, act, e, off, out);
+    else if (mode == Mode::Q6) q6_tile_avx2<Mode::Q6, MR>(tile, kb, h, act, e, off, out);
+    else if (mode == Mode::Q3) q6_tile_avx2<Mode::Q3, MR>(tile, kb, h, act, e, off, out);
     else q4_tile_avx2<Mode::Q5, MR>(tile, kb, h, act, e, s, out);
   }
 #endif
@@ -1582,7 +1695,8 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
               if (mode == Mode::Q4) q4_tile_scalar<Mode::Q4>(tile, kb, q, k, m0, mr, out);
               else if (mode == Mode::Q8) q8_tile_scalar<Mode::Q8>(tile, kb, q, k, m0, mr, out);
               else if (mode == Mode::IQ4) q8_tile_scalar<Mode::IQ4>(tile, kb, q, k, m0, mr, out);
-              else if (mode == Mode::Q6) q6_tile_scalar(tile, kb, q, k, m0, mr, out);
+              else if (mode == Mode::Q6) q6_tile_scalar<Mode::Q6>(tile, kb, q, k, m0, mr, out);
+              else if (mode == Mode::Q3) q6_tile_scalar<Mode::Q3>(tile, kb, q, k, m0, mr, out);
               else q4_tile_scalar<Mode::Q5>(tile, kb, q, k, m0, mr, out);
             }
             for (int64_t r = 0; r < mr; ++r)
@@ -1630,12 +1744,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("isa", &isa, "the SIMD path this build uses: avx2+vnni, avx2 or scalar");
   m.def("packed_bytes", [](const std::string& mode, int64_t n, int64_t k) {
-    TORCH_CHECK(mode == "q4" || mode == "q5" || mode == "q6" || mode == "q8" || mode == "iq4",
-                "mode: q4, q5, q6, q8 or iq4");
+    TORCH_CHECK(mode == "q3" || mode == "q4" || mode == "q5" || mode == "q6" || mode == "q8" || mode == "iq4",
+                "mode: q3, q4, q5, q6, q8 or iq4");
     return packed_bytes(mode == "q4"   ? Mode::Q4
                         : mode == "q5" ? Mode::Q5
                         : mode == "q6" ? Mode::Q6
                         : mode == "q8" ? Mode::Q8
+                        : mode == "q3" ? Mode::Q3
                                        : Mode::IQ4,
                         n, k);
   });
@@ -1648,11 +1763,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q5_pack", &pack_min_max<Mode::Q5>, nogil, "float (N, K) -> packed Q5 (uint8)");
   m.def("q5_unpack", &unpack_min_max<Mode::Q5>, nogil, "packed Q5 -> codes (N, K) uint8 0..31, d (N, K/32), m (N, K/32)");
   m.def("q6_pack", &q6_pack, nogil, "float (N, K) -> packed Q6 (uint8)");
-  m.def("q6_unpack", &q6_unpack, nogil, "packed Q6 -> codes (N, K) uint8 0..63 (standing for code - 32), d (N, K/16)");
+  m.def("q6_unpack", &half_scale_unpack<Mode::Q6>, nogil,
+        "packed Q6 -> codes (N, K) uint8 0..63 (standing for code - 32), d (N, K/16)");
+  m.def("q3_pack", &q3_pack, nogil, "float (N, K) -> packed Q3 (uint8)");
+  m.def("q3_unpack", &half_scale_unpack<Mode::Q3>, nogil,
+        "packed Q3 -> codes (N, K) uint8 0..7 (standing for code - 4), d (N, K/16)");
   m.def("q4_pack_codes", &q4_pack_codes, nogil, "codes (N, K) uint8 0..15, d, m (N, K/32) float16 -> packed Q4");
   m.def("q8_pack_codes", &q8_pack_codes, nogil, "codes (N, K) int8, d (N, K/32) float16 -> packed Q8");
   m.def("pack_gguf", &pack_gguf, nogil,
-        "GGUF tensors' bytes, stacked along N -> packed in form q4, q5, q6, q8 or iq4",
+        "GGUF tensors' bytes, stacked along N -> packed in form q3, q4, q5, q6, q8 or iq4",
         py::arg("form"), py::arg("raws"), py::arg("types"), py::arg("orders"), py::arg("k"));
   m.def("gguf_rows", &gguf_rows, nogil, "rows `ids` of a GGUF tensor's bytes -> float32 (len(ids), K)",
         py::arg("raw"), py::arg("type"), py::arg("ids"), py::arg("k"));
@@ -1665,6 +1784,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q5_linear", &linear_of<Mode::Q5>, nogil, "x (M, K) @ Q5 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
   m.def("q6_linear", &linear_of<Mode::Q6>, nogil, "x (M, K) @ Q6 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
+        py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+  m.def("q3_linear", &linear_of<Mode::Q3>, nogil, "x (M, K) @ Q3 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
   m.def("iq4_linear", &linear_of<Mode::IQ4>, nogil, "x (M, K) @ IQ4 weights^T (+ bias)", py::arg("x"),
         py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
