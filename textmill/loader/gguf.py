@@ -206,7 +206,7 @@ def load_gguf(path: Path, *, dtype: torch.dtype, device: str
 
 
 # Bits per weight of GGML's block types, as far as `--quantization auto` cares: the width of
-# the integer kernel that holds the file's weights best (5- and 6-bit types need int8).
+# the integer kernel that holds the file's weights best (3-, 5- and 6-bit types need int8).
 _TYPE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "IQ4_NL": 4, "IQ4_XS": 4, "Q3_K": 8, "Q2_K": 8,
               "IQ3_S": 8, "IQ3_XXS": 8, "IQ2_S": 8, "IQ2_XS": 8, "IQ2_XXS": 8, "IQ1_S": 8,  # 8-bit codes
               "Q5_0": 8, "Q5_1": 8, "Q5_K": 8, "Q6_K": 8, "Q8_0": 8, "Q8_1": 8, "Q8_K": 8}
@@ -214,7 +214,7 @@ _TYPE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "IQ4_NL": 4, "IQ4_XS": 4, "Q3_K":
 
 def layer_weight_bits(path: Path) -> int | None:
     """4 or 8 when most of the file's layer matrices (blk.*) are stored in a 4-bit type or
-    in one the kernels hold in 5 to 8 bits (Q2_K, Q3_K and the 5- to 8-bit types); None for
+    in one the kernels hold in 3 or 5 to 8 bits (Q2_K, Q3_K and the 5- to 8-bit types); None for
     float files (F32/F16/BF16)."""
     counts: dict[int | None, int] = {}
     for t in GGUFFile(path).tensors:

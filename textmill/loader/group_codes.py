@@ -34,8 +34,8 @@ weight where 8-bit codes took 8.5; the kernels compute it as the 6-bit form on i
 so its groups are rounded to 8 bits, as the "others" are, but by the C++ converter in one
 pass instead of numpy's whole-tensor ones.)
 
-Only the C++ converter (kernels/csrc/gguf_blocks.h, QLinear.from_file) writes the 5- and
-6-bit forms; the converters here give those types 8-bit codes, the path of a tensor whose
+Only the C++ converter (kernels/csrc/gguf_blocks.h, QLinear.from_file) writes the 3-, 5-
+and 6-bit forms; the converters here give those types 8-bit codes, the path of a tensor whose
 scales do not fit a half (and of such a part fused with an 8-bit one).
 
 Q4_K's sub-block scale d * sc (a half times a 6-bit integer) is rounded to a half: a
@@ -65,7 +65,7 @@ T = GGMLQuantizationType
 # The types that map onto the 4-bit form exactly (or, for Q4_K, up to the scales' rounding).
 FOUR_BIT_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})
 # The types the C++ converter packs in the 5- and 6-bit forms (6 and 7 bits a weight where
-# 8-bit codes take 8.5, and without a second rounding).
+# 8-bit codes take 8.5, and without a second rounding), and in the 3-bit form (4 bits).
 FIVE_BIT_TYPES = frozenset({T.Q5_0, T.Q5_1, T.Q5_K})
 SIX_BIT_TYPES = frozenset({T.Q6_K})
 # Q3_K takes the kernels' 3-bit form (its codes and 16-weight scales as they are).

@@ -146,4 +146,4 @@ def install_file_weights(model: nn.Module, codes: Mapping[str, CodesRef], rows: 
     count = swap_linears(model, maker.one)
     release_file_pages([r.raw for r in codes.values()] + [rows.raw])
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(maker.widths.items()))
-    return f"the file's own blocks as 4- to 8-bit codes ({kinds}); {fused} attention/MLP modules fused, {count} more linears"
+    return f"the file's own blocks as 3- to 8-bit codes ({kinds}); {fused} attention/MLP modules fused, {count} more linears"

@@ -111,14 +111,14 @@ class QLinear(nn.Module):
         """GGUF tensors of one form (CodesRef.form), stacked along N, packed straight from the
         mapped file by the C++ converter: in the q4 and q8 forms the bytes from_codes would
         pack, in one pass with no intermediate codes. Form q8 also takes the q3, q5, q6 and
-        iq4 types (their 8-bit codes, as from_codes), form q6 the q3 ones (its codes + 28). Raises OutOfHalfRange when a scale does not
+        iq4 types (their 8-bit codes, as from_codes). Raises OutOfHalfRange when a scale does not
         fit a half; the caller then takes from_codes' path, which rounds such a tensor to 8 bits."""
         ext = _ext()
         if ext is None:
             raise ValueError("GGUF weights need textmill's C++ kernels, which could not be built here")
         form, k = form or refs[0].form, refs[0].shape[1]
-        wider = {"q8": ("q3", "q5", "q6", "iq4"), "q6": ("q3",)}.get(form, ())
-        assert all((r.form == form or r.form in wider) and r.shape[1] == k for r in refs), "parts of one form and width"
+        assert all((r.form == form or (form == "q8" and r.form in ("q3", "q5", "q6", "iq4"))) and r.shape[1] == k
+                   for r in refs), "parts of one form and width"
         no_order = torch.empty(0, dtype=torch.long)
         orders = [no_order if r.row_order is None else r.row_order.long().contiguous() for r in refs]
         try:

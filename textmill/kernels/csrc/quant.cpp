@@ -239,9 +239,9 @@ inline int six_bit_code(const uint8_t* block_codes, int64_t r, int64_t j) {
 }
 
 // Where a tile-block lives inside its tile. The blocks go in pairs, each pair's codes (2 x
-// 256, 320, 384, 512 or 256 bytes for Q4, Q5, Q6, Q8, IQ4) followed by the pair's scales
-// (2 x 64, or 32 for Q8 and IQ4): a pass over a tile is then one sequential stream of
-// whole cache lines (a pair is 640, 768, 896, 1088 or 576 bytes). The
+// 256, 320, 384, 512, 256 or 192 bytes for Q4, Q5, Q6, Q8, IQ4, Q3) followed by the pair's
+// scales (2 x 64, or 32 for Q8 and IQ4): a pass over a tile is then one sequential stream of
+// whole cache lines (a pair is 640, 768, 896, 1088, 576 or 512 bytes). The
 // layout before put every block's scales after all the codes, two streams, which Zen 4's
 // hardware prefetcher served at half the rate of one (one thread, weights from memory:
 // 9.4-11.8 against 18-20 GB/s for Gemma 3's K = 640), and software prefetch did not help.
@@ -1006,7 +1006,7 @@ inline void prefetch_l2(const void* p, int lines) {
 }
 template <Mode M>
 inline void prefetch_ahead(const uint8_t* tile, int64_t b) {
-  constexpr int64_t share = pair_bytes(M) / 2;  // 320 (Q4), 384 (Q5), 448 (Q6), 544 (Q8) or 288 (IQ4) bytes
+  constexpr int64_t share = pair_bytes(M) / 2;  // 320 (Q4), 384 (Q5), 448 (Q6), 544 (Q8), 288 (IQ4) or 256 (Q3) bytes
   constexpr int lines = static_cast<int>((share + 63) / 64);
   const uint8_t* at = tile + b * share;
   prefetch_l2(at + PREFETCH_FAR_BYTES, lines);
@@ -1448,7 +1448,7 @@ using BlockOf = std::conditional_t<
                            std::conditional_t<M == Mode::Q5, Q5Block, std::conditional_t<M == Mode::Q3, Q3Block, IQ4Block>>>>>;
 
 // A whole tile against MR activation rows (the row-group order: one pass over the tile
-// per group of rows). s is used by Q4 and Q5 only, off by Q6 and IQ4 only.
+// per group of rows). s is used by Q4 and Q5 only, off by Q6, Q3 and IQ4 only.
 template <Mode M, int MR>
 void tile_avx512(const uint8_t* tile, int64_t kb, const ActRows& act, const float* e, const float* s,
                  const int32_t* off, float (*out)[NR]) {
