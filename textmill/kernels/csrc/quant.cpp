@@ -418,55 +418,34 @@ std::vector<torch::Tensor> unpack_signed(const torch::Tensor& packed, int64_t n,
   return {codes, d};
 }
 
-// Q6 from float weights (tests; GGUF weights come through pack_gguf): per half of a group,
-// d = max|w| / 31 (half), codes round(w / d) + 32, so 1..63.
-torch::Tensor q6_pack(const torch::Tensor& weight) {
+// Q6 and Q3 from float weights (tests; GGUF weights come through pack_gguf): per half of a
+// group (16 weights) one half scale d, codes round(w / d) + zero clamped to the form's range.
+// Q6: d = max|w| / 31, codes 0..63 around 32. Q3: d = -peak / 4, the peak the value of
+// largest magnitude, which so takes code 0 (-4), codes 0..7 around 4.
+template <Mode M>
+torch::Tensor half_scale_pack(const torch::Tensor& weight) {
+  static_assert(M == Mode::Q6 || M == Mode::Q3, "Q6 or Q3");
+  constexpr float zero = M == Mode::Q3 ? 4.f : 32.f, top = M == Mode::Q3 ? 3.f : 31.f;
   check_weight(weight);
   auto w = weight.to(torch::kFloat).contiguous();
   const int64_t k = w.size(1), kb = k / QK;
   const float* wp = w.data_ptr<float>();
-  return pack_by_block(Mode::Q6, w.size(0), k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
+  return pack_by_block(M, w.size(0), k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
     const float* g = wp + row * k + b * QK;
     uint8_t c[QK];
-    uint16_t* sc = scales_of(tile, Mode::Q6, kb, b);
-    for (int64_t h = 0; h < 2; ++h) {
-      float amax = 0.f;
-      for (int64_t i = 16 * h; i < 16 * h + 16; ++i) amax = std::max(amax, std::fabs(g[i]));
-      const uint16_t d16 = float_to_half(amax / 31.f);
-      const float d = half_to_float(d16);
-      const float id = d > 0.f ? 1.f / d : 0.f;
-      for (int64_t i = 16 * h; i < 16 * h + 16; ++i)
-        c[i] = static_cast<uint8_t>(32.f + std::min(31.f, std::max(-32.f, std::nearbyint(g[i] * id))));
-      sc[h * NR + r] = d16;
-    }
-    put_q6(tile + codes_at(Mode::Q6, b), r, c);
-  });
-}
-
-// Q3 from float weights (tests; GGUF weights come through pack_gguf): per half of a group,
-// d = -peak / 4 (half; the peak the value of largest magnitude), so that the peak's code is
-// 0 (-4), codes round(w / d) + 4 in 0..7.
-torch::Tensor q3_pack(const torch::Tensor& weight) {
-  check_weight(weight);
-  auto w = weight.to(torch::kFloat).contiguous();
-  const int64_t k = w.size(1), kb = k / QK;
-  const float* wp = w.data_ptr<float>();
-  return pack_by_block(Mode::Q3, w.size(0), k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
-    const float* g = wp + row * k + b * QK;
-    uint8_t c[QK];
-    uint16_t* sc = scales_of(tile, Mode::Q3, kb, b);
+    uint16_t* sc = scales_of(tile, M, kb, b);
     for (int64_t h = 0; h < 2; ++h) {
       float peak = 0.f;
       for (int64_t i = 16 * h; i < 16 * h + 16; ++i)
         if (std::fabs(g[i]) > std::fabs(peak)) peak = g[i];
-      const uint16_t d16 = float_to_half(peak / -4.f);
+      const uint16_t d16 = float_to_half(M == Mode::Q3 ? peak / -4.f : std::fabs(peak) / 31.f);
       const float d = half_to_float(d16);
       const float id = d != 0.f ? 1.f / d : 0.f;
       for (int64_t i = 16 * h; i < 16 * h + 16; ++i)
-        c[i] = static_cast<uint8_t>(4.f + std::min(3.f, std::max(-4.f, std::nearbyint(g[i] * id))));
+        c[i] = static_cast<uint8_t>(zero + std::min(top, std::max(-zero, std::nearbyint(g[i] * id))));
       sc[h * NR + r] = d16;
     }
-    put_q3(tile + codes_at(Mode::Q3, b), r, c);
+    put_codes<M>(tile + codes_at(M, b), r, c);
   });
 }
 
@@ -1762,10 +1741,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("iq4_unpack", &unpack_signed<Mode::IQ4>, nogil, "packed IQ4 -> table values (N, K) int8, d (N, K/32)");
   m.def("q5_pack", &pack_min_max<Mode::Q5>, nogil, "float (N, K) -> packed Q5 (uint8)");
   m.def("q5_unpack", &unpack_min_max<Mode::Q5>, nogil, "packed Q5 -> codes (N, K) uint8 0..31, d (N, K/32), m (N, K/32)");
-  m.def("q6_pack", &q6_pack, nogil, "float (N, K) -> packed Q6 (uint8)");
+  m.def("q6_pack", &half_scale_pack<Mode::Q6>, nogil, "float (N, K) -> packed Q6 (uint8)");
   m.def("q6_unpack", &half_scale_unpack<Mode::Q6>, nogil,
         "packed Q6 -> codes (N, K) uint8 0..63 (standing for code - 32), d (N, K/16)");
-  m.def("q3_pack", &q3_pack, nogil, "float (N, K) -> packed Q3 (uint8)");
+  m.def("q3_pack", &half_scale_pack<Mode::Q3>, nogil, "float (N, K) -> packed Q3 (uint8)");
   m.def("q3_unpack", &half_scale_unpack<Mode::Q3>, nogil,
         "packed Q3 -> codes (N, K) uint8 0..7 (standing for code - 4), d (N, K/16)");
   m.def("q4_pack_codes", &q4_pack_codes, nogil, "codes (N, K) uint8 0..15, d, m (N, K/32) float16 -> packed Q4");
