@@ -294,6 +294,19 @@ torch::Tensor pack_by_block(Mode mode, int64_t n, int64_t k, Fn fn) {
   return out;
 }
 
+// Packs a float (N, K) weight: fn(tile, r, kb, b, g) for each row's group g (its 32 floats)
+// of block b, r the row inside its tile (pack_by_block's walk over a float32 copy).
+template <typename Fn>
+torch::Tensor pack_float(Mode mode, const torch::Tensor& weight, Fn fn) {
+  check_weight(weight);
+  auto w = weight.to(torch::kFloat).contiguous();
+  const int64_t k = w.size(1), kb = k / QK;
+  const float* wp = w.data_ptr<float>();
+  return pack_by_block(mode, w.size(0), k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
+    fn(tile, r, kb, b, wp + row * k + b * QK);
+  });
+}
+
 // Q4 and Q5 from float weights: Q4_1's (Q5_1's) rule, the group's min and max map to codes
 // 0 and 15 (31), d = (max - min) / 15 (31) and m = min stored as halves; codes are rounded
 // against the stored d and m, so weights that already are GGUF Q4_1 values d*q + m come
@@ -302,12 +315,7 @@ template <Mode M>
 torch::Tensor pack_min_max(const torch::Tensor& weight) {
   static_assert(has_min(M), "Q4 or Q5");
   constexpr float levels = M == Mode::Q4 ? 15.f : 31.f;
-  check_weight(weight);
-  auto w = weight.to(torch::kFloat).contiguous();
-  const int64_t k = w.size(1), kb = k / QK;
-  const float* wp = w.data_ptr<float>();
-  return pack_by_block(M, w.size(0), k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
-    const float* g = wp + row * k + b * QK;
+  return pack_float(M, weight, [&](uint8_t* tile, int64_t r, int64_t kb, int64_t b, const float* g) {
     float lo = g[0], hi = g[0];
     for (int64_t i = 1; i < QK; ++i) lo = std::min(lo, g[i]), hi = std::max(hi, g[i]);
     const uint16_t d16 = float_to_half((hi - lo) / levels), m16 = float_to_half(lo);
@@ -349,12 +357,7 @@ std::vector<torch::Tensor> unpack_min_max(const torch::Tensor& packed, int64_t n
 
 // Q8_0's rule: d = max|w| / 127 (half), codes rounded against the stored d.
 torch::Tensor q8_pack(const torch::Tensor& weight) {
-  check_weight(weight);
-  auto w = weight.to(torch::kFloat).contiguous();
-  const int64_t k = w.size(1), kb = k / QK;
-  const float* wp = w.data_ptr<float>();
-  return pack_by_block(Mode::Q8, w.size(0), k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
-    const float* g = wp + row * k + b * QK;
+  return pack_float(Mode::Q8, weight, [&](uint8_t* tile, int64_t r, int64_t kb, int64_t b, const float* g) {
     float amax = 0.f;
     for (int64_t i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(g[i]));
     const uint16_t d16 = float_to_half(amax / 127.f);
@@ -371,12 +374,7 @@ torch::Tensor q8_pack(const torch::Tensor& weight) {
 // weight of largest magnitude onto the table's end of its sign (-127 or 113), as a half;
 // each weight takes the index of the table value nearest to w / d (the lower on a tie).
 torch::Tensor iq4_pack(const torch::Tensor& weight) {
-  check_weight(weight);
-  auto w = weight.to(torch::kFloat).contiguous();
-  const int64_t k = w.size(1), kb = k / QK;
-  const float* wp = w.data_ptr<float>();
-  return pack_by_block(Mode::IQ4, w.size(0), k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
-    const float* g = wp + row * k + b * QK;
+  return pack_float(Mode::IQ4, weight, [&](uint8_t* tile, int64_t r, int64_t kb, int64_t b, const float* g) {
     float peak = 0.f;
     for (int64_t i = 0; i < QK; ++i) peak = std::fabs(g[i]) > std::fabs(peak) ? g[i] : peak;
     const uint16_t d16 = float_to_half(peak / (peak < 0.f ? -127.f : 113.f));
@@ -426,12 +424,7 @@ template <Mode M>
 torch::Tensor half_scale_pack(const torch::Tensor& weight) {
   static_assert(M == Mode::Q6 || M == Mode::Q3, "Q6 or Q3");
   constexpr float zero = M == Mode::Q3 ? 4.f : 32.f, top = M == Mode::Q3 ? 3.f : 31.f;
-  check_weight(weight);
-  auto w = weight.to(torch::kFloat).contiguous();
-  const int64_t k = w.size(1), kb = k / QK;
-  const float* wp = w.data_ptr<float>();
-  return pack_by_block(M, w.size(0), k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
-    const float* g = wp + row * k + b * QK;
+  return pack_float(M, weight, [&](uint8_t* tile, int64_t r, int64_t kb, int64_t b, const float* g) {
     uint8_t c[QK];
     uint16_t* sc = scales_of(tile, M, kb, b);
     for (int64_t h = 0; h < 2; ++h) {
