@@ -75,12 +75,57 @@ def test_plain_floats(qtype: T) -> None:
 
 
 def test_every_supported_type_is_tested() -> None:
-    assert SUPPORTED_TYPES == set(F16_FIELDS) | {T.F32, T.F16, T.BF16}
+    assert SUPPORTED_TYPES == set(F16_FIELDS) | {T.F32, T.F16, T.BF16, T.IQ1_M}
+
+
+def iq1_m_blocks(rng: np.random.Generator, num_blocks: int = NUM_BLOCKS, scale: float = 2.0) -> np.ndarray:
+    """Random IQ1_M blocks with a finite d in -scale..scale: its 16 bits are the top nibbles
+    of the four uint16 scale words (word i holds bits 4i..4i+3), the rest of each word random."""
+    blocks = rng.integers(0, 256, size=(num_blocks, 56), dtype=np.uint8)
+    d = rng.uniform(-scale, scale, num_blocks).astype(np.float16).view(np.uint16)
+    words = blocks[:, 48:56].copy().view(np.uint16)
+    for i in range(4):
+        words[:, i] = (words[:, i] & 0x0FFF) | (((d >> (4 * i)) & 0xF) << 12)
+    blocks[:, 48:56] = words.view(np.uint8)
+    return blocks
+
+
+def _iq1_m_block_by_hand(block: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """ggml's dequantize_row_iq1_m, one value at a time: a reference written apart from the
+    vectorized one (gguf-py's own reads every delta as negative)."""
+    qs, qh = block[:32], block[32:48]
+    words = [int(block[48 + 2 * i]) | (int(block[49 + 2 * i]) << 8) for i in range(4)]
+    d_bits = (words[0] >> 12) | ((words[1] >> 8) & 0xF0) | ((words[2] >> 4) & 0xF00) | (words[3] & 0xF000)
+    d = np.float32(np.uint16(d_bits).view(np.float16))
+    out = np.zeros(256, dtype=np.float32)
+    for ib in range(8):  # 32 values each
+        for half in range(2):  # 16 values, one scale
+            s = (words[ib // 2] >> (6 * (ib % 2) + 3 * half)) & 7
+            dl = d * np.float32(2 * s + 1)
+            for g in range(2):  # 8 values, one grid row and one delta
+                k = 2 * half + g
+                nib = (int(qh[2 * ib + k // 2]) >> (4 * (k % 2))) & 15
+                row = grid[int(qs[4 * ib + k]) | ((nib & 7) << 8)]
+                delta = np.float32(-0.125 if nib & 8 else 0.125)
+                for j in range(8):
+                    out[32 * ib + 8 * k + j] = dl * (np.float32(row[j]) + delta)
+    return out
+
+
+def test_iq1_m_follows_ggml() -> None:
+    from textmill.loader.dequant import iq_grid
+
+    blocks = iq1_m_blocks(np.random.default_rng(29), 6)
+    grid = iq_grid(T.IQ1_M)
+    assert set(np.unique(grid)) == {-1, 0, 1} and grid.shape == (2048, 8)
+    got = dequantize(blocks, T.IQ1_M).reshape(6, 256)
+    for b in range(6):
+        np.testing.assert_array_equal(got[b], _iq1_m_block_by_hand(blocks[b], grid))
 
 
 def test_unsupported_type_names_the_supported_ones() -> None:
-    with pytest.raises(ValueError, match="IQ1_M is not supported.*Q4_K"):
-        dequantize(np.zeros(56, dtype=np.uint8), T.IQ1_M)
+    with pytest.raises(ValueError, match="TQ2_0 is not supported.*Q4_K"):
+        dequantize(np.zeros(66, dtype=np.uint8), T.TQ2_0)
 
 
 def test_partial_block_is_rejected() -> None:

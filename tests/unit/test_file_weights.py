@@ -19,16 +19,17 @@ from textmill.runner import ModelRunner
 from textmill.runner.kernel_forward import KernelForward
 from textmill.runner.qlinear import QLinear, SideBySide
 from textmill.sampling_params import SamplingParams
-from tests.unit.test_dequant import F16_FIELDS
+from tests.unit.test_dequant import F16_FIELDS, iq1_m_blocks
 
-C, FFN, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 512, 4, 4, 2, 320
+C, FFN, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 512, 5, 4, 2, 320
 D = C // HEADS
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # One type per linear, across the layers: every type of DESIGN.md's list appears.
 TYPES = [T.Q4_K, T.Q4_K, T.Q6_K, T.Q4_0, T.Q5_K, T.Q5_K, T.Q3_K,  # layer 0: a Q4_K_M-like layer (a Q3_K down)
          T.Q4_1, T.Q5_0, T.Q8_0, T.Q5_1, T.Q2_K, T.Q6_K, T.F16,  # layer 1: the rest
          T.IQ4_XS, T.IQ4_XS, T.IQ4_NL, T.IQ4_XS, T.IQ4_XS, T.IQ4_XS, T.IQ4_NL,  # layer 2: an IQ4_XS file's
-         T.IQ4_XS, T.IQ4_NL, T.IQ3_S, T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS]  # layer 3: gguf-py's dequantizers
+         T.IQ4_XS, T.IQ4_NL, T.IQ3_S, T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS,  # layer 3: the IQ types with grids
+         T.IQ1_S, T.IQ3_S, T.Q4_K, T.IQ1_M, T.IQ3_XXS, T.Q6_K, T.IQ1_S]  # layer 4: ... beside k-quants of their form
 
 
 def _shape(name: str) -> tuple[int, int]:  # (out, in), torch order
@@ -41,6 +42,8 @@ def _blocks(qtype: T, shape: tuple[int, int], rng: np.random.Generator) -> np.nd
         return (rng.standard_normal(shape) * 0.05).astype(np.float16)
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     nb = shape[0] * shape[1] // block_size
+    if qtype == T.IQ1_M:  # its d is spread over four scale words
+        return iq1_m_blocks(rng, nb, 0.04 / block_size).reshape(shape[0], -1)
     raw = rng.integers(0, 256, size=(nb, type_size), dtype=np.uint8)
     for offset in F16_FIELDS[qtype]:  # small, finite scales; everything else random bits
         raw[:, offset:offset + 2] = (rng.uniform(-1, 1, nb) * 0.04 / block_size).astype(np.float16).view(
@@ -104,7 +107,7 @@ def test_every_block_type_runs_from_its_own_blocks_and_tracks_the_float_referenc
     assert {c.source for c in loaded.codes.values()} >= {t.name for t in TYPES} - {"F16"}
     runner = ModelRunner(loaded.model, loaded.config, CacheConfig(16, 8), file_weights=loaded)
     assert isinstance(runner.forward, KernelForward)
-    layer0, layer1, layer2, layer3 = loaded.model.layers
+    layer0, layer1, layer2, layer3, layer4 = loaded.model.layers
     assert isinstance(layer0.self_attn.qkv_proj, SideBySide)  # Q4_K q/k (one matmul) beside a Q6_K v
     assert [p.mode for p in layer0.self_attn.qkv_proj.parts] == ["q4", "q6"]
     assert layer0.self_attn.qkv_proj.parts[0].out_features == C + KV_HEADS * D
@@ -116,9 +119,14 @@ def test_every_block_type_runs_from_its_own_blocks_and_tracks_the_float_referenc
     assert layer1.mlp.gate_up_proj.mode == "q8"  # a Q2_K gate (8-bit codes) and a Q6_K up: one matmul
     # IQ4_XS beside IQ4_NL: one matmul on the file's 4-bit indices
     assert layer2.self_attn.qkv_proj.mode == "iq4" and layer2.mlp.down_proj.mode == "iq4"
-    # IQ4_XS q and IQ4_NL k as one iq4 matmul beside the IQ3_S v's 8-bit codes
-    assert [p.mode for p in layer3.self_attn.qkv_proj.parts] == ["iq4", "q8"]
+    # IQ4_XS q and IQ4_NL k as one iq4 matmul beside the IQ3_S v's 4-bit codes, an IQ3_XXS o
+    # in 6 bits, the IQ2 types (a scale per 16, or IQ2_XXS's codes 8/25/43) in 8
+    assert [p.mode for p in layer3.self_attn.qkv_proj.parts] == ["iq4", "q4"]
+    assert layer3.self_attn.o_proj.mode == "q6"
     assert layer3.mlp.gate_up_proj.mode == "q8" and layer3.mlp.down_proj.mode == "q8"
+    # IQ1_S and IQ3_S beside a Q4_K: one 4-bit matmul; IQ3_XXS beside a Q6_K: one 6-bit one
+    assert layer4.self_attn.qkv_proj.mode == "q4" and layer4.mlp.gate_up_proj.mode == "q6"
+    assert layer4.self_attn.o_proj.mode == "q8" and layer4.mlp.down_proj.mode == "q4"  # IQ1_M, IQ1_S
     got = _prompt_logprobs(runner, tokens)
     assert torch.isfinite(got).all()
     # Random weights: logprobs spread over several nats; the kernels move them by far less.

@@ -10,8 +10,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from textmill.kernels import load
 from textmill.loader.dequant import dequantize
-from textmill.loader.group_codes import GGUFRows, concat, from_gguf, requantize_8bit
-from tests.unit.test_dequant import F16_FIELDS
+from textmill.loader.group_codes import GGUFRows, concat, from_gguf, iq_grid_tensor, requantize_8bit
+from tests.unit.test_dequant import F16_FIELDS, iq1_m_blocks
 
 N, K = 16, 512
 
@@ -21,6 +21,8 @@ def blocks_for(qtype: T, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed + int(qtype))
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     nb = N * K // block_size
+    if qtype == T.IQ1_M:
+        return iq1_m_blocks(rng, nb)  # its d is spread over four scale words
     blocks = rng.integers(0, 256, size=(nb, type_size), dtype=np.uint8)
     for offset in F16_FIELDS[qtype]:
         blocks[:, offset:offset + 2] = rng.uniform(-0.02, 0.02, nb).astype(np.float16).view(np.uint8).reshape(nb, 2)
@@ -120,6 +122,11 @@ def test_rows_reads_only_the_asked_rows():
 
 C_TYPES = [T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K, T.IQ4_NL, T.IQ4_XS, T.F16,
            T.F32, T.BF16]
+# The IQ types with a grid: the C++ converter gives gguf-py's values (ggml's, for IQ1_M);
+# those with a scale per 16 weights (and IQ1_M's shift per 8) it rounds to 8 bits as the
+# Python path does, the others keep their codes (test_c_iq_forms_*).
+IQ_TYPES = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M]
+IQ_REQUANTIZED = [T.IQ2_XS, T.IQ2_S, T.IQ1_M]
 
 
 def _float_blocks(qtype: T, seed: int = 0) -> np.ndarray:
@@ -151,10 +158,10 @@ def _c_packed(bits: int | str, parts: list[tuple[np.ndarray, T]], order=None) ->
     raws = [torch.from_numpy(np.ascontiguousarray(raw).reshape(-1).view(np.uint8)) for raw, _ in parts]
     orders = [order if (i == 0 and order is not None) else torch.empty(0, dtype=torch.long) for i in range(len(parts))]
     form = bits if isinstance(bits, str) else f"q{bits}"
-    return ext.pack_gguf(form, raws, [int(qt) for _, qt in parts], orders, K)
+    return ext.pack_gguf(form, raws, [int(qt) for _, qt in parts], orders, K, [iq_grid_tensor(qt) for _, qt in parts])
 
 
-@pytest.mark.parametrize("qtype", C_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", C_TYPES + IQ_REQUANTIZED, ids=lambda t: t.name)
 def test_c_packing_gives_the_python_references_bytes(qtype):
     raw = _raw(qtype)
     bits = 4 if qtype in (T.Q4_0, T.Q4_1, T.Q4_K) else 8
@@ -175,7 +182,8 @@ def test_c_packing_refuses_what_halves_cannot_hold_and_types_it_does_not_decode(
     with pytest.raises(RuntimeError, match="half range"):
         _c_packed(4, [(raw, T.Q4_0)])
     with pytest.raises(RuntimeError, match="not decoded here"):
-        _c_packed(8, [(blocks_for(T.IQ3_S), T.IQ3_S)])
+        load("quant").pack_gguf("q8", [torch.zeros(N * K // 256 * 66, dtype=torch.uint8)], [int(T.TQ2_0)],
+                                [torch.empty(0, dtype=torch.long)], K)
     with pytest.raises(RuntimeError, match="no 4-bit form"):
         _c_packed(4, [(blocks_for(T.Q6_K), T.Q6_K)])
 
@@ -276,11 +284,13 @@ def test_c_five_and_six_bit_forms_run_as_their_weights(qtype, bits):
     assert ((y.double() - x.double() @ w.double().T).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("qtype", C_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", C_TYPES + IQ_TYPES, ids=lambda t: t.name)
 def test_c_rows_give_the_dequantized_values(qtype):
     raw = _raw(qtype)
     ids = torch.tensor([5, 0, 5, N - 1])
-    got = load("quant").gguf_rows(torch.from_numpy(np.ascontiguousarray(raw).reshape(-1).view(np.uint8)), int(qtype), ids, K)
+    grid = iq_grid_tensor(qtype) if qtype in IQ_TYPES else None
+    got = load("quant").gguf_rows(torch.from_numpy(np.ascontiguousarray(raw).reshape(-1).view(np.uint8)), int(qtype), ids, K,
+                                  grid)
     expected = dequantize(raw, qtype).reshape(N, K)[ids.numpy()]
     assert torch.equal(got, torch.from_numpy(expected))
 
@@ -338,3 +348,90 @@ def test_c_iq4_form_stacks_nl_and_xs_parts_and_refuses_other_types():
     raw[:, 0:2] = np.array([3000.0], dtype=np.float16).view(np.uint8)  # d * (ls - 32) past 65504
     with pytest.raises(RuntimeError, match="half range"):
         _c_packed("iq4", [(raw, T.IQ4_XS)])
+
+
+# --- the 1- to 3-bit IQ types: grid rows with signs, into the forms their values fit
+
+
+def _form_weights(form: str, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (N, K) weights a packed form stands for, and its codes."""
+    ext = load("quant")
+    if form == "q4":
+        codes, d, m = ext.q4_unpack(packed, N, K)
+        return (codes.float().view(N, -1, 32) * d[..., None] + m[..., None]).view(N, K), codes.int()
+    if form == "q6":
+        codes, d = ext.q6_unpack(packed, N, K)
+        return ((codes.float() - 32).view(N, -1, 16) * d[..., None]).view(N, K), codes.int() - 32
+    codes, d = ext.q8_unpack(packed, N, K)
+    return (codes.float().view(N, -1, 32) * d[..., None]).view(N, K), codes.int()
+
+
+# type, form, the codes it must hold, and how far a weight may move: the scale (and min)
+# rounded to a half, 2^-11 of each, against the codes' largest value (2^-10 leaves room for
+# the reference's own float32 rounding)
+IQ_FORMS = [
+    (T.IQ3_S, "q4", set(range(16)), 15),  # odd -15..15 as (v + 15) / 2: d = 2 s, m = -15 s
+    (T.IQ1_S, "q4", {0, 1, 2}, 2.2),  # -1..1 as v + 1: d = s, m = s (delta - 1)
+    (T.IQ3_XXS, "q6", {v // 2 * s for v in (4, 12, 20, 28, 36, 44, 52, 62) for s in (1, -1)}, 31),
+    (T.IQ2_XXS, "q8", {v * s for v in (8, 25, 43) for s in (1, -1)}, 43),
+    (T.IQ3_S, "q8", set(range(-15, 16, 2)), 15),
+    (T.IQ3_XXS, "q8", {v * s for v in (4, 12, 20, 28, 36, 44, 52, 62) for s in (1, -1)}, 62),
+    (T.IQ1_S, "q8", {8 * v + s for v in (-1, 0, 1) for s in (1, -1)}, 9),  # 8 (v + delta) on s / 8
+]
+
+
+@pytest.mark.parametrize("qtype,form,codes,top", IQ_FORMS, ids=lambda v: getattr(v, "name", str(v)))
+def test_c_iq_forms_keep_the_files_codes_and_round_only_the_scales_to_half(qtype, form, codes, top):
+    raw = _raw(qtype)
+    w, got_codes = _form_weights(form, _c_packed(form, [(raw, qtype)]))
+    assert set(torch.unique(got_codes).tolist()) <= codes
+    assert len(set(torch.unique(got_codes).tolist())) >= len(codes) - 1  # random blocks reach (nearly) all
+    expected = torch.from_numpy(dequantize(raw, qtype).reshape(N, K))
+    scale = expected.view(N, -1, 32).abs().amax(-1, keepdim=True).expand(N, K // 32, 32).reshape(N, K)
+    assert ((w - expected).abs() <= scale * 2.0**-10 * (2 if form == "q4" else 1) + 1e-30).all()
+    assert (w != expected).any()  # the rounding is real: the check above is not vacuous
+
+
+@pytest.mark.parametrize("qtype,form", [(t, f) for t, f, _, _ in IQ_FORMS if f != "q8"], ids=str)
+def test_c_iq_forms_run_as_their_weights(qtype, form):
+    ext = load("quant")
+    packed = _c_packed(form, [(_raw(qtype), qtype)])
+    w, _ = _form_weights(form, packed)
+    op = getattr(ext, f"{form}_linear")
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(6))
+    y = op(x, packed, N)
+    assert torch.equal(y, op(x, packed, N, None, 1))  # SIMD = scalar, bit for bit
+    e = x.view(5, -1, 32).abs().amax(-1) / 127
+    bound = (e.double() / 2) @ w.double().abs().view(N, -1, 32).sum(-1).T + 1e-4
+    assert ((y.double() - x.double() @ w.double().T).abs() <= bound).all()
+
+
+def test_c_iq_forms_stack_beside_the_k_quants_of_their_width():
+    # an IQ3_M file's IQ3_S q beside a Q4_K k: one q4 matmul; IQ3_XXS beside Q6_K: one q6
+    ext = load("quant")
+    for form, parts in (("q4", [(_raw(T.IQ3_S, 1), T.IQ3_S), (_raw(T.Q4_K, 2), T.Q4_K)]),
+                        ("q6", [(_raw(T.IQ3_XXS, 1), T.IQ3_XXS), (_raw(T.Q6_K, 2), T.Q6_K)])):
+        both = _c_packed(form, parts)
+        for i, part in enumerate(parts):
+            alone = _c_packed(form, [part])
+            unpack = ext.q4_unpack if form == "q4" else ext.q6_unpack
+            got, want = unpack(both, 2 * N, K), unpack(alone, N, K)
+            assert all(torch.equal(g[i * N:(i + 1) * N], a) for g, a in zip(got, want)), (form, i)
+
+
+def test_c_iq_types_need_their_grid_and_refuse_one_that_does_not_fit():
+    ext = load("quant")
+    raw = torch.from_numpy(_raw(T.IQ3_S).reshape(-1))
+    no_order = [torch.empty(0, dtype=torch.long)]
+    with pytest.raises(RuntimeError, match="needs its grid"):
+        ext.pack_gguf("q4", [raw], [int(T.IQ3_S)], no_order, K)
+    with pytest.raises(RuntimeError, match="grid: contiguous int8"):
+        ext.pack_gguf("q4", [raw], [int(T.IQ3_S)], no_order, K, [iq_grid_tensor(T.IQ3_XXS)])
+    wrong = iq_grid_tensor(T.IQ3_S).clone()
+    wrong[7, 1] = 2  # an even value: (v + 15) / 2 would not be a code
+    with pytest.raises(RuntimeError, match="grid holds 2"):
+        ext.pack_gguf("q4", [raw], [int(T.IQ3_S)], no_order, K, [wrong])
+    with pytest.raises(RuntimeError, match="no 4-bit form"):
+        _c_packed(4, [(_raw(T.IQ2_XXS), T.IQ2_XXS)])
+    with pytest.raises(RuntimeError, match="needs its grid"):
+        ext.gguf_rows(raw, int(T.IQ3_S), torch.tensor([0]), K)

@@ -221,19 +221,57 @@ def _iq4_xs(blocks: np.ndarray) -> np.ndarray:
 _Kernel = Callable[[np.ndarray], np.ndarray]
 
 
+# --- the 1- to 3-bit IQ types ------------------------------------------------------------
+#
+# Their blocks index lattice grids (256 to 2048 rows of 4 or 8 small integers each): the
+# tables are gguf-py's (iq_grid), not copied here; the C++ converter takes them from it too.
+
+
+def iq_grid(qtype: GGMLQuantizationType) -> np.ndarray | None:
+    """An IQ type's grid as (rows, width) int8 values (IQ2: 8/25/43, IQ3_XXS: 4..62, IQ3_S:
+    1..15, IQ1: -1/0/1), or None for a type without one."""
+    from gguf import quants
+
+    qtype = GGMLQuantizationType(qtype)
+    if qtype not in IQ_GRID_TYPES:
+        return None
+    cls = getattr(quants, qtype.name)
+    cls.init_grid()  # built once per process, held by gguf-py's class
+    return cls.grid.reshape(cls.grid_shape).astype(np.int8)
+
+
 def _gguf_reference(qtype: GGMLQuantizationType) -> _Kernel:
-    """gguf-py's own numpy dequantizer, for the 1- to 3-bit IQ types: their blocks index
-    lattice grids (hundreds of codebook entries each) that would be copied here for no gain.
-    A file of them loads more slowly (numpy, then an 8-bit requantize) and runs as 8-bit
-    codes; the kernels' own forms cover the types most files are made of."""
+    """gguf-py's own numpy dequantizer: the reference for the IQ types the C++ converter
+    decodes (kernels/csrc/gguf_blocks.h gives its values bit for bit), and their path where
+    the kernels cannot be built."""
     from gguf import quants
 
     return lambda blocks: quants.dequantize(blocks, qtype).astype(np.float32, copy=False).reshape(len(blocks), -1)
 
 
-# The types read through gguf-py's reference (see _gguf_reference).
+def _iq1_m(blocks: np.ndarray) -> np.ndarray:
+    # qs[32] (low 8 index bits per 8 values), qh[16] (a nibble per 8: 3 more index bits and
+    # the delta's sign), four uint16 of 3-bit scales per 16 values whose top nibbles make d:
+    # w = d (2 s + 1) (grid + delta). gguf-py's IQ1_M reads every delta as negative (its
+    # `qh & 0x08 == 0` is `qh & False`), so this follows ggml's dequantize_row_iq1_m instead.
+    nb = len(blocks)
+    grid = iq_grid(GGMLQuantizationType.IQ1_M).astype(np.float32)
+    sc = blocks[:, 48:56].copy().view(np.uint16)  # (nb, 4)
+    dbits = (sc[:, 0] >> 12) | ((sc[:, 1] >> 8) & 0x00F0) | ((sc[:, 2] >> 4) & 0x0F00) | (sc[:, 3] & 0xF000)
+    d = dbits.astype(np.uint16).view(np.float16).astype(np.float32).reshape(nb, 1)
+    s3 = ((sc[:, :, None] >> np.array([0, 3, 6, 9], dtype=np.uint16)) & 7).reshape(nb, 16)
+    dl = d * (2 * s3 + 1).astype(np.float32)  # (nb, 16): one per 16 values
+    nib = ((blocks[:, 32:48, None] >> np.array([0, 4], dtype=np.uint8)) & 15).reshape(nb, 32)  # one per 8
+    index = blocks[:, :32].astype(np.int64) | ((nib & 7).astype(np.int64) << 8)
+    delta = np.where(nib & 8, np.float32(-0.125), np.float32(0.125))
+    values = (grid[index] + delta[..., None]).reshape(nb, 16, 16)
+    return (dl[..., None] * values).reshape(nb, QK_K)
+
+
+# The types read through gguf-py's reference (see _gguf_reference), and every type with a grid.
 REFERENCE_TYPES = tuple(GGMLQuantizationType[name] for name in (
     "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S"))
+IQ_GRID_TYPES = frozenset(REFERENCE_TYPES) | {GGMLQuantizationType.IQ1_M}
 
 
 def _kernels() -> dict[GGMLQuantizationType, _Kernel]:
@@ -243,7 +281,7 @@ def _kernels() -> dict[GGMLQuantizationType, _Kernel]:
         T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1,
         T.Q2_K: _q2_k, T.Q3_K: _q3_k, T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k,
         T.IQ4_NL: _iq4_nl, T.IQ4_XS: _iq4_xs,
-        **{t: _gguf_reference(t) for t in REFERENCE_TYPES},
+        **{t: _gguf_reference(t) for t in REFERENCE_TYPES}, T.IQ1_M: _iq1_m,
     }  # fmt: skip
 
 

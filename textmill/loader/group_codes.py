@@ -28,6 +28,18 @@ stores them and loading is a reshuffle of bytes, not a dequantize-and-requantize
 | IQ4_XS| 8    | per 32 weights: d * (scale - 32); q as IQ4_NL's        | scales to half    |
 | others| 8    | dequantize one tensor, round to 8 bits per group of 32 | a second rounding |
 
+The 1- to 3-bit IQ types (a grid row of small integers per 4 or 8 weights, with signs) take
+these forms in the C++ converter, from the file's bytes in one pass; here, in Python, they
+are the "others" (gguf-py's dequantizer, then 8 bits):
+
+| GGUF   | form | how                                                         | exact?            |
+|--------|------|-------------------------------------------------------------|-------------------|
+| IQ3_S  | 4    | odd values v in -15..15: q = (v + 15) / 2, d = 2 s, m = -15 s | scales to half  |
+| IQ1_S  | 4    | v in -1..1 at a shift delta: q = v + 1, d = s, m = s (delta - 1) | scales to half |
+| IQ3_XXS| 6    | even values v in -62..62: q = v / 2, per 16 weights 2 s     | scales to half    |
+| IQ2_XXS| 8    | v in -43..43 (8, 25, 43 with signs), d = s                  | scales to half    |
+| IQ2_XS, IQ2_S, IQ1_M | 8 | a scale per 16 weights (IQ1_M: a shift per 8): round to 8 bits | a second rounding |
+
 (Q3_K takes a 3-bit form of its own: its codes and 16-weight scales as they are, 4 bits a
 weight where 8-bit codes took 8.5; the kernels compute it as the 6-bit form on its codes
 + 28, so it can also stand in that form. Q2_K's scale and min per 16 weights fit none of the forms,
@@ -58,7 +70,7 @@ import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from textmill.loader.dequant import dequantize, iq4_codes, iq4_xs_scales, k_nibbles, k_scale_min, nibbles, q5_values
+from textmill.loader.dequant import dequantize, iq_grid, iq4_codes, iq4_xs_scales, k_nibbles, k_scale_min, nibbles, q5_values
 
 GROUP = 32
 T = GGMLQuantizationType
@@ -72,10 +84,13 @@ SIX_BIT_TYPES = frozenset({T.Q6_K})
 THREE_BIT_TYPES = frozenset({T.Q3_K})
 # The types it packs in the IQ4 form: 4-bit indices into the IQ4 table, one scale per 32.
 IQ4_TYPES = frozenset({T.IQ4_NL, T.IQ4_XS})
-# The types the C++ converter (kernels/csrc/gguf_blocks.h) packs straight from the file;
-# the others (the 1- to 3-bit IQ types) go through from_gguf below.
+# The IQ types the C++ converter packs in a form narrower than 8 bits (module docstring).
+IQ_FORMS = {T.IQ3_S: "q4", T.IQ1_S: "q4", T.IQ3_XXS: "q6"}
+# The types the C++ converter (kernels/csrc/gguf_blocks.h) packs straight from the file:
+# every type a GGUF model's matrices come in (F64 and the integer types aside).
 PACKED_FROM_FILE_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
-                                    T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS})
+                                    T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS,
+                                    T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M})
 _HALF_MAX = 65504.0
 
 
@@ -134,6 +149,8 @@ class CodesRef:
         iq4 (runner/qlinear.py's modes)."""
         if self.qtype in FOUR_BIT_TYPES:
             return "q4"
+        if self.qtype in IQ_FORMS:
+            return IQ_FORMS[self.qtype]
         if self.qtype in THREE_BIT_TYPES:
             return "q3"
         if self.qtype in IQ4_TYPES:
@@ -143,6 +160,10 @@ class CodesRef:
     def flat_bytes(self) -> torch.Tensor:
         """The tensor's bytes as a 1-D uint8 tensor over the mapped file (no copy)."""
         return _flat_bytes(self.raw)
+
+    def grid(self) -> torch.Tensor:
+        """The C++ converter's grid argument for this tensor's type (iq_grid_tensor)."""
+        return iq_grid_tensor(self.qtype)
 
     def load(self) -> GroupCodes:
         codes = from_gguf(self.raw, self.qtype, self.shape)
@@ -203,6 +224,13 @@ def release_file_pages(arrays: list[np.ndarray]) -> int:
     return released
 
 
+def iq_grid_tensor(qtype: GGMLQuantizationType) -> torch.Tensor:
+    """An IQ type's grid (dequant.iq_grid) as the C++ converter takes it; empty for the
+    types without one."""
+    grid = iq_grid(qtype)
+    return torch.empty(0, dtype=torch.int8) if grid is None else torch.from_numpy(grid)
+
+
 def _flat_bytes(raw: np.ndarray) -> torch.Tensor:
     flat = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
     with warnings.catch_warnings():  # the map is read-only; nothing writes through this view
@@ -224,6 +252,11 @@ class GGUFRows:
     def flat_bytes(self) -> torch.Tensor:
         """The table's bytes as a 1-D uint8 tensor over the mapped file (no copy)."""
         return _flat_bytes(self.raw)
+
+    def grid(self) -> torch.Tensor | None:
+        """The C++ lookup's grid argument for an IQ table, None for the other types."""
+        grid = iq_grid(self.qtype)
+        return None if grid is None else torch.from_numpy(grid)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (N,) int64 -> (N, C) float32."""

@@ -34,12 +34,13 @@ class RowEmbedding(nn.Module):
         # The C++ lookup gives numpy's values bit for bit without its per-call temporaries.
         self._ext = load("quant") if rows.qtype in PACKED_FROM_FILE_TYPES else None
         self._bytes = rows.flat_bytes() if self._ext is not None else None
+        self._grid = rows.grid()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.cpu()
         if self._ext is None:
             return self.rows(ids)
-        return self._ext.gguf_rows(self._bytes, int(self.rows.qtype), ids.long(), self.embedding_dim)
+        return self._ext.gguf_rows(self._bytes, int(self.rows.qtype), ids.long(), self.embedding_dim, self._grid)
 
 
 class _Maker:

@@ -109,9 +109,9 @@ class QLinear(nn.Module):
     @classmethod
     def from_file(cls, refs: list[CodesRef], bias: torch.Tensor | None = None, form: str | None = None) -> "QLinear":
         """GGUF tensors of one form (CodesRef.form), stacked along N, packed straight from the
-        mapped file by the C++ converter: in the q4 and q8 forms the bytes from_codes would
-        pack, in one pass with no intermediate codes. Form q8 also takes the q3, q5, q6 and
-        iq4 types (their 8-bit codes, as from_codes). Raises OutOfHalfRange when a scale does not
+        mapped file by the C++ converter, in one pass with no intermediate codes: for the
+        types group_codes converts itself, in the q4 and q8 forms the bytes from_codes would
+        pack. Form q8 also takes the q3, q5, q6 and iq4 types (their 8-bit codes). Raises OutOfHalfRange when a scale does not
         fit a half; the caller then takes from_codes' path, which rounds such a tensor to 8 bits."""
         ext = _ext()
         if ext is None:
@@ -122,7 +122,8 @@ class QLinear(nn.Module):
         no_order = torch.empty(0, dtype=torch.long)
         orders = [no_order if r.row_order is None else r.row_order.long().contiguous() for r in refs]
         try:
-            packed = ext.pack_gguf(form, [r.flat_bytes() for r in refs], [int(r.qtype) for r in refs], orders, k)
+            packed = ext.pack_gguf(form, [r.flat_bytes() for r in refs], [int(r.qtype) for r in refs], orders, k,
+                                   [r.grid() for r in refs])
         except RuntimeError as exc:
             if "half range" in str(exc):
                 raise OutOfHalfRange(str(exc)) from None

@@ -1,9 +1,9 @@
 // GGUF block decoding, one group of 32 weights at a time, for packing a file's tensors
 // straight into the kernels' layout (quant.cpp pack_gguf). It is the C++ twin of
 // loader/group_codes.py + loader/dequant.py and must give the same bytes: the Python
-// converters stay as the reference (tests compare the two) and as the path for the rare
-// types not decoded here (the 1- to 3-bit IQ types). Layouts follow ggml's block_q* structs: scales are
-// little-endian f16, nibbles low half first.
+// converters stay as the reference (tests compare the two; for the 1- to 3-bit IQ types the
+// reference is gguf-py's dequantizer, whose values these give bit for bit). Layouts follow
+// ggml's block_* structs: scales are little-endian f16, nibbles low half first.
 //
 // Why here and not numpy: numpy converts a tensor in several whole-tensor passes with
 // temporaries (a 1B Q4_K_M file took ~12 s to load on 2 cores, two thirds of it in
@@ -23,7 +23,8 @@ namespace gguf {
 // ggml's type ids (gguf.constants.GGMLQuantizationType).
 enum Type : int64_t {
   F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
-  Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23, BF16 = 30,
+  Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18,
+  IQ1_S = 19, IQ4_NL = 20, IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23, IQ1_M = 29, BF16 = 30,
 };
 
 struct Layout {
@@ -49,12 +50,54 @@ inline Layout layout(int64_t type) {
     case Q6_K: return {256, 210};
     case IQ4_NL: return {32, 18};
     case IQ4_XS: return {256, 136};
+    case IQ2_XXS: return {256, 66};
+    case IQ2_XS: return {256, 74};
+    case IQ2_S: return {256, 82};
+    case IQ3_XXS: return {256, 98};
+    case IQ3_S: return {256, 110};
+    case IQ1_S: return {256, 50};
+    case IQ1_M: return {256, 56};
     default: return {0, 0};
   }
 }
 
-// Types whose groups are 4-bit codes with a scale and a min (the kernels' Q4 form).
-inline bool four_bit(int64_t type) { return type == Q4_0 || type == Q4_1 || type == Q4_K; }
+// The 1- to 3-bit IQ types index a lattice grid: each 8 (IQ1, IQ2) or 4 (IQ3) weights are
+// one row of small integers. The tables are not copied here: the caller passes gguf-py's
+// (group_codes.iq_grid), as int8 rows of this shape; {0, 0} for a type without one.
+struct GridShape {
+  int64_t rows;
+  int64_t width;
+};
+inline GridShape grid_shape(int64_t type) {
+  switch (type) {
+    case IQ2_XXS: return {256, 8};
+    case IQ2_XS: return {512, 8};
+    case IQ2_S: return {1024, 8};
+    case IQ3_XXS: return {256, 4};
+    case IQ3_S: return {512, 4};
+    case IQ1_S: case IQ1_M: return {2048, 8};
+    default: return {0, 0};
+  }
+}
+
+// The grid values each type's decoding below relies on (the codes it derives must fit the
+// kernels' forms): IQ2's 8/25/43, IQ3_XXS's even 4..62, IQ3_S's odd 1..15, IQ1's -1/0/1.
+inline bool grid_value_ok(int64_t type, int v) {
+  switch (type) {
+    case IQ2_XXS: case IQ2_XS: case IQ2_S: return v >= 0 && v <= 127;
+    case IQ3_XXS: return v >= 2 && v <= 62 && v % 2 == 0;
+    case IQ3_S: return v >= 1 && v <= 15 && v % 2 == 1;
+    case IQ1_S: case IQ1_M: return v >= -1 && v <= 1;
+    default: return false;
+  }
+}
+
+// Types whose groups are 4-bit codes with a scale and a min (the kernels' Q4 form). IQ3_S's
+// values are odd integers -15..15 (2q - 15 for a 4-bit q) and IQ1_S's three grid values per
+// group sit at one shift: both are a scale and a min on 4-bit codes.
+inline bool four_bit(int64_t type) {
+  return type == Q4_0 || type == Q4_1 || type == Q4_K || type == IQ3_S || type == IQ1_S;
+}
 
 inline float f16(const uint8_t* p) {
   uint16_t h;
@@ -106,9 +149,137 @@ inline bool block_scale_min(const uint8_t* blk, bool symmetric, float offset, ui
   return true;
 }
 
+// IQ2_XXS, IQ2_XS and IQ3_XXS store 8 signs as a 7-bit index: the eighth is the parity
+// of the seven (an even number of minus signs), ggml's ksigns_iq2xs table computed.
+inline uint32_t ksigns(uint32_t i) { return i | ((__builtin_popcount(i) & 1u) << 7); }
+inline int signed_by(int v, uint32_t signs, int j) { return (signs >> j) & 1 ? -v : v; }
+
+// One group of 32 weights of an IQ type: w = scale[l / 16] * (q[l] + delta[l / 8]), the
+// scales and deltas as float32 in gguf-py's order of operations (IQ2/IQ3: delta 0).
+struct IQGroup {
+  int q[32];  // grid value times sign (IQ1: the grid value, -1..1)
+  float scale[2];
+  float delta[4];
+};
+
+// Group b (sub-block b % 8 of a super-block of 256) of an IQ row; grid: grid_shape(type)
+// int8 rows. Layouts (ggml's block_iq*): IQ2_XXS d, then per 32 a uint32 of 4 grid
+// indices and a uint32 of 4 sign indices (7 bits each) and a 4-bit scale (top); IQ2_XS d,
+// uint16 per 8 (9-bit index, 7-bit signs), scales[8] (a nibble per 16); IQ2_S d, qs[32],
+// signs[32] (plain bits), qh[8] (2 index bits per 8), scales[8]; IQ3_XXS d, qs[64] (an
+// index per 4), per 32 a uint32 of signs and scale as IQ2_XXS's; IQ3_S d, qs[64], qh[8] (the
+// 9th index bit per 4), signs[32], scales[4] (a nibble per 32); IQ1_S d, qs[32], per 32 a
+// uint16 of 3 index bits per 8, a 3-bit scale and the delta's sign; IQ1_M qs[32], qh[16]
+// (a nibble per 8: 3 index bits and the delta's sign), 4 uint16 of 3-bit scales per 16
+// whose top nibbles assemble d.
+inline void iq_group(int64_t type, const uint8_t* row, int64_t b, const int8_t* grid, IQGroup* g) {
+  const int s = static_cast<int>(b % 8);
+  const int64_t sb = b / 8;
+  for (int t = 0; t < 4; ++t) g->delta[t] = 0.0f;
+  auto put8 = [&](int k, int index, uint32_t signs) {  // 8 values from one 8-wide grid row
+    for (int j = 0; j < 8; ++j) g->q[8 * k + j] = signed_by(grid[8 * index + j], signs, j);
+  };
+  switch (type) {
+    case IQ2_XXS: case IQ3_XXS: {
+      const bool two = type == IQ2_XXS;
+      const uint8_t* blk = row + sb * (two ? 66 : 98);
+      const float d = f16(blk);
+      uint32_t idx = 0, aux;
+      if (two) std::memcpy(&idx, blk + 2 + 8 * s, 4);
+      std::memcpy(&aux, two ? blk + 6 + 8 * s : blk + 66 + 4 * s, 4);
+      const float db = d * (0.5f + static_cast<float>(aux >> 28)) * (two ? 0.25f : 0.5f);
+      g->scale[0] = g->scale[1] = db;
+      for (int k = 0; k < 4; ++k) {
+        const uint32_t signs = ksigns((aux >> (7 * k)) & 127);
+        if (two) {
+          put8(k, (idx >> (8 * k)) & 255, signs);
+        } else {
+          const uint8_t* qs = blk + 2 + 8 * s + 2 * k;  // two 4-wide rows per 8 signs
+          for (int j = 0; j < 8; ++j) g->q[8 * k + j] = signed_by(grid[4 * qs[j / 4] + j % 4], signs, j);
+        }
+      }
+      return;
+    }
+    case IQ2_XS: case IQ2_S: {
+      const bool xs = type == IQ2_XS;
+      const uint8_t* blk = row + sb * (xs ? 74 : 82);
+      const float d = f16(blk);
+      const uint8_t sc = blk[xs ? 66 + s : 74 + s];
+      for (int h = 0; h < 2; ++h) g->scale[h] = d * (0.5f + static_cast<float>((sc >> (4 * h)) & 15)) * 0.25f;
+      for (int k = 0; k < 4; ++k) {
+        const int i = 4 * s + k;
+        if (xs) {
+          uint16_t v;
+          std::memcpy(&v, blk + 2 + 2 * i, 2);
+          put8(k, v & 511, ksigns(v >> 9));
+        } else {
+          put8(k, blk[2 + i] | (((blk[66 + s] >> (2 * k)) & 3) << 8), blk[34 + i]);
+        }
+      }
+      return;
+    }
+    case IQ3_S: {
+      const uint8_t* blk = row + sb * 110;
+      const float d = f16(blk);
+      g->scale[0] = g->scale[1] = d * static_cast<float>(1 + 2 * ((blk[106 + s / 2] >> (4 * (s % 2))) & 15));
+      for (int m = 0; m < 8; ++m) {  // 4-wide grid rows
+        const int index = blk[2 + 8 * s + m] | (((blk[66 + s] >> m) & 1) << 8);
+        for (int j = 0; j < 4; ++j) {
+          const int l = 4 * m + j;
+          g->q[l] = signed_by(grid[4 * index + j], blk[74 + 4 * s + l / 8], l % 8);
+        }
+      }
+      return;
+    }
+    case IQ1_S: {
+      const uint8_t* blk = row + sb * 50;
+      uint16_t qh;
+      std::memcpy(&qh, blk + 34 + 2 * s, 2);
+      g->scale[0] = g->scale[1] = f16(blk) * static_cast<float>(2 * ((qh >> 12) & 7) + 1);
+      for (int k = 0; k < 4; ++k) {
+        g->delta[k] = qh & 0x8000 ? -0.125f : 0.125f;
+        put8(k, blk[2 + 4 * s + k] | (((qh >> (3 * k)) & 7) << 8), 0);
+      }
+      return;
+    }
+    case IQ1_M: {
+      const uint8_t* blk = row + sb * 56;
+      uint16_t sc[4];
+      std::memcpy(sc, blk + 48, 8);
+      const uint16_t dbits = static_cast<uint16_t>((sc[0] >> 12) | ((sc[1] >> 8) & 0x00F0) | ((sc[2] >> 4) & 0x0F00) |
+                                                   (sc[3] & 0xF000));
+      const float d = static_cast<float>(c10::Half(dbits, c10::Half::from_bits()));
+      for (int h = 0; h < 2; ++h)
+        g->scale[h] = d * static_cast<float>(2 * ((sc[s / 2] >> (6 * (s % 2) + 3 * h)) & 7) + 1);
+      for (int k = 0; k < 4; ++k) {
+        const int nib = (blk[32 + 2 * s + k / 2] >> (4 * (k % 2))) & 15;
+        g->delta[k] = nib & 8 ? -0.125f : 0.125f;
+        put8(k, blk[4 * s + k] | ((nib & 7) << 8), 0);
+      }
+      return;
+    }
+    default: return;
+  }
+}
+
 // Group b (32 weights) of a 4-bit type's row -> codes 0..15, d and m as half bits.
 // False when a scale or min does not fit a half.
-inline bool decode4(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d, uint16_t* m) {
+inline bool decode4(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d, uint16_t* m,
+                    const int8_t* grid = nullptr) {
+  if (type == IQ3_S || type == IQ1_S) {
+    // IQ3_S: w = s * v for odd v in -15..15, so code (v + 15) / 2 with d = 2s, m = -15s.
+    // IQ1_S: w = s * (v + delta) for v in -1..1, so code v + 1 with d = s, m = s (delta - 1).
+    // d (a half times an odd integer up to 31) and m are rounded to halves, as Q4_K's.
+    IQGroup g;
+    iq_group(type, row, b, grid, &g);
+    const bool three = type == IQ3_S;
+    const float s = g.scale[0], dd = three ? 2.0f * s : s, mm = three ? -15.0f * s : s * (g.delta[0] - 1.0f);
+    if (!half_ok(dd) || !half_ok(mm)) return false;
+    for (int l = 0; l < 32; ++l) codes[l] = static_cast<uint8_t>(three ? (g.q[l] + 15) / 2 : g.q[l] + 1);
+    *d = to_half(dd);
+    *m = to_half(mm);
+    return true;
+  }
   if (type == Q4_K) {
     const uint8_t* blk = row + (b / 8) * 144;
     const int s = static_cast<int>(b % 8);
@@ -131,14 +302,15 @@ inline bool decode4(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes,
 // as the 4-bit form) and its 6-bit form (codes 0..63 standing for code - 32, a scale per 16:
 // Q6_K's own layout, and Q3_K's, whose codes -4..3 and 16-weight scales it holds as they are).
 inline bool five_bit(int64_t type) { return type == Q5_0 || type == Q5_1 || type == Q5_K; }
-inline bool six_bit(int64_t type) { return type == Q6_K || type == Q3_K; }
+inline bool six_bit(int64_t type) { return type == Q6_K || type == Q3_K || type == IQ3_XXS; }
 // Q3_K's own width: the kernels' 3-bit form (codes 0..7 standing for code - 4, a scale per 16).
 inline bool three_bit(int64_t type) { return type == Q3_K; }
 
 // Group b (32 weights) of a Q5_0, Q5_1 or Q5_K row -> codes 0..31, d and m as half bits
 // (w = d * q + m). Q5_0 (m = -16 d, exact) and Q5_1 keep the file's values; Q5_K's
 // sub-block scale and min are rounded to halves, as Q4_K's. False when one does not fit.
-inline bool decode5(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d, uint16_t* m) {
+inline bool decode5(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d, uint16_t* m,
+                    const int8_t* /*grid*/ = nullptr) {
   if (type == Q5_K) {
     const uint8_t* blk = row + (b / 8) * 176;
     const int s = static_cast<int>(b % 8);
@@ -203,10 +375,21 @@ inline void q3_k_group(const uint8_t* row, int64_t b, int* q, int* sc, float* d)
 // a half's scale d * sc (a half times an int8, exact in float32) is rounded to a half, as
 // Q4_K's sub-block scales are (a relative error below 2^-11 against the codes' 2^-6).
 // False when a scale does not fit a half.
-// Q3_K's codes q become q + 32 (28..35), so that code - 32 is the file's q.
-inline bool decode6(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d0, uint16_t* d1) {
+// Q3_K's codes q become q + 32 (28..35), so that code - 32 is the file's q. IQ3_XXS's values
+// are even, -62..62: code v / 2 + 32 with both halves' scale 2 * db (exact), rounded to a half.
+inline bool decode6(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d0, uint16_t* d1,
+                    const int8_t* grid = nullptr) {
   float d;
   int sc[2];
+  if (type == IQ3_XXS) {
+    IQGroup g;
+    iq_group(type, row, b, grid, &g);
+    const float s = 2.0f * g.scale[0];
+    if (!half_ok(s)) return false;
+    for (int l = 0; l < 32; ++l) codes[l] = static_cast<uint8_t>(g.q[l] / 2 + 32);
+    *d0 = *d1 = to_half(s);
+    return true;
+  }
   if (type == Q3_K) {
     int q[32];
     q3_k_group(row, b, q, sc, &d);
@@ -224,7 +407,8 @@ inline bool decode6(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes,
 }
 
 // Group b of a Q3_K row -> its codes + 4 (0..7) and its halves' scales as decode6 gives them.
-inline bool decode3(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d0, uint16_t* d1) {
+inline bool decode3(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d0, uint16_t* d1,
+                    const int8_t* /*grid*/ = nullptr) {
   if (!decode6(type, row, b, codes, d0, d1)) return false;  // Q3_K: codes q + 32
   for (int l = 0; l < 32; ++l) codes[l] = static_cast<uint8_t>(codes[l] - 28);
   return true;
@@ -285,7 +469,7 @@ inline bool decode_iq4(int64_t type, const uint8_t* row, int64_t b, uint8_t* idx
 #pragma GCC optimize("fp-contract=off")
 
 // Group b of a row of any type decoded here -> 32 float32 weights (dequant.py's values).
-inline void decode_floats(int64_t type, const uint8_t* row, int64_t b, float* w) {
+inline void decode_floats(int64_t type, const uint8_t* row, int64_t b, float* w, const int8_t* grid = nullptr) {
   switch (type) {
     case F32: std::memcpy(w, row + b * 128, 128); return;
     case F16:
@@ -395,16 +579,35 @@ inline void decode_floats(int64_t type, const uint8_t* row, int64_t b, float* w)
       for (int l = 0; l < 32; ++l) w[l] = scale * static_cast<float>(c[l]);
       return;
     }
+    case IQ2_XXS: case IQ2_XS: case IQ2_S: case IQ3_XXS: case IQ3_S: case IQ1_S: case IQ1_M: {
+      // gguf-py's db * grid * sign (a sign flip commutes with the rounding) and dl * (grid + delta)
+      IQGroup g;
+      iq_group(type, row, b, grid, &g);
+      for (int l = 0; l < 32; ++l) w[l] = g.scale[l / 16] * (static_cast<float>(g.q[l]) + g.delta[l / 8]);
+      return;
+    }
     default: return;
   }
 }
 
 // Group b -> 8-bit codes and a half scale. Q8_0 and Q5_0 keep the file's codes (Q8_0's
 // -128 becomes -127: the kernels' sign trick has no place for it), IQ4_NL and IQ4_XS their
-// table values (IQ4_XS's sub-block scale rounded to a half, as Q4_K's); every other type is
-// rounded as group_codes.requantize_8bit does: d = half(max|w| / 127), q = round(w / d),
-// ties to even. False when d does not fit a half (or a weight is not finite).
-inline bool decode8(int64_t type, const uint8_t* row, int64_t b, int8_t* codes, uint16_t* d) {
+// table values (IQ4_XS's sub-block scale rounded to a half, as Q4_K's), the IQ types with one
+// scale per 32 (IQ2_XXS, IQ3_XXS, IQ3_S, IQ1_S) theirs (IQ1_S's 8 (v + delta) over s / 8);
+// every other type is rounded as group_codes.requantize_8bit does: d = half(max|w| / 127),
+// q = round(w / d), ties to even. False when d does not fit a half (or a weight is not finite).
+inline bool decode8(int64_t type, const uint8_t* row, int64_t b, int8_t* codes, uint16_t* d,
+                    const int8_t* grid = nullptr) {
+  if (type == IQ2_XXS || type == IQ3_XXS || type == IQ3_S || type == IQ1_S) {
+    IQGroup g;
+    iq_group(type, row, b, grid, &g);
+    const bool one = type == IQ1_S;
+    const float s = one ? g.scale[0] * 0.125f : g.scale[0];
+    if (!half_ok(s)) return false;
+    for (int l = 0; l < 32; ++l) codes[l] = static_cast<int8_t>(one ? 8 * g.q[l] + (g.delta[0] > 0 ? 1 : -1) : g.q[l]);
+    *d = to_half(s);
+    return true;
+  }
   if (type == Q8_0 || type == Q5_0) {
     const uint8_t* blk = row + b * (type == Q8_0 ? 34 : 22);
     if (!half_ok(f16(blk))) return false;
@@ -429,7 +632,7 @@ inline bool decode8(int64_t type, const uint8_t* row, int64_t b, int8_t* codes, 
     return true;
   }
   float w[32];
-  decode_floats(type, row, b, w);
+  decode_floats(type, row, b, w, grid);
   float amax = 0.0f;
   bool finite = true;
   for (int l = 0; l < 32; ++l) {

@@ -74,6 +74,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -511,23 +512,44 @@ torch::Tensor q8_pack_codes(const torch::Tensor& codes, const torch::Tensor& d) 
 // the parts are stacked along N in order (q, k, v -> qkv), each part's output row i taken
 // from its source row order[i] (llama.cpp's q/k permutation undone) or row i when order is
 // empty. One pass, parallel over tiles, no intermediate codes tensor. Form "q4" takes only
-// Q4_0/Q4_1/Q4_K parts, "q5" only Q5_0/Q5_1/Q5_K, "q6" only Q6_K/Q3_K, "q3" only Q3_K, "iq4" only IQ4_NL/IQ4_XS;
-// "q8" takes every type gguf_blocks.h decodes.
+// Q4_0/Q4_1/Q4_K/IQ3_S/IQ1_S parts, "q5" only Q5_0/Q5_1/Q5_K, "q6" only Q6_K/Q3_K/IQ3_XXS, "q3"
+// only Q3_K, "iq4" only IQ4_NL/IQ4_XS; "q8" takes every type gguf_blocks.h decodes. grids:
+// per part, the IQ types' grid (gguf::grid_shape, int8), an empty tensor for the others
+// (or no list at all when no part needs one).
 // Raises with "half range" in the message when a scale or min does not fit a half, so
 // that the caller can fall back to its own (8-bit) handling of such a tensor.
+// An IQ type's grid, checked against its shape and the values gguf_blocks.h's decoding relies
+// on (indices into it are in range by construction); nullptr for a type that has none.
+const int8_t* checked_grid(int64_t type, const torch::Tensor* grid) {
+  const gguf::GridShape shape = gguf::grid_shape(type);
+  if (shape.rows == 0) return nullptr;
+  TORCH_CHECK(grid != nullptr && grid->numel() > 0, "GGUF type ", type, " needs its grid");
+  TORCH_CHECK(grid->scalar_type() == torch::kChar && grid->is_contiguous() && grid->dim() == 2 &&
+                  grid->size(0) == shape.rows && grid->size(1) == shape.width,
+              "GGUF type ", type, "'s grid: contiguous int8 (", shape.rows, ", ", shape.width, ")");
+  const int8_t* g = grid->data_ptr<int8_t>();
+  for (int64_t i = 0; i < grid->numel(); ++i)
+    TORCH_CHECK(gguf::grid_value_ok(type, g[i]), "GGUF type ", type, "'s grid holds ", int(g[i]));
+  return g;
+}
+
 torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor>& raws,
-                        const std::vector<int64_t>& types, const std::vector<torch::Tensor>& orders, int64_t k) {
+                        const std::vector<int64_t>& types, const std::vector<torch::Tensor>& orders, int64_t k,
+                        const std::vector<torch::Tensor>& grids) {
   TORCH_CHECK(form == "q3" || form == "q4" || form == "q5" || form == "q6" || form == "q8" || form == "iq4",
               "form must be q3, q4, q5, q6, q8 or iq4, not ", form);
   const int64_t bits = form == "iq4" ? 0 : form[1] - '0';
   TORCH_CHECK(!raws.empty() && raws.size() == types.size() && raws.size() == orders.size(),
               "one type and one row order per part");
+  TORCH_CHECK(grids.empty() || grids.size() == raws.size(), "one grid (or an empty tensor) per part");
   TORCH_CHECK(k > 0 && k % QK == 0, "K = ", k, " is not a positive multiple of ", QK);
   std::vector<const uint8_t*> row_ptr;
   std::vector<int64_t> row_type;
+  std::vector<const int8_t*> row_grid;
   for (size_t p = 0; p < raws.size(); ++p) {
     const auto& raw = raws[p];
     const gguf::Layout lay = gguf::layout(types[p]);
+    const int8_t* grid = checked_grid(types[p], grids.empty() ? nullptr : &grids[p]);
     TORCH_CHECK(lay.block_values > 0, "GGUF type ", types[p], " is not decoded here");
     TORCH_CHECK(bits != 4 || gguf::four_bit(types[p]), "GGUF type ", types[p], " has no 4-bit form");
     TORCH_CHECK(bits != 5 || gguf::five_bit(types[p]), "GGUF type ", types[p], " has no 5-bit form");
@@ -552,6 +574,7 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
       TORCH_CHECK(src >= 0 && src < rows, "row order index out of range");
       row_ptr.push_back(base + src * row_bytes);
       row_type.push_back(types[p]);
+      row_grid.push_back(grid);
     }
   }
   const int64_t n = static_cast<int64_t>(row_ptr.size()), kb = k / QK;
@@ -563,7 +586,7 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
     return pack_by_block(M, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
       uint8_t c[QK];
       uint16_t s0, s1;
-      if (!decode(row_type[row], row_ptr[row], b, c, &s0, &s1)) in_range = false;
+      if (!decode(row_type[row], row_ptr[row], b, c, &s0, &s1, row_grid[row])) in_range = false;
       put_codes<M>(tile + codes_at(M, b), r, c);
       uint16_t* sc = scales_of(tile, M, kb, b);
       sc[r] = s0;
@@ -590,7 +613,7 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
     out = pack_by_block(Mode::Q8, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
       int8_t c[QK];
       uint16_t d;
-      if (!gguf::decode8(row_type[row], row_ptr[row], b, c, &d)) in_range = false;
+      if (!gguf::decode8(row_type[row], row_ptr[row], b, c, &d, row_grid[row])) in_range = false;
       uint8_t* dst = tile + codes_at(Mode::Q8, b) + q8_byte(r, 0);
       for (int64_t g = 0; g < QK / 4; ++g) std::memcpy(dst + g * 4 * NR, c + 4 * g, 4);  // 4 weights per k-group
       scales_of(tile, Mode::Q8, kb, b)[r] = d;
@@ -601,8 +624,10 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
 }
 
 // Rows of a GGUF tensor -> float32 (N, K): the embedding lookup over the mapped file.
-torch::Tensor gguf_rows(const torch::Tensor& raw, int64_t type, const torch::Tensor& ids, int64_t k) {
+torch::Tensor gguf_rows(const torch::Tensor& raw, int64_t type, const torch::Tensor& ids, int64_t k,
+                        const std::optional<torch::Tensor>& grid) {
   const gguf::Layout lay = gguf::layout(type);
+  const int8_t* g = checked_grid(type, grid.has_value() ? &*grid : nullptr);
   TORCH_CHECK(lay.block_values > 0, "GGUF type ", type, " is not decoded here");
   TORCH_CHECK(k > 0 && k % QK == 0 && k % lay.block_values == 0, "bad row width ", k);
   TORCH_CHECK(raw.scalar_type() == torch::kUInt8 && raw.dim() == 1 && raw.is_contiguous(), "raw: 1-D uint8");
@@ -617,7 +642,7 @@ torch::Tensor gguf_rows(const torch::Tensor& raw, int64_t type, const torch::Ten
   const uint8_t* base = raw.data_ptr<uint8_t>();
   at::parallel_for(0, m, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i)
-      for (int64_t b = 0; b < k / QK; ++b) gguf::decode_floats(type, base + ip[i] * row_bytes, b, o + i * k + b * QK);
+      for (int64_t b = 0; b < k / QK; ++b) gguf::decode_floats(type, base + ip[i] * row_bytes, b, o + i * k + b * QK, g);
   });
   return out;
 }
@@ -1744,9 +1769,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_pack_codes", &q8_pack_codes, nogil, "codes (N, K) int8, d (N, K/32) float16 -> packed Q8");
   m.def("pack_gguf", &pack_gguf, nogil,
         "GGUF tensors' bytes, stacked along N -> packed in form q3, q4, q5, q6, q8 or iq4",
-        py::arg("form"), py::arg("raws"), py::arg("types"), py::arg("orders"), py::arg("k"));
+        py::arg("form"), py::arg("raws"), py::arg("types"), py::arg("orders"), py::arg("k"),
+        py::arg("grids") = std::vector<torch::Tensor>{});
   m.def("gguf_rows", &gguf_rows, nogil, "rows `ids` of a GGUF tensor's bytes -> float32 (len(ids), K)",
-        py::arg("raw"), py::arg("type"), py::arg("ids"), py::arg("k"));
+        py::arg("raw"), py::arg("type"), py::arg("ids"), py::arg("k"), py::arg("grid") = py::none());
   m.def("quantize_act", &quantize_act, nogil, "x (M, K) -> int8 codes, scales, scale*sum per block of 32",
         py::arg("x"), py::arg("impl") = 0);
   m.def("q4_linear", &linear_of<Mode::Q4>, nogil, "x (M, K) @ Q4 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
