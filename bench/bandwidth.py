@@ -72,7 +72,7 @@ FILE_BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q4_0": 4.5, "Q4_1": 5, "Q5_0": 5
              "IQ3_S": 3.4375, "IQ1_S": 1.5625, "IQ1_M": 1.75}
 _FORM_BITS = {"q3": 4.0, "q4": 5.0, "q5": 6.0, "q6": 7.0, "iq4": 4.5, "q8": 8.5}
 _FORM_OF = {"Q4_0": "q4", "Q4_1": "q4", "Q4_K": "q4", "Q5_0": "q5", "Q5_1": "q5", "Q5_K": "q5", "Q6_K": "q6",
-            "Q3_K": "q3", "IQ4_NL": "iq4", "IQ4_XS": "iq4", "IQ3_S": "q4", "IQ1_S": "q4", "IQ3_XXS": "q6"}
+            "Q3_K": "q3", "IQ4_NL": "iq4", "IQ4_XS": "iq4", "IQ3_S": "q4", "IQ1_S": "q4", "IQ3_XXS": "q6", "IQ1_M": "q6"}
 PACKED_BITS = {t: _FORM_BITS[_FORM_OF.get(t, "q8")] for t in FILE_BITS}
 
 

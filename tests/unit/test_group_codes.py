@@ -123,7 +123,7 @@ def test_rows_reads_only_the_asked_rows():
 C_TYPES = [T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K, T.IQ4_NL, T.IQ4_XS, T.F16,
            T.F32, T.BF16]
 # The IQ types with a grid: the C++ converter gives gguf-py's values (ggml's, for IQ1_M);
-# those with a scale per 16 weights (and IQ1_M's shift per 8) it rounds to 8 bits as the
+# in 8 bits, those with a scale per 16 weights (and IQ1_M's shift per 8) it rounds as the
 # Python path does, the others keep their codes (test_c_iq_forms_*).
 IQ_TYPES = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M]
 IQ_REQUANTIZED = [T.IQ2_XS, T.IQ2_S, T.IQ1_M]
@@ -373,6 +373,7 @@ IQ_FORMS = [
     (T.IQ3_S, "q4", set(range(16)), 15),  # odd -15..15 as (v + 15) / 2: d = 2 s, m = -15 s
     (T.IQ1_S, "q4", {0, 1, 2}, 2.2),  # -1..1 as v + 1: d = s, m = s (delta - 1)
     (T.IQ3_XXS, "q6", {v // 2 * s for v in (4, 12, 20, 28, 36, 44, 52, 62) for s in (1, -1)}, 31),
+    (T.IQ1_M, "q6", {8 * v + s for v in (-1, 0, 1) for s in (1, -1)}, 9),  # 8 (v + delta) on s / 8 per 16
     (T.IQ2_XXS, "q8", {v * s for v in (8, 25, 43) for s in (1, -1)}, 43),
     (T.IQ3_S, "q8", set(range(-15, 16, 2)), 15),
     (T.IQ3_XXS, "q8", {v * s for v in (4, 12, 20, 28, 36, 44, 52, 62) for s in (1, -1)}, 62),

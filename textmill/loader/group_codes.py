@@ -37,8 +37,9 @@ are the "others" (gguf-py's dequantizer, then 8 bits):
 | IQ3_S  | 4    | odd values v in -15..15: q = (v + 15) / 2, d = 2 s, m = -15 s | scales to half  |
 | IQ1_S  | 4    | v in -1..1 at a shift delta: q = v + 1, d = s, m = s (delta - 1) | scales to half |
 | IQ3_XXS| 6    | even values v in -62..62: q = v / 2, per 16 weights 2 s     | scales to half    |
+| IQ1_M  | 6    | v in -1..1 at a shift of +-1/8 per 8: q = 8 v +- 1, per 16 s / 8 | scales to half |
 | IQ2_XXS| 8    | v in -43..43 (8, 25, 43 with signs), d = s                  | scales to half    |
-| IQ2_XS, IQ2_S, IQ1_M | 8 | a scale per 16 weights (IQ1_M: a shift per 8): round to 8 bits | a second rounding |
+| IQ2_XS, IQ2_S | 8 | a scale per 16 weights on values up to 43: round to 8 bits | a second rounding |
 
 (Q3_K takes a 3-bit form of its own: its codes and 16-weight scales as they are, 4 bits a
 weight where 8-bit codes took 8.5; the kernels compute it as the 6-bit form on its codes
@@ -85,7 +86,7 @@ THREE_BIT_TYPES = frozenset({T.Q3_K})
 # The types it packs in the IQ4 form: 4-bit indices into the IQ4 table, one scale per 32.
 IQ4_TYPES = frozenset({T.IQ4_NL, T.IQ4_XS})
 # The IQ types the C++ converter packs in a form narrower than 8 bits (module docstring).
-IQ_FORMS = {T.IQ3_S: "q4", T.IQ1_S: "q4", T.IQ3_XXS: "q6"}
+IQ_FORMS = {T.IQ3_S: "q4", T.IQ1_S: "q4", T.IQ3_XXS: "q6", T.IQ1_M: "q6"}
 # The types the C++ converter (kernels/csrc/gguf_blocks.h) packs straight from the file:
 # every type a GGUF model's matrices come in (F64 and the integer types aside).
 PACKED_FROM_FILE_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,

@@ -302,7 +302,7 @@ inline bool decode4(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes,
 // as the 4-bit form) and its 6-bit form (codes 0..63 standing for code - 32, a scale per 16:
 // Q6_K's own layout, and Q3_K's, whose codes -4..3 and 16-weight scales it holds as they are).
 inline bool five_bit(int64_t type) { return type == Q5_0 || type == Q5_1 || type == Q5_K; }
-inline bool six_bit(int64_t type) { return type == Q6_K || type == Q3_K || type == IQ3_XXS; }
+inline bool six_bit(int64_t type) { return type == Q6_K || type == Q3_K || type == IQ3_XXS || type == IQ1_M; }
 // Q3_K's own width: the kernels' 3-bit form (codes 0..7 standing for code - 4, a scale per 16).
 inline bool three_bit(int64_t type) { return type == Q3_K; }
 
@@ -377,17 +377,22 @@ inline void q3_k_group(const uint8_t* row, int64_t b, int* q, int* sc, float* d)
 // False when a scale does not fit a half.
 // Q3_K's codes q become q + 32 (28..35), so that code - 32 is the file's q. IQ3_XXS's values
 // are even, -62..62: code v / 2 + 32 with both halves' scale 2 * db (exact), rounded to a half.
+// IQ1_M's w = s_h (v + delta) with v in -1..1 and delta = +-1/8 per 8 weights is
+// (s_h / 8) (8 v +- 1): code 8 v +- 1 + 32 (23..41) on the half's scale s_h / 8.
 inline bool decode6(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d0, uint16_t* d1,
                     const int8_t* grid = nullptr) {
   float d;
   int sc[2];
-  if (type == IQ3_XXS) {
+  if (type == IQ3_XXS || type == IQ1_M) {
     IQGroup g;
     iq_group(type, row, b, grid, &g);
-    const float s = 2.0f * g.scale[0];
-    if (!half_ok(s)) return false;
-    for (int l = 0; l < 32; ++l) codes[l] = static_cast<uint8_t>(g.q[l] / 2 + 32);
-    *d0 = *d1 = to_half(s);
+    const bool one = type == IQ1_M;
+    const float s0 = one ? 0.125f * g.scale[0] : 2.0f * g.scale[0], s1 = one ? 0.125f * g.scale[1] : s0;
+    if (!half_ok(s0) || !half_ok(s1)) return false;
+    for (int l = 0; l < 32; ++l)
+      codes[l] = static_cast<uint8_t>((one ? 8 * g.q[l] + (g.delta[l / 8] > 0 ? 1 : -1) : g.q[l] / 2) + 32);
+    *d0 = to_half(s0);
+    *d1 = to_half(s1);
     return true;
   }
   if (type == Q3_K) {

@@ -512,7 +512,7 @@ torch::Tensor q8_pack_codes(const torch::Tensor& codes, const torch::Tensor& d) 
 // the parts are stacked along N in order (q, k, v -> qkv), each part's output row i taken
 // from its source row order[i] (llama.cpp's q/k permutation undone) or row i when order is
 // empty. One pass, parallel over tiles, no intermediate codes tensor. Form "q4" takes only
-// Q4_0/Q4_1/Q4_K/IQ3_S/IQ1_S parts, "q5" only Q5_0/Q5_1/Q5_K, "q6" only Q6_K/Q3_K/IQ3_XXS, "q3"
+// Q4_0/Q4_1/Q4_K/IQ3_S/IQ1_S parts, "q5" only Q5_0/Q5_1/Q5_K, "q6" only Q6_K/Q3_K/IQ3_XXS/IQ1_M, "q3"
 // only Q3_K, "iq4" only IQ4_NL/IQ4_XS; "q8" takes every type gguf_blocks.h decodes. grids:
 // per part, the IQ types' grid (gguf::grid_shape, int8), an empty tensor for the others
 // (or no list at all when no part needs one).
