@@ -120,10 +120,10 @@ def test_every_block_type_runs_from_its_own_blocks_and_tracks_the_float_referenc
     # IQ4_XS beside IQ4_NL: one matmul on the file's 4-bit indices
     assert layer2.self_attn.qkv_proj.mode == "iq4" and layer2.mlp.down_proj.mode == "iq4"
     # IQ4_XS q and IQ4_NL k as one iq4 matmul beside the IQ3_S v's 4-bit codes, an IQ3_XXS o
-    # in 6 bits, the IQ2 types (a scale per 16, or IQ2_XXS's codes 8/25/43) in 8
+    # in 6 bits, the IQ2 types as indices into their six values (IQ2_S and IQ2_XS: one matmul)
     assert [p.mode for p in layer3.self_attn.qkv_proj.parts] == ["iq4", "q4"]
     assert layer3.self_attn.o_proj.mode == "q6"
-    assert layer3.mlp.gate_up_proj.mode == "q8" and layer3.mlp.down_proj.mode == "q8"
+    assert layer3.mlp.gate_up_proj.mode == "iq2" and layer3.mlp.down_proj.mode == "iq2"
     # IQ1_S and IQ3_S beside a Q4_K: one 4-bit matmul; IQ3_XXS beside a Q6_K: one 6-bit one
     assert layer4.self_attn.qkv_proj.mode == "q4" and layer4.mlp.gate_up_proj.mode == "q6"
     assert layer4.self_attn.o_proj.mode == "q6" and layer4.mlp.down_proj.mode == "q4"  # IQ1_M, IQ1_S

@@ -123,8 +123,8 @@ def test_rows_reads_only_the_asked_rows():
 C_TYPES = [T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K, T.IQ4_NL, T.IQ4_XS, T.F16,
            T.F32, T.BF16]
 # The IQ types with a grid: the C++ converter gives gguf-py's values (ggml's, for IQ1_M);
-# in 8 bits, those with a scale per 16 weights (and IQ1_M's shift per 8) it rounds as the
-# Python path does, the others keep their codes (test_c_iq_forms_*).
+# in 8 bits (beside an 8-bit part), those with a scale per 16 weights it rounds as the Python
+# path does, the others keep their codes (test_c_iq_forms_*).
 IQ_TYPES = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M]
 IQ_REQUANTIZED = [T.IQ2_XS, T.IQ2_S, T.IQ1_M]
 
@@ -359,9 +359,10 @@ def _form_weights(form: str, packed: torch.Tensor) -> tuple[torch.Tensor, torch.
     if form == "q4":
         codes, d, m = ext.q4_unpack(packed, N, K)
         return (codes.float().view(N, -1, 32) * d[..., None] + m[..., None]).view(N, K), codes.int()
-    if form == "q6":
-        codes, d = ext.q6_unpack(packed, N, K)
-        return ((codes.float() - 32).view(N, -1, 16) * d[..., None]).view(N, K), codes.int() - 32
+    if form in ("q6", "iq2"):  # a scale per 16; iq2's codes are its table values
+        codes, d = getattr(ext, f"{form}_unpack")(packed, N, K)
+        codes = codes.int() - (32 if form == "q6" else 0)
+        return (codes.float().view(N, -1, 16) * d[..., None]).view(N, K), codes
     codes, d = ext.q8_unpack(packed, N, K)
     return (codes.float().view(N, -1, 32) * d[..., None]).view(N, K), codes.int()
 
@@ -375,6 +376,9 @@ IQ_FORMS = [
     (T.IQ3_XXS, "q6", {v // 2 * s for v in (4, 12, 20, 28, 36, 44, 52, 62) for s in (1, -1)}, 31),
     (T.IQ1_M, "q6", {8 * v + s for v in (-1, 0, 1) for s in (1, -1)}, 9),  # 8 (v + delta) on s / 8 per 16
     (T.IQ2_XXS, "q8", {v * s for v in (8, 25, 43) for s in (1, -1)}, 43),
+    (T.IQ2_XXS, "iq2", {v * s for v in (8, 25, 43) for s in (1, -1)}, 43),  # indices into the six values
+    (T.IQ2_XS, "iq2", {v * s for v in (8, 25, 43) for s in (1, -1)}, 43),  # ... on a scale per 16
+    (T.IQ2_S, "iq2", {v * s for v in (8, 25, 43) for s in (1, -1)}, 43),
     (T.IQ3_S, "q8", set(range(-15, 16, 2)), 15),
     (T.IQ3_XXS, "q8", {v * s for v in (4, 12, 20, 28, 36, 44, 52, 62) for s in (1, -1)}, 62),
     (T.IQ1_S, "q8", {8 * v + s for v in (-1, 0, 1) for s in (1, -1)}, 9),  # 8 (v + delta) on s / 8
@@ -434,5 +438,7 @@ def test_c_iq_types_need_their_grid_and_refuse_one_that_does_not_fit():
         ext.pack_gguf("q4", [raw], [int(T.IQ3_S)], no_order, K, [wrong])
     with pytest.raises(RuntimeError, match="no 4-bit form"):
         _c_packed(4, [(_raw(T.IQ2_XXS), T.IQ2_XXS)])
+    with pytest.raises(RuntimeError, match="no IQ2 form"):
+        _c_packed("iq2", [(_raw(T.IQ3_S), T.IQ3_S)])
     with pytest.raises(RuntimeError, match="needs its grid"):
         ext.gguf_rows(raw, int(T.IQ3_S), torch.tensor([0]), K)

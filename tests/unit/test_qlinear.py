@@ -65,7 +65,7 @@ def acts(m: int, k: int, seed: int) -> torch.Tensor:
     return torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, k, generator=g))
 
 
-MODES = ("q4", "q8", "q6", "q5", "iq4", "q3")
+MODES = ("q4", "q8", "q6", "q5", "iq4", "q3", "iq2")
 
 
 def pack(ext, mode: str, w: torch.Tensor) -> torch.Tensor:
@@ -78,12 +78,12 @@ def linear(ext, mode, x, packed, n, bias=None, impl=0):
 
 def unpack(ext, mode, packed, n, k):
     """-> codes (N, K) float, d (N, KB), m (N, KB) (zeros for q8); q6 (q3): codes - 32 (- 4)
-    and d, m (N, 2 KB), one per 16 weights."""
+    and d, m (N, 2 KB), one per 16 weights; iq2: its table values, d and m as q6's."""
     if mode in ("q4", "q5"):
         codes, d, m = getattr(ext, f"{mode}_unpack")(packed, n, k)
-    elif mode in ("q6", "q3"):
+    elif mode in ("q6", "q3", "iq2"):
         codes, d = getattr(ext, f"{mode}_unpack")(packed, n, k)
-        return codes.float() - (32 if mode == "q6" else 4), d, torch.zeros_like(d)
+        return codes.float() - {"q6": 32, "q3": 4, "iq2": 0}[mode], d, torch.zeros_like(d)
     else:  # q8, or iq4's table values
         codes, d = getattr(ext, f"{mode}_unpack")(packed, n, k)
         m = torch.zeros_like(d)
@@ -241,8 +241,8 @@ def test_close_to_float_linear_on_dequantized_weights(ext, mode, mm, k, n):
     # value of up to 127 (and d's rounding to a half, 127 * 2^-11) on a group whose largest
     # magnitude is negative against the table's top, 113; its widest gap, 24, rounds by 12;
     # q3: a whole step, where a half's largest magnitude, at code -4, has an opposite as
-    # large, which stops at +3).
-    step = unpack(ext, mode, q.packed, n, k)[1].abs() * {"iq4": 28.2, "q3": 2.01}.get(mode, 1)
+    # large, which stops at +3; iq2, in units of d: half its widest gap, 43 - 25).
+    step = unpack(ext, mode, q.packed, n, k)[1].abs() * {"iq4": 28.2, "q3": 2.01, "iq2": 18.02}.get(mode, 1)
     w_err = (q.dequantized_weight() - lin.weight.detach()).abs().view(n, step.shape[1], -1)
     assert (w_err <= step[..., None] * 0.5 * (1 + 1e-3) + 1e-7).all()
 

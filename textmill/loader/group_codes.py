@@ -38,8 +38,7 @@ are the "others" (gguf-py's dequantizer, then 8 bits):
 | IQ1_S  | 4    | v in -1..1 at a shift delta: q = v + 1, d = s, m = s (delta - 1) | scales to half |
 | IQ3_XXS| 6    | even values v in -62..62: q = v / 2, per 16 weights 2 s     | scales to half    |
 | IQ1_M  | 6    | v in -1..1 at a shift of +-1/8 per 8: q = 8 v +- 1, per 16 s / 8 | scales to half |
-| IQ2_XXS| 8    | v in -43..43 (8, 25, 43 with signs), d = s                  | scales to half    |
-| IQ2_XS, IQ2_S | 8 | a scale per 16 weights on values up to 43: round to 8 bits | a second rounding |
+| IQ2_XXS, IQ2_XS, IQ2_S | iq2 | v in (-43, -25, -8, 8, 25, 43) as a 4-bit index, per 16 weights s | scales to half |
 
 (Q3_K takes a 3-bit form of its own: its codes and 16-weight scales as they are, 4 bits a
 weight where 8-bit codes took 8.5; the kernels compute it as the 6-bit form on its codes
@@ -86,7 +85,8 @@ THREE_BIT_TYPES = frozenset({T.Q3_K})
 # The types it packs in the IQ4 form: 4-bit indices into the IQ4 table, one scale per 32.
 IQ4_TYPES = frozenset({T.IQ4_NL, T.IQ4_XS})
 # The IQ types the C++ converter packs in a form narrower than 8 bits (module docstring).
-IQ_FORMS = {T.IQ3_S: "q4", T.IQ1_S: "q4", T.IQ3_XXS: "q6", T.IQ1_M: "q6"}
+IQ_FORMS = {T.IQ3_S: "q4", T.IQ1_S: "q4", T.IQ3_XXS: "q6", T.IQ1_M: "q6", T.IQ2_XXS: "iq2", T.IQ2_XS: "iq2",
+            T.IQ2_S: "iq2"}
 # The types the C++ converter (kernels/csrc/gguf_blocks.h) packs straight from the file:
 # every type a GGUF model's matrices come in (F64 and the integer types aside).
 PACKED_FROM_FILE_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
@@ -146,8 +146,8 @@ class CodesRef:
 
     @property
     def form(self) -> str:
-        """The kernel form the C++ converter packs this tensor into: q3, q4, q5, q6, q8 or
-        iq4 (runner/qlinear.py's modes)."""
+        """The kernel form the C++ converter packs this tensor into: q3, q4, q5, q6, q8, iq4
+        or iq2 (runner/qlinear.py's modes)."""
         if self.qtype in FOUR_BIT_TYPES:
             return "q4"
         if self.qtype in IQ_FORMS:

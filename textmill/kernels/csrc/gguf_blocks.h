@@ -84,7 +84,7 @@ inline GridShape grid_shape(int64_t type) {
 // kernels' forms): IQ2's 8/25/43, IQ3_XXS's even 4..62, IQ3_S's odd 1..15, IQ1's -1/0/1.
 inline bool grid_value_ok(int64_t type, int v) {
   switch (type) {
-    case IQ2_XXS: case IQ2_XS: case IQ2_S: return v >= 0 && v <= 127;
+    case IQ2_XXS: case IQ2_XS: case IQ2_S: return v == 8 || v == 25 || v == 43;
     case IQ3_XXS: return v >= 2 && v <= 62 && v % 2 == 0;
     case IQ3_S: return v >= 1 && v <= 15 && v % 2 == 1;
     case IQ1_S: case IQ1_M: return v >= -1 && v <= 1;
@@ -416,6 +416,28 @@ inline bool decode3(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes,
                     const int8_t* /*grid*/ = nullptr) {
   if (!decode6(type, row, b, codes, d0, d1)) return false;  // Q3_K: codes q + 32
   for (int l = 0; l < 32; ++l) codes[l] = static_cast<uint8_t>(codes[l] - 28);
+  return true;
+}
+
+// The IQ2 types' six values (their grid's 8, 25, 43 with a sign), indexed by the kernels'
+// IQ2 form's 4-bit codes (the other ten entries unused, 0).
+constexpr int8_t kIQ2Values[16] = {-43, -25, -8, 8, 25, 43, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+inline bool iq2(int64_t type) { return type == IQ2_XXS || type == IQ2_XS || type == IQ2_S; }
+
+// Group b of an IQ2_XXS, IQ2_XS or IQ2_S row -> the kIQ2Values index of each weight and each
+// half's scale (d (0.5 + s) / 4, a half times an odd integer / 8) rounded to a half, as
+// Q4_K's. False when a scale does not fit a half.
+inline bool decode_iq2(int64_t type, const uint8_t* row, int64_t b, uint8_t* idx, uint16_t* d0, uint16_t* d1,
+                       const int8_t* grid) {
+  IQGroup g;
+  iq_group(type, row, b, grid, &g);
+  if (!half_ok(g.scale[0]) || !half_ok(g.scale[1])) return false;
+  for (int l = 0; l < 32; ++l) {
+    const int v = g.q[l] < 0 ? -g.q[l] : g.q[l], rank = v == 8 ? 0 : v == 25 ? 1 : 2;
+    idx[l] = static_cast<uint8_t>(g.q[l] > 0 ? 3 + rank : 2 - rank);
+  }
+  *d0 = to_half(g.scale[0]);
+  *d1 = to_half(g.scale[1]);
   return true;
 }
 

@@ -19,6 +19,8 @@
 //   Q6: codes q in 0..63, w = d_h*(q - 32)    (GGUF Q6_K; Q3_K's -4..3 as 28..35), one d per half (16 weights)
 //   IQ4: indices q in 0..15, w = d*T[q]       (GGUF IQ4_NL, IQ4_XS), T = gguf::kIQ4Values
 //   Q3: codes q in 0..7, w = d_h*(q - 4)      (GGUF Q3_K), one d per half (16 weights)
+//   IQ2: indices q in 0..5, w = d_h*T2[q]     (GGUF IQ2_XXS, IQ2_XS, IQ2_S), T2 = gguf::kIQ2Values
+//        (-43, -25, -8, 8, 25, 43), one d per half (16 weights)
 // d and m are stored as IEEE half, as GGUF stores them: GGUF weights requantize exactly,
 // and at one decode token (bound by memory reads) 4 bytes of scales per group instead of 8
 // are ~17% less traffic for Q4.
@@ -53,6 +55,11 @@
 //            weight (Q3_K's 3.4), where the 6-bit form takes 7. The kernels unpack a block to
 //            Q6's codes (q + 28 = the file's code + 32) and run Q6's arithmetic on them, so a
 //            Q3 layer gives the bits of a Q6 layer of the same values.
+//   IQ2 block: the indices as a Q4 block's [4][64 bytes]; scales as Q6's. 5 bits a weight
+//            (the files' 2.1-2.6), where 8-bit codes take 8.5. The kernels turn the nibbles
+//            into T2's values + 64 (u8, 21..107) with one byte shuffle and run Q6's
+//            arithmetic with twice its offset (-64 x each half's sum): Q6's integer sums
+//            and float steps on T2's values (the scalar path: on T2 + 32, Q6's offset).
 //   A tile's blocks go in pairs: both blocks' codes, then both blocks' scales (codes_at).
 // Activations, per row and block of 32: int8 codes a, scale e = max|x|/127, and (for Q4's
 // min term) s = e * sum(a):  sum_i (d q_i + m)(e a_i) = (d e) sum(q_i a_i) + m s.
@@ -140,18 +147,18 @@ constexpr int64_t CHUNK_BYTES = 96 << 10;       // expanded activations per thre
 // passes instead) 0.71-0.79x the time for q4, 0.74-0.87x for q8 at 192-512 rows (Xeon).
 constexpr int64_t PASS_BYTES = 256 << 10;
 
-enum class Mode { Q4, Q8, Q6, Q5, IQ4, Q3 };
+enum class Mode { Q4, Q8, Q6, Q5, IQ4, Q3, IQ2 };
 
 constexpr int64_t code_bytes(Mode m) {
-  return m == Mode::Q4 || m == Mode::IQ4 ? Q4_CODE_BYTES
+  return m == Mode::Q4 || m == Mode::IQ4 || m == Mode::IQ2 ? Q4_CODE_BYTES
          : m == Mode::Q8                 ? Q8_CODE_BYTES
          : m == Mode::Q6                 ? Q6_CODE_BYTES
          : m == Mode::Q3                 ? Q3_CODE_BYTES
                                          : Q5_CODE_BYTES;
 }
-constexpr int64_t scale_bytes(Mode m) {  // Q5 has Q4's d and m, IQ4 Q8's d, Q3 Q6's d0 and d1
+constexpr int64_t scale_bytes(Mode m) {  // Q5 has Q4's d and m, IQ4 Q8's d, Q3 and IQ2 Q6's d0 and d1
   return 2 * (m == Mode::Q8 || m == Mode::IQ4                ? Q8_SCALE_HALVES
-              : m == Mode::Q6 || m == Mode::Q3 ? Q6_SCALE_HALVES
+              : m == Mode::Q6 || m == Mode::Q3 || m == Mode::IQ2 ? Q6_SCALE_HALVES
                                                : Q4_SCALE_HALVES);
 }
 
@@ -168,8 +175,19 @@ inline void with_mode(Mode mode, Fn fn) {
     case Mode::Q8: return fn(std::integral_constant<Mode, Mode::Q8>{});
     case Mode::IQ4: return fn(std::integral_constant<Mode, Mode::IQ4>{});
     case Mode::Q3: return fn(std::integral_constant<Mode, Mode::Q3>{});
+    case Mode::IQ2: return fn(std::integral_constant<Mode, Mode::IQ2>{});
   }
 }
+
+// gguf::kIQ2Values + 64, as u8 (21..107): the IQ2 form's values as its SIMD paths multiply
+// them, against twice Q6's offset (-64 x each half's activation sum). A maddubs pair of
+// them reaches 2 * 107 * 127 = 27178, inside int16.
+alignas(16) constexpr uint8_t kIQ2Shifted[16] = {21, 39, 56, 72, 89, 107, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64};
+static_assert([] {
+  for (int i = 0; i < 16; ++i)
+    if (kIQ2Shifted[i] != gguf::kIQ2Values[i] + 64) return false;
+  return true;
+}(), "kIQ2Shifted is the IQ2 table + 64");
 
 int64_t packed_bytes(Mode mode, int64_t n, int64_t k) {
   return (n + NR - 1) / NR * tile_bytes(mode, k / QK);
@@ -217,9 +235,9 @@ inline void put_q3(uint8_t* block_codes, int64_t r, const uint8_t* c) {
     block_codes[q3_top_byte(r, j)] |= static_cast<uint8_t>(((c[j] >> 2) & 1) << (j >> 2));
   }
 }
-template <Mode M>  // Q4, Q5, Q6 or Q3
+template <Mode M>  // Q4, Q5, Q6, Q3 or IQ2 (its indices as Q4's codes)
 inline void put_codes(uint8_t* block_codes, int64_t r, const uint8_t* c) {
-  if constexpr (M == Mode::Q4) put_q4(block_codes, r, c);
+  if constexpr (M == Mode::Q4 || M == Mode::IQ2) put_q4(block_codes, r, c);
   else if constexpr (M == Mode::Q5) put_q5(block_codes, r, c);
   else if constexpr (M == Mode::Q3) put_q3(block_codes, r, c);
   else put_q6(block_codes, r, c);
@@ -231,11 +249,13 @@ inline int q3_code(const uint8_t* block_codes, int64_t r, int64_t j) {
   return ((block_codes[q3_low_byte(r, j)] >> q6_top_shift(j)) & 3) |
          (((block_codes[q3_top_byte(r, j)] >> (j >> 2)) & 1) << 2);
 }
-// The Q6 code a Q6 or Q3 block's weight computes as: Q3's code q stands for q - 4, Q6's for
-// code - 32, so Q3 runs as Q6 on q + 28.
+// The Q6 code a Q6, Q3 or IQ2 block's weight computes as: Q3's code q stands for q - 4, Q6's
+// for code - 32, so Q3 runs as Q6 on q + 28, IQ2 on T2[q] + 32 (-11..75: the scalar path's
+// sums are plain ints; the SIMD paths take T2[q] + 64 against twice the offset).
 template <Mode M>
 inline int six_bit_code(const uint8_t* block_codes, int64_t r, int64_t j) {
   if constexpr (M == Mode::Q3) return q3_code(block_codes, r, j) + 28;
+  else if constexpr (M == Mode::IQ2) return gguf::kIQ2Values[q4_code(block_codes, r, j)] + 32;
   else return q6_code(block_codes, r, j);
 }
 
@@ -443,13 +463,39 @@ torch::Tensor half_scale_pack(const torch::Tensor& weight) {
   });
 }
 
-// -> codes (N, K) uint8 (Q6: 0..63 standing for code - 32; Q3: 0..7 standing for code - 4),
-// d (N, 2 K/32) float32: one per 16
+// IQ2 from float weights (tests; GGUF weights come through pack_gguf): per half of a group,
+// d = max|w| / 43 as a half; each weight takes the index of the T2 value nearest to w / d
+// (the lower on a tie).
+torch::Tensor iq2_pack(const torch::Tensor& weight) {
+  return pack_float(Mode::IQ2, weight, [&](uint8_t* tile, int64_t r, int64_t kb, int64_t b, const float* g) {
+    uint8_t idx[QK];
+    uint16_t* sc = scales_of(tile, Mode::IQ2, kb, b);
+    for (int64_t h = 0; h < 2; ++h) {
+      float amax = 0.f;
+      for (int64_t i = 16 * h; i < 16 * h + 16; ++i) amax = std::max(amax, std::fabs(g[i]));
+      const uint16_t d16 = float_to_half(amax / 43.f);
+      const float d = half_to_float(d16);
+      const float id = d != 0.f ? 1.f / d : 0.f;
+      for (int64_t i = 16 * h; i < 16 * h + 16; ++i) {
+        const float v = g[i] * id;
+        int best = 0;
+        for (int t = 1; t < 6; ++t)
+          if (std::fabs(v - gguf::kIQ2Values[t]) < std::fabs(v - gguf::kIQ2Values[best])) best = t;
+        idx[i] = static_cast<uint8_t>(best);
+      }
+      sc[h * NR + r] = d16;
+    }
+    put_q4(tile + codes_at(Mode::IQ2, b), r, idx);
+  });
+}
+
+// -> codes (N, K) uint8 (Q6: 0..63 standing for code - 32; Q3: 0..7 standing for code - 4)
+// or, for IQ2, int8 (its table values), d (N, 2 K/32) float32: one per 16
 template <Mode M>
 std::vector<torch::Tensor> half_scale_unpack(const torch::Tensor& packed, int64_t n, int64_t k) {
   check_packed(M, packed, n, k);
   const int64_t kb = k / QK;
-  auto codes = torch::empty({n, k}, torch::kUInt8);
+  auto codes = torch::empty({n, k}, M == Mode::IQ2 ? torch::kChar : torch::kUInt8);
   auto d = torch::empty({n, 2 * kb}, torch::kFloat);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   for (int64_t row = 0; row < n; ++row) {
@@ -457,8 +503,11 @@ std::vector<torch::Tensor> half_scale_unpack(const torch::Tensor& packed, int64_
     const uint8_t* tile = pp + t * tile_bytes(M, kb);
     for (int64_t b = 0; b < kb; ++b) {
       const uint8_t* src = tile + codes_at(M, b);
-      uint8_t* c = codes.data_ptr<uint8_t>() + row * k + b * QK;
-      for (int64_t j = 0; j < QK; ++j) c[j] = static_cast<uint8_t>(M == Mode::Q3 ? q3_code(src, r, j) : q6_code(src, r, j));
+      uint8_t* c = static_cast<uint8_t*>(codes.data_ptr()) + row * k + b * QK;
+      for (int64_t j = 0; j < QK; ++j)
+        c[j] = static_cast<uint8_t>(M == Mode::Q3    ? q3_code(src, r, j)
+                                    : M == Mode::IQ2 ? gguf::kIQ2Values[q4_code(src, r, j)]
+                                                     : q6_code(src, r, j));
       for (int64_t h = 0; h < 2; ++h)
         d.data_ptr<float>()[row * 2 * kb + 2 * b + h] = half_to_float(scales_of(tile, M, kb, b)[h * NR + r]);
     }
@@ -513,7 +562,8 @@ torch::Tensor q8_pack_codes(const torch::Tensor& codes, const torch::Tensor& d) 
 // from its source row order[i] (llama.cpp's q/k permutation undone) or row i when order is
 // empty. One pass, parallel over tiles, no intermediate codes tensor. Form "q4" takes only
 // Q4_0/Q4_1/Q4_K/IQ3_S/IQ1_S parts, "q5" only Q5_0/Q5_1/Q5_K, "q6" only Q6_K/Q3_K/IQ3_XXS/IQ1_M, "q3"
-// only Q3_K, "iq4" only IQ4_NL/IQ4_XS; "q8" takes every type gguf_blocks.h decodes. grids:
+// only Q3_K, "iq4" only IQ4_NL/IQ4_XS, "iq2" only IQ2_XXS/IQ2_XS/IQ2_S; "q8" takes every type
+// gguf_blocks.h decodes. grids:
 // per part, the IQ types' grid (gguf::grid_shape, int8), an empty tensor for the others
 // (or no list at all when no part needs one).
 // Raises with "half range" in the message when a scale or min does not fit a half, so
@@ -536,9 +586,10 @@ const int8_t* checked_grid(int64_t type, const torch::Tensor* grid) {
 torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor>& raws,
                         const std::vector<int64_t>& types, const std::vector<torch::Tensor>& orders, int64_t k,
                         const std::vector<torch::Tensor>& grids) {
-  TORCH_CHECK(form == "q3" || form == "q4" || form == "q5" || form == "q6" || form == "q8" || form == "iq4",
-              "form must be q3, q4, q5, q6, q8 or iq4, not ", form);
-  const int64_t bits = form == "iq4" ? 0 : form[1] - '0';
+  TORCH_CHECK(form == "q3" || form == "q4" || form == "q5" || form == "q6" || form == "q8" || form == "iq4" ||
+                  form == "iq2",
+              "form must be q3, q4, q5, q6, q8, iq4 or iq2, not ", form);
+  const int64_t bits = form == "iq4" ? 0 : form == "iq2" ? 2 : form[1] - '0';
   TORCH_CHECK(!raws.empty() && raws.size() == types.size() && raws.size() == orders.size(),
               "one type and one row order per part");
   TORCH_CHECK(grids.empty() || grids.size() == raws.size(), "one grid (or an empty tensor) per part");
@@ -556,6 +607,7 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
     TORCH_CHECK(bits != 6 || gguf::six_bit(types[p]), "GGUF type ", types[p], " has no 6-bit form");
     TORCH_CHECK(bits != 3 || gguf::three_bit(types[p]), "GGUF type ", types[p], " has no 3-bit form");
     TORCH_CHECK(bits != 0 || gguf::iq4(types[p]), "GGUF type ", types[p], " has no IQ4 form");
+    TORCH_CHECK(bits != 2 || gguf::iq2(types[p]), "GGUF type ", types[p], " has no IQ2 form");
     TORCH_CHECK(k % lay.block_values == 0, "K = ", k, " is not a whole number of blocks of ", lay.block_values);
     TORCH_CHECK(raw.scalar_type() == torch::kUInt8 && raw.dim() == 1 && raw.is_contiguous(),
                 "raw tensor bytes: contiguous 1-D uint8");
@@ -601,6 +653,8 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
     out = two_scales(std::integral_constant<Mode, Mode::Q6>{}, gguf::decode6);
   } else if (bits == 3) {
     out = two_scales(std::integral_constant<Mode, Mode::Q3>{}, gguf::decode3);
+  } else if (bits == 2) {
+    out = two_scales(std::integral_constant<Mode, Mode::IQ2>{}, gguf::decode_iq2);
   } else if (bits == 0) {
     out = pack_by_block(Mode::IQ4, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
       uint8_t c[QK];
@@ -803,7 +857,7 @@ void q8_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, i
   }
 }
 
-// Q6 (and Q3, as Q6 on its codes + 28): per half, the integer dot product plus the
+// Q6 (and Q3, as Q6 on its codes + 28; IQ2 on T2 + 32): per half, the integer dot product plus the
 // activations' offset, then as Q8 per half.
 template <Mode M>
 void q6_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, int64_t m0, int64_t mr,
@@ -901,10 +955,12 @@ inline __m256i q5_block_dots(const __m256i* lo, const __m256i* hi, const ActRows
 }
 
 // Q6: row r's dot products of the block's two halves (codes u, 0..63), each started from
-// the activations' offset for that half.
+// the activations' offset for that half (IQ2, M: twice it, for its values + 64).
+template <Mode M>
 inline void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_t b, const int32_t* off, __m256i* dots) {
+  constexpr int offset_scale = M == Mode::IQ2 ? 2 : 1;
   for (int h = 0; h < 2; ++h) {
-    __m256i s = _mm256_set1_epi32(off[h]);
+    __m256i s = _mm256_set1_epi32(offset_scale * off[h]);
     for (int g = 4 * h; g < 4 * h + 4; ++g) s = TM_DPBUSD(s, u[g], act.get(r, b, g));
     dots[h] = s;
   }
@@ -951,11 +1007,19 @@ inline __m256i q5_block_dots(const __m256i* lo, const __m256i* hi, const ActRows
   return s32;
 }
 
-// Q6: as above; a maddubs lane is at most 2 * 63 * 127 = 16002, so two sum in int16.
+// Q6: as above; a maddubs lane is at most 2 * 63 * 127 = 16002, so two sum in int16. IQ2's
+// (values + 64) reach 27178: each is widened at once.
+template <Mode M>
 inline void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_t b, const int32_t* off, __m256i* dots) {
   const __m256i ones = _mm256_set1_epi16(1);
   for (int h = 0; h < 2; ++h) {
-    __m256i s = _mm256_set1_epi32(off[h]);
+    __m256i s = _mm256_set1_epi32((M == Mode::IQ2 ? 2 : 1) * off[h]);
+    if constexpr (M == Mode::IQ2) {
+      for (int g = 4 * h; g < 4 * h + 4; ++g)
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(u[g], act.get(r, b, g)), ones));
+      dots[h] = s;
+      continue;
+    }
     for (int g = 4 * h; g < 4 * h + 4; g += 2) {
       const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(u[g], act.get(r, b, g)),
                                          _mm256_maddubs_epi16(u[g + 1], act.get(r, b, g + 1)));
@@ -1088,8 +1152,8 @@ inline __m256i q3_top256(__m256i v, int g) {
   return g < 2 ? _mm256_slli_epi16(v, 2 - g) : g == 2 ? v : _mm256_srli_epi16(v, g - 2);
 }
 
-// off: the rows' Q6 offsets (row r, block b at off + 2 * (r * kb + b)). M: Q6, or Q3 run as
-// Q6 on its codes + 28.
+// off: the rows' Q6 offsets (row r, block b at off + 2 * (r * kb + b)). M: Q6, Q3 run as
+// Q6 on its codes + 28, or IQ2 on its values + 64 looked up from its nibbles.
 template <Mode M, int MR>
 void q6_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, const float* e, const int32_t* off,
                   float (*out)[NR]) {
@@ -1101,7 +1165,14 @@ void q6_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, co
     const uint8_t* c = tile + codes_at(M, b) + 32 * h;
     prefetch_ahead<M>(tile, b);
     __m256i u[8];  // the (Q6) codes of k-groups 0..7, unpacked once for all MR activation rows
-    if constexpr (M == Mode::Q3) {
+    if constexpr (M == Mode::IQ2) {
+      const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kIQ2Shifted)));
+      for (int p = 0; p < 4; ++p) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
+        u[p] = _mm256_shuffle_epi8(table, _mm256_and_si256(x, low4));
+        u[p + 4] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(x, 4), low4));
+      }
+    } else if constexpr (M == Mode::Q3) {
       const __m256i top = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q3_LOW_BYTES));
       for (int g = 0; g < 8; ++g) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * (g >> 2)));
@@ -1123,7 +1194,7 @@ void q6_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, co
     const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
     for (int r = 0; r < MR; ++r) {
       __m256i dots[2];
-      q6_block_dots(u, act, r, b, off + 2 * (r * kb + b), dots);
+      q6_block_dots<M>(u, act, r, b, off + 2 * (r * kb + b), dots);
       const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[0]), d0, _mm256_mul_ps(_mm256_cvtepi32_ps(dots[1]), d1));
       acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(e[r * kb + b]), acc[r]);
     }
@@ -1413,6 +1484,31 @@ struct Q6Block : OffsetRows<Q6Block, 1> {  // u: the codes of k-groups 0..7
   }
 };
 
+// IQ2: Q6's rows on T2's values + 64 (u8) against twice Q6's offset, looked up from the
+// nibbles 64 at a time by one byte shuffle (as IQ4's); Q6's two half scales and finish.
+struct IQ2Block : OffsetRows<IQ2Block, 2> {  // u: the values + 64 of k-groups 0..7
+  __m512 d0, d1;
+  template <bool Pin>
+  IQ2Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
+    const uint16_t* sc = scales_of(tile, Mode::IQ2, kb, b);
+    d0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
+    d1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + NR)));
+    const uint8_t* c = tile + codes_at(Mode::IQ2, b);
+    const __m512i table = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kIQ2Shifted)));
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    for (int p = 0; p < 4; ++p) {
+      const __m512i x = _mm512_loadu_si512(c + 64 * p);
+      u[p] = _mm512_shuffle_epi8(table, _mm512_and_si512(x, low4));
+      u[p + 4] = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(x, 4), low4));
+      if constexpr (Pin) pin(u[p]), pin(u[p + 4]);
+    }
+  }
+  __m512 finish(__m512i s0, __m512i s1, float e, __m512 acc) const {  // Q6Block::finish's steps
+    const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), d0, _mm512_mul_ps(_mm512_cvtepi32_ps(s1), d1));
+    return _mm512_fmadd_ps(t, _mm512_set1_ps(e), acc);
+  }
+};
+
 // Q3: Q6's rows on the codes + 28 (the file's code + 32), unpacked from the 2-bit plane
 // (as Q6's top bits: k-group 4h + t in bits 2t..2t+1 of vector h) and the top-bit plane
 // (as Q5's: bit g for k-group g). 16-bit shifts: what crosses a byte is masked off.
@@ -1442,7 +1538,9 @@ using BlockOf = std::conditional_t<
     std::conditional_t<
         M == Mode::Q8, Q8Block,
         std::conditional_t<M == Mode::Q6, Q6Block,
-                           std::conditional_t<M == Mode::Q5, Q5Block, std::conditional_t<M == Mode::Q3, Q3Block, IQ4Block>>>>>;
+                           std::conditional_t<M == Mode::Q5, Q5Block,
+                                              std::conditional_t<M == Mode::Q3, Q3Block,
+                                                                 std::conditional_t<M == Mode::IQ2, IQ2Block, IQ4Block>>>>>>;
 
 // A whole tile against MR activation rows (the row-group order: one pass over the tile
 // per group of rows). s is used by Q4 and Q5 only, off by Q6, Q3 and IQ4 only.
@@ -1527,6 +1625,7 @@ void tile_simd(Mode mode, const uint8_t* tile, int64_t kb, int64_t ncols, const 
     else if (mode == Mode::IQ4) q8_tile_avx2<Mode::IQ4, MR>(tile, kb, h, act, e, s, out);
     else if (mode == Mode::Q6) q6_tile_avx2<Mode::Q6, MR>(tile, kb, h, act, e, off, out);
     else if (mode == Mode::Q3) q6_tile_avx2<Mode::Q3, MR>(tile, kb, h, act, e, off, out);
+    else if (mode == Mode::IQ2) q6_tile_avx2<Mode::IQ2, MR>(tile, kb, h, act, e, off, out);
     else q4_tile_avx2<Mode::Q5, MR>(tile, kb, h, act, e, s, out);
   }
 #endif
@@ -1694,6 +1793,7 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
               else if (mode == Mode::IQ4) q8_tile_scalar<Mode::IQ4>(tile, kb, q, k, m0, mr, out);
               else if (mode == Mode::Q6) q6_tile_scalar<Mode::Q6>(tile, kb, q, k, m0, mr, out);
               else if (mode == Mode::Q3) q6_tile_scalar<Mode::Q3>(tile, kb, q, k, m0, mr, out);
+              else if (mode == Mode::IQ2) q6_tile_scalar<Mode::IQ2>(tile, kb, q, k, m0, mr, out);
               else q4_tile_scalar<Mode::Q5>(tile, kb, q, k, m0, mr, out);
             }
             for (int64_t r = 0; r < mr; ++r)
@@ -1741,14 +1841,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("isa", &isa, "the SIMD path this build uses: avx2+vnni, avx2 or scalar");
   m.def("packed_bytes", [](const std::string& mode, int64_t n, int64_t k) {
-    TORCH_CHECK(mode == "q3" || mode == "q4" || mode == "q5" || mode == "q6" || mode == "q8" || mode == "iq4",
-                "mode: q3, q4, q5, q6, q8 or iq4");
-    return packed_bytes(mode == "q4"   ? Mode::Q4
-                        : mode == "q5" ? Mode::Q5
-                        : mode == "q6" ? Mode::Q6
-                        : mode == "q8" ? Mode::Q8
-                        : mode == "q3" ? Mode::Q3
-                                       : Mode::IQ4,
+    TORCH_CHECK(mode == "q3" || mode == "q4" || mode == "q5" || mode == "q6" || mode == "q8" || mode == "iq4" ||
+                    mode == "iq2",
+                "mode: q3, q4, q5, q6, q8, iq4 or iq2");
+    return packed_bytes(mode == "q4"    ? Mode::Q4
+                        : mode == "q5"  ? Mode::Q5
+                        : mode == "q6"  ? Mode::Q6
+                        : mode == "q8"  ? Mode::Q8
+                        : mode == "q3"  ? Mode::Q3
+                        : mode == "iq2" ? Mode::IQ2
+                                        : Mode::IQ4,
                         n, k);
   });
   m.def("q4_pack", &pack_min_max<Mode::Q4>, nogil, "float (N, K) -> packed Q4 (uint8)");
@@ -1765,10 +1867,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q3_pack", &half_scale_pack<Mode::Q3>, nogil, "float (N, K) -> packed Q3 (uint8)");
   m.def("q3_unpack", &half_scale_unpack<Mode::Q3>, nogil,
         "packed Q3 -> codes (N, K) uint8 0..7 (standing for code - 4), d (N, K/16)");
+  m.def("iq2_pack", &iq2_pack, nogil, "float (N, K) -> packed IQ2 (uint8)");
+  m.def("iq2_unpack", &half_scale_unpack<Mode::IQ2>, nogil,
+        "packed IQ2 -> table values (N, K) int8 (-43, -25, -8, 8, 25, 43), d (N, K/16)");
   m.def("q4_pack_codes", &q4_pack_codes, nogil, "codes (N, K) uint8 0..15, d, m (N, K/32) float16 -> packed Q4");
   m.def("q8_pack_codes", &q8_pack_codes, nogil, "codes (N, K) int8, d (N, K/32) float16 -> packed Q8");
   m.def("pack_gguf", &pack_gguf, nogil,
-        "GGUF tensors' bytes, stacked along N -> packed in form q3, q4, q5, q6, q8 or iq4",
+        "GGUF tensors' bytes, stacked along N -> packed in form q3, q4, q5, q6, q8, iq4 or iq2",
         py::arg("form"), py::arg("raws"), py::arg("types"), py::arg("orders"), py::arg("k"),
         py::arg("grids") = std::vector<torch::Tensor>{});
   m.def("gguf_rows", &gguf_rows, nogil, "rows `ids` of a GGUF tensor's bytes -> float32 (len(ids), K)",
@@ -1785,6 +1890,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
   m.def("q3_linear", &linear_of<Mode::Q3>, nogil, "x (M, K) @ Q3 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+  m.def("iq2_linear", &linear_of<Mode::IQ2>, nogil, "x (M, K) @ IQ2 weights^T (+ bias)", py::arg("x"),
+        py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
   m.def("iq4_linear", &linear_of<Mode::IQ4>, nogil, "x (M, K) @ IQ4 weights^T (+ bias)", py::arg("x"),
         py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
 }
