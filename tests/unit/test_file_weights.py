@@ -116,7 +116,8 @@ def test_every_block_type_runs_from_its_own_blocks_and_tracks_the_float_referenc
     assert layer0.mlp.down_proj.mode == "q3" and loaded.model.lm_head.mode == "q6"  # Q3_K, Q6_K
     assert [p.mode for p in layer1.self_attn.qkv_proj.parts] == ["q4", "q5", "q8"]  # Q4_1, Q5_0, Q8_0
     assert layer1.self_attn.o_proj.mode == "q5"  # Q5_1
-    assert layer1.mlp.gate_up_proj.mode == "q8"  # a Q2_K gate (8-bit codes) and a Q6_K up: one matmul
+    # a Q2_K gate (its 2-bit form) beside a Q6_K up
+    assert [p.mode for p in layer1.mlp.gate_up_proj.parts] == ["q2", "q6"]
     # IQ4_XS beside IQ4_NL: one matmul on the file's 4-bit indices
     assert layer2.self_attn.qkv_proj.mode == "iq4" and layer2.mlp.down_proj.mode == "iq4"
     # IQ4_XS q and IQ4_NL k as one iq4 matmul beside the IQ3_S v's 4-bit codes, an IQ3_XXS o

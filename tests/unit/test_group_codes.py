@@ -153,7 +153,7 @@ def _python_packed(parts: list[tuple[np.ndarray, T]], order=None) -> torch.Tenso
 
 
 def _c_packed(bits: int | str, parts: list[tuple[np.ndarray, T]], order=None) -> torch.Tensor:
-    """bits: 3, 4, 5, 6 or 8 for the q<bits> form, or a form's name ("iq4")."""
+    """bits: 2, 3, 4, 5, 6 or 8 for the q<bits> form, or a form's name ("iq4")."""
     ext = load("quant")
     raws = [torch.from_numpy(np.ascontiguousarray(raw).reshape(-1).view(np.uint8)) for raw, _ in parts]
     orders = [order if (i == 0 and order is not None) else torch.empty(0, dtype=torch.long) for i in range(len(parts))]
@@ -442,3 +442,34 @@ def test_c_iq_types_need_their_grid_and_refuse_one_that_does_not_fit():
         _c_packed("iq2", [(_raw(T.IQ3_S), T.IQ3_S)])
     with pytest.raises(RuntimeError, match="needs its grid"):
         ext.gguf_rows(raw, int(T.IQ3_S), torch.tensor([0]), K)
+
+
+# --- Q2_K: its own 2-bit form (codes 0..3, a scale and a min per 16 weights)
+
+
+def test_c_two_bit_form_keeps_q2_ks_codes_and_rounds_only_its_scales_and_mins_to_half():
+    ext = load("quant")
+    raw = _raw(T.Q2_K)
+    packed = _c_packed(2, [(raw, T.Q2_K)])
+    assert packed.numel() * 17 == ext.packed_bytes("q8", N, K) * 8  # 4 bits a weight against 8.5
+    codes, d, m = ext.q2_unpack(packed, N, K)
+    assert int(codes.max()) <= 3 and d.shape == m.shape == (N, K // 16)
+    w = (codes.float().view(N, -1, 16) * d[..., None] + m[..., None]).view(N, K)
+    expected = torch.from_numpy(dequantize(raw, T.Q2_K).reshape(N, K))
+    # d * sc and dmin * mn each rounded to a half (2^-11 relative), as Q4_K's in the 4-bit form
+    step = (d.abs() * 3 + m.abs()).repeat_interleave(16, dim=1)
+    assert ((w - expected).abs() <= step * 2.0**-10).all()
+    assert not torch.equal(w, expected)
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(7))
+    y = ext.q2_linear(x, packed, N)
+    assert torch.equal(y, ext.q2_linear(x, packed, N, None, 1))  # SIMD = scalar, bit for bit
+    e = x.view(5, -1, 32).abs().amax(-1) / 127
+    bound = (e.double() / 2) @ w.double().abs().view(N, -1, 32).sum(-1).T + 1e-4
+    assert ((y.double() - x.double() @ w.double().T).abs() <= bound).all()
+    with pytest.raises(RuntimeError, match="no 2-bit form"):
+        _c_packed(2, [(_raw(T.Q3_K), T.Q3_K)])
+    big = _raw(T.Q2_K)
+    big[:, 0:16] = 0xFF  # every scale and min 15
+    big[:, 80:82] = np.array([5000.0], dtype=np.float16).view(np.uint8)  # d * 15 past 65504
+    with pytest.raises(RuntimeError, match="half range"):
+        _c_packed(2, [(big, T.Q2_K)])

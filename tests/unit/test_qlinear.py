@@ -65,7 +65,7 @@ def acts(m: int, k: int, seed: int) -> torch.Tensor:
     return torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, k, generator=g))
 
 
-MODES = ("q4", "q8", "q6", "q5", "iq4", "q3", "iq2")
+MODES = ("q4", "q8", "q6", "q5", "iq4", "q3", "iq2", "q2")
 
 
 def pack(ext, mode: str, w: torch.Tensor) -> torch.Tensor:
@@ -78,8 +78,9 @@ def linear(ext, mode, x, packed, n, bias=None, impl=0):
 
 def unpack(ext, mode, packed, n, k):
     """-> codes (N, K) float, d (N, KB), m (N, KB) (zeros for q8); q6 (q3): codes - 32 (- 4)
-    and d, m (N, 2 KB), one per 16 weights; iq2: its table values, d and m as q6's."""
-    if mode in ("q4", "q5"):
+    and d, m (N, 2 KB), one per 16 weights; iq2: its table values, d and m as q6's; q2: its
+    codes, d and m (N, 2 KB)."""
+    if mode in ("q4", "q5", "q2"):
         codes, d, m = getattr(ext, f"{mode}_unpack")(packed, n, k)
     elif mode in ("q6", "q3", "iq2"):
         codes, d = getattr(ext, f"{mode}_unpack")(packed, n, k)
@@ -116,7 +117,9 @@ def kernel_math_ref(x, codes, d, m, bias):
     isum = torch.einsum("mbg,nbg->mnb", a.double().view(mm, -1, g), codes.double().view(n, -1, g))
     de = (d[None, :, :] * e.repeat_interleave(G // g, dim=1)[:, None, :]).double()  # the kernel's float32 product
     t1 = isum * de
-    t2 = m.double()[None] * s.double()[:, None, :] if g == G else torch.zeros_like(t1)
+    # the min's term: m times e x the activations' sum over the min's group (q2's: 16)
+    s_g = s if g == G else e.repeat_interleave(G // g, dim=1) * a.view(mm, -1, g).sum(-1)
+    t2 = m.double()[None] * s_g.double()[:, None, :]
     ref, scale = (t1 + t2).sum(-1), (t1.abs() + t2.abs()).sum(-1)
     if bias is not None:
         ref, scale = ref + bias.double(), scale + bias.double().abs()

@@ -23,7 +23,7 @@ stores them and loading is a reshuffle of bytes, not a dequantize-and-requantize
 | Q5_K  | 5    | per 32 weights: d * scale, -dmin * min                 | scales to half    |
 | Q6_K  | 6    | per 16 weights: d * scale; q                           | scales to half    |
 | Q3_K  | 3    | per 16 weights: d * scale; q + 4 (q in -4..3)          | scales to half    |
-| Q2_K  | 8    | dequantize, round to 8 bits per group of 32 (in C++)   | a second rounding |
+| Q2_K  | 8    | dequantize, round to 8 bits per group of 32            | a second rounding |
 | IQ4_NL| 8    | d; q = the code's table value (an int8)                | yes               |
 | IQ4_XS| 8    | per 32 weights: d * (scale - 32); q as IQ4_NL's        | scales to half    |
 | others| 8    | dequantize one tensor, round to 8 bits per group of 32 | a second rounding |
@@ -42,12 +42,12 @@ are the "others" (gguf-py's dequantizer, then 8 bits):
 
 (Q3_K takes a 3-bit form of its own: its codes and 16-weight scales as they are, 4 bits a
 weight where 8-bit codes took 8.5; the kernels compute it as the 6-bit form on its codes
-+ 28, so it can also stand in that form. Q2_K's scale and min per 16 weights fit none of the forms,
-so its groups are rounded to 8 bits, as the "others" are, but by the C++ converter in one
-pass instead of numpy's whole-tensor ones.)
++ 28, so it can also stand in that form. Q2_K takes a 2-bit form: its codes 0..3 with its
+scale and min per 16 weights, each rounded to a half as Q4_K's, 4 bits a weight; here, and
+beside an 8-bit part, it is rounded to 8 bits as the "others" are.)
 
-Only the C++ converter (kernels/csrc/gguf_blocks.h, QLinear.from_file) writes the 3-, 5-
-and 6-bit forms; the converters here give those types 8-bit codes, the path of a tensor whose
+Only the C++ converter (kernels/csrc/gguf_blocks.h, QLinear.from_file) writes the 2-, 3-, 5-
+and 6-bit forms and the IQ2 form; the converters here give those types 8-bit codes, the path of a tensor whose
 scales do not fit a half (and of such a part fused with an 8-bit one).
 
 Q4_K's sub-block scale d * sc (a half times a 6-bit integer) is rounded to a half: a
@@ -80,8 +80,10 @@ FOUR_BIT_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})
 # 8-bit codes take 8.5, and without a second rounding), and in the 3-bit form (4 bits).
 FIVE_BIT_TYPES = frozenset({T.Q5_0, T.Q5_1, T.Q5_K})
 SIX_BIT_TYPES = frozenset({T.Q6_K})
-# Q3_K takes the kernels' 3-bit form (its codes and 16-weight scales as they are).
+# Q3_K takes the kernels' 3-bit form (its codes and 16-weight scales as they are), Q2_K the
+# 2-bit form (its codes, 16-weight scales and mins).
 THREE_BIT_TYPES = frozenset({T.Q3_K})
+TWO_BIT_TYPES = frozenset({T.Q2_K})
 # The types it packs in the IQ4 form: 4-bit indices into the IQ4 table, one scale per 32.
 IQ4_TYPES = frozenset({T.IQ4_NL, T.IQ4_XS})
 # The IQ types the C++ converter packs in a form narrower than 8 bits (module docstring).
@@ -146,14 +148,16 @@ class CodesRef:
 
     @property
     def form(self) -> str:
-        """The kernel form the C++ converter packs this tensor into: q3, q4, q5, q6, q8, iq4
-        or iq2 (runner/qlinear.py's modes)."""
+        """The kernel form the C++ converter packs this tensor into: q2, q3, q4, q5, q6, q8,
+        iq4 or iq2 (runner/qlinear.py's modes)."""
         if self.qtype in FOUR_BIT_TYPES:
             return "q4"
         if self.qtype in IQ_FORMS:
             return IQ_FORMS[self.qtype]
         if self.qtype in THREE_BIT_TYPES:
             return "q3"
+        if self.qtype in TWO_BIT_TYPES:
+            return "q2"
         if self.qtype in IQ4_TYPES:
             return "iq4"
         return "q5" if self.qtype in FIVE_BIT_TYPES else "q6" if self.qtype in SIX_BIT_TYPES else "q8"

@@ -10,6 +10,8 @@ QLinear holds only packed weights, in groups of 32 along the input dimension:
   Q3_K, its codes -4..3 held as 28..35); 7 bits.
 * "q3": codes 0..7 with one scale per 16 weights, w = d_h*(q - 4): GGUF's Q3_K; 4 bits,
   computed as q6 on q + 28.
+* "q2": codes 0..3 with a scale and a min per 16 weights, w = d_h*q + m_h: GGUF's Q2_K;
+  4 bits, computed as q6 on the codes plus each half's min term.
 * "iq4": 4-bit indices into GGUF's IQ4 table of 16 int8 values, one scale per group:
   w = d*T[q] (IQ4_NL, IQ4_XS); computed as q8 on the looked-up values; 4.5 bits.
 * "iq2": 4-bit indices into the IQ2 types' six values (-43, -25, -8, 8, 25, 43), one scale
@@ -40,7 +42,7 @@ from torch import nn
 from textmill.kernels import load
 from textmill.loader.group_codes import CodesRef, GroupCodes
 
-MODES = ("q3", "q4", "q5", "q6", "q8", "iq4", "iq2")  # CodesRef.form names a file tensor's form among these
+MODES = ("q2", "q3", "q4", "q5", "q6", "q8", "iq4", "iq2")  # CodesRef.form names a file tensor's form among these
 GROUP = 32
 # Scales and the Q4 min are halves: weights beyond this magnitude would overflow them.
 _HALF_MAX = 65504.0
@@ -120,7 +122,8 @@ class QLinear(nn.Module):
         if ext is None:
             raise ValueError("GGUF weights need textmill's C++ kernels, which could not be built here")
         form, k = form or refs[0].form, refs[0].shape[1]
-        assert all((r.form == form or (form == "q8" and r.form in ("q3", "q5", "q6", "iq4", "iq2"))) and r.shape[1] == k
+        assert all((r.form == form or (form == "q8" and r.form in ("q2", "q3", "q5", "q6", "iq4", "iq2")))
+                   and r.shape[1] == k
                    for r in refs), "parts of one form and width"
         no_order = torch.empty(0, dtype=torch.long)
         orders = [no_order if r.row_order is None else r.row_order.long().contiguous() for r in refs]
@@ -147,9 +150,9 @@ class QLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The (N, K) float32 weights this layer computes with."""
         n, k = self.out_features, self.in_features
-        if self.mode in ("q4", "q5"):
+        if self.mode in ("q4", "q5", "q2"):  # a scale and a min per group (q2: per 16)
             codes, d, m = getattr(_ext(), f"{self.mode}_unpack")(self.packed, n, k)
-            w = codes.float().view(n, -1, GROUP) * d[..., None] + m[..., None]
+            w = codes.float().view(n, d.shape[1], -1) * d[..., None] + m[..., None]
         elif self.mode in ("q6", "q3", "iq2"):  # a scale per 16; iq2's codes are its table values
             codes, d = getattr(_ext(), f"{self.mode}_unpack")(self.packed, n, k)
             w = (codes.float() - {"q6": 32.0, "q3": 4.0, "iq2": 0.0}[self.mode]).view(n, -1, GROUP // 2) * d[..., None]

@@ -305,6 +305,30 @@ inline bool five_bit(int64_t type) { return type == Q5_0 || type == Q5_1 || type
 inline bool six_bit(int64_t type) { return type == Q6_K || type == Q3_K || type == IQ3_XXS || type == IQ1_M; }
 // Q3_K's own width: the kernels' 3-bit form (codes 0..7 standing for code - 4, a scale per 16).
 inline bool three_bit(int64_t type) { return type == Q3_K; }
+// Q2_K's: the kernels' 2-bit form (codes 0..3, a scale and a min per 16).
+inline bool two_bit(int64_t type) { return type == Q2_K; }
+
+// Group b (32 weights) of a Q2_K row (super-blocks of 256 in 84 bytes: scales[16], qs[64],
+// d, dmin) -> its codes 0..3 and, per half (16 weights), the scale d * (scales[i] & 15)
+// and the min -dmin * (scales[i] >> 4) as half bits (w = d_h q + m_h), each rounded to a
+// half as Q4_K's are. Value 128h + 32j + l is bits 2j..2j+1 of qs[32h + l]. False when one
+// does not fit a half.
+inline bool decode2(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d, uint16_t* m) {
+  (void)type;  // Q2_K
+  const uint8_t* blk = row + (b / 8) * 84;
+  const int g = static_cast<int>(b % 8), h = g / 4, j = g % 4;
+  const uint8_t* qs = blk + 16 + 32 * h;
+  for (int l = 0; l < 32; ++l) codes[l] = static_cast<uint8_t>((qs[l] >> (2 * j)) & 3);
+  const float dd = f16(blk + 80), dmin = f16(blk + 82);
+  for (int t = 0; t < 2; ++t) {
+    const int i = 2 * g + t;
+    const float sc = dd * static_cast<float>(blk[i] & 0x0F), mn = -(dmin * static_cast<float>(blk[i] >> 4));
+    if (!half_ok(sc) || !half_ok(mn)) return false;
+    d[t] = to_half(sc);
+    m[t] = to_half(mn);
+  }
+  return true;
+}
 
 // Group b (32 weights) of a Q5_0, Q5_1 or Q5_K row -> codes 0..31, d and m as half bits
 // (w = d * q + m). Q5_0 (m = -16 d, exact) and Q5_1 keep the file's values; Q5_K's

@@ -19,6 +19,7 @@
 //   Q6: codes q in 0..63, w = d_h*(q - 32)    (GGUF Q6_K; Q3_K's -4..3 as 28..35), one d per half (16 weights)
 //   IQ4: indices q in 0..15, w = d*T[q]       (GGUF IQ4_NL, IQ4_XS), T = gguf::kIQ4Values
 //   Q3: codes q in 0..7, w = d_h*(q - 4)      (GGUF Q3_K), one d per half (16 weights)
+//   Q2: codes q in 0..3, w = d_h*q + m_h      (GGUF Q2_K), one d and one m per half (16 weights)
 //   IQ2: indices q in 0..5, w = d_h*T2[q]     (GGUF IQ2_XXS, IQ2_XS, IQ2_S), T2 = gguf::kIQ2Values
 //        (-43, -25, -8, 8, 25, 43), one d per half (16 weights)
 // d and m are stored as IEEE half, as GGUF stores them: GGUF weights requantize exactly,
@@ -55,6 +56,10 @@
 //            weight (Q3_K's 3.4), where the 6-bit form takes 7. The kernels unpack a block to
 //            Q6's codes (q + 28 = the file's code + 32) and run Q6's arithmetic on them, so a
 //            Q3 layer gives the bits of a Q6 layer of the same values.
+//   Q2 block: the codes [2][64 bytes] laid out as Q3's low 2 bits; scales [d0[16], d1[16],
+//            m0[16], m1[16]] (fp16). 4 bits a weight (Q2_K's 2.6), where 8-bit codes take
+//            8.5. The kernels compute Q6's two scaled sums on the codes (u8, from zero) and
+//            add each half's min times the activations' half sum (e x sum, from Q6's offset).
 //   IQ2 block: the indices as a Q4 block's [4][64 bytes]; scales as Q6's. 5 bits a weight
 //            (the files' 2.1-2.6), where 8-bit codes take 8.5. The kernels turn the nibbles
 //            into T2's values + 64 (u8, 21..107) with one byte shuffle and run Q6's
@@ -127,6 +132,8 @@ constexpr int64_t Q6_CODE_BYTES = Q6_LOW_BYTES + NR * QK / 4;  // + 128: their t
 constexpr int64_t Q6_SCALE_HALVES = 2 * NR;     // d of each half: d0[16], d1[16]
 constexpr int64_t Q3_LOW_BYTES = NR * QK / 4;   // 128: the codes' low 2 bits
 constexpr int64_t Q3_CODE_BYTES = Q3_LOW_BYTES + NR * QK / 8;  // + 64: their top bit
+constexpr int64_t Q2_CODE_BYTES = Q3_LOW_BYTES;  // 128: Q3's low 2 bits alone
+constexpr int64_t Q2_SCALE_HALVES = 4 * NR;      // d0[16], d1[16], m0[16], m1[16]
 // Activation rows per register tile. (8 on the 512-bit path, whose 32 registers hold
 // them, measured no faster: 0.91-1.0x of 4 on Zen 4 at M = 16 and 64.)
 constexpr int MAX_MR = 4;
@@ -147,18 +154,20 @@ constexpr int64_t CHUNK_BYTES = 96 << 10;       // expanded activations per thre
 // passes instead) 0.71-0.79x the time for q4, 0.74-0.87x for q8 at 192-512 rows (Xeon).
 constexpr int64_t PASS_BYTES = 256 << 10;
 
-enum class Mode { Q4, Q8, Q6, Q5, IQ4, Q3, IQ2 };
+enum class Mode { Q4, Q8, Q6, Q5, IQ4, Q3, IQ2, Q2 };
 
 constexpr int64_t code_bytes(Mode m) {
   return m == Mode::Q4 || m == Mode::IQ4 || m == Mode::IQ2 ? Q4_CODE_BYTES
          : m == Mode::Q8                 ? Q8_CODE_BYTES
          : m == Mode::Q6                 ? Q6_CODE_BYTES
          : m == Mode::Q3                 ? Q3_CODE_BYTES
+         : m == Mode::Q2                 ? Q2_CODE_BYTES
                                          : Q5_CODE_BYTES;
 }
 constexpr int64_t scale_bytes(Mode m) {  // Q5 has Q4's d and m, IQ4 Q8's d, Q3 and IQ2 Q6's d0 and d1
   return 2 * (m == Mode::Q8 || m == Mode::IQ4                ? Q8_SCALE_HALVES
               : m == Mode::Q6 || m == Mode::Q3 || m == Mode::IQ2 ? Q6_SCALE_HALVES
+              : m == Mode::Q2                                    ? Q2_SCALE_HALVES
                                                : Q4_SCALE_HALVES);
 }
 
@@ -176,6 +185,7 @@ inline void with_mode(Mode mode, Fn fn) {
     case Mode::IQ4: return fn(std::integral_constant<Mode, Mode::IQ4>{});
     case Mode::Q3: return fn(std::integral_constant<Mode, Mode::Q3>{});
     case Mode::IQ2: return fn(std::integral_constant<Mode, Mode::IQ2>{});
+    case Mode::Q2: return fn(std::integral_constant<Mode, Mode::Q2>{});
   }
 }
 
@@ -188,6 +198,14 @@ static_assert([] {
     if (kIQ2Shifted[i] != gguf::kIQ2Values[i] + 64) return false;
   return true;
 }(), "kIQ2Shifted is the IQ2 table + 64");
+
+// What the 6-bit arithmetic's sums start from, in units of Q6's offset (-32 x a half's
+// activation sum): Q6's codes stand for code - 32; IQ2's looked-up values are T2 + 64; Q2's
+// codes are the weights' own, from zero (its mins are added apart).
+template <Mode M>
+constexpr int offset_scale() {
+  return M == Mode::IQ2 ? 2 : M == Mode::Q2 ? 0 : 1;
+}
 
 int64_t packed_bytes(Mode mode, int64_t n, int64_t k) {
   return (n + NR - 1) / NR * tile_bytes(mode, k / QK);
@@ -235,9 +253,17 @@ inline void put_q3(uint8_t* block_codes, int64_t r, const uint8_t* c) {
     block_codes[q3_top_byte(r, j)] |= static_cast<uint8_t>(((c[j] >> 2) & 1) << (j >> 2));
   }
 }
-template <Mode M>  // Q4, Q5, Q6, Q3 or IQ2 (its indices as Q4's codes)
+// Q2: Q3's low 2 bits alone.
+inline void put_q2(uint8_t* block_codes, int64_t r, const uint8_t* c) {
+  for (int64_t j = 0; j < QK; ++j) block_codes[q3_low_byte(r, j)] |= static_cast<uint8_t>((c[j] & 3) << q6_top_shift(j));
+}
+inline int q2_code(const uint8_t* block_codes, int64_t r, int64_t j) {
+  return (block_codes[q3_low_byte(r, j)] >> q6_top_shift(j)) & 3;
+}
+template <Mode M>  // Q4, Q5, Q6, Q3, Q2 or IQ2 (its indices as Q4's codes)
 inline void put_codes(uint8_t* block_codes, int64_t r, const uint8_t* c) {
   if constexpr (M == Mode::Q4 || M == Mode::IQ2) put_q4(block_codes, r, c);
+  else if constexpr (M == Mode::Q2) put_q2(block_codes, r, c);
   else if constexpr (M == Mode::Q5) put_q5(block_codes, r, c);
   else if constexpr (M == Mode::Q3) put_q3(block_codes, r, c);
   else put_q6(block_codes, r, c);
@@ -256,6 +282,7 @@ template <Mode M>
 inline int six_bit_code(const uint8_t* block_codes, int64_t r, int64_t j) {
   if constexpr (M == Mode::Q3) return q3_code(block_codes, r, j) + 28;
   else if constexpr (M == Mode::IQ2) return gguf::kIQ2Values[q4_code(block_codes, r, j)] + 32;
+  else if constexpr (M == Mode::Q2) return q2_code(block_codes, r, j);  // no offset: its sums start from 0
   else return q6_code(block_codes, r, j);
 }
 
@@ -489,6 +516,52 @@ torch::Tensor iq2_pack(const torch::Tensor& weight) {
   });
 }
 
+// Q2 from float weights (tests; GGUF weights come through pack_gguf): per half of a group,
+// Q4's min-max rule on 4 levels: d = (max - min) / 3 and m = min as halves, codes rounded
+// against the stored d and m.
+torch::Tensor q2_pack(const torch::Tensor& weight) {
+  return pack_float(Mode::Q2, weight, [&](uint8_t* tile, int64_t r, int64_t kb, int64_t b, const float* g) {
+    uint8_t c[QK];
+    uint16_t* sc = scales_of(tile, Mode::Q2, kb, b);
+    for (int64_t h = 0; h < 2; ++h) {
+      float lo = g[16 * h], hi = g[16 * h];
+      for (int64_t i = 16 * h + 1; i < 16 * h + 16; ++i) lo = std::min(lo, g[i]), hi = std::max(hi, g[i]);
+      const uint16_t d16 = float_to_half((hi - lo) / 3.f), m16 = float_to_half(lo);
+      const float d = half_to_float(d16), m = half_to_float(m16);
+      const float id = d > 0.f ? 1.f / d : 0.f;
+      for (int64_t i = 16 * h; i < 16 * h + 16; ++i)
+        c[i] = static_cast<uint8_t>(std::min(3.f, std::max(0.f, std::nearbyint((g[i] - m) * id))));
+      sc[h * NR + r] = d16;
+      sc[(2 + h) * NR + r] = m16;
+    }
+    put_q2(tile + codes_at(Mode::Q2, b), r, c);
+  });
+}
+
+// Q2 -> codes (N, K) uint8 0..3, d and m (N, 2 K/32) float32: one each per 16 weights.
+std::vector<torch::Tensor> q2_unpack(const torch::Tensor& packed, int64_t n, int64_t k) {
+  check_packed(Mode::Q2, packed, n, k);
+  const int64_t kb = k / QK;
+  auto codes = torch::empty({n, k}, torch::kUInt8);
+  auto d = torch::empty({n, 2 * kb}, torch::kFloat), m = torch::empty({n, 2 * kb}, torch::kFloat);
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  for (int64_t row = 0; row < n; ++row) {
+    const int64_t t = row / NR, r = row % NR;
+    const uint8_t* tile = pp + t * tile_bytes(Mode::Q2, kb);
+    for (int64_t b = 0; b < kb; ++b) {
+      const uint8_t* src = tile + codes_at(Mode::Q2, b);
+      const uint16_t* sc = scales_of(tile, Mode::Q2, kb, b);
+      uint8_t* c = codes.data_ptr<uint8_t>() + row * k + b * QK;
+      for (int64_t j = 0; j < QK; ++j) c[j] = static_cast<uint8_t>(q2_code(src, r, j));
+      for (int64_t h = 0; h < 2; ++h) {
+        d.data_ptr<float>()[row * 2 * kb + 2 * b + h] = half_to_float(sc[h * NR + r]);
+        m.data_ptr<float>()[row * 2 * kb + 2 * b + h] = half_to_float(sc[(2 + h) * NR + r]);
+      }
+    }
+  }
+  return {codes, d, m};
+}
+
 // -> codes (N, K) uint8 (Q6: 0..63 standing for code - 32; Q3: 0..7 standing for code - 4)
 // or, for IQ2, int8 (its table values), d (N, 2 K/32) float32: one per 16
 template <Mode M>
@@ -562,7 +635,7 @@ torch::Tensor q8_pack_codes(const torch::Tensor& codes, const torch::Tensor& d) 
 // from its source row order[i] (llama.cpp's q/k permutation undone) or row i when order is
 // empty. One pass, parallel over tiles, no intermediate codes tensor. Form "q4" takes only
 // Q4_0/Q4_1/Q4_K/IQ3_S/IQ1_S parts, "q5" only Q5_0/Q5_1/Q5_K, "q6" only Q6_K/Q3_K/IQ3_XXS/IQ1_M, "q3"
-// only Q3_K, "iq4" only IQ4_NL/IQ4_XS, "iq2" only IQ2_XXS/IQ2_XS/IQ2_S; "q8" takes every type
+// only Q3_K, "q2" only Q2_K, "iq4" only IQ4_NL/IQ4_XS, "iq2" only IQ2_XXS/IQ2_XS/IQ2_S; "q8" takes every type
 // gguf_blocks.h decodes. grids:
 // per part, the IQ types' grid (gguf::grid_shape, int8), an empty tensor for the others
 // (or no list at all when no part needs one).
@@ -583,13 +656,52 @@ const int8_t* checked_grid(int64_t type, const torch::Tensor* grid) {
   return g;
 }
 
+// The form a name stands for (runner/qlinear.py's modes); raises for any other name.
+Mode mode_of(const std::string& form) {
+  if (form == "q2") return Mode::Q2;
+  if (form == "q3") return Mode::Q3;
+  if (form == "q4") return Mode::Q4;
+  if (form == "q5") return Mode::Q5;
+  if (form == "q6") return Mode::Q6;
+  if (form == "q8") return Mode::Q8;
+  if (form == "iq4") return Mode::IQ4;
+  TORCH_CHECK(form == "iq2", "form must be q2, q3, q4, q5, q6, q8, iq4 or iq2, not ", form);
+  return Mode::IQ2;
+}
+
+// Whether pack_gguf packs a GGUF type in a form (q8 takes every type decoded here), and the
+// form's name in its refusal.
+bool form_takes(Mode mode, int64_t type) {
+  switch (mode) {
+    case Mode::Q2: return gguf::two_bit(type);
+    case Mode::Q3: return gguf::three_bit(type);
+    case Mode::Q4: return gguf::four_bit(type);
+    case Mode::Q5: return gguf::five_bit(type);
+    case Mode::Q6: return gguf::six_bit(type);
+    case Mode::IQ4: return gguf::iq4(type);
+    case Mode::IQ2: return gguf::iq2(type);
+    case Mode::Q8: return true;
+  }
+  return false;
+}
+const char* form_title(Mode mode) {
+  switch (mode) {
+    case Mode::Q2: return "2-bit";
+    case Mode::Q3: return "3-bit";
+    case Mode::Q4: return "4-bit";
+    case Mode::Q5: return "5-bit";
+    case Mode::Q6: return "6-bit";
+    case Mode::IQ4: return "IQ4";
+    case Mode::IQ2: return "IQ2";
+    case Mode::Q8: return "8-bit";
+  }
+  return "?";
+}
+
 torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor>& raws,
                         const std::vector<int64_t>& types, const std::vector<torch::Tensor>& orders, int64_t k,
                         const std::vector<torch::Tensor>& grids) {
-  TORCH_CHECK(form == "q3" || form == "q4" || form == "q5" || form == "q6" || form == "q8" || form == "iq4" ||
-                  form == "iq2",
-              "form must be q3, q4, q5, q6, q8, iq4 or iq2, not ", form);
-  const int64_t bits = form == "iq4" ? 0 : form == "iq2" ? 2 : form[1] - '0';
+  const Mode mode = mode_of(form);
   TORCH_CHECK(!raws.empty() && raws.size() == types.size() && raws.size() == orders.size(),
               "one type and one row order per part");
   TORCH_CHECK(grids.empty() || grids.size() == raws.size(), "one grid (or an empty tensor) per part");
@@ -602,12 +714,7 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
     const gguf::Layout lay = gguf::layout(types[p]);
     const int8_t* grid = checked_grid(types[p], grids.empty() ? nullptr : &grids[p]);
     TORCH_CHECK(lay.block_values > 0, "GGUF type ", types[p], " is not decoded here");
-    TORCH_CHECK(bits != 4 || gguf::four_bit(types[p]), "GGUF type ", types[p], " has no 4-bit form");
-    TORCH_CHECK(bits != 5 || gguf::five_bit(types[p]), "GGUF type ", types[p], " has no 5-bit form");
-    TORCH_CHECK(bits != 6 || gguf::six_bit(types[p]), "GGUF type ", types[p], " has no 6-bit form");
-    TORCH_CHECK(bits != 3 || gguf::three_bit(types[p]), "GGUF type ", types[p], " has no 3-bit form");
-    TORCH_CHECK(bits != 0 || gguf::iq4(types[p]), "GGUF type ", types[p], " has no IQ4 form");
-    TORCH_CHECK(bits != 2 || gguf::iq2(types[p]), "GGUF type ", types[p], " has no IQ2 form");
+    TORCH_CHECK(form_takes(mode, types[p]), "GGUF type ", types[p], " has no ", form_title(mode), " form");
     TORCH_CHECK(k % lay.block_values == 0, "K = ", k, " is not a whole number of blocks of ", lay.block_values);
     TORCH_CHECK(raw.scalar_type() == torch::kUInt8 && raw.dim() == 1 && raw.is_contiguous(),
                 "raw tensor bytes: contiguous 1-D uint8");
@@ -645,17 +752,26 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
       sc[NR + r] = s1;
     });
   };
-  if (bits == 4) {
+  if (mode == Mode::Q4) {
     out = two_scales(std::integral_constant<Mode, Mode::Q4>{}, gguf::decode4);
-  } else if (bits == 5) {
+  } else if (mode == Mode::Q5) {
     out = two_scales(std::integral_constant<Mode, Mode::Q5>{}, gguf::decode5);
-  } else if (bits == 6) {
+  } else if (mode == Mode::Q6) {
     out = two_scales(std::integral_constant<Mode, Mode::Q6>{}, gguf::decode6);
-  } else if (bits == 3) {
+  } else if (mode == Mode::Q3) {
     out = two_scales(std::integral_constant<Mode, Mode::Q3>{}, gguf::decode3);
-  } else if (bits == 2) {
+  } else if (mode == Mode::IQ2) {
     out = two_scales(std::integral_constant<Mode, Mode::IQ2>{}, gguf::decode_iq2);
-  } else if (bits == 0) {
+  } else if (mode == Mode::Q2) {  // a scale and a min per half
+    out = pack_by_block(Mode::Q2, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
+      uint8_t c[QK];
+      uint16_t d[2], m[2];
+      if (!gguf::decode2(row_type[row], row_ptr[row], b, c, d, m)) in_range = false;
+      put_q2(tile + codes_at(Mode::Q2, b), r, c);
+      uint16_t* sc = scales_of(tile, Mode::Q2, kb, b);
+      for (int h = 0; h < 2; ++h) sc[h * NR + r] = d[h], sc[(2 + h) * NR + r] = m[h];
+    });
+  } else if (mode == Mode::IQ4) {
     out = pack_by_block(Mode::IQ4, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
       uint8_t c[QK];
       uint16_t d;
@@ -857,7 +973,8 @@ void q8_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, i
   }
 }
 
-// Q6 (and Q3, as Q6 on its codes + 28; IQ2 on T2 + 32): per half, the integer dot product plus the
+// Q6 (and Q3, as Q6 on its codes + 28; IQ2 on T2 + 32; Q2 on its codes from zero, then each
+// half's min times the activations' half sum): per half, the integer dot product plus the
 // activations' offset, then as Q8 per half.
 template <Mode M>
 void q6_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, int64_t m0, int64_t mr,
@@ -872,11 +989,15 @@ void q6_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, i
         const uint8_t* c = tile + codes_at(M, b);
         const uint16_t* sc = scales_of(tile, M, kb, b);
         const int8_t* a = arow + b * QK;
-        int32_t isum[2] = {off[2 * b], off[2 * b + 1]};
+        int32_t isum[2] = {M == Mode::Q2 ? 0 : off[2 * b], M == Mode::Q2 ? 0 : off[2 * b + 1]};
         for (int64_t i = 0; i < QK; ++i) isum[i >> 4] += six_bit_code<M>(c, j, i) * a[i];
         const float t = std::fma(static_cast<float>(isum[0]), half_to_float(sc[j]),
                                  static_cast<float>(isum[1]) * half_to_float(sc[NR + j]));
         acc = std::fma(t, e[b], acc);
+        if constexpr (M == Mode::Q2) {  // each half's min times e x its activation sum (-off / 32)
+          acc = std::fma(half_to_float(sc[2 * NR + j]), e[b] * static_cast<float>(-off[2 * b] / 32), acc);
+          acc = std::fma(half_to_float(sc[3 * NR + j]), e[b] * static_cast<float>(-off[2 * b + 1] / 32), acc);
+        }
       }
       out[r][j] = acc;
     }
@@ -958,9 +1079,8 @@ inline __m256i q5_block_dots(const __m256i* lo, const __m256i* hi, const ActRows
 // the activations' offset for that half (IQ2, M: twice it, for its values + 64).
 template <Mode M>
 inline void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_t b, const int32_t* off, __m256i* dots) {
-  constexpr int offset_scale = M == Mode::IQ2 ? 2 : 1;
   for (int h = 0; h < 2; ++h) {
-    __m256i s = _mm256_set1_epi32(offset_scale * off[h]);
+    __m256i s = _mm256_set1_epi32(offset_scale<M>() * off[h]);
     for (int g = 4 * h; g < 4 * h + 4; ++g) s = TM_DPBUSD(s, u[g], act.get(r, b, g));
     dots[h] = s;
   }
@@ -1013,7 +1133,7 @@ template <Mode M>
 inline void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_t b, const int32_t* off, __m256i* dots) {
   const __m256i ones = _mm256_set1_epi16(1);
   for (int h = 0; h < 2; ++h) {
-    __m256i s = _mm256_set1_epi32((M == Mode::IQ2 ? 2 : 1) * off[h]);
+    __m256i s = _mm256_set1_epi32(offset_scale<M>() * off[h]);
     if constexpr (M == Mode::IQ2) {
       for (int g = 4 * h; g < 4 * h + 4; ++g)
         s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(u[g], act.get(r, b, g)), ones));
@@ -1153,7 +1273,8 @@ inline __m256i q3_top256(__m256i v, int g) {
 }
 
 // off: the rows' Q6 offsets (row r, block b at off + 2 * (r * kb + b)). M: Q6, Q3 run as
-// Q6 on its codes + 28, or IQ2 on its values + 64 looked up from its nibbles.
+// Q6 on its codes + 28, IQ2 on its values + 64 looked up from its nibbles, or Q2 on its
+// codes (from zero) plus its mins.
 template <Mode M, int MR>
 void q6_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, const float* e, const int32_t* off,
                   float (*out)[NR]) {
@@ -1165,7 +1286,12 @@ void q6_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, co
     const uint8_t* c = tile + codes_at(M, b) + 32 * h;
     prefetch_ahead<M>(tile, b);
     __m256i u[8];  // the (Q6) codes of k-groups 0..7, unpacked once for all MR activation rows
-    if constexpr (M == Mode::IQ2) {
+    if constexpr (M == Mode::Q2) {
+      for (int g = 0; g < 8; ++g) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * (g >> 2)));
+        u[g] = _mm256_and_si256(_mm256_srli_epi16(x, 2 * (g & 3)), low2);
+      }
+    } else if constexpr (M == Mode::IQ2) {
       const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kIQ2Shifted)));
       for (int p = 0; p < 4; ++p) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
@@ -1194,9 +1320,17 @@ void q6_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, co
     const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
     for (int r = 0; r < MR; ++r) {
       __m256i dots[2];
-      q6_block_dots<M>(u, act, r, b, off + 2 * (r * kb + b), dots);
+      const int32_t* ro = off + 2 * (r * kb + b);
+      q6_block_dots<M>(u, act, r, b, ro, dots);
       const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[0]), d0, _mm256_mul_ps(_mm256_cvtepi32_ps(dots[1]), d1));
-      acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(e[r * kb + b]), acc[r]);
+      const float er = e[r * kb + b];
+      acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(er), acc[r]);
+      if constexpr (M == Mode::Q2) {
+        const __m256 m0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 2 * NR)));
+        const __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 3 * NR)));
+        acc[r] = _mm256_fmadd_ps(m0, _mm256_set1_ps(er * static_cast<float>(-ro[0] / 32)), acc[r]);
+        acc[r] = _mm256_fmadd_ps(m1, _mm256_set1_ps(er * static_cast<float>(-ro[1] / 32)), acc[r]);
+      }
     }
   }
   for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * h, acc[r]);
@@ -1509,6 +1643,60 @@ struct IQ2Block : OffsetRows<IQ2Block, 2> {  // u: the values + 64 of k-groups 0
   }
 };
 
+// Q2: the codes (u8 0..3, Q3's 2-bit plane) against the signed activations, two sums per
+// row from zero, Q6's finish on them, then each half's min times e x the half's activation
+// sum (-off / 32: exact).
+struct Q2Block {
+  __m512i u[8];  // the codes of k-groups 0..7
+  __m512 d0, d1, m0, m1;
+  template <bool Pin>
+  Q2Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
+    const uint16_t* sc = scales_of(tile, Mode::Q2, kb, b);
+    d0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
+    d1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + NR)));
+    m0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + 2 * NR)));
+    m1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + 3 * NR)));
+    const uint8_t* c = tile + codes_at(Mode::Q2, b);
+    const __m512i low2 = _mm512_set1_epi8(0x03);
+    const __m512i x[2] = {_mm512_loadu_si512(c), _mm512_loadu_si512(c + 64)};
+    for (int g = 0; g < 8; ++g) {
+      u[g] = _mm512_and_si512(_mm512_srli_epi16(x[g >> 2], 2 * (g & 3)), low2);
+      if constexpr (Pin) pin(u[g]);
+    }
+  }
+  __m512 finish(__m512i s0, __m512i s1, float e, const int32_t* off, __m512 acc) const {
+    const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), d0, _mm512_mul_ps(_mm512_cvtepi32_ps(s1), d1));
+    acc = _mm512_fmadd_ps(t, _mm512_set1_ps(e), acc);
+    acc = _mm512_fmadd_ps(m0, _mm512_set1_ps(e * static_cast<float>(-off[0] / 32)), acc);
+    return _mm512_fmadd_ps(m1, _mm512_set1_ps(e * static_cast<float>(-off[1] / 32)), acc);
+  }
+  __m512 row(const int8_t* ar, float e, float, const int32_t* off, __m512 acc) const {
+    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+    for (int g = 0; g < 4; ++g) {
+      s0 = _mm512_dpbusd_epi32(s0, u[g], bcast512(ar + 4 * g));
+      s1 = _mm512_dpbusd_epi32(s1, u[4 + g], bcast512(ar + 16 + 4 * g));
+    }
+    return finish(s0, s1, e, off, acc);
+  }
+  template <int R>
+  static void rows2(const Q2Block& x, const Q2Block& y, const RowsAt& at, __m512* acc_x, __m512* acc_y) {
+    __m512i x0[R], x1[R], y0[R], y1[R];
+    for (int i = 0; i < R; ++i) x0[i] = x1[i] = y0[i] = y1[i] = _mm512_setzero_si512();
+    for (int g = 0; g < 4; ++g)
+      for (int i = 0; i < R; ++i) {
+        const __m512i lo = bcast512(at.codes(i) + 4 * g), hi = bcast512(at.codes(i) + 16 + 4 * g);
+        x0[i] = _mm512_dpbusd_epi32(x0[i], x.u[g], lo);
+        x1[i] = _mm512_dpbusd_epi32(x1[i], x.u[4 + g], hi);
+        y0[i] = _mm512_dpbusd_epi32(y0[i], y.u[g], lo);
+        y1[i] = _mm512_dpbusd_epi32(y1[i], y.u[4 + g], hi);
+      }
+    for (int i = 0; i < R; ++i) {
+      acc_x[i] = x.finish(x0[i], x1[i], at.scale(i), at.offsets(i), acc_x[i]);
+      acc_y[i] = y.finish(y0[i], y1[i], at.scale(i), at.offsets(i), acc_y[i]);
+    }
+  }
+};
+
 // Q3: Q6's rows on the codes + 28 (the file's code + 32), unpacked from the 2-bit plane
 // (as Q6's top bits: k-group 4h + t in bits 2t..2t+1 of vector h) and the top-bit plane
 // (as Q5's: bit g for k-group g). 16-bit shifts: what crosses a byte is masked off.
@@ -1540,7 +1728,8 @@ using BlockOf = std::conditional_t<
         std::conditional_t<M == Mode::Q6, Q6Block,
                            std::conditional_t<M == Mode::Q5, Q5Block,
                                               std::conditional_t<M == Mode::Q3, Q3Block,
-                                                                 std::conditional_t<M == Mode::IQ2, IQ2Block, IQ4Block>>>>>>;
+                                                                 std::conditional_t<M == Mode::IQ2, IQ2Block,
+                                                                                    std::conditional_t<M == Mode::Q2, Q2Block, IQ4Block>>>>>>>;
 
 // A whole tile against MR activation rows (the row-group order: one pass over the tile
 // per group of rows). s is used by Q4 and Q5 only, off by Q6, Q3 and IQ4 only.
@@ -1626,6 +1815,7 @@ void tile_simd(Mode mode, const uint8_t* tile, int64_t kb, int64_t ncols, const 
     else if (mode == Mode::Q6) q6_tile_avx2<Mode::Q6, MR>(tile, kb, h, act, e, off, out);
     else if (mode == Mode::Q3) q6_tile_avx2<Mode::Q3, MR>(tile, kb, h, act, e, off, out);
     else if (mode == Mode::IQ2) q6_tile_avx2<Mode::IQ2, MR>(tile, kb, h, act, e, off, out);
+    else if (mode == Mode::Q2) q6_tile_avx2<Mode::Q2, MR>(tile, kb, h, act, e, off, out);
     else q4_tile_avx2<Mode::Q5, MR>(tile, kb, h, act, e, s, out);
   }
 #endif
@@ -1794,6 +1984,7 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
               else if (mode == Mode::Q6) q6_tile_scalar<Mode::Q6>(tile, kb, q, k, m0, mr, out);
               else if (mode == Mode::Q3) q6_tile_scalar<Mode::Q3>(tile, kb, q, k, m0, mr, out);
               else if (mode == Mode::IQ2) q6_tile_scalar<Mode::IQ2>(tile, kb, q, k, m0, mr, out);
+              else if (mode == Mode::Q2) q6_tile_scalar<Mode::Q2>(tile, kb, q, k, m0, mr, out);
               else q4_tile_scalar<Mode::Q5>(tile, kb, q, k, m0, mr, out);
             }
             for (int64_t r = 0; r < mr; ++r)
@@ -1840,19 +2031,7 @@ std::vector<torch::Tensor> quantize_act(const torch::Tensor& x_in, int64_t impl)
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("isa", &isa, "the SIMD path this build uses: avx2+vnni, avx2 or scalar");
-  m.def("packed_bytes", [](const std::string& mode, int64_t n, int64_t k) {
-    TORCH_CHECK(mode == "q3" || mode == "q4" || mode == "q5" || mode == "q6" || mode == "q8" || mode == "iq4" ||
-                    mode == "iq2",
-                "mode: q3, q4, q5, q6, q8, iq4 or iq2");
-    return packed_bytes(mode == "q4"    ? Mode::Q4
-                        : mode == "q5"  ? Mode::Q5
-                        : mode == "q6"  ? Mode::Q6
-                        : mode == "q8"  ? Mode::Q8
-                        : mode == "q3"  ? Mode::Q3
-                        : mode == "iq2" ? Mode::IQ2
-                                        : Mode::IQ4,
-                        n, k);
-  });
+  m.def("packed_bytes", [](const std::string& mode, int64_t n, int64_t k) { return packed_bytes(mode_of(mode), n, k); });
   m.def("q4_pack", &pack_min_max<Mode::Q4>, nogil, "float (N, K) -> packed Q4 (uint8)");
   m.def("q4_unpack", &unpack_min_max<Mode::Q4>, nogil, "packed Q4 -> codes (N, K) uint8, d (N, K/32), m (N, K/32)");
   m.def("q8_pack", &q8_pack, nogil, "float (N, K) -> packed Q8 (uint8)");
@@ -1867,13 +2046,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q3_pack", &half_scale_pack<Mode::Q3>, nogil, "float (N, K) -> packed Q3 (uint8)");
   m.def("q3_unpack", &half_scale_unpack<Mode::Q3>, nogil,
         "packed Q3 -> codes (N, K) uint8 0..7 (standing for code - 4), d (N, K/16)");
+  m.def("q2_pack", &q2_pack, nogil, "float (N, K) -> packed Q2 (uint8)");
+  m.def("q2_unpack", &q2_unpack, nogil, "packed Q2 -> codes (N, K) uint8 0..3, d (N, K/16), m (N, K/16)");
   m.def("iq2_pack", &iq2_pack, nogil, "float (N, K) -> packed IQ2 (uint8)");
   m.def("iq2_unpack", &half_scale_unpack<Mode::IQ2>, nogil,
         "packed IQ2 -> table values (N, K) int8 (-43, -25, -8, 8, 25, 43), d (N, K/16)");
   m.def("q4_pack_codes", &q4_pack_codes, nogil, "codes (N, K) uint8 0..15, d, m (N, K/32) float16 -> packed Q4");
   m.def("q8_pack_codes", &q8_pack_codes, nogil, "codes (N, K) int8, d (N, K/32) float16 -> packed Q8");
   m.def("pack_gguf", &pack_gguf, nogil,
-        "GGUF tensors' bytes, stacked along N -> packed in form q3, q4, q5, q6, q8, iq4 or iq2",
+        "GGUF tensors' bytes, stacked along N -> packed in form q2, q3, q4, q5, q6, q8, iq4 or iq2",
         py::arg("form"), py::arg("raws"), py::arg("types"), py::arg("orders"), py::arg("k"),
         py::arg("grids") = std::vector<torch::Tensor>{});
   m.def("gguf_rows", &gguf_rows, nogil, "rows `ids` of a GGUF tensor's bytes -> float32 (len(ids), K)",
@@ -1890,6 +2071,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
   m.def("q3_linear", &linear_of<Mode::Q3>, nogil, "x (M, K) @ Q3 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+  m.def("q2_linear", &linear_of<Mode::Q2>, nogil, "x (M, K) @ Q2 weights^T (+ bias)", py::arg("x"),
+        py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
   m.def("iq2_linear", &linear_of<Mode::IQ2>, nogil, "x (M, K) @ IQ2 weights^T (+ bias)", py::arg("x"),
         py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
   m.def("iq4_linear", &linear_of<Mode::IQ4>, nogil, "x (M, K) @ IQ4 weights^T (+ bias)", py::arg("x"),
