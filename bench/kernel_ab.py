@@ -54,7 +54,7 @@ def measure(old, new, mode: str, n: int, k: int, m: int, rounds: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rev", required=True, help="the git revision to compare against (e.g. HEAD~1)")
-    ap.add_argument("--modes", nargs="+", default=["q8", "q4"], choices=["q8", "q4", "q5", "q6", "iq4", "q3", "iq2"])
+    ap.add_argument("--modes", nargs="+", default=["q8", "q4"], choices=["q8", "q4", "q5", "q6", "iq4", "q3", "iq2", "q2"])
     ap.add_argument("--shapes", nargs="+", default=["262144x640", "8192x2048", "2048x8192"],
                     help="N x K of the weights (262144x640: Gemma 3's head)")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
