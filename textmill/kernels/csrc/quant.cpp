@@ -822,14 +822,21 @@ torch::Tensor gguf_rows(const torch::Tensor& raw, int64_t type, const torch::Ten
 // computed as x * (1 / e), s = e * sum(a), off = -32 * (sum of a's first 16, of its last
 // 16). Same float operations in both paths.
 
-struct QAct {
-  int8_t* a;     // (M, K)
-  float* e;      // (M, KB)
-  float* s;      // (M, KB)
-  int32_t* off;  // (M, KB, 2): -32 x the sum of each half (Q6's offset; IQ4 takes 4x it)
+// Per row and block, what the forms with a scale per half (16 weights) need of the
+// activations' sum over each half: Q6's integer offset, and the float e x sum (Q2's mins).
+struct HalfSums {
+  int32_t off[2];  // -32 x the sum of each half (Q6's offset; IQ4 takes 4x it, IQ2 2x)
+  float hs[2];     // e x the sum of each half
 };
 
-void quantize_block_scalar(const float* x, int8_t* a, float* e, float* s, int32_t* off) {
+struct QAct {
+  int8_t* a;        // (M, K)
+  float* e;         // (M, KB)
+  float* s;         // (M, KB)
+  HalfSums* off;    // (M, KB)
+};
+
+void quantize_block_scalar(const float* x, int8_t* a, float* e, float* s, HalfSums* off) {
   float amax = 0.f;
   for (int64_t i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(x[i]));
   const float d = amax / 127.f;
@@ -842,8 +849,10 @@ void quantize_block_scalar(const float* x, int8_t* a, float* e, float* s, int32_
   }
   *e = d;
   *s = d * static_cast<float>(half[0] + half[1]);
-  off[0] = -32 * half[0];
-  off[1] = -32 * half[1];
+  off->off[0] = -32 * half[0];
+  off->off[1] = -32 * half[1];
+  off->hs[0] = d * static_cast<float>(half[0]);
+  off->hs[1] = d * static_cast<float>(half[1]);
 }
 
 #ifdef TM_AVX2
@@ -861,7 +870,7 @@ inline int hsum8_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-void quantize_block_avx2(const float* x, int8_t* a, float* e, float* s, int32_t* off) {
+void quantize_block_avx2(const float* x, int8_t* a, float* e, float* s, HalfSums* off) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 v[4];
   __m256 amax = _mm256_setzero_ps();
@@ -885,8 +894,10 @@ void quantize_block_avx2(const float* x, int8_t* a, float* e, float* s, int32_t*
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), b);
   *e = d;
   *s = d * static_cast<float>(h0 + h1);
-  off[0] = -32 * h0;
-  off[1] = -32 * h1;
+  off->off[0] = -32 * h0;
+  off->off[1] = -32 * h1;
+  off->hs[0] = d * static_cast<float>(h0);
+  off->hs[1] = d * static_cast<float>(h1);
 }
 #endif
 
@@ -899,11 +910,11 @@ void quantize_rows(const float* x, int64_t m, int64_t k, const QAct& q, bool sim
         int8_t* a = q.a + r * k + b * QK;
 #ifdef TM_AVX2
         if (simd) {
-          quantize_block_avx2(src, a, q.e + r * kb + b, q.s + r * kb + b, q.off + 2 * (r * kb + b));
+          quantize_block_avx2(src, a, q.e + r * kb + b, q.s + r * kb + b, q.off + r * kb + b);
           continue;
         }
 #endif
-        quantize_block_scalar(src, a, q.e + r * kb + b, q.s + r * kb + b, q.off + 2 * (r * kb + b));
+        quantize_block_scalar(src, a, q.e + r * kb + b, q.s + r * kb + b, q.off + r * kb + b);
       }
   };
   // ~30 ns per block: only big prefills are worth waking the other threads for.
@@ -982,21 +993,21 @@ void q6_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, i
   for (int64_t r = 0; r < mr; ++r) {
     const int8_t* arow = q.a + (m0 + r) * k;
     const float* e = q.e + (m0 + r) * kb;
-    const int32_t* off = q.off + (m0 + r) * kb * 2;
+    const HalfSums* off = q.off + (m0 + r) * kb;
     for (int64_t j = 0; j < NR; ++j) {
       float acc = 0.f;
       for (int64_t b = 0; b < kb; ++b) {
         const uint8_t* c = tile + codes_at(M, b);
         const uint16_t* sc = scales_of(tile, M, kb, b);
         const int8_t* a = arow + b * QK;
-        int32_t isum[2] = {M == Mode::Q2 ? 0 : off[2 * b], M == Mode::Q2 ? 0 : off[2 * b + 1]};
+        int32_t isum[2] = {M == Mode::Q2 ? 0 : off[b].off[0], M == Mode::Q2 ? 0 : off[b].off[1]};
         for (int64_t i = 0; i < QK; ++i) isum[i >> 4] += six_bit_code<M>(c, j, i) * a[i];
         const float t = std::fma(static_cast<float>(isum[0]), half_to_float(sc[j]),
                                  static_cast<float>(isum[1]) * half_to_float(sc[NR + j]));
         acc = std::fma(t, e[b], acc);
-        if constexpr (M == Mode::Q2) {  // each half's min times e x its activation sum (-off / 32)
-          acc = std::fma(half_to_float(sc[2 * NR + j]), e[b] * static_cast<float>(-off[2 * b] / 32), acc);
-          acc = std::fma(half_to_float(sc[3 * NR + j]), e[b] * static_cast<float>(-off[2 * b + 1] / 32), acc);
+        if constexpr (M == Mode::Q2) {  // each half's min times e x its activation sum
+          acc = std::fma(half_to_float(sc[2 * NR + j]), off[b].hs[0], acc);
+          acc = std::fma(half_to_float(sc[3 * NR + j]), off[b].hs[1], acc);
         }
       }
       out[r][j] = acc;
@@ -1078,9 +1089,9 @@ inline __m256i q5_block_dots(const __m256i* lo, const __m256i* hi, const ActRows
 // Q6: row r's dot products of the block's two halves (codes u, 0..63), each started from
 // the activations' offset for that half (IQ2, M: twice it, for its values + 64).
 template <Mode M>
-inline void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_t b, const int32_t* off, __m256i* dots) {
+inline void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_t b, const HalfSums* off, __m256i* dots) {
   for (int h = 0; h < 2; ++h) {
-    __m256i s = _mm256_set1_epi32(offset_scale<M>() * off[h]);
+    __m256i s = _mm256_set1_epi32(offset_scale<M>() * off->off[h]);
     for (int g = 4 * h; g < 4 * h + 4; ++g) s = TM_DPBUSD(s, u[g], act.get(r, b, g));
     dots[h] = s;
   }
@@ -1130,10 +1141,10 @@ inline __m256i q5_block_dots(const __m256i* lo, const __m256i* hi, const ActRows
 // Q6: as above; a maddubs lane is at most 2 * 63 * 127 = 16002, so two sum in int16. IQ2's
 // (values + 64) reach 27178: each is widened at once.
 template <Mode M>
-inline void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_t b, const int32_t* off, __m256i* dots) {
+inline void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_t b, const HalfSums* off, __m256i* dots) {
   const __m256i ones = _mm256_set1_epi16(1);
   for (int h = 0; h < 2; ++h) {
-    __m256i s = _mm256_set1_epi32(offset_scale<M>() * off[h]);
+    __m256i s = _mm256_set1_epi32(offset_scale<M>() * off->off[h]);
     if constexpr (M == Mode::IQ2) {
       for (int g = 4 * h; g < 4 * h + 4; ++g)
         s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(u[g], act.get(r, b, g)), ones));
@@ -1276,7 +1287,7 @@ inline __m256i q3_top256(__m256i v, int g) {
 // Q6 on its codes + 28, IQ2 on its values + 64 looked up from its nibbles, or Q2 on its
 // codes (from zero) plus its mins.
 template <Mode M, int MR>
-void q6_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, const float* e, const int32_t* off,
+void q6_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, const float* e, const HalfSums* off,
                   float (*out)[NR]) {
   const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x30);
   const __m256i low2 = _mm256_set1_epi8(0x03), bit2 = _mm256_set1_epi8(0x04), q3_offset = _mm256_set1_epi8(28);
@@ -1320,7 +1331,7 @@ void q6_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, co
     const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
     for (int r = 0; r < MR; ++r) {
       __m256i dots[2];
-      const int32_t* ro = off + 2 * (r * kb + b);
+      const HalfSums* ro = off + r * kb + b;
       q6_block_dots<M>(u, act, r, b, ro, dots);
       const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[0]), d0, _mm256_mul_ps(_mm256_cvtepi32_ps(dots[1]), d1));
       const float er = e[r * kb + b];
@@ -1328,8 +1339,8 @@ void q6_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, co
       if constexpr (M == Mode::Q2) {
         const __m256 m0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 2 * NR)));
         const __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 3 * NR)));
-        acc[r] = _mm256_fmadd_ps(m0, _mm256_set1_ps(er * static_cast<float>(-ro[0] / 32)), acc[r]);
-        acc[r] = _mm256_fmadd_ps(m1, _mm256_set1_ps(er * static_cast<float>(-ro[1] / 32)), acc[r]);
+        acc[r] = _mm256_fmadd_ps(m0, _mm256_set1_ps(ro->hs[0]), acc[r]);
+        acc[r] = _mm256_fmadd_ps(m1, _mm256_set1_ps(ro->hs[1]), acc[r]);
       }
     }
   }
@@ -1363,13 +1374,13 @@ inline __m512i bcast512(const int8_t* p) {
 struct RowsAt {
   const int8_t* a;
   const float *e, *s;
-  const int32_t* off;
+  const HalfSums* off;
   int64_t k, kb;
   const int8_t* codes(int i) const { return a + i * k; }
   float scale(int i) const { return e[i * kb]; }
   float sum(int i) const { return s[i * kb]; }
-  const int32_t* offsets(int i) const { return off + 2 * i * kb; }
-  void step(int n) { a += n * k, e += n * kb, s += n * kb, off += 2 * n * kb; }
+  const HalfSums* offsets(int i) const { return off + i * kb; }
+  void step(int n) { a += n * k, e += n * kb, s += n * kb, off += n * kb; }
 };
 
 // One tile-block's weights in registers, and one activation row's share of it. Both
@@ -1394,7 +1405,7 @@ struct Q4Block {
     }
   }
   // ar: the row's 32 int8 codes of this block; e, s: its block scale and scale * sum.
-  __m512 row(const int8_t* ar, float e, float s, const int32_t*, __m512 acc) const {
+  __m512 row(const int8_t* ar, float e, float s, const HalfSums*, __m512 acc) const {
     __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
     for (int p = 0; p < 4; ++p) {
       s0 = _mm512_dpbusd_epi32(s0, lo[p], bcast512(ar + 4 * p));
@@ -1488,7 +1499,7 @@ struct Q8Block {
     shift_sum = _mm512_add_epi32(shift[0], shift[1]);
   }
   // ar: the row's 32 codes of this block as u8 (a + 128); e: its block scale.
-  __m512 row(const int8_t* ar, float e, float, const int32_t*, __m512 acc) const {
+  __m512 row(const int8_t* ar, float e, float, const HalfSums*, __m512 acc) const {
     __m512i sm[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
     for (int g = 0; g < 8; ++g) sm[g & 1] = _mm512_dpbusd_epi32(sm[g & 1], bcast512(ar + 4 * g), w[g]);
     return finish(sm[0], sm[1], e, acc);
@@ -1522,8 +1533,8 @@ template <typename Block, int Scale>
 struct OffsetRows {
   __m512i u[8];
   // ar: the row's 32 int8 codes of this block; e: its block scale; off: its two offsets.
-  __m512 row(const int8_t* ar, float e, float, const int32_t* off, __m512 acc) const {
-    __m512i s0 = _mm512_set1_epi32(Scale * off[0]), s1 = _mm512_set1_epi32(Scale * off[1]);
+  __m512 row(const int8_t* ar, float e, float, const HalfSums* off, __m512 acc) const {
+    __m512i s0 = _mm512_set1_epi32(Scale * off->off[0]), s1 = _mm512_set1_epi32(Scale * off->off[1]);
     for (int g = 0; g < 4; ++g) {
       s0 = _mm512_dpbusd_epi32(s0, u[g], bcast512(ar + 4 * g));
       s1 = _mm512_dpbusd_epi32(s1, u[4 + g], bcast512(ar + 16 + 4 * g));
@@ -1534,8 +1545,8 @@ struct OffsetRows {
   static void rows2(const Block& x, const Block& y, const RowsAt& at, __m512* acc_x, __m512* acc_y) {
     __m512i x0[R], x1[R], y0[R], y1[R];
     for (int i = 0; i < R; ++i) {
-      x0[i] = y0[i] = _mm512_set1_epi32(Scale * at.offsets(i)[0]);
-      x1[i] = y1[i] = _mm512_set1_epi32(Scale * at.offsets(i)[1]);
+      x0[i] = y0[i] = _mm512_set1_epi32(Scale * at.offsets(i)->off[0]);
+      x1[i] = y1[i] = _mm512_set1_epi32(Scale * at.offsets(i)->off[1]);
     }
     for (int g = 0; g < 4; ++g)
       for (int i = 0; i < R; ++i) {
@@ -1648,14 +1659,14 @@ struct IQ2Block : OffsetRows<IQ2Block, 2> {  // u: the values + 64 of k-groups 0
 // sum (-off / 32: exact).
 struct Q2Block {
   __m512i u[8];  // the codes of k-groups 0..7
-  __m512 d0, d1, m0, m1;
+  // d0, d1, m0, m1 widened to float32 and kept in L1 (read as memory operands in finish):
+  // two tiles' codes, scales and mins in registers beside two rows' sums spilled codes.
+  alignas(64) float dm[4][NR];
   template <bool Pin>
   Q2Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
     const uint16_t* sc = scales_of(tile, Mode::Q2, kb, b);
-    d0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
-    d1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + NR)));
-    m0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + 2 * NR)));
-    m1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + 3 * NR)));
+    for (int i = 0; i < 4; ++i)
+      _mm512_store_ps(dm[i], _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + i * NR))));
     const uint8_t* c = tile + codes_at(Mode::Q2, b);
     const __m512i low2 = _mm512_set1_epi8(0x03);
     const __m512i x[2] = {_mm512_loadu_si512(c), _mm512_loadu_si512(c + 64)};
@@ -1664,13 +1675,14 @@ struct Q2Block {
       if constexpr (Pin) pin(u[g]);
     }
   }
-  __m512 finish(__m512i s0, __m512i s1, float e, const int32_t* off, __m512 acc) const {
-    const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), d0, _mm512_mul_ps(_mm512_cvtepi32_ps(s1), d1));
+  __m512 finish(__m512i s0, __m512i s1, float e, const HalfSums* off, __m512 acc) const {
+    const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_load_ps(dm[0]),
+                                     _mm512_mul_ps(_mm512_cvtepi32_ps(s1), _mm512_load_ps(dm[1])));
     acc = _mm512_fmadd_ps(t, _mm512_set1_ps(e), acc);
-    acc = _mm512_fmadd_ps(m0, _mm512_set1_ps(e * static_cast<float>(-off[0] / 32)), acc);
-    return _mm512_fmadd_ps(m1, _mm512_set1_ps(e * static_cast<float>(-off[1] / 32)), acc);
+    acc = _mm512_fmadd_ps(_mm512_load_ps(dm[2]), _mm512_set1_ps(off->hs[0]), acc);
+    return _mm512_fmadd_ps(_mm512_load_ps(dm[3]), _mm512_set1_ps(off->hs[1]), acc);
   }
-  __m512 row(const int8_t* ar, float e, float, const int32_t* off, __m512 acc) const {
+  __m512 row(const int8_t* ar, float e, float, const HalfSums* off, __m512 acc) const {
     __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
     for (int g = 0; g < 4; ++g) {
       s0 = _mm512_dpbusd_epi32(s0, u[g], bcast512(ar + 4 * g));
@@ -1735,14 +1747,14 @@ using BlockOf = std::conditional_t<
 // per group of rows). s is used by Q4 and Q5 only, off by Q6, Q3 and IQ4 only.
 template <Mode M, int MR>
 void tile_avx512(const uint8_t* tile, int64_t kb, const ActRows& act, const float* e, const float* s,
-                 const int32_t* off, float (*out)[NR]) {
+                 const HalfSums* off, float (*out)[NR]) {
   __m512 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
     prefetch_ahead<M>(tile, b);
     const BlockOf<M> blk(tile, kb, b, std::false_type{});
     for (int r = 0; r < MR; ++r)
-      acc[r] = blk.row(act.block(r, b), e[r * kb + b], has_min(M) ? s[r * kb + b] : 0.f, off + 2 * (r * kb + b),
+      acc[r] = blk.row(act.block(r, b), e[r * kb + b], has_min(M) ? s[r * kb + b] : 0.f, off + r * kb + b,
                        acc[r]);
   }
   for (int r = 0; r < MR; ++r) _mm512_storeu_ps(out[r], acc[r]);
@@ -1758,7 +1770,7 @@ void tile_avx512(const uint8_t* tile, int64_t kb, const ActRows& act, const floa
 // of the other paths (the same Block::row), so are the bits.
 template <Mode M>
 void tile_rows_avx512(const uint8_t* tile, int64_t kb, const int8_t* a, int64_t k, int64_t rows, const float* e,
-                      const float* s, const int32_t* off, __m512* acc) {
+                      const float* s, const HalfSums* off, __m512* acc) {
   for (int64_t r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
     prefetch_ahead<M>(tile, b);
@@ -1768,9 +1780,9 @@ void tile_rows_avx512(const uint8_t* tile, int64_t kb, const int8_t* a, int64_t 
     // rows, q6/q8 level). e, s and off are allocated for every form; each reads its own.
     const int8_t* ar = a + b * QK;
     const float *er = e + b, *sr = s + b;
-    const int32_t* offr = off + 2 * b;
+    const HalfSums* offr = off + b;
     for (__m512 *acc_r = acc, *acc_end = acc + rows; acc_r != acc_end;
-         ++acc_r, ar += k, er += kb, sr += kb, offr += 2 * kb)
+         ++acc_r, ar += k, er += kb, sr += kb, offr += kb)
       *acc_r = blk.row(ar, *er, has_min(M) ? *sr : 0.f, offr, *acc_r);
   }
 }
@@ -1783,7 +1795,7 @@ void tile_rows_avx512(const uint8_t* tile, int64_t kb, const int8_t* a, int64_t 
 // Block::row (each Block's finish), so the bits are.
 template <Mode M>
 void tile_pair_rows_avx512(const uint8_t* tile0, const uint8_t* tile1, int64_t kb, const int8_t* a, int64_t k,
-                           int64_t rows, const float* e, const float* s, const int32_t* off, __m512* acc0,
+                           int64_t rows, const float* e, const float* s, const HalfSums* off, __m512* acc0,
                            __m512* acc1) {
   for (int64_t r = 0; r < rows; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
@@ -1791,7 +1803,7 @@ void tile_pair_rows_avx512(const uint8_t* tile0, const uint8_t* tile1, int64_t k
     prefetch_ahead<M>(tile1, b);
     const BlockOf<M> x(tile0, kb, b, std::true_type{});
     const BlockOf<M> y(tile1, kb, b, std::true_type{});
-    RowsAt at{a + b * QK, e + b, s + b, off + 2 * b, k, kb};
+    RowsAt at{a + b * QK, e + b, s + b, off + b, k, kb};
     int64_t r = 0;
     for (; r + 2 <= rows; r += 2, at.step(2)) BlockOf<M>::template rows2<2>(x, y, at, acc0 + r, acc1 + r);
     if (r < rows) BlockOf<M>::template rows2<1>(x, y, at, acc0 + r, acc1 + r);
@@ -1803,7 +1815,7 @@ void tile_pair_rows_avx512(const uint8_t* tile0, const uint8_t* tile1, int64_t k
 // kernels skip a half of padding.
 template <int MR>
 void tile_simd(Mode mode, const uint8_t* tile, int64_t kb, int64_t ncols, const ActRows& act, const float* e,
-               const float* s, const int32_t* off, float (*out)[NR]) {
+               const float* s, const HalfSums* off, float (*out)[NR]) {
 #ifdef TM_VNNI512
   (void)ncols;
   with_mode(mode, [&](auto m) { tile_avx512<decltype(m)::value, MR>(tile, kb, act, e, s, off, out); });
@@ -1859,14 +1871,16 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
   if (m == 0) return y.to(out_dtype);
 
   const int64_t kb = k / QK, ntiles = (n + NR - 1) / NR, tbytes = tile_bytes(mode, kb);
-  // One buffer for a, e, s: allocated per call (M*K bytes; tiny next to the weights).
-  auto qbuf = torch::empty({m * k + 4 * m * kb * 4}, torch::kUInt8);
+  // One buffer for a, e, s and the half sums: allocated per call (M*K bytes and 24 a block;
+  // tiny next to the weights).
+  auto qbuf = torch::empty({m * k + 4 + m * kb * static_cast<int64_t>(2 * sizeof(float) + sizeof(HalfSums))},
+                           torch::kUInt8);
   QAct q;
   q.a = reinterpret_cast<int8_t*>(qbuf.data_ptr<uint8_t>());
   q.e = reinterpret_cast<float*>(qbuf.data_ptr<uint8_t>() + m * k + (4 - (m * k) % 4) % 4);
   q.s = q.e + m * kb;
-  q.off = reinterpret_cast<int32_t*>(q.s + m * kb);
-  TORCH_CHECK(reinterpret_cast<uint8_t*>(q.off + 2 * m * kb) <= qbuf.data_ptr<uint8_t>() + qbuf.numel());
+  q.off = reinterpret_cast<HalfSums*>(q.s + m * kb);
+  TORCH_CHECK(reinterpret_cast<uint8_t*>(q.off + m * kb) <= qbuf.data_ptr<uint8_t>() + qbuf.numel());
   bool simd = false;
 #ifdef TM_AVX2
   simd = impl == 0;
@@ -1937,10 +1951,10 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
               constexpr Mode F = decltype(form)::value;
               if (pair)
                 tile_pair_rows_avx512<F>(pp + t * tbytes, pp + (t + 1) * tbytes, kb, q.a + r0 * k, k, rows,
-                                         q.e + r0 * kb, q.s + r0 * kb, q.off + 2 * r0 * kb, acc[0], acc[1]);
+                                         q.e + r0 * kb, q.s + r0 * kb, q.off + r0 * kb, acc[0], acc[1]);
               else
                 tile_rows_avx512<F>(pp + t * tbytes, kb, q.a + r0 * k, k, rows, q.e + r0 * kb, q.s + r0 * kb,
-                                    q.off + 2 * r0 * kb, acc[0]);
+                                    q.off + r0 * kb, acc[0]);
             });
             for (int64_t u = t; u < std::min(t + 2, t1); ++u) {
               const int64_t ncols = std::min<int64_t>(NR, n - u * NR);
@@ -1968,7 +1982,7 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
             if (simd) {
               const ActRows act = ActRows::at(q, xbuf, m0, c0, k, kb);
               const float *e = q.e + m0 * kb, *s = q.s + m0 * kb;
-              const int32_t* off = q.off + 2 * m0 * kb;
+              const HalfSums* off = q.off + m0 * kb;
               switch (mr) {
                 case 1: tile_simd<1>(mode, tile, kb, ncols, act, e, s, off, out); break;
                 case 2: tile_simd<2>(mode, tile, kb, ncols, act, e, s, off, out); break;
@@ -2013,8 +2027,8 @@ std::vector<torch::Tensor> quantize_act(const torch::Tensor& x_in, int64_t impl)
   const int64_t m = x.size(0), k = x.size(1), kb = k / QK;
   auto a = torch::empty({m, k}, torch::kInt8);
   auto e = torch::empty({m, kb}, torch::kFloat), s = torch::empty({m, kb}, torch::kFloat);
-  auto off = torch::empty({m, kb, 2}, torch::kInt);
-  QAct q{a.data_ptr<int8_t>(), e.data_ptr<float>(), s.data_ptr<float>(), off.data_ptr<int32_t>()};
+  auto off = torch::empty({m * kb * static_cast<int64_t>(sizeof(HalfSums))}, torch::kUInt8);
+  QAct q{a.data_ptr<int8_t>(), e.data_ptr<float>(), s.data_ptr<float>(), reinterpret_cast<HalfSums*>(off.data_ptr<uint8_t>())};
   bool simd = false;
 #ifdef TM_AVX2
   simd = impl == 0;
