@@ -1329,6 +1329,11 @@ void q6_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, co
     const uint16_t* sc = scales_of(tile, M, kb, b) + NH * h;
     const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
     const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
+    __m256 m0 = _mm256_setzero_ps(), m1 = m0;  // Q2's mins
+    if constexpr (M == Mode::Q2) {
+      m0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 2 * NR)));
+      m1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 3 * NR)));
+    }
     for (int r = 0; r < MR; ++r) {
       __m256i dots[2];
       const HalfSums* ro = off + r * kb + b;
@@ -1337,8 +1342,6 @@ void q6_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, co
       const float er = e[r * kb + b];
       acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(er), acc[r]);
       if constexpr (M == Mode::Q2) {
-        const __m256 m0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 2 * NR)));
-        const __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 3 * NR)));
         acc[r] = _mm256_fmadd_ps(m0, _mm256_set1_ps(ro->hs[0]), acc[r]);
         acc[r] = _mm256_fmadd_ps(m1, _mm256_set1_ps(ro->hs[1]), acc[r]);
       }
