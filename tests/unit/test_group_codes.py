@@ -188,6 +188,17 @@ def test_c_packing_refuses_what_halves_cannot_hold_and_types_it_does_not_decode(
         _c_packed(4, [(blocks_for(T.Q6_K), T.Q6_K)])
 
 
+def _assert_runs_as(op, packed: torch.Tensor, w: torch.Tensor, seed: int) -> None:
+    """op (a form's linear) on `packed` against F.linear on the weights w it stands for,
+    within the activations' rounding (the kernels' only approximation); SIMD = scalar."""
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(seed))
+    y = op(x, packed, N)
+    assert torch.equal(y, op(x, packed, N, None, 1))  # SIMD = scalar, bit for bit
+    e = x.view(5, -1, 32).abs().amax(-1) / 127
+    bound = (e.double() / 2) @ w.double().abs().view(N, -1, 32).sum(-1).T + 1e-4
+    assert ((y.double() - x.double() @ w.double().T).abs() <= bound).all()
+
+
 def _six_bit_weights(raw: np.ndarray, qtype: T) -> tuple[torch.Tensor, torch.Tensor]:
     """The weights the 6-bit form packed from the file stands for, and its scales (N, K/16)."""
     codes, d = load("quant").q6_unpack(_c_packed(6, [(raw, qtype)]), N, K)
@@ -275,13 +286,7 @@ def test_c_five_and_six_bit_forms_run_as_their_weights(qtype, bits):
     ext = load("quant")
     packed = _c_packed(bits, [(_raw(qtype), qtype)])
     w = _five_bit_weights(_raw(qtype), qtype) if bits == 5 else _six_bit_weights(_raw(qtype), qtype)[0]
-    op = getattr(ext, f"q{bits}_linear")
-    x = torch.randn(5, K, generator=torch.Generator().manual_seed(4))
-    y = op(x, packed, N)
-    assert torch.equal(y, op(x, packed, N, None, 1))  # SIMD = scalar, bit for bit
-    e = x.view(5, -1, 32).abs().amax(-1) / 127
-    bound = (e.double() / 2) @ w.double().abs().view(N, -1, 32).sum(-1).T + 1e-4
-    assert ((y.double() - x.double() @ w.double().T).abs() <= bound).all()
+    _assert_runs_as(getattr(ext, f"q{bits}_linear"), packed, w, 4)
 
 
 @pytest.mark.parametrize("qtype", C_TYPES + IQ_TYPES, ids=lambda t: t.name)
@@ -402,13 +407,7 @@ def test_c_iq_forms_run_as_their_weights(qtype, form):
     ext = load("quant")
     packed = _c_packed(form, [(_raw(qtype), qtype)])
     w, _ = _form_weights(form, packed)
-    op = getattr(ext, f"{form}_linear")
-    x = torch.randn(5, K, generator=torch.Generator().manual_seed(6))
-    y = op(x, packed, N)
-    assert torch.equal(y, op(x, packed, N, None, 1))  # SIMD = scalar, bit for bit
-    e = x.view(5, -1, 32).abs().amax(-1) / 127
-    bound = (e.double() / 2) @ w.double().abs().view(N, -1, 32).sum(-1).T + 1e-4
-    assert ((y.double() - x.double() @ w.double().T).abs() <= bound).all()
+    _assert_runs_as(getattr(ext, f"{form}_linear"), packed, w, 6)
 
 
 def test_c_iq_forms_stack_beside_the_k_quants_of_their_width():
@@ -460,12 +459,7 @@ def test_c_two_bit_form_keeps_q2_ks_codes_and_rounds_only_its_scales_and_mins_to
     step = (d.abs() * 3 + m.abs()).repeat_interleave(16, dim=1)
     assert ((w - expected).abs() <= step * 2.0**-10).all()
     assert not torch.equal(w, expected)
-    x = torch.randn(5, K, generator=torch.Generator().manual_seed(7))
-    y = ext.q2_linear(x, packed, N)
-    assert torch.equal(y, ext.q2_linear(x, packed, N, None, 1))  # SIMD = scalar, bit for bit
-    e = x.view(5, -1, 32).abs().amax(-1) / 127
-    bound = (e.double() / 2) @ w.double().abs().view(N, -1, 32).sum(-1).T + 1e-4
-    assert ((y.double() - x.double() @ w.double().T).abs() <= bound).all()
+    _assert_runs_as(ext.q2_linear, packed, w, 7)
     with pytest.raises(RuntimeError, match="no 2-bit form"):
         _c_packed(2, [(_raw(T.Q3_K), T.Q3_K)])
     big = _raw(T.Q2_K)
