@@ -372,9 +372,8 @@ def _form_weights(form: str, packed: torch.Tensor) -> tuple[torch.Tensor, torch.
     return (codes.float().view(N, -1, 32) * d[..., None]).view(N, K), codes.int()
 
 
-# type, form, the codes it must hold, and how far a weight may move: the scale (and min)
-# rounded to a half, 2^-11 of each, against the codes' largest value (2^-10 leaves room for
-# the reference's own float32 rounding)
+# type, form, the codes it must hold (every one of them reached by random blocks, or all but
+# one), and the largest magnitude a code stands for
 IQ_FORMS = [
     (T.IQ3_S, "q4", set(range(16)), 15),  # odd -15..15 as (v + 15) / 2: d = 2 s, m = -15 s
     (T.IQ1_S, "q4", {0, 1, 2}, 2.2),  # -1..1 as v + 1: d = s, m = s (delta - 1)
@@ -394,9 +393,13 @@ IQ_FORMS = [
 def test_c_iq_forms_keep_the_files_codes_and_round_only_the_scales_to_half(qtype, form, codes, top):
     raw = _raw(qtype)
     w, got_codes = _form_weights(form, _c_packed(form, [(raw, qtype)]))
-    assert set(torch.unique(got_codes).tolist()) <= codes
-    assert len(set(torch.unique(got_codes).tolist())) >= len(codes) - 1  # random blocks reach (nearly) all
+    got = set(torch.unique(got_codes).tolist())
+    assert got <= codes and len(got) >= len(codes) - 1  # random blocks reach (nearly) all
+    assert max(abs(c) for c in got) <= top
     expected = torch.from_numpy(dequantize(raw, qtype).reshape(N, K))
+    # the scale (and min) rounded to a half, 2^-11 of each, against the group's largest
+    # weight (2^-10 leaves room for the reference's own float32 rounding; q4's min, -15 s, on
+    # top of its d: twice that)
     scale = expected.view(N, -1, 32).abs().amax(-1, keepdim=True).expand(N, K // 32, 32).reshape(N, K)
     assert ((w - expected).abs() <= scale * 2.0**-10 * (2 if form == "q4" else 1) + 1e-30).all()
     assert (w != expected).any()  # the rounding is real: the check above is not vacuous
@@ -452,7 +455,7 @@ def test_c_two_bit_form_keeps_q2_ks_codes_and_rounds_only_its_scales_and_mins_to
     packed = _c_packed(2, [(raw, T.Q2_K)])
     assert packed.numel() * 17 == ext.packed_bytes("q8", N, K) * 8  # 4 bits a weight against 8.5
     codes, d, m = ext.q2_unpack(packed, N, K)
-    assert int(codes.max()) <= 3 and d.shape == m.shape == (N, K // 16)
+    assert set(torch.unique(codes).tolist()) == {0, 1, 2, 3} and d.shape == m.shape == (N, K // 16)
     w = (codes.float().view(N, -1, 16) * d[..., None] + m[..., None]).view(N, K)
     expected = torch.from_numpy(dequantize(raw, T.Q2_K).reshape(N, K))
     # d * sc and dmin * mn each rounded to a half (2^-11 relative), as Q4_K's in the 4-bit form

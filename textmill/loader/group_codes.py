@@ -47,7 +47,7 @@ scale and min per 16 weights, each rounded to a half as Q4_K's, 4 bits a weight;
 beside an 8-bit part, it is rounded to 8 bits as the "others" are.)
 
 Only the C++ converter (kernels/csrc/gguf_blocks.h, QLinear.from_file) writes the 2-, 3-, 5-
-and 6-bit forms and the IQ2 form; the converters here give those types 8-bit codes, the path of a tensor whose
+and 6-bit forms and the IQ2 form (and the 4-bit form of IQ3_S and IQ1_S); the converters here give those types 8-bit codes, the path of a tensor whose
 scales do not fit a half (and of such a part fused with an 8-bit one).
 
 Q4_K's sub-block scale d * sc (a half times a 6-bit integer) is rounded to a half: a

@@ -93,7 +93,7 @@ class _Maker:
         if all(r is not None for r in refs):
             forms = {r.form for r in refs}
             # A Q4_K_M file's Q4_K q/k beside a Q6_K v, a Q5_K_M file's Q5_K q/k beside a Q6_K v:
-            if len(forms) > 1 and (forms & {"q2", "q4", "iq4", "iq2"} or "q8" not in forms):
+            if len(forms) > 1 and (forms & {"q2", "q3", "q4", "iq4", "iq2"} or "q8" not in forms):
                 return SideBySide([self.fused(run) if len(run) > 1 else self.one(run[0])
                                    for run in _runs_of_equal_width(parts, refs)])
             # 5/6-bit parts beside an 8-bit one (Gemma 3's Q5_0 q/k and Q8_0 v) go in 8 bits,
@@ -147,4 +147,4 @@ def install_file_weights(model: nn.Module, codes: Mapping[str, CodesRef], rows: 
     count = swap_linears(model, maker.one)
     release_file_pages([r.raw for r in codes.values()] + [rows.raw])
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(maker.widths.items()))
-    return f"the file's own blocks as 3- to 8-bit codes ({kinds}); {fused} attention/MLP modules fused, {count} more linears"
+    return f"the file's own blocks as 2- to 8-bit codes ({kinds}); {fused} attention/MLP modules fused, {count} more linears"

@@ -17,7 +17,7 @@ in the cache, not its output, so o_proj and the MLP skip them (about 0.85 of a l
 multiply-adds, 3-5% of a prefill step at 16-30 layers). Rows are independent in the
 quantized kernels, so there the kept rows are bitwise the full pass's; float32 weights go
 through MKL, whose sums depend on the row count (within rounding). The linears are whatever
-the runner installed (nn.Linear, or runner/qlinear.py's 3- to 8-bit kernels), so this
+the runner installed (nn.Linear, or runner/qlinear.py's 2- to 8-bit kernels), so this
 module owns only the order of the calls.
 Built only for exact llama.LlamaForCausalLM / qwen2 / qwen3 instances whose layers
 runner/fused.py has fused; anything else keeps the model's own forward. Qwen3's QK norm

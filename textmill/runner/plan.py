@@ -9,9 +9,9 @@ decides. The rules, in order:
 1. device: `auto` is CUDA when torch sees one, else the CPU.
 2. kernels: asked for (not `--no-kernels`), on the CPU, and built for this CPU.
 3. weights: a quantized GGUF on the kernels, with `--quantization auto`, runs the file's own
-   blocks as 3- to 8-bit group codes ("file-codes"); `int4`/`int8` requantize float weights;
+   blocks as 2- to 8-bit group codes ("file-codes"); `int4`/`int8` requantize float weights;
    everything else keeps float weights.
-4. dtype: `auto` is float32 when the kernels run 3- to 8-bit weights (they take float32
+4. dtype: `auto` is float32 when the kernels run 2- to 8-bit weights (they take float32
    activations and beat oneDNN's bf16 at every batch size measured: docs/performance.md),
    else bfloat16 where the CPU (AVX512-BF16/AMX) or GPU has it natively, else float32.
    The kernels run only float32: another dtype gives the eager path.
@@ -60,7 +60,7 @@ class ExecutionPlan:
         return self.weights if self.weights in ("int4", "int8") else "none"
 
     def describe(self) -> str:
-        what = {"file-codes": "the file's own blocks as 3- to 8-bit codes", "float": f"{self.dtype} weights",
+        what = {"file-codes": "the file's own blocks as 2- to 8-bit codes", "float": f"{self.dtype} weights",
                 "int4": "int4 (requantized)", "int8": "int8 (requantized)"}[self.weights]
         engine = "textmill's C++ kernels" if self.kernels else "eager torch"
         graphs = ", decode as CUDA graphs" if self.cuda_graphs else ""

@@ -2,12 +2,13 @@
 
 QLinear holds only packed weights, in groups of 32 along the input dimension:
 * "q4": codes 0..15 with a scale and a min per group, w = d*q + m: GGUF's Q4_1, so the
-  Q4_1 layers of a GGUF checkpoint requantize to exactly the weights it stores.
+  Q4_1 layers of a GGUF checkpoint requantize to exactly the weights it stores (and Q4_0,
+  Q4_K, IQ3_S and IQ1_S map onto it).
 * "q8": codes -127..127 with one scale per group, w = d*q: GGUF's Q8_0.
 * "q5": codes 0..31 with a scale and a min per group, w = d*q + m: GGUF's Q5_1 (Q5_0
   and Q5_K map onto it); 6 bits a weight where q8 takes 8.5.
 * "q6": codes 0..63 with one scale per 16 weights, w = d_h*(q - 32): GGUF's Q6_K (and
-  Q3_K, its codes -4..3 held as 28..35); 7 bits.
+  Q3_K, its codes -4..3 held as 28..35; IQ3_XXS and IQ1_M); 7 bits.
 * "q3": codes 0..7 with one scale per 16 weights, w = d_h*(q - 4): GGUF's Q3_K; 4 bits,
   computed as q6 on q + 28.
 * "q2": codes 0..3 with a scale and a min per 16 weights, w = d_h*q + m_h: GGUF's Q2_K;
@@ -116,7 +117,7 @@ class QLinear(nn.Module):
         """GGUF tensors of one form (CodesRef.form), stacked along N, packed straight from the
         mapped file by the C++ converter, in one pass with no intermediate codes: for the
         types group_codes converts itself, in the q4 and q8 forms the bytes from_codes would
-        pack. Form q8 also takes the q3, q5, q6 and iq4 types (their 8-bit codes). Raises OutOfHalfRange when a scale does not
+        pack. Form q8 also takes the q2, q3, q5, q6, iq4 and iq2 types (their 8-bit codes). Raises OutOfHalfRange when a scale does not
         fit a half; the caller then takes from_codes' path, which rounds such a tensor to 8 bits."""
         ext = _ext()
         if ext is None:

@@ -122,7 +122,7 @@ def install_linears(model: nn.Module, vocab_size: int, device: torch.device, dty
     """Swap the model's nn.Linear layers for the fastest kernels the device has.
 
     Returns a one-line summary for the log. float32 on the CPU with textmill's C++ kernels
-    (kernels=True): fused nn.Linear layers, or runner/qlinear.py's 3- to 8-bit kernels under
+    (kernels=True): fused nn.Linear layers, or runner/qlinear.py's 2- to 8-bit kernels under
     int4/int8. float32 without them keeps nn.Linear (the reference path). bfloat16: oneDNN
     packed layers, or torch's int kernels under int4/int8.
     """

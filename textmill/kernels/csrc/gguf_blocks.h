@@ -1,9 +1,11 @@
 // GGUF block decoding, one group of 32 weights at a time, for packing a file's tensors
 // straight into the kernels' layout (quant.cpp pack_gguf). It is the C++ twin of
 // loader/group_codes.py + loader/dequant.py and must give the same bytes: the Python
-// converters stay as the reference (tests compare the two; for the 1- to 3-bit IQ types the
-// reference is gguf-py's dequantizer, whose values these give bit for bit). Layouts follow
-// ggml's block_* structs: scales are little-endian f16, nibbles low half first.
+// converters stay as the reference (tests compare the two). For the 1- to 3-bit IQ types the
+// reference is the values of gguf-py's dequantizer (dequant.py's own for IQ1_M), which these
+// give bit for bit: their codes here are the file's, where the Python path rounds them to 8
+// bits. Layouts follow ggml's block_* structs: scales are little-endian f16, nibbles low
+// half first.
 //
 // Why here and not numpy: numpy converts a tensor in several whole-tensor passes with
 // temporaries (a 1B Q4_K_M file took ~12 s to load on 2 cores, two thirds of it in
@@ -81,7 +83,8 @@ inline GridShape grid_shape(int64_t type) {
 }
 
 // The grid values each type's decoding below relies on (the codes it derives must fit the
-// kernels' forms): IQ2's 8/25/43, IQ3_XXS's even 4..62, IQ3_S's odd 1..15, IQ1's -1/0/1.
+// kernels' forms): IQ2's 8/25/43, IQ3_XXS's even 2..62 (its grid: 4..62), IQ3_S's odd
+// 1..15, IQ1's -1/0/1.
 inline bool grid_value_ok(int64_t type, int v) {
   switch (type) {
     case IQ2_XXS: case IQ2_XS: case IQ2_S: return v == 8 || v == 25 || v == 43;

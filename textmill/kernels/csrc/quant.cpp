@@ -69,11 +69,13 @@
 // Activations, per row and block of 32: int8 codes a, scale e = max|x|/127, and (for Q4's
 // min term) s = e * sum(a):  sum_i (d q_i + m)(e a_i) = (d e) sum(q_i a_i) + m s.
 // Q6's offset is integer: per half h, sum_i (q_i - 32) a_i = sum_i q_i a_i + off_h with
-// off_h = -32 sum_h(a), computed once per activation block.
+// off_h = -32 sum_h(a), computed once per activation block, beside hs_h = e * sum_h(a)
+// (Q2's min per half: sum_i (d_h q_i + m_h)(e a_i) = d_h e sum(q_i a_i) + m_h hs_h).
 //
 // Every path computes, per output (row, column), the same float32 operations in the same
 // order: acc = fma(float(isum_b), d_b * e_b, acc) [Q4: acc = fma(m_b, s_b, acc)] over the
-// blocks b (Q6: the same per half, first then second), then acc + bias. Integer block sums are exact, so the scalar and SIMD paths
+// blocks b (Q6: t = fma(isum_0, d_0, isum_1 * d_1), acc = fma(t, e_b, acc) [Q2: then
+// fma(m_0, hs_0, acc), fma(m_1, hs_1, acc)]), then acc + bias. Integer block sums are exact, so the scalar and SIMD paths
 // agree bit for bit (the tests check it); only MKL's float32 reference differs.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -287,9 +289,10 @@ inline int six_bit_code(const uint8_t* block_codes, int64_t r, int64_t j) {
 }
 
 // Where a tile-block lives inside its tile. The blocks go in pairs, each pair's codes (2 x
-// 256, 320, 384, 512, 256 or 192 bytes for Q4, Q5, Q6, Q8, IQ4, Q3) followed by the pair's
-// scales (2 x 64, or 32 for Q8 and IQ4): a pass over a tile is then one sequential stream of
-// whole cache lines (a pair is 640, 768, 896, 1088, 576 or 512 bytes). The
+// 256, 320, 384, 512, 256, 192, 128 or 256 bytes for Q4, Q5, Q6, Q8, IQ4, Q3, Q2, IQ2)
+// followed by the pair's scales (2 x 64; 32 for Q8 and IQ4, 128 for Q2): a pass over a tile
+// is then one sequential stream of whole cache lines (a pair is 640, 768, 896, 1088, 576,
+// 512, 512 or 640 bytes). The
 // layout before put every block's scales after all the codes, two streams, which Zen 4's
 // hardware prefetcher served at half the rate of one (one thread, weights from memory:
 // 9.4-11.8 against 18-20 GB/s for Gemma 3's K = 640), and software prefetch did not help.
@@ -630,20 +633,10 @@ torch::Tensor q8_pack_codes(const torch::Tensor& codes, const torch::Tensor& d) 
   });
 }
 
-// Packing straight from a GGUF file's mapped bytes (gguf_blocks.h decodes each group):
-// the parts are stacked along N in order (q, k, v -> qkv), each part's output row i taken
-// from its source row order[i] (llama.cpp's q/k permutation undone) or row i when order is
-// empty. One pass, parallel over tiles, no intermediate codes tensor. Form "q4" takes only
-// Q4_0/Q4_1/Q4_K/IQ3_S/IQ1_S parts, "q5" only Q5_0/Q5_1/Q5_K, "q6" only Q6_K/Q3_K/IQ3_XXS/IQ1_M, "q3"
-// only Q3_K, "q2" only Q2_K, "iq4" only IQ4_NL/IQ4_XS, "iq2" only IQ2_XXS/IQ2_XS/IQ2_S; "q8" takes every type
-// gguf_blocks.h decodes. grids:
-// per part, the IQ types' grid (gguf::grid_shape, int8), an empty tensor for the others
-// (or no list at all when no part needs one).
-// Raises with "half range" in the message when a scale or min does not fit a half, so
-// that the caller can fall back to its own (8-bit) handling of such a tensor.
-// An IQ type's grid, checked against its shape and the values gguf_blocks.h's decoding relies
-// on (indices into it are in range by construction); nullptr for a type that has none.
-const int8_t* checked_grid(int64_t type, const torch::Tensor* grid) {
+// An IQ type's grid, checked against its shape (indices into it are then in range by
+// construction) and, for packing, against the values gguf_blocks.h's forms rely on (the
+// float decoding of an embedding lookup takes any); nullptr for a type that has none.
+const int8_t* checked_grid(int64_t type, const torch::Tensor* grid, bool check_values = true) {
   const gguf::GridShape shape = gguf::grid_shape(type);
   if (shape.rows == 0) return nullptr;
   TORCH_CHECK(grid != nullptr && grid->numel() > 0, "GGUF type ", type, " needs its grid");
@@ -651,7 +644,7 @@ const int8_t* checked_grid(int64_t type, const torch::Tensor* grid) {
                   grid->size(0) == shape.rows && grid->size(1) == shape.width,
               "GGUF type ", type, "'s grid: contiguous int8 (", shape.rows, ", ", shape.width, ")");
   const int8_t* g = grid->data_ptr<int8_t>();
-  for (int64_t i = 0; i < grid->numel(); ++i)
+  for (int64_t i = 0; check_values && i < grid->numel(); ++i)
     TORCH_CHECK(gguf::grid_value_ok(type, g[i]), "GGUF type ", type, "'s grid holds ", int(g[i]));
   return g;
 }
@@ -698,6 +691,17 @@ const char* form_title(Mode mode) {
   return "?";
 }
 
+// Packing straight from a GGUF file's mapped bytes (gguf_blocks.h decodes each group):
+// the parts are stacked along N in order (q, k, v -> qkv), each part's output row i taken
+// from its source row order[i] (llama.cpp's q/k permutation undone) or row i when order is
+// empty. One pass, parallel over tiles, no intermediate codes tensor. Form "q4" takes only
+// Q4_0/Q4_1/Q4_K/IQ3_S/IQ1_S parts, "q5" only Q5_0/Q5_1/Q5_K, "q6" only
+// Q6_K/Q3_K/IQ3_XXS/IQ1_M, "q3" only Q3_K, "q2" only Q2_K, "iq4" only IQ4_NL/IQ4_XS, "iq2"
+// only IQ2_XXS/IQ2_XS/IQ2_S (form_takes); "q8" takes every type gguf_blocks.h decodes.
+// grids: per part, the IQ types' grid (gguf::grid_shape, int8), an empty tensor for the
+// others (or no list at all when no part needs one).
+// Raises with "half range" in the message when a scale or min does not fit a half, so
+// that the caller can fall back to its own (8-bit) handling of such a tensor.
 torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor>& raws,
                         const std::vector<int64_t>& types, const std::vector<torch::Tensor>& orders, int64_t k,
                         const std::vector<torch::Tensor>& grids) {
@@ -739,7 +743,7 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
   const int64_t n = static_cast<int64_t>(row_ptr.size()), kb = k / QK;
   std::atomic<bool> in_range{true};
   torch::Tensor out;
-  // The 3-, 4-, 5- and 6-bit forms: codes and two halves a row (d and m, or d0 and d1).
+  // The 3-, 4-, 5- and 6-bit forms and IQ2: codes and two halves a row (d and m, or d0 and d1).
   auto two_scales = [&](auto form, auto decode) {  // form: std::integral_constant<Mode, M>
     constexpr Mode M = decltype(form)::value;
     return pack_by_block(M, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
@@ -797,7 +801,7 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
 torch::Tensor gguf_rows(const torch::Tensor& raw, int64_t type, const torch::Tensor& ids, int64_t k,
                         const std::optional<torch::Tensor>& grid) {
   const gguf::Layout lay = gguf::layout(type);
-  const int8_t* g = checked_grid(type, grid.has_value() ? &*grid : nullptr);
+  const int8_t* g = checked_grid(type, grid.has_value() ? &*grid : nullptr, false);
   TORCH_CHECK(lay.block_values > 0, "GGUF type ", type, " is not decoded here");
   TORCH_CHECK(k > 0 && k % QK == 0 && k % lay.block_values == 0, "bad row width ", k);
   TORCH_CHECK(raw.scalar_type() == torch::kUInt8 && raw.dim() == 1 && raw.is_contiguous(), "raw: 1-D uint8");
@@ -820,7 +824,7 @@ torch::Tensor gguf_rows(const torch::Tensor& raw, int64_t type, const torch::Ten
 // ---------------------------------------------------------------------------------------
 // Activation quantization: per row and block, e = max|x| / 127, a = round-half-even(x / e)
 // computed as x * (1 / e), s = e * sum(a), off = -32 * (sum of a's first 16, of its last
-// 16). Same float operations in both paths.
+// 16), hs = e * each of those sums. Same float operations in both paths.
 
 // Per row and block, what the forms with a scale per half (16 weights) need of the
 // activations' sum over each half: Q6's integer offset, and the float e x sum (Q2's mins).
@@ -1198,7 +1202,7 @@ inline void prefetch_l2(const void* p, int lines) {
 }
 template <Mode M>
 inline void prefetch_ahead(const uint8_t* tile, int64_t b) {
-  constexpr int64_t share = pair_bytes(M) / 2;  // 320 (Q4), 384 (Q5), 448 (Q6), 544 (Q8), 288 (IQ4) or 256 (Q3) bytes
+  constexpr int64_t share = pair_bytes(M) / 2;  // 320 (Q4, IQ2), 384 (Q5), 448 (Q6), 544 (Q8), 288 (IQ4), 256 (Q3, Q2)
   constexpr int lines = static_cast<int>((share + 63) / 64);
   const uint8_t* at = tile + b * share;
   prefetch_l2(at + PREFETCH_FAR_BYTES, lines);
@@ -1283,7 +1287,7 @@ inline __m256i q3_top256(__m256i v, int g) {
   return g < 2 ? _mm256_slli_epi16(v, 2 - g) : g == 2 ? v : _mm256_srli_epi16(v, g - 2);
 }
 
-// off: the rows' Q6 offsets (row r, block b at off + 2 * (r * kb + b)). M: Q6, Q3 run as
+// off: the rows' half sums (row r, block b at off + r * kb + b). M: Q6, Q3 run as
 // Q6 on its codes + 28, IQ2 on its values + 64 looked up from its nibbles, or Q2 on its
 // codes (from zero) plus its mins.
 template <Mode M, int MR>
@@ -1369,7 +1373,7 @@ inline __m512i bcast512(const int8_t* p) {
 }
 
 // R consecutive activation rows of a block-major pass at one block: row i's codes at
-// a + i * k, its block scale e[i * kb], scale * sum s[i * kb] (Q4, Q5), offsets off + 2 * i * kb.
+// a + i * k, its block scale e[i * kb], scale * sum s[i * kb] (Q4, Q5), half sums off + i * kb.
 // The tile-pair loop takes two rows at a time: their multiply-adds interleaved in program
 // order (a row's four dependency chains of 4 dpbusd, 20 cycles, then its float steps)
 // keep the scheduler fed where one row after the other filled it with waiting operations
@@ -1530,8 +1534,9 @@ struct Q8Block {
 
 // The rows of a block held as u8 codes of k-groups 0..7 whose two sums per row (one per half
 // of the block, k-groups 0..3 and 4..7) start from the activations' offset for that half
-// (-32 x its sum) times Scale: Q6Block (codes standing for code - 32: Scale 1) and IQ4Block
-// (table values + 128: Scale 4). Block supplies finish(s0, s1, e, acc).
+// (-32 x its sum) times Scale: Q6Block (codes standing for code - 32: Scale 1), IQ2Block
+// (values + 64: Scale 2) and IQ4Block (table values + 128: Scale 4). Block supplies
+// finish(s0, s1, e, acc).
 template <typename Block, int Scale>
 struct OffsetRows {
   __m512i u[8];
@@ -1747,7 +1752,7 @@ using BlockOf = std::conditional_t<
                                                                                     std::conditional_t<M == Mode::Q2, Q2Block, IQ4Block>>>>>>>;
 
 // A whole tile against MR activation rows (the row-group order: one pass over the tile
-// per group of rows). s is used by Q4 and Q5 only, off by Q6, Q3 and IQ4 only.
+// per group of rows). s is used by Q4 and Q5 only, off by Q6, Q3, Q2, IQ4 and IQ2 only.
 template <Mode M, int MR>
 void tile_avx512(const uint8_t* tile, int64_t kb, const ActRows& act, const float* e, const float* s,
                  const HalfSums* off, float (*out)[NR]) {
