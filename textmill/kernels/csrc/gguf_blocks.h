@@ -316,8 +316,7 @@ inline bool two_bit(int64_t type) { return type == Q2_K; }
 // and the min -dmin * (scales[i] >> 4) as half bits (w = d_h q + m_h), each rounded to a
 // half as Q4_K's are. Value 128h + 32j + l is bits 2j..2j+1 of qs[32h + l]. False when one
 // does not fit a half.
-inline bool decode2(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d, uint16_t* m) {
-  (void)type;  // Q2_K
+inline bool decode2(const uint8_t* row, int64_t b, uint8_t* codes, uint16_t* d, uint16_t* m) {
   const uint8_t* blk = row + (b / 8) * 84;
   const int g = static_cast<int>(b % 8), h = g / 4, j = g % 4;
   const uint8_t* qs = blk + 16 + 32 * h;

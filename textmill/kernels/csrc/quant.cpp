@@ -191,15 +191,21 @@ inline void with_mode(Mode mode, Fn fn) {
   }
 }
 
-// gguf::kIQ2Values + 64, as u8 (21..107): the IQ2 form's values as its SIMD paths multiply
-// them, against twice Q6's offset (-64 x each half's activation sum). A maddubs pair of
-// them reaches 2 * 107 * 127 = 27178, inside int16.
-alignas(16) constexpr uint8_t kIQ2Shifted[16] = {21, 39, 56, 72, 89, 107, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64};
-static_assert([] {
-  for (int i = 0; i < 16; ++i)
-    if (kIQ2Shifted[i] != gguf::kIQ2Values[i] + 64) return false;
-  return true;
-}(), "kIQ2Shifted is the IQ2 table + 64");
+// A 16-entry int8 table shifted into u8, as the SIMD paths look it up (one byte shuffle)
+// and multiply it with the signed activations; built at compile time, not per block.
+struct alignas(16) ShiftedTable {
+  uint8_t v[16];
+};
+constexpr ShiftedTable shifted(const int8_t (&table)[16], int shift) {
+  ShiftedTable t{};
+  for (int i = 0; i < 16; ++i) t.v[i] = static_cast<uint8_t>(table[i] + shift);
+  return t;
+}
+// IQ4: + 128 (1..241), its sums started from 4x Q6's offset (-128 x each half's sum).
+constexpr ShiftedTable kIQ4Shifted = shifted(gguf::kIQ4Values, 128);
+// IQ2: + 64 (21..107), from twice Q6's offset; a maddubs pair of them reaches
+// 2 * 107 * 127 = 27178, inside int16.
+constexpr ShiftedTable kIQ2Shifted = shifted(gguf::kIQ2Values, 64);
 
 // What the 6-bit arithmetic's sums start from, in units of Q6's offset (-32 x a half's
 // activation sum): Q6's codes stand for code - 32; IQ2's looked-up values are T2 + 64; Q2's
@@ -770,7 +776,7 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
     out = pack_by_block(Mode::Q2, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
       uint8_t c[QK];
       uint16_t d[2], m[2];
-      if (!gguf::decode2(row_type[row], row_ptr[row], b, c, d, m)) in_range = false;
+      if (!gguf::decode2(row_ptr[row], b, c, d, m)) in_range = false;
       put_q2(tile + codes_at(Mode::Q2, b), r, c);
       uint16_t* sc = scales_of(tile, Mode::Q2, kb, b);
       for (int h = 0; h < 2; ++h) sc[h * NR + r] = d[h], sc[(2 + h) * NR + r] = m[h];
@@ -1307,7 +1313,7 @@ void q6_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, co
         u[g] = _mm256_and_si256(_mm256_srli_epi16(x, 2 * (g & 3)), low2);
       }
     } else if constexpr (M == Mode::IQ2) {
-      const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kIQ2Shifted)));
+      const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kIQ2Shifted.v)));
       for (int p = 0; p < 4; ++p) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
         u[p] = _mm256_shuffle_epi8(table, _mm256_and_si256(x, low4));
@@ -1535,8 +1541,8 @@ struct Q8Block {
 // The rows of a block held as u8 codes of k-groups 0..7 whose two sums per row (one per half
 // of the block, k-groups 0..3 and 4..7) start from the activations' offset for that half
 // (-32 x its sum) times Scale: Q6Block (codes standing for code - 32: Scale 1), IQ2Block
-// (values + 64: Scale 2) and IQ4Block (table values + 128: Scale 4). Block supplies
-// finish(s0, s1, e, acc).
+// (values + 64: Scale 2), IQ4Block (table values + 128: Scale 4) and Q2Block (its own
+// codes: Scale 0). Block supplies finish(s0, s1, e, half sums, acc).
 template <typename Block, int Scale>
 struct OffsetRows {
   __m512i u[8];
@@ -1547,7 +1553,7 @@ struct OffsetRows {
       s0 = _mm512_dpbusd_epi32(s0, u[g], bcast512(ar + 4 * g));
       s1 = _mm512_dpbusd_epi32(s1, u[4 + g], bcast512(ar + 16 + 4 * g));
     }
-    return static_cast<const Block*>(this)->finish(s0, s1, e, acc);
+    return static_cast<const Block*>(this)->finish(s0, s1, e, off, acc);
   }
   template <int R>
   static void rows2(const Block& x, const Block& y, const RowsAt& at, __m512* acc_x, __m512* acc_y) {
@@ -1565,19 +1571,11 @@ struct OffsetRows {
         y1[i] = _mm512_dpbusd_epi32(y1[i], y.u[4 + g], hi);
       }
     for (int i = 0; i < R; ++i) {
-      acc_x[i] = x.finish(x0[i], x1[i], at.scale(i), acc_x[i]);
-      acc_y[i] = y.finish(y0[i], y1[i], at.scale(i), acc_y[i]);
+      acc_x[i] = x.finish(x0[i], x1[i], at.scale(i), at.offsets(i), acc_x[i]);
+      acc_y[i] = y.finish(y0[i], y1[i], at.scale(i), at.offsets(i), acc_y[i]);
     }
   }
 };
-
-// gguf::kIQ4Values + 128, as u8: once, not per block.
-alignas(16) constexpr uint8_t kIQ4Shifted[16] = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
-static_assert([] {
-  for (int i = 0; i < 16; ++i)
-    if (kIQ4Shifted[i] != gguf::kIQ4Values[i] + 128) return false;
-  return true;
-}(), "kIQ4Shifted is the IQ4 table + 128");
 
 // The 8 k-group vectors of a block's 4-bit indices (Q4's nibble layout) looked up in a
 // 16-entry byte table, 64 at a time by one byte shuffle (the table replicated in each
@@ -1604,9 +1602,9 @@ struct IQ4Block : OffsetRows<IQ4Block, 4> {  // u: the table values + 128 of k-g
   template <bool Pin>
   IQ4Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
     d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales_of(tile, Mode::IQ4, kb, b))));
-    lookup_nibbles<Pin>(tile + codes_at(Mode::IQ4, b), kIQ4Shifted, u);
+    lookup_nibbles<Pin>(tile + codes_at(Mode::IQ4, b), kIQ4Shifted.v, u);
   }
-  __m512 finish(__m512i s0, __m512i s1, float e, __m512 acc) const {  // Q8Block::finish's steps
+  __m512 finish(__m512i s0, __m512i s1, float e, const HalfSums*, __m512 acc) const {  // Q8Block::finish's steps
     const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
     return _mm512_fmadd_ps(isum, _mm512_mul_ps(d, _mm512_set1_ps(e)), acc);
   }
@@ -1638,7 +1636,7 @@ struct Q6Block : OffsetRows<Q6Block, 1> {  // u: the codes of k-groups 0..7
   static __m512i top_bits(__m512i v, int t) {  // q6_top256's 512-bit twin
     return t == 0 ? _mm512_slli_epi16(v, 4) : t == 1 ? _mm512_slli_epi16(v, 2) : t == 2 ? v : _mm512_srli_epi16(v, 2);
   }
-  __m512 finish(__m512i s0, __m512i s1, float e, __m512 acc) const {
+  __m512 finish(__m512i s0, __m512i s1, float e, const HalfSums*, __m512 acc) const {
     const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), d0, _mm512_mul_ps(_mm512_cvtepi32_ps(s1), d1));
     return _mm512_fmadd_ps(t, _mm512_set1_ps(e), acc);
   }
@@ -1653,9 +1651,9 @@ struct IQ2Block : OffsetRows<IQ2Block, 2> {  // u: the values + 64 of k-groups 0
     const uint16_t* sc = scales_of(tile, Mode::IQ2, kb, b);
     d0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
     d1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + NR)));
-    lookup_nibbles<Pin>(tile + codes_at(Mode::IQ2, b), kIQ2Shifted, u);
+    lookup_nibbles<Pin>(tile + codes_at(Mode::IQ2, b), kIQ2Shifted.v, u);
   }
-  __m512 finish(__m512i s0, __m512i s1, float e, __m512 acc) const {  // Q6Block::finish's steps
+  __m512 finish(__m512i s0, __m512i s1, float e, const HalfSums*, __m512 acc) const {  // Q6Block::finish's steps
     const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), d0, _mm512_mul_ps(_mm512_cvtepi32_ps(s1), d1));
     return _mm512_fmadd_ps(t, _mm512_set1_ps(e), acc);
   }
@@ -1664,8 +1662,7 @@ struct IQ2Block : OffsetRows<IQ2Block, 2> {  // u: the values + 64 of k-groups 0
 // Q2: the codes (u8 0..3, Q3's 2-bit plane) against the signed activations, two sums per
 // row from zero, Q6's finish on them, then each half's min times e x the half's activation
 // sum (HalfSums::hs, computed with the activations' quantization).
-struct Q2Block {
-  __m512i u[8];  // the codes of k-groups 0..7
+struct Q2Block : OffsetRows<Q2Block, 0> {  // u: the codes of k-groups 0..7
   // d0, d1, m0, m1 widened to float32 and kept in L1, read as memory operands by finish:
   // as registers, a tile pair's (24 of the 32) left too few for two rows' sums. With the
   // half sums computed here from the offsets, 16-64 rows took 1.36-1.39x the time.
@@ -1689,31 +1686,6 @@ struct Q2Block {
     acc = _mm512_fmadd_ps(t, _mm512_set1_ps(e), acc);
     acc = _mm512_fmadd_ps(_mm512_load_ps(dm[2]), _mm512_set1_ps(off->hs[0]), acc);
     return _mm512_fmadd_ps(_mm512_load_ps(dm[3]), _mm512_set1_ps(off->hs[1]), acc);
-  }
-  __m512 row(const int8_t* ar, float e, float, const HalfSums* off, __m512 acc) const {
-    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-    for (int g = 0; g < 4; ++g) {
-      s0 = _mm512_dpbusd_epi32(s0, u[g], bcast512(ar + 4 * g));
-      s1 = _mm512_dpbusd_epi32(s1, u[4 + g], bcast512(ar + 16 + 4 * g));
-    }
-    return finish(s0, s1, e, off, acc);
-  }
-  template <int R>
-  static void rows2(const Q2Block& x, const Q2Block& y, const RowsAt& at, __m512* acc_x, __m512* acc_y) {
-    __m512i x0[R], x1[R], y0[R], y1[R];
-    for (int i = 0; i < R; ++i) x0[i] = x1[i] = y0[i] = y1[i] = _mm512_setzero_si512();
-    for (int g = 0; g < 4; ++g)
-      for (int i = 0; i < R; ++i) {
-        const __m512i lo = bcast512(at.codes(i) + 4 * g), hi = bcast512(at.codes(i) + 16 + 4 * g);
-        x0[i] = _mm512_dpbusd_epi32(x0[i], x.u[g], lo);
-        x1[i] = _mm512_dpbusd_epi32(x1[i], x.u[4 + g], hi);
-        y0[i] = _mm512_dpbusd_epi32(y0[i], y.u[g], lo);
-        y1[i] = _mm512_dpbusd_epi32(y1[i], y.u[4 + g], hi);
-      }
-    for (int i = 0; i < R; ++i) {
-      acc_x[i] = x.finish(x0[i], x1[i], at.scale(i), at.offsets(i), acc_x[i]);
-      acc_y[i] = y.finish(y0[i], y1[i], at.scale(i), at.offsets(i), acc_y[i]);
-    }
   }
 };
 
