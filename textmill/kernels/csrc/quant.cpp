@@ -1378,6 +1378,9 @@ inline __m512i bcast512(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+// 16 half scales (one per row of a tile) widened to float32.
+inline __m512 halves16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
 // R consecutive activation rows of a block-major pass at one block: row i's codes at
 // a + i * k, its block scale e[i * kb], scale * sum s[i * kb] (Q4, Q5), half sums off + i * kb.
 // The tile-pair loop takes two rows at a time: their multiply-adds interleaved in program
@@ -1407,8 +1410,8 @@ struct Q4Block {
   template <bool Pin>
   Q4Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
     const uint16_t* sc = scales_of(tile, Mode::Q4, kb, b);
-    d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
-    mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + NR)));
+    d = halves16(sc);
+    mn = halves16(sc + NR);
     const uint8_t* c = tile + codes_at(Mode::Q4, b);
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     for (int p = 0; p < 4; ++p) {
@@ -1456,8 +1459,8 @@ struct Q5Block : Q4Block {
   template <bool Pin>
   Q5Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
     const uint16_t* sc = scales_of(tile, Mode::Q5, kb, b);
-    d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
-    mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + NR)));
+    d = halves16(sc);
+    mn = halves16(sc + NR);
     const uint8_t* c = tile + codes_at(Mode::Q5, b);
     const __m512i low4 = _mm512_set1_epi8(0x0F), bit4 = _mm512_set1_epi8(0x10);
     const __m512i top = _mm512_loadu_si512(c + Q4_CODE_BYTES);
@@ -1500,7 +1503,7 @@ struct Q8Block {
   template <bool Pin>
   Q8Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
     // The scales first: in the second block of a pair they start a cache line of their own.
-    d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales_of(tile, Mode::Q8, kb, b))));
+    d = halves16(scales_of(tile, Mode::Q8, kb, b));
     const uint8_t* c = tile + codes_at(Mode::Q8, b);
     const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));  // 128 as u8
     __m512i shift[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
@@ -1601,7 +1604,7 @@ struct IQ4Block : OffsetRows<IQ4Block, 4> {  // u: the table values + 128 of k-g
   __m512 d;
   template <bool Pin>
   IQ4Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
-    d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales_of(tile, Mode::IQ4, kb, b))));
+    d = halves16(scales_of(tile, Mode::IQ4, kb, b));
     lookup_nibbles<Pin>(tile + codes_at(Mode::IQ4, b), kIQ4Shifted.v, u);
   }
   __m512 finish(__m512i s0, __m512i s1, float e, const HalfSums*, __m512 acc) const {  // Q8Block::finish's steps
@@ -1619,8 +1622,8 @@ struct Q6Block : OffsetRows<Q6Block, 1> {  // u: the codes of k-groups 0..7
   template <bool Pin>
   Q6Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
     const uint16_t* sc = scales_of(tile, Mode::Q6, kb, b);
-    d0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
-    d1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + NR)));
+    d0 = halves16(sc);
+    d1 = halves16(sc + NR);
     const uint8_t* c = tile + codes_at(Mode::Q6, b);
     const __m512i low4 = _mm512_set1_epi8(0x0F), top2 = _mm512_set1_epi8(0x30);
     const __m512i top[2] = {_mm512_loadu_si512(c + Q6_LOW_BYTES), _mm512_loadu_si512(c + Q6_LOW_BYTES + 64)};
@@ -1649,8 +1652,8 @@ struct IQ2Block : OffsetRows<IQ2Block, 2> {  // u: the values + 64 of k-groups 0
   template <bool Pin>
   IQ2Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
     const uint16_t* sc = scales_of(tile, Mode::IQ2, kb, b);
-    d0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
-    d1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + NR)));
+    d0 = halves16(sc);
+    d1 = halves16(sc + NR);
     lookup_nibbles<Pin>(tile + codes_at(Mode::IQ2, b), kIQ2Shifted.v, u);
   }
   __m512 finish(__m512i s0, __m512i s1, float e, const HalfSums*, __m512 acc) const {  // Q6Block::finish's steps
@@ -1671,7 +1674,7 @@ struct Q2Block : OffsetRows<Q2Block, 0> {  // u: the codes of k-groups 0..7
   Q2Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
     const uint16_t* sc = scales_of(tile, Mode::Q2, kb, b);
     for (int i = 0; i < 4; ++i)
-      _mm512_store_ps(dm[i], _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + i * NR))));
+      _mm512_store_ps(dm[i], halves16(sc + i * NR));
     const uint8_t* c = tile + codes_at(Mode::Q2, b);
     const __m512i low2 = _mm512_set1_epi8(0x03);
     const __m512i x[2] = {_mm512_loadu_si512(c), _mm512_loadu_si512(c + 64)};
@@ -1696,8 +1699,8 @@ struct Q3Block : Q6Block {
   template <bool Pin>
   Q3Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
     const uint16_t* sc = scales_of(tile, Mode::Q3, kb, b);
-    d0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
-    d1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + NR)));
+    d0 = halves16(sc);
+    d1 = halves16(sc + NR);
     const uint8_t* c = tile + codes_at(Mode::Q3, b);
     const __m512i low2 = _mm512_set1_epi8(0x03), bit2 = _mm512_set1_epi8(0x04), offset = _mm512_set1_epi8(28);
     const __m512i x[2] = {_mm512_loadu_si512(c), _mm512_loadu_si512(c + 64)};
