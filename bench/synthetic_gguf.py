@@ -16,11 +16,14 @@ Two files: synthetic-1b (a Llama, d=2048, 16 layers) and synthetic-qwen3 (the sh
 Qwen3-0.6B: d=1024, 28 layers, 16/8 heads of 128, QK norms, a tied 151,936-row embedding,
 Q6_K as llama.cpp's Q4_K_M keeps a tied embedding).
 
+synthetic-8b has Llama 3 8B's shapes, for runs at the other end of the sizes people use.
+
 Files are cached under ~/.cache/textmill-bench (TEXTMILL_BENCH_CACHE overrides), named by
 their parameters, and built only when missing:
 
     python bench/synthetic_gguf.py                 # prints the path of synthetic-1b, building it once
     python bench/synthetic_gguf.py --qwen3         # the same for synthetic-qwen3
+    python bench/synthetic_gguf.py --8b            # the same for synthetic-8b
     python bench/synthetic_gguf.py --layers 2 --out /tmp/tiny.gguf
 """
 from __future__ import annotations
@@ -72,6 +75,10 @@ SYNTHETIC_1B = SyntheticSpec()
 SYNTHETIC_QWEN3 = SyntheticSpec(name="synthetic-qwen3", hidden=1024, layers=28, heads=16, kv_heads=8, ffn=3072,
                                 context=40960, rope_base=1000000.0, arch="qwen3", key_length=128,
                                 vocab=151936, tied=True, seed=1)
+# Llama 3 8B's shapes (128,256-token vocabulary, GQA 32/8, ffn 14336): the largest size people
+# run on a CPU. 4.6 GiB; not in the default matrix (`--models synthetic-8b`).
+SYNTHETIC_8B = SyntheticSpec(name="synthetic-8b", hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336,
+                             context=8192, rope_base=500000.0, vocab=128256, seed=2)
 
 
 def cache_dir() -> Path:
@@ -284,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(d, f))
     p.add_argument("--name", default=d.name)
     p.add_argument("--qwen3", action="store_true", help="the synthetic-qwen3 file (other shape flags ignored)")
+    p.add_argument("--8b", dest="eight_b", action="store_true", help="the synthetic-8b file (other shape flags ignored)")
     p.add_argument("--tokenizer-from", type=Path, default=None,
                    help="GGUF whose tokenizer.* to copy (default: SmolLM2)")
     p.add_argument("--out", type=Path, default=None, help="write here (always) instead of the cache")
@@ -293,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     source = a.tokenizer_from or default_tokenizer_source()
     if a.qwen3:
         spec = SYNTHETIC_QWEN3
+    elif a.eight_b:
+        spec = SYNTHETIC_8B
     print(write_synthetic(spec, source, a.out) if a.out else synthetic_path(spec, source))
     return 0
 

@@ -62,6 +62,7 @@ def build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner] 
     from textmill.engine.engine import Engine
     from textmill.engine.scheduler import Scheduler
     from textmill.loader import load_model
+    from textmill.runner.file_weights import file_decoder
     from textmill.runner.model_runner import ModelRunner
     from textmill.runner.plan import PlanError, decide
     from textmill.tokenizer import load_tokenizer
@@ -77,7 +78,11 @@ def build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner] 
     torch.set_num_threads(plan.threads or os.cpu_count() or 1)
     started = time.perf_counter()
     try:
-        loaded = load_model(path, dtype=plan.torch_dtype, device=plan.device, codes=plan.weights == "file-codes")
+        codes = plan.weights == "file-codes"
+        # Float weights (--no-kernels, CUDA, int4/int8) decode the file's blocks in C++ where
+        # the kernels build, whatever the plan runs on: numpy took 10-20x as long (bench/float_load.py).
+        loaded = load_model(path, dtype=plan.torch_dtype, device=plan.device, codes=codes,
+                            decode=None if codes else file_decoder())
         tokenizer = load_tokenizer(path)
     except Exception as exc:  # a corrupt or foreign file fails in many ways; say which, in one line
         raise StartupError(f"cannot load model {path}: {type(exc).__name__}: {exc}") from exc

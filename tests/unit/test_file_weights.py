@@ -16,6 +16,7 @@ from textmill.config import CacheConfig
 from textmill.loader import load_model
 from textmill.messages import NewRequestData, ScheduledChunk, SchedulerOutput
 from textmill.runner import ModelRunner
+from textmill.runner.file_weights import file_decoder
 from textmill.runner.kernel_forward import KernelForward
 from textmill.runner.qlinear import QLinear, SideBySide
 from textmill.sampling_params import SamplingParams
@@ -134,3 +135,26 @@ def test_every_block_type_runs_from_its_own_blocks_and_tracks_the_float_referenc
     assert ref.std() > 0.5
     assert (got - ref).abs().mean() < 0.04 * ref.std()
     assert torch.corrcoef(torch.stack([got, ref]))[0, 1] > 0.995
+
+
+def test_the_float_path_decodes_whole_tensors_in_cpp_to_numpys_values(gguf_path):
+    """load_model's float path (--no-kernels, CUDA) takes the kernels' block decoder where
+    it is built: the same values as numpy's, bit for bit, for every block type."""
+    decode = file_decoder()
+    assert decode is not None
+    decoded: list[str] = []
+
+    def counting(rows):
+        out = decode(rows)
+        if out is not None:
+            decoded.append(rows.qtype.name)
+        return out
+
+    by_numpy = load_model(gguf_path).model.state_dict()
+    by_cpp = load_model(gguf_path, decode=counting).model.state_dict()
+    assert set(decoded) == ({t.name for t in TYPES} | {"Q8_0", "Q6_K"}) - {"F16"}  # F16 and F32 stay numpy's
+    assert by_cpp.keys() == by_numpy.keys()
+    for name, value in by_numpy.items():
+        assert torch.equal(by_cpp[name], value), name
+    bf16 = load_model(gguf_path, dtype=torch.bfloat16, decode=decode).model.state_dict()
+    assert all(torch.equal(bf16[n], v.to(torch.bfloat16)) for n, v in by_numpy.items())

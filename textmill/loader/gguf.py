@@ -1,21 +1,25 @@
 """GGUF files -> (ModelConfig, state dict of torch tensors in the model's names and layout).
 
 The file is memory-mapped by our lean reader (gguf_file.py); each tensor is dequantized once into the
-requested dtype, so the float32 copy of one tensor at a time is the peak extra memory.
+requested dtype, so the float32 copy of one tensor at a time is the peak extra memory. The caller
+may pass a faster decoder for whole quantized tensors (the composition root passes the C++
+kernels' one, runner/file_weights.file_decoder: numpy took 45 s of a 1B Q4_K_M file's load);
+numpy's decoders stay the reference and the fallback.
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from gguf.constants import GGMLQuantizationType
 from tqdm import tqdm
 
 from textmill.config import ModelConfig
 from textmill.loader.dequant import dequantize
-from textmill.loader.gguf_file import GGUFFile
+from textmill.loader.gguf_file import GGUFFile, TensorInfo
 from textmill.loader.group_codes import CodesRef, GGUFRows, convertible
 from textmill.loader.hf_config import pattern_of_layers
 from textmill.loader.names import gguf_param_name, to_model_layout
@@ -141,16 +145,33 @@ def _show_progress() -> bool:
     return sys.stderr.isatty()
 
 
-def read_state_dict(gguf: GGUFFile, config: ModelConfig, *, dtype: torch.dtype,
-                    device: str) -> dict[str, torch.Tensor]:
+# A whole 2-D tensor's values as float32 (N, K), exactly numpy's, or None where it does not
+# decode that tensor (its type, its width): numpy's decoders do.
+RowsDecoder = Callable[[GGUFRows], "torch.Tensor | None"]
+
+
+def _float_type(qtype: GGMLQuantizationType) -> bool:
+    return qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
+
+def _values(t: TensorInfo, decode: RowsDecoder | None) -> torch.Tensor:
+    # Float tensors stay numpy's: an F32 tensor is a view of the mapped file, not a copy.
+    if decode is not None and len(t.shape) == 2 and not _float_type(t.qtype):
+        values = decode(GGUFRows(t.data, t.qtype, t.shape))
+        if values is not None:
+            return values
+    return torch.from_numpy(dequantize(t.data, t.qtype).reshape(t.shape))
+
+
+def read_state_dict(gguf: GGUFFile, config: ModelConfig, *, dtype: torch.dtype, device: str,
+                    decode: RowsDecoder | None = None) -> dict[str, torch.Tensor]:
     arch = GGUFMetadata(gguf).arch
     state: dict[str, torch.Tensor] = {}
     for t in tqdm(gguf.tensors, desc="loading", unit="tensor", disable=not _show_progress()):
         if t.name == ROPE_FREQS:
             continue  # read into the config
         name = gguf_param_name(arch, t.name)
-        values = dequantize(t.data, t.qtype).reshape(t.shape)
-        tensor = to_model_layout(arch, name, torch.from_numpy(values), config)
+        tensor = to_model_layout(arch, name, _values(t, decode), config)
         state[name] = tensor.to(device=device, dtype=dtype)
     return state
 
@@ -198,11 +219,11 @@ def _row_order(arch: str, name: str, rows: int, config: ModelConfig) -> torch.Te
     return None if torch.equal(moved, order) else moved
 
 
-def load_gguf(path: Path, *, dtype: torch.dtype, device: str
+def load_gguf(path: Path, *, dtype: torch.dtype, device: str, decode: RowsDecoder | None = None
               ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     gguf = GGUFFile(path)
     config = read_config(gguf)
-    return config, read_state_dict(gguf, config, dtype=dtype, device=device)
+    return config, read_state_dict(gguf, config, dtype=dtype, device=device, decode=decode)
 
 
 # Bits per weight of GGML's block types, as far as `--quantization auto` cares: the width of

@@ -4,12 +4,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from textmill.config import ModelConfig
 from textmill.loader.group_codes import CodesRef, GGUFRows
 from textmill.models.registry import build_model
+
+if TYPE_CHECKING:
+    from textmill.loader.gguf import RowsDecoder
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -27,7 +31,7 @@ class LoadedModel:
     embedding: GGUFRows | None = None
 
 
-def _read_checkpoint(path: Path, dtype: torch.dtype, device: str
+def _read_checkpoint(path: Path, dtype: torch.dtype, device: str, decode: "RowsDecoder | None"
                      ) -> tuple[str, ModelConfig, dict[str, torch.Tensor]]:
     if path.is_dir():
         from textmill.loader.hf import load_hf_folder
@@ -36,7 +40,7 @@ def _read_checkpoint(path: Path, dtype: torch.dtype, device: str
     if path.suffix.lower() == ".gguf":
         from textmill.loader.gguf import load_gguf
 
-        return ("gguf", *load_gguf(path, dtype=dtype, device=device))
+        return ("gguf", *load_gguf(path, dtype=dtype, device=device, decode=decode))
     if not path.exists():
         raise FileNotFoundError(f"model file not found: {path}")
     raise ValueError(f"{path}: unknown model format (expected a .gguf file or a "
@@ -44,9 +48,11 @@ def _read_checkpoint(path: Path, dtype: torch.dtype, device: str
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
-               device: str = "cpu", codes: bool = False) -> LoadedModel:
+               device: str = "cpu", codes: bool = False, decode: "RowsDecoder | None" = None) -> LoadedModel:
     """`codes`: keep a GGUF file's linear weights as group codes for the CPU kernels (see
-    LoadedModel); float32 on the CPU only. Other files load as floats either way."""
+    LoadedModel); float32 on the CPU only. Other files load as floats either way.
+    `decode`: a faster decoder for a GGUF's quantized tensors on the float path (see
+    loader/gguf.py RowsDecoder); numpy's decoders where it is None or declines a tensor."""
     if codes and Path(path).suffix.lower() == ".gguf":
         if dtype != torch.float32 or device != "cpu":
             raise ValueError("group codes are for the float32 CPU kernels")
@@ -56,7 +62,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model file not found: {path}")
-    fmt, config, state = _read_checkpoint(path, dtype, device)
+    fmt, config, state = _read_checkpoint(path, dtype, device, decode)
     # Build without allocating or initializing weights, then adopt the loaded tensors.
     with torch.device("meta"):
         model = build_model(config)
