@@ -80,7 +80,7 @@ def build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner] 
     try:
         codes = plan.weights == "file-codes"
         # Float weights (--no-kernels, CUDA, int4/int8) decode the file's blocks in C++ where
-        # the kernels build, whatever the plan runs on: numpy took 10-20x as long (bench/float_load.py).
+        # the kernels build, whatever the plan runs on: numpy took 8-14x as long (bench/float_load.py).
         loaded = load_model(path, dtype=plan.torch_dtype, device=plan.device, codes=codes,
                             decode=None if codes else file_decoder())
         tokenizer = load_tokenizer(path)
