@@ -55,7 +55,7 @@ class ModelConfig:
     family does not use keep their defaults.
     """
 
-    architecture: str  # registry key: "llama", "qwen2", "qwen3", "gemma3", "gpt2"
+    architecture: str  # registry key: "llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -73,7 +73,7 @@ class ModelConfig:
     rope_freq_factors: tuple[float, ...] | None = None
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # qwen2: bias on q/k/v
-    qk_norm: bool = False  # qwen3: per-head RMSNorm of q and k (Llama-style weights) before RoPE
+    qk_norm: bool = False  # qwen3, gemma3: per-head RMSNorm of q and k before RoPE
     sliding_window: int | None = None
     # gemma3: layer i is global when (i + 1) % pattern == 0; None means all layers global.
     sliding_window_pattern: int | None = None

@@ -14,7 +14,8 @@ import torch
 
 from tests.parity.compare import GREEDY_TOKENS, LOGPROB_TOLERANCE, hf_greedy, max_logprob_diff, our_greedy
 from tests.parity.tiny_gguf import write_gguf
-from tests.parity.tiny_models import FAMILIES, SLIDING_WINDOW, prompt_ids, save_folder, tiny_hf_model, train_tokenizer
+from tests.parity.tiny_models import (FAMILIES, GEMMA2_SOFTCAPS, SLIDING_WINDOW, prompt_ids, save_folder, tiny_hf_model,
+                                     train_tokenizer)
 from textmill.loader import LoadedModel, load_model
 
 transformers = pytest.importorskip("transformers")
@@ -25,6 +26,9 @@ HF_GGUF_OVERRIDES = {
     "llama": lambda c: {"head_dim": c.head_dim},
     "qwen2": lambda c: {},
     "qwen3": lambda c: {"head_dim": c.head_dim},  # its reader skips attention.key_length
+    # transformers' Gemma 2 reader takes neither soft-cap from the file: its defaults are 50/30.
+    "gemma2": lambda c: {"query_pre_attn_scalar": c.head_dim, "attn_logit_softcapping": c.attn_logit_softcapping,
+                         "final_logit_softcapping": c.final_logit_softcapping},
     "gemma3": lambda c: {"query_pre_attn_scalar": c.head_dim},  # llama.cpp's rule below 27B
     "gpt2": lambda c: {"n_positions": c.n_positions},
 }
@@ -53,7 +57,8 @@ def from_folder(request, tokenizer, tmp_path_factory) -> tuple[str, torch.nn.Mod
 @pytest.fixture(scope="module", params=tuple(HF_GGUF_OVERRIDES))
 def from_gguf(request, tokenizer, tmp_path_factory) -> tuple[str, torch.nn.Module, LoadedModel]:
     family = request.param
-    source = tiny_hf_model(family, seed=1)
+    # transformers' Gemma 2 reader never reads output.weight (real Gemma 2 files tie the head).
+    source = tiny_hf_model(family, seed=1, **({"tie_word_embeddings": True} if family == "gemma2" else {}))
     folder = tmp_path_factory.mktemp(f"{family}-gguf")
     path = write_gguf(folder / "tiny.gguf", family, source, tokenizer, quantize_mlp=True)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
@@ -71,7 +76,7 @@ def test_folder_config(from_folder) -> None:
     assert (c.num_heads, c.num_kv_heads) == (h.num_attention_heads, getattr(h, "num_key_value_heads", h.num_attention_heads))
     assert c.tie_word_embeddings == h.tie_word_embeddings
     assert (ours.model.lm_head is None) == c.tie_word_embeddings
-    if family in ("mistral", "gemma3"):
+    if family in ("mistral", "gemma2", "gemma3"):
         assert c.sliding_window == SLIDING_WINDOW
     if family == "llama3":
         assert c.rope_freq_factors[0] == 1.0 and c.rope_freq_factors[-1] == 8.0
@@ -79,6 +84,11 @@ def test_folder_config(from_folder) -> None:
     if family == "gemma3":
         assert (c.sliding_window_pattern, c.query_pre_attn_scalar, c.final_logit_softcap) == (2, 24.0, 30.0)
         assert (c.rope_theta, c.rope_local_theta, c.rope_scaling_factor) == (100000.0, 10000.0, 2.0)
+        assert c.qk_norm
+    if family == "gemma2":  # every other layer local, one RoPE base, both soft-caps, no QK norm
+        assert (c.sliding_window_pattern, c.query_pre_attn_scalar, c.rope_theta, c.rope_local_theta) == (
+            2, 24.0, 10000.0, 10000.0)
+        assert (c.attn_logit_softcap, c.final_logit_softcap) == GEMMA2_SOFTCAPS and not c.qk_norm
 
 
 def test_folder_weights_are_transformers_weights(from_folder) -> None:

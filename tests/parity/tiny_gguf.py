@@ -1,7 +1,7 @@
 """Write a tiny transformers model as a GGUF file, the way llama.cpp's converter does.
 
 This restates convert_hf_to_gguf.py for the families we test (names from gguf-py's tensor
-map, q/k row permutation for Llama, +1 on Gemma norms, GPT-2's Conv1D weights transposed to
+map, q/k row permutation for Llama, +1 on Gemma 2/3 norms, GPT-2's Conv1D weights transposed to
 (out, in)), independently of textmill.loader.names, so that a wrong entry in either shows
 up as a parity failure: transformers reads the same file with its own name tables.
 """
@@ -32,6 +32,9 @@ NAMES = {
         "post_attention_layernorm": "post_attention_norm",
         "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
         "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"},
+    "gemma2": _DECODER | {
+        "post_attention_layernorm": "post_attention_norm",
+        "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"},
     "gpt2": {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm",
              "lm_head": "output", "ln_1": "attn_norm", "attn.c_attn": "attn_qkv",
              "attn.c_proj": "attn_output", "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up",
@@ -55,7 +58,7 @@ def converted(family: str, hf_name: str, w: np.ndarray, config) -> np.ndarray:
         return llama_cpp_permute(w, config.num_attention_heads)
     if family == "llama" and hf_name.endswith("k_proj.weight"):
         return llama_cpp_permute(w, config.num_key_value_heads)
-    if family == "gemma3" and hf_name.endswith("norm.weight"):
+    if family in ("gemma2", "gemma3") and hf_name.endswith("norm.weight"):
         return w + 1.0
     if family == "gpt2" and re.search(r"(c_attn|c_proj|c_fc)\.weight$", hf_name):
         return np.ascontiguousarray(w.T)  # Conv1D (in, out) -> (out, in)
@@ -100,9 +103,12 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     params = config.rope_parameters
     w.add_rope_freq_base(params.get("full_attention", params)["rope_theta"])
-    if family in ("llama", "llama3", "qwen3", "gemma3"):
+    if family in ("llama", "llama3", "qwen3", "gemma2", "gemma3"):
         w.add_key_length(config.head_dim)
         w.add_value_length(config.head_dim)
+    if family == "gemma2":  # as convert_hf_to_gguf.py writes them
+        w.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        w.add_final_logit_softcapping(config.final_logit_softcapping)
     if getattr(config, "sliding_window", None):
         w.add_sliding_window(config.sliding_window)
 

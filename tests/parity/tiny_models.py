@@ -20,6 +20,7 @@ VOCAB_SIZE = 320
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 64, 2, 4, 2, 128
 MAX_POSITIONS = 256
 SLIDING_WINDOW = 8  # shorter than every test prompt
+GEMMA2_SOFTCAPS = (1.5, 4.0)  # attention scores, final logits (real Gemma 2: 50, 30)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. The dog sleeps in the sun.",
@@ -81,6 +82,11 @@ def hf_config(family: str):
             # transformers' Gemma 3 ignores attn_logit_softcapping (real configs leave it
             # null), so only the final soft-cap is compared.
             final_logit_softcapping=30.0, attn_logit_softcapping=None, tie_word_embeddings=False)
+    if family == "gemma2":  # soft-caps small enough to bend these tiny models' scores and logits
+        return tf.Gemma2Config(
+            **common, head_dim=16, query_pre_attn_scalar=24, sliding_window=SLIDING_WINDOW,
+            attn_logit_softcapping=GEMMA2_SOFTCAPS[0], final_logit_softcapping=GEMMA2_SOFTCAPS[1],
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB_SIZE, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
                              n_positions=MAX_POSITIONS, activation_function="gelu_new",
@@ -88,15 +94,18 @@ def hf_config(family: str):
     raise ValueError(family)
 
 
-FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "gpt2")
+FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2")
 
 
-def tiny_hf_model(family: str, seed: int = 0):
-    """A random transformers model of the family, float32, eval mode."""
+def tiny_hf_model(family: str, seed: int = 0, **config_changes):
+    """A random transformers model of the family, float32, eval mode; `config_changes` are
+    set on its config first."""
     import transformers as tf
 
     torch.manual_seed(seed)
     config = hf_config(family)
+    for key, value in config_changes.items():
+        setattr(config, key, value)
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                                 attn_implementation="eager")
     with torch.no_grad():

@@ -87,7 +87,7 @@ def test_padded_decode_of_a_llama_model_with_rope():
 def test_padded_decode_with_softcapped_attention():
     from textmill.models import gemma3
     cfg = toy_config(architecture="gemma3", hidden_act="gelu_tanh", sliding_window=5, sliding_window_pattern=2,
-                     attn_logit_softcap=20.0, final_logit_softcap=30.0, query_pre_attn_scalar=8.0,
+                     qk_norm=True, attn_logit_softcap=20.0, final_logit_softcap=30.0, query_pre_attn_scalar=8.0,
                      rope_local_theta=10000.0, norm_eps=1e-6)
     torch.manual_seed(1)
     model = gemma3.Gemma3ForCausalLM(cfg).eval()
@@ -165,7 +165,7 @@ def _cuda_model(kind: str):
     else:
         from textmill.models import gemma3
         cfg = toy_config(architecture="gemma3", hidden_act="gelu_tanh", sliding_window=5, sliding_window_pattern=2,
-                         attn_logit_softcap=20.0, final_logit_softcap=30.0, query_pre_attn_scalar=8.0,
+                         qk_norm=True, attn_logit_softcap=20.0, final_logit_softcap=30.0, query_pre_attn_scalar=8.0,
                          rope_local_theta=10000.0, norm_eps=1e-6)
         model = gemma3.Gemma3ForCausalLM(cfg).eval()
     torch.manual_seed(7)

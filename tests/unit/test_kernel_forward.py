@@ -92,12 +92,18 @@ def test_llama_family_kernel_forward_matches_eager(variant):
     _compare(eager, drive(runner, _workload(), budget=7), tol=1e-4)
 
 
+# Gemma 2: no QK norm, one RoPE base, both soft-caps (small, so that they bend these scores).
+GEMMA2 = dict(architecture="gemma2", qk_norm=False, rope_local_theta=None, rope_theta=10000.0,
+              attn_logit_softcap=1.5, final_logit_softcap=4.0)
+
+
 def _random_gemma(seed: int = 0, **kw):
     from textmill.models.gemma3 import Gemma3ForCausalLM
 
-    cfg = toy_config(architecture="gemma3", hidden_act="gelu_tanh", sliding_window=4, sliding_window_pattern=2,
-                     rope_local_theta=10000.0, rope_theta=1e6, query_pre_attn_scalar=6.0, norm_eps=1e-6,
-                     tie_word_embeddings=True, **kw)
+    base = dict(architecture="gemma3", hidden_act="gelu_tanh", sliding_window=4, sliding_window_pattern=2,
+                rope_local_theta=10000.0, rope_theta=1e6, query_pre_attn_scalar=6.0, norm_eps=1e-6,
+                tie_word_embeddings=True, qk_norm=True)
+    cfg = toy_config(**(base | kw))
     torch.manual_seed(seed)
     model = Gemma3ForCausalLM(cfg).eval().requires_grad_(False)
     for p in model.parameters():
@@ -105,13 +111,16 @@ def _random_gemma(seed: int = 0, **kw):
     return model, cfg
 
 
-def test_gemma3_kernel_forward_matches_eager():
-    """QK norm, (1 + w) norms, GeGLU, local and global RoPE, a sliding window."""
+@pytest.mark.parametrize("family", ["gemma3", "gemma2"])
+def test_gemma_kernel_forward_matches_eager(family):
+    """(1 + w) norms, GeGLU, local and global RoPE, a sliding window; Gemma 3's QK norm,
+    Gemma 2's soft-capped attention scores and logits."""
     from textmill.runner.kernel_forward import GemmaKernelForward
 
-    eager_model, cfg = _random_gemma()
+    kw = GEMMA2 if family == "gemma2" else {}
+    eager_model, cfg = _random_gemma(**kw)
     eager = drive(_runner(eager_model, cfg, False), _workload(), budget=7)
-    runner = _runner(_random_gemma()[0], cfg, True)
+    runner = _runner(_random_gemma(**kw)[0], cfg, True)
     assert isinstance(runner.forward, GemmaKernelForward)
     _compare(eager, drive(runner, _workload(), budget=7), tol=1e-4)
 

@@ -122,10 +122,11 @@ def test_refusals() -> None:
 def test_unknown_architecture_lists_every_supported_name() -> None:
     with pytest.raises(ValueError) as err:
         resolve_architecture("phi3")
-    for name in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM",
-                 "GPT2LMHeadModel", "MistralForCausalLM", "gemma3", "gpt2", "qwen2", "qwen3", "llama"):
+    for name in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
+                 "Gemma3ForCausalLM", "GPT2LMHeadModel", "MistralForCausalLM", "gemma2", "gemma3", "gpt2", "qwen2",
+                 "qwen3", "llama"):
         assert name in str(err.value)
-    assert set(MODEL_CLASSES) == {"llama", "qwen2", "qwen3", "gemma3", "gpt2"}
+    assert set(MODEL_CLASSES) == {"llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"}
 
 
 def test_gguf_names_per_family() -> None:

@@ -94,8 +94,8 @@ def read_config(gguf: GGUFFile) -> ModelConfig:
         name=str(meta.get("general.name", "")),
     )
     family = fields["architecture"]
-    if family == "gemma3":
-        fields |= _gemma3_fields(meta, fields)
+    if family in ("gemma2", "gemma3"):
+        fields |= _gemma_fields(meta, fields, family)
     elif family == "qwen3":
         if fields["attention_bias"]:  # transformers' Qwen3 puts a bias on o_proj too: not modelled
             raise ValueError("Qwen3 files with attention biases are not supported")
@@ -106,17 +106,22 @@ def read_config(gguf: GGUFFile) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def _gemma3_fields(meta: GGUFMetadata, fields: dict[str, Any]) -> dict[str, Any]:
-    """What llama.cpp knows about Gemma 3 without reading it from the file."""
+def _gemma_fields(meta: GGUFMetadata, fields: dict[str, Any], family: str) -> dict[str, Any]:
+    """What llama.cpp knows about Gemma 2 and 3 without reading it from the file."""
     layers, hidden, heads = fields["num_layers"], fields["hidden_size"], fields["num_heads"]
-    # llama.cpp: Gemma 3 27B (62 layers) scales queries by hidden / heads, the others by
-    # head_dim (the query_pre_attn_scalar of their HF configs).
-    scalar = hidden // heads if layers == 62 else fields["head_dim"]
-    pattern = meta.arch_get("attention.sliding_window_pattern", 6)
+    # llama.cpp: the 27B models (Gemma 2's 46 layers, Gemma 3's 62) scale queries by
+    # hidden / heads, the others by head_dim (the query_pre_attn_scalar of their HF configs).
+    scalar = hidden // heads if layers == {"gemma2": 46, "gemma3": 62}[family] else fields["head_dim"]
+    if family == "gemma2":  # llama.cpp: every other layer local, all on the file's one RoPE base
+        pattern, local_theta = 2, fields["rope_theta"]
+    else:
+        pattern = meta.arch_get("attention.sliding_window_pattern", 6)
+        local_theta = 10000.0  # llama.cpp's fixed base for Gemma 3's sliding-window layers
     if isinstance(pattern, list):  # one flag per layer, True = sliding
         pattern = pattern_of_layers([bool(p) for p in pattern])
     return dict(
-        rope_local_theta=10000.0,  # llama.cpp's fixed base for the sliding-window layers
+        qk_norm=family == "gemma3",
+        rope_local_theta=local_theta,
         sliding_window_pattern=int(pattern),
         query_pre_attn_scalar=float(scalar),
         final_logit_softcap=_optional_float(meta.arch_get("final_logit_softcapping", None)),

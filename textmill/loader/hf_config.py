@@ -48,13 +48,13 @@ def config_from_dict(raw: dict[str, Any], tensor_names: Collection[str] = (), *,
     family = resolve_architecture(archs[0])
     fields = _gpt2(raw) if family == "gpt2" else _decoder_fields(raw, family)
     untied_head = any(n.endswith("lm_head.weight") for n in tensor_names) or not tensor_names
-    tied = raw.get("tie_word_embeddings", family in ("gemma3", "gpt2")) or not untied_head
+    tied = raw.get("tie_word_embeddings", family in ("gemma2", "gemma3", "gpt2")) or not untied_head
     return ModelConfig(architecture=family, vocab_size=int(raw["vocab_size"]),
                        tie_word_embeddings=bool(tied), name=name, **fields)
 
 
 def _decoder_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
-    """Llama, Mistral, Qwen2, Qwen3 and Gemma 3: the fields they share, then each one's own."""
+    """Llama, Mistral, Qwen2, Qwen3, Gemma 2 and 3: the fields they share, then each one's own."""
     hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
     fields = dict(
         hidden_size=hidden,
@@ -69,6 +69,8 @@ def _decoder_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
     )
     if family == "gemma3":
         return fields | _gemma3(raw, fields["num_layers"], fields["head_dim"])
+    if family == "gemma2":
+        return fields | _gemma2(raw, fields["num_layers"], fields["head_dim"])
     fields |= _rope(raw, None, head_dim=fields["head_dim"], default_theta=10000.0)
     if family == "qwen2":
         return fields | dict(attention_bias=True, sliding_window=_qwen2_window(raw, fields["num_layers"]))
@@ -94,10 +96,29 @@ def _gemma3(raw: dict[str, Any], num_layers: int, head_dim: int) -> dict[str, An
         pattern = int(raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or 6)
     if raw.get("use_bidirectional_attention"):
         raise ValueError("Gemma 3 with bidirectional attention (an encoder) is not supported")
-    return rope | dict(
+    return rope | _gemma_common(raw) | dict(
+        qk_norm=True,
         rope_local_theta=local["rope_theta"],
-        sliding_window=raw.get("sliding_window"),
         sliding_window_pattern=pattern,
+    )
+
+
+def _gemma2(raw: dict[str, Any], num_layers: int, head_dim: int) -> dict[str, Any]:
+    """Gemma 2: one RoPE base, every other layer local (layer_types where the config has
+    them), soft-capped attention scores and logits, no QK norm."""
+    rope = _rope(raw, None, head_dim=head_dim, default_theta=10000.0)
+    if len(rope) > 1:
+        raise ValueError("Gemma 2 with RoPE scaling is not supported")
+    layer_types = raw.get("layer_types")
+    sliding = ([t == "sliding_attention" for t in layer_types[:num_layers]] if layer_types
+               else [i % 2 == 0 for i in range(num_layers)])
+    return rope | _gemma_common(raw) | dict(rope_local_theta=rope["rope_theta"],
+                                            sliding_window_pattern=pattern_of_layers(sliding))
+
+
+def _gemma_common(raw: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        sliding_window=raw.get("sliding_window"),
         query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar") or 256),
         final_logit_softcap=raw.get("final_logit_softcapping"),
         attn_logit_softcap=raw.get("attn_logit_softcapping"),

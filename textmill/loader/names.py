@@ -91,17 +91,18 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "llama": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _QWEN3,
+    "gemma2": _GEMMA3,  # the same names; Gemma 2 has no attn_q_norm / attn_k_norm
     "gemma3": _GEMMA3,
     "gpt2": _GPT2,
 })
 
 # llama.cpp's converter reorders the rows of q and k for these architectures so that ggml's
 # interleaved ("GPT-J style") RoPE sees pairs (2i, 2i+1); the models here use rotate-half
-# pairs (i, i + D/2), so the loader puts the rows back. Qwen2 and Gemma 3 use ggml's NEOX
+# pairs (i, i + D/2), so the loader puts the rows back. Qwen2 and Gemma 2/3 use ggml's NEOX
 # (rotate-half) RoPE and are stored unpermuted, as is Qwen3.
 QK_PERMUTED_ARCHS = frozenset({"llama"})
 # llama.cpp's converter stores Gemma norm weights as 1 + weight (ggml multiplies plainly).
-NORM_PLUS_ONE_ARCHS = frozenset({"gemma3"})
+NORM_PLUS_ONE_ARCHS = frozenset({"gemma2", "gemma3"})
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
@@ -159,6 +160,7 @@ HF_PREFIXES: Mapping[str, str] = MappingProxyType({
     "llama": "model.",
     "qwen2": "model.",
     "qwen3": "model.",
+    "gemma2": "model.",
     "gemma3": "model.",
     "gpt2": "transformer.",
 })

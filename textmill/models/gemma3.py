@@ -1,14 +1,17 @@
-"""Gemma 3 (text): Llama's skeleton with Gemma's changes.
+"""Gemma 2 and Gemma 3 (text): Llama's skeleton with Gemma's changes.
 
 - embeddings scaled by sqrt(hidden), the scale rounded to the weight dtype as in the reference;
 - RMSNorm computes x_hat * (1 + weight) in float32 (checkpoints store weight around 0);
 - four norms per block: before and after attention, before and after the MLP;
-- per-head RMSNorm on q and k before RoPE ("QK norm");
+- per-head RMSNorm on q and k before RoPE ("QK norm"; Gemma 3 only: config.qk_norm);
 - attention scale query_pre_attn_scalar ** -0.5 rather than head_dim ** -0.5;
 - sliding-window (local) layers and global layers, each with its own RoPE base; linear
   RoPE scaling, where the config has it, applies to the global layers only;
 - GeGLU MLP with the tanh approximation of GELU;
-- optional soft-capping of attention scores and of the final logits.
+- optional soft-capping of attention scores and of the final logits (Gemma 2 has both).
+
+Gemma 2 is the same network without the QK norm, with every other layer local and one RoPE
+base for all layers (its config says so); the registry maps both families here.
 """
 from __future__ import annotations
 
@@ -60,14 +63,16 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, self.num_kv_heads * D, bias=bias)
         self.v_proj = nn.Linear(C, self.num_kv_heads * D, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * D, C, bias=bias)
-        self.q_norm = GemmaRMSNorm(D, config.norm_eps)
-        self.k_norm = GemmaRMSNorm(D, config.norm_eps)
+        self.q_norm = GemmaRMSNorm(D, config.norm_eps) if config.qk_norm else None
+        self.k_norm = GemmaRMSNorm(D, config.norm_eps) if config.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:
         N, D = x.shape[0], self.head_dim
-        q = self.q_norm(self.q_proj(x).view(N, self.num_heads, D))  # (N, Hq, D)
-        k = self.k_norm(self.k_proj(x).view(N, self.num_kv_heads, D))  # (N, Hkv, D)
+        q = self.q_proj(x).view(N, self.num_heads, D)  # (N, Hq, D)
+        k = self.k_proj(x).view(N, self.num_kv_heads, D)  # (N, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         v = self.v_proj(x).view(N, self.num_kv_heads, D)  # (N, Hkv, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = ctx.attend(self.layer_idx, q, k, v, scale=self.scale,
@@ -112,7 +117,7 @@ class Gemma3ForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if config.hidden_act != "gelu_tanh":
-            raise ValueError(f"gemma3 uses GeGLU with tanh GELU, not {config.hidden_act!r}")
+            raise ValueError(f"Gemma uses GeGLU with tanh GELU, not {config.hidden_act!r}")
         self.config = config
         self.embed_scale = math.sqrt(config.hidden_size)
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)

@@ -23,6 +23,7 @@ MODEL_CLASSES: Mapping[str, type[nn.Module]] = MappingProxyType({
     "llama": LlamaForCausalLM,
     "qwen2": Qwen2ForCausalLM,
     "qwen3": Qwen3ForCausalLM,
+    "gemma2": Gemma3ForCausalLM,  # the same network: models/gemma3.py
     "gemma3": Gemma3ForCausalLM,
     "gpt2": GPT2LMHeadModel,
 })
@@ -38,6 +39,8 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     "Qwen2ForCausalLM": "qwen2",
     "qwen3": "qwen3",
     "Qwen3ForCausalLM": "qwen3",
+    "gemma2": "gemma2",
+    "Gemma2ForCausalLM": "gemma2",
     "gemma3": "gemma3",
     "gemma3_text": "gemma3",
     "Gemma3ForCausalLM": "gemma3",

@@ -151,24 +151,26 @@ def _direct(linear: torch.nn.Module):
 
 
 class GemmaKernelForward(KernelForwardBase):
-    """Gemma 3's forward (models/gemma3.py) on the same kernels. Per layer:
+    """Gemma 2's and 3's forward (models/gemma3.py) on the same kernels. Per layer:
 
         x = rms_norm(h, w_in)                               h: the residual stream
-        q = rope_kv_write(qkv_proj(x), ..., q_norm, k_norm)  QK norm, RoPE, k and v cached
-        a = rms_norm(o_proj(paged_attention(q)), w_post_attn)
+        q = rope_kv_write(qkv_proj(x), ..., q_norm, k_norm)  QK norm (Gemma 3), RoPE, k and v cached
+        a = rms_norm(o_proj(paged_attention(q)), w_post_attn)  scores soft-capped (Gemma 2)
         x = add_rms_norm(a, h, w_pre_ffw)                   h += a
         m = rms_norm(down(gelu_tanh_mul(gate_up(x))), w_post_ffw)
         x = add_rms_norm(m, h, w_next)                      h += m; the next layer's input norm
 
     Gemma's norms multiply by (1 + w) in float32; the weights are stored that way once here.
-    Built for exact gemma3 models whose layers runner/fused.py's fuse_gemma_layers fused."""
+    Built for exact Gemma models whose layers runner/fused.py's fuse_gemma_layers fused."""
 
     def __init__(self, model: torch.nn.Module, ops: ModuleType):
         super().__init__(model, ops)
         self.embed_scale = torch.tensor(model.embed_scale, dtype=torch.float32).item()
-        self.norms = [tuple(self.norm_weight(n) for n in (b.post_attention_layernorm, b.pre_feedforward_layernorm,
-                                                          b.post_feedforward_layernorm, b.self_attn.q_norm,
-                                                          b.self_attn.k_norm)) for b in self.layers]
+        # Gemma 2 has no QK norm: None for rope_kv_write.
+        self.norms = [tuple(None if n is None else self.norm_weight(n)
+                            for n in (b.post_attention_layernorm, b.pre_feedforward_layernorm,
+                                      b.post_feedforward_layernorm, b.self_attn.q_norm, b.self_attn.k_norm))
+                      for b in self.layers]
         self.rotary = (model.rotary_global, model.rotary_local)
         self.sliding = [b.self_attn.is_sliding for b in self.layers]
         self._gelu_mul = getattr(ops, "gelu_tanh_mul", None) or _gelu_tanh_mul
@@ -183,7 +185,7 @@ class GemmaKernelForward(KernelForwardBase):
     def supports(model: torch.nn.Module) -> bool:
         from textmill.models import gemma3
 
-        if type(model) is not gemma3.Gemma3ForCausalLM or model.config.attn_logit_softcap:
+        if type(model) is not gemma3.Gemma3ForCausalLM:
             return False
         return all(getattr(b.self_attn, "qkv_proj", None) is not None and getattr(b.mlp, "gate_up_proj", None)
                    is not None for b in model.layers)
@@ -203,9 +205,11 @@ class GemmaKernelForward(KernelForwardBase):
             q = ops.rope_kv_write(qkv, step.rows, cos, sin, kv, slots, attn.num_heads,
                                   attn.num_kv_heads, q_norm=q_norm, k_norm=k_norm, norm_eps=eps)  # (N, Hq, D)
         else:
-            _qk_norm_(qkv, attn.num_heads, attn.num_kv_heads, attn.head_dim, q_norm, k_norm, eps)
+            if q_norm is not None:
+                _qk_norm_(qkv, attn.num_heads, attn.num_kv_heads, attn.head_dim, q_norm, k_norm, eps)
             q = ops.rope_kv_write(qkv, step.rows, cos, sin, kv, slots, attn.num_heads, attn.num_kv_heads)
-        o = step.ctx.attend_cached(i, q, scale=attn.scale, sliding_window=attn.sliding_window)
+        o = step.ctx.attend_cached(i, q, scale=attn.scale, sliding_window=attn.sliding_window,
+                                   logit_softcap=attn.softcap)
         o, h = _kept(o, h, keep)
         a = ops.rms_norm(o_proj(o.flatten(1)), post_attn, eps)
         y = ops.add_rms_norm(a, h, pre_ffw, eps)
