@@ -16,7 +16,8 @@ Two files: synthetic-1b (a Llama, d=2048, 16 layers) and synthetic-qwen3 (the sh
 Qwen3-0.6B: d=1024, 28 layers, 16/8 heads of 128, QK norms, a tied 151,936-row embedding,
 Q6_K as llama.cpp's Q4_K_M keeps a tied embedding).
 
-synthetic-8b has Llama 3 8B's shapes, for runs at the other end of the sizes people use.
+synthetic-8b has Llama 3 8B's shapes, for runs at the other end of the sizes people use;
+synthetic-gemma2 has Gemma 2 2B's.
 
 Files are cached under ~/.cache/textmill-bench (TEXTMILL_BENCH_CACHE overrides), named by
 their parameters, and built only when missing:
@@ -24,6 +25,7 @@ their parameters, and built only when missing:
     python bench/synthetic_gguf.py                 # prints the path of synthetic-1b, building it once
     python bench/synthetic_gguf.py --qwen3         # the same for synthetic-qwen3
     python bench/synthetic_gguf.py --8b            # the same for synthetic-8b
+    python bench/synthetic_gguf.py --gemma2        # the same for synthetic-gemma2
     python bench/synthetic_gguf.py --layers 2 --out /tmp/tiny.gguf
 """
 from __future__ import annotations
@@ -61,7 +63,7 @@ class SyntheticSpec:
     context: int = 8192
     rope_base: float = 500000.0
     seed: int = 0
-    arch: str = "llama"  # "llama" or "qwen3" (per-head q and k norms, no permutation)
+    arch: str = "llama"  # "llama", "qwen3" (per-head q and k norms, no permutation) or "gemma2"
     key_length: int | None = None  # head_dim when it is not hidden / heads
     vocab: int | None = None  # pad the tokenizer's table to this many tokens
     tied: bool = False  # no output.weight: the embedding is the head
@@ -77,6 +79,12 @@ SYNTHETIC_QWEN3 = SyntheticSpec(name="synthetic-qwen3", hidden=1024, layers=28, 
                                 vocab=151936, tied=True, seed=1)
 # Llama 3 8B's shapes (128,256-token vocabulary, GQA 32/8, ffn 14336): the largest size people
 # run on a CPU. 4.6 GiB; not in the default matrix (`--models synthetic-8b`).
+# Gemma 2 2B's shapes: head_dim 256 (q is 2048 wide against d = 2304), every other layer on a
+# 4096-token window, soft-capped scores (50) and logits (30), four norms a layer, a tied
+# 256,000-row Q6_K embedding (SmolLM2's tokenizer padded, as for Qwen3).
+SYNTHETIC_GEMMA2 = SyntheticSpec(name="synthetic-gemma2", hidden=2304, layers=26, heads=8, kv_heads=4, ffn=9216,
+                                 context=8192, rope_base=10000.0, arch="gemma2", key_length=256, vocab=256000,
+                                 tied=True, seed=3)
 SYNTHETIC_8B = SyntheticSpec(name="synthetic-8b", hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336,
                              context=8192, rope_base=500000.0, vocab=128256, seed=2)
 
@@ -128,11 +136,15 @@ def tensor_plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, .
         plan += [(f"blk.{i}.attn_q.weight", (q, d), Q4_K),
                  (f"blk.{i}.attn_k.weight", (kv, d), Q4_K),
                  (f"blk.{i}.attn_v.weight", (kv, d), wide),
-                 (f"blk.{i}.attn_output.weight", (d, q), Q4_K),
-                 (f"blk.{i}.ffn_norm.weight", (d,), F32),
+                 (f"blk.{i}.attn_output.weight", (d, q), Q4_K)]
+        if spec.arch == "gemma2":  # Gemma's norms after attention and after the MLP
+            plan += [(f"blk.{i}.post_attention_norm.weight", (d,), F32)]
+        plan += [(f"blk.{i}.ffn_norm.weight", (d,), F32),
                  (f"blk.{i}.ffn_gate.weight", (f, d), Q4_K),
                  (f"blk.{i}.ffn_up.weight", (f, d), Q4_K),
                  (f"blk.{i}.ffn_down.weight", (d, f), wide)]
+        if spec.arch == "gemma2":
+            plan += [(f"blk.{i}.post_ffw_norm.weight", (d,), F32)]
     plan.append(("output_norm.weight", (d,), F32))
     return plan if spec.tied else plan + [("output.weight", (vocab, d), Q6_K)]
 
@@ -260,6 +272,10 @@ def write_synthetic(spec: SyntheticSpec, tokenizer_source: Path, path: Path) -> 
         w.add_value_length(spec.key_length)
     w.add_rope_freq_base(spec.rope_base)
     w.add_layer_norm_rms_eps(1e-5)
+    if spec.arch == "gemma2":  # what convert_hf_to_gguf.py writes for Gemma 2 (norms are stored as 1 + w)
+        w.add_sliding_window(4096)
+        w.add_attn_logit_softcapping(50.0)
+        w.add_final_logit_softcapping(30.0)
     w.add_vocab_size(vocab)
     w.add_file_type(15)  # LLAMA_FTYPE_MOSTLY_Q4_K_M, either arch
     w.add_quantization_version(2)
@@ -292,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=d.name)
     p.add_argument("--qwen3", action="store_true", help="the synthetic-qwen3 file (other shape flags ignored)")
     p.add_argument("--8b", dest="eight_b", action="store_true", help="the synthetic-8b file (other shape flags ignored)")
+    p.add_argument("--gemma2", action="store_true", help="the synthetic-gemma2 file (other shape flags ignored)")
     p.add_argument("--tokenizer-from", type=Path, default=None,
                    help="GGUF whose tokenizer.* to copy (default: SmolLM2)")
     p.add_argument("--out", type=Path, default=None, help="write here (always) instead of the cache")
@@ -303,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = SYNTHETIC_QWEN3
     elif a.eight_b:
         spec = SYNTHETIC_8B
+    elif a.gemma2:
+        spec = SYNTHETIC_GEMMA2
     print(write_synthetic(spec, source, a.out) if a.out else synthetic_path(spec, source))
     return 0
 
