@@ -34,7 +34,7 @@ def client_for(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["mistral", "phi3", "gemma2", "gemma3", "qwen2", "gpt2"])
 def test_served_greedy_equals_transformers(family: str, tmp_path: Path) -> None:
     tokenizer = train_tokenizer()
     hf = tiny_hf_model(family)

@@ -25,6 +25,9 @@ transformers = pytest.importorskip("transformers")
 HF_GGUF_OVERRIDES = {
     "llama": lambda c: {"head_dim": c.head_dim},
     "qwen2": lambda c: {},
+    # llama.cpp ignores Phi-3's window, and transformers' reader does not set one; its default
+    # pad id (32000) is past the tiny vocabulary.
+    "phi3": lambda c: {"pad_token_id": None},
     "qwen3": lambda c: {"head_dim": c.head_dim},  # its reader skips attention.key_length
     # transformers' Gemma 2 reader takes neither soft-cap from the file: its defaults are 50/30.
     "gemma2": lambda c: {"query_pre_attn_scalar": c.head_dim, "attn_logit_softcapping": c.attn_logit_softcapping,
@@ -76,7 +79,7 @@ def test_folder_config(from_folder) -> None:
     assert (c.num_heads, c.num_kv_heads) == (h.num_attention_heads, getattr(h, "num_key_value_heads", h.num_attention_heads))
     assert c.tie_word_embeddings == h.tie_word_embeddings
     assert (ours.model.lm_head is None) == c.tie_word_embeddings
-    if family in ("mistral", "gemma2", "gemma3"):
+    if family in ("mistral", "phi3", "gemma2", "gemma3"):
         assert c.sliding_window == SLIDING_WINDOW
     if family == "llama3":
         assert c.rope_freq_factors[0] == 1.0 and c.rope_freq_factors[-1] == 8.0
@@ -95,6 +98,18 @@ def test_folder_weights_are_transformers_weights(from_folder) -> None:
     """Every parameter was loaded (none left at meta/init) and equals transformers' own."""
     family, hf, ours = from_folder
     theirs = {k.removeprefix("model.").removeprefix("transformer."): v for k, v in hf.state_dict().items()}
+    if family == "phi3":  # our model holds Phi-3's fused tensors as Llama's parts
+        c = hf.config
+        d = c.hidden_size // c.num_attention_heads
+        q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
+        for name in [n for n in theirs if n.endswith(("qkv_proj.weight", "gate_up_proj.weight"))]:
+            whole, base = theirs.pop(name), name.rsplit(".", 2)[0]
+            if "qkv" in name:
+                theirs |= {f"{base}.q_proj.weight": whole[:q], f"{base}.k_proj.weight": whole[q:q + kv],
+                           f"{base}.v_proj.weight": whole[q + kv:]}
+            else:
+                theirs |= {f"{base}.gate_proj.weight": whole[:c.intermediate_size],
+                           f"{base}.up_proj.weight": whole[c.intermediate_size:]}
     for name, value in ours.model.state_dict().items():
         expected = theirs[name]
         if family == "gpt2" and value.dim() == 2 and not name.startswith(("wte", "wpe", "lm_head")):

@@ -26,6 +26,8 @@ _DECODER = {
 NAMES = {
     "llama": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "qwen2": _DECODER | {"post_attention_layernorm": "ffn_norm"},
+    "phi3": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.qkv_proj": "attn_qkv",
+                        "mlp.gate_up_proj": "ffn_up"},
     "qwen3": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
                          "self_attn.k_norm": "attn_k_norm"},
     "gemma3": _DECODER | {

@@ -67,6 +67,9 @@ def hf_config(family: str):
         return tf.LlamaConfig(**common, tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE)
     if family == "mistral":
         return tf.MistralConfig(**common, sliding_window=SLIDING_WINDOW, tie_word_embeddings=False)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj, a sliding window in every layer
+        return tf.Phi3Config(**common, sliding_window=SLIDING_WINDOW, tie_word_embeddings=False,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     if family == "qwen2":
         return tf.Qwen2Config(**common, tie_word_embeddings=True)
     if family == "qwen3":  # head_dim is not hidden / heads, as in every real Qwen3
@@ -94,7 +97,7 @@ def hf_config(family: str):
     raise ValueError(family)
 
 
-FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2")
+FAMILIES = ("llama", "llama3", "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2")
 
 
 def tiny_hf_model(family: str, seed: int = 0, **config_changes):

@@ -158,3 +158,56 @@ def test_the_float_path_decodes_whole_tensors_in_cpp_to_numpys_values(gguf_path)
         assert torch.equal(by_cpp[name], value), name
     bf16 = load_model(gguf_path, dtype=torch.bfloat16, decode=decode).model.state_dict()
     assert all(torch.equal(bf16[n], v.to(torch.bfloat16)) for n, v in by_numpy.items())
+
+
+def _write_phi3(path) -> None:
+    """Phi-3's layout: q, k and v in one attn_qkv, gate and up in one ffn_up of twice the width."""
+    rng = np.random.default_rng(1)
+    w = GGUFWriter(str(path), "phi3")
+    for key, value in (("embedding_length", C), ("block_count", 2), ("feed_forward_length", FFN),
+                       ("attention.head_count", HEADS), ("attention.head_count_kv", KV_HEADS),
+                       ("context_length", 256)):
+        w.add_uint32(f"phi3.{key}", value)
+    w.add_float32("phi3.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_float32("phi3.rope.freq_base", 10000.0)
+    w.add_tensor("token_embd.weight", _blocks(T.Q8_0, (VOCAB, C), rng), raw_dtype=T.Q8_0)
+    w.add_tensor("output_norm.weight", np.ones(C, dtype=np.float32))
+    w.add_tensor("output.weight", _blocks(T.Q6_K, (VOCAB, C), rng), raw_dtype=T.Q6_K)
+    for i, (qkv, up) in enumerate(((T.Q4_K, T.Q4_K), (T.Q8_0, T.Q5_K))):
+        for norm in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * rng.standard_normal(C)).astype(np.float32))
+        for name, qtype, shape in (("attn_qkv", qkv, (C + 2 * KV_HEADS * D, C)), ("attn_output", T.Q4_K, (C, C)),
+                                   ("ffn_up", up, (2 * FFN, C)), ("ffn_down", T.Q6_K, (C, FFN))):
+            w.add_tensor(f"blk.{i}.{name}.weight", _blocks(qtype, shape, rng), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_phi3_fused_tensors_split_into_parts_and_run_from_their_blocks(tmp_path):
+    """Phi-3's attn_qkv and gate-and-up ffn_up are split by rows into the model's parts (the
+    mapped bytes, no copy), which the runner stacks again into one matmul each."""
+    path = tmp_path / "phi3.gguf"
+    _write_phi3(path)
+    tokens = random.Random(1).choices(range(VOCAB), k=30)
+    ref_model = load_model(path)
+    assert ref_model.config.architecture == "phi3" and ref_model.config.sliding_window is None
+    ref = _prompt_logprobs(ModelRunner(ref_model.model, ref_model.config, CacheConfig(16, 8), kernels=False), tokens)
+    loaded = load_model(path, codes=True)
+    assert {n.rsplit(".", 2)[-2] for n in loaded.codes} >= {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    runner = ModelRunner(loaded.model, loaded.config, CacheConfig(16, 8), file_weights=loaded)
+    assert isinstance(runner.forward, KernelForward)
+    layer0, layer1 = loaded.model.layers
+    assert layer0.self_attn.qkv_proj.mode == "q4" and layer0.mlp.gate_up_proj.mode == "q4"
+    assert layer1.self_attn.qkv_proj.mode == "q8" and layer1.mlp.gate_up_proj.mode == "q5"
+    got = _prompt_logprobs(runner, tokens)
+    assert ref.std() > 0.5
+    assert (got - ref).abs().mean() < 0.04 * ref.std()
+    # The parts are the fused tensor's rows: q_proj is the first C rows of attn_qkv.
+    from gguf.quants import dequantize
+    from textmill.loader.gguf_file import GGUFFile
+    qkv = next(t for t in GGUFFile(path).tensors if t.name == "blk.1.attn_qkv.weight")
+    whole = torch.from_numpy(dequantize(qkv.data, qkv.qtype).reshape(qkv.shape))
+    attn = ref_model.model.layers[1].self_attn
+    assert torch.equal(attn.q_proj.weight, whole[:C]) and torch.equal(attn.v_proj.weight, whole[C + KV_HEADS * D:])

@@ -119,14 +119,41 @@ def test_refusals() -> None:
         config_from_dict(LLAMA | {"hidden_act": "relu"})
 
 
+def test_phi3_refusals_name_what_is_missing(tmp_path: Path) -> None:
+    """Phi-3.5 and Phi-4-mini configs (LongRoPE, partial rotary) and LongRoPE GGUF files."""
+    phi3 = LLAMA | {"architectures": ["Phi3ForCausalLM"]}
+    assert config_from_dict(phi3).architecture == "phi3"
+    with pytest.raises(ValueError, match="RoPE scaling 'longrope' is not supported"):
+        config_from_dict(phi3 | {"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8,
+                                                  "long_factor": [2.0] * 8}})
+    with pytest.raises(ValueError, match="partial rotary embeddings"):
+        config_from_dict(phi3 | {"partial_rotary_factor": 0.75})
+    from gguf import GGUFWriter
+
+    path = tmp_path / "phi35.gguf"
+    w = GGUFWriter(str(path), "phi3")
+    for key, value in (("embedding_length", 64), ("block_count", 1), ("feed_forward_length", 128),
+                       ("attention.head_count", 4), ("context_length", 131072)):
+        w.add_uint32(f"phi3.{key}", value)
+    w.add_tensor("token_embd.weight", np.zeros((8, 64), np.float32))
+    w.add_tensor("rope_factors_long.weight", np.ones(8, np.float32))
+    w.add_tensor("rope_factors_short.weight", np.ones(8, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="LongRoPE"):
+        load_model(path)
+
+
 def test_unknown_architecture_lists_every_supported_name() -> None:
     with pytest.raises(ValueError) as err:
-        resolve_architecture("phi3")
-    for name in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
-                 "Gemma3ForCausalLM", "GPT2LMHeadModel", "MistralForCausalLM", "gemma2", "gemma3", "gpt2", "qwen2",
-                 "qwen3", "llama"):
+        resolve_architecture("falcon")
+    for name in ("LlamaForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
+                 "Gemma3ForCausalLM", "GPT2LMHeadModel", "MistralForCausalLM", "phi3", "gemma2", "gemma3", "gpt2",
+                 "qwen2", "qwen3", "llama"):
         assert name in str(err.value)
-    assert set(MODEL_CLASSES) == {"llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"}
+    assert set(MODEL_CLASSES) == {"llama", "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"}
 
 
 def test_gguf_names_per_family() -> None:

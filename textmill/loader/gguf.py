@@ -22,7 +22,7 @@ from textmill.loader.dequant import dequantize
 from textmill.loader.gguf_file import GGUFFile, TensorInfo
 from textmill.loader.group_codes import CodesRef, GGUFRows, convertible
 from textmill.loader.hf_config import pattern_of_layers
-from textmill.loader.names import gguf_param_name, to_model_layout
+from textmill.loader.names import FUSED_GGUF, fused_parts, gguf_param_name, to_model_layout
 from textmill.models.registry import resolve_architecture
 
 _MISSING = object()
@@ -100,6 +100,11 @@ def read_config(gguf: GGUFFile) -> ModelConfig:
         if fields["attention_bias"]:  # transformers' Qwen3 puts a bias on o_proj too: not modelled
             raise ValueError("Qwen3 files with attention biases are not supported")
         fields |= dict(qk_norm=True)
+    elif family == "phi3":
+        if {"rope_factors_long.weight", "rope_factors_short.weight"} & tensor_names:
+            raise ValueError("Phi-3 files with LongRoPE factors (the 128k-context models, Phi-3.5, Phi-4-mini) "
+                             "are not supported; the 4k-context Phi-3 models are")
+        fields |= dict(sliding_window=None)  # llama.cpp ignores Phi-3's window too
     elif family == "gpt2":
         fields |= dict(norm_eps=float(meta.arch_get("attention.layer_norm_epsilon", 1e-5)),
                        hidden_act="gelu_tanh")  # ggml's GELU is the tanh approximation
@@ -146,6 +151,25 @@ def _rope_freq_factors(gguf: GGUFFile) -> tuple[float, ...] | None:
     return tuple(float(f) for f in dequantize(tensor.data, tensor.qtype))
 
 
+def model_tensors(gguf: GGUFFile, config: ModelConfig) -> list[TensorInfo]:
+    """The file's tensors, with fused ones (Phi-3's attn_qkv, its gate-and-up ffn_up) split
+    into the parts the model holds: row ranges of the mapped bytes, whole rows of blocks, so
+    each part is read, packed or decoded as a tensor of its own."""
+    arch = GGUFMetadata(gguf).arch
+    out = []
+    for t in gguf.tensors:
+        parts = fused_parts(FUSED_GGUF, arch, t.name, config)
+        if parts is None:
+            out.append(t)
+            continue
+        if parts[-1][2] != t.shape[0]:
+            raise ValueError(f"{t.name} has {t.shape[0]} rows, not the {parts[-1][2]} its parts need")
+        row_bytes = t.data.size // t.shape[0]
+        out += [TensorInfo(name, (end - start, *t.shape[1:]), t.qtype, t.data[start * row_bytes:end * row_bytes])
+                for name, start, end in parts]
+    return out
+
+
 def _show_progress() -> bool:
     return sys.stderr.isatty()
 
@@ -172,7 +196,7 @@ def read_state_dict(gguf: GGUFFile, config: ModelConfig, *, dtype: torch.dtype, 
                     decode: RowsDecoder | None = None) -> dict[str, torch.Tensor]:
     arch = GGUFMetadata(gguf).arch
     state: dict[str, torch.Tensor] = {}
-    for t in tqdm(gguf.tensors, desc="loading", unit="tensor", disable=not _show_progress()):
+    for t in tqdm(model_tensors(gguf, config), desc="loading", unit="tensor", disable=not _show_progress()):
         if t.name == ROPE_FREQS:
             continue  # read into the config
         name = gguf_param_name(arch, t.name)
@@ -196,7 +220,7 @@ def read_quantized_state(gguf: GGUFFile, config: ModelConfig, linear_names: froz
     """`linear_names`: the parameter names of the model's nn.Linear weights."""
     arch = GGUFMetadata(gguf).arch
     floats, codes, embedding = {}, {}, None
-    for t in tqdm(gguf.tensors, desc="loading", unit="tensor", disable=not _show_progress()):
+    for t in tqdm(model_tensors(gguf, config), desc="loading", unit="tensor", disable=not _show_progress()):
         if t.name == ROPE_FREQS:
             continue
         name = gguf_param_name(arch, t.name)

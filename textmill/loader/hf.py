@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from textmill.config import ModelConfig
 from textmill.loader.hf_config import read_hf_config
-from textmill.loader.names import hf_param_name, hf_to_model_layout
+from textmill.loader.names import FUSED_HF, fused_parts, hf_param_name, hf_to_model_layout
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -43,6 +43,19 @@ def _tensor_names(handles) -> Iterator[tuple[object, str]]:
             yield handle, key
 
 
+def _parts(arch: str, key: str, handle, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensor, or the parts of a fused one (Phi-3's qkv_proj, gate_up_proj)."""
+    parts = fused_parts(FUSED_HF, arch, key, config)
+    if parts is None:
+        yield key, handle.get_tensor(key)
+        return
+    whole = handle.get_tensor(key)
+    if parts[-1][2] != whole.shape[0]:
+        raise ValueError(f"{key} has {whole.shape[0]} rows, not the {parts[-1][2]} its parts need")
+    for name, start, end in parts:
+        yield name, whole[start:end]
+
+
 def load_hf_folder(folder: Path, *, dtype: torch.dtype, device: str
                    ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     if not (folder / "config.json").is_file():
@@ -55,9 +68,10 @@ def load_hf_folder(folder: Path, *, dtype: torch.dtype, device: str
         arch = config.architecture
         state: dict[str, torch.Tensor] = {}
         for handle, key in tqdm(entries, desc="loading", unit="tensor", disable=not sys.stderr.isatty()):
-            name = hf_param_name(arch, key)
-            if name is None or (name == "lm_head.weight" and config.tie_word_embeddings):
-                continue  # a cached buffer, or a tied head saved anyway: logits read the embedding
-            tensor = hf_to_model_layout(arch, name, handle.get_tensor(key))
-            state[name] = tensor.to(device=device, dtype=dtype)
+            for part, tensor in _parts(arch, key, handle, config):
+                name = hf_param_name(arch, part)
+                if name is None or (name == "lm_head.weight" and config.tie_word_embeddings):
+                    continue  # a cached buffer, or a tied head saved anyway: logits read the embedding
+                tensor = hf_to_model_layout(arch, name, tensor)
+                state[name] = tensor.to(device=device, dtype=dtype)
     return config, state

@@ -54,8 +54,11 @@ def config_from_dict(raw: dict[str, Any], tensor_names: Collection[str] = (), *,
 
 
 def _decoder_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
-    """Llama, Mistral, Qwen2, Qwen3, Gemma 2 and 3: the fields they share, then each one's own."""
+    """Llama, Mistral, Phi-3, Qwen2, Qwen3, Gemma 2 and 3: the fields they share, then each one's own."""
     hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+    if float(raw.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError(f"partial rotary embeddings (partial_rotary_factor {raw['partial_rotary_factor']}) "
+                         "are not supported")
     fields = dict(
         hidden_size=hidden,
         intermediate_size=int(raw["intermediate_size"]),

@@ -89,6 +89,7 @@ _GPT2 = GGUFNames("h", MappingProxyType({
 # Keyed by GGUF `general.architecture`.
 GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "llama": _LLAMA,
+    "phi3": _LLAMA,  # after its fused tensors are split (FUSED_GGUF)
     "qwen2": _LLAMA,
     "qwen3": _QWEN3,
     "gemma2": _GEMMA3,  # the same names; Gemma 2 has no attn_q_norm / attn_k_norm
@@ -106,6 +107,40 @@ NORM_PLUS_ONE_ARCHS = frozenset({"gemma2", "gemma3"})
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
+
+
+# Tensors an architecture stores fused, split by rows into the model's own parts, in order,
+# each with its width: "q" (heads x head_dim), "kv" (kv heads x head_dim), "ffn". Phi-3
+# keeps q, k and v in one attn_qkv (qkv_proj) and gate and up in one ffn_up (gate_up_proj)
+# of twice the width; SwiGLU takes the gate from its first half, as llama.cpp and HF do.
+_Parts = tuple[tuple[str, str], ...]
+FUSED_GGUF: Mapping[str, Mapping[str, _Parts]] = MappingProxyType({
+    "phi3": MappingProxyType({"attn_qkv": (("attn_q", "q"), ("attn_k", "kv"), ("attn_v", "kv")),
+                              "ffn_up": (("ffn_gate", "ffn"), ("ffn_up", "ffn"))}),
+})
+FUSED_HF: Mapping[str, Mapping[str, _Parts]] = MappingProxyType({
+    "phi3": MappingProxyType({
+        "self_attn.qkv_proj": (("self_attn.q_proj", "q"), ("self_attn.k_proj", "kv"), ("self_attn.v_proj", "kv")),
+        "mlp.gate_up_proj": (("mlp.gate_proj", "ffn"), ("mlp.up_proj", "ffn"))}),
+})
+
+
+def fused_parts(table: Mapping[str, Mapping[str, _Parts]], arch: str, name: str,
+                config: ModelConfig) -> list[tuple[str, int, int]] | None:
+    """A fused tensor's parts as (name, first row, end row) in the checkpoint's own naming
+    (`blk.3.attn_qkv.weight` -> `blk.3.attn_q.weight`, rows 0..q, ...); None for the rest."""
+    widths = {"q": config.num_heads * config.head_dim, "kv": config.num_kv_heads * config.head_dim,
+              "ffn": config.intermediate_size}
+    for whole, parts in table.get(arch, {}).items():
+        for kind in ("weight", "bias"):
+            suffix = f"{whole}.{kind}"
+            if name == suffix or name.endswith("." + suffix):
+                base, out, start = name[:len(name) - len(suffix)], [], 0
+                for part, width in parts:
+                    out.append((f"{base}{part}.{kind}", start, start + widths[width]))
+                    start += widths[width]
+                return out
+    return None
 
 
 def gguf_param_name(arch: str, gguf_name: str) -> str:
@@ -160,6 +195,7 @@ HF_PREFIXES: Mapping[str, str] = MappingProxyType({
     "llama": "model.",
     "qwen2": "model.",
     "qwen3": "model.",
+    "phi3": "model.",
     "gemma2": "model.",
     "gemma3": "model.",
     "gpt2": "transformer.",

@@ -21,6 +21,7 @@ from textmill.models.qwen3 import Qwen3ForCausalLM
 # registry key -> model class
 MODEL_CLASSES: Mapping[str, type[nn.Module]] = MappingProxyType({
     "llama": LlamaForCausalLM,
+    "phi3": LlamaForCausalLM,  # Llama's network; the loaders split its fused tensors
     "qwen2": Qwen2ForCausalLM,
     "qwen3": Qwen3ForCausalLM,
     "gemma2": Gemma3ForCausalLM,  # the same network: models/gemma3.py
@@ -35,6 +36,8 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     # Mistral is Llama with an optional sliding window; GGUF files call it "llama" too.
     "mistral": "llama",
     "MistralForCausalLM": "llama",
+    "phi3": "phi3",
+    "Phi3ForCausalLM": "phi3",
     "qwen2": "qwen2",
     "Qwen2ForCausalLM": "qwen2",
     "qwen3": "qwen3",
