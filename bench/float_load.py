@@ -59,7 +59,8 @@ def measure(key: str, rounds: int, dtype: torch.dtype) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["smollm2", "gemma3", "synthetic-1b"],
-                    help="matrix names or GGUF paths (bench/models.py); float32 copies must fit in memory")
+                    help="matrix names or GGUF paths (bench/models.py); three float32 copies of each must "
+                         "fit in memory (the two compared, and the next round's)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = ap.parse_args()

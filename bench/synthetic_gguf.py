@@ -77,14 +77,14 @@ SYNTHETIC_1B = SyntheticSpec()
 SYNTHETIC_QWEN3 = SyntheticSpec(name="synthetic-qwen3", hidden=1024, layers=28, heads=16, kv_heads=8, ffn=3072,
                                 context=40960, rope_base=1000000.0, arch="qwen3", key_length=128,
                                 vocab=151936, tied=True, seed=1)
-# Llama 3 8B's shapes (128,256-token vocabulary, GQA 32/8, ffn 14336): the largest size people
-# run on a CPU. 4.6 GiB; not in the default matrix (`--models synthetic-8b`).
 # Gemma 2 2B's shapes: head_dim 256 (q is 2048 wide against d = 2304), every other layer on a
 # 4096-token window, soft-capped scores (50) and logits (30), four norms a layer, a tied
 # 256,000-row Q6_K embedding (SmolLM2's tokenizer padded, as for Qwen3).
 SYNTHETIC_GEMMA2 = SyntheticSpec(name="synthetic-gemma2", hidden=2304, layers=26, heads=8, kv_heads=4, ffn=9216,
                                  context=8192, rope_base=10000.0, arch="gemma2", key_length=256, vocab=256000,
                                  tied=True, seed=3)
+# Llama 3 8B's shapes (128,256-token vocabulary, GQA 32/8, ffn 14336): the largest size people
+# run on a CPU. 4.6 GiB; not in the default matrix (`--models synthetic-8b`).
 SYNTHETIC_8B = SyntheticSpec(name="synthetic-8b", hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336,
                              context=8192, rope_base=500000.0, vocab=128256, seed=2)
 

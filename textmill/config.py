@@ -55,7 +55,7 @@ class ModelConfig:
     family does not use keep their defaults.
     """
 
-    architecture: str  # registry key: "llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"
+    architecture: str  # registry key: "llama", "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -66,7 +66,7 @@ class ModelConfig:
     max_position_embeddings: int
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_local_theta: float | None = None  # gemma3: sliding layers use their own base
+    rope_local_theta: float | None = None  # gemma2/3: the sliding layers' base
     rope_scaling_factor: float | None = None  # linear position scaling where the config sets it
     # Per-frequency divisors of the RoPE inverse frequencies, (head_dim / 2,): Llama 3.1+
     # "llama3" scaling (HF rope_scaling, or GGUF's rope_freqs tensor).
@@ -75,9 +75,9 @@ class ModelConfig:
     attention_bias: bool = False  # qwen2: bias on q/k/v
     qk_norm: bool = False  # qwen3, gemma3: per-head RMSNorm of q and k before RoPE
     sliding_window: int | None = None
-    # gemma3: layer i is global when (i + 1) % pattern == 0; None means all layers global.
+    # gemma2/3: layer i is global when (i + 1) % pattern == 0; None means all layers global.
     sliding_window_pattern: int | None = None
-    query_pre_attn_scalar: float | None = None  # gemma3: attention scale is this ** -0.5
+    query_pre_attn_scalar: float | None = None  # gemma2/3: attention scale is this ** -0.5
     final_logit_softcap: float | None = None
     attn_logit_softcap: float | None = None
     hidden_act: str = "silu"  # "silu" (SwiGLU), "gelu_tanh" (GeGLU), "gelu" (gpt2 MLP)

@@ -79,10 +79,12 @@ def build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner] 
     started = time.perf_counter()
     try:
         codes = plan.weights == "file-codes"
-        # Float weights (--no-kernels, CUDA, int4/int8) decode the file's blocks in C++ where
-        # the kernels build, whatever the plan runs on: numpy took 8-14x as long (bench/float_load.py).
+        # A GGUF's float weights (--no-kernels, CUDA, int4/int8) decode the file's blocks in C++
+        # where the kernels build, whatever the plan runs on: numpy took 8-14x as long
+        # (bench/float_load.py). Folders have no blocks: no build for them.
+        float_gguf = not codes and path.suffix.lower() == ".gguf"
         loaded = load_model(path, dtype=plan.torch_dtype, device=plan.device, codes=codes,
-                            decode=None if codes else file_decoder())
+                            decode=file_decoder() if float_gguf else None)
         tokenizer = load_tokenizer(path)
     except Exception as exc:  # a corrupt or foreign file fails in many ways; say which, in one line
         raise StartupError(f"cannot load model {path}: {type(exc).__name__}: {exc}") from exc

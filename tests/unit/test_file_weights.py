@@ -210,4 +210,9 @@ def test_phi3_fused_tensors_split_into_parts_and_run_from_their_blocks(tmp_path)
     qkv = next(t for t in GGUFFile(path).tensors if t.name == "blk.1.attn_qkv.weight")
     whole = torch.from_numpy(dequantize(qkv.data, qkv.qtype).reshape(qkv.shape))
     attn = ref_model.model.layers[1].self_attn
-    assert torch.equal(attn.q_proj.weight, whole[:C]) and torch.equal(attn.v_proj.weight, whole[C + KV_HEADS * D:])
+    assert torch.equal(attn.q_proj.weight, whole[:C]) and torch.equal(attn.k_proj.weight, whole[C:C + KV_HEADS * D])
+    assert torch.equal(attn.v_proj.weight, whole[C + KV_HEADS * D:])
+    up = next(t for t in GGUFFile(path).tensors if t.name == "blk.1.ffn_up.weight")  # [gate; up]
+    whole = torch.from_numpy(dequantize(up.data, up.qtype).reshape(up.shape))
+    mlp = ref_model.model.layers[1].mlp
+    assert torch.equal(mlp.gate_proj.weight, whole[:FFN]) and torch.equal(mlp.up_proj.weight, whole[FFN:])

@@ -128,6 +128,9 @@ def test_phi3_refusals_name_what_is_missing(tmp_path: Path) -> None:
                                                   "long_factor": [2.0] * 8}})
     with pytest.raises(ValueError, match="partial rotary embeddings"):
         config_from_dict(phi3 | {"partial_rotary_factor": 0.75})
+    with pytest.raises(ValueError, match="partial rotary embeddings"):  # transformers 5.x's spelling
+        config_from_dict(phi3 | {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                                     "partial_rotary_factor": 0.75}})
     from gguf import GGUFWriter
 
     path = tmp_path / "phi35.gguf"
@@ -144,6 +147,36 @@ def test_phi3_refusals_name_what_is_missing(tmp_path: Path) -> None:
     w.close()
     with pytest.raises(ValueError, match="LongRoPE"):
         load_model(path)
+
+
+def test_gemma2_defaults_where_the_checkpoint_is_silent(tmp_path: Path) -> None:
+    """llama.cpp and transformers both take Gemma 2's window (4096) and soft-caps (50, 30)
+    when a file or config.json does not name them; an explicit null turns a cap off."""
+    gemma2 = LLAMA | {"architectures": ["Gemma2ForCausalLM"], "hidden_activation": "gelu_pytorch_tanh"}
+    c = config_from_dict(gemma2)
+    assert (c.sliding_window, c.attn_logit_softcap, c.final_logit_softcap) == (4096, 50.0, 30.0)
+    assert (c.sliding_window_pattern, c.qk_norm, c.rope_local_theta) == (2, False, c.rope_theta)
+    assert config_from_dict(gemma2 | {"final_logit_softcapping": None}).final_logit_softcap is None
+    from gguf import GGUFWriter
+
+    path = tmp_path / "gemma2.gguf"
+    w = GGUFWriter(str(path), "gemma2")
+    for key, value in (("embedding_length", 64), ("block_count", 2), ("feed_forward_length", 128),
+                       ("attention.head_count", 4), ("attention.head_count_kv", 2), ("context_length", 8192)):
+        w.add_uint32(f"gemma2.{key}", value)
+    w.add_float32("gemma2.rope.freq_base", 10000.0)
+    w.add_tensor("token_embd.weight", np.zeros((8, 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    from textmill.loader.gguf import read_config
+
+    c = read_config(GGUFFile(path))
+    assert (c.architecture, c.sliding_window, c.attn_logit_softcap, c.final_logit_softcap) == (
+        "gemma2", 4096, 50.0, 30.0)
+    assert (c.sliding_window_pattern, c.rope_local_theta, c.query_pre_attn_scalar, c.qk_norm) == (
+        2, 10000.0, 16.0, False)
 
 
 def test_unknown_architecture_lists_every_supported_name() -> None:

@@ -3,7 +3,8 @@
 The file is memory-mapped by our lean reader (gguf_file.py); each tensor is dequantized once into the
 requested dtype, so the float32 copy of one tensor at a time is the peak extra memory. The caller
 may pass a faster decoder for whole quantized tensors (the composition root passes the C++
-kernels' one, runner/file_weights.file_decoder: numpy took 45 s of a 1B Q4_K_M file's load);
+kernels' one, runner/file_weights.file_decoder: 1.2 s for a 1B Q4_K_M file where numpy took
+10-27 s, bench/float_load.py);
 numpy's decoders stay the reference and the fallback.
 """
 from __future__ import annotations
@@ -89,7 +90,7 @@ def read_config(gguf: GGUFFile) -> ModelConfig:
         rope_scaling_factor=_rope_scaling_factor(meta),
         tie_word_embeddings="output.weight" not in tensor_names,
         rope_freq_factors=_rope_freq_factors(gguf),
-        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        attention_bias=bool({"blk.0.attn_q.bias", "blk.0.attn_qkv.bias"} & tensor_names),  # (Phi-3's is fused)
         sliding_window=int(window) if window else None,
         name=str(meta.get("general.name", "")),
     )
@@ -117,20 +118,27 @@ def _gemma_fields(meta: GGUFMetadata, fields: dict[str, Any], family: str) -> di
     # llama.cpp: the 27B models (Gemma 2's 46 layers, Gemma 3's 62) scale queries by
     # hidden / heads, the others by head_dim (the query_pre_attn_scalar of their HF configs).
     scalar = hidden // heads if layers == {"gemma2": 46, "gemma3": 62}[family] else fields["head_dim"]
-    if family == "gemma2":  # llama.cpp: every other layer local, all on the file's one RoPE base
-        pattern, local_theta = 2, fields["rope_theta"]
+    if family == "gemma2":
+        # llama.cpp's defaults where a file lacks the keys: every other layer local on a
+        # 4096-token window, on the global RoPE base, scores and logits capped at 50 and 30.
+        if fields["rope_scaling_factor"] is not None:  # llama.cpp would scale the local layers too
+            raise ValueError("Gemma 2 files with RoPE scaling are not supported")
+        defaults = dict(pattern=2, local_theta=fields["rope_theta"], window=4096, attn_cap=50.0, final_cap=30.0)
     else:
-        pattern = meta.arch_get("attention.sliding_window_pattern", 6)
-        local_theta = 10000.0  # llama.cpp's fixed base for Gemma 3's sliding-window layers
+        defaults = dict(pattern=6, local_theta=10000.0, window=fields["sliding_window"], attn_cap=None,
+                        final_cap=None)
+    pattern = meta.arch_get("attention.sliding_window_pattern", defaults["pattern"])
     if isinstance(pattern, list):  # one flag per layer, True = sliding
         pattern = pattern_of_layers([bool(p) for p in pattern])
+    window = meta.arch_get("attention.sliding_window", defaults["window"])
     return dict(
         qk_norm=family == "gemma3",
-        rope_local_theta=local_theta,
+        rope_local_theta=float(meta.arch_get("rope.freq_base_swa", defaults["local_theta"])),
+        sliding_window=int(window) if window else None,
         sliding_window_pattern=int(pattern),
         query_pre_attn_scalar=float(scalar),
-        final_logit_softcap=_optional_float(meta.arch_get("final_logit_softcapping", None)),
-        attn_logit_softcap=_optional_float(meta.arch_get("attn_logit_softcapping", None)),
+        final_logit_softcap=_optional_float(meta.arch_get("final_logit_softcapping", defaults["final_cap"])),
+        attn_logit_softcap=_optional_float(meta.arch_get("attn_logit_softcapping", defaults["attn_cap"])),
         hidden_act="gelu_tanh",
     )
 

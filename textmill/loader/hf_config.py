@@ -56,9 +56,11 @@ def config_from_dict(raw: dict[str, Any], tensor_names: Collection[str] = (), *,
 def _decoder_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
     """Llama, Mistral, Phi-3, Qwen2, Qwen3, Gemma 2 and 3: the fields they share, then each one's own."""
     hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
-    if float(raw.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError(f"partial rotary embeddings (partial_rotary_factor {raw['partial_rotary_factor']}) "
-                         "are not supported")
+    # transformers 4.x keeps partial_rotary_factor at the top level, 5.x inside rope_parameters.
+    partial = float(raw.get("partial_rotary_factor") or (raw.get("rope_parameters") or {}).get("partial_rotary_factor")
+                    or 1.0)
+    if partial != 1.0:
+        raise ValueError(f"partial rotary embeddings (partial_rotary_factor {partial}) are not supported")
     fields = dict(
         hidden_size=hidden,
         intermediate_size=int(raw["intermediate_size"]),
@@ -115,8 +117,10 @@ def _gemma2(raw: dict[str, Any], num_layers: int, head_dim: int) -> dict[str, An
     layer_types = raw.get("layer_types")
     sliding = ([t == "sliding_attention" for t in layer_types[:num_layers]] if layer_types
                else [i % 2 == 0 for i in range(num_layers)])
-    return rope | _gemma_common(raw) | dict(rope_local_theta=rope["rope_theta"],
-                                            sliding_window_pattern=pattern_of_layers(sliding))
+    # transformers' Gemma2Config defaults where config.json lacks a key (null still means off).
+    defaults = {"sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+    return rope | _gemma_common(defaults | raw) | dict(rope_local_theta=rope["rope_theta"],
+                                                       sliding_window_pattern=pattern_of_layers(sliding))
 
 
 def _gemma_common(raw: dict[str, Any]) -> dict[str, Any]:

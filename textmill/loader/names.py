@@ -60,7 +60,7 @@ _QWEN3 = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
 }))
-# Gemma 3 has four norms per block: llama.cpp's ffn_norm is its pre-feedforward norm, and
+# Gemma 2 and 3 have four norms per block: llama.cpp's ffn_norm is its pre-feedforward norm, and
 # post_attention_norm is applied to the attention output, not before the MLP as in Llama.
 _GEMMA3 = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
     "attn_norm": "input_layernorm",

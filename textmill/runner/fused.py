@@ -116,7 +116,7 @@ def _concat(linears: list[nn.Linear]) -> nn.Linear:
 
 
 def fuse_gemma_layers(model: nn.Module, make_linear: MakeFused) -> int:
-    """Give Gemma 3's attention and MLP modules one qkv_proj and one gate_up_proj, for the
+    """Give Gemma 2's and 3's attention and MLP modules one qkv_proj and one gate_up_proj, for the
     kernel forward (runner/kernel_forward.py GemmaKernelForward); the separate q/k/v and
     gate/up layers are dropped, so only that forward can run the model afterwards."""
     from textmill.models import gemma3
