@@ -71,6 +71,9 @@ class ModelConfig:
     # Per-frequency divisors of the RoPE inverse frequencies, (head_dim / 2,): Llama 3.1+
     # "llama3" scaling (HF rope_scaling, or GGUF's rope_freqs tensor).
     rope_freq_factors: tuple[float, ...] | None = None
+    # LongRoPE (Phi-3.5, Phi-3's 128k models): cos and sin scaled by this; its divisors above
+    # are the set for the window the model was loaded to serve (the loaders choose).
+    rope_attention_factor: float = 1.0
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # qwen2: bias on q/k/v
     qk_norm: bool = False  # qwen3, gemma3: per-head RMSNorm of q and k before RoPE

@@ -62,6 +62,7 @@ def build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner] 
     from textmill.engine.engine import Engine
     from textmill.engine.scheduler import Scheduler
     from textmill.loader import load_model
+    from textmill.loader.load import read_model_config
     from textmill.runner.file_weights import file_decoder
     from textmill.runner.model_runner import ModelRunner
     from textmill.runner.plan import PlanError, decide
@@ -78,20 +79,26 @@ def build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner] 
     torch.set_num_threads(plan.threads or os.cpu_count() or 1)
     started = time.perf_counter()
     try:
+        # The window is sized from the config before the weights load: LongRoPE models
+        # (Phi-3.5) take the RoPE factors of the window they serve.
+        cfg = read_model_config(path)
+    except Exception as exc:
+        raise StartupError(f"cannot load model {path}: {type(exc).__name__}: {exc}") from exc
+    asked = config.scheduler.max_model_len
+    max_len = min(asked or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    cache, max_len = _cache_config(cfg, config, plan, max_len)
+    try:
         codes = plan.weights == "file-codes"
         # A GGUF's float weights (--no-kernels, CUDA, int4/int8) decode the file's blocks in C++
         # where the kernels build, whatever the plan runs on: numpy took 8-14x as long
         # (bench/float_load.py). Folders have no blocks: no build for them.
         float_gguf = not codes and path.suffix.lower() == ".gguf"
         loaded = load_model(path, dtype=plan.torch_dtype, device=plan.device, codes=codes,
-                            decode=file_decoder() if float_gguf else None)
+                            decode=file_decoder() if float_gguf else None, context_window=max_len)
         tokenizer = load_tokenizer(path)
     except Exception as exc:  # a corrupt or foreign file fails in many ways; say which, in one line
         raise StartupError(f"cannot load model {path}: {type(exc).__name__}: {exc}") from exc
     cfg = loaded.config
-    asked = config.scheduler.max_model_len
-    max_len = min(asked or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    cache, max_len = _cache_config(cfg, config, plan, max_len)
     sched = dataclasses.replace(config.scheduler, max_model_len=max_len)
     from textmill.grammar.compiler import LLGuidanceCompiler
     grammars = LLGuidanceCompiler(tokenizer, cfg.vocab_size)  # shared by the API (compile) and the runner

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tests.parity.compare import hf_greedy
-from tests.parity.tiny_models import EOS, FIM, PROMPTS, save_folder, tiny_hf_model, train_tokenizer
+from tests.parity.tiny_models import (EOS, FIM, PROMPTS, phi3_longrope_model, save_folder, tiny_hf_model,
+                                     train_tokenizer)
 from textmill.config import EngineConfig, ServerConfig
 from textmill.tokenizer import load_hf_tokenizer
 
@@ -54,6 +55,25 @@ def test_served_greedy_equals_transformers(family: str, tmp_path: Path) -> None:
             assert r.usage.prompt_tokens == len(ids)
             assert choice.text == ours.decode(expected), f"{family}: {text!r}"
             assert choice.finish_reason == ("stop" if stopped else "length")
+
+
+def test_served_longrope_takes_the_factors_of_its_window(tmp_path: Path) -> None:
+    """A LongRoPE Phi-3 (original context 8) served with its whole window takes the long
+    factors, as transformers does past 8 tokens; served with an 8-token window, the short
+    ones, as transformers does within 8: the server sizes its window before it loads."""
+    tokenizer = train_tokenizer()
+    hf = phi3_longrope_model(original=8)
+    folder = save_folder(hf, tokenizer, tmp_path / "phi3")
+    ours = load_hf_tokenizer(folder)
+    long_ids = ours.encode(PROMPTS["prose"])
+    short_ids = long_ids[:4]
+    for window, ids, steps in ((256, long_ids, 16), (8, short_ids, 4)):
+        options = EngineConfig(model=str(folder)).updated(**(TINY_OPTIONS | {"max_model_len": window}))
+        expected = hf_greedy(hf, torch.tensor(ids), steps=steps)
+        with running_server(options, ServerConfig(port=free_port(), served_model_name="phi3")) as url:
+            r = client_for(url).completions.create(model="phi3", prompt=ids, max_tokens=steps, temperature=0,
+                                                   extra_body={"ignore_eos": True})
+        assert r.choices[0].text == ours.decode(expected), window
 
 
 # --- fill-in-the-middle ------------------------------------------------------------------

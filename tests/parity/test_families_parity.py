@@ -7,6 +7,7 @@ log-probabilities within 1e-3 and the same 32 greedy tokens.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,8 @@ import torch
 
 from tests.parity.compare import GREEDY_TOKENS, LOGPROB_TOLERANCE, hf_greedy, max_logprob_diff, our_greedy
 from tests.parity.tiny_gguf import write_gguf
-from tests.parity.tiny_models import (FAMILIES, GEMMA2_SOFTCAPS, SLIDING_WINDOW, prompt_ids, save_folder, tiny_hf_model,
-                                     train_tokenizer)
+from tests.parity.tiny_models import (FAMILIES, GEMMA2_SOFTCAPS, SLIDING_WINDOW, phi3_longrope_model, prompt_ids,
+                                     save_folder, tiny_hf_model, train_tokenizer)
 from textmill.loader import LoadedModel, load_model
 
 transformers = pytest.importorskip("transformers")
@@ -181,3 +182,24 @@ def test_llama3_gguf_rope_freqs_match_the_folder(tokenizer, prompts, tmp_path: P
         diff = max_logprob_diff(ours.model, hf, ids)
         assert diff < LOGPROB_TOLERANCE, f"{name}: max |logprob diff| = {diff:.2e}"
         assert our_greedy(ours.model, ids) == hf_greedy(hf, ids), name
+
+
+def test_phi3_longrope_folder_and_gguf_match_transformers(tokenizer, prompts, tmp_path: Path) -> None:
+    """Past the original context transformers takes the long factors, up to it the short ones;
+    textmill takes one set for the window it serves (llama.cpp's rule for its context size):
+    the long set for the model's whole window, the short set for a window within the original."""
+    hf = phi3_longrope_model(original=8)
+    folder = save_folder(hf, tokenizer, tmp_path / "folder")
+    path = write_gguf(tmp_path / "phi3.gguf", "phi3", hf, tokenizer)
+    for ours in (load_model(folder), load_model(path)):
+        assert ours.config.rope_attention_factor == pytest.approx((1 + math.log(256 / 8) / math.log(8)) ** 0.5)
+        for name, ids in prompts.items():  # every prompt is longer than 8 tokens: the long factors
+            assert len(ids) > 8
+            diff = max_logprob_diff(ours.model, hf, ids)
+            assert diff < LOGPROB_TOLERANCE, f"{name}: max |logprob diff| = {diff:.2e}"
+            assert our_greedy(ours.model, ids) == hf_greedy(hf, ids), name
+    short_ids = prompts["prose"][:8]
+    for ours in (load_model(folder, context_window=8), load_model(path, context_window=8)):
+        assert max_logprob_diff(ours.model, hf, short_ids) < LOGPROB_TOLERANCE
+    # ... and the two sets differ enough that taking the wrong one shows.
+    assert max_logprob_diff(load_model(folder).model, hf, short_ids) > 100 * LOGPROB_TOLERANCE

@@ -144,6 +144,14 @@ def write_gguf(path: Path, family: str, hf_model, tokenizer: Tokenizer, *, name:
     tied = config.tie_word_embeddings
     if family == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
+    rope = getattr(config, "rope_parameters", None) or {}
+    if family == "phi3" and rope.get("rope_type") == "longrope":  # as conversion/phi.py writes LongRoPE
+        original = rope["original_max_position_embeddings"]
+        scale = config.max_position_embeddings / original
+        w.add_rope_scaling_orig_ctx_len(original)
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+        w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
     for hf_name, tensor in hf_model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue

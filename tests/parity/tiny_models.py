@@ -135,3 +135,27 @@ def prompt_ids(tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
     ids = {name: torch.tensor(tokenizer.encode(text).ids) for name, text in PROMPTS.items()}
     assert all(len(t) > SLIDING_WINDOW + 4 for t in ids.values())
     return ids
+
+
+def phi3_longrope_model(original: int = 8):
+    """A tiny Phi-3 with LongRoPE (Phi-3.5, Phi-3's 128k models): per-frequency divisors for
+    windows up to the original context and others past it, and cos/sin scaled by
+    sqrt(1 + ln(256 / 8) / ln(8))."""
+    import transformers as tf
+
+    half = HIDDEN // HEADS // 2
+    gen = torch.Generator().manual_seed(5)
+    short = (1.0 + torch.rand(half, generator=gen)).tolist()
+    long = (1.0 + 6.0 * torch.rand(half, generator=gen)).tolist()
+    config = tiny_hf_model("phi3").config
+    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short,
+                              "long_factor": long, "original_max_position_embeddings": original,
+                              "partial_rotary_factor": 1.0}
+    config.original_max_position_embeddings = original
+    config.sliding_window = None
+    torch.manual_seed(4)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.15)
+    return model.eval().requires_grad_(False)

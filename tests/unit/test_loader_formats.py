@@ -3,6 +3,7 @@ against gguf-py's, and the registry's error for unknown architectures."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -119,34 +120,29 @@ def test_refusals() -> None:
         config_from_dict(LLAMA | {"hidden_act": "relu"})
 
 
-def test_phi3_refusals_name_what_is_missing(tmp_path: Path) -> None:
-    """Phi-3.5 and Phi-4-mini configs (LongRoPE, partial rotary) and LongRoPE GGUF files."""
+def test_phi3_refusals_name_what_is_missing() -> None:
+    """Phi-4-mini rotates only part of each head: refused, in either spelling of the config."""
     phi3 = LLAMA | {"architectures": ["Phi3ForCausalLM"]}
     assert config_from_dict(phi3).architecture == "phi3"
-    with pytest.raises(ValueError, match="RoPE scaling 'longrope' is not supported"):
-        config_from_dict(phi3 | {"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8,
-                                                  "long_factor": [2.0] * 8}})
     with pytest.raises(ValueError, match="partial rotary embeddings"):
         config_from_dict(phi3 | {"partial_rotary_factor": 0.75})
     with pytest.raises(ValueError, match="partial rotary embeddings"):  # transformers 5.x's spelling
         config_from_dict(phi3 | {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                                      "partial_rotary_factor": 0.75}})
-    from gguf import GGUFWriter
 
-    path = tmp_path / "phi35.gguf"
-    w = GGUFWriter(str(path), "phi3")
-    for key, value in (("embedding_length", 64), ("block_count", 1), ("feed_forward_length", 128),
-                       ("attention.head_count", 4), ("context_length", 131072)):
-        w.add_uint32(f"phi3.{key}", value)
-    w.add_tensor("token_embd.weight", np.zeros((8, 64), np.float32))
-    w.add_tensor("rope_factors_long.weight", np.ones(8, np.float32))
-    w.add_tensor("rope_factors_short.weight", np.ones(8, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(ValueError, match="LongRoPE"):
-        load_model(path)
+
+def test_longrope_config_of_the_hub() -> None:
+    """Phi-3.5-mini's config.json (4.x spelling, factors cut to 2): the short factors for a
+    window up to the original 4096 tokens, the long ones past it; attention factor
+    sqrt(1 + ln 32 / ln 4096)."""
+    phi35 = LLAMA | {"architectures": ["Phi3ForCausalLM"], "max_position_embeddings": 131072,
+                     "original_max_position_embeddings": 4096, "hidden_size": 16, "num_attention_heads": 4,
+                     "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.5], "long_factor": [2.0, 9.0]}}
+    full = config_from_dict(phi35)
+    assert full.rope_freq_factors == (2.0, 9.0) and full.max_position_embeddings == 131072
+    assert full.rope_attention_factor == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))
+    short = config_from_dict(phi35, context_window=4096)
+    assert short.rope_freq_factors == (1.0, 1.5) and short.rope_attention_factor == full.rope_attention_factor
 
 
 def test_gemma2_defaults_where_the_checkpoint_is_silent(tmp_path: Path) -> None:

@@ -65,7 +65,9 @@ def _vocab_size(gguf: GGUFFile) -> int:
     return embd.shape[0]  # (vocab, hidden)
 
 
-def read_config(gguf: GGUFFile) -> ModelConfig:
+def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfig:
+    """`context_window`: the longest sequence the model will serve (default: its whole
+    window); it picks LongRoPE's factors, as llama.cpp's context size does."""
     meta = GGUFMetadata(gguf)
     hidden = int(meta.arch_get("embedding_length"))
     heads = int(meta.arch_get("attention.head_count"))
@@ -102,10 +104,9 @@ def read_config(gguf: GGUFFile) -> ModelConfig:
             raise ValueError("Qwen3 files with attention biases are not supported")
         fields |= dict(qk_norm=True)
     elif family == "phi3":
-        if {"rope_factors_long.weight", "rope_factors_short.weight"} & tensor_names:
-            raise ValueError("Phi-3 files with LongRoPE factors (the 128k-context models, Phi-3.5, Phi-4-mini) "
-                             "are not supported; the 4k-context Phi-3 models are")
         fields |= dict(sliding_window=None)  # llama.cpp ignores Phi-3's window too
+        if LONGROPE & tensor_names:
+            fields |= _longrope(gguf, meta, context_window or fields["max_position_embeddings"])
     elif family == "gpt2":
         fields |= dict(norm_eps=float(meta.arch_get("attention.layer_norm_epsilon", 1e-5)),
                        hidden_act="gelu_tanh")  # ggml's GELU is the tanh approximation
@@ -152,11 +153,30 @@ def _optional_float(value: Any) -> float | None:
 ROPE_FREQS = "rope_freqs.weight"
 
 
-def _rope_freq_factors(gguf: GGUFFile) -> tuple[float, ...] | None:
-    tensor = next((t for t in gguf.tensors if t.name == ROPE_FREQS), None)
+# LongRoPE (Phi-3.5, Phi-3's 128k models): divisors for windows up to the original context
+# and divisors past it. They become ModelConfig.rope_freq_factors too, not weights.
+LONGROPE = frozenset({"rope_factors_long.weight", "rope_factors_short.weight"})
+_ROPE_TENSORS = LONGROPE | {ROPE_FREQS}
+
+
+def _tensor_values(gguf: GGUFFile, name: str) -> tuple[float, ...] | None:
+    tensor = next((t for t in gguf.tensors if t.name == name), None)
     if tensor is None:
         return None
     return tuple(float(f) for f in dequantize(tensor.data, tensor.qtype))
+
+
+def _rope_freq_factors(gguf: GGUFFile) -> tuple[float, ...] | None:
+    return _tensor_values(gguf, ROPE_FREQS)
+
+
+def _longrope(gguf: GGUFFile, meta: GGUFMetadata, window: int) -> dict[str, Any]:
+    """llama.cpp's rule: the long factors when the context exceeds the original one, else
+    the short; cos and sin scaled by the file's attention factor either way."""
+    original = int(meta.arch_get("rope.scaling.original_context_length"))
+    name = "rope_factors_long.weight" if window > original else "rope_factors_short.weight"
+    return dict(rope_freq_factors=_tensor_values(gguf, name),
+                rope_attention_factor=float(meta.arch_get("rope.scaling.attn_factor", 1.0)))
 
 
 def model_tensors(gguf: GGUFFile, config: ModelConfig) -> list[TensorInfo]:
@@ -205,7 +225,7 @@ def read_state_dict(gguf: GGUFFile, config: ModelConfig, *, dtype: torch.dtype, 
     arch = GGUFMetadata(gguf).arch
     state: dict[str, torch.Tensor] = {}
     for t in tqdm(model_tensors(gguf, config), desc="loading", unit="tensor", disable=not _show_progress()):
-        if t.name == ROPE_FREQS:
+        if t.name in _ROPE_TENSORS:
             continue  # read into the config
         name = gguf_param_name(arch, t.name)
         tensor = to_model_layout(arch, name, _values(t, decode), config)
@@ -229,7 +249,7 @@ def read_quantized_state(gguf: GGUFFile, config: ModelConfig, linear_names: froz
     arch = GGUFMetadata(gguf).arch
     floats, codes, embedding = {}, {}, None
     for t in tqdm(model_tensors(gguf, config), desc="loading", unit="tensor", disable=not _show_progress()):
-        if t.name == ROPE_FREQS:
+        if t.name in _ROPE_TENSORS:
             continue
         name = gguf_param_name(arch, t.name)
         if name == EMBED and convertible(t.qtype, t.shape):
@@ -256,10 +276,10 @@ def _row_order(arch: str, name: str, rows: int, config: ModelConfig) -> torch.Te
     return None if torch.equal(moved, order) else moved
 
 
-def load_gguf(path: Path, *, dtype: torch.dtype, device: str, decode: RowsDecoder | None = None
-              ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def load_gguf(path: Path, *, dtype: torch.dtype, device: str, decode: RowsDecoder | None = None,
+              context_window: int | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     gguf = GGUFFile(path)
-    config = read_config(gguf)
+    config = read_config(gguf, context_window)
     return config, read_state_dict(gguf, config, dtype=dtype, device=device, decode=decode)
 
 

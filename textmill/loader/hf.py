@@ -56,7 +56,15 @@ def _parts(arch: str, key: str, handle, config: ModelConfig) -> Iterator[tuple[s
         yield name, whole[start:end]
 
 
-def load_hf_folder(folder: Path, *, dtype: torch.dtype, device: str
+def read_folder_config(folder: Path) -> ModelConfig:
+    """The folder's ModelConfig, from config.json and the shards' tensor names."""
+    with ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(p), framework="pt", device="cpu"))
+                   for p in safetensors_files(folder)]
+        return read_hf_config(folder, [key for _, key in _tensor_names(handles)])
+
+
+def load_hf_folder(folder: Path, *, dtype: torch.dtype, device: str, context_window: int | None = None
                    ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a Hugging Face model folder: it has no config.json")
@@ -64,7 +72,7 @@ def load_hf_folder(folder: Path, *, dtype: torch.dtype, device: str
         handles = [stack.enter_context(safe_open(str(p), framework="pt", device="cpu"))
                    for p in safetensors_files(folder)]
         entries = list(_tensor_names(handles))
-        config = read_hf_config(folder, [key for _, key in entries])
+        config = read_hf_config(folder, [key for _, key in entries], context_window)
         arch = config.architecture
         state: dict[str, torch.Tensor] = {}
         for handle, key in tqdm(entries, desc="loading", unit="tensor", disable=not sys.stderr.isatty()):

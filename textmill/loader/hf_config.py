@@ -27,19 +27,21 @@ _ACTIVATIONS = {
 }
 
 
-def read_hf_config(folder: Path, tensor_names: Collection[str] = ()) -> ModelConfig:
+def read_hf_config(folder: Path, tensor_names: Collection[str] = (), context_window: int | None = None
+                   ) -> ModelConfig:
     """`tensor_names` (the checkpoint's) settles whether the LM head is tied when the
-    config does not say: a checkpoint without `lm_head.weight` is tied."""
+    config does not say: a checkpoint without `lm_head.weight` is tied. `context_window`
+    (default: the model's own) picks LongRoPE's factors."""
     path = folder / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json")
     with path.open(encoding="utf-8") as f:
         raw = json.load(f)
-    return config_from_dict(raw, tensor_names, name=folder.name)
+    return config_from_dict(raw, tensor_names, name=folder.name, context_window=context_window)
 
 
 def config_from_dict(raw: dict[str, Any], tensor_names: Collection[str] = (), *,
-                     name: str = "") -> ModelConfig:
+                     name: str = "", context_window: int | None = None) -> ModelConfig:
     if raw.get("quantization_config"):
         method = raw["quantization_config"].get("quant_method", "?")
         raise ValueError(f"quantized Hugging Face checkpoints ({method}) are not supported; "
@@ -47,6 +49,8 @@ def config_from_dict(raw: dict[str, Any], tensor_names: Collection[str] = (), *,
     archs = raw.get("architectures") or [raw.get("model_type", "")]
     family = resolve_architecture(archs[0])
     fields = _gpt2(raw) if family == "gpt2" else _decoder_fields(raw, family)
+    if fields.pop("longrope", None) is not None:
+        fields |= _longrope(raw, fields["rope_theta"], context_window or fields["max_position_embeddings"])
     untied_head = any(n.endswith("lm_head.weight") for n in tensor_names) or not tensor_names
     tied = raw.get("tie_word_embeddings", family in ("gemma2", "gemma3", "gpt2")) or not untied_head
     return ModelConfig(architecture=family, vocab_size=int(raw["vocab_size"]),
@@ -173,7 +177,24 @@ def _rope(raw: dict[str, Any], layer_type: str | None, *, head_dim: int, default
         return dict(rope_theta=theta, rope_scaling_factor=float(scaling["factor"]))
     if kind == "llama3":
         return dict(rope_theta=theta, rope_freq_factors=llama3_freq_factors(theta, head_dim, scaling))
-    raise ValueError(f"RoPE scaling {kind!r} is not supported (only linear and llama3)")
+    if kind in ("longrope", "su") and layer_type is None:  # resolved once the window is known
+        return dict(rope_theta=theta, longrope=scaling)
+    raise ValueError(f"RoPE scaling {kind!r} is not supported (only linear, llama3 and longrope)")
+
+
+def _longrope(raw: dict[str, Any], theta: float, window: int) -> dict[str, Any]:
+    """Phi-3.5's and Phi-3 128k's LongRoPE, as transformers computes it: divisors from
+    short_factor up to the original context, long_factor past it (chosen here once, by the
+    window served, as llama.cpp chooses by its context size), and cos/sin scaled by
+    attention_factor, by default sqrt(1 + ln(factor) / ln(original))."""
+    params = raw.get("rope_parameters") if (raw.get("rope_parameters") or {}).get("rope_type") else raw["rope_scaling"]
+    original = int(params.get("original_max_position_embeddings") or raw["original_max_position_embeddings"])
+    factor = params.get("factor") or int(raw["max_position_embeddings"]) / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
+    factors = params["long_factor"] if window > original else params["short_factor"]
+    return dict(rope_freq_factors=tuple(float(f) for f in factors), rope_attention_factor=float(attention))
 
 
 def llama3_freq_factors(theta: float, head_dim: int, scaling: dict[str, Any]) -> tuple[float, ...]:

@@ -31,16 +31,16 @@ class LoadedModel:
     embedding: GGUFRows | None = None
 
 
-def _read_checkpoint(path: Path, dtype: torch.dtype, device: str, decode: "RowsDecoder | None"
-                     ) -> tuple[str, ModelConfig, dict[str, torch.Tensor]]:
+def _read_checkpoint(path: Path, dtype: torch.dtype, device: str, decode: "RowsDecoder | None",
+                     window: int | None) -> tuple[str, ModelConfig, dict[str, torch.Tensor]]:
     if path.is_dir():
         from textmill.loader.hf import load_hf_folder
 
-        return ("hf", *load_hf_folder(path, dtype=dtype, device=device))
+        return ("hf", *load_hf_folder(path, dtype=dtype, device=device, context_window=window))
     if path.suffix.lower() == ".gguf":
         from textmill.loader.gguf import load_gguf
 
-        return ("gguf", *load_gguf(path, dtype=dtype, device=device, decode=decode))
+        return ("gguf", *load_gguf(path, dtype=dtype, device=device, decode=decode, context_window=window))
     if not path.exists():
         raise FileNotFoundError(f"model file not found: {path}")
     raise ValueError(f"{path}: unknown model format (expected a .gguf file or a "
@@ -48,21 +48,24 @@ def _read_checkpoint(path: Path, dtype: torch.dtype, device: str, decode: "RowsD
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
-               device: str = "cpu", codes: bool = False, decode: "RowsDecoder | None" = None) -> LoadedModel:
+               device: str = "cpu", codes: bool = False, decode: "RowsDecoder | None" = None,
+               context_window: int | None = None) -> LoadedModel:
     """`codes`: keep a GGUF file's linear weights as group codes for the CPU kernels (see
     LoadedModel); float32 on the CPU only. Other files load as floats either way.
     `decode`: a faster decoder for a GGUF's quantized tensors on the float path (see
-    loader/gguf.py RowsDecoder); numpy's decoders where it is None or declines a tensor."""
+    loader/gguf.py RowsDecoder); numpy's decoders where it is None or declines a tensor.
+    `context_window`: the longest sequence it will serve (default: the model's own window);
+    it picks LongRoPE's factors (Phi-3.5), as llama.cpp's context size does."""
     if codes and Path(path).suffix.lower() == ".gguf":
         if dtype != torch.float32 or device != "cpu":
             raise ValueError("group codes are for the float32 CPU kernels")
-        return _load_gguf_codes(Path(path).expanduser())
+        return _load_gguf_codes(Path(path).expanduser(), context_window)
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported (use one of {SUPPORTED_DTYPES})")
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model file not found: {path}")
-    fmt, config, state = _read_checkpoint(path, dtype, device, decode)
+    fmt, config, state = _read_checkpoint(path, dtype, device, decode, context_window)
     # Build without allocating or initializing weights, then adopt the loaded tensors.
     with torch.device("meta"):
         model = build_model(config)
@@ -72,12 +75,12 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
     return LoadedModel(config=config, model=model, path=path, format=fmt)
 
 
-def _load_gguf_codes(path: Path) -> LoadedModel:
+def _load_gguf_codes(path: Path, window: int | None) -> LoadedModel:
     from textmill.loader.gguf import EMBED, read_config, read_quantized_state
     from textmill.loader.gguf_file import GGUFFile
 
     gguf = GGUFFile(path)
-    config = read_config(gguf)
+    config = read_config(gguf, window)
     with torch.device("meta"):
         model = build_model(config)
     linears = frozenset(f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
@@ -93,3 +96,20 @@ def _load_gguf_codes(path: Path) -> LoadedModel:
     model.eval().requires_grad_(False)
     return LoadedModel(config=config, model=model, path=path, format="gguf", codes=state.codes,
                        embedding=state.embedding)
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The model's config without its weights (a GGUF's metadata, a folder's config.json and
+    tensor names): what the server sizes its KV pool and window from before loading."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        from textmill.loader.hf import read_folder_config
+
+        return read_folder_config(path)
+    if path.suffix.lower() == ".gguf":
+        from textmill.loader.gguf import read_config
+        from textmill.loader.gguf_file import GGUFFile
+
+        return read_config(GGUFFile(path))
+    _read_checkpoint(path, torch.float32, "cpu", None, None)  # raises the error a load would
+    raise AssertionError("unreachable")

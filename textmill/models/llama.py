@@ -36,7 +36,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling_factor: float | None = None,
-                 freq_factors: tuple[float, ...] | None = None) -> None:
+                 freq_factors: tuple[float, ...] | None = None, magnitude: float = 1.0) -> None:
         super().__init__()
         # An explicit device keeps the frequencies real when the model is built under "meta".
         idx = torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu")
@@ -45,6 +45,7 @@ class RotaryEmbedding(nn.Module):
             inv_freq = inv_freq / torch.tensor(freq_factors, dtype=torch.float64, device="cpu")
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.scaling_factor = scaling_factor  # linear position interpolation
+        self.magnitude = magnitude  # LongRoPE's attention factor, on cos and sin alike
         self.max_positions = max_positions
 
     def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +54,8 @@ class RotaryEmbedding(nn.Module):
         if self.scaling_factor:
             t = t / self.scaling_factor
         freqs = torch.outer(t, self.inv_freq)  # (N, D/2)
+        if self.magnitude != 1.0:
+            return (freqs.cos() * self.magnitude).float(), (freqs.sin() * self.magnitude).float()
         return freqs.cos().float(), freqs.sin().float()
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +143,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                       config.rope_theta, config.rope_scaling_factor,
-                                      config.rope_freq_factors)
+                                      config.rope_freq_factors, config.rope_attention_factor)
         # Tied models have no lm_head: logits() reads the embedding matrix instead.
         self.lm_head = (None if config.tie_word_embeddings
                         else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
