@@ -74,6 +74,9 @@ class ModelConfig:
     # LongRoPE (Phi-3.5, Phi-3's 128k models): cos and sin scaled by this; its divisors above
     # are the set for the window the model was loaded to serve (the loaders choose).
     rope_attention_factor: float = 1.0
+    # RoPE on the first rotary_dim values of each head, the rest passed (Phi-4-mini's 3/4 of
+    # 128); None: the whole head.
+    rotary_dim: int | None = None
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # qwen2: bias on q/k/v
     qk_norm: bool = False  # qwen3, gemma3: per-head RMSNorm of q and k before RoPE

@@ -203,3 +203,18 @@ def test_phi3_longrope_folder_and_gguf_match_transformers(tokenizer, prompts, tm
         assert max_logprob_diff(ours.model, hf, short_ids) < LOGPROB_TOLERANCE
     # ... and the two sets differ enough that taking the wrong one shows.
     assert max_logprob_diff(load_model(folder).model, hf, short_ids) > 100 * LOGPROB_TOLERANCE
+
+
+def test_phi4_mini_partial_rotary_matches_transformers(tokenizer, prompts, tmp_path: Path) -> None:
+    """Phi-4-mini rotates the first 3/4 of each head (here 1/2) and passes the rest: from a
+    folder and from a GGUF (rope.dimension_count below head_dim), with LongRoPE."""
+    hf = phi3_longrope_model(original=8, partial_rotary_factor=0.5)
+    folder = save_folder(hf, tokenizer, tmp_path / "folder")
+    path = write_gguf(tmp_path / "phi4.gguf", "phi3", hf, tokenizer)
+    for ours in (load_model(folder), load_model(path)):
+        head_dim = ours.config.head_dim
+        assert ours.config.rotary_dim == head_dim // 2
+        for name, ids in prompts.items():
+            diff = max_logprob_diff(ours.model, hf, ids)
+            assert diff < LOGPROB_TOLERANCE, f"{name}: max |logprob diff| = {diff:.2e}"
+            assert our_greedy(ours.model, ids) == hf_greedy(hf, ids), name

@@ -108,6 +108,9 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
     if family in ("llama", "llama3", "qwen3", "gemma2", "gemma3"):
         w.add_key_length(config.head_dim)
         w.add_value_length(config.head_dim)
+    partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+    if family == "phi3" and partial != 1.0:  # conversion/phi.py: int(rot_pct * n_embd) // n_head
+        w.add_rope_dimension_count(int(partial * config.hidden_size) // config.num_attention_heads)
     if family == "gemma2":  # as convert_hf_to_gguf.py writes them
         w.add_attn_logit_softcapping(config.attn_logit_softcapping)
         w.add_final_logit_softcapping(config.final_logit_softcapping)

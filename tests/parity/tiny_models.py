@@ -137,20 +137,21 @@ def prompt_ids(tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
     return ids
 
 
-def phi3_longrope_model(original: int = 8):
+def phi3_longrope_model(original: int = 8, partial_rotary_factor: float = 1.0):
     """A tiny Phi-3 with LongRoPE (Phi-3.5, Phi-3's 128k models): per-frequency divisors for
     windows up to the original context and others past it, and cos/sin scaled by
-    sqrt(1 + ln(256 / 8) / ln(8))."""
+    sqrt(1 + ln(256 / 8) / ln(8)); with partial_rotary_factor < 1, Phi-4-mini's RoPE on only
+    the first part of each head."""
     import transformers as tf
 
-    half = HIDDEN // HEADS // 2
+    half = int(HIDDEN // HEADS * partial_rotary_factor) // 2
     gen = torch.Generator().manual_seed(5)
     short = (1.0 + torch.rand(half, generator=gen)).tolist()
     long = (1.0 + 6.0 * torch.rand(half, generator=gen)).tolist()
     config = tiny_hf_model("phi3").config
     config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short,
                               "long_factor": long, "original_max_position_embeddings": original,
-                              "partial_rotary_factor": 1.0}
+                              "partial_rotary_factor": partial_rotary_factor}
     config.original_max_position_embeddings = original
     config.sliding_window = None
     torch.manual_seed(4)

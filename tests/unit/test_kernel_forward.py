@@ -70,9 +70,11 @@ def _compare(eager: dict[str, Seq], fast: dict[str, Seq], tol: float) -> None:
             torch.testing.assert_close(got, want, atol=tol, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["llama", "tied", "qwen2", "qwen3", "window", "mha"])
+@pytest.mark.parametrize("variant", ["llama", "tied", "qwen2", "qwen3", "window", "mha", "partial"])
 def test_llama_family_kernel_forward_matches_eager(variant):
+    # partial: Phi-4-mini's RoPE on the first half of each head, LongRoPE's scaled cos/sin
     kw = {"tied": dict(tied=True), "window": dict(sliding_window=5), "mha": dict(num_kv_heads=4),
+          "partial": dict(rotary_dim=4, rope_attention_factor=1.19, rope_freq_factors=(1.0, 3.0)),
           "qwen2": dict(attention_bias=True), "qwen3": dict(qk_norm=True, tied=True)}.get(variant, {})
     cls = {"qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}.get(variant, llama.LlamaForCausalLM)
 

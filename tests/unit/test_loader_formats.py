@@ -120,15 +120,14 @@ def test_refusals() -> None:
         config_from_dict(LLAMA | {"hidden_act": "relu"})
 
 
-def test_phi3_refusals_name_what_is_missing() -> None:
-    """Phi-4-mini rotates only part of each head: refused, in either spelling of the config."""
-    phi3 = LLAMA | {"architectures": ["Phi3ForCausalLM"]}
-    assert config_from_dict(phi3).architecture == "phi3"
-    with pytest.raises(ValueError, match="partial rotary embeddings"):
-        config_from_dict(phi3 | {"partial_rotary_factor": 0.75})
-    with pytest.raises(ValueError, match="partial rotary embeddings"):  # transformers 5.x's spelling
-        config_from_dict(phi3 | {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
-                                                     "partial_rotary_factor": 0.75}})
+def test_partial_rotary_in_either_spelling() -> None:
+    """Phi-4-mini rotates 3/4 of each head: transformers 4.x keeps the factor at the top level,
+    5.x inside rope_parameters."""
+    phi3 = LLAMA | {"architectures": ["Phi3ForCausalLM"]}  # head_dim 16
+    assert config_from_dict(phi3).rotary_dim is None
+    assert config_from_dict(phi3 | {"partial_rotary_factor": 0.75}).rotary_dim == 12
+    assert config_from_dict(phi3 | {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                                        "partial_rotary_factor": 0.75}}).rotary_dim == 12
 
 
 def test_longrope_config_of_the_hub() -> None:

@@ -73,8 +73,8 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
     heads = int(meta.arch_get("attention.head_count"))
     head_dim = int(meta.arch_get("attention.key_length", hidden // heads))
     rope_dims = int(meta.arch_get("rope.dimension_count", head_dim))
-    if rope_dims != head_dim:
-        raise ValueError(f"partial rotary embeddings ({rope_dims} of {head_dim}) are not supported")
+    if rope_dims > head_dim or rope_dims % 2:
+        raise ValueError(f"RoPE over {rope_dims} of a head's {head_dim} values is not supported")
     window = meta.arch_get("attention.sliding_window", None)
     tensor_names = {t.name for t in gguf.tensors}
     fields = dict(
@@ -95,6 +95,7 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
         attention_bias=bool({"blk.0.attn_q.bias", "blk.0.attn_qkv.bias"} & tensor_names),  # (Phi-3's is fused)
         sliding_window=int(window) if window else None,
         name=str(meta.get("general.name", "")),
+        rotary_dim=rope_dims if rope_dims < head_dim else None,  # partial rotary (Phi-4-mini)
     )
     family = fields["architecture"]
     if family in ("gemma2", "gemma3"):

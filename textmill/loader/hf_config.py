@@ -63,18 +63,21 @@ def _decoder_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
     # transformers 4.x keeps partial_rotary_factor at the top level, 5.x inside rope_parameters.
     partial = float(raw.get("partial_rotary_factor") or (raw.get("rope_parameters") or {}).get("partial_rotary_factor")
                     or 1.0)
-    if partial != 1.0:
-        raise ValueError(f"partial rotary embeddings (partial_rotary_factor {partial}) are not supported")
+    head_dim = int(raw.get("head_dim") or hidden // heads)
+    rotary = int(head_dim * partial)  # transformers' rounding
+    if not 0 < rotary <= head_dim or rotary % 2:
+        raise ValueError(f"partial_rotary_factor {partial} (RoPE over {rotary} of {head_dim} values) is not supported")
     fields = dict(
         hidden_size=hidden,
         intermediate_size=int(raw["intermediate_size"]),
         num_layers=int(raw["num_hidden_layers"]),
         num_heads=heads,
         num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-        head_dim=int(raw.get("head_dim") or hidden // heads),
+        head_dim=head_dim,
         max_position_embeddings=int(raw["max_position_embeddings"]),
         norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         hidden_act=_activation(raw.get("hidden_activation") or raw.get("hidden_act") or "silu"),
+        rotary_dim=rotary if rotary < head_dim else None,  # partial rotary (Phi-4-mini)
     )
     if family == "gemma3":
         return fields | _gemma3(raw, fields["num_layers"], fields["head_dim"])

@@ -116,6 +116,8 @@ class Gemma3ForCausalLM(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if config.rotary_dim not in (None, config.head_dim):
+            raise ValueError("Gemma with partial rotary embeddings is not supported")
         if config.hidden_act != "gelu_tanh":
             raise ValueError(f"Gemma uses GeGLU with tanh GELU, not {config.hidden_act!r}")
         self.config = config

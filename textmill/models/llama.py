@@ -65,7 +65,11 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE: dimension i pairs with i + D/2.  x: (N, H, D)."""
+    """Rotate-half RoPE: dimension i pairs with i + D/2.  x: (N, H, D). With cos/sin of
+    fewer than D/2 angles (partial rotary), only the first 2 x that many values turn."""
+    rot = 2 * cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
     x1, x2 = x.float().chunk(2, dim=-1)  # (N, H, D/2) each
     rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return rotated.to(x.dtype)
@@ -141,7 +145,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
+        self.rotary = RotaryEmbedding(config.rotary_dim or config.head_dim, config.max_position_embeddings,
                                       config.rope_theta, config.rope_scaling_factor,
                                       config.rope_freq_factors, config.rope_attention_factor)
         # Tied models have no lm_head: logits() reads the embedding matrix instead.

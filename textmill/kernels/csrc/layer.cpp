@@ -608,8 +608,11 @@ torch::Tensor rope_kv_write(const torch::Tensor& qkv, const torch::Tensor& posit
               hkv, " heads of ", d, ", got ", qkv.sizes());
   TORCH_CHECK(positions.size(0) == n && slot_mapping.size(0) == n, "positions and slot_mapping must have N=", n,
               " entries, got ", positions.size(0), " and ", slot_mapping.size(0));
-  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.size(1) == half, "cos/sin: expected (P, ", half, ") each, got ",
-              cos.sizes(), " and ", sin.sizes());
+  // cos/sin of fewer than D/2 angles: RoPE on the first 2 x that many values of each head, the
+  // rest passed as they are (partial rotary: Phi-4-mini's 3/4 of a head).
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.size(1) > 0 && cos.size(1) <= half, "cos/sin: expected (P, ", half,
+              ") each (or fewer angles), got ", cos.sizes(), " and ", sin.sizes());
+  const int64_t rh = cos.size(1);
   TORCH_CHECK(norm_eps >= 0, "norm_eps must be >= 0, got ", norm_eps);
   const float* qw = norm_weight(q_norm, "q_norm", d);
   const float* kw = norm_weight(k_norm, "k_norm", d);
@@ -641,20 +644,25 @@ torch::Tensor rope_kv_write(const torch::Tensor& qkv, const torch::Tensor& posit
         scale_by_weight(x, inv_rms(sum_squares(x, d), d, norm_eps), w, normed.data(), d);
         return normed.data();
       };
+      // One head: its first 2 rh values rotated, the rest (partial rotary) copied.
+      auto rope = [&](const float* in, const float* c, const float* s, auto* out) {
+        rotate_half(in, c, s, out, rh);
+        if (2 * rh < d) store_row(in + 2 * rh, out + 2 * rh, d - 2 * rh);
+      };
       for (int64_t t = begin; t < end; ++t) {
         const float* x = xp + t * row;
-        const float* c = cp + pos[t] * half;
-        const float* s = sp + pos[t] * half;
+        const float* c = cp + pos[t] * rh;
+        const float* s = sp + pos[t] * rh;
         KV* dst = cache + slots[t] * slot_stride;
-        for (int64_t h = 0; h < hq; ++h) rotate_half(head(x + h * d, qw), c, s, qp + (t * hq + h) * d, half);
+        for (int64_t h = 0; h < hq; ++h) rope(head(x + h * d, qw), c, s, qp + (t * hq + h) * d);
         if constexpr (kQuantizedKV<KV>) {
           for (int64_t h = 0; h < hkv; ++h) {
-            rotate_half(head(x + (hq + h) * d, kw), c, s, rotated.data(), half);
+            rope(head(x + (hq + h) * d, kw), c, s, rotated.data());
             quantize_kv_row(rotated.data(), dst + h * cr, d);
           }
           for (int64_t h = 0; h < hkv; ++h) quantize_kv_row(x + (hq + hkv + h) * d, dst + (hkv + h) * cr, d);
         } else {
-          for (int64_t h = 0; h < hkv; ++h) rotate_half(head(x + (hq + h) * d, kw), c, s, dst + h * d, half);
+          for (int64_t h = 0; h < hkv; ++h) rope(head(x + (hq + h) * d, kw), c, s, dst + h * d);
           store_row(x + (hq + hkv) * d, dst + hkv * d, hkv * d);  // v heads, contiguous in both
         }
       }
