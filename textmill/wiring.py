@@ -115,7 +115,8 @@ def build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner] 
     name = BUNDLED_NAME if config.model is None else path.name if path.is_dir() else path.stem
     log.info("loaded %s (%s) in %.1fs; KV cache %d blocks of %d tokens, context window %d",
              name, cfg.architecture, time.perf_counter() - started, cache.num_blocks, cache.block_size, max_len)
-    return BuiltEngine(engine, tokenizer, cfg, sched, cache, name, _fingerprint(path, plan), plan, grammars=grammars)
+    return BuiltEngine(engine, tokenizer, cfg, sched, cache, name, _fingerprint(path, plan, cfg), plan,
+                       grammars=grammars)
 
 
 def _cache_config(cfg: ModelConfig, config: EngineConfig, plan: "ExecutionPlan", max_len: int
@@ -141,10 +142,13 @@ def _cache_config(cfg: ModelConfig, config: EngineConfig, plan: "ExecutionPlan",
     return dataclasses.replace(asked, num_blocks=num_blocks), max_len
 
 
-def _fingerprint(path: Path, plan: "ExecutionPlan") -> str:
-    """Changes when anything that changes outputs does: the file, the version, the plan."""
+def _fingerprint(path: Path, plan: "ExecutionPlan", cfg: ModelConfig) -> str:
+    """Changes when anything that changes outputs does: the file, the version, the plan, and
+    the RoPE factors a LongRoPE model took for its window."""
     stat = path.stat()
     ident = f"{path.name}:{stat.st_size}:{plan.dtype}:{plan.device}:{__version__}"
+    if cfg.rope_attention_factor != 1.0:
+        ident += f":rope-{cfg.rope_freq_factors}"
     if plan.weights != "float":
         ident += f":{plan.weights}"
     if plan.kv_dtype != plan.dtype:

@@ -128,6 +128,11 @@ def test_partial_rotary_in_either_spelling() -> None:
     assert config_from_dict(phi3 | {"partial_rotary_factor": 0.75}).rotary_dim == 12
     assert config_from_dict(phi3 | {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                                         "partial_rotary_factor": 0.75}}).rotary_dim == 12
+    # Only Phi-3's network takes it (transformers' Llama and Qwen do not), and only to an even width.
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.5 .* not supported for llama"):
+        config_from_dict(LLAMA | {"partial_rotary_factor": 0.5})
+    with pytest.raises(ValueError, match="RoPE over 3 of 16"):
+        config_from_dict(phi3 | {"partial_rotary_factor": 0.1875})
 
 
 def test_longrope_config_of_the_hub() -> None:
@@ -142,6 +147,12 @@ def test_longrope_config_of_the_hub() -> None:
     assert full.rope_attention_factor == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))
     short = config_from_dict(phi35, context_window=4096)
     assert short.rope_freq_factors == (1.0, 1.5) and short.rope_attention_factor == full.rope_attention_factor
+    # transformers 5.x writes rope_parameters beside a 4.x rope_scaling that still holds LongRoPE
+    both = config_from_dict(phi35 | {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}})
+    assert both.rope_freq_factors == (2.0, 9.0)
+    with pytest.raises(ValueError, match="LongRoPE needs long_factor and short_factor of 2 values"):
+        config_from_dict(phi35 | {"rope_scaling": {"type": "longrope", "short_factor": [1.0],
+                                                   "long_factor": [2.0, 9.0]}})
 
 
 def test_gemma2_defaults_where_the_checkpoint_is_silent(tmp_path: Path) -> None:
@@ -172,6 +183,30 @@ def test_gemma2_defaults_where_the_checkpoint_is_silent(tmp_path: Path) -> None:
         "gemma2", 4096, 50.0, 30.0)
     assert (c.sliding_window_pattern, c.rope_local_theta, c.query_pre_attn_scalar, c.qk_norm) == (
         2, 10000.0, 16.0, False)
+
+
+@pytest.mark.parametrize("arch, rope_dims, match", [("llama", 8, "RoPE over 8 of a head's 16 values"),
+                                                     ("phi3", 7, "RoPE over 7 of a head's 16 values")])
+def test_gguf_partial_rotary_only_where_llama_cpp_turns_the_same_pairs(tmp_path: Path, arch, rope_dims,
+                                                                        match) -> None:
+    """llama.cpp's interleaved RoPE (Llama's permuted rows) over part of a head turns other
+    pairs than rotate-half would: only Phi-3's NEOX files take a partial rotary width."""
+    from gguf import GGUFWriter
+
+    from textmill.loader.gguf import read_config
+
+    path = tmp_path / f"{arch}.gguf"
+    w = GGUFWriter(str(path), arch)
+    for key, value in (("embedding_length", 64), ("block_count", 1), ("feed_forward_length", 128),
+                       ("attention.head_count", 4), ("context_length", 256), ("rope.dimension_count", rope_dims)):
+        w.add_uint32(f"{arch}.{key}", value)
+    w.add_tensor("token_embd.weight", np.zeros((8, 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match=match):
+        read_config(GGUFFile(path))
 
 
 def test_unknown_architecture_lists_every_supported_name() -> None:

@@ -73,8 +73,13 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
     heads = int(meta.arch_get("attention.head_count"))
     head_dim = int(meta.arch_get("attention.key_length", hidden // heads))
     rope_dims = int(meta.arch_get("rope.dimension_count", head_dim))
-    if rope_dims > head_dim or rope_dims % 2:
-        raise ValueError(f"RoPE over {rope_dims} of a head's {head_dim} values is not supported")
+    # Partial rotary only where ggml's RoPE is NEOX (rotate-half) and the rows unpermuted, as
+    # in Phi-4-mini: llama.cpp's interleaved RoPE over part of a head turns other pairs.
+    if rope_dims != head_dim and (meta.arch != "phi3" or rope_dims > head_dim or rope_dims % 2):
+        raise ValueError(f"RoPE over {rope_dims} of a head's {head_dim} values is not supported "
+                         f"for {meta.arch!r} files")
+    if float(meta.arch_get("rope.scaling.attn_factor", 1.0)) != 1.0 and meta.arch != "phi3":
+        raise ValueError("a RoPE attention factor outside LongRoPE (Phi-3) is not supported")
     window = meta.arch_get("attention.sliding_window", None)
     tensor_names = {t.name for t in gguf.tensors}
     fields = dict(
@@ -107,7 +112,10 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
     elif family == "phi3":
         fields |= dict(sliding_window=None)  # llama.cpp ignores Phi-3's window too
         if LONGROPE & tensor_names:
-            fields |= _longrope(gguf, meta, context_window or fields["max_position_embeddings"])
+            fields |= _longrope(gguf, meta, context_window or fields["max_position_embeddings"],
+                                fields["max_position_embeddings"], (fields["rotary_dim"] or head_dim) // 2)
+    if LONGROPE & tensor_names and family != "phi3":
+        raise ValueError(f"LongRoPE factors in a {meta.arch!r} file are not supported (only Phi-3's)")
     elif family == "gpt2":
         fields |= dict(norm_eps=float(meta.arch_get("attention.layer_norm_epsilon", 1e-5)),
                        hidden_act="gelu_tanh")  # ggml's GELU is the tanh approximation
@@ -171,12 +179,15 @@ def _rope_freq_factors(gguf: GGUFFile) -> tuple[float, ...] | None:
     return _tensor_values(gguf, ROPE_FREQS)
 
 
-def _longrope(gguf: GGUFFile, meta: GGUFMetadata, window: int) -> dict[str, Any]:
-    """llama.cpp's rule: the long factors when the context exceeds the original one, else
-    the short; cos and sin scaled by the file's attention factor either way."""
-    original = int(meta.arch_get("rope.scaling.original_context_length"))
-    name = "rope_factors_long.weight" if window > original else "rope_factors_short.weight"
-    return dict(rope_freq_factors=_tensor_values(gguf, name),
+def _longrope(gguf: GGUFFile, meta: GGUFMetadata, window: int, context: int, angles: int) -> dict[str, Any]:
+    """llama.cpp's rule: the long factors when the context exceeds the original one (by
+    default the model's whole context), else the short; cos and sin scaled by the file's
+    attention factor either way (1 where the file names none, as in llama.cpp)."""
+    long, short = (_tensor_values(gguf, n) for n in ("rope_factors_long.weight", "rope_factors_short.weight"))
+    if long is None or short is None or len(long) != angles or len(short) != angles:
+        raise ValueError(f"LongRoPE needs rope_factors_long and rope_factors_short of {angles} values each")
+    original = int(meta.arch_get("rope.scaling.original_context_length", context))
+    return dict(rope_freq_factors=long if window > original else short,
                 rope_attention_factor=float(meta.arch_get("rope.scaling.attn_factor", 1.0)))
 
 

@@ -58,6 +58,8 @@ def _parts(arch: str, key: str, handle, config: ModelConfig) -> Iterator[tuple[s
 
 def read_folder_config(folder: Path) -> ModelConfig:
     """The folder's ModelConfig, from config.json and the shards' tensor names."""
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a Hugging Face model folder: it has no config.json")
     with ExitStack() as stack:
         handles = [stack.enter_context(safe_open(str(p), framework="pt", device="cpu"))
                    for p in safetensors_files(folder)]

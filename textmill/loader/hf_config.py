@@ -49,8 +49,9 @@ def config_from_dict(raw: dict[str, Any], tensor_names: Collection[str] = (), *,
     archs = raw.get("architectures") or [raw.get("model_type", "")]
     family = resolve_architecture(archs[0])
     fields = _gpt2(raw) if family == "gpt2" else _decoder_fields(raw, family)
-    if fields.pop("longrope", None) is not None:
-        fields |= _longrope(raw, fields["rope_theta"], context_window or fields["max_position_embeddings"])
+    if (longrope := fields.pop("longrope", None)) is not None:
+        fields |= _longrope(raw, longrope, context_window or fields["max_position_embeddings"],
+                            (fields["rotary_dim"] or fields["head_dim"]) // 2)
     untied_head = any(n.endswith("lm_head.weight") for n in tensor_names) or not tensor_names
     tied = raw.get("tie_word_embeddings", family in ("gemma2", "gemma3", "gpt2")) or not untied_head
     return ModelConfig(architecture=family, vocab_size=int(raw["vocab_size"]),
@@ -65,8 +66,9 @@ def _decoder_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
                     or 1.0)
     head_dim = int(raw.get("head_dim") or hidden // heads)
     rotary = int(head_dim * partial)  # transformers' rounding
-    if not 0 < rotary <= head_dim or rotary % 2:
-        raise ValueError(f"partial_rotary_factor {partial} (RoPE over {rotary} of {head_dim} values) is not supported")
+    if rotary != head_dim and (family != "phi3" or not 0 < rotary < head_dim or rotary % 2):
+        raise ValueError(f"partial_rotary_factor {partial} (RoPE over {rotary} of {head_dim} values) is not "
+                         f"supported for {family}")
     fields = dict(
         hidden_size=hidden,
         intermediate_size=int(raw["intermediate_size"]),
@@ -185,18 +187,21 @@ def _rope(raw: dict[str, Any], layer_type: str | None, *, head_dim: int, default
     raise ValueError(f"RoPE scaling {kind!r} is not supported (only linear, llama3 and longrope)")
 
 
-def _longrope(raw: dict[str, Any], theta: float, window: int) -> dict[str, Any]:
+def _longrope(raw: dict[str, Any], params: dict[str, Any], window: int, angles: int) -> dict[str, Any]:
     """Phi-3.5's and Phi-3 128k's LongRoPE, as transformers computes it: divisors from
     short_factor up to the original context, long_factor past it (chosen here once, by the
     window served, as llama.cpp chooses by its context size), and cos/sin scaled by
     attention_factor, by default sqrt(1 + ln(factor) / ln(original))."""
-    params = raw.get("rope_parameters") if (raw.get("rope_parameters") or {}).get("rope_type") else raw["rope_scaling"]
-    original = int(params.get("original_max_position_embeddings") or raw["original_max_position_embeddings"])
+    # transformers takes the top-level original_max_position_embeddings first.
+    original = int(raw.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+                   or raw["max_position_embeddings"])
     factor = params.get("factor") or int(raw["max_position_embeddings"]) / original
     attention = params.get("attention_factor")
     if attention is None:
         attention = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
     factors = params["long_factor"] if window > original else params["short_factor"]
+    if len(params["long_factor"]) != angles or len(params["short_factor"]) != angles:
+        raise ValueError(f"LongRoPE needs long_factor and short_factor of {angles} values each")
     return dict(rope_freq_factors=tuple(float(f) for f in factors), rope_attention_factor=float(attention))
 
 

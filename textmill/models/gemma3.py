@@ -116,8 +116,9 @@ class Gemma3ForCausalLM(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        if config.rotary_dim not in (None, config.head_dim):
-            raise ValueError("Gemma with partial rotary embeddings is not supported")
+        plain_rope = config.rotary_dim in (None, config.head_dim) and not config.rope_freq_factors
+        if not plain_rope or config.rope_attention_factor != 1:
+            raise ValueError("Gemma with partial rotary embeddings or per-frequency RoPE factors is not supported")
         if config.hidden_act != "gelu_tanh":
             raise ValueError(f"Gemma uses GeGLU with tanh GELU, not {config.hidden_act!r}")
         self.config = config
