@@ -96,8 +96,10 @@ def run(key: str, tokens: int, top: int, port: int, reference: bool) -> dict:
     systems = {"textmill": [], "llama-server": None} | ({"float32 reference": REFERENCE_ARGS} if reference else {})
     answers = {}
     for system, flags in systems.items():
+        # One llama-server slot has 1024 tokens of context; textmill serves the same window (it
+        # picks LongRoPE's factors by it, as llama.cpp does by its context).
         server = (servers.start_llama_server(port, path, slots=1) if flags is None else
-                  servers.start_textmill(port, ["--max-model-len", "4096", *flags], model=path))
+                  servers.start_textmill(port, ["--max-model-len", "1024", *flags], model=path))
         try:
             answers[system] = ask(server.url, server.model, tokens, top, system == "llama-server", text)
         finally:

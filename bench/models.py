@@ -10,6 +10,8 @@
                   the default matrix: 4.6 GiB, minutes a run)
     synthetic-gemma2  a random-weight file of Gemma 2 2B's shapes (soft-caps, every other layer local,
                   256,000 tokens) in Q4_K_M's types (not in the default matrix)
+    synthetic-phi3  a random-weight file of Phi-3-mini's shapes (fused qkv and gate-up, 32 heads of 96, no
+                  grouping) in Q4_K_M's types (not in the default matrix)
     synthetic-1b-q3k  the synthetic 1B's layers rewritten in Q3_K (bench/requant_gguf.py; not in the
                   default matrix; llama.cpp's own Q3_K_M keeps some layers in Q4_K/Q5_K)
     FILE          any GGUF given with --model
@@ -31,7 +33,8 @@ sys.path.insert(0, str(REPO))
 from textmill.loader.gguf_file import GGUFFile  # noqa: E402  (numpy only)
 
 MATRIX = ("smollm2", "gemma3", "synthetic-1b", "synthetic-qwen3")
-EXTRA = ("smollm2-iq4xs", "synthetic-1b-q3k", "synthetic-8b", "synthetic-gemma2")  # named files outside the default matrix
+# named files outside the default matrix
+EXTRA = ("smollm2-iq4xs", "synthetic-1b-q3k", "synthetic-8b", "synthetic-gemma2", "synthetic-phi3")
 
 
 @dataclass(frozen=True)
@@ -76,12 +79,15 @@ def resolve(key: str) -> Path:
     if key == "smollm2-iq4xs":
         from textmill.loader.bundled import bundled_model_path
         return _requantized(bundled_model_path(), "IQ4_XS", "smollm2-iq4xs")
-    if key in ("synthetic-1b", "synthetic-qwen3", "synthetic-1b-q3k", "synthetic-8b", "synthetic-gemma2"):
+    if key in ("synthetic-1b", "synthetic-qwen3", "synthetic-1b-q3k", "synthetic-8b", "synthetic-gemma2",
+               "synthetic-phi3"):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from synthetic_gguf import SYNTHETIC_1B, SYNTHETIC_8B, SYNTHETIC_GEMMA2, SYNTHETIC_QWEN3, synthetic_path
+        from synthetic_gguf import (SYNTHETIC_1B, SYNTHETIC_8B, SYNTHETIC_GEMMA2, SYNTHETIC_PHI3, SYNTHETIC_QWEN3,
+                                    synthetic_path)
         if key == "synthetic-1b-q3k":
             return _requantized(synthetic_path(SYNTHETIC_1B), "Q3_K", key)
-        named = {"synthetic-qwen3": SYNTHETIC_QWEN3, "synthetic-8b": SYNTHETIC_8B, "synthetic-gemma2": SYNTHETIC_GEMMA2}
+        named = {"synthetic-qwen3": SYNTHETIC_QWEN3, "synthetic-8b": SYNTHETIC_8B, "synthetic-gemma2": SYNTHETIC_GEMMA2,
+                 "synthetic-phi3": SYNTHETIC_PHI3}
         return synthetic_path(named.get(key, SYNTHETIC_1B))
     path = Path(key).expanduser()
     if not path.is_file():

@@ -199,7 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=list(models.MATRIX), metavar="NAME",
                    help=f"models of the matrix ({', '.join(models.MATRIX)}), smollm2-iq4xs (the bundled model in "
                         "IQ4_XS), synthetic-1b-q3k (the synthetic 1B in Q3_K), synthetic-8b (Llama 3 8B's shapes), "
-                        "synthetic-gemma2 (Gemma 2 2B's) or GGUF paths (default: the matrix)")
+                        "synthetic-gemma2 (Gemma 2 2B's), synthetic-phi3 (Phi-3-mini's) or GGUF paths "
+                        "(default: the matrix)")
     p.add_argument("--model", action="append", default=[], type=Path, metavar="FILE",
                    help="add a GGUF file to the matrix (repeatable)")
     p.add_argument("--gguf", type=Path, default=None, help="bench this one file only (the old single-model run)")

@@ -17,7 +17,7 @@ Qwen3-0.6B: d=1024, 28 layers, 16/8 heads of 128, QK norms, a tied 151,936-row e
 Q6_K as llama.cpp's Q4_K_M keeps a tied embedding).
 
 synthetic-8b has Llama 3 8B's shapes, for runs at the other end of the sizes people use;
-synthetic-gemma2 has Gemma 2 2B's.
+synthetic-gemma2 has Gemma 2 2B's, synthetic-phi3 Phi-3-mini's.
 
 Files are cached under ~/.cache/textmill-bench (TEXTMILL_BENCH_CACHE overrides), named by
 their parameters, and built only when missing:
@@ -26,6 +26,7 @@ their parameters, and built only when missing:
     python bench/synthetic_gguf.py --qwen3         # the same for synthetic-qwen3
     python bench/synthetic_gguf.py --8b            # the same for synthetic-8b
     python bench/synthetic_gguf.py --gemma2        # the same for synthetic-gemma2
+    python bench/synthetic_gguf.py --phi3          # the same for synthetic-phi3
     python bench/synthetic_gguf.py --layers 2 --out /tmp/tiny.gguf
 """
 from __future__ import annotations
@@ -63,7 +64,7 @@ class SyntheticSpec:
     context: int = 8192
     rope_base: float = 500000.0
     seed: int = 0
-    arch: str = "llama"  # "llama", "qwen3" (per-head q and k norms, no permutation) or "gemma2"
+    arch: str = "llama"  # "llama", "qwen3" (per-head q and k norms, no permutation), "gemma2" or "phi3"
     key_length: int | None = None  # head_dim when it is not hidden / heads
     vocab: int | None = None  # pad the tokenizer's table to this many tokens
     tied: bool = False  # no output.weight: the embedding is the head
@@ -83,6 +84,12 @@ SYNTHETIC_QWEN3 = SyntheticSpec(name="synthetic-qwen3", hidden=1024, layers=28, 
 SYNTHETIC_GEMMA2 = SyntheticSpec(name="synthetic-gemma2", hidden=2304, layers=26, heads=8, kv_heads=4, ffn=9216,
                                  context=8192, rope_base=10000.0, arch="gemma2", key_length=256, vocab=256000,
                                  tied=True, seed=3)
+# Phi-3-mini's shapes: 32 heads of 96 with no grouping (K/V as wide as Q), fused qkv and
+# gate-and-up tensors (Q6_K in the "more bits" layers, as llama.cpp's Q4_K_M gives attn_qkv
+# more bits), SmolLM2's 49,152-token vocabulary (Phi-3's is 32,064).
+# (Its name lacks "phi3" and "phi-3": llama.cpp then looks for Phi-3's own special tokens.)
+SYNTHETIC_PHI3 = SyntheticSpec(name="synthetic-phi-mini", hidden=3072, layers=32, heads=32, kv_heads=32, ffn=8192,
+                               context=4096, rope_base=10000.0, arch="phi3", seed=4)
 # Llama 3 8B's shapes (128,256-token vocabulary, GQA 32/8, ffn 14336): the largest size people
 # run on a CPU. 4.6 GiB; not in the default matrix (`--models synthetic-8b`).
 SYNTHETIC_8B = SyntheticSpec(name="synthetic-8b", hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336,
@@ -133,6 +140,13 @@ def tensor_plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, .
         if spec.arch == "qwen3":
             plan += [(f"blk.{i}.attn_q_norm.weight", (spec.head_dim,), F32),
                      (f"blk.{i}.attn_k_norm.weight", (spec.head_dim,), F32)]
+        if spec.arch == "phi3":  # q, k and v in one tensor; gate and up in one of twice the width
+            plan += [(f"blk.{i}.attn_qkv.weight", (q + 2 * kv, d), wide),
+                     (f"blk.{i}.attn_output.weight", (d, q), Q4_K),
+                     (f"blk.{i}.ffn_norm.weight", (d,), F32),
+                     (f"blk.{i}.ffn_up.weight", (2 * f, d), Q4_K),
+                     (f"blk.{i}.ffn_down.weight", (d, f), wide)]
+            continue
         plan += [(f"blk.{i}.attn_q.weight", (q, d), Q4_K),
                  (f"blk.{i}.attn_k.weight", (kv, d), Q4_K),
                  (f"blk.{i}.attn_v.weight", (kv, d), wide),
@@ -309,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qwen3", action="store_true", help="the synthetic-qwen3 file (other shape flags ignored)")
     p.add_argument("--8b", dest="eight_b", action="store_true", help="the synthetic-8b file (other shape flags ignored)")
     p.add_argument("--gemma2", action="store_true", help="the synthetic-gemma2 file (other shape flags ignored)")
+    p.add_argument("--phi3", action="store_true", help="the synthetic-phi3 file (other shape flags ignored)")
     p.add_argument("--tokenizer-from", type=Path, default=None,
                    help="GGUF whose tokenizer.* to copy (default: SmolLM2)")
     p.add_argument("--out", type=Path, default=None, help="write here (always) instead of the cache")
@@ -322,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = SYNTHETIC_8B
     elif a.gemma2:
         spec = SYNTHETIC_GEMMA2
+    elif a.phi3:
+        spec = SYNTHETIC_PHI3
     print(write_synthetic(spec, source, a.out) if a.out else synthetic_path(spec, source))
     return 0
 
