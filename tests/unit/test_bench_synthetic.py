@@ -126,3 +126,37 @@ def test_the_qwen3_file_runs_on_the_kernels(tiny_qwen3):
     out = runner.execute(SchedulerOutput((NewRequestData("x", params),), (chunk,)))
     got = out.sampled["x"]
     assert 0 <= got.token_id < 50000 and torch.isfinite(torch.tensor(got.logprob))
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "phi3"])
+def test_gemma2_and_phi3_files_as_llama_cpp_lays_them_out(arch, tmp_path):
+    """Gemma 2: four norms a layer, soft-caps and a window; Phi-3: fused qkv and gate-up
+    tensors, which textmill splits and the kernels stack again."""
+    import torch
+
+    from textmill.config import CacheConfig
+    from textmill.loader import load_model
+    from textmill.messages import NewRequestData, ScheduledChunk, SchedulerOutput
+    from textmill.runner import ModelRunner
+    from textmill.runner.kernel_forward import GemmaKernelForward, KernelForward
+    from textmill.sampling_params import SamplingParams
+
+    spec = sg.SyntheticSpec(name=f"tiny-{arch}", hidden=256, layers=2, heads=4, kv_heads=2 if arch == "gemma2" else 4,
+                            ffn=512, context=2048, arch=arch, key_length=128 if arch == "gemma2" else None,
+                            tied=arch == "gemma2")
+    path = sg.synthetic_path(spec, directory=tmp_path)
+    types = {t.name: (t.qtype.name, t.shape) for t in GGUFFile(path).tensors}
+    cfg = read_config(GGUFFile(path))
+    if arch == "gemma2":
+        assert types["blk.0.post_ffw_norm.weight"][0] == "F32" and "output.weight" not in types
+        assert (cfg.attn_logit_softcap, cfg.final_logit_softcap, cfg.sliding_window) == (50.0, 30.0, 4096)
+    else:
+        assert types["blk.0.attn_qkv.weight"][1] == (3 * 256, 256) and types["blk.0.ffn_up.weight"][1] == (1024, 256)
+        assert "blk.0.attn_q.weight" not in types and cfg.head_dim == 64
+    loaded = load_model(path, codes=True)
+    runner = ModelRunner(loaded.model, loaded.config, CacheConfig(16, 8), file_weights=loaded)
+    assert isinstance(runner.forward, GemmaKernelForward if arch == "gemma2" else KernelForward)
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
+    chunk = ScheduledChunk("x", tuple(range(100, 120)), 0, (0, 1), True)
+    got = runner.execute(SchedulerOutput((NewRequestData("x", params),), (chunk,))).sampled["x"]
+    assert 0 <= got.token_id < cfg.vocab_size and torch.isfinite(torch.tensor(got.logprob))
