@@ -13,6 +13,7 @@ from gguf import GGUFReader
 
 from textmill.loader import load_model
 from textmill.loader.bundled import bundled_model_path
+from textmill.loader.gguf import read_config
 from textmill.loader.gguf_file import GGUFFile, StringArray
 from textmill.loader.hf_config import config_from_dict, pattern_of_layers, read_hf_config
 from textmill.loader.names import gguf_param_name, hf_param_name, hf_to_model_layout
@@ -155,6 +156,25 @@ def test_longrope_config_of_the_hub() -> None:
                                                    "long_factor": [2.0, 9.0]}})
 
 
+def _header_only_gguf(path: Path, arch: str, **uint32s: int) -> Path:
+    """A GGUF with a 64-wide, 4-head config (uint32s add or replace keys), RoPE base 1e4 and an
+    embedding alone: enough for read_config."""
+    from gguf import GGUFWriter
+
+    keys = {"embedding_length": 64, "block_count": 1, "feed_forward_length": 128, "attention.head_count": 4,
+            "context_length": 256} | uint32s
+    w = GGUFWriter(str(path), arch)
+    for key, value in keys.items():
+        w.add_uint32(f"{arch}.{key}", value)
+    w.add_float32(f"{arch}.rope.freq_base", 10000.0)
+    w.add_tensor("token_embd.weight", np.zeros((8, 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def test_gemma2_defaults_where_the_checkpoint_is_silent(tmp_path: Path) -> None:
     """llama.cpp and transformers both take Gemma 2's window (4096) and soft-caps (50, 30)
     when a file or config.json does not name them; an explicit null turns a cap off."""
@@ -163,21 +183,8 @@ def test_gemma2_defaults_where_the_checkpoint_is_silent(tmp_path: Path) -> None:
     assert (c.sliding_window, c.attn_logit_softcap, c.final_logit_softcap) == (4096, 50.0, 30.0)
     assert (c.sliding_window_pattern, c.qk_norm, c.rope_local_theta) == (2, False, c.rope_theta)
     assert config_from_dict(gemma2 | {"final_logit_softcapping": None}).final_logit_softcap is None
-    from gguf import GGUFWriter
-
-    path = tmp_path / "gemma2.gguf"
-    w = GGUFWriter(str(path), "gemma2")
-    for key, value in (("embedding_length", 64), ("block_count", 2), ("feed_forward_length", 128),
-                       ("attention.head_count", 4), ("attention.head_count_kv", 2), ("context_length", 8192)):
-        w.add_uint32(f"gemma2.{key}", value)
-    w.add_float32("gemma2.rope.freq_base", 10000.0)
-    w.add_tensor("token_embd.weight", np.zeros((8, 64), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    from textmill.loader.gguf import read_config
-
+    path = _header_only_gguf(tmp_path / "gemma2.gguf", "gemma2", block_count=2, context_length=8192,
+                             **{"attention.head_count_kv": 2})
     c = read_config(GGUFFile(path))
     assert (c.architecture, c.sliding_window, c.attn_logit_softcap, c.final_logit_softcap) == (
         "gemma2", 4096, 50.0, 30.0)
@@ -191,20 +198,7 @@ def test_gguf_partial_rotary_only_where_llama_cpp_turns_the_same_pairs(tmp_path:
                                                                         match) -> None:
     """llama.cpp's interleaved RoPE (Llama's permuted rows) over part of a head turns other
     pairs than rotate-half would: only Phi-3's NEOX files take a partial rotary width."""
-    from gguf import GGUFWriter
-
-    from textmill.loader.gguf import read_config
-
-    path = tmp_path / f"{arch}.gguf"
-    w = GGUFWriter(str(path), arch)
-    for key, value in (("embedding_length", 64), ("block_count", 1), ("feed_forward_length", 128),
-                       ("attention.head_count", 4), ("context_length", 256), ("rope.dimension_count", rope_dims)):
-        w.add_uint32(f"{arch}.{key}", value)
-    w.add_tensor("token_embd.weight", np.zeros((8, 64), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = _header_only_gguf(tmp_path / f"{arch}.gguf", arch, **{"rope.dimension_count": rope_dims})
     with pytest.raises(ValueError, match=match):
         read_config(GGUFFile(path))
 

@@ -96,7 +96,7 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
         rope_theta=float(meta.arch_get("rope.freq_base", 10000.0)),
         rope_scaling_factor=_rope_scaling_factor(meta),
         tie_word_embeddings="output.weight" not in tensor_names,
-        rope_freq_factors=_rope_freq_factors(gguf),
+        rope_freq_factors=_tensor_values(gguf, ROPE_FREQS),
         attention_bias=bool({"blk.0.attn_q.bias", "blk.0.attn_qkv.bias"} & tensor_names),  # (Phi-3's is fused)
         sliding_window=int(window) if window else None,
         name=str(meta.get("general.name", "")),
@@ -175,10 +175,6 @@ def _tensor_values(gguf: GGUFFile, name: str) -> tuple[float, ...] | None:
     return tuple(float(f) for f in dequantize(tensor.data, tensor.qtype))
 
 
-def _rope_freq_factors(gguf: GGUFFile) -> tuple[float, ...] | None:
-    return _tensor_values(gguf, ROPE_FREQS)
-
-
 def _longrope(gguf: GGUFFile, meta: GGUFMetadata, window: int, context: int, angles: int) -> dict[str, Any]:
     """llama.cpp's rule: the long factors when the context exceeds the original one (by
     default the model's whole context), else the short; cos and sin scaled by the file's
@@ -198,12 +194,10 @@ def model_tensors(gguf: GGUFFile, config: ModelConfig) -> list[TensorInfo]:
     arch = GGUFMetadata(gguf).arch
     out = []
     for t in gguf.tensors:
-        parts = fused_parts(FUSED_GGUF, arch, t.name, config)
+        parts = fused_parts(FUSED_GGUF, arch, t.name, config, t.shape[0])
         if parts is None:
             out.append(t)
             continue
-        if parts[-1][2] != t.shape[0]:
-            raise ValueError(f"{t.name} has {t.shape[0]} rows, not the {parts[-1][2]} its parts need")
         row_bytes = t.data.size // t.shape[0]
         out += [TensorInfo(name, (end - start, *t.shape[1:]), t.qtype, t.data[start * row_bytes:end * row_bytes])
                 for name, start, end in parts]

@@ -45,13 +45,11 @@ def _tensor_names(handles) -> Iterator[tuple[object, str]]:
 
 def _parts(arch: str, key: str, handle, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensor, or the parts of a fused one (Phi-3's qkv_proj, gate_up_proj)."""
-    parts = fused_parts(FUSED_HF, arch, key, config)
-    if parts is None:
-        yield key, handle.get_tensor(key)
-        return
     whole = handle.get_tensor(key)
-    if parts[-1][2] != whole.shape[0]:
-        raise ValueError(f"{key} has {whole.shape[0]} rows, not the {parts[-1][2]} its parts need")
+    parts = fused_parts(FUSED_HF, arch, key, config, whole.shape[0])
+    if parts is None:
+        yield key, whole
+        return
     for name, start, end in parts:
         yield name, whole[start:end]
 

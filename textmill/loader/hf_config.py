@@ -199,9 +199,9 @@ def _longrope(raw: dict[str, Any], params: dict[str, Any], window: int, angles: 
     attention = params.get("attention_factor")
     if attention is None:
         attention = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
-    factors = params["long_factor"] if window > original else params["short_factor"]
     if len(params["long_factor"]) != angles or len(params["short_factor"]) != angles:
         raise ValueError(f"LongRoPE needs long_factor and short_factor of {angles} values each")
+    factors = params["long_factor"] if window > original else params["short_factor"]
     return dict(rope_freq_factors=tuple(float(f) for f in factors), rope_attention_factor=float(attention))
 
 

@@ -41,10 +41,15 @@ def _read_checkpoint(path: Path, dtype: torch.dtype, device: str, decode: "RowsD
         from textmill.loader.gguf import load_gguf
 
         return ("gguf", *load_gguf(path, dtype=dtype, device=device, decode=decode, context_window=window))
+    raise _not_a_model(path)
+
+
+def _not_a_model(path: Path) -> Exception:
+    """The error for a path that is neither a .gguf file nor a folder."""
     if not path.exists():
-        raise FileNotFoundError(f"model file not found: {path}")
-    raise ValueError(f"{path}: unknown model format (expected a .gguf file or a "
-                     "Hugging Face folder with config.json and *.safetensors)")
+        return FileNotFoundError(f"model file not found: {path}")
+    return ValueError(f"{path}: unknown model format (expected a .gguf file or a "
+                      "Hugging Face folder with config.json and *.safetensors)")
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
@@ -111,5 +116,4 @@ def read_model_config(path: str | Path) -> ModelConfig:
         from textmill.loader.gguf_file import GGUFFile
 
         return read_config(GGUFFile(path))
-    _read_checkpoint(path, torch.float32, "cpu", None, None)  # raises the error a load would
-    raise AssertionError("unreachable")
+    raise _not_a_model(path)

@@ -125,10 +125,11 @@ FUSED_HF: Mapping[str, Mapping[str, _Parts]] = MappingProxyType({
 })
 
 
-def fused_parts(table: Mapping[str, Mapping[str, _Parts]], arch: str, name: str,
-                config: ModelConfig) -> list[tuple[str, int, int]] | None:
+def fused_parts(table: Mapping[str, Mapping[str, _Parts]], arch: str, name: str, config: ModelConfig,
+                rows: int) -> list[tuple[str, int, int]] | None:
     """A fused tensor's parts as (name, first row, end row) in the checkpoint's own naming
-    (`blk.3.attn_qkv.weight` -> `blk.3.attn_q.weight`, rows 0..q, ...); None for the rest."""
+    (`blk.3.attn_qkv.weight` -> `blk.3.attn_q.weight`, rows 0..q, ...); None for the rest.
+    `rows`: the tensor's, which the parts must cover exactly."""
     widths = {"q": config.num_heads * config.head_dim, "kv": config.num_kv_heads * config.head_dim,
               "ffn": config.intermediate_size}
     for whole, parts in table.get(arch, {}).items():
@@ -139,6 +140,8 @@ def fused_parts(table: Mapping[str, Mapping[str, _Parts]], arch: str, name: str,
                 for part, width in parts:
                     out.append((f"{base}{part}.{kind}", start, start + widths[width]))
                     start += widths[width]
+                if start != rows:
+                    raise ValueError(f"{name} has {rows} rows, not the {start} its parts need")
                 return out
     return None
 
