@@ -470,3 +470,25 @@ def test_c_two_bit_form_keeps_q2_ks_codes_and_rounds_only_its_scales_and_mins_to
     big[:, 80:82] = np.array([5000.0], dtype=np.float16).view(np.uint8)  # d * 15 past 65504
     with pytest.raises(RuntimeError, match="half range"):
         _c_packed(2, [(big, T.Q2_K)])
+
+
+@pytest.mark.parametrize("qtype", [t for t in C_TYPES if t not in (T.F16, T.F32, T.BF16)], ids=lambda t: t.name)
+def test_c_packing_of_a_part_tile_is_the_full_tiles_rows_and_zero_padded(qtype):
+    # The packer writes each row's words whole and clears only tiles with padding rows:
+    # 4 rows give the same outputs as the first 4 of 16, and the same bytes however dirty
+    # the memory the packed tensor lands in.
+    from textmill.loader.group_codes import CodesRef
+
+    raw = _raw(qtype)
+    form = CodesRef(raw, qtype, (N, K)).form
+    four = raw.reshape(N, -1)[:4]
+    ext = load("quant")
+    packed = [_c_packed(form, [(four, qtype)])]
+    for _ in range(3):
+        dirt = torch.full((packed[0].numel(),), 0xA5, dtype=torch.uint8)
+        del dirt
+        packed.append(_c_packed(form, [(four, qtype)]))
+    assert all(torch.equal(p, packed[0]) for p in packed[1:])
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(5))
+    linear = getattr(ext, f"{form}_linear")
+    assert torch.equal(linear(x, packed[0], 4), linear(x, _c_packed(form, [(raw, qtype)]), N)[:, :4])

@@ -223,23 +223,54 @@ int64_t packed_bytes(Mode mode, int64_t n, int64_t k) {
 // Q4: the nibble is the high one for j >= 16.
 inline int64_t q4_byte(int64_t r, int64_t j) { return ((j & 15) >> 2) * (4 * NR) + 4 * r + (j & 3); }
 inline int64_t q8_byte(int64_t r, int64_t j) { return (j >> 2) * (4 * NR) + 4 * r + (j & 3); }
+// Row r owns, in every 64-byte vector of a tile-block, the 4 bytes at 4r: the put_* below
+// build each of those words whole and store it (no read of the destination), so a packed
+// tile needs no zeroing first except where rows are padding (pack_by_block). The 8B's load
+// spent ~3x as long when these read, OR'ed and wrote back one byte at a time.
+inline void put_word(uint8_t* dst, const uint8_t (&w)[4]) { std::memcpy(dst, w, 4); }
 // Row r's 32 codes of a Q4 tile-block (the low 4 bits of the codes of Q5 and Q6) into their
-// nibbles (the block's bytes start zero), and one of them back.
+// nibbles, and one of them back.
 inline void put_q4(uint8_t* block_codes, int64_t r, const uint8_t* c) {
   // row r's bytes: 4 at q4_byte(r, 4p), p = 0..3, weight 4p+i low and 16+4p+i high
   uint8_t* dst = block_codes + q4_byte(r, 0);
-  for (int64_t p = 0; p < 4; ++p)
-    for (int64_t i = 0; i < 4; ++i)
-      dst[p * 4 * NR + i] |= static_cast<uint8_t>((c[4 * p + i] & 15) | ((c[16 + 4 * p + i] & 15) << 4));
+  for (int64_t p = 0; p < 4; ++p) {
+    uint8_t w[4];
+    for (int64_t i = 0; i < 4; ++i) w[i] = static_cast<uint8_t>((c[4 * p + i] & 15) | ((c[16 + 4 * p + i] & 15) << 4));
+    put_word(dst + p * 4 * NR, w);
+  }
 }
 inline int q4_code(const uint8_t* block_codes, int64_t r, int64_t j) {
   return (block_codes[q4_byte(r, j)] >> (j < 16 ? 0 : 4)) & 15;
+}
+// The word of row r whose byte i holds, in bit g, bit `bit` of code 4g + i (g = 0..7): Q5's
+// and Q3's top bits.
+inline void put_bit_plane(uint8_t* dst, const uint8_t* c, int bit) {
+  uint8_t w[4];
+  for (int64_t i = 0; i < 4; ++i) {
+    unsigned v = 0;
+    for (int64_t g = 0; g < 8; ++g) v |= ((c[4 * g + i] >> bit) & 1u) << g;
+    w[i] = static_cast<uint8_t>(v);
+  }
+  put_word(dst, w);
+}
+// The two words (h = 0, 1, 64 bytes apart) of row r whose byte i holds, in bits 2t..2t+1,
+// bits `shift`..`shift`+1 of code 16h + 4t + i: Q6's top bits, Q3's and Q2's low ones.
+inline void put_pair_planes(uint8_t* dst, const uint8_t* c, int shift) {
+  for (int64_t h = 0; h < 2; ++h) {
+    uint8_t w[4];
+    for (int64_t i = 0; i < 4; ++i) {
+      unsigned v = 0;
+      for (int64_t t = 0; t < 4; ++t) v |= ((c[16 * h + 4 * t + i] >> shift) & 3u) << (2 * t);
+      w[i] = static_cast<uint8_t>(v);
+    }
+    put_word(dst + h * 4 * NR, w);
+  }
 }
 // Q5: the low 4 bits as Q4's, the top one at q5_top_byte(r, j), bit j / 4.
 inline int64_t q5_top_byte(int64_t r, int64_t j) { return Q4_CODE_BYTES + 4 * r + (j & 3); }
 inline void put_q5(uint8_t* block_codes, int64_t r, const uint8_t* c) {
   put_q4(block_codes, r, c);
-  for (int64_t j = 0; j < QK; ++j) block_codes[q5_top_byte(r, j)] |= static_cast<uint8_t>(((c[j] >> 4) & 1) << (j >> 2));
+  put_bit_plane(block_codes + q5_top_byte(r, 0), c, 4);
 }
 inline int q5_code(const uint8_t* block_codes, int64_t r, int64_t j) {
   return q4_code(block_codes, r, j) | (((block_codes[q5_top_byte(r, j)] >> (j >> 2)) & 1) << 4);
@@ -249,21 +280,19 @@ inline int64_t q6_top_byte(int64_t r, int64_t j) { return Q6_LOW_BYTES + (j >> 4
 inline int q6_top_shift(int64_t j) { return static_cast<int>(2 * ((j >> 2) & 3)); }
 inline void put_q6(uint8_t* block_codes, int64_t r, const uint8_t* c) {
   put_q4(block_codes, r, c);
-  for (int64_t j = 0; j < QK; ++j) block_codes[q6_top_byte(r, j)] |= static_cast<uint8_t>((c[j] >> 4) << q6_top_shift(j));
+  put_pair_planes(block_codes + q6_top_byte(r, 0), c, 4);
 }
 // Q3: the low 2 bits at q3_low_byte(r, j), bits q6_top_shift(j); the top one at
 // q3_top_byte(r, j), bit j / 4.
 inline int64_t q3_low_byte(int64_t r, int64_t j) { return (j >> 4) * (4 * NR) + 4 * r + (j & 3); }
 inline int64_t q3_top_byte(int64_t r, int64_t j) { return Q3_LOW_BYTES + 4 * r + (j & 3); }
 inline void put_q3(uint8_t* block_codes, int64_t r, const uint8_t* c) {
-  for (int64_t j = 0; j < QK; ++j) {
-    block_codes[q3_low_byte(r, j)] |= static_cast<uint8_t>((c[j] & 3) << q6_top_shift(j));
-    block_codes[q3_top_byte(r, j)] |= static_cast<uint8_t>(((c[j] >> 2) & 1) << (j >> 2));
-  }
+  put_pair_planes(block_codes + q3_low_byte(r, 0), c, 0);
+  put_bit_plane(block_codes + q3_top_byte(r, 0), c, 2);
 }
 // Q2: Q3's low 2 bits alone.
 inline void put_q2(uint8_t* block_codes, int64_t r, const uint8_t* c) {
-  for (int64_t j = 0; j < QK; ++j) block_codes[q3_low_byte(r, j)] |= static_cast<uint8_t>((c[j] & 3) << q6_top_shift(j));
+  put_pair_planes(block_codes + q3_low_byte(r, 0), c, 0);
 }
 inline int q2_code(const uint8_t* block_codes, int64_t r, int64_t j) {
   return (block_codes[q3_low_byte(r, j)] >> q6_top_shift(j)) & 3;
@@ -341,12 +370,18 @@ void check_packed(Mode mode, const torch::Tensor& packed, int64_t n, int64_t k) 
 template <typename Fn>
 torch::Tensor pack_by_block(Mode mode, int64_t n, int64_t k, Fn fn) {
   const int64_t kb = k / QK, ntiles = (n + NR - 1) / NR;
-  auto out = torch::zeros({packed_bytes(mode, n, k)}, torch::kUInt8);
+  // Not zeroed here: fn writes every byte of a row's codes and scales (the put_* above), so
+  // only a tile with padding rows is cleared, by the thread that fills it. (Zeroing all of it
+  // first wrote every byte twice, in one thread.)
+  auto out = torch::empty({packed_bytes(mode, n, k)}, torch::kUInt8);
   uint8_t* op = out.data_ptr<uint8_t>();
+  const int64_t tb = tile_bytes(mode, kb);
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
+    for (int64_t t = t0; t < t1; ++t) {
+      if ((t + 1) * NR > n) std::memset(op + t * tb, 0, tb);
       for (int64_t r = 0; r < NR && t * NR + r < n; ++r)
-        for (int64_t b = 0; b < kb; ++b) fn(op + t * tile_bytes(mode, kb), r, t * NR + r, b);
+        for (int64_t b = 0; b < kb; ++b) fn(op + t * tb, r, t * NR + r, b);
+    }
   });
   return out;
 }
