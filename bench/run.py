@@ -87,6 +87,7 @@ def start(system: str, model: models.BenchModel, args: argparse.Namespace, port:
         own = shlex.split(args.textmill_args)
         kv_dtype = servers.prepare_textmill(model.path, own)  # builds the kernels first, untimed
         kv = kv_args(model, args, kv_dtype)
+        servers.set_page_cache(model.path, args.page_cache)
         return servers.start_textmill(port, ["--max-num-seqs", str(max(max_c, 16)), *kv, *own], model=model.path)
     repack = {"auto": None, "on": True, "off": False}[args.llama_repack]
     if system == "llama-server":
@@ -99,6 +100,8 @@ def bench_server(system: str, model: models.BenchModel, args: argparse.Namespace
     """Start one server, warm it up, run every concurrency, stop it: (rows, server record)."""
     port = free_port(args.port)
     quiet(args, system)
+    if system != "textmill":  # textmill: inside start(), after its untimed kernel build
+        servers.set_page_cache(model.path, args.page_cache)
     server = start(system, model, args, port)
     loaded = servers.memory_mib(server.pid)
     print(f"[{model.key}/{system}] ready on {server.url} as {server.model!r} in {tables.fmt(server.ready_s, 1)} s, "
@@ -220,6 +223,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--llama-repack", choices=("auto", "on", "off"), default="auto",
                    help="llama.cpp weight repacking/AMX (both llama.cpp servers); "
                         "auto: off where the CPU advertises AMX")
+    p.add_argument("--page-cache", choices=("warm", "cold"), default="warm",
+                   help="the model file's state before each server starts (ready s): warm, read through once "
+                        "(a restart); cold, its pages dropped (a first start after boot)")
     p.add_argument("--textmill-args", default="", help="extra `textmill serve` flags, one string")
     p.add_argument("--port", type=int, default=8300, help="first port to try")
     p.add_argument("--hf-timeout", type=float, default=900.0)
@@ -286,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
            "workload": {"prompt_words": args.prompt_words, "max_tokens": args.max_tokens,
                         "shared_prefix": args.shared_prefix, "concurrency": args.concurrency,
                         "rounds": args.rounds, "min_requests": args.min_requests, "slots": args.slots,
-                        "kv_tokens": args.kv_tokens, "textmill_args": args.textmill_args},
+                        "kv_tokens": args.kv_tokens, "textmill_args": args.textmill_args,
+                        "page_cache": args.page_cache},
            "models": [], "problems": []}
     print(f"machine: {stamp.machine_label(doc['stamp']['machine'])}; commit {code['commit']}"
           + (" (with uncommitted changes)" if code["dirty"] else ""), flush=True)

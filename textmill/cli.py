@@ -13,6 +13,7 @@ import os
 import sys
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from textmill.config import (CacheConfig, DeviceConfig, EngineConfig, GenerateConfig, Option, ScaleConfig,
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     server = server_config_from_args(args) if args.command == "serve" else None
     configure_logging(*((server.log_level, server.log_format) if server else ("info", "text")))
+    _prefetch(args.model)  # the disk reads the model while torch imports
     from textmill import commands, wiring  # heavy imports (torch) only once the arguments are valid
 
     engine = engine_config_from_args(args)
@@ -140,6 +142,17 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("generate failed", exc_info=True)
         print(f"textmill: generate failed: {_one_line(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
         return 1
+
+
+def _prefetch(model: str | None) -> None:
+    from textmill.loader.bundled import bundled_model_path
+    from textmill.loader.prefetch import prefetch_in_background
+
+    try:
+        path = bundled_model_path() if model is None else Path(model).expanduser()
+    except FileNotFoundError:
+        return  # the load says so, in its own words
+    prefetch_in_background(path)
 
 
 def _serve_on_ray(engine: EngineConfig, server: ServerConfig, scale: ScaleConfig) -> int:

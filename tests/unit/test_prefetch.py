@@ -1,0 +1,42 @@
+"""The page-cache prefetch the CLI starts before torch imports (loader/prefetch.py)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from textmill.loader import prefetch
+
+
+def test_model_files_are_the_gguf_or_a_folders_safetensors(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for name in ("b.safetensors", "a.safetensors", "config.json"):
+        (folder / name).write_bytes(b"{}")
+    assert prefetch.model_files(gguf) == [gguf]
+    assert prefetch.model_files(folder) == [folder / "a.safetensors", folder / "b.safetensors"]
+    assert prefetch.model_files(tmp_path / "missing.gguf") == []
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this OS")
+def test_prefetch_reads_a_file_ahead_and_leaves_alone_what_it_should(tmp_path, monkeypatch):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(os.urandom(1 << 20))
+    thread = prefetch.prefetch_in_background(gguf)
+    assert thread is not None and thread.daemon
+    thread.join(timeout=30)
+    assert prefetch.advise_will_need([gguf, tmp_path / "gone.gguf"]) == 1 << 20  # a missing file is skipped
+    assert prefetch.prefetch_in_background(tmp_path / "missing.gguf") is None
+    # more than half the memory available: reading it ahead would evict what the load just read
+    monkeypatch.setattr(prefetch, "available_bytes", lambda: (1 << 21) - 1)
+    assert prefetch.prefetch_in_background(gguf) is None
+    monkeypatch.setattr(prefetch, "available_bytes", lambda: 1 << 21)
+    assert prefetch.prefetch_in_background(gguf) is not None
+
+
+def test_available_bytes_reads_meminfo():
+    avail = prefetch.available_bytes()
+    if os.path.exists("/proc/meminfo"):
+        assert avail is not None and avail > 0
