@@ -56,6 +56,7 @@ def set_page_cache(path: Path, state: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         if state == "cold":
+            os.fdatasync(fd)  # DONTNEED leaves dirty pages: a file the bench just wrote
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         else:
             while os.read(fd, 16 << 20):

@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     server = server_config_from_args(args) if args.command == "serve" else None
     configure_logging(*((server.log_level, server.log_format) if server else ("info", "text")))
-    _prefetch(args.model)  # the disk reads the model while torch imports
+    if server is None or _loads_here(args):
+        _prefetch(args.model)  # the disk reads the model while torch imports
     from textmill import commands, wiring  # heavy imports (torch) only once the arguments are valid
 
     engine = engine_config_from_args(args)
@@ -144,15 +145,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _loads_here(args: argparse.Namespace) -> bool:
+    """Whether `serve` loads the model on this machine: not when its flags are wrong (it is
+    about to fail) or name a Ray cluster (the replicas load there)."""
+    try:
+        scale = scale_config_from_args(args)
+    except ValueError:
+        return False
+    return scale.ray_address is None
+
+
 def _prefetch(model: str | None) -> None:
+    """Best effort: a failure here never stops the command (the load reports a bad path)."""
     from textmill.loader.bundled import bundled_model_path
     from textmill.loader.prefetch import prefetch_in_background
 
     try:
-        path = bundled_model_path() if model is None else Path(model).expanduser()
-    except FileNotFoundError:
-        return  # the load says so, in its own words
-    prefetch_in_background(path)
+        prefetch_in_background(bundled_model_path() if model is None else Path(model).expanduser())
+    except Exception:  # noqa: BLE001 - read-ahead is an optimization, never an error
+        log.debug("read-ahead of the model file skipped", exc_info=True)
 
 
 def _serve_on_ray(engine: EngineConfig, server: ServerConfig, scale: ScaleConfig) -> int:

@@ -62,7 +62,12 @@ def model_path(model: str | None) -> Path:
 def build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner] | None" = None) -> BuiltEngine:
     """`wrap_runner` (tests) may wrap the ModelRunner, e.g. to make a step fail."""
     with _collector_paused():
-        return _build_engine(config, wrap_runner)
+        built = _build_engine(config, wrap_runner)
+    # One collection for whatever cycles loading left (one walk, where the collector ran on
+    # every allocation burst before), then the heap's free pages go back to the OS.
+    gc.collect()
+    _return_freed_memory()
+    return built
 
 
 @contextlib.contextmanager
@@ -70,7 +75,9 @@ def _collector_paused() -> Iterator[None]:
     """No cyclic garbage collection while loading: a load makes hundreds of thousands of
     objects that live as long as the process (a tokenizer's tables, modules, parameters),
     each allocation burst triggered a collection that walked all of them again, ~5% of a
-    1B model's start (perf), and loading leaves no cycles worth collecting early."""
+    1B model's start (perf), and loading leaves no cycles worth collecting early. The switch
+    is the process's: a second build running at the same time (no caller does that) would
+    find the collector off until the first ends."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -132,7 +139,6 @@ def _build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner]
     if wrap_runner is not None:
         runner = wrap_runner(runner)
     engine = Engine(Scheduler(sched, cache), runner, tokenizer)
-    _return_freed_memory()
     # A folder's name is kept whole: "Qwen2.5-0.5B-Instruct" has no file suffix to strip.
     name = BUNDLED_NAME if config.model is None else path.name if path.is_dir() else path.stem
     log.info("loaded %s (%s) in %.1fs; KV cache %d blocks of %d tokens, context window %d",

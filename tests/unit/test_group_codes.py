@@ -473,22 +473,61 @@ def test_c_two_bit_form_keeps_q2_ks_codes_and_rounds_only_its_scales_and_mins_to
 
 
 @pytest.mark.parametrize("qtype", [t for t in C_TYPES if t not in (T.F16, T.F32, T.BF16)], ids=lambda t: t.name)
-def test_c_packing_of_a_part_tile_is_the_full_tiles_rows_and_zero_padded(qtype):
-    # The packer writes each row's words whole and clears only tiles with padding rows:
-    # 4 rows give the same outputs as the first 4 of 16, and the same bytes however dirty
-    # the memory the packed tensor lands in.
+def test_c_packing_writes_whole_tiles_and_zero_pads_the_last(qtype):
+    # The packer writes each row's words whole into uncleared memory and clears only a tile
+    # with padding rows. 20 rows: the full first tile is the 16-row packing's bytes, and
+    # the packing is the same however dirty the memory it lands in; the padded second tile
+    # computes what 4 rows packed alone do.
     from textmill.loader.group_codes import CodesRef
 
-    raw = _raw(qtype)
-    form = CodesRef(raw, qtype, (N, K)).form
-    four = raw.reshape(N, -1)[:4]
+    first, more = _raw(qtype), _raw(qtype, seed=1).reshape(N, -1)[:4]
+    twenty = np.concatenate([first.reshape(N, -1), more])
+    form = CodesRef(first, qtype, (N, K)).form
     ext = load("quant")
-    packed = [_c_packed(form, [(four, qtype)])]
+    tile = _c_packed(form, [(first, qtype)])
+    packed = [_c_packed(form, [(twenty, qtype)])]
     for _ in range(3):
         dirt = torch.full((packed[0].numel(),), 0xA5, dtype=torch.uint8)
         del dirt
-        packed.append(_c_packed(form, [(four, qtype)]))
+        packed.append(_c_packed(form, [(twenty, qtype)]))
     assert all(torch.equal(p, packed[0]) for p in packed[1:])
+    assert packed[0].numel() == 2 * tile.numel() and torch.equal(packed[0][:tile.numel()], tile)
     x = torch.randn(3, K, generator=torch.Generator().manual_seed(5))
     linear = getattr(ext, f"{form}_linear")
-    assert torch.equal(linear(x, packed[0], 4), linear(x, _c_packed(form, [(raw, qtype)]), N)[:, :4])
+    assert torch.equal(linear(x, packed[0], 20)[:, 16:], linear(x, _c_packed(form, [(more, qtype)]), 4))
+
+
+def _q6_k_reference(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's Q6_K layout read value by value: codes 0..63 (N, K) and the 16-value scales
+    d * sc rounded to halves (N, K/16), what the 6-bit form must hold exactly."""
+    blocks = raw.reshape(-1, 210)
+    ql, qh = blocks[:, :128].astype(np.int64), blocks[:, 128:192].astype(np.int64)
+    sc = blocks[:, 192:208].view(np.int8).astype(np.float32)
+    d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
+    n = np.arange(256)
+    h, j, l = n // 128, (n % 128) // 32, n % 32
+    low = (ql[:, 64 * h + l + 32 * (j & 1)] >> np.where(j >= 2, 4, 0)) & 15
+    high = (qh[:, 32 * h + l] >> (2 * j)) & 3
+    codes = (low | high << 4).reshape(N, K)
+    scales = (d * sc).astype(np.float16).astype(np.float32).reshape(N, K // 16)
+    return codes, scales
+
+
+def test_c_six_bit_form_holds_q6_k_codes_and_half_scales_exactly():
+    raw = _raw(T.Q6_K)
+    codes, d = load("quant").q6_unpack(_c_packed(6, [(raw, T.Q6_K)]), N, K)
+    want_codes, want_d = _q6_k_reference(raw)
+    assert np.array_equal(codes.numpy().astype(np.int64), want_codes)
+    assert np.array_equal(d.numpy(), want_d)
+
+
+@pytest.mark.parametrize("qtype,form", [(T.Q4_K, "q4"), (T.Q6_K, "q6")], ids=lambda v: str(v))
+def test_c_super_block_rows_refuse_scales_past_a_half(qtype, form):
+    raw = _raw(qtype).reshape(-1, GGML_QUANT_SIZES[qtype][1]).copy()
+    big = np.full(len(raw), 60000, dtype=np.float16).view(np.uint8).reshape(-1, 2)
+    if qtype == T.Q4_K:
+        raw[:, 0:2], raw[:, 4] = big, 63  # d * sc = 60000 * 63
+    else:
+        raw[:, 208:210], raw[:, 192] = big, 100  # d * sc = 60000 * 100
+    with pytest.raises(RuntimeError, match="half range"):
+        _c_packed(form, [(raw, qtype)])

@@ -40,3 +40,21 @@ def test_available_bytes_reads_meminfo():
     avail = prefetch.available_bytes()
     if os.path.exists("/proc/meminfo"):
         assert avail is not None and avail > 0
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this OS")
+def test_a_folder_with_a_dangling_link_is_left_to_the_load(tmp_path):
+    # Hugging Face snapshot folders are links into a blob store; a broken one must not stop
+    # the CLI before the load can say what is wrong.
+    (tmp_path / "model.safetensors").symlink_to(tmp_path / "blobs" / "gone")
+    assert prefetch.prefetch_in_background(tmp_path) is None
+
+
+def test_the_cli_reads_ahead_only_where_the_model_loads():
+    from textmill.cli import _loads_here, build_parser
+
+    parse = build_parser().parse_args
+    assert _loads_here(parse(["serve", "m.gguf"]))
+    assert _loads_here(parse(["serve", "m.gguf", "--replicas", "2"]))  # local replicas share the page cache
+    assert not _loads_here(parse(["serve", "m.gguf", "--ray-address", "ray://head:10001"]))
+    assert not _loads_here(parse(["serve", "m.gguf", "--min-replicas", "3", "--max-replicas", "2"]))  # about to fail

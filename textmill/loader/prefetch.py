@@ -31,15 +31,26 @@ def model_files(path: Path) -> list[Path]:
 
 
 def available_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo; None where there is none (not Linux)."""
+    """What the process may still fill: MemAvailable of /proc/meminfo, or less where a
+    cgroup (v2) caps the process's memory, page cache included (a container); None where
+    neither says (not Linux)."""
+    avail = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    avail = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            room = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail
 
 
 def advise_will_need(files: list[Path]) -> int:
@@ -67,8 +78,11 @@ def prefetch_in_background(path: Path) -> threading.Thread | None:
     bytes than half the memory available."""
     if not hasattr(os, "posix_fadvise"):
         return None
-    files = model_files(Path(path))
-    size = sum(f.stat().st_size for f in files)
+    try:
+        files = model_files(Path(path))
+        size = sum(f.stat().st_size for f in files)
+    except OSError:  # unreadable, or a link to nothing: the load says so in its own words
+        return None
     avail = available_bytes()
     if not files or (avail is not None and size > _MAX_SHARE_OF_AVAILABLE * avail):
         return None
