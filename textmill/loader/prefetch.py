@@ -11,12 +11,9 @@ This module imports nothing heavy: the CLI calls it before torch is imported.
 """
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from pathlib import Path
-
-log = logging.getLogger("textmill")
 
 # Files past this share of the memory available are left alone: reading them ahead would
 # push out the pages of what the process has just read.

@@ -130,15 +130,20 @@ inline void scale_min_k4(int j, const uint8_t* q, float* sc, float* mn) {
 // the caller fall back to the Python path, which rounds such a tensor to 8 bits instead.
 inline bool half_ok(float x) { return std::fabs(x) < 65504.0f; }
 
-// Sub-block s of a Q4_K/Q5_K super-block: d * sc and -dmin * mn, each rounded to a half.
-inline bool k_scale_min(const uint8_t* blk, int s, uint16_t* d, uint16_t* m) {
+// Sub-block s of a Q4_K/Q5_K super-block: d * sc and -dmin * mn, each rounded to a half;
+// d and dmin are the super-block's (f16(blk), f16(blk + 2)), read once by a caller that
+// walks all 8 sub-blocks (a Q4_K row packed whole: ~1.15x its time when read per group).
+inline bool k_scale_min(const uint8_t* blk, int s, float d, float dmin, uint16_t* dh, uint16_t* mh) {
   float sc, mn;
   scale_min_k4(s, blk + 4, &sc, &mn);
-  const float dd = f16(blk) * sc, mm = -(f16(blk + 2) * mn);
+  const float dd = d * sc, mm = -(dmin * mn);
   if (!half_ok(dd) || !half_ok(mm)) return false;
-  *d = to_half(dd);
-  *m = to_half(mm);
+  *dh = to_half(dd);
+  *mh = to_half(mm);
   return true;
+}
+inline bool k_scale_min(const uint8_t* blk, int s, uint16_t* d, uint16_t* m) {
+  return k_scale_min(blk, s, f16(blk), f16(blk + 2), d, m);
 }
 
 // A Q4_0/Q5_0 block's d and m = -offset * d (exact in a half whenever it fits one), or a

@@ -237,12 +237,17 @@ inline uint32_t nibbles(uint32_t w, unsigned shift) { return (w >> shift) & 0x0F
 // build each of those words whole and store it (no read of the destination), so a packed
 // tile needs no zeroing first except where rows are padding (pack_by_row). Building the
 // words a byte at a time, and OR-ing them into zeroed memory, packed ~2-3x slower.
+// Row r's four Q4 words (dst = its word of the first vector, q4_byte(r, 0)) from 32 bytes
+// whose 4 bits at `shift` are the codes: byte i of word p holds code 4p+i low and 16+4p+i
+// high. shift 0 for codes one per byte; 0 or 4 for a GGUF plane of two groups' nibbles.
+inline void put_nibble_words(uint8_t* dst, const uint8_t* c, unsigned shift) {
+  for (int64_t p = 0; p < 4; ++p)
+    store32(dst + p * 4 * NR, nibbles(load32(c + 4 * p), shift) | nibbles(load32(c + 16 + 4 * p), shift) << 4);
+}
 // Row r's 32 codes of a Q4 tile-block (the low 4 bits of the codes of Q5 and Q6) into their
 // nibbles, and one of them back.
 inline void put_q4(uint8_t* block_codes, int64_t r, const uint8_t* c) {
-  // row r's bytes: 4 at q4_byte(r, 4p), p = 0..3, weight 4p+i low and 16+4p+i high
-  uint8_t* dst = block_codes + q4_byte(r, 0);
-  for (int64_t p = 0; p < 4; ++p) store32(dst + p * 4 * NR, nibbles(load32(c + 4 * p), 0) | nibbles(load32(c + 16 + 4 * p), 0) << 4);
+  put_nibble_words(block_codes + q4_byte(r, 0), c, 0);
 }
 inline int q4_code(const uint8_t* block_codes, int64_t r, int64_t j) {
   return (block_codes[q4_byte(r, j)] >> (j < 16 ? 0 : 4)) & 15;
@@ -737,60 +742,41 @@ const char* form_title(Mode mode) {
   return "?";
 }
 
-// Q4_K and Q6_K rows, the bulk of a Q4_K_M file, packed a super-block at a time from the
-// file's bytes: its d (and dmin, and Q4_K's 12 scale bytes) read once for its 8 groups, each
-// group's words built straight from the nibble and bit planes, with the same float steps as
-// decode4/decode6 (the same bytes: the tests compare). Through the per-group decoders, which
-// first spread a group's codes into a buffer, these packed at ~1.5 GB/s of file (Xeon, two
-// threads). False where a scale does not fit a half, as the decoders.
+// Q4_K and Q6_K rows, the bulk of a Q4_K_M file, packed straight from the file's bytes: each
+// group's scales as decode4/decode6 compute them, its words built from the file's nibble and
+// bit planes by the put_* word builders (no codes buffer between). Through the per-group
+// decoders, which first spread a group's codes into a buffer, these packed at ~1.5 GB/s of
+// file (Xeon, two threads), 2.5-4x slower. False where a scale does not fit a half, as the
+// decoders.
 inline bool q4_k_row(const uint8_t* src, int64_t kb, uint8_t* tile, int64_t r) {
   for (int64_t sb = 0; sb < kb / 8; ++sb) {
     const uint8_t* blk = src + sb * 144;
     const float d = gguf::f16(blk), dmin = gguf::f16(blk + 2);
     for (int s = 0; s < 8; ++s) {
       const int64_t b = sb * 8 + s;
-      float sc, mn;
-      gguf::scale_min_k4(s, blk + 4, &sc, &mn);
-      const float dd = d * sc, mm = -(dmin * mn);
-      if (!gguf::half_ok(dd) || !gguf::half_ok(mm)) return false;
       uint16_t* scales = scales_of(tile, Mode::Q4, kb, b);
-      scales[r] = gguf::to_half(dd);
-      scales[NR + r] = gguf::to_half(mm);
+      if (!gguf::k_scale_min(blk, s, d, dmin, &scales[r], &scales[NR + r])) return false;
       // group s is the low (even s) or high nibbles of the super-block's 32-byte plane s / 2
-      const uint8_t* qs = blk + 16 + (s / 2) * 32;
-      const unsigned shift = (s & 1) * 4;
-      uint8_t* dst = tile + codes_at(Mode::Q4, b) + q4_byte(r, 0);
-      for (int64_t p = 0; p < 4; ++p)  // codes 4p..4p+3 low, 16+4p.. high
-        store32(dst + p * 4 * NR, nibbles(load32(qs + 4 * p), shift) | nibbles(load32(qs + 16 + 4 * p), shift) << 4);
+      put_nibble_words(tile + codes_at(Mode::Q4, b) + q4_byte(r, 0), blk + 16 + (s / 2) * 32, (s & 1) * 4);
     }
   }
   return true;
 }
 inline bool q6_k_row(const uint8_t* src, int64_t kb, uint8_t* tile, int64_t r) {
-  for (int64_t sb = 0; sb < kb / 8; ++sb) {
-    const uint8_t* blk = src + sb * 210;
+  for (int64_t b = 0; b < kb; ++b) {
+    const uint8_t* blk = src + (b / 8) * 210;
+    const int g = static_cast<int>(b % 8), h = g / 4, j = g % 4;  // half of 128 values, quarter of it (q6_k_group)
     const float d = gguf::f16(blk + 208);
-    const int8_t* sc8 = reinterpret_cast<const int8_t*>(blk + 192);
-    for (int g = 0; g < 8; ++g) {
-      const int64_t b = sb * 8 + g;
-      const int h = g / 4, j = g % 4;  // half of 128 values, quarter of it (q6_k_group)
-      const float s0 = d * static_cast<float>(sc8[8 * h + 2 * j]), s1 = d * static_cast<float>(sc8[8 * h + 2 * j + 1]);
-      if (!gguf::half_ok(s0) || !gguf::half_ok(s1)) return false;
-      uint16_t* scales = scales_of(tile, Mode::Q6, kb, b);
-      scales[r] = gguf::to_half(s0);
-      scales[NR + r] = gguf::to_half(s1);
-      const uint8_t* ql = blk + 64 * h + 32 * (j & 1);
-      const uint8_t* qh = blk + 128 + 32 * h;
-      const unsigned lo = j < 2 ? 0 : 4, hi = 2 * j;
-      uint8_t* dst = tile + codes_at(Mode::Q6, b);
-      for (int64_t p = 0; p < 4; ++p)  // the low 4 bits, as put_q4
-        store32(dst + q4_byte(r, 0) + p * 4 * NR, nibbles(load32(ql + 4 * p), lo) | nibbles(load32(ql + 16 + 4 * p), lo) << 4);
-      for (int64_t hh = 0; hh < 2; ++hh) {  // the top 2, as put_pair_planes: code 16hh + 4t + i's in bits 2t of byte i
-        uint32_t w = 0;
-        for (unsigned t = 0; t < 4; ++t) w |= ((load32(qh + 16 * hh + 4 * t) >> hi) & 0x03030303u) << (2 * t);
-        store32(dst + q6_top_byte(r, 0) + hh * 4 * NR, w);
-      }
-    }
+    const int8_t* sc8 = reinterpret_cast<const int8_t*>(blk + 192) + 8 * h + 2 * j;
+    const float s0 = d * static_cast<float>(sc8[0]), s1 = d * static_cast<float>(sc8[1]);
+    if (!gguf::half_ok(s0) || !gguf::half_ok(s1)) return false;
+    uint16_t* scales = scales_of(tile, Mode::Q6, kb, b);
+    scales[r] = gguf::to_half(s0);
+    scales[NR + r] = gguf::to_half(s1);
+    uint8_t* dst = tile + codes_at(Mode::Q6, b);
+    // the low 4 bits: nibbles of ql (low for j < 2); the top 2: bits 2j..2j+1 of qh
+    put_nibble_words(dst + q4_byte(r, 0), blk + 64 * h + 32 * (j & 1), j < 2 ? 0 : 4);
+    put_pair_planes(dst + q6_top_byte(r, 0), blk + 128 + 32 * h, 2 * j);
   }
   return true;
 }
