@@ -13,7 +13,6 @@ import os
 import sys
 import typing
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from textmill.config import (CacheConfig, DeviceConfig, EngineConfig, GenerateConfig, Option, ScaleConfig,
@@ -157,11 +156,11 @@ def _loads_here(args: argparse.Namespace) -> bool:
 
 def _prefetch(model: str | None) -> None:
     """Best effort: a failure here never stops the command (the load reports a bad path)."""
-    from textmill.loader.bundled import bundled_model_path
+    from textmill.loader.bundled import resolve_model_path
     from textmill.loader.prefetch import prefetch_in_background
 
     try:
-        prefetch_in_background(bundled_model_path() if model is None else Path(model).expanduser())
+        prefetch_in_background(resolve_model_path(model))
     except Exception:  # noqa: BLE001 - read-ahead is an optimization, never an error
         log.debug("read-ahead of the model file skipped", exc_info=True)
 

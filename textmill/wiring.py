@@ -22,7 +22,7 @@ import torch
 
 from textmill import __version__
 from textmill.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from textmill.loader.bundled import BUNDLED_NAME, bundled_model_path
+from textmill.loader.bundled import BUNDLED_NAME, resolve_model_path
 
 if TYPE_CHECKING:
     from textmill.api.serving import ServingContext
@@ -53,7 +53,7 @@ class BuiltEngine:
 
 
 def model_path(model: str | None) -> Path:
-    path = bundled_model_path() if model is None else Path(model).expanduser()
+    path = resolve_model_path(model)
     if not path.exists():
         raise StartupError(f"model not found: {path}")
     return path

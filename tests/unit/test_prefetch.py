@@ -58,3 +58,15 @@ def test_the_cli_reads_ahead_only_where_the_model_loads():
     assert _loads_here(parse(["serve", "m.gguf", "--replicas", "2"]))  # local replicas share the page cache
     assert not _loads_here(parse(["serve", "m.gguf", "--ray-address", "ray://head:10001"]))
     assert not _loads_here(parse(["serve", "m.gguf", "--min-replicas", "3", "--max-replicas", "2"]))  # about to fail
+
+
+def test_the_read_ahead_and_the_load_resolve_the_same_model_path(tmp_path, monkeypatch):
+    """One resolver for both (loader/bundled.py): the CLI reads ahead the file the load opens."""
+    from textmill.loader.bundled import bundled_model_path, resolve_model_path
+    from textmill.wiring import model_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    assert resolve_model_path("~/m.gguf") == f == model_path("~/m.gguf")
+    assert resolve_model_path(None) == bundled_model_path() == model_path(None)

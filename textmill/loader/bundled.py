@@ -24,3 +24,9 @@ def bundled_model_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"the bundled model file is missing: {path}")
     return path
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """The path `serve` and `generate` load: the argument as given (`~` expanded), or the
+    bundled file when there is none. Imports nothing heavy, so the CLI resolves it before torch."""
+    return bundled_model_path() if model is None else Path(model).expanduser()
