@@ -369,17 +369,35 @@ inline bool decode5(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes,
 // super-block: half h of 128, quarter j inside it; value 128h + 32j + l takes the low (j < 2)
 // or high nibble of ql[64h + l + 32 (j & 1)], bits 2j..2j+1 of qh[32h + l] as its top bits,
 // and scale 8h + 2j + l / 16.
-inline void q6_k_group(const uint8_t* row, int64_t b, uint8_t* codes, const int8_t** sc, float* d) {
+struct Q6KGroup {
+  const uint8_t* ql;  // 32 bytes: the group's low 4 bits, their low (j < 2) or high nibbles
+  const uint8_t* qh;  // 32 bytes: its top 2 bits, bits 2j..2j+1
+  const int8_t* sc;   // its two 16-weight scales
+  float d;            // the super-block's d
+  int j;              // its quarter of the half
+};
+inline Q6KGroup q6_k_at(const uint8_t* row, int64_t b) {
   const uint8_t* blk = row + (b / 8) * 210;
   const int g = static_cast<int>(b % 8), h = g / 4, j = g % 4;
-  const uint8_t* ql = blk + 64 * h + 32 * (j & 1);
-  const uint8_t* qh = blk + 128 + 32 * h;
-  *sc = reinterpret_cast<const int8_t*>(blk + 192) + 8 * h + 2 * j;
-  *d = f16(blk + 208);
+  return {blk + 64 * h + 32 * (j & 1), blk + 128 + 32 * h, reinterpret_cast<const int8_t*>(blk + 192) + 8 * h + 2 * j,
+          f16(blk + 208), j};
+}
+inline void q6_k_group(const uint8_t* row, int64_t b, uint8_t* codes, const int8_t** sc, float* d) {
+  const Q6KGroup at = q6_k_at(row, b);
+  *sc = at.sc;
+  *d = at.d;
   for (int l = 0; l < 32; ++l) {
-    const int low = j < 2 ? (ql[l] & 0x0F) : (ql[l] >> 4);
-    codes[l] = static_cast<uint8_t>(low | (((qh[l] >> (2 * j)) & 3) << 4));
+    const int low = at.j < 2 ? (at.ql[l] & 0x0F) : (at.ql[l] >> 4);
+    codes[l] = static_cast<uint8_t>(low | (((at.qh[l] >> (2 * at.j)) & 3) << 4));
   }
+}
+
+// A group's two 16-weight scales as half bits; false when one does not fit a half.
+inline bool half_pair(float s0, float s1, uint16_t* d0, uint16_t* d1) {
+  if (!half_ok(s0) || !half_ok(s1)) return false;
+  *d0 = to_half(s0);
+  *d1 = to_half(s1);
+  return true;
 }
 
 // Group b (32 weights) of a Q3_K row (super-blocks of 256 in 110 bytes: hmask[32], qs[64],
@@ -419,11 +437,9 @@ inline bool decode6(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes,
     iq_group(type, row, b, grid, &g);
     const bool one = type == IQ1_M;
     const float s0 = one ? 0.125f * g.scale[0] : 2.0f * g.scale[0], s1 = one ? 0.125f * g.scale[1] : s0;
-    if (!half_ok(s0) || !half_ok(s1)) return false;
+    if (!half_pair(s0, s1, d0, d1)) return false;
     for (int l = 0; l < 32; ++l)
       codes[l] = static_cast<uint8_t>((one ? 8 * g.q[l] + (g.delta[l / 8] > 0 ? 1 : -1) : g.q[l] / 2) + 32);
-    *d0 = to_half(s0);
-    *d1 = to_half(s1);
     return true;
   }
   if (type == Q3_K) {
@@ -435,11 +451,7 @@ inline bool decode6(int64_t type, const uint8_t* row, int64_t b, uint8_t* codes,
     q6_k_group(row, b, codes, &sc8, &d);
     sc[0] = sc8[0], sc[1] = sc8[1];
   }
-  const float s0 = d * static_cast<float>(sc[0]), s1 = d * static_cast<float>(sc[1]);
-  if (!half_ok(s0) || !half_ok(s1)) return false;
-  *d0 = to_half(s0);
-  *d1 = to_half(s1);
-  return true;
+  return half_pair(d * static_cast<float>(sc[0]), d * static_cast<float>(sc[1]), d0, d1);
 }
 
 // Group b of a Q3_K row -> its codes + 4 (0..7) and its halves' scales as decode6 gives them.

@@ -764,19 +764,14 @@ inline bool q4_k_row(const uint8_t* src, int64_t kb, uint8_t* tile, int64_t r) {
 }
 inline bool q6_k_row(const uint8_t* src, int64_t kb, uint8_t* tile, int64_t r) {
   for (int64_t b = 0; b < kb; ++b) {
-    const uint8_t* blk = src + (b / 8) * 210;
-    const int g = static_cast<int>(b % 8), h = g / 4, j = g % 4;  // half of 128 values, quarter of it (q6_k_group)
-    const float d = gguf::f16(blk + 208);
-    const int8_t* sc8 = reinterpret_cast<const int8_t*>(blk + 192) + 8 * h + 2 * j;
-    const float s0 = d * static_cast<float>(sc8[0]), s1 = d * static_cast<float>(sc8[1]);
-    if (!gguf::half_ok(s0) || !gguf::half_ok(s1)) return false;
+    const gguf::Q6KGroup at = gguf::q6_k_at(src, b);
     uint16_t* scales = scales_of(tile, Mode::Q6, kb, b);
-    scales[r] = gguf::to_half(s0);
-    scales[NR + r] = gguf::to_half(s1);
+    if (!gguf::half_pair(at.d * static_cast<float>(at.sc[0]), at.d * static_cast<float>(at.sc[1]), &scales[r],
+                         &scales[NR + r]))
+      return false;
     uint8_t* dst = tile + codes_at(Mode::Q6, b);
-    // the low 4 bits: nibbles of ql (low for j < 2); the top 2: bits 2j..2j+1 of qh
-    put_nibble_words(dst + q4_byte(r, 0), blk + 64 * h + 32 * (j & 1), j < 2 ? 0 : 4);
-    put_pair_planes(dst + q6_top_byte(r, 0), blk + 128 + 32 * h, 2 * j);
+    put_nibble_words(dst + q4_byte(r, 0), at.ql, at.j < 2 ? 0 : 4);
+    put_pair_planes(dst + q6_top_byte(r, 0), at.qh, 2 * at.j);
   }
   return true;
 }
