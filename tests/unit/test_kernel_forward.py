@@ -260,3 +260,80 @@ def test_the_last_layer_finishes_only_the_kept_rows(family, quantization):
             else:
                 assert torch.equal(got, full[keep]), keep
             assert all(torch.equal(a, b) for a, b in zip(cache, runner.kv_cache.kv))  # the same k and v
+
+
+def _exactly(a: dict[str, Seq], b: dict[str, Seq]) -> None:
+    for rid, x in a.items():
+        y = b[rid]
+        assert x.tokens == y.tokens, rid
+        assert [lp.logprob for lp in x.logprobs] == [lp.logprob for lp in y.logprobs], rid
+        assert [lp.top for lp in x.logprobs] == [lp.top for lp in y.logprobs], rid
+        assert [p.logprob for p in x.prompt_logprobs] == [p.logprob for p in y.prompt_logprobs], rid
+
+
+_FAMILIES = {
+    "llama": lambda: _random_llama(seed=7),
+    "qwen2": lambda: _random_llama(Qwen2ForCausalLM, seed=7, attention_bias=True),
+    "qwen3": lambda: _random_llama(Qwen3ForCausalLM, seed=7, qk_norm=True, tied=True),
+    "window": lambda: _random_llama(seed=7, sliding_window=5),
+    "partial": lambda: _random_llama(seed=7, rotary_dim=4, rope_attention_factor=1.19, rope_freq_factors=(1.0, 3.0)),
+    "gemma3": lambda: _random_gemma(seed=7),
+    "gemma2": lambda: _random_gemma(seed=7, **GEMMA2),
+}
+
+
+@pytest.mark.parametrize("quantization", ["none", "int4", "int8"])
+@pytest.mark.parametrize("family", sorted(_FAMILIES))
+def test_the_one_call_forward_is_bitwise_the_layer_loop(family, quantization):
+    """kernels/csrc/layer.cpp's Forward makes kernel_forward.layer()'s calls from C++: the
+    same tokens and the same logprobs to the bit, over chunked prefill, mixed decode and
+    prefill steps (two attention groups), sliding windows, soft-caps and the last layer's
+    kept rows; with float32 linears (MKL) and quantized ones."""
+    def runner(one_call: bool) -> ModelRunner:
+        model, cfg = _FAMILIES[family]()
+        r = _runner(model, cfg, True, quantization=quantization)
+        assert r.forward.one_call is not None, "every linear here is one Forward calls"
+        if not one_call:
+            r.forward.one_call = None
+        return r
+
+    _exactly(drive(runner(True), _workload(), budget=7), drive(runner(False), _workload(), budget=7))
+
+
+def test_the_one_call_forward_is_bitwise_the_layer_loop_on_every_block_type(tmp_path):
+    """A file with every GGUF type (test_file_weights): every kernel form, forms side by side."""
+    from textmill.loader import load_model
+    from tests.unit.test_file_weights import _write
+
+    path = tmp_path / "every-type.gguf"
+    _write(path, "qwen3")
+
+    def runner(one_call: bool) -> ModelRunner:
+        loaded = load_model(path, codes=True)
+        r = ModelRunner(loaded.model, loaded.config, CacheConfig(block_size=BLOCK, num_blocks=64), file_weights=loaded)
+        assert r.forward.one_call is not None
+        if not one_call:
+            r.forward.one_call = None
+        return r
+
+    _exactly(drive(runner(True), _workload(), budget=7), drive(runner(False), _workload(), budget=7))
+
+
+def test_a_linear_forward_cannot_call_keeps_the_layers_in_python():
+    model, cfg = _random_llama(seed=7)
+    inner = model.layers[1].mlp.down_proj
+
+    class Wrapped(torch.nn.Module):  # any module the C++ side does not know
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    model.layers[1].mlp.down_proj = Wrapped()
+    runner = _runner(model, cfg, True, quantization="none")
+    assert isinstance(runner.forward, KernelForward) and runner.forward.one_call is None
+    eager_model, _ = _random_llama(seed=7)
+    _compare(drive(_runner(eager_model, cfg, False), _workload(), budget=7), drive(runner, _workload(), budget=7),
+             tol=1e-4)

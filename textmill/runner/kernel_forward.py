@@ -11,7 +11,12 @@ is most of a decode step. Per layer:
     y = add_rms_norm(down(silu_mul(gate_up(y))), h, w_next)   the next layer's input norm
 
 The residual stream h stays one float32 buffer updated in place, and each RMSNorm is fused
-with the residual add before it. The last layer runs past its attention only for the rows
+with the residual add before it. Where every linear is one the C++ side can call (QLinear,
+float32 nn.Linear, SideBySide of those), the whole layer loop runs as one call into
+kernels/csrc/layer.cpp's Forward: the same calls in the same order, bitwise the same
+results, without a trip through the interpreter between them (on SmolLM2 at one stream
+that trip was about a third of a decode step). layer() below stays the reference the tests
+hold Forward to, and the path for any other linear. The last layer runs past its attention only for the rows
 whose logits the step reads (`keep`): the rest of a prompt chunk needs that layer's k and v
 in the cache, not its output, so o_proj and the MLP skip them (about 0.85 of a layer's
 multiply-adds, 3-5% of a prefill step at 16-30 layers). Rows are independent in the
@@ -36,7 +41,7 @@ from textmill.models.qwen2 import Qwen2ForCausalLM
 from textmill.models.qwen3 import Qwen3ForCausalLM
 from textmill.runner.fused import FusedAttention, FusedMLP
 from textmill.runner.kernel_attention import KernelPagedAttention
-from textmill.runner.qlinear import QLinear
+from textmill.runner.qlinear import QLinear, SideBySide
 
 
 @dataclass(frozen=True)
@@ -65,9 +70,30 @@ class KernelForwardBase:
         self.next_norms = self.input_norms[1:] + [self.norm_weight(model.norm)]
         # Each layer's four matmuls as plain callables: nn.Module.__call__ costs more than
         # a small kernel call, 120 times a step.
-        self.matmuls = [tuple(_direct(m) for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                                   layer.mlp.gate_up_proj, layer.mlp.down_proj))
-                        for layer in self.layers]
+        self.matmuls = [tuple(_direct(m) for m in _linears(layer)) for layer in self.layers]
+        # The families' __init__ finish first: build_one_call() reads their per-layer state.
+        self.one_call = None
+
+    def build_one_call(self) -> None:
+        """Layer loop as one C++ call (layer.cpp's Forward), where the kernels have it and
+        every linear is one it can call; otherwise the layers stay in Python."""
+        from textmill.kernels import load
+
+        quant = load("quant")
+        forward_cls = getattr(self.ops, "Forward", None)
+        if forward_cls is None or quant is None or not hasattr(quant, "linear_capsule"):
+            return
+        specs = []
+        for i, layer in enumerate(self.layers):
+            linears = [_parts(m, quant) for m in _linears(layer)]
+            if any(p is None for p in linears):
+                return
+            specs.append(dict(zip(("qkv", "o", "gate_up", "down"), linears)) | self.layer_spec(i))
+        self.one_call = forward_cls(quant.linear_capsule(), specs, self.eps)
+
+    def layer_spec(self, i: int) -> dict:
+        """Layer i's norms and attention settings for Forward (layer.cpp's LayerSpec), as layer() uses them."""
+        raise NotImplementedError
 
     @staticmethod
     def norm_weight(norm: torch.nn.Module) -> torch.Tensor:
@@ -90,6 +116,11 @@ class KernelForwardBase:
             h = h * self.embed_scale
         y = self.ops.rms_norm(h, self.input_norms[0], self.eps)
         step = _Step(ctx, torch.arange(h.shape[0]), self.rope_tables(positions))
+        if self.one_call is not None:
+            groups = [(g.token_start, g.num_tokens, g.block_table, g.query_start, g.starts, g.context_lens)
+                      for g in ctx.meta.groups]
+            return self.one_call.run(y, h, step.rows, step.rope, ctx.cache.kv, ctx.meta.slot_mapping, groups,
+                                     ctx.cache.block_size, keep)
         last = len(self.layers) - 1
         for i in range(len(self.layers)):
             y, h = self.layer(i, y, h, step, keep if i == last else None)
@@ -112,6 +143,14 @@ class KernelForward(KernelForwardBase):
         self.qk_norms = [None if b.self_attn.q_norm is None else
                          (self.norm_weight(b.self_attn.q_norm), self.norm_weight(b.self_attn.k_norm))
                          for b in self.layers]
+        self.build_one_call()
+
+    def layer_spec(self, i: int) -> dict:
+        attn = self.layers[i].self_attn
+        q_norm, k_norm = self.qk_norms[i] or (None, None)
+        return dict(q_norm=q_norm, k_norm=k_norm, post_attn=None, post_ffw=None, mid_norm=self.post_norms[i],
+                    next_norm=self.next_norms[i], heads=attn.num_heads, kv_heads=attn.num_kv_heads, rope=0,
+                    window=int(attn.sliding_window or 0), scale=float(attn.head_dim ** -0.5), softcap=0.0, gelu=False)
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
@@ -136,6 +175,24 @@ class KernelForward(KernelForwardBase):
         o, h = _kept(o, h, keep)
         y = ops.add_rms_norm(o_proj(o.flatten(1)), h, self.post_norms[i], eps)
         return ops.add_rms_norm(down_proj(ops.silu_mul(gate_up_proj(y))), h, self.next_norms[i], eps), h
+
+
+def _linears(layer: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+    """A fused layer's four linears, in the order of KernelForwardBase.matmuls."""
+    return layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
+
+
+def _parts(linear: torch.nn.Module, quant: ModuleType) -> list[tuple] | None:
+    """The linear as Forward's parts, (mode number, weight, out_features, bias) each, whose
+    outputs side by side are its output; None for a linear Forward cannot call."""
+    if type(linear) is QLinear:
+        return [(quant.mode_number(linear.mode), linear.packed, linear.out_features, linear.bias)]
+    if type(linear) is torch.nn.Linear and linear.weight.dtype == torch.float32 and linear.weight.device.type == "cpu":
+        return [(-1, linear.weight, linear.out_features, linear.bias)]
+    if type(linear) is SideBySide:
+        parts = [_parts(p, quant) for p in linear.parts]
+        return None if any(p is None for p in parts) else [x for p in parts for x in p]
+    return None
 
 
 def _direct(linear: torch.nn.Module):
@@ -176,6 +233,15 @@ class GemmaKernelForward(KernelForwardBase):
         self._gelu_mul = getattr(ops, "gelu_tanh_mul", None) or _gelu_tanh_mul
         # A kernel build from before rope_kv_write took the QK norm: norm q and k in torch.
         self._fused_qk_norm = "q_norm" in (ops.rope_kv_write.__doc__ or "")
+        self.build_one_call()
+
+    def layer_spec(self, i: int) -> dict:
+        attn = self.layers[i].self_attn
+        post_attn, pre_ffw, post_ffw, q_norm, k_norm = self.norms[i]
+        return dict(q_norm=q_norm, k_norm=k_norm, post_attn=post_attn, post_ffw=post_ffw, mid_norm=pre_ffw,
+                    next_norm=self.next_norms[i], heads=attn.num_heads, kv_heads=attn.num_kv_heads,
+                    rope=int(self.sliding[i]), window=int(attn.sliding_window or 0), scale=float(attn.scale),
+                    softcap=float(attn.softcap or 0.0), gelu=True)
 
     @staticmethod
     def norm_weight(norm: torch.nn.Module) -> torch.Tensor:

@@ -39,7 +39,11 @@
 #include <memory>
 #include <numeric>
 #include <type_traits>
+#include <tuple>
+#include <utility>
 #include <vector>
+
+#include "linear_entry.h"
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -1254,6 +1258,159 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_ca
   return out;
 }
 
+// ---------------------------------------------------------------------------------------
+// A whole forward pass in one call
+// ---------------------------------------------------------------------------------------
+// runner/kernel_forward.py's layer loop makes about ten calls a layer into this module and
+// quant.cpp. From Python each costs argument conversion, a result tensor wrapped for the
+// interpreter and the loop's own bookkeeping: on SmolLM2 at one stream perf put about a
+// third of a decode step in libpython, pybind and the allocator. Forward makes the same
+// calls, in the same order, with the same arguments, from C++, so its results are bitwise
+// the loop's. It keeps each layer's weights and norms (handles to the runner's tensors,
+// not copies); run() takes what changes from step to step.
+//
+// One layer, for the Llama family and Gemma alike (Gemma's extra norms are optional):
+//   q = rope_kv_write(qkv(y))              [QK norm,] RoPE; k and v into the cache
+//   o = paged_attention(q)                 per attention group, concatenated
+//   a = o_proj(o); a = rms_norm(a, post_attn) if any         (Gemma)
+//   y = add_rms_norm(a, h, mid_norm)       h += a
+//   m = down(act_mul(gate_up(y))); m = rms_norm(m, post_ffw) if any   (Gemma)
+//   y = add_rms_norm(m, h, next_norm)      h += m; the next layer's input norm
+// The last layer computes past its attention only for the rows in `keep`, when given.
+
+struct LinearPart {
+  int64_t mode;  // quant.cpp's form number; -1: a float (N, K) weight through at::linear, as F.linear
+  torch::Tensor w;
+  int64_t n;
+  c10::optional<torch::Tensor> bias;
+};
+
+struct LayerSpec {
+  std::vector<LinearPart> qkv, o, gate_up, down;  // two or more parts: outputs side by side
+  c10::optional<torch::Tensor> q_norm, k_norm, post_attn, post_ffw;
+  torch::Tensor mid_norm, next_norm;
+  int64_t heads, kv_heads, rope, window;  // rope: which of run()'s tables; window 0: none
+  double scale, softcap;                  // softcap 0: none
+  bool gelu;                              // GeGLU, else SwiGLU
+};
+
+// (token_start, num_tokens, block_table, query_start, starts, context_lens): one
+// kv_cache.AttentionGroup.
+using AttnGroup = std::tuple<int64_t, int64_t, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor>;
+
+c10::optional<torch::Tensor> optional_tensor(const py::handle& v) {
+  if (v.is_none()) return c10::nullopt;
+  return v.cast<torch::Tensor>();
+}
+
+class Forward {
+ public:
+  // linear: quant's linear_capsule(); layers: one dict per layer (kernel_forward.py's
+  // layer_specs() names the keys).
+  Forward(const py::capsule& linear, const std::vector<py::dict>& layers, double eps) : eps_(eps) {
+    TORCH_CHECK(std::string(linear.name()) == textmill::kLinearCapsule, "expected quant's linear_capsule()");
+    linear_ = reinterpret_cast<textmill::LinearFn>(linear.get_pointer());
+    for (const py::dict& d : layers) {
+      LayerSpec s;
+      s.qkv = parts(d["qkv"]);
+      s.o = parts(d["o"]);
+      s.gate_up = parts(d["gate_up"]);
+      s.down = parts(d["down"]);
+      s.q_norm = optional_tensor(d["q_norm"]);
+      s.k_norm = optional_tensor(d["k_norm"]);
+      s.post_attn = optional_tensor(d["post_attn"]);
+      s.post_ffw = optional_tensor(d["post_ffw"]);
+      s.mid_norm = d["mid_norm"].cast<torch::Tensor>();
+      s.next_norm = d["next_norm"].cast<torch::Tensor>();
+      s.heads = d["heads"].cast<int64_t>();
+      s.kv_heads = d["kv_heads"].cast<int64_t>();
+      s.rope = d["rope"].cast<int64_t>();
+      s.window = d["window"].cast<int64_t>();
+      s.scale = d["scale"].cast<double>();
+      s.softcap = d["softcap"].cast<double>();
+      s.gelu = d["gelu"].cast<bool>();
+      layers_.push_back(std::move(s));
+    }
+  }
+
+  // y (N, C): layer 0's normed input; h (N, C): the residual stream, updated in place
+  // (with `keep`, the last layer works on a copy of those rows). Returns the last layer's
+  // output after the final norm: (N, C), or (len(keep), C).
+  torch::Tensor run(torch::Tensor y, torch::Tensor h, const torch::Tensor& rows,
+                    const std::vector<std::pair<torch::Tensor, torch::Tensor>>& rope,
+                    const std::vector<torch::Tensor>& kv, const torch::Tensor& slot_mapping,
+                    const std::vector<AttnGroup>& groups, int64_t block_size,
+                    const c10::optional<torch::Tensor>& keep) const {
+    const int64_t num_layers = static_cast<int64_t>(layers_.size());
+    TORCH_CHECK(static_cast<int64_t>(kv.size()) == num_layers, "kv: expected ", num_layers, " layers, got ",
+                kv.size());
+    for (int64_t i = 0; i < num_layers; ++i) {
+      const LayerSpec& s = layers_[i];
+      TORCH_CHECK(s.rope >= 0 && s.rope < static_cast<int64_t>(rope.size()), "layer ", i, " wants RoPE table ",
+                  s.rope, " of ", rope.size());
+      const auto& [cos, sin] = rope[s.rope];
+      torch::Tensor q = rope_kv_write(linear(s.qkv, y), rows, cos, sin, kv[i], slot_mapping, s.heads, s.kv_heads,
+                                      s.q_norm, s.k_norm, eps_);
+      torch::Tensor o = attend(q, kv[i], groups, block_size, s);
+      if (keep.has_value() && i == num_layers - 1) {
+        o = o.index_select(0, *keep);
+        h = h.index_select(0, *keep);
+      }
+      torch::Tensor a = linear(s.o, o.flatten(1));
+      if (s.post_attn) a = rms_norm(a, *s.post_attn, eps_);
+      y = add_rms_norm(a, h, s.mid_norm, eps_);
+      torch::Tensor g = linear(s.gate_up, y);
+      torch::Tensor m = linear(s.down, s.gelu ? gelu_tanh_mul(g) : silu_mul(g));
+      if (s.post_ffw) m = rms_norm(m, *s.post_ffw, eps_);
+      y = add_rms_norm(m, h, s.next_norm, eps_);
+    }
+    return y;
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  static std::vector<LinearPart> parts(const py::handle& v) {
+    std::vector<LinearPart> out;
+    for (const py::handle& p : v.cast<py::list>()) {
+      auto t = p.cast<py::tuple>();
+      TORCH_CHECK(t.size() == 4, "a linear part is (mode, weight, n, bias)");
+      out.push_back({t[0].cast<int64_t>(), t[1].cast<torch::Tensor>(), t[2].cast<int64_t>(), optional_tensor(t[3])});
+    }
+    TORCH_CHECK(!out.empty(), "a linear needs at least one part");
+    return out;
+  }
+
+  torch::Tensor linear(const std::vector<LinearPart>& parts, const torch::Tensor& x) const {
+    if (parts.size() == 1) return one(parts[0], x);
+    std::vector<torch::Tensor> outs;
+    outs.reserve(parts.size());
+    for (const LinearPart& p : parts) outs.push_back(one(p, x));
+    return torch::cat(outs, -1);  // as qlinear.SideBySide
+  }
+
+  torch::Tensor one(const LinearPart& p, const torch::Tensor& x) const {
+    if (p.mode < 0) return at::linear(x, p.w, p.bias);
+    return linear_(p.mode, x, p.w, p.n, p.bias);
+  }
+
+  // kernel_attention.KernelPagedAttention.attend_cached's calls.
+  static torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& kv, const std::vector<AttnGroup>& groups,
+                              int64_t block_size, const LayerSpec& s) {
+    std::vector<torch::Tensor> outs;
+    outs.reserve(groups.size());
+    for (const auto& [start, count, block_table, query_start, starts, context_lens] : groups)
+      outs.push_back(paged_attention(q.narrow(0, start, count), kv, block_table, query_start, starts, context_lens,
+                                     block_size, s.scale, s.window, s.softcap));
+    TORCH_CHECK(!outs.empty(), "a step has at least one attention group");
+    return outs.size() == 1 ? outs[0] : torch::cat(outs);
+  }
+
+  textmill::LinearFn linear_ = nullptr;
+  std::vector<LayerSpec> layers_;
+  double eps_;
+};
+
 }  // namespace
 
 // The compute functions run without the GIL, as torch's own operators do: the server's
@@ -1280,4 +1437,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("kv_cache"), py::arg("block_table"), py::arg("query_start"), py::arg("seq_start"),
         py::arg("context_lens"), py::arg("block_size"), py::arg("scale"), py::arg("sliding_window"),
         py::arg("softcap"));
+  py::class_<Forward>(m, "Forward", "a whole forward pass of a decoder's layers in one call (see layer.cpp)")
+      .def(py::init<const py::capsule&, const std::vector<py::dict>&, double>(), py::arg("linear"),
+           py::arg("layers"), py::arg("eps"))
+      .def("run", &Forward::run, nogil, "the layers on y and h for one step; returns the final hidden states",
+           py::arg("y"), py::arg("h"), py::arg("rows"), py::arg("rope"), py::arg("kv"), py::arg("slot_mapping"),
+           py::arg("groups"), py::arg("block_size"), py::arg("keep") = py::none())
+      .def_property_readonly("num_layers", &Forward::num_layers);
 }

@@ -94,6 +94,7 @@
 #include <vector>
 
 #include "gguf_blocks.h"
+#include "linear_entry.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -2096,6 +2097,15 @@ torch::Tensor linear_of(const torch::Tensor& x, const torch::Tensor& packed, int
   return qlinear(M, x, packed, n, bias, impl, mr_max);
 }
 
+// The linear by mode number, for layer.cpp's one-call forward (linear_entry.h): the same
+// call as <form>_linear with its defaults.
+torch::Tensor linear_by_mode(int64_t mode, const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
+                             const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(mode >= 0 && mode <= static_cast<int64_t>(Mode::Q2), "no form numbered ", mode);
+  return qlinear(static_cast<Mode>(mode), x, packed, n, bias, 0, 0);
+}
+static_assert(std::is_same_v<decltype(&linear_by_mode), textmill::LinearFn>, "linear_entry.h's signature");
+
 // The activation quantization alone, for tests: -> a (M, K) int8, e (M, K/32), s (M, K/32).
 std::vector<torch::Tensor> quantize_act(const torch::Tensor& x_in, int64_t impl) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) % QK == 0, "x must be (M, K), K a multiple of 32");
@@ -2121,6 +2131,10 @@ std::vector<torch::Tensor> quantize_act(const torch::Tensor& x_in, int64_t impl)
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("isa", &isa, "the SIMD path this build uses: avx2+vnni, avx2 or scalar");
+  m.def("mode_number", [](const std::string& form) { return static_cast<int64_t>(mode_of(form)); },
+        "the number linear_capsule's function takes for a form (q4, q8, ...)");
+  m.def("linear_capsule", [] { return py::capsule(reinterpret_cast<void*>(&linear_by_mode), textmill::kLinearCapsule); },
+        "linear_by_mode(mode, x, packed, n, bias) for layer.cpp's Forward (linear_entry.h)");
   m.def("packed_bytes", [](const std::string& mode, int64_t n, int64_t k) { return packed_bytes(mode_of(mode), n, k); });
   m.def("q4_pack", &pack_min_max<Mode::Q4>, nogil, "float (N, K) -> packed Q4 (uint8)");
   m.def("q4_unpack", &unpack_min_max<Mode::Q4>, nogil, "packed Q4 -> codes (N, K) uint8, d (N, K/32), m (N, K/32)");

@@ -1,0 +1,21 @@
+// The quantized linear as one C++ function that another extension can call.
+//
+// quant.cpp owns the linear kernels, layer.cpp the rest of a decoder layer; each is its own
+// extension module. layer.cpp's Forward runs a whole forward pass in one call from Python,
+// so it must call the linears without Python in between: quant.cpp hands it a pointer to
+// `linear_by_mode` (below) in a Python capsule named kLinearCapsule. Both modules are built
+// by the same compiler against the same libtorch, so passing torch::Tensor across is safe.
+#pragma once
+
+#include <torch/extension.h>
+
+namespace textmill {
+
+// y (M, N) = x (M, K) @ W^T (+ bias), W packed in form `mode` (quant.cpp's Mode, as the
+// number quant's mode_number() gives for a form's name).
+using LinearFn = torch::Tensor (*)(int64_t mode, const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
+                                   const c10::optional<torch::Tensor>& bias);
+
+inline constexpr const char* kLinearCapsule = "textmill.linear_by_mode";
+
+}  // namespace textmill
