@@ -10,6 +10,8 @@
 //   gelu_tanh_mul    GeGLU's gelu_tanh(gate) * up                   (3 eager ops)
 //   paged_attention  attention straight from the paged cache through the block table:
 //                    no context gather, no mask tensors            (~20 eager ops)
+//   Forward          all of a model's layers in one call: the calls above and the linears
+//                    (quant.cpp's, through linear_entry.h) in kernel_forward.py's order
 // rope_kv_write and paged_attention take a float32, float16, bfloat16 or int8 cache (below).
 //
 // Vector code is written once against the small `Vec` wrapper below, which maps to AVX-512,
