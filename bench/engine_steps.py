@@ -5,7 +5,8 @@ bundled model. For each concurrency C, C workload requests (bench/workload.py pr
 greedy tokens, EOS ignored; prompts never repeat, so no prefill is a prefix-cache hit) are
 added at once and Engine.step() runs until all finish. The
 variants take turns for `--repeats` rounds in one process, so a noisy neighbour hits them
-alike; the table keeps each variant's best round, with its ratio to the first variant.
+alike; the table keeps each variant's best round, with its ratio to the first variant, and
+lists every round beside it (the result file has them too).
 
     python bench/engine_steps.py                                   # default vs --no-kernels
     python bench/engine_steps.py --variants "" " --quantization int4" --concurrency 1 16 64

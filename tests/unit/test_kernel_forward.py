@@ -20,6 +20,7 @@ from textmill.runner import ModelRunner
 from textmill.runner.kernel_attention import KernelPagedAttention
 from textmill.messages import ScheduledChunk, SchedulerOutput
 from textmill.runner.kernel_forward import KernelForward
+from textmill.runner.qlinear import SideBySide
 from textmill.sampling_params import SamplingParams
 from tests.unit.test_model_runner import BLOCK, Seq, ToyLM, _prompt, drive, toy_config
 
@@ -282,6 +283,30 @@ _FAMILIES = {
 }
 
 
+class _Recorder:
+    """Forward, recording what each step asked of it: attention groups, and kept rows of all."""
+
+    def __init__(self, inner):
+        self.inner, self.groups, self.kept = inner, [], []
+
+    def run(self, y, h, rows, rope, kv, slot_mapping, groups, block_size, keep=None):
+        self.groups.append(len(groups))
+        self.kept.append((y.shape[0] if keep is None else keep.numel(), y.shape[0]))
+        return self.inner.run(y, h, rows, rope, kv, slot_mapping, groups, block_size, keep)
+
+
+def _one_call_against_the_loop(build) -> None:
+    """Drive the workload through Forward and through layer(); results equal to the bit, and
+    the steps did meet two attention groups (decode beside prefill) and partly kept rows."""
+    fast, slow = build(), build()
+    assert fast.forward.one_call is not None, "every linear here is one Forward calls"
+    recorder = fast.forward.one_call = _Recorder(fast.forward.one_call)
+    slow.forward.one_call = None
+    _exactly(drive(fast, _workload(), budget=7), drive(slow, _workload(), budget=7))
+    assert max(recorder.groups) == 2
+    assert any(k < n for k, n in recorder.kept)
+
+
 @pytest.mark.parametrize("quantization", ["none", "int4", "int8"])
 @pytest.mark.parametrize("family", sorted(_FAMILIES))
 def test_the_one_call_forward_is_bitwise_the_layer_loop(family, quantization):
@@ -289,15 +314,18 @@ def test_the_one_call_forward_is_bitwise_the_layer_loop(family, quantization):
     same tokens and the same logprobs to the bit, over chunked prefill, mixed decode and
     prefill steps (two attention groups), sliding windows, soft-caps and the last layer's
     kept rows; with float32 linears (MKL) and quantized ones."""
-    def runner(one_call: bool) -> ModelRunner:
-        model, cfg = _FAMILIES[family]()
-        r = _runner(model, cfg, True, quantization=quantization)
-        assert r.forward.one_call is not None, "every linear here is one Forward calls"
-        if not one_call:
-            r.forward.one_call = None
-        return r
+    _one_call_against_the_loop(lambda: _runner(*_FAMILIES[family](), True, quantization=quantization))
 
-    _exactly(drive(runner(True), _workload(), budget=7), drive(runner(False), _workload(), budget=7))
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_the_one_call_forward_is_bitwise_the_layer_loop_on_each_kv_pool(family, kv_dtype):
+    def build() -> ModelRunner:
+        model, cfg = _FAMILIES[family]()
+        return ModelRunner(model, cfg, CacheConfig(block_size=BLOCK, num_blocks=64), dtype=torch.float32,
+                           quantization="int4", kernels=True, kv_dtype=kv_dtype)
+
+    _one_call_against_the_loop(build)
 
 
 def test_the_one_call_forward_is_bitwise_the_layer_loop_on_every_block_type(tmp_path):
@@ -308,15 +336,13 @@ def test_the_one_call_forward_is_bitwise_the_layer_loop_on_every_block_type(tmp_
     path = tmp_path / "every-type.gguf"
     _write(path, "qwen3")
 
-    def runner(one_call: bool) -> ModelRunner:
+    def build() -> ModelRunner:
         loaded = load_model(path, codes=True)
         r = ModelRunner(loaded.model, loaded.config, CacheConfig(block_size=BLOCK, num_blocks=64), file_weights=loaded)
-        assert r.forward.one_call is not None
-        if not one_call:
-            r.forward.one_call = None
+        assert isinstance(r.forward.layers[0].self_attn.qkv_proj, SideBySide)  # forms side by side
         return r
 
-    _exactly(drive(runner(True), _workload(), budget=7), drive(runner(False), _workload(), budget=7))
+    _one_call_against_the_loop(build)
 
 
 def test_a_linear_forward_cannot_call_keeps_the_layers_in_python():

@@ -1,4 +1,4 @@
-"""The Llama-family forward pass on textmill's C++ kernels (float32 CPU).
+"""The Llama family's and Gemma's forward pass on textmill's C++ kernels (float32 CPU).
 
 models/llama.py states the math; this runs the same math in about ten calls per layer
 instead of ~60 eager ops, because on a small model the per-op dispatch, not the arithmetic,
@@ -11,25 +11,29 @@ is most of a decode step. Per layer:
     y = add_rms_norm(down(silu_mul(gate_up(y))), h, w_next)   the next layer's input norm
 
 The residual stream h stays one float32 buffer updated in place, and each RMSNorm is fused
-with the residual add before it. Where every linear is one the C++ side can call (QLinear,
-float32 nn.Linear, SideBySide of those), the whole layer loop runs as one call into
-kernels/csrc/layer.cpp's Forward: the same calls in the same order, bitwise the same
-results, without a trip through the interpreter between them (on SmolLM2 at one stream
-that trip was about a third of a decode step). layer() below stays the reference the tests
-hold Forward to, and the path for any other linear. The last layer runs past its attention only for the rows
+with the residual add before it. The last layer runs past its attention only for the rows
 whose logits the step reads (`keep`): the rest of a prompt chunk needs that layer's k and v
 in the cache, not its output, so o_proj and the MLP skip them (about 0.85 of a layer's
 multiply-adds, 3-5% of a prefill step at 16-30 layers). Rows are independent in the
 quantized kernels, so there the kept rows are bitwise the full pass's; float32 weights go
-through MKL, whose sums depend on the row count (within rounding). The linears are whatever
-the runner installed (nn.Linear, or runner/qlinear.py's 2- to 8-bit kernels), so this
-module owns only the order of the calls.
-Built only for exact llama.LlamaForCausalLM / qwen2 / qwen3 instances whose layers
-runner/fused.py has fused; anything else keeps the model's own forward. Qwen3's QK norm
-runs inside rope_kv_write, as Gemma 3's does.
+through MKL, whose sums depend on the row count (within rounding).
+
+The linears are whatever the runner installed (nn.Linear, or runner/qlinear.py's 2- to
+8-bit kernels), so this module owns only the order of the calls. It states that order
+twice: layer() below, in Python, and kernels/csrc/layer.cpp's Forward, which makes the same
+calls from C++ in one call per step. Forward runs wherever every linear is one it can call
+(QLinear, float32 nn.Linear, SideBySide of those: every layer the runner installs on this
+path); on SmolLM2 at one stream the interpreter between the calls was about a third of a
+decode step. layer() stays the reference: tests hold Forward to it bitwise, which is what
+keeps the two in step, and it runs any other linear.
+
+Built only for exact llama.LlamaForCausalLM / qwen2 / qwen3 / Gemma 2 and 3 instances whose
+layers runner/fused.py has fused; anything else keeps the model's own forward. Qwen3's QK
+norm runs inside rope_kv_write, as Gemma 3's does.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -42,6 +46,8 @@ from textmill.models.qwen3 import Qwen3ForCausalLM
 from textmill.runner.fused import FusedAttention, FusedMLP
 from textmill.runner.kernel_attention import KernelPagedAttention
 from textmill.runner.qlinear import QLinear, SideBySide
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,19 +83,25 @@ class KernelForwardBase:
     def build_one_call(self) -> None:
         """Layer loop as one C++ call (layer.cpp's Forward), where the kernels have it and
         every linear is one it can call; otherwise the layers stay in Python."""
-        from textmill.kernels import load
-
-        quant = load("quant")
         forward_cls = getattr(self.ops, "Forward", None)
-        if forward_cls is None or quant is None or not hasattr(quant, "linear_capsule"):
+        if forward_cls is None:
             return
-        specs = []
-        for i, layer in enumerate(self.layers):
-            linears = [_parts(m, quant) for m in _linears(layer)]
-            if any(p is None for p in linears):
+        linears = [[_parts(m) for m in _linears(layer)] for layer in self.layers]
+        if any(p is None for layer in linears for p in layer):
+            log.info("layers in Python: a linear here is none the C++ forward calls")
+            return
+        quant = None
+        if any(form is not None for layer in linears for parts in layer for form, *_ in parts):
+            from textmill.kernels import load
+
+            quant = load("quant")  # loaded already: the runner packed these layers with it
+            if quant is None or not hasattr(quant, "linear_capsule"):
                 return
-            specs.append(dict(zip(("qkv", "o", "gate_up", "down"), linears)) | self.layer_spec(i))
-        self.one_call = forward_cls(quant.linear_capsule(), specs, self.eps)
+            linears = [[[(quant.mode_number(form), *rest) if form is not None else (None, *rest)
+                         for form, *rest in parts] for parts in layer] for layer in linears]
+        specs = [dict(zip(("qkv", "o", "gate_up", "down"), layer)) | self.layer_spec(i)
+                 for i, layer in enumerate(linears)]
+        self.one_call = forward_cls(None if quant is None else quant.linear_capsule(), specs, self.eps)
 
     def layer_spec(self, i: int) -> dict:
         """Layer i's norms and attention settings for Forward (layer.cpp's LayerSpec), as layer() uses them."""
@@ -182,15 +194,16 @@ def _linears(layer: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
     return layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
 
 
-def _parts(linear: torch.nn.Module, quant: ModuleType) -> list[tuple] | None:
-    """The linear as Forward's parts, (mode number, weight, out_features, bias) each, whose
-    outputs side by side are its output; None for a linear Forward cannot call."""
+def _parts(linear: torch.nn.Module) -> list[tuple] | None:
+    """The linear as Forward's parts, (form, weight, out_features, bias) each, whose outputs
+    side by side are its output (form None: a float32 weight, computed as F.linear); None
+    for a linear Forward cannot call."""
     if type(linear) is QLinear:
-        return [(quant.mode_number(linear.mode), linear.packed, linear.out_features, linear.bias)]
+        return [(linear.mode, linear.packed, linear.out_features, linear.bias)]
     if type(linear) is torch.nn.Linear and linear.weight.dtype == torch.float32 and linear.weight.device.type == "cpu":
-        return [(-1, linear.weight, linear.out_features, linear.bias)]
+        return [(None, linear.weight, linear.out_features, linear.bias)]
     if type(linear) is SideBySide:
-        parts = [_parts(p, quant) for p in linear.parts]
+        parts = [_parts(p) for p in linear.parts]
         return None if any(p is None for p in parts) else [x for p in parts for x in p]
     return None
 

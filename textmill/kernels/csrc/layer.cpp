@@ -1281,7 +1281,7 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_ca
 // The last layer computes past its attention only for the rows in `keep`, when given.
 
 struct LinearPart {
-  int64_t mode;  // quant.cpp's form number; -1: a float (N, K) weight through at::linear, as F.linear
+  c10::optional<int64_t> mode;  // quant.cpp's form number; none: a float (N, K) weight through at::linear, as F.linear
   torch::Tensor w;
   int64_t n;
   c10::optional<torch::Tensor> bias;
@@ -1307,11 +1307,17 @@ c10::optional<torch::Tensor> optional_tensor(const py::handle& v) {
 
 class Forward {
  public:
-  // linear: quant's linear_capsule(); layers: one dict per layer (kernel_forward.py's
-  // layer_specs() names the keys).
-  Forward(const py::capsule& linear, const std::vector<py::dict>& layers, double eps) : eps_(eps) {
-    TORCH_CHECK(std::string(linear.name()) == textmill::kLinearCapsule, "expected quant's linear_capsule()");
-    linear_ = reinterpret_cast<textmill::LinearFn>(linear.get_pointer());
+  // linear: quant's linear_capsule(), or None when every linear is a float one; layers: one
+  // dict per layer (kernel_forward.py's build_one_call() and layer_spec() name the keys).
+  // The function pointer outlives the capsule: Python never unloads an extension module.
+  Forward(const py::object& linear, const std::vector<py::dict>& layers, double eps) : eps_(eps) {
+    if (!linear.is_none()) {
+      auto capsule = linear.cast<py::capsule>();
+      const char* name = capsule.name();
+      TORCH_CHECK(name != nullptr && std::strcmp(name, textmill::kLinearCapsule) == 0,
+                  "expected quant's linear_capsule()");
+      linear_ = reinterpret_cast<textmill::LinearFn>(capsule.get_pointer());
+    }
     for (const py::dict& d : layers) {
       LayerSpec s;
       s.qkv = parts(d["qkv"]);
@@ -1331,6 +1337,9 @@ class Forward {
       s.scale = d["scale"].cast<double>();
       s.softcap = d["softcap"].cast<double>();
       s.gelu = d["gelu"].cast<bool>();
+      for (const auto* linear_parts : {&s.qkv, &s.o, &s.gate_up, &s.down})
+        for (const LinearPart& p : *linear_parts)
+          TORCH_CHECK(!p.mode || linear_ != nullptr, "a quantized linear needs quant's linear_capsule()");
       layers_.push_back(std::move(s));
     }
   }
@@ -1377,7 +1386,9 @@ class Forward {
     for (const py::handle& p : v.cast<py::list>()) {
       auto t = p.cast<py::tuple>();
       TORCH_CHECK(t.size() == 4, "a linear part is (mode, weight, n, bias)");
-      out.push_back({t[0].cast<int64_t>(), t[1].cast<torch::Tensor>(), t[2].cast<int64_t>(), optional_tensor(t[3])});
+      c10::optional<int64_t> mode;
+      if (!t[0].is_none()) mode = t[0].cast<int64_t>();
+      out.push_back({mode, t[1].cast<torch::Tensor>(), t[2].cast<int64_t>(), optional_tensor(t[3])});
     }
     TORCH_CHECK(!out.empty(), "a linear needs at least one part");
     return out;
@@ -1392,8 +1403,9 @@ class Forward {
   }
 
   torch::Tensor one(const LinearPart& p, const torch::Tensor& x) const {
-    if (p.mode < 0) return at::linear(x, p.w, p.bias);
-    return linear_(p.mode, x, p.w, p.n, p.bias);
+    if (!p.mode) return at::linear(x, p.w, p.bias);
+    TORCH_CHECK(linear_ != nullptr, "a quantized linear needs quant's linear_capsule()");
+    return linear_(*p.mode, x, p.w, p.n, p.bias);
   }
 
   // kernel_attention.KernelPagedAttention.attend_cached's calls.
@@ -1440,7 +1452,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("context_lens"), py::arg("block_size"), py::arg("scale"), py::arg("sliding_window"),
         py::arg("softcap"));
   py::class_<Forward>(m, "Forward", "a whole forward pass of a decoder's layers in one call (see layer.cpp)")
-      .def(py::init<const py::capsule&, const std::vector<py::dict>&, double>(), py::arg("linear"),
+      .def(py::init<const py::object&, const std::vector<py::dict>&, double>(), py::arg("linear"),
            py::arg("layers"), py::arg("eps"))
       .def("run", &Forward::run, nogil, "the layers on y and h for one step; returns the final hidden states",
            py::arg("y"), py::arg("h"), py::arg("rows"), py::arg("rope"), py::arg("kv"), py::arg("slot_mapping"),

@@ -158,6 +158,8 @@ constexpr int64_t CHUNK_BYTES = 96 << 10;       // expanded activations per thre
 constexpr int64_t PASS_BYTES = 256 << 10;
 
 enum class Mode { Q4, Q8, Q6, Q5, IQ4, Q3, IQ2, Q2 };
+// The last form: linear_by_mode's numbers run 0..kLastMode (a new form goes after it, and here).
+constexpr Mode kLastMode = Mode::Q2;
 
 constexpr int64_t code_bytes(Mode m) {
   return m == Mode::Q4 || m == Mode::IQ4 || m == Mode::IQ2 ? Q4_CODE_BYTES
@@ -2101,7 +2103,7 @@ torch::Tensor linear_of(const torch::Tensor& x, const torch::Tensor& packed, int
 // call as <form>_linear with its defaults.
 torch::Tensor linear_by_mode(int64_t mode, const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
                              const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(mode >= 0 && mode <= static_cast<int64_t>(Mode::Q2), "no form numbered ", mode);
+  TORCH_CHECK(mode >= 0 && mode <= static_cast<int64_t>(kLastMode), "no form numbered ", mode);
   return qlinear(static_cast<Mode>(mode), x, packed, n, bias, 0, 0);
 }
 static_assert(std::is_same_v<decltype(&linear_by_mode), textmill::LinearFn>, "linear_entry.h's signature");
