@@ -1360,20 +1360,25 @@ class Forward {
       TORCH_CHECK(s.rope >= 0 && s.rope < static_cast<int64_t>(rope.size()), "layer ", i, " wants RoPE table ",
                   s.rope, " of ", rope.size());
       const auto& [cos, sin] = rope[s.rope];
-      torch::Tensor q = rope_kv_write(linear(s.qkv, y), rows, cos, sin, kv[i], slot_mapping, s.heads, s.kv_heads,
-                                      s.q_norm, s.k_norm, eps_);
-      torch::Tensor o = attend(q, kv[i], groups, block_size, s);
+      // Each intermediate is dropped as soon as its reader returns, as the Python loop's
+      // temporaries are (the largest, gate|up, before the down projection runs): a step's
+      // peak memory and the allocator's reuse of blocks stay the loop's.
+      torch::Tensor o = attend(rope_kv_write(linear(s.qkv, y), rows, cos, sin, kv[i], slot_mapping, s.heads,
+                                             s.kv_heads, s.q_norm, s.k_norm, eps_),
+                               kv[i], groups, block_size, s);
       if (keep.has_value() && i == num_layers - 1) {
         o = o.index_select(0, *keep);
         h = h.index_select(0, *keep);
       }
-      torch::Tensor a = linear(s.o, o.flatten(1));
-      if (s.post_attn) a = rms_norm(a, *s.post_attn, eps_);
-      y = add_rms_norm(a, h, s.mid_norm, eps_);
-      torch::Tensor g = linear(s.gate_up, y);
-      torch::Tensor m = linear(s.down, s.gelu ? gelu_tanh_mul(g) : silu_mul(g));
-      if (s.post_ffw) m = rms_norm(m, *s.post_ffw, eps_);
-      y = add_rms_norm(m, h, s.next_norm, eps_);
+      torch::Tensor x = linear(s.o, o.flatten(1));
+      o.reset();
+      if (s.post_attn) x = rms_norm(x, *s.post_attn, eps_);
+      y = add_rms_norm(x, h, s.mid_norm, eps_);
+      x = linear(s.gate_up, y);
+      x = s.gelu ? gelu_tanh_mul(x) : silu_mul(x);
+      x = linear(s.down, x);
+      if (s.post_ffw) x = rms_norm(x, *s.post_ffw, eps_);
+      y = add_rms_norm(x, h, s.next_norm, eps_);
     }
     return y;
   }
