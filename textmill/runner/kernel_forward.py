@@ -23,8 +23,8 @@ The linears are whatever the runner installed (nn.Linear, or runner/qlinear.py's
 twice: layer() below, in Python, and kernels/csrc/layer.cpp's Forward, which makes the same
 calls from C++ in one call per step. Forward runs wherever every linear is one it can call
 (QLinear, float32 nn.Linear, SideBySide of those: every layer the runner installs on this
-path); on SmolLM2 at one stream the interpreter between the calls was about a third of a
-decode step. layer() stays the reference: tests hold Forward to it bitwise, which is what
+path); on SmolLM2 at one stream the interpreter between the calls was 7-17% of a decode
+step. layer() stays the reference: tests hold Forward to it bitwise, which is what
 keeps the two in step, and it runs any other linear.
 
 Built only for exact llama.LlamaForCausalLM / qwen2 / qwen3 / Gemma 2 and 3 instances whose

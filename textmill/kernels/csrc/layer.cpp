@@ -1265,8 +1265,8 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_ca
 // ---------------------------------------------------------------------------------------
 // runner/kernel_forward.py's layer loop makes about ten calls a layer into this module and
 // quant.cpp. From Python each costs argument conversion, a result tensor wrapped for the
-// interpreter and the loop's own bookkeeping: on SmolLM2 at one stream perf put about a
-// third of a decode step in libpython, pybind and the allocator. Forward makes the same
+// interpreter and the loop's own bookkeeping: on SmolLM2 at one stream that was 7-17% of a
+// decode step (docs/performance.md, the engine with and without). Forward makes the same
 // calls, in the same order, with the same arguments, from C++, so its results are bitwise
 // the loop's. It keeps each layer's weights and norms (handles to the runner's tensors,
 // not copies); run() takes what changes from step to step.
