@@ -1333,6 +1333,8 @@ class Forward {
       s.heads = d["heads"].cast<int64_t>();
       s.kv_heads = d["kv_heads"].cast<int64_t>();
       s.rope = d["rope"].cast<int64_t>();
+      TORCH_CHECK(s.rope >= 0, "rope: a table index, got ", s.rope);
+      max_rope_ = std::max(max_rope_, s.rope);
       s.window = d["window"].cast<int64_t>();
       s.scale = d["scale"].cast<double>();
       s.softcap = d["softcap"].cast<double>();
@@ -1355,10 +1357,10 @@ class Forward {
     const int64_t num_layers = static_cast<int64_t>(layers_.size());
     TORCH_CHECK(static_cast<int64_t>(kv.size()) == num_layers, "kv: expected ", num_layers, " layers, got ",
                 kv.size());
+    TORCH_CHECK(max_rope_ < static_cast<int64_t>(rope.size()), "the layers want RoPE table ", max_rope_, " of ",
+                rope.size());
     for (int64_t i = 0; i < num_layers; ++i) {
       const LayerSpec& s = layers_[i];
-      TORCH_CHECK(s.rope >= 0 && s.rope < static_cast<int64_t>(rope.size()), "layer ", i, " wants RoPE table ",
-                  s.rope, " of ", rope.size());
       const auto& [cos, sin] = rope[s.rope];
       // Each intermediate is dropped as soon as its reader returns, as the Python loop's
       // temporaries are (the largest, gate|up, before the down projection runs): a step's
@@ -1382,8 +1384,6 @@ class Forward {
     }
     return y;
   }
-
-  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
  private:
   static std::vector<LinearPart> parts(const py::handle& v) {
@@ -1427,6 +1427,7 @@ class Forward {
 
   textmill::LinearFn linear_ = nullptr;
   std::vector<LayerSpec> layers_;
+  int64_t max_rope_ = 0;  // the highest RoPE table index a layer reads: run() checks it once
   double eps_;
 };
 
@@ -1461,6 +1462,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("layers"), py::arg("eps"))
       .def("run", &Forward::run, nogil, "the layers on y and h for one step; returns the final hidden states",
            py::arg("y"), py::arg("h"), py::arg("rows"), py::arg("rope"), py::arg("kv"), py::arg("slot_mapping"),
-           py::arg("groups"), py::arg("block_size"), py::arg("keep") = py::none())
-      .def_property_readonly("num_layers", &Forward::num_layers);
+           py::arg("groups"), py::arg("block_size"), py::arg("keep") = py::none());
 }
