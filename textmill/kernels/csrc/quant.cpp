@@ -1839,6 +1839,29 @@ void tile_avx512(const uint8_t* tile, int64_t kb, const ActRows& act, const floa
   for (int r = 0; r < MR; ++r) _mm512_storeu_ps(out[r], acc[r]);
 }
 
+// The output lines a block-major pass will write: one per tile, `lines` adjacent tiles, at
+// `row0` and every `ld` floats after. A pass ends by storing every row's result, each to a
+// line of its own (the rows are `ld` apart); lines not in cache then miss on write in a
+// burst the core cannot overlap with anything (perf on a 16 x 64-token SmolLM2 prefill:
+// ~10% of its samples in these stores). Asking for them for writing (prefetchw), a few
+// rows with each block, spreads those misses over the pass, behind the multiply-adds.
+// prefetchw in asm: GCC deleted a loop of __builtin_prefetch(p, 1, 3) calls as free of side
+// effects (nothing of it was left in the object code).
+struct OutLines {
+  float* row0;
+  int64_t ld;
+  int lines;  // 0..2
+  void prefetch(int64_t b, int64_t kb, int64_t rows) const {
+    const int64_t per = (rows + kb - 1) / kb;
+    const int64_t end = std::min(rows, (b + 1) * per);
+    for (int64_t r = b * per; r < end; ++r) {
+      const float* p = row0 + r * ld;
+      if (lines > 0) asm volatile("prefetchw %0" : : "m"(*p));
+      if (lines > 1) asm volatile("prefetchw %0" : : "m"(*(p + NR)));
+    }
+  }
+};
+
 // Block-major order for a batch of up to BLOCK_MAJOR_ROWS activation rows (batched
 // decode, short prefill chunks): one pass over the tile, each block's weights unpacked once and used by every
 // row before the next block, the rows' accumulators in `acc` (L1). The row-group order
@@ -1849,10 +1872,11 @@ void tile_avx512(const uint8_t* tile, int64_t kb, const ActRows& act, const floa
 // of the other paths (the same Block::row), so are the bits.
 template <Mode M>
 void tile_rows_avx512(const uint8_t* tile, int64_t kb, const int8_t* a, int64_t k, int64_t rows, const float* e,
-                      const float* s, const HalfSums* off, __m512* acc) {
+                      const float* s, const HalfSums* off, __m512* acc, const OutLines& dst) {
   for (int64_t r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
     prefetch_ahead<M>(tile, b);
+    dst.prefetch(b, kb, rows);
     const BlockOf<M> blk(tile, kb, b, std::true_type{});
     // Row pointers stepped, not indexed: fewer live values in the row loop, which GCC kept
     // reloading from the stack (kernel_ab on the Xeon: q4 0.93-1.0x the time at 16-256
@@ -1875,11 +1899,12 @@ void tile_rows_avx512(const uint8_t* tile, int64_t kb, const int8_t* a, int64_t 
 template <Mode M>
 void tile_pair_rows_avx512(const uint8_t* tile0, const uint8_t* tile1, int64_t kb, const int8_t* a, int64_t k,
                            int64_t rows, const float* e, const float* s, const HalfSums* off, __m512* acc0,
-                           __m512* acc1) {
+                           __m512* acc1, const OutLines& dst) {
   for (int64_t r = 0; r < rows; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
     prefetch_ahead<M>(tile0, b);
     prefetch_ahead<M>(tile1, b);
+    dst.prefetch(b, kb, rows);
     const BlockOf<M> x(tile0, kb, b, std::true_type{});
     const BlockOf<M> y(tile1, kb, b, std::true_type{});
     RowsAt at{a + b * QK, e + b, s + b, off + b, k, kb};
@@ -2026,22 +2051,31 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
           const int64_t rows = std::min(pass_rows, m - r0);
           for (int64_t t = t0; t < t1; t += 2) {
             const bool pair = t + 1 < t1;  // a piece's odd last tile runs alone
+            const int64_t u1 = std::min(t + 2, t1);
+            // Only full tiles' lines: a last tile's padding columns are not in y.
+            const OutLines lines{yp + r0 * n + t * NR, n, static_cast<int>((std::min(u1 * NR, n) - t * NR) / NR)};
             with_mode(mode, [&](auto form) {
               constexpr Mode F = decltype(form)::value;
               if (pair)
                 tile_pair_rows_avx512<F>(pp + t * tbytes, pp + (t + 1) * tbytes, kb, q.a + r0 * k, k, rows,
-                                         q.e + r0 * kb, q.s + r0 * kb, q.off + r0 * kb, acc[0], acc[1]);
+                                         q.e + r0 * kb, q.s + r0 * kb, q.off + r0 * kb, acc[0], acc[1], lines);
               else
                 tile_rows_avx512<F>(pp + t * tbytes, kb, q.a + r0 * k, k, rows, q.e + r0 * kb, q.s + r0 * kb,
-                                    q.off + r0 * kb, acc[0]);
+                                    q.off + r0 * kb, acc[0], lines);
             });
-            for (int64_t u = t; u < std::min(t + 2, t1); ++u) {
-              const int64_t ncols = std::min<int64_t>(NR, n - u * NR);
-              for (int64_t r = 0; r < rows; ++r) {
-                _mm512_store_ps(out[0], acc[u - t][r]);
-                store_row(yp + (r0 + r) * n + u * NR, out[0], bp ? bp + u * NR : nullptr, ncols);
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t u = t; u < u1; ++u) {
+                float* dst = yp + (r0 + r) * n + u * NR;
+                const float* bu = bp ? bp + u * NR : nullptr;
+                const int64_t ncols = std::min<int64_t>(NR, n - u * NR);
+                if (ncols == NR) {  // straight from the register: store_row's adds, 16 at a time
+                  const __m512 v = acc[u - t][r];
+                  _mm512_storeu_ps(dst, bu ? _mm512_add_ps(v, _mm512_loadu_ps(bu)) : v);
+                } else {
+                  _mm512_store_ps(out[0], acc[u - t][r]);
+                  store_row(dst, out[0], bu, ncols);
+                }
               }
-            }
           }
         }
         continue;
