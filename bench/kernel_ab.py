@@ -8,6 +8,9 @@ other work that is steadier than wall time, though memory bandwidth is still sha
 
     python bench/kernel_ab.py --rev HEAD~1
     python bench/kernel_ab.py --rev 4493961 --shapes 262144x640 8192x2048 --rows 1 16 64
+    python bench/kernel_ab.py --rev HEAD~1 --modes act --shapes 3072x576 576x1536 --rows 64 256
+
+(`--modes act` times the activation quantizer alone, at each shape's K.)
 
 Results: bench/results/kernel_ab-<time>.json, stamped with commit and machine.
 """
@@ -22,7 +25,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
+# This tree's textmill first: a worktree that shares another checkout's virtual environment
+# would otherwise import (and build) that checkout's kernels as "this tree".
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from revision import build_at  # noqa: E402
 from stamp import write_result  # noqa: E402
 
@@ -51,10 +56,30 @@ def measure(old, new, mode: str, n: int, k: int, m: int, rounds: int) -> dict:
             "new_over_old": best["new"] / best["old"], "bitwise_equal": same}
 
 
+def measure_act(old, new, k: int, m: int, rounds: int) -> dict:
+    """The activation quantizer every linear runs first (quantize_act: int8 codes, scales and
+    scaled sums per group of 32), old build against new, on the same rows."""
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k * 7 + m))
+    run = {"old": lambda: old.quantize_act(x, 0), "new": lambda: new.quantize_act(x, 0)}
+    same = all(torch.equal(a, b) for a, b in zip(run["old"](), run["new"]()))
+    best = {name: float("inf") for name in run}
+    reps = max(1, int(2e7 // (k * m)))
+    for _ in range(rounds):
+        for name, f in run.items():
+            t = time.process_time()
+            for _ in range(reps):
+                f()
+            best[name] = min(best[name], (time.process_time() - t) / reps)
+    return {"mode": "act", "n": 0, "k": k, "m": m, "old_ms": 1e3 * best["old"], "new_ms": 1e3 * best["new"],
+            "new_over_old": best["new"] / best["old"], "bitwise_equal": same}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rev", required=True, help="the git revision to compare against (e.g. HEAD~1)")
-    ap.add_argument("--modes", nargs="+", default=["q8", "q4"], choices=["q8", "q4", "q5", "q6", "iq4", "q3", "iq2", "q2"])
+    ap.add_argument("--modes", nargs="+", default=["q8", "q4"],
+                    choices=["q8", "q4", "q5", "q6", "iq4", "q3", "iq2", "q2", "act"],
+                    help="weight forms; act: the activation quantizer alone, at each shape's K")
     ap.add_argument("--shapes", nargs="+", default=["262144x640", "8192x2048", "2048x8192"],
                     help="N x K of the weights (262144x640: Gemma 3's head)")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
@@ -64,7 +89,8 @@ def main() -> int:
     new = load("quant")
     with tempfile.TemporaryDirectory() as scratch:
         old = build_at(args.rev, Path(scratch), "quant")
-        results = [measure(old, new, mode, *map(int, shape.split("x")), m, args.rounds)
+        results = [measure_act(old, new, int(shape.split("x")[1]), m, args.rounds) if mode == "act"
+                   else measure(old, new, mode, *map(int, shape.split("x")), m, args.rounds)
                    for mode in args.modes for shape in args.shapes for m in args.rows]
     print(f"| mode | N x K | M | {args.rev} ms | this tree ms | new / old | bitwise equal |")
     print("|---|---|---:|---:|---:|---:|---|")

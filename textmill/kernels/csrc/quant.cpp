@@ -1007,11 +1007,65 @@ void quantize_block_avx2(const float* x, int8_t* a, float* e, float* s, HalfSums
 }
 #endif
 
+#ifdef TM_VNNI512
+// quantize_block_avx2's steps for U consecutive blocks at once, each step done for all U
+// before the next: one block's chain (a reduction for the largest |x|, two divisions, the
+// rounding, two reductions for the half sums) is latency, ~65 cycles a block alone; U
+// independent chains side by side let the core overlap them. The same float32 operations
+// on the same values (the largest |x|, d = that / 127, id = 1 / d, x * id rounded half to
+// even and clamped to +-127), so the same codes and scales.
+template <int U>
+void quantize_blocks_avx512(const float* x, int8_t* a, float* e, float* s, HalfSums* off) {
+  __m512 v[U][2];
+  float d[U], id[U];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    v[u][0] = _mm512_loadu_ps(x + QK * u);
+    v[u][1] = _mm512_loadu_ps(x + QK * u + 16);
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u)
+    d[u] = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[u][0]), _mm512_abs_ps(v[u][1]))) / 127.f;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) id[u] = d[u] > 0.f ? 1.f / d[u] : 0.f;
+  const __m512 lim = _mm512_set1_ps(127.f), nlim = _mm512_set1_ps(-127.f);
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  __m512i q[U][2];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u)
+    for (int h = 0; h < 2; ++h)
+      q[u][h] = _mm512_cvtps_epi32(_mm512_min_ps(
+          lim, _mm512_max_ps(nlim, _mm512_roundscale_ps(_mm512_mul_ps(v[u][h], _mm512_set1_ps(id[u])), kNearest))));
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(a + QK * u), _mm512_cvtsepi32_epi8(q[u][0]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(a + QK * u + 16), _mm512_cvtsepi32_epi8(q[u][1]));
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    const int h0 = _mm512_reduce_add_epi32(q[u][0]), h1 = _mm512_reduce_add_epi32(q[u][1]);
+    e[u] = d[u];
+    s[u] = d[u] * static_cast<float>(h0 + h1);
+    off[u].off[0] = -32 * h0;
+    off[u].off[1] = -32 * h1;
+    off[u].hs[0] = d[u] * static_cast<float>(h0);
+    off[u].hs[1] = d[u] * static_cast<float>(h1);
+  }
+}
+#endif
+
 void quantize_rows(const float* x, int64_t m, int64_t k, const QAct& q, bool simd) {
   const int64_t kb = k / QK;
   auto body = [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t b = 0; b < kb; ++b) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t b0 = 0;
+#ifdef TM_VNNI512
+      if (simd)
+        for (; b0 + 4 <= kb; b0 += 4)
+          quantize_blocks_avx512<4>(x + r * k + b0 * QK, q.a + r * k + b0 * QK, q.e + r * kb + b0, q.s + r * kb + b0,
+                                    q.off + r * kb + b0);
+#endif
+      for (int64_t b = b0; b < kb; ++b) {
         const float* src = x + r * k + b * QK;
         int8_t* a = q.a + r * k + b * QK;
 #ifdef TM_AVX2
@@ -1022,6 +1076,7 @@ void quantize_rows(const float* x, int64_t m, int64_t k, const QAct& q, bool sim
 #endif
         quantize_block_scalar(src, a, q.e + r * kb + b, q.s + r * kb + b, q.off + r * kb + b);
       }
+    }
   };
   // ~30 ns per block: only big prefills are worth waking the other threads for.
   at::parallel_for(0, m, std::max<int64_t>(1, 4096 / kb), body);
@@ -1029,7 +1084,14 @@ void quantize_rows(const float* x, int64_t m, int64_t k, const QAct& q, bool sim
 
 // ---------------------------------------------------------------------------------------
 // One output row's share of a tile: its ncols (of NR) results, plus the bias if any.
+// A full tile's row as a fixed count: GCC made the variable-count copy a call to memcpy for
+// every 64 bytes (at one row, every tile of every linear).
 inline void store_row(float* dst, const float* tile_out, const float* bias, int64_t ncols) {
+  if (ncols == NR) {
+    if (bias) for (int64_t j = 0; j < NR; ++j) dst[j] = tile_out[j] + bias[j];
+    else for (int64_t j = 0; j < NR; ++j) dst[j] = tile_out[j];
+    return;
+  }
   if (bias) for (int64_t j = 0; j < ncols; ++j) dst[j] = tile_out[j] + bias[j];
   else for (int64_t j = 0; j < ncols; ++j) dst[j] = tile_out[j];
 }
