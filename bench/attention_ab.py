@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
+# This tree's textmill first: a worktree that shares another checkout's virtual environment
+# would otherwise import (and build) that checkout's kernels as "this tree".
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from revision import build_at  # noqa: E402
 from stamp import write_result  # noqa: E402
 
@@ -43,6 +45,8 @@ SCENARIOS = {
     "gemma3 1 seq ctx 100": (1, 100, 4, 1, 256),
     "gemma3 16 seqs ctx 300": (16, 300, 4, 1, 256),
     "1b 16 seqs ctx 300": (16, 300, 32, 8, 64),
+    "1b 1 seq ctx 300": (1, 300, 32, 8, 64),
+    "qwen3 16 seqs ctx 300": (16, 300, 16, 8, 128),
 }
 
 

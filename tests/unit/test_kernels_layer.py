@@ -477,6 +477,21 @@ def test_paged_attention_threads_and_batch_do_not_change_a_row(ops, hq, hkv):
                 assert torch.equal(alone.run(ops), one[case.query_start[b] : case.query_start[b + 1]])
 
 
+@pytest.mark.parametrize("hq,hkv,num_seqs", [(9, 3, 64), (32, 8, 16), (32, 8, 1), (4, 1, 16)])
+def test_paged_attention_many_decodes_same_bits_on_one_or_two_threads(ops, hq, hkv, num_seqs):
+    """With enough decode rows, two threads claim a row's kv heads together (one thread
+    reads a token slot's K and V rows for every head); with few, one task at a time. Either
+    way each output has the bits of the one-thread run."""
+    g = torch.Generator().manual_seed(hq + num_seqs)
+    contexts = torch.randint(1, 300, (num_seqs,), generator=g).tolist()
+    case = PagedCase([(c - 1, 1) for c in contexts], hq, hkv, 64, 16, seed=hkv)
+    with threads(1):
+        one = case.run(ops)
+    with threads(2):
+        assert torch.equal(case.run(ops), one)
+    torch.testing.assert_close(one, case.reference(), **TOL)
+
+
 def test_paged_attention_empty_batch(ops):
     case = PagedCase([(3, 0)], 4, 2, 32, 16)
     assert case.run(ops).shape == (0, 4, 32)
