@@ -98,11 +98,13 @@ def dequant(codes, d, m):
 
 def quantize_acts_ref(x: torch.Tensor):
     """The kernel's activation quantization, restated: per row and group of 32,
-    e = max|x| / 127, a = round-half-even(x * (1 / e)), s = e * sum(a)."""
+    e = max|x| / 127, a = round-half-even(x * (1 / e)), s = e * sum(a); 1 / e taken as 0
+    where it is not finite (e = 0, or e subnormal)."""
     mm, k = x.shape
     xb = x.float().view(mm, k // G, G)
     e = xb.abs().amax(-1) / 127
-    inv = torch.where(e > 0, 1 / e, torch.zeros_like(e))
+    inv = 1 / e
+    inv = torch.where(torch.isfinite(inv), inv, torch.zeros_like(inv))
     a = torch.round(xb * inv[..., None]).clamp(-127, 127)
     s = e * a.sum(-1)
     return a.view(mm, k), e, s
@@ -143,12 +145,17 @@ def test_activation_quantization_matches_reference(ext, impl, k):
     x[5, 64:96] = 0  # one zero group
     x[7] *= 1e-20  # tiny, still normal floats
     x[9] *= 1e20
+    # A group whose scale is subnormal (its largest |x| below ~3.7e-37): 1 / e overflows,
+    # and x * inf would turn its zeros into NaN; the codes are all 0 instead.
+    x[11, :32] = 0
+    x[11, 0], x[11, 5] = 1e-37, -5e-38
     a, e, s = ext.quantize_act(x, impl)
     ra, re, rs = quantize_acts_ref(x)
     assert torch.equal(e, re)
     assert torch.equal(a.float(), ra)
     assert torch.equal(s, rs)
     assert a.abs().max() <= 127
+    assert 0 < e[11, 0] < torch.finfo(torch.float32).tiny and not a[11, :32].any()
 
 
 # --- the kernel's own math --------------------------------------------------------------
@@ -199,13 +206,13 @@ def test_register_tiles_and_threads_agree(ext, mode, threads):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("mm", [2, 5, 16, 33, 128, 129, 300])
-@pytest.mark.parametrize("k", [640, 5632])
-def test_batch_orders_agree(ext, mode, mm, k, threads):
+# n = 70: a lone partial tile after pairs; 56: a pair whose second tile is partial
+@pytest.mark.parametrize("k,n", [(640, 70), (5632, 70), (640, 56)])
+def test_batch_orders_agree(ext, mode, mm, k, n, threads):
     """Batches of 2+ rows run block-major on the 512-bit path (one pass over each tile,
     every row per block), in passes of up to 128 rows (fewer where K is long: 46 at
     K = 5632), as register-tile requests (mr_max) run by row groups: every order gives the
     bits of the scalar path."""
-    n = 70
     w, x, bias = weights(n, k, 3), acts(mm, k, 4), torch.randn(n)
     packed = pack(ext, mode, w)
     fn = getattr(ext, f"{mode}_linear")

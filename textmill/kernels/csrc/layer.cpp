@@ -1229,8 +1229,9 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_ca
   std::unique_ptr<std::atomic<int64_t>[]> remaining(new std::atomic<int64_t>[splits.size() + 1]);
   for (size_t i = 0; i < splits.size(); ++i) remaining[i].store(splits[i].nchunks, std::memory_order_relaxed);
 
-  // Longest tasks first, handed out one at a time: tiles differ in cost (context lengths,
-  // causal prefill), so a static split of the range over threads would leave some idle.
+  // Longest tasks first, handed out as threads come for them (one at a time, or a tile's
+  // kv heads at a time: see `claim` below): tiles differ in cost (context lengths, causal
+  // prefill), so a static split of the range over threads would leave some idle.
   std::vector<int64_t> order(tasks.size());
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return tasks[x].cost > tasks[y].cost; });
@@ -1246,12 +1247,12 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_ca
                             out.data_ptr<float>()};
     std::atomic<int64_t> next{0};
     // A tile's kv heads go to one thread together. A token's slot in the pool holds every
-    // head's K row, then every head's V row (768 bytes on SmolLM2), so a head's task reads
-    // 128-byte runs 768 bytes apart, and the lines between belong to the tile's other
-    // heads; on the thread that reads those next, what the hardware prefetcher brought in
-    // beside its own runs is used. bench/attention_ab.py, Ice Lake, 2 threads: 0.83-0.90x
-    // the time on SmolLM2's and the 1B's shapes (3 and 8 kv heads), level on Gemma 3's
-    // (one). Without splits the heads are adjacent in `order` (equal cost, stable sort, and
+    // head's K row, then every head's V row (a float16 pool on SmolLM2: 3 x 128 bytes,
+    // twice), so a head's task reads a K run and a V run per token, and the lines between
+    // are the tile's other heads' rows; on the thread that reads those next, what the
+    // hardware prefetcher brought in beside its own runs is used. bench/attention_ab.py,
+    // Ice Lake, 2 threads: 0.81-0.91x the time on SmolLM2's, the 1B's and Qwen3's shapes
+    // (3, 8 and 8 kv heads), level on Gemma 3's (one). Without splits the heads are adjacent in `order` (equal cost, stable sort, and
     // pushed together), so a claim of hkv tasks is one tile's heads. Only with enough tiles
     // to go round (four claims a worker): the 1B's one decode row is 8 tasks, which two
     // threads share better one at a time. Which thread runs a task never changes its bits.

@@ -926,7 +926,15 @@ torch::Tensor gguf_rows(const torch::Tensor& raw, int64_t type, const torch::Ten
 // ---------------------------------------------------------------------------------------
 // Activation quantization: per row and block, e = max|x| / 127, a = round-half-even(x / e)
 // computed as x * (1 / e), s = e * sum(a), off = -32 * (sum of a's first 16, of its last
-// 16), hs = e * each of those sums. Same float operations in both paths.
+// 16), hs = e * each of those sums. The same float operations in every path (scalar, AVX2,
+// and AVX-512 four groups at a time). Where 1 / e is not finite (e = 0, or a group whose
+// largest |x| is below ~3.7e-37, so that e is subnormal and its inverse overflows) the
+// inverse is 0 and so are the codes: x * inf would make a 0 NaN, which the paths clamp
+// differently (and the half sums would overflow).
+inline float inverse_scale(float d) {
+  const float id = 1.f / d;
+  return std::isfinite(id) ? id : 0.f;
+}
 
 // Per row and block, what the forms with a scale per half (16 weights) need of the
 // activations' sum over each half: Q6's integer offset, and the float e x sum (Q2's mins).
@@ -946,7 +954,7 @@ void quantize_block_scalar(const float* x, int8_t* a, float* e, float* s, HalfSu
   float amax = 0.f;
   for (int64_t i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(x[i]));
   const float d = amax / 127.f;
-  const float id = d > 0.f ? 1.f / d : 0.f;
+  const float id = inverse_scale(d);
   int half[2] = {0, 0};
   for (int64_t i = 0; i < QK; ++i) {
     const int q = static_cast<int>(std::min(127.f, std::max(-127.f, std::nearbyint(x[i] * id))));
@@ -985,7 +993,7 @@ void quantize_block_avx2(const float* x, int8_t* a, float* e, float* s, HalfSums
     amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
   }
   const float d = hmax8(amax) / 127.f;
-  const float id = d > 0.f ? 1.f / d : 0.f;
+  const float id = inverse_scale(d);
   const __m256 vid = _mm256_set1_ps(id), lim = _mm256_set1_ps(127.f), nlim = _mm256_set1_ps(-127.f);
   __m256i q[4];
   for (int i = 0; i < 4; ++i) {
@@ -1027,7 +1035,7 @@ void quantize_blocks_avx512(const float* x, int8_t* a, float* e, float* s, HalfS
   for (int u = 0; u < U; ++u)
     d[u] = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[u][0]), _mm512_abs_ps(v[u][1]))) / 127.f;
 #pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) id[u] = d[u] > 0.f ? 1.f / d[u] : 0.f;
+  for (int u = 0; u < U; ++u) id[u] = inverse_scale(d[u]);
   const __m512 lim = _mm512_set1_ps(127.f), nlim = _mm512_set1_ps(-127.f);
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   __m512i q[U][2];
@@ -1078,7 +1086,7 @@ void quantize_rows(const float* x, int64_t m, int64_t k, const QAct& q, bool sim
       }
     }
   };
-  // ~30 ns per block: only big prefills are worth waking the other threads for.
+  // ~15-30 ns per block: only big prefills are worth waking the other threads for.
   at::parallel_for(0, m, std::max<int64_t>(1, 4096 / kb), body);
 }
 
