@@ -1915,8 +1915,8 @@ void tile_avx512(const uint8_t* tile, int64_t kb, const ActRows& act, const floa
 // burst the core cannot overlap with anything (perf on a 16 x 64-token SmolLM2 prefill:
 // ~10% of its samples in these stores). Asking for them for writing (prefetchw), a few
 // rows with each block, spreads those misses over the pass, behind the multiply-adds.
-// prefetchw in asm: GCC deleted a loop of __builtin_prefetch(p, 1, 3) calls as free of side
-// effects (nothing of it was left in the object code).
+// prefetchw in asm: GCC 12 compiled this member function's loop of __builtin_prefetch(p, 1, 3)
+// to nothing (the same loop in a free function kept its prefetches).
 struct OutLines {
   float* row0;
   int64_t ld;
