@@ -31,7 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# This tree's textmill first: a worktree that shares another checkout's virtual environment
+# would otherwise import that checkout's code.
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 from stamp import write_result  # noqa: E402
 from workload import Workload, make_prompt  # noqa: E402
 

@@ -35,6 +35,18 @@ from textmill.kernels import load  # noqa: E402
 
 
 
+def best_times(run: dict, reps: int, rounds: int) -> dict:
+    """Each callable's best CPU time per call over `rounds`, the callables taking turns."""
+    best = {name: float("inf") for name in run}
+    for _ in range(rounds):
+        for name, f in run.items():
+            t = time.process_time()
+            for _ in range(reps):
+                f()
+            best[name] = min(best[name], (time.process_time() - t) / reps)
+    return best
+
+
 def measure(old, new, mode: str, n: int, k: int, m: int, rounds: int) -> dict:
     g = torch.Generator().manual_seed(n * 31 + k * 7 + m)
     w = torch.randn(n, k, generator=g) * 0.02
@@ -44,14 +56,8 @@ def measure(old, new, mode: str, n: int, k: int, m: int, rounds: int) -> dict:
     run = {name: (lambda ext=ext, name=name: getattr(ext, f"{mode}_linear")(x, packed[name], n))
            for name, ext in (("old", old), ("new", new))}
     same = torch.equal(run["old"](), run["new"]())
-    best = {name: float("inf") for name in run}
     reps = max(1, int(2e8 // (n * k * max(m, 4))))  # ~the same work per timing at every shape
-    for _ in range(rounds):
-        for name, f in run.items():
-            t = time.process_time()
-            for _ in range(reps):
-                f()
-            best[name] = min(best[name], (time.process_time() - t) / reps)
+    best = best_times(run, reps, rounds)
     return {"mode": mode, "n": n, "k": k, "m": m, "old_ms": 1e3 * best["old"], "new_ms": 1e3 * best["new"],
             "new_over_old": best["new"] / best["old"], "bitwise_equal": same}
 
@@ -62,14 +68,7 @@ def measure_act(old, new, k: int, m: int, rounds: int) -> dict:
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k * 7 + m))
     run = {"old": lambda: old.quantize_act(x, 0), "new": lambda: new.quantize_act(x, 0)}
     same = all(torch.equal(a, b) for a, b in zip(run["old"](), run["new"]()))
-    best = {name: float("inf") for name in run}
-    reps = max(1, int(2e7 // (k * m)))
-    for _ in range(rounds):
-        for name, f in run.items():
-            t = time.process_time()
-            for _ in range(reps):
-                f()
-            best[name] = min(best[name], (time.process_time() - t) / reps)
+    best = best_times(run, reps=max(1, int(2e7 // (k * m))), rounds=rounds)
     return {"mode": "act", "n": 0, "k": k, "m": m, "old_ms": 1e3 * best["old"], "new_ms": 1e3 * best["new"],
             "new_over_old": best["new"] / best["old"], "bitwise_equal": same}
 

@@ -1252,10 +1252,11 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_ca
     // are the tile's other heads' rows; on the thread that reads those next, what the
     // hardware prefetcher brought in beside its own runs is used. bench/attention_ab.py,
     // Ice Lake, 2 threads: 0.81-0.91x the time on SmolLM2's, the 1B's and Qwen3's shapes
-    // (3, 8 and 8 kv heads), level on Gemma 3's (one). Without splits the heads are adjacent in `order` (equal cost, stable sort, and
-    // pushed together), so a claim of hkv tasks is one tile's heads. Only with enough tiles
-    // to go round (four claims a worker): the 1B's one decode row is 8 tasks, which two
-    // threads share better one at a time. Which thread runs a task never changes its bits.
+    // (3, 8 and 8 kv heads), level on Gemma 3's (one). Without splits the heads are
+    // adjacent in `order` (equal cost, stable sort, and pushed together), so a claim of hkv
+    // tasks is one tile's heads. Only with enough tiles to go round (four claims a worker):
+    // the 1B's one decode row is 8 tasks, which two threads share better one at a time.
+    // Which thread runs a task never changes its bits.
     const int64_t claim = splits.empty() && num_tasks / hkv >= 4 * workers ? hkv : 1;
     auto worker = [&](int64_t, int64_t) {
       Scratch<KV> s(max_nq, d);
