@@ -1016,14 +1016,15 @@ void quantize_block_avx2(const float* x, int8_t* a, float* e, float* s, HalfSums
 #endif
 
 #ifdef TM_VNNI512
-// quantize_block_avx2's steps for U consecutive blocks at once, each step done for all U
-// before the next: one block's chain (a reduction for the largest |x|, two divisions, the
+constexpr int kQuantizeTogether = 4;  // groups of 32 per quantize_blocks_avx512 call
+// quantize_block_avx2's steps for U = kQuantizeTogether consecutive blocks at once, each
+// step done for all U before the next: one block's chain (a reduction for the largest |x|, two divisions, the
 // rounding, two reductions for the half sums) is latency, ~65 cycles a block alone; U
 // independent chains side by side let the core overlap them. The same float32 operations
 // on the same values (the largest |x|, d = that / 127, id = 1 / d, x * id rounded half to
 // even and clamped to +-127), so the same codes and scales.
-template <int U>
 void quantize_blocks_avx512(const float* x, int8_t* a, float* e, float* s, HalfSums* off) {
+  constexpr int U = kQuantizeTogether;
   __m512 v[U][2];
   float d[U], id[U];
 #pragma GCC unroll 8
@@ -1069,8 +1070,8 @@ void quantize_rows(const float* x, int64_t m, int64_t k, const QAct& q, bool sim
       int64_t b0 = 0;
 #ifdef TM_VNNI512
       if (simd)
-        for (; b0 + 4 <= kb; b0 += 4)
-          quantize_blocks_avx512<4>(x + r * k + b0 * QK, q.a + r * k + b0 * QK, q.e + r * kb + b0, q.s + r * kb + b0,
+        for (; b0 + kQuantizeTogether <= kb; b0 += kQuantizeTogether)
+          quantize_blocks_avx512(x + r * k + b0 * QK, q.a + r * k + b0 * QK, q.e + r * kb + b0, q.s + r * kb + b0,
                                     q.off + r * kb + b0);
 #endif
       for (int64_t b = b0; b < kb; ++b) {
@@ -2138,7 +2139,10 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
                 float* dst = yp + (r0 + r) * n + u * NR;
                 const float* bu = bp ? bp + u * NR : nullptr;
                 const int64_t ncols = std::min<int64_t>(NR, n - u * NR);
-                if (ncols == NR) {  // straight from the register: store_row's adds, 16 at a time
+                // Full tiles straight from the register (store_row's adds, 16 at a time). Sent
+                // through store_row's own full-tile branch instead, this worker compiled so that
+                // q8 at one row (the row-group path) took 1.25-2.14x the time (kernel_ab).
+                if (ncols == NR) {
                   const __m512 v = acc[u - t][r];
                   _mm512_storeu_ps(dst, bu ? _mm512_add_ps(v, _mm512_loadu_ps(bu)) : v);
                 } else {
