@@ -1015,14 +1015,63 @@ void quantize_block_avx2(const float* x, int8_t* a, float* e, float* s, HalfSums
 }
 #endif
 
+#ifdef TM_AVX2
+constexpr int kQuantizeTogether = 4;  // groups of 32 per quantize_blocks_* call
+
+// quantize_block_avx2's steps for kQuantizeTogether consecutive blocks at once, each step
+// done for all of them before the next: one block's chain (a reduction for the largest |x|,
+// two divisions, the rounding, two reductions for the half sums) is latency, ~65 cycles a
+// block alone; independent chains side by side let the core overlap them. The same float32
+// operations on the same values, so the same codes and scales. (The AVX2 build's; the
+// 512-bit build has its own below.)
+void quantize_blocks_avx2(const float* x, int8_t* a, float* e, float* s, HalfSums* off) {
+  constexpr int U = kQuantizeTogether;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[U][4];
+  float d[U], id[U];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    __m256 amax = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[u][i] = _mm256_loadu_ps(x + QK * u + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[u][i]));
+    }
+    d[u] = hmax8(amax) / 127.f;
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) id[u] = inverse_scale(d[u]);
+  const __m256 lim = _mm256_set1_ps(127.f), nlim = _mm256_set1_ps(-127.f);
+  __m256i q[U][4];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    const __m256 vid = _mm256_set1_ps(id[u]);
+    for (int i = 0; i < 4; ++i) {
+      __m256 r = _mm256_round_ps(_mm256_mul_ps(v[u][i], vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q[u][i] = _mm256_cvtps_epi32(_mm256_min_ps(lim, _mm256_max_ps(nlim, r)));
+    }
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    // packs works within 128-bit lanes: 0..3 8..11 4..7 12..15 | ..., permute back to order.
+    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[u][0], q[u][1]), _mm256_packs_epi32(q[u][2], q[u][3]));
+    b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + QK * u), b);
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    const int h0 = hsum8_epi32(_mm256_add_epi32(q[u][0], q[u][1])), h1 = hsum8_epi32(_mm256_add_epi32(q[u][2], q[u][3]));
+    e[u] = d[u];
+    s[u] = d[u] * static_cast<float>(h0 + h1);
+    off[u].off[0] = -32 * h0;
+    off[u].off[1] = -32 * h1;
+    off[u].hs[0] = d[u] * static_cast<float>(h0);
+    off[u].hs[1] = d[u] * static_cast<float>(h1);
+  }
+}
+#endif
+
 #ifdef TM_VNNI512
-constexpr int kQuantizeTogether = 4;  // groups of 32 per quantize_blocks_avx512 call
-// quantize_block_avx2's steps for U = kQuantizeTogether consecutive blocks at once, each
-// step done for all U before the next: one block's chain (a reduction for the largest |x|, two divisions, the
-// rounding, two reductions for the half sums) is latency, ~65 cycles a block alone; U
-// independent chains side by side let the core overlap them. The same float32 operations
-// on the same values (the largest |x|, d = that / 127, id = 1 / d, x * id rounded half to
-// even and clamped to +-127), so the same codes and scales.
+// quantize_blocks_avx2 in 512-bit registers (a block is two vectors, not four).
 void quantize_blocks_avx512(const float* x, int8_t* a, float* e, float* s, HalfSums* off) {
   constexpr int U = kQuantizeTogether;
   __m512 v[U][2];
@@ -1068,11 +1117,16 @@ void quantize_rows(const float* x, int64_t m, int64_t k, const QAct& q, bool sim
   auto body = [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       int64_t b0 = 0;
+#ifdef TM_AVX2
 #ifdef TM_VNNI512
+      constexpr auto quantize_blocks = quantize_blocks_avx512;
+#else
+      constexpr auto quantize_blocks = quantize_blocks_avx2;
+#endif
       if (simd)
         for (; b0 + kQuantizeTogether <= kb; b0 += kQuantizeTogether)
-          quantize_blocks_avx512(x + r * k + b0 * QK, q.a + r * k + b0 * QK, q.e + r * kb + b0, q.s + r * kb + b0,
-                                    q.off + r * kb + b0);
+          quantize_blocks(x + r * k + b0 * QK, q.a + r * k + b0 * QK, q.e + r * kb + b0, q.s + r * kb + b0,
+                          q.off + r * kb + b0);
 #endif
       for (int64_t b = b0; b < kb; ++b) {
         const float* src = x + r * k + b * QK;
