@@ -110,7 +110,7 @@ def test_every_block_type_runs_from_its_own_blocks_and_tracks_the_float_referenc
     assert isinstance(runner.forward, KernelForward)
     layer0, layer1, layer2, layer3, layer4 = loaded.model.layers
     assert isinstance(layer0.self_attn.qkv_proj, SideBySide)  # Q4_K q/k (one matmul) beside a Q6_K v
-    assert [p.mode for p in layer0.self_attn.qkv_proj.parts] == ["q4", "q6"]
+    assert [p.mode for p in layer0.self_attn.qkv_proj.parts] == ["q4k", "q6"]  # Q4_K's own form
     assert layer0.self_attn.qkv_proj.parts[0].out_features == C + KV_HEADS * D
     assert isinstance(layer0.mlp.gate_up_proj, QLinear)  # Q5_K gate and up: one 5-bit matmul
     assert layer0.mlp.gate_up_proj.mode == "q5"
@@ -199,7 +199,7 @@ def test_phi3_fused_tensors_split_into_parts_and_run_from_their_blocks(tmp_path)
     runner = ModelRunner(loaded.model, loaded.config, CacheConfig(16, 8), file_weights=loaded)
     assert isinstance(runner.forward, KernelForward)
     layer0, layer1 = loaded.model.layers
-    assert layer0.self_attn.qkv_proj.mode == "q4" and layer0.mlp.gate_up_proj.mode == "q4"
+    assert layer0.self_attn.qkv_proj.mode == "q4k" and layer0.mlp.gate_up_proj.mode == "q4k"
     assert layer1.self_attn.qkv_proj.mode == "q8" and layer1.mlp.gate_up_proj.mode == "q5"
     got = _prompt_logprobs(runner, tokens)
     assert ref.std() > 0.5

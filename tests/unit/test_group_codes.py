@@ -521,6 +521,37 @@ def test_c_six_bit_form_holds_q6_k_codes_and_half_scales_exactly():
     assert np.array_equal(d.numpy(), want_d)
 
 
+def _q4k_weights(packed: torch.Tensor) -> torch.Tensor:
+    codes, d, m = load("quant").q4k_unpack(packed, N, K)
+    return (codes.float().view(N, -1, 32) * d[..., None] + m[..., None]).view(N, K)
+
+
+def test_c_q4k_form_is_the_files_q4_k_weights_exactly():
+    """Q4_K's own form keeps d and dmin as halves and the 6-bit scales and mins as integers:
+    its weights are the file's, bit for bit (gguf's dequantize: (d*sc)*q - dmin*mn in
+    float32). The q4 form rounds d*sc and dmin*mn to halves, so it differs."""
+    raw = _raw(T.Q4_K)
+    expected = torch.from_numpy(dequantize(raw, T.Q4_K).reshape(N, K))
+    packed = _c_packed("q4k", [(raw, T.Q4_K)])
+    assert torch.equal(_q4k_weights(packed), expected)
+    assert not torch.equal(_form_weights("q4", _c_packed("q4", [(raw, T.Q4_K)]))[0], expected)
+    assert packed.numel() * 8 / (N * K) == 4.625  # against q4's 5 bits and the file's 4.5
+    _assert_runs_as(load("quant").q4k_linear, packed, expected, 7)
+
+
+def test_c_q4k_form_takes_scales_past_a_half_and_only_q4_k():
+    """d * sc = 60000 * 63 is past a half (the q4 form refuses it, below); the q4k form
+    multiplies in float32 and keeps it. Any other type is not Q4_K's form."""
+    raw = _raw(T.Q4_K).reshape(-1, GGML_QUANT_SIZES[T.Q4_K][1]).copy()
+    raw[:, 0:2] = np.full(len(raw), 60000, dtype=np.float16).view(np.uint8).reshape(-1, 2)
+    raw[:, 4] = 63
+    expected = torch.from_numpy(dequantize(raw, T.Q4_K).reshape(N, K))
+    assert expected.abs().max() > 65504
+    assert torch.equal(_q4k_weights(_c_packed("q4k", [(raw, T.Q4_K)])), expected)
+    with pytest.raises(RuntimeError, match="has no Q4_K form"):
+        _c_packed("q4k", [(_raw(T.Q4_1), T.Q4_1)])
+
+
 @pytest.mark.parametrize("qtype,form", [(T.Q4_K, "q4"), (T.Q6_K, "q6")], ids=lambda v: str(v))
 def test_c_super_block_rows_refuse_scales_past_a_half(qtype, form):
     raw = _raw(qtype).reshape(-1, GGML_QUANT_SIZES[qtype][1]).copy()

@@ -65,7 +65,7 @@ def acts(m: int, k: int, seed: int) -> torch.Tensor:
     return torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, k, generator=g))
 
 
-MODES = ("q4", "q8", "q6", "q5", "iq4", "q3", "iq2", "q2")
+MODES = ("q4", "q8", "q6", "q5", "iq4", "q3", "iq2", "q2", "q4k")
 
 
 def pack(ext, mode: str, w: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ def unpack(ext, mode, packed, n, k):
     """-> codes (N, K) float, d (N, KB), m (N, KB) (zeros for q8); q6 (q3): codes - 32 (- 4)
     and d, m (N, 2 KB), one per 16 weights; iq2: its table values, d and m as q6's; q2: its
     codes, d and m (N, 2 KB)."""
-    if mode in ("q4", "q5", "q2"):
+    if mode in ("q4", "q5", "q2", "q4k"):
         codes, d, m = getattr(ext, f"{mode}_unpack")(packed, n, k)
     elif mode in ("q6", "q3", "iq2"):
         codes, d = getattr(ext, f"{mode}_unpack")(packed, n, k)

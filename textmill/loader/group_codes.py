@@ -148,8 +148,10 @@ class CodesRef:
 
     @property
     def form(self) -> str:
-        """The kernel form the C++ converter packs this tensor into: q2, q3, q4, q5, q6, q8,
-        iq4 or iq2 (runner/qlinear.py's modes)."""
+        """The kernel form the C++ converter packs this tensor into: q2, q3, q4, q4k, q5, q6,
+        q8, iq4 or iq2 (runner/qlinear.py's modes)."""
+        if self.qtype == T.Q4_K:
+            return "q4k"
         if self.qtype in FOUR_BIT_TYPES:
             return "q4"
         if self.qtype in IQ_FORMS:

@@ -112,6 +112,8 @@ class _Maker:
         refs = [self._ref(p) for p in parts]
         if all(r is not None for r in refs):
             forms = {r.form for r in refs}
+            if len(forms) > 1:
+                forms = {_width(f) for f in forms}
             # A Q4_K_M file's Q4_K q/k beside a Q6_K v, a Q5_K_M file's Q5_K q/k beside a Q6_K v:
             if len(forms) > 1 and (forms & {"q2", "q3", "q4", "iq4", "iq2"} or "q8" not in forms):
                 return SideBySide([self.fused(run) if len(run) > 1 else self.one(run[0])
@@ -144,13 +146,20 @@ class _Maker:
         return torch.cat([b if b is not None else torch.zeros(p.out_features) for b, p in zip(biases, parts)])
 
 
+def _width(form: str) -> str:
+    """The form parts of mixed types are stacked in: Q4_K's own (q4k) takes Q4_K alone, so
+    beside another 4-bit type (an IQ3_M file's IQ3_S q and Q4_K k) both go in q4, one
+    matmul, which takes Q4_K too (its scales rounded to halves)."""
+    return "q4" if form == "q4k" else form
+
+
 def _runs_of_equal_width(parts: list[nn.Linear], refs: list[CodesRef]) -> list[list[nn.Linear]]:
     """Consecutive parts of one width, together: a Q4_K_M layer's q and k become one 4-bit
     matmul beside its 6-bit v, two calls (and two passes over the activations) instead of
     three."""
     runs: list[list[nn.Linear]] = []
     for i, (part, ref) in enumerate(zip(parts, refs)):
-        if i and ref.form == refs[i - 1].form:  # pack_gguf stacks parts of one form, whatever their types
+        if i and _width(ref.form) == _width(refs[i - 1].form):  # pack_gguf stacks parts of one form, whatever their types
             runs[-1].append(part)
         else:
             runs.append([part])

@@ -137,6 +137,9 @@ constexpr int64_t Q3_LOW_BYTES = NR * QK / 4;   // 128: the codes' low 2 bits
 constexpr int64_t Q3_CODE_BYTES = Q3_LOW_BYTES + NR * QK / 8;  // + 64: their top bit
 constexpr int64_t Q2_CODE_BYTES = Q3_LOW_BYTES;  // 128: Q3's low 2 bits alone
 constexpr int64_t Q2_SCALE_HALVES = 4 * NR;      // d0[16], d1[16], m0[16], m1[16]
+constexpr int64_t Q4K_SUPER = 8;                 // blocks of 32 per Q4_K super-block
+constexpr int64_t Q4K_SCALE_BYTES = 2 * NR;      // sc[16], mn[16]: 6-bit integers, one byte each
+constexpr int64_t Q4K_HEADER_BYTES = 2 * 2 * NR; // per super-block: D[16], Dm[16] (fp16)
 // Activation rows per register tile. (8 on the 512-bit path, whose 32 registers hold
 // them, measured no faster: 0.91-1.0x of 4 on Zen 4 at M = 16 and 64.)
 constexpr int MAX_MR = 4;
@@ -157,12 +160,12 @@ constexpr int64_t CHUNK_BYTES = 96 << 10;       // expanded activations per thre
 // passes instead) 0.71-0.79x the time for q4, 0.74-0.87x for q8 at 192-512 rows (Xeon).
 constexpr int64_t PASS_BYTES = 256 << 10;
 
-enum class Mode { Q4, Q8, Q6, Q5, IQ4, Q3, IQ2, Q2 };
+enum class Mode { Q4, Q8, Q6, Q5, IQ4, Q3, IQ2, Q2, Q4K };
 // The last form: linear_by_mode's numbers run 0..kLastMode (a new form goes after it, and here).
-constexpr Mode kLastMode = Mode::Q2;
+constexpr Mode kLastMode = Mode::Q4K;
 
 constexpr int64_t code_bytes(Mode m) {
-  return m == Mode::Q4 || m == Mode::IQ4 || m == Mode::IQ2 ? Q4_CODE_BYTES
+  return m == Mode::Q4 || m == Mode::IQ4 || m == Mode::IQ2 || m == Mode::Q4K ? Q4_CODE_BYTES
          : m == Mode::Q8                 ? Q8_CODE_BYTES
          : m == Mode::Q6                 ? Q6_CODE_BYTES
          : m == Mode::Q3                 ? Q3_CODE_BYTES
@@ -170,14 +173,22 @@ constexpr int64_t code_bytes(Mode m) {
                                          : Q5_CODE_BYTES;
 }
 constexpr int64_t scale_bytes(Mode m) {  // Q5 has Q4's d and m, IQ4 Q8's d, Q3 and IQ2 Q6's d0 and d1
+  if (m == Mode::Q4K) return Q4K_SCALE_BYTES;  // its 6-bit scales and mins (the halves: super-block headers)
   return 2 * (m == Mode::Q8 || m == Mode::IQ4                ? Q8_SCALE_HALVES
               : m == Mode::Q6 || m == Mode::Q3 || m == Mode::IQ2 ? Q6_SCALE_HALVES
               : m == Mode::Q2                                    ? Q2_SCALE_HALVES
                                                : Q4_SCALE_HALVES);
 }
 
-int64_t tile_bytes(Mode mode, int64_t kb) { return kb * (code_bytes(mode) + scale_bytes(mode)); }
-constexpr bool has_min(Mode m) { return m == Mode::Q4 || m == Mode::Q5; }  // w = d*q + m
+// Q4K's super-blocks: a header of halves, then Q4K_SUPER blocks as pairs (see codes_at).
+constexpr int64_t q4k_super_bytes(int64_t blocks) {
+  return blocks == 0 ? 0 : Q4K_HEADER_BYTES + blocks * (Q4_CODE_BYTES + Q4K_SCALE_BYTES);
+}
+int64_t tile_bytes(Mode mode, int64_t kb) {
+  if (mode == Mode::Q4K) return kb / Q4K_SUPER * q4k_super_bytes(Q4K_SUPER) + q4k_super_bytes(kb % Q4K_SUPER);
+  return kb * (code_bytes(mode) + scale_bytes(mode));
+}
+constexpr bool has_min(Mode m) { return m == Mode::Q4 || m == Mode::Q5 || m == Mode::Q4K; }  // w = d*q + m
 
 // fn(std::integral_constant<Mode, M>{}) for the runtime mode: the kernels are templates on it.
 template <typename Fn>
@@ -191,6 +202,7 @@ inline void with_mode(Mode mode, Fn fn) {
     case Mode::Q3: return fn(std::integral_constant<Mode, Mode::Q3>{});
     case Mode::IQ2: return fn(std::integral_constant<Mode, Mode::IQ2>{});
     case Mode::Q2: return fn(std::integral_constant<Mode, Mode::Q2>{});
+    case Mode::Q4K: return fn(std::integral_constant<Mode, Mode::Q4K>{});
   }
 }
 
@@ -337,11 +349,29 @@ inline int six_bit_code(const uint8_t* block_codes, int64_t r, int64_t j) {
 // hardware prefetcher served at half the rate of one (one thread, weights from memory:
 // 9.4-11.8 against 18-20 GB/s for Gemma 3's K = 640), and software prefetch did not help.
 // An odd kb's last block stands alone: its codes, then its scales.
+// Q4K: each super-block of 8 blocks starts with its header (the 16 rows' D, then Dm), then
+// its blocks in pairs as above, with 32 bytes of 6-bit scales and mins a block: 296 bytes a
+// block where Q4 takes 320. A short last super-block (K not a multiple of 256: float weights
+// in tests; Q4_K files never) has fewer pairs and perhaps a lone last block.
 constexpr int64_t pair_bytes(Mode m) { return 2 * (code_bytes(m) + scale_bytes(m)); }
-inline int64_t codes_at(Mode m, int64_t b) { return (b >> 1) * pair_bytes(m) + (b & 1) * code_bytes(m); }
+inline int64_t super_start(Mode m, int64_t b) {  // Q4K: b's super-block's first pair; else 0
+  return m == Mode::Q4K ? b / Q4K_SUPER * q4k_super_bytes(Q4K_SUPER) + Q4K_HEADER_BYTES : 0;
+}
+inline int64_t in_super(Mode m, int64_t b) { return m == Mode::Q4K ? b % Q4K_SUPER : b; }
+inline int64_t codes_at(Mode m, int64_t b) {
+  const int64_t i = in_super(m, b);
+  return super_start(m, b) + (i >> 1) * pair_bytes(m) + (i & 1) * code_bytes(m);
+}
 inline int64_t scales_at(Mode m, int64_t kb, int64_t b) {
-  const int64_t in_pair = (b | 1) < kb ? 2 : 1;
-  return (b >> 1) * pair_bytes(m) + in_pair * code_bytes(m) + (b & 1) * scale_bytes(m);
+  const int64_t in_pair = (b | 1) < kb ? 2 : 1, i = in_super(m, b);
+  return super_start(m, b) + (i >> 1) * pair_bytes(m) + in_pair * code_bytes(m) + (i & 1) * scale_bytes(m);
+}
+// Q4K: the header of block b's super-block (D[16], then Dm[16]).
+inline const uint16_t* q4k_header(const uint8_t* tile, int64_t b) {
+  return reinterpret_cast<const uint16_t*>(tile + super_start(Mode::Q4K, b) - Q4K_HEADER_BYTES);
+}
+inline uint16_t* q4k_header(uint8_t* tile, int64_t b) {
+  return reinterpret_cast<uint16_t*>(tile + super_start(Mode::Q4K, b) - Q4K_HEADER_BYTES);
 }
 inline uint16_t* scales_of(uint8_t* tile, Mode m, int64_t kb, int64_t b) {
   return reinterpret_cast<uint16_t*>(tile + scales_at(m, kb, b));
@@ -352,6 +382,15 @@ inline const uint16_t* scales_of(const uint8_t* tile, Mode m, int64_t kb, int64_
 
 inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 inline uint16_t float_to_half(float f) { return c10::Half(f).x; }
+
+// Q4K: row j's scale and min of block b, d = D * sc and m = Dm * mn: a half times a 6-bit
+// integer, exact in float32 (11 + 6 significant bits), as every path computes them.
+inline float q4k_d(const uint8_t* tile, int64_t kb, int64_t b, int64_t j) {
+  return half_to_float(q4k_header(tile, b)[j]) * static_cast<float>(tile[scales_at(Mode::Q4K, kb, b) + j]);
+}
+inline float q4k_m(const uint8_t* tile, int64_t kb, int64_t b, int64_t j) {
+  return half_to_float(q4k_header(tile, b)[NR + j]) * static_cast<float>(tile[scales_at(Mode::Q4K, kb, b) + NR + j]);
+}
 
 void check_weight(const torch::Tensor& w) {
   TORCH_CHECK(w.dim() == 2, "weight must be (N, K)");
@@ -436,10 +475,51 @@ torch::Tensor pack_min_max(const torch::Tensor& weight) {
   });
 }
 
-// -> codes (N, K) uint8 in 0..15 (Q4) or 0..31 (Q5), d (N, K/32) float32, m (N, K/32) float32
+// Q4K from float weights (tests; GGUF Q4_K comes through pack_gguf): a super-block's D is
+// its largest Q4_1 step / 63 and Dm its most negative group min / 63 (a group whose min is
+// positive gets mn = 0), then each group's sc and mn rounded against them and its codes
+// against the d = D * sc and m = Dm * mn the kernels compute with. Simple, not llama.cpp's
+// search: enough to exercise the form.
+torch::Tensor q4k_pack(const torch::Tensor& weight) {
+  check_weight(weight);
+  auto w = weight.to(torch::kFloat).contiguous();
+  const int64_t k = w.size(1), kb = k / QK;
+  const float* wp = w.data_ptr<float>();
+  return pack_by_row(Mode::Q4K, w.size(0), k, [&](uint8_t* tile, int64_t r, int64_t row) {
+    for (int64_t b0 = 0; b0 < kb; b0 += Q4K_SUPER) {
+      const int64_t nb = std::min(Q4K_SUPER, kb - b0);
+      float step[Q4K_SUPER], lo[Q4K_SUPER], top = 0.f, low = 0.f;
+      for (int64_t i = 0; i < nb; ++i) {
+        const float* g = wp + row * k + (b0 + i) * QK;
+        float a = g[0], z = g[0];
+        for (int64_t j = 1; j < QK; ++j) a = std::min(a, g[j]), z = std::max(z, g[j]);
+        step[i] = (z - a) / 15.f, lo[i] = a;
+        top = std::max(top, step[i]), low = std::min(low, a);
+      }
+      uint16_t* hdr = q4k_header(tile, b0);
+      hdr[r] = float_to_half(top / 63.f);
+      hdr[NR + r] = float_to_half(low / 63.f);
+      const float dd = half_to_float(hdr[r]), dm = half_to_float(hdr[NR + r]);
+      for (int64_t i = 0; i < nb; ++i) {
+        const int64_t b = b0 + i;
+        uint8_t* sm = tile + scales_at(Mode::Q4K, kb, b);
+        sm[r] = static_cast<uint8_t>(dd > 0.f ? std::min(63.f, std::nearbyint(step[i] / dd)) : 0.f);
+        sm[NR + r] = static_cast<uint8_t>(dm < 0.f ? std::min(63.f, std::max(0.f, std::nearbyint(lo[i] / dm))) : 0.f);
+        const float d = q4k_d(tile, kb, b, r), m = q4k_m(tile, kb, b, r);
+        const float id = d > 0.f ? 1.f / d : 0.f;
+        const float* g = wp + row * k + b * QK;
+        uint8_t c[QK];
+        for (int64_t j = 0; j < QK; ++j) c[j] = static_cast<uint8_t>(std::min(15.f, std::max(0.f, std::nearbyint((g[j] - m) * id))));
+        put_q4(tile + codes_at(Mode::Q4K, b), r, c);
+      }
+    }
+  });
+}
+
+// -> codes (N, K) uint8 in 0..15 (Q4, Q4K) or 0..31 (Q5), d (N, K/32) float32, m (N, K/32) float32
 template <Mode M>
 std::vector<torch::Tensor> unpack_min_max(const torch::Tensor& packed, int64_t n, int64_t k) {
-  static_assert(has_min(M), "Q4 or Q5");
+  static_assert(has_min(M), "Q4, Q5 or Q4K");
   check_packed(M, packed, n, k);
   const int64_t kb = k / QK;
   auto codes = torch::empty({n, k}, torch::kUInt8);
@@ -452,7 +532,12 @@ std::vector<torch::Tensor> unpack_min_max(const torch::Tensor& packed, int64_t n
       const uint8_t* src = tile + codes_at(M, b);
       const uint16_t* sc = scales_of(tile, M, kb, b);
       uint8_t* c = codes.data_ptr<uint8_t>() + row * k + b * QK;
-      for (int64_t j = 0; j < QK; ++j) c[j] = static_cast<uint8_t>(M == Mode::Q4 ? q4_code(src, r, j) : q5_code(src, r, j));
+      for (int64_t j = 0; j < QK; ++j) c[j] = static_cast<uint8_t>(M == Mode::Q5 ? q5_code(src, r, j) : q4_code(src, r, j));
+      if constexpr (M == Mode::Q4K) {
+        d.data_ptr<float>()[row * kb + b] = q4k_d(tile, kb, b, r);
+        m.data_ptr<float>()[row * kb + b] = q4k_m(tile, kb, b, r);
+        continue;
+      }
       d.data_ptr<float>()[row * kb + b] = half_to_float(sc[r]);
       m.data_ptr<float>()[row * kb + b] = half_to_float(sc[NR + r]);
     }
@@ -712,7 +797,8 @@ Mode mode_of(const std::string& form) {
   if (form == "q6") return Mode::Q6;
   if (form == "q8") return Mode::Q8;
   if (form == "iq4") return Mode::IQ4;
-  TORCH_CHECK(form == "iq2", "form must be q2, q3, q4, q5, q6, q8, iq4 or iq2, not ", form);
+  if (form == "q4k") return Mode::Q4K;
+  TORCH_CHECK(form == "iq2", "form must be q2, q3, q4, q4k, q5, q6, q8, iq4 or iq2, not ", form);
   return Mode::IQ2;
 }
 
@@ -727,6 +813,7 @@ bool form_takes(Mode mode, int64_t type) {
     case Mode::Q6: return gguf::six_bit(type);
     case Mode::IQ4: return gguf::iq4(type);
     case Mode::IQ2: return gguf::iq2(type);
+    case Mode::Q4K: return type == gguf::Q4_K;
     case Mode::Q8: return true;
   }
   return false;
@@ -740,6 +827,7 @@ const char* form_title(Mode mode) {
     case Mode::Q6: return "6-bit";
     case Mode::IQ4: return "IQ4";
     case Mode::IQ2: return "IQ2";
+    case Mode::Q4K: return "Q4_K";
     case Mode::Q8: return "8-bit";
   }
   return "?";
@@ -765,6 +853,30 @@ inline bool q4_k_row(const uint8_t* src, int64_t kb, uint8_t* tile, int64_t r) {
   }
   return true;
 }
+// Q4_K rows in the Q4K form: the file's d and dmin as they are (dmin negated: the kernels
+// add Dm * mn), its 6-bit scales and mins as integers, so each group's d and m are exactly
+// the file's d * sc and -dmin * mn (the q4 form rounds them to halves). False where d or
+// dmin is not finite.
+inline bool q4k_row(const uint8_t* src, int64_t kb, uint8_t* tile, int64_t r) {
+  for (int64_t sb = 0; sb < kb / Q4K_SUPER; ++sb) {
+    const uint8_t* blk = src + sb * 144;
+    const int64_t b0 = sb * Q4K_SUPER;
+    uint16_t* hdr = q4k_header(tile, b0);
+    hdr[r] = gguf::f16_bits(blk);
+    hdr[NR + r] = gguf::f16_bits(blk + 2) ^ 0x8000;
+    if (!std::isfinite(half_to_float(hdr[r])) || !std::isfinite(half_to_float(hdr[NR + r]))) return false;
+    for (int s = 0; s < Q4K_SUPER; ++s) {
+      const int64_t b = b0 + s;
+      float sc, mn;
+      gguf::scale_min_k4(s, blk + 4, &sc, &mn);
+      uint8_t* sm = tile + scales_at(Mode::Q4K, kb, b);
+      sm[r] = static_cast<uint8_t>(sc);
+      sm[NR + r] = static_cast<uint8_t>(mn);
+      put_nibble_words(tile + codes_at(Mode::Q4K, b) + q4_byte(r, 0), blk + 16 + (s / 2) * 32, (s & 1) * 4);
+    }
+  }
+  return true;
+}
 inline bool q6_k_row(const uint8_t* src, int64_t kb, uint8_t* tile, int64_t r) {
   for (int64_t b = 0; b < kb; ++b) {
     const gguf::Q6KGroup at = gguf::q6_k_at(src, b);
@@ -783,7 +895,7 @@ inline bool q6_k_row(const uint8_t* src, int64_t kb, uint8_t* tile, int64_t r) {
 // the parts are stacked along N in order (q, k, v -> qkv), each part's output row i taken
 // from its source row order[i] (llama.cpp's q/k permutation undone) or row i when order is
 // empty. One pass, parallel over tiles, no intermediate codes tensor. Form "q4" takes only
-// Q4_0/Q4_1/Q4_K/IQ3_S/IQ1_S parts, "q5" only Q5_0/Q5_1/Q5_K, "q6" only
+// Q4_0/Q4_1/Q4_K/IQ3_S/IQ1_S parts, "q4k" only Q4_K, "q5" only Q5_0/Q5_1/Q5_K, "q6" only
 // Q6_K/Q3_K/IQ3_XXS/IQ1_M, "q3" only Q3_K, "q2" only Q2_K, "iq4" only IQ4_NL/IQ4_XS, "iq2"
 // only IQ2_XXS/IQ2_XS/IQ2_S (form_takes); "q8" takes every type gguf_blocks.h decodes.
 // grids: per part, the IQ types' grid (gguf::grid_shape, int8), an empty tensor for the
@@ -858,7 +970,11 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
       }
     });
   };
-  if (mode == Mode::Q4) {
+  if (mode == Mode::Q4K) {
+    out = pack_by_row(Mode::Q4K, n, k, [&](uint8_t* tile, int64_t r, int64_t row) {
+      if (!q4k_row(row_ptr[row], kb, tile, r)) in_range = false;
+    });
+  } else if (mode == Mode::Q4) {
     out = two_scales(std::integral_constant<Mode, Mode::Q4>{}, gguf::decode4);
   } else if (mode == Mode::Q5) {
     out = two_scales(std::integral_constant<Mode, Mode::Q5>{}, gguf::decode5);
@@ -1162,7 +1278,7 @@ inline void store_row(float* dst, const float* tile_out, const float* bias, int6
 // Matmul kernels: one tile of 16 output rows against MR activation rows, all K.
 // out[r][j] = result for activation row r and tile row j (before bias).
 
-template <Mode M>  // Q4 or Q5: the same math on 4- or 5-bit codes
+template <Mode M>  // Q4, Q4K or Q5: the same math on 4- or 5-bit codes
 void q4_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, int64_t m0, int64_t mr,
                     float (*out)[NR]) {
   for (int64_t r = 0; r < mr; ++r) {
@@ -1182,8 +1298,8 @@ void q4_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, i
           for (int64_t i = 0; i < QK / 2; ++i)
             isum += (c[q4_byte(j, i)] & 15) * a[i] + (c[q4_byte(j, i + 16)] >> 4) * a[i + 16];
         }
-        const float d = half_to_float(sc[j]);
-        const float mn = half_to_float(sc[NR + j]);
+        const float d = M == Mode::Q4K ? q4k_d(tile, kb, b, j) : half_to_float(sc[j]);
+        const float mn = M == Mode::Q4K ? q4k_m(tile, kb, b, j) : half_to_float(sc[NR + j]);
         acc = std::fma(static_cast<float>(isum), d * e[b], acc);
         acc = std::fma(mn, s[b], acc);
       }
@@ -1429,7 +1545,8 @@ inline void prefetch_l2(const void* p, int lines) {
 }
 template <Mode M>
 inline void prefetch_ahead(const uint8_t* tile, int64_t b) {
-  constexpr int64_t share = pair_bytes(M) / 2;  // 320 (Q4, IQ2), 384 (Q5), 448 (Q6), 544 (Q8), 288 (IQ4), 256 (Q3, Q2)
+  // 320 (Q4, IQ2), 384 (Q5), 448 (Q6), 544 (Q8), 288 (IQ4), 256 (Q3, Q2), 296 (Q4K, its headers included)
+  constexpr int64_t share = M == Mode::Q4K ? q4k_super_bytes(Q4K_SUPER) / Q4K_SUPER : pair_bytes(M) / 2;
   constexpr int lines = static_cast<int>((share + 63) / 64);
   const uint8_t* at = tile + b * share;
   prefetch_l2(at + PREFETCH_FAR_BYTES, lines);
@@ -1462,9 +1579,19 @@ void q4_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, co
         hi[p] = _mm256_or_si256(hi[p], _mm256_and_si256(q5_top256(top, p + 4), bit4));
       }
     }
-    const uint16_t* sc = scales_of(tile, M, kb, b) + NH * h;
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
-    const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
+    __m256 d, mn;
+    if constexpr (M == Mode::Q4K) {  // D * sc and Dm * mn (q4k_d, q4k_m)
+      const uint16_t* hdr = q4k_header(tile, b) + NH * h;
+      const uint8_t* sm = tile + scales_at(M, kb, b) + NH * h;
+      d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hdr))),
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm)))));
+      mn = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hdr + NR))),
+                         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + NR)))));
+    } else {
+      const uint16_t* sc = scales_of(tile, M, kb, b) + NH * h;
+      d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
+      mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
+    }
     for (int r = 0; r < MR; ++r) {
       const __m256i dots = M == Mode::Q5 ? q5_block_dots(lo, hi, act, r, b) : q4_block_dots(lo, hi, act, r, b);
       const __m256 isum = _mm256_cvtepi32_ps(dots);
@@ -1672,6 +1799,28 @@ struct Q4Block {
     const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
     acc = _mm512_fmadd_ps(isum, _mm512_mul_ps(d, _mm512_set1_ps(e)), acc);
     return _mm512_fmadd_ps(mn, _mm512_set1_ps(s), acc);
+  }
+};
+
+// Q4K: Q4's row with d = D * sc and m = Dm * mn (q4k_d, q4k_m): the super-block's halves
+// times the block's 6-bit integers.
+struct Q4KBlock : Q4Block {
+  template <bool Pin>
+  Q4KBlock(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
+    const uint16_t* hdr = q4k_header(tile, b);
+    const uint8_t* sm = tile + scales_at(Mode::Q4K, kb, b);
+    d = _mm512_mul_ps(halves16(hdr), bytes16(sm));
+    mn = _mm512_mul_ps(halves16(hdr + NR), bytes16(sm + NR));
+    const uint8_t* c = tile + codes_at(Mode::Q4K, b);
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    for (int p = 0; p < 4; ++p) {
+      const __m512i x = _mm512_loadu_si512(c + 64 * p);
+      lo[p] = _mm512_and_si512(x, low4);
+      hi[p] = _mm512_and_si512(_mm512_srli_epi16(x, 4), low4);
+    }
+  }
+  static __m512 bytes16(const uint8_t* p) {  // 16 unsigned bytes widened to float32
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
 };
 
@@ -1939,13 +2088,13 @@ struct Q3Block : Q6Block {
 template <Mode M>
 using BlockOf = std::conditional_t<
     M == Mode::Q4, Q4Block,
-    std::conditional_t<
+    std::conditional_t<M == Mode::Q4K, Q4KBlock, std::conditional_t<
         M == Mode::Q8, Q8Block,
         std::conditional_t<M == Mode::Q6, Q6Block,
                            std::conditional_t<M == Mode::Q5, Q5Block,
                                               std::conditional_t<M == Mode::Q3, Q3Block,
                                                                  std::conditional_t<M == Mode::IQ2, IQ2Block,
-                                                                                    std::conditional_t<M == Mode::Q2, Q2Block, IQ4Block>>>>>>>;
+                                                                                    std::conditional_t<M == Mode::Q2, Q2Block, IQ4Block>>>>>>>>;
 
 // A whole tile against MR activation rows (the row-group order: one pass over the tile
 // per group of rows). s is used by Q4 and Q5 only, off by Q6, Q3, Q2, IQ4 and IQ2 only.
@@ -2051,6 +2200,7 @@ void tile_simd(Mode mode, const uint8_t* tile, int64_t kb, int64_t ncols, const 
 #else
   for (int h = 0; h * NH < ncols; ++h) {
     if (mode == Mode::Q4) q4_tile_avx2<Mode::Q4, MR>(tile, kb, h, act, e, s, out);
+    else if (mode == Mode::Q4K) q4_tile_avx2<Mode::Q4K, MR>(tile, kb, h, act, e, s, out);
     else if (mode == Mode::Q8) q8_tile_avx2<Mode::Q8, MR>(tile, kb, h, act, e, s, out);
     else if (mode == Mode::IQ4) q8_tile_avx2<Mode::IQ4, MR>(tile, kb, h, act, e, s, out);
     else if (mode == Mode::Q6) q6_tile_avx2<Mode::Q6, MR>(tile, kb, h, act, e, off, out);
@@ -2234,6 +2384,7 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
 #endif
             if (!simd) {
               if (mode == Mode::Q4) q4_tile_scalar<Mode::Q4>(tile, kb, q, k, m0, mr, out);
+              else if (mode == Mode::Q4K) q4_tile_scalar<Mode::Q4K>(tile, kb, q, k, m0, mr, out);
               else if (mode == Mode::Q8) q8_tile_scalar<Mode::Q8>(tile, kb, q, k, m0, mr, out);
               else if (mode == Mode::IQ4) q8_tile_scalar<Mode::IQ4>(tile, kb, q, k, m0, mr, out);
               else if (mode == Mode::Q6) q6_tile_scalar<Mode::Q6>(tile, kb, q, k, m0, mr, out);
@@ -2306,6 +2457,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_unpack", &unpack_signed<Mode::Q8>, nogil, "packed Q8 -> codes (N, K) int8, d (N, K/32)");
   m.def("iq4_pack", &iq4_pack, nogil, "float (N, K) -> packed IQ4 (uint8)");
   m.def("iq4_unpack", &unpack_signed<Mode::IQ4>, nogil, "packed IQ4 -> table values (N, K) int8, d (N, K/32)");
+  m.def("q4k_pack", &q4k_pack, nogil, "float (N, K) -> packed Q4K (uint8)");
+  m.def("q4k_unpack", &unpack_min_max<Mode::Q4K>, nogil,
+        "packed Q4K -> codes (N, K) uint8, d = D * sc (N, K/32), m = Dm * mn (N, K/32)");
   m.def("q5_pack", &pack_min_max<Mode::Q5>, nogil, "float (N, K) -> packed Q5 (uint8)");
   m.def("q5_unpack", &unpack_min_max<Mode::Q5>, nogil, "packed Q5 -> codes (N, K) uint8 0..31, d (N, K/32), m (N, K/32)");
   m.def("q6_pack", &half_scale_pack<Mode::Q6>, nogil, "float (N, K) -> packed Q6 (uint8)");
@@ -2335,6 +2489,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
   m.def("q5_linear", &linear_of<Mode::Q5>, nogil, "x (M, K) @ Q5 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+  m.def("q4k_linear", &linear_of<Mode::Q4K>, nogil, "x (M, K) @ Q4K weights^T (+ bias)", py::arg("x"),
+        py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
   m.def("q6_linear", &linear_of<Mode::Q6>, nogil, "x (M, K) @ Q6 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
   m.def("q3_linear", &linear_of<Mode::Q3>, nogil, "x (M, K) @ Q3 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
