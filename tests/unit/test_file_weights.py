@@ -110,15 +110,15 @@ def test_every_block_type_runs_from_its_own_blocks_and_tracks_the_float_referenc
     assert isinstance(runner.forward, KernelForward)
     layer0, layer1, layer2, layer3, layer4 = loaded.model.layers
     assert isinstance(layer0.self_attn.qkv_proj, SideBySide)  # Q4_K q/k (one matmul) beside a Q6_K v
-    assert [p.mode for p in layer0.self_attn.qkv_proj.parts] == ["q4k", "q6"]  # Q4_K's own form
+    assert [p.mode for p in layer0.self_attn.qkv_proj.parts] == ["q4k", "q6k"]  # the k-quants' own forms
     assert layer0.self_attn.qkv_proj.parts[0].out_features == C + KV_HEADS * D
     assert isinstance(layer0.mlp.gate_up_proj, QLinear)  # Q5_K gate and up: one 5-bit matmul
-    assert layer0.mlp.gate_up_proj.mode == "q5"
-    assert layer0.mlp.down_proj.mode == "q3" and loaded.model.lm_head.mode == "q6"  # Q3_K, Q6_K
+    assert layer0.mlp.gate_up_proj.mode == "q5k"
+    assert layer0.mlp.down_proj.mode == "q3" and loaded.model.lm_head.mode == "q6k"  # Q3_K, Q6_K
     assert [p.mode for p in layer1.self_attn.qkv_proj.parts] == ["q4", "q5", "q8"]  # Q4_1, Q5_0, Q8_0
     assert layer1.self_attn.o_proj.mode == "q5"  # Q5_1
     # a Q2_K gate (its 2-bit form) beside a Q6_K up
-    assert [p.mode for p in layer1.mlp.gate_up_proj.parts] == ["q2", "q6"]
+    assert [p.mode for p in layer1.mlp.gate_up_proj.parts] == ["q2", "q6k"]
     # IQ4_XS beside IQ4_NL: one matmul on the file's 4-bit indices
     assert layer2.self_attn.qkv_proj.mode == "iq4" and layer2.mlp.down_proj.mode == "iq4"
     # IQ4_XS q and IQ4_NL k as one iq4 matmul beside the IQ3_S v's 4-bit codes, an IQ3_XXS o
@@ -200,7 +200,7 @@ def test_phi3_fused_tensors_split_into_parts_and_run_from_their_blocks(tmp_path)
     assert isinstance(runner.forward, KernelForward)
     layer0, layer1 = loaded.model.layers
     assert layer0.self_attn.qkv_proj.mode == "q4k" and layer0.mlp.gate_up_proj.mode == "q4k"
-    assert layer1.self_attn.qkv_proj.mode == "q8" and layer1.mlp.gate_up_proj.mode == "q5"
+    assert layer1.self_attn.qkv_proj.mode == "q8" and layer1.mlp.gate_up_proj.mode == "q5k"
     got = _prompt_logprobs(runner, tokens)
     assert ref.std() > 0.5
     assert (got - ref).abs().mean() < 0.04 * ref.std()

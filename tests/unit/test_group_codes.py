@@ -521,35 +521,49 @@ def test_c_six_bit_form_holds_q6_k_codes_and_half_scales_exactly():
     assert np.array_equal(d.numpy(), want_d)
 
 
-def _q4k_weights(packed: torch.Tensor) -> torch.Tensor:
-    codes, d, m = load("quant").q4k_unpack(packed, N, K)
+def _k_weights(form: str, packed: torch.Tensor) -> torch.Tensor:
+    """The (N, K) weights a packed q4/q5/q6 or q4k/q5k/q6k form stands for."""
+    out = getattr(load("quant"), f"{form}_unpack")(packed, N, K)
+    if form.startswith("q6"):
+        codes, d = out
+        return ((codes.float() - 32).view(N, -1, 16) * d[..., None]).view(N, K)
+    codes, d, m = out
     return (codes.float().view(N, -1, 32) * d[..., None] + m[..., None]).view(N, K)
 
 
-def test_c_q4k_form_is_the_files_q4_k_weights_exactly():
-    """Q4_K's own form keeps d and dmin as halves and the 6-bit scales and mins as integers:
-    its weights are the file's, bit for bit (gguf's dequantize: (d*sc)*q - dmin*mn in
-    float32). The q4 form rounds d*sc and dmin*mn to halves, so it differs."""
-    raw = _raw(T.Q4_K)
-    expected = torch.from_numpy(dequantize(raw, T.Q4_K).reshape(N, K))
-    packed = _c_packed("q4k", [(raw, T.Q4_K)])
-    assert torch.equal(_q4k_weights(packed), expected)
-    assert not torch.equal(_form_weights("q4", _c_packed("q4", [(raw, T.Q4_K)]))[0], expected)
-    assert packed.numel() * 8 / (N * K) == 4.625  # against q4's 5 bits and the file's 4.5
-    _assert_runs_as(load("quant").q4k_linear, packed, expected, 7)
+K_OWN = [(T.Q4_K, "q4k", "q4", 4.625), (T.Q5_K, "q5k", "q5", 5.625), (T.Q6_K, "q6k", "q6", 6.5625)]
 
 
-def test_c_q4k_form_takes_scales_past_a_half_and_only_q4_k():
-    """d * sc = 60000 * 63 is past a half (the q4 form refuses it, below); the q4k form
-    multiplies in float32 and keeps it. Any other type is not Q4_K's form."""
-    raw = _raw(T.Q4_K).reshape(-1, GGML_QUANT_SIZES[T.Q4_K][1]).copy()
-    raw[:, 0:2] = np.full(len(raw), 60000, dtype=np.float16).view(np.uint8).reshape(-1, 2)
-    raw[:, 4] = 63
-    expected = torch.from_numpy(dequantize(raw, T.Q4_K).reshape(N, K))
+@pytest.mark.parametrize("qtype,form,rounded,bits", K_OWN, ids=lambda v: str(v))
+def test_c_k_forms_are_the_files_weights_exactly(qtype, form, rounded, bits):
+    """The k-quants' own forms keep each super-block's halves (d, dmin) and its 6-bit (Q6_K:
+    int8) scales and mins as integers: their weights are the file's, bit for bit (the
+    reference dequantizes in float32, (d*sc)*q - dmin*mn, each product exact). The 4-, 5- and
+    6-bit forms round d*sc (and dmin*mn) to halves, so they differ."""
+    raw = _raw(qtype)
+    expected = torch.from_numpy(dequantize(raw, qtype).reshape(N, K))
+    packed = _c_packed(form, [(raw, qtype)])
+    assert torch.equal(_k_weights(form, packed), expected)
+    assert not torch.equal(_k_weights(rounded, _c_packed(rounded, [(raw, qtype)])), expected)
+    assert packed.numel() * 8 / (N * K) == bits  # bits a weight: the file's 4.5, 5.5 and 6.5625
+    _assert_runs_as(getattr(load("quant"), f"{form}_linear"), packed, expected, 7)
+
+
+@pytest.mark.parametrize("qtype,form,rounded,bits", K_OWN, ids=lambda v: str(v))
+def test_c_k_forms_take_scales_past_a_half_and_only_their_type(qtype, form, rounded, bits):
+    """d * sc = 60000 * 63 is past a half (the rounded forms refuse it, below); the own forms
+    multiply in float32 and keep it. Any other type is not the form's."""
+    raw = _raw(qtype).reshape(-1, GGML_QUANT_SIZES[qtype][1]).copy()
+    big = np.full(len(raw), 60000, dtype=np.float16).view(np.uint8).reshape(-1, 2)
+    if qtype == T.Q6_K:
+        raw[:, 208:210], raw[:, 192] = big, 100
+    else:
+        raw[:, 0:2], raw[:, 4] = big, 63
+    expected = torch.from_numpy(dequantize(raw, qtype).reshape(N, K))
     assert expected.abs().max() > 65504
-    assert torch.equal(_q4k_weights(_c_packed("q4k", [(raw, T.Q4_K)])), expected)
-    with pytest.raises(RuntimeError, match="has no Q4_K form"):
-        _c_packed("q4k", [(_raw(T.Q4_1), T.Q4_1)])
+    assert torch.equal(_k_weights(form, _c_packed(form, [(raw, qtype)])), expected)
+    with pytest.raises(RuntimeError, match=f"has no {qtype.name} form"):
+        _c_packed(form, [(_raw(T.Q4_1), T.Q4_1)])
 
 
 @pytest.mark.parametrize("qtype,form", [(T.Q4_K, "q4"), (T.Q6_K, "q6")], ids=lambda v: str(v))

@@ -65,7 +65,7 @@ def acts(m: int, k: int, seed: int) -> torch.Tensor:
     return torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, k, generator=g))
 
 
-MODES = ("q4", "q8", "q6", "q5", "iq4", "q3", "iq2", "q2", "q4k")
+MODES = ("q4", "q8", "q6", "q5", "iq4", "q3", "iq2", "q2", "q4k", "q5k", "q6k")
 
 
 def pack(ext, mode: str, w: torch.Tensor) -> torch.Tensor:
@@ -80,11 +80,11 @@ def unpack(ext, mode, packed, n, k):
     """-> codes (N, K) float, d (N, KB), m (N, KB) (zeros for q8); q6 (q3): codes - 32 (- 4)
     and d, m (N, 2 KB), one per 16 weights; iq2: its table values, d and m as q6's; q2: its
     codes, d and m (N, 2 KB)."""
-    if mode in ("q4", "q5", "q2", "q4k"):
+    if mode in ("q4", "q5", "q2", "q4k", "q5k"):
         codes, d, m = getattr(ext, f"{mode}_unpack")(packed, n, k)
-    elif mode in ("q6", "q3", "iq2"):
+    elif mode in ("q6", "q3", "iq2", "q6k"):
         codes, d = getattr(ext, f"{mode}_unpack")(packed, n, k)
-        return codes.float() - {"q6": 32, "q3": 4, "iq2": 0}[mode], d, torch.zeros_like(d)
+        return codes.float() - {"q6": 32, "q6k": 32, "q3": 4, "iq2": 0}[mode], d, torch.zeros_like(d)
     else:  # q8, or iq4's table values
         codes, d = getattr(ext, f"{mode}_unpack")(packed, n, k)
         m = torch.zeros_like(d)

@@ -84,6 +84,9 @@ SIX_BIT_TYPES = frozenset({T.Q6_K})
 # 2-bit form (its codes, 16-weight scales and mins).
 THREE_BIT_TYPES = frozenset({T.Q3_K})
 TWO_BIT_TYPES = frozenset({T.Q2_K})
+# The k-quants with a form of their own: their super-blocks' halves and 6- or 8-bit scales as
+# they are (runner/qlinear.py's q4k, q5k, q6k).
+K_FORMS = {T.Q4_K: "q4k", T.Q5_K: "q5k", T.Q6_K: "q6k"}
 # The types it packs in the IQ4 form: 4-bit indices into the IQ4 table, one scale per 32.
 IQ4_TYPES = frozenset({T.IQ4_NL, T.IQ4_XS})
 # The IQ types the C++ converter packs in a form narrower than 8 bits (module docstring).
@@ -148,10 +151,10 @@ class CodesRef:
 
     @property
     def form(self) -> str:
-        """The kernel form the C++ converter packs this tensor into: q2, q3, q4, q4k, q5, q6,
-        q8, iq4 or iq2 (runner/qlinear.py's modes)."""
-        if self.qtype == T.Q4_K:
-            return "q4k"
+        """The kernel form the C++ converter packs this tensor into: q2, q3, q4, q4k, q5, q5k,
+        q6, q6k, q8, iq4 or iq2 (runner/qlinear.py's modes)."""
+        if self.qtype in K_FORMS:
+            return K_FORMS[self.qtype]
         if self.qtype in FOUR_BIT_TYPES:
             return "q4"
         if self.qtype in IQ_FORMS:

@@ -147,10 +147,11 @@ class _Maker:
 
 
 def _width(form: str) -> str:
-    """The form parts of mixed types are stacked in: Q4_K's own (q4k) takes Q4_K alone, so
-    beside another 4-bit type (an IQ3_M file's IQ3_S q and Q4_K k) both go in q4, one
-    matmul, which takes Q4_K too (its scales rounded to halves)."""
-    return "q4" if form == "q4k" else form
+    """The form parts of mixed types are stacked in: the k-quants' own forms (q4k, q5k, q6k)
+    take their type alone, so beside another type of their width (an IQ3_M file's IQ3_S q
+    and Q4_K k) both go in q4 (q5, q6), one matmul, which takes the k-quant too (its scales
+    rounded to halves)."""
+    return form[:-1] if form in ("q4k", "q5k", "q6k") else form
 
 
 def _runs_of_equal_width(parts: list[nn.Linear], refs: list[CodesRef]) -> list[list[nn.Linear]]:

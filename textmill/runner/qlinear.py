@@ -4,9 +4,10 @@ QLinear holds only packed weights, in groups of 32 along the input dimension:
 * "q4": codes 0..15 with a scale and a min per group, w = d*q + m: GGUF's Q4_1, so the
   Q4_1 layers of a GGUF checkpoint requantize to exactly the weights it stores (and Q4_0,
   Q4_K, IQ3_S and IQ1_S map onto it).
-* "q4k": GGUF's Q4_K as it is: q4's codes and arithmetic, each group's d and m the 6-bit
-  integers sc and mn times a half D and Dm of its 256-weight super-block, d = D*sc exactly
-  (q4 would round it to a half); 4.625 bits a weight where q4 takes 5.
+* "q4k", "q5k", "q6k": GGUF's Q4_K, Q5_K and Q6_K as they are: q4's (q5's, q6's) codes and
+  arithmetic, each scale (and min) an integer of the file's (6 bits; Q6_K's int8 per 16)
+  times a half of its 256-weight super-block, D*sc exactly where q4, q5 and q6 round it to
+  a half; 4.625, 5.625 and 6.5625 bits a weight where those take 5, 6 and 7.
 * "q8": codes -127..127 with one scale per group, w = d*q: GGUF's Q8_0.
 * "q5": codes 0..31 with a scale and a min per group, w = d*q + m: GGUF's Q5_1 (Q5_0
   and Q5_K map onto it); 6 bits a weight where q8 takes 8.5.
@@ -46,7 +47,7 @@ from torch import nn
 from textmill.kernels import load
 from textmill.loader.group_codes import CodesRef, GroupCodes
 
-MODES = ("q2", "q3", "q4", "q4k", "q5", "q6", "q8", "iq4", "iq2")  # CodesRef.form names a file tensor's form among these
+MODES = ("q2", "q3", "q4", "q4k", "q5", "q5k", "q6", "q6k", "q8", "iq4", "iq2")  # CodesRef.form names a file tensor's form among these
 GROUP = 32
 # Scales and the Q4 min are halves: weights beyond this magnitude would overflow them.
 _HALF_MAX = 65504.0
@@ -120,15 +121,15 @@ class QLinear(nn.Module):
         """GGUF tensors of one form (CodesRef.form), stacked along N, packed straight from the
         mapped file by the C++ converter, in one pass with no intermediate codes: for the
         types group_codes converts itself, in the q4 and q8 forms the bytes from_codes would
-        pack. Form q4 also takes Q4_K (form q4k's type), form q8 the q2, q3, q5, q6, iq4 and
-        iq2 types (their 8-bit codes). Raises OutOfHalfRange when a scale does not fit a half;
+        pack. Forms q4, q5 and q6 also take Q4_K, Q5_K and Q6_K (forms q4k, q5k, q6k), form q8
+        the types of every narrower form (their 8-bit codes). Raises OutOfHalfRange when a scale does not fit a half;
         the caller then takes from_codes' path, which rounds such a tensor to 8 bits."""
         ext = _ext()
         if ext is None:
             raise ValueError("GGUF weights need textmill's C++ kernels, which could not be built here")
         form, k = form or refs[0].form, refs[0].shape[1]
-        assert all((r.form == form or (form == "q4" and r.form == "q4k")
-                    or (form == "q8" and r.form in ("q2", "q3", "q5", "q6", "iq4", "iq2")))
+        assert all((r.form == form or (form in ("q4", "q5", "q6") and r.form == form + "k")
+                    or (form == "q8" and r.form in ("q2", "q3", "q5", "q5k", "q6", "q6k", "iq4", "iq2")))
                    and r.shape[1] == k
                    for r in refs), "parts of one form and width"
         no_order = torch.empty(0, dtype=torch.long)
@@ -156,12 +157,13 @@ class QLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The (N, K) float32 weights this layer computes with."""
         n, k = self.out_features, self.in_features
-        if self.mode in ("q4", "q4k", "q5", "q2"):  # a scale and a min per group (q2: per 16)
+        if self.mode in ("q4", "q4k", "q5", "q5k", "q2"):  # a scale and a min per group (q2: per 16)
             codes, d, m = getattr(_ext(), f"{self.mode}_unpack")(self.packed, n, k)
             w = codes.float().view(n, d.shape[1], -1) * d[..., None] + m[..., None]
-        elif self.mode in ("q6", "q3", "iq2"):  # a scale per 16; iq2's codes are its table values
+        elif self.mode in ("q6", "q6k", "q3", "iq2"):  # a scale per 16; iq2's codes are its table values
             codes, d = getattr(_ext(), f"{self.mode}_unpack")(self.packed, n, k)
-            w = (codes.float() - {"q6": 32.0, "q3": 4.0, "iq2": 0.0}[self.mode]).view(n, -1, GROUP // 2) * d[..., None]
+            zero = {"q6": 32.0, "q6k": 32.0, "q3": 4.0, "iq2": 0.0}[self.mode]
+            w = (codes.float() - zero).view(n, -1, GROUP // 2) * d[..., None]
         else:  # q8, or iq4's table values
             codes, d = getattr(_ext(), f"{self.mode}_unpack")(self.packed, n, k)
             w = codes.float().view(n, -1, GROUP) * d[..., None]

@@ -137,9 +137,10 @@ constexpr int64_t Q3_LOW_BYTES = NR * QK / 4;   // 128: the codes' low 2 bits
 constexpr int64_t Q3_CODE_BYTES = Q3_LOW_BYTES + NR * QK / 8;  // + 64: their top bit
 constexpr int64_t Q2_CODE_BYTES = Q3_LOW_BYTES;  // 128: Q3's low 2 bits alone
 constexpr int64_t Q2_SCALE_HALVES = 4 * NR;      // d0[16], d1[16], m0[16], m1[16]
-constexpr int64_t Q4K_SUPER = 8;                 // blocks of 32 per Q4_K super-block
-constexpr int64_t Q4K_SCALE_BYTES = 2 * NR;      // sc[16], mn[16]: 6-bit integers, one byte each
-constexpr int64_t Q4K_HEADER_BYTES = 2 * 2 * NR; // per super-block: D[16], Dm[16] (fp16)
+// The super-block forms (Q4K, Q5K, Q6K: GGUF's Q4_K, Q5_K, Q6_K as they are): per block,
+// 8-bit integer scales; per super-block of K_SUPER blocks, a header of halves.
+constexpr int64_t K_SUPER = 8;                   // blocks of 32 per super-block (256 weights)
+constexpr int64_t K_SCALE_BYTES = 2 * NR;        // Q4K, Q5K: sc[16], mn[16] (u8); Q6K: sc0[16], sc1[16] (s8)
 // Activation rows per register tile. (8 on the 512-bit path, whose 32 registers hold
 // them, measured no faster: 0.91-1.0x of 4 on Zen 4 at M = 16 and 64.)
 constexpr int MAX_MR = 4;
@@ -160,35 +161,42 @@ constexpr int64_t CHUNK_BYTES = 96 << 10;       // expanded activations per thre
 // passes instead) 0.71-0.79x the time for q4, 0.74-0.87x for q8 at 192-512 rows (Xeon).
 constexpr int64_t PASS_BYTES = 256 << 10;
 
-enum class Mode { Q4, Q8, Q6, Q5, IQ4, Q3, IQ2, Q2, Q4K };
+enum class Mode { Q4, Q8, Q6, Q5, IQ4, Q3, IQ2, Q2, Q4K, Q5K, Q6K };
 // The last form: linear_by_mode's numbers run 0..kLastMode (a new form goes after it, and here).
-constexpr Mode kLastMode = Mode::Q4K;
+constexpr Mode kLastMode = Mode::Q6K;
+constexpr bool is_super(Mode m) { return m == Mode::Q4K || m == Mode::Q5K || m == Mode::Q6K; }
+// Q4K and Q5K: a scale and a min per block from 6-bit integers (Q4's and Q5's arithmetic).
+constexpr bool is_k_min(Mode m) { return m == Mode::Q4K || m == Mode::Q5K; }
+constexpr bool is_five(Mode m) { return m == Mode::Q5 || m == Mode::Q5K; }  // Q5's codes
+// A super-block's header: Q4K and Q5K D[16] and Dm[16], Q6K D[16] (fp16).
+constexpr int64_t header_bytes(Mode m) { return m == Mode::Q6K ? 2 * NR : is_k_min(m) ? 4 * NR : 0; }
 
 constexpr int64_t code_bytes(Mode m) {
   return m == Mode::Q4 || m == Mode::IQ4 || m == Mode::IQ2 || m == Mode::Q4K ? Q4_CODE_BYTES
          : m == Mode::Q8                 ? Q8_CODE_BYTES
-         : m == Mode::Q6                 ? Q6_CODE_BYTES
+         : m == Mode::Q6 || m == Mode::Q6K ? Q6_CODE_BYTES
          : m == Mode::Q3                 ? Q3_CODE_BYTES
          : m == Mode::Q2                 ? Q2_CODE_BYTES
                                          : Q5_CODE_BYTES;
 }
 constexpr int64_t scale_bytes(Mode m) {  // Q5 has Q4's d and m, IQ4 Q8's d, Q3 and IQ2 Q6's d0 and d1
-  if (m == Mode::Q4K) return Q4K_SCALE_BYTES;  // its 6-bit scales and mins (the halves: super-block headers)
+  if (is_super(m)) return K_SCALE_BYTES;  // its 8-bit scales (and mins; the halves: the super-block headers)
   return 2 * (m == Mode::Q8 || m == Mode::IQ4                ? Q8_SCALE_HALVES
               : m == Mode::Q6 || m == Mode::Q3 || m == Mode::IQ2 ? Q6_SCALE_HALVES
               : m == Mode::Q2                                    ? Q2_SCALE_HALVES
                                                : Q4_SCALE_HALVES);
 }
 
-// Q4K's super-blocks: a header of halves, then Q4K_SUPER blocks as pairs (see codes_at).
-constexpr int64_t q4k_super_bytes(int64_t blocks) {
-  return blocks == 0 ? 0 : Q4K_HEADER_BYTES + blocks * (Q4_CODE_BYTES + Q4K_SCALE_BYTES);
+// A super-block form's super-block of `blocks` blocks: its header, then the blocks in pairs
+// (see codes_at).
+constexpr int64_t super_bytes(Mode m, int64_t blocks) {
+  return blocks == 0 ? 0 : header_bytes(m) + blocks * (code_bytes(m) + scale_bytes(m));
 }
 int64_t tile_bytes(Mode mode, int64_t kb) {
-  if (mode == Mode::Q4K) return kb / Q4K_SUPER * q4k_super_bytes(Q4K_SUPER) + q4k_super_bytes(kb % Q4K_SUPER);
+  if (is_super(mode)) return kb / K_SUPER * super_bytes(mode, K_SUPER) + super_bytes(mode, kb % K_SUPER);
   return kb * (code_bytes(mode) + scale_bytes(mode));
 }
-constexpr bool has_min(Mode m) { return m == Mode::Q4 || m == Mode::Q5 || m == Mode::Q4K; }  // w = d*q + m
+constexpr bool has_min(Mode m) { return m == Mode::Q4 || m == Mode::Q5 || is_k_min(m); }  // w = d*q + m
 
 // fn(std::integral_constant<Mode, M>{}) for the runtime mode: the kernels are templates on it.
 template <typename Fn>
@@ -203,6 +211,8 @@ inline void with_mode(Mode mode, Fn fn) {
     case Mode::IQ2: return fn(std::integral_constant<Mode, Mode::IQ2>{});
     case Mode::Q2: return fn(std::integral_constant<Mode, Mode::Q2>{});
     case Mode::Q4K: return fn(std::integral_constant<Mode, Mode::Q4K>{});
+    case Mode::Q5K: return fn(std::integral_constant<Mode, Mode::Q5K>{});
+    case Mode::Q6K: return fn(std::integral_constant<Mode, Mode::Q6K>{});
   }
 }
 
@@ -316,9 +326,9 @@ inline int q2_code(const uint8_t* block_codes, int64_t r, int64_t j) {
 }
 template <Mode M>  // Q4, Q5, Q6, Q3, Q2 or IQ2 (its indices as Q4's codes)
 inline void put_codes(uint8_t* block_codes, int64_t r, const uint8_t* c) {
-  if constexpr (M == Mode::Q4 || M == Mode::IQ2) put_q4(block_codes, r, c);
+  if constexpr (M == Mode::Q4 || M == Mode::IQ2 || M == Mode::Q4K) put_q4(block_codes, r, c);
   else if constexpr (M == Mode::Q2) put_q2(block_codes, r, c);
-  else if constexpr (M == Mode::Q5) put_q5(block_codes, r, c);
+  else if constexpr (is_five(M)) put_q5(block_codes, r, c);
   else if constexpr (M == Mode::Q3) put_q3(block_codes, r, c);
   else put_q6(block_codes, r, c);
 }
@@ -349,15 +359,16 @@ inline int six_bit_code(const uint8_t* block_codes, int64_t r, int64_t j) {
 // hardware prefetcher served at half the rate of one (one thread, weights from memory:
 // 9.4-11.8 against 18-20 GB/s for Gemma 3's K = 640), and software prefetch did not help.
 // An odd kb's last block stands alone: its codes, then its scales.
-// Q4K: each super-block of 8 blocks starts with its header (the 16 rows' D, then Dm), then
-// its blocks in pairs as above, with 32 bytes of 6-bit scales and mins a block: 296 bytes a
-// block where Q4 takes 320. A short last super-block (K not a multiple of 256: float weights
-// in tests; Q4_K files never) has fewer pairs and perhaps a lone last block.
+// The super-block forms: each super-block of 8 blocks starts with its header (the 16 rows'
+// halves), then its blocks in pairs as above, each block's scales 32 bytes of 8-bit
+// integers: a block of Q4K takes 296 bytes where Q4 takes 320, Q5K 360 where Q5 takes 384,
+// Q6K 420 where Q6 takes 448. A short last super-block (K not a multiple of 256: float
+// weights in tests; the GGUF types never) has fewer pairs and perhaps a lone last block.
 constexpr int64_t pair_bytes(Mode m) { return 2 * (code_bytes(m) + scale_bytes(m)); }
-inline int64_t super_start(Mode m, int64_t b) {  // Q4K: b's super-block's first pair; else 0
-  return m == Mode::Q4K ? b / Q4K_SUPER * q4k_super_bytes(Q4K_SUPER) + Q4K_HEADER_BYTES : 0;
+inline int64_t super_start(Mode m, int64_t b) {  // a super-block form: b's super-block's first pair; else 0
+  return is_super(m) ? b / K_SUPER * super_bytes(m, K_SUPER) + header_bytes(m) : 0;
 }
-inline int64_t in_super(Mode m, int64_t b) { return m == Mode::Q4K ? b % Q4K_SUPER : b; }
+inline int64_t in_super(Mode m, int64_t b) { return is_super(m) ? b % K_SUPER : b; }
 inline int64_t codes_at(Mode m, int64_t b) {
   const int64_t i = in_super(m, b);
   return super_start(m, b) + (i >> 1) * pair_bytes(m) + (i & 1) * code_bytes(m);
@@ -366,12 +377,12 @@ inline int64_t scales_at(Mode m, int64_t kb, int64_t b) {
   const int64_t in_pair = (b | 1) < kb ? 2 : 1, i = in_super(m, b);
   return super_start(m, b) + (i >> 1) * pair_bytes(m) + in_pair * code_bytes(m) + (i & 1) * scale_bytes(m);
 }
-// Q4K: the header of block b's super-block (D[16], then Dm[16]).
-inline const uint16_t* q4k_header(const uint8_t* tile, int64_t b) {
-  return reinterpret_cast<const uint16_t*>(tile + super_start(Mode::Q4K, b) - Q4K_HEADER_BYTES);
+// A super-block form: the header of block b's super-block (D[16], then Q4K's and Q5K's Dm[16]).
+inline const uint16_t* k_header(const uint8_t* tile, Mode m, int64_t b) {
+  return reinterpret_cast<const uint16_t*>(tile + super_start(m, b) - header_bytes(m));
 }
-inline uint16_t* q4k_header(uint8_t* tile, int64_t b) {
-  return reinterpret_cast<uint16_t*>(tile + super_start(Mode::Q4K, b) - Q4K_HEADER_BYTES);
+inline uint16_t* k_header(uint8_t* tile, Mode m, int64_t b) {
+  return reinterpret_cast<uint16_t*>(tile + super_start(m, b) - header_bytes(m));
 }
 inline uint16_t* scales_of(uint8_t* tile, Mode m, int64_t kb, int64_t b) {
   return reinterpret_cast<uint16_t*>(tile + scales_at(m, kb, b));
@@ -383,13 +394,18 @@ inline const uint16_t* scales_of(const uint8_t* tile, Mode m, int64_t kb, int64_
 inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 inline uint16_t float_to_half(float f) { return c10::Half(f).x; }
 
-// Q4K: row j's scale and min of block b, d = D * sc and m = Dm * mn: a half times a 6-bit
-// integer, exact in float32 (11 + 6 significant bits), as every path computes them.
-inline float q4k_d(const uint8_t* tile, int64_t kb, int64_t b, int64_t j) {
-  return half_to_float(q4k_header(tile, b)[j]) * static_cast<float>(tile[scales_at(Mode::Q4K, kb, b) + j]);
+// Q4K and Q5K: row j's scale and min of block b, d = D * sc and m = Dm * mn: a half times a
+// 6-bit integer, exact in float32 (11 + 6 significant bits), as every path computes them.
+inline float k_d(const uint8_t* tile, Mode m, int64_t kb, int64_t b, int64_t j) {
+  return half_to_float(k_header(tile, m, b)[j]) * static_cast<float>(tile[scales_at(m, kb, b) + j]);
 }
-inline float q4k_m(const uint8_t* tile, int64_t kb, int64_t b, int64_t j) {
-  return half_to_float(q4k_header(tile, b)[NR + j]) * static_cast<float>(tile[scales_at(Mode::Q4K, kb, b) + NR + j]);
+inline float k_m(const uint8_t* tile, Mode m, int64_t kb, int64_t b, int64_t j) {
+  return half_to_float(k_header(tile, m, b)[NR + j]) * static_cast<float>(tile[scales_at(m, kb, b) + NR + j]);
+}
+// Q6K: row j's scale of half h of block b, D * sc_h (a half times an int8: exact).
+inline float k6_d(const uint8_t* tile, int64_t kb, int64_t b, int64_t h, int64_t j) {
+  const int8_t sc = static_cast<int8_t>(tile[scales_at(Mode::Q6K, kb, b) + h * NR + j]);
+  return half_to_float(k_header(tile, Mode::Q6K, b)[j]) * static_cast<float>(sc);
 }
 
 void check_weight(const torch::Tensor& w) {
@@ -475,51 +491,104 @@ torch::Tensor pack_min_max(const torch::Tensor& weight) {
   });
 }
 
-// Q4K from float weights (tests; GGUF Q4_K comes through pack_gguf): a super-block's D is
-// its largest Q4_1 step / 63 and Dm its most negative group min / 63 (a group whose min is
-// positive gets mn = 0), then each group's sc and mn rounded against them and its codes
-// against the d = D * sc and m = Dm * mn the kernels compute with. Simple, not llama.cpp's
-// search: enough to exercise the form.
-torch::Tensor q4k_pack(const torch::Tensor& weight) {
+// Q4K and Q5K from float weights (tests; GGUF Q4_K and Q5_K come through pack_gguf). Simple,
+// not llama.cpp's search, but every weight within half a step of its code: a super-block's
+// Dm is its most negative group min / 62.5 and each group's mn rounded up (m = Dm * mn at
+// or below the group's min; a group whose min is positive gets mn = 0), then D is the
+// largest step (max - m) / 15 (31) over 62.5 and each sc rounded up (d = D * sc at least
+// that step), so no code clamps; the codes are rounded against the d and m the kernels use.
+template <Mode M>
+torch::Tensor k_min_pack(const torch::Tensor& weight) {
+  static_assert(is_k_min(M), "Q4K or Q5K");
+  constexpr float levels = M == Mode::Q4K ? 15.f : 31.f;
   check_weight(weight);
   auto w = weight.to(torch::kFloat).contiguous();
   const int64_t k = w.size(1), kb = k / QK;
   const float* wp = w.data_ptr<float>();
-  return pack_by_row(Mode::Q4K, w.size(0), k, [&](uint8_t* tile, int64_t r, int64_t row) {
-    for (int64_t b0 = 0; b0 < kb; b0 += Q4K_SUPER) {
-      const int64_t nb = std::min(Q4K_SUPER, kb - b0);
-      float step[Q4K_SUPER], lo[Q4K_SUPER], top = 0.f, low = 0.f;
+  return pack_by_row(M, w.size(0), k, [&](uint8_t* tile, int64_t r, int64_t row) {
+    for (int64_t b0 = 0; b0 < kb; b0 += K_SUPER) {
+      const int64_t nb = std::min(K_SUPER, kb - b0);
+      float hi[K_SUPER], lo[K_SUPER], step[K_SUPER], top = 0.f, low = 0.f;
       for (int64_t i = 0; i < nb; ++i) {
         const float* g = wp + row * k + (b0 + i) * QK;
-        float a = g[0], z = g[0];
-        for (int64_t j = 1; j < QK; ++j) a = std::min(a, g[j]), z = std::max(z, g[j]);
-        step[i] = (z - a) / 15.f, lo[i] = a;
-        top = std::max(top, step[i]), low = std::min(low, a);
+        lo[i] = hi[i] = g[0];
+        for (int64_t j = 1; j < QK; ++j) lo[i] = std::min(lo[i], g[j]), hi[i] = std::max(hi[i], g[j]);
+        low = std::min(low, lo[i]);
       }
-      uint16_t* hdr = q4k_header(tile, b0);
-      hdr[r] = float_to_half(top / 63.f);
-      hdr[NR + r] = float_to_half(low / 63.f);
-      const float dd = half_to_float(hdr[r]), dm = half_to_float(hdr[NR + r]);
+      uint16_t* hdr = k_header(tile, M, b0);
+      hdr[NR + r] = float_to_half(low / 62.5f);
+      const float dm = half_to_float(hdr[NR + r]);
+      uint8_t mn[K_SUPER];
+      for (int64_t i = 0; i < nb; ++i) {
+        mn[i] = static_cast<uint8_t>(dm < 0.f ? std::min(63.f, std::max(0.f, std::ceil(lo[i] / dm))) : 0.f);
+        step[i] = (hi[i] - dm * static_cast<float>(mn[i])) / levels;
+        top = std::max(top, step[i]);
+      }
+      hdr[r] = float_to_half(top / 62.5f);
+      const float dd = half_to_float(hdr[r]);
       for (int64_t i = 0; i < nb; ++i) {
         const int64_t b = b0 + i;
-        uint8_t* sm = tile + scales_at(Mode::Q4K, kb, b);
-        sm[r] = static_cast<uint8_t>(dd > 0.f ? std::min(63.f, std::nearbyint(step[i] / dd)) : 0.f);
-        sm[NR + r] = static_cast<uint8_t>(dm < 0.f ? std::min(63.f, std::max(0.f, std::nearbyint(lo[i] / dm))) : 0.f);
-        const float d = q4k_d(tile, kb, b, r), m = q4k_m(tile, kb, b, r);
+        uint8_t* sm = tile + scales_at(M, kb, b);
+        sm[r] = static_cast<uint8_t>(dd > 0.f ? std::min(63.f, std::ceil(step[i] / dd)) : 0.f);
+        sm[NR + r] = mn[i];
+        const float d = k_d(tile, M, kb, b, r), m = k_m(tile, M, kb, b, r);
         const float id = d > 0.f ? 1.f / d : 0.f;
         const float* g = wp + row * k + b * QK;
         uint8_t c[QK];
-        for (int64_t j = 0; j < QK; ++j) c[j] = static_cast<uint8_t>(std::min(15.f, std::max(0.f, std::nearbyint((g[j] - m) * id))));
-        put_q4(tile + codes_at(Mode::Q4K, b), r, c);
+        for (int64_t j = 0; j < QK; ++j)
+          c[j] = static_cast<uint8_t>(std::min(levels, std::max(0.f, std::nearbyint((g[j] - m) * id))));
+        put_codes<M>(tile + codes_at(M, b), r, c);
       }
     }
   });
 }
 
-// -> codes (N, K) uint8 in 0..15 (Q4, Q4K) or 0..31 (Q5), d (N, K/32) float32, m (N, K/32) float32
+// Q6K from float weights (tests; GGUF Q6_K comes through pack_gguf): per half of a group
+// (16 weights) a step max|w| / 31, as Q6's; the super-block's D = its largest step / 126.5
+// and each half's sc = its step / D rounded up (so no code clamps), its codes
+// round(w / (D * sc)) + 32 in 0..63.
+torch::Tensor q6k_pack(const torch::Tensor& weight) {
+  check_weight(weight);
+  auto w = weight.to(torch::kFloat).contiguous();
+  const int64_t k = w.size(1), kb = k / QK;
+  const float* wp = w.data_ptr<float>();
+  return pack_by_row(Mode::Q6K, w.size(0), k, [&](uint8_t* tile, int64_t r, int64_t row) {
+    for (int64_t b0 = 0; b0 < kb; b0 += K_SUPER) {
+      const int64_t nb = std::min(K_SUPER, kb - b0);
+      float step[K_SUPER][2], top = 0.f;
+      for (int64_t i = 0; i < nb; ++i)
+        for (int64_t h = 0; h < 2; ++h) {
+          const float* g = wp + row * k + (b0 + i) * QK + 16 * h;
+          float peak = 0.f;
+          for (int64_t j = 0; j < 16; ++j) peak = std::max(peak, std::fabs(g[j]));
+          step[i][h] = peak / 31.f;
+          top = std::max(top, step[i][h]);
+        }
+      uint16_t* hdr = k_header(tile, Mode::Q6K, b0);
+      hdr[r] = float_to_half(top / 126.5f);
+      const float dd = half_to_float(hdr[r]);
+      for (int64_t i = 0; i < nb; ++i) {
+        const int64_t b = b0 + i;
+        uint8_t* sm = tile + scales_at(Mode::Q6K, kb, b);
+        uint8_t c[QK];
+        for (int64_t h = 0; h < 2; ++h) {
+          sm[h * NR + r] = static_cast<uint8_t>(dd > 0.f ? std::min(127.f, std::ceil(step[i][h] / dd)) : 0.f);
+          const float d = k6_d(tile, kb, b, h, r);
+          const float id = d > 0.f ? 1.f / d : 0.f;
+          const float* g = wp + row * k + b * QK + 16 * h;
+          for (int64_t j = 0; j < 16; ++j)
+            c[16 * h + j] = static_cast<uint8_t>(32.f + std::min(31.f, std::max(-32.f, std::nearbyint(g[j] * id))));
+        }
+        put_codes<Mode::Q6>(tile + codes_at(Mode::Q6K, b), r, c);
+      }
+    }
+  });
+}
+
+// -> codes (N, K) uint8 in 0..15 (Q4, Q4K) or 0..31 (Q5, Q5K), d (N, K/32) float32, m (N, K/32) float32
 template <Mode M>
 std::vector<torch::Tensor> unpack_min_max(const torch::Tensor& packed, int64_t n, int64_t k) {
-  static_assert(has_min(M), "Q4, Q5 or Q4K");
+  static_assert(has_min(M), "Q4, Q5, Q4K or Q5K");
   check_packed(M, packed, n, k);
   const int64_t kb = k / QK;
   auto codes = torch::empty({n, k}, torch::kUInt8);
@@ -532,10 +601,10 @@ std::vector<torch::Tensor> unpack_min_max(const torch::Tensor& packed, int64_t n
       const uint8_t* src = tile + codes_at(M, b);
       const uint16_t* sc = scales_of(tile, M, kb, b);
       uint8_t* c = codes.data_ptr<uint8_t>() + row * k + b * QK;
-      for (int64_t j = 0; j < QK; ++j) c[j] = static_cast<uint8_t>(M == Mode::Q5 ? q5_code(src, r, j) : q4_code(src, r, j));
-      if constexpr (M == Mode::Q4K) {
-        d.data_ptr<float>()[row * kb + b] = q4k_d(tile, kb, b, r);
-        m.data_ptr<float>()[row * kb + b] = q4k_m(tile, kb, b, r);
+      for (int64_t j = 0; j < QK; ++j) c[j] = static_cast<uint8_t>(is_five(M) ? q5_code(src, r, j) : q4_code(src, r, j));
+      if constexpr (is_k_min(M)) {
+        d.data_ptr<float>()[row * kb + b] = k_d(tile, M, kb, b, r);
+        m.data_ptr<float>()[row * kb + b] = k_m(tile, M, kb, b, r);
         continue;
       }
       d.data_ptr<float>()[row * kb + b] = half_to_float(sc[r]);
@@ -724,7 +793,8 @@ std::vector<torch::Tensor> half_scale_unpack(const torch::Tensor& packed, int64_
                                     : M == Mode::IQ2 ? gguf::kIQ2Values[q4_code(src, r, j)]
                                                      : q6_code(src, r, j));
       for (int64_t h = 0; h < 2; ++h)
-        d.data_ptr<float>()[row * 2 * kb + 2 * b + h] = half_to_float(scales_of(tile, M, kb, b)[h * NR + r]);
+        d.data_ptr<float>()[row * 2 * kb + 2 * b + h] =
+            M == Mode::Q6K ? k6_d(tile, kb, b, h, r) : half_to_float(scales_of(tile, M, kb, b)[h * NR + r]);
     }
   }
   return {codes, d};
@@ -798,7 +868,9 @@ Mode mode_of(const std::string& form) {
   if (form == "q8") return Mode::Q8;
   if (form == "iq4") return Mode::IQ4;
   if (form == "q4k") return Mode::Q4K;
-  TORCH_CHECK(form == "iq2", "form must be q2, q3, q4, q4k, q5, q6, q8, iq4 or iq2, not ", form);
+  if (form == "q5k") return Mode::Q5K;
+  if (form == "q6k") return Mode::Q6K;
+  TORCH_CHECK(form == "iq2", "form must be q2, q3, q4, q4k, q5, q5k, q6, q6k, q8, iq4 or iq2, not ", form);
   return Mode::IQ2;
 }
 
@@ -814,6 +886,8 @@ bool form_takes(Mode mode, int64_t type) {
     case Mode::IQ4: return gguf::iq4(type);
     case Mode::IQ2: return gguf::iq2(type);
     case Mode::Q4K: return type == gguf::Q4_K;
+    case Mode::Q5K: return type == gguf::Q5_K;
+    case Mode::Q6K: return type == gguf::Q6_K;
     case Mode::Q8: return true;
   }
   return false;
@@ -828,6 +902,8 @@ const char* form_title(Mode mode) {
     case Mode::IQ4: return "IQ4";
     case Mode::IQ2: return "IQ2";
     case Mode::Q4K: return "Q4_K";
+    case Mode::Q5K: return "Q5_K";
+    case Mode::Q6K: return "Q6_K";
     case Mode::Q8: return "8-bit";
   }
   return "?";
@@ -853,27 +929,52 @@ inline bool q4_k_row(const uint8_t* src, int64_t kb, uint8_t* tile, int64_t r) {
   }
   return true;
 }
-// Q4_K rows in the Q4K form: the file's d and dmin as they are (dmin negated: the kernels
-// add Dm * mn), its 6-bit scales and mins as integers, so each group's d and m are exactly
-// the file's d * sc and -dmin * mn (the q4 form rounds them to halves). False where d or
-// dmin is not finite.
-inline bool q4k_row(const uint8_t* src, int64_t kb, uint8_t* tile, int64_t r) {
-  for (int64_t sb = 0; sb < kb / Q4K_SUPER; ++sb) {
-    const uint8_t* blk = src + sb * 144;
-    const int64_t b0 = sb * Q4K_SUPER;
-    uint16_t* hdr = q4k_header(tile, b0);
+// Q4_K and Q5_K rows in their own forms: the file's d and dmin as they are (dmin negated:
+// the kernels add Dm * mn), its 6-bit scales and mins as integers, so each group's d and m
+// are exactly the file's d * sc and -dmin * mn (the q4 and q5 forms round them to halves).
+// Q5_K (176-byte super-blocks: d, dmin, scales[12], qh[32], qs[128]) adds bit s of qh as
+// group s's top bits. False where d or dmin is not finite.
+template <Mode M>
+inline bool k_min_row(const uint8_t* src, int64_t kb, uint8_t* tile, int64_t r) {
+  static_assert(is_k_min(M), "Q4K or Q5K");
+  constexpr int64_t super = M == Mode::Q4K ? 144 : 176, qs_at = M == Mode::Q4K ? 16 : 48;
+  for (int64_t sb = 0; sb < kb / K_SUPER; ++sb) {
+    const uint8_t* blk = src + sb * super;
+    const int64_t b0 = sb * K_SUPER;
+    uint16_t* hdr = k_header(tile, M, b0);
     hdr[r] = gguf::f16_bits(blk);
     hdr[NR + r] = gguf::f16_bits(blk + 2) ^ 0x8000;
     if (!std::isfinite(half_to_float(hdr[r])) || !std::isfinite(half_to_float(hdr[NR + r]))) return false;
-    for (int s = 0; s < Q4K_SUPER; ++s) {
+    for (int s = 0; s < K_SUPER; ++s) {
       const int64_t b = b0 + s;
       float sc, mn;
       gguf::scale_min_k4(s, blk + 4, &sc, &mn);
-      uint8_t* sm = tile + scales_at(Mode::Q4K, kb, b);
+      uint8_t* sm = tile + scales_at(M, kb, b);
       sm[r] = static_cast<uint8_t>(sc);
       sm[NR + r] = static_cast<uint8_t>(mn);
-      put_nibble_words(tile + codes_at(Mode::Q4K, b) + q4_byte(r, 0), blk + 16 + (s / 2) * 32, (s & 1) * 4);
+      uint8_t* dst = tile + codes_at(M, b);
+      // group s is the low (even s) or high nibbles of the super-block's 32-byte plane s / 2
+      put_nibble_words(dst + q4_byte(r, 0), blk + qs_at + (s / 2) * 32, (s & 1) * 4);
+      if constexpr (M == Mode::Q5K) put_bit_plane(dst + q5_top_byte(r, 0), blk + 16, s);
     }
+  }
+  return true;
+}
+// Q6_K rows in their own form: the file's d as it is and its int8 scales, one per 16
+// weights, so each half's scale is exactly d * sc (the q6 form rounds it to a half).
+inline bool q6k_row(const uint8_t* src, int64_t kb, uint8_t* tile, int64_t r) {
+  for (int64_t b = 0; b < kb; ++b) {
+    const gguf::Q6KGroup at = gguf::q6_k_at(src, b);
+    if (b % K_SUPER == 0) {
+      k_header(tile, Mode::Q6K, b)[r] = gguf::f16_bits(src + (b / K_SUPER) * 210 + 208);
+      if (!std::isfinite(at.d)) return false;
+    }
+    uint8_t* sm = tile + scales_at(Mode::Q6K, kb, b);
+    sm[r] = static_cast<uint8_t>(at.sc[0]);
+    sm[NR + r] = static_cast<uint8_t>(at.sc[1]);
+    uint8_t* dst = tile + codes_at(Mode::Q6K, b);
+    put_nibble_words(dst + q4_byte(r, 0), at.ql, at.j < 2 ? 0 : 4);
+    put_pair_planes(dst + q6_top_byte(r, 0), at.qh, 2 * at.j);
   }
   return true;
 }
@@ -895,7 +996,7 @@ inline bool q6_k_row(const uint8_t* src, int64_t kb, uint8_t* tile, int64_t r) {
 // the parts are stacked along N in order (q, k, v -> qkv), each part's output row i taken
 // from its source row order[i] (llama.cpp's q/k permutation undone) or row i when order is
 // empty. One pass, parallel over tiles, no intermediate codes tensor. Form "q4" takes only
-// Q4_0/Q4_1/Q4_K/IQ3_S/IQ1_S parts, "q4k" only Q4_K, "q5" only Q5_0/Q5_1/Q5_K, "q6" only
+// Q4_0/Q4_1/Q4_K/IQ3_S/IQ1_S parts, "q4k", "q5k" and "q6k" only Q4_K, Q5_K, Q6_K, "q5" only Q5_0/Q5_1/Q5_K, "q6" only
 // Q6_K/Q3_K/IQ3_XXS/IQ1_M, "q3" only Q3_K, "q2" only Q2_K, "iq4" only IQ4_NL/IQ4_XS, "iq2"
 // only IQ2_XXS/IQ2_XS/IQ2_S (form_takes); "q8" takes every type gguf_blocks.h decodes.
 // grids: per part, the IQ types' grid (gguf::grid_shape, int8), an empty tensor for the
@@ -972,7 +1073,15 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
   };
   if (mode == Mode::Q4K) {
     out = pack_by_row(Mode::Q4K, n, k, [&](uint8_t* tile, int64_t r, int64_t row) {
-      if (!q4k_row(row_ptr[row], kb, tile, r)) in_range = false;
+      if (!k_min_row<Mode::Q4K>(row_ptr[row], kb, tile, r)) in_range = false;
+    });
+  } else if (mode == Mode::Q5K) {
+    out = pack_by_row(Mode::Q5K, n, k, [&](uint8_t* tile, int64_t r, int64_t row) {
+      if (!k_min_row<Mode::Q5K>(row_ptr[row], kb, tile, r)) in_range = false;
+    });
+  } else if (mode == Mode::Q6K) {
+    out = pack_by_row(Mode::Q6K, n, k, [&](uint8_t* tile, int64_t r, int64_t row) {
+      if (!q6k_row(row_ptr[row], kb, tile, r)) in_range = false;
     });
   } else if (mode == Mode::Q4) {
     out = two_scales(std::integral_constant<Mode, Mode::Q4>{}, gguf::decode4);
@@ -1278,7 +1387,7 @@ inline void store_row(float* dst, const float* tile_out, const float* bias, int6
 // Matmul kernels: one tile of 16 output rows against MR activation rows, all K.
 // out[r][j] = result for activation row r and tile row j (before bias).
 
-template <Mode M>  // Q4, Q4K or Q5: the same math on 4- or 5-bit codes
+template <Mode M>  // Q4, Q4K, Q5 or Q5K: the same math on 4- or 5-bit codes
 void q4_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, int64_t m0, int64_t mr,
                     float (*out)[NR]) {
   for (int64_t r = 0; r < mr; ++r) {
@@ -1292,14 +1401,14 @@ void q4_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, i
         const uint16_t* sc = scales_of(tile, M, kb, b);
         const int8_t* a = arow + b * QK;
         int32_t isum = 0;
-        if constexpr (M == Mode::Q5) {
+        if constexpr (is_five(M)) {
           for (int64_t i = 0; i < QK; ++i) isum += q5_code(c, j, i) * a[i];
         } else {
           for (int64_t i = 0; i < QK / 2; ++i)
             isum += (c[q4_byte(j, i)] & 15) * a[i] + (c[q4_byte(j, i + 16)] >> 4) * a[i + 16];
         }
-        const float d = M == Mode::Q4K ? q4k_d(tile, kb, b, j) : half_to_float(sc[j]);
-        const float mn = M == Mode::Q4K ? q4k_m(tile, kb, b, j) : half_to_float(sc[NR + j]);
+        const float d = is_k_min(M) ? k_d(tile, M, kb, b, j) : half_to_float(sc[j]);
+        const float mn = is_k_min(M) ? k_m(tile, M, kb, b, j) : half_to_float(sc[NR + j]);
         acc = std::fma(static_cast<float>(isum), d * e[b], acc);
         acc = std::fma(mn, s[b], acc);
       }
@@ -1349,8 +1458,9 @@ void q6_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, i
         const int8_t* a = arow + b * QK;
         int32_t isum[2] = {M == Mode::Q2 ? 0 : off[b].off[0], M == Mode::Q2 ? 0 : off[b].off[1]};
         for (int64_t i = 0; i < QK; ++i) isum[i >> 4] += six_bit_code<M>(c, j, i) * a[i];
-        const float t = std::fma(static_cast<float>(isum[0]), half_to_float(sc[j]),
-                                 static_cast<float>(isum[1]) * half_to_float(sc[NR + j]));
+        const float d0 = M == Mode::Q6K ? k6_d(tile, kb, b, 0, j) : half_to_float(sc[j]);
+        const float d1 = M == Mode::Q6K ? k6_d(tile, kb, b, 1, j) : half_to_float(sc[NR + j]);
+        const float t = std::fma(static_cast<float>(isum[0]), d0, static_cast<float>(isum[1]) * d1);
         acc = std::fma(t, e[b], acc);
         if constexpr (M == Mode::Q2) {  // each half's min times e x its activation sum
           acc = std::fma(half_to_float(sc[2 * NR + j]), off[b].hs[0], acc);
@@ -1545,8 +1655,9 @@ inline void prefetch_l2(const void* p, int lines) {
 }
 template <Mode M>
 inline void prefetch_ahead(const uint8_t* tile, int64_t b) {
-  // 320 (Q4, IQ2), 384 (Q5), 448 (Q6), 544 (Q8), 288 (IQ4), 256 (Q3, Q2), 296 (Q4K, its headers included)
-  constexpr int64_t share = M == Mode::Q4K ? q4k_super_bytes(Q4K_SUPER) / Q4K_SUPER : pair_bytes(M) / 2;
+  // 320 (Q4, IQ2), 384 (Q5), 448 (Q6), 544 (Q8), 288 (IQ4), 256 (Q3, Q2); with their headers
+  // 296 (Q4K), 360 (Q5K), 420 (Q6K)
+  constexpr int64_t share = is_super(M) ? super_bytes(M, K_SUPER) / K_SUPER : pair_bytes(M) / 2;
   constexpr int lines = static_cast<int>((share + 63) / 64);
   const uint8_t* at = tile + b * share;
   prefetch_l2(at + PREFETCH_FAR_BYTES, lines);
@@ -1572,7 +1683,7 @@ void q4_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, co
       lo[p] = _mm256_and_si256(x, low4);
       hi[p] = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
     }
-    if constexpr (M == Mode::Q5) {
+    if constexpr (is_five(M)) {
       const __m256i top = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q4_CODE_BYTES + 32 * h));
       for (int p = 0; p < 4; ++p) {
         lo[p] = _mm256_or_si256(lo[p], _mm256_and_si256(q5_top256(top, p), bit4));
@@ -1580,8 +1691,8 @@ void q4_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, co
       }
     }
     __m256 d, mn;
-    if constexpr (M == Mode::Q4K) {  // D * sc and Dm * mn (q4k_d, q4k_m)
-      const uint16_t* hdr = q4k_header(tile, b) + NH * h;
+    if constexpr (is_k_min(M)) {  // D * sc and Dm * mn (k_d, k_m)
+      const uint16_t* hdr = k_header(tile, M, b) + NH * h;
       const uint8_t* sm = tile + scales_at(M, kb, b) + NH * h;
       d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hdr))),
                         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm)))));
@@ -1593,7 +1704,7 @@ void q4_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, co
       mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
     }
     for (int r = 0; r < MR; ++r) {
-      const __m256i dots = M == Mode::Q5 ? q5_block_dots(lo, hi, act, r, b) : q4_block_dots(lo, hi, act, r, b);
+      const __m256i dots = is_five(M) ? q5_block_dots(lo, hi, act, r, b) : q4_block_dots(lo, hi, act, r, b);
       const __m256 isum = _mm256_cvtepi32_ps(dots);
       acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(e[r * kb + b])), acc[r]);
       acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(s[r * kb + b]), acc[r]);
@@ -1685,8 +1796,16 @@ void q6_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, co
       }
     }
     const uint16_t* sc = scales_of(tile, M, kb, b) + NH * h;
-    const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
-    const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
+    __m256 d0, d1;
+    if constexpr (M == Mode::Q6K) {  // D * sc0 and D * sc1 (k6_d)
+      const __m256 dd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k_header(tile, M, b) + NH * h)));
+      const uint8_t* sm = tile + scales_at(M, kb, b) + NH * h;
+      d0 = _mm256_mul_ps(dd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm)))));
+      d1 = _mm256_mul_ps(dd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + NR)))));
+    } else {
+      d0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
+      d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
+    }
     __m256 m0 = _mm256_setzero_ps(), m1 = m0;  // Q2's mins
     if constexpr (M == Mode::Q2) {
       m0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 2 * NR)));
@@ -1728,6 +1847,7 @@ inline __m512i bcast512(const int8_t* p) {
 
 // 16 half scales (one per row of a tile) widened to float32.
 inline __m512 halves16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }  // 16 bytes
 
 // R consecutive activation rows of a block-major pass at one block: row i's codes at
 // a + i * k, its block scale e[i * kb], scale * sum s[i * kb] (Q4, Q5), half sums off + i * kb.
@@ -1753,20 +1873,30 @@ struct RowsAt {
 struct Q4Block {
   __m512i lo[4], hi[4];  // the low and high nibble planes, unpacked once for all rows
   __m512 d, mn;
-  Q4Block() = default;  // for Q5Block, which fills these itself
+  Q4Block() = default;  // for Q5Block and the super-block forms, which fill these themselves
   // Pin: as Q8Block's; nothing to do here (the AND/shift results live in registers anyway).
   template <bool Pin>
   Q4Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
     const uint16_t* sc = scales_of(tile, Mode::Q4, kb, b);
     d = halves16(sc);
     mn = halves16(sc + NR);
-    const uint8_t* c = tile + codes_at(Mode::Q4, b);
+    unpack(tile + codes_at(Mode::Q4, b));
+  }
+  void unpack(const uint8_t* c) {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     for (int p = 0; p < 4; ++p) {
       const __m512i x = _mm512_loadu_si512(c + 64 * p);
       lo[p] = _mm512_and_si512(x, low4);
       hi[p] = _mm512_and_si512(_mm512_srli_epi16(x, 4), low4);
     }
+  }
+  // Q4K's and Q5K's d = D * sc and mn = Dm * mn (k_d, k_m): the super-block's halves times
+  // the block's 6-bit integers.
+  void k_scales(const uint8_t* tile, Mode m, int64_t kb, int64_t b) {
+    const uint16_t* hdr = k_header(tile, m, b);
+    const uint8_t* sm = tile + scales_at(m, kb, b);
+    d = _mm512_mul_ps(halves16(hdr), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(load16(sm))));
+    mn = _mm512_mul_ps(halves16(hdr + NR), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(load16(sm + NR))));
   }
   // ar: the row's 32 int8 codes of this block; e, s: its block scale and scale * sum.
   __m512 row(const int8_t* ar, float e, float s, const HalfSums*, __m512 acc) const {
@@ -1802,36 +1932,27 @@ struct Q4Block {
   }
 };
 
-// Q4K: Q4's row with d = D * sc and m = Dm * mn (q4k_d, q4k_m): the super-block's halves
-// times the block's 6-bit integers.
+// Q4K: Q4's row with the super-block form's scales.
 struct Q4KBlock : Q4Block {
   template <bool Pin>
   Q4KBlock(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
-    const uint16_t* hdr = q4k_header(tile, b);
-    const uint8_t* sm = tile + scales_at(Mode::Q4K, kb, b);
-    d = _mm512_mul_ps(halves16(hdr), bytes16(sm));
-    mn = _mm512_mul_ps(halves16(hdr + NR), bytes16(sm + NR));
-    const uint8_t* c = tile + codes_at(Mode::Q4K, b);
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    for (int p = 0; p < 4; ++p) {
-      const __m512i x = _mm512_loadu_si512(c + 64 * p);
-      lo[p] = _mm512_and_si512(x, low4);
-      hi[p] = _mm512_and_si512(_mm512_srli_epi16(x, 4), low4);
-    }
-  }
-  static __m512 bytes16(const uint8_t* p) {  // 16 unsigned bytes widened to float32
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    k_scales(tile, Mode::Q4K, kb, b);
+    unpack(tile + codes_at(Mode::Q4K, b));
   }
 };
 
 // Q5: Q4's row on 5-bit codes: the nibble planes with each code's top bit ORed in.
 struct Q5Block : Q4Block {
+  Q5Block() = default;  // for Q5KBlock
   template <bool Pin>
-  Q5Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
+  Q5Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin> pin) {
     const uint16_t* sc = scales_of(tile, Mode::Q5, kb, b);
     d = halves16(sc);
     mn = halves16(sc + NR);
-    const uint8_t* c = tile + codes_at(Mode::Q5, b);
+    unpack5(tile + codes_at(Mode::Q5, b), pin);
+  }
+  template <bool Pin>
+  void unpack5(const uint8_t* c, std::bool_constant<Pin>) {
     const __m512i low4 = _mm512_set1_epi8(0x0F), bit4 = _mm512_set1_epi8(0x10);
     const __m512i top = _mm512_loadu_si512(c + Q4_CODE_BYTES);
     for (int p = 0; p < 4; ++p) {
@@ -1853,6 +1974,15 @@ struct Q5Block : Q4Block {
       case 6: return _mm512_srli_epi16(v, 2);
       default: return _mm512_srli_epi16(v, 3);
     }
+  }
+};
+
+// Q5K: Q5's row with the super-block form's scales.
+struct Q5KBlock : Q5Block {
+  template <bool Pin>
+  Q5KBlock(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin> pin) {
+    k_scales(tile, Mode::Q5K, kb, b);
+    unpack5(tile + codes_at(Mode::Q5K, b), pin);
   }
 };
 
@@ -1990,11 +2120,14 @@ struct Q6Block : OffsetRows<Q6Block, 1> {  // u: the codes of k-groups 0..7
   Q6Block() = default;  // for Q3Block, which fills these itself
   // Pin: as Q8Block's.
   template <bool Pin>
-  Q6Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
+  Q6Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin> pin) {
     const uint16_t* sc = scales_of(tile, Mode::Q6, kb, b);
     d0 = halves16(sc);
     d1 = halves16(sc + NR);
-    const uint8_t* c = tile + codes_at(Mode::Q6, b);
+    unpack6(tile + codes_at(Mode::Q6, b), pin);
+  }
+  template <bool Pin>
+  void unpack6(const uint8_t* c, std::bool_constant<Pin>) {
     const __m512i low4 = _mm512_set1_epi8(0x0F), top2 = _mm512_set1_epi8(0x30);
     const __m512i top[2] = {_mm512_loadu_si512(c + Q6_LOW_BYTES), _mm512_loadu_si512(c + Q6_LOW_BYTES + 64)};
     for (int p = 0; p < 4; ++p) {
@@ -2062,6 +2195,18 @@ struct Q2Block : OffsetRows<Q2Block, 0> {  // u: the codes of k-groups 0..7
   }
 };
 
+// Q6K: Q6's rows with the super-block form's scales, D * sc0 and D * sc1 (k6_d).
+struct Q6KBlock : Q6Block {
+  template <bool Pin>
+  Q6KBlock(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin> pin) {
+    const __m512 dd = halves16(k_header(tile, Mode::Q6K, b));
+    const uint8_t* sm = tile + scales_at(Mode::Q6K, kb, b);
+    d0 = _mm512_mul_ps(dd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load16(sm))));
+    d1 = _mm512_mul_ps(dd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load16(sm + NR))));
+    unpack6(tile + codes_at(Mode::Q6K, b), pin);
+  }
+};
+
 // Q3: Q6's rows on the codes + 28 (the file's code + 32), unpacked from the 2-bit plane
 // (as Q6's top bits: k-group 4h + t in bits 2t..2t+1 of vector h) and the top-bit plane
 // (as Q5's: bit g for k-group g). 16-bit shifts: what crosses a byte is masked off.
@@ -2088,13 +2233,14 @@ struct Q3Block : Q6Block {
 template <Mode M>
 using BlockOf = std::conditional_t<
     M == Mode::Q4, Q4Block,
-    std::conditional_t<M == Mode::Q4K, Q4KBlock, std::conditional_t<
+    std::conditional_t<M == Mode::Q4K, Q4KBlock, std::conditional_t<M == Mode::Q5K, Q5KBlock,
+    std::conditional_t<M == Mode::Q6K, Q6KBlock, std::conditional_t<
         M == Mode::Q8, Q8Block,
         std::conditional_t<M == Mode::Q6, Q6Block,
                            std::conditional_t<M == Mode::Q5, Q5Block,
                                               std::conditional_t<M == Mode::Q3, Q3Block,
                                                                  std::conditional_t<M == Mode::IQ2, IQ2Block,
-                                                                                    std::conditional_t<M == Mode::Q2, Q2Block, IQ4Block>>>>>>>>;
+                                                                                    std::conditional_t<M == Mode::Q2, Q2Block, IQ4Block>>>>>>>>>>;
 
 // A whole tile against MR activation rows (the row-group order: one pass over the tile
 // per group of rows). s is used by Q4 and Q5 only, off by Q6, Q3, Q2, IQ4 and IQ2 only.
@@ -2201,6 +2347,8 @@ void tile_simd(Mode mode, const uint8_t* tile, int64_t kb, int64_t ncols, const 
   for (int h = 0; h * NH < ncols; ++h) {
     if (mode == Mode::Q4) q4_tile_avx2<Mode::Q4, MR>(tile, kb, h, act, e, s, out);
     else if (mode == Mode::Q4K) q4_tile_avx2<Mode::Q4K, MR>(tile, kb, h, act, e, s, out);
+    else if (mode == Mode::Q5K) q4_tile_avx2<Mode::Q5K, MR>(tile, kb, h, act, e, s, out);
+    else if (mode == Mode::Q6K) q6_tile_avx2<Mode::Q6K, MR>(tile, kb, h, act, e, off, out);
     else if (mode == Mode::Q8) q8_tile_avx2<Mode::Q8, MR>(tile, kb, h, act, e, s, out);
     else if (mode == Mode::IQ4) q8_tile_avx2<Mode::IQ4, MR>(tile, kb, h, act, e, s, out);
     else if (mode == Mode::Q6) q6_tile_avx2<Mode::Q6, MR>(tile, kb, h, act, e, off, out);
@@ -2385,6 +2533,8 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
             if (!simd) {
               if (mode == Mode::Q4) q4_tile_scalar<Mode::Q4>(tile, kb, q, k, m0, mr, out);
               else if (mode == Mode::Q4K) q4_tile_scalar<Mode::Q4K>(tile, kb, q, k, m0, mr, out);
+              else if (mode == Mode::Q5K) q4_tile_scalar<Mode::Q5K>(tile, kb, q, k, m0, mr, out);
+              else if (mode == Mode::Q6K) q6_tile_scalar<Mode::Q6K>(tile, kb, q, k, m0, mr, out);
               else if (mode == Mode::Q8) q8_tile_scalar<Mode::Q8>(tile, kb, q, k, m0, mr, out);
               else if (mode == Mode::IQ4) q8_tile_scalar<Mode::IQ4>(tile, kb, q, k, m0, mr, out);
               else if (mode == Mode::Q6) q6_tile_scalar<Mode::Q6>(tile, kb, q, k, m0, mr, out);
@@ -2457,9 +2607,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_unpack", &unpack_signed<Mode::Q8>, nogil, "packed Q8 -> codes (N, K) int8, d (N, K/32)");
   m.def("iq4_pack", &iq4_pack, nogil, "float (N, K) -> packed IQ4 (uint8)");
   m.def("iq4_unpack", &unpack_signed<Mode::IQ4>, nogil, "packed IQ4 -> table values (N, K) int8, d (N, K/32)");
-  m.def("q4k_pack", &q4k_pack, nogil, "float (N, K) -> packed Q4K (uint8)");
+  m.def("q4k_pack", &k_min_pack<Mode::Q4K>, nogil, "float (N, K) -> packed Q4K (uint8)");
   m.def("q4k_unpack", &unpack_min_max<Mode::Q4K>, nogil,
         "packed Q4K -> codes (N, K) uint8, d = D * sc (N, K/32), m = Dm * mn (N, K/32)");
+  m.def("q5k_pack", &k_min_pack<Mode::Q5K>, nogil, "float (N, K) -> packed Q5K (uint8)");
+  m.def("q5k_unpack", &unpack_min_max<Mode::Q5K>, nogil,
+        "packed Q5K -> codes (N, K) uint8 0..31, d = D * sc (N, K/32), m = Dm * mn (N, K/32)");
+  m.def("q6k_pack", &q6k_pack, nogil, "float (N, K) -> packed Q6K (uint8)");
+  m.def("q6k_unpack", &half_scale_unpack<Mode::Q6K>, nogil,
+        "packed Q6K -> codes (N, K) uint8 0..63 (standing for code - 32), d = D * sc (N, K/16)");
   m.def("q5_pack", &pack_min_max<Mode::Q5>, nogil, "float (N, K) -> packed Q5 (uint8)");
   m.def("q5_unpack", &unpack_min_max<Mode::Q5>, nogil, "packed Q5 -> codes (N, K) uint8 0..31, d (N, K/32), m (N, K/32)");
   m.def("q6_pack", &half_scale_pack<Mode::Q6>, nogil, "float (N, K) -> packed Q6 (uint8)");
@@ -2490,6 +2646,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q5_linear", &linear_of<Mode::Q5>, nogil, "x (M, K) @ Q5 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
   m.def("q4k_linear", &linear_of<Mode::Q4K>, nogil, "x (M, K) @ Q4K weights^T (+ bias)", py::arg("x"),
+        py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+  m.def("q5k_linear", &linear_of<Mode::Q5K>, nogil, "x (M, K) @ Q5K weights^T (+ bias)", py::arg("x"),
+        py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+  m.def("q6k_linear", &linear_of<Mode::Q6K>, nogil, "x (M, K) @ Q6K weights^T (+ bias)", py::arg("x"),
         py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
   m.def("q6_linear", &linear_of<Mode::Q6>, nogil, "x (M, K) @ Q6 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
