@@ -10,7 +10,8 @@ other work that is steadier than wall time, though memory bandwidth is still sha
     python bench/kernel_ab.py --rev 4493961 --shapes 262144x640 8192x2048 --rows 1 16 64
     python bench/kernel_ab.py --rev HEAD~1 --modes act --shapes 3072x576 576x1536 --rows 64 256
 
-(`--modes act` times the activation quantizer alone, at each shape's K.)
+(`--modes act` times the activation quantizer alone, at each shape's K. `--cflags` builds
+both sides with more flags: `--cflags=-mno-avx512f` times the AVX2 path on an AVX-512 machine.)
 
 Results: bench/results/kernel_ab-<time>.json, stamped with commit and machine.
 """
@@ -32,6 +33,7 @@ from revision import build_at  # noqa: E402
 from stamp import write_result  # noqa: E402
 
 from textmill.kernels import load  # noqa: E402
+from textmill.kernels.build import build_variant  # noqa: E402
 
 
 
@@ -77,17 +79,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rev", required=True, help="the git revision to compare against (e.g. HEAD~1)")
     ap.add_argument("--modes", nargs="+", default=["q8", "q4"],
-                    choices=["q8", "q4", "q5", "q6", "iq4", "q3", "iq2", "q2", "act"],
+                    choices=["q8", "q4", "q5", "q6", "iq4", "q3", "iq2", "q2", "q4k", "q5k", "q6k", "act"],
                     help="weight forms; act: the activation quantizer alone, at each shape's K")
     ap.add_argument("--shapes", nargs="+", default=["262144x640", "8192x2048", "2048x8192"],
                     help="N x K of the weights (262144x640: Gemma 3's head)")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--cflags", default="", help="more compiler flags for both builds (e.g. -mno-avx512f)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    new = load("quant")
+    flags = tuple(args.cflags.split())
+    new = build_variant("quant", "ab-" + "".join(f.strip("-") for f in flags), list(flags)) if flags else load("quant")
     with tempfile.TemporaryDirectory() as scratch:
-        old = build_at(args.rev, Path(scratch), "quant")
+        old = build_at(args.rev, Path(scratch), "quant", flags)
         results = [measure_act(old, new, int(shape.split("x")[1]), m, args.rounds) if mode == "act"
                    else measure(old, new, mode, *map(int, shape.split("x")), m, args.rounds)
                    for mode in args.modes for shape in args.shapes for m in args.rows]
@@ -96,7 +100,8 @@ def main() -> int:
     for r in results:
         print(f"| {r['mode']} | {r['n']}x{r['k']} | {r['m']} | {r['old_ms']:.2f} | {r['new_ms']:.2f} | "
               f"{r['new_over_old']:.2f} | {'yes' if r['bitwise_equal'] else 'NO'} |")
-    write_result("kernel_ab", {"rev": args.rev, "threads": 1, "results": results})
+    print(f"isa: {args.rev} {old.isa()}, this tree {new.isa()}" + (f" (--cflags {args.cflags})" if flags else ""))
+    write_result("kernel_ab", {"rev": args.rev, "threads": 1, "cflags": args.cflags, "isa": new.isa(), "results": results})
     return 0 if all(r["bitwise_equal"] for r in results) else 1
 
 

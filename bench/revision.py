@@ -9,9 +9,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CSRC = "textmill/kernels/csrc"
 
 
-def build_at(rev: str, scratch: Path, name: str) -> ModuleType:
+def build_at(rev: str, scratch: Path, name: str, extra_flags: tuple[str, ...] = ()) -> ModuleType:
     """kernels/csrc/<name>.cpp and the headers at `rev`, compiled into `scratch` as a module
-    of its own (importable beside this tree's build of the same extension)."""
+    of its own (importable beside this tree's build of the same extension), with
+    `extra_flags` after the usual ones."""
     from torch.utils import cpp_extension
 
     from textmill.kernels.build import CFLAGS
@@ -23,5 +24,5 @@ def build_at(rev: str, scratch: Path, name: str) -> ModuleType:
             src = subprocess.run(["git", "show", f"{rev}:{f}"], cwd=ROOT, check=True, capture_output=True).stdout
             (scratch / Path(f).name).write_bytes(src)
     module = f"textmill_{name}_ab_{rev.replace('~', '_').replace('^', '_')}"
-    return cpp_extension.load(name=module, sources=[str(scratch / f"{name}.cpp")], extra_cflags=list(CFLAGS),
+    return cpp_extension.load(name=module, sources=[str(scratch / f"{name}.cpp")], extra_cflags=[*CFLAGS, *extra_flags],
                               extra_ldflags=["-fopenmp"], build_directory=str(scratch))

@@ -17,6 +17,10 @@
 //   Q8: codes q in -127..127, w = d*q         (GGUF Q8_0)
 //   Q5: codes q in 0..31, w = d*q + m         (GGUF Q5_1; Q5_0 and Q5_K map onto it)
 //   Q6: codes q in 0..63, w = d_h*(q - 32)    (GGUF Q6_K; Q3_K's -4..3 as 28..35), one d per half (16 weights)
+//   Q4K, Q5K, Q6K: Q4's, Q5's and Q6's codes and arithmetic with GGUF Q4_K's, Q5_K's and
+//        Q6_K's own scales: d = D*sc, m = Dm*mn (Q6K: d_h = D*sc_h), sc and mn the file's
+//        6-bit integers (Q6_K's int8 per 16 weights), D and Dm halves of a super-block
+//        of 256 weights (the file's d and -dmin). The products are exact in float32.
 //   IQ4: indices q in 0..15, w = d*T[q]       (GGUF IQ4_NL, IQ4_XS), T = gguf::kIQ4Values
 //   Q3: codes q in 0..7, w = d_h*(q - 4)      (GGUF Q3_K), one d per half (16 weights)
 //   Q2: codes q in 0..3, w = d_h*q + m_h      (GGUF Q2_K), one d and one m per half (16 weights)
@@ -24,7 +28,9 @@
 //        (-43, -25, -8, 8, 25, 43), one d per half (16 weights)
 // d and m are stored as IEEE half, as GGUF stores them: GGUF weights requantize exactly,
 // and at one decode token (bound by memory reads) 4 bytes of scales per group instead of 8
-// are ~17% less traffic for Q4.
+// are ~17% less traffic for Q4. The super-block forms store what the k-quants store (8-bit
+// integers a group, halves a super-block): 4.625, 5.625 and 6.5625 bits a weight where Q4,
+// Q5 and Q6 take 5, 6 and 7, and none of Q4's half roundings of d*sc.
 //
 // Packed layout: output rows in tiles of 16 (N padded with zero rows), tiles one after the
 // other, each tile contiguous so that one thread streams through it. Inside a tile, a block
@@ -65,6 +71,9 @@
 //            into T2's values + 64 (u8, 21..107) with one byte shuffle and run Q6's
 //            arithmetic with twice its offset (-64 x each half's sum): Q6's integer sums
 //            and float steps on T2's values (the scalar path: on T2 + 32, Q6's offset).
+//   Q4K, Q5K, Q6K blocks: codes as Q4's, Q5's, Q6's; scales [sc of 16 rows, mn of 16 rows]
+//            (u8; Q6K: [sc0 of 16 rows, sc1 of 16 rows], s8). Each super-block of 8 blocks
+//            starts with a header [D of 16 rows, Dm of 16 rows] (fp16; Q6K: D alone).
 //   A tile's blocks go in pairs: both blocks' codes, then both blocks' scales (codes_at).
 // Activations, per row and block of 32: int8 codes a, scale e = max|x|/127, and (for Q4's
 // min term) s = e * sum(a):  sum_i (d q_i + m)(e a_i) = (d e) sum(q_i a_i) + m s.
@@ -364,30 +373,35 @@ inline int six_bit_code(const uint8_t* block_codes, int64_t r, int64_t j) {
 // integers: a block of Q4K takes 296 bytes where Q4 takes 320, Q5K 360 where Q5 takes 384,
 // Q6K 420 where Q6 takes 448. A short last super-block (K not a multiple of 256: float
 // weights in tests; the GGUF types never) has fewer pairs and perhaps a lone last block.
+// Forced inline: the kernels call these with their template's mode for every block, and
+// only inlined do they fold to the few adds of each form. With the super-block forms GCC
+// stopped inlining them into some kernels (a call and the super-block arithmetic a block:
+// the AVX2 q4 kernel 1.03-1.11x the time, kernel_ab-20261205-164510).
+#define TM_LAYOUT inline __attribute__((always_inline))
 constexpr int64_t pair_bytes(Mode m) { return 2 * (code_bytes(m) + scale_bytes(m)); }
-inline int64_t super_start(Mode m, int64_t b) {  // a super-block form: b's super-block's first pair; else 0
+TM_LAYOUT int64_t super_start(Mode m, int64_t b) {  // a super-block form: b's super-block's first pair; else 0
   return is_super(m) ? b / K_SUPER * super_bytes(m, K_SUPER) + header_bytes(m) : 0;
 }
-inline int64_t in_super(Mode m, int64_t b) { return is_super(m) ? b % K_SUPER : b; }
-inline int64_t codes_at(Mode m, int64_t b) {
+TM_LAYOUT int64_t in_super(Mode m, int64_t b) { return is_super(m) ? b % K_SUPER : b; }
+TM_LAYOUT int64_t codes_at(Mode m, int64_t b) {
   const int64_t i = in_super(m, b);
   return super_start(m, b) + (i >> 1) * pair_bytes(m) + (i & 1) * code_bytes(m);
 }
-inline int64_t scales_at(Mode m, int64_t kb, int64_t b) {
+TM_LAYOUT int64_t scales_at(Mode m, int64_t kb, int64_t b) {
   const int64_t in_pair = (b | 1) < kb ? 2 : 1, i = in_super(m, b);
   return super_start(m, b) + (i >> 1) * pair_bytes(m) + in_pair * code_bytes(m) + (i & 1) * scale_bytes(m);
 }
 // A super-block form: the header of block b's super-block (D[16], then Q4K's and Q5K's Dm[16]).
-inline const uint16_t* k_header(const uint8_t* tile, Mode m, int64_t b) {
+TM_LAYOUT const uint16_t* k_header(const uint8_t* tile, Mode m, int64_t b) {
   return reinterpret_cast<const uint16_t*>(tile + super_start(m, b) - header_bytes(m));
 }
-inline uint16_t* k_header(uint8_t* tile, Mode m, int64_t b) {
+TM_LAYOUT uint16_t* k_header(uint8_t* tile, Mode m, int64_t b) {
   return reinterpret_cast<uint16_t*>(tile + super_start(m, b) - header_bytes(m));
 }
-inline uint16_t* scales_of(uint8_t* tile, Mode m, int64_t kb, int64_t b) {
+TM_LAYOUT uint16_t* scales_of(uint8_t* tile, Mode m, int64_t kb, int64_t b) {
   return reinterpret_cast<uint16_t*>(tile + scales_at(m, kb, b));
 }
-inline const uint16_t* scales_of(const uint8_t* tile, Mode m, int64_t kb, int64_t b) {
+TM_LAYOUT const uint16_t* scales_of(const uint8_t* tile, Mode m, int64_t kb, int64_t b) {
   return reinterpret_cast<const uint16_t*>(tile + scales_at(m, kb, b));
 }
 
@@ -909,7 +923,8 @@ const char* form_title(Mode mode) {
   return "?";
 }
 
-// Q4_K and Q6_K rows, the bulk of a Q4_K_M file, packed straight from the file's bytes: each
+// Q4_K and Q6_K rows in the q4 and q6 forms (beside another type of that width: their own
+// forms are k_min_row's and q6k_row's), packed straight from the file's bytes: each
 // group's scales as decode4/decode6 compute them, its words built from the file's nibble and
 // bit planes by the put_* word builders (no codes buffer between). Through the per-group
 // decoders, which first spread a group's codes into a buffer, these packed at ~1.5 GB/s of
