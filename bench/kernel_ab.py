@@ -18,6 +18,7 @@ Results: bench/results/kernel_ab-<time>.json, stamped with commit and machine.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import time
@@ -89,7 +90,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
     flags = tuple(args.cflags.split())
-    new = build_variant("quant", "ab-" + "".join(f.strip("-") for f in flags), list(flags)) if flags else load("quant")
+    new = build_variant("quant", "ab-" + re.sub(r"\W+", "_", "".join(flags)), list(flags)) if flags else load("quant")
     with tempfile.TemporaryDirectory() as scratch:
         old = build_at(args.rev, Path(scratch), "quant", flags)
         results = [measure_act(old, new, int(shape.split("x")[1]), m, args.rounds) if mode == "act"

@@ -238,6 +238,20 @@ def assert_within_activation_rounding(x, w_deq, y, bias=None):
     return err, bound
 
 
+@pytest.mark.parametrize("mode", ["q4k", "q5k", "q6k"])
+@pytest.mark.parametrize("size", [1e-2, 1e-4, 1e-6])
+def test_super_block_packers_keep_small_weights_within_half_a_step(ext, mode, size):
+    """The float packers of the super-block forms store D (and Dm) as halves: for small
+    weights those are subnormal, and a D rounded down would leave the largest group past
+    its 6-bit (Q6K: 8-bit) scale's reach. Every weight stays within half its step."""
+    n, k = 48, 512
+    w = weights(n, k, 5) * size / 0.05
+    codes, d, m = unpack(ext, mode, getattr(ext, f"{mode}_pack")(w), n, k)
+    w_err = (dequant(codes, d, m) - w).abs().view(n, d.shape[1], -1)
+    assert (d > 0).all()
+    assert (w_err <= d[..., None] * 0.5 * (1 + 1e-3) + 1e-12).all()
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("mm,k,n", [(1, 576, 960), (5, 1536, 576), (17, 32, 3072), (300, 1536, 960), (64, 64, 7)])
 def test_close_to_float_linear_on_dequantized_weights(ext, mode, mm, k, n):

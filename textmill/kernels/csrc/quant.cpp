@@ -511,6 +511,15 @@ torch::Tensor pack_min_max(const torch::Tensor& weight) {
 // or below the group's min; a group whose min is positive gets mn = 0), then D is the
 // largest step (max - m) / 15 (31) over 62.5 and each sc rounded up (d = D * sc at least
 // that step), so no code clamps; the codes are rounded against the d and m the kernels use.
+// The half nearest to v, moved away from zero while `top` integer steps of it fall short of
+// |need|: small super-blocks have subnormal D, whose rounding would otherwise leave the
+// largest group past what its 6-bit (8-bit) scale reaches.
+inline uint16_t half_reaching(float v, float top, float need) {
+  uint16_t h = float_to_half(v);
+  while (std::fabs(half_to_float(h)) * top < std::fabs(need) && (h & 0x7FFF) < 0x7BFF) ++h;  // to the largest finite
+  return h;
+}
+
 template <Mode M>
 torch::Tensor k_min_pack(const torch::Tensor& weight) {
   static_assert(is_k_min(M), "Q4K or Q5K");
@@ -530,7 +539,7 @@ torch::Tensor k_min_pack(const torch::Tensor& weight) {
         low = std::min(low, lo[i]);
       }
       uint16_t* hdr = k_header(tile, M, b0);
-      hdr[NR + r] = float_to_half(low / 62.5f);
+      hdr[NR + r] = half_reaching(low / 62.5f, 63.f, low);
       const float dm = half_to_float(hdr[NR + r]);
       uint8_t mn[K_SUPER];
       for (int64_t i = 0; i < nb; ++i) {
@@ -538,7 +547,7 @@ torch::Tensor k_min_pack(const torch::Tensor& weight) {
         step[i] = (hi[i] - dm * static_cast<float>(mn[i])) / levels;
         top = std::max(top, step[i]);
       }
-      hdr[r] = float_to_half(top / 62.5f);
+      hdr[r] = half_reaching(top / 62.5f, 63.f, top);
       const float dd = half_to_float(hdr[r]);
       for (int64_t i = 0; i < nb; ++i) {
         const int64_t b = b0 + i;
@@ -579,7 +588,7 @@ torch::Tensor q6k_pack(const torch::Tensor& weight) {
           top = std::max(top, step[i][h]);
         }
       uint16_t* hdr = k_header(tile, Mode::Q6K, b0);
-      hdr[r] = float_to_half(top / 126.5f);
+      hdr[r] = half_reaching(top / 126.5f, 127.f, top);
       const float dd = half_to_float(hdr[r]);
       for (int64_t i = 0; i < nb; ++i) {
         const int64_t b = b0 + i;
