@@ -1199,6 +1199,17 @@ struct QAct {
   HalfSums* off;    // (M, KB)
 };
 
+// A block's scale d and the sums of its two halves' codes h0, h1 -> what the kernels read:
+// e = d, s = d * sum, Q6's integer offsets and the half sums (every quantizer path's last step).
+inline void store_block_sums(float d, int h0, int h1, float* e, float* s, HalfSums* off) {
+  *e = d;
+  *s = d * static_cast<float>(h0 + h1);
+  off->off[0] = -32 * h0;
+  off->off[1] = -32 * h1;
+  off->hs[0] = d * static_cast<float>(h0);
+  off->hs[1] = d * static_cast<float>(h1);
+}
+
 void quantize_block_scalar(const float* x, int8_t* a, float* e, float* s, HalfSums* off) {
   float amax = 0.f;
   for (int64_t i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(x[i]));
@@ -1210,12 +1221,7 @@ void quantize_block_scalar(const float* x, int8_t* a, float* e, float* s, HalfSu
     a[i] = static_cast<int8_t>(q);
     half[i >> 4] += q;
   }
-  *e = d;
-  *s = d * static_cast<float>(half[0] + half[1]);
-  off->off[0] = -32 * half[0];
-  off->off[1] = -32 * half[1];
-  off->hs[0] = d * static_cast<float>(half[0]);
-  off->hs[1] = d * static_cast<float>(half[1]);
+  store_block_sums(d, half[0], half[1], e, s, off);
 }
 
 #ifdef TM_AVX2
@@ -1255,12 +1261,7 @@ void quantize_block_avx2(const float* x, int8_t* a, float* e, float* s, HalfSums
   __m256i b = _mm256_packs_epi16(p01, p23);
   b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), b);
-  *e = d;
-  *s = d * static_cast<float>(h0 + h1);
-  off->off[0] = -32 * h0;
-  off->off[1] = -32 * h1;
-  off->hs[0] = d * static_cast<float>(h0);
-  off->hs[1] = d * static_cast<float>(h1);
+  store_block_sums(d, h0, h1, e, s, off);
 }
 #endif
 
@@ -1309,12 +1310,7 @@ void quantize_blocks_avx2(const float* x, int8_t* a, float* e, float* s, HalfSum
 #pragma GCC unroll 8
   for (int u = 0; u < U; ++u) {
     const int h0 = hsum8_epi32(_mm256_add_epi32(q[u][0], q[u][1])), h1 = hsum8_epi32(_mm256_add_epi32(q[u][2], q[u][3]));
-    e[u] = d[u];
-    s[u] = d[u] * static_cast<float>(h0 + h1);
-    off[u].off[0] = -32 * h0;
-    off[u].off[1] = -32 * h1;
-    off[u].hs[0] = d[u] * static_cast<float>(h0);
-    off[u].hs[1] = d[u] * static_cast<float>(h1);
+    store_block_sums(d[u], h0, h1, e + u, s + u, off + u);
   }
 }
 #endif
@@ -1351,12 +1347,7 @@ void quantize_blocks_avx512(const float* x, int8_t* a, float* e, float* s, HalfS
 #pragma GCC unroll 8
   for (int u = 0; u < U; ++u) {
     const int h0 = _mm512_reduce_add_epi32(q[u][0]), h1 = _mm512_reduce_add_epi32(q[u][1]);
-    e[u] = d[u];
-    s[u] = d[u] * static_cast<float>(h0 + h1);
-    off[u].off[0] = -32 * h0;
-    off[u].off[1] = -32 * h1;
-    off[u].hs[0] = d[u] * static_cast<float>(h0);
-    off[u].hs[1] = d[u] * static_cast<float>(h1);
+    store_block_sums(d[u], h0, h1, e + u, s + u, off + u);
   }
 }
 #endif
