@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import platform
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -16,6 +17,11 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 KERNEL_NAMES = tuple(sorted(p.stem for p in CSRC.glob("*.cpp")))
 # torch.utils.cpp_extension already asks for the C++ standard its headers need.
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
+# cpp_extension guards a build folder with a lock file. A build that is killed (a test run
+# stopped mid-compile) leaves it behind, and the next build of that folder waits on it
+# forever, using no CPU and saying nothing. No build takes anywhere near this long (~1-2
+# min on 2 cores), so a lock this old is a dead one.
+STALE_LOCK_SECONDS = 15 * 60
 
 
 def _cache_root() -> Path:
@@ -68,6 +74,7 @@ def load(name: str, verbose: bool = False) -> ModuleType | None:
         from torch.utils import cpp_extension
 
         build_dir.mkdir(parents=True, exist_ok=True)
+        clear_stale_lock(build_dir)
         return cpp_extension.load(
             name=module,
             sources=[str(CSRC / f"{name}.cpp")],
@@ -79,6 +86,21 @@ def load(name: str, verbose: bool = False) -> ModuleType | None:
     except Exception as exc:  # a missing compiler or ninja must not stop the server
         log.warning("C++ kernels %r unavailable, using the torch path: %s", name, str(exc).strip()[-500:])
         return None
+
+
+def clear_stale_lock(build_dir: Path, now: float | None = None) -> bool:
+    """Remove build_dir's cpp_extension lock if it is older than STALE_LOCK_SECONDS (see
+    there); True when one was removed."""
+    lock = build_dir / "lock"
+    try:
+        age = (time.time() if now is None else now) - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_LOCK_SECONDS:
+        return False
+    log.warning("removing a stale build lock %s (%.0f min old): a build was stopped there", lock, age / 60)
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def _import_built(module: str, path: Path) -> ModuleType:
@@ -100,6 +122,7 @@ def build_variant(name: str, variant: str, extra_flags: list[str]) -> ModuleType
 
     build_dir = _cache_root() / f"{name}-{variant}"
     build_dir.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(build_dir)
     return cpp_extension.load(name=f"textmill_{name}_{variant.replace('-', '_')}", sources=[str(CSRC / f"{name}.cpp")],
                               extra_cflags=[*CFLAGS, *extra_flags], extra_ldflags=["-fopenmp"],
                               build_directory=str(build_dir))
