@@ -33,6 +33,7 @@ from textmill.loader.gguf import model_tensors  # noqa: E402
 from textmill.loader.gguf_file import GGUFFile  # noqa: E402
 from textmill.loader.group_codes import CodesRef, convertible  # noqa: E402
 from textmill.loader.load import read_model_config  # noqa: E402
+from textmill.runner.qlinear import width_form  # noqa: E402
 
 
 def weight_refs(path: Path) -> list[tuple[str, CodesRef]]:
@@ -58,7 +59,7 @@ def form_for(ext, form: str) -> str:
     try:
         ext.packed_bytes(form, 16, 256)
     except RuntimeError:
-        return form[:-1] if form in ("q4k", "q5k", "q6k") else form
+        return width_form(form)
     return form
 
 

@@ -19,7 +19,7 @@ from textmill.loader.group_codes import (GROUP, PACKED_FROM_FILE_TYPES, CodesRef
                                          release_file_pages)
 from textmill.runner.fused import fuse_gemma_layers, fuse_llama_layers
 from textmill.runner.linear import swap_linears
-from textmill.runner.qlinear import OutOfHalfRange, QLinear, SideBySide
+from textmill.runner.qlinear import OutOfHalfRange, QLinear, SideBySide, width_form
 
 HEAD = "lm_head.weight"
 
@@ -113,7 +113,9 @@ class _Maker:
         if all(r is not None for r in refs):
             forms = {r.form for r in refs}
             if len(forms) > 1:
-                forms = {_width(f) for f in forms}
+                # the k-quants' own forms take their type alone: beside another type of their
+                # width (an IQ3_M file's IQ3_S q and Q4_K k) both go in that width's form, one matmul
+                forms = {width_form(f) for f in forms}
             # A Q4_K_M file's Q4_K q/k beside a Q6_K v, a Q5_K_M file's Q5_K q/k beside a Q6_K v:
             if len(forms) > 1 and (forms & {"q2", "q3", "q4", "iq4", "iq2"} or "q8" not in forms):
                 return SideBySide([self.fused(run) if len(run) > 1 else self.one(run[0])
@@ -146,21 +148,13 @@ class _Maker:
         return torch.cat([b if b is not None else torch.zeros(p.out_features) for b, p in zip(biases, parts)])
 
 
-def _width(form: str) -> str:
-    """The form parts of mixed types are stacked in: the k-quants' own forms (q4k, q5k, q6k)
-    take their type alone, so beside another type of their width (an IQ3_M file's IQ3_S q
-    and Q4_K k) both go in q4 (q5, q6), one matmul, which takes the k-quant too (its scales
-    rounded to halves)."""
-    return form[:-1] if form in ("q4k", "q5k", "q6k") else form
-
-
 def _runs_of_equal_width(parts: list[nn.Linear], refs: list[CodesRef]) -> list[list[nn.Linear]]:
     """Consecutive parts of one width, together: a Q4_K_M layer's q and k become one 4-bit
     matmul beside its 6-bit v, two calls (and two passes over the activations) instead of
     three."""
     runs: list[list[nn.Linear]] = []
     for i, (part, ref) in enumerate(zip(parts, refs)):
-        if i and _width(ref.form) == _width(refs[i - 1].form):  # pack_gguf stacks parts of one form, whatever their types
+        if i and width_form(ref.form) == width_form(refs[i - 1].form):  # pack_gguf stacks parts of one form, whatever their types
             runs[-1].append(part)
         else:
             runs.append([part])

@@ -48,6 +48,15 @@ from textmill.kernels import load
 from textmill.loader.group_codes import CodesRef, GroupCodes
 
 MODES = ("q2", "q3", "q4", "q4k", "q5", "q5k", "q6", "q6k", "q8", "iq4", "iq2")  # CodesRef.form names a file tensor's form among these
+# The k-quants' own forms and the form of their width, which also takes their types (their
+# scales rounded to halves) and computes the same way.
+_WIDTH_OF = {"q4k": "q4", "q5k": "q5", "q6k": "q6"}
+
+
+def width_form(form: str) -> str:
+    """The form of `form`'s width: q4, q5 or q6 for the k-quants' own forms, else itself.
+    Parts of mixed types stack in it (runner/file_weights.py)."""
+    return _WIDTH_OF.get(form, form)
 GROUP = 32
 # Scales and the Q4 min are halves: weights beyond this magnitude would overflow them.
 _HALF_MAX = 65504.0
@@ -128,8 +137,8 @@ class QLinear(nn.Module):
         if ext is None:
             raise ValueError("GGUF weights need textmill's C++ kernels, which could not be built here")
         form, k = form or refs[0].form, refs[0].shape[1]
-        assert all((r.form == form or (form in ("q4", "q5", "q6") and r.form == form + "k")
-                    or (form == "q8" and r.form in ("q2", "q3", "q5", "q5k", "q6", "q6k", "iq4", "iq2")))
+        assert all((form in (r.form, width_form(r.form))
+                    or (form == "q8" and width_form(r.form) in ("q2", "q3", "q5", "q6", "iq4", "iq2")))
                    and r.shape[1] == k
                    for r in refs), "parts of one form and width"
         no_order = torch.empty(0, dtype=torch.long)
@@ -157,13 +166,13 @@ class QLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The (N, K) float32 weights this layer computes with."""
         n, k = self.out_features, self.in_features
-        if self.mode in ("q4", "q4k", "q5", "q5k", "q2"):  # a scale and a min per group (q2: per 16)
+        width = width_form(self.mode)
+        if width in ("q4", "q5", "q2"):  # a scale and a min per group (q2: per 16)
             codes, d, m = getattr(_ext(), f"{self.mode}_unpack")(self.packed, n, k)
             w = codes.float().view(n, d.shape[1], -1) * d[..., None] + m[..., None]
-        elif self.mode in ("q6", "q6k", "q3", "iq2"):  # a scale per 16; iq2's codes are its table values
+        elif width in ("q6", "q3", "iq2"):  # a scale per 16; iq2's codes are its table values
             codes, d = getattr(_ext(), f"{self.mode}_unpack")(self.packed, n, k)
-            zero = {"q6": 32.0, "q6k": 32.0, "q3": 4.0, "iq2": 0.0}[self.mode]
-            w = (codes.float() - zero).view(n, -1, GROUP // 2) * d[..., None]
+            w = (codes.float() - {"q6": 32.0, "q3": 4.0, "iq2": 0.0}[width]).view(n, -1, GROUP // 2) * d[..., None]
         else:  # q8, or iq4's table values
             codes, d = getattr(_ext(), f"{self.mode}_unpack")(self.packed, n, k)
             w = codes.float().view(n, -1, GROUP) * d[..., None]

@@ -1095,17 +1095,12 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
       }
     });
   };
-  if (mode == Mode::Q4K) {
-    out = pack_by_row(Mode::Q4K, n, k, [&](uint8_t* tile, int64_t r, int64_t row) {
-      if (!k_min_row<Mode::Q4K>(row_ptr[row], kb, tile, r)) in_range = false;
-    });
-  } else if (mode == Mode::Q5K) {
-    out = pack_by_row(Mode::Q5K, n, k, [&](uint8_t* tile, int64_t r, int64_t row) {
-      if (!k_min_row<Mode::Q5K>(row_ptr[row], kb, tile, r)) in_range = false;
-    });
-  } else if (mode == Mode::Q6K) {
-    out = pack_by_row(Mode::Q6K, n, k, [&](uint8_t* tile, int64_t r, int64_t row) {
-      if (!q6k_row(row_ptr[row], kb, tile, r)) in_range = false;
+  if (is_super(mode)) {  // the k-quants' own forms: a super-block at a time, its halves and scales as they are
+    out = pack_by_row(mode, n, k, [&](uint8_t* tile, int64_t r, int64_t row) {
+      const bool ok = mode == Mode::Q6K   ? q6k_row(row_ptr[row], kb, tile, r)
+                      : mode == Mode::Q5K ? k_min_row<Mode::Q5K>(row_ptr[row], kb, tile, r)
+                                          : k_min_row<Mode::Q4K>(row_ptr[row], kb, tile, r);
+      if (!ok) in_range = false;
     });
   } else if (mode == Mode::Q4) {
     out = two_scales(std::integral_constant<Mode, Mode::Q4>{}, gguf::decode4);
