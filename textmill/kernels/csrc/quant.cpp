@@ -1347,6 +1347,123 @@ void quantize_blocks_avx512(const float* x, int8_t* a, float* e, float* s, HalfS
 }
 #endif
 
+#ifdef TM_VNNI512
+constexpr int kQuantizeWide = 16;  // groups of 32 per quantize_blocks16_avx512 call
+
+// Per 128-bit lane g of the result, lane g of each input reduced: the last steps of a
+// transposed reduction, shared by the largest |x| (max) and the half sums (add).
+template <typename Op>
+inline __m512 fold_lanes(__m512 a, __m512 b, Op op) {  // lane g: [a g.0+g.1 .. , b ..] pairs
+  return op(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+
+// 16 vectors -> one whose element j is the reduction (op) of vector p(j) = 4 (j % 4) + j / 4:
+// a transposed reduction, 15 steps of two shuffles and one op where 16 horizontal ones
+// take 64 of each. Max and integer add are exact in any order, so each element is the
+// horizontal reduction's value bit for bit.
+template <typename Op>
+inline __m512 reduce16(const __m512* v, Op op) {
+  __m512 r[8], t[4], u[2];
+  for (int i = 0; i < 8; ++i)  // [v2i's 256-bit halves folded | v2i+1's]
+    r[i] = op(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // 128-bit lane j: vector 4i + j, 4 partials
+    t[i] = op(_mm512_shuffle_f32x4(r[2 * i], r[2 * i + 1], 0x88), _mm512_shuffle_f32x4(r[2 * i], r[2 * i + 1], 0xDD));
+  u[0] = fold_lanes(t[0], t[1], op);  // lane g: vectors g, g + 4 (two partials each)
+  u[1] = fold_lanes(t[2], t[3], op);  // lane g: vectors g + 8, g + 12
+  // lane g: [g, g + 4, g + 8, g + 12]
+  return op(_mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// The order reduce16 leaves: element j holds vector 4 (j % 4) + j / 4; this permutation
+// (its own inverse) puts element b at b.
+inline __m512i reduce16_order() {
+  return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+}
+
+// store_block_sums for 16 consecutive blocks: d, h0 and h1 hold block b's values in
+// element b. The same float32 products (an exact int32 sum converted, times d); the
+// HalfSums (16 bytes a block) written as four vectors, from a 4 x 16 transpose.
+inline void store_block_sums16(__m512 d, __m512i h0, __m512i h1, float* e, float* s, HalfSums* off) {
+  static_assert(sizeof(HalfSums) == 16, "off[2], hs[2]");
+  _mm512_storeu_ps(e, d);
+  _mm512_storeu_ps(s, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_add_epi32(h0, h1))));
+  const __m512i o0 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(h0, 5));  // -32 h, as int32 wraps
+  const __m512i o1 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(h1, 5));
+  const __m512i f0 = _mm512_castps_si512(_mm512_mul_ps(d, _mm512_cvtepi32_ps(h0)));
+  const __m512i f1 = _mm512_castps_si512(_mm512_mul_ps(d, _mm512_cvtepi32_ps(h1)));
+  // 128-bit lane g of each: blocks 4g..4g+3. After the unpacks, lane g of p[i] is block 4g + i's HalfSums.
+  const __m512i lo_o = _mm512_unpacklo_epi32(o0, o1), hi_o = _mm512_unpackhi_epi32(o0, o1);
+  const __m512i lo_f = _mm512_unpacklo_epi32(f0, f1), hi_f = _mm512_unpackhi_epi32(f0, f1);
+  const __m512i p[4] = {_mm512_unpacklo_epi64(lo_o, lo_f), _mm512_unpackhi_epi64(lo_o, lo_f),
+                        _mm512_unpacklo_epi64(hi_o, hi_f), _mm512_unpackhi_epi64(hi_o, hi_f)};
+  // The 4 x 4 transpose of 128-bit lanes: vector g holds blocks 4g..4g+3, lane i from p[i].
+  const __m512i a01 = _mm512_shuffle_i32x4(p[0], p[1], 0x44), a23 = _mm512_shuffle_i32x4(p[2], p[3], 0x44);
+  const __m512i b01 = _mm512_shuffle_i32x4(p[0], p[1], 0xEE), b23 = _mm512_shuffle_i32x4(p[2], p[3], 0xEE);
+  auto* out = reinterpret_cast<__m512i*>(off);
+  _mm512_storeu_si512(out + 0, _mm512_shuffle_i32x4(a01, a23, 0x88));
+  _mm512_storeu_si512(out + 1, _mm512_shuffle_i32x4(a01, a23, 0xDD));
+  _mm512_storeu_si512(out + 2, _mm512_shuffle_i32x4(b01, b23, 0x88));
+  _mm512_storeu_si512(out + 3, _mm512_shuffle_i32x4(b01, b23, 0xDD));
+}
+
+// Sixteen groups of 32 at once: quantize_blocks_avx512's values (the same float32 steps on
+// the same inputs), with the per-group reductions done across groups. Four groups at a time
+// spent most of a group's ~45 cycles in horizontal reductions (one for the largest |x|, two
+// for the half sums, each a chain of shuffles) and in scalar divisions; here those are 15
+// vector steps and one vector division per 16 groups. The clamp comes before the rounding
+// conversion (one instruction where round, clamp, convert took two): values past +-127
+// clamp to 127 either way, and NaN stays NaN up to the conversion as before.
+//
+// Step one: the 16 groups' scales d (to e, which is d) and 1 / d (inverse_scale's, to id).
+inline void scales16_avx512(const float* x, float* e, float* id) {
+  __m512 amax[kQuantizeWide];
+  for (int u = 0; u < kQuantizeWide; ++u)
+    amax[u] = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + QK * u)), _mm512_abs_ps(_mm512_loadu_ps(x + QK * u + 16)));
+  const __m512 maxv =
+      _mm512_permutexvar_ps(reduce16_order(), reduce16(amax, [](__m512 p, __m512 q) { return _mm512_max_ps(p, q); }));
+  const __m512 d = _mm512_div_ps(maxv, _mm512_set1_ps(127.f));
+  const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), d);
+  _mm512_storeu_ps(e, d);
+  // 0 where 1 / d is not finite (d = 0, or d subnormal); NaN compares false, as isfinite
+  _mm512_storeu_ps(id, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(inv), _mm512_set1_ps(INFINITY), _CMP_LT_OQ), inv));
+}
+
+// Step two: the codes, their half sums, and what store_block_sums stores, from e and id.
+inline void codes16_avx512(const float* x, const float* id, int8_t* a, float* e, float* s, HalfSums* off) {
+  const __m512 lim = _mm512_set1_ps(127.f), nlim = _mm512_set1_ps(-127.f);
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  __m512 half[2][kQuantizeWide];  // the codes' half sums' partials, as int32 bits in float vectors
+  for (int u = 0; u < kQuantizeWide; ++u) {
+    const __m512 vid = _mm512_set1_ps(id[u]);
+    for (int h = 0; h < 2; ++h) {
+      const __m512 y = _mm512_mul_ps(_mm512_loadu_ps(x + QK * u + 16 * h), vid);
+      const __m512i q = _mm512_cvt_roundps_epi32(_mm512_min_ps(lim, _mm512_max_ps(nlim, y)), kNearest);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(a + QK * u + 16 * h), _mm512_cvtsepi32_epi8(q));
+      half[h][u] = _mm512_castsi512_ps(q);
+    }
+  }
+  const auto add = [](__m512 p, __m512 q) {
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), _mm512_castps_si512(q)));
+  };
+  const __m512i order = reduce16_order();
+  const __m512i h0 = _mm512_permutexvar_epi32(order, _mm512_castps_si512(reduce16(half[0], add)));
+  const __m512i h1 = _mm512_permutexvar_epi32(order, _mm512_castps_si512(reduce16(half[1], add)));
+  store_block_sums16(_mm512_loadu_ps(e), h0, h1, e, s, off);
+}
+
+// Up to kQuantizeRun runs of 16 groups: every run's scales, then every run's codes. Within
+// one run the codes wait on its scales (two reductions and two divisions, ~100 cycles of
+// latency); the scales of the next runs are independent work the core overlaps with that wait.
+constexpr int64_t kQuantizeRun = 4;
+void quantize_blocks16_avx512(const float* x, int64_t runs, int8_t* a, float* e, float* s, HalfSums* off) {
+  alignas(64) float id[kQuantizeRun][kQuantizeWide];
+  for (int64_t c = 0; c < runs; ++c) scales16_avx512(x + c * kQuantizeWide * QK, e + c * kQuantizeWide, id[c]);
+  for (int64_t c = 0; c < runs; ++c)
+    codes16_avx512(x + c * kQuantizeWide * QK, id[c], a + c * kQuantizeWide * QK, e + c * kQuantizeWide,
+                   s + c * kQuantizeWide, off + c * kQuantizeWide);
+}
+#endif
+
 void quantize_rows(const float* x, int64_t m, int64_t k, const QAct& q, bool simd) {
   const int64_t kb = k / QK;
   auto body = [&](int64_t r0, int64_t r1) {
@@ -1357,6 +1474,12 @@ void quantize_rows(const float* x, int64_t m, int64_t k, const QAct& q, bool sim
       constexpr auto quantize_blocks = quantize_blocks_avx512;
 #else
       constexpr auto quantize_blocks = quantize_blocks_avx2;
+#endif
+#ifdef TM_VNNI512
+      if (simd)
+        for (int64_t runs; (runs = std::min(kQuantizeRun, (kb - b0) / kQuantizeWide)) > 0; b0 += runs * kQuantizeWide)
+          quantize_blocks16_avx512(x + r * k + b0 * QK, runs, q.a + r * k + b0 * QK, q.e + r * kb + b0,
+                                   q.s + r * kb + b0, q.off + r * kb + b0);
 #endif
       if (simd)
         for (; b0 + kQuantizeTogether <= kb; b0 += kQuantizeTogether)
