@@ -340,34 +340,6 @@ def test_gguf_quantized_weights_requantize_exactly(ext, qtype_name, mode):
     assert torch.equal(dequant(*unpack(ext, mode, packed, n, k)), stored)
 
 
-def _mapped(address: int) -> bool:
-    """Whether a mapping of this process holds the address (/proc/self/maps)."""
-    for line in open("/proc/self/maps"):
-        lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
-        if lo <= address < hi:
-            return True
-    return False
-
-
-@pytest.mark.skipif(platform.system() != "Linux", reason="2 MiB pages: Linux's transparent huge pages")
-def test_large_packed_weights_are_in_their_own_2mib_aligned_mapping(ext):
-    """A packed weight of 2 MiB or more is its own mapping, 2 MiB-aligned and advised for huge
-    pages (huge_pages.h); it computes as one in torch's memory, and is unmapped with it."""
-    n, k = 4096, 1024  # q4: 2.5 MiB
-    w, x = weights(n, k, 7), acts(3, k, 8)
-    for _ in range(3):  # mapped and unmapped again: each round's buffer is a fresh mapping
-        packed = ext.q4_pack(w)
-        assert packed.numel() >= 2 << 20 and packed.data_ptr() % (2 << 20) == 0
-        assert _mapped(packed.data_ptr())
-        y = ext.q4_linear(x, packed, n)
-        assert torch.equal(y, ext.q4_linear(x, packed.clone(), n))
-        start = packed.data_ptr()
-        del packed
-        assert not _mapped(start)
-    small = ext.q4_pack(weights(64, k, 9))  # below a page: torch's own allocation
-    assert small.numel() < 2 << 20
-
-
 # --- the module ---------------------------------------------------------------------------
 
 def test_module_api(ext):

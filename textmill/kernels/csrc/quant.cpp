@@ -103,7 +103,6 @@
 #include <vector>
 
 #include "gguf_blocks.h"
-#include "huge_pages.h"
 #include "linear_entry.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -447,9 +446,8 @@ torch::Tensor pack_by_row(Mode mode, int64_t n, int64_t k, Fn fn) {
   const int64_t kb = k / QK, ntiles = (n + NR - 1) / NR;
   // Not zeroed here: fn writes every byte of a row's codes and scales (the put_* above), so
   // only a tile with padding rows is cleared, by the thread that fills it. (Zeroing all of it
-  // first wrote every byte twice, in one thread.) In 2 MiB pages: a decode step streams
-  // through all of it (huge_pages.h).
-  auto out = textmill::huge_page_bytes(packed_bytes(mode, n, k));
+  // first wrote every byte twice, in one thread.)
+  auto out = torch::empty({packed_bytes(mode, n, k)}, torch::kUInt8);
   uint8_t* op = out.data_ptr<uint8_t>();
   const int64_t tb = tile_bytes(mode, kb);
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
