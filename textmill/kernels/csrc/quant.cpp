@@ -2041,22 +2041,31 @@ struct Q4Block {
     return finish(s0, s1, e, s, acc);
   }
   // Two tiles' blocks x and y against R rows: each activation broadcast feeds both tiles.
+  // Both nibble planes go into one sum per row and tile (integer sums: the same value as
+  // two sums added), which saves a zeroing and an add each on the ports the multiply-adds
+  // use (Ice Lake, one thread, 2048- and 8192-row layers: q5k 1.05-1.08x the speed at 64
+  // rows and 1.00-1.07x at 16, q4k 1.00-1.02x).
   template <int R>
   static void rows2(const Q4Block& x, const Q4Block& y, const RowsAt& at, __m512* acc_x, __m512* acc_y) {
-    __m512i x0[R], x1[R], y0[R], y1[R];
-    for (int i = 0; i < R; ++i) x0[i] = x1[i] = y0[i] = y1[i] = _mm512_setzero_si512();
+    __m512i x0[R], y0[R];
+    for (int i = 0; i < R; ++i) x0[i] = y0[i] = _mm512_setzero_si512();
     for (int p = 0; p < 4; ++p)
       for (int i = 0; i < R; ++i) {
         const __m512i lo = bcast512(at.codes(i) + 4 * p), hi = bcast512(at.codes(i) + 16 + 4 * p);
         x0[i] = _mm512_dpbusd_epi32(x0[i], x.lo[p], lo);
-        x1[i] = _mm512_dpbusd_epi32(x1[i], x.hi[p], hi);
         y0[i] = _mm512_dpbusd_epi32(y0[i], y.lo[p], lo);
-        y1[i] = _mm512_dpbusd_epi32(y1[i], y.hi[p], hi);
+        x0[i] = _mm512_dpbusd_epi32(x0[i], x.hi[p], hi);
+        y0[i] = _mm512_dpbusd_epi32(y0[i], y.hi[p], hi);
       }
     for (int i = 0; i < R; ++i) {
-      acc_x[i] = x.finish(x0[i], x1[i], at.scale(i), at.sum(i), acc_x[i]);
-      acc_y[i] = y.finish(y0[i], y1[i], at.scale(i), at.sum(i), acc_y[i]);
+      acc_x[i] = x.finish1(x0[i], at.scale(i), at.sum(i), acc_x[i]);
+      acc_y[i] = y.finish1(y0[i], at.scale(i), at.sum(i), acc_y[i]);
     }
+  }
+  // finish's steps on one sum of both planes (rows2's)
+  __m512 finish1(__m512i s01, float e, float s, __m512 acc) const {
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s01), _mm512_mul_ps(d, _mm512_set1_ps(e)), acc);
+    return _mm512_fmadd_ps(mn, _mm512_set1_ps(s), acc);
   }
   __m512 finish(__m512i s0, __m512i s1, float e, float s, __m512 acc) const {
     const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
