@@ -6,6 +6,11 @@ number on the ceiling. It times two tight loops of independent 512-bit instructi
 
 - vpdpbusd: the int8 multiply-add every 4- to 8-bit kernel is built on (4 per 32-bit lane);
 - vfmadd: float32 FMA, what paged attention and the float paths run on;
+- the kernels' mix: 8 vpdpbusd and 4 vfmadd, the float steps a q4 block ends with per
+  output vector (convert, scale, two FMAs: quant.cpp's Q4Block::finish) after its 8 integer
+  multiply-adds. Where the float and the integer multiply-adds issue on the same ports (a
+  2-vCPU Ice Lake: one 512-bit port), this mix is the most a per-32-scale kernel can reach;
+  where they have ports of their own, it is the int8 peak again;
 
 on 1 and on all threads (one loop per thread, no shared data), then q4_linear and
 q8_linear (weights packed from float, as QLinear does) at the given shapes and rows, as
@@ -70,14 +75,43 @@ static const int LANES = 8;
 
 #define TEN(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9)
 
-// Instructions per second over `threads` threads, each running `iters` x 10 of them.
-template <bool Int>
+#define EIGHT(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+#define FOUR(X) X(0) X(1) X(2) X(3)
+
+enum Loop { kDot, kFma, kMix };
+
+// Instructions per second over `threads` threads, each running `iters` x 10 of them (the
+// mix: int8 dot instructions, iters x 8 of them beside iters x 4 FMAs).
+template <Loop L>
 static double rate(int64_t iters, int threads) {
   auto t0 = std::chrono::steady_clock::now();
   double sink = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : sink)
   {
-    if constexpr (Int) {
+    if constexpr (L == kMix) {
+      const IV x = iset(0x03030303), y = iset(0x05050505);
+      const FV u = fset(0.999f), w = fset(0.001f);
+#define DECL(i) IV a##i = iset(i);
+      EIGHT(DECL)
+#undef DECL
+#define DECL(i) FV c##i = fset(float(i));
+      FOUR(DECL)
+#undef DECL
+      for (int64_t n = 0; n < iters; ++n) {
+#define STEP(i) a##i = dp(a##i, x, y); asm volatile("" : "+v"(a##i));
+        EIGHT(STEP)
+#undef STEP
+#define STEP(i) c##i = fm(c##i, u, w); asm volatile("" : "+v"(c##i));
+        FOUR(STEP)
+#undef STEP
+      }
+#define ADD(i) { int32_t v; std::memcpy(&v, &a##i, 4); sink += v; }
+      EIGHT(ADD)
+#undef ADD
+#define ADD(i) { float v; std::memcpy(&v, &c##i, 4); sink += v; }
+      FOUR(ADD)
+#undef ADD
+    } else if constexpr (L == kDot) {
       const IV x = iset(0x03030303), y = iset(0x05050505);
 #define DECL(i) IV a##i = iset(i);
       TEN(DECL)
@@ -107,16 +141,16 @@ static double rate(int64_t iters, int threads) {
   }
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (sink == 12345.678) std::printf(" ");  // keep the results alive
-  return 10.0 * iters * threads / s;
+  return (L == kMix ? 8.0 : 10.0) * iters * threads / s;
 }
 
 std::vector<double> peak(int64_t iters, int64_t threads) {
-  return {rate<true>(iters, threads), rate<false>(iters, threads), double(LANES)};
+  return {rate<kDot>(iters, threads), rate<kFma>(iters, threads), double(LANES), rate<kMix>(iters, threads)};
 }
 std::string isa() { return ISA; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("peak", &peak, "[int8 dot instr/s, fma instr/s, 32-bit lanes]");
+  m.def("peak", &peak, "[int8 dot instr/s, fma instr/s, 32-bit lanes, int8 dot instr/s beside half as many FMAs]");
   m.def("isa", &isa);
 }
 """
@@ -164,10 +198,12 @@ def main() -> int:
     for threads in args.threads:
         torch.set_num_threads(threads)
         peak_ext.peak(2_000_000, threads)  # warm the clocks up
-        dot, fma, lanes = max((peak_ext.peak(20_000_000, threads) for _ in range(3)), key=lambda r: r[0])
+        dot, fma, lanes, mix = max((peak_ext.peak(20_000_000, threads) for _ in range(3)), key=lambda r: r[0])
         dot_gmac, fma_gflop = dot * lanes * 4 / 1e9, fma * lanes / 1e9
         rows.append({"threads": threads, "what": f"int8 dot peak ({peak_ext.isa()})", "gmac_s": dot_gmac, "share": 1.0})
         rows.append({"threads": threads, "what": "float32 FMA peak", "gmac_s": fma_gflop, "share": None})
+        rows.append({"threads": threads, "what": "int8 dot beside 4 FMAs per 8 (the kernels' mix)",
+                     "gmac_s": mix * lanes * 4 / 1e9, "share": mix * lanes * 4 / 1e9 / dot_gmac})
         for mode in args.modes:
             for shape in args.shapes:
                 n, k = map(int, shape.split("x"))
