@@ -136,11 +136,13 @@ def shapes(max_work: float):
 # --- activations ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("impl", [0, 1], ids=["simd", "scalar"])
-# groups of 32: 3 x 16 (12 x 4 on AVX2); 16 and 3 more (4 x 4 and 3); 16, 4 and 3 (5 x 4 and 3); 3 alone
-@pytest.mark.parametrize("k", [1536, 608, 736, 96])
+# groups of 32: 3 x 16 (12 x 4 on AVX2); 16 and 3 more (4 x 4 and 3); 16, 4 and 3 (5 x 4 and 3);
+# 4 x 16 in one run of the 512-bit path's, then 16, 4 and 3 (21 x 4 and 3); 3 alone
+@pytest.mark.parametrize("k", [1536, 608, 736, 2784, 96])
 def test_activation_quantization_matches_reference(ext, impl, k):
-    """The 512-bit path quantizes sixteen groups at a time, then four, then the rest one by
-    one (AVX2: four, then one): every path gives the reference's codes and scales."""
+    """The 512-bit path quantizes sixteen groups at a time (up to four runs of 16 together),
+    then four, then the rest one by one (AVX2: four, then one): every path gives the
+    reference's codes, scales and half sums."""
     x = acts(37, k, 0)
     x[3] = 0  # a zero row: scale 0, codes 0
     x[5, 64:96] = 0  # one zero group
@@ -150,11 +152,16 @@ def test_activation_quantization_matches_reference(ext, impl, k):
     # and x * inf would turn its zeros into NaN; the codes are all 0 instead.
     x[11, :32] = 0
     x[11, 0], x[11, 5] = 1e-37, -5e-38
-    a, e, s = ext.quantize_act(x, impl)
+    a, e, s, half = ext.quantize_act(x, impl)
     ra, re, rs = quantize_acts_ref(x)
     assert torch.equal(e, re)
     assert torch.equal(a.float(), ra)
     assert torch.equal(s, rs)
+    # HalfSums per block: -32 x each half's code sum (int32), then e x each sum (float32)
+    sums = ra.view(37, k // 32, 2, 16).sum(-1)  # exact: integers below 2**24
+    half = half.view(37, k // 32, 16)
+    assert torch.equal(half[..., :8].contiguous().view(torch.int32), (-32 * sums).to(torch.int32))
+    assert torch.equal(half[..., 8:].contiguous().view(torch.float32), re[..., None] * sums)
     assert a.abs().max() <= 127
     assert 0 < e[11, 0] < torch.finfo(torch.float32).tiny and not a[11, :32].any()
 

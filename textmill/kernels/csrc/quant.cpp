@@ -1170,8 +1170,8 @@ torch::Tensor gguf_rows(const torch::Tensor& raw, int64_t type, const torch::Ten
 // ---------------------------------------------------------------------------------------
 // Activation quantization: per row and block, e = max|x| / 127, a = round-half-even(x / e)
 // computed as x * (1 / e), s = e * sum(a), off = -32 * (sum of a's first 16, of its last
-// 16), hs = e * each of those sums. The same float operations in every path (scalar, AVX2,
-// and AVX-512 four groups at a time). Where 1 / e is not finite (e = 0, or a group whose
+// 16), hs = e * each of those sums. The same float operations in every path (scalar, AVX2
+// four groups at a time, AVX-512 sixteen and four at a time). Where 1 / e is not finite (e = 0, or a group whose
 // largest |x| is below ~3.7e-37, so that e is subnormal and its inverse overflows) the
 // inverse is 0 and so are the codes: x * inf would make a 0 NaN, which the paths clamp
 // differently (and the half sums would overflow).
@@ -1353,21 +1353,22 @@ constexpr int kQuantizeWide = 16;  // groups of 32 per quantize_blocks16_avx512 
 // Per 128-bit lane g of the result, lane g of each input reduced: the last steps of a
 // transposed reduction, shared by the largest |x| (max) and the half sums (add).
 template <typename Op>
-inline __m512 fold_lanes(__m512 a, __m512 b, Op op) {  // lane g: [a g.0+g.1 .. , b ..] pairs
+inline __m512 fold_lanes(__m512 a, __m512 b, Op op) {  // lane g: [a.0 op a.2, a.1 op a.3, b.0 op b.2, b.1 op b.3]
   return op(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
 }
 
 // 16 vectors -> one whose element j is the reduction (op) of vector p(j) = 4 (j % 4) + j / 4:
 // a transposed reduction, 15 steps of two shuffles and one op where 16 horizontal ones
-// take 64 of each. Max and integer add are exact in any order, so each element is the
-// horizontal reduction's value bit for bit.
+// take 64 of each. Each element is _mm512_reduce_max_ps's (GCC's) tree on its vector, the
+// same pairs with the same operand order at every step: bit for bit its value, NaN
+// included (max returns its second operand where either is NaN). Integer add is exact.
 template <typename Op>
 inline __m512 reduce16(const __m512* v, Op op) {
   __m512 r[8], t[4], u[2];
-  for (int i = 0; i < 8; ++i)  // [v2i's 256-bit halves folded | v2i+1's]
-    r[i] = op(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-  for (int i = 0; i < 4; ++i)  // 128-bit lane j: vector 4i + j, 4 partials
-    t[i] = op(_mm512_shuffle_f32x4(r[2 * i], r[2 * i + 1], 0x88), _mm512_shuffle_f32x4(r[2 * i], r[2 * i + 1], 0xDD));
+  for (int i = 0; i < 8; ++i)  // [v2i's high 256 bits op its low | v2i+1's]
+    r[i] = op(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44));
+  for (int i = 0; i < 4; ++i)  // 128-bit lane j: vector 4i + j, 4 partials (its high 128 op its low)
+    t[i] = op(_mm512_shuffle_f32x4(r[2 * i], r[2 * i + 1], 0xDD), _mm512_shuffle_f32x4(r[2 * i], r[2 * i + 1], 0x88));
   u[0] = fold_lanes(t[0], t[1], op);  // lane g: vectors g, g + 4 (two partials each)
   u[1] = fold_lanes(t[2], t[3], op);  // lane g: vectors g + 8, g + 12
   // lane g: [g, g + 4, g + 8, g + 12]
@@ -2713,7 +2714,8 @@ torch::Tensor linear_by_mode(int64_t mode, const torch::Tensor& x, const torch::
 }
 static_assert(std::is_same_v<decltype(&linear_by_mode), textmill::LinearFn>, "linear_entry.h's signature");
 
-// The activation quantization alone, for tests: -> a (M, K) int8, e (M, K/32), s (M, K/32).
+// The activation quantization alone, for tests: -> a (M, K) int8, e (M, K/32), s (M, K/32),
+// and the half sums' HalfSums as bytes (M, K/32 x 16): off[2] int32, hs[2] float32 a block.
 std::vector<torch::Tensor> quantize_act(const torch::Tensor& x_in, int64_t impl) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) % QK == 0, "x must be (M, K), K a multiple of 32");
   auto x = x_in.to(torch::kFloat).contiguous();
@@ -2727,7 +2729,7 @@ std::vector<torch::Tensor> quantize_act(const torch::Tensor& x_in, int64_t impl)
   simd = impl == 0;
 #endif
   if (m > 0) quantize_rows(x.data_ptr<float>(), m, k, q, simd);
-  return {a, e, s};
+  return {a, e, s, off.view({m, kb * static_cast<int64_t>(sizeof(HalfSums))})};
 }
 
 }  // namespace
@@ -2779,7 +2781,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grids") = std::vector<torch::Tensor>{});
   m.def("gguf_rows", &gguf_rows, nogil, "rows `ids` of a GGUF tensor's bytes -> float32 (len(ids), K)",
         py::arg("raw"), py::arg("type"), py::arg("ids"), py::arg("k"), py::arg("grid") = py::none());
-  m.def("quantize_act", &quantize_act, nogil, "x (M, K) -> int8 codes, scales, scale*sum per block of 32",
+  m.def("quantize_act", &quantize_act, nogil, "x (M, K) -> int8 codes, scales, scale*sum per block of 32, half sums (HalfSums bytes)",
         py::arg("x"), py::arg("impl") = 0);
   m.def("q4_linear", &linear_of<Mode::Q4>, nogil, "x (M, K) @ Q4 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
