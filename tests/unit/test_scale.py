@@ -165,3 +165,55 @@ def test_deploy_examples_load_and_build(name):
     else:
         scaling = engine._deployment_config.autoscaling_config
         assert (scaling.min_replicas, scaling.max_replicas) == (2, 8)
+
+
+# ------------------------------------------------------------------ a replica dies mid-response
+def _relayed(chunks: list[bytes], last_more_body: bool = True) -> tuple[list[dict], "object"]:
+    """A stream's messages through the ingress relay, then the replica failing."""
+    import asyncio
+
+    from textmill.api.errors import server_error
+    from textmill.scale.ingress import _Relay
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def go() -> None:
+        relay = _Relay(send)
+        await relay.send({"type": "http.response.start", "status": 200,
+                          "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
+        for chunk in chunks:
+            await relay.send({"type": "http.response.body", "body": chunk, "more_body": last_more_body})
+        await relay.fail(server_error())
+
+    asyncio.run(go())
+    return sent
+
+
+def _events(sent: list[dict]) -> list[str]:
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body").decode()
+    return [line[6:] for line in body.splitlines() if line.startswith("data: ")]
+
+
+def test_a_stream_cut_short_ends_with_an_error_event_and_done():
+    sent = _relayed([b'data: {"id":"cmpl-1","choices":[]}\n\n'])
+    events = _events(sent)
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "server_error"
+    assert sent[-1] == {"type": "http.response.body", "body": sent[-1]["body"], "more_body": False}
+
+
+def test_a_stream_that_sent_done_before_the_replica_died_is_only_closed():
+    """The replica's [DONE] went out, its closing (empty) message did not: the client has the
+    whole stream, and gets no error event after [DONE] and no second [DONE]."""
+    sent = _relayed([b'data: {"id":"cmpl-1","choices":[]}\n\n', b"data: [DONE]\n\n"])
+    events = _events(sent)
+    assert events.count("[DONE]") == 1 and events[-1] == "[DONE]"
+    assert not any("error" in e for e in events[:-1])
+    assert sent[-1]["more_body"] is False
+
+
+def test_a_finished_response_gets_nothing_more():
+    sent = _relayed([b"data: [DONE]\n\n"], last_more_body=False)
+    assert _events(sent) == ["[DONE]"] and len(sent) == 2

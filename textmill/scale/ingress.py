@@ -10,7 +10,8 @@ When the replica dies:
 - before its response started, the request is sent once more, to a live replica (Ray drops
   the dead one from the router at once): a request that arrives after a kill is not lost;
 - after it started, a stream ends with an `error` event and `[DONE]`, as the single
-  server ends a stream that fails; any other response ends where it is.
+  server ends a stream that fails (one whose `[DONE]` had gone out is only closed); any
+  other response ends where it is.
 GET /metrics is the exception to one-replica-per-request: every replica is scraped and the
 texts merged, each sample labelled with its replica (metrics_merge.py).
 """
@@ -125,6 +126,9 @@ class _AsgiApp:
         await self._ingress.asgi(scope, receive, send)
 
 
+_DONE_EVENT = b"data: [DONE]\n\n"
+
+
 class _Relay:
     """Sends a replica's messages on; remembers how far the response got."""
 
@@ -133,6 +137,7 @@ class _Relay:
         self.started = False
         self.event_stream = False
         self.ended = False
+        self._tail = b""  # the body's last bytes: has a stream's [DONE] gone out?
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -143,8 +148,10 @@ class _Relay:
             self.started = True
             self.event_stream = any(bytes(k).lower() == b"content-type" and bytes(v).startswith(b"text/event-stream")
                                     for k, v in headers)
-        elif message["type"] == "http.response.body" and not message.get("more_body", False):
-            self.ended = True
+        elif message["type"] == "http.response.body":
+            if body := message.get("body", b""):
+                self._tail = (self._tail + bytes(body))[-len(_DONE_EVENT):]
+            self.ended = not message.get("more_body", False)
         await self._send(message)
 
     async def fail(self, error: APIError) -> None:
@@ -153,7 +160,9 @@ class _Relay:
                            json.dumps(error.body()).encode())
         elif not self.ended:
             tail = b""
-            if self.event_stream:
+            # A stream whose [DONE] went out before its closing message is whole: it is only
+            # closed (an error event after [DONE], and a second [DONE], would break its shape).
+            if self.event_stream and self._tail != _DONE_EVENT:
                 tail = f"data: {json.dumps(error.body(), separators=(',', ':'))}\n\ndata: [DONE]\n\n".encode()
             await self._send({"type": "http.response.body", "body": tail, "more_body": False})
 
