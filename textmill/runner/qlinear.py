@@ -57,6 +57,8 @@ def width_form(form: str) -> str:
     """The form of `form`'s width: q4, q5 or q6 for the k-quants' own forms, else itself.
     Parts of mixed types stack in it (runner/file_weights.py)."""
     return _WIDTH_OF.get(form, form)
+
+
 GROUP = 32
 # Scales and the Q4 min are halves: weights beyond this magnitude would overflow them.
 _HALF_MAX = 65504.0

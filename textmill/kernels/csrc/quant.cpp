@@ -1381,12 +1381,12 @@ inline __m512i reduce16_order() {
   return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
 }
 
-// store_block_sums for 16 consecutive blocks: d, h0 and h1 hold block b's values in
-// element b. The same float32 products (an exact int32 sum converted, times d); the
-// HalfSums (16 bytes a block) written as four vectors, from a 4 x 16 transpose.
-inline void store_block_sums16(__m512 d, __m512i h0, __m512i h1, float* e, float* s, HalfSums* off) {
+// store_block_sums for 16 consecutive blocks, but for e (= d, which scales16_avx512 stored):
+// d, h0 and h1 hold block b's values in element b. The same float32 products (an exact
+// int32 sum converted, times d); the HalfSums (16 bytes a block) written as four vectors,
+// from a 4 x 16 transpose.
+inline void store_block_sums16(__m512 d, __m512i h0, __m512i h1, float* s, HalfSums* off) {
   static_assert(sizeof(HalfSums) == 16, "off[2], hs[2]");
-  _mm512_storeu_ps(e, d);
   _mm512_storeu_ps(s, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_add_epi32(h0, h1))));
   const __m512i o0 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(h0, 5));  // -32 h, as int32 wraps
   const __m512i o1 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(h1, 5));
@@ -1429,8 +1429,8 @@ inline void scales16_avx512(const float* x, float* e, float* id) {
   _mm512_storeu_ps(id, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(inv), _mm512_set1_ps(INFINITY), _CMP_LT_OQ), inv));
 }
 
-// Step two: the codes, their half sums, and what store_block_sums stores, from e and id.
-inline void codes16_avx512(const float* x, const float* id, int8_t* a, float* e, float* s, HalfSums* off) {
+// Step two: the codes, their half sums, and the rest of what store_block_sums stores, from e and id.
+inline void codes16_avx512(const float* x, const float* id, int8_t* a, const float* e, float* s, HalfSums* off) {
   const __m512 lim = _mm512_set1_ps(127.f), nlim = _mm512_set1_ps(-127.f);
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   __m512 half[2][kQuantizeWide];  // the codes' half sums' partials, as int32 bits in float vectors
@@ -1449,7 +1449,7 @@ inline void codes16_avx512(const float* x, const float* id, int8_t* a, float* e,
   const __m512i order = reduce16_order();
   const __m512i h0 = _mm512_permutexvar_epi32(order, _mm512_castps_si512(reduce16(half[0], add)));
   const __m512i h1 = _mm512_permutexvar_epi32(order, _mm512_castps_si512(reduce16(half[1], add)));
-  store_block_sums16(_mm512_loadu_ps(e), h0, h1, e, s, off);
+  store_block_sums16(_mm512_loadu_ps(e), h0, h1, s, off);
 }
 
 // Up to kQuantizeRun runs of 16 groups: every run's scales, then every run's codes. Within
@@ -2069,9 +2069,7 @@ struct Q4Block {
     return _mm512_fmadd_ps(mn, _mm512_set1_ps(s), acc);
   }
   __m512 finish(__m512i s0, __m512i s1, float e, float s, __m512 acc) const {
-    const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
-    acc = _mm512_fmadd_ps(isum, _mm512_mul_ps(d, _mm512_set1_ps(e)), acc);
-    return _mm512_fmadd_ps(mn, _mm512_set1_ps(s), acc);
+    return finish1(_mm512_add_epi32(s0, s1), e, s, acc);
   }
 };
 
