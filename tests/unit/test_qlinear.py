@@ -231,6 +231,23 @@ def test_batch_orders_agree(ext, mode, mm, k, n, threads):
         assert torch.equal(fn(x, packed, n, bias, 0, 4), scalar)
 
 
+
+@pytest.mark.parametrize("mode", ["q5", "q5k", "q3", "q2", "iq4", "iq2"])
+def test_panel_pieces_agree(ext, mode, threads):
+    """Past 384 blocks (K = 12288) the 512-bit panel order unpacks a tile pair's blocks in
+    pieces, the rows' sums carried from one piece to the next: K = 12800 is two pieces
+    (384 + 16 blocks), in passes of 20 and 17 rows (four-row groups and a lone row), and
+    gives the scalar path's bits. (Q4's and Q6's forms start on the panel at 24 rows a
+    pass, more than a pass holds at this K; Q8 stays block-major.)"""
+    k, n, mm = 12800, 40, 37
+    w, x, bias = weights(n, k, 6), acts(mm, k, 7), torch.randn(n)
+    packed = pack(ext, mode, w)
+    fn = getattr(ext, f"{mode}_linear")
+    scalar = fn(x, packed, n, bias, 1, 0)
+    for t in (1, 2):
+        torch.set_num_threads(t)
+        assert torch.equal(fn(x, packed, n, bias, 0, 0), scalar)
+
 # --- against F.linear on the dequantized weights -----------------------------------------
 
 def assert_within_activation_rounding(x, w_deq, y, bias=None):

@@ -96,7 +96,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
+#include <new>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -161,7 +163,8 @@ constexpr int MAX_MR = 4;
 // Q8Block recomputes the weights' offset sum for every group of 4 rows), 0.71-0.83x for q5
 // and q6 (Zen 4); for q4 0.51-0.98x on an Intel Xeon (family 6 model 207), where the row
 // groups ran prefill at a quarter of the int8 peak (Zen 4, 128-row passes: 0.97-1.07x, one
-// shape 1.3x; the K-sized passes below came after).
+// shape 1.3x; the K-sized passes below came after). From PANEL_ROWS rows a pass, a tile
+// pair goes on the panel order instead (tile_pair_panel_avx512).
 constexpr int64_t BLOCK_MAJOR_ROWS = 128;
 constexpr int64_t CHUNK_BYTES = 96 << 10;       // expanded activations per thread
 // One block-major pass covers the rows whose int8 activations fit in this, so that they
@@ -1999,6 +2002,7 @@ struct RowsAt {
   float sum(int i) const { return s[i * kb]; }
   const HalfSums* offsets(int i) const { return off + i * kb; }
   void step(int n) { a += n * k, e += n * kb, s += n * kb, off += n * kb; }
+  void next_block() { a += QK, ++e, ++s, ++off; }  // the same rows' next block (panel_rows)
 };
 
 // One tile-block's weights in registers, and one activation row's share of it. Both
@@ -2474,6 +2478,66 @@ void tile_pair_rows_avx512(const uint8_t* tile0, const uint8_t* tile1, int64_t k
     if (r < rows) BlockOf<M>::template rows2<1>(x, y, at, acc0 + r, acc1 + r);
   }
 }
+
+// Panel order for a tile pair against many rows (prefill chunks, batched decode of 16-24
+// rows and up). Block-major above keeps each row's accumulators in L1 and loads, adds and
+// stores them once per block; in a microbenchmark on the Xeon (one thread, the integer
+// sums alone) that held the multiply-adds to 157-209 GMAC/s, against 282 with the sums in
+// registers. Here the pair's blocks are unpacked once into a buffer (each form's Block as
+// it holds it in registers: ~1.3 KB a pair, L2), then the rows go four at a time over every
+// block with their sums in registers: each weight vector loaded serves 4 rows, each
+// activation broadcast both tiles (a replica of the q4 pair: 183-194 GMAC/s at 64-128 rows,
+// block-major's 119-158). Per output the float32 steps are the Block's rows2, block after
+// block, so are the bits.
+template <Mode M>
+struct PanelPair {
+  BlockOf<M> x, y;
+};
+// Blocks unpacked at a time (~500 KB, in L2 beside the activations): K up to 12288 in one
+// piece; longer rows take the pieces in turn, their sums going through `acc` in between.
+constexpr int64_t PANEL_BLOCKS = 384;
+// Rows of a pass from which a pair goes on the panel: below, unpacking every block to memory
+// and reading it back costs more than the register sums save. kernel_ab on the Xeon, one
+// thread, against block-major at 16 rows: q4k 0.97-1.08x the time, q6k 0.91-1.06x (at 24:
+// 0.84-0.96x, 0.77-0.95x); q5k, q3, q2 and the IQ types, whose unpacking is dearer,
+// 0.77-1.00x. Q8 stays block-major: its rows2 on the panel took 2.5-3x the time (four rows
+// a step) or 1.04-1.4x (two).
+constexpr int64_t PANEL_ROWS = 16;
+template <Mode M>
+constexpr int64_t panel_rows_from() {
+  if constexpr (M == Mode::Q8) return std::numeric_limits<int64_t>::max();
+  return M == Mode::Q4 || M == Mode::Q4K || M == Mode::Q6 || M == Mode::Q6K ? PANEL_ROWS + 8 : PANEL_ROWS;
+}
+
+template <Mode M, int R>
+void panel_rows(const PanelPair<M>* pb, int64_t nb, RowsAt at, __m512* acc0, __m512* acc1) {
+  __m512 ax[R], ay[R];
+  for (int i = 0; i < R; ++i) ax[i] = acc0[i], ay[i] = acc1[i];
+  for (int64_t b = 0; b < nb; ++b, at.next_block()) BlockOf<M>::template rows2<R>(pb[b].x, pb[b].y, at, ax, ay);
+  for (int i = 0; i < R; ++i) acc0[i] = ax[i], acc1[i] = ay[i];
+}
+
+template <Mode M>
+void tile_pair_panel_avx512(const uint8_t* tile0, const uint8_t* tile1, int64_t kb, const int8_t* a, int64_t k,
+                            int64_t rows, const float* e, const float* s, const HalfSums* off, __m512* acc0,
+                            __m512* acc1, const OutLines& dst, void* buffer) {
+  PanelPair<M>* const pb = static_cast<PanelPair<M>*>(buffer);
+  for (int64_t r = 0; r < rows; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  for (int64_t b0 = 0; b0 < kb; b0 += PANEL_BLOCKS) {
+    const int64_t nb = std::min(PANEL_BLOCKS, kb - b0);
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t b = b0 + j;
+      prefetch_ahead<M>(tile0, b);
+      prefetch_ahead<M>(tile1, b);
+      dst.prefetch(b, kb, rows);
+      new (pb + j) PanelPair<M>{BlockOf<M>(tile0, kb, b, std::false_type{}), BlockOf<M>(tile1, kb, b, std::false_type{})};
+    }
+    RowsAt at{a + b0 * QK, e + b0, s + b0, off + b0, k, kb};
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4, at.step(4)) panel_rows<M, 4>(pb, nb, at, acc0 + r, acc1 + r);
+    for (; r < rows; ++r, at.step(1)) panel_rows<M, 1>(pb, nb, at, acc0 + r, acc1 + r);
+  }
+}
 #endif
 
 // One tile against MR activation rows; ncols = the tile's real rows, so that the 256-bit
@@ -2605,6 +2669,19 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
     __m256i* const xbuf = static_cast<__m256i*>(xmem.get());
 #endif
     int64_t expanded = -1;  // the activation chunk now in xbuf: one chunk (M <= chunk) is expanded once
+#ifdef TM_VNNI512
+    // The panel's unpacked blocks (calls of panel_rows_from rows and up): one buffer a worker.
+    int64_t pair_bytes = 0;
+    bool panels = false;
+    with_mode(mode, [&](auto form) {
+      constexpr Mode F = decltype(form)::value;
+      pair_bytes = sizeof(PanelPair<F>);
+      panels = block_major && m >= panel_rows_from<F>();
+    });
+    std::unique_ptr<void, decltype(&std::free)> pmem(
+        panels ? std::aligned_alloc(64, std::min(kb, PANEL_BLOCKS) * pair_bytes) : nullptr, &std::free);
+    TORCH_CHECK(!panels || pmem, "out of memory");
+#endif
     for (int64_t t0 = next.fetch_add(piece, std::memory_order_relaxed); t0 < ntiles;
          t0 = next.fetch_add(piece, std::memory_order_relaxed)) {
       const int64_t t1 = std::min(ntiles, t0 + piece);
@@ -2620,7 +2697,11 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
             const OutLines lines{yp + r0 * n + t * NR, n, static_cast<int>((std::min(u1 * NR, n) - t * NR) / NR)};
             with_mode(mode, [&](auto form) {
               constexpr Mode F = decltype(form)::value;
-              if (pair)
+              if (pair && rows >= panel_rows_from<F>())
+                tile_pair_panel_avx512<F>(pp + t * tbytes, pp + (t + 1) * tbytes, kb, q.a + r0 * k, k, rows,
+                                          q.e + r0 * kb, q.s + r0 * kb, q.off + r0 * kb, acc[0], acc[1], lines,
+                                          pmem.get());
+              else if (pair)
                 tile_pair_rows_avx512<F>(pp + t * tbytes, pp + (t + 1) * tbytes, kb, q.a + r0 * k, k, rows,
                                          q.e + r0 * kb, q.s + r0 * kb, q.off + r0 * kb, acc[0], acc[1], lines);
               else
