@@ -231,7 +231,6 @@ def test_batch_orders_agree(ext, mode, mm, k, n, threads):
         assert torch.equal(fn(x, packed, n, bias, 0, 4), scalar)
 
 
-
 @pytest.mark.parametrize("mode", ["q5", "q5k", "q3", "q2", "iq4", "iq2"])
 def test_panel_pieces_agree(ext, mode, threads):
     """Past 384 blocks (K = 12288) the 512-bit panel order unpacks a tile pair's blocks in
@@ -247,6 +246,7 @@ def test_panel_pieces_agree(ext, mode, threads):
     for t in (1, 2):
         torch.set_num_threads(t)
         assert torch.equal(fn(x, packed, n, bias, 0, 0), scalar)
+
 
 # --- against F.linear on the dequantized weights -----------------------------------------
 
