@@ -212,6 +212,19 @@ def test_register_tiles_and_threads_agree(ext, mode, threads):
     assert torch.equal(fn(big, pb, 960, None, 0, 0), two)
 
 
+def assert_orders_give_scalar_bits(ext, mode, mm, k, n, seed, mr_maxes=(0, 4)):
+    """The SIMD paths on one and two threads (mr_max 0: the kernel's own order for the
+    batch) give the scalar path's bits for an (mm, k) x (n, k) product."""
+    w, x, bias = weights(n, k, seed), acts(mm, k, seed + 1), torch.randn(n)
+    packed = pack(ext, mode, w)
+    fn = getattr(ext, f"{mode}_linear")
+    scalar = fn(x, packed, n, bias, 1, 0)
+    for t in (1, 2):
+        torch.set_num_threads(t)
+        for mr_max in mr_maxes:
+            assert torch.equal(fn(x, packed, n, bias, 0, mr_max), scalar)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("mm", [2, 5, 16, 33, 128, 129, 300])
 # n = 70: a lone partial tile after pairs; 56: a pair whose second tile is partial
@@ -219,16 +232,10 @@ def test_register_tiles_and_threads_agree(ext, mode, threads):
 def test_batch_orders_agree(ext, mode, mm, k, n, threads):
     """Batches of 2+ rows run block-major on the 512-bit path (one pass over each tile,
     every row per block), in passes of up to 128 rows (fewer where K is long: 46 at
-    K = 5632), as register-tile requests (mr_max) run by row groups: every order gives the
-    bits of the scalar path."""
-    w, x, bias = weights(n, k, 3), acts(mm, k, 4), torch.randn(n)
-    packed = pack(ext, mode, w)
-    fn = getattr(ext, f"{mode}_linear")
-    scalar = fn(x, packed, n, bias, 1, 0)
-    for t in (1, 2):
-        torch.set_num_threads(t)
-        assert torch.equal(fn(x, packed, n, bias, 0, 0), scalar)
-        assert torch.equal(fn(x, packed, n, bias, 0, 4), scalar)
+    K = 5632), tile pairs of passes of 16-24 rows and up on the panel order (four rows at a
+    time over the pair's unpacked blocks), as register-tile requests (mr_max) run by row
+    groups: every order gives the bits of the scalar path."""
+    assert_orders_give_scalar_bits(ext, mode, mm, k, n, seed=3)
 
 
 @pytest.mark.parametrize("mode", ["q5", "q5k", "q3", "q2", "iq4", "iq2"])
@@ -238,14 +245,7 @@ def test_panel_pieces_agree(ext, mode, threads):
     (384 + 16 blocks), in passes of 20 and 17 rows (four-row groups and a lone row), and
     gives the scalar path's bits. (Q4's and Q6's forms start on the panel at 24 rows a
     pass, more than a pass holds at this K; Q8 stays block-major.)"""
-    k, n, mm = 12800, 40, 37
-    w, x, bias = weights(n, k, 6), acts(mm, k, 7), torch.randn(n)
-    packed = pack(ext, mode, w)
-    fn = getattr(ext, f"{mode}_linear")
-    scalar = fn(x, packed, n, bias, 1, 0)
-    for t in (1, 2):
-        torch.set_num_threads(t)
-        assert torch.equal(fn(x, packed, n, bias, 0, 0), scalar)
+    assert_orders_give_scalar_bits(ext, mode, 37, 12800, 40, seed=6, mr_maxes=(0,))
 
 
 # --- against F.linear on the dequantized weights -----------------------------------------
