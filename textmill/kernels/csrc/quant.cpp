@@ -2637,7 +2637,18 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
 #endif
   (void)block_major;
   // Block-major passes of at most BLOCK_MAJOR_ROWS rows (their accumulators stay in L1).
-  const int64_t pass_rows = std::clamp<int64_t>(PASS_BYTES / k, 16, BLOCK_MAJOR_ROWS);
+  // At long K a pass of PASS_BYTES would hold fewer rows than Q4's and Q6's forms start on
+  // the panel at (24: K past ~10,900, an 8B's down projection); theirs hold that many
+  // (kernel_ab, Xeon, one thread, K = 12800 and 14336, 24-256 rows, two runs: q4k
+  // 0.90-0.98x the time, q6k 0.72-0.98x, q4 0.92-1.00x).
+  int64_t min_pass = 16;
+#ifdef TM_VNNI512
+  with_mode(mode, [&](auto form) {
+    constexpr int64_t from = panel_rows_from<decltype(form)::value>();
+    if (from <= BLOCK_MAJOR_ROWS) min_pass = std::max(min_pass, from);
+  });
+#endif
+  const int64_t pass_rows = std::clamp<int64_t>(PASS_BYTES / k, min_pass, BLOCK_MAJOR_ROWS);
   (void)pass_rows;
   // Expanded activations go in chunks whose expanded form (k * 8 bytes a row) stays in L2
   // while this thread's weight tiles pass by, and stays below malloc's mmap threshold.
