@@ -2643,10 +2643,14 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
   // 0.90-0.98x the time, q6k 0.72-0.98x, q4 0.92-1.00x).
   int64_t min_pass = 16;
 #ifdef TM_VNNI512
+  // The panel: the rows a pass needs for it, and its buffer's bytes per block (a pair's).
+  int64_t panel_from = 0, panel_pair_bytes = 0;
   with_mode(mode, [&](auto form) {
-    constexpr int64_t from = panel_rows_from<decltype(form)::value>();
-    if (from <= BLOCK_MAJOR_ROWS) min_pass = std::max(min_pass, from);
+    constexpr Mode F = decltype(form)::value;
+    panel_from = panel_rows_from<F>();
+    panel_pair_bytes = sizeof(PanelPair<F>);
   });
+  if (panel_from <= BLOCK_MAJOR_ROWS) min_pass = std::max(min_pass, panel_from);
 #endif
   const int64_t pass_rows = std::clamp<int64_t>(PASS_BYTES / k, min_pass, BLOCK_MAJOR_ROWS);
   (void)pass_rows;
@@ -2681,16 +2685,10 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
 #endif
     int64_t expanded = -1;  // the activation chunk now in xbuf: one chunk (M <= chunk) is expanded once
 #ifdef TM_VNNI512
-    // The panel's unpacked blocks (calls of panel_rows_from rows and up): one buffer a worker.
-    int64_t pair_bytes = 0;
-    bool panels = false;
-    with_mode(mode, [&](auto form) {
-      constexpr Mode F = decltype(form)::value;
-      pair_bytes = sizeof(PanelPair<F>);
-      panels = block_major && m >= panel_rows_from<F>();
-    });
+    // The panel's unpacked blocks (calls of panel_from rows and up): one buffer a worker.
+    const bool panels = block_major && m >= panel_from;
     std::unique_ptr<void, decltype(&std::free)> pmem(
-        panels ? std::aligned_alloc(64, std::min(kb, PANEL_BLOCKS) * pair_bytes) : nullptr, &std::free);
+        panels ? std::aligned_alloc(64, std::min(kb, PANEL_BLOCKS) * panel_pair_bytes) : nullptr, &std::free);
     TORCH_CHECK(!panels || pmem, "out of memory");
 #endif
     for (int64_t t0 = next.fetch_add(piece, std::memory_order_relaxed); t0 < ntiles;
@@ -2708,7 +2706,7 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
             const OutLines lines{yp + r0 * n + t * NR, n, static_cast<int>((std::min(u1 * NR, n) - t * NR) / NR)};
             with_mode(mode, [&](auto form) {
               constexpr Mode F = decltype(form)::value;
-              if (pair && rows >= panel_rows_from<F>())
+              if (pair && rows >= panel_from)
                 tile_pair_panel_avx512<F>(pp + t * tbytes, pp + (t + 1) * tbytes, kb, q.a + r0 * k, k, rows,
                                           q.e + r0 * kb, q.s + r0 * kb, q.off + r0 * kb, acc[0], acc[1], lines,
                                           pmem.get());
