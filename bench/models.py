@@ -14,6 +14,8 @@
                   grouping) in Q4_K_M's types (not in the default matrix)
     synthetic-1b-q3k  the synthetic 1B's layers rewritten in Q3_K (bench/requant_gguf.py; not in the
                   default matrix; llama.cpp's own Q3_K_M keeps some layers in Q4_K/Q5_K)
+    synthetic-1b-q8  the synthetic 1B's layers rewritten in Q8_0 (bench/requant_gguf.py; not in the
+                  default matrix; its head stays Q6_K, where a Q8_0 file's is Q8_0)
     FILE          any GGUF given with --model
 
 For each file: its ending token ids (banned in every request, so each one runs to
@@ -34,7 +36,7 @@ from textmill.loader.gguf_file import GGUFFile  # noqa: E402  (numpy only)
 
 MATRIX = ("smollm2", "gemma3", "synthetic-1b", "synthetic-qwen3")
 # named files outside the default matrix
-EXTRA = ("smollm2-iq4xs", "synthetic-1b-q3k", "synthetic-8b", "synthetic-gemma2", "synthetic-phi3")
+EXTRA = ("smollm2-iq4xs", "synthetic-1b-q3k", "synthetic-1b-q8", "synthetic-8b", "synthetic-gemma2", "synthetic-phi3")
 
 
 @dataclass(frozen=True)
@@ -79,13 +81,13 @@ def resolve(key: str) -> Path:
     if key == "smollm2-iq4xs":
         from textmill.loader.bundled import bundled_model_path
         return _requantized(bundled_model_path(), "IQ4_XS", "smollm2-iq4xs")
-    if key in ("synthetic-1b", "synthetic-qwen3", "synthetic-1b-q3k", "synthetic-8b", "synthetic-gemma2",
-               "synthetic-phi3"):
+    if key in ("synthetic-1b", "synthetic-qwen3", "synthetic-1b-q3k", "synthetic-1b-q8", "synthetic-8b",
+               "synthetic-gemma2", "synthetic-phi3"):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from synthetic_gguf import (SYNTHETIC_1B, SYNTHETIC_8B, SYNTHETIC_GEMMA2, SYNTHETIC_PHI3, SYNTHETIC_QWEN3,
                                     synthetic_path)
-        if key == "synthetic-1b-q3k":
-            return _requantized(synthetic_path(SYNTHETIC_1B), "Q3_K", key)
+        if key in ("synthetic-1b-q3k", "synthetic-1b-q8"):
+            return _requantized(synthetic_path(SYNTHETIC_1B), "Q3_K" if key.endswith("q3k") else "Q8_0", key)
         named = {"synthetic-qwen3": SYNTHETIC_QWEN3, "synthetic-8b": SYNTHETIC_8B, "synthetic-gemma2": SYNTHETIC_GEMMA2,
                  "synthetic-phi3": SYNTHETIC_PHI3}
         return synthetic_path(named.get(key, SYNTHETIC_1B))

@@ -1,9 +1,10 @@
-"""Rewrite a GGUF file with its layer weights in IQ4_XS, IQ4_NL or Q3_K: real weights in
-types nothing here can download, for `make bench --model FILE` and the tests.
+"""Rewrite a GGUF file with its layer weights in IQ4_XS, IQ4_NL, Q3_K or Q8_0: real weights
+in types nothing here can download, for `make bench --model FILE` and the tests.
 
     python bench/requant_gguf.py SRC.gguf DST.gguf            # IQ4_XS, as llama.cpp's IQ4_XS recipe
     python bench/requant_gguf.py SRC.gguf DST.gguf --type IQ4_NL
     python bench/requant_gguf.py SRC.gguf DST.gguf --type Q3_K
+    python bench/requant_gguf.py SRC.gguf DST.gguf --type Q8_0
 
 Every 2-D `blk.*` weight is dequantized (textmill's loader) and quantized again; the token
 embedding, the head and every other tensor keep their bytes, and all metadata is copied.
@@ -16,7 +17,8 @@ nearest table entry; IQ4_XS then rounds the eight group scales of a super-block 
 multiples of one half. Q3_K: per 16 values, the scale maps the value of largest magnitude
 onto -4 (ggml's make_q3_quants without its search), the sixteen scales of a super-block
 are rounded to 6-bit multiples of one half (the largest onto -32), and each value takes the
-nearest code in -4..3. What the tests and the bench need is a valid file of real weights in
+nearest code in -4..3. Q8_0: ggml's own rule, d = (largest magnitude) / 127 per 32 values and
+each code round(x / d). What the tests and the bench need is a valid file of real weights in
 these types, not the best such file.
 """
 from __future__ import annotations
@@ -127,9 +129,19 @@ def quantize_q3_k(w: np.ndarray) -> np.ndarray:
     return blocks.reshape(w.shape[0], -1)
 
 
+def quantize_q8_0(w: np.ndarray) -> np.ndarray:
+    """(N, K) float32, K % 32 == 0 -> (N, K / 32 * 34) uint8 blocks (ggml's quantize_row_q8_0)."""
+    g = w.reshape(-1, 32)
+    d = np.abs(g).max(-1) / 127.0
+    codes = np.rint(g * _inverse(d)[:, None]).astype(np.int8)
+    blocks = np.concatenate([d.astype(np.float16)[:, None].view(np.uint8), codes.view(np.uint8)], axis=1)
+    return blocks.reshape(w.shape[0], -1)
+
+
 # type -> (values a block, bytes a block, quantizer, llama.cpp's general.file_type)
 _TYPES = {T.IQ4_XS: (256, 136, quantize_iq4_xs, 30), T.IQ4_NL: (32, 18, quantize_iq4_nl, 25),
-          T.Q3_K: (256, 110, quantize_q3_k, 11)}  # 11: LLAMA_FTYPE_MOSTLY_Q3_K_S (Q3_K throughout)
+          T.Q3_K: (256, 110, quantize_q3_k, 11),  # 11: LLAMA_FTYPE_MOSTLY_Q3_K_S (Q3_K throughout)
+          T.Q8_0: (32, 34, quantize_q8_0, 7)}
 
 
 def write_requant(src: Path, dst: Path, qtype: T = T.IQ4_XS) -> dict[str, int]:

@@ -160,3 +160,20 @@ def test_gemma2_and_phi3_files_as_llama_cpp_lays_them_out(arch, tmp_path):
     chunk = ScheduledChunk("x", tuple(range(100, 120)), 0, (0, 1), True)
     got = runner.execute(SchedulerOutput((NewRequestData("x", params),), (chunk,))).sampled["x"]
     assert 0 <= got.token_id < cfg.vocab_size and torch.isfinite(torch.tensor(got.logprob))
+
+
+def test_requant_q8_0_writes_ggmls_bytes():
+    """bench/requant_gguf.py's Q8_0 (the synthetic-1b-q8 file's layers) is ggml's rule: the
+    bytes of the gguf package's reference quantizer, an all-zero group included, and
+    textmill's loader reads them back within half a step plus the scale's rounding to a half
+    (up to 127 x 2^-11 of a step at the largest code)."""
+    from gguf import GGMLQuantizationType, quants
+    from requant_gguf import quantize_q8_0
+
+    w = (np.random.default_rng(0).standard_normal((8, 96)) * 0.05).astype(np.float32)
+    w[0, :32] = 0
+    blocks = quantize_q8_0(w)
+    assert np.array_equal(blocks, quants.quantize(w, GGMLQuantizationType.Q8_0))
+    back = dequantize(blocks, GGMLQuantizationType.Q8_0).reshape(w.shape)
+    step = np.abs(w).reshape(-1, 32).max(-1) / 127
+    assert (np.abs(back - w).reshape(-1, 32) <= step[:, None] * (0.5 + 127 / 2048) + 1e-7).all()

@@ -2180,6 +2180,35 @@ struct Q8Block {
       acc_y[i] = y.finish(ys[i][0], ys[i][1], at.scale(i), acc_y[i]);
     }
   }
+  // The panel's R rows against a pair's blocks held in the panel buffer (panel_rows). rows2's
+  // four sums a row (two per tile, to shorten their dependency chains) and the eight weight
+  // vectors of each tile do not fit the 32 registers beside R = 4 rows' float sums: GCC
+  // spilled them, and the panel ran at 2.5-3x block-major's time. Here one sum a row and
+  // tile (R x 2 chains of 8, enough in flight at R = 4), each weight vector loaded once into a
+  // register for all R rows. The integer sum is the same value as rows2's two added, so the
+  // float steps after it, and the bits, are rows2's.
+  template <int R>
+  static void rows_panel(const Q8Block& x, const Q8Block& y, const RowsAt& at, __m512* acc_x, __m512* acc_y) {
+    __m512i xs[R], ys[R];
+    for (int i = 0; i < R; ++i) xs[i] = ys[i] = _mm512_setzero_si512();
+    for (int g = 0; g < 8; ++g) {
+      __m512i wx = _mm512_load_si512(&x.w[g]), wy = _mm512_load_si512(&y.w[g]);
+      pin(wx), pin(wy);
+      for (int i = 0; i < R; ++i) {
+        const __m512i a = bcast512(at.codes(i) + 4 * g);
+        xs[i] = _mm512_dpbusd_epi32(xs[i], a, wx);
+        ys[i] = _mm512_dpbusd_epi32(ys[i], a, wy);
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      acc_x[i] = x.finish1(xs[i], at.scale(i), acc_x[i]);
+      acc_y[i] = y.finish1(ys[i], at.scale(i), acc_y[i]);
+    }
+  }
+  __m512 finish1(__m512i s01, float e, __m512 acc) const {
+    const __m512 isum = _mm512_cvtepi32_ps(_mm512_sub_epi32(s01, shift_sum));
+    return _mm512_fmadd_ps(isum, _mm512_mul_ps(d, _mm512_set1_ps(e)), acc);
+  }
   __m512 finish(__m512i s0, __m512i s1, float e, __m512 acc) const {
     const __m512 isum = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(s0, s1), shift_sum));
     return _mm512_fmadd_ps(isum, _mm512_mul_ps(d, _mm512_set1_ps(e)), acc);
@@ -2500,12 +2529,12 @@ constexpr int64_t PANEL_BLOCKS = 384;
 // and reading it back costs more than the register sums save. kernel_ab on the Xeon, one
 // thread, against block-major at 16 rows: q4k 0.97-1.08x the time, q6k 0.91-1.06x (at 24:
 // 0.84-0.96x, 0.77-0.95x); q5k, q3, q2 and the IQ types, whose unpacking is dearer,
-// 0.77-1.00x. Q8 stays block-major: its rows2 on the panel took 2.5-3x the time (four rows
-// a step) or 1.04-1.4x (two).
+// 0.77-1.00x. Q8 (its own rows_panel) from 48: kernel_ab, one thread, K = 2048-14336,
+// 0.79-0.96x the time at 48-256 rows, level at K = 576-640; at 16-32 rows level or slower.
 constexpr int64_t PANEL_ROWS = 16;
 template <Mode M>
 constexpr int64_t panel_rows_from() {
-  if constexpr (M == Mode::Q8) return std::numeric_limits<int64_t>::max();
+  if constexpr (M == Mode::Q8) return PANEL_ROWS + 32;
   return M == Mode::Q4 || M == Mode::Q4K || M == Mode::Q6 || M == Mode::Q6K ? PANEL_ROWS + 8 : PANEL_ROWS;
 }
 
@@ -2513,7 +2542,10 @@ template <Mode M, int R>
 void panel_rows(const PanelPair<M>* pb, int64_t nb, RowsAt at, __m512* acc0, __m512* acc1) {
   __m512 ax[R], ay[R];
   for (int i = 0; i < R; ++i) ax[i] = acc0[i], ay[i] = acc1[i];
-  for (int64_t b = 0; b < nb; ++b, at.next_block()) BlockOf<M>::template rows2<R>(pb[b].x, pb[b].y, at, ax, ay);
+  for (int64_t b = 0; b < nb; ++b, at.next_block()) {
+    if constexpr (M == Mode::Q8) Q8Block::rows_panel<R>(pb[b].x, pb[b].y, at, ax, ay);
+    else BlockOf<M>::template rows2<R>(pb[b].x, pb[b].y, at, ax, ay);
+  }
   for (int i = 0; i < R; ++i) acc0[i] = ax[i], acc1[i] = ay[i];
 }
 
