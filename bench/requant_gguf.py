@@ -141,7 +141,7 @@ def quantize_q8_0(w: np.ndarray) -> np.ndarray:
 # type -> (values a block, bytes a block, quantizer, llama.cpp's general.file_type)
 _TYPES = {T.IQ4_XS: (256, 136, quantize_iq4_xs, 30), T.IQ4_NL: (32, 18, quantize_iq4_nl, 25),
           T.Q3_K: (256, 110, quantize_q3_k, 11),  # 11: LLAMA_FTYPE_MOSTLY_Q3_K_S (Q3_K throughout)
-          T.Q8_0: (32, 34, quantize_q8_0, 7)}
+          T.Q8_0: (32, 34, quantize_q8_0, 7)}  # 7: LLAMA_FTYPE_MOSTLY_Q8_0
 
 
 def write_requant(src: Path, dst: Path, qtype: T = T.IQ4_XS) -> dict[str, int]:
