@@ -86,8 +86,9 @@ def resolve(key: str) -> Path:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from synthetic_gguf import (SYNTHETIC_1B, SYNTHETIC_8B, SYNTHETIC_GEMMA2, SYNTHETIC_PHI3, SYNTHETIC_QWEN3,
                                     synthetic_path)
-        if key in ("synthetic-1b-q3k", "synthetic-1b-q8"):
-            return _requantized(synthetic_path(SYNTHETIC_1B), "Q3_K" if key.endswith("q3k") else "Q8_0", key)
+        requantized = {"synthetic-1b-q3k": "Q3_K", "synthetic-1b-q8": "Q8_0"}  # the 1B's layers rewritten
+        if key in requantized:
+            return _requantized(synthetic_path(SYNTHETIC_1B), requantized[key], key)
         named = {"synthetic-qwen3": SYNTHETIC_QWEN3, "synthetic-8b": SYNTHETIC_8B, "synthetic-gemma2": SYNTHETIC_GEMMA2,
                  "synthetic-phi3": SYNTHETIC_PHI3}
         return synthetic_path(named.get(key, SYNTHETIC_1B))

@@ -2165,53 +2165,46 @@ struct Q8Block {
     for (int g = 0; g < 8; ++g) sm[g & 1] = _mm512_dpbusd_epi32(sm[g & 1], bcast512(ar + 4 * g), w[g]);
     return finish(sm[0], sm[1], e, acc);
   }
+  // Two tiles' blocks x and y against R rows: each activation broadcast feeds both tiles.
+  // Block-major's one and two rows (the weights pinned in registers) keep two sums a row and
+  // tile, for shorter dependency chains. The panel's four rows (the weights in its buffer)
+  // keep one (R x 2 chains of 8, enough in flight), and load each weight vector into a
+  // register once for the R rows: with two sums, they and the eight weight vectors of each
+  // tile did not fit the 32 registers beside four rows' float sums, GCC spilled them, and
+  // the panel ran at 2.5-3x block-major's time. One sum is the same integer as two added,
+  // so the float steps after it, and the bits, are the same either way.
   template <int R>
   static void rows2(const Q8Block& x, const Q8Block& y, const RowsAt& at, __m512* acc_x, __m512* acc_y) {
-    __m512i xs[R][2], ys[R][2];
-    for (int i = 0; i < R; ++i) xs[i][0] = xs[i][1] = ys[i][0] = ys[i][1] = _mm512_setzero_si512();
-    for (int g = 0; g < 8; ++g)
-      for (int i = 0; i < R; ++i) {
-        const __m512i a = bcast512(at.codes(i) + 4 * g);
-        xs[i][g & 1] = _mm512_dpbusd_epi32(xs[i][g & 1], a, x.w[g]);
-        ys[i][g & 1] = _mm512_dpbusd_epi32(ys[i][g & 1], a, y.w[g]);
-      }
-    for (int i = 0; i < R; ++i) {
-      acc_x[i] = x.finish(xs[i][0], xs[i][1], at.scale(i), acc_x[i]);
-      acc_y[i] = y.finish(ys[i][0], ys[i][1], at.scale(i), acc_y[i]);
-    }
-  }
-  // The panel's R rows against a pair's blocks held in the panel buffer (panel_rows). rows2's
-  // four sums a row (two per tile, to shorten their dependency chains) and the eight weight
-  // vectors of each tile do not fit the 32 registers beside R = 4 rows' float sums: GCC
-  // spilled them, and the panel ran at 2.5-3x block-major's time. Here one sum a row and
-  // tile (R x 2 chains of 8, enough in flight at R = 4), each weight vector loaded once into a
-  // register for all R rows. The integer sum is the same value as rows2's two added, so the
-  // float steps after it, and the bits, are rows2's.
-  template <int R>
-  static void rows_panel(const Q8Block& x, const Q8Block& y, const RowsAt& at, __m512* acc_x, __m512* acc_y) {
-    __m512i xs[R], ys[R];
-    for (int i = 0; i < R; ++i) xs[i] = ys[i] = _mm512_setzero_si512();
+    constexpr int C = R >= 4 ? 1 : 2;  // sums a row and tile
+    __m512i xs[R][C], ys[R][C];
+    for (int i = 0; i < R; ++i)
+      for (int c = 0; c < C; ++c) xs[i][c] = ys[i][c] = _mm512_setzero_si512();
     for (int g = 0; g < 8; ++g) {
-      __m512i wx = _mm512_load_si512(&x.w[g]), wy = _mm512_load_si512(&y.w[g]);
-      pin(wx), pin(wy);
+      __m512i wx = x.w[g], wy = y.w[g];
+      if constexpr (C == 1) pin(wx), pin(wy);
       for (int i = 0; i < R; ++i) {
         const __m512i a = bcast512(at.codes(i) + 4 * g);
-        xs[i] = _mm512_dpbusd_epi32(xs[i], a, wx);
-        ys[i] = _mm512_dpbusd_epi32(ys[i], a, wy);
+        xs[i][g % C] = _mm512_dpbusd_epi32(xs[i][g % C], a, wx);
+        ys[i][g % C] = _mm512_dpbusd_epi32(ys[i][g % C], a, wy);
       }
     }
     for (int i = 0; i < R; ++i) {
-      acc_x[i] = x.finish1(xs[i], at.scale(i), acc_x[i]);
-      acc_y[i] = y.finish1(ys[i], at.scale(i), acc_y[i]);
+      if constexpr (C == 1) {
+        acc_x[i] = x.finish1(xs[i][0], at.scale(i), acc_x[i]);
+        acc_y[i] = y.finish1(ys[i][0], at.scale(i), acc_y[i]);
+      } else {
+        acc_x[i] = x.finish(xs[i][0], xs[i][1], at.scale(i), acc_x[i]);
+        acc_y[i] = y.finish(ys[i][0], ys[i][1], at.scale(i), acc_y[i]);
+      }
     }
   }
+  // finish's steps on one sum of both halves (rows2 at four rows)
   __m512 finish1(__m512i s01, float e, __m512 acc) const {
     const __m512 isum = _mm512_cvtepi32_ps(_mm512_sub_epi32(s01, shift_sum));
     return _mm512_fmadd_ps(isum, _mm512_mul_ps(d, _mm512_set1_ps(e)), acc);
   }
   __m512 finish(__m512i s0, __m512i s1, float e, __m512 acc) const {
-    const __m512 isum = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(s0, s1), shift_sum));
-    return _mm512_fmadd_ps(isum, _mm512_mul_ps(d, _mm512_set1_ps(e)), acc);
+    return finish1(_mm512_add_epi32(s0, s1), e, acc);
   }
 };
 
@@ -2529,7 +2522,7 @@ constexpr int64_t PANEL_BLOCKS = 384;
 // and reading it back costs more than the register sums save. kernel_ab on the Xeon, one
 // thread, against block-major at 16 rows: q4k 0.97-1.08x the time, q6k 0.91-1.06x (at 24:
 // 0.84-0.96x, 0.77-0.95x); q5k, q3, q2 and the IQ types, whose unpacking is dearer,
-// 0.77-1.00x. Q8 (its own rows_panel) from 48: kernel_ab, one thread, K = 2048-14336,
+// 0.77-1.00x. Q8 (one sum a row and tile at four rows: Q8Block::rows2) from 48: kernel_ab, one thread, K = 2048-14336,
 // 0.75-0.96x the time at 48-256 rows, level at K = 576-640; at 16-32 rows level or slower.
 constexpr int64_t PANEL_ROWS = 16;
 template <Mode M>
@@ -2542,10 +2535,7 @@ template <Mode M, int R>
 void panel_rows(const PanelPair<M>* pb, int64_t nb, RowsAt at, __m512* acc0, __m512* acc1) {
   __m512 ax[R], ay[R];
   for (int i = 0; i < R; ++i) ax[i] = acc0[i], ay[i] = acc1[i];
-  for (int64_t b = 0; b < nb; ++b, at.next_block()) {
-    if constexpr (M == Mode::Q8) Q8Block::rows_panel<R>(pb[b].x, pb[b].y, at, ax, ay);
-    else BlockOf<M>::template rows2<R>(pb[b].x, pb[b].y, at, ax, ay);
-  }
+  for (int64_t b = 0; b < nb; ++b, at.next_block()) BlockOf<M>::template rows2<R>(pb[b].x, pb[b].y, at, ax, ay);
   for (int i = 0; i < R; ++i) acc0[i] = ax[i], acc1[i] = ay[i];
 }
 
