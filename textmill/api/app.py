@@ -83,10 +83,6 @@ async def _load(app: FastAPI, load: Callable[[], ServingContext], lifecycle: Lif
     app.state.serving = serving
     lifecycle.ready(serving.engine)
     log.info("serving %s (context %d tokens)", serving.model_name, serving.max_model_len)
-    if serving.grammars is not None:
-        # Only now: the grammar backend's vocabulary build (1.4 s for 262k tokens, partly
-        # under the GIL) slowed the weights' packing and then /health when started earlier.
-        serving.grammars.start()
 
 
 async def run_in_passing_thread(fn: Callable):

@@ -87,15 +87,15 @@ class LLGuidanceCompiler:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, cache_size: int = 256):
         self.vocab_size = vocab_size
         self.mask_width = max(vocab_size, tokenizer.vocab_size)  # bits per row of a bitmask
-        # llguidance's tokenizer takes 0.15 s (49k tokens) to 1.4 s (262k) to build: a thread
-        # builds it once start() is called (the server: once it is ready; beside the weights'
-        # packing on 2 cores it slowed Gemma 3's head from 0.12 to 1.2 s), or on first use;
-        # the first constrained request waits for it.
+        # llguidance's view of the vocabulary takes 0.17 s (49k tokens) to 1.2 s (262k) to
+        # build, all of it holding the GIL: the server answers nothing meanwhile. So it is built
+        # by the first constrained request (under this lock: once, however many arrive
+        # together), not at startup, where it held /health and every stream behind it for that
+        # long on a server that may never see a constraint (docs/performance.md).
+        self._tokenizer = tokenizer
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self._build_error: BaseException | None = None
-        self._builder = threading.Thread(target=self._build_tokenizer, args=(tokenizer,),
-                                         name="textmill-grammar-vocab", daemon=True)
-        self._start_lock = threading.Lock()
+        self._build_lock = threading.Lock()
         self._limits = llguidance.LLParserLimits(verbose_errors=False)
         self._cache: OrderedDict[StructuredOutput, llguidance.LLMatcher] = OrderedDict()
         self._cache_size = cache_size
@@ -103,25 +103,22 @@ class LLGuidanceCompiler:
         self._requests = self._compiles = self._hits = self._failures = 0
         self._seconds = 0.0
 
-    def start(self) -> None:
-        """Begin building llguidance's tokenizer in the background (idempotent)."""
-        with self._start_lock:
-            if self._builder.ident is None:
-                self._builder.start()
+    @property
+    def vocabulary_built(self) -> bool:
+        """Whether llguidance's view of the vocabulary exists yet (a constrained request came)."""
+        return self._ll_tokenizer is not None
 
     @property
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
-        self.start()
-        self._builder.join()
+        with self._build_lock:
+            if self._ll_tokenizer is None and self._build_error is None:
+                try:
+                    self._ll_tokenizer = build_ll_tokenizer(self._tokenizer, self.vocab_size)
+                except Exception as exc:  # reported to every constrained request instead
+                    self._build_error = exc
         if self._ll_tokenizer is None:
             raise RuntimeError(f"structured outputs are unavailable: {self._build_error}")
         return self._ll_tokenizer
-
-    def _build_tokenizer(self, tokenizer: Tokenizer) -> None:
-        try:
-            self._ll_tokenizer = build_ll_tokenizer(tokenizer, self.vocab_size)
-        except BaseException as exc:  # reported to every constrained request instead
-            self._build_error = exc
 
     def compile(self, structured: StructuredOutput) -> None:
         self._template(structured, count=True)
