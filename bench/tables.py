@@ -4,7 +4,8 @@ Both read the same JSON-shaped rows (bench/results/*.json), so the figures in
 docs/performance.md are the ones a run printed. A row is one system at one concurrency:
 
     {"system", "concurrency", "tok_s", "others", "cores",            # the measurement
-     "ready_s", "rss_load_mib", "rss_end_mib", "rss_peak_mib",       # the server it ran on
+     "ready_s", "first_answer_s",                                     # the server it ran on
+     "rss_load_mib", "rss_end_mib", "rss_peak_mib",
      "kv_tokens", "result": {LoadResult fields} or None}   # None: offline HF rows
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _get(row: dict, key: str):
 
 
 MODEL_COLUMNS = ("system", "conc", "tok/s", "textmill/x", "TTFT p50", "TTFT p99", "lat p50", "stream tok/s",
-                 "gen/req", "err", "ready s", "RSS load MiB", "RSS end MiB", "cores", "others %")
+                 "gen/req", "err", "ready s", "first s", "RSS load MiB", "RSS end MiB", "cores", "others %")
 
 
 def model_rows(rows: list[dict], stamp: dict | None = None) -> list[list[str]]:
@@ -56,7 +57,8 @@ def model_rows(rows: list[dict], stamp: dict | None = None) -> list[list[str]]:
         cells = [r["system"], str(r["concurrency"]), fmt(r["tok_s"], 1), ratio(rows, r),
                  fmt(_get(r, "ttft_p50_s")), fmt(_get(r, "ttft_p99_s")), fmt(_get(r, "latency_p50_s")),
                  fmt(_get(r, "stream_tok_s_p50"), 1), fmt(_get(r, "mean_completion_tokens"), 1),
-                 str(res["errors"]) if res else "-", fmt(r.get("ready_s"), 1), fmt(r.get("rss_load_mib"), 0),
+                 str(res["errors"]) if res else "-", fmt(r.get("ready_s"), 1), fmt(r.get("first_answer_s")),
+                 fmt(r.get("rss_load_mib"), 0),
                  fmt(r.get("rss_end_mib"), 0), fmt(r.get("cores")),
                  fmt(None if r.get("others") is None else 100 * r["others"], 0)]
         if cached and cached >= 0.005:  # prefix-cache hits: the shared-prefix workload

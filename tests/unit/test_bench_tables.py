@@ -28,7 +28,7 @@ def _row(system: str, c: int, tok_s: float, ttft: float) -> dict:
     result = {"ttft_p50_s": ttft, "ttft_p99_s": ttft, "latency_p50_s": 1.0, "stream_tok_s_p50": 50.0,
               "mean_completion_tokens": 64.0, "errors": 0, "cached_fraction": 0.0, "total_tok_s": tok_s}
     return {"system": system, "concurrency": c, "tok_s": tok_s, "others": 0.01, "cores": 1.9,
-            "ready_s": 2.5, "rss_load_mib": 500.0, "rss_end_mib": 520.0, "rss_peak_mib": 600.0,
+            "ready_s": 2.5, "first_answer_s": 0.031, "rss_load_mib": 500.0, "rss_end_mib": 520.0, "rss_peak_mib": 600.0,
             "kv_tokens": 16384, "result": result}
 
 
@@ -46,7 +46,7 @@ def test_model_table_ratios_and_order():
     assert [(r[0], r[1], r[3]) for r in body] == [
         ("textmill", "1", "1.00x"), ("llama-server", "1", "2.00x"),
         ("textmill", "16", "1.00x"), ("llama-server", "16", "4.00x")]
-    assert body[0][10:14] == ["2.5", "500", "520", "1.90"]  # ready s, RSS load, RSS end, cores
+    assert body[0][10:15] == ["2.5", "0.03", "500", "520", "1.90"]  # ready s, first s, RSS load, RSS end, cores
     assert body[0][8] == "64.0"  # no "cached" note without prefix-cache hits
 
 
