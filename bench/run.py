@@ -30,8 +30,6 @@ from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cpuwatch  # noqa: E402
 import models  # noqa: E402
@@ -108,29 +106,20 @@ def bench_server(system: str, model: models.BenchModel, args: argparse.Namespace
     loaded = servers.memory_mib(server.pid)
     rows = []
     try:
-        first = first_answer_s(server, workload)
         print(f"[{model.key}/{system}] ready on {server.url} as {server.model!r} in {tables.fmt(server.ready_s, 1)} s, "
-              f"first answer {tables.fmt(first, 2)} s later, RSS {tables.fmt(loaded['rss'], 0)} MiB", flush=True)
+              f"first answer {tables.fmt(server.first_answer_s, 2)} s later, RSS {tables.fmt(loaded['rss'], 0)} MiB",
+              flush=True)
         asyncio.run(warm_up(server.url, server.model, workload, args.warmup))
         for c in args.concurrency:
             rows.append(measure(server, f"{model.key}/{system}", args, workload, c))
         end = servers.memory_mib(server.pid)
     finally:
         servers.stop(server)
-    record = {"system": system, "ready_s": server.ready_s, "first_answer_s": first, "rss_load_mib": loaded["rss"],
+    record = {"system": system, "ready_s": server.ready_s, "first_answer_s": server.first_answer_s,
+              "rss_load_mib": loaded["rss"],
               "rss_end_mib": end["rss"], "rss_peak_mib": end["peak"],
               **dict(zip(("kv_tokens", "kv_dtype"), servers.kv_capacity(system, server.log)))}
     return [{"system": system, **r, **{k: v for k, v in record.items() if k != "system"}} for r in rows], record
-
-
-def first_answer_s(server: servers.Server, workload: Workload) -> float:
-    """Seconds a one-token completion sent as soon as /health says 200 takes to come back:
-    what "ready" is worth to the first client (work a server starts only once it is ready,
-    such as textmill's grammar vocabulary until a90cf46, delays it)."""
-    body = {"model": server.model, "prompt": "Hello", "max_tokens": 1, "temperature": workload.temperature}
-    start = time.perf_counter()
-    httpx.post(server.url + "/v1/completions", json=body, timeout=120.0).raise_for_status()
-    return time.perf_counter() - start
 
 
 def measure(server: servers.Server, label: str, args: argparse.Namespace, workload: Workload, c: int) -> dict:

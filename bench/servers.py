@@ -37,6 +37,8 @@ class Server:
     log: Path
     pid: int | None = None  # the server process itself (its RSS is the server's memory)
     ready_s: float | None = None  # process start -> first /health 200
+    # first /health 200 -> a /v1/models lookup and then a one-token completion both answered
+    first_answer_s: float | None = None
 
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -155,8 +157,11 @@ def _model_id(url: str) -> str | None:
         return None
 
 
-def wait_ready(url: str, pgid: int, log: Path, timeout_s: float, alive=None) -> tuple[float, str]:
-    """Poll GET /health every 0.1 s until it answers 200; return (boot_seconds() then, model id).
+def wait_ready(url: str, pgid: int, log: Path, timeout_s: float, alive=None) -> tuple[float, str, float]:
+    """Poll GET /health every 0.1 s until it answers 200; return (boot_seconds() then, model
+    id, first answer): the first answer is the seconds from that 200 until the model id lookup
+    and a one-token completion sent right after it have come back, what "ready" is worth to
+    the first client (work a server starts only once it is ready delays it).
 
     alive(): whether it is still worth waiting (default: the process group exists).
     """
@@ -170,7 +175,9 @@ def wait_ready(url: str, pgid: int, log: Path, timeout_s: float, alive=None) -> 
                 ready = boot_seconds()
                 model = _model_id(url)
                 if model is not None:
-                    return ready, model
+                    body = {"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
+                    httpx.post(url + "/v1/completions", json=body, timeout=120.0).raise_for_status()
+                    return ready, model, boot_seconds() - ready
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
@@ -189,9 +196,9 @@ def _spawn(name: str, cmd: list[str], port: int, timeout_s: float, env: dict | N
     # proc.poll(), not the process group: an exited child stays a zombie until it is reaped,
     # and signalling a zombie succeeds, so a server that died at start would be waited on
     # for the whole timeout.
-    ready, model = wait_ready(url, proc.pid, log, timeout_s, alive=lambda: proc.poll() is None)
+    ready, model, first = wait_ready(url, proc.pid, log, timeout_s, alive=lambda: proc.poll() is None)
     return Server(name=name, url=url, model=model, pgid=proc.pid, log=log, pid=proc.pid,
-                  ready_s=ready - started)
+                  ready_s=ready - started, first_answer_s=first)
 
 
 def start_textmill(port: int, extra_args: list[str] = (), timeout_s: float = 900.0,
@@ -240,7 +247,7 @@ def start_llama_server(port: int, gguf: Path, slots: int = 16, timeout_s: float 
                                        cwd=REPO, env=env, start_new_session=True)
     watch = _ScriptWatch(script_proc)
     try:
-        ready, model = wait_ready(url, script_proc.pid, log, timeout_s, alive=watch.alive)
+        ready, model, first = wait_ready(url, script_proc.pid, log, timeout_s, alive=watch.alive)
         script_proc.wait(timeout=180)
         if not watch.alive():
             raise ServerError("llama-server.sh did not print a live server PID")
@@ -251,7 +258,7 @@ def start_llama_server(port: int, gguf: Path, slots: int = 16, timeout_s: float 
         raise ServerError(f"llama-server failed ({exc}); logs {build_log}, {log}:\n{_log_tail(build_log)}") from exc
     started = process_start(watch.pid)
     return Server(name="llama-server", url=url, model=model, pgid=watch.pid, log=log, pid=watch.pid,
-                  ready_s=None if started is None else ready - started)
+                  ready_s=None if started is None else ready - started, first_answer_s=first)
 
 
 class _ScriptWatch:
