@@ -104,11 +104,11 @@ def bench_server(system: str, model: models.BenchModel, args: argparse.Namespace
         servers.set_page_cache(model.path, args.page_cache)
     server = start(system, model, args, port)
     loaded = servers.memory_mib(server.pid)
+    print(f"[{model.key}/{system}] ready on {server.url} as {server.model!r} in {tables.fmt(server.ready_s, 1)} s, "
+          f"first answer {tables.fmt(server.first_answer_s, 2)} s later, RSS {tables.fmt(loaded['rss'], 0)} MiB",
+          flush=True)
     rows = []
     try:
-        print(f"[{model.key}/{system}] ready on {server.url} as {server.model!r} in {tables.fmt(server.ready_s, 1)} s, "
-              f"first answer {tables.fmt(server.first_answer_s, 2)} s later, RSS {tables.fmt(loaded['rss'], 0)} MiB",
-              flush=True)
         asyncio.run(warm_up(server.url, server.model, workload, args.warmup))
         for c in args.concurrency:
             rows.append(measure(server, f"{model.key}/{system}", args, workload, c))
@@ -116,8 +116,7 @@ def bench_server(system: str, model: models.BenchModel, args: argparse.Namespace
     finally:
         servers.stop(server)
     record = {"system": system, "ready_s": server.ready_s, "first_answer_s": server.first_answer_s,
-              "rss_load_mib": loaded["rss"],
-              "rss_end_mib": end["rss"], "rss_peak_mib": end["peak"],
+              "rss_load_mib": loaded["rss"], "rss_end_mib": end["rss"], "rss_peak_mib": end["peak"],
               **dict(zip(("kv_tokens", "kv_dtype"), servers.kv_capacity(system, server.log)))}
     return [{"system": system, **r, **{k: v for k, v in record.items() if k != "system"}} for r in rows], record
 

@@ -58,8 +58,7 @@ def model_rows(rows: list[dict], stamp: dict | None = None) -> list[list[str]]:
                  fmt(_get(r, "ttft_p50_s")), fmt(_get(r, "ttft_p99_s")), fmt(_get(r, "latency_p50_s")),
                  fmt(_get(r, "stream_tok_s_p50"), 1), fmt(_get(r, "mean_completion_tokens"), 1),
                  str(res["errors"]) if res else "-", fmt(r.get("ready_s"), 1), fmt(r.get("first_answer_s")),
-                 fmt(r.get("rss_load_mib"), 0),
-                 fmt(r.get("rss_end_mib"), 0), fmt(r.get("cores")),
+                 fmt(r.get("rss_load_mib"), 0), fmt(r.get("rss_end_mib"), 0), fmt(r.get("cores")),
                  fmt(None if r.get("others") is None else 100 * r["others"], 0)]
         if cached and cached >= 0.005:  # prefix-cache hits: the shared-prefix workload
             cells[8] += f" ({100 * cached:.0f}% cached)"

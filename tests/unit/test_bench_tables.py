@@ -28,7 +28,8 @@ def _row(system: str, c: int, tok_s: float, ttft: float) -> dict:
     result = {"ttft_p50_s": ttft, "ttft_p99_s": ttft, "latency_p50_s": 1.0, "stream_tok_s_p50": 50.0,
               "mean_completion_tokens": 64.0, "errors": 0, "cached_fraction": 0.0, "total_tok_s": tok_s}
     return {"system": system, "concurrency": c, "tok_s": tok_s, "others": 0.01, "cores": 1.9,
-            "ready_s": 2.5, "first_answer_s": 0.031, "rss_load_mib": 500.0, "rss_end_mib": 520.0, "rss_peak_mib": 600.0,
+            "ready_s": 2.5, "first_answer_s": 0.031,
+            "rss_load_mib": 500.0, "rss_end_mib": 520.0, "rss_peak_mib": 600.0,
             "kv_tokens": 16384, "result": result}
 
 

@@ -94,7 +94,7 @@ class LLGuidanceCompiler:
         # long on a server that may never see a constraint (docs/performance.md).
         self._tokenizer = tokenizer
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
-        self._build_error: BaseException | None = None
+        self._build_error: Exception | None = None
         self._build_lock = threading.Lock()
         self._limits = llguidance.LLParserLimits(verbose_errors=False)
         self._cache: OrderedDict[StructuredOutput, llguidance.LLMatcher] = OrderedDict()
