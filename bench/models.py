@@ -81,8 +81,7 @@ def resolve(key: str) -> Path:
     if key == "smollm2-iq4xs":
         from textmill.loader.bundled import bundled_model_path
         return _requantized(bundled_model_path(), "IQ4_XS", "smollm2-iq4xs")
-    if key in ("synthetic-1b", "synthetic-qwen3", "synthetic-1b-q3k", "synthetic-1b-q8", "synthetic-8b",
-               "synthetic-gemma2", "synthetic-phi3"):
+    if key.startswith("synthetic-") and key in MATRIX + EXTRA:  # written by synthetic_gguf.py
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from synthetic_gguf import (SYNTHETIC_1B, SYNTHETIC_8B, SYNTHETIC_GEMMA2, SYNTHETIC_PHI3, SYNTHETIC_QWEN3,
                                     synthetic_path)

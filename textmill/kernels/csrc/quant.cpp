@@ -2522,8 +2522,9 @@ constexpr int64_t PANEL_BLOCKS = 384;
 // and reading it back costs more than the register sums save. kernel_ab on the Xeon, one
 // thread, against block-major at 16 rows: q4k 0.97-1.08x the time, q6k 0.91-1.06x (at 24:
 // 0.84-0.96x, 0.77-0.95x); q5k, q3, q2 and the IQ types, whose unpacking is dearer,
-// 0.77-1.00x. Q8 (one sum a row and tile at four rows: Q8Block::rows2) from 48: kernel_ab, one thread, K = 2048-14336,
-// 0.75-0.96x the time at 48-256 rows, level at K = 576-640; at 16-32 rows level or slower.
+// 0.77-1.00x. Q8 (one sum a row and tile at four rows: Q8Block::rows2) from 48: kernel_ab,
+// one thread, K = 2048-14336, 0.75-0.96x the time at 48-256 rows, level at K = 576-640; at
+// 16-32 rows level or slower.
 constexpr int64_t PANEL_ROWS = 16;
 template <Mode M>
 constexpr int64_t panel_rows_from() {
