@@ -300,3 +300,41 @@ def test_ids_past_the_tokenizers_table_are_never_sampled():
     for s in drive(runner, seqs, budget=8).values():
         assert all(t < 60 for t in s.tokens[len(s.prompt):]), s.rid
         assert all(tid < 60 for lp in s.logprobs for tid, _ in lp.top), s.rid
+
+
+def test_a_quantized_head_reuses_one_logits_buffer_with_the_same_results():
+    """On the kernels the runner hands its quantized LM head one reused (rows, V) buffer
+    (qlinear.OutputBuffer): steps that read the logits in place (bias, penalties, prompt
+    logprobs, seeded draws) give the same tokens and logprobs as fresh logits each step."""
+    from textmill.models import llama
+    from textmill.runner.qlinear import QLinear
+    cfg = toy_config(architecture="llama", tie_word_embeddings=False, num_heads=4, num_kv_heads=2)
+
+    def build() -> ModelRunner:
+        torch.manual_seed(0)
+        model = llama.LlamaForCausalLM(cfg).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.3) if p.dim() > 1 else None
+        return ModelRunner(model, cfg, CacheConfig(block_size=BLOCK, num_blocks=64), quantization="int8")
+
+    def seqs() -> list[Seq]:
+        return [Seq("a", _prompt(11, 7), SamplingParams(temperature=0.0, max_tokens=6, logprobs=2, prompt_logprobs=2,
+                                                        logit_bias=((3, -100.0),))),
+                Seq("b", _prompt(5, 8), SamplingParams(temperature=0.8, seed=5, max_tokens=7, presence_penalty=0.5),
+                    arrive=1),
+                Seq("c", _prompt(3, 9), SamplingParams(temperature=0.0, max_tokens=5), arrive=2)]
+
+    reused, fresh = build(), build()
+    head = reused.model.lm_head
+    if type(head) is not QLinear:
+        pytest.skip("no C++ kernels here: the head stays an nn.Linear")
+    assert head.output is not None
+    fresh.model.lm_head.output = None
+    got, want = drive(reused, seqs(), budget=6), drive(fresh, seqs(), budget=6)
+    assert head.output.buffer.shape[0] >= 2  # several rows went through it
+    for rid in want:
+        assert got[rid].tokens == want[rid].tokens, rid
+    # Only "a" reads logprobs (the others' are NaN, which never compare equal).
+    assert got["a"].logprobs == want["a"].logprobs and len(want["a"].logprobs) == 6
+    assert got["a"].prompt_logprobs == want["a"].prompt_logprobs and len(want["a"].prompt_logprobs) == 10

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from textmill.kernels import load
-from textmill.runner.qlinear import QLinear, available, supports
+from textmill.runner.qlinear import OutputBuffer, QLinear, available, reuse_output, supports
 
 G = 32
 MS = (1, 2, 3, 5, 16, 17, 64, 300)
@@ -404,6 +404,43 @@ def test_bad_shapes_are_refused(ext):
         ext.q8_linear(torch.randn(2, 64), packed, 17)  # N needs a second tile of 16 rows
     assert ext.q8_linear(torch.randn(0, 64), packed, 8).shape == (0, 8)
 
+
+
+def test_out_receives_the_result_bit_for_bit(ext):
+    packed = ext.q8_pack(torch.randn(48, 64))
+    x = torch.randn(5, 64)
+    fresh = ext.q8_linear(x, packed, 48)
+    out = torch.full((5, 48), float("nan"))
+    y = ext.q8_linear(x, packed, 48, out=out)
+    assert y.data_ptr() == out.data_ptr() and torch.equal(out, fresh)
+    for bad in (torch.empty(5, 47), torch.empty(4, 48), torch.empty(48, 5).t(), torch.empty(5, 48, dtype=torch.float64)):
+        with pytest.raises(RuntimeError, match="out must be"):
+            ext.q8_linear(x, packed, 48, out=bad)
+    with pytest.raises(RuntimeError, match="only for float32 x"):
+        ext.q8_linear(x.to(torch.bfloat16), packed, 48, out=out)
+
+
+def test_output_buffer_is_reused_and_capped(ext):
+    """The runner's LM head writes each step's logits into one buffer (OutputBuffer): the
+    same memory from call to call, grown to the most rows asked for, the same bits as a
+    fresh result; past max_bytes a call allocates as before."""
+    head = QLinear.from_linear(nn.Linear(64, 96), "q4")
+    assert not reuse_output(nn.Linear(64, 96), max_bytes=1 << 20) and head.output is None
+    assert reuse_output(head, max_bytes=8 * 96 * 4)
+    x = torch.randn(8, 64)
+    fresh = QLinear.from_linear(nn.Linear(64, 96), "q4")
+    fresh.load_state_dict(head.state_dict())
+    first = head(x[:3])
+    assert torch.equal(first, fresh(x[:3]))
+    again = head(x[3:6])
+    assert again.data_ptr() == first.data_ptr() and torch.equal(again, fresh(x[3:6]))
+    grown = head(x)  # 8 rows: the buffer grows to them, still within max_bytes
+    assert torch.equal(grown, fresh(x)) and head.output.buffer.shape == (8, 96)
+    assert head(x[:2]).data_ptr() == grown.data_ptr()
+    past = head(torch.cat([x, x[:1]]))  # 9 rows: more than max_bytes, a tensor of its own
+    assert past.data_ptr() != grown.data_ptr() and torch.equal(past, fresh(torch.cat([x, x[:1]])))
+    assert head(x.to(torch.bfloat16)).dtype == torch.bfloat16  # other dtypes never use it
+    assert OutputBuffer(96, max_bytes=0).rows(1) is None
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant,flags,isa", [

@@ -145,6 +145,8 @@ class Gemma3ForCausalLM(nn.Module):
         return self.norm(x)  # (N, C)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = head_logits(hidden, self.embed_tokens, self.lm_head)  # (M, V)
+        logits = head_logits(hidden, self.embed_tokens, self.lm_head)  # (M, V), this call's own
         cap = self.config.final_logit_softcap
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        # Gemma 2's soft cap in place: the same three ops as tanh(logits / cap) * cap, with no
+        # (M, V) temporaries (262k wide; the runner's head writes into a reused buffer).
+        return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)

@@ -22,10 +22,13 @@ from textmill.runner.file_weights import install_file_weights
 from textmill.runner.kernel_forward import GemmaKernelForward, KernelForward, KernelForwardBase
 from textmill.runner.kv_cache import KVCache, PagedAttention
 from textmill.runner.plan import ExecutionPlan
+from textmill.runner.qlinear import reuse_output
 from textmill.runner.quant import install_linears
 from textmill.runner.sampler import PromptLogprobOutput, SampleOutput, Sampler
 
 log = logging.getLogger(__name__)
+
+LOGITS_BUFFER_BYTES = 64 << 20
 
 
 class ModelRunner:
@@ -73,6 +76,10 @@ class ModelRunner:
                             if fast_linears else "nn.Linear")
         self.forward = model.forward
         if self.ops is not None:
+            # The LM head's logits go into one reused buffer (qlinear.OutputBuffer): a fresh
+            # (rows, V) tensor each step cost a page fault per 4 KiB. Up to 64 MiB: 64 rows
+            # of a 262k vocabulary; a step with more rows (long prompt logprobs) allocates.
+            reuse_output(getattr(model, "lm_head", None), max_bytes=LOGITS_BUFFER_BYTES)
             for kind in (KernelForward, GemmaKernelForward):
                 if kind.supports(model):
                     self.forward = kind(model, self.ops)

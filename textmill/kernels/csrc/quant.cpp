@@ -2607,7 +2607,8 @@ std::string isa() {
 // The linear: y (M, N) = x (M, K) @ W^T (+ bias)
 
 torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor& packed, int64_t n,
-                      const c10::optional<torch::Tensor>& bias_in, int64_t impl, int64_t mr_max) {
+                      const c10::optional<torch::Tensor>& bias_in, int64_t impl, int64_t mr_max,
+                      const c10::optional<torch::Tensor>& out_in = c10::nullopt) {
   TORCH_CHECK(x_in.dim() == 2, "x must be (M, K)");
   const int64_t m = x_in.size(0), k = x_in.size(1);
   check_packed(mode, packed, n, k);
@@ -2622,7 +2623,18 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
     bias = bias_in->to(torch::kFloat).contiguous();
     TORCH_CHECK(bias.dim() == 1 && bias.size(0) == n, "bias must be (N,)");
   }
-  auto y = torch::empty({m, n}, torch::kFloat);
+  // `out`: a caller's (M, N) float32 buffer to write into (the runner's LM head, whose
+  // (M, V) logits would otherwise be a fresh mapping every step: runner/qlinear.py).
+  torch::Tensor y;
+  if (out_in.has_value() && out_in->defined()) {
+    TORCH_CHECK(out_dtype == torch::kFloat, "out: only for float32 x");
+    TORCH_CHECK(out_in->scalar_type() == torch::kFloat && out_in->device().is_cpu() && out_in->dim() == 2 &&
+                    out_in->size(0) == m && out_in->size(1) == n && out_in->is_contiguous(),
+                "out must be a contiguous float32 CPU tensor of shape (", m, ", ", n, "), got ", out_in->sizes());
+    y = *out_in;
+  } else {
+    y = torch::empty({m, n}, torch::kFloat);
+  }
   if (m == 0) return y.to(out_dtype);
 
   const int64_t kb = k / QK, ntiles = (n + NR - 1) / NR, tbytes = tile_bytes(mode, kb);
@@ -2812,8 +2824,9 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
 // qlinear for one form, as the module exposes it (q4_linear, q5_linear, ...).
 template <Mode M>
 torch::Tensor linear_of(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
-                        const c10::optional<torch::Tensor>& bias, int64_t impl, int64_t mr_max) {
-  return qlinear(M, x, packed, n, bias, impl, mr_max);
+                        const c10::optional<torch::Tensor>& bias, int64_t impl, int64_t mr_max,
+                        const c10::optional<torch::Tensor>& out) {
+  return qlinear(M, x, packed, n, bias, impl, mr_max, out);
 }
 
 // The linear by mode number, for layer.cpp's one-call forward (linear_entry.h): the same
@@ -2895,25 +2908,36 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_act", &quantize_act, nogil, "x (M, K) -> int8 codes, scales, scale*sum per block of 32, half sums (HalfSums bytes)",
         py::arg("x"), py::arg("impl") = 0);
   m.def("q4_linear", &linear_of<Mode::Q4>, nogil, "x (M, K) @ Q4 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
-        py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+        py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0,
+        py::arg("out") = py::none());
   m.def("q8_linear", &linear_of<Mode::Q8>, nogil, "x (M, K) @ Q8 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
-        py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+        py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0,
+        py::arg("out") = py::none());
   m.def("q5_linear", &linear_of<Mode::Q5>, nogil, "x (M, K) @ Q5 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
-        py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+        py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0,
+        py::arg("out") = py::none());
   m.def("q4k_linear", &linear_of<Mode::Q4K>, nogil, "x (M, K) @ Q4K weights^T (+ bias)", py::arg("x"),
-        py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+        py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0,
+        py::arg("out") = py::none());
   m.def("q5k_linear", &linear_of<Mode::Q5K>, nogil, "x (M, K) @ Q5K weights^T (+ bias)", py::arg("x"),
-        py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+        py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0,
+        py::arg("out") = py::none());
   m.def("q6k_linear", &linear_of<Mode::Q6K>, nogil, "x (M, K) @ Q6K weights^T (+ bias)", py::arg("x"),
-        py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+        py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0,
+        py::arg("out") = py::none());
   m.def("q6_linear", &linear_of<Mode::Q6>, nogil, "x (M, K) @ Q6 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
-        py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+        py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0,
+        py::arg("out") = py::none());
   m.def("q3_linear", &linear_of<Mode::Q3>, nogil, "x (M, K) @ Q3 weights^T (+ bias)", py::arg("x"), py::arg("packed"),
-        py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+        py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0,
+        py::arg("out") = py::none());
   m.def("q2_linear", &linear_of<Mode::Q2>, nogil, "x (M, K) @ Q2 weights^T (+ bias)", py::arg("x"),
-        py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+        py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0,
+        py::arg("out") = py::none());
   m.def("iq2_linear", &linear_of<Mode::IQ2>, nogil, "x (M, K) @ IQ2 weights^T (+ bias)", py::arg("x"),
-        py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+        py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0,
+        py::arg("out") = py::none());
   m.def("iq4_linear", &linear_of<Mode::IQ4>, nogil, "x (M, K) @ IQ4 weights^T (+ bias)", py::arg("x"),
-        py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0);
+        py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0,
+        py::arg("out") = py::none());
 }
