@@ -405,7 +405,6 @@ def test_bad_shapes_are_refused(ext):
     assert ext.q8_linear(torch.randn(0, 64), packed, 8).shape == (0, 8)
 
 
-
 def test_out_receives_the_result_bit_for_bit(ext):
     packed = ext.q8_pack(torch.randn(48, 64))
     x = torch.randn(5, 64)
@@ -441,6 +440,7 @@ def test_output_buffer_is_reused_and_capped(ext):
     assert past.data_ptr() != grown.data_ptr() and torch.equal(past, fresh(torch.cat([x, x[:1]])))
     assert head(x.to(torch.bfloat16)).dtype == torch.bfloat16  # other dtypes never use it
     assert OutputBuffer(96, max_bytes=0).rows(1) is None
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant,flags,isa", [
