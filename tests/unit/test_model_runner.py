@@ -304,7 +304,7 @@ def test_ids_past_the_tokenizers_table_are_never_sampled():
 
 def test_a_quantized_head_reuses_one_logits_buffer_with_the_same_results():
     """On the kernels the runner hands its quantized LM head one reused (rows, V) buffer
-    (qlinear.OutputBuffer): steps that read the logits in place (bias, penalties, prompt
+    (runner/row_buffer.py): steps that read the logits in place (bias, penalties, prompt
     logprobs, seeded draws) give the same tokens and logprobs as fresh logits each step."""
     from textmill.models import llama
     from textmill.runner.qlinear import QLinear

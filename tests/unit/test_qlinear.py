@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from textmill.kernels import load
-from textmill.runner.qlinear import OutputBuffer, QLinear, available, reuse_output, supports
+from textmill.runner.qlinear import QLinear, available, reuse_output, supports
+from textmill.runner.row_buffer import RowBuffer
 
 G = 32
 MS = (1, 2, 3, 5, 16, 17, 64, 300)
@@ -420,7 +421,7 @@ def test_out_receives_the_result_bit_for_bit(ext):
 
 
 def test_output_buffer_is_reused_and_capped(ext):
-    """The runner's LM head writes each step's logits into one buffer (OutputBuffer): the
+    """The runner's LM head writes each step's logits into one buffer (RowBuffer): the
     same memory from call to call, grown to the most rows asked for, the same bits as a
     fresh result; past max_bytes a call allocates as before."""
     head = QLinear.from_linear(nn.Linear(64, 96), "q4")
@@ -439,7 +440,7 @@ def test_output_buffer_is_reused_and_capped(ext):
     past = head(torch.cat([x, x[:1]]))  # 9 rows: more than max_bytes, a tensor of its own
     assert past.data_ptr() != grown.data_ptr() and torch.equal(past, fresh(torch.cat([x, x[:1]])))
     assert head(x.to(torch.bfloat16)).dtype == torch.bfloat16  # other dtypes never use it
-    assert OutputBuffer(96, max_bytes=0).rows(1) is None
+    assert RowBuffer(96, max_bytes=0).rows(1) is None and RowBuffer(96).rows(1000).shape == (1000, 96)
 
 
 @pytest.mark.slow

@@ -76,7 +76,7 @@ class ModelRunner:
                             if fast_linears else "nn.Linear")
         self.forward = model.forward
         if self.ops is not None:
-            # The LM head's logits go into one reused buffer (qlinear.OutputBuffer): a fresh
+            # The LM head's logits go into one reused buffer (runner/row_buffer.py): a fresh
             # (rows, V) tensor each step cost a page fault per 4 KiB. Up to 64 MiB: 64 rows
             # of a 262k vocabulary; a step with more rows (long prompt logprobs) allocates.
             reuse_output(getattr(model, "lm_head", None), max_bytes=LOGITS_BUFFER_BYTES)

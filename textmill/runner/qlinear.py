@@ -46,6 +46,7 @@ from torch import nn
 
 from textmill.kernels import load
 from textmill.loader.group_codes import CodesRef, GroupCodes
+from textmill.runner.row_buffer import RowBuffer
 
 MODES = ("q2", "q3", "q4", "q4k", "q5", "q5k", "q6", "q6k", "q8", "iq4", "iq2")  # CodesRef.form names a file tensor's form among these
 # The k-quants' own forms and the form of their width, which also takes their types (their
@@ -104,7 +105,7 @@ class QLinear(nn.Module):
         self.register_buffer("bias", bias)
         # Set by the runner on its LM head only (reuse_output): float32 results are then
         # written into this buffer and returned as views of it.
-        self.output: OutputBuffer | None = None
+        self.output: RowBuffer | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str) -> "QLinear":
@@ -189,38 +190,12 @@ class QLinear(nn.Module):
                 f"bias={self.bias is not None}, mode={self.mode} ({self.packed.numel() / 2**20:.1f} MiB packed)")
 
 
-class OutputBuffer:
-    """One (rows, N) float32 buffer a layer's calls write into, grown to the most rows asked
-    for up to `max_bytes` (past that, a call gets a fresh tensor as before). A result is a
-    view of it, valid until the layer's next call: for the runner's LM head, whose logits are
-    read within the step that made them.
-
-    Why: glibc serves a request past its mmap threshold (at most 32 MiB; the engine's own
-    thread draws on heaps of at most 64 MiB) with a fresh mapping and unmaps it on free, so
-    a step's (M, V) logits were first-touch page faults, one per 4 KiB, every step. Gemma 3's
-    q8 head (262,144 x 640) at 64 rows is 64 MiB: 16,417 faults a call from a thread other
-    than the main one. In `textmill serve` at 64 streams (Zen 4 VM, 2 vCPUs) the head's
-    median went from 54.8-55.7 ms a decode step to 45.3-46.2 with this buffer; at 16 rows
-    (16 MiB, which glibc came to reuse) it stayed at 11.7 either way. The sampler's
-    whole-row scratch is reused for the same reason (sampler.Scratch)."""
-
-    def __init__(self, out_features: int, max_bytes: int):
-        self.out_features, self.max_bytes = out_features, max_bytes
-        self.buffer = torch.empty((0, out_features), dtype=torch.float32)
-
-    def rows(self, n: int) -> torch.Tensor | None:
-        if n * self.out_features * 4 > self.max_bytes:
-            return None
-        if self.buffer.shape[0] < n:
-            self.buffer = torch.empty((n, self.out_features), dtype=torch.float32)
-        return self.buffer[:n]
-
-
 def reuse_output(layer: nn.Module, max_bytes: int) -> bool:
-    """Give a QLinear (the LM head) an OutputBuffer; False for any other layer."""
+    """Have a QLinear (the runner's LM head) write its float32 results into one reused
+    buffer of up to max_bytes (runner/row_buffer.py says why); False for any other layer."""
     if type(layer) is not QLinear:
         return False
-    layer.output = OutputBuffer(layer.out_features, max_bytes)
+    layer.output = RowBuffer(layer.out_features, max_bytes=max_bytes)
     return True
 
 

@@ -55,6 +55,7 @@ from textmill.runner.sampling_ops import (  # noqa: F401  (the tests import the 
     BLOCK_ROWS, apply_penalties, greedy_tokens, raw_logprobs, raw_logprobs_of_rows, sample_inverse_cdf, top_k_mask,
     top_p_mask, truncate, vocab_order,
 )
+from textmill.runner.row_buffer import RowBuffer
 from textmill.sampling_params import SamplingParams
 from typing import TYPE_CHECKING
 
@@ -123,18 +124,6 @@ class PenaltyCounts:
         self._free.append(row)
 
 
-class Scratch:
-    """A (rows, V) float32 buffer that grows to the largest block asked for and is reused."""
-
-    def __init__(self, vocab_size: int, device: str | torch.device):
-        self.buffer = torch.empty((0, vocab_size), dtype=torch.float32, device=device)
-
-    def rows(self, n: int) -> torch.Tensor:
-        if self.buffer.shape[0] < n:
-            self.buffer = self.buffer.new_empty((n, self.buffer.shape[1]))
-        return self.buffer[:n]
-
-
 class Sampler:
     def __init__(self, vocab_size: int, device: str | torch.device = "cpu", grammars: "LLGuidanceCompiler | None" = None):
         """`grammars`: the server's compiler (textmill/grammar), needed for structured outputs."""
@@ -146,7 +135,7 @@ class Sampler:
             self.grammar_masks = GrammarMasks(grammars, vocab_size, self.device)
         self.penalty_counts = PenaltyCounts(vocab_size, device)
         self.seen = PenaltyCounts(vocab_size, device)  # prompt + generated, for repetition_penalty
-        self._scratch = Scratch(vocab_size, device)  # whole-row work, one block at a time
+        self._scratch = RowBuffer(vocab_size, device)  # whole-row work, one block at a time
         self._requests: dict[str, RequestSampling] = {}
         # (request ids of the last batch, its bias as (rows, cols, values) or None)
         self._bias_batch: tuple[tuple[str, ...], tuple | None] | None = None

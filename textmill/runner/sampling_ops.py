@@ -9,6 +9,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from textmill.runner.row_buffer import RowBuffer
+
 # A model's top-p 0.9-0.95 nucleus is a few dozen tokens at most steps: one topk of this many
 # decides it. Wider rows try 16x more candidates (_next_size), then the whole vocabulary.
 FIRST_CANDIDATES = 64
@@ -169,7 +171,7 @@ def sample_inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tens
 
 
 def raw_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, k: int, scratch: Scratch, ranks: list | None = None
+    logits: torch.Tensor, tokens: torch.Tensor, k: int, scratch: RowBuffer, ranks: list | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (S, V) float32, tokens (S,) -> (logprob of each token (S,), top k logprobs
     (S, k), their ids (S, k)), from torch.log_softmax, one block of rows at a time.
@@ -203,7 +205,7 @@ def raw_logprobs(
 
 
 def raw_logprobs_of_rows(
-    logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], k: int, scratch: Scratch
+    logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], k: int, scratch: RowBuffer
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """raw_logprobs for `rows` only (row indices into logits); every other row gets NaN for
     its token and no alternatives (ids 0, logprobs -inf), in tensors of all rows."""
