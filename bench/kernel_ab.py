@@ -11,13 +11,16 @@ other work that is steadier than wall time, though memory bandwidth is still sha
     python bench/kernel_ab.py --rev HEAD~1 --modes act --shapes 3072x576 576x1536 --rows 64 256
 
 (`--modes act` times the activation quantizer alone, at each shape's K. `--cflags` builds
-both sides with more flags: `--cflags=-mno-avx512f` times the AVX2 path on an AVX-512 machine.)
+both sides with more flags: `--cflags=-mno-avx512f` times the AVX2 path on an AVX-512 machine.
+`--cold` takes the weights from memory, as a step's layers find them: each call reads the
+next of enough copies to pass COLD_BYTES, on every thread, timed by the wall clock.)
 
 Results: bench/results/kernel_ab-<time>.json, stamped with commit and machine.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import sys
 import tempfile
@@ -36,31 +39,40 @@ from stamp import write_result  # noqa: E402
 from textmill.kernels import load  # noqa: E402
 from textmill.kernels.build import build_variant  # noqa: E402
 
+# --cold: the copies of a weight a timing cycles through, in all. Several times any last-level
+# cache of the project's machines (32 MiB on Zen 4), so every call reads its weights from
+# memory, as a decode step does: a model's layers together are larger than the cache.
+COLD_BYTES = 256 << 20
 
 
-def best_times(run: dict, reps: int, rounds: int) -> dict:
-    """Each callable's best CPU time per call over `rounds`, the callables taking turns."""
+def best_times(run: dict, reps: int, rounds: int, clock=time.process_time) -> dict:
+    """Each callable's best time per call over `rounds` by `clock`, the callables taking turns."""
     best = {name: float("inf") for name in run}
     for _ in range(rounds):
         for name, f in run.items():
-            t = time.process_time()
+            t = clock()
             for _ in range(reps):
                 f()
-            best[name] = min(best[name], (time.process_time() - t) / reps)
+            best[name] = min(best[name], (clock() - t) / reps)
     return best
 
 
-def measure(old, new, mode: str, n: int, k: int, m: int, rounds: int) -> dict:
+def measure(old, new, mode: str, n: int, k: int, m: int, rounds: int, cold: bool = False) -> dict:
     g = torch.Generator().manual_seed(n * 31 + k * 7 + m)
     w = torch.randn(n, k, generator=g) * 0.02
     x = torch.randn(m, k, generator=g)
     # Each build packs the weights itself: the packed layout may differ between revisions.
     packed = {name: getattr(ext, f"{mode}_pack")(w) for name, ext in (("old", old), ("new", new))}
-    run = {name: (lambda ext=ext, name=name: getattr(ext, f"{mode}_linear")(x, packed[name], n))
+    copies = max(2, -(-COLD_BYTES // packed["new"].numel())) if cold else 1
+    weights = {name: [p] + [p.clone() for _ in range(copies - 1)] for name, p in packed.items()}
+    calls = {name: itertools.cycle(ws) for name, ws in weights.items()}
+    run = {name: (lambda ext=ext, name=name: getattr(ext, f"{mode}_linear")(x, next(calls[name]), n))
            for name, ext in (("old", old), ("new", new))}
     same = torch.equal(run["old"](), run["new"]())
     reps = max(1, int(2e8 // (n * k * max(m, 4))))  # ~the same work per timing at every shape
-    best = best_times(run, reps, rounds)
+    if cold:  # at least one pass over the copies, so that each timing reads them all from memory
+        reps = max(reps, copies)
+    best = best_times(run, reps, rounds, time.perf_counter if cold else time.process_time)
     return {"mode": mode, "n": n, "k": k, "m": m, "old_ms": 1e3 * best["old"], "new_ms": 1e3 * best["new"],
             "new_over_old": best["new"] / best["old"], "bitwise_equal": same}
 
@@ -87,14 +99,17 @@ def main() -> int:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cflags", default="", help="more compiler flags for both builds (e.g. -mno-avx512f)")
+    ap.add_argument("--cold", action="store_true",
+                    help="weights from memory (copies past the cache), every thread, wall-clock time")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    if not args.cold:
+        torch.set_num_threads(1)
     flags = tuple(args.cflags.split())
     new = build_variant("quant", "ab-" + re.sub(r"\W+", "_", "".join(flags)), list(flags)) if flags else load("quant")
     with tempfile.TemporaryDirectory() as scratch:
         old = build_at(args.rev, Path(scratch), "quant", flags)
         results = [measure_act(old, new, int(shape.split("x")[1]), m, args.rounds) if mode == "act"
-                   else measure(old, new, mode, *map(int, shape.split("x")), m, args.rounds)
+                   else measure(old, new, mode, *map(int, shape.split("x")), m, args.rounds, args.cold)
                    for mode in args.modes for shape in args.shapes for m in args.rows]
     print(f"| mode | N x K | M | {args.rev} ms | this tree ms | new / old | bitwise equal |")
     print("|---|---|---:|---:|---:|---:|---|")
@@ -102,7 +117,10 @@ def main() -> int:
         print(f"| {r['mode']} | {r['n']}x{r['k']} | {r['m']} | {r['old_ms']:.2f} | {r['new_ms']:.2f} | "
               f"{r['new_over_old']:.2f} | {'yes' if r['bitwise_equal'] else 'NO'} |")
     print(f"isa: {args.rev} {old.isa()}, this tree {new.isa()}" + (f" (--cflags {args.cflags})" if flags else ""))
-    write_result("kernel_ab", {"rev": args.rev, "threads": 1, "cflags": args.cflags, "isa": new.isa(), "results": results})
+    threads = torch.get_num_threads()
+    print(f"{'weights from memory, wall clock' if args.cold else 'weights cached, CPU time'}, {threads} thread(s)")
+    write_result("kernel_ab", {"rev": args.rev, "threads": threads, "cold": args.cold, "cflags": args.cflags,
+                               "isa": new.isa(), "results": results})
     return 0 if all(r["bitwise_equal"] for r in results) else 1
 
 

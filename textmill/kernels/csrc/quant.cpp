@@ -1776,14 +1776,18 @@ inline __m256i q6_top256(__m256i v, int t) {
 }
 
 // Software prefetch. Each block asks for one block's share of the stream (half a pair,
-// see codes_at) ~6 KB ahead into L2 and PREFETCH_BLOCKS blocks ahead into L1: the tile
-// is one sequential stream, so block b's share starts at b * pair_bytes / 2, and past the
-// tile's end it is the next tile's. Spread evenly, one block's lines per block: on Zen 4
-// asking for a whole pair at once every other block ran batched decode (16 rows) 1.2-1.9x
-// slower on weights from memory, and no prefetch at all 1.1-1.6x slower. With one
+// see codes_at) PREFETCH_FAR_BYTES ahead into L2 and PREFETCH_BLOCKS blocks ahead into L1:
+// the tile is one sequential stream, so block b's share starts at b * pair_bytes / 2, and
+// past the tile's end it is the next tile's. Spread evenly, one block's lines per block: on
+// Zen 4 asking for a whole pair at once every other block ran batched decode (16 rows)
+// 1.2-1.9x slower on weights from memory, and no prefetch at all 1.1-1.6x slower. With one
 // activation row the prefetches overlap reading with computing (Zen 1: -15..35%).
+// 24 KB ahead, not 6: at 16 rows a block is ~16x the work of one row's, yet 6 KB ahead left
+// the weights' reads exposed (Zen 4, 2 threads, weights from memory: Gemma 3's q8 head at
+// 16 rows 10.2 against 13.3 ms, its layers' shapes 0.92-0.97x the time; 1 and 64 rows
+// level). Two tiles' 24 KB in flight a thread is a small part of any L2 here (Zen 1: 512 KB).
 constexpr int64_t PREFETCH_BLOCKS = 4;
-constexpr int64_t PREFETCH_FAR_BYTES = 6 << 10;
+constexpr int64_t PREFETCH_FAR_BYTES = 24 << 10;
 inline void prefetch_l1(const void* p, int lines) {
   for (int i = 0; i < lines; ++i) _mm_prefetch(static_cast<const char*>(p) + 64 * i, _MM_HINT_T0);
 }
