@@ -443,6 +443,69 @@ def test_output_buffer_is_reused_and_capped(ext):
     assert RowBuffer(96, max_bytes=0).rows(1) is None and RowBuffer(96).rows(1000).shape == (1000, 96)
 
 
+
+# Parts as real files mix them: a Q4_K_M file's Q4_K q/k beside a Q6_K v; Q8 beside others
+# (its 512-bit kernels read flipped activations, the others the codes as they are); Q8 alone
+# twice; three forms; widths that leave a last tile half padding.
+PART_MIXES = [("q4k", "q6k"), ("q8", "q4k"), ("q6k", "q8", "q5"), ("q8", "q8"), ("q4", "iq4", "q2")]
+
+
+@pytest.mark.parametrize("forms", PART_MIXES, ids="+".join)
+def test_parts_in_one_call_are_their_own_results_side_by_side(ext, forms, threads):
+    """linear_parts computes several weights over one input in one call: each part's columns
+    must be bitwise that part's own <form>_linear, on every path (SIMD, scalar, the row
+    groups), at decode and prefill row counts, with and without a bias, on 1 and 2 threads."""
+    k, widths = 576, (96, 40, 24)
+    parts = [(form, pack(ext, form, weights(n, k, i)), n, torch.randn(n) if i == 1 else None)
+             for i, (form, n) in enumerate(zip(forms, widths))]
+    for nthreads, mm, (impl, mr_max) in itertools.product((1, 2), (1, 3, 16, 20, 64, 130, 300),
+                                                          ((0, 0), (1, 0), (0, 2))):
+        torch.set_num_threads(nthreads)
+        x = acts(mm, k, nthreads)
+        alone = torch.cat([getattr(ext, f"{form}_linear")(x, packed, n, b, impl=impl, mr_max=mr_max)
+                           for form, packed, n, b in parts], dim=-1)
+        together = ext.linear_parts(x, [(ext.mode_number(form), packed, n, b) for form, packed, n, b in parts],
+                                    impl=impl, mr_max=mr_max)
+        assert torch.equal(together, alone), (nthreads, mm, impl, mr_max)
+
+
+def test_side_by_side_quantized_parts_run_as_one_call(ext, monkeypatch):
+    """SideBySide of QLinears (a Q4_K_M file's q/k and v) calls the kernel once for all of
+    them, not each part's forward, and gives the parts' results side by side; 3-D input and
+    half precision as QLinear takes them. Any other part (a float nn.Linear) goes part by part."""
+    from textmill.runner.qlinear import SideBySide
+
+    qk = QLinear.from_linear(nn.Linear(128, 64), "q4k")
+    v = QLinear.from_linear(nn.Linear(128, 40), "q6k")
+    both = SideBySide([qk, v])
+    x = torch.randn(2, 5, 128)
+    expected = torch.cat([qk(x), v(x)], dim=-1)
+    half = torch.cat([qk(x.to(torch.bfloat16)), v(x.to(torch.bfloat16))], dim=-1)
+
+    def refuse(self, x):
+        raise AssertionError("a part's own forward ran")
+
+    monkeypatch.setattr(QLinear, "forward", refuse)
+    y = both(x)
+    assert y.shape == (2, 5, 104) and torch.equal(y, expected)
+    assert torch.equal(both(x.to(torch.bfloat16)), half)
+    with pytest.raises(AssertionError, match="own forward"):
+        SideBySide([qk, nn.Linear(128, 8)])(x)
+
+
+def test_bad_parts_are_refused(ext):
+    a, b = ext.q8_pack(torch.randn(16, 64)), ext.q4k_pack(torch.randn(16, 256))
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError):  # K of the second part does not match x
+        ext.linear_parts(x, [(ext.mode_number("q8"), a, 16, None), (ext.mode_number("q4k"), b, 16, None)])
+    with pytest.raises(RuntimeError, match="no form numbered"):
+        ext.linear_parts(x, [(99, a, 16, None)])
+    with pytest.raises(RuntimeError, match="at least one part"):
+        ext.linear_parts(x, [])
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ext.linear_parts(x, [(ext.mode_number("q8"), a, 16, torch.zeros(15))])
+    assert ext.linear_parts(torch.randn(0, 64), [(ext.mode_number("q8"), a, 16, None)] * 2).shape == (0, 32)
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant,flags,isa", [
     # the 256-bit VNNI path (half tiles, compact activations) with an exact AVX2 emulation of dpbusd

@@ -1330,7 +1330,9 @@ class Forward {
       const char* name = capsule.name();
       TORCH_CHECK(name != nullptr && std::strcmp(name, textmill::kLinearCapsule) == 0,
                   "expected quant's linear_capsule()");
-      linear_ = reinterpret_cast<textmill::LinearFn>(capsule.get_pointer());
+      const auto* entry = static_cast<const textmill::LinearEntry*>(capsule.get_pointer());
+      linear_ = entry->one;
+      linear_parts_ = entry->parts;
     }
     for (const py::dict& d : layers) {
       LayerSpec s;
@@ -1415,6 +1417,14 @@ class Forward {
 
   torch::Tensor linear(const std::vector<LinearPart>& parts, const torch::Tensor& x) const {
     if (parts.size() == 1) return one(parts[0], x);
+    // Quantized parts in one call (quant's run_parts): one activation quantization and one
+    // parallel region, their columns written side by side. Bitwise the concatenation below.
+    if (std::all_of(parts.begin(), parts.end(), [](const LinearPart& p) { return p.mode.has_value(); })) {
+      std::vector<textmill::LinearPart> refs;
+      refs.reserve(parts.size());
+      for (const LinearPart& p : parts) refs.push_back({*p.mode, &p.w, p.n, &p.bias});
+      return linear_parts_(refs.data(), static_cast<int64_t>(refs.size()), x);
+    }
     std::vector<torch::Tensor> outs;
     outs.reserve(parts.size());
     for (const LinearPart& p : parts) outs.push_back(one(p, x));
@@ -1440,6 +1450,7 @@ class Forward {
   }
 
   textmill::LinearFn linear_ = nullptr;
+  textmill::LinearPartsFn linear_parts_ = nullptr;
   std::vector<LayerSpec> layers_;
   int64_t max_rope_ = 0;  // the highest RoPE table index a layer reads: run() checks it once
   double eps_;

@@ -2,9 +2,9 @@
 //
 // quant.cpp owns the linear kernels, layer.cpp the rest of a decoder layer; each is its own
 // extension module. layer.cpp's Forward runs a whole forward pass in one call from Python,
-// so it must call the linears without Python in between: quant.cpp hands it a pointer to
-// `linear_by_mode` (below) in a Python capsule named kLinearCapsule. Both modules are built
-// by the same compiler against the same libtorch, so passing torch::Tensor across is safe.
+// so it must call the linears without Python in between: quant.cpp hands it a LinearEntry
+// (below), the linear's functions, in a Python capsule named kLinearCapsule. Both modules are
+// built by the same compiler against the same libtorch, so passing torch::Tensor across is safe.
 #pragma once
 
 #include <torch/extension.h>
@@ -16,6 +16,23 @@ namespace textmill {
 using LinearFn = torch::Tensor (*)(int64_t mode, const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
                                    const c10::optional<torch::Tensor>& bias);
 
-inline constexpr const char* kLinearCapsule = "textmill.linear_by_mode";
+// One part of a weight whose parts' outputs go side by side (a Q4_K q/k beside a Q6_K v).
+struct LinearPart {
+  int64_t mode;
+  const torch::Tensor* packed;
+  int64_t n;
+  const c10::optional<torch::Tensor>* bias;
+};
+
+// y (M, sum of n) = x (M, K) @ [W_0 | W_1 | ...]^T (+ biases), in one call: each part's
+// columns bitwise what LinearFn gives for that part alone.
+using LinearPartsFn = torch::Tensor (*)(const LinearPart* parts, int64_t count, const torch::Tensor& x);
+
+struct LinearEntry {
+  LinearFn one;
+  LinearPartsFn parts;
+};
+
+inline constexpr const char* kLinearCapsule = "textmill.linear_entry";
 
 }  // namespace textmill

@@ -2608,66 +2608,28 @@ std::string isa() {
 }
 
 // ---------------------------------------------------------------------------------------
-// The linear: y (M, N) = x (M, K) @ W^T (+ bias)
+// The linear: y (M, N) = x (M, K) @ W^T (+ bias), W in one or more parts side by side
 
-torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor& packed, int64_t n,
-                      const c10::optional<torch::Tensor>& bias_in, int64_t impl, int64_t mr_max,
-                      const c10::optional<torch::Tensor>& out_in = c10::nullopt) {
-  TORCH_CHECK(x_in.dim() == 2, "x must be (M, K)");
-  const int64_t m = x_in.size(0), k = x_in.size(1);
-  check_packed(mode, packed, n, k);
-  TORCH_CHECK(impl == 0 || impl == 1, "impl: 0 = best available, 1 = scalar");
-  TORCH_CHECK(mr_max >= 0 && mr_max <= MAX_MR, "mr_max in 0..", MAX_MR);
-  const auto out_dtype = x_in.scalar_type();
-  TORCH_CHECK(out_dtype == torch::kFloat || out_dtype == torch::kBFloat16 || out_dtype == torch::kHalf,
-              "x must be float32, bfloat16 or float16");
-  auto x = x_in.to(torch::kFloat).contiguous();
-  torch::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    bias = bias_in->to(torch::kFloat).contiguous();
-    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == n, "bias must be (N,)");
-  }
-  // `out`: a caller's (M, N) float32 buffer to write into (the runner's LM head, whose
-  // (M, V) logits would otherwise be a fresh mapping every step: runner/qlinear.py).
-  torch::Tensor y;
-  if (out_in.has_value() && out_in->defined()) {
-    TORCH_CHECK(out_dtype == torch::kFloat, "out: only for float32 x");
-    TORCH_CHECK(out_in->scalar_type() == torch::kFloat && out_in->device().is_cpu() && out_in->dim() == 2 &&
-                    out_in->size(0) == m && out_in->size(1) == n && out_in->is_contiguous(),
-                "out must be a contiguous float32 CPU tensor of shape (", m, ", ", n, "), got ", out_in->sizes());
-    y = *out_in;
-  } else {
-    y = torch::empty({m, n}, torch::kFloat);
-  }
-  if (m == 0) return y.to(out_dtype);
+// One part of a linear's weight: its output columns [col, col + n) of y. A file may store
+// the weights that one input feeds in different forms (a Q4_K_M file's Q4_K q and k beside
+// a Q6_K v); run_parts computes them all in one call, as if they were one weight.
+struct Part {
+  Mode mode;
+  const uint8_t* packed;
+  int64_t n;
+  const float* bias;  // (n,), or nullptr
+  int64_t col;
+};
 
-  const int64_t kb = k / QK, ntiles = (n + NR - 1) / NR, tbytes = tile_bytes(mode, kb);
-  // One buffer for a, e, s and the half sums: allocated per call (M*K bytes and 24 a block;
-  // tiny next to the weights).
-  auto qbuf = torch::empty({m * k + 4 + m * kb * static_cast<int64_t>(2 * sizeof(float) + sizeof(HalfSums))},
-                           torch::kUInt8);
-  QAct q;
-  q.a = reinterpret_cast<int8_t*>(qbuf.data_ptr<uint8_t>());
-  q.e = reinterpret_cast<float*>(qbuf.data_ptr<uint8_t>() + m * k + (4 - (m * k) % 4) % 4);
-  q.s = q.e + m * kb;
-  q.off = reinterpret_cast<HalfSums*>(q.s + m * kb);
-  TORCH_CHECK(reinterpret_cast<uint8_t*>(q.off + m * kb) <= qbuf.data_ptr<uint8_t>() + qbuf.numel());
-  bool simd = false;
-#ifdef TM_AVX2
-  simd = impl == 0;
-#endif
-  quantize_rows(x.data_ptr<float>(), m, k, q, simd);
-#ifdef TM_VNNI512
-  // Q8Block takes the activations as u8, a + 128 (see there): flip each sign bit.
-  if (simd && mode == Mode::Q8) {
-    uint8_t* a = reinterpret_cast<uint8_t*>(q.a);
-    for (int64_t i = 0; i < m * k; ++i) a[i] ^= 0x80;
-  }
-#endif
-
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
+// y (M, ldy) columns of every part = the quantized activations q against the parts' weights.
+// q8 is q with its codes' sign bits flipped (the 512-bit Q8 kernels'; see Q8Block), when a
+// part needs it. One parallel region hands out the tiles of all parts: one activation
+// quantization and one fork and join a call, not one a part, and no concatenation after.
+// Which thread computes a tile never changes its result, so each part's columns are
+// bitwise what a call of that part alone gives.
+void run_parts(const std::vector<Part>& parts, const QAct& q, const QAct& q8, int64_t m, int64_t k, float* yp,
+               int64_t ldy, bool simd, int64_t mr_max) {
+  const int64_t kb = k / QK;
   const int64_t mr_cap = mr_max == 0 ? MAX_MR : mr_max;
   // mr_max (tests) asks for the row-group order with register tiles of at most that many rows.
   bool block_major = false;
@@ -2675,24 +2637,33 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
   block_major = simd && mr_max == 0 && m > 1;
 #endif
   (void)block_major;
-  // Block-major passes of at most BLOCK_MAJOR_ROWS rows (their accumulators stay in L1).
-  // At long K a pass of PASS_BYTES would hold fewer rows than Q4's and Q6's forms start on
-  // the panel at (24: K past ~10,900, an 8B's down projection); theirs hold that many
-  // (kernel_ab, Xeon, one thread, K = 12800 and 14336, 24-256 rows, two runs: q4k
-  // 0.90-0.98x the time, q6k 0.72-0.98x, q4 0.92-1.00x).
-  int64_t min_pass = 16;
+  // What each part needs beside its weight: tiles, their bytes, and its block-major pass.
+  struct Run {
+    int64_t ntiles, tbytes, pass_rows, panel_from;
+  };
+  std::vector<Run> runs;
+  int64_t panel_bytes = 0;  // a worker's panel buffer: the largest any part uses
+  for (const Part& part : parts) {
+    // Block-major passes of at most BLOCK_MAJOR_ROWS rows (their accumulators stay in L1).
+    // At long K a pass of PASS_BYTES would hold fewer rows than Q4's and Q6's forms start on
+    // the panel at (24: K past ~10,900, an 8B's down projection); theirs hold that many
+    // (kernel_ab, Xeon, one thread, K = 12800 and 14336, 24-256 rows, two runs: q4k
+    // 0.90-0.98x the time, q6k 0.72-0.98x, q4 0.92-1.00x).
+    int64_t min_pass = 16, panel_from = 0;
 #ifdef TM_VNNI512
-  // The panel: the rows a pass needs for it, and its buffer's bytes per block (a pair's).
-  int64_t panel_from = 0, panel_pair_bytes = 0;
-  with_mode(mode, [&](auto form) {
-    constexpr Mode F = decltype(form)::value;
-    panel_from = panel_rows_from<F>();
-    panel_pair_bytes = sizeof(PanelPair<F>);
-  });
-  if (panel_from <= BLOCK_MAJOR_ROWS) min_pass = std::max(min_pass, panel_from);
+    // The panel: the rows a pass needs for it, and its buffer's bytes per block (a pair's).
+    int64_t pair_bytes = 0;
+    with_mode(part.mode, [&](auto form) {
+      constexpr Mode F = decltype(form)::value;
+      panel_from = panel_rows_from<F>();
+      pair_bytes = sizeof(PanelPair<F>);
+    });
+    if (panel_from <= BLOCK_MAJOR_ROWS) min_pass = std::max(min_pass, panel_from);
+    if (block_major && m >= panel_from) panel_bytes = std::max(panel_bytes, std::min(kb, PANEL_BLOCKS) * pair_bytes);
 #endif
-  const int64_t pass_rows = std::clamp<int64_t>(PASS_BYTES / k, min_pass, BLOCK_MAJOR_ROWS);
-  (void)pass_rows;
+    runs.push_back({(part.n + NR - 1) / NR, tile_bytes(part.mode, kb),
+                    std::clamp<int64_t>(PASS_BYTES / k, min_pass, BLOCK_MAJOR_ROWS), panel_from});
+  }
   // Expanded activations go in chunks whose expanded form (k * 8 bytes a row) stays in L2
   // while this thread's weight tiles pass by, and stays below malloc's mmap threshold.
   bool expand = false;
@@ -2704,15 +2675,26 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
   // so that a call too small to gain from waking a second thread runs on this one
   // (measured on 2 cores: 576x576 at M = 1 takes 29 us on one thread, 20 us on two).
   const int64_t grain = std::max<int64_t>(1, 256 / std::max<int64_t>(1, kb * m));
+  int64_t grains = 0;
+  for (const Run& r : runs) grains += (r.ntiles + grain - 1) / grain;
   // Tiles are handed out in pieces from a shared counter rather than split statically:
   // on 2 cores shared with the server's event loop (and anything else), a static half
   // leaves one thread waiting whenever the other is preempted, while pieces let the
-  // running thread take the preempted one's share. About 8 pieces a thread keep the claim
-  // cost (one atomic add) negligible and the weight stream sequential within a piece.
-  // Which thread computes a tile does not change its result: outputs stay bitwise equal.
-  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), (ntiles + grain - 1) / grain);
-  int64_t piece = std::max<int64_t>(grain, (ntiles + 8 * nthreads - 1) / (8 * nthreads));
-  piece += block_major && (piece & 1);  // block-major takes tiles in pairs
+  // running thread take the preempted one's share. About 8 pieces a thread and part keep
+  // the claim cost (one atomic add) negligible and the weight stream sequential within a
+  // piece. Which thread computes a tile does not change its result: outputs stay bitwise equal.
+  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), grains);
+  struct Piece {
+    int64_t part, t0, t1;
+  };
+  std::vector<Piece> pieces;
+  for (int64_t pi = 0; pi < static_cast<int64_t>(parts.size()); ++pi) {
+    const int64_t ntiles = runs[pi].ntiles;
+    int64_t piece = std::max<int64_t>(grain, (ntiles + 8 * nthreads - 1) / (8 * nthreads));
+    piece += block_major && (piece & 1);  // block-major takes tiles in pairs
+    for (int64_t t0 = 0; t0 < ntiles; t0 += piece) pieces.push_back({pi, t0, std::min(ntiles, t0 + piece)});
+  }
+  const int64_t npieces = static_cast<int64_t>(pieces.size());
   std::atomic<int64_t> next{0};
   auto worker = [&](int64_t, int64_t) {
     alignas(64) float out[MAX_MR][NR];
@@ -2722,17 +2704,27 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
     TORCH_CHECK(!expand || xmem, "out of memory");
     __m256i* const xbuf = static_cast<__m256i*>(xmem.get());
 #endif
-    int64_t expanded = -1;  // the activation chunk now in xbuf: one chunk (M <= chunk) is expanded once
+    // The activation chunk now in xbuf (rows from `expanded` on, of codes `expanded_from`):
+    // one chunk (M <= chunk) is expanded once for every part that reads the same codes.
+    int64_t expanded = -1;
+    const int8_t* expanded_from = nullptr;
 #ifdef TM_VNNI512
-    // The panel's unpacked blocks (calls of panel_from rows and up): one buffer a worker.
-    const bool panels = block_major && m >= panel_from;
-    std::unique_ptr<void, decltype(&std::free)> pmem(
-        panels ? std::aligned_alloc(64, std::min(kb, PANEL_BLOCKS) * panel_pair_bytes) : nullptr, &std::free);
-    TORCH_CHECK(!panels || pmem, "out of memory");
+    // The panel's unpacked blocks (parts of panel_from rows and up): one buffer a worker.
+    std::unique_ptr<void, decltype(&std::free)> pmem(panel_bytes ? std::aligned_alloc(64, panel_bytes) : nullptr,
+                                                     &std::free);
+    TORCH_CHECK(!panel_bytes || pmem, "out of memory");
 #endif
-    for (int64_t t0 = next.fetch_add(piece, std::memory_order_relaxed); t0 < ntiles;
-         t0 = next.fetch_add(piece, std::memory_order_relaxed)) {
-      const int64_t t1 = std::min(ntiles, t0 + piece);
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < npieces;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      const auto [pi, t0, t1] = pieces[i];
+      const Part& part = parts[pi];
+      const Mode mode = part.mode;
+      const int64_t n = part.n, tbytes = runs[pi].tbytes;
+      const uint8_t* pp = part.packed;
+      const float* bp = part.bias;
+      float* const yc = yp + part.col;  // this part's first column
+      // Q8's 512-bit kernels take the flipped codes; every other kernel q's own.
+      const QAct& qa = q8.a != q.a && mode == Mode::Q8 ? q8 : q;
 #ifdef TM_AVX2
       // A piece starts a new stream, whose first PREFETCH_FAR_BYTES the blocks' own
       // prefetches (prefetch_ahead) never ask for: ask for them at once. kernel_ab --cold on
@@ -2742,6 +2734,7 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
 #endif
 #ifdef TM_VNNI512
       if (block_major) {
+        const int64_t pass_rows = runs[pi].pass_rows, panel_from = runs[pi].panel_from;
         alignas(64) __m512 acc[2][BLOCK_MAJOR_ROWS];
         for (int64_t r0 = 0; r0 < m; r0 += pass_rows) {
           const int64_t rows = std::min(pass_rows, m - r0);
@@ -2749,23 +2742,23 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
             const bool pair = t + 1 < t1;  // a piece's odd last tile runs alone
             const int64_t u1 = std::min(t + 2, t1);
             // Only full tiles' lines: a last tile's padding columns are not in y.
-            const OutLines lines{yp + r0 * n + t * NR, n, static_cast<int>((std::min(u1 * NR, n) - t * NR) / NR)};
+            const OutLines lines{yc + r0 * ldy + t * NR, ldy, static_cast<int>((std::min(u1 * NR, n) - t * NR) / NR)};
             with_mode(mode, [&](auto form) {
               constexpr Mode F = decltype(form)::value;
               if (pair && rows >= panel_from)
-                tile_pair_panel_avx512<F>(pp + t * tbytes, pp + (t + 1) * tbytes, kb, q.a + r0 * k, k, rows,
-                                          q.e + r0 * kb, q.s + r0 * kb, q.off + r0 * kb, acc[0], acc[1], lines,
+                tile_pair_panel_avx512<F>(pp + t * tbytes, pp + (t + 1) * tbytes, kb, qa.a + r0 * k, k, rows,
+                                          qa.e + r0 * kb, qa.s + r0 * kb, qa.off + r0 * kb, acc[0], acc[1], lines,
                                           pmem.get());
               else if (pair)
-                tile_pair_rows_avx512<F>(pp + t * tbytes, pp + (t + 1) * tbytes, kb, q.a + r0 * k, k, rows,
-                                         q.e + r0 * kb, q.s + r0 * kb, q.off + r0 * kb, acc[0], acc[1], lines);
+                tile_pair_rows_avx512<F>(pp + t * tbytes, pp + (t + 1) * tbytes, kb, qa.a + r0 * k, k, rows,
+                                         qa.e + r0 * kb, qa.s + r0 * kb, qa.off + r0 * kb, acc[0], acc[1], lines);
               else
-                tile_rows_avx512<F>(pp + t * tbytes, kb, q.a + r0 * k, k, rows, q.e + r0 * kb, q.s + r0 * kb,
-                                    q.off + r0 * kb, acc[0], lines);
+                tile_rows_avx512<F>(pp + t * tbytes, kb, qa.a + r0 * k, k, rows, qa.e + r0 * kb, qa.s + r0 * kb,
+                                    qa.off + r0 * kb, acc[0], lines);
             });
             for (int64_t r = 0; r < rows; ++r)
               for (int64_t u = t; u < u1; ++u) {
-                float* dst = yp + (r0 + r) * n + u * NR;
+                float* dst = yc + (r0 + r) * ldy + u * NR;
                 const float* bu = bp ? bp + u * NR : nullptr;
                 const int64_t ncols = std::min<int64_t>(NR, n - u * NR);
                 // Full tiles straight from the register (store_row's adds, 16 at a time). Sent
@@ -2787,7 +2780,10 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
       for (int64_t c0 = 0; c0 < m; c0 += chunk) {
         const int64_t c1 = std::min(m, c0 + chunk);
 #ifdef TM_AVX2
-        if (expand && expanded != c0) expand_rows(q.a + c0 * k, (c1 - c0) * k / 4, xbuf), expanded = c0;
+        if (expand && (expanded != c0 || expanded_from != qa.a)) {
+          expand_rows(qa.a + c0 * k, (c1 - c0) * k / 4, xbuf);
+          expanded = c0, expanded_from = qa.a;
+        }
 #endif
         for (int64_t t = t0; t < t1; ++t) {
           const uint8_t* tile = pp + t * tbytes;
@@ -2796,9 +2792,9 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
             const int64_t mr = std::min<int64_t>(mr_cap, c1 - m0);
 #ifdef TM_AVX2
             if (simd) {
-              const ActRows act = ActRows::at(q, xbuf, m0, c0, k, kb);
-              const float *e = q.e + m0 * kb, *s = q.s + m0 * kb;
-              const HalfSums* off = q.off + m0 * kb;
+              const ActRows act = ActRows::at(qa, xbuf, m0, c0, k, kb);
+              const float *e = qa.e + m0 * kb, *s = qa.s + m0 * kb;
+              const HalfSums* off = qa.off + m0 * kb;
               switch (mr) {
                 case 1: tile_simd<1>(mode, tile, kb, ncols, act, e, s, off, out); break;
                 case 2: tile_simd<2>(mode, tile, kb, ncols, act, e, s, off, out); break;
@@ -2808,20 +2804,20 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
             }
 #endif
             if (!simd) {
-              if (mode == Mode::Q4) q4_tile_scalar<Mode::Q4>(tile, kb, q, k, m0, mr, out);
-              else if (mode == Mode::Q4K) q4_tile_scalar<Mode::Q4K>(tile, kb, q, k, m0, mr, out);
-              else if (mode == Mode::Q5K) q4_tile_scalar<Mode::Q5K>(tile, kb, q, k, m0, mr, out);
-              else if (mode == Mode::Q6K) q6_tile_scalar<Mode::Q6K>(tile, kb, q, k, m0, mr, out);
-              else if (mode == Mode::Q8) q8_tile_scalar<Mode::Q8>(tile, kb, q, k, m0, mr, out);
-              else if (mode == Mode::IQ4) q8_tile_scalar<Mode::IQ4>(tile, kb, q, k, m0, mr, out);
-              else if (mode == Mode::Q6) q6_tile_scalar<Mode::Q6>(tile, kb, q, k, m0, mr, out);
-              else if (mode == Mode::Q3) q6_tile_scalar<Mode::Q3>(tile, kb, q, k, m0, mr, out);
-              else if (mode == Mode::IQ2) q6_tile_scalar<Mode::IQ2>(tile, kb, q, k, m0, mr, out);
-              else if (mode == Mode::Q2) q6_tile_scalar<Mode::Q2>(tile, kb, q, k, m0, mr, out);
-              else q4_tile_scalar<Mode::Q5>(tile, kb, q, k, m0, mr, out);
+              if (mode == Mode::Q4) q4_tile_scalar<Mode::Q4>(tile, kb, qa, k, m0, mr, out);
+              else if (mode == Mode::Q4K) q4_tile_scalar<Mode::Q4K>(tile, kb, qa, k, m0, mr, out);
+              else if (mode == Mode::Q5K) q4_tile_scalar<Mode::Q5K>(tile, kb, qa, k, m0, mr, out);
+              else if (mode == Mode::Q6K) q6_tile_scalar<Mode::Q6K>(tile, kb, qa, k, m0, mr, out);
+              else if (mode == Mode::Q8) q8_tile_scalar<Mode::Q8>(tile, kb, qa, k, m0, mr, out);
+              else if (mode == Mode::IQ4) q8_tile_scalar<Mode::IQ4>(tile, kb, qa, k, m0, mr, out);
+              else if (mode == Mode::Q6) q6_tile_scalar<Mode::Q6>(tile, kb, qa, k, m0, mr, out);
+              else if (mode == Mode::Q3) q6_tile_scalar<Mode::Q3>(tile, kb, qa, k, m0, mr, out);
+              else if (mode == Mode::IQ2) q6_tile_scalar<Mode::IQ2>(tile, kb, qa, k, m0, mr, out);
+              else if (mode == Mode::Q2) q6_tile_scalar<Mode::Q2>(tile, kb, qa, k, m0, mr, out);
+              else q4_tile_scalar<Mode::Q5>(tile, kb, qa, k, m0, mr, out);
             }
             for (int64_t r = 0; r < mr; ++r)
-              store_row(yp + (m0 + r) * n + t * NR, out[r], bp ? bp + t * NR : nullptr, ncols);
+              store_row(yc + (m0 + r) * ldy + t * NR, out[r], bp ? bp + t * NR : nullptr, ncols);
           }
         }
       }
@@ -2829,7 +2825,98 @@ torch::Tensor qlinear(Mode mode, const torch::Tensor& x_in, const torch::Tensor&
   };
   if (nthreads <= 1) worker(0, 1);
   else at::parallel_for(0, nthreads, 1, worker);
+}
+
+// A linear's weight part as the callers hand it over: (mode, packed, n, bias).
+struct PartArg {
+  Mode mode;
+  const torch::Tensor& packed;
+  int64_t n;
+  const c10::optional<torch::Tensor>& bias;
+};
+
+// y (M, sum of the parts' n) = x @ [W_0 | W_1 | ...]^T (+ biases): the parts' outputs side by
+// side, each bitwise a call of that part alone (see run_parts). `out`: a caller's (M, N)
+// float32 buffer to write into (the runner's LM head, whose (M, V) logits would otherwise be
+// a fresh mapping every step: runner/qlinear.py).
+torch::Tensor qlinear_parts(const std::vector<PartArg>& args, const torch::Tensor& x_in, int64_t impl,
+                            int64_t mr_max, const c10::optional<torch::Tensor>& out_in = c10::nullopt) {
+  TORCH_CHECK(x_in.dim() == 2, "x must be (M, K)");
+  TORCH_CHECK(!args.empty(), "a linear needs at least one part");
+  const int64_t m = x_in.size(0), k = x_in.size(1);
+  int64_t n_all = 0;
+  for (const PartArg& a : args) check_packed(a.mode, a.packed, a.n, k), n_all += a.n;
+  TORCH_CHECK(impl == 0 || impl == 1, "impl: 0 = best available, 1 = scalar");
+  TORCH_CHECK(mr_max >= 0 && mr_max <= MAX_MR, "mr_max in 0..", MAX_MR);
+  const auto out_dtype = x_in.scalar_type();
+  TORCH_CHECK(out_dtype == torch::kFloat || out_dtype == torch::kBFloat16 || out_dtype == torch::kHalf,
+              "x must be float32, bfloat16 or float16");
+  auto x = x_in.to(torch::kFloat).contiguous();
+  std::vector<torch::Tensor> biases;  // float32 copies, alive for the call
+  std::vector<Part> parts;
+  for (const PartArg& a : args) {
+    const float* bp = nullptr;
+    if (a.bias.has_value() && a.bias->defined()) {
+      biases.push_back(a.bias->to(torch::kFloat).contiguous());
+      TORCH_CHECK(biases.back().dim() == 1 && biases.back().size(0) == a.n, "bias must be (N,) of its part");
+      bp = biases.back().data_ptr<float>();
+    }
+    parts.push_back({a.mode, a.packed.data_ptr<uint8_t>(), a.n, bp, parts.empty() ? 0 : parts.back().col + parts.back().n});
+  }
+  torch::Tensor y;
+  if (out_in.has_value() && out_in->defined()) {
+    TORCH_CHECK(out_dtype == torch::kFloat, "out: only for float32 x");
+    TORCH_CHECK(out_in->scalar_type() == torch::kFloat && out_in->device().is_cpu() && out_in->dim() == 2 &&
+                    out_in->size(0) == m && out_in->size(1) == n_all && out_in->is_contiguous(),
+                "out must be a contiguous float32 CPU tensor of shape (", m, ", ", n_all, "), got ", out_in->sizes());
+    y = *out_in;
+  } else {
+    y = torch::empty({m, n_all}, torch::kFloat);
+  }
+  if (m == 0) return y.to(out_dtype);
+
+  const int64_t kb = k / QK;
+  bool simd = false;
+#ifdef TM_AVX2
+  simd = impl == 0;
+#endif
+  // Q8Block takes the activations as u8, a + 128 (see there): a copy with each sign bit
+  // flipped, or the codes themselves flipped when every part is Q8.
+  bool any_q8 = false, all_q8 = true;
+#ifdef TM_VNNI512
+  for (const Part& p : parts) any_q8 |= p.mode == Mode::Q8, all_q8 &= p.mode == Mode::Q8;
+  any_q8 &= simd;
+#endif
+  const int64_t flipped_bytes = any_q8 && !all_q8 ? m * k : 0;
+  // One buffer for a, e, s, the half sums and the flipped copy of a: allocated per call
+  // (M*K bytes and 24 a block; tiny next to the weights).
+  const int64_t act_bytes = m * k + (4 - (m * k) % 4) % 4;
+  auto qbuf = torch::empty({act_bytes + m * kb * static_cast<int64_t>(2 * sizeof(float) + sizeof(HalfSums)) +
+                            flipped_bytes}, torch::kUInt8);
+  uint8_t* const base = qbuf.data_ptr<uint8_t>();
+  QAct q;
+  q.a = reinterpret_cast<int8_t*>(base);
+  q.e = reinterpret_cast<float*>(base + act_bytes);
+  q.s = q.e + m * kb;
+  q.off = reinterpret_cast<HalfSums*>(q.s + m * kb);
+  uint8_t* const flipped = reinterpret_cast<uint8_t*>(q.off + m * kb);
+  TORCH_CHECK(flipped + flipped_bytes <= base + qbuf.numel());
+  quantize_rows(x.data_ptr<float>(), m, k, q, simd);
+  QAct q8 = q;
+  if (any_q8) {
+    uint8_t* dst = all_q8 ? base : flipped;
+    for (int64_t i = 0; i < m * k; ++i) dst[i] = base[i] ^ 0x80;
+    q8.a = reinterpret_cast<int8_t*>(dst);
+    if (all_q8) q = q8;  // no part reads the unflipped codes
+  }
+  run_parts(parts, q, q8, m, k, y.data_ptr<float>(), n_all, simd, mr_max);
   return out_dtype == torch::kFloat ? y : y.to(out_dtype);
+}
+
+torch::Tensor qlinear(Mode mode, const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
+                      const c10::optional<torch::Tensor>& bias, int64_t impl, int64_t mr_max,
+                      const c10::optional<torch::Tensor>& out = c10::nullopt) {
+  return qlinear_parts({{mode, packed, n, bias}}, x, impl, mr_max, out);
 }
 
 // qlinear for one form, as the module exposes it (q4_linear, q5_linear, ...).
@@ -2840,14 +2927,38 @@ torch::Tensor linear_of(const torch::Tensor& x, const torch::Tensor& packed, int
   return qlinear(M, x, packed, n, bias, impl, mr_max, out);
 }
 
+Mode checked_mode(int64_t mode) {
+  TORCH_CHECK(mode >= 0 && mode <= static_cast<int64_t>(kLastMode), "no form numbered ", mode);
+  return static_cast<Mode>(mode);
+}
+
 // The linear by mode number, for layer.cpp's one-call forward (linear_entry.h): the same
 // call as <form>_linear with its defaults.
 torch::Tensor linear_by_mode(int64_t mode, const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
                              const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(mode >= 0 && mode <= static_cast<int64_t>(kLastMode), "no form numbered ", mode);
-  return qlinear(static_cast<Mode>(mode), x, packed, n, bias, 0, 0);
+  return qlinear(checked_mode(mode), x, packed, n, bias, 0, 0);
 }
 static_assert(std::is_same_v<decltype(&linear_by_mode), textmill::LinearFn>, "linear_entry.h's signature");
+
+// Parts side by side, for layer.cpp's one-call forward (linear_entry.h).
+torch::Tensor linear_parts_entry(const textmill::LinearPart* parts, int64_t count, const torch::Tensor& x) {
+  std::vector<PartArg> args;
+  for (int64_t i = 0; i < count; ++i)
+    args.push_back({checked_mode(parts[i].mode), *parts[i].packed, parts[i].n, *parts[i].bias});
+  return qlinear_parts(args, x, 0, 0);
+}
+static_assert(std::is_same_v<decltype(&linear_parts_entry), textmill::LinearPartsFn>, "linear_entry.h's signature");
+
+constexpr textmill::LinearEntry kLinearEntry{&linear_by_mode, &linear_parts_entry};
+
+// Parts side by side, from Python: parts = [(mode number, packed, n, bias or None), ...].
+torch::Tensor linear_parts(const torch::Tensor& x, const std::vector<std::tuple<int64_t, torch::Tensor, int64_t,
+                                                                                c10::optional<torch::Tensor>>>& parts,
+                           int64_t impl, int64_t mr_max) {
+  std::vector<PartArg> args;
+  for (const auto& [mode, packed, n, bias] : parts) args.push_back({checked_mode(mode), packed, n, bias});
+  return qlinear_parts(args, x, impl, mr_max);
+}
 
 // The activation quantization alone, for tests: -> a (M, K) int8, e (M, K/32), s (M, K/32),
 // and the half sums' HalfSums as bytes (M, K/32 x 16): off[2] int32, hs[2] float32 a block.
@@ -2877,8 +2988,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa, "the SIMD path this build uses: avx2+vnni, avx2 or scalar");
   m.def("mode_number", [](const std::string& form) { return static_cast<int64_t>(mode_of(form)); },
         "the number linear_capsule's function takes for a form (q4, q8, ...)");
-  m.def("linear_capsule", [] { return py::capsule(reinterpret_cast<void*>(&linear_by_mode), textmill::kLinearCapsule); },
-        "linear_by_mode(mode, x, packed, n, bias) for layer.cpp's Forward (linear_entry.h)");
+  m.def("linear_capsule",
+        [] { return py::capsule(const_cast<textmill::LinearEntry*>(&kLinearEntry), textmill::kLinearCapsule); },
+        "the linear's functions (one weight, parts side by side) for layer.cpp's Forward (linear_entry.h)");
+  m.def("linear_parts", &linear_parts, nogil,
+        "x (M, K) @ [W_0 | W_1 | ...]^T (+ biases) in one call, parts = [(mode_number, packed, n, bias), ...]: "
+        "each part's columns bitwise its <form>_linear",
+        py::arg("x"), py::arg("parts"), py::arg("impl") = 0, py::arg("mr_max") = 0);
   m.def("packed_bytes", [](const std::string& mode, int64_t n, int64_t k) { return packed_bytes(mode_of(mode), n, k); });
   m.def("q4_pack", &pack_min_max<Mode::Q4>, nogil, "float (N, K) -> packed Q4 (uint8)");
   m.def("q4_unpack", &unpack_min_max<Mode::Q4>, nogil, "packed Q4 -> codes (N, K) uint8, d (N, K/32), m (N, K/32)");
