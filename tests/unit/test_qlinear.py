@@ -531,6 +531,13 @@ def test_other_builds_give_the_same_bits(ext, variant, flags, isa):
         packed = pack(ext, mode, w)
         assert torch.equal(pack(other, mode, w), packed)
         assert torch.equal(linear(other, mode, x, packed, n, b), linear(ext, mode, x, packed, n, b))
+    # Parts in one call (run_parts): the expanded activations of the AVX2 path are shared by
+    # parts that read the same codes, and redone for the Q8 part's.
+    for forms, mm in itertools.product(PART_MIXES, (1, 7, 65)):
+        parts = [(ext.mode_number(form), pack(ext, form, weights(n, 576, i)), n, torch.randn(n) if i else None)
+                 for i, (form, n) in enumerate(zip(forms, (48, 40, 24)))]
+        x = acts(mm, 576, 3)
+        assert torch.equal(other.linear_parts(x, parts), ext.linear_parts(x, parts)), (forms, mm)
     # The quantizer alone: K/32 = 19 and 18 take four groups at a time and then the rest one
     # by one, 2 only the latter (the AVX2 and 512-bit paths have a four-group step each).
     for k in (608, 576, 64):
