@@ -1784,7 +1784,7 @@ inline __m256i q6_top256(__m256i v, int t) {
 // activation row the prefetches overlap reading with computing (Zen 1: -15..35%).
 // 24 KB ahead, not 6: at 16 rows a block is ~16x the work of one row's, yet 6 KB ahead left
 // the weights' reads exposed (Zen 4, 2 threads, weights from memory: Gemma 3's q8 head at
-// 16 rows 10.2 against 13.3 ms, its layers' shapes 0.92-0.97x the time; 1 and 64 rows
+// 16 rows 10.35 against 13.25 ms, its layers' shapes 0.91-0.98x the time; 1 and 64 rows
 // level). Two tiles' 24 KB in flight a thread is a small part of any L2 here (Zen 1: 512 KB).
 constexpr int64_t PREFETCH_BLOCKS = 4;
 constexpr int64_t PREFETCH_FAR_BYTES = 24 << 10;
