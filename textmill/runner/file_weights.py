@@ -121,9 +121,9 @@ class _Maker:
                 return SideBySide([self.fused(run) if len(run) > 1 else self.one(run[0])
                                    for run in _runs_of_equal_width(parts, refs)])
             # 5/6-bit parts beside an 8-bit one (Gemma 3's Q5_0 q/k and Q8_0 v) go in 8 bits,
-            # one matmul: chosen when each part was a call and activation pass of its own
-            # (they cost more than the bytes saved). Parts now share one call (SideBySide),
-            # so apart they would read ~1% less a token at one stream; not yet measured.
+            # one matmul. Apart (one call, SideBySide) they read a quarter fewer bytes, 0.76-0.84x
+            # the time at one row, but the 5-bit form's unpacking makes 16-64 rows 1.05-1.19x:
+            # under 1% of a step either way (docs/performance.md).
             made = self._from_file(refs, self._stacked_bias(parts), "q8" if len(forms) > 1 else forms.pop())
             if made is not None:
                 return made
