@@ -14,6 +14,7 @@ Results: bench/results/parts_ab-<time>.json, stamped with commit and machine.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -22,11 +23,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from kernel_ab import COLD_BYTES, best_times  # noqa: E402
 from stamp import write_result  # noqa: E402
 
 from textmill.kernels import load  # noqa: E402
-
-COLD_BYTES = 256 << 20  # several times the last-level cache of the project's machines
 
 # (name, K, parts): the two-part qkv of the matrix's Q4_K_M models, as their files store it
 # in every other layer (Q6_K v where llama.cpp gives attn_v more bits).
@@ -52,13 +52,11 @@ def measure(ext, name: str, k: int, spec: tuple, m: int, rounds: int) -> dict:
         return ext.linear_parts(x, [(ext.mode_number(form), packed, n, None) for form, packed, n in ws])
 
     same = torch.equal(separate(sets[0]), together(sets[0]))
-    best = {"separate": float("inf"), "one_call": float("inf")}
-    for _ in range(rounds):
-        for label, fn in (("separate", separate), ("one_call", together)):
-            t = time.perf_counter()
-            for ws in sets:
-                fn(ws)
-            best[label] = min(best[label], (time.perf_counter() - t) / copies)
+    # Each timing is one pass over the copies, so that every call reads its weights from memory.
+    cycles = {"separate": itertools.cycle(sets), "one_call": itertools.cycle(sets)}
+    run = {"separate": lambda: separate(next(cycles["separate"])),
+           "one_call": lambda: together(next(cycles["one_call"]))}
+    best = best_times(run, copies, rounds, time.perf_counter)
     return {"name": name, "k": k, "parts": [list(p) for p in spec], "m": m, "mib": nbytes / 2**20,
             "separate_us": 1e6 * best["separate"], "one_call_us": 1e6 * best["one_call"],
             "one_over_separate": best["one_call"] / best["separate"], "bitwise_equal": same}

@@ -2622,8 +2622,8 @@ struct Part {
 };
 
 // y (M, ldy) columns of every part = the quantized activations q against the parts' weights.
-// q8 is q with its codes' sign bits flipped (the 512-bit Q8 kernels'; see Q8Block), when a
-// part needs it. One parallel region hands out the tiles of all parts: one activation
+// Q8 parts read q8: q with its codes' sign bits flipped on the 512-bit path (see Q8Block),
+// q itself on the others. One parallel region hands out the tiles of all parts: one activation
 // quantization and one fork and join a call, not one a part, and no concatenation after.
 // Which thread computes a tile never changes its result, so each part's columns are
 // bitwise what a call of that part alone gives.
@@ -2724,7 +2724,7 @@ void run_parts(const std::vector<Part>& parts, const QAct& q, const QAct& q8, in
       const float* bp = part.bias;
       float* const yc = yp + part.col;  // this part's first column
       // Q8's 512-bit kernels take the flipped codes; every other kernel q's own.
-      const QAct& qa = q8.a != q.a && mode == Mode::Q8 ? q8 : q;
+      const QAct& qa = mode == Mode::Q8 ? q8 : q;
 #ifdef TM_AVX2
       // A piece starts a new stream, whose first PREFETCH_FAR_BYTES the blocks' own
       // prefetches (prefetch_ahead) never ask for: ask for them at once. kernel_ab --cold on
