@@ -717,6 +717,31 @@ inline void fold_state(float* acc_a, float& m_a, float& l_a, const float* acc_b,
 // registers beside the key rows; AVX2 has 16, which hold two.
 constexpr int kQueryBlock = W == 16 ? 4 : 2;
 
+// One cache row's lines asked for, into L2 (see prefetch_rows below).
+template <typename KV>
+inline void prefetch_row(const KV* r, int64_t d) {
+#if defined(__GNUC__)
+  for (int64_t i = 0; i < d; i += 64 / sizeof(KV)) __builtin_prefetch(r + i, 0, 2);
+#endif
+}
+
+// The next tile's rows, asked for a few at a time by the loops over this tile's keys:
+// entry j of a loop asks for rows[j] (when j < n) as it takes key j. Spread so, the
+// requests run behind the multiply-adds. Asked all at once as a tile started (up to 512
+// lines on Gemma 3's shapes), they filled the core's miss queue and the arithmetic behind
+// them waited for it to drain: a pool read from DRAM took about the time on a cached pool
+// plus the time of the reads alone. bench/attention_ab.py, Zen 4, two runs: 0.63-0.85x
+// the time from DRAM at 16-64 sequences (1 and 2 threads), 0.84-1.05x cached; one
+// sequence's first tile is still asked for at once (nothing runs before it).
+template <typename KV>
+struct Ahead {
+  const KV* const* rows = nullptr;
+  int64_t n = 0;
+  void ask(int64_t j, int64_t count, int64_t d) const {
+    for (int64_t e = std::min(n, j + count); j < e; ++j) prefetch_row(rows[j], d);
+  }
+};
+
 // q_b . k_j for QB query rows q_b = q + b * q_stride and keys [0, n), into
 // out[b * out_stride + j]. Four keys at a time for instruction-level parallelism, yet each
 // (query, key) goes through the same operations in the same order (one accumulator over
@@ -724,11 +749,12 @@ constexpr int kQueryBlock = W == 16 ? 4 : 2;
 // however many queries share the pass: the batch invariance above relies on it.
 template <int QB, typename KV>
 inline void dots_block(const float* q, int64_t q_stride, const KV* const* k, int64_t n, int64_t d, float* out,
-                       int64_t out_stride) {
+                       int64_t out_stride, const Ahead<KV>& ahead) {
   using IO = KVIO<KV>;
   const int64_t dv = d - d % W;
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
+    ahead.ask(j, 4, d);
     const KV *k0 = k[j], *k1 = k[j + 1], *k2 = k[j + 2], *k3 = k[j + 3];
     Vec::T a[QB][4];
 #pragma GCC unroll 4
@@ -758,6 +784,7 @@ inline void dots_block(const float* q, int64_t q_stride, const KV* const* k, int
     }
   }
   for (; j < n; ++j) {
+    ahead.ask(j, 1, d);
 #pragma GCC unroll 4
     for (int b = 0; b < QB; ++b) {
       const float* qb = q + b * q_stride;
@@ -786,9 +813,11 @@ inline void by_query_blocks(int64_t nq, F&& f) {
 
 // dots_block over nq query rows of D floats each (q), their scores out_stride apart.
 template <typename KV>
-inline void dots(const float* q, int64_t nq, const KV* const* k, int64_t n, int64_t d, float* out, int64_t out_stride) {
-  by_query_blocks(nq, [&](auto qb, int64_t b) {
-    dots_block<decltype(qb)::value>(q + b * d, d, k, n, d, out + b * out_stride, out_stride);
+inline void dots(const float* q, int64_t nq, const KV* const* k, int64_t n, int64_t d, float* out, int64_t out_stride,
+                 const Ahead<KV>& ahead = {}) {
+  by_query_blocks(nq, [&](auto qb, int64_t b) {  // the first block asks
+    dots_block<decltype(qb)::value>(q + b * d, d, k, n, d, out + b * out_stride, out_stride,
+                                    b == 0 ? ahead : Ahead<KV>{});
   });
 }
 
@@ -813,16 +842,18 @@ inline void prefetch_rows(const KV* const* k, const KV* const* v, int64_t n, int
 // once for all QB. Per query the same operations in the same order whatever QB is.
 template <int QB, typename KV>
 inline void accumulate_pv_block(float* acc, const float* p, int64_t p_stride, const KV* const* vrows, int64_t n,
-                                int64_t d) {
+                                int64_t d, Ahead<KV> ahead) {
   using IO = KVIO<KV>;
   int64_t i = 0;
-  for (; i + 4 * W <= d; i += 4 * W) {
+  // The first pass over the keys asks (the rows' dims go in slices, each a pass).
+  for (; i + 4 * W <= d; i += 4 * W, ahead = {}) {
     Vec::T a[QB][4];
 #pragma GCC unroll 4
     for (int b = 0; b < QB; ++b)
 #pragma GCC unroll 4
       for (int x = 0; x < 4; ++x) a[b][x] = Vec::load(acc + b * d + i + x * W);
     for (int64_t j = 0; j < n; ++j) {
+      ahead.ask(j, 1, d);
       const KV* v = vrows[j] + i;
       const Vec::T v0 = IO::load(v), v1 = IO::load(v + W), v2 = IO::load(v + 2 * W), v3 = IO::load(v + 3 * W);
 #pragma GCC unroll 4
@@ -839,11 +870,12 @@ inline void accumulate_pv_block(float* acc, const float* p, int64_t p_stride, co
 #pragma GCC unroll 4
       for (int x = 0; x < 4; ++x) Vec::store(acc + b * d + i + x * W, a[b][x]);
   }
-  for (; i + W <= d; i += W) {
+  for (; i + W <= d; i += W, ahead = {}) {
     Vec::T a[QB];
 #pragma GCC unroll 4
     for (int b = 0; b < QB; ++b) a[b] = Vec::load(acc + b * d + i);
     for (int64_t j = 0; j < n; ++j) {
+      ahead.ask(j, 1, d);
       const Vec::T v = IO::load(vrows[j] + i);
 #pragma GCC unroll 4
       for (int b = 0; b < QB; ++b) a[b] = Vec::fma(Vec::set1(p[b * p_stride + j]), v, a[b]);
@@ -851,6 +883,7 @@ inline void accumulate_pv_block(float* acc, const float* p, int64_t p_stride, co
 #pragma GCC unroll 4
     for (int b = 0; b < QB; ++b) Vec::store(acc + b * d + i, a[b]);
   }
+  ahead.ask(0, ahead.n, d);  // d < W: no pass above
   for (; i < d; ++i) {
 #pragma GCC unroll 4
     for (int b = 0; b < QB; ++b) {
@@ -865,9 +898,10 @@ inline void accumulate_pv_block(float* acc, const float* p, int64_t p_stride, co
 
 template <typename KV>
 inline void accumulate_pv(float* acc, int64_t nq, const float* p, int64_t p_stride, const KV* const* vrows, int64_t n,
-                          int64_t d) {
-  by_query_blocks(nq, [&](auto qb, int64_t b) {
-    accumulate_pv_block<decltype(qb)::value>(acc + b * d, p + b * p_stride, p_stride, vrows, n, d);
+                          int64_t d, const Ahead<KV>& ahead = {}) {
+  by_query_blocks(nq, [&](auto qb, int64_t b) {  // the first block asks
+    accumulate_pv_block<decltype(qb)::value>(acc + b * d, p + b * p_stride, p_stride, vrows, n, d,
+                                             b == 0 ? ahead : Ahead<KV>{});
   });
 }
 
@@ -980,13 +1014,13 @@ void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& 
   const KV* head = a.cache + t.kvh * a.row;
   const int64_t* table = a.block_table + t.seq * a.max_blocks;
   float* sc = s.scores.data();
-  // Row pointers of the current tile (kr, vr) and of the next one (kn, vn), which is
-  // prefetched while the current one is computed.
+  // Row pointers of the current tile (kr, vr) and of the next one (kn, vn), whose rows the
+  // current one's loops ask for (Ahead); the first tile's are asked for as it is located.
   const KV** kr = s.krows.data();
   const KV** vr = s.vrows.data();
   const KV** kn = kr + kKeyTile;
   const KV** vn = vr + kKeyTile;
-  auto locate = [&](int64_t ts, const KV** k, const KV** v) {
+  auto locate = [&](int64_t ts, const KV** k, const KV** v, bool ask) {
     const int64_t klo = std::max(ts, clo), khi = std::min(ts + kKeyTile, chi);
     // Walk the block table along the tile's consecutive positions: one division per tile,
     // not one per key (a 64-bit divide costs as much as a key's whole dot product here).
@@ -997,19 +1031,28 @@ void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& 
       v[j - ts] = head + slot * slot_stride + a.hkv * a.row;
       if (++off == a.block_size) off = 0, ++blk;
     }
-    prefetch_rows(k + (klo - ts), v + (klo - ts), khi - klo, d);
+    if (ask) prefetch_rows(k + (klo - ts), v + (klo - ts), khi - klo, d);
   };
   const int64_t first_tile = (clo / kKeyTile) * kKeyTile;
-  locate(first_tile, kr, vr);
+  locate(first_tile, kr, vr, true);
   const bool widen = !std::is_same_v<KV, float> && nq >= kWidenMin;
   for (int64_t ts = first_tile; ts < chi; ts += kKeyTile) {
     const int64_t klo = std::max(ts, clo), khi = std::min(ts + kKeyTile, chi);
-    if (ts + kKeyTile < chi) locate(ts + kKeyTile, kn, vn);
+    // The next tile's keys: entries [0, next) of kn and vn (it starts past clo).
+    const int64_t next = std::max<int64_t>(0, std::min(ts + 2 * kKeyTile, chi) - (ts + kKeyTile));
+    if (next > 0) locate(ts + kKeyTile, kn, vn, false);
+    // Entries [asked_lo, asked_hi) of the next tile get asked for by this tile's loops;
+    // the rest (this tile's keys fewer than the next's) all at once after them.
+    int64_t asked_lo = 0, asked_hi = 0;
     if (widen) {
+      const Ahead<KV> ahead_k{kn, next}, ahead_v{vn, next};
       for (int64_t j = klo; j < khi; ++j) {
+        ahead_k.ask(j - ts, 1, d);
+        ahead_v.ask(j - ts, 1, d);
         widen_row(kr[j - ts], s.kwide_rows[j - ts], d);
         widen_row(vr[j - ts], s.vwide_rows[j - ts], d);
       }
+      asked_lo = klo - ts, asked_hi = khi - ts;
     }
     if constexpr (kQuantizedKV<KV>) {
       for (int64_t j = klo; j < khi; ++j) {
@@ -1028,6 +1071,14 @@ void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& 
       const int64_t jlo = std::max(klo, a.window > 0 ? pos - a.window + 1 : int64_t(0));
       const int64_t jhi = std::min(khi, pos + 1);
       if (jlo >= jhi) continue;
+      // The first row that reads the tile's rows itself asks for the next tile's.
+      Ahead<KV> ahead_k, ahead_v;
+      if (!widen && asked_lo == asked_hi) {
+        const int64_t from = jlo - ts;
+        ahead_k = {kn + from, next - from};
+        ahead_v = {vn + from, next - from};
+        asked_lo = from, asked_hi = jhi - ts;
+      }
       // The row's G heads together: their scores, then each one's softmax update, then
       // their values, each key and value row loaded once for all G (dots, accumulate_pv).
       // Scores cover the whole tile, -inf outside the row's keys: the max, the exp and the
@@ -1037,7 +1088,7 @@ void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& 
       if (widen)
         dots(s.q.data() + q0 * d, a.group, s.kwide_rows.data() + (jlo - ts), jhi - jlo, d, sc + (jlo - ts), kKeyTile);
       else
-        dots(s.q.data() + q0 * d, a.group, kr + (jlo - ts), jhi - jlo, d, sc + (jlo - ts), kKeyTile);
+        dots(s.q.data() + q0 * d, a.group, kr + (jlo - ts), jhi - jlo, d, sc + (jlo - ts), kKeyTile, ahead_k);
       if constexpr (kQuantizedKV<KV>) scale_columns(s.kscale, jlo, jhi);  // s_k * (q . codes), both paths
       for (int64_t g = 0; g < a.group; ++g) {
         const int64_t qi = q0 + g;
@@ -1071,7 +1122,14 @@ void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& 
       if (widen)
         accumulate_pv(acc, a.group, sc + (jlo - ts), kKeyTile, s.vwide_rows.data() + (jlo - ts), jhi - jlo, d);
       else
-        accumulate_pv(acc, a.group, sc + (jlo - ts), kKeyTile, vr + (jlo - ts), jhi - jlo, d);
+        accumulate_pv(acc, a.group, sc + (jlo - ts), kKeyTile, vr + (jlo - ts), jhi - jlo, d, ahead_v);
+    }
+    // What no loop asked for (a first or window-cut tile shorter than the next; a tile no
+    // row reads): at once.
+    if (next > 0) {
+      const int64_t lo = std::min(asked_lo, next), hi = std::min(std::max(asked_hi, lo), next);
+      prefetch_rows(kn, vn, lo, d);
+      prefetch_rows(kn + hi, vn + hi, next - hi, d);
     }
     std::swap(kr, kn);
     std::swap(vr, vn);
