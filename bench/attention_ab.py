@@ -15,12 +15,14 @@ keep the slow rounds in view without letting one outlier decide).
 
     python bench/attention_ab.py --rev HEAD~1
     python bench/attention_ab.py --rev 358227e --threads 1 2 --rounds 40
+    python bench/attention_ab.py --rev HEAD --cflags=-mno-avx512f   # the AVX2 path
 
 Results: bench/results/attention_ab-<time>.json, stamped with commit and machine.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import time
@@ -36,6 +38,7 @@ from revision import build_at  # noqa: E402
 from stamp import write_result  # noqa: E402
 
 from textmill.kernels import load  # noqa: E402
+from textmill.kernels.build import build_variant  # noqa: E402
 
 BLOCK = 16
 # name -> (sequences, context, q heads, kv heads, head dim)
@@ -84,11 +87,13 @@ def main() -> int:
     ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS), metavar="NAME")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--cflags", default="", help="more compiler flags for both builds (e.g. -mno-avx512f)")
     args = ap.parse_args()
-    new = load("layer")
+    flags = tuple(args.cflags.split())
+    new = build_variant("layer", "ab-" + re.sub(r"\W+", "_", "".join(flags)), list(flags)) if flags else load("layer")
     flush = torch.ones(16 << 20)  # 64 MB, twice the L3
     with tempfile.TemporaryDirectory() as scratch:
-        old = build_at(args.rev, Path(scratch), "layer")
+        old = build_at(args.rev, Path(scratch), "layer", flags)
         results = [measure(old, new, name, dram, threads, args.rounds, flush)
                    for threads in args.threads for name in args.scenarios for dram in (True, False)]
     print(f"| scenario | pool | threads | {args.rev} us | this tree us | new / old | bitwise equal |")
@@ -96,7 +101,7 @@ def main() -> int:
     for r in results:
         print(f"| {r['scenario']} | {r['pool']} | {r['threads']} | {r['old_us']:.0f} | {r['new_us']:.0f} | "
               f"{r['new_over_old']:.2f} | {'yes' if r['bitwise_equal'] else 'NO'} |")
-    write_result("attention_ab", {"rev": args.rev, "results": results})
+    write_result("attention_ab", {"rev": args.rev, "cflags": args.cflags, "results": results})
     return 0 if all(r["bitwise_equal"] for r in results) else 1
 
 
