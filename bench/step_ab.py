@@ -15,7 +15,8 @@ its calls as they do in a server.
     python bench/step_ab.py --rev HEAD~1 --models smollm2 gemma3 --streams 16 64 --waves 6
 
 Only layer.cpp's side (the layer loop, attention, norms, RoPE): quant.cpp's kernels are this
-tree's in both (bench/kernel_ab.py compares those). Results:
+tree's in both (bench/kernel_ab.py compares those), so --rev must take the same
+linear_entry.h (its capsule name refuses another). Results:
 bench/results/step_ab-<time>.json, stamped with commit and machine.
 """
 from __future__ import annotations

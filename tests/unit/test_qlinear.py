@@ -443,7 +443,6 @@ def test_output_buffer_is_reused_and_capped(ext):
     assert RowBuffer(96, max_bytes=0).rows(1) is None and RowBuffer(96).rows(1000).shape == (1000, 96)
 
 
-
 # Parts as real files mix them: a Q4_K_M file's Q4_K q/k beside a Q6_K v; Q8 beside others
 # (its 512-bit kernels read flipped activations, the others the codes as they are); Q8 alone
 # twice; three forms; widths that leave a last tile half padding.
@@ -505,6 +504,7 @@ def test_bad_parts_are_refused(ext):
     with pytest.raises(RuntimeError, match="bias must be"):
         ext.linear_parts(x, [(ext.mode_number("q8"), a, 16, torch.zeros(15))])
     assert ext.linear_parts(torch.randn(0, 64), [(ext.mode_number("q8"), a, 16, None)] * 2).shape == (0, 32)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant,flags,isa", [

@@ -1389,7 +1389,6 @@ class Forward {
       TORCH_CHECK(name != nullptr && std::strcmp(name, textmill::kLinearCapsule) == 0,
                   "expected quant's linear_capsule()");
       const auto* entry = static_cast<const textmill::LinearEntry*>(capsule.get_pointer());
-      linear_ = entry->one;
       linear_parts_ = entry->parts;
     }
     for (const py::dict& d : layers) {
@@ -1415,7 +1414,7 @@ class Forward {
       s.gelu = d["gelu"].cast<bool>();
       for (const auto* linear_parts : {&s.qkv, &s.o, &s.gate_up, &s.down})
         for (const LinearPart& p : *linear_parts)
-          TORCH_CHECK(!p.mode || linear_ != nullptr, "a quantized linear needs quant's linear_capsule()");
+          TORCH_CHECK(!p.mode || linear_parts_ != nullptr, "a quantized linear needs quant's linear_capsule()");
       layers_.push_back(std::move(s));
     }
   }
@@ -1474,7 +1473,6 @@ class Forward {
   }
 
   torch::Tensor linear(const std::vector<LinearPart>& parts, const torch::Tensor& x) const {
-    if (parts.size() == 1) return one(parts[0], x);
     // Quantized parts in one call (quant's run_parts): one activation quantization and one
     // parallel region, their columns written side by side. Bitwise the concatenation below.
     if (std::all_of(parts.begin(), parts.end(), [](const LinearPart& p) { return p.mode.has_value(); })) {
@@ -1483,16 +1481,11 @@ class Forward {
       for (const LinearPart& p : parts) refs.push_back({*p.mode, &p.w, p.n, &p.bias});
       return linear_parts_(refs.data(), static_cast<int64_t>(refs.size()), x);
     }
+    if (parts.size() == 1) return at::linear(x, parts[0].w, parts[0].bias);
     std::vector<torch::Tensor> outs;
     outs.reserve(parts.size());
-    for (const LinearPart& p : parts) outs.push_back(one(p, x));
+    for (const LinearPart& p : parts) outs.push_back(linear({p}, x));
     return torch::cat(outs, -1);  // as qlinear.SideBySide
-  }
-
-  torch::Tensor one(const LinearPart& p, const torch::Tensor& x) const {
-    if (!p.mode) return at::linear(x, p.w, p.bias);
-    TORCH_CHECK(linear_ != nullptr, "a quantized linear needs quant's linear_capsule()");
-    return linear_(*p.mode, x, p.w, p.n, p.bias);
   }
 
   // kernel_attention.KernelPagedAttention.attend_cached's calls.
@@ -1507,7 +1500,6 @@ class Forward {
     return outs.size() == 1 ? outs[0] : torch::cat(outs);
   }
 
-  textmill::LinearFn linear_ = nullptr;
   textmill::LinearPartsFn linear_parts_ = nullptr;
   std::vector<LayerSpec> layers_;
   int64_t max_rope_ = 0;  // the highest RoPE table index a layer reads: run() checks it once

@@ -11,12 +11,9 @@
 
 namespace textmill {
 
-// y (M, N) = x (M, K) @ W^T (+ bias), W packed in form `mode` (quant.cpp's Mode, as the
-// number quant's mode_number() gives for a form's name).
-using LinearFn = torch::Tensor (*)(int64_t mode, const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
-                                   const c10::optional<torch::Tensor>& bias);
-
-// One part of a weight whose parts' outputs go side by side (a Q4_K q/k beside a Q6_K v).
+// One part of a weight whose parts' outputs go side by side (a Q4_K q/k beside a Q6_K v),
+// or a whole weight: packed in form `mode` (quant.cpp's Mode, as the number quant's
+// mode_number() gives for a form's name).
 struct LinearPart {
   int64_t mode;
   const torch::Tensor* packed;
@@ -25,14 +22,15 @@ struct LinearPart {
 };
 
 // y (M, sum of n) = x (M, K) @ [W_0 | W_1 | ...]^T (+ biases), in one call: each part's
-// columns bitwise what LinearFn gives for that part alone.
+// columns bitwise what quant's <form>_linear gives for that part alone (one part: a linear).
 using LinearPartsFn = torch::Tensor (*)(const LinearPart* parts, int64_t count, const torch::Tensor& x);
 
 struct LinearEntry {
-  LinearFn one;
   LinearPartsFn parts;
 };
 
-inline constexpr const char* kLinearCapsule = "textmill.linear_entry";
+// Versioned: a layer module built against another LinearEntry refuses the capsule instead of
+// misreading it (bench/step_ab.py builds layer.cpp at older revisions).
+inline constexpr const char* kLinearCapsule = "textmill.linear_entry.2";
 
 }  // namespace textmill

@@ -174,7 +174,7 @@ constexpr int64_t CHUNK_BYTES = 96 << 10;       // expanded activations per thre
 constexpr int64_t PASS_BYTES = 256 << 10;
 
 enum class Mode { Q4, Q8, Q6, Q5, IQ4, Q3, IQ2, Q2, Q4K, Q5K, Q6K };
-// The last form: linear_by_mode's numbers run 0..kLastMode (a new form goes after it, and here).
+// The last form: mode_number()'s numbers run 0..kLastMode (a new form goes after it, and here).
 constexpr Mode kLastMode = Mode::Q6K;
 constexpr bool is_super(Mode m) { return m == Mode::Q4K || m == Mode::Q5K || m == Mode::Q6K; }
 // Q4K and Q5K: a scale and a min per block from 6-bit integers (Q4's and Q5's arithmetic).
@@ -2932,15 +2932,8 @@ Mode checked_mode(int64_t mode) {
   return static_cast<Mode>(mode);
 }
 
-// The linear by mode number, for layer.cpp's one-call forward (linear_entry.h): the same
-// call as <form>_linear with its defaults.
-torch::Tensor linear_by_mode(int64_t mode, const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
-                             const c10::optional<torch::Tensor>& bias) {
-  return qlinear(checked_mode(mode), x, packed, n, bias, 0, 0);
-}
-static_assert(std::is_same_v<decltype(&linear_by_mode), textmill::LinearFn>, "linear_entry.h's signature");
-
-// Parts side by side, for layer.cpp's one-call forward (linear_entry.h).
+// Parts side by side (or one weight), for layer.cpp's one-call forward (linear_entry.h): the
+// same call as linear_parts / <form>_linear with their defaults.
 torch::Tensor linear_parts_entry(const textmill::LinearPart* parts, int64_t count, const torch::Tensor& x) {
   std::vector<PartArg> args;
   for (int64_t i = 0; i < count; ++i)
@@ -2949,7 +2942,7 @@ torch::Tensor linear_parts_entry(const textmill::LinearPart* parts, int64_t coun
 }
 static_assert(std::is_same_v<decltype(&linear_parts_entry), textmill::LinearPartsFn>, "linear_entry.h's signature");
 
-constexpr textmill::LinearEntry kLinearEntry{&linear_by_mode, &linear_parts_entry};
+constexpr textmill::LinearEntry kLinearEntry{&linear_parts_entry};
 
 // Parts side by side, from Python: parts = [(mode number, packed, n, bias or None), ...].
 torch::Tensor linear_parts(const torch::Tensor& x, const std::vector<std::tuple<int64_t, torch::Tensor, int64_t,
