@@ -37,6 +37,19 @@ def option(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"option": Option(help, **kw)})
 
 
+def count(low: int) -> Callable[[str], int]:
+    """A parser of whole numbers from `low` up (raises ValueError with the words to show)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"must be a whole number, got {text!r}") from None
+        if value < low:
+            raise ValueError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
 def positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -137,6 +150,11 @@ class SchedulerConfig:
     # or the longest the KV cache holds.
     max_model_len: int | None = option(None, "context window (default: the model's, or what the KV cache "
                                        "memory holds)")
+    # Prompt-lookup speculation (engine/ngram_draft.py): exact, and nearly free only while a
+    # step is bound by reading the weights, i.e. with few rows (docs/performance.md).
+    draft_tokens: int = option(4, "tokens guessed from the request's own text and checked in one step, for "
+                               "greedy requests while few run (0: off)", parse=count(0))
+    draft_max_seqs: int = option(1, "guess tokens only while at most this many requests run", parse=count(1))
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,10 @@ class ScheduledChunk:
     # Where new_block_ids start in the request's table: how many of its blocks the runner
     # was sent before (0 the first time and after a preemption, when the table starts over).
     block_offset: int = 0
+    # Guessed tokens (engine/ngram_draft.py): the last len(draft) of token_ids. The runner
+    # samples after every one of the last len(draft) + 1 positions and keeps the guesses up
+    # to the first that the sampled token contradicts.
+    draft: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,9 @@ class RunnerOutput:
     sampled: dict[str, TokenLogprob] = field(default_factory=dict)
     # request id -> logprobs of prompt_logprob_targets for this chunk, in order.
     prompt_logprobs: dict[str, tuple[TokenLogprob, ...]] = field(default_factory=dict)
+    # request id -> the chunk's guessed tokens that sampling confirmed, in order, each with
+    # its position's logprobs; `sampled` is the token after the last of them.
+    accepted: dict[str, tuple[TokenLogprob, ...]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- engine -> api

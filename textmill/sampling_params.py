@@ -118,6 +118,14 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
+    @property
+    def draftable(self) -> bool:
+        """The next token is a function of its position's logits alone (no draw, nothing that
+        counts the tokens before it), so guessed tokens can be checked in one step
+        (engine/ngram_draft.py) and give what plain decoding gives."""
+        return (self.greedy and not self.has_penalties and self.repetition_penalty == 1.0
+                and self.min_tokens == 0 and self.structured is None and not self.bad_words_token_ids)
+
 
 def _check_range(param: str, value: float, low: float, high: float) -> None:
     if not math.isfinite(value) or not low <= value <= high:

@@ -28,6 +28,14 @@ scheduled chunk (registered "in flight" by the KV manager), the request stays wa
 until that step publishes the block, then takes it as a prefix hit; so n requests with
 one prompt compute it once and each computes only its own tail.
 
+Guessed tokens: while at most draft_max_seqs requests run, a decode of a draftable request
+(greedy, nothing stateful in its sampling) carries up to draft_tokens guesses from its own
+text (engine/ngram_draft.py) as the rest of its chunk. The step then computes every one of
+those positions; the runner keeps the guesses that sampling confirms and samples one token
+after them, so the request advances by 1 + accepted tokens. Slots for the rejected guesses
+stay allocated and are written over by the next step; only computed positions are
+published to the prefix cache.
+
 The engine loop is synchronous: schedule() -> runner -> update_from_output() for the
 same step. Aborts may arrive in between; an aborted request's chunk results are dropped.
 """
@@ -38,6 +46,7 @@ from dataclasses import dataclass, field
 
 from textmill.config import CacheConfig, SchedulerConfig
 from textmill.engine.kv_cache.manager import KVCacheManager
+from textmill.engine.ngram_draft import NgramDrafter
 from textmill.engine.request import Request, RequestStatus
 from textmill.messages import (
     NewRequestData,
@@ -64,6 +73,8 @@ class Scheduler:
         assert scheduler_config.max_num_batched_tokens > 0 and scheduler_config.max_num_seqs > 0
         self.config = scheduler_config
         self.kv_manager = KVCacheManager(cache_config)
+        assert scheduler_config.draft_tokens >= 0
+        self.drafter = NgramDrafter(scheduler_config.draft_tokens) if scheduler_config.draft_tokens else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the last is the newest
         self.num_preemptions = 0
@@ -143,15 +154,31 @@ class Scheduler:
                 behind = self.running[index + 1 :]
                 reserve = sum(1 for r in behind if r.num_tokens - r.num_computed_tokens == 1)
                 num_new = min(remaining, plan.budget - reserve)
+                draft: tuple[int, ...] = ()
             else:
                 num_new = 1
+                draft = self._draft(request, plan.budget - (len(self.running) - index))
             if num_new <= 0:
                 index += 1
                 continue
-            if not self._allocate_or_preempt(request, num_new, plan):
+            if draft and not self.kv_manager.allocate_slots(request, num_new + len(draft)):
+                draft = ()  # guesses never take blocks from another request
+            if not draft and not self._allocate_or_preempt(request, num_new, plan):
                 return  # it preempted itself: it was the newest, nothing is behind it
-            self._add_chunk(request, num_new, plan)
+            self._add_chunk(request, num_new, plan, draft)
             index += 1
+
+    def _draft(self, request: Request, spare_budget: int) -> tuple[int, ...]:
+        """Guesses for a decoding request's next tokens, none past max_tokens or the window
+        (the last token of either is the sampled one); `spare_budget`: what the step can
+        give beyond one token for it and each request behind it."""
+        if (self.drafter is None or len(self.running) > self.config.draft_max_seqs
+                or not request.params.draftable):
+            return ()
+        room = min(spare_budget,
+                   request.params.max_tokens - request.num_output_tokens - 1,
+                   self.config.max_model_len - request.num_tokens - 1)
+        return self.drafter.propose(request, room) if room > 0 else ()
 
     def _allocate_or_preempt(self, request: Request, num_new: int, plan: _StepPlan) -> bool:
         while not self.kv_manager.allocate_slots(request, num_new):
@@ -195,7 +222,7 @@ class Scheduler:
             request.num_cached_tokens = num_hit_tokens
             plan.new_requests.append(NewRequestData(request.request_id, request.params, request.prompt_token_ids))
 
-    def _add_chunk(self, request: Request, num_new: int, plan: _StepPlan) -> None:
+    def _add_chunk(self, request: Request, num_new: int, plan: _StepPlan, draft: tuple[int, ...] = ()) -> None:
         start = request.num_computed_tokens
         end = start + num_new
         targets = None
@@ -208,15 +235,16 @@ class Scheduler:
         plan.chunks.append(
             ScheduledChunk(
                 request_id=request.request_id,
-                token_ids=tuple(request.token_ids_between(start, end)),
+                token_ids=tuple(request.token_ids_between(start, end)) + draft,
                 start=start,
                 new_block_ids=new_block_ids,
                 block_offset=block_offset,
                 sample=end == request.num_tokens and request.params.max_tokens > 0,
                 prompt_logprob_targets=targets,
+                draft=draft,
             )
         )
-        plan.budget -= num_new
+        plan.budget -= num_new + len(draft)
 
     # ------------------------------------------------------------------ results of a step
     def update_from_output(
@@ -234,13 +262,23 @@ class Scheduler:
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # aborted or finished while the step ran
             assert chunk.start == request.num_computed_tokens, "results out of step"
-            request.num_computed_tokens += len(chunk.token_ids)
+            # Guesses count as computed only once confirmed (below): a rejected one's KV
+            # is not the request's, and its slot is written over by the next step.
+            request.num_computed_tokens += len(chunk.token_ids) - len(chunk.draft)
             has_news = self._take_prompt_logprobs(request, chunk, output)
+            reason = None
             if chunk.sample:
-                self._append_token(request, output.sampled[request.request_id])
+                tokens = (*output.accepted.get(request.request_id, ()), output.sampled[request.request_id])
+                for i, sampled in enumerate(tokens):
+                    request.num_computed_tokens += i > 0  # the confirmed guess before this token
+                    self._append_token(request, sampled)
+                    reason = self._finish_reason(request, sampled=True)
+                    if reason is not None:
+                        break  # a stop token or the length among the guesses: the rest are dropped
                 has_news = True
+            else:
+                reason = self._finish_reason(request, sampled=False)
             self.kv_manager.cache_full_blocks(request)
-            reason = self._finish_reason(request, sampled=chunk.sample)
             if reason is not None:
                 self._finish(request, reason)
                 has_news = True
@@ -309,3 +347,5 @@ class Scheduler:
     def _forget(self, request: Request) -> None:
         del self._requests[request.request_id]
         self._announced.discard(request.request_id)
+        if self.drafter is not None:
+            self.drafter.forget(request.request_id)

@@ -34,9 +34,10 @@ class Batch:
     positions: torch.Tensor  # (N,) int64
     attn: AttentionMetadata
     # Rows of the flat batch whose logits are needed: first the S sampled rows (the last
-    # token of each chunk with sample=True), then the P prompt-logprob rows.
+    # token of each chunk with sample=True, and the len(draft) rows before it where the
+    # chunk carries guesses), then the P prompt-logprob rows.
     logits_rows: torch.Tensor  # (S + P,) int64
-    sample_request_ids: tuple[str, ...]  # (S,) the request of each sampled row
+    sample_request_ids: tuple[str, ...]  # (S,) the request of each sampled row (a chunk's rows together)
     prompt_segments: tuple[PromptSegment, ...]
     prompt_targets: torch.Tensor  # (P,) int64: the token whose logprob each prompt row scores
     # The flat batch holds the scheduler's chunks in this order (indices into its tuple).
@@ -90,9 +91,10 @@ class _HostLists:
         self.input_ids.extend(c.token_ids)
         self.positions.extend(range(c.start, end))
         self.slots.extend(ids[p // block_size] * block_size + p % block_size for p in range(c.start, end))
-        if c.sample:
-            self.sample_rows.append(offset + n - 1)
-            self.sample_ids.append(c.request_id)
+        if c.sample:  # the last position, and with guesses each position that checks one
+            first = offset + n - 1 - len(c.draft)
+            self.sample_rows.extend(range(first, offset + n))
+            self.sample_ids.extend([c.request_id] * (len(c.draft) + 1))
         targets = c.prompt_logprob_targets
         if targets:
             assert len(targets) <= n

@@ -147,8 +147,9 @@ class ModelRunner:
             if rows.numel() == 0:
                 return RunnerOutput()  # only mid-prompt chunks: nothing to sample or score
             logits = self.model.logits(hidden)  # (S + P, V)
+            drafts = {c.request_id: c.draft for c in scheduled.chunks if c.draft}
             return self._sample_and_score(batch.sample_request_ids, batch.prompt_segments, batch.prompt_targets,
-                                          self._limit_vocab(logits))
+                                          self._limit_vocab(logits), drafts)
 
     def _limit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         assert logits.shape[-1] == self.model_config.vocab_size, "logits width != vocab_size"
@@ -167,8 +168,13 @@ class ModelRunner:
                 self.sampler.add_request(new.request_id, new.params, new.prompt_token_ids)
 
     def _sample_and_score(self, sample_ids: tuple[str, ...], segments: tuple[PromptSegment, ...],
-                          prompt_targets: torch.Tensor | None, logits: torch.Tensor) -> RunnerOutput:
-        """logits: (S + P, V), the S sampled rows (of sample_ids) then the P prompt rows."""
+                          prompt_targets: torch.Tensor | None, logits: torch.Tensor,
+                          drafts: dict[str, tuple[int, ...]] | None = None) -> RunnerOutput:
+        """logits: (S + P, V), the S sampled rows (of sample_ids) then the P prompt rows.
+        `drafts`: the guessed tokens of the chunks that carry some; such a request has
+        len(draft) + 1 sampled rows, one after each position from its last real token on.
+        A draftable request's row samples as if it were alone (SamplingParams.draftable):
+        what the rows after a rejected guess sampled is dropped and changes nothing."""
         num_sampled = len(sample_ids)
         sample = self.sampler.sample(logits[:num_sampled], sample_ids, in_place=True) if num_sampled else None
         prompt = None
@@ -184,15 +190,24 @@ class ModelRunner:
             pieces += [prompt.logprobs, prompt.top_ids, prompt.top_logprobs, prompt.ranks]
         values = torch.cat([p.reshape(-1).to(torch.float64) for p in pieces]).tolist()
         reader = _Reader(values)
-        sampled = self._read_sampled(sample_ids, sample, reader) if sample is not None else {}
+        rows = self._read_sampled(sample_ids, sample, reader) if sample is not None else {}
         prompt_lps = self._read_prompt(segments, prompt, reader) if prompt is not None else {}
-        return RunnerOutput(sampled=sampled, prompt_logprobs=prompt_lps)
+        sampled, accepted = {}, {}
+        for request_id, entries in rows.items():
+            draft = (drafts or {}).get(request_id, ())
+            kept = 0  # guesses confirmed: each equals the token sampled at the position before it
+            while kept < len(draft) and entries[kept].token_id == draft[kept]:
+                kept += 1
+            sampled[request_id] = entries[kept]
+            if kept:
+                accepted[request_id] = tuple(entries[:kept])
+        return RunnerOutput(sampled=sampled, prompt_logprobs=prompt_lps, accepted=accepted)
 
     def _prompt_k(self, request_id: str) -> int:
         return self.sampler.params(request_id).prompt_logprobs or 0
 
     def _read_sampled(self, sample_ids: tuple[str, ...], sample: SampleOutput, reader: "_Reader"
-                      ) -> dict[str, TokenLogprob]:
+                      ) -> dict[str, list[TokenLogprob]]:
         num, k = len(sample_ids), sample.top_ids.shape[1]
         tokens, lps = reader.take(num), reader.take(num)
         top_ids, top_lps = reader.take(num * k), reader.take(num * k)
@@ -200,7 +215,7 @@ class ModelRunner:
         for i, request_id in enumerate(sample_ids):
             want = min(self.sampler.params(request_id).logprobs or 0, k)
             top = tuple((int(top_ids[i * k + j]), top_lps[i * k + j]) for j in range(want))
-            out[request_id] = TokenLogprob(int(tokens[i]), lps[i], top)
+            out.setdefault(request_id, []).append(TokenLogprob(int(tokens[i]), lps[i], top))
         return out
 
     def _read_prompt(self, segments: tuple[PromptSegment, ...], prompt: PromptLogprobOutput, reader: "_Reader"

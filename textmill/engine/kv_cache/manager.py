@@ -171,7 +171,9 @@ class KVCacheManager:
         record.anchors.extend(b.entry.cache_id for b in hits)
         if num_fresh > 0:
             record.blocks.extend(self.pool.allocate(num_fresh))
-        self._mark_in_flight(record, request, end)
+        # Guessed tokens (ScheduledChunk.draft) take slots past the request's tokens: no
+        # block of them can be hashed, nor shared, before they are confirmed.
+        self._mark_in_flight(record, request, min(end, request.num_tokens))
         return True
 
     def free(self, request: Request) -> None:

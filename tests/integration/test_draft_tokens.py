@@ -1,0 +1,93 @@
+"""Guessed tokens (prompt lookup) through the real server: the answers of a server that
+guesses are those of one that does not, token for token and logprob for logprob.
+
+The kernels compute a position's logits bit for bit the same in a chunk of several tokens
+as in a one-token step; these tests hold the whole path to that (scheduler, batch rows,
+sampler, acceptance, streaming) on the bundled model.
+"""
+from __future__ import annotations
+
+import openai
+import pytest
+
+from textmill.config import ServerConfig
+
+from .conftest import MODEL
+from .server import TEST_OPTIONS, serving
+
+NO_EOS = {"0": -100, "2": -100}
+PROMPTS = [
+    "def add_one(x):\n    return x + 1\n\ndef add_two(x):\n    return x + 2\n\ndef add_three(x):\n",
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
+    "The cat sat on the mat. The cat sat on the mat. The cat",
+]
+
+
+class CountingRunner:
+    """The real runner, counting the chunks that carried guesses and the guesses kept."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.drafted = self.accepted = 0
+
+    def execute(self, scheduled):
+        out = self.runner.execute(scheduled)
+        self.drafted += sum(len(c.draft) for c in scheduled.chunks)
+        self.accepted += sum(len(a) for a in out.accepted.values())
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+
+@pytest.fixture(scope="module")
+def servers():
+    counting = []
+
+    def wrap(runner):
+        counting.append(CountingRunner(runner))
+        return counting[-1]
+
+    with serving(ServerConfig(), TEST_OPTIONS.updated(draft_tokens=4), wrap_runner=wrap) as guessing, \
+            serving(ServerConfig(), TEST_OPTIONS.updated(draft_tokens=0)) as plain:
+        clients = [openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=300)
+                   for s in (guessing, plain)]
+        yield clients, counting[0]
+
+
+def answer(client, **body):
+    choice = client.completions.create(model=MODEL, temperature=0, **body).choices[0]
+    lp = choice.logprobs
+    return (choice.text, choice.finish_reason,
+            lp and (lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset))
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_guessing_gives_the_same_tokens_and_logprobs(servers, prompt):
+    (guessing, plain), counter = servers
+    before = counter.accepted
+    body = dict(prompt=prompt, max_tokens=48, logprobs=2, logit_bias=NO_EOS)
+    assert answer(guessing, **body) == answer(plain, **body)
+    assert counter.accepted > before, "the repetitive prompt should have confirmed some guesses"
+
+
+def test_stop_strings_max_tokens_and_streaming_end_where_they_would(servers):
+    (guessing, plain), counter = servers
+    for body in (dict(prompt=PROMPTS[1], max_tokens=7, logit_bias=NO_EOS),
+                 dict(prompt=PROMPTS[1], max_tokens=40, stop=[" 20,"], logit_bias=NO_EOS),
+                 dict(prompt=PROMPTS[0], max_tokens=40, stop=["four"], logprobs=1),
+                 dict(prompt=PROMPTS[2], max_tokens=1)):
+        assert answer(guessing, **body) == answer(plain, **body), body
+    stream = guessing.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=30, temperature=0,
+                                         logit_bias=NO_EOS, stream=True)
+    text = "".join(c.choices[0].text for c in stream if c.choices)
+    assert text == answer(plain, prompt=PROMPTS[1], max_tokens=30, logit_bias=NO_EOS)[0]
+
+
+def test_sampled_and_penalized_requests_do_not_guess(servers):
+    (guessing, plain), counter = servers
+    before = counter.drafted
+    for extra in (dict(temperature=0.8, seed=7), dict(temperature=0, frequency_penalty=0.5)):
+        body = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=16, logit_bias=NO_EOS, **extra)
+        assert guessing.completions.create(**body).choices[0].text == plain.completions.create(**body).choices[0].text
+    assert counter.drafted == before

@@ -1,0 +1,212 @@
+"""Guessed tokens (engine/ngram_draft.py) and the scheduler steps that check them.
+
+The fake runner below keeps a real paged KV store (tests/unit/test_scheduler.py's) and picks
+each next token from the context it reads back, mostly repeating the text three tokens
+back, so guesses from the request's own text often hold and sometimes fail. Whatever the
+guesses, a request must generate exactly what it generates without them.
+"""
+import pytest
+
+from textmill.config import CacheConfig, SchedulerConfig
+from textmill.engine.ngram_draft import NgramDrafter
+from textmill.engine.request import Request
+from textmill.engine.scheduler import Scheduler
+from textmill.messages import RunnerOutput, TokenLogprob
+from textmill.sampling_params import FinishReason, SamplingParams
+from tests.unit.test_scheduler import FakeRunner
+
+
+def looping_token(context):
+    """Three tokens back, except where the context's length is a multiple of 11."""
+    if len(context) % 11 == 0 or len(context) < 3:
+        return 500 + len(context) % 13
+    return context[-3]
+
+
+class DraftingRunner(FakeRunner):
+    """Samples after every position a chunk's guesses need and keeps them as the runner does."""
+
+    def __init__(self, block_size):
+        super().__init__(block_size)
+        self.rows_sampled = 0
+
+    def execute(self, scheduled):
+        for rid in scheduled.finished_request_ids:
+            self.known.discard(rid)
+        for rid in (*scheduled.finished_request_ids, *scheduled.preempted_request_ids):
+            self.tables.pop(rid, None)
+        for chunk in scheduled.chunks:
+            table = self.tables.setdefault(chunk.request_id, [])
+            assert len(table) == chunk.block_offset
+            table.extend(chunk.new_block_ids)
+        for new in scheduled.new_requests:
+            self.known.add(new.request_id)
+        sampled, accepted = {}, {}
+        for chunk in scheduled.chunks:
+            context = self._compute(chunk)
+            if not chunk.sample:
+                continue
+            k = len(chunk.draft)
+            assert tuple(chunk.token_ids[len(chunk.token_ids) - k:]) == chunk.draft if k else True
+            rows = []
+            for j in range(k + 1):
+                seen = context[: len(context) - k + j]
+                token = looping_token(seen)
+                rows.append(TokenLogprob(token, -len(seen) / 100.0))
+            self.rows_sampled += k + 1
+            kept = 0
+            while kept < k and rows[kept].token_id == chunk.draft[kept]:
+                kept += 1
+            sampled[chunk.request_id] = rows[kept]
+            if kept:
+                accepted[chunk.request_id] = tuple(rows[:kept])
+        return RunnerOutput(sampled, {}, accepted)
+
+    def _compute(self, chunk):
+        """As FakeRunner's, but a table may run ahead: a rejected guess's block stays allocated."""
+        bs, end = self.block_size, chunk.start + len(chunk.token_ids)
+        table = self.tables[chunk.request_id]
+        assert len(table) >= -(-end // bs)
+        for pos, token in enumerate(chunk.token_ids, chunk.start):
+            self.kv.setdefault(table[pos // bs], [None] * bs)[pos % bs] = token
+        context = [self.kv[table[p // bs]][p % bs] for p in range(end)]
+        assert None not in context, "read a slot nobody wrote"
+        return context
+
+
+def make(draft_tokens, block_size=4, num_blocks=64, max_seqs=8, max_len=256, draft_max_seqs=1, budget=64):
+    sched = Scheduler(
+        SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=max_len,
+                        draft_tokens=draft_tokens, draft_max_seqs=draft_max_seqs),
+        CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=True),
+    )
+    return sched, DraftingRunner(block_size)
+
+
+def generate(draft_tokens, requests, **kw):
+    """Run the requests (added together) to the end: (request -> (tokens, logprobs, reason), steps)."""
+    sched, runner = make(draft_tokens, **kw)
+    for r in requests:
+        sched.add_request(r)
+    steps = []
+    while sched.has_unfinished:
+        scheduled = sched.schedule()
+        sched.update_from_output(scheduled, runner.execute(scheduled))
+        steps.append(scheduled)
+        assert len(steps) < 1000
+    out = {r.request_id: (tuple(r.output_token_ids), tuple(lp.logprob for lp in r.output_logprobs), r.finish_reason)
+           for r in requests}
+    return out, steps, sched
+
+
+def greedy(rid, prompt, **params):
+    params.setdefault("max_tokens", 40)
+    return Request(rid, tuple(prompt), SamplingParams(temperature=0.0, logprobs=0, **params))
+
+
+# ---------------------------------------------------------------- the drafter alone
+def test_the_tokens_after_the_tails_last_occurrence_are_proposed():
+    drafter = NgramDrafter(max_tokens=4)
+    r = Request("a", (1, 2, 3, 4, 5, 9, 9, 2, 3), SamplingParams())
+    assert drafter.propose(r, 10) == (4, 5, 9, 9)  # (2, 3) last ended at position 2
+    assert drafter.propose(r, 2) == (4, 5)
+
+
+def test_the_newest_occurrence_wins_and_longer_tails_first():
+    drafter = NgramDrafter(max_tokens=3)
+    r = Request("a", (7, 2, 3, 8, 1, 2, 3, 6, 6, 1, 2, 3), SamplingParams())
+    assert drafter.propose(r, 3) == (6, 6, 1)  # (1, 2, 3) at positions 4-6, not (2, 3) at 1-2
+
+
+def test_a_loop_is_continued_past_the_end_of_the_text():
+    drafter = NgramDrafter(max_tokens=5)
+    r = Request("a", (4, 5, 6, 5, 6), SamplingParams())
+    assert drafter.propose(r, 5) == (5, 6, 5, 6, 5)
+
+
+def test_nothing_is_proposed_for_a_new_tail_and_output_tokens_are_indexed():
+    drafter = NgramDrafter(max_tokens=4)
+    r = Request("a", (1, 2, 3, 4), SamplingParams())
+    assert drafter.propose(r, 4) == ()
+    r.output_token_ids.extend([1, 2])
+    assert drafter.propose(r, 4) == (3, 4, 1, 2)
+    drafter.forget("a")
+    assert drafter.propose(r, 0) == ()
+
+
+# ---------------------------------------------------------------- through the scheduler
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_guessing_changes_no_token_no_logprob_and_takes_fewer_steps(block_size):
+    prompts = {"a": [5, 6, 7, 5, 6, 7, 5], "b": [1, 2, 3, 4, 1, 2, 3], "c": list(range(20, 33))}
+    requests = lambda: [greedy(k, p) for k, p in prompts.items()]  # noqa: E731
+    for rid, p in prompts.items():
+        plain, plain_steps, _ = generate(0, [greedy(rid, p)], block_size=block_size)
+        guessed, steps, _ = generate(4, [greedy(rid, p)], block_size=block_size)
+        assert guessed == plain
+        assert len(steps) < len(plain_steps)
+        assert any(c.draft for s in steps for c in s.chunks)
+    # Three at once: guesses only while at most draft_max_seqs run, the results the same.
+    together, steps, _ = generate(4, requests(), block_size=block_size)
+    assert together == generate(0, requests(), block_size=block_size)[0]
+    assert not any(c.draft for s in steps if len(s.chunks) > 1 for c in s.chunks)
+
+
+def test_guesses_stop_at_max_tokens_the_window_and_a_stop_token():
+    p = [5, 6, 7, 5, 6, 7, 5]
+    for params in ({"max_tokens": 6}, {"max_tokens": 1}, {"stop_token_ids": (7,)}, {"stop_token_ids": (500,)}):
+        plain = generate(0, [greedy("a", p, **params)])[0]
+        guessed, steps, _ = generate(4, [greedy("a", p, **params)])
+        assert guessed == plain
+        tokens, _, reason = guessed["a"]
+        assert len(tokens) <= params.get("max_tokens", 40)
+        assert reason in (FinishReason.STOP, FinishReason.LENGTH)
+        for s in steps:  # never more guesses than the tokens the request may still take
+            for c in s.chunks:
+                assert len(c.draft) <= max(0, params.get("max_tokens", 40) - 1)
+    windowed, steps, _ = generate(4, [greedy("a", p, max_tokens=100)], max_len=20)
+    assert windowed == generate(0, [greedy("a", p, max_tokens=100)], max_len=20)[0]
+    assert len(windowed["a"][0]) == 20 - len(p)
+    assert all(c.start + len(c.token_ids) <= 20 for s in steps for c in s.chunks)
+
+
+def test_only_draftable_requests_guess():
+    p = [5, 6, 7, 5, 6, 7, 5]
+    for params in ({"temperature": 1.0, "seed": 3}, {"presence_penalty": 0.5}, {"repetition_penalty": 1.1},
+                   {"min_tokens": 2, "stop_token_ids": (9,)}, {"bad_words_token_ids": ((9,),)}):
+        r = Request("a", tuple(p), SamplingParams(max_tokens=20, **params))
+        _, steps, _ = generate(4, [r])
+        assert not any(c.draft for s in steps for c in s.chunks), params
+    _, steps, _ = generate(0, [greedy("a", p)])
+    assert not any(c.draft for s in steps for c in s.chunks)
+
+
+def test_published_blocks_hold_confirmed_tokens_only():
+    """A rejected guess's slot is never published: a later request with the first one's
+    whole text takes its blocks as prefix hits and continues exactly as a fresh one."""
+    p = [5, 6, 7, 5, 6, 7, 5, 6]
+    sched, runner = make(4, block_size=4)
+    first = greedy("a", p, max_tokens=30)
+    sched.add_request(first)
+    while sched.has_unfinished:
+        scheduled = sched.schedule()
+        sched.update_from_output(scheduled, runner.execute(scheduled))
+    record_free = sched.kv_manager.num_free_blocks
+    assert record_free == sched.kv_manager.pool.num_blocks
+    text = p + list(first.output_token_ids)
+    second = greedy("b", text, max_tokens=12)
+    sched.add_request(second)
+    while sched.has_unfinished:
+        scheduled = sched.schedule()
+        sched.update_from_output(scheduled, runner.execute(scheduled))
+    assert second.num_cached_tokens >= 4 * ((len(text) - 1) // 4) - 4 > 0
+    fresh = generate(0, [greedy("b", text, max_tokens=12)])[0]["b"]
+    assert (tuple(second.output_token_ids), tuple(lp.logprob for lp in second.output_logprobs)) == fresh[:2]
+
+
+def test_guesses_take_no_blocks_another_request_needs():
+    """Out of blocks, a guess is dropped rather than preempting anyone."""
+    p = [5, 6, 7, 5, 6, 7, 5]
+    # 3 blocks of 4: the prompt and the first tokens fit, guesses past them do not.
+    out, steps, sched = generate(4, [greedy("a", p, max_tokens=5)], num_blocks=3)
+    assert out == generate(0, [greedy("a", p, max_tokens=5)], num_blocks=3)[0]
+    assert sched.num_preemptions == 0

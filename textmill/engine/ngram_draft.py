@@ -1,0 +1,78 @@
+"""Draft tokens from the request's own text (prompt lookup, n-gram speculation).
+
+At one stream a decode step reads every weight for one token; verifying a few guessed
+tokens in the same step reads them once for all (the runner computes and samples every
+position of the chunk). The guess: the tokens that followed the last time the request's
+latest MAX_N (down to MIN_N) tokens occurred in its prompt or output, as vLLM's "ngram"
+and llama.cpp's lookup decoding do. Repeated names, code, quoted text and loops hit; open
+prose mostly finds nothing, and then nothing is drafted and the step is a plain decode.
+
+Exact: the scheduler drafts only for requests whose next token is a function of that
+position's logits alone (SamplingParams.draftable: greedy, no penalties, no grammar), the
+kernels compute a position's logits bit for bit the same in a chunk as in a one-token step,
+and a draft is kept only up to the first position where the sampled token differs from it.
+The tokens, logprobs and finish reasons are those of plain decoding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from textmill.engine.request import Request
+
+MAX_N = 3  # the longest tail that is looked up
+MIN_N = 2  # shorter tails guess too often wrong to pay for the extra rows
+
+
+@dataclass(eq=False)
+class _Index:
+    """One request's tokens and, per n, where each n-gram last ended (its last token's position)."""
+
+    tokens: list[int] = field(default_factory=list)
+    last_end: dict[tuple[int, ...], int] = field(default_factory=dict)
+    indexed: int = 0  # n-grams ending before this position are in last_end
+
+
+class NgramDrafter:
+    def __init__(self, max_tokens: int):
+        assert max_tokens > 0
+        self.max_tokens = max_tokens
+        self._index: dict[str, _Index] = {}
+
+    def propose(self, request: Request, limit: int) -> tuple[int, ...]:
+        """Up to min(limit, max_tokens) guesses of the tokens after the request's last one;
+        () when its tail has not occurred before."""
+        limit = min(limit, self.max_tokens)
+        if limit <= 0:
+            return ()
+        index = self._catch_up(request)
+        tokens = index.tokens
+        for n in range(MAX_N, MIN_N - 1, -1):
+            if len(tokens) <= n:
+                continue
+            end = index.last_end.get(tuple(tokens[-n:]))
+            if end is not None:
+                # What followed, copied on past the end of the text as LZ77 copies an
+                # overlapping match: a loop of period p continues as itself.
+                draft: list[int] = []
+                for pos in range(end + 1, end + 1 + limit):
+                    draft.append(tokens[pos] if pos < len(tokens) else draft[pos - len(tokens)])
+                return tuple(draft)
+        return ()
+
+    def forget(self, request_id: str) -> None:
+        self._index.pop(request_id, None)
+
+    def _catch_up(self, request: Request) -> _Index:
+        index = self._index.setdefault(request.request_id, _Index())
+        tokens = index.tokens
+        if not tokens:
+            tokens.extend(request.prompt_token_ids)
+        tokens.extend(request.output_token_ids[len(tokens) - request.num_prompt_tokens :])
+        # Every n-gram that has a next token is registered, the newest occurrence winning:
+        # the request's own last n tokens (no continuation yet) are the key, never a value.
+        for end in range(index.indexed, len(tokens) - 1):
+            for n in range(MIN_N, MAX_N + 1):
+                if end + 1 >= n:
+                    index.last_end[tuple(tokens[end + 1 - n : end + 1])] = end
+        index.indexed = max(index.indexed, len(tokens) - 1)
+        return index
