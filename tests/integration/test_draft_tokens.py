@@ -13,6 +13,7 @@ import pytest
 from textmill.config import ServerConfig
 
 from .conftest import MODEL
+from .ops_server import scrape
 from .server import TEST_OPTIONS, serving
 
 NO_EOS = {"0": -100, "2": -100}
@@ -52,7 +53,7 @@ def servers():
             serving(ServerConfig(), TEST_OPTIONS.updated(draft_tokens=0)) as plain:
         clients = [openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=300)
                    for s in (guessing, plain)]
-        yield clients, counting[0]
+        yield clients, counting[0], guessing.url
 
 
 def answer(client, **body):
@@ -64,7 +65,7 @@ def answer(client, **body):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_guessing_gives_the_same_tokens_and_logprobs(servers, prompt):
-    (guessing, plain), counter = servers
+    (guessing, plain), counter, _ = servers
     before = counter.accepted
     body = dict(prompt=prompt, max_tokens=48, logprobs=2, logit_bias=NO_EOS)
     assert answer(guessing, **body) == answer(plain, **body)
@@ -72,7 +73,7 @@ def test_guessing_gives_the_same_tokens_and_logprobs(servers, prompt):
 
 
 def test_stop_strings_max_tokens_and_streaming_end_where_they_would(servers):
-    (guessing, plain), counter = servers
+    (guessing, plain), counter, _ = servers
     for body in (dict(prompt=PROMPTS[1], max_tokens=7, logit_bias=NO_EOS),
                  dict(prompt=PROMPTS[1], max_tokens=40, stop=[" 20,"], logit_bias=NO_EOS),
                  dict(prompt=PROMPTS[0], max_tokens=40, stop=["four"], logprobs=1),
@@ -85,9 +86,18 @@ def test_stop_strings_max_tokens_and_streaming_end_where_they_would(servers):
 
 
 def test_sampled_and_penalized_requests_do_not_guess(servers):
-    (guessing, plain), counter = servers
+    (guessing, plain), counter, _ = servers
     before = counter.drafted
     for extra in (dict(temperature=0.8, seed=7), dict(temperature=0, frequency_penalty=0.5)):
         body = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=16, logit_bias=NO_EOS, **extra)
         assert guessing.completions.create(**body).choices[0].text == plain.completions.create(**body).choices[0].text
     assert counter.drafted == before
+
+
+def test_metrics_count_the_guesses(servers):
+    (guessing, _), counter, url = servers
+    guessing.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=24, temperature=0, logit_bias=NO_EOS)
+    samples = scrape(url)
+    assert samples["vllm:spec_decode_num_draft_tokens_total"] == counter.drafted > 0
+    assert samples["vllm:spec_decode_num_accepted_tokens_total"] == counter.accepted > 0
+    assert 0 < samples["vllm:spec_decode_num_drafts_total"] <= counter.drafted

@@ -134,6 +134,28 @@ def test_nothing_is_proposed_for_a_new_tail_and_output_tokens_are_indexed():
     assert drafter.propose(r, 0) == ()
 
 
+def test_the_allowance_follows_what_held_and_misses_pause_guessing():
+    from textmill.engine.ngram_draft import MAX_PAUSE
+    drafter = NgramDrafter(max_tokens=4)
+    r = Request("a", (1, 2, 3, 1, 2, 3, 1, 2), SamplingParams())
+    assert drafter.propose(r, 10) == (3, 1, 2, 3)
+    drafter.observe("a", 4, 4)
+    assert len(drafter.propose(r, 10)) == 4  # all held: as long as allowed
+    drafter.observe("a", 4, 2)
+    assert drafter.propose(r, 10) == (3, 1)  # as long as what held
+    pauses = []
+    for _ in range(7):  # nothing held, again and again: 1, 2, 4 ... steps without guesses
+        drafter.observe("a", 1, 0)
+        skipped = 0
+        while not drafter.propose(r, 10):
+            skipped += 1
+        pauses.append(skipped)
+    assert pauses == [1, 2, 4, 8, MAX_PAUSE, MAX_PAUSE, MAX_PAUSE]
+    assert drafter.propose(r, 10) == (3,)  # back to one guess after a pause
+    drafter.observe("a", 1, 1)
+    assert drafter.propose(r, 10) == (3, 1)  # and growing again once guesses hold
+
+
 # ---------------------------------------------------------------- through the scheduler
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 def test_guessing_changes_no_token_no_logprob_and_takes_fewer_steps(block_size):

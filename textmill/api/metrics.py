@@ -132,6 +132,11 @@ def _engine_families(stats, model: str, num_blocks: int):
                   stats.num_requests_finished)
     yield counter("textmill:step_failures", "Engine steps that failed (their requests got errors).",
                   stats.num_step_failures)
+    # vLLM's speculative-decoding counters: guessed tokens from the request's own text here.
+    yield counter("vllm:spec_decode_num_drafts", "Request steps that checked guessed tokens.", stats.num_drafts)
+    yield counter("vllm:spec_decode_num_draft_tokens", "Tokens guessed.", stats.num_draft_tokens)
+    yield counter("vllm:spec_decode_num_accepted_tokens", "Guessed tokens that sampling confirmed.",
+                  stats.num_accepted_tokens)
 
 
 def _grammar_families(stats, model: str):

@@ -32,6 +32,11 @@ class EngineStats:
     num_preemptions_total: int
     num_requests_finished: int
     num_step_failures: int
+    # Guessed tokens (engine/ngram_draft.py): steps of a request that carried guesses, the
+    # guesses, and those that sampling confirmed.
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 class Engine:
@@ -124,6 +129,9 @@ class Engine:
             num_preemptions_total=sched.num_preemptions,
             num_requests_finished=self._num_finished,
             num_step_failures=self._num_step_failures,
+            num_drafts=sched.num_drafts,
+            num_draft_tokens=sched.num_draft_tokens,
+            num_accepted_tokens=sched.num_accepted_tokens,
         )
 
     # ------------------------------------------------------------ helpers

@@ -21,6 +21,7 @@ from textmill.engine.request import Request
 
 MAX_N = 3  # the longest tail that is looked up
 MIN_N = 2  # shorter tails guess too often wrong to pay for the extra rows
+MAX_PAUSE = 16  # steps without guessing, at most, after guesses that all failed
 
 
 @dataclass(eq=False)
@@ -30,6 +31,10 @@ class _Index:
     tokens: list[int] = field(default_factory=list)
     last_end: dict[tuple[int, ...], int] = field(default_factory=dict)
     indexed: int = 0  # n-grams ending before this position are in last_end
+    # How many to guess next (see NgramDrafter.observe), and the steps left to sit out.
+    allowance: int = 0
+    pause: int = 0
+    misses: int = 0  # guessing steps in a row that kept nothing
 
 
 class NgramDrafter:
@@ -39,12 +44,15 @@ class NgramDrafter:
         self._index: dict[str, _Index] = {}
 
     def propose(self, request: Request, limit: int) -> tuple[int, ...]:
-        """Up to min(limit, max_tokens) guesses of the tokens after the request's last one;
-        () when its tail has not occurred before."""
-        limit = min(limit, self.max_tokens)
+        """Up to min(limit, the request's allowance) guesses of the tokens after its last
+        one; () when its tail has not occurred before, or while it sits out a pause."""
+        index = self._catch_up(request)
+        if index.pause:
+            index.pause -= 1
+            return ()
+        limit = min(limit, index.allowance)
         if limit <= 0:
             return ()
-        index = self._catch_up(request)
         tokens = index.tokens
         for n in range(MAX_N, MIN_N - 1, -1):
             if len(tokens) <= n:
@@ -59,11 +67,31 @@ class NgramDrafter:
                 return tuple(draft)
         return ()
 
+    def observe(self, request_id: str, guessed: int, kept: int) -> None:
+        """What a step made of the request's guesses. A wrong guess costs its rows' work
+        (nearly nothing while a step only streams the weights, a row's share of the
+        arithmetic once it is bound by that), so the allowance follows the text: all kept,
+        the next guess is longer; some kept, it is as long as what held; none kept, the
+        request sits out 1, 2, 4 ... MAX_PAUSE steps before it guesses one token again."""
+        index = self._index.get(request_id)
+        if index is None or guessed == 0:
+            return
+        if kept == guessed:
+            index.allowance, index.misses = min(self.max_tokens, 2 * guessed), 0
+        elif kept:
+            index.allowance, index.misses = kept, 0
+        else:
+            index.allowance = 1
+            index.pause = min(MAX_PAUSE, 1 << index.misses)
+            index.misses += 1
+
     def forget(self, request_id: str) -> None:
         self._index.pop(request_id, None)
 
     def _catch_up(self, request: Request) -> _Index:
-        index = self._index.setdefault(request.request_id, _Index())
+        index = self._index.get(request.request_id)
+        if index is None:
+            index = self._index[request.request_id] = _Index(allowance=self.max_tokens)
         tokens = index.tokens
         if not tokens:
             tokens.extend(request.prompt_token_ids)

@@ -78,6 +78,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the last is the newest
         self.num_preemptions = 0
+        self.num_drafts = self.num_draft_tokens = self.num_accepted_tokens = 0  # guesses, for metrics
         self._requests: dict[str, Request] = {}  # waiting or running
         self._announced: set[str] = set()  # ids already sent in new_requests
         self._to_free: list[Request] = []  # aborted / finished outside a step
@@ -268,7 +269,13 @@ class Scheduler:
             has_news = self._take_prompt_logprobs(request, chunk, output)
             reason = None
             if chunk.sample:
-                tokens = (*output.accepted.get(request.request_id, ()), output.sampled[request.request_id])
+                accepted = output.accepted.get(request.request_id, ())
+                if chunk.draft:
+                    self.drafter.observe(request.request_id, len(chunk.draft), len(accepted))
+                    self.num_drafts += 1
+                    self.num_draft_tokens += len(chunk.draft)
+                    self.num_accepted_tokens += len(accepted)
+                tokens = (*accepted, output.sampled[request.request_id])
                 for i, sampled in enumerate(tokens):
                     request.num_computed_tokens += i > 0  # the confirmed guess before this token
                     self._append_token(request, sampled)
