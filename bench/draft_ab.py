@@ -19,12 +19,14 @@ On the random-weight files (synthetic-*) the text is noise whatever the prompt.
 
     python bench/draft_ab.py
     python bench/draft_ab.py --models smollm2 gemma3 --streams 1 2 4 --waves 3
+    python bench/draft_ab.py --temperature 0.7             # seeded sampling guesses too
 
 Results: bench/results/draft_ab-<time>.json, stamped with commit and machine.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import statistics
 import sys
@@ -93,8 +95,9 @@ def wave(built, params: SamplingParams, texts: list[str], first: int) -> tuple[f
     tokens / samplings is a request's tokens a step."""
     engine, tok = built.engine, built.tokenizer
     ids = [f"w{first + i}" for i in range(len(texts))]
-    for rid, text in zip(ids, texts):
-        engine.add_request(EngineRequest(rid, tuple(tok.encode(text)), params))
+    for i, (rid, text) in enumerate(zip(ids, texts)):
+        # Each request of a wave its own seed, the same on both sides (used when sampling).
+        engine.add_request(EngineRequest(rid, tuple(tok.encode(text)), dataclasses.replace(params, seed=i)))
     got: dict[str, list[int]] = {rid: [] for rid in ids}
     counting = engine._runner
     counting.sampled = 0
@@ -106,7 +109,8 @@ def wave(built, params: SamplingParams, texts: list[str], first: int) -> tuple[f
     return elapsed, sum(len(v) for v in got.values()), counting.sampled, [got[rid] for rid in ids]
 
 
-def compare(key: str, kinds: list[str], streams: list[int], waves: int, workload: Workload) -> list[dict]:
+def compare(key: str, kinds: list[str], streams: list[int], waves: int, workload: Workload,
+            temperature: float) -> list[dict]:
     path = resolve(key)
     ns = build_parser().parse_args(["serve", str(path), "--max-num-seqs", str(max(16, *streams)),
                                     "--kv-cache-memory", "2", "--max-model-len", "4096",
@@ -119,7 +123,7 @@ def compare(key: str, kinds: list[str], streams: list[int], waves: int, workload
     if drafter is None:
         raise SystemExit("this engine guesses no tokens (--draft-tokens 0)")
     banned = tuple((i, -100.0) for i in eos_token_ids(path))
-    params = SamplingParams(max_tokens=workload.max_tokens, temperature=0.0, logit_bias=banned)
+    params = SamplingParams(max_tokens=workload.max_tokens, temperature=temperature, logit_bias=banned)
     rows, first = [], 0
     for kind in kinds:
         for c in streams:
@@ -137,7 +141,7 @@ def compare(key: str, kinds: list[str], streams: list[int], waves: int, workload
                     raise SystemExit(f"{key} {kind} C={c}: guessing changed the tokens")
             scheduler.drafter = drafter
             on, off = [r for r, _ in got["on"]], [r for r, _ in got["off"]]
-            rows.append({"model": key, "workload": kind, "streams": c,
+            rows.append({"model": key, "workload": kind, "streams": c, "temperature": temperature,
                          "off_tok_s": [round(x, 1) for x in off], "on_tok_s": [round(x, 1) for x in on],
                          "on_over_off": round(statistics.median(on) / statistics.median(off), 3),
                          "tokens_per_step": round(statistics.mean(t for _, t in got["on"]), 2)})
@@ -151,15 +155,18 @@ def main() -> int:
     ap.add_argument("--workloads", nargs="+", default=["bench", "prose", "code"], choices=["bench", "prose", "code"])
     ap.add_argument("--streams", type=int, nargs="+", default=[1])
     ap.add_argument("--waves", type=int, default=4, help="waves per side, workload and stream count")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy; above: seeded sampling (seed i for a wave's request i)")
     args = ap.parse_args()
     workload = Workload(max_tokens=64)
-    rows = [r for key in args.models for r in compare(key, args.workloads, args.streams, args.waves, workload)]
+    rows = [r for key in args.models
+            for r in compare(key, args.workloads, args.streams, args.waves, workload, args.temperature)]
     print("| model | workload | streams | off: tok/s, each wave | on | on / off (medians) | tokens a step, on |")
     print("|---|---|---:|---|---|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['workload']} | {r['streams']} | {' '.join(f'{x:.0f}' for x in r['off_tok_s'])} | "
               f"{' '.join(f'{x:.0f}' for x in r['on_tok_s'])} | {r['on_over_off']:.2f} | {r['tokens_per_step']:.2f} |")
-    write_result("draft_ab", {"waves": args.waves, "rows": rows})
+    write_result("draft_ab", {"waves": args.waves, "temperature": args.temperature, "rows": rows})
     return 0
 
 

@@ -152,8 +152,8 @@ class SchedulerConfig:
                                        "memory holds)")
     # Prompt-lookup speculation (engine/ngram_draft.py): exact, and nearly free only while a
     # step is bound by reading the weights, i.e. with few rows (docs/performance.md).
-    draft_tokens: int = option(4, "tokens guessed from the request's own text and checked in one step, for "
-                               "greedy requests while few run (0: off)", parse=count(0))
+    draft_tokens: int = option(4, "tokens guessed from the request's own text and checked in one step, while "
+                               "few requests run (0: off)", parse=count(0))
     draft_max_seqs: int = option(1, "guess tokens only while at most this many requests run", parse=count(1))
 
 

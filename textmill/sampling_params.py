@@ -120,10 +120,10 @@ class SamplingParams:
 
     @property
     def draftable(self) -> bool:
-        """The next token is a function of its position's logits alone (no draw, nothing that
-        counts the tokens before it), so guessed tokens can be checked in one step
-        (engine/ngram_draft.py) and give what plain decoding gives."""
-        return (self.greedy and not self.has_penalties and self.repetition_penalty == 1.0
+        """The next token is a function of its position's logits and the request's next draw
+        alone (nothing that counts or constrains by the tokens before it), so guessed tokens
+        can be checked in one step (engine/ngram_draft.py) and give what plain decoding gives."""
+        return (not self.has_penalties and self.repetition_penalty == 1.0
                 and self.min_tokens == 0 and self.structured is None and not self.bad_words_token_ids)
 
 

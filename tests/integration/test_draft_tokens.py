@@ -85,11 +85,24 @@ def test_stop_strings_max_tokens_and_streaming_end_where_they_would(servers):
     assert text == answer(plain, prompt=PROMPTS[1], max_tokens=30, logit_bias=NO_EOS)[0]
 
 
-def test_sampled_and_penalized_requests_do_not_guess(servers):
+def test_seeded_sampling_draws_the_same_tokens(servers):
+    """A sampled request guesses too; the runner rewinds its generator past the draws of the
+    rows it drops, so a seed gives the text it gives without guesses."""
+    (guessing, plain), counter, _ = servers
+    before = counter.accepted
+    for seed, temperature, extra in ((7, 0.3, {}), (11, 0.8, {"top_p": 0.9}), (5, 1.0, {"logprobs": 2})):
+        body = dict(prompt=PROMPTS[1], max_tokens=40, logit_bias=NO_EOS, seed=seed, **extra)
+        got = guessing.completions.create(model=MODEL, temperature=temperature, **body).choices[0]
+        want = plain.completions.create(model=MODEL, temperature=temperature, **body).choices[0]
+        assert (got.text, got.logprobs) == (want.text, want.logprobs)
+    assert counter.accepted > before
+
+
+def test_penalized_requests_do_not_guess(servers):
     (guessing, plain), counter, _ = servers
     before = counter.drafted
-    for extra in (dict(temperature=0.8, seed=7), dict(temperature=0, frequency_penalty=0.5)):
-        body = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=16, logit_bias=NO_EOS, **extra)
+    for extra in (dict(frequency_penalty=0.5), dict(presence_penalty=-0.5), dict(extra_body={"min_tokens": 3})):
+        body = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=16, temperature=0, logit_bias=NO_EOS, **extra)
         assert guessing.completions.create(**body).choices[0].text == plain.completions.create(**body).choices[0].text
     assert counter.drafted == before
 

@@ -193,13 +193,16 @@ def test_guesses_stop_at_max_tokens_the_window_and_a_stop_token():
 
 def test_only_draftable_requests_guess():
     p = [5, 6, 7, 5, 6, 7, 5]
-    for params in ({"temperature": 1.0, "seed": 3}, {"presence_penalty": 0.5}, {"repetition_penalty": 1.1},
+    for params in ({"presence_penalty": 0.5}, {"frequency_penalty": -0.5}, {"repetition_penalty": 1.1},
                    {"min_tokens": 2, "stop_token_ids": (9,)}, {"bad_words_token_ids": ((9,),)}):
         r = Request("a", tuple(p), SamplingParams(max_tokens=20, **params))
         _, steps, _ = generate(4, [r])
         assert not any(c.draft for s in steps for c in s.chunks), params
     _, steps, _ = generate(0, [greedy("a", p)])
     assert not any(c.draft for s in steps for c in s.chunks)
+    # A sampled request guesses too: its runner rewinds the draws of the rows it drops.
+    _, steps, _ = generate(4, [Request("a", tuple(p), SamplingParams(max_tokens=20, temperature=0.8, seed=3))])
+    assert any(c.draft for s in steps for c in s.chunks)
 
 
 def test_published_blocks_hold_confirmed_tokens_only():

@@ -8,10 +8,12 @@ and llama.cpp's lookup decoding do. Repeated names, code, quoted text and loops 
 prose mostly finds nothing, and then nothing is drafted and the step is a plain decode.
 
 Exact: the scheduler drafts only for requests whose next token is a function of that
-position's logits alone (SamplingParams.draftable: greedy, no penalties, no grammar), the
-kernels compute a position's logits bit for bit the same in a chunk as in a one-token step,
-and a draft is kept only up to the first position where the sampled token differs from it.
-The tokens, logprobs and finish reasons are those of plain decoding.
+position's logits and the request's next draw alone (SamplingParams.draftable: no
+penalties, no grammar), the kernels compute a position's logits bit for bit the same in a
+chunk as in a one-token step, a draft is kept only up to the first position where the
+sampled token differs from it, and the runner rewinds a sampled request's generator past
+the draws of the rows it drops. The tokens, logprobs and finish reasons are those of
+plain decoding.
 """
 from __future__ import annotations
 

@@ -174,8 +174,13 @@ class ModelRunner:
         `drafts`: the guessed tokens of the chunks that carry some; such a request has
         len(draft) + 1 sampled rows, one after each position from its last real token on.
         A draftable request's row samples as if it were alone (SamplingParams.draftable):
-        what the rows after a rejected guess sampled is dropped and changes nothing."""
+        what the rows after a rejected guess sampled is dropped and changes nothing, their
+        draws included (the generator is rewound to the kept rows' draws)."""
         num_sampled = len(sample_ids)
+        drafts = drafts or {}
+        # A sampled request draws one uniform a row: where its generator stood, so that only
+        # the rows it keeps count (a guess is kept only where the draw picked that token).
+        marks = {r: self.sampler.draw_mark(r) for r in drafts if not self.sampler.params(r).greedy}
         sample = self.sampler.sample(logits[:num_sampled], sample_ids, in_place=True) if num_sampled else None
         prompt = None
         if segments:
@@ -194,10 +199,12 @@ class ModelRunner:
         prompt_lps = self._read_prompt(segments, prompt, reader) if prompt is not None else {}
         sampled, accepted = {}, {}
         for request_id, entries in rows.items():
-            draft = (drafts or {}).get(request_id, ())
+            draft = drafts.get(request_id, ())
             kept = 0  # guesses confirmed: each equals the token sampled at the position before it
             while kept < len(draft) and entries[kept].token_id == draft[kept]:
                 kept += 1
+            if request_id in marks:
+                self.sampler.rewind_draws(request_id, marks[request_id], kept + 1)
             sampled[request_id] = entries[kept]
             if kept:
                 accepted[request_id] = tuple(entries[:kept])

@@ -184,6 +184,18 @@ class Sampler:
     def params(self, request_id: str) -> SamplingParams:
         return self._requests[request_id].params
 
+    def draw_mark(self, request_id: str) -> torch.Tensor:
+        """Where the request's generator stands (see rewind_draws)."""
+        return self._requests[request_id].generator.get_state()
+
+    def rewind_draws(self, request_id: str, mark: torch.Tensor, used: int) -> None:
+        """Put the generator back to `mark` and on by `used` draws: a step that sampled after
+        each guessed token leaves it as if only the kept rows had drawn (model_runner.py)."""
+        generator = self._requests[request_id].generator
+        generator.set_state(mark)
+        for _ in range(used):
+            _draw(generator)
+
     # ------------------------------------------------------------ sampling
     def sample(self, logits: torch.Tensor, request_ids: Sequence[str], *, in_place: bool = False) -> SampleOutput:
         """logits (S, V) float32, one row per request id -> the chosen token of each row.
@@ -319,7 +331,7 @@ class Sampler:
     def _sample_rows(self, x, greedy_tokens, states, sampled_rows) -> torch.Tensor:
         """Replace greedy_tokens at sampled_rows by a draw from each row's distribution."""
         # The one per-row loop: each row's uniform comes from its own generator.
-        draws = [torch.rand((), generator=states[i].generator, dtype=torch.float64).item() for i in sampled_rows]
+        draws = [_draw(states[i].generator) for i in sampled_rows]
         picked = []
         for start in range(0, len(sampled_rows), BLOCK_ROWS):
             rows, block_draws = sampled_rows[start : start + BLOCK_ROWS], draws[start : start + BLOCK_ROWS]
@@ -341,6 +353,11 @@ class Sampler:
                 sub = probs if len(group) == len(params) else probs.index_select(0, idx)
                 picked.index_copy_(0, idx, draw(sub, [params[i] for i in group], uniform.index_select(0, idx)))
         return picked
+
+
+def _draw(generator: torch.Generator) -> float:
+    """A sampled row's one uniform."""
+    return torch.rand((), generator=generator, dtype=torch.float64).item()
 
 
 def _tempered_probs(x: torch.Tensor, rows: list[int], temperatures: list[float], out: torch.Tensor) -> torch.Tensor:
