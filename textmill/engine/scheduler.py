@@ -30,9 +30,9 @@ one prompt compute it once and each computes only its own tail.
 
 Guessed tokens: while at most draft_max_seqs requests run, a decode of a draftable request
 (nothing stateful in its sampling: no penalties, no grammar) carries up to draft_tokens
-guesses from its own text (engine/ngram_draft.py) as the rest of its chunk. The step then computes every one of
-those positions; the runner keeps the guesses that sampling confirms and samples one token
-after them, so the request advances by 1 + accepted tokens. Slots for the rejected guesses
+guesses from its own text (engine/ngram_draft.py) as the rest of its chunk. The step then
+computes every one of those positions; the runner keeps the guesses that sampling confirms
+and samples one token after them, so the request advances by 1 + accepted tokens. Slots for the rejected guesses
 stay allocated and are written over by the next step; only computed positions are
 published to the prefix cache.
 
