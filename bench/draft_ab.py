@@ -110,11 +110,12 @@ def wave(built, params: SamplingParams, texts: list[str], first: int) -> tuple[f
 
 
 def compare(key: str, kinds: list[str], streams: list[int], waves: int, workload: Workload,
-            temperature: float) -> list[dict]:
+            temperature: float, draft_tokens: int | None) -> list[dict]:
     path = resolve(key)
     ns = build_parser().parse_args(["serve", str(path), "--max-num-seqs", str(max(16, *streams)),
                                     "--kv-cache-memory", "2", "--max-model-len", "4096",
-                                    "--draft-max-seqs", str(max(streams))])
+                                    "--draft-max-seqs", str(max(streams)),
+                                    *(["--draft-tokens", str(draft_tokens)] if draft_tokens else [])])
     built = build_engine(engine_config_from_args(ns))
     gc.freeze()  # as `textmill serve` does once its model is loaded
     built.engine._runner = Counting(built.engine._runner)
@@ -155,18 +156,21 @@ def main() -> int:
     ap.add_argument("--workloads", nargs="+", default=["bench", "prose", "code"], choices=["bench", "prose", "code"])
     ap.add_argument("--streams", type=int, nargs="+", default=[1])
     ap.add_argument("--waves", type=int, default=4, help="waves per side, workload and stream count")
+    ap.add_argument("--draft-tokens", type=int, default=None, help="guesses at most (default: textmill's)")
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0: greedy; above: seeded sampling (seed i for a wave's request i)")
     args = ap.parse_args()
     workload = Workload(max_tokens=64)
     rows = [r for key in args.models
-            for r in compare(key, args.workloads, args.streams, args.waves, workload, args.temperature)]
+            for r in compare(key, args.workloads, args.streams, args.waves, workload, args.temperature,
+                             args.draft_tokens)]
     print("| model | workload | streams | off: tok/s, each wave | on | on / off (medians) | tokens a step, on |")
     print("|---|---|---:|---|---|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['workload']} | {r['streams']} | {' '.join(f'{x:.0f}' for x in r['off_tok_s'])} | "
               f"{' '.join(f'{x:.0f}' for x in r['on_tok_s'])} | {r['on_over_off']:.2f} | {r['tokens_per_step']:.2f} |")
-    write_result("draft_ab", {"waves": args.waves, "temperature": args.temperature, "rows": rows})
+    write_result("draft_ab", {"waves": args.waves, "temperature": args.temperature,
+                              "draft_tokens": args.draft_tokens, "rows": rows})
     return 0
 
 

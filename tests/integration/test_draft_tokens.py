@@ -57,9 +57,10 @@ def servers():
 
 
 def answer(client, **body):
-    choice = client.completions.create(model=MODEL, temperature=0, **body).choices[0]
+    response = client.completions.create(model=MODEL, temperature=0, **body)
+    choice = response.choices[0]
     lp = choice.logprobs
-    return (choice.text, choice.finish_reason,
+    return (choice.text, choice.finish_reason, response.usage.completion_tokens,
             lp and (lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset))
 
 
@@ -79,6 +80,18 @@ def test_stop_strings_max_tokens_and_streaming_end_where_they_would(servers):
                  dict(prompt=PROMPTS[0], max_tokens=40, stop=["four"], logprobs=1),
                  dict(prompt=PROMPTS[2], max_tokens=1)):
         assert answer(guessing, **body) == answer(plain, **body), body
+    # A stop string that ends among one step's confirmed guesses ends the text there, and the
+    # tokens after it count nowhere (usage, best_of's mean logprob); of two overlapping stops
+    # the one that ends first wins, as with one token a step.
+    for prompt, stop in ((PROMPTS[1], [", "]), (PROMPTS[1], ["4, "]), (PROMPTS[2], ["on"]),
+                         (PROMPTS[2], ["on", "sat on the"]), (PROMPTS[2], ["mat", "the mat. The"])):
+        body = dict(prompt=prompt, max_tokens=30, stop=stop, logprobs=1, logit_bias=NO_EOS)
+        assert answer(guessing, **body) == answer(plain, **body), stop
+        body = dict(prompt=prompt, max_tokens=12, stop=stop, n=2, best_of=3, logit_bias=NO_EOS)
+        got = guessing.completions.create(model=MODEL, temperature=0.9, seed=3, **body)
+        want = plain.completions.create(model=MODEL, temperature=0.9, seed=3, **body)
+        assert [c.text for c in got.choices] == [c.text for c in want.choices]
+        assert got.usage == want.usage
     stream = guessing.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=30, temperature=0,
                                          logit_bias=NO_EOS, stream=True)
     text = "".join(c.choices[0].text for c in stream if c.choices)
@@ -114,3 +127,14 @@ def test_metrics_count_the_guesses(servers):
     assert samples["vllm:spec_decode_num_draft_tokens_total"] == counter.drafted > 0
     assert samples["vllm:spec_decode_num_accepted_tokens_total"] == counter.accepted > 0
     assert 0 < samples["vllm:spec_decode_num_drafts_total"] <= counter.drafted
+
+
+def test_plans_whose_chunks_are_not_one_token_steps_do_not_guess():
+    """Eager torch picks its matmul and attention order by shape: a chunk's logits may differ
+    in the last bits from one-token steps, so there guesses would not be exact."""
+    from textmill.wiring import build_engine
+
+    built = build_engine(TEST_OPTIONS.updated(kernels=False, draft_tokens=4))
+    assert built.engine._scheduler.drafter is None
+    built = build_engine(TEST_OPTIONS.updated(draft_tokens=4))
+    assert built.engine._scheduler.drafter is not None

@@ -235,3 +235,39 @@ def test_guesses_take_no_blocks_another_request_needs():
     out, steps, sched = generate(4, [greedy("a", p, max_tokens=5)], num_blocks=3)
     assert out == generate(0, [greedy("a", p, max_tokens=5)], num_blocks=3)[0]
     assert sched.num_preemptions == 0
+    # Two running, 4 blocks: A's guesses would take the block B's next token needs.
+    for draft_tokens in (4, 0):
+        sched, runner = make(draft_tokens, block_size=4, num_blocks=4, draft_max_seqs=2)
+        sched.add_request(greedy("A", (1, 2, 3, 1, 2, 3, 1), max_tokens=8))
+        sched.add_request(greedy("B", (9, 8, 7, 6), max_tokens=8))
+        for _ in range(2):
+            scheduled = sched.schedule()
+            sched.update_from_output(scheduled, runner.execute(scheduled))
+        assert sched.num_preemptions == 0
+
+
+def test_no_guesses_while_requests_wait():
+    """A waiting request gets the step's budget and blocks before anyone's guesses."""
+    sched, runner = make(4, max_seqs=1)
+    sched.add_request(greedy("a", [5, 6, 7, 5, 6, 7, 5], max_tokens=12))
+    sched.add_request(greedy("b", [1, 2, 1, 2, 1], max_tokens=4))
+    drafted = []
+    while sched.has_unfinished:
+        scheduled = sched.schedule()
+        drafted += [(c.request_id, bool(c.draft), bool(sched.waiting)) for c in scheduled.chunks]
+        sched.update_from_output(scheduled, runner.execute(scheduled))
+    assert not any(d for rid, d, _ in drafted if rid == "a")  # b waited for all of a's steps
+    assert any(d for rid, d, _ in drafted if rid == "b")  # b ran alone, nothing waiting
+
+
+def test_truncated_output_has_the_sum_one_token_steps_make():
+    lps = [-0.1, -2.5e-7, -3.3, -1e-9, -0.7]
+    r = Request("a", (1,), SamplingParams(logprobs=0))
+    for i, lp in enumerate(lps):
+        r.append_output(TokenLogprob(10 + i, lp), keep_logprobs=True)
+    r.truncate_output(3)
+    plain = Request("a", (1,), SamplingParams(logprobs=0))
+    for i, lp in enumerate(lps[:3]):
+        plain.append_output(TokenLogprob(10 + i, lp), keep_logprobs=True)
+    assert (r.output_token_ids, r.output_logprobs, r.cumulative_logprob) == (
+        plain.output_token_ids, plain.output_logprobs, plain.cumulative_logprob)

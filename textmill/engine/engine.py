@@ -43,6 +43,10 @@ class Engine:
     def __init__(self, scheduler, runner: Runner, tokenizer: DecodingTokenizer):
         self._scheduler = scheduler
         self._runner = runner
+        if scheduler.drafter is not None and not getattr(runner, "chunks_match_steps", False):
+            # Guessed tokens would still be right, but not bit for bit plain decoding's.
+            log.info("guessed tokens: off (this runner's chunks are not bitwise one-token steps)")
+            scheduler.drafter = None
         self._outputs = OutputProcessor(tokenizer)
         self._requests: dict[str, Request] = {}  # live requests: no final output yet
         self._pending: list[RequestOutput] = []  # final outputs made between steps (aborts)

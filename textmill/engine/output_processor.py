@@ -143,11 +143,14 @@ class OutputProcessor:
         st = self._state(request)
         if st.done:
             return None
-        new_start = st.length
-        self._push_new_tokens(request, st)
-        if request.is_finished:
-            st.flush()
-        stop_at = self._find_stop(request, st, new_start)
+        if request.params.stop and len(request.output_token_ids) - st.num_seen > 1:
+            stop_at = self._push_until_stop(request, st)
+        else:
+            new_start = st.length
+            self._push_new_tokens(request, st)
+            if request.is_finished:
+                st.flush()
+            stop_at = self._find_stop(request, st, new_start)
         if stop_at is not None:
             assert stop_at >= st.released_chars, "released text past a stop"
             if not request.is_finished:
@@ -190,6 +193,27 @@ class OutputProcessor:
             st.push(token_id, request.output_logprobs[i] if want_logprobs else None)
         self.total_generated_tokens += len(new_ids)
         st.num_seen = len(request.output_token_ids)
+
+    def _push_until_stop(self, request: Request, st: TextState) -> int | None:
+        """Several new tokens (a step's confirmed guesses, engine/ngram_draft.py) with stop
+        strings: pushed and looked at one by one, as one-token steps would have, so the
+        stop found is the one that ends first. The tokens after it are cut from the request:
+        one-token steps would never have generated them."""
+        want_logprobs = request.params.logprobs is not None
+        last = len(request.output_token_ids) - 1
+        for i in range(st.num_seen, last + 1):
+            new_start = st.length
+            if not self._is_ending_token(request, i):
+                st.push(request.output_token_ids[i], request.output_logprobs[i] if want_logprobs else None)
+            self.total_generated_tokens += 1
+            st.num_seen = i + 1
+            if i == last and request.is_finished:
+                st.flush()
+            stop_at = self._find_stop(request, st, new_start)
+            if stop_at is not None:
+                request.truncate_output(i + 1)
+                return stop_at
+        return None
 
     def _is_ending_token(self, request: Request, index: int) -> bool:
         """True for the EOS or stop token id that ended the request: it is not text."""

@@ -37,6 +37,9 @@ class Request:
     error: str | None = None
     num_preemptions: int = 0
     cumulative_logprob: float = 0.0
+    # The raw logprob of each generated token, cumulative_logprob their sum in order: kept so
+    # that truncate_output can cut the output back to what one-token steps would have made.
+    output_token_logprobs: list[float] = field(default_factory=list)
     # Logprobs of generated tokens, aligned with output_token_ids (when params.logprobs set).
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     # Prompt scoring, filled chunk by chunk; entry i is the logprob of prompt token i + 1.
@@ -63,6 +66,25 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    def append_output(self, sampled: TokenLogprob, keep_logprobs: bool) -> None:
+        self.output_token_ids.append(sampled.token_id)
+        self.output_token_logprobs.append(sampled.logprob)
+        self.cumulative_logprob += sampled.logprob
+        if keep_logprobs:
+            self.output_logprobs.append(sampled)
+
+    def truncate_output(self, num_tokens: int) -> None:
+        """Keep the first num_tokens generated tokens: a stop string ended the text at the
+        last of them, and the guessed tokens a step confirmed after it were never generated
+        as far as the client can tell (usage, cumulative_logprob, best_of's ranking)."""
+        del self.output_token_ids[num_tokens:]
+        del self.output_logprobs[num_tokens:]
+        del self.output_token_logprobs[num_tokens:]
+        total = 0.0
+        for logprob in self.output_token_logprobs:  # the sum append_output made, in its order
+            total += logprob
+        self.cumulative_logprob = total
 
     def token_id_at(self, position: int) -> int:
         n = len(self.prompt_token_ids)

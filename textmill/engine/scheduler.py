@@ -162,8 +162,11 @@ class Scheduler:
             if num_new <= 0:
                 index += 1
                 continue
-            if draft and not self.kv_manager.allocate_slots(request, num_new + len(draft)):
-                draft = ()  # guesses never take blocks from another request
+            num_behind = len(self.running) - index - 1  # each may need a fresh block this step
+            if draft and (self.kv_manager.num_new_blocks(request, num_new + len(draft)) + num_behind
+                          > self.kv_manager.num_free_blocks
+                          or not self.kv_manager.allocate_slots(request, num_new + len(draft))):
+                draft = ()  # guesses never take blocks that another request needs
             if not draft and not self._allocate_or_preempt(request, num_new, plan):
                 return  # it preempted itself: it was the newest, nothing is behind it
             self._add_chunk(request, num_new, plan, draft)
@@ -172,8 +175,10 @@ class Scheduler:
     def _draft(self, request: Request, spare_budget: int) -> tuple[int, ...]:
         """Guesses for a decoding request's next tokens, none past max_tokens or the window
         (the last token of either is the sampled one); `spare_budget`: what the step can
-        give beyond one token for it and each request behind it."""
-        if (self.drafter is None or len(self.running) > self.config.draft_max_seqs
+        give beyond one token for it and each request behind it. Slots of guesses that fail
+        stay the request's until its next tokens fill them (at most one block more)."""
+        # Not while requests wait: a guess would take budget and blocks they could use.
+        if (self.drafter is None or self.waiting or len(self.running) > self.config.draft_max_seqs
                 or not request.params.draftable):
             return ()
         room = min(spare_budget,
@@ -308,10 +313,7 @@ class Scheduler:
         return bool(fresh)
 
     def _append_token(self, request: Request, sampled: TokenLogprob) -> None:
-        request.output_token_ids.append(sampled.token_id)
-        request.cumulative_logprob += sampled.logprob
-        if request.params.logprobs is not None:
-            request.output_logprobs.append(sampled)
+        request.append_output(sampled, keep_logprobs=request.params.logprobs is not None)
 
     def _finish_reason(self, request: Request, sampled: bool) -> FinishReason | None:
         params = request.params

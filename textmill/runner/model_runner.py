@@ -111,6 +111,15 @@ class ModelRunner:
                    quantization=plan.quantization, kernels=plan.kernels, kv_dtype=plan.torch_kv_dtype,
                    file_weights=loaded if plan.weights == "file-codes" else None)
 
+    @property
+    def chunks_match_steps(self) -> bool:
+        """A position's logits are the same bits in a chunk of several tokens as in a one-token
+        step: true of the C++ kernel forwards (their linears, norms and attention compute each
+        row alike whatever the rows beside it), which the tests hold to it; not of eager torch,
+        whose matmuls and attention choose their order by shape. Guessed tokens are exact only
+        where it holds (engine/ngram_draft.py), so the engine turns them off elsewhere."""
+        return self.ops is not None and isinstance(self.forward, KernelForwardBase) and self.graphs is None
+
     @staticmethod
     def kv_bytes_per_block(model_config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype,
                            kv_dtype: torch.dtype | None = None) -> int:

@@ -98,6 +98,13 @@ class KVCacheManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def num_new_blocks(self, request: Request, num_new_tokens: int) -> int:
+        """The fresh blocks allocate_slots(request, num_new_tokens) would take (a running
+        request: no prefix hits)."""
+        record = self._records.get(request.request_id)
+        held = len(record.blocks) if record else 0
+        return max(0, self.num_blocks_for(request.num_computed_tokens + num_new_tokens) - held)
+
     def takes_prefix_hits(self, request: Request) -> bool:
         """Prompt scoring needs logits at every prompt position, so it computes them all."""
         return self.enable_prefix_caching and request.params.prompt_logprobs is None
