@@ -151,10 +151,12 @@ class SchedulerConfig:
     max_model_len: int | None = option(None, "context window (default: the model's, or what the KV cache "
                                        "memory holds)")
     # Prompt-lookup speculation (engine/ngram_draft.py): exact, and nearly free only while a
-    # step is bound by reading the weights, i.e. with few rows (docs/performance.md).
-    draft_tokens: int = option(4, "tokens guessed from the request's own text and checked in one step, while "
-                               "few requests run (0: off)", parse=count(0))
-    draft_max_seqs: int = option(1, "guess tokens only while at most this many requests run", parse=count(1))
+    # step is bound by reading the weights, i.e. with few rows; the scheduler times its decode
+    # steps and takes the guesses that pay for their rows (engine/step_costs.py).
+    draft_tokens: int = option(4, "tokens guessed from the request's own text and checked in one step, as "
+                               "many as pay for their rows (0: off)", parse=count(0))
+    draft_max_seqs: int = option(0, "guess tokens only while at most this many requests run (0: as many as "
+                                 "the step's timing allows)", parse=count(0))
 
 
 @dataclass(frozen=True)

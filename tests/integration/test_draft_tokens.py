@@ -7,6 +7,8 @@ sampler, acceptance, streaming) on the bundled model.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import openai
 import pytest
 
@@ -29,11 +31,12 @@ class CountingRunner:
 
     def __init__(self, runner):
         self.runner = runner
-        self.drafted = self.accepted = 0
+        self.drafted = self.accepted = self.shared_steps = 0
 
     def execute(self, scheduled):
         out = self.runner.execute(scheduled)
         self.drafted += sum(len(c.draft) for c in scheduled.chunks)
+        self.shared_steps += sum(1 for c in scheduled.chunks if c.draft) > 1  # several requests guessed
         self.accepted += sum(len(a) for a in out.accepted.values())
         return out
 
@@ -71,6 +74,18 @@ def test_guessing_gives_the_same_tokens_and_logprobs(servers, prompt):
     body = dict(prompt=prompt, max_tokens=48, logprobs=2, logit_bias=NO_EOS)
     assert answer(guessing, **body) == answer(plain, **body)
     assert counter.accepted > before, "the repetitive prompt should have confirmed some guesses"
+
+
+def test_requests_guessing_in_one_step_get_their_own_answers(servers):
+    """Several streams at once: each step's guesses are priced by the step's rows, and a
+    few streams of the small model still guess; every answer is the plain server's."""
+    (guessing, plain), counter, _ = servers
+    before = counter.shared_steps
+    bodies = [dict(prompt=p, max_tokens=40, logprobs=1, logit_bias=NO_EOS) for p in PROMPTS]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        got = list(pool.map(lambda body: answer(guessing, **body), bodies))
+    assert got == [answer(plain, **body) for body in bodies]
+    assert counter.shared_steps > before
 
 
 def test_stop_strings_max_tokens_and_streaming_end_where_they_would(servers):

@@ -11,6 +11,7 @@ from textmill.config import CacheConfig, SchedulerConfig
 from textmill.engine.ngram_draft import NgramDrafter
 from textmill.engine.request import Request
 from textmill.engine.scheduler import Scheduler
+from textmill.engine.step_costs import SETTLED
 from textmill.messages import RunnerOutput, TokenLogprob
 from textmill.sampling_params import FinishReason, SamplingParams
 from tests.unit.test_scheduler import FakeRunner
@@ -74,7 +75,7 @@ class DraftingRunner(FakeRunner):
         return context
 
 
-def make(draft_tokens, block_size=4, num_blocks=64, max_seqs=8, max_len=256, draft_max_seqs=1, budget=64):
+def make(draft_tokens, block_size=4, num_blocks=64, max_seqs=8, max_len=256, draft_max_seqs=0, budget=64):
     sched = Scheduler(
         SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=max_len,
                         draft_tokens=draft_tokens, draft_max_seqs=draft_max_seqs),
@@ -83,16 +84,33 @@ def make(draft_tokens, block_size=4, num_blocks=64, max_seqs=8, max_len=256, dra
     return sched, DraftingRunner(block_size)
 
 
-def generate(draft_tokens, requests, **kw):
+def streaming(rows):
+    """A step bound by reading the weights: each row adds 2% to its time."""
+    return 1.0 + 0.02 * rows
+
+
+def computing(rows):
+    """A step bound by the multiply-adds: its time is its rows'."""
+    return 0.01 * rows
+
+
+def step(sched, runner, cost=streaming):
+    """One engine step, timed as the engine times the runner: cost(rows) seconds."""
+    scheduled = sched.schedule()
+    output = runner.execute(scheduled)
+    sched.record_step(cost(sum(len(c.token_ids) for c in scheduled.chunks)))
+    sched.update_from_output(scheduled, output)
+    return scheduled
+
+
+def generate(draft_tokens, requests, cost=streaming, **kw):
     """Run the requests (added together) to the end: (request -> (tokens, logprobs, reason), steps)."""
     sched, runner = make(draft_tokens, **kw)
     for r in requests:
         sched.add_request(r)
     steps = []
     while sched.has_unfinished:
-        scheduled = sched.schedule()
-        sched.update_from_output(scheduled, runner.execute(scheduled))
-        steps.append(scheduled)
+        steps.append(step(sched, runner, cost))
         assert len(steps) < 1000
     out = {r.request_id: (tuple(r.output_token_ids), tuple(lp.logprob for lp in r.output_logprobs), r.finish_reason)
            for r in requests}
@@ -167,10 +185,14 @@ def test_guessing_changes_no_token_no_logprob_and_takes_fewer_steps(block_size):
         assert guessed == plain
         assert len(steps) < len(plain_steps)
         assert any(c.draft for s in steps for c in s.chunks)
-    # Three at once: guesses only while at most draft_max_seqs run, the results the same.
+    # Three at once, while rows cost little: several requests guess in one step, the results the same.
     together, steps, _ = generate(4, requests(), block_size=block_size)
     assert together == generate(0, requests(), block_size=block_size)[0]
-    assert not any(c.draft for s in steps if len(s.chunks) > 1 for c in s.chunks)
+    assert any(sum(bool(c.draft) for c in s.chunks) > 1 for s in steps)
+    # At most draft_max_seqs running: none while three run.
+    capped, steps, _ = generate(4, requests(), block_size=block_size, draft_max_seqs=2)
+    assert capped == together
+    assert not any(c.draft for s in steps if len(s.chunks) > 2 for c in s.chunks)
 
 
 def test_guesses_stop_at_max_tokens_the_window_and_a_stop_token():
@@ -213,16 +235,14 @@ def test_published_blocks_hold_confirmed_tokens_only():
     first = greedy("a", p, max_tokens=30)
     sched.add_request(first)
     while sched.has_unfinished:
-        scheduled = sched.schedule()
-        sched.update_from_output(scheduled, runner.execute(scheduled))
+        step(sched, runner)
     record_free = sched.kv_manager.num_free_blocks
     assert record_free == sched.kv_manager.pool.num_blocks
     text = p + list(first.output_token_ids)
     second = greedy("b", text, max_tokens=12)
     sched.add_request(second)
     while sched.has_unfinished:
-        scheduled = sched.schedule()
-        sched.update_from_output(scheduled, runner.execute(scheduled))
+        step(sched, runner)
     assert second.num_cached_tokens >= 4 * ((len(text) - 1) // 4) - 4 > 0
     fresh = generate(0, [greedy("b", text, max_tokens=12)])[0]["b"]
     assert (tuple(second.output_token_ids), tuple(lp.logprob for lp in second.output_logprobs)) == fresh[:2]
@@ -241,8 +261,7 @@ def test_guesses_take_no_blocks_another_request_needs():
         sched.add_request(greedy("A", (1, 2, 3, 1, 2, 3, 1), max_tokens=8))
         sched.add_request(greedy("B", (9, 8, 7, 6), max_tokens=8))
         for _ in range(2):
-            scheduled = sched.schedule()
-            sched.update_from_output(scheduled, runner.execute(scheduled))
+            step(sched, runner)
         assert sched.num_preemptions == 0
 
 
@@ -253,9 +272,8 @@ def test_no_guesses_while_requests_wait():
     sched.add_request(greedy("b", [1, 2, 1, 2, 1], max_tokens=4))
     drafted = []
     while sched.has_unfinished:
-        scheduled = sched.schedule()
+        scheduled = step(sched, runner)
         drafted += [(c.request_id, bool(c.draft), bool(sched.waiting)) for c in scheduled.chunks]
-        sched.update_from_output(scheduled, runner.execute(scheduled))
     assert not any(d for rid, d, _ in drafted if rid == "a")  # b waited for all of a's steps
     assert any(d for rid, d, _ in drafted if rid == "b")  # b ran alone, nothing waiting
 
@@ -271,3 +289,53 @@ def test_truncated_output_has_the_sum_one_token_steps_make():
         plain.append_output(TokenLogprob(10 + i, lp), keep_logprobs=True)
     assert (r.output_token_ids, r.output_logprobs, r.cumulative_logprob) == (
         plain.output_token_ids, plain.output_logprobs, plain.cumulative_logprob)
+
+
+# ---------------------------------------------------------------- guesses that pay for their rows
+def test_a_guess_no_step_carried_still_scores_the_requests_odds():
+    drafter = NgramDrafter(max_tokens=4)
+    r = Request("a", (1, 2, 3, 1, 2, 3, 1, 2), SamplingParams())
+    assert drafter.odds("a") == 0.5  # nothing known yet
+    for _ in range(6):  # guesses made and dropped (too dear), the text going on as guessed
+        guess = drafter.propose(r, 4)
+        r.output_token_ids.append(guess[0])
+    held = drafter.odds("a")
+    assert held > 0.8
+    drafter.propose(r, 4)
+    r.output_token_ids.append(99)  # what came was not the guess
+    drafter.propose(r, 4)
+    assert drafter.odds("a") < held
+    drafter.observe("a", 3, 0)  # a carried guess that failed at once
+    assert drafter.odds("a") < held - 0.1
+
+
+def test_no_guesses_before_a_decode_step_is_timed():
+    sched, runner = make(4)
+    sched.add_request(greedy("a", [5, 6, 7, 5, 6, 7, 5]))
+    while sched.has_unfinished:
+        scheduled = sched.schedule()
+        assert not any(c.draft for c in scheduled.chunks)
+        sched.update_from_output(scheduled, runner.execute(scheduled))
+
+
+def test_guesses_that_cannot_pay_for_their_rows_are_not_made():
+    """Where every row costs its share, a guess that may fail loses time. The prior (rows
+    nearly free) has a few steps try them, at one stream or three; their times stop them."""
+    prompts = {"a": [5, 6, 7, 5, 6, 7, 5], "b": [1, 2, 3, 4, 1, 2, 3], "c": [8, 9, 8, 9, 8]}
+    for ids in (["a"], ["a", "b", "c"]):
+        out, steps, _ = generate(4, [greedy(k, prompts[k]) for k in ids], cost=computing)
+        assert 1 <= sum(any(c.draft for c in s.chunks) for s in steps) <= SETTLED
+        assert out == generate(0, [greedy(k, prompts[k]) for k in ids])[0]
+
+
+def test_requests_whose_guesses_hold_earn_guesses_where_rows_cost_more():
+    """Fixed work of 2 rows' worth: at three streams a guess pays only when it holds more
+    than 3 in 5 times; a new request's odds (a half) do not, a request that loops earns them
+    from its guesses scored against the tokens that came."""
+    prompts = {"a": [5, 6, 7, 5, 6, 7, 5], "b": [1, 2, 3, 1, 2, 3, 1], "c": [8, 9, 4, 8, 9, 4, 8]}
+    requests = lambda: [greedy(k, p, max_tokens=30) for k, p in prompts.items()]  # noqa: E731
+    out, steps, _ = generate(4, requests(), cost=lambda rows: 2.0 + rows)
+    assert out == generate(0, requests())[0]
+    decodes = [s for s in steps if all(len(c.token_ids) == 1 + len(c.draft) for c in s.chunks)]
+    assert not any(c.draft for c in decodes[0].chunks)
+    assert any(c.draft for s in decodes[5:] for c in s.chunks)

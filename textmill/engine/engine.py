@@ -7,6 +7,7 @@ final output, and so that a request's failure never reaches the requests of othe
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from textmill.engine.output_processor import DecodingTokenizer, OutputProcessor
@@ -92,7 +93,9 @@ class Engine:
             return outputs
         try:
             # Also with no chunks: the runner drops the state of finished requests.
+            started = time.perf_counter()
             result = self._runner.execute(scheduled)
+            self._scheduler.record_step(time.perf_counter() - started)
         except Exception as exc:  # the runner failed: fail this step's requests only
             log.exception("runner failed a step of %d requests", len(scheduled.chunks))
             self._num_step_failures += 1

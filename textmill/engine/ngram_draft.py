@@ -24,6 +24,11 @@ from textmill.engine.request import Request
 MAX_N = 3  # the longest tail that is looked up
 MIN_N = 2  # shorter tails guess too often wrong to pay for the extra rows
 MAX_PAUSE = 16  # steps without guessing, at most, after guesses that all failed
+# How often a request's guesses hold: counts of guesses that held and of guesses that failed,
+# each step's counts weighed in at full and the older ones times DECAY (about the last ten
+# steps), from PRIOR of each: a new request's guess holds half the time.
+DECAY = 0.9
+PRIOR = 1.0
 
 
 @dataclass(eq=False)
@@ -37,6 +42,12 @@ class _Index:
     allowance: int = 0
     pause: int = 0
     misses: int = 0  # guessing steps in a row that kept nothing
+    held: float = PRIOR
+    failed: float = PRIOR
+    # The last guess made, (the position it starts at, its tokens), until its tokens are known:
+    # one the step did not carry is scored against the tokens that came, so that a request
+    # whose guesses would hold shows it without costing a row (see odds()).
+    unscored: tuple[int, tuple[int, ...]] | None = None
 
 
 class NgramDrafter:
@@ -66,6 +77,7 @@ class NgramDrafter:
                 draft: list[int] = []
                 for pos in range(end + 1, end + 1 + limit):
                     draft.append(tokens[pos] if pos < len(tokens) else draft[pos - len(tokens)])
+                index.unscored = (len(tokens), tuple(draft))
                 return tuple(draft)
         return ()
 
@@ -78,6 +90,8 @@ class NgramDrafter:
         index = self._index.get(request_id)
         if index is None or guessed == 0:
             return
+        index.unscored = None
+        self._score(index, kept, kept < guessed)
         if kept == guessed:
             index.allowance, index.misses = min(self.max_tokens, 2 * guessed), 0
         elif kept:
@@ -86,6 +100,19 @@ class NgramDrafter:
             index.allowance = 1
             index.pause = min(MAX_PAUSE, 1 << index.misses)
             index.misses += 1
+
+    def odds(self, request_id: str) -> float:
+        """The chance that the request's next guessed token holds, given that the ones before
+        it in the guess did: its guesses' record so far (the same chance for every position of
+        a guess, so guess i holds with odds ** (i + 1))."""
+        index = self._index.get(request_id)
+        held, failed = (index.held, index.failed) if index is not None else (PRIOR, PRIOR)
+        return held / (held + failed)
+
+    @staticmethod
+    def _score(index: _Index, held: int, failed: bool) -> None:
+        index.held = DECAY * index.held + held
+        index.failed = DECAY * index.failed + failed
 
     def forget(self, request_id: str) -> None:
         self._index.pop(request_id, None)
@@ -105,4 +132,11 @@ class NgramDrafter:
                 if end + 1 >= n:
                     index.last_end[tuple(tokens[end + 1 - n : end + 1])] = end
         index.indexed = max(index.indexed, len(tokens) - 1)
+        if index.unscored is not None and index.unscored[0] < len(tokens):
+            # A guess no step carried: as far as the tokens have come, did it hold?
+            start, guess = index.unscored
+            came = tokens[start : start + len(guess)]
+            held = next((i for i, (a, b) in enumerate(zip(came, guess)) if a != b), len(came))
+            self._score(index, held, held < len(came))
+            index.unscored = None
         return index

@@ -28,26 +28,31 @@ scheduled chunk (registered "in flight" by the KV manager), the request stays wa
 until that step publishes the block, then takes it as a prefix hit; so n requests with
 one prompt compute it once and each computes only its own tail.
 
-Guessed tokens: while at most draft_max_seqs requests run, a decode of a draftable request
-(nothing stateful in its sampling: no penalties, no grammar) carries up to draft_tokens
+Guessed tokens: in a step of decodes alone with nobody waiting, a draftable request
+(nothing stateful in its sampling: no penalties, no grammar) may carry up to draft_tokens
 guesses from its own text (engine/ngram_draft.py) as the rest of its chunk. The step then
 computes every one of those positions; the runner keeps the guesses that sampling confirms
-and samples one token after them, so the request advances by 1 + accepted tokens. Slots for the rejected guesses
-stay allocated and are written over by the next step; only computed positions are
-published to the prefix cache.
+and samples one token after them, so the request advances by 1 + accepted tokens. How many
+guesses a step carries is priced: the engine times every decode step by its rows
+(engine/step_costs.py), and the likeliest guesses go in while they raise the tokens a
+second the step is expected to make. So a stream or two on a CPU, whose steps only read
+the weights, guess freely, and 64 streams guess only what nearly always holds. Slots for
+the rejected guesses stay allocated and are written over by the next step; only computed
+positions are published to the prefix cache.
 
 The engine loop is synchronous: schedule() -> runner -> update_from_output() for the
 same step. Aborts may arrive in between; an aborted request's chunk results are dropped.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from textmill.config import CacheConfig, SchedulerConfig
 from textmill.engine.kv_cache.manager import KVCacheManager
 from textmill.engine.ngram_draft import NgramDrafter
 from textmill.engine.request import Request, RequestStatus
+from textmill.engine.step_costs import StepCosts
 from textmill.messages import (
     NewRequestData,
     RunnerOutput,
@@ -75,6 +80,8 @@ class Scheduler:
         self.kv_manager = KVCacheManager(cache_config)
         assert scheduler_config.draft_tokens >= 0
         self.drafter = NgramDrafter(scheduler_config.draft_tokens) if scheduler_config.draft_tokens else None
+        self.step_costs = StepCosts()
+        self._decode_rows = 0  # rows of the last step when it was decodes alone (record_step)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the last is the newest
         self.num_preemptions = 0
@@ -137,6 +144,9 @@ class Scheduler:
         self._schedule_running(plan)
         if not plan.preempted:  # blocks are short: admitting more would only thrash
             self._schedule_waiting(plan)
+        # A step of decodes alone (each chunk one token and its guesses) is timed by rows.
+        decodes = plan.chunks and all(len(c.token_ids) == 1 + len(c.draft) and c.sample for c in plan.chunks)
+        self._decode_rows = sum(len(c.token_ids) for c in plan.chunks) if decodes else 0
         finished, self._finished_ids = tuple(self._finished_ids), []
         return SchedulerOutput(
             new_requests=tuple(plan.new_requests),
@@ -146,6 +156,7 @@ class Scheduler:
         )
 
     def _schedule_running(self, plan: _StepPlan) -> None:
+        guesses = self._plan_guesses(plan.budget)
         index = 0
         while index < len(self.running) and plan.budget > 0:
             request = self.running[index]
@@ -158,7 +169,7 @@ class Scheduler:
                 draft: tuple[int, ...] = ()
             else:
                 num_new = 1
-                draft = self._draft(request, plan.budget - (len(self.running) - index))
+                draft = guesses.get(request.request_id, ())
             if num_new <= 0:
                 index += 1
                 continue
@@ -172,19 +183,43 @@ class Scheduler:
             self._add_chunk(request, num_new, plan, draft)
             index += 1
 
-    def _draft(self, request: Request, spare_budget: int) -> tuple[int, ...]:
-        """Guesses for a decoding request's next tokens, none past max_tokens or the window
-        (the last token of either is the sampled one); `spare_budget`: what the step can
-        give beyond one token for it and each request behind it. Slots of guesses that fail
-        stay the request's until its next tokens fill them (at most one block more)."""
-        # Not while requests wait: a guess would take budget and blocks they could use.
-        if (self.drafter is None or self.waiting or len(self.running) > self.config.draft_max_seqs
-                or not request.params.draftable):
-            return ()
-        room = min(spare_budget,
-                   request.params.max_tokens - request.num_output_tokens - 1,
-                   self.config.max_model_len - request.num_tokens - 1)
-        return self.drafter.propose(request, room) if room > 0 else ()
+    def _plan_guesses(self, budget: int) -> dict[str, tuple[int, ...]]:
+        """Each decoding request's guesses for this step, none past max_tokens or the window
+        (the last token of either is the sampled one), at most `budget` less one token for
+        each running request in all. Only in a step of decodes alone, with nobody waiting (a
+        guess would take budget and blocks a waiting request could use); and only as many as
+        raise the tokens a second that the step is expected to make (StepCosts): the
+        likeliest first, each request's chance from its record (NgramDrafter.odds)."""
+        running = self.running
+        if (self.drafter is None or self.waiting or not running
+                or 0 < self.config.draft_max_seqs < len(running)
+                or any(r.num_tokens - r.num_computed_tokens != 1 for r in running)):
+            return {}
+        spare = budget - len(running)
+        proposals: dict[str, tuple[int, ...]] = {}
+        ranked: list[tuple[float, int, str]] = []  # (the chance it holds, its place, request)
+        for request in running:
+            room = min(spare, request.params.max_tokens - request.num_output_tokens - 1,
+                       self.config.max_model_len - request.num_tokens - 1)
+            if room <= 0 or not request.params.draftable:
+                continue
+            guess = self.drafter.propose(request, room)
+            if guess:
+                proposals[request.request_id] = guess
+                odds = self.drafter.odds(request.request_id)
+                ranked += [(odds ** (i + 1), i, request.request_id) for i in range(len(guess))]
+        # Within a request the chances fall with the place, so the best k keep each
+        # request's guesses a prefix of its proposal.
+        ranked.sort(key=lambda g: (-g[0], g[1]))
+        ranked = ranked[: max(0, spare)]
+        take = self.step_costs.worth_taking(len(running), [p for p, _, _ in ranked])
+        counts = Counter(rid for _, _, rid in ranked[:take])
+        return {rid: proposals[rid][:k] for rid, k in counts.items()}
+
+    def record_step(self, seconds: float) -> None:
+        """How long the runner took for the last schedule()'s step; decode steps are timed."""
+        if self._decode_rows:
+            self.step_costs.record(self._decode_rows, seconds)
 
     def _allocate_or_preempt(self, request: Request, num_new: int, plan: _StepPlan) -> bool:
         while not self.kv_manager.allocate_slots(request, num_new):
