@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from textmill.config import ServerConfig
+from textmill.engine.step_costs import StepCosts
 
 from .conftest import MODEL
 from .ops_server import scrape
@@ -44,6 +45,16 @@ class CountingRunner:
         return getattr(self.runner, name)
 
 
+class RowsNearlyFree(StepCosts):
+    """Times every decode step as one that only streams the weights (each row 2% more),
+    whatever the machine's load: which steps carry guesses must not hang on a shared CI
+    machine's noise. These tests are about exactness; the pricing has its own
+    (tests/unit/test_step_costs.py, tests/unit/test_ngram_draft.py)."""
+
+    def record(self, rows, seconds):
+        super().record(rows, 0.01 * (1 + 0.02 * rows))
+
+
 @pytest.fixture(scope="module")
 def servers():
     counting = []
@@ -54,6 +65,7 @@ def servers():
 
     with serving(ServerConfig(), TEST_OPTIONS.updated(draft_tokens=4), wrap_runner=wrap) as guessing, \
             serving(ServerConfig(), TEST_OPTIONS.updated(draft_tokens=0)) as plain:
+        guessing.app.state.serving.engine._engine._scheduler.step_costs = RowsNearlyFree()
         clients = [openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=300)
                    for s in (guessing, plain)]
         yield clients, counting[0], guessing.url
@@ -77,8 +89,8 @@ def test_guessing_gives_the_same_tokens_and_logprobs(servers, prompt):
 
 
 def test_requests_guessing_in_one_step_get_their_own_answers(servers):
-    """Several streams at once: each step's guesses are priced by the step's rows, and a
-    few streams of the small model still guess; every answer is the plain server's."""
+    """Several streams at once, guessing in the same steps (rows priced as nearly free):
+    every answer is the plain server's."""
     (guessing, plain), counter, _ = servers
     before = counter.shared_steps
     bodies = [dict(prompt=p, max_tokens=40, logprobs=1, logit_bias=NO_EOS) for p in PROMPTS]

@@ -309,8 +309,9 @@ def test_a_guess_no_step_carried_still_scores_the_requests_odds():
     assert drafter.odds("a") < held - 0.1
 
 
-def test_no_guesses_before_a_decode_step_is_timed():
+def test_no_guesses_before_a_decode_step_of_as_many_rows_is_timed():
     sched, runner = make(4)
+    sched.step_costs.record(2, 0.01)  # another row count's time says nothing of one row's
     sched.add_request(greedy("a", [5, 6, 7, 5, 6, 7, 5]))
     while sched.has_unfinished:
         scheduled = sched.schedule()
@@ -320,11 +321,13 @@ def test_no_guesses_before_a_decode_step_is_timed():
 
 def test_guesses_that_cannot_pay_for_their_rows_are_not_made():
     """Where every row costs its share, a guess that may fail loses time. The prior (rows
-    nearly free) has a few steps try them, at one stream or three; their times stop them."""
+    nearly free) has a few steps try them, at one stream or three (up to SETTLED a row
+    count); their times stop them."""
     prompts = {"a": [5, 6, 7, 5, 6, 7, 5], "b": [1, 2, 3, 4, 1, 2, 3], "c": [8, 9, 8, 9, 8]}
     for ids in (["a"], ["a", "b", "c"]):
         out, steps, _ = generate(4, [greedy(k, prompts[k]) for k in ids], cost=computing)
-        assert 1 <= sum(any(c.draft for c in s.chunks) for s in steps) <= SETTLED
+        tried = [sum(len(c.token_ids) for c in s.chunks) for s in steps if any(c.draft for c in s.chunks)]
+        assert 1 <= len(tried) <= SETTLED * len(set(tried)) and len(tried) <= 2 * SETTLED
         assert out == generate(0, [greedy(k, prompts[k]) for k in ids])[0]
 
 
@@ -339,3 +342,13 @@ def test_requests_whose_guesses_hold_earn_guesses_where_rows_cost_more():
     decodes = [s for s in steps if all(len(c.token_ids) == 1 + len(c.draft) for c in s.chunks)]
     assert not any(c.draft for c in decodes[0].chunks)
     assert any(c.draft for s in decodes[5:] for c in s.chunks)
+
+
+def test_only_the_prompts_last_tokens_are_looked_up(monkeypatch):
+    import textmill.engine.ngram_draft as ngram_draft
+    monkeypatch.setattr(ngram_draft, "MAX_INDEXED", 8)
+    drafter = NgramDrafter(max_tokens=4)
+    r = Request("a", (1, 2, 3, *range(10, 30), 1, 2), SamplingParams())
+    assert drafter.propose(r, 4) == ()  # (1, 2) then 3 lies before the last 8 tokens
+    r.output_token_ids.extend([40, 41, 1, 2])
+    assert drafter.propose(r, 4) == (40, 41, 1, 2)  # the output follows the kept tail

@@ -78,3 +78,16 @@ def test_guesses_are_taken_while_they_raise_tokens_a_second():
     assert mixed.worth_taking(4, [0.9, 0.5, 0.45, 0.3, 0.2]) == 3
     # A promise below MIN_GAIN is not taken: 4.4 tokens in 13 beat 4 in 12 by 1.5%.
     assert mixed.worth_taking(4, [0.4]) == 0
+
+
+def test_a_few_percent_of_noise_between_near_counts_does_not_set_the_slope():
+    """10 ms and 1 ms a row, 63 rows timed 1% slow: past 64 rows the line still rises."""
+    costs = StepCosts()
+    for n in range(1, 65):
+        for _ in range(SETTLED):
+            costs.record(n, (10 + n) * (1.01 if n == 63 else 1.0) / 1e3)
+    assert costs.estimate(320) == pytest.approx(0.330, rel=0.02)
+    assert costs.worth_taking(64, [0.5] * 256) == 0
+    costs.record(320, 0.330)  # timed once: what one neighbour says does not undercut it
+    assert costs.estimate(320) == pytest.approx(0.330)
+    assert costs.worth_taking(64, [0.5] * 256) == 0

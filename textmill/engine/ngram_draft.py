@@ -24,9 +24,13 @@ from textmill.engine.request import Request
 MAX_N = 3  # the longest tail that is looked up
 MIN_N = 2  # shorter tails guess too often wrong to pay for the extra rows
 MAX_PAUSE = 16  # steps without guessing, at most, after guesses that all failed
+# The prompt's last MAX_INDEXED tokens are looked up, not more: its index costs ~0.7 ms and
+# ~220 bytes a token, and many requests may guess at once.
+MAX_INDEXED = 16384
 # How often a request's guesses hold: counts of guesses that held and of guesses that failed,
-# each step's counts weighed in at full and the older ones times DECAY (about the last ten
-# steps), from PRIOR of each: a new request's guess holds half the time.
+# each scoring (a step's carried guess, or one no step carried) weighed in at full and the
+# older ones times DECAY (about the last ten scorings), from PRIOR of each: a new request's
+# guess holds half the time.
 DECAY = 0.9
 PRIOR = 1.0
 
@@ -38,6 +42,7 @@ class _Index:
     tokens: list[int] = field(default_factory=list)
     last_end: dict[tuple[int, ...], int] = field(default_factory=dict)
     indexed: int = 0  # n-grams ending before this position are in last_end
+    skipped: int = 0  # the prompt's first tokens, left out of `tokens` (MAX_INDEXED)
     # How many to guess next (see NgramDrafter.observe), and the steps left to sit out.
     allowance: int = 0
     pause: int = 0
@@ -123,8 +128,9 @@ class NgramDrafter:
             index = self._index[request.request_id] = _Index(allowance=self.max_tokens)
         tokens = index.tokens
         if not tokens:
-            tokens.extend(request.prompt_token_ids)
-        tokens.extend(request.output_token_ids[len(tokens) - request.num_prompt_tokens :])
+            index.skipped = max(0, request.num_prompt_tokens - MAX_INDEXED)
+            tokens.extend(request.prompt_token_ids[index.skipped :])
+        tokens.extend(request.output_token_ids[index.skipped + len(tokens) - request.num_prompt_tokens :])
         # Every n-gram that has a next token is registered, the newest occurrence winning:
         # the request's own last n tokens (no continuation yet) are the key, never a value.
         for end in range(index.indexed, len(tokens) - 1):

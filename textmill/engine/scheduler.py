@@ -45,10 +45,11 @@ same step. Aborts may arrive in between; an aborted request's chunk results are 
 """
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 
 from textmill.config import CacheConfig, SchedulerConfig
+from textmill.engine.guess_plan import plan_guesses
 from textmill.engine.kv_cache.manager import KVCacheManager
 from textmill.engine.ngram_draft import NgramDrafter
 from textmill.engine.request import Request, RequestStatus
@@ -144,8 +145,10 @@ class Scheduler:
         self._schedule_running(plan)
         if not plan.preempted:  # blocks are short: admitting more would only thrash
             self._schedule_waiting(plan)
-        # A step of decodes alone (each chunk one token and its guesses) is timed by rows.
-        decodes = plan.chunks and all(len(c.token_ids) == 1 + len(c.draft) and c.sample for c in plan.chunks)
+        # A step of decodes alone (each chunk one token and its guesses; no request new to the
+        # runner or preempted, whose bookkeeping it pays for) is timed by rows.
+        decodes = (plan.chunks and not plan.new_requests and not plan.preempted
+                   and all(len(c.token_ids) == 1 + len(c.draft) and c.sample for c in plan.chunks))
         self._decode_rows = sum(len(c.token_ids) for c in plan.chunks) if decodes else 0
         finished, self._finished_ids = tuple(self._finished_ids), []
         return SchedulerOutput(
@@ -156,7 +159,12 @@ class Scheduler:
         )
 
     def _schedule_running(self, plan: _StepPlan) -> None:
-        guesses = self._plan_guesses(plan.budget)
+        guesses = {}
+        if (self.drafter is not None and not self.waiting and self.running
+                and not 0 < self.config.draft_max_seqs < len(self.running)
+                and all(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)):
+            guesses = plan_guesses(self.running, self.drafter, self.step_costs, plan.budget,
+                                   self.config.max_model_len)
         index = 0
         while index < len(self.running) and plan.budget > 0:
             request = self.running[index]
@@ -173,8 +181,10 @@ class Scheduler:
             if num_new <= 0:
                 index += 1
                 continue
-            num_behind = len(self.running) - index - 1  # each may need a fresh block this step
-            if draft and (self.kv_manager.num_new_blocks(request, num_new + len(draft)) + num_behind
+            # Each other running request may need a fresh block this step or the next (a failed
+            # guess keeps its block until the request's tokens reach it).
+            others = len(self.running) - 1
+            if draft and (self.kv_manager.num_new_blocks(request, num_new + len(draft)) + others
                           > self.kv_manager.num_free_blocks
                           or not self.kv_manager.allocate_slots(request, num_new + len(draft))):
                 draft = ()  # guesses never take blocks that another request needs
@@ -182,39 +192,6 @@ class Scheduler:
                 return  # it preempted itself: it was the newest, nothing is behind it
             self._add_chunk(request, num_new, plan, draft)
             index += 1
-
-    def _plan_guesses(self, budget: int) -> dict[str, tuple[int, ...]]:
-        """Each decoding request's guesses for this step, none past max_tokens or the window
-        (the last token of either is the sampled one), at most `budget` less one token for
-        each running request in all. Only in a step of decodes alone, with nobody waiting (a
-        guess would take budget and blocks a waiting request could use); and only as many as
-        raise the tokens a second that the step is expected to make (StepCosts): the
-        likeliest first, each request's chance from its record (NgramDrafter.odds)."""
-        running = self.running
-        if (self.drafter is None or self.waiting or not running
-                or 0 < self.config.draft_max_seqs < len(running)
-                or any(r.num_tokens - r.num_computed_tokens != 1 for r in running)):
-            return {}
-        spare = budget - len(running)
-        proposals: dict[str, tuple[int, ...]] = {}
-        ranked: list[tuple[float, int, str]] = []  # (the chance it holds, its place, request)
-        for request in running:
-            room = min(spare, request.params.max_tokens - request.num_output_tokens - 1,
-                       self.config.max_model_len - request.num_tokens - 1)
-            if room <= 0 or not request.params.draftable:
-                continue
-            guess = self.drafter.propose(request, room)
-            if guess:
-                proposals[request.request_id] = guess
-                odds = self.drafter.odds(request.request_id)
-                ranked += [(odds ** (i + 1), i, request.request_id) for i in range(len(guess))]
-        # Within a request the chances fall with the place, so the best k keep each
-        # request's guesses a prefix of its proposal.
-        ranked.sort(key=lambda g: (-g[0], g[1]))
-        ranked = ranked[: max(0, spare)]
-        take = self.step_costs.worth_taking(len(running), [p for p, _, _ in ranked])
-        counts = Counter(rid for _, _, rid in ranked[:take])
-        return {rid: proposals[rid][:k] for rid, k in counts.items()}
 
     def record_step(self, seconds: float) -> None:
         """How long the runner took for the last schedule()'s step; decode steps are timed."""

@@ -26,8 +26,8 @@ STALE = 512
 # time varies by a few % from step to step, and a stream that ends sooner only helps once
 # another takes its place.
 MIN_GAIN = 1.05
-# A row count not timed: on the line between the timed counts around it, or past the last
-# two. Past a single timed count, its time scaled as if a step were PRIOR_FIXED rows' worth of
+# A row count not timed: on the line between the timed counts around it, or past them
+# (StepCosts._estimate). Past a single timed count, its time scaled as if a step were PRIOR_FIXED rows' worth of
 # fixed work plus its rows: 5 rows at 1.44x one row, 20 at 1.17x 16 (measured on the matrix's
 # models: 1.04-1.56x and 1.2-1.3x). The first step of that many rows replaces the guess.
 PRIOR_FIXED = 8.0
@@ -61,7 +61,7 @@ class StepCosts:
         a request's next token): the count that gives the most expected tokens a second,
         if that is MIN_GAIN times the plain step's.
         odds[i]: the chance that guess i holds (and every guess of its request before it),
-        in falling order. 0 until a plain step of `rows` rows has been timed."""
+        in falling order. 0 until a step of `rows` rows has been timed."""
         counts, times = self._table()
         i = bisect.bisect_left(counts, rows)
         if i == len(counts) or counts[i] != rows or times[i] <= 0:
@@ -81,12 +81,18 @@ class StepCosts:
         step stalled by a neighbour, timed once, must not keep guesses off its row count."""
         counts = sorted(n for n in self._times if not self._stale(n))
         times = [self._medians[n] for n in counts]
+        capped = list(times)
         for i, n in enumerate(counts):
-            if len(self._times[n]) < SETTLED:
-                around = self._estimate(n, counts[:i] + counts[i + 1 :], times[:i] + times[i + 1 :])
-                if around is not None:
-                    times[i] = min(times[i], around)
-        return counts, times
+            if len(self._times[n]) >= SETTLED or len(counts) == 1:
+                continue
+            if 0 < i < len(counts) - 1:  # on the line between its neighbours
+                n0, n1, t0, t1 = counts[i - 1], counts[i + 1], times[i - 1], times[i + 1]
+                around = t0 + (t1 - t0) * (n - n0) / (n1 - n0)
+            else:  # the prior from its one neighbour: a line through two near counts is mostly noise
+                near = i + 1 if i == 0 else i - 1
+                around = times[near] * (PRIOR_FIXED + n) / (PRIOR_FIXED + counts[near])
+            capped[i] = min(times[i], around)
+        return counts, capped
 
     @staticmethod
     def _estimate(rows: int, counts: list[int], times: list[float]) -> float | None:
@@ -98,8 +104,12 @@ class StepCosts:
         if 0 < i < len(counts):  # between two timed counts: on the line between them
             n0, n1, t0, t1 = counts[i - 1], counts[i], times[i - 1], times[i]
             return t0 + (t1 - t0) * (rows - n0) / (n1 - n0)
-        if i == len(counts) and len(counts) > 1:  # past the last two timed counts: on their line
-            slope = max(0.0, (times[-1] - times[-2]) / (counts[-1] - counts[-2]))
+        if i == len(counts) and len(counts) > 1:
+            # Past the timed counts: on the line from the one nearest half the largest to the
+            # largest (two adjacent counts would let a few % of noise set the slope), never
+            # below the largest's time.
+            j = min(bisect.bisect_left(counts, counts[-1] // 2), len(counts) - 2)
+            slope = max(0.0, (times[-1] - times[j]) / (counts[-1] - counts[j]))
             return times[-1] + slope * (rows - counts[-1])
         nearest, seconds = (counts[0], times[0]) if i == 0 else (counts[-1], times[-1])
         return seconds * (PRIOR_FIXED + rows) / (PRIOR_FIXED + nearest)
