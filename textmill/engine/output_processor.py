@@ -143,14 +143,7 @@ class OutputProcessor:
         st = self._state(request)
         if st.done:
             return None
-        if request.params.stop and len(request.output_token_ids) - st.num_seen > 1:
-            stop_at = self._push_until_stop(request, st)
-        else:
-            new_start = st.length
-            self._push_new_tokens(request, st)
-            if request.is_finished:
-                st.flush()
-            stop_at = self._find_stop(request, st, new_start)
+        stop_at = self._push_until_stop(request, st)
         if stop_at is not None:
             assert stop_at >= st.released_chars, "released text past a stop"
             if not request.is_finished:
@@ -184,34 +177,32 @@ class OutputProcessor:
         match = find_stop(st.tail, request.params.stop, new_start - st.dropped)
         return None if match is None else match.start + st.dropped
 
-    def _push_new_tokens(self, request: Request, st: TextState) -> None:
+    def _push_new_tokens(self, request: Request, st: TextState, end: int) -> None:
+        """Push the generated tokens before `end` not pushed yet."""
         want_logprobs = request.params.logprobs is not None
-        new_ids = request.output_token_ids[st.num_seen :]
-        for i, token_id in enumerate(new_ids, start=st.num_seen):
-            if self._is_ending_token(request, i):
-                continue
-            st.push(token_id, request.output_logprobs[i] if want_logprobs else None)
-        self.total_generated_tokens += len(new_ids)
-        st.num_seen = len(request.output_token_ids)
-
-    def _push_until_stop(self, request: Request, st: TextState) -> int | None:
-        """Several new tokens (a step's confirmed guesses, engine/ngram_draft.py) with stop
-        strings: pushed and looked at one by one, as one-token steps would have, so the
-        stop found is the one that ends first. The tokens after it are cut from the request:
-        one-token steps would never have generated them."""
-        want_logprobs = request.params.logprobs is not None
-        last = len(request.output_token_ids) - 1
-        for i in range(st.num_seen, last + 1):
-            new_start = st.length
+        for i in range(st.num_seen, end):
             if not self._is_ending_token(request, i):
                 st.push(request.output_token_ids[i], request.output_logprobs[i] if want_logprobs else None)
-            self.total_generated_tokens += 1
-            st.num_seen = i + 1
-            if i == last and request.is_finished:
+        self.total_generated_tokens += end - st.num_seen
+        st.num_seen = end
+
+    def _push_until_stop(self, request: Request, st: TextState) -> int | None:
+        """Push the new tokens; where the first stop string in the new text begins, if any.
+        Several new tokens (a step's confirmed guesses, engine/ngram_draft.py) with stop
+        strings go one by one, as one-token steps would have, so the stop found is the one
+        that ends first, and the tokens after it are cut from the request: one-token steps
+        would never have generated them."""
+        total = len(request.output_token_ids)
+        one_by_one = request.params.stop and total - st.num_seen > 1
+        for end in range(st.num_seen + 1, total + 1) if one_by_one else (total,):
+            new_start = st.length
+            self._push_new_tokens(request, st, end)
+            if end == total and request.is_finished:
                 st.flush()
             stop_at = self._find_stop(request, st, new_start)
             if stop_at is not None:
-                request.truncate_output(i + 1)
+                if end < total:
+                    request.truncate_output(end)
                 return stop_at
         return None
 

@@ -41,6 +41,7 @@ class StepCosts:
         self._medians: dict[int, float] = {}  # of _times, kept as they change: a step asks for many
         self._timed_at: dict[int, int] = {}  # the step count when each row count was last timed
         self._steps = 0
+        self._cached: tuple[list[int], list[float]] | None = None  # _table() until the next record()
 
     def record(self, rows: int, seconds: float) -> None:
         assert rows > 0 and seconds >= 0
@@ -51,6 +52,7 @@ class StepCosts:
         times.append(seconds)
         self._medians[rows] = statistics.median(times)
         self._timed_at[rows] = self._steps
+        self._cached = None
 
     def estimate(self, rows: int) -> float | None:
         """Seconds for a decode step of `rows` rows; None before any decode step was timed."""
@@ -78,7 +80,10 @@ class StepCosts:
     def _table(self) -> tuple[list[int], list[float]]:
         """The timed row counts, ascending, and their times (stale ones left out). A count
         with fewer than SETTLED times counts no dearer than the others around it make it: a
-        step stalled by a neighbour, timed once, must not keep guesses off its row count."""
+        step stalled by a neighbour, timed once, must not keep guesses off its row count.
+        Kept until the next record(): a step's plan asks for it twice (guess_plan.py)."""
+        if self._cached is not None:
+            return self._cached
         counts = sorted(n for n in self._times if not self._stale(n))
         times = [self._medians[n] for n in counts]
         capped = list(times)
@@ -92,7 +97,8 @@ class StepCosts:
                 near = i + 1 if i == 0 else i - 1
                 around = times[near] * (PRIOR_FIXED + n) / (PRIOR_FIXED + counts[near])
             capped[i] = min(times[i], around)
-        return counts, capped
+        self._cached = counts, capped
+        return self._cached
 
     @staticmethod
     def _estimate(rows: int, counts: list[int], times: list[float]) -> float | None:
