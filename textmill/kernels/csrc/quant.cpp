@@ -2050,25 +2050,32 @@ struct Q4Block {
     return finish(s0, s1, e, s, acc);
   }
   // Two tiles' blocks x and y against R rows: each activation broadcast feeds both tiles.
-  // Both nibble planes go into one sum per row and tile (integer sums: the same value as
-  // two sums added), which saves a zeroing and an add each on the ports the multiply-adds
-  // use (Ice Lake, one thread, 2048- and 8192-row layers: q5k 1.05-1.08x the speed at 64
-  // rows and 1.00-1.07x at 16, q4k 1.00-1.02x).
+  // The panel's four rows put both nibble planes into one sum per row and tile (integer
+  // sums: the same value as two sums added), which saves a zeroing and an add each on the
+  // ports the multiply-adds use (Ice Lake, one thread, 2048- and 8192-row layers: q5k
+  // 1.05-1.08x the speed at 64 rows, q4k 1.00-1.02x); eight chains of eight are enough in
+  // flight. Block-major's one and two rows keep a sum per plane: four chains of eight
+  // left the multiply-adds waiting on each other (Zen 4, one thread, kernel_ab-style
+  // interleaved builds: q4 and q4k 0.95-0.99x the time at 4-16 rows, q5k level).
   template <int R>
   static void rows2(const Q4Block& x, const Q4Block& y, const RowsAt& at, __m512* acc_x, __m512* acc_y) {
-    __m512i x0[R], y0[R];
-    for (int i = 0; i < R; ++i) x0[i] = y0[i] = _mm512_setzero_si512();
+    constexpr int C = R >= 4 ? 1 : 2;  // sums a row and tile: the planes' own, or one for both
+    __m512i xs[R][C], ys[R][C];
+    for (int i = 0; i < R; ++i)
+      for (int c = 0; c < C; ++c) xs[i][c] = ys[i][c] = _mm512_setzero_si512();
     for (int p = 0; p < 4; ++p)
       for (int i = 0; i < R; ++i) {
         const __m512i lo = bcast512(at.codes(i) + 4 * p), hi = bcast512(at.codes(i) + 16 + 4 * p);
-        x0[i] = _mm512_dpbusd_epi32(x0[i], x.lo[p], lo);
-        y0[i] = _mm512_dpbusd_epi32(y0[i], y.lo[p], lo);
-        x0[i] = _mm512_dpbusd_epi32(x0[i], x.hi[p], hi);
-        y0[i] = _mm512_dpbusd_epi32(y0[i], y.hi[p], hi);
+        xs[i][0] = _mm512_dpbusd_epi32(xs[i][0], x.lo[p], lo);
+        ys[i][0] = _mm512_dpbusd_epi32(ys[i][0], y.lo[p], lo);
+        xs[i][C - 1] = _mm512_dpbusd_epi32(xs[i][C - 1], x.hi[p], hi);
+        ys[i][C - 1] = _mm512_dpbusd_epi32(ys[i][C - 1], y.hi[p], hi);
       }
     for (int i = 0; i < R; ++i) {
-      acc_x[i] = x.finish1(x0[i], at.scale(i), at.sum(i), acc_x[i]);
-      acc_y[i] = y.finish1(y0[i], at.scale(i), at.sum(i), acc_y[i]);
+      __m512i sx = xs[i][0], sy = ys[i][0];
+      if constexpr (C == 2) sx = _mm512_add_epi32(sx, xs[i][1]), sy = _mm512_add_epi32(sy, ys[i][1]);
+      acc_x[i] = x.finish1(sx, at.scale(i), at.sum(i), acc_x[i]);
+      acc_y[i] = y.finish1(sy, at.scale(i), at.sum(i), acc_y[i]);
     }
   }
   // finish's steps on one sum of both planes (rows2's)
