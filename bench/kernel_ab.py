@@ -66,7 +66,12 @@ def measure(old, new, mode: str, n: int, k: int, m: int, rounds: int, cold: bool
     copies = max(2, -(-COLD_BYTES // packed["new"].numel())) if cold else 1
     weights = {name: [p] + [p.clone() for _ in range(copies - 1)] for name, p in packed.items()}
     calls = {name: itertools.cycle(ws) for name, ws in weights.items()}
-    run = {name: (lambda ext=ext, name=name: getattr(ext, f"{mode}_linear")(x, next(calls[name]), n))
+    # Into a buffer of each side's own, reused call after call, as the engine's layers and
+    # head write theirs (qlinear's `output` rows): a fresh (m, n) result of 32 MiB or more
+    # is a fresh mmap in glibc, and its page faults took a third of a 64-row call's time on
+    # Gemma 3's head (Zen 4), which no step pays.
+    outs = {name: torch.empty(m, n) for name in ("old", "new")}
+    run = {name: (lambda ext=ext, name=name: getattr(ext, f"{mode}_linear")(x, next(calls[name]), n, out=outs[name]))
            for name, ext in (("old", old), ("new", new))}
     same = torch.equal(run["old"](), run["new"]())
     reps = max(1, int(2e8 // (n * k * max(m, 4))))  # ~the same work per timing at every shape
