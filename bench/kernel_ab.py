@@ -4,7 +4,9 @@ Builds kernels/csrc/quant.cpp (and its headers) as it was at --rev into a scratc
 then times q4_linear / q8_linear of both builds on the same packed weights and inputs,
 alternating old and new in every round, and checks the outputs are bitwise equal. Times
 are CPU time of one thread (time.process_time), best of --rounds: on a machine shared with
-other work that is steadier than wall time, though memory bandwidth is still shared.
+other work that is steadier than wall time, though memory bandwidth is still shared. Each
+side writes into an output buffer of its own, reused call after call, as the engine does
+(a fresh result of 32 MiB or more would be a fresh mmap and its page faults).
 
     python bench/kernel_ab.py --rev HEAD~1
     python bench/kernel_ab.py --rev 4493961 --shapes 262144x640 8192x2048 --rows 1 16 64
