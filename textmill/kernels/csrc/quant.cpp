@@ -2054,12 +2054,14 @@ struct Q4Block {
   // sums: the same value as two sums added), which saves a zeroing and an add each on the
   // ports the multiply-adds use (Ice Lake, one thread, 2048- and 8192-row layers: q5k
   // 1.05-1.08x the speed at 64 rows, q4k 1.00-1.02x); eight chains of eight are enough in
-  // flight. Block-major's one and two rows keep a sum per plane: four chains of eight
-  // left the multiply-adds waiting on each other (Zen 4, one thread, kernel_ab-style
-  // interleaved builds: q4 and q4k 0.95-0.99x the time at 4-16 rows, q5k level).
-  template <int R>
-  static void rows2(const Q4Block& x, const Q4Block& y, const RowsAt& at, __m512* acc_x, __m512* acc_y) {
-    constexpr int C = R >= 4 ? 1 : 2;  // sums a row and tile: the planes' own, or one for both
+  // flight. Q4's and Q4K's block-major one and two rows keep a sum per plane: four chains
+  // of eight left the multiply-adds waiting on each other (Zen 4, one thread, kernel_ab:
+  // 0.95-0.97x the time at 8-16 rows). Q5's and Q5K's keep one (level on Zen 4, and one
+  // sum ran q5k at 16 rows 1.00-1.07x the speed on Ice Lake): kPlaneSums.
+  static constexpr bool kPlaneSums = true;
+  template <int R, typename Block>
+  static void rows2(const Block& x, const Block& y, const RowsAt& at, __m512* acc_x, __m512* acc_y) {
+    constexpr int C = R >= 4 || !Block::kPlaneSums ? 1 : 2;  // sums a row and tile: the planes' own, or one for both
     __m512i xs[R][C], ys[R][C];
     for (int i = 0; i < R; ++i)
       for (int c = 0; c < C; ++c) xs[i][c] = ys[i][c] = _mm512_setzero_si512();
@@ -2099,6 +2101,7 @@ struct Q4KBlock : Q4Block {
 
 // Q5: Q4's row on 5-bit codes: the nibble planes with each code's top bit ORed in.
 struct Q5Block : Q4Block {
+  static constexpr bool kPlaneSums = false;  // see Q4Block::rows2
   Q5Block() = default;  // for Q5KBlock
   template <bool Pin>
   Q5Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin> pin) {
