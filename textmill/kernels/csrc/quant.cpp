@@ -2074,10 +2074,13 @@ struct Q4Block {
         ys[i][C - 1] = _mm512_dpbusd_epi32(ys[i][C - 1], y.hi[p], hi);
       }
     for (int i = 0; i < R; ++i) {
-      __m512i sx = xs[i][0], sy = ys[i][0];
-      if constexpr (C == 2) sx = _mm512_add_epi32(sx, xs[i][1]), sy = _mm512_add_epi32(sy, ys[i][1]);
-      acc_x[i] = x.finish1(sx, at.scale(i), at.sum(i), acc_x[i]);
-      acc_y[i] = y.finish1(sy, at.scale(i), at.sum(i), acc_y[i]);
+      if constexpr (C == 1) {
+        acc_x[i] = x.finish1(xs[i][0], at.scale(i), at.sum(i), acc_x[i]);
+        acc_y[i] = y.finish1(ys[i][0], at.scale(i), at.sum(i), acc_y[i]);
+      } else {
+        acc_x[i] = x.finish(xs[i][0], xs[i][1], at.scale(i), at.sum(i), acc_x[i]);
+        acc_y[i] = y.finish(ys[i][0], ys[i][1], at.scale(i), at.sum(i), acc_y[i]);
+      }
     }
   }
   // finish's steps on one sum of both planes (rows2's)
