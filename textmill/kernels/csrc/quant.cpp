@@ -1468,43 +1468,46 @@ void quantize_blocks16_avx512(const float* x, int64_t runs, int8_t* a, float* e,
 }
 #endif
 
-void quantize_rows(const float* x, int64_t m, int64_t k, const QAct& q, bool simd) {
+// Rows [r0, r1) of x into q.
+void quantize_row_range(const float* x, int64_t r0, int64_t r1, int64_t k, const QAct& q, bool simd) {
   const int64_t kb = k / QK;
-  auto body = [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      int64_t b0 = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t b0 = 0;
 #ifdef TM_AVX2
 #ifdef TM_VNNI512
-      constexpr auto quantize_blocks = quantize_blocks_avx512;
+    constexpr auto quantize_blocks = quantize_blocks_avx512;
 #else
-      constexpr auto quantize_blocks = quantize_blocks_avx2;
+    constexpr auto quantize_blocks = quantize_blocks_avx2;
 #endif
 #ifdef TM_VNNI512
-      if (simd)
-        for (int64_t runs; (runs = std::min(kQuantizeRun, (kb - b0) / kQuantizeWide)) > 0; b0 += runs * kQuantizeWide)
-          quantize_blocks16_avx512(x + r * k + b0 * QK, runs, q.a + r * k + b0 * QK, q.e + r * kb + b0,
-                                   q.s + r * kb + b0, q.off + r * kb + b0);
+    if (simd)
+      for (int64_t runs; (runs = std::min(kQuantizeRun, (kb - b0) / kQuantizeWide)) > 0; b0 += runs * kQuantizeWide)
+        quantize_blocks16_avx512(x + r * k + b0 * QK, runs, q.a + r * k + b0 * QK, q.e + r * kb + b0,
+                                 q.s + r * kb + b0, q.off + r * kb + b0);
 #endif
-      if (simd)
-        for (; b0 + kQuantizeTogether <= kb; b0 += kQuantizeTogether)
-          quantize_blocks(x + r * k + b0 * QK, q.a + r * k + b0 * QK, q.e + r * kb + b0, q.s + r * kb + b0,
-                          q.off + r * kb + b0);
+    if (simd)
+      for (; b0 + kQuantizeTogether <= kb; b0 += kQuantizeTogether)
+        quantize_blocks(x + r * k + b0 * QK, q.a + r * k + b0 * QK, q.e + r * kb + b0, q.s + r * kb + b0,
+                        q.off + r * kb + b0);
 #endif
-      for (int64_t b = b0; b < kb; ++b) {
-        const float* src = x + r * k + b * QK;
-        int8_t* a = q.a + r * k + b * QK;
+    for (int64_t b = b0; b < kb; ++b) {
+      const float* src = x + r * k + b * QK;
+      int8_t* a = q.a + r * k + b * QK;
 #ifdef TM_AVX2
-        if (simd) {
-          quantize_block_avx2(src, a, q.e + r * kb + b, q.s + r * kb + b, q.off + r * kb + b);
-          continue;
-        }
-#endif
-        quantize_block_scalar(src, a, q.e + r * kb + b, q.s + r * kb + b, q.off + r * kb + b);
+      if (simd) {
+        quantize_block_avx2(src, a, q.e + r * kb + b, q.s + r * kb + b, q.off + r * kb + b);
+        continue;
       }
+#endif
+      quantize_block_scalar(src, a, q.e + r * kb + b, q.s + r * kb + b, q.off + r * kb + b);
     }
-  };
+  }
+}
+
+void quantize_rows(const float* x, int64_t m, int64_t k, const QAct& q, bool simd) {
   // ~15-30 ns per block: only big prefills are worth waking the other threads for.
-  at::parallel_for(0, m, std::max<int64_t>(1, 4096 / kb), body);
+  at::parallel_for(0, m, std::max<int64_t>(1, 4096 / (k / QK)),
+                   [&](int64_t r0, int64_t r1) { quantize_row_range(x, r0, r1, k, q, simd); });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -2645,8 +2648,21 @@ struct Part {
 // quantization and one fork and join a call, not one a part, and no concatenation after.
 // Which thread computes a tile never changes its result, so each part's columns are
 // bitwise what a call of that part alone gives.
-void run_parts(const std::vector<Part>& parts, const QAct& q, const QAct& q8, int64_t m, int64_t k, float* yp,
-               int64_t ldy, bool simd, int64_t mr_max) {
+// The activations' quantization, which run_parts' own threads do before they take tiles:
+// rows of x into `into` (quantize_row_range). x == nullptr: the caller has done it.
+struct Quantize {
+  const float* x;
+  QAct into;
+};
+
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+void run_parts(const std::vector<Part>& parts, const Quantize& quant, const QAct& q, const QAct& q8, int64_t m,
+               int64_t k, float* yp, int64_t ldy, bool simd, int64_t mr_max) {
   const int64_t kb = k / QK;
   const int64_t mr_cap = mr_max == 0 ? MAX_MR : mr_max;
   // mr_max (tests) asks for the row-group order with register tiles of at most that many rows.
@@ -2727,7 +2743,21 @@ void run_parts(const std::vector<Part>& parts, const QAct& q, const QAct& q8, in
   }
   const int64_t npieces = static_cast<int64_t>(pieces.size());
   std::atomic<int64_t> next{0};
+  // The quantization in chunks of rows (~256 blocks, a few us), claimed as the tiles are:
+  // in this call's parallel region, not one of its own before it, whose grain left batched
+  // decode's rows (16-64 of them, 2-7% of the call) to one thread while the other waited.
+  const int64_t quant_rows = std::max<int64_t>(1, 256 / kb);
+  const int64_t quant_chunks = quant.x ? (m + quant_rows - 1) / quant_rows : 0;
+  std::atomic<int64_t> quant_next{0}, quant_done{0};
   auto worker = [&](int64_t, int64_t) {
+    for (int64_t c = quant_next.fetch_add(1, std::memory_order_relaxed); c < quant_chunks;
+         c = quant_next.fetch_add(1, std::memory_order_relaxed)) {
+      const int64_t r0 = c * quant_rows, r1 = std::min(m, r0 + quant_rows);
+      quantize_row_range(quant.x, r0, r1, k, quant.into, simd);
+      quant_done.fetch_add(1, std::memory_order_release);
+    }
+    // Every tile reads every row: wait for the chunks other threads have claimed.
+    while (quant_done.load(std::memory_order_acquire) < quant_chunks) spin_pause();
     alignas(64) float out[MAX_MR][NR];
 #ifdef TM_AVX2
     // chunk * k / 4 vectors of 32 bytes (k is a multiple of 32)
@@ -2932,15 +2962,21 @@ torch::Tensor qlinear_parts(const std::vector<PartArg>& args, const torch::Tenso
   q.off = reinterpret_cast<HalfSums*>(q.s + m * kb);
   uint8_t* const flipped = reinterpret_cast<uint8_t*>(q.off + m * kb);
   TORCH_CHECK(flipped + flipped_bytes <= base + qbuf.numel());
-  quantize_rows(x.data_ptr<float>(), m, k, q, simd);
+  // Without Q8 parts run_parts quantizes x itself. With them, the codes and their flipped
+  // copy are made first, in a region of their own: quantizing in run_parts' region (the
+  // flip chunk by chunk too) ran q8 at 1.05-1.11x the time at K = 3072-8192 and 64-128
+  // rows (the panel), for all that it ran 0.87-0.90x at 16 (kernel_ab's shapes, median
+  // of 25 rounds, Zen 4); the other forms gained or stayed level there.
   QAct q8 = q;
   if (any_q8) {
+    quantize_rows(x.data_ptr<float>(), m, k, q, simd);
     uint8_t* dst = all_q8 ? base : flipped;
     for (int64_t i = 0; i < m * k; ++i) dst[i] = base[i] ^ 0x80;
     q8.a = reinterpret_cast<int8_t*>(dst);
     if (all_q8) q = q8;  // no part reads the unflipped codes
   }
-  run_parts(parts, q, q8, m, k, y.data_ptr<float>(), n_all, simd, mr_max);
+  const Quantize quant{any_q8 ? nullptr : x.data_ptr<float>(), q};
+  run_parts(parts, quant, q, q8, m, k, y.data_ptr<float>(), n_all, simd, mr_max);
   return out_dtype == torch::kFloat ? y : y.to(out_dtype);
 }
 
