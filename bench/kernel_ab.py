@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -47,16 +48,29 @@ from textmill.kernels.build import build_variant  # noqa: E402
 COLD_BYTES = 256 << 20
 
 
-def best_times(run: dict, reps: int, rounds: int, clock=time.process_time) -> dict:
-    """Each callable's best time per call over `rounds` by `clock`, the callables taking turns."""
-    best = {name: float("inf") for name in run}
-    for _ in range(rounds):
-        for name, f in run.items():
+def round_times(run: dict, reps: int, rounds: int, clock=time.process_time) -> dict:
+    """Each callable's time per call in each of `rounds` by `clock`, the callables taking
+    turns (and the first of a round alternating, so that neither always follows the other)."""
+    times = {name: [] for name in run}
+    for r in range(rounds):
+        for name, f in (list(run.items()) if r % 2 == 0 else list(run.items())[::-1]):
             t = clock()
             for _ in range(reps):
                 f()
-            best[name] = min(best[name], (clock() - t) / reps)
-    return best
+            times[name].append((clock() - t) / reps)
+    return times
+
+
+def summary(times: dict) -> dict:
+    """Best and median per call of each side, and new over old by both. The best round is
+    the one least disturbed; the median also counts what a call pays now and then (a
+    thread preempted at a parallel call's join), which 2-thread timings on a shared
+    machine show."""
+    best = {name: min(v) for name, v in times.items()}
+    med = {name: statistics.median(v) for name, v in times.items()}
+    return {"old_ms": 1e3 * best["old"], "new_ms": 1e3 * best["new"], "new_over_old": best["new"] / best["old"],
+            "old_median_ms": 1e3 * med["old"], "new_median_ms": 1e3 * med["new"],
+            "median_new_over_old": med["new"] / med["old"]}
 
 
 def measure(old, new, mode: str, n: int, k: int, m: int, rounds: int, cold: bool = False) -> dict:
@@ -79,9 +93,8 @@ def measure(old, new, mode: str, n: int, k: int, m: int, rounds: int, cold: bool
     reps = max(1, int(2e8 // (n * k * max(m, 4))))  # ~the same work per timing at every shape
     if cold:  # at least one pass over the copies, so that each timing reads them all from memory
         reps = max(reps, copies)
-    best = best_times(run, reps, rounds, time.perf_counter if cold else time.process_time)
-    return {"mode": mode, "n": n, "k": k, "m": m, "old_ms": 1e3 * best["old"], "new_ms": 1e3 * best["new"],
-            "new_over_old": best["new"] / best["old"], "bitwise_equal": same}
+    times = round_times(run, reps, rounds, time.perf_counter if cold else time.process_time)
+    return {"mode": mode, "n": n, "k": k, "m": m, **summary(times), "bitwise_equal": same}
 
 
 def measure_act(old, new, k: int, m: int, rounds: int) -> dict:
@@ -90,9 +103,8 @@ def measure_act(old, new, k: int, m: int, rounds: int) -> dict:
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k * 7 + m))
     run = {"old": lambda: old.quantize_act(x, 0), "new": lambda: new.quantize_act(x, 0)}
     same = all(torch.equal(a, b) for a, b in zip(run["old"](), run["new"]()))
-    best = best_times(run, reps=max(1, int(2e7 // (k * m))), rounds=rounds)
-    return {"mode": "act", "n": 0, "k": k, "m": m, "old_ms": 1e3 * best["old"], "new_ms": 1e3 * best["new"],
-            "new_over_old": best["new"] / best["old"], "bitwise_equal": same}
+    times = round_times(run, reps=max(1, int(2e7 // (k * m))), rounds=rounds)
+    return {"mode": "act", "n": 0, "k": k, "m": m, **summary(times), "bitwise_equal": same}
 
 
 def main() -> int:
@@ -118,11 +130,12 @@ def main() -> int:
         results = [measure_act(old, new, int(shape.split("x")[1]), m, args.rounds) if mode == "act"
                    else measure(old, new, mode, *map(int, shape.split("x")), m, args.rounds, args.cold)
                    for mode in args.modes for shape in args.shapes for m in args.rows]
-    print(f"| mode | N x K | M | {args.rev} ms | this tree ms | new / old | bitwise equal |")
-    print("|---|---|---:|---:|---:|---:|---|")
+    print(f"| mode | N x K | M | {args.rev} ms | this tree ms | new / old (best) | new / old (median) "
+          "| bitwise equal |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
     for r in results:
-        print(f"| {r['mode']} | {r['n']}x{r['k']} | {r['m']} | {r['old_ms']:.2f} | {r['new_ms']:.2f} | "
-              f"{r['new_over_old']:.2f} | {'yes' if r['bitwise_equal'] else 'NO'} |")
+        print(f"| {r['mode']} | {r['n']}x{r['k']} | {r['m']} | {r['old_ms']:.3f} | {r['new_ms']:.3f} | "
+              f"{r['new_over_old']:.2f} | {r['median_new_over_old']:.2f} | {'yes' if r['bitwise_equal'] else 'NO'} |")
     print(f"isa: {args.rev} {old.isa()}, this tree {new.isa()}" + (f" (--cflags {args.cflags})" if flags else ""))
     threads = torch.get_num_threads()
     print(f"{'weights from memory, wall clock' if args.cold else 'weights cached, CPU time'}, {threads} thread(s)")

@@ -23,7 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from kernel_ab import COLD_BYTES, best_times  # noqa: E402
+from kernel_ab import COLD_BYTES, round_times  # noqa: E402
 from stamp import write_result  # noqa: E402
 
 from textmill.kernels import load  # noqa: E402
@@ -56,7 +56,7 @@ def measure(ext, name: str, k: int, spec: tuple, m: int, rounds: int) -> dict:
     cycles = {"separate": itertools.cycle(sets), "one_call": itertools.cycle(sets)}
     run = {"separate": lambda: separate(next(cycles["separate"])),
            "one_call": lambda: together(next(cycles["one_call"]))}
-    best = best_times(run, copies, rounds, time.perf_counter)
+    best = {side: min(v) for side, v in round_times(run, copies, rounds, time.perf_counter).items()}
     return {"name": name, "k": k, "parts": [list(p) for p in spec], "m": m, "mib": nbytes / 2**20,
             "separate_us": 1e6 * best["separate"], "one_call_us": 1e6 * best["one_call"],
             "one_over_separate": best["one_call"] / best["separate"], "bitwise_equal": same}
