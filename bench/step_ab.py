@@ -1,4 +1,4 @@
-"""Decode steps of a real engine on this tree's layer.cpp against another revision's, side by side.
+"""Decode steps of a real engine on this tree's layer.cpp (or quant.cpp) against another revision's.
 
 One engine per model (wiring.build_engine, as `textmill serve` builds it), and two one-call
 forwards over the same weights and cache: this tree's layer.cpp `Forward` and the one
@@ -14,10 +14,14 @@ its calls as they do in a server.
     python bench/step_ab.py --rev HEAD                           # uncommitted layer.cpp changes
     python bench/step_ab.py --rev HEAD~1 --models smollm2 gemma3 --streams 16 64 --waves 6
 
-Only layer.cpp's side (the layer loop, attention, norms, RoPE): quant.cpp's kernels are this
-tree's in both (bench/kernel_ab.py compares those), so --rev must take the same
-linear_entry.h (its capsule name refuses another). Results:
-bench/results/step_ab-<time>.json, stamped with commit and machine.
+By default only layer.cpp's side (the layer loop, attention, norms, RoPE): quant.cpp's
+kernels are this tree's in both. `--ext quant` swaps the other way: both forwards are this
+tree's layer.cpp, one calling the linears of this tree's quant.cpp and one those of --rev's
+(the LM head, which Python calls, and the packing stay this tree's, so --rev must pack as this
+tree does). Either way --rev must take the same linear_entry.h (its capsule name refuses
+another). Results: bench/results/step_ab-<time>.json, stamped with commit and machine.
+
+    python bench/step_ab.py --ext quant --rev HEAD~1 --streams 16 64
 """
 from __future__ import annotations
 
@@ -57,7 +61,7 @@ def wave(built, params: SamplingParams, workload: Workload, c: int, first: int) 
     return statistics.median(steps)
 
 
-def compare(key: str, old_module, streams: list[int], waves: int, workload: Workload) -> list[dict]:
+def compare(key: str, ext: str, old_module, streams: list[int], waves: int, workload: Workload) -> list[dict]:
     path = resolve(key)
     ns = build_parser().parse_args(["serve", str(path), "--max-num-seqs", str(max(16, *streams)),
                                     "--kv-cache-memory", "2", "--max-model-len", "4096"])
@@ -68,9 +72,10 @@ def compare(key: str, old_module, streams: list[int], waves: int, workload: Work
     if new is None:
         raise SystemExit(f"{key}: this engine has no one-call forward to compare")
     ops = forward.ops
-    forward.ops = old_module  # build_one_call() builds the Forward of the module in .ops
+    if ext == "layer":
+        forward.ops = old_module  # build_one_call() builds the Forward of the module in .ops
     try:
-        forward.build_one_call()
+        forward.build_one_call(quant_ext=old_module if ext == "quant" else None)
         old = forward.one_call
     finally:
         forward.ops = ops
@@ -97,6 +102,9 @@ def compare(key: str, old_module, streams: list[int], waves: int, workload: Work
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rev", required=True, help="the git revision whose layer.cpp to compare against")
+    ap.add_argument("--ext", choices=("layer", "quant"), default="layer",
+                    help="which extension --rev gives: layer.cpp (the forward), or quant.cpp (the "
+                         "linears the forward calls; the head and the packing stay this tree's)")
     ap.add_argument("--models", nargs="+", default=["smollm2", "gemma3", "synthetic-qwen3"],
                     help="matrix names (bench/models.py) or GGUF paths")
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 16])
@@ -104,14 +112,15 @@ def main() -> int:
     args = ap.parse_args()
     workload = Workload(max_tokens=64)
     with tempfile.TemporaryDirectory() as scratch:
-        old_module = build_at(args.rev, Path(scratch), "layer")
-        rows = [r for key in args.models for r in compare(key, old_module, args.streams, args.waves, workload)]
+        old_module = build_at(args.rev, Path(scratch), args.ext)
+        rows = [r for key in args.models
+                for r in compare(key, args.ext, old_module, args.streams, args.waves, workload)]
     print(f"| model | streams | {args.rev}: decode step ms, each wave | this tree | new / old (medians) |")
     print("|---|---:|---|---|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['streams']} | {' '.join(f'{x:.1f}' for x in r['old_ms'])} | "
               f"{' '.join(f'{x:.1f}' for x in r['new_ms'])} | {r['new_over_old']:.3f} |")
-    write_result("step_ab", {"rev": args.rev, "waves": args.waves, "rows": rows})
+    write_result("step_ab", {"rev": args.rev, "ext": args.ext, "waves": args.waves, "rows": rows})
     return 0
 
 

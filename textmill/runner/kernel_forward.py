@@ -80,9 +80,12 @@ class KernelForwardBase:
         # The families' __init__ finish first: build_one_call() reads their per-layer state.
         self.one_call = None
 
-    def build_one_call(self) -> None:
+    def build_one_call(self, quant_ext=None) -> None:
         """Layer loop as one C++ call (layer.cpp's Forward), where the kernels have it and
-        every linear is one it can call; otherwise the layers stay in Python."""
+        every linear is one it can call; otherwise the layers stay in Python. `quant_ext`:
+        the quant extension whose linear entry the Forward calls, by default the one the
+        runner packed these layers with (bench/step_ab.py passes another build's, whose
+        packed layout and form numbers must be this one's)."""
         forward_cls = getattr(self.ops, "Forward", None)
         if forward_cls is None:
             return
@@ -94,7 +97,7 @@ class KernelForwardBase:
         if any(form is not None for layer in linears for parts in layer for form, *_ in parts):
             from textmill.kernels import load
 
-            quant = load("quant")  # loaded already: the runner packed these layers with it
+            quant = quant_ext or load("quant")  # loaded already: the runner packed these layers with it
             if quant is None or not hasattr(quant, "linear_capsule"):
                 return
             linears = [[[(quant.mode_number(form), *rest) if form is not None else (None, *rest)
