@@ -2642,12 +2642,6 @@ struct Part {
   int64_t col;
 };
 
-// y (M, ldy) columns of every part = the quantized activations q against the parts' weights.
-// Q8 parts read q8: q with its codes' sign bits flipped on the 512-bit path (see Q8Block),
-// q itself on the others. One parallel region hands out the tiles of all parts: one activation
-// quantization and one fork and join a call, not one a part, and no concatenation after.
-// Which thread computes a tile never changes its result, so each part's columns are
-// bitwise what a call of that part alone gives.
 // The activations' quantization, which run_parts' own threads do before they take tiles:
 // rows of x into `into` (quantize_row_range). x == nullptr: the caller has done it.
 struct Quantize {
@@ -2661,6 +2655,13 @@ inline void spin_pause() {
 #endif
 }
 
+// y (M, ldy) columns of every part = the quantized activations q against the parts' weights
+// (quantized first by this call's own threads, from quant.x, unless the caller did it).
+// Q8 parts read q8: q with its codes' sign bits flipped on the 512-bit path (see Q8Block),
+// q itself on the others. One parallel region hands out the tiles of all parts: one activation
+// quantization and one fork and join a call, not one a part, and no concatenation after.
+// Which thread computes a tile never changes its result, so each part's columns are
+// bitwise what a call of that part alone gives.
 void run_parts(const std::vector<Part>& parts, const Quantize& quant, const QAct& q, const QAct& q8, int64_t m,
                int64_t k, float* yp, int64_t ldy, bool simd, int64_t mr_max) {
   const int64_t kb = k / QK;
