@@ -2643,11 +2643,25 @@ struct Part {
 };
 
 // The activations' quantization, which run_parts' own threads do before they take tiles:
-// rows of x into `into` (quantize_row_range). x == nullptr: the caller has done it.
+// rows of x into `into` (quantize_row_range), and where a part is Q8, each row's codes with
+// their sign bits flipped into `flip` (which may be into.a itself).
 struct Quantize {
   const float* x;
   QAct into;
+  uint8_t* flip;  // or nullptr
 };
+
+// Bytes [from, from + n) with their sign bits flipped into `to` (n a multiple of 8; to may
+// be from). Eight at a time through a word: a byte loop here stores through uint8_t*, which
+// may alias anything, so GCC reloaded its pointers every byte and did not vectorize it.
+inline void flip_signs(const uint8_t* from, uint8_t* to, int64_t n) {
+  for (int64_t i = 0; i < n; i += 8) {
+    uint64_t v;
+    std::memcpy(&v, from + i, 8);
+    v ^= 0x8080808080808080ull;
+    std::memcpy(to + i, &v, 8);
+  }
+}
 
 inline void spin_pause() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -2755,6 +2769,8 @@ void run_parts(const std::vector<Part>& parts, const Quantize& quant, const QAct
          c = quant_next.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t r0 = c * quant_rows, r1 = std::min(m, r0 + quant_rows);
       quantize_row_range(quant.x, r0, r1, k, quant.into, simd);
+      if (quant.flip)
+        flip_signs(reinterpret_cast<const uint8_t*>(quant.into.a) + r0 * k, quant.flip + r0 * k, (r1 - r0) * k);
       quant_done.fetch_add(1, std::memory_order_release);
     }
     // Every tile reads every row: wait for the chunks other threads have claimed.
@@ -2963,20 +2979,13 @@ torch::Tensor qlinear_parts(const std::vector<PartArg>& args, const torch::Tenso
   q.off = reinterpret_cast<HalfSums*>(q.s + m * kb);
   uint8_t* const flipped = reinterpret_cast<uint8_t*>(q.off + m * kb);
   TORCH_CHECK(flipped + flipped_bytes <= base + qbuf.numel());
-  // Without Q8 parts run_parts quantizes x itself. With them, the codes and their flipped
-  // copy are made first, in a region of their own: quantizing in run_parts' region (the
-  // flip chunk by chunk too) ran q8 at 1.05-1.11x the time at K = 3072-8192 and 64-128
-  // rows (the panel), for all that it ran 0.87-0.90x at 16 (kernel_ab's shapes, median
-  // of 25 rounds, Zen 4); the other forms gained or stayed level there.
+  // run_parts quantizes x into q (and the flipped copy) before it reads them.
+  const Quantize quant{x.data_ptr<float>(), q, any_q8 ? (all_q8 ? base : flipped) : nullptr};
   QAct q8 = q;
   if (any_q8) {
-    quantize_rows(x.data_ptr<float>(), m, k, q, simd);
-    uint8_t* dst = all_q8 ? base : flipped;
-    for (int64_t i = 0; i < m * k; ++i) dst[i] = base[i] ^ 0x80;
-    q8.a = reinterpret_cast<int8_t*>(dst);
+    q8.a = reinterpret_cast<int8_t*>(quant.flip);
     if (all_q8) q = q8;  // no part reads the unflipped codes
   }
-  const Quantize quant{any_q8 ? nullptr : x.data_ptr<float>(), q};
   run_parts(parts, quant, q, q8, m, k, y.data_ptr<float>(), n_all, simd, mr_max);
   return out_dtype == torch::kFloat ? y : y.to(out_dtype);
 }
