@@ -2642,15 +2642,6 @@ struct Part {
   int64_t col;
 };
 
-// The activations' quantization, which run_parts' own threads do before they take tiles:
-// rows of x into `into` (quantize_row_range), and where a part is Q8, each row's codes with
-// their sign bits flipped into `flip` (which may be into.a itself).
-struct Quantize {
-  const float* x;
-  QAct into;
-  uint8_t* flip;  // or nullptr
-};
-
 // Bytes [from, from + n) with their sign bits flipped into `to` (n a multiple of 8; to may
 // be from). Eight at a time through a word: a byte loop here stores through uint8_t*, which
 // may alias anything, so GCC reloaded its pointers every byte and did not vectorize it.
@@ -2669,15 +2660,15 @@ inline void spin_pause() {
 #endif
 }
 
-// y (M, ldy) columns of every part = the quantized activations q against the parts' weights
-// (quantized first by this call's own threads, from quant.x, unless the caller did it).
-// Q8 parts read q8: q with its codes' sign bits flipped on the 512-bit path (see Q8Block),
-// q itself on the others. One parallel region hands out the tiles of all parts: one activation
+// y (M, ldy) columns of every part = x (M, K) against the parts' weights. This call's own
+// threads first quantize x into q (quantize_row_range) and, where `flip_q8`, copy its codes
+// with their sign bits flipped into q8.a (which may be q.a itself): Q8 parts read q8 (see
+// Q8Block), every other part q. One parallel region hands out the tiles of all parts: one activation
 // quantization and one fork and join a call, not one a part, and no concatenation after.
 // Which thread computes a tile never changes its result, so each part's columns are
 // bitwise what a call of that part alone gives.
-void run_parts(const std::vector<Part>& parts, const Quantize& quant, const QAct& q, const QAct& q8, int64_t m,
-               int64_t k, float* yp, int64_t ldy, bool simd, int64_t mr_max) {
+void run_parts(const std::vector<Part>& parts, const float* x, bool flip_q8, const QAct& q, const QAct& q8,
+               int64_t m, int64_t k, float* yp, int64_t ldy, bool simd, int64_t mr_max) {
   const int64_t kb = k / QK;
   const int64_t mr_cap = mr_max == 0 ? MAX_MR : mr_max;
   // mr_max (tests) asks for the row-group order with register tiles of at most that many rows.
@@ -2762,15 +2753,16 @@ void run_parts(const std::vector<Part>& parts, const Quantize& quant, const QAct
   // in this call's parallel region, not one of its own before it, whose grain left batched
   // decode's rows (16-64 of them, 2-7% of the call) to one thread while the other waited.
   const int64_t quant_rows = std::max<int64_t>(1, 256 / kb);
-  const int64_t quant_chunks = quant.x ? (m + quant_rows - 1) / quant_rows : 0;
+  const int64_t quant_chunks = (m + quant_rows - 1) / quant_rows;
   std::atomic<int64_t> quant_next{0}, quant_done{0};
   auto worker = [&](int64_t, int64_t) {
     for (int64_t c = quant_next.fetch_add(1, std::memory_order_relaxed); c < quant_chunks;
          c = quant_next.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t r0 = c * quant_rows, r1 = std::min(m, r0 + quant_rows);
-      quantize_row_range(quant.x, r0, r1, k, quant.into, simd);
-      if (quant.flip)
-        flip_signs(reinterpret_cast<const uint8_t*>(quant.into.a) + r0 * k, quant.flip + r0 * k, (r1 - r0) * k);
+      quantize_row_range(x, r0, r1, k, q, simd);
+      if (flip_q8)
+        flip_signs(reinterpret_cast<const uint8_t*>(q.a) + r0 * k, reinterpret_cast<uint8_t*>(q8.a) + r0 * k,
+                   (r1 - r0) * k);
       quant_done.fetch_add(1, std::memory_order_release);
     }
     // Every tile reads every row: wait for the chunks other threads have claimed.
@@ -2979,14 +2971,11 @@ torch::Tensor qlinear_parts(const std::vector<PartArg>& args, const torch::Tenso
   q.off = reinterpret_cast<HalfSums*>(q.s + m * kb);
   uint8_t* const flipped = reinterpret_cast<uint8_t*>(q.off + m * kb);
   TORCH_CHECK(flipped + flipped_bytes <= base + qbuf.numel());
-  // run_parts quantizes x into q (and the flipped copy) before it reads them.
-  const Quantize quant{x.data_ptr<float>(), q, any_q8 ? (all_q8 ? base : flipped) : nullptr};
+  // run_parts quantizes x into q and flips the codes into q8 before it reads them. With every
+  // part Q8 the flip is in place (q8.a == q.a: no part reads the unflipped codes).
   QAct q8 = q;
-  if (any_q8) {
-    q8.a = reinterpret_cast<int8_t*>(quant.flip);
-    if (all_q8) q = q8;  // no part reads the unflipped codes
-  }
-  run_parts(parts, quant, q, q8, m, k, y.data_ptr<float>(), n_all, simd, mr_max);
+  if (any_q8) q8.a = reinterpret_cast<int8_t*>(all_q8 ? base : flipped);
+  run_parts(parts, x.data_ptr<float>(), any_q8, q, q8, m, k, y.data_ptr<float>(), n_all, simd, mr_max);
   return out_dtype == torch::kFloat ? y : y.to(out_dtype);
 }
 
