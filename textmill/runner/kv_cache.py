@@ -120,7 +120,7 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.devic
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
-    buf = mmap.mmap(-1, nbytes)  # MAP_PRIVATE | MAP_ANONYMOUS; the tensor keeps it alive
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # the tensor keeps it alive
     return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)
 
 
