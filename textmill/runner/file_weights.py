@@ -20,6 +20,7 @@ from textmill.loader.group_codes import (GROUP, PACKED_FROM_FILE_TYPES, CodesRef
 from textmill.runner.fused import fuse_gemma_layers, fuse_llama_layers
 from textmill.runner.linear import swap_linears
 from textmill.runner.qlinear import OutOfHalfRange, QLinear, SideBySide, width_form
+from textmill.runner.weight_arena import WeightArena
 
 HEAD = "lm_head.weight"
 
@@ -66,8 +67,9 @@ def file_decoder() -> Callable[[GGUFRows], torch.Tensor | None] | None:
 class _Maker:
     """Kernel layers for the model's linears, found by parameter name in the codes."""
 
-    def __init__(self, model: nn.Module, codes: Mapping[str, CodesRef]):
+    def __init__(self, model: nn.Module, codes: Mapping[str, CodesRef], arena: WeightArena | None):
         self.codes = codes
+        self.arena = arena  # where weights packed from the file go
         self.names = {id(m): name for name, m in model.named_modules()}
         self.widths: dict[str, int] = {}
 
@@ -87,7 +89,7 @@ class _Maker:
         if not all(r.qtype in PACKED_FROM_FILE_TYPES for r in refs):
             return None
         try:
-            made = QLinear.from_file(refs, bias, form)
+            made = QLinear.from_file(refs, bias, form, self.arena)
         except OutOfHalfRange:
             return None
         for r in refs:
@@ -165,7 +167,7 @@ def _runs_of_equal_width(parts: list[nn.Linear], refs: list[CodesRef]) -> list[l
 
 def install_file_weights(model: nn.Module, codes: Mapping[str, CodesRef], rows: GGUFRows) -> str:
     """Swap the model's linears and embedding for kernel layers; returns a line for the log."""
-    maker = _Maker(model, codes)
+    maker = _Maker(model, codes, WeightArena())
     model.embed_tokens = RowEmbedding(rows)
     if HEAD in codes and getattr(model, "lm_head", 0) is None:  # tied: packed from the embedding's blocks
         model.lm_head = maker.head(codes[HEAD])

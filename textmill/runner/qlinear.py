@@ -47,6 +47,7 @@ from torch import nn
 from textmill.kernels import load
 from textmill.loader.group_codes import CodesRef, GroupCodes
 from textmill.runner.row_buffer import RowBuffer
+from textmill.runner.weight_arena import WeightArena
 
 MODES = ("q2", "q3", "q4", "q4k", "q5", "q5k", "q6", "q6k", "q8", "iq4", "iq2")  # CodesRef.form names a file tensor's form among these
 # The k-quants' own forms and the form of their width, which also takes their types (their
@@ -132,13 +133,15 @@ class QLinear(nn.Module):
         return cls(packed, k, n, _own_bias(bias), mode)
 
     @classmethod
-    def from_file(cls, refs: list[CodesRef], bias: torch.Tensor | None = None, form: str | None = None) -> "QLinear":
+    def from_file(cls, refs: list[CodesRef], bias: torch.Tensor | None = None, form: str | None = None,
+                  arena: WeightArena | None = None) -> "QLinear":
         """GGUF tensors of one form (CodesRef.form), stacked along N, packed straight from the
         mapped file by the C++ converter, in one pass with no intermediate codes: for the
         types group_codes converts itself, in the q4 and q8 forms the bytes from_codes would
         pack. Forms q4, q5 and q6 also take Q4_K, Q5_K and Q6_K (forms q4k, q5k, q6k), form q8
         the types of every narrower form (their 8-bit codes). Raises OutOfHalfRange when a scale does not fit a half;
-        the caller then takes from_codes' path, which rounds such a tensor to 8 bits."""
+        the caller then takes from_codes' path, which rounds such a tensor to 8 bits.
+        `arena`: where the packed bytes go (runner/weight_arena.py), else a tensor of their own."""
         ext = _ext()
         if ext is None:
             raise ValueError("GGUF weights need textmill's C++ kernels, which could not be built here")
@@ -150,8 +153,10 @@ class QLinear(nn.Module):
         no_order = torch.empty(0, dtype=torch.long)
         orders = [no_order if r.row_order is None else r.row_order.long().contiguous() for r in refs]
         try:
+            n = sum(r.shape[0] for r in refs)
             packed = ext.pack_gguf(form, [r.flat_bytes() for r in refs], [int(r.qtype) for r in refs], orders, k,
-                                   [r.grid() for r in refs])
+                                   [r.grid() for r in refs],
+                                   out=None if arena is None else arena.take(ext.packed_bytes(form, n, k)))
         except RuntimeError as exc:
             if "half range" in str(exc):
                 raise OutOfHalfRange(str(exc)) from None

@@ -443,14 +443,18 @@ void check_packed(Mode mode, const torch::Tensor& packed, int64_t n, int64_t k) 
 // Packing (once per weight; plain loops, parallel over tiles)
 
 // Walks every row of an (N, K) weight in its tile: fn(tile, r, row), where tile is the row's
-// tile in `out` and r its row inside it. Parallel over tiles.
+// tile in `out` and r its row inside it. Parallel over tiles. `out`: where to pack (the
+// runner's weight arena), or undefined for a tensor of its own.
 template <typename Fn>
-torch::Tensor pack_by_row(Mode mode, int64_t n, int64_t k, Fn fn) {
+torch::Tensor pack_by_row(Mode mode, int64_t n, int64_t k, Fn fn, torch::Tensor out = {}) {
   const int64_t kb = k / QK, ntiles = (n + NR - 1) / NR;
   // Not zeroed here: fn writes every byte of a row's codes and scales (the put_* above), so
   // only a tile with padding rows is cleared, by the thread that fills it. (Zeroing all of it
   // first wrote every byte twice, in one thread.)
-  auto out = torch::empty({packed_bytes(mode, n, k)}, torch::kUInt8);
+  if (!out.defined()) out = torch::empty({packed_bytes(mode, n, k)}, torch::kUInt8);
+  TORCH_CHECK(out.scalar_type() == torch::kUInt8 && out.dim() == 1 && out.is_contiguous() &&
+                  out.numel() == packed_bytes(mode, n, k),
+              "out: contiguous 1-D uint8 of ", packed_bytes(mode, n, k), " bytes");
   uint8_t* op = out.data_ptr<uint8_t>();
   const int64_t tb = tile_bytes(mode, kb);
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
@@ -464,11 +468,13 @@ torch::Tensor pack_by_row(Mode mode, int64_t n, int64_t k, Fn fn) {
 
 // The same walk over every (row, block): fn(tile, r, row, b).
 template <typename Fn>
-torch::Tensor pack_by_block(Mode mode, int64_t n, int64_t k, Fn fn) {
+torch::Tensor pack_by_block(Mode mode, int64_t n, int64_t k, Fn fn, torch::Tensor out = {}) {
   const int64_t kb = k / QK;
-  return pack_by_row(mode, n, k, [&](uint8_t* tile, int64_t r, int64_t row) {
-    for (int64_t b = 0; b < kb; ++b) fn(tile, r, row, b);
-  });
+  return pack_by_row(
+      mode, n, k, [&](uint8_t* tile, int64_t r, int64_t row) {
+        for (int64_t b = 0; b < kb; ++b) fn(tile, r, row, b);
+      },
+      std::move(out));
 }
 
 // Packs a float (N, K) weight: fn(tile, r, kb, b, g) for each row's group g (its 32 floats)
@@ -1030,9 +1036,10 @@ inline bool q6_k_row(const uint8_t* src, int64_t kb, uint8_t* tile, int64_t r) {
 // others (or no list at all when no part needs one).
 // Raises with "half range" in the message when a scale or min does not fit a half, so
 // that the caller can fall back to its own (8-bit) handling of such a tensor.
+// into: the packed_bytes() bytes to pack into (runner/weight_arena.py), else a new tensor.
 torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor>& raws,
                         const std::vector<int64_t>& types, const std::vector<torch::Tensor>& orders, int64_t k,
-                        const std::vector<torch::Tensor>& grids) {
+                        const std::vector<torch::Tensor>& grids, const std::optional<torch::Tensor>& into) {
   const Mode mode = mode_of(form);
   TORCH_CHECK(!raws.empty() && raws.size() == types.size() && raws.size() == orders.size(),
               "one type and one row order per part");
@@ -1070,6 +1077,7 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
   }
   const int64_t n = static_cast<int64_t>(row_ptr.size()), kb = k / QK;
   std::atomic<bool> in_range{true};
+  const torch::Tensor target = into.value_or(torch::Tensor());  // undefined: a tensor of its own
   torch::Tensor out;
   // The 3-, 4-, 5- and 6-bit forms and IQ2: codes and two halves a row (d and m, or d0 and d1).
   auto two_scales = [&](auto form, auto decode) {  // form: std::integral_constant<Mode, M>
@@ -1096,7 +1104,7 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
         sc[r] = s0;
         sc[NR + r] = s1;
       }
-    });
+    }, target);
   };
   if (is_super(mode)) {  // the k-quants' own forms: a super-block at a time, its halves and scales as they are
     out = pack_by_row(mode, n, k, [&](uint8_t* tile, int64_t r, int64_t row) {
@@ -1104,7 +1112,7 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
                       : mode == Mode::Q5K ? k_min_row<Mode::Q5K>(row_ptr[row], kb, tile, r)
                                           : k_min_row<Mode::Q4K>(row_ptr[row], kb, tile, r);
       if (!ok) in_range = false;
-    });
+    }, target);
   } else if (mode == Mode::Q4) {
     out = two_scales(std::integral_constant<Mode, Mode::Q4>{}, gguf::decode4);
   } else if (mode == Mode::Q5) {
@@ -1123,7 +1131,7 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
       put_q2(tile + codes_at(Mode::Q2, b), r, c);
       uint16_t* sc = scales_of(tile, Mode::Q2, kb, b);
       for (int h = 0; h < 2; ++h) sc[h * NR + r] = d[h], sc[(2 + h) * NR + r] = m[h];
-    });
+    }, target);
   } else if (mode == Mode::IQ4) {
     out = pack_by_block(Mode::IQ4, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
       uint8_t c[QK];
@@ -1131,7 +1139,7 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
       if (!gguf::decode_iq4(row_type[row], row_ptr[row], b, c, &d)) in_range = false;
       put_q4(tile + codes_at(Mode::IQ4, b), r, c);
       scales_of(tile, Mode::IQ4, kb, b)[r] = d;
-    });
+    }, target);
   } else {
     out = pack_by_block(Mode::Q8, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
       int8_t c[QK];
@@ -1140,7 +1148,7 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
       uint8_t* dst = tile + codes_at(Mode::Q8, b) + q8_byte(r, 0);
       for (int64_t g = 0; g < QK / 4; ++g) std::memcpy(dst + g * 4 * NR, c + 4 * g, 4);  // 4 weights per k-group
       scales_of(tile, Mode::Q8, kb, b)[r] = d;
-    });
+    }, target);
   }
   TORCH_CHECK(in_range.load(), "a scale or min is outside the half range (or a weight is not finite)");
   return out;
@@ -3088,7 +3096,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_gguf", &pack_gguf, nogil,
         "GGUF tensors' bytes, stacked along N -> packed in form q2, q3, q4, q5, q6, q8, iq4 or iq2",
         py::arg("form"), py::arg("raws"), py::arg("types"), py::arg("orders"), py::arg("k"),
-        py::arg("grids") = std::vector<torch::Tensor>{});
+        py::arg("grids") = std::vector<torch::Tensor>{}, py::arg("out") = py::none());
   m.def("gguf_rows", &gguf_rows, nogil, "rows `ids` of a GGUF tensor's bytes -> float32 (len(ids), K)",
         py::arg("raw"), py::arg("type"), py::arg("ids"), py::arg("k"), py::arg("grid") = py::none());
   m.def("quantize_act", &quantize_act, nogil, "x (M, K) -> int8 codes, scales, scale*sum per block of 32, half sums (HalfSums bytes)",
