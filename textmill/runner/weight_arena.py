@@ -9,11 +9,11 @@ writes into it: no copy) from anonymous mappings that ask for transparent huge p
 that ask and to no other; where it has none free, or THP is off, the pages are small and
 nothing else changes.
 
-One decode stream, in-process A/B (the engine's steps alternate between copies of the
-layers' weights), Zen 4, 2 threads: the step takes 0.97x the time on SmolLM2, 0.95x on the
-synthetic Qwen3 and 0.91x on the synthetic 1B of separate 4 KiB-page buffers; the same
-weights side by side on 4 KiB pages gave 1.00x, 0.99x and 0.97x, and in the forward pass's
-order rather than the packing order no more (docs/performance.md).
+bench/pages_ab.py (one engine whose decode steps alternate between the arena and the same
+weights in tensors of their own), Zen 4, 2 threads: one stream's step 0.87-0.94x the time on
+the four models of the matrix, 16 streams' 0.95-0.98x. The same weights side by side on
+4 KiB pages gained 0-3%, and in the forward pass's order rather than the packing order no
+more: the pages are what counts (docs/performance.md).
 """
 from __future__ import annotations
 
