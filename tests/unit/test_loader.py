@@ -226,3 +226,30 @@ def test_registry() -> None:
     assert model_class("llama").__name__ == "LlamaForCausalLM"
     with pytest.raises(ValueError, match="'GPTNeoXForCausalLM'.*supported:.*LlamaForCausalLM"):
         resolve_architecture("GPTNeoXForCausalLM")
+
+
+def test_the_type_table_is_gguf_pys():
+    # textmill keeps its own copy (importing gguf.constants imports all of gguf-py, ~47 ms of
+    # every start); it must name and size every type as gguf-py does.
+    import gguf.constants
+
+    from textmill.loader import ggml_types
+
+    theirs = {t.name: int(t) for t in gguf.constants.GGMLQuantizationType}
+    assert {t.name: int(t) for t in ggml_types.GGMLQuantizationType} == theirs
+    assert {int(t): size for t, size in ggml_types.GGML_QUANT_SIZES.items()} == {
+        int(t): size for t, size in gguf.constants.GGML_QUANT_SIZES.items()}
+
+
+def test_loading_the_bundled_model_does_not_import_gguf_py():
+    # A subprocess: this one has imported gguf-py long since (the tests write files with it).
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from textmill.cli import build_parser, engine_config_from_args\n"
+            "from textmill.wiring import build_engine\n"
+            "build_engine(engine_config_from_args(build_parser().parse_args(['serve'])))\n"
+            "print(sorted(m for m in sys.modules if m == 'gguf' or m.startswith('gguf.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

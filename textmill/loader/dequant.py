@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from textmill.loader.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 
 QK_K = 256
 
@@ -230,11 +231,11 @@ _Kernel = Callable[[np.ndarray], np.ndarray]
 def iq_grid(qtype: GGMLQuantizationType) -> np.ndarray | None:
     """An IQ type's grid as (rows, width) int8 values (IQ2: 8/25/43, IQ3_XXS: 4..62, IQ3_S:
     1..15, IQ1: -1/0/1), or None for a type without one."""
-    from gguf import quants
-
     qtype = GGMLQuantizationType(qtype)
     if qtype not in IQ_GRID_TYPES:
         return None
+    from gguf import quants  # only for a type with a grid: importing gguf-py costs ~47 ms
+
     cls = getattr(quants, qtype.name)
     cls.init_grid()  # built once per process, held by gguf-py's class
     return cls.grid.reshape(cls.grid_shape).astype(np.int8)
@@ -244,9 +245,12 @@ def _gguf_reference(qtype: GGMLQuantizationType) -> _Kernel:
     """gguf-py's own numpy dequantizer: the reference for the IQ types the C++ converter
     decodes (kernels/csrc/gguf_blocks.h gives its values bit for bit), and their path where
     the kernels cannot be built."""
-    from gguf import quants
+    def kernel(blocks: np.ndarray) -> np.ndarray:
+        from gguf import quants  # on first use: importing gguf-py costs every start ~47 ms
 
-    return lambda blocks: quants.dequantize(blocks, qtype).astype(np.float32, copy=False).reshape(len(blocks), -1)
+        return quants.dequantize(blocks, qtype).astype(np.float32, copy=False).reshape(len(blocks), -1)
+
+    return kernel
 
 
 def _iq1_m(blocks: np.ndarray) -> np.ndarray:

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from gguf.constants import GGMLQuantizationType
 from tqdm import tqdm
 
 from textmill.config import ModelConfig
 from textmill.loader.dequant import dequantize
+from textmill.loader.ggml_types import GGMLQuantizationType
 from textmill.loader.gguf_file import GGUFFile, TensorInfo
 from textmill.loader.group_codes import CodesRef, GGUFRows, convertible
 from textmill.loader.hf_config import pattern_of_layers

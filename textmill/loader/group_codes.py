@@ -68,8 +68,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from textmill.loader.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 from textmill.loader.dequant import dequantize, iq_grid, iq4_codes, iq4_xs_scales, k_nibbles, k_scale_min, nibbles, q5_values
 
 GROUP = 32

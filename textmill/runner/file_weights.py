@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import torch
-from gguf import GGML_QUANT_SIZES
 from torch import nn
 
 from textmill.kernels import load
+from textmill.loader.ggml_types import GGML_QUANT_SIZES
 from textmill.loader.group_codes import (GROUP, PACKED_FROM_FILE_TYPES, CodesRef, GGUFRows, GroupCodes, concat,
                                          release_file_pages)
 from textmill.runner.fused import fuse_gemma_layers, fuse_llama_layers
