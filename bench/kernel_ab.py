@@ -41,6 +41,7 @@ from stamp import write_result  # noqa: E402
 
 from textmill.kernels import load  # noqa: E402
 from textmill.kernels.build import build_variant  # noqa: E402
+from textmill.runner.weight_arena import WeightArena  # noqa: E402
 
 # --cold: the copies of a weight a timing cycles through, in all. Several times any last-level
 # cache of the project's machines (32 MiB on Zen 4), so every call reads its weights from
@@ -80,7 +81,10 @@ def measure(old, new, mode: str, n: int, k: int, m: int, rounds: int, cold: bool
     # Each build packs the weights itself: the packed layout may differ between revisions.
     packed = {name: getattr(ext, f"{mode}_pack")(w) for name, ext in (("old", old), ("new", new))}
     copies = max(2, -(-COLD_BYTES // packed["new"].numel())) if cold else 1
-    weights = {name: [p] + [p.clone() for _ in range(copies - 1)] for name, p in packed.items()}
+    # The copies on the engine's pages: side by side in a weight arena (2 MiB pages where
+    # the kernel gives them), as GGUF weights are packed (runner/weight_arena.py).
+    arena = WeightArena()
+    weights = {name: [p] + [arena.take(p.numel()).copy_(p) for _ in range(copies - 1)] for name, p in packed.items()}
     calls = {name: itertools.cycle(ws) for name, ws in weights.items()}
     # Into a buffer of each side's own, reused call after call, as the engine's layers and
     # head write theirs (qlinear's `output` rows): a fresh (m, n) result of 32 MiB or more
