@@ -69,8 +69,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from textmill.loader.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 from textmill.loader.dequant import dequantize, iq_grid, iq4_codes, iq4_xs_scales, k_nibbles, k_scale_min, nibbles, q5_values
+from textmill.loader.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 
 GROUP = 32
 T = GGMLQuantizationType

@@ -10,7 +10,7 @@ that ask and to no other; where it has none free, or THP is off, the pages are s
 nothing else changes.
 
 bench/pages_ab.py (one engine whose decode steps alternate between the arena and the same
-weights in tensors of their own), Zen 4, 2 threads: one stream's step 0.87-0.94x the time on
+weights in tensors of their own), Zen 4, 2 threads: one stream's step 0.87-0.97x the time on
 the four models of the matrix, 16 streams' 0.95-0.98x. The same weights side by side on
 4 KiB pages gained 0-3%, and in the forward pass's order rather than the packing order no
 more: the pages are what counts (docs/performance.md).
