@@ -3,8 +3,10 @@ logit-bias tensors reused across steps without going stale, and whole-row work i
 through one reused scratch buffer."""
 from __future__ import annotations
 
+import pytest
 import torch
 
+from textmill import kernels
 from textmill.runner.sampler import Sampler
 from textmill.sampling_params import SamplingParams
 
@@ -116,14 +118,31 @@ def test_log_softmax_only_for_rows_that_read_it():
     assert torch.isnan(only.logprobs).all() and only.top_ids.shape == (1, 0)
 
 
-def test_greedy_tokens_pick_the_first_maximum_and_nan_as_torch_max_does():
+@pytest.mark.parametrize("path", ["numpy", "kernels"])
+def test_greedy_tokens_pick_the_first_maximum_and_nan_as_torch_max_does(path):
     from textmill.runner.sampling_ops import greedy_tokens
 
+    ops = None
+    if path == "kernels":
+        ops = kernels.load("layer")
+        assert ops is not None, "the C++ kernels did not build"
     nan, inf = float("nan"), float("inf")
     x = torch.tensor([[1.0, 3.0, 3.0, 2.0], [nan, 5.0, nan, 1.0], [1.0, nan, 7.0, 7.0], [-inf] * 4,
                       [2.0, inf, inf, 1.0]])
-    assert greedy_tokens(x).tolist() == torch.max(x, dim=-1).indices.tolist() == [1, 0, 1, 0, 1]
+    assert greedy_tokens(x, ops).tolist() == torch.max(x, dim=-1).indices.tolist() == [1, 0, 1, 0, 1]
     wide = torch.randn(5, 70_001, generator=torch.Generator().manual_seed(1)).round(decimals=1)  # many ties
-    assert torch.equal(greedy_tokens(wide), torch.max(wide, dim=-1).indices)
-    assert greedy_tokens(wide[:, ::2]).dtype == torch.int64  # a strided view works too
-    assert torch.equal(greedy_tokens(wide[:, ::2]), torch.max(wide[:, ::2], dim=-1).indices)
+    assert torch.equal(greedy_tokens(wide, ops), torch.max(wide, dim=-1).indices)
+    assert greedy_tokens(wide[:, ::2], ops).dtype == torch.int64  # a strided view works too
+    assert torch.equal(greedy_tokens(wide[:, ::2], ops), torch.max(wide[:, ::2], dim=-1).indices)
+    # The kernels cut rows into chunks of 16,384 over the threads: ties and NaNs at and across
+    # chunk and vector edges, a row of one value, rows shorter than a vector.
+    g = torch.Generator().manual_seed(2)
+    for width in (1, 15, 16, 17, 16_383, 16_384, 16_385, 49_152, 262_144):
+        rows = torch.randn(6, width, generator=g).round(decimals=1)
+        rows[1] = rows[1].max()  # every value the maximum: index 0
+        if width > 20:
+            rows[2, [width // 2, width - 1]] = nan  # first NaN wins, wherever the maximum is
+            rows[3, [16_383 % width, 16_384 % width]] = 99.0  # a tie across a chunk edge
+            rows[4, -1] = nan  # a NaN in the last (tail) values only
+        rows[5] = -inf
+        assert torch.equal(greedy_tokens(rows, ops), torch.max(rows, dim=-1).indices), width

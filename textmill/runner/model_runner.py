@@ -100,7 +100,7 @@ class ModelRunner:
         self._threads_set_in: int | None = None
         # The sampler holds all per-request state: params, seeded generator, bias, and the
         # counts of tokens this runner sampled (for penalties). Preemption keeps it.
-        self.sampler = Sampler(model_config.vocab_size, self.device, grammars=grammars)
+        self.sampler = Sampler(model_config.vocab_size, self.device, grammars=grammars, ops=self.ops)
 
     @classmethod
     def from_plan(cls, loaded: LoadedModel, cache_config: CacheConfig, plan: ExecutionPlan,

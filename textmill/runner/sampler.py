@@ -47,6 +47,7 @@ faults than the softmax that fills it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Sequence
 
 import torch
@@ -83,9 +84,12 @@ class PromptLogprobOutput:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, device: str | torch.device = "cpu", grammars: "LLGuidanceCompiler | None" = None):
-        """`grammars`: the server's compiler (textmill/grammar), needed for structured outputs."""
+    def __init__(self, vocab_size: int, device: str | torch.device = "cpu", grammars: "LLGuidanceCompiler | None" = None,
+                 ops: ModuleType | None = None):
+        """`grammars`: the server's compiler (textmill/grammar), needed for structured outputs.
+        `ops`: the runner's C++ layer kernels, if it runs on them (their argmax_rows)."""
         self.vocab_size = vocab_size
+        self.ops = ops if ops is not None and hasattr(ops, "argmax_rows") else None
         self.device = torch.device(device)
         self.grammar_masks = None
         if grammars is not None:
@@ -181,7 +185,7 @@ class Sampler:
         if len(sampled_rows) == len(states):  # no greedy row: every token is drawn below
             tokens = torch.zeros(len(states), dtype=torch.int64, device=x.device)
         else:
-            tokens = greedy_tokens(x)  # (S,) greedy rows keep this
+            tokens = greedy_tokens(x, self.ops)  # (S,) greedy rows keep this
         if sampled_rows:
             tokens = self._sample_rows(x, tokens, states, sampled_rows)
         if penalized is not None:

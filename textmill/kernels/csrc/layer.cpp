@@ -486,6 +486,98 @@ torch::Tensor add_rms_norm(const torch::Tensor& x, torch::Tensor residual, const
 }
 
 // ---------------------------------------------------------------------------------------
+// Greedy argmax
+// ---------------------------------------------------------------------------------------
+// The first index of each row's maximum, a NaN counting as the maximum (its first one), as
+// torch.max and numpy.argmax pick. numpy's SIMD argmax ran on one thread while the other
+// waited: 0.9 ms of Gemma 3's 16-stream step (16 x 262,144 logits), 3.5 ms at 64 streams.
+// Here rows are cut into chunks, the chunks are spread over the threads, and each row's
+// chunk results are merged in order (an earlier chunk keeps a tie), so the answer does not
+// depend on the split.
+
+constexpr int64_t kArgmaxChunk = 16384;
+
+struct ArgmaxPart {
+  float value;
+  int64_t index;  // into the row
+  bool nan;       // index is the chunk's first NaN
+};
+
+// x[lo, hi) of one row (lo is the chunk's first column).
+ArgmaxPart argmax_chunk(const float* x, int64_t lo, int64_t hi) {
+  int64_t j = lo;
+  float best = x[lo];
+  int64_t at = lo;
+#if defined(__AVX512F__)
+  if (hi - lo >= 16) {
+    __m512 bv = _mm512_loadu_ps(x + lo);
+    __m512i bi = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);  // from lo
+    __mmask16 unordered = _mm512_cmp_ps_mask(bv, bv, _CMP_UNORD_Q);
+    const __m512i step = _mm512_set1_epi32(16);
+    __m512i ci = bi;
+    for (j = lo + 16; j + 16 <= hi; j += 16) {
+      const __m512 v = _mm512_loadu_ps(x + j);
+      ci = _mm512_add_epi32(ci, step);
+      unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      const __mmask16 gt = _mm512_cmp_ps_mask(v, bv, _CMP_GT_OQ);  // strictly: a lane keeps its first
+      bv = _mm512_mask_mov_ps(bv, gt, v);
+      bi = _mm512_mask_mov_epi32(bi, gt, ci);
+    }
+    if (unordered) {  // rare: find the first NaN the plain way
+      for (int64_t i = lo; i < hi; ++i)
+        if (std::isnan(x[i])) return {x[i], i, true};
+    }
+    alignas(64) float vals[16];
+    alignas(64) int32_t idx[16];
+    _mm512_store_ps(vals, bv);
+    _mm512_store_si512(idx, bi);
+    best = vals[0], at = idx[0];
+    for (int l = 1; l < 16; ++l)  // the largest lane value, and of equal ones the lowest index
+      if (vals[l] > best || (vals[l] == best && idx[l] < at)) best = vals[l], at = idx[l];
+    at += lo;
+  } else {
+    j = lo + 1;
+    if (std::isnan(best)) return {best, lo, true};
+  }
+#else
+  j = lo + 1;
+  if (std::isnan(best)) return {best, lo, true};
+#endif
+  for (; j < hi; ++j) {  // the tail (or the whole chunk without AVX-512)
+    if (std::isnan(x[j])) return {x[j], j, true};
+    if (x[j] > best) best = x[j], at = j;
+  }
+  return {best, at, false};
+}
+
+torch::Tensor argmax_rows(const torch::Tensor& x) {
+  check_f32(x, "x", 2);
+  const int64_t m = x.size(0), v = x.size(1);
+  TORCH_CHECK(v > 0, "x: rows of at least one value");
+  auto out = torch::empty({m}, x.options().dtype(torch::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t chunks = (v + kArgmaxChunk - 1) / kArgmaxChunk;
+  std::vector<ArgmaxPart> parts(m * chunks);
+  // ~4 chunks (256 KB of logits) a piece of work: below that, one thread.
+  at::parallel_for(0, m * chunks, 4, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t r = p / chunks, c = p % chunks;
+      parts[p] = argmax_chunk(xp + r * v, c * kArgmaxChunk, std::min(v, (c + 1) * kArgmaxChunk));
+    }
+  });
+  for (int64_t r = 0; r < m; ++r) {
+    ArgmaxPart best = parts[r * chunks];
+    for (int64_t c = 1; c < chunks && !best.nan; ++c) {
+      const ArgmaxPart& p = parts[r * chunks + c];
+      if (p.nan || p.value > best.value) best = p;
+    }
+    op[r] = best.index;
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
 // SwiGLU
 // ---------------------------------------------------------------------------------------
 // out = silu(gate) * up with silu(g) = g / (1 + exp(-g)); gate_up rows are [gate | up].
@@ -1517,6 +1609,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w"), py::arg("eps"));
   m.def("add_rms_norm", &add_rms_norm, nogil, "residual += x in place, then rms_norm(residual, w, eps)", py::arg("x"),
         py::arg("residual"), py::arg("w"), py::arg("eps"));
+  m.def("argmax_rows", &argmax_rows, nogil,
+        "x (M, V) float32 -> (M,) int64: the first index of each row's maximum (a NaN counts as the maximum)",
+        py::arg("x"));
   m.def("silu_mul", &silu_mul, nogil, "silu(gate_up[:, :F]) * gate_up[:, F:]", py::arg("gate_up"));
   m.def("gelu_tanh_mul", &gelu_tanh_mul, nogil, "gelu_tanh(gate_up[:, :F]) * gate_up[:, F:]", py::arg("gate_up"));
   m.def("rope_kv_write", &rope_kv_write, nogil,
