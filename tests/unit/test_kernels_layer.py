@@ -770,3 +770,13 @@ def test_other_builds_of_paged_attention(ops, variant, flags):
         alone.cache, alone.block_table = case.cache, case.block_table[3:4]
         alone.q = case.q[case.query_start[3] : case.query_start[4]].clone()
         assert torch.equal(alone.run(other), out[case.query_start[3] : case.query_start[4]])
+    # The greedy argmax's vector-free path (and AVX2's): first maximum, first NaN, as torch.max.
+    g = torch.Generator().manual_seed(3)
+    for width in (1, 17, 16_385, 40_000):
+        rows = torch.randn(4, width, generator=g).round(decimals=1)
+        rows[1] = rows[1].max()
+        if width > 20:
+            rows[2, [width // 3, width - 2]] = float("nan")
+        rows[3] = float("-inf")
+        with threads(2):
+            assert torch.equal(other.argmax_rows(rows), torch.max(rows, dim=-1).indices), width
