@@ -152,8 +152,8 @@ class QLinear(nn.Module):
                    for r in refs), "parts of one form and width"
         no_order = torch.empty(0, dtype=torch.long)
         orders = [no_order if r.row_order is None else r.row_order.long().contiguous() for r in refs]
+        n = sum(r.shape[0] for r in refs)
         try:
-            n = sum(r.shape[0] for r in refs)
             packed = ext.pack_gguf(form, [r.flat_bytes() for r in refs], [int(r.qtype) for r in refs], orders, k,
                                    [r.grid() for r in refs],
                                    out=None if arena is None else arena.take(ext.packed_bytes(form, n, k)))
@@ -161,7 +161,7 @@ class QLinear(nn.Module):
             if "half range" in str(exc):
                 raise OutOfHalfRange(str(exc)) from None
             raise
-        return cls(packed, k, sum(r.shape[0] for r in refs), _own_bias(bias), form)
+        return cls(packed, k, n, _own_bias(bias), form)
 
     def op(self):
         """The kernel for this layer's form: op(x, packed, out_features, bias)."""

@@ -89,7 +89,7 @@ class Sampler:
         """`grammars`: the server's compiler (textmill/grammar), needed for structured outputs.
         `ops`: the runner's C++ layer kernels, if it runs on them (their argmax_rows)."""
         self.vocab_size = vocab_size
-        self.ops = ops if ops is not None and hasattr(ops, "argmax_rows") else None
+        self.ops = ops
         self.device = torch.device(device)
         self.grammar_masks = None
         if grammars is not None:

@@ -505,9 +505,9 @@ struct ArgmaxPart {
 
 // x[lo, hi) of one row (lo is the chunk's first column).
 ArgmaxPart argmax_chunk(const float* x, int64_t lo, int64_t hi) {
-  int64_t j = lo;
+  if (std::isnan(x[lo])) return {x[lo], lo, true};
   float best = x[lo];
-  int64_t at = lo;
+  int64_t at = lo, j = lo + 1;
 #if defined(__AVX512F__)
   if (hi - lo >= 16) {
     __m512 bv = _mm512_loadu_ps(x + lo);
@@ -524,7 +524,7 @@ ArgmaxPart argmax_chunk(const float* x, int64_t lo, int64_t hi) {
       bi = _mm512_mask_mov_epi32(bi, gt, ci);
     }
     if (unordered) {  // rare: find the first NaN the plain way
-      for (int64_t i = lo; i < hi; ++i)
+      for (int64_t i = lo; i < j; ++i)
         if (std::isnan(x[i])) return {x[i], i, true};
     }
     alignas(64) float vals[16];
@@ -535,13 +535,7 @@ ArgmaxPart argmax_chunk(const float* x, int64_t lo, int64_t hi) {
     for (int l = 1; l < 16; ++l)  // the largest lane value, and of equal ones the lowest index
       if (vals[l] > best || (vals[l] == best && idx[l] < at)) best = vals[l], at = idx[l];
     at += lo;
-  } else {
-    j = lo + 1;
-    if (std::isnan(best)) return {best, lo, true};
   }
-#else
-  j = lo + 1;
-  if (std::isnan(best)) return {best, lo, true};
 #endif
   for (; j < hi; ++j) {  // the tail (or the whole chunk without AVX-512)
     if (std::isnan(x[j])) return {x[j], j, true};
