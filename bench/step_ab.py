@@ -3,11 +3,13 @@
 One engine per model (wiring.build_engine, as `textmill serve` builds it), and two one-call
 forwards over the same weights and cache: this tree's layer.cpp `Forward` and the one
 built from --rev (bench/revision.py). Waves of C requests (the workload's prompts, 64
-greedy tokens, the model's ending ids banned, so a wave's requests finish together) run
-with one forward, then the other, in turn, in one process: a noisy neighbour hits both
-alike. Each wave gives the median of its decode steps with all C rows (prefill steps and
-the last ones left out); the table keeps every wave's median and the ratio of the medians
-over waves. What it measures is a whole step (the matmuls, attention, the head, sampling),
+greedy tokens, the model's ending ids banned, so a wave's requests finish together; no
+prompt-lookup guesses, so every step is one row a request) run with their steps taking
+the two forwards in turn, in one process: a noisy neighbour hits both alike, and so do
+the wave's context lengths. Each wave gives each forward's median over its decode steps
+with all C rows (prefill steps and the last ones left out); the table keeps every wave's
+medians and the ratio of the medians over waves. (Until 2026-12-07 whole waves alternated,
+with guesses on: on this VM a wave's median could double from one wave to the next.) What it measures is a whole step (the matmuls, attention, the head, sampling),
 so a kernel change shows at its real share of a step, with the weights streaming between
 its calls as they do in a server.
 
@@ -46,25 +48,31 @@ from textmill.sampling_params import SamplingParams  # noqa: E402
 from textmill.wiring import build_engine  # noqa: E402
 
 
-def wave(built, params: SamplingParams, workload: Workload, c: int, first: int) -> float:
-    """The median ms of the decode steps that carry all c rows of one wave."""
-    engine, tok = built.engine, built.tokenizer
+def wave(built, calls: dict, params: SamplingParams, workload: Workload, c: int, first: int) -> dict[str, float]:
+    """Per forward, the median ms of its decode steps that carry all c rows of one wave, the
+    steps taking the forwards in `calls` in turn."""
+    engine, tok, forward = built.engine, built.tokenizer, built.engine._runner.forward
     for i in range(c):
         engine.add_request(EngineRequest(f"w{first + i}", tuple(tok.encode(make_prompt(workload, first + i))), params))
-    steps = []
+    names = list(calls)
+    steps: dict[str, list[float]] = {name: [] for name in names}
+    step = 0
     while engine.has_unfinished:
+        name = names[step % len(names)]
+        forward.one_call = calls[name]
         start = time.perf_counter()
         outs = engine.step()
         elapsed = time.perf_counter() - start
         if len(outs) == c and not any(o.finished for o in outs):
-            steps.append(1e3 * elapsed)
-    return statistics.median(steps)
+            steps[name].append(1e3 * elapsed)
+        step += 1
+    return {name: statistics.median(ts) for name, ts in steps.items()}
 
 
 def compare(key: str, ext: str, old_module, streams: list[int], waves: int, workload: Workload) -> list[dict]:
     path = resolve(key)
     ns = build_parser().parse_args(["serve", str(path), "--max-num-seqs", str(max(16, *streams)),
-                                    "--kv-cache-memory", "2", "--max-model-len", "4096"])
+                                    "--kv-cache-memory", "2", "--max-model-len", "4096", "--draft-tokens", "0"])
     built = build_engine(engine_config_from_args(ns))
     gc.freeze()  # as `textmill serve` does once its model is loaded
     forward = built.engine._runner.forward
@@ -84,15 +92,16 @@ def compare(key: str, ext: str, old_module, streams: list[int], waves: int, work
     params = SamplingParams(max_tokens=workload.max_tokens, temperature=0.0, logit_bias=banned)
     rows, first = [], 0
     for c in streams:
-        forward.one_call = new
-        wave(built, params, workload, c, first)  # warm-up: first-touch of the cache blocks
+        wave(built, {"new": new}, params, workload, c, first)  # warm-up: first-touch of the cache blocks
         first += c
         got: dict[str, list[float]] = {"old": [], "new": []}
-        for _ in range(waves):
-            for name, call in (("old", old), ("new", new)):
-                forward.one_call = call
-                got[name].append(round(wave(built, params, workload, c, first), 2))
-                first += c
+        for w in range(waves):
+            # Which forward takes a wave's first step alternates from wave to wave.
+            medians = wave(built, {"old": old, "new": new} if w % 2 == 0 else {"new": new, "old": old},
+                           params, workload, c, first)
+            for name, ms in medians.items():
+                got[name].append(round(ms, 2))
+            first += c
         forward.one_call = new
         rows.append({"model": key, "streams": c, "old_ms": got["old"], "new_ms": got["new"],
                      "new_over_old": round(statistics.median(got["new"]) / statistics.median(got["old"]), 3)})
