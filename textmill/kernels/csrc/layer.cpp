@@ -1088,9 +1088,34 @@ void load_queries(const AttnArgs<KV>& a, const Task& t, Scratch<KV>& s) {
   }
 }
 
-// Key chunk c of task t, from an empty state into (acc_chunk, m_chunk, l_chunk).
+// The K and V rows of task t's first tile (of its first chunk), from the task's first key
+// on, into k[0, n) and v[0, n); returns n.
 template <typename KV>
-void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& s) {
+int64_t first_tile_rows(const AttnArgs<KV>& a, const Task& t, const KV** k, const KV** v) {
+  const int64_t clo = std::max(t.lo, t.chunk0 * kKeyChunk), chi = std::min(t.hi, (t.chunk0 + 1) * kKeyChunk);
+  const int64_t khi = std::min((clo / kKeyTile + 1) * kKeyTile, chi);
+  const int64_t slot_stride = 2 * a.hkv * a.row;
+  const KV* head = a.cache + t.kvh * a.row;
+  const int64_t* table = a.block_table + t.seq * a.max_blocks;
+  int64_t blk = clo / a.block_size, off = clo % a.block_size;
+  for (int64_t j = clo; j < khi; ++j) {
+    const int64_t slot = table[blk] * a.block_size + off;
+    k[j - clo] = head + slot * slot_stride;
+    v[j - clo] = head + slot * slot_stride + a.hkv * a.row;
+    if (++off == a.block_size) off = 0, ++blk;
+  }
+  return std::max<int64_t>(0, khi - clo);
+}
+
+// Key chunk c of task t, from an empty state into (acc_chunk, m_chunk, l_chunk).
+// `after`: the task this thread runs next, if known; the last tile of t's last chunk asks
+// for its first tile's rows as a tile asks for the next one's (see Ahead). A decode task
+// is one to a few tiles, so without this each task began with its first tile's misses
+// all outstanding at once and nothing to run behind them. `asked`: this task's own first
+// tile was asked for so (by the task before).
+template <typename KV>
+void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& s, const Task* after = nullptr,
+                  bool asked = false) {
   const int64_t d = a.d, nq = t.nrows * a.group;
   const int64_t clo = std::max(t.lo, c * kKeyChunk), chi = std::min(t.hi, (c + 1) * kKeyChunk);
   std::fill(s.acc_chunk.begin(), s.acc_chunk.begin() + nq * d, 0.f);
@@ -1120,13 +1145,14 @@ void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& 
     if (ask) prefetch_rows(k + (klo - ts), v + (klo - ts), khi - klo, d);
   };
   const int64_t first_tile = (clo / kKeyTile) * kKeyTile;
-  locate(first_tile, kr, vr, true);
+  locate(first_tile, kr, vr, !asked || c != t.chunk0);
   const bool widen = !std::is_same_v<KV, float> && nq >= kWidenMin;
   for (int64_t ts = first_tile; ts < chi; ts += kKeyTile) {
     const int64_t klo = std::max(ts, clo), khi = std::min(ts + kKeyTile, chi);
     // The next tile's keys: entries [0, next) of kn and vn (it starts past clo).
-    const int64_t next = std::max<int64_t>(0, std::min(ts + 2 * kKeyTile, chi) - (ts + kKeyTile));
+    int64_t next = std::max<int64_t>(0, std::min(ts + 2 * kKeyTile, chi) - (ts + kKeyTile));
     if (next > 0) locate(ts + kKeyTile, kn, vn, false);
+    else if (after != nullptr && c == t.chunk1 && ts + kKeyTile >= chi) next = first_tile_rows(a, *after, kn, vn);
     // Entries [asked_lo, asked_hi) of the next tile get asked for by this tile's loops;
     // the rest (this tile's keys fewer than the next's) all at once after them.
     int64_t asked_lo = 0, asked_hi = 0;
@@ -1238,14 +1264,14 @@ void write_out(const AttnArgs<KV>& a, const Task& t, const float* acc, const flo
 
 template <typename KV>
 void run_task(const AttnArgs<KV>& a, const Task& t, Scratch<KV>& s, const std::vector<SplitTile>& splits,
-              std::vector<float>& partials, std::atomic<int64_t>* remaining) {
+              std::vector<float>& partials, std::atomic<int64_t>* remaining, const Task* after, bool asked) {
   const int64_t d = a.d, nq = t.nrows * a.group;
   load_queries(a, t, s);
   if (t.split < 0) {
     std::fill(s.m.begin(), s.m.begin() + nq, kNegInf);
     std::fill(s.l.begin(), s.l.begin() + nq, 0.f);
     for (int64_t c = t.chunk0; c <= t.chunk1; ++c) {
-      attend_chunk(a, t, c, s);
+      attend_chunk(a, t, c, s, after, asked);
       for (int64_t qi = 0; qi < nq; ++qi)
         fold_state(s.acc.data() + qi * d, s.m[qi], s.l[qi], s.acc_chunk.data() + qi * d, s.m_chunk[qi], s.l_chunk[qi], d);
     }
@@ -1254,7 +1280,7 @@ void run_task(const AttnArgs<KV>& a, const Task& t, Scratch<KV>& s, const std::v
   }
   const SplitTile& st = splits[t.split];
   const int64_t c = t.chunk0, k = c - st.whole.chunk0;
-  attend_chunk(a, t, c, s);
+  attend_chunk(a, t, c, s, after, asked);
   float* acc_p = partials.data() + st.offset;             // (nchunks, nq, D)
   float* m_p = acc_p + st.nchunks * nq * d;                // (nchunks, nq)
   float* l_p = m_p + st.nchunks * nq;                      // (nchunks, nq)
@@ -1402,12 +1428,24 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_ca
     // the 1B's one decode row is 8 tasks, which two threads share better one at a time.
     // Which thread runs a task never changes its bits.
     const int64_t claim = splits.empty() && num_tasks / hkv >= 4 * workers ? hkv : 1;
+    // Each task's last tile asks for the keys of the task this thread runs next (see
+    // attend_chunk's `after`): the next of its claim, or, before the claim's last task
+    // runs, the first of its next claim, taken then (not earlier, so that a thread holds
+    // no more than one task that another could run).
     auto worker = [&](int64_t, int64_t) {
       Scratch<KV> s(max_nq, d);
-      for (int64_t i = next.fetch_add(claim, std::memory_order_relaxed); i < num_tasks;
-           i = next.fetch_add(claim, std::memory_order_relaxed))
-        for (int64_t j = i; j < std::min(num_tasks, i + claim); ++j)
-          run_task(args, tasks[order[j]], s, splits, partials, remaining.get());
+      bool asked = false;
+      for (int64_t i = next.fetch_add(claim, std::memory_order_relaxed), i_next = num_tasks; i < num_tasks;
+           i = i_next) {
+        const int64_t end = std::min(num_tasks, i + claim);
+        for (int64_t j = i; j < end; ++j) {
+          if (j + 1 == end) i_next = next.fetch_add(claim, std::memory_order_relaxed);
+          const int64_t f = j + 1 < end ? j + 1 : i_next;
+          const Task* after = f < num_tasks ? &tasks[order[f]] : nullptr;
+          run_task(args, tasks[order[j]], s, splits, partials, remaining.get(), after, asked);
+          asked = after != nullptr;
+        }
+      }
     };
     if (workers <= 1) {
       worker(0, 1);
