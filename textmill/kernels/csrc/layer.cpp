@@ -1088,22 +1088,31 @@ void load_queries(const AttnArgs<KV>& a, const Task& t, Scratch<KV>& s) {
   }
 }
 
+// The K and V rows of task t's keys [from, to) (positions in its sequence, its kv head)
+// into k[0, to - from) and v[0, to - from). The block table is walked along the
+// consecutive positions: one division per call, not one per key (a 64-bit divide costs as
+// much as a key's whole dot product here).
+template <typename KV>
+void key_rows(const AttnArgs<KV>& a, const Task& t, int64_t from, int64_t to, const KV** k, const KV** v) {
+  const int64_t slot_stride = 2 * a.hkv * a.row;
+  const KV* head = a.cache + t.kvh * a.row;
+  const int64_t* table = a.block_table + t.seq * a.max_blocks;
+  int64_t blk = from / a.block_size, off = from % a.block_size;
+  for (int64_t j = from; j < to; ++j) {
+    const int64_t slot = table[blk] * a.block_size + off;
+    k[j - from] = head + slot * slot_stride;
+    v[j - from] = head + slot * slot_stride + a.hkv * a.row;
+    if (++off == a.block_size) off = 0, ++blk;
+  }
+}
+
 // The K and V rows of task t's first tile (of its first chunk), from the task's first key
 // on, into k[0, n) and v[0, n); returns n.
 template <typename KV>
 int64_t first_tile_rows(const AttnArgs<KV>& a, const Task& t, const KV** k, const KV** v) {
   const int64_t clo = std::max(t.lo, t.chunk0 * kKeyChunk), chi = std::min(t.hi, (t.chunk0 + 1) * kKeyChunk);
   const int64_t khi = std::min((clo / kKeyTile + 1) * kKeyTile, chi);
-  const int64_t slot_stride = 2 * a.hkv * a.row;
-  const KV* head = a.cache + t.kvh * a.row;
-  const int64_t* table = a.block_table + t.seq * a.max_blocks;
-  int64_t blk = clo / a.block_size, off = clo % a.block_size;
-  for (int64_t j = clo; j < khi; ++j) {
-    const int64_t slot = table[blk] * a.block_size + off;
-    k[j - clo] = head + slot * slot_stride;
-    v[j - clo] = head + slot * slot_stride + a.hkv * a.row;
-    if (++off == a.block_size) off = 0, ++blk;
-  }
+  key_rows(a, t, clo, khi, k, v);
   return std::max<int64_t>(0, khi - clo);
 }
 
@@ -1121,9 +1130,6 @@ void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& 
   std::fill(s.acc_chunk.begin(), s.acc_chunk.begin() + nq * d, 0.f);
   std::fill(s.m_chunk.begin(), s.m_chunk.begin() + nq, kNegInf);
   std::fill(s.l_chunk.begin(), s.l_chunk.begin() + nq, 0.f);
-  const int64_t slot_stride = 2 * a.hkv * a.row;
-  const KV* head = a.cache + t.kvh * a.row;
-  const int64_t* table = a.block_table + t.seq * a.max_blocks;
   float* sc = s.scores.data();
   // Row pointers of the current tile (kr, vr) and of the next one (kn, vn), whose rows the
   // current one's loops ask for (Ahead); the first tile's are asked for as it is located.
@@ -1133,15 +1139,7 @@ void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& 
   const KV** vn = vr + kKeyTile;
   auto locate = [&](int64_t ts, const KV** k, const KV** v, bool ask) {
     const int64_t klo = std::max(ts, clo), khi = std::min(ts + kKeyTile, chi);
-    // Walk the block table along the tile's consecutive positions: one division per tile,
-    // not one per key (a 64-bit divide costs as much as a key's whole dot product here).
-    int64_t blk = klo / a.block_size, off = klo % a.block_size;
-    for (int64_t j = klo; j < khi; ++j) {
-      const int64_t slot = table[blk] * a.block_size + off;
-      k[j - ts] = head + slot * slot_stride;
-      v[j - ts] = head + slot * slot_stride + a.hkv * a.row;
-      if (++off == a.block_size) off = 0, ++blk;
-    }
+    key_rows(a, t, klo, khi, k + (klo - ts), v + (klo - ts));
     if (ask) prefetch_rows(k + (klo - ts), v + (klo - ts), khi - klo, d);
   };
   const int64_t first_tile = (clo / kKeyTile) * kKeyTile;
