@@ -213,17 +213,19 @@ def test_register_tiles_and_threads_agree(ext, mode, threads):
     assert torch.equal(fn(big, pb, 960, None, 0, 0), two)
 
 
-def assert_orders_give_scalar_bits(ext, mode, mm, k, n, seed, mr_maxes=(0, 4)):
+def assert_orders_give_scalar_bits(ext, mode, mm, k, n, seed, mr_maxes=(0, 4), impls=(0, 2, 3)):
     """The SIMD paths on one and two threads (mr_max 0: the kernel's own order for the
-    batch) give the scalar path's bits for an (mm, k) x (n, k) product."""
+    batch; impl 0 the order this CPU takes, 2 with the panel order, 3 without it, whichever
+    this CPU prefers) give the scalar path's bits for an (mm, k) x (n, k) product."""
     w, x, bias = weights(n, k, seed), acts(mm, k, seed + 1), torch.randn(n)
     packed = pack(ext, mode, w)
     fn = getattr(ext, f"{mode}_linear")
     scalar = fn(x, packed, n, bias, 1, 0)
     for t in (1, 2):
         torch.set_num_threads(t)
-        for mr_max in mr_maxes:
-            assert torch.equal(fn(x, packed, n, bias, 0, mr_max), scalar)
+        for impl in impls:
+            for mr_max in mr_maxes if impl == 0 else (0,):  # row groups (mr_max > 0) take no panel
+                assert torch.equal(fn(x, packed, n, bias, impl, mr_max), scalar), (t, impl, mr_max)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -234,9 +236,23 @@ def test_batch_orders_agree(ext, mode, mm, k, n, threads):
     """Batches of 2+ rows run block-major on the 512-bit path (one pass over each tile,
     every row per block), in passes of up to 128 rows (fewer where K is long: 46 at
     K = 5632, 48 for Q8), tile pairs of passes of 16-48 rows and up (by form) on the panel
-    order (four rows at a time over the pair's unpacked blocks), as register-tile requests
-    (mr_max) run by row groups: every order gives the bits of the scalar path."""
+    order (four rows at a time over the pair's unpacked blocks) where the CPU gains by it
+    and where a test asks (impl=2), as register-tile requests (mr_max) run by row groups:
+    every order gives the bits of the scalar path."""
     assert_orders_give_scalar_bits(ext, mode, mm, k, n, seed=3)
+
+
+def test_panel_order_where_it_was_measured_to_pay(ext):
+    """Batches take the panel order except on Zen 4 (AMD family 25), where block-major
+    measured faster at every size (quant.cpp, panel_pays): the kernels' cpuid reading
+    agrees with the kernel's /proc/cpuinfo."""
+    info = {}
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    zen4 = info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25"
+    assert ext.panel_pays() is (not zen4)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -248,7 +264,7 @@ def test_panel_pieces_agree(ext, mode, threads):
     block-major; Q8, from 48, 53 rows in passes of 48 and 5), and gives the scalar path's
     bits."""
     rows = 53 if mode == "q8" else 37
-    assert_orders_give_scalar_bits(ext, mode, rows, 12800, 40, seed=6, mr_maxes=(0,))
+    assert_orders_give_scalar_bits(ext, mode, rows, 12800, 40, seed=6, mr_maxes=(0,), impls=(2,))
 
 
 # --- against F.linear on the dequantized weights -----------------------------------------

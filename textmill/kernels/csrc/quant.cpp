@@ -111,6 +111,9 @@
 #include <immintrin.h>
 #define TM_AVX2 1
 #endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 // VNNI on 256-bit vectors: AVX512-VNNI with VL (Ice Lake, Zen 4 and later) or AVX-VNNI
 // (Alder Lake and later). Same instruction, two encodings.
 #if defined(TM_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -172,6 +175,33 @@ constexpr int64_t CHUNK_BYTES = 96 << 10;       // expanded activations per thre
 // 128-row passes read all of a long-K matrix's rows for every tile: at K = 5632 (46-row
 // passes instead) 0.71-0.79x the time for q4, 0.74-0.87x for q8 at 192-512 rows (Xeon).
 constexpr int64_t PASS_BYTES = 256 << 10;
+
+// Whether a batch's tile pairs may take the 512-bit panel order (tile_pair_panel_avx512).
+// Its measurements (PANEL_ROWS) are an Intel Xeon's (Ice Lake, family 6 model 106; model
+// 207), where a 512-bit multiply-add issues every cycle and block-major's loads and stores
+// of the rows' accumulators bound it. On Zen 4 (AMD family 25) a 512-bit multiply-add takes two cycles
+// of its two 256-bit pipes, which leaves room for those loads and stores, and the panel's
+// trip through memory for the unpacked blocks costs more than it saves: kernel_ab,
+// block-major against the panel at 24-256 rows over q4, q4k, q5, q5k, q6, q6k and q8 (K =
+// 576-8192), one thread on cached weights 0.73-0.99x the time, two threads on weights from
+// memory 0.82-0.95x; bitwise the same. So the panel is the order where it was measured to
+// pay, and Zen 4 runs block-major at every size. Other CPUs keep the panel until measured
+// (Zen 5's 512-bit pipes are full width, as the Xeon's are).
+bool panel_pays() {
+  static const bool pays = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return true;
+    const bool amd = b == 0x68747541 && d == 0x69746e65 && c == 0x444d4163;  // "AuthenticAMD"
+    if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return true;
+    const unsigned base = (a >> 8) & 0xF, family = base == 0xF ? base + ((a >> 20) & 0xFF) : base;
+    return family != 0x19;
+#else
+    return true;
+#endif
+  }();
+  return pays;
+}
 
 enum class Mode { Q4, Q8, Q6, Q5, IQ4, Q3, IQ2, Q2, Q4K, Q5K, Q6K };
 // The last form: mode_number()'s numbers run 0..kLastMode (a new form goes after it, and here).
@@ -2559,6 +2589,7 @@ constexpr int64_t PANEL_BLOCKS = 384;
 // one thread, K = 2048-14336, 0.75-0.96x the time at 48-256 rows, level at K = 576-640; at
 // 16-32 rows level or slower.
 constexpr int64_t PANEL_ROWS = 16;
+// (Which CPUs take the panel at all: panel_pays, above.)
 template <Mode M>
 constexpr int64_t panel_rows_from() {
   if constexpr (M == Mode::Q8) return PANEL_ROWS + 32;
@@ -2676,7 +2707,7 @@ inline void spin_pause() {
 // Which thread computes a tile never changes its result, so each part's columns are
 // bitwise what a call of that part alone gives.
 void run_parts(const std::vector<Part>& parts, const float* x, bool flip_q8, const QAct& q, const QAct& q8,
-               int64_t m, int64_t k, float* yp, int64_t ldy, bool simd, int64_t mr_max) {
+               int64_t m, int64_t k, float* yp, int64_t ldy, bool simd, int64_t mr_max, bool panel) {
   const int64_t kb = k / QK;
   const int64_t mr_cap = mr_max == 0 ? MAX_MR : mr_max;
   // mr_max (tests) asks for the row-group order with register tiles of at most that many rows.
@@ -2706,8 +2737,8 @@ void run_parts(const std::vector<Part>& parts, const float* x, bool flip_q8, con
       panel_from = panel_rows_from<F>();
       pair_bytes = sizeof(PanelPair<F>);
     });
-    if (panel_from <= BLOCK_MAJOR_ROWS) min_pass = std::max(min_pass, panel_from);
-    if (block_major && m >= panel_from) panel_bytes = std::max(panel_bytes, std::min(kb, PANEL_BLOCKS) * pair_bytes);
+    if (panel && panel_from <= BLOCK_MAJOR_ROWS) min_pass = std::max(min_pass, panel_from);
+    if (panel && block_major && m >= panel_from) panel_bytes = std::max(panel_bytes, std::min(kb, PANEL_BLOCKS) * pair_bytes);
 #endif
     runs.push_back({(part.n + NR - 1) / NR, tile_bytes(part.mode, kb),
                     std::clamp<int64_t>(PASS_BYTES / k, min_pass, BLOCK_MAJOR_ROWS), panel_from});
@@ -2823,7 +2854,7 @@ void run_parts(const std::vector<Part>& parts, const float* x, bool flip_q8, con
             const OutLines lines{yc + r0 * ldy + t * NR, ldy, static_cast<int>((std::min(u1 * NR, n) - t * NR) / NR)};
             with_mode(mode, [&](auto form) {
               constexpr Mode F = decltype(form)::value;
-              if (pair && rows >= panel_from)
+              if (pair && panel && rows >= panel_from)
                 tile_pair_panel_avx512<F>(pp + t * tbytes, pp + (t + 1) * tbytes, kb, qa.a + r0 * k, k, rows,
                                           qa.e + r0 * kb, qa.s + r0 * kb, qa.off + r0 * kb, acc[0], acc[1], lines,
                                           pmem.get());
@@ -2924,7 +2955,8 @@ torch::Tensor qlinear_parts(const std::vector<PartArg>& args, const torch::Tenso
   const int64_t m = x_in.size(0), k = x_in.size(1);
   int64_t n_all = 0;
   for (const PartArg& a : args) check_packed(a.mode, a.packed, a.n, k), n_all += a.n;
-  TORCH_CHECK(impl == 0 || impl == 1, "impl: 0 = best available, 1 = scalar");
+  TORCH_CHECK(impl >= 0 && impl <= 3, "impl: 0 = best available, 1 = scalar, 2 = SIMD with the panel order "
+              "(where this CPU has the 512-bit kernels), 3 = SIMD without it");
   TORCH_CHECK(mr_max >= 0 && mr_max <= MAX_MR, "mr_max in 0..", MAX_MR);
   const auto out_dtype = x_in.scalar_type();
   TORCH_CHECK(out_dtype == torch::kFloat || out_dtype == torch::kBFloat16 || out_dtype == torch::kHalf,
@@ -2956,7 +2988,7 @@ torch::Tensor qlinear_parts(const std::vector<PartArg>& args, const torch::Tenso
   const int64_t kb = k / QK;
   bool simd = false;
 #ifdef TM_AVX2
-  simd = impl == 0;
+  simd = impl != 1;
 #endif
   // Q8Block takes the activations as u8, a + 128 (see there): a copy with each sign bit
   // flipped, or the codes themselves flipped when every part is Q8.
@@ -2983,7 +3015,9 @@ torch::Tensor qlinear_parts(const std::vector<PartArg>& args, const torch::Tenso
   // part Q8 the flip is in place (q8.a == q.a: no part reads the unflipped codes).
   QAct q8 = q;
   if (any_q8) q8.a = reinterpret_cast<int8_t*>(all_q8 ? base : flipped);
-  run_parts(parts, x.data_ptr<float>(), any_q8, q, q8, m, k, y.data_ptr<float>(), n_all, simd, mr_max);
+  // The panel order where this CPU gains by it (panel_pays), or as a test asks.
+  const bool panel = impl == 2 || (impl == 0 && panel_pays());
+  run_parts(parts, x.data_ptr<float>(), any_q8, q, q8, m, k, y.data_ptr<float>(), n_all, simd, mr_max, panel);
   return out_dtype == torch::kFloat ? y : y.to(out_dtype);
 }
 
@@ -3053,6 +3087,7 @@ std::vector<torch::Tensor> quantize_act(const torch::Tensor& x_in, int64_t impl)
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("isa", &isa, "the SIMD path this build uses: avx2+vnni, avx2 or scalar");
+  m.def("panel_pays", &panel_pays, "whether batches take the panel order on this CPU (impl=0; see panel_pays)");
   m.def("mode_number", [](const std::string& form) { return static_cast<int64_t>(mode_of(form)); },
         "the number linear_capsule's function takes for a form (q4, q8, ...)");
   m.def("linear_capsule",
