@@ -179,14 +179,14 @@ constexpr int64_t PASS_BYTES = 256 << 10;
 // Whether a batch's tile pairs may take the 512-bit panel order (tile_pair_panel_avx512).
 // Its measurements (PANEL_ROWS) are an Intel Xeon's (Ice Lake, family 6 model 106; model
 // 207), where a 512-bit multiply-add issues every cycle and block-major's loads and stores
-// of the rows' accumulators bound it. On Zen 4 (AMD family 25) a 512-bit multiply-add takes two cycles
-// of its two 256-bit pipes, which leaves room for those loads and stores, and the panel's
-// trip through memory for the unpacked blocks costs more than it saves: kernel_ab,
-// block-major against the panel at 24-256 rows over q4, q4k, q5, q5k, q6, q6k and q8 (K =
-// 576-8192), one thread on cached weights 0.73-0.99x the time, two threads on weights from
-// memory 0.82-0.95x; bitwise the same. So the panel is the order where it was measured to
-// pay, and Zen 4 runs block-major at every size. Other CPUs keep the panel until measured
-// (Zen 5's 512-bit pipes are full width, as the Xeon's are).
+// of the rows' accumulators bound it. On Zen 4 (AMD family 25) a 512-bit multiply-add
+// takes two cycles of its two 256-bit pipes, which leaves room for those loads and stores,
+// and the panel's trip through memory for the unpacked blocks costs more than it saves:
+// kernel_ab, block-major against the panel at 24-256 rows over q4, q4k, q5, q5k, q6, q6k
+// and q8 (K = 576-8192), one thread on cached weights 0.73-0.99x the time, two threads on
+// weights from memory 0.82-0.95x; bitwise the same. So the panel is the order where it
+// was measured to pay, and Zen 4 runs block-major at every size. Other CPUs keep the panel
+// until measured (Zen 5's 512-bit pipes are full width, as the Xeon's are).
 bool panel_pays() {
   static const bool pays = [] {
 #if defined(__x86_64__) || defined(__i386__)
