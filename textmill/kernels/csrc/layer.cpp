@@ -1018,6 +1018,9 @@ struct Task {
   int64_t chunk0, chunk1;  // inclusive
   int64_t split;           // index into the split tiles; -1 when the task covers all its chunks
   int64_t cost;            // query-key pairs, for scheduling
+  // The keys of chunk c that some row of the tile may see: [key_lo(c), key_hi(c)).
+  int64_t key_lo(int64_t c) const { return std::max(lo, c * kKeyChunk); }
+  int64_t key_hi(int64_t c) const { return std::min(hi, (c + 1) * kKeyChunk); }
 };
 
 // A tile whose chunks run as separate tasks: their states meet in `partials`, and the task
@@ -1110,7 +1113,7 @@ void key_rows(const AttnArgs<KV>& a, const Task& t, int64_t from, int64_t to, co
 // on, into k[0, n) and v[0, n); returns n.
 template <typename KV>
 int64_t first_tile_rows(const AttnArgs<KV>& a, const Task& t, const KV** k, const KV** v) {
-  const int64_t clo = std::max(t.lo, t.chunk0 * kKeyChunk), chi = std::min(t.hi, (t.chunk0 + 1) * kKeyChunk);
+  const int64_t clo = t.key_lo(t.chunk0), chi = t.key_hi(t.chunk0);
   const int64_t khi = std::min((clo / kKeyTile + 1) * kKeyTile, chi);
   key_rows(a, t, clo, khi, k, v);
   return std::max<int64_t>(0, khi - clo);
@@ -1126,7 +1129,7 @@ template <typename KV>
 void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& s, const Task* after = nullptr,
                   bool asked = false) {
   const int64_t d = a.d, nq = t.nrows * a.group;
-  const int64_t clo = std::max(t.lo, c * kKeyChunk), chi = std::min(t.hi, (c + 1) * kKeyChunk);
+  const int64_t clo = t.key_lo(c), chi = t.key_hi(c);
   std::fill(s.acc_chunk.begin(), s.acc_chunk.begin() + nq * d, 0.f);
   std::fill(s.m_chunk.begin(), s.m_chunk.begin() + nq, kNegInf);
   std::fill(s.l_chunk.begin(), s.l_chunk.begin() + nq, 0.f);
@@ -1387,7 +1390,7 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_ca
         Task p = t;
         p.chunk0 = p.chunk1 = c;
         p.split = id;
-        p.cost = t.nrows * group * (std::min(t.hi, (c + 1) * kKeyChunk) - std::max(t.lo, c * kKeyChunk));
+        p.cost = t.nrows * group * (t.key_hi(c) - t.key_lo(c));
         split_tasks.push_back(p);
       }
     }
