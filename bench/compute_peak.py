@@ -101,7 +101,7 @@ static double rate(int64_t iters, int threads) {
 #undef DECL
       for (int64_t n = 0; n < iters; ++n) {
         asm volatile("" : "+v"(x), "+v"(y));  // not loop-invariant: no hoisted multiply
-#define STEP(i) a##i = dp(a##i, x, y); asm volatile("" : "+v"(a##i));
+#define STEP(i) a##i = dp(a##i, x, y); asm volatile("" : "+v"(a##i), "+v"(x));
         EIGHT(STEP)
 #undef STEP
 #define STEP(i) c##i = fm(c##i, u, w); asm volatile("" : "+v"(c##i));
@@ -121,7 +121,7 @@ static double rate(int64_t iters, int threads) {
 #undef DECL
       for (int64_t n = 0; n < iters; ++n) {
         asm volatile("" : "+v"(x), "+v"(y));  // not loop-invariant: no hoisted multiply
-#define STEP(i) a##i = dp(a##i, x, y); asm volatile("" : "+v"(a##i));
+#define STEP(i) a##i = dp(a##i, x, y); asm volatile("" : "+v"(a##i), "+v"(x));
         TEN(STEP)
 #undef STEP
       }

@@ -524,9 +524,9 @@ def test_bad_parts_are_refused(ext):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant,flags,isa", [
-    # the 256-bit VNNI path (half tiles, compact activations) with an exact AVX2 emulation of dpbusd
+    # the 256-bit VNNI path (half tiles, dpbusd) with an exact AVX2 emulation of dpbusd
     ("emulated-vnni", ["-mno-avx512vnni", "-mno-avxvnni", "-DTM_EMULATE_VNNI"], "avx2+vnni(emulated)"),
-    # the AVX2 path without VNNI (maddubs, expanded activations)
+    # the AVX2 path without VNNI (maddubs and madd)
     ("avx2", ["-mno-avx512vnni", "-mno-avxvnni"], "avx2"),
     # the scalar fallback of a CPU without AVX2
     ("baseline-x86-64", ["-march=x86-64", "-mtune=generic"], "scalar"),
@@ -547,8 +547,7 @@ def test_other_builds_give_the_same_bits(ext, variant, flags, isa):
         packed = pack(ext, mode, w)
         assert torch.equal(pack(other, mode, w), packed)
         assert torch.equal(linear(other, mode, x, packed, n, b), linear(ext, mode, x, packed, n, b))
-    # Parts in one call (run_parts): the expanded activations of the AVX2 path are shared by
-    # parts that read the same codes, and redone for the Q8 part's.
+    # Parts in one call (run_parts): the Q8 part reads the flipped codes, every other part q's.
     for forms, mm in itertools.product(PART_MIXES, (1, 7, 65)):
         parts = [(ext.mode_number(form), pack(ext, form, weights(n, 576, i)), n, torch.randn(n) if i else None)
                  for i, (form, n) in enumerate(zip(forms, (48, 40, 24)))]

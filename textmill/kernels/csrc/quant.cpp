@@ -169,7 +169,6 @@ constexpr int MAX_MR = 4;
 // shape 1.3x; the K-sized passes below came after). From PANEL_ROWS rows a pass, a tile
 // pair goes on the panel order instead (tile_pair_panel_avx512).
 constexpr int64_t BLOCK_MAJOR_ROWS = 128;
-constexpr int64_t CHUNK_BYTES = 96 << 10;       // expanded activations per thread
 // One block-major pass covers the rows whose int8 activations fit in this, so that they
 // stay in L2 while a piece of tiles passes them (each tile is re-read per pass, from L1/L2).
 // 128-row passes read all of a long-K matrix's rows for every tile: at K = 5632 (46-row
@@ -1651,20 +1650,19 @@ void q6_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, i
 }
 
 #ifdef TM_AVX2
-// Every multiply-add needs one k-group of an activation row (4 bytes) in all 8 dwords.
-#if defined(TM_VNNI)
-// VNNI cores (Ice Lake, Zen 4 and later) broadcast a dword straight from memory in the
-// load unit, at no ALU cost, so the tiles read the compact int8 rows, which stay in L1.
-// (Expanding them x8 first, as the AVX2 path does, measured 1.3-1.5x slower at 16 rows on
-// Zen 5: the expanded rows spill to L2 and their loads, not the multiplies, bound it.)
+// Every multiply-add needs one k-group of an activation row (4 bytes) in all 8 dwords: a
+// dword broadcast straight from memory, which the load unit does at no ALU cost, so the
+// tiles read the compact int8 rows, which stay in L1. (The AVX2 path without VNNI used to
+// expand the rows x8 first, each k-group a whole vector, ~15% faster on Zen 1's one 256-bit
+// multiply port. On Zen 3 (AMD family 25 model 1) it took 1.1-1.2x the time at K = 2048
+// and 1.8-2.6x at K = 8192, kernel_ab one thread: the expanded rows spill to L2, and at long
+// K a chunk of them held so few rows that the weights were streamed again for each chunk.
+// On Zen 5 the VNNI path measured the same, 1.3-1.5x at 16 rows.)
 struct ActRows {
-  static constexpr bool kExpanded = false;
   const int8_t* a;  // register-tile row r at a + r * k
   int64_t k;
-  // the rows from activation row m0 on (xbuf and c0 serve the expanded variant only)
-  static ActRows at(const QAct& q, const __m256i*, int64_t m0, int64_t, int64_t k, int64_t) {
-    return {q.a + m0 * k, k};
-  }
+  // the rows from activation row m0 on
+  static ActRows at(const QAct& q, int64_t m0, int64_t k) { return {q.a + m0 * k, k}; }
   const int8_t* block(int r, int64_t b) const { return a + r * k + b * QK; }
   __m256i get(int r, int64_t b, int g) const {
     int32_t v;
@@ -1672,35 +1670,14 @@ struct ActRows {
     return _mm256_set1_epi32(v);
   }
 };
-#else
-// Without VNNI the activations are read "expanded": each k-group of 4 bytes broadcast to
-// all 8 dwords of a 32-byte vector (x8 the bytes, a few rows at a time, per thread), so
-// every multiply-add takes its operand straight from L1/L2 without a broadcast instruction;
-// on a core with one 256-bit integer multiply port (Zen 1) that is ~15%.
-struct ActRows {
-  static constexpr bool kExpanded = true;
-  const __m256i* ax;  // register-tile row r at ax + r * kb * 8
-  int64_t kb;
-  // the rows from activation row m0 on, in xbuf, which holds the chunk from row c0 on
-  static ActRows at(const QAct&, const __m256i* xbuf, int64_t m0, int64_t c0, int64_t k, int64_t kb) {
-    return {xbuf + (m0 - c0) * k / 4, kb};
-  }
-  __m256i get(int r, int64_t b, int g) const { return _mm256_load_si256(ax + (r * kb + b) * 8 + g); }
-};
-#endif
 
-void expand_rows(const int8_t* a, int64_t groups, __m256i* dst) {
-  for (int64_t i = 0; i < groups; ++i) {
-    int32_t v;
-    std::memcpy(&v, a + 4 * i, 4);
-    _mm256_store_si256(dst + i, _mm256_set1_epi32(v));
-  }
-}
-
+// The block dots below are forced inline (TM_LAYOUT): GCC kept q4's, q8's and q6's out of
+// line in the AVX2 tiles, a call a block and row with the unpacked weights passed through
+// the stack; inlined, q4 and q8 took 0.74-0.97x the time (Zen 3, kernel_ab).
 #if defined(TM_VNNI)
 // Q4: row r's dot product of one block in dword r. dpbusd sums u8 x s8 in fours, exactly,
 // so the order of the sums does not matter: two chains halve the dependent latency.
-inline __m256i q4_block_dots(const __m256i* lo, const __m256i* hi, const ActRows& act, int r, int64_t b) {
+TM_LAYOUT __m256i q4_block_dots(const __m256i* lo, const __m256i* hi, const ActRows& act, int r, int64_t b) {
   __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
   for (int p = 0; p < 4; ++p) {
     s0 = TM_DPBUSD(s0, lo[p], act.get(r, b, p));
@@ -1710,21 +1687,21 @@ inline __m256i q4_block_dots(const __m256i* lo, const __m256i* hi, const ActRows
 }
 
 // Q8: u8 x s8 only, so |w| against a carrying w's sign (codes are never -128).
-inline __m256i q8_block_dots(const __m256i* w, const __m256i* wabs, const ActRows& act, int r, int64_t b) {
+TM_LAYOUT __m256i q8_block_dots(const __m256i* w, const __m256i* wabs, const ActRows& act, int r, int64_t b) {
   __m256i s[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
   for (int g = 0; g < 8; ++g) s[g & 1] = TM_DPBUSD(s[g & 1], wabs[g], _mm256_sign_epi8(act.get(r, b, g), w[g]));
   return _mm256_add_epi32(s[0], s[1]);
 }
 
 // Q5: as Q4 (dpbusd's sums are exact whatever the codes' width).
-inline __m256i q5_block_dots(const __m256i* lo, const __m256i* hi, const ActRows& act, int r, int64_t b) {
+TM_LAYOUT __m256i q5_block_dots(const __m256i* lo, const __m256i* hi, const ActRows& act, int r, int64_t b) {
   return q4_block_dots(lo, hi, act, r, b);
 }
 
 // Q6: row r's dot products of the block's two halves (codes u, 0..63), each started from
 // the activations' offset for that half (IQ2, M: twice it, for its values + 64).
 template <Mode M>
-inline void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_t b, const HalfSums* off, __m256i* dots) {
+TM_LAYOUT void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_t b, const HalfSums* off, __m256i* dots) {
   for (int h = 0; h < 2; ++h) {
     __m256i s = _mm256_set1_epi32(offset_scale<M>() * off->off[h]);
     for (int g = 4 * h; g < 4 * h + 4; ++g) s = TM_DPBUSD(s, u[g], act.get(r, b, g));
@@ -1736,7 +1713,7 @@ inline void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_t b
 // over the whole block before one widening madd: each is at most 2 * 15 * 127 = 3810, eight
 // of them 30480 < 32768. That is 9 multiplies per 8 rows x 32 weights, and multiplies are
 // what limits AVX2 cores with one 256-bit multiply port.
-inline __m256i q4_block_dots(const __m256i* lo, const __m256i* hi, const ActRows& act, int r, int64_t b) {
+TM_LAYOUT __m256i q4_block_dots(const __m256i* lo, const __m256i* hi, const ActRows& act, int r, int64_t b) {
   __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(lo[0], act.get(r, b, 0)),
                                _mm256_maddubs_epi16(hi[0], act.get(r, b, 4)));
   for (int p = 1; p < 4; ++p) {
@@ -1748,7 +1725,7 @@ inline __m256i q4_block_dots(const __m256i* lo, const __m256i* hi, const ActRows
 
 // Q8: u8 x s8 only, so |w| against a carrying w's sign (codes are never -128). A maddubs
 // lane reaches 2 * 127 * 127, so each is widened at once.
-inline __m256i q8_block_dots(const __m256i* w, const __m256i* wabs, const ActRows& act, int r, int64_t b) {
+TM_LAYOUT __m256i q8_block_dots(const __m256i* w, const __m256i* wabs, const ActRows& act, int r, int64_t b) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i s[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
   for (int g = 0; g < 8; ++g) {
@@ -1760,7 +1737,7 @@ inline __m256i q8_block_dots(const __m256i* w, const __m256i* wabs, const ActRow
 
 // Q5: as Q4, but a maddubs lane reaches 2 * 31 * 127 = 7874, so four (not eight) sum in
 // int16 before each widening madd.
-inline __m256i q5_block_dots(const __m256i* lo, const __m256i* hi, const ActRows& act, int r, int64_t b) {
+TM_LAYOUT __m256i q5_block_dots(const __m256i* lo, const __m256i* hi, const ActRows& act, int r, int64_t b) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i s32 = _mm256_setzero_si256();
   for (int p = 0; p < 4; p += 2) {
@@ -1776,7 +1753,7 @@ inline __m256i q5_block_dots(const __m256i* lo, const __m256i* hi, const ActRows
 // Q6: as above; a maddubs lane is at most 2 * 63 * 127 = 16002, so two sum in int16. IQ2's
 // (values + 64) reach 27178: each is widened at once.
 template <Mode M>
-inline void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_t b, const HalfSums* off, __m256i* dots) {
+TM_LAYOUT void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_t b, const HalfSums* off, __m256i* dots) {
   const __m256i ones = _mm256_set1_epi16(1);
   for (int h = 0; h < 2; ++h) {
     __m256i s = _mm256_set1_epi32(offset_scale<M>() * off->off[h]);
@@ -2743,13 +2720,6 @@ void run_parts(const std::vector<Part>& parts, const float* x, bool flip_q8, con
     runs.push_back({(part.n + NR - 1) / NR, tile_bytes(part.mode, kb),
                     std::clamp<int64_t>(PASS_BYTES / k, min_pass, BLOCK_MAJOR_ROWS), panel_from});
   }
-  // Expanded activations go in chunks whose expanded form (k * 8 bytes a row) stays in L2
-  // while this thread's weight tiles pass by, and stays below malloc's mmap threshold.
-  bool expand = false;
-#ifdef TM_AVX2
-  expand = simd && ActRows::kExpanded;
-#endif
-  const int64_t chunk = expand ? std::min(m, std::max<int64_t>(1, CHUNK_BYTES / (k * 8) / mr_cap * mr_cap)) : m;
   // A tile-block (16 rows) is ~20 ns of work per activation row: chunks of at least ~5 us,
   // so that a call too small to gain from waking a second thread runs on this one
   // (measured on 2 cores: 576x576 at M = 1 takes 29 us on one thread, 20 us on two).
@@ -2807,16 +2777,6 @@ void run_parts(const std::vector<Part>& parts, const float* x, bool flip_q8, con
     // Every tile reads every row: wait for the chunks other threads have claimed.
     while (quant_done.load(std::memory_order_acquire) < quant_chunks) spin_pause();
     alignas(64) float out[MAX_MR][NR];
-#ifdef TM_AVX2
-    // chunk * k / 4 vectors of 32 bytes (k is a multiple of 32)
-    std::unique_ptr<void, decltype(&std::free)> xmem(expand ? std::aligned_alloc(32, chunk * k * 8) : nullptr, &std::free);
-    TORCH_CHECK(!expand || xmem, "out of memory");
-    __m256i* const xbuf = static_cast<__m256i*>(xmem.get());
-#endif
-    // The activation chunk now in xbuf (rows from `expanded` on, of codes `expanded_from`):
-    // one chunk (M <= chunk) is expanded once for every part that reads the same codes.
-    int64_t expanded = -1;
-    const int8_t* expanded_from = nullptr;
 #ifdef TM_VNNI512
     // The panel's unpacked blocks (parts of panel_from rows and up): one buffer a worker.
     std::unique_ptr<void, decltype(&std::free)> pmem(panel_bytes ? std::aligned_alloc(64, panel_bytes) : nullptr,
@@ -2886,48 +2846,39 @@ void run_parts(const std::vector<Part>& parts, const float* x, bool flip_q8, con
         continue;
       }
 #endif
-      for (int64_t c0 = 0; c0 < m; c0 += chunk) {
-        const int64_t c1 = std::min(m, c0 + chunk);
+      for (int64_t t = t0; t < t1; ++t) {
+        const uint8_t* tile = pp + t * tbytes;
+        const int64_t ncols = std::min<int64_t>(NR, n - t * NR);
+        for (int64_t m0 = 0; m0 < m; m0 += mr_cap) {
+          const int64_t mr = std::min<int64_t>(mr_cap, m - m0);
 #ifdef TM_AVX2
-        if (expand && (expanded != c0 || expanded_from != qa.a)) {
-          expand_rows(qa.a + c0 * k, (c1 - c0) * k / 4, xbuf);
-          expanded = c0, expanded_from = qa.a;
-        }
-#endif
-        for (int64_t t = t0; t < t1; ++t) {
-          const uint8_t* tile = pp + t * tbytes;
-          const int64_t ncols = std::min<int64_t>(NR, n - t * NR);
-          for (int64_t m0 = c0; m0 < c1; m0 += mr_cap) {
-            const int64_t mr = std::min<int64_t>(mr_cap, c1 - m0);
-#ifdef TM_AVX2
-            if (simd) {
-              const ActRows act = ActRows::at(qa, xbuf, m0, c0, k, kb);
-              const float *e = qa.e + m0 * kb, *s = qa.s + m0 * kb;
-              const HalfSums* off = qa.off + m0 * kb;
-              switch (mr) {
-                case 1: tile_simd<1>(mode, tile, kb, ncols, act, e, s, off, out); break;
-                case 2: tile_simd<2>(mode, tile, kb, ncols, act, e, s, off, out); break;
-                case 3: tile_simd<3>(mode, tile, kb, ncols, act, e, s, off, out); break;
-                default: tile_simd<4>(mode, tile, kb, ncols, act, e, s, off, out); break;
-              }
+          if (simd) {
+            const ActRows act = ActRows::at(qa, m0, k);
+            const float *e = qa.e + m0 * kb, *s = qa.s + m0 * kb;
+            const HalfSums* off = qa.off + m0 * kb;
+            switch (mr) {
+              case 1: tile_simd<1>(mode, tile, kb, ncols, act, e, s, off, out); break;
+              case 2: tile_simd<2>(mode, tile, kb, ncols, act, e, s, off, out); break;
+              case 3: tile_simd<3>(mode, tile, kb, ncols, act, e, s, off, out); break;
+              default: tile_simd<4>(mode, tile, kb, ncols, act, e, s, off, out); break;
             }
-#endif
-            if (!simd) {
-              if (mode == Mode::Q4) q4_tile_scalar<Mode::Q4>(tile, kb, qa, k, m0, mr, out);
-              else if (mode == Mode::Q4K) q4_tile_scalar<Mode::Q4K>(tile, kb, qa, k, m0, mr, out);
-              else if (mode == Mode::Q5K) q4_tile_scalar<Mode::Q5K>(tile, kb, qa, k, m0, mr, out);
-              else if (mode == Mode::Q6K) q6_tile_scalar<Mode::Q6K>(tile, kb, qa, k, m0, mr, out);
-              else if (mode == Mode::Q8) q8_tile_scalar<Mode::Q8>(tile, kb, qa, k, m0, mr, out);
-              else if (mode == Mode::IQ4) q8_tile_scalar<Mode::IQ4>(tile, kb, qa, k, m0, mr, out);
-              else if (mode == Mode::Q6) q6_tile_scalar<Mode::Q6>(tile, kb, qa, k, m0, mr, out);
-              else if (mode == Mode::Q3) q6_tile_scalar<Mode::Q3>(tile, kb, qa, k, m0, mr, out);
-              else if (mode == Mode::IQ2) q6_tile_scalar<Mode::IQ2>(tile, kb, qa, k, m0, mr, out);
-              else if (mode == Mode::Q2) q6_tile_scalar<Mode::Q2>(tile, kb, qa, k, m0, mr, out);
-              else q4_tile_scalar<Mode::Q5>(tile, kb, qa, k, m0, mr, out);
-            }
-            for (int64_t r = 0; r < mr; ++r)
-              store_row(yc + (m0 + r) * ldy + t * NR, out[r], bp ? bp + t * NR : nullptr, ncols);
           }
+#endif
+          if (!simd) {
+            if (mode == Mode::Q4) q4_tile_scalar<Mode::Q4>(tile, kb, qa, k, m0, mr, out);
+            else if (mode == Mode::Q4K) q4_tile_scalar<Mode::Q4K>(tile, kb, qa, k, m0, mr, out);
+            else if (mode == Mode::Q5K) q4_tile_scalar<Mode::Q5K>(tile, kb, qa, k, m0, mr, out);
+            else if (mode == Mode::Q6K) q6_tile_scalar<Mode::Q6K>(tile, kb, qa, k, m0, mr, out);
+            else if (mode == Mode::Q8) q8_tile_scalar<Mode::Q8>(tile, kb, qa, k, m0, mr, out);
+            else if (mode == Mode::IQ4) q8_tile_scalar<Mode::IQ4>(tile, kb, qa, k, m0, mr, out);
+            else if (mode == Mode::Q6) q6_tile_scalar<Mode::Q6>(tile, kb, qa, k, m0, mr, out);
+            else if (mode == Mode::Q3) q6_tile_scalar<Mode::Q3>(tile, kb, qa, k, m0, mr, out);
+            else if (mode == Mode::IQ2) q6_tile_scalar<Mode::IQ2>(tile, kb, qa, k, m0, mr, out);
+            else if (mode == Mode::Q2) q6_tile_scalar<Mode::Q2>(tile, kb, qa, k, m0, mr, out);
+            else q4_tile_scalar<Mode::Q5>(tile, kb, qa, k, m0, mr, out);
+          }
+          for (int64_t r = 0; r < mr; ++r)
+            store_row(yc + (m0 + r) * ldy + t * NR, out[r], bp ? bp + t * NR : nullptr, ncols);
         }
       }
     }
