@@ -40,9 +40,11 @@ from textmill.kernels import load  # noqa: E402
 
 # Ten independent accumulators per thread (the mix: 8 integer and 4 float), more than the
 # instructions' latency (4-5 cycles) times their throughput, so the loop measures throughput.
-# x and y pass through an empty asm every iteration: the no-VNNI AVX2 dot (maddubs, madd)
-# reads only them, and the compiler would otherwise hoist it and time the adds alone. The empty asm keeps the
-# compiler from collapsing the chains.
+# x and y pass through an empty asm every iteration, and x again after every dot: the no-VNNI
+# AVX2 dot (maddubs, madd) reads only them, and the compiler would otherwise hoist it out of
+# the loop, or compute it once for all ten chains and time the adds alone (on Zen 3 a "peak"
+# of 257 G multiply-adds a thread where the real one is 98). The empty asm on each
+# accumulator keeps the compiler from collapsing the chains.
 SOURCE = r"""
 #include <torch/extension.h>
 #include <immintrin.h>
