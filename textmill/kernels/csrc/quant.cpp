@@ -1654,7 +1654,7 @@ void q6_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, i
 // dword broadcast straight from memory, which the load unit does at no ALU cost, so the
 // tiles read the compact int8 rows, which stay in L1. (The AVX2 path without VNNI used to
 // expand the rows x8 first, each k-group a whole vector, ~15% faster on Zen 1's one 256-bit
-// multiply port. On Zen 3 (AMD family 25 model 1) it took 1.1-1.2x the time at K = 2048
+// multiply port. On Zen 3 (AMD family 25 model 1) it took 1.0-1.2x the time at K = 2048
 // and 1.8-2.6x at K = 8192, kernel_ab one thread: the expanded rows spill to L2, and at long
 // K a chunk of them held so few rows that the weights were streamed again for each chunk.
 // On Zen 5 the VNNI path measured the same, 1.3-1.5x at 16 rows.)
@@ -1671,9 +1671,9 @@ struct ActRows {
   }
 };
 
-// The block dots below are forced inline (TM_LAYOUT): GCC kept q4's, q8's and q6's out of
-// line in the AVX2 tiles, a call a block and row with the unpacked weights passed through
-// the stack; inlined, q4 and q8 took 0.74-0.97x the time (Zen 3, kernel_ab).
+// The block dots below are forced inline (TM_LAYOUT): GCC kept q4's (and Q6's, Q3's and
+// IQ2's) out of line in the AVX2 tiles, a call a block and row with the unpacked weights
+// passed through the stack; inlined, q4 took 0.74-0.87x the time (Zen 3, kernel_ab).
 #if defined(TM_VNNI)
 // Q4: row r's dot product of one block in dword r. dpbusd sums u8 x s8 in fours, exactly,
 // so the order of the sums does not matter: two chains halve the dependent latency.
@@ -1758,8 +1758,8 @@ TM_LAYOUT void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_
 // only, so |w| against a carrying w's sign; codes are never -128). q8_tile_avx2 goes group
 // by group, every row's sum taking a group before the next is unpacked, so that two groups'
 // weights are live beside the MR rows' sums: with the whole block unpacked first, w and |w|
-// (16 vectors) filled the 16 AVX2 registers and went through the stack for every row (Zen 3:
-// 0.76-0.97x the time at 16-64 rows, kernel_ab). Q4's and Q5's blocks (8 vectors, 4 with Q5's
+// (16 vectors) filled the 16 AVX2 registers and went through the stack for every row (Zen 3,
+// kernel_ab at 16-64 rows: q8 0.79-1.08x the time, medians 0.85-0.97x; iq4 0.78-1.06x). Q4's and Q5's blocks (8 vectors, 4 with Q5's
 // top bits folded in) stay unpacked whole: group by group took 1.0x and 1.3-1.5x the time.
 #if defined(TM_VNNI)
 TM_LAYOUT __m256i q8_group(__m256i s, __m256i w, __m256i wabs, __m256i a) {
