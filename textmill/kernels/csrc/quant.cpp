@@ -184,8 +184,9 @@ constexpr int64_t PASS_BYTES = 256 << 10;
 // kernel_ab, block-major against the panel at 24-256 rows over q4, q4k, q5, q5k, q6, q6k
 // and q8 (K = 576-8192), one thread on cached weights 0.73-0.99x the time, two threads on
 // weights from memory 0.82-0.95x; bitwise the same. So the panel is the order where it
-// was measured to pay, and Zen 4 runs block-major at every size. Other CPUs keep the panel
-// until measured (Zen 5's 512-bit pipes are full width, as the Xeon's are).
+// was measured to pay, and Zen 4 runs block-major at every size. (Family 25 is Zen 3 too,
+// which has no 512-bit path, so no panel either way.) Other CPUs keep the panel until
+// measured (Zen 5's 512-bit pipes are full width, as the Xeon's are).
 bool panel_pays() {
   static const bool pays = [] {
 #if defined(__x86_64__) || defined(__i386__)
@@ -1759,8 +1760,9 @@ TM_LAYOUT void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_
 // by group, every row's sum taking a group before the next is unpacked, so that two groups'
 // weights are live beside the MR rows' sums: with the whole block unpacked first, w and |w|
 // (16 vectors) filled the 16 AVX2 registers and went through the stack for every row (Zen 3,
-// kernel_ab at 16-64 rows: q8 0.79-1.08x the time, medians 0.85-0.97x; iq4 0.78-1.06x). Q4's and Q5's blocks (8 vectors, 4 with Q5's
-// top bits folded in) stay unpacked whole: group by group took 1.0x and 1.3-1.5x the time.
+// kernel_ab at 16-64 rows: q8 0.79-1.08x the time, medians 0.85-0.97x; iq4 0.78-1.06x).
+// Q4's and Q5's blocks (8 vectors, 4 with Q5's top bits folded in) stay unpacked whole:
+// group by group took 1.0x and 1.3-1.5x the time.
 #if defined(TM_VNNI)
 TM_LAYOUT __m256i q8_group(__m256i s, __m256i w, __m256i wabs, __m256i a) {
   return TM_DPBUSD(s, wabs, _mm256_sign_epi8(a, w));
