@@ -1828,87 +1828,97 @@ inline void prefetch_ahead(const uint8_t* tile, int64_t b) {
 // int8 codes, e and s = their block scales (row r at e + r * kb). A 64-byte k-group vector
 // of the tile holds rows 0..7 in its low 32 bytes and rows 8..15 in its high 32.
 // Q5 (M): the same with each code's top bit from the block's top-bit vector.
-template <Mode M, int MR>
-void q4_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, const float* e, const float* s,
+template <Mode M, int MR, int HALVES = 1>
+void q4_tile_avx2(const uint8_t* tile, int64_t kb, int h0, const ActRows& act, const float* e, const float* s,
                   float (*out)[NR]) {
   const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
-  __m256 acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 acc[HALVES][MR];
+  for (int hh = 0; hh < HALVES; ++hh)
+    for (int r = 0; r < MR; ++r) acc[hh][r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
-    const uint8_t* c = tile + codes_at(M, b);
     prefetch_ahead<M>(tile, b);
-    __m256i lo[4], hi[4];  // unpacked once for all MR activation rows
-    for (int p = 0; p < 4; ++p) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p + 32 * h));
-      lo[p] = _mm256_and_si256(x, low4);
-      hi[p] = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
-    }
-    if constexpr (is_five(M)) {
-      const __m256i top = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q4_CODE_BYTES + 32 * h));
+    for (int hh = 0; hh < HALVES; ++hh) {
+      const int h = h0 + hh;
+      const uint8_t* c = tile + codes_at(M, b);
+      __m256i lo[4], hi[4];  // unpacked once for all MR activation rows
       for (int p = 0; p < 4; ++p) {
-        lo[p] = _mm256_or_si256(lo[p], _mm256_and_si256(q5_top256(top, p), bit4));
-        hi[p] = _mm256_or_si256(hi[p], _mm256_and_si256(q5_top256(top, p + 4), bit4));
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p + 32 * h));
+        lo[p] = _mm256_and_si256(x, low4);
+        hi[p] = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
+      }
+      if constexpr (is_five(M)) {
+        const __m256i top = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q4_CODE_BYTES + 32 * h));
+        for (int p = 0; p < 4; ++p) {
+          lo[p] = _mm256_or_si256(lo[p], _mm256_and_si256(q5_top256(top, p), bit4));
+          hi[p] = _mm256_or_si256(hi[p], _mm256_and_si256(q5_top256(top, p + 4), bit4));
+        }
+      }
+      __m256 d, mn;
+      if constexpr (is_k_min(M)) {  // D * sc and Dm * mn (k_d, k_m)
+        const uint16_t* hdr = k_header(tile, M, b) + NH * h;
+        const uint8_t* sm = tile + scales_at(M, kb, b) + NH * h;
+        d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hdr))),
+                          _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm)))));
+        mn = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hdr + NR))),
+                           _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + NR)))));
+      } else {
+        const uint16_t* sc = scales_of(tile, M, kb, b) + NH * h;
+        d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
+        mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
+      }
+      for (int r = 0; r < MR; ++r) {
+        const __m256i dots = is_five(M) ? q5_block_dots(lo, hi, act, r, b) : q4_block_dots(lo, hi, act, r, b);
+        const __m256 isum = _mm256_cvtepi32_ps(dots);
+        acc[hh][r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(e[r * kb + b])), acc[hh][r]);
+        acc[hh][r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(s[r * kb + b]), acc[hh][r]);
       }
     }
-    __m256 d, mn;
-    if constexpr (is_k_min(M)) {  // D * sc and Dm * mn (k_d, k_m)
-      const uint16_t* hdr = k_header(tile, M, b) + NH * h;
-      const uint8_t* sm = tile + scales_at(M, kb, b) + NH * h;
-      d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hdr))),
-                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm)))));
-      mn = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hdr + NR))),
-                         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + NR)))));
-    } else {
-      const uint16_t* sc = scales_of(tile, M, kb, b) + NH * h;
-      d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
-      mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
-    }
-    for (int r = 0; r < MR; ++r) {
-      const __m256i dots = is_five(M) ? q5_block_dots(lo, hi, act, r, b) : q4_block_dots(lo, hi, act, r, b);
-      const __m256 isum = _mm256_cvtepi32_ps(dots);
-      acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(e[r * kb + b])), acc[r]);
-      acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(s[r * kb + b]), acc[r]);
-    }
   }
-  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * h, acc[r]);
+  for (int hh = 0; hh < HALVES; ++hh)
+    for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * (h0 + hh), acc[hh][r]);
 }
 
 // Q8 (M), or IQ4: its k-group vectors made from the nibbles (k-groups p and p + 4 of vector
 // p, as Q4's) by a 16-entry byte lookup of the table's values, then the same math.
-template <Mode M, int MR>
-void q8_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, const float* e, const float*,
+template <Mode M, int MR, int HALVES = 1>
+void q8_tile_avx2(const uint8_t* tile, int64_t kb, int h0, const ActRows& act, const float* e, const float*,
                   float (*out)[NR]) {
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gguf::kIQ4Values)));
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  __m256 acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 acc[HALVES][MR];
+  for (int hh = 0; hh < HALVES; ++hh)
+    for (int r = 0; r < MR; ++r) acc[hh][r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
-    const uint8_t* c = tile + codes_at(M, b) + 32 * h;
     prefetch_ahead<M>(tile, b);
-    __m256i sum[MR];  // row r's int32 sums
-    for (int r = 0; r < MR; ++r) sum[r] = _mm256_setzero_si256();
-    for (int p = 0; p < 4; ++p) {  // k-groups p and p + 4 (IQ4: one vector's two nibbles)
-      __m256i w0, w1;
-      if constexpr (M == Mode::IQ4) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
-        w0 = _mm256_shuffle_epi8(table, _mm256_and_si256(x, low4));
-        w1 = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(x, 4), low4));
-      } else {
-        w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
-        w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * (p + 4)));
+    for (int hh = 0; hh < HALVES; ++hh) {
+      const int h = h0 + hh;
+      const uint8_t* c = tile + codes_at(M, b) + 32 * h;
+      __m256i sum[MR];  // row r's int32 sums
+      for (int r = 0; r < MR; ++r) sum[r] = _mm256_setzero_si256();
+      for (int p = 0; p < 4; ++p) {  // k-groups p and p + 4 (IQ4: one vector's two nibbles)
+        __m256i w0, w1;
+        if constexpr (M == Mode::IQ4) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
+          w0 = _mm256_shuffle_epi8(table, _mm256_and_si256(x, low4));
+          w1 = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(x, 4), low4));
+        } else {
+          w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
+          w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * (p + 4)));
+        }
+        const __m256i abs0 = _mm256_abs_epi8(w0), abs1 = _mm256_abs_epi8(w1);
+        for (int r = 0; r < MR; ++r)
+          sum[r] = q8_group(q8_group(sum[r], w0, abs0, act.get(r, b, p)), w1, abs1, act.get(r, b, p + 4));
       }
-      const __m256i abs0 = _mm256_abs_epi8(w0), abs1 = _mm256_abs_epi8(w1);
-      for (int r = 0; r < MR; ++r)
-        sum[r] = q8_group(q8_group(sum[r], w0, abs0, act.get(r, b, p)), w1, abs1, act.get(r, b, p + 4));
-    }
-    const __m256 d =
-        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales_of(tile, M, kb, b) + NH * h)));
-    for (int r = 0; r < MR; ++r) {
-      const __m256 isum = _mm256_cvtepi32_ps(sum[r]);
-      acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(e[r * kb + b])), acc[r]);
+      const __m256 d =
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales_of(tile, M, kb, b) + NH * h)));
+      for (int r = 0; r < MR; ++r) {
+        const __m256 isum = _mm256_cvtepi32_ps(sum[r]);
+        acc[hh][r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(e[r * kb + b])), acc[hh][r]);
+      }
     }
   }
-  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * h, acc[r]);
+  for (int hh = 0; hh < HALVES; ++hh)
+    for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * (h0 + hh), acc[hh][r]);
 }
 
 // Q3's top bit of k-group g (0..7), moved to bit 2 of each byte (masked by the caller;
@@ -1920,76 +1930,81 @@ inline __m256i q3_top256(__m256i v, int g) {
 // off: the rows' half sums (row r, block b at off + r * kb + b). M: Q6, Q3 run as
 // Q6 on its codes + 28, IQ2 on its values + 64 looked up from its nibbles, or Q2 on its
 // codes (from zero) plus its mins.
-template <Mode M, int MR>
-void q6_tile_avx2(const uint8_t* tile, int64_t kb, int h, const ActRows& act, const float* e, const HalfSums* off,
+template <Mode M, int MR, int HALVES = 1>
+void q6_tile_avx2(const uint8_t* tile, int64_t kb, int h0, const ActRows& act, const float* e, const HalfSums* off,
                   float (*out)[NR]) {
   const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x30);
   const __m256i low2 = _mm256_set1_epi8(0x03), bit2 = _mm256_set1_epi8(0x04), q3_offset = _mm256_set1_epi8(28);
-  __m256 acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 acc[HALVES][MR];
+  for (int hh = 0; hh < HALVES; ++hh)
+    for (int r = 0; r < MR; ++r) acc[hh][r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
-    const uint8_t* c = tile + codes_at(M, b) + 32 * h;
     prefetch_ahead<M>(tile, b);
-    __m256i u[8];  // the (Q6) codes of k-groups 0..7, unpacked once for all MR activation rows
-    if constexpr (M == Mode::Q2) {
-      for (int g = 0; g < 8; ++g) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * (g >> 2)));
-        u[g] = _mm256_and_si256(_mm256_srli_epi16(x, 2 * (g & 3)), low2);
-      }
-    } else if constexpr (M == Mode::IQ2) {
-      const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kIQ2Shifted.v)));
-      for (int p = 0; p < 4; ++p) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
-        u[p] = _mm256_shuffle_epi8(table, _mm256_and_si256(x, low4));
-        u[p + 4] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(x, 4), low4));
-      }
-    } else if constexpr (M == Mode::Q3) {
-      const __m256i top = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q3_LOW_BYTES));
-      for (int g = 0; g < 8; ++g) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * (g >> 2)));
-        const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(x, 2 * (g & 3)), low2);
-        u[g] = _mm256_add_epi8(_mm256_or_si256(lo, _mm256_and_si256(q3_top256(top, g), bit2)), q3_offset);
-      }
-    } else {
-      const __m256i top[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q6_LOW_BYTES)),
-                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q6_LOW_BYTES + 64))};
-      for (int p = 0; p < 4; ++p) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
-        u[p] = _mm256_or_si256(_mm256_and_si256(x, low4), _mm256_and_si256(q6_top256(top[0], p), top2));
-        u[p + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(x, 4), low4),
-                                   _mm256_and_si256(q6_top256(top[1], p), top2));
-      }
-    }
-    const uint16_t* sc = scales_of(tile, M, kb, b) + NH * h;
-    __m256 d0, d1;
-    if constexpr (M == Mode::Q6K) {  // D * sc0 and D * sc1 (k6_d)
-      const __m256 dd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k_header(tile, M, b) + NH * h)));
-      const uint8_t* sm = tile + scales_at(M, kb, b) + NH * h;
-      d0 = _mm256_mul_ps(dd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm)))));
-      d1 = _mm256_mul_ps(dd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + NR)))));
-    } else {
-      d0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
-      d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
-    }
-    __m256 m0 = _mm256_setzero_ps(), m1 = m0;  // Q2's mins
-    if constexpr (M == Mode::Q2) {
-      m0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 2 * NR)));
-      m1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 3 * NR)));
-    }
-    for (int r = 0; r < MR; ++r) {
-      __m256i dots[2];
-      const HalfSums* ro = off + r * kb + b;
-      q6_block_dots<M>(u, act, r, b, ro, dots);
-      const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[0]), d0, _mm256_mul_ps(_mm256_cvtepi32_ps(dots[1]), d1));
-      const float er = e[r * kb + b];
-      acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(er), acc[r]);
+    for (int hh = 0; hh < HALVES; ++hh) {
+      const int h = h0 + hh;
+      const uint8_t* c = tile + codes_at(M, b) + 32 * h;
+      __m256i u[8];  // the (Q6) codes of k-groups 0..7, unpacked once for all MR activation rows
       if constexpr (M == Mode::Q2) {
-        acc[r] = _mm256_fmadd_ps(m0, _mm256_set1_ps(ro->hs[0]), acc[r]);
-        acc[r] = _mm256_fmadd_ps(m1, _mm256_set1_ps(ro->hs[1]), acc[r]);
+        for (int g = 0; g < 8; ++g) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * (g >> 2)));
+          u[g] = _mm256_and_si256(_mm256_srli_epi16(x, 2 * (g & 3)), low2);
+        }
+      } else if constexpr (M == Mode::IQ2) {
+        const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kIQ2Shifted.v)));
+        for (int p = 0; p < 4; ++p) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
+          u[p] = _mm256_shuffle_epi8(table, _mm256_and_si256(x, low4));
+          u[p + 4] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(x, 4), low4));
+        }
+      } else if constexpr (M == Mode::Q3) {
+        const __m256i top = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q3_LOW_BYTES));
+        for (int g = 0; g < 8; ++g) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * (g >> 2)));
+          const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(x, 2 * (g & 3)), low2);
+          u[g] = _mm256_add_epi8(_mm256_or_si256(lo, _mm256_and_si256(q3_top256(top, g), bit2)), q3_offset);
+        }
+      } else {
+        const __m256i top[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q6_LOW_BYTES)),
+                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q6_LOW_BYTES + 64))};
+        for (int p = 0; p < 4; ++p) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
+          u[p] = _mm256_or_si256(_mm256_and_si256(x, low4), _mm256_and_si256(q6_top256(top[0], p), top2));
+          u[p + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(x, 4), low4),
+                                     _mm256_and_si256(q6_top256(top[1], p), top2));
+        }
+      }
+      const uint16_t* sc = scales_of(tile, M, kb, b) + NH * h;
+      __m256 d0, d1;
+      if constexpr (M == Mode::Q6K) {  // D * sc0 and D * sc1 (k6_d)
+        const __m256 dd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k_header(tile, M, b) + NH * h)));
+        const uint8_t* sm = tile + scales_at(M, kb, b) + NH * h;
+        d0 = _mm256_mul_ps(dd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm)))));
+        d1 = _mm256_mul_ps(dd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + NR)))));
+      } else {
+        d0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
+        d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
+      }
+      __m256 m0 = _mm256_setzero_ps(), m1 = m0;  // Q2's mins
+      if constexpr (M == Mode::Q2) {
+        m0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 2 * NR)));
+        m1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 3 * NR)));
+      }
+      for (int r = 0; r < MR; ++r) {
+        __m256i dots[2];
+        const HalfSums* ro = off + r * kb + b;
+        q6_block_dots<M>(u, act, r, b, ro, dots);
+        const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[0]), d0, _mm256_mul_ps(_mm256_cvtepi32_ps(dots[1]), d1));
+        const float er = e[r * kb + b];
+        acc[hh][r] = _mm256_fmadd_ps(t, _mm256_set1_ps(er), acc[hh][r]);
+        if constexpr (M == Mode::Q2) {
+          acc[hh][r] = _mm256_fmadd_ps(m0, _mm256_set1_ps(ro->hs[0]), acc[hh][r]);
+          acc[hh][r] = _mm256_fmadd_ps(m1, _mm256_set1_ps(ro->hs[1]), acc[hh][r]);
+        }
       }
     }
   }
-  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * h, acc[r]);
+  for (int hh = 0; hh < HALVES; ++hh)
+    for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * (h0 + hh), acc[hh][r]);
 }
 
 #ifdef TM_VNNI512
@@ -2612,6 +2627,7 @@ void tile_pair_panel_avx512(const uint8_t* tile0, const uint8_t* tile1, int64_t 
 
 // One tile against MR activation rows; ncols = the tile's real rows, so that the 256-bit
 // kernels skip a half of padding.
+constexpr int ONE_PASS_ROWS = 2;
 template <int MR>
 void tile_simd(Mode mode, const uint8_t* tile, int64_t kb, int64_t ncols, const ActRows& act, const float* e,
                const float* s, const HalfSums* off, float (*out)[NR]) {
@@ -2619,19 +2635,24 @@ void tile_simd(Mode mode, const uint8_t* tile, int64_t kb, int64_t ncols, const 
   (void)ncols;
   with_mode(mode, [&](auto m) { tile_avx512<decltype(m)::value, MR>(tile, kb, act, e, s, off, out); });
 #else
-  for (int h = 0; h * NH < ncols; ++h) {
-    if (mode == Mode::Q4) q4_tile_avx2<Mode::Q4, MR>(tile, kb, h, act, e, s, out);
-    else if (mode == Mode::Q4K) q4_tile_avx2<Mode::Q4K, MR>(tile, kb, h, act, e, s, out);
-    else if (mode == Mode::Q5K) q4_tile_avx2<Mode::Q5K, MR>(tile, kb, h, act, e, s, out);
-    else if (mode == Mode::Q6K) q6_tile_avx2<Mode::Q6K, MR>(tile, kb, h, act, e, off, out);
-    else if (mode == Mode::Q8) q8_tile_avx2<Mode::Q8, MR>(tile, kb, h, act, e, s, out);
-    else if (mode == Mode::IQ4) q8_tile_avx2<Mode::IQ4, MR>(tile, kb, h, act, e, s, out);
-    else if (mode == Mode::Q6) q6_tile_avx2<Mode::Q6, MR>(tile, kb, h, act, e, off, out);
-    else if (mode == Mode::Q3) q6_tile_avx2<Mode::Q3, MR>(tile, kb, h, act, e, off, out);
-    else if (mode == Mode::IQ2) q6_tile_avx2<Mode::IQ2, MR>(tile, kb, h, act, e, off, out);
-    else if (mode == Mode::Q2) q6_tile_avx2<Mode::Q2, MR>(tile, kb, h, act, e, off, out);
-    else q4_tile_avx2<Mode::Q5, MR>(tile, kb, h, act, e, s, out);
-  }
+  const auto halves = [&](auto hv) {
+    constexpr int H = decltype(hv)::value;
+    for (int h = 0; h * NH < ncols; h += H) {
+      if (mode == Mode::Q4) q4_tile_avx2<Mode::Q4, MR, H>(tile, kb, h, act, e, s, out);
+      else if (mode == Mode::Q4K) q4_tile_avx2<Mode::Q4K, MR, H>(tile, kb, h, act, e, s, out);
+      else if (mode == Mode::Q5K) q4_tile_avx2<Mode::Q5K, MR, H>(tile, kb, h, act, e, s, out);
+      else if (mode == Mode::Q6K) q6_tile_avx2<Mode::Q6K, MR, H>(tile, kb, h, act, e, off, out);
+      else if (mode == Mode::Q8) q8_tile_avx2<Mode::Q8, MR, H>(tile, kb, h, act, e, s, out);
+      else if (mode == Mode::IQ4) q8_tile_avx2<Mode::IQ4, MR, H>(tile, kb, h, act, e, s, out);
+      else if (mode == Mode::Q6) q6_tile_avx2<Mode::Q6, MR, H>(tile, kb, h, act, e, off, out);
+      else if (mode == Mode::Q3) q6_tile_avx2<Mode::Q3, MR, H>(tile, kb, h, act, e, off, out);
+      else if (mode == Mode::IQ2) q6_tile_avx2<Mode::IQ2, MR, H>(tile, kb, h, act, e, off, out);
+      else if (mode == Mode::Q2) q6_tile_avx2<Mode::Q2, MR, H>(tile, kb, h, act, e, off, out);
+      else q4_tile_avx2<Mode::Q5, MR, H>(tile, kb, h, act, e, s, out);
+    }
+  };
+  if (MR <= ONE_PASS_ROWS && ncols > NH) halves(std::integral_constant<int, 2>{});
+  else halves(std::integral_constant<int, 1>{});
 #endif
 }
 #endif
