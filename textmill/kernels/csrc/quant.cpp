@@ -1824,101 +1824,123 @@ inline void prefetch_ahead(const uint8_t* tile, int64_t b) {
   prefetch_l1(at + PREFETCH_BLOCKS * share, lines);
 }
 
-// Half h of a tile (its output rows 8h..8h+7) against MR activation rows: act = the rows'
-// int8 codes, e and s = their block scales (row r at e + r * kb). A 64-byte k-group vector
-// of the tile holds rows 0..7 in its low 32 bytes and rows 8..15 in its high 32.
+// The 256-bit tiles: half h of a tile (its output rows 8h..8h+7) against MR activation
+// rows: act = the rows' int8 codes, e and s = their block scales (row r at e + r * kb). A
+// 64-byte k-group vector of the tile holds rows 0..7 in its low 32 bytes and rows 8..15 in
+// its high 32. HALVES = 2 takes halves h0 and h0 + 1 block by block in one pass, so that
+// every line of the stream is used whole when it arrives (see ONE_PASS_ROWS); 1 runs half h0
+// over all the blocks. Each block's step is a function of its own (q4_block_avx2, ...), and
+// each half's sums an array of its own: with one [HALVES][MR] array, GCC kept the sums of the
+// one-half tiles in memory (Q6 at 16-64 rows 1.07-1.12x the time, Zen 3, kernel_ab --cold).
+//
+// Q4's and Q8's tiles stay out of line (TM_TILE): inlined into run_parts as GCC chose, Q5 at
+// 16-64 rows took 1.22-1.37x the time and Q6 (left to GCC, inlined) 1.1-1.4x once Q8's
+// tiles were inlined beside it. Out of line, Q6's own tiles took 1.05-1.16x; forced inline,
+// 1.1-1.5x. So: Q4's and Q8's out of line, Q6's as GCC inlines them.
+#define TM_TILE __attribute__((noinline))
+
+// One block of half h of a tile against MR activation rows, into acc (q4_tile_avx2's step).
 // Q5 (M): the same with each code's top bit from the block's top-bit vector.
-template <Mode M, int MR, int HALVES = 1>
-void q4_tile_avx2(const uint8_t* tile, int64_t kb, int h0, const ActRows& act, const float* e, const float* s,
-                  float (*out)[NR]) {
+template <Mode M, int MR>
+TM_LAYOUT void q4_block_avx2(const uint8_t* tile, int64_t kb, int64_t b, int h, const ActRows& act, const float* e,
+                            const float* s, __m256 (&acc)[MR]) {
   const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
-  __m256 acc[HALVES][MR];
-  for (int hh = 0; hh < HALVES; ++hh)
-    for (int r = 0; r < MR; ++r) acc[hh][r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < kb; ++b) {
-    prefetch_ahead<M>(tile, b);
-    for (int hh = 0; hh < HALVES; ++hh) {
-      const int h = h0 + hh;
-      const uint8_t* c = tile + codes_at(M, b);
-      __m256i lo[4], hi[4];  // unpacked once for all MR activation rows
-      for (int p = 0; p < 4; ++p) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p + 32 * h));
-        lo[p] = _mm256_and_si256(x, low4);
-        hi[p] = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
-      }
-      if constexpr (is_five(M)) {
-        const __m256i top = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q4_CODE_BYTES + 32 * h));
-        for (int p = 0; p < 4; ++p) {
-          lo[p] = _mm256_or_si256(lo[p], _mm256_and_si256(q5_top256(top, p), bit4));
-          hi[p] = _mm256_or_si256(hi[p], _mm256_and_si256(q5_top256(top, p + 4), bit4));
-        }
-      }
-      __m256 d, mn;
-      if constexpr (is_k_min(M)) {  // D * sc and Dm * mn (k_d, k_m)
-        const uint16_t* hdr = k_header(tile, M, b) + NH * h;
-        const uint8_t* sm = tile + scales_at(M, kb, b) + NH * h;
-        d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hdr))),
-                          _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm)))));
-        mn = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hdr + NR))),
-                           _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + NR)))));
-      } else {
-        const uint16_t* sc = scales_of(tile, M, kb, b) + NH * h;
-        d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
-        mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
-      }
-      for (int r = 0; r < MR; ++r) {
-        const __m256i dots = is_five(M) ? q5_block_dots(lo, hi, act, r, b) : q4_block_dots(lo, hi, act, r, b);
-        const __m256 isum = _mm256_cvtepi32_ps(dots);
-        acc[hh][r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(e[r * kb + b])), acc[hh][r]);
-        acc[hh][r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(s[r * kb + b]), acc[hh][r]);
-      }
+  const uint8_t* c = tile + codes_at(M, b);
+  __m256i lo[4], hi[4];  // unpacked once for all MR activation rows
+  for (int p = 0; p < 4; ++p) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p + 32 * h));
+    lo[p] = _mm256_and_si256(x, low4);
+    hi[p] = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
+  }
+  if constexpr (is_five(M)) {
+    const __m256i top = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q4_CODE_BYTES + 32 * h));
+    for (int p = 0; p < 4; ++p) {
+      lo[p] = _mm256_or_si256(lo[p], _mm256_and_si256(q5_top256(top, p), bit4));
+      hi[p] = _mm256_or_si256(hi[p], _mm256_and_si256(q5_top256(top, p + 4), bit4));
     }
   }
-  for (int hh = 0; hh < HALVES; ++hh)
-    for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * (h0 + hh), acc[hh][r]);
+  __m256 d, mn;
+  if constexpr (is_k_min(M)) {  // D * sc and Dm * mn (k_d, k_m)
+    const uint16_t* hdr = k_header(tile, M, b) + NH * h;
+    const uint8_t* sm = tile + scales_at(M, kb, b) + NH * h;
+    d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hdr))),
+                      _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm)))));
+    mn = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hdr + NR))),
+                       _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + NR)))));
+  } else {
+    const uint16_t* sc = scales_of(tile, M, kb, b) + NH * h;
+    d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
+    mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
+  }
+  for (int r = 0; r < MR; ++r) {
+    const __m256i dots = is_five(M) ? q5_block_dots(lo, hi, act, r, b) : q4_block_dots(lo, hi, act, r, b);
+    const __m256 isum = _mm256_cvtepi32_ps(dots);
+    acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(e[r * kb + b])), acc[r]);
+    acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(s[r * kb + b]), acc[r]);
+  }
+}
+
+template <Mode M, int MR, int HALVES = 1>
+TM_TILE void q4_tile_avx2(const uint8_t* tile, int64_t kb, int h0, const ActRows& act, const float* e, const float* s,
+                  float (*out)[NR]) {
+  __m256 acc[MR], acc1[MR];  // halves h0 and h0 + 1
+  for (int r = 0; r < MR; ++r) acc[r] = acc1[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < kb; ++b) {
+    prefetch_ahead<M>(tile, b);
+    q4_block_avx2<M, MR>(tile, kb, b, h0, act, e, s, acc);
+    if constexpr (HALVES == 2) q4_block_avx2<M, MR>(tile, kb, b, h0 + 1, act, e, s, acc1);
+  }
+  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * h0, acc[r]);
+  if constexpr (HALVES == 2)
+    for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * (h0 + 1), acc1[r]);
 }
 
 // Q8 (M), or IQ4: its k-group vectors made from the nibbles (k-groups p and p + 4 of vector
 // p, as Q4's) by a 16-entry byte lookup of the table's values, then the same math.
-template <Mode M, int MR, int HALVES = 1>
-void q8_tile_avx2(const uint8_t* tile, int64_t kb, int h0, const ActRows& act, const float* e, const float*,
-                  float (*out)[NR]) {
+// One block of half h of a tile against MR activation rows, into acc (q8_tile_avx2's step).
+template <Mode M, int MR>
+TM_LAYOUT void q8_block_avx2(const uint8_t* tile, int64_t kb, int64_t b, int h, const ActRows& act, const float* e,
+                            const float*, __m256 (&acc)[MR]) {
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gguf::kIQ4Values)));
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  __m256 acc[HALVES][MR];
-  for (int hh = 0; hh < HALVES; ++hh)
-    for (int r = 0; r < MR; ++r) acc[hh][r] = _mm256_setzero_ps();
+  const uint8_t* c = tile + codes_at(M, b) + 32 * h;
+  __m256i sum[MR];  // row r's int32 sums
+  for (int r = 0; r < MR; ++r) sum[r] = _mm256_setzero_si256();
+  for (int p = 0; p < 4; ++p) {  // k-groups p and p + 4 (IQ4: one vector's two nibbles)
+    __m256i w0, w1;
+    if constexpr (M == Mode::IQ4) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
+      w0 = _mm256_shuffle_epi8(table, _mm256_and_si256(x, low4));
+      w1 = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(x, 4), low4));
+    } else {
+      w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
+      w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * (p + 4)));
+    }
+    const __m256i abs0 = _mm256_abs_epi8(w0), abs1 = _mm256_abs_epi8(w1);
+    for (int r = 0; r < MR; ++r)
+      sum[r] = q8_group(q8_group(sum[r], w0, abs0, act.get(r, b, p)), w1, abs1, act.get(r, b, p + 4));
+  }
+  const __m256 d =
+      _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales_of(tile, M, kb, b) + NH * h)));
+  for (int r = 0; r < MR; ++r) {
+    const __m256 isum = _mm256_cvtepi32_ps(sum[r]);
+    acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(e[r * kb + b])), acc[r]);
+  }
+}
+
+template <Mode M, int MR, int HALVES = 1>
+TM_TILE void q8_tile_avx2(const uint8_t* tile, int64_t kb, int h0, const ActRows& act, const float* e, const float* s,
+                  float (*out)[NR]) {
+  __m256 acc[MR], acc1[MR];  // halves h0 and h0 + 1
+  for (int r = 0; r < MR; ++r) acc[r] = acc1[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
     prefetch_ahead<M>(tile, b);
-    for (int hh = 0; hh < HALVES; ++hh) {
-      const int h = h0 + hh;
-      const uint8_t* c = tile + codes_at(M, b) + 32 * h;
-      __m256i sum[MR];  // row r's int32 sums
-      for (int r = 0; r < MR; ++r) sum[r] = _mm256_setzero_si256();
-      for (int p = 0; p < 4; ++p) {  // k-groups p and p + 4 (IQ4: one vector's two nibbles)
-        __m256i w0, w1;
-        if constexpr (M == Mode::IQ4) {
-          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
-          w0 = _mm256_shuffle_epi8(table, _mm256_and_si256(x, low4));
-          w1 = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(x, 4), low4));
-        } else {
-          w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
-          w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * (p + 4)));
-        }
-        const __m256i abs0 = _mm256_abs_epi8(w0), abs1 = _mm256_abs_epi8(w1);
-        for (int r = 0; r < MR; ++r)
-          sum[r] = q8_group(q8_group(sum[r], w0, abs0, act.get(r, b, p)), w1, abs1, act.get(r, b, p + 4));
-      }
-      const __m256 d =
-          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales_of(tile, M, kb, b) + NH * h)));
-      for (int r = 0; r < MR; ++r) {
-        const __m256 isum = _mm256_cvtepi32_ps(sum[r]);
-        acc[hh][r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(d, _mm256_set1_ps(e[r * kb + b])), acc[hh][r]);
-      }
-    }
+    q8_block_avx2<M, MR>(tile, kb, b, h0, act, e, s, acc);
+    if constexpr (HALVES == 2) q8_block_avx2<M, MR>(tile, kb, b, h0 + 1, act, e, s, acc1);
   }
-  for (int hh = 0; hh < HALVES; ++hh)
-    for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * (h0 + hh), acc[hh][r]);
+  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * h0, acc[r]);
+  if constexpr (HALVES == 2)
+    for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * (h0 + 1), acc1[r]);
 }
 
 // Q3's top bit of k-group g (0..7), moved to bit 2 of each byte (masked by the caller;
@@ -1930,81 +1952,86 @@ inline __m256i q3_top256(__m256i v, int g) {
 // off: the rows' half sums (row r, block b at off + r * kb + b). M: Q6, Q3 run as
 // Q6 on its codes + 28, IQ2 on its values + 64 looked up from its nibbles, or Q2 on its
 // codes (from zero) plus its mins.
+// One block of half h of a tile against MR activation rows, into acc (q6_tile_avx2's step).
+template <Mode M, int MR>
+TM_LAYOUT void q6_block_avx2(const uint8_t* tile, int64_t kb, int64_t b, int h, const ActRows& act, const float* e,
+                             const HalfSums* off, __m256 (&acc)[MR]) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x30);
+  const __m256i low2 = _mm256_set1_epi8(0x03), bit2 = _mm256_set1_epi8(0x04), q3_offset = _mm256_set1_epi8(28);
+  const uint8_t* c = tile + codes_at(M, b) + 32 * h;
+  __m256i u[8];  // the (Q6) codes of k-groups 0..7, unpacked once for all MR activation rows
+  if constexpr (M == Mode::Q2) {
+    for (int g = 0; g < 8; ++g) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * (g >> 2)));
+      u[g] = _mm256_and_si256(_mm256_srli_epi16(x, 2 * (g & 3)), low2);
+    }
+  } else if constexpr (M == Mode::IQ2) {
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kIQ2Shifted.v)));
+    for (int p = 0; p < 4; ++p) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
+      u[p] = _mm256_shuffle_epi8(table, _mm256_and_si256(x, low4));
+      u[p + 4] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(x, 4), low4));
+    }
+  } else if constexpr (M == Mode::Q3) {
+    const __m256i top = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q3_LOW_BYTES));
+    for (int g = 0; g < 8; ++g) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * (g >> 2)));
+      const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(x, 2 * (g & 3)), low2);
+      u[g] = _mm256_add_epi8(_mm256_or_si256(lo, _mm256_and_si256(q3_top256(top, g), bit2)), q3_offset);
+    }
+  } else {
+    const __m256i top[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q6_LOW_BYTES)),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q6_LOW_BYTES + 64))};
+    for (int p = 0; p < 4; ++p) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
+      u[p] = _mm256_or_si256(_mm256_and_si256(x, low4), _mm256_and_si256(q6_top256(top[0], p), top2));
+      u[p + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(x, 4), low4),
+                                 _mm256_and_si256(q6_top256(top[1], p), top2));
+    }
+  }
+  const uint16_t* sc = scales_of(tile, M, kb, b) + NH * h;
+  __m256 d0, d1;
+  if constexpr (M == Mode::Q6K) {  // D * sc0 and D * sc1 (k6_d)
+    const __m256 dd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k_header(tile, M, b) + NH * h)));
+    const uint8_t* sm = tile + scales_at(M, kb, b) + NH * h;
+    d0 = _mm256_mul_ps(dd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm)))));
+    d1 = _mm256_mul_ps(dd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + NR)))));
+  } else {
+    d0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
+    d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
+  }
+  __m256 m0 = _mm256_setzero_ps(), m1 = m0;  // Q2's mins
+  if constexpr (M == Mode::Q2) {
+    m0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 2 * NR)));
+    m1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 3 * NR)));
+  }
+  for (int r = 0; r < MR; ++r) {
+    __m256i dots[2];
+    const HalfSums* ro = off + r * kb + b;
+    q6_block_dots<M>(u, act, r, b, ro, dots);
+    const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[0]), d0, _mm256_mul_ps(_mm256_cvtepi32_ps(dots[1]), d1));
+    const float er = e[r * kb + b];
+    acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(er), acc[r]);
+    if constexpr (M == Mode::Q2) {
+      acc[r] = _mm256_fmadd_ps(m0, _mm256_set1_ps(ro->hs[0]), acc[r]);
+      acc[r] = _mm256_fmadd_ps(m1, _mm256_set1_ps(ro->hs[1]), acc[r]);
+    }
+  }
+}
+
 template <Mode M, int MR, int HALVES = 1>
 void q6_tile_avx2(const uint8_t* tile, int64_t kb, int h0, const ActRows& act, const float* e, const HalfSums* off,
                   float (*out)[NR]) {
-  const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x30);
-  const __m256i low2 = _mm256_set1_epi8(0x03), bit2 = _mm256_set1_epi8(0x04), q3_offset = _mm256_set1_epi8(28);
-  __m256 acc[HALVES][MR];
-  for (int hh = 0; hh < HALVES; ++hh)
-    for (int r = 0; r < MR; ++r) acc[hh][r] = _mm256_setzero_ps();
+  __m256 acc[MR], acc1[MR];  // halves h0 and h0 + 1
+  for (int r = 0; r < MR; ++r) acc[r] = acc1[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
     prefetch_ahead<M>(tile, b);
-    for (int hh = 0; hh < HALVES; ++hh) {
-      const int h = h0 + hh;
-      const uint8_t* c = tile + codes_at(M, b) + 32 * h;
-      __m256i u[8];  // the (Q6) codes of k-groups 0..7, unpacked once for all MR activation rows
-      if constexpr (M == Mode::Q2) {
-        for (int g = 0; g < 8; ++g) {
-          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * (g >> 2)));
-          u[g] = _mm256_and_si256(_mm256_srli_epi16(x, 2 * (g & 3)), low2);
-        }
-      } else if constexpr (M == Mode::IQ2) {
-        const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kIQ2Shifted.v)));
-        for (int p = 0; p < 4; ++p) {
-          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
-          u[p] = _mm256_shuffle_epi8(table, _mm256_and_si256(x, low4));
-          u[p + 4] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(x, 4), low4));
-        }
-      } else if constexpr (M == Mode::Q3) {
-        const __m256i top = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q3_LOW_BYTES));
-        for (int g = 0; g < 8; ++g) {
-          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * (g >> 2)));
-          const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(x, 2 * (g & 3)), low2);
-          u[g] = _mm256_add_epi8(_mm256_or_si256(lo, _mm256_and_si256(q3_top256(top, g), bit2)), q3_offset);
-        }
-      } else {
-        const __m256i top[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q6_LOW_BYTES)),
-                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + Q6_LOW_BYTES + 64))};
-        for (int p = 0; p < 4; ++p) {
-          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
-          u[p] = _mm256_or_si256(_mm256_and_si256(x, low4), _mm256_and_si256(q6_top256(top[0], p), top2));
-          u[p + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(x, 4), low4),
-                                     _mm256_and_si256(q6_top256(top[1], p), top2));
-        }
-      }
-      const uint16_t* sc = scales_of(tile, M, kb, b) + NH * h;
-      __m256 d0, d1;
-      if constexpr (M == Mode::Q6K) {  // D * sc0 and D * sc1 (k6_d)
-        const __m256 dd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k_header(tile, M, b) + NH * h)));
-        const uint8_t* sm = tile + scales_at(M, kb, b) + NH * h;
-        d0 = _mm256_mul_ps(dd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm)))));
-        d1 = _mm256_mul_ps(dd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + NR)))));
-      } else {
-        d0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
-        d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + NR)));
-      }
-      __m256 m0 = _mm256_setzero_ps(), m1 = m0;  // Q2's mins
-      if constexpr (M == Mode::Q2) {
-        m0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 2 * NR)));
-        m1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 3 * NR)));
-      }
-      for (int r = 0; r < MR; ++r) {
-        __m256i dots[2];
-        const HalfSums* ro = off + r * kb + b;
-        q6_block_dots<M>(u, act, r, b, ro, dots);
-        const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[0]), d0, _mm256_mul_ps(_mm256_cvtepi32_ps(dots[1]), d1));
-        const float er = e[r * kb + b];
-        acc[hh][r] = _mm256_fmadd_ps(t, _mm256_set1_ps(er), acc[hh][r]);
-        if constexpr (M == Mode::Q2) {
-          acc[hh][r] = _mm256_fmadd_ps(m0, _mm256_set1_ps(ro->hs[0]), acc[hh][r]);
-          acc[hh][r] = _mm256_fmadd_ps(m1, _mm256_set1_ps(ro->hs[1]), acc[hh][r]);
-        }
-      }
-    }
+    q6_block_avx2<M, MR>(tile, kb, b, h0, act, e, off, acc);
+    if constexpr (HALVES == 2) q6_block_avx2<M, MR>(tile, kb, b, h0 + 1, act, e, off, acc1);
   }
-  for (int hh = 0; hh < HALVES; ++hh)
-    for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * (h0 + hh), acc[hh][r]);
+  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * h0, acc[r]);
+  if constexpr (HALVES == 2)
+    for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * (h0 + 1), acc1[r]);
 }
 
 #ifdef TM_VNNI512
@@ -2627,7 +2654,33 @@ void tile_pair_panel_avx512(const uint8_t* tile0, const uint8_t* tile1, int64_t 
 
 // One tile against MR activation rows; ncols = the tile's real rows, so that the 256-bit
 // kernels skip a half of padding.
-constexpr int ONE_PASS_ROWS = 2;
+//
+// Up to ONE_PASS_ROWS activation rows the tile's two halves go in one pass over its blocks.
+// There the weights' stream from memory is the limit, and two passes of half lines left it
+// idle for the second (the tile is in L2 by then): kernel_ab --cold, Zen 3, 2 threads, every
+// form at one row took 0.71-0.98x the time (Q8 0.72-0.91x, Q4_K 0.72-0.88x, Q6_K
+// 0.73-0.84x), at three 0.80-1.17x (most 0.85-0.95x). At four rows the work per line is
+// enough to hide the stream, and a pass over both halves needs twice the sums: Q8 at 16 rows
+// took 1.03-1.10x the time.
+constexpr int ONE_PASS_ROWS = 3;
+#ifndef TM_VNNI512
+// Out of line, so that tile_simd's four-row code (inlined in run_parts) stays as it was.
+template <int MR>
+__attribute__((noinline)) void one_pass_simd(Mode mode, const uint8_t* tile, int64_t kb, const ActRows& act,
+                                             const float* e, const float* s, const HalfSums* off, float (*out)[NR]) {
+  if (mode == Mode::Q4) q4_tile_avx2<Mode::Q4, MR, 2>(tile, kb, 0, act, e, s, out);
+  else if (mode == Mode::Q4K) q4_tile_avx2<Mode::Q4K, MR, 2>(tile, kb, 0, act, e, s, out);
+  else if (mode == Mode::Q5K) q4_tile_avx2<Mode::Q5K, MR, 2>(tile, kb, 0, act, e, s, out);
+  else if (mode == Mode::Q6K) q6_tile_avx2<Mode::Q6K, MR, 2>(tile, kb, 0, act, e, off, out);
+  else if (mode == Mode::Q8) q8_tile_avx2<Mode::Q8, MR, 2>(tile, kb, 0, act, e, s, out);
+  else if (mode == Mode::IQ4) q8_tile_avx2<Mode::IQ4, MR, 2>(tile, kb, 0, act, e, s, out);
+  else if (mode == Mode::Q6) q6_tile_avx2<Mode::Q6, MR, 2>(tile, kb, 0, act, e, off, out);
+  else if (mode == Mode::Q3) q6_tile_avx2<Mode::Q3, MR, 2>(tile, kb, 0, act, e, off, out);
+  else if (mode == Mode::IQ2) q6_tile_avx2<Mode::IQ2, MR, 2>(tile, kb, 0, act, e, off, out);
+  else if (mode == Mode::Q2) q6_tile_avx2<Mode::Q2, MR, 2>(tile, kb, 0, act, e, off, out);
+  else q4_tile_avx2<Mode::Q5, MR, 2>(tile, kb, 0, act, e, s, out);
+}
+#endif
 template <int MR>
 void tile_simd(Mode mode, const uint8_t* tile, int64_t kb, int64_t ncols, const ActRows& act, const float* e,
                const float* s, const HalfSums* off, float (*out)[NR]) {
@@ -2635,24 +2688,22 @@ void tile_simd(Mode mode, const uint8_t* tile, int64_t kb, int64_t ncols, const 
   (void)ncols;
   with_mode(mode, [&](auto m) { tile_avx512<decltype(m)::value, MR>(tile, kb, act, e, s, off, out); });
 #else
-  const auto halves = [&](auto hv) {
-    constexpr int H = decltype(hv)::value;
-    for (int h = 0; h * NH < ncols; h += H) {
-      if (mode == Mode::Q4) q4_tile_avx2<Mode::Q4, MR, H>(tile, kb, h, act, e, s, out);
-      else if (mode == Mode::Q4K) q4_tile_avx2<Mode::Q4K, MR, H>(tile, kb, h, act, e, s, out);
-      else if (mode == Mode::Q5K) q4_tile_avx2<Mode::Q5K, MR, H>(tile, kb, h, act, e, s, out);
-      else if (mode == Mode::Q6K) q6_tile_avx2<Mode::Q6K, MR, H>(tile, kb, h, act, e, off, out);
-      else if (mode == Mode::Q8) q8_tile_avx2<Mode::Q8, MR, H>(tile, kb, h, act, e, s, out);
-      else if (mode == Mode::IQ4) q8_tile_avx2<Mode::IQ4, MR, H>(tile, kb, h, act, e, s, out);
-      else if (mode == Mode::Q6) q6_tile_avx2<Mode::Q6, MR, H>(tile, kb, h, act, e, off, out);
-      else if (mode == Mode::Q3) q6_tile_avx2<Mode::Q3, MR, H>(tile, kb, h, act, e, off, out);
-      else if (mode == Mode::IQ2) q6_tile_avx2<Mode::IQ2, MR, H>(tile, kb, h, act, e, off, out);
-      else if (mode == Mode::Q2) q6_tile_avx2<Mode::Q2, MR, H>(tile, kb, h, act, e, off, out);
-      else q4_tile_avx2<Mode::Q5, MR, H>(tile, kb, h, act, e, s, out);
-    }
-  };
-  if (MR <= ONE_PASS_ROWS && ncols > NH) halves(std::integral_constant<int, 2>{});
-  else halves(std::integral_constant<int, 1>{});
+  if constexpr (MR <= ONE_PASS_ROWS) {
+    if (ncols > NH) return one_pass_simd<MR>(mode, tile, kb, act, e, s, off, out);
+  }
+  for (int h = 0; h * NH < ncols; ++h) {
+    if (mode == Mode::Q4) q4_tile_avx2<Mode::Q4, MR>(tile, kb, h, act, e, s, out);
+    else if (mode == Mode::Q4K) q4_tile_avx2<Mode::Q4K, MR>(tile, kb, h, act, e, s, out);
+    else if (mode == Mode::Q5K) q4_tile_avx2<Mode::Q5K, MR>(tile, kb, h, act, e, s, out);
+    else if (mode == Mode::Q6K) q6_tile_avx2<Mode::Q6K, MR>(tile, kb, h, act, e, off, out);
+    else if (mode == Mode::Q8) q8_tile_avx2<Mode::Q8, MR>(tile, kb, h, act, e, s, out);
+    else if (mode == Mode::IQ4) q8_tile_avx2<Mode::IQ4, MR>(tile, kb, h, act, e, s, out);
+    else if (mode == Mode::Q6) q6_tile_avx2<Mode::Q6, MR>(tile, kb, h, act, e, off, out);
+    else if (mode == Mode::Q3) q6_tile_avx2<Mode::Q3, MR>(tile, kb, h, act, e, off, out);
+    else if (mode == Mode::IQ2) q6_tile_avx2<Mode::IQ2, MR>(tile, kb, h, act, e, off, out);
+    else if (mode == Mode::Q2) q6_tile_avx2<Mode::Q2, MR>(tile, kb, h, act, e, off, out);
+    else q4_tile_avx2<Mode::Q5, MR>(tile, kb, h, act, e, s, out);
+  }
 #endif
 }
 #endif
