@@ -1844,7 +1844,7 @@ inline void prefetch_ahead(const uint8_t* tile, int64_t b) {
 // Q5 (M): the same with each code's top bit from the block's top-bit vector.
 template <Mode M, int MR>
 TM_LAYOUT void q4_block_avx2(const uint8_t* tile, int64_t kb, int64_t b, int h, const ActRows& act, const float* e,
-                            const float* s, __m256 (&acc)[MR]) {
+                             const float* s, __m256 (&acc)[MR]) {
   const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
   const uint8_t* c = tile + codes_at(M, b);
   __m256i lo[4], hi[4];  // unpacked once for all MR activation rows
@@ -1883,7 +1883,7 @@ TM_LAYOUT void q4_block_avx2(const uint8_t* tile, int64_t kb, int64_t b, int h, 
 
 template <Mode M, int MR, int HALVES = 1>
 TM_TILE void q4_tile_avx2(const uint8_t* tile, int64_t kb, int h0, const ActRows& act, const float* e, const float* s,
-                  float (*out)[NR]) {
+                          float (*out)[NR]) {
   __m256 acc[MR], acc1[MR];  // halves h0 and h0 + 1
   for (int r = 0; r < MR; ++r) acc[r] = acc1[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
@@ -1896,12 +1896,12 @@ TM_TILE void q4_tile_avx2(const uint8_t* tile, int64_t kb, int h0, const ActRows
     for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * (h0 + 1), acc1[r]);
 }
 
+// One block of half h of a tile against MR activation rows, into acc (q8_tile_avx2's step).
 // Q8 (M), or IQ4: its k-group vectors made from the nibbles (k-groups p and p + 4 of vector
 // p, as Q4's) by a 16-entry byte lookup of the table's values, then the same math.
-// One block of half h of a tile against MR activation rows, into acc (q8_tile_avx2's step).
 template <Mode M, int MR>
 TM_LAYOUT void q8_block_avx2(const uint8_t* tile, int64_t kb, int64_t b, int h, const ActRows& act, const float* e,
-                            const float*, __m256 (&acc)[MR]) {
+                             const float*, __m256 (&acc)[MR]) {
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gguf::kIQ4Values)));
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const uint8_t* c = tile + codes_at(M, b) + 32 * h;
@@ -1931,7 +1931,7 @@ TM_LAYOUT void q8_block_avx2(const uint8_t* tile, int64_t kb, int64_t b, int h, 
 
 template <Mode M, int MR, int HALVES = 1>
 TM_TILE void q8_tile_avx2(const uint8_t* tile, int64_t kb, int h0, const ActRows& act, const float* e, const float* s,
-                  float (*out)[NR]) {
+                          float (*out)[NR]) {
   __m256 acc[MR], acc1[MR];  // halves h0 and h0 + 1
   for (int r = 0; r < MR; ++r) acc[r] = acc1[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
