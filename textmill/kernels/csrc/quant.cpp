@@ -1901,7 +1901,7 @@ TM_TILE void q4_tile_avx2(const uint8_t* tile, int64_t kb, int h0, const ActRows
 // p, as Q4's) by a 16-entry byte lookup of the table's values, then the same math.
 template <Mode M, int MR>
 TM_LAYOUT void q8_block_avx2(const uint8_t* tile, int64_t kb, int64_t b, int h, const ActRows& act, const float* e,
-                             const float*, __m256 (&acc)[MR]) {
+                             __m256 (&acc)[MR]) {
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gguf::kIQ4Values)));
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const uint8_t* c = tile + codes_at(M, b) + 32 * h;
@@ -1930,14 +1930,14 @@ TM_LAYOUT void q8_block_avx2(const uint8_t* tile, int64_t kb, int64_t b, int h, 
 }
 
 template <Mode M, int MR, int HALVES = 1>
-TM_TILE void q8_tile_avx2(const uint8_t* tile, int64_t kb, int h0, const ActRows& act, const float* e, const float* s,
+TM_TILE void q8_tile_avx2(const uint8_t* tile, int64_t kb, int h0, const ActRows& act, const float* e, const float*,
                           float (*out)[NR]) {
   __m256 acc[MR], acc1[MR];  // halves h0 and h0 + 1
   for (int r = 0; r < MR; ++r) acc[r] = acc1[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < kb; ++b) {
     prefetch_ahead<M>(tile, b);
-    q8_block_avx2<M, MR>(tile, kb, b, h0, act, e, s, acc);
-    if constexpr (HALVES == 2) q8_block_avx2<M, MR>(tile, kb, b, h0 + 1, act, e, s, acc1);
+    q8_block_avx2<M, MR>(tile, kb, b, h0, act, e, acc);
+    if constexpr (HALVES == 2) q8_block_avx2<M, MR>(tile, kb, b, h0 + 1, act, e, acc1);
   }
   for (int r = 0; r < MR; ++r) _mm256_storeu_ps(out[r] + NH * h0, acc[r]);
   if constexpr (HALVES == 2)
