@@ -15,6 +15,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from textmill import collector
 from textmill.config import (CacheConfig, DeviceConfig, EngineConfig, GenerateConfig, Option, ScaleConfig,
                              SchedulerConfig, ServerConfig)
 
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(*((server.log_level, server.log_format) if server else ("info", "text")))
     if server is None or _loads_here(args):
         _prefetch(args.model)  # the disk reads the model while torch imports
-    from textmill import commands, wiring  # heavy imports (torch) only once the arguments are valid
+    with collector.paused():  # torch's import makes ~160k objects for good (collector.py)
+        from textmill import commands, wiring  # heavy imports (torch) only once the arguments are valid
 
     engine = engine_config_from_args(args)
     try:

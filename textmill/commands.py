@@ -6,13 +6,15 @@ import gc
 import time
 from typing import TypeVar
 
+from textmill import collector
 from textmill.config import EngineConfig, GenerateConfig, ServerConfig
 from textmill.wiring import StartupError, build_engine, build_serving, model_path
 
 
 def serve(engine: EngineConfig, server: ServerConfig) -> int:
-    from textmill.api.app import create_app
-    from textmill.api.server import make_server
+    with collector.paused():  # FastAPI's and pydantic's imports, as torch's in cli.py
+        from textmill.api.app import create_app
+        from textmill.api.server import make_server
 
     model_path(engine.model)  # fail fast, before the port opens, on a missing file
     app = create_app(server, lambda: _frozen_after(build_serving(engine, server.served_model_name)))

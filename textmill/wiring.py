@@ -5,22 +5,20 @@ directly so that they exercise exactly what `textmill serve` runs.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
-import gc
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from textmill import __version__
+from textmill import __version__, collector
 from textmill.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from textmill.loader.bundled import BUNDLED_NAME, resolve_model_path
 
@@ -61,7 +59,7 @@ def model_path(model: str | None) -> Path:
 
 def build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner] | None" = None) -> BuiltEngine:
     """`wrap_runner` (tests) may wrap the ModelRunner, e.g. to make a step fail."""
-    with _collector_paused():
+    with collector.paused():
         built = _build_engine(config, wrap_runner)
     # No collection here: loading leaves ~235 objects in cycles (a few KB, the same count on
     # SmolLM2, Gemma 3 and the 1B), and one gc.collect() walked every object loading made to
@@ -70,23 +68,6 @@ def build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner] 
     # the OS.
     _return_freed_memory()
     return built
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """No cyclic garbage collection while loading: a load makes hundreds of thousands of
-    objects that live as long as the process (a tokenizer's tables, modules, parameters),
-    each allocation burst triggered a collection that walked all of them again, ~5% of a
-    1B model's start (perf), and loading leaves no cycles worth collecting early. The switch
-    is the process's: a second build running at the same time (no caller does that) would
-    find the collector off until the first ends."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner] | None") -> BuiltEngine:
