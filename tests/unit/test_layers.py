@@ -25,6 +25,7 @@ LAYER_OF = {
     "textmill.messages": "types",
     "textmill.sampling_params": "types",
     "textmill.structured": "types",
+    "textmill.collector": "types",  # the garbage collector paused at start-up: stdlib only
     "textmill.kernels": "kernels",
     "textmill.models": "models",
     "textmill.loader": "loader",
