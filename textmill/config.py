@@ -68,7 +68,7 @@ class ModelConfig:
     family does not use keep their defaults.
     """
 
-    architecture: str  # registry key: "llama", "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"
+    architecture: str  # registry key: "llama" (Mistral, SmolLM3 too), "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -90,6 +90,9 @@ class ModelConfig:
     # RoPE on the first rotary_dim values of each head, the rest passed (Phi-4-mini's 3/4 of
     # 128); None: the whole head.
     rotary_dim: int | None = None
+    # Layers that take no RoPE at all (NoPE): SmolLM3's every 4th. Their q and k go to the
+    # cache as projected.
+    no_rope_layers: tuple[int, ...] = ()
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # qwen2: bias on q/k/v
     qk_norm: bool = False  # qwen3, gemma3: per-head RMSNorm of q and k before RoPE

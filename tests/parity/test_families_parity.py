@@ -7,6 +7,7 @@ log-probabilities within 1e-3 and the same 32 greedy tokens.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tests.parity.tiny_gguf import write_gguf
 from tests.parity.tiny_models import (FAMILIES, GEMMA2_SOFTCAPS, SLIDING_WINDOW, phi3_longrope_model, prompt_ids,
                                      save_folder, tiny_hf_model, train_tokenizer)
 from textmill.loader import LoadedModel, load_model
+from textmill.models.registry import build_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -75,7 +77,7 @@ def test_folder_config(from_folder) -> None:
     family, hf, ours = from_folder
     c, h = ours.config, hf.config
     assert ours.format == "hf"
-    assert c.architecture == {"mistral": "llama", "llama3": "llama"}.get(family, family)
+    assert c.architecture == {"mistral": "llama", "llama3": "llama", "smollm3": "llama"}.get(family, family)
     assert (c.vocab_size, c.hidden_size, c.num_layers) == (h.vocab_size, h.hidden_size, h.num_hidden_layers)
     assert (c.num_heads, c.num_kv_heads) == (h.num_attention_heads, getattr(h, "num_key_value_heads", h.num_attention_heads))
     assert c.tie_word_embeddings == h.tie_word_embeddings
@@ -89,6 +91,7 @@ def test_folder_config(from_folder) -> None:
         assert (c.sliding_window_pattern, c.query_pre_attn_scalar, c.final_logit_softcap) == (2, 24.0, 30.0)
         assert (c.rope_theta, c.rope_local_theta, c.rope_scaling_factor) == (100000.0, 10000.0, 2.0)
         assert c.qk_norm
+    assert c.no_rope_layers == ((3,) if family == "smollm3" else ())
     if family == "gemma2":  # every other layer local, one RoPE base, both soft-caps, no QK norm
         assert (c.sliding_window_pattern, c.query_pre_attn_scalar, c.rope_theta, c.rope_local_theta) == (
             2, 24.0, 10000.0, 10000.0)
@@ -218,3 +221,23 @@ def test_phi4_mini_partial_rotary_matches_transformers(tokenizer, prompts, tmp_p
             diff = max_logprob_diff(ours.model, hf, ids)
             assert diff < LOGPROB_TOLERANCE, f"{name}: max |logprob diff| = {diff:.2e}"
             assert our_greedy(ours.model, ids) == hf_greedy(hf, ids), name
+
+
+def test_smollm3_gguf_matches_transformers_and_its_nope_layer_counts(tokenizer, prompts, tmp_path: Path) -> None:
+    """SmolLM3 files (architecture "smollm3") carry no key for their NoPE layers: llama.cpp
+    leaves RoPE out of every 4th layer by rule, as SmolLM3's config does. transformers reads no
+    such file, so this one is compared with transformers on the source model; and the same
+    weights with RoPE in every layer (plain Llama) are far off, so the NoPE layer is what the
+    match rests on."""
+    hf = tiny_hf_model("smollm3")
+    path = write_gguf(tmp_path / "smollm3.gguf", "smollm3", hf, tokenizer)
+    ours = load_model(path)
+    assert ours.format == "gguf" and ours.config.architecture == "llama" and ours.config.no_rope_layers == (3,)
+    for name, ids in prompts.items():
+        diff = max_logprob_diff(ours.model, hf, ids)
+        assert diff < LOGPROB_TOLERANCE, f"{name}: max |logprob diff| = {diff:.2e}"
+        assert our_greedy(ours.model, ids) == hf_greedy(hf, ids), name
+    with torch.device("meta"):
+        roped = build_model(dataclasses.replace(ours.config, no_rope_layers=()))
+    roped.load_state_dict(ours.model.state_dict(), assign=True)
+    assert max_logprob_diff(roped, hf, prompts["prose"]) > 100 * LOGPROB_TOLERANCE

@@ -1,7 +1,7 @@
 """Write a tiny transformers model as a GGUF file, the way llama.cpp's converter does.
 
 This restates convert_hf_to_gguf.py for the families we test (names from gguf-py's tensor
-map, q/k row permutation for Llama, +1 on Gemma 2/3 norms, GPT-2's Conv1D weights transposed to
+map, q/k row permutation for Llama and SmolLM3, +1 on Gemma 2/3 norms, GPT-2's Conv1D weights transposed to
 (out, in)), independently of textmill.loader.names, so that a wrong entry in either shows
 up as a parity failure: transformers reads the same file with its own name tables.
 """
@@ -25,6 +25,7 @@ _DECODER = {
 }
 NAMES = {
     "llama": _DECODER | {"post_attention_layernorm": "ffn_norm"},
+    "smollm3": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "qwen2": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "phi3": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.qkv_proj": "attn_qkv",
                         "mlp.gate_up_proj": "ffn_up"},
@@ -56,9 +57,9 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def converted(family: str, hf_name: str, w: np.ndarray, config) -> np.ndarray:
-    if family == "llama" and hf_name.endswith("q_proj.weight"):
+    if family in ("llama", "smollm3") and hf_name.endswith("q_proj.weight"):  # SmolLM3Model(LlamaModel)
         return llama_cpp_permute(w, config.num_attention_heads)
-    if family == "llama" and hf_name.endswith("k_proj.weight"):
+    if family in ("llama", "smollm3") and hf_name.endswith("k_proj.weight"):
         return llama_cpp_permute(w, config.num_key_value_heads)
     if family in ("gemma2", "gemma3") and hf_name.endswith("norm.weight"):
         return w + 1.0

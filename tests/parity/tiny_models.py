@@ -90,6 +90,9 @@ def hf_config(family: str):
             **common, head_dim=16, query_pre_attn_scalar=24, sliding_window=SLIDING_WINDOW,
             attn_logit_softcapping=GEMMA2_SOFTCAPS[0], final_logit_softcapping=GEMMA2_SOFTCAPS[1],
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)
+    if family == "smollm3":  # Llama without RoPE in every 4th layer (NoPE): four layers, the last NoPE
+        return tf.SmolLM3Config(**(common | dict(num_hidden_layers=4)), tie_word_embeddings=True,
+                                rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB_SIZE, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
                              n_positions=MAX_POSITIONS, activation_function="gelu_new",
@@ -97,7 +100,7 @@ def hf_config(family: str):
     raise ValueError(family)
 
 
-FAMILIES = ("llama", "llama3", "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2")
+FAMILIES = ("llama", "llama3", "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "smollm3")
 
 
 def tiny_hf_model(family: str, seed: int = 0, **config_changes):

@@ -71,10 +71,12 @@ def _compare(eager: dict[str, Seq], fast: dict[str, Seq], tol: float) -> None:
             torch.testing.assert_close(got, want, atol=tol, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["llama", "tied", "qwen2", "qwen3", "window", "mha", "partial"])
+@pytest.mark.parametrize("variant", ["llama", "tied", "qwen2", "qwen3", "window", "mha", "partial", "nope"])
 def test_llama_family_kernel_forward_matches_eager(variant):
-    # partial: Phi-4-mini's RoPE on the first half of each head, LongRoPE's scaled cos/sin
+    # partial: Phi-4-mini's RoPE on the first half of each head, LongRoPE's scaled cos/sin;
+    # nope: SmolLM3's layer without RoPE (here the second of two)
     kw = {"tied": dict(tied=True), "window": dict(sliding_window=5), "mha": dict(num_kv_heads=4),
+          "nope": dict(no_rope_layers=(1,), tied=True),
           "partial": dict(rotary_dim=4, rope_attention_factor=1.19, rope_freq_factors=(1.0, 3.0)),
           "qwen2": dict(attention_bias=True), "qwen3": dict(qk_norm=True, tied=True)}.get(variant, {})
     cls = {"qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}.get(variant, llama.LlamaForCausalLM)
@@ -278,6 +280,7 @@ _FAMILIES = {
     "qwen3": lambda: _random_llama(Qwen3ForCausalLM, seed=7, qk_norm=True, tied=True),
     "window": lambda: _random_llama(seed=7, sliding_window=5),
     "partial": lambda: _random_llama(seed=7, rotary_dim=4, rope_attention_factor=1.19, rope_freq_factors=(1.0, 3.0)),
+    "nope": lambda: _random_llama(seed=7, no_rope_layers=(0,)),
     "gemma3": lambda: _random_gemma(seed=7),
     "gemma2": lambda: _random_gemma(seed=7, **GEMMA2),
 }

@@ -27,6 +27,7 @@ from textmill.loader.names import FUSED_GGUF, fused_parts, gguf_param_name, to_m
 from textmill.models.registry import resolve_architecture
 
 _MISSING = object()
+SMOLLM3_NOPE_EVERY = 4  # llama.cpp's n_no_rope_layer_step for "smollm3" files
 
 
 class GGUFMetadata:
@@ -109,6 +110,10 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
         if fields["attention_bias"]:  # transformers' Qwen3 puts a bias on o_proj too: not modelled
             raise ValueError("Qwen3 files with attention biases are not supported")
         fields |= dict(qk_norm=True)
+    elif meta.arch == "smollm3":
+        # The file says nothing of its NoPE layers: llama.cpp leaves RoPE out of every 4th
+        # layer by rule (n_no_rope_layer_step = 4), as SmolLM3's config does.
+        fields |= dict(no_rope_layers=tuple(range(SMOLLM3_NOPE_EVERY - 1, fields["num_layers"], SMOLLM3_NOPE_EVERY)))
     elif family == "phi3":
         fields |= dict(sliding_window=None)  # llama.cpp ignores Phi-3's window too
         if LONGROPE & tensor_names:

@@ -94,7 +94,21 @@ def _decoder_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
         return fields | dict(qk_norm=True, sliding_window=_qwen2_window(raw, fields["num_layers"]))
     if raw.get("attention_bias") or raw.get("mlp_bias"):
         raise ValueError("Llama checkpoints with attention_bias or mlp_bias are not supported")
+    if raw.get("model_type") == "smollm3" or "no_rope_layers" in raw:
+        return fields | _smollm3(raw, fields["num_layers"])
     return fields | dict(sliding_window=raw.get("sliding_window"))
+
+
+def _smollm3(raw: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """SmolLM3: Llama whose `no_rope_layers` (1 = RoPE, 0 = none; by default every
+    `no_rope_layer_interval`-th layer, 4, is 0) say where RoPE is left out; a window as
+    Qwen2's (use_sliding_window, layer_types)."""
+    every = int(raw.get("no_rope_layer_interval") or 4)
+    uses = raw.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(num_layers)]
+    if len(uses) < num_layers:
+        raise ValueError(f"no_rope_layers has {len(uses)} entries for {num_layers} layers")
+    return dict(no_rope_layers=tuple(i for i, use in enumerate(uses[:num_layers]) if not use),
+                sliding_window=_qwen2_window(raw, num_layers))
 
 
 def _gemma3(raw: dict[str, Any], num_layers: int, head_dim: int) -> dict[str, Any]:

@@ -83,6 +83,7 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         self.sliding_window = config.sliding_window
+        self.rope = layer_idx not in config.no_rope_layers  # SmolLM3's NoPE layers: False
         C, D, bias = config.hidden_size, config.head_dim, config.attention_bias
         self.q_proj = nn.Linear(C, self.num_heads * D, bias=bias)
         self.k_proj = nn.Linear(C, self.num_kv_heads * D, bias=bias)
@@ -100,7 +101,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(N, self.num_kv_heads, D)  # (N, Hkv, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.rope:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = ctx.attend(self.layer_idx, q, k, v, scale=D**-0.5,
                        sliding_window=self.sliding_window)  # (N, Hq, D)
         return self.o_proj(y.reshape(N, self.num_heads * D))

@@ -36,6 +36,9 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     # Mistral is Llama with an optional sliding window; GGUF files call it "llama" too.
     "mistral": "llama",
     "MistralForCausalLM": "llama",
+    # SmolLM3 is Llama without RoPE in every 4th layer (ModelConfig.no_rope_layers).
+    "smollm3": "llama",
+    "SmolLM3ForCausalLM": "llama",
     "phi3": "phi3",
     "Phi3ForCausalLM": "phi3",
     "qwen2": "qwen2",

@@ -48,7 +48,7 @@ class FusedAttention(nn.Module):
         self.qkv_proj = make_linear([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o_proj = make_linear([attn.o_proj])
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm  # Qwen3's QK norm, else None
-        self.rope = rope
+        self.rope = rope if attn.rope else None  # None: a NoPE layer (SmolLM3)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
         n, d, hq, hkv = x.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
@@ -57,9 +57,10 @@ class FusedAttention(nn.Module):
         v = qkv[:, (hq + hkv) * d :].view(n, hkv, d)  # (N, Hkv, D)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :hq]), self.k_norm(qk[:, hq:])], dim=1)
-        cos2, sin2 = self.rope.get(cos, sin)
-        x32 = qk.float()
-        qk = (x32 * cos2 + x32.roll(d // 2, dims=-1) * sin2).to(qk.dtype)
+        if self.rope is not None:
+            cos2, sin2 = self.rope.get(cos, sin)
+            x32 = qk.float()
+            qk = (x32 * cos2 + x32.roll(d // 2, dims=-1) * sin2).to(qk.dtype)
         y = ctx.attend(self.layer_idx, qk[:, :hq], qk[:, hq:], v, scale=d**-0.5,
                        sliding_window=self.sliding_window)  # (N, Hq, D)
         return self.o_proj(y.reshape(n, hq * d))

@@ -29,7 +29,8 @@ keeps the two in step, and it runs any other linear.
 
 Built only for exact llama.LlamaForCausalLM / qwen2 / qwen3 / Gemma 2 and 3 instances whose
 layers runner/fused.py has fused; anything else keeps the model's own forward. Qwen3's QK
-norm runs inside rope_kv_write, as Gemma 3's does.
+norm runs inside rope_kv_write, as Gemma 3's does; SmolLM3's NoPE layers take an identity
+RoPE table.
 """
 from __future__ import annotations
 
@@ -153,6 +154,10 @@ class KernelForward(KernelForwardBase):
     def __init__(self, model: llama.LlamaForCausalLM, ops: ModuleType):
         super().__init__(model, ops)
         self.rotary = model.rotary
+        # Each layer's RoPE table: 0 the model's, 1 the identity (cos 1, sin 0: the rotation
+        # leaves q and k bitwise as they are) for SmolLM3's NoPE layers, so that rope_kv_write
+        # and the one-call Forward need no case of their own.
+        self.rope_index = [0 if b.self_attn.rope else 1 for b in self.layers]
         self.post_norms = [self.norm_weight(layer.post_attention_layernorm) for layer in self.layers]
         # Qwen3: (q_norm, k_norm) weights per layer, for rope_kv_write; None elsewhere.
         self.qk_norms = [None if b.self_attn.q_norm is None else
@@ -164,7 +169,7 @@ class KernelForward(KernelForwardBase):
         attn = self.layers[i].self_attn
         q_norm, k_norm = self.qk_norms[i] or (None, None)
         return dict(q_norm=q_norm, k_norm=k_norm, post_attn=None, post_ffw=None, mid_norm=self.post_norms[i],
-                    next_norm=self.next_norms[i], heads=attn.num_heads, kv_heads=attn.num_kv_heads, rope=0,
+                    next_norm=self.next_norms[i], heads=attn.num_heads, kv_heads=attn.num_kv_heads, rope=self.rope_index[i],
                     window=int(attn.sliding_window or 0), scale=float(attn.head_dim ** -0.5), softcap=0.0, gelu=False)
 
     @staticmethod
@@ -175,13 +180,16 @@ class KernelForward(KernelForwardBase):
                    and isinstance(layer.mlp, FusedMLP) for layer in model.layers)
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-        return (self.rotary.table(positions),)
+        cos, sin = self.rotary.table(positions)
+        if max(self.rope_index) == 0:
+            return ((cos, sin),)
+        return (cos, sin), (torch.ones_like(cos), torch.zeros_like(sin))
 
     def layer(self, i: int, y: torch.Tensor, h: torch.Tensor, step: _Step,
               keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         ops, eps, attn = self.ops, self.eps, self.layers[i].self_attn
         qkv_proj, o_proj, gate_up_proj, down_proj = self.matmuls[i]
-        cos, sin = step.rope[0]
+        cos, sin = step.rope[self.rope_index[i]]
         q_norm, k_norm = self.qk_norms[i] or (None, None)
         q = ops.rope_kv_write(qkv_proj(y), step.rows, cos, sin, step.ctx.cache.kv[i], step.ctx.meta.slot_mapping,
                               attn.num_heads, attn.num_kv_heads, q_norm=q_norm, k_norm=k_norm,
