@@ -68,7 +68,7 @@ class ModelConfig:
     family does not use keep their defaults.
     """
 
-    architecture: str  # registry key: "llama" (Mistral, SmolLM3 too), "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"
+    architecture: str  # registry key: "llama" (Mistral, SmolLM3, Granite too), "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -93,6 +93,14 @@ class ModelConfig:
     # Layers that take no RoPE at all (NoPE): SmolLM3's every 4th. Their q and k go to the
     # cache as projected.
     no_rope_layers: tuple[int, ...] = ()
+    # Granite's multipliers (None: not used): the embedding times embedding_multiplier; each
+    # layer's attention and MLP outputs times residual_multiplier as they join the residual
+    # stream; attention scores times attention_scale instead of head_dim ** -0.5; logits
+    # divided by logit_scale.
+    embedding_multiplier: float | None = None
+    residual_multiplier: float | None = None
+    attention_scale: float | None = None
+    logit_scale: float | None = None
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # qwen2: bias on q/k/v
     qk_norm: bool = False  # qwen3, gemma3: per-head RMSNorm of q and k before RoPE

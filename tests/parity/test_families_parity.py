@@ -77,7 +77,7 @@ def test_folder_config(from_folder) -> None:
     family, hf, ours = from_folder
     c, h = ours.config, hf.config
     assert ours.format == "hf"
-    assert c.architecture == {"mistral": "llama", "llama3": "llama", "smollm3": "llama"}.get(family, family)
+    assert c.architecture == {"mistral": "llama", "llama3": "llama", "smollm3": "llama", "granite": "llama"}.get(family, family)
     assert (c.vocab_size, c.hidden_size, c.num_layers) == (h.vocab_size, h.hidden_size, h.num_hidden_layers)
     assert (c.num_heads, c.num_kv_heads) == (h.num_attention_heads, getattr(h, "num_key_value_heads", h.num_attention_heads))
     assert c.tie_word_embeddings == h.tie_word_embeddings
@@ -223,21 +223,35 @@ def test_phi4_mini_partial_rotary_matches_transformers(tokenizer, prompts, tmp_p
             assert our_greedy(ours.model, ids) == hf_greedy(hf, ids), name
 
 
-def test_smollm3_gguf_matches_transformers_and_its_nope_layer_counts(tokenizer, prompts, tmp_path: Path) -> None:
-    """SmolLM3 files (architecture "smollm3") carry no key for their NoPE layers: llama.cpp
-    leaves RoPE out of every 4th layer by rule, as SmolLM3's config does. transformers reads no
-    such file, so this one is compared with transformers on the source model; and the same
-    weights with RoPE in every layer (plain Llama) are far off, so the NoPE layer is what the
-    match rests on."""
-    hf = tiny_hf_model("smollm3")
-    path = write_gguf(tmp_path / "smollm3.gguf", "smollm3", hf, tokenizer)
+# Families whose GGUF files transformers does not read, each with the setting the match
+# rests on: undone, the same weights are far off.
+NOT_READ_BY_TRANSFORMERS = {
+    "smollm3": lambda c: dataclasses.replace(c, no_rope_layers=()),  # RoPE in its NoPE layer too
+    "granite": lambda c: dataclasses.replace(c, residual_multiplier=None),  # one of its four multipliers
+}
+
+
+@pytest.mark.parametrize("family", sorted(NOT_READ_BY_TRANSFORMERS))
+def test_gguf_transformers_cannot_read_matches_the_source_model(family, tokenizer, prompts, tmp_path: Path) -> None:
+    """SmolLM3 files carry no key for their NoPE layers: llama.cpp leaves RoPE out of every 4th
+    layer by rule, as SmolLM3's config does. Granite files carry its multipliers as llama.cpp's
+    _scale keys. transformers reads neither, so each file is compared with transformers on the
+    source model; and the model without its own setting is far off, so the match rests on it."""
+    hf = tiny_hf_model(family)
+    path = write_gguf(tmp_path / f"{family}.gguf", family, hf, tokenizer)
     ours = load_model(path)
-    assert ours.format == "gguf" and ours.config.architecture == "llama" and ours.config.no_rope_layers == (3,)
+    assert ours.format == "gguf" and ours.config.architecture == "llama"
+    if family == "smollm3":
+        assert ours.config.no_rope_layers == (3,)
+    else:  # the file's float32 keys
+        c, h = ours.config, hf.config
+        assert (c.embedding_multiplier, c.residual_multiplier, c.attention_scale, c.logit_scale) == pytest.approx(
+            (h.embedding_multiplier, h.residual_multiplier, h.attention_multiplier, h.logits_scaling))
     for name, ids in prompts.items():
         diff = max_logprob_diff(ours.model, hf, ids)
         assert diff < LOGPROB_TOLERANCE, f"{name}: max |logprob diff| = {diff:.2e}"
         assert our_greedy(ours.model, ids) == hf_greedy(hf, ids), name
     with torch.device("meta"):
-        roped = build_model(dataclasses.replace(ours.config, no_rope_layers=()))
-    roped.load_state_dict(ours.model.state_dict(), assign=True)
-    assert max_logprob_diff(roped, hf, prompts["prose"]) > 100 * LOGPROB_TOLERANCE
+        without = build_model(NOT_READ_BY_TRANSFORMERS[family](ours.config))
+    without.load_state_dict(ours.model.state_dict(), assign=True)
+    assert max_logprob_diff(without, hf, prompts["prose"]) > 100 * LOGPROB_TOLERANCE

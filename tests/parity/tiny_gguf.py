@@ -1,7 +1,7 @@
 """Write a tiny transformers model as a GGUF file, the way llama.cpp's converter does.
 
 This restates convert_hf_to_gguf.py for the families we test (names from gguf-py's tensor
-map, q/k row permutation for Llama and SmolLM3, +1 on Gemma 2/3 norms, GPT-2's Conv1D weights transposed to
+map, q/k row permutation for Llama, SmolLM3 and Granite, +1 on Gemma 2/3 norms, GPT-2's Conv1D weights transposed to
 (out, in)), independently of textmill.loader.names, so that a wrong entry in either shows
 up as a parity failure: transformers reads the same file with its own name tables.
 """
@@ -26,6 +26,7 @@ _DECODER = {
 NAMES = {
     "llama": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "smollm3": _DECODER | {"post_attention_layernorm": "ffn_norm"},
+    "granite": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "qwen2": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "phi3": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.qkv_proj": "attn_qkv",
                         "mlp.gate_up_proj": "ffn_up"},
@@ -57,9 +58,9 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def converted(family: str, hf_name: str, w: np.ndarray, config) -> np.ndarray:
-    if family in ("llama", "smollm3") and hf_name.endswith("q_proj.weight"):  # SmolLM3Model(LlamaModel)
+    if family in ("llama", "smollm3", "granite") and hf_name.endswith("q_proj.weight"):  # (LlamaModel)
         return llama_cpp_permute(w, config.num_attention_heads)
-    if family in ("llama", "smollm3") and hf_name.endswith("k_proj.weight"):
+    if family in ("llama", "smollm3", "granite") and hf_name.endswith("k_proj.weight"):
         return llama_cpp_permute(w, config.num_key_value_heads)
     if family in ("gemma2", "gemma3") and hf_name.endswith("norm.weight"):
         return w + 1.0
@@ -112,6 +113,11 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
     partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
     if family == "phi3" and partial != 1.0:  # conversion/phi.py: int(rot_pct * n_embd) // n_head
         w.add_rope_dimension_count(int(partial * config.hidden_size) // config.num_attention_heads)
+    if family == "granite":  # conversion/granite.py: the _multiplier params as _scale keys
+        w.add_attention_scale(config.attention_multiplier)
+        w.add_embedding_scale(config.embedding_multiplier)
+        w.add_residual_scale(config.residual_multiplier)
+        w.add_logit_scale(config.logits_scaling)
     if family == "gemma2":  # as convert_hf_to_gguf.py writes them
         w.add_attn_logit_softcapping(config.attn_logit_softcapping)
         w.add_final_logit_softcapping(config.final_logit_softcapping)

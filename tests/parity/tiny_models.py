@@ -93,6 +93,10 @@ def hf_config(family: str):
     if family == "smollm3":  # Llama without RoPE in every 4th layer (NoPE): four layers, the last NoPE
         return tf.SmolLM3Config(**(common | dict(num_hidden_layers=4)), tie_word_embeddings=True,
                                 rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+    if family == "granite":  # Llama with four multipliers, none neutral (real 3.x: 12, 0.22, 1/64, 8)
+        return tf.GraniteConfig(**common, tie_word_embeddings=True, embedding_multiplier=2.5,
+                                residual_multiplier=0.5, attention_multiplier=0.4, logits_scaling=0.7,
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB_SIZE, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
                              n_positions=MAX_POSITIONS, activation_function="gelu_new",
@@ -100,7 +104,7 @@ def hf_config(family: str):
     raise ValueError(family)
 
 
-FAMILIES = ("llama", "llama3", "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "smollm3")
+FAMILIES = ("llama", "llama3", "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "smollm3", "granite")
 
 
 def tiny_hf_model(family: str, seed: int = 0, **config_changes):

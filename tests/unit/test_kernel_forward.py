@@ -31,6 +31,10 @@ def _kernels_build():
     assert kernels.load("layer") is not None, "the C++ kernels did not build (see the log)"
 
 
+# Granite's multipliers, none neutral (head_dim 8: the default scale would be 0.354).
+GRANITE = dict(embedding_multiplier=2.5, residual_multiplier=0.5, attention_scale=0.3, logit_scale=0.7)
+
+
 def _random_llama(cls=llama.LlamaForCausalLM, seed: int = 0, **kw):
     cfg = toy_config(architecture="llama", tie_word_embeddings=kw.pop("tied", False), **kw)
     torch.manual_seed(seed)
@@ -71,12 +75,13 @@ def _compare(eager: dict[str, Seq], fast: dict[str, Seq], tol: float) -> None:
             torch.testing.assert_close(got, want, atol=tol, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["llama", "tied", "qwen2", "qwen3", "window", "mha", "partial", "nope"])
+@pytest.mark.parametrize("variant", ["llama", "tied", "qwen2", "qwen3", "window", "mha", "partial", "nope",
+                                     "granite"])
 def test_llama_family_kernel_forward_matches_eager(variant):
     # partial: Phi-4-mini's RoPE on the first half of each head, LongRoPE's scaled cos/sin;
-    # nope: SmolLM3's layer without RoPE (here the second of two)
+    # nope: SmolLM3's layer without RoPE (here the second of two); granite: its multipliers
     kw = {"tied": dict(tied=True), "window": dict(sliding_window=5), "mha": dict(num_kv_heads=4),
-          "nope": dict(no_rope_layers=(1,), tied=True),
+          "nope": dict(no_rope_layers=(1,), tied=True), "granite": GRANITE,
           "partial": dict(rotary_dim=4, rope_attention_factor=1.19, rope_freq_factors=(1.0, 3.0)),
           "qwen2": dict(attention_bias=True), "qwen3": dict(qk_norm=True, tied=True)}.get(variant, {})
     cls = {"qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}.get(variant, llama.LlamaForCausalLM)
@@ -281,6 +286,7 @@ _FAMILIES = {
     "window": lambda: _random_llama(seed=7, sliding_window=5),
     "partial": lambda: _random_llama(seed=7, rotary_dim=4, rope_attention_factor=1.19, rope_freq_factors=(1.0, 3.0)),
     "nope": lambda: _random_llama(seed=7, no_rope_layers=(0,)),
+    "granite": lambda: _random_llama(seed=7, **GRANITE),
     "gemma3": lambda: _random_gemma(seed=7),
     "gemma2": lambda: _random_gemma(seed=7, **GEMMA2),
 }

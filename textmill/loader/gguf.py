@@ -114,6 +114,8 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
         # The file says nothing of its NoPE layers: llama.cpp leaves RoPE out of every 4th
         # layer by rule (n_no_rope_layer_step = 4), as SmolLM3's config does.
         fields |= dict(no_rope_layers=tuple(range(SMOLLM3_NOPE_EVERY - 1, fields["num_layers"], SMOLLM3_NOPE_EVERY)))
+    elif meta.arch == "granite":
+        fields |= _granite_fields(meta, fields["num_layers"])
     elif family == "phi3":
         fields |= dict(sliding_window=None)  # llama.cpp ignores Phi-3's window too
         if LONGROPE & tensor_names:
@@ -125,6 +127,21 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
         fields |= dict(norm_eps=float(meta.arch_get("attention.layer_norm_epsilon", 1e-5)),
                        hidden_act="gelu_tanh")  # ggml's GELU is the tanh approximation
     return ModelConfig(**fields)
+
+
+def _granite_fields(meta: GGUFMetadata, num_layers: int) -> dict[str, Any]:
+    """Granite's multipliers as llama.cpp reads them: a scale that is absent or 0 is not
+    applied (the attention's is then head_dim ** -0.5); logit_scale is required. Its
+    `rope.scaling.finetuned` false turns RoPE off in every layer."""
+    def scale(key: str) -> float | None:
+        value = float(meta.arch_get(key, 0.0))
+        return value if value != 0.0 else None
+
+    fields = dict(embedding_multiplier=scale("embedding_scale"), residual_multiplier=scale("residual_scale"),
+                  attention_scale=scale("attention.scale"), logit_scale=float(meta.arch_get("logit_scale")))
+    if not meta.arch_get("rope.scaling.finetuned", True):
+        fields |= dict(no_rope_layers=tuple(range(num_layers)))
+    return fields
 
 
 def _gemma_fields(meta: GGUFMetadata, fields: dict[str, Any], family: str) -> dict[str, Any]:

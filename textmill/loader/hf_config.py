@@ -96,6 +96,8 @@ def _decoder_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
         raise ValueError("Llama checkpoints with attention_bias or mlp_bias are not supported")
     if raw.get("model_type") == "smollm3" or "no_rope_layers" in raw:
         return fields | _smollm3(raw, fields["num_layers"])
+    if family == "llama" and (raw.get("model_type") == "granite" or "residual_multiplier" in raw):
+        return fields | _granite(raw)
     return fields | dict(sliding_window=raw.get("sliding_window"))
 
 
@@ -109,6 +111,15 @@ def _smollm3(raw: dict[str, Any], num_layers: int) -> dict[str, Any]:
         raise ValueError(f"no_rope_layers has {len(uses)} entries for {num_layers} layers")
     return dict(no_rope_layers=tuple(i for i, use in enumerate(uses[:num_layers]) if not use),
                 sliding_window=_qwen2_window(raw, num_layers))
+
+
+def _granite(raw: dict[str, Any]) -> dict[str, Any]:
+    """Granite's four multipliers (transformers' defaults, 1.0, where config.json lacks them)."""
+    return dict(sliding_window=raw.get("sliding_window"),
+                embedding_multiplier=float(raw.get("embedding_multiplier", 1.0)),
+                residual_multiplier=float(raw.get("residual_multiplier", 1.0)),
+                attention_scale=float(raw.get("attention_multiplier", 1.0)),
+                logit_scale=float(raw.get("logits_scaling", 1.0)))
 
 
 def _gemma3(raw: dict[str, Any], num_layers: int, head_dim: int) -> dict[str, Any]:

@@ -90,6 +90,7 @@ _GPT2 = GGUFNames("h", MappingProxyType({
 GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "llama": _LLAMA,
     "smollm3": _LLAMA,
+    "granite": _LLAMA,
     "phi3": _LLAMA,  # after its fused tensors are split (FUSED_GGUF)
     "qwen2": _LLAMA,
     "qwen3": _QWEN3,
@@ -101,8 +102,9 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
 # llama.cpp's converter reorders the rows of q and k for these architectures so that ggml's
 # interleaved ("GPT-J style") RoPE sees pairs (2i, 2i+1); the models here use rotate-half
 # pairs (i, i + D/2), so the loader puts the rows back. Qwen2 and Gemma 2/3 use ggml's NEOX
-# (rotate-half) RoPE and are stored unpermuted, as is Qwen3. SmolLM3's converter is Llama's.
-QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3"})
+# (rotate-half) RoPE and are stored unpermuted, as is Qwen3. SmolLM3's and Granite's
+# converters are Llama's.
+QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3", "granite"})
 # llama.cpp's converter stores Gemma norm weights as 1 + weight (ggml multiplies plainly).
 NORM_PLUS_ONE_ARCHS = frozenset({"gemma2", "gemma3"})
 

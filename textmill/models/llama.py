@@ -85,6 +85,7 @@ class Attention(nn.Module):
         self.sliding_window = config.sliding_window
         self.rope = layer_idx not in config.no_rope_layers  # SmolLM3's NoPE layers: False
         C, D, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.scale = D**-0.5 if config.attention_scale is None else config.attention_scale  # Granite's own
         self.q_proj = nn.Linear(C, self.num_heads * D, bias=bias)
         self.k_proj = nn.Linear(C, self.num_kv_heads * D, bias=bias)
         self.v_proj = nn.Linear(C, self.num_kv_heads * D, bias=bias)
@@ -103,7 +104,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = ctx.attend(self.layer_idx, q, k, v, scale=D**-0.5,
+        y = ctx.attend(self.layer_idx, q, k, v, scale=self.scale,
                        sliding_window=self.sliding_window)  # (N, Hq, D)
         return self.o_proj(y.reshape(N, self.num_heads * D))
 
@@ -129,11 +130,14 @@ class Block(nn.Module):
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MLP(config)
+        self.residual = config.residual_multiplier  # Granite: each output scaled as it joins x
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        x = x + (a if self.residual is None else a * self.residual)
+        m = self.mlp(self.post_attention_layernorm(x))
+        return x + (m if self.residual is None else m * self.residual)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -157,13 +161,17 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (N, C)
+        if self.config.embedding_multiplier is not None:  # Granite
+            x = x * self.config.embedding_multiplier
         cos, sin = self.rotary(positions)  # (N, 1, D/2) each
         for layer in self.layers:
             x = layer(x, cos, sin, ctx)
         return self.norm(x)  # (N, C)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return head_logits(hidden, self.embed_tokens, self.lm_head)  # (M, V)
+        logits = head_logits(hidden, self.embed_tokens, self.lm_head)  # (M, V), this call's own
+        # Granite's division in place (the runner's head may write into a reused buffer).
+        return logits if self.config.logit_scale is None else logits.div_(self.config.logit_scale)
 
 
 def head_logits(hidden: torch.Tensor, embed: nn.Embedding, lm_head: nn.Module | None) -> torch.Tensor:

@@ -39,6 +39,9 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     # SmolLM3 is Llama without RoPE in every 4th layer (ModelConfig.no_rope_layers).
     "smollm3": "llama",
     "SmolLM3ForCausalLM": "llama",
+    # Granite (3.x, dense) is Llama with four multipliers (ModelConfig.residual_multiplier, ...).
+    "granite": "llama",
+    "GraniteForCausalLM": "llama",
     "phi3": "phi3",
     "Phi3ForCausalLM": "phi3",
     "qwen2": "qwen2",

@@ -43,7 +43,7 @@ class RopeTables:
 class FusedAttention(nn.Module):
     def __init__(self, attn: llama.Attention, make_linear: "MakeFused", rope: RopeTables):
         super().__init__()
-        self.layer_idx, self.sliding_window = attn.layer_idx, attn.sliding_window
+        self.layer_idx, self.sliding_window, self.scale = attn.layer_idx, attn.sliding_window, attn.scale
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.qkv_proj = make_linear([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o_proj = make_linear([attn.o_proj])
@@ -61,7 +61,7 @@ class FusedAttention(nn.Module):
             cos2, sin2 = self.rope.get(cos, sin)
             x32 = qk.float()
             qk = (x32 * cos2 + x32.roll(d // 2, dims=-1) * sin2).to(qk.dtype)
-        y = ctx.attend(self.layer_idx, qk[:, :hq], qk[:, hq:], v, scale=d**-0.5,
+        y = ctx.attend(self.layer_idx, qk[:, :hq], qk[:, hq:], v, scale=self.scale,
                        sliding_window=self.sliding_window)  # (N, Hq, D)
         return self.o_proj(y.reshape(n, hq * d))
 

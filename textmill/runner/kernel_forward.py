@@ -30,7 +30,8 @@ keeps the two in step, and it runs any other linear.
 Built only for exact llama.LlamaForCausalLM / qwen2 / qwen3 / Gemma 2 and 3 instances whose
 layers runner/fused.py has fused; anything else keeps the model's own forward. Qwen3's QK
 norm runs inside rope_kv_write, as Gemma 3's does; SmolLM3's NoPE layers take an identity
-RoPE table.
+RoPE table; Granite's multipliers scale the embedding (as Gemma's), the scores, and each
+attention and MLP output before it joins h.
 """
 from __future__ import annotations
 
@@ -158,6 +159,11 @@ class KernelForward(KernelForwardBase):
         # leaves q and k bitwise as they are) for SmolLM3's NoPE layers, so that rope_kv_write
         # and the one-call Forward need no case of their own.
         self.rope_index = [0 if b.self_attn.rope else 1 for b in self.layers]
+        # Granite: the embedding's multiplier (as Gemma's scale), and each layer's attention
+        # and MLP outputs times the residual multiplier before they join h (None: not used).
+        if model.config.embedding_multiplier is not None:
+            self.embed_scale = float(model.config.embedding_multiplier)
+        self.residual = model.config.residual_multiplier
         self.post_norms = [self.norm_weight(layer.post_attention_layernorm) for layer in self.layers]
         # Qwen3: (q_norm, k_norm) weights per layer, for rope_kv_write; None elsewhere.
         self.qk_norms = [None if b.self_attn.q_norm is None else
@@ -170,7 +176,8 @@ class KernelForward(KernelForwardBase):
         q_norm, k_norm = self.qk_norms[i] or (None, None)
         return dict(q_norm=q_norm, k_norm=k_norm, post_attn=None, post_ffw=None, mid_norm=self.post_norms[i],
                     next_norm=self.next_norms[i], heads=attn.num_heads, kv_heads=attn.num_kv_heads, rope=self.rope_index[i],
-                    window=int(attn.sliding_window or 0), scale=float(attn.head_dim ** -0.5), softcap=0.0, gelu=False)
+                    window=int(attn.sliding_window or 0), scale=float(attn.scale), softcap=0.0, gelu=False,
+                    residual=1.0 if self.residual is None else float(self.residual))
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
@@ -194,10 +201,16 @@ class KernelForward(KernelForwardBase):
         q = ops.rope_kv_write(qkv_proj(y), step.rows, cos, sin, step.ctx.cache.kv[i], step.ctx.meta.slot_mapping,
                               attn.num_heads, attn.num_kv_heads, q_norm=q_norm, k_norm=k_norm,
                               norm_eps=self.eps)  # (N, Hq, D)
-        o = step.ctx.attend_cached(i, q, scale=attn.head_dim ** -0.5, sliding_window=attn.sliding_window)
+        o = step.ctx.attend_cached(i, q, scale=attn.scale, sliding_window=attn.sliding_window)
         o, h = _kept(o, h, keep)
-        y = ops.add_rms_norm(o_proj(o.flatten(1)), h, self.post_norms[i], eps)
-        return ops.add_rms_norm(down_proj(ops.silu_mul(gate_up_proj(y))), h, self.next_norms[i], eps), h
+        x = o_proj(o.flatten(1))
+        if self.residual is not None:  # in place, as layer.cpp's Forward does
+            x.mul_(self.residual)
+        y = ops.add_rms_norm(x, h, self.post_norms[i], eps)
+        x = down_proj(ops.silu_mul(gate_up_proj(y)))
+        if self.residual is not None:
+            x.mul_(self.residual)
+        return ops.add_rms_norm(x, h, self.next_norms[i], eps), h
 
 
 def _linears(layer: torch.nn.Module) -> tuple[torch.nn.Module, ...]:

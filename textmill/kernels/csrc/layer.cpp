@@ -1491,6 +1491,7 @@ struct LayerSpec {
   int64_t heads, kv_heads, rope, window;  // rope: which of run()'s tables; window 0: none
   double scale, softcap;                  // softcap 0: none
   bool gelu;                              // GeGLU, else SwiGLU
+  double residual = 1.0;                  // Granite: attention and MLP outputs times this as they join h
 };
 
 // (token_start, num_tokens, block_table, query_start, starts, context_lens): one
@@ -1537,6 +1538,7 @@ class Forward {
       s.scale = d["scale"].cast<double>();
       s.softcap = d["softcap"].cast<double>();
       s.gelu = d["gelu"].cast<bool>();
+      if (d.contains("residual")) s.residual = d["residual"].cast<double>();
       for (const auto* linear_parts : {&s.qkv, &s.o, &s.gate_up, &s.down})
         for (const LinearPart& p : *linear_parts)
           TORCH_CHECK(!p.mode || linear_parts_ != nullptr, "a quantized linear needs quant's linear_capsule()");
@@ -1573,11 +1575,13 @@ class Forward {
       torch::Tensor x = linear(s.o, o.flatten(1));
       o.reset();
       if (s.post_attn) x = rms_norm(x, *s.post_attn, eps_);
+      if (s.residual != 1.0) x.mul_(s.residual);
       y = add_rms_norm(x, h, s.mid_norm, eps_);
       x = linear(s.gate_up, y);
       x = s.gelu ? gelu_tanh_mul(x) : silu_mul(x);
       x = linear(s.down, x);
       if (s.post_ffw) x = rms_norm(x, *s.post_ffw, eps_);
+      if (s.residual != 1.0) x.mul_(s.residual);
       y = add_rms_norm(x, h, s.next_norm, eps_);
     }
     return y;
