@@ -223,11 +223,14 @@ def test_phi4_mini_partial_rotary_matches_transformers(tokenizer, prompts, tmp_p
             assert our_greedy(ours.model, ids) == hf_greedy(hf, ids), name
 
 
-# Families whose GGUF files transformers does not read, each with the setting the match
-# rests on: undone, the same weights are far off.
+# Families whose GGUF files transformers does not read, each with its model stripped of the
+# setting the match rests on (config and state dict in, the same out): far off, each.
 NOT_READ_BY_TRANSFORMERS = {
-    "smollm3": lambda c: dataclasses.replace(c, no_rope_layers=()),  # RoPE in its NoPE layer too
-    "granite": lambda c: dataclasses.replace(c, residual_multiplier=None),  # one of its four multipliers
+    "smollm3": lambda c, state, hf: (dataclasses.replace(c, no_rope_layers=()), state),  # RoPE in the NoPE layer
+    "granite": lambda c, state, hf: (dataclasses.replace(c, residual_multiplier=None), state),  # one multiplier
+    # q and k rows in the checkpoint's order (RoPE pairs (2i, 2i + 1)), not reordered for rotate-half
+    "ernie4_5": lambda c, state, hf: (c, state | {n: hf.state_dict()["model." + n] for n in state
+                                                  if n.endswith(("q_proj.weight", "k_proj.weight"))}),
 }
 
 
@@ -235,7 +238,8 @@ NOT_READ_BY_TRANSFORMERS = {
 def test_gguf_transformers_cannot_read_matches_the_source_model(family, tokenizer, prompts, tmp_path: Path) -> None:
     """SmolLM3 files carry no key for their NoPE layers: llama.cpp leaves RoPE out of every 4th
     layer by rule, as SmolLM3's config does. Granite files carry its multipliers as llama.cpp's
-    _scale keys. transformers reads neither, so each file is compared with transformers on the
+    _scale keys. ERNIE 4.5's RoPE pairs (2i, 2i + 1), so its q/k rows are reordered at load.
+    transformers reads none of these files, so each is compared with transformers on the
     source model; and the model without its own setting is far off, so the match rests on it."""
     hf = tiny_hf_model(family)
     path = write_gguf(tmp_path / f"{family}.gguf", family, hf, tokenizer)
@@ -243,7 +247,7 @@ def test_gguf_transformers_cannot_read_matches_the_source_model(family, tokenize
     assert ours.format == "gguf" and ours.config.architecture == "llama"
     if family == "smollm3":
         assert ours.config.no_rope_layers == (3,)
-    else:  # the file's float32 keys
+    elif family == "granite":  # the file's float32 keys
         c, h = ours.config, hf.config
         assert (c.embedding_multiplier, c.residual_multiplier, c.attention_scale, c.logit_scale) == pytest.approx(
             (h.embedding_multiplier, h.residual_multiplier, h.attention_multiplier, h.logits_scaling))
@@ -251,7 +255,15 @@ def test_gguf_transformers_cannot_read_matches_the_source_model(family, tokenize
         diff = max_logprob_diff(ours.model, hf, ids)
         assert diff < LOGPROB_TOLERANCE, f"{name}: max |logprob diff| = {diff:.2e}"
         assert our_greedy(ours.model, ids) == hf_greedy(hf, ids), name
+    config, state = NOT_READ_BY_TRANSFORMERS[family](ours.config, ours.model.state_dict(), hf)
     with torch.device("meta"):
-        without = build_model(NOT_READ_BY_TRANSFORMERS[family](ours.config))
-    without.load_state_dict(ours.model.state_dict(), assign=True)
+        without = build_model(config)
+    without.load_state_dict(state, assign=True)
     assert max_logprob_diff(without, hf, prompts["prose"]) > 100 * LOGPROB_TOLERANCE
+
+
+def test_an_ernie_folder_is_refused_not_misread(tokenizer, tmp_path: Path) -> None:
+    """Loaded as Llama, an ERNIE 4.5 folder would turn the wrong RoPE pairs; it is refused."""
+    folder = save_folder(tiny_hf_model("ernie4_5"), tokenizer, tmp_path / "ernie")
+    with pytest.raises(ValueError, match="ERNIE 4.5 is supported from GGUF files only"):
+        load_model(folder)

@@ -27,6 +27,7 @@ NAMES = {
     "llama": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "smollm3": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "granite": _DECODER | {"post_attention_layernorm": "ffn_norm"},
+    "ernie4_5": _DECODER | {"post_attention_layernorm": "ffn_norm"},  # rows as they are (conversion/ernie.py)
     "qwen2": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "phi3": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.qkv_proj": "attn_qkv",
                         "mlp.gate_up_proj": "ffn_up"},
@@ -107,7 +108,7 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     params = config.rope_parameters
     w.add_rope_freq_base(params.get("full_attention", params)["rope_theta"])
-    if family in ("llama", "llama3", "qwen3", "gemma2", "gemma3"):
+    if family in ("llama", "llama3", "qwen3", "gemma2", "gemma3", "ernie4_5"):
         w.add_key_length(config.head_dim)
         w.add_value_length(config.head_dim)
     partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)

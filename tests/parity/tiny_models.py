@@ -97,6 +97,9 @@ def hf_config(family: str):
         return tf.GraniteConfig(**common, tie_word_embeddings=True, embedding_multiplier=2.5,
                                 residual_multiplier=0.5, attention_multiplier=0.4, logits_scaling=0.7,
                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if family == "ernie4_5":  # Llama with RoPE on pairs (2i, 2i + 1)
+        return tf.Ernie4_5Config(**common, head_dim=16, tie_word_embeddings=True, use_bias=False,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB_SIZE, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
                              n_positions=MAX_POSITIONS, activation_function="gelu_new",

@@ -47,6 +47,10 @@ def config_from_dict(raw: dict[str, Any], tensor_names: Collection[str] = (), *,
         raise ValueError(f"quantized Hugging Face checkpoints ({method}) are not supported; "
                          "use the float weights or a GGUF file")
     archs = raw.get("architectures") or [raw.get("model_type", "")]
+    if raw.get("model_type") == "ernie4_5" or archs[0] == "Ernie4_5ForCausalLM":
+        # Its q/k rows pair (2i, 2i + 1) for RoPE; the registry's "ernie4_5" is for GGUF files,
+        # whose loader reorders them (names.QK_PERMUTED_ARCHS). This loader does not.
+        raise ValueError("ERNIE 4.5 is supported from GGUF files only (llama.cpp's conversion), not folders")
     family = resolve_architecture(archs[0])
     fields = _gpt2(raw) if family == "gpt2" else _decoder_fields(raw, family)
     if (longrope := fields.pop("longrope", None)) is not None:

@@ -42,6 +42,10 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     # Granite (3.x, dense) is Llama with four multipliers (ModelConfig.residual_multiplier, ...).
     "granite": "llama",
     "GraniteForCausalLM": "llama",
+    # ERNIE 4.5 (dense) is Llama whose RoPE pairs dims (2i, 2i + 1), as ggml's does: from a GGUF
+    # its q/k rows are put in Llama's order as llama.cpp's permuted ones are. Its folders keep
+    # that order, which the folder loader does not undo: GGUF files only.
+    "ernie4_5": "llama",
     "phi3": "phi3",
     "Phi3ForCausalLM": "phi3",
     "qwen2": "qwen2",
