@@ -68,7 +68,7 @@ class ModelConfig:
     family does not use keep their defaults.
     """
 
-    architecture: str  # registry key: "llama" (Mistral, SmolLM3, Granite too), "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"
+    architecture: str  # registry key: "llama" (Mistral, SmolLM3, Granite too), "phi3", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -108,6 +108,8 @@ class ModelConfig:
     # gemma2/3: layer i is global when (i + 1) % pattern == 0; None means all layers global.
     sliding_window_pattern: int | None = None
     query_pre_attn_scalar: float | None = None  # gemma2/3: attention scale is this ** -0.5
+    # gemma2/3 norm the attention's and the MLP's outputs too; Gemma 1 (False) only their inputs.
+    post_norms: bool = True
     final_logit_softcap: float | None = None
     attn_logit_softcap: float | None = None
     hidden_act: str = "silu"  # "silu" (SwiGLU), "gelu_tanh" (GeGLU), "gelu" (gpt2 MLP)

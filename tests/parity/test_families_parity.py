@@ -78,6 +78,7 @@ def test_folder_config(from_folder) -> None:
     c, h = ours.config, hf.config
     assert ours.format == "hf"
     assert c.architecture == {"mistral": "llama", "llama3": "llama", "smollm3": "llama", "granite": "llama"}.get(family, family)
+    assert c.post_norms == (family != "gemma")
     assert (c.vocab_size, c.hidden_size, c.num_layers) == (h.vocab_size, h.hidden_size, h.num_hidden_layers)
     assert (c.num_heads, c.num_kv_heads) == (h.num_attention_heads, getattr(h, "num_key_value_heads", h.num_attention_heads))
     assert c.tie_word_embeddings == h.tie_word_embeddings
@@ -114,6 +115,8 @@ def test_folder_weights_are_transformers_weights(from_folder) -> None:
             else:
                 theirs |= {f"{base}.gate_proj.weight": whole[:c.intermediate_size],
                            f"{base}.up_proj.weight": whole[c.intermediate_size:]}
+    if family == "gemma":  # Gemma 1's pre-MLP norm has Gemma 2's post-attention name
+        theirs = {k.replace("post_attention_layernorm", "pre_feedforward_layernorm"): v for k, v in theirs.items()}
     for name, value in ours.model.state_dict().items():
         expected = theirs[name]
         if family == "gpt2" and value.dim() == 2 and not name.startswith(("wte", "wpe", "lm_head")):
@@ -229,6 +232,8 @@ NOT_READ_BY_TRANSFORMERS = {
     "smollm3": lambda c, state, hf: (dataclasses.replace(c, no_rope_layers=()), state),  # RoPE in the NoPE layer
     "granite": lambda c, state, hf: (dataclasses.replace(c, residual_multiplier=None), state),  # one multiplier
     # q and k rows in the checkpoint's order (RoPE pairs (2i, 2i + 1)), not reordered for rotate-half
+    # the file's norm weights (1 + w) taken as they are, the +1 not undone
+    "gemma": lambda c, state, hf: (c, {n: t + 1 if n.endswith("norm.weight") else t for n, t in state.items()}),
     "ernie4_5": lambda c, state, hf: (c, state | {n: hf.state_dict()["model." + n] for n in state
                                                   if n.endswith(("q_proj.weight", "k_proj.weight"))}),
 }
@@ -244,7 +249,7 @@ def test_gguf_transformers_cannot_read_matches_the_source_model(family, tokenize
     hf = tiny_hf_model(family)
     path = write_gguf(tmp_path / f"{family}.gguf", family, hf, tokenizer)
     ours = load_model(path)
-    assert ours.format == "gguf" and ours.config.architecture == "llama"
+    assert ours.format == "gguf" and ours.config.architecture == ("gemma" if family == "gemma" else "llama")
     if family == "smollm3":
         assert ours.config.no_rope_layers == (3,)
     elif family == "granite":  # the file's float32 keys

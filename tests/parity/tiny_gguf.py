@@ -1,7 +1,7 @@
 """Write a tiny transformers model as a GGUF file, the way llama.cpp's converter does.
 
 This restates convert_hf_to_gguf.py for the families we test (names from gguf-py's tensor
-map, q/k row permutation for Llama, SmolLM3 and Granite, +1 on Gemma 2/3 norms, GPT-2's Conv1D weights transposed to
+map, q/k row permutation for Llama, SmolLM3 and Granite, +1 on Gemma norms, GPT-2's Conv1D weights transposed to
 (out, in)), independently of textmill.loader.names, so that a wrong entry in either shows
 up as a parity failure: transformers reads the same file with its own name tables.
 """
@@ -27,6 +27,7 @@ NAMES = {
     "llama": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "smollm3": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "granite": _DECODER | {"post_attention_layernorm": "ffn_norm"},
+    "gemma": _DECODER | {"post_attention_layernorm": "ffn_norm"},  # Gemma 1's pre-MLP norm
     "ernie4_5": _DECODER | {"post_attention_layernorm": "ffn_norm"},  # rows as they are (conversion/ernie.py)
     "qwen2": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "phi3": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.qkv_proj": "attn_qkv",
@@ -63,7 +64,7 @@ def converted(family: str, hf_name: str, w: np.ndarray, config) -> np.ndarray:
         return llama_cpp_permute(w, config.num_attention_heads)
     if family in ("llama", "smollm3", "granite") and hf_name.endswith("k_proj.weight"):
         return llama_cpp_permute(w, config.num_key_value_heads)
-    if family in ("gemma2", "gemma3") and hf_name.endswith("norm.weight"):
+    if family in ("gemma", "gemma2", "gemma3") and hf_name.endswith("norm.weight"):
         return w + 1.0
     if family == "gpt2" and re.search(r"(c_attn|c_proj|c_fc)\.weight$", hf_name):
         return np.ascontiguousarray(w.T)  # Conv1D (in, out) -> (out, in)
@@ -108,7 +109,7 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     params = config.rope_parameters
     w.add_rope_freq_base(params.get("full_attention", params)["rope_theta"])
-    if family in ("llama", "llama3", "qwen3", "gemma2", "gemma3", "ernie4_5"):
+    if family in ("llama", "llama3", "qwen3", "gemma", "gemma2", "gemma3", "ernie4_5"):
         w.add_key_length(config.head_dim)
         w.add_value_length(config.head_dim)
     partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)

@@ -97,6 +97,10 @@ def hf_config(family: str):
         return tf.GraniteConfig(**common, tie_word_embeddings=True, embedding_multiplier=2.5,
                                 residual_multiplier=0.5, attention_multiplier=0.4, logits_scaling=0.7,
                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if family == "gemma":  # Gemma 1: GeGLU, (1 + w) norms, no output norms, windows or soft-caps;
+        # its head untied here: tied, this tiny model's greedy decoding repeats one token
+        return tf.GemmaConfig(**common, head_dim=16, tie_word_embeddings=False, hidden_activation="gelu_pytorch_tanh",
+                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     if family == "ernie4_5":  # Llama with RoPE on pairs (2i, 2i + 1)
         return tf.Ernie4_5Config(**common, head_dim=16, tie_word_embeddings=True, use_bias=False,
                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
@@ -107,7 +111,7 @@ def hf_config(family: str):
     raise ValueError(family)
 
 
-FAMILIES = ("llama", "llama3", "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "smollm3", "granite")
+FAMILIES = ("llama", "llama3", "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "smollm3", "granite", "gemma")
 
 
 def tiny_hf_model(family: str, seed: int = 0, **config_changes):

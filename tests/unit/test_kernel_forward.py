@@ -105,6 +105,9 @@ def test_llama_family_kernel_forward_matches_eager(variant):
 # Gemma 2: no QK norm, one RoPE base, both soft-caps (small, so that they bend these scores).
 GEMMA2 = dict(architecture="gemma2", qk_norm=False, rope_local_theta=None, rope_theta=10000.0,
               attn_logit_softcap=1.5, final_logit_softcap=4.0)
+# Gemma 1: Gemma 2 without output norms, local layers or soft-caps.
+GEMMA1 = dict(architecture="gemma", qk_norm=False, post_norms=False, sliding_window=None, sliding_window_pattern=None,
+              rope_local_theta=None, rope_theta=10000.0)
 
 
 def _random_gemma(seed: int = 0, **kw):
@@ -121,13 +124,13 @@ def _random_gemma(seed: int = 0, **kw):
     return model, cfg
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma2"])
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "gemma"])
 def test_gemma_kernel_forward_matches_eager(family):
     """(1 + w) norms, GeGLU, local and global RoPE, a sliding window; Gemma 3's QK norm,
-    Gemma 2's soft-capped attention scores and logits."""
+    Gemma 2's soft-capped attention scores and logits; Gemma 1 without output norms."""
     from textmill.runner.kernel_forward import GemmaKernelForward
 
-    kw = GEMMA2 if family == "gemma2" else {}
+    kw = {"gemma2": GEMMA2, "gemma": GEMMA1}.get(family, {})
     eager_model, cfg = _random_gemma(**kw)
     eager = drive(_runner(eager_model, cfg, False), _workload(), budget=7)
     runner = _runner(_random_gemma(**kw)[0], cfg, True)
@@ -289,6 +292,7 @@ _FAMILIES = {
     "granite": lambda: _random_llama(seed=7, **GRANITE),
     "gemma3": lambda: _random_gemma(seed=7),
     "gemma2": lambda: _random_gemma(seed=7, **GEMMA2),
+    "gemma": lambda: _random_gemma(seed=7, **GEMMA1),
 }
 
 

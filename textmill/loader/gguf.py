@@ -106,6 +106,9 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
     family = fields["architecture"]
     if family in ("gemma2", "gemma3"):
         fields |= _gemma_fields(meta, fields, family)
+    elif family == "gemma":  # Gemma 1: no windows, no soft-caps, no output norms; queries by head_dim
+        fields |= dict(post_norms=False, query_pre_attn_scalar=float(fields["head_dim"]), hidden_act="gelu_tanh",
+                       sliding_window=None)
     elif family == "qwen3":
         if fields["attention_bias"]:  # transformers' Qwen3 puts a bias on o_proj too: not modelled
             raise ValueError("Qwen3 files with attention biases are not supported")

@@ -57,7 +57,7 @@ def config_from_dict(raw: dict[str, Any], tensor_names: Collection[str] = (), *,
         fields |= _longrope(raw, longrope, context_window or fields["max_position_embeddings"],
                             (fields["rotary_dim"] or fields["head_dim"]) // 2)
     untied_head = any(n.endswith("lm_head.weight") for n in tensor_names) or not tensor_names
-    tied = raw.get("tie_word_embeddings", family in ("gemma2", "gemma3", "gpt2")) or not untied_head
+    tied = raw.get("tie_word_embeddings", family in ("gemma", "gemma2", "gemma3", "gpt2")) or not untied_head
     return ModelConfig(architecture=family, vocab_size=int(raw["vocab_size"]),
                        tie_word_embeddings=bool(tied), name=name, **fields)
 
@@ -89,6 +89,14 @@ def _decoder_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
         return fields | _gemma3(raw, fields["num_layers"], fields["head_dim"])
     if family == "gemma2":
         return fields | _gemma2(raw, fields["num_layers"], fields["head_dim"])
+    if family == "gemma":  # Gemma 1: Gemma 2 without windows, soft-caps and output norms
+        if raw.get("attention_bias"):
+            raise ValueError("Gemma checkpoints with attention_bias are not supported")
+        # transformers' Gemma takes tanh GELU where hidden_activation is unset, whatever
+        # hidden_act says (the first Gemma configs say "gelu").
+        act = _activation(raw["hidden_activation"]) if raw.get("hidden_activation") else "gelu_tanh"
+        return fields | _rope(raw, None, head_dim=fields["head_dim"], default_theta=10000.0) | dict(
+            post_norms=False, query_pre_attn_scalar=float(fields["head_dim"]), hidden_act=act)
     fields |= _rope(raw, None, head_dim=fields["head_dim"], default_theta=10000.0)
     if family == "qwen2":
         return fields | dict(attention_bias=True, sliding_window=_qwen2_window(raw, fields["num_layers"]))

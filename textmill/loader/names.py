@@ -95,6 +95,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "phi3": _LLAMA,  # after its fused tensors are split (FUSED_GGUF)
     "qwen2": _LLAMA,
     "qwen3": _QWEN3,
+    "gemma": _GEMMA3,  # the same names; Gemma 1 has only attn_norm and ffn_norm
     "gemma2": _GEMMA3,  # the same names; Gemma 2 has no attn_q_norm / attn_k_norm
     "gemma3": _GEMMA3,
     "gpt2": _GPT2,
@@ -108,7 +109,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
 # (2i, 2i + 1) already: the same order, put back the same way.
 QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3", "granite", "ernie4_5"})
 # llama.cpp's converter stores Gemma norm weights as 1 + weight (ggml multiplies plainly).
-NORM_PLUS_ONE_ARCHS = frozenset({"gemma2", "gemma3"})
+NORM_PLUS_ONE_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
@@ -204,6 +205,7 @@ HF_PREFIXES: Mapping[str, str] = MappingProxyType({
     "qwen2": "model.",
     "qwen3": "model.",
     "phi3": "model.",
+    "gemma": "model.",
     "gemma2": "model.",
     "gemma3": "model.",
     "gpt2": "transformer.",
@@ -219,7 +221,10 @@ def hf_param_name(arch: str, hf_name: str) -> str | None:
     None for tensors the model does not hold (cached buffers)."""
     if _HF_SKIPPED.fullmatch(hf_name):
         return None
-    return hf_name.removeprefix(HF_PREFIXES[arch])
+    name = hf_name.removeprefix(HF_PREFIXES[arch])
+    if arch == "gemma":  # Gemma 1 calls its pre-MLP norm what Gemma 2 and 3 call the post-attention one
+        name = name.replace(".post_attention_layernorm.", ".pre_feedforward_layernorm.")
+    return name
 
 
 def hf_to_model_layout(arch: str, param_name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,9 @@
 - optional soft-capping of attention scores and of the final logits (Gemma 2 has both).
 
 Gemma 2 is the same network without the QK norm, with every other layer local and one RoPE
-base for all layers (its config says so); the registry maps both families here.
+base for all layers (its config says so); Gemma 1 has neither soft-caps nor local layers, and
+norms only the attention's and the MLP's inputs (config.post_norms False). The registry maps
+the three families here.
 """
 from __future__ import annotations
 
@@ -100,15 +102,18 @@ class Block(nn.Module):
         C, eps = config.hidden_size, config.norm_eps
         self.input_layernorm = GemmaRMSNorm(C, eps)
         self.self_attn = Attention(config, layer_idx)
-        self.post_attention_layernorm = GemmaRMSNorm(C, eps)
+        # Gemma 1: no norm on the outputs (None), only on the inputs.
+        self.post_attention_layernorm = GemmaRMSNorm(C, eps) if config.post_norms else None
         self.pre_feedforward_layernorm = GemmaRMSNorm(C, eps)
         self.mlp = MLP(config)
-        self.post_feedforward_layernorm = GemmaRMSNorm(C, eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(C, eps) if config.post_norms else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, ctx))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        a = self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        x = x + (a if self.post_attention_layernorm is None else self.post_attention_layernorm(a))
+        m = self.mlp(self.pre_feedforward_layernorm(x))
+        return x + (m if self.post_feedforward_layernorm is None else self.post_feedforward_layernorm(m))
 
 
 class Gemma3ForCausalLM(nn.Module):

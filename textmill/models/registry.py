@@ -24,6 +24,7 @@ MODEL_CLASSES: Mapping[str, type[nn.Module]] = MappingProxyType({
     "phi3": LlamaForCausalLM,  # Llama's network; the loaders split its fused tensors
     "qwen2": Qwen2ForCausalLM,
     "qwen3": Qwen3ForCausalLM,
+    "gemma": Gemma3ForCausalLM,  # Gemma 1: the same network without the output norms (post_norms)
     "gemma2": Gemma3ForCausalLM,  # the same network: models/gemma3.py
     "gemma3": Gemma3ForCausalLM,
     "gpt2": GPT2LMHeadModel,
@@ -52,6 +53,8 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     "Qwen2ForCausalLM": "qwen2",
     "qwen3": "qwen3",
     "Qwen3ForCausalLM": "qwen3",
+    "gemma": "gemma",
+    "GemmaForCausalLM": "gemma",
     "gemma2": "gemma2",
     "Gemma2ForCausalLM": "gemma2",
     "gemma3": "gemma3",

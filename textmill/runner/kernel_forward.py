@@ -245,13 +245,13 @@ def _direct(linear: torch.nn.Module):
 
 
 class GemmaKernelForward(KernelForwardBase):
-    """Gemma 2's and 3's forward (models/gemma3.py) on the same kernels. Per layer:
+    """Gemma 1's, 2's and 3's forward (models/gemma3.py) on the same kernels. Per layer:
 
         x = rms_norm(h, w_in)                               h: the residual stream
         q = rope_kv_write(qkv_proj(x), ..., q_norm, k_norm)  QK norm (Gemma 3), RoPE, k and v cached
-        a = rms_norm(o_proj(paged_attention(q)), w_post_attn)  scores soft-capped (Gemma 2)
+        a = rms_norm(o_proj(paged_attention(q)), w_post_attn)  scores soft-capped (Gemma 2); no norm (Gemma 1)
         x = add_rms_norm(a, h, w_pre_ffw)                   h += a
-        m = rms_norm(down(gelu_tanh_mul(gate_up(x))), w_post_ffw)
+        m = rms_norm(down(gelu_tanh_mul(gate_up(x))), w_post_ffw)  no norm (Gemma 1)
         x = add_rms_norm(m, h, w_next)                      h += m; the next layer's input norm
 
     Gemma's norms multiply by (1 + w) in float32; the weights are stored that way once here.
@@ -260,7 +260,7 @@ class GemmaKernelForward(KernelForwardBase):
     def __init__(self, model: torch.nn.Module, ops: ModuleType):
         super().__init__(model, ops)
         self.embed_scale = torch.tensor(model.embed_scale, dtype=torch.float32).item()
-        # Gemma 2 has no QK norm: None for rope_kv_write.
+        # Gemma 2 has no QK norm: None for rope_kv_write; Gemma 1 no output norms either.
         self.norms = [tuple(None if n is None else self.norm_weight(n)
                             for n in (b.post_attention_layernorm, b.pre_feedforward_layernorm,
                                       b.post_feedforward_layernorm, b.self_attn.q_norm, b.self_attn.k_norm))
@@ -314,9 +314,13 @@ class GemmaKernelForward(KernelForwardBase):
         o = step.ctx.attend_cached(i, q, scale=attn.scale, sliding_window=attn.sliding_window,
                                    logit_softcap=attn.softcap)
         o, h = _kept(o, h, keep)
-        a = ops.rms_norm(o_proj(o.flatten(1)), post_attn, eps)
+        a = o_proj(o.flatten(1))
+        if post_attn is not None:  # Gemma 1 has no output norms
+            a = ops.rms_norm(a, post_attn, eps)
         y = ops.add_rms_norm(a, h, pre_ffw, eps)
-        m = ops.rms_norm(down_proj(self._gelu_mul(gate_up_proj(y))), post_ffw, eps)
+        m = down_proj(self._gelu_mul(gate_up_proj(y)))
+        if post_ffw is not None:
+            m = ops.rms_norm(m, post_ffw, eps)
         return ops.add_rms_norm(m, h, self.next_norms[i], eps), h
 
 
