@@ -68,7 +68,9 @@ class ModelConfig:
     family does not use keep their defaults.
     """
 
-    architecture: str  # registry key: "llama" (Mistral, SmolLM3, Granite too), "phi3", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2"
+    # registry key: "llama" (Mistral, SmolLM3, Granite, ERNIE 4.5 too), "phi3", "qwen2", "qwen3",
+    # "gemma", "gemma2", "gemma3", "gpt2"
+    architecture: str
     vocab_size: int
     hidden_size: int
     intermediate_size: int

@@ -77,7 +77,8 @@ def test_folder_config(from_folder) -> None:
     family, hf, ours = from_folder
     c, h = ours.config, hf.config
     assert ours.format == "hf"
-    assert c.architecture == {"mistral": "llama", "llama3": "llama", "smollm3": "llama", "granite": "llama"}.get(family, family)
+    as_llama = ("mistral", "llama3", "smollm3", "granite")
+    assert c.architecture == ("llama" if family in as_llama else family)
     assert c.post_norms == (family != "gemma")
     assert (c.vocab_size, c.hidden_size, c.num_layers) == (h.vocab_size, h.hidden_size, h.num_hidden_layers)
     assert (c.num_heads, c.num_kv_heads) == (h.num_attention_heads, getattr(h, "num_key_value_heads", h.num_attention_heads))

@@ -111,7 +111,8 @@ def hf_config(family: str):
     raise ValueError(family)
 
 
-FAMILIES = ("llama", "llama3", "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "smollm3", "granite", "gemma")
+FAMILIES = ("llama", "llama3", "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "smollm3", "granite",
+            "gemma")
 
 
 def tiny_hf_model(family: str, seed: int = 0, **config_changes):

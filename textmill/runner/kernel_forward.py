@@ -27,7 +27,7 @@ path); on SmolLM2 at one stream the interpreter between the calls was 7-17% of a
 step. layer() stays the reference: tests hold Forward to it bitwise, which is what
 keeps the two in step, and it runs any other linear.
 
-Built only for exact llama.LlamaForCausalLM / qwen2 / qwen3 / Gemma 2 and 3 instances whose
+Built only for exact llama.LlamaForCausalLM / qwen2 / qwen3 / Gemma 1, 2 and 3 instances whose
 layers runner/fused.py has fused; anything else keeps the model's own forward. Qwen3's QK
 norm runs inside rope_kv_write, as Gemma 3's does; SmolLM3's NoPE layers take an identity
 RoPE table; Granite's multipliers scale the embedding (as Gemma's), the scores, and each
@@ -175,7 +175,8 @@ class KernelForward(KernelForwardBase):
         attn = self.layers[i].self_attn
         q_norm, k_norm = self.qk_norms[i] or (None, None)
         return dict(q_norm=q_norm, k_norm=k_norm, post_attn=None, post_ffw=None, mid_norm=self.post_norms[i],
-                    next_norm=self.next_norms[i], heads=attn.num_heads, kv_heads=attn.num_kv_heads, rope=self.rope_index[i],
+                    next_norm=self.next_norms[i], heads=attn.num_heads, kv_heads=attn.num_kv_heads,
+                    rope=self.rope_index[i],
                     window=int(attn.sliding_window or 0), scale=float(attn.scale), softcap=0.0, gelu=False,
                     residual=1.0 if self.residual is None else float(self.residual))
 
