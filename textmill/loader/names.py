@@ -210,6 +210,11 @@ HF_PREFIXES: Mapping[str, str] = MappingProxyType({
     "gemma3": "model.",
     "gpt2": "transformer.",
 })
+# Per registry key: HF module names the family spells its own way -> ours. Gemma 1 calls its
+# pre-MLP norm what Gemma 2 and 3 call the norm after attention.
+HF_RENAMES: Mapping[str, tuple[tuple[str, str], ...]] = MappingProxyType({
+    "gemma": ((".post_attention_layernorm.", ".pre_feedforward_layernorm."),),
+})
 # Buffers some checkpoints carry that the models compute themselves.
 _HF_SKIPPED = re.compile(r".*(\.rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)")
 # GPT-2's Conv1D modules store weight as (in, out).
@@ -222,8 +227,8 @@ def hf_param_name(arch: str, hf_name: str) -> str | None:
     if _HF_SKIPPED.fullmatch(hf_name):
         return None
     name = hf_name.removeprefix(HF_PREFIXES[arch])
-    if arch == "gemma":  # Gemma 1 calls its pre-MLP norm what Gemma 2 and 3 call the post-attention one
-        name = name.replace(".post_attention_layernorm.", ".pre_feedforward_layernorm.")
+    for theirs, ours in HF_RENAMES.get(arch, ()):
+        name = name.replace(theirs, ours)
     return name
 
 

@@ -159,6 +159,7 @@ class KernelForward(KernelForwardBase):
         # leaves q and k bitwise as they are) for SmolLM3's NoPE layers, so that rope_kv_write
         # and the one-call Forward need no case of their own.
         self.rope_index = [0 if b.self_attn.rope else 1 for b in self.layers]
+        self.has_nope = max(self.rope_index) > 0  # settled once, not every step
         # Granite: the embedding's multiplier (as Gemma's scale), and each layer's attention
         # and MLP outputs times the residual multiplier before they join h (None: not used).
         if model.config.embedding_multiplier is not None:
@@ -189,7 +190,7 @@ class KernelForward(KernelForwardBase):
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         cos, sin = self.rotary.table(positions)
-        if max(self.rope_index) == 0:
+        if not self.has_nope:
             return ((cos, sin),)
         return (cos, sin), (torch.ones_like(cos), torch.zeros_like(sin))
 
