@@ -98,6 +98,9 @@ def _build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner]
         raise StartupError(f"cannot load model {path}: {type(exc).__name__}: {exc}") from exc
     asked = config.scheduler.max_model_len
     max_len = min(asked or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    if asked and asked > max_len:  # (Ministral 3's is its original context: loader/rope_scaling.py)
+        log.info("context window %d tokens, not --max-model-len %d: the model has %d positions", max_len, asked,
+                 max_len)
     cache, max_len = _cache_config(cfg, config, plan, max_len)
     try:
         codes = plan.weights == "file-codes"

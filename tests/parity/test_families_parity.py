@@ -77,8 +77,8 @@ def test_folder_config(from_folder) -> None:
     family, hf, ours = from_folder
     c, h = ours.config, hf.config
     assert ours.format == "hf"
-    as_llama = ("mistral", "llama3", "smollm3", "granite")
-    assert c.architecture == ("llama" if family in as_llama else family)
+    as_llama = ("mistral", "llama3", "smollm3", "granite", "ministral3")
+    assert c.architecture == ("llama" if family in as_llama else "qwen3" if family == "qwen3_yarn" else family)
     assert c.post_norms == (family != "gemma")
     assert (c.vocab_size, c.hidden_size, c.num_layers) == (h.vocab_size, h.hidden_size, h.num_hidden_layers)
     assert (c.num_heads, c.num_kv_heads) == (h.num_attention_heads, getattr(h, "num_key_value_heads", h.num_attention_heads))
@@ -94,6 +94,9 @@ def test_folder_config(from_folder) -> None:
         assert (c.rope_theta, c.rope_local_theta, c.rope_scaling_factor) == (100000.0, 10000.0, 2.0)
         assert c.qk_norm
     assert c.no_rope_layers == ((3,) if family == "smollm3" else ())
+    if family in ("ministral3", "qwen3_yarn"):  # YaRN; Ministral 3 served within its original context
+        assert c.rope_freq_factors[0] == 1.0 and c.rope_freq_factors[-1] == 4.0
+        assert c.max_position_embeddings == (128 if family == "ministral3" else h.max_position_embeddings)
     if family == "gemma2":  # every other layer local, one RoPE base, both soft-caps, no QK norm
         assert (c.sliding_window_pattern, c.query_pre_attn_scalar, c.rope_theta, c.rope_local_theta) == (
             2, 24.0, 10000.0, 10000.0)
@@ -237,6 +240,9 @@ NOT_READ_BY_TRANSFORMERS = {
     "gemma": lambda c, state, hf: (c, {n: t + 1 if n.endswith("norm.weight") else t for n, t in state.items()}),
     "ernie4_5": lambda c, state, hf: (c, state | {n: hf.state_dict()["model." + n] for n in state
                                                   if n.endswith(("q_proj.weight", "k_proj.weight"))}),
+    # plain RoPE instead of YaRN (transformers reads Qwen3 files, but not their YaRN keys)
+    "ministral3": lambda c, state, hf: (dataclasses.replace(c, rope_freq_factors=None, rope_attention_factor=1.0), state),
+    "qwen3_yarn": lambda c, state, hf: (dataclasses.replace(c, rope_freq_factors=None, rope_attention_factor=1.0), state),
 }
 
 
@@ -245,14 +251,22 @@ def test_gguf_transformers_cannot_read_matches_the_source_model(family, tokenize
     """SmolLM3 files carry no key for their NoPE layers: llama.cpp leaves RoPE out of every 4th
     layer by rule, as SmolLM3's config does. Granite files carry its multipliers as llama.cpp's
     _scale keys. ERNIE 4.5's RoPE pairs (2i, 2i + 1), so its q/k rows are reordered at load.
-    transformers reads none of these files, so each is compared with transformers on the
-    source model; and the model without its own setting is far off, so the match rests on it."""
+    YaRN (Ministral 3's "mistral3" files, Qwen3's long-context ones) is a handful of rope.scaling
+    keys. transformers reads none of these files (Qwen3's without YaRN), so each is compared
+    with transformers on the source model; and the model without its own setting is far off,
+    so the match rests on it."""
     hf = tiny_hf_model(family)
     path = write_gguf(tmp_path / f"{family}.gguf", family, hf, tokenizer)
     ours = load_model(path)
-    assert ours.format == "gguf" and ours.config.architecture == ("gemma" if family == "gemma" else "llama")
+    assert ours.format == "gguf" and ours.config.architecture == {"gemma": "gemma", "qwen3_yarn": "qwen3"}.get(
+        family, "llama")
     if family == "smollm3":
         assert ours.config.no_rope_layers == (3,)
+    elif family in ("ministral3", "qwen3_yarn"):  # the folder's numbers, from the file's keys
+        folder = load_model(save_folder(hf, tokenizer, tmp_path / "folder")).config
+        assert ours.config.rope_freq_factors == pytest.approx(folder.rope_freq_factors, rel=1e-6)
+        assert ours.config.rope_attention_factor == pytest.approx(folder.rope_attention_factor, rel=1e-6)
+        assert ours.config.max_position_embeddings == folder.max_position_embeddings
     elif family == "granite":  # the file's float32 keys
         c, h = ours.config, hf.config
         assert (c.embedding_multiplier, c.residual_multiplier, c.attention_scale, c.logit_scale) == pytest.approx(

@@ -1,7 +1,7 @@
 """Write a tiny transformers model as a GGUF file, the way llama.cpp's converter does.
 
 This restates convert_hf_to_gguf.py for the families we test (names from gguf-py's tensor
-map, q/k row permutation for Llama, SmolLM3 and Granite, +1 on Gemma norms, GPT-2's Conv1D weights transposed to
+map, q/k row permutation for Llama, SmolLM3, Granite and Ministral 3, +1 on Gemma norms, GPT-2's Conv1D weights transposed to
 (out, in)), independently of textmill.loader.names, so that a wrong entry in either shows
 up as a parity failure: transformers reads the same file with its own name tables.
 """
@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import gguf
 from gguf import GGUFWriter, quants
 from gguf.constants import GGMLQuantizationType as T
 from tokenizers import Tokenizer
@@ -26,6 +27,7 @@ _DECODER = {
 NAMES = {
     "llama": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "smollm3": _DECODER | {"post_attention_layernorm": "ffn_norm"},
+    "mistral3": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "granite": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "gemma": _DECODER | {"post_attention_layernorm": "ffn_norm"},  # Gemma 1's pre-MLP norm
     "ernie4_5": _DECODER | {"post_attention_layernorm": "ffn_norm"},  # rows as they are (conversion/ernie.py)
@@ -60,9 +62,10 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def converted(family: str, hf_name: str, w: np.ndarray, config) -> np.ndarray:
-    if family in ("llama", "smollm3", "granite") and hf_name.endswith("q_proj.weight"):  # (LlamaModel)
+    permuted = ("llama", "smollm3", "granite", "mistral3")  # (LlamaModel)
+    if family in permuted and hf_name.endswith("q_proj.weight"):
         return llama_cpp_permute(w, config.num_attention_heads)
-    if family in ("llama", "smollm3", "granite") and hf_name.endswith("k_proj.weight"):
+    if family in permuted and hf_name.endswith("k_proj.weight"):
         return llama_cpp_permute(w, config.num_key_value_heads)
     if family in ("gemma", "gemma2", "gemma3") and hf_name.endswith("norm.weight"):
         return w + 1.0
@@ -109,12 +112,24 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     params = config.rope_parameters
     w.add_rope_freq_base(params.get("full_attention", params)["rope_theta"])
-    if family in ("llama", "llama3", "qwen3", "gemma", "gemma2", "gemma3", "ernie4_5"):
+    if family in ("llama", "llama3", "qwen3", "qwen3_yarn", "ministral3", "gemma", "gemma2", "gemma3", "ernie4_5"):
         w.add_key_length(config.head_dim)
         w.add_value_length(config.head_dim)
     partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
     if family == "phi3" and partial != 1.0:  # conversion/phi.py: int(rot_pct * n_embd) // n_head
         w.add_rope_dimension_count(int(partial * config.hidden_size) // config.num_attention_heads)
+    rope = params.get("full_attention", params)
+    if rope.get("rope_type") == "yarn":  # conversion/base.py, and mistral3.py's two keys
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        if "attention_factor" in rope:
+            w.add_rope_scaling_yarn_attn_factor(rope["attention_factor"])
+        w.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
+        w.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
+        if family == "ministral3":
+            w.add_rope_scaling_yarn_log_mul(rope["mscale_all_dim"])
+            w.add_attn_temperature_scale(rope["llama_4_scaling_beta"])
     if family == "granite":  # conversion/granite.py: the _multiplier params as _scale keys
         w.add_attention_scale(config.attention_multiplier)
         w.add_embedding_scale(config.embedding_multiplier)
@@ -148,7 +163,7 @@ def write_gguf(path: Path, family: str, hf_model, tokenizer: Tokenizer, *, name:
                quantize_mlp: bool = False) -> Path:
     """The model's float32 weights (MLP weights Q8_0 if asked) in a GGUF of its family."""
     config = hf_model.config
-    arch = "llama" if family in ("mistral", "llama3") else family
+    arch = {"mistral": "llama", "llama3": "llama", "qwen3_yarn": "qwen3", "ministral3": "mistral3"}.get(family, family)
     w = GGUFWriter(path, arch)
     w.add_name(name)
     _write_metadata(w, family, config)

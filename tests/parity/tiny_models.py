@@ -52,6 +52,12 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "lo
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
+# YaRN with an original context of 128: its query temperature (Ministral 3) stays 1 over
+# every prompt and greedy continuation here.
+YARN_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
+             "beta_fast": 32.0, "beta_slow": 1.0}
+
+
 def hf_config(family: str):
     """A tiny transformers config of the family, with the features worth checking switched on."""
     import transformers as tf
@@ -75,6 +81,11 @@ def hf_config(family: str):
     if family == "qwen3":  # head_dim is not hidden / heads, as in every real Qwen3
         return tf.Qwen3Config(**common, head_dim=24, tie_word_embeddings=True,
                               rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    if family == "qwen3_yarn":  # Qwen3's long-context setting; a short original context puts the ramp inside a head
+        return tf.Qwen3Config(**common, head_dim=24, tie_word_embeddings=True, rope_parameters=YARN_ROPE)
+    if family == "ministral3":  # Llama with YaRN, cos/sin scaled by a ratio of mscales, a query temperature
+        return tf.Ministral3Config(**common, head_dim=16, tie_word_embeddings=False, rope_parameters=YARN_ROPE | {
+            "mscale": 1.0, "mscale_all_dim": 0.5, "llama_4_scaling_beta": 0.1})
     if family == "gemma3":
         return tf.Gemma3TextConfig(
             **common, head_dim=16, query_pre_attn_scalar=24, sliding_window=SLIDING_WINDOW,
@@ -112,7 +123,7 @@ def hf_config(family: str):
 
 
 FAMILIES = ("llama", "llama3", "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "smollm3", "granite",
-            "gemma")
+            "gemma", "ministral3", "qwen3_yarn")
 
 
 def tiny_hf_model(family: str, seed: int = 0, **config_changes):

@@ -45,10 +45,43 @@ def test_rope_parameters_of_transformers_5() -> None:
     assert (c.rope_theta, c.rope_scaling_factor) == (1234.0, None)
 
 
-@pytest.mark.parametrize("scaling", [{"rope_type": "dynamic", "factor": 2.0}, {"type": "yarn", "factor": 4.0}])
+@pytest.mark.parametrize("scaling", [{"rope_type": "dynamic", "factor": 2.0}, {"type": "ntk", "factor": 4.0}])
 def test_unsupported_rope_scaling_is_refused(scaling) -> None:
     with pytest.raises(ValueError, match="RoPE scaling .* is not supported"):
         config_from_dict(LLAMA | {"rope_scaling": scaling})
+
+
+YARN_SETTINGS = {
+    "qwen3-128k": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+    "ministral3": {"type": "yarn", "factor": 16.0, "original_max_position_embeddings": 16384, "beta_fast": 32.0,
+                   "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1},
+    "explicit": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096, "beta_fast": 16.0,
+                 "attention_factor": 1.3},
+    "mscales": {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 0.707,
+                "mscale_all_dim": 0.707 * 1.5},
+}
+
+
+@pytest.mark.parametrize("name", sorted(YARN_SETTINGS))
+def test_yarn_rope_matches_transformers(name: str) -> None:
+    """YaRN's divisors give transformers' own inverse frequencies, and its cos/sin factor
+    transformers' attention factor; Ministral 3's window stops at its original context."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = YARN_SETTINGS[name] | {"rope_theta": 1000000.0}
+    raw = LLAMA | {"hidden_size": 2048, "num_attention_heads": 16, "num_key_value_heads": 8,
+                   "max_position_embeddings": 131072, "rope_parameters": scaling}
+    c = config_from_dict(raw)
+    reference = transformers.LlamaConfig(**{k: v for k, v in raw.items() if k != "architectures"} | {
+        "rope_parameters": {k: v for k, v in scaling.items() if k != "llama_4_scaling_beta"} | {"rope_type": "yarn"}})
+    expected, attention = ROPE_INIT_FUNCTIONS["yarn"](reference, "cpu")
+    base = 1.0 / c.rope_theta ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128)
+    got = base / torch.tensor(c.rope_freq_factors, dtype=torch.float64)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-5, atol=0)
+    assert c.rope_attention_factor == pytest.approx(attention, rel=1e-6)
+    assert 1.0 in c.rope_freq_factors and scaling["factor"] in c.rope_freq_factors  # both ends of the ramp
+    assert c.max_position_embeddings == (16384 if name == "ministral3" else 131072)
 
 
 def test_llama3_rope_factors_match_transformers() -> None:

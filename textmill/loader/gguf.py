@@ -24,6 +24,7 @@ from textmill.loader.gguf_file import GGUFFile, TensorInfo
 from textmill.loader.group_codes import CodesRef, GGUFRows, convertible
 from textmill.loader.hf_config import pattern_of_layers
 from textmill.loader.names import FUSED_GGUF, fused_parts, gguf_param_name, to_model_layout
+from textmill.loader.rope_scaling import yarn
 from textmill.models.registry import resolve_architecture
 
 _MISSING = object()
@@ -48,13 +49,38 @@ class GGUFMetadata:
         return self.get(f"{self.arch}.{key}", default)
 
 
-def _rope_scaling_factor(meta: GGUFMetadata) -> float | None:
+def _rope_scaling(meta: GGUFMetadata, theta: float, rotary_dims: int, context: int) -> dict[str, Any]:
     kind = meta.arch_get("rope.scaling.type", "none")
     if kind == "none":
-        return None
+        return {}
     if kind == "linear":
-        return float(meta.arch_get("rope.scaling.factor"))
-    raise ValueError(f"RoPE scaling {kind!r} is not supported (only linear)")
+        return dict(rope_scaling_factor=float(meta.arch_get("rope.scaling.factor")))
+    if kind == "yarn":
+        return _yarn(meta, theta, rotary_dims, context)
+    raise ValueError(f"RoPE scaling {kind!r} is not supported (only linear and yarn)")
+
+
+def _yarn(meta: GGUFMetadata, theta: float, rotary_dims: int, context: int) -> dict[str, Any]:
+    """YaRN as llama.cpp reads a file (Qwen3's 128k files, Ministral 3): the factor, the
+    original context (default: the whole), beta_fast/slow (32/1 where absent), cos and sin
+    times 0.1 ln(factor) + 1, or with `yarn_log_multiplier` (Ministral 3's mscale_all_dim)
+    the ratio of two such terms, times `rope.scaling.attn_factor`. Where the converter wrote
+    the config's own attention_factor (`yarn_attn_factor`), that is taken, as transformers
+    takes it (llama.cpp recomputes it). Ministral 3's query temperature
+    (`attention.temperature_scale`) is exactly 1 below the original context: its window is
+    capped there rather than the temperature modelled."""
+    original = int(meta.arch_get("rope.scaling.original_context_length", context))
+    log_mul = float(meta.arch_get("rope.scaling.yarn_log_multiplier", 0.0))
+    explicit = meta.arch_get("rope.scaling.yarn_attn_factor", None)
+    fields = yarn(theta=theta, rotary_dims=rotary_dims, factor=float(meta.arch_get("rope.scaling.factor", 0.0)) or 1.0,
+                  original=original, beta_fast=float(meta.arch_get("rope.scaling.yarn_beta_fast", 32.0)),
+                  beta_slow=float(meta.arch_get("rope.scaling.yarn_beta_slow", 1.0)),
+                  attention_factor=None if explicit is None else float(explicit),
+                  mscale=1.0 if log_mul else None, mscale_all_dim=log_mul or None)
+    fields["rope_attention_factor"] *= float(meta.arch_get("rope.scaling.attn_factor", 1.0))
+    if float(meta.arch_get("attention.temperature_scale", 0.0)):
+        fields["max_position_embeddings"] = min(context, original)
+    return fields
 
 
 def _vocab_size(gguf: GGUFFile) -> int:
@@ -79,8 +105,9 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
     if rope_dims != head_dim and (meta.arch != "phi3" or rope_dims > head_dim or rope_dims % 2):
         raise ValueError(f"RoPE over {rope_dims} of a head's {head_dim} values is not supported "
                          f"for {meta.arch!r} files")
-    if float(meta.arch_get("rope.scaling.attn_factor", 1.0)) != 1.0 and meta.arch != "phi3":
-        raise ValueError("a RoPE attention factor outside LongRoPE (Phi-3) is not supported")
+    if float(meta.arch_get("rope.scaling.attn_factor", 1.0)) != 1.0 and meta.arch != "phi3" and (
+            meta.arch_get("rope.scaling.type", "none") != "yarn"):
+        raise ValueError("a RoPE attention factor outside LongRoPE (Phi-3) and YaRN is not supported")
     window = meta.arch_get("attention.sliding_window", None)
     tensor_names = {t.name for t in gguf.tensors}
     fields = dict(
@@ -95,7 +122,6 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
         max_position_embeddings=int(meta.arch_get("context_length")),
         norm_eps=float(meta.arch_get("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(meta.arch_get("rope.freq_base", 10000.0)),
-        rope_scaling_factor=_rope_scaling_factor(meta),
         tie_word_embeddings="output.weight" not in tensor_names,
         rope_freq_factors=_tensor_values(gguf, ROPE_FREQS),
         attention_bias=bool({"blk.0.attn_q.bias", "blk.0.attn_qkv.bias"} & tensor_names),  # (Phi-3's is fused)
@@ -103,6 +129,11 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
         name=str(meta.get("general.name", "")),
         rotary_dim=rope_dims if rope_dims < head_dim else None,  # partial rotary (Phi-4-mini)
     )
+    scaling = _rope_scaling(meta, fields["rope_theta"], rope_dims, fields["max_position_embeddings"])
+    if fields["rope_freq_factors"] and scaling.get("rope_freq_factors"):  # both divide, as in ggml's rope
+        scaling["rope_freq_factors"] = tuple(a * b for a, b in zip(fields["rope_freq_factors"],
+                                                                   scaling["rope_freq_factors"]))
+    fields |= scaling
     family = fields["architecture"]
     if family in ("gemma2", "gemma3"):
         fields |= _gemma_fields(meta, fields, family)
@@ -156,7 +187,7 @@ def _gemma_fields(meta: GGUFMetadata, fields: dict[str, Any], family: str) -> di
     if family == "gemma2":
         # llama.cpp's defaults where a file lacks the keys: every other layer local on a
         # 4096-token window, on the global RoPE base, scores and logits capped at 50 and 30.
-        if fields["rope_scaling_factor"] is not None:  # llama.cpp would scale the local layers too
+        if fields.get("rope_scaling_factor") is not None:  # llama.cpp would scale the local layers too
             raise ValueError("Gemma 2 files with RoPE scaling are not supported")
         defaults = dict(pattern=2, local_theta=fields["rope_theta"], window=4096, attn_cap=50.0, final_cap=30.0)
     else:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from textmill.config import ModelConfig
+from textmill.loader.rope_scaling import llama3_freq_factors, yarn
 from textmill.models.registry import resolve_architecture
 
 # transformers' activation names -> ModelConfig.hidden_act
@@ -97,7 +98,7 @@ def _decoder_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
         act = _activation(raw["hidden_activation"]) if raw.get("hidden_activation") else "gelu_tanh"
         return fields | _rope(raw, None, head_dim=fields["head_dim"], default_theta=10000.0) | dict(
             post_norms=False, query_pre_attn_scalar=float(fields["head_dim"]), hidden_act=act)
-    fields |= _rope(raw, None, head_dim=fields["head_dim"], default_theta=10000.0)
+    fields |= _rope(raw, None, head_dim=fields["rotary_dim"] or fields["head_dim"], default_theta=10000.0)
     if family == "qwen2":
         return fields | dict(attention_bias=True, sliding_window=_qwen2_window(raw, fields["num_layers"]))
     if family == "qwen3":
@@ -204,15 +205,19 @@ def _activation(name: str) -> str:
 
 def _rope(raw: dict[str, Any], layer_type: str | None, *, head_dim: int, default_theta: float,
           legacy_theta_key: str = "rope_theta", legacy_scaling: bool = True) -> dict[str, Any]:
-    """rope_theta and the scaling fields, from rope_parameters (5.x) or the 4.x keys."""
+    """rope_theta and the scaling fields, from rope_parameters (5.x) or the 4.x keys;
+    `head_dim`: the values of a head that RoPE turns (all but Phi-4-mini's)."""
     params = raw.get("rope_parameters") or {}
     if layer_type is not None:
         params = params.get(layer_type) or {}
     theta = float(params.get("rope_theta") or raw.get(legacy_theta_key) or default_theta)
-    scaling = params if params.get("rope_type", "default") != "default" else None
+    def kind_of(p: dict[str, Any] | None) -> str:  # configs spell it rope_type or (older) type
+        return (p or {}).get("rope_type") or (p or {}).get("type") or "default"
+
+    scaling = params if kind_of(params) != "default" else None
     if scaling is None and legacy_scaling:
         scaling = raw.get("rope_scaling")
-    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    kind = kind_of(scaling)
     if kind == "default":
         return dict(rope_theta=theta)
     if kind == "linear":
@@ -221,7 +226,27 @@ def _rope(raw: dict[str, Any], layer_type: str | None, *, head_dim: int, default
         return dict(rope_theta=theta, rope_freq_factors=llama3_freq_factors(theta, head_dim, scaling))
     if kind in ("longrope", "su") and layer_type is None:  # resolved once the window is known
         return dict(rope_theta=theta, longrope=scaling)
-    raise ValueError(f"RoPE scaling {kind!r} is not supported (only linear, llama3 and longrope)")
+    if kind == "yarn":
+        return dict(rope_theta=theta) | _yarn(raw, scaling, theta, head_dim)
+    raise ValueError(f"RoPE scaling {kind!r} is not supported (only linear, llama3, longrope and yarn)")
+
+
+def _yarn(raw: dict[str, Any], params: dict[str, Any], theta: float, rotary_dims: int) -> dict[str, Any]:
+    """YaRN as transformers reads it (the original context from the parameters, else the
+    config's; the factor given, else their ratio). Ministral 3 also scales each query by
+    1 + beta ln(1 + floor(position / original)): exactly 1 below the original context,
+    which is where it is served (its window capped there) rather than modelled."""
+    positions = int(raw["max_position_embeddings"])
+    original = int(params.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
+                   or positions)
+    fields = yarn(theta=theta, rotary_dims=rotary_dims, factor=float(params.get("factor") or positions / original),
+                  original=original, beta_fast=float(params.get("beta_fast") or 32.0),
+                  beta_slow=float(params.get("beta_slow") or 1.0), attention_factor=params.get("attention_factor"),
+                  mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
+                  truncate=bool(params.get("truncate", True)))
+    if params.get("llama_4_scaling_beta"):
+        fields["max_position_embeddings"] = min(positions, original)
+    return fields
 
 
 def _longrope(raw: dict[str, Any], params: dict[str, Any], window: int, angles: int) -> dict[str, Any]:
@@ -240,26 +265,6 @@ def _longrope(raw: dict[str, Any], params: dict[str, Any], window: int, angles: 
         raise ValueError(f"LongRoPE needs long_factor and short_factor of {angles} values each")
     factors = params["long_factor"] if window > original else params["short_factor"]
     return dict(rope_freq_factors=tuple(float(f) for f in factors), rope_attention_factor=float(attention))
-
-
-def llama3_freq_factors(theta: float, head_dim: int, scaling: dict[str, Any]) -> tuple[float, ...]:
-    """Divisors of each inverse frequency: 1 for wavelengths shorter than the original
-    context / high_freq_factor, `factor` for those longer than context / low_freq_factor,
-    and a smooth blend between (what transformers computes and llama.cpp stores)."""
-    factor = float(scaling["factor"])
-    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
-    context = float(scaling.get("original_max_position_embeddings", 8192))
-    factors = []
-    for i in range(0, head_dim, 2):
-        wavelen = 2 * math.pi * theta ** (i / head_dim)
-        if wavelen < context / high:
-            factors.append(1.0)
-        elif wavelen > context / low:
-            factors.append(factor)
-        else:
-            smooth = (context / wavelen - low) / (high - low)
-            factors.append(1.0 / ((1 - smooth) / factor + smooth))
-    return tuple(factors)
 
 
 def _qwen2_window(raw: dict[str, Any], num_layers: int) -> int | None:

@@ -47,6 +47,11 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     # its q/k rows are put in Llama's order as llama.cpp's permuted ones are. Its folders keep
     # that order, which the folder loader does not undo: GGUF files only.
     "ernie4_5": "llama",
+    # Ministral 3 (the text model of Mistral3ForConditionalGeneration) is Llama with YaRN
+    # (rope_freq_factors, rope_attention_factor) and a query temperature that is 1 within its
+    # original context, where its window is capped (loader/rope_scaling.py).
+    "mistral3": "llama",
+    "Ministral3ForCausalLM": "llama",
     "phi3": "phi3",
     "Phi3ForCausalLM": "phi3",
     "qwen2": "qwen2",
