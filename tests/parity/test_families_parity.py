@@ -230,6 +230,10 @@ def test_phi4_mini_partial_rotary_matches_transformers(tokenizer, prompts, tmp_p
             assert our_greedy(ours.model, ids) == hf_greedy(hf, ids), name
 
 
+def _plain_rope(c):
+    return dataclasses.replace(c, rope_freq_factors=None, rope_attention_factor=1.0)
+
+
 # Families whose GGUF files transformers does not read, each with its model stripped of the
 # setting the match rests on (config and state dict in, the same out): far off, each.
 NOT_READ_BY_TRANSFORMERS = {
@@ -241,8 +245,8 @@ NOT_READ_BY_TRANSFORMERS = {
     "ernie4_5": lambda c, state, hf: (c, state | {n: hf.state_dict()["model." + n] for n in state
                                                   if n.endswith(("q_proj.weight", "k_proj.weight"))}),
     # plain RoPE instead of YaRN (transformers reads Qwen3 files, but not their YaRN keys)
-    "ministral3": lambda c, state, hf: (dataclasses.replace(c, rope_freq_factors=None, rope_attention_factor=1.0), state),
-    "qwen3_yarn": lambda c, state, hf: (dataclasses.replace(c, rope_freq_factors=None, rope_attention_factor=1.0), state),
+    "ministral3": lambda c, state, hf: (_plain_rope(c), state),
+    "qwen3_yarn": lambda c, state, hf: (_plain_rope(c), state),
 }
 
 

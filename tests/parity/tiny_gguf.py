@@ -1,9 +1,10 @@
 """Write a tiny transformers model as a GGUF file, the way llama.cpp's converter does.
 
 This restates convert_hf_to_gguf.py for the families we test (names from gguf-py's tensor
-map, q/k row permutation for Llama, SmolLM3, Granite and Ministral 3, +1 on Gemma norms, GPT-2's Conv1D weights transposed to
-(out, in)), independently of textmill.loader.names, so that a wrong entry in either shows
-up as a parity failure: transformers reads the same file with its own name tables.
+map, q/k row permutation for Llama, SmolLM3, Granite and Ministral 3, +1 on Gemma norms,
+GPT-2's Conv1D weights transposed to (out, in)), independently of textmill.loader.names, so
+that a wrong entry in either shows up as a parity failure: transformers reads the same file
+with its own name tables.
 """
 from __future__ import annotations
 

@@ -105,9 +105,9 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
 # llama.cpp's converter reorders the rows of q and k for these architectures so that ggml's
 # interleaved ("GPT-J style") RoPE sees pairs (2i, 2i+1); the models here use rotate-half
 # pairs (i, i + D/2), so the loader puts the rows back. Qwen2 and Gemma 2/3 use ggml's NEOX
-# (rotate-half) RoPE and are stored unpermuted, as is Qwen3. SmolLM3's and Granite's
-# converters are Llama's, as is Ministral 3's ("mistral3"). ERNIE 4.5's converter leaves its rows alone, but its own RoPE pairs
-# (2i, 2i + 1) already: the same order, put back the same way.
+# (rotate-half) RoPE and are stored unpermuted, as is Qwen3. SmolLM3's, Granite's and
+# Ministral 3's ("mistral3") converters are Llama's. ERNIE 4.5's converter leaves its rows
+# alone, but its own RoPE pairs (2i, 2i + 1) already: the same order, put back the same way.
 QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3", "granite", "ernie4_5", "mistral3"})
 # llama.cpp's converter stores Gemma norm weights as 1 + weight (ggml multiplies plainly).
 NORM_PLUS_ONE_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
