@@ -17,7 +17,7 @@ import torch
 from tests.parity.compare import GREEDY_TOKENS, LOGPROB_TOLERANCE, hf_greedy, max_logprob_diff, our_greedy
 from tests.parity.tiny_gguf import write_gguf
 from tests.parity.tiny_models import (FAMILIES, GEMMA2_SOFTCAPS, SLIDING_WINDOW, phi3_longrope_model, prompt_ids,
-                                     save_folder, tiny_hf_model, train_tokenizer)
+                                     save_folder, tiny_hf_model, tiny_vl_model, train_tokenizer)
 from textmill.loader import LoadedModel, load_model
 from textmill.models.registry import build_model
 
@@ -291,3 +291,20 @@ def test_an_ernie_folder_is_refused_not_misread(tokenizer, tmp_path: Path) -> No
     folder = save_folder(tiny_hf_model("ernie4_5"), tokenizer, tmp_path / "ernie")
     with pytest.raises(ValueError, match="ERNIE 4.5 is supported from GGUF files only"):
         load_model(folder)
+
+
+@pytest.mark.parametrize("family", ["qwen2vl", "qwen3vl"])
+def test_vision_language_gguf_text_matches_transformers(family, tokenizer, prompts, tmp_path: Path) -> None:
+    """The main GGUF of Qwen2.5-VL and Qwen3-VL holds their text model ("qwen2vl" and "qwen3vl":
+    Qwen2 and Qwen3 with M-RoPE). On text, M-RoPE turns every section by the same position
+    (llama.cpp broadcasts a text token's position; transformers' position ids for text agree)
+    and Qwen3-VL's deepstack adds nothing: plain RoPE. Against transformers' whole
+    vision-language model, given text only."""
+    hf = tiny_vl_model(family)
+    ours = load_model(write_gguf(tmp_path / f"{family}.gguf", family, hf, tokenizer))
+    assert ours.config.architecture == family.removesuffix("vl")
+    assert ours.config.qk_norm == (family == "qwen3vl") and ours.config.attention_bias == (family == "qwen2vl")
+    for name, ids in prompts.items():
+        diff = max_logprob_diff(ours.model, hf, ids)
+        assert diff < LOGPROB_TOLERANCE, f"{name}: max |logprob diff| = {diff:.2e}"
+        assert our_greedy(ours.model, ids) == hf_greedy(hf, ids), name

@@ -37,6 +37,10 @@ NAMES = {
                         "mlp.gate_up_proj": "ffn_up"},
     "qwen3": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
                          "self_attn.k_norm": "attn_k_norm"},
+    # the text models of Qwen2.5-VL and Qwen3-VL (conversion/qwen_vl.py: the vision tower goes to an mmproj file)
+    "qwen2vl": _DECODER | {"post_attention_layernorm": "ffn_norm"},
+    "qwen3vl": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
+                           "self_attn.k_norm": "attn_k_norm"},
     "gemma3": _DECODER | {
         "post_attention_layernorm": "post_attention_norm",
         "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
@@ -113,13 +117,18 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     params = config.rope_parameters
     w.add_rope_freq_base(params.get("full_attention", params)["rope_theta"])
-    if family in ("llama", "llama3", "qwen3", "qwen3_yarn", "ministral3", "gemma", "gemma2", "gemma3", "ernie4_5"):
+    if family in ("llama", "llama3", "qwen3", "qwen3_yarn", "qwen3vl", "ministral3", "gemma", "gemma2", "gemma3",
+                  "ernie4_5"):
         w.add_key_length(config.head_dim)
         w.add_value_length(config.head_dim)
     partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
     if family == "phi3" and partial != 1.0:  # conversion/phi.py: int(rot_pct * n_embd) // n_head
         w.add_rope_dimension_count(int(partial * config.hidden_size) // config.num_attention_heads)
     rope = params.get("full_attention", params)
+    if "mrope_section" in rope:  # M-RoPE's sections, padded to four, as the converter writes them
+        w.add_rope_dimension_sections(list(rope["mrope_section"]) + [0] * (4 - len(rope["mrope_section"])))
+    if family == "qwen3vl":
+        w.add_uint32("qwen3vl.n_deepstack_layers", 1)
     if rope.get("rope_type") == "yarn":  # conversion/base.py, and mistral3.py's two keys
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(rope["factor"])
@@ -162,8 +171,11 @@ def _write_vocab(w: GGUFWriter, tokenizer: Tokenizer) -> None:
 
 def write_gguf(path: Path, family: str, hf_model, tokenizer: Tokenizer, *, name: str = "tiny",
                quantize_mlp: bool = False) -> Path:
-    """The model's float32 weights (MLP weights Q8_0 if asked) in a GGUF of its family."""
-    config = hf_model.config
+    """The model's float32 weights (MLP weights Q8_0 if asked) in a GGUF of its family; of a
+    vision-language model, its text model's."""
+    config = getattr(hf_model.config, "text_config", None) or hf_model.config
+    state = {n.replace("model.language_model.", "model."): t for n, t in hf_model.state_dict().items()
+             if not n.startswith("model.visual.")}
     arch = {"mistral": "llama", "llama3": "llama", "qwen3_yarn": "qwen3", "ministral3": "mistral3"}.get(family, family)
     w = GGUFWriter(path, arch)
     w.add_name(name)
@@ -180,7 +192,7 @@ def write_gguf(path: Path, family: str, hf_model, tokenizer: Tokenizer, *, name:
         w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
         w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
         w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
-    for hf_name, tensor in hf_model.state_dict().items():
+    for hf_name, tensor in state.items():
         if tied and hf_name == "lm_head.weight":
             continue
         values = converted(arch, hf_name, tensor.float().numpy(), config)

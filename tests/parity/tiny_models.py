@@ -186,3 +186,32 @@ def phi3_longrope_model(original: int = 8, partial_rotary_factor: float = 1.0):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.15)
     return model.eval().requires_grad_(False)
+
+
+def tiny_vl_model(family: str, seed: int = 0):
+    """A tiny Qwen2.5-VL ("qwen2vl") or Qwen3-VL ("qwen3vl") of transformers, vision tower
+    included, for text-only use: its M-RoPE turns every section by the same position there."""
+    import transformers as tf
+
+    text = dict(vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POSITIONS,
+                rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=0, bos_token_id=None, pad_token_id=None)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=HIDDEN)
+    if family == "qwen3vl":  # head_dim 24: 12 angles in interleaved sections of 4
+        text |= dict(head_dim=24, rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                                   "mrope_section": [4, 4, 4], "mrope_interleaved": True})
+        config = tf.Qwen3VLConfig(text_config=text, vision_config=vision | dict(deepstack_visual_indexes=[0]),
+                                  tie_word_embeddings=True)
+        model_class = tf.Qwen3VLForConditionalGeneration
+    elif family == "qwen2vl":  # head_dim 16: 8 angles in sections of 2, 3 and 3
+        text |= dict(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
+        config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)
+        model_class = tf.Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    model = model_class._from_config(config, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.15)
+    return model.eval().requires_grad_(False)

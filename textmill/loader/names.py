@@ -95,7 +95,9 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "mistral3": _LLAMA,
     "phi3": _LLAMA,  # after its fused tensors are split (FUSED_GGUF)
     "qwen2": _LLAMA,
+    "qwen2vl": _LLAMA,
     "qwen3": _QWEN3,
+    "qwen3vl": _QWEN3,
     "gemma": _GEMMA3,  # the same names; Gemma 1 has only attn_norm and ffn_norm
     "gemma2": _GEMMA3,  # the same names; Gemma 2 has no attn_q_norm / attn_k_norm
     "gemma3": _GEMMA3,

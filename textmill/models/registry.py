@@ -58,6 +58,12 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     "Qwen2ForCausalLM": "qwen2",
     "qwen3": "qwen3",
     "Qwen3ForCausalLM": "qwen3",
+    # The text models of Qwen2-VL/2.5-VL and Qwen3-VL files (their vision towers live in
+    # separate mmproj files): M-RoPE turns every section by the same position for text,
+    # which is plain RoPE, and Qwen3-VL's deepstack adds nothing there. GGUF files only: a
+    # folder holds the vision-language model whole.
+    "qwen2vl": "qwen2",
+    "qwen3vl": "qwen3",
     "gemma": "gemma",
     "GemmaForCausalLM": "gemma",
     "gemma2": "gemma2",
