@@ -17,7 +17,7 @@ Qwen3-0.6B: d=1024, 28 layers, 16/8 heads of 128, QK norms, a tied 151,936-row e
 Q6_K as llama.cpp's Q4_K_M keeps a tied embedding).
 
 synthetic-8b has Llama 3 8B's shapes, for runs at the other end of the sizes people use;
-synthetic-gemma2 has Gemma 2 2B's, synthetic-phi3 Phi-3-mini's.
+synthetic-gemma2 has Gemma 2 2B's, synthetic-phi3 Phi-3-mini's, synthetic-olmo2 OLMo 2 1B's.
 
 Files are cached under ~/.cache/textmill-bench (TEXTMILL_BENCH_CACHE overrides), named by
 their parameters, and built only when missing:
@@ -27,6 +27,7 @@ their parameters, and built only when missing:
     python bench/synthetic_gguf.py --8b            # the same for synthetic-8b
     python bench/synthetic_gguf.py --gemma2        # the same for synthetic-gemma2
     python bench/synthetic_gguf.py --phi3          # the same for synthetic-phi3
+    python bench/synthetic_gguf.py --olmo2         # the same for synthetic-olmo2
     python bench/synthetic_gguf.py --layers 2 --out /tmp/tiny.gguf
 """
 from __future__ import annotations
@@ -64,7 +65,8 @@ class SyntheticSpec:
     context: int = 8192
     rope_base: float = 500000.0
     seed: int = 0
-    arch: str = "llama"  # "llama", "qwen3" (per-head q and k norms, no permutation), "gemma2" or "phi3"
+    # "llama", "qwen3" (per-head q and k norms, no permutation), "gemma2", "phi3" or "olmo2"
+    arch: str = "llama"
     key_length: int | None = None  # head_dim when it is not hidden / heads
     vocab: int | None = None  # pad the tokenizer's table to this many tokens
     tied: bool = False  # no output.weight: the embedding is the head
@@ -90,6 +92,11 @@ SYNTHETIC_GEMMA2 = SyntheticSpec(name="synthetic-gemma2", hidden=2304, layers=26
 # (Its name lacks "phi3" and "phi-3": llama.cpp then looks for Phi-3's own special tokens.)
 SYNTHETIC_PHI3 = SyntheticSpec(name="synthetic-phi-mini", hidden=3072, layers=32, heads=32, kv_heads=32, ffn=8192,
                                context=4096, rope_base=10000.0, arch="phi3", seed=4)
+# OLMo 2 1B's shapes (OLMo-2-0425-1B): 16 heads of 128 with no grouping, norms on each
+# attention and MLP output instead of the inputs, q and k normed over all heads, an untied
+# head over a 100,352-token vocabulary (SmolLM2's tokenizer padded).
+SYNTHETIC_OLMO2 = SyntheticSpec(name="synthetic-olmo2", hidden=2048, layers=16, heads=16, kv_heads=16, ffn=8192,
+                                context=4096, rope_base=500000.0, arch="olmo2", vocab=100352, seed=5)
 # Llama 3 8B's shapes (128,256-token vocabulary, GQA 32/8, ffn 14336): the largest size people
 # run on a CPU. 4.6 GiB; not in the default matrix (`--models synthetic-8b`).
 SYNTHETIC_8B = SyntheticSpec(name="synthetic-8b", hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336,
@@ -136,7 +143,8 @@ def tensor_plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, .
         ("token_embd.weight", (vocab, d), Q6_K if spec.tied else Q4_K)]
     for i in range(spec.layers):
         wide = Q6_K if more_bits(i, spec.layers) else Q4_K
-        plan += [(f"blk.{i}.attn_norm.weight", (d,), F32)]
+        if spec.arch != "olmo2":  # OLMo 2 norms no layer input
+            plan += [(f"blk.{i}.attn_norm.weight", (d,), F32)]
         if spec.arch == "qwen3":
             plan += [(f"blk.{i}.attn_q_norm.weight", (spec.head_dim,), F32),
                      (f"blk.{i}.attn_k_norm.weight", (spec.head_dim,), F32)]
@@ -151,13 +159,16 @@ def tensor_plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, .
                  (f"blk.{i}.attn_k.weight", (kv, d), Q4_K),
                  (f"blk.{i}.attn_v.weight", (kv, d), wide),
                  (f"blk.{i}.attn_output.weight", (d, q), Q4_K)]
-        if spec.arch == "gemma2":  # Gemma's norms after attention and after the MLP
+        if spec.arch == "olmo2":  # q and k normed over all heads
+            plan += [(f"blk.{i}.attn_q_norm.weight", (q,), F32), (f"blk.{i}.attn_k_norm.weight", (kv,), F32)]
+        if spec.arch in ("gemma2", "olmo2"):  # norms after attention and after the MLP
             plan += [(f"blk.{i}.post_attention_norm.weight", (d,), F32)]
-        plan += [(f"blk.{i}.ffn_norm.weight", (d,), F32),
-                 (f"blk.{i}.ffn_gate.weight", (f, d), Q4_K),
+        if spec.arch != "olmo2":
+            plan += [(f"blk.{i}.ffn_norm.weight", (d,), F32)]
+        plan += [(f"blk.{i}.ffn_gate.weight", (f, d), Q4_K),
                  (f"blk.{i}.ffn_up.weight", (f, d), Q4_K),
                  (f"blk.{i}.ffn_down.weight", (d, f), wide)]
-        if spec.arch == "gemma2":
+        if spec.arch in ("gemma2", "olmo2"):
             plan += [(f"blk.{i}.post_ffw_norm.weight", (d,), F32)]
     plan.append(("output_norm.weight", (d,), F32))
     return plan if spec.tied else plan + [("output.weight", (vocab, d), Q6_K)]
@@ -324,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--8b", dest="eight_b", action="store_true", help="the synthetic-8b file (other shape flags ignored)")
     p.add_argument("--gemma2", action="store_true", help="the synthetic-gemma2 file (other shape flags ignored)")
     p.add_argument("--phi3", action="store_true", help="the synthetic-phi3 file (other shape flags ignored)")
+    p.add_argument("--olmo2", action="store_true", help="the synthetic-olmo2 file (other shape flags ignored)")
     p.add_argument("--tokenizer-from", type=Path, default=None,
                    help="GGUF whose tokenizer.* to copy (default: SmolLM2)")
     p.add_argument("--out", type=Path, default=None, help="write here (always) instead of the cache")
@@ -339,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = SYNTHETIC_GEMMA2
     elif a.phi3:
         spec = SYNTHETIC_PHI3
+    elif a.olmo2:
+        spec = SYNTHETIC_OLMO2
     print(write_synthetic(spec, source, a.out) if a.out else synthetic_path(spec, source))
     return 0
 

@@ -68,7 +68,7 @@ class ModelConfig:
     family does not use keep their defaults.
     """
 
-    # registry key: "llama" (Mistral, SmolLM3, Granite, ERNIE 4.5 too), "phi3", "qwen2", "qwen3",
+    # registry key: "llama" (Mistral, SmolLM3, Granite, ERNIE 4.5 too), "phi3", "qwen2", "qwen3", "olmo2",
     # "gemma", "gemma2", "gemma3", "gpt2"
     architecture: str
     vocab_size: int

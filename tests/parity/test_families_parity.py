@@ -19,6 +19,7 @@ from tests.parity.tiny_gguf import write_gguf
 from tests.parity.tiny_models import (FAMILIES, GEMMA2_SOFTCAPS, SLIDING_WINDOW, phi3_longrope_model, prompt_ids,
                                      save_folder, tiny_hf_model, tiny_vl_model, train_tokenizer)
 from textmill.loader import LoadedModel, load_model
+from textmill.loader.names import unpermute_rope_rows
 from textmill.models.registry import build_model
 
 transformers = pytest.importorskip("transformers")
@@ -247,6 +248,10 @@ NOT_READ_BY_TRANSFORMERS = {
     # plain RoPE instead of YaRN (transformers reads Qwen3 files, but not their YaRN keys)
     "ministral3": lambda c, state, hf: (_plain_rope(c), state),
     "qwen3_yarn": lambda c, state, hf: (_plain_rope(c), state),
+    # q and k rows reordered as llama.cpp's permuted Llama rows are put back
+    "olmo2": lambda c, state, hf: (c, state | {
+        n: unpermute_rope_rows(t, c.num_heads if ".q_proj." in n else c.num_kv_heads) for n, t in state.items()
+        if n.endswith(("q_proj.weight", "k_proj.weight"))}),
 }
 
 
@@ -262,8 +267,8 @@ def test_gguf_transformers_cannot_read_matches_the_source_model(family, tokenize
     hf = tiny_hf_model(family)
     path = write_gguf(tmp_path / f"{family}.gguf", family, hf, tokenizer)
     ours = load_model(path)
-    assert ours.format == "gguf" and ours.config.architecture == {"gemma": "gemma", "qwen3_yarn": "qwen3"}.get(
-        family, "llama")
+    assert ours.format == "gguf" and ours.config.architecture == {"gemma": "gemma", "qwen3_yarn": "qwen3",
+                                                                  "olmo2": "olmo2"}.get(family, "llama")
     if family == "smollm3":
         assert ours.config.no_rope_layers == (3,)
     elif family in ("ministral3", "qwen3_yarn"):  # the folder's numbers, from the file's keys

@@ -35,6 +35,9 @@ NAMES = {
     "qwen2": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "phi3": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.qkv_proj": "attn_qkv",
                         "mlp.gate_up_proj": "ffn_up"},
+    "olmo2": {k: v for k, v in _DECODER.items() if k != "input_layernorm"} | {
+        "post_attention_layernorm": "post_attention_norm", "post_feedforward_layernorm": "post_ffw_norm",
+        "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"},  # rows as they are (conversion/olmo.py)
     "qwen3": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
                          "self_attn.k_norm": "attn_k_norm"},
     # the text models of Qwen2.5-VL and Qwen3-VL (conversion/qwen_vl.py: the vision tower goes to an mmproj file)

@@ -86,6 +86,9 @@ def hf_config(family: str):
     if family == "ministral3":  # Llama with YaRN, cos/sin scaled by a ratio of mscales, a query temperature
         return tf.Ministral3Config(**common, head_dim=16, tie_word_embeddings=False, rope_parameters=YARN_ROPE | {
             "mscale": 1.0, "mscale_all_dim": 0.5, "llama_4_scaling_beta": 0.1})
+    if family == "olmo2":  # norms on the attention's and MLP's outputs, q and k normed over all heads
+        return tf.Olmo2Config(**common, tie_word_embeddings=False,
+                              rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     if family == "gemma3":
         return tf.Gemma3TextConfig(
             **common, head_dim=16, query_pre_attn_scalar=24, sliding_window=SLIDING_WINDOW,
@@ -123,7 +126,7 @@ def hf_config(family: str):
 
 
 FAMILIES = ("llama", "llama3", "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "smollm3", "granite",
-            "gemma", "ministral3", "qwen3_yarn")
+            "gemma", "ministral3", "qwen3_yarn", "olmo2")
 
 
 def tiny_hf_model(family: str, seed: int = 0, **config_changes):

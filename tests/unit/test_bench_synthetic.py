@@ -128,10 +128,11 @@ def test_the_qwen3_file_runs_on_the_kernels(tiny_qwen3):
     assert 0 <= got.token_id < 50000 and torch.isfinite(torch.tensor(got.logprob))
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "phi3"])
+@pytest.mark.parametrize("arch", ["gemma2", "phi3", "olmo2"])
 def test_gemma2_and_phi3_files_as_llama_cpp_lays_them_out(arch, tmp_path):
     """Gemma 2: four norms a layer, soft-caps and a window; Phi-3: fused qkv and gate-up
-    tensors, which textmill splits and the kernels stack again."""
+    tensors, which textmill splits and the kernels stack again; OLMo 2: norms on the outputs
+    only, q and k norms as wide as all their heads."""
     import torch
 
     from textmill.config import CacheConfig
@@ -150,9 +151,12 @@ def test_gemma2_and_phi3_files_as_llama_cpp_lays_them_out(arch, tmp_path):
     if arch == "gemma2":
         assert types["blk.0.post_ffw_norm.weight"][0] == "F32" and "output.weight" not in types
         assert (cfg.attn_logit_softcap, cfg.final_logit_softcap, cfg.sliding_window) == (50.0, 30.0, 4096)
-    else:
+    elif arch == "phi3":
         assert types["blk.0.attn_qkv.weight"][1] == (3 * 256, 256) and types["blk.0.ffn_up.weight"][1] == (1024, 256)
         assert "blk.0.attn_q.weight" not in types and cfg.head_dim == 64
+    else:
+        assert types["blk.0.attn_q_norm.weight"][1] == (256,) and "blk.0.attn_norm.weight" not in types
+        assert cfg.architecture == "olmo2"
     loaded = load_model(path, codes=True)
     runner = ModelRunner(loaded.model, loaded.config, CacheConfig(16, 8), file_weights=loaded)
     assert isinstance(runner.forward, GemmaKernelForward if arch == "gemma2" else KernelForward)

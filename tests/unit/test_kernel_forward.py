@@ -14,6 +14,7 @@ import torch
 from textmill import kernels
 from textmill.config import CacheConfig
 from textmill.models import llama
+from textmill.models.olmo2 import Olmo2ForCausalLM
 from textmill.models.qwen2 import Qwen2ForCausalLM
 from textmill.models.qwen3 import Qwen3ForCausalLM
 from textmill.runner import ModelRunner
@@ -47,6 +48,16 @@ def _random_llama(cls=llama.LlamaForCausalLM, seed: int = 0, **kw):
     return model, cfg
 
 
+def _random_olmo2(seed: int = 0):
+    """OLMo 2: norms on the attention's and MLP's outputs, q and k normed over all heads; every
+    norm weight near 1, each value its own (so a norm taken per head, or skipped, shows)."""
+    model, cfg = _random_llama(Olmo2ForCausalLM, seed=seed)
+    for b in model.layers:
+        for norm in (b.self_attn.q_norm, b.self_attn.k_norm, b.post_attention_layernorm, b.post_feedforward_layernorm):
+            norm.weight.copy_(1 + 0.3 * torch.randn_like(norm.weight))
+    return model, cfg
+
+
 def _runner(model, cfg, kernels_on: bool, quantization: str = "none") -> ModelRunner:
     return ModelRunner(model, cfg, CacheConfig(block_size=BLOCK, num_blocks=64), dtype=torch.float32,
                        quantization=quantization, kernels=kernels_on)
@@ -76,7 +87,7 @@ def _compare(eager: dict[str, Seq], fast: dict[str, Seq], tol: float) -> None:
 
 
 @pytest.mark.parametrize("variant", ["llama", "tied", "qwen2", "qwen3", "window", "mha", "partial", "nope",
-                                     "granite"])
+                                     "granite", "olmo2"])
 def test_llama_family_kernel_forward_matches_eager(variant):
     # partial: Phi-4-mini's RoPE on the first half of each head, LongRoPE's scaled cos/sin;
     # nope: SmolLM3's layer without RoPE (here the second of two); granite: its multipliers
@@ -87,6 +98,8 @@ def test_llama_family_kernel_forward_matches_eager(variant):
     cls = {"qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}.get(variant, llama.LlamaForCausalLM)
 
     def build():
+        if variant == "olmo2":
+            return _random_olmo2()
         model, cfg = _random_llama(cls, **dict(kw))
         if variant == "qwen3":  # QK norm weights near 1, each dimension its own
             for b in model.layers:
@@ -290,6 +303,7 @@ _FAMILIES = {
     "partial": lambda: _random_llama(seed=7, rotary_dim=4, rope_attention_factor=1.19, rope_freq_factors=(1.0, 3.0)),
     "nope": lambda: _random_llama(seed=7, no_rope_layers=(0,)),
     "granite": lambda: _random_llama(seed=7, **GRANITE),
+    "olmo2": lambda: _random_olmo2(seed=7),
     "gemma3": lambda: _random_gemma(seed=7),
     "gemma2": lambda: _random_gemma(seed=7, **GEMMA2),
     "gemma": lambda: _random_gemma(seed=7, **GEMMA1),

@@ -236,6 +236,32 @@ def test_rope_kv_write_with_qk_norm(ops, n, hq, hkv, d):
     assert torch.equal(cache[slots, 1], heads[:, hq + hkv :])
 
 
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("hq,hkv,d", [(4, 4, 32), (8, 2, 64), (3, 1, 20)])
+def test_rope_kv_write_with_a_norm_over_all_heads(ops, n, hq, hkv, d):
+    """OLMo 2: weights of heads x D norm all of a side's heads together (one RMS over them),
+    then each head is rotated as before."""
+    g = torch.Generator().manual_seed(n * 7 + d)
+    num_slots, num_positions, eps = 20, 256, 1e-6
+    cos, sin = _rope_tables(num_positions, d)
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g) * 3
+    qkv[:, :d] *= 4  # one q head far louder than the rest: its own RMS is not the whole's
+    positions = torch.randint(0, num_positions, (n,), generator=g)
+    slots = torch.randperm(num_slots, generator=g)[:n]
+    qw, kw = 1.0 + torch.randn(hq * d, generator=g) * 0.3, 1.0 + torch.randn(hkv * d, generator=g) * 0.3
+    cache = torch.zeros(num_slots, 2, hkv, d)
+    q = ops.rope_kv_write(qkv, positions, cos, sin, cache, slots, hq, hkv, q_norm=qw, k_norm=kw, norm_eps=eps)
+
+    q_ref = _rms_ref(qkv[:, : hq * d], qw, eps).view(n, hq, d)
+    k_ref = _rms_ref(qkv[:, hq * d : (hq + hkv) * d], kw, eps).view(n, hkv, d)
+    c, s = cos[positions], sin[positions]
+    torch.testing.assert_close(q, _rotate_ref(q_ref, c, s), **TOL)
+    torch.testing.assert_close(cache[slots, 0], _rotate_ref(k_ref, c, s), **TOL)
+    per_head = _rms_ref(qkv[:, : hq * d].reshape(-1, d), qw[:d], eps).view(n, hq, d)
+    if hq > 1:
+        assert not torch.allclose(q_ref, per_head, atol=1e-3)  # the two norms do differ here
+
+
 def test_rope_kv_write_with_one_norm(ops):
     """Either norm may be given alone; the other side is rotated as without norms."""
     g = torch.Generator().manual_seed(4)

@@ -72,6 +72,16 @@ _GEMMA3 = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
     **_GATED_MLP,
     "post_ffw_norm": "post_feedforward_layernorm",
 }))
+# OLMo 2 norms only the attention's and the MLP's outputs (Gemma's names for those), and q and
+# k over all heads.
+_OLMO2 = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
+    **_ATTENTION,
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    **_GATED_MLP,
+    "post_ffw_norm": "post_feedforward_layernorm",
+}))
 _GPT2 = GGUFNames("h", MappingProxyType({
     "token_embd": "wte",
     "position_embd": "wpe",
@@ -98,6 +108,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "qwen2vl": _LLAMA,
     "qwen3": _QWEN3,
     "qwen3vl": _QWEN3,
+    "olmo2": _OLMO2,  # unpermuted q/k rows (rotate-half RoPE in ggml too)
     "gemma": _GEMMA3,  # the same names; Gemma 1 has only attn_norm and ffn_norm
     "gemma2": _GEMMA3,  # the same names; Gemma 2 has no attn_q_norm / attn_k_norm
     "gemma3": _GEMMA3,
@@ -207,6 +218,7 @@ HF_PREFIXES: Mapping[str, str] = MappingProxyType({
     "llama": "model.",
     "qwen2": "model.",
     "qwen3": "model.",
+    "olmo2": "model.",
     "phi3": "model.",
     "gemma": "model.",
     "gemma2": "model.",

@@ -1,5 +1,6 @@
 """Llama (Llama 2/3, SmolLM, Mistral): RMSNorm, rotate-half RoPE, GQA attention, SwiGLU.
-Qwen2 (q/k/v biases) and Qwen3 (QK norm) are this model with a switch each (qwen2.py, qwen3.py).
+Qwen2 (q/k/v biases) and Qwen3 (QK norm) are this model with a switch each (qwen2.py, qwen3.py);
+OLMo 2 is its attention and MLP with the norms moved to their outputs (olmo2.py).
 
 Parameter names follow the Hugging Face checkpoints without the leading "model."; the
 loader maps other formats onto them. Weights may be float32 or bfloat16: matmuls run in
@@ -101,12 +102,20 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(N, self.num_kv_heads, D)  # (N, Hkv, D)
         v = self.v_proj(x).view(N, self.num_kv_heads, D)  # (N, Hkv, D)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = norm_heads(self.q_norm, q), norm_heads(self.k_norm, k)
         if self.rope:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = ctx.attend(self.layer_idx, q, k, v, scale=self.scale,
                        sliding_window=self.sliding_window)  # (N, Hq, D)
         return self.o_proj(y.reshape(N, self.num_heads * D))
+
+
+def norm_heads(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """x (N, H, D) through a QK norm: each head alone where the norm has D weights (Qwen3), all
+    H heads together where it has H x D (OLMo 2's norm over the whole projection)."""
+    if norm.weight.numel() == x.shape[-1]:
+        return norm(x)
+    return norm(x.reshape(x.shape[0], -1)).view(x.shape)
 
 
 class MLP(nn.Module):
@@ -143,13 +152,15 @@ class Block(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The CausalLM protocol of models/base.py over a flat batch of N tokens."""
 
+    block_class: type[nn.Module] = Block  # OLMo 2's moves the norms (olmo2.py)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"llama uses SwiGLU (silu), not {config.hidden_act!r}")
         self.config = config
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(self.block_class(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.rotary = RotaryEmbedding(config.rotary_dim or config.head_dim, config.max_position_embeddings,
                                       config.rope_theta, config.rope_scaling_factor,

@@ -15,6 +15,7 @@ from textmill.config import ModelConfig
 from textmill.models.gemma3 import Gemma3ForCausalLM
 from textmill.models.gpt2 import GPT2LMHeadModel
 from textmill.models.llama import LlamaForCausalLM
+from textmill.models.olmo2 import Olmo2ForCausalLM
 from textmill.models.qwen2 import Qwen2ForCausalLM
 from textmill.models.qwen3 import Qwen3ForCausalLM
 
@@ -24,6 +25,7 @@ MODEL_CLASSES: Mapping[str, type[nn.Module]] = MappingProxyType({
     "phi3": LlamaForCausalLM,  # Llama's network; the loaders split its fused tensors
     "qwen2": Qwen2ForCausalLM,
     "qwen3": Qwen3ForCausalLM,
+    "olmo2": Olmo2ForCausalLM,
     "gemma": Gemma3ForCausalLM,  # Gemma 1: the same network without the output norms (post_norms)
     "gemma2": Gemma3ForCausalLM,  # the same network: models/gemma3.py
     "gemma3": Gemma3ForCausalLM,
@@ -64,6 +66,8 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     # folder holds the vision-language model whole.
     "qwen2vl": "qwen2",
     "qwen3vl": "qwen3",
+    "olmo2": "olmo2",
+    "Olmo2ForCausalLM": "olmo2",
     "gemma": "gemma",
     "GemmaForCausalLM": "gemma",
     "gemma2": "gemma2",

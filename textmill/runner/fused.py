@@ -47,7 +47,7 @@ class FusedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.qkv_proj = make_linear([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o_proj = make_linear([attn.o_proj])
-        self.q_norm, self.k_norm = attn.q_norm, attn.k_norm  # Qwen3's QK norm, else None
+        self.q_norm, self.k_norm = attn.q_norm, attn.k_norm  # Qwen3's and OLMo 2's QK norms, else None
         self.rope = rope if attn.rope else None  # None: a NoPE layer (SmolLM3)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
@@ -55,8 +55,9 @@ class FusedAttention(nn.Module):
         qkv = self.qkv_proj(x)  # (N, (Hq + 2 Hkv) D)
         qk = qkv[:, : (hq + hkv) * d].view(n, hq + hkv, d)  # (N, Hq + Hkv, D)
         v = qkv[:, (hq + hkv) * d :].view(n, hkv, d)  # (N, Hkv, D)
-        if self.q_norm is not None:
-            qk = torch.cat([self.q_norm(qk[:, :hq]), self.k_norm(qk[:, hq:])], dim=1)
+        if self.q_norm is not None:  # per head (Qwen3) or over all heads (OLMo 2)
+            qk = torch.cat([llama.norm_heads(self.q_norm, qk[:, :hq]), llama.norm_heads(self.k_norm, qk[:, hq:])],
+                           dim=1)
         if self.rope is not None:
             cos2, sin2 = self.rope.get(cos, sin)
             x32 = qk.float()

@@ -27,11 +27,12 @@ path); on SmolLM2 at one stream the interpreter between the calls was 7-17% of a
 step. layer() stays the reference: tests hold Forward to it bitwise, which is what
 keeps the two in step, and it runs any other linear.
 
-Built only for exact llama.LlamaForCausalLM / qwen2 / qwen3 / Gemma 1, 2 and 3 instances whose
-layers runner/fused.py has fused; anything else keeps the model's own forward. Qwen3's QK
-norm runs inside rope_kv_write, as Gemma 3's does; SmolLM3's NoPE layers take an identity
-RoPE table; Granite's multipliers scale the embedding (as Gemma's), the scores, and each
-attention and MLP output before it joins h.
+Built only for exact llama.LlamaForCausalLM / qwen2 / qwen3 / olmo2 / Gemma 1, 2 and 3 instances
+whose layers runner/fused.py has fused; anything else keeps the model's own forward. Qwen3's
+QK norm runs inside rope_kv_write, as Gemma 3's does (and OLMo 2's, over all heads at once);
+SmolLM3's NoPE layers take an identity RoPE table; Granite's multipliers scale the embedding
+(as Gemma's), the scores, and each attention and MLP output before it joins h; OLMo 2 norms
+each attention and MLP output instead of each layer input.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from textmill.models import llama
+from textmill.models.olmo2 import Olmo2ForCausalLM
 from textmill.models.qwen2 import Qwen2ForCausalLM
 from textmill.models.qwen3 import Qwen3ForCausalLM
 from textmill.runner.fused import FusedAttention, FusedMLP
@@ -74,7 +76,9 @@ class KernelForwardBase:
         self.embed = model.embed_tokens  # nn.Embedding, or file_weights.RowEmbedding
         self.eps = model.config.norm_eps
         self.layers = list(model.layers)
-        self.input_norms = [self.norm_weight(layer.input_layernorm) for layer in self.layers]
+        # None: the family norms no layer input (OLMo 2), and h itself is the input.
+        self.input_norms = [None if getattr(layer, "input_layernorm", None) is None
+                            else self.norm_weight(layer.input_layernorm) for layer in self.layers]
         self.next_norms = self.input_norms[1:] + [self.norm_weight(model.norm)]
         # Each layer's four matmuls as plain callables: nn.Module.__call__ costs more than
         # a small kernel call, 120 times a step.
@@ -131,7 +135,7 @@ class KernelForwardBase:
         h = self.embed(input_ids).float()  # (N, C): the residual stream
         if self.embed_scale is not None:
             h = h * self.embed_scale
-        y = self.ops.rms_norm(h, self.input_norms[0], self.eps)
+        y = h if self.input_norms[0] is None else self.ops.rms_norm(h, self.input_norms[0], self.eps)
         step = _Step(ctx, torch.arange(h.shape[0]), self.rope_tables(positions))
         if self.one_call is not None:
             groups = [(g.token_start, g.num_tokens, g.block_table, g.query_start, g.starts, g.context_lens)
@@ -144,13 +148,24 @@ class KernelForwardBase:
         return y  # (N, C) or (len(keep), C): after the final norm, as CausalLM.forward promises
 
 
+def _add_norm(ops: ModuleType, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """h += x; the norm of h, or without a norm h itself (read before h next changes), as
+    layer.cpp's Forward does."""
+    if w is not None:
+        return ops.add_rms_norm(x, h, w, eps)
+    h.add_(x)
+    return h
+
+
 def _kept(o: torch.Tensor, h: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention output and residual rows the rest of the last layer computes."""
     return (o, h) if keep is None else (o.index_select(0, keep), h.index_select(0, keep))
 
 
 class KernelForward(KernelForwardBase):
-    """The Llama family (Llama, Qwen2, Qwen3) on the kernels; see the module docstring."""
+    """The Llama family (Llama, Qwen2, Qwen3, OLMo 2) on the kernels; see the module docstring.
+    OLMo 2 norms each attention and MLP output before it joins h and no layer input, so h
+    itself is each matmul's input there."""
 
     def __init__(self, model: llama.LlamaForCausalLM, ops: ModuleType):
         super().__init__(model, ops)
@@ -165,7 +180,12 @@ class KernelForward(KernelForwardBase):
         if model.config.embedding_multiplier is not None:
             self.embed_scale = float(model.config.embedding_multiplier)
         self.residual = model.config.residual_multiplier
-        self.post_norms = [self.norm_weight(layer.post_attention_layernorm) for layer in self.layers]
+        # (after attention, before the MLP, after the MLP) per layer; None where there is none.
+        if type(model) is Olmo2ForCausalLM:  # its post_attention_layernorm norms the attention's output
+            self.norms = [(self.norm_weight(b.post_attention_layernorm), None,
+                           self.norm_weight(b.post_feedforward_layernorm)) for b in self.layers]
+        else:
+            self.norms = [(None, self.norm_weight(b.post_attention_layernorm), None) for b in self.layers]
         # Qwen3: (q_norm, k_norm) weights per layer, for rope_kv_write; None elsewhere.
         self.qk_norms = [None if b.self_attn.q_norm is None else
                          (self.norm_weight(b.self_attn.q_norm), self.norm_weight(b.self_attn.k_norm))
@@ -175,7 +195,8 @@ class KernelForward(KernelForwardBase):
     def layer_spec(self, i: int) -> dict:
         attn = self.layers[i].self_attn
         q_norm, k_norm = self.qk_norms[i] or (None, None)
-        return dict(q_norm=q_norm, k_norm=k_norm, post_attn=None, post_ffw=None, mid_norm=self.post_norms[i],
+        post_attn, mid_norm, post_ffw = self.norms[i]
+        return dict(q_norm=q_norm, k_norm=k_norm, post_attn=post_attn, post_ffw=post_ffw, mid_norm=mid_norm,
                     next_norm=self.next_norms[i], heads=attn.num_heads, kv_heads=attn.num_kv_heads,
                     rope=self.rope_index[i],
                     window=int(attn.sliding_window or 0), scale=float(attn.scale), softcap=0.0, gelu=False,
@@ -183,9 +204,9 @@ class KernelForward(KernelForwardBase):
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
-        if type(model) not in (llama.LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM):
+        if type(model) not in (llama.LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Olmo2ForCausalLM):
             return False
-        return all(type(layer) is llama.Block and isinstance(layer.self_attn, FusedAttention)
+        return all(type(layer) is model.block_class and isinstance(layer.self_attn, FusedAttention)
                    and isinstance(layer.mlp, FusedMLP) for layer in model.layers)
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
@@ -205,14 +226,19 @@ class KernelForward(KernelForwardBase):
                               norm_eps=self.eps)  # (N, Hq, D)
         o = step.ctx.attend_cached(i, q, scale=attn.scale, sliding_window=attn.sliding_window)
         o, h = _kept(o, h, keep)
+        post_attn, mid_norm, post_ffw = self.norms[i]
         x = o_proj(o.flatten(1))
+        if post_attn is not None:
+            x = ops.rms_norm(x, post_attn, eps)
         if self.residual is not None:  # in place, as layer.cpp's Forward does
             x.mul_(self.residual)
-        y = ops.add_rms_norm(x, h, self.post_norms[i], eps)
+        y = _add_norm(ops, x, h, mid_norm, eps)
         x = down_proj(ops.silu_mul(gate_up_proj(y)))
+        if post_ffw is not None:
+            x = ops.rms_norm(x, post_ffw, eps)
         if self.residual is not None:
             x.mul_(self.residual)
-        return ops.add_rms_norm(x, h, self.next_norms[i], eps), h
+        return _add_norm(ops, x, h, self.next_norms[i], eps), h
 
 
 def _linears(layer: torch.nn.Module) -> tuple[torch.nn.Module, ...]:

@@ -662,10 +662,16 @@ inline void rotate_half(const float* x, const float* c, const float* s, Out* out
 }
 
 // An optional per-head norm weight: float32 (D,), or an empty pointer for none.
-const float* norm_weight(const c10::optional<torch::Tensor>& w, const char* name, int64_t d) {
+// A QK norm's weight: D values (one head's, every head normed alone: Qwen3, Gemma 3) or
+// heads x D (all heads normed together: OLMo 2); `whole` says which.
+const float* norm_weight(const c10::optional<torch::Tensor>& w, const char* name, int64_t d, int64_t heads,
+                         bool& whole) {
+  whole = false;
   if (!w.has_value()) return nullptr;
   check_f32(*w, name, 1);
-  TORCH_CHECK(w->size(0) == d, name, ": expected (", d, ",) (head_dim), got ", w->sizes());
+  TORCH_CHECK(w->size(0) == d || w->size(0) == heads * d, name, ": expected (", d, ",) (head_dim) or (", heads * d,
+              ",) (all heads), got ", w->sizes());
+  whole = heads > 1 && w->size(0) == heads * d;
   return w->data_ptr<float>();
 }
 
@@ -677,7 +683,9 @@ const float* norm_weight(const c10::optional<torch::Tensor>& w, const char* name
 // values and multiplied by the weight, the whole (1 + w) of GemmaRMSNorm as one float32
 // vector: y = (x * inv) * w', inv = 1 / sqrt(sum(x^2) / D + eps), the float operations of
 // models/gemma3.py's x32 * rsqrt(x32.pow(2).mean(-1) + eps) * (1 + w) in its order, the sum
-// of squares alone in another summation order (so equal to float32 rounding).
+// of squares alone in another summation order (so equal to float32 rounding). A weight of
+// heads x D values (OLMo 2) norms all of a side's heads together: one RMS over them, each head
+// times its slice of the weight.
 torch::Tensor rope_kv_write(const torch::Tensor& qkv, const torch::Tensor& positions, const torch::Tensor& cos,
                             const torch::Tensor& sin, torch::Tensor kv_cache, const torch::Tensor& slot_mapping,
                             int64_t num_heads, int64_t num_kv_heads, const c10::optional<torch::Tensor>& q_norm,
@@ -706,8 +714,9 @@ torch::Tensor rope_kv_write(const torch::Tensor& qkv, const torch::Tensor& posit
               ") each (or fewer angles), got ", cos.sizes(), " and ", sin.sizes());
   const int64_t rh = cos.size(1);
   TORCH_CHECK(norm_eps >= 0, "norm_eps must be >= 0, got ", norm_eps);
-  const float* qw = norm_weight(q_norm, "q_norm", d);
-  const float* kw = norm_weight(k_norm, "k_norm", d);
+  bool q_whole = false, k_whole = false;
+  const float* qw = norm_weight(q_norm, "q_norm", d, hq, q_whole);
+  const float* kw = norm_weight(k_norm, "k_norm", d, hkv, k_whole);
   const int64_t num_pos = cos.size(0), num_slots = kv_cache.size(0);
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
@@ -730,11 +739,19 @@ torch::Tensor rope_kv_write(const torch::Tensor& qkv, const torch::Tensor& posit
     at::parallel_for(0, n, row_grain(row), [&](int64_t begin, int64_t end) {
       std::vector<float> normed((qw || kw) ? d : 0);
       std::vector<float> rotated(kQuantizedKV<KV> ? d : 0);
-      // The head at x, normalized into `normed` when its side has a weight.
-      auto head = [&](const float* x, const float* w) -> const float* {
+      // Head h at x, normalized into `normed` when its side has a weight: by its own RMS, or
+      // (`whole`) by `inv`, the inverse RMS of all its side's heads, with its slice of their weight.
+      auto head = [&](const float* x, const float* w, bool whole, int64_t h, float inv) -> const float* {
         if (!w) return x;
-        scale_by_weight(x, inv_rms(sum_squares(x, d), d, norm_eps), w, normed.data(), d);
+        if (whole) {
+          scale_by_weight(x, inv, w + h * d, normed.data(), d);
+        } else {
+          scale_by_weight(x, inv_rms(sum_squares(x, d), d, norm_eps), w, normed.data(), d);
+        }
         return normed.data();
+      };
+      auto whole_inv = [&](const float* x, int64_t heads, bool whole) {
+        return whole ? inv_rms(sum_squares(x, heads * d), heads * d, norm_eps) : 0.f;
       };
       // One head: its first 2 rh values rotated, the rest (partial rotary) copied.
       auto rope = [&](const float* in, const float* c, const float* s, auto* out) {
@@ -746,15 +763,16 @@ torch::Tensor rope_kv_write(const torch::Tensor& qkv, const torch::Tensor& posit
         const float* c = cp + pos[t] * rh;
         const float* s = sp + pos[t] * rh;
         KV* dst = cache + slots[t] * slot_stride;
-        for (int64_t h = 0; h < hq; ++h) rope(head(x + h * d, qw), c, s, qp + (t * hq + h) * d);
+        const float q_inv = whole_inv(x, hq, q_whole), k_inv = whole_inv(x + hq * d, hkv, k_whole);
+        for (int64_t h = 0; h < hq; ++h) rope(head(x + h * d, qw, q_whole, h, q_inv), c, s, qp + (t * hq + h) * d);
         if constexpr (kQuantizedKV<KV>) {
           for (int64_t h = 0; h < hkv; ++h) {
-            rope(head(x + (hq + h) * d, kw), c, s, rotated.data());
+            rope(head(x + (hq + h) * d, kw, k_whole, h, k_inv), c, s, rotated.data());
             quantize_kv_row(rotated.data(), dst + h * cr, d);
           }
           for (int64_t h = 0; h < hkv; ++h) quantize_kv_row(x + (hq + hkv + h) * d, dst + (hkv + h) * cr, d);
         } else {
-          for (int64_t h = 0; h < hkv; ++h) rope(head(x + (hq + h) * d, kw), c, s, dst + h * d);
+          for (int64_t h = 0; h < hkv; ++h) rope(head(x + (hq + h) * d, kw, k_whole, h, k_inv), c, s, dst + h * d);
           store_row(x + (hq + hkv) * d, dst + hkv * d, hkv * d);  // v heads, contiguous in both
         }
       }
@@ -1487,7 +1505,7 @@ struct LinearPart {
 struct LayerSpec {
   std::vector<LinearPart> qkv, o, gate_up, down;  // two or more parts: outputs side by side
   c10::optional<torch::Tensor> q_norm, k_norm, post_attn, post_ffw;
-  torch::Tensor mid_norm, next_norm;
+  c10::optional<torch::Tensor> mid_norm, next_norm;  // none (OLMo 2): h += x, and h is the next input
   int64_t heads, kv_heads, rope, window;  // rope: which of run()'s tables; window 0: none
   double scale, softcap;                  // softcap 0: none
   bool gelu;                              // GeGLU, else SwiGLU
@@ -1527,8 +1545,8 @@ class Forward {
       s.k_norm = optional_tensor(d["k_norm"]);
       s.post_attn = optional_tensor(d["post_attn"]);
       s.post_ffw = optional_tensor(d["post_ffw"]);
-      s.mid_norm = d["mid_norm"].cast<torch::Tensor>();
-      s.next_norm = d["next_norm"].cast<torch::Tensor>();
+      s.mid_norm = optional_tensor(d["mid_norm"]);
+      s.next_norm = optional_tensor(d["next_norm"]);
       s.heads = d["heads"].cast<int64_t>();
       s.kv_heads = d["kv_heads"].cast<int64_t>();
       s.rope = d["rope"].cast<int64_t>();
@@ -1576,18 +1594,25 @@ class Forward {
       o.reset();
       if (s.post_attn) x = rms_norm(x, *s.post_attn, eps_);
       if (s.residual != 1.0) x.mul_(s.residual);
-      y = add_rms_norm(x, h, s.mid_norm, eps_);
+      y = add_norm(x, h, s.mid_norm);
       x = linear(s.gate_up, y);
       x = s.gelu ? gelu_tanh_mul(x) : silu_mul(x);
       x = linear(s.down, x);
       if (s.post_ffw) x = rms_norm(x, *s.post_ffw, eps_);
       if (s.residual != 1.0) x.mul_(s.residual);
-      y = add_rms_norm(x, h, s.next_norm, eps_);
+      y = add_norm(x, h, s.next_norm);
     }
     return y;
   }
 
  private:
+  // h += x; the norm of h, or without a norm h itself (read before h next changes).
+  torch::Tensor add_norm(const torch::Tensor& x, torch::Tensor& h, const c10::optional<torch::Tensor>& w) const {
+    if (w) return add_rms_norm(x, h, *w, eps_);
+    h.add_(x);
+    return h;
+  }
+
   static std::vector<LinearPart> parts(const py::handle& v) {
     std::vector<LinearPart> out;
     for (const py::handle& p : v.cast<py::list>()) {

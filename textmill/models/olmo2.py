@@ -1,0 +1,46 @@
+"""OLMo 2 (1B to 32B): Llama with its norms moved and widened.
+
+- no norm on the attention's and the MLP's inputs: each output is RMS-normed instead, before
+  it joins the residual stream (post_attention_layernorm, post_feedforward_layernorm);
+- q and k RMS-normed over the whole projection, all heads together (H x D and Hkv x D
+  weights), before RoPE: llama.py's norm_heads, which Qwen3's per-head norm goes through too.
+
+Everything else (SwiGLU, rotate-half RoPE, the final norm, the head) is llama.py's, so the
+fused and kernel forwards take its attention and MLP as Llama's.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from textmill.config import ModelConfig
+from textmill.models import llama
+from textmill.models.base import AttentionContext
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        C, D, eps = config.hidden_size, config.head_dim, config.norm_eps
+        self.self_attn = llama.Attention(dataclasses.replace(config, qk_norm=False), layer_idx)
+        self.self_attn.q_norm = llama.RMSNorm(config.num_heads * D, eps)
+        self.self_attn.k_norm = llama.RMSNorm(config.num_kv_heads * D, eps)
+        self.post_attention_layernorm = llama.RMSNorm(C, eps)
+        self.mlp = llama.MLP(config)
+        self.post_feedforward_layernorm = llama.RMSNorm(C, eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, ctx))
+        return x + self.post_feedforward_layernorm(self.mlp(x))
+
+
+class Olmo2ForCausalLM(llama.LlamaForCausalLM):
+    block_class = Block
+
+    def __init__(self, config: ModelConfig) -> None:
+        if config.attention_bias or config.residual_multiplier is not None:
+            raise ValueError("OLMo 2 has no attention biases or residual multiplier")
+        super().__init__(config)
