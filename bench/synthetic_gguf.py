@@ -65,7 +65,7 @@ class SyntheticSpec:
     context: int = 8192
     rope_base: float = 500000.0
     seed: int = 0
-    # "llama", "qwen3" (per-head q and k norms, no permutation), "gemma2", "phi3" or "olmo2"
+    # "llama", "qwen3" (per-head q and k norms, no permutation), "gemma2", "phi3", "olmo2" or "exaone4"
     arch: str = "llama"
     key_length: int | None = None  # head_dim when it is not hidden / heads
     vocab: int | None = None  # pad the tokenizer's table to this many tokens
@@ -143,7 +143,8 @@ def tensor_plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, .
         ("token_embd.weight", (vocab, d), Q6_K if spec.tied else Q4_K)]
     for i in range(spec.layers):
         wide = Q6_K if more_bits(i, spec.layers) else Q4_K
-        if spec.arch != "olmo2":  # OLMo 2 norms no layer input
+        post_norms = spec.arch in ("olmo2", "exaone4")  # no norm on a layer's inputs, one on its outputs
+        if not post_norms:
             plan += [(f"blk.{i}.attn_norm.weight", (d,), F32)]
         if spec.arch == "qwen3":
             plan += [(f"blk.{i}.attn_q_norm.weight", (spec.head_dim,), F32),
@@ -159,16 +160,18 @@ def tensor_plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, .
                  (f"blk.{i}.attn_k.weight", (kv, d), Q4_K),
                  (f"blk.{i}.attn_v.weight", (kv, d), wide),
                  (f"blk.{i}.attn_output.weight", (d, q), Q4_K)]
-        if spec.arch == "olmo2":  # q and k normed over all heads
-            plan += [(f"blk.{i}.attn_q_norm.weight", (q,), F32), (f"blk.{i}.attn_k_norm.weight", (kv,), F32)]
-        if spec.arch in ("gemma2", "olmo2"):  # norms after attention and after the MLP
+        if post_norms:  # q and k normed over all heads (OLMo 2) or each head alone (EXAONE 4.0)
+            whole = spec.arch == "olmo2"
+            plan += [(f"blk.{i}.attn_q_norm.weight", (q if whole else spec.head_dim,), F32),
+                     (f"blk.{i}.attn_k_norm.weight", (kv if whole else spec.head_dim,), F32)]
+        if spec.arch == "gemma2" or post_norms:  # norms after attention and after the MLP
             plan += [(f"blk.{i}.post_attention_norm.weight", (d,), F32)]
-        if spec.arch != "olmo2":
+        if not post_norms:
             plan += [(f"blk.{i}.ffn_norm.weight", (d,), F32)]
         plan += [(f"blk.{i}.ffn_gate.weight", (f, d), Q4_K),
                  (f"blk.{i}.ffn_up.weight", (f, d), Q4_K),
                  (f"blk.{i}.ffn_down.weight", (d, f), wide)]
-        if spec.arch in ("gemma2", "olmo2"):
+        if spec.arch == "gemma2" or post_norms:
             plan += [(f"blk.{i}.post_ffw_norm.weight", (d,), F32)]
     plan.append(("output_norm.weight", (d,), F32))
     return plan if spec.tied else plan + [("output.weight", (vocab, d), Q6_K)]

@@ -105,7 +105,8 @@ class ModelConfig:
     logit_scale: float | None = None
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # qwen2: bias on q/k/v
-    qk_norm: bool = False  # qwen3, gemma3: per-head RMSNorm of q and k before RoPE
+    qk_norm: bool = False  # qwen3, gemma3, olmo2: RMSNorm of q and k before RoPE, each head alone
+    qk_norm_whole: bool = False  # olmo2 (not EXAONE 4): ... over all heads together (H x D weights)
     sliding_window: int | None = None
     # gemma2/3: layer i is global when (i + 1) % pattern == 0; None means all layers global.
     sliding_window_pattern: int | None = None

@@ -79,7 +79,10 @@ def test_folder_config(from_folder) -> None:
     c, h = ours.config, hf.config
     assert ours.format == "hf"
     as_llama = ("mistral", "llama3", "smollm3", "granite", "ministral3")
-    assert c.architecture == ("llama" if family in as_llama else "qwen3" if family == "qwen3_yarn" else family)
+    assert c.architecture == ("llama" if family in as_llama else {"qwen3_yarn": "qwen3", "exaone4": "olmo2"}.get(
+        family, family))
+    assert (c.qk_norm, c.qk_norm_whole) == (family in ("qwen3", "qwen3_yarn", "gemma3", "olmo2", "exaone4"),
+                                            family == "olmo2")
     assert c.post_norms == (family != "gemma")
     assert (c.vocab_size, c.hidden_size, c.num_layers) == (h.vocab_size, h.hidden_size, h.num_hidden_layers)
     assert (c.num_heads, c.num_kv_heads) == (h.num_attention_heads, getattr(h, "num_key_value_heads", h.num_attention_heads))
@@ -249,6 +252,9 @@ NOT_READ_BY_TRANSFORMERS = {
     "ministral3": lambda c, state, hf: (_plain_rope(c), state),
     "qwen3_yarn": lambda c, state, hf: (_plain_rope(c), state),
     # q and k rows reordered as llama.cpp's permuted Llama rows are put back
+    "exaone4": lambda c, state, hf: (c, state | {
+        n: unpermute_rope_rows(t, c.num_heads if ".q_proj." in n else c.num_kv_heads) for n, t in state.items()
+        if n.endswith(("q_proj.weight", "k_proj.weight"))}),
     "olmo2": lambda c, state, hf: (c, state | {
         n: unpermute_rope_rows(t, c.num_heads if ".q_proj." in n else c.num_kv_heads) for n, t in state.items()
         if n.endswith(("q_proj.weight", "k_proj.weight"))}),
@@ -267,8 +273,8 @@ def test_gguf_transformers_cannot_read_matches_the_source_model(family, tokenize
     hf = tiny_hf_model(family)
     path = write_gguf(tmp_path / f"{family}.gguf", family, hf, tokenizer)
     ours = load_model(path)
-    assert ours.format == "gguf" and ours.config.architecture == {"gemma": "gemma", "qwen3_yarn": "qwen3",
-                                                                  "olmo2": "olmo2"}.get(family, "llama")
+    own = {"gemma": "gemma", "qwen3_yarn": "qwen3", "olmo2": "olmo2", "exaone4": "olmo2"}
+    assert ours.format == "gguf" and ours.config.architecture == own.get(family, "llama")
     if family == "smollm3":
         assert ours.config.no_rope_layers == (3,)
     elif family in ("ministral3", "qwen3_yarn"):  # the folder's numbers, from the file's keys

@@ -38,6 +38,9 @@ NAMES = {
     "olmo2": {k: v for k, v in _DECODER.items() if k != "input_layernorm"} | {
         "post_attention_layernorm": "post_attention_norm", "post_feedforward_layernorm": "post_ffw_norm",
         "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"},  # rows as they are (conversion/olmo.py)
+    "exaone4": {k: v for k, v in _DECODER.items() if k != "input_layernorm"} | {
+        "post_attention_layernorm": "post_attention_norm", "post_feedforward_layernorm": "post_ffw_norm",
+        "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"},  # conversion/exaone.py: rows as they are
     "qwen3": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
                          "self_attn.k_norm": "attn_k_norm"},
     # the text models of Qwen2.5-VL and Qwen3-VL (conversion/qwen_vl.py: the vision tower goes to an mmproj file)
@@ -120,8 +123,8 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     params = config.rope_parameters
     w.add_rope_freq_base(params.get("full_attention", params)["rope_theta"])
-    if family in ("llama", "llama3", "qwen3", "qwen3_yarn", "qwen3vl", "ministral3", "gemma", "gemma2", "gemma3",
-                  "ernie4_5"):
+    if family in ("llama", "llama3", "qwen3", "qwen3_yarn", "qwen3vl", "ministral3", "exaone4", "gemma", "gemma2",
+                  "gemma3", "ernie4_5"):
         w.add_key_length(config.head_dim)
         w.add_value_length(config.head_dim)
     partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
@@ -185,7 +188,7 @@ def write_gguf(path: Path, family: str, hf_model, tokenizer: Tokenizer, *, name:
     _write_metadata(w, family, config)
     _write_vocab(w, tokenizer)
     tied = config.tie_word_embeddings
-    if family == "llama3":
+    if (getattr(config, "rope_parameters", None) or {}).get("rope_type") == "llama3":  # as the converters write it
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
     rope = getattr(config, "rope_parameters", None) or {}
     if family == "phi3" and rope.get("rope_type") == "longrope":  # as conversion/phi.py writes LongRoPE

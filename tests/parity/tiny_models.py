@@ -89,6 +89,9 @@ def hf_config(family: str):
     if family == "olmo2":  # norms on the attention's and MLP's outputs, q and k normed over all heads
         return tf.Olmo2Config(**common, tie_word_embeddings=False,
                               rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    if family == "exaone4":  # OLMo 2's block with each head's q and k normed alone, Llama 3.1's RoPE scaling
+        return tf.Exaone4Config(**common, head_dim=16, tie_word_embeddings=True, sliding_window=None,
+                                layer_types=["full_attention"] * LAYERS, rope_parameters=LLAMA3_ROPE)
     if family == "gemma3":
         return tf.Gemma3TextConfig(
             **common, head_dim=16, query_pre_attn_scalar=24, sliding_window=SLIDING_WINDOW,
@@ -126,7 +129,7 @@ def hf_config(family: str):
 
 
 FAMILIES = ("llama", "llama3", "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "smollm3", "granite",
-            "gemma", "ministral3", "qwen3_yarn", "olmo2")
+            "gemma", "ministral3", "qwen3_yarn", "olmo2", "exaone4")
 
 
 def tiny_hf_model(family: str, seed: int = 0, **config_changes):

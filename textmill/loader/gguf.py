@@ -144,8 +144,11 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
         if fields["attention_bias"]:  # transformers' Qwen3 puts a bias on o_proj too: not modelled
             raise ValueError("Qwen3 files with attention biases are not supported")
         fields |= dict(qk_norm=True)
-    elif family == "olmo2" and fields["sliding_window"]:  # llama.cpp's "olmo2" files of OLMo 3
-        raise ValueError("OLMo 3 files (sliding-window layers, YaRN on the others) are not supported")
+    elif family == "olmo2":
+        if fields["sliding_window"]:  # llama.cpp's "olmo2" files of OLMo 3, "exaone4" of EXAONE 4.0 32B
+            raise ValueError(f"{meta.arch!r} files with sliding-window layers (OLMo 3, EXAONE 4.0 32B) are not "
+                             "supported")
+        fields |= dict(qk_norm=True, qk_norm_whole=meta.arch == "olmo2")
     elif meta.arch == "smollm3":
         # The file says nothing of its NoPE layers: llama.cpp leaves RoPE out of every 4th
         # layer by rule (n_no_rope_layer_step = 4), as SmolLM3's config does.

@@ -105,6 +105,8 @@ def _decoder_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
         if raw.get("attention_bias"):
             raise ValueError("Qwen3 checkpoints with attention_bias are not supported")
         return fields | dict(qk_norm=True, sliding_window=_qwen2_window(raw, fields["num_layers"]))
+    if family == "olmo2":
+        return fields | _olmo2(raw, fields["num_layers"])
     if raw.get("attention_bias") or raw.get("mlp_bias"):
         raise ValueError("Llama checkpoints with attention_bias or mlp_bias are not supported")
     if raw.get("model_type") == "smollm3" or "no_rope_layers" in raw:
@@ -124,6 +126,20 @@ def _smollm3(raw: dict[str, Any], num_layers: int) -> dict[str, Any]:
         raise ValueError(f"no_rope_layers has {len(uses)} entries for {num_layers} layers")
     return dict(no_rope_layers=tuple(i for i, use in enumerate(uses[:num_layers]) if not use),
                 sliding_window=_qwen2_window(raw, num_layers))
+
+
+def _olmo2(raw: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """OLMo 2 norms q and k over all heads, EXAONE 4.0 each head alone. EXAONE 4.0's sliding
+    layers (its 32B) are not modelled; with a window set and no layer sliding, transformers
+    turns no layer by RoPE (it does so only where the window is unset or the layer slides)."""
+    if raw.get("attention_bias"):
+        raise ValueError("OLMo 2 checkpoints with attention_bias are not supported")
+    if raw.get("model_type") != "exaone4":
+        return dict(qk_norm=True, qk_norm_whole=True)
+    types = raw.get("layer_types")
+    if "sliding_attention" in (types or ()) or (raw.get("sliding_window") and not types):
+        raise ValueError("EXAONE 4.0 checkpoints with sliding-window layers (its 32B) are not supported")
+    return dict(qk_norm=True, no_rope_layers=tuple(range(num_layers)) if raw.get("sliding_window") else ())
 
 
 def _granite(raw: dict[str, Any]) -> dict[str, Any]:

@@ -109,6 +109,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "qwen3": _QWEN3,
     "qwen3vl": _QWEN3,
     "olmo2": _OLMO2,  # unpermuted q/k rows (rotate-half RoPE in ggml too)
+    "exaone4": _OLMO2,  # the same names, its q/k norms one head wide
     "gemma": _GEMMA3,  # the same names; Gemma 1 has only attn_norm and ffn_norm
     "gemma2": _GEMMA3,  # the same names; Gemma 2 has no attn_q_norm / attn_k_norm
     "gemma3": _GEMMA3,

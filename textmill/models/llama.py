@@ -91,9 +91,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, self.num_kv_heads * D, bias=bias)
         self.v_proj = nn.Linear(C, self.num_kv_heads * D, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * D, C, bias=False)
-        # Qwen3: each head's q and k RMS-normed (one weight per dimension) before RoPE.
-        self.q_norm = RMSNorm(D, config.norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(D, config.norm_eps) if config.qk_norm else None
+        # Qwen3: each head's q and k RMS-normed (one weight per dimension) before RoPE; OLMo 2:
+        # all heads' together (one weight per value of the projection; norm_heads tells them apart).
+        whole = config.qk_norm_whole
+        self.q_norm = RMSNorm(D * (self.num_heads if whole else 1), config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(D * (self.num_kv_heads if whole else 1), config.norm_eps) if config.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:

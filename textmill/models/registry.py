@@ -68,6 +68,9 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     "qwen3vl": "qwen3",
     "olmo2": "olmo2",
     "Olmo2ForCausalLM": "olmo2",
+    # EXAONE 4.0 is OLMo 2's block with Qwen3's per-head QK norm (ModelConfig.qk_norm_whole False).
+    "exaone4": "olmo2",
+    "Exaone4ForCausalLM": "olmo2",
     "gemma": "gemma",
     "GemmaForCausalLM": "gemma",
     "gemma2": "gemma2",
