@@ -234,6 +234,12 @@ def test_phi4_mini_partial_rotary_matches_transformers(tokenizer, prompts, tmp_p
             assert our_greedy(ours.model, ids) == hf_greedy(hf, ids), name
 
 
+def _rows_as_llamas(c, state):
+    """q and k rows reordered as the loader puts back llama.cpp's permuted Llama rows."""
+    return state | {n: unpermute_rope_rows(t, c.num_heads if ".q_proj." in n else c.num_kv_heads)
+                    for n, t in state.items() if n.endswith(("q_proj.weight", "k_proj.weight"))}
+
+
 def _plain_rope(c):
     return dataclasses.replace(c, rope_freq_factors=None, rope_attention_factor=1.0)
 
@@ -251,13 +257,10 @@ NOT_READ_BY_TRANSFORMERS = {
     # plain RoPE instead of YaRN (transformers reads Qwen3 files, but not their YaRN keys)
     "ministral3": lambda c, state, hf: (_plain_rope(c), state),
     "qwen3_yarn": lambda c, state, hf: (_plain_rope(c), state),
-    # q and k rows reordered as llama.cpp's permuted Llama rows are put back
-    "exaone4": lambda c, state, hf: (c, state | {
-        n: unpermute_rope_rows(t, c.num_heads if ".q_proj." in n else c.num_kv_heads) for n, t in state.items()
-        if n.endswith(("q_proj.weight", "k_proj.weight"))}),
-    "olmo2": lambda c, state, hf: (c, state | {
-        n: unpermute_rope_rows(t, c.num_heads if ".q_proj." in n else c.num_kv_heads) for n, t in state.items()
-        if n.endswith(("q_proj.weight", "k_proj.weight"))}),
+    # EXAONE 3.x, OLMo 2, EXAONE 4.0: q and k rows taken as llama.cpp's permuted Llama rows
+    "exaone": lambda c, state, hf: (c, _rows_as_llamas(c, state)),
+    "exaone4": lambda c, state, hf: (c, _rows_as_llamas(c, state)),
+    "olmo2": lambda c, state, hf: (c, _rows_as_llamas(c, state)),
 }
 
 
@@ -267,7 +270,8 @@ def test_gguf_transformers_cannot_read_matches_the_source_model(family, tokenize
     layer by rule, as SmolLM3's config does. Granite files carry its multipliers as llama.cpp's
     _scale keys. ERNIE 4.5's RoPE pairs (2i, 2i + 1), so its q/k rows are reordered at load.
     YaRN (Ministral 3's "mistral3" files, Qwen3's long-context ones) is a handful of rope.scaling
-    keys. transformers reads none of these files (Qwen3's without YaRN), so each is compared
+    keys. EXAONE 3.x, EXAONE 4.0 and OLMo 2 files keep their q/k rows as the checkpoint has
+    them (not permuted as Llama's). transformers reads none of these files (Qwen3's without YaRN), so each is compared
     with transformers on the source model; and the model without its own setting is far off,
     so the match rests on it."""
     hf = tiny_hf_model(family)

@@ -29,6 +29,7 @@ NAMES = {
     "llama": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "smollm3": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "mistral3": _DECODER | {"post_attention_layernorm": "ffn_norm"},
+    "exaone": _DECODER | {"post_attention_layernorm": "ffn_norm"},  # conversion/exaone.py: rows as they are
     "granite": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "gemma": _DECODER | {"post_attention_layernorm": "ffn_norm"},  # Gemma 1's pre-MLP norm
     "ernie4_5": _DECODER | {"post_attention_layernorm": "ffn_norm"},  # rows as they are (conversion/ernie.py)

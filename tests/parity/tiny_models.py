@@ -89,6 +89,8 @@ def hf_config(family: str):
     if family == "olmo2":  # norms on the attention's and MLP's outputs, q and k normed over all heads
         return tf.Olmo2Config(**common, tie_word_embeddings=False,
                               rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    if family == "exaone":  # EXAONE 3.x: transformers' Llama under its own config (its GGUF rows unpermuted)
+        return tf.ExaoneConfig(**common, tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE)
     if family == "exaone4":  # OLMo 2's block with each head's q and k normed alone, Llama 3.1's RoPE scaling
         return tf.Exaone4Config(**common, head_dim=16, tie_word_embeddings=True, sliding_window=None,
                                 layer_types=["full_attention"] * LAYERS, rope_parameters=LLAMA3_ROPE)

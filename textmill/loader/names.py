@@ -103,6 +103,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "granite": _LLAMA,
     "ernie4_5": _LLAMA,
     "mistral3": _LLAMA,
+    "exaone": _LLAMA,  # its rows unpermuted (not in QK_PERMUTED_ARCHS)
     "phi3": _LLAMA,  # after its fused tensors are split (FUSED_GGUF)
     "qwen2": _LLAMA,
     "qwen2vl": _LLAMA,

@@ -49,6 +49,10 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     # its q/k rows are put in Llama's order as llama.cpp's permuted ones are. Its folders keep
     # that order, which the folder loader does not undo: GGUF files only.
     "ernie4_5": "llama",
+    # EXAONE 3.0/3.5 is Llama (transformers maps its config to LlamaForCausalLM); llama.cpp's
+    # converter leaves its q/k rows unpermuted (ggml turns them rotate-half). GGUF files only:
+    # its folders name the weights their own way.
+    "exaone": "llama",
     # Ministral 3 (the text model of Mistral3ForConditionalGeneration) is Llama with YaRN
     # (rope_freq_factors, rope_attention_factor) and a query temperature that is 1 within its
     # original context, where its window is capped (loader/rope_scaling.py).
