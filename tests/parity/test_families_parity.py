@@ -79,16 +79,16 @@ def test_folder_config(from_folder) -> None:
     c, h = ours.config, hf.config
     assert ours.format == "hf"
     as_llama = ("mistral", "llama3", "smollm3", "granite", "ministral3")
-    assert c.architecture == ("llama" if family in as_llama else {"qwen3_yarn": "qwen3", "exaone4": "olmo2"}.get(
-        family, family))
-    assert (c.qk_norm, c.qk_norm_whole) == (family in ("qwen3", "qwen3_yarn", "gemma3", "olmo2", "exaone4"),
-                                            family == "olmo2")
+    assert c.architecture == ("llama" if family in as_llama else {"qwen3_yarn": "qwen3", "exaone4": "olmo2",
+                                                                  "olmo3": "olmo2"}.get(family, family))
+    assert (c.qk_norm, c.qk_norm_whole) == (family in ("qwen3", "qwen3_yarn", "gemma3", "olmo2", "exaone4", "olmo3"),
+                                            family in ("olmo2", "olmo3"))
     assert c.post_norms == (family != "gemma")
     assert (c.vocab_size, c.hidden_size, c.num_layers) == (h.vocab_size, h.hidden_size, h.num_hidden_layers)
     assert (c.num_heads, c.num_kv_heads) == (h.num_attention_heads, getattr(h, "num_key_value_heads", h.num_attention_heads))
     assert c.tie_word_embeddings == h.tie_word_embeddings
     assert (ours.model.lm_head is None) == c.tie_word_embeddings
-    if family in ("mistral", "phi3", "gemma2", "gemma3"):
+    if family in ("mistral", "phi3", "gemma2", "gemma3", "olmo3"):
         assert c.sliding_window == SLIDING_WINDOW
     if family == "llama3":
         assert c.rope_freq_factors[0] == 1.0 and c.rope_freq_factors[-1] == 8.0
@@ -98,7 +98,9 @@ def test_folder_config(from_folder) -> None:
         assert (c.rope_theta, c.rope_local_theta, c.rope_scaling_factor) == (100000.0, 10000.0, 2.0)
         assert c.qk_norm
     assert c.no_rope_layers == ((3,) if family == "smollm3" else ())
-    if family in ("ministral3", "qwen3_yarn"):  # YaRN; Ministral 3 served within its original context
+    if family == "olmo3":  # layer 0 local (plain RoPE), layer 1 global (YaRN)
+        assert (c.sliding_window_pattern, c.rope_local_theta) == (2, 10000.0)
+    if family in ("ministral3", "qwen3_yarn", "olmo3"):  # YaRN; Ministral 3 served within its original context
         assert c.rope_freq_factors[0] == 1.0 and c.rope_freq_factors[-1] == 4.0
         assert c.max_position_embeddings == (128 if family == "ministral3" else h.max_position_embeddings)
     if family == "gemma2":  # every other layer local, one RoPE base, both soft-caps, no QK norm
@@ -261,6 +263,8 @@ NOT_READ_BY_TRANSFORMERS = {
     "exaone": lambda c, state, hf: (c, _rows_as_llamas(c, state)),
     "exaone4": lambda c, state, hf: (c, _rows_as_llamas(c, state)),
     "olmo2": lambda c, state, hf: (c, _rows_as_llamas(c, state)),
+    # OLMo 3: the window in every layer, as a Llama's (Mistral's) is
+    "olmo3": lambda c, state, hf: (dataclasses.replace(c, sliding_window_pattern=None), state),
 }
 
 
@@ -277,7 +281,7 @@ def test_gguf_transformers_cannot_read_matches_the_source_model(family, tokenize
     hf = tiny_hf_model(family)
     path = write_gguf(tmp_path / f"{family}.gguf", family, hf, tokenizer)
     ours = load_model(path)
-    own = {"gemma": "gemma", "qwen3_yarn": "qwen3", "olmo2": "olmo2", "exaone4": "olmo2"}
+    own = {"gemma": "gemma", "qwen3_yarn": "qwen3", "olmo2": "olmo2", "exaone4": "olmo2", "olmo3": "olmo2"}
     assert ours.format == "gguf" and ours.config.architecture == own.get(family, "llama")
     if family == "smollm3":
         assert ours.config.no_rope_layers == (3,)

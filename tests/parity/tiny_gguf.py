@@ -157,6 +157,8 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
         w.add_final_logit_softcapping(config.final_logit_softcapping)
     if getattr(config, "sliding_window", None):
         w.add_sliding_window(config.sliding_window)
+    if family == "olmo3":  # conversion/olmo.py: one flag per layer
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
 
 
 def _write_vocab(w: GGUFWriter, tokenizer: Tokenizer) -> None:
@@ -183,7 +185,8 @@ def write_gguf(path: Path, family: str, hf_model, tokenizer: Tokenizer, *, name:
     config = getattr(hf_model.config, "text_config", None) or hf_model.config
     state = {n.replace("model.language_model.", "model."): t for n, t in hf_model.state_dict().items()
              if not n.startswith("model.visual.")}
-    arch = {"mistral": "llama", "llama3": "llama", "qwen3_yarn": "qwen3", "ministral3": "mistral3"}.get(family, family)
+    arch = {"mistral": "llama", "llama3": "llama", "qwen3_yarn": "qwen3", "ministral3": "mistral3",
+            "olmo3": "olmo2"}.get(family, family)
     w = GGUFWriter(path, arch)
     w.add_name(name)
     _write_metadata(w, family, config)

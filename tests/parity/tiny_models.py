@@ -91,6 +91,11 @@ def hf_config(family: str):
                               rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     if family == "exaone":  # EXAONE 3.x: transformers' Llama under its own config (its GGUF rows unpermuted)
         return tf.ExaoneConfig(**common, tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE)
+    if family == "olmo3":  # OLMo 2 with a window in one layer of two (plain RoPE), YaRN in the other
+        return tf.Olmo3Config(**common, tie_word_embeddings=False, sliding_window=SLIDING_WINDOW,
+                              layer_types=["sliding_attention", "full_attention"],
+                              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                               "full_attention": YARN_ROPE})
     if family == "exaone4":  # OLMo 2's block with each head's q and k normed alone, Llama 3.1's RoPE scaling
         return tf.Exaone4Config(**common, head_dim=16, tie_word_embeddings=True, sliding_window=None,
                                 layer_types=["full_attention"] * LAYERS, rope_parameters=LLAMA3_ROPE)
@@ -131,7 +136,7 @@ def hf_config(family: str):
 
 
 FAMILIES = ("llama", "llama3", "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "smollm3", "granite",
-            "gemma", "ministral3", "qwen3_yarn", "olmo2", "exaone4")
+            "gemma", "ministral3", "qwen3_yarn", "olmo2", "exaone4", "olmo3")
 
 
 def tiny_hf_model(family: str, seed: int = 0, **config_changes):

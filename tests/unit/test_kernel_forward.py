@@ -48,11 +48,17 @@ def _random_llama(cls=llama.LlamaForCausalLM, seed: int = 0, **kw):
     return model, cfg
 
 
-def _random_olmo2(seed: int = 0, whole: bool = True):
+# OLMo 3: a window in layer 0 of each 2 (plain RoPE on its own base), YaRN-like divisors and
+# a cos/sin factor in the other.
+OLMO3 = dict(sliding_window=5, sliding_window_pattern=2, rope_local_theta=500.0, rope_freq_factors=(1.0, 1.5, 3.0, 4.0),
+             rope_attention_factor=1.14)
+
+
+def _random_olmo2(seed: int = 0, whole: bool = True, **kw):
     """OLMo 2: norms on the attention's and MLP's outputs, q and k normed over all heads
     (EXAONE 4.0, `whole` False: each head alone); every norm weight near 1, each value its own
     (so a norm taken over the wrong span, or skipped, shows)."""
-    model, cfg = _random_llama(Olmo2ForCausalLM, seed=seed, qk_norm=True, qk_norm_whole=whole)
+    model, cfg = _random_llama(Olmo2ForCausalLM, seed=seed, qk_norm=True, qk_norm_whole=whole, **kw)
     for b in model.layers:
         for norm in (b.self_attn.q_norm, b.self_attn.k_norm, b.post_attention_layernorm, b.post_feedforward_layernorm):
             norm.weight.copy_(1 + 0.3 * torch.randn_like(norm.weight))
@@ -88,7 +94,7 @@ def _compare(eager: dict[str, Seq], fast: dict[str, Seq], tol: float) -> None:
 
 
 @pytest.mark.parametrize("variant", ["llama", "tied", "qwen2", "qwen3", "window", "mha", "partial", "nope",
-                                     "granite", "olmo2", "exaone4"])
+                                     "granite", "olmo2", "exaone4", "olmo3"])
 def test_llama_family_kernel_forward_matches_eager(variant):
     # partial: Phi-4-mini's RoPE on the first half of each head, LongRoPE's scaled cos/sin;
     # nope: SmolLM3's layer without RoPE (here the second of two); granite: its multipliers
@@ -99,8 +105,8 @@ def test_llama_family_kernel_forward_matches_eager(variant):
     cls = {"qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}.get(variant, llama.LlamaForCausalLM)
 
     def build():
-        if variant in ("olmo2", "exaone4"):
-            return _random_olmo2(whole=variant == "olmo2")
+        if variant in ("olmo2", "exaone4", "olmo3"):
+            return _random_olmo2(whole=variant != "exaone4", **(OLMO3 if variant == "olmo3" else {}))
         model, cfg = _random_llama(cls, **dict(kw))
         if variant == "qwen3":  # QK norm weights near 1, each dimension its own
             for b in model.layers:
@@ -306,6 +312,7 @@ _FAMILIES = {
     "granite": lambda: _random_llama(seed=7, **GRANITE),
     "olmo2": lambda: _random_olmo2(seed=7),
     "exaone4": lambda: _random_olmo2(seed=7, whole=False),
+    "olmo3": lambda: _random_olmo2(seed=7, **OLMO3),
     "gemma3": lambda: _random_gemma(seed=7),
     "gemma2": lambda: _random_gemma(seed=7, **GEMMA2),
     "gemma": lambda: _random_gemma(seed=7, **GEMMA1),

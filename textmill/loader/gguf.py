@@ -145,10 +145,11 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
             raise ValueError("Qwen3 files with attention biases are not supported")
         fields |= dict(qk_norm=True)
     elif family == "olmo2":
-        if fields["sliding_window"]:  # llama.cpp's "olmo2" files of OLMo 3, "exaone4" of EXAONE 4.0 32B
-            raise ValueError(f"{meta.arch!r} files with sliding-window layers (OLMo 3, EXAONE 4.0 32B) are not "
-                             "supported")
+        if fields["sliding_window"] and meta.arch != "olmo2":  # EXAONE 4.0 32B: NoPE in its global layers
+            raise ValueError(f"{meta.arch!r} files with sliding-window layers (EXAONE 4.0 32B) are not supported")
         fields |= dict(qk_norm=True, qk_norm_whole=meta.arch == "olmo2")
+        if fields["sliding_window"]:  # OLMo 3's "olmo2" files
+            fields |= _olmo3_fields(meta, fields)
     elif meta.arch == "smollm3":
         # The file says nothing of its NoPE layers: llama.cpp leaves RoPE out of every 4th
         # layer by rule (n_no_rope_layer_step = 4), as SmolLM3's config does.
@@ -166,6 +167,18 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
         fields |= dict(norm_eps=float(meta.arch_get("attention.layer_norm_epsilon", 1e-5)),
                        hidden_act="gelu_tanh")  # ggml's GELU is the tanh approximation
     return ModelConfig(**fields)
+
+
+def _olmo3_fields(meta: GGUFMetadata, fields: dict[str, Any]) -> dict[str, Any]:
+    """OLMo 3 as llama.cpp reads its files: the window in the layers the pattern names (per
+    layer, or a period; by default three of every four), which turn by plain RoPE on
+    `rope.freq_base_swa` (default: the global base); the others are global and take the
+    file's RoPE scaling (YaRN)."""
+    pattern = meta.arch_get("attention.sliding_window_pattern", 4)
+    if isinstance(pattern, list):  # one flag per layer, True = sliding
+        pattern = pattern_of_layers([bool(p) for p in pattern])
+    return dict(sliding_window_pattern=int(pattern),
+                rope_local_theta=float(meta.arch_get("rope.freq_base_swa", fields["rope_theta"])))
 
 
 def _granite_fields(meta: GGUFMetadata, num_layers: int) -> dict[str, Any]:

@@ -106,7 +106,7 @@ def _decoder_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
             raise ValueError("Qwen3 checkpoints with attention_bias are not supported")
         return fields | dict(qk_norm=True, sliding_window=_qwen2_window(raw, fields["num_layers"]))
     if family == "olmo2":
-        return fields | _olmo2(raw, fields["num_layers"])
+        return fields | _olmo2(raw, fields["num_layers"], fields["rotary_dim"] or fields["head_dim"])
     if raw.get("attention_bias") or raw.get("mlp_bias"):
         raise ValueError("Llama checkpoints with attention_bias or mlp_bias are not supported")
     if raw.get("model_type") == "smollm3" or "no_rope_layers" in raw:
@@ -128,12 +128,26 @@ def _smollm3(raw: dict[str, Any], num_layers: int) -> dict[str, Any]:
                 sliding_window=_qwen2_window(raw, num_layers))
 
 
-def _olmo2(raw: dict[str, Any], num_layers: int) -> dict[str, Any]:
-    """OLMo 2 norms q and k over all heads, EXAONE 4.0 each head alone. EXAONE 4.0's sliding
-    layers (its 32B) are not modelled; with a window set and no layer sliding, transformers
-    turns no layer by RoPE (it does so only where the window is unset or the layer slides)."""
+def _olmo2(raw: dict[str, Any], num_layers: int, rotary_dims: int) -> dict[str, Any]:
+    """OLMo 2 norms q and k over all heads, EXAONE 4.0 each head alone. OLMo 3 slides a window
+    in the layers layer_types names (by default three of every four), whose RoPE is
+    rope_parameters' "sliding_attention" (plain), the others' its "full_attention" (YaRN).
+    EXAONE 4.0's sliding layers (its 32B) are not modelled; with a window set and no layer
+    sliding, transformers turns no layer by RoPE (only where the window is unset or the
+    layer slides)."""
     if raw.get("attention_bias"):
         raise ValueError("OLMo 2 checkpoints with attention_bias are not supported")
+    if raw.get("model_type") == "olmo3":
+        types = raw.get("layer_types") or ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention"
+                                           for i in range(num_layers)]
+        rope = _rope(raw, "full_attention", head_dim=rotary_dims, default_theta=10000.0)
+        local = _rope(raw, "sliding_attention", head_dim=rotary_dims, default_theta=rope["rope_theta"],
+                      legacy_scaling=False)
+        if len(local) > 1:
+            raise ValueError("OLMo 3 with RoPE scaling in its sliding layers is not supported")
+        return rope | dict(qk_norm=True, qk_norm_whole=True, sliding_window=raw.get("sliding_window"),
+                           sliding_window_pattern=pattern_of_layers([t == "sliding_attention" for t in types]),
+                           rope_local_theta=local["rope_theta"])
     if raw.get("model_type") != "exaone4":
         return dict(qk_norm=True, qk_norm_whole=True)
     types = raw.get("layer_types")

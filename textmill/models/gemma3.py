@@ -25,7 +25,7 @@ from torch import nn
 
 from textmill.config import ModelConfig
 from textmill.models.base import AttentionContext, Embedding
-from textmill.models.llama import RotaryEmbedding, apply_rotary, head_logits
+from textmill.models.llama import RotaryEmbedding, apply_rotary, head_logits, is_sliding_layer
 
 
 class GemmaRMSNorm(nn.Module):
@@ -39,13 +39,6 @@ class GemmaRMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (x32 * (1.0 + self.weight.float())).to(x.dtype)
-
-
-def is_sliding_layer(config: ModelConfig, layer_idx: int) -> bool:
-    """Layer i is global when (i + 1) % pattern == 0; with no pattern every layer is global.
-    A local layer uses the local RoPE base even if the config sets no window."""
-    pattern = config.sliding_window_pattern
-    return pattern is not None and (layer_idx + 1) % pattern != 0
 
 
 class Attention(nn.Module):

@@ -76,6 +76,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated.to(x.dtype)
 
 
+def is_sliding_layer(config: ModelConfig, layer_idx: int) -> bool:
+    """Layer i is global when (i + 1) % pattern == 0; with no pattern every layer is global
+    (and a Llama's window, if any, is in every layer). A local layer uses the local RoPE
+    (Gemma's base; OLMo 3's unscaled) even if the config sets no window."""
+    pattern = config.sliding_window_pattern
+    return pattern is not None and (layer_idx + 1) % pattern != 0
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -83,7 +91,10 @@ class Attention(nn.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.sliding_window = config.sliding_window
+        # A window in every layer (Mistral), or with a pattern in the local layers only (OLMo 3).
+        self.is_sliding = is_sliding_layer(config, layer_idx)
+        local = config.sliding_window_pattern is None or self.is_sliding
+        self.sliding_window = config.sliding_window if local else None
         self.rope = layer_idx not in config.no_rope_layers  # SmolLM3's NoPE layers: False
         C, D, bias = config.hidden_size, config.head_dim, config.attention_bias
         self.scale = D**-0.5 if config.attention_scale is None else config.attention_scale  # Granite's own
@@ -167,6 +178,10 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config.rotary_dim or config.head_dim, config.max_position_embeddings,
                                       config.rope_theta, config.rope_scaling_factor,
                                       config.rope_freq_factors, config.rope_attention_factor)
+        # OLMo 3's local layers turn by plain RoPE (their own base), the global ones by the scaled.
+        self.local = [is_sliding_layer(config, i) for i in range(config.num_layers)]
+        self.rotary_local = (RotaryEmbedding(config.rotary_dim or config.head_dim, config.max_position_embeddings,
+                                             config.rope_local_theta or config.rope_theta) if any(self.local) else None)
         # Tied models have no lm_head: logits() reads the embedding matrix instead.
         self.lm_head = (None if config.tie_word_embeddings
                         else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
@@ -176,9 +191,10 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)  # (N, C)
         if self.config.embedding_multiplier is not None:  # Granite
             x = x * self.config.embedding_multiplier
-        cos, sin = self.rotary(positions)  # (N, 1, D/2) each
-        for layer in self.layers:
-            x = layer(x, cos, sin, ctx)
+        rope = self.rotary(positions)  # (cos, sin), (N, 1, D/2) each
+        rope_local = rope if self.rotary_local is None else self.rotary_local(positions)
+        for layer, local in zip(self.layers, self.local):
+            x = layer(x, *(rope_local if local else rope), ctx)
         return self.norm(x)  # (N, C)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

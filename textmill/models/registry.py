@@ -72,6 +72,9 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     "qwen3vl": "qwen3",
     "olmo2": "olmo2",
     "Olmo2ForCausalLM": "olmo2",
+    # OLMo 3: OLMo 2 with a window in three of every four layers (plain RoPE there, the scaled
+    # in the rest); llama.cpp's converter writes its files as "olmo2".
+    "Olmo3ForCausalLM": "olmo2",
     # EXAONE 4.0 is OLMo 2's block with Qwen3's per-head QK norm (ModelConfig.qk_norm_whole False).
     "exaone4": "olmo2",
     "Exaone4ForCausalLM": "olmo2",

@@ -169,12 +169,14 @@ class KernelForward(KernelForwardBase):
 
     def __init__(self, model: llama.LlamaForCausalLM, ops: ModuleType):
         super().__init__(model, ops)
-        self.rotary = model.rotary
+        self.rotary, self.rotary_local = model.rotary, model.rotary_local
         # Each layer's RoPE table: 0 the model's, 1 the identity (cos 1, sin 0: the rotation
-        # leaves q and k bitwise as they are) for SmolLM3's NoPE layers, so that rope_kv_write
-        # and the one-call Forward need no case of their own.
-        self.rope_index = [0 if b.self_attn.rope else 1 for b in self.layers]
-        self.has_nope = max(self.rope_index) > 0  # settled once, not every step
+        # leaves q and k bitwise as they are) for SmolLM3's NoPE layers, 2 the local layers'
+        # plain one (OLMo 3), so that rope_kv_write and the one-call Forward need no case of
+        # their own.
+        self.rope_index = [1 if not b.self_attn.rope else 2 if local else 0
+                           for b, local in zip(self.layers, model.local)]
+        self.has_nope = 1 in self.rope_index  # settled once, not every step
         # Granite: the embedding's multiplier (as Gemma's scale), and each layer's attention
         # and MLP outputs times the residual multiplier before they join h (None: not used).
         if model.config.embedding_multiplier is not None:
@@ -211,9 +213,10 @@ class KernelForward(KernelForwardBase):
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         cos, sin = self.rotary.table(positions)
-        if not self.has_nope:
+        if not self.has_nope and self.rotary_local is None:
             return ((cos, sin),)
-        return (cos, sin), (torch.ones_like(cos), torch.zeros_like(sin))
+        identity = (torch.ones_like(cos), torch.zeros_like(sin)) if self.has_nope else (cos, sin)
+        return ((cos, sin), identity) + (() if self.rotary_local is None else (self.rotary_local.table(positions),))
 
     def layer(self, i: int, y: torch.Tensor, h: torch.Tensor, step: _Step,
               keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
