@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.parity.compare import GREEDY_TOKENS, LOGPROB_TOLERANCE, hf_greedy, max_logprob_diff, our_greedy
-from tests.parity.tiny_gguf import write_gguf
+from tests.parity.tiny_gguf import llama_cpp_permute, write_gguf
 from tests.parity.tiny_models import (FAMILIES, GEMMA2_SOFTCAPS, SLIDING_WINDOW, phi3_longrope_model, prompt_ids,
                                      save_folder, tiny_hf_model, tiny_vl_model, train_tokenizer)
 from textmill.loader import LoadedModel, load_model
@@ -242,6 +242,11 @@ def _rows_as_llamas(c, state):
                     for n, t in state.items() if n.endswith(("q_proj.weight", "k_proj.weight"))}
 
 
+def _permuted(t, heads):
+    """Rows in llama.cpp's permuted order (what the loader undoes)."""
+    return torch.from_numpy(llama_cpp_permute(t.numpy(), heads))
+
+
 def _plain_rope(c):
     return dataclasses.replace(c, rope_freq_factors=None, rope_attention_factor=1.0)
 
@@ -261,6 +266,10 @@ NOT_READ_BY_TRANSFORMERS = {
     "qwen3_yarn": lambda c, state, hf: (_plain_rope(c), state),
     # EXAONE 3.x, OLMo 2, EXAONE 4.0: q and k rows taken as llama.cpp's permuted Llama rows
     "exaone": lambda c, state, hf: (c, _rows_as_llamas(c, state)),
+    # InternLM2: its q and k rows left in the file's (permuted) order
+    "internlm2": lambda c, state, hf: (c, {n: _permuted(t, c.num_heads if ".q_proj." in n else c.num_kv_heads)
+                                           if n.endswith(("q_proj.weight", "k_proj.weight")) else t
+                                           for n, t in state.items()}),
     "exaone4": lambda c, state, hf: (c, _rows_as_llamas(c, state)),
     "olmo2": lambda c, state, hf: (c, _rows_as_llamas(c, state)),
     # OLMo 3: the window in every layer, as a Llama's (Mistral's) is

@@ -30,6 +30,7 @@ NAMES = {
     "smollm3": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "mistral3": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "exaone": _DECODER | {"post_attention_layernorm": "ffn_norm"},  # conversion/exaone.py: rows as they are
+    "internlm2": _DECODER | {"post_attention_layernorm": "ffn_norm"},  # conversion/internlm.py: wqkv split
     "granite": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "gemma": _DECODER | {"post_attention_layernorm": "ffn_norm"},  # Gemma 1's pre-MLP norm
     "ernie4_5": _DECODER | {"post_attention_layernorm": "ffn_norm"},  # rows as they are (conversion/ernie.py)
@@ -74,7 +75,7 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def converted(family: str, hf_name: str, w: np.ndarray, config) -> np.ndarray:
-    permuted = ("llama", "smollm3", "granite", "mistral3")  # (LlamaModel)
+    permuted = ("llama", "smollm3", "granite", "mistral3", "internlm2")  # (LlamaModel.permute)
     if family in permuted and hf_name.endswith("q_proj.weight"):
         return llama_cpp_permute(w, config.num_attention_heads)
     if family in permuted and hf_name.endswith("k_proj.weight"):

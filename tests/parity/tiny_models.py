@@ -89,6 +89,9 @@ def hf_config(family: str):
     if family == "olmo2":  # norms on the attention's and MLP's outputs, q and k normed over all heads
         return tf.Olmo2Config(**common, tie_word_embeddings=False,
                               rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    if family == "internlm2":  # InternLM2 as llama.cpp's converter leaves it: a Llama (q/k permuted)
+        return tf.LlamaConfig(**common, tie_word_embeddings=False,
+                              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
     if family == "exaone":  # EXAONE 3.x: transformers' Llama under its own config (its GGUF rows unpermuted)
         return tf.ExaoneConfig(**common, tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE)
     if family == "olmo3":  # OLMo 2 with a window in one layer of two (plain RoPE), YaRN in the other

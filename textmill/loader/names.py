@@ -104,6 +104,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "ernie4_5": _LLAMA,
     "mistral3": _LLAMA,
     "exaone": _LLAMA,  # its rows unpermuted (not in QK_PERMUTED_ARCHS)
+    "internlm2": _LLAMA,  # q, k and v split out of its wqkv by the converter
     "phi3": _LLAMA,  # after its fused tensors are split (FUSED_GGUF)
     "qwen2": _LLAMA,
     "qwen2vl": _LLAMA,
@@ -121,9 +122,10 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
 # interleaved ("GPT-J style") RoPE sees pairs (2i, 2i+1); the models here use rotate-half
 # pairs (i, i + D/2), so the loader puts the rows back. Qwen2 and Gemma 2/3 use ggml's NEOX
 # (rotate-half) RoPE and are stored unpermuted, as is Qwen3. SmolLM3's, Granite's and
-# Ministral 3's ("mistral3") converters are Llama's. ERNIE 4.5's converter leaves its rows
-# alone, but its own RoPE pairs (2i, 2i + 1) already: the same order, put back the same way.
-QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3", "granite", "ernie4_5", "mistral3"})
+# Ministral 3's ("mistral3") converters are Llama's, and InternLM2's permutes its q and k so.
+# ERNIE 4.5's converter leaves its rows alone, but its own RoPE pairs (2i, 2i + 1) already:
+# the same order, put back the same way.
+QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3", "granite", "ernie4_5", "mistral3", "internlm2"})
 # llama.cpp's converter stores Gemma norm weights as 1 + weight (ggml multiplies plainly).
 NORM_PLUS_ONE_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
 

@@ -49,6 +49,9 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     # its q/k rows are put in Llama's order as llama.cpp's permuted ones are. Its folders keep
     # that order, which the folder loader does not undo: GGUF files only.
     "ernie4_5": "llama",
+    # InternLM2/2.5 is Llama once llama.cpp's converter has split its grouped wqkv into q, k
+    # and v (permuted as Llama's). GGUF files only: its folders fuse them its own way.
+    "internlm2": "llama",
     # EXAONE 3.0/3.5 is Llama (transformers maps its config to LlamaForCausalLM); llama.cpp's
     # converter leaves its q/k rows unpermuted (ggml turns them rotate-half). GGUF files only:
     # its folders name the weights their own way.
