@@ -68,8 +68,9 @@ class ModelConfig:
     family does not use keep their defaults.
     """
 
-    # registry key: "llama" (Mistral, SmolLM3, Granite, ERNIE 4.5 too), "phi3", "qwen2", "qwen3", "olmo2",
-    # "gemma", "gemma2", "gemma3", "gpt2"
+    # registry key: "llama" (Mistral, Ministral 3, SmolLM3, Granite, ERNIE 4.5, EXAONE 3, InternLM2 too),
+    # "phi3", "qwen2", "qwen3" (the VL files' text too), "olmo2" (OLMo 3, EXAONE 4.0 too), "gemma",
+    # "gemma2", "gemma3", "gpt2"
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -81,13 +82,14 @@ class ModelConfig:
     max_position_embeddings: int
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_local_theta: float | None = None  # gemma2/3: the sliding layers' base
+    rope_local_theta: float | None = None  # gemma2/3, OLMo 3: the sliding layers' base (unscaled)
     rope_scaling_factor: float | None = None  # linear position scaling where the config sets it
     # Per-frequency divisors of the RoPE inverse frequencies, (head_dim / 2,): Llama 3.1+
-    # "llama3" scaling (HF rope_scaling, or GGUF's rope_freqs tensor).
+    # "llama3" scaling (HF rope_scaling, or GGUF's rope_freqs tensor), YaRN's blend
+    # (loader/rope_scaling.py).
     rope_freq_factors: tuple[float, ...] | None = None
-    # LongRoPE (Phi-3.5, Phi-3's 128k models): cos and sin scaled by this; its divisors above
-    # are the set for the window the model was loaded to serve (the loaders choose).
+    # LongRoPE (Phi-3.5, Phi-3's 128k models) and YaRN: cos and sin scaled by this; LongRoPE's
+    # divisors above are the set for the window the model was loaded to serve (the loaders choose).
     rope_attention_factor: float = 1.0
     # RoPE on the first rotary_dim values of each head, the rest passed (Phi-4-mini's 3/4 of
     # 128); None: the whole head.
@@ -108,7 +110,8 @@ class ModelConfig:
     qk_norm: bool = False  # qwen3, gemma3, olmo2: RMSNorm of q and k before RoPE, each head alone
     qk_norm_whole: bool = False  # olmo2 (not EXAONE 4): ... over all heads together (H x D weights)
     sliding_window: int | None = None
-    # gemma2/3: layer i is global when (i + 1) % pattern == 0; None means all layers global.
+    # gemma2/3, OLMo 3: layer i is global when (i + 1) % pattern == 0, the others slide and take
+    # the local RoPE; None means all layers global (a Llama's window, if any, in every layer).
     sliding_window_pattern: int | None = None
     query_pre_attn_scalar: float | None = None  # gemma2/3: attention scale is this ** -0.5
     # gemma2/3 norm the attention's and the MLP's outputs too; Gemma 1 (False) only their inputs.

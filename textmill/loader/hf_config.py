@@ -241,6 +241,7 @@ def _rope(raw: dict[str, Any], layer_type: str | None, *, head_dim: int, default
     if layer_type is not None:
         params = params.get(layer_type) or {}
     theta = float(params.get("rope_theta") or raw.get(legacy_theta_key) or default_theta)
+
     def kind_of(p: dict[str, Any] | None) -> str:  # configs spell it rope_type or (older) type
         return (p or {}).get("rope_type") or (p or {}).get("type") or "default"
 
