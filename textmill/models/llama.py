@@ -92,8 +92,7 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         # A window in every layer (Mistral), or with a pattern in the local layers only (OLMo 3).
-        self.is_sliding = is_sliding_layer(config, layer_idx)
-        local = config.sliding_window_pattern is None or self.is_sliding
+        local = config.sliding_window_pattern is None or is_sliding_layer(config, layer_idx)
         self.sliding_window = config.sliding_window if local else None
         self.rope = layer_idx not in config.no_rope_layers  # SmolLM3's NoPE layers: False
         C, D, bias = config.hidden_size, config.head_dim, config.attention_bias

@@ -170,13 +170,14 @@ class KernelForward(KernelForwardBase):
     def __init__(self, model: llama.LlamaForCausalLM, ops: ModuleType):
         super().__init__(model, ops)
         self.rotary, self.rotary_local = model.rotary, model.rotary_local
-        # Each layer's RoPE table: 0 the model's, 1 the identity (cos 1, sin 0: the rotation
-        # leaves q and k bitwise as they are) for SmolLM3's NoPE layers, 2 the local layers'
-        # plain one (OLMo 3), so that rope_kv_write and the one-call Forward need no case of
-        # their own.
-        self.rope_index = [1 if not b.self_attn.rope else 2 if local else 0
-                           for b, local in zip(self.layers, model.local)]
-        self.has_nope = 1 in self.rope_index  # settled once, not every step
+        # Each layer's RoPE table, of those the model's layers use (settled once, not every
+        # step): the model's, the identity (cos 1, sin 0: the rotation leaves q and k bitwise
+        # as they are) for SmolLM3's NoPE layers, the local layers' plain one (OLMo 3); so
+        # rope_kv_write and the one-call Forward need no case of their own.
+        kinds = ["identity" if not b.self_attn.rope else "local" if local else "model"
+                 for b, local in zip(self.layers, model.local)]
+        self.table_kinds = tuple(k for k in ("model", "identity", "local") if k in kinds)
+        self.rope_index = [self.table_kinds.index(k) for k in kinds]
         # Granite: the embedding's multiplier (as Gemma's scale), and each layer's attention
         # and MLP outputs times the residual multiplier before they join h (None: not used).
         if model.config.embedding_multiplier is not None:
@@ -212,11 +213,13 @@ class KernelForward(KernelForwardBase):
                    and isinstance(layer.mlp, FusedMLP) for layer in model.layers)
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-        cos, sin = self.rotary.table(positions)
-        if not self.has_nope and self.rotary_local is None:
-            return ((cos, sin),)
-        identity = (torch.ones_like(cos), torch.zeros_like(sin)) if self.has_nope else (cos, sin)
-        return ((cos, sin), identity) + (() if self.rotary_local is None else (self.rotary_local.table(positions),))
+        def table(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+            if kind == "identity":
+                zeros = torch.zeros(len(positions), self.rotary.inv_freq.numel())
+                return torch.ones_like(zeros), zeros
+            return (self.rotary if kind == "model" else self.rotary_local).table(positions)
+
+        return tuple(table(kind) for kind in self.table_kinds)
 
     def layer(self, i: int, y: torch.Tensor, h: torch.Tensor, step: _Step,
               keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
