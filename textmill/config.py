@@ -68,9 +68,9 @@ class ModelConfig:
     family does not use keep their defaults.
     """
 
-    # registry key: "llama" (Mistral, Ministral 3, SmolLM3, Granite, ERNIE 4.5, EXAONE 3, InternLM2 too),
-    # "phi3", "qwen2", "qwen3" (the VL files' text too), "olmo2" (OLMo 3, EXAONE 4.0 too), "gemma",
-    # "gemma2", "gemma3", "gpt2"
+    # registry key: "llama" (Mistral, Ministral 3, SmolLM3, Granite, ERNIE 4.5, EXAONE 3, InternLM2,
+    # OLMoE, Mixtral too), "phi3", "qwen2", "qwen3" (the VL files' text, Qwen3 MoE too), "olmo2"
+    # (OLMo 3, EXAONE 4.0 too), "gemma", "gemma2", "gemma3", "gpt2"
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -119,6 +119,14 @@ class ModelConfig:
     final_logit_softcap: float | None = None
     attn_logit_softcap: float | None = None
     hidden_act: str = "silu"  # "silu" (SwiGLU), "gelu_tanh" (GeGLU), "gelu" (gpt2 MLP)
+    # Mixture of experts (Qwen3 MoE, OLMoE, Mixtral; models/moe.py), 0: a dense MLP. Each token's
+    # MLP is the sum of its num_experts_per_tok likeliest experts' SwiGLUs (moe_intermediate_size
+    # wide), weighted by the router's softmax, renormalized over them where norm_topk_prob.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int | None = None
+    norm_topk_prob: bool = True
+    dense_layers: tuple[int, ...] = ()  # layers with the dense MLP in a MoE model (Qwen3 MoE's mlp_only_layers)
     name: str = ""  # human-readable model name from the checkpoint
 
 

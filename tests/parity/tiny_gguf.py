@@ -26,7 +26,7 @@ _DECODER = {
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
 }
 NAMES = {
-    "llama": _DECODER | {"post_attention_layernorm": "ffn_norm"},
+    "llama": _DECODER | {"post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp"},
     "smollm3": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "mistral3": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "exaone": _DECODER | {"post_attention_layernorm": "ffn_norm"},  # conversion/exaone.py: rows as they are
@@ -49,6 +49,11 @@ NAMES = {
     "qwen2vl": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "qwen3vl": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
                            "self_attn.k_norm": "attn_k_norm"},
+    # experts stacked per layer (_stacked_experts); the router is ffn_gate_inp
+    "qwen3moe": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
+                            "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"},
+    "olmoe": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
+                         "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"},
     "gemma3": _DECODER | {
         "post_attention_layernorm": "post_attention_norm",
         "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
@@ -68,6 +73,33 @@ def gguf_name(family: str, hf_name: str) -> str:
     layer, module, kind = _NAME_RE.fullmatch(hf_name).groups()
     name = NAMES[family][module]
     return f"blk.{layer}.{name}.{kind}" if layer is not None else f"{name}.{kind}"
+
+
+_EXPERTS_RE = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+
+
+def _stacked_experts(state: dict, legacy: bool) -> tuple[dict, dict[str, np.ndarray]]:
+    """The state without its experts, and the experts as the converters write them. transformers
+    holds a layer's experts as (E, 2F, C) gate-and-up and (E, C, F) down stacks (it saves them
+    per expert); the converter splits gate from up (conversion/qwen.py), one (E, rows, K)
+    tensor per projection (`blk.0.ffn_gate_exps`), or with `legacy` each expert's own
+    (`blk.0.ffn_gate.3`, older Mixtral files)."""
+    rest, out = {}, {}
+    for name, tensor in state.items():
+        m = _EXPERTS_RE.fullmatch(name)
+        if m is None:
+            rest[name] = tensor
+            continue
+        layer, kind = m.groups()
+        w = tensor.float().numpy()
+        half = w.shape[1] // 2
+        stacks = {"gate": w[:, :half], "up": w[:, half:]} if kind == "gate_up_proj" else {"down": w}
+        for proj, stack in stacks.items():
+            if legacy:
+                out |= {f"blk.{layer}.ffn_{proj}.{e}.weight": np.ascontiguousarray(x) for e, x in enumerate(stack)}
+            else:
+                out[f"blk.{layer}.ffn_{proj}_exps.weight"] = np.ascontiguousarray(stack)
+    return rest, out
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -125,8 +157,8 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     params = config.rope_parameters
     w.add_rope_freq_base(params.get("full_attention", params)["rope_theta"])
-    if family in ("llama", "llama3", "qwen3", "qwen3_yarn", "qwen3vl", "ministral3", "exaone4", "gemma", "gemma2",
-                  "gemma3", "ernie4_5"):
+    if family in ("llama", "llama3", "qwen3", "qwen3_yarn", "qwen3vl", "qwen3moe", "ministral3", "exaone4", "gemma",
+                  "gemma2", "gemma3", "ernie4_5"):
         w.add_key_length(config.head_dim)
         w.add_value_length(config.head_dim)
     partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
@@ -158,6 +190,12 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
         w.add_final_logit_softcapping(config.final_logit_softcapping)
     if getattr(config, "sliding_window", None):
         w.add_sliding_window(config.sliding_window)
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    if experts:  # conversion/base.py; the experts' width from qwen.py only (the others' is feed_forward_length)
+        w.add_expert_count(experts)
+        w.add_expert_used_count(config.num_experts_per_tok)
+        if family == "qwen3moe":
+            w.add_expert_feed_forward_length(config.moe_intermediate_size)
     if family == "olmo3":  # conversion/olmo.py: one flag per layer
         w.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
 
@@ -180,14 +218,15 @@ def _write_vocab(w: GGUFWriter, tokenizer: Tokenizer) -> None:
 
 
 def write_gguf(path: Path, family: str, hf_model, tokenizer: Tokenizer, *, name: str = "tiny",
-               quantize_mlp: bool = False) -> Path:
-    """The model's float32 weights (MLP weights Q8_0 if asked) in a GGUF of its family; of a
-    vision-language model, its text model's."""
+               quantize_mlp: bool = False, legacy_experts: bool = False) -> Path:
+    """The model's float32 weights (MLP weights, experts included, Q8_0 if asked) in a GGUF of its
+    family; of a vision-language model, its text model's."""
     config = getattr(hf_model.config, "text_config", None) or hf_model.config
     state = {n.replace("model.language_model.", "model."): t for n, t in hf_model.state_dict().items()
              if not n.startswith("model.visual.")}
     arch = {"mistral": "llama", "llama3": "llama", "qwen3_yarn": "qwen3", "ministral3": "mistral3",
-            "olmo3": "olmo2"}.get(family, family)
+            "olmo3": "olmo2", "mixtral": "llama"}.get(family, family)
+    state, experts = _stacked_experts(state, legacy_experts)
     w = GGUFWriter(path, arch)
     w.add_name(name)
     _write_metadata(w, family, config)
@@ -209,6 +248,11 @@ def write_gguf(path: Path, family: str, hf_model, tokenizer: Tokenizer, *, name:
         values = converted(arch, hf_name, tensor.float().numpy(), config)
         target = gguf_name(arch, hf_name)
         if quantize_mlp and values.ndim == 2 and "ffn_" in target:
+            w.add_tensor(target, quants.quantize(values, T.Q8_0), raw_dtype=T.Q8_0)
+        else:
+            w.add_tensor(target, values)
+    for target, values in experts.items():
+        if quantize_mlp:
             w.add_tensor(target, quants.quantize(values, T.Q8_0), raw_dtype=T.Q8_0)
         else:
             w.add_tensor(target, values)

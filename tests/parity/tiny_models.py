@@ -131,6 +131,17 @@ def hf_config(family: str):
     if family == "ernie4_5":  # Llama with RoPE on pairs (2i, 2i + 1)
         return tf.Ernie4_5Config(**common, head_dim=16, tie_word_embeddings=True, use_bias=False,
                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if family == "qwen3moe":  # 8 experts of 32, two a token, one dense layer of two
+        return tf.Qwen3MoeConfig(**common, head_dim=24, tie_word_embeddings=True, num_experts=8,
+                                 num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                                 mlp_only_layers=[1], rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    if family == "olmoe":  # Llama with experts (weights not renormalized), q and k normed over all heads
+        return tf.OlmoeConfig(**(common | dict(intermediate_size=32)), tie_word_embeddings=False, num_experts=8,
+                              num_experts_per_tok=3, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if family == "mixtral":  # Llama with experts under its own names (block_sparse_moe, w1/w2/w3)
+        return tf.MixtralConfig(**(common | dict(intermediate_size=32)), tie_word_embeddings=False,
+                                num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB_SIZE, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
                              n_positions=MAX_POSITIONS, activation_function="gelu_new",

@@ -9,6 +9,8 @@ numpy's decoders stay the reference and the fallback.
 """
 from __future__ import annotations
 
+import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,13 +135,15 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
     if fields["rope_freq_factors"] and scaling.get("rope_freq_factors"):  # both divide, as in ggml's rope
         scaling["rope_freq_factors"] = tuple(a * b for a, b in zip(fields["rope_freq_factors"],
                                                                    scaling["rope_freq_factors"]))
-    fields |= scaling
+    fields |= scaling | _experts(meta, gguf)
     family = fields["architecture"]
     if family in ("gemma2", "gemma3"):
         fields |= _gemma_fields(meta, fields, family)
     elif family == "gemma":  # Gemma 1: no windows, no soft-caps, no output norms; queries by head_dim
         fields |= dict(post_norms=False, query_pre_attn_scalar=float(fields["head_dim"]), hidden_act="gelu_tanh",
                        sliding_window=None)
+    elif meta.arch == "olmoe":  # Llama's block, q and k normed over all heads
+        fields |= dict(qk_norm=True, qk_norm_whole=True)
     elif family == "qwen3":
         if fields["attention_bias"]:  # transformers' Qwen3 puts a bias on o_proj too: not modelled
             raise ValueError("Qwen3 files with attention biases are not supported")
@@ -167,6 +171,35 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
         fields |= dict(norm_eps=float(meta.arch_get("attention.layer_norm_epsilon", 1e-5)),
                        hidden_act="gelu_tanh")  # ggml's GELU is the tanh approximation
     return ModelConfig(**fields)
+
+
+# What llama.cpp does with the weights of a token's experts, by architecture: renormalized
+# over the chosen ones (Qwen3 MoE, Mixtral's "llama" files) or taken as they are (OLMoE).
+_EXPERT_WEIGHTS_NORMED = {"qwen3moe": True, "qwen3vlmoe": True, "llama": True, "olmoe": False}
+
+
+def _experts(meta: GGUFMetadata, gguf: GGUFFile) -> dict[str, Any]:
+    """A mixture of experts' fields (models/moe.py); the experts' width from the file's key,
+    else from their tensors; layers without a router dense. Shared experts and routers other
+    than a softmax are refused."""
+    count = int(meta.arch_get("expert_count", 0))
+    if not count:
+        return {}
+    if meta.arch not in _EXPERT_WEIGHTS_NORMED or meta.arch_get("expert_shared_count", 0):
+        raise ValueError(f"{meta.arch!r} files with experts are not supported (Qwen3 MoE, OLMoE and Mixtral are)")
+    if int(meta.arch_get("expert_gating_func", 1)) != 1:  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
+        raise ValueError("only a softmax router is supported")
+    width = meta.arch_get("expert_feed_forward_length", None)
+    if width is None:
+        gate = next((t for t in gguf.tensors if t.name in ("blk.0.ffn_gate_exps.weight", "blk.0.ffn_gate.0.weight")),
+                    None)
+        width = gate.shape[-2] if gate is not None else meta.arch_get("feed_forward_length")
+    # A layer without a router is dense (llama.cpp makes every layer of these files sparse).
+    routed = {t.name for t in gguf.tensors if t.name.endswith(".ffn_gate_inp.weight")}
+    dense = tuple(i for i in range(int(meta.arch_get("block_count"))) if f"blk.{i}.ffn_gate_inp.weight" not in routed)
+    return dict(num_experts=count, num_experts_per_tok=int(meta.arch_get("expert_used_count")),
+                moe_intermediate_size=int(width), norm_topk_prob=_EXPERT_WEIGHTS_NORMED[meta.arch],
+                dense_layers=dense)
 
 
 def _olmo3_fields(meta: GGUFMetadata, fields: dict[str, Any]) -> dict[str, Any]:
@@ -268,6 +301,9 @@ def model_tensors(gguf: GGUFFile, config: ModelConfig) -> list[TensorInfo]:
     arch = GGUFMetadata(gguf).arch
     out = []
     for t in gguf.tensors:
+        if (experts := expert_parts(t)) is not None:
+            out += experts
+            continue
         parts = fused_parts(FUSED_GGUF, arch, t.name, config, t.shape[0])
         if parts is None:
             out.append(t)
@@ -275,6 +311,28 @@ def model_tensors(gguf: GGUFFile, config: ModelConfig) -> list[TensorInfo]:
         row_bytes = t.data.size // t.shape[0]
         out += [TensorInfo(name, (end - start, *t.shape[1:]), t.qtype, t.data[start * row_bytes:end * row_bytes])
                 for name, start, end in parts]
+    return out
+
+
+_STACKED_EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.weight")
+
+
+def expert_parts(t: TensorInfo) -> list[TensorInfo] | None:
+    """A stacked expert tensor, (E, rows, K), as each expert's own 2-D tensor under llama.cpp's
+    older per-expert names (`blk.3.ffn_gate.7.weight`, which Mixtral files still use); a
+    fused gate-and-up stack as each expert's gate (its first half) and up. None for the rest."""
+    m = _STACKED_EXPERTS.fullmatch(t.name)
+    if m is None:
+        return None
+    layer, kind = m.groups()
+    experts, rows = t.shape[0], t.shape[1]
+    halves = (("gate", 0, rows // 2), ("up", rows // 2, rows)) if kind == "gate_up" else ((kind, 0, rows),)
+    row_bytes = t.data.size // (experts * rows)
+    out = []
+    for e in range(experts):
+        base = e * rows * row_bytes
+        out += [TensorInfo(f"blk.{layer}.ffn_{name}.{e}.weight", (end - start, *t.shape[2:]), t.qtype,
+                           t.data[base + start * row_bytes:base + end * row_bytes]) for name, start, end in halves]
     return out
 
 
@@ -376,7 +434,7 @@ def layer_weight_bits(path: Path) -> int | None:
     float files (F32/F16/BF16)."""
     counts: dict[int | None, int] = {}
     for t in GGUFFile(path).tensors:
-        if t.name.startswith("blk.") and len(t.shape) == 2:
+        if t.name.startswith("blk.") and len(t.shape) in (2, 3):  # 3: a stack of experts
             bits = _TYPE_BITS.get(t.qtype.name)
-            counts[bits] = counts.get(bits, 0) + int(t.shape[0]) * int(t.shape[1])
+            counts[bits] = counts.get(bits, 0) + math.prod(int(d) for d in t.shape)
     return max(counts, key=counts.get) if counts else None

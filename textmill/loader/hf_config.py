@@ -99,6 +99,7 @@ def _decoder_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
         return fields | _rope(raw, None, head_dim=fields["head_dim"], default_theta=10000.0) | dict(
             post_norms=False, query_pre_attn_scalar=float(fields["head_dim"]), hidden_act=act)
     fields |= _rope(raw, None, head_dim=fields["rotary_dim"] or fields["head_dim"], default_theta=10000.0)
+    fields |= _moe(raw, family, fields["num_layers"])
     if family == "qwen2":
         return fields | dict(attention_bias=True, sliding_window=_qwen2_window(raw, fields["num_layers"]))
     if family == "qwen3":
@@ -109,11 +110,30 @@ def _decoder_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
         return fields | _olmo2(raw, fields["num_layers"], fields["rotary_dim"] or fields["head_dim"])
     if raw.get("attention_bias") or raw.get("mlp_bias"):
         raise ValueError("Llama checkpoints with attention_bias or mlp_bias are not supported")
+    if raw.get("model_type") == "olmoe":  # Llama's block, q and k normed over all heads
+        return fields | dict(qk_norm=True, qk_norm_whole=True)
     if raw.get("model_type") == "smollm3" or "no_rope_layers" in raw:
         return fields | _smollm3(raw, fields["num_layers"])
     if family == "llama" and (raw.get("model_type") == "granite" or "residual_multiplier" in raw):
         return fields | _granite(raw)
     return fields | dict(sliding_window=raw.get("sliding_window"))
+
+
+def _moe(raw: dict[str, Any], family: str, num_layers: int) -> dict[str, Any]:
+    """Qwen3 MoE's, OLMoE's and Mixtral's experts (models/moe.py): Qwen3 MoE's dense layers are
+    its mlp_only_layers and those off its decoder_sparse_step; OLMoE's and Mixtral's experts
+    are intermediate_size wide, OLMoE's weights not renormalized (Mixtral's are)."""
+    experts = int(raw.get("num_experts") or raw.get("num_local_experts") or 0)
+    if not experts:
+        return {}
+    if family not in ("qwen3", "llama") or raw.get("clip_qkv") or raw.get("shared_expert_intermediate_size"):
+        raise ValueError(f"{raw.get('model_type')!r} experts are not supported (Qwen3 MoE, OLMoE and Mixtral are)")
+    step = int(raw.get("decoder_sparse_step") or 1)
+    dense = set(raw.get("mlp_only_layers") or ()) | {i for i in range(num_layers) if (i + 1) % step}
+    return dict(num_experts=experts, num_experts_per_tok=int(raw["num_experts_per_tok"]),
+                moe_intermediate_size=int(raw.get("moe_intermediate_size") or raw["intermediate_size"]),
+                norm_topk_prob=bool(raw.get("norm_topk_prob", raw.get("model_type") == "mixtral")),
+                dense_layers=tuple(sorted(dense)))
 
 
 def _smollm3(raw: dict[str, Any], num_layers: int) -> dict[str, Any]:

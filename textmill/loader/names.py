@@ -82,6 +82,12 @@ _OLMO2 = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
     **_GATED_MLP,
     "post_ffw_norm": "post_feedforward_layernorm",
 }))
+# A mixture of experts' router and experts (models/moe.py); the loader names each expert's
+# tensors `ffn_gate.{e}` and so on (gguf.expert_parts), as older Mixtral files do.
+_EXPERTS = {"ffn_gate_inp": "mlp.gate"}
+_LLAMA_MOE = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({**_LLAMA.blocks, **_EXPERTS}))
+# Qwen3 MoE; OLMoE (q and k normed over all heads, the same names).
+_QWEN3_MOE = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({**_QWEN3.blocks, **_EXPERTS}))
 _GPT2 = GGUFNames("h", MappingProxyType({
     "token_embd": "wte",
     "position_embd": "wpe",
@@ -98,7 +104,7 @@ _GPT2 = GGUFNames("h", MappingProxyType({
 
 # Keyed by GGUF `general.architecture`.
 GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
-    "llama": _LLAMA,
+    "llama": _LLAMA_MOE,  # Mixtral's files are "llama" files with experts
     "smollm3": _LLAMA,
     "granite": _LLAMA,
     "ernie4_5": _LLAMA,
@@ -110,6 +116,9 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "qwen2vl": _LLAMA,
     "qwen3": _QWEN3,
     "qwen3vl": _QWEN3,
+    "qwen3moe": _QWEN3_MOE,
+    "qwen3vlmoe": _QWEN3_MOE,
+    "olmoe": _QWEN3_MOE,
     "olmo2": _OLMO2,  # unpermuted q/k rows (rotate-half RoPE in ggml too)
     "exaone4": _OLMO2,  # the same names, its q/k norms one head wide
     "gemma": _GEMMA3,  # the same names; Gemma 1 has only attn_norm and ffn_norm
@@ -130,6 +139,7 @@ QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3", "granite", "ernie4_5", "mistr
 NORM_PLUS_ONE_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_EXPERT_RE = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
 
 
@@ -175,6 +185,9 @@ def gguf_param_name(arch: str, gguf_name: str) -> str:
     names = GGUF_NAMES.get(arch)
     if names is None:
         raise ValueError(f"no GGUF tensor names known for architecture {arch!r}")
+    if (m := _EXPERT_RE.fullmatch(gguf_name)) and "ffn_gate_inp" in names.blocks:
+        layer, part, expert = m.groups()
+        return f"{names.block_prefix}.{layer}.mlp.experts.{expert}.{part}_proj.weight"
     if m := _BLOCK_RE.fullmatch(gguf_name):
         layer, part, kind = m.groups()
         if part in names.blocks:
@@ -233,6 +246,9 @@ HF_PREFIXES: Mapping[str, str] = MappingProxyType({
 # pre-MLP norm what Gemma 2 and 3 call the norm after attention.
 HF_RENAMES: Mapping[str, tuple[tuple[str, str], ...]] = MappingProxyType({
     "gemma": ((".post_attention_layernorm.", ".pre_feedforward_layernorm."),),
+    # Mixtral's experts: block_sparse_moe.experts.3.w1 is Qwen3 MoE's mlp.experts.3.gate_proj
+    "llama": ((".block_sparse_moe.", ".mlp."), (".w1.", ".gate_proj."), (".w3.", ".up_proj."),
+              (".w2.", ".down_proj.")),
 })
 # Buffers some checkpoints carry that the models compute themselves.
 _HF_SKIPPED = re.compile(r".*(\.rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from textmill.config import ModelConfig
+from textmill.models import moe
 from textmill.models.base import AttentionContext, Embedding
 
 
@@ -133,9 +134,9 @@ def norm_heads(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, width: int | None = None) -> None:
         super().__init__()
-        C, F_ = config.hidden_size, config.intermediate_size
+        C, F_ = config.hidden_size, width or config.intermediate_size  # width: a MoE expert's (models/moe.py)
         self.gate_proj = nn.Linear(C, F_, bias=False)
         self.up_proj = nn.Linear(C, F_, bias=False)
         self.down_proj = nn.Linear(F_, C, bias=False)
@@ -150,7 +151,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = (moe.SparseMoE(config, lambda width: MLP(config, width)) if moe.is_sparse_layer(config, layer_idx)
+                    else MLP(config))
         self.residual = config.residual_multiplier  # Granite: each output scaled as it joins x
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

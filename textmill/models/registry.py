@@ -61,12 +61,21 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     # original context, where its window is capped (loader/rope_scaling.py).
     "mistral3": "llama",
     "Ministral3ForCausalLM": "llama",
+    # OLMoE is Llama with experts (ModelConfig.num_experts) and q and k normed over all heads;
+    # Mixtral's GGUF files are "llama" files with experts.
+    "olmoe": "llama",
+    "OlmoeForCausalLM": "llama",
+    "MixtralForCausalLM": "llama",
     "phi3": "phi3",
     "Phi3ForCausalLM": "phi3",
     "qwen2": "qwen2",
     "Qwen2ForCausalLM": "qwen2",
     "qwen3": "qwen3",
     "Qwen3ForCausalLM": "qwen3",
+    # Qwen3 MoE (30B-A3B, 235B-A22B, Coder): Qwen3 with experts; Qwen3-VL MoE files' text the same.
+    "qwen3moe": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3",
+    "qwen3vlmoe": "qwen3",
     # The text models of Qwen2-VL/2.5-VL and Qwen3-VL files (their vision towers live in
     # separate mmproj files): M-RoPE turns every section by the same position for text,
     # which is plain RoPE, and Qwen3-VL's deepstack adds nothing there. GGUF files only: a

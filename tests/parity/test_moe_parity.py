@@ -1,0 +1,97 @@
+"""Mixtures of experts against transformers on tiny random-weight checkpoints: Qwen3 MoE (a
+dense layer among the sparse ones, weights renormalized), OLMoE (three of eight experts,
+weights as the router gives them, q and k normed over all heads) and Mixtral (Llama's names
+for everything but its experts).
+
+From a Hugging Face folder, and from a GGUF file written as llama.cpp's converter writes one
+(the experts of a layer stacked in one tensor per projection; for Mixtral also each
+expert's own tensors, as older files have them), each compared with transformers on the
+source model: prompt log-probabilities within 1e-3 and the same 32 greedy tokens. The models
+route each token to different experts (checked), so a wrong expert or weight shows.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.parity.compare import LOGPROB_TOLERANCE, hf_greedy, max_logprob_diff, our_greedy
+from tests.parity.tiny_gguf import write_gguf
+from tests.parity.tiny_models import prompt_ids, save_folder, tiny_hf_model, train_tokenizer
+from textmill.loader import load_model
+from textmill.models.moe import SparseMoE, route
+from textmill.models.registry import build_model
+
+pytest.importorskip("transformers")
+
+EXPECTED = {  # family -> (registry key, experts, per token, renormalized, dense layers)
+    "qwen3moe": ("qwen3", 8, 2, True, (1,)),
+    "olmoe": ("llama", 8, 3, False, ()),
+    "mixtral": ("llama", 4, 2, True, ()),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> dict[str, torch.Tensor]:
+    return prompt_ids(tokenizer)
+
+
+def _matches(ours, hf, prompts) -> None:
+    for name, ids in prompts.items():
+        diff = max_logprob_diff(ours, hf, ids)
+        assert diff < LOGPROB_TOLERANCE, f"{name}: max |logprob diff| = {diff:.2e}"
+        expected = hf_greedy(hf, ids)
+        assert len(set(expected)) > 1, "a degenerate continuation would prove little"
+        assert our_greedy(ours, ids) == expected, name
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+@pytest.mark.parametrize("source", ["folder", "gguf", "gguf-per-expert"])
+def test_experts_match_transformers(family, source, tokenizer, prompts, tmp_path: Path) -> None:
+    if source == "gguf-per-expert" and family != "mixtral":
+        pytest.skip("only Mixtral's older files name each expert's tensors")
+    hf = tiny_hf_model(family)
+    if source == "folder":
+        ours = load_model(save_folder(hf, tokenizer, tmp_path / family))
+    else:
+        ours = load_model(write_gguf(tmp_path / f"{family}.gguf", family, hf, tokenizer,
+                                     legacy_experts=source == "gguf-per-expert"))
+    c = ours.config
+    key, experts, per_token, normalized, dense = EXPECTED[family]
+    assert (c.architecture, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob) == (
+        key, experts, per_token, normalized)
+    assert c.dense_layers == dense  # in a file: the layers without a router
+    assert c.qk_norm == (family != "mixtral") and c.qk_norm_whole == (family == "olmoe")
+    _matches(ours.model, hf, prompts)
+
+
+def test_gguf_qwen3moe_all_sparse_matches(tokenizer, prompts, tmp_path: Path) -> None:
+    """llama.cpp's Qwen3 MoE files have a router in every layer: a source model so made matches."""
+    hf = tiny_hf_model("qwen3moe", mlp_only_layers=[])
+    ours = load_model(write_gguf(tmp_path / "q.gguf", "qwen3moe", hf, tokenizer))
+    assert all(isinstance(layer.mlp, SparseMoE) for layer in ours.model.layers)
+    _matches(ours.model, hf, prompts)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen3moe"])
+def test_routing_matters(family, tokenizer, prompts, tmp_path: Path) -> None:
+    """Tokens go to different experts, and the other normalization of the weights is far off:
+    the matches above rest on both."""
+    hf = tiny_hf_model(family)
+    ours = load_model(save_folder(hf, tokenizer, tmp_path / family))
+    moe = next(layer.mlp for layer in ours.model.layers if isinstance(layer.mlp, SparseMoE))
+    x = torch.randn(32, ours.config.hidden_size)
+    _, ids = route(moe.gate(x), moe.top_k, moe.normalize)
+    assert len(ids.unique()) == ours.config.num_experts
+    flipped = dataclasses.replace(ours.config, norm_topk_prob=not ours.config.norm_topk_prob)
+    with torch.device("meta"):
+        other = build_model(flipped)
+    other.load_state_dict(ours.model.state_dict(), assign=True)
+    assert max_logprob_diff(other, hf, prompts["prose"]) > 100 * LOGPROB_TOLERANCE

@@ -1,0 +1,55 @@
+"""A mixture of experts in place of a decoder layer's MLP (Qwen3 MoE, OLMoE, Mixtral).
+
+A router (`gate`, C -> E logits) picks each token's k likeliest experts by the softmax of its
+logits; the MLP's output is their SwiGLU outputs weighted by those probabilities, which are
+first divided by their sum where the family renormalizes them (ModelConfig.norm_topk_prob:
+Qwen3 MoE and Mixtral, not OLMoE), as transformers' and llama.cpp's routers compute them.
+
+The experts are llama.MLPs named as the Hugging Face checkpoints name them
+(`mlp.experts.3.gate_proj`, `mlp.gate`); a GGUF file's stacked expert tensors are split per
+expert by the loader. This forward is the reference: each expert runs once over the tokens
+that chose it. On the CPU kernels the runner swaps the experts for one packed weight per
+projection and runs them in two grouped calls (runner/moe.py).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from textmill.config import ModelConfig
+
+
+def route(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, E) router logits -> each token's k experts' weights (N, k) float32 and ids (N, k)."""
+    probs = F.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+class SparseMoE(nn.Module):
+    """`make_expert(width)`: one expert (the family's MLP, llama.MLP), `width` wide."""
+
+    def __init__(self, config: ModelConfig, make_expert: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        self.top_k, self.normalize = config.num_experts_per_tok, config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        width = config.moe_intermediate_size or config.intermediate_size
+        self.experts = nn.ModuleList(make_expert(width) for _ in range(config.num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = route(self.gate(x), self.top_k, self.normalize)
+        out = torch.zeros_like(x)
+        for e in ids.unique().tolist():
+            token, slot = torch.nonzero(ids == e, as_tuple=True)
+            y = self.experts[e](x.index_select(0, token)) * weights[token, slot, None].to(x.dtype)
+            out.index_add_(0, token, y)
+        return out
+
+
+def is_sparse_layer(config: ModelConfig, layer_idx: int) -> bool:
+    return config.num_experts > 0 and layer_idx not in config.dense_layers
