@@ -394,7 +394,7 @@ def read_quantized_state(gguf: GGUFFile, config: ModelConfig, linear_names: froz
             embedding = GGUFRows(t.data, t.qtype, t.shape)
             if config.tie_word_embeddings:
                 codes[HEAD] = CodesRef(t.data, t.qtype, t.shape)
-        elif name in linear_names and convertible(t.qtype, t.shape):
+        elif name in linear_names and convertible(t.qtype, t.shape) and not name.endswith(ROUTER):
             codes[name] = CodesRef(t.data, t.qtype, t.shape, _row_order(arch, name, t.shape[0], config))
         else:
             values = torch.from_numpy(dequantize(t.data, t.qtype).reshape(t.shape))
@@ -405,6 +405,9 @@ def read_quantized_state(gguf: GGUFFile, config: ModelConfig, linear_names: froz
 
 
 EMBED, HEAD = "embed_tokens.weight", "lm_head.weight"
+# A mixture of experts' router stays float, as llama.cpp computes it (its quantizer leaves
+# ffn_gate_inp float too): a token's experts are chosen from exact logits.
+ROUTER = ".mlp.gate.weight"
 
 
 def _row_order(arch: str, name: str, rows: int, config: ModelConfig) -> torch.Tensor | None:

@@ -19,6 +19,7 @@ from textmill.loader.group_codes import (GROUP, PACKED_FROM_FILE_TYPES, CodesRef
                                          release_file_pages)
 from textmill.runner.fused import fuse_gemma_layers, fuse_llama_layers
 from textmill.runner.linear import swap_linears
+from textmill.runner.moe import stack_experts
 from textmill.runner.qlinear import OutOfHalfRange, QLinear, SideBySide, width_form
 from textmill.runner.weight_arena import WeightArena
 
@@ -73,11 +74,12 @@ class _Maker:
         self.names = {id(m): name for name, m in model.named_modules()}
         self.widths: dict[str, int] = {}
 
-    def _ref(self, linear: nn.Linear) -> CodesRef | None:
+    def ref(self, linear: nn.Linear) -> CodesRef | None:
+        """The file's tensor of this linear's weight, where it holds one in blocks."""
         return self.codes.get(f"{self.names.get(id(linear), '?')}.weight")
 
     def _codes(self, linear: nn.Linear) -> GroupCodes | None:
-        ref = self._ref(linear)
+        ref = self.ref(linear)
         return None if ref is None else ref.load()
 
     def _count(self, source: str) -> None:
@@ -98,7 +100,7 @@ class _Maker:
 
     def one(self, linear: nn.Linear, codes: GroupCodes | None = None) -> nn.Module:
         if codes is None:
-            ref = self._ref(linear)
+            ref = self.ref(linear)
             if ref is None:
                 return linear  # a float tensor in the file: it loaded as a float weight
             made = self._from_file([ref], linear.bias)
@@ -111,7 +113,7 @@ class _Maker:
     def fused(self, parts: list[nn.Linear]) -> nn.Module:
         if len(parts) == 1:
             return self.one(parts[0])
-        refs = [self._ref(p) for p in parts]
+        refs = [self.ref(p) for p in parts]
         if all(r is not None for r in refs):
             forms = {r.form for r in refs}
             if len(forms) > 1:
@@ -171,8 +173,13 @@ def install_file_weights(model: nn.Module, codes: Mapping[str, CodesRef], rows: 
     model.embed_tokens = RowEmbedding(rows)
     if HEAD in codes and getattr(model, "lm_head", 0) is None:  # tied: packed from the embedding's blocks
         model.lm_head = maker.head(codes[HEAD])
+    # A mixture's experts, one packed weight per projection (runner/moe.py), before fusing
+    # would pack each expert's MLP alone.
+    moes = stack_experts(model, maker.ref, maker.one, maker.arena)
     fused = fuse_llama_layers(model, maker.fused) + fuse_gemma_layers(model, maker.fused)
     count = swap_linears(model, maker.one)
     release_file_pages([r.raw for r in codes.values()] + [rows.raw])
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(maker.widths.items()))
-    return f"the file's own blocks as 2- to 8-bit codes ({kinds}); {fused} attention/MLP modules fused, {count} more linears"
+    experts = f", {moes} mixtures of experts stacked" if moes else ""
+    return (f"the file's own blocks as 2- to 8-bit codes ({kinds}); {fused} attention/MLP modules fused{experts}, "
+            f"{count} more linears")

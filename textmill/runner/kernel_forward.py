@@ -49,6 +49,7 @@ from textmill.models.qwen2 import Qwen2ForCausalLM
 from textmill.models.qwen3 import Qwen3ForCausalLM
 from textmill.runner.fused import FusedAttention, FusedMLP
 from textmill.runner.kernel_attention import KernelPagedAttention
+from textmill.runner.moe import KernelMoE
 from textmill.runner.qlinear import QLinear, SideBySide
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,9 @@ class KernelForward(KernelForwardBase):
                            self.norm_weight(b.post_feedforward_layernorm)) for b in self.layers]
         else:
             self.norms = [(None, self.norm_weight(b.post_attention_layernorm), None) for b in self.layers]
+        # A mixture of experts' MLP (runner/moe.py), where a layer has one: the layers then stay
+        # in Python (Forward calls no experts), its MLP five kernel calls a step.
+        self.experts = [b.mlp if isinstance(b.mlp, KernelMoE) else None for b in self.layers]
         # Qwen3: (q_norm, k_norm) weights per layer, for rope_kv_write; None elsewhere.
         self.qk_norms = [None if b.self_attn.q_norm is None else
                          (self.norm_weight(b.self_attn.q_norm), self.norm_weight(b.self_attn.k_norm))
@@ -210,7 +214,7 @@ class KernelForward(KernelForwardBase):
         if type(model) not in (llama.LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Olmo2ForCausalLM):
             return False
         return all(type(layer) is model.block_class and isinstance(layer.self_attn, FusedAttention)
-                   and isinstance(layer.mlp, FusedMLP) for layer in model.layers)
+                   and isinstance(layer.mlp, (FusedMLP, KernelMoE)) for layer in model.layers)
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         def table(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,7 +243,8 @@ class KernelForward(KernelForwardBase):
         if self.residual is not None:  # in place, as layer.cpp's Forward does
             x.mul_(self.residual)
         y = _add_norm(ops, x, h, mid_norm, eps)
-        x = down_proj(ops.silu_mul(gate_up_proj(y)))
+        moe = self.experts[i]
+        x = moe(y) if moe is not None else down_proj(ops.silu_mul(gate_up_proj(y)))
         if post_ffw is not None:
             x = ops.rms_norm(x, post_ffw, eps)
         if self.residual is not None:
@@ -247,9 +252,12 @@ class KernelForward(KernelForwardBase):
         return _add_norm(ops, x, h, self.next_norms[i], eps), h
 
 
-def _linears(layer: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
-    """A fused layer's four linears, in the order of KernelForwardBase.matmuls."""
-    return layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
+def _linears(layer: torch.nn.Module) -> tuple[torch.nn.Module | None, ...]:
+    """A fused layer's four linears, in the order of KernelForwardBase.matmuls (the MLP's None
+    where it is a mixture of experts)."""
+    mlp = layer.mlp
+    return (layer.self_attn.qkv_proj, layer.self_attn.o_proj, getattr(mlp, "gate_up_proj", None),
+            getattr(mlp, "down_proj", None))
 
 
 def _parts(linear: torch.nn.Module) -> list[tuple] | None:
@@ -266,8 +274,10 @@ def _parts(linear: torch.nn.Module) -> list[tuple] | None:
     return None
 
 
-def _direct(linear: torch.nn.Module):
+def _direct(linear: torch.nn.Module | None):
     """x -> linear(x) without the module machinery, for the layer types the runner installs."""
+    if linear is None:
+        return None
     if type(linear) is torch.nn.Linear:
         weight, bias = linear.weight, linear.bias
         return lambda x: F.linear(x, weight, bias)

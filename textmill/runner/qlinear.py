@@ -49,6 +49,7 @@ from textmill.loader.group_codes import CodesRef, GroupCodes
 from textmill.runner.row_buffer import RowBuffer
 from textmill.runner.weight_arena import WeightArena
 
+TILE_ROWS = 16  # output rows a packed tile holds (quant.cpp's NR): a weight's rows are packed in whole tiles
 MODES = ("q2", "q3", "q4", "q4k", "q5", "q5k", "q6", "q6k", "q8", "iq4", "iq2")  # CodesRef.form names a file tensor's form among these
 # The k-quants' own forms and the form of their width, which also takes their types (their
 # scales rounded to halves) and computes the same way.

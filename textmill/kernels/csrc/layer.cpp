@@ -10,6 +10,7 @@
 //   gelu_tanh_mul    GeGLU's gelu_tanh(gate) * up                   (3 eager ops)
 //   paged_attention  attention straight from the paged cache through the block table:
 //                    no context gather, no mask tensors            (~20 eager ops)
+//   dense_rows, moe_route, moe_combine: a mixture of experts' router and weighted sum
 //   Forward          all of a model's layers in one call: the calls above and the linears
 //                    (quant.cpp's, through linear_entry.h) in kernel_forward.py's order
 // rope_kv_write and paged_attention take a float32, float16, bfloat16 or int8 cache (below).
@@ -1476,6 +1477,135 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_ca
 }
 
 // ---------------------------------------------------------------------------------------
+// Mixture of experts: the router, and the weighted sum of the experts' outputs
+// ---------------------------------------------------------------------------------------
+// runner/moe.py runs a layer's experts as: logits = router(y); (tok, w, offsets) =
+// moe_route(logits); the routed rows y[tok] through each expert's two projections in one
+// call each (quant.cpp's experts_linear, rows [offsets[e], offsets[e + 1]) for expert e);
+// out = moe_combine(those outputs, tok, w). Every step here depends on a token's own row
+// alone and sums a token's experts in one fixed order (by expert number), so a token's
+// output is bitwise the same whatever tokens share its step, as the quantized linears' are.
+
+// (N, K) x (E, K) -> (N, E) float32 logits, x_n . w_e each in one fixed order (four
+// accumulators over K, then Vec::sum's tree, then the tail): row-independent, unlike a
+// BLAS product whose blocking follows N. The router's weight is float (llama.cpp's
+// quantizer leaves ffn_gate_inp alone); four experts share each load of x.
+torch::Tensor dense_rows(const torch::Tensor& x, const torch::Tensor& w) {
+  check_f32(x, "x", 2);
+  check_f32(w, "w", 2);
+  TORCH_CHECK(x.size(1) == w.size(1), "x and w must have the same K");
+  const int64_t n = x.size(0), e = w.size(0), k = x.size(1);
+  auto out = torch::empty({n, e}, torch::kFloat);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t kv = k - k % W;
+  auto dot_tail = [&](const float* a, const float* b, Vec::T acc) {
+    float s = Vec::sum(acc);
+    for (int64_t i = kv; i < k; ++i) s = std::fma(a[i], b[i], s);
+    return s;
+  };
+  at::parallel_for(0, n * ((e + 3) / 4), row_grain(4 * k), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t row = t / ((e + 3) / 4), e0 = (t % ((e + 3) / 4)) * 4, ne = std::min<int64_t>(4, e - e0);
+      const float* xr = xp + row * k;
+      const float* wr[4];
+      for (int64_t j = 0; j < 4; ++j) wr[j] = wp + (e0 + std::min(j, ne - 1)) * k;  // a short group repeats its last
+      Vec::T a0 = Vec::zero(), a1 = Vec::zero(), a2 = Vec::zero(), a3 = Vec::zero();
+      for (int64_t i = 0; i < kv; i += W) {
+        const Vec::T xv = Vec::load(xr + i);
+        a0 = Vec::fma(xv, Vec::load(wr[0] + i), a0);
+        a1 = Vec::fma(xv, Vec::load(wr[1] + i), a1);
+        a2 = Vec::fma(xv, Vec::load(wr[2] + i), a2);
+        a3 = Vec::fma(xv, Vec::load(wr[3] + i), a3);
+      }
+      const Vec::T acc[4] = {a0, a1, a2, a3};
+      for (int64_t j = 0; j < ne; ++j) op[row * e + e0 + j] = dot_tail(xr, wr[j], acc[j]);
+    }
+  });
+  return out;
+}
+
+// Router logits (N, E) -> each token's k experts by the softmax of its logits, as
+// transformers' and llama.cpp's routers choose them: the probabilities p = softmax(logits),
+// the k largest (the lower expert number first on a tie), their weights p (or p / their
+// sum, `normalize`). Returned grouped by expert: tok (N k,) the token of each routed row,
+// w (N k,) its weight, offsets (E + 1,) where each expert's rows start (tokens ascending
+// within an expert).
+std::vector<torch::Tensor> moe_route(const torch::Tensor& logits, int64_t k, bool normalize) {
+  check_f32(logits, "logits", 2);
+  const int64_t n = logits.size(0), e = logits.size(1);
+  TORCH_CHECK(k >= 1 && k <= e, "k must be 1..", e, ", got ", k);
+  std::vector<int64_t> chosen(n * k);
+  std::vector<float> weight(n * k);
+  const float* lp = logits.data_ptr<float>();
+  at::parallel_for(0, n, row_grain(e), [&](int64_t r0, int64_t r1) {
+    std::vector<float> p(e);
+    std::vector<int64_t> order(e);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* l = lp + r * e;
+      const float mx = *std::max_element(l, l + e);
+      float sum = 0.f;
+      for (int64_t j = 0; j < e; ++j) sum += p[j] = std::exp(l[j] - mx);
+      for (int64_t j = 0; j < e; ++j) p[j] /= sum;
+      std::iota(order.begin(), order.end(), int64_t(0));
+      std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                        [&](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+      float picked = 0.f;
+      for (int64_t j = 0; j < k; ++j) picked += p[order[j]];
+      for (int64_t j = 0; j < k; ++j) {
+        chosen[r * k + j] = order[j];
+        weight[r * k + j] = normalize ? p[order[j]] / picked : p[order[j]];
+      }
+    }
+  });
+  auto offsets = torch::zeros({e + 1}, torch::kLong);
+  auto tok = torch::empty({n * k}, torch::kLong);
+  auto w = torch::empty({n * k}, torch::kFloat);
+  int64_t* off = offsets.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n * k; ++i) ++off[chosen[i] + 1];
+  for (int64_t j = 0; j < e; ++j) off[j + 1] += off[j];
+  std::vector<int64_t> next(off, off + e);
+  int64_t* tp = tok.data_ptr<int64_t>();
+  float* wp = w.data_ptr<float>();
+  for (int64_t i = 0; i < n * k; ++i) {  // tokens ascending: a counting sort by expert
+    const int64_t at = next[chosen[i]]++;
+    tp[at] = i / k;
+    wp[at] = weight[i];
+  }
+  return {tok, w, offsets};
+}
+
+// out (N, C): out[tok[i]] += w[i] * d[i] over the routed rows i in order (by expert, the
+// order moe_route gives), from zero. Each thread takes a band of columns through every row,
+// so a token's sum runs in that order whatever the split.
+torch::Tensor moe_combine(const torch::Tensor& d, const torch::Tensor& tok, const torch::Tensor& w, int64_t n) {
+  check_f32(d, "d", 2);
+  check_i64(tok, "tok", 1);
+  check_f32(w, "w", 1);
+  const int64_t rows = d.size(0), c = d.size(1);
+  TORCH_CHECK(tok.size(0) == rows && w.size(0) == rows, "tok and w need one entry per row of d");
+  const int64_t* tp = tok.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows; ++i) TORCH_CHECK(tp[i] >= 0 && tp[i] < n, "tok[", i, "] = ", tp[i], " outside 0..", n);
+  auto out = torch::zeros({n, c}, torch::kFloat);
+  const float *dp = d.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t bands = (c + 4 * W - 1) / (4 * W);
+  at::parallel_for(0, bands, std::max<int64_t>(1, bands / std::max<int64_t>(1, rows * c / 16384)),
+                   [&](int64_t b0, int64_t b1) {
+    const int64_t lo = b0 * 4 * W, hi = std::min(c, b1 * 4 * W);
+    for (int64_t i = 0; i < rows; ++i) {
+      const Vec::T wv = Vec::set1(wp[i]);
+      const float* src = dp + i * c;
+      float* dst = op + tp[i] * c;
+      int64_t j = lo;
+      for (; j + W <= hi; j += W) Vec::store(dst + j, Vec::fma(wv, Vec::load(src + j), Vec::load(dst + j)));
+      for (; j < hi; ++j) dst[j] = std::fma(wp[i], src[j], dst[j]);
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
 // A whole forward pass in one call
 // ---------------------------------------------------------------------------------------
 // runner/kernel_forward.py's layer loop makes about ten calls a layer into this module and
@@ -1689,6 +1819,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("kv_cache"), py::arg("block_table"), py::arg("query_start"), py::arg("seq_start"),
         py::arg("context_lens"), py::arg("block_size"), py::arg("scale"), py::arg("sliding_window"),
         py::arg("softcap"));
+  m.def("dense_rows", &dense_rows, nogil,
+        "x (N, K) @ w (E, K)^T float32, each output in one fixed order whatever N (a router's logits)",
+        py::arg("x"), py::arg("w"));
+  m.def("moe_route", &moe_route, nogil,
+        "router logits (N, E) -> tok (N k,), w (N k,), offsets (E + 1,): each token's k likeliest experts "
+        "by softmax (weights renormalized over them if `normalize`), grouped by expert",
+        py::arg("logits"), py::arg("k"), py::arg("normalize"));
+  m.def("moe_combine", &moe_combine, nogil, "out (n, C) = sum over routed rows i of w[i] d[i] into row tok[i]",
+        py::arg("d"), py::arg("tok"), py::arg("w"), py::arg("n"));
   py::class_<Forward>(m, "Forward", "a whole forward pass of a decoder's layers in one call (see layer.cpp)")
       .def(py::init<const py::object&, const std::vector<py::dict>&, double>(), py::arg("linear"),
            py::arg("layers"), py::arg("eps"))

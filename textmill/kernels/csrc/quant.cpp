@@ -3091,6 +3091,42 @@ torch::Tensor linear_parts(const torch::Tensor& x, const std::vector<std::tuple<
   return qlinear_parts(args, x, impl, mr_max);
 }
 
+// A mixture of experts' projection (runner/moe.py): E experts' weights of one form stacked
+// in `packed` (expert e's N = n output rows are rows [e n, (e + 1) n), whole tiles), each
+// applied to its own rows of x: y rows [offsets[e], offsets[e + 1]) are those rows of x
+// against expert e, bitwise what <form>_linear gives them alone. One call per expert that
+// has rows (its own quantization of them and its own parallel region), so experts without
+// tokens cost nothing.
+torch::Tensor experts_linear(const torch::Tensor& x_in, const torch::Tensor& offsets, int64_t mode_number,
+                             const torch::Tensor& packed, int64_t n) {
+  const Mode mode = checked_mode(mode_number);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat, "x must be (R, K) float32");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == torch::kLong && offsets.size(0) >= 2,
+              "offsets must be (E + 1,) int64");
+  const auto x = x_in.contiguous();
+  const auto off_t = offsets.contiguous();
+  const int64_t rows = x.size(0), k = x.size(1), experts = off_t.size(0) - 1;
+  TORCH_CHECK(n > 0 && n % NR == 0, "an expert's ", n, " output rows must fill whole tiles of ", NR);
+  TORCH_CHECK(k > 0 && k % QK == 0, "K must be a multiple of ", QK);
+  const int64_t bytes = packed_bytes(mode, n, k);
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 1 && packed.is_contiguous() &&
+                  packed.numel() == experts * bytes,
+              "packed must hold ", experts, " experts of ", bytes, " bytes, got ", packed.numel());
+  const int64_t* off = off_t.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[experts] == rows, "offsets must run from 0 to the rows of x");
+  for (int64_t e = 0; e < experts; ++e) TORCH_CHECK(off[e] <= off[e + 1], "offsets must not decrease");
+  auto y = torch::empty({rows, n}, torch::kFloat);
+  const c10::optional<torch::Tensor> no_bias;
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t r = off[e + 1] - off[e];
+    if (r == 0) continue;
+    const torch::Tensor w = packed.narrow(0, e * bytes, bytes);
+    const c10::optional<torch::Tensor> ye = y.narrow(0, off[e], r);
+    qlinear_parts({{mode, w, n, no_bias}}, x.narrow(0, off[e], r), 0, 0, ye);
+  }
+  return y;
+}
+
 // The activation quantization alone, for tests: -> a (M, K) int8, e (M, K/32), s (M, K/32),
 // and the half sums' HalfSums as bytes (M, K/32 x 16): off[2] int32, hs[2] float32 a block.
 std::vector<torch::Tensor> quantize_act(const torch::Tensor& x_in, int64_t impl) {
@@ -3127,6 +3163,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x (M, K) @ [W_0 | W_1 | ...]^T (+ biases) in one call, parts = [(mode_number, packed, n, bias), ...]: "
         "each part's columns bitwise its <form>_linear",
         py::arg("x"), py::arg("parts"), py::arg("impl") = 0, py::arg("mr_max") = 0);
+  m.def("experts_linear", &experts_linear, nogil,
+        "rows [offsets[e], offsets[e + 1]) of x (R, K) against expert e of E stacked in packed (n rows each, "
+        "form mode_number) -> y (R, n), each expert's rows bitwise its <form>_linear",
+        py::arg("x"), py::arg("offsets"), py::arg("mode"), py::arg("packed"), py::arg("n"));
   m.def("packed_bytes", [](const std::string& mode, int64_t n, int64_t k) { return packed_bytes(mode_of(mode), n, k); });
   m.def("q4_pack", &pack_min_max<Mode::Q4>, nogil, "float (N, K) -> packed Q4 (uint8)");
   m.def("q4_unpack", &unpack_min_max<Mode::Q4>, nogil, "packed Q4 -> codes (N, K) uint8, d (N, K/32), m (N, K/32)");

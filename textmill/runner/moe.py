@@ -1,0 +1,93 @@
+"""A mixture of experts (models/moe.py) on the CPU kernels, for a GGUF file's own blocks.
+
+models/moe.py runs each expert as a module of its own: per layer and step, a few torch ops
+and two linears for every expert some token chose (8 of 128 per token on Qwen3 30B-A3B, so
+16-30 linears a layer at one stream and up to all 128 experts' at 16). Here a layer's
+experts are packed once into one weight per projection, gate and up side by side, then
+down, each expert's rows whole tiles of it, and a step's MLP is five calls:
+
+    logits = router(y)                       dense_rows (float router) or its QLinear
+    tok, w, offsets = moe_route(logits)      each token's k experts, grouped by expert
+    g = experts_linear(y[tok], offsets, gate_up)   every routed row against its expert
+    d = experts_linear(silu_mul(g), offsets, down)
+    out = moe_combine(d, tok, w)             the weighted sum, in expert order
+
+Each call computes a row from that row alone (kernels/csrc/layer.cpp and quant.cpp say how),
+so a token's output is bitwise the same whatever else its step holds: guessed tokens stay
+exact (runner/kernel_forward.py).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from textmill.kernels import load
+from textmill.loader.group_codes import PACKED_FROM_FILE_TYPES, CodesRef
+from textmill.models.moe import SparseMoE
+from textmill.runner.qlinear import TILE_ROWS, OutOfHalfRange, QLinear
+
+
+class KernelMoE(nn.Module):
+    """SparseMoE's math with its experts stacked: `gate_up` (E x 2F rows: expert e's gate
+    rows, then its up rows), `down` (E x C rows)."""
+
+    def __init__(self, moe: SparseMoE, router: nn.Module, gate_up: QLinear, down: QLinear):
+        super().__init__()
+        self.top_k, self.normalize = moe.top_k, moe.normalize
+        self.num_experts = len(moe.experts)
+        self.router = router
+        self.gate_up, self.down = gate_up, down
+        self.width = gate_up.out_features // self.num_experts  # 2F
+        self.hidden = down.out_features // self.num_experts  # C
+        self._layer, self._quant = load("layer"), load("quant")
+        self._modes = (self._quant.mode_number(gate_up.mode), self._quant.mode_number(down.mode))
+        float_router = type(router) is nn.Linear and router.weight.dtype == torch.float32 and router.bias is None
+        self._router_weight = router.weight.detach().contiguous() if float_router else None
+
+    def logits(self, y: torch.Tensor) -> torch.Tensor:
+        if self._router_weight is not None:
+            return self._layer.dense_rows(y, self._router_weight)
+        return self.router(y).float().contiguous()
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        y = y.float().contiguous()
+        tok, w, offsets = self._layer.moe_route(self.logits(y), self.top_k, self.normalize)
+        routed = y.index_select(0, tok)
+        g = self._quant.experts_linear(routed, offsets, self._modes[0], self.gate_up.packed, self.width)
+        d = self._quant.experts_linear(self._layer.silu_mul(g), offsets, self._modes[1], self.down.packed,
+                                       self.hidden)
+        return self._layer.moe_combine(d, tok, w, y.shape[0])
+
+
+def stack_experts(model: nn.Module, ref_of: Callable[[nn.Linear], CodesRef | None],
+                  router_of: Callable[[nn.Linear], nn.Module], arena) -> int:
+    """Replace each SparseMoE whose experts the file holds in one packable form per projection
+    (every expert's gate and up alike, every down alike, whole tiles) by a KernelMoE; returns
+    how many. The rest keep their experts as modules (fused and swapped like any MLP)."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not SparseMoE:
+                continue
+            stacked = _stacked(child, ref_of, arena)
+            if stacked is not None:
+                setattr(parent, name, KernelMoE(child, router_of(child.gate), *stacked))
+                count += 1
+    return count
+
+
+def _stacked(moe: SparseMoE, ref_of, arena) -> tuple[QLinear, QLinear] | None:
+    gate_up = [ref_of(p) for e in moe.experts for p in (e.gate_proj, e.up_proj)]
+    down = [ref_of(e.down_proj) for e in moe.experts]
+    if any(r is None or r.qtype not in PACKED_FROM_FILE_TYPES for r in gate_up + down):
+        return None
+    if len({r.form for r in gate_up}) > 1 or len({r.form for r in down}) > 1:
+        return None
+    if (2 * gate_up[0].shape[0]) % TILE_ROWS or down[0].shape[0] % TILE_ROWS:
+        return None
+    try:
+        return QLinear.from_file(gate_up, arena=arena), QLinear.from_file(down, arena=arena)
+    except OutOfHalfRange:
+        return None
