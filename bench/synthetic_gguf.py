@@ -17,7 +17,8 @@ Qwen3-0.6B: d=1024, 28 layers, 16/8 heads of 128, QK norms, a tied 151,936-row e
 Q6_K as llama.cpp's Q4_K_M keeps a tied embedding).
 
 synthetic-8b has Llama 3 8B's shapes, for runs at the other end of the sizes people use;
-synthetic-gemma2 has Gemma 2 2B's, synthetic-phi3 Phi-3-mini's, synthetic-olmo2 OLMo 2 1B's.
+synthetic-gemma2 has Gemma 2 2B's, synthetic-phi3 Phi-3-mini's, synthetic-olmo2 OLMo 2 1B's,
+synthetic-qwen3moe a quarter of Qwen3-30B-A3B's layers (its mixture of experts).
 
 Files are cached under ~/.cache/textmill-bench (TEXTMILL_BENCH_CACHE overrides), named by
 their parameters, and built only when missing:
@@ -28,6 +29,7 @@ their parameters, and built only when missing:
     python bench/synthetic_gguf.py --gemma2        # the same for synthetic-gemma2
     python bench/synthetic_gguf.py --phi3          # the same for synthetic-phi3
     python bench/synthetic_gguf.py --olmo2         # the same for synthetic-olmo2
+    python bench/synthetic_gguf.py --qwen3moe      # the same for synthetic-qwen3moe
     python bench/synthetic_gguf.py --layers 2 --out /tmp/tiny.gguf
 """
 from __future__ import annotations
@@ -65,11 +67,17 @@ class SyntheticSpec:
     context: int = 8192
     rope_base: float = 500000.0
     seed: int = 0
-    # "llama", "qwen3" (per-head q and k norms, no permutation), "gemma2", "phi3", "olmo2" or "exaone4"
+    # "llama", "qwen3" (per-head q and k norms, no permutation), "qwen3moe", "gemma2", "phi3", "olmo2"
+    # or "exaone4"
     arch: str = "llama"
     key_length: int | None = None  # head_dim when it is not hidden / heads
     vocab: int | None = None  # pad the tokenizer's table to this many tokens
     tied: bool = False  # no output.weight: the embedding is the head
+    # A mixture of experts (arch "qwen3moe"): each layer's MLP is `experts` experts of
+    # `expert_ffn`, `experts_used` a token, behind a float router (ffn is then unused).
+    experts: int = 0
+    experts_used: int = 0
+    expert_ffn: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -97,6 +105,12 @@ SYNTHETIC_PHI3 = SyntheticSpec(name="synthetic-phi-mini", hidden=3072, layers=32
 # head over a 100,352-token vocabulary (SmolLM2's tokenizer padded).
 SYNTHETIC_OLMO2 = SyntheticSpec(name="synthetic-olmo2", hidden=2048, layers=16, heads=16, kv_heads=16, ffn=8192,
                                 context=4096, rope_base=500000.0, arch="olmo2", vocab=100352, seed=5)
+# Qwen3-30B-A3B's layers (d = 2048, 32/4 heads of 128, per-head QK norms; 128 experts of 768,
+# 8 a token, a float router; an untied 151,936-row Q6_K head), 12 of its 48: a quarter of its
+# depth (4.5 GiB), the most downloaded mixture of experts at a size the bench can write.
+SYNTHETIC_QWEN3MOE = SyntheticSpec(name="synthetic-qwen3moe", hidden=2048, layers=12, heads=32, kv_heads=4, ffn=6144,
+                                   context=40960, rope_base=1000000.0, arch="qwen3moe", key_length=128,
+                                   vocab=151936, seed=6, experts=128, experts_used=8, expert_ffn=768)
 # Llama 3 8B's shapes (128,256-token vocabulary, GQA 32/8, ffn 14336): the largest size people
 # run on a CPU. 4.6 GiB; not in the default matrix (`--models synthetic-8b`).
 SYNTHETIC_8B = SyntheticSpec(name="synthetic-8b", hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336,
@@ -146,7 +160,7 @@ def tensor_plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, .
         post_norms = spec.arch in ("olmo2", "exaone4")  # no norm on a layer's inputs, one on its outputs
         if not post_norms:
             plan += [(f"blk.{i}.attn_norm.weight", (d,), F32)]
-        if spec.arch == "qwen3":
+        if spec.arch in ("qwen3", "qwen3moe"):
             plan += [(f"blk.{i}.attn_q_norm.weight", (spec.head_dim,), F32),
                      (f"blk.{i}.attn_k_norm.weight", (spec.head_dim,), F32)]
         if spec.arch == "phi3":  # q, k and v in one tensor; gate and up in one of twice the width
@@ -168,6 +182,13 @@ def tensor_plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, .
             plan += [(f"blk.{i}.post_attention_norm.weight", (d,), F32)]
         if not post_norms:
             plan += [(f"blk.{i}.ffn_norm.weight", (d,), F32)]
+        if spec.experts:  # the router, then each projection's experts stacked, as llama.cpp's files hold them
+            e, fe = spec.experts, spec.expert_ffn
+            plan += [(f"blk.{i}.ffn_gate_inp.weight", (e, d), F32),
+                     (f"blk.{i}.ffn_gate_exps.weight", (e, fe, d), Q4_K),
+                     (f"blk.{i}.ffn_up_exps.weight", (e, fe, d), Q4_K),
+                     (f"blk.{i}.ffn_down_exps.weight", (e, d, fe), wide)]
+            continue
         plan += [(f"blk.{i}.ffn_gate.weight", (f, d), Q4_K),
                  (f"blk.{i}.ffn_up.weight", (f, d), Q4_K),
                  (f"blk.{i}.ffn_down.weight", (d, f), wide)]
@@ -217,9 +238,15 @@ def q6k_blocks(rng: np.random.Generator, nb: int, std: float) -> np.ndarray:
 
 
 def tensor_bytes(rng: np.random.Generator, shape: tuple[int, ...], qtype: GGMLQuantizationType) -> np.ndarray:
-    """The stored array: float32 ones for norms, (rows, bytes per row) uint8 for k-quants."""
+    """The stored array: float32 ones for norms, a random float32 router (its logits differ
+    from token to token, so tokens spread over the experts as a trained router's do), (rows,
+    bytes per row) uint8 for k-quants (an expert stack: (experts, rows, bytes per row))."""
+    if qtype == F32 and len(shape) == 2:
+        return (rng.standard_normal(shape) / np.sqrt(shape[1]) * 4).astype(np.float32)
     if qtype == F32:
         return np.ones(shape, np.float32)
+    if len(shape) == 3:
+        return tensor_bytes(rng, (shape[0] * shape[1], shape[2]), qtype).reshape(shape[0], shape[1], -1)
     rows, cols = shape
     if cols % QK_K:
         raise ValueError(f"k-quant rows need a multiple of {QK_K} values, got {cols}")
@@ -300,6 +327,10 @@ def write_synthetic(spec: SyntheticSpec, tokenizer_source: Path, path: Path) -> 
         w.add_value_length(spec.key_length)
     w.add_rope_freq_base(spec.rope_base)
     w.add_layer_norm_rms_eps(1e-5)
+    if spec.experts:
+        w.add_expert_count(spec.experts)
+        w.add_expert_used_count(spec.experts_used)
+        w.add_expert_feed_forward_length(spec.expert_ffn)
     if spec.arch == "gemma2":  # what convert_hf_to_gguf.py writes for Gemma 2 (norms are stored as 1 + w)
         w.add_sliding_window(4096)
         w.add_attn_logit_softcapping(50.0)
@@ -312,11 +343,12 @@ def write_synthetic(spec: SyntheticSpec, tokenizer_source: Path, path: Path) -> 
     plan = tensor_plan(spec, vocab)
     for name, shape, qtype in plan:
         if qtype == F32:
-            w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * shape[0])
+            w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
         else:
             block, size = GGML_QUANT_SIZES[qtype]
-            row_bytes = shape[1] // block * size
-            w.add_tensor_info(name, (shape[0], row_bytes), np.dtype(np.uint8), shape[0] * row_bytes, raw_dtype=qtype)
+            row_bytes = shape[-1] // block * size
+            rows = int(np.prod(shape[:-1]))
+            w.add_tensor_info(name, (*shape[:-1], row_bytes), np.dtype(np.uint8), rows * row_bytes, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -339,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gemma2", action="store_true", help="the synthetic-gemma2 file (other shape flags ignored)")
     p.add_argument("--phi3", action="store_true", help="the synthetic-phi3 file (other shape flags ignored)")
     p.add_argument("--olmo2", action="store_true", help="the synthetic-olmo2 file (other shape flags ignored)")
+    p.add_argument("--qwen3moe", action="store_true", help="the synthetic-qwen3moe file (other shape flags ignored)")
     p.add_argument("--tokenizer-from", type=Path, default=None,
                    help="GGUF whose tokenizer.* to copy (default: SmolLM2)")
     p.add_argument("--out", type=Path, default=None, help="write here (always) instead of the cache")
@@ -356,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = SYNTHETIC_PHI3
     elif a.olmo2:
         spec = SYNTHETIC_OLMO2
+    elif a.qwen3moe:
+        spec = SYNTHETIC_QWEN3MOE
     print(write_synthetic(spec, source, a.out) if a.out else synthetic_path(spec, source))
     return 0
 
