@@ -2735,6 +2735,9 @@ struct Part {
   int64_t n;
   const float* bias;  // (n,), or nullptr
   int64_t col;
+  // The rows of x (and y) this part computes: [row0, row0 + rows), or every row (rows < 0).
+  // A mixture of experts' projection gives each expert its own tokens' rows (experts_linear).
+  int64_t row0 = 0, rows = -1;
 };
 
 // Bytes [from, from + n) with their sign bits flipped into `to` (n a multiple of 8; to may
@@ -2766,10 +2769,14 @@ void run_parts(const std::vector<Part>& parts, const float* x, bool flip_q8, con
                int64_t m, int64_t k, float* yp, int64_t ldy, bool simd, int64_t mr_max, bool panel) {
   const int64_t kb = k / QK;
   const int64_t mr_cap = mr_max == 0 ? MAX_MR : mr_max;
+  // The most rows any part computes (m unless parts take rows of their own): what the choice
+  // of order and the pieces' grain go by.
+  int64_t max_rows = 0;
+  for (const Part& part : parts) max_rows = std::max(max_rows, part.rows < 0 ? m : part.rows);
   // mr_max (tests) asks for the row-group order with register tiles of at most that many rows.
   bool block_major = false;
 #ifdef TM_VNNI512
-  block_major = simd && mr_max == 0 && m > 1;
+  block_major = simd && mr_max == 0 && max_rows > 1;
 #endif
   (void)block_major;
   // What each part needs beside its weight: tiles, their bytes, and its block-major pass.
@@ -2794,7 +2801,8 @@ void run_parts(const std::vector<Part>& parts, const float* x, bool flip_q8, con
       pair_bytes = sizeof(PanelPair<F>);
     });
     if (panel && panel_from <= BLOCK_MAJOR_ROWS) min_pass = std::max(min_pass, panel_from);
-    if (panel && block_major && m >= panel_from) panel_bytes = std::max(panel_bytes, std::min(kb, PANEL_BLOCKS) * pair_bytes);
+    if (panel && block_major && max_rows >= panel_from)
+      panel_bytes = std::max(panel_bytes, std::min(kb, PANEL_BLOCKS) * pair_bytes);
 #endif
     runs.push_back({(part.n + NR - 1) / NR, tile_bytes(part.mode, kb),
                     std::clamp<int64_t>(PASS_BYTES / k, min_pass, BLOCK_MAJOR_ROWS), panel_from});
@@ -2802,7 +2810,7 @@ void run_parts(const std::vector<Part>& parts, const float* x, bool flip_q8, con
   // A tile-block (16 rows) is ~20 ns of work per activation row: chunks of at least ~5 us,
   // so that a call too small to gain from waking a second thread runs on this one
   // (measured on 2 cores: 576x576 at M = 1 takes 29 us on one thread, 20 us on two).
-  const int64_t grain = std::max<int64_t>(1, 256 / std::max<int64_t>(1, kb * m));
+  const int64_t grain = std::max<int64_t>(1, 256 / std::max<int64_t>(1, kb * max_rows));
   int64_t grains = 0;
   for (const Run& r : runs) grains += (r.ntiles + grain - 1) / grain;
   // Tiles are handed out in pieces from a shared counter rather than split statically:
@@ -2870,9 +2878,12 @@ void run_parts(const std::vector<Part>& parts, const float* x, bool flip_q8, con
       const int64_t n = part.n, tbytes = runs[pi].tbytes;
       const uint8_t* pp = part.packed;
       const float* bp = part.bias;
-      float* const yc = yp + part.col;  // this part's first column
+      // This part's rows: x's and y's [row0, row0 + pm).
+      const int64_t row0 = part.rows < 0 ? 0 : part.row0, pm = part.rows < 0 ? m : part.rows;
+      float* const yc = yp + row0 * ldy + part.col;  // this part's first row and column
       // Q8's 512-bit kernels take the flipped codes; every other kernel q's own.
-      const QAct& qa = mode == Mode::Q8 ? q8 : q;
+      const QAct& q_all = mode == Mode::Q8 ? q8 : q;
+      const QAct qa{q_all.a + row0 * k, q_all.e + row0 * kb, q_all.s + row0 * kb, q_all.off + row0 * kb};
 #ifdef TM_AVX2
       // A piece starts a new stream, whose first PREFETCH_FAR_BYTES the blocks' own
       // prefetches (prefetch_ahead) never ask for: ask for them at once. kernel_ab --cold on
@@ -2884,8 +2895,8 @@ void run_parts(const std::vector<Part>& parts, const float* x, bool flip_q8, con
       if (block_major) {
         const int64_t pass_rows = runs[pi].pass_rows, panel_from = runs[pi].panel_from;
         alignas(64) __m512 acc[2][BLOCK_MAJOR_ROWS];
-        for (int64_t r0 = 0; r0 < m; r0 += pass_rows) {
-          const int64_t rows = std::min(pass_rows, m - r0);
+        for (int64_t r0 = 0; r0 < pm; r0 += pass_rows) {
+          const int64_t rows = std::min(pass_rows, pm - r0);
           for (int64_t t = t0; t < t1; t += 2) {
             const bool pair = t + 1 < t1;  // a piece's odd last tile runs alone
             const int64_t u1 = std::min(t + 2, t1);
@@ -2928,8 +2939,8 @@ void run_parts(const std::vector<Part>& parts, const float* x, bool flip_q8, con
       for (int64_t t = t0; t < t1; ++t) {
         const uint8_t* tile = pp + t * tbytes;
         const int64_t ncols = std::min<int64_t>(NR, n - t * NR);
-        for (int64_t m0 = 0; m0 < m; m0 += mr_cap) {
-          const int64_t mr = std::min<int64_t>(mr_cap, m - m0);
+        for (int64_t m0 = 0; m0 < pm; m0 += mr_cap) {
+          const int64_t mr = std::min<int64_t>(mr_cap, pm - m0);
 #ifdef TM_AVX2
           if (simd) {
             const ActRows act = ActRows::at(qa, m0, k);
@@ -2964,6 +2975,44 @@ void run_parts(const std::vector<Part>& parts, const float* x, bool flip_q8, con
   };
   if (nthreads <= 1) worker(0, 1);
   else at::parallel_for(0, nthreads, 1, worker);
+}
+
+// run_parts on x's m rows with this call's own buffers for their quantized codes.
+void run_on_rows(const std::vector<Part>& parts, const float* x, int64_t m, int64_t k, float* y, int64_t ldy,
+                 int64_t impl, int64_t mr_max) {
+  const int64_t kb = k / QK;
+  bool simd = false;
+#ifdef TM_AVX2
+  simd = impl != 1;
+#endif
+  // Q8Block takes the activations as u8, a + 128 (see there): a copy with each sign bit
+  // flipped, or the codes themselves flipped when every part is Q8.
+  bool any_q8 = false, all_q8 = true;
+#ifdef TM_VNNI512
+  for (const Part& p : parts) any_q8 |= p.mode == Mode::Q8, all_q8 &= p.mode == Mode::Q8;
+  any_q8 &= simd;
+#endif
+  const int64_t flipped_bytes = any_q8 && !all_q8 ? m * k : 0;
+  // One buffer for a, e, s, the half sums and the flipped copy of a: allocated per call
+  // (M*K bytes and 24 a block; tiny next to the weights).
+  const int64_t act_bytes = m * k + (4 - (m * k) % 4) % 4;
+  auto qbuf = torch::empty({act_bytes + m * kb * static_cast<int64_t>(2 * sizeof(float) + sizeof(HalfSums)) +
+                            flipped_bytes}, torch::kUInt8);
+  uint8_t* const base = qbuf.data_ptr<uint8_t>();
+  QAct q;
+  q.a = reinterpret_cast<int8_t*>(base);
+  q.e = reinterpret_cast<float*>(base + act_bytes);
+  q.s = q.e + m * kb;
+  q.off = reinterpret_cast<HalfSums*>(q.s + m * kb);
+  uint8_t* const flipped = reinterpret_cast<uint8_t*>(q.off + m * kb);
+  TORCH_CHECK(flipped + flipped_bytes <= base + qbuf.numel());
+  // run_parts quantizes x into q and flips the codes into q8 before it reads them. With every
+  // part Q8 the flip is in place (q8.a == q.a: no part reads the unflipped codes).
+  QAct q8 = q;
+  if (any_q8) q8.a = reinterpret_cast<int8_t*>(all_q8 ? base : flipped);
+  // The panel order where this CPU gains by it (panel_pays), or as a test asks.
+  const bool panel = impl == 2 || (impl == 0 && panel_pays());
+  run_parts(parts, x, any_q8, q, q8, m, k, y, ldy, simd, mr_max, panel);
 }
 
 // A linear's weight part as the callers hand it over: (mode, packed, n, bias).
@@ -3014,40 +3063,7 @@ torch::Tensor qlinear_parts(const std::vector<PartArg>& args, const torch::Tenso
     y = torch::empty({m, n_all}, torch::kFloat);
   }
   if (m == 0) return y.to(out_dtype);
-
-  const int64_t kb = k / QK;
-  bool simd = false;
-#ifdef TM_AVX2
-  simd = impl != 1;
-#endif
-  // Q8Block takes the activations as u8, a + 128 (see there): a copy with each sign bit
-  // flipped, or the codes themselves flipped when every part is Q8.
-  bool any_q8 = false, all_q8 = true;
-#ifdef TM_VNNI512
-  for (const Part& p : parts) any_q8 |= p.mode == Mode::Q8, all_q8 &= p.mode == Mode::Q8;
-  any_q8 &= simd;
-#endif
-  const int64_t flipped_bytes = any_q8 && !all_q8 ? m * k : 0;
-  // One buffer for a, e, s, the half sums and the flipped copy of a: allocated per call
-  // (M*K bytes and 24 a block; tiny next to the weights).
-  const int64_t act_bytes = m * k + (4 - (m * k) % 4) % 4;
-  auto qbuf = torch::empty({act_bytes + m * kb * static_cast<int64_t>(2 * sizeof(float) + sizeof(HalfSums)) +
-                            flipped_bytes}, torch::kUInt8);
-  uint8_t* const base = qbuf.data_ptr<uint8_t>();
-  QAct q;
-  q.a = reinterpret_cast<int8_t*>(base);
-  q.e = reinterpret_cast<float*>(base + act_bytes);
-  q.s = q.e + m * kb;
-  q.off = reinterpret_cast<HalfSums*>(q.s + m * kb);
-  uint8_t* const flipped = reinterpret_cast<uint8_t*>(q.off + m * kb);
-  TORCH_CHECK(flipped + flipped_bytes <= base + qbuf.numel());
-  // run_parts quantizes x into q and flips the codes into q8 before it reads them. With every
-  // part Q8 the flip is in place (q8.a == q.a: no part reads the unflipped codes).
-  QAct q8 = q;
-  if (any_q8) q8.a = reinterpret_cast<int8_t*>(all_q8 ? base : flipped);
-  // The panel order where this CPU gains by it (panel_pays), or as a test asks.
-  const bool panel = impl == 2 || (impl == 0 && panel_pays());
-  run_parts(parts, x.data_ptr<float>(), any_q8, q, q8, m, k, y.data_ptr<float>(), n_all, simd, mr_max, panel);
+  run_on_rows(parts, x.data_ptr<float>(), m, k, y.data_ptr<float>(), n_all, impl, mr_max);
   return out_dtype == torch::kFloat ? y : y.to(out_dtype);
 }
 
@@ -3094,9 +3110,11 @@ torch::Tensor linear_parts(const torch::Tensor& x, const std::vector<std::tuple<
 // A mixture of experts' projection (runner/moe.py): E experts' weights of one form stacked
 // in `packed` (expert e's N = n output rows are rows [e n, (e + 1) n), whole tiles), each
 // applied to its own rows of x: y rows [offsets[e], offsets[e + 1]) are those rows of x
-// against expert e, bitwise what <form>_linear gives them alone. One call per expert that
-// has rows (its own quantization of them and its own parallel region), so experts without
-// tokens cost nothing.
+// against expert e, bitwise what <form>_linear gives them alone. Every expert with rows is
+// a part of one run_parts call (its own rows, run_on_rows): x's rows quantized once, and
+// one parallel region handing out all their tiles. One call (and region) per expert took
+// 1.4-1.5x the time at one stream on Qwen3-30B-A3B's shapes (16 regions a layer; Zen 3,
+// docs/performance.md).
 torch::Tensor experts_linear(const torch::Tensor& x_in, const torch::Tensor& offsets, int64_t mode_number,
                              const torch::Tensor& packed, int64_t n) {
   const Mode mode = checked_mode(mode_number);
@@ -3116,14 +3134,11 @@ torch::Tensor experts_linear(const torch::Tensor& x_in, const torch::Tensor& off
   TORCH_CHECK(off[0] == 0 && off[experts] == rows, "offsets must run from 0 to the rows of x");
   for (int64_t e = 0; e < experts; ++e) TORCH_CHECK(off[e] <= off[e + 1], "offsets must not decrease");
   auto y = torch::empty({rows, n}, torch::kFloat);
-  const c10::optional<torch::Tensor> no_bias;
-  for (int64_t e = 0; e < experts; ++e) {
-    const int64_t r = off[e + 1] - off[e];
-    if (r == 0) continue;
-    const torch::Tensor w = packed.narrow(0, e * bytes, bytes);
-    const c10::optional<torch::Tensor> ye = y.narrow(0, off[e], r);
-    qlinear_parts({{mode, w, n, no_bias}}, x.narrow(0, off[e], r), 0, 0, ye);
-  }
+  std::vector<Part> parts;
+  const uint8_t* base = packed.data_ptr<uint8_t>();
+  for (int64_t e = 0; e < experts; ++e)
+    if (off[e + 1] > off[e]) parts.push_back({mode, base + e * bytes, n, nullptr, 0, off[e], off[e + 1] - off[e]});
+  if (!parts.empty()) run_on_rows(parts, x.data_ptr<float>(), rows, k, y.data_ptr<float>(), n, 0, 0);
   return y;
 }
 
