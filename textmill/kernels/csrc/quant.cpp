@@ -3113,8 +3113,8 @@ torch::Tensor linear_parts(const torch::Tensor& x, const std::vector<std::tuple<
 // against expert e, bitwise what <form>_linear gives them alone. Every expert with rows is
 // a part of one run_parts call (its own rows, run_on_rows): x's rows quantized once, and
 // one parallel region handing out all their tiles. One call (and region) per expert took
-// 1.4-1.5x the time at one stream on Qwen3-30B-A3B's shapes (16 regions a layer; Zen 3,
-// docs/performance.md).
+// 1.06-1.18x the time in a one-stream step on Qwen3-30B-A3B's shapes (8 experts a token;
+// Zen 3, six steps' means each, docs/performance.md).
 torch::Tensor experts_linear(const torch::Tensor& x_in, const torch::Tensor& offsets, int64_t mode_number,
                              const torch::Tensor& packed, int64_t n) {
   const Mode mode = checked_mode(mode_number);
