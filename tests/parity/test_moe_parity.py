@@ -1,7 +1,7 @@
 """Mixtures of experts against transformers on tiny random-weight checkpoints: Qwen3 MoE (a
 dense layer among the sparse ones, weights renormalized), OLMoE (three of eight experts,
-weights as the router gives them, q and k normed over all heads) and Mixtral (Llama's names
-for everything but its experts).
+weights as the router gives them, q and k normed over all heads), Mixtral (Llama's names
+for everything but its experts) and Granite MoE (Granite's multipliers; GGUF files only).
 
 From a Hugging Face folder, and from a GGUF file written as llama.cpp's converter writes one
 (the experts of a layer stacked in one tensor per projection; for Mixtral also each
@@ -30,6 +30,7 @@ EXPECTED = {  # family -> (registry key, experts, per token, renormalized, dense
     "qwen3moe": ("qwen3", 8, 2, True, (1,)),
     "olmoe": ("llama", 8, 3, False, ()),
     "mixtral": ("llama", 4, 2, True, ()),
+    "granitemoe": ("llama", 4, 2, True, ()),
 }
 
 
@@ -58,6 +59,10 @@ def test_experts_match_transformers(family, source, tokenizer, prompts, tmp_path
     if source == "gguf-per-expert" and family != "mixtral":
         pytest.skip("only Mixtral's older files name each expert's tensors")
     hf = tiny_hf_model(family)
+    if source == "folder" and family == "granitemoe":
+        with pytest.raises(ValueError, match="unsupported model architecture 'GraniteMoeForCausalLM'"):
+            load_model(save_folder(hf, tokenizer, tmp_path / family))
+        return
     if source == "folder":
         ours = load_model(save_folder(hf, tokenizer, tmp_path / family))
     else:
@@ -68,7 +73,9 @@ def test_experts_match_transformers(family, source, tokenizer, prompts, tmp_path
     assert (c.architecture, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob) == (
         key, experts, per_token, normalized)
     assert c.dense_layers == dense  # in a file: the layers without a router
-    assert c.qk_norm == (family != "mixtral") and c.qk_norm_whole == (family == "olmoe")
+    assert c.qk_norm == (family in ("qwen3moe", "olmoe")) and c.qk_norm_whole == (family == "olmoe")
+    if family == "granitemoe":  # Granite's multipliers, read as the dense Granite's
+        assert (c.embedding_multiplier, c.residual_multiplier, c.logit_scale) == pytest.approx((2.5, 0.5, 0.7))
     _matches(ours.model, hf, prompts)
 
 

@@ -52,6 +52,7 @@ NAMES = {
     # experts stacked per layer (_stacked_experts); the router is ffn_gate_inp
     "qwen3moe": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
                             "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"},
+    "granitemoe": _DECODER | {"post_attention_layernorm": "ffn_norm", "block_sparse_moe.router": "ffn_gate_inp"},
     "olmoe": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
                          "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"},
     "gemma3": _DECODER | {
@@ -75,7 +76,7 @@ def gguf_name(family: str, hf_name: str) -> str:
     return f"blk.{layer}.{name}.{kind}" if layer is not None else f"{name}.{kind}"
 
 
-_EXPERTS_RE = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+_EXPERTS_RE = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)")
 
 
 def _stacked_experts(state: dict, legacy: bool) -> tuple[dict, dict[str, np.ndarray]]:
@@ -107,7 +108,7 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def converted(family: str, hf_name: str, w: np.ndarray, config) -> np.ndarray:
-    permuted = ("llama", "smollm3", "granite", "mistral3", "internlm2")  # (LlamaModel.permute)
+    permuted = ("llama", "smollm3", "granite", "granitemoe", "mistral3", "internlm2")  # (LlamaModel.permute)
     if family in permuted and hf_name.endswith("q_proj.weight"):
         return llama_cpp_permute(w, config.num_attention_heads)
     if family in permuted and hf_name.endswith("k_proj.weight"):
@@ -180,7 +181,7 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
         if family == "ministral3":
             w.add_rope_scaling_yarn_log_mul(rope["mscale_all_dim"])
             w.add_attn_temperature_scale(rope["llama_4_scaling_beta"])
-    if family == "granite":  # conversion/granite.py: the _multiplier params as _scale keys
+    if family in ("granite", "granitemoe"):  # conversion/granite.py: the _multiplier params as _scale keys
         w.add_attention_scale(config.attention_multiplier)
         w.add_embedding_scale(config.embedding_multiplier)
         w.add_residual_scale(config.residual_multiplier)

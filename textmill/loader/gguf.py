@@ -158,7 +158,7 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
         # The file says nothing of its NoPE layers: llama.cpp leaves RoPE out of every 4th
         # layer by rule (n_no_rope_layer_step = 4), as SmolLM3's config does.
         fields |= dict(no_rope_layers=tuple(range(SMOLLM3_NOPE_EVERY - 1, fields["num_layers"], SMOLLM3_NOPE_EVERY)))
-    elif meta.arch == "granite":
+    elif meta.arch in ("granite", "granitemoe"):
         fields |= _granite_fields(meta, fields["num_layers"])
     elif family == "phi3":
         fields |= dict(sliding_window=None)  # llama.cpp ignores Phi-3's window too
@@ -175,7 +175,7 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
 
 # What llama.cpp does with the weights of a token's experts, by architecture: renormalized
 # over the chosen ones (Qwen3 MoE, Mixtral's "llama" files) or taken as they are (OLMoE).
-_EXPERT_WEIGHTS_NORMED = {"qwen3moe": True, "qwen3vlmoe": True, "llama": True, "olmoe": False}
+_EXPERT_WEIGHTS_NORMED = {"qwen3moe": True, "qwen3vlmoe": True, "llama": True, "olmoe": False, "granitemoe": True}
 
 
 def _experts(meta: GGUFMetadata, gguf: GGUFFile) -> dict[str, Any]:
@@ -185,8 +185,10 @@ def _experts(meta: GGUFMetadata, gguf: GGUFFile) -> dict[str, Any]:
     count = int(meta.arch_get("expert_count", 0))
     if not count:
         return {}
-    if meta.arch not in _EXPERT_WEIGHTS_NORMED or meta.arch_get("expert_shared_count", 0):
-        raise ValueError(f"{meta.arch!r} files with experts are not supported (Qwen3 MoE, OLMoE and Mixtral are)")
+    shared = meta.arch_get("expert_shared_count", 0) or meta.arch_get("expert_shared_feed_forward_length", 0)
+    if meta.arch not in _EXPERT_WEIGHTS_NORMED or shared:
+        raise ValueError(f"{meta.arch!r} files with experts are not supported (Qwen3 MoE, OLMoE, Mixtral and "
+                         "Granite MoE are; shared experts are not)")
     if int(meta.arch_get("expert_gating_func", 1)) != 1:  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
         raise ValueError("only a softmax router is supported")
     width = meta.arch_get("expert_feed_forward_length", None)

@@ -107,6 +107,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "llama": _LLAMA_MOE,  # Mixtral's files are "llama" files with experts
     "smollm3": _LLAMA,
     "granite": _LLAMA,
+    "granitemoe": _LLAMA_MOE,  # Granite 3.x MoE (1B-A400M, 3B-A800M): Granite's multipliers, experts
     "ernie4_5": _LLAMA,
     "mistral3": _LLAMA,
     "exaone": _LLAMA,  # its rows unpermuted (not in QK_PERMUTED_ARCHS)
@@ -134,7 +135,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
 # Ministral 3's ("mistral3") converters are Llama's, and InternLM2's permutes its q and k so.
 # ERNIE 4.5's converter leaves its rows alone, but its own RoPE pairs (2i, 2i + 1) already:
 # the same order, put back the same way.
-QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3", "granite", "ernie4_5", "mistral3", "internlm2"})
+QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3", "granite", "granitemoe", "ernie4_5", "mistral3", "internlm2"})
 # llama.cpp's converter stores Gemma norm weights as 1 + weight (ggml multiplies plainly).
 NORM_PLUS_ONE_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
 

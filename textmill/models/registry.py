@@ -45,6 +45,9 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     # Granite (3.x, dense) is Llama with four multipliers (ModelConfig.residual_multiplier, ...).
     "granite": "llama",
     "GraniteForCausalLM": "llama",
+    # Granite 3.x MoE: Granite with experts; GGUF files only (its folders fuse each layer's experts
+    # into one input_linear of its own layout).
+    "granitemoe": "llama",
     # ERNIE 4.5 (dense) is Llama whose RoPE pairs dims (2i, 2i + 1), as ggml's does: from a GGUF
     # its q/k rows are put in Llama's order as llama.cpp's permuted ones are. Its folders keep
     # that order, which the folder loader does not undo: GGUF files only.
