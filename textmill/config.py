@@ -69,7 +69,8 @@ class ModelConfig:
     """
 
     # registry key: "llama" (Mistral, Ministral 3, SmolLM3, Granite, ERNIE 4.5, EXAONE 3, InternLM2,
-    # OLMoE, Mixtral too), "phi3", "qwen2", "qwen3" (the VL files' text, Qwen3 MoE too), "olmo2"
+    # OLMoE, Mixtral, Granite MoE too), "phi3", "qwen2" (Qwen2 MoE too), "qwen3" (the VL files' text,
+    # Qwen3 MoE too), "olmo2"
     # (OLMo 3, EXAONE 4.0 too), "gemma", "gemma2", "gemma3", "gpt2"
     architecture: str
     vocab_size: int
@@ -127,6 +128,10 @@ class ModelConfig:
     moe_intermediate_size: int | None = None
     norm_topk_prob: bool = True
     dense_layers: tuple[int, ...] = ()  # layers with the dense MLP in a MoE model (Qwen3 MoE's mlp_only_layers)
+    # A shared expert every token takes beside its chosen ones (Qwen2 MoE, Granite MoE shared), this
+    # wide; its output times sigmoid(a learned gate) where shared_expert_gate (Qwen2 MoE).
+    shared_expert_intermediate_size: int | None = None
+    shared_expert_gate: bool = False
     name: str = ""  # human-readable model name from the checkpoint
 
 

@@ -1,7 +1,8 @@
 """Mixtures of experts against transformers on tiny random-weight checkpoints: Qwen3 MoE (a
 dense layer among the sparse ones, weights renormalized), OLMoE (three of eight experts,
 weights as the router gives them, q and k normed over all heads), Mixtral (Llama's names
-for everything but its experts) and Granite MoE (Granite's multipliers; GGUF files only).
+for everything but its experts), Granite MoE (Granite's multipliers; GGUF files only) and
+Qwen2 MoE (q/k/v biases, a shared expert behind a sigmoid gate).
 
 From a Hugging Face folder, and from a GGUF file written as llama.cpp's converter writes one
 (the experts of a layer stacked in one tensor per projection; for Mixtral also each
@@ -31,6 +32,7 @@ EXPECTED = {  # family -> (registry key, experts, per token, renormalized, dense
     "olmoe": ("llama", 8, 3, False, ()),
     "mixtral": ("llama", 4, 2, True, ()),
     "granitemoe": ("llama", 4, 2, True, ()),
+    "qwen2moe": ("qwen2", 8, 2, False, ()),
 }
 
 
@@ -74,6 +76,8 @@ def test_experts_match_transformers(family, source, tokenizer, prompts, tmp_path
         key, experts, per_token, normalized)
     assert c.dense_layers == dense  # in a file: the layers without a router
     assert c.qk_norm == (family in ("qwen3moe", "olmoe")) and c.qk_norm_whole == (family == "olmoe")
+    assert (c.shared_expert_intermediate_size, c.shared_expert_gate) == ((48, True) if family == "qwen2moe"
+                                                                         else (None, False))
     if family == "granitemoe":  # Granite's multipliers, read as the dense Granite's
         assert (c.embedding_multiplier, c.residual_multiplier, c.logit_scale) == pytest.approx((2.5, 0.5, 0.7))
     _matches(ours.model, hf, prompts)
@@ -85,6 +89,19 @@ def test_gguf_qwen3moe_all_sparse_matches(tokenizer, prompts, tmp_path: Path) ->
     ours = load_model(write_gguf(tmp_path / "q.gguf", "qwen3moe", hf, tokenizer))
     assert all(isinstance(layer.mlp, SparseMoE) for layer in ours.model.layers)
     _matches(ours.model, hf, prompts)
+
+
+def test_the_shared_expert_and_its_gate_matter(tokenizer, prompts, tmp_path: Path) -> None:
+    """Qwen2 MoE without its shared expert's gate (or without the shared expert) is far off."""
+    hf = tiny_hf_model("qwen2moe")
+    ours = load_model(save_folder(hf, tokenizer, tmp_path / "q2"))
+    no_gate, no_shared = dict(shared_expert_gate=False), dict(shared_expert_intermediate_size=None, shared_expert_gate=False)
+    for change in (no_gate, no_shared):
+        with torch.device("meta"):
+            other = build_model(dataclasses.replace(ours.config, **change))
+        state = {n: t for n, t in ours.model.state_dict().items() if n in other.state_dict()}
+        other.load_state_dict(state, assign=True)
+        assert max_logprob_diff(other, hf, prompts["prose"]) > 100 * LOGPROB_TOLERANCE
 
 
 @pytest.mark.parametrize("family", ["olmoe", "qwen3moe"])

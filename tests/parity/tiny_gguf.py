@@ -52,6 +52,11 @@ NAMES = {
     # experts stacked per layer (_stacked_experts); the router is ffn_gate_inp
     "qwen3moe": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
                             "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"},
+    "qwen2moe": _DECODER | {"post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp",
+                            "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+                            "mlp.shared_expert.up_proj": "ffn_up_shexp",
+                            "mlp.shared_expert.down_proj": "ffn_down_shexp",
+                            "mlp.shared_expert_gate": "ffn_gate_inp_shexp"},
     "granitemoe": _DECODER | {"post_attention_layernorm": "ffn_norm", "block_sparse_moe.router": "ffn_gate_inp"},
     "olmoe": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
                          "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"},
@@ -195,8 +200,10 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
     if experts:  # conversion/base.py; the experts' width from qwen.py only (the others' is feed_forward_length)
         w.add_expert_count(experts)
         w.add_expert_used_count(config.num_experts_per_tok)
-        if family == "qwen3moe":
+        if family in ("qwen3moe", "qwen2moe"):
             w.add_expert_feed_forward_length(config.moe_intermediate_size)
+        if getattr(config, "shared_expert_intermediate_size", None):
+            w.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     if family == "olmo3":  # conversion/olmo.py: one flag per layer
         w.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
 

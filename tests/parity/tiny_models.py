@@ -142,6 +142,10 @@ def hf_config(family: str):
         return tf.MixtralConfig(**(common | dict(intermediate_size=32)), tie_word_embeddings=False,
                                 num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if family == "qwen2moe":  # q/k/v biases, experts not renormalized, a gated shared expert
+        return tf.Qwen2MoeConfig(**common, tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+                                 moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=False,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     if family == "granitemoe":  # Granite's four multipliers with experts (GGUF files only)
         return tf.GraniteMoeConfig(**(common | dict(intermediate_size=32)), tie_word_embeddings=False,
                                    num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=2.5,

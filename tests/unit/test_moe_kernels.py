@@ -91,22 +91,31 @@ def test_dense_rows_is_row_independent(ops):
         assert torch.equal(layer.dense_rows(x[i:i + 1].contiguous(), w), whole[i:i + 1])
 
 
-def _write_moe(path, gate_up: T, down: T) -> None:
-    """A Qwen3 MoE file as llama.cpp writes one: stacked experts in k-quant blocks, a float router."""
+def _write_moe(path, gate_up: T, down: T, arch: str = "qwen3moe") -> None:
+    """A Qwen3 MoE file as llama.cpp writes one: stacked experts in k-quant blocks, a float router;
+    as `arch` "qwen2moe", q/k/v biases instead of q/k norms and a shared expert behind a gate."""
     rng = np.random.default_rng(3)
-    w = GGUFWriter(str(path), "qwen3moe")
+    w = GGUFWriter(str(path), arch)
     for key, value in (("embedding_length", C), ("block_count", LAYERS), ("feed_forward_length", 4 * C),
                        ("attention.head_count", HEADS), ("attention.head_count_kv", KV_HEADS),
                        ("context_length", 256), ("attention.key_length", D), ("expert_count", EXPERTS),
                        ("expert_used_count", USED), ("expert_feed_forward_length", WIDTH)):
-        w.add_uint32(f"qwen3moe.{key}", value)
-    w.add_float32("qwen3moe.attention.layer_norm_rms_epsilon", 1e-5)
-    w.add_float32("qwen3moe.rope.freq_base", 10000.0)
+        w.add_uint32(f"{arch}.{key}", value)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_float32(f"{arch}.rope.freq_base", 10000.0)
     w.add_tensor("token_embd.weight", _blocks(T.Q8_0, (VOCAB, C), rng), raw_dtype=T.Q8_0)
     w.add_tensor("output_norm.weight", np.ones(C, dtype=np.float32))
     for i in range(LAYERS):
-        for norm, width in (("attn_norm", C), ("ffn_norm", C), ("attn_q_norm", D), ("attn_k_norm", D)):
+        qk_norms = (("attn_q_norm", D), ("attn_k_norm", D)) if arch == "qwen3moe" else ()
+        for norm, width in (("attn_norm", C), ("ffn_norm", C), *qk_norms):
             w.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * rng.standard_normal(width)).astype(np.float32))
+        if arch == "qwen2moe":
+            for name, width in (("attn_q", C), ("attn_k", KV_HEADS * D), ("attn_v", KV_HEADS * D)):
+                w.add_tensor(f"blk.{i}.{name}.bias", (0.1 * rng.standard_normal(width)).astype(np.float32))
+            for name, shape in (("ffn_gate_shexp", (2 * WIDTH, C)), ("ffn_up_shexp", (2 * WIDTH, C)),
+                                ("ffn_down_shexp", (C, 2 * WIDTH))):
+                w.add_tensor(f"blk.{i}.{name}.weight", _blocks(T.Q4_K, shape, rng), raw_dtype=T.Q4_K)
+            w.add_tensor(f"blk.{i}.ffn_gate_inp_shexp.weight", (rng.standard_normal((1, C)) * 0.3).astype(np.float32))
         for name, shape in (("attn_q", (C, C)), ("attn_k", (KV_HEADS * D, C)), ("attn_v", (KV_HEADS * D, C)),
                             ("attn_output", (C, C))):
             w.add_tensor(f"blk.{i}.{name}.weight", _blocks(T.Q4_K, shape, rng), raw_dtype=T.Q4_K)
@@ -121,9 +130,10 @@ def _write_moe(path, gate_up: T, down: T) -> None:
     w.close()
 
 
-@pytest.fixture(scope="module", params=[(T.Q4_K, T.Q6_K), (T.Q8_0, T.Q5_K)], ids=["q4k-q6k", "q8-q5k"])
+@pytest.fixture(scope="module", params=[(T.Q4_K, T.Q6_K, "qwen3moe"), (T.Q8_0, T.Q5_K, "qwen3moe"),
+                                        (T.Q4_K, T.Q6_K, "qwen2moe")], ids=["q4k-q6k", "q8-q5k", "qwen2moe"])
 def moe_path(request, ops, tmp_path_factory):
-    path = tmp_path_factory.mktemp("moe") / "moe.gguf"
+    path = tmp_path_factory.mktemp("moe") / f"{request.param[2]}.gguf"
     _write_moe(path, *request.param)
     return path
 
@@ -143,6 +153,8 @@ def test_a_moe_file_runs_its_experts_stacked_and_tracks_the_float_reference(moe_
     assert all(isinstance(m, KernelMoE) for m in moes)
     assert all(isinstance(m.gate_up, QLinear) and m.gate_up.out_features == EXPERTS * 2 * WIDTH for m in moes)
     assert type(moes[0].router) is torch.nn.Linear  # the file's float router, read row by row
+    shared = "qwen2moe" in moe_path.name
+    assert (moes[0].shared_expert is not None, moes[0]._shared_gate is not None) == (shared, shared)
     got = _prompt_logprobs(runner, tokens)
     assert ref.std() > 0.5
     assert (got - ref).abs().mean() < 0.04 * ref.std()

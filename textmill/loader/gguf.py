@@ -158,7 +158,7 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
         # The file says nothing of its NoPE layers: llama.cpp leaves RoPE out of every 4th
         # layer by rule (n_no_rope_layer_step = 4), as SmolLM3's config does.
         fields |= dict(no_rope_layers=tuple(range(SMOLLM3_NOPE_EVERY - 1, fields["num_layers"], SMOLLM3_NOPE_EVERY)))
-    elif meta.arch in ("granite", "granitemoe"):
+    elif meta.arch in ("granite", "granitemoe", "granitemoeshared"):
         fields |= _granite_fields(meta, fields["num_layers"])
     elif family == "phi3":
         fields |= dict(sliding_window=None)  # llama.cpp ignores Phi-3's window too
@@ -175,7 +175,8 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
 
 # What llama.cpp does with the weights of a token's experts, by architecture: renormalized
 # over the chosen ones (Qwen3 MoE, Mixtral's "llama" files) or taken as they are (OLMoE).
-_EXPERT_WEIGHTS_NORMED = {"qwen3moe": True, "qwen3vlmoe": True, "llama": True, "olmoe": False, "granitemoe": True}
+_EXPERT_WEIGHTS_NORMED = {"qwen3moe": True, "qwen3vlmoe": True, "llama": True, "olmoe": False, "granitemoe": True,
+                          "granitemoeshared": True, "qwen2moe": False}
 
 
 def _experts(meta: GGUFMetadata, gguf: GGUFFile) -> dict[str, Any]:
@@ -185,10 +186,9 @@ def _experts(meta: GGUFMetadata, gguf: GGUFFile) -> dict[str, Any]:
     count = int(meta.arch_get("expert_count", 0))
     if not count:
         return {}
-    shared = meta.arch_get("expert_shared_count", 0) or meta.arch_get("expert_shared_feed_forward_length", 0)
-    if meta.arch not in _EXPERT_WEIGHTS_NORMED or shared:
-        raise ValueError(f"{meta.arch!r} files with experts are not supported (Qwen3 MoE, OLMoE, Mixtral and "
-                         "Granite MoE are; shared experts are not)")
+    if meta.arch not in _EXPERT_WEIGHTS_NORMED or int(meta.arch_get("expert_shared_count", 0)) > 1:
+        raise ValueError(f"{meta.arch!r} files with experts are not supported (Qwen2 MoE, Qwen3 MoE, OLMoE, Mixtral "
+                         "and Granite MoE are)")
     if int(meta.arch_get("expert_gating_func", 1)) != 1:  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
         raise ValueError("only a softmax router is supported")
     width = meta.arch_get("expert_feed_forward_length", None)
@@ -199,9 +199,12 @@ def _experts(meta: GGUFMetadata, gguf: GGUFFile) -> dict[str, Any]:
     # A layer without a router is dense (llama.cpp makes every layer of these files sparse).
     routed = {t.name for t in gguf.tensors if t.name.endswith(".ffn_gate_inp.weight")}
     dense = tuple(i for i in range(int(meta.arch_get("block_count"))) if f"blk.{i}.ffn_gate_inp.weight" not in routed)
+    # A shared expert (Qwen2 MoE: gated; Granite MoE shared: not), by its tensors as llama.cpp finds it.
+    shared = next((t.shape[0] for t in gguf.tensors if t.name == "blk.0.ffn_gate_shexp.weight"), None)
     return dict(num_experts=count, num_experts_per_tok=int(meta.arch_get("expert_used_count")),
                 moe_intermediate_size=int(width), norm_topk_prob=_EXPERT_WEIGHTS_NORMED[meta.arch],
-                dense_layers=dense)
+                dense_layers=dense, shared_expert_intermediate_size=shared,
+                shared_expert_gate=shared is not None and meta.arch == "qwen2moe")
 
 
 def _olmo3_fields(meta: GGUFMetadata, fields: dict[str, Any]) -> dict[str, Any]:
@@ -396,7 +399,7 @@ def read_quantized_state(gguf: GGUFFile, config: ModelConfig, linear_names: froz
             embedding = GGUFRows(t.data, t.qtype, t.shape)
             if config.tie_word_embeddings:
                 codes[HEAD] = CodesRef(t.data, t.qtype, t.shape)
-        elif name in linear_names and convertible(t.qtype, t.shape) and not name.endswith(ROUTER):
+        elif name in linear_names and convertible(t.qtype, t.shape) and not name.endswith(ROUTERS):
             codes[name] = CodesRef(t.data, t.qtype, t.shape, _row_order(arch, name, t.shape[0], config))
         else:
             values = torch.from_numpy(dequantize(t.data, t.qtype).reshape(t.shape))
@@ -407,9 +410,10 @@ def read_quantized_state(gguf: GGUFFile, config: ModelConfig, linear_names: froz
 
 
 EMBED, HEAD = "embed_tokens.weight", "lm_head.weight"
-# A mixture of experts' router stays float, as llama.cpp computes it (its quantizer leaves
-# ffn_gate_inp float too): a token's experts are chosen from exact logits.
-ROUTER = ".mlp.gate.weight"
+# A mixture of experts' router (and Qwen2 MoE's shared expert's gate) stays float, as llama.cpp
+# computes it (its quantizer leaves ffn_gate_inp float too): a token's experts are chosen from
+# exact logits.
+ROUTERS = (".mlp.gate.weight", ".mlp.shared_expert_gate.weight")
 
 
 def _row_order(arch: str, name: str, rows: int, config: ModelConfig) -> torch.Tensor | None:

@@ -120,20 +120,24 @@ def _decoder_fields(raw: dict[str, Any], family: str) -> dict[str, Any]:
 
 
 def _moe(raw: dict[str, Any], family: str, num_layers: int) -> dict[str, Any]:
-    """Qwen3 MoE's, OLMoE's and Mixtral's experts (models/moe.py): Qwen3 MoE's dense layers are
-    its mlp_only_layers and those off its decoder_sparse_step; OLMoE's and Mixtral's experts
-    are intermediate_size wide, OLMoE's weights not renormalized (Mixtral's are)."""
+    """Qwen2 MoE's, Qwen3 MoE's, OLMoE's and Mixtral's experts (models/moe.py): the Qwens' dense
+    layers are their mlp_only_layers and those off their decoder_sparse_step; OLMoE's and
+    Mixtral's experts are intermediate_size wide, OLMoE's weights not renormalized (Mixtral's
+    are); Qwen2 MoE's shared expert is gated."""
     experts = int(raw.get("num_experts") or raw.get("num_local_experts") or 0)
     if not experts:
         return {}
-    if family not in ("qwen3", "llama") or raw.get("clip_qkv") or raw.get("shared_expert_intermediate_size"):
-        raise ValueError(f"{raw.get('model_type')!r} experts are not supported (Qwen3 MoE, OLMoE and Mixtral are)")
+    if family not in ("qwen2", "qwen3", "llama") or raw.get("clip_qkv"):
+        raise ValueError(f"{raw.get('model_type')!r} experts are not supported (Qwen2 MoE, Qwen3 MoE, OLMoE and "
+                         "Mixtral are)")
+    shared = int(raw.get("shared_expert_intermediate_size") or 0)
     step = int(raw.get("decoder_sparse_step") or 1)
     dense = set(raw.get("mlp_only_layers") or ()) | {i for i in range(num_layers) if (i + 1) % step}
     return dict(num_experts=experts, num_experts_per_tok=int(raw["num_experts_per_tok"]),
                 moe_intermediate_size=int(raw.get("moe_intermediate_size") or raw["intermediate_size"]),
                 norm_topk_prob=bool(raw.get("norm_topk_prob", raw.get("model_type") == "mixtral")),
-                dense_layers=tuple(sorted(dense)))
+                dense_layers=tuple(sorted(dense)), shared_expert_intermediate_size=shared or None,
+                shared_expert_gate=bool(shared))
 
 
 def _smollm3(raw: dict[str, Any], num_layers: int) -> dict[str, Any]:

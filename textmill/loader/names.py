@@ -84,7 +84,9 @@ _OLMO2 = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
 }))
 # A mixture of experts' router and experts (models/moe.py); the loader names each expert's
 # tensors `ffn_gate.{e}` and so on (gguf.expert_parts), as older Mixtral files do.
-_EXPERTS = {"ffn_gate_inp": "mlp.gate"}
+_EXPERTS = {"ffn_gate_inp": "mlp.gate", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+            "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj",
+            "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}
 _LLAMA_MOE = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({**_LLAMA.blocks, **_EXPERTS}))
 # Qwen3 MoE; OLMoE (q and k normed over all heads, the same names).
 _QWEN3_MOE = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({**_QWEN3.blocks, **_EXPERTS}))
@@ -108,6 +110,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "smollm3": _LLAMA,
     "granite": _LLAMA,
     "granitemoe": _LLAMA_MOE,  # Granite 3.x MoE (1B-A400M, 3B-A800M): Granite's multipliers, experts
+    "granitemoeshared": _LLAMA_MOE,  # ... and a shared expert
     "ernie4_5": _LLAMA,
     "mistral3": _LLAMA,
     "exaone": _LLAMA,  # its rows unpermuted (not in QK_PERMUTED_ARCHS)
@@ -115,6 +118,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "phi3": _LLAMA,  # after its fused tensors are split (FUSED_GGUF)
     "qwen2": _LLAMA,
     "qwen2vl": _LLAMA,
+    "qwen2moe": _LLAMA_MOE,
     "qwen3": _QWEN3,
     "qwen3vl": _QWEN3,
     "qwen3moe": _QWEN3_MOE,
@@ -135,7 +139,8 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
 # Ministral 3's ("mistral3") converters are Llama's, and InternLM2's permutes its q and k so.
 # ERNIE 4.5's converter leaves its rows alone, but its own RoPE pairs (2i, 2i + 1) already:
 # the same order, put back the same way.
-QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3", "granite", "granitemoe", "ernie4_5", "mistral3", "internlm2"})
+QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3", "granite", "granitemoe", "granitemoeshared", "ernie4_5", "mistral3",
+                               "internlm2"})
 # llama.cpp's converter stores Gemma norm weights as 1 + weight (ggml multiplies plainly).
 NORM_PLUS_ONE_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
 
@@ -218,6 +223,8 @@ def to_model_layout(arch: str, param_name: str, tensor: torch.Tensor,
     """A GGUF tensor (already in torch (out, in) order) in the layout the model expects."""
     if arch in NORM_PLUS_ONE_ARCHS and param_name.endswith("norm.weight"):
         return tensor - 1.0
+    if param_name.endswith("shared_expert_gate.weight") and tensor.dim() == 1:  # ggml's {n_embd}: one row
+        return tensor[None]
     if arch not in QK_PERMUTED_ARCHS:
         return tensor
     module = param_name.rsplit(".", 1)[0]  # weight and bias rows are permuted alike

@@ -1,9 +1,12 @@
-"""A mixture of experts in place of a decoder layer's MLP (Qwen3 MoE, OLMoE, Mixtral).
+"""A mixture of experts in place of a decoder layer's MLP (Qwen3 MoE, OLMoE, Mixtral, Granite MoE,
+Qwen2 MoE).
 
 A router (`gate`, C -> E logits) picks each token's k likeliest experts by the softmax of its
 logits; the MLP's output is their SwiGLU outputs weighted by those probabilities, which are
 first divided by their sum where the family renormalizes them (ModelConfig.norm_topk_prob:
 Qwen3 MoE and Mixtral, not OLMoE), as transformers' and llama.cpp's routers compute them.
+Qwen2 MoE adds a shared expert every token takes, its output times sigmoid(a learned gate);
+Granite MoE's shared variant one without a gate.
 
 The experts are llama.MLPs named as the Hugging Face checkpoints name them
 (`mlp.experts.3.gate_proj`, `mlp.gate`); a GGUF file's stacked expert tensors are split per
@@ -40,6 +43,10 @@ class SparseMoE(nn.Module):
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         width = config.moe_intermediate_size or config.intermediate_size
         self.experts = nn.ModuleList(make_expert(width) for _ in range(config.num_experts))
+        shared = config.shared_expert_intermediate_size
+        self.shared_expert = make_expert(shared) if shared else None
+        self.shared_expert_gate = (nn.Linear(config.hidden_size, 1, bias=False)
+                                   if shared and config.shared_expert_gate else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.normalize)
@@ -48,7 +55,12 @@ class SparseMoE(nn.Module):
             token, slot = torch.nonzero(ids == e, as_tuple=True)
             y = self.experts[e](x.index_select(0, token)) * weights[token, slot, None].to(x.dtype)
             out.index_add_(0, token, y)
-        return out
+        return out if self.shared_expert is None else out + self.shared(x)
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared expert's output, gated (Qwen2 MoE) or not (Granite MoE shared)."""
+        y = self.shared_expert(x)
+        return y if self.shared_expert_gate is None else torch.sigmoid(self.shared_expert_gate(x)) * y
 
 
 def is_sparse_layer(config: ModelConfig, layer_idx: int) -> bool:

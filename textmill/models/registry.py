@@ -48,6 +48,7 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     # Granite 3.x MoE: Granite with experts; GGUF files only (its folders fuse each layer's experts
     # into one input_linear of its own layout).
     "granitemoe": "llama",
+    "granitemoeshared": "llama",
     # ERNIE 4.5 (dense) is Llama whose RoPE pairs dims (2i, 2i + 1), as ggml's does: from a GGUF
     # its q/k rows are put in Llama's order as llama.cpp's permuted ones are. Its folders keep
     # that order, which the folder loader does not undo: GGUF files only.
@@ -73,6 +74,9 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     "Phi3ForCausalLM": "phi3",
     "qwen2": "qwen2",
     "Qwen2ForCausalLM": "qwen2",
+    # Qwen1.5-MoE and Qwen2 MoE: Qwen2 with experts and a gated shared expert.
+    "qwen2moe": "qwen2",
+    "Qwen2MoeForCausalLM": "qwen2",
     "qwen3": "qwen3",
     "Qwen3ForCausalLM": "qwen3",
     # Qwen3 MoE (30B-A3B, 235B-A22B, Coder): Qwen3 with experts; Qwen3-VL MoE files' text the same.

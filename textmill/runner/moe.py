@@ -11,6 +11,7 @@ down, each expert's rows whole tiles of it, and a step's MLP is five calls:
     g = experts_linear(y[tok], offsets, gate_up)   every routed row against its expert
     d = experts_linear(silu_mul(g), offsets, down)
     out = moe_combine(d, tok, w)             the weighted sum, in expert order
+    [out += sigmoid(gate . y) * shared(y)]   a shared expert (Qwen2 MoE; ungated in Granite's)
 
 Each call computes a row from that row alone (kernels/csrc/layer.cpp and quant.cpp say how),
 so a token's output is bitwise the same whatever else its step holds: guessed tokens stay
@@ -45,6 +46,10 @@ class KernelMoE(nn.Module):
         self._modes = (self._quant.mode_number(gate_up.mode), self._quant.mode_number(down.mode))
         float_router = type(router) is nn.Linear and router.weight.dtype == torch.float32 and router.bias is None
         self._router_weight = router.weight.detach().contiguous() if float_router else None
+        # A shared expert (runner/fused.py fuses it as any MLP), and its gate's float row (Qwen2 MoE).
+        self.shared_expert = moe.shared_expert
+        gate = moe.shared_expert_gate
+        self._shared_gate = None if gate is None else gate.weight.detach().float().contiguous()
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         if self._router_weight is not None:
@@ -58,7 +63,13 @@ class KernelMoE(nn.Module):
         g = self._quant.experts_linear(routed, offsets, self._modes[0], self.gate_up.packed, self.width)
         d = self._quant.experts_linear(self._layer.silu_mul(g), offsets, self._modes[1], self.down.packed,
                                        self.hidden)
-        return self._layer.moe_combine(d, tok, w, y.shape[0])
+        out = self._layer.moe_combine(d, tok, w, y.shape[0])
+        if self.shared_expert is None:
+            return out
+        shared = self.shared_expert(y)
+        if self._shared_gate is not None:
+            shared = torch.sigmoid(self._layer.dense_rows(y, self._shared_gate)) * shared
+        return out.add_(shared)
 
 
 def stack_experts(model: nn.Module, ref_of: Callable[[nn.Linear], CodesRef | None],
