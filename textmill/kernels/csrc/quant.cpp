@@ -2831,9 +2831,16 @@ void run_parts(const std::vector<Part>& parts, const float* x, bool flip_q8, con
   int64_t left = 0;
   for (const Run& r : runs) left += r.ntiles;
   std::vector<Piece> pieces;
+  const int64_t all_tiles = left;
   for (int64_t pi = 0; pi < static_cast<int64_t>(parts.size()); ++pi) {
     const int64_t ntiles = runs[pi].ntiles;
-    int64_t piece = std::max<int64_t>(grain, (ntiles + 8 * nthreads - 1) / (8 * nthreads));
+    // A part with rows of its own (an expert of experts_linear, one of 8-128 in the call) is cut
+    // by the whole call's share: cut by its own, a token's 8 experts at one row made 128 pieces
+    // of ~110 KB, each a new stream to start, and ran at 0.8x the rate of one weight of their
+    // bytes (1.0x cut so). Parts side by side keep their own share: a Q4_K_M 1B's q/k beside its
+    // v, cut by the whole, took 1.02x the step at 16 streams (bench/step_ab.py, Zen 3).
+    const int64_t share = parts[pi].rows < 0 ? ntiles : all_tiles;
+    int64_t piece = std::max<int64_t>(grain, (share + 8 * nthreads - 1) / (8 * nthreads));
     piece += block_major && (piece & 1);
     for (int64_t t0 = 0; t0 < ntiles;) {
       int64_t size = std::min(piece, std::max(grain, (left + 2 * nthreads - 1) / (2 * nthreads)));
