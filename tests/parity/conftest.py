@@ -1,4 +1,5 @@
-"""Shared fixtures for parity tests: the bundled GGUF, loaded once per module by each side."""
+"""Shared fixtures for parity tests: the bundled GGUF, loaded once per module by each side; the
+tiny checkpoints' tokenizer and prompts (tiny_models.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.parity.tiny_models import prompt_ids, train_tokenizer
 from textmill.loader import LoadedModel, load_model
 from textmill.loader.bundled import bundled_model_path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> dict[str, torch.Tensor]:
+    return prompt_ids(tokenizer)
 
 
 @pytest.fixture(scope="module")

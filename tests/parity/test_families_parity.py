@@ -16,7 +16,7 @@ import torch
 
 from tests.parity.compare import GREEDY_TOKENS, LOGPROB_TOLERANCE, hf_greedy, max_logprob_diff, our_greedy
 from tests.parity.tiny_gguf import llama_cpp_permute, write_gguf
-from tests.parity.tiny_models import (FAMILIES, GEMMA2_SOFTCAPS, SLIDING_WINDOW, phi3_longrope_model, prompt_ids,
+from tests.parity.tiny_models import (FAMILIES, GEMMA2_SOFTCAPS, SLIDING_WINDOW, phi3_longrope_model,
                                      save_folder, tiny_hf_model, tiny_vl_model, train_tokenizer)
 from textmill.loader import LoadedModel, load_model
 from textmill.loader.names import unpermute_rope_rows
@@ -39,16 +39,6 @@ HF_GGUF_OVERRIDES = {
     "gemma3": lambda c: {"query_pre_attn_scalar": c.head_dim},  # llama.cpp's rule below 27B
     "gpt2": lambda c: {"n_positions": c.n_positions},
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def prompts(tokenizer) -> dict[str, torch.Tensor]:
-    return prompt_ids(tokenizer)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

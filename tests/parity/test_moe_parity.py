@@ -20,7 +20,7 @@ import torch
 
 from tests.parity.compare import LOGPROB_TOLERANCE, hf_greedy, max_logprob_diff, our_greedy
 from tests.parity.tiny_gguf import write_gguf
-from tests.parity.tiny_models import prompt_ids, save_folder, tiny_hf_model, train_tokenizer
+from tests.parity.tiny_models import save_folder, tiny_hf_model
 from textmill.loader import load_model
 from textmill.models.moe import SparseMoE, route
 from textmill.models.registry import build_model
@@ -36,16 +36,6 @@ EXPECTED = {  # family -> (registry key, experts, per token, renormalized, dense
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def prompts(tokenizer) -> dict[str, torch.Tensor]:
-    return prompt_ids(tokenizer)
-
-
 def _matches(ours, hf, prompts) -> None:
     for name, ids in prompts.items():
         diff = max_logprob_diff(ours, hf, ids)
@@ -55,11 +45,12 @@ def _matches(ours, hf, prompts) -> None:
         assert our_greedy(ours, ids) == expected, name
 
 
-@pytest.mark.parametrize("family", sorted(EXPECTED))
-@pytest.mark.parametrize("source", ["folder", "gguf", "gguf-per-expert"])
+# Each family from a folder and a file; Mixtral's also from a file of its older layout.
+CASES = [(f, s) for f in sorted(EXPECTED) for s in ("folder", "gguf")] + [("mixtral", "gguf-per-expert")]
+
+
+@pytest.mark.parametrize(("family", "source"), CASES)
 def test_experts_match_transformers(family, source, tokenizer, prompts, tmp_path: Path) -> None:
-    if source == "gguf-per-expert" and family != "mixtral":
-        pytest.skip("only Mixtral's older files name each expert's tensors")
     hf = tiny_hf_model(family)
     if source == "folder" and family == "granitemoe":
         with pytest.raises(ValueError, match="unsupported model architecture 'GraniteMoeForCausalLM'"):
