@@ -28,7 +28,8 @@ step. layer() stays the reference: tests hold Forward to it bitwise, which is wh
 keeps the two in step, and it runs any other linear.
 
 Built only for exact llama.LlamaForCausalLM / qwen2 / qwen3 / olmo2 / Gemma 1, 2 and 3 instances
-whose layers runner/fused.py has fused; anything else keeps the model's own forward. Qwen3's
+whose layers runner/fused.py has fused (a mixture of experts' MLP: runner/moe.py's KernelMoE,
+whose layers stay in the Python loop); anything else keeps the model's own forward. Qwen3's
 QK norm runs inside rope_kv_write, as Gemma 3's does (and OLMo 2's, over all heads at once);
 SmolLM3's NoPE layers take an identity RoPE table; Granite's multipliers scale the embedding
 (as Gemma's), the scores, and each attention and MLP output before it joins h; OLMo 2 norms
@@ -98,7 +99,7 @@ class KernelForwardBase:
             return
         linears = [[_parts(m) for m in _linears(layer)] for layer in self.layers]
         if any(p is None for layer in linears for p in layer):
-            log.info("layers in Python: a linear here is none the C++ forward calls")
+            log.info("layers in Python: a linear here is none the C++ forward calls (or a mixture of experts)")
             return
         quant = None
         if any(form is not None for layer in linears for parts in layer for form, *_ in parts):

@@ -1,8 +1,8 @@
 """A mixture of experts (models/moe.py) on the CPU kernels, for a GGUF file's own blocks.
 
 models/moe.py runs each expert as a module of its own: per layer and step, a few torch ops
-and two linears for every expert some token chose (8 of 128 per token on Qwen3 30B-A3B, so
-16-30 linears a layer at one stream and up to all 128 experts' at 16). Here a layer's
+and two linears for every expert some token chose (8 of 128 per token on Qwen3 30B-A3B: 16
+linears a layer at one stream, and at 16 streams those of up to all 128 experts). Here a layer's
 experts are packed once into one weight per projection, gate and up side by side, then
 down, each expert's rows whole tiles of it, and a step's MLP is five calls:
 
