@@ -91,9 +91,10 @@ def test_dense_rows_is_row_independent(ops):
         assert torch.equal(layer.dense_rows(x[i:i + 1].contiguous(), w), whole[i:i + 1])
 
 
-def _write_moe(path, gate_up: T, down: T, arch: str = "qwen3moe") -> None:
+def _write_moe(path, gate_up: T, down: T, arch: str = "qwen3moe", fused: bool = False) -> None:
     """A Qwen3 MoE file as llama.cpp writes one: stacked experts in k-quant blocks, a float router;
-    as `arch` "qwen2moe", q/k/v biases instead of q/k norms and a shared expert behind a gate."""
+    as `arch` "qwen2moe", q/k/v biases instead of q/k norms and a shared expert behind a gate;
+    `fused`: each expert's gate and up rows in one ffn_gate_up_exps stack (newer converters)."""
     rng = np.random.default_rng(3)
     w = GGUFWriter(str(path), arch)
     for key, value in (("embedding_length", C), ("block_count", LAYERS), ("feed_forward_length", 4 * C),
@@ -120,10 +121,13 @@ def _write_moe(path, gate_up: T, down: T, arch: str = "qwen3moe") -> None:
                             ("attn_output", (C, C))):
             w.add_tensor(f"blk.{i}.{name}.weight", _blocks(T.Q4_K, shape, rng), raw_dtype=T.Q4_K)
         w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", (rng.standard_normal((EXPERTS, C)) * 0.3).astype(np.float32))
-        for name, qtype, (rows, k) in (("gate", gate_up, (WIDTH, C)), ("up", gate_up, (WIDTH, C)),
-                                       ("down", down, (C, WIDTH))):
-            stack = _blocks(qtype, (EXPERTS * rows, k), rng)
-            w.add_tensor(f"blk.{i}.ffn_{name}_exps.weight", stack.reshape(EXPERTS, rows, -1), raw_dtype=qtype)
+        stacks = {name: _blocks(qtype, (EXPERTS * rows, k), rng).reshape(EXPERTS, rows, -1)
+                  for name, qtype, (rows, k) in (("gate", gate_up, (WIDTH, C)), ("up", gate_up, (WIDTH, C)),
+                                                 ("down", down, (C, WIDTH)))}
+        if fused:
+            stacks = {"gate_up": np.concatenate([stacks["gate"], stacks["up"]], axis=1), "down": stacks["down"]}
+        for name, stack in stacks.items():
+            w.add_tensor(f"blk.{i}.ffn_{name}_exps.weight", stack, raw_dtype=down if name == "down" else gate_up)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -186,3 +190,15 @@ def test_float_weights_keep_the_models_own_moe_on_kernel_attention():
     runner = _runner(*_random_llama(seed=5, **moe), True)
     assert not isinstance(runner.forward, KernelForward) and not runner.chunks_match_steps
     _compare(eager, drive(runner, dense_workload(), budget=7), tol=1e-4)
+
+
+def test_a_fused_gate_and_up_stack_is_read_as_the_two(ops, tmp_path):
+    """Newer converters may write each expert's gate and up rows in one ffn_gate_up_exps stack:
+    the same weights in either layout give the same bits."""
+    tokens = random.Random(1).choices(range(VOCAB), k=24)
+    got = []
+    for fused in (False, True):
+        path = tmp_path / f"moe-{fused}.gguf"
+        _write_moe(path, T.Q4_K, T.Q6_K, fused=fused)
+        got.append(_prompt_logprobs(_kernel_runner(path), tokens))
+    assert torch.equal(got[0], got[1])
