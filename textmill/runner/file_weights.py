@@ -19,7 +19,7 @@ from textmill.loader.group_codes import (GROUP, PACKED_FROM_FILE_TYPES, CodesRef
                                          release_file_pages)
 from textmill.runner.fused import fuse_gemma_layers, fuse_llama_layers
 from textmill.runner.linear import swap_linears
-from textmill.runner.moe import stack_experts
+from textmill.runner.moe import KernelMoE, stack_experts
 from textmill.runner.qlinear import OutOfHalfRange, QLinear, SideBySide, width_form
 from textmill.runner.weight_arena import WeightArena
 
@@ -175,7 +175,9 @@ def install_file_weights(model: nn.Module, codes: Mapping[str, CodesRef], rows: 
         model.lm_head = maker.head(codes[HEAD])
     # A mixture's experts, one packed weight per projection (runner/moe.py), before fusing
     # would pack each expert's MLP alone.
-    moes = stack_experts(model, maker.ref, maker.one, maker.arena)
+    for ref in stack_experts(model, maker.ref, maker.one, maker.arena):
+        maker._count(ref.source)
+    moes = sum(isinstance(m, KernelMoE) for m in model.modules())
     fused = fuse_llama_layers(model, maker.fused) + fuse_gemma_layers(model, maker.fused)
     count = swap_linears(model, maker.one)
     release_file_pages([r.raw for r in codes.values()] + [rows.raw])

@@ -73,25 +73,26 @@ class KernelMoE(nn.Module):
 
 
 def stack_experts(model: nn.Module, ref_of: Callable[[nn.Linear], CodesRef | None],
-                  router_of: Callable[[nn.Linear], nn.Module], arena) -> int:
+                  router_of: Callable[[nn.Linear], nn.Module], arena) -> list[CodesRef]:
     """Replace each SparseMoE whose experts the file holds in one packable form per projection
     (every expert's gate and up alike, every down alike, whole tiles) by a KernelMoE; returns
-    how many. The rest keep their experts as modules (fused and swapped like any MLP)."""
-    count = 0
+    the file tensors so packed. The rest keep their experts as modules (fused and swapped like
+    any MLP)."""
+    packed: list[CodesRef] = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not SparseMoE:
                 continue
-            stacked = _stacked(child, ref_of, arena)
+            gate_up = [ref_of(p) for e in child.experts for p in (e.gate_proj, e.up_proj)]
+            down = [ref_of(e.down_proj) for e in child.experts]
+            stacked = _stacked(gate_up, down, arena)
             if stacked is not None:
                 setattr(parent, name, KernelMoE(child, router_of(child.gate), *stacked))
-                count += 1
-    return count
+                packed += gate_up + down
+    return packed
 
 
-def _stacked(moe: SparseMoE, ref_of, arena) -> tuple[QLinear, QLinear] | None:
-    gate_up = [ref_of(p) for e in moe.experts for p in (e.gate_proj, e.up_proj)]
-    down = [ref_of(e.down_proj) for e in moe.experts]
+def _stacked(gate_up: list[CodesRef | None], down: list[CodesRef | None], arena) -> tuple[QLinear, QLinear] | None:
     if any(r is None or r.qtype not in PACKED_FROM_FILE_TYPES for r in gate_up + down):
         return None
     if len({r.form for r in gate_up}) > 1 or len({r.form for r in down}) > 1:
