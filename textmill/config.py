@@ -70,8 +70,7 @@ class ModelConfig:
 
     # registry key: "llama" (Mistral, Ministral 3, SmolLM3, Granite, ERNIE 4.5, EXAONE 3, InternLM2,
     # OLMoE, Mixtral, Granite MoE too), "phi3", "qwen2" (Qwen2 MoE too), "qwen3" (the VL files' text,
-    # Qwen3 MoE too), "olmo2"
-    # (OLMo 3, EXAONE 4.0 too), "gemma", "gemma2", "gemma3", "gpt2"
+    # Qwen3 MoE too), "olmo2" (OLMo 3, EXAONE 4.0 too), "gemma", "gemma2", "gemma3", "gpt2"
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -120,9 +119,10 @@ class ModelConfig:
     final_logit_softcap: float | None = None
     attn_logit_softcap: float | None = None
     hidden_act: str = "silu"  # "silu" (SwiGLU), "gelu_tanh" (GeGLU), "gelu" (gpt2 MLP)
-    # Mixture of experts (Qwen3 MoE, OLMoE, Mixtral; models/moe.py), 0: a dense MLP. Each token's
-    # MLP is the sum of its num_experts_per_tok likeliest experts' SwiGLUs (moe_intermediate_size
-    # wide), weighted by the router's softmax, renormalized over them where norm_topk_prob.
+    # Mixture of experts (Qwen2 and 3 MoE, OLMoE, Mixtral, Granite MoE; models/moe.py), 0: a dense
+    # MLP. Each token's MLP is the sum of its num_experts_per_tok likeliest experts' SwiGLUs
+    # (moe_intermediate_size wide), weighted by the router's softmax, renormalized over them
+    # where norm_topk_prob.
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int | None = None

@@ -174,15 +174,16 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
 
 
 # What llama.cpp does with the weights of a token's experts, by architecture: renormalized
-# over the chosen ones (Qwen3 MoE, Mixtral's "llama" files) or taken as they are (OLMoE).
+# over the chosen ones (Qwen3 MoE, Mixtral's "llama" files, Granite MoE) or taken as they are
+# (OLMoE, Qwen2 MoE).
 _EXPERT_WEIGHTS_NORMED = {"qwen3moe": True, "qwen3vlmoe": True, "llama": True, "olmoe": False, "granitemoe": True,
                           "granitemoeshared": True, "qwen2moe": False}
 
 
 def _experts(meta: GGUFMetadata, gguf: GGUFFile) -> dict[str, Any]:
     """A mixture of experts' fields (models/moe.py); the experts' width from the file's key,
-    else from their tensors; layers without a router dense. Shared experts and routers other
-    than a softmax are refused."""
+    else from their tensors; layers without a router dense; a shared expert where the file has
+    one. More than one shared expert, and routers other than a softmax, are refused."""
     count = int(meta.arch_get("expert_count", 0))
     if not count:
         return {}
