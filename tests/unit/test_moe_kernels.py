@@ -20,10 +20,9 @@ from textmill.runner import ModelRunner
 from textmill.runner.kernel_forward import KernelForward
 from textmill.runner.moe import KernelMoE
 from textmill.runner.qlinear import QLinear
-from textmill.sampling_params import SamplingParams
 from tests.unit.test_file_weights import _blocks, _prompt_logprobs
-from tests.unit.test_kernel_forward import _exactly
-from tests.unit.test_model_runner import Seq, _prompt, drive
+from tests.unit.test_kernel_forward import _exactly, _workload
+from tests.unit.test_model_runner import drive
 
 C, LAYERS, HEADS, KV_HEADS, VOCAB, EXPERTS, USED, WIDTH = 256, 2, 4, 2, 320, 8, 3, 256
 D = C // HEADS
@@ -165,14 +164,6 @@ def test_a_moe_file_runs_its_experts_stacked_and_tracks_the_float_reference(moe_
     assert torch.corrcoef(torch.stack([got, ref]))[0, 1] > 0.995
 
 
-def _workload():
-    greedy = dict(temperature=0.0, max_tokens=6, logprobs=2)
-    return [Seq("long", _prompt(17, 1), SamplingParams(**greedy, prompt_logprobs=1)),
-            Seq("short", _prompt(2, 2), SamplingParams(**greedy)),
-            Seq("late", _prompt(9, 3), SamplingParams(**greedy, prompt_logprobs=0), arrive=2),
-            Seq("seeded", _prompt(5, 4), SamplingParams(temperature=0.9, seed=11, max_tokens=6, logprobs=0))]
-
-
 def test_a_tokens_results_do_not_depend_on_its_step(moe_path):
     """Chunks of 3 and of 64 tokens, decode beside prefill or alone: the same bits."""
     runner = _kernel_runner(moe_path)
@@ -183,13 +174,13 @@ def test_float_weights_keep_the_models_own_moe_on_kernel_attention():
     """A float checkpoint's experts (a folder): no packed stack to run, so the model's own
     forward runs (its experts fused as any MLP), on the kernels' attention, and matches the
     eager path."""
-    from tests.unit.test_kernel_forward import _compare, _random_llama, _runner, _workload as dense_workload
+    from tests.unit.test_kernel_forward import _compare, _random_llama, _runner
 
     moe = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False)
-    eager = drive(_runner(*_random_llama(seed=5, **moe), False), dense_workload(), budget=7)
+    eager = drive(_runner(*_random_llama(seed=5, **moe), False), _workload(), budget=7)
     runner = _runner(*_random_llama(seed=5, **moe), True)
     assert not isinstance(runner.forward, KernelForward) and not runner.chunks_match_steps
-    _compare(eager, drive(runner, dense_workload(), budget=7), tol=1e-4)
+    _compare(eager, drive(runner, _workload(), budget=7), tol=1e-4)
 
 
 def test_a_fused_gate_and_up_stack_is_read_as_the_two(ops, tmp_path):

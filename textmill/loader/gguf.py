@@ -10,7 +10,6 @@ numpy's decoders stay the reference and the fallback.
 from __future__ import annotations
 
 import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,33 +21,15 @@ from tqdm import tqdm
 from textmill.config import ModelConfig
 from textmill.loader.dequant import dequantize
 from textmill.loader.ggml_types import GGMLQuantizationType
-from textmill.loader.gguf_file import GGUFFile, TensorInfo
+from textmill.loader.gguf_experts import expert_fields, expert_parts
+from textmill.loader.gguf_file import GGUFFile, GGUFMetadata, TensorInfo
 from textmill.loader.group_codes import CodesRef, GGUFRows, convertible
 from textmill.loader.hf_config import pattern_of_layers
 from textmill.loader.names import FUSED_GGUF, fused_parts, gguf_param_name, to_model_layout
 from textmill.loader.rope_scaling import yarn
 from textmill.models.registry import resolve_architecture
 
-_MISSING = object()
 SMOLLM3_NOPE_EVERY = 4  # llama.cpp's n_no_rope_layer_step for "smollm3" files
-
-
-class GGUFMetadata:
-    """Access to a file's key/value metadata, with the `{arch}.` prefix handled."""
-
-    def __init__(self, gguf: GGUFFile) -> None:
-        self._fields = gguf.metadata
-        self.arch = str(self.get("general.architecture"))
-
-    def get(self, key: str, default: Any = _MISSING) -> Any:
-        if key not in self._fields:
-            if default is _MISSING:
-                raise ValueError(f"GGUF metadata lacks {key!r}")
-            return default
-        return self._fields[key]
-
-    def arch_get(self, key: str, default: Any = _MISSING) -> Any:
-        return self.get(f"{self.arch}.{key}", default)
 
 
 def _rope_scaling(meta: GGUFMetadata, theta: float, rotary_dims: int, context: int) -> dict[str, Any]:
@@ -135,7 +116,7 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
     if fields["rope_freq_factors"] and scaling.get("rope_freq_factors"):  # both divide, as in ggml's rope
         scaling["rope_freq_factors"] = tuple(a * b for a, b in zip(fields["rope_freq_factors"],
                                                                    scaling["rope_freq_factors"]))
-    fields |= scaling | _experts(meta, gguf)
+    fields |= scaling | expert_fields(meta, gguf)
     family = fields["architecture"]
     if family in ("gemma2", "gemma3"):
         fields |= _gemma_fields(meta, fields, family)
@@ -171,41 +152,6 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
         fields |= dict(norm_eps=float(meta.arch_get("attention.layer_norm_epsilon", 1e-5)),
                        hidden_act="gelu_tanh")  # ggml's GELU is the tanh approximation
     return ModelConfig(**fields)
-
-
-# What llama.cpp does with the weights of a token's experts, by architecture: renormalized
-# over the chosen ones (Qwen3 MoE, Mixtral's "llama" files, Granite MoE) or taken as they are
-# (OLMoE, Qwen2 MoE).
-_EXPERT_WEIGHTS_NORMED = {"qwen3moe": True, "qwen3vlmoe": True, "llama": True, "olmoe": False, "granitemoe": True,
-                          "granitemoeshared": True, "qwen2moe": False}
-
-
-def _experts(meta: GGUFMetadata, gguf: GGUFFile) -> dict[str, Any]:
-    """A mixture of experts' fields (models/moe.py); the experts' width from the file's key,
-    else from their tensors; layers without a router dense; a shared expert where the file has
-    one. More than one shared expert, and routers other than a softmax, are refused."""
-    count = int(meta.arch_get("expert_count", 0))
-    if not count:
-        return {}
-    if meta.arch not in _EXPERT_WEIGHTS_NORMED or int(meta.arch_get("expert_shared_count", 0)) > 1:
-        raise ValueError(f"{meta.arch!r} files with experts are not supported (Qwen2 MoE, Qwen3 MoE, OLMoE, Mixtral "
-                         "and Granite MoE are)")
-    if int(meta.arch_get("expert_gating_func", 1)) != 1:  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
-        raise ValueError("only a softmax router is supported")
-    width = meta.arch_get("expert_feed_forward_length", None)
-    if width is None:
-        gate = next((t for t in gguf.tensors if t.name in ("blk.0.ffn_gate_exps.weight", "blk.0.ffn_gate.0.weight")),
-                    None)
-        width = gate.shape[-2] if gate is not None else meta.arch_get("feed_forward_length")
-    # A layer without a router is dense (llama.cpp makes every layer of these files sparse).
-    routed = {t.name for t in gguf.tensors if t.name.endswith(".ffn_gate_inp.weight")}
-    dense = tuple(i for i in range(int(meta.arch_get("block_count"))) if f"blk.{i}.ffn_gate_inp.weight" not in routed)
-    # A shared expert (Qwen2 MoE: gated; Granite MoE shared: not), by its tensors as llama.cpp finds it.
-    shared = next((t.shape[0] for t in gguf.tensors if t.name == "blk.0.ffn_gate_shexp.weight"), None)
-    return dict(num_experts=count, num_experts_per_tok=int(meta.arch_get("expert_used_count")),
-                moe_intermediate_size=int(width), norm_topk_prob=_EXPERT_WEIGHTS_NORMED[meta.arch],
-                dense_layers=dense, shared_expert_intermediate_size=shared,
-                shared_expert_gate=shared is not None and meta.arch == "qwen2moe")
 
 
 def _olmo3_fields(meta: GGUFMetadata, fields: dict[str, Any]) -> dict[str, Any]:
@@ -317,28 +263,6 @@ def model_tensors(gguf: GGUFFile, config: ModelConfig) -> list[TensorInfo]:
         row_bytes = t.data.size // t.shape[0]
         out += [TensorInfo(name, (end - start, *t.shape[1:]), t.qtype, t.data[start * row_bytes:end * row_bytes])
                 for name, start, end in parts]
-    return out
-
-
-_STACKED_EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.weight")
-
-
-def expert_parts(t: TensorInfo) -> list[TensorInfo] | None:
-    """A stacked expert tensor, (E, rows, K), as each expert's own 2-D tensor under llama.cpp's
-    older per-expert names (`blk.3.ffn_gate.7.weight`, which Mixtral files still use); a
-    fused gate-and-up stack as each expert's gate (its first half) and up. None for the rest."""
-    m = _STACKED_EXPERTS.fullmatch(t.name)
-    if m is None:
-        return None
-    layer, kind = m.groups()
-    experts, rows = t.shape[0], t.shape[1]
-    halves = (("gate", 0, rows // 2), ("up", rows // 2, rows)) if kind == "gate_up" else ((kind, 0, rows),)
-    row_bytes = t.data.size // (experts * rows)
-    out = []
-    for e in range(experts):
-        base = e * rows * row_bytes
-        out += [TensorInfo(f"blk.{layer}.ffn_{name}.{e}.weight", (end - start, *t.shape[2:]), t.qtype,
-                           t.data[base + start * row_bytes:base + end * row_bytes]) for name, start, end in halves]
     return out
 
 

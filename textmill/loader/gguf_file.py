@@ -1,4 +1,5 @@
-"""A lean GGUF reader: metadata scalars, tensor infos, and memory-mapped tensor bytes.
+"""A lean GGUF reader: metadata scalars, tensor infos, and memory-mapped tensor bytes (and
+GGUFMetadata, which reads a key with the file's `{arch}.` prefix).
 
 gguf.GGUFReader builds a numpy view for every part of every field, which takes tens of
 seconds on a 262k-token vocabulary (Gemma 3). The loader needs the scalars and the tensors,
@@ -163,3 +164,24 @@ class GGUFFile:
         if begin + nbytes > buf.size:
             raise ValueError(f"tensor {name!r} runs past the end of the file (truncated download?)")
         return TensorInfo(name, shape, qtype, buf[begin:begin + nbytes])
+
+
+_MISSING = object()
+
+
+class GGUFMetadata:
+    """Access to a file's key/value metadata, with the `{arch}.` prefix handled."""
+
+    def __init__(self, gguf: GGUFFile) -> None:
+        self._fields = gguf.metadata
+        self.arch = str(self.get("general.architecture"))
+
+    def get(self, key: str, default: Any = _MISSING) -> Any:
+        if key not in self._fields:
+            if default is _MISSING:
+                raise ValueError(f"GGUF metadata lacks {key!r}")
+            return default
+        return self._fields[key]
+
+    def arch_get(self, key: str, default: Any = _MISSING) -> Any:
+        return self.get(f"{self.arch}.{key}", default)

@@ -1,0 +1,64 @@
+"""A GGUF file's mixture of experts (models/moe.py), as llama.cpp reads one: the config fields
+its metadata and tensors give, and its stacked expert tensors as each expert's own."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from textmill.loader.gguf_file import GGUFFile, GGUFMetadata, TensorInfo
+
+# What llama.cpp does with the weights of a token's experts, by architecture: renormalized
+# over the chosen ones (Qwen3 MoE, Mixtral's "llama" files, Granite MoE) or taken as they are
+# (OLMoE, Qwen2 MoE).
+_EXPERT_WEIGHTS_NORMED = {"qwen3moe": True, "qwen3vlmoe": True, "llama": True, "olmoe": False, "granitemoe": True,
+                          "granitemoeshared": True, "qwen2moe": False}
+
+
+def expert_fields(meta: GGUFMetadata, gguf: GGUFFile) -> dict[str, Any]:
+    """A mixture of experts' fields (models/moe.py); the experts' width from the file's key,
+    else from their tensors; layers without a router dense; a shared expert where the file has
+    one. More than one shared expert, and routers other than a softmax, are refused."""
+    count = int(meta.arch_get("expert_count", 0))
+    if not count:
+        return {}
+    if meta.arch not in _EXPERT_WEIGHTS_NORMED or int(meta.arch_get("expert_shared_count", 0)) > 1:
+        raise ValueError(f"{meta.arch!r} files with experts are not supported (Qwen2 MoE, Qwen3 MoE, OLMoE, Mixtral "
+                         "and Granite MoE are)")
+    if int(meta.arch_get("expert_gating_func", 1)) != 1:  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
+        raise ValueError("only a softmax router is supported")
+    width = meta.arch_get("expert_feed_forward_length", None)
+    if width is None:
+        gate = next((t for t in gguf.tensors if t.name in ("blk.0.ffn_gate_exps.weight", "blk.0.ffn_gate.0.weight")),
+                    None)
+        width = gate.shape[-2] if gate is not None else meta.arch_get("feed_forward_length")
+    # A layer without a router is dense (llama.cpp makes every layer of these files sparse).
+    routed = {t.name for t in gguf.tensors if t.name.endswith(".ffn_gate_inp.weight")}
+    dense = tuple(i for i in range(int(meta.arch_get("block_count"))) if f"blk.{i}.ffn_gate_inp.weight" not in routed)
+    # A shared expert (Qwen2 MoE: gated; Granite MoE shared: not), by its tensors as llama.cpp finds it.
+    shared = next((t.shape[0] for t in gguf.tensors if t.name == "blk.0.ffn_gate_shexp.weight"), None)
+    return dict(num_experts=count, num_experts_per_tok=int(meta.arch_get("expert_used_count")),
+                moe_intermediate_size=int(width), norm_topk_prob=_EXPERT_WEIGHTS_NORMED[meta.arch],
+                dense_layers=dense, shared_expert_intermediate_size=shared,
+                shared_expert_gate=shared is not None and meta.arch == "qwen2moe")
+
+
+_STACKED_EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.weight")
+
+
+def expert_parts(t: TensorInfo) -> list[TensorInfo] | None:
+    """A stacked expert tensor, (E, rows, K), as each expert's own 2-D tensor under llama.cpp's
+    older per-expert names (`blk.3.ffn_gate.7.weight`, which Mixtral files still use); a
+    fused gate-and-up stack as each expert's gate (its first half) and up. None for the rest."""
+    m = _STACKED_EXPERTS.fullmatch(t.name)
+    if m is None:
+        return None
+    layer, kind = m.groups()
+    experts, rows = t.shape[0], t.shape[1]
+    halves = (("gate", 0, rows // 2), ("up", rows // 2, rows)) if kind == "gate_up" else ((kind, 0, rows),)
+    row_bytes = t.data.size // (experts * rows)
+    out = []
+    for e in range(experts):
+        base = e * rows * row_bytes
+        out += [TensorInfo(f"blk.{layer}.ffn_{name}.{e}.weight", (end - start, *t.shape[2:]), t.qtype,
+                           t.data[base + start * row_bytes:base + end * row_bytes]) for name, start, end in halves]
+    return out
