@@ -83,7 +83,7 @@ _OLMO2 = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
     "post_ffw_norm": "post_feedforward_layernorm",
 }))
 # A mixture of experts' router and experts (models/moe.py); the loader names each expert's
-# tensors `ffn_gate.{e}` and so on (gguf.expert_parts), as older Mixtral files do.
+# tensors `ffn_gate.{e}` and so on (gguf_experts.expert_parts), as older Mixtral files do.
 _EXPERTS = {"ffn_gate_inp": "mlp.gate", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
             "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj",
             "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}
