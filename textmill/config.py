@@ -107,6 +107,10 @@ class ModelConfig:
     logit_scale: float | None = None
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # qwen2: bias on q/k/v
+    attention_out_bias: bool = False  # gpt-oss: a bias on o_proj too
+    # gpt-oss: one learned logit per query head that joins each softmax over the keys and
+    # takes its share of the weight with no value (the "sink").
+    attention_sinks: bool = False
     qk_norm: bool = False  # qwen3, gemma3, olmo2: RMSNorm of q and k before RoPE, each head alone
     qk_norm_whole: bool = False  # olmo2 (not EXAONE 4): ... over all heads together (H x D weights)
     sliding_window: int | None = None
@@ -132,6 +136,11 @@ class ModelConfig:
     # wide; its output times sigmoid(a learned gate) where shared_expert_gate (Qwen2 MoE).
     shared_expert_intermediate_size: int | None = None
     shared_expert_gate: bool = False
+    # gpt-oss: the router and every expert's projections have biases, and the experts' SwiGLU
+    # is clamped at this limit: (clamp(up, -limit, limit) + 1) * g * sigmoid(1.702 g) with
+    # g = min(gate, limit). None: the plain SwiGLU.
+    moe_bias: bool = False
+    swiglu_limit: float | None = None
     name: str = ""  # human-readable model name from the checkpoint
 
 

@@ -21,6 +21,7 @@ class DenseAttention:
         scale: float,
         sliding_window: int | None = None,
         logit_softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:  # (N, Hq, D)
         n, hq, _ = q.shape
         group = hq // k.shape[1]
@@ -28,14 +29,23 @@ class DenseAttention:
         v = v.repeat_interleave(group, dim=1)
         mask = causal_mask(n, sliding_window, q.device)  # (N, N) True = may attend
         q_, k_, v_ = (t.transpose(0, 1) for t in (q, k, v))  # (Hq, N, D)
-        if logit_softcap is None:
+        if logit_softcap is None and sinks is None:
             out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale)
         else:
             scores = (q_ @ k_.transpose(1, 2)).float() * scale  # (Hq, N, N)
-            scores = logit_softcap * torch.tanh(scores / logit_softcap)
-            scores = scores.masked_fill(~mask, float("-inf"))
-            out = (scores.softmax(-1).to(v_.dtype)) @ v_
+            if logit_softcap is not None:
+                scores = logit_softcap * torch.tanh(scores / logit_softcap)
+            out = (_softmax(scores.masked_fill(~mask, float("-inf")), sinks).to(v_.dtype)) @ v_
         return out.transpose(0, 1)  # (N, Hq, D)
+
+
+def _softmax(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dimension of (Hq, N, L) scores; with sinks (gpt-oss) each head's
+    sink logit joins the sum and its weight is dropped."""
+    if sinks is None:
+        return scores.softmax(-1)
+    sink = sinks.float()[:, None, None].expand(*scores.shape[:-1], 1)
+    return torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
 
 
 def causal_mask(n: int, sliding_window: int | None, device: torch.device) -> torch.Tensor:
@@ -65,6 +75,7 @@ class CachedAttention:
         scale: float,
         sliding_window: int | None = None,
         logit_softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:  # (N, Hq, D)
         if layer in self.k:
             k, v = torch.cat([self.k[layer], k]), torch.cat([self.v[layer], v])
@@ -81,5 +92,5 @@ class CachedAttention:
         scores = torch.einsum("nhd,lhd->hnl", q.float(), k.float()) * scale  # (Hq, N, L)
         if logit_softcap is not None:
             scores = logit_softcap * torch.tanh(scores / logit_softcap)
-        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        probs = _softmax(scores.masked_fill(~mask, float("-inf")), sinks)
         return torch.einsum("hnl,lhd->nhd", probs, v.float()).to(q.dtype)  # (N, Hq, D)

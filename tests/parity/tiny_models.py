@@ -151,6 +151,10 @@ def hf_config(family: str):
                                    num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=2.5,
                                    residual_multiplier=0.5, attention_multiplier=0.4, logits_scaling=0.7,
                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if family == "gpt_oss":  # biases everywhere, attention sinks, a window every other layer, 4 experts of 32
+        return tf.GptOssConfig(**(common | dict(intermediate_size=32)), head_dim=16, tie_word_embeddings=False,
+                               num_local_experts=4, num_experts_per_tok=2, sliding_window=SLIDING_WINDOW,
+                               rope_parameters=YARN_ROPE | {"truncate": True})  # llama.cpp's YaRN truncates
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB_SIZE, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
                              n_positions=MAX_POSITIONS, activation_function="gelu_new",

@@ -385,14 +385,16 @@ class PagedCase:
         self.context_lens = torch.tensor([s + r for s, r in seqs], dtype=torch.int64)
         self.q = torch.randn(sum(rows), hq, d, generator=g)
 
-    def run(self, ops, q=None, scale=None, window=0, softcap=0.0):
+    def run(self, ops, q=None, scale=None, window=0, softcap=0.0, sinks=None):
         scale = self.d**-0.5 if scale is None else scale
         return ops.paged_attention(self.q if q is None else q, self.cache, self.block_table, self.query_start,
-                                   self.seq_start, self.context_lens, self.block_size, scale, window, softcap)
+                                   self.seq_start, self.context_lens, self.block_size, scale, window, softcap,
+                                   sinks)
 
-    def reference(self, scale=None, window=0, softcap=0.0):
+    def reference(self, scale=None, window=0, softcap=0.0, sinks=None):
         """Gather each sequence's context through its block table, then masked softmax
-        attention in float64 with the kv heads repeated for GQA."""
+        attention in float64 with the kv heads repeated for GQA (and each head's sink logit
+        in the softmax, its weight dropped)."""
         scale = self.d**-0.5 if scale is None else scale
         group = self.hq // self.hkv
         out = torch.empty_like(self.q)
@@ -414,7 +416,11 @@ class PagedCase:
             if window > 0:
                 visible &= pos - keys[None] < window
             scores = scores.masked_fill(~visible[None], float("-inf"))
-            probs = torch.softmax(scores, dim=-1)
+            if sinks is None:
+                probs = torch.softmax(scores, dim=-1)
+            else:
+                sink = sinks.double()[:, None, None].expand(*scores.shape[:2], 1)
+                probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
             out[self.query_start[b] : self.query_start[b + 1]] = torch.einsum("htl,lhd->thd", probs, v).float()
         return out
 
@@ -469,6 +475,20 @@ def test_paged_attention_sliding_window(ops, window):
     seqs = [(5, 6), (13, 1), (0, 7), (100, 64), (700, 1), (240, 40)]
     case = PagedCase(seqs, 6, 2, 64, 16, seed=window)
     torch.testing.assert_close(case.run(ops, window=window), case.reference(window=window), **TOL)
+
+
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_paged_attention_sinks(ops, nthreads):
+    """gpt-oss's sink logits, one a head, in every query's softmax: decode rows long enough to be
+    split into key chunks on two threads, prefill tiles, a window; sinks high and low."""
+    seqs = [(5, 6), (13, 1), (0, 7), (300, 20), (1500, 1), (2047, 1)]
+    case = PagedCase(seqs, 8, 2, 64, 16, seed=3)
+    sinks = torch.tensor([-3.0, 0.0, 1.0, 2.5, 4.0, -1.0, 0.5, 6.0])
+    for window in (0, 17):
+        with threads(nthreads):
+            got = case.run(ops, window=window, sinks=sinks)
+        torch.testing.assert_close(got, case.reference(window=window, sinks=sinks), **TOL)
+        assert (got - case.run(ops, window=window)).abs().max() > 0.01  # the sinks take their share
 
 
 @pytest.mark.parametrize("softcap,window", [(30.0, 0), (5.0, 0), (50.0, 17)])

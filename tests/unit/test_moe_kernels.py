@@ -93,7 +93,9 @@ def test_dense_rows_is_row_independent(ops):
 def _write_moe(path, gate_up: T, down: T, arch: str = "qwen3moe", fused: bool = False) -> None:
     """A Qwen3 MoE file as llama.cpp writes one: stacked experts in k-quant blocks, a float router;
     as `arch` "qwen2moe", q/k/v biases instead of q/k norms and a shared expert behind a gate;
-    `fused`: each expert's gate and up rows in one ffn_gate_up_exps stack (newer converters)."""
+    as "gpt-oss", biases on q/k/v/o, the router and every expert, attention sinks and a window
+    in every other layer; `fused`: each expert's gate and up rows in one ffn_gate_up_exps stack
+    (newer converters)."""
     rng = np.random.default_rng(3)
     w = GGUFWriter(str(path), arch)
     for key, value in (("embedding_length", C), ("block_count", LAYERS), ("feed_forward_length", 4 * C),
@@ -103,15 +105,25 @@ def _write_moe(path, gate_up: T, down: T, arch: str = "qwen3moe", fused: bool = 
         w.add_uint32(f"{arch}.{key}", value)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
     w.add_float32(f"{arch}.rope.freq_base", 10000.0)
+    if arch == "gpt-oss":
+        w.add_uint32(f"{arch}.attention.sliding_window", 8)
     w.add_tensor("token_embd.weight", _blocks(T.Q8_0, (VOCAB, C), rng), raw_dtype=T.Q8_0)
     w.add_tensor("output_norm.weight", np.ones(C, dtype=np.float32))
     for i in range(LAYERS):
         qk_norms = (("attn_q_norm", D), ("attn_k_norm", D)) if arch == "qwen3moe" else ()
-        for norm, width in (("attn_norm", C), ("ffn_norm", C), *qk_norms):
+        mlp_norm = "post_attention_norm" if arch == "gpt-oss" else "ffn_norm"
+        for norm, width in (("attn_norm", C), (mlp_norm, C), *qk_norms):
             w.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * rng.standard_normal(width)).astype(np.float32))
-        if arch == "qwen2moe":
-            for name, width in (("attn_q", C), ("attn_k", KV_HEADS * D), ("attn_v", KV_HEADS * D)):
+        if arch in ("qwen2moe", "gpt-oss"):
+            out_bias = (("attn_output", C), ("ffn_gate_inp", EXPERTS)) if arch == "gpt-oss" else ()
+            for name, width in (("attn_q", C), ("attn_k", KV_HEADS * D), ("attn_v", KV_HEADS * D), *out_bias):
                 w.add_tensor(f"blk.{i}.{name}.bias", (0.1 * rng.standard_normal(width)).astype(np.float32))
+        if arch == "gpt-oss":
+            w.add_tensor(f"blk.{i}.attn_sinks.weight", rng.standard_normal(HEADS).astype(np.float32))
+            for name, width in (("gate", WIDTH), ("up", WIDTH), ("down", C)):
+                bias = (0.1 * rng.standard_normal((EXPERTS, width))).astype(np.float32)
+                w.add_tensor(f"blk.{i}.ffn_{name}_exps.bias", bias)
+        if arch == "qwen2moe":
             for name, shape in (("ffn_gate_shexp", (2 * WIDTH, C)), ("ffn_up_shexp", (2 * WIDTH, C)),
                                 ("ffn_down_shexp", (C, 2 * WIDTH))):
                 w.add_tensor(f"blk.{i}.{name}.weight", _blocks(T.Q4_K, shape, rng), raw_dtype=T.Q4_K)
@@ -134,7 +146,8 @@ def _write_moe(path, gate_up: T, down: T, arch: str = "qwen3moe", fused: bool = 
 
 
 @pytest.fixture(scope="module", params=[(T.Q4_K, T.Q6_K, "qwen3moe"), (T.Q8_0, T.Q5_K, "qwen3moe"),
-                                        (T.Q4_K, T.Q6_K, "qwen2moe")], ids=["q4k-q6k", "q8-q5k", "qwen2moe"])
+                                        (T.Q4_K, T.Q6_K, "qwen2moe"), (T.Q8_0, T.Q8_0, "gpt-oss")],
+                ids=["q4k-q6k", "q8-q5k", "qwen2moe", "gpt-oss"])
 def moe_path(request, ops, tmp_path_factory):
     path = tmp_path_factory.mktemp("moe") / f"{request.param[2]}.gguf"
     _write_moe(path, *request.param)

@@ -139,6 +139,8 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
         # The file says nothing of its NoPE layers: llama.cpp leaves RoPE out of every 4th
         # layer by rule (n_no_rope_layer_step = 4), as SmolLM3's config does.
         fields |= dict(no_rope_layers=tuple(range(SMOLLM3_NOPE_EVERY - 1, fields["num_layers"], SMOLLM3_NOPE_EVERY)))
+    elif meta.arch == "gpt-oss":
+        fields |= _gpt_oss_fields(meta)
     elif meta.arch in ("granite", "granitemoe", "granitemoeshared"):
         fields |= _granite_fields(meta, fields["num_layers"])
     elif family == "phi3":
@@ -164,6 +166,17 @@ def _olmo3_fields(meta: GGUFMetadata, fields: dict[str, Any]) -> dict[str, Any]:
         pattern = pattern_of_layers([bool(p) for p in pattern])
     return dict(sliding_window_pattern=int(pattern),
                 rope_local_theta=float(meta.arch_get("rope.freq_base_swa", fields["rope_theta"])))
+
+
+def _gpt_oss_fields(meta: GGUFMetadata) -> dict[str, Any]:
+    """gpt-oss as llama.cpp builds it: biases on all four attention projections, the router and
+    the experts; a sink per head; the window in every other layer from the first (a file's
+    pattern where it has one), all on the file's RoPE; the experts' SwiGLU clamped at 7."""
+    pattern = meta.arch_get("attention.sliding_window_pattern", 2)
+    if isinstance(pattern, list):  # one flag per layer, True = sliding
+        pattern = pattern_of_layers([bool(p) for p in pattern])
+    return dict(attention_out_bias=True, attention_sinks=True, moe_bias=True, swiglu_limit=7.0,
+                sliding_window_pattern=int(pattern))
 
 
 def _granite_fields(meta: GGUFMetadata, num_layers: int) -> dict[str, Any]:

@@ -10,8 +10,9 @@ from textmill.loader.gguf_file import GGUFFile, GGUFMetadata, TensorInfo
 # What llama.cpp does with the weights of a token's experts, by architecture: renormalized
 # over the chosen ones (Qwen3 MoE, Mixtral's "llama" files, Granite MoE) or taken as they are
 # (OLMoE, Qwen2 MoE).
+# gpt-oss's softmax over the k chosen logits is the renormalized one.
 _EXPERT_WEIGHTS_NORMED = {"qwen3moe": True, "qwen3vlmoe": True, "llama": True, "olmoe": False, "granitemoe": True,
-                          "granitemoeshared": True, "qwen2moe": False}
+                          "granitemoeshared": True, "qwen2moe": False, "gpt-oss": True}
 
 
 def expert_fields(meta: GGUFMetadata, gguf: GGUFFile) -> dict[str, Any]:
@@ -22,8 +23,8 @@ def expert_fields(meta: GGUFMetadata, gguf: GGUFFile) -> dict[str, Any]:
     if not count:
         return {}
     if meta.arch not in _EXPERT_WEIGHTS_NORMED or int(meta.arch_get("expert_shared_count", 0)) > 1:
-        raise ValueError(f"{meta.arch!r} files with experts are not supported (Qwen2 MoE, Qwen3 MoE, OLMoE, Mixtral "
-                         "and Granite MoE are)")
+        raise ValueError(f"{meta.arch!r} files with experts are not supported (Qwen2 MoE, Qwen3 MoE, OLMoE, Mixtral, "
+                         "Granite MoE and gpt-oss are)")
     if int(meta.arch_get("expert_gating_func", 1)) != 1:  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
         raise ValueError("only a softmax router is supported")
     width = meta.arch_get("expert_feed_forward_length", None)
@@ -42,23 +43,24 @@ def expert_fields(meta: GGUFMetadata, gguf: GGUFFile) -> dict[str, Any]:
                 shared_expert_gate=shared is not None and meta.arch == "qwen2moe")
 
 
-_STACKED_EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.weight")
+_STACKED_EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.(weight|bias)")
 
 
 def expert_parts(t: TensorInfo) -> list[TensorInfo] | None:
     """A stacked expert tensor, (E, rows, K), as each expert's own 2-D tensor under llama.cpp's
     older per-expert names (`blk.3.ffn_gate.7.weight`, which Mixtral files still use); a
-    fused gate-and-up stack as each expert's gate (its first half) and up. None for the rest."""
+    fused gate-and-up stack as each expert's gate (its first half) and up; a stack of biases
+    (gpt-oss's, (E, rows)) as each expert's bias. None for the rest."""
     m = _STACKED_EXPERTS.fullmatch(t.name)
     if m is None:
         return None
-    layer, kind = m.groups()
+    layer, kind, suffix = m.groups()
     experts, rows = t.shape[0], t.shape[1]
     halves = (("gate", 0, rows // 2), ("up", rows // 2, rows)) if kind == "gate_up" else ((kind, 0, rows),)
     row_bytes = t.data.size // (experts * rows)
     out = []
     for e in range(experts):
         base = e * rows * row_bytes
-        out += [TensorInfo(f"blk.{layer}.ffn_{name}.{e}.weight", (end - start, *t.shape[2:]), t.qtype,
+        out += [TensorInfo(f"blk.{layer}.ffn_{name}.{e}.{suffix}", (end - start, *t.shape[2:]), t.qtype,
                            t.data[base + start * row_bytes:base + end * row_bytes]) for name, start, end in halves]
     return out

@@ -90,6 +90,14 @@ _EXPERTS = {"ffn_gate_inp": "mlp.gate", "ffn_gate_shexp": "mlp.shared_expert.gat
 _LLAMA_MOE = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({**_LLAMA.blocks, **_EXPERTS}))
 # Qwen3 MoE; OLMoE (q and k normed over all heads, the same names).
 _QWEN3_MOE = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({**_QWEN3.blocks, **_EXPERTS}))
+# gpt-oss: Llama's names but for its pre-MLP norm, plus each layer's attention sinks.
+_GPT_OSS = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
+    **_LLAMA_MOE.blocks,
+    "post_attention_norm": "post_attention_layernorm",
+    "attn_sinks": "self_attn.sinks",
+}))
+# Parameters of a module itself, not a submodule's weight: the file's `.weight` is dropped.
+_BARE_PARAMS = frozenset({"self_attn.sinks"})
 _GPT2 = GGUFNames("h", MappingProxyType({
     "token_embd": "wte",
     "position_embd": "wpe",
@@ -124,6 +132,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "qwen3moe": _QWEN3_MOE,
     "qwen3vlmoe": _QWEN3_MOE,
     "olmoe": _QWEN3_MOE,
+    "gpt-oss": _GPT_OSS,
     "olmo2": _OLMO2,  # unpermuted q/k rows (rotate-half RoPE in ggml too)
     "exaone4": _OLMO2,  # the same names, its q/k norms one head wide
     "gemma": _GEMMA3,  # the same names; Gemma 1 has only attn_norm and ffn_norm
@@ -145,7 +154,7 @@ QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3", "granite", "granitemoe", "gra
 NORM_PLUS_ONE_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-_EXPERT_RE = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")
+_EXPERT_RE = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
 
 
@@ -192,12 +201,13 @@ def gguf_param_name(arch: str, gguf_name: str) -> str:
     if names is None:
         raise ValueError(f"no GGUF tensor names known for architecture {arch!r}")
     if (m := _EXPERT_RE.fullmatch(gguf_name)) and "ffn_gate_inp" in names.blocks:
-        layer, part, expert = m.groups()
-        return f"{names.block_prefix}.{layer}.mlp.experts.{expert}.{part}_proj.weight"
+        layer, part, expert, kind = m.groups()
+        return f"{names.block_prefix}.{layer}.mlp.experts.{expert}.{part}_proj.{kind}"
     if m := _BLOCK_RE.fullmatch(gguf_name):
         layer, part, kind = m.groups()
         if part in names.blocks:
-            return f"{names.block_prefix}.{layer}.{names.blocks[part]}.{kind}"
+            target = names.blocks[part]
+            return f"{names.block_prefix}.{layer}.{target}" + ("" if target in _BARE_PARAMS else f".{kind}")
     elif m := _GLOBAL_RE.fullmatch(gguf_name):
         part, kind = m.groups()
         if part in names.globals:

@@ -23,6 +23,7 @@ class AttentionContext(Protocol):
         scale: float,
         sliding_window: int | None = None,
         logit_softcap: float | None = None,
+        sinks: torch.Tensor | None = None,  # (Hq,) gpt-oss: a logit per head in each softmax, no value
     ) -> torch.Tensor:  # (N, Hq, D)
         """Store k/v for these tokens, then attend causally over each token's sequence."""
         ...

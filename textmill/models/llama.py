@@ -101,7 +101,9 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(C, self.num_heads * D, bias=bias)
         self.k_proj = nn.Linear(C, self.num_kv_heads * D, bias=bias)
         self.v_proj = nn.Linear(C, self.num_kv_heads * D, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * D, C, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * D, C, bias=config.attention_out_bias)
+        # gpt-oss: each head's sink logit (config.attention_sinks), handed to the context.
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if config.attention_sinks else None
         # Qwen3: each head's q and k RMS-normed (one weight per dimension) before RoPE; OLMo 2:
         # all heads' together (one weight per value of the projection; norm_heads tells them apart).
         whole = config.qk_norm_whole
@@ -118,8 +120,9 @@ class Attention(nn.Module):
             q, k = norm_heads(self.q_norm, q), norm_heads(self.k_norm, k)
         if self.rope:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        extra = {} if self.sinks is None else {"sinks": self.sinks}
         y = ctx.attend(self.layer_idx, q, k, v, scale=self.scale,
-                       sliding_window=self.sliding_window)  # (N, Hq, D)
+                       sliding_window=self.sliding_window, **extra)  # (N, Hq, D)
         return self.o_proj(y.reshape(N, self.num_heads * D))
 
 
@@ -132,17 +135,32 @@ def norm_heads(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); gpt-oss's experts: with biases and clamped
+    (swiglu_clamped)."""
 
-    def __init__(self, config: ModelConfig, width: int | None = None) -> None:
+    def __init__(self, config: ModelConfig, width: int | None = None, *, expert: bool = False) -> None:
         super().__init__()
         C, F_ = config.hidden_size, width or config.intermediate_size  # width: a MoE expert's (models/moe.py)
-        self.gate_proj = nn.Linear(C, F_, bias=False)
-        self.up_proj = nn.Linear(C, F_, bias=False)
-        self.down_proj = nn.Linear(F_, C, bias=False)
+        bias = expert and config.moe_bias
+        self.gate_proj = nn.Linear(C, F_, bias=bias)
+        self.up_proj = nn.Linear(C, F_, bias=bias)
+        self.down_proj = nn.Linear(F_, C, bias=bias)
+        self.limit = config.swiglu_limit if expert else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.limit is not None:
+            return self.down_proj(swiglu_clamped(self.gate_proj(x), self.up_proj(x), self.limit))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+SWIGLU_ALPHA = 1.702  # gpt-oss's sigmoid slope (transformers' and llama.cpp's constant)
+
+
+def swiglu_clamped(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """gpt-oss: the gate capped above at `limit`, up clamped to +-limit, and (up + 1) times
+    gate * sigmoid(1.702 gate)."""
+    g = gate.clamp(max=limit)
+    return (up.clamp(-limit, limit) + 1) * (g * torch.sigmoid(SWIGLU_ALPHA * g))
 
 
 class Block(nn.Module):
@@ -151,7 +169,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mlp = (moe.SparseMoE(config, lambda width: MLP(config, width)) if moe.is_sparse_layer(config, layer_idx)
+        self.mlp = (moe.SparseMoE(config, lambda width: MLP(config, width, expert=True))
+                    if moe.is_sparse_layer(config, layer_idx)
                     else MLP(config))
         self.residual = config.residual_multiplier  # Granite: each output scaled as it joins x
 
@@ -179,10 +198,12 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config.rotary_dim or config.head_dim, config.max_position_embeddings,
                                       config.rope_theta, config.rope_scaling_factor,
                                       config.rope_freq_factors, config.rope_attention_factor)
-        # OLMo 3's local layers turn by plain RoPE (their own base), the global ones by the scaled.
-        self.local = [is_sliding_layer(config, i) for i in range(config.num_layers)]
+        # OLMo 3's local layers turn by plain RoPE (their own base), the global ones by the scaled;
+        # where the config names no local base (gpt-oss) every layer takes the model's.
+        self.local = [is_sliding_layer(config, i) and config.rope_local_theta is not None
+                      for i in range(config.num_layers)]
         self.rotary_local = (RotaryEmbedding(config.rotary_dim or config.head_dim, config.max_position_embeddings,
-                                             config.rope_local_theta or config.rope_theta) if any(self.local) else None)
+                                             config.rope_local_theta) if any(self.local) else None)
         # Tied models have no lm_head: logits() reads the embedding matrix instead.
         self.lm_head = (None if config.tie_word_embeddings
                         else nn.Linear(config.hidden_size, config.vocab_size, bias=False))

@@ -1,12 +1,14 @@
 """A mixture of experts in place of a decoder layer's MLP (Qwen3 MoE, OLMoE, Mixtral, Granite MoE,
-Qwen2 MoE).
+Qwen2 MoE, gpt-oss).
 
 A router (`gate`, C -> E logits) picks each token's k likeliest experts by the softmax of its
 logits; the MLP's output is their SwiGLU outputs weighted by those probabilities, which are
 first divided by their sum where the family renormalizes them (ModelConfig.norm_topk_prob:
 Qwen3 MoE and Mixtral, not OLMoE), as transformers' and llama.cpp's routers compute them.
 Qwen2 MoE adds a shared expert every token takes, its output times sigmoid(a learned gate);
-Granite MoE's shared variant one without a gate.
+Granite MoE's shared variant one without a gate. gpt-oss's router and experts have biases and
+its experts clamp their SwiGLU (llama.swiglu_clamped); its softmax over the k chosen logits is
+this renormalized softmax.
 
 The experts are llama.MLPs named as the Hugging Face checkpoints name them
 (`mlp.experts.3.gate_proj`, `mlp.gate`); a GGUF file's stacked expert tensors are split per
@@ -40,7 +42,7 @@ class SparseMoE(nn.Module):
     def __init__(self, config: ModelConfig, make_expert: Callable[[int], nn.Module]) -> None:
         super().__init__()
         self.top_k, self.normalize = config.num_experts_per_tok, config.norm_topk_prob
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=config.moe_bias)  # gpt-oss: biased
         width = config.moe_intermediate_size or config.intermediate_size
         self.experts = nn.ModuleList(make_expert(width) for _ in range(config.num_experts))
         shared = config.shared_expert_intermediate_size

@@ -70,6 +70,9 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     "olmoe": "llama",
     "OlmoeForCausalLM": "llama",
     "MixtralForCausalLM": "llama",
+    # gpt-oss: Llama's block with biases, attention sinks, every other layer windowed, and
+    # experts with a clamped SwiGLU (ModelConfig's switches). GGUF files only.
+    "gpt-oss": "llama",
     "phi3": "phi3",
     "Phi3ForCausalLM": "phi3",
     "qwen2": "qwen2",

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from textmill.messages import SchedulerOutput
 from textmill.runner.block_tables import BlockTables
-from textmill.runner.kv_cache import KVCache, gather_blocks, softcapped_attention, write_kv
+from textmill.runner.kv_cache import KVCache, explicit_attention, gather_blocks, write_kv
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,8 @@ class StaticDecodeAttention:
         self._masks.clear()
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
-               sliding_window: int | None = None, logit_softcap: float | None = None) -> torch.Tensor:
+               sliding_window: int | None = None, logit_softcap: float | None = None,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
         pool = self.cache.kv[layer]  # (S, 2, Hkv, D)
         write_kv(pool, self.slots, k, v)
         context = gather_blocks(pool, self.cache.block_size, self.table)  # (B, L, 2, Hkv, D)
@@ -94,10 +95,10 @@ class StaticDecodeAttention:
         values = context[:, :, 1].transpose(1, 2)
         n, hq, d = q.shape
         hkv = keys.shape[1]
-        if logit_softcap is not None:
+        if logit_softcap is not None or sinks is not None:
             visible = self._mask(sliding_window, torch.bool, keys.shape[2])
-            out = softcapped_attention(q.view(n, 1, hq, d).transpose(1, 2), keys, values, visible, scale,
-                                        logit_softcap)  # (B, Hq, 1, D)
+            out = explicit_attention(q.view(n, 1, hq, d).transpose(1, 2), keys, values, visible, scale,
+                                     logit_softcap, sinks)  # (B, Hq, 1, D)
             return out.transpose(1, 2).reshape(n, hq, d)
         # The G query heads of a KV head as G query rows of one head (GQA's repeat order):
         # plain SDPA, each KV head's keys read once, the (B, 1, 1, L) mask broadcast.

@@ -49,6 +49,7 @@ class FusedAttention(nn.Module):
         self.o_proj = make_linear([attn.o_proj])
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm  # Qwen3's and OLMo 2's QK norms, else None
         self.rope = rope if attn.rope else None  # None: a NoPE layer (SmolLM3)
+        self.sinks = getattr(attn, "sinks", None)  # gpt-oss's per-head sink logits, else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
         n, d, hq, hkv = x.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
@@ -62,8 +63,9 @@ class FusedAttention(nn.Module):
             cos2, sin2 = self.rope.get(cos, sin)
             x32 = qk.float()
             qk = (x32 * cos2 + x32.roll(d // 2, dims=-1) * sin2).to(qk.dtype)
+        extra = {} if self.sinks is None else {"sinks": self.sinks}
         y = ctx.attend(self.layer_idx, qk[:, :hq], qk[:, hq:], v, scale=self.scale,
-                       sliding_window=self.sliding_window)  # (N, Hq, D)
+                       sliding_window=self.sliding_window, **extra)  # (N, Hq, D)
         return self.o_proj(y.reshape(n, hq * d))
 
 
@@ -75,10 +77,14 @@ class FusedMLP(nn.Module):
         self.hidden = mlp.gate_proj.out_features
         self.gate_up_proj = make_linear([mlp.gate_proj, mlp.up_proj])
         self.down_proj = make_linear([mlp.down_proj])
+        self.limit = getattr(mlp, "limit", None)  # gpt-oss's experts: their SwiGLU clamped (llama.swiglu_clamped)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # (N, 2F)
-        return self.down_proj(F.silu(gate_up[:, : self.hidden]) * gate_up[:, self.hidden :])
+        gate, up = gate_up[:, : self.hidden], gate_up[:, self.hidden :]
+        if self.limit is not None:
+            return self.down_proj(llama.swiglu_clamped(gate, up, self.limit))
+        return self.down_proj(F.silu(gate) * up)
 
 
 # Builds one module computing the given linears' outputs side by side (q, k, v -> qkv).

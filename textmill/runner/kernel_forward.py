@@ -198,7 +198,8 @@ class KernelForward(KernelForwardBase):
         self.qk_norms = [None if b.self_attn.q_norm is None else
                          (self.norm_weight(b.self_attn.q_norm), self.norm_weight(b.self_attn.k_norm))
                          for b in self.layers]
-        self.build_one_call()
+        if all(b.self_attn.sinks is None for b in self.layers):  # Forward has no sinks (gpt-oss: MoE anyway)
+            self.build_one_call()
 
     def layer_spec(self, i: int) -> dict:
         attn = self.layers[i].self_attn
@@ -235,7 +236,7 @@ class KernelForward(KernelForwardBase):
         q = ops.rope_kv_write(qkv_proj(y), step.rows, cos, sin, step.ctx.cache.kv[i], step.ctx.meta.slot_mapping,
                               attn.num_heads, attn.num_kv_heads, q_norm=q_norm, k_norm=k_norm,
                               norm_eps=self.eps)  # (N, Hq, D)
-        o = step.ctx.attend_cached(i, q, scale=attn.scale, sliding_window=attn.sliding_window)
+        o = step.ctx.attend_cached(i, q, scale=attn.scale, sliding_window=attn.sliding_window, sinks=attn.sinks)
         o, h = _kept(o, h, keep)
         post_attn, mid_norm, post_ffw = self.norms[i]
         x = o_proj(o.flatten(1))

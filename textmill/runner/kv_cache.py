@@ -198,18 +198,20 @@ class PagedAttention:
         scale: float,
         sliding_window: int | None = None,
         logit_softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:  # (N, Hq, D)
         cache = self.cache.kv[layer]  # (S, 2, Hkv, D)
         write_kv(cache, self.meta.slot_mapping, k, v)
         # The context includes this step's own tokens, just written: one path for
         # prefill, chunked prefill, prefix-cache hits and decode.
         outs = [self._attend_group(i, g, cache, q[g.token_start : g.token_start + g.num_tokens], scale,
-                                   sliding_window, logit_softcap)
+                                   sliding_window, logit_softcap, sinks)
                 for i, g in enumerate(self.meta.groups)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _attend_group(self, index: int, g: AttentionGroup, cache: torch.Tensor, q: torch.Tensor, scale: float,
-                      sliding_window: int | None, logit_softcap: float | None) -> torch.Tensor:
+                      sliding_window: int | None, logit_softcap: float | None,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor:
         context = self._gather(g, cache)  # (B, Lmax, 2, Hkv, D)
         if context.dtype != q.dtype:  # a 16-bit pool widens after the gather: half the bytes copied
             context = context.to(q.dtype)
@@ -217,7 +219,8 @@ class PagedAttention:
         values = context[:, :, 1].transpose(1, 2)  # (B, Hkv, Lmax, D)
         n, hq, d = q.shape
         hkv = keys.shape[1]
-        if g.decode_only and self.grouped_decode and logit_softcap is None and hq != hkv:
+        explicit = logit_softcap is not None or sinks is not None  # what SDPA cannot express
+        if g.decode_only and self.grouped_decode and not explicit and hq != hkv:
             # The G query heads of a KV head as G query rows of one head (GQA's repeat order):
             # a third as many SDPA tasks, each reading its keys once.
             out = _sdpa(q.view(n, hkv, hq // hkv, d), keys, values,
@@ -230,11 +233,11 @@ class PagedAttention:
             # orders of magnitude slower on CPU.
             q_pad = q.new_zeros(g.num_seqs * g.max_query_len, hq, d).index_copy_(0, g.query_dest, q)
             queries = q_pad.view(g.num_seqs, g.max_query_len, hq, d).transpose(1, 2)  # (B, Hq, Tmax, D)
-        if logit_softcap is None:
+        if not explicit:
             out = _sdpa(queries, keys, values, self._additive_mask(index, sliding_window, q.dtype), scale)
         else:
             mask = self._mask(index, sliding_window, need_tensor=True)
-            out = softcapped_attention(queries, keys, values, mask, scale, logit_softcap)
+            out = explicit_attention(queries, keys, values, mask, scale, logit_softcap, sinks)
         out = out.transpose(1, 2)  # (B, Tmax, Hq, D)
         if g.decode_only:
             return out.reshape(n, hq, d)
@@ -310,11 +313,18 @@ def _sdpa(q, k, v, mask, scale) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
-def softcapped_attention(q, k, v, mask, scale, cap) -> torch.Tensor:
-    """Gemma-2 style: scores = cap * tanh(scores / cap), which SDPA cannot express."""
+def explicit_attention(q, k, v, mask, scale, cap: float | None = None,
+                       sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """What SDPA cannot express: Gemma 2's soft-cap, scores = cap * tanh(scores / cap), and
+    gpt-oss's sinks, one more logit per head in the softmax whose weight goes to no value."""
     k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (B, Hq, Tmax, Lmax)
-    scores = torch.tanh(scores / cap) * cap
+    if cap is not None:
+        scores = torch.tanh(scores / cap) * cap
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v)
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)

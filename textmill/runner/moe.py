@@ -13,6 +13,10 @@ down, each expert's rows whole tiles of it, and a step's MLP is five calls:
     out = moe_combine(d, tok, w)             the weighted sum, in expert order
     [out += sigmoid(gate . y) * shared(y)]   a shared expert (Qwen2 MoE; ungated in Granite's)
 
+gpt-oss adds the router's bias to its logits and each expert's biases to the routed rows of
+its projections (`expert_ids`: the expert of each row, from the offsets), and clamps its
+SwiGLU (models/llama.swiglu_clamped) in torch: row by row too.
+
 Each call computes a row from that row alone (kernels/csrc/layer.cpp and quant.cpp say how),
 so a token's output is bitwise the same whatever else its step holds: guessed tokens stay
 exact (runner/kernel_forward.py).
@@ -26,6 +30,7 @@ from torch import nn
 
 from textmill.kernels import load
 from textmill.loader.group_codes import PACKED_FROM_FILE_TYPES, CodesRef
+from textmill.models.llama import swiglu_clamped
 from textmill.models.moe import SparseMoE
 from textmill.runner.qlinear import TILE_ROWS, OutOfHalfRange, QLinear
 
@@ -44,8 +49,18 @@ class KernelMoE(nn.Module):
         self.hidden = down.out_features // self.num_experts  # C
         self._layer, self._quant = load("layer"), load("quant")
         self._modes = (self._quant.mode_number(gate_up.mode), self._quant.mode_number(down.mode))
-        float_router = type(router) is nn.Linear and router.weight.dtype == torch.float32 and router.bias is None
+        float_router = type(router) is nn.Linear and router.weight.dtype == torch.float32
         self._router_weight = router.weight.detach().contiguous() if float_router else None
+        self._router_bias = router.bias.detach().float() if float_router and router.bias is not None else None
+        # gpt-oss: each expert's biases, (E, 2F) gate's then up's, and (E, C); its clamped SwiGLU.
+        first = moe.experts[0]
+        self._limit = first.limit
+        if first.gate_proj.bias is not None:
+            self._gate_up_bias = torch.stack([torch.cat([e.gate_proj.bias, e.up_proj.bias]).detach().float()
+                                              for e in moe.experts])
+            self._down_bias = torch.stack([e.down_proj.bias.detach().float() for e in moe.experts])
+        else:
+            self._gate_up_bias = self._down_bias = None
         # A shared expert (runner/fused.py fuses it as any MLP), and its gate's float row (Qwen2 MoE).
         self.shared_expert = moe.shared_expert
         gate = moe.shared_expert_gate
@@ -53,7 +68,8 @@ class KernelMoE(nn.Module):
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         if self._router_weight is not None:
-            return self._layer.dense_rows(y, self._router_weight)
+            logits = self._layer.dense_rows(y, self._router_weight)
+            return logits if self._router_bias is None else logits.add_(self._router_bias)
         return self.router(y).float().contiguous()
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
@@ -61,8 +77,18 @@ class KernelMoE(nn.Module):
         tok, w, offsets = self._layer.moe_route(self.logits(y), self.top_k, self.normalize)
         routed = y.index_select(0, tok)
         g = self._quant.experts_linear(routed, offsets, self._modes[0], self.gate_up.packed, self.width)
-        d = self._quant.experts_linear(self._layer.silu_mul(g), offsets, self._modes[1], self.down.packed,
-                                       self.hidden)
+        ids = None
+        if self._gate_up_bias is not None:
+            ids = torch.repeat_interleave(torch.arange(self.num_experts), offsets.diff())
+            g.add_(self._gate_up_bias.index_select(0, ids))
+        if self._limit is None:
+            a = self._layer.silu_mul(g)
+        else:
+            half = self.width // 2
+            a = swiglu_clamped(g[:, :half], g[:, half:], self._limit).contiguous()
+        d = self._quant.experts_linear(a, offsets, self._modes[1], self.down.packed, self.hidden)
+        if ids is not None:
+            d.add_(self._down_bias.index_select(0, ids))
         out = self._layer.moe_combine(d, tok, w, y.shape[0])
         if self.shared_expert is None:
             return out

@@ -1027,6 +1027,7 @@ struct AttnArgs {
   float scale, softcap;  // softcap 0: none
   int64_t window;        // 0: none
   float* out;            // (N, Hq, D)
+  const float* sinks;    // (Hq,) or null: gpt-oss's sink logit per head (write_out)
 };
 
 // One unit of work: query rows [row0, row0 + nrows) of sequence `seq` (at positions pos0,
@@ -1268,16 +1269,19 @@ void attend_chunk(const AttnArgs<KV>& a, const Task& t, int64_t c, Scratch<KV>& 
   }
 }
 
-// out rows of the tile = acc / l.
+// out rows of the tile = acc / l. A sink (gpt-oss) is one more logit in the softmax whose
+// weight goes to no value: it adds exp(sink - m) to the sum and nothing to acc, so it joins
+// here, once, whichever way the keys' chunks were folded.
 template <typename KV>
-void write_out(const AttnArgs<KV>& a, const Task& t, const float* acc, const float* l) {
+void write_out(const AttnArgs<KV>& a, const Task& t, const float* acc, const float* l, const float* m) {
   const int64_t d = a.d;
   for (int64_t r = 0; r < t.nrows; ++r) {
     for (int64_t g = 0; g < a.group; ++g) {
-      const int64_t qi = r * a.group + g;
-      float* dst = a.out + ((t.row0 + r) * a.hq + t.kvh * a.group + g) * d;
+      const int64_t qi = r * a.group + g, h = t.kvh * a.group + g;
+      float* dst = a.out + ((t.row0 + r) * a.hq + h) * d;
       std::memcpy(dst, acc + qi * d, sizeof(float) * d);
-      scale_in_place(dst, 1.f / l[qi], d);
+      const float sum = a.sinks == nullptr ? l[qi] : l[qi] + std::exp(a.sinks[h] - m[qi]);
+      scale_in_place(dst, 1.f / sum, d);
     }
   }
 }
@@ -1295,7 +1299,7 @@ void run_task(const AttnArgs<KV>& a, const Task& t, Scratch<KV>& s, const std::v
       for (int64_t qi = 0; qi < nq; ++qi)
         fold_state(s.acc.data() + qi * d, s.m[qi], s.l[qi], s.acc_chunk.data() + qi * d, s.m_chunk[qi], s.l_chunk[qi], d);
     }
-    write_out(a, t, s.acc.data(), s.l.data());
+    write_out(a, t, s.acc.data(), s.l.data(), s.m.data());
     return;
   }
   const SplitTile& st = splits[t.split];
@@ -1315,7 +1319,7 @@ void run_task(const AttnArgs<KV>& a, const Task& t, Scratch<KV>& s, const std::v
     for (int64_t qi = 0; qi < nq; ++qi)
       fold_state(s.acc.data() + qi * d, s.m[qi], s.l[qi], acc_p + (kk * nq + qi) * d, m_p[kk * nq + qi],
                  l_p[kk * nq + qi], d);
-  write_out(a, st.whole, s.acc.data(), s.l.data());
+  write_out(a, st.whole, s.acc.data(), s.l.data(), s.m.data());
 }
 
 // Below this many multiply-adds a call runs on the calling thread: waking the pool costs
@@ -1325,7 +1329,8 @@ constexpr int64_t kInlineWork = int64_t(1) << 17;
 torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_cache, const torch::Tensor& block_table,
                               const torch::Tensor& query_start, const torch::Tensor& seq_start,
                               const torch::Tensor& context_lens, int64_t block_size, double scale,
-                              int64_t sliding_window, double softcap) {
+                              int64_t sliding_window, double softcap,
+                              const c10::optional<torch::Tensor>& sinks = c10::nullopt) {
   check_f32(q, "q", 3);
   check_kv(kv_cache, "kv_cache", 4);
   check_i64(block_table, "block_table", 2);
@@ -1347,6 +1352,8 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_ca
               " must be positive and divide the cache's ", num_slots, " slots");
   TORCH_CHECK(sliding_window >= 0, "sliding_window must be >= 0 (0: none), got ", sliding_window);
   TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), "softcap must be >= 0 (0: none), got ", softcap);
+  if (sinks) check_f32(*sinks, "sinks", 1);
+  TORCH_CHECK(!sinks || sinks->size(0) == hq, "sinks: expected one per q head (", hq, "), got ", sinks->size(0));
   const int64_t* qs = query_start.data_ptr<int64_t>();
   const int64_t* ss = seq_start.data_ptr<int64_t>();
   const int64_t* cl = context_lens.data_ptr<int64_t>();
@@ -1434,7 +1441,7 @@ torch::Tensor paged_attention(const torch::Tensor& q, const torch::Tensor& kv_ca
     using KV = decltype(kv_type);
     const AttnArgs<KV> args{q.data_ptr<float>(), kv_cache.data_ptr<KV>(), bt, max_blocks, block_size, hq, hkv,
                             group, d, row, static_cast<float>(scale), static_cast<float>(softcap), window,
-                            out.data_ptr<float>()};
+                            out.data_ptr<float>(), sinks ? sinks->data_ptr<float>() : nullptr};
     std::atomic<int64_t> next{0};
     // A tile's kv heads go to one thread together. A token's slot in the pool holds every
     // head's K row, then every head's V row (a float16 pool on SmolLM2: 3 x 128 bytes,
@@ -1818,7 +1825,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bfloat16; or int8, (S, 2, Hkv, D + 4)) through block_table",
         py::arg("q"), py::arg("kv_cache"), py::arg("block_table"), py::arg("query_start"), py::arg("seq_start"),
         py::arg("context_lens"), py::arg("block_size"), py::arg("scale"), py::arg("sliding_window"),
-        py::arg("softcap"));
+        py::arg("softcap"), py::arg("sinks") = py::none());
   m.def("dense_rows", &dense_rows, nogil,
         "x (N, K) @ w (E, K)^T float32, each output in one fixed order whatever N (a router's logits)",
         py::arg("x"), py::arg("w"));
