@@ -18,7 +18,8 @@ Q6_K as llama.cpp's Q4_K_M keeps a tied embedding).
 
 synthetic-8b has Llama 3 8B's shapes, for runs at the other end of the sizes people use;
 synthetic-gemma2 has Gemma 2 2B's, synthetic-phi3 Phi-3-mini's, synthetic-olmo2 OLMo 2 1B's,
-synthetic-qwen3moe a quarter of Qwen3-30B-A3B's layers (its mixture of experts).
+synthetic-qwen3moe a quarter of Qwen3-30B-A3B's layers (its mixture of experts), synthetic-gptoss
+a third of gpt-oss-20b's (MXFP4 experts, Q8_0 elsewhere).
 
 Files are cached under ~/.cache/textmill-bench (TEXTMILL_BENCH_CACHE overrides), named by
 their parameters, and built only when missing:
@@ -30,6 +31,7 @@ their parameters, and built only when missing:
     python bench/synthetic_gguf.py --phi3          # the same for synthetic-phi3
     python bench/synthetic_gguf.py --olmo2         # the same for synthetic-olmo2
     python bench/synthetic_gguf.py --qwen3moe      # the same for synthetic-qwen3moe
+    python bench/synthetic_gguf.py --gptoss        # the same for synthetic-gptoss
     python bench/synthetic_gguf.py --layers 2 --out /tmp/tiny.gguf
 """
 from __future__ import annotations
@@ -44,13 +46,13 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter, RopeScalingType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from textmill.loader.gguf_file import read_metadata  # noqa: E402  (numpy only)
 
-Q4_K, Q6_K, F32 = GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K, GGMLQuantizationType.F32
-QK_K = 256  # values per k-quant super-block
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic_blocks import F32, MXFP4, Q4_K, Q6_K, Q8_0, tensor_bytes  # noqa: E402
 FORMAT_VERSION = 1  # bump when the bytes written for the same parameters change
 
 
@@ -67,8 +69,8 @@ class SyntheticSpec:
     context: int = 8192
     rope_base: float = 500000.0
     seed: int = 0
-    # "llama", "qwen3" (per-head q and k norms, no permutation), "qwen3moe", "gemma2", "phi3", "olmo2"
-    # or "exaone4"
+    # "llama", "qwen3" (per-head q and k norms, no permutation), "qwen3moe", "gemma2", "phi3", "olmo2",
+    # "exaone4" or "gpt-oss"
     arch: str = "llama"
     key_length: int | None = None  # head_dim when it is not hidden / heads
     vocab: int | None = None  # pad the tokenizer's table to this many tokens
@@ -111,6 +113,13 @@ SYNTHETIC_OLMO2 = SyntheticSpec(name="synthetic-olmo2", hidden=2048, layers=16, 
 SYNTHETIC_QWEN3MOE = SyntheticSpec(name="synthetic-qwen3moe", hidden=2048, layers=12, heads=32, kv_heads=4, ffn=6144,
                                    context=40960, rope_base=1000000.0, arch="qwen3moe", key_length=128,
                                    vocab=151936, seed=6, experts=128, experts_used=8, expert_ffn=768)
+# gpt-oss-20b's layers (d = 2880, 64/8 heads of 64 with biases and sinks, every other layer on a
+# 128-token window, YaRN; 32 experts of 2880, 4 a token, in MXFP4 with biases; attention, the
+# embedding and the untied 201,088-row head in Q8_0, as the released file holds them: 2880 is no
+# whole number of 256-value k-quant blocks), 8 of its 24: 4.8 GB.
+SYNTHETIC_GPTOSS = SyntheticSpec(name="synthetic-gptoss", hidden=2880, layers=8, heads=64, kv_heads=8, ffn=2880,
+                                 context=131072, rope_base=150000.0, arch="gpt-oss", key_length=64,
+                                 vocab=201088, seed=7, experts=32, experts_used=4, expert_ffn=2880)
 # Llama 3 8B's shapes (128,256-token vocabulary, GQA 32/8, ffn 14336): the largest size people
 # run on a CPU. 4.6 GiB; not in the default matrix (`--models synthetic-8b`).
 SYNTHETIC_8B = SyntheticSpec(name="synthetic-8b", hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336,
@@ -153,6 +162,8 @@ def more_bits(layer: int, n_layers: int) -> bool:
 def tensor_plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, ...], GGMLQuantizationType]]:
     """(name, (rows, cols) in numpy order = (out, in), block type) in llama.cpp's file order."""
     d, q, kv, f = spec.hidden, spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim, spec.ffn
+    if spec.arch == "gpt-oss":
+        return _gpt_oss_plan(spec, vocab)
     plan: list[tuple[str, tuple[int, ...], GGMLQuantizationType]] = [
         ("token_embd.weight", (vocab, d), Q6_K if spec.tied else Q4_K)]
     for i in range(spec.layers):
@@ -198,65 +209,24 @@ def tensor_plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, .
     return plan if spec.tied else plan + [("output.weight", (vocab, d), Q6_K)]
 
 
-# --- block bytes ------------------------------------------------------------------------------
-
-
-def _f16_bytes(values: np.ndarray) -> np.ndarray:
-    """(nb,) float -> (nb, 2) uint8, little-endian f16."""
-    return values.astype("<f2").reshape(-1, 1).view(np.uint8)
-
-
-def pack_q4k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """(nb, 8) 6-bit scales and mins -> (nb, 12) bytes, ggml's get_scale_min_k4 layout."""
-    out = np.empty((sc.shape[0], 12), np.uint8)
-    out[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
-    out[:, 4:8] = m[:, 0:4] | ((m[:, 4:8] >> 4) << 6)
-    out[:, 8:12] = (sc[:, 4:8] & 0x0F) | ((m[:, 4:8] & 0x0F) << 4)
-    return out
-
-
-def q4k_blocks(rng: np.random.Generator, nb: int, std: float) -> np.ndarray:
-    """nb random Q4_K blocks: w = d*sc*q - dmin*m, q uniform in 0..15, m set so w has mean ~0."""
-    blocks = rng.integers(0, 256, (nb, 144), dtype=np.uint8)  # the 4-bit codes stay random
-    sc = rng.integers(8, 64, (nb, 8), dtype=np.uint8)
-    m = np.clip(np.rint(sc * 7.5 / 8), 0, 63).astype(np.uint8)  # dmin = 8 d: dmin*m ~ d*sc*7.5
-    d = np.full(nb, std / (np.sqrt(np.mean(sc.astype(np.float64) ** 2)) * 4.61))  # std(q) = 4.61
-    blocks[:, 0:2] = _f16_bytes(d)
-    blocks[:, 2:4] = _f16_bytes(8 * d)
-    blocks[:, 4:16] = pack_q4k_scales(sc, m)
-    return blocks
-
-
-def q6k_blocks(rng: np.random.Generator, nb: int, std: float) -> np.ndarray:
-    """nb random Q6_K blocks: w = d*sc*(q - 32), q uniform in 0..63, int8 scales 4..16."""
-    blocks = rng.integers(0, 256, (nb, 210), dtype=np.uint8)  # ql, qh: random codes
-    sc = rng.integers(4, 17, (nb, 16), dtype=np.int8)
-    blocks[:, 192:208] = sc.view(np.uint8)
-    d = np.full(nb, std / (np.sqrt(np.mean(sc.astype(np.float64) ** 2)) * 18.47))  # std(q-32)
-    blocks[:, 208:210] = _f16_bytes(d)
-    return blocks
-
-
-def tensor_bytes(rng: np.random.Generator, shape: tuple[int, ...], qtype: GGMLQuantizationType) -> np.ndarray:
-    """The stored array: float32 ones for norms, a random float32 router (its logits differ
-    from token to token, so tokens spread over the experts as a trained router's do), (rows,
-    bytes per row) uint8 for k-quants (an expert stack: (experts, rows, bytes per row))."""
-    if qtype == F32 and len(shape) == 2:
-        return (rng.standard_normal(shape) / np.sqrt(shape[1]) * 4).astype(np.float32)
-    if qtype == F32:
-        return np.ones(shape, np.float32)
-    if len(shape) == 3:
-        return tensor_bytes(rng, (shape[0] * shape[1], shape[2]), qtype).reshape(shape[0], shape[1], -1)
-    rows, cols = shape
-    if cols % QK_K:
-        raise ValueError(f"k-quant rows need a multiple of {QK_K} values, got {cols}")
-    nb = rows * cols // QK_K
-    std = 1.0 / np.sqrt(cols)  # activations keep their scale from layer to layer
-    blocks = q4k_blocks(rng, nb, std) if qtype == Q4_K else q6k_blocks(rng, nb, std)
-    return blocks.reshape(rows, -1)
-
-
 # --- the file ---------------------------------------------------------------------------------
+
+
+def _gpt_oss_plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, ...], GGMLQuantizationType]]:
+    """gpt-oss's tensors, as conversion/gpt_oss.py orders them: F32 biases and sinks beside Q8_0
+    attention, a float router, MXFP4 expert stacks."""
+    d, q, kv, e, fe = spec.hidden, spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim, spec.experts, spec.expert_ffn
+    plan = [("token_embd.weight", (vocab, d), Q8_0)]
+    for i in range(spec.layers):
+        plan += [(f"blk.{i}.attn_norm.weight", (d,), F32)]
+        for name, rows, cols in (("attn_q", q, d), ("attn_k", kv, d), ("attn_v", kv, d), ("attn_output", d, q)):
+            plan += [(f"blk.{i}.{name}.weight", (rows, cols), Q8_0), (f"blk.{i}.{name}.bias", (rows,), F32)]
+        plan += [(f"blk.{i}.attn_sinks.weight", (spec.heads,), F32), (f"blk.{i}.post_attention_norm.weight", (d,), F32),
+                 (f"blk.{i}.ffn_gate_inp.weight", (e, d), F32), (f"blk.{i}.ffn_gate_inp.bias", (e,), F32)]
+        for name, rows, cols in (("gate", fe, d), ("up", fe, d), ("down", d, fe)):
+            plan += [(f"blk.{i}.ffn_{name}_exps.weight", (e, rows, cols), MXFP4),
+                     (f"blk.{i}.ffn_{name}_exps.bias", (e, rows), F32)]  # small random values, as a router's
+    return plan + [("output_norm.weight", (d,), F32), ("output.weight", (vocab, d), Q8_0)]
 
 
 def _value_type(value: object) -> GGUFValueType:
@@ -331,12 +301,17 @@ def write_synthetic(spec: SyntheticSpec, tokenizer_source: Path, path: Path) -> 
         w.add_expert_count(spec.experts)
         w.add_expert_used_count(spec.experts_used)
         w.add_expert_feed_forward_length(spec.expert_ffn)
+    if spec.arch == "gpt-oss":  # conversion/gpt_oss.py's keys, gpt-oss-20b's values
+        w.add_sliding_window(128)
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(32.0)
+        w.add_rope_scaling_orig_ctx_len(4096)
     if spec.arch == "gemma2":  # what convert_hf_to_gguf.py writes for Gemma 2 (norms are stored as 1 + w)
         w.add_sliding_window(4096)
         w.add_attn_logit_softcapping(50.0)
         w.add_final_logit_softcapping(30.0)
     w.add_vocab_size(vocab)
-    w.add_file_type(15)  # LLAMA_FTYPE_MOSTLY_Q4_K_M, either arch
+    w.add_file_type(38 if spec.arch == "gpt-oss" else 15)  # LLAMA_FTYPE_MOSTLY_MXFP4_MOE or _Q4_K_M
     w.add_quantization_version(2)
     for key, value, vtype, sub in fields:
         w.add_key_value(key, value, vtype, sub_type=sub)
@@ -366,12 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     for f in ("hidden", "layers", "heads", "kv_heads", "ffn", "context", "seed"):
         p.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(d, f))
     p.add_argument("--name", default=d.name)
-    p.add_argument("--qwen3", action="store_true", help="the synthetic-qwen3 file (other shape flags ignored)")
-    p.add_argument("--8b", dest="eight_b", action="store_true", help="the synthetic-8b file (other shape flags ignored)")
-    p.add_argument("--gemma2", action="store_true", help="the synthetic-gemma2 file (other shape flags ignored)")
-    p.add_argument("--phi3", action="store_true", help="the synthetic-phi3 file (other shape flags ignored)")
-    p.add_argument("--olmo2", action="store_true", help="the synthetic-olmo2 file (other shape flags ignored)")
-    p.add_argument("--qwen3moe", action="store_true", help="the synthetic-qwen3moe file (other shape flags ignored)")
+    named = {"qwen3": SYNTHETIC_QWEN3, "8b": SYNTHETIC_8B, "gemma2": SYNTHETIC_GEMMA2, "phi3": SYNTHETIC_PHI3,
+             "olmo2": SYNTHETIC_OLMO2, "qwen3moe": SYNTHETIC_QWEN3MOE, "gptoss": SYNTHETIC_GPTOSS}
+    for flag, spec in named.items():
+        p.add_argument(f"--{flag}", dest=f"spec_{flag}", action="store_true",
+                       help=f"the {spec.name} file (other shape flags ignored)")
     p.add_argument("--tokenizer-from", type=Path, default=None,
                    help="GGUF whose tokenizer.* to copy (default: SmolLM2)")
     p.add_argument("--out", type=Path, default=None, help="write here (always) instead of the cache")
@@ -379,18 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = SyntheticSpec(name=a.name, hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
                          ffn=a.ffn, context=a.context, seed=a.seed)
     source = a.tokenizer_from or default_tokenizer_source()
-    if a.qwen3:
-        spec = SYNTHETIC_QWEN3
-    elif a.eight_b:
-        spec = SYNTHETIC_8B
-    elif a.gemma2:
-        spec = SYNTHETIC_GEMMA2
-    elif a.phi3:
-        spec = SYNTHETIC_PHI3
-    elif a.olmo2:
-        spec = SYNTHETIC_OLMO2
-    elif a.qwen3moe:
-        spec = SYNTHETIC_QWEN3MOE
+    spec = next((s for flag, s in named.items() if getattr(a, f"spec_{flag}")), spec)
     print(write_synthetic(spec, source, a.out) if a.out else synthetic_path(spec, source))
     return 0
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import synthetic_blocks as sb  # noqa: E402
 import synthetic_gguf as sg  # noqa: E402
 
 from textmill.loader.dequant import dequantize  # noqa: E402
@@ -64,9 +65,9 @@ def test_q4k_scale_packing_round_trips():
     sc = rng.integers(0, 64, (5, 8), dtype=np.uint8)
     m = rng.integers(0, 64, (5, 8), dtype=np.uint8)
     blocks = np.zeros((5, 144), np.uint8)
-    blocks[:, 0:2] = sg._f16_bytes(np.ones(5))  # d = 1
-    blocks[:, 2:4] = sg._f16_bytes(np.ones(5))  # dmin = 1
-    blocks[:, 4:16] = sg.pack_q4k_scales(sc, m)  # all codes 0: each value is -m of its 32-group
+    blocks[:, 0:2] = sb._f16_bytes(np.ones(5))  # d = 1
+    blocks[:, 2:4] = sb._f16_bytes(np.ones(5))  # dmin = 1
+    blocks[:, 4:16] = sb.pack_q4k_scales(sc, m)  # all codes 0: each value is -m of its 32-group
     w = dequantize(blocks.reshape(-1), sg.Q4_K).reshape(5, 8, 32)
     assert np.array_equal(w[:, :, 0], -m.astype(np.float32))
     blocks[:, 16:] = 0x11  # all codes 1: d*sc - dmin*m
