@@ -64,18 +64,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("stream_read", &stream_read); }
 # textmill's packed forms (kernels/csrc/quant.cpp: q4 = 4-bit codes + f16 scale and min per
 # 32; q5 = q4 + a plane of top bits; q6 = 6-bit codes + f16 scale per 16; q3 = 3-bit codes +
 # f16 scale per 16; q2 = 2-bit codes + f16 scale and min per 16; iq2 = 4-bit indices + f16 scale per 16; q4k/q5k/q6k =
-# the k-quants' own scales (8 bits a group or half, halves a super-block); iq4 = 4-bit indices
+# the k-quants' own scales (8 bits a group or half, halves a super-block); iq4, mxfp4 = 4-bit indices
 # + f16 scale per 32; q8 = 8-bit codes + f16 scale per 32; what each file type is packed to:
 # loader/group_codes.py's table).
 FILE_BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q4_0": 4.5, "Q4_1": 5, "Q5_0": 5.5, "Q5_1": 6, "Q8_0": 8.5,
              "Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "IQ4_NL": 4.5,
              "IQ4_XS": 4.25, "IQ2_XXS": 2.0625, "IQ2_XS": 2.3125, "IQ2_S": 2.5625, "IQ3_XXS": 3.0625,
-             "IQ3_S": 3.4375, "IQ1_S": 1.5625, "IQ1_M": 1.75}
-_FORM_BITS = {"q2": 4.0, "q3": 4.0, "q4": 5.0, "q5": 6.0, "q6": 7.0, "iq4": 4.5, "iq2": 5.0, "q8": 8.5,
-              "q4k": 4.625, "q5k": 5.625, "q6k": 6.5625}
+             "IQ3_S": 3.4375, "IQ1_S": 1.5625, "IQ1_M": 1.75, "MXFP4": 4.25}
+_FORM_BITS = {"q2": 4.0, "q3": 4.0, "q4": 5.0, "q5": 6.0, "q6": 7.0, "iq4": 4.5, "mxfp4": 4.5, "iq2": 5.0,
+              "q8": 8.5, "q4k": 4.625, "q5k": 5.625, "q6k": 6.5625}
 _FORM_OF = {"Q4_0": "q4", "Q4_1": "q4", "Q4_K": "q4k", "Q5_0": "q5", "Q5_1": "q5", "Q5_K": "q5k", "Q6_K": "q6k",
             "Q3_K": "q3", "Q2_K": "q2", "IQ4_NL": "iq4", "IQ4_XS": "iq4", "IQ3_S": "q4", "IQ1_S": "q4", "IQ3_XXS": "q6", "IQ1_M": "q6",
-            "IQ2_XXS": "iq2", "IQ2_XS": "iq2", "IQ2_S": "iq2"}
+            "IQ2_XXS": "iq2", "IQ2_XS": "iq2", "IQ2_S": "iq2", "MXFP4": "mxfp4"}
 PACKED_BITS = {t: _FORM_BITS[_FORM_OF.get(t, "q8")] for t in FILE_BITS}
 
 

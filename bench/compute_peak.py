@@ -197,7 +197,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--shapes", nargs="+", default=["11264x2048", "2048x5632"], help="N x K of the weights")
     ap.add_argument("--rows", type=int, nargs="+", default=[16, 64, 256])
-    ap.add_argument("--modes", nargs="+", default=["q4", "q8"], choices=["q2", "q3", "q4", "q5", "q6", "q8", "iq4", "iq2", "q4k", "q5k", "q6k"])
+    ap.add_argument("--modes", nargs="+", default=["q4", "q8"],
+                    choices=["q2", "q3", "q4", "q5", "q6", "q8", "iq4", "mxfp4", "iq2", "q4k", "q5k", "q6k"])
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     peak_ext, quant = build(), load("quant")

@@ -115,7 +115,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rev", required=True, help="the git revision to compare against (e.g. HEAD~1)")
     ap.add_argument("--modes", nargs="+", default=["q8", "q4"],
-                    choices=["q8", "q4", "q5", "q6", "iq4", "q3", "iq2", "q2", "q4k", "q5k", "q6k", "act"],
+                    choices=["q8", "q4", "q5", "q6", "iq4", "mxfp4", "q3", "iq2", "q2", "q4k", "q5k", "q6k", "act"],
                     help="weight forms; act: the activation quantizer alone, at each shape's K")
     ap.add_argument("--shapes", nargs="+", default=["262144x640", "8192x2048", "2048x8192"],
                     help="N x K of the weights (262144x640: Gemma 3's head)")

@@ -17,7 +17,7 @@ from textmill.loader.dequant import SUPPORTED_TYPES, dequantize
 F16_FIELDS = {
     T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2),
     T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
-    T.IQ4_NL: (0,), T.IQ4_XS: (0,),
+    T.IQ4_NL: (0,), T.IQ4_XS: (0,), T.MXFP4: (),  # MXFP4's scale: an E8M0 byte (random_blocks)
     T.IQ2_XXS: (0,), T.IQ2_XS: (0,), T.IQ2_S: (0,), T.IQ3_XXS: (0,), T.IQ3_S: (0,), T.IQ1_S: (0,),
 }  # fmt: skip
 NUM_BLOCKS = 64
@@ -29,6 +29,8 @@ def random_blocks(qtype: T, rng: np.random.Generator) -> np.ndarray:
     for offset in F16_FIELDS[qtype]:
         scales = rng.uniform(-2.0, 2.0, size=NUM_BLOCKS).astype(np.float16)
         blocks[:, offset : offset + 2] = scales.view(np.uint8).reshape(NUM_BLOCKS, 2)
+    if qtype == T.MXFP4:  # every exponent whose values stay finite (2^(e - 128) * 12 below 2^128)
+        blocks[:, 0] = rng.integers(0, 253, NUM_BLOCKS)
     return blocks
 
 
@@ -48,7 +50,9 @@ def test_random_blocks_match_reference(qtype: T) -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
-QUANTIZABLE_BITS = {T.Q8_0: 8, T.Q4_0: 4, T.Q4_1: 4, T.Q5_0: 5, T.Q5_1: 5, T.BF16: 8}
+# MXFP4 as 2 bits: its scale 2^floor(log2 max|w|) / 8 leaves max|w| / d in 8..16, whose top
+# value 12 clips by up to 4 d (and its widest gap, 8 to 12, rounds by 2 d): max|w| / 2 at most.
+QUANTIZABLE_BITS = {T.Q8_0: 8, T.Q4_0: 4, T.Q4_1: 4, T.Q5_0: 5, T.Q5_1: 5, T.BF16: 8, T.MXFP4: 2}
 
 
 @pytest.mark.parametrize("qtype", list(QUANTIZABLE_BITS), ids=lambda t: t.name)
@@ -121,6 +125,18 @@ def test_iq1_m_follows_ggml() -> None:
     got = dequantize(blocks, T.IQ1_M).reshape(6, 256)
     for b in range(6):
         np.testing.assert_array_equal(got[b], _iq1_m_block_by_hand(blocks[b], grid))
+
+
+def test_mxfp4_scales_are_ggmls_for_every_exponent() -> None:
+    """MXFP4's scale 2^(e - 128) (ggml's e8m0_to_fp32_half) bit for bit for every E8M0 byte:
+    e = 0 and 1 are float32 subnormals (ggml builds them from bits), the top ones overflow."""
+    blocks = np.random.default_rng(39).integers(0, 256, size=(256, 17), dtype=np.uint8)
+    blocks[:, 0] = np.arange(256)
+    with np.errstate(over="ignore"):
+        expected = quants.dequantize(blocks, T.MXFP4).reshape(-1)
+        got = dequantize(blocks, T.MXFP4)
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    assert np.isinf(got).any() and (0 < np.abs(got[got != 0]).min() < np.finfo(np.float32).tiny)
 
 
 def test_unsupported_type_names_the_supported_ones() -> None:

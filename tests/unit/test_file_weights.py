@@ -28,7 +28,7 @@ LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "f
 # One type per linear, across the layers: every type of DESIGN.md's list appears.
 TYPES = [T.Q4_K, T.Q4_K, T.Q6_K, T.Q4_0, T.Q5_K, T.Q5_K, T.Q3_K,  # layer 0: a Q4_K_M-like layer (a Q3_K down)
          T.Q4_1, T.Q5_0, T.Q8_0, T.Q5_1, T.Q2_K, T.Q6_K, T.F16,  # layer 1: the rest
-         T.IQ4_XS, T.IQ4_XS, T.IQ4_NL, T.IQ4_XS, T.IQ4_XS, T.IQ4_XS, T.IQ4_NL,  # layer 2: an IQ4_XS file's
+         T.IQ4_XS, T.IQ4_XS, T.IQ4_NL, T.IQ4_XS, T.IQ4_XS, T.MXFP4, T.IQ4_NL,  # layer 2: an IQ4_XS file's (an MXFP4 up)
          T.IQ4_XS, T.IQ4_NL, T.IQ3_S, T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS,  # layer 3: the IQ types with grids
          T.IQ1_S, T.IQ3_S, T.Q4_K, T.IQ1_M, T.IQ3_XXS, T.Q6_K, T.IQ1_S]  # layer 4: ... beside k-quants of their form
 
@@ -46,6 +46,8 @@ def _blocks(qtype: T, shape: tuple[int, int], rng: np.random.Generator) -> np.nd
     if qtype == T.IQ1_M:  # its d is spread over four scale words
         return iq1_m_blocks(rng, nb, 0.04 / block_size).reshape(shape[0], -1)
     raw = rng.integers(0, 256, size=(nb, type_size), dtype=np.uint8)
+    if qtype == T.MXFP4:  # its scale 2^(e - 128) from a byte: weights up to 12 * 2^-12..2^-8
+        raw[:, 0] = rng.integers(116, 121, nb)
     for offset in F16_FIELDS[qtype]:  # small, finite scales; everything else random bits
         raw[:, offset:offset + 2] = (rng.uniform(-1, 1, nb) * 0.04 / block_size).astype(np.float16).view(
             np.uint8).reshape(nb, 2)
@@ -121,6 +123,8 @@ def test_every_block_type_runs_from_its_own_blocks_and_tracks_the_float_referenc
     assert [p.mode for p in layer1.mlp.gate_up_proj.parts] == ["q2", "q6k"]
     # IQ4_XS beside IQ4_NL: one matmul on the file's 4-bit indices
     assert layer2.self_attn.qkv_proj.mode == "iq4" and layer2.mlp.down_proj.mode == "iq4"
+    # an IQ4_XS gate beside an MXFP4 up: each on its own table's 4-bit indices, one call
+    assert [p.mode for p in layer2.mlp.gate_up_proj.parts] == ["iq4", "mxfp4"]
     # IQ4_XS q and IQ4_NL k as one iq4 matmul beside the IQ3_S v's 4-bit codes, an IQ3_XXS o
     # in 6 bits, the IQ2 types as indices into their six values (IQ2_S and IQ2_XS: one matmul)
     assert [p.mode for p in layer3.self_attn.qkv_proj.parts] == ["iq4", "q4"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from gguf import quants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from textmill.kernels import load
@@ -23,14 +24,25 @@ def blocks_for(qtype: T, seed: int = 0) -> np.ndarray:
     nb = N * K // block_size
     if qtype == T.IQ1_M:
         return iq1_m_blocks(rng, nb)  # its d is spread over four scale words
+    if qtype == T.MXFP4:
+        return mxfp4_blocks(rng)
     blocks = rng.integers(0, 256, size=(nb, type_size), dtype=np.uint8)
     for offset in F16_FIELDS[qtype]:
         blocks[:, offset:offset + 2] = rng.uniform(-0.02, 0.02, nb).astype(np.float16).view(np.uint8).reshape(nb, 2)
     return blocks
 
 
-@pytest.mark.parametrize("qtype,bits", [(T.Q4_0, 4), (T.Q4_1, 4), (T.Q8_0, 8), (T.Q5_0, 8), (T.IQ4_NL, 8)],
-                         ids=lambda v: str(v))
+def mxfp4_blocks(rng: np.random.Generator) -> np.ndarray:
+    """A real MXFP4 tensor: random (N, K) weights quantized by gguf-py, each group of 32 at a
+    magnitude of its own, so that the exponents spread over what a half holds (scales
+    2^-24..2^12), and one group of zeros (gguf-py writes e = 0 for it: 2^-128)."""
+    w = rng.standard_normal((N, K // 32, 32)) * np.exp2(rng.integers(-20, 14, (N, K // 32, 1)))
+    w[0, 1] = 0
+    return quants.quantize(w.reshape(N, K).astype(np.float32), T.MXFP4).reshape(-1, 17)
+
+
+@pytest.mark.parametrize("qtype,bits", [(T.Q4_0, 4), (T.Q4_1, 4), (T.Q8_0, 8), (T.Q5_0, 8), (T.IQ4_NL, 8),
+                                        (T.MXFP4, 8)], ids=lambda v: str(v))
 def test_exact_types_keep_the_files_weights(qtype, bits):
     raw = blocks_for(qtype)
     codes = from_gguf(raw, qtype, (N, K))
@@ -120,8 +132,8 @@ def test_rows_reads_only_the_asked_rows():
 # --- the C++ converter (kernels/csrc/gguf_blocks.h): packs from the file's bytes in one pass,
 # and must give the bytes the Python reference above gives.
 
-C_TYPES = [T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K, T.IQ4_NL, T.IQ4_XS, T.F16,
-           T.F32, T.BF16]
+C_TYPES = [T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K, T.IQ4_NL, T.IQ4_XS,
+           T.MXFP4, T.F16, T.F32, T.BF16]
 # The IQ types with a grid: the C++ converter gives gguf-py's values (ggml's, for IQ1_M);
 # in 8 bits (beside an 8-bit part), those with a scale per 16 weights it rounds as the Python
 # path does, the others keep their codes (test_c_iq_forms_*).
@@ -320,24 +332,27 @@ def test_release_file_pages_drops_read_pages_and_keeps_the_map_readable(tmp_path
 
 
 # --- the IQ4 form: the file's 4-bit indices and one half scale per 32, looked up in the kernel
+# (and the MXFP4 form: the same on MXFP4's table)
 
 
-@pytest.mark.parametrize("qtype", [T.IQ4_NL, T.IQ4_XS], ids=lambda t: t.name)
-def test_c_iq4_form_holds_the_eight_bit_forms_weights_in_half_the_bytes(qtype):
+@pytest.mark.parametrize("qtype,form", [(T.IQ4_NL, "iq4"), (T.IQ4_XS, "iq4"), (T.MXFP4, "mxfp4")],
+                         ids=lambda v: getattr(v, "name", v))
+def test_c_iq4_form_holds_the_eight_bit_forms_weights_in_half_the_bytes(qtype, form):
     ext = load("quant")
     raw = _raw(qtype)
-    iq4, q8 = _c_packed("iq4", [(raw, qtype)]), _c_packed(8, [(raw, qtype)])
-    assert iq4.numel() == ext.packed_bytes("iq4", N, K) < 0.55 * q8.numel()
-    codes, d = ext.iq4_unpack(iq4, N, K)
+    iq4, q8 = _c_packed(form, [(raw, qtype)]), _c_packed(8, [(raw, qtype)])
+    assert iq4.numel() == ext.packed_bytes(form, N, K) < 0.55 * q8.numel()
+    codes, d = getattr(ext, f"{form}_unpack")(iq4, N, K)
     codes8, d8 = ext.q8_unpack(q8, N, K)
     assert torch.equal(codes, codes8) and torch.equal(d, d8)
     # the same values through the same float steps: iq4_linear gives q8_linear's bits, at
     # one row (row groups) and at many (block-major), and on the scalar path
+    op = getattr(ext, f"{form}_linear")
     for m in (1, 3, 40):
         x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)) * 3
-        y = ext.iq4_linear(x, iq4, N)
+        y = op(x, iq4, N)
         assert torch.equal(y, ext.q8_linear(x, q8, N))
-        assert torch.equal(y, ext.iq4_linear(x, iq4, N, None, 1))
+        assert torch.equal(y, op(x, iq4, N, None, 1))
 
 
 def test_c_iq4_form_stacks_nl_and_xs_parts_and_refuses_other_types():
@@ -353,6 +368,70 @@ def test_c_iq4_form_stacks_nl_and_xs_parts_and_refuses_other_types():
     raw[:, 0:2] = np.array([3000.0], dtype=np.float16).view(np.uint8)  # d * (ls - 32) past 65504
     with pytest.raises(RuntimeError, match="half range"):
         _c_packed("iq4", [(raw, T.IQ4_XS)])
+
+
+MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, -1, -2, -3, -4, -6, -8, -12)
+
+
+def test_c_mxfp4_form_runs_as_gguf_pys_weights():
+    """A real MXFP4 tensor (mxfp4_blocks) packed as a GGUF file's is: gguf-py's dequantized
+    weights exactly (each scale 2^(e - 128) held by a half as it is), and mxfp4_linear within
+    the activations' rounding of F.linear on them, SIMD = scalar."""
+    ext = load("quant")
+    raw = _raw(T.MXFP4)
+    packed = _c_packed("mxfp4", [(raw, T.MXFP4)])
+    w = torch.from_numpy(quants.dequantize(raw.reshape(N, -1), T.MXFP4))
+    codes, d = ext.mxfp4_unpack(packed, N, K)
+    assert set(torch.unique(codes).tolist()) == set(MXFP4_VALUES)
+    assert torch.equal((codes.float().view(N, -1, 32) * d[..., None]).view(N, K), w)
+    powers = torch.log2(d[d > 0])
+    assert powers.min() <= -20 and powers.max() >= 9 and d[0, 1] == 0  # the spread is real; the zero group
+    _assert_runs_as(ext.mxfp4_linear, packed, w, 8)
+
+
+def test_c_mxfp4_pack_of_float_weights_is_gguf_pys_quantization():
+    """mxfp4_pack takes ggml's scale and nearest values: float weights pack to the bytes of
+    gguf-py's MXFP4 blocks of them packed from the file."""
+    rng = np.random.default_rng(41)
+    w = (rng.standard_normal((N, K // 32, 32)) * np.exp2(rng.integers(-20, 14, (N, K // 32, 1)))).reshape(N, K)
+    w = w.astype(np.float32)
+    w[3, :64] = 0
+    raw = quants.quantize(w, T.MXFP4)
+    assert torch.equal(load("quant").mxfp4_pack(torch.from_numpy(w)), _c_packed("mxfp4", [(raw, T.MXFP4)]))
+
+
+@pytest.mark.parametrize("power", [16, -25], ids=["past-2^15", "below-2^-24"])
+def test_c_mxfp4_scales_no_half_holds_fall_back_as_iq4s_do(power):
+    """A group's 2^(e - 128) past a half's range (a group of zeros aside) is reported as IQ4's
+    scales are: pack_gguf raises "half range" in both its forms, so QLinear.from_file raises
+    OutOfHalfRange and the runner takes the Python converter's path, which rounds the tensor to
+    8 bits (a scale below 2^-24 no less: a half would round it)."""
+    from textmill.loader.group_codes import CodesRef
+    from textmill.runner.qlinear import OutOfHalfRange, QLinear
+
+    raw = _raw(T.MXFP4).copy()
+    assert raw[1, 0] == 0 and not raw[1, 1:].any()  # the group of zeros at e = 0 packed (d = 0, above)
+    assert (raw[5, 1:] & 0x77).any()  # a nonzero value
+    raw[5, 0] = 128 + power
+    for form in ("mxfp4", 8):
+        with pytest.raises(RuntimeError, match="half range"):
+            _c_packed(form, [(raw, T.MXFP4)])
+    ref = CodesRef(raw, T.MXFP4, (N, K))
+    with pytest.raises(OutOfHalfRange):
+        QLinear.from_file([ref])
+    codes = ref.load()
+    assert codes.bits == 8 and codes.source == "MXFP4"
+    w = torch.from_numpy(dequantize(raw, T.MXFP4).reshape(N, K))
+    group_max = w.view(N, K // 32, 32).abs().amax(-1).repeat_interleave(32, dim=1)
+    # half a step of max|w| / 127, and the subnormal half d's rounding (2^-25) on a code up to 127
+    assert ((codes.dequantize() - w).abs() <= group_max / 254 * 1.01 + 127 * 2.0**-25).all()
+
+
+def test_c_mxfp4_form_takes_mxfp4_alone():
+    with pytest.raises(RuntimeError, match="no MXFP4 form"):
+        _c_packed("mxfp4", [(_raw(T.IQ4_NL), T.IQ4_NL)])
+    with pytest.raises(RuntimeError, match="no IQ4 form"):
+        _c_packed("iq4", [(_raw(T.MXFP4), T.MXFP4)])
 
 
 # --- the 1- to 3-bit IQ types: grid rows with signs, into the forms their values fit

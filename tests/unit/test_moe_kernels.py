@@ -40,7 +40,7 @@ def test_experts_linear_is_each_expert_alone(ops):
     expert's own linear on those rows; experts without rows are skipped."""
     _, quant = ops
     torch.manual_seed(0)
-    for mode in ("q4k", "q8", "q6k"):
+    for mode in ("q4k", "q8", "q6k", "mxfp4"):
         n, k = 48, 256
         weights = [torch.randn(n, k) * 0.05 for _ in range(5)]
         packed = [getattr(quant, f"{mode}_pack")(w) for w in weights]
@@ -146,10 +146,11 @@ def _write_moe(path, gate_up: T, down: T, arch: str = "qwen3moe", fused: bool = 
 
 
 @pytest.fixture(scope="module", params=[(T.Q4_K, T.Q6_K, "qwen3moe"), (T.Q8_0, T.Q5_K, "qwen3moe"),
-                                        (T.Q4_K, T.Q6_K, "qwen2moe"), (T.Q8_0, T.Q8_0, "gpt-oss")],
-                ids=["q4k-q6k", "q8-q5k", "qwen2moe", "gpt-oss"])
+                                        (T.Q4_K, T.Q6_K, "qwen2moe"), (T.MXFP4, T.MXFP4, "qwen3moe"),
+                                        (T.MXFP4, T.MXFP4, "gpt-oss")],
+                ids=["q4k-q6k", "q8-q5k", "qwen2moe", "mxfp4", "gpt-oss"])
 def moe_path(request, ops, tmp_path_factory):
-    path = tmp_path_factory.mktemp("moe") / f"{request.param[2]}.gguf"
+    path = tmp_path_factory.mktemp("moe") / f"{request.param[2]}-{request.param[0].name}.gguf"
     _write_moe(path, *request.param)
     return path
 
@@ -169,6 +170,8 @@ def test_a_moe_file_runs_its_experts_stacked_and_tracks_the_float_reference(moe_
     assert all(isinstance(m, KernelMoE) for m in moes)
     assert all(isinstance(m.gate_up, QLinear) and m.gate_up.out_features == EXPERTS * 2 * WIDTH for m in moes)
     assert type(moes[0].router) is torch.nn.Linear  # the file's float router, read row by row
+    if "MXFP4" in moe_path.name:  # gpt-oss's experts' type: its own 4-bit form, both projections
+        assert all(m.gate_up.mode == m.down.mode == "mxfp4" for m in moes)
     shared = "qwen2moe" in moe_path.name
     assert (moes[0].shared_expert is not None, moes[0]._shared_gate is not None) == (shared, shared)
     got = _prompt_logprobs(runner, tokens)

@@ -66,7 +66,7 @@ def acts(m: int, k: int, seed: int) -> torch.Tensor:
     return torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, k, generator=g))
 
 
-MODES = ("q4", "q8", "q6", "q5", "iq4", "q3", "iq2", "q2", "q4k", "q5k", "q6k")
+MODES = ("q4", "q8", "q6", "q5", "iq4", "mxfp4", "q3", "iq2", "q2", "q4k", "q5k", "q6k")
 
 
 def pack(ext, mode: str, w: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,7 @@ def unpack(ext, mode, packed, n, k):
     elif mode in ("q6", "q3", "iq2", "q6k"):
         codes, d = getattr(ext, f"{mode}_unpack")(packed, n, k)
         return codes.float() - {"q6": 32, "q6k": 32, "q3": 4, "iq2": 0}[mode], d, torch.zeros_like(d)
-    else:  # q8, or iq4's table values
+    else:  # q8, or iq4's and mxfp4's table values
         codes, d = getattr(ext, f"{mode}_unpack")(packed, n, k)
         m = torch.zeros_like(d)
     return codes.float(), d, m
@@ -313,8 +313,10 @@ def test_close_to_float_linear_on_dequantized_weights(ext, mode, mm, k, n):
     # value of up to 127 (and d's rounding to a half, 127 * 2^-11) on a group whose largest
     # magnitude is negative against the table's top, 113; its widest gap, 24, rounds by 12;
     # q3: a whole step, where a half's largest magnitude, at code -4, has an opposite as
-    # large, which stops at +3; iq2, in units of d: half its widest gap, 43 - 25).
-    step = unpack(ext, mode, q.packed, n, k)[1].abs() * {"iq4": 28.2, "q3": 2.01, "iq2": 18.02}.get(mode, 1)
+    # large, which stops at +3; iq2, in units of d: half its widest gap, 43 - 25; mxfp4, in
+    # units of d: up to 4, where a group's largest magnitude, 8..16, clips at 12).
+    step = unpack(ext, mode, q.packed, n, k)[1].abs() * {"iq4": 28.2, "q3": 2.01, "iq2": 18.02,
+                                                         "mxfp4": 8.0}.get(mode, 1)
     w_err = (q.dequantized_weight() - lin.weight.detach()).abs().view(n, step.shape[1], -1)
     assert (w_err <= step[..., None] * 0.5 * (1 + 1e-3) + 1e-7).all()
 
@@ -463,7 +465,8 @@ def test_output_buffer_is_reused_and_capped(ext):
 # Parts as real files mix them: a Q4_K_M file's Q4_K q/k beside a Q6_K v; Q8 beside others
 # (its 512-bit kernels read flipped activations, the others the codes as they are); Q8 alone
 # twice; three forms; widths that leave a last tile half padding.
-PART_MIXES = [("q4k", "q6k"), ("q8", "q4k"), ("q6k", "q8", "q5"), ("q8", "q8"), ("q4", "iq4", "q2")]
+PART_MIXES = [("q4k", "q6k"), ("q8", "q4k"), ("q6k", "q8", "q5"), ("q8", "q8"), ("q4", "iq4", "q2"),
+              ("mxfp4", "q8")]
 
 
 @pytest.mark.parametrize("forms", PART_MIXES, ids="+".join)

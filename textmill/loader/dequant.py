@@ -183,19 +183,27 @@ def _q3_k(blocks: np.ndarray) -> np.ndarray:
     return _f16(blocks, 108) * _per_16(q, _q3_k_scales(blocks[:, 96:108]))
 
 
-# --- non-linear 4-bit types (IQ4_NL, IQ4_XS) -----------------------------------------------
+# --- non-linear 4-bit types (IQ4_NL, IQ4_XS, MXFP4) ----------------------------------------
 
 # The 16 values a 4-bit IQ4 code stands for (ggml's kvalues_iq4nl): spaced for the
 # bell-shaped spread of weights, denser near zero. Every one is an int8.
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
+# MXFP4's (ggml's kvalues_mxfp4): e2m1's values doubled, so that every one is an integer.
+MXFP4_VALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int8)
 
 
-def iq4_codes(qs: np.ndarray) -> np.ndarray:
+def iq4_codes(qs: np.ndarray, values: np.ndarray = IQ4_VALUES) -> np.ndarray:
     """(nb, 16 g) nibbles of g 32-value groups (each: 16 bytes, values j and j + 16 in the
-    low and high nibble of byte j) -> (nb, 32 g) int8 table values."""
+    low and high nibble of byte j) -> (nb, 32 g) int8 table values (IQ4's, or MXFP4's)."""
     nb = qs.shape[0]
     lo, hi = nibbles(qs.reshape(nb, -1, 16))
-    return IQ4_VALUES[np.concatenate([lo, hi], axis=2).reshape(nb, -1)]
+    return values[np.concatenate([lo, hi], axis=2).reshape(nb, -1)]
+
+
+def mxfp4_scales(blocks: np.ndarray) -> np.ndarray:
+    """(nb, 1) float32: each MXFP4 block's scale 2^(e - 128) from its E8M0 byte e (ggml's
+    e8m0_to_fp32_half; 2^-128 and 2^-127 are float32 subnormals, exact)."""
+    return np.ldexp(np.float32(1), blocks[:, :1].astype(np.int32) - 128).astype(np.float32)
 
 
 def iq4_xs_scales(blocks: np.ndarray) -> np.ndarray:
@@ -217,6 +225,11 @@ def _iq4_xs(blocks: np.ndarray) -> np.ndarray:
     # d: f16, scales_h: uint16, scales_l: uint8[4], qs: uint8[128]; eight sub-blocks of 32
     q = iq4_codes(blocks[:, 8:]).astype(np.float32).reshape(-1, 8, 32)
     return (iq4_xs_scales(blocks)[:, :, None] * q).reshape(-1, QK_K)
+
+
+def _mxfp4(blocks: np.ndarray) -> np.ndarray:
+    # e: u8, qs: uint8[16]; value = 2^(e - 128) * MXFP4_VALUES[q]
+    return mxfp4_scales(blocks) * iq4_codes(blocks[:, 1:], MXFP4_VALUES).astype(np.float32)
 
 
 _Kernel = Callable[[np.ndarray], np.ndarray]
@@ -284,7 +297,7 @@ def _kernels() -> dict[GGMLQuantizationType, _Kernel]:
         T.F32: _f32, T.F16: _f16_values, T.BF16: _bf16,
         T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1,
         T.Q2_K: _q2_k, T.Q3_K: _q3_k, T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k,
-        T.IQ4_NL: _iq4_nl, T.IQ4_XS: _iq4_xs,
+        T.IQ4_NL: _iq4_nl, T.IQ4_XS: _iq4_xs, T.MXFP4: _mxfp4,
         **{t: _gguf_reference(t) for t in REFERENCE_TYPES}, T.IQ1_M: _iq1_m,
     }  # fmt: skip
 

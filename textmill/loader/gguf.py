@@ -370,7 +370,7 @@ def load_gguf(path: Path, *, dtype: torch.dtype, device: str, decode: RowsDecode
 
 # Bits per weight of GGML's block types, as far as `--quantization auto` cares: the width of
 # the integer kernel that holds the file's weights best (3-, 5- and 6-bit types need int8).
-_TYPE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "IQ4_NL": 4, "IQ4_XS": 4, "Q3_K": 8, "Q2_K": 8,
+_TYPE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "IQ4_NL": 4, "IQ4_XS": 4, "MXFP4": 4, "Q3_K": 8, "Q2_K": 8,
               "IQ3_S": 8, "IQ3_XXS": 8, "IQ2_S": 8, "IQ2_XS": 8, "IQ2_XXS": 8, "IQ1_S": 8, "IQ1_M": 8,  # requantized: int8
               "Q5_0": 8, "Q5_1": 8, "Q5_K": 8, "Q6_K": 8, "Q8_0": 8, "Q8_1": 8, "Q8_K": 8}
 

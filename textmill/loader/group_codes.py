@@ -1,7 +1,7 @@
 """GGUF blocks -> integer codes in groups of 32, without a float copy of the weights.
 
 The CPU kernels (runner/qlinear.py) take weights as codes in groups of 32 along the input
-dimension, in one of these forms (and IQ4's, below):
+dimension, in one of these forms (and IQ4's and MXFP4's, below):
 
 * 3 bits: codes 0..7, a scale per half group (16 weights): w = d_h * (q - 4);
 * 4 bits: codes 0..15, a scale d and a min m per group: w = d * q + m;
@@ -26,6 +26,7 @@ stores them and loading is a reshuffle of bytes, not a dequantize-and-requantize
 | Q2_K  | 8    | dequantize, round to 8 bits per group of 32            | a second rounding |
 | IQ4_NL| 8    | d; q = the code's table value (an int8)                | yes               |
 | IQ4_XS| 8    | per 32 weights: d * (scale - 32); q as IQ4_NL's        | scales to half    |
+| MXFP4 | 8    | 2^(e - 128); q = the code's table value (-12..12)      | yes               |
 | others| 8    | dequantize one tensor, round to 8 bits per group of 32 | a second rounding |
 
 The 1- to 3-bit IQ types (a grid row of small integers per 4 or 8 weights, with signs) take
@@ -55,10 +56,13 @@ relative error below 2^-11 on the scale, against the 2^-4 of the 4-bit codes the
 IQ4_NL and IQ4_XS index a table of 16 int8 values (non-linear steps). Here they take the
 8-bit form with the table's values as codes; the C++ converter packs them in the kernels'
 IQ4 form instead (the file's 4-bit indices, looked up in the kernel: 4.5 bits a weight, not
-8.5), which computes the same sums. The "others" (the 1- to 3-bit IQ types; Q2_K in C++) keep at least their own
-precision: 8-bit codes on a scale of max|w|/127 round to a quarter or less of a 6-bit
-type's own step. docs/architecture.md says why these are repacked rather than run on
-their own blocks.
+8.5), which computes the same sums. MXFP4 (gpt-oss's experts) is that structure on another
+table (e2m1's values doubled) and a power-of-two scale: 8 bits here, its own mxfp4 form in
+C++. Its scale is exact in a half for e - 128 in -24..15; a tensor with a group past that
+(one holding a nonzero value) takes the 8-bit rounding of the "others". The "others" (the 1-
+to 3-bit IQ types; Q2_K in C++) keep at least their own precision: 8-bit codes on a scale of
+max|w|/127 round to a quarter or less of a 6-bit type's own step. docs/architecture.md says
+why these are repacked rather than run on their own blocks.
 """
 from __future__ import annotations
 
@@ -69,7 +73,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from textmill.loader.dequant import dequantize, iq_grid, iq4_codes, iq4_xs_scales, k_nibbles, k_scale_min, nibbles, q5_values
+from textmill.loader.dequant import (MXFP4_VALUES, dequantize, iq_grid, iq4_codes, iq4_xs_scales, k_nibbles,
+                                    k_scale_min, mxfp4_scales, nibbles, q5_values)
 from textmill.loader.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 
 GROUP = 32
@@ -87,15 +92,15 @@ TWO_BIT_TYPES = frozenset({T.Q2_K})
 # The k-quants with a form of their own: their super-blocks' halves and 6- or 8-bit scales as
 # they are (runner/qlinear.py's q4k, q5k, q6k).
 K_FORMS = {T.Q4_K: "q4k", T.Q5_K: "q5k", T.Q6_K: "q6k"}
-# The types it packs in the IQ4 form: 4-bit indices into the IQ4 table, one scale per 32.
-IQ4_TYPES = frozenset({T.IQ4_NL, T.IQ4_XS})
+# The types it packs in a form of 4-bit indices into a table, one scale per 32: IQ4's, MXFP4's.
+LOOKUP_FORMS = {T.IQ4_NL: "iq4", T.IQ4_XS: "iq4", T.MXFP4: "mxfp4"}
 # The IQ types the C++ converter packs in a form narrower than 8 bits (module docstring).
 IQ_FORMS = {T.IQ3_S: "q4", T.IQ1_S: "q4", T.IQ3_XXS: "q6", T.IQ1_M: "q6", T.IQ2_XXS: "iq2", T.IQ2_XS: "iq2",
             T.IQ2_S: "iq2"}
 # The types the C++ converter (kernels/csrc/gguf_blocks.h) packs straight from the file:
 # every type a GGUF model's matrices come in (F64 and the integer types aside).
 PACKED_FROM_FILE_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
-                                    T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS,
+                                    T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS, T.MXFP4,
                                     T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M})
 _HALF_MAX = 65504.0
 
@@ -152,7 +157,7 @@ class CodesRef:
     @property
     def form(self) -> str:
         """The kernel form the C++ converter packs this tensor into: q2, q3, q4, q4k, q5, q5k,
-        q6, q6k, q8, iq4 or iq2 (runner/qlinear.py's modes)."""
+        q6, q6k, q8, iq4, mxfp4 or iq2 (runner/qlinear.py's modes)."""
         if self.qtype in K_FORMS:
             return K_FORMS[self.qtype]
         if self.qtype in FOUR_BIT_TYPES:
@@ -163,8 +168,8 @@ class CodesRef:
             return "q3"
         if self.qtype in TWO_BIT_TYPES:
             return "q2"
-        if self.qtype in IQ4_TYPES:
-            return "iq4"
+        if self.qtype in LOOKUP_FORMS:
+            return LOOKUP_FORMS[self.qtype]
         return "q5" if self.qtype in FIVE_BIT_TYPES else "q6" if self.qtype in SIX_BIT_TYPES else "q8"
 
     def flat_bytes(self) -> torch.Tensor:
@@ -330,5 +335,13 @@ def _iq4_xs(blocks: np.ndarray):
     return 8, iq4_codes(blocks[:, 8:]), iq4_xs_scales(blocks), None
 
 
+def _mxfp4(blocks: np.ndarray):
+    codes, scale = iq4_codes(blocks[:, 1:], MXFP4_VALUES), mxfp4_scales(blocks)
+    # A scale below a half's 2^-24 would round: marked past the range (from_gguf then rounds the
+    # tensor to 8 bits), except on a group of zeros, which scale 0 holds exactly.
+    tiny = (scale < 2.0**-24) & codes.any(axis=1, keepdims=True)
+    return 8, codes, np.where(tiny, np.inf, np.where(scale < 2.0**-24, 0, scale)), None
+
+
 _CONVERTERS = {T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q4_K: _q4_k, T.Q8_0: _q8_0, T.Q5_0: _q5_0,
-               T.IQ4_NL: _iq4_nl, T.IQ4_XS: _iq4_xs}
+               T.IQ4_NL: _iq4_nl, T.IQ4_XS: _iq4_xs, T.MXFP4: _mxfp4}

@@ -24,6 +24,9 @@ from textmill.runner.qlinear import OutOfHalfRange, QLinear, SideBySide, width_f
 from textmill.runner.weight_arena import WeightArena
 
 HEAD = "lm_head.weight"
+# The forms of 4 to 5 bits a weight that stacking in 8 bits would near double: beside an 8-bit
+# part such a weight keeps its own form (SideBySide), as it does beside any other form.
+_NARROW_FORMS = frozenset({"q2", "q3", "q4", "iq4", "mxfp4", "iq2"})
 
 
 class RowEmbedding(nn.Module):
@@ -121,7 +124,7 @@ class _Maker:
                 # width (an IQ3_M file's IQ3_S q and Q4_K k) both go in that width's form, one matmul
                 forms = {width_form(f) for f in forms}
             # A Q4_K_M file's Q4_K q/k beside a Q6_K v, a Q5_K_M file's Q5_K q/k beside a Q6_K v:
-            if len(forms) > 1 and (forms & {"q2", "q3", "q4", "iq4", "iq2"} or "q8" not in forms):
+            if len(forms) > 1 and (forms & _NARROW_FORMS or "q8" not in forms):
                 return SideBySide([self.fused(run) if len(run) > 1 else self.one(run[0])
                                    for run in _runs_of_equal_width(parts, refs)])
             # 5/6-bit parts beside an 8-bit one (Gemma 3's Q5_0 q/k and Q8_0 v) go in 8 bits,

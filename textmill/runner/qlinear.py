@@ -19,6 +19,8 @@ QLinear holds only packed weights, in groups of 32 along the input dimension:
   4 bits, computed as q6 on the codes plus each half's min term.
 * "iq4": 4-bit indices into GGUF's IQ4 table of 16 int8 values, one scale per group:
   w = d*T[q] (IQ4_NL, IQ4_XS); computed as q8 on the looked-up values; 4.5 bits.
+* "mxfp4": iq4's form on GGUF MXFP4's table (0, 1, 2, 3, 4, 6, 8, 12 and their negatives: e2m1's
+  values doubled) with a power-of-two scale 2^(e - 128) as a half (gpt-oss's experts); 4.5 bits.
 * "iq2": 4-bit indices into the IQ2 types' six values (-43, -25, -8, 8, 25, 43), one scale
   per 16 weights: w = d_h*T2[q] (IQ2_XXS, IQ2_XS, IQ2_S); computed as q6 on the looked-up
   values; 5 bits.
@@ -50,7 +52,8 @@ from textmill.runner.row_buffer import RowBuffer
 from textmill.runner.weight_arena import WeightArena
 
 TILE_ROWS = 16  # output rows a packed tile holds (quant.cpp's NR): a weight's rows are packed in whole tiles
-MODES = ("q2", "q3", "q4", "q4k", "q5", "q5k", "q6", "q6k", "q8", "iq4", "iq2")  # CodesRef.form names a file tensor's form among these
+# CodesRef.form names a file tensor's form among these
+MODES = ("q2", "q3", "q4", "q4k", "q5", "q5k", "q6", "q6k", "q8", "iq4", "mxfp4", "iq2")
 # The k-quants' own forms and the form of their width, which also takes their types (their
 # scales rounded to halves) and computes the same way.
 _WIDTH_OF = {"q4k": "q4", "q5k": "q5", "q6k": "q6"}
@@ -148,7 +151,7 @@ class QLinear(nn.Module):
             raise ValueError("GGUF weights need textmill's C++ kernels, which could not be built here")
         form, k = form or refs[0].form, refs[0].shape[1]
         assert all((form in (r.form, width_form(r.form))
-                    or (form == "q8" and width_form(r.form) in ("q2", "q3", "q5", "q6", "iq4", "iq2")))
+                    or (form == "q8" and width_form(r.form) in ("q2", "q3", "q5", "q6", "iq4", "mxfp4", "iq2")))
                    and r.shape[1] == k
                    for r in refs), "parts of one form and width"
         no_order = torch.empty(0, dtype=torch.long)
@@ -186,7 +189,7 @@ class QLinear(nn.Module):
         elif width in ("q6", "q3", "iq2"):  # a scale per 16; iq2's codes are its table values
             codes, d = getattr(_ext(), f"{self.mode}_unpack")(self.packed, n, k)
             w = (codes.float() - {"q6": 32.0, "q3": 4.0, "iq2": 0.0}[width]).view(n, -1, GROUP // 2) * d[..., None]
-        else:  # q8, or iq4's table values
+        else:  # q8, or iq4's and mxfp4's table values
             codes, d = getattr(_ext(), f"{self.mode}_unpack")(self.packed, n, k)
             w = codes.float().view(n, -1, GROUP) * d[..., None]
         return w.view(n, k)

@@ -26,7 +26,7 @@ namespace gguf {
 enum Type : int64_t {
   F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
   Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18,
-  IQ1_S = 19, IQ4_NL = 20, IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23, IQ1_M = 29, BF16 = 30,
+  IQ1_S = 19, IQ4_NL = 20, IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23, IQ1_M = 29, BF16 = 30, MXFP4 = 39,
 };
 
 struct Layout {
@@ -52,6 +52,7 @@ inline Layout layout(int64_t type) {
     case Q6_K: return {256, 210};
     case IQ4_NL: return {32, 18};
     case IQ4_XS: return {256, 136};
+    case MXFP4: return {32, 17};
     case IQ2_XXS: return {256, 66};
     case IQ2_XS: return {256, 74};
     case IQ2_S: return {256, 82};
@@ -491,10 +492,18 @@ constexpr int8_t kIQ4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 
 // kIQ4Values, one scale per 32).
 inline bool iq4(int64_t type) { return type == IQ4_NL || type == IQ4_XS; }
 
+// A group's 16 bytes of 4-bit indices (IQ4_NL's, IQ4_XS's and MXFP4's order) -> its 32
+// indices: value l < 16 is the low nibble of qs[l], value l + 16 its high nibble.
+inline void nibble_indices(const uint8_t* qs, uint8_t* idx) {
+  for (int l = 0; l < 16; ++l) {
+    idx[l] = qs[l] & 0x0F;
+    idx[l + 16] = qs[l] >> 4;
+  }
+}
+
 // Group b of an IQ4_NL or IQ4_XS row -> its 32 table indices (0..15) and its scale as a
 // float: IQ4_NL's d, or IQ4_XS's d * (ls - 32) for sub-block b % 8 (ls: 6 bits, the low 4 a
-// nibble of scales_l, the top 2 a pair of bits of scales_h). Within a group, value l < 16 is
-// the low nibble of qs[l], value l + 16 its high nibble.
+// nibble of scales_l, the top 2 a pair of bits of scales_h).
 inline float iq4_indices(int64_t type, const uint8_t* row, int64_t b, uint8_t* idx) {
   const uint8_t* qs;
   float scale;
@@ -509,10 +518,7 @@ inline float iq4_indices(int64_t type, const uint8_t* row, int64_t b, uint8_t* i
     qs = blk + 8 + 16 * s;
     scale = f16(blk) * static_cast<float>((low | (high << 4)) - 32);
   }
-  for (int l = 0; l < 16; ++l) {
-    idx[l] = qs[l] & 0x0F;
-    idx[l + 16] = qs[l] >> 4;
-  }
+  nibble_indices(qs, idx);
   return scale;
 }
 
@@ -531,6 +537,42 @@ inline bool decode_iq4(int64_t type, const uint8_t* row, int64_t b, uint8_t* idx
   if (!half_ok(scale)) return false;
   *d = type == IQ4_NL ? f16_bits(row + b * 18) : to_half(scale);
   return true;
+}
+
+// MXFP4 (gpt-oss's experts): a 4-bit code indexes these 16 int8 values, e2m1's doubled
+// (ggml's kvalues_mxfp4), on the power-of-two scale 2^(e - 128) of the block's E8M0 byte e
+// (ggml's e8m0_to_fp32_half: 2^(e - 127) halved, the halving paid for by the doubling).
+constexpr int8_t kMXFP4Values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+// Group b of an MXFP4 row (blocks of 17 bytes: e, then qs[16]) -> its 32 table indices, and
+// its scale's power e - 128.
+inline int mxfp4_indices(const uint8_t* row, int64_t b, uint8_t* idx) {
+  const uint8_t* blk = row + b * 17;
+  nibble_indices(blk + 1, idx);
+  return static_cast<int>(blk[0]) - 128;
+}
+
+// The same group's table values (int8) and scale as a float (every e: 2^-128 and 2^-127 are
+// float32 subnormals).
+inline float mxfp4_group(const uint8_t* row, int64_t b, int8_t* codes) {
+  uint8_t idx[32];
+  const int power = mxfp4_indices(row, b, idx);
+  for (int l = 0; l < 32; ++l) codes[l] = kMXFP4Values[idx[l]];
+  return std::ldexp(1.0f, power);
+}
+
+// Group b of an MXFP4 row -> its indices and its scale as half bits, exact for a power in
+// -24..15 (a half's smallest subnormal to its largest power of two). False for any other
+// power, except on a group whose values are all zero (indices 0 and 8), which scale 0 holds
+// exactly: ggml's quantizer writes e = 0 (2^-128) for such a group.
+inline bool decode_mxfp4(const uint8_t* row, int64_t b, uint8_t* idx, uint16_t* d) {
+  const int power = mxfp4_indices(row, b, idx);
+  if (power >= -24 && power <= 15) {
+    *d = to_half(std::ldexp(1.0f, power));
+    return true;
+  }
+  *d = 0;
+  return std::all_of(idx, idx + 32, [](uint8_t i) { return (i & 7) == 0; });
 }
 
 // These reproduce loader/dequant.py's float32 operations in its order; contracting them
@@ -649,6 +691,12 @@ inline void decode_floats(int64_t type, const uint8_t* row, int64_t b, float* w,
       for (int l = 0; l < 32; ++l) w[l] = scale * static_cast<float>(c[l]);
       return;
     }
+    case MXFP4: {
+      int8_t c[32];
+      const float scale = mxfp4_group(row, b, c);
+      for (int l = 0; l < 32; ++l) w[l] = scale * static_cast<float>(c[l]);
+      return;
+    }
     case IQ2_XXS: case IQ2_XS: case IQ2_S: case IQ3_XXS: case IQ3_S: case IQ1_S: case IQ1_M: {
       // gguf-py's db * grid * sign (a sign flip commutes with the rounding) and dl * (grid + delta)
       IQGroup g;
@@ -662,7 +710,8 @@ inline void decode_floats(int64_t type, const uint8_t* row, int64_t b, float* w,
 
 // Group b -> 8-bit codes and a half scale. Q8_0 and Q5_0 keep the file's codes (Q8_0's
 // -128 becomes -127: the kernels' sign trick has no place for it), IQ4_NL and IQ4_XS their
-// table values (IQ4_XS's sub-block scale rounded to a half, as Q4_K's), the IQ types with one
+// table values (IQ4_XS's sub-block scale rounded to a half, as Q4_K's), MXFP4 its table values
+// on its power-of-two scale (false where decode_mxfp4 is), the IQ types with one
 // scale per 32 (IQ2_XXS, IQ3_XXS, IQ3_S, IQ1_S) theirs (IQ1_S's 8 (v + delta) over s / 8);
 // every other type is rounded as group_codes.requantize_8bit does: d = half(max|w| / 127),
 // q = round(w / d), ties to even. False when d does not fit a half (or a weight is not finite).
@@ -699,6 +748,12 @@ inline bool decode8(int64_t type, const uint8_t* row, int64_t b, int8_t* codes, 
     const float scale = iq4_group(type, row, b, codes);
     if (!half_ok(scale)) return false;
     *d = type == IQ4_NL ? f16_bits(row + b * 18) : to_half(scale);
+    return true;
+  }
+  if (type == MXFP4) {
+    uint8_t idx[32];
+    if (!decode_mxfp4(row, b, idx, d)) return false;
+    for (int l = 0; l < 32; ++l) codes[l] = kMXFP4Values[idx[l]];
     return true;
   }
   float w[32];

@@ -22,6 +22,8 @@
 //        6-bit integers (Q6_K's int8 per 16 weights), D and Dm halves of a super-block
 //        of 256 weights (the file's d and -dmin). The products are exact in float32.
 //   IQ4: indices q in 0..15, w = d*T[q]       (GGUF IQ4_NL, IQ4_XS), T = gguf::kIQ4Values
+//   MXFP4: indices q in 0..15, w = d*T[q]     (GGUF MXFP4), T = gguf::kMXFP4Values (0..12 with
+//        a sign, e2m1's values doubled), d = 2^(e - 128) from the file's exponent byte e
 //   Q3: codes q in 0..7, w = d_h*(q - 4)      (GGUF Q3_K), one d per half (16 weights)
 //   Q2: codes q in 0..3, w = d_h*q + m_h      (GGUF Q2_K), one d and one m per half (16 weights)
 //   IQ2: indices q in 0..5, w = d_h*T2[q]     (GGUF IQ2_XXS, IQ2_XS, IQ2_S), T2 = gguf::kIQ2Values
@@ -56,6 +58,7 @@
 //            shuffle (vpshufb, a 16-entry lookup), and an IQ4 layer gives the bits of a Q8
 //            layer of the same values (the same integer sums, the same float steps), from
 //            4.5 bits a weight, not 8.5.
+//   MXFP4 block: IQ4's, looked up in its own table (is_lookup4 and table_of name both).
 //   Q3 block: the codes' low 2 bits [2][64 bytes] laid out as Q6's top bits (byte 4r + i of
 //            vector h holds, in bits 2t..2t+1, those of k-group 4h + t), then their top bit
 //            [64 bytes] as Q5's (bit g of byte 4r + i: k-group g); scales as Q6's. 4 bits a
@@ -203,9 +206,15 @@ bool panel_pays() {
   return pays;
 }
 
-enum class Mode { Q4, Q8, Q6, Q5, IQ4, Q3, IQ2, Q2, Q4K, Q5K, Q6K };
+enum class Mode { Q4, Q8, Q6, Q5, IQ4, Q3, IQ2, Q2, Q4K, Q5K, Q6K, MXFP4 };
 // The last form: mode_number()'s numbers run 0..kLastMode (a new form goes after it, and here).
-constexpr Mode kLastMode = Mode::Q6K;
+constexpr Mode kLastMode = Mode::MXFP4;
+// IQ4 and MXFP4: 4-bit indices into a table of 16 int8 values, one half scale per 32, computed
+// as Q8 on the looked-up values. The two differ in their table alone, so every step of IQ4's
+// takes the form's table_of (and its shifted_of below) and serves both.
+constexpr bool is_lookup4(Mode m) { return m == Mode::IQ4 || m == Mode::MXFP4; }
+// Such a form's table (IQ4's for the other forms, which never read it).
+constexpr const int8_t* table_of(Mode m) { return m == Mode::MXFP4 ? gguf::kMXFP4Values : gguf::kIQ4Values; }
 constexpr bool is_super(Mode m) { return m == Mode::Q4K || m == Mode::Q5K || m == Mode::Q6K; }
 // Q4K and Q5K: a scale and a min per block from 6-bit integers (Q4's and Q5's arithmetic).
 constexpr bool is_k_min(Mode m) { return m == Mode::Q4K || m == Mode::Q5K; }
@@ -214,16 +223,16 @@ constexpr bool is_five(Mode m) { return m == Mode::Q5 || m == Mode::Q5K; }  // Q
 constexpr int64_t header_bytes(Mode m) { return m == Mode::Q6K ? 2 * NR : is_k_min(m) ? 4 * NR : 0; }
 
 constexpr int64_t code_bytes(Mode m) {
-  return m == Mode::Q4 || m == Mode::IQ4 || m == Mode::IQ2 || m == Mode::Q4K ? Q4_CODE_BYTES
+  return m == Mode::Q4 || is_lookup4(m) || m == Mode::IQ2 || m == Mode::Q4K ? Q4_CODE_BYTES
          : m == Mode::Q8                 ? Q8_CODE_BYTES
          : m == Mode::Q6 || m == Mode::Q6K ? Q6_CODE_BYTES
          : m == Mode::Q3                 ? Q3_CODE_BYTES
          : m == Mode::Q2                 ? Q2_CODE_BYTES
                                          : Q5_CODE_BYTES;
 }
-constexpr int64_t scale_bytes(Mode m) {  // Q5 has Q4's d and m, IQ4 Q8's d, Q3 and IQ2 Q6's d0 and d1
+constexpr int64_t scale_bytes(Mode m) {  // Q5 has Q4's d and m, IQ4 and MXFP4 Q8's d, Q3 and IQ2 Q6's d0 and d1
   if (is_super(m)) return K_SCALE_BYTES;  // its 8-bit scales (and mins; the halves: the super-block headers)
-  return 2 * (m == Mode::Q8 || m == Mode::IQ4                ? Q8_SCALE_HALVES
+  return 2 * (m == Mode::Q8 || is_lookup4(m)                 ? Q8_SCALE_HALVES
               : m == Mode::Q6 || m == Mode::Q3 || m == Mode::IQ2 ? Q6_SCALE_HALVES
               : m == Mode::Q2                                    ? Q2_SCALE_HALVES
                                                : Q4_SCALE_HALVES);
@@ -255,6 +264,7 @@ inline void with_mode(Mode mode, Fn fn) {
     case Mode::Q4K: return fn(std::integral_constant<Mode, Mode::Q4K>{});
     case Mode::Q5K: return fn(std::integral_constant<Mode, Mode::Q5K>{});
     case Mode::Q6K: return fn(std::integral_constant<Mode, Mode::Q6K>{});
+    case Mode::MXFP4: return fn(std::integral_constant<Mode, Mode::MXFP4>{});
   }
 }
 
@@ -268,8 +278,11 @@ constexpr ShiftedTable shifted(const int8_t (&table)[16], int shift) {
   for (int i = 0; i < 16; ++i) t.v[i] = static_cast<uint8_t>(table[i] + shift);
   return t;
 }
-// IQ4: + 128 (1..241), its sums started from 4x Q6's offset (-128 x each half's sum).
+// IQ4: + 128 (1..241), its sums started from 4x Q6's offset (-128 x each half's sum); MXFP4
+// the same (116..140), so that it runs IQ4's steps.
 constexpr ShiftedTable kIQ4Shifted = shifted(gguf::kIQ4Values, 128);
+constexpr ShiftedTable kMXFP4Shifted = shifted(gguf::kMXFP4Values, 128);
+constexpr const ShiftedTable& shifted_of(Mode m) { return m == Mode::MXFP4 ? kMXFP4Shifted : kIQ4Shifted; }
 // IQ2: + 64 (21..107), from twice Q6's offset; a maddubs pair of them reaches
 // 2 * 107 * 127 = 27178, inside int16.
 constexpr ShiftedTable kIQ2Shifted = shifted(gguf::kIQ2Values, 64);
@@ -393,8 +406,8 @@ inline int six_bit_code(const uint8_t* block_codes, int64_t r, int64_t j) {
 }
 
 // Where a tile-block lives inside its tile. The blocks go in pairs, each pair's codes (2 x
-// 256, 320, 384, 512, 256, 192, 128 or 256 bytes for Q4, Q5, Q6, Q8, IQ4, Q3, Q2, IQ2)
-// followed by the pair's scales (2 x 64; 32 for Q8 and IQ4, 128 for Q2): a pass over a tile
+// 256, 320, 384, 512, 256, 192, 128 or 256 bytes for Q4, Q5, Q6, Q8, IQ4 and MXFP4, Q3, Q2, IQ2)
+// followed by the pair's scales (2 x 64; 32 for Q8, IQ4 and MXFP4, 128 for Q2): a pass over a tile
 // is then one sequential stream of whole cache lines (a pair is 640, 768, 896, 1088, 576,
 // 512, 512 or 640 bytes). The
 // layout before put every block's scales after all the codes, two streams, which Zen 4's
@@ -691,31 +704,46 @@ torch::Tensor q8_pack(const torch::Tensor& weight) {
   });
 }
 
-// IQ4 from float weights (tests; GGUF weights come through pack_gguf): per group, d maps the
-// weight of largest magnitude onto the table's end of its sign (-127 or 113), as a half;
-// each weight takes the index of the table value nearest to w / d (the lower on a tie).
-torch::Tensor iq4_pack(const torch::Tensor& weight) {
-  return pack_float(Mode::IQ4, weight, [&](uint8_t* tile, int64_t r, int64_t kb, int64_t b, const float* g) {
-    float peak = 0.f;
-    for (int64_t i = 0; i < QK; ++i) peak = std::fabs(g[i]) > std::fabs(peak) ? g[i] : peak;
-    const uint16_t d16 = float_to_half(peak / (peak < 0.f ? -127.f : 113.f));
+// IQ4 and MXFP4 from float weights (tests; GGUF weights come through pack_gguf): per group a
+// half d, and each weight the index of the table value nearest to w / d (the lowest index on a
+// tie, as gguf-py's argmin). IQ4: d maps the weight of largest magnitude onto the table's end
+// of its sign (-127 or 113). MXFP4: ggml's rule, d = 2^(floor(log2 max|w|) - 3) (max|w| / d in
+// 8..16, so past 12 it clips), the power kept to a half's -24..15; so a float weight packs as
+// gguf-py's quantizer writes it.
+template <Mode M>
+torch::Tensor lookup4_pack(const torch::Tensor& weight) {
+  static_assert(is_lookup4(M), "IQ4 or MXFP4");
+  return pack_float(M, weight, [&](uint8_t* tile, int64_t r, int64_t kb, int64_t b, const float* g) {
+    uint16_t d16;
+    if constexpr (M == Mode::MXFP4) {
+      float amax = 0.f;
+      for (int64_t i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(g[i]));
+      int power = 0;
+      std::frexp(amax, &power);  // amax = f 2^power, f in [0.5, 1): floor(log2 amax) = power - 1
+      d16 = amax > 0.f ? float_to_half(std::ldexp(1.f, std::clamp(power - 4, -24, 15))) : 0;
+    } else {
+      float peak = 0.f;
+      for (int64_t i = 0; i < QK; ++i) peak = std::fabs(g[i]) > std::fabs(peak) ? g[i] : peak;
+      d16 = float_to_half(peak / (peak < 0.f ? -127.f : 113.f));
+    }
     const float d = half_to_float(d16);
     const float id = d != 0.f ? 1.f / d : 0.f;
+    const int8_t* table = table_of(M);
     uint8_t idx[QK];
     for (int64_t j = 0; j < QK; ++j) {
       const float v = g[j] * id;
       int best = 0;
       for (int t = 1; t < 16; ++t)
-        if (std::fabs(v - gguf::kIQ4Values[t]) < std::fabs(v - gguf::kIQ4Values[best])) best = t;
+        if (std::fabs(v - table[t]) < std::fabs(v - table[best])) best = t;
       idx[j] = static_cast<uint8_t>(best);
     }
-    put_q4(tile + codes_at(Mode::IQ4, b), r, idx);
-    scales_of(tile, Mode::IQ4, kb, b)[r] = d16;
+    put_q4(tile + codes_at(M, b), r, idx);
+    scales_of(tile, M, kb, b)[r] = d16;
   });
 }
 
-// Q8 -> codes (N, K) int8, d (N, K/32) float32; IQ4 (M) -> its table values and d: what a
-// Q8 layer of the same weights holds.
+// Q8 -> codes (N, K) int8, d (N, K/32) float32; IQ4 and MXFP4 (M) -> their table values and d:
+// what a Q8 layer of the same weights holds.
 template <Mode M>
 std::vector<torch::Tensor> unpack_signed(const torch::Tensor& packed, int64_t n, int64_t k) {
   check_packed(M, packed, n, k);
@@ -730,7 +758,7 @@ std::vector<torch::Tensor> unpack_signed(const torch::Tensor& packed, int64_t n,
       const uint8_t* src = tile + codes_at(M, b);
       int8_t* c = codes.data_ptr<int8_t>() + row * k + b * QK;
       for (int64_t j = 0; j < QK; ++j)
-        c[j] = M == Mode::IQ4 ? gguf::kIQ4Values[q4_code(src, r, j)] : static_cast<int8_t>(src[q8_byte(r, j)]);
+        c[j] = is_lookup4(M) ? table_of(M)[q4_code(src, r, j)] : static_cast<int8_t>(src[q8_byte(r, j)]);
       d.data_ptr<float>()[row * kb + b] = half_to_float(scales_of(tile, M, kb, b)[r]);
     }
   }
@@ -929,10 +957,11 @@ Mode mode_of(const std::string& form) {
   if (form == "q6") return Mode::Q6;
   if (form == "q8") return Mode::Q8;
   if (form == "iq4") return Mode::IQ4;
+  if (form == "mxfp4") return Mode::MXFP4;
   if (form == "q4k") return Mode::Q4K;
   if (form == "q5k") return Mode::Q5K;
   if (form == "q6k") return Mode::Q6K;
-  TORCH_CHECK(form == "iq2", "form must be q2, q3, q4, q4k, q5, q5k, q6, q6k, q8, iq4 or iq2, not ", form);
+  TORCH_CHECK(form == "iq2", "form must be q2, q3, q4, q4k, q5, q5k, q6, q6k, q8, iq4, mxfp4 or iq2, not ", form);
   return Mode::IQ2;
 }
 
@@ -950,6 +979,7 @@ bool form_takes(Mode mode, int64_t type) {
     case Mode::Q4K: return type == gguf::Q4_K;
     case Mode::Q5K: return type == gguf::Q5_K;
     case Mode::Q6K: return type == gguf::Q6_K;
+    case Mode::MXFP4: return type == gguf::MXFP4;
     case Mode::Q8: return true;
   }
   return false;
@@ -966,6 +996,7 @@ const char* form_title(Mode mode) {
     case Mode::Q4K: return "Q4_K";
     case Mode::Q5K: return "Q5_K";
     case Mode::Q6K: return "Q6_K";
+    case Mode::MXFP4: return "MXFP4";
     case Mode::Q8: return "8-bit";
   }
   return "?";
@@ -1060,8 +1091,9 @@ inline bool q6_k_row(const uint8_t* src, int64_t kb, uint8_t* tile, int64_t r) {
 // from its source row order[i] (llama.cpp's q/k permutation undone) or row i when order is
 // empty. One pass, parallel over tiles, no intermediate codes tensor. Form "q4" takes only
 // Q4_0/Q4_1/Q4_K/IQ3_S/IQ1_S parts, "q4k", "q5k" and "q6k" only Q4_K, Q5_K, Q6_K, "q5" only Q5_0/Q5_1/Q5_K, "q6" only
-// Q6_K/Q3_K/IQ3_XXS/IQ1_M, "q3" only Q3_K, "q2" only Q2_K, "iq4" only IQ4_NL/IQ4_XS, "iq2"
-// only IQ2_XXS/IQ2_XS/IQ2_S (form_takes); "q8" takes every type gguf_blocks.h decodes.
+// Q6_K/Q3_K/IQ3_XXS/IQ1_M, "q3" only Q3_K, "q2" only Q2_K, "iq4" only IQ4_NL/IQ4_XS, "mxfp4"
+// only MXFP4, "iq2" only IQ2_XXS/IQ2_XS/IQ2_S (form_takes); "q8" takes every type gguf_blocks.h
+// decodes.
 // grids: per part, the IQ types' grid (gguf::grid_shape, int8), an empty tensor for the
 // others (or no list at all when no part needs one).
 // Raises with "half range" in the message when a scale or min does not fit a half, so
@@ -1162,13 +1194,16 @@ torch::Tensor pack_gguf(const std::string& form, const std::vector<torch::Tensor
       uint16_t* sc = scales_of(tile, Mode::Q2, kb, b);
       for (int h = 0; h < 2; ++h) sc[h * NR + r] = d[h], sc[(2 + h) * NR + r] = m[h];
     }, target);
-  } else if (mode == Mode::IQ4) {
-    out = pack_by_block(Mode::IQ4, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
+  } else if (is_lookup4(mode)) {  // IQ4, MXFP4: a group's table indices and its half scale
+    out = pack_by_block(mode, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
       uint8_t c[QK];
       uint16_t d;
-      if (!gguf::decode_iq4(row_type[row], row_ptr[row], b, c, &d)) in_range = false;
-      put_q4(tile + codes_at(Mode::IQ4, b), r, c);
-      scales_of(tile, Mode::IQ4, kb, b)[r] = d;
+      const int64_t type = row_type[row];
+      const bool ok = type == gguf::MXFP4 ? gguf::decode_mxfp4(row_ptr[row], b, c, &d)
+                                          : gguf::decode_iq4(type, row_ptr[row], b, c, &d);
+      if (!ok) in_range = false;
+      put_q4(tile + codes_at(mode, b), r, c);
+      scales_of(tile, mode, kb, b)[r] = d;
     }, target);
   } else {
     out = pack_by_block(Mode::Q8, n, k, [&](uint8_t* tile, int64_t r, int64_t row, int64_t b) {
@@ -1595,7 +1630,7 @@ void q4_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, i
   }
 }
 
-template <Mode M>  // Q8, or IQ4: the same math on the table values of 4-bit indices
+template <Mode M>  // Q8, or IQ4 and MXFP4: the same math on the table values of 4-bit indices
 void q8_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, int64_t m0, int64_t mr,
                     float (*out)[NR]) {
   for (int64_t r = 0; r < mr; ++r) {
@@ -1608,7 +1643,7 @@ void q8_tile_scalar(const uint8_t* tile, int64_t kb, const QAct& q, int64_t k, i
         const int8_t* a = arow + b * QK;
         int32_t isum = 0;
         for (int64_t i = 0; i < QK; ++i) {
-          const int w = M == Mode::IQ4 ? gguf::kIQ4Values[q4_code(c, j, i)] : static_cast<int8_t>(c[q8_byte(j, i)]);
+          const int w = is_lookup4(M) ? table_of(M)[q4_code(c, j, i)] : static_cast<int8_t>(c[q8_byte(j, i)]);
           isum += w * a[i];
         }
         acc = std::fma(static_cast<float>(isum), half_to_float(scales_of(tile, M, kb, b)[j]) * e[b], acc);
@@ -1755,7 +1790,7 @@ TM_LAYOUT void q6_block_dots(const __m256i* u, const ActRows& act, int r, int64_
 }
 #endif
 
-// Q8, IQ4: row r's int32 sum s plus one k-group's products, a against the weights w (u8 x s8
+// Q8, IQ4, MXFP4: row r's int32 sum s plus one k-group's products, a against the weights w (u8 x s8
 // only, so |w| against a carrying w's sign; codes are never -128). q8_tile_avx2 goes group
 // by group, every row's sum taking a group before the next is unpacked, so that two groups'
 // weights are live beside the MR rows' sums: with the whole block unpacked first, w and |w|
@@ -1815,7 +1850,7 @@ inline void prefetch_l2(const void* p, int lines) {
 }
 template <Mode M>
 inline void prefetch_ahead(const uint8_t* tile, int64_t b) {
-  // 320 (Q4, IQ2), 384 (Q5), 448 (Q6), 544 (Q8), 288 (IQ4), 256 (Q3, Q2); with their headers
+  // 320 (Q4, IQ2), 384 (Q5), 448 (Q6), 544 (Q8), 288 (IQ4, MXFP4), 256 (Q3, Q2); with their headers
   // 296 (Q4K), 360 (Q5K), 420 (Q6K)
   constexpr int64_t share = is_super(M) ? super_bytes(M, K_SUPER) / K_SUPER : pair_bytes(M) / 2;
   constexpr int lines = static_cast<int>((share + 63) / 64);
@@ -1897,19 +1932,19 @@ TM_TILE void q4_tile_avx2(const uint8_t* tile, int64_t kb, int h0, const ActRows
 }
 
 // One block of half h of a tile against MR activation rows, into acc (q8_tile_avx2's step).
-// Q8 (M), or IQ4: its k-group vectors made from the nibbles (k-groups p and p + 4 of vector
-// p, as Q4's) by a 16-entry byte lookup of the table's values, then the same math.
+// Q8 (M), or IQ4 and MXFP4: its k-group vectors made from the nibbles (k-groups p and p + 4 of
+// vector p, as Q4's) by a 16-entry byte lookup of the table's values, then the same math.
 template <Mode M, int MR>
 TM_LAYOUT void q8_block_avx2(const uint8_t* tile, int64_t kb, int64_t b, int h, const ActRows& act, const float* e,
                              __m256 (&acc)[MR]) {
-  const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gguf::kIQ4Values)));
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table_of(M))));
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const uint8_t* c = tile + codes_at(M, b) + 32 * h;
   __m256i sum[MR];  // row r's int32 sums
   for (int r = 0; r < MR; ++r) sum[r] = _mm256_setzero_si256();
-  for (int p = 0; p < 4; ++p) {  // k-groups p and p + 4 (IQ4: one vector's two nibbles)
+  for (int p = 0; p < 4; ++p) {  // k-groups p and p + 4 (IQ4, MXFP4: one vector's two nibbles)
     __m256i w0, w1;
-    if constexpr (M == Mode::IQ4) {
+    if constexpr (is_lookup4(M)) {
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * p));
       w0 = _mm256_shuffle_epi8(table, _mm256_and_si256(x, low4));
       w1 = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(x, 4), low4));
@@ -2300,7 +2335,7 @@ struct Q8Block {
 // The rows of a block held as u8 codes of k-groups 0..7 whose two sums per row (one per half
 // of the block, k-groups 0..3 and 4..7) start from the activations' offset for that half
 // (-32 x its sum) times Scale: Q6Block (codes standing for code - 32: Scale 1), IQ2Block
-// (values + 64: Scale 2), IQ4Block (table values + 128: Scale 4) and Q2Block (its own
+// (values + 64: Scale 2), Lookup4Block (IQ4's and MXFP4's table values + 128: Scale 4) and Q2Block (its own
 // codes: Scale 0). Block supplies finish(s0, s1, e, half sums, acc).
 template <typename Block, int Scale>
 struct OffsetRows {
@@ -2338,7 +2373,7 @@ struct OffsetRows {
 
 // The 8 k-group vectors of a block's 4-bit indices (Q4's nibble layout) looked up in a
 // 16-entry byte table, 64 at a time by one byte shuffle (the table replicated in each
-// 128-bit lane): IQ4's and IQ2's values, shifted to u8.
+// 128-bit lane): IQ4's, MXFP4's and IQ2's values, shifted to u8.
 template <bool Pin>
 inline void lookup_nibbles(const uint8_t* c, const uint8_t* table16, __m512i* u) {
   const __m512i table = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(table16)));
@@ -2351,17 +2386,19 @@ inline void lookup_nibbles(const uint8_t* c, const uint8_t* table16, __m512i* u)
   }
 }
 
-// IQ4: the table values of the block's 4-bit indices, looked up 64 at a time by one byte
-// shuffle of the table (replicated in each 128-bit lane). Looked up shifted by 128, as u8
-// (1..241), so that they multiply the signed activations as Q4's codes do, each sum started
-// from its half's -128 * sum(a) (4 * Q6's offset) instead of Q8's per-block dpbusds for
-// 128 * sum(w) and its flipped activations: the same integer sums, so Q8's bits.
-struct IQ4Block : OffsetRows<IQ4Block, 4> {  // u: the table values + 128 of k-groups 0..7
+// IQ4 and MXFP4 (M): the table values of the block's 4-bit indices, looked up 64 at a time by
+// one byte shuffle of the table (replicated in each 128-bit lane). Looked up shifted by 128, as
+// u8 (IQ4 1..241), so that they multiply the signed activations as Q4's codes do, each sum
+// started from its half's -128 * sum(a) (4 * Q6's offset) instead of Q8's per-block dpbusds
+// for 128 * sum(w) and its flipped activations: the same integer sums, so Q8's bits.
+template <Mode M>
+struct Lookup4Block : OffsetRows<Lookup4Block<M>, 4> {  // u: the table values + 128 of k-groups 0..7
   __m512 d;
   template <bool Pin>
-  IQ4Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
-    d = halves16(scales_of(tile, Mode::IQ4, kb, b));
-    lookup_nibbles<Pin>(tile + codes_at(Mode::IQ4, b), kIQ4Shifted.v, u);
+  Lookup4Block(const uint8_t* tile, int64_t kb, int64_t b, std::bool_constant<Pin>) {
+    static_assert(is_lookup4(M), "IQ4 or MXFP4");
+    d = halves16(scales_of(tile, M, kb, b));
+    lookup_nibbles<Pin>(tile + codes_at(M, b), shifted_of(M).v, this->u);
   }
   __m512 finish(__m512i s0, __m512i s1, float e, const HalfSums*, __m512 acc) const {  // Q8Block::finish's steps
     const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
@@ -2405,7 +2442,7 @@ struct Q6Block : OffsetRows<Q6Block, 1> {  // u: the codes of k-groups 0..7
 };
 
 // IQ2: Q6's rows on T2's values + 64 (u8) against twice Q6's offset, looked up from the
-// nibbles 64 at a time by one byte shuffle (as IQ4's); Q6's two half scales and finish.
+// nibbles 64 at a time by one byte shuffle (as Lookup4Block's); Q6's two half scales and finish.
 struct IQ2Block : OffsetRows<IQ2Block, 2> {  // u: the values + 64 of k-groups 0..7
   __m512 d0, d1;
   template <bool Pin>
@@ -2487,19 +2524,20 @@ struct Q3Block : Q6Block {
 };
 
 template <Mode M>
-using BlockOf = std::conditional_t<
-    M == Mode::Q4, Q4Block,
-    std::conditional_t<M == Mode::Q4K, Q4KBlock, std::conditional_t<M == Mode::Q5K, Q5KBlock,
-    std::conditional_t<M == Mode::Q6K, Q6KBlock, std::conditional_t<
-        M == Mode::Q8, Q8Block,
-        std::conditional_t<M == Mode::Q6, Q6Block,
-                           std::conditional_t<M == Mode::Q5, Q5Block,
-                                              std::conditional_t<M == Mode::Q3, Q3Block,
-                                                                 std::conditional_t<M == Mode::IQ2, IQ2Block,
-                                                                                    std::conditional_t<M == Mode::Q2, Q2Block, IQ4Block>>>>>>>>>>;
+using BlockOf =
+    std::conditional_t<M == Mode::Q4, Q4Block,
+    std::conditional_t<M == Mode::Q4K, Q4KBlock,
+    std::conditional_t<M == Mode::Q5K, Q5KBlock,
+    std::conditional_t<M == Mode::Q6K, Q6KBlock,
+    std::conditional_t<M == Mode::Q8, Q8Block,
+    std::conditional_t<M == Mode::Q6, Q6Block,
+    std::conditional_t<M == Mode::Q5, Q5Block,
+    std::conditional_t<M == Mode::Q3, Q3Block,
+    std::conditional_t<M == Mode::IQ2, IQ2Block,
+    std::conditional_t<M == Mode::Q2, Q2Block, Lookup4Block<M>>>>>>>>>>>;
 
 // A whole tile against MR activation rows (the row-group order: one pass over the tile
-// per group of rows). s is used by Q4 and Q5 only, off by Q6, Q3, Q2, IQ4 and IQ2 only.
+// per group of rows). s is used by Q4 and Q5 only, off by Q6, Q3, Q2, IQ4, MXFP4 and IQ2 only.
 template <Mode M, int MR>
 void tile_avx512(const uint8_t* tile, int64_t kb, const ActRows& act, const float* e, const float* s,
                  const HalfSums* off, float (*out)[NR]) {
@@ -2675,6 +2713,7 @@ __attribute__((noinline)) void one_pass_simd(Mode mode, const uint8_t* tile, int
   else if (mode == Mode::Q6K) q6_tile_avx2<Mode::Q6K, MR, 2>(tile, kb, 0, act, e, off, out);
   else if (mode == Mode::Q8) q8_tile_avx2<Mode::Q8, MR, 2>(tile, kb, 0, act, e, s, out);
   else if (mode == Mode::IQ4) q8_tile_avx2<Mode::IQ4, MR, 2>(tile, kb, 0, act, e, s, out);
+  else if (mode == Mode::MXFP4) q8_tile_avx2<Mode::MXFP4, MR, 2>(tile, kb, 0, act, e, s, out);
   else if (mode == Mode::Q6) q6_tile_avx2<Mode::Q6, MR, 2>(tile, kb, 0, act, e, off, out);
   else if (mode == Mode::Q3) q6_tile_avx2<Mode::Q3, MR, 2>(tile, kb, 0, act, e, off, out);
   else if (mode == Mode::IQ2) q6_tile_avx2<Mode::IQ2, MR, 2>(tile, kb, 0, act, e, off, out);
@@ -2699,6 +2738,7 @@ void tile_simd(Mode mode, const uint8_t* tile, int64_t kb, int64_t ncols, const 
     else if (mode == Mode::Q6K) q6_tile_avx2<Mode::Q6K, MR>(tile, kb, h, act, e, off, out);
     else if (mode == Mode::Q8) q8_tile_avx2<Mode::Q8, MR>(tile, kb, h, act, e, s, out);
     else if (mode == Mode::IQ4) q8_tile_avx2<Mode::IQ4, MR>(tile, kb, h, act, e, s, out);
+    else if (mode == Mode::MXFP4) q8_tile_avx2<Mode::MXFP4, MR>(tile, kb, h, act, e, s, out);
     else if (mode == Mode::Q6) q6_tile_avx2<Mode::Q6, MR>(tile, kb, h, act, e, off, out);
     else if (mode == Mode::Q3) q6_tile_avx2<Mode::Q3, MR>(tile, kb, h, act, e, off, out);
     else if (mode == Mode::IQ2) q6_tile_avx2<Mode::IQ2, MR>(tile, kb, h, act, e, off, out);
@@ -2968,6 +3008,7 @@ void run_parts(const std::vector<Part>& parts, const float* x, bool flip_q8, con
             else if (mode == Mode::Q6K) q6_tile_scalar<Mode::Q6K>(tile, kb, qa, k, m0, mr, out);
             else if (mode == Mode::Q8) q8_tile_scalar<Mode::Q8>(tile, kb, qa, k, m0, mr, out);
             else if (mode == Mode::IQ4) q8_tile_scalar<Mode::IQ4>(tile, kb, qa, k, m0, mr, out);
+            else if (mode == Mode::MXFP4) q8_tile_scalar<Mode::MXFP4>(tile, kb, qa, k, m0, mr, out);
             else if (mode == Mode::Q6) q6_tile_scalar<Mode::Q6>(tile, kb, qa, k, m0, mr, out);
             else if (mode == Mode::Q3) q6_tile_scalar<Mode::Q3>(tile, kb, qa, k, m0, mr, out);
             else if (mode == Mode::IQ2) q6_tile_scalar<Mode::IQ2>(tile, kb, qa, k, m0, mr, out);
@@ -3194,8 +3235,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_unpack", &unpack_min_max<Mode::Q4>, nogil, "packed Q4 -> codes (N, K) uint8, d (N, K/32), m (N, K/32)");
   m.def("q8_pack", &q8_pack, nogil, "float (N, K) -> packed Q8 (uint8)");
   m.def("q8_unpack", &unpack_signed<Mode::Q8>, nogil, "packed Q8 -> codes (N, K) int8, d (N, K/32)");
-  m.def("iq4_pack", &iq4_pack, nogil, "float (N, K) -> packed IQ4 (uint8)");
+  m.def("iq4_pack", &lookup4_pack<Mode::IQ4>, nogil, "float (N, K) -> packed IQ4 (uint8)");
   m.def("iq4_unpack", &unpack_signed<Mode::IQ4>, nogil, "packed IQ4 -> table values (N, K) int8, d (N, K/32)");
+  m.def("mxfp4_pack", &lookup4_pack<Mode::MXFP4>, nogil, "float (N, K) -> packed MXFP4 (uint8), as gguf-py quantizes");
+  m.def("mxfp4_unpack", &unpack_signed<Mode::MXFP4>, nogil, "packed MXFP4 -> table values (N, K) int8, d (N, K/32)");
   m.def("q4k_pack", &k_min_pack<Mode::Q4K>, nogil, "float (N, K) -> packed Q4K (uint8)");
   m.def("q4k_unpack", &unpack_min_max<Mode::Q4K>, nogil,
         "packed Q4K -> codes (N, K) uint8, d = D * sc (N, K/32), m = Dm * mn (N, K/32)");
@@ -3221,7 +3264,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_pack_codes", &q4_pack_codes, nogil, "codes (N, K) uint8 0..15, d, m (N, K/32) float16 -> packed Q4");
   m.def("q8_pack_codes", &q8_pack_codes, nogil, "codes (N, K) int8, d (N, K/32) float16 -> packed Q8");
   m.def("pack_gguf", &pack_gguf, nogil,
-        "GGUF tensors' bytes, stacked along N -> packed in form q2, q3, q4, q5, q6, q8, iq4 or iq2",
+        "GGUF tensors' bytes, stacked along N -> packed in form q2, q3, q4, q4k, q5, q5k, q6, q6k, q8, iq4, mxfp4 "
+        "or iq2",
         py::arg("form"), py::arg("raws"), py::arg("types"), py::arg("orders"), py::arg("k"),
         py::arg("grids") = std::vector<torch::Tensor>{}, py::arg("out") = py::none());
   m.def("gguf_rows", &gguf_rows, nogil, "rows `ids` of a GGUF tensor's bytes -> float32 (len(ids), K)",
@@ -3259,6 +3303,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0,
         py::arg("out") = py::none());
   m.def("iq4_linear", &linear_of<Mode::IQ4>, nogil, "x (M, K) @ IQ4 weights^T (+ bias)", py::arg("x"),
+        py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0,
+        py::arg("out") = py::none());
+  m.def("mxfp4_linear", &linear_of<Mode::MXFP4>, nogil, "x (M, K) @ MXFP4 weights^T (+ bias)", py::arg("x"),
         py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("impl") = 0, py::arg("mr_max") = 0,
         py::arg("out") = py::none());
 }
