@@ -215,7 +215,8 @@ def tensor_plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, .
 def _gpt_oss_plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, ...], GGMLQuantizationType]]:
     """gpt-oss's tensors, as conversion/gpt_oss.py orders them: F32 biases and sinks beside Q8_0
     attention, a float router, MXFP4 expert stacks."""
-    d, q, kv, e, fe = spec.hidden, spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim, spec.experts, spec.expert_ffn
+    d, q, kv = spec.hidden, spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    e, fe = spec.experts, spec.expert_ffn
     plan = [("token_embd.weight", (vocab, d), Q8_0)]
     for i in range(spec.layers):
         plan += [(f"blk.{i}.attn_norm.weight", (d,), F32)]
