@@ -73,6 +73,7 @@ def build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner] 
 def _build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner] | None") -> BuiltEngine:
     from textmill.engine.engine import Engine
     from textmill.engine.scheduler import Scheduler
+    from textmill.engine.step_costs import PRIOR_FIXED, PRIOR_FIXED_EXPERTS, StepCosts
     from textmill.loader import load_model
     from textmill.loader.load import read_model_config
     from textmill.runner.file_weights import file_decoder
@@ -124,7 +125,9 @@ def _build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner]
     log.info("linear layers: %s", runner.linears)
     if wrap_runner is not None:
         runner = wrap_runner(runner)
-    engine = Engine(Scheduler(sched, cache), runner, tokenizer)
+    # A mixture of experts' guessed rows read experts of their own: priced dearer until timed.
+    costs = StepCosts(PRIOR_FIXED_EXPERTS if cfg.num_experts else PRIOR_FIXED)
+    engine = Engine(Scheduler(sched, cache, costs), runner, tokenizer)
     # A folder's name is kept whole: "Qwen2.5-0.5B-Instruct" has no file suffix to strip.
     name = BUNDLED_NAME if config.model is None else path.name if path.is_dir() else path.stem
     log.info("loaded %s (%s) in %.1fs; KV cache %d blocks of %d tokens, context window %d",

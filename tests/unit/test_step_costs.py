@@ -1,7 +1,7 @@
 """StepCosts: decode steps' times by rows, and how many guesses pay for their rows."""
 import pytest
 
-from textmill.engine.step_costs import PRIOR_FIXED, SAMPLES, SETTLED, STALE, StepCosts
+from textmill.engine.step_costs import PRIOR_FIXED, PRIOR_FIXED_EXPERTS, SAMPLES, SETTLED, STALE, StepCosts
 
 
 def test_no_guess_before_a_plain_step_of_as_many_rows_is_timed():
@@ -91,3 +91,15 @@ def test_a_few_percent_of_noise_between_near_counts_does_not_set_the_slope():
     costs.record(320, 0.330)  # timed once: what one neighbour says does not undercut it
     assert costs.estimate(320) == pytest.approx(0.330)
     assert costs.worth_taking(64, [0.5] * 256) == 0
+
+
+def test_a_mixture_of_experts_prices_untimed_rows_dearer():
+    """Each guessed row of a mixture of experts reads experts of its own: before a 5-row step is
+    timed, it is taken at (2 + 5) / (2 + 1) of a one-row step, where a dense model's is 13 / 9."""
+    dense, experts = StepCosts(), StepCosts(PRIOR_FIXED_EXPERTS)
+    for costs in (dense, experts):
+        costs.record(1, 0.030)
+    assert experts.estimate(5) == pytest.approx(0.030 * 7 / 3)
+    assert dense.estimate(5) == pytest.approx(0.030 * 13 / 9)
+    odds = [0.3] * 4  # ngram guesses of a text that repeats a little
+    assert dense.worth_taking(1, odds) > 0 and experts.worth_taking(1, odds) == 0

@@ -75,13 +75,14 @@ class _StepPlan:
 
 
 class Scheduler:
-    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig):
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
+                 step_costs: StepCosts | None = None):
         assert scheduler_config.max_num_batched_tokens > 0 and scheduler_config.max_num_seqs > 0
         self.config = scheduler_config
         self.kv_manager = KVCacheManager(cache_config)
         assert scheduler_config.draft_tokens >= 0
         self.drafter = NgramDrafter(scheduler_config.draft_tokens) if scheduler_config.draft_tokens else None
-        self.step_costs = StepCosts()
+        self.step_costs = step_costs or StepCosts()  # the composition root's, priced for its model
         self._decode_rows = 0  # rows of the last step when it was decodes alone (record_step)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the last is the newest

@@ -31,12 +31,21 @@ MIN_GAIN = 1.05
 # fixed work plus its rows: 5 rows at 1.44x one row, 20 at 1.17x 16 (measured on the matrix's
 # models: 1.04-1.56x and 1.2-1.3x). The first step of that many rows replaces the guess.
 PRIOR_FIXED = 8.0
+# A mixture of experts' row brings its own experts: 5 rows read up to 5x the experts' bytes
+# (~3.9x for 4 of 32 experts a token, ~4.4x for 8 of 128, as a random router spreads them).
+# From bench/moe_steps.py's one-row split (Zen 4), a 5-row step comes to ~1.8x a one-row step
+# on gpt-oss's shapes and ~2.2x on Qwen3-30B-A3B's: about 2-4 rows' worth of fixed work, where
+# the dense prior takes 8 (13/9 = 1.44x) and lets guesses in that the timed steps then refuse.
+PRIOR_FIXED_EXPERTS = 2.0
 
 
 class StepCosts:
-    """Seconds a decode step of n rows takes, from the last steps of n rows (or near n)."""
+    """Seconds a decode step of n rows takes, from the last steps of n rows (or near n).
+    `prior_fixed`: rows' worth of fixed work a step is taken to have before it is timed
+    (PRIOR_FIXED; PRIOR_FIXED_EXPERTS for a mixture of experts)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prior_fixed: float = PRIOR_FIXED) -> None:
+        self.prior_fixed = prior_fixed
         self._times: dict[int, deque[float]] = {}
         self._medians: dict[int, float] = {}  # of _times, kept as they change: a step asks for many
         self._timed_at: dict[int, int] = {}  # the step count when each row count was last timed
@@ -95,13 +104,12 @@ class StepCosts:
                 around = t0 + (t1 - t0) * (n - n0) / (n1 - n0)
             else:  # the prior from its one neighbour: a line through two near counts is mostly noise
                 near = i + 1 if i == 0 else i - 1
-                around = times[near] * (PRIOR_FIXED + n) / (PRIOR_FIXED + counts[near])
+                around = times[near] * (self.prior_fixed + n) / (self.prior_fixed + counts[near])
             capped[i] = min(times[i], around)
         self._cached = counts, capped
         return self._cached
 
-    @staticmethod
-    def _estimate(rows: int, counts: list[int], times: list[float]) -> float | None:
+    def _estimate(self, rows: int, counts: list[int], times: list[float]) -> float | None:
         if not counts:
             return None
         i = bisect.bisect_left(counts, rows)
@@ -118,7 +126,7 @@ class StepCosts:
             slope = max(0.0, (times[-1] - times[j]) / (counts[-1] - counts[j]))
             return times[-1] + slope * (rows - counts[-1])
         nearest, seconds = (counts[0], times[0]) if i == 0 else (counts[-1], times[-1])
-        return seconds * (PRIOR_FIXED + rows) / (PRIOR_FIXED + nearest)
+        return seconds * (self.prior_fixed + rows) / (self.prior_fixed + nearest)
 
     def _stale(self, rows: int) -> bool:
         return self._steps - self._timed_at.get(rows, -STALE) >= STALE
