@@ -79,6 +79,27 @@ def test_route_and_combine_state_the_routers_math(ops):
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_gpt_oss_glu_and_biased_combine_state_their_math(ops):
+    """moe_glu: each routed row's expert's gate|up bias, then the clamped SwiGLU (the clamps
+    biting); moe_combine with a down bias: w (d + b) of each row's expert."""
+    layer, _ = ops
+    from textmill.models.llama import SWIGLU_ALPHA, swiglu_clamped
+
+    torch.manual_seed(2)
+    counts = [3, 0, 5, 1]
+    offsets = torch.tensor([0] + list(np.cumsum(counts)), dtype=torch.long)
+    ids = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
+    g, bias = torch.randn(9, 2 * 40) * 6, torch.randn(4, 2 * 40)
+    b = g + bias[ids]
+    expected = swiglu_clamped(b[:, :40], b[:, 40:], 7.0)
+    torch.testing.assert_close(layer.moe_glu(g, offsets, bias, 7.0, SWIGLU_ALPHA), expected, rtol=1e-5, atol=1e-5)
+    d, down, tok, w = torch.randn(9, 24), torch.randn(4, 24), torch.tensor([0, 1, 2, 0, 1, 2, 3, 4, 0]), torch.rand(9)
+    expected = torch.zeros(5, 24).index_add_(0, tok, w[:, None] * (d + down[ids]))
+    torch.testing.assert_close(layer.moe_combine(d, tok, w, 5, bias=down, offsets=offsets), expected)
+    with pytest.raises(RuntimeError, match="offsets"):
+        layer.moe_glu(g, offsets[:-1], bias[:3], 7.0, SWIGLU_ALPHA)
+
+
 def test_dense_rows_is_row_independent(ops):
     """The float router's logits: each row's the same bits alone as in any batch."""
     layer, _ = ops

@@ -13,9 +13,10 @@ down, each expert's rows whole tiles of it, and a step's MLP is five calls:
     out = moe_combine(d, tok, w)             the weighted sum, in expert order
     [out += sigmoid(gate . y) * shared(y)]   a shared expert (Qwen2 MoE; ungated in Granite's)
 
-gpt-oss adds the router's bias to its logits and each expert's biases to the routed rows of
-its projections (`expert_ids`: the expert of each row, from the offsets), and clamps its
-SwiGLU (models/llama.swiglu_clamped) in torch: row by row too.
+gpt-oss adds the router's bias to its logits, and its experts' biases and clamped SwiGLU
+(models/llama.swiglu_clamped) in the two calls around the grouped projections: `moe_glu`
+(each routed row's expert's gate|up biases, then the clamped SwiGLU) in silu_mul's place, and
+moe_combine with each row's down bias. Row by row too.
 
 Each call computes a row from that row alone (kernels/csrc/layer.cpp and quant.cpp say how),
 so a token's output is bitwise the same whatever else its step holds: guessed tokens stay
@@ -30,7 +31,7 @@ from torch import nn
 
 from textmill.kernels import load
 from textmill.loader.group_codes import PACKED_FROM_FILE_TYPES, CodesRef
-from textmill.models.llama import swiglu_clamped
+from textmill.models.llama import SWIGLU_ALPHA
 from textmill.models.moe import SparseMoE
 from textmill.runner.qlinear import TILE_ROWS, OutOfHalfRange, QLinear
 
@@ -55,12 +56,11 @@ class KernelMoE(nn.Module):
         # gpt-oss: each expert's biases, (E, 2F) gate's then up's, and (E, C); its clamped SwiGLU.
         first = moe.experts[0]
         self._limit = first.limit
-        if first.gate_proj.bias is not None:
+        biased = first.gate_proj.bias is not None  # (only with the clamp: stack_experts)
+        if self._limit is not None:  # moe_glu takes a bias: zeros where the experts have none
             self._gate_up_bias = torch.stack([torch.cat([e.gate_proj.bias, e.up_proj.bias]).detach().float()
-                                              for e in moe.experts])
-            self._down_bias = torch.stack([e.down_proj.bias.detach().float() for e in moe.experts])
-        else:
-            self._gate_up_bias = self._down_bias = None
+                                              if biased else torch.zeros(self.width) for e in moe.experts])
+        self._down_bias = torch.stack([e.down_proj.bias.detach().float() for e in moe.experts]) if biased else None
         # A shared expert (runner/fused.py fuses it as any MLP), and its gate's float row (Qwen2 MoE).
         self.shared_expert = moe.shared_expert
         gate = moe.shared_expert_gate
@@ -77,19 +77,13 @@ class KernelMoE(nn.Module):
         tok, w, offsets = self._layer.moe_route(self.logits(y), self.top_k, self.normalize)
         routed = y.index_select(0, tok)
         g = self._quant.experts_linear(routed, offsets, self._modes[0], self.gate_up.packed, self.width)
-        ids = None
-        if self._gate_up_bias is not None:
-            ids = torch.repeat_interleave(torch.arange(self.num_experts), offsets.diff())
-            g.add_(self._gate_up_bias.index_select(0, ids))
-        if self._limit is None:
-            a = self._layer.silu_mul(g)
+        if self._limit is not None:
+            a = self._layer.moe_glu(g, offsets, self._gate_up_bias, self._limit, SWIGLU_ALPHA)
         else:
-            half = self.width // 2
-            a = swiglu_clamped(g[:, :half], g[:, half:], self._limit).contiguous()
+            a = self._layer.silu_mul(g)
         d = self._quant.experts_linear(a, offsets, self._modes[1], self.down.packed, self.hidden)
-        if ids is not None:
-            d.add_(self._down_bias.index_select(0, ids))
-        out = self._layer.moe_combine(d, tok, w, y.shape[0])
+        bias = {} if self._down_bias is None else {"bias": self._down_bias, "offsets": offsets}
+        out = self._layer.moe_combine(d, tok, w, y.shape[0], **bias)
         if self.shared_expert is None:
             return out
         shared = self.shared_expert(y)
@@ -107,8 +101,9 @@ def stack_experts(model: nn.Module, ref_of: Callable[[nn.Linear], CodesRef | Non
     packed: list[CodesRef] = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not SparseMoE:
-                continue
+            first = child.experts[0] if type(child) is SparseMoE else None
+            if first is None or (first.gate_proj.bias is not None and first.limit is None):
+                continue  # (biased experts with a plain SwiGLU: no family has them; the module runs them)
             gate_up = [ref_of(p) for e in child.experts for p in (e.gate_proj, e.up_proj)]
             down = [ref_of(e.down_proj) for e in child.experts]
             stacked = _stacked(gate_up, down, arena)

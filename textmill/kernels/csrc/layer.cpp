@@ -1585,7 +1585,65 @@ std::vector<torch::Tensor> moe_route(const torch::Tensor& logits, int64_t k, boo
 // out (N, C): out[tok[i]] += w[i] * d[i] over the routed rows i in order (by expert, the
 // order moe_route gives), from zero. Each thread takes a band of columns through every row,
 // so a token's sum runs in that order whatever the split.
-torch::Tensor moe_combine(const torch::Tensor& d, const torch::Tensor& tok, const torch::Tensor& w, int64_t n) {
+// Each routed row's expert, from moe_route's offsets (E + 1,): row r is expert e's where
+// offsets[e] <= r < offsets[e + 1]; the bias (E, width) rows they read, checked.
+std::vector<const float*> expert_bias_rows(const torch::Tensor& offsets, const torch::Tensor& bias, int64_t rows,
+                                           int64_t width) {
+  check_i64(offsets, "offsets", 1);
+  check_f32(bias, "bias", 2);
+  const int64_t e = offsets.size(0) - 1;
+  TORCH_CHECK(e >= 1 && bias.size(0) == e && bias.size(1) == width, "bias: expected (", e, ", ", width, "), got ",
+              bias.sizes());
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[e] == rows, "offsets must run from 0 to the ", rows, " routed rows");
+  std::vector<const float*> out(rows);
+  for (int64_t x = 0; x < e; ++x) {
+    TORCH_CHECK(off[x] <= off[x + 1], "offsets must be non-decreasing");
+    for (int64_t r = off[x]; r < off[x + 1]; ++r) out[r] = bias.data_ptr<float>() + x * width;
+  }
+  return out;
+}
+
+// gpt-oss's experts between their projections (runner/moe.py): each routed row's expert's
+// gate|up biases added, then (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha g) with
+// g = min(gate, limit): transformers' and ggml's swiglu_oai, in one pass where ten torch ops
+// took 41 ms a layer for a 256-token chunk's 1024 routed rows (0.6 ms at 16 streams).
+torch::Tensor moe_glu(const torch::Tensor& gate_up, const torch::Tensor& offsets, const torch::Tensor& bias,
+                      double limit, double alpha) {
+  check_f32(gate_up, "gate_up", 2);
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up: the last dim must be even (gate | up), got ", gate_up.size(1));
+  TORCH_CHECK(limit > 0 && std::isfinite(limit), "limit must be positive, got ", limit);
+  const int64_t n = gate_up.size(0), f = gate_up.size(1) / 2;
+  const std::vector<const float*> brow = expert_bias_rows(offsets, bias, n, 2 * f);
+  auto out = torch::empty({n, f}, gate_up.options());
+  const float* gp = gate_up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float lim = static_cast<float>(limit), a = static_cast<float>(alpha);
+  at::parallel_for(0, n, row_grain(f, 4096), [&](int64_t begin, int64_t end) {
+    const Vec::T one = Vec::set1(1.f), neg = Vec::set1(-1.f), neg_a = Vec::set1(-a);
+    const Vec::T hi = Vec::set1(lim), neg_hi = Vec::set1(-lim);
+    for (int64_t r = begin; r < end; ++r) {
+      const float *g = gp + r * 2 * f, *u = g + f, *bg = brow[r], *bu = bg + f;
+      float* o = op + r * f;
+      int64_t i = 0;
+      for (; i + W <= f; i += W) {  // min(x, l) = -max(-x, -l)
+        const Vec::T x = Vec::mul(neg, Vec::max(Vec::mul(neg, Vec::add(Vec::load(g + i), Vec::load(bg + i))), neg_hi));
+        const Vec::T y = Vec::mul(neg, Vec::max(Vec::mul(neg, Vec::max(Vec::add(Vec::load(u + i), Vec::load(bu + i)),
+                                                                        neg_hi)), neg_hi));
+        const Vec::T glu = Vec::div(x, Vec::add(one, Vec::exp(Vec::mul(x, neg_a))));
+        Vec::store(o + i, Vec::mul(Vec::add(y, one), glu));
+      }
+      for (; i < f; ++i) {
+        const float x = std::min(g[i] + bg[i], lim), y = std::min(std::max(u[i] + bu[i], -lim), lim);
+        o[i] = (y + 1.f) * (x / (1.f + exp_tail(-a * x)));
+      }
+    }
+  });
+  return out;
+}
+
+torch::Tensor moe_combine(const torch::Tensor& d, const torch::Tensor& tok, const torch::Tensor& w, int64_t n,
+                          const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& offsets) {
   check_f32(d, "d", 2);
   check_i64(tok, "tok", 1);
   check_f32(w, "w", 1);
@@ -1593,6 +1651,10 @@ torch::Tensor moe_combine(const torch::Tensor& d, const torch::Tensor& tok, cons
   TORCH_CHECK(tok.size(0) == rows && w.size(0) == rows, "tok and w need one entry per row of d");
   const int64_t* tp = tok.data_ptr<int64_t>();
   for (int64_t i = 0; i < rows; ++i) TORCH_CHECK(tp[i] >= 0 && tp[i] < n, "tok[", i, "] = ", tp[i], " outside 0..", n);
+  TORCH_CHECK(bias.has_value() == offsets.has_value(), "bias needs the offsets that say each row's expert");
+  // gpt-oss: each row's expert's down bias, weighted with the row: w (d + b).
+  const std::vector<const float*> brow = bias ? expert_bias_rows(*offsets, *bias, rows, c)
+                                              : std::vector<const float*>();
   auto out = torch::zeros({n, c}, torch::kFloat);
   const float *dp = d.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -1605,6 +1667,13 @@ torch::Tensor moe_combine(const torch::Tensor& d, const torch::Tensor& tok, cons
       const float* src = dp + i * c;
       float* dst = op + tp[i] * c;
       int64_t j = lo;
+      if (!brow.empty()) {
+        const float* b = brow[i];
+        for (; j + W <= hi; j += W)
+          Vec::store(dst + j, Vec::fma(wv, Vec::add(Vec::load(src + j), Vec::load(b + j)), Vec::load(dst + j)));
+        for (; j < hi; ++j) dst[j] = std::fma(wp[i], src[j] + b[j], dst[j]);
+        continue;
+      }
       for (; j + W <= hi; j += W) Vec::store(dst + j, Vec::fma(wv, Vec::load(src + j), Vec::load(dst + j)));
       for (; j < hi; ++j) dst[j] = std::fma(wp[i], src[j], dst[j]);
     }
@@ -1833,8 +1902,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "router logits (N, E) -> tok (N k,), w (N k,), offsets (E + 1,): each token's k likeliest experts "
         "by softmax (weights renormalized over them if `normalize`), grouped by expert",
         py::arg("logits"), py::arg("k"), py::arg("normalize"));
-  m.def("moe_combine", &moe_combine, nogil, "out (n, C) = sum over routed rows i of w[i] d[i] into row tok[i]",
-        py::arg("d"), py::arg("tok"), py::arg("w"), py::arg("n"));
+  m.def("moe_combine", &moe_combine, nogil,
+        "out (n, C) = sum over routed rows i of w[i] (d[i] [+ bias[its expert]]) into row tok[i]",
+        py::arg("d"), py::arg("tok"), py::arg("w"), py::arg("n"), py::arg("bias") = py::none(),
+        py::arg("offsets") = py::none());
+  m.def("moe_glu", &moe_glu, nogil,
+        "gpt-oss's clamped SwiGLU of routed rows (R, 2F) after each row's expert's gate|up bias (E, 2F) -> (R, F)",
+        py::arg("gate_up"), py::arg("offsets"), py::arg("bias"), py::arg("limit"), py::arg("alpha"));
   py::class_<Forward>(m, "Forward", "a whole forward pass of a decoder's layers in one call (see layer.cpp)")
       .def(py::init<const py::object&, const std::vector<py::dict>&, double>(), py::arg("linear"),
            py::arg("layers"), py::arg("eps"))
