@@ -164,7 +164,7 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
     params = config.rope_parameters
     w.add_rope_freq_base(params.get("full_attention", params)["rope_theta"])
     if family in ("llama", "llama3", "qwen3", "qwen3_yarn", "qwen3vl", "qwen3moe", "ministral3", "exaone4", "gemma",
-                  "gemma2", "gemma3", "ernie4_5"):
+                  "gemma2", "gemma3", "ernie4_5", "gpt_oss"):
         w.add_key_length(config.head_dim)
         w.add_value_length(config.head_dim)
     partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
@@ -202,6 +202,8 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
         w.add_expert_used_count(config.num_experts_per_tok)
         if family in ("qwen3moe", "qwen2moe"):
             w.add_expert_feed_forward_length(config.moe_intermediate_size)
+        if family == "gpt_oss":  # conversion/gpt_oss.py
+            w.add_expert_feed_forward_length(config.intermediate_size)
         if getattr(config, "shared_expert_intermediate_size", None):
             w.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     if family == "olmo3":  # conversion/olmo.py: one flag per layer

@@ -12,14 +12,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import gguf
 import numpy as np
 import torch
 from gguf import GGUFWriter, quants
 from gguf.constants import GGMLQuantizationType as T
 from tokenizers import Tokenizer
 
-from tests.parity.tiny_gguf import _write_vocab
+from tests.parity.tiny_gguf import _write_metadata, _write_vocab
 
 _NAMES = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output",
           "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -55,26 +54,7 @@ def write_gpt_oss_gguf(path: Path, hf_model, tokenizer: Tokenizer, *, mxfp4: boo
     config = hf_model.config
     w = GGUFWriter(path, "gpt-oss")
     w.add_name("tiny-gpt-oss")
-    w.add_block_count(config.num_hidden_layers)
-    w.add_context_length(config.max_position_embeddings)
-    w.add_embedding_length(config.hidden_size)
-    w.add_feed_forward_length(config.intermediate_size)
-    w.add_head_count(config.num_attention_heads)
-    w.add_head_count_kv(config.num_key_value_heads)
-    w.add_key_length(config.head_dim)
-    w.add_value_length(config.head_dim)
-    w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    rope = config.rope_parameters
-    w.add_rope_freq_base(rope["rope_theta"])
-    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-    w.add_rope_scaling_factor(rope["factor"])
-    w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
-    w.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
-    w.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
-    w.add_sliding_window(config.sliding_window)
-    w.add_expert_count(config.num_local_experts)
-    w.add_expert_used_count(config.num_experts_per_tok)
-    w.add_expert_feed_forward_length(config.intermediate_size)
+    _write_metadata(w, "gpt_oss", config)  # YaRN, the window, the experts' count and width
     _write_vocab(w, tokenizer)
     for name, tensor in hf_model.state_dict().items():
         t = tensor.float().numpy()
