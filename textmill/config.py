@@ -141,6 +141,9 @@ class ModelConfig:
     # g = min(gate, limit). None: the plain SwiGLU.
     moe_bias: bool = False
     swiglu_limit: float | None = None
+    # ERNIE 4.5 MoE: a per-expert bias added to the router's probabilities to choose a token's
+    # experts, not to weigh them (its e_score_correction_bias; llama.cpp's exp_probs_b).
+    router_selection_bias: bool = False
     name: str = ""  # human-readable model name from the checkpoint
 
 

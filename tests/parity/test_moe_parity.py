@@ -33,6 +33,7 @@ EXPECTED = {  # family -> (registry key, experts, per token, renormalized, dense
     "mixtral": ("llama", 4, 2, True, ()),
     "granitemoe": ("llama", 4, 2, True, ()),
     "qwen2moe": ("qwen2", 8, 2, False, ()),
+    "ernie4_5_moe": ("llama", 8, 2, True, (0,)),
 }
 
 
@@ -52,8 +53,9 @@ CASES = [(f, s) for f in sorted(EXPECTED) for s in ("folder", "gguf")] + [("mixt
 @pytest.mark.parametrize(("family", "source"), CASES)
 def test_experts_match_transformers(family, source, tokenizer, prompts, tmp_path: Path) -> None:
     hf = tiny_hf_model(family)
-    if source == "folder" and family == "granitemoe":
-        with pytest.raises(ValueError, match="unsupported model architecture 'GraniteMoeForCausalLM'"):
+    refused = {"granitemoe": "GraniteMoeForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM"}  # GGUF only
+    if source == "folder" and family in refused:
+        with pytest.raises(ValueError, match=f"unsupported model architecture '{refused[family]}'"):
             load_model(save_folder(hf, tokenizer, tmp_path / family))
         return
     if source == "folder":
@@ -67,8 +69,9 @@ def test_experts_match_transformers(family, source, tokenizer, prompts, tmp_path
         key, experts, per_token, normalized)
     assert c.dense_layers == dense  # in a file: the layers without a router
     assert c.qk_norm == (family in ("qwen3moe", "olmoe")) and c.qk_norm_whole == (family == "olmoe")
-    assert (c.shared_expert_intermediate_size, c.shared_expert_gate) == ((48, True) if family == "qwen2moe"
-                                                                         else (None, False))
+    shared = {"qwen2moe": (48, True), "ernie4_5_moe": (64, False)}.get(family, (None, False))  # ERNIE: 2 of 32
+    assert (c.shared_expert_intermediate_size, c.shared_expert_gate) == shared
+    assert c.router_selection_bias == (family == "ernie4_5_moe")
     if family == "granitemoe":  # Granite's multipliers, read as the dense Granite's
         assert (c.embedding_multiplier, c.residual_multiplier, c.logit_scale) == pytest.approx((2.5, 0.5, 0.7))
     _matches(ours.model, hf, prompts)
@@ -93,6 +96,21 @@ def test_the_shared_expert_and_its_gate_matter(tokenizer, prompts, tmp_path: Pat
         state = {n: t for n, t in ours.model.state_dict().items() if n in other.state_dict()}
         other.load_state_dict(state, assign=True)
         assert max_logprob_diff(other, hf, prompts["prose"]) > 100 * LOGPROB_TOLERANCE
+
+
+def test_ernies_selection_bias_matters(tokenizer, prompts, tmp_path: Path) -> None:
+    """ERNIE 4.5 MoE chooses by its probabilities plus a per-expert bias: without the bias (or
+    with it in the weights too) the model is far off."""
+    hf = tiny_hf_model("ernie4_5_moe")
+    ours = load_model(write_gguf(tmp_path / "ernie.gguf", "ernie4_5_moe", hf, tokenizer))
+    state = ours.model.state_dict()
+    moe = next(layer.mlp for layer in ours.model.layers if isinstance(layer.mlp, SparseMoE))
+    assert moe.selection_bias.abs().max() > 0.1
+    without = {n: torch.zeros_like(t) if n.endswith("selection_bias") else t for n, t in state.items()}
+    with torch.device("meta"):
+        other = build_model(ours.config)
+    other.load_state_dict(without, assign=True)
+    assert max_logprob_diff(other, hf, prompts["prose"]) > 100 * LOGPROB_TOLERANCE
 
 
 @pytest.mark.parametrize("family", ["olmoe", "qwen3moe"])

@@ -58,6 +58,11 @@ NAMES = {
                             "mlp.shared_expert.down_proj": "ffn_down_shexp",
                             "mlp.shared_expert_gate": "ffn_gate_inp_shexp"},
     "granitemoe": _DECODER | {"post_attention_layernorm": "ffn_norm", "block_sparse_moe.router": "ffn_gate_inp"},
+    # rows as they are (conversion/ernie.py); the router's e_score_correction_bias: write_gguf
+    "ernie4_5-moe": _DECODER | {"post_attention_layernorm": "ffn_norm", "mlp.gate": "ffn_gate_inp",
+                                "mlp.shared_experts.gate_proj": "ffn_gate_shexp",
+                                "mlp.shared_experts.up_proj": "ffn_up_shexp",
+                                "mlp.shared_experts.down_proj": "ffn_down_shexp"},
     "olmoe": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
                          "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"},
     "gemma3": _DECODER | {
@@ -164,7 +169,7 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
     params = config.rope_parameters
     w.add_rope_freq_base(params.get("full_attention", params)["rope_theta"])
     if family in ("llama", "llama3", "qwen3", "qwen3_yarn", "qwen3vl", "qwen3moe", "ministral3", "exaone4", "gemma",
-                  "gemma2", "gemma3", "ernie4_5", "gpt_oss"):
+                  "gemma2", "gemma3", "ernie4_5", "ernie4_5_moe", "gpt_oss"):
         w.add_key_length(config.head_dim)
         w.add_value_length(config.head_dim)
     partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
@@ -200,8 +205,12 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
     if experts:  # conversion/base.py; the experts' width from qwen.py only (the others' is feed_forward_length)
         w.add_expert_count(experts)
         w.add_expert_used_count(config.num_experts_per_tok)
-        if family in ("qwen3moe", "qwen2moe"):
+        if family in ("qwen3moe", "qwen2moe", "ernie4_5_moe"):
             w.add_expert_feed_forward_length(config.moe_intermediate_size)
+        if family == "ernie4_5_moe":  # conversion/ernie.py
+            w.add_expert_shared_count(config.moe_num_shared_experts)
+            w.add_leading_dense_block_count(config.moe_layer_start_index)
+            w.add_interleave_moe_layer_step(config.moe_layer_interval)
         if family == "gpt_oss":  # conversion/gpt_oss.py
             w.add_expert_feed_forward_length(config.intermediate_size)
         if getattr(config, "shared_expert_intermediate_size", None):
@@ -235,7 +244,7 @@ def write_gguf(path: Path, family: str, hf_model, tokenizer: Tokenizer, *, name:
     state = {n.replace("model.language_model.", "model."): t for n, t in hf_model.state_dict().items()
              if not n.startswith("model.visual.")}
     arch = {"mistral": "llama", "llama3": "llama", "qwen3_yarn": "qwen3", "ministral3": "mistral3",
-            "olmo3": "olmo2", "mixtral": "llama"}.get(family, family)
+            "olmo3": "olmo2", "mixtral": "llama", "ernie4_5_moe": "ernie4_5-moe"}.get(family, family)
     state, experts = _stacked_experts(state, legacy_experts)
     w = GGUFWriter(path, arch)
     w.add_name(name)
@@ -254,6 +263,10 @@ def write_gguf(path: Path, family: str, hf_model, tokenizer: Tokenizer, *, name:
         w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
     for hf_name, tensor in state.items():
         if tied and hf_name == "lm_head.weight":
+            continue
+        if hf_name.endswith("moe_statics.e_score_correction_bias"):  # (1, E) -> exp_probs_b, as gguf-py maps it
+            layer = hf_name.split(".")[2]
+            w.add_tensor(f"blk.{layer}.exp_probs_b.bias", tensor.float().numpy().reshape(-1))
             continue
         values = converted(arch, hf_name, tensor.float().numpy(), config)
         target = gguf_name(arch, hf_name)

@@ -151,6 +151,11 @@ def hf_config(family: str):
                                    num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=2.5,
                                    residual_multiplier=0.5, attention_multiplier=0.4, logits_scaling=0.7,
                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if family == "ernie4_5_moe":  # ERNIE 4.5's block; 8 experts of 32, 2 a token by a biased softmax, 2 shared
+        return tf.Ernie4_5_MoeConfig(**common, head_dim=16, tie_word_embeddings=True, use_bias=False,
+                                     moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=2,
+                                     moe_layer_start_index=1, rope_parameters={"rope_type": "default",
+                                                                               "rope_theta": 10000.0})
     if family == "gpt_oss":  # biases everywhere, attention sinks, a window every other layer, 4 experts of 32
         return tf.GptOssConfig(**(common | dict(intermediate_size=32)), head_dim=16, tie_word_embeddings=False,
                                num_local_experts=4, num_experts_per_tok=2, sliding_window=SLIDING_WINDOW,

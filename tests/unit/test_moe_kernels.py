@@ -62,9 +62,10 @@ def test_route_and_combine_state_the_routers_math(ops):
     torch.manual_seed(1)
     n, e, k, c = 37, 16, 4, 64
     logits = torch.randn(n, e) * 2
-    for normalize in (True, False):
-        tok, w, offsets = layer.moe_route(logits, k, normalize)
-        weights, ids = route(logits, k, normalize)
+    bias = torch.randn(e) * 0.1  # ERNIE 4.5 MoE's selection bias: chooses, does not weigh
+    for normalize, selection in ((True, None), (False, None), (True, bias)):
+        tok, w, offsets = layer.moe_route(logits, k, normalize, selection)
+        weights, ids = route(logits, k, normalize, selection)
         assert offsets[0] == 0 and offsets[-1] == n * k and bool((offsets[1:] >= offsets[:-1]).all())
         expert = torch.repeat_interleave(torch.arange(e), offsets[1:] - offsets[:-1])
         got = {(int(t), int(x)): float(v) for t, x, v in zip(tok, expert, w)}
@@ -73,6 +74,7 @@ def test_route_and_combine_state_the_routers_math(ops):
         assert max(abs(got[key] - want[key]) for key in want) < 1e-6
         for lo, hi in zip(offsets[:-1].tolist(), offsets[1:].tolist()):  # tokens ascending within an expert
             assert tok[lo:hi].tolist() == sorted(tok[lo:hi].tolist())
+    assert not torch.equal(ids, route(logits, k, True)[1])  # the bias chose other experts
     d = torch.randn(n * k, c)
     out = layer.moe_combine(d, tok, w, n)
     expected = torch.zeros(n, c).index_add_(0, tok, d * w[:, None])
@@ -115,7 +117,8 @@ def _write_moe(path, gate_up: T, down: T, arch: str = "qwen3moe", fused: bool = 
     """A Qwen3 MoE file as llama.cpp writes one: stacked experts in k-quant blocks, a float router;
     as `arch` "qwen2moe", q/k/v biases instead of q/k norms and a shared expert behind a gate;
     as "gpt-oss", biases on q/k/v/o, the router and every expert, attention sinks and a window
-    in every other layer; `fused`: each expert's gate and up rows in one ffn_gate_up_exps stack
+    in every other layer; as "ernie4_5-moe", an ungated shared expert and the router's
+    selection bias; `fused`: each expert's gate and up rows in one ffn_gate_up_exps stack
     (newer converters)."""
     rng = np.random.default_rng(3)
     w = GGUFWriter(str(path), arch)
@@ -144,11 +147,14 @@ def _write_moe(path, gate_up: T, down: T, arch: str = "qwen3moe", fused: bool = 
             for name, width in (("gate", WIDTH), ("up", WIDTH), ("down", C)):
                 bias = (0.1 * rng.standard_normal((EXPERTS, width))).astype(np.float32)
                 w.add_tensor(f"blk.{i}.ffn_{name}_exps.bias", bias)
-        if arch == "qwen2moe":
+        if arch in ("qwen2moe", "ernie4_5-moe"):  # a shared expert, gated in Qwen2 MoE
             for name, shape in (("ffn_gate_shexp", (2 * WIDTH, C)), ("ffn_up_shexp", (2 * WIDTH, C)),
                                 ("ffn_down_shexp", (C, 2 * WIDTH))):
                 w.add_tensor(f"blk.{i}.{name}.weight", _blocks(T.Q4_K, shape, rng), raw_dtype=T.Q4_K)
+        if arch == "qwen2moe":
             w.add_tensor(f"blk.{i}.ffn_gate_inp_shexp.weight", (rng.standard_normal((1, C)) * 0.3).astype(np.float32))
+        if arch == "ernie4_5-moe":  # the router's selection bias
+            w.add_tensor(f"blk.{i}.exp_probs_b.bias", (0.1 * rng.standard_normal(EXPERTS)).astype(np.float32))
         for name, shape in (("attn_q", (C, C)), ("attn_k", (KV_HEADS * D, C)), ("attn_v", (KV_HEADS * D, C)),
                             ("attn_output", (C, C))):
             w.add_tensor(f"blk.{i}.{name}.weight", _blocks(T.Q4_K, shape, rng), raw_dtype=T.Q4_K)
@@ -168,8 +174,8 @@ def _write_moe(path, gate_up: T, down: T, arch: str = "qwen3moe", fused: bool = 
 
 @pytest.fixture(scope="module", params=[(T.Q4_K, T.Q6_K, "qwen3moe"), (T.Q8_0, T.Q5_K, "qwen3moe"),
                                         (T.Q4_K, T.Q6_K, "qwen2moe"), (T.MXFP4, T.MXFP4, "qwen3moe"),
-                                        (T.MXFP4, T.MXFP4, "gpt-oss")],
-                ids=["q4k-q6k", "q8-q5k", "qwen2moe", "mxfp4", "gpt-oss"])
+                                        (T.MXFP4, T.MXFP4, "gpt-oss"), (T.Q4_K, T.Q6_K, "ernie4_5-moe")],
+                ids=["q4k-q6k", "q8-q5k", "qwen2moe", "mxfp4", "gpt-oss", "ernie"])
 def moe_path(request, ops, tmp_path_factory):
     path = tmp_path_factory.mktemp("moe") / f"{request.param[2]}-{request.param[0].name}.gguf"
     _write_moe(path, *request.param)
@@ -193,8 +199,9 @@ def test_a_moe_file_runs_its_experts_stacked_and_tracks_the_float_reference(moe_
     assert type(moes[0].router) is torch.nn.Linear  # the file's float router, read row by row
     if "MXFP4" in moe_path.name:  # gpt-oss's experts' type: its own 4-bit form, both projections
         assert all(m.gate_up.mode == m.down.mode == "mxfp4" for m in moes)
-    shared = "qwen2moe" in moe_path.name
-    assert (moes[0].shared_expert is not None, moes[0]._shared_gate is not None) == (shared, shared)
+    shared, gated = ("qwen2moe" in moe_path.name or "ernie" in moe_path.name), "qwen2moe" in moe_path.name
+    assert (moes[0].shared_expert is not None, moes[0]._shared_gate is not None) == (shared, gated)
+    assert (moes[0]._selection_bias is not None) == ("ernie" in moe_path.name)
     got = _prompt_logprobs(runner, tokens)
     assert ref.std() > 0.5
     assert (got - ref).abs().mean() < 0.04 * ref.std()

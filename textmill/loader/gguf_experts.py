@@ -10,21 +10,23 @@ from textmill.loader.gguf_file import GGUFFile, GGUFMetadata, TensorInfo
 # What llama.cpp does with the weights of a token's experts, by architecture: renormalized
 # over the chosen ones (Qwen3 MoE, Mixtral's "llama" files, Granite MoE) or taken as they are
 # (OLMoE, Qwen2 MoE).
-# gpt-oss's softmax over the k chosen logits is the renormalized one.
+# gpt-oss's softmax over the k chosen logits is the renormalized one; ERNIE 4.5 MoE renormalizes.
 _EXPERT_WEIGHTS_NORMED = {"qwen3moe": True, "qwen3vlmoe": True, "llama": True, "olmoe": False, "granitemoe": True,
-                          "granitemoeshared": True, "qwen2moe": False, "gpt-oss": True}
+                          "granitemoeshared": True, "qwen2moe": False, "gpt-oss": True, "ernie4_5-moe": True}
 
 
 def expert_fields(meta: GGUFMetadata, gguf: GGUFFile) -> dict[str, Any]:
     """A mixture of experts' fields (models/moe.py); the experts' width from the file's key,
     else from their tensors; layers without a router dense; a shared expert where the file has
-    one. More than one shared expert, and routers other than a softmax, are refused."""
+    one (several shared experts are one wider SwiGLU: the converters write them as one, ERNIE
+    4.5's two so); a router's selection bias where the file has one. Routers other than a
+    softmax are refused."""
     count = int(meta.arch_get("expert_count", 0))
     if not count:
         return {}
-    if meta.arch not in _EXPERT_WEIGHTS_NORMED or int(meta.arch_get("expert_shared_count", 0)) > 1:
+    if meta.arch not in _EXPERT_WEIGHTS_NORMED:
         raise ValueError(f"{meta.arch!r} files with experts are not supported (Qwen2 MoE, Qwen3 MoE, OLMoE, Mixtral, "
-                         "Granite MoE and gpt-oss are)")
+                         "Granite MoE, gpt-oss and ERNIE 4.5 MoE are)")
     if int(meta.arch_get("expert_gating_func", 1)) != 1:  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
         raise ValueError("only a softmax router is supported")
     width = meta.arch_get("expert_feed_forward_length", None)
@@ -36,11 +38,12 @@ def expert_fields(meta: GGUFMetadata, gguf: GGUFFile) -> dict[str, Any]:
     routed = {t.name for t in gguf.tensors if t.name.endswith(".ffn_gate_inp.weight")}
     dense = tuple(i for i in range(int(meta.arch_get("block_count"))) if f"blk.{i}.ffn_gate_inp.weight" not in routed)
     # A shared expert (Qwen2 MoE: gated; Granite MoE shared: not), by its tensors as llama.cpp finds it.
-    shared = next((t.shape[0] for t in gguf.tensors if t.name == "blk.0.ffn_gate_shexp.weight"), None)
+    shared = next((t.shape[0] for t in gguf.tensors if t.name.endswith(".ffn_gate_shexp.weight")), None)
     return dict(num_experts=count, num_experts_per_tok=int(meta.arch_get("expert_used_count")),
                 moe_intermediate_size=int(width), norm_topk_prob=_EXPERT_WEIGHTS_NORMED[meta.arch],
                 dense_layers=dense, shared_expert_intermediate_size=shared,
-                shared_expert_gate=shared is not None and meta.arch == "qwen2moe")
+                shared_expert_gate=shared is not None and meta.arch == "qwen2moe",
+                router_selection_bias=any(t.name.endswith(".exp_probs_b.bias") for t in gguf.tensors))
 
 
 _STACKED_EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.(weight|bias)")

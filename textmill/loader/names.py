@@ -96,8 +96,11 @@ _GPT_OSS = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
     "post_attention_norm": "post_attention_layernorm",
     "attn_sinks": "self_attn.sinks",
 }))
-# Parameters of a module itself, not a submodule's weight: the file's `.weight` is dropped.
-_BARE_PARAMS = frozenset({"self_attn.sinks"})
+# ERNIE 4.5 MoE: Llama's names with experts, and the router's selection bias (exp_probs_b).
+_ERNIE_MOE = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({**_LLAMA_MOE.blocks,
+                                                                     "exp_probs_b": "mlp.selection_bias"}))
+# Parameters of a module itself, not a submodule's weight: the file's `.weight` (`.bias`) is dropped.
+_BARE_PARAMS = frozenset({"self_attn.sinks", "mlp.selection_bias"})
 _GPT2 = GGUFNames("h", MappingProxyType({
     "token_embd": "wte",
     "position_embd": "wpe",
@@ -120,6 +123,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "granitemoe": _LLAMA_MOE,  # Granite 3.x MoE (1B-A400M, 3B-A800M): Granite's multipliers, experts
     "granitemoeshared": _LLAMA_MOE,  # ... and a shared expert
     "ernie4_5": _LLAMA,
+    "ernie4_5-moe": _ERNIE_MOE,
     "mistral3": _LLAMA,
     "exaone": _LLAMA,  # its rows unpermuted (not in QK_PERMUTED_ARCHS)
     "internlm2": _LLAMA,  # q, k and v split out of its wqkv by the converter
@@ -148,7 +152,8 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
 # Ministral 3's ("mistral3") converters are Llama's, and InternLM2's permutes its q and k so.
 # ERNIE 4.5's converter leaves its rows alone, but its own RoPE pairs (2i, 2i + 1) already:
 # the same order, put back the same way.
-QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3", "granite", "granitemoe", "granitemoeshared", "ernie4_5", "mistral3",
+QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3", "granite", "granitemoe", "granitemoeshared", "ernie4_5",
+                               "ernie4_5-moe", "mistral3",
                                "internlm2"})
 # llama.cpp's converter stores Gemma norm weights as 1 + weight (ggml multiplies plainly).
 NORM_PLUS_ONE_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})

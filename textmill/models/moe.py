@@ -8,7 +8,8 @@ Qwen3 MoE and Mixtral, not OLMoE), as transformers' and llama.cpp's routers comp
 Qwen2 MoE adds a shared expert every token takes, its output times sigmoid(a learned gate);
 Granite MoE's shared variant one without a gate. gpt-oss's router and experts have biases and
 its experts clamp their SwiGLU (llama.swiglu_clamped); its softmax over the k chosen logits is
-this renormalized softmax.
+this renormalized softmax. ERNIE 4.5 MoE chooses by the probabilities plus a per-expert bias
+(`selection_bias`) and weighs by the probabilities alone.
 
 The experts are llama.MLPs named as the Hugging Face checkpoints name them
 (`mlp.experts.3.gate_proj`, `mlp.gate`); a GGUF file's stacked expert tensors are split per
@@ -27,10 +28,16 @@ from torch import nn
 from textmill.config import ModelConfig
 
 
-def route(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, E) router logits -> each token's k experts' weights (N, k) float32 and ids (N, k)."""
+def route(logits: torch.Tensor, k: int, normalize: bool,
+          selection_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, E) router logits -> each token's k experts' weights (N, k) float32 and ids (N, k).
+    `selection_bias` (E,) (ERNIE 4.5 MoE) joins the probabilities that choose, not the weights."""
     probs = F.softmax(logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, k, dim=-1)
+    if selection_bias is not None:
+        ids = torch.topk(probs + selection_bias.float(), k, dim=-1).indices
+        weights = probs.gather(-1, ids)
+    else:
+        weights, ids = torch.topk(probs, k, dim=-1)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids
@@ -43,6 +50,8 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.top_k, self.normalize = config.num_experts_per_tok, config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=config.moe_bias)  # gpt-oss: biased
+        self.selection_bias = (nn.Parameter(torch.zeros(config.num_experts)) if config.router_selection_bias
+                               else None)
         width = config.moe_intermediate_size or config.intermediate_size
         self.experts = nn.ModuleList(make_expert(width) for _ in range(config.num_experts))
         shared = config.shared_expert_intermediate_size
@@ -51,7 +60,7 @@ class SparseMoE(nn.Module):
                                    if shared and config.shared_expert_gate else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.gate(x), self.top_k, self.normalize)
+        weights, ids = route(self.gate(x), self.top_k, self.normalize, self.selection_bias)
         out = torch.zeros_like(x)
         for e in ids.unique().tolist():
             token, slot = torch.nonzero(ids == e, as_tuple=True)

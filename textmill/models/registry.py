@@ -70,6 +70,9 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     "olmoe": "llama",
     "OlmoeForCausalLM": "llama",
     "MixtralForCausalLM": "llama",
+    # ERNIE 4.5 MoE (21B-A3B): the dense ERNIE 4.5's block (GGUF files only, as it) with experts
+    # chosen by a biased softmax, a shared expert, a leading dense layer.
+    "ernie4_5-moe": "llama",
     # gpt-oss: Llama's block with biases, attention sinks, every other layer windowed, and
     # experts with a clamped SwiGLU (ModelConfig's switches). GGUF files only.
     "gpt-oss": "llama",

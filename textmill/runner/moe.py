@@ -43,6 +43,8 @@ class KernelMoE(nn.Module):
     def __init__(self, moe: SparseMoE, router: nn.Module, gate_up: QLinear, down: QLinear):
         super().__init__()
         self.top_k, self.normalize = moe.top_k, moe.normalize
+        bias = moe.selection_bias  # ERNIE 4.5 MoE's: chooses, does not weigh
+        self._selection_bias = None if bias is None else bias.detach().float().contiguous()
         self.num_experts = len(moe.experts)
         self.router = router
         self.gate_up, self.down = gate_up, down
@@ -74,7 +76,7 @@ class KernelMoE(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         y = y.float().contiguous()
-        tok, w, offsets = self._layer.moe_route(self.logits(y), self.top_k, self.normalize)
+        tok, w, offsets = self._layer.moe_route(self.logits(y), self.top_k, self.normalize, self._selection_bias)
         routed = y.index_select(0, tok)
         g = self._quant.experts_linear(routed, offsets, self._modes[0], self.gate_up.packed, self.width)
         if self._limit is not None:

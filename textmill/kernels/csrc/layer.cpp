@@ -1537,16 +1537,21 @@ torch::Tensor dense_rows(const torch::Tensor& x, const torch::Tensor& w) {
 // the k largest (the lower expert number first on a tie), their weights p (or p / their
 // sum, `normalize`). Returned grouped by expert: tok (N k,) the token of each routed row,
 // w (N k,) its weight, offsets (E + 1,) where each expert's rows start (tokens ascending
-// within an expert).
-std::vector<torch::Tensor> moe_route(const torch::Tensor& logits, int64_t k, bool normalize) {
+// within an expert). A `bias` (E,) (ERNIE 4.5's e_score_correction_bias, llama.cpp's
+// exp_probs_b) is added to p to choose the k, not to weigh them.
+std::vector<torch::Tensor> moe_route(const torch::Tensor& logits, int64_t k, bool normalize,
+                                     const c10::optional<torch::Tensor>& bias) {
   check_f32(logits, "logits", 2);
   const int64_t n = logits.size(0), e = logits.size(1);
   TORCH_CHECK(k >= 1 && k <= e, "k must be 1..", e, ", got ", k);
+  if (bias) check_f32(*bias, "bias", 1);
+  TORCH_CHECK(!bias || bias->size(0) == e, "bias: expected one per expert (", e, ")");
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   std::vector<int64_t> chosen(n * k);
   std::vector<float> weight(n * k);
   const float* lp = logits.data_ptr<float>();
   at::parallel_for(0, n, row_grain(e), [&](int64_t r0, int64_t r1) {
-    std::vector<float> p(e);
+    std::vector<float> p(e), s(e);  // s: what chooses (p, or p + bias)
     std::vector<int64_t> order(e);
     for (int64_t r = r0; r < r1; ++r) {
       const float* l = lp + r * e;
@@ -1554,9 +1559,10 @@ std::vector<torch::Tensor> moe_route(const torch::Tensor& logits, int64_t k, boo
       float sum = 0.f;
       for (int64_t j = 0; j < e; ++j) sum += p[j] = std::exp(l[j] - mx);
       for (int64_t j = 0; j < e; ++j) p[j] /= sum;
+      for (int64_t j = 0; j < e; ++j) s[j] = bp ? p[j] + bp[j] : p[j];
       std::iota(order.begin(), order.end(), int64_t(0));
       std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                        [&](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+                        [&](int64_t a, int64_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); });
       float picked = 0.f;
       for (int64_t j = 0; j < k; ++j) picked += p[order[j]];
       for (int64_t j = 0; j < k; ++j) {
@@ -1900,8 +1906,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w"));
   m.def("moe_route", &moe_route, nogil,
         "router logits (N, E) -> tok (N k,), w (N k,), offsets (E + 1,): each token's k likeliest experts "
-        "by softmax (weights renormalized over them if `normalize`), grouped by expert",
-        py::arg("logits"), py::arg("k"), py::arg("normalize"));
+        "by softmax (weights renormalized over them if `normalize`; chosen by p + bias if given), grouped by expert",
+        py::arg("logits"), py::arg("k"), py::arg("normalize"), py::arg("bias") = py::none());
   m.def("moe_combine", &moe_combine, nogil,
         "out (n, C) = sum over routed rows i of w[i] (d[i] [+ bias[its expert]]) into row tok[i]",
         py::arg("d"), py::arg("tok"), py::arg("w"), py::arg("n"), py::arg("bias") = py::none(),
