@@ -18,6 +18,9 @@
                   token, GQA 32/4, 151,936 tokens) in Q4_K_M's types (not in the default matrix: 4.5 GiB)
     synthetic-gptoss  a random-weight file of 8 of gpt-oss-20b's 24 layers (32 experts of 2880 in MXFP4, 4 a
                   token, sinks, biases, 201,088 tokens; Q8_0 elsewhere) (not in the default matrix: 4.8 GB)
+    synthetic-erniemoe  a random-weight file of 8 of ERNIE-4.5-21B-A3B's 28 layers (64 experts of 1536, 6 a
+                  token by a biased softmax, a shared expert of 3072, a dense first layer, 103,424 tokens) in
+                  Q4_K_M's types (not in the default matrix: 3.3 GB)
     synthetic-1b-q3k  the synthetic 1B's layers rewritten in Q3_K (bench/requant_gguf.py; not in the
                   default matrix; llama.cpp's own Q3_K_M keeps some layers in Q4_K/Q5_K)
     synthetic-1b-q8  the synthetic 1B's layers rewritten in Q8_0 (bench/requant_gguf.py; not in the
@@ -43,7 +46,7 @@ from textmill.loader.gguf_file import GGUFFile  # noqa: E402  (numpy only)
 MATRIX = ("smollm2", "gemma3", "synthetic-1b", "synthetic-qwen3")
 # named files outside the default matrix
 EXTRA = ("smollm2-iq4xs", "synthetic-1b-q3k", "synthetic-1b-q8", "synthetic-8b", "synthetic-gemma2", "synthetic-phi3",
-         "synthetic-olmo2", "synthetic-qwen3moe", "synthetic-gptoss")
+         "synthetic-olmo2", "synthetic-qwen3moe", "synthetic-gptoss", "synthetic-erniemoe")
 
 
 @dataclass(frozen=True)
@@ -90,14 +93,16 @@ def resolve(key: str) -> Path:
         return _requantized(bundled_model_path(), "IQ4_XS", "smollm2-iq4xs")
     if key.startswith("synthetic-") and key in MATRIX + EXTRA:  # written by synthetic_gguf.py
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from synthetic_gguf import (SYNTHETIC_1B, SYNTHETIC_8B, SYNTHETIC_GEMMA2, SYNTHETIC_GPTOSS, SYNTHETIC_OLMO2,
-                                    SYNTHETIC_PHI3, SYNTHETIC_QWEN3, SYNTHETIC_QWEN3MOE, synthetic_path)
+        from synthetic_gguf import (SYNTHETIC_1B, SYNTHETIC_8B, SYNTHETIC_ERNIEMOE, SYNTHETIC_GEMMA2, SYNTHETIC_GPTOSS,
+                                    SYNTHETIC_OLMO2, SYNTHETIC_PHI3, SYNTHETIC_QWEN3, SYNTHETIC_QWEN3MOE,
+                                    synthetic_path)
         requantized = {"synthetic-1b-q3k": "Q3_K", "synthetic-1b-q8": "Q8_0"}  # the 1B's layers rewritten
         if key in requantized:
             return _requantized(synthetic_path(SYNTHETIC_1B), requantized[key], key)
         named = {"synthetic-qwen3": SYNTHETIC_QWEN3, "synthetic-8b": SYNTHETIC_8B, "synthetic-gemma2": SYNTHETIC_GEMMA2,
                  "synthetic-phi3": SYNTHETIC_PHI3, "synthetic-olmo2": SYNTHETIC_OLMO2,
-                 "synthetic-qwen3moe": SYNTHETIC_QWEN3MOE, "synthetic-gptoss": SYNTHETIC_GPTOSS}
+                 "synthetic-qwen3moe": SYNTHETIC_QWEN3MOE, "synthetic-gptoss": SYNTHETIC_GPTOSS,
+                 "synthetic-erniemoe": SYNTHETIC_ERNIEMOE}
         return synthetic_path(named.get(key, SYNTHETIC_1B))
     path = Path(key).expanduser()
     if not path.is_file():

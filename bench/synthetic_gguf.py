@@ -19,7 +19,8 @@ Q6_K as llama.cpp's Q4_K_M keeps a tied embedding).
 synthetic-8b has Llama 3 8B's shapes, for runs at the other end of the sizes people use;
 synthetic-gemma2 has Gemma 2 2B's, synthetic-phi3 Phi-3-mini's, synthetic-olmo2 OLMo 2 1B's,
 synthetic-qwen3moe a quarter of Qwen3-30B-A3B's layers (its mixture of experts), synthetic-gptoss
-a third of gpt-oss-20b's (MXFP4 experts, Q8_0 elsewhere).
+a third of gpt-oss-20b's (MXFP4 experts, Q8_0 elsewhere), synthetic-erniemoe 8 of ERNIE-4.5-21B-A3B's 28
+layers (a router's selection bias, a shared expert, a dense first layer).
 
 Files are cached under ~/.cache/textmill-bench (TEXTMILL_BENCH_CACHE overrides), named by
 their parameters, and built only when missing:
@@ -32,6 +33,7 @@ their parameters, and built only when missing:
     python bench/synthetic_gguf.py --olmo2         # the same for synthetic-olmo2
     python bench/synthetic_gguf.py --qwen3moe      # the same for synthetic-qwen3moe
     python bench/synthetic_gguf.py --gptoss        # the same for synthetic-gptoss
+    python bench/synthetic_gguf.py --erniemoe      # the same for synthetic-erniemoe
     python bench/synthetic_gguf.py --layers 2 --out /tmp/tiny.gguf
 """
 from __future__ import annotations
@@ -80,6 +82,8 @@ class SyntheticSpec:
     experts: int = 0
     experts_used: int = 0
     expert_ffn: int = 0
+    shared_ffn: int = 0  # a shared expert this wide beside the routed ones (ERNIE 4.5 MoE: two of 1536)
+    dense_lead: int = 0  # the first layers keep a dense MLP (ERNIE 4.5 MoE: one)
 
     @property
     def head_dim(self) -> int:
@@ -120,6 +124,13 @@ SYNTHETIC_QWEN3MOE = SyntheticSpec(name="synthetic-qwen3moe", hidden=2048, layer
 SYNTHETIC_GPTOSS = SyntheticSpec(name="synthetic-gptoss", hidden=2880, layers=8, heads=64, kv_heads=8, ffn=2880,
                                  context=131072, rope_base=150000.0, arch="gpt-oss", key_length=64,
                                  vocab=201088, seed=7, experts=32, experts_used=4, expert_ffn=2880)
+# ERNIE-4.5-21B-A3B's layers (d = 2560, 20/4 heads of 128; a dense first layer, then 64 experts
+# of 1536, 6 a token by a biased softmax, beside a shared expert of 3072; a tied 103,424-row
+# Q6_K embedding), 8 of its 28: 3.3 GB.
+SYNTHETIC_ERNIEMOE = SyntheticSpec(name="synthetic-erniemoe", hidden=2560, layers=8, heads=20, kv_heads=4,
+                                   ffn=12288, context=131072, rope_base=500000.0, arch="ernie4_5-moe",
+                                   key_length=128, vocab=103424, tied=True, seed=8, experts=64, experts_used=6,
+                                   expert_ffn=1536, shared_ffn=3072, dense_lead=1)
 # Llama 3 8B's shapes (128,256-token vocabulary, GQA 32/8, ffn 14336): the largest size people
 # run on a CPU. 4.6 GiB; not in the default matrix (`--models synthetic-8b`).
 SYNTHETIC_8B = SyntheticSpec(name="synthetic-8b", hidden=4096, layers=32, heads=32, kv_heads=8, ffn=14336,
@@ -135,8 +146,14 @@ def default_tokenizer_source() -> Path:
     return bundled_model_path()
 
 
+# Fields added after files were cached: left out of the key at these defaults, so that the
+# files written before them keep their names.
+_LATER_DEFAULTS = {"shared_ffn": 0, "dense_lead": 0}
+
+
 def cache_key(spec: SyntheticSpec, tokenizer_source: Path) -> str:
-    ident = json.dumps({**asdict(spec), "format": FORMAT_VERSION, "tokenizer": tokenizer_source.name,
+    fields = {k: v for k, v in asdict(spec).items() if k not in _LATER_DEFAULTS or v != _LATER_DEFAULTS[k]}
+    ident = json.dumps({**fields, "format": FORMAT_VERSION, "tokenizer": tokenizer_source.name,
                         "tokenizer_bytes": tokenizer_source.stat().st_size}, sort_keys=True)
     return hashlib.sha256(ident.encode()).hexdigest()[:10]
 
@@ -193,12 +210,18 @@ def tensor_plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, .
             plan += [(f"blk.{i}.post_attention_norm.weight", (d,), F32)]
         if not post_norms:
             plan += [(f"blk.{i}.ffn_norm.weight", (d,), F32)]
-        if spec.experts:  # the router, then each projection's experts stacked, as llama.cpp's files hold them
-            e, fe = spec.experts, spec.expert_ffn
-            plan += [(f"blk.{i}.ffn_gate_inp.weight", (e, d), F32),
-                     (f"blk.{i}.ffn_gate_exps.weight", (e, fe, d), Q4_K),
+        if spec.experts and i >= spec.dense_lead:  # the router, then each projection's experts stacked
+            e, fe, fs = spec.experts, spec.expert_ffn, spec.shared_ffn
+            plan += [(f"blk.{i}.ffn_gate_inp.weight", (e, d), F32)]
+            if spec.arch == "ernie4_5-moe":  # the router's selection bias
+                plan += [(f"blk.{i}.exp_probs_b.bias", (e,), F32)]
+            plan += [(f"blk.{i}.ffn_gate_exps.weight", (e, fe, d), Q4_K),
                      (f"blk.{i}.ffn_up_exps.weight", (e, fe, d), Q4_K),
                      (f"blk.{i}.ffn_down_exps.weight", (e, d, fe), wide)]
+            if fs:
+                plan += [(f"blk.{i}.ffn_gate_shexp.weight", (fs, d), Q4_K),
+                         (f"blk.{i}.ffn_up_shexp.weight", (fs, d), Q4_K),
+                         (f"blk.{i}.ffn_down_shexp.weight", (d, fs), wide)]
             continue
         plan += [(f"blk.{i}.ffn_gate.weight", (f, d), Q4_K),
                  (f"blk.{i}.ffn_up.weight", (f, d), Q4_K),
@@ -302,6 +325,11 @@ def write_synthetic(spec: SyntheticSpec, tokenizer_source: Path, path: Path) -> 
         w.add_expert_count(spec.experts)
         w.add_expert_used_count(spec.experts_used)
         w.add_expert_feed_forward_length(spec.expert_ffn)
+    if spec.arch == "ernie4_5-moe":  # conversion/ernie.py's keys
+        w.add_expert_shared_count(spec.shared_ffn // spec.expert_ffn)
+        w.add_expert_shared_feed_forward_length(spec.shared_ffn)
+        w.add_leading_dense_block_count(spec.dense_lead)
+        w.add_interleave_moe_layer_step(1)
     if spec.arch == "gpt-oss":  # conversion/gpt_oss.py's keys, gpt-oss-20b's values
         w.add_sliding_window(128)
         w.add_rope_scaling_type(RopeScalingType.YARN)
@@ -343,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(d, f))
     p.add_argument("--name", default=d.name)
     named = {"qwen3": SYNTHETIC_QWEN3, "8b": SYNTHETIC_8B, "gemma2": SYNTHETIC_GEMMA2, "phi3": SYNTHETIC_PHI3,
-             "olmo2": SYNTHETIC_OLMO2, "qwen3moe": SYNTHETIC_QWEN3MOE, "gptoss": SYNTHETIC_GPTOSS}
+             "olmo2": SYNTHETIC_OLMO2, "qwen3moe": SYNTHETIC_QWEN3MOE, "gptoss": SYNTHETIC_GPTOSS,
+             "erniemoe": SYNTHETIC_ERNIEMOE}
     for flag, spec in named.items():
         p.add_argument(f"--{flag}", dest=f"spec_{flag}", action="store_true",
                        help=f"the {spec.name} file (other shape flags ignored)")
