@@ -59,6 +59,7 @@ class KernelMoE(nn.Module):
         first = moe.experts[0]
         self._limit = first.limit
         biased = first.gate_proj.bias is not None  # (only with the clamp: stack_experts)
+        self._gate_up_bias = None
         if self._limit is not None:  # moe_glu takes a bias: zeros where the experts have none
             self._gate_up_bias = torch.stack([torch.cat([e.gate_proj.bias, e.up_proj.bias]).detach().float()
                                               if biased else torch.zeros(self.width) for e in moe.experts])
