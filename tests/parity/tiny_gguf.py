@@ -209,7 +209,8 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
             w.add_expert_feed_forward_length(config.moe_intermediate_size)
         if family == "ernie4_5_moe":  # conversion/ernie.py
             w.add_expert_shared_count(config.moe_num_shared_experts)
-            w.add_expert_shared_feed_forward_length(config.intermediate_size // config.num_key_value_heads)  # (its rule)
+            # (the converter's own rule: intermediate_size over the kv heads)
+            w.add_expert_shared_feed_forward_length(config.intermediate_size // config.num_key_value_heads)
             w.add_leading_dense_block_count(config.moe_layer_start_index)
             w.add_interleave_moe_layer_step(config.moe_layer_interval)
         if family == "gpt_oss":  # conversion/gpt_oss.py
