@@ -51,9 +51,12 @@ def timed(name, f):
     return g
 for m in (m for m in fw.experts if m is not None):
     m._quant = type("Q", (), {"experts_linear": staticmethod(timed("experts", m._quant.experts_linear))})
-    m._layer = type("L", (), {n: staticmethod(timed("router, route, sum" if n != "silu_mul" else "swiglu",
-                                                    getattr(m._layer, n)))
-                              for n in ("dense_rows", "moe_route", "silu_mul", "moe_combine")})
+    glue = {"silu_mul": "swiglu", "moe_glu": "swiglu"}  # (moe_glu: gpt-oss's, from c2e0f47 on)
+    m._layer = type("L", (), {n: staticmethod(timed(glue.get(n, "router, route, sum"), getattr(m._layer, n)))
+                              for n in ("dense_rows", "moe_route", "silu_mul", "moe_glu", "moe_combine")
+                              if hasattr(m._layer, n)})
+    if m.shared_expert is not None:  # Qwen2 MoE's, ERNIE 4.5 MoE's
+        m.shared_expert.forward = timed("shared expert", m.shared_expert.forward)
 fw.matmuls = [tuple(timed(("qkv", "o")[j], f) if j < 2 else f for j, f in enumerate(ms)) for ms in fw.matmuls]
 kf.KernelPagedAttention.attend_cached = timed("attention", kf.KernelPagedAttention.attend_cached)
 eng._runner.model.logits = timed("head", eng._runner.model.logits)
@@ -101,7 +104,7 @@ def main() -> int:
         if scratch is not None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False)
             scratch.cleanup()
-    ops = ["experts", "qkv", "o", "attention", "router, route, sum", "swiglu", "head"]
+    ops = ["experts", "qkv", "o", "attention", "router, route, sum", "swiglu", "shared expert", "head"]
     print(f"| tree | round | step ms (median) | {' | '.join(ops)} | experts / qkv |")
     print("|---|---:|---:|" + "---:|" * (len(ops) + 1))
     for row in rows:
