@@ -58,7 +58,8 @@ class ToyLM(nn.Module):
 class DenseContext:
     """The reference AttentionContext: one whole sequence, no cache."""
 
-    def attend(self, layer, q, k, v, *, scale, sliding_window=None, logit_softcap=None):
+    def attend(self, layer, q, k, v, *, scale, sliding_window=None, logit_softcap=None, sinks=None):
+        assert sinks is None, "no sinks here (gpt-oss: tests/parity/dense_attention.py)"
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale

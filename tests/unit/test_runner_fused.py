@@ -15,7 +15,8 @@ from textmill.runner.fused import FusedAttention, FusedMLP, concatenating, fuse_
 class _Dense:
     """One sequence, no cache: causal attention over the step's own tokens."""
 
-    def attend(self, layer, q, k, v, *, scale, sliding_window=None, logit_softcap=None):
+    def attend(self, layer, q, k, v, *, scale, sliding_window=None, logit_softcap=None, sinks=None):
+        assert sinks is None, "no sinks here (gpt-oss: tests/parity/dense_attention.py)"
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale

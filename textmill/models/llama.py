@@ -120,9 +120,8 @@ class Attention(nn.Module):
             q, k = norm_heads(self.q_norm, q), norm_heads(self.k_norm, k)
         if self.rope:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        extra = {} if self.sinks is None else {"sinks": self.sinks}
-        y = ctx.attend(self.layer_idx, q, k, v, scale=self.scale,
-                       sliding_window=self.sliding_window, **extra)  # (N, Hq, D)
+        y = ctx.attend(self.layer_idx, q, k, v, scale=self.scale, sliding_window=self.sliding_window,
+                       sinks=self.sinks)  # (N, Hq, D)
         return self.o_proj(y.reshape(N, self.num_heads * D))
 
 

@@ -63,9 +63,8 @@ class FusedAttention(nn.Module):
             cos2, sin2 = self.rope.get(cos, sin)
             x32 = qk.float()
             qk = (x32 * cos2 + x32.roll(d // 2, dims=-1) * sin2).to(qk.dtype)
-        extra = {} if self.sinks is None else {"sinks": self.sinks}
         y = ctx.attend(self.layer_idx, qk[:, :hq], qk[:, hq:], v, scale=self.scale,
-                       sliding_window=self.sliding_window, **extra)  # (N, Hq, D)
+                       sliding_window=self.sliding_window, sinks=self.sinks)  # (N, Hq, D)
         return self.o_proj(y.reshape(n, hq * d))
 
 

@@ -55,15 +55,14 @@ class KernelMoE(nn.Module):
         float_router = type(router) is nn.Linear and router.weight.dtype == torch.float32
         self._router_weight = router.weight.detach().contiguous() if float_router else None
         self._router_bias = router.bias.detach().float() if float_router and router.bias is not None else None
-        # gpt-oss: each expert's biases, (E, 2F) gate's then up's, and (E, C); its clamped SwiGLU.
-        first = moe.experts[0]
-        self._limit = first.limit
-        biased = first.gate_proj.bias is not None  # (only with the clamp: stack_experts)
-        self._gate_up_bias = None
-        if self._limit is not None:  # moe_glu takes a bias: zeros where the experts have none
+        # gpt-oss: its clamped SwiGLU and each expert's biases, (E, 2F) gate's then up's, and (E, C)
+        # (the two come together: stack_experts).
+        self._limit = moe.experts[0].limit
+        self._gate_up_bias = self._down_bias = None
+        if self._limit is not None:
             self._gate_up_bias = torch.stack([torch.cat([e.gate_proj.bias, e.up_proj.bias]).detach().float()
-                                              if biased else torch.zeros(self.width) for e in moe.experts])
-        self._down_bias = torch.stack([e.down_proj.bias.detach().float() for e in moe.experts]) if biased else None
+                                              for e in moe.experts])
+            self._down_bias = torch.stack([e.down_proj.bias.detach().float() for e in moe.experts])
         # A shared expert (runner/fused.py fuses it as any MLP), and its gate's float row (Qwen2 MoE).
         self.shared_expert = moe.shared_expert
         gate = moe.shared_expert_gate
@@ -105,8 +104,8 @@ def stack_experts(model: nn.Module, ref_of: Callable[[nn.Linear], CodesRef | Non
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             first = child.experts[0] if type(child) is SparseMoE else None
-            if first is None or (first.gate_proj.bias is not None and first.limit is None):
-                continue  # (biased experts with a plain SwiGLU: no family has them; the module runs them)
+            if first is None or (first.gate_proj.bias is None) != (first.limit is None):
+                continue  # biases without gpt-oss's clamp, or the clamp without biases: no family; the module runs them
             gate_up = [ref_of(p) for e in child.experts for p in (e.gate_proj, e.up_proj)]
             down = [ref_of(e.down_proj) for e in child.experts]
             stacked = _stacked(gate_up, down, arena)
