@@ -70,7 +70,7 @@ class ModelConfig:
 
     # registry key: "llama" (Mistral, Ministral 3, SmolLM3, Granite, ERNIE 4.5, EXAONE 3, InternLM2,
     # OLMoE, Mixtral, Granite MoE too), "phi3", "qwen2" (Qwen2 MoE too), "qwen3" (the VL files' text,
-    # Qwen3 MoE too), "olmo2" (OLMo 3, EXAONE 4.0 too), "gemma", "gemma2", "gemma3", "gpt2"
+    # Qwen3 MoE too), "olmo2" (OLMo 3, EXAONE 4.0 too), "gemma", "gemma2", "gemma3", "gemma4", "gpt2"
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -144,7 +144,48 @@ class ModelConfig:
     # ERNIE 4.5 MoE: a per-expert bias added to the router's probabilities to choose a token's
     # experts, not to weigh them (its e_score_correction_bias; llama.cpp's exp_probs_b).
     router_selection_bias: bool = False
+    # Gemma 4: the global (full-attention) layers' own head width and KV head count (None: head_dim,
+    # num_kv_heads); where attention_k_eq_v, those layers have no v_proj and take V from k_proj.
+    global_head_dim: int | None = None
+    global_kv_heads: int | None = None
+    attention_k_eq_v: bool = False
+    # Gemma 4: the last kv_shared_layers layers compute no K/V: each attends over the cache of the
+    # last earlier layer of its kind (sliding or global), which holds the same positions.
+    kv_shared_layers: int = 0
+    # Gemma 4 (E2B, E4B): per-layer embeddings this wide per layer (0: none), models/gemma4.py.
+    per_layer_input_size: int = 0
+    # Each layer's MLP width where they differ (Gemma 4's double-wide shared layers); None: all
+    # intermediate_size.
+    layer_intermediate_sizes: tuple[int, ...] | None = None
     name: str = ""  # human-readable model name from the checkpoint
+
+    def is_sliding(self, layer: int) -> bool:
+        """Layer i is global when (i + 1) % pattern == 0; with no pattern every layer is global
+        (and a Llama's window, if any, is in every layer)."""
+        pattern = self.sliding_window_pattern
+        return pattern is not None and (layer + 1) % pattern != 0
+
+    def layer_kv_shape(self, layer: int) -> tuple[int, int]:
+        """(KV heads, head width) of a layer's cache rows: Gemma 4's global layers differ."""
+        if self.is_sliding(layer):
+            return self.num_kv_heads, self.head_dim
+        return self.global_kv_heads or self.num_kv_heads, self.global_head_dim or self.head_dim
+
+    def kv_source(self, layer: int) -> int:
+        """The layer whose cache `layer` attends over: itself, or for Gemma 4's shared layers
+        the last layer before them of the same kind."""
+        first_shared = self.num_layers - self.kv_shared_layers
+        if layer < first_shared:
+            return layer
+        kind = self.is_sliding(layer)
+        owners = [i for i in range(first_shared) if self.is_sliding(i) == kind]
+        if not owners:
+            raise ValueError(f"layer {layer} shares the KV of an earlier layer of its kind, and there is none")
+        return owners[-1]
+
+    def intermediate_size_of(self, layer: int) -> int:
+        sizes = self.layer_intermediate_sizes
+        return self.intermediate_size if sizes is None else sizes[layer]
 
 
 @dataclass(frozen=True)

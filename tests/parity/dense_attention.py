@@ -11,18 +11,25 @@ import torch.nn.functional as F
 
 
 class DenseAttention:
+    def __init__(self) -> None:
+        # each layer's k/v of this call, for Gemma 4's shared layers (k None: read `layer`'s)
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
     def attend(
         self,
         layer: int,
         q: torch.Tensor,  # (N, Hq, D)
-        k: torch.Tensor,  # (N, Hkv, D)
-        v: torch.Tensor,  # (N, Hkv, D)
+        k: torch.Tensor | None,  # (N, Hkv, D)
+        v: torch.Tensor | None,  # (N, Hkv, D)
         *,
         scale: float,
         sliding_window: int | None = None,
         logit_softcap: float | None = None,
         sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:  # (N, Hq, D)
+        if k is None:
+            k, v = self.kv[layer]
+        self.kv[layer] = k, v
         n, hq, _ = q.shape
         group = hq // k.shape[1]
         k = k.repeat_interleave(group, dim=1)  # (N, Hq, D): query head h reads kv head h // group
@@ -69,15 +76,17 @@ class CachedAttention:
         self,
         layer: int,
         q: torch.Tensor,  # (N, Hq, D), the N tokens after the cached ones
-        k: torch.Tensor,  # (N, Hkv, D)
-        v: torch.Tensor,  # (N, Hkv, D)
+        k: torch.Tensor | None,  # (N, Hkv, D); None: `layer` stored this call's already
+        v: torch.Tensor | None,  # (N, Hkv, D)
         *,
         scale: float,
         sliding_window: int | None = None,
         logit_softcap: float | None = None,
         sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:  # (N, Hq, D)
-        if layer in self.k:
+        if k is None:
+            k, v = self.k[layer], self.v[layer]
+        elif layer in self.k:
             k, v = torch.cat([self.k[layer], k]), torch.cat([self.v[layer], v])
         self.k[layer], self.v[layer] = k, v
         n, hq, _ = q.shape

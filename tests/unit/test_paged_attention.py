@@ -239,3 +239,49 @@ def test_kv_bytes_per_block_counts_the_kv_dtype():
     assert KVCache.bytes_per_block(mc, cc, torch.float32, kv_dtype=None) == per_elem * 4
     cache = KVCache(mc, cc, kv_dtype=torch.float16)
     assert sum(kv.numel() * kv.element_size() for kv in cache.kv) == per_elem * 2 * cc.num_blocks
+
+
+def _gemma4_config(**kw) -> ModelConfig:
+    """Gemma 4's layout: every third layer global (wider heads, one KV head), the last two
+    layers sharing the cache of the last earlier layer of their kind."""
+    fields = dict(architecture="gemma4", vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=6,
+                  num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
+                  sliding_window=8, sliding_window_pattern=3, global_head_dim=32, global_kv_heads=1,
+                  kv_shared_layers=2)
+    return ModelConfig(**(fields | kw))
+
+
+def test_shared_layers_read_the_last_earlier_layer_of_their_kind():
+    mc = _gemma4_config()
+    assert [mc.is_sliding(i) for i in range(6)] == [True, True, False, True, True, False]
+    assert [mc.kv_source(i) for i in range(6)] == [0, 1, 2, 3, 3, 2]
+    assert [mc.layer_kv_shape(i) for i in range(6)] == [(2, 16), (2, 16), (1, 32), (2, 16), (2, 16), (1, 32)]
+    assert [_configs(3)[0].kv_source(i) for i in range(3)] == [0, 1, 2]  # no sharing: every layer its own
+    with pytest.raises(ValueError, match="no"):
+        _gemma4_config(sliding_window_pattern=None, kv_shared_layers=6).kv_source(0)
+
+
+def test_pools_per_layer_shape_and_shared_layers_alias_their_source():
+    """Each layer's pool has its own heads and width; a shared layer's pool is its source's own
+    tensor (no memory of its own), and the block's bytes count only the pools that exist."""
+    mc, cc = _gemma4_config(), CacheConfig(block_size=BLOCK, num_blocks=5)
+    cache = KVCache(mc, cc, kv_dtype=torch.float16)
+    assert [tuple(kv.shape[2:]) for kv in cache.kv] == [(2, 16), (2, 16), (1, 32), (2, 16), (2, 16), (1, 32)]
+    assert cache.kv[4] is cache.kv[3] and cache.kv[5] is cache.kv[2] and cache.kv[3] is not cache.kv[1]
+    per_token = 2 * (3 * 2 * 16 + 1 * 32) * 2  # K and V, three sliding pools and one global, 2 bytes
+    assert KVCache.bytes_per_block(mc, cc, torch.float32, kv_dtype=torch.float16) == BLOCK * per_token
+    owned = {kv.data_ptr(): kv.numel() * kv.element_size() for kv in cache.kv}
+    assert sum(owned.values()) == BLOCK * per_token * cc.num_blocks
+
+
+def test_a_shared_layer_attends_over_what_its_source_wrote_this_step():
+    """k=None: the context writes nothing and reads the source layer's keys and values, this
+    step's included, the same as the source layer's own call."""
+    cache, batch, full = _setup(MIXED, num_layers=2, seed=7)
+    ctx = PagedAttention(cache, batch.attn)
+    q, k, v = _flat(full, 1)
+    own = ctx.attend(1, q, k, v, scale=D**-0.5)
+    before = cache.kv[1].clone()
+    shared = ctx.attend(1, q, None, None, scale=D**-0.5)
+    assert torch.equal(cache.kv[1], before)
+    torch.testing.assert_close(shared, own, rtol=0, atol=0)

@@ -79,6 +79,10 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
     """`context_window`: the longest sequence the model will serve (default: its whole
     window); it picks LongRoPE's factors, as llama.cpp's context size does."""
     meta = GGUFMetadata(gguf)
+    if meta.arch == "gemma4":  # per-layer arrays where other files hold one number
+        from textmill.loader.gguf_gemma4 import gemma4_config
+
+        return gemma4_config(gguf, meta, _vocab_size(gguf), _tensor_values(gguf, ROPE_FREQS))
     hidden = int(meta.arch_get("embedding_length"))
     heads = int(meta.arch_get("attention.head_count"))
     head_dim = int(meta.arch_get("attention.key_length", hidden // heads))
@@ -323,12 +327,13 @@ class QuantizedState:
     codes: dict[str, CodesRef]  # "layers.0.self_attn.q_proj.weight" -> codes; a tied head
     # is "lm_head.weight", made from the embedding's blocks
     embedding: GGUFRows
+    tables: dict[str, GGUFRows]  # other lookup tables left in the file (ROW_TABLES)
 
 
 def read_quantized_state(gguf: GGUFFile, config: ModelConfig, linear_names: frozenset[str]) -> QuantizedState:
     """`linear_names`: the parameter names of the model's nn.Linear weights."""
     arch = GGUFMetadata(gguf).arch
-    floats, codes, embedding = {}, {}, None
+    floats, codes, embedding, tables = {}, {}, None, {}
     for t in tqdm(model_tensors(gguf, config), desc="loading", unit="tensor", disable=not _show_progress()):
         if t.name in _ROPE_TENSORS:
             continue
@@ -337,6 +342,8 @@ def read_quantized_state(gguf: GGUFFile, config: ModelConfig, linear_names: froz
             embedding = GGUFRows(t.data, t.qtype, t.shape)
             if config.tie_word_embeddings:
                 codes[HEAD] = CodesRef(t.data, t.qtype, t.shape)
+        elif name in ROW_TABLES:  # read row by row like the embedding, whatever its type
+            tables[name] = GGUFRows(t.data, t.qtype, t.shape)
         elif name in linear_names and convertible(t.qtype, t.shape) and not name.endswith(ROUTERS):
             codes[name] = CodesRef(t.data, t.qtype, t.shape, _row_order(arch, name, t.shape[0], config))
         else:
@@ -344,10 +351,13 @@ def read_quantized_state(gguf: GGUFFile, config: ModelConfig, linear_names: froz
             floats[name] = to_model_layout(arch, name, values, config).float()
     if embedding is None:
         raise ValueError("the GGUF file's token embedding cannot be read in groups of 32")
-    return QuantizedState(floats, codes, embedding)
+    return QuantizedState(floats, codes, embedding, tables)
 
 
 EMBED, HEAD = "embed_tokens.weight", "lm_head.weight"
+# Gemma 4's per-layer embeddings: 262,144 rows of 35 x 256 values on E2B, more weights than the
+# rest of the model, of which a step reads a row per token.
+ROW_TABLES = frozenset({"embed_tokens_per_layer.weight"})
 # A mixture of experts' router (and Qwen2 MoE's shared expert's gate) stays float, as llama.cpp
 # computes it (its quantizer leaves ffn_gate_inp float too): a token's experts are chosen from
 # exact logits.

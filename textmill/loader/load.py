@@ -29,6 +29,7 @@ class LoadedModel:
     # table read row by row from the mapped file.
     codes: Mapping[str, CodesRef] = field(default_factory=dict)
     embedding: GGUFRows | None = None
+    tables: Mapping[str, GGUFRows] = field(default_factory=dict)  # other tables read row by row
 
 
 def _read_checkpoint(path: Path, dtype: torch.dtype, device: str, decode: "RowsDecoder | None",
@@ -91,7 +92,7 @@ def _load_gguf_codes(path: Path, window: int | None) -> LoadedModel:
     linears = frozenset(f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
     state = read_quantized_state(gguf, config, linears)
     missing, unexpected = model.load_state_dict(state.floats, strict=False, assign=True)
-    expected_missing = (set(state.codes) | {EMBED}) & set(model.state_dict())
+    expected_missing = (set(state.codes) | {EMBED} | set(state.tables)) & set(model.state_dict())
     if set(missing) != expected_missing or unexpected:
         raise ValueError(f"GGUF tensors do not match the model: missing {sorted(set(missing) - expected_missing)}, "
                          f"unexpected {sorted(unexpected)}")
@@ -100,7 +101,7 @@ def _load_gguf_codes(path: Path, window: int | None) -> LoadedModel:
             raise ValueError(f"buffer {name} was not materialized")
     model.eval().requires_grad_(False)
     return LoadedModel(config=config, model=model, path=path, format="gguf", codes=state.codes,
-                       embedding=state.embedding)
+                       embedding=state.embedding, tables=state.tables)
 
 
 def read_model_config(path: str | Path) -> ModelConfig:

@@ -72,6 +72,20 @@ _GEMMA3 = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
     **_GATED_MLP,
     "post_ffw_norm": "post_feedforward_layernorm",
 }))
+# Gemma 4: Gemma 3's names, its per-layer embeddings' (globals and three in each block) and the
+# layer's output scale.
+_GEMMA4 = GGUFNames("layers", MappingProxyType({
+    **_DECODER_GLOBALS,
+    "per_layer_token_embd": "embed_tokens_per_layer",
+    "per_layer_model_proj": "per_layer_model_projection",
+    "per_layer_proj_norm": "per_layer_projection_norm",
+}), MappingProxyType({
+    **_GEMMA3.blocks,
+    "inp_gate": "per_layer_input_gate",
+    "proj": "per_layer_projection",
+    "post_norm": "post_per_layer_input_norm",
+    "layer_output_scale": "layer_scalar",
+}))
 # OLMo 2 norms only the attention's and the MLP's outputs (Gemma's names for those), and q and
 # k over all heads.
 _OLMO2 = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
@@ -100,7 +114,7 @@ _GPT_OSS = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
 _ERNIE_MOE = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({**_LLAMA_MOE.blocks,
                                                                      "exp_probs_b": "mlp.selection_bias"}))
 # Parameters of a module itself, not a submodule's weight: the file's `.weight` (`.bias`) is dropped.
-_BARE_PARAMS = frozenset({"self_attn.sinks", "mlp.selection_bias"})
+_BARE_PARAMS = frozenset({"self_attn.sinks", "mlp.selection_bias", "layer_scalar"})
 _GPT2 = GGUFNames("h", MappingProxyType({
     "token_embd": "wte",
     "position_embd": "wpe",
@@ -142,6 +156,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "gemma": _GEMMA3,  # the same names; Gemma 1 has only attn_norm and ffn_norm
     "gemma2": _GEMMA3,  # the same names; Gemma 2 has no attn_q_norm / attn_k_norm
     "gemma3": _GEMMA3,
+    "gemma4": _GEMMA4,  # its norms as they are: Gemma 4's RMSNorm multiplies by the weight itself
     "gpt2": _GPT2,
 })
 

@@ -17,8 +17,10 @@ class AttentionContext(Protocol):
         self,
         layer: int,
         q: torch.Tensor,  # (N, Hq, D) new tokens of this step, rotary already applied
-        k: torch.Tensor,  # (N, Hkv, D)
-        v: torch.Tensor,  # (N, Hkv, D)
+        # (N, Hkv, D) each; None: this step's k/v of `layer` are stored already (Gemma 4's
+        # shared layers attend over an earlier layer's cache, after that layer wrote it)
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         *,
         scale: float,
         sliding_window: int | None = None,

@@ -81,8 +81,7 @@ def is_sliding_layer(config: ModelConfig, layer_idx: int) -> bool:
     """Layer i is global when (i + 1) % pattern == 0; with no pattern every layer is global
     (and a Llama's window, if any, is in every layer). A local layer uses the local RoPE
     (Gemma's base; OLMo 3's unscaled) even if the config sets no window."""
-    pattern = config.sliding_window_pattern
-    return pattern is not None and (layer_idx + 1) % pattern != 0
+    return config.is_sliding(layer_idx)
 
 
 class Attention(nn.Module):

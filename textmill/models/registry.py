@@ -13,6 +13,7 @@ from torch import nn
 
 from textmill.config import ModelConfig
 from textmill.models.gemma3 import Gemma3ForCausalLM
+from textmill.models.gemma4 import Gemma4ForCausalLM
 from textmill.models.gpt2 import GPT2LMHeadModel
 from textmill.models.llama import LlamaForCausalLM
 from textmill.models.olmo2 import Olmo2ForCausalLM
@@ -29,6 +30,7 @@ MODEL_CLASSES: Mapping[str, type[nn.Module]] = MappingProxyType({
     "gemma": Gemma3ForCausalLM,  # Gemma 1: the same network without the output norms (post_norms)
     "gemma2": Gemma3ForCausalLM,  # the same network: models/gemma3.py
     "gemma3": Gemma3ForCausalLM,
+    "gemma4": Gemma4ForCausalLM,
     "gpt2": GPT2LMHeadModel,
 })
 
@@ -110,6 +112,9 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     "gemma3": "gemma3",
     "gemma3_text": "gemma3",
     "Gemma3ForCausalLM": "gemma3",
+    # Gemma 4 (dense text: E2B, E4B, 31B; models/gemma4.py), GGUF files only: its folders hold the
+    # vision and audio model whole.
+    "gemma4": "gemma4",
     "gpt2": "gpt2",
     "GPT2LMHeadModel": "gpt2",
 })

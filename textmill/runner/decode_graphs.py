@@ -83,11 +83,12 @@ class StaticDecodeAttention:
     def reset(self) -> None:
         self._masks.clear()
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, *, scale: float,
                sliding_window: int | None = None, logit_softcap: float | None = None,
                sinks: torch.Tensor | None = None) -> torch.Tensor:
         pool = self.cache.kv[layer]  # (S, 2, Hkv, D)
-        write_kv(pool, self.slots, k, v)
+        if k is not None:  # None: a Gemma 4 shared layer reads what `layer` wrote this step
+            write_kv(pool, self.slots, k, v)
         context = gather_blocks(pool, self.cache.block_size, self.table)  # (B, L, 2, Hkv, D)
         if context.dtype != q.dtype:
             context = context.to(q.dtype)

@@ -170,10 +170,14 @@ def _runs_of_equal_width(parts: list[nn.Linear], refs: list[CodesRef]) -> list[l
     return runs
 
 
-def install_file_weights(model: nn.Module, codes: Mapping[str, CodesRef], rows: GGUFRows) -> str:
-    """Swap the model's linears and embedding for kernel layers; returns a line for the log."""
+def install_file_weights(model: nn.Module, codes: Mapping[str, CodesRef], rows: GGUFRows,
+                         tables: Mapping[str, GGUFRows] | None = None) -> str:
+    """Swap the model's linears and embedding for kernel layers; returns a line for the log.
+    `tables`: other lookup tables to read from the file ("embed_tokens_per_layer.weight": rows)."""
     maker = _Maker(model, codes, WeightArena())
     model.embed_tokens = RowEmbedding(rows)
+    for name, table in (tables or {}).items():
+        setattr(model, name.removesuffix(".weight"), RowEmbedding(table))
     if HEAD in codes and getattr(model, "lm_head", 0) is None:  # tied: packed from the embedding's blocks
         model.lm_head = maker.head(codes[HEAD])
     # A mixture's experts, one packed weight per projection (runner/moe.py), before fusing
@@ -183,7 +187,7 @@ def install_file_weights(model: nn.Module, codes: Mapping[str, CodesRef], rows: 
     moes = sum(isinstance(m, KernelMoE) for m in model.modules())
     fused = fuse_llama_layers(model, maker.fused) + fuse_gemma_layers(model, maker.fused)
     count = swap_linears(model, maker.one)
-    release_file_pages([r.raw for r in codes.values()] + [rows.raw])
+    release_file_pages([r.raw for r in codes.values()] + [rows.raw] + [t.raw for t in (tables or {}).values()])
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(maker.widths.items()))
     experts = f", {moes} mixtures of experts stacked" if moes else ""
     return (f"the file's own blocks as 2- to 8-bit codes ({kinds}); {fused} attention/MLP modules fused{experts}, "

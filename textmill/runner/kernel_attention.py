@@ -31,16 +31,18 @@ class KernelPagedAttention:
         self,
         layer: int,
         q: torch.Tensor,  # (N, Hq, D)
-        k: torch.Tensor,  # (N, Hkv, D)
-        v: torch.Tensor,  # (N, Hkv, D)
+        k: torch.Tensor | None,  # (N, Hkv, D)
+        v: torch.Tensor | None,  # (N, Hkv, D)
         *,
         scale: float,
         sliding_window: int | None = None,
         logit_softcap: float | None = None,
         sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:  # (N, Hq, D)
-        # rounded to a 16-bit pool as rope_kv_write rounds
-        write_kv(self.cache.kv[layer], self.meta.slot_mapping, k, v)
+        # rounded to a 16-bit pool as rope_kv_write rounds; None: a Gemma 4 shared layer reads
+        # what `layer` wrote this step
+        if k is not None:
+            write_kv(self.cache.kv[layer], self.meta.slot_mapping, k, v)
         return self.attend_cached(layer, q.contiguous(), scale=scale, sliding_window=sliding_window,
                                   logit_softcap=logit_softcap, sinks=sinks)
 

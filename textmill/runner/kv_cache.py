@@ -58,19 +58,30 @@ class KVCache:
         self.scratch_block = self.num_blocks if scratch_block else None
         self.dtype = kv_dtype or dtype
         num_slots = (self.num_blocks + int(scratch_block)) * self.block_size
-        shape = (num_slots, 2, model_config.num_kv_heads, _row(model_config.head_dim, self.dtype))
-        self.kv = [_zeros(shape, self.dtype, device) for _ in range(model_config.num_layers)]
+        self.kv: list[torch.Tensor] = []
+        for layer in range(model_config.num_layers):
+            source = model_config.kv_source(layer)
+            if source != layer:  # Gemma 4's shared layers: the same pool, never written by them
+                self.kv.append(self.kv[source])
+                continue
+            heads, head_dim = model_config.layer_kv_shape(layer)
+            self.kv.append(_zeros((num_slots, 2, heads, _row(head_dim, self.dtype)), self.dtype, device))
         self.k = [kv[:, 0] for kv in self.kv]
         self.v = [kv[:, 1] for kv in self.kv]
 
     @staticmethod
     def bytes_per_block(model_config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype,
                         kv_dtype: torch.dtype | None = None) -> int:
-        """Bytes of K and V, all layers, for one block of a pool built with these arguments."""
+        """Bytes of K and V, all layers that own a pool, for one block of a pool built with
+        these arguments."""
         kv_dtype = kv_dtype or dtype
         elem = torch.empty((), dtype=kv_dtype).element_size()
-        per_token = model_config.num_kv_heads * _row(model_config.head_dim, kv_dtype) * elem
-        return 2 * model_config.num_layers * cache_config.block_size * per_token
+        per_token = 0
+        for layer in range(model_config.num_layers):
+            if model_config.kv_source(layer) == layer:
+                heads, head_dim = model_config.layer_kv_shape(layer)
+                per_token += heads * _row(head_dim, kv_dtype) * elem
+        return 2 * cache_config.block_size * per_token
 
 
 def write_kv(pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -192,8 +203,8 @@ class PagedAttention:
         self,
         layer: int,
         q: torch.Tensor,  # (N, Hq, D)
-        k: torch.Tensor,  # (N, Hkv, D)
-        v: torch.Tensor,  # (N, Hkv, D)
+        k: torch.Tensor | None,  # (N, Hkv, D); None: stored already (base.py)
+        v: torch.Tensor | None,  # (N, Hkv, D)
         *,
         scale: float,
         sliding_window: int | None = None,
@@ -201,7 +212,8 @@ class PagedAttention:
         sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:  # (N, Hq, D)
         cache = self.cache.kv[layer]  # (S, 2, Hkv, D)
-        write_kv(cache, self.meta.slot_mapping, k, v)
+        if k is not None:  # None: a Gemma 4 shared layer reads what `layer` wrote this step
+            write_kv(cache, self.meta.slot_mapping, k, v)
         # The context includes this step's own tokens, just written: one path for
         # prefill, chunked prefill, prefix-cache hits and decode.
         outs = [self._attend_group(i, g, cache, q[g.token_start : g.token_start + g.num_tokens], scale,

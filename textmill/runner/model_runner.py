@@ -69,7 +69,8 @@ class ModelRunner:
         if file_weights is not None and file_weights.codes:
             if self.ops is None:
                 raise ValueError("a model loaded as group codes runs only on the C++ kernels")
-            self.linears = install_file_weights(model, file_weights.codes, file_weights.embedding)
+            self.linears = install_file_weights(model, file_weights.codes, file_weights.embedding,
+                                                file_weights.tables)
         else:  # packed bf16 / int8 / int4 kernels replace the model's nn.Linear layers (quant.py)
             self.linears = (install_linears(model, model_config.vocab_size, self.device, dtype, quantization,
                                             kernels=self.ops is not None)
