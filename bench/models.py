@@ -21,6 +21,9 @@
     synthetic-erniemoe  a random-weight file of 8 of ERNIE-4.5-21B-A3B's 28 layers (64 experts of 1536, 6 a
                   token by a biased softmax, a shared expert of 3072, a dense first layer, 103,424 tokens) in
                   Q4_K_M's types (not in the default matrix: 3.3 GB)
+    synthetic-gemma4  a random-weight file of Gemma 4 E2B's shapes (35 layers, per-layer embeddings, 20
+                  layers reading an earlier layer's cache, global heads of 512, 262,144 tokens) in Q4_K_M's
+                  types (bench/synthetic_gemma4.py; not in the default matrix: 2.8 GB)
     synthetic-1b-q3k  the synthetic 1B's layers rewritten in Q3_K (bench/requant_gguf.py; not in the
                   default matrix; llama.cpp's own Q3_K_M keeps some layers in Q4_K/Q5_K)
     synthetic-1b-q8  the synthetic 1B's layers rewritten in Q8_0 (bench/requant_gguf.py; not in the
@@ -46,7 +49,7 @@ from textmill.loader.gguf_file import GGUFFile  # noqa: E402  (numpy only)
 MATRIX = ("smollm2", "gemma3", "synthetic-1b", "synthetic-qwen3")
 # named files outside the default matrix
 EXTRA = ("smollm2-iq4xs", "synthetic-1b-q3k", "synthetic-1b-q8", "synthetic-8b", "synthetic-gemma2", "synthetic-phi3",
-         "synthetic-olmo2", "synthetic-qwen3moe", "synthetic-gptoss", "synthetic-erniemoe")
+         "synthetic-olmo2", "synthetic-qwen3moe", "synthetic-gptoss", "synthetic-erniemoe", "synthetic-gemma4")
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,11 @@ class ModelInfo:
     tensor_types: str  # block types by share of the file's bytes, e.g. "Q4_K 82%, Q6_K 18%"
     eos_token_ids: tuple[int, ...]  # every id that ends generation, from textmill's tokenizer
 
+    kv_row_values: int = 0  # K values a token over the layers that keep a cache (0: layers x heads x width)
+
     def kv_bytes_per_token(self, bytes_per_value: int) -> int:
         """K and V of all layers for one token (textmill keeps every layer's full context)."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * bytes_per_value
+        return 2 * (self.kv_row_values or self.layers * self.kv_heads * self.head_dim) * bytes_per_value
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,9 @@ def resolve(key: str) -> Path:
         return _requantized(bundled_model_path(), "IQ4_XS", "smollm2-iq4xs")
     if key.startswith("synthetic-") and key in MATRIX + EXTRA:  # written by synthetic_gguf.py
         sys.path.insert(0, str(Path(__file__).resolve().parent))
+        if key == "synthetic-gemma4":
+            from synthetic_gemma4 import synthetic_gemma4_path
+            return synthetic_gemma4_path()
         from synthetic_gguf import (SYNTHETIC_1B, SYNTHETIC_8B, SYNTHETIC_ERNIEMOE, SYNTHETIC_GEMMA2, SYNTHETIC_GPTOSS,
                                     SYNTHETIC_OLMO2, SYNTHETIC_PHI3, SYNTHETIC_QWEN3, SYNTHETIC_QWEN3MOE,
                                     synthetic_path)
@@ -149,15 +157,22 @@ def read_info(path: Path) -> ModelInfo:
 
     def get(key: str, default=None):
         return meta.get(f"{arch}.{key}", default)
-    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    hidden, heads, layers = int(get("embedding_length")), int(get("attention.head_count")), int(get("block_count"))
     embd = next(t for t in gguf.tensors if t.name == "token_embd.weight")
+    kv_heads = get("attention.head_count_kv", heads)
+    kv_heads = [int(h) for h in kv_heads] if isinstance(kv_heads, list) else [int(kv_heads)] * layers
+    widths = [int(get("attention.key_length", hidden // heads))] * layers
+    owners = layers
+    if arch == "gemma4":  # global layers of their own width; the last shared_kv_layers keep no cache
+        widths = [int(get("attention.key_length_swa")) if s else w
+                  for s, w in zip(get("attention.sliding_window_pattern"), widths)]
+        owners = layers - int(get("attention.shared_kv_layers", 0))
     return ModelInfo(
         architecture=arch, name=str(meta.get("general.name", path.stem)),
         params_m=sum(int(_prod(t.shape)) for t in gguf.tensors) / 1e6,
         file_mib=path.stat().st_size / 2**20,
-        layers=int(get("block_count")), hidden=hidden, heads=heads,
-        kv_heads=int(get("attention.head_count_kv", heads)),
-        head_dim=int(get("attention.key_length", hidden // heads)),
+        layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads[0], head_dim=widths[0],
+        kv_row_values=sum(h * w for h, w in zip(kv_heads[:owners], widths[:owners])),
         context=int(get("context_length")), vocab=int(embd.shape[0]),
         sliding_window=int(get("attention.sliding_window")) if get("attention.sliding_window") else None,
         tensor_types=_types_by_bytes(gguf), eos_token_ids=eos_token_ids(path))

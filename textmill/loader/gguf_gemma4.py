@@ -8,6 +8,7 @@ a dense MLP beside the experts) is refused, as are the vision and audio towers (
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from textmill.config import ModelConfig
@@ -83,3 +84,14 @@ def _per_layer(value: Any, layers: int) -> list[Any]:
     if len(values) != layers:
         raise ValueError(f"a per-layer key holds {len(values)} values for {layers} layers")
     return values
+
+
+_KV_TENSOR = re.compile(r"blk\.(\d+)\.(attn_k|attn_v|attn_k_norm)\.weight")
+
+
+def unused_kv_tensor(config: ModelConfig, name: str) -> bool:
+    """A shared layer's own K/V projection or norm: the converter copies them from checkpoints
+    that hold them, and neither llama.cpp nor transformers uses them (the layer reads its source's
+    cache), so the loader leaves them in the file."""
+    m = _KV_TENSOR.fullmatch(name)
+    return m is not None and config.kv_source(int(m.group(1))) != int(m.group(1))
