@@ -29,7 +29,7 @@ from textmill.tokenizer.core import FimTokens, TokenizerParts
 log = logging.getLogger("textmill.tokenizer")
 
 CACHE_DIR_ENV = "TEXTMILL_CACHE_DIR"
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: the header holds newline_runs
 
 
 def default_cache_dir() -> Path | None:
@@ -82,6 +82,7 @@ def load_entry(entry: Path, key: str) -> TokenizerParts | None:
             add_eos=header["add_eos"],
             fim=FimTokens(*fim) if fim is not None else None,
             strip_leading_space=header["strip_leading_space"],
+            newline_runs=tuple((length, token) for length, token in header["newline_runs"]),
         )
     except Exception as exc:
         log.warning("tokenizer cache entry %s is unusable (%s: %s); rebuilding", entry, type(exc).__name__, exc)
@@ -111,6 +112,7 @@ def _entry_arrays(key: str, parts: TokenizerParts) -> dict[str, np.ndarray]:
         "eos_token_ids": sorted(parts.eos_token_ids), "add_bos": parts.add_bos, "add_eos": parts.add_eos,
         "fim": [fim.prefix, fim.suffix, fim.middle] if fim is not None else None,
         "strip_leading_space": parts.strip_leading_space,
+        "newline_runs": [list(run) for run in parts.newline_runs],
     }
     return {
         "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),

@@ -14,7 +14,9 @@ This package must not import torch: the grammar compiler and the tests of the AP
 """
 from __future__ import annotations
 
+import bisect
 import codecs
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -34,7 +36,10 @@ FIM_TEXTS = (
 EOG_TEXTS = frozenset({
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
     "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
+    "<eos>", "<turn|>", "<|tool_response>",  # Gemma 4 (the last: the model hands over to a tool)
 })
+
+_NEWLINE_RUN = re.compile("\n+")
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,9 @@ class TokenizerParts:
     # SentencePiece vocabularies that prepend a space when encoding drop it again when
     # decoding (HF's Strip / Metaspace decoders): one leading space of the whole text.
     strip_leading_space: bool = False
+    # (length, id): maximal runs of that many newlines that become that one token although
+    # the backend's merges split them (llama.cpp's rule for Gemma 4; see Tokenizer.encode).
+    newline_runs: tuple[tuple[int, int], ...] = ()
 
 
 def find_fim(vocab: dict[str, int]) -> FimTokens | None:
@@ -118,16 +126,35 @@ class Tokenizer:
         self.eos_token_ids: frozenset[int] = parts.eos_token_ids
         self.add_bos: bool = parts.add_bos and parts.bos_token_id is not None
         self.fim: FimTokens | None = parts.fim
+        self._newline_runs = dict(parts.newline_runs)
+        # A text without a run as long as the shortest of them needs no second look.
+        self._newline_probe = "\n" * min(self._newline_runs, default=0)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text; special tokens written in it ("<|im_start|>") are parsed as
         specials either way. add_special_tokens adds the model's BOS (and EOS) if it wants them."""
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        if self._newline_runs and self._newline_probe in text:
+            ids = self._encode_newline_runs(text)
+        else:
+            ids = self._backend.encode(text, add_special_tokens=False).ids
         if add_special_tokens:
             if self.add_bos:
                 ids.insert(0, self.bos_token_id)
             if self._add_eos:
                 ids.append(self._eos_token_id)
+        return ids
+
+    def _encode_newline_runs(self, text: str) -> list[int]:
+        """llama.cpp takes a maximal run of newlines whole when the vocabulary spells it (Gemma 4);
+        `tokenizers` has no such rule, only merges. The backend isolates such runs, so the
+        tokens of a run are those that start inside it: they give way to the run's token."""
+        encoding = self._backend.encode(text, add_special_tokens=False)
+        ids = encoding.ids
+        starts = [start for start, _ in encoding.offsets]  # characters, in order
+        for run in reversed(list(_NEWLINE_RUN.finditer(text))):  # right to left: earlier indices hold
+            whole = self._newline_runs.get(run.end() - run.start())
+            if whole is not None:
+                ids[bisect.bisect_left(starts, run.start()):bisect.bisect_left(starts, run.end())] = [whole]
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:

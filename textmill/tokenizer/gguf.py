@@ -9,6 +9,9 @@ the vocabulary was trained with. We rebuild the tokenizer those describe:
 - `llama` (SentencePiece BPE with <0xNN> byte fallback, sentencepiece.py): merges recovered
   from the scores (Gemma: from the file order, which its scores do not follow), space ->
   U+2581.
+- `gemma4` (Gemma 4: BPE over raw UTF-8 with the file's merges, llama-vocab.cpp's SPM-style
+  BPE): space -> U+2581, the text split only at runs of newlines, <0xNN> byte fallback, BOS
+  always added; a run of newlines that the vocabulary spells is that one token (see _gemma4).
 
 Control and user-defined tokens become added tokens so that they are matched whole in text,
 as transformers and llama.cpp do. EOS ids: the file's eos/eot/eom ids plus the control
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 from tokenizers import __version__ as tokenizers_version
 
@@ -148,6 +151,62 @@ def _sentencepiece(meta: dict[str, Any], tokens: list[str], types: list[int]) ->
     return backend, sentencepiece_bytes(tokens), add_space_prefix and not gemma
 
 
+def _gemma4(meta: dict[str, Any], tokens: list[str], types: list[int]
+            ) -> tuple[Backend, list[bytes], tuple[tuple[int, int], ...]]:
+    """llama.cpp's "gemma4" vocabulary (llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_GEMMA4): spaces
+    escaped to U+2581, the text split into runs of newlines and runs of anything else, merges by
+    rank over UTF-8 characters (no byte-level alphabet, no space prefix), and the bytes of a
+    character no token spells as <0xNN> tokens. Also the newline runs the vocabulary spells
+    whole (the third item), which the merges alone may split."""
+    merge_list = meta.get("tokenizer.ggml.merges")
+    if not merge_list:
+        raise ValueError("a gemma4 GGUF vocabulary needs its merges (tokenizer.ggml.merges)")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    # llama.cpp ranks a pair where it is first listed (dict.fromkeys keeps that order). A pair
+    # with a space in it can never apply, as spaces are U+2581 by then, and `tokenizers` wants
+    # both halves and their join in the vocabulary (the converter's files have no other kind).
+    merges = [(a, b) for merge in dict.fromkeys(merge_list) if merge.count(" ") == 1
+              for a, b in [merge.split(" ")] if a in vocab and b in vocab and a + b in vocab]
+    # No unk token: llama.cpp never writes <unk> here. (Where a byte of a character has no <0xNN>
+    # token, llama.cpp drops that byte and `tokenizers` the character; Gemma 4 has all 256.)
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=False, byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("\n+"), "isolated")  # llama.cpp: "[^\n]+|[\n]+"
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    _added_tokens(backend, tokens, types, vocab, control_ok=lambda t: True)
+    # llama.cpp takes a run of newlines whole when some token spells it. Where the merges give
+    # that token anyway, nothing needs doing; the other lengths go to Tokenizer.encode. Not
+    # where an added token holds a newline: the backend's matches could then cut a run.
+    runs = []
+    if not any("\n" in t.content for t in backend.get_added_tokens_decoder().values()):
+        for i, token in enumerate(tokens):
+            if len(token) > 1 and not token.strip("\n") and vocab[token] == i:
+                if backend.encode(token, add_special_tokens=False).ids != [i]:
+                    runs.append((len(token), i))
+    return backend, _gemma4_bytes(tokens, types), tuple(sorted(runs))
+
+
+def _gemma4_bytes(tokens: list[str], types: list[int]) -> list[bytes]:
+    """What llama.cpp's token_to_piece gives for a gemma4 vocabulary: byte tokens their byte,
+    control, unknown and user-defined tokens their text as it is, normal ones with U+2581 as a
+    space, and unused (or untyped) ones nothing."""
+    out = []
+    for token, kind in zip(tokens, types):
+        if kind == BYTE and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            try:
+                out.append(bytes([int(token[3:5], 16)]))
+                continue
+            except ValueError:
+                pass
+        if kind in (CONTROL, UNKNOWN, USER_DEFINED, BYTE):  # BYTE: one not spelled <0xNN>
+            out.append(token.encode("utf-8"))
+        elif kind == NORMAL:
+            out.append(token.replace("\u2581", " ").encode("utf-8"))
+        else:
+            out.append(b"")
+    return out
+
+
 def _eos_ids(meta: dict[str, Any], tokens: list[str], types: list[int]) -> frozenset[int]:
     """EOS, the file's EOT/EOM ids, and control tokens whose text ends a turn (llama.cpp's list)."""
     ids = {meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")}
@@ -174,24 +233,32 @@ def build_gguf_tokenizer(path: Path) -> TokenizerParts:
     if not tokens:
         raise ValueError(f"{path} holds no vocabulary (tokenizer.ggml.tokens)")
     types: list[int] = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    newline_runs: tuple[tuple[int, int], ...] = ()
+    add_bos = meta.get("tokenizer.ggml.add_bos_token")
     if kind == "gpt2":
         backend, table, strip = _byte_level(meta, tokens, types)
-        add_bos_default = meta.get("tokenizer.ggml.pre", "default") in _ADD_BOS_BY_DEFAULT
+        if add_bos is None:
+            add_bos = meta.get("tokenizer.ggml.pre", "default") in _ADD_BOS_BY_DEFAULT
     elif kind == "llama":
         backend, table, strip = _sentencepiece(meta, tokens, types)
-        add_bos_default = True  # llama.cpp's default for SentencePiece vocabularies
+        if add_bos is None:
+            add_bos = True  # llama.cpp's default for SentencePiece vocabularies
+    elif kind == "gemma4":
+        backend, table, newline_runs = _gemma4(meta, tokens, types)
+        strip = False
+        add_bos = True  # llama.cpp overrides a file's false: Gemma 4 needs its BOS (llama.cpp PR 21500)
     else:
-        raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (gpt2 byte-level BPE, llama SentencePiece)")
-    bos = meta.get("tokenizer.ggml.bos_token_id")
-    eos = meta.get("tokenizer.ggml.eos_token_id")
+        raise ValueError(f"GGUF tokenizer model {kind!r} is not supported "
+                         "(gpt2 byte-level BPE, llama SentencePiece, gemma4 BPE)")
     return TokenizerParts(
         backend=backend,
         token_bytes=tuple(table),
-        bos_token_id=bos,
-        eos_token_id=eos,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
         eos_token_ids=_eos_ids(meta, tokens, types),
-        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
+        add_bos=bool(add_bos),
         add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
         fim=_fim(meta, tokens),
         strip_leading_space=strip,
+        newline_runs=newline_runs,
     )
