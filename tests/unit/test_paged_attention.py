@@ -285,3 +285,15 @@ def test_a_shared_layer_attends_over_what_its_source_wrote_this_step():
     shared = ctx.attend(1, q, None, None, scale=D**-0.5)
     assert torch.equal(cache.kv[1], before)
     torch.testing.assert_close(shared, own, rtol=0, atol=0)
+
+
+def test_rows_as_one_token_queries_give_the_full_steps_rows():
+    """for_rows: any rows of a mixed step (decodes, prompt chunks; in any order), each a one-token
+    query at its own position over its own sequence, attend as they did in the whole step."""
+    cache, batch, full = _setup(MIXED, num_layers=1, seed=8)
+    ctx = PagedAttention(cache, batch.attn)
+    q, k, v = _flat(full, 0)
+    whole = ctx.attend(0, q, k, v, scale=D**-0.5, sliding_window=3)
+    rows = torch.tensor([q.shape[0] - 1, 0, 2, q.shape[0] // 2])
+    part = ctx.for_rows(rows).attend(0, q.index_select(0, rows), None, None, scale=D**-0.5, sliding_window=3)
+    torch.testing.assert_close(part, whole.index_select(0, rows), rtol=0, atol=1e-6)

@@ -142,16 +142,33 @@ class Gemma4ForCausalLM(nn.Module):
         self.rotary_local = RotaryEmbedding(config.head_dim, positions, config.rope_local_theta or config.rope_theta)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(C, config.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    # The runner may pass `keep` (runner/model_runner.py): the shared layers write no cache, so
+    # rows whose output no one reads (a prompt's but its last) stop before them.
+    forward_keeps_rows = True
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C); with `keep` (row indices, in order), only those rows: the layers from the first
+        shared one on run for them alone (HF's logits_to_keep slicing), over a context that
+        takes each as a one-token query (`ctx.for_rows`)."""
         C = self.config.hidden_size
         # The reference multiplies by the scales rounded to the table's dtype.
         x = self.embed_tokens(input_ids) * _scale(math.sqrt(C), self.embed_tokens)  # (N, C)
         per_layer = self._per_layer_inputs(input_ids, x)  # (N, L, P) or None
         rope_global, rope_local = self.rotary_global(positions), self.rotary_local(positions)
+        first_shared = self.config.num_layers - self.config.kv_shared_layers
         for i, layer in enumerate(self.layers):
+            if i == first_shared and keep is not None:
+                x, ctx = x.index_select(0, keep), ctx.for_rows(keep)
+                per_layer = None if per_layer is None else per_layer.index_select(0, keep)
+                rope_global, rope_local = (tuple(t.index_select(0, keep) for t in r) for r in (rope_global, rope_local))
+                keep = None
+                if x.shape[0] == 0:  # mid-prompt chunks only: nothing past here is read
+                    return x
             cos, sin = rope_local if layer.self_attn.is_sliding else rope_global
             x = layer(x, None if per_layer is None else per_layer[:, i], cos, sin, ctx)
-        return self.norm(x)  # (N, C)
+        x = self.norm(x)  # (N, C)
+        return x if keep is None else x.index_select(0, keep)
 
     def _per_layer_inputs(self, input_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """Each token's vector for each layer: its row of the per-layer table, scaled, plus the

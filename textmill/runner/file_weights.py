@@ -16,7 +16,7 @@ from torch import nn
 from textmill.kernels import load
 from textmill.loader.ggml_types import GGML_QUANT_SIZES
 from textmill.loader.group_codes import (GROUP, PACKED_FROM_FILE_TYPES, CodesRef, GGUFRows, GroupCodes, concat,
-                                         release_file_pages)
+                                         convertible, release_file_pages)
 from textmill.runner.fused import fuse_gemma_layers, fuse_llama_layers
 from textmill.runner.linear import swap_linears
 from textmill.runner.moe import KernelMoE, stack_experts
@@ -39,7 +39,10 @@ class RowEmbedding(nn.Module):
         # models/gemma3.py rounds its embedding scale to the table's dtype: float32 here.
         self.weight = torch.empty(0, dtype=torch.float32)
         # The C++ lookup gives numpy's values bit for bit without its per-call temporaries.
-        self._ext = load("quant") if rows.qtype in PACKED_FROM_FILE_TYPES else None
+        # (A float table whose rows are no whole number of 32-value groups, as a tiny model's
+        # per-layer table, is read by numpy.)
+        lookup = rows.qtype in PACKED_FROM_FILE_TYPES and convertible(rows.qtype, rows.shape)
+        self._ext = load("quant") if lookup else None
         self._bytes = rows.flat_bytes() if self._ext is not None else None
         self._grid = rows.grid()
 

@@ -46,6 +46,10 @@ class KernelPagedAttention:
         return self.attend_cached(layer, q.contiguous(), scale=scale, sliding_window=sliding_window,
                                   logit_softcap=logit_softcap, sinks=sinks)
 
+    def for_rows(self, rows: torch.Tensor) -> KernelPagedAttention:
+        """This step's context for rows `rows` only, each a one-token query (AttentionMetadata.for_rows)."""
+        return KernelPagedAttention(self.cache, self.meta.for_rows(rows), self.ops)
+
     def attend_cached(self, layer: int, q: torch.Tensor, *, scale: float,
                       sliding_window: int | None = None, logit_softcap: float | None = None,
                       sinks: torch.Tensor | None = None) -> torch.Tensor:

@@ -186,6 +186,36 @@ class AttentionMetadata:
     def max_context_len(self) -> int:
         return max(g.max_context_len for g in self.groups)
 
+    def for_rows(self, rows: torch.Tensor) -> AttentionMetadata:
+        """Rows `rows` of this step (indices into its N tokens, in their order) as one group of
+        one-token queries, each at its own position over its own sequence's context, this step's
+        keys included: what a layer that only reads the cache needs for just those rows (Gemma 4's
+        shared layers run for the rows whose output the step reads). No slots: nothing is written."""
+        device = rows.device
+        firsts = torch.tensor([g.token_start for g in self.groups], device=device)
+        group_of = torch.searchsorted(firsts, rows, right=True) - 1
+        width = max(g.block_table.shape[1] for g in self.groups)
+        tables, positions = [], []
+        for index, g in enumerate(self.groups):
+            local = rows[group_of == index] - g.token_start
+            seq = torch.searchsorted(g.query_start, local, right=True) - 1
+            table = g.block_table.index_select(0, seq)
+            tables.append(F.pad(table, (0, width - table.shape[1])))  # block 0 past a context: never read
+            positions.append(g.starts.index_select(0, seq) + local - g.query_start.index_select(0, seq))
+        order = torch.cat([torch.nonzero(group_of == i).flatten() for i in range(len(self.groups))])
+        table = torch.empty((len(rows), width), dtype=torch.int64, device=device)
+        table[order] = torch.cat(tables)
+        starts = torch.empty(len(rows), dtype=torch.int64, device=device)
+        starts[order] = torch.cat(positions)
+        lens = starts + 1
+        n = len(rows)
+        group = AttentionGroup(token_start=0, num_tokens=n, query_dest=torch.arange(n, device=device),
+                               block_table=table, starts=starts, context_lens=lens,
+                               query_start=torch.arange(n + 1, device=device), num_seqs=n, max_query_len=1,
+                               max_context_len=int(lens.max()) if n else 0, min_context_len=int(lens.min()) if n else 0,
+                               first_start=int(starts[0]) if n else 0)
+        return AttentionMetadata(slot_mapping=rows.new_empty(0), groups=(group,))
+
 
 @dataclass
 class PagedAttention:
@@ -220,6 +250,10 @@ class PagedAttention:
                                    sliding_window, logit_softcap, sinks)
                 for i, g in enumerate(self.meta.groups)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def for_rows(self, rows: torch.Tensor) -> PagedAttention:
+        """This step's context for rows `rows` only, each a one-token query (AttentionMetadata.for_rows)."""
+        return PagedAttention(self.cache, self.meta.for_rows(rows), self.grouped_decode)
 
     def _attend_group(self, index: int, g: AttentionGroup, cache: torch.Tensor, q: torch.Tensor, scale: float,
                       sliding_window: int | None, logit_softcap: float | None,

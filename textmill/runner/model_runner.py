@@ -149,8 +149,9 @@ class ModelRunner:
             else:
                 ctx = PagedAttention(self.kv_cache, batch.attn, grouped_decode=self._num_threads > 1)
             rows = batch.logits_rows
-            if isinstance(self.forward, KernelForwardBase):
-                # The kernel forwards finish the last layer for these rows only.
+            if isinstance(self.forward, KernelForwardBase) or getattr(self.forward, "__self__", None) is self.model \
+                    and getattr(self.model, "forward_keeps_rows", False):
+                # The kernel forwards finish the last layer for these rows only (Gemma 4: its shared layers).
                 hidden = self.forward(batch.input_ids, batch.positions, ctx, keep=rows)  # (S + P, C)
             else:
                 hidden = self.forward(batch.input_ids, batch.positions, ctx).index_select(0, rows)
