@@ -41,7 +41,7 @@ ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0}}
 
 
-def gemma4_config(*, k_eq_v: bool = False):
+def gemma4_config(*, k_eq_v: bool = False, ple_size: int = PLE_SIZE):
     """Gemma4TextConfig of the tiny model. transformers honours num_global_key_value_heads only
     with attention_k_eq_v (configuration_gemma4.py): without it the full layers keep
     num_key_value_heads, as E2B/E4B do."""
@@ -49,7 +49,7 @@ def gemma4_config(*, k_eq_v: bool = False):
 
     extra = (dict(attention_k_eq_v=True, num_global_key_value_heads=GLOBAL_KV_HEADS, num_kv_shared_layers=0,
                   hidden_size_per_layer_input=0, use_double_wide_mlp=False) if k_eq_v else
-             dict(attention_k_eq_v=False, num_kv_shared_layers=KV_SHARED_LAYERS, hidden_size_per_layer_input=PLE_SIZE,
+             dict(attention_k_eq_v=False, num_kv_shared_layers=KV_SHARED_LAYERS, hidden_size_per_layer_input=ple_size,
                   use_double_wide_mlp=True))
     return tf.Gemma4TextConfig(
         vocab_size=VOCAB_SIZE, vocab_size_per_layer_input=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=FFN,
@@ -60,8 +60,9 @@ def gemma4_config(*, k_eq_v: bool = False):
         tie_word_embeddings=True, eos_token_id=0, bos_token_id=None, pad_token_id=None, **extra)
 
 
-def tiny_gemma4_hf(*, k_eq_v: bool = False, seed: int = 0):
-    """A random Gemma4ForCausalLM, float32, eval mode, eager attention.
+def tiny_gemma4_hf(*, k_eq_v: bool = False, seed: int = 0, ple_size: int = PLE_SIZE):
+    """A random Gemma4ForCausalLM, float32, eval mode, eager attention. `ple_size`: the per-layer
+    inputs' width (32: every linear a whole number of 32-value groups, all on the 8-bit kernels).
 
     Gemma 4's RMSNorm multiplies by its weight as stored (no 1 + w), so every norm weight is
     1 + N(0, 0.2): a loader that adds or drops a 1 is far off. The other weights get N(0, 0.15)
@@ -70,7 +71,7 @@ def tiny_gemma4_hf(*, k_eq_v: bool = False, seed: int = 0):
     import transformers as tf
 
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(gemma4_config(k_eq_v=k_eq_v), dtype=torch.float32,
+    model = tf.AutoModelForCausalLM.from_config(gemma4_config(k_eq_v=k_eq_v, ple_size=ple_size), dtype=torch.float32,
                                                 attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -25,7 +25,7 @@ pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def q8_file(tmp_path_factory):
-    hf = tiny_gemma4_hf()
+    hf = tiny_gemma4_hf(ple_size=32)  # every linear quantized: float ones go through MKL, row count-dependent
     round_to_file(hf)
     return write_gemma4_gguf(tmp_path_factory.mktemp("g4") / "tiny-gemma4.gguf", hf, train_tokenizer(), q8_0=True)
 
@@ -68,18 +68,31 @@ def test_shared_layers_on_eager_torch(q8_file):
     _check(drive(runner, _seqs(loaded.config.vocab_size), budget=5), loaded.model, atol=1e-4)
 
 
+def _kernel_runner(path) -> ModelRunner:
+    loaded = load_model(path, codes=True)
+    return ModelRunner(loaded.model, loaded.config, CacheConfig(block_size=BLOCK, num_blocks=48),
+                       file_weights=loaded, kv_dtype=torch.float16)
+
+
 @pytest.mark.skipif(not qlinear.available(), reason="textmill's C++ kernels are not built here")
 def test_shared_layers_on_the_kernels(q8_file):
-    """The file's blocks on the kernels, paged and chunked, against one dense pass of the same
-    kernel layers (their activations quantized to 8 bits per group either way: against the float
-    model this tiny random one is up to 0.35 nats off, as llama.cpp's Q8_0 path is, tiny_gemma4.py).
-    Paged and dense attention round differently, and nine layers of 8-bit activations carry that
-    to ~0.01 nats; the eager test above holds the same schedule to 1e-4."""
-    loaded = load_model(q8_file, codes=True)
-    runner = ModelRunner(loaded.model, loaded.config, CacheConfig(block_size=BLOCK, num_blocks=48),
-                         file_weights=loaded, kv_dtype=torch.float32)
+    """The file's blocks on the kernel forward (runner/gemma4_forward.py), paged, chunked and
+    batched, give each request bitwise what it gets alone one token a step (so guessed tokens
+    can be checked in one step), and the float model's values within the 8-bit activations'
+    rounding (this tiny random model: up to ~0.4 nats, as llama.cpp's Q8_0 path, tiny_gemma4.py)."""
+    runner = _kernel_runner(q8_file)
+    assert type(runner.forward).__name__ == "Gemma4KernelForward" and runner.chunks_match_steps
     assert type(runner.model.embed_tokens_per_layer).__name__ == "RowEmbedding"  # read from the file
-    _check(drive(runner, _seqs(loaded.config.vocab_size), budget=5), runner.model, atol=0.03)
+    vocab = runner.model_config.vocab_size
+    mixed = drive(runner, _seqs(vocab), budget=5)
+    for seq in _seqs(vocab):
+        seq.arrive = 0
+        alone = drive(_kernel_runner(q8_file), [seq], budget=1)[seq.rid]
+        assert alone.tokens == mixed[seq.rid].tokens
+        assert [(p.token_id, p.logprob, p.top) for p in alone.logprobs] == \
+            [(p.token_id, p.logprob, p.top) for p in mixed[seq.rid].logprobs]
+        assert [p.logprob for p in alone.prompt_logprobs] == [p.logprob for p in mixed[seq.rid].prompt_logprobs]
+    _check(mixed, load_model(q8_file).model, atol=0.5)
 
 
 @pytest.mark.parametrize("kernels", [False, True], ids=["eager", "kernels"])
@@ -95,16 +108,22 @@ def test_rows_kept_are_the_full_pass_rows(q8_file, kernels):
     for s in seqs:
         s.arrive = 0
     calls = []
-    real = runner.model.forward
+    real = runner.forward
 
     def spy(ids, positions, ctx, keep=None):
         full = real(ids, positions, ctx)
         kept = real(ids, positions, ctx, keep=keep)
         calls.append(keep.numel())
-        # Within rounding: a row's attention sums its keys in another order as a one-token query.
-        torch.testing.assert_close(kept, full.index_select(0, keep), rtol=0, atol=2e-5)
+        if kernels:  # every row on its own: a kept row's one-token query is the chunk's row, bitwise
+            assert torch.equal(kept, full.index_select(0, keep))
+        else:  # eager attention sums a row's keys in another order as a one-token query
+            torch.testing.assert_close(kept, full.index_select(0, keep), rtol=0, atol=2e-5)
         return kept
 
-    runner.forward = types.MethodType(lambda model, *args, **kw: spy(*args, **kw), runner.model)
+    if kernels:  # the runner keeps rows on a kernel forward: a subclass whose call is the spy
+        real.__class__ = type("Spy", (type(real),), {"__call__": lambda self, *a, **kw: spy(*a, **kw)})
+        real = types.MethodType(type(real).__mro__[1].__call__, real)
+    else:
+        runner.forward = types.MethodType(lambda model, *args, **kw: spy(*args, **kw), runner.model)
     drive(runner, seqs, budget=7)
     assert calls and max(calls) > 1  # a step with several kept rows (prompt log-probs, decodes)

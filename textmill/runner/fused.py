@@ -142,3 +142,24 @@ def fuse_gemma_layers(model: nn.Module, make_linear: MakeFused) -> int:
             continue
         count += 1
     return count
+
+
+def fuse_gemma4_layers(model: nn.Module, make_linear: MakeFused) -> int:
+    """Gemma 4's layers with one qkv_proj (q, k and v, or q and k where V is k's output; a shared
+    layer keeps its q_proj alone) and one gate_up_proj, for runner/gemma4_forward.py; as with
+    fuse_gemma_layers, only that forward runs the model afterwards."""
+    from textmill.models import gemma4
+
+    count = 0
+    for module in list(model.modules()):
+        if type(module) is gemma4.Attention and module.source == module.layer_idx:
+            parts = [module.q_proj, module.k_proj] + ([] if module.v_proj is None else [module.v_proj])
+            module.qkv_proj = make_linear(parts)
+            module.q_proj = module.k_proj = module.v_proj = None
+        elif type(module) is gemma4.MLP:
+            module.gate_up_proj = make_linear([module.gate_proj, module.up_proj])
+            module.gate_proj = module.up_proj = None
+        else:
+            continue
+        count += 1
+    return count

@@ -19,6 +19,7 @@ from textmill.runner.block_tables import BlockTables
 from textmill.runner.kernel_attention import KernelPagedAttention
 from textmill.loader.load import LoadedModel
 from textmill.runner.file_weights import install_file_weights
+from textmill.runner.gemma4_forward import Gemma4KernelForward
 from textmill.runner.kernel_forward import GemmaKernelForward, KernelForward, KernelForwardBase
 from textmill.runner.kv_cache import KVCache, PagedAttention
 from textmill.runner.plan import ExecutionPlan
@@ -81,7 +82,7 @@ class ModelRunner:
             # (rows, V) tensor each step cost a page fault per 4 KiB. Up to 64 MiB: 64 rows
             # of a 262k vocabulary; a step with more rows (long prompt logprobs) allocates.
             reuse_output(getattr(model, "lm_head", None), max_bytes=LOGITS_BUFFER_BYTES)
-            for kind in (KernelForward, GemmaKernelForward):
+            for kind in (KernelForward, GemmaKernelForward, Gemma4KernelForward):
                 if kind.supports(model):
                     self.forward = kind(model, self.ops)
         if decode_graphs is None:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from textmill.runner.fused import concatenating, fuse_gemma_layers, fuse_llama_layers
+from textmill.runner.fused import concatenating, fuse_gemma4_layers, fuse_gemma_layers, fuse_llama_layers
 from textmill.runner.linear import PackedLinear, packing_supported, swap_linears, tie_head_as_linear
 
 QUANTIZATIONS = ("none", "int8", "int4")
@@ -179,7 +179,7 @@ def _install_kernel_linears(model: nn.Module, vocab_size: int, quantization: str
             return qlinear.QLinear.from_linear(linear, want) if qlinear.supports(linear, want) else linear
 
     # the kernel forwards need qkv_proj / gate_up_proj
-    fused = fuse_llama_layers(model, concatenating(make)) + fuse_gemma_layers(model, concatenating(make))
+    fused = sum(fuse(model, concatenating(make)) for fuse in (fuse_llama_layers, fuse_gemma_layers, fuse_gemma4_layers))
     count = swap_linears(model, make) if mode else 0
     what = "float32 nn.Linear" if mode is None else f"{mode} kernels (LM head q8)"
     return f"{what}; {fused} attention/MLP modules fused, {count} more linears swapped"
