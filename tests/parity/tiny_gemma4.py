@@ -197,18 +197,19 @@ def round_to_file(hf_model) -> None:
 
 
 def write_gemma4_gguf(path: Path, hf_model, tokenizer: Tokenizer, *, q8_0: bool = False,
-                      name: str = "tiny-gemma4") -> Path:
+                      name: str = "tiny-gemma4", extra: dict[str, np.ndarray] | None = None) -> Path:
     """The model as a "gemma4" GGUF: float32, or with `q8_0` as `--outtype q8_0` writes it (call
     round_to_file on the model first to compare it with the file). The vocabulary is the tiny
     tests' byte-level BPE (tiny_gguf._write_vocab), not Gemma's: the tokenizer is not what
-    this file tests."""
+    this file tests. `extra`: more float32 tensors (GGUF name: values), as a converter copies
+    from a checkpoint that holds them (a shared layer's own k and v)."""
     w = GGUFWriter(path, "gemma4")
     w.add_type("model")
     w.add_name(name)
     _write_metadata(w, hf_model.config, gguf.LlamaFileType.MOSTLY_Q8_0 if q8_0 else gguf.LlamaFileType.ALL_F32)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_vocab(w, tokenizer)
-    for target, values in _gguf_tensors(hf_model).items():
+    for target, values in {**_gguf_tensors(hf_model), **(extra or {})}.items():
         qtype = _file_type(target, values, q8_0)
         if qtype == T.F32:
             w.add_tensor(target, values)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,3 +128,29 @@ def test_rows_kept_are_the_full_pass_rows(q8_file, kernels):
         runner.forward = types.MethodType(lambda model, *args, **kw: spy(*args, **kw), runner.model)
     drive(runner, seqs, budget=7)
     assert calls and max(calls) > 1  # a step with several kept rows (prompt log-probs, decodes)
+
+
+def test_the_config_and_a_shared_layers_own_kv_tensors(tmp_path):
+    """The Gemma 4 fields as the tiny file states them; a file that also holds the shared layers'
+    own k/v projections and k norm (converters copy them from checkpoints that have them; neither
+    llama.cpp nor transformers uses them) loads to the same model, on both paths."""
+    hf = tiny_gemma4_hf()
+    plain = write_gemma4_gguf(tmp_path / "plain.gguf", hf, train_tokenizer())
+    c = load_model(plain).config
+    first_shared = c.num_layers - c.kv_shared_layers
+    assert (c.head_dim, c.global_head_dim, c.kv_shared_layers, c.per_layer_input_size) == (16, 32, 3, 8)
+    assert c.layer_intermediate_sizes[first_shared:] == (2 * c.intermediate_size,) * c.kv_shared_layers
+    assert [c.kv_source(i) for i in range(first_shared, c.num_layers)] == [4, 4, 5]
+    rng = np.random.default_rng(0)
+    extra = {f"blk.{i}.{name}.weight": rng.standard_normal(shape).astype(np.float32)
+             for i in range(first_shared, c.num_layers)
+             for name, shape in (("attn_k", (c.num_kv_heads * 16, c.hidden_size)),
+                                 ("attn_v", (c.num_kv_heads * 16, c.hidden_size)), ("attn_k_norm", (16,)))}
+    with_kv = write_gemma4_gguf(tmp_path / "with-kv.gguf", hf, train_tokenizer(), extra=extra)
+    ids = torch.tensor(_prompt(12, 4, c.vocab_size))
+    for codes in (False, True) if qlinear.available() else (False,):
+        a, b = load_model(plain, codes=codes), load_model(with_kv, codes=codes)
+        assert set(a.codes) == set(b.codes)
+        if not codes:
+            torch.testing.assert_close(_dense_logprobs(a.model, ids.tolist()), _dense_logprobs(b.model, ids.tolist()),
+                                       rtol=0, atol=0)
