@@ -153,7 +153,7 @@ class Gemma4ForCausalLM(nn.Module):
         takes each as a one-token query (`ctx.for_rows`)."""
         C = self.config.hidden_size
         # The reference multiplies by the scales rounded to the table's dtype.
-        x = self.embed_tokens(input_ids) * _scale(math.sqrt(C), self.embed_tokens)  # (N, C)
+        x = self.embed_tokens(input_ids) * rounded_scale(math.sqrt(C), self.embed_tokens)  # (N, C)
         per_layer = self._per_layer_inputs(input_ids, x)  # (N, L, P) or None
         rope_global, rope_local = self.rotary_global(positions), self.rotary_local(positions)
         first_shared = self.config.num_layers - self.config.kv_shared_layers
@@ -177,7 +177,7 @@ class Gemma4ForCausalLM(nn.Module):
         if not P:
             return None
         table = self.embed_tokens_per_layer
-        own = (table(input_ids) * _scale(math.sqrt(P), table)).view(-1, L, P)
+        own = (table(input_ids) * rounded_scale(math.sqrt(P), table)).view(-1, L, P)
         mixed = self.per_layer_model_projection(x) * self.config.hidden_size**-0.5
         mixed = self.per_layer_projection_norm(mixed.view(-1, L, P))
         return (mixed + own) * PER_LAYER_INPUT_SCALE
@@ -188,5 +188,7 @@ class Gemma4ForCausalLM(nn.Module):
         return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)
 
 
-def _scale(value: float, table: nn.Module) -> float:
+def rounded_scale(value: float, table: nn.Module) -> float:
+    """A table's multiplier rounded to the table's dtype first, as the reference does (its scale
+    is a buffer of the weights' dtype)."""
     return torch.tensor(value, dtype=table.weight.dtype).item()

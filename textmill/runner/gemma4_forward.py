@@ -27,7 +27,7 @@ import torch
 
 from textmill.models import gemma4
 from textmill.runner.kernel_attention import KernelPagedAttention
-from textmill.runner.kernel_forward import KernelForwardBase, _direct
+from textmill.runner.kernel_forward import KernelForwardBase, direct_call
 
 
 def _weight(norm: torch.nn.Module) -> torch.Tensor:
@@ -44,21 +44,23 @@ class Gemma4KernelForward(KernelForwardBase):
         config = model.config
         self.eps, self.config = config.norm_eps, config
         self.embed = model.embed_tokens
-        self.embed_scale = gemma4._scale(math.sqrt(config.hidden_size), model.embed_tokens)
+        self.embed_scale = gemma4.rounded_scale(math.sqrt(config.hidden_size), model.embed_tokens)
         self.first_shared = config.num_layers - config.kv_shared_layers
         self.layers = list(model.layers)
         self.final_norm = _weight(model.norm)
         self.attn = [b.self_attn for b in self.layers]
-        self.matmuls = [(_direct(a.qkv_proj if a.source == i else a.q_proj), _direct(a.o_proj),
-                         _direct(b.mlp.gate_up_proj), _direct(b.mlp.down_proj))
+        self.matmuls = [(direct_call(a.qkv_proj if a.source == i else a.q_proj), direct_call(a.o_proj),
+                         direct_call(b.mlp.gate_up_proj), direct_call(b.mlp.down_proj))
                         for i, (a, b) in enumerate(zip(self.attn, self.layers))]
         self.norms = [(_weight(b.input_layernorm), _weight(b.self_attn.q_norm),
                        _weight(b.self_attn.k_norm) if b.self_attn.source == i else None,
                        _weight(b.post_attention_layernorm), _weight(b.pre_feedforward_layernorm),
                        _weight(b.post_feedforward_layernorm)) for i, b in enumerate(self.layers)]
         self.scalars = [float(b.layer_scalar) for b in self.layers]
+        # V's norm has no weight: rms_norm's times 1, which is exact, for each head width.
+        self.ones = {a.head_dim: torch.ones(a.head_dim) for a in self.attn}
         P = config.per_layer_input_size
-        self.per_layer = [(_direct(b.per_layer_input_gate), _direct(b.per_layer_projection),
+        self.per_layer = [(direct_call(b.per_layer_input_gate), direct_call(b.per_layer_projection),
                            _weight(b.post_per_layer_input_norm)) for b in self.layers] if P else None
         # (k and v of a layer whose V is its k_proj's output: one k copied, before its norm)
         self.k_is_v = [a.source == i and a.v_proj is None and getattr(a, "qkv_proj", None) is not None
@@ -97,7 +99,7 @@ class Gemma4KernelForward(KernelForwardBase):
         if not P:
             return None
         table = model.embed_tokens_per_layer
-        own = table(input_ids).float() * gemma4._scale(math.sqrt(P), table)
+        own = table(input_ids).float() * gemma4.rounded_scale(math.sqrt(P), table)
         mixed = model.per_layer_model_projection(h) * self.config.hidden_size**-0.5  # (N, L * P)
         mixed = self.ops.rms_norm(mixed.view(-1, P), _weight(model.per_layer_projection_norm), self.eps)
         return (mixed.view(-1, L, P) + own.view(-1, L, P)) * gemma4.PER_LAYER_INPUT_SCALE
@@ -116,7 +118,7 @@ class Gemma4KernelForward(KernelForwardBase):
             if self.k_is_v[i]:  # V is k_proj's output: [q | k | k]
                 qkv = torch.cat([qkv, qkv[:, hq * d:]], dim=1)
             v = qkv[:, (hq + hkv) * d:]
-            v.copy_(ops.rms_norm(v.reshape(n * hkv, d).contiguous(), self._ones(d), eps).view(n, hkv * d))
+            v.copy_(ops.rms_norm(v.reshape(n * hkv, d).contiguous(), self.ones[d], eps).view(n, hkv * d))
             q = ops.rope_kv_write(qkv, rows, cos, sin, ctx.cache.kv[i], ctx.meta.slot_mapping, hq, hkv,
                                   q_norm=w_q, k_norm=w_k, norm_eps=eps)  # (N, Hq, D)
         else:  # a shared layer: q alone, normed and turned; its source wrote this step's k and v
@@ -131,11 +133,3 @@ class Gemma4KernelForward(KernelForwardBase):
             gated = ops.gelu_tanh_mul(torch.cat([inp_gate(h), per_layer], dim=1))
             h.add_(ops.rms_norm(ple_proj(gated), w_ple, eps))
         return h.mul_(self.scalars[i]) if self.scalars[i] != 1.0 else h
-
-    def _ones(self, d: int) -> torch.Tensor:
-        """V's norm has no weight: times 1, which is exact."""
-        ones = getattr(self, "_ones_cache", {})
-        self._ones_cache = ones
-        if d not in ones:
-            ones[d] = torch.ones(d)
-        return ones[d]

@@ -84,7 +84,7 @@ class KernelForwardBase:
         self.next_norms = self.input_norms[1:] + [self.norm_weight(model.norm)]
         # Each layer's four matmuls as plain callables: nn.Module.__call__ costs more than
         # a small kernel call, 120 times a step.
-        self.matmuls = [tuple(_direct(m) for m in _linears(layer)) for layer in self.layers]
+        self.matmuls = [tuple(direct_call(m) for m in _linears(layer)) for layer in self.layers]
         # The families' __init__ finish first: build_one_call() reads their per-layer state.
         self.one_call = None
 
@@ -276,7 +276,7 @@ def _parts(linear: torch.nn.Module) -> list[tuple] | None:
     return None
 
 
-def _direct(linear: torch.nn.Module | None):
+def direct_call(linear: torch.nn.Module | None):
     """x -> linear(x) without the module machinery, for the layer types the runner installs."""
     if linear is None:
         return None
