@@ -17,18 +17,19 @@ bits" layers, the tied embedding Q6_K, the per-layer table Q4_K, F32 norms and s
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_blocks import F32, Q4_K, Q6_K, tensor_bytes  # noqa: E402
+from synthetic_blocks import F32, Q4_K, Q6_K  # noqa: E402
 from synthetic_gguf import (SyntheticSpec, cache_dir, cache_key, default_tokenizer_source, more_bits,  # noqa: E402
-                            padded, tokenizer_fields)
+                            padded, tokenizer_fields, write_tensors)
 
 # The spec's fields as synthetic_gguf names them (its cache key), Gemma 4's own below.
 SYNTHETIC_GEMMA4 = SyntheticSpec(name="synthetic-gemma4", hidden=1536, layers=35, heads=8, kv_heads=1, ffn=6144,
@@ -88,7 +89,7 @@ def tensor_plan(spec: SyntheticSpec, vocab: int, shape: Gemma4Shape = SHAPE
     return plan + [("output_norm.weight", (d,), F32)]
 
 
-def _f32(name: str, shape: tuple[int, ...], rng: np.random.Generator, spec_shape: Gemma4Shape) -> np.ndarray:
+def _f32(spec_shape: Gemma4Shape, name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """Norm weights near 1 (Gemma 4 multiplies by them as they are), layer scalars near 1, the
     proportional RoPE's divisors as the converter writes them."""
     if name == "rope_freqs.weight":
@@ -135,24 +136,8 @@ def write_gemma4(spec: SyntheticSpec, tokenizer_source: Path, path: Path, shape:
     w.add_quantization_version(2)
     for key, value, vtype, sub in fields:
         w.add_key_value(key, value, vtype, sub_type=sub)
-    plan = tensor_plan(spec, vocab, shape)
-    for name, dims, qtype in plan:
-        if qtype == F32:
-            w.add_tensor_info(name, dims, np.dtype(np.float32), 4 * int(np.prod(dims)))
-        else:
-            block, size = GGML_QUANT_SIZES[qtype]
-            row_bytes = dims[-1] // block * size
-            w.add_tensor_info(name, (*dims[:-1], row_bytes), np.dtype(np.uint8), int(np.prod(dims[:-1])) * row_bytes,
-                              raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    rng = np.random.default_rng(spec.seed)
-    for name, dims, qtype in plan:  # one tensor in memory at a time
-        w.write_tensor_data(_f32(name, dims, rng, shape) if qtype == F32 else tensor_bytes(rng, dims, qtype))
-    w.close()
-    tmp.replace(path)
-    return path
+    return write_tensors(w, tensor_plan(spec, vocab, shape), np.random.default_rng(spec.seed), tmp, path,
+                         functools.partial(_f32, shape))
 
 
 if __name__ == "__main__":

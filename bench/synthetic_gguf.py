@@ -45,7 +45,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter, RopeScalingType
@@ -344,21 +344,26 @@ def write_synthetic(spec: SyntheticSpec, tokenizer_source: Path, path: Path) -> 
     w.add_quantization_version(2)
     for key, value, vtype, sub in fields:
         w.add_key_value(key, value, vtype, sub_type=sub)
-    plan = tensor_plan(spec, vocab)
+    return write_tensors(w, tensor_plan(spec, vocab), np.random.default_rng(spec.seed), tmp, path)
+
+
+def write_tensors(w: GGUFWriter, plan: list[tuple[str, tuple[int, ...], GGMLQuantizationType]],
+                  rng: np.random.Generator, tmp: Path, path: Path,
+                  values: Callable[[str, tuple, np.random.Generator], np.ndarray] | None = None) -> Path:
+    """The plan's tensors after the metadata `w` holds, one in memory at a time, then the file
+    moved to `path`. `values`: a file's own float32 tensors (None: tensor_bytes' for all)."""
     for name, shape, qtype in plan:
         if qtype == F32:
             w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
         else:
-            block, size = GGML_QUANT_SIZES[qtype]
-            row_bytes = shape[-1] // block * size
+            row_bytes = shape[-1] // GGML_QUANT_SIZES[qtype][0] * GGML_QUANT_SIZES[qtype][1]
             rows = int(np.prod(shape[:-1]))
             w.add_tensor_info(name, (*shape[:-1], row_bytes), np.dtype(np.uint8), rows * row_bytes, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    rng = np.random.default_rng(spec.seed)
-    for name, shape, qtype in plan:  # one tensor in memory at a time
-        w.write_tensor_data(tensor_bytes(rng, shape, qtype))
+    for name, shape, qtype in plan:
+        w.write_tensor_data(values(name, shape, rng) if values and qtype == F32 else tensor_bytes(rng, shape, qtype))
     w.close()
     tmp.replace(path)
     return path

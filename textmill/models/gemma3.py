@@ -76,11 +76,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
+    """GeGLU: down(gelu_tanh(gate(x)) * up(x)). `width`: Gemma 4's per-layer one (default the config's)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, width: int | None = None) -> None:
         super().__init__()
-        C, F_ = config.hidden_size, config.intermediate_size
+        C, F_ = config.hidden_size, width or config.intermediate_size
         self.gate_proj = nn.Linear(C, F_, bias=False)
         self.up_proj = nn.Linear(C, F_, bias=False)
         self.down_proj = nn.Linear(F_, C, bias=False)

@@ -25,6 +25,7 @@ from torch import nn
 
 from textmill.config import ModelConfig
 from textmill.models.base import AttentionContext, Embedding
+from textmill.models.gemma3 import MLP
 from textmill.models.llama import RotaryEmbedding, apply_rotary, head_logits
 
 PER_LAYER_INPUT_SCALE = 2.0**-0.5  # the two halves of a per-layer input, summed, keep their scale
@@ -78,19 +79,6 @@ class Attention(nn.Module):
         return self.o_proj(y.reshape(N, self.num_heads * D))
 
 
-class MLP(nn.Module):
-    """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
-
-    def __init__(self, hidden: int, width: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, width, bias=False)
-        self.up_proj = nn.Linear(hidden, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
-
-
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -99,7 +87,7 @@ class Block(nn.Module):
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(C, eps)
         self.pre_feedforward_layernorm = RMSNorm(C, eps)
-        self.mlp = MLP(C, config.intermediate_size_of(layer_idx))
+        self.mlp = MLP(config, config.intermediate_size_of(layer_idx))  # Gemma 3's GeGLU
         self.post_feedforward_layernorm = RMSNorm(C, eps)
         if P:
             self.per_layer_input_gate = nn.Linear(C, P, bias=False)

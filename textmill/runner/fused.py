@@ -123,9 +123,10 @@ def _concat(linears: list[nn.Linear]) -> nn.Linear:
 
 
 def fuse_gemma_layers(model: nn.Module, make_linear: MakeFused) -> int:
-    """Give Gemma 2's and 3's attention and MLP modules one qkv_proj and one gate_up_proj, for the
-    kernel forward (runner/kernel_forward.py GemmaKernelForward); the separate q/k/v and
-    gate/up layers are dropped, so only that forward can run the model afterwards."""
+    """Give Gemma 2's and 3's attention and MLP modules (Gemma 4's MLP, the same class, too) one
+    qkv_proj and one gate_up_proj, for the kernel forwards (runner/kernel_forward.py
+    GemmaKernelForward, runner/gemma4_forward.py); the separate q/k/v and gate/up layers are
+    dropped, so only those forwards can run the model afterwards."""
     from textmill.models import gemma3
 
     count = 0
@@ -145,9 +146,9 @@ def fuse_gemma_layers(model: nn.Module, make_linear: MakeFused) -> int:
 
 
 def fuse_gemma4_layers(model: nn.Module, make_linear: MakeFused) -> int:
-    """Gemma 4's layers with one qkv_proj (q, k and v, or q and k where V is k's output; a shared
-    layer keeps its q_proj alone) and one gate_up_proj, for runner/gemma4_forward.py; as with
-    fuse_gemma_layers, only that forward runs the model afterwards."""
+    """Gemma 4's attention with one qkv_proj (q, k and v, or q and k where V is k's output; a shared
+    layer keeps its q_proj alone), for runner/gemma4_forward.py (its MLP is Gemma 3's, which
+    fuse_gemma_layers fuses); as there, only that forward runs the model afterwards."""
     from textmill.models import gemma4
 
     count = 0
@@ -156,10 +157,5 @@ def fuse_gemma4_layers(model: nn.Module, make_linear: MakeFused) -> int:
             parts = [module.q_proj, module.k_proj] + ([] if module.v_proj is None else [module.v_proj])
             module.qkv_proj = make_linear(parts)
             module.q_proj = module.k_proj = module.v_proj = None
-        elif type(module) is gemma4.MLP:
-            module.gate_up_proj = make_linear([module.gate_proj, module.up_proj])
-            module.gate_proj = module.up_proj = None
-        else:
-            continue
-        count += 1
+            count += 1
     return count
