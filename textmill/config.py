@@ -157,6 +157,9 @@ class ModelConfig:
     # Each layer's MLP width where they differ (Gemma 4's double-wide shared layers); None: all
     # intermediate_size.
     layer_intermediate_sizes: tuple[int, ...] | None = None
+    # Gemma 4: each layer's output times a learned scalar (files from converters that wrote none: 1,
+    # as llama.cpp reads them).
+    layer_scalars: bool = True
     name: str = ""  # human-readable model name from the checkpoint
 
     def is_sliding(self, layer: int) -> bool:

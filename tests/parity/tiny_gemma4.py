@@ -197,12 +197,14 @@ def round_to_file(hf_model) -> None:
 
 
 def write_gemma4_gguf(path: Path, hf_model, tokenizer: Tokenizer, *, q8_0: bool = False,
-                      name: str = "tiny-gemma4", extra: dict[str, np.ndarray] | None = None) -> Path:
+                      name: str = "tiny-gemma4", extra: dict[str, np.ndarray] | None = None,
+                      without: str | None = None) -> Path:
     """The model as a "gemma4" GGUF: float32, or with `q8_0` as `--outtype q8_0` writes it (call
     round_to_file on the model first to compare it with the file). The vocabulary is the tiny
     tests' byte-level BPE (tiny_gguf._write_vocab), not Gemma's: the tokenizer is not what
     this file tests. `extra`: more float32 tensors (GGUF name: values), as a converter copies
-    from a checkpoint that holds them (a shared layer's own k and v)."""
+    from a checkpoint that holds them (a shared layer's own k and v); `without`: leave out the
+    tensors whose names end so (an older converter's file without layer_output_scale)."""
     w = GGUFWriter(path, "gemma4")
     w.add_type("model")
     w.add_name(name)
@@ -210,6 +212,8 @@ def write_gemma4_gguf(path: Path, hf_model, tokenizer: Tokenizer, *, q8_0: bool 
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_vocab(w, tokenizer)
     for target, values in {**_gguf_tensors(hf_model), **(extra or {})}.items():
+        if without is not None and target.endswith(without):
+            continue
         qtype = _file_type(target, values, q8_0)
         if qtype == T.F32:
             w.add_tensor(target, values)

@@ -154,3 +154,24 @@ def test_the_config_and_a_shared_layers_own_kv_tensors(tmp_path):
         if not codes:
             torch.testing.assert_close(_dense_logprobs(a.model, ids.tolist()), _dense_logprobs(b.model, ids.tolist()),
                                        rtol=0, atol=0)
+
+
+def test_a_file_without_layer_scalars_scales_by_one(tmp_path):
+    """llama.cpp reads layer_output_scale where a file has it (older converters wrote none): a file
+    without them is the model with every layer scalar 1, on both paths."""
+    hf = tiny_gemma4_hf(ple_size=32)
+    round_to_file(hf)
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.layer_scalar.fill_(1.0)
+    tok = train_tokenizer()
+    plain = write_gemma4_gguf(tmp_path / "plain.gguf", hf, tok, q8_0=True)
+    bare = write_gemma4_gguf(tmp_path / "bare.gguf", hf, tok, q8_0=True, without="layer_output_scale.weight")
+    assert load_model(plain).config.layer_scalars and not load_model(bare).config.layer_scalars
+    ids = _prompt(12, 5, load_model(bare).config.vocab_size)
+    dense = [_dense_logprobs(load_model(path).model, ids) for path in (plain, bare)]
+    torch.testing.assert_close(dense[1], dense[0], rtol=0, atol=0)
+    if qlinear.available():
+        greedy = SamplingParams(temperature=0.0, max_tokens=4, logprobs=1)
+        results = [drive(_kernel_runner(path), [Seq("a", ids, greedy)], budget=5)["a"] for path in (plain, bare)]
+        assert [p.logprob for p in results[0].logprobs] == [p.logprob for p in results[1].logprobs]

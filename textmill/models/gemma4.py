@@ -93,7 +93,7 @@ class Block(nn.Module):
             self.per_layer_input_gate = nn.Linear(C, P, bias=False)
             self.per_layer_projection = nn.Linear(P, C, bias=False)
             self.post_per_layer_input_norm = RMSNorm(C, eps)
-        self.layer_scalar = nn.Parameter(torch.ones(1))
+        self.layer_scalar = nn.Parameter(torch.ones(1)) if config.layer_scalars else None
 
     def forward(self, x: torch.Tensor, per_layer: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:
@@ -102,7 +102,7 @@ class Block(nn.Module):
         if per_layer is not None:  # (N, P): this layer's slice of the per-layer inputs
             gated = F.gelu(self.per_layer_input_gate(x), approximate="tanh") * per_layer
             x = x + self.post_per_layer_input_norm(self.per_layer_projection(gated))
-        return x * self.layer_scalar
+        return x if self.layer_scalar is None else x * self.layer_scalar
 
 
 class Gemma4ForCausalLM(nn.Module):

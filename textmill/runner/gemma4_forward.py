@@ -56,7 +56,7 @@ class Gemma4KernelForward(KernelForwardBase):
                        _weight(b.self_attn.k_norm) if b.self_attn.source == i else None,
                        _weight(b.post_attention_layernorm), _weight(b.pre_feedforward_layernorm),
                        _weight(b.post_feedforward_layernorm)) for i, b in enumerate(self.layers)]
-        self.scalars = [float(b.layer_scalar) for b in self.layers]
+        self.scalars = [1.0 if b.layer_scalar is None else float(b.layer_scalar) for b in self.layers]
         # V's norm has no weight: rms_norm's times 1, which is exact, for each head width.
         self.ones = {a.head_dim: torch.ones(a.head_dim) for a in self.attn}
         P = config.per_layer_input_size
