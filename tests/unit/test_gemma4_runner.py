@@ -175,3 +175,16 @@ def test_a_file_without_layer_scalars_scales_by_one(tmp_path):
         greedy = SamplingParams(temperature=0.0, max_tokens=4, logprobs=1)
         results = [drive(_kernel_runner(path), [Seq("a", ids, greedy)], budget=5)["a"] for path in (plain, bare)]
         assert [p.logprob for p in results[0].logprobs] == [p.logprob for p in results[1].logprobs]
+
+
+@pytest.mark.skipif(not qlinear.available(), reason="textmill's C++ kernels are not built here")
+@pytest.mark.parametrize("k_eq_v", [False, True], ids=["e2b-like", "v-from-k"])
+def test_the_kernel_forward_on_float_weights_is_the_model(tmp_path, k_eq_v):
+    """Float32 weights on the kernel forward (fused float linears; layer.cpp's norms, RoPE, paged
+    attention): the model's own values to float rounding, the 31B's V-from-k layers included."""
+    path = write_gemma4_gguf(tmp_path / "f32.gguf", tiny_gemma4_hf(k_eq_v=k_eq_v), train_tokenizer())
+    loaded = load_model(path)
+    runner = ModelRunner(loaded.model, loaded.config, CacheConfig(block_size=BLOCK, num_blocks=48),
+                         kv_dtype=torch.float32)
+    assert type(runner.forward).__name__ == "Gemma4KernelForward"
+    _check(drive(runner, _seqs(loaded.config.vocab_size), budget=5), load_model(path).model, atol=2e-4)

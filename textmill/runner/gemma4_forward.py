@@ -39,7 +39,8 @@ class Gemma4KernelForward(KernelForwardBase):
     loop of its own: Gemma 4's layers differ in head width, KV source and MLP width, and add the
     per-layer inputs after the MLP."""
 
-    def __init__(self, model: gemma4.Gemma4ForCausalLM, ops: ModuleType):  # noqa: super().__init__ is Llama's
+    def __init__(self, model: gemma4.Gemma4ForCausalLM, ops: ModuleType):
+        # Not KernelForwardBase.__init__: that one reads the Llama families' four fused linears.
         self.ops, self.model, self.one_call = ops, model, None
         config = model.config
         self.eps, self.config = config.norm_eps, config
@@ -62,10 +63,8 @@ class Gemma4KernelForward(KernelForwardBase):
         P = config.per_layer_input_size
         self.per_layer = [(direct_call(b.per_layer_input_gate), direct_call(b.per_layer_projection),
                            _weight(b.post_per_layer_input_norm)) for b in self.layers] if P else None
-        # (k and v of a layer whose V is its k_proj's output: one k copied, before its norm)
-        self.k_is_v = [a.source == i and a.v_proj is None and getattr(a, "qkv_proj", None) is not None
-                       and a.qkv_proj.out_features == (a.num_heads + a.num_kv_heads) * a.head_dim
-                       for i, a in enumerate(self.attn)]
+        # The global layers of a model whose V is k_proj's output (31B): k copied before its norm.
+        self.k_is_v = [config.attention_k_eq_v and not a.is_sliding for a in self.attn]
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
