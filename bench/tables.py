@@ -93,7 +93,9 @@ def fmt_kv(server: dict, info: dict) -> str:
     system, tokens, dtype = server["system"], server["kv_tokens"], server.get("kv_dtype")
     if dtype not in KV_BYTES:
         return f"{system} {tokens} tokens"
-    mib = tokens * 2 * info["layers"] * info["kv_heads"] * info["head_dim"] * KV_BYTES[dtype] / 2**20
+    # K values a token over the layers that keep a cache (Gemma 4: widths of their own, shared layers none)
+    values = info.get("kv_row_values") or info["layers"] * info["kv_heads"] * info["head_dim"]
+    mib = tokens * 2 * values * KV_BYTES[dtype] / 2**20
     bound = "<= " if system != "textmill" and info.get("sliding_window") else ""
     return f"{system} {tokens} tokens ({dtype}, {bound}{mib:.0f} MiB)"
 

@@ -182,3 +182,27 @@ def test_requant_q8_0_writes_ggmls_bytes():
     back = dequantize(blocks, GGMLQuantizationType.Q8_0).reshape(w.shape)
     step = np.abs(w).reshape(-1, 32).max(-1) / 127
     assert (np.abs(back - w).reshape(-1, 32) <= step[:, None] * (0.5 + 127 / 2048) + 1e-7).all()
+
+
+def test_a_gemma4_file_and_the_benchs_kv_sizing(tmp_path):
+    """synthetic_gemma4 (a few layers of E2B's kind): textmill reads the Gemma 4 shapes, and the
+    bench's KV bytes a token (what it buys textmill's pool with) are the pool's own."""
+    import dataclasses
+
+    import models
+    import synthetic_gemma4 as sg4
+    import torch
+
+    from textmill.config import CacheConfig
+    from textmill.runner.kv_cache import KVCache
+
+    spec = dataclasses.replace(sg4.SYNTHETIC_GEMMA4, hidden=256, layers=10, ffn=512, vocab=None, key_length=64)
+    shape = sg4.Gemma4Shape(shared_kv_layers=4, per_layer=256, global_head_dim=128)
+    path = sg4.write_gemma4(spec, sg.default_tokenizer_source(), tmp_path / "g4.gguf", shape)
+    config = read_config(GGUFFile(path))
+    assert (config.architecture, config.head_dim, config.global_head_dim, config.kv_shared_layers) == (
+        "gemma4", 64, 128, 4)
+    assert config.layer_intermediate_sizes == (512,) * 6 + (1024,) * 4 and config.per_layer_input_size == 256
+    per_block = KVCache.bytes_per_block(config, CacheConfig(block_size=16), torch.float32, torch.float16)
+    # layers 0-5 keep a cache: five sliding (one KV head of 64) and layer 4, global (one of 128)
+    assert models.read_info(path).kv_bytes_per_token(2) * 16 == per_block == 16 * 2 * 2 * (5 * 64 + 1 * 128)

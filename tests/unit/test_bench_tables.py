@@ -56,6 +56,9 @@ def test_heading_names_ending_ids_and_kv():
     assert "EOS banned: 0, 2" in heading
     # 16384 tokens x 2 (K, V) x 30 layers x 3 heads x 64: 720 MiB in float32, 360 in f16
     assert "textmill 16384 tokens (float32, 720 MiB); llama-server 16384 tokens (f16, 360 MiB)" in heading
+    # Gemma 4's E2B: the 15 layers that keep a cache, 12 x 1 x 256 + 3 x 1 x 512 values a token
+    gemma4 = dict(MODEL, info=dict(INFO, layers=35, kv_heads=1, head_dim=256, kv_row_values=4608))
+    assert "textmill 16384 tokens (float32, 576 MiB)" in tables.model_heading(gemma4)
 
 
 def test_summary_row():
