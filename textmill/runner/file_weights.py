@@ -179,7 +179,8 @@ def install_file_weights(model: nn.Module, codes: Mapping[str, CodesRef], rows: 
     `tables`: other lookup tables to read from the file ("embed_tokens_per_layer.weight": rows)."""
     maker = _Maker(model, codes, WeightArena())
     model.embed_tokens = RowEmbedding(rows)
-    for name, table in (tables or {}).items():
+    tables = tables or {}
+    for name, table in tables.items():
         setattr(model, name.removesuffix(".weight"), RowEmbedding(table))
     if HEAD in codes and getattr(model, "lm_head", 0) is None:  # tied: packed from the embedding's blocks
         model.lm_head = maker.head(codes[HEAD])
@@ -190,7 +191,7 @@ def install_file_weights(model: nn.Module, codes: Mapping[str, CodesRef], rows: 
     moes = sum(isinstance(m, KernelMoE) for m in model.modules())
     fused = sum(fuse(model, maker.fused) for fuse in (fuse_llama_layers, fuse_gemma_layers, fuse_gemma4_layers))
     count = swap_linears(model, maker.one)
-    release_file_pages([r.raw for r in codes.values()] + [rows.raw] + [t.raw for t in (tables or {}).values()])
+    release_file_pages([r.raw for r in codes.values()] + [rows.raw] + [t.raw for t in tables.values()])
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(maker.widths.items()))
     experts = f", {moes} mixtures of experts stacked" if moes else ""
     return (f"the file's own blocks as 2- to 8-bit codes ({kinds}); {fused} attention/MLP modules fused{experts}, "

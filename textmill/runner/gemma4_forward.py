@@ -61,6 +61,7 @@ class Gemma4KernelForward(KernelForwardBase):
         # V's norm has no weight: rms_norm's times 1, which is exact, for each head width.
         self.ones = {a.head_dim: torch.ones(a.head_dim) for a in self.attn}
         P = config.per_layer_input_size
+        self.per_layer_norm = _weight(model.per_layer_projection_norm) if P else None  # of the mixed half
         self.per_layer = [(direct_call(b.per_layer_input_gate), direct_call(b.per_layer_projection),
                            _weight(b.post_per_layer_input_norm)) for b in self.layers] if P else None
         # The global layers of a model whose V is k_proj's output (31B): k copied before its norm.
@@ -100,7 +101,7 @@ class Gemma4KernelForward(KernelForwardBase):
         table = model.embed_tokens_per_layer
         own = table(input_ids).float() * gemma4.rounded_scale(math.sqrt(P), table)
         mixed = model.per_layer_model_projection(h) * self.config.hidden_size**-0.5  # (N, L * P)
-        mixed = self.ops.rms_norm(mixed.view(-1, P), _weight(model.per_layer_projection_norm), self.eps)
+        mixed = self.ops.rms_norm(mixed.view(-1, P), self.per_layer_norm, self.eps)
         return (mixed.view(-1, L, P) + own.view(-1, L, P)) * gemma4.PER_LAYER_INPUT_SCALE
 
     def _layer(self, i: int, h: torch.Tensor, per_layer: torch.Tensor | None,

@@ -85,6 +85,10 @@ class ModelRunner:
             for kind in (KernelForward, GemmaKernelForward, Gemma4KernelForward):
                 if kind.supports(model):
                     self.forward = kind(model, self.ops)
+        # The kernel forwards finish the last layer for the rows a step reads only, and Gemma 4's own
+        # forward its shared layers (`keep`); other forwards give every row.
+        self._forward_keeps_rows = isinstance(self.forward, KernelForwardBase) or getattr(
+            model, "forward_keeps_rows", False)
         if decode_graphs is None:
             decode_graphs = self.device.type == "cuda"
         if decode_graphs and self.ops is not None:  # the padded steps run the model's own forward
@@ -150,9 +154,7 @@ class ModelRunner:
             else:
                 ctx = PagedAttention(self.kv_cache, batch.attn, grouped_decode=self._num_threads > 1)
             rows = batch.logits_rows
-            if isinstance(self.forward, KernelForwardBase) or getattr(self.forward, "__self__", None) is self.model \
-                    and getattr(self.model, "forward_keeps_rows", False):
-                # The kernel forwards finish the last layer for these rows only (Gemma 4: its shared layers).
+            if self._forward_keeps_rows:
                 hidden = self.forward(batch.input_ids, batch.positions, ctx, keep=rows)  # (S + P, C)
             else:
                 hidden = self.forward(batch.input_ids, batch.positions, ctx).index_select(0, rows)
