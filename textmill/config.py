@@ -61,6 +61,28 @@ def positive_seconds(text: str) -> float:
 
 
 @dataclass(frozen=True)
+class LinearAttentionShape:
+    """A gated delta net's shape (Qwen3.5's linear attention): key_heads heads of q and k,
+    key_dim wide, each serving value_heads / key_heads heads of v, value_dim wide, all of them
+    through a causal depthwise convolution of conv_kernel taps. Its state per sequence is
+    (value_heads, key_dim, value_dim) float32 and the last conv_kernel - 1 inputs of the
+    convolution."""
+
+    key_heads: int
+    value_heads: int
+    key_dim: int
+    value_dim: int
+    conv_kernel: int = 4
+    # llama.cpp's files order v heads "tiled" (v head j uses k head j % key_heads); the Hub's
+    # checkpoints group them (j // (value_heads / key_heads)).
+    tiled_heads: bool = True
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.key_heads * self.key_dim + self.value_heads * self.value_dim
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The shape of a decoder-only transformer, independent of the checkpoint format.
 
@@ -160,6 +182,10 @@ class ModelConfig:
     # Gemma 4: each layer's output times a learned scalar (files from converters that wrote none: 1,
     # as llama.cpp reads them).
     layer_scalars: bool = True
+    # Qwen3.5 (models/qwen35.py): these layers are gated delta nets, whose memory of a sequence is
+    # a fixed-size state per sequence (runner/recurrent_state.py), not a KV cache; the rest attend.
+    recurrent_layers: tuple[int, ...] = ()
+    linear_attention: LinearAttentionShape | None = None
     name: str = ""  # human-readable model name from the checkpoint
 
     def is_sliding(self, layer: int) -> bool:
@@ -167,6 +193,10 @@ class ModelConfig:
         (and a Llama's window, if any, is in every layer)."""
         pattern = self.sliding_window_pattern
         return pattern is not None and (layer + 1) % pattern != 0
+
+    def has_kv(self, layer: int) -> bool:
+        """Whether the layer keeps K/V in the paged cache (a recurrent layer keeps a state instead)."""
+        return layer not in self.recurrent_layers
 
     def layer_kv_shape(self, layer: int) -> tuple[int, int]:
         """(KV heads, head width) of a layer's cache rows: Gemma 4's global layers differ."""

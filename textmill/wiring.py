@@ -103,6 +103,10 @@ def _build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner]
         log.info("context window %d tokens, not --max-model-len %d: the model has %d positions", max_len, asked,
                  max_len)
     cache, max_len = _cache_config(cfg, config, plan, max_len)
+    if cfg.recurrent_layers and cache.enable_prefix_caching:
+        # A recurrent layer's state after a prefix is not kept with the prefix's blocks.
+        log.info("prefix caching: off (%s's recurrent layers keep no state per prefix)", cfg.architecture)
+        cache = dataclasses.replace(cache, enable_prefix_caching=False)
     try:
         codes = plan.weights == "file-codes"
         # A GGUF's float weights (--no-kernels, CUDA, int4/int8) decode the file's blocks in C++
@@ -119,7 +123,8 @@ def _build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner]
     from textmill.grammar.compiler import LLGuidanceCompiler
     grammars = LLGuidanceCompiler(tokenizer, cfg.vocab_size)  # shared by the API (compile) and the runner
     try:
-        runner = ModelRunner.from_plan(loaded, cache, plan, vocab_limit=tokenizer.vocab_size, grammars=grammars)
+        runner = ModelRunner.from_plan(loaded, cache, plan, vocab_limit=tokenizer.vocab_size, grammars=grammars,
+                                       state_slots=sched.max_num_seqs)
     except ValueError as exc:  # e.g. --quantization int4 with float32 and no kernels
         raise StartupError(str(exc)) from exc
     log.info("linear layers: %s", runner.linears)

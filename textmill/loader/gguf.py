@@ -24,6 +24,7 @@ from textmill.loader.ggml_types import GGMLQuantizationType
 from textmill.loader.gguf_experts import expert_fields, expert_parts
 from textmill.loader.gguf_file import GGUFFile, GGUFMetadata, TensorInfo
 from textmill.loader.gguf_gemma4 import gemma4_config, unused_kv_tensor
+from textmill.loader.gguf_qwen35 import mtp_tensor, qwen35_config
 from textmill.loader.group_codes import CodesRef, GGUFRows, convertible
 from textmill.loader.hf_config import pattern_of_layers
 from textmill.loader.names import FUSED_GGUF, fused_parts, gguf_param_name, to_model_layout
@@ -82,6 +83,8 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
     meta = GGUFMetadata(gguf)
     if meta.arch == "gemma4":  # per-layer arrays where other files hold one number
         return gemma4_config(gguf, meta, _vocab_size(gguf), _tensor_values(gguf, ROPE_FREQS))
+    if meta.arch == "qwen35":  # gated delta nets beside attention: their own keys
+        return qwen35_config(gguf, meta, _vocab_size(gguf))
     hidden = int(meta.arch_get("embedding_length"))
     heads = int(meta.arch_get("attention.head_count"))
     head_dim = int(meta.arch_get("attention.key_length", hidden // heads))
@@ -269,7 +272,7 @@ def model_tensors(gguf: GGUFFile, config: ModelConfig) -> list[TensorInfo]:
     arch = GGUFMetadata(gguf).arch
     out = []
     for t in gguf.tensors:
-        if arch == "gemma4" and unused_kv_tensor(config, t.name):
+        if arch == "gemma4" and unused_kv_tensor(config, t.name) or arch == "qwen35" and mtp_tensor(config, t.name):
             continue
         if (experts := expert_parts(t)) is not None:
             out += experts

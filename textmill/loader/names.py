@@ -114,7 +114,24 @@ _GPT_OSS = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
 _ERNIE_MOE = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({**_LLAMA_MOE.blocks,
                                                                      "exp_probs_b": "mlp.selection_bias"}))
 # Parameters of a module itself, not a submodule's weight: the file's `.weight` (`.bias`) is dropped.
-_BARE_PARAMS = frozenset({"self_attn.sinks", "mlp.selection_bias", "layer_scalar"})
+# Qwen3.5 (models/qwen35.py): Qwen3's attention (q_proj with each head's gate) in one layer of four,
+# gated delta nets in the others. Its convolution, dt bias and A (-exp(A_log)) are parameters of
+# their own; `ssm_a` has no .weight in the file.
+_QWEN35 = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
+    **_QWEN3.blocks,
+    "post_attention_norm": "post_attention_layernorm",
+    "attn_qkv": "linear_attn.in_proj_qkv",
+    "attn_gate": "linear_attn.in_proj_z",
+    "ssm_beta": "linear_attn.in_proj_b",
+    "ssm_alpha": "linear_attn.in_proj_a",
+    "ssm_conv1d": "linear_attn.conv_weight",
+    "ssm_dt": "linear_attn.dt_bias",
+    "ssm_a": "linear_attn.A",
+    "ssm_norm": "linear_attn.norm",
+    "ssm_out": "linear_attn.out_proj",
+}))
+_BARE_PARAMS = frozenset({"self_attn.sinks", "mlp.selection_bias", "layer_scalar", "linear_attn.conv_weight",
+                          "linear_attn.dt_bias", "linear_attn.A"})
 _GPT2 = GGUFNames("h", MappingProxyType({
     "token_embd": "wte",
     "position_embd": "wpe",
@@ -157,6 +174,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "gemma2": _GEMMA3,  # the same names; Gemma 2 has no attn_q_norm / attn_k_norm
     "gemma3": _GEMMA3,
     "gemma4": _GEMMA4,  # its norms as they are: Gemma 4's RMSNorm multiplies by the weight itself
+    "qwen35": _QWEN35,  # its norms as stored (1 + w), multiplied plainly as Gemma 4's
     "gpt2": _GPT2,
 })
 
@@ -173,7 +191,7 @@ QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3", "granite", "granitemoe", "gra
 # llama.cpp's converter stores Gemma norm weights as 1 + weight (ggml multiplies plainly).
 NORM_PLUS_ONE_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
 
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+?)(?:\.(weight|bias))?")
 _EXPERT_RE = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
 
@@ -225,9 +243,11 @@ def gguf_param_name(arch: str, gguf_name: str) -> str:
         return f"{names.block_prefix}.{layer}.mlp.experts.{expert}.{part}_proj.{kind}"
     if m := _BLOCK_RE.fullmatch(gguf_name):
         layer, part, kind = m.groups()
-        if part in names.blocks:
-            target = names.blocks[part]
-            return f"{names.block_prefix}.{layer}.{target}" + ("" if target in _BARE_PARAMS else f".{kind}")
+        target = names.blocks.get(part)
+        if target in _BARE_PARAMS:
+            return f"{names.block_prefix}.{layer}.{target}"
+        if target is not None and kind is not None:
+            return f"{names.block_prefix}.{layer}.{target}.{kind}"
     elif m := _GLOBAL_RE.fullmatch(gguf_name):
         part, kind = m.groups()
         if part in names.globals:

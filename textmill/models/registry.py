@@ -19,6 +19,7 @@ from textmill.models.llama import LlamaForCausalLM
 from textmill.models.olmo2 import Olmo2ForCausalLM
 from textmill.models.qwen2 import Qwen2ForCausalLM
 from textmill.models.qwen3 import Qwen3ForCausalLM
+from textmill.models.qwen35 import Qwen35ForCausalLM
 
 # registry key -> model class
 MODEL_CLASSES: Mapping[str, type[nn.Module]] = MappingProxyType({
@@ -31,6 +32,7 @@ MODEL_CLASSES: Mapping[str, type[nn.Module]] = MappingProxyType({
     "gemma2": Gemma3ForCausalLM,  # the same network: models/gemma3.py
     "gemma3": Gemma3ForCausalLM,
     "gemma4": Gemma4ForCausalLM,
+    "qwen35": Qwen35ForCausalLM,
     "gpt2": GPT2LMHeadModel,
 })
 
@@ -115,6 +117,9 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     # Gemma 4 (dense text: E2B, E4B, 31B; models/gemma4.py), GGUF files only: its folders hold the
     # vision and audio model whole.
     "gemma4": "gemma4",
+    # Qwen3.5 (dense text; models/qwen35.py): gated delta nets in three layers of four, GGUF files
+    # only (its folders hold the vision model too). Its mixture of experts (qwen35moe) is refused.
+    "qwen35": "qwen35",
     "gpt2": "gpt2",
     "GPT2LMHeadModel": "gpt2",
 })

@@ -58,16 +58,19 @@ class KVCache:
         self.scratch_block = self.num_blocks if scratch_block else None
         self.dtype = kv_dtype or dtype
         num_slots = (self.num_blocks + int(scratch_block)) * self.block_size
-        self.kv: list[torch.Tensor] = []
+        self.kv: list[torch.Tensor | None] = []
         for layer in range(model_config.num_layers):
+            if not model_config.has_kv(layer):  # a recurrent layer keeps a state per sequence instead
+                self.kv.append(None)
+                continue
             source = model_config.kv_source(layer)
             if source != layer:  # Gemma 4's shared layers: the same pool, never written by them
                 self.kv.append(self.kv[source])
                 continue
             heads, head_dim = model_config.layer_kv_shape(layer)
-            self.kv.append(_zeros((num_slots, 2, heads, _row(head_dim, self.dtype)), self.dtype, device))
-        self.k = [kv[:, 0] for kv in self.kv]
-        self.v = [kv[:, 1] for kv in self.kv]
+            self.kv.append(untouched_zeros((num_slots, 2, heads, _row(head_dim, self.dtype)), self.dtype, device))
+        self.k = [None if kv is None else kv[:, 0] for kv in self.kv]
+        self.v = [None if kv is None else kv[:, 1] for kv in self.kv]
 
     @staticmethod
     def bytes_per_block(model_config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype,
@@ -78,7 +81,7 @@ class KVCache:
         elem = torch.empty((), dtype=kv_dtype).element_size()
         per_token = 0
         for layer in range(model_config.num_layers):
-            if model_config.kv_source(layer) == layer:
+            if model_config.has_kv(layer) and model_config.kv_source(layer) == layer:
                 heads, head_dim = model_config.layer_kv_shape(layer)
                 per_token += heads * _row(head_dim, kv_dtype) * elem
         return 2 * cache_config.block_size * per_token
@@ -120,7 +123,7 @@ def gather_blocks(pool: torch.Tensor, block_size: int, table: torch.Tensor) -> t
     return per_block.index_select(0, table.view(-1)).view(table.shape[0], -1, *pool.shape[1:])
 
 
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+def untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
     """torch.zeros, but on the CPU resident only where written: an anonymous mapping is
     zero pages until touched, so a pool sized for the longest contexts costs memory as
     sequences fill it, not at start (torch.zeros writes every page: the whole pool counted

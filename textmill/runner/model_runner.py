@@ -24,6 +24,7 @@ from textmill.runner.kernel_forward import GemmaKernelForward, KernelForward, Ke
 from textmill.runner.kv_cache import KVCache, PagedAttention
 from textmill.runner.plan import ExecutionPlan
 from textmill.runner.qlinear import reuse_output
+from textmill.runner.recurrent_state import RecurrentStates
 from textmill.runner.quant import install_linears
 from textmill.runner.sampler import PromptLogprobOutput, SampleOutput, Sampler
 
@@ -48,6 +49,7 @@ class ModelRunner:
         vocab_limit: int | None = None,
         grammars=None,
         decode_graphs: bool | None = None,
+        state_slots: int = 64,
     ):
         """`file_weights`: a model loaded with load_model(codes=True); its linears and
         embedding become kernel layers over the file's own blocks (runner/file_weights.py).
@@ -56,7 +58,9 @@ class ModelRunner:
         `grammars`: the server's grammar compiler (textmill/grammar), for structured outputs.
         `decode_graphs`: run pure decode steps padded to fixed shapes (decode_graphs.py),
         captured as CUDA graphs on CUDA; None: on CUDA only. True on the CPU runs the padded
-        steps op by op (tests)."""
+        steps op by op (tests).
+        `state_slots`: the most requests that run at once (max_num_seqs): a model with recurrent
+        layers keeps a state per running request (runner/recurrent_state.py)."""
         self.model = model
         self.model_config = model_config
         self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < model_config.vocab_size else None
@@ -89,8 +93,11 @@ class ModelRunner:
         # forward its shared layers (`keep`); other forwards give every row.
         self._forward_keeps_rows = isinstance(self.forward, KernelForwardBase) or getattr(
             model, "forward_keeps_rows", False)
-        if decode_graphs is None:
-            decode_graphs = self.device.type == "cuda"
+        # Qwen3.5's gated delta nets: a state per running request, handed to the forward each step.
+        self.states = (RecurrentStates(model_config, state_slots, self.device)
+                       if model_config.recurrent_layers else None)
+        if decode_graphs is None:  # (the padded steps have no recurrent states to hand over)
+            decode_graphs = self.device.type == "cuda" and self.states is None
         if decode_graphs and self.ops is not None:  # the padded steps run the model's own forward
             raise ValueError("padded decode steps run the eager forward, not the CPU kernels")
         self.kv_cache = KVCache(model_config, cache_config, self.device, dtype, kv_dtype=kv_dtype,
@@ -110,10 +117,11 @@ class ModelRunner:
 
     @classmethod
     def from_plan(cls, loaded: LoadedModel, cache_config: CacheConfig, plan: ExecutionPlan,
-                  vocab_limit: int | None = None, grammars=None) -> "ModelRunner":
+                  vocab_limit: int | None = None, grammars=None, state_slots: int = 64) -> "ModelRunner":
         """The runner runner/plan.py decided on, for a model loaded in the plan's format."""
         return cls(loaded.model, loaded.config, cache_config, device=plan.device, dtype=plan.torch_dtype,
-                   vocab_limit=vocab_limit, grammars=grammars, decode_graphs=plan.cuda_graphs,
+                   vocab_limit=vocab_limit, grammars=grammars, state_slots=state_slots,
+                   decode_graphs=plan.cuda_graphs and not loaded.config.recurrent_layers,
                    quantization=plan.quantization, kernels=plan.kernels, kv_dtype=plan.torch_kv_dtype,
                    file_weights=loaded if plan.weights == "file-codes" else None)
 
@@ -123,8 +131,10 @@ class ModelRunner:
         step: true of the C++ kernel forwards (their linears, norms and attention compute each
         row alike whatever the rows beside it), which the tests hold to it; not of eager torch,
         whose matmuls and attention choose their order by shape. Guessed tokens are exact only
-        where it holds (engine/ngram_draft.py), so the engine turns them off elsewhere."""
-        return self.ops is not None and isinstance(self.forward, KernelForwardBase) and self.graphs is None
+        where it holds (engine/ngram_draft.py), so the engine turns them off elsewhere; and off
+        for recurrent layers, whose states would take in the rejected guesses too."""
+        return (self.ops is not None and isinstance(self.forward, KernelForwardBase) and self.graphs is None
+                and self.states is None)
 
     @staticmethod
     def kv_bytes_per_block(model_config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype,
@@ -154,10 +164,13 @@ class ModelRunner:
             else:
                 ctx = PagedAttention(self.kv_cache, batch.attn, grouped_decode=self._num_threads > 1)
             rows = batch.logits_rows
+            extra = {}
+            if self.states is not None:
+                extra["states"] = self.states.for_step(tuple(scheduled.chunks[i] for i in batch.order))
             if self._forward_keeps_rows:
-                hidden = self.forward(batch.input_ids, batch.positions, ctx, keep=rows)  # (S + P, C)
+                hidden = self.forward(batch.input_ids, batch.positions, ctx, keep=rows, **extra)  # (S + P, C)
             else:
-                hidden = self.forward(batch.input_ids, batch.positions, ctx).index_select(0, rows)
+                hidden = self.forward(batch.input_ids, batch.positions, ctx, **extra).index_select(0, rows)
             if rows.numel() == 0:
                 return RunnerOutput()  # only mid-prompt chunks: nothing to sample or score
             logits = self.model.logits(hidden)  # (S + P, V)
@@ -173,6 +186,8 @@ class ModelRunner:
 
     def _update_requests(self, scheduled: SchedulerOutput) -> None:
         self.block_tables.update(scheduled)
+        if self.states is not None:
+            self.states.update(scheduled)
         for request_id in scheduled.finished_request_ids:
             self.sampler.remove_request(request_id)
         for new in scheduled.new_requests:

@@ -1,0 +1,191 @@
+"""A tiny random-weight Qwen3.5 (dense text) and its GGUF file as llama.cpp's converter writes one
+(conversion/qwen.py: Qwen3_5TextModel on _LinearAttentionVReorderBase on Qwen3NextModel).
+
+Eight layers, every fourth full attention (its q_proj with a gate per head, a quarter of each head
+turned by RoPE), the others gated delta nets with twice as many value heads as key heads, so the
+converter's reordering of value heads (grouped by key head in the checkpoint, tiled in the file)
+matters. What the converter does to the tensors, and this writer with it:
+- A_log becomes A = -exp(A_log) (`ssm_a`), dt_bias `ssm_dt.bias`, the conv1d weight squeezed;
+- every norm weight but the gated norm's (linear_attn.norm) gets 1 added;
+- the value heads' rows (of in_proj_qkv's v part, in_proj_z, in_proj_a/b, the conv's v channels,
+  A and dt_bias) and out_proj's columns move from grouped to tiled order.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGUFWriter, quants
+from gguf.constants import GGMLQuantizationType as T
+from tokenizers import Tokenizer
+
+from tests.parity.tiny_gguf import _write_vocab
+from tests.parity.tiny_models import MAX_POSITIONS, VOCAB_SIZE
+
+HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM = 64, 128, 4, 2, 16
+LAYERS, INTERVAL = 8, 4
+K_HEADS, V_HEADS, K_DIM, V_DIM, CONV = 2, 4, 16, 16, 4
+ROTARY_FACTOR = 0.25
+
+
+def qwen35_config():
+    import transformers as tf
+
+    return tf.Qwen3_5TextConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, linear_key_head_dim=K_DIM,
+        linear_value_head_dim=V_DIM, linear_num_key_heads=K_HEADS, linear_num_value_heads=V_HEADS,
+        linear_conv_kernel_dim=CONV, full_attention_interval=INTERVAL, max_position_embeddings=MAX_POSITIONS,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": ROTARY_FACTOR,
+                         "mrope_section": [1, 1, 0], "mrope_interleaved": True},
+        rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=0)
+
+
+def tiny_qwen35_hf(seed: int = 0):
+    """A random Qwen3_5ForCausalLM, float32, eval mode. Norm weights (1 + w norms, zero at init)
+    N(0, 0.2) and the gated norm's 1 + N(0, 0.2), so a loader that adds or drops a 1 is far off;
+    every other weight N(0, 0.15) on top of the init, A_log and dt_bias spread so the decays differ."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(qwen35_config(), dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("linear_attn.norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("norm.weight"):
+                p.copy_(0.2 * torch.randn_like(p))
+            elif name.endswith(("A_log", "dt_bias")):
+                p.copy_(torch.randn_like(p))
+            else:
+                p.add_(torch.randn_like(p) * 0.15)
+    return model.eval().requires_grad_(False)
+
+
+def _tiled(x: torch.Tensor, dim: int, head_dim: int) -> torch.Tensor:
+    """_reorder_v_heads: value heads grouped by key head -> tiled (v0 of each key head, then v1 ...)."""
+    shape = list(x.shape)
+    x = x.reshape(*shape[:dim], K_HEADS, V_HEADS // K_HEADS, head_dim, *shape[dim + 1:])
+    return x.transpose(dim, dim + 1).reshape(shape)
+
+
+def _converted(name: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """One HF tensor as the converter turns it (the value-head reordering, then Qwen3Next's rules)."""
+    qk = 2 * K_HEADS * K_DIM
+    if ".in_proj_qkv." in name:
+        t = torch.cat([t[:qk], _tiled(t[qk:], 0, V_DIM)])
+    elif ".in_proj_z." in name:
+        t = _tiled(t, 0, V_DIM)
+    elif ".in_proj_a." in name or ".in_proj_b." in name:
+        t = _tiled(t, 0, 1)
+    elif name.endswith((".A_log", ".dt_bias")):
+        t = _tiled(t[:, None], 0, 1)[:, 0]
+    elif ".conv1d." in name:
+        t = t.squeeze()
+        t = torch.cat([t[:qk], _tiled(t[qk:], 0, V_DIM)])
+    elif ".out_proj." in name:
+        t = _tiled(t, 1, V_DIM)
+    if name.endswith(".A_log"):
+        t = -torch.exp(t)
+    elif name.endswith(".dt_bias"):
+        name = name.rpartition(".dt_bias")[0] + ".dt_proj.bias"
+    elif name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+        t = t + 1
+    return name, t
+
+
+def gguf_tensors(hf_model) -> dict[str, np.ndarray]:
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN35, LAYERS)
+    out = {}
+    for name, tensor in hf_model.state_dict().items():
+        if name == "lm_head.weight" and hf_model.config.tie_word_embeddings:
+            continue
+        name, tensor = _converted(name, tensor.float())
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise KeyError(f"no GGUF name for {name}")
+        out[target] = tensor.numpy()
+    return out
+
+
+def _file_type(gguf_name: str, values: np.ndarray, q8_0: bool) -> T:
+    """--outtype q8_0: 2-D weights Q8_0 (rows of whole 32-value blocks), norms and 1-D F32; the
+    converter keeps ssm_conv1d, ssm_a and ssm_dt float (Qwen3NextModel's tensor_force_quant)."""
+    if not q8_0 or values.ndim <= 1 or "norm" in gguf_name or "ssm_conv1d" in gguf_name:
+        return T.F32
+    return T.Q8_0 if values.shape[-1] % 32 == 0 else T.F16
+
+
+def _grouped(x: torch.Tensor, dim: int, head_dim: int) -> torch.Tensor:
+    """The inverse of _tiled."""
+    shape = list(x.shape)
+    x = x.reshape(*shape[:dim], V_HEADS // K_HEADS, K_HEADS, head_dim, *shape[dim + 1:])
+    return x.transpose(dim, dim + 1).reshape(shape)
+
+
+def round_to_file(hf_model) -> None:
+    """Each weight the Q8_0 file stores quantized set, in place, to its value read back. Blocks
+    run along a row in the file's order: out_proj's columns are tiled there first."""
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if p.dim() == 2 and not name.endswith("norm.weight") and p.shape[-1] % 32 == 0:
+                tiled = ".out_proj." in name
+                rows = (_tiled(p.data, 1, V_DIM) if tiled else p.data).numpy()
+                back = torch.from_numpy(quants.dequantize(quants.quantize(rows, T.Q8_0), T.Q8_0)
+                                        .reshape(rows.shape).astype(np.float32))
+                p.data.copy_(_grouped(back, 1, V_DIM) if tiled else back)
+
+
+def write_qwen35_gguf(path: Path, hf_model, tokenizer: Tokenizer, *, q8_0: bool = False,
+                      layer_flags: bool = False, mtp_blocks: int = 0) -> Path:
+    """The model as a "qwen35" GGUF. `layer_flags`: name the delta-net layers by
+    `attention.recurrent_layers` (newer converters) instead of `full_attention_interval` alone;
+    `mtp_blocks`: that many multi-token-prediction blocks after the layers (random; unread)."""
+    c = hf_model.config
+    w = GGUFWriter(path, "qwen35")
+    w.add_type("model")
+    w.add_name("tiny-qwen35")
+    w.add_block_count(LAYERS + mtp_blocks)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_key_length(HEAD_DIM)
+    w.add_value_length(HEAD_DIM)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8_0 else gguf.LlamaFileType.ALL_F32)
+    w.add_ssm_conv_kernel(CONV)
+    w.add_ssm_state_size(K_DIM)
+    w.add_ssm_group_count(K_HEADS)
+    w.add_ssm_time_step_rank(V_HEADS)
+    w.add_ssm_inner_size(V_DIM * V_HEADS)
+    if layer_flags:
+        w.add_array("qwen35.attention.recurrent_layers", [t == "linear_attention" for t in c.layer_types]
+                    + [False] * mtp_blocks)
+    w.add_full_attention_interval(INTERVAL)
+    w.add_rope_dimension_count(int(HEAD_DIM * ROTARY_FACTOR))
+    w.add_rope_dimension_sections([1, 1, 0, 0])
+    if mtp_blocks:
+        w.add_uint32("qwen35.nextn_predict_layers", mtp_blocks)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _write_vocab(w, tokenizer)
+    tensors = gguf_tensors(hf_model)
+    rng = np.random.default_rng(1)
+    for i in range(LAYERS, LAYERS + mtp_blocks):
+        tensors[f"blk.{i}.nextn.eh_proj.weight"] = rng.standard_normal((HIDDEN, 2 * HIDDEN)).astype(np.float32)
+        tensors[f"blk.{i}.attn_q.weight"] = rng.standard_normal((2 * HEADS * HEAD_DIM, HIDDEN)).astype(np.float32)
+    for target, values in tensors.items():
+        qtype = _file_type(target, values, q8_0)
+        if qtype == T.F32:
+            w.add_tensor(target, values)
+        else:
+            w.add_tensor(target, quants.quantize(values, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -1,0 +1,63 @@
+"""A Qwen3.5 GGUF file's ModelConfig, as llama.cpp's converter writes one (conversion/qwen.py,
+Qwen3_5TextModel) and its loader reads it (src/models/qwen35.cpp).
+
+The file says which layers are gated delta nets either as a per-layer array
+(`attention.recurrent_layers`) or by an interval (`full_attention_interval`: every 4th layer
+attends); the delta nets' shape is in the `ssm.*` keys. A file may end with multi-token-prediction
+blocks (`nextn_predict_layers`), a draft head llama.cpp runs only on request: they are not layers
+of the model here, and their tensors are left in the file. Qwen3.5's mixture of experts
+(`qwen35moe`) is refused by the registry.
+"""
+from __future__ import annotations
+
+from textmill.config import LinearAttentionShape, ModelConfig
+from textmill.loader.gguf_file import GGUFFile, GGUFMetadata
+
+
+def qwen35_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelConfig:
+    names = {t.name for t in gguf.tensors}
+    layers = int(meta.arch_get("block_count")) - int(meta.arch_get("nextn_predict_layers", 0))
+    flags = meta.arch_get("attention.recurrent_layers", None)
+    if flags is not None:
+        recurrent = tuple(i for i in range(layers) if flags[i])
+    else:
+        interval = int(meta.arch_get("full_attention_interval", 4))
+        recurrent = tuple(i for i in range(layers) if (i + 1) % interval != 0)
+    hidden, heads = int(meta.arch_get("embedding_length")), int(meta.arch_get("attention.head_count"))
+    head_dim = int(meta.arch_get("attention.key_length", hidden // heads))
+    if int(meta.arch_get("attention.value_length", head_dim)) != head_dim:
+        raise ValueError("Qwen3.5 files whose keys and values differ in width are not supported")
+    rope_dims = int(meta.arch_get("rope.dimension_count", head_dim))
+    if meta.arch_get("rope.scaling.type", "none") not in ("none", None):
+        raise ValueError("Qwen3.5 files with RoPE scaling are not supported")
+    key_dim, key_heads = int(meta.arch_get("ssm.state_size")), int(meta.arch_get("ssm.group_count"))
+    value_heads = int(meta.arch_get("ssm.time_step_rank"))
+    inner = int(meta.arch_get("ssm.inner_size"))
+    if inner % value_heads or value_heads % key_heads:
+        raise ValueError(f"a linear attention of {inner} values in {value_heads} heads over {key_heads} "
+                         "key heads is not a whole number of heads")
+    shape = LinearAttentionShape(key_heads=key_heads, value_heads=value_heads, key_dim=key_dim,
+                                 value_dim=inner // value_heads, conv_kernel=int(meta.arch_get("ssm.conv_kernel")))
+    return ModelConfig(
+        architecture="qwen35",
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=int(meta.arch_get("feed_forward_length")),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=int(meta.arch_get("attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        max_position_embeddings=int(meta.arch_get("context_length")),
+        norm_eps=float(meta.arch_get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(meta.arch_get("rope.freq_base", 10_000_000.0)),
+        rotary_dim=rope_dims if rope_dims < head_dim else None,
+        tie_word_embeddings="output.weight" not in names,
+        recurrent_layers=recurrent,
+        linear_attention=shape,
+        name=str(meta.get("general.name", "")),
+    )
+
+
+def mtp_tensor(config: ModelConfig, name: str) -> bool:
+    """A tensor of the multi-token-prediction blocks after the model's layers."""
+    return name.startswith("blk.") and int(name.split(".", 2)[1]) >= config.num_layers

@@ -1,0 +1,84 @@
+"""The per-sequence states of a model's recurrent layers (Qwen3.5's gated delta nets).
+
+A recurrent layer's memory of a sequence is a fixed-size state, updated token by token, not a
+KV cache with a slot per position: it cannot be shared by prefix, rolled back to an earlier
+position, or paged. So the runner keeps one slot of every recurrent layer's pools per running
+request, from its first chunk until it finishes or is preempted (the scheduler then recomputes
+it from position 0, and the slot, taken afresh, starts from zeros). Up to max_num_seqs requests
+run at once, so that many slots always suffice.
+
+The pools are anonymous mappings (kv_cache.untouched_zeros): resident only once a slot is first used, so
+64 slots of a 9B's 48 MiB each cost what the running requests use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from textmill.config import ModelConfig
+from textmill.messages import ScheduledChunk, SchedulerOutput
+from textmill.runner.kv_cache import untouched_zeros
+
+STATE_DTYPE = torch.float32  # the recurrence adds small updates to a long-lived sum: float32, as llama.cpp's
+
+
+def state_shapes(config: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """One sequence's (convolution inputs, delta-rule state) shapes in each recurrent layer."""
+    s = config.linear_attention
+    assert s is not None
+    return (s.conv_kernel - 1, s.conv_channels), (s.value_heads, s.key_dim, s.value_dim)
+
+
+def bytes_per_sequence(config: ModelConfig) -> int:
+    conv, ssm = state_shapes(config)
+    per_layer = conv[0] * conv[1] + ssm[0] * ssm[1] * ssm[2]
+    return per_layer * len(config.recurrent_layers) * STATE_DTYPE.itemsize
+
+
+@dataclass(frozen=True)
+class StepStates:
+    """One step's view (models/qwen35.py SequenceStates): each sequence's rows and slot."""
+
+    rows: tuple[tuple[int, int, int], ...]
+    conv: dict[int, torch.Tensor]
+    ssm: dict[int, torch.Tensor]
+
+    def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.conv[layer], self.ssm[layer]
+
+
+class RecurrentStates:
+    def __init__(self, config: ModelConfig, num_slots: int, device: str | torch.device = "cpu"):
+        conv, ssm = state_shapes(config)
+        self.conv = {i: untouched_zeros((num_slots, *conv), STATE_DTYPE, device) for i in config.recurrent_layers}
+        self.ssm = {i: untouched_zeros((num_slots, *ssm), STATE_DTYPE, device) for i in config.recurrent_layers}
+        self._free = list(range(num_slots - 1, -1, -1))  # popped from the end: slot 0 first
+        self._slot_of: dict[str, int] = {}
+
+    def update(self, scheduled: SchedulerOutput) -> None:
+        """Slots back from the requests that finished or were preempted since the last step."""
+        for request_id in (*scheduled.finished_request_ids, *scheduled.preempted_request_ids):
+            slot = self._slot_of.pop(request_id, None)
+            if slot is not None:
+                self._free.append(slot)
+
+    def for_step(self, chunks: tuple[ScheduledChunk, ...]) -> StepStates:
+        """`chunks` in the flat batch's order. A chunk from position 0 takes a slot and zeroes it;
+        a later chunk continues its request's slot."""
+        rows, first = [], 0
+        for c in chunks:
+            slot = self._slot_of.get(c.request_id)
+            if c.start == 0:
+                if slot is None:
+                    if not self._free:
+                        raise RuntimeError("more running requests than recurrent state slots")
+                    slot = self._free.pop()
+                    self._slot_of[c.request_id] = slot
+                for pool in (*self.conv.values(), *self.ssm.values()):
+                    pool[slot].zero_()
+            elif slot is None:  # a prefix-cache hit: the state of those positions was never kept
+                raise RuntimeError(f"request {c.request_id} resumes at {c.start} without its recurrent state")
+            rows.append((first, len(c.token_ids), slot))
+            first += len(c.token_ids)
+        return StepStates(tuple(rows), self.conv, self.ssm)
