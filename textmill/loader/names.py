@@ -268,6 +268,13 @@ def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.transpose(1, 2).reshape(weight.shape)
 
 
+def ungate_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Qwen3.5's q_proj rows, each head's D of query then D of gate, as all heads' queries then all
+    heads' gates: the queries are then one block of the output, as other families' are."""
+    w = weight.reshape(num_heads, 2, -1, *weight.shape[1:])
+    return w.transpose(0, 1).reshape(weight.shape)
+
+
 def to_model_layout(arch: str, param_name: str, tensor: torch.Tensor,
                     config: ModelConfig) -> torch.Tensor:
     """A GGUF tensor (already in torch (out, in) order) in the layout the model expects."""
@@ -275,6 +282,8 @@ def to_model_layout(arch: str, param_name: str, tensor: torch.Tensor,
         return tensor - 1.0
     if param_name.endswith("shared_expert_gate.weight") and tensor.dim() == 1:  # ggml's {n_embd}: one row
         return tensor[None]
+    if arch == "qwen35" and param_name.endswith("self_attn.q_proj.weight"):  # each head's q then gate
+        return ungate_rows(tensor, config.num_heads)
     if arch not in QK_PERMUTED_ARCHS:
         return tensor
     module = param_name.rsplit(".", 1)[0]  # weight and bias rows are permuted alike

@@ -14,7 +14,8 @@ SiLU, so a sequence's state is S of every value head plus the convolution's last
 times the norm's weight and silu(z) of a second projection, then projected back.
 
 The other layers are Qwen3's attention with two changes: q_proj also gives each head a gate,
-and the attention's output is multiplied by its sigmoid; RoPE turns the first quarter of each
+and the attention's output is multiplied by its sigmoid (the loader puts the queries first and the
+gates after them, names.ungate_rows); RoPE turns the first quarter of each
 head (rotary_dim; M-RoPE's sections all take the one position a text token has).
 
 Every RMSNorm multiplies by its weight as stored: llama.cpp's converter stores Qwen3.5's
@@ -57,7 +58,8 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         C, D, eps = config.hidden_size, config.head_dim, config.norm_eps
-        self.q_proj = nn.Linear(C, self.num_heads * D * 2, bias=False)  # each head: D of q, then D of gate
+        # All heads' queries, then all heads' gates (the loader moves the file's per-head [q, gate] so).
+        self.q_proj = nn.Linear(C, self.num_heads * D * 2, bias=False)
         self.k_proj = nn.Linear(C, self.num_kv_heads * D, bias=False)
         self.v_proj = nn.Linear(C, self.num_kv_heads * D, bias=False)
         self.o_proj = nn.Linear(self.num_heads * D, C, bias=False)
@@ -66,7 +68,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         N, H, D = x.shape[0], self.num_heads, self.head_dim
-        q, gate = self.q_proj(x).view(N, H, 2 * D).split(D, dim=-1)
+        q, gate = self.q_proj(x).view(N, 2, H, D).unbind(1)
         q = apply_rotary(self.q_norm(q), cos, sin)
         k = apply_rotary(self.k_norm(self.k_proj(x).view(N, self.num_kv_heads, D)), cos, sin)
         v = self.v_proj(x).view(N, self.num_kv_heads, D)

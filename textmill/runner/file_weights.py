@@ -17,7 +17,7 @@ from textmill.kernels import load
 from textmill.loader.ggml_types import GGML_QUANT_SIZES
 from textmill.loader.group_codes import (GROUP, PACKED_FROM_FILE_TYPES, CodesRef, GGUFRows, GroupCodes, concat,
                                          convertible, release_file_pages)
-from textmill.runner.fused import fuse_gemma4_layers, fuse_gemma_layers, fuse_llama_layers
+from textmill.runner.fused import fuse_gemma4_layers, fuse_gemma_layers, fuse_llama_layers, fuse_qwen35_layers
 from textmill.runner.linear import swap_linears
 from textmill.runner.moe import KernelMoE, stack_experts
 from textmill.runner.qlinear import OutOfHalfRange, QLinear, SideBySide, width_form
@@ -189,7 +189,8 @@ def install_file_weights(model: nn.Module, codes: Mapping[str, CodesRef], rows: 
     for ref in stack_experts(model, maker.ref, maker.one, maker.arena):
         maker._count(ref.source)
     moes = sum(isinstance(m, KernelMoE) for m in model.modules())
-    fused = sum(fuse(model, maker.fused) for fuse in (fuse_llama_layers, fuse_gemma_layers, fuse_gemma4_layers))
+    fused = sum(fuse(model, maker.fused) for fuse in (fuse_llama_layers, fuse_gemma_layers, fuse_gemma4_layers,
+                                                   fuse_qwen35_layers))
     count = swap_linears(model, maker.one)
     release_file_pages([r.raw for r in codes.values()] + [rows.raw] + [t.raw for t in tables.values()])
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(maker.widths.items()))

@@ -159,3 +159,25 @@ def fuse_gemma4_layers(model: nn.Module, make_linear: MakeFused) -> int:
             module.q_proj = module.k_proj = module.v_proj = None
             count += 1
     return count
+
+
+def fuse_qwen35_layers(model: nn.Module, make_linear: MakeFused) -> int:
+    """Qwen3.5's attention with one qkv_proj (queries, gates, keys, values) and its delta nets with
+    one in_proj (q|k|v, z, b, a), for runner/qwen35_forward.py (its MLP is Llama's, which
+    fuse_llama_layers fuses); as for Gemma, only that forward runs the model afterwards."""
+    from textmill.models import qwen35
+
+    count = 0
+    for module in list(model.modules()):
+        if type(module) is qwen35.Attention:
+            module.qkv_proj = make_linear([module.q_proj, module.k_proj, module.v_proj])
+            module.o_proj = make_linear([module.o_proj])
+            module.q_proj = module.k_proj = module.v_proj = None
+        elif type(module) is qwen35.GatedDeltaNet:
+            module.in_proj = make_linear([module.in_proj_qkv, module.in_proj_z, module.in_proj_b, module.in_proj_a])
+            module.out_proj = make_linear([module.out_proj])
+            module.in_proj_qkv = module.in_proj_z = module.in_proj_b = module.in_proj_a = None
+        else:
+            continue
+        count += 1
+    return count

@@ -1,0 +1,103 @@
+"""Qwen3.5 through the ModelRunner: each running request keeps its gated delta nets' state in a
+slot of its own (runner/recurrent_state.py), carried from chunk to chunk and step to step, taken
+afresh after a preemption and given back when it finishes. Chunked prompts, mixed batches,
+prompt log-probabilities and greedy tokens are checked against one dense pass of the same model,
+on eager torch (float weights) and on the C++ kernel forward (the file's Q8_0 blocks)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.parity.dense_attention import DenseAttention
+from tests.parity.test_qwen35_parity import OneSequence
+from tests.parity.tiny_models import train_tokenizer
+from tests.parity.tiny_qwen35 import round_to_file, tiny_qwen35_hf, write_qwen35_gguf
+from tests.unit.test_model_runner import BLOCK, Seq, _prompt, drive
+from textmill.config import CacheConfig
+from textmill.loader import load_model
+from textmill.runner import ModelRunner
+from textmill.runner import qlinear
+from textmill.sampling_params import SamplingParams
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def q8_file(tmp_path_factory):
+    hf = tiny_qwen35_hf()
+    round_to_file(hf)
+    return write_qwen35_gguf(tmp_path_factory.mktemp("q35") / "tiny-qwen35.gguf", hf, train_tokenizer(), q8_0=True)
+
+
+def _dense_logprobs(model, tokens: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        one = OneSequence(model)
+        return torch.log_softmax(one.logits(one(torch.tensor(tokens), torch.arange(len(tokens)), DenseAttention())),
+                                 -1)
+
+
+def _seqs(vocab: int) -> list[Seq]:
+    greedy = dict(temperature=0.0, max_tokens=6, logprobs=2)
+    return [Seq("long", _prompt(23, 1, vocab), SamplingParams(**greedy, prompt_logprobs=1)),
+            Seq("short", _prompt(3, 2, vocab), SamplingParams(**greedy)),
+            Seq("late", _prompt(14, 3, vocab), SamplingParams(**greedy), arrive=2)]
+
+
+def _check(results: dict[str, Seq], reference, atol: float) -> None:
+    for s in results.values():
+        dense = _dense_logprobs(reference, s.tokens[:-1])
+        top = dense[len(s.prompt) - 1:]
+        for i, token in enumerate(s.tokens[len(s.prompt):]):
+            assert float(top[i].max() - top[i, token]) <= atol, (s.rid, i)
+            assert s.logprobs[i].logprob == pytest.approx(float(top[i, token]), abs=atol)
+    long = results["long"]
+    dense = _dense_logprobs(reference, long.prompt)
+    got = torch.tensor([p.logprob for p in long.prompt_logprobs])
+    expected = dense[torch.arange(len(long.prompt) - 1), torch.tensor(long.prompt[1:])]
+    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+
+
+def _runner(path, kernels: bool, slots: int = 4) -> ModelRunner:
+    loaded = load_model(path, codes=kernels)
+    return ModelRunner(loaded.model, loaded.config, CacheConfig(block_size=BLOCK, num_blocks=48), kernels=kernels,
+                       file_weights=loaded if kernels else None, state_slots=slots)
+
+
+def test_states_on_eager_torch(q8_file):
+    runner = _runner(q8_file, kernels=False)
+    assert runner.kv_cache.kv[0] is None and runner.kv_cache.kv[3] is not None  # delta nets keep no KV
+    assert not runner.chunks_match_steps  # no guessed tokens: a state cannot take back a rejected one
+    _check(drive(runner, _seqs(runner.model_config.vocab_size), budget=5), load_model(q8_file).model, atol=1e-4)
+
+
+@pytest.mark.skipif(not qlinear.available(), reason="textmill's C++ kernels are not built here")
+def test_states_on_the_kernels(q8_file):
+    """The file's blocks on the kernel forward (runner/qwen35_forward.py), paged, chunked and batched, give each request
+    bitwise what it gets alone one token a step, and the float model's values within the 8-bit
+    activations' rounding (this tiny random model: 0.12 nats on average, up to ~0.7)."""
+    runner = _runner(q8_file, kernels=True)
+    assert type(runner.forward).__name__ == "Qwen35KernelForward"
+    vocab = runner.model_config.vocab_size
+    mixed = drive(runner, _seqs(vocab), budget=5)
+    for seq in _seqs(vocab):
+        seq.arrive = 0
+        alone = drive(_runner(q8_file, kernels=True), [seq], budget=1)[seq.rid]
+        assert alone.tokens == mixed[seq.rid].tokens
+        assert [p.logprob for p in alone.logprobs] == [p.logprob for p in mixed[seq.rid].logprobs]
+    _check(mixed, load_model(q8_file).model, atol=0.75)
+
+
+def test_preempted_request_starts_from_a_fresh_state(q8_file):
+    """A request preempted mid-generation is recomputed from position 0 into a zeroed slot and
+    gives the tokens it gives unpreempted; finished requests give their slots back, so two slots
+    serve three requests one after another."""
+    vocab = load_model(q8_file).config.vocab_size
+    plain = drive(_runner(q8_file, kernels=False), _seqs(vocab), budget=5)
+    expected = {rid: s.tokens for rid, s in plain.items()}
+    again = drive(_runner(q8_file, kernels=False), _seqs(vocab), budget=5, preempt_at={9: "long"})
+    assert {rid: s.tokens for rid, s in again.items()} == expected
+    runner = _runner(q8_file, kernels=False, slots=2)
+    for s in _seqs(runner.model_config.vocab_size):
+        s.arrive = 0
+        assert drive(runner, [s], budget=5)[s.rid].tokens == expected[s.rid]
+    assert len(runner.states._free) == 2

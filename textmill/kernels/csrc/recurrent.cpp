@@ -1,0 +1,225 @@
+// Kernels for the recurrent layers of hybrid models (Qwen3.5's gated delta nets), float32 CPU.
+//
+//   conv_silu    each sequence's rows through a causal depthwise convolution (its first taps
+//                from the sequence's state), then SiLU; the state keeps its last taps - 1 inputs
+//   gated_delta  q and k L2-normed, the gated delta rule through each sequence's state token by
+//                token, each output head RMS-normed times the norm's weight and silu(z)
+//   sigmoid_gate x *= sigmoid(gate): the gate on Qwen3.5's attention output
+//
+// models/qwen35.py states the same math in torch (the tests hold these to it). A sequence is a
+// run of rows of the flat batch and a slot of the state pools: `rows` is (B, 3) int64, each
+// sequence's first row, row count and slot.
+//
+// Every value is computed from its own row, channel and head alone, in one fixed order, with
+// loops whose vector split depends on the channel or the head width, never on how many rows a
+// step holds. So a position gets the same bits in a prompt chunk as in a one-token step, as with
+// layer.cpp's kernels (echo scores a continuation exactly as generating it did).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+void check_rows(const torch::Tensor& rows, int64_t n, int64_t slots) {
+  TORCH_CHECK(rows.scalar_type() == torch::kLong && rows.dim() == 2 && rows.size(1) == 3 && rows.is_contiguous(),
+              "rows: expected (B, 3) int64 (first row, rows, slot), got ", rows.sizes());
+  const int64_t* r = rows.data_ptr<int64_t>();
+  int64_t covered = 0;
+  for (int64_t b = 0; b < rows.size(0); ++b) {
+    TORCH_CHECK(r[3 * b] == covered && r[3 * b + 1] > 0, "rows: sequence ", b, " must start at row ", covered,
+                " and hold rows");
+    TORCH_CHECK(r[3 * b + 2] >= 0 && r[3 * b + 2] < slots, "rows: slot ", r[3 * b + 2], " outside [0, ", slots, ")");
+    covered += r[3 * b + 1];
+  }
+  TORCH_CHECK(covered == n, "rows cover ", covered, " rows, the batch has ", n);
+}
+
+// A float32 matrix whose rows may be apart (a column slice of a wider output) but whose values
+// within a row are adjacent.
+void check_rows_f32(const torch::Tensor& t, const char* name, int64_t n, int64_t width) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat && t.dim() == 2 && t.size(0) == n && t.size(1) == width &&
+                  t.stride(1) == 1,
+              name, ": expected (", n, ", ", width, ") float32 with adjacent columns, got ", t.sizes());
+}
+
+inline float silu(float x) { return x / (1.f + std::exp(-x)); }
+
+// torch's softplus (beta 1, threshold 20): x past the threshold is returned as it is.
+inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }
+
+torch::Tensor conv_silu(const torch::Tensor& x, const torch::Tensor& weight, torch::Tensor pool,
+                        const torch::Tensor& rows) {
+  const int64_t n = x.size(0), channels = weight.size(1), taps = weight.size(0);
+  check_rows_f32(x, "x", n, channels);
+  TORCH_CHECK(weight.scalar_type() == torch::kFloat && weight.dim() == 2 && weight.is_contiguous() && taps >= 1,
+              "weight: expected (taps, channels) float32, contiguous, got ", weight.sizes());
+  TORCH_CHECK(pool.scalar_type() == torch::kFloat && pool.dim() == 3 && pool.is_contiguous() &&
+                  pool.size(1) == taps - 1 && pool.size(2) == channels,
+              "pool: expected (slots, ", taps - 1, ", ", channels, ") float32, contiguous, got ", pool.sizes());
+  check_rows(rows, n, pool.size(0));
+  auto out = torch::empty({n, channels}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* pp = pool.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t xs = x.stride(0), past = taps - 1, seqs = rows.size(0);
+  // Each thread owns a range of channels across every sequence and row: a channel's taps and
+  // state are its own.
+  at::parallel_for(0, channels, 64, [&](int64_t c0, int64_t c1) {
+    const int64_t width = c1 - c0;
+    std::vector<float> acc(width);
+    for (int64_t b = 0; b < seqs; ++b) {
+      const int64_t first = r[3 * b], count = r[3 * b + 1];
+      float* state = pp + r[3 * b + 2] * past * channels;
+      for (int64_t t = 0; t < count; ++t) {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t j = 0; j < taps; ++j) {
+          const int64_t at = t - past + j;  // the input this tap reads: the chunk's, or the state's
+          const float* in = (at >= 0 ? xp + (first + at) * xs : state + (past + at) * channels) + c0;
+          const float* w = wp + j * channels + c0;
+          for (int64_t c = 0; c < width; ++c) acc[c] += w[c] * in[c];
+        }
+        float* o = op + (first + t) * channels + c0;
+        for (int64_t c = 0; c < width; ++c) o[c] = silu(acc[c]);
+      }
+      // The state becomes the last `past` inputs: older state rows first where the chunk is short.
+      const int64_t keep = std::min<int64_t>(past, count), shift = past - keep;
+      for (int64_t i = 0; i < shift; ++i)
+        std::copy(state + (i + keep) * channels + c0, state + (i + keep) * channels + c1, state + i * channels + c0);
+      for (int64_t i = 0; i < keep; ++i) {
+        const float* in = xp + (first + count - keep + i) * xs;
+        std::copy(in + c0, in + c1, state + (shift + i) * channels + c0);
+      }
+    }
+  });
+  return out;
+}
+
+inline void l2_normalize(const float* x, float* y, int64_t d, float scale) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < d; ++i) ss += x[i] * x[i];
+  const float inv = scale / std::sqrt(ss + 1e-6f);
+  for (int64_t i = 0; i < d; ++i) y[i] = x[i] * inv;
+}
+
+torch::Tensor gated_delta(const torch::Tensor& qkv, const torch::Tensor& z, const torch::Tensor& b,
+                          const torch::Tensor& a, const torch::Tensor& A, const torch::Tensor& dt_bias,
+                          const torch::Tensor& norm_weight, torch::Tensor pool, const torch::Tensor& rows,
+                          int64_t key_heads, bool tiled, double eps) {
+  TORCH_CHECK(pool.scalar_type() == torch::kFloat && pool.dim() == 4 && pool.is_contiguous(),
+              "pool: expected (slots, value_heads, key_dim, value_dim) float32, contiguous, got ", pool.sizes());
+  const int64_t n = qkv.size(0), hv = pool.size(1), dk = pool.size(2), dv = pool.size(3), hk = key_heads;
+  TORCH_CHECK(hk > 0 && hv % hk == 0, "value heads (", hv, ") must be a multiple of key heads (", hk, ")");
+  check_rows_f32(qkv, "qkv", n, 2 * hk * dk + hv * dv);
+  check_rows_f32(z, "z", n, hv * dv);
+  check_rows_f32(b, "b", n, hv);
+  check_rows_f32(a, "a", n, hv);
+  for (const auto* t : {&A, &dt_bias})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous() && t->numel() == hv,
+                "A and dt_bias: expected (", hv, ") float32");
+  TORCH_CHECK(norm_weight.scalar_type() == torch::kFloat && norm_weight.is_contiguous() && norm_weight.numel() == dv,
+              "norm_weight: expected (", dv, ") float32");
+  check_rows(rows, n, pool.size(0));
+  // q (times key_dim ** -0.5) and k of every row, L2-normed per key head, first: row by row.
+  auto qk = torch::empty({n, 2 * hk, dk}, qkv.options());
+  const float* xp = qkv.data_ptr<float>();
+  float* qkp = qk.data_ptr<float>();
+  const int64_t xs = qkv.stride(0);
+  const float q_scale = 1.f / std::sqrt(static_cast<float>(dk));
+  at::parallel_for(0, n * 2 * hk, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t row = i / (2 * hk), h = i % (2 * hk);
+      l2_normalize(xp + row * xs + h * dk, qkp + i * dk, dk, h < hk ? q_scale : 1.f);
+    }
+  });
+  auto out = torch::empty({n, hv * dv}, qkv.options());
+  float* op = out.data_ptr<float>();
+  const float *zp = z.data_ptr<float>(), *bp = b.data_ptr<float>(), *ap = a.data_ptr<float>();
+  const float *Ap = A.data_ptr<float>(), *dtp = dt_bias.data_ptr<float>(), *wp = norm_weight.data_ptr<float>();
+  float* sp = pool.data_ptr<float>();
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t seqs = rows.size(0), zs = z.stride(0), bs = b.stride(0), as = a.stride(0);
+  const int64_t group = hv / hk;
+  // One task per (sequence, value head): its state, (key_dim, value_dim), through its tokens in order.
+  at::parallel_for(0, seqs * hv, 1, [&](int64_t task0, int64_t task1) {
+    std::vector<float> remembered(dv), delta(dv);
+    for (int64_t task = task0; task < task1; ++task) {
+      const int64_t s = task / hv, h = task % hv, kh = tiled ? h % hk : h / group;
+      const int64_t first = r[3 * s], count = r[3 * s + 1];
+      float* S = sp + (r[3 * s + 2] * hv + h) * dk * dv;
+      for (int64_t row = first; row < first + count; ++row) {
+        const float* q = qkp + (row * 2 * hk + kh) * dk;
+        const float* k = qkp + (row * 2 * hk + hk + kh) * dk;
+        const float* v = xp + row * xs + 2 * hk * dk + h * dv;
+        const float decay = std::exp(Ap[h] * softplus(ap[row * as + h] + dtp[h]));
+        const float beta = 1.f / (1.f + std::exp(-bp[row * bs + h]));
+        // S *= decay, and what it recalls for k: S^T k
+        std::fill(remembered.begin(), remembered.end(), 0.f);
+        for (int64_t i = 0; i < dk; ++i) {
+          float* Si = S + i * dv;
+          const float ki = k[i];
+          for (int64_t j = 0; j < dv; ++j) {
+            Si[j] *= decay;
+            remembered[j] += Si[j] * ki;
+          }
+        }
+        for (int64_t j = 0; j < dv; ++j) delta[j] = (v[j] - remembered[j]) * beta;
+        // S += k delta^T, and the output S^T q
+        float* o = op + row * hv * dv + h * dv;
+        std::fill(o, o + dv, 0.f);
+        for (int64_t i = 0; i < dk; ++i) {
+          float* Si = S + i * dv;
+          const float ki = k[i], qi = q[i];
+          for (int64_t j = 0; j < dv; ++j) {
+            Si[j] += ki * delta[j];
+            o[j] += Si[j] * qi;
+          }
+        }
+        // The gated norm: o * rsqrt(mean(o^2) + eps) * w * silu(z)
+        float ss = 0.f;
+        for (int64_t j = 0; j < dv; ++j) ss += o[j] * o[j];
+        const float inv = 1.f / std::sqrt(ss / static_cast<float>(dv) + static_cast<float>(eps));
+        const float* zr = zp + row * zs + h * dv;
+        for (int64_t j = 0; j < dv; ++j) o[j] = o[j] * inv * wp[j] * silu(zr[j]);
+      }
+    }
+  });
+  return out;
+}
+
+// x *= sigmoid(gate), row by row (Qwen3.5's gate on its attention's output).
+torch::Tensor sigmoid_gate(torch::Tensor x, const torch::Tensor& gate) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "x: expected (N, W) float32, contiguous, got ", x.sizes());
+  const int64_t n = x.size(0), width = x.size(1);
+  check_rows_f32(gate, "gate", n, width);
+  float* xp = x.data_ptr<float>();
+  const float* gp = gate.data_ptr<float>();
+  const int64_t gs = gate.stride(0);
+  at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row)
+      for (int64_t c = 0; c < width; ++c) xp[row * width + c] *= 1.f / (1.f + std::exp(-gp[row * gs + c]));
+  });
+  return x;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("conv_silu", &conv_silu, nogil,
+        "silu of each sequence's rows of x (N, C) through the causal depthwise convolution weight (taps, C), "
+        "its first taps from pool (slots, taps - 1, C), which keeps the last taps - 1 inputs after",
+        py::arg("x"), py::arg("weight"), py::arg("pool"), py::arg("rows"));
+  m.def("gated_delta", &gated_delta, nogil,
+        "the gated delta rule of each sequence's rows through its state in pool (slots, Hv, Dk, Dv), then "
+        "the gated RMSNorm; returns (N, Hv * Dv)",
+        py::arg("qkv"), py::arg("z"), py::arg("b"), py::arg("a"), py::arg("A"), py::arg("dt_bias"),
+        py::arg("norm_weight"), py::arg("pool"), py::arg("rows"), py::arg("key_heads"), py::arg("tiled"),
+        py::arg("eps"));
+  m.def("sigmoid_gate", &sigmoid_gate, nogil, "x *= sigmoid(gate) in place, row by row; returns x", py::arg("x"),
+        py::arg("gate"));
+}
