@@ -56,10 +56,11 @@ def tensor_plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, .
         plan += [(f"blk.{i}.attn_norm.weight", (d,), F32), (f"blk.{i}.post_attention_norm.weight", (d,), F32)]
         if recurrent(i):
             plan += [(f"blk.{i}.attn_qkv.weight", (channels, d), Q4_K), (f"blk.{i}.attn_gate.weight", (inner, d), Q4_K),
-                     (f"blk.{i}.ssm_conv1d.weight", (channels, CONV), F32), (f"blk.{i}.ssm_dt.bias", (VALUE_HEADS,), F32),
-                     (f"blk.{i}.ssm_a", (VALUE_HEADS,), F32), (f"blk.{i}.ssm_beta.weight", (VALUE_HEADS, d), Q4_K),
-                     (f"blk.{i}.ssm_alpha.weight", (VALUE_HEADS, d), Q4_K), (f"blk.{i}.ssm_norm.weight", (VALUE_DIM,), F32),
-                     (f"blk.{i}.ssm_out.weight", (d, inner), Q4_K)]
+                     (f"blk.{i}.ssm_conv1d.weight", (channels, CONV), F32),
+                     (f"blk.{i}.ssm_dt.bias", (VALUE_HEADS,), F32), (f"blk.{i}.ssm_a", (VALUE_HEADS,), F32),
+                     (f"blk.{i}.ssm_beta.weight", (VALUE_HEADS, d), Q4_K),
+                     (f"blk.{i}.ssm_alpha.weight", (VALUE_HEADS, d), Q4_K),
+                     (f"blk.{i}.ssm_norm.weight", (VALUE_DIM,), F32), (f"blk.{i}.ssm_out.weight", (d, inner), Q4_K)]
         else:
             q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
             plan += [(f"blk.{i}.attn_q.weight", (2 * q, d), Q4_K), (f"blk.{i}.attn_k.weight", (kv, d), Q4_K),
@@ -72,8 +73,9 @@ def tensor_plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, .
 
 
 def _f32(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """Norm weights near 1 (stored with Qwen3.5's 1 added; q's and k's near D ** -1/4), decays that forget at different rates
-    (A = -exp(A_log) of 1 to 16, as the reference initializes it), a small convolution."""
+    """Norm weights near 1 (stored with Qwen3.5's 1 added; q's and k's near D ** -1/4), decays that
+    forget at different rates (A = -exp(A_log) of 1 to 16, as the reference initializes it), a small
+    convolution."""
     if name.endswith(".ssm_a"):
         return -rng.uniform(1.0, 16.0, shape).astype(np.float32)
     if name.endswith(".ssm_dt.bias"):

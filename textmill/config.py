@@ -92,7 +92,8 @@ class ModelConfig:
 
     # registry key: "llama" (Mistral, Ministral 3, SmolLM3, Granite, ERNIE 4.5, EXAONE 3, InternLM2,
     # OLMoE, Mixtral, Granite MoE too), "phi3", "qwen2" (Qwen2 MoE too), "qwen3" (the VL files' text,
-    # Qwen3 MoE too), "olmo2" (OLMo 3, EXAONE 4.0 too), "gemma", "gemma2", "gemma3", "gemma4", "gpt2"
+    # Qwen3 MoE too), "olmo2" (OLMo 3, EXAONE 4.0 too), "gemma", "gemma2", "gemma3", "gemma4", "qwen35",
+    # "gpt2"
     architecture: str
     vocab_size: int
     hidden_size: int

@@ -103,10 +103,15 @@ def _build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner]
         log.info("context window %d tokens, not --max-model-len %d: the model has %d positions", max_len, asked,
                  max_len)
     cache, max_len = _cache_config(cfg, config, plan, max_len)
-    if cfg.recurrent_layers and cache.enable_prefix_caching:
-        # A recurrent layer's state after a prefix is not kept with the prefix's blocks.
-        log.info("prefix caching: off (%s's recurrent layers keep no state per prefix)", cfg.architecture)
-        cache = dataclasses.replace(cache, enable_prefix_caching=False)
+    if cfg.recurrent_layers:
+        from textmill.runner.recurrent_state import bytes_per_sequence
+
+        per_seq = bytes_per_sequence(cfg)
+        log.info("recurrent state: %.1f MiB a running request (up to %d: %.2f GiB, resident as used)",
+                 per_seq / 2**20, config.scheduler.max_num_seqs, per_seq * config.scheduler.max_num_seqs / 2**30)
+        if cache.enable_prefix_caching:  # a recurrent layer's state after a prefix is not kept with its blocks
+            log.info("prefix caching: off (%s's recurrent layers keep no state per prefix)", cfg.architecture)
+            cache = dataclasses.replace(cache, enable_prefix_caching=False)
     try:
         codes = plan.weights == "file-codes"
         # A GGUF's float weights (--no-kernels, CUDA, int4/int8) decode the file's blocks in C++

@@ -206,3 +206,29 @@ def test_a_gemma4_file_and_the_benchs_kv_sizing(tmp_path):
     per_block = KVCache.bytes_per_block(config, CacheConfig(block_size=16), torch.float32, torch.float16)
     # layers 0-5 keep a cache: five sliding (one KV head of 64) and layer 4, global (one of 128)
     assert models.read_info(path).kv_bytes_per_token(2) * 16 == per_block == 16 * 2 * 2 * (5 * 64 + 1 * 128)
+
+
+def test_a_qwen35_file_and_the_benchs_kv_sizing(tmp_path):
+    """synthetic_qwen35 (a few layers of 0.8B's kind): textmill reads the hybrid's shapes, runs it,
+    and the bench's KV bytes a token are the pool's own (the attention layers' alone)."""
+    import dataclasses
+
+    import models
+    import synthetic_qwen35 as sq
+    import torch
+
+    from textmill.config import CacheConfig
+    from textmill.loader import load_model
+    from textmill.runner.kv_cache import KVCache
+
+    spec = dataclasses.replace(sq.SYNTHETIC_QWEN35, hidden=256, layers=8, ffn=512, vocab=None)
+    path = sq.write_qwen35(spec, sg.default_tokenizer_source(), tmp_path / "q35.gguf")
+    config = read_config(GGUFFile(path))
+    assert (config.architecture, config.head_dim, config.rotary_dim, config.recurrent_layers) == (
+        "qwen35", 256, 64, (0, 1, 2, 4, 5, 6))
+    s = config.linear_attention
+    assert (s.key_heads, s.value_heads, s.key_dim, s.value_dim, s.conv_kernel) == (16, 16, 128, 128, 4)
+    per_block = KVCache.bytes_per_block(config, CacheConfig(block_size=16), torch.float32, torch.float16)
+    assert models.read_info(path).kv_bytes_per_token(2) * 16 == per_block == 16 * 2 * 2 * (2 * 2 * 256)
+    loaded = load_model(path)  # the file's tensors all land where the model has them
+    assert not any(p.is_meta for p in loaded.model.parameters())

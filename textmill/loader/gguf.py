@@ -4,8 +4,7 @@ The file is memory-mapped by our lean reader (gguf_file.py); each tensor is dequ
 requested dtype, so the float32 copy of one tensor at a time is the peak extra memory. The caller
 may pass a faster decoder for whole quantized tensors (the composition root passes the C++
 kernels' one, runner/file_weights.file_decoder: 1.2 s for a 1B Q4_K_M file where numpy took
-10-27 s, bench/float_load.py);
-numpy's decoders stay the reference and the fallback.
+10-27 s, bench/float_load.py); numpy's decoders stay the reference and the fallback.
 """
 from __future__ import annotations
 
@@ -81,10 +80,9 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
     """`context_window`: the longest sequence the model will serve (default: its whole
     window); it picks LongRoPE's factors, as llama.cpp's context size does."""
     meta = GGUFMetadata(gguf)
-    if meta.arch == "gemma4":  # per-layer arrays where other files hold one number
-        return gemma4_config(gguf, meta, _vocab_size(gguf), _tensor_values(gguf, ROPE_FREQS))
-    if meta.arch == "qwen35":  # gated delta nets beside attention: their own keys
-        return qwen35_config(gguf, meta, _vocab_size(gguf))
+    if meta.arch in ("gemma4", "qwen35"):  # per-layer arrays, delta nets: keys other files do not have
+        return (gemma4_config(gguf, meta, _vocab_size(gguf), _tensor_values(gguf, ROPE_FREQS)) if meta.arch == "gemma4"
+                else qwen35_config(gguf, meta, _vocab_size(gguf)))
     hidden = int(meta.arch_get("embedding_length"))
     heads = int(meta.arch_get("attention.head_count"))
     head_dim = int(meta.arch_get("attention.key_length", hidden // heads))
