@@ -20,7 +20,11 @@
 #include <cmath>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
+
+using V = Vec::T;
 
 void check_rows(const torch::Tensor& rows, int64_t n, int64_t slots) {
   TORCH_CHECK(rows.scalar_type() == torch::kLong && rows.dim() == 2 && rows.size(1) == 3 && rows.is_contiguous(),
@@ -44,7 +48,29 @@ void check_rows_f32(const torch::Tensor& t, const char* name, int64_t n, int64_t
               name, ": expected (", n, ", ", width, ") float32 with adjacent columns, got ", t.sizes());
 }
 
-inline float silu(float x) { return x / (1.f + std::exp(-x)); }
+inline float silu(float x) { return x / (1.f + exp_tail(-x)); }
+inline V silu(V x) { return Vec::div(x, Vec::add(Vec::set1(1.f), Vec::exp(Vec::sub(Vec::zero(), x)))); }
+
+// y[i] = silu(x[i]) (times m[i] where given), W at a time, then the tail: which path a value takes
+// depends on its index alone.
+inline void silu_row(const float* x, float* y, int64_t n, const float* m = nullptr) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const V s = silu(Vec::load(x + i));
+    Vec::store(y + i, m ? Vec::mul(s, Vec::load(m + i)) : s);
+  }
+  for (; i < n; ++i) y[i] = m ? silu(x[i]) * m[i] : silu(x[i]);
+}
+
+// The sum of x[i] * x[i], in one fixed order for a given n.
+inline float sum_squares(const float* x, int64_t n) {
+  V acc = Vec::zero();
+  int64_t i = 0;
+  for (; i + W <= n; i += W) acc = Vec::fma(Vec::load(x + i), Vec::load(x + i), acc);
+  float ss = Vec::sum(acc);
+  for (; i < n; ++i) ss += x[i] * x[i];
+  return ss;
+}
 
 // torch's softplus (beta 1, threshold 20): x past the threshold is returned as it is.
 inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }
@@ -82,8 +108,7 @@ torch::Tensor conv_silu(const torch::Tensor& x, const torch::Tensor& weight, tor
           const float* w = wp + j * channels + c0;
           for (int64_t c = 0; c < width; ++c) acc[c] += w[c] * in[c];
         }
-        float* o = op + (first + t) * channels + c0;
-        for (int64_t c = 0; c < width; ++c) o[c] = silu(acc[c]);
+        silu_row(acc.data(), op + (first + t) * channels + c0, width);
       }
       // The state becomes the last `past` inputs: older state rows first where the chunk is short.
       const int64_t keep = std::min<int64_t>(past, count), shift = past - keep;
@@ -99,10 +124,70 @@ torch::Tensor conv_silu(const torch::Tensor& x, const torch::Tensor& weight, tor
 }
 
 inline void l2_normalize(const float* x, float* y, int64_t d, float scale) {
-  float ss = 0.f;
-  for (int64_t i = 0; i < d; ++i) ss += x[i] * x[i];
-  const float inv = scale / std::sqrt(ss + 1e-6f);
+  const float inv = scale / std::sqrt(sum_squares(x, d) + 1e-6f);
   for (int64_t i = 0; i < d; ++i) y[i] = x[i] * inv;
+}
+
+// One token through one value head's state S (dk rows of dv): S *= decay, then
+// S += k (beta (v - S^T k))^T, and o = S^T q. Each S value is read and written in both passes,
+// the sums over the dk rows run in row order, four registers of columns at a time where dv
+// allows it (Qwen3.5's 128), else one column at a time.
+inline void delta_step(float* S, const float* q, const float* k, const float* v, float decay, float beta,
+                       float* o, float* scratch, int64_t dk, int64_t dv) {
+  constexpr int64_t kBlock = 4 * W;
+  if (dv % kBlock == 0) {
+    const V e = Vec::set1(decay);
+    for (int64_t jb = 0; jb < dv; jb += kBlock) {
+      V r0 = Vec::zero(), r1 = r0, r2 = r0, r3 = r0;
+      for (int64_t i = 0; i < dk; ++i) {
+        float* Si = S + i * dv + jb;
+        const V kk = Vec::set1(k[i]);
+        const V s0 = Vec::mul(Vec::load(Si), e), s1 = Vec::mul(Vec::load(Si + W), e);
+        const V s2 = Vec::mul(Vec::load(Si + 2 * W), e), s3 = Vec::mul(Vec::load(Si + 3 * W), e);
+        Vec::store(Si, s0), Vec::store(Si + W, s1), Vec::store(Si + 2 * W, s2), Vec::store(Si + 3 * W, s3);
+        r0 = Vec::fma(s0, kk, r0), r1 = Vec::fma(s1, kk, r1), r2 = Vec::fma(s2, kk, r2), r3 = Vec::fma(s3, kk, r3);
+      }
+      // delta = (v - S^T k) * beta, into scratch
+      const V b = Vec::set1(beta);
+      const V rs[4] = {r0, r1, r2, r3};
+      for (int u = 0; u < 4; ++u)
+        Vec::store(scratch + jb + u * W, Vec::mul(Vec::sub(Vec::load(v + jb + u * W), rs[u]), b));
+    }
+    for (int64_t jb = 0; jb < dv; jb += kBlock) {
+      const V d0 = Vec::load(scratch + jb), d1 = Vec::load(scratch + jb + W);
+      const V d2 = Vec::load(scratch + jb + 2 * W), d3 = Vec::load(scratch + jb + 3 * W);
+      V o0 = Vec::zero(), o1 = o0, o2 = o0, o3 = o0;
+      for (int64_t i = 0; i < dk; ++i) {
+        float* Si = S + i * dv + jb;
+        const V kk = Vec::set1(k[i]), qq = Vec::set1(q[i]);
+        const V s0 = Vec::fma(kk, d0, Vec::load(Si)), s1 = Vec::fma(kk, d1, Vec::load(Si + W));
+        const V s2 = Vec::fma(kk, d2, Vec::load(Si + 2 * W)), s3 = Vec::fma(kk, d3, Vec::load(Si + 3 * W));
+        Vec::store(Si, s0), Vec::store(Si + W, s1), Vec::store(Si + 2 * W, s2), Vec::store(Si + 3 * W, s3);
+        o0 = Vec::fma(s0, qq, o0), o1 = Vec::fma(s1, qq, o1), o2 = Vec::fma(s2, qq, o2), o3 = Vec::fma(s3, qq, o3);
+      }
+      Vec::store(o + jb, o0), Vec::store(o + jb + W, o1);
+      Vec::store(o + jb + 2 * W, o2), Vec::store(o + jb + 3 * W, o3);
+    }
+    return;
+  }
+  float* remembered = scratch;
+  std::fill(remembered, remembered + dv, 0.f);
+  for (int64_t i = 0; i < dk; ++i) {
+    float* Si = S + i * dv;
+    for (int64_t j = 0; j < dv; ++j) {
+      Si[j] *= decay;
+      remembered[j] = std::fma(Si[j], k[i], remembered[j]);
+    }
+  }
+  for (int64_t j = 0; j < dv; ++j) remembered[j] = (v[j] - remembered[j]) * beta;  // now delta
+  std::fill(o, o + dv, 0.f);
+  for (int64_t i = 0; i < dk; ++i) {
+    float* Si = S + i * dv;
+    for (int64_t j = 0; j < dv; ++j) {
+      Si[j] = std::fma(k[i], remembered[j], Si[j]);
+      o[j] = std::fma(Si[j], q[i], o[j]);
+    }
+  }
 }
 
 torch::Tensor gated_delta(const torch::Tensor& qkv, const torch::Tensor& z, const torch::Tensor& b,
@@ -145,7 +230,7 @@ torch::Tensor gated_delta(const torch::Tensor& qkv, const torch::Tensor& z, cons
   const int64_t group = hv / hk;
   // One task per (sequence, value head): its state, (key_dim, value_dim), through its tokens in order.
   at::parallel_for(0, seqs * hv, 1, [&](int64_t task0, int64_t task1) {
-    std::vector<float> remembered(dv), delta(dv);
+    std::vector<float> scratch(dv), gate(dv);
     for (int64_t task = task0; task < task1; ++task) {
       const int64_t s = task / hv, h = task % hv, kh = tiled ? h % hk : h / group;
       const int64_t first = r[3 * s], count = r[3 * s + 1];
@@ -156,34 +241,12 @@ torch::Tensor gated_delta(const torch::Tensor& qkv, const torch::Tensor& z, cons
         const float* v = xp + row * xs + 2 * hk * dk + h * dv;
         const float decay = std::exp(Ap[h] * softplus(ap[row * as + h] + dtp[h]));
         const float beta = 1.f / (1.f + std::exp(-bp[row * bs + h]));
-        // S *= decay, and what it recalls for k: S^T k
-        std::fill(remembered.begin(), remembered.end(), 0.f);
-        for (int64_t i = 0; i < dk; ++i) {
-          float* Si = S + i * dv;
-          const float ki = k[i];
-          for (int64_t j = 0; j < dv; ++j) {
-            Si[j] *= decay;
-            remembered[j] += Si[j] * ki;
-          }
-        }
-        for (int64_t j = 0; j < dv; ++j) delta[j] = (v[j] - remembered[j]) * beta;
-        // S += k delta^T, and the output S^T q
         float* o = op + row * hv * dv + h * dv;
-        std::fill(o, o + dv, 0.f);
-        for (int64_t i = 0; i < dk; ++i) {
-          float* Si = S + i * dv;
-          const float ki = k[i], qi = q[i];
-          for (int64_t j = 0; j < dv; ++j) {
-            Si[j] += ki * delta[j];
-            o[j] += Si[j] * qi;
-          }
-        }
+        delta_step(S, q, k, v, decay, beta, o, scratch.data(), dk, dv);
         // The gated norm: o * rsqrt(mean(o^2) + eps) * w * silu(z)
-        float ss = 0.f;
-        for (int64_t j = 0; j < dv; ++j) ss += o[j] * o[j];
-        const float inv = 1.f / std::sqrt(ss / static_cast<float>(dv) + static_cast<float>(eps));
-        const float* zr = zp + row * zs + h * dv;
-        for (int64_t j = 0; j < dv; ++j) o[j] = o[j] * inv * wp[j] * silu(zr[j]);
+        const float inv = 1.f / std::sqrt(sum_squares(o, dv) / static_cast<float>(dv) + static_cast<float>(eps));
+        silu_row(zp + row * zs + h * dv, gate.data(), dv, wp);  // w * silu(z)
+        for (int64_t j = 0; j < dv; ++j) o[j] = o[j] * inv * gate[j];
       }
     }
   });
@@ -201,7 +264,7 @@ torch::Tensor sigmoid_gate(torch::Tensor x, const torch::Tensor& gate) {
   const int64_t gs = gate.stride(0);
   at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row)
-      for (int64_t c = 0; c < width; ++c) xp[row * width + c] *= 1.f / (1.f + std::exp(-gp[row * gs + c]));
+      for (int64_t c = 0; c < width; ++c) xp[row * width + c] *= 1.f / (1.f + exp_tail(-gp[row * gs + c]));
   });
   return x;
 }
