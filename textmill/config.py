@@ -93,7 +93,7 @@ class ModelConfig:
     # registry key: "llama" (Mistral, Ministral 3, SmolLM3, Granite, ERNIE 4.5, EXAONE 3, InternLM2,
     # OLMoE, Mixtral, Granite MoE too), "phi3", "qwen2" (Qwen2 MoE too), "qwen3" (the VL files' text,
     # Qwen3 MoE too), "olmo2" (OLMo 3, EXAONE 4.0 too), "gemma", "gemma2", "gemma3", "gemma4", "qwen35",
-    # "gpt2"
+    # "lfm2", "gpt2"
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -183,10 +183,13 @@ class ModelConfig:
     # Gemma 4: each layer's output times a learned scalar (files from converters that wrote none: 1,
     # as llama.cpp reads them).
     layer_scalars: bool = True
-    # Qwen3.5 (models/qwen35.py): these layers are gated delta nets, whose memory of a sequence is
-    # a fixed-size state per sequence (runner/recurrent_state.py), not a KV cache; the rest attend.
+    # Hybrids: these layers are recurrent, their memory of a sequence a fixed-size state per
+    # sequence (runner/recurrent_state.py), not a KV cache; the rest attend. Qwen3.5's are gated
+    # delta nets (models/qwen35.py, linear_attention), LFM2's short convolutions of short_conv taps
+    # (models/lfm2.py).
     recurrent_layers: tuple[int, ...] = ()
     linear_attention: LinearAttentionShape | None = None
+    short_conv: int = 0
     name: str = ""  # human-readable model name from the checkpoint
 
     def is_sliding(self, layer: int) -> bool:

@@ -17,33 +17,14 @@ import pytest
 import torch
 
 from tests.parity.compare import LOGPROB_TOLERANCE, hf_greedy, max_logprob_diff, our_greedy
+from tests.parity.one_sequence import OneSequence
 from tests.parity.tiny_qwen35 import round_to_file, tiny_qwen35_hf, write_qwen35_gguf
 from textmill.loader import load_model
 from textmill.models.qwen35 import Qwen35ForCausalLM
-from textmill.runner.recurrent_state import RecurrentStates, StepStates
 
 transformers = pytest.importorskip("transformers")
 
 FAR = 100 * LOGPROB_TOLERANCE
-
-
-class OneSequence:
-    """A Qwen3.5 model called as the other families are (ids, positions, ctx): one sequence, its
-    recurrent state kept from call to call and started afresh at position 0."""
-
-    def __init__(self, model: Qwen35ForCausalLM):
-        self.model = model
-        self.states = RecurrentStates(model.config, num_slots=1)
-
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
-        if int(positions[0]) == 0:
-            for pool in (*self.states.conv.values(), *self.states.ssm.values()):
-                pool.zero_()
-        step = StepStates(((0, len(ids), 0),), self.states.conv, self.states.ssm)
-        return self.model(ids, positions, ctx, states=step)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(hidden)
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ def _reference(x, shape: LinearAttentionShape):
 def _kernels(x, shape: LinearAttentionShape, rows=ROWS):
     conv, ssm = x["conv"].clone(), x["ssm"].clone()
     seqs = torch.tensor(rows).view(-1, 3)
-    mixed = ext.conv_silu(x["mixed"], x["weight"].t().contiguous(), conv, seqs)
+    mixed = ext.causal_conv(x["mixed"], x["weight"].t().contiguous(), conv, seqs, True)
     o = ext.gated_delta(mixed, x["z"], x["b"], x["a"], x["A"], x["dt"], x["norm"], ssm, seqs, shape.key_heads,
                         shape.tiled_heads, 1e-6)
     return mixed, o, conv, ssm
@@ -85,6 +85,6 @@ def test_sigmoid_gate_and_bad_rows():
     torch.testing.assert_close(ext.sigmoid_gate(x.clone(), gate), x * torch.sigmoid(gate))
     x = _inputs()
     with pytest.raises(RuntimeError, match="rows cover"):
-        ext.conv_silu(x["mixed"], x["weight"].t().contiguous(), x["conv"], torch.tensor([[0, 2, 0]]))
+        ext.causal_conv(x["mixed"], x["weight"].t().contiguous(), x["conv"], torch.tensor([[0, 2, 0]]), True)
     with pytest.raises(RuntimeError, match="slot"):
-        ext.conv_silu(x["mixed"][:2], x["weight"].t().contiguous(), x["conv"], torch.tensor([[0, 2, 7]]))
+        ext.causal_conv(x["mixed"][:2], x["weight"].t().contiguous(), x["conv"], torch.tensor([[0, 2, 7]]), True)

@@ -130,8 +130,16 @@ _QWEN35 = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
     "ssm_norm": "linear_attn.norm",
     "ssm_out": "linear_attn.out_proj",
 }))
+# LFM2 (models/lfm2.py): Llama's blocks with short convolutions in most layers; its final norm is
+# `token_embd_norm` in the file.
+_LFM2 = GGUFNames("layers", MappingProxyType({**_DECODER_GLOBALS, "token_embd_norm": "norm"}), MappingProxyType({
+    **_QWEN3.blocks,
+    "shortconv.in_proj": "conv.in_proj",
+    "shortconv.conv": "conv.conv_weight",
+    "shortconv.out_proj": "conv.out_proj",
+}))
 _BARE_PARAMS = frozenset({"self_attn.sinks", "mlp.selection_bias", "layer_scalar", "linear_attn.conv_weight",
-                          "linear_attn.dt_bias", "linear_attn.A"})
+                          "linear_attn.dt_bias", "linear_attn.A", "conv.conv_weight"})
 _GPT2 = GGUFNames("h", MappingProxyType({
     "token_embd": "wte",
     "position_embd": "wpe",
@@ -175,6 +183,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "gemma3": _GEMMA3,
     "gemma4": _GEMMA4,  # its norms as they are: Gemma 4's RMSNorm multiplies by the weight itself
     "qwen35": _QWEN35,  # its norms as stored (1 + w), multiplied plainly as Gemma 4's
+    "lfm2": _LFM2,
     "gpt2": _GPT2,
 })
 
@@ -191,7 +200,7 @@ QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3", "granite", "granitemoe", "gra
 # llama.cpp's converter stores Gemma norm weights as 1 + weight (ggml multiplies plainly).
 NORM_PLUS_ONE_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
 
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+?)(?:\.(weight|bias))?")
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.([\w.]+?)(?:\.(weight|bias))?")
 _EXPERT_RE = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
 

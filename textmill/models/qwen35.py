@@ -44,9 +44,10 @@ class SequenceStates(Protocol):
     # (first row, rows, slot) of each sequence of the step, rows in order; a slot indexes the pools
     rows: tuple[tuple[int, int, int], ...]
 
-    def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's (slots, conv_kernel - 1, channels) convolution inputs and its
-        (slots, value_heads, key_dim, value_dim) float32 states, updated in place."""
+        (slots, value_heads, key_dim, value_dim) float32 states (None where the layer has only
+        the convolution: LFM2's), updated in place."""
         ...
 
 
@@ -122,9 +123,9 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def causal_conv(mixed: torch.Tensor, weight: torch.Tensor, pool: torch.Tensor,
-                rows: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
-    """SiLU of each sequence's rows through the depthwise convolution, the taps before its first
-    row taken from the pool's slot, which then keeps its last conv_kernel - 1 inputs."""
+                rows: tuple[tuple[int, int, int], ...], silu: bool = True) -> torch.Tensor:
+    """Each sequence's rows through the depthwise convolution (then SiLU, unless not `silu`), the
+    taps before its first row taken from the pool's slot, which then keeps its last taps - 1 inputs."""
     out = torch.empty_like(mixed)
     taps = weight.shape[1]
     for first, count, slot in rows:
@@ -132,7 +133,7 @@ def causal_conv(mixed: torch.Tensor, weight: torch.Tensor, pool: torch.Tensor,
         windows = seq.unfold(0, taps, 1)  # (count, channels, taps)
         out[first:first + count] = (windows * weight).sum(-1)
         pool[slot] = seq[count:]
-    return F.silu(out)
+    return F.silu(out) if silu else out
 
 
 def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,

@@ -15,6 +15,7 @@ from textmill.config import ModelConfig
 from textmill.models.gemma3 import Gemma3ForCausalLM
 from textmill.models.gemma4 import Gemma4ForCausalLM
 from textmill.models.gpt2 import GPT2LMHeadModel
+from textmill.models.lfm2 import Lfm2ForCausalLM
 from textmill.models.llama import LlamaForCausalLM
 from textmill.models.olmo2 import Olmo2ForCausalLM
 from textmill.models.qwen2 import Qwen2ForCausalLM
@@ -33,6 +34,7 @@ MODEL_CLASSES: Mapping[str, type[nn.Module]] = MappingProxyType({
     "gemma3": Gemma3ForCausalLM,
     "gemma4": Gemma4ForCausalLM,
     "qwen35": Qwen35ForCausalLM,
+    "lfm2": Lfm2ForCausalLM,
     "gpt2": GPT2LMHeadModel,
 })
 
@@ -120,6 +122,9 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     # Qwen3.5 (dense text; models/qwen35.py): gated delta nets in three layers of four, GGUF files
     # only (its folders hold the vision model too). Its mixture of experts (qwen35moe) is refused.
     "qwen35": "qwen35",
+    # LFM2 (350M to 2.6B; models/lfm2.py): short convolutions in most layers, Llama's attention with
+    # q/k norms in the rest. GGUF files only; its mixture of experts (lfm2moe) is refused.
+    "lfm2": "lfm2",
     "gpt2": "gpt2",
     "GPT2LMHeadModel": "gpt2",
 })

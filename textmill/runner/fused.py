@@ -163,7 +163,7 @@ def fuse_gemma4_layers(model: nn.Module, make_linear: MakeFused) -> int:
 
 def fuse_qwen35_layers(model: nn.Module, make_linear: MakeFused) -> int:
     """Qwen3.5's attention with one qkv_proj (queries, gates, keys, values) and its delta nets with
-    one in_proj (q|k|v, z, b, a), for runner/qwen35_forward.py (its MLP is Llama's, which
+    one in_proj (q|k|v, z, b, a), for runner/hybrid_forward.py (its MLP is Llama's, which
     fuse_llama_layers fuses); as for Gemma, only that forward runs the model afterwards."""
     from textmill.models import qwen35
 

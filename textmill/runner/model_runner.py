@@ -24,7 +24,7 @@ from textmill.runner.kernel_forward import GemmaKernelForward, KernelForward, Ke
 from textmill.runner.kv_cache import KVCache, PagedAttention
 from textmill.runner.plan import ExecutionPlan
 from textmill.runner.qlinear import reuse_output
-from textmill.runner.qwen35_forward import Qwen35KernelForward
+from textmill.runner.hybrid_forward import HybridKernelForward
 from textmill.runner.recurrent_state import RecurrentStates
 from textmill.runner.quant import install_linears
 from textmill.runner.sampler import PromptLogprobOutput, SampleOutput, Sampler
@@ -90,11 +90,11 @@ class ModelRunner:
             for kind in (KernelForward, GemmaKernelForward, Gemma4KernelForward):
                 if kind.supports(model):
                     self.forward = kind(model, self.ops)
-            if Qwen35KernelForward.supports(model):  # its delta nets on kernels of their own
+            if HybridKernelForward.supports(model):  # recurrent layers on kernels of their own
                 recurrent = cpp_kernels.load("recurrent")
                 if recurrent is None:
-                    raise ValueError("Qwen3.5's recurrent kernels (kernels/csrc/recurrent.cpp) could not be built")
-                self.forward = Qwen35KernelForward(model, self.ops, recurrent)
+                    raise ValueError("the recurrent layers' kernels (kernels/csrc/recurrent.cpp) could not be built")
+                self.forward = HybridKernelForward(model, self.ops, recurrent)
         # The kernel forwards finish the last layer for the rows a step reads only, and Gemma 4's own
         # forward its shared layers (`keep`); other forwards give every row.
         self._forward_keeps_rows = isinstance(self.forward, KernelForwardBase) or getattr(

@@ -1,4 +1,5 @@
-"""The per-sequence states of a model's recurrent layers (Qwen3.5's gated delta nets).
+"""The per-sequence states of a model's recurrent layers (Qwen3.5's gated delta nets, LFM2's short
+convolutions).
 
 A recurrent layer's memory of a sequence is a fixed-size state, updated token by token, not a
 KV cache with a slot per position: it cannot be shared by prefix, rolled back to an earlier
@@ -12,6 +13,7 @@ The pools are anonymous mappings (kv_cache.untouched_zeros): resident only once 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,16 +25,18 @@ from textmill.runner.kv_cache import untouched_zeros
 STATE_DTYPE = torch.float32  # the recurrence adds small updates to a long-lived sum: float32, as llama.cpp's
 
 
-def state_shapes(config: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """One sequence's (convolution inputs, delta-rule state) shapes in each recurrent layer."""
-    s = config.linear_attention
-    assert s is not None
-    return (s.conv_kernel - 1, s.conv_channels), (s.value_heads, s.key_dim, s.value_dim)
+def state_shapes(config: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """One sequence's convolution inputs and delta-rule state (None: LFM2's short convolutions
+    have none) in each recurrent layer."""
+    if (s := config.linear_attention) is not None:
+        return (s.conv_kernel - 1, s.conv_channels), (s.value_heads, s.key_dim, s.value_dim)
+    assert config.short_conv > 1, "a model with recurrent layers names their state"
+    return (config.short_conv - 1, config.hidden_size), None
 
 
 def bytes_per_sequence(config: ModelConfig) -> int:
     conv, ssm = state_shapes(config)
-    per_layer = conv[0] * conv[1] + ssm[0] * ssm[1] * ssm[2]
+    per_layer = math.prod(conv) + (math.prod(ssm) if ssm else 0)
     return per_layer * len(config.recurrent_layers) * STATE_DTYPE.itemsize
 
 
@@ -44,15 +48,16 @@ class StepStates:
     conv: dict[int, torch.Tensor]
     ssm: dict[int, torch.Tensor]
 
-    def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.conv[layer], self.ssm[layer]
+    def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.conv[layer], self.ssm.get(layer)
 
 
 class RecurrentStates:
     def __init__(self, config: ModelConfig, num_slots: int, device: str | torch.device = "cpu"):
         conv, ssm = state_shapes(config)
         self.conv = {i: untouched_zeros((num_slots, *conv), STATE_DTYPE, device) for i in config.recurrent_layers}
-        self.ssm = {i: untouched_zeros((num_slots, *ssm), STATE_DTYPE, device) for i in config.recurrent_layers}
+        self.ssm = {i: untouched_zeros((num_slots, *ssm), STATE_DTYPE, device)
+                    for i in config.recurrent_layers} if ssm else {}
         self._free = list(range(num_slots - 1, -1, -1))  # popped from the end: slot 0 first
         self._slot_of: dict[str, int] = {}
 

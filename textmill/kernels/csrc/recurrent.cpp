@@ -1,7 +1,9 @@
-// Kernels for the recurrent layers of hybrid models (Qwen3.5's gated delta nets), float32 CPU.
+// Kernels for the recurrent layers of hybrid models (Qwen3.5's gated delta nets, LFM2's short
+// convolutions), float32 CPU.
 //
-//   conv_silu    each sequence's rows through a causal depthwise convolution (its first taps
-//                from the sequence's state), then SiLU; the state keeps its last taps - 1 inputs
+//   causal_conv  each sequence's rows through a causal depthwise convolution (its first taps
+//                from the sequence's state), then SiLU (Qwen3.5; LFM2's without); the state keeps
+//                its last taps - 1 inputs
 //   gated_delta  q and k L2-normed, the gated delta rule through each sequence's state token by
 //                token, each output head RMS-normed times the norm's weight and silu(z)
 //   sigmoid_gate x *= sigmoid(gate): the gate on Qwen3.5's attention output
@@ -75,8 +77,8 @@ inline float sum_squares(const float* x, int64_t n) {
 // torch's softplus (beta 1, threshold 20): x past the threshold is returned as it is.
 inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }
 
-torch::Tensor conv_silu(const torch::Tensor& x, const torch::Tensor& weight, torch::Tensor pool,
-                        const torch::Tensor& rows) {
+torch::Tensor causal_conv(const torch::Tensor& x, const torch::Tensor& weight, torch::Tensor pool,
+                          const torch::Tensor& rows, bool silu) {
   const int64_t n = x.size(0), channels = weight.size(1), taps = weight.size(0);
   check_rows_f32(x, "x", n, channels);
   TORCH_CHECK(weight.scalar_type() == torch::kFloat && weight.dim() == 2 && weight.is_contiguous() && taps >= 1,
@@ -108,7 +110,12 @@ torch::Tensor conv_silu(const torch::Tensor& x, const torch::Tensor& weight, tor
           const float* w = wp + j * channels + c0;
           for (int64_t c = 0; c < width; ++c) acc[c] += w[c] * in[c];
         }
-        silu_row(acc.data(), op + (first + t) * channels + c0, width);
+        float* o = op + (first + t) * channels + c0;
+        if (silu) {
+          silu_row(acc.data(), o, width);
+        } else {
+          std::copy(acc.begin(), acc.end(), o);
+        }
       }
       // The state becomes the last `past` inputs: older state rows first where the chunk is short.
       const int64_t keep = std::min<int64_t>(past, count), shift = past - keep;
@@ -273,10 +280,10 @@ torch::Tensor sigmoid_gate(torch::Tensor x, const torch::Tensor& gate) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("conv_silu", &conv_silu, nogil,
-        "silu of each sequence's rows of x (N, C) through the causal depthwise convolution weight (taps, C), "
+  m.def("causal_conv", &causal_conv, nogil,
+        "each sequence's rows of x (N, C) through the causal depthwise convolution weight (taps, C) [then silu], "
         "its first taps from pool (slots, taps - 1, C), which keeps the last taps - 1 inputs after",
-        py::arg("x"), py::arg("weight"), py::arg("pool"), py::arg("rows"));
+        py::arg("x"), py::arg("weight"), py::arg("pool"), py::arg("rows"), py::arg("silu"));
   m.def("gated_delta", &gated_delta, nogil,
         "the gated delta rule of each sequence's rows through its state in pool (slots, Hv, Dk, Dv), then "
         "the gated RMSNorm; returns (N, Hv * Dv)",

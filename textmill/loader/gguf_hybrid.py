@@ -1,5 +1,7 @@
-"""A Qwen3.5 GGUF file's ModelConfig, as llama.cpp's converter writes one (conversion/qwen.py,
-Qwen3_5TextModel) and its loader reads it (src/models/qwen35.cpp).
+"""The ModelConfig of a hybrid's GGUF file (recurrent layers beside attention), as llama.cpp's
+converter writes one and its loader reads it.
+
+Qwen3.5 (conversion/qwen.py Qwen3_5TextModel; src/models/qwen35.cpp):
 
 The file says which layers are gated delta nets either as a per-layer array
 (`attention.recurrent_layers`) or by an interval (`full_attention_interval`: every 4th layer
@@ -7,6 +9,10 @@ attends); the delta nets' shape is in the `ssm.*` keys. A file may end with mult
 blocks (`nextn_predict_layers`), a draft head llama.cpp runs only on request: they are not layers
 of the model here, and their tensors are left in the file. Qwen3.5's mixture of experts
 (`qwen35moe`) is refused by the registry.
+
+LFM2 (conversion/lfm2.py LFM2Model; src/models/lfm2.cpp): a layer whose `attention.head_count_kv`
+entry is 0 is a short convolution of `shortconv.l_cache` taps; the final norm is `token_embd_norm`
+(llama.cpp's "fix for wrong tensor name"). Its mixture of experts (`lfm2moe`) is refused.
 """
 from __future__ import annotations
 
@@ -54,6 +60,41 @@ def qwen35_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelC
         tie_word_embeddings="output.weight" not in names,
         recurrent_layers=recurrent,
         linear_attention=shape,
+        name=str(meta.get("general.name", "")),
+    )
+
+
+def lfm2_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelConfig:
+    names = {t.name for t in gguf.tensors}
+    if any(name.startswith("dense_2_out") for name in names):
+        raise ValueError("LFM2 embedding models (ColBERT's dense_2_out) are not supported")
+    if any(name.endswith(".shortconv.in_proj.bias") for name in names):
+        raise ValueError("LFM2 files with convolution biases are not supported")
+    layers, heads = int(meta.arch_get("block_count")), int(meta.arch_get("attention.head_count"))
+    kv = meta.arch_get("attention.head_count_kv")
+    kv = list(kv) if isinstance(kv, (list, tuple)) else [kv] * layers
+    attention = {int(h) for h in kv if int(h)}
+    if len(attention) != 1:
+        raise ValueError(f"LFM2 files whose attention layers differ in KV heads ({sorted(attention)}) are not supported")
+    hidden = int(meta.arch_get("embedding_length"))
+    window = meta.arch_get("attention.sliding_window", None)
+    return ModelConfig(
+        architecture="lfm2",
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=int(meta.arch_get("feed_forward_length")),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=attention.pop(),
+        head_dim=hidden // heads,
+        max_position_embeddings=int(meta.arch_get("context_length")),
+        norm_eps=float(meta.arch_get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(meta.arch_get("rope.freq_base", 1_000_000.0)),
+        tie_word_embeddings="output.weight" not in names,
+        qk_norm=True,
+        sliding_window=int(window) if window else None,
+        recurrent_layers=tuple(i for i in range(layers) if int(kv[i]) == 0),
+        short_conv=int(meta.arch_get("shortconv.l_cache")),
         name=str(meta.get("general.name", "")),
     )
 

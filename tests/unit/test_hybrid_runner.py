@@ -1,6 +1,6 @@
-"""Qwen3.5 through the ModelRunner: each running request keeps its gated delta nets' state in a
-slot of its own (runner/recurrent_state.py), carried from chunk to chunk and step to step, taken
-afresh after a preemption and given back when it finishes. Chunked prompts, mixed batches,
+"""The hybrids (Qwen3.5, LFM2) through the ModelRunner: each running request keeps its recurrent
+layers' state in a slot of its own (runner/recurrent_state.py), carried from chunk to chunk and step
+to step, taken afresh after a preemption and given back when it finishes. Chunked prompts, mixed batches,
 prompt log-probabilities and greedy tokens are checked against one dense pass of the same model,
 on eager torch (float weights) and on the C++ kernel forward (the file's Q8_0 blocks)."""
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tests.parity.dense_attention import DenseAttention
-from tests.parity.test_qwen35_parity import OneSequence
+from tests.parity.one_sequence import OneSequence
 from tests.parity.tiny_models import train_tokenizer
-from tests.parity.tiny_qwen35 import round_to_file, tiny_qwen35_hf, write_qwen35_gguf
+from tests.parity import tiny_lfm2, tiny_qwen35
 from tests.unit.test_model_runner import BLOCK, Seq, _prompt, drive
 from textmill.config import CacheConfig
 from textmill.loader import load_model
@@ -22,11 +22,17 @@ from textmill.sampling_params import SamplingParams
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def q8_file(tmp_path_factory):
-    hf = tiny_qwen35_hf()
+FAMILIES = {"qwen35": (tiny_qwen35.tiny_qwen35_hf, tiny_qwen35.round_to_file, tiny_qwen35.write_qwen35_gguf),
+            "lfm2": (tiny_lfm2.tiny_lfm2_hf, tiny_lfm2.round_to_file, tiny_lfm2.write_lfm2_gguf)}
+
+
+@pytest.fixture(scope="module", params=tuple(FAMILIES))
+def q8_file(request, tmp_path_factory):
+    make, round_to_file, write = FAMILIES[request.param]
+    hf = make()
     round_to_file(hf)
-    return write_qwen35_gguf(tmp_path_factory.mktemp("q35") / "tiny-qwen35.gguf", hf, train_tokenizer(), q8_0=True)
+    path = tmp_path_factory.mktemp(request.param) / f"tiny-{request.param}.gguf"
+    return write(path, hf, train_tokenizer(), q8_0=True)
 
 
 def _dense_logprobs(model, tokens: list[int]) -> torch.Tensor:
@@ -65,18 +71,19 @@ def _runner(path, kernels: bool, slots: int = 4) -> ModelRunner:
 
 def test_states_on_eager_torch(q8_file):
     runner = _runner(q8_file, kernels=False)
-    assert runner.kv_cache.kv[0] is None and runner.kv_cache.kv[3] is not None  # delta nets keep no KV
+    layers = runner.model_config.recurrent_layers
+    assert all((kv is None) == (i in layers) for i, kv in enumerate(runner.kv_cache.kv))  # a state, not KV
     assert not runner.chunks_match_steps  # no guessed tokens: a state cannot take back a rejected one
     _check(drive(runner, _seqs(runner.model_config.vocab_size), budget=5), load_model(q8_file).model, atol=1e-4)
 
 
 @pytest.mark.skipif(not qlinear.available(), reason="textmill's C++ kernels are not built here")
 def test_states_on_the_kernels(q8_file):
-    """The file's blocks on the kernel forward (runner/qwen35_forward.py), paged, chunked and batched, give each request
+    """The file's blocks on the kernel forward (runner/hybrid_forward.py), paged, chunked and batched, give each request
     bitwise what it gets alone one token a step, and the float model's values within the 8-bit
     activations' rounding (this tiny random model: 0.12 nats on average, up to ~0.7)."""
     runner = _runner(q8_file, kernels=True)
-    assert type(runner.forward).__name__ == "Qwen35KernelForward"
+    assert type(runner.forward).__name__ == "HybridKernelForward"
     vocab = runner.model_config.vocab_size
     mixed = drive(runner, _seqs(vocab), budget=5)
     for seq in _seqs(vocab):

@@ -1,10 +1,10 @@
-"""A tiny Qwen3.5 (written as llama.cpp's converter writes one, Q8_0; tests/parity/tiny_qwen35.py)
-served end to end on the default plan: the file's blocks on the kernel forward, the real app and
-engine, through the official openai client.
+"""Tiny hybrids (Qwen3.5 and LFM2, written as llama.cpp's converter writes them, Q8_0;
+tests/parity/tiny_qwen35.py, tiny_lfm2.py) served end to end on the default plan: the file's blocks
+on the kernel forward, the real app and engine, through the official openai client.
 
-What Qwen3.5 adds to the path: gated delta nets whose memory of a request is a state the runner
-keeps per running request, carried across chunks, and no prefix cache (a state after a prefix is
-not kept). A prompt prefilled in chunks of 8 must score its own continuation exactly as
+What a hybrid adds to the path: recurrent layers (gated delta nets, short convolutions) whose memory
+of a request is a state the runner keeps per running request, carried across chunks, and no prefix
+cache (a state after a prefix is not kept). A prompt prefilled in chunks of 8 must score its own continuation exactly as
 generation gave it (echo); requests running side by side, n > 1 included, must each get what
 they get alone.
 """
@@ -16,22 +16,25 @@ import openai
 import pytest
 
 from tests.parity.tiny_models import train_tokenizer
-from tests.parity.tiny_qwen35 import round_to_file, tiny_qwen35_hf, write_qwen35_gguf
+from tests.parity import tiny_lfm2, tiny_qwen35
 from textmill.config import EngineConfig, ServerConfig
 
 from .server import free_port, running_server
 
 pytest.importorskip("transformers")
 
-NAME = "tiny-qwen35"
+NAME = "tiny-hybrid"
 PROMPT = "the cat sat on the mat and the dog sat on the log while the bird sang in the tree"
+FAMILIES = {"qwen35": (tiny_qwen35.tiny_qwen35_hf, tiny_qwen35.round_to_file, tiny_qwen35.write_qwen35_gguf),
+            "lfm2": (tiny_lfm2.tiny_lfm2_hf, tiny_lfm2.round_to_file, tiny_lfm2.write_lfm2_gguf)}
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    hf = tiny_qwen35_hf()
+@pytest.fixture(scope="module", params=tuple(FAMILIES))
+def client(request, tmp_path_factory):
+    make, round_to_file, write = FAMILIES[request.param]
+    hf = make()
     round_to_file(hf)
-    path = write_qwen35_gguf(tmp_path_factory.mktemp("q35") / "tiny-qwen35.gguf", hf, train_tokenizer(), q8_0=True)
+    path = write(tmp_path_factory.mktemp(request.param) / f"{request.param}.gguf", hf, train_tokenizer(), q8_0=True)
     options = EngineConfig(model=str(path)).updated(max_model_len=256, memory_gib=0.05, max_num_batched_tokens=8,
                                                     max_num_seqs=4)
     with running_server(options, ServerConfig(port=free_port(), served_model_name=NAME)) as url:

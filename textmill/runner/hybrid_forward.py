@@ -1,0 +1,152 @@
+"""The hybrids' forward pass (models/qwen35.py, models/lfm2.py) on textmill's C++ kernels (float32 CPU).
+
+Every call computes a row from that row alone (the 2- to 8-bit linears, layer.cpp's norms, RoPE
+and paged attention, recurrent.cpp's convolution, delta rule and gate, exact elementwise products)
+and a recurrent state takes a sequence's tokens one by one, so a position gets the same bits in a
+prompt chunk as in a one-token step (echo scores a continuation exactly as generation gave it).
+Both families' layers are a pre-norm mixer and a pre-norm SwiGLU MLP:
+
+    y = rms_norm(h, w_in)
+    a = mixer(y), one of:
+        Qwen3.5's delta net:   [qkv | z | b | a] = in_proj(y)
+                               out_proj(gated_delta(causal_conv(qkv, silu), z, b, a, ...))
+        Qwen3.5's attention:   [q | gate | k | v] = qkv_proj(y)
+                               o_proj(sigmoid_gate(paged_attention(rope_kv_write([q | k | v], ...)), gate))
+        LFM2's convolution:    [b | c | x] = in_proj(y);  out_proj(c * causal_conv(b * x))
+        LFM2's attention:      o_proj(paged_attention(rope_kv_write(qkv_proj(y), q_norm, k_norm)))
+    y = add_rms_norm(a, h, w_post)                             h += a
+    h += down(silu_mul(gate_up(y)))
+
+Built for models whose layers runner/fused.py fused (fuse_qwen35_layers, fuse_lfm2_layers and
+fuse_llama_layers).
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from textmill.models import lfm2, qwen35
+from textmill.runner.kernel_attention import KernelPagedAttention
+from textmill.runner.kernel_forward import KernelForwardBase, direct_call
+from textmill.runner.recurrent_state import StepStates
+
+
+def _weight(norm: torch.nn.Module) -> torch.Tensor:
+    return norm.weight.detach().float().contiguous()
+
+
+def _taps(weight: torch.Tensor) -> torch.Tensor:
+    """A depthwise convolution's (channels, taps) weight as (taps, channels): a tap's adjacent."""
+    return weight.detach().float().t().contiguous()
+
+
+class HybridKernelForward(KernelForwardBase):
+    """KernelForwardBase's place in the runner (rows kept, chunks that match steps) with a layer
+    loop of its own, over a recurrent kind of layer and an attending one."""
+
+    def __init__(self, model: torch.nn.Module, ops: ModuleType, recurrent: ModuleType):
+        # Not KernelForwardBase.__init__: that one reads the Llama families' four fused linears.
+        self.ops, self.recurrent, self.model, self.one_call = ops, recurrent, model, None
+        config = model.config
+        self.eps, self.shape = config.norm_eps, config.linear_attention
+        self.embed = model.embed_tokens
+        self.layers = list(model.layers)
+        self.final_norm = _weight(model.norm)
+        self.norms = [(_weight(b.input_layernorm), _weight(b.post_attention_layernorm)) for b in self.layers]
+        self.mlps = [(direct_call(b.mlp.gate_up_proj), direct_call(b.mlp.down_proj)) for b in self.layers]
+        self.steps = [self._mixer(b) for b in self.layers]
+
+    def _mixer(self, block: torch.nn.Module):
+        """The layer's mixer as a function of (y, positions' rows, cos, sin, ctx, states, seqs)."""
+        if isinstance(block, qwen35.Block) and block.recurrent:
+            return self._delta_net(block.linear_attn)
+        if isinstance(block, qwen35.Block):
+            return self._gated_attention(block.self_attn)
+        if block.recurrent:
+            return self._short_conv(block.conv)
+        return self._attention(block.self_attn)
+
+    @staticmethod
+    def supports(model: torch.nn.Module) -> bool:
+        """A hybrid whose layers were fused: one projection into each mixer (an LFM2 convolution has
+        one already) and gate|up."""
+        if type(model) not in (qwen35.Qwen35ForCausalLM, lfm2.Lfm2ForCausalLM):
+            return False
+        for b in model.layers:
+            mixer = getattr(b, "linear_attn", None) or getattr(b, "conv", None) or b.self_attn
+            if getattr(b.mlp, "gate_up_proj", None) is None or getattr(
+                    mixer, "in_proj" if b.recurrent else "qkv_proj", None) is None:
+                return False
+        return True
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: KernelPagedAttention,
+                 keep: torch.Tensor | None = None, states: StepStates | None = None) -> torch.Tensor:
+        assert states is not None, "a hybrid's recurrent layers run over the runner's per-sequence states"
+        ops, eps = self.ops, self.eps
+        h = self.embed(input_ids).float()  # (N, C): the residual stream
+        cos, sin = self.model.rotary.table(positions)
+        rows = torch.arange(h.shape[0])
+        seqs = torch.tensor(states.rows, dtype=torch.int64).view(-1, 3)
+        for i in range(len(self.layers)):
+            w_in, w_post = self.norms[i]
+            a = self.steps[i](ops.rms_norm(h, w_in, eps), rows, cos, sin, ctx, states, seqs)
+            y = ops.add_rms_norm(a, h, w_post, eps)  # h += a
+            gate_up, down = self.mlps[i]
+            h.add_(down(ops.silu_mul(gate_up(y))))
+        if keep is not None:
+            h = h.index_select(0, keep)
+        return ops.rms_norm(h, self.final_norm, eps)
+
+    def _delta_net(self, net: qwen35.GatedDeltaNet):
+        s, recurrent = net.shape, self.recurrent
+        in_proj, out_proj, norm = direct_call(net.in_proj), direct_call(net.out_proj), _weight(net.norm)
+        c, z, b, a = torch.tensor((s.conv_channels, s.value_heads * s.value_dim, s.value_heads, s.value_heads)
+                                  ).cumsum(0).tolist()
+        taps, A, dt_bias = _taps(net.conv_weight), net.A.detach().float().contiguous(), \
+            net.dt_bias.detach().float().contiguous()
+
+        def step(y, rows, cos, sin, ctx, states, seqs):
+            conv, ssm = states.pools(net.layer_idx)
+            p = in_proj(y)  # (N, qkv | z | b | a)
+            x = recurrent.causal_conv(p[:, :c], taps, conv, seqs, True)
+            return out_proj(recurrent.gated_delta(x, p[:, c:z], p[:, z:b], p[:, b:a], A, dt_bias, norm, ssm, seqs,
+                                                  s.key_heads, s.tiled_heads, self.eps))
+        return step
+
+    def _gated_attention(self, attn: qwen35.Attention):
+        qkv_proj, o_proj = direct_call(attn.qkv_proj), direct_call(attn.o_proj)
+        w_q, w_k, i = _weight(attn.q_norm), _weight(attn.k_norm), attn.layer_idx
+        hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+
+        def step(y, rows, cos, sin, ctx, states, seqs):
+            p = qkv_proj(y)  # (N, q | gate | k | v)
+            qkv = torch.cat([p[:, :hq * d], p[:, 2 * hq * d:]], dim=1)
+            q = self.ops.rope_kv_write(qkv, rows, cos, sin, ctx.cache.kv[i], ctx.meta.slot_mapping, hq, hkv,
+                                       q_norm=w_q, k_norm=w_k, norm_eps=self.eps)  # (N, Hq, D)
+            o = ctx.attend_cached(i, q, scale=d**-0.5).flatten(1)
+            return o_proj(self.recurrent.sigmoid_gate(o.contiguous(), p[:, hq * d:2 * hq * d]))
+        return step
+
+    def _short_conv(self, conv: lfm2.ShortConv):
+        in_proj, out_proj, taps = direct_call(conv.in_proj), direct_call(conv.out_proj), _taps(conv.conv_weight)
+        width = self.model.config.hidden_size
+
+        def step(y, rows, cos, sin, ctx, states, seqs):
+            bcx = in_proj(y)  # (N, b | c | x)
+            pool, _ = states.pools(conv.layer_idx)
+            bx = bcx[:, :width] * bcx[:, 2 * width:]
+            return out_proj(bcx[:, width:2 * width] * self.recurrent.causal_conv(bx, taps, pool, seqs, False))
+        return step
+
+    def _attention(self, attn: torch.nn.Module):
+        """LFM2's: Llama's attention as runner/fused.py's FusedAttention, with per-head q/k norms."""
+        qkv_proj, o_proj = direct_call(attn.qkv_proj), direct_call(attn.o_proj)
+        w_q, w_k, i = _weight(attn.q_norm), _weight(attn.k_norm), attn.layer_idx
+        hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+
+        def step(y, rows, cos, sin, ctx, states, seqs):
+            q = self.ops.rope_kv_write(qkv_proj(y), rows, cos, sin, ctx.cache.kv[i], ctx.meta.slot_mapping, hq, hkv,
+                                       q_norm=w_q, k_norm=w_k, norm_eps=self.eps)  # (N, Hq, D)
+            return o_proj(ctx.attend_cached(i, q, scale=attn.scale, sliding_window=attn.sliding_window).flatten(1))
+        return step
