@@ -26,7 +26,9 @@
                   types (bench/synthetic_gemma4.py; not in the default matrix: 2.8 GB)
     synthetic-qwen35  a random-weight file of Qwen3.5 0.8B's shapes (24 layers, 18 of them gated delta
                   nets with a state per sequence, 248,320 tokens) in Q4_K_M's types
-                  (bench/synthetic_qwen35.py; not in the default matrix: 0.5 GB)
+                  (bench/synthetic_hybrids.py; not in the default matrix: 0.5 GB)
+    synthetic-lfm2  a random-weight file of LFM2 1.2B's shapes (16 layers, 10 of them short convolutions,
+                  65,536 tokens) in Q4_K_M's types (bench/synthetic_hybrids.py; not in the default matrix)
     synthetic-1b-q3k  the synthetic 1B's layers rewritten in Q3_K (bench/requant_gguf.py; not in the
                   default matrix; llama.cpp's own Q3_K_M keeps some layers in Q4_K/Q5_K)
     synthetic-1b-q8  the synthetic 1B's layers rewritten in Q8_0 (bench/requant_gguf.py; not in the
@@ -53,7 +55,7 @@ MATRIX = ("smollm2", "gemma3", "synthetic-1b", "synthetic-qwen3")
 # named files outside the default matrix
 EXTRA = ("smollm2-iq4xs", "synthetic-1b-q3k", "synthetic-1b-q8", "synthetic-8b", "synthetic-gemma2", "synthetic-phi3",
          "synthetic-olmo2", "synthetic-qwen3moe", "synthetic-gptoss", "synthetic-erniemoe", "synthetic-gemma4",
-         "synthetic-qwen35")
+         "synthetic-qwen35", "synthetic-lfm2")
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,9 @@ def resolve(key: str) -> Path:
         if key == "synthetic-gemma4":
             from synthetic_gemma4 import synthetic_gemma4_path
             return synthetic_gemma4_path()
-        if key == "synthetic-qwen35":
-            from synthetic_qwen35 import synthetic_qwen35_path
-            return synthetic_qwen35_path()
+        if key in ("synthetic-qwen35", "synthetic-lfm2"):
+            from synthetic_hybrids import SYNTHETIC_LFM2, SYNTHETIC_QWEN35, synthetic_hybrid_path
+            return synthetic_hybrid_path(SYNTHETIC_QWEN35 if key == "synthetic-qwen35" else SYNTHETIC_LFM2)
         from synthetic_gguf import (SYNTHETIC_1B, SYNTHETIC_8B, SYNTHETIC_ERNIEMOE, SYNTHETIC_GEMMA2, SYNTHETIC_GPTOSS,
                                     SYNTHETIC_OLMO2, SYNTHETIC_PHI3, SYNTHETIC_QWEN3, SYNTHETIC_QWEN3MOE,
                                     synthetic_path)
@@ -173,6 +175,8 @@ def read_info(path: Path) -> ModelInfo:
     if arch == "qwen35":  # only every full_attention_interval-th layer attends; the rest keep a state
         interval = int(get("full_attention_interval", 4))
         owners = [i for i in range(layers) if (i + 1) % interval == 0]
+    if arch == "lfm2":  # a short convolution's KV heads are 0
+        owners = [i for i in range(layers) if kv_heads[i]]
     if arch == "gemma4":  # global layers of their own width; the last shared_kv_layers keep no cache
         widths = [int(get("attention.key_length_swa")) if s else w
                   for s, w in zip(get("attention.sliding_window_pattern"), widths)]
@@ -181,7 +185,7 @@ def read_info(path: Path) -> ModelInfo:
         architecture=arch, name=str(meta.get("general.name", path.stem)),
         params_m=sum(int(_prod(t.shape)) for t in gguf.tensors) / 1e6,
         file_mib=path.stat().st_size / 2**20,
-        layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads[0], head_dim=widths[0],
+        layers=layers, hidden=hidden, heads=heads, kv_heads=max(kv_heads), head_dim=widths[0],
         kv_row_values=sum(kv_heads[i] * widths[i] for i in owners),
         context=int(get("context_length")), vocab=int(embd.shape[0]),
         sliding_window=int(get("attention.sliding_window")) if get("attention.sliding_window") else None,

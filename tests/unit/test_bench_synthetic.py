@@ -214,7 +214,7 @@ def test_a_qwen35_file_and_the_benchs_kv_sizing(tmp_path):
     import dataclasses
 
     import models
-    import synthetic_qwen35 as sq
+    import synthetic_hybrids as sq
     import torch
 
     from textmill.config import CacheConfig
@@ -232,3 +232,23 @@ def test_a_qwen35_file_and_the_benchs_kv_sizing(tmp_path):
     assert models.read_info(path).kv_bytes_per_token(2) * 16 == per_block == 16 * 2 * 2 * (2 * 2 * 256)
     loaded = load_model(path)  # the file's tensors all land where the model has them
     assert not any(p.is_meta for p in loaded.model.parameters())
+
+
+def test_an_lfm2_file_and_the_benchs_kv_sizing(tmp_path):
+    """synthetic_hybrids' LFM2 (a few layers of 1.2B's kind): textmill reads the hybrid's shapes and
+    the bench's KV bytes a token are the pool's own (its attention layers' alone)."""
+    import dataclasses
+
+    import models
+    import synthetic_hybrids as sh
+    import torch
+
+    from textmill.config import CacheConfig
+    from textmill.runner.kv_cache import KVCache
+
+    spec = dataclasses.replace(sh.SYNTHETIC_LFM2, hidden=256, layers=6, heads=4, kv_heads=2, ffn=512, vocab=None)
+    path = sh.write_lfm2(spec, sg.default_tokenizer_source(), tmp_path / "lfm2.gguf")
+    config = read_config(GGUFFile(path))
+    assert (config.architecture, config.recurrent_layers, config.short_conv) == ("lfm2", (0, 1, 3, 4), 3)
+    per_block = KVCache.bytes_per_block(config, CacheConfig(block_size=16), torch.float32, torch.float16)
+    assert models.read_info(path).kv_bytes_per_token(2) * 16 == per_block == 16 * 2 * 2 * (2 * 2 * 64)
