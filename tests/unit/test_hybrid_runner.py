@@ -108,3 +108,48 @@ def test_preempted_request_starts_from_a_fresh_state(q8_file):
         s.arrive = 0
         assert drive(runner, [s], budget=5)[s.rid].tokens == expected[s.rid]
     assert len(runner.states._free) == 2
+
+
+@pytest.mark.skipif(not qlinear.available(), reason="textmill's C++ kernels are not built here")
+def test_guessed_tokens_leave_the_states_of_one_token_steps(q8_file):
+    """Two requests decode side by side, one token a step, then the same again with guesses: one
+    request's all right, the other's right then wrong. The rejected guesses' rows went through the
+    recurrent layers too; the runner puts those states back and replays the kept rows, so every
+    later token and log-prob is plain decoding's, bit for bit."""
+    from textmill.messages import NewRequestData, ScheduledChunk, SchedulerOutput
+
+    vocab = load_model(q8_file).config.vocab_size
+    prompts = {"a": _prompt(9, 5, vocab), "b": _prompt(6, 6, vocab)}
+    params = SamplingParams(temperature=0.0, max_tokens=40, logprobs=1)
+
+    def run(guess_at: int | None) -> dict[str, list]:
+        runner = _runner(q8_file, kernels=True)
+        assert runner.chunks_match_steps
+        tokens = {r: list(p) for r, p in prompts.items()}
+        lps = {r: [] for r in prompts}
+        blocks = {"a": tuple(range(0, 8)), "b": tuple(range(8, 16))}  # room for 32 tokens each
+        out = runner.execute(SchedulerOutput(tuple(NewRequestData(r, params) for r in prompts), tuple(
+            ScheduledChunk(r, tuple(p), 0, blocks[r], sample=True) for r, p in prompts.items()), (), ()))
+        for step in range(12):
+            for r in prompts:
+                tokens[r].append(out.sampled[r].token_id)
+                lps[r].append(out.sampled[r].logprob)
+            chunks = []
+            for r, t in tokens.items():
+                draft = ()
+                if step == guess_at:  # a's next three as plain decoding gives them; b's first right, then wrong
+                    right = expected[r][len(t):len(t) + 3]
+                    draft = tuple(right) if r == "a" else (right[0], (right[1] + 1) % vocab, right[2])
+                chunks.append(ScheduledChunk(r, (t[-1], *draft), len(t) - 1, (), sample=True,
+                                             block_offset=len(blocks[r]), draft=draft))
+            out = runner.execute(SchedulerOutput((), tuple(chunks), (), ()))
+            for r in prompts:
+                for entry in out.accepted.get(r, ()):
+                    tokens[r].append(entry.token_id)
+                    lps[r].append(entry.logprob)
+        return {r: (tokens[r][:len(prompts[r]) + 12], lps[r][:12]) for r in prompts}
+
+    expected = {r: t for r, (t, _) in run(None).items()}
+    plain = run(None)
+    guessed = run(3)
+    assert guessed == plain

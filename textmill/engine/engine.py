@@ -45,10 +45,8 @@ class Engine:
         self._scheduler = scheduler
         self._runner = runner
         if scheduler.drafter is not None and not getattr(runner, "chunks_match_steps", False):
-            # Guessed tokens would still be right, but not bit for bit plain decoding's (or, for a
-            # model with recurrent layers, their states would take in the rejected guesses).
-            log.info("guessed tokens: off (this runner's chunks are not bitwise one-token steps, or its model "
-                     "keeps recurrent states)")
+            # Guessed tokens would still be right, but not bit for bit plain decoding's.
+            log.info("guessed tokens: off (this runner's chunks are not bitwise one-token steps)")
             scheduler.drafter = None
         self._outputs = OutputProcessor(tokenizer)
         self._requests: dict[str, Request] = {}  # live requests: no final output yet

@@ -56,6 +56,8 @@ class HybridKernelForward(KernelForwardBase):
         self.norms = [(_weight(b.input_layernorm), _weight(b.post_attention_layernorm)) for b in self.layers]
         self.mlps = [(direct_call(b.mlp.gate_up_proj), direct_call(b.mlp.down_proj)) for b in self.layers]
         self.steps = [self._mixer(b) for b in self.layers]
+        # Each recurrent layer's replay: its kernels over recorded inputs, into the states (hybrids' guesses).
+        self.replays = {i: self._replay_of(b) for i, b in enumerate(self.layers) if b.recurrent}
 
     def _mixer(self, block: torch.nn.Module):
         """The layer's mixer as a function of (y, positions' rows, cos, sin, ctx, states, seqs)."""
@@ -98,20 +100,42 @@ class HybridKernelForward(KernelForwardBase):
             h = h.index_select(0, keep)
         return ops.rms_norm(h, self.final_norm, eps)
 
-    def _delta_net(self, net: qwen35.GatedDeltaNet):
-        s, recurrent = net.shape, self.recurrent
-        in_proj, out_proj, norm = direct_call(net.in_proj), direct_call(net.out_proj), _weight(net.norm)
+    def replay(self, states: StepStates, rows: torch.Tensor, slot: int) -> None:
+        """Run `rows` of a recorded step (one sequence's, in order) through its recurrent layers again,
+        into `slot`'s states (put back to before the step first): the state those rows alone leave."""
+        seqs = torch.tensor([[0, rows.numel(), slot]], dtype=torch.int64)
+        for i, replay in self.replays.items():
+            replay(*(t.index_select(0, rows) for t in states.record[i]), states.pools(i), seqs)
+
+    def _replay_of(self, block: torch.nn.Module):
+        if isinstance(block, qwen35.Block):
+            run = self._delta_kernels(block.linear_attn)
+            return lambda p, pools, seqs: run(p, *pools, seqs)
+        taps = _taps(block.conv.conv_weight)
+        return lambda bx, pools, seqs: self.recurrent.causal_conv(bx, taps, pools[0], seqs, False)
+
+    def _delta_kernels(self, net: qwen35.GatedDeltaNet):
+        """(p = in_proj's [qkv | z | b | a], conv pool, state pool, seqs) -> the net's output before out_proj."""
+        s, recurrent, norm = net.shape, self.recurrent, _weight(net.norm)
         c, z, b, a = torch.tensor((s.conv_channels, s.value_heads * s.value_dim, s.value_heads, s.value_heads)
                                   ).cumsum(0).tolist()
         taps, A, dt_bias = _taps(net.conv_weight), net.A.detach().float().contiguous(), \
             net.dt_bias.detach().float().contiguous()
 
-        def step(y, rows, cos, sin, ctx, states, seqs):
-            conv, ssm = states.pools(net.layer_idx)
-            p = in_proj(y)  # (N, qkv | z | b | a)
+        def run(p, conv, ssm, seqs):
             x = recurrent.causal_conv(p[:, :c], taps, conv, seqs, True)
-            return out_proj(recurrent.gated_delta(x, p[:, c:z], p[:, z:b], p[:, b:a], A, dt_bias, norm, ssm, seqs,
-                                                  s.key_heads, s.tiled_heads, self.eps))
+            return recurrent.gated_delta(x, p[:, c:z], p[:, z:b], p[:, b:a], A, dt_bias, norm, ssm, seqs,
+                                         s.key_heads, s.tiled_heads, self.eps)
+        return run
+
+    def _delta_net(self, net: qwen35.GatedDeltaNet):
+        in_proj, out_proj, run = direct_call(net.in_proj), direct_call(net.out_proj), self._delta_kernels(net)
+
+        def step(y, rows, cos, sin, ctx, states, seqs):
+            p = in_proj(y)  # (N, qkv | z | b | a)
+            if states.record is not None:
+                states.record[net.layer_idx] = (p,)
+            return out_proj(run(p, *states.pools(net.layer_idx), seqs))
         return step
 
     def _gated_attention(self, attn: qwen35.Attention):
@@ -136,6 +160,8 @@ class HybridKernelForward(KernelForwardBase):
             bcx = in_proj(y)  # (N, b | c | x)
             pool, _ = states.pools(conv.layer_idx)
             bx = bcx[:, :width] * bcx[:, 2 * width:]
+            if states.record is not None:
+                states.record[conv.layer_idx] = (bx,)
             return out_proj(bcx[:, width:2 * width] * self.recurrent.causal_conv(bx, taps, pool, seqs, False))
         return step
 

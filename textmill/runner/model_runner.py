@@ -11,7 +11,7 @@ import threading
 import torch
 
 from textmill.config import CacheConfig, ModelConfig
-from textmill.messages import RunnerOutput, SchedulerOutput, TokenLogprob
+from textmill.messages import RunnerOutput, ScheduledChunk, SchedulerOutput, TokenLogprob
 from textmill import kernels as cpp_kernels
 from textmill.runner.batch import PromptSegment, build_batch
 from textmill.runner.decode_graphs import DecodeGraphs, accepts as pure_decode
@@ -25,7 +25,7 @@ from textmill.runner.kv_cache import KVCache, PagedAttention
 from textmill.runner.plan import ExecutionPlan
 from textmill.runner.qlinear import reuse_output
 from textmill.runner.hybrid_forward import HybridKernelForward
-from textmill.runner.recurrent_state import RecurrentStates
+from textmill.runner.recurrent_state import RecurrentStates, StepStates
 from textmill.runner.quant import install_linears
 from textmill.runner.sampler import PromptLogprobOutput, SampleOutput, Sampler
 
@@ -137,10 +137,9 @@ class ModelRunner:
         step: true of the C++ kernel forwards (their linears, norms and attention compute each
         row alike whatever the rows beside it), which the tests hold to it; not of eager torch,
         whose matmuls and attention choose their order by shape. Guessed tokens are exact only
-        where it holds (engine/ngram_draft.py), so the engine turns them off elsewhere; and off
-        for recurrent layers, whose states would take in the rejected guesses too."""
-        return (self.ops is not None and isinstance(self.forward, KernelForwardBase) and self.graphs is None
-                and self.states is None)
+        where it holds (engine/ngram_draft.py), so the engine turns them off elsewhere. (A hybrid's
+        recurrent states take in the rejected guesses too: execute() puts them back, _rewind.)"""
+        return self.ops is not None and isinstance(self.forward, KernelForwardBase) and self.graphs is None
 
     @staticmethod
     def kv_bytes_per_block(model_config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype,
@@ -170,9 +169,13 @@ class ModelRunner:
             else:
                 ctx = PagedAttention(self.kv_cache, batch.attn, grouped_decode=self._num_threads > 1)
             rows = batch.logits_rows
-            extra = {}
+            drafts = {c.request_id: c.draft for c in scheduled.chunks if c.draft}
+            extra, saved = {}, None
             if self.states is not None:
-                extra["states"] = self.states.for_step(tuple(scheduled.chunks[i] for i in batch.order))
+                ordered = tuple(scheduled.chunks[i] for i in batch.order)
+                extra["states"] = self.states.for_step(ordered, record=bool(drafts))
+                if drafts:  # the guessing requests' states as they were, for _rewind
+                    saved = self.states.checkpoint([self.states.slot_of(r) for r in drafts])
             if self._forward_keeps_rows:
                 hidden = self.forward(batch.input_ids, batch.positions, ctx, keep=rows, **extra)  # (S + P, C)
             else:
@@ -180,9 +183,23 @@ class ModelRunner:
             if rows.numel() == 0:
                 return RunnerOutput()  # only mid-prompt chunks: nothing to sample or score
             logits = self.model.logits(hidden)  # (S + P, V)
-            drafts = {c.request_id: c.draft for c in scheduled.chunks if c.draft}
-            return self._sample_and_score(batch.sample_request_ids, batch.prompt_segments, batch.prompt_targets,
-                                          self._limit_vocab(logits), drafts)
+            out = self._sample_and_score(batch.sample_request_ids, batch.prompt_segments, batch.prompt_targets,
+                                         self._limit_vocab(logits), drafts)
+            if saved is not None:
+                self._rewind(extra["states"], ordered, drafts, out, saved)
+            return out
+
+    def _rewind(self, states: StepStates, ordered: tuple[ScheduledChunk, ...], drafts: dict[str, tuple[int, ...]],
+                out: RunnerOutput, saved: dict[int, list[torch.Tensor]]) -> None:
+        """The recurrent states of requests whose guesses were rejected, put back to before the step
+        and advanced by the rows kept (the last real token and the guesses sampling confirmed)."""
+        for chunk, (first, _, slot) in zip(ordered, states.rows):
+            draft = drafts.get(chunk.request_id)
+            kept = len(out.accepted.get(chunk.request_id, ()))
+            if draft is not None and kept < len(draft):
+                self.states.restore(slot, saved)
+                rows = torch.arange(first, first + len(chunk.token_ids) - len(draft) + kept)
+                self.forward.replay(states, rows, slot)
 
     def _limit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         assert logits.shape[-1] == self.model_config.vocab_size, "logits width != vocab_size"

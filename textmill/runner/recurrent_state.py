@@ -2,8 +2,12 @@
 convolutions).
 
 A recurrent layer's memory of a sequence is a fixed-size state, updated token by token, not a
-KV cache with a slot per position: it cannot be shared by prefix, rolled back to an earlier
-position, or paged. So the runner keeps one slot of every recurrent layer's pools per running
+KV cache with a slot per position: it cannot be shared by prefix, paged, or rolled back to an
+earlier position by forgetting slots. Guessed tokens need that rollback: before a step that
+carries guesses the runner copies the guessing requests' slots (`checkpoint`), the forward
+records each recurrent layer's inputs (`StepStates.record`), and where sampling rejects a guess
+the slot is put back and the kept rows alone replayed through it (runner/hybrid_forward.py
+`replay`), which gives the state one-token steps would have left, bit for bit. So the runner keeps one slot of every recurrent layer's pools per running
 request, from its first chunk until it finishes or is preempted (the scheduler then recomputes
 it from position 0, and the slot, taken afresh, starts from zeros). Up to max_num_seqs requests
 run at once, so that many slots always suffice.
@@ -42,11 +46,14 @@ def bytes_per_sequence(config: ModelConfig) -> int:
 
 @dataclass(frozen=True)
 class StepStates:
-    """One step's view (models/qwen35.py SequenceStates): each sequence's rows and slot."""
+    """One step's view (models/qwen35.py SequenceStates): each sequence's rows and slot. `record`:
+    where a forward keeps each recurrent layer's inputs (layer -> tensors of the step's rows), for
+    a replay; None when no one will replay this step."""
 
     rows: tuple[tuple[int, int, int], ...]
     conv: dict[int, torch.Tensor]
     ssm: dict[int, torch.Tensor]
+    record: dict[int, tuple[torch.Tensor, ...]] | None = None
 
     def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.conv[layer], self.ssm.get(layer)
@@ -68,9 +75,22 @@ class RecurrentStates:
             if slot is not None:
                 self._free.append(slot)
 
-    def for_step(self, chunks: tuple[ScheduledChunk, ...]) -> StepStates:
+    def slot_of(self, request_id: str) -> int:
+        return self._slot_of[request_id]
+
+    def checkpoint(self, slots: list[int]) -> dict[int, list[torch.Tensor]]:
+        """Copies of these slots in every layer's pools, for `restore`."""
+        pools = (*self.conv.values(), *self.ssm.values())
+        return {slot: [pool[slot].clone() for pool in pools] for slot in slots}
+
+    def restore(self, slot: int, saved: dict[int, list[torch.Tensor]]) -> None:
+        for pool, copy in zip((*self.conv.values(), *self.ssm.values()), saved[slot]):
+            pool[slot].copy_(copy)
+
+    def for_step(self, chunks: tuple[ScheduledChunk, ...], record: bool = False) -> StepStates:
         """`chunks` in the flat batch's order. A chunk from position 0 takes a slot and zeroes it;
-        a later chunk continues its request's slot."""
+        a later chunk continues its request's slot. `record`: the forward keeps its recurrent layers'
+        inputs (StepStates.record)."""
         rows, first = [], 0
         for c in chunks:
             slot = self._slot_of.get(c.request_id)
@@ -86,4 +106,4 @@ class RecurrentStates:
                 raise RuntimeError(f"request {c.request_id} resumes at {c.start} without its recurrent state")
             rows.append((first, len(c.token_ids), slot))
             first += len(c.token_ids)
-        return StepStates(tuple(rows), self.conv, self.ssm)
+        return StepStates(tuple(rows), self.conv, self.ssm, {} if record else None)
