@@ -36,7 +36,7 @@ def client(request, tmp_path_factory):
     round_to_file(hf)
     path = write(tmp_path_factory.mktemp(request.param) / f"{request.param}.gguf", hf, train_tokenizer(), q8_0=True)
     options = EngineConfig(model=str(path)).updated(max_model_len=256, memory_gib=0.05, max_num_batched_tokens=8,
-                                                    max_num_seqs=4)
+                                                    max_num_seqs=4, draft_tokens=0)  # the plain server
     with running_server(options, ServerConfig(port=free_port(), served_model_name=NAME)) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
@@ -72,3 +72,37 @@ def test_seeded_samples_repeat_and_streams_match(client) -> None:
     first = client.completions.create(**kwargs).choices[0].text
     streamed = "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True) if c.choices)
     assert first == streamed and first
+
+
+def test_guessed_tokens_change_nothing(request, client, tmp_path_factory) -> None:
+    """A server that guesses tokens (priced as nearly free, so it guesses) answers as one that does
+    not, token for token and log-prob for log-prob, several requests at once: rejected guesses went
+    through the recurrent layers and were taken back (runner/model_runner.py _rewind). The random
+    model's text never repeats, so a logit bias keeps each answer to two tokens, in an order the
+    model picks: some guesses hold, some do not."""
+    from .server import serving
+    from .test_draft_tokens import CountingRunner, RowsNearlyFree
+
+    family = request.node.callspec.params["client"]
+    make, round_to_file, write = FAMILIES[family]
+    hf = make()
+    round_to_file(hf)
+    path = write(tmp_path_factory.mktemp(f"{family}-guess") / f"{family}.gguf", hf, train_tokenizer(), q8_0=True)
+    counting = []
+
+    def wrap(runner):
+        counting.append(CountingRunner(runner))
+        return counting[-1]
+
+    options = EngineConfig(model=str(path)).updated(max_model_len=256, memory_gib=0.05, max_num_seqs=4)
+    prompts = ["the cat sat on the mat. the cat sat on the mat. the cat", "1 2 3 1 2 3 1 2 3 1 2", PROMPT]
+    with serving(ServerConfig(served_model_name=NAME), options.updated(draft_tokens=4), wrap_runner=wrap) as guessing:
+        guessing.app.state.serving.engine._engine._scheduler.step_costs = RowsNearlyFree()
+        url = guessing.url
+        guesser = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        kwargs = dict(model=NAME, max_tokens=40, temperature=0, logprobs=1, logit_bias={"100": 30, "101": 30})
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda p: guesser.completions.create(prompt=p, **kwargs).choices[0], prompts))
+    want = [client.completions.create(prompt=p, **kwargs).choices[0] for p in prompts]
+    assert [(c.text, c.logprobs.token_logprobs) for c in got] == [(c.text, c.logprobs.token_logprobs) for c in want]
+    assert counting[0].accepted > 0 and counting[0].drafted > counting[0].accepted  # some held, some were taken back
