@@ -243,10 +243,10 @@ def test_unknown_architecture_lists_every_supported_name() -> None:
                  "Gemma3ForCausalLM", "GPT2LMHeadModel", "MistralForCausalLM", "phi3", "gemma2", "gemma3", "gpt2",
                  "qwen2", "qwen3", "llama", "smollm3", "SmolLM3ForCausalLM", "granite", "GraniteForCausalLM",
                  "ernie4_5", "gemma", "GemmaForCausalLM", "mistral3", "Ministral3ForCausalLM", "qwen2vl", "qwen3vl",
-                 "olmo2", "Olmo2ForCausalLM", "gemma4", "qwen35"):
+                 "olmo2", "Olmo2ForCausalLM", "gemma4", "qwen35", "lfm2"):
         assert name in str(err.value)
     assert set(MODEL_CLASSES) == {"llama", "phi3", "qwen2", "qwen3", "olmo2", "gemma", "gemma2", "gemma3", "gemma4",
-                                  "qwen35", "gpt2"}
+                                  "qwen35", "lfm2", "gpt2"}
 
 
 def test_gguf_names_per_family() -> None:
