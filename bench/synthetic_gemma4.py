@@ -18,18 +18,17 @@ bits" layers, the tied embedding Q6_K, the per-layer table Q4_K, F32 norms and s
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGMLQuantizationType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic_blocks import F32, Q4_K, Q6_K  # noqa: E402
-from synthetic_gguf import (SyntheticSpec, cache_dir, cache_key, default_tokenizer_source, more_bits,  # noqa: E402
-                            padded, tokenizer_fields, write_tensors)
+from synthetic_gguf import (SyntheticSpec, begin_file, cache_dir, cache_key, default_tokenizer_source,  # noqa: E402
+                            more_bits, write_tensors)
 
 # The spec's fields as synthetic_gguf names them (its cache key), Gemma 4's own below.
 SYNTHETIC_GEMMA4 = SyntheticSpec(name="synthetic-gemma4", hidden=1536, layers=35, heads=8, kv_heads=1, ffn=6144,
@@ -103,17 +102,9 @@ def _f32(spec_shape: Gemma4Shape, name: str, shape: tuple[int, ...], rng: np.ran
 
 
 def write_gemma4(spec: SyntheticSpec, tokenizer_source: Path, path: Path, shape: Gemma4Shape = SHAPE) -> Path:
-    fields = padded(list(tokenizer_fields(tokenizer_source)), spec.vocab)
-    vocab = len(next(v for k, v, _, _ in fields if k == "tokenizer.ggml.tokens"))
+    w, fields, vocab, tmp = begin_file(spec, tokenizer_source, path)
     n = spec.layers
     first_shared = n - shape.shared_kv_layers
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    w = GGUFWriter(tmp, "gemma4")
-    w.add_name(f"{spec.name} (random weights, textmill bench)")
-    w.add_context_length(spec.context)
-    w.add_embedding_length(spec.hidden)
-    w.add_block_count(n)
     w.add_feed_forward_length([spec.ffn * (2 if i >= first_shared else 1) for i in range(n)])
     w.add_head_count(spec.heads)
     w.add_head_count_kv([spec.kv_heads] * n)

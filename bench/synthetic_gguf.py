@@ -12,28 +12,19 @@ SmolLM2's 49,152-token one, and the vocabulary size follows it, unless the spec 
 larger one: then unused tokens (llama.cpp's type 5, never produced by the merges) pad the
 table, so that both servers load a head and an embedding of that many rows.
 
-Two files: synthetic-1b (a Llama, d=2048, 16 layers) and synthetic-qwen3 (the shapes of
-Qwen3-0.6B: d=1024, 28 layers, 16/8 heads of 128, QK norms, a tied 151,936-row embedding,
-Q6_K as llama.cpp's Q4_K_M keeps a tied embedding).
+Two files: synthetic-1b (a Llama, d=2048, 16 layers) and synthetic-qwen3 (the shapes of Qwen3-0.6B:
+d=1024, 28 layers, 16/8 heads of 128, QK norms, a tied 151,936-row embedding, Q6_K as llama.cpp's
+Q4_K_M keeps a tied embedding). synthetic-8b has Llama 3 8B's shapes, for the other end of the sizes
+people use; synthetic-gemma2 has Gemma 2 2B's, synthetic-phi3 Phi-3-mini's, synthetic-olmo2 OLMo 2
+1B's, synthetic-qwen3moe a quarter of Qwen3-30B-A3B's layers (its mixture of experts), synthetic-gptoss
+a third of gpt-oss-20b's (MXFP4 experts, Q8_0 elsewhere), synthetic-erniemoe 8 of ERNIE-4.5-21B-A3B's
+28 layers (a router's selection bias, a shared expert, a dense first layer).
 
-synthetic-8b has Llama 3 8B's shapes, for runs at the other end of the sizes people use;
-synthetic-gemma2 has Gemma 2 2B's, synthetic-phi3 Phi-3-mini's, synthetic-olmo2 OLMo 2 1B's,
-synthetic-qwen3moe a quarter of Qwen3-30B-A3B's layers (its mixture of experts), synthetic-gptoss
-a third of gpt-oss-20b's (MXFP4 experts, Q8_0 elsewhere), synthetic-erniemoe 8 of ERNIE-4.5-21B-A3B's 28
-layers (a router's selection bias, a shared expert, a dense first layer).
-
-Files are cached under ~/.cache/textmill-bench (TEXTMILL_BENCH_CACHE overrides), named by
-their parameters, and built only when missing:
+Files are cached under ~/.cache/textmill-bench (TEXTMILL_BENCH_CACHE overrides), named by their parameters:
 
     python bench/synthetic_gguf.py                 # prints the path of synthetic-1b, building it once
-    python bench/synthetic_gguf.py --qwen3         # the same for synthetic-qwen3
-    python bench/synthetic_gguf.py --8b            # the same for synthetic-8b
-    python bench/synthetic_gguf.py --gemma2        # the same for synthetic-gemma2
-    python bench/synthetic_gguf.py --phi3          # the same for synthetic-phi3
-    python bench/synthetic_gguf.py --olmo2         # the same for synthetic-olmo2
-    python bench/synthetic_gguf.py --qwen3moe      # the same for synthetic-qwen3moe
-    python bench/synthetic_gguf.py --gptoss        # the same for synthetic-gptoss
-    python bench/synthetic_gguf.py --erniemoe      # the same for synthetic-erniemoe
+    python bench/synthetic_gguf.py --qwen3         # the same for synthetic-qwen3 (--8b, --gemma2, --phi3,
+                                                   # --olmo2, --qwen3moe, --gptoss, --erniemoe: theirs)
     python bench/synthetic_gguf.py --layers 2 --out /tmp/tiny.gguf
 """
 from __future__ import annotations
@@ -301,8 +292,8 @@ def padded(fields: list[tuple[str, object, GGUFValueType, GGUFValueType | None]]
             for k, v, t, sub in fields]
 
 
-def write_synthetic(spec: SyntheticSpec, tokenizer_source: Path, path: Path) -> Path:
-    """Write the file (through a temporary name, so a half-written file is never cached)."""
+def begin_file(spec: SyntheticSpec, tokenizer_source: Path, path: Path) -> tuple[GGUFWriter, list, int, Path]:
+    """A writer on a temporary name (a half-written file is never cached), the keys all files begin with."""
     fields = padded(list(tokenizer_fields(tokenizer_source)), spec.vocab)
     vocab = len(next(v for k, v, _, _ in fields if k == "tokenizer.ggml.tokens"))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -312,6 +303,11 @@ def write_synthetic(spec: SyntheticSpec, tokenizer_source: Path, path: Path) -> 
     w.add_context_length(spec.context)
     w.add_embedding_length(spec.hidden)
     w.add_block_count(spec.layers)
+    return w, fields, vocab, tmp
+
+
+def write_synthetic(spec: SyntheticSpec, tokenizer_source: Path, path: Path) -> Path:
+    w, fields, vocab, tmp = begin_file(spec, tokenizer_source, path)
     w.add_feed_forward_length(spec.ffn)
     w.add_head_count(spec.heads)
     w.add_head_count_kv(spec.kv_heads)

@@ -20,7 +20,6 @@ bits" layers, the tied embedding Q6_K, the convolutions, A, dt and norms F32.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -29,8 +28,8 @@ from gguf import GGMLQuantizationType, GGUFWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic_blocks import F32, Q4_K, Q6_K  # noqa: E402
-from synthetic_gguf import (SyntheticSpec, cache_dir, cache_key, default_tokenizer_source, more_bits,  # noqa: E402
-                            padded, tokenizer_fields, write_tensors)
+from synthetic_gguf import (SyntheticSpec, begin_file, cache_dir, cache_key, default_tokenizer_source,  # noqa: E402
+                            more_bits, write_tensors)
 
 SYNTHETIC_QWEN35 = SyntheticSpec(name="synthetic-qwen35", hidden=1024, layers=24, heads=8, kv_heads=2, ffn=3584,
                                  context=262144, rope_base=10_000_000.0, arch="qwen35", key_length=256,
@@ -128,16 +127,8 @@ def _f32(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndar
 
 
 def _writer(spec: SyntheticSpec, tokenizer_source: Path, path: Path) -> tuple[GGUFWriter, list, int, Path]:
-    """A writer with the keys every file here has; the tokenizer's fields, the vocabulary, the temp path."""
-    fields = padded(list(tokenizer_fields(tokenizer_source)), spec.vocab)
-    vocab = len(next(v for k, v, _, _ in fields if k == "tokenizer.ggml.tokens"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    w = GGUFWriter(tmp, spec.arch)
-    w.add_name(f"{spec.name} (random weights, textmill bench)")
-    w.add_context_length(spec.context)
-    w.add_embedding_length(spec.hidden)
-    w.add_block_count(spec.layers)
+    """synthetic_gguf.begin_file and the keys both hybrids' files have."""
+    w, fields, vocab, tmp = begin_file(spec, tokenizer_source, path)
     w.add_feed_forward_length(spec.ffn)
     w.add_head_count(spec.heads)
     w.add_rope_freq_base(spec.rope_base)

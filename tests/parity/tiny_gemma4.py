@@ -26,7 +26,7 @@ from gguf import GGUFWriter, quants
 from gguf.constants import GGMLQuantizationType as T
 from tokenizers import Tokenizer
 
-from tests.parity.tiny_gguf import _write_vocab
+from tests.parity.tiny_gguf import _write_vocab, finish_file
 from tests.parity.tiny_models import MAX_POSITIONS, SLIDING_WINDOW, VOCAB_SIZE
 
 HIDDEN, FFN, HEADS, KV_HEADS = 64, 128, 4, 2
@@ -211,16 +211,6 @@ def write_gemma4_gguf(path: Path, hf_model, tokenizer: Tokenizer, *, q8_0: bool 
     _write_metadata(w, hf_model.config, gguf.LlamaFileType.MOSTLY_Q8_0 if q8_0 else gguf.LlamaFileType.ALL_F32)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_vocab(w, tokenizer)
-    for target, values in {**_gguf_tensors(hf_model), **(extra or {})}.items():
-        if without is not None and target.endswith(without):
-            continue
-        qtype = _file_type(target, values, q8_0)
-        if qtype == T.F32:
-            w.add_tensor(target, values)
-        else:
-            w.add_tensor(target, quants.quantize(values, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    tensors = {k: v for k, v in {**_gguf_tensors(hf_model), **(extra or {})}.items() if without is None or not k.endswith(without)}
+    finish_file(w, tensors, lambda target, values: _file_type(target, values, q8_0))
     return path

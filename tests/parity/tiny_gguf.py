@@ -238,6 +238,21 @@ def _write_vocab(w: GGUFWriter, tokenizer: Tokenizer) -> None:
     w.add_add_bos_token(False)
 
 
+def finish_file(w: GGUFWriter, tensors: dict[str, np.ndarray], qtype_of) -> None:
+    """The tensors after the metadata `w` holds, each in the type qtype_of(name, values) gives it
+    (F32 as they are, others quantized by gguf-py), then the file written and closed."""
+    for target, values in tensors.items():
+        qtype = qtype_of(target, values)
+        if qtype == T.F32:
+            w.add_tensor(target, values)
+        else:
+            w.add_tensor(target, quants.quantize(values, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def write_gguf(path: Path, family: str, hf_model, tokenizer: Tokenizer, *, name: str = "tiny",
                quantize_mlp: bool = False, legacy_experts: bool = False) -> Path:
     """The model's float32 weights (MLP weights, experts included, Q8_0 if asked) in a GGUF of its

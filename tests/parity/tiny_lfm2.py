@@ -18,7 +18,7 @@ from gguf import GGUFWriter, quants
 from gguf.constants import GGMLQuantizationType as T
 from tokenizers import Tokenizer
 
-from tests.parity.tiny_gguf import _write_vocab
+from tests.parity.tiny_gguf import _write_vocab, finish_file
 from tests.parity.tiny_models import MAX_POSITIONS, VOCAB_SIZE
 
 HIDDEN, FFN_CONFIG, HEADS, KV_HEADS, TAPS = 64, 192, 4, 2, 3
@@ -114,14 +114,5 @@ def write_lfm2_gguf(path: Path, hf_model, tokenizer: Tokenizer, *, q8_0: bool = 
     w.add_feed_forward_length(ffn_width(c))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_vocab(w, tokenizer)
-    for target, values in gguf_tensors(hf_model).items():
-        qtype = _file_type(target, values, q8_0)
-        if qtype == T.F32:
-            w.add_tensor(target, values)
-        else:
-            w.add_tensor(target, quants.quantize(values, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_file(w, gguf_tensors(hf_model), lambda target, values: _file_type(target, values, q8_0))
     return path

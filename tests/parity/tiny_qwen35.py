@@ -21,7 +21,7 @@ from gguf import GGUFWriter, quants
 from gguf.constants import GGMLQuantizationType as T
 from tokenizers import Tokenizer
 
-from tests.parity.tiny_gguf import _write_vocab
+from tests.parity.tiny_gguf import _write_vocab, finish_file
 from tests.parity.tiny_models import MAX_POSITIONS, VOCAB_SIZE
 
 HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM = 64, 128, 4, 2, 16
@@ -178,14 +178,5 @@ def write_qwen35_gguf(path: Path, hf_model, tokenizer: Tokenizer, *, q8_0: bool 
     for i in range(LAYERS, LAYERS + mtp_blocks):
         tensors[f"blk.{i}.nextn.eh_proj.weight"] = rng.standard_normal((HIDDEN, 2 * HIDDEN)).astype(np.float32)
         tensors[f"blk.{i}.attn_q.weight"] = rng.standard_normal((2 * HEADS * HEAD_DIM, HIDDEN)).astype(np.float32)
-    for target, values in tensors.items():
-        qtype = _file_type(target, values, q8_0)
-        if qtype == T.F32:
-            w.add_tensor(target, values)
-        else:
-            w.add_tensor(target, quants.quantize(values, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_file(w, tensors, lambda target, values: _file_type(target, values, q8_0))
     return path

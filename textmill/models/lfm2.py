@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from textmill.config import ModelConfig
-from textmill.models.base import AttentionContext, Embedding
-from textmill.models.llama import MLP, Attention, RMSNorm, RotaryEmbedding, head_logits
-from textmill.models.qwen35 import SequenceStates, causal_conv
+from textmill.models.hybrid import HybridBlock, HybridForCausalLM, SequenceStates, causal_conv
+from textmill.models.llama import Attention, RMSNorm
 
 
 class ShortConv(nn.Module):
@@ -35,49 +34,15 @@ class ShortConv(nn.Module):
         return self.out_proj(y.to(x.dtype))
 
 
-class Block(nn.Module):
+class Block(HybridBlock):
+    mixer_name = "conv"
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
-        super().__init__()
-        C, eps = config.hidden_size, config.norm_eps
-        self.recurrent = layer_idx in config.recurrent_layers
-        self.input_layernorm = RMSNorm(C, eps)
-        if self.recurrent:
-            self.conv = ShortConv(config, layer_idx)
-        else:
-            self.self_attn = Attention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(C, eps)
-        self.mlp = MLP(config)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext,
-                states: SequenceStates) -> torch.Tensor:
-        y = self.input_layernorm(x)
-        x = x + (self.conv(y, states) if self.recurrent else self.self_attn(y, cos, sin, ctx))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        super().__init__(config, layer_idx, RMSNorm, ShortConv, Attention)
 
 
-class Lfm2ForCausalLM(nn.Module):
-    """The CausalLM protocol of models/base.py, plus the per-sequence states of its convolutions
-    (`states`, from the runner)."""
-
+class Lfm2ForCausalLM(HybridForCausalLM):
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        if config.short_conv < 2 or not config.recurrent_layers or not config.qk_norm:
-            raise ValueError("an LFM2 config names its convolution layers, their taps, and q/k norms")
-        self.config = config
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
-                                                                         bias=False)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext,
-                states: SequenceStates) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # (N, C)
-        cos, sin = self.rotary(positions)
-        for layer in self.layers:
-            x = layer(x, cos, sin, ctx, states)
-        return self.norm(x)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return head_logits(hidden, self.embed_tokens, self.lm_head)
+        if config.short_conv < 2 or not config.qk_norm:
+            raise ValueError("an LFM2 config gives its convolutions' taps and q/k norms")
+        super().__init__(config, Block, RMSNorm)

@@ -23,32 +23,17 @@ Every RMSNorm multiplies by its weight as stored: llama.cpp's converter stores Q
 """
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from textmill.config import LinearAttentionShape, ModelConfig
-from textmill.models.base import AttentionContext, Embedding
+from textmill.models.base import AttentionContext
 from textmill.models.gemma4 import RMSNorm
-from textmill.models.llama import MLP, RotaryEmbedding, apply_rotary, head_logits
+from textmill.models.hybrid import HybridBlock, HybridForCausalLM, SequenceStates, causal_conv
+from textmill.models.llama import apply_rotary
 
 L2_EPS = 1e-6  # q and k's L2 norm: x * rsqrt(sum x^2 + eps), the reference's rule
-
-
-class SequenceStates(Protocol):
-    """What a recurrent layer needs of its runner: which rows of the flat batch are whose, and
-    each sequence's state (a runner zeroes a state before its sequence's first token)."""
-
-    # (first row, rows, slot) of each sequence of the step, rows in order; a slot indexes the pools
-    rows: tuple[tuple[int, int, int], ...]
-
-    def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The layer's (slots, conv_kernel - 1, channels) convolution inputs and its
-        (slots, value_heads, key_dim, value_dim) float32 states (None where the layer has only
-        the convolution: LFM2's), updated in place."""
-        ...
 
 
 class Attention(nn.Module):
@@ -122,20 +107,6 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2_EPS)
 
 
-def causal_conv(mixed: torch.Tensor, weight: torch.Tensor, pool: torch.Tensor,
-                rows: tuple[tuple[int, int, int], ...], silu: bool = True) -> torch.Tensor:
-    """Each sequence's rows through the depthwise convolution (then SiLU, unless not `silu`), the
-    taps before its first row taken from the pool's slot, which then keeps its last taps - 1 inputs."""
-    out = torch.empty_like(mixed)
-    taps = weight.shape[1]
-    for first, count, slot in rows:
-        seq = torch.cat([pool[slot], mixed[first:first + count]])  # (taps - 1 + count, channels)
-        windows = seq.unfold(0, taps, 1)  # (count, channels, taps)
-        out[first:first + count] = (windows * weight).sum(-1)
-        pool[slot] = seq[count:]
-    return F.silu(out) if silu else out
-
-
 def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                      pool: torch.Tensor, rows: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
     """(N, Hv, Dv): each sequence's tokens in order through its state in `pool`, updated in place
@@ -152,52 +123,15 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     return out
 
 
-class Block(nn.Module):
+class Block(HybridBlock):
+    mixer_name = "linear_attn"
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
-        super().__init__()
-        C, eps = config.hidden_size, config.norm_eps
-        self.recurrent = layer_idx in config.recurrent_layers
-        self.input_layernorm = RMSNorm(C, eps)
-        if self.recurrent:
-            self.linear_attn = GatedDeltaNet(config, layer_idx)
-        else:
-            self.self_attn = Attention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(C, eps)
-        self.mlp = MLP(config)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext,
-                states: SequenceStates) -> torch.Tensor:
-        y = self.input_layernorm(x)
-        x = x + (self.linear_attn(y, states) if self.recurrent else self.self_attn(y, cos, sin, ctx))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        super().__init__(config, layer_idx, RMSNorm, GatedDeltaNet, Attention)
 
 
-class Qwen35ForCausalLM(nn.Module):
-    """The CausalLM protocol of models/base.py, plus the per-sequence states of its recurrent
-    layers (`states`, from the runner)."""
-
+class Qwen35ForCausalLM(HybridForCausalLM):
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        if config.linear_attention is None or not config.recurrent_layers:
-            raise ValueError("a Qwen3.5 config names its linear-attention layers and their shape")
-        if config.hidden_act != "silu":
-            raise ValueError(f"Qwen3.5 uses SwiGLU, not {config.hidden_act!r}")
-        self.config = config
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.rotary = RotaryEmbedding(config.rotary_dim or config.head_dim, config.max_position_embeddings,
-                                      config.rope_theta, freq_factors=config.rope_freq_factors)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
-                                                                         bias=False)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext,
-                states: SequenceStates) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # (N, C)
-        cos, sin = self.rotary(positions)
-        for layer in self.layers:
-            x = layer(x, cos, sin, ctx, states)
-        return self.norm(x)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return head_logits(hidden, self.embed_tokens, self.lm_head)
+        if config.linear_attention is None:
+            raise ValueError("a Qwen3.5 config gives its linear-attention layers' shape")
+        super().__init__(config, Block, RMSNorm)

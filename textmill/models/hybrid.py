@@ -1,0 +1,99 @@
+"""What the hybrids (models/qwen35.py, models/lfm2.py) share: layers that are either recurrent (a
+state per sequence, handed over by the runner as `states`) or attention, each followed by a SwiGLU
+MLP, both pre-normed; the causal depthwise convolution both families' recurrent layers start with.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from textmill.config import ModelConfig
+from textmill.models.base import AttentionContext, Embedding
+from textmill.models.llama import MLP, RotaryEmbedding, head_logits
+
+
+class SequenceStates(Protocol):
+    """What a recurrent layer needs of its runner: which rows of the flat batch are whose, and
+    each sequence's state (a runner zeroes a state before its sequence's first token)."""
+
+    # (first row, rows, slot) of each sequence of the step, rows in order; a slot indexes the pools
+    rows: tuple[tuple[int, int, int], ...]
+
+    def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's (slots, conv_kernel - 1, channels) convolution inputs and its
+        (slots, value_heads, key_dim, value_dim) float32 states (None where the layer has only
+        the convolution: LFM2's), updated in place."""
+        ...
+
+
+def causal_conv(mixed: torch.Tensor, weight: torch.Tensor, pool: torch.Tensor,
+                rows: tuple[tuple[int, int, int], ...], silu: bool = True) -> torch.Tensor:
+    """Each sequence's rows through the depthwise convolution (then SiLU, unless not `silu`), the
+    taps before its first row taken from the pool's slot, which then keeps its last taps - 1 inputs."""
+    out = torch.empty_like(mixed)
+    taps = weight.shape[1]
+    for first, count, slot in rows:
+        seq = torch.cat([pool[slot], mixed[first:first + count]])  # (taps - 1 + count, channels)
+        windows = seq.unfold(0, taps, 1)  # (count, channels, taps)
+        out[first:first + count] = (windows * weight).sum(-1)
+        pool[slot] = seq[count:]
+    return F.silu(out) if silu else out
+
+
+class HybridBlock(nn.Module):
+    """A pre-norm mixer, recurrent or attention, and a pre-norm SwiGLU MLP. A family names its
+    recurrent mixer's attribute (its checkpoints' parameter names) and gives the classes."""
+
+    mixer_name = "mixer"
+
+    def __init__(self, config: ModelConfig, layer_idx: int, norm: type[nn.Module], recurrent: type[nn.Module],
+                 attention: type[nn.Module]) -> None:
+        super().__init__()
+        C, eps = config.hidden_size, config.norm_eps
+        self.recurrent = layer_idx in config.recurrent_layers
+        self.input_layernorm = norm(C, eps)
+        if self.recurrent:
+            setattr(self, self.mixer_name, recurrent(config, layer_idx))
+        else:
+            self.self_attn = attention(config, layer_idx)
+        self.post_attention_layernorm = norm(C, eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext,
+                states: SequenceStates) -> torch.Tensor:
+        y = self.input_layernorm(x)
+        mixed = getattr(self, self.mixer_name)(y, states) if self.recurrent else self.self_attn(y, cos, sin, ctx)
+        x = x + mixed
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class HybridForCausalLM(nn.Module):
+    """The CausalLM protocol of models/base.py, plus the per-sequence states of the recurrent
+    layers (`states`, from the runner)."""
+
+    def __init__(self, config: ModelConfig, block: type[nn.Module], norm: type[nn.Module]) -> None:
+        super().__init__()
+        if not config.recurrent_layers or config.hidden_act != "silu":
+            raise ValueError("a hybrid config names its recurrent layers, and its MLP is SwiGLU")
+        self.config = config
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(block(config, i) for i in range(config.num_layers))
+        self.norm = norm(config.hidden_size, config.norm_eps)
+        self.rotary = RotaryEmbedding(config.rotary_dim or config.head_dim, config.max_position_embeddings,
+                                      config.rope_theta, freq_factors=config.rope_freq_factors)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                         bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext,
+                states: SequenceStates) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # (N, C)
+        cos, sin = self.rotary(positions)
+        for layer in self.layers:
+            x = layer(x, cos, sin, ctx, states)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return head_logits(hidden, self.embed_tokens, self.lm_head)
