@@ -116,16 +116,16 @@ class HybridKernelForward(KernelForwardBase):
 
     def _delta_kernels(self, net: qwen35.GatedDeltaNet):
         """(p = in_proj's [qkv | z | b | a], conv pool, state pool, seqs) -> the net's output before out_proj."""
-        s, recurrent, norm = net.shape, self.recurrent, _weight(net.norm)
+        s, norm = net.shape, _weight(net.norm)
         c, z, b, a = torch.tensor((s.conv_channels, s.value_heads * s.value_dim, s.value_heads, s.value_heads)
                                   ).cumsum(0).tolist()
         taps, A, dt_bias = _taps(net.conv_weight), net.A.detach().float().contiguous(), \
             net.dt_bias.detach().float().contiguous()
 
         def run(p, conv, ssm, seqs):
-            x = recurrent.causal_conv(p[:, :c], taps, conv, seqs, True)
-            return recurrent.gated_delta(x, p[:, c:z], p[:, z:b], p[:, b:a], A, dt_bias, norm, ssm, seqs,
-                                         s.key_heads, s.tiled_heads, self.eps)
+            x = self.recurrent.causal_conv(p[:, :c], taps, conv, seqs, True)
+            return self.recurrent.gated_delta(x, p[:, c:z], p[:, z:b], p[:, b:a], A, dt_bias, norm, ssm, seqs,
+                                              s.key_heads, s.tiled_heads, self.eps)
         return run
 
     def _delta_net(self, net: qwen35.GatedDeltaNet):
