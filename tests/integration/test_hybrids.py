@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
+import torch
 
 from tests.parity.tiny_models import train_tokenizer
 from tests.parity import tiny_lfm2, tiny_qwen35
 from textmill.config import EngineConfig, ServerConfig
+from textmill.loader import load_model
+from textmill.runner import ModelRunner
 
 from .server import free_port, running_server
 
@@ -106,3 +110,35 @@ def test_guessed_tokens_change_nothing(request, client, tmp_path_factory) -> Non
     want = [client.completions.create(prompt=p, **kwargs).choices[0] for p in prompts]
     assert [(c.text, c.logprobs.token_logprobs) for c in got] == [(c.text, c.logprobs.token_logprobs) for c in want]
     assert counting[0].accepted > 0 and counting[0].drafted > counting[0].accepted  # some held, some were taken back
+
+
+@pytest.mark.parametrize("family", tuple(FAMILIES))
+def test_preempted_requests_get_what_they_get_alone(family, tmp_path_factory) -> None:
+    """A server whose KV pool holds 160 tokens, given four requests of ~70: the scheduler preempts
+    some and recomputes them from position 0, each into a fresh recurrent state, and every answer
+    (greedy and seeded) is the one it gives alone."""
+    from .server import running_server
+
+    make, round_to_file, write = FAMILIES[family]
+    hf = make()
+    round_to_file(hf)
+    path = write(tmp_path_factory.mktemp(f"{family}-preempt") / f"{family}.gguf", hf, train_tokenizer(), q8_0=True)
+    config = EngineConfig(model=str(path)).updated(max_model_len=128, max_num_seqs=4)
+    per_token = ModelRunner.kv_bytes_per_block(
+        load_model(path, codes=True).config, config.cache, torch.float32, torch.float16) // config.cache.block_size
+    options = config.updated(memory_gib=160 * per_token / 2**30)
+    cases = [dict(prompt=f"{PROMPT} {i}", max_tokens=40, **(dict(temperature=0) if i % 2 else
+                                                              dict(temperature=0.9, seed=i))) for i in range(4)]
+    with running_server(options, ServerConfig(port=free_port(), served_model_name=NAME)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def run(kw: dict) -> str:
+            return client.completions.create(model=NAME, **kw).choices[0].text
+
+        alone = [run(kw) for kw in cases]
+        with ThreadPoolExecutor(len(cases)) as pool:
+            together = list(pool.map(run, cases))
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    preempted = [line for line in metrics.splitlines() if line.startswith("textmill:num_preemptions")]
+    assert preempted and float(preempted[0].split()[-1]) > 0, preempted
+    assert together == alone
