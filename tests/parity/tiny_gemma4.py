@@ -211,6 +211,7 @@ def write_gemma4_gguf(path: Path, hf_model, tokenizer: Tokenizer, *, q8_0: bool 
     _write_metadata(w, hf_model.config, gguf.LlamaFileType.MOSTLY_Q8_0 if q8_0 else gguf.LlamaFileType.ALL_F32)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_vocab(w, tokenizer)
-    tensors = {k: v for k, v in {**_gguf_tensors(hf_model), **(extra or {})}.items() if without is None or not k.endswith(without)}
+    tensors = {k: v for k, v in {**_gguf_tensors(hf_model), **(extra or {})}.items()
+               if without is None or not k.endswith(without)}
     finish_file(w, tensors, lambda target, values: _file_type(target, values, q8_0))
     return path

@@ -75,7 +75,8 @@ def lfm2_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelCon
     kv = list(kv) if isinstance(kv, (list, tuple)) else [kv] * layers
     attention = {int(h) for h in kv if int(h)}
     if len(attention) != 1:
-        raise ValueError(f"LFM2 files whose attention layers differ in KV heads ({sorted(attention)}) are not supported")
+        raise ValueError(f"LFM2 files whose attention layers differ in KV heads ({sorted(attention)}) "
+                         "are not supported")
     hidden = int(meta.arch_get("embedding_length"))
     window = meta.arch_get("attention.sliding_window", None)
     return ModelConfig(

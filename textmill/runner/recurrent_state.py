@@ -3,17 +3,19 @@ convolutions).
 
 A recurrent layer's memory of a sequence is a fixed-size state, updated token by token, not a
 KV cache with a slot per position: it cannot be shared by prefix, paged, or rolled back to an
-earlier position by forgetting slots. Guessed tokens need that rollback: before a step that
-carries guesses the runner copies the guessing requests' slots (`checkpoint`), the forward
-records each recurrent layer's inputs (`StepStates.record`), and where sampling rejects a guess
-the slot is put back and the kept rows alone replayed through it (runner/hybrid_forward.py
-`replay`), which gives the state one-token steps would have left, bit for bit. So the runner keeps one slot of every recurrent layer's pools per running
-request, from its first chunk until it finishes or is preempted (the scheduler then recomputes
-it from position 0, and the slot, taken afresh, starts from zeros). Up to max_num_seqs requests
-run at once, so that many slots always suffice.
+earlier position by forgetting slots. So the runner keeps one slot of every recurrent layer's
+pools per running request, from its first chunk until it finishes or is preempted (the
+scheduler then recomputes it from position 0, and the slot, taken afresh, starts from zeros). Up
+to max_num_seqs requests run at once, so that many slots always suffice.
 
-The pools are anonymous mappings (kv_cache.untouched_zeros): resident only once a slot is first used, so
-64 slots of a 9B's 48 MiB each cost what the running requests use.
+Guessed tokens need the rollback: before a step that carries guesses the runner copies the
+guessing requests' slots (`checkpoint`), the forward records each recurrent layer's inputs
+(`StepStates.record`), and where sampling rejects a guess the slot is put back and the kept rows
+alone replayed through it (runner/hybrid_forward.py `replay`), which gives the state one-token
+steps would have left, bit for bit.
+
+The pools are anonymous mappings (kv_cache.untouched_zeros): resident only once a slot is first
+used, so 64 slots of a 9B's 48 MiB each cost what the running requests use.
 """
 from __future__ import annotations
 
