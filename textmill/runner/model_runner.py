@@ -20,11 +20,11 @@ from textmill.runner.kernel_attention import KernelPagedAttention
 from textmill.loader.load import LoadedModel
 from textmill.runner.file_weights import install_file_weights
 from textmill.runner.gemma4_forward import Gemma4KernelForward
+from textmill.runner.hybrid_forward import HybridKernelForward
 from textmill.runner.kernel_forward import GemmaKernelForward, KernelForward, KernelForwardBase
 from textmill.runner.kv_cache import KVCache, PagedAttention
 from textmill.runner.plan import ExecutionPlan
 from textmill.runner.qlinear import reuse_output
-from textmill.runner.hybrid_forward import HybridKernelForward
 from textmill.runner.recurrent_state import RecurrentStates, StepStates
 from textmill.runner.quant import install_linears
 from textmill.runner.sampler import PromptLogprobOutput, SampleOutput, Sampler
@@ -99,13 +99,16 @@ class ModelRunner:
         # forward its shared layers (`keep`); other forwards give every row.
         self._forward_keeps_rows = isinstance(self.forward, KernelForwardBase) or getattr(
             model, "forward_keeps_rows", False)
-        # Qwen3.5's gated delta nets: a state per running request, handed to the forward each step.
+        # A hybrid's recurrent layers (Qwen3.5, LFM2): a state per running request, handed to the forward
+        # each step.
         self.states = (RecurrentStates(model_config, state_slots, self.device)
                        if model_config.recurrent_layers else None)
         if decode_graphs is None:  # (the padded steps have no recurrent states to hand over)
             decode_graphs = self.device.type == "cuda" and self.states is None
         if decode_graphs and self.ops is not None:  # the padded steps run the model's own forward
             raise ValueError("padded decode steps run the eager forward, not the CPU kernels")
+        if decode_graphs and self.states is not None:
+            raise ValueError("padded decode steps hand no recurrent states to the forward")
         self.kv_cache = KVCache(model_config, cache_config, self.device, dtype, kv_dtype=kv_dtype,
                                 scratch_block=decode_graphs)
         self.graphs = (DecodeGraphs(model, self.kv_cache, self.device, capture=self.device.type == "cuda")
