@@ -142,3 +142,31 @@ def test_preempted_requests_get_what_they_get_alone(family, tmp_path_factory) ->
     preempted = [line for line in metrics.splitlines() if line.startswith("textmill:num_preemptions")]
     assert preempted and float(preempted[0].split()[-1]) > 0, preempted
     assert together == alone
+
+
+@pytest.mark.parametrize("family", tuple(FAMILIES))
+def test_abandoned_streams_give_their_states_back(family, tmp_path_factory) -> None:
+    """Clients that close their streams mid-generation: the engine aborts them and the runner takes
+    their state slots back, so more abandoned streams than slots (max_num_seqs 2) leave the server
+    answering, every slot free again."""
+    from .ops_server import wait_for
+    from .server import serving
+
+    make, round_to_file, write = FAMILIES[family]
+    hf = make()
+    round_to_file(hf)
+    path = write(tmp_path_factory.mktemp(f"{family}-abandon") / f"{family}.gguf", hf, train_tokenizer(), q8_0=True)
+    options = EngineConfig(model=str(path)).updated(max_model_len=256, memory_gib=0.05, max_num_seqs=2)
+    with serving(ServerConfig(served_model_name=NAME), options) as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        states = running.app.state.serving.engine._engine._runner.states
+        for _ in range(5):
+            stream = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=200, stream=True)
+            next(iter(stream))
+            stream.close()
+        assert wait_for(lambda: len(states._free) == 2)
+        alone = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
+        with ThreadPoolExecutor(3) as pool:
+            again = list(pool.map(lambda _: client.completions.create(
+                model=NAME, prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text, range(3)))
+        assert again == [alone] * 3
