@@ -103,15 +103,9 @@ def _build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner]
         log.info("context window %d tokens, not --max-model-len %d: the model has %d positions", max_len, asked,
                  max_len)
     cache, max_len = _cache_config(cfg, config, plan, max_len)
+    seqs = config.scheduler.max_num_seqs
     if cfg.recurrent_layers:
-        from textmill.runner.recurrent_state import bytes_per_sequence
-
-        per_seq = bytes_per_sequence(cfg)
-        log.info("recurrent state: %.1f MiB a running request (up to %d: %.2f GiB, resident as used)",
-                 per_seq / 2**20, config.scheduler.max_num_seqs, per_seq * config.scheduler.max_num_seqs / 2**30)
-        if cache.enable_prefix_caching:  # a recurrent layer's state after a prefix is not kept with its blocks
-            log.info("prefix caching: off (%s's recurrent layers keep no state per prefix)", cfg.architecture)
-            cache = dataclasses.replace(cache, enable_prefix_caching=False)
+        cache, seqs = _recurrent_states(cfg, cache, seqs, path)
     try:
         codes = plan.weights == "file-codes"
         # A GGUF's float weights (--no-kernels, CUDA, int4/int8) decode the file's blocks in C++
@@ -124,7 +118,7 @@ def _build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner]
     except Exception as exc:  # a corrupt or foreign file fails in many ways; say which, in one line
         raise StartupError(f"cannot load model {path}: {type(exc).__name__}: {exc}") from exc
     cfg = loaded.config
-    sched = dataclasses.replace(config.scheduler, max_model_len=max_len)
+    sched = dataclasses.replace(config.scheduler, max_model_len=max_len, max_num_seqs=seqs)
     from textmill.grammar.compiler import LLGuidanceCompiler
     grammars = LLGuidanceCompiler(tokenizer, cfg.vocab_size)  # shared by the API (compile) and the runner
     try:
@@ -167,6 +161,27 @@ def _cache_config(cfg: ModelConfig, config: EngineConfig, plan: "ExecutionPlan",
                  "(raise it for the full window)", capacity, max_len, asked.memory_gib, capacity)
         max_len = capacity
     return dataclasses.replace(asked, num_blocks=num_blocks), max_len
+
+
+def _recurrent_states(cfg: ModelConfig, cache: CacheConfig, seqs: int, path: Path) -> tuple[CacheConfig, int]:
+    """A hybrid keeps a state per running request (runner/recurrent_state.py): as many requests as
+    fit the memory left beside the weights and the KV pool, each state's size said in one line, and
+    no prefix cache (a recurrent layer's state after a prefix is not kept with its blocks)."""
+    from textmill.loader.prefetch import available_bytes
+    from textmill.runner.recurrent_state import bytes_per_sequence, fitting_slots
+
+    per_seq, avail = bytes_per_sequence(cfg), available_bytes()
+    room = None if avail is None else avail - path.stat().st_size - int(cache.memory_gib * 2**30)
+    fit = fitting_slots(per_seq, seqs, room)
+    if fit < seqs:
+        log.info("max_num_seqs %d, not %d: the recurrent states of more running requests would take over half "
+                 "the memory left beside the weights and the KV cache", fit, seqs)
+    log.info("recurrent state: %.1f MiB a running request (up to %d: %.2f GiB, resident as used)",
+             per_seq / 2**20, fit, per_seq * fit / 2**30)
+    if cache.enable_prefix_caching:
+        log.info("prefix caching: off (%s's recurrent layers keep no state per prefix)", cfg.architecture)
+        cache = dataclasses.replace(cache, enable_prefix_caching=False)
+    return cache, fit
 
 
 def _fingerprint(path: Path, plan: "ExecutionPlan", cfg: ModelConfig) -> str:

@@ -46,6 +46,16 @@ def bytes_per_sequence(config: ModelConfig) -> int:
     return per_layer * len(config.recurrent_layers) * STATE_DTYPE.itemsize
 
 
+def fitting_slots(per_sequence: int, asked: int, room: int | None) -> int:
+    """max_num_seqs for a hybrid: `asked`, or fewer where that many requests' states would take more
+    than half of `room`, the memory left once the weights and the KV pool are in (None: unknown, no
+    cap); at least one. A 27B's states are ~100 MiB a request: 64 of them would not fit beside its
+    weights on a 24 GB machine, and a server must not start into an out-of-memory kill."""
+    if room is None or per_sequence * asked <= room // 2:
+        return asked
+    return max(1, room // 2 // per_sequence)
+
+
 @dataclass(frozen=True)
 class StepStates:
     """One step's view (models/qwen35.py SequenceStates): each sequence's rows and slot. `record`:

@@ -1,0 +1,55 @@
+"""runner/recurrent_state.py on its own: how many requests' states a machine holds, slots taken and
+given back, zeroed for a new sequence, checkpointed and restored, and the refusals."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from textmill.config import LinearAttentionShape, ModelConfig
+from textmill.messages import ScheduledChunk, SchedulerOutput
+from textmill.runner.recurrent_state import RecurrentStates, bytes_per_sequence, fitting_slots
+
+CONFIG = ModelConfig(architecture="qwen35", vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=3,
+                     num_heads=2, num_kv_heads=1, head_dim=4, max_position_embeddings=64, recurrent_layers=(0, 2),
+                     linear_attention=LinearAttentionShape(key_heads=1, value_heads=2, key_dim=4, value_dim=4))
+
+
+def test_fitting_slots_caps_what_does_not_fit() -> None:
+    assert fitting_slots(100, 64, None) == 64  # memory unknown: as asked
+    assert fitting_slots(100, 64, 2 * 6400) == 64  # exactly half of the room
+    assert fitting_slots(100, 64, 2 * 6399) == 63
+    assert fitting_slots(100, 64, 50) == 1  # never none
+    assert fitting_slots(100, 64, -10**9) == 1
+
+
+def test_state_sizes() -> None:
+    # per recurrent layer: 3 taps x (2 x 4 + 2 x 4) channels and 2 x 4 x 4 state values, float32
+    assert bytes_per_sequence(CONFIG) == 2 * (3 * 16 + 32) * 4
+    lfm2 = ModelConfig(**{**CONFIG.__dict__, "architecture": "lfm2", "linear_attention": None, "short_conv": 3})
+    assert bytes_per_sequence(lfm2) == 2 * 2 * 8 * 4  # two taps of the hidden width, no other state
+    assert RecurrentStates(lfm2, 2).for_step((_chunk("a", 0),)).pools(0)[1] is None
+
+
+def _chunk(rid: str, start: int, n: int = 2) -> ScheduledChunk:
+    return ScheduledChunk(rid, (1,) * n, start, (), sample=True)
+
+
+def test_slots_are_taken_zeroed_given_back_and_restored() -> None:
+    states = RecurrentStates(CONFIG, 2)
+    step = states.for_step((_chunk("a", 0), _chunk("b", 0, 3)))
+    assert step.rows == ((0, 2, 0), (2, 3, 1)) and step.record is None
+    for pool in (*states.conv.values(), *states.ssm.values()):
+        pool.fill_(7.0)  # the sequences' states after their first chunks
+    saved = states.checkpoint([states.slot_of("b")])
+    states.ssm[2][1].fill_(9.0)
+    states.restore(1, saved)
+    assert torch.all(states.ssm[2][1] == 7.0)
+    assert states.for_step((_chunk("a", 2, 1),), record=True).record == {}  # continues its slot, unzeroed
+    assert torch.all(states.conv[0][0] == 7.0)
+    with pytest.raises(RuntimeError, match="more running requests"):
+        states.for_step((_chunk("c", 0),))
+    states.update(SchedulerOutput((), (), ("a",), ()))  # a finished: its slot serves c, zeroed
+    assert states.for_step((_chunk("c", 0),)).rows == ((0, 2, 0),)
+    assert torch.all(states.conv[0][0] == 0) and torch.all(states.ssm[2][0] == 0)
+    with pytest.raises(RuntimeError, match="without its recurrent state"):
+        states.for_step((_chunk("d", 5),))  # a prefix-cache hit: the state of those positions was never kept
