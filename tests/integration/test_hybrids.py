@@ -11,6 +11,7 @@ they get alone.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -33,12 +34,17 @@ FAMILIES = {"qwen35": (tiny_qwen35.tiny_qwen35_hf, tiny_qwen35.round_to_file, ti
             "lfm2": (tiny_lfm2.tiny_lfm2_hf, tiny_lfm2.round_to_file, tiny_lfm2.write_lfm2_gguf)}
 
 
-@pytest.fixture(scope="module", params=tuple(FAMILIES))
-def client(request, tmp_path_factory):
-    make, round_to_file, write = FAMILIES[request.param]
+def tiny_file(family: str, tmp_path_factory) -> Path:
+    """The family's tiny random model as its Q8_0 file, the source rounded to it."""
+    make, round_to_file, write = FAMILIES[family]
     hf = make()
     round_to_file(hf)
-    path = write(tmp_path_factory.mktemp(request.param) / f"{request.param}.gguf", hf, train_tokenizer(), q8_0=True)
+    return write(tmp_path_factory.mktemp(family) / f"{family}.gguf", hf, train_tokenizer(), q8_0=True)
+
+
+@pytest.fixture(scope="module", params=tuple(FAMILIES))
+def client(request, tmp_path_factory):
+    path = tiny_file(request.param, tmp_path_factory)
     options = EngineConfig(model=str(path)).updated(max_model_len=256, memory_gib=0.05, max_num_batched_tokens=8,
                                                     max_num_seqs=4, draft_tokens=0)  # the plain server
     with running_server(options, ServerConfig(port=free_port(), served_model_name=NAME)) as url:
@@ -88,10 +94,7 @@ def test_guessed_tokens_change_nothing(request, client, tmp_path_factory) -> Non
     from .test_draft_tokens import CountingRunner, RowsNearlyFree
 
     family = request.node.callspec.params["client"]
-    make, round_to_file, write = FAMILIES[family]
-    hf = make()
-    round_to_file(hf)
-    path = write(tmp_path_factory.mktemp(f"{family}-guess") / f"{family}.gguf", hf, train_tokenizer(), q8_0=True)
+    path = tiny_file(family, tmp_path_factory)
     counting = []
 
     def wrap(runner):
@@ -119,10 +122,7 @@ def test_preempted_requests_get_what_they_get_alone(family, tmp_path_factory) ->
     (greedy and seeded) is the one it gives alone."""
     from .server import running_server
 
-    make, round_to_file, write = FAMILIES[family]
-    hf = make()
-    round_to_file(hf)
-    path = write(tmp_path_factory.mktemp(f"{family}-preempt") / f"{family}.gguf", hf, train_tokenizer(), q8_0=True)
+    path = tiny_file(family, tmp_path_factory)
     config = EngineConfig(model=str(path)).updated(max_model_len=128, max_num_seqs=4)
     per_token = ModelRunner.kv_bytes_per_block(
         load_model(path, codes=True).config, config.cache, torch.float32, torch.float16) // config.cache.block_size
@@ -152,10 +152,7 @@ def test_abandoned_streams_give_their_states_back(family, tmp_path_factory) -> N
     from .ops_server import wait_for
     from .server import serving
 
-    make, round_to_file, write = FAMILIES[family]
-    hf = make()
-    round_to_file(hf)
-    path = write(tmp_path_factory.mktemp(f"{family}-abandon") / f"{family}.gguf", hf, train_tokenizer(), q8_0=True)
+    path = tiny_file(family, tmp_path_factory)
     options = EngineConfig(model=str(path)).updated(max_model_len=256, memory_gib=0.05, max_num_seqs=2)
     with serving(ServerConfig(served_model_name=NAME), options) as running:
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0, timeout=120)
