@@ -32,8 +32,9 @@ def q8_file(tmp_path_factory):
 
 
 def _dense_logprobs(model, tokens: list[int]) -> torch.Tensor:
+    """One dense pass: `model` is called as (ids, positions, ctx), so a wrapped one serves too."""
     with torch.inference_mode():
-        hidden = model.forward(torch.tensor(tokens), torch.arange(len(tokens)), DenseAttention())
+        hidden = model(torch.tensor(tokens), torch.arange(len(tokens)), DenseAttention())
         return torch.log_softmax(model.logits(hidden), -1)
 
 

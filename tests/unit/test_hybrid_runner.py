@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.parity.dense_attention import DenseAttention
 from tests.parity.one_sequence import OneSequence
 from tests.parity.tiny_models import train_tokenizer
 from tests.parity import tiny_lfm2, tiny_qwen35
-from tests.unit.test_model_runner import BLOCK, Seq, _prompt, drive
+from tests.unit.test_gemma4_runner import _check, _seqs
+from tests.unit.test_model_runner import BLOCK, _prompt, drive
 from textmill.config import CacheConfig
 from textmill.loader import load_model
 from textmill.runner import ModelRunner
@@ -35,34 +35,6 @@ def q8_file(request, tmp_path_factory):
     return write(path, hf, train_tokenizer(), q8_0=True)
 
 
-def _dense_logprobs(model, tokens: list[int]) -> torch.Tensor:
-    with torch.inference_mode():
-        one = OneSequence(model)
-        return torch.log_softmax(one.logits(one(torch.tensor(tokens), torch.arange(len(tokens)), DenseAttention())),
-                                 -1)
-
-
-def _seqs(vocab: int) -> list[Seq]:
-    greedy = dict(temperature=0.0, max_tokens=6, logprobs=2)
-    return [Seq("long", _prompt(23, 1, vocab), SamplingParams(**greedy, prompt_logprobs=1)),
-            Seq("short", _prompt(3, 2, vocab), SamplingParams(**greedy)),
-            Seq("late", _prompt(14, 3, vocab), SamplingParams(**greedy), arrive=2)]
-
-
-def _check(results: dict[str, Seq], reference, atol: float) -> None:
-    for s in results.values():
-        dense = _dense_logprobs(reference, s.tokens[:-1])
-        top = dense[len(s.prompt) - 1:]
-        for i, token in enumerate(s.tokens[len(s.prompt):]):
-            assert float(top[i].max() - top[i, token]) <= atol, (s.rid, i)
-            assert s.logprobs[i].logprob == pytest.approx(float(top[i, token]), abs=atol)
-    long = results["long"]
-    dense = _dense_logprobs(reference, long.prompt)
-    got = torch.tensor([p.logprob for p in long.prompt_logprobs])
-    expected = dense[torch.arange(len(long.prompt) - 1), torch.tensor(long.prompt[1:])]
-    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
-
-
 def _runner(path, kernels: bool, slots: int = 4) -> ModelRunner:
     loaded = load_model(path, codes=kernels)
     return ModelRunner(loaded.model, loaded.config, CacheConfig(block_size=BLOCK, num_blocks=48), kernels=kernels,
@@ -74,7 +46,8 @@ def test_states_on_eager_torch(q8_file):
     layers = runner.model_config.recurrent_layers
     assert all((kv is None) == (i in layers) for i, kv in enumerate(runner.kv_cache.kv))  # a state, not KV
     assert not runner.chunks_match_steps  # no guessed tokens: a state cannot take back a rejected one
-    _check(drive(runner, _seqs(runner.model_config.vocab_size), budget=5), load_model(q8_file).model, atol=1e-4)
+    _check(drive(runner, _seqs(runner.model_config.vocab_size), budget=5),
+           OneSequence(load_model(q8_file).model), atol=1e-4)
 
 
 @pytest.mark.skipif(not qlinear.available(), reason="textmill's C++ kernels are not built here")
@@ -91,7 +64,7 @@ def test_states_on_the_kernels(q8_file):
         alone = drive(_runner(q8_file, kernels=True), [seq], budget=1)[seq.rid]
         assert alone.tokens == mixed[seq.rid].tokens
         assert [p.logprob for p in alone.logprobs] == [p.logprob for p in mixed[seq.rid].logprobs]
-    _check(mixed, load_model(q8_file).model, atol=0.75)
+    _check(mixed, OneSequence(load_model(q8_file).model), atol=0.75)
 
 
 def test_preempted_request_starts_from_a_fresh_state(q8_file):

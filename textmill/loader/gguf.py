@@ -23,7 +23,7 @@ from textmill.loader.ggml_types import GGMLQuantizationType
 from textmill.loader.gguf_experts import expert_fields, expert_parts
 from textmill.loader.gguf_file import GGUFFile, GGUFMetadata, TensorInfo
 from textmill.loader.gguf_gemma4 import gemma4_config, unused_kv_tensor
-from textmill.loader.gguf_hybrid import lfm2_config, mtp_tensor, qwen35_config
+from textmill.loader.gguf_hybrid import HYBRID_CONFIGS, mtp_tensor
 from textmill.loader.group_codes import CodesRef, GGUFRows, convertible
 from textmill.loader.hf_config import pattern_of_layers
 from textmill.loader.names import FUSED_GGUF, fused_parts, gguf_param_name, to_model_layout
@@ -80,9 +80,10 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
     """`context_window`: the longest sequence the model will serve (default: its whole
     window); it picks LongRoPE's factors, as llama.cpp's context size does."""
     meta = GGUFMetadata(gguf)
-    if meta.arch in ("gemma4", "qwen35", "lfm2"):  # per-layer arrays, recurrent layers: keys of their own
-        return (gemma4_config(gguf, meta, _vocab_size(gguf), _tensor_values(gguf, ROPE_FREQS)) if meta.arch == "gemma4"
-                else (qwen35_config if meta.arch == "qwen35" else lfm2_config)(gguf, meta, _vocab_size(gguf)))
+    if meta.arch == "gemma4":  # per-layer arrays where other files hold one number
+        return gemma4_config(gguf, meta, _vocab_size(gguf), _tensor_values(gguf, ROPE_FREQS))
+    if meta.arch in HYBRID_CONFIGS:  # recurrent layers beside attention: keys of their own
+        return HYBRID_CONFIGS[meta.arch](gguf, meta, _vocab_size(gguf))
     hidden = int(meta.arch_get("embedding_length"))
     heads = int(meta.arch_get("attention.head_count"))
     head_dim = int(meta.arch_get("attention.key_length", hidden // heads))
@@ -360,9 +361,8 @@ EMBED, HEAD = "embed_tokens.weight", "lm_head.weight"
 # Gemma 4's per-layer embeddings: 262,144 rows of 35 x 256 values on E2B, more weights than the
 # rest of the model, of which a step reads a row per token.
 ROW_TABLES = frozenset({"embed_tokens_per_layer.weight"})
-# A mixture of experts' router (and Qwen2 MoE's shared expert's gate) stays float, as llama.cpp
-# computes it (its quantizer leaves ffn_gate_inp float too): a token's experts are chosen from
-# exact logits.
+# A mixture of experts' router (and Qwen2 MoE's shared expert's gate) stays float, as llama.cpp computes
+# it (its quantizer leaves ffn_gate_inp float too): a token's experts are chosen from exact logits.
 ROUTERS = (".mlp.gate.weight", ".mlp.shared_expert_gate.weight")
 
 

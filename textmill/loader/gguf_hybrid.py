@@ -103,3 +103,7 @@ def lfm2_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelCon
 def mtp_tensor(config: ModelConfig, name: str) -> bool:
     """A tensor of the multi-token-prediction blocks after the model's layers."""
     return name.startswith("blk.") and int(name.split(".", 2)[1]) >= config.num_layers
+
+
+# general.architecture -> its config reader
+HYBRID_CONFIGS = {"qwen35": qwen35_config, "lfm2": lfm2_config}

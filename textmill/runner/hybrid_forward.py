@@ -76,7 +76,7 @@ class HybridKernelForward(KernelForwardBase):
         if type(model) not in (qwen35.Qwen35ForCausalLM, lfm2.Lfm2ForCausalLM):
             return False
         for b in model.layers:
-            mixer = getattr(b, "linear_attn", None) or getattr(b, "conv", None) or b.self_attn
+            mixer = getattr(b, b.mixer_name) if b.recurrent else b.self_attn
             if getattr(b.mlp, "gate_up_proj", None) is None or getattr(
                     mixer, "in_proj" if b.recurrent else "qkv_proj", None) is None:
                 return False
