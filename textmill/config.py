@@ -167,6 +167,9 @@ class ModelConfig:
     # ERNIE 4.5 MoE: a per-expert bias added to the router's probabilities to choose a token's
     # experts, not to weigh them (its e_score_correction_bias; llama.cpp's exp_probs_b).
     router_selection_bias: bool = False
+    # LFM2 MoE: the router's probabilities are the sigmoid of each logit, not their softmax
+    # (llama.cpp's expert_gating_func 2).
+    router_sigmoid: bool = False
     # Gemma 4: the global (full-attention) layers' own head width and KV head count (None: head_dim,
     # num_kv_heads); where attention_k_eq_v, those layers have no v_proj and take V from k_proj.
     global_head_dim: int | None = None

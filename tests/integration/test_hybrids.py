@@ -1,5 +1,5 @@
-"""Tiny hybrids (Qwen3.5 and LFM2, written as llama.cpp's converter writes them, Q8_0;
-tests/parity/tiny_qwen35.py, tiny_lfm2.py) served end to end on the default plan: the file's blocks
+"""Tiny hybrids (Qwen3.5 and LFM2, and their mixtures of experts, written as llama.cpp's converter
+writes them, Q8_0; tests/parity/tiny_hybrids.py) served end to end on the default plan: the file's blocks
 on the kernel forward, the real app and engine, through the official openai client.
 
 What a hybrid adds to the path: recurrent layers (gated delta nets, short convolutions) whose memory
@@ -18,8 +18,7 @@ import openai
 import pytest
 import torch
 
-from tests.parity.tiny_models import train_tokenizer
-from tests.parity import tiny_lfm2, tiny_qwen35
+from tests.parity.tiny_hybrids import FAMILIES, tiny_file
 from textmill.config import EngineConfig, ServerConfig
 from textmill.loader import load_model
 from textmill.runner import ModelRunner
@@ -29,22 +28,13 @@ from .server import free_port, running_server
 pytest.importorskip("transformers")
 
 NAME = "tiny-hybrid"
+# The state machinery's own tests (preemption, abandoned streams) on the dense families alone: a
+# mixture of experts changes the MLP, not the states.
+STATE_FAMILIES = ("qwen35", "lfm2")
 PROMPT = "the cat sat on the mat and the dog sat on the log while the bird sang in the tree"
-FAMILIES = {"qwen35": (tiny_qwen35.tiny_qwen35_hf, tiny_qwen35.round_to_file, tiny_qwen35.write_qwen35_gguf),
-            "lfm2": (tiny_lfm2.tiny_lfm2_hf, tiny_lfm2.round_to_file, tiny_lfm2.write_lfm2_gguf)}
-
-
-def tiny_file(family: str, tmp_path_factory) -> Path:
-    """The family's tiny random model as its Q8_0 file, the source rounded to it."""
-    make, round_to_file, write = FAMILIES[family]
-    hf = make()
-    round_to_file(hf)
-    return write(tmp_path_factory.mktemp(family) / f"{family}.gguf", hf, train_tokenizer(), q8_0=True)
-
-
 @pytest.fixture(scope="module", params=tuple(FAMILIES))
 def client(request, tmp_path_factory):
-    path = tiny_file(request.param, tmp_path_factory)
+    path = tiny_file(request.param, tmp_path_factory.mktemp(request.param))
     options = EngineConfig(model=str(path)).updated(max_model_len=256, memory_gib=0.05, max_num_batched_tokens=8,
                                                     max_num_seqs=4, draft_tokens=0)  # the plain server
     with running_server(options, ServerConfig(port=free_port(), served_model_name=NAME)) as url:
@@ -94,7 +84,7 @@ def test_guessed_tokens_change_nothing(request, client, tmp_path_factory) -> Non
     from .test_draft_tokens import CountingRunner, RowsNearlyFree
 
     family = request.node.callspec.params["client"]
-    path = tiny_file(family, tmp_path_factory)
+    path = tiny_file(family, tmp_path_factory.mktemp(family))
     counting = []
 
     def wrap(runner):
@@ -115,14 +105,14 @@ def test_guessed_tokens_change_nothing(request, client, tmp_path_factory) -> Non
     assert counting[0].accepted > 0 and counting[0].drafted > counting[0].accepted  # some held, some were taken back
 
 
-@pytest.mark.parametrize("family", tuple(FAMILIES))
+@pytest.mark.parametrize("family", STATE_FAMILIES)
 def test_preempted_requests_get_what_they_get_alone(family, tmp_path_factory) -> None:
     """A server whose KV pool holds 160 tokens, given four requests of ~70: the scheduler preempts
     some and recomputes them from position 0, each into a fresh recurrent state, and every answer
     (greedy and seeded) is the one it gives alone."""
     from .server import running_server
 
-    path = tiny_file(family, tmp_path_factory)
+    path = tiny_file(family, tmp_path_factory.mktemp(family))
     config = EngineConfig(model=str(path)).updated(max_model_len=128, max_num_seqs=4)
     per_token = ModelRunner.kv_bytes_per_block(
         load_model(path, codes=True).config, config.cache, torch.float32, torch.float16) // config.cache.block_size
@@ -144,7 +134,7 @@ def test_preempted_requests_get_what_they_get_alone(family, tmp_path_factory) ->
     assert together == alone
 
 
-@pytest.mark.parametrize("family", tuple(FAMILIES))
+@pytest.mark.parametrize("family", STATE_FAMILIES)
 def test_abandoned_streams_give_their_states_back(family, tmp_path_factory) -> None:
     """Clients that close their streams mid-generation: the engine aborts them and the runner takes
     their state slots back, so more abandoned streams than slots (max_num_seqs 2) leave the server
@@ -152,7 +142,7 @@ def test_abandoned_streams_give_their_states_back(family, tmp_path_factory) -> N
     from .ops_server import wait_for
     from .server import serving
 
-    path = tiny_file(family, tmp_path_factory)
+    path = tiny_file(family, tmp_path_factory.mktemp(family))
     options = EngineConfig(model=str(path)).updated(max_model_len=256, memory_gib=0.05, max_num_seqs=2)
     with serving(ServerConfig(served_model_name=NAME), options) as running:
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0, timeout=120)

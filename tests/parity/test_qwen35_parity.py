@@ -5,6 +5,9 @@ attention with a gate per head and a quarter of each head turned. Float32 and Q8
 rounded to the file first): prompt log-probabilities within 1e-3 and the same 32 greedy tokens,
 ours one token a forward through the recurrent states as a server decodes.
 
+Qwen3.5 MoE ("qwen35moe") the same, its MLPs a mixture of eight experts (two a token) and a
+gated shared expert.
+
 The tests that change one thing show that each of the converter's transformations is read: the
 model with that piece done the other way is far off.
 """
@@ -20,22 +23,24 @@ from tests.parity.compare import LOGPROB_TOLERANCE, hf_greedy, max_logprob_diff,
 from tests.parity.one_sequence import OneSequence
 from tests.parity.tiny_qwen35 import round_to_file, tiny_qwen35_hf, write_qwen35_gguf
 from textmill.loader import load_model
+from textmill.models.moe import route
 from textmill.models.qwen35 import Qwen35ForCausalLM
 
 transformers = pytest.importorskip("transformers")
 
 FAR = 100 * LOGPROB_TOLERANCE
+VARIANTS = ("f32", "q8_0", "moe-f32", "moe-q8_0")
 
 
 @pytest.fixture(scope="module")
 def files(tokenizer, tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
     out = {}
-    for name, q8_0 in (("f32", False), ("q8_0", True)):
-        hf = tiny_qwen35_hf()
-        if q8_0:
+    for name in VARIANTS:
+        hf = tiny_qwen35_hf(moe=name.startswith("moe"))
+        if name.endswith("q8_0"):
             round_to_file(hf)
         path = tmp_path_factory.mktemp(f"qwen35-{name}") / f"tiny-qwen35-{name}.gguf"
-        out[name] = hf, write_qwen35_gguf(path, hf, tokenizer, q8_0=q8_0)
+        out[name] = hf, write_qwen35_gguf(path, hf, tokenizer, q8_0=name.endswith("q8_0"))
     return out
 
 
@@ -57,13 +62,13 @@ def _far(model, hf, prompts) -> float:
     return max(max_logprob_diff(model, hf, ids) for ids in prompts.values())
 
 
-@pytest.mark.parametrize("variant", ("f32", "q8_0"))
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_prompt_logprobs_match_transformers(variant, files, prompts) -> None:
     hf, path = files[variant]
     assert _far(_ours(path), hf, prompts) < LOGPROB_TOLERANCE
 
 
-@pytest.mark.parametrize("variant", ("f32", "q8_0"))
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_greedy_decoding_matches_transformers(variant, files, prompts) -> None:
     hf, path = files[variant]
     ours = _ours(path)
@@ -78,6 +83,20 @@ def test_config_read_from_the_file(files) -> None:
     assert config.rotary_dim == 4 and config.head_dim == 16
     s = config.linear_attention
     assert (s.key_heads, s.value_heads, s.key_dim, s.value_dim, s.conv_kernel, s.tiled_heads) == (2, 4, 16, 16, 4, True)
+
+
+def test_moe_config_read_from_the_file(files, prompts) -> None:
+    """Every layer sparse, renormalized, with a gated shared expert; tokens choose different experts."""
+    loaded = load_model(files["moe-f32"][1])
+    c = loaded.config
+    assert (c.architecture, c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size) == ("qwen35", 8, 2, 32)
+    assert (c.norm_topk_prob, c.dense_layers, c.shared_expert_intermediate_size, c.shared_expert_gate) == (
+        True, (), 64, True)
+    assert c.intermediate_size == 32 and not c.router_sigmoid  # the file gives no dense width
+    moe = loaded.model.layers[0].mlp
+    ids = torch.tensor(prompts[next(iter(prompts))])
+    chosen = route(moe.gate(loaded.model.embed_tokens(ids)), 2, True)[1]
+    assert len(chosen.unique()) > 4
 
 
 def test_layer_flags_and_mtp_blocks(files, tokenizer, tmp_path, prompts) -> None:

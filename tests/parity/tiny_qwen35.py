@@ -9,6 +9,9 @@ matters. What the converter does to the tensors, and this writer with it:
 - every norm weight but the gated norm's (linear_attn.norm) gets 1 added;
 - the value heads' rows (of in_proj_qkv's v part, in_proj_z, in_proj_a/b, the conv's v channels,
   A and dt_bias) and out_proj's columns move from grouped to tiled order.
+With `moe`, Qwen3.5 MoE (conversion/qwen.py Qwen3_5MoeTextModel, arch "qwen35moe"): eight experts,
+two a token, and a shared expert behind a sigmoid gate in every layer, the experts stacked one
+tensor per projection (tiny_gguf._stacked_experts); no dense MLP width in the file.
 """
 from __future__ import annotations
 
@@ -21,20 +24,26 @@ from gguf import GGUFWriter, quants
 from gguf.constants import GGMLQuantizationType as T
 from tokenizers import Tokenizer
 
-from tests.parity.tiny_gguf import _write_vocab, finish_file
+from tests.parity.tiny_gguf import _stacked_experts, _write_vocab, finish_file
 from tests.parity.tiny_models import MAX_POSITIONS, VOCAB_SIZE
 
 HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM = 64, 128, 4, 2, 16
 LAYERS, INTERVAL = 8, 4
 K_HEADS, V_HEADS, K_DIM, V_DIM, CONV = 2, 4, 16, 16, 4
 ROTARY_FACTOR = 0.25
+EXPERTS, PER_TOKEN, EXPERT_FFN, SHARED_FFN = 8, 2, 32, 64  # widths of whole Q8_0 blocks
 
 
-def qwen35_config():
+def qwen35_config(moe: bool = False):
     import transformers as tf
 
-    return tf.Qwen3_5TextConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+    if moe:
+        sizes = dict(num_experts=EXPERTS, num_experts_per_tok=PER_TOKEN, moe_intermediate_size=EXPERT_FFN,
+                     shared_expert_intermediate_size=SHARED_FFN)
+    else:
+        sizes = dict(intermediate_size=FFN)
+    return (tf.Qwen3_5MoeTextConfig if moe else tf.Qwen3_5TextConfig)(
+        vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, **sizes, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, linear_key_head_dim=K_DIM,
         linear_value_head_dim=V_DIM, linear_num_key_heads=K_HEADS, linear_num_value_heads=V_HEADS,
         linear_conv_kernel_dim=CONV, full_attention_interval=INTERVAL, max_position_embeddings=MAX_POSITIONS,
@@ -43,14 +52,14 @@ def qwen35_config():
         rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=0)
 
 
-def tiny_qwen35_hf(seed: int = 0):
-    """A random Qwen3_5ForCausalLM, float32, eval mode. Norm weights (1 + w norms, zero at init)
+def tiny_qwen35_hf(seed: int = 0, moe: bool = False):
+    """A random Qwen3_5ForCausalLM (Qwen3_5MoeForCausalLM), float32, eval mode. Norm weights (1 + w norms, zero at init)
     N(0, 0.2) and the gated norm's 1 + N(0, 0.2), so a loader that adds or drops a 1 is far off;
     every other weight N(0, 0.15) on top of the init, A_log and dt_bias spread so the decays differ."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(qwen35_config(), dtype=torch.float32, attn_implementation="eager")
+    model = tf.AutoModelForCausalLM.from_config(qwen35_config(moe), dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("linear_attn.norm.weight"):
@@ -96,10 +105,14 @@ def _converted(name: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
     return name, t
 
 
+def _moe(hf_model) -> bool:
+    return hf_model.config.model_type == "qwen3_5_moe_text"
+
+
 def gguf_tensors(hf_model) -> dict[str, np.ndarray]:
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN35, LAYERS)
-    out = {}
-    for name, tensor in hf_model.state_dict().items():
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN35MOE if _moe(hf_model) else gguf.MODEL_ARCH.QWEN35, LAYERS)
+    state, out = _stacked_experts(hf_model.state_dict(), legacy=False)
+    for name, tensor in state.items():
         if name == "lm_head.weight" and hf_model.config.tie_word_embeddings:
             continue
         name, tensor = _converted(name, tensor.float())
@@ -111,9 +124,10 @@ def gguf_tensors(hf_model) -> dict[str, np.ndarray]:
 
 
 def _file_type(gguf_name: str, values: np.ndarray, q8_0: bool) -> T:
-    """--outtype q8_0: 2-D weights Q8_0 (rows of whole 32-value blocks), norms and 1-D F32; the
-    converter keeps ssm_conv1d, ssm_a and ssm_dt float (Qwen3NextModel's tensor_force_quant)."""
-    if not q8_0 or values.ndim <= 1 or "norm" in gguf_name or "ssm_conv1d" in gguf_name:
+    """--outtype q8_0: 2- and 3-D weights Q8_0 (rows of whole 32-value blocks), norms and 1-D F32; the
+    converter keeps ssm_conv1d, ssm_a and ssm_dt float (Qwen3NextModel's tensor_force_quant), and the
+    routers (ffn_gate_inp, ffn_gate_inp_shexp) as llama.cpp's quantizer does."""
+    if not q8_0 or values.ndim <= 1 or "norm" in gguf_name or "ssm_conv1d" in gguf_name or "gate_inp" in gguf_name:
         return T.F32
     return T.Q8_0 if values.shape[-1] % 32 == 0 else T.F16
 
@@ -130,7 +144,8 @@ def round_to_file(hf_model) -> None:
     run along a row in the file's order: out_proj's columns are tiled there first."""
     with torch.no_grad():
         for name, p in hf_model.named_parameters():
-            if p.dim() == 2 and not name.endswith("norm.weight") and p.shape[-1] % 32 == 0:
+            router = name.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))
+            if p.dim() >= 2 and not name.endswith("norm.weight") and not router and p.shape[-1] % 32 == 0:
                 tiled = ".out_proj." in name
                 rows = (_tiled(p.data, 1, V_DIM) if tiled else p.data).numpy()
                 back = torch.from_numpy(quants.dequantize(quants.quantize(rows, T.Q8_0), T.Q8_0)
@@ -140,17 +155,23 @@ def round_to_file(hf_model) -> None:
 
 def write_qwen35_gguf(path: Path, hf_model, tokenizer: Tokenizer, *, q8_0: bool = False,
                       layer_flags: bool = False, mtp_blocks: int = 0) -> Path:
-    """The model as a "qwen35" GGUF. `layer_flags`: name the delta-net layers by
+    """The model as a "qwen35" ("qwen35moe") GGUF. `layer_flags`: name the delta-net layers by
     `attention.recurrent_layers` (newer converters) instead of `full_attention_interval` alone;
     `mtp_blocks`: that many multi-token-prediction blocks after the layers (random; unread)."""
-    c = hf_model.config
-    w = GGUFWriter(path, "qwen35")
+    c, arch = hf_model.config, "qwen35moe" if _moe(hf_model) else "qwen35"
+    w = GGUFWriter(path, arch)
     w.add_type("model")
     w.add_name("tiny-qwen35")
     w.add_block_count(LAYERS + mtp_blocks)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(FFN)
+    if _moe(hf_model):
+        w.add_expert_count(EXPERTS)
+        w.add_expert_used_count(PER_TOKEN)
+        w.add_expert_feed_forward_length(EXPERT_FFN)
+        w.add_expert_shared_feed_forward_length(SHARED_FFN)
+    else:
+        w.add_feed_forward_length(FFN)
     w.add_head_count(HEADS)
     w.add_head_count_kv(KV_HEADS)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
@@ -164,13 +185,13 @@ def write_qwen35_gguf(path: Path, hf_model, tokenizer: Tokenizer, *, q8_0: bool 
     w.add_ssm_time_step_rank(V_HEADS)
     w.add_ssm_inner_size(V_DIM * V_HEADS)
     if layer_flags:
-        w.add_array("qwen35.attention.recurrent_layers", [t == "linear_attention" for t in c.layer_types]
+        w.add_array(f"{arch}.attention.recurrent_layers", [t == "linear_attention" for t in c.layer_types]
                     + [False] * mtp_blocks)
     w.add_full_attention_interval(INTERVAL)
     w.add_rope_dimension_count(int(HEAD_DIM * ROTARY_FACTOR))
     w.add_rope_dimension_sections([1, 1, 0, 0])
     if mtp_blocks:
-        w.add_uint32("qwen35.nextn_predict_layers", mtp_blocks)
+        w.add_uint32(f"{arch}.nextn_predict_layers", mtp_blocks)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_vocab(w, tokenizer)
     tensors = gguf_tensors(hf_model)

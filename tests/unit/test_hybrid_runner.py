@@ -1,4 +1,4 @@
-"""The hybrids (Qwen3.5, LFM2) through the ModelRunner: each running request keeps its recurrent
+"""The hybrids (Qwen3.5, LFM2 and their mixtures of experts) through the ModelRunner: each running request keeps its recurrent
 layers' state in a slot of its own (runner/recurrent_state.py), carried from chunk to chunk and step
 to step, taken afresh after a preemption and given back when it finishes. Chunked prompts, mixed batches,
 prompt log-probabilities and greedy tokens are checked against one dense pass of the same model,
@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from tests.parity.one_sequence import OneSequence
-from tests.parity.tiny_models import train_tokenizer
-from tests.parity import tiny_lfm2, tiny_qwen35
+from tests.parity.tiny_hybrids import FAMILIES, tiny_file
 from tests.unit.test_gemma4_runner import _check, _seqs
 from tests.unit.test_model_runner import BLOCK, _prompt, drive
 from textmill.config import CacheConfig
@@ -22,17 +21,9 @@ from textmill.sampling_params import SamplingParams
 pytest.importorskip("transformers")
 
 
-FAMILIES = {"qwen35": (tiny_qwen35.tiny_qwen35_hf, tiny_qwen35.round_to_file, tiny_qwen35.write_qwen35_gguf),
-            "lfm2": (tiny_lfm2.tiny_lfm2_hf, tiny_lfm2.round_to_file, tiny_lfm2.write_lfm2_gguf)}
-
-
 @pytest.fixture(scope="module", params=tuple(FAMILIES))
 def q8_file(request, tmp_path_factory):
-    make, round_to_file, write = FAMILIES[request.param]
-    hf = make()
-    round_to_file(hf)
-    path = tmp_path_factory.mktemp(request.param) / f"tiny-{request.param}.gguf"
-    return write(path, hf, train_tokenizer(), q8_0=True)
+    return tiny_file(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def _runner(path, kernels: bool, slots: int = 4) -> ModelRunner:
@@ -54,9 +45,13 @@ def test_states_on_eager_torch(q8_file):
 def test_states_on_the_kernels(q8_file):
     """The file's blocks on the kernel forward (runner/hybrid_forward.py), paged, chunked and batched, give each request
     bitwise what it gets alone one token a step, and the float model's values within the 8-bit
-    activations' rounding (this tiny random model: 0.12 nats on average, up to ~0.7)."""
+    activations' rounding (this tiny random model: 0.12 nats on average, up to ~0.7; its mixture of
+    experts more, below)."""
     runner = _runner(q8_file, kernels=True)
     assert type(runner.forward).__name__ == "HybridKernelForward"
+    if runner.model_config.num_experts:  # each layer's experts stacked for the grouped kernels (runner/moe.py)
+        assert all(type(b.mlp).__name__ == "KernelMoE" for i, b in enumerate(runner.model.layers)
+                   if i not in runner.model_config.dense_layers)
     vocab = runner.model_config.vocab_size
     mixed = drive(runner, _seqs(vocab), budget=5)
     for seq in _seqs(vocab):
@@ -64,7 +59,10 @@ def test_states_on_the_kernels(q8_file):
         alone = drive(_runner(q8_file, kernels=True), [seq], budget=1)[seq.rid]
         assert alone.tokens == mixed[seq.rid].tokens
         assert [p.logprob for p in alone.logprobs] == [p.logprob for p in mixed[seq.rid].logprobs]
-    _check(mixed, OneSequence(load_model(q8_file).model), atol=0.75)
+    # A mixture's tokens may choose other experts than the float model's do (here 0.43 nats on average
+    # and up to ~2.6; with the float experts in their place 0.32 on average): the rest of its path is
+    # as rounded as the dense model's, the experts' choice not smooth.
+    _check(mixed, OneSequence(load_model(q8_file).model), atol=3.0 if runner.model_config.num_experts else 0.75)
 
 
 def test_preempted_request_starts_from_a_fresh_state(q8_file):

@@ -63,9 +63,11 @@ def test_route_and_combine_state_the_routers_math(ops):
     n, e, k, c = 37, 16, 4, 64
     logits = torch.randn(n, e) * 2
     bias = torch.randn(e) * 0.1  # ERNIE 4.5 MoE's selection bias: chooses, does not weigh
-    for normalize, selection in ((True, None), (False, None), (True, bias)):
-        tok, w, offsets = layer.moe_route(logits, k, normalize, selection)
-        weights, ids = route(logits, k, normalize, selection)
+    # LFM2 MoE's: sigmoid probabilities, chosen with a bias, renormalized
+    for normalize, selection, sigmoid in ((True, None, False), (False, None, False), (True, bias, False),
+                                          (False, None, True), (True, bias, True)):
+        tok, w, offsets = layer.moe_route(logits, k, normalize, selection, sigmoid)
+        weights, ids = route(logits, k, normalize, selection, sigmoid)
         assert offsets[0] == 0 and offsets[-1] == n * k and bool((offsets[1:] >= offsets[:-1]).all())
         expert = torch.repeat_interleave(torch.arange(e), offsets[1:] - offsets[:-1])
         got = {(int(t), int(x)): float(v) for t, x, v in zip(tok, expert, w)}
@@ -74,7 +76,8 @@ def test_route_and_combine_state_the_routers_math(ops):
         assert max(abs(got[key] - want[key]) for key in want) < 1e-6
         for lo, hi in zip(offsets[:-1].tolist(), offsets[1:].tolist()):  # tokens ascending within an expert
             assert tok[lo:hi].tolist() == sorted(tok[lo:hi].tolist())
-    assert not torch.equal(ids, route(logits, k, True)[1])  # the bias chose other experts
+    assert not torch.equal(ids, route(logits, k, True, None, True)[1])  # the bias chose other experts
+    assert not torch.allclose(route(logits, k, False, sigmoid=True)[0], route(logits, k, False)[0])
     d = torch.randn(n * k, c)
     out = layer.moe_combine(d, tok, w, n)
     expected = torch.zeros(n, c).index_add_(0, tok, d * w[:, None])
@@ -212,6 +215,14 @@ def test_a_tokens_results_do_not_depend_on_its_step(moe_path):
     """Chunks of 3 and of 64 tokens, decode beside prefill or alone: the same bits."""
     runner = _kernel_runner(moe_path)
     _exactly(drive(runner, _workload(), budget=3), drive(_kernel_runner(moe_path), _workload(), budget=64))
+
+
+def test_a_mixture_computes_each_row_alone(moe_path):
+    """A layer's mixture over 100 rows gives each row the bits it gets alone (a shared expert's
+    sigmoid gate included: torch.sigmoid's vector body and its tail round differently)."""
+    moe = _kernel_runner(moe_path).forward.layers[0].mlp
+    y = torch.randn(100, C, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(moe(y), torch.cat([moe(y[i:i + 1]) for i in range(len(y))]))
 
 
 def test_float_weights_keep_the_models_own_moe_on_kernel_attention():

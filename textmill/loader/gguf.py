@@ -23,7 +23,7 @@ from textmill.loader.ggml_types import GGMLQuantizationType
 from textmill.loader.gguf_experts import expert_fields, expert_parts
 from textmill.loader.gguf_file import GGUFFile, GGUFMetadata, TensorInfo
 from textmill.loader.gguf_gemma4 import gemma4_config, unused_kv_tensor
-from textmill.loader.gguf_hybrid import HYBRID_CONFIGS, mtp_tensor
+from textmill.loader.gguf_hybrid import HYBRID_CONFIGS, MTP_ARCHS, mtp_tensor
 from textmill.loader.group_codes import CodesRef, GGUFRows, convertible
 from textmill.loader.hf_config import pattern_of_layers
 from textmill.loader.names import FUSED_GGUF, fused_parts, gguf_param_name, to_model_layout
@@ -271,7 +271,7 @@ def model_tensors(gguf: GGUFFile, config: ModelConfig) -> list[TensorInfo]:
     arch = GGUFMetadata(gguf).arch
     out = []
     for t in gguf.tensors:
-        if arch == "gemma4" and unused_kv_tensor(config, t.name) or arch == "qwen35" and mtp_tensor(config, t.name):
+        if arch == "gemma4" and unused_kv_tensor(config, t.name) or arch in MTP_ARCHS and mtp_tensor(config, t.name):
             continue
         if (experts := expert_parts(t)) is not None:
             out += experts

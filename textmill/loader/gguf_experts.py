@@ -10,9 +10,15 @@ from textmill.loader.gguf_file import GGUFFile, GGUFMetadata, TensorInfo
 # What llama.cpp does with the weights of a token's experts, by architecture: renormalized
 # over the chosen ones (Qwen3 MoE, Mixtral's "llama" files, Granite MoE) or taken as they are
 # (OLMoE, Qwen2 MoE).
-# gpt-oss's softmax over the k chosen logits is the renormalized one; ERNIE 4.5 MoE renormalizes.
+# gpt-oss's softmax over the k chosen logits is the renormalized one; ERNIE 4.5 MoE, Qwen3.5 MoE and
+# LFM2 MoE renormalize.
 _EXPERT_WEIGHTS_NORMED = {"qwen3moe": True, "qwen3vlmoe": True, "llama": True, "olmoe": False, "granitemoe": True,
-                          "granitemoeshared": True, "qwen2moe": False, "gpt-oss": True, "ernie4_5-moe": True}
+                          "granitemoeshared": True, "qwen2moe": False, "gpt-oss": True, "ernie4_5-moe": True,
+                          "qwen35moe": True, "lfm2moe": True}
+# A shared expert behind a sigmoid gate (the others' shared expert, Granite MoE's, has none).
+_GATED_SHARED_EXPERT = frozenset({"qwen2moe", "qwen35moe"})
+# llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE: the router's probabilities by softmax or by sigmoid.
+_SOFTMAX, _SIGMOID = 1, 2
 
 
 def expert_fields(meta: GGUFMetadata, gguf: GGUFFile) -> dict[str, Any]:
@@ -20,15 +26,18 @@ def expert_fields(meta: GGUFMetadata, gguf: GGUFFile) -> dict[str, Any]:
     else from their tensors; layers without a router dense; a shared expert where the file has
     one (several shared experts are one wider SwiGLU: the converters write them as one, ERNIE
     4.5's two so); a router's selection bias where the file has one. Routers other than a
-    softmax are refused."""
+    softmax or a sigmoid, and weights scaled after the router, are refused."""
     count = int(meta.arch_get("expert_count", 0))
     if not count:
         return {}
     if meta.arch not in _EXPERT_WEIGHTS_NORMED:
         raise ValueError(f"{meta.arch!r} files with experts are not supported (Qwen2 MoE, Qwen3 MoE, OLMoE, Mixtral, "
-                         "Granite MoE, gpt-oss and ERNIE 4.5 MoE are)")
-    if int(meta.arch_get("expert_gating_func", 1)) != 1:  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
-        raise ValueError("only a softmax router is supported")
+                         "Granite MoE, gpt-oss, ERNIE 4.5 MoE, Qwen3.5 MoE and LFM2 MoE are)")
+    gating = int(meta.arch_get("expert_gating_func", _SOFTMAX))
+    if gating not in (_SOFTMAX, _SIGMOID):
+        raise ValueError("only a softmax or a sigmoid router is supported")
+    if float(meta.arch_get("expert_weights_scale", 1.0)) not in (0.0, 1.0):  # llama.cpp: 0 and 1 leave them alone
+        raise ValueError("experts' weights scaled after the router are not supported")
     width = meta.arch_get("expert_feed_forward_length", None)
     if width is None:
         gate = next((t for t in gguf.tensors if t.name in ("blk.0.ffn_gate_exps.weight", "blk.0.ffn_gate.0.weight")),
@@ -42,8 +51,9 @@ def expert_fields(meta: GGUFMetadata, gguf: GGUFFile) -> dict[str, Any]:
     return dict(num_experts=count, num_experts_per_tok=int(meta.arch_get("expert_used_count")),
                 moe_intermediate_size=int(width), norm_topk_prob=_EXPERT_WEIGHTS_NORMED[meta.arch],
                 dense_layers=dense, shared_expert_intermediate_size=shared,
-                shared_expert_gate=shared is not None and meta.arch == "qwen2moe",
-                router_selection_bias=any(t.name.endswith(".exp_probs_b.bias") for t in gguf.tensors))
+                shared_expert_gate=shared is not None and meta.arch in _GATED_SHARED_EXPERT,
+                router_selection_bias=any(t.name.endswith(".exp_probs_b.bias") for t in gguf.tensors),
+                router_sigmoid=gating == _SIGMOID)
 
 
 _STACKED_EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.(weight|bias)")

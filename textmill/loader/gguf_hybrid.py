@@ -7,16 +7,23 @@ The file says which layers are gated delta nets either as a per-layer array
 (`attention.recurrent_layers`) or by an interval (`full_attention_interval`: every 4th layer
 attends); the delta nets' shape is in the `ssm.*` keys. A file may end with multi-token-prediction
 blocks (`nextn_predict_layers`), a draft head llama.cpp runs only on request: they are not layers
-of the model here, and their tensors are left in the file. Qwen3.5's mixture of experts
-(`qwen35moe`) is refused by the registry.
+of the model here, and their tensors are left in the file. Qwen3.5 MoE (`qwen35moe`, 35B-A3B and
+up; src/models/qwen35moe.cpp) is the same model with a mixture of experts in every layer: a
+softmax router renormalized over the chosen, and a shared expert behind a sigmoid gate, Qwen2
+MoE's (gguf_experts.py reads them). Its files need not give a dense MLP width.
 
 LFM2 (conversion/lfm2.py LFM2Model; src/models/lfm2.cpp): a layer whose `attention.head_count_kv`
 entry is 0 is a short convolution of `shortconv.l_cache` taps; the final norm is `token_embd_norm`
-(llama.cpp's "fix for wrong tensor name"). Its mixture of experts (`lfm2moe`) is refused.
+(llama.cpp's "fix for wrong tensor name"). LFM2 MoE (`lfm2moe`, 8B-A1B, 24B-A2B; src/models/lfm2moe.cpp)
+has experts after its first few layers, chosen by the sigmoid of the router's logits plus a
+per-expert bias and weighted by those sigmoids renormalized.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from textmill.config import LinearAttentionShape, ModelConfig
+from textmill.loader.gguf_experts import expert_fields
 from textmill.loader.gguf_file import GGUFFile, GGUFMetadata
 
 
@@ -48,7 +55,7 @@ def qwen35_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelC
         architecture="qwen35",
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=int(meta.arch_get("feed_forward_length")),
+        intermediate_size=int(meta.arch_get("feed_forward_length", 0)),  # none in a Qwen3.5 MoE file
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=int(meta.arch_get("attention.head_count_kv", heads)),
@@ -100,10 +107,28 @@ def lfm2_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelCon
     )
 
 
+def with_experts(read_config):
+    """A family's config reader for its mixture-of-experts files: the same model, the file's experts
+    in its MLPs (a dense width where the file gives none: the experts')."""
+    def read(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelConfig:
+        fields = expert_fields(meta, gguf)
+        if not fields:
+            raise ValueError(f"a {meta.arch!r} file without {meta.arch}.expert_count")
+        config = read_config(gguf, meta, vocab_size)
+        if not config.intermediate_size:
+            fields["intermediate_size"] = fields["moe_intermediate_size"]
+        return dataclasses.replace(config, **fields)
+    return read
+
+
+MTP_ARCHS = frozenset({"qwen35", "qwen35moe"})  # files that may end with multi-token-prediction blocks
+
+
 def mtp_tensor(config: ModelConfig, name: str) -> bool:
     """A tensor of the multi-token-prediction blocks after the model's layers."""
     return name.startswith("blk.") and int(name.split(".", 2)[1]) >= config.num_layers
 
 
 # general.architecture -> its config reader
-HYBRID_CONFIGS = {"qwen35": qwen35_config, "lfm2": lfm2_config}
+HYBRID_CONFIGS = {"qwen35": qwen35_config, "lfm2": lfm2_config, "qwen35moe": with_experts(qwen35_config),
+                  "lfm2moe": with_experts(lfm2_config)}

@@ -138,6 +138,10 @@ _LFM2 = GGUFNames("layers", MappingProxyType({**_DECODER_GLOBALS, "token_embd_no
     "shortconv.conv": "conv.conv_weight",
     "shortconv.out_proj": "conv.out_proj",
 }))
+# Their mixtures of experts (Qwen3.5 MoE: Qwen2 MoE's gated shared expert; LFM2 MoE: a selection bias).
+_QWEN35_MOE = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({**_QWEN35.blocks, **_EXPERTS}))
+_LFM2_MOE = GGUFNames("layers", _LFM2.globals, MappingProxyType({**_LFM2.blocks, **_EXPERTS,
+                                                                 "exp_probs_b": "mlp.selection_bias"}))
 _BARE_PARAMS = frozenset({"self_attn.sinks", "mlp.selection_bias", "layer_scalar", "linear_attn.conv_weight",
                           "linear_attn.dt_bias", "linear_attn.A", "conv.conv_weight"})
 _GPT2 = GGUFNames("h", MappingProxyType({
@@ -183,7 +187,9 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "gemma3": _GEMMA3,
     "gemma4": _GEMMA4,  # its norms as they are: Gemma 4's RMSNorm multiplies by the weight itself
     "qwen35": _QWEN35,  # its norms as stored (1 + w), multiplied plainly as Gemma 4's
+    "qwen35moe": _QWEN35_MOE,
     "lfm2": _LFM2,
+    "lfm2moe": _LFM2_MOE,
     "gpt2": _GPT2,
 })
 
@@ -291,7 +297,7 @@ def to_model_layout(arch: str, param_name: str, tensor: torch.Tensor,
         return tensor - 1.0
     if param_name.endswith("shared_expert_gate.weight") and tensor.dim() == 1:  # ggml's {n_embd}: one row
         return tensor[None]
-    if arch == "qwen35" and param_name.endswith("self_attn.q_proj.weight"):  # each head's q then gate
+    if arch in ("qwen35", "qwen35moe") and param_name.endswith("self_attn.q_proj.weight"):  # each head's q, gate
         return ungate_rows(tensor, config.num_heads)
     if arch not in QK_PERMUTED_ARCHS:
         return tensor

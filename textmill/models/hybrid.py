@@ -1,6 +1,7 @@
 """What the hybrids (models/qwen35.py, models/lfm2.py) share: layers that are either recurrent (a
 state per sequence, handed over by the runner as `states`) or attention, each followed by a SwiGLU
-MLP, both pre-normed; the causal depthwise convolution both families' recurrent layers start with.
+MLP or a mixture of SwiGLU experts (models/moe.py: Qwen3.5 MoE, LFM2 MoE), both pre-normed; the
+causal depthwise convolution both families' recurrent layers start with.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from textmill.config import ModelConfig
 from textmill.models.base import AttentionContext, Embedding
-from textmill.models.llama import MLP, RotaryEmbedding, head_logits
+from textmill.models.llama import RotaryEmbedding, feed_forward, head_logits
 
 
 class SequenceStates(Protocol):
@@ -60,7 +61,7 @@ class HybridBlock(nn.Module):
         else:
             self.self_attn = attention(config, layer_idx)
         self.post_attention_layernorm = norm(C, eps)
-        self.mlp = MLP(config)
+        self.mlp = feed_forward(config, layer_idx)  # a mixture of experts in Qwen3.5 MoE's and LFM2 MoE's
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext,
                 states: SequenceStates) -> torch.Tensor:

@@ -161,15 +161,20 @@ def swiglu_clamped(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.
     return (up.clamp(-limit, limit) + 1) * (g * torch.sigmoid(SWIGLU_ALPHA * g))
 
 
+def feed_forward(config: ModelConfig, layer_idx: int) -> nn.Module:
+    """The layer's MLP: a mixture of SwiGLU experts where the config makes the layer sparse."""
+    if moe.is_sparse_layer(config, layer_idx):
+        return moe.SparseMoE(config, lambda width: MLP(config, width, expert=True))
+    return MLP(config)
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mlp = (moe.SparseMoE(config, lambda width: MLP(config, width, expert=True))
-                    if moe.is_sparse_layer(config, layer_idx)
-                    else MLP(config))
+        self.mlp = feed_forward(config, layer_idx)
         self.residual = config.residual_multiplier  # Granite: each output scaled as it joins x
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

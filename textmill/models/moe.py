@@ -1,5 +1,5 @@
 """A mixture of experts in place of a decoder layer's MLP (Qwen3 MoE, OLMoE, Mixtral, Granite MoE,
-Qwen2 MoE, gpt-oss).
+Qwen2 MoE, gpt-oss, ERNIE 4.5 MoE; the hybrids Qwen3.5 MoE and LFM2 MoE).
 
 A router (`gate`, C -> E logits) picks each token's k likeliest experts by the softmax of its
 logits; the MLP's output is their SwiGLU outputs weighted by those probabilities, which are
@@ -9,7 +9,8 @@ Qwen2 MoE adds a shared expert every token takes, its output times sigmoid(a lea
 Granite MoE's shared variant one without a gate. gpt-oss's router and experts have biases and
 its experts clamp their SwiGLU (llama.swiglu_clamped); its softmax over the k chosen logits is
 this renormalized softmax. ERNIE 4.5 MoE chooses by the probabilities plus a per-expert bias
-(`selection_bias`) and weighs by the probabilities alone.
+(`selection_bias`) and weighs by the probabilities alone; LFM2 MoE too, its probabilities each
+logit's sigmoid (`router_sigmoid`), renormalized over the chosen.
 
 The experts are llama.MLPs named as the Hugging Face checkpoints name them
 (`mlp.experts.3.gate_proj`, `mlp.gate`); a GGUF file's stacked expert tensors are split per
@@ -28,11 +29,12 @@ from torch import nn
 from textmill.config import ModelConfig
 
 
-def route(logits: torch.Tensor, k: int, normalize: bool,
-          selection_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def route(logits: torch.Tensor, k: int, normalize: bool, selection_bias: torch.Tensor | None = None,
+          sigmoid: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, E) router logits -> each token's k experts' weights (N, k) float32 and ids (N, k).
-    `selection_bias` (E,) (ERNIE 4.5 MoE) joins the probabilities that choose, not the weights."""
-    probs = F.softmax(logits.float(), dim=-1)
+    `selection_bias` (E,) (ERNIE 4.5 MoE, LFM2 MoE) joins the probabilities that choose, not the
+    weights; `sigmoid` (LFM2 MoE): each expert's probability is the sigmoid of its logit."""
+    probs = torch.sigmoid(logits.float()) if sigmoid else F.softmax(logits.float(), dim=-1)
     if selection_bias is not None:
         ids = torch.topk(probs + selection_bias.float(), k, dim=-1).indices
         weights = probs.gather(-1, ids)
@@ -49,6 +51,7 @@ class SparseMoE(nn.Module):
     def __init__(self, config: ModelConfig, make_expert: Callable[[int], nn.Module]) -> None:
         super().__init__()
         self.top_k, self.normalize = config.num_experts_per_tok, config.norm_topk_prob
+        self.sigmoid = config.router_sigmoid
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=config.moe_bias)  # gpt-oss: biased
         self.selection_bias = (nn.Parameter(torch.zeros(config.num_experts)) if config.router_selection_bias
                                else None)
@@ -60,7 +63,7 @@ class SparseMoE(nn.Module):
                                    if shared and config.shared_expert_gate else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.gate(x), self.top_k, self.normalize, self.selection_bias)
+        weights, ids = route(self.gate(x), self.top_k, self.normalize, self.selection_bias, self.sigmoid)
         out = torch.zeros_like(x)
         for e in ids.unique().tolist():
             token, slot = torch.nonzero(ids == e, as_tuple=True)

@@ -120,11 +120,15 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     # vision and audio model whole.
     "gemma4": "gemma4",
     # Qwen3.5 (dense text; models/qwen35.py): gated delta nets in three layers of four, GGUF files
-    # only (its folders hold the vision model too). Its mixture of experts (qwen35moe) is refused.
+    # only (its folders hold the vision model too). Qwen3.5 MoE (35B-A3B and up): the same layers with
+    # experts and a gated shared expert.
     "qwen35": "qwen35",
+    "qwen35moe": "qwen35",
     # LFM2 (350M to 2.6B; models/lfm2.py): short convolutions in most layers, Llama's attention with
-    # q/k norms in the rest. GGUF files only; its mixture of experts (lfm2moe) is refused.
+    # q/k norms in the rest. GGUF files only. LFM2 MoE (8B-A1B, 24B-A2B): experts after its first
+    # layers, chosen by a biased sigmoid.
     "lfm2": "lfm2",
+    "lfm2moe": "lfm2",
     "gpt2": "gpt2",
     "GPT2LMHeadModel": "gpt2",
 })

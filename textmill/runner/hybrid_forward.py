@@ -15,7 +15,7 @@ Both families' layers are a pre-norm mixer and a pre-norm SwiGLU MLP:
         LFM2's convolution:    [b | c | x] = in_proj(y);  out_proj(c * causal_conv(b * x))
         LFM2's attention:      o_proj(paged_attention(rope_kv_write(qkv_proj(y), q_norm, k_norm)))
     y = add_rms_norm(a, h, w_post)                             h += a
-    h += down(silu_mul(gate_up(y)))
+    h += down(silu_mul(gate_up(y)))                            (or a mixture of experts: runner/moe.py)
 
 Built for models whose layers runner/fused.py fused (fuse_qwen35_layers, fuse_lfm2_layers and
 fuse_llama_layers).
@@ -27,8 +27,10 @@ from types import ModuleType
 import torch
 
 from textmill.models import lfm2, qwen35
+from textmill.models.moe import SparseMoE
 from textmill.runner.kernel_attention import KernelPagedAttention
 from textmill.runner.kernel_forward import KernelForwardBase, direct_call
+from textmill.runner.moe import KernelMoE
 from textmill.runner.recurrent_state import StepStates
 
 
@@ -54,10 +56,18 @@ class HybridKernelForward(KernelForwardBase):
         self.layers = list(model.layers)
         self.final_norm = _weight(model.norm)
         self.norms = [(_weight(b.input_layernorm), _weight(b.post_attention_layernorm)) for b in self.layers]
-        self.mlps = [(direct_call(b.mlp.gate_up_proj), direct_call(b.mlp.down_proj)) for b in self.layers]
+        self.mlps = [self._mlp(b.mlp) for b in self.layers]
         self.steps = [self._mixer(b) for b in self.layers]
         # Each recurrent layer's replay: its kernels over recorded inputs, into the states (hybrids' guesses).
         self.replays = {i: self._replay_of(b) for i, b in enumerate(self.layers) if b.recurrent}
+
+    def _mlp(self, mlp: torch.nn.Module):
+        """The layer's MLP as a function of y: a mixture of experts as it is (runner/moe.py's KernelMoE,
+        or models/moe.py's over fused experts where the file's could not be stacked), else SwiGLU."""
+        if isinstance(mlp, (KernelMoE, SparseMoE)):
+            return mlp
+        gate_up, down = direct_call(mlp.gate_up_proj), direct_call(mlp.down_proj)
+        return lambda y: down(self.ops.silu_mul(gate_up(y)))
 
     def _mixer(self, block: torch.nn.Module):
         """The layer's mixer as a function of (y, positions' rows, cos, sin, ctx, states, seqs)."""
@@ -77,8 +87,8 @@ class HybridKernelForward(KernelForwardBase):
             return False
         for b in model.layers:
             mixer = getattr(b, b.mixer_name) if b.recurrent else b.self_attn
-            if getattr(b.mlp, "gate_up_proj", None) is None or getattr(
-                    mixer, "in_proj" if b.recurrent else "qkv_proj", None) is None:
+            fused_mlp = isinstance(b.mlp, (KernelMoE, SparseMoE)) or getattr(b.mlp, "gate_up_proj", None) is not None
+            if not fused_mlp or getattr(mixer, "in_proj" if b.recurrent else "qkv_proj", None) is None:
                 return False
         return True
 
@@ -94,8 +104,7 @@ class HybridKernelForward(KernelForwardBase):
             w_in, w_post = self.norms[i]
             a = self.steps[i](ops.rms_norm(h, w_in, eps), rows, cos, sin, ctx, states, seqs)
             y = ops.add_rms_norm(a, h, w_post, eps)  # h += a
-            gate_up, down = self.mlps[i]
-            h.add_(down(ops.silu_mul(gate_up(y))))
+            h.add_(self.mlps[i](y))
         if keep is not None:
             h = h.index_select(0, keep)
         return ops.rms_norm(h, self.final_norm, eps)

@@ -42,8 +42,8 @@ class KernelMoE(nn.Module):
 
     def __init__(self, moe: SparseMoE, router: nn.Module, gate_up: QLinear, down: QLinear):
         super().__init__()
-        self.top_k, self.normalize = moe.top_k, moe.normalize
-        bias = moe.selection_bias  # ERNIE 4.5 MoE's: chooses, does not weigh
+        self.top_k, self.normalize, self.sigmoid = moe.top_k, moe.normalize, moe.sigmoid
+        bias = moe.selection_bias  # ERNIE 4.5 MoE's and LFM2 MoE's: chooses, does not weigh
         self._selection_bias = None if bias is None else bias.detach().float().contiguous()
         self.num_experts = len(moe.experts)
         self.router = router
@@ -51,6 +51,7 @@ class KernelMoE(nn.Module):
         self.width = gate_up.out_features // self.num_experts  # 2F
         self.hidden = down.out_features // self.num_experts  # C
         self._layer, self._quant = load("layer"), load("quant")
+        self._recurrent = load("recurrent") if moe.shared_expert_gate is not None else None
         self._modes = (self._quant.mode_number(gate_up.mode), self._quant.mode_number(down.mode))
         float_router = type(router) is nn.Linear and router.weight.dtype == torch.float32
         self._router_weight = router.weight.detach().contiguous() if float_router else None
@@ -76,7 +77,8 @@ class KernelMoE(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         y = y.float().contiguous()
-        tok, w, offsets = self._layer.moe_route(self.logits(y), self.top_k, self.normalize, self._selection_bias)
+        tok, w, offsets = self._layer.moe_route(self.logits(y), self.top_k, self.normalize, self._selection_bias,
+                                                self.sigmoid)
         routed = y.index_select(0, tok)
         g = self._quant.experts_linear(routed, offsets, self._modes[0], self.gate_up.packed, self.width)
         if self._limit is not None:
@@ -90,7 +92,10 @@ class KernelMoE(nn.Module):
             return out
         shared = self.shared_expert(y)
         if self._shared_gate is not None:
-            shared = torch.sigmoid(self._layer.dense_rows(y, self._shared_gate)) * shared
+            # sigmoid row by row (recurrent.cpp): torch.sigmoid's vector body and tail round apart, so
+            # a token's gate would depend on its place in the step
+            gate = self._recurrent.sigmoid_gate(torch.ones(y.shape[0], 1), self._layer.dense_rows(y, self._shared_gate))
+            shared = shared * gate
         return out.add_(shared)
 
 

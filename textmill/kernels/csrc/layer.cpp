@@ -1401,14 +1401,15 @@ torch::Tensor dense_rows(const torch::Tensor& x, const torch::Tensor& w) {
 }
 
 // Router logits (N, E) -> each token's k experts by the softmax of its logits, as
-// transformers' and llama.cpp's routers choose them: the probabilities p = softmax(logits),
-// the k largest (the lower expert number first on a tie), their weights p (or p / their
-// sum, `normalize`). Returned grouped by expert: tok (N k,) the token of each routed row,
-// w (N k,) its weight, offsets (E + 1,) where each expert's rows start (tokens ascending
-// within an expert). A `bias` (E,) (ERNIE 4.5's e_score_correction_bias, llama.cpp's
-// exp_probs_b) is added to p to choose the k, not to weigh them.
+// transformers' and llama.cpp's routers choose them: the probabilities p = softmax(logits)
+// (each logit's sigmoid where `sigmoid`: LFM2 MoE), the k largest (the lower expert number
+// first on a tie), their weights p (or p / their sum, `normalize`). Returned grouped by
+// expert: tok (N k,) the token of each routed row, w (N k,) its weight, offsets (E + 1,) where
+// each expert's rows start (tokens ascending within an expert). A `bias` (E,) (ERNIE 4.5's
+// e_score_correction_bias, llama.cpp's exp_probs_b) is added to p to choose the k, not to
+// weigh them.
 std::vector<torch::Tensor> moe_route(const torch::Tensor& logits, int64_t k, bool normalize,
-                                     const c10::optional<torch::Tensor>& bias) {
+                                     const c10::optional<torch::Tensor>& bias, bool sigmoid) {
   check_f32(logits, "logits", 2);
   const int64_t n = logits.size(0), e = logits.size(1);
   TORCH_CHECK(k >= 1 && k <= e, "k must be 1..", e, ", got ", k);
@@ -1423,10 +1424,14 @@ std::vector<torch::Tensor> moe_route(const torch::Tensor& logits, int64_t k, boo
     std::vector<int64_t> order(e);
     for (int64_t r = r0; r < r1; ++r) {
       const float* l = lp + r * e;
-      const float mx = *std::max_element(l, l + e);
-      float sum = 0.f;
-      for (int64_t j = 0; j < e; ++j) sum += p[j] = std::exp(l[j] - mx);
-      for (int64_t j = 0; j < e; ++j) p[j] /= sum;
+      if (sigmoid) {
+        for (int64_t j = 0; j < e; ++j) p[j] = 1.f / (1.f + std::exp(-l[j]));
+      } else {
+        const float mx = *std::max_element(l, l + e);
+        float sum = 0.f;
+        for (int64_t j = 0; j < e; ++j) sum += p[j] = std::exp(l[j] - mx);
+        for (int64_t j = 0; j < e; ++j) p[j] /= sum;
+      }
       for (int64_t j = 0; j < e; ++j) s[j] = bp ? p[j] + bp[j] : p[j];
       std::iota(order.begin(), order.end(), int64_t(0));
       std::partial_sort(order.begin(), order.begin() + k, order.end(),
@@ -1774,8 +1779,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w"));
   m.def("moe_route", &moe_route, nogil,
         "router logits (N, E) -> tok (N k,), w (N k,), offsets (E + 1,): each token's k likeliest experts "
-        "by softmax (weights renormalized over them if `normalize`; chosen by p + bias if given), grouped by expert",
-        py::arg("logits"), py::arg("k"), py::arg("normalize"), py::arg("bias") = py::none());
+        "by softmax (or sigmoid; weights renormalized over them if `normalize`; chosen by p + bias if given), "
+        "grouped by expert",
+        py::arg("logits"), py::arg("k"), py::arg("normalize"), py::arg("bias") = py::none(),
+        py::arg("sigmoid") = false);
   m.def("moe_combine", &moe_combine, nogil,
         "out (n, C) = sum over routed rows i of w[i] (d[i] [+ bias[its expert]]) into row tok[i]",
         py::arg("d"), py::arg("tok"), py::arg("w"), py::arg("n"), py::arg("bias") = py::none(),
