@@ -29,6 +29,12 @@
                   (bench/synthetic_hybrids.py; not in the default matrix: 0.5 GB)
     synthetic-lfm2  a random-weight file of LFM2 1.2B's shapes (16 layers, 10 of them short convolutions,
                   65,536 tokens) in Q4_K_M's types (bench/synthetic_hybrids.py; not in the default matrix)
+    synthetic-qwen35moe  a random-weight file of 8 of Qwen3.5-35B-A3B's 40 layers (delta nets and gated
+                  attention; 256 experts of 512, 8 a token, a gated shared expert) in Q4_K_M's types
+                  (bench/synthetic_hybrids.py; not in the default matrix: 4.6 GiB)
+    synthetic-lfm2moe  a random-weight file of 12 of LFM2-8B-A1B's 24 layers (32 experts of 1792, 4 a token
+                  by a biased sigmoid, two dense layers) in Q4_K_M's types (bench/synthetic_hybrids.py; not in
+                  the default matrix: 2.2 GiB)
     synthetic-1b-q3k  the synthetic 1B's layers rewritten in Q3_K (bench/requant_gguf.py; not in the
                   default matrix; llama.cpp's own Q3_K_M keeps some layers in Q4_K/Q5_K)
     synthetic-1b-q8  the synthetic 1B's layers rewritten in Q8_0 (bench/requant_gguf.py; not in the
@@ -55,7 +61,8 @@ MATRIX = ("smollm2", "gemma3", "synthetic-1b", "synthetic-qwen3")
 # named files outside the default matrix
 EXTRA = ("smollm2-iq4xs", "synthetic-1b-q3k", "synthetic-1b-q8", "synthetic-8b", "synthetic-gemma2", "synthetic-phi3",
          "synthetic-olmo2", "synthetic-qwen3moe", "synthetic-gptoss", "synthetic-erniemoe", "synthetic-gemma4",
-         "synthetic-qwen35", "synthetic-lfm2")
+         "synthetic-qwen35", "synthetic-lfm2", "synthetic-qwen35moe", "synthetic-lfm2moe")
+HYBRIDS = ("synthetic-qwen35", "synthetic-lfm2", "synthetic-qwen35moe", "synthetic-lfm2moe")
 
 
 @dataclass(frozen=True)
@@ -107,9 +114,9 @@ def resolve(key: str) -> Path:
         if key == "synthetic-gemma4":
             from synthetic_gemma4 import synthetic_gemma4_path
             return synthetic_gemma4_path()
-        if key in ("synthetic-qwen35", "synthetic-lfm2"):
-            from synthetic_hybrids import SYNTHETIC_LFM2, SYNTHETIC_QWEN35, synthetic_hybrid_path
-            return synthetic_hybrid_path(SYNTHETIC_QWEN35 if key == "synthetic-qwen35" else SYNTHETIC_LFM2)
+        if key in HYBRIDS:
+            from synthetic_hybrids import SPECS, synthetic_hybrid_path
+            return synthetic_hybrid_path(SPECS[key.removeprefix("synthetic-")])
         from synthetic_gguf import (SYNTHETIC_1B, SYNTHETIC_8B, SYNTHETIC_ERNIEMOE, SYNTHETIC_GEMMA2, SYNTHETIC_GPTOSS,
                                     SYNTHETIC_OLMO2, SYNTHETIC_PHI3, SYNTHETIC_QWEN3, SYNTHETIC_QWEN3MOE,
                                     synthetic_path)
@@ -172,10 +179,10 @@ def read_info(path: Path) -> ModelInfo:
     kv_heads = [int(h) for h in kv_heads] if isinstance(kv_heads, list) else [int(kv_heads)] * layers
     widths = [int(get("attention.key_length", hidden // heads))] * layers
     owners = range(layers)
-    if arch == "qwen35":  # only every full_attention_interval-th layer attends; the rest keep a state
+    if arch in ("qwen35", "qwen35moe"):  # every full_attention_interval-th layer attends; the rest keep a state
         interval = int(get("full_attention_interval", 4))
         owners = [i for i in range(layers) if (i + 1) % interval == 0]
-    if arch == "lfm2":  # a short convolution's KV heads are 0
+    if arch in ("lfm2", "lfm2moe"):  # a short convolution's KV heads are 0
         owners = [i for i in range(layers) if kv_heads[i]]
     if arch == "gemma4":  # global layers of their own width; the last shared_kv_layers keep no cache
         widths = [int(get("attention.key_length_swa")) if s else w
