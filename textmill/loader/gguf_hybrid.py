@@ -113,7 +113,7 @@ def with_experts(read_config):
     def read(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelConfig:
         fields = expert_fields(meta, gguf)
         if not fields:
-            raise ValueError(f"a {meta.arch!r} file without {meta.arch}.expert_count")
+            raise ValueError(f"a {meta.arch!r} file must give {meta.arch}.expert_count")
         config = read_config(gguf, meta, vocab_size)
         if not config.intermediate_size:
             fields["intermediate_size"] = fields["moe_intermediate_size"]
