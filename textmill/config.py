@@ -262,6 +262,9 @@ class CacheConfig:
                                          flag="--no-prefix-caching")
     memory_gib: float = option(1.0, "memory for the paged KV cache, in GiB", flag="--kv-cache-memory",
                                metavar="GIB")
+    # A hybrid's prefix cache: how many recurrent-state snapshots the runner keeps (0: none; wiring.py
+    # sets it for a model with recurrent layers, engine/kv_cache/state_snapshots.py).
+    state_snapshots: int = 0
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,10 @@ class ScheduledChunk:
     # samples after every one of the last len(draft) + 1 positions and keeps the guesses up
     # to the first that the sampled token contradicts.
     draft: tuple[int, ...] = ()
+    # A hybrid's recurrent state (engine/kv_cache/state_snapshots.py): the snapshot a request that
+    # starts at a prefix hit resumes from, and the one to keep its state in after this chunk.
+    restore_state: int | None = None
+    save_state: int | None = None
 
 
 @dataclass(frozen=True)

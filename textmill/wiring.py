@@ -165,22 +165,26 @@ def _cache_config(cfg: ModelConfig, config: EngineConfig, plan: "ExecutionPlan",
 
 def _recurrent_states(cfg: ModelConfig, cache: CacheConfig, seqs: int, path: Path) -> tuple[CacheConfig, int]:
     """A hybrid keeps a state per running request (runner/recurrent_state.py): as many requests as
-    fit the memory left beside the weights and the KV pool, each state's size said in one line, and
-    no prefix cache (a recurrent layer's state after a prefix is not kept with its blocks)."""
+    fit the memory left beside the weights, the KV pool and the prefix cache's state snapshots
+    (recurrent_state.snapshot_count; engine/kv_cache/state_snapshots.py), each said in one line."""
     from textmill.loader.prefetch import available_bytes
-    from textmill.runner.recurrent_state import bytes_per_sequence, fitting_slots
+    from textmill.runner.recurrent_state import bytes_per_sequence, fitting_slots, snapshot_count
 
     per_seq, avail = bytes_per_sequence(cfg), available_bytes()
     room = None if avail is None else avail - path.stat().st_size - int(cache.memory_gib * 2**30)
+    snapshots = snapshot_count(per_seq, room) if cache.enable_prefix_caching else 0
+    if room is not None:
+        room -= snapshots * per_seq
     fit = fitting_slots(per_seq, seqs, room)
     if fit < seqs:
         log.info("max_num_seqs %d, not %d: the recurrent states of more running requests would take over half "
                  "the memory left beside the weights and the KV cache", fit, seqs)
     log.info("recurrent state: %.1f MiB a running request (up to %d: %.2f GiB, resident as used)",
              per_seq / 2**20, fit, per_seq * fit / 2**30)
-    if cache.enable_prefix_caching:
-        log.info("prefix caching: off (%s's recurrent layers keep no state per prefix)", cfg.architecture)
-        cache = dataclasses.replace(cache, enable_prefix_caching=False)
+    if snapshots:
+        log.info("prefix caching: hits resume where the recurrent state was kept, up to %d kept (%.2f GiB, "
+                 "resident as used)", snapshots, per_seq * snapshots / 2**30)
+        cache = dataclasses.replace(cache, state_snapshots=snapshots)
     return cache, fit
 
 

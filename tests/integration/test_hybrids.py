@@ -3,10 +3,10 @@ writes them, Q8_0; tests/parity/tiny_hybrids.py) served end to end on the defaul
 on the kernel forward, the real app and engine, through the official openai client.
 
 What a hybrid adds to the path: recurrent layers (gated delta nets, short convolutions) whose memory
-of a request is a state the runner keeps per running request, carried across chunks, and no prefix
-cache (a state after a prefix is not kept). A prompt prefilled in chunks of 8 must score its own continuation exactly as
-generation gave it (echo); requests running side by side, n > 1 included, must each get what
-they get alone.
+of a request is a state the runner keeps per running request, carried across chunks, and a prefix
+cache whose hits resume from kept states. A prompt prefilled in chunks of 8 must score its own
+continuation exactly as generation gave it (echo); requests running side by side, n > 1 included,
+must each get what they get alone; a hit must give what computing the prefix gives.
 """
 from __future__ import annotations
 
@@ -65,6 +65,32 @@ def test_requests_side_by_side_get_what_they_get_alone(client) -> None:
     first, second = ([c.text for c in sorted(client.completions.create(n=2, **sampled).choices,
                                               key=lambda c: c.index)] for _ in range(2))
     assert first == second and first[0] != first[1]
+
+
+def test_prefix_hits_resume_from_kept_states(client, tmp_path_factory, request) -> None:
+    """A prompt sent again, then a next turn (the first answer and new text): both served from the
+    prefix cache (cached_tokens, resuming from the recurrent state kept at a prompt's or an answer's
+    last block boundary), each answer token for token and log-prob for log-prob what a server
+    without the cache gives."""
+    from .server import running_server
+
+    kwargs = dict(model=NAME, max_tokens=24, temperature=0, logprobs=1, extra_body={"return_token_ids": True})
+    first = client.completions.create(prompt=PROMPT, **kwargs)
+    ids = first.choices[0].model_extra["prompt_token_ids"]
+    turn2 = ids + first.choices[0].model_extra["token_ids"] + ids[:7]
+    again, second = (client.completions.create(prompt=p, **kwargs) for p in (ids, turn2))
+    cached = [r.usage.prompt_tokens_details.cached_tokens for r in (again, second)]
+    assert cached == [(len(ids) - 1) // 16 * 16, (len(ids) + 23) // 16 * 16], cached  # blocks of 16
+    family = request.node.callspec.params["client"]
+    path = tiny_file(family, tmp_path_factory.mktemp(family))
+    options = EngineConfig(model=str(path)).updated(max_model_len=256, memory_gib=0.05, max_num_batched_tokens=8,
+                                                    max_num_seqs=4, draft_tokens=0, enable_prefix_caching=False)
+    with running_server(options, ServerConfig(port=free_port(), served_model_name=NAME)) as url:
+        plain = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        want = [plain.completions.create(prompt=p, **kwargs).choices[0] for p in (ids, turn2)]
+    got = [again.choices[0], second.choices[0]]
+    assert [(c.text, c.logprobs.token_logprobs) for c in got] == [(c.text, c.logprobs.token_logprobs) for c in want]
+    assert got[0].text == first.choices[0].text
 
 
 def test_seeded_samples_repeat_and_streams_match(client) -> None:

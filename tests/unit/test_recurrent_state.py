@@ -53,3 +53,33 @@ def test_slots_are_taken_zeroed_given_back_and_restored() -> None:
     assert torch.all(states.conv[0][0] == 0) and torch.all(states.ssm[2][0] == 0)
     with pytest.raises(RuntimeError, match="without its recurrent state"):
         states.for_step((_chunk("d", 5),))  # a prefix-cache hit: the state of those positions was never kept
+
+
+def test_snapshots_keep_a_state_and_start_a_request_from_it() -> None:
+    """A chunk's save_state copies its request's slot to that snapshot after the step; a request that
+    starts at a prefix hit takes a slot holding the snapshot (not zeros), and later changes to the
+    slot leave the snapshot alone."""
+    import dataclasses
+
+    states = RecurrentStates(CONFIG, 2, snapshots=3)
+    step = states.for_step((_chunk("a", 0),))
+    for pool in (*states.conv.values(), *states.ssm.values()):
+        pool[step.rows[0][2]].fill_(7.0)  # what the forward left
+    states.save((dataclasses.replace(_chunk("a", 0), save_state=2),))
+    states.update(SchedulerOutput((), (), finished_request_ids=("a",)))
+    resumed = states.for_step((dataclasses.replace(_chunk("b", 16), restore_state=2),))
+    slot = resumed.rows[0][2]
+    assert all(bool((pool[slot] == 7.0).all()) for pool in (*states.conv.values(), *states.ssm.values()))
+    states.conv[0][slot].zero_()
+    assert bool((states.conv[0][2 + 2] == 7.0).all())  # snapshot 2 lies after the 2 running slots
+    with pytest.raises(RuntimeError, match="without its recurrent state"):
+        states.for_step((_chunk("c", 16),))
+
+
+def test_snapshot_counts() -> None:
+    from textmill.runner.recurrent_state import snapshot_count
+
+    assert snapshot_count(19 << 20, None) == 53  # Qwen3.5 0.8B: a GiB's worth
+    assert snapshot_count(160 << 10, None) == 256 and snapshot_count(200 << 20, None) == 16  # the bounds
+    assert snapshot_count(19 << 20, 4 * 10 * (19 << 20)) == 10  # a quarter of the room left
+    assert snapshot_count(19 << 20, 0) == 1

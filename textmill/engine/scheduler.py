@@ -28,6 +28,11 @@ scheduled chunk (registered "in flight" by the KV manager), the request stays wa
 until that step publishes the block, then takes it as a prefix hit; so n requests with
 one prompt compute it once and each computes only its own tail.
 
+A hybrid (recurrent layers beside attention) resumes a prefix only where the runner kept the
+recurrent state (engine/kv_cache/state_snapshots.py): its prefill chunks end on block boundaries
+(the prompt's last one among them), chunks ask for their state to be kept there and at the block
+boundaries of generated text, and a request admitted on hits names the snapshot it starts from.
+
 Guessed tokens: in a step of decodes alone with nobody waiting, a draftable request
 (nothing stateful in its sampling: no penalties, no grammar) may carry up to draft_tokens
 guesses from its own text (engine/ngram_draft.py) as the rest of its chunk. The step then
@@ -138,6 +143,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one step
     def schedule(self) -> SchedulerOutput:
+        if self.kv_manager.snapshots is not None:  # the last step saved the states it was asked to
+            self.kv_manager.snapshots.commit()
         for request in self._to_free:
             self.kv_manager.free(request)
             self._finished_ids.append(request.request_id)
@@ -174,7 +181,8 @@ class Scheduler:
             if remaining > 1:  # still prefilling: leave one token for each decode behind it
                 behind = self.running[index + 1 :]
                 reserve = sum(1 for r in behind if r.num_tokens - r.num_computed_tokens == 1)
-                num_new = min(remaining, plan.budget - reserve)
+                num_new = self.kv_manager.snapshot_chunk(request, request.num_computed_tokens,
+                                                         min(remaining, plan.budget - reserve))
                 draft: tuple[int, ...] = ()
             else:
                 num_new = 1
@@ -224,12 +232,13 @@ class Scheduler:
             if self.kv_manager.waits_for_in_flight(request, num_hit_tokens):
                 deferred.append(request)
                 continue
-            num_new = min(request.num_tokens - num_hit_tokens, plan.budget)
+            num_new = self.kv_manager.snapshot_chunk(request, num_hit_tokens,
+                                                     min(request.num_tokens - num_hit_tokens, plan.budget))
             if not self.kv_manager.allocate_slots(request, num_new, cached_blocks=hits):
                 self.waiting.appendleft(request)
                 break
             self._admit(request, num_hit_tokens, plan)
-            self._add_chunk(request, num_new, plan)
+            self._add_chunk(request, num_new, plan, restore=self.kv_manager.restore_slot(request, num_hit_tokens))
         self.waiting.extendleft(reversed(deferred))
 
     def _admit(self, request: Request, num_hit_tokens: int, plan: _StepPlan) -> None:
@@ -241,7 +250,8 @@ class Scheduler:
             request.num_cached_tokens = num_hit_tokens
             plan.new_requests.append(NewRequestData(request.request_id, request.params, request.prompt_token_ids))
 
-    def _add_chunk(self, request: Request, num_new: int, plan: _StepPlan, draft: tuple[int, ...] = ()) -> None:
+    def _add_chunk(self, request: Request, num_new: int, plan: _StepPlan, draft: tuple[int, ...] = (),
+                   restore: int | None = None) -> None:
         start = request.num_computed_tokens
         end = start + num_new
         targets = None
@@ -261,6 +271,9 @@ class Scheduler:
                 sample=end == request.num_tokens and request.params.max_tokens > 0,
                 prompt_logprob_targets=targets,
                 draft=draft,
+                restore_state=restore,
+                # (where guesses ride along, the state's end is known only after the step: none kept)
+                save_state=None if draft else self.kv_manager.save_slot(request, start, end),
             )
         )
         plan.budget -= num_new + len(draft)

@@ -101,7 +101,7 @@ class ModelRunner:
             model, "forward_keeps_rows", False)
         # A hybrid's recurrent layers (Qwen3.5, LFM2): a state per running request, handed to the forward
         # each step.
-        self.states = (RecurrentStates(model_config, state_slots, self.device)
+        self.states = (RecurrentStates(model_config, state_slots, self.device, cache_config.state_snapshots)
                        if model_config.recurrent_layers else None)
         if decode_graphs is None:  # (the padded steps have no recurrent states to hand over)
             decode_graphs = self.device.type == "cuda" and self.states is None
@@ -183,6 +183,8 @@ class ModelRunner:
                 hidden = self.forward(batch.input_ids, batch.positions, ctx, keep=rows, **extra)  # (S + P, C)
             else:
                 hidden = self.forward(batch.input_ids, batch.positions, ctx, **extra).index_select(0, rows)
+            if self.states is not None:  # (a chunk with guesses keeps none: the rewind may change it)
+                self.states.save(scheduled.chunks)
             if rows.numel() == 0:
                 return RunnerOutput()  # only mid-prompt chunks: nothing to sample or score
             logits = self.model.logits(hidden)  # (S + P, V)

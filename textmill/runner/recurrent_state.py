@@ -5,8 +5,13 @@ A recurrent layer's memory of a sequence is a fixed-size state, updated token by
 KV cache with a slot per position: it cannot be shared by prefix, paged, or rolled back to an
 earlier position by forgetting slots. So the runner keeps one slot of every recurrent layer's
 pools per running request, from its first chunk until it finishes or is preempted (the
-scheduler then recomputes it from position 0, and the slot, taken afresh, starts from zeros). Up
-to max_num_seqs requests run at once, so that many slots always suffice.
+scheduler then recomputes it, and the slot, taken afresh, starts from zeros). Up to max_num_seqs
+requests run at once, so that many slots always suffice.
+
+The prefix cache's part: `snapshots` more slots hold copies of states after some block boundaries,
+which the engine names (engine/kv_cache/state_snapshots.py): a chunk's `save_state` is copied in
+after the step, and a request that starts at a prefix hit takes its slot from its `restore_state`
+instead of from zeros.
 
 Guessed tokens need the rollback: before a step that carries guesses the runner copies the
 guessing requests' slots (`checkpoint`), the forward records each recurrent layer's inputs
@@ -29,6 +34,17 @@ from textmill.messages import ScheduledChunk, SchedulerOutput
 from textmill.runner.kv_cache import untouched_zeros
 
 STATE_DTYPE = torch.float32  # the recurrence adds small updates to a long-lived sum: float32, as llama.cpp's
+# The prefix cache's snapshots (engine/kv_cache/state_snapshots.py): as many as SNAPSHOT_BYTES hold,
+# at least SNAPSHOTS_MIN (a conversation resumes from one or two: its prompt's, its reply's) and at
+# most SNAPSHOTS_MAX; Qwen3.5 0.8B's 19 MiB states: 53 of them; LFM2's 160 KiB: 256.
+SNAPSHOT_BYTES, SNAPSHOTS_MIN, SNAPSHOTS_MAX = 2**30, 16, 256
+
+
+def snapshot_count(per_sequence: int, room: int | None) -> int:
+    """How many states the prefix cache keeps: SNAPSHOT_BYTES' worth within the bounds, and no more
+    than a quarter of `room` (the memory left beside the weights and the KV pool; None: unknown)."""
+    count = min(SNAPSHOTS_MAX, max(SNAPSHOTS_MIN, SNAPSHOT_BYTES // per_sequence))
+    return count if room is None else max(1, min(count, room // 4 // per_sequence))
 
 
 def state_shapes(config: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
@@ -72,10 +88,12 @@ class StepStates:
 
 
 class RecurrentStates:
-    def __init__(self, config: ModelConfig, num_slots: int, device: str | torch.device = "cpu"):
+    def __init__(self, config: ModelConfig, num_slots: int, device: str | torch.device = "cpu", snapshots: int = 0):
         conv, ssm = state_shapes(config)
-        self.conv = {i: untouched_zeros((num_slots, *conv), STATE_DTYPE, device) for i in config.recurrent_layers}
-        self.ssm = {i: untouched_zeros((num_slots, *ssm), STATE_DTYPE, device)
+        # The running requests' slots, then the snapshots' (slot num_slots + i is snapshot i).
+        total, self.num_slots = num_slots + snapshots, num_slots
+        self.conv = {i: untouched_zeros((total, *conv), STATE_DTYPE, device) for i in config.recurrent_layers}
+        self.ssm = {i: untouched_zeros((total, *ssm), STATE_DTYPE, device)
                     for i in config.recurrent_layers} if ssm else {}
         self._free = list(range(num_slots - 1, -1, -1))  # popped from the end: slot 0 first
         self._slot_of: dict[str, int] = {}
@@ -100,22 +118,33 @@ class RecurrentStates:
             pool[slot].copy_(copy)
 
     def for_step(self, chunks: tuple[ScheduledChunk, ...], record: bool = False) -> StepStates:
-        """`chunks` in the flat batch's order. A chunk from position 0 takes a slot and zeroes it;
-        a later chunk continues its request's slot. `record`: the forward keeps its recurrent layers'
-        inputs (StepStates.record)."""
+        """`chunks` in the flat batch's order. A chunk from position 0 takes a slot and zeroes it, one
+        at a prefix hit takes a slot and copies its snapshot in; a later chunk continues its request's
+        slot. `record`: the forward keeps its recurrent layers' inputs (StepStates.record)."""
         rows, first = [], 0
         for c in chunks:
             slot = self._slot_of.get(c.request_id)
-            if c.start == 0:
+            if c.start == 0 or c.restore_state is not None:
                 if slot is None:
                     if not self._free:
                         raise RuntimeError("more running requests than recurrent state slots")
                     slot = self._free.pop()
                     self._slot_of[c.request_id] = slot
                 for pool in (*self.conv.values(), *self.ssm.values()):
-                    pool[slot].zero_()
-            elif slot is None:  # a prefix-cache hit: the state of those positions was never kept
+                    if c.restore_state is None:
+                        pool[slot].zero_()
+                    else:
+                        pool[slot].copy_(pool[self.num_slots + c.restore_state])
+            elif slot is None:  # a prefix-cache hit without a snapshot: the engine never asks for one
                 raise RuntimeError(f"request {c.request_id} resumes at {c.start} without its recurrent state")
             rows.append((first, len(c.token_ids), slot))
             first += len(c.token_ids)
         return StepStates(tuple(rows), self.conv, self.ssm, {} if record else None)
+
+    def save(self, chunks: tuple[ScheduledChunk, ...]) -> None:
+        """After a step (and the guesses' rewind): the states the chunks ask to keep, copied to their
+        snapshots."""
+        for c in chunks:
+            if c.save_state is not None and (slot := self._slot_of.get(c.request_id)) is not None:
+                for pool in (*self.conv.values(), *self.ssm.values()):
+                    pool[self.num_slots + c.save_state].copy_(pool[slot])

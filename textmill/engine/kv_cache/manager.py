@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from textmill.config import CacheConfig
 from textmill.engine.kv_cache.block_pool import BlockPool, KVBlock
 from textmill.engine.kv_cache.prefix_hash import BlockHash, BlockHashFn, hash_block_tokens
+from textmill.engine.kv_cache.state_snapshots import StateSnapshots
 from textmill.engine.request import Request
 
 
@@ -61,6 +62,9 @@ class KVCacheManager:
         self._in_flight: Counter[BlockHash] = Counter()
         self._prefix_queries = 0
         self._prefix_hits = 0
+        # A hybrid's recurrent states after some prefixes (state_snapshots.py): a hit must end at one.
+        self.snapshots = (StateSnapshots(cache_config.state_snapshots)
+                          if self.enable_prefix_caching and cache_config.state_snapshots else None)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -120,7 +124,7 @@ class KVCacheManager:
             return (), 0
         record = self._record(request)
         assert not record.blocks, f"{request.request_id} already holds blocks"
-        max_hits = (request.num_tokens - 1) // self.block_size
+        max_hits = self._last_hit_boundary(request) // self.block_size
         self._extend_hashes(record, request, max_hits)
         hits: list[int] = []
         parent: int | None = None
@@ -130,7 +134,43 @@ class KVCacheManager:
                 break
             hits.append(block.block_id)
             parent = block.entry.cache_id
+        if self.snapshots is not None:  # a hybrid resumes only where its recurrent state was kept
+            while hits and record.hashes[len(hits) - 1] not in self.snapshots:
+                hits.pop()
         return tuple(hits), len(hits) * self.block_size
+
+    # ------------------------------------------------------------------ a hybrid's states
+    def restore_slot(self, request: Request, num_hit_tokens: int) -> int | None:
+        """The snapshot a hybrid's request resumes from after get_computed_blocks' hits."""
+        if self.snapshots is None or not num_hit_tokens:
+            return None
+        return self.snapshots.restore(self._record(request).hashes[num_hit_tokens // self.block_size - 1])
+
+    def snapshot_chunk(self, request: Request, start: int, num_new: int) -> int:
+        """A hybrid's prefill chunk ends on a block boundary, where its state is kept (save_slot):
+        at the last one a prefix hit can reach if it would run past it, else at the last one inside
+        it (a chunk that holds none, and the chunk after the last, end where they end)."""
+        if self.snapshots is None:
+            return num_new
+        last = self._last_hit_boundary(request)
+        end = min(start + num_new, last) if start < last else start + num_new
+        if start < last and end // self.block_size * self.block_size > start:
+            end = end // self.block_size * self.block_size
+        return end - start
+
+    def save_slot(self, request: Request, start: int, end: int) -> int | None:
+        """Where the runner keeps a hybrid's state after a chunk [start, end), or None: at the block
+        boundaries a prefill chunk ends on, up to the last a hit can reach, and at each boundary of
+        generated text (one a request, its latest: what a next turn resumes from)."""
+        if self.snapshots is None or end % self.block_size or end == start:
+            return None
+        generated = start >= request.num_prompt_tokens
+        if not generated and end > self._last_hit_boundary(request):
+            return None
+        record = self._record(request)
+        self._extend_hashes(record, request, end // self.block_size)
+        return self.snapshots.claim(record.hashes[end // self.block_size - 1],
+                                    request.request_id if generated else None)
 
     def waits_for_in_flight(self, request: Request, num_computed_tokens: int) -> bool:
         """True when the block after a waiting request's cached prefix is being computed now.
@@ -190,6 +230,8 @@ class KVCacheManager:
         head: a cached chain stays usable from its start for as long as possible.
         """
         record = self._records.pop(request.request_id, None)
+        if self.snapshots is not None:
+            self.snapshots.forget(request.request_id)
         if record is None:
             return
         self._release_in_flight(record)
@@ -213,6 +255,10 @@ class KVCacheManager:
             self._release_hash(record, record.hashes[i])
 
     # ------------------------------------------------------------------ internals
+    def _last_hit_boundary(self, request: Request) -> int:
+        """The end of the longest prefix a hit can cover (never the last token: it is sampled from)."""
+        return (request.num_tokens - 1) // self.block_size * self.block_size
+
     def _record(self, request: Request) -> _RequestBlocks:
         return self._records.setdefault(request.request_id, _RequestBlocks())
 
