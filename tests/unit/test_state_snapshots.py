@@ -80,10 +80,10 @@ def _scheduler(snapshots=4, budget=64):
     return sched, StateRunner(4)
 
 
-def test_a_prompt_is_chunked_at_its_last_boundary_and_resumed_there():
-    """A 10-token prompt runs [0, 8) (its state kept at 8, the last boundary a hit reaches) and then
-    [8, 10); the same prompt later resumes at 8 from that state and gives the same tokens."""
-    sched, runner = _scheduler()
+def test_a_prompt_is_resumed_where_a_chunk_ended():
+    """A 10-token prompt on a budget of 8 runs [0, 8) (its state kept at 8) and then [8, 10); the same
+    prompt later resumes at 8 from that state and gives the same tokens."""
+    sched, runner = _scheduler(budget=8)
     first = req("a", prompt(10), max_tokens=3)
     sched.add_request(first)
     scheduled, _ = step(sched, runner)
@@ -111,15 +111,15 @@ def test_a_conversation_resumes_from_its_last_reply():
     sched.add_request(turn2)
     run_all(sched, runner)
     assert turn2.num_cached_tokens == 12 and ("turn2", 12) in runner.restored
-    # turn 1's prompt (4) and reply (12: its state at 8 gave way), turn 2's prompt (16)
-    assert len(sched.kv_manager.snapshots) == 3
+    # turn 1's reply (12: its state at 8 gave way); one-chunk prompts keep none
+    assert len(sched.kv_manager.snapshots) == 1
 
 
 def test_without_a_snapshot_a_hit_is_cut_back_to_one():
     """Two prompts share 9 tokens: the second hits the first's blocks only as far as a kept state, here
     none inside the shared part, so it computes from 0."""
     sched, runner = _scheduler()
-    sched.add_request(req("a", prompt(18), max_tokens=1))  # its state kept at 16 only
+    sched.add_request(req("a", prompt(18), max_tokens=1))  # one chunk: no state kept
     run_all(sched, runner)
     other = req("b", prompt(9) + [900] * 9, max_tokens=1)
     sched.add_request(other)
@@ -128,15 +128,27 @@ def test_without_a_snapshot_a_hit_is_cut_back_to_one():
 
 
 def test_prompts_after_a_shared_part_resume_from_its_last_chunk_end():
-    """Prefill chunks end on block boundaries, each keeping its state: a prompt that shares the first
-    19 tokens of one computed in chunks of 8 resumes at 16, the last chunk end inside the shared part."""
+    """Prefill chunks end on block boundaries, each but the last keeping its state: a prompt that shares
+    the first 19 tokens of one computed in chunks of 8 resumes at 16, the last chunk end inside the
+    shared part."""
     sched, runner = _scheduler(budget=8)
     first = req("a", prompt(30), max_tokens=1)
     sched.add_request(first)
     steps = run_all(sched, runner)
-    assert [(c.start, len(c.token_ids), c.save_state is not None) for s in steps for c in s.chunks][:5] == [
-        (0, 8, True), (8, 8, True), (16, 8, True), (24, 4, True), (28, 2, False)]
+    assert [(c.start, len(c.token_ids), c.save_state is not None) for s in steps for c in s.chunks][:4] == [
+        (0, 8, True), (8, 8, True), (16, 8, True), (24, 6, False)]
     other = req("b", prompt(19) + [900] * 11, max_tokens=1)
     sched.add_request(other)
     run_all(sched, runner)
     assert other.num_cached_tokens == 16 and ("b", 16) in runner.restored
+
+
+def test_a_budget_cut_chunk_ends_on_a_boundary():
+    """With a budget of 10 and blocks of 4, a 25-token prompt runs 8, 8 and the last 9: each cut chunk
+    ends on a boundary (its state kept; the budget's 2 more tokens wait for the next step), the last
+    is whole."""
+    sched, runner = _scheduler(budget=10)
+    sched.add_request(req("a", prompt(25), max_tokens=1))
+    steps = run_all(sched, runner)
+    assert [(c.start, len(c.token_ids), c.save_state is not None) for s in steps for c in s.chunks] == [
+        (0, 8, True), (8, 8, True), (16, 9, False)]

@@ -29,9 +29,9 @@ until that step publishes the block, then takes it as a prefix hit; so n request
 one prompt compute it once and each computes only its own tail.
 
 A hybrid (recurrent layers beside attention) resumes a prefix only where the runner kept the
-recurrent state (engine/kv_cache/state_snapshots.py): its prefill chunks end on block boundaries
-(the prompt's last one among them), chunks ask for their state to be kept there and at the block
-boundaries of generated text, and a request admitted on hits names the snapshot it starts from.
+recurrent state (engine/kv_cache/state_snapshots.py): a prefill chunk the budget cuts ends on a
+block boundary, chunks ask for their state to be kept there and at the block boundaries of
+generated text, and a request admitted on hits names the snapshot it starts from.
 
 Guessed tokens: in a step of decodes alone with nobody waiting, a draftable request
 (nothing stateful in its sampling: no penalties, no grammar) may carry up to draft_tokens

@@ -124,7 +124,7 @@ class KVCacheManager:
             return (), 0
         record = self._record(request)
         assert not record.blocks, f"{request.request_id} already holds blocks"
-        max_hits = self._last_hit_boundary(request) // self.block_size
+        max_hits = (request.num_tokens - 1) // self.block_size
         self._extend_hashes(record, request, max_hits)
         hits: list[int] = []
         parent: int | None = None
@@ -147,25 +147,22 @@ class KVCacheManager:
         return self.snapshots.restore(self._record(request).hashes[num_hit_tokens // self.block_size - 1])
 
     def snapshot_chunk(self, request: Request, start: int, num_new: int) -> int:
-        """A hybrid's prefill chunk ends on a block boundary, where its state is kept (save_slot):
-        at the last one a prefix hit can reach if it would run past it, else at the last one inside
-        it (a chunk that holds none, and the chunk after the last, end where they end)."""
-        if self.snapshots is None:
+        """A hybrid's prefill chunk that the budget ends before the request's last token ends on the
+        block boundary inside it, where its state is kept (save_slot). The last chunk is not cut: a
+        split would cost every prompt a step, for a repeat's hit on what one chunk computes anyway."""
+        end = start + num_new
+        if self.snapshots is None or end >= request.num_tokens or end // self.block_size * self.block_size <= start:
             return num_new
-        last = self._last_hit_boundary(request)
-        end = min(start + num_new, last) if start < last else start + num_new
-        if start < last and end // self.block_size * self.block_size > start:
-            end = end // self.block_size * self.block_size
-        return end - start
+        return end // self.block_size * self.block_size - start
 
     def save_slot(self, request: Request, start: int, end: int) -> int | None:
         """Where the runner keeps a hybrid's state after a chunk [start, end), or None: at the block
-        boundaries a prefill chunk ends on, up to the last a hit can reach, and at each boundary of
-        generated text (one a request, its latest: what a next turn resumes from)."""
+        boundary a prefill chunk ends on (not the last chunk: no hit reaches a prompt's end), and at
+        each boundary of generated text (one a request, its latest: what a next turn resumes from)."""
         if self.snapshots is None or end % self.block_size or end == start:
             return None
         generated = start >= request.num_prompt_tokens
-        if not generated and end > self._last_hit_boundary(request):
+        if not generated and end >= request.num_tokens:
             return None
         record = self._record(request)
         self._extend_hashes(record, request, end // self.block_size)
@@ -255,10 +252,6 @@ class KVCacheManager:
             self._release_hash(record, record.hashes[i])
 
     # ------------------------------------------------------------------ internals
-    def _last_hit_boundary(self, request: Request) -> int:
-        """The end of the longest prefix a hit can cover (never the last token: it is sampled from)."""
-        return (request.num_tokens - 1) // self.block_size * self.block_size
-
     def _record(self, request: Request) -> _RequestBlocks:
         return self._records.setdefault(request.request_id, _RequestBlocks())
 

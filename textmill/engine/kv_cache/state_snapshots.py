@@ -9,12 +9,13 @@ so a key names the whole prefix, and a hit is the longest run of cached KV block
 has a snapshot.
 
 Which states are kept (the scheduler asks, ScheduledChunk.save_state): the state at the end of each
-prefill chunk, which the scheduler ends on a block boundary, and at the prompt's last boundary, where
-the same prompt, its n siblings, or other prompts after a shared system prompt resume (from the last
-chunk's end inside the shared part); and, as a request generates, the state at the latest block
-boundary of its text, which a chat's next turn (this text plus a new message) resumes from. A request
-keeps one generated-text snapshot: each newer one replaces its older. Beyond that the least recently
-used snapshot makes room.
+prefill chunk the step's budget cut (the scheduler ends those on a block boundary), where the same
+long prompt, its n siblings, or other prompts after a shared system prompt resume (from the last
+such end inside the shared part); and, as a request generates, the state at the latest block
+boundary of its text, which a chat's next turn (this text plus a new message) resumes from. A
+prompt's last chunk is not split to keep a state at its end: that would cost every prompt a step,
+for a repeat's hit on no more than one chunk's work. A request keeps one generated-text snapshot:
+each newer one replaces its older. Beyond that the least recently used snapshot makes room.
 
 A snapshot claimed for a step is written by the runner after that step's forward, so it serves
 hits only from the next schedule() on (`commit`); until then it is neither a hit nor evictable.
