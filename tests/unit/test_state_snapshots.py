@@ -152,3 +152,14 @@ def test_a_budget_cut_chunk_ends_on_a_boundary():
     steps = run_all(sched, runner)
     assert [(c.start, len(c.token_ids), c.save_state is not None) for s in steps for c in s.chunks] == [
         (0, 8, True), (8, 8, True), (16, 9, False)]
+
+
+def test_siblings_of_a_hybrid_do_not_wait_for_blocks_without_a_state():
+    """n requests with one short prompt: on a hybrid the blocks in flight would end where no state is
+    kept, so the siblings start at once, each computing the prompt."""
+    sched, runner = _scheduler()
+    for rid in ("a", "b"):
+        sched.add_request(req(rid, prompt(10), max_tokens=2))
+    scheduled, _ = step(sched, runner)
+    assert sorted(c.request_id for c in scheduled.chunks) == ["a", "b"]
+    run_all(sched, runner)

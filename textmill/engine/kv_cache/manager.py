@@ -176,7 +176,8 @@ class KVCacheManager:
         published (after the step), the request can take it as a hit instead of
         computing it a second time.
         """
-        if not self._in_flight or not self.takes_prefix_hits(request):
+        # (not a hybrid's: the block may end where no state is kept, and then waiting gains nothing)
+        if not self._in_flight or not self.takes_prefix_hits(request) or self.snapshots is not None:
             return False
         next_block = num_computed_tokens // self.block_size
         if next_block >= (request.num_tokens - 1) // self.block_size:
