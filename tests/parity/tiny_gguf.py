@@ -86,7 +86,8 @@ def gguf_name(family: str, hf_name: str) -> str:
     return f"blk.{layer}.{name}.{kind}" if layer is not None else f"{name}.{kind}"
 
 
-_EXPERTS_RE = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe|feed_forward)\.experts\.(gate_up_proj|down_proj)")
+_EXPERTS_RE = re.compile(
+    r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe|feed_forward)\.experts\.(gate_up_proj|down_proj)")
 
 
 def _stacked_experts(state: dict, legacy: bool) -> tuple[dict, dict[str, np.ndarray]]:
