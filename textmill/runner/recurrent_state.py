@@ -142,8 +142,8 @@ class RecurrentStates:
         return StepStates(tuple(rows), self.conv, self.ssm, {} if record else None)
 
     def save(self, chunks: tuple[ScheduledChunk, ...]) -> None:
-        """After a step (and the guesses' rewind): the states the chunks ask to keep, copied to their
-        snapshots."""
+        """After a step's forward: the states the chunks ask to keep, copied to their snapshots (a
+        chunk with guesses asks for none, so the rewind that may follow changes none of them)."""
         for c in chunks:
             if c.save_state is not None and (slot := self._slot_of.get(c.request_id)) is not None:
                 for pool in (*self.conv.values(), *self.ssm.values()):
