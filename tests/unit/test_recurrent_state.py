@@ -79,7 +79,7 @@ def test_snapshots_keep_a_state_and_start_a_request_from_it() -> None:
 def test_snapshot_counts() -> None:
     from textmill.runner.recurrent_state import snapshot_count
 
-    assert snapshot_count(19 << 20, None) == 53  # Qwen3.5 0.8B: a GiB's worth
-    assert snapshot_count(160 << 10, None) == 256 and snapshot_count(200 << 20, None) == 16  # the bounds
+    assert snapshot_count(12 << 20, None) == 21  # Qwen3.5 35B-A3B: 256 MiB's worth
+    assert snapshot_count(160 << 10, None) == 256 and snapshot_count(19 << 20, None) == 16  # the bounds
     assert snapshot_count(19 << 20, 4 * 10 * (19 << 20)) == 10  # a quarter of the room left
     assert snapshot_count(19 << 20, 0) == 1

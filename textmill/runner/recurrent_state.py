@@ -35,9 +35,10 @@ from textmill.runner.kv_cache import untouched_zeros
 
 STATE_DTYPE = torch.float32  # the recurrence adds small updates to a long-lived sum: float32, as llama.cpp's
 # The prefix cache's snapshots (engine/kv_cache/state_snapshots.py): as many as SNAPSHOT_BYTES hold,
-# at least SNAPSHOTS_MIN (a conversation resumes from one or two: its prompt's, its reply's) and at
-# most SNAPSHOTS_MAX; Qwen3.5 0.8B's 19 MiB states: 53 of them; LFM2's 160 KiB: 256.
-SNAPSHOT_BYTES, SNAPSHOTS_MIN, SNAPSHOTS_MAX = 2**30, 16, 256
+# at least SNAPSHOTS_MIN (a conversation resumes from one: its last reply's) and at most
+# SNAPSHOTS_MAX; Qwen3.5 0.8B's 19 MiB states: 16 of them (304 MiB, resident once used: a GiB's
+# worth raised the server's memory by a GiB on a bench that never hits); LFM2's 160 KiB: 256.
+SNAPSHOT_BYTES, SNAPSHOTS_MIN, SNAPSHOTS_MAX = 2**28, 16, 256
 
 
 def snapshot_count(per_sequence: int, room: int | None) -> int:
