@@ -74,8 +74,10 @@ class LinearAttentionShape:
     value_dim: int
     conv_kernel: int = 4
     # llama.cpp's files order v heads "tiled" (v head j uses k head j % key_heads); the Hub's
-    # checkpoints group them (j // (value_heads / key_heads)).
+    # checkpoints and Qwen3-Next's files group them (j // (value_heads / key_heads)).
     tiled_heads: bool = True
+    # Qwen3-Next: beta's and alpha's projections are one (in_proj_ba: every b row, then every a row).
+    fused_ba: bool = False
 
     @property
     def conv_channels(self) -> int:

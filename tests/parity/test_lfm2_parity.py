@@ -64,8 +64,7 @@ def test_moe_config_read_from_the_file(files, prompts) -> None:
     assert (c.dense_layers, c.router_sigmoid, c.router_selection_bias, c.norm_topk_prob) == ((0, 1), True, True, True)
     assert c.intermediate_size == 192 and c.shared_expert_intermediate_size is None
     moe = loaded.model.layers[2].mlp
-    ids = torch.tensor(prompts[next(iter(prompts))])
-    logits = moe.gate(loaded.model.embed_tokens(ids))
+    logits = moe.gate(loaded.model.embed_tokens(prompts[next(iter(prompts))]))
     chosen = route(logits, 2, True, moe.selection_bias, sigmoid=True)[1]
     assert len(chosen.unique()) > 4 and not torch.equal(chosen, route(logits, 2, True, sigmoid=True)[1])
 

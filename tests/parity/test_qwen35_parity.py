@@ -6,7 +6,8 @@ rounded to the file first): prompt log-probabilities within 1e-3 and the same 32
 ours one token a forward through the recurrent states as a server decodes.
 
 Qwen3.5 MoE ("qwen35moe") the same, its MLPs a mixture of eight experts (two a token) and a
-gated shared expert.
+gated shared expert; Qwen3-Next ("qwen3next") that mixture with its own delta nets' layout (value
+heads grouped, beta's and alpha's rows in one tensor).
 
 The tests that change one thing show that each of the converter's transformations is read: the
 model with that piece done the other way is far off.
@@ -29,14 +30,14 @@ from textmill.models.qwen35 import Qwen35ForCausalLM
 transformers = pytest.importorskip("transformers")
 
 FAR = 100 * LOGPROB_TOLERANCE
-VARIANTS = ("f32", "q8_0", "moe-f32", "moe-q8_0")
+VARIANTS = ("f32", "q8_0", "moe-f32", "moe-q8_0", "next-f32", "next-q8_0")
 
 
 @pytest.fixture(scope="module")
 def files(tokenizer, tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
     out = {}
     for name in VARIANTS:
-        hf = tiny_qwen35_hf(moe=name.startswith("moe"))
+        hf = tiny_qwen35_hf(moe=name.startswith("moe"), next=name.startswith("next"))
         if name.endswith("q8_0"):
             round_to_file(hf)
         path = tmp_path_factory.mktemp(f"qwen35-{name}") / f"tiny-qwen35-{name}.gguf"
@@ -94,9 +95,18 @@ def test_moe_config_read_from_the_file(files, prompts) -> None:
         True, (), 64, True)
     assert c.intermediate_size == 32 and not c.router_sigmoid  # the file gives no dense width
     moe = loaded.model.layers[0].mlp
-    ids = torch.tensor(prompts[next(iter(prompts))])
-    chosen = route(moe.gate(loaded.model.embed_tokens(ids)), 2, True)[1]
+    chosen = route(moe.gate(loaded.model.embed_tokens(prompts[next(iter(prompts))])), 2, True)[1]
     assert len(chosen.unique()) > 4
+
+
+def test_qwen3next_config_read_from_the_file(files, prompts) -> None:
+    """Qwen3-Next's value heads are grouped by key head: read as tiled (Qwen3.5's files) it is far off."""
+    hf, path = files["next-f32"]
+    c = load_model(path).config
+    assert (c.architecture, c.num_experts, c.shared_expert_gate, c.rotary_dim) == ("qwen35", 8, True, 4)
+    assert (c.linear_attention.tiled_heads, c.linear_attention.fused_ba) == (False, True)
+    tiled = dataclasses.replace(c.linear_attention, tiled_heads=True)
+    assert _far(_ours(path, linear_attention=tiled), hf, prompts) > FAR
 
 
 def test_layer_flags_and_mtp_blocks(files, tokenizer, tmp_path, prompts) -> None:

@@ -17,6 +17,8 @@ FAMILIES = {
                   tiny_qwen35.write_qwen35_gguf),
     "lfm2moe": (functools.partial(tiny_lfm2.tiny_lfm2_hf, moe=True), tiny_lfm2.round_to_file,
                 tiny_lfm2.write_lfm2_gguf),
+    "qwen3next": (functools.partial(tiny_qwen35.tiny_qwen35_hf, next=True), tiny_qwen35.round_to_file,
+                  tiny_qwen35.write_qwen35_gguf),
 }
 
 

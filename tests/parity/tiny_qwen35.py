@@ -12,6 +12,10 @@ matters. What the converter does to the tensors, and this writer with it:
 With `moe`, Qwen3.5 MoE (conversion/qwen.py Qwen3_5MoeTextModel, arch "qwen35moe"): eight experts,
 two a token, and a shared expert behind a sigmoid gate in every layer, the experts stacked one
 tensor per projection (tiny_gguf._stacked_experts); no dense MLP width in the file.
+With `next`, Qwen3-Next (conversion/qwen.py Qwen3NextModel, arch "qwen3next"): the same mixture, its
+delta nets' q, k, v and z from one per-key-head projection (in_proj_qkvz, which the converter splits
+into attn_qkv and attn_gate, value heads left grouped) and b and a from another (in_proj_ba, kept
+whole as ssm_ba: each key head's b rows, then its a rows); no M-RoPE sections.
 """
 from __future__ import annotations
 
@@ -34,9 +38,18 @@ ROTARY_FACTOR = 0.25
 EXPERTS, PER_TOKEN, EXPERT_FFN, SHARED_FFN = 8, 2, 32, 64  # widths of whole Q8_0 blocks
 
 
-def qwen35_config(moe: bool = False):
+def qwen35_config(moe: bool = False, next: bool = False):
     import transformers as tf
 
+    if next:
+        return tf.Qwen3NextConfig(
+            vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=EXPERT_FFN, num_experts=EXPERTS,
+            num_experts_per_tok=PER_TOKEN, moe_intermediate_size=EXPERT_FFN, shared_expert_intermediate_size=SHARED_FFN,
+            num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+            linear_key_head_dim=K_DIM, linear_value_head_dim=V_DIM, linear_num_key_heads=K_HEADS,
+            linear_num_value_heads=V_HEADS, linear_conv_kernel_dim=CONV, full_attention_interval=INTERVAL,
+            max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=0,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": ROTARY_FACTOR})
     if moe:
         sizes = dict(num_experts=EXPERTS, num_experts_per_tok=PER_TOKEN, moe_intermediate_size=EXPERT_FFN,
                      shared_expert_intermediate_size=SHARED_FFN)
@@ -52,14 +65,16 @@ def qwen35_config(moe: bool = False):
         rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=0)
 
 
-def tiny_qwen35_hf(seed: int = 0, moe: bool = False):
-    """A random Qwen3_5ForCausalLM (Qwen3_5MoeForCausalLM), float32, eval mode. Norm weights (1 + w norms, zero at init)
+def tiny_qwen35_hf(seed: int = 0, moe: bool = False, next: bool = False):
+    """A random Qwen3_5ForCausalLM (Qwen3_5MoeForCausalLM, Qwen3NextForCausalLM), float32, eval mode. Norm
+    weights (1 + w norms, zero at init)
     N(0, 0.2) and the gated norm's 1 + N(0, 0.2), so a loader that adds or drops a 1 is far off;
     every other weight N(0, 0.15) on top of the init, A_log and dt_bias spread so the decays differ."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(qwen35_config(moe), dtype=torch.float32, attn_implementation="eager")
+    model = tf.AutoModelForCausalLM.from_config(qwen35_config(moe, next), dtype=torch.float32,
+                                                attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("linear_attn.norm.weight"):
@@ -80,10 +95,12 @@ def _tiled(x: torch.Tensor, dim: int, head_dim: int) -> torch.Tensor:
     return x.transpose(dim, dim + 1).reshape(shape)
 
 
-def _converted(name: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
+def _converted(name: str, t: torch.Tensor, tiled: bool = True) -> tuple[str, torch.Tensor]:
     """One HF tensor as the converter turns it (the value-head reordering, then Qwen3Next's rules)."""
     qk = 2 * K_HEADS * K_DIM
-    if ".in_proj_qkv." in name:
+    if not tiled:
+        pass
+    elif ".in_proj_qkv." in name:
         t = torch.cat([t[:qk], _tiled(t[qk:], 0, V_DIM)])
     elif ".in_proj_z." in name:
         t = _tiled(t, 0, V_DIM)
@@ -105,15 +122,38 @@ def _converted(name: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
     return name, t
 
 
+ARCHS = {"qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe", "qwen3_next": "qwen3next"}  # model_type -> file's
+
+
 def _moe(hf_model) -> bool:
-    return hf_model.config.model_type == "qwen3_5_moe_text"
+    return ARCHS[hf_model.config.model_type] != "qwen35"
+
+
+def _next(hf_model) -> bool:
+    return ARCHS[hf_model.config.model_type] == "qwen3next"
+
+
+def _next_converted(name: str, t: torch.Tensor, names) -> list[tuple[str, torch.Tensor]]:
+    """Qwen3NextModel.modify_tensors, to GGUF names: no value-head reordering; in_proj_qkvz split per
+    key head into attn_qkv (every q, every k, every v) and attn_gate."""
+    if ".in_proj_qkvz." not in name:
+        name, t = _converted(name, t.squeeze() if ".conv1d." in name else t, tiled=False)
+        return [(names.get_name(name, try_suffixes=(".weight", ".bias")), t)]
+    layer, rows = name.split(".")[2], t.shape[-1]
+    r = V_DIM * V_HEADS // K_HEADS
+    q, k, v, z = t.view(K_HEADS, -1, rows).split([K_DIM, K_DIM, r, r], dim=1)
+    qkv = torch.cat([x.reshape(-1, rows) for x in (q, k, v)])
+    return [(f"blk.{layer}.attn_qkv.weight", qkv), (f"blk.{layer}.attn_gate.weight", z.reshape(-1, rows))]
 
 
 def gguf_tensors(hf_model) -> dict[str, np.ndarray]:
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN35MOE if _moe(hf_model) else gguf.MODEL_ARCH.QWEN35, LAYERS)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[ARCHS[hf_model.config.model_type].upper()], LAYERS)
     state, out = _stacked_experts(hf_model.state_dict(), legacy=False)
     for name, tensor in state.items():
         if name == "lm_head.weight" and hf_model.config.tie_word_embeddings:
+            continue
+        if _next(hf_model):
+            out |= {target: values.numpy() for target, values in _next_converted(name, tensor.float(), names)}
             continue
         name, tensor = _converted(name, tensor.float())
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -146,7 +186,7 @@ def round_to_file(hf_model) -> None:
         for name, p in hf_model.named_parameters():
             router = name.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))
             if p.dim() >= 2 and not name.endswith("norm.weight") and not router and p.shape[-1] % 32 == 0:
-                tiled = ".out_proj." in name
+                tiled = ".out_proj." in name and not _next(hf_model)
                 rows = (_tiled(p.data, 1, V_DIM) if tiled else p.data).numpy()
                 back = torch.from_numpy(quants.dequantize(quants.quantize(rows, T.Q8_0), T.Q8_0)
                                         .reshape(rows.shape).astype(np.float32))
@@ -155,10 +195,10 @@ def round_to_file(hf_model) -> None:
 
 def write_qwen35_gguf(path: Path, hf_model, tokenizer: Tokenizer, *, q8_0: bool = False,
                       layer_flags: bool = False, mtp_blocks: int = 0) -> Path:
-    """The model as a "qwen35" ("qwen35moe") GGUF. `layer_flags`: name the delta-net layers by
+    """The model as a "qwen35" ("qwen35moe", "qwen3next") GGUF. `layer_flags`: name the delta-net layers by
     `attention.recurrent_layers` (newer converters) instead of `full_attention_interval` alone;
     `mtp_blocks`: that many multi-token-prediction blocks after the layers (random; unread)."""
-    c, arch = hf_model.config, "qwen35moe" if _moe(hf_model) else "qwen35"
+    c, arch = hf_model.config, ARCHS[hf_model.config.model_type]
     w = GGUFWriter(path, arch)
     w.add_type("model")
     w.add_name("tiny-qwen35")
@@ -189,7 +229,8 @@ def write_qwen35_gguf(path: Path, hf_model, tokenizer: Tokenizer, *, q8_0: bool 
                     + [False] * mtp_blocks)
     w.add_full_attention_interval(INTERVAL)
     w.add_rope_dimension_count(int(HEAD_DIM * ROTARY_FACTOR))
-    w.add_rope_dimension_sections([1, 1, 0, 0])
+    if not _next(hf_model):
+        w.add_rope_dimension_sections([1, 1, 0, 0])
     if mtp_blocks:
         w.add_uint32(f"{arch}.nextn_predict_layers", mtp_blocks)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)

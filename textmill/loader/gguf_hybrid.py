@@ -10,7 +10,10 @@ blocks (`nextn_predict_layers`), a draft head llama.cpp runs only on request: th
 of the model here, and their tensors are left in the file. Qwen3.5 MoE (`qwen35moe`, 35B-A3B and
 up; src/models/qwen35moe.cpp) is the same model with a mixture of experts in every layer: a
 softmax router renormalized over the chosen, and a shared expert behind a sigmoid gate, Qwen2
-MoE's (gguf_experts.py reads them). Its files need not give a dense MLP width.
+MoE's (gguf_experts.py reads them). Its files need not give a dense MLP width. Qwen3-Next
+(`qwen3next`, 80B-A3B; conversion/qwen.py Qwen3NextModel) came first and is the same but for its
+delta nets: the converter leaves their value heads grouped by key head, and keeps beta's and
+alpha's projections in one tensor, each key head's b rows then its a rows (`ssm_ba`).
 
 LFM2 (conversion/lfm2.py LFM2Model; src/models/lfm2.cpp): a layer whose `attention.head_count_kv`
 entry is 0 is a short convolution of `shortconv.l_cache` taps; the final norm is `token_embd_norm`
@@ -121,7 +124,18 @@ def with_experts(read_config):
     return read
 
 
-MTP_ARCHS = frozenset({"qwen35", "qwen35moe"})  # files that may end with multi-token-prediction blocks
+def qwen3next_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelConfig:
+    """Qwen3.5 MoE's reading, with Qwen3-Next's delta nets: value heads grouped by key head, beta's
+    and alpha's projections in one tensor."""
+    if any(t.name.endswith(".ssm_in.weight") for t in gguf.tensors):
+        raise ValueError("Qwen3-Next files from older converters (one ssm_in per layer) are not supported; "
+                         "convert the model again")
+    config = with_experts(qwen35_config)(gguf, meta, vocab_size)
+    shape = dataclasses.replace(config.linear_attention, tiled_heads=False, fused_ba=True)
+    return dataclasses.replace(config, linear_attention=shape)
+
+
+MTP_ARCHS = frozenset({"qwen35", "qwen35moe", "qwen3next"})  # files that may end with multi-token-prediction blocks
 
 
 def mtp_tensor(config: ModelConfig, name: str) -> bool:
@@ -131,4 +145,4 @@ def mtp_tensor(config: ModelConfig, name: str) -> bool:
 
 # general.architecture -> its config reader
 HYBRID_CONFIGS = {"qwen35": qwen35_config, "lfm2": lfm2_config, "qwen35moe": with_experts(qwen35_config),
-                  "lfm2moe": with_experts(lfm2_config)}
+                  "lfm2moe": with_experts(lfm2_config), "qwen3next": qwen3next_config}

@@ -140,6 +140,9 @@ _LFM2 = GGUFNames("layers", MappingProxyType({**_DECODER_GLOBALS, "token_embd_no
 }))
 # Their mixtures of experts (Qwen3.5 MoE: Qwen2 MoE's gated shared expert; LFM2 MoE: a selection bias).
 _QWEN35_MOE = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({**_QWEN35.blocks, **_EXPERTS}))
+# Qwen3-Next: Qwen3.5 MoE's names, beta's and alpha's projections in one tensor.
+_QWEN3NEXT = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({**_QWEN35_MOE.blocks,
+                                                                  "ssm_ba": "linear_attn.in_proj_ba"}))
 _LFM2_MOE = GGUFNames("layers", _LFM2.globals, MappingProxyType({**_LFM2.blocks, **_EXPERTS,
                                                                  "exp_probs_b": "mlp.selection_bias"}))
 _BARE_PARAMS = frozenset({"self_attn.sinks", "mlp.selection_bias", "layer_scalar", "linear_attn.conv_weight",
@@ -188,6 +191,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "gemma4": _GEMMA4,  # its norms as they are: Gemma 4's RMSNorm multiplies by the weight itself
     "qwen35": _QWEN35,  # its norms as stored (1 + w), multiplied plainly as Gemma 4's
     "qwen35moe": _QWEN35_MOE,
+    "qwen3next": _QWEN3NEXT,
     "lfm2": _LFM2,
     "lfm2moe": _LFM2_MOE,
     "gpt2": _GPT2,
@@ -285,7 +289,8 @@ def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def ungate_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Qwen3.5's q_proj rows, each head's D of query then D of gate, as all heads' queries then all
-    heads' gates: the queries are then one block of the output, as other families' are."""
+    heads' gates: the queries are then one block of the output, as other families' are (and
+    Qwen3-Next's beta/alpha rows, each key head's b then its a, as every b then every a)."""
     w = weight.reshape(num_heads, 2, -1, *weight.shape[1:])
     return w.transpose(0, 1).reshape(weight.shape)
 
@@ -297,8 +302,10 @@ def to_model_layout(arch: str, param_name: str, tensor: torch.Tensor,
         return tensor - 1.0
     if param_name.endswith("shared_expert_gate.weight") and tensor.dim() == 1:  # ggml's {n_embd}: one row
         return tensor[None]
-    if arch in ("qwen35", "qwen35moe") and param_name.endswith("self_attn.q_proj.weight"):  # each head's q, gate
-        return ungate_rows(tensor, config.num_heads)
+    if arch in ("qwen35", "qwen35moe", "qwen3next") and param_name.endswith("self_attn.q_proj.weight"):
+        return ungate_rows(tensor, config.num_heads)  # each head's q, then its gate
+    if arch == "qwen3next" and param_name.endswith("linear_attn.in_proj_ba.weight"):  # [b | a] per key head
+        return ungate_rows(tensor, config.linear_attention.key_heads)
     if arch not in QK_PERMUTED_ARCHS:
         return tensor
     module = param_name.rsplit(".", 1)[0]  # weight and bias rows are permuted alike

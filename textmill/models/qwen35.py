@@ -1,4 +1,5 @@
-"""Qwen3.5 (dense text: 0.8B to 27B; GGUF files): a hybrid of gated delta nets and attention.
+"""Qwen3.5 (dense text: 0.8B to 27B; GGUF files): a hybrid of gated delta nets and attention. Its
+mixture of experts (Qwen3.5 MoE) and Qwen3-Next are these layers with experts in the MLP.
 
 Three layers in four (ModelConfig.recurrent_layers) are gated delta nets ("linear attention"):
 their memory of a sequence is a fixed-size state, not a cache that grows with it. Per token t
@@ -71,8 +72,11 @@ class GatedDeltaNet(nn.Module):
         C, Hv, Dv = config.hidden_size, shape.value_heads, shape.value_dim
         self.in_proj_qkv = nn.Linear(C, shape.conv_channels, bias=False)
         self.in_proj_z = nn.Linear(C, Hv * Dv, bias=False)
-        self.in_proj_b = nn.Linear(C, Hv, bias=False)
-        self.in_proj_a = nn.Linear(C, Hv, bias=False)
+        if shape.fused_ba:  # Qwen3-Next's: b's rows, then a's
+            self.in_proj_ba = nn.Linear(C, 2 * Hv, bias=False)
+        else:
+            self.in_proj_b = nn.Linear(C, Hv, bias=False)
+            self.in_proj_a = nn.Linear(C, Hv, bias=False)
         self.conv_weight = nn.Parameter(torch.zeros(shape.conv_channels, shape.conv_kernel))  # (channels, taps)
         self.dt_bias = nn.Parameter(torch.zeros(Hv))
         self.A = nn.Parameter(torch.zeros(Hv))  # -exp(A_log), as the files store it
@@ -89,8 +93,12 @@ class GatedDeltaNet(nn.Module):
         k = l2_normalize(k.view(N, s.key_heads, s.key_dim))
         heads = value_head_sources(s)  # each value head's q/k head
         q, k = q.index_select(1, heads), k.index_select(1, heads)  # (N, Hv, Dk)
-        beta = torch.sigmoid(self.in_proj_b(x).float())  # (N, Hv)
-        g = self.A.float() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())  # (N, Hv)
+        if s.fused_ba:
+            b, a = self.in_proj_ba(x).float().split(s.value_heads, -1)
+        else:
+            b, a = self.in_proj_b(x).float(), self.in_proj_a(x).float()
+        beta = torch.sigmoid(b)  # (N, Hv)
+        g = self.A.float() * F.softplus(a + self.dt_bias.float())  # (N, Hv)
         o = gated_delta_rule(q, k, v.view(N, s.value_heads, s.value_dim), g, beta, ssm, states.rows)
         z = self.in_proj_z(x).view(N, s.value_heads, s.value_dim).float()
         o = self.norm(o) * F.silu(z)

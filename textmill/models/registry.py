@@ -124,6 +124,7 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     # experts and a gated shared expert.
     "qwen35": "qwen35",
     "qwen35moe": "qwen35",
+    "qwen3next": "qwen35",  # Qwen3-Next (80B-A3B): the same, its delta nets' heads grouped
     # LFM2 (350M to 2.6B; models/lfm2.py): short convolutions in most layers, Llama's attention with
     # q/k norms in the rest. GGUF files only. LFM2 MoE (8B-A1B, 24B-A2B): experts after its first
     # layers, chosen by a biased sigmoid.

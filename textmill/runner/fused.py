@@ -174,9 +174,10 @@ def fuse_qwen35_layers(model: nn.Module, make_linear: MakeFused) -> int:
             module.o_proj = make_linear([module.o_proj])
             module.q_proj = module.k_proj = module.v_proj = None
         elif type(module) is qwen35.GatedDeltaNet:
-            module.in_proj = make_linear([module.in_proj_qkv, module.in_proj_z, module.in_proj_b, module.in_proj_a])
+            ba = [module.in_proj_ba] if module.shape.fused_ba else [module.in_proj_b, module.in_proj_a]
+            module.in_proj = make_linear([module.in_proj_qkv, module.in_proj_z, *ba])
             module.out_proj = make_linear([module.out_proj])
-            module.in_proj_qkv = module.in_proj_z = module.in_proj_b = module.in_proj_a = None
+            module.in_proj_qkv = module.in_proj_z = module.in_proj_b = module.in_proj_a = module.in_proj_ba = None
         else:
             continue
         count += 1
