@@ -70,8 +70,10 @@ async def _turn(http: httpx.AsyncClient, server, prompt: list[int], args, banned
                 cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
             if chunk.get("stop"):
                 cached = chunk.get("timings", {}).get("cache_n", 0)
-    # (llama-server's stream now and then leaves the last token's id out: the next turn goes on without it)
-    assert len(ids) >= args.max_tokens - 1, f"{server.name} answered {len(ids)} tokens, not {args.max_tokens}"
+    # llama-server's stream leaves out the ids of tokens whose text it held back (a random model's
+    # broken UTF-8): the next turn goes on with the ids it gave; textmill's must all be there.
+    want = args.max_tokens if server.name == "textmill" else args.max_tokens // 2
+    assert len(ids) >= want, f"{server.name} answered {len(ids)} tokens, not {args.max_tokens}"
     return {"ttft": ttft, "ids": ids, "prompt_tokens": len(prompt), "cached": cached}
 
 
