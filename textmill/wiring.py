@@ -105,7 +105,7 @@ def _build_engine(config: EngineConfig, wrap_runner: "Callable[[Runner], Runner]
     cache, max_len = _cache_config(cfg, config, plan, max_len)
     seqs = config.scheduler.max_num_seqs
     if cfg.recurrent_layers:
-        cache, seqs = _recurrent_states(cfg, cache, seqs, path)
+        cache, seqs = _recurrent_states(cfg, cache, seqs, path, lazy=plan.device == "cpu")
     try:
         codes = plan.weights == "file-codes"
         # A GGUF's float weights (--no-kernels, CUDA, int4/int8) decode the file's blocks in C++
@@ -163,7 +163,8 @@ def _cache_config(cfg: ModelConfig, config: EngineConfig, plan: "ExecutionPlan",
     return dataclasses.replace(asked, num_blocks=num_blocks), max_len
 
 
-def _recurrent_states(cfg: ModelConfig, cache: CacheConfig, seqs: int, path: Path) -> tuple[CacheConfig, int]:
+def _recurrent_states(cfg: ModelConfig, cache: CacheConfig, seqs: int, path: Path, lazy: bool = True
+                      ) -> tuple[CacheConfig, int]:
     """A hybrid keeps a state per running request (runner/recurrent_state.py): as many requests as
     fit the memory left beside the weights, the KV pool and the prefix cache's state snapshots
     (recurrent_state.snapshot_count; engine/kv_cache/state_snapshots.py), each said in one line."""
@@ -172,7 +173,7 @@ def _recurrent_states(cfg: ModelConfig, cache: CacheConfig, seqs: int, path: Pat
 
     per_seq, avail = bytes_per_sequence(cfg), available_bytes()
     room = None if avail is None else avail - path.stat().st_size - int(cache.memory_gib * 2**30)
-    snapshots = snapshot_count(per_seq, room) if cache.enable_prefix_caching else 0
+    snapshots = snapshot_count(per_seq, room, lazy) if cache.enable_prefix_caching else 0
     if room is not None:
         room -= snapshots * per_seq
     fit = fitting_slots(per_seq, seqs, room)
@@ -182,9 +183,12 @@ def _recurrent_states(cfg: ModelConfig, cache: CacheConfig, seqs: int, path: Pat
     log.info("recurrent state: %.1f MiB a running request (up to %d: %.2f GiB, resident as used)",
              per_seq / 2**20, fit, per_seq * fit / 2**30)
     if snapshots:
-        log.info("prefix caching: hits resume where the recurrent state was kept, up to %d kept (%.2f GiB, "
-                 "resident as used)", snapshots, per_seq * snapshots / 2**30)
+        log.info("prefix caching: hits resume where the recurrent state was kept, up to %d kept (%.2f GiB%s)",
+                 snapshots, per_seq * snapshots / 2**30, ", resident as used" if lazy else "")
         cache = dataclasses.replace(cache, state_snapshots=snapshots)
+    elif cache.enable_prefix_caching:  # KV hits without a state to resume from would be wrong
+        log.info("prefix caching: off (no memory for %s's recurrent states after a prefix)", cfg.architecture)
+        cache = dataclasses.replace(cache, enable_prefix_caching=False)
     return cache, fit
 
 

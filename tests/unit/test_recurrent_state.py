@@ -82,4 +82,5 @@ def test_snapshot_counts() -> None:
     assert snapshot_count(12 << 20, None) == 21  # Qwen3.5 35B-A3B: 256 MiB's worth
     assert snapshot_count(160 << 10, None) == 256 and snapshot_count(19 << 20, None) == 16  # the bounds
     assert snapshot_count(19 << 20, 4 * 10 * (19 << 20)) == 10  # a quarter of the room left
-    assert snapshot_count(19 << 20, 0) == 1
+    assert snapshot_count(19 << 20, 0) == 0  # none fits: wiring turns the prefix cache off
+    assert snapshot_count(100 << 20, None, lazy=False) == 2  # a GPU's pools: 256 MiB whole

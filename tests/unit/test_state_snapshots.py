@@ -163,3 +163,24 @@ def test_siblings_of_a_hybrid_do_not_wait_for_blocks_without_a_state():
     scheduled, _ = step(sched, runner)
     assert sorted(c.request_id for c in scheduled.chunks) == ["a", "b"]
     run_all(sched, runner)
+
+
+def test_a_failed_step_keeps_no_state():
+    """A step the runner failed (the engine fails its requests; no results come back) saved nothing
+    that can be trusted: its claimed snapshots are dropped, and the next computation of that prefix
+    claims the key again instead of finding it "kept"."""
+    snaps = StateSnapshots(2)
+    snaps.claim(b"k", request_id="r")
+    snaps.discard_pending()
+    assert len(snaps) == 0 and snaps.claim(b"k") is not None
+    sched, runner = _scheduler(budget=8)
+    sched.add_request(req("a", prompt(10), max_tokens=1))
+    assert sched.schedule().chunks[0].save_state is not None  # ... and the runner raises
+    sched.abort_request("a")
+    sched.schedule()
+    assert len(sched.kv_manager.snapshots) == 0
+    again = req("b", prompt(10), max_tokens=1)
+    sched.add_request(again)
+    scheduled, _ = step(sched, runner)
+    assert scheduled.chunks[0].save_state is not None and again.num_cached_tokens == 0
+    run_all(sched, runner)

@@ -143,8 +143,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one step
     def schedule(self) -> SchedulerOutput:
-        if self.kv_manager.snapshots is not None:  # the last step saved the states it was asked to
-            self.kv_manager.snapshots.commit()
+        if self.kv_manager.snapshots is not None:  # left pending: the last step failed (update_from_output commits)
+            self.kv_manager.snapshots.discard_pending()
         for request in self._to_free:
             self.kv_manager.free(request)
             self._finished_ids.append(request.request_id)
@@ -289,6 +289,8 @@ class Scheduler:
         are freed here; stop strings are the output processor's (it calls finish_request).
         """
         updated: list[Request] = []
+        if self.kv_manager.snapshots is not None:  # the runner saved the states the step asked for
+            self.kv_manager.snapshots.commit()
         for chunk in scheduled.chunks:
             request = self._requests.get(chunk.request_id)
             if request is None or request.status is not RequestStatus.RUNNING:

@@ -41,11 +41,13 @@ STATE_DTYPE = torch.float32  # the recurrence adds small updates to a long-lived
 SNAPSHOT_BYTES, SNAPSHOTS_MIN, SNAPSHOTS_MAX = 2**28, 16, 256
 
 
-def snapshot_count(per_sequence: int, room: int | None) -> int:
+def snapshot_count(per_sequence: int, room: int | None, lazy: bool = True) -> int:
     """How many states the prefix cache keeps: SNAPSHOT_BYTES' worth within the bounds, and no more
-    than a quarter of `room` (the memory left beside the weights and the KV pool; None: unknown)."""
-    count = min(SNAPSHOTS_MAX, max(SNAPSHOTS_MIN, SNAPSHOT_BYTES // per_sequence))
-    return count if room is None else max(1, min(count, room // 4 // per_sequence))
+    than a quarter of `room` (the memory left beside the weights and the KV pool; None: unknown); 0
+    where none fits. `lazy`: the pools are resident as used (the CPU's); a GPU's are allocated
+    whole, so there SNAPSHOT_BYTES bounds them, SNAPSHOTS_MIN or not."""
+    count = min(SNAPSHOTS_MAX, max(SNAPSHOTS_MIN if lazy else 0, SNAPSHOT_BYTES // per_sequence))
+    return count if room is None else max(0, min(count, room // 4 // per_sequence))
 
 
 def state_shapes(config: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...] | None]:

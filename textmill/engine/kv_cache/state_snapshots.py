@@ -18,7 +18,8 @@ for a repeat's hit on no more than one chunk's work. A request keeps one generat
 each newer one replaces its older. Beyond that the least recently used snapshot makes room.
 
 A snapshot claimed for a step is written by the runner after that step's forward, so it serves
-hits only from the next schedule() on (`commit`); until then it is neither a hit nor evictable.
+hits only once the scheduler has the step's results (`commit`); until then it is neither a hit nor
+evictable, and if the step fails it is dropped (`discard_pending`): its slot holds whatever it held.
 The runner restores before it runs a step and saves after it, so a slot evicted and claimed again
 in one step is read before it is overwritten.
 """
@@ -69,6 +70,14 @@ class StateSnapshots:
     def commit(self) -> None:
         """The last step ran: what it saved serves hits."""
         self._ready.update(self._pending)
+        self._pending.clear()
+
+    def discard_pending(self) -> None:
+        """The last step failed: what it was to save is not there, and its slots are free again."""
+        for key, slot in self._pending.items():
+            self._free.append(slot)
+            for request_id in [r for r, k in self._latest.items() if k == key]:
+                del self._latest[request_id]
         self._pending.clear()
 
     def forget(self, request_id: str) -> None:
