@@ -251,6 +251,10 @@ NOT_READ_BY_TRANSFORMERS = {
     "gemma": lambda c, state, hf: (c, {n: t + 1 if n.endswith("norm.weight") else t for n, t in state.items()}),
     "ernie4_5": lambda c, state, hf: (c, state | {n: hf.state_dict()["model." + n] for n in state
                                                   if n.endswith(("q_proj.weight", "k_proj.weight"))}),
+    # GLM-4: the q/k rows (weights and biases) as the file holds them, their RoPE pairs not reordered
+    "glm4": lambda c, state, hf: (c, state | {n: hf.state_dict()["model." + n] for n in state
+                                              if n.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias",
+                                                             "k_proj.bias"))}),
     # plain RoPE instead of YaRN (transformers reads Qwen3 files, but not their YaRN keys)
     "ministral3": lambda c, state, hf: (_plain_rope(c), state),
     "qwen3_yarn": lambda c, state, hf: (_plain_rope(c), state),
@@ -280,7 +284,8 @@ def test_gguf_transformers_cannot_read_matches_the_source_model(family, tokenize
     hf = tiny_hf_model(family)
     path = write_gguf(tmp_path / f"{family}.gguf", family, hf, tokenizer)
     ours = load_model(path)
-    own = {"gemma": "gemma", "qwen3_yarn": "qwen3", "olmo2": "olmo2", "exaone4": "olmo2", "olmo3": "olmo2"}
+    own = {"gemma": "gemma", "qwen3_yarn": "qwen3", "olmo2": "olmo2", "exaone4": "olmo2", "olmo3": "olmo2",
+           "glm4": "glm4"}
     assert ours.format == "gguf" and ours.config.architecture == own.get(family, "llama")
     if family == "smollm3":
         assert ours.config.no_rope_layers == (3,)

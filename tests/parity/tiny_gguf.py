@@ -37,6 +37,9 @@ NAMES = {
     "qwen2": _DECODER | {"post_attention_layernorm": "ffn_norm"},
     "phi3": _DECODER | {"post_attention_layernorm": "ffn_norm", "self_attn.qkv_proj": "attn_qkv",
                         "mlp.gate_up_proj": "ffn_up"},
+    # conversion/glm.py: rows as they are (ggml's RoPE pairs 2i, 2i + 1 as GLM's), gate and up in one ffn_up
+    "glm4": _DECODER | {"post_self_attn_layernorm": "post_attention_norm", "post_attention_layernorm": "ffn_norm",
+                        "post_mlp_layernorm": "post_ffw_norm", "mlp.gate_up_proj": "ffn_up"},
     "olmo2": {k: v for k, v in _DECODER.items() if k != "input_layernorm"} | {
         "post_attention_layernorm": "post_attention_norm", "post_feedforward_layernorm": "post_ffw_norm",
         "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"},  # rows as they are (conversion/olmo.py)
@@ -170,12 +173,14 @@ def _write_metadata(w: GGUFWriter, family: str, config) -> None:
     params = config.rope_parameters
     w.add_rope_freq_base(params.get("full_attention", params)["rope_theta"])
     if family in ("llama", "llama3", "qwen3", "qwen3_yarn", "qwen3vl", "qwen3moe", "ministral3", "exaone4", "gemma",
-                  "gemma2", "gemma3", "ernie4_5", "ernie4_5_moe", "gpt_oss"):
+                  "gemma2", "gemma3", "ernie4_5", "ernie4_5_moe", "gpt_oss", "glm4"):
         w.add_key_length(config.head_dim)
         w.add_value_length(config.head_dim)
     partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
     if family == "phi3" and partial != 1.0:  # conversion/phi.py: int(rot_pct * n_embd) // n_head
         w.add_rope_dimension_count(int(partial * config.hidden_size) // config.num_attention_heads)
+    if family == "glm4":  # conversion/glm.py: head_dim * partial_rotary_factor
+        w.add_rope_dimension_count(int(config.head_dim * partial))
     rope = params.get("full_attention", params)
     if "mrope_section" in rope:  # M-RoPE's sections, padded to four, as the converter writes them
         w.add_rope_dimension_sections(list(rope["mrope_section"]) + [0] * (4 - len(rope["mrope_section"])))

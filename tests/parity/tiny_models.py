@@ -86,6 +86,10 @@ def hf_config(family: str):
     if family == "ministral3":  # Llama with YaRN, cos/sin scaled by a ratio of mscales, a query temperature
         return tf.Ministral3Config(**common, head_dim=16, tie_word_embeddings=False, rope_parameters=YARN_ROPE | {
             "mscale": 1.0, "mscale_all_dim": 0.5, "llama_4_scaling_beta": 0.1})
+    if family == "glm4":  # four norms a layer, q/k/v biases, RoPE on half of each head (pairs 2i, 2i + 1)
+        return tf.Glm4Config(**common, head_dim=24, attention_bias=True, tie_word_embeddings=False,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                              "partial_rotary_factor": 0.5})
     if family == "olmo2":  # norms on the attention's and MLP's outputs, q and k normed over all heads
         return tf.Olmo2Config(**common, tie_word_embeddings=False,
                               rope_parameters={"rope_type": "default", "rope_theta": 500000.0})

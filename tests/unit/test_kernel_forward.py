@@ -65,6 +65,18 @@ def _random_olmo2(seed: int = 0, whole: bool = True, **kw):
     return model, cfg
 
 
+def _random_glm4(seed: int = 0):
+    """GLM-4: all four norms a layer (weights near 1, each its own, so a norm skipped or swapped
+    shows), q/k/v biases, RoPE on half of each head."""
+    from textmill.models.glm4 import Glm4ForCausalLM
+
+    model, cfg = _random_llama(Glm4ForCausalLM, seed=seed, attention_bias=True, rotary_dim=4)
+    for b in model.layers:
+        for norm in (b.input_layernorm, b.post_self_attn_layernorm, b.post_attention_layernorm, b.post_mlp_layernorm):
+            norm.weight.copy_(1 + 0.3 * torch.randn_like(norm.weight))
+    return model, cfg
+
+
 def _runner(model, cfg, kernels_on: bool, quantization: str = "none") -> ModelRunner:
     return ModelRunner(model, cfg, CacheConfig(block_size=BLOCK, num_blocks=64), dtype=torch.float32,
                        quantization=quantization, kernels=kernels_on)
@@ -94,7 +106,7 @@ def _compare(eager: dict[str, Seq], fast: dict[str, Seq], tol: float) -> None:
 
 
 @pytest.mark.parametrize("variant", ["llama", "tied", "qwen2", "qwen3", "window", "mha", "partial", "nope",
-                                     "granite", "olmo2", "exaone4", "olmo3"])
+                                     "granite", "olmo2", "exaone4", "olmo3", "glm4"])
 def test_llama_family_kernel_forward_matches_eager(variant):
     # partial: Phi-4-mini's RoPE on the first half of each head, LongRoPE's scaled cos/sin;
     # nope: SmolLM3's layer without RoPE (here the second of two); granite: its multipliers
@@ -107,6 +119,8 @@ def test_llama_family_kernel_forward_matches_eager(variant):
     def build():
         if variant in ("olmo2", "exaone4", "olmo3"):
             return _random_olmo2(whole=variant != "exaone4", **(OLMO3 if variant == "olmo3" else {}))
+        if variant == "glm4":
+            return _random_glm4()
         model, cfg = _random_llama(cls, **dict(kw))
         if variant == "qwen3":  # QK norm weights near 1, each dimension its own
             for b in model.layers:
@@ -311,6 +325,7 @@ _FAMILIES = {
     "nope": lambda: _random_llama(seed=7, no_rope_layers=(0,)),
     "granite": lambda: _random_llama(seed=7, **GRANITE),
     "olmo2": lambda: _random_olmo2(seed=7),
+    "glm4": lambda: _random_glm4(seed=7),
     "exaone4": lambda: _random_olmo2(seed=7, whole=False),
     "olmo3": lambda: _random_olmo2(seed=7, **OLMO3),
     "gemma3": lambda: _random_gemma(seed=7),

@@ -243,10 +243,10 @@ def test_unknown_architecture_lists_every_supported_name() -> None:
                  "Gemma3ForCausalLM", "GPT2LMHeadModel", "MistralForCausalLM", "phi3", "gemma2", "gemma3", "gpt2",
                  "qwen2", "qwen3", "llama", "smollm3", "SmolLM3ForCausalLM", "granite", "GraniteForCausalLM",
                  "ernie4_5", "gemma", "GemmaForCausalLM", "mistral3", "Ministral3ForCausalLM", "qwen2vl", "qwen3vl",
-                 "olmo2", "Olmo2ForCausalLM", "gemma4", "qwen35", "lfm2"):
+                 "olmo2", "Olmo2ForCausalLM", "gemma4", "qwen35", "lfm2", "qwen35moe", "qwen3next", "lfm2moe", "glm4"):
         assert name in str(err.value)
     assert set(MODEL_CLASSES) == {"llama", "phi3", "qwen2", "qwen3", "olmo2", "gemma", "gemma2", "gemma3", "gemma4",
-                                  "qwen35", "lfm2", "gpt2"}
+                                  "qwen35", "lfm2", "glm4", "gpt2"}
 
 
 def test_gguf_names_per_family() -> None:
@@ -312,3 +312,17 @@ def test_truncated_gguf_is_a_clear_error(tmp_path: Path) -> None:
 def test_read_hf_config_names_the_folder(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(LLAMA))
     assert read_hf_config(tmp_path).name == tmp_path.name
+
+
+def test_glm4_m_rope_files_are_refused(tmp_path) -> None:
+    """GLM-4's M-RoPE files (its vision models' text) come with q/k rows the converter already
+    reordered: read as GLM-4's own, their RoPE would turn the wrong pairs."""
+    from tests.parity.tiny_gguf import write_gguf
+    from tests.parity.tiny_models import tiny_hf_model, train_tokenizer
+    from textmill.loader import load_model
+
+    hf = tiny_hf_model("glm4")
+    hf.config.rope_parameters = {**hf.config.rope_parameters, "mrope_section": [2, 2, 2]}
+    path = write_gguf(tmp_path / "glm4v.gguf", "glm4", hf, train_tokenizer())
+    with pytest.raises(ValueError, match="RoPE over 12 of a head's 24 values is not supported"):
+        load_model(path)

@@ -88,11 +88,11 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
     heads = int(meta.arch_get("attention.head_count"))
     head_dim = int(meta.arch_get("attention.key_length", hidden // heads))
     rope_dims = int(meta.arch_get("rope.dimension_count", head_dim))
-    # Partial rotary only where ggml's RoPE is NEOX (rotate-half) and the rows unpermuted, as
-    # in Phi-4-mini: llama.cpp's interleaved RoPE over part of a head turns other pairs.
-    if rope_dims != head_dim and (meta.arch != "phi3" or rope_dims > head_dim or rope_dims % 2):
-        raise ValueError(f"RoPE over {rope_dims} of a head's {head_dim} values is not supported "
-                         f"for {meta.arch!r} files")
+    # Partial rotary: NEOX RoPE with rows unpermuted (Phi-4-mini), or rows reordered at load (GLM-4, not its M-RoPE
+    # files, which the converter reordered); other files' interleaved RoPE over part of a head turns other pairs.
+    partial = meta.arch == "phi3" or meta.arch == "glm4" and meta.arch_get("rope.dimension_sections", None) is None
+    if rope_dims != head_dim and (not partial or rope_dims > head_dim or rope_dims % 2):
+        raise ValueError(f"RoPE over {rope_dims} of a head's {head_dim} values is not supported ({meta.arch!r} file)")
     if float(meta.arch_get("rope.scaling.attn_factor", 1.0)) != 1.0 and meta.arch != "phi3" and (
             meta.arch_get("rope.scaling.type", "none") != "yarn"):
         raise ValueError("a RoPE attention factor outside LongRoPE (Phi-3) and YaRN is not supported")

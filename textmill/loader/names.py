@@ -145,6 +145,13 @@ _QWEN3NEXT = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({**_QWEN35_M
                                                                   "ssm_ba": "linear_attn.in_proj_ba"}))
 _LFM2_MOE = GGUFNames("layers", _LFM2.globals, MappingProxyType({**_LFM2.blocks, **_EXPERTS,
                                                                  "exp_probs_b": "mlp.selection_bias"}))
+# GLM-4 (models/glm4.py): its norms after attention and after the MLP are llama.cpp's post norms, its
+# pre-MLP norm the ffn_norm; gate and up are one ffn_up (FUSED_GGUF).
+_GLM4 = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
+    **_LLAMA.blocks,
+    "post_attention_norm": "post_self_attn_layernorm",
+    "post_ffw_norm": "post_mlp_layernorm",
+}))
 _BARE_PARAMS = frozenset({"self_attn.sinks", "mlp.selection_bias", "layer_scalar", "linear_attn.conv_weight",
                           "linear_attn.dt_bias", "linear_attn.A", "conv.conv_weight"})
 _GPT2 = GGUFNames("h", MappingProxyType({
@@ -184,6 +191,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "olmoe": _QWEN3_MOE,
     "gpt-oss": _GPT_OSS,
     "olmo2": _OLMO2,  # unpermuted q/k rows (rotate-half RoPE in ggml too)
+    "glm4": _GLM4,  # its q/k rows' rotated part reordered (unpermute_partial_rope_rows)
     "exaone4": _OLMO2,  # the same names, its q/k norms one head wide
     "gemma": _GEMMA3,  # the same names; Gemma 1 has only attn_norm and ffn_norm
     "gemma2": _GEMMA3,  # the same names; Gemma 2 has no attn_q_norm / attn_k_norm
@@ -220,10 +228,9 @@ _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
 # keeps q, k and v in one attn_qkv (qkv_proj) and gate and up in one ffn_up (gate_up_proj)
 # of twice the width; SwiGLU takes the gate from its first half, as llama.cpp and HF do.
 _Parts = tuple[tuple[str, str], ...]
-FUSED_GGUF: Mapping[str, Mapping[str, _Parts]] = MappingProxyType({
-    "phi3": MappingProxyType({"attn_qkv": (("attn_q", "q"), ("attn_k", "kv"), ("attn_v", "kv")),
-                              "ffn_up": (("ffn_gate", "ffn"), ("ffn_up", "ffn"))}),
-})
+_QKV_GATE_UP = MappingProxyType({"attn_qkv": (("attn_q", "q"), ("attn_k", "kv"), ("attn_v", "kv")),
+                                  "ffn_up": (("ffn_gate", "ffn"), ("ffn_up", "ffn"))})
+FUSED_GGUF: Mapping[str, Mapping[str, _Parts]] = MappingProxyType({"phi3": _QKV_GATE_UP, "glm4": _QKV_GATE_UP})
 FUSED_HF: Mapping[str, Mapping[str, _Parts]] = MappingProxyType({
     "phi3": MappingProxyType({
         "self_attn.qkv_proj": (("self_attn.q_proj", "q"), ("self_attn.k_proj", "kv"), ("self_attn.v_proj", "kv")),
@@ -295,6 +302,15 @@ def ungate_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.transpose(0, 1).reshape(weight.shape)
 
 
+def unpermute_partial_rope_rows(weight: torch.Tensor, num_heads: int, rotary_dim: int) -> torch.Tensor:
+    """GLM-4's q/k rows: in each head the first rotary_dim rows pair (2i, 2i + 1) (ggml's "normal"
+    RoPE, as GLM's own); as the rotate-half pairs (i, i + rotary_dim / 2), the rest as they are."""
+    w = weight.reshape(num_heads, -1, *weight.shape[1:]).clone()
+    turned = w[:, :rotary_dim].reshape(num_heads, rotary_dim // 2, 2, *weight.shape[1:])
+    w[:, :rotary_dim] = turned.transpose(1, 2).reshape(num_heads, rotary_dim, *weight.shape[1:])
+    return w.reshape(weight.shape)
+
+
 def to_model_layout(arch: str, param_name: str, tensor: torch.Tensor,
                     config: ModelConfig) -> torch.Tensor:
     """A GGUF tensor (already in torch (out, in) order) in the layout the model expects."""
@@ -306,9 +322,12 @@ def to_model_layout(arch: str, param_name: str, tensor: torch.Tensor,
         return ungate_rows(tensor, config.num_heads)  # each head's q, then its gate
     if arch == "qwen3next" and param_name.endswith("linear_attn.in_proj_ba.weight"):  # [b | a] per key head
         return ungate_rows(tensor, config.linear_attention.key_heads)
+    module = param_name.rsplit(".", 1)[0]  # weight and bias rows are permuted alike
+    if arch == "glm4" and module.endswith(("self_attn.q_proj", "self_attn.k_proj")):
+        heads = config.num_heads if module.endswith("q_proj") else config.num_kv_heads
+        return unpermute_partial_rope_rows(tensor, heads, config.rotary_dim or config.head_dim)
     if arch not in QK_PERMUTED_ARCHS:
         return tensor
-    module = param_name.rsplit(".", 1)[0]  # weight and bias rows are permuted alike
     if module.endswith("self_attn.q_proj"):
         return unpermute_rope_rows(tensor, config.num_heads)
     if module.endswith("self_attn.k_proj"):

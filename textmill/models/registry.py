@@ -17,6 +17,7 @@ from textmill.models.gemma4 import Gemma4ForCausalLM
 from textmill.models.gpt2 import GPT2LMHeadModel
 from textmill.models.lfm2 import Lfm2ForCausalLM
 from textmill.models.llama import LlamaForCausalLM
+from textmill.models.glm4 import Glm4ForCausalLM
 from textmill.models.olmo2 import Olmo2ForCausalLM
 from textmill.models.qwen2 import Qwen2ForCausalLM
 from textmill.models.qwen3 import Qwen3ForCausalLM
@@ -29,6 +30,7 @@ MODEL_CLASSES: Mapping[str, type[nn.Module]] = MappingProxyType({
     "qwen2": Qwen2ForCausalLM,
     "qwen3": Qwen3ForCausalLM,
     "olmo2": Olmo2ForCausalLM,
+    "glm4": Glm4ForCausalLM,
     "gemma": Gemma3ForCausalLM,  # Gemma 1: the same network without the output norms (post_norms)
     "gemma2": Gemma3ForCausalLM,  # the same network: models/gemma3.py
     "gemma3": Gemma3ForCausalLM,
@@ -103,6 +105,9 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     "qwen3vl": "qwen3",
     "olmo2": "olmo2",
     "Olmo2ForCausalLM": "olmo2",
+    # GLM-4 (9B and 32B -0414, GLM-Z1; models/glm4.py): four norms a layer, half of each head turned.
+    # GGUF files only.
+    "glm4": "glm4",
     # OLMo 3: OLMo 2 with a window in three of every four layers (plain RoPE there, the scaled
     # in the rest); llama.cpp's converter writes its files as "olmo2".
     "Olmo3ForCausalLM": "olmo2",

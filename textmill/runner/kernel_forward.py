@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from textmill.models import llama
+from textmill.models.glm4 import Glm4ForCausalLM
 from textmill.models.olmo2 import Olmo2ForCausalLM
 from textmill.models.qwen2 import Qwen2ForCausalLM
 from textmill.models.qwen3 import Qwen3ForCausalLM
@@ -165,9 +166,9 @@ def _kept(o: torch.Tensor, h: torch.Tensor, keep: torch.Tensor | None) -> tuple[
 
 
 class KernelForward(KernelForwardBase):
-    """The Llama family (Llama, Qwen2, Qwen3, OLMo 2) on the kernels; see the module docstring.
+    """The Llama family (Llama, Qwen2, Qwen3, OLMo 2, GLM-4) on the kernels; see the module docstring.
     OLMo 2 norms each attention and MLP output before it joins h and no layer input, so h
-    itself is each matmul's input there."""
+    itself is each matmul's input there; GLM-4 norms both, inputs and outputs."""
 
     def __init__(self, model: llama.LlamaForCausalLM, ops: ModuleType):
         super().__init__(model, ops)
@@ -189,6 +190,9 @@ class KernelForward(KernelForwardBase):
         if type(model) is Olmo2ForCausalLM:  # its post_attention_layernorm norms the attention's output
             self.norms = [(self.norm_weight(b.post_attention_layernorm), None,
                            self.norm_weight(b.post_feedforward_layernorm)) for b in self.layers]
+        elif type(model) is Glm4ForCausalLM:  # all four: input (next_norms), after attention, MLP in, MLP out
+            self.norms = [(self.norm_weight(b.post_self_attn_layernorm), self.norm_weight(b.post_attention_layernorm),
+                           self.norm_weight(b.post_mlp_layernorm)) for b in self.layers]
         else:
             self.norms = [(None, self.norm_weight(b.post_attention_layernorm), None) for b in self.layers]
         # A mixture of experts' MLP (runner/moe.py), where a layer has one: the layers then stay
@@ -213,7 +217,8 @@ class KernelForward(KernelForwardBase):
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
-        if type(model) not in (llama.LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Olmo2ForCausalLM):
+        if type(model) not in (llama.LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Olmo2ForCausalLM,
+                               Glm4ForCausalLM):
             return False
         return all(type(layer) is model.block_class and isinstance(layer.self_attn, FusedAttention)
                    and isinstance(layer.mlp, (FusedMLP, KernelMoE)) for layer in model.layers)
