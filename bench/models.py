@@ -35,6 +35,9 @@
     synthetic-lfm2moe  a random-weight file of 12 of LFM2-8B-A1B's 24 layers (32 experts of 1792, 4 a token
                   by a biased sigmoid, two dense layers) in Q4_K_M's types (bench/synthetic_hybrids.py; not in
                   the default matrix: 2.2 GiB)
+    synthetic-glm4  a random-weight file of 10 of GLM-4-9B-0414's 40 layers (four norms a layer, 32/2 heads
+                  of 128 with biases, RoPE on half of each head, 151,552 tokens) in Q4_K_M's types
+                  (bench/synthetic_glm4.py; not in the default matrix: 2.0 GiB)
     synthetic-1b-q3k  the synthetic 1B's layers rewritten in Q3_K (bench/requant_gguf.py; not in the
                   default matrix; llama.cpp's own Q3_K_M keeps some layers in Q4_K/Q5_K)
     synthetic-1b-q8  the synthetic 1B's layers rewritten in Q8_0 (bench/requant_gguf.py; not in the
@@ -61,7 +64,7 @@ MATRIX = ("smollm2", "gemma3", "synthetic-1b", "synthetic-qwen3")
 # named files outside the default matrix
 EXTRA = ("smollm2-iq4xs", "synthetic-1b-q3k", "synthetic-1b-q8", "synthetic-8b", "synthetic-gemma2", "synthetic-phi3",
          "synthetic-olmo2", "synthetic-qwen3moe", "synthetic-gptoss", "synthetic-erniemoe", "synthetic-gemma4",
-         "synthetic-qwen35", "synthetic-lfm2", "synthetic-qwen35moe", "synthetic-lfm2moe")
+         "synthetic-qwen35", "synthetic-lfm2", "synthetic-qwen35moe", "synthetic-lfm2moe", "synthetic-glm4")
 HYBRIDS = ("synthetic-qwen35", "synthetic-lfm2", "synthetic-qwen35moe", "synthetic-lfm2moe")
 
 
@@ -114,6 +117,9 @@ def resolve(key: str) -> Path:
         if key == "synthetic-gemma4":
             from synthetic_gemma4 import synthetic_gemma4_path
             return synthetic_gemma4_path()
+        if key == "synthetic-glm4":
+            from synthetic_glm4 import synthetic_glm4_path
+            return synthetic_glm4_path()
         if key in HYBRIDS:
             from synthetic_hybrids import SPECS, synthetic_hybrid_path
             return synthetic_hybrid_path(SPECS[key.removeprefix("synthetic-")])

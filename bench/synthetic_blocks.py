@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType
 
 Q4_K, Q6_K, Q8_0, F32 = (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K, GGMLQuantizationType.Q8_0,
                          GGMLQuantizationType.F32)
-MXFP4 = GGMLQuantizationType.MXFP4
+MXFP4, Q5_0 = GGMLQuantizationType.MXFP4, GGMLQuantizationType.Q5_0
 QK_K = 256  # values per k-quant super-block
 
 def _f16_bytes(values: np.ndarray) -> np.ndarray:
@@ -59,9 +59,9 @@ def tensor_bytes(rng: np.random.Generator, shape: tuple[int, ...], qtype: GGMLQu
         return tensor_bytes(rng, (shape[0] * shape[1], shape[2]), qtype).reshape(shape[0], shape[1], -1)
     rows, cols = shape
     std = 1.0 / np.sqrt(cols)  # activations keep their scale from layer to layer
-    if qtype in (Q8_0, MXFP4):
-        blocks = (q8_0_blocks if qtype == Q8_0 else mxfp4_blocks)(rng, rows * cols // 32, std)
-        return blocks.reshape(rows, -1)
+    if qtype in (Q8_0, MXFP4, Q5_0):
+        make = {Q8_0: q8_0_blocks, MXFP4: mxfp4_blocks, Q5_0: q5_0_blocks}[qtype]
+        return make(rng, rows * cols // 32, std).reshape(rows, -1)
     if cols % QK_K:
         raise ValueError(f"k-quant rows need a multiple of {QK_K} values, got {cols}")
     nb = rows * cols // QK_K
@@ -74,6 +74,15 @@ def q8_0_blocks(rng: np.random.Generator, nb: int, std: float) -> np.ndarray:
     blocks = np.empty((nb, 34), np.uint8)
     blocks[:, 0:2] = _f16_bytes(np.full(nb, std / 73.3))
     blocks[:, 2:] = rng.integers(-127, 128, (nb, 32), dtype=np.int8).view(np.uint8)
+    return blocks
+
+
+def q5_0_blocks(rng: np.random.Generator, nb: int, std: float) -> np.ndarray:
+    """nb random Q5_0 blocks (llama.cpp's fallback for Q4_K where a row is no whole number of 256 values):
+    w = d*(q - 16), q's 5 bits random (std of q - 16: 9.23)."""
+    blocks = np.empty((nb, 22), np.uint8)
+    blocks[:, 0:2] = _f16_bytes(np.full(nb, std / 9.23))
+    blocks[:, 2:] = rng.integers(0, 256, (nb, 20), dtype=np.uint8)
     return blocks
 
 

@@ -252,3 +252,58 @@ def test_an_lfm2_file_and_the_benchs_kv_sizing(tmp_path):
     assert (config.architecture, config.recurrent_layers, config.short_conv) == ("lfm2", (0, 1, 3, 4), 3)
     per_block = KVCache.bytes_per_block(config, CacheConfig(block_size=16), torch.float32, torch.float16)
     assert models.read_info(path).kv_bytes_per_token(2) * 16 == per_block == 16 * 2 * 2 * (2 * 2 * 64)
+
+
+@pytest.mark.parametrize("arch", ["qwen35moe", "lfm2moe"])
+def test_the_hybrids_mixture_files_and_the_benchs_kv_sizing(arch, tmp_path):
+    """synthetic_hybrids' mixtures of experts (a few layers of Qwen3.5-35B-A3B's and LFM2-8B-A1B's
+    kinds): textmill reads their experts (a gated shared expert; a biased sigmoid router after dense
+    layers), loads every tensor, and the bench's KV bytes a token are the pool's own."""
+    import dataclasses
+
+    import models
+    import synthetic_hybrids as sh
+    import torch
+
+    from textmill.config import CacheConfig
+    from textmill.loader import load_model
+    from textmill.runner.kv_cache import KVCache
+
+    small = dict(hidden=256, experts=8, experts_used=2, expert_ffn=256, vocab=None)
+    if arch == "qwen35moe":
+        spec = dataclasses.replace(sh.SYNTHETIC_QWEN35MOE, layers=4, shared_ffn=256, **small)
+        path = sh.write_qwen35(spec, sg.default_tokenizer_source(), tmp_path / "q35moe.gguf")
+    else:
+        spec = dataclasses.replace(sh.SYNTHETIC_LFM2MOE, layers=4, heads=4, kv_heads=2, ffn=512, **small)
+        path = sh.write_lfm2(spec, sg.default_tokenizer_source(), tmp_path / "lfm2moe.gguf")
+    config = read_config(GGUFFile(path))
+    assert (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size) == (8, 2, 256)
+    if arch == "qwen35moe":
+        assert (config.shared_expert_gate, config.dense_layers, config.linear_attention.value_heads) == (True, (), 32)
+    else:
+        assert (config.router_sigmoid, config.router_selection_bias, config.dense_layers) == (True, True, (0, 1))
+    per_block = KVCache.bytes_per_block(config, CacheConfig(block_size=16), torch.float32, torch.float16)
+    assert models.read_info(path).kv_bytes_per_token(2) * 16 == per_block
+    loaded = load_model(path)
+    assert not any(p.is_meta for p in loaded.model.parameters())
+
+
+def test_a_glm4_file(tmp_path):
+    """synthetic_glm4 (a few layers of GLM-4-9B's kind): textmill reads its shapes (half of each head
+    turned, q/k/v biases), its Q5_0/Q8_0 ffn_down (rows of no whole number of super-blocks) and every
+    tensor lands in the model."""
+    import dataclasses
+
+    import synthetic_glm4 as sgl
+
+    from textmill.loader import load_model
+
+    spec = dataclasses.replace(sgl.SYNTHETIC_GLM4, hidden=256, layers=2, heads=4, key_length=64, ffn=800, vocab=None)
+    path = sgl.write_glm4(spec, sg.default_tokenizer_source(), tmp_path / "glm4.gguf")
+    config = read_config(GGUFFile(path))
+    assert (config.architecture, config.rotary_dim, config.attention_bias, config.intermediate_size) == (
+        "glm4", 32, True, 800)
+    types = {t.name: t.qtype.name for t in GGUFFile(path).tensors}
+    assert (types["blk.0.ffn_down.weight"], types["blk.1.ffn_down.weight"]) == ("Q5_0", "Q8_0")  # 1: "more bits"
+    loaded = load_model(path)
+    assert not any(p.is_meta for p in loaded.model.parameters())
