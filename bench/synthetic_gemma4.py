@@ -27,8 +27,7 @@ from gguf import GGMLQuantizationType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic_blocks import F32, Q4_K, Q6_K  # noqa: E402
-from synthetic_gguf import (SyntheticSpec, begin_file, cache_dir, cache_key, default_tokenizer_source,  # noqa: E402
-                            more_bits, write_tensors)
+from synthetic_gguf import SyntheticSpec, begin_file, more_bits, synthetic_path, write_tensors  # noqa: E402
 
 # The spec's fields as synthetic_gguf names them (its cache key), Gemma 4's own below.
 SYNTHETIC_GEMMA4 = SyntheticSpec(name="synthetic-gemma4", hidden=1536, layers=35, heads=8, kv_heads=1, ffn=6144,
@@ -55,11 +54,7 @@ FORMAT = 2  # bump when the bytes written change: part of the cached file's name
 
 
 def synthetic_gemma4_path(spec: SyntheticSpec = SYNTHETIC_GEMMA4, tokenizer_source: Path | None = None) -> Path:
-    source = tokenizer_source or default_tokenizer_source()
-    path = cache_dir() / f"{spec.name}-v{FORMAT}-{cache_key(spec, source)}.gguf"
-    if not path.is_file():
-        write_gemma4(spec, source, path)
-    return path
+    return synthetic_path(spec, tokenizer_source, write=write_gemma4, version=FORMAT)
 
 
 def tensor_plan(spec: SyntheticSpec, vocab: int, shape: Gemma4Shape = SHAPE

@@ -150,12 +150,14 @@ def cache_key(spec: SyntheticSpec, tokenizer_source: Path) -> str:
 
 
 def synthetic_path(spec: SyntheticSpec = SYNTHETIC_1B, tokenizer_source: Path | None = None,
-                   directory: Path | None = None) -> Path:
-    """The cached file for these parameters, written first if it is missing."""
+                   directory: Path | None = None, write=None, version: int | None = None) -> Path:
+    """The cached file for these parameters, written first if it is missing (by `write`: another file's
+    writer, whose `version` then names the bytes it writes; default write_synthetic)."""
     source = tokenizer_source or default_tokenizer_source()
-    path = (directory or cache_dir()) / f"{spec.name}-{cache_key(spec, source)}.gguf"
+    tag = f"-v{version}" if version is not None else ""
+    path = (directory or cache_dir()) / f"{spec.name}{tag}-{cache_key(spec, source)}.gguf"
     if not path.is_file():
-        write_synthetic(spec, source, path)
+        (write or write_synthetic)(spec, source, path)
     return path
 
 

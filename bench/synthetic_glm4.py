@@ -19,8 +19,7 @@ from gguf import GGMLQuantizationType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic_blocks import F32, Q4_K, Q5_0, Q6_K, Q8_0  # noqa: E402
-from synthetic_gguf import (SyntheticSpec, begin_file, cache_dir, cache_key, default_tokenizer_source,  # noqa: E402
-                            more_bits, write_tensors)
+from synthetic_gguf import SyntheticSpec, begin_file, more_bits, synthetic_path, write_tensors  # noqa: E402
 
 SYNTHETIC_GLM4 = SyntheticSpec(name="synthetic-glm4", hidden=4096, layers=10, heads=32, kv_heads=2, ffn=13696,
                                context=32768, rope_base=10000.0, arch="glm4", key_length=128, vocab=151552, seed=15)
@@ -28,11 +27,7 @@ FORMAT = 1  # bump when the bytes written change: part of the cached file's name
 
 
 def synthetic_glm4_path(spec: SyntheticSpec = SYNTHETIC_GLM4, tokenizer_source: Path | None = None) -> Path:
-    source = tokenizer_source or default_tokenizer_source()
-    path = cache_dir() / f"{spec.name}-v{FORMAT}-{cache_key(spec, source)}.gguf"
-    if not path.is_file():
-        write_glm4(spec, source, path)
-    return path
+    return synthetic_path(spec, tokenizer_source, write=write_glm4, version=FORMAT)
 
 
 def tensor_plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, ...], GGMLQuantizationType]]:

@@ -37,8 +37,7 @@ from gguf import ExpertGatingFuncType, GGMLQuantizationType, GGUFWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic_blocks import F32, Q4_K, Q6_K, tensor_bytes  # noqa: E402
-from synthetic_gguf import (SyntheticSpec, begin_file, cache_dir, cache_key, default_tokenizer_source,  # noqa: E402
-                            more_bits, write_tensors)
+from synthetic_gguf import SyntheticSpec, begin_file, more_bits, synthetic_path, write_tensors  # noqa: E402
 
 SYNTHETIC_QWEN35 = SyntheticSpec(name="synthetic-qwen35", hidden=1024, layers=24, heads=8, kv_heads=2, ffn=3584,
                                  context=262144, rope_base=10_000_000.0, arch="qwen35", key_length=256,
@@ -63,11 +62,8 @@ FORMAT = 3  # bump when the bytes written change: part of the cached file's name
 
 
 def synthetic_hybrid_path(spec: SyntheticSpec, tokenizer_source: Path | None = None) -> Path:
-    source = tokenizer_source or default_tokenizer_source()
-    path = cache_dir() / f"{spec.name}-v{FORMAT}-{cache_key(spec, source)}.gguf"
-    if not path.is_file():
-        (write_qwen35 if spec.arch.startswith("qwen35") else write_lfm2)(spec, source, path)
-    return path
+    return synthetic_path(spec, tokenizer_source, write=write_qwen35 if spec.arch.startswith("qwen35") else write_lfm2,
+                          version=FORMAT)
 
 
 def lfm2_attention(spec: SyntheticSpec) -> tuple[int, ...]:
