@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fastapi import FastAPI
@@ -68,6 +69,20 @@ def serving(server: ServerConfig | None = None, options: EngineConfig = TEST_OPT
 def running_server(options: EngineConfig = TEST_OPTIONS, server: ServerConfig | None = None) -> Iterator[str]:
     with serving(server, options) as running:
         yield running.url
+
+
+def alone_then_together(url: str, run: Callable[[dict], object], cases: list[dict]) -> tuple[list, list, float]:
+    """Each case run alone, then all at once (a thread each), and the preemptions the server at `url`
+    has counted by then: what the preemption tests compare."""
+    import httpx
+
+    alone = [run(kw) for kw in cases]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        together = list(pool.map(run, cases))
+    metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    counted = [line for line in metrics.splitlines() if line.startswith("textmill:num_preemptions")]
+    assert counted, "the server reports no preemption count"
+    return alone, together, float(counted[0].split()[-1])
 
 
 def asgi_spec_version(version: str) -> Callable:

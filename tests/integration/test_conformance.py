@@ -580,23 +580,16 @@ def test_seed_reproducible_under_concurrent_load(client, base_url):
 def test_seed_and_greedy_survive_preemption():
     """A server whose KV cache holds about 350 tokens, given four requests of about 100 tokens:
     some are preempted and recomputed, and each still gives the text it gives alone."""
-    from .server import TEST_OPTIONS, running_server
+    from .server import TEST_OPTIONS, alone_then_together, running_server
 
     options = TEST_OPTIONS.updated(max_model_len=256, memory_gib=0.016)
     cases = [dict(prompt=LONG_TEXT[i * 200:i * 200 + 200], max_tokens=40, logit_bias=NO_EOS,
                   **(dict(temperature=0) if i % 2 else dict(temperature=1.0, top_p=0.9, seed=i, n=1 + (i == 2))))
              for i in range(4)]
     with running_server(options) as url:
-        def run(kw: dict) -> list[str]:
-            return [c["text"] for c in sorted(ok(url, kw)["choices"], key=lambda c: c["index"])]
-
-        alone = [run(kw) for kw in cases]
-        with ThreadPoolExecutor(len(cases)) as pool:
-            together = list(pool.map(run, cases))
-        metrics = httpx.get(f"{url}/metrics", timeout=30).text
-    preempted = [line for line in metrics.splitlines() if line.startswith("textmill:num_preemptions")]
-    assert preempted and float(preempted[0].split()[-1]) > 0, preempted
-    assert together == alone
+        alone, together, preemptions = alone_then_together(
+            url, lambda kw: [c["text"] for c in sorted(ok(url, kw)["choices"], key=lambda c: c["index"])], cases)
+    assert preemptions > 0 and together == alone
 
 
 # ------------------------------------------------------------------ stop

@@ -13,7 +13,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import torch
@@ -136,7 +135,7 @@ def test_preempted_requests_get_what_they_get_alone(family, tmp_path_factory) ->
     """A server whose KV pool holds 160 tokens, given four requests of ~70: the scheduler preempts
     some and recomputes them from position 0, each into a fresh recurrent state, and every answer
     (greedy and seeded) is the one it gives alone."""
-    from .server import running_server
+    from .server import alone_then_together, running_server
 
     path = tiny_file(family, tmp_path_factory.mktemp(family))
     config = EngineConfig(model=str(path)).updated(max_model_len=128, max_num_seqs=4)
@@ -148,16 +147,9 @@ def test_preempted_requests_get_what_they_get_alone(family, tmp_path_factory) ->
     with running_server(options, ServerConfig(port=free_port(), served_model_name=NAME)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
-        def run(kw: dict) -> str:
-            return client.completions.create(model=NAME, **kw).choices[0].text
-
-        alone = [run(kw) for kw in cases]
-        with ThreadPoolExecutor(len(cases)) as pool:
-            together = list(pool.map(run, cases))
-        metrics = httpx.get(f"{url}/metrics", timeout=30).text
-    preempted = [line for line in metrics.splitlines() if line.startswith("textmill:num_preemptions")]
-    assert preempted and float(preempted[0].split()[-1]) > 0, preempted
-    assert together == alone
+        alone, together, preemptions = alone_then_together(
+            url, lambda kw: client.completions.create(model=NAME, **kw).choices[0].text, cases)
+    assert preemptions > 0 and together == alone
 
 
 @pytest.mark.parametrize("family", STATE_FAMILIES)

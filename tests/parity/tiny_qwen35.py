@@ -95,24 +95,29 @@ def _tiled(x: torch.Tensor, dim: int, head_dim: int) -> torch.Tensor:
     return x.transpose(dim, dim + 1).reshape(shape)
 
 
+def _value_heads_tiled(name: str, t: torch.Tensor) -> torch.Tensor:
+    """_LinearAttentionVReorderBase: the value heads' rows (and out_proj's columns) grouped -> tiled."""
+    qk = 2 * K_HEADS * K_DIM
+    if ".in_proj_qkv." in name:
+        return torch.cat([t[:qk], _tiled(t[qk:], 0, V_DIM)])
+    if ".in_proj_z." in name:
+        return _tiled(t, 0, V_DIM)
+    if ".in_proj_a." in name or ".in_proj_b." in name:
+        return _tiled(t, 0, 1)
+    if name.endswith((".A_log", ".dt_bias")):
+        return _tiled(t[:, None], 0, 1)[:, 0]
+    if ".conv1d." in name:
+        t = t.squeeze()
+        return torch.cat([t[:qk], _tiled(t[qk:], 0, V_DIM)])
+    if ".out_proj." in name:
+        return _tiled(t, 1, V_DIM)
+    return t
+
+
 def _converted(name: str, t: torch.Tensor, tiled: bool = True) -> tuple[str, torch.Tensor]:
     """One HF tensor as the converter turns it (the value-head reordering, then Qwen3Next's rules)."""
-    qk = 2 * K_HEADS * K_DIM
-    if not tiled:
-        pass
-    elif ".in_proj_qkv." in name:
-        t = torch.cat([t[:qk], _tiled(t[qk:], 0, V_DIM)])
-    elif ".in_proj_z." in name:
-        t = _tiled(t, 0, V_DIM)
-    elif ".in_proj_a." in name or ".in_proj_b." in name:
-        t = _tiled(t, 0, 1)
-    elif name.endswith((".A_log", ".dt_bias")):
-        t = _tiled(t[:, None], 0, 1)[:, 0]
-    elif ".conv1d." in name:
-        t = t.squeeze()
-        t = torch.cat([t[:qk], _tiled(t[qk:], 0, V_DIM)])
-    elif ".out_proj." in name:
-        t = _tiled(t, 1, V_DIM)
+    if tiled:
+        t = _value_heads_tiled(name, t)
     if name.endswith(".A_log"):
         t = -torch.exp(t)
     elif name.endswith(".dt_bias"):

@@ -28,6 +28,7 @@ import dataclasses
 from textmill.config import LinearAttentionShape, ModelConfig
 from textmill.loader.gguf_experts import expert_fields
 from textmill.loader.gguf_file import GGUFFile, GGUFMetadata
+from textmill.loader.names import QWEN35_ARCHS
 
 
 def qwen35_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelConfig:
@@ -135,7 +136,7 @@ def qwen3next_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> Mod
     return dataclasses.replace(config, linear_attention=shape)
 
 
-MTP_ARCHS = frozenset({"qwen35", "qwen35moe", "qwen3next"})  # files that may end with multi-token-prediction blocks
+MTP_ARCHS = QWEN35_ARCHS  # files that may end with multi-token-prediction blocks
 
 
 def mtp_tensor(config: ModelConfig, name: str) -> bool:

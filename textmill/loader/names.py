@@ -215,6 +215,8 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
 QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3", "granite", "granitemoe", "granitemoeshared", "ernie4_5",
                                "ernie4_5-moe", "mistral3",
                                "internlm2"})
+# Qwen3.5's layers in a file: q_proj with each head's gate, maybe multi-token-prediction blocks at the end.
+QWEN35_ARCHS = frozenset({"qwen35", "qwen35moe", "qwen3next"})
 # llama.cpp's converter stores Gemma norm weights as 1 + weight (ggml multiplies plainly).
 NORM_PLUS_ONE_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
 
@@ -318,7 +320,7 @@ def to_model_layout(arch: str, param_name: str, tensor: torch.Tensor,
         return tensor - 1.0
     if param_name.endswith("shared_expert_gate.weight") and tensor.dim() == 1:  # ggml's {n_embd}: one row
         return tensor[None]
-    if arch in ("qwen35", "qwen35moe", "qwen3next") and param_name.endswith("self_attn.q_proj.weight"):
+    if arch in QWEN35_ARCHS and param_name.endswith("self_attn.q_proj.weight"):
         return ungate_rows(tensor, config.num_heads)  # each head's q, then its gate
     if arch == "qwen3next" and param_name.endswith("linear_attn.in_proj_ba.weight"):  # [b | a] per key head
         return ungate_rows(tensor, config.linear_attention.key_heads)
