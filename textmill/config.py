@@ -66,7 +66,8 @@ class LinearAttentionShape:
     key_dim wide, each serving value_heads / key_heads heads of v, value_dim wide, all of them
     through a causal depthwise convolution of conv_kernel taps. Its state per sequence is
     (value_heads, key_dim, value_dim) float32 and the last conv_kernel - 1 inputs of the
-    convolution."""
+    convolution. A Mamba-2 mixer's (Granite 4.0-H's) is the same: C and B are q and k, in key_heads
+    groups of key_dim (its state size), x is v."""
 
     key_heads: int
     value_heads: int
@@ -95,7 +96,7 @@ class ModelConfig:
     # registry key: "llama" (Mistral, Ministral 3, SmolLM3, Granite, ERNIE 4.5, EXAONE 3, InternLM2,
     # OLMoE, Mixtral, Granite MoE too), "phi3", "qwen2" (Qwen2 MoE too), "qwen3" (the VL files' text,
     # Qwen3 MoE too), "olmo2" (OLMo 3, EXAONE 4.0 too), "gemma", "gemma2", "gemma3", "gemma4", "qwen35",
-    # "lfm2", "gpt2"
+    # "lfm2", "granitehybrid", "gpt2"
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -191,7 +192,7 @@ class ModelConfig:
     # Hybrids: these layers are recurrent, their memory of a sequence a fixed-size state per
     # sequence (runner/recurrent_state.py), not a KV cache; the rest attend. Qwen3.5's are gated
     # delta nets (models/qwen35.py, linear_attention), LFM2's short convolutions of short_conv taps
-    # (models/lfm2.py).
+    # (models/lfm2.py), Granite 4.0-H's Mamba-2 mixers (models/granite_hybrid.py, linear_attention).
     recurrent_layers: tuple[int, ...] = ()
     linear_attention: LinearAttentionShape | None = None
     short_conv: int = 0

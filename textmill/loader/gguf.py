@@ -23,7 +23,7 @@ from textmill.loader.ggml_types import GGMLQuantizationType
 from textmill.loader.gguf_experts import expert_fields, expert_parts
 from textmill.loader.gguf_file import GGUFFile, GGUFMetadata, TensorInfo
 from textmill.loader.gguf_gemma4 import gemma4_config, unused_kv_tensor
-from textmill.loader.gguf_hybrid import HYBRID_CONFIGS, MTP_ARCHS, mtp_tensor
+from textmill.loader.gguf_hybrid import HYBRID_CONFIGS, MTP_ARCHS, granite_fields, mtp_tensor
 from textmill.loader.group_codes import CodesRef, GGUFRows, convertible
 from textmill.loader.hf_config import pattern_of_layers
 from textmill.loader.names import FUSED_GGUF, fused_parts, gguf_param_name, to_model_layout
@@ -147,7 +147,7 @@ def read_config(gguf: GGUFFile, context_window: int | None = None) -> ModelConfi
     elif meta.arch == "gpt-oss":
         fields |= _gpt_oss_fields(meta)
     elif meta.arch in ("granite", "granitemoe", "granitemoeshared"):
-        fields |= _granite_fields(meta, fields["num_layers"])
+        fields |= granite_fields(meta, fields["num_layers"])
     elif family == "phi3":
         fields |= dict(sliding_window=None)  # llama.cpp ignores Phi-3's window too
         if LONGROPE & tensor_names:
@@ -182,21 +182,6 @@ def _gpt_oss_fields(meta: GGUFMetadata) -> dict[str, Any]:
         pattern = pattern_of_layers([bool(p) for p in pattern])
     return dict(attention_out_bias=True, attention_sinks=True, moe_bias=True, swiglu_limit=7.0,
                 sliding_window_pattern=int(pattern))
-
-
-def _granite_fields(meta: GGUFMetadata, num_layers: int) -> dict[str, Any]:
-    """Granite's multipliers as llama.cpp reads them: a scale that is absent or 0 is not
-    applied (the attention's is then head_dim ** -0.5); logit_scale is required. Its
-    `rope.scaling.finetuned` false turns RoPE off in every layer."""
-    def scale(key: str) -> float | None:
-        value = float(meta.arch_get(key, 0.0))
-        return value if value != 0.0 else None
-
-    fields = dict(embedding_multiplier=scale("embedding_scale"), residual_multiplier=scale("residual_scale"),
-                  attention_scale=scale("attention.scale"), logit_scale=float(meta.arch_get("logit_scale")))
-    if not meta.arch_get("rope.scaling.finetuned", True):
-        fields |= dict(no_rope_layers=tuple(range(num_layers)))
-    return fields
 
 
 def _gemma_fields(meta: GGUFMetadata, fields: dict[str, Any], family: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from textmill.loader.gguf_file import GGUFFile, GGUFMetadata, TensorInfo
 # LFM2 MoE renormalize.
 _EXPERT_WEIGHTS_NORMED = {"qwen3moe": True, "qwen3vlmoe": True, "llama": True, "olmoe": False, "granitemoe": True,
                           "granitemoeshared": True, "qwen2moe": False, "gpt-oss": True, "ernie4_5-moe": True,
-                          "qwen35moe": True, "lfm2moe": True, "qwen3next": True}
+                          "qwen35moe": True, "lfm2moe": True, "qwen3next": True, "granitehybrid": True}
 # A shared expert behind a sigmoid gate (the others' shared expert, Granite MoE's, has none).
 _GATED_SHARED_EXPERT = frozenset({"qwen2moe", "qwen35moe", "qwen3next"})
 # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE: the router's probabilities by softmax or by sigmoid.
@@ -32,7 +32,7 @@ def expert_fields(meta: GGUFMetadata, gguf: GGUFFile) -> dict[str, Any]:
         return {}
     if meta.arch not in _EXPERT_WEIGHTS_NORMED:
         raise ValueError(f"{meta.arch!r} files with experts are not supported (Qwen2 MoE, Qwen3 MoE, OLMoE, Mixtral, "
-                         "Granite MoE, gpt-oss, ERNIE 4.5 MoE, Qwen3.5 MoE, Qwen3-Next and LFM2 MoE are)")
+                         "Granite MoE, gpt-oss, ERNIE 4.5 MoE, Qwen3.5 MoE, Qwen3-Next, LFM2 MoE and Granite 4.0-H are)")
     gating = int(meta.arch_get("expert_gating_func", _SOFTMAX))
     if gating not in (_SOFTMAX, _SIGMOID):
         raise ValueError("only a softmax or a sigmoid router is supported")

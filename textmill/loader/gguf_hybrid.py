@@ -20,10 +20,18 @@ entry is 0 is a short convolution of `shortconv.l_cache` taps; the final norm is
 (llama.cpp's "fix for wrong tensor name"). LFM2 MoE (`lfm2moe`, 8B-A1B, 24B-A2B; src/models/lfm2moe.cpp)
 has experts after its first few layers, chosen by the sigmoid of the router's logits plus a
 per-expert bias and weighted by those sigmoids renormalized.
+
+Granite 4.0-H (`granitehybrid`; conversion/granite.py GraniteHybridModel; src/models/granite-hybrid.cpp):
+a layer whose `attention.head_count_kv` entry is 0 is a Mamba-2 mixer, shaped by the `ssm.*` keys
+(`time_step_rank` is its head count, `group_count` B's and C's groups); Granite's multipliers as
+granite_fields reads them, and `rope.scaling.finetuned` false (Granite 4.0-H's) turns RoPE off. The
+MLP is dense (ffn_gate, ffn_up, ffn_down: the checkpoint's shared_mlp) or a mixture of experts with
+that shared MLP as their ungated shared expert.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from textmill.config import LinearAttentionShape, ModelConfig
 from textmill.loader.gguf_experts import expert_fields
@@ -111,6 +119,66 @@ def lfm2_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelCon
     )
 
 
+def granite_fields(meta: GGUFMetadata, num_layers: int) -> dict[str, Any]:
+    """Granite's multipliers as llama.cpp reads them: a scale that is absent or 0 is not
+    applied (the attention's is then head_dim ** -0.5); logit_scale is required. Its
+    `rope.scaling.finetuned` false turns RoPE off in every layer."""
+    def scale(key: str) -> float | None:
+        value = float(meta.arch_get(key, 0.0))
+        return value if value != 0.0 else None
+
+    fields = dict(embedding_multiplier=scale("embedding_scale"), residual_multiplier=scale("residual_scale"),
+                  attention_scale=scale("attention.scale"), logit_scale=float(meta.arch_get("logit_scale")))
+    if not meta.arch_get("rope.scaling.finetuned", True):
+        fields |= dict(no_rope_layers=tuple(range(num_layers)))
+    return fields
+
+
+def granitehybrid_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelConfig:
+    shapes = {t.name: t.shape for t in gguf.tensors}
+    layers, heads = int(meta.arch_get("block_count")), int(meta.arch_get("attention.head_count"))
+    kv = meta.arch_get("attention.head_count_kv")
+    kv = list(kv) if isinstance(kv, (list, tuple)) else [kv] * layers
+    attention = {int(h) for h in kv if int(h)}
+    if len(attention) > 1:
+        raise ValueError(f"Granite 4.0-H files whose attention layers differ in KV heads ({sorted(attention)}) "
+                         "are not supported")
+    hidden = int(meta.arch_get("embedding_length"))
+    head_dim = int(meta.arch_get("attention.key_length", hidden // heads))
+    fields = granite_fields(meta, layers)
+    if "no_rope_layers" not in fields and int(meta.arch_get("rope.dimension_count", head_dim)) != head_dim:
+        raise ValueError("Granite 4.0-H files with RoPE on part of each head (Bamba's) are not supported")
+    inner, mamba_heads = int(meta.arch_get("ssm.inner_size")), int(meta.arch_get("ssm.time_step_rank"))
+    groups = int(meta.arch_get("ssm.group_count"))
+    if inner % mamba_heads or mamba_heads % groups:
+        raise ValueError(f"a Mamba-2 layer of {inner} values in {mamba_heads} heads and {groups} groups is not "
+                         "a whole number of heads a group")
+    shape = LinearAttentionShape(key_heads=groups, value_heads=mamba_heads,
+                                 key_dim=int(meta.arch_get("ssm.state_size")), value_dim=inner // mamba_heads,
+                                 conv_kernel=int(meta.arch_get("ssm.conv_kernel")), tiled_heads=False)
+    # The dense MLP's width from its tensors: the converter writes the experts' as feed_forward_length.
+    dense = next((dims[0] for name, dims in shapes.items() if name.endswith(".ffn_gate.weight")), None)
+    experts = expert_fields(meta, gguf)
+    return ModelConfig(
+        architecture="granitehybrid",
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=int(dense or meta.arch_get("feed_forward_length")),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=attention.pop() if attention else heads,
+        head_dim=head_dim,
+        max_position_embeddings=int(meta.arch_get("context_length")),
+        norm_eps=float(meta.arch_get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(meta.arch_get("rope.freq_base", 10_000.0)),
+        tie_word_embeddings="output.weight" not in shapes,
+        recurrent_layers=tuple(i for i in range(layers) if int(kv[i]) == 0),
+        linear_attention=shape,
+        name=str(meta.get("general.name", "")),
+        **fields, **experts,
+    )
+
+
 def with_experts(read_config):
     """A family's config reader for its mixture-of-experts files: the same model, the file's experts
     in its MLPs (a dense width where the file gives none: the experts')."""
@@ -146,4 +214,5 @@ def mtp_tensor(config: ModelConfig, name: str) -> bool:
 
 # general.architecture -> its config reader
 HYBRID_CONFIGS = {"qwen35": qwen35_config, "lfm2": lfm2_config, "qwen35moe": with_experts(qwen35_config),
-                  "lfm2moe": with_experts(lfm2_config), "qwen3next": qwen3next_config}
+                  "lfm2moe": with_experts(lfm2_config), "qwen3next": qwen3next_config,
+                  "granitehybrid": granitehybrid_config}

@@ -152,8 +152,14 @@ _GLM4 = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
     "post_attention_norm": "post_self_attn_layernorm",
     "post_ffw_norm": "post_mlp_layernorm",
 }))
+# Granite 4.0-H (models/granite_hybrid.py): Llama's names (experts and a shared one in H-Tiny's), Mamba-2's
+# in the recurrent layers; its A and D (`ssm_a`, `ssm_d`) have no .weight in the file.
+_GRANITE_HYBRID = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
+    **_LLAMA_MOE.blocks, "ssm_in": "mamba.in_proj", "ssm_conv1d": "mamba.conv1d", "ssm_dt": "mamba.dt_bias",
+    "ssm_a": "mamba.A", "ssm_d": "mamba.D", "ssm_norm": "mamba.norm", "ssm_out": "mamba.out_proj"}))
 _BARE_PARAMS = frozenset({"self_attn.sinks", "mlp.selection_bias", "layer_scalar", "linear_attn.conv_weight",
-                          "linear_attn.dt_bias", "linear_attn.A", "conv.conv_weight"})
+                          "linear_attn.dt_bias", "linear_attn.A", "conv.conv_weight", "mamba.dt_bias", "mamba.A",
+                          "mamba.D"})
 _GPT2 = GGUFNames("h", MappingProxyType({
     "token_embd": "wte",
     "position_embd": "wpe",
@@ -202,6 +208,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "qwen3next": _QWEN3NEXT,
     "lfm2": _LFM2,
     "lfm2moe": _LFM2_MOE,
+    "granitehybrid": _GRANITE_HYBRID,
     "gpt2": _GPT2,
 })
 
@@ -212,9 +219,8 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
 # Ministral 3's ("mistral3") converters are Llama's, and InternLM2's permutes its q and k so.
 # ERNIE 4.5's converter leaves its rows alone, but its own RoPE pairs (2i, 2i + 1) already:
 # the same order, put back the same way.
-QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3", "granite", "granitemoe", "granitemoeshared", "ernie4_5",
-                               "ernie4_5-moe", "mistral3",
-                               "internlm2"})
+QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3", "granite", "granitemoe", "granitemoeshared", "granitehybrid",
+                               "ernie4_5", "ernie4_5-moe", "mistral3", "internlm2"})
 # Qwen3.5's layers in a file: q_proj with each head's gate, maybe multi-token-prediction blocks at the end.
 QWEN35_ARCHS = frozenset({"qwen35", "qwen35moe", "qwen3next"})
 # llama.cpp's converter stores Gemma norm weights as 1 + weight (ggml multiplies plainly).
@@ -324,6 +330,8 @@ def to_model_layout(arch: str, param_name: str, tensor: torch.Tensor,
         return ungate_rows(tensor, config.num_heads)  # each head's q, then its gate
     if arch == "qwen3next" and param_name.endswith("linear_attn.in_proj_ba.weight"):  # [b | a] per key head
         return ungate_rows(tensor, config.linear_attention.key_heads)
+    if param_name.endswith(("mamba.A", "mamba.D", "mamba.norm.weight")):  # ggml's {1, heads}, {width, groups}
+        return tensor.reshape(-1)
     module = param_name.rsplit(".", 1)[0]  # weight and bias rows are permuted alike
     if arch == "glm4" and module.endswith(("self_attn.q_proj", "self_attn.k_proj")):
         heads = config.num_heads if module.endswith("q_proj") else config.num_kv_heads

@@ -1,7 +1,8 @@
-"""What the hybrids (models/qwen35.py, models/lfm2.py) share: layers that are either recurrent (a
-state per sequence, handed over by the runner as `states`) or attention, each followed by a SwiGLU
-MLP or a mixture of SwiGLU experts (models/moe.py: Qwen3.5 MoE, LFM2 MoE), both pre-normed; the
-causal depthwise convolution both families' recurrent layers start with.
+"""What the hybrids (models/qwen35.py, models/lfm2.py, models/granite_hybrid.py) share: layers that are
+either recurrent (a state per sequence, handed over by the runner as `states`) or attention, each
+followed by a SwiGLU MLP or a mixture of SwiGLU experts (models/moe.py: Qwen3.5 MoE, LFM2 MoE, Granite
+4.0-H's), both pre-normed, with Granite's multipliers where the config gives them; the causal depthwise
+convolution every family's recurrent layers start with.
 """
 from __future__ import annotations
 
@@ -31,9 +32,11 @@ class SequenceStates(Protocol):
 
 
 def causal_conv(mixed: torch.Tensor, weight: torch.Tensor, pool: torch.Tensor,
-                rows: tuple[tuple[int, int, int], ...], silu: bool = True) -> torch.Tensor:
-    """Each sequence's rows through the depthwise convolution (then SiLU, unless not `silu`), the
-    taps before its first row taken from the pool's slot, which then keeps its last taps - 1 inputs."""
+                rows: tuple[tuple[int, int, int], ...], silu: bool = True,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sequence's rows through the depthwise convolution (plus `bias`, Mamba-2's; then SiLU, unless
+    not `silu`), the taps before its first row taken from the pool's slot, which then keeps its last
+    taps - 1 inputs."""
     out = torch.empty_like(mixed)
     taps = weight.shape[1]
     for first, count, slot in rows:
@@ -41,6 +44,8 @@ def causal_conv(mixed: torch.Tensor, weight: torch.Tensor, pool: torch.Tensor,
         windows = seq.unfold(0, taps, 1)  # (count, channels, taps)
         out[first:first + count] = (windows * weight).sum(-1)
         pool[slot] = seq[count:]
+    if bias is not None:
+        out += bias
     return F.silu(out) if silu else out
 
 
@@ -62,13 +67,15 @@ class HybridBlock(nn.Module):
             self.self_attn = attention(config, layer_idx)
         self.post_attention_layernorm = norm(C, eps)
         self.mlp = feed_forward(config, layer_idx)  # a mixture of experts in Qwen3.5 MoE's and LFM2 MoE's
+        self.residual = config.residual_multiplier  # Granite: each output scaled as it joins x
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext,
                 states: SequenceStates) -> torch.Tensor:
         y = self.input_layernorm(x)
         mixed = getattr(self, self.mixer_name)(y, states) if self.recurrent else self.self_attn(y, cos, sin, ctx)
-        x = x + mixed
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + (mixed if self.residual is None else mixed * self.residual)
+        m = self.mlp(self.post_attention_layernorm(x))
+        return x + (m if self.residual is None else m * self.residual)
 
 
 class HybridForCausalLM(nn.Module):
@@ -91,10 +98,14 @@ class HybridForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext,
                 states: SequenceStates) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (N, C)
+        if self.config.embedding_multiplier is not None:  # Granite
+            x = x * self.config.embedding_multiplier
         cos, sin = self.rotary(positions)
         for layer in self.layers:
             x = layer(x, cos, sin, ctx, states)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return head_logits(hidden, self.embed_tokens, self.lm_head)
+        logits = head_logits(hidden, self.embed_tokens, self.lm_head)
+        # Granite's division in place (the runner's head may write into a reused buffer).
+        return logits if self.config.logit_scale is None else logits.div_(self.config.logit_scale)

@@ -15,6 +15,7 @@ from textmill.config import ModelConfig
 from textmill.models.gemma3 import Gemma3ForCausalLM
 from textmill.models.gemma4 import Gemma4ForCausalLM
 from textmill.models.gpt2 import GPT2LMHeadModel
+from textmill.models.granite_hybrid import GraniteHybridForCausalLM
 from textmill.models.lfm2 import Lfm2ForCausalLM
 from textmill.models.llama import LlamaForCausalLM
 from textmill.models.glm4 import Glm4ForCausalLM
@@ -37,6 +38,7 @@ MODEL_CLASSES: Mapping[str, type[nn.Module]] = MappingProxyType({
     "gemma4": Gemma4ForCausalLM,
     "qwen35": Qwen35ForCausalLM,
     "lfm2": Lfm2ForCausalLM,
+    "granitehybrid": GraniteHybridForCausalLM,
     "gpt2": GPT2LMHeadModel,
 })
 
@@ -135,6 +137,9 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     # layers, chosen by a biased sigmoid.
     "lfm2": "lfm2",
     "lfm2moe": "lfm2",
+    # Granite 4.0-H (350M to 32B-A9B; models/granite_hybrid.py): Mamba-2 layers beside NoPE attention,
+    # a SwiGLU MLP or experts with a shared one, Granite's multipliers. GGUF files only.
+    "granitehybrid": "granitehybrid",
     "gpt2": "gpt2",
     "GPT2LMHeadModel": "gpt2",
 })
