@@ -28,7 +28,7 @@ HIDDEN, HEADS, KV_HEADS, SHARED_FFN = 64, 4, 2, 96
 MAMBA_HEADS, MAMBA_HEAD_DIM, STATE, GROUPS, TAPS = 8, 16, 16, 2, 4
 LAYER_TYPES = ("mamba", "mamba", "attention", "mamba", "mamba", "attention")
 EXPERTS, PER_TOKEN, EXPERT_FFN = 8, 2, 32
-MULTIPLIERS = dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
+MULTIPLIERS = dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.0625,
                    logits_scaling=6.0)
 
 

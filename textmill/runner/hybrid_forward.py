@@ -1,4 +1,5 @@
-"""The hybrids' forward pass (models/qwen35.py, models/lfm2.py) on textmill's C++ kernels (float32 CPU).
+"""The hybrids' forward pass (models/qwen35.py, models/lfm2.py, models/granite_hybrid.py) on textmill's C++
+kernels (float32 CPU).
 
 Every call computes a row from that row alone (the 2- to 8-bit linears, layer.cpp's norms, RoPE
 and paged attention, recurrent.cpp's convolution, delta rule and gate, exact elementwise products)
@@ -14,11 +15,14 @@ Both families' layers are a pre-norm mixer and a pre-norm SwiGLU MLP:
                                o_proj(sigmoid_gate(paged_attention(rope_kv_write([q | k | v], ...)), gate))
         LFM2's convolution:    [b | c | x] = in_proj(y);  out_proj(c * causal_conv(b * x))
         LFM2's attention:      o_proj(paged_attention(rope_kv_write(qkv_proj(y), q_norm, k_norm)))
-    y = add_rms_norm(a, h, w_post)                             h += a
+        Granite's Mamba-2:     [z | xBC | dt] = in_proj(y)
+                               out_proj(ssm_scan(causal_conv(xBC, bias, silu), z, dt, ...))
+        Granite's attention:   LFM2's without q/k norms, on an identity RoPE table (NoPE)
+    y = add_rms_norm(a, h, w_post)                             h += a        (a times Granite's multiplier)
     h += down(silu_mul(gate_up(y)))                            (or a mixture of experts: runner/moe.py)
 
-Built for models whose layers runner/fused.py fused (fuse_qwen35_layers, fuse_lfm2_layers and
-fuse_llama_layers).
+Built for models whose layers runner/fused.py fused (fuse_qwen35_layers and fuse_llama_layers; LFM2's
+convolutions and Granite's Mamba-2 mixers have one projection in already).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from types import ModuleType
 
 import torch
 
-from textmill.models import lfm2, qwen35
+from textmill.models import granite_hybrid, lfm2, qwen35
 from textmill.models.moe import SparseMoE
 from textmill.runner.kernel_attention import KernelPagedAttention
 from textmill.runner.kernel_forward import KernelForwardBase, direct_call
@@ -52,6 +56,9 @@ class HybridKernelForward(KernelForwardBase):
         self.ops, self.recurrent, self.model, self.one_call = ops, recurrent, model, None
         config = model.config
         self.eps, self.shape = config.norm_eps, config.linear_attention
+        # Granite's multipliers (None: not used); its NoPE attention turns by the identity table.
+        self.embed_scale, self.residual = config.embedding_multiplier, config.residual_multiplier
+        self.nope = bool(config.no_rope_layers)
         self.embed = model.embed_tokens
         self.layers = list(model.layers)
         self.final_norm = _weight(model.norm)
@@ -75,6 +82,8 @@ class HybridKernelForward(KernelForwardBase):
             return self._delta_net(block.linear_attn)
         if isinstance(block, qwen35.Block):
             return self._gated_attention(block.self_attn)
+        if isinstance(block, granite_hybrid.Block) and block.recurrent:
+            return self._mamba2(block.mamba)
         if block.recurrent:
             return self._short_conv(block.conv)
         return self._attention(block.self_attn)
@@ -83,7 +92,9 @@ class HybridKernelForward(KernelForwardBase):
     def supports(model: torch.nn.Module) -> bool:
         """A hybrid whose layers were fused: one projection into each mixer (an LFM2 convolution has
         one already) and gate|up."""
-        if type(model) not in (qwen35.Qwen35ForCausalLM, lfm2.Lfm2ForCausalLM):
+        if type(model) not in (qwen35.Qwen35ForCausalLM, lfm2.Lfm2ForCausalLM, granite_hybrid.GraniteHybridForCausalLM):
+            return False
+        if 0 < len(model.config.no_rope_layers) < model.config.num_layers:  # one table for every attention layer
             return False
         for b in model.layers:
             mixer = getattr(b, b.mixer_name) if b.recurrent else b.self_attn
@@ -97,14 +108,21 @@ class HybridKernelForward(KernelForwardBase):
         assert states is not None, "a hybrid's recurrent layers run over the runner's per-sequence states"
         ops, eps = self.ops, self.eps
         h = self.embed(input_ids).float()  # (N, C): the residual stream
+        if self.embed_scale is not None:
+            h.mul_(self.embed_scale)
         cos, sin = self.model.rotary.table(positions)
+        if self.nope:  # cos 1, sin 0: the rotation leaves q and k bitwise as they are
+            cos, sin = torch.ones_like(cos), torch.zeros_like(sin)
         rows = torch.arange(h.shape[0])
         seqs = torch.tensor(states.rows, dtype=torch.int64).view(-1, 3)
         for i in range(len(self.layers)):
             w_in, w_post = self.norms[i]
             a = self.steps[i](ops.rms_norm(h, w_in, eps), rows, cos, sin, ctx, states, seqs)
+            if self.residual is not None:
+                a.mul_(self.residual)
             y = ops.add_rms_norm(a, h, w_post, eps)  # h += a
-            h.add_(self.mlps[i](y))
+            m = self.mlps[i](y)
+            h.add_(m if self.residual is None else m.mul_(self.residual))
         if keep is not None:
             h = h.index_select(0, keep)
         return ops.rms_norm(h, self.final_norm, eps)
@@ -117,8 +135,9 @@ class HybridKernelForward(KernelForwardBase):
             replay(*(t.index_select(0, rows) for t in states.record[i]), states.pools(i), seqs)
 
     def _replay_of(self, block: torch.nn.Module):
-        if isinstance(block, qwen35.Block):
-            run = self._delta_kernels(block.linear_attn)
+        if isinstance(block, (qwen35.Block, granite_hybrid.Block)):
+            run = (self._delta_kernels(block.linear_attn) if isinstance(block, qwen35.Block)
+                   else self._mamba2_kernels(block.mamba))
             return lambda p, pools, seqs: run(p, *pools, seqs)
         taps = _taps(block.conv.conv_weight)
         return lambda bx, pools, seqs: self.recurrent.causal_conv(bx, taps, pools[0], seqs, False)
@@ -145,6 +164,30 @@ class HybridKernelForward(KernelForwardBase):
             if states.record is not None:
                 states.record[net.layer_idx] = (p,)
             return out_proj(run(p, *states.pools(net.layer_idx), seqs))
+        return step
+
+    def _mamba2_kernels(self, mixer: granite_hybrid.Mamba2):
+        """(p = in_proj's [z | xBC | dt], conv pool, state pool, seqs) -> the mixer's output before out_proj."""
+        s, inner = mixer.shape, mixer.inner
+        end = inner + s.conv_channels
+        taps, bias = _taps(mixer.conv1d.weight), mixer.conv1d.bias.detach().float().contiguous()
+        A, D, dt_bias = (t.detach().float().contiguous() for t in (mixer.A, mixer.D, mixer.dt_bias))
+        norm = _weight(mixer.norm)
+
+        def run(p, conv, ssm, seqs):
+            xbc = self.recurrent.causal_conv(p[:, inner:end], taps, conv, seqs, True, bias)
+            return self.recurrent.ssm_scan(xbc, p[:, :inner], p[:, end:], A, D, dt_bias, norm, ssm, seqs,
+                                           s.key_heads, self.eps)
+        return run
+
+    def _mamba2(self, mixer: granite_hybrid.Mamba2):
+        in_proj, out_proj, run = direct_call(mixer.in_proj), direct_call(mixer.out_proj), self._mamba2_kernels(mixer)
+
+        def step(y, rows, cos, sin, ctx, states, seqs):
+            p = in_proj(y)  # (N, z | xBC | dt)
+            if states.record is not None:
+                states.record[mixer.layer_idx] = (p,)
+            return out_proj(run(p, *states.pools(mixer.layer_idx), seqs))
         return step
 
     def _gated_attention(self, attn: qwen35.Attention):
@@ -175,9 +218,11 @@ class HybridKernelForward(KernelForwardBase):
         return step
 
     def _attention(self, attn: torch.nn.Module):
-        """LFM2's: Llama's attention as runner/fused.py's FusedAttention, with per-head q/k norms."""
+        """LFM2's and Granite's: Llama's attention as runner/fused.py's FusedAttention, with per-head q/k
+        norms (LFM2's) or without (Granite's)."""
         qkv_proj, o_proj = direct_call(attn.qkv_proj), direct_call(attn.o_proj)
-        w_q, w_k, i = _weight(attn.q_norm), _weight(attn.k_norm), attn.layer_idx
+        norms = attn.q_norm is not None
+        w_q, w_k, i = _weight(attn.q_norm) if norms else None, _weight(attn.k_norm) if norms else None, attn.layer_idx
         hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
 
         def step(y, rows, cos, sin, ctx, states, seqs):

@@ -1,14 +1,17 @@
 // Kernels for the recurrent layers of hybrid models (Qwen3.5's gated delta nets, LFM2's short
-// convolutions), float32 CPU.
+// convolutions, Granite 4.0-H's Mamba-2 mixers), float32 CPU.
 //
 //   causal_conv  each sequence's rows through a causal depthwise convolution (its first taps
-//                from the sequence's state), then SiLU (Qwen3.5; LFM2's without); the state keeps
-//                its last taps - 1 inputs
+//                from the sequence's state), plus a bias (Mamba-2's), then SiLU (Qwen3.5, Mamba-2;
+//                LFM2's without); the state keeps its last taps - 1 inputs
 //   gated_delta  q and k L2-normed, the gated delta rule through each sequence's state token by
 //                token, each output head RMS-normed times the norm's weight and silu(z)
+//   ssm_scan     Mamba-2's selective scan through each sequence's state token by token, plus D x,
+//                times silu(z), RMS-normed by groups of heads times the norm's weight
 //   sigmoid_gate x *= sigmoid(gate): the gate on Qwen3.5's attention output
 //
-// models/qwen35.py states the same math in torch (the tests hold these to it). A sequence is a
+// models/qwen35.py and models/granite_hybrid.py state the same math in torch (the tests hold these
+// to it). A sequence is a
 // run of rows of the flat batch and a slot of the state pools: `rows` is (B, 3) int64, each
 // sequence's first row, row count and slot.
 //
@@ -78,7 +81,7 @@ inline float sum_squares(const float* x, int64_t n) {
 inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }
 
 torch::Tensor causal_conv(const torch::Tensor& x, const torch::Tensor& weight, torch::Tensor pool,
-                          const torch::Tensor& rows, bool silu) {
+                          const torch::Tensor& rows, bool silu, const c10::optional<torch::Tensor>& bias) {
   const int64_t n = x.size(0), channels = weight.size(1), taps = weight.size(0);
   check_rows_f32(x, "x", n, channels);
   TORCH_CHECK(weight.scalar_type() == torch::kFloat && weight.dim() == 2 && weight.is_contiguous() && taps >= 1,
@@ -87,9 +90,13 @@ torch::Tensor causal_conv(const torch::Tensor& x, const torch::Tensor& weight, t
                   pool.size(1) == taps - 1 && pool.size(2) == channels,
               "pool: expected (slots, ", taps - 1, ", ", channels, ") float32, contiguous, got ", pool.sizes());
   check_rows(rows, n, pool.size(0));
+  if (bias)
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == channels,
+                "bias: expected (", channels, ") float32");
   auto out = torch::empty({n, channels}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   float* pp = pool.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t* r = rows.data_ptr<int64_t>();
@@ -110,6 +117,8 @@ torch::Tensor causal_conv(const torch::Tensor& x, const torch::Tensor& weight, t
           const float* w = wp + j * channels + c0;
           for (int64_t c = 0; c < width; ++c) acc[c] += w[c] * in[c];
         }
+        if (bp)
+          for (int64_t c = 0; c < width; ++c) acc[c] += bp[c0 + c];
         float* o = op + (first + t) * channels + c0;
         if (silu) {
           silu_row(acc.data(), o, width);
@@ -260,6 +269,101 @@ torch::Tensor gated_delta(const torch::Tensor& qkv, const torch::Tensor& z, cons
   return out;
 }
 
+// One token through one Mamba-2 head's state S (ns rows of p): S = S * decay + B (dt x)^T, and
+// o = S^T C + D x. Each S value is read and written once, the sums over the ns rows run in row
+// order, K registers of columns at a time (p a multiple of K * W: four where Granite's 64 allows),
+// else one column at a time.
+template <int K>
+inline void scan_block(float* S, const float* B, const float* C, const float* x, float dt, float decay, float D,
+                       float* o, int64_t ns, int64_t p) {
+  const V e = Vec::set1(decay), d = Vec::set1(dt);
+  for (int64_t jb = 0; jb < p; jb += K * W) {
+    V xd[K], acc[K];
+    for (int u = 0; u < K; ++u) xd[u] = Vec::mul(Vec::load(x + jb + u * W), d), acc[u] = Vec::zero();
+    for (int64_t i = 0; i < ns; ++i) {
+      float* Si = S + i * p + jb;
+      const V b = Vec::set1(B[i]), c = Vec::set1(C[i]);
+      for (int u = 0; u < K; ++u) {
+        const V s = Vec::fma(Vec::load(Si + u * W), e, Vec::mul(b, xd[u]));
+        Vec::store(Si + u * W, s);
+        acc[u] = Vec::fma(s, c, acc[u]);
+      }
+    }
+    const V dd = Vec::set1(D);
+    for (int u = 0; u < K; ++u) Vec::store(o + jb + u * W, Vec::fma(Vec::load(x + jb + u * W), dd, acc[u]));
+  }
+}
+
+inline void scan_step(float* S, const float* B, const float* C, const float* x, float dt, float decay, float D,
+                      float* o, int64_t ns, int64_t p) {
+  if (p % (4 * W) == 0) return scan_block<4>(S, B, C, x, dt, decay, D, o, ns, p);
+  if (p % W == 0) return scan_block<1>(S, B, C, x, dt, decay, D, o, ns, p);
+  std::fill(o, o + p, 0.f);
+  for (int64_t i = 0; i < ns; ++i) {
+    float* Si = S + i * p;
+    for (int64_t j = 0; j < p; ++j) {
+      Si[j] = std::fma(Si[j], decay, B[i] * (x[j] * dt));
+      o[j] = std::fma(Si[j], C[i], o[j]);
+    }
+  }
+  for (int64_t j = 0; j < p; ++j) o[j] = std::fma(x[j], D, o[j]);
+}
+
+torch::Tensor ssm_scan(const torch::Tensor& xbc, const torch::Tensor& z, const torch::Tensor& dt,
+                       const torch::Tensor& A, const torch::Tensor& D, const torch::Tensor& dt_bias,
+                       const torch::Tensor& norm_weight, torch::Tensor pool, const torch::Tensor& rows, int64_t groups,
+                       double eps) {
+  TORCH_CHECK(pool.scalar_type() == torch::kFloat && pool.dim() == 4 && pool.is_contiguous(),
+              "pool: expected (slots, heads, state_size, head_dim) float32, contiguous, got ", pool.sizes());
+  const int64_t n = xbc.size(0), nh = pool.size(1), ns = pool.size(2), p = pool.size(3), g = groups;
+  TORCH_CHECK(g > 0 && nh % g == 0, "heads (", nh, ") must be a multiple of groups (", g, ")");
+  const int64_t inner = nh * p, group_width = inner / g;
+  check_rows_f32(xbc, "xbc", n, inner + 2 * g * ns);
+  check_rows_f32(z, "z", n, inner);
+  check_rows_f32(dt, "dt", n, nh);
+  for (const auto* t : {&A, &D, &dt_bias})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous() && t->numel() == nh,
+                "A, D and dt_bias: expected (", nh, ") float32");
+  TORCH_CHECK(norm_weight.scalar_type() == torch::kFloat && norm_weight.is_contiguous() &&
+                  norm_weight.numel() == inner,
+              "norm_weight: expected (", inner, ") float32");
+  check_rows(rows, n, pool.size(0));
+  auto out = torch::empty({n, inner}, xbc.options());
+  float* op = out.data_ptr<float>();
+  const float *xp = xbc.data_ptr<float>(), *zp = z.data_ptr<float>(), *dtp = dt.data_ptr<float>();
+  const float *Ap = A.data_ptr<float>(), *Dp = D.data_ptr<float>(), *bp = dt_bias.data_ptr<float>();
+  const float* wp = norm_weight.data_ptr<float>();
+  float* sp = pool.data_ptr<float>();
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t seqs = rows.size(0), xs = xbc.stride(0), zs = z.stride(0), ds = dt.stride(0), per_group = nh / g;
+  // One task per (sequence, head): its state, (state_size, head_dim), through its tokens in order.
+  at::parallel_for(0, seqs * nh, 1, [&](int64_t task0, int64_t task1) {
+    for (int64_t task = task0; task < task1; ++task) {
+      const int64_t s = task / nh, h = task % nh, grp = h / per_group;
+      const int64_t first = r[3 * s], count = r[3 * s + 1];
+      float* S = sp + (r[3 * s + 2] * nh + h) * ns * p;
+      for (int64_t row = first; row < first + count; ++row) {
+        const float* in = xp + row * xs;
+        const float step = softplus(dtp[row * ds + h] + bp[h]);
+        scan_step(S, in + inner + grp * ns, in + inner + (g + grp) * ns, in + h * p, step, std::exp(step * Ap[h]),
+                  Dp[h], op + row * inner + h * p, ns, p);
+      }
+    }
+  });
+  // The gated norm by groups of heads: y silu(z) * rsqrt(mean((y silu(z))^2) + eps) * w, row by row.
+  at::parallel_for(0, n * g, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t row = i / g, at = (i % g) * group_width;
+      float* y = op + row * inner + at;
+      silu_row(zp + row * zs + at, y, group_width, y);
+      const float inv = 1.f / std::sqrt(sum_squares(y, group_width) / static_cast<float>(group_width) +
+                                        static_cast<float>(eps));
+      for (int64_t j = 0; j < group_width; ++j) y[j] = y[j] * inv * wp[at + j];
+    }
+  });
+  return out;
+}
+
 // x *= sigmoid(gate), row by row (Qwen3.5's gate on its attention's output).
 torch::Tensor sigmoid_gate(torch::Tensor x, const torch::Tensor& gate) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.is_contiguous(),
@@ -283,7 +387,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_conv", &causal_conv, nogil,
         "each sequence's rows of x (N, C) through the causal depthwise convolution weight (taps, C) [then silu], "
         "its first taps from pool (slots, taps - 1, C), which keeps the last taps - 1 inputs after",
-        py::arg("x"), py::arg("weight"), py::arg("pool"), py::arg("rows"), py::arg("silu"));
+        py::arg("x"), py::arg("weight"), py::arg("pool"), py::arg("rows"), py::arg("silu"),
+        py::arg("bias") = py::none());
+  m.def("ssm_scan", &ssm_scan, nogil,
+        "Mamba-2's selective scan of each sequence's rows of xbc (N, x | B | C) through its state in pool (slots, "
+        "H, Ns, P), plus D x, then the gated RMSNorm by groups; returns (N, H * P)",
+        py::arg("xbc"), py::arg("z"), py::arg("dt"), py::arg("A"), py::arg("D"), py::arg("dt_bias"),
+        py::arg("norm_weight"), py::arg("pool"), py::arg("rows"), py::arg("groups"), py::arg("eps"));
   m.def("gated_delta", &gated_delta, nogil,
         "the gated delta rule of each sequence's rows through its state in pool (slots, Hv, Dk, Dv), then "
         "the gated RMSNorm; returns (N, Hv * Dv)",
