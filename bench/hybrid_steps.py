@@ -1,12 +1,12 @@
-"""Where a hybrid's step goes (Qwen3.5, LFM2 on runner/hybrid_forward.py): decode steps of N
+"""Where a hybrid's step goes (Qwen3.5, LFM2, Granite 4.0-H on runner/hybrid_forward.py): decode steps of N
 streams and one prompt chunk, offline, each kernel call timed.
 
 One runner over the file's blocks, as the plan builds it for the CPU kernels (float16 KV). N
 requests are prefilled (64 tokens each), then 12 decode steps of one token a request run, the
 last 8 timed; then a chunk of 4 x 64 prompt tokens. Each part's time is its calls' sum over
 those steps: each layer's mixer as a whole (its projections included) and, within it, the
-recurrent kernels (causal_conv, gated_delta, sigmoid_gate); the MLP's two matmuls; "other" is
-the rest of a step (embedding, norms, the head, sampling).
+recurrent kernels (causal_conv, gated_delta, ssm_scan, sigmoid_gate); the MLP (or mixture of
+experts) as a whole; "other" is the rest of a step (embedding, norms, the head, sampling).
 
     python bench/hybrid_steps.py --model synthetic-qwen35 --streams 1 16
 
@@ -25,6 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from stamp import write_result  # noqa: E402
 
 PROMPT = list(range(100, 164))
+KERNELS = ("causal_conv", "gated_delta", "ssm_scan", "sigmoid_gate")  # inside the mixers' time
 
 
 class Timed:
@@ -53,11 +54,11 @@ def instrumented_runner(path: Path, totals: dict[str, float]):
     forward = runner.forward
     assert type(forward).__name__ == "HybridKernelForward", f"{path.name} is not a hybrid on the kernels"
     kernels = type("Kernels", (), {})()
-    for name in ("causal_conv", "gated_delta", "sigmoid_gate"):
+    for name in KERNELS:
         setattr(kernels, name, Timed(totals, name, getattr(forward.recurrent, name)))
     forward.recurrent = kernels
     forward.steps = [Timed(totals, "mixers (projections included)", s) for s in forward.steps]
-    forward.mlps = [(Timed(totals, "MLP gate_up", a), Timed(totals, "MLP down", b)) for a, b in forward.mlps]
+    forward.mlps = [Timed(totals, "MLP", mlp) for mlp in forward.mlps]
     return runner
 
 
@@ -99,20 +100,19 @@ def measure(path: Path, streams: int) -> dict:
     return {"streams": streams, "decode": decode, "prefill": prefill}
 
 
-KERNELS = ("causal_conv", "gated_delta", "sigmoid_gate")  # inside the mixers' time
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| streams | what | ms | mixers (ms) | of which recurrent.cpp (ms) | MLP gate_up / down (ms) "
-             "| other (ms) |", "|---:|---|---:|---:|---|---:|---:|"]
+    lines = ["| streams | what | ms | mixers (ms) | of which recurrent.cpp (ms) | MLP (ms) | other (ms) |",
+             "|---:|---|---:|---:|---|---:|---:|"]
     for r in rows:
         for what, part, key in (("decode step", r["decode"], "step_ms"),
                                 ("4 x 64-token prompt chunk", r["prefill"], "chunk_ms")):
             t = collections.defaultdict(float, part["parts_ms"])
-            mixers, up, down = t["mixers (projections included)"], t["MLP gate_up"], t["MLP down"]
+            mixers, mlp = t["mixers (projections included)"], t["MLP"]
             kernels = ", ".join(f"{k} {t[k]:.1f}" for k in KERNELS if k in part["parts_ms"])
-            lines.append(f"| {r['streams']} | {what} | {part[key]:.1f} | {mixers:.1f} | {kernels} | {up:.1f} / "
-                         f"{down:.1f} | {part[key] - mixers - up - down:.1f} |")
+            lines.append(f"| {r['streams']} | {what} | {part[key]:.1f} | {mixers:.1f} | {kernels} | {mlp:.1f} "
+                         f"| {part[key] - mixers - mlp:.1f} |")
     return "\n".join(lines)
 
 

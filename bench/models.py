@@ -38,6 +38,12 @@
     synthetic-glm4  a random-weight file of 10 of GLM-4-9B-0414's 40 layers (four norms a layer, 32/2 heads
                   of 128 with biases, RoPE on half of each head, 151,552 tokens) in Q4_K_M's types
                   (bench/synthetic_glm4.py; not in the default matrix: 2.0 GiB)
+    synthetic-granitehybrid  a random-weight file of a 1B-class Granite 4.0-H's shapes (40 layers, 36 of them
+                  Mamba-2 mixers with a 54 MiB state per sequence, NoPE attention, 100,352 tokens) in Q4_K_M's
+                  types (bench/synthetic_granite.py; not in the default matrix)
+    synthetic-granitehybridmoe  a random-weight file of 10 of Granite-4.0-H-Tiny's 40 layers (64 experts of
+                  512, 6 a token, a shared expert of 1024) in Q4_K_M's types (bench/synthetic_granite.py; not
+                  in the default matrix)
     synthetic-1b-q3k  the synthetic 1B's layers rewritten in Q3_K (bench/requant_gguf.py; not in the
                   default matrix; llama.cpp's own Q3_K_M keeps some layers in Q4_K/Q5_K)
     synthetic-1b-q8  the synthetic 1B's layers rewritten in Q8_0 (bench/requant_gguf.py; not in the
@@ -64,7 +70,8 @@ MATRIX = ("smollm2", "gemma3", "synthetic-1b", "synthetic-qwen3")
 # named files outside the default matrix
 EXTRA = ("smollm2-iq4xs", "synthetic-1b-q3k", "synthetic-1b-q8", "synthetic-8b", "synthetic-gemma2", "synthetic-phi3",
          "synthetic-olmo2", "synthetic-qwen3moe", "synthetic-gptoss", "synthetic-erniemoe", "synthetic-gemma4",
-         "synthetic-qwen35", "synthetic-lfm2", "synthetic-qwen35moe", "synthetic-lfm2moe", "synthetic-glm4")
+         "synthetic-qwen35", "synthetic-lfm2", "synthetic-qwen35moe", "synthetic-lfm2moe", "synthetic-glm4",
+         "synthetic-granitehybrid", "synthetic-granitehybridmoe")
 HYBRIDS = ("synthetic-qwen35", "synthetic-lfm2", "synthetic-qwen35moe", "synthetic-lfm2moe")
 
 
@@ -120,6 +127,9 @@ def resolve(key: str) -> Path:
         if key == "synthetic-glm4":
             from synthetic_glm4 import synthetic_glm4_path
             return synthetic_glm4_path()
+        if key.startswith("synthetic-granite"):
+            from synthetic_granite import SPECS as GRANITE, synthetic_granite_path
+            return synthetic_granite_path(GRANITE[key.removeprefix("synthetic-")])
         if key in HYBRIDS:
             from synthetic_hybrids import SPECS, synthetic_hybrid_path
             return synthetic_hybrid_path(SPECS[key.removeprefix("synthetic-")])

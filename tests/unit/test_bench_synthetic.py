@@ -307,3 +307,41 @@ def test_a_glm4_file(tmp_path):
     assert (types["blk.0.ffn_down.weight"], types["blk.1.ffn_down.weight"]) == ("Q5_0", "Q8_0")  # 1: "more bits"
     loaded = load_model(path)
     assert not any(p.is_meta for p in loaded.model.parameters())
+
+
+@pytest.mark.parametrize("name", ["granitehybrid", "granitehybridmoe"])
+def test_the_granite_files_and_the_benchs_kv_sizing(name, tmp_path):
+    """synthetic_granite (a few layers of Granite 4.0-H's kinds, dense and with experts): textmill reads
+    the Mamba-2 layers' shape, Granite's multipliers and NoPE, the experts beside an ungated shared one;
+    every tensor lands in the model, and the bench's KV bytes a token are the pool's own (the attention
+    layers' alone)."""
+    import dataclasses
+
+    import models
+    import synthetic_granite as sgr
+    import torch
+
+    from textmill.config import CacheConfig
+    from textmill.loader import load_model
+    from textmill.runner.kv_cache import KVCache
+
+    small = dict(hidden=256, layers=12, heads=4, kv_heads=2, key_length=64, vocab=None)
+    if name == "granitehybridmoe":
+        small |= dict(experts=8, experts_used=2, expert_ffn=256, shared_ffn=256, ffn=256)
+    spec = dataclasses.replace(sgr.SPECS[name], **small)
+    path = sgr.write_granite(spec, sg.default_tokenizer_source(), tmp_path / f"{name}.gguf")
+    config = read_config(GGUFFile(path))
+    assert (config.architecture, config.recurrent_layers, config.no_rope_layers) == (
+        "granitehybrid", tuple(i for i in range(12) if i not in (5,)), tuple(range(12)))
+    s = config.linear_attention
+    assert (s.key_heads, s.value_heads, s.key_dim, s.value_dim, s.tiled_heads) == (1, 48, 128, 64, False)
+    assert (config.attention_scale, config.logit_scale) == (1 / 128, 6.0)
+    if name == "granitehybridmoe":
+        shared = (config.shared_expert_intermediate_size, config.shared_expert_gate)
+        assert config.num_experts == 8 and shared == (256, False)
+    else:
+        assert config.intermediate_size == spec.ffn and not config.num_experts
+    per_block = KVCache.bytes_per_block(config, CacheConfig(block_size=16), torch.float32, torch.float16)
+    assert models.read_info(path).kv_bytes_per_token(2) * 16 == per_block == 16 * 2 * 2 * (2 * 64)
+    loaded = load_model(path)
+    assert not any(p.is_meta for p in loaded.model.parameters())

@@ -1,7 +1,8 @@
-"""kernels/csrc/recurrent.cpp against models/qwen35.py's torch statement of the same math: the
-causal convolution, the gated delta rule with its gated norm, and the attention gate, over several
-sequences in one call, each from its own state slot, with tiled and grouped value heads; and the
-property the runner relies on: a row's result is the same bits whatever rows share its call."""
+"""kernels/csrc/recurrent.cpp against models/qwen35.py's and models/granite_hybrid.py's torch statements of
+the same math: the causal convolution (with Mamba-2's bias), the gated delta rule with its gated norm,
+Mamba-2's selective scan with its norm by groups, and the attention gate, over several sequences in one
+call, each from its own state slot, with tiled and grouped value heads; and the property the runner
+relies on: a row's result is the same bits whatever rows share its call."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from textmill import kernels
 from textmill.config import LinearAttentionShape
-from textmill.models import qwen35
+from textmill.models import granite_hybrid, qwen35
 
 ext = kernels.load("recurrent")
 pytestmark = pytest.mark.skipif(ext is None, reason="textmill's C++ kernels are not built here")
@@ -88,3 +89,68 @@ def test_sigmoid_gate_and_bad_rows():
         ext.causal_conv(x["mixed"], x["weight"].t().contiguous(), x["conv"], torch.tensor([[0, 2, 0]]), True)
     with pytest.raises(RuntimeError, match="slot"):
         ext.causal_conv(x["mixed"][:2], x["weight"].t().contiguous(), x["conv"], torch.tensor([[0, 2, 7]]), True)
+
+
+# Mamba-2: 6 heads of P in 2 groups of B and C, a state of 16; P = 64 takes the four-register blocks,
+# 16 one register (AVX-512) or two (AVX2), 12 the scalar loop.
+MAMBA = dict(key_heads=2, value_heads=6, key_dim=16, conv_kernel=4, tiled_heads=False)
+
+
+def _mamba_inputs(p: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    s, n = LinearAttentionShape(value_dim=p, **MAMBA), sum(r[1] for r in ROWS)
+    inner, h = s.value_heads * p, s.value_heads
+    c = s.conv_channels
+    return s, dict(xbc=torch.randn(n, c, generator=g), weight=torch.randn(c, 4, generator=g),
+                   bias=torch.randn(c, generator=g), conv=torch.randn(3, 3, c, generator=g),
+                   z=torch.randn(n, inner, generator=g), dt=torch.randn(n, h, generator=g),
+                   A=-torch.rand(h, generator=g) * 4, D=torch.randn(h, generator=g),
+                   dt_bias=torch.randn(h, generator=g), norm=1 + 0.2 * torch.randn(inner, generator=g),
+                   ssm=0.1 * torch.randn(3, h, s.key_dim, p, generator=g))
+
+
+def _mamba_reference(s: LinearAttentionShape, x):
+    """models/granite_hybrid.py's Mamba2.forward from the projection on."""
+    conv, ssm = x["conv"].clone(), x["ssm"].clone()
+    n, inner, ns = x["xbc"].shape[0], s.value_heads * s.value_dim, s.key_heads * s.key_dim
+    xbc = granite_hybrid.causal_conv(x["xbc"], x["weight"], conv, ROWS, bias=x["bias"])
+    xs, B, C = xbc.split([inner, ns, ns], -1)
+    xs = xs.reshape(n, s.value_heads, -1)
+    dt = F.softplus(x["dt"] + x["dt_bias"])
+    y = granite_hybrid.selective_scan(xs, B.reshape(n, s.key_heads, -1), C.reshape(n, s.key_heads, -1), dt, x["A"],
+                                      ssm, ROWS)
+    y = (y + xs * x["D"][:, None]).reshape(n, inner) * F.silu(x["z"])
+    groups = y.view(n, s.key_heads, -1)
+    y = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + 1e-5)).view(n, -1) * x["norm"]
+    return xbc, y, conv, ssm
+
+
+def _mamba_kernels(s: LinearAttentionShape, x, rows=ROWS):
+    conv, ssm = x["conv"].clone(), x["ssm"].clone()
+    seqs = torch.tensor(rows).view(-1, 3)
+    xbc = ext.causal_conv(x["xbc"], x["weight"].t().contiguous(), conv, seqs, True, x["bias"])
+    y = ext.ssm_scan(xbc, x["z"], x["dt"], x["A"], x["D"], x["dt_bias"], x["norm"], ssm, seqs, s.key_heads, 1e-5)
+    return xbc, y, conv, ssm
+
+
+@pytest.mark.parametrize("p", [64, 16, 12])
+def test_the_scan_computes_the_model_statement(p):
+    s, x = _mamba_inputs(p)
+    for got, want in zip(_mamba_kernels(s, x), _mamba_reference(s, x)):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("p", [64, 12])
+def test_a_scanned_row_is_the_same_bits_in_any_call(p):
+    s, x = _mamba_inputs(p, seed=1)
+    batched = _mamba_kernels(s, x)
+    conv, ssm, outs = x["conv"].clone(), x["ssm"].clone(), []
+    for first, count, slot in ROWS:
+        for row in range(first, first + count):
+            one = {k: (v[row:row + 1] if k in ("xbc", "z", "dt") else v) for k, v in x.items()}
+            one["conv"], one["ssm"] = conv, ssm
+            xbc, y, conv, ssm = _mamba_kernels(s, one, rows=((0, 1, slot),))
+            outs.append((xbc, y))
+    assert torch.equal(torch.cat([a for a, _ in outs]), batched[0])
+    assert torch.equal(torch.cat([y for _, y in outs]), batched[1])
+    assert torch.equal(conv, batched[2]) and torch.equal(ssm, batched[3])
