@@ -96,7 +96,7 @@ class ModelConfig:
     # registry key: "llama" (Mistral, Ministral 3, SmolLM3, Granite, ERNIE 4.5, EXAONE 3, InternLM2,
     # OLMoE, Mixtral, Granite MoE too), "phi3", "qwen2" (Qwen2 MoE too), "qwen3" (the VL files' text,
     # Qwen3 MoE too), "olmo2" (OLMo 3, EXAONE 4.0 too), "gemma", "gemma2", "gemma3", "gemma4", "qwen35",
-    # "lfm2", "granitehybrid", "gpt2"
+    # "lfm2", "granitehybrid", "nemotron_h", "gpt2"
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -148,7 +148,7 @@ class ModelConfig:
     post_norms: bool = True
     final_logit_softcap: float | None = None
     attn_logit_softcap: float | None = None
-    hidden_act: str = "silu"  # "silu" (SwiGLU), "gelu_tanh" (GeGLU), "gelu" (gpt2 MLP)
+    hidden_act: str = "silu"  # "silu" (SwiGLU), "gelu_tanh" (GeGLU), "gelu" (gpt2 MLP), "relu2" (Nemotron-H)
     # Mixture of experts (Qwen2 and 3 MoE, OLMoE, Mixtral, Granite MoE; models/moe.py), 0: a dense
     # MLP. Each token's MLP is the sum of its num_experts_per_tok likeliest experts' SwiGLUs
     # (moe_intermediate_size wide), weighted by the router's softmax, renormalized over them
@@ -194,6 +194,7 @@ class ModelConfig:
     # delta nets (models/qwen35.py, linear_attention), LFM2's short convolutions of short_conv taps
     # (models/lfm2.py), Granite 4.0-H's Mamba-2 mixers (models/granite_hybrid.py, linear_attention).
     recurrent_layers: tuple[int, ...] = ()
+    mlp_only_layers: tuple[int, ...] = ()  # Nemotron-H: layers of an MLP alone (no KV, no state)
     linear_attention: LinearAttentionShape | None = None
     short_conv: int = 0
     name: str = ""  # human-readable model name from the checkpoint
@@ -206,7 +207,7 @@ class ModelConfig:
 
     def has_kv(self, layer: int) -> bool:
         """Whether the layer keeps K/V in the paged cache (a recurrent layer keeps a state instead)."""
-        return layer not in self.recurrent_layers
+        return layer not in self.recurrent_layers and layer not in self.mlp_only_layers
 
     def layer_kv_shape(self, layer: int) -> tuple[int, int]:
         """(KV heads, head width) of a layer's cache rows: Gemma 4's global layers differ."""

@@ -72,6 +72,19 @@ _REST = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm
          "block_sparse_moe.router.weight": "ffn_gate_inp.weight"}
 
 
+def mamba2_tensor(part: str, w: np.ndarray, groups: int) -> tuple[str, np.ndarray]:
+    """A Mamba-2 mixer's tensor (its name inside the mixer) as Mamba2Model.modify_tensors writes it."""
+    if part == "conv1d.weight":
+        w = w.squeeze(1)
+    elif part == "A_log":
+        w = -np.exp(w)
+    if part in ("A_log", "D"):
+        w = w.reshape(-1, 1)
+    elif part == "norm.weight":
+        w = w.reshape(groups, -1)
+    return _MAMBA[part], w
+
+
 def gguf_tensors(hf_model) -> dict[str, np.ndarray]:
     moe = hf_model.config.num_local_experts > 0
     state, out = _stacked_experts(hf_model.state_dict(), legacy=False)
@@ -85,16 +98,8 @@ def gguf_tensors(hf_model) -> dict[str, np.ndarray]:
         layer, part = name.removeprefix("model.layers.").split(".", 1)
         blk = f"blk.{layer}."
         if part.startswith("mamba."):
-            part = part.removeprefix("mamba.")
-            if part == "conv1d.weight":
-                w = w.squeeze(1)
-            elif part == "A_log":
-                w = -np.exp(w)
-            if part in ("A_log", "D"):
-                w = w.reshape(-1, 1)
-            elif part == "norm.weight":
-                w = w.reshape(GROUPS, -1)
-            out[blk + _MAMBA[part]] = w
+            gguf_name, w = mamba2_tensor(part.removeprefix("mamba."), w, GROUPS)
+            out[blk + gguf_name] = w
         elif part == "shared_mlp.input_linear.weight":
             gate, up = np.split(w, 2)
             suffix = "_shexp" if moe else ""

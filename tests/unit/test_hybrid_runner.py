@@ -1,5 +1,5 @@
-"""The hybrids (Qwen3.5, LFM2 and their mixtures of experts) through the ModelRunner: each running
-request keeps its recurrent layers' state in a slot of its own (runner/recurrent_state.py), carried
+"""The hybrids (Qwen3.5, LFM2, Granite 4.0-H, Nemotron-H and their mixtures of experts) through the
+ModelRunner: each running request keeps its recurrent layers' state in a slot of its own (runner/recurrent_state.py), carried
 from chunk to chunk and step to step, taken afresh after a preemption and given back when it
 finishes. Chunked prompts, mixed batches, prompt log-probabilities and greedy tokens are checked
 against one dense pass of the same model, on eager torch (float weights) and on the C++ kernel
@@ -35,8 +35,9 @@ def _runner(path, kernels: bool, slots: int = 4) -> ModelRunner:
 
 def test_states_on_eager_torch(q8_file):
     runner = _runner(q8_file, kernels=False)
-    layers = runner.model_config.recurrent_layers
-    assert all((kv is None) == (i in layers) for i, kv in enumerate(runner.kv_cache.kv))  # a state, not KV
+    c = runner.model_config
+    no_kv = (*c.recurrent_layers, *c.mlp_only_layers)  # a state, not KV; Nemotron-H's MLP layers neither
+    assert all((kv is None) == (i in no_kv) for i, kv in enumerate(runner.kv_cache.kv))
     assert not runner.chunks_match_steps  # no guessed tokens: a state cannot take back a rejected one
     _check(drive(runner, _seqs(runner.model_config.vocab_size), budget=5),
            OneSequence(load_model(q8_file).model), atol=1e-4)

@@ -27,6 +27,10 @@ a layer whose `attention.head_count_kv` entry is 0 is a Mamba-2 mixer, shaped by
 granite_fields reads them, and `rope.scaling.finetuned` false (Granite 4.0-H's) turns RoPE off. The
 MLP is dense (ffn_gate, ffn_up, ffn_down: the checkpoint's shared_mlp) or a mixture of experts with
 that shared MLP as their ungated shared expert.
+
+Nemotron-H (`nemotron_h`; conversion/nemotron.py NemotronHModel on GraniteHybridModel;
+src/models/nemotron-h.cpp): one sublayer a layer, told by two per-layer arrays: 0 KV heads and 0 MLP
+width is a Mamba-2 mixer, an MLP width an MLP layer (ReLU^2, no gate), the rest attention (no RoPE).
 """
 from __future__ import annotations
 
@@ -83,6 +87,11 @@ def qwen35_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelC
     )
 
 
+def _per_layer(meta: GGUFMetadata, key: str, layers: int) -> list[int]:
+    value = meta.arch_get(key)
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)] * layers
+
+
 def lfm2_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelConfig:
     names = {t.name for t in gguf.tensors}
     if any(name.startswith("dense_2_out") for name in names):
@@ -90,8 +99,7 @@ def lfm2_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelCon
     if any(name.endswith(".shortconv.in_proj.bias") for name in names):
         raise ValueError("LFM2 files with convolution biases are not supported")
     layers, heads = int(meta.arch_get("block_count")), int(meta.arch_get("attention.head_count"))
-    kv = meta.arch_get("attention.head_count_kv")
-    kv = list(kv) if isinstance(kv, (list, tuple)) else [kv] * layers
+    kv = _per_layer(meta, "attention.head_count_kv", layers)
     attention = {int(h) for h in kv if int(h)}
     if len(attention) != 1:
         raise ValueError(f"LFM2 files whose attention layers differ in KV heads ({sorted(attention)}) "
@@ -137,8 +145,7 @@ def granite_fields(meta: GGUFMetadata, num_layers: int) -> dict[str, Any]:
 def granitehybrid_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelConfig:
     shapes = {t.name: t.shape for t in gguf.tensors}
     layers, heads = int(meta.arch_get("block_count")), int(meta.arch_get("attention.head_count"))
-    kv = meta.arch_get("attention.head_count_kv")
-    kv = list(kv) if isinstance(kv, (list, tuple)) else [kv] * layers
+    kv = _per_layer(meta, "attention.head_count_kv", layers)
     attention = {int(h) for h in kv if int(h)}
     if len(attention) > 1:
         raise ValueError(f"Granite 4.0-H files whose attention layers differ in KV heads ({sorted(attention)}) "
@@ -148,14 +155,6 @@ def granitehybrid_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) ->
     fields = granite_fields(meta, layers)
     if "no_rope_layers" not in fields and int(meta.arch_get("rope.dimension_count", head_dim)) != head_dim:
         raise ValueError("Granite 4.0-H files with RoPE on part of each head (Bamba's) are not supported")
-    inner, mamba_heads = int(meta.arch_get("ssm.inner_size")), int(meta.arch_get("ssm.time_step_rank"))
-    groups = int(meta.arch_get("ssm.group_count"))
-    if inner % mamba_heads or mamba_heads % groups:
-        raise ValueError(f"a Mamba-2 layer of {inner} values in {mamba_heads} heads and {groups} groups is not "
-                         "a whole number of heads a group")
-    shape = LinearAttentionShape(key_heads=groups, value_heads=mamba_heads,
-                                 key_dim=int(meta.arch_get("ssm.state_size")), value_dim=inner // mamba_heads,
-                                 conv_kernel=int(meta.arch_get("ssm.conv_kernel")), tiled_heads=False)
     # The dense MLP's width from its tensors: the converter writes the experts' as feed_forward_length.
     dense = next((dims[0] for name, dims in shapes.items() if name.endswith(".ffn_gate.weight")), None)
     experts = expert_fields(meta, gguf)
@@ -173,9 +172,51 @@ def granitehybrid_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) ->
         rope_theta=float(meta.arch_get("rope.freq_base", 10_000.0)),
         tie_word_embeddings="output.weight" not in shapes,
         recurrent_layers=tuple(i for i in range(layers) if int(kv[i]) == 0),
-        linear_attention=shape,
+        linear_attention=_mamba2_shape(meta),
         name=str(meta.get("general.name", "")),
         **fields, **experts,
+    )
+
+
+def _mamba2_shape(meta: GGUFMetadata) -> LinearAttentionShape:
+    """A Mamba-2 mixer's shape from the `ssm.*` keys (`time_step_rank` is its head count)."""
+    inner, heads, groups = (int(meta.arch_get(k)) for k in ("ssm.inner_size", "ssm.time_step_rank", "ssm.group_count"))
+    if inner % heads or heads % groups:
+        raise ValueError(f"a Mamba-2 layer of {inner} values in {heads} heads and {groups} groups is not "
+                         "a whole number of heads a group")
+    return LinearAttentionShape(key_heads=groups, value_heads=heads, key_dim=int(meta.arch_get("ssm.state_size")),
+                                value_dim=inner // heads, conv_kernel=int(meta.arch_get("ssm.conv_kernel")),
+                                tiled_heads=False)
+
+
+def nemotron_h_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelConfig:
+    names = {t.name for t in gguf.tensors}
+    layers, heads = int(meta.arch_get("block_count")), int(meta.arch_get("attention.head_count"))
+    kv, ff = _per_layer(meta, "attention.head_count_kv", layers), _per_layer(meta, "feed_forward_length", layers)
+    attention, widths = {h for h in kv if h}, {f for f in ff if f}
+    if len(attention) != 1 or len(widths) != 1:
+        raise ValueError(f"Nemotron-H files whose layers differ in KV heads ({sorted(attention)}) or MLP widths "
+                         f"({sorted(widths)}) are not supported")
+    hidden = int(meta.arch_get("embedding_length"))
+    eps = meta.arch_get("attention.layer_norm_rms_epsilon", None) or meta.arch_get("attention.layer_norm_epsilon")
+    return ModelConfig(
+        architecture="nemotron_h",
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=widths.pop(),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=attention.pop(),
+        head_dim=int(meta.arch_get("attention.key_length", hidden // heads)),
+        max_position_embeddings=int(meta.arch_get("context_length")),
+        norm_eps=float(eps),
+        tie_word_embeddings="output.weight" not in names,
+        no_rope_layers=tuple(range(layers)),
+        hidden_act="relu2",
+        recurrent_layers=tuple(i for i in range(layers) if not kv[i] and not ff[i]),
+        mlp_only_layers=tuple(i for i in range(layers) if ff[i]),
+        linear_attention=_mamba2_shape(meta),
+        name=str(meta.get("general.name", "")),
     )
 
 
@@ -215,4 +256,4 @@ def mtp_tensor(config: ModelConfig, name: str) -> bool:
 # general.architecture -> its config reader
 HYBRID_CONFIGS = {"qwen35": qwen35_config, "lfm2": lfm2_config, "qwen35moe": with_experts(qwen35_config),
                   "lfm2moe": with_experts(lfm2_config), "qwen3next": qwen3next_config,
-                  "granitehybrid": granitehybrid_config}
+                  "granitehybrid": granitehybrid_config, "nemotron_h": nemotron_h_config}

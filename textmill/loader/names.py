@@ -209,6 +209,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "lfm2": _LFM2,
     "lfm2moe": _LFM2_MOE,
     "granitehybrid": _GRANITE_HYBRID,
+    "nemotron_h": _GRANITE_HYBRID,  # the same names: attn_norm the layer's one norm, ffn_up/ffn_down its MLP's
     "gpt2": _GPT2,
 })
 
@@ -220,7 +221,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
 # ERNIE 4.5's converter leaves its rows alone, but its own RoPE pairs (2i, 2i + 1) already:
 # the same order, put back the same way.
 QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3", "granite", "granitemoe", "granitemoeshared", "granitehybrid",
-                               "ernie4_5", "ernie4_5-moe", "mistral3", "internlm2"})
+                               "nemotron_h", "ernie4_5", "ernie4_5-moe", "mistral3", "internlm2"})
 # Qwen3.5's layers in a file: q_proj with each head's gate, maybe multi-token-prediction blocks at the end.
 QWEN35_ARCHS = frozenset({"qwen35", "qwen35moe", "qwen3next"})
 # llama.cpp's converter stores Gemma norm weights as 1 + weight (ggml multiplies plainly).

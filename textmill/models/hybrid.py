@@ -82,10 +82,11 @@ class HybridForCausalLM(nn.Module):
     """The CausalLM protocol of models/base.py, plus the per-sequence states of the recurrent
     layers (`states`, from the runner)."""
 
-    def __init__(self, config: ModelConfig, block: type[nn.Module], norm: type[nn.Module]) -> None:
+    def __init__(self, config: ModelConfig, block: type[nn.Module], norm: type[nn.Module],
+                 hidden_act: str = "silu") -> None:
         super().__init__()
-        if not config.recurrent_layers or config.hidden_act != "silu":
-            raise ValueError("a hybrid config names its recurrent layers, and its MLP is SwiGLU")
+        if not config.recurrent_layers or config.hidden_act != hidden_act:
+            raise ValueError(f"a hybrid config names its recurrent layers, and its MLP's activation is {hidden_act}")
         self.config = config
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(block(config, i) for i in range(config.num_layers))

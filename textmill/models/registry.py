@@ -18,6 +18,7 @@ from textmill.models.gpt2 import GPT2LMHeadModel
 from textmill.models.granite_hybrid import GraniteHybridForCausalLM
 from textmill.models.lfm2 import Lfm2ForCausalLM
 from textmill.models.llama import LlamaForCausalLM
+from textmill.models.nemotron_h import NemotronHForCausalLM
 from textmill.models.glm4 import Glm4ForCausalLM
 from textmill.models.olmo2 import Olmo2ForCausalLM
 from textmill.models.qwen2 import Qwen2ForCausalLM
@@ -39,6 +40,7 @@ MODEL_CLASSES: Mapping[str, type[nn.Module]] = MappingProxyType({
     "qwen35": Qwen35ForCausalLM,
     "lfm2": Lfm2ForCausalLM,
     "granitehybrid": GraniteHybridForCausalLM,
+    "nemotron_h": NemotronHForCausalLM,
     "gpt2": GPT2LMHeadModel,
 })
 
@@ -140,6 +142,9 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     # Granite 4.0-H (350M to 32B-A9B; models/granite_hybrid.py): Mamba-2 layers beside NoPE attention,
     # a SwiGLU MLP or experts with a shared one, Granite's multipliers. GGUF files only.
     "granitehybrid": "granitehybrid",
+    # Nemotron-H (Nemotron Nano 9B/12B v2; models/nemotron_h.py): a Mamba-2 mixer, NoPE attention or a
+    # ReLU^2 MLP in each layer. GGUF files only; its mixtures of experts (nemotron_h_moe) are not supported.
+    "nemotron_h": "nemotron_h",
     "gpt2": "gpt2",
     "GPT2LMHeadModel": "gpt2",
 })

@@ -1,28 +1,30 @@
-"""The hybrids' forward pass (models/qwen35.py, models/lfm2.py, models/granite_hybrid.py) on textmill's C++
-kernels (float32 CPU).
+"""The hybrids' forward pass (models/qwen35.py, models/lfm2.py, models/granite_hybrid.py,
+models/nemotron_h.py) on textmill's C++ kernels (float32 CPU).
 
 Every call computes a row from that row alone (the 2- to 8-bit linears, layer.cpp's norms, RoPE
-and paged attention, recurrent.cpp's convolution, delta rule and gate, exact elementwise products)
-and a recurrent state takes a sequence's tokens one by one, so a position gets the same bits in a
-prompt chunk as in a one-token step (echo scores a continuation exactly as generation gave it).
-Both families' layers are a pre-norm mixer and a pre-norm SwiGLU MLP:
+and paged attention, recurrent.cpp's convolution, delta rule, scan and gate, exact elementwise
+products) and a recurrent state takes a sequence's tokens one by one, so a position gets the same
+bits in a prompt chunk as in a one-token step (echo scores a continuation exactly as generation gave
+it). A layer is a pre-norm mixer and a pre-norm MLP, or (Nemotron-H) one of them alone; each
+sublayer's output joins h with the next sublayer's norm in one call:
 
-    y = rms_norm(h, w_in)
-    a = mixer(y), one of:
+    y = rms_norm(h, w_first)
+    for each sublayer: a = mixer(y) or mlp(y);  y = add_rms_norm(a, h, w_next)      h += a
+    mixers:
         Qwen3.5's delta net:   [qkv | z | b | a] = in_proj(y)
                                out_proj(gated_delta(causal_conv(qkv, silu), z, b, a, ...))
         Qwen3.5's attention:   [q | gate | k | v] = qkv_proj(y)
                                o_proj(sigmoid_gate(paged_attention(rope_kv_write([q | k | v], ...)), gate))
         LFM2's convolution:    [b | c | x] = in_proj(y);  out_proj(c * causal_conv(b * x))
         LFM2's attention:      o_proj(paged_attention(rope_kv_write(qkv_proj(y), q_norm, k_norm)))
-        Granite's Mamba-2:     [z | xBC | dt] = in_proj(y)
+        Mamba-2 (Granite 4.0-H, Nemotron-H):  [z | xBC | dt] = in_proj(y)
                                out_proj(ssm_scan(causal_conv(xBC, bias, silu), z, dt, ...))
-        Granite's attention:   LFM2's without q/k norms, on an identity RoPE table (NoPE)
-    y = add_rms_norm(a, h, w_post)                             h += a        (a times Granite's multiplier)
-    h += down(silu_mul(gate_up(y)))                            (or a mixture of experts: runner/moe.py)
+        their attention:       LFM2's without q/k norms, on an identity RoPE table (NoPE)
+    MLPs: down(silu_mul(gate_up(y))), a mixture of experts (runner/moe.py), Nemotron-H's down(relu(up(y))^2)
+    (a times Granite's residual multiplier before it joins h)
 
 Built for models whose layers runner/fused.py fused (fuse_qwen35_layers and fuse_llama_layers; LFM2's
-convolutions and Granite's Mamba-2 mixers have one projection in already).
+convolutions and the Mamba-2 mixers have one projection in already).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from types import ModuleType
 
 import torch
 
-from textmill.models import granite_hybrid, lfm2, qwen35
+from textmill.models import granite_hybrid, lfm2, nemotron_h, qwen35
 from textmill.models.moe import SparseMoE
 from textmill.runner.kernel_attention import KernelPagedAttention
 from textmill.runner.kernel_forward import KernelForwardBase, direct_call
@@ -62,9 +64,17 @@ class HybridKernelForward(KernelForwardBase):
         self.embed = model.embed_tokens
         self.layers = list(model.layers)
         self.final_norm = _weight(model.norm)
-        self.norms = [(_weight(b.input_layernorm), _weight(b.post_attention_layernorm)) for b in self.layers]
-        self.mlps = [self._mlp(b.mlp) for b in self.layers]
-        self.steps = [self._mixer(b) for b in self.layers]
+        # Each layer's mixer (None: a Nemotron-H MLP layer's) and MLP (None: a Nemotron-H mixer layer's),
+        # and the sublayers in order: (the norm before it, layer, whether it is the mixer).
+        self.steps = [None if getattr(b, "mlp_only", False) else self._mixer(b) for b in self.layers]
+        self.mlps = [self._mlp(b.mlp) if hasattr(b, "mlp") else None for b in self.layers]
+        self.sublayers = []
+        for i, b in enumerate(self.layers):
+            if self.steps[i] is not None:
+                self.sublayers.append((_weight(b.input_layernorm), i, True))
+            if self.mlps[i] is not None:
+                norm = b.input_layernorm if self.steps[i] is None else b.post_attention_layernorm
+                self.sublayers.append((_weight(norm), i, False))
         # Each recurrent layer's replay: its kernels over recorded inputs, into the states (hybrids' guesses).
         self.replays = {i: self._replay_of(b) for i, b in enumerate(self.layers) if b.recurrent}
 
@@ -73,6 +83,9 @@ class HybridKernelForward(KernelForwardBase):
         or models/moe.py's over fused experts where the file's could not be stacked), else SwiGLU."""
         if isinstance(mlp, (KernelMoE, SparseMoE)):
             return mlp
+        if isinstance(mlp, nemotron_h.ReluSquaredMLP):
+            up, down = direct_call(mlp.up_proj), direct_call(mlp.down_proj)
+            return lambda y: down(nemotron_h.relu_squared(up(y)))
         gate_up, down = direct_call(mlp.gate_up_proj), direct_call(mlp.down_proj)
         return lambda y: down(self.ops.silu_mul(gate_up(y)))
 
@@ -82,7 +95,7 @@ class HybridKernelForward(KernelForwardBase):
             return self._delta_net(block.linear_attn)
         if isinstance(block, qwen35.Block):
             return self._gated_attention(block.self_attn)
-        if isinstance(block, granite_hybrid.Block) and block.recurrent:
+        if isinstance(block, (granite_hybrid.Block, nemotron_h.Block)) and block.recurrent:
             return self._mamba2(block.mamba)
         if block.recurrent:
             return self._short_conv(block.conv)
@@ -92,14 +105,18 @@ class HybridKernelForward(KernelForwardBase):
     def supports(model: torch.nn.Module) -> bool:
         """A hybrid whose layers were fused: one projection into each mixer (an LFM2 convolution has
         one already) and gate|up."""
-        if type(model) not in (qwen35.Qwen35ForCausalLM, lfm2.Lfm2ForCausalLM, granite_hybrid.GraniteHybridForCausalLM):
+        if type(model) not in (qwen35.Qwen35ForCausalLM, lfm2.Lfm2ForCausalLM, granite_hybrid.GraniteHybridForCausalLM,
+                               nemotron_h.NemotronHForCausalLM):
             return False
         if 0 < len(model.config.no_rope_layers) < model.config.num_layers:  # one table for every attention layer
             return False
         for b in model.layers:
-            mixer = getattr(b, b.mixer_name) if b.recurrent else b.self_attn
-            fused_mlp = isinstance(b.mlp, (KernelMoE, SparseMoE)) or getattr(b.mlp, "gate_up_proj", None) is not None
-            if not fused_mlp or getattr(mixer, "in_proj" if b.recurrent else "qkv_proj", None) is None:
+            mlp = getattr(b, "mlp", None)
+            if mlp is not None and not isinstance(mlp, (KernelMoE, SparseMoE, nemotron_h.ReluSquaredMLP)) \
+                    and getattr(mlp, "gate_up_proj", None) is None:
+                return False
+            mixer = getattr(b, b.mixer_name) if b.recurrent else getattr(b, "self_attn", None)
+            if mixer is not None and getattr(mixer, "in_proj" if b.recurrent else "qkv_proj", None) is None:
                 return False
         return True
 
@@ -115,14 +132,15 @@ class HybridKernelForward(KernelForwardBase):
             cos, sin = torch.ones_like(cos), torch.zeros_like(sin)
         rows = torch.arange(h.shape[0])
         seqs = torch.tensor(states.rows, dtype=torch.int64).view(-1, 3)
-        for i in range(len(self.layers)):
-            w_in, w_post = self.norms[i]
-            a = self.steps[i](ops.rms_norm(h, w_in, eps), rows, cos, sin, ctx, states, seqs)
+        y = ops.rms_norm(h, self.sublayers[0][0], eps)
+        for j, (_, i, mixer) in enumerate(self.sublayers):
+            a = self.steps[i](y, rows, cos, sin, ctx, states, seqs) if mixer else self.mlps[i](y)
             if self.residual is not None:
                 a.mul_(self.residual)
-            y = ops.add_rms_norm(a, h, w_post, eps)  # h += a
-            m = self.mlps[i](y)
-            h.add_(m if self.residual is None else m.mul_(self.residual))
+            if j + 1 < len(self.sublayers):
+                y = ops.add_rms_norm(a, h, self.sublayers[j + 1][0], eps)  # h += a, and the next sublayer's norm
+            else:
+                h.add_(a)
         if keep is not None:
             h = h.index_select(0, keep)
         return ops.rms_norm(h, self.final_norm, eps)
@@ -135,7 +153,7 @@ class HybridKernelForward(KernelForwardBase):
             replay(*(t.index_select(0, rows) for t in states.record[i]), states.pools(i), seqs)
 
     def _replay_of(self, block: torch.nn.Module):
-        if isinstance(block, (qwen35.Block, granite_hybrid.Block)):
+        if isinstance(block, (qwen35.Block, granite_hybrid.Block, nemotron_h.Block)):
             run = (self._delta_kernels(block.linear_attn) if isinstance(block, qwen35.Block)
                    else self._mamba2_kernels(block.mamba))
             return lambda p, pools, seqs: run(p, *pools, seqs)

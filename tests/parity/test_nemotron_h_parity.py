@@ -1,0 +1,59 @@
+"""Nemotron-H against transformers on a tiny random-weight model written as llama.cpp's converter
+writes its GGUF files (tiny_nemotron_h.py): one sublayer a layer, Mamba-2 mixers, NoPE attention and
+ReLU^2 MLPs, the mixers' states carried across forwards. Float32 and Q8_0 (the source rounded to the
+file first): prompt log-probabilities within 1e-3 and the same 32 greedy tokens, ours one token a
+forward as a server decodes. The MLP layers keep no KV cache.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.parity.compare import LOGPROB_TOLERANCE, hf_greedy, max_logprob_diff, our_greedy
+from tests.parity.one_sequence import OneSequence
+from tests.parity.tiny_granite_hybrid import round_to_file
+from tests.parity.tiny_nemotron_h import tiny_nemotron_h_hf, write_nemotron_h_gguf
+from textmill.loader import load_model
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def files(tokenizer, tmp_path_factory):
+    out = {}
+    for name in ("f32", "q8_0"):
+        hf = tiny_nemotron_h_hf()
+        if name == "q8_0":
+            round_to_file(hf)
+        path = tmp_path_factory.mktemp(f"nemotron-{name}") / f"tiny-nemotron-h-{name}.gguf"
+        out[name] = hf, write_nemotron_h_gguf(path, hf, tokenizer, q8_0=name == "q8_0")
+    return out
+
+
+@pytest.mark.parametrize("variant", ["f32", "q8_0"])
+def test_prompt_logprobs_and_greedy_tokens_match_transformers(variant, files, prompts) -> None:
+    hf, path = files[variant]
+    ours = OneSequence(load_model(path).model)
+    assert max(max_logprob_diff(ours, hf, ids) for ids in prompts.values()) < LOGPROB_TOLERANCE
+    for ids in prompts.values():
+        assert our_greedy(ours, ids) == hf_greedy(hf, ids)
+
+
+def test_config_read_from_the_file(files) -> None:
+    c = load_model(files["f32"][1]).config
+    assert (c.architecture, c.recurrent_layers, c.mlp_only_layers, c.hidden_act) == (
+        "nemotron_h", (0, 2, 5), (1, 4), "relu2")
+    assert (c.num_kv_heads, c.head_dim, c.intermediate_size, c.no_rope_layers) == (2, 16, 96, tuple(range(6)))
+    assert [c.has_kv(i) for i in range(6)] == [False, False, False, True, False, False]
+    s = c.linear_attention
+    assert (s.key_heads, s.value_heads, s.key_dim, s.value_dim, s.tiled_heads) == (2, 8, 16, 16, False)
+
+
+def test_the_mlp_is_relu_squared(files, prompts) -> None:
+    """SwiGLU's SiLU in its place (or ReLU without the square) is far off."""
+    hf, path = files["f32"]
+    model = load_model(path).model
+    for layer in model.layers:
+        if layer.mlp_only:
+            layer.mlp.forward = lambda x, m=layer.mlp: m.down_proj(torch.relu(m.up_proj(x)))
+    assert max(max_logprob_diff(OneSequence(model), hf, ids) for ids in prompts.values()) > 20 * LOGPROB_TOLERANCE

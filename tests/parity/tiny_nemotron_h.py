@@ -1,0 +1,102 @@
+"""A tiny random-weight Nemotron-H and its GGUF file as llama.cpp's converter writes one
+(conversion/nemotron.py NemotronHModel on GraniteHybridModel).
+
+Six layers, "M-M*-M": Mamba-2 mixers (8 heads of 16 in 2 groups, a state of 16) in the first, third
+and last, ReLU^2 MLPs in the second and fifth, attention in the fourth. What the converter does: one
+`head_count_kv` and one `feed_forward_length` entry a layer (0 where the layer has none of it); the
+Mamba-2 tensors as Granite 4.0-H's (tiny_granite_hybrid.mamba2_tensor); q and k rows permuted as
+Llama's; each layer's one norm is `attn_norm`; RoPE off (`rope.scaling.finetuned` false); an untied head.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGUFWriter
+from tokenizers import Tokenizer
+
+from tests.parity.tiny_gguf import _write_vocab, finish_file, llama_cpp_permute
+from tests.parity.tiny_granite_hybrid import _file_type, mamba2_tensor
+from tests.parity.tiny_models import MAX_POSITIONS, VOCAB_SIZE
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 64, 4, 2, 16, 96
+MAMBA_HEADS, MAMBA_HEAD_DIM, STATE, GROUPS, TAPS = 8, 16, 16, 2, 4
+LAYER_TYPES = ("mamba", "mlp", "mamba", "attention", "mlp", "mamba")
+_ATTENTION = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+              "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+def tiny_nemotron_h_hf(seed: int = 2):
+    """A random NemotronHForCausalLM, float32, eval mode: norm weights 1 + N(0, 0.2), every other weight
+    N(0, 0.15) on top of the init."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.NemotronHConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, layers_block_type=list(LAYER_TYPES), num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, intermediate_size=FFN, mamba_num_heads=MAMBA_HEADS,
+        mamba_head_dim=MAMBA_HEAD_DIM, ssm_state_size=STATE, n_groups=GROUPS, conv_kernel=TAPS, use_conv_bias=True,
+        max_position_embeddings=MAX_POSITIONS, layer_norm_epsilon=1e-5, tie_word_embeddings=False, eos_token_id=0,
+        bos_token_id=None, pad_token_id=None)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.add_(torch.randn_like(p) * 0.15)
+    return model.eval().requires_grad_(False)
+
+
+def gguf_tensors(hf_model) -> dict[str, np.ndarray]:
+    out = {}
+    for name, tensor in hf_model.state_dict().items():
+        w = tensor.float().numpy()
+        globals_ = {"model.embeddings.weight": "token_embd.weight", "model.norm_f.weight": "output_norm.weight",
+                    "lm_head.weight": "output.weight"}
+        if name in globals_:
+            out[globals_[name]] = w
+            continue
+        layer, part = name.removeprefix("model.layers.").split(".", 1)
+        blk, kind = f"blk.{layer}.", LAYER_TYPES[int(layer)]
+        if part == "norm.weight":
+            out[blk + "attn_norm.weight"] = w
+        elif kind == "mamba":
+            gguf_name, w = mamba2_tensor(part.removeprefix("mixer."), w, GROUPS)
+            out[blk + gguf_name] = w
+        else:
+            module = part.removeprefix("mixer.").removesuffix(".weight")
+            if module in ("q_proj", "k_proj"):
+                w = llama_cpp_permute(w, HEADS if module == "q_proj" else KV_HEADS)
+            out[f"{blk}{_ATTENTION[module]}.weight"] = w
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def write_nemotron_h_gguf(path: Path, hf_model, tokenizer: Tokenizer, *, q8_0: bool = False) -> Path:
+    c = hf_model.config
+    w = GGUFWriter(path, "nemotron_h")
+    w.add_type("model")
+    w.add_name("tiny-nemotron-h")
+    w.add_block_count(len(LAYER_TYPES))
+    w.add_context_length(2**20)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length([FFN if t == "mlp" else 0 for t in LAYER_TYPES])
+    w.add_head_count(HEADS)
+    w.add_head_count_kv([KV_HEADS if t == "attention" else 0 for t in LAYER_TYPES])
+    w.add_key_length(HEAD_DIM)
+    w.add_value_length(HEAD_DIM)
+    w.add_rope_scaling_finetuned(False)
+    w.add_layer_norm_rms_eps(c.layer_norm_epsilon)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8_0 else gguf.LlamaFileType.ALL_F32)
+    w.add_vocab_size(c.vocab_size)
+    w.add_ssm_conv_kernel(TAPS)
+    w.add_ssm_state_size(STATE)
+    w.add_ssm_group_count(GROUPS)
+    w.add_ssm_inner_size(MAMBA_HEADS * MAMBA_HEAD_DIM)
+    w.add_ssm_time_step_rank(MAMBA_HEADS)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _write_vocab(w, tokenizer)
+    finish_file(w, gguf_tensors(hf_model), lambda target, values: _file_type(target, values, q8_0))
+    return path
