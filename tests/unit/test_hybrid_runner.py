@@ -1,9 +1,9 @@
 """The hybrids (Qwen3.5, LFM2, Granite 4.0-H, Nemotron-H and their mixtures of experts) through the
-ModelRunner: each running request keeps its recurrent layers' state in a slot of its own (runner/recurrent_state.py), carried
-from chunk to chunk and step to step, taken afresh after a preemption and given back when it
-finishes. Chunked prompts, mixed batches, prompt log-probabilities and greedy tokens are checked
-against one dense pass of the same model, on eager torch (float weights) and on the C++ kernel
-forward (the file's Q8_0 blocks)."""
+ModelRunner: each running request keeps its recurrent layers' state in a slot of its own
+(runner/recurrent_state.py), carried from chunk to chunk and step to step, taken afresh after a
+preemption and given back when it finishes. Chunked prompts, mixed batches, prompt log-probabilities
+and greedy tokens are checked against one dense pass of the same model, on eager torch (float
+weights) and on the C++ kernel forward (the file's Q8_0 blocks)."""
 from __future__ import annotations
 
 import pytest
