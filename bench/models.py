@@ -40,10 +40,13 @@
                   (bench/synthetic_glm4.py; not in the default matrix: 2.0 GiB)
     synthetic-granitehybrid  a random-weight file of a 1B-class Granite 4.0-H's shapes (40 layers, 36 of them
                   Mamba-2 mixers with a 54 MiB state per sequence, NoPE attention, 100,352 tokens) in Q4_K_M's
-                  types (bench/synthetic_granite.py; not in the default matrix)
+                  types (bench/synthetic_mamba2.py; not in the default matrix)
     synthetic-granitehybridmoe  a random-weight file of 10 of Granite-4.0-H-Tiny's 40 layers (64 experts of
-                  512, 6 a token, a shared expert of 1024) in Q4_K_M's types (bench/synthetic_granite.py; not
+                  512, 6 a token, a shared expert of 1024) in Q4_K_M's types (bench/synthetic_mamba2.py; not
                   in the default matrix)
+    synthetic-nemotronh  a random-weight file of 14 of Nemotron Nano 9B v2's 56 layers (Mamba-2 mixers, ReLU^2
+                  MLPs and NoPE attention, one sublayer a layer, d = 4480) in Q4_K_M's types with llama.cpp's
+                  Q5_0/Q8_0 fallbacks (bench/synthetic_mamba2.py; not in the default matrix)
     synthetic-1b-q3k  the synthetic 1B's layers rewritten in Q3_K (bench/requant_gguf.py; not in the
                   default matrix; llama.cpp's own Q3_K_M keeps some layers in Q4_K/Q5_K)
     synthetic-1b-q8  the synthetic 1B's layers rewritten in Q8_0 (bench/requant_gguf.py; not in the
@@ -71,8 +74,9 @@ MATRIX = ("smollm2", "gemma3", "synthetic-1b", "synthetic-qwen3")
 EXTRA = ("smollm2-iq4xs", "synthetic-1b-q3k", "synthetic-1b-q8", "synthetic-8b", "synthetic-gemma2", "synthetic-phi3",
          "synthetic-olmo2", "synthetic-qwen3moe", "synthetic-gptoss", "synthetic-erniemoe", "synthetic-gemma4",
          "synthetic-qwen35", "synthetic-lfm2", "synthetic-qwen35moe", "synthetic-lfm2moe", "synthetic-glm4",
-         "synthetic-granitehybrid", "synthetic-granitehybridmoe")
+         "synthetic-granitehybrid", "synthetic-granitehybridmoe", "synthetic-nemotronh")
 HYBRIDS = ("synthetic-qwen35", "synthetic-lfm2", "synthetic-qwen35moe", "synthetic-lfm2moe")
+MAMBA2 = ("synthetic-granitehybrid", "synthetic-granitehybridmoe", "synthetic-nemotronh")
 
 
 @dataclass(frozen=True)
@@ -127,9 +131,9 @@ def resolve(key: str) -> Path:
         if key == "synthetic-glm4":
             from synthetic_glm4 import synthetic_glm4_path
             return synthetic_glm4_path()
-        if key.startswith("synthetic-granite"):
-            from synthetic_granite import SPECS as GRANITE, synthetic_granite_path
-            return synthetic_granite_path(GRANITE[key.removeprefix("synthetic-")])
+        if key in MAMBA2:
+            from synthetic_mamba2 import SPECS as MAMBA2_SPECS, synthetic_mamba2_path
+            return synthetic_mamba2_path(MAMBA2_SPECS[key.removeprefix("synthetic-")])
         if key in HYBRIDS:
             from synthetic_hybrids import SPECS, synthetic_hybrid_path
             return synthetic_hybrid_path(SPECS[key.removeprefix("synthetic-")])

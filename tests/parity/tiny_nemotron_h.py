@@ -89,6 +89,7 @@ def write_nemotron_h_gguf(path: Path, hf_model, tokenizer: Tokenizer, *, q8_0: b
     w.add_value_length(HEAD_DIM)
     w.add_rope_scaling_finetuned(False)
     w.add_layer_norm_rms_eps(c.layer_norm_epsilon)
+    w.add_layer_norm_eps(c.layer_norm_epsilon)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8_0 else gguf.LlamaFileType.ALL_F32)
     w.add_vocab_size(c.vocab_size)
     w.add_ssm_conv_kernel(TAPS)

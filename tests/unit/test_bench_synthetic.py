@@ -311,14 +311,14 @@ def test_a_glm4_file(tmp_path):
 
 @pytest.mark.parametrize("name", ["granitehybrid", "granitehybridmoe"])
 def test_the_granite_files_and_the_benchs_kv_sizing(name, tmp_path):
-    """synthetic_granite (a few layers of Granite 4.0-H's kinds, dense and with experts): textmill reads
+    """synthetic_mamba2's Granite (a few layers of Granite 4.0-H's kinds, dense and with experts): textmill reads
     the Mamba-2 layers' shape, Granite's multipliers and NoPE, the experts beside an ungated shared one;
     every tensor lands in the model, and the bench's KV bytes a token are the pool's own (the attention
     layers' alone)."""
     import dataclasses
 
     import models
-    import synthetic_granite as sgr
+    import synthetic_mamba2 as sgr
     import torch
 
     from textmill.config import CacheConfig
@@ -329,7 +329,7 @@ def test_the_granite_files_and_the_benchs_kv_sizing(name, tmp_path):
     if name == "granitehybridmoe":
         small |= dict(experts=8, experts_used=2, expert_ffn=256, shared_ffn=256, ffn=256)
     spec = dataclasses.replace(sgr.SPECS[name], **small)
-    path = sgr.write_granite(spec, sg.default_tokenizer_source(), tmp_path / f"{name}.gguf")
+    path = sgr.write_mamba2(spec, sg.default_tokenizer_source(), tmp_path / f"{name}.gguf")
     config = read_config(GGUFFile(path))
     assert (config.architecture, config.recurrent_layers, config.no_rope_layers) == (
         "granitehybrid", tuple(i for i in range(12) if i not in (5,)), tuple(range(12)))
@@ -341,6 +341,36 @@ def test_the_granite_files_and_the_benchs_kv_sizing(name, tmp_path):
         assert config.num_experts == 8 and shared == (256, False)
     else:
         assert config.intermediate_size == spec.ffn and not config.num_experts
+    per_block = KVCache.bytes_per_block(config, CacheConfig(block_size=16), torch.float32, torch.float16)
+    assert models.read_info(path).kv_bytes_per_token(2) * 16 == per_block == 16 * 2 * 2 * (2 * 64)
+    loaded = load_model(path)
+    assert not any(p.is_meta for p in loaded.model.parameters())
+
+
+def test_a_nemotronh_file(tmp_path):
+    """synthetic_mamba2's Nemotron-H (a few layers of Nano 9B v2's pattern): textmill reads the per-layer
+    arrays (a mixer, an MLP or attention in each layer), llama.cpp's Q5_0/Q8_0 fallbacks for rows of no
+    whole number of super-blocks, and every tensor lands in the model; only the attention layer keeps KV."""
+    import dataclasses
+
+    import models
+    import synthetic_mamba2 as sm
+    import torch
+
+    from textmill.config import CacheConfig
+    from textmill.loader import load_model
+    from textmill.runner.kv_cache import KVCache
+
+    spec = dataclasses.replace(sm.SYNTHETIC_NEMOTRONH, hidden=320, heads=4, kv_heads=2, key_length=64, ffn=640,
+                               vocab=None)
+    path = sm.write_mamba2(spec, sg.default_tokenizer_source(), tmp_path / "nemotronh.gguf")
+    config = read_config(GGUFFile(path))
+    assert (config.architecture, config.hidden_act, config.recurrent_layers, config.mlp_only_layers) == (
+        "nemotron_h", "relu2", (0, 2, 4, 6, 7, 9, 11), (1, 3, 5, 8, 10, 13))
+    assert (config.linear_attention.key_heads, config.linear_attention.value_dim) == (8, 80)
+    types = {t.name: t.qtype.name for t in GGUFFile(path).tensors}
+    assert (types["blk.1.ffn_up.weight"], types["blk.0.ssm_out.weight"], types["output.weight"]) == (
+        "Q5_0", "Q4_K", "Q8_0")  # rows of 320 (fallback), 10,240 (whole super-blocks), 320
     per_block = KVCache.bytes_per_block(config, CacheConfig(block_size=16), torch.float32, torch.float16)
     assert models.read_info(path).kv_bytes_per_token(2) * 16 == per_block == 16 * 2 * 2 * (2 * 64)
     loaded = load_model(path)
