@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from textmill.linear_attention import LinearAttentionShape
+
 # The choices of the flags whose "auto" runner/plan.py resolves.
 DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -61,31 +63,6 @@ def positive_seconds(text: str) -> float:
 
 
 @dataclass(frozen=True)
-class LinearAttentionShape:
-    """A gated delta net's shape (Qwen3.5's linear attention): key_heads heads of q and k,
-    key_dim wide, each serving value_heads / key_heads heads of v, value_dim wide, all of them
-    through a causal depthwise convolution of conv_kernel taps. Its state per sequence is
-    (value_heads, key_dim, value_dim) float32 and the last conv_kernel - 1 inputs of the
-    convolution. A Mamba-2 mixer's (Granite 4.0-H's) is the same: C and B are q and k, in key_heads
-    groups of key_dim (its state size), x is v."""
-
-    key_heads: int
-    value_heads: int
-    key_dim: int
-    value_dim: int
-    conv_kernel: int = 4
-    # llama.cpp's files order v heads "tiled" (v head j uses k head j % key_heads); the Hub's
-    # checkpoints and Qwen3-Next's files group them (j // (value_heads / key_heads)).
-    tiled_heads: bool = True
-    # Qwen3-Next: beta's and alpha's projections are one (in_proj_ba: every b row, then every a row).
-    fused_ba: bool = False
-
-    @property
-    def conv_channels(self) -> int:
-        return 2 * self.key_heads * self.key_dim + self.value_heads * self.value_dim
-
-
-@dataclass(frozen=True)
 class ModelConfig:
     """The shape of a decoder-only transformer, independent of the checkpoint format.
 
@@ -96,7 +73,7 @@ class ModelConfig:
     # registry key: "llama" (Mistral, Ministral 3, SmolLM3, Granite, ERNIE 4.5, EXAONE 3, InternLM2,
     # OLMoE, Mixtral, Granite MoE too), "phi3", "qwen2" (Qwen2 MoE too), "qwen3" (the VL files' text,
     # Qwen3 MoE too), "olmo2" (OLMo 3, EXAONE 4.0 too), "gemma", "gemma2", "gemma3", "gemma4", "qwen35",
-    # "lfm2", "granitehybrid", "nemotron_h", "gpt2"
+    # "lfm2", "granitehybrid", "nemotron_h", "falcon_h1", "gpt2"
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -195,6 +172,8 @@ class ModelConfig:
     # (models/lfm2.py), Granite 4.0-H's Mamba-2 mixers (models/granite_hybrid.py, linear_attention).
     recurrent_layers: tuple[int, ...] = ()
     mlp_only_layers: tuple[int, ...] = ()  # Nemotron-H: layers of an MLP alone (no KV, no state)
+    # Falcon-H1: attention and a recurrent mixer side by side in every layer (each layer keeps KV and a state)
+    parallel_mixers: bool = False
     linear_attention: LinearAttentionShape | None = None
     short_conv: int = 0
     name: str = ""  # human-readable model name from the checkpoint
@@ -207,7 +186,7 @@ class ModelConfig:
 
     def has_kv(self, layer: int) -> bool:
         """Whether the layer keeps K/V in the paged cache (a recurrent layer keeps a state instead)."""
-        return layer not in self.recurrent_layers and layer not in self.mlp_only_layers
+        return self.parallel_mixers or (layer not in self.recurrent_layers and layer not in self.mlp_only_layers)
 
     def layer_kv_shape(self, layer: int) -> tuple[int, int]:
         """(KV heads, head width) of a layer's cache rows: Gemma 4's global layers differ."""

@@ -1,12 +1,12 @@
 """The tiny hybrids' Q8_0 files by family (tiny_qwen35.py, tiny_lfm2.py, tiny_granite_hybrid.py,
-tiny_nemotron_h.py), for the runner's and the server's tests: each family's random model, the source
+tiny_nemotron_h.py, tiny_falcon_h1.py), for the runner's and the server's tests: each family's random model, the source
 rounded to the file, written as llama.cpp's converter writes it."""
 from __future__ import annotations
 
 import functools
 from pathlib import Path
 
-from tests.parity import tiny_granite_hybrid, tiny_lfm2, tiny_nemotron_h, tiny_qwen35
+from tests.parity import tiny_falcon_h1, tiny_granite_hybrid, tiny_lfm2, tiny_nemotron_h, tiny_qwen35
 from tests.parity.tiny_models import train_tokenizer
 
 # family -> (make the transformers model, round it to the Q8_0 file, write the file)
@@ -25,6 +25,9 @@ FAMILIES = {
                          tiny_granite_hybrid.round_to_file, tiny_granite_hybrid.write_granite_hybrid_gguf),
     "nemotron_h": (tiny_nemotron_h.tiny_nemotron_h_hf, tiny_granite_hybrid.round_to_file,
                    tiny_nemotron_h.write_nemotron_h_gguf),
+    # The file holds each weight times its multiplier, rounded: the source rounded as Granite's is near it.
+    "falcon_h1": (tiny_falcon_h1.tiny_falcon_h1_hf, tiny_granite_hybrid.round_to_file,
+                  tiny_falcon_h1.write_falcon_h1_gguf),
 }
 
 

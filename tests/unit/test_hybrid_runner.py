@@ -36,8 +36,9 @@ def _runner(path, kernels: bool, slots: int = 4) -> ModelRunner:
 def test_states_on_eager_torch(q8_file):
     runner = _runner(q8_file, kernels=False)
     c = runner.model_config
-    no_kv = (*c.recurrent_layers, *c.mlp_only_layers)  # a state, not KV; Nemotron-H's MLP layers neither
-    assert all((kv is None) == (i in no_kv) for i, kv in enumerate(runner.kv_cache.kv))
+    # a state, not KV; Nemotron-H's MLP layers neither; Falcon-H1's layers both
+    assert all((kv is None) == (not c.has_kv(i)) for i, kv in enumerate(runner.kv_cache.kv))
+    assert c.parallel_mixers or all(not c.has_kv(i) for i in c.recurrent_layers)
     assert not runner.chunks_match_steps  # no guessed tokens: a state cannot take back a rejected one
     _check(drive(runner, _seqs(runner.model_config.vocab_size), budget=5),
            OneSequence(load_model(q8_file).model), atol=1e-4)

@@ -244,10 +244,10 @@ def test_unknown_architecture_lists_every_supported_name() -> None:
                  "qwen2", "qwen3", "llama", "smollm3", "SmolLM3ForCausalLM", "granite", "GraniteForCausalLM",
                  "ernie4_5", "gemma", "GemmaForCausalLM", "mistral3", "Ministral3ForCausalLM", "qwen2vl", "qwen3vl",
                  "olmo2", "Olmo2ForCausalLM", "gemma4", "qwen35", "lfm2", "qwen35moe", "qwen3next", "lfm2moe", "glm4",
-                 "granitehybrid"):
+                 "granitehybrid", "nemotron_h", "falcon-h1"):
         assert name in str(err.value)
     assert set(MODEL_CLASSES) == {"llama", "phi3", "qwen2", "qwen3", "olmo2", "gemma", "gemma2", "gemma3", "gemma4",
-                                  "qwen35", "lfm2", "glm4", "granitehybrid", "gpt2"}
+                                  "qwen35", "lfm2", "glm4", "granitehybrid", "nemotron_h", "falcon_h1", "gpt2"}
 
 
 def test_gguf_names_per_family() -> None:
@@ -255,6 +255,7 @@ def test_gguf_names_per_family() -> None:
     assert gguf_param_name("granitehybrid", "blk.0.ssm_conv1d.bias") == "layers.0.mamba.conv1d.bias"
     assert gguf_param_name("granitehybrid", "blk.0.ssm_d") == "layers.0.mamba.D"
     assert gguf_param_name("granitehybrid", "blk.0.ssm_dt.bias") == "layers.0.mamba.dt_bias"
+    assert gguf_param_name("falcon-h1", "blk.2.ffn_norm") == "layers.2.pre_ff_layernorm.weight"  # no .weight
     assert gguf_param_name("qwen2", "blk.1.attn_k.bias") == "layers.1.self_attn.k_proj.bias"
     assert gguf_param_name("qwen3", "blk.2.attn_q_norm.weight") == "layers.2.self_attn.q_norm.weight"
     assert gguf_param_name("gemma3", "blk.0.ffn_norm.weight") == "layers.0.pre_feedforward_layernorm.weight"

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from textmill import kernels
-from textmill.config import LinearAttentionShape
+from textmill.linear_attention import LinearAttentionShape
 from textmill.models import granite_hybrid, qwen35
 
 ext = kernels.load("recurrent")

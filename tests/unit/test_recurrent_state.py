@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from textmill.config import LinearAttentionShape, ModelConfig
+from textmill.config import ModelConfig
+from textmill.linear_attention import LinearAttentionShape
 from textmill.messages import ScheduledChunk, SchedulerOutput
 from textmill.runner.recurrent_state import RecurrentStates, bytes_per_sequence, fitting_slots
 

@@ -31,13 +31,18 @@ that shared MLP as their ungated shared expert.
 Nemotron-H (`nemotron_h`; conversion/nemotron.py NemotronHModel on GraniteHybridModel;
 src/models/nemotron-h.cpp): one sublayer a layer, told by two per-layer arrays: 0 KV heads and 0 MLP
 width is a Mamba-2 mixer, an MLP width an MLP layer (ReLU^2, no gate), the rest attention (no RoPE).
+
+Falcon-H1 (`falcon-h1`; conversion/falcon_h1.py; src/models/falcon-h1.cpp): attention (NEOX RoPE,
+unpermuted) and a Mamba-2 mixer in every layer, the muP multipliers already in the weights; a file
+without `ssm_norm` tensors gates its mixers' output without the norm.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from textmill.config import LinearAttentionShape, ModelConfig
+from textmill.config import ModelConfig
+from textmill.linear_attention import LinearAttentionShape
 from textmill.loader.gguf_experts import expert_fields
 from textmill.loader.gguf_file import GGUFFile, GGUFMetadata
 from textmill.loader.names import QWEN35_ARCHS
@@ -220,6 +225,34 @@ def nemotron_h_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> Mo
     )
 
 
+def falcon_h1_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelConfig:
+    names = {t.name for t in gguf.tensors}
+    layers, heads = int(meta.arch_get("block_count")), int(meta.arch_get("attention.head_count"))
+    hidden = int(meta.arch_get("embedding_length"))
+    head_dim = int(meta.arch_get("attention.key_length", hidden // heads))
+    if int(meta.arch_get("rope.dimension_count", head_dim)) != head_dim:
+        raise ValueError("Falcon-H1 files with RoPE on part of each head are not supported")
+    normed = any(name.endswith(".ssm_norm.weight") for name in names)
+    return ModelConfig(
+        architecture="falcon_h1",
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=int(meta.arch_get("feed_forward_length")),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=int(meta.arch_get("attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        max_position_embeddings=int(meta.arch_get("context_length")),
+        norm_eps=float(meta.arch_get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(meta.arch_get("rope.freq_base", 10_000.0)),
+        tie_word_embeddings="output.weight" not in names,
+        recurrent_layers=tuple(range(layers)),
+        parallel_mixers=True,
+        linear_attention=dataclasses.replace(_mamba2_shape(meta), gated_norm=normed),
+        name=str(meta.get("general.name", "")),
+    )
+
+
 def with_experts(read_config):
     """A family's config reader for its mixture-of-experts files: the same model, the file's experts
     in its MLPs (a dense width where the file gives none: the experts')."""
@@ -256,4 +289,4 @@ def mtp_tensor(config: ModelConfig, name: str) -> bool:
 # general.architecture -> its config reader
 HYBRID_CONFIGS = {"qwen35": qwen35_config, "lfm2": lfm2_config, "qwen35moe": with_experts(qwen35_config),
                   "lfm2moe": with_experts(lfm2_config), "qwen3next": qwen3next_config,
-                  "granitehybrid": granitehybrid_config, "nemotron_h": nemotron_h_config}
+                  "granitehybrid": granitehybrid_config, "nemotron_h": nemotron_h_config, "falcon-h1": falcon_h1_config}

@@ -157,6 +157,10 @@ _GLM4 = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
 _GRANITE_HYBRID = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
     **_LLAMA_MOE.blocks, "ssm_in": "mamba.in_proj", "ssm_conv1d": "mamba.conv1d", "ssm_dt": "mamba.dt_bias",
     "ssm_a": "mamba.A", "ssm_d": "mamba.D", "ssm_norm": "mamba.norm", "ssm_out": "mamba.out_proj"}))
+# Falcon-H1 (models/falcon_h1.py): Llama's attention and MLP names and Granite 4.0-H's mixer in every
+# layer; its pre-MLP norm is `ffn_norm` with no .weight in the file.
+_FALCON_H1 = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({**_GRANITE_HYBRID.blocks,
+                                                                   "ffn_norm": "pre_ff_layernorm"}))
 _BARE_PARAMS = frozenset({"self_attn.sinks", "mlp.selection_bias", "layer_scalar", "linear_attn.conv_weight",
                           "linear_attn.dt_bias", "linear_attn.A", "conv.conv_weight", "mamba.dt_bias", "mamba.A",
                           "mamba.D"})
@@ -210,6 +214,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "lfm2moe": _LFM2_MOE,
     "granitehybrid": _GRANITE_HYBRID,
     "nemotron_h": _GRANITE_HYBRID,  # the same names: attn_norm the layer's one norm, ffn_up/ffn_down its MLP's
+    "falcon-h1": _FALCON_H1,
     "gpt2": _GPT2,
 })
 
@@ -281,8 +286,8 @@ def gguf_param_name(arch: str, gguf_name: str) -> str:
         target = names.blocks.get(part)
         if target in _BARE_PARAMS:
             return f"{names.block_prefix}.{layer}.{target}"
-        if target is not None and kind is not None:
-            return f"{names.block_prefix}.{layer}.{target}.{kind}"
+        if target is not None:  # a module's weight the file names without .weight (Falcon-H1's ffn_norm)
+            return f"{names.block_prefix}.{layer}.{target}.{kind or 'weight'}"
     elif m := _GLOBAL_RE.fullmatch(gguf_name):
         part, kind = m.groups()
         if part in names.globals:

@@ -56,7 +56,8 @@ class Mamba2(nn.Module):
         self.dt_bias = nn.Parameter(torch.zeros(H))
         self.A = nn.Parameter(torch.zeros(H))  # -exp(A_log), as the files store it
         self.D = nn.Parameter(torch.zeros(H))
-        self.norm = RMSNorm(self.inner, config.norm_eps)  # grouped: forward norms each group alone
+        # grouped: forward norms each group alone; None: y silu(z) alone (Falcon-H1's files without ssm_norm)
+        self.norm = RMSNorm(self.inner, config.norm_eps) if s.gated_norm else None
         self.out_proj = nn.Linear(self.inner, C, bias=False)
 
     def forward(self, x: torch.Tensor, states: SequenceStates) -> torch.Tensor:
@@ -70,9 +71,11 @@ class Mamba2(nn.Module):
         dt = F.softplus(dt + self.dt_bias.float())  # (N, H)
         y = selective_scan(xs, B.reshape(N, G, Ns), C.reshape(N, G, Ns), dt, self.A.float(), ssm, states.rows)
         y = (y + xs * self.D.float()[:, None]).reshape(N, self.inner) * F.silu(z)
-        groups = y.view(N, G, -1)
-        y = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)).view(N, -1)
-        return self.out_proj((y * self.norm.weight.float()).to(x.dtype))
+        if self.norm is not None:
+            groups = y.view(N, G, -1)
+            y = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)).view(N, -1)
+            y = y * self.norm.weight.float()
+        return self.out_proj(y.to(x.dtype))
 
 
 def selective_scan(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,

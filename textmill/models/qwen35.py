@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from textmill.config import LinearAttentionShape, ModelConfig
+from textmill.config import ModelConfig
+from textmill.linear_attention import LinearAttentionShape
 from textmill.models.base import AttentionContext
 from textmill.models.gemma4 import RMSNorm
 from textmill.models.hybrid import HybridBlock, HybridForCausalLM, SequenceStates, causal_conv

@@ -12,6 +12,7 @@ from typing import Mapping
 from torch import nn
 
 from textmill.config import ModelConfig
+from textmill.models.falcon_h1 import FalconH1ForCausalLM
 from textmill.models.gemma3 import Gemma3ForCausalLM
 from textmill.models.gemma4 import Gemma4ForCausalLM
 from textmill.models.gpt2 import GPT2LMHeadModel
@@ -41,6 +42,7 @@ MODEL_CLASSES: Mapping[str, type[nn.Module]] = MappingProxyType({
     "lfm2": Lfm2ForCausalLM,
     "granitehybrid": GraniteHybridForCausalLM,
     "nemotron_h": NemotronHForCausalLM,
+    "falcon_h1": FalconH1ForCausalLM,
     "gpt2": GPT2LMHeadModel,
 })
 
@@ -145,6 +147,10 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     # Nemotron-H (Nemotron Nano 9B/12B v2; models/nemotron_h.py): a Mamba-2 mixer, NoPE attention or a
     # ReLU^2 MLP in each layer. GGUF files only; its mixtures of experts (nemotron_h_moe) are not supported.
     "nemotron_h": "nemotron_h",
+    # Falcon-H1 (0.5B to 34B, Falcon-H1R; models/falcon_h1.py): attention and a Mamba-2 mixer side by side
+    # in every layer, its muP multipliers in the weights. GGUF files only.
+    "falcon-h1": "falcon_h1",
+    "falcon_h1": "falcon_h1",
     "gpt2": "gpt2",
     "GPT2LMHeadModel": "gpt2",
 })

@@ -1,5 +1,5 @@
 """The hybrids' forward pass (models/qwen35.py, models/lfm2.py, models/granite_hybrid.py,
-models/nemotron_h.py) on textmill's C++ kernels (float32 CPU).
+models/nemotron_h.py, models/falcon_h1.py) on textmill's C++ kernels (float32 CPU).
 
 Every call computes a row from that row alone (the 2- to 8-bit linears, layer.cpp's norms, RoPE
 and paged attention, recurrent.cpp's convolution, delta rule, scan and gate, exact elementwise
@@ -20,6 +20,7 @@ sublayer's output joins h with the next sublayer's norm in one call:
         Mamba-2 (Granite 4.0-H, Nemotron-H):  [z | xBC | dt] = in_proj(y)
                                out_proj(ssm_scan(causal_conv(xBC, bias, silu), z, dt, ...))
         their attention:       LFM2's without q/k norms, on an identity RoPE table (NoPE)
+        Falcon-H1's:           Mamba-2's plus Llama's attention (RoPE), side by side
     MLPs: down(silu_mul(gate_up(y))), a mixture of experts (runner/moe.py), Nemotron-H's down(relu(up(y))^2)
     (a times Granite's residual multiplier before it joins h)
 
@@ -32,7 +33,7 @@ from types import ModuleType
 
 import torch
 
-from textmill.models import granite_hybrid, lfm2, nemotron_h, qwen35
+from textmill.models import falcon_h1, granite_hybrid, lfm2, nemotron_h, qwen35
 from textmill.models.moe import SparseMoE
 from textmill.runner.kernel_attention import KernelPagedAttention
 from textmill.runner.kernel_forward import KernelForwardBase, direct_call
@@ -73,7 +74,8 @@ class HybridKernelForward(KernelForwardBase):
             if self.steps[i] is not None:
                 self.sublayers.append((_weight(b.input_layernorm), i, True))
             if self.mlps[i] is not None:
-                norm = b.input_layernorm if self.steps[i] is None else b.post_attention_layernorm
+                norm = (b.input_layernorm if self.steps[i] is None
+                        else b.pre_ff_layernorm if isinstance(b, falcon_h1.Block) else b.post_attention_layernorm)
                 self.sublayers.append((_weight(norm), i, False))
         # Each recurrent layer's replay: its kernels over recorded inputs, into the states (hybrids' guesses).
         self.replays = {i: self._replay_of(b) for i, b in enumerate(self.layers) if b.recurrent}
@@ -91,6 +93,9 @@ class HybridKernelForward(KernelForwardBase):
 
     def _mixer(self, block: torch.nn.Module):
         """The layer's mixer as a function of (y, positions' rows, cos, sin, ctx, states, seqs)."""
+        if isinstance(block, falcon_h1.Block):  # both side by side: mamba(y) + attention(y)
+            mamba, attention = self._mamba2(block.mamba), self._attention(block.self_attn)
+            return lambda y, *step: mamba(y, *step).add_(attention(y, *step))
         if isinstance(block, qwen35.Block) and block.recurrent:
             return self._delta_net(block.linear_attn)
         if isinstance(block, qwen35.Block):
@@ -106,7 +111,7 @@ class HybridKernelForward(KernelForwardBase):
         """A hybrid whose layers were fused: one projection into each mixer (an LFM2 convolution has
         one already) and gate|up."""
         if type(model) not in (qwen35.Qwen35ForCausalLM, lfm2.Lfm2ForCausalLM, granite_hybrid.GraniteHybridForCausalLM,
-                               nemotron_h.NemotronHForCausalLM):
+                               nemotron_h.NemotronHForCausalLM, falcon_h1.FalconH1ForCausalLM):
             return False
         if 0 < len(model.config.no_rope_layers) < model.config.num_layers:  # one table for every attention layer
             return False
@@ -115,8 +120,9 @@ class HybridKernelForward(KernelForwardBase):
             if mlp is not None and not isinstance(mlp, (KernelMoE, SparseMoE, nemotron_h.ReluSquaredMLP)) \
                     and getattr(mlp, "gate_up_proj", None) is None:
                 return False
-            mixer = getattr(b, b.mixer_name) if b.recurrent else getattr(b, "self_attn", None)
-            if mixer is not None and getattr(mixer, "in_proj" if b.recurrent else "qkv_proj", None) is None:
+            if b.recurrent and getattr(getattr(b, b.mixer_name), "in_proj", None) is None:
+                return False
+            if hasattr(b, "self_attn") and getattr(b.self_attn, "qkv_proj", None) is None:
                 return False
         return True
 
@@ -153,7 +159,7 @@ class HybridKernelForward(KernelForwardBase):
             replay(*(t.index_select(0, rows) for t in states.record[i]), states.pools(i), seqs)
 
     def _replay_of(self, block: torch.nn.Module):
-        if isinstance(block, (qwen35.Block, granite_hybrid.Block, nemotron_h.Block)):
+        if isinstance(block, (qwen35.Block, granite_hybrid.Block, nemotron_h.Block, falcon_h1.Block)):
             run = (self._delta_kernels(block.linear_attn) if isinstance(block, qwen35.Block)
                    else self._mamba2_kernels(block.mamba))
             return lambda p, pools, seqs: run(p, *pools, seqs)
@@ -190,7 +196,7 @@ class HybridKernelForward(KernelForwardBase):
         end = inner + s.conv_channels
         taps, bias = _taps(mixer.conv1d.weight), mixer.conv1d.bias.detach().float().contiguous()
         A, D, dt_bias = (t.detach().float().contiguous() for t in (mixer.A, mixer.D, mixer.dt_bias))
-        norm = _weight(mixer.norm)
+        norm = _weight(mixer.norm) if mixer.norm is not None else torch.empty(0)
 
         def run(p, conv, ssm, seqs):
             xbc = self.recurrent.causal_conv(p[:, inner:end], taps, conv, seqs, True, bias)

@@ -7,7 +7,7 @@
 //   gated_delta  q and k L2-normed, the gated delta rule through each sequence's state token by
 //                token, each output head RMS-normed times the norm's weight and silu(z)
 //   ssm_scan     Mamba-2's selective scan through each sequence's state token by token, plus D x,
-//                times silu(z), RMS-normed by groups of heads times the norm's weight
+//                times silu(z), RMS-normed by groups of heads times the norm's weight (where given)
 //   sigmoid_gate x *= sigmoid(gate): the gate on Qwen3.5's attention output
 //
 // models/qwen35.py and models/granite_hybrid.py state the same math in torch (the tests hold these
@@ -324,9 +324,10 @@ torch::Tensor ssm_scan(const torch::Tensor& xbc, const torch::Tensor& z, const t
   for (const auto* t : {&A, &D, &dt_bias})
     TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous() && t->numel() == nh,
                 "A, D and dt_bias: expected (", nh, ") float32");
+  const bool normed = norm_weight.numel() > 0;  // empty: y silu(z) alone (Falcon-H1's files without ssm_norm)
   TORCH_CHECK(norm_weight.scalar_type() == torch::kFloat && norm_weight.is_contiguous() &&
-                  norm_weight.numel() == inner,
-              "norm_weight: expected (", inner, ") float32");
+                  (!normed || norm_weight.numel() == inner),
+              "norm_weight: expected (", inner, ") float32, or none");
   check_rows(rows, n, pool.size(0));
   auto out = torch::empty({n, inner}, xbc.options());
   float* op = out.data_ptr<float>();
@@ -356,6 +357,7 @@ torch::Tensor ssm_scan(const torch::Tensor& xbc, const torch::Tensor& z, const t
       const int64_t row = i / g, at = (i % g) * group_width;
       float* y = op + row * inner + at;
       silu_row(zp + row * zs + at, y, group_width, y);
+      if (!normed) continue;
       const float inv = 1.f / std::sqrt(sum_squares(y, group_width) / static_cast<float>(group_width) +
                                         static_cast<float>(eps));
       for (int64_t j = 0; j < group_width; ++j) y[j] = y[j] * inv * wp[at + j];
