@@ -27,8 +27,13 @@ of 15,680, one attention of 40 query heads of 128 and 8 KV heads, no RoPE) at d 
 llama.cpp's Q4_K_M recipe gives those matrices its fallbacks, Q5_0 for Q4_K and Q8_0 for Q6_K, as
 real files of the model hold them; ssm_out (rows of 10,240) stays Q4_K.
 
+synthetic-falconh1: a 1.5B-class Falcon-H1 (d = 2048, 24 layers), each layer attention (8 query heads
+of 128, 2 KV heads, RoPE) beside a Mamba-2 mixer (48 heads of 64, one group, a state of 256, no gated
+norm: Falcon-H1's mamba_rms_norm false), then an MLP of 6144; an untied 65,536-row head. Every layer
+keeps both a KV cache and a state (75 MiB a sequence).
+
     python bench/synthetic_mamba2.py granitehybrid     # prints the path, building the file once
-    python bench/synthetic_mamba2.py granitehybridmoe  # or nemotronh
+    python bench/synthetic_mamba2.py granitehybridmoe  # or nemotronh, falconh1
 """
 from __future__ import annotations
 
@@ -53,13 +58,16 @@ SYNTHETIC_GRANITE_MOE = SyntheticSpec(name="synthetic-granitehybridmoe", hidden=
 SYNTHETIC_NEMOTRONH = SyntheticSpec(name="synthetic-nemotronh", hidden=4480, layers=14, heads=40, kv_heads=8,
                                     ffn=15680, context=2**20, rope_base=10000.0, arch="nemotron_h", key_length=128,
                                     vocab=131072, seed=18)
+SYNTHETIC_FALCONH1 = SyntheticSpec(name="synthetic-falconh1", hidden=2048, layers=24, heads=8, kv_heads=2, ffn=6144,
+                                   context=262144, rope_base=100_000_000_000.0, arch="falcon-h1", key_length=128,
+                                   vocab=65536, seed=19)
 SPECS = {"granitehybrid": SYNTHETIC_GRANITE, "granitehybridmoe": SYNTHETIC_GRANITE_MOE,
-         "nemotronh": SYNTHETIC_NEMOTRONH}
+         "nemotronh": SYNTHETIC_NEMOTRONH, "falconh1": SYNTHETIC_FALCONH1}
 CONV = 4
 # (heads, head width, state size, groups) of each family's mixers
-MAMBA = {"granitehybrid": (48, 64, 128, 1), "nemotron_h": (128, 80, 128, 8)}
+MAMBA = {"granitehybrid": (48, 64, 128, 1), "nemotron_h": (128, 80, 128, 8), "falcon-h1": (48, 64, 256, 1)}
 NEMOTRONH_PATTERN = "M-M-M-MM-M-M*-"
-FORMAT = 5  # bump when the bytes written change: part of the cached file's name
+FORMAT = 6  # bump when the bytes written change: part of the cached file's name
 
 
 def synthetic_mamba2_path(spec: SyntheticSpec, tokenizer_source: Path | None = None) -> Path:
@@ -71,6 +79,8 @@ def layer_kinds(spec: SyntheticSpec) -> str:
     Granite's layers are M or * (one in ten attends, the sixth of each ten), each with an MLP."""
     if spec.arch == "nemotron_h":
         return NEMOTRONH_PATTERN[:spec.layers]
+    if spec.arch == "falcon-h1":
+        return "B" * spec.layers  # both, side by side
     return "".join("*" if i % 10 == 5 else "M" for i in range(spec.layers))
 
 
@@ -97,21 +107,23 @@ def _plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, ...], G
         if kind == "-":  # Nemotron-H's MLP layer: up and down, no gate, no norm of its own
             plan += [(f"blk.{i}.ffn_up.weight", (spec.ffn, d), Q4_K), (f"blk.{i}.ffn_down.weight", (d, spec.ffn), wide)]
             continue
-        if kind == "*":
+        if kind in "*B":
             plan += [(f"blk.{i}.attn_q.weight", (spec.heads * hd, d), Q4_K),
                      (f"blk.{i}.attn_k.weight", (spec.kv_heads * hd, d), Q4_K),
                      (f"blk.{i}.attn_v.weight", (spec.kv_heads * hd, d), wide),
                      (f"blk.{i}.attn_output.weight", (d, spec.heads * hd), Q4_K)]
-        else:
+        if kind in "MB":
             plan += [(f"blk.{i}.ssm_in.weight", (inner + channels + heads, d), Q4_K),
                      (f"blk.{i}.ssm_conv1d.weight", (channels, CONV), F32),
                      (f"blk.{i}.ssm_conv1d.bias", (channels,), F32), (f"blk.{i}.ssm_dt.bias", (heads,), F32),
-                     (f"blk.{i}.ssm_a", (heads, 1), F32), (f"blk.{i}.ssm_d", (heads, 1), F32),
-                     (f"blk.{i}.ssm_norm.weight", (groups, inner // groups), F32),
-                     (f"blk.{i}.ssm_out.weight", (d, inner), Q4_K)]
+                     (f"blk.{i}.ssm_a", (heads, 1), F32), (f"blk.{i}.ssm_d", (heads, 1), F32)]
+            if spec.arch != "falcon-h1":  # its mixers have no gated norm
+                plan += [(f"blk.{i}.ssm_norm.weight", (groups, inner // groups), F32)]
+            plan += [(f"blk.{i}.ssm_out.weight", (d, inner), Q4_K)]
         if spec.arch == "nemotron_h":
             continue  # a mixer alone
-        plan += [(f"blk.{i}.ffn_norm.weight", (d,), F32)]
+        # Falcon-H1's pre-MLP norm has no .weight in its files
+        plan += [(f"blk.{i}.ffn_norm" + ("" if spec.arch == "falcon-h1" else ".weight"), (d,), F32)]
         if spec.experts:
             e, fe, fs = spec.experts, spec.expert_ffn, spec.shared_ffn
             plan += [(f"blk.{i}.ffn_gate_inp.weight", (e, d), F32),
@@ -154,21 +166,26 @@ def write_mamba2(spec: SyntheticSpec, tokenizer_source: Path, path: Path) -> Pat
     w, fields, vocab, tmp = begin_file(spec, tokenizer_source, path)
     kinds = layer_kinds(spec)
     w.add_head_count(spec.heads)
-    w.add_head_count_kv([spec.kv_heads if kind == "*" else 0 for kind in kinds])
     w.add_rope_freq_base(spec.rope_base)
-    w.add_rope_scaling_finetuned(False)  # no RoPE
     w.add_layer_norm_rms_eps(1e-5)
-    if spec.arch == "nemotron_h":
-        w.add_feed_forward_length([spec.ffn if kind == "-" else 0 for kind in kinds])
-        w.add_layer_norm_eps(1e-5)  # llama.cpp requires it (its MTP head's norm)
-        w.add_key_length(spec.head_dim)
-        w.add_value_length(spec.head_dim)
-    else:
+    if spec.arch == "falcon-h1":  # attention with RoPE in every layer
+        w.add_head_count_kv(spec.kv_heads)
         w.add_feed_forward_length(spec.ffn)
+    else:
+        w.add_head_count_kv([spec.kv_heads if kind == "*" else 0 for kind in kinds])
+        w.add_rope_scaling_finetuned(False)  # no RoPE
+        w.add_feed_forward_length([spec.ffn if kind == "-" else 0 for kind in kinds] if spec.arch == "nemotron_h"
+                                  else spec.ffn)
+    if spec.arch == "nemotron_h":
+        w.add_layer_norm_eps(1e-5)  # llama.cpp requires it (its MTP head's norm)
+    if spec.arch == "granitehybrid":
         w.add_attention_scale(1 / 128)
         w.add_embedding_scale(1.0)
         w.add_residual_scale(1.0)
         w.add_logit_scale(6.0)
+    else:
+        w.add_key_length(spec.head_dim)
+        w.add_value_length(spec.head_dim)
     if spec.experts:
         w.add_expert_count(spec.experts)
         w.add_expert_used_count(spec.experts_used)

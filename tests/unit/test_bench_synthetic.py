@@ -375,3 +375,29 @@ def test_a_nemotronh_file(tmp_path):
     assert models.read_info(path).kv_bytes_per_token(2) * 16 == per_block == 16 * 2 * 2 * (2 * 64)
     loaded = load_model(path)
     assert not any(p.is_meta for p in loaded.model.parameters())
+
+
+def test_a_falconh1_file(tmp_path):
+    """synthetic_mamba2's Falcon-H1 (a few layers of the 1.5B class): attention with RoPE beside a Mamba-2
+    mixer in every layer, no gated norm, the pre-MLP norm without .weight; every tensor lands in the
+    model and every layer keeps KV."""
+    import dataclasses
+
+    import models
+    import synthetic_mamba2 as sm
+    import torch
+
+    from textmill.config import CacheConfig
+    from textmill.loader import load_model
+    from textmill.runner.kv_cache import KVCache
+
+    spec = dataclasses.replace(sm.SYNTHETIC_FALCONH1, hidden=256, layers=3, heads=4, key_length=64, ffn=512,
+                               vocab=None)
+    path = sm.write_mamba2(spec, sg.default_tokenizer_source(), tmp_path / "falconh1.gguf")
+    config = read_config(GGUFFile(path))
+    assert (config.architecture, config.recurrent_layers, config.parallel_mixers) == ("falcon_h1", (0, 1, 2), True)
+    assert not config.linear_attention.gated_norm and config.linear_attention.key_dim == 256
+    per_block = KVCache.bytes_per_block(config, CacheConfig(block_size=16), torch.float32, torch.float16)
+    assert models.read_info(path).kv_bytes_per_token(2) * 16 == per_block == 16 * 2 * 2 * (3 * 2 * 64)
+    loaded = load_model(path)
+    assert not any(p.is_meta for p in loaded.model.parameters())
