@@ -22,6 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "textmill"
 LAYER_OF = {
     "textmill": "types",
     "textmill.config": "types",
+    "textmill.linear_attention": "types",  # a field of ModelConfig
     "textmill.messages": "types",
     "textmill.sampling_params": "types",
     "textmill.structured": "types",

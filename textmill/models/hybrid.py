@@ -1,8 +1,10 @@
-"""What the hybrids (models/qwen35.py, models/lfm2.py, models/granite_hybrid.py) share: layers that are
-either recurrent (a state per sequence, handed over by the runner as `states`) or attention, each
+"""What the hybrids share. HybridBlock (models/qwen35.py, models/lfm2.py, models/granite_hybrid.py): a
+layer either recurrent (a state per sequence, handed over by the runner as `states`) or attention,
 followed by a SwiGLU MLP or a mixture of SwiGLU experts (models/moe.py: Qwen3.5 MoE, LFM2 MoE, Granite
-4.0-H's), both pre-normed, with Granite's multipliers where the config gives them; the causal depthwise
-convolution every family's recurrent layers start with.
+4.0-H's), both pre-normed, with Granite's multipliers where the config gives them. HybridForCausalLM
+(those and models/nemotron_h.py, models/falcon_h1.py, whose blocks are their own): the embedding, the
+layers over the states, the head. And the causal depthwise convolution every family's recurrent layers
+start with.
 """
 from __future__ import annotations
 

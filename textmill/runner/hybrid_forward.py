@@ -108,8 +108,9 @@ class HybridKernelForward(KernelForwardBase):
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
-        """A hybrid whose layers were fused: one projection into each mixer (an LFM2 convolution has
-        one already) and gate|up."""
+        """A hybrid whose layers were fused: one projection into each mixer (LFM2's convolutions and the
+        Mamba-2 mixers have one already), qkv for attention, and gate|up (or a mixture of experts, or
+        Nemotron-H's up alone)."""
         if type(model) not in (qwen35.Qwen35ForCausalLM, lfm2.Lfm2ForCausalLM, granite_hybrid.GraniteHybridForCausalLM,
                                nemotron_h.NemotronHForCausalLM, falcon_h1.FalconH1ForCausalLM):
             return False
