@@ -60,3 +60,15 @@ def our_greedy(model: torch.nn.Module, ids: torch.Tensor, steps: int = GREEDY_TO
             position = torch.tensor([len(ids) + step])
             hidden = model(torch.tensor([token]), position, ctx)
     return tokens
+
+
+def farthest_logprob_diff(model: torch.nn.Module, hf_model, prompts: dict[str, torch.Tensor]) -> float:
+    """The largest prompt log-prob difference over the prompts."""
+    return max(max_logprob_diff(model, hf_model, ids) for ids in prompts.values())
+
+
+def assert_matches(model: torch.nn.Module, hf_model, prompts: dict[str, torch.Tensor]) -> None:
+    """Prompt log-probs within LOGPROB_TOLERANCE and the same greedy tokens on every prompt."""
+    assert farthest_logprob_diff(model, hf_model, prompts) < LOGPROB_TOLERANCE
+    for ids in prompts.values():
+        assert our_greedy(model, ids) == hf_greedy(hf_model, ids)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.parity.compare import LOGPROB_TOLERANCE, hf_greedy, max_logprob_diff, our_greedy
+from tests.parity.compare import LOGPROB_TOLERANCE, assert_matches, farthest_logprob_diff
 from tests.parity.one_sequence import OneSequence
 from tests.parity.tiny_granite_hybrid import round_to_file, tiny_granite_hybrid_hf, write_granite_hybrid_gguf
 from textmill.loader import load_model
@@ -35,17 +35,10 @@ def files(tokenizer, tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]
     return out
 
 
-def _far(model, hf, prompts) -> float:
-    return max(max_logprob_diff(model, hf, ids) for ids in prompts.values())
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_prompt_logprobs_and_greedy_tokens_match_transformers(variant, files, prompts) -> None:
     hf, path = files[variant]
-    ours = OneSequence(load_model(path).model)
-    assert _far(ours, hf, prompts) < LOGPROB_TOLERANCE
-    for ids in prompts.values():
-        assert our_greedy(ours, ids) == hf_greedy(hf, ids)
+    assert_matches(OneSequence(load_model(path).model), hf, prompts)
 
 
 def test_config_read_from_the_file(files) -> None:
@@ -81,4 +74,4 @@ def test_a_wrong_scan_is_far_off(change, files, prompts) -> None:
                     for t, start in ((mamba.conv1d.weight, conv_start), (mamba.conv1d.bias, conv_start),
                                      (mamba.in_proj.weight, inner + conv_start)):
                         t[start:start + 2 * n] = torch.cat([t[start + n:start + 2 * n], t[start:start + n]])
-    assert _far(OneSequence(model), hf, prompts) > 20 * LOGPROB_TOLERANCE  # logits / 6
+    assert farthest_logprob_diff(OneSequence(model), hf, prompts) > 20 * LOGPROB_TOLERANCE  # logits / 6

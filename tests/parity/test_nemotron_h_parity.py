@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.parity.compare import LOGPROB_TOLERANCE, hf_greedy, max_logprob_diff, our_greedy
+from tests.parity.compare import LOGPROB_TOLERANCE, assert_matches, farthest_logprob_diff
 from tests.parity.one_sequence import OneSequence
 from tests.parity.tiny_granite_hybrid import round_to_file
 from tests.parity.tiny_nemotron_h import tiny_nemotron_h_hf, write_nemotron_h_gguf
@@ -33,10 +33,7 @@ def files(tokenizer, tmp_path_factory):
 @pytest.mark.parametrize("variant", ["f32", "q8_0"])
 def test_prompt_logprobs_and_greedy_tokens_match_transformers(variant, files, prompts) -> None:
     hf, path = files[variant]
-    ours = OneSequence(load_model(path).model)
-    assert max(max_logprob_diff(ours, hf, ids) for ids in prompts.values()) < LOGPROB_TOLERANCE
-    for ids in prompts.values():
-        assert our_greedy(ours, ids) == hf_greedy(hf, ids)
+    assert_matches(OneSequence(load_model(path).model), hf, prompts)
 
 
 def test_config_read_from_the_file(files) -> None:
@@ -56,4 +53,4 @@ def test_the_mlp_is_relu_squared(files, prompts) -> None:
     for layer in model.layers:
         if layer.mlp_only:
             layer.mlp.forward = lambda x, m=layer.mlp: m.down_proj(torch.relu(m.up_proj(x)))
-    assert max(max_logprob_diff(OneSequence(model), hf, ids) for ids in prompts.values()) > 20 * LOGPROB_TOLERANCE
+    assert farthest_logprob_diff(OneSequence(model), hf, prompts) > 20 * LOGPROB_TOLERANCE

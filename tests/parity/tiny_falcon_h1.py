@@ -15,16 +15,14 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import torch
 from gguf import GGUFWriter
 from tokenizers import Tokenizer
 
-from tests.parity.tiny_gguf import _write_vocab, finish_file
-from tests.parity.tiny_granite_hybrid import _file_type, mamba2_tensor
+from tests.parity.tiny_granite_hybrid import (GROUPS, MAMBA_HEAD_DIM, MAMBA_HEADS, STATE, TAPS, finish_mamba2_file,
+                                              mamba2_tensor, random_model)
 from tests.parity.tiny_models import MAX_POSITIONS, VOCAB_SIZE
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS = 64, 4, 2, 16, 96, 3
-MAMBA_HEADS, MAMBA_HEAD_DIM, STATE, GROUPS, TAPS = 8, 16, 16, 2, 4
 MULTIPLIERS = dict(attention_in_multiplier=0.8, key_multiplier=0.6, attention_out_multiplier=0.9,
                    ssm_in_multiplier=1.25, ssm_out_multiplier=0.7, ssm_multipliers=[0.5, 1.5, 0.8, 1.2, 0.9],
                    mlp_multipliers=[1.3, 0.6], embedding_multiplier=2.0, lm_head_multiplier=0.4)
@@ -36,26 +34,16 @@ _ATTENTION = {"self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weig
 
 
 def tiny_falcon_h1_hf(seed: int = 0, rms_norm: bool = False):
-    """A random FalconH1ForCausalLM, float32, eval mode: norm weights 1 + N(0, 0.2), every other weight
-    N(0, 0.15) on top of the init."""
+    """A random FalconH1ForCausalLM (tiny_granite_hybrid.random_model)."""
     import transformers as tf
 
-    torch.manual_seed(seed)
-    config = tf.FalconH1Config(
+    return random_model(tf.FalconH1Config(
         vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
         mamba_d_ssm=MAMBA_HEADS * MAMBA_HEAD_DIM, mamba_n_heads=MAMBA_HEADS, mamba_d_head=MAMBA_HEAD_DIM,
         mamba_d_state=STATE, mamba_n_groups=GROUPS, mamba_d_conv=TAPS, mamba_rms_norm=rms_norm,
         mamba_norm_before_gate=False, max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, eos_token_id=0, bos_token_id=None, pad_token_id=None, **MULTIPLIERS)
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.add_(torch.randn_like(p) * 0.15)
-    return model.eval().requires_grad_(False)
+        tie_word_embeddings=False, eos_token_id=0, bos_token_id=None, pad_token_id=None, **MULTIPLIERS), seed)
 
 
 def _multiplied(part: str, w: np.ndarray) -> np.ndarray:
@@ -121,13 +109,5 @@ def write_falcon_h1_gguf(path: Path, hf_model, tokenizer: Tokenizer, *, q8_0: bo
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8_0 else gguf.LlamaFileType.ALL_F32)
     w.add_vocab_size(c.vocab_size)
-    w.add_ssm_conv_kernel(TAPS)
-    w.add_ssm_state_size(STATE)
-    w.add_ssm_group_count(GROUPS)
-    w.add_ssm_inner_size(MAMBA_HEADS * MAMBA_HEAD_DIM)
-    w.add_ssm_time_step_rank(MAMBA_HEADS)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _write_vocab(w, tokenizer)
-    finish_file(w, gguf_tensors(hf_model), lambda target, values: _file_type(target, values, q8_0))
-    return path
+    return finish_mamba2_file(w, gguf_tensors(hf_model), tokenizer, q8_0, path)
 

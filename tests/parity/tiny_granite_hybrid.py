@@ -51,9 +51,16 @@ def tiny_granite_hybrid_hf(seed: int = 0, moe: bool = False, rope: bool = False)
     other weight N(0, 0.15) on top of the init (A_log's log(1..8), D's and dt_bias's ones too)."""
     import transformers as tf
 
+    return random_model(granite_hybrid_config(moe, rope), seed)
+
+
+def random_model(config, seed: int):
+    """The config's transformers model, float32, eval mode: norm weights 1 + N(0, 0.2), every other
+    weight N(0, 0.15) on top of its init (so a tensor read the wrong way round is far off)."""
+    import transformers as tf
+
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(granite_hybrid_config(moe, rope), dtype=torch.float32,
-                                                attn_implementation="eager")
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -160,6 +167,13 @@ def write_granite_hybrid_gguf(path: Path, hf_model, tokenizer: Tokenizer, *, q8_
         w.add_expert_count(EXPERTS)
         w.add_expert_used_count(PER_TOKEN)
         w.add_expert_shared_feed_forward_length(SHARED_FFN)
+    return finish_mamba2_file(w, gguf_tensors(hf_model), tokenizer, q8_0, path)
+
+
+def finish_mamba2_file(w: GGUFWriter, tensors: dict[str, np.ndarray], tokenizer: Tokenizer, q8_0: bool,
+                       path: Path) -> Path:
+    """The Mamba-2 mixers' keys (the tiny families all have 8 heads of 16 in 2 groups, a state of 16,
+    4 taps), the vocabulary, then the tensors."""
     w.add_ssm_conv_kernel(TAPS)
     w.add_ssm_state_size(STATE)
     w.add_ssm_group_count(GROUPS)
@@ -167,5 +181,5 @@ def write_granite_hybrid_gguf(path: Path, hf_model, tokenizer: Tokenizer, *, q8_
     w.add_ssm_time_step_rank(MAMBA_HEADS)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_vocab(w, tokenizer)
-    finish_file(w, gguf_tensors(hf_model), lambda target, values: _file_type(target, values, q8_0))
+    finish_file(w, tensors, lambda target, values: _file_type(target, values, q8_0))
     return path

@@ -13,41 +13,30 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import torch
 from gguf import GGUFWriter
 from tokenizers import Tokenizer
 
-from tests.parity.tiny_gguf import _write_vocab, finish_file, llama_cpp_permute
-from tests.parity.tiny_granite_hybrid import _file_type, mamba2_tensor
+from tests.parity.tiny_gguf import llama_cpp_permute
+from tests.parity.tiny_granite_hybrid import (GROUPS, MAMBA_HEAD_DIM, MAMBA_HEADS, STATE, TAPS, finish_mamba2_file,
+                                              mamba2_tensor, random_model)
 from tests.parity.tiny_models import MAX_POSITIONS, VOCAB_SIZE
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 64, 4, 2, 16, 96
-MAMBA_HEADS, MAMBA_HEAD_DIM, STATE, GROUPS, TAPS = 8, 16, 16, 2, 4
 LAYER_TYPES = ("mamba", "mlp", "mamba", "attention", "mlp", "mamba")
 _ATTENTION = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
               "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
 
 def tiny_nemotron_h_hf(seed: int = 2):
-    """A random NemotronHForCausalLM, float32, eval mode: norm weights 1 + N(0, 0.2), every other weight
-    N(0, 0.15) on top of the init."""
+    """A random NemotronHForCausalLM (tiny_granite_hybrid.random_model)."""
     import transformers as tf
 
-    torch.manual_seed(seed)
-    config = tf.NemotronHConfig(
+    return random_model(tf.NemotronHConfig(
         vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, layers_block_type=list(LAYER_TYPES), num_attention_heads=HEADS,
         num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, intermediate_size=FFN, mamba_num_heads=MAMBA_HEADS,
         mamba_head_dim=MAMBA_HEAD_DIM, ssm_state_size=STATE, n_groups=GROUPS, conv_kernel=TAPS, use_conv_bias=True,
         max_position_embeddings=MAX_POSITIONS, layer_norm_epsilon=1e-5, tie_word_embeddings=False, eos_token_id=0,
-        bos_token_id=None, pad_token_id=None)
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.add_(torch.randn_like(p) * 0.15)
-    return model.eval().requires_grad_(False)
+        bos_token_id=None, pad_token_id=None), seed)
 
 
 def gguf_tensors(hf_model) -> dict[str, np.ndarray]:
@@ -92,12 +81,4 @@ def write_nemotron_h_gguf(path: Path, hf_model, tokenizer: Tokenizer, *, q8_0: b
     w.add_layer_norm_eps(c.layer_norm_epsilon)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8_0 else gguf.LlamaFileType.ALL_F32)
     w.add_vocab_size(c.vocab_size)
-    w.add_ssm_conv_kernel(TAPS)
-    w.add_ssm_state_size(STATE)
-    w.add_ssm_group_count(GROUPS)
-    w.add_ssm_inner_size(MAMBA_HEADS * MAMBA_HEAD_DIM)
-    w.add_ssm_time_step_rank(MAMBA_HEADS)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _write_vocab(w, tokenizer)
-    finish_file(w, gguf_tensors(hf_model), lambda target, values: _file_type(target, values, q8_0))
-    return path
+    return finish_mamba2_file(w, gguf_tensors(hf_model), tokenizer, q8_0, path)
