@@ -19,8 +19,8 @@ from gguf import GGUFWriter
 from tokenizers import Tokenizer
 
 from tests.parity.tiny_granite_hybrid import (GROUPS, MAMBA_HEAD_DIM, MAMBA_HEADS, STATE, TAPS, finish_mamba2_file,
-                                              mamba2_tensor, random_model)
-from tests.parity.tiny_models import MAX_POSITIONS, VOCAB_SIZE
+                                              mamba2_tensor)
+from tests.parity.tiny_models import MAX_POSITIONS, VOCAB_SIZE, random_model
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS = 64, 4, 2, 16, 96, 3
 MULTIPLIERS = dict(attention_in_multiplier=0.8, key_multiplier=0.6, attention_out_multiplier=0.9,
@@ -34,7 +34,7 @@ _ATTENTION = {"self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weig
 
 
 def tiny_falcon_h1_hf(seed: int = 0, rms_norm: bool = False):
-    """A random FalconH1ForCausalLM (tiny_granite_hybrid.random_model)."""
+    """A random FalconH1ForCausalLM (tiny_models.random_model)."""
     import transformers as tf
 
     return random_model(tf.FalconH1Config(

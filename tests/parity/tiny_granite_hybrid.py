@@ -22,7 +22,7 @@ from gguf.constants import GGMLQuantizationType as T
 from tokenizers import Tokenizer
 
 from tests.parity.tiny_gguf import _stacked_experts, _write_vocab, finish_file, llama_cpp_permute
-from tests.parity.tiny_models import MAX_POSITIONS, VOCAB_SIZE
+from tests.parity.tiny_models import MAX_POSITIONS, VOCAB_SIZE, random_model
 
 HIDDEN, HEADS, KV_HEADS, SHARED_FFN = 64, 4, 2, 96
 MAMBA_HEADS, MAMBA_HEAD_DIM, STATE, GROUPS, TAPS = 8, 16, 16, 2, 4
@@ -47,27 +47,9 @@ def granite_hybrid_config(moe: bool = False, rope: bool = False):
 
 
 def tiny_granite_hybrid_hf(seed: int = 0, moe: bool = False, rope: bool = False):
-    """A random GraniteMoeHybridForCausalLM, float32, eval mode: norm weights 1 + N(0, 0.2), every
-    other weight N(0, 0.15) on top of the init (A_log's log(1..8), D's and dt_bias's ones too)."""
-    import transformers as tf
-
+    """A random GraniteMoeHybridForCausalLM (tiny_models.random_model: A_log's log(1..8), D's and
+    dt_bias's ones moved too)."""
     return random_model(granite_hybrid_config(moe, rope), seed)
-
-
-def random_model(config, seed: int):
-    """The config's transformers model, float32, eval mode: norm weights 1 + N(0, 0.2), every other
-    weight N(0, 0.15) on top of its init (so a tensor read the wrong way round is far off)."""
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.add_(torch.randn_like(p) * 0.15)
-    return model.eval().requires_grad_(False)
 
 
 _MAMBA = {"in_proj.weight": "ssm_in.weight", "conv1d.weight": "ssm_conv1d.weight", "conv1d.bias": "ssm_conv1d.bias",

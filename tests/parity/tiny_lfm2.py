@@ -22,7 +22,7 @@ from gguf.constants import GGMLQuantizationType as T
 from tokenizers import Tokenizer
 
 from tests.parity.tiny_gguf import _stacked_experts, _write_vocab, finish_file
-from tests.parity.tiny_models import MAX_POSITIONS, VOCAB_SIZE
+from tests.parity.tiny_models import MAX_POSITIONS, VOCAB_SIZE, random_model
 
 HIDDEN, FFN_CONFIG, HEADS, KV_HEADS, TAPS = 64, 192, 4, 2, 3
 LAYER_TYPES = ("conv", "conv", "full_attention", "conv", "conv", "full_attention")
@@ -56,20 +56,12 @@ def tiny_lfm2_hf(seed: int = 0, moe: bool = False):
     """A random Lfm2ForCausalLM (Lfm2MoeForCausalLM), float32, eval mode: norm weights 1 + N(0, 0.2), every other
     weight N(0, 0.15) on top of the init (the conv's too, so a convolution read the wrong way
     round is far off); the experts' selection bias N(0, 0.05)."""
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(lfm2_config(moe), dtype=torch.float32, attn_implementation="eager")
+    model = random_model(lfm2_config(moe), seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.add_(torch.randn_like(p) * 0.15)
         for name, b in model.named_buffers():
             if name.endswith("expert_bias"):  # a buffer, zero at init: spread to change some choices
                 b.copy_(0.05 * torch.randn_like(b))
-    return model.eval().requires_grad_(False)
+    return model
 
 
 def ffn_width(config) -> int:

@@ -192,6 +192,22 @@ def tiny_hf_model(family: str, seed: int = 0, **config_changes):
     return model.eval().requires_grad_(False)
 
 
+def random_model(config, seed: int):
+    """The config's transformers model, float32, eval mode: norm weights 1 + N(0, 0.2), every other
+    weight N(0, 0.15) on top of its init (so a tensor read the wrong way round is far off)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.add_(torch.randn_like(p) * 0.15)
+    return model.eval().requires_grad_(False)
+
+
 def save_folder(model, tokenizer: Tokenizer, folder: Path, *, max_shard_size: str | None = None
                 ) -> Path:
     """save_pretrained plus the tokenizer files a server needs."""

@@ -18,8 +18,8 @@ from tokenizers import Tokenizer
 
 from tests.parity.tiny_gguf import llama_cpp_permute
 from tests.parity.tiny_granite_hybrid import (GROUPS, MAMBA_HEAD_DIM, MAMBA_HEADS, STATE, TAPS, finish_mamba2_file,
-                                              mamba2_tensor, random_model)
-from tests.parity.tiny_models import MAX_POSITIONS, VOCAB_SIZE
+                                              mamba2_tensor)
+from tests.parity.tiny_models import MAX_POSITIONS, VOCAB_SIZE, random_model
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 64, 4, 2, 16, 96
 LAYER_TYPES = ("mamba", "mlp", "mamba", "attention", "mlp", "mamba")
@@ -28,7 +28,7 @@ _ATTENTION = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_pro
 
 
 def tiny_nemotron_h_hf(seed: int = 2):
-    """A random NemotronHForCausalLM (tiny_granite_hybrid.random_model)."""
+    """A random NemotronHForCausalLM (tiny_models.random_model)."""
     import transformers as tf
 
     return random_model(tf.NemotronHConfig(
