@@ -150,6 +150,9 @@ class ModelConfig:
     # LFM2 MoE: the router's probabilities are the sigmoid of each logit, not their softmax
     # (llama.cpp's expert_gating_func 2).
     router_sigmoid: bool = False
+    # Nemotron-H MoE: the chosen experts' weights times this (routed_scaling_factor; llama.cpp's
+    # expert_weights_scale), after any renormalizing.
+    router_scale: float = 1.0
     # Gemma 4: the global (full-attention) layers' own head width and KV head count (None: head_dim,
     # num_kv_heads); where attention_k_eq_v, those layers have no v_proj and take V from k_proj.
     global_head_dim: int | None = None

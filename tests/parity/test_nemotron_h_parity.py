@@ -2,7 +2,8 @@
 writes its GGUF files (tiny_nemotron_h.py): one sublayer a layer, Mamba-2 mixers, NoPE attention and
 ReLU^2 MLPs, the mixers' states carried across forwards. Float32 and Q8_0 (the source rounded to the
 file first): prompt log-probabilities within 1e-3 and the same 32 greedy tokens, ours one token a
-forward as a server decodes. The MLP layers keep no KV cache.
+forward as a server decodes. The MLP layers keep no KV cache. Nemotron 3 Nano's kind (float32): ReLU^2
+experts chosen by a biased sigmoid, weights times 2.5, beside a shared expert.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def files(tokenizer, tmp_path_factory):
     out = {}
-    for name in ("f32", "q8_0"):
-        hf = tiny_nemotron_h_hf()
+    for name in ("f32", "q8_0", "moe-f32"):
+        hf = tiny_nemotron_h_hf(moe=name.startswith("moe"))
         if name == "q8_0":
             round_to_file(hf)
         path = tmp_path_factory.mktemp(f"nemotron-{name}") / f"tiny-nemotron-h-{name}.gguf"
@@ -30,7 +31,7 @@ def files(tokenizer, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("variant", ["f32", "q8_0"])
+@pytest.mark.parametrize("variant", ["f32", "q8_0", "moe-f32"])
 def test_prompt_logprobs_and_greedy_tokens_match_transformers(variant, files, prompts) -> None:
     hf, path = files[variant]
     assert_matches(OneSequence(load_model(path).model), hf, prompts)
@@ -44,6 +45,10 @@ def test_config_read_from_the_file(files) -> None:
     assert [c.has_kv(i) for i in range(6)] == [False, False, False, True, False, False]
     s = c.linear_attention
     assert (s.key_heads, s.value_heads, s.key_dim, s.value_dim, s.tiled_heads) == (2, 8, 16, 16, False)
+    moe = load_model(files["moe-f32"][1]).config
+    assert (moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size, moe.router_scale) == (8, 2, 32, 2.5)
+    assert (moe.router_sigmoid, moe.router_selection_bias, moe.shared_expert_intermediate_size) == (True, True, 64)
+    assert not moe.shared_expert_gate and moe.norm_topk_prob
 
 
 def test_the_mlp_is_relu_squared(files, prompts) -> None:

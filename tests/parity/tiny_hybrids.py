@@ -25,6 +25,8 @@ FAMILIES = {
                          tiny_granite_hybrid.round_to_file, tiny_granite_hybrid.write_granite_hybrid_gguf),
     "nemotron_h": (tiny_nemotron_h.tiny_nemotron_h_hf, tiny_granite_hybrid.round_to_file,
                    tiny_nemotron_h.write_nemotron_h_gguf),
+    "nemotron_h_moe": (functools.partial(tiny_nemotron_h.tiny_nemotron_h_hf, moe=True),
+                       tiny_granite_hybrid.round_to_file, tiny_nemotron_h.write_nemotron_h_gguf),
     # The file holds each weight times its multiplier, rounded: the source rounded as Granite's is near it.
     "falcon_h1": (tiny_falcon_h1.tiny_falcon_h1_hf, tiny_granite_hybrid.round_to_file,
                   tiny_falcon_h1.write_falcon_h1_gguf),

@@ -31,6 +31,7 @@ that shared MLP as their ungated shared expert.
 Nemotron-H (`nemotron_h`; conversion/nemotron.py NemotronHModel on GraniteHybridModel;
 src/models/nemotron-h.cpp): one sublayer a layer, told by two per-layer arrays: 0 KV heads and 0 MLP
 width is a Mamba-2 mixer, an MLP width an MLP layer (ReLU^2, no gate), the rest attention (no RoPE).
+Nemotron 3 Nano (`nemotron_h_moe`): its MLP layers are experts and a shared expert (gguf_experts.py).
 
 Falcon-H1 (`falcon-h1`; conversion/falcon_h1.py; src/models/falcon-h1.cpp): attention (NEOX RoPE,
 unpermuted) and a Mamba-2 mixer in every layer, the muP multipliers already in the weights; a file
@@ -196,6 +197,9 @@ def _mamba2_shape(meta: GGUFMetadata) -> LinearAttentionShape:
 
 def nemotron_h_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelConfig:
     names = {t.name for t in gguf.tensors}
+    if int(meta.arch_get("nextn_predict_layers", 0)) or any(".ffn_latent_" in name for name in names):
+        raise ValueError("Nemotron-H files with a multi-token-prediction head or latent expert projections "
+                         "(Nemotron 3 Super) are not supported")
     layers, heads = int(meta.arch_get("block_count")), int(meta.arch_get("attention.head_count"))
     kv, ff = _per_layer(meta, "attention.head_count_kv", layers), _per_layer(meta, "feed_forward_length", layers)
     attention, widths = {h for h in kv if h}, {f for f in ff if f}
@@ -222,6 +226,7 @@ def nemotron_h_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> Mo
         mlp_only_layers=tuple(i for i in range(layers) if ff[i]),
         linear_attention=_mamba2_shape(meta),
         name=str(meta.get("general.name", "")),
+        **expert_fields(meta, gguf),  # Nemotron 3 Nano's: the MLP layers' experts (their width: the file's widths)
     )
 
 
@@ -289,4 +294,5 @@ def mtp_tensor(config: ModelConfig, name: str) -> bool:
 # general.architecture -> its config reader
 HYBRID_CONFIGS = {"qwen35": qwen35_config, "lfm2": lfm2_config, "qwen35moe": with_experts(qwen35_config),
                   "lfm2moe": with_experts(lfm2_config), "qwen3next": qwen3next_config,
-                  "granitehybrid": granitehybrid_config, "nemotron_h": nemotron_h_config, "falcon-h1": falcon_h1_config}
+                  "granitehybrid": granitehybrid_config, "nemotron_h": nemotron_h_config,
+                  "nemotron_h_moe": nemotron_h_config, "falcon-h1": falcon_h1_config}

@@ -152,11 +152,13 @@ _GLM4 = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
     "post_attention_norm": "post_self_attn_layernorm",
     "post_ffw_norm": "post_mlp_layernorm",
 }))
-# Granite 4.0-H (models/granite_hybrid.py): Llama's names (experts and a shared one in H-Tiny's), Mamba-2's
-# in the recurrent layers; its A and D (`ssm_a`, `ssm_d`) have no .weight in the file.
+# Granite 4.0-H and Nemotron-H (models/granite_hybrid.py, nemotron_h.py): Llama's names (experts and a shared
+# one in H-Tiny's; Nemotron 3 Nano's with a selection bias), Mamba-2's in the recurrent layers; its A and D
+# (`ssm_a`, `ssm_d`) have no .weight in the file.
 _GRANITE_HYBRID = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({
-    **_LLAMA_MOE.blocks, "ssm_in": "mamba.in_proj", "ssm_conv1d": "mamba.conv1d", "ssm_dt": "mamba.dt_bias",
-    "ssm_a": "mamba.A", "ssm_d": "mamba.D", "ssm_norm": "mamba.norm", "ssm_out": "mamba.out_proj"}))
+    **_LLAMA_MOE.blocks, "exp_probs_b": "mlp.selection_bias", "ssm_in": "mamba.in_proj", "ssm_conv1d": "mamba.conv1d",
+    "ssm_dt": "mamba.dt_bias", "ssm_a": "mamba.A", "ssm_d": "mamba.D", "ssm_norm": "mamba.norm",
+    "ssm_out": "mamba.out_proj"}))
 # Falcon-H1 (models/falcon_h1.py): Llama's attention and MLP names and Granite 4.0-H's mixer in every
 # layer; its pre-MLP norm is `ffn_norm` with no .weight in the file.
 _FALCON_H1 = GGUFNames("layers", _DECODER_GLOBALS, MappingProxyType({**_GRANITE_HYBRID.blocks,
@@ -214,6 +216,7 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
     "lfm2moe": _LFM2_MOE,
     "granitehybrid": _GRANITE_HYBRID,
     "nemotron_h": _GRANITE_HYBRID,  # the same names: attn_norm the layer's one norm, ffn_up/ffn_down its MLP's
+    "nemotron_h_moe": _GRANITE_HYBRID,
     "falcon-h1": _FALCON_H1,
     "gpt2": _GPT2,
 })
@@ -221,12 +224,11 @@ GGUF_NAMES: Mapping[str, GGUFNames] = MappingProxyType({
 # llama.cpp's converter reorders the rows of q and k for these architectures so that ggml's
 # interleaved ("GPT-J style") RoPE sees pairs (2i, 2i+1); the models here use rotate-half
 # pairs (i, i + D/2), so the loader puts the rows back. Qwen2 and Gemma 2/3 use ggml's NEOX
-# (rotate-half) RoPE and are stored unpermuted, as is Qwen3. SmolLM3's, Granite's and
-# Ministral 3's ("mistral3") converters are Llama's, and InternLM2's permutes its q and k so.
-# ERNIE 4.5's converter leaves its rows alone, but its own RoPE pairs (2i, 2i + 1) already:
-# the same order, put back the same way.
+# (rotate-half) RoPE and are stored unpermuted, as is Qwen3. SmolLM3's, Granite's (Nemotron-H's
+# too) and Ministral 3's converters are Llama's, and InternLM2's permutes its q and k so. ERNIE
+# 4.5's leaves its rows alone, but its own RoPE pairs (2i, 2i + 1) already: put back the same way.
 QK_PERMUTED_ARCHS = frozenset({"llama", "smollm3", "granite", "granitemoe", "granitemoeshared", "granitehybrid",
-                               "nemotron_h", "ernie4_5", "ernie4_5-moe", "mistral3", "internlm2"})
+                               "nemotron_h", "nemotron_h_moe", "ernie4_5", "ernie4_5-moe", "mistral3", "internlm2"})
 # Qwen3.5's layers in a file: q_proj with each head's gate, maybe multi-token-prediction blocks at the end.
 QWEN35_ARCHS = frozenset({"qwen35", "qwen35moe", "qwen3next"})
 # llama.cpp's converter stores Gemma norm weights as 1 + weight (ggml multiplies plainly).

@@ -51,7 +51,7 @@ class SparseMoE(nn.Module):
     def __init__(self, config: ModelConfig, make_expert: Callable[[int], nn.Module]) -> None:
         super().__init__()
         self.top_k, self.normalize = config.num_experts_per_tok, config.norm_topk_prob
-        self.sigmoid = config.router_sigmoid
+        self.sigmoid, self.scale = config.router_sigmoid, config.router_scale
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=config.moe_bias)  # gpt-oss: biased
         self.selection_bias = (nn.Parameter(torch.zeros(config.num_experts)) if config.router_selection_bias
                                else None)
@@ -64,6 +64,8 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.normalize, self.selection_bias, self.sigmoid)
+        if self.scale != 1.0:
+            weights = weights * self.scale
         out = torch.zeros_like(x)
         for e in ids.unique().tolist():
             token, slot = torch.nonzero(ids == e, as_tuple=True)

@@ -6,8 +6,9 @@ every layer is one pre-normed sublayer joining the residual stream, of three kin
     an MLP (ModelConfig.mlp_only_layers): down(relu(up(x))^2), no gate.
 
 So a layer that mixes tokens has no MLP of its own and an MLP layer no mixer; the MLP layers keep no
-KV cache and no state. The mixture-of-experts models (Nemotron 3 Nano, `nemotron_h_moe` files) are
-not this family here.
+KV cache and no state. In the mixture-of-experts models (Nemotron 3 Nano, `nemotron_h_moe` files) the
+MLP layers are experts of that ReLU^2 MLP beside a shared one, chosen by a sigmoid router with a
+selection bias and weighted by its sigmoids renormalized, times 2.5 (ModelConfig.router_scale).
 """
 from __future__ import annotations
 
@@ -19,13 +20,15 @@ from textmill.models.base import AttentionContext
 from textmill.models.granite_hybrid import Mamba2
 from textmill.models.hybrid import HybridForCausalLM, SequenceStates
 from textmill.models.llama import Attention, RMSNorm
+from textmill.models.moe import SparseMoE
 
 
 class ReluSquaredMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, width: int | None = None) -> None:
         super().__init__()
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        width = width or config.intermediate_size  # width: an expert's
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(relu_squared(self.up_proj(x)))
@@ -48,7 +51,8 @@ class Block(nn.Module):
         if self.recurrent:
             self.mamba = Mamba2(config, layer_idx)
         elif self.mlp_only:
-            self.mlp = ReluSquaredMLP(config)
+            self.mlp = (SparseMoE(config, lambda width: ReluSquaredMLP(config, width)) if config.num_experts
+                        else ReluSquaredMLP(config))
         else:
             self.self_attn = Attention(config, layer_idx)
 

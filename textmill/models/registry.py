@@ -145,8 +145,9 @@ ARCHITECTURE_ALIASES: Mapping[str, str] = MappingProxyType({
     # a SwiGLU MLP or experts with a shared one, Granite's multipliers. GGUF files only.
     "granitehybrid": "granitehybrid",
     # Nemotron-H (Nemotron Nano 9B/12B v2; models/nemotron_h.py): a Mamba-2 mixer, NoPE attention or a
-    # ReLU^2 MLP in each layer. GGUF files only; its mixtures of experts (nemotron_h_moe) are not supported.
+    # ReLU^2 MLP in each layer. GGUF files only. Nemotron 3 Nano (nemotron_h_moe): ReLU^2 experts there.
     "nemotron_h": "nemotron_h",
+    "nemotron_h_moe": "nemotron_h",
     # Falcon-H1 (0.5B to 34B, Falcon-H1R; models/falcon_h1.py): attention and a Mamba-2 mixer side by side
     # in every layer, its muP multipliers in the weights. GGUF files only.
     "falcon-h1": "falcon_h1",

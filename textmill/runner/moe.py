@@ -9,7 +9,7 @@ down, each expert's rows whole tiles of it, and a step's MLP is five calls:
     logits = router(y)                       dense_rows (float router) or its QLinear
     tok, w, offsets = moe_route(logits)      each token's k experts, grouped by expert
     g = experts_linear(y[tok], offsets, gate_up)   every routed row against its expert
-    d = experts_linear(silu_mul(g), offsets, down)
+    d = experts_linear(silu_mul(g), offsets, down)      (Nemotron-H's: relu(g)^2 of up alone)
     out = moe_combine(d, tok, w)             the weighted sum, in expert order
     [out += sigmoid(gate . y) * shared(y)]   a shared expert (Qwen2 MoE; ungated in Granite's)
 
@@ -43,12 +43,14 @@ class KernelMoE(nn.Module):
     def __init__(self, moe: SparseMoE, router: nn.Module, gate_up: QLinear, down: QLinear):
         super().__init__()
         self.top_k, self.normalize, self.sigmoid = moe.top_k, moe.normalize, moe.sigmoid
+        # Nemotron-H's experts: up alone (`gate_up` is E x F rows), relu(u)^2, weights times router_scale.
+        self.glu, self.scale = hasattr(moe.experts[0], "gate_proj"), moe.scale
         bias = moe.selection_bias  # ERNIE 4.5 MoE's and LFM2 MoE's: chooses, does not weigh
         self._selection_bias = None if bias is None else bias.detach().float().contiguous()
         self.num_experts = len(moe.experts)
         self.router = router
         self.gate_up, self.down = gate_up, down
-        self.width = gate_up.out_features // self.num_experts  # 2F
+        self.width = gate_up.out_features // self.num_experts  # 2F (F: Nemotron-H's)
         self.hidden = down.out_features // self.num_experts  # C
         self._layer, self._quant = load("layer"), load("quant")
         self._recurrent = load("recurrent") if moe.shared_expert_gate is not None else None
@@ -58,7 +60,7 @@ class KernelMoE(nn.Module):
         self._router_bias = router.bias.detach().float() if float_router and router.bias is not None else None
         # gpt-oss: its clamped SwiGLU and each expert's biases, (E, 2F) gate's then up's, and (E, C)
         # (the two come together: stack_experts).
-        self._limit = moe.experts[0].limit
+        self._limit = getattr(moe.experts[0], "limit", None)
         self._gate_up_bias = self._down_bias = None
         if self._limit is not None:
             self._gate_up_bias = torch.stack([torch.cat([e.gate_proj.bias, e.up_proj.bias]).detach().float()
@@ -83,8 +85,13 @@ class KernelMoE(nn.Module):
         g = self._quant.experts_linear(routed, offsets, self._modes[0], self.gate_up.packed, self.width)
         if self._limit is not None:
             a = self._layer.moe_glu(g, offsets, self._gate_up_bias, self._limit, SWIGLU_ALPHA)
-        else:
+        elif self.glu:
             a = self._layer.silu_mul(g)
+        else:  # exact products: a row's values whatever else the step holds
+            a = torch.relu(g)
+            a = a * a
+        if self.scale != 1.0:
+            w = w * self.scale
         d = self._quant.experts_linear(a, offsets, self._modes[1], self.down.packed, self.hidden)
         bias = {} if self._down_bias is None else {"bias": self._down_bias, "offsets": offsets}
         out = self._layer.moe_combine(d, tok, w, y.shape[0], **bias)
@@ -109,9 +116,12 @@ def stack_experts(model: nn.Module, ref_of: Callable[[nn.Linear], CodesRef | Non
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             first = child.experts[0] if type(child) is SparseMoE else None
-            if first is None or (first.gate_proj.bias is None) != (first.limit is None):
+            if first is None:
+                continue
+            glu = hasattr(first, "gate_proj")  # Nemotron-H's ReLU^2 experts have up alone
+            if glu and (first.gate_proj.bias is None) != (first.limit is None):
                 continue  # biases without gpt-oss's clamp, or the clamp without biases: no family; the module runs them
-            gate_up = [ref_of(p) for e in child.experts for p in (e.gate_proj, e.up_proj)]
+            gate_up = [ref_of(p) for e in child.experts for p in ((e.gate_proj, e.up_proj) if glu else (e.up_proj,))]
             down = [ref_of(e.down_proj) for e in child.experts]
             stacked = _stacked(gate_up, down, arena)
             if stacked is not None:
@@ -125,7 +135,7 @@ def _stacked(gate_up: list[CodesRef | None], down: list[CodesRef | None], arena)
         return None
     if len({r.form for r in gate_up}) > 1 or len({r.form for r in down}) > 1:
         return None
-    if (2 * gate_up[0].shape[0]) % TILE_ROWS or down[0].shape[0] % TILE_ROWS:
+    if (len(gate_up) // len(down) * gate_up[0].shape[0]) % TILE_ROWS or down[0].shape[0] % TILE_ROWS:
         return None
     try:
         return QLinear.from_file(gate_up, arena=arena), QLinear.from_file(down, arena=arena)
