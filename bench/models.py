@@ -47,6 +47,9 @@
     synthetic-nemotronh  a random-weight file of 14 of Nemotron Nano 9B v2's 56 layers (Mamba-2 mixers, ReLU^2
                   MLPs and NoPE attention, one sublayer a layer, d = 4480) in Q4_K_M's types with llama.cpp's
                   Q5_0/Q8_0 fallbacks (bench/synthetic_mamba2.py; not in the default matrix)
+    synthetic-nemotronhmoe  a random-weight file of 8 of Nemotron 3 Nano 30B-A3B's 52 layers (128 ReLU^2
+                  experts of 1856, 6 a token, weights times 2.5, a shared expert) with llama.cpp's Q5_0/Q8_0
+                  fallbacks (bench/synthetic_mamba2.py; not in the default matrix)
     synthetic-falconh1  a random-weight file of a 1.5B-class Falcon-H1's shapes (24 layers, each attention
                   beside a Mamba-2 mixer, 65,536 tokens) in Q4_K_M's types (bench/synthetic_mamba2.py; not in
                   the default matrix)
@@ -77,9 +80,11 @@ MATRIX = ("smollm2", "gemma3", "synthetic-1b", "synthetic-qwen3")
 EXTRA = ("smollm2-iq4xs", "synthetic-1b-q3k", "synthetic-1b-q8", "synthetic-8b", "synthetic-gemma2", "synthetic-phi3",
          "synthetic-olmo2", "synthetic-qwen3moe", "synthetic-gptoss", "synthetic-erniemoe", "synthetic-gemma4",
          "synthetic-qwen35", "synthetic-lfm2", "synthetic-qwen35moe", "synthetic-lfm2moe", "synthetic-glm4",
-         "synthetic-granitehybrid", "synthetic-granitehybridmoe", "synthetic-nemotronh", "synthetic-falconh1")
+         "synthetic-granitehybrid", "synthetic-granitehybridmoe", "synthetic-nemotronh", "synthetic-nemotronhmoe",
+         "synthetic-falconh1")
 HYBRIDS = ("synthetic-qwen35", "synthetic-lfm2", "synthetic-qwen35moe", "synthetic-lfm2moe")
-MAMBA2 = ("synthetic-granitehybrid", "synthetic-granitehybridmoe", "synthetic-nemotronh", "synthetic-falconh1")
+MAMBA2 = ("synthetic-granitehybrid", "synthetic-granitehybridmoe", "synthetic-nemotronh", "synthetic-nemotronhmoe",
+          "synthetic-falconh1")
 
 
 @dataclass(frozen=True)

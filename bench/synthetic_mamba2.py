@@ -27,13 +27,18 @@ of 15,680, one attention of 40 query heads of 128 and 8 KV heads, no RoPE) at d 
 llama.cpp's Q4_K_M recipe gives those matrices its fallbacks, Q5_0 for Q4_K and Q8_0 for Q6_K, as
 real files of the model hold them; ssm_out (rows of 10,240) stays Q4_K.
 
+synthetic-nemotronhmoe: 8 of Nemotron 3 Nano 30B-A3B's 52 layers ("MEMEM*EM": 4 Mamba-2 mixers of 64
+heads of 64 in 8 groups, 3 layers of 128 ReLU^2 experts of 1856, 6 a token by a biased sigmoid, weights
+times 2.5, beside a shared expert of 3712, one attention of 32 query heads of 128 and 2 KV heads) at d =
+2688, whose rows llama.cpp's recipe keeps in Q5_0 and Q8_0; an untied 131,072-row head.
+
 synthetic-falconh1: a 1.5B-class Falcon-H1 (d = 2048, 24 layers), each layer attention (8 query heads
 of 128, 2 KV heads, RoPE) beside a Mamba-2 mixer (48 heads of 64, one group, a state of 256, no gated
 norm: Falcon-H1's mamba_rms_norm false), then an MLP of 6144; an untied 65,536-row head. Every layer
 keeps both a KV cache and a state (75 MiB a sequence).
 
     python bench/synthetic_mamba2.py granitehybrid     # prints the path, building the file once
-    python bench/synthetic_mamba2.py granitehybridmoe  # or nemotronh, falconh1
+    python bench/synthetic_mamba2.py granitehybridmoe  # or nemotronh, nemotronhmoe, falconh1
 """
 from __future__ import annotations
 
@@ -61,12 +66,17 @@ SYNTHETIC_NEMOTRONH = SyntheticSpec(name="synthetic-nemotronh", hidden=4480, lay
 SYNTHETIC_FALCONH1 = SyntheticSpec(name="synthetic-falconh1", hidden=2048, layers=24, heads=8, kv_heads=2, ffn=6144,
                                    context=262144, rope_base=100_000_000_000.0, arch="falcon-h1", key_length=128,
                                    vocab=65536, seed=19)
+SYNTHETIC_NEMOTRONH_MOE = SyntheticSpec(name="synthetic-nemotronhmoe", hidden=2688, layers=8, heads=32, kv_heads=2,
+                                        ffn=1856, context=2**20, rope_base=10000.0, arch="nemotron_h_moe",
+                                        key_length=128, vocab=131072, seed=20, experts=128, experts_used=6,
+                                        expert_ffn=1856, shared_ffn=3712)
 SPECS = {"granitehybrid": SYNTHETIC_GRANITE, "granitehybridmoe": SYNTHETIC_GRANITE_MOE,
-         "nemotronh": SYNTHETIC_NEMOTRONH, "falconh1": SYNTHETIC_FALCONH1}
+         "nemotronh": SYNTHETIC_NEMOTRONH, "nemotronhmoe": SYNTHETIC_NEMOTRONH_MOE, "falconh1": SYNTHETIC_FALCONH1}
 CONV = 4
 # (heads, head width, state size, groups) of each family's mixers
-MAMBA = {"granitehybrid": (48, 64, 128, 1), "nemotron_h": (128, 80, 128, 8), "falcon-h1": (48, 64, 256, 1)}
-NEMOTRONH_PATTERN = "M-M-M-MM-M-M*-"
+MAMBA = {"granitehybrid": (48, 64, 128, 1), "nemotron_h": (128, 80, 128, 8), "nemotron_h_moe": (64, 64, 128, 8),
+         "falcon-h1": (48, 64, 256, 1)}
+NEMOTRONH_PATTERN, NEMOTRONH_MOE_PATTERN = "M-M-M-MM-M-M*-", "MEMEM*EM"
 FORMAT = 6  # bump when the bytes written change: part of the cached file's name
 
 
@@ -77,8 +87,8 @@ def synthetic_mamba2_path(spec: SyntheticSpec, tokenizer_source: Path | None = N
 def layer_kinds(spec: SyntheticSpec) -> str:
     """Each layer's kind as Nemotron-H's pattern writes it: M a Mamba-2 mixer, * attention, - an MLP alone;
     Granite's layers are M or * (one in ten attends, the sixth of each ten), each with an MLP."""
-    if spec.arch == "nemotron_h":
-        return NEMOTRONH_PATTERN[:spec.layers]
+    if spec.arch.startswith("nemotron_h"):
+        return (NEMOTRONH_MOE_PATTERN if spec.experts else NEMOTRONH_PATTERN)[:spec.layers]
     if spec.arch == "falcon-h1":
         return "B" * spec.layers  # both, side by side
     return "".join("*" if i % 10 == 5 else "M" for i in range(spec.layers))
@@ -107,6 +117,13 @@ def _plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, ...], G
         if kind == "-":  # Nemotron-H's MLP layer: up and down, no gate, no norm of its own
             plan += [(f"blk.{i}.ffn_up.weight", (spec.ffn, d), Q4_K), (f"blk.{i}.ffn_down.weight", (d, spec.ffn), wide)]
             continue
+        if kind == "E":  # Nemotron 3 Nano's: ReLU^2 experts (up and down) and a shared one, a biased router
+            e, fe, fs = spec.experts, spec.expert_ffn, spec.shared_ffn
+            plan += [(f"blk.{i}.ffn_gate_inp.weight", (e, d), F32), (f"blk.{i}.exp_probs_b.bias", (e,), F32),
+                     (f"blk.{i}.ffn_up_exps.weight", (e, fe, d), Q4_K),
+                     (f"blk.{i}.ffn_down_exps.weight", (e, d, fe), wide),
+                     (f"blk.{i}.ffn_up_shexp.weight", (fs, d), Q4_K), (f"blk.{i}.ffn_down_shexp.weight", (d, fs), wide)]
+            continue
         if kind in "*B":
             plan += [(f"blk.{i}.attn_q.weight", (spec.heads * hd, d), Q4_K),
                      (f"blk.{i}.attn_k.weight", (spec.kv_heads * hd, d), Q4_K),
@@ -120,7 +137,7 @@ def _plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, ...], G
             if spec.arch != "falcon-h1":  # its mixers have no gated norm
                 plan += [(f"blk.{i}.ssm_norm.weight", (groups, inner // groups), F32)]
             plan += [(f"blk.{i}.ssm_out.weight", (d, inner), Q4_K)]
-        if spec.arch == "nemotron_h":
+        if spec.arch.startswith("nemotron_h"):
             continue  # a mixer alone
         # Falcon-H1's pre-MLP norm has no .weight in its files
         plan += [(f"blk.{i}.ffn_norm" + ("" if spec.arch == "falcon-h1" else ".weight"), (d,), F32)]
@@ -142,13 +159,15 @@ def _plan(spec: SyntheticSpec, vocab: int) -> list[tuple[str, tuple[int, ...], G
 def _f32(spec: SyntheticSpec, name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """Norm weights near 1 (a tenth before Nemotron-H's MLPs), decays that forget at different rates
     (A = -exp(A_log) of 1 to 16, as the reference initializes it), D near 1, a small convolution."""
-    if spec.arch == "nemotron_h" and name.endswith(".attn_norm.weight") and layer_kinds(spec)[_layer(name)] == "-":
+    if name.endswith(".attn_norm.weight") and layer_kinds(spec)[_layer(name)] in "-E":
         # relu(u)^2 of random u has a mean of half u's variance: at full scale each MLP adds one fixed
         # vector thirty times the embedding's size, the random model's next token stops depending on
         # the text, it repeats itself, and guessed tokens fire where a real model's seldom do.
         return (0.1 * (1.0 + 0.05 * rng.standard_normal(shape))).astype(np.float32)
     if name.endswith("ffn_gate_inp.weight"):  # a router: logits that differ from token to token
         return tensor_bytes(rng, shape, F32)
+    if name.endswith("exp_probs_b.bias"):
+        return (0.01 * rng.standard_normal(shape)).astype(np.float32)
     if name.endswith(".ssm_a"):
         return -rng.uniform(1.0, 16.0, shape).astype(np.float32)
     if name.endswith((".ssm_dt.bias", ".ssm_conv1d.bias")):
@@ -174,9 +193,9 @@ def write_mamba2(spec: SyntheticSpec, tokenizer_source: Path, path: Path) -> Pat
     else:
         w.add_head_count_kv([spec.kv_heads if kind == "*" else 0 for kind in kinds])
         w.add_rope_scaling_finetuned(False)  # no RoPE
-        w.add_feed_forward_length([spec.ffn if kind == "-" else 0 for kind in kinds] if spec.arch == "nemotron_h"
-                                  else spec.ffn)
-    if spec.arch == "nemotron_h":
+        w.add_feed_forward_length([spec.ffn if kind in "-E" else 0 for kind in kinds]
+                                  if spec.arch.startswith("nemotron_h") else spec.ffn)
+    if spec.arch.startswith("nemotron_h"):
         w.add_layer_norm_eps(1e-5)  # llama.cpp requires it (its MTP head's norm)
     if spec.arch == "granitehybrid":
         w.add_attention_scale(1 / 128)
@@ -190,6 +209,12 @@ def write_mamba2(spec: SyntheticSpec, tokenizer_source: Path, path: Path) -> Pat
         w.add_expert_count(spec.experts)
         w.add_expert_used_count(spec.experts_used)
         w.add_expert_shared_feed_forward_length(spec.shared_ffn)
+    if spec.arch == "nemotron_h_moe":  # conversion/nemotron.py's keys, Nemotron 3 Nano's values
+        w.add_expert_feed_forward_length(spec.expert_ffn)
+        w.add_expert_shared_count(1)
+        w.add_expert_weights_norm(True)
+        w.add_expert_weights_scale(2.5)
+        w.add_expert_group_count(1)
     heads, head_width, state, groups = MAMBA[spec.arch]
     w.add_ssm_conv_kernel(CONV)
     w.add_ssm_state_size(state)

@@ -347,6 +347,28 @@ def test_the_granite_files_and_the_benchs_kv_sizing(name, tmp_path):
     assert not any(p.is_meta for p in loaded.model.parameters())
 
 
+def test_a_nemotronh_moe_file(tmp_path):
+    """synthetic_mamba2's Nemotron 3 Nano (a few layers): its experts' keys (the weights' scale, the
+    shared expert by its up tensor, the sigmoid router's bias) and every tensor in the model."""
+    import dataclasses
+
+    import synthetic_mamba2 as sm
+
+    from textmill.loader import load_model
+
+    spec = dataclasses.replace(sm.SYNTHETIC_NEMOTRONH_MOE, hidden=256, heads=4, key_length=64, ffn=256, experts=8,
+                               expert_ffn=256, shared_ffn=512, vocab=None)
+    path = sm.write_mamba2(spec, sg.default_tokenizer_source(), tmp_path / "nemotronhmoe.gguf")
+    config = read_config(GGUFFile(path))
+    assert (config.architecture, config.recurrent_layers, config.mlp_only_layers) == (
+        "nemotron_h", (0, 2, 4, 7), (1, 3, 6))
+    assert (config.num_experts, config.router_scale, config.router_sigmoid, config.router_selection_bias) == (
+        8, 2.5, True, True)
+    assert config.shared_expert_intermediate_size == 512 and not config.shared_expert_gate
+    loaded = load_model(path)
+    assert not any(p.is_meta for p in loaded.model.parameters())
+
+
 def test_a_nemotronh_file(tmp_path):
     """synthetic_mamba2's Nemotron-H (a few layers of Nano 9B v2's pattern): textmill reads the per-layer
     arrays (a mixer, an MLP or attention in each layer), llama.cpp's Q5_0/Q8_0 fallbacks for rows of no
