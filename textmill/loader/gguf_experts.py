@@ -34,8 +34,8 @@ def expert_fields(meta: GGUFMetadata, gguf: GGUFFile) -> dict[str, Any]:
         return {}
     if meta.arch not in _EXPERT_WEIGHTS_NORMED:
         raise ValueError(f"{meta.arch!r} files with experts are not supported (Qwen2 MoE, Qwen3 MoE, OLMoE, Mixtral, "
-                         "Granite MoE, gpt-oss, ERNIE 4.5 MoE, Qwen3.5 MoE, Qwen3-Next, LFM2 MoE and Granite 4.0-H "
-                         "are)")
+                         "Granite MoE, gpt-oss, ERNIE 4.5 MoE, Qwen3.5 MoE, Qwen3-Next, LFM2 MoE, Granite 4.0-H and "
+                         "Nemotron 3 Nano are)")
     # Nemotron-H MoE's files name no gating function: llama.cpp's graph takes the sigmoid.
     gating = int(meta.arch_get("expert_gating_func", _SIGMOID if meta.arch == "nemotron_h_moe" else _SOFTMAX))
     if gating not in (_SOFTMAX, _SIGMOID):

@@ -33,6 +33,7 @@ from textmill.kernels import load
 from textmill.loader.group_codes import PACKED_FROM_FILE_TYPES, CodesRef
 from textmill.models.llama import SWIGLU_ALPHA
 from textmill.models.moe import SparseMoE
+from textmill.models.nemotron_h import relu_squared
 from textmill.runner.qlinear import TILE_ROWS, OutOfHalfRange, QLinear
 
 
@@ -87,9 +88,8 @@ class KernelMoE(nn.Module):
             a = self._layer.moe_glu(g, offsets, self._gate_up_bias, self._limit, SWIGLU_ALPHA)
         elif self.glu:
             a = self._layer.silu_mul(g)
-        else:  # exact products: a row's values whatever else the step holds
-            a = torch.relu(g)
-            a = a * a
+        else:
+            a = relu_squared(g)
         if self.scale != 1.0:
             w = w * self.scale
         d = self._quant.experts_linear(a, offsets, self._modes[1], self.down.packed, self.hidden)
