@@ -94,3 +94,14 @@ def mxfp4_blocks(rng: np.random.Generator, nb: int, std: float) -> np.ndarray:
     return blocks
 
 
+def router_and_decay(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | None:
+    """The float tensors the hybrids' writers draw alike (None for the rest): a router whose logits
+    differ from token to token, a small selection bias, decays that forget at different rates
+    (A = -exp(A_log) of 1 to 16, as the reference initializes it)."""
+    if name.endswith("ffn_gate_inp.weight"):
+        return tensor_bytes(rng, shape, F32)
+    if name.endswith("exp_probs_b.bias"):
+        return (0.01 * rng.standard_normal(shape)).astype(np.float32)
+    if name.endswith(".ssm_a"):
+        return -rng.uniform(1.0, 16.0, shape).astype(np.float32)
+    return None

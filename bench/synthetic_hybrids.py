@@ -36,7 +36,7 @@ import numpy as np
 from gguf import ExpertGatingFuncType, GGMLQuantizationType, GGUFWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_blocks import F32, Q4_K, Q6_K, tensor_bytes  # noqa: E402
+from synthetic_blocks import F32, Q4_K, Q6_K, router_and_decay  # noqa: E402
 from synthetic_gguf import SyntheticSpec, begin_file, more_bits, synthetic_path, write_tensors  # noqa: E402
 
 SYNTHETIC_QWEN35 = SyntheticSpec(name="synthetic-qwen35", hidden=1024, layers=24, heads=8, kv_heads=2, ffn=3584,
@@ -151,12 +151,8 @@ def _f32(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndar
     """Norm weights near 1 (stored with Qwen3.5's 1 added; q's and k's near D ** -1/4), decays that
     forget at different rates (A = -exp(A_log) of 1 to 16, as the reference initializes it), a small
     convolution."""
-    if name.endswith("ffn_gate_inp.weight"):  # a router: logits that differ from token to token
-        return tensor_bytes(rng, shape, F32)
-    if name.endswith("exp_probs_b.bias"):
-        return (0.01 * rng.standard_normal(shape)).astype(np.float32)
-    if name.endswith(".ssm_a"):
-        return -rng.uniform(1.0, 16.0, shape).astype(np.float32)
+    if (drawn := router_and_decay(name, shape, rng)) is not None:
+        return drawn
     if name.endswith(".ssm_dt.bias"):
         return rng.standard_normal(shape).astype(np.float32)
     if name.endswith((".ssm_conv1d.weight", ".shortconv.conv.weight")):

@@ -50,7 +50,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_blocks import F32, Q4_K, Q5_0, Q6_K, Q8_0, QK_K, tensor_bytes  # noqa: E402
+from synthetic_blocks import F32, Q4_K, Q5_0, Q6_K, Q8_0, QK_K, router_and_decay  # noqa: E402
 from synthetic_gguf import SyntheticSpec, begin_file, more_bits, synthetic_path, write_tensors  # noqa: E402
 
 SYNTHETIC_GRANITE = SyntheticSpec(name="synthetic-granitehybrid", hidden=1536, layers=40, heads=12, kv_heads=4,
@@ -164,12 +164,8 @@ def _f32(spec: SyntheticSpec, name: str, shape: tuple[int, ...], rng: np.random.
         # vector thirty times the embedding's size, the random model's next token stops depending on
         # the text, it repeats itself, and guessed tokens fire where a real model's seldom do.
         return (0.1 * (1.0 + 0.05 * rng.standard_normal(shape))).astype(np.float32)
-    if name.endswith("ffn_gate_inp.weight"):  # a router: logits that differ from token to token
-        return tensor_bytes(rng, shape, F32)
-    if name.endswith("exp_probs_b.bias"):
-        return (0.01 * rng.standard_normal(shape)).astype(np.float32)
-    if name.endswith(".ssm_a"):
-        return -rng.uniform(1.0, 16.0, shape).astype(np.float32)
+    if (drawn := router_and_decay(name, shape, rng)) is not None:
+        return drawn
     if name.endswith((".ssm_dt.bias", ".ssm_conv1d.bias")):
         return (0.5 * rng.standard_normal(shape)).astype(np.float32)
     if name.endswith(".ssm_conv1d.weight"):
