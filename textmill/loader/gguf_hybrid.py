@@ -106,7 +106,7 @@ def lfm2_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelCon
         raise ValueError("LFM2 files with convolution biases are not supported")
     layers, heads = int(meta.arch_get("block_count")), int(meta.arch_get("attention.head_count"))
     kv = _per_layer(meta, "attention.head_count_kv", layers)
-    attention = {int(h) for h in kv if int(h)}
+    attention = {h for h in kv if h}
     if len(attention) != 1:
         raise ValueError(f"LFM2 files whose attention layers differ in KV heads ({sorted(attention)}) "
                          "are not supported")
@@ -127,7 +127,7 @@ def lfm2_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) -> ModelCon
         tie_word_embeddings="output.weight" not in names,
         qk_norm=True,
         sliding_window=int(window) if window else None,
-        recurrent_layers=tuple(i for i in range(layers) if int(kv[i]) == 0),
+        recurrent_layers=tuple(i for i in range(layers) if not kv[i]),
         short_conv=int(meta.arch_get("shortconv.l_cache")),
         name=str(meta.get("general.name", "")),
     )
@@ -152,7 +152,7 @@ def granitehybrid_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) ->
     shapes = {t.name: t.shape for t in gguf.tensors}
     layers, heads = int(meta.arch_get("block_count")), int(meta.arch_get("attention.head_count"))
     kv = _per_layer(meta, "attention.head_count_kv", layers)
-    attention = {int(h) for h in kv if int(h)}
+    attention = {h for h in kv if h}
     if len(attention) > 1:
         raise ValueError(f"Granite 4.0-H files whose attention layers differ in KV heads ({sorted(attention)}) "
                          "are not supported")
@@ -177,7 +177,7 @@ def granitehybrid_config(gguf: GGUFFile, meta: GGUFMetadata, vocab_size: int) ->
         norm_eps=float(meta.arch_get("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(meta.arch_get("rope.freq_base", 10_000.0)),
         tie_word_embeddings="output.weight" not in shapes,
-        recurrent_layers=tuple(i for i in range(layers) if int(kv[i]) == 0),
+        recurrent_layers=tuple(i for i in range(layers) if not kv[i]),
         linear_attention=_mamba2_shape(meta),
         name=str(meta.get("general.name", "")),
         **fields, **experts,

@@ -58,7 +58,7 @@ class HybridKernelForward(KernelForwardBase):
         # Not KernelForwardBase.__init__: that one reads the Llama families' four fused linears.
         self.ops, self.recurrent, self.model, self.one_call = ops, recurrent, model, None
         config = model.config
-        self.eps, self.shape = config.norm_eps, config.linear_attention
+        self.eps = config.norm_eps
         # Granite's multipliers (None: not used); its NoPE attention turns by the identity table.
         self.embed_scale, self.residual = config.embedding_multiplier, config.residual_multiplier
         self.nope = bool(config.no_rope_layers)
@@ -160,9 +160,9 @@ class HybridKernelForward(KernelForwardBase):
             replay(*(t.index_select(0, rows) for t in states.record[i]), states.pools(i), seqs)
 
     def _replay_of(self, block: torch.nn.Module):
-        if isinstance(block, (qwen35.Block, granite_hybrid.Block, nemotron_h.Block, falcon_h1.Block)):
-            run = (self._delta_kernels(block.linear_attn) if isinstance(block, qwen35.Block)
-                   else self._mamba2_kernels(block.mamba))
+        if isinstance(block, qwen35.Block) or hasattr(block, "mamba"):  # a delta net's or a Mamba-2 mixer's
+            run = self._delta_kernels(block.linear_attn) if isinstance(block, qwen35.Block) \
+                else self._mamba2_kernels(block.mamba)
             return lambda p, pools, seqs: run(p, *pools, seqs)
         taps = _taps(block.conv.conv_weight)
         return lambda bx, pools, seqs: self.recurrent.causal_conv(bx, taps, pools[0], seqs, False)
@@ -243,8 +243,8 @@ class HybridKernelForward(KernelForwardBase):
         return step
 
     def _attention(self, attn: torch.nn.Module):
-        """LFM2's and Granite's: Llama's attention as runner/fused.py's FusedAttention, with per-head q/k
-        norms (LFM2's) or without (Granite's)."""
+        """LFM2's and the Mamba-2 hybrids': Llama's attention as runner/fused.py's FusedAttention, with
+        per-head q/k norms (LFM2's) or without (the others')."""
         qkv_proj, o_proj = direct_call(attn.qkv_proj), direct_call(attn.o_proj)
         norms = attn.q_norm is not None
         w_q, w_k, i = _weight(attn.q_norm) if norms else None, _weight(attn.k_norm) if norms else None, attn.layer_idx
